@@ -1,0 +1,2 @@
+//! NetworkPolicy: compiled per-pod verdict tables, the same engine for the packet loop and
+//! `kwire policy trace`.

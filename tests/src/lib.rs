@@ -1,0 +1,1 @@
+//! Test support: network namespaces as hosts.
