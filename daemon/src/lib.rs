@@ -1,3 +1,8 @@
 //! kwire: the node daemon's library. `main.rs` only parses flags and calls in here.
 
+pub mod datapath;
+pub mod io;
+pub mod offload;
 pub mod policy;
+pub mod tunnel;
+pub mod wg;

@@ -1,1 +1,45 @@
-fn main(){}
+//! The `kwire` command: parses flags, sets up logging, calls the library.
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// kwire: an encrypted network for Kubernetes in one daemon (userspace WireGuard, pod
+/// wiring, NetworkPolicy and Services).
+#[derive(Parser)]
+#[command(name = "kwire", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (overrides RUST_LOG), e.g. `info` or `kwire=debug`.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a standalone userspace WireGuard device in the foreground (like `wireguard-go -f`).
+    Tunnel(kwire::tunnel::TunnelArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = cli
+        .log_level
+        .clone()
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".to_string());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    let r = match cli.command {
+        Command::Tunnel(a) => kwire::tunnel::run(a),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kwire: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! The packet loop's decisions for a WireGuard device, free of I/O: a frame from the tun
+//! becomes encrypted datagrams for one peer; datagrams from the network become handshake
+//! replies or decrypted packets for the tun. Callers own the buffers and do the system calls
+//! through [`Io`]; tests drive both directions in memory.
+
+pub mod batch;
+pub mod stats;
+
+use crate::offload::{tso, VNET_HDR_LEN};
+use crate::offload::gro::Coalescer;
+use crate::wg::device::{PeerState, Snapshot};
+use crate::wg::ratelimit::SourceLimiter;
+use batch::TxBatch;
+use boringtun::noise::handshake::parse_handshake_anon;
+use boringtun::noise::{Packet, Tunn, TunnResult};
+use stats::{Counters, DropReason};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::MutexGuard;
+use std::time::Instant;
+
+/// WireGuard data message overhead: 16 bytes of header, 16 of tag.
+pub const DATA_OVERHEAD: usize = 32;
+/// boringtun writes handshake initiations (148 bytes) into the same buffer.
+const MIN_OUT: usize = 148;
+/// Largest frame a tun hands over: virtio header plus a 64 KiB segment.
+pub const MAX_FRAME: usize = VNET_HDR_LEN + 65535;
+
+const MSG_INIT: u32 = 1;
+const MSG_RESPONSE: u32 = 2;
+const MSG_COOKIE: u32 = 3;
+const MSG_DATA: u32 = 4;
+
+/// Where the loop's output goes.
+pub trait Io {
+    /// Writes one frame (virtio header + packet when the tun has offloads) to the tun.
+    fn tun_write(&mut self, frame: &[u8]);
+    /// Sends every datagram of `batch`, then clears it.
+    fn udp_send(&mut self, batch: &mut TxBatch);
+}
+
+/// Per-worker state for tun -> network.
+pub struct TxPath {
+    scratch: Vec<u8>,
+    pub batch: TxBatch,
+}
+
+impl Default for TxPath {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TxPath {
+    pub fn new() -> TxPath {
+        TxPath { scratch: vec![0; 65536], batch: TxBatch::new(256 * 1024, 256) }
+    }
+
+    /// Encrypts the packets of one tun frame for the peer that owns their destination.
+    pub fn handle_frame(&mut self, snap: &Snapshot, frame: &mut [u8], vnet: bool, counters: &Counters, io: &mut impl Io) {
+        let off = if vnet { VNET_HDR_LEN } else { 0 };
+        let Some(pkt) = frame.get(off..) else {
+            counters.drop(DropReason::Malformed);
+            return;
+        };
+        let dst: &[u8] = match pkt.first().map(|b| b >> 4) {
+            Some(4) if pkt.len() >= 20 => &pkt[16..20],
+            Some(6) if pkt.len() >= 40 => &pkt[24..40],
+            _ => {
+                counters.drop(DropReason::Malformed);
+                return;
+            }
+        };
+        let Some(slot) = snap.routes.lookup_bytes(dst) else {
+            counters.drop(DropReason::NoPeer);
+            return;
+        };
+        if snap.identity.is_none() {
+            counters.drop(DropReason::NoKey);
+            return;
+        }
+        let peer = &snap.peers[slot as usize];
+        let mut st = peer.lock();
+        let Some(endpoint) = st.endpoint else {
+            peer.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            counters.drop(DropReason::NoEndpoint);
+            return;
+        };
+        let TxPath { scratch, batch } = self;
+        let mut sent = 0u64;
+        let mut bytes = 0u64;
+        let mut emit = |p: &[u8]| {
+            let need = (p.len() + DATA_OVERHEAD).max(MIN_OUT);
+            if !batch.has_room(need, 1) {
+                io.udp_send(batch);
+            }
+            match st.tunn.encapsulate(p, batch.slot()) {
+                TunnResult::WriteToNetwork(out) => {
+                    let n = out.len();
+                    batch.commit(n, endpoint);
+                    sent += 1;
+                    bytes += n as u64;
+                }
+                TunnResult::Err(_) => counters.drop(DropReason::Handshake),
+                // Queued inside boringtun until the handshake completes.
+                _ => {}
+            }
+        };
+        let r = if vnet {
+            tso::split(frame, scratch, &mut emit)
+        } else {
+            emit(&frame[..]);
+            Ok(())
+        };
+        if r.is_err() {
+            counters.drop(DropReason::Offload);
+        }
+        drop(st);
+        peer.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        counters.packets_tx.fetch_add(sent, Ordering::Relaxed);
+    }
+
+    /// Sends what is pending.
+    pub fn flush(&mut self, io: &mut impl Io) {
+        if !self.batch.is_empty() {
+            io.udp_send(&mut self.batch);
+        }
+    }
+}
+
+/// Per-worker state for network -> tun.
+pub struct RxPath {
+    dec: Vec<u8>,
+    coalescer: Coalescer,
+    pub replies: TxBatch,
+    delivered: u64,
+}
+
+/// A peer's lock held across consecutive datagrams from it, with counts to add on release.
+struct Held<'a> {
+    slot: u32,
+    st: MutexGuard<'a, PeerState>,
+    rx_bytes: u64,
+}
+
+impl RxPath {
+    /// `vnet`: the tun takes virtio-net headers, so TCP segments can be merged.
+    pub fn new(vnet: bool) -> RxPath {
+        RxPath { dec: vec![0; 65536], coalescer: Coalescer::new(64, vnet), replies: TxBatch::new(64 * 1024, 64), delivered: 0 }
+    }
+
+    /// Handles one received message: a datagram, or a GRO train of `segment`-sized ones.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_message(
+        &mut self,
+        snap: &Snapshot,
+        limiter: &SourceLimiter,
+        src: SocketAddr,
+        data: &[u8],
+        segment: Option<u16>,
+        now: Instant,
+        counters: &Counters,
+        io: &mut impl Io,
+    ) {
+        let seg = segment.map_or(data.len(), |s| s as usize).max(1);
+        let mut held: Option<Held<'_>> = None;
+        for d in data.chunks(seg) {
+            let kind = if d.len() >= 4 { u32::from_le_bytes([d[0], d[1], d[2], d[3]]) } else { 0 };
+            if kind == MSG_DATA && d.len() >= DATA_OVERHEAD {
+                let idx = u32::from_le_bytes([d[4], d[5], d[6], d[7]]);
+                let Some((slot, peer)) = snap.peer_for_index(idx) else {
+                    counters.drop(DropReason::UnknownSession);
+                    continue;
+                };
+                if held.as_ref().map(|h| h.slot) != Some(slot) {
+                    release(snap, held.take());
+                    held = Some(Held { slot, st: peer.lock(), rx_bytes: 0 });
+                }
+                let h = held.as_mut().expect("just set");
+                self.data(snap, h, src, d, counters, io);
+            } else {
+                release(snap, held.take());
+                self.handshake(snap, limiter, kind, src, d, now, counters, io);
+            }
+        }
+        release(snap, held);
+    }
+
+    fn data(&mut self, snap: &Snapshot, h: &mut Held<'_>, src: SocketAddr, d: &[u8], counters: &Counters, io: &mut impl Io) {
+        let (pkt, inner_src) = match h.st.tunn.decapsulate(Some(src.ip()), d, &mut self.dec) {
+            TunnResult::WriteToTunnelV4(p, a) => (p, IpAddr::V4(a)),
+            TunnResult::WriteToTunnelV6(p, a) => (p, IpAddr::V6(a)),
+            TunnResult::Done => {
+                // An authenticated keepalive.
+                h.rx_bytes += d.len() as u64;
+                roam(&mut h.st, src);
+                return;
+            }
+            TunnResult::WriteToNetwork(p) => {
+                let _ = self.replies.push(p, src);
+                return;
+            }
+            TunnResult::Err(e) => {
+                counters.drop(DropReason::from_wireguard(&e));
+                return;
+            }
+        };
+        h.rx_bytes += d.len() as u64;
+        roam(&mut h.st, src);
+        // boringtun does not check the inner source against allowed IPs; we must.
+        if snap.routes.lookup(inner_src) != Some(h.slot) {
+            counters.drop(DropReason::NotAllowedIp);
+            return;
+        }
+        if self.coalescer.is_full() {
+            self.coalescer.drain(|f| io.tun_write(f));
+        }
+        self.coalescer.push(pkt);
+        self.delivered += 1;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn handshake(
+        &mut self,
+        snap: &Snapshot,
+        limiter: &SourceLimiter,
+        kind: u32,
+        src: SocketAddr,
+        d: &[u8],
+        now: Instant,
+        counters: &Counters,
+        io: &mut impl Io,
+    ) {
+        let Some(id) = &snap.identity else {
+            counters.drop(DropReason::NoKey);
+            return;
+        };
+        let peer = match kind {
+            MSG_INIT => {
+                // MAC1, and under load a cookie, before any Diffie-Hellman.
+                let init = match id.rate_limiter.verify_packet(Some(src.ip()), d, &mut self.dec) {
+                    Ok(Packet::HandshakeInit(init)) => init,
+                    Err(TunnResult::WriteToNetwork(cookie)) => {
+                        let _ = self.replies.push(cookie, src);
+                        counters.drop(DropReason::RateLimited);
+                        return;
+                    }
+                    Err(TunnResult::Err(e)) => {
+                        counters.drop(match e {
+                            boringtun::noise::errors::WireGuardError::InvalidPacket => DropReason::Malformed,
+                            _ => DropReason::Handshake,
+                        });
+                        return;
+                    }
+                    _ => {
+                        counters.drop(DropReason::Malformed);
+                        return;
+                    }
+                };
+                if !limiter.allow(src.ip(), now) {
+                    counters.drop(DropReason::RateLimited);
+                    return;
+                }
+                let Ok(half) = parse_handshake_anon(&id.secret, &id.public, &init) else {
+                    counters.drop(DropReason::Handshake);
+                    return;
+                };
+                match snap.by_key.get(&half.peer_static_public) {
+                    Some(slot) => &snap.peers[*slot as usize],
+                    None => {
+                        counters.drop(DropReason::Handshake);
+                        return;
+                    }
+                }
+            }
+            MSG_RESPONSE | MSG_COOKIE if d.len() >= 12 => {
+                // The receiver index follows the sender index in a response, the type in a cookie.
+                let at = if kind == MSG_RESPONSE { 8 } else { 4 };
+                let idx = u32::from_le_bytes([d[at], d[at + 1], d[at + 2], d[at + 3]]);
+                match snap.peer_for_index(idx) {
+                    Some((_, p)) => p,
+                    None => {
+                        counters.drop(DropReason::UnknownSession);
+                        return;
+                    }
+                }
+            }
+            _ => {
+                counters.drop(DropReason::Malformed);
+                return;
+            }
+        };
+        let mut st = peer.lock();
+        match st.tunn.decapsulate(Some(src.ip()), d, &mut self.dec) {
+            TunnResult::Err(e) => {
+                counters.drop(DropReason::from_wireguard(&e));
+                return;
+            }
+            TunnResult::WriteToNetwork(p) => {
+                if !self.replies.push(p, src) {
+                    io.udp_send(&mut self.replies);
+                    let _ = self.replies.push(p, src);
+                }
+            }
+            _ => {}
+        }
+        if kind != MSG_COOKIE {
+            peer.rx_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            roam(&mut st, src);
+        }
+        // Packets boringtun queued while the handshake was under way.
+        let mut sent = 0u64;
+        loop {
+            if !self.replies.has_room(65536 + DATA_OVERHEAD, 1) {
+                io.udp_send(&mut self.replies);
+            }
+            match st.tunn.decapsulate(None, &[], self.replies.slot()) {
+                TunnResult::WriteToNetwork(p) => {
+                    let n = p.len();
+                    let dst = st.endpoint.unwrap_or(src);
+                    self.replies.commit(n, dst);
+                    sent += n as u64;
+                }
+                _ => break,
+            }
+        }
+        peer.tx_bytes.fetch_add(sent, Ordering::Relaxed);
+    }
+
+    /// Writes what is pending to the tun and the network.
+    pub fn finish(&mut self, counters: &Counters, io: &mut impl Io) {
+        if !self.coalescer.is_empty() {
+            self.coalescer.drain(|f| io.tun_write(f));
+        }
+        if !self.replies.is_empty() {
+            io.udp_send(&mut self.replies);
+        }
+        counters.packets_rx.fetch_add(std::mem::take(&mut self.delivered), Ordering::Relaxed);
+    }
+}
+
+fn release(snap: &Snapshot, h: Option<Held<'_>>) {
+    if let Some(h) = h {
+        snap.peers[h.slot as usize].rx_bytes.fetch_add(h.rx_bytes, Ordering::Relaxed);
+    }
+}
+
+/// Endpoint roaming: authenticated packets tell where the peer is now.
+#[inline]
+fn roam(st: &mut PeerState, src: SocketAddr) {
+    if st.endpoint != Some(src) {
+        st.endpoint = Some(src);
+    }
+}
+
+/// Runs every peer's timers once (call every [`TIMER_TICK`]); handshake retries,
+/// keepalives and rekeys go into `out`.
+pub fn tick_timers(snap: &Snapshot, out: &mut TxBatch, io: &mut impl Io) {
+    for peer in &snap.peers {
+        let mut st = peer.lock();
+        if !out.has_room(MIN_OUT + DATA_OVERHEAD, 1) {
+            io.udp_send(out);
+        }
+        let endpoint = st.endpoint;
+        if let TunnResult::WriteToNetwork(p) = st.tunn.update_timers(out.slot()) {
+            let n = p.len();
+            if let Some(ep) = endpoint {
+                out.commit(n, ep);
+                peer.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+    if !out.is_empty() {
+        io.udp_send(out);
+    }
+}
+
+/// How often peer timers run. boringtun rounds its timers to whole seconds internally; a
+/// quarter second keeps handshake retries within the protocol's jitter.
+pub const TIMER_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Parses just enough of a datagram to say whether it is a WireGuard message at all.
+pub fn is_wireguard_message(d: &[u8]) -> bool {
+    Tunn::parse_incoming_packet(d).is_ok()
+}

@@ -1,0 +1,119 @@
+//! Packet and drop counters of the loop: atomics, added once per batch where possible; read
+//! by the userspace API, `kwire status` and `/metrics`.
+
+use boringtun::noise::errors::WireGuardError;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Why the loop dropped a packet. `Copy`, no data: counted, never formatted per packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum DropReason {
+    /// No peer's allowed IPs contain the destination.
+    NoPeer,
+    /// The peer has no endpoint to send to yet.
+    NoEndpoint,
+    /// A decrypted packet's source is outside the sending peer's allowed IPs.
+    NotAllowedIp,
+    /// AEAD authentication failed.
+    Decrypt,
+    /// A counter already seen or too old.
+    Replay,
+    /// A datagram that is not a WireGuard message, or an inner packet that is not IP.
+    Malformed,
+    /// A message for a session index we do not know.
+    UnknownSession,
+    /// A handshake message that failed verification (MAC, key, timestamp).
+    Handshake,
+    /// A handshake from a source over its rate, or while under load without a cookie.
+    RateLimited,
+    /// The device has no private key.
+    NoKey,
+    /// A frame from the tun our offload code could not split.
+    Offload,
+    /// The kernel refused a write to the tun.
+    TunWrite,
+    /// The kernel refused a UDP send.
+    UdpSend,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 13] = [
+        DropReason::NoPeer,
+        DropReason::NoEndpoint,
+        DropReason::NotAllowedIp,
+        DropReason::Decrypt,
+        DropReason::Replay,
+        DropReason::Malformed,
+        DropReason::UnknownSession,
+        DropReason::Handshake,
+        DropReason::RateLimited,
+        DropReason::NoKey,
+        DropReason::Offload,
+        DropReason::TunWrite,
+        DropReason::UdpSend,
+    ];
+
+    /// The `reason` label in metrics.
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            DropReason::NoPeer => "no_peer",
+            DropReason::NoEndpoint => "no_endpoint",
+            DropReason::NotAllowedIp => "not_allowed_ip",
+            DropReason::Decrypt => "decrypt",
+            DropReason::Replay => "replay",
+            DropReason::Malformed => "malformed",
+            DropReason::UnknownSession => "unknown_session",
+            DropReason::Handshake => "handshake",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::NoKey => "no_key",
+            DropReason::Offload => "offload",
+            DropReason::TunWrite => "tun_write",
+            DropReason::UdpSend => "udp_send",
+        }
+    }
+
+    /// Maps boringtun's error for an incoming message to a reason.
+    pub fn from_wireguard(e: &WireGuardError) -> DropReason {
+        match e {
+            WireGuardError::InvalidAeadTag => DropReason::Decrypt,
+            WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => DropReason::Replay,
+            WireGuardError::WrongIndex | WireGuardError::NoCurrentSession => DropReason::UnknownSession,
+            WireGuardError::UnderLoad => DropReason::RateLimited,
+            WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength | WireGuardError::WrongPacketType => DropReason::Malformed,
+            _ => DropReason::Handshake,
+        }
+    }
+}
+
+/// Counters of one device.
+#[derive(Debug, Default)]
+pub struct Counters {
+    drops: [AtomicU64; DropReason::ALL.len()],
+    /// Packets from the tun sent encrypted to peers.
+    pub packets_tx: AtomicU64,
+    /// Packets decrypted and delivered to the tun.
+    pub packets_rx: AtomicU64,
+}
+
+impl Counters {
+    #[inline]
+    pub fn drop(&self, r: DropReason) {
+        self.drops[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    #[inline]
+    pub fn drop_n(&self, r: DropReason, n: u64) {
+        if n > 0 {
+            self.drops[r as usize].fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    pub fn drops(&self, r: DropReason) -> u64 {
+        self.drops[r as usize].load(Ordering::Relaxed)
+    }
+
+    /// Every reason with its count.
+    pub fn all_drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL.iter().map(|r| (*r, self.drops(*r)))
+    }
+}

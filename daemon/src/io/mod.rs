@@ -1,0 +1,25 @@
+//! Kernel I/O: tun queues and UDP sockets. The only module in the daemon with `unsafe`; each
+//! block says why it is sound. Everything above talks to these through safe, small types.
+
+pub mod tun;
+pub mod udp;
+
+use std::io;
+
+/// Converts a libc return value into an `io::Result`.
+pub(crate) fn cvt(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// Same as [`cvt`] for `ssize_t` returns.
+pub(crate) fn cvt_size(ret: libc::ssize_t) -> io::Result<usize> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}

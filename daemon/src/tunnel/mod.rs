@@ -1,0 +1,121 @@
+//! `kwire tunnel IFNAME`: a standalone userspace WireGuard device in the foreground, like
+//! `wireguard-go -f IFNAME`. Worker threads own the packet path (one tun queue and one UDP
+//! socket each, blocking system calls, no async); a small tokio runtime serves the
+//! userspace API, runs timers and waits for signals.
+
+pub mod uapi_server;
+pub mod workers;
+
+use crate::datapath::stats::Counters;
+use crate::io::tun::{TunOptions, TunQueue};
+use crate::wg::Device;
+use anyhow::Context;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tracing::{info, warn};
+
+/// Where wireguard-tools looks for userspace API sockets.
+pub const UAPI_DIR: &str = "/var/run/wireguard";
+
+/// Most worker threads pairs (tun queue + UDP socket) a device runs.
+pub const MAX_WORKERS: usize = 8;
+
+#[derive(Debug, clap::Args)]
+pub struct TunnelArgs {
+    /// Name of the tun interface to create (1 to 15 characters).
+    pub ifname: String,
+    /// Worker threads (tun queue and UDP socket pairs); default: one per core.
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Directory of the userspace API socket.
+    #[arg(long, default_value = UAPI_DIR)]
+    pub uapi_dir: PathBuf,
+    /// Turn off tun TSO/GRO offloads (virtio-net headers); for comparison and old kernels.
+    #[arg(long)]
+    pub no_offload: bool,
+}
+
+/// A running WireGuard device on a tun interface: what both `kwire tunnel` and the agent use.
+pub struct TunnelDevice {
+    pub device: Arc<Device>,
+    pub counters: Arc<Counters>,
+    pub net: workers::Network,
+    pub ifname: String,
+}
+
+impl TunnelDevice {
+    /// Creates tun `ifname` with `workers` queues and starts the packet path.
+    pub fn start(ifname: &str, workers: usize, offload: bool) -> anyhow::Result<TunnelDevice> {
+        let workers = workers.clamp(1, MAX_WORKERS);
+        let queues = open_queues(ifname, workers, offload)?;
+        let vnet = queues[0].offload();
+        info!(ifname, queues = queues.len(), offload = vnet, "tun device ready");
+        let device = Arc::new(Device::new());
+        let counters = Arc::new(Counters::default());
+        let net = workers::Network::new(device.clone(), counters.clone(), queues.len(), vnet);
+        for (i, q) in queues.into_iter().enumerate() {
+            workers::spawn_tun_reader(i, q, device.clone(), counters.clone(), net.clone())?;
+        }
+        // Bind a port now (random unless set later), as wireguard-go does on start.
+        device.ensure_bound(&mut net.clone()).context("binding the WireGuard UDP port")?;
+        workers::spawn_timers(device.clone(), net.clone())?;
+        Ok(TunnelDevice { device, counters, net, ifname: ifname.to_string() })
+    }
+}
+
+fn open_queues(ifname: &str, workers: usize, offload: bool) -> anyhow::Result<Vec<TunQueue>> {
+    let mut opts = TunOptions { offload, multi_queue: workers > 1 };
+    let first = match TunQueue::open(ifname, opts) {
+        Ok(q) => q,
+        Err(e) if opts.offload || opts.multi_queue => {
+            warn!(ifname, error = %e, "tun offloads or multi-queue refused; falling back to one plain queue");
+            opts = TunOptions { offload: false, multi_queue: false };
+            TunQueue::open(ifname, opts).with_context(|| format!("creating tun {ifname}"))?
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("creating tun {ifname} (needs CAP_NET_ADMIN and /dev/net/tun)"))
+        }
+    };
+    let mut queues = vec![first];
+    if opts.multi_queue {
+        for _ in 1..workers {
+            queues.push(TunQueue::open(ifname, opts).with_context(|| format!("opening another queue of tun {ifname}"))?);
+        }
+    }
+    Ok(queues)
+}
+
+/// Runs `kwire tunnel` until SIGTERM or SIGINT.
+pub fn run(args: TunnelArgs) -> anyhow::Result<()> {
+    crate::io::tun::check_ifname(&args.ifname)?;
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let sock_path = args.uapi_dir.join(format!("{}.sock", args.ifname));
+        // Claim the socket path first: a second instance must fail before touching the tun.
+        let listener = uapi_server::bind(&sock_path)?;
+        let tun = match TunnelDevice::start(&args.ifname, workers, !args.no_offload) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = std::fs::remove_file(&sock_path);
+                return Err(e);
+            }
+        };
+        info!(ifname = %args.ifname, socket = %sock_path.display(), "kwire tunnel up");
+        let server = tokio::spawn(uapi_server::serve(listener, tun.device.clone(), tun.net.clone()));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM: shutting down"),
+            _ = int.recv() => info!("SIGINT: shutting down"),
+        }
+        server.abort();
+        let _ = std::fs::remove_file(&sock_path);
+        Ok::<(), anyhow::Error>(())
+    })?;
+    // The tun is not persistent: it goes away with our descriptors when the process exits.
+    // Worker threads are blocked in system calls; exiting is the clean way to end them.
+    std::process::exit(0)
+}

@@ -1,0 +1,249 @@
+//! The threads of the packet path: per worker one tun reader (tun -> encrypt -> UDP) and one
+//! UDP reader (UDP -> decrypt -> tun); one timer thread. Blocking system calls, buffers owned
+//! by each thread, nothing allocated per packet.
+
+use crate::datapath::batch::TxBatch;
+use crate::datapath::stats::{Counters, DropReason};
+use crate::datapath::{self, Io, RxPath, TxPath, MAX_FRAME};
+use crate::io::tun::TunQueue;
+use crate::io::udp::{RecvBatch, SendScratch, UdpSocket};
+use crate::wg::device::NetworkControl;
+use crate::wg::Device;
+use arc_swap::ArcSwap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// Messages per recvmmsg.
+pub const RECV_BATCH: usize = 32;
+/// Bytes per received message: a whole UDP GRO train.
+pub const RECV_MSG_BYTES: usize = 65536;
+/// Tun frames read before the pending datagrams are sent.
+pub const TUN_BATCH: usize = 32;
+/// Least time between two log lines about the same repeated I/O error.
+pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// A bound socket and whether its reader should stop.
+pub struct Bound {
+    pub sock: UdpSocket,
+    closed: AtomicBool,
+}
+
+/// The device's UDP sockets (one per worker, sharing the port with SO_REUSEPORT), swapped
+/// whole when the port changes.
+#[derive(Clone)]
+pub struct Network {
+    sockets: Arc<ArcSwap<Vec<Arc<Bound>>>>,
+    device: Arc<Device>,
+    counters: Arc<Counters>,
+    tun_writers: Arc<Mutex<Vec<Arc<TunQueue>>>>,
+    workers: usize,
+    vnet: bool,
+}
+
+impl Network {
+    pub fn new(device: Arc<Device>, counters: Arc<Counters>, workers: usize, vnet: bool) -> Network {
+        Network {
+            sockets: Arc::new(ArcSwap::from_pointee(Vec::new())),
+            device,
+            counters,
+            tun_writers: Arc::new(Mutex::new(Vec::new())),
+            workers,
+            vnet,
+        }
+    }
+
+    fn socket_for(&self, worker: usize) -> Option<Arc<Bound>> {
+        let s = self.sockets.load();
+        (!s.is_empty()).then(|| s[worker % s.len()].clone())
+    }
+}
+
+impl NetworkControl for Network {
+    fn bind(&mut self, port: u16, fwmark: u32) -> io::Result<u16> {
+        let first = UdpSocket::bind(port, true, fwmark)?;
+        let port = first.port();
+        let mut socks = vec![Arc::new(Bound { sock: first, closed: AtomicBool::new(false) })];
+        for _ in 1..self.workers {
+            socks.push(Arc::new(Bound { sock: UdpSocket::bind(port, true, fwmark)?, closed: AtomicBool::new(false) }));
+        }
+        let old = self.sockets.swap(Arc::new(socks.clone()));
+        for b in old.iter() {
+            b.closed.store(true, Ordering::Relaxed);
+            b.sock.shutdown();
+        }
+        let writers = self.tun_writers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        for (i, b) in socks.into_iter().enumerate() {
+            let tun = writers[i % writers.len().max(1)].clone();
+            spawn_udp_reader(i, b, tun, self.clone())?;
+        }
+        info!(port, "listening for WireGuard");
+        Ok(port)
+    }
+
+    fn set_fwmark(&mut self, fwmark: u32) -> io::Result<()> {
+        for b in self.sockets.load().iter() {
+            b.sock.set_fwmark(fwmark)?;
+        }
+        Ok(())
+    }
+}
+
+/// Logs a repeated error at most once per [`ERROR_LOG_INTERVAL`].
+struct Throttle {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl Throttle {
+    fn new() -> Throttle {
+        Throttle { last: None, suppressed: 0 }
+    }
+    fn log(&mut self, what: &str, e: &io::Error) {
+        let now = Instant::now();
+        if self.last.is_none_or(|t| now.duration_since(t) >= ERROR_LOG_INTERVAL) {
+            warn!(error = %e, suppressed = self.suppressed, "{what}");
+            self.last = Some(now);
+            self.suppressed = 0;
+        } else {
+            self.suppressed += 1;
+        }
+    }
+}
+
+/// The I/O a worker does on behalf of the pure packet path.
+struct WorkerIo<'a> {
+    tun: &'a TunQueue,
+    sock: Option<Arc<Bound>>,
+    scratch: &'a mut SendScratch,
+    counters: &'a Counters,
+    tun_err: &'a mut Throttle,
+    udp_err: &'a mut Throttle,
+}
+
+impl Io for WorkerIo<'_> {
+    fn tun_write(&mut self, frame: &[u8]) {
+        if let Err(e) = self.tun.write(frame) {
+            self.counters.drop(DropReason::TunWrite);
+            self.tun_err.log("writing to the tun", &e);
+        }
+    }
+
+    fn udp_send(&mut self, batch: &mut TxBatch) {
+        match &self.sock {
+            Some(b) => {
+                if let Err(e) = b.sock.send_batch(batch, self.scratch) {
+                    self.counters.drop(DropReason::UdpSend);
+                    self.udp_err.log("sending WireGuard datagrams", &e);
+                }
+            }
+            None => self.counters.drop_n(DropReason::UdpSend, batch.groups().iter().map(|g| g.count as u64).sum()),
+        }
+        batch.clear();
+    }
+}
+
+/// Starts the thread that reads tun queue `i`.
+pub fn spawn_tun_reader(i: usize, q: TunQueue, device: Arc<Device>, counters: Arc<Counters>, net: Network) -> io::Result<()> {
+    let q = Arc::new(q);
+    net.tun_writers.lock().unwrap_or_else(|p| p.into_inner()).push(q.clone());
+    q.set_nonblocking(true)?;
+    std::thread::Builder::new().name(format!("kwire-tun-{i}")).spawn(move || {
+        let vnet = q.offload();
+        let mut frame = vec![0u8; MAX_FRAME];
+        let mut tx = TxPath::new();
+        let mut scratch = SendScratch::new();
+        let (mut tun_err, mut udp_err, mut read_err) = (Throttle::new(), Throttle::new(), Throttle::new());
+        loop {
+            let mut n = 0;
+            let sock = net.socket_for(i);
+            let mut wio = WorkerIo { tun: &q, sock, scratch: &mut scratch, counters: &counters, tun_err: &mut tun_err, udp_err: &mut udp_err };
+            let snap = device.snapshot();
+            while n < TUN_BATCH {
+                match q.read(&mut frame) {
+                    Ok(len) => {
+                        tx.handle_frame(&snap, &mut frame[..len], vnet, &counters, &mut wio);
+                        n += 1;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        read_err.log("reading from the tun", &e);
+                        std::thread::sleep(Duration::from_millis(10));
+                        break;
+                    }
+                }
+            }
+            tx.flush(&mut wio);
+            drop(snap);
+            if n < TUN_BATCH {
+                let _ = q.poll_readable(-1);
+            }
+        }
+    })?;
+    Ok(())
+}
+
+/// Starts the thread that reads one UDP socket until it is replaced.
+fn spawn_udp_reader(i: usize, b: Arc<Bound>, tun: Arc<TunQueue>, net: Network) -> io::Result<()> {
+    std::thread::Builder::new().name(format!("kwire-udp-{i}")).spawn(move || {
+        let mut rx = RxPath::new(net.vnet && tun.offload());
+        let mut batch = RecvBatch::new(RECV_BATCH, RECV_MSG_BYTES);
+        let mut scratch = SendScratch::new();
+        let (mut tun_err, mut udp_err, mut recv_err) = (Throttle::new(), Throttle::new(), Throttle::new());
+        let counters = net.counters.clone();
+        let device = net.device.clone();
+        loop {
+            let n = match b.sock.recv_batch(&mut batch) {
+                Ok(n) => n,
+                Err(e) => {
+                    if b.closed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    recv_err.log("receiving WireGuard datagrams", &e);
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            if b.closed.load(Ordering::Relaxed) {
+                return;
+            }
+            let now = Instant::now();
+            let snap = device.snapshot();
+            let mut wio = WorkerIo { tun: &tun, sock: Some(b.clone()), scratch: &mut scratch, counters: &counters, tun_err: &mut tun_err, udp_err: &mut udp_err };
+            for k in 0..n {
+                let m = batch.get(k);
+                let Some(src) = m.src else { continue };
+                rx.handle_message(&snap, &device.source_limiter, src, m.data, m.segment, now, &counters, &mut wio);
+            }
+            rx.finish(&counters, &mut wio);
+        }
+    })?;
+    Ok(())
+}
+
+/// Starts the timer thread: peer timers every tick, rate limiter reset every second.
+pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
+    static TICKS: AtomicU64 = AtomicU64::new(0);
+    std::thread::Builder::new().name("kwire-timers".into()).spawn(move || {
+        let mut out = TxBatch::new(64 * 1024, 64);
+        let mut scratch = SendScratch::new();
+        let (mut a, mut b) = (Throttle::new(), Throttle::new());
+        let tun = net.tun_writers.lock().unwrap_or_else(|p| p.into_inner())[0].clone();
+        let ticks_per_second = (1000 / datapath::TIMER_TICK.as_millis()).max(1) as u64;
+        loop {
+            std::thread::sleep(datapath::TIMER_TICK);
+            let snap = device.snapshot();
+            let mut wio = WorkerIo { tun: &tun, sock: net.socket_for(0), scratch: &mut scratch, counters: &net.counters, tun_err: &mut a, udp_err: &mut b };
+            datapath::tick_timers(&snap, &mut out, &mut wio);
+            if TICKS.fetch_add(1, Ordering::Relaxed) % ticks_per_second == 0 {
+                if let Some(id) = &snap.identity {
+                    id.rate_limiter.reset_count();
+                }
+                device.source_limiter.prune(Instant::now());
+            }
+        }
+    })?;
+    Ok(())
+}

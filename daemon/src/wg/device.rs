@@ -1,0 +1,469 @@
+//! The device: its configuration (written by the control plane under one lock) and the
+//! [`Snapshot`] the packet loop reads without waiting (rebuilt and swapped on every change).
+
+use crate::wg::allowed_ips::{AllowedIps, IntMap};
+use crate::wg::key::{PresharedKey, PrivateKey};
+use crate::wg::ratelimit::SourceLimiter;
+use crate::wg::uapi::{DeviceInfo, Errno, PeerChange, PeerInfo, SetRequest, UapiError};
+use arc_swap::ArcSwap;
+use boringtun::noise::rate_limiter::RateLimiter;
+use boringtun::noise::Tunn;
+use ipnetwork::IpNetwork;
+use kwire_proto::key::PublicKey;
+use rand_core::RngCore;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::SystemTime;
+
+/// Handshake messages per second the device takes before it asks for cookies
+/// (boringtun's device uses the same figure).
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
+
+/// Largest session index boringtun accepts (it shifts the index left by 8 bits).
+const MAX_INDEX: u32 = (1 << 24) - 1;
+
+/// A peer as the packet loop sees it.
+pub struct Peer {
+    pub public_key: PublicKey,
+    /// Our 24-bit session index for this peer: incoming packets name it in `receiver_idx`.
+    pub index: u32,
+    pub preshared_key: Option<PresharedKey>,
+    pub persistent_keepalive: u16,
+    state: Mutex<PeerState>,
+    pub rx_bytes: AtomicU64,
+    pub tx_bytes: AtomicU64,
+    /// Packets to this peer that no session could carry yet, or that had no endpoint.
+    pub tx_dropped: AtomicU64,
+}
+
+/// The mutable half of a peer: boringtun's `Tunn` (its methods take `&mut self`) and the
+/// endpoint, which roams with authenticated packets. Locked once per batch, not per packet.
+pub struct PeerState {
+    pub tunn: Tunn,
+    pub endpoint: Option<SocketAddr>,
+}
+
+impl std::fmt::Debug for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Peer").field("public_key", &self.public_key).field("index", &self.index).finish_non_exhaustive()
+    }
+}
+
+impl Peer {
+    pub fn lock(&self) -> MutexGuard<'_, PeerState> {
+        // A panic while holding the lock aborts the process (release profile), so poison
+        // can only be seen in tests; the state is still usable.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        self.lock().endpoint
+    }
+
+    /// Wall-clock time of the last completed handshake.
+    pub fn last_handshake(&self) -> Option<SystemTime> {
+        let d = self.lock().tunn.time_since_last_handshake()?;
+        SystemTime::now().checked_sub(d)
+    }
+}
+
+/// The device's keys as the packet loop needs them for incoming handshakes.
+pub struct Identity {
+    pub secret: x25519_dalek::StaticSecret,
+    pub public: x25519_dalek::PublicKey,
+    /// MAC checks and cookies under load, shared by every peer (reset once a second).
+    pub rate_limiter: Arc<RateLimiter>,
+}
+
+/// What the packet loop reads: immutable, swapped whole on every configuration change.
+#[derive(Default)]
+pub struct Snapshot {
+    pub peers: Vec<Arc<Peer>>,
+    /// Destination address to peer slot (index into `peers`).
+    pub routes: AllowedIps<u32>,
+    /// Session index (`receiver_idx >> 8`) to peer slot.
+    pub by_index: IntMap<u32, u32>,
+    /// Public key to peer slot, for handshake initiations.
+    pub by_key: HashMap<[u8; 32], u32>,
+    pub identity: Option<Arc<Identity>>,
+}
+
+impl Snapshot {
+    #[inline]
+    pub fn peer_for_index(&self, receiver_idx: u32) -> Option<(u32, &Arc<Peer>)> {
+        let slot = *self.by_index.get(&(receiver_idx >> 8))?;
+        Some((slot, &self.peers[slot as usize]))
+    }
+}
+
+/// Operations on the outside world a configuration change needs (sockets); the tunnel
+/// runtime implements them, tests use a double.
+pub trait NetworkControl {
+    /// (Re)binds the UDP sockets on `port` (0: any); returns the bound port.
+    fn bind(&mut self, port: u16, fwmark: u32) -> std::io::Result<u16>;
+    fn set_fwmark(&mut self, fwmark: u32) -> std::io::Result<()>;
+}
+
+struct PeerEntry {
+    peer: Arc<Peer>,
+    allowed_ips: Vec<IpNetwork>,
+}
+
+#[derive(Default)]
+struct Config {
+    key: Option<PrivateKey>,
+    identity: Option<Arc<Identity>>,
+    listen_port: u16,
+    bound: bool,
+    fwmark: u32,
+    peers: BTreeMap<PublicKey, PeerEntry>,
+}
+
+/// A WireGuard device: configuration plus the snapshot the loop reads.
+pub struct Device {
+    config: Mutex<Config>,
+    snapshot: ArcSwap<Snapshot>,
+    pub source_limiter: SourceLimiter,
+}
+
+impl Default for Device {
+    fn default() -> Self {
+        Device { config: Mutex::new(Config::default()), snapshot: ArcSwap::from_pointee(Snapshot::default()), source_limiter: SourceLimiter::default() }
+    }
+}
+
+fn new_index(used: &IntMap<u32, u32>) -> u32 {
+    loop {
+        let i = rand_core::OsRng.next_u32() & MAX_INDEX;
+        if i != 0 && !used.contains_key(&i) {
+            return i;
+        }
+    }
+}
+
+impl Device {
+    pub fn new() -> Device {
+        Device::default()
+    }
+
+    /// The current snapshot (cheap; hold it for a batch, not forever).
+    #[inline]
+    pub fn snapshot(&self) -> arc_swap::Guard<Arc<Snapshot>> {
+        self.snapshot.load()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Config> {
+        self.config.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn listen_port(&self) -> u16 {
+        self.lock().listen_port
+    }
+
+    pub fn public_key(&self) -> Option<PublicKey> {
+        self.lock().key.as_ref().map(PrivateKey::public_key)
+    }
+
+    /// Applies a `set=1` request as one change: either all of it or, on error, none of the
+    /// peer changes (a failed bind leaves the old port).
+    pub fn apply(&self, req: SetRequest, net: &mut dyn NetworkControl) -> Result<(), UapiError> {
+        let mut cfg = self.lock();
+        let fwmark = req.fwmark.unwrap_or(cfg.fwmark);
+        if let Some(port) = req.listen_port {
+            if !cfg.bound || port != cfg.listen_port || (port == 0) {
+                let bound = net.bind(port, fwmark).map_err(|e| UapiError {
+                    errno: if e.kind() == std::io::ErrorKind::AddrInUse { Errno::AddrInUse } else { Errno::Io },
+                    message: format!("binding UDP port {port}: {e}"),
+                })?;
+                cfg.listen_port = bound;
+                cfg.bound = true;
+            }
+        }
+        if req.fwmark.is_some() && fwmark != cfg.fwmark {
+            net.set_fwmark(fwmark).map_err(|e| UapiError { errno: Errno::Io, message: format!("setting fwmark {fwmark}: {e}") })?;
+            cfg.fwmark = fwmark;
+        }
+        if let Some(k) = req.private_key {
+            set_private_key(&mut cfg, k);
+        }
+        if req.replace_peers {
+            cfg.peers.clear();
+        }
+        for change in req.peers {
+            apply_peer(&mut cfg, change);
+        }
+        self.publish(&cfg);
+        Ok(())
+    }
+
+    /// Binds the UDP port on first start if no request did (port 0: the kernel picks), as
+    /// wireguard-go does once the device is up.
+    pub fn ensure_bound(&self, net: &mut dyn NetworkControl) -> std::io::Result<u16> {
+        let mut cfg = self.lock();
+        if !cfg.bound {
+            cfg.listen_port = net.bind(cfg.listen_port, cfg.fwmark)?;
+            cfg.bound = true;
+        }
+        Ok(cfg.listen_port)
+    }
+
+    fn publish(&self, cfg: &Config) {
+        let mut s = Snapshot { identity: cfg.identity.clone(), ..Snapshot::default() };
+        for (slot, e) in cfg.peers.values().enumerate() {
+            let slot = slot as u32;
+            s.peers.push(e.peer.clone());
+            s.by_index.insert(e.peer.index, slot);
+            s.by_key.insert(e.peer.public_key.0, slot);
+            for n in &e.allowed_ips {
+                s.routes.insert(*n, slot);
+            }
+        }
+        self.snapshot.store(Arc::new(s));
+    }
+
+    /// What `get=1` reports.
+    pub fn info(&self) -> DeviceInfo {
+        let cfg = self.lock();
+        DeviceInfo {
+            private_key: cfg.key.clone(),
+            listen_port: cfg.listen_port,
+            fwmark: cfg.fwmark,
+            peers: cfg
+                .peers
+                .values()
+                .map(|e| PeerInfo {
+                    public_key: e.peer.public_key,
+                    preshared_key: e.peer.preshared_key.clone(),
+                    endpoint: e.peer.endpoint(),
+                    last_handshake: e.peer.last_handshake(),
+                    rx_bytes: e.peer.rx_bytes.load(Ordering::Relaxed),
+                    tx_bytes: e.peer.tx_bytes.load(Ordering::Relaxed),
+                    persistent_keepalive: e.peer.persistent_keepalive,
+                    allowed_ips: e.allowed_ips.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn set_private_key(cfg: &mut Config, key: Option<PrivateKey>) {
+    if cfg.key == key {
+        return;
+    }
+    cfg.identity = key.as_ref().map(|k| {
+        let secret = k.secret();
+        let public = x25519_dalek::PublicKey::from(&secret);
+        Arc::new(Identity { rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)), secret, public })
+    });
+    cfg.key = key;
+    // A peer with our own public key cannot exist (wireguard-go removes it too).
+    if let Some(own) = cfg.key.as_ref().map(PrivateKey::public_key) {
+        cfg.peers.remove(&own);
+    }
+    // Every session was made with the old key: rebuild each peer's Tunn (or none without key).
+    let keys: Vec<PublicKey> = cfg.peers.keys().copied().collect();
+    for pk in keys {
+        rebuild_peer(cfg, pk, None, None);
+    }
+}
+
+/// Replaces a peer's `Tunn` (new key, preshared key or keepalive: boringtun fixes these at
+/// construction), keeping its endpoint, counters and allowed IPs.
+fn rebuild_peer(cfg: &mut Config, pk: PublicKey, psk: Option<Option<PresharedKey>>, keepalive: Option<u16>) {
+    let Some(old) = cfg.peers.get(&pk).map(|e| e.peer.clone()) else { return };
+    let psk = psk.unwrap_or_else(|| old.preshared_key.clone());
+    let keepalive = keepalive.unwrap_or(old.persistent_keepalive);
+    let used: IntMap<u32, u32> = cfg.peers.values().map(|e| (e.peer.index, 0)).collect();
+    let Some(peer) = make_peer(cfg, pk, psk, keepalive, old.endpoint(), &used) else {
+        cfg.peers.remove(&pk);
+        return;
+    };
+    peer.rx_bytes.store(old.rx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    peer.tx_bytes.store(old.tx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    if let Some(e) = cfg.peers.get_mut(&pk) {
+        e.peer = Arc::new(peer);
+    }
+}
+
+fn make_peer(
+    cfg: &Config,
+    pk: PublicKey,
+    psk: Option<PresharedKey>,
+    keepalive: u16,
+    endpoint: Option<SocketAddr>,
+    used: &IntMap<u32, u32>,
+) -> Option<Peer> {
+    // Without a private key a peer is kept in the configuration with a Tunn made from a
+    // throw-away key: it can do nothing, and is rebuilt when a key arrives.
+    let (secret, limiter) = match &cfg.identity {
+        Some(id) => (id.secret.clone(), Some(id.rate_limiter.clone())),
+        None => (x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng), None),
+    };
+    let index = new_index(used);
+    let tunn = Tunn::new(
+        secret,
+        x25519_dalek::PublicKey::from(pk.0),
+        psk.as_ref().map(|k| *k.0),
+        (keepalive > 0).then_some(keepalive),
+        index,
+        limiter,
+    );
+    Some(Peer {
+        public_key: pk,
+        index,
+        preshared_key: psk,
+        persistent_keepalive: keepalive,
+        state: Mutex::new(PeerState { tunn, endpoint }),
+        rx_bytes: AtomicU64::new(0),
+        tx_bytes: AtomicU64::new(0),
+        tx_dropped: AtomicU64::new(0),
+    })
+}
+
+fn apply_peer(cfg: &mut Config, c: PeerChange) {
+    let pk = c.public_key;
+    if cfg.key.as_ref().map(PrivateKey::public_key) == Some(pk) {
+        return; // our own key: ignored, as wireguard-go does
+    }
+    if c.remove {
+        cfg.peers.remove(&pk);
+        return;
+    }
+    if !cfg.peers.contains_key(&pk) {
+        if c.update_only {
+            return;
+        }
+        let used: IntMap<u32, u32> = cfg.peers.values().map(|e| (e.peer.index, 0)).collect();
+        let psk = c.preshared_key.clone().flatten();
+        let ka = c.persistent_keepalive.unwrap_or(0);
+        if let Some(peer) = make_peer(cfg, pk, psk, ka, None, &used) {
+            cfg.peers.insert(pk, PeerEntry { peer: Arc::new(peer), allowed_ips: Vec::new() });
+        }
+    } else {
+        let e = &cfg.peers[&pk];
+        let psk_changed = c.preshared_key.as_ref().is_some_and(|k| *k != e.peer.preshared_key);
+        let ka_changed = c.persistent_keepalive.is_some_and(|k| k != e.peer.persistent_keepalive);
+        if psk_changed || ka_changed {
+            rebuild_peer(cfg, pk, c.preshared_key.clone(), c.persistent_keepalive);
+        }
+    }
+    let Some(e) = cfg.peers.get_mut(&pk) else { return };
+    if let Some(ep) = c.endpoint {
+        e.peer.lock().endpoint = Some(ep);
+    }
+    if c.replace_allowed_ips {
+        e.allowed_ips.clear();
+    }
+    // An allowed IP belongs to one peer: giving it to this one takes it from the others.
+    for n in &c.allowed_ips {
+        for (other, oe) in cfg.peers.iter_mut() {
+            if *other != pk {
+                oe.allowed_ips.retain(|x| x != n);
+            }
+        }
+        let e = cfg.peers.get_mut(&pk).expect("present");
+        if !e.allowed_ips.contains(n) {
+            e.allowed_ips.push(*n);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wg::uapi::{parse_request, Request};
+
+    #[derive(Default)]
+    struct FakeNet {
+        binds: Vec<(u16, u32)>,
+        fail: bool,
+    }
+    impl NetworkControl for FakeNet {
+        fn bind(&mut self, port: u16, fwmark: u32) -> std::io::Result<u16> {
+            if self.fail {
+                return Err(std::io::ErrorKind::AddrInUse.into());
+            }
+            self.binds.push((port, fwmark));
+            Ok(if port == 0 { 40000 } else { port })
+        }
+        fn set_fwmark(&mut self, _: u32) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn set(dev: &Device, net: &mut FakeNet, lines: &[&str]) -> Result<(), UapiError> {
+        let mut all = vec!["set=1"];
+        all.extend_from_slice(lines);
+        let Request::Set(r) = parse_request(&all).unwrap() else { panic!() };
+        dev.apply(r, net)
+    }
+
+    fn hex(b: u8) -> String {
+        format!("{:02x}", b).repeat(32)
+    }
+
+    #[test]
+    fn peers_routes_and_allowed_ip_moves() {
+        let dev = Device::new();
+        let mut net = FakeNet::default();
+        let pk1 = format!("public_key={}", hex(1));
+        let pk2 = format!("public_key={}", hex(2));
+        let sk = format!("private_key={}", hex(9));
+        set(&dev, &mut net, &[&sk, "listen_port=51820", &pk1, "allowed_ip=10.0.0.0/24", &pk2, "allowed_ip=10.0.1.0/24"]).unwrap();
+        let s = dev.snapshot();
+        assert_eq!(s.peers.len(), 2);
+        let slot = s.routes.lookup("10.0.1.7".parse().unwrap()).unwrap();
+        assert_eq!(s.peers[slot as usize].public_key.0, [2; 32]);
+        assert_eq!(net.binds, vec![(51820, 0)]);
+        // Moving 10.0.0.0/24 to peer 2 takes it from peer 1.
+        set(&dev, &mut net, &[&pk2, "allowed_ip=10.0.0.0/24"]).unwrap();
+        let info = dev.info();
+        assert!(info.peers[0].allowed_ips.is_empty());
+        assert_eq!(info.peers[1].allowed_ips.len(), 2);
+        // Same port again: no rebind.
+        set(&dev, &mut net, &["listen_port=51820"]).unwrap();
+        assert_eq!(net.binds.len(), 1);
+        // update_only does not create; remove removes.
+        set(&dev, &mut net, &[&format!("public_key={}", hex(3)), "update_only=true"]).unwrap();
+        assert_eq!(dev.snapshot().peers.len(), 2);
+        set(&dev, &mut net, &[&pk1, "remove=true"]).unwrap();
+        assert_eq!(dev.snapshot().peers.len(), 1);
+        set(&dev, &mut net, &["replace_peers=true"]).unwrap();
+        assert!(dev.snapshot().peers.is_empty());
+        assert!(dev.snapshot().routes.lookup("10.0.0.1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn keepalive_or_psk_change_rebuilds_but_keeps_counters_and_endpoint() {
+        let dev = Device::new();
+        let mut net = FakeNet::default();
+        let pk = format!("public_key={}", hex(1));
+        set(&dev, &mut net, &[&format!("private_key={}", hex(9)), &pk, "endpoint=192.0.2.2:51820"]).unwrap();
+        let before = dev.snapshot().peers[0].clone();
+        before.rx_bytes.store(77, Ordering::Relaxed);
+        set(&dev, &mut net, &[&pk, "persistent_keepalive_interval=25"]).unwrap();
+        let after = dev.snapshot().peers[0].clone();
+        assert_ne!(before.index, after.index);
+        assert_eq!(after.rx_bytes.load(Ordering::Relaxed), 77);
+        assert_eq!(after.endpoint(), Some("192.0.2.2:51820".parse().unwrap()));
+        // Same value again: untouched.
+        set(&dev, &mut net, &[&pk, "persistent_keepalive_interval=25"]).unwrap();
+        assert_eq!(dev.snapshot().peers[0].index, after.index);
+    }
+
+    #[test]
+    fn own_key_is_never_a_peer_and_bind_failure_is_reported() {
+        let dev = Device::new();
+        let mut net = FakeNet::default();
+        let sk = PrivateKey::from_bytes([9; 32]).unwrap();
+        let own = sk.public_key().to_hex();
+        set(&dev, &mut net, &[&format!("private_key={}", hex(9)), &format!("public_key={own}")]).unwrap();
+        assert!(dev.snapshot().peers.is_empty());
+        net.fail = true;
+        let e = set(&dev, &mut net, &["listen_port=1"]).unwrap_err();
+        assert_eq!(e.errno, Errno::AddrInUse);
+        assert_eq!(dev.listen_port(), 0);
+    }
+}
