@@ -1,0 +1,468 @@
+//! Property test: the compiled PolicySet against a direct, naive reading of the NetworkPolicy spec over raw manifests.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use proptest::prelude::*;
+use serde_json::{json, Value};
+
+use kwire::policy::{PolicySet, Protocol};
+
+const NAMESPACES: [&str; 4] = ["x", "y", "z", "w"]; // "w" is never given as an object
+const POD_LABELS: [(&str, &[&str]); 2] = [("app", &["a", "b", "c"]), ("tier", &["f", "b"])];
+const NS_LABELS: [(&str, &[&str]); 2] = [("team", &["a", "b"]), ("env", &["p", "q"])];
+const EXTERNAL: [&str; 4] = ["10.0.0.0", "10.0.0.200", "192.168.1.1", "10.0.0.5"];
+const PORTS: [u16; 6] = [53, 80, 81, 85, 8080, 9090];
+const CIDRS: [&str; 5] = [
+    "10.0.0.0/24",
+    "10.0.0.0/28",
+    "10.0.0.4/30",
+    "0.0.0.0/0",
+    "192.168.0.0/16",
+];
+const EXCEPTS: [&str; 5] = [
+    "10.0.0.1/32",
+    "10.0.0.2/31",
+    "10.0.0.5/32",
+    "10.0.0.0/29",
+    "192.168.1.0/24",
+];
+
+// ---------- generators (manifests as JSON, the way a user writes them) ----------
+
+fn labels(
+    keys: &'static [(&'static str, &'static [&'static str])],
+) -> impl Strategy<Value = BTreeMap<String, String>> {
+    let per_key: Vec<_> = keys
+        .iter()
+        .map(|(k, vals)| {
+            proptest::option::of(proptest::sample::select(*vals))
+                .prop_map(move |v| v.map(|v| (k.to_string(), v.to_string())))
+        })
+        .collect();
+    per_key.prop_map(|pairs| pairs.into_iter().flatten().collect())
+}
+
+fn selector(
+    keys: &'static [(&'static str, &'static [&'static str])],
+) -> impl Strategy<Value = Value> {
+    let key = proptest::sample::select(
+        keys.iter()
+            .map(|(k, _)| *k)
+            .chain(["kubernetes.io/metadata.name"])
+            .collect::<Vec<_>>(),
+    );
+    let value = proptest::sample::select(vec!["a", "b", "c", "f", "p", "q", "x", "y", "w"]);
+    let expr = (
+        key.clone(),
+        0..4usize,
+        proptest::collection::vec(value.clone(), 1..3),
+    )
+        .prop_map(|(k, op, vals)| match op {
+            0 => json!({"key": k, "operator": "In", "values": vals}),
+            1 => json!({"key": k, "operator": "NotIn", "values": vals}),
+            2 => json!({"key": k, "operator": "Exists"}),
+            _ => json!({"key": k, "operator": "DoesNotExist"}),
+        });
+    (
+        proptest::collection::btree_map(key, value, 0..2),
+        proptest::collection::vec(expr, 0..2),
+        any::<bool>(),
+    )
+        .prop_map(|(ml, exprs, with_exprs)| {
+            let mut s = json!({});
+            if !ml.is_empty() {
+                s["matchLabels"] = json!(ml);
+            }
+            if with_exprs && !exprs.is_empty() {
+                s["matchExpressions"] = json!(exprs);
+            }
+            s
+        })
+}
+
+fn cidr_contains(outer: &str, inner: &str) -> bool {
+    let parse = |s: &str| {
+        let (a, p) = s.split_once('/').unwrap();
+        (
+            u32::from(a.parse::<std::net::Ipv4Addr>().unwrap()),
+            p.parse::<u32>().unwrap(),
+        )
+    };
+    let (oa, op) = parse(outer);
+    let (ia, ip) = parse(inner);
+    let mask = if op == 0 { 0 } else { u32::MAX << (32 - op) };
+    ip >= op && (ia & mask) == (oa & mask)
+}
+
+fn peer() -> impl Strategy<Value = Value> {
+    let pods = || selector(&POD_LABELS);
+    let nss = || selector(&NS_LABELS);
+    prop_oneof![
+        pods().prop_map(|p| json!({"podSelector": p})),
+        nss().prop_map(|n| json!({"namespaceSelector": n})),
+        (pods(), nss()).prop_map(|(p, n)| json!({"podSelector": p, "namespaceSelector": n})),
+        (
+            proptest::sample::select(CIDRS.to_vec()),
+            proptest::sample::subsequence(EXCEPTS.to_vec(), 0..3)
+        )
+            .prop_map(|(c, ex)| {
+                let ex: Vec<&str> = ex.into_iter().filter(|e| cidr_contains(c, e)).collect();
+                if ex.is_empty() {
+                    json!({"ipBlock": {"cidr": c}})
+                } else {
+                    json!({"ipBlock": {"cidr": c, "except": ex}})
+                }
+            }),
+    ]
+}
+
+fn port() -> impl Strategy<Value = Value> {
+    let proto = proptest::option::of(proptest::sample::select(vec!["TCP", "UDP", "SCTP"]));
+    let number = (
+        proptest::sample::select(PORTS.to_vec()),
+        proptest::option::of(proptest::sample::select(vec![0u16, 1, 10])),
+    )
+        .prop_map(|(p, end)| match end {
+            None => json!({"port": p}),
+            Some(d) => json!({"port": p, "endPort": p + d}),
+        });
+    let name = proptest::sample::select(vec!["http", "dns", "metrics", "nope"])
+        .prop_map(|n| json!({"port": n}));
+    (proto, prop_oneof![Just(json!({})), number, name]).prop_map(|(proto, mut p)| {
+        if let Some(proto) = proto {
+            p["protocol"] = json!(proto);
+        }
+        p
+    })
+}
+
+fn rule(peers_key: &'static str) -> impl Strategy<Value = Value> {
+    (
+        proptest::option::of(proptest::collection::vec(peer(), 0..3)),
+        proptest::option::of(proptest::collection::vec(port(), 0..3)),
+    )
+        .prop_map(move |(peers, ports)| {
+            let mut r = json!({});
+            if let Some(p) = peers {
+                r[peers_key] = json!(p);
+            }
+            if let Some(p) = ports {
+                r["ports"] = json!(p);
+            }
+            r
+        })
+}
+
+fn policy() -> impl Strategy<Value = Value> {
+    (
+        proptest::sample::select(NAMESPACES.to_vec()),
+        selector(&POD_LABELS),
+        proptest::option::of(proptest::sample::subsequence(vec!["Ingress", "Egress"], 0..=2)),
+        proptest::option::of(proptest::collection::vec(rule("from"), 0..3)),
+        proptest::option::of(proptest::collection::vec(rule("to"), 0..3)),
+    )
+        .prop_map(|(ns, sel, types, ingress, egress)| {
+            let mut spec = json!({"podSelector": sel});
+            if let Some(t) = types {
+                spec["policyTypes"] = json!(t);
+            }
+            if let Some(i) = ingress {
+                spec["ingress"] = json!(i);
+            }
+            if let Some(e) = egress {
+                spec["egress"] = json!(e);
+            }
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": {"namespace": ns}, "spec": spec})
+        })
+}
+
+fn pod() -> impl Strategy<Value = Value> {
+    let http = proptest::sample::select(vec![80u16, 8080]);
+    (
+        proptest::sample::select(NAMESPACES.to_vec()),
+        labels(&POD_LABELS),
+        http,
+        proptest::sample::subsequence(vec![0usize, 1, 2, 3], 0..4),
+        proptest::bool::weighted(0.1),
+    )
+        .prop_map(|(ns, labels, http_port, ports, host_network)| {
+            let all = [
+                json!({"name": "http", "containerPort": http_port}),
+                json!({"name": "dns", "containerPort": 53, "protocol": "UDP"}),
+                json!({"name": "metrics", "containerPort": 9090, "protocol": "TCP"}),
+                json!({"containerPort": 81}),
+            ];
+            let ports: Vec<Value> = ports.into_iter().map(|i| all[i].clone()).collect();
+            json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"namespace": ns, "labels": labels},
+                   "spec": {"hostNetwork": host_network, "containers": [{"name": "c", "ports": ports}]}})
+        })
+}
+
+#[derive(Debug, Clone)]
+struct Cluster {
+    namespaces: Vec<Value>,
+    pods: Vec<Value>,
+    policies: Vec<Value>,
+}
+
+fn cluster() -> impl Strategy<Value = Cluster> {
+    (
+        proptest::collection::vec(labels(&NS_LABELS), 3),
+        proptest::collection::vec(pod(), 0..8),
+        proptest::collection::vec(policy(), 0..5),
+    )
+        .prop_map(|(ns_labels, mut pods, mut policies)| {
+            let namespaces = ["x", "y", "z"]
+                .iter()
+                .zip(ns_labels)
+                .map(|(n, l)| json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": n, "labels": l}}))
+                .collect();
+            for (i, p) in pods.iter_mut().enumerate() {
+                p["metadata"]["name"] = json!(format!("p{i}"));
+                p["status"] = json!({"podIP": format!("10.0.0.{}", i + 1)});
+            }
+            for (i, p) in policies.iter_mut().enumerate() {
+                p["metadata"]["name"] = json!(format!("np{i}"));
+            }
+            Cluster { namespaces, pods, policies }
+        })
+}
+
+// ---------- the naive model: the API reference read literally, over the raw JSON ----------
+
+fn str_list(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+fn naive_selects(sel: &Value, labels: &BTreeMap<String, String>) -> bool {
+    let labels_ok = sel["matchLabels"].as_object().is_none_or(|m| {
+        m.iter()
+            .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+    });
+    let exprs_ok = sel["matchExpressions"].as_array().is_none_or(|exprs| {
+        exprs.iter().all(|e| {
+            let key = e["key"].as_str().unwrap_or_default();
+            let values = str_list(&e["values"]);
+            let have = labels.get(key);
+            match e["operator"].as_str().unwrap_or_default() {
+                "In" => have.is_some_and(|v| values.contains(&v.as_str())),
+                "NotIn" => !have.is_some_and(|v| values.contains(&v.as_str())),
+                "Exists" => have.is_some(),
+                "DoesNotExist" => have.is_none(),
+                _ => false,
+            }
+        })
+    });
+    labels_ok && exprs_ok
+}
+
+struct Naive<'a> {
+    c: &'a Cluster,
+}
+
+impl Naive<'_> {
+    fn ns_labels(&self, ns: &str) -> BTreeMap<String, String> {
+        let mut labels: BTreeMap<String, String> = self
+            .c
+            .namespaces
+            .iter()
+            .find(|n| n["metadata"]["name"] == ns)
+            .and_then(|n| serde_json::from_value(n["metadata"]["labels"].clone()).ok())
+            .unwrap_or_default();
+        labels.insert("kubernetes.io/metadata.name".into(), ns.into());
+        labels
+    }
+
+    /// The pod that owns `ip`; host-network pods are not pods for policy purposes.
+    fn pod(&self, ip: IpAddr) -> Option<&Value> {
+        self.c.pods.iter().find(|p| {
+            p["status"]["podIP"].as_str() == Some(&ip.to_string())
+                && p["spec"]["hostNetwork"] != true
+        })
+    }
+
+    fn pod_labels(p: &Value) -> BTreeMap<String, String> {
+        serde_json::from_value(p["metadata"]["labels"].clone()).unwrap_or_default()
+    }
+
+    fn policy_types(np: &Value) -> Vec<&str> {
+        match np["spec"]["policyTypes"].as_array() {
+            Some(_) => str_list(&np["spec"]["policyTypes"]),
+            None => {
+                let has_egress = np["spec"]["egress"]
+                    .as_array()
+                    .is_some_and(|e| !e.is_empty());
+                if has_egress {
+                    vec!["Ingress", "Egress"]
+                } else {
+                    vec!["Ingress"]
+                }
+            }
+        }
+    }
+
+    fn peer_matches(&self, np: &Value, peer: &Value, ip: IpAddr) -> bool {
+        if let Some(block) = peer.get("ipBlock") {
+            let inside = |c: &str| {
+                let (a, p) = c.split_once('/').unwrap();
+                let a: std::net::Ipv4Addr = a.parse().unwrap();
+                let p: u32 = p.parse().unwrap();
+                let IpAddr::V4(ip) = ip else { return false };
+                let mask = if p == 0 { 0 } else { u32::MAX << (32 - p) };
+                (u32::from(ip) & mask) == (u32::from(a) & mask)
+            };
+            return inside(block["cidr"].as_str().unwrap())
+                && !str_list(&block["except"]).iter().any(|e| inside(e));
+        }
+        let Some(pod) = self.pod(ip) else {
+            return false;
+        };
+        let pod_ns = pod["metadata"]["namespace"].as_str().unwrap();
+        let ns_ok = match peer.get("namespaceSelector") {
+            None => pod_ns == np["metadata"]["namespace"],
+            Some(sel) => naive_selects(sel, &self.ns_labels(pod_ns)),
+        };
+        let pod_ok = peer
+            .get("podSelector")
+            .is_none_or(|sel| naive_selects(sel, &Self::pod_labels(pod)));
+        ns_ok && pod_ok
+    }
+
+    fn port_matches(&self, entry: &Value, dst: IpAddr, proto: Protocol, port: u16) -> bool {
+        let want = entry["protocol"].as_str().unwrap_or("TCP");
+        let proto_ok = matches!(
+            (want, proto),
+            ("TCP", Protocol::Tcp) | ("UDP", Protocol::Udp) | ("SCTP", Protocol::Sctp)
+        );
+        if !proto_ok {
+            return false;
+        }
+        match &entry["port"] {
+            Value::Null => true,
+            Value::Number(n) => {
+                let lo = n.as_u64().unwrap();
+                let hi = entry["endPort"].as_u64().unwrap_or(lo);
+                (lo..=hi).contains(&u64::from(port))
+            }
+            Value::String(name) => self.pod(dst).is_some_and(|p| {
+                p["spec"]["containers"].as_array().unwrap().iter().any(|c| {
+                    c["ports"].as_array().into_iter().flatten().any(|cp| {
+                        cp["name"].as_str() == Some(name)
+                            && cp["containerPort"].as_u64() == Some(u64::from(port))
+                            && cp["protocol"].as_str().unwrap_or("TCP") == want
+                    })
+                })
+            }),
+            _ => false,
+        }
+    }
+
+    /// One direction: `own` is the pod whose policies apply, `other` the far end.
+    fn direction_allows(
+        &self,
+        egress: bool,
+        src: IpAddr,
+        dst: IpAddr,
+        proto: Protocol,
+        port: u16,
+    ) -> bool {
+        let own = if egress { src } else { dst };
+        let other = if egress { dst } else { src };
+        let Some(pod) = self.pod(own) else {
+            return true;
+        };
+        let (type_name, rules_key, peers_key) = if egress {
+            ("Egress", "egress", "to")
+        } else {
+            ("Ingress", "ingress", "from")
+        };
+        let selecting: Vec<&Value> = self
+            .c
+            .policies
+            .iter()
+            .filter(|np| np["metadata"]["namespace"] == pod["metadata"]["namespace"])
+            .filter(|np| Self::policy_types(np).contains(&type_name))
+            .filter(|np| naive_selects(&np["spec"]["podSelector"], &Self::pod_labels(pod)))
+            .collect();
+        if selecting.is_empty() {
+            return true;
+        }
+        selecting.iter().any(|np| {
+            np["spec"][rules_key]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|rule| {
+                    let peers = rule[peers_key].as_array().filter(|p| !p.is_empty());
+                    let peer_ok =
+                        peers.is_none_or(|ps| ps.iter().any(|p| self.peer_matches(np, p, other)));
+                    let ports = rule["ports"].as_array().filter(|p| !p.is_empty());
+                    let port_ok = ports
+                        .is_none_or(|ps| ps.iter().any(|p| self.port_matches(p, dst, proto, port)));
+                    peer_ok && port_ok
+                })
+        })
+    }
+
+    fn allowed(&self, src: IpAddr, dst: IpAddr, proto: Protocol, port: u16) -> (bool, bool) {
+        (
+            self.direction_allows(true, src, dst, proto, port),
+            self.direction_allows(false, src, dst, proto, port),
+        )
+    }
+}
+
+fn compile(c: &Cluster) -> PolicySet {
+    let ns: Vec<_> = c
+        .namespaces
+        .iter()
+        .map(|v| serde_json::from_value(v.clone()).unwrap())
+        .collect();
+    let pods: Vec<_> = c
+        .pods
+        .iter()
+        .map(|v| serde_json::from_value(v.clone()).unwrap())
+        .collect();
+    let nps: Vec<_> = c
+        .policies
+        .iter()
+        .map(|v| serde_json::from_value(v.clone()).unwrap())
+        .collect();
+    let (set, problems) = PolicySet::from_k8s(&ns, &pods, &nps);
+    assert!(
+        problems.is_empty(),
+        "generated manifests must be valid: {problems:?}"
+    );
+    set
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1024, ..ProptestConfig::default() })]
+
+    #[test]
+    fn engine_matches_naive_spec(c in cluster()) {
+        let set = compile(&c);
+        let naive = Naive { c: &c };
+        let mut ips: Vec<IpAddr> = (1..=c.pods.len()).map(|i| format!("10.0.0.{i}").parse().unwrap()).collect();
+        ips.extend(EXTERNAL.iter().map(|s| s.parse::<IpAddr>().unwrap()));
+        for &src in &ips {
+            for &dst in &ips {
+                for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Sctp, Protocol::Other(1)] {
+                    for port in PORTS {
+                        let port = if matches!(proto, Protocol::Other(_)) { 0 } else { port };
+                        let v = set.verdict(src, dst, proto, port);
+                        let (eg, ing) = naive.allowed(src, dst, proto, port);
+                        prop_assert_eq!(v.egress.is_allowed(), eg, "egress {} -> {} {}/{}\n{:#}", src, dst, port, proto, json!(c.policies));
+                        prop_assert_eq!(v.ingress.is_allowed(), ing, "ingress {} -> {} {}/{}\n{:#}", src, dst, port, proto, json!(c.policies));
+                        // explain never disagrees with the fast path
+                        let e = set.explain(src, dst, proto, port);
+                        prop_assert_eq!(e.allowed, eg && ing);
+                    }
+                }
+            }
+        }
+    }
+}
