@@ -1,0 +1,1047 @@
+//! The object store: objects as JSON, one global resourceVersion across kinds, a bounded event
+//! history (the watch cache / etcd compaction window) and the wake-up that fans changes out to
+//! watches.
+//!
+//! Every write takes the next resourceVersion and appends one event to the history; a watch
+//! or a paged list can only be served from a resourceVersion still inside that history, else
+//! it gets 410 Gone, as from a real server after etcd compaction.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use base64::Engine as _;
+use ipnetwork::IpNetwork;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use super::cidr::{PodCidrAllocator, ServiceIpAllocator};
+use super::error::ApiError;
+use super::resources::{self, by_storage, event_core_to_v1, event_v1_to_core, ResourceKind};
+use super::selector::{FieldSelector, LabelSelector};
+use super::strategy::{self, check_identity};
+use super::validate::{validate_object, FieldError};
+
+/// NodePorts come from this range (kube-apiserver's `--service-node-port-range` default).
+pub const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+/// Namespaces every cluster starts with.
+pub const INITIAL_NAMESPACES: &[&str] =
+    &["default", "kube-system", "kube-public", "kube-node-lease"];
+
+/// Where an object lives: its storage (`pods`), namespace ("" when cluster-scoped) and name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub storage: &'static str,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ObjectKey {
+    /// The key's order within its storage, as etcd orders `/registry/<storage>/<ns>/<name>`.
+    fn path(&self) -> String {
+        if self.namespace.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}/{}", self.namespace, self.name)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl EventType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventType::Added => "ADDED",
+            EventType::Modified => "MODIFIED",
+            EventType::Deleted => "DELETED",
+        }
+    }
+}
+
+/// One write, as kept in the history.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub rv: u64,
+    pub key: ObjectKey,
+    pub event_type: EventType,
+    /// The object after the write (for a delete: the last state, with the delete's rv).
+    pub object: Value,
+    /// The object before the write (None for a create): lets lists read an older snapshot and
+    /// lets selector watches turn a change that leaves the selection into a DELETED.
+    pub prev: Option<Value>,
+}
+
+/// What a list asks for (the query parameters of a list call).
+#[derive(Debug, Clone, Default)]
+pub struct ListOptions {
+    pub label_selector: LabelSelector,
+    pub field_selector: FieldSelector,
+    pub limit: Option<usize>,
+    pub continue_token: Option<String>,
+    pub resource_version: Option<String>,
+    pub resource_version_match: Option<String>,
+}
+
+/// One page of a list.
+#[derive(Debug, Clone)]
+pub struct ListPage {
+    pub items: Vec<Value>,
+    pub resource_version: u64,
+    pub continue_token: Option<String>,
+    pub remaining_item_count: Option<u64>,
+}
+
+/// Store settings.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// Events kept for watches and paged lists; older resourceVersions get 410 Gone.
+    pub history_size: usize,
+    pub pod_cidrs: PodCidrAllocator,
+    pub service_ips: ServiceIpAllocator,
+}
+
+struct Inner {
+    rv: u64,
+    objects: BTreeMap<ObjectKey, Value>,
+    history: VecDeque<StoredEvent>,
+    history_size: usize,
+    /// Events with rv <= compacted_rv are gone from the history.
+    compacted_rv: u64,
+    pod_cidrs: PodCidrAllocator,
+    service_ips: ServiceIpAllocator,
+    node_ports: BTreeSet<u16>,
+}
+
+/// The store; cheap to share behind an `Arc`, safe to use from any thread.
+pub struct Store {
+    inner: Mutex<Inner>,
+    rv_tx: watch::Sender<u64>,
+    /// 410 Gone answers given (watches and lists), for tests that must see a client re-list.
+    expired_answers: AtomicU64,
+}
+
+fn meta_str<'a>(object: &'a Value, field: &str) -> &'a str {
+    object
+        .get("metadata")
+        .and_then(|m| m.get(field))
+        .and_then(Value::as_str)
+        .unwrap_or("")
+}
+
+fn parse_rv(text: &str) -> Result<u64, ApiError> {
+    text.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "invalid resource version {text:?}: must be a decimal integer"
+        ))
+    })
+}
+
+/// Converts a stored object to the form the requested resource serves (events.k8s.io views).
+pub fn to_view(kind: &ResourceKind, stored: Value) -> Value {
+    if kind.is_events_v1() {
+        event_core_to_v1(&stored)
+    } else {
+        stored
+    }
+}
+
+fn from_view(kind: &ResourceKind, view: Value) -> Value {
+    if kind.is_events_v1() {
+        event_v1_to_core(&view)
+    } else {
+        view
+    }
+}
+
+fn storage_kind(kind: &ResourceKind) -> &'static ResourceKind {
+    by_storage(kind.storage).expect("every storage has a canonical kind")
+}
+
+fn pod_cidrs_of(node: &Value) -> Vec<IpNetwork> {
+    let from_list: Vec<IpNetwork> = node
+        .pointer("/spec/podCIDRs")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .filter_map(|s| s.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !from_list.is_empty() {
+        return from_list;
+    }
+    node.pointer("/spec/podCIDR")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+        .into_iter()
+        .collect()
+}
+
+fn cluster_ips_of(svc: &Value) -> Vec<IpAddr> {
+    svc.pointer("/spec/clusterIPs")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .filter_map(|s| s.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn node_ports_of(svc: &Value) -> Vec<u16> {
+    svc.pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
+                .map(|p| p as u16)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Encodes a continue token like the real server: base64 of `{"v","rv","start"}`.
+fn encode_continue(rv: u64, start: &str) -> String {
+    let body = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": format!("{start}\u{0}")});
+    base64::engine::general_purpose::STANDARD.encode(body.to_string())
+}
+
+fn decode_continue(token: &str) -> Result<(u64, String), ApiError> {
+    let bad = || ApiError::bad_request(format!("continue key is not valid: {token:?}"));
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(token)
+        .map_err(|_| bad())?;
+    let v: Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+    let rv = v.get("rv").and_then(Value::as_u64).ok_or_else(bad)?;
+    let start = v
+        .get("start")
+        .and_then(Value::as_str)
+        .ok_or_else(bad)?
+        .to_string();
+    Ok((rv, start))
+}
+
+impl Store {
+    pub fn new(config: StoreConfig) -> Self {
+        let (rv_tx, _) = watch::channel(1);
+        let store = Store {
+            inner: Mutex::new(Inner {
+                rv: 1,
+                objects: BTreeMap::new(),
+                history: VecDeque::new(),
+                history_size: config.history_size.max(1),
+                compacted_rv: 1,
+                pod_cidrs: config.pod_cidrs,
+                service_ips: config.service_ips,
+                node_ports: BTreeSet::new(),
+            }),
+            rv_tx,
+            expired_answers: AtomicU64::new(0),
+        };
+        let ns = resources::find("", "v1", "namespaces").expect("namespaces served");
+        for name in INITIAL_NAMESPACES {
+            store
+                .create(
+                    ns,
+                    None,
+                    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
+                )
+                .expect("initial namespace");
+        }
+        store
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The newest resourceVersion.
+    pub fn resource_version(&self) -> u64 {
+        self.lock().rv
+    }
+
+    /// The oldest resourceVersion a watch can still start from (older ones get 410 Gone).
+    pub fn oldest_resource_version(&self) -> u64 {
+        self.lock().compacted_rv
+    }
+
+    fn expired(&self, message: impl Into<String>) -> ApiError {
+        self.expired_answers.fetch_add(1, Ordering::Relaxed);
+        ApiError::expired(message)
+    }
+
+    /// How many 410 Gone answers (watch ERROR events and list errors) the store has given.
+    pub fn expired_answers(&self) -> u64 {
+        self.expired_answers.load(Ordering::Relaxed)
+    }
+
+    /// A receiver woken on every write, carrying the newest resourceVersion.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.rv_tx.subscribe()
+    }
+
+    /// Drops the whole event history, as an etcd compaction does: every watch or paged list
+    /// from an older resourceVersion now gets 410 Gone.
+    pub fn compact(&self) {
+        let mut inner = self.lock();
+        inner.history.clear();
+        inner.compacted_rv = inner.rv;
+        drop(inner);
+        // Wake watches so that they notice.
+        self.rv_tx.send_modify(|_| {});
+    }
+
+    fn commit(
+        &self,
+        inner: &mut Inner,
+        key: ObjectKey,
+        event_type: EventType,
+        mut object: Value,
+        prev: Option<Value>,
+    ) -> Value {
+        inner.rv += 1;
+        let rv = inner.rv;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        match event_type {
+            EventType::Deleted => {
+                inner.objects.remove(&key);
+            }
+            _ => {
+                inner.objects.insert(key.clone(), object.clone());
+            }
+        }
+        inner.history.push_back(StoredEvent {
+            rv,
+            key,
+            event_type,
+            object: object.clone(),
+            prev,
+        });
+        while inner.history.len() > inner.history_size {
+            let gone = inner.history.pop_front().expect("non-empty");
+            inner.compacted_rv = gone.rv;
+        }
+        self.rv_tx.send_replace(rv);
+        object
+    }
+
+    fn key(kind: &ResourceKind, namespace: Option<&str>, name: &str) -> ObjectKey {
+        ObjectKey {
+            storage: kind.storage,
+            namespace: if kind.namespaced {
+                namespace.unwrap_or("").to_string()
+            } else {
+                String::new()
+            },
+            name: name.to_string(),
+        }
+    }
+
+    /// Creates an object (in the form `kind` serves); returns it as stored.
+    ///
+    /// A Node created without `spec.podCIDRs` gets them right after, in a second write (a
+    /// MODIFIED event), as kube-controller-manager would do; the returned object is the first.
+    pub fn create(
+        &self,
+        kind: &ResourceKind,
+        namespace: Option<&str>,
+        object: Value,
+    ) -> Result<Value, ApiError> {
+        if !object.is_object() {
+            return Err(ApiError::bad_request(format!(
+                "the body of a {} create must be a JSON object",
+                kind.kind
+            )));
+        }
+        check_identity(kind, &object, namespace, None)?;
+        if !meta_str(&object, "resourceVersion").is_empty() {
+            return Err(ApiError::internal(
+                "resourceVersion should not be set on objects to be created",
+            ));
+        }
+        let canonical = storage_kind(kind);
+        let mut object = from_view(kind, object);
+        object["apiVersion"] = json!(canonical.api_version());
+        object["kind"] = json!(canonical.kind);
+        if !object.get("metadata").is_some_and(Value::is_object) {
+            object["metadata"] = json!({});
+        }
+        if meta_str(&object, "name").is_empty() {
+            let prefix = meta_str(&object, "generateName").to_string();
+            if !prefix.is_empty() {
+                object["metadata"]["name"] = json!(format!("{prefix}{}", strategy::name_suffix()));
+            }
+        }
+        let name = meta_str(&object, "name").to_string();
+        if kind.namespaced {
+            let ns = namespace
+                .filter(|n| !n.is_empty())
+                .unwrap_or("default")
+                .to_string();
+            object["metadata"]["namespace"] = json!(ns);
+        } else if let Some(m) = object["metadata"].as_object_mut() {
+            m.remove("namespace");
+        }
+        strategy::apply_defaults(canonical, &mut object);
+        strategy::prepare_for_create(canonical, &mut object);
+        let errors = validate_object(canonical, &object);
+        if !errors.is_empty() {
+            return Err(ApiError::invalid(kind, &name, &errors));
+        }
+        let namespace = meta_str(&object, "namespace").to_string();
+        let mut inner = self.lock();
+        if kind.namespaced
+            && !inner.objects.contains_key(&ObjectKey {
+                storage: "namespaces",
+                namespace: String::new(),
+                name: namespace.clone(),
+            })
+        {
+            return Err(ApiError::namespace_not_found(&namespace));
+        }
+        let key = Self::key(kind, Some(&namespace), &name);
+        if inner.objects.contains_key(&key) {
+            return Err(ApiError::already_exists(kind, &name));
+        }
+        object["metadata"]["uid"] = json!(strategy::new_uid());
+        object["metadata"]["creationTimestamp"] = json!(strategy::rfc3339_now());
+        if kind.storage == "services" {
+            self.allocate_service(&mut inner, kind, &name, &mut object)?;
+        }
+        let created = self.commit(&mut inner, key.clone(), EventType::Added, object, None);
+        if kind.storage == "nodes" {
+            self.allocate_pod_cidrs(&mut inner, key, &created);
+        }
+        Ok(to_view(kind, created))
+    }
+
+    fn allocate_service(
+        &self,
+        inner: &mut Inner,
+        kind: &ResourceKind,
+        name: &str,
+        svc: &mut Value,
+    ) -> Result<(), ApiError> {
+        let svc_type = svc
+            .pointer("/spec/type")
+            .and_then(Value::as_str)
+            .unwrap_or("ClusterIP")
+            .to_string();
+        if svc_type == "ExternalName" {
+            return Ok(());
+        }
+        let given = svc
+            .pointer("/spec/clusterIP")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        if given == "None" {
+            svc["spec"]["clusterIPs"] = json!(["None"]);
+        } else if given.is_empty() {
+            let ip = inner.service_ips.allocate().ok_or_else(|| {
+                ApiError::internal(format!("failed to allocate a serviceIP for service {name}: range is full or no service CIDR is configured"))
+            })?;
+            svc["spec"]["clusterIP"] = json!(ip.to_string());
+            svc["spec"]["clusterIPs"] = json!([ip.to_string()]);
+        } else {
+            let ip: IpAddr = given.parse().map_err(|_| {
+                ApiError::invalid(
+                    kind,
+                    name,
+                    &[FieldError::invalid(
+                        "spec.clusterIP",
+                        &given,
+                        "must be a valid IP address",
+                    )],
+                )
+            })?;
+            inner.service_ips.occupy(ip);
+            svc["spec"]["clusterIPs"] = json!([given]);
+        }
+        if given != "None" {
+            let spec = svc["spec"].as_object_mut().expect("defaulted");
+            spec.entry("ipFamilies").or_insert(json!(["IPv4"]));
+            spec.entry("ipFamilyPolicy").or_insert(json!("SingleStack"));
+        }
+        if svc_type == "NodePort" || svc_type == "LoadBalancer" {
+            svc["spec"]
+                .as_object_mut()
+                .expect("defaulted")
+                .entry("externalTrafficPolicy")
+                .or_insert(json!("Cluster"));
+            if let Some(Value::Array(ports)) = svc["spec"].get_mut("ports") {
+                for p in ports.iter_mut() {
+                    match p.get("nodePort").and_then(Value::as_u64) {
+                        Some(n) => {
+                            if !inner.node_ports.insert(n as u16) {
+                                return Err(ApiError::invalid(
+                                    kind,
+                                    name,
+                                    &[FieldError::invalid(
+                                        "spec.ports[].nodePort",
+                                        &n.to_string(),
+                                        "provided port is already allocated",
+                                    )],
+                                ));
+                            }
+                        }
+                        None => {
+                            let free = NODE_PORT_RANGE
+                                .clone()
+                                .find(|n| !inner.node_ports.contains(n))
+                                .ok_or_else(|| ApiError::internal("no free NodePort"))?;
+                            inner.node_ports.insert(free);
+                            p["nodePort"] = json!(free);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn allocate_pod_cidrs(&self, inner: &mut Inner, key: ObjectKey, node: &Value) {
+        let existing = pod_cidrs_of(node);
+        if !existing.is_empty() {
+            let conflicts = inner.pod_cidrs.occupy(&existing);
+            if !conflicts.is_empty() {
+                tracing::warn!(node = %key.name, ?conflicts, "node came with podCIDRs another node holds");
+            }
+            return;
+        }
+        if !inner.pod_cidrs.is_enabled() {
+            return;
+        }
+        let Some(cidrs) = inner.pod_cidrs.allocate() else {
+            tracing::warn!(node = %key.name, "CIDRNotAvailable: no podCIDR left in the cluster CIDR");
+            return;
+        };
+        let strings: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
+        let mut next = node.clone();
+        next["spec"]["podCIDR"] = json!(strings[0]);
+        next["spec"]["podCIDRs"] = json!(strings);
+        self.commit(inner, key, EventType::Modified, next, Some(node.clone()));
+    }
+
+    pub fn get(
+        &self,
+        kind: &ResourceKind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Value, ApiError> {
+        let inner = self.lock();
+        inner
+            .objects
+            .get(&Self::key(kind, namespace, name))
+            .cloned()
+            .map(|o| to_view(kind, o))
+            .ok_or_else(|| ApiError::not_found(kind, name))
+    }
+
+    /// Replaces an object (PUT), or its status with `status_subresource`. A non-empty
+    /// `metadata.resourceVersion` in `object` must match the stored one (else 409 Conflict).
+    pub fn update(
+        &self,
+        kind: &ResourceKind,
+        namespace: Option<&str>,
+        name: &str,
+        object: Value,
+        status_subresource: bool,
+    ) -> Result<Value, ApiError> {
+        self.modify(kind, namespace, name, status_subresource, |_| Ok(object))
+    }
+
+    /// Reads the object (in the form `kind` serves), lets `change` produce the new one, and
+    /// stores it, all under one lock: the shape of a PATCH. The same resourceVersion rule as
+    /// [`Store::update`] applies to what `change` returns.
+    pub fn modify(
+        &self,
+        kind: &ResourceKind,
+        namespace: Option<&str>,
+        name: &str,
+        status_subresource: bool,
+        change: impl FnOnce(Value) -> Result<Value, ApiError>,
+    ) -> Result<Value, ApiError> {
+        if status_subresource && !kind.status_subresource {
+            return Err(ApiError::not_found(kind, name));
+        }
+        let canonical = storage_kind(kind);
+        let mut inner = self.lock();
+        let key = Self::key(kind, namespace, name);
+        let old = inner
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(kind, name))?;
+        let new = change(to_view(kind, old.clone()))?;
+        if !new.is_object() {
+            return Err(ApiError::bad_request(format!(
+                "the body of a {} update must be a JSON object",
+                kind.kind
+            )));
+        }
+        check_identity(kind, &new, namespace, Some(name))?;
+        let wanted_rv = meta_str(&new, "resourceVersion").to_string();
+        if !wanted_rv.is_empty() && wanted_rv != meta_str(&old, "resourceVersion") {
+            return Err(ApiError::stale(kind, name));
+        }
+        let wanted_uid = meta_str(&new, "uid");
+        if !wanted_uid.is_empty() && wanted_uid != meta_str(&old, "uid") {
+            return Err(ApiError::conflict(kind, name, &format!("Precondition failed: UID in precondition: {wanted_uid}, UID in object meta: {}", meta_str(&old, "uid"))));
+        }
+        let mut new = from_view(kind, new);
+        new["apiVersion"] = json!(canonical.api_version());
+        new["kind"] = json!(canonical.kind);
+        if !new.get("metadata").is_some_and(Value::is_object) {
+            new["metadata"] = json!({});
+        }
+        new["metadata"]["name"] = json!(name);
+        if kind.namespaced {
+            new["metadata"]["namespace"] = json!(key.namespace);
+        }
+        if !status_subresource {
+            strategy::apply_defaults(canonical, &mut new);
+        }
+        let mut next = strategy::prepare_for_update(canonical, &old, new, status_subresource)
+            .map_err(|e| ApiError::invalid(kind, name, &e))?;
+        let errors = validate_object(canonical, &next);
+        if !errors.is_empty() {
+            return Err(ApiError::invalid(kind, name, &errors));
+        }
+        // A no-op write keeps the resourceVersion and sends no event, as in Kubernetes.
+        next["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+        if next == old {
+            return Ok(to_view(kind, old));
+        }
+        if kind.storage == "nodes" && pod_cidrs_of(&old).is_empty() {
+            let gained = pod_cidrs_of(&next);
+            if !gained.is_empty() {
+                inner.pod_cidrs.occupy(&gained);
+            }
+        }
+        let stored = self.commit(&mut inner, key, EventType::Modified, next, Some(old));
+        Ok(to_view(kind, stored))
+    }
+
+    /// Deletes an object at once (no finalizers, no graceful pod termination) and returns its
+    /// last state. Preconditions, when given, must match (else 409 Conflict).
+    pub fn delete(
+        &self,
+        kind: &ResourceKind,
+        namespace: Option<&str>,
+        name: &str,
+        uid: Option<&str>,
+        resource_version: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        let mut inner = self.lock();
+        let key = Self::key(kind, namespace, name);
+        let old = inner
+            .objects
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| ApiError::not_found(kind, name))?;
+        if let Some(uid) = uid.filter(|u| !u.is_empty()) {
+            if uid != meta_str(&old, "uid") {
+                return Err(ApiError::conflict(
+                    kind,
+                    name,
+                    &format!(
+                        "Precondition failed: UID in precondition: {uid}, UID in object meta: {}",
+                        meta_str(&old, "uid")
+                    ),
+                ));
+            }
+        }
+        if let Some(rv) = resource_version.filter(|r| !r.is_empty()) {
+            if rv != meta_str(&old, "resourceVersion") {
+                return Err(ApiError::conflict(kind, name, &format!("Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}", meta_str(&old, "resourceVersion"))));
+            }
+        }
+        match kind.storage {
+            "nodes" => {
+                let cidrs = pod_cidrs_of(&old);
+                inner.pod_cidrs.release(&cidrs);
+            }
+            "services" => {
+                for ip in cluster_ips_of(&old) {
+                    inner.service_ips.release(ip);
+                }
+                for p in node_ports_of(&old) {
+                    inner.node_ports.remove(&p);
+                }
+            }
+            _ => {}
+        }
+        let gone = self.commit(&mut inner, key, EventType::Deleted, old.clone(), Some(old));
+        Ok(to_view(kind, gone))
+    }
+
+    /// Lists objects (`namespace` None: all namespaces), with the resourceVersion semantics of
+    /// the real server: unset or "0" reads the newest state; "N" reads a state at least as new
+    /// as N (or exactly N with `resourceVersionMatch=Exact`, 410 Gone if that is compacted);
+    /// `limit`/`continue` page through one consistent snapshot, 410 Gone once it is compacted.
+    pub fn list(
+        &self,
+        kind: &ResourceKind,
+        namespace: Option<&str>,
+        opts: &ListOptions,
+    ) -> Result<ListPage, ApiError> {
+        let inner = self.lock();
+        let requested_rv = opts.resource_version.as_deref().filter(|s| !s.is_empty());
+        let (snapshot_rv, start) = if let Some(token) =
+            opts.continue_token.as_deref().filter(|s| !s.is_empty())
+        {
+            if requested_rv.is_some() {
+                return Err(ApiError::bad_request(
+                    "specifying resource version is not allowed when using continue",
+                ));
+            }
+            let (rv, start) = decode_continue(token)?;
+            if rv < inner.compacted_rv {
+                let mut err = self.expired(
+                    "The provided continue parameter is too old to display a consistent list result. You can start a new list without the continue parameter.",
+                );
+                err.details = Some(
+                    json!({"causes": [{"reason": "ResourceVersionTooOld", "message": format!("too old resource version: {rv} ({})", inner.compacted_rv)}]}),
+                );
+                return Err(err);
+            }
+            (rv, Some(start))
+        } else {
+            match requested_rv {
+                None | Some("0") => (inner.rv, None),
+                Some(text) => {
+                    let rv = parse_rv(text)?;
+                    if rv > inner.rv {
+                        let mut err = ApiError::new(
+                            504,
+                            "Timeout",
+                            format!("Too large resource version: {rv}, current: {}", inner.rv),
+                        );
+                        err.details = Some(
+                            json!({"causes": [{"reason": "ResourceVersionTooLarge", "message": "Too large resource version"}], "retryAfterSeconds": 1}),
+                        );
+                        return Err(err);
+                    }
+                    if opts.resource_version_match.as_deref() == Some("Exact") {
+                        if rv < inner.compacted_rv {
+                            return Err(self.expired(format!(
+                                "too old resource version: {rv} ({})",
+                                inner.compacted_rv
+                            )));
+                        }
+                        (rv, None)
+                    } else {
+                        (inner.rv, None)
+                    }
+                }
+            }
+        };
+        let in_scope = |key: &ObjectKey| {
+            key.storage == kind.storage
+                && namespace.is_none_or(|ns| !kind.namespaced || key.namespace == ns)
+        };
+        let mut snapshot: BTreeMap<String, Value> = inner
+            .objects
+            .iter()
+            .filter(|(k, _)| in_scope(k))
+            .map(|(k, v)| (k.path(), v.clone()))
+            .collect();
+        for ev in inner
+            .history
+            .iter()
+            .rev()
+            .take_while(|e| e.rv > snapshot_rv)
+        {
+            if in_scope(&ev.key) {
+                match &ev.prev {
+                    Some(prev) => snapshot.insert(ev.key.path(), prev.clone()),
+                    None => snapshot.remove(&ev.key.path()),
+                };
+            }
+        }
+        drop(inner);
+        let selecting = !opts.label_selector.is_empty() || !opts.field_selector.is_empty();
+        let mut matching = snapshot
+            .into_iter()
+            .filter(|(path, _)| start.as_deref().is_none_or(|s| path.as_str() >= s))
+            .filter(|(_, o)| {
+                opts.label_selector.matches_object(o) && opts.field_selector.matches_object(o)
+            });
+        let limit = opts.limit.filter(|l| *l > 0).unwrap_or(usize::MAX);
+        let mut items = Vec::new();
+        let mut last_path = String::new();
+        for (path, o) in matching.by_ref().take(limit) {
+            last_path = path;
+            items.push(to_view(kind, o));
+        }
+        let rest = matching.count() as u64;
+        let (continue_token, remaining_item_count) = if rest > 0 {
+            (
+                Some(encode_continue(snapshot_rv, &last_path)),
+                (!selecting).then_some(rest),
+            )
+        } else {
+            (None, None)
+        };
+        Ok(ListPage {
+            items,
+            resource_version: snapshot_rv,
+            continue_token,
+            remaining_item_count,
+        })
+    }
+
+    /// Objects of `kind` in scope now, with the current resourceVersion: the initial state
+    /// of a watch started without a resourceVersion (or with "0").
+    pub fn snapshot(&self, kind: &ResourceKind, namespace: Option<&str>) -> (Vec<Value>, u64) {
+        let inner = self.lock();
+        let items = inner
+            .objects
+            .iter()
+            .filter(|(k, _)| {
+                k.storage == kind.storage
+                    && namespace.is_none_or(|ns| !kind.namespaced || k.namespace == ns)
+            })
+            .map(|(_, v)| v.clone())
+            .collect();
+        (items, inner.rv)
+    }
+
+    /// The events after `cursor` (all kinds; the caller filters) and the resourceVersion they
+    /// bring the caller up to; 410 Gone when events after `cursor` were compacted away.
+    pub fn events_after(&self, cursor: u64) -> Result<(Vec<StoredEvent>, u64), ApiError> {
+        let inner = self.lock();
+        if cursor < inner.compacted_rv {
+            return Err(self.expired(format!(
+                "too old resource version: {cursor} ({})",
+                inner.compacted_rv
+            )));
+        }
+        let first = inner.history.partition_point(|e| e.rv <= cursor);
+        let events = inner.history.range(first..).cloned().collect();
+        Ok((events, inner.rv.max(cursor)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::apiserver::resources::find;
+
+    fn store(history: usize) -> Store {
+        Store::new(StoreConfig {
+            history_size: history,
+            pod_cidrs: PodCidrAllocator::new(
+                Some(("10.244.0.0/16".parse().unwrap(), 24)),
+                Some(("fd00:10:244::/56".parse().unwrap(), 64)),
+            )
+            .unwrap(),
+            service_ips: ServiceIpAllocator::new(Some("10.96.0.0/12".parse().unwrap())).unwrap(),
+        })
+    }
+
+    fn pod(name: &str, node: &str) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
+               "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]}})
+    }
+
+    #[test]
+    fn pagination_walks_one_consistent_snapshot() {
+        let s = store(1000);
+        let pods = find("", "v1", "pods").unwrap();
+        for i in 0..7 {
+            s.create(pods, Some("default"), pod(&format!("p{i}"), "n1"))
+                .unwrap();
+        }
+        let mut opts = ListOptions {
+            limit: Some(3),
+            ..Default::default()
+        };
+        let first = s.list(pods, Some("default"), &opts).unwrap();
+        assert_eq!(first.items.len(), 3);
+        assert_eq!(first.remaining_item_count, Some(4));
+        // Changes after the first page do not show up in later pages.
+        s.delete(pods, Some("default"), "p5", None, None).unwrap();
+        s.create(pods, Some("default"), pod("p9", "n1")).unwrap();
+        let mut names: Vec<String> = first
+            .items
+            .iter()
+            .map(|o| o["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        let mut token = first.continue_token.clone();
+        while let Some(t) = token {
+            opts.continue_token = Some(t);
+            let page = s.list(pods, Some("default"), &opts).unwrap();
+            assert_eq!(page.resource_version, first.resource_version);
+            names.extend(
+                page.items
+                    .iter()
+                    .map(|o| o["metadata"]["name"].as_str().unwrap().to_string()),
+            );
+            token = page.continue_token;
+        }
+        assert_eq!(names, ["p0", "p1", "p2", "p3", "p4", "p5", "p6"]);
+        // A fresh list sees the new state.
+        let now = s.list(pods, None, &ListOptions::default()).unwrap();
+        assert_eq!(now.items.len(), 7);
+        assert!(now.continue_token.is_none());
+    }
+
+    #[test]
+    fn expired_continue_token_is_410() {
+        let s = store(4);
+        let pods = find("", "v1", "pods").unwrap();
+        for i in 0..4 {
+            s.create(pods, Some("default"), pod(&format!("p{i}"), "n1"))
+                .unwrap();
+        }
+        let first = s
+            .list(
+                pods,
+                None,
+                &ListOptions {
+                    limit: Some(2),
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+        for i in 0..5 {
+            s.create(pods, Some("default"), pod(&format!("q{i}"), "n1"))
+                .unwrap();
+        }
+        let err = s
+            .list(
+                pods,
+                None,
+                &ListOptions {
+                    limit: Some(2),
+                    continue_token: first.continue_token,
+                    ..Default::default()
+                },
+            )
+            .unwrap_err();
+        assert_eq!((err.code, err.reason), (410, "Expired"));
+    }
+
+    #[test]
+    fn nodes_get_dual_stack_pod_cidrs_in_a_second_write_and_release_them() {
+        let s = store(1000);
+        let nodes = find("", "v1", "nodes").unwrap();
+        let created = s
+            .create(
+                nodes,
+                None,
+                json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "a"}}),
+            )
+            .unwrap();
+        assert!(
+            created.pointer("/spec/podCIDRs").is_none(),
+            "the create itself is stored as sent"
+        );
+        let a = s.get(nodes, None, "a").unwrap();
+        assert_eq!(
+            a["spec"]["podCIDRs"],
+            json!(["10.244.0.0/24", "fd00:10:244::/64"])
+        );
+        assert_eq!(a["spec"]["podCIDR"], "10.244.0.0/24");
+        let b = s
+            .create(nodes, None, json!({"metadata": {"name": "b"}}))
+            .unwrap();
+        let b = s
+            .get(nodes, None, b["metadata"]["name"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(b["spec"]["podCIDRs"][0], "10.244.1.0/24");
+        // A node that brings its own podCIDR keeps it, and nobody else gets it.
+        s.create(nodes, None, json!({"metadata": {"name": "c"}, "spec": {"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.2.0/24"]}})).unwrap();
+        s.delete(nodes, None, "a", None, None).unwrap();
+        s.create(nodes, None, json!({"metadata": {"name": "d"}}))
+            .unwrap();
+        assert_eq!(
+            s.get(nodes, None, "d").unwrap()["spec"]["podCIDRs"],
+            json!(["10.244.3.0/24", "fd00:10:244:2::/64"])
+        );
+        // podCIDRs are write-once.
+        let err = s.modify(nodes, None, "d", false, |mut n| {
+            n["spec"]["podCIDRs"] = json!(["10.244.9.0/24"]);
+            Ok(n)
+        });
+        assert_eq!(err.unwrap_err().code, 422);
+    }
+
+    #[test]
+    fn stale_update_conflicts_and_events_are_in_order() {
+        let s = store(1000);
+        let pods = find("", "v1", "pods").unwrap();
+        let start = s.resource_version();
+        let p = s.create(pods, Some("default"), pod("a", "n1")).unwrap();
+        let mut newer = p.clone();
+        newer["metadata"]["labels"]["x"] = json!("1");
+        s.update(pods, Some("default"), "a", newer, false).unwrap();
+        let mut stale = p.clone();
+        stale["metadata"]["labels"]["x"] = json!("2");
+        let err = s
+            .update(pods, Some("default"), "a", stale, false)
+            .unwrap_err();
+        assert_eq!((err.code, err.reason), (409, "Conflict"));
+        assert_eq!(
+            s.create(pods, Some("default"), pod("a", "n1"))
+                .unwrap_err()
+                .reason,
+            "AlreadyExists"
+        );
+        assert_eq!(
+            s.create(pods, Some("nope"), pod("b", "n1"))
+                .unwrap_err()
+                .code,
+            404
+        );
+        s.delete(pods, Some("default"), "a", None, None).unwrap();
+        let (events, rv) = s.events_after(start).unwrap();
+        let types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(types, ["ADDED", "MODIFIED", "DELETED"]);
+        assert_eq!(rv, s.resource_version());
+        assert!(events.windows(2).all(|w| w[0].rv < w[1].rv));
+    }
+
+    #[test]
+    fn services_get_cluster_ips_and_node_ports() {
+        let s = store(1000);
+        let svcs = find("", "v1", "services").unwrap();
+        let a = s.create(svcs, Some("default"), json!({"metadata": {"name": "web"}, "spec": {"type": "NodePort", "ports": [{"port": 80}]}})).unwrap();
+        assert_eq!(a["spec"]["clusterIP"], "10.96.0.2");
+        assert_eq!(a["spec"]["ports"][0]["nodePort"], 30000);
+        assert_eq!(a["spec"]["ports"][0]["targetPort"], 80);
+        assert_eq!(a["spec"]["ports"][0]["protocol"], "TCP");
+    }
+
+    #[test]
+    fn events_share_storage_across_both_apis() {
+        let s = store(1000);
+        let core = find("", "v1", "events").unwrap();
+        let v1 = find("events.k8s.io", "v1", "events").unwrap();
+        s.create(v1, Some("default"), json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "metadata": {"name": "e1"},
+            "regarding": {"kind": "Node", "name": "n1"}, "note": "hi", "reason": "R", "type": "Normal"})).unwrap();
+        let c = s.get(core, Some("default"), "e1").unwrap();
+        assert_eq!(
+            (
+                c["apiVersion"].as_str(),
+                c["message"].as_str(),
+                c["involvedObject"]["name"].as_str()
+            ),
+            (Some("v1"), Some("hi"), Some("n1"))
+        );
+        let back = s.get(v1, Some("default"), "e1").unwrap();
+        assert_eq!(back["note"], "hi");
+    }
+}

@@ -1,0 +1,211 @@
+//! Object validation the API server does before storing (answered with 422 Invalid), kept to
+//! the checks that catch real client mistakes: names, labels, and a few required fields.
+
+use serde_json::Value;
+
+use super::resources::{NameRule, ResourceKind};
+use super::selector::{is_valid_label_key, is_valid_label_value};
+
+/// One field error, reported in the `Status`'s `details.causes` like the real server does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// `FieldValueRequired`, `FieldValueInvalid`, `FieldValueForbidden`.
+    pub reason: &'static str,
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn required(field: &str) -> Self {
+        FieldError {
+            reason: "FieldValueRequired",
+            field: field.to_string(),
+            message: "Required value".to_string(),
+        }
+    }
+    pub fn invalid(field: &str, value: &str, why: &str) -> Self {
+        FieldError {
+            reason: "FieldValueInvalid",
+            field: field.to_string(),
+            message: format!("Invalid value: {value:?}: {why}"),
+        }
+    }
+    pub fn forbidden(field: &str, why: &str) -> Self {
+        FieldError {
+            reason: "FieldValueForbidden",
+            field: field.to_string(),
+            message: format!("Forbidden: {why}"),
+        }
+    }
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}
+
+/// RFC 1123 subdomain: at most 253 characters, lowercase alphanumerics, '-' and '.', starting
+/// and ending with an alphanumeric.
+pub fn is_dns1123_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(|label| is_label_chars(label, 63, false))
+}
+
+/// RFC 1123 label: at most 63 characters, lowercase alphanumerics and '-', alphanumeric ends.
+pub fn is_dns1123_label(s: &str) -> bool {
+    is_label_chars(s, 63, false)
+}
+
+/// RFC 1035 label: like an RFC 1123 label but starting with a letter (Service names).
+pub fn is_dns1035_label(s: &str) -> bool {
+    is_label_chars(s, 63, true)
+}
+
+fn is_label_chars(s: &str, max: usize, letter_first: bool) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= max
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && (if letter_first {
+            b[0].is_ascii_lowercase()
+        } else {
+            b[0].is_ascii_alphanumeric()
+        })
+        && b[b.len() - 1].is_ascii_alphanumeric()
+}
+
+fn name_ok(rule: NameRule, name: &str) -> Result<(), &'static str> {
+    let ok = match rule {
+        NameRule::Subdomain => is_dns1123_subdomain(name),
+        NameRule::Label => is_dns1123_label(name),
+        NameRule::Dns1035 => is_dns1035_label(name),
+        NameRule::PathSegment => {
+            !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '%'])
+        }
+    };
+    if ok {
+        return Ok(());
+    }
+    Err(match rule {
+        NameRule::Subdomain => "a lowercase RFC 1123 subdomain must consist of lower case alphanumeric characters, '-' or '.', and must start and end with an alphanumeric character",
+        NameRule::Label => "a lowercase RFC 1123 label must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character",
+        NameRule::Dns1035 => "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character",
+        NameRule::PathSegment => "may not contain '/' or '%' and may not be '.' or '..'",
+    })
+}
+
+/// Validates an object about to be stored (after defaulting and name generation).
+pub fn validate_object(kind: &ResourceKind, object: &Value) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let name = object
+        .pointer("/metadata/name")
+        .and_then(Value::as_str)
+        .unwrap_or("");
+    if name.is_empty() {
+        errors.push(FieldError::required("metadata.name"));
+    } else if let Err(why) = name_ok(kind.name_rule, name) {
+        errors.push(FieldError::invalid("metadata.name", name, why));
+    }
+    if let Some(labels) = object.pointer("/metadata/labels") {
+        match labels.as_object() {
+            Some(map) => {
+                for (k, v) in map {
+                    if !is_valid_label_key(k) {
+                        errors.push(FieldError::invalid("metadata.labels", k, "name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character"));
+                    }
+                    match v.as_str() {
+                        Some(s) if is_valid_label_value(s) => {}
+                        _ => errors.push(FieldError::invalid(&format!("metadata.labels[{k}]"), &v.to_string(), "a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character")),
+                    }
+                }
+            }
+            None if labels.is_null() => {}
+            None => errors.push(FieldError::invalid(
+                "metadata.labels",
+                &labels.to_string(),
+                "must be a map of strings",
+            )),
+        }
+    }
+    if let Some(annotations) = object.pointer("/metadata/annotations") {
+        if let Some(map) = annotations.as_object() {
+            for (k, v) in map {
+                if !v.is_string() {
+                    errors.push(FieldError::invalid(
+                        &format!("metadata.annotations[{k}]"),
+                        &v.to_string(),
+                        "must be a string",
+                    ));
+                }
+            }
+        }
+    }
+    match kind.plural {
+        "pods" => {
+            let containers = object.pointer("/spec/containers").and_then(Value::as_array);
+            match containers {
+                None => errors.push(FieldError::required("spec.containers")),
+                Some(list) if list.is_empty() => {
+                    errors.push(FieldError::required("spec.containers"))
+                }
+                Some(list) => {
+                    for (i, c) in list.iter().enumerate() {
+                        if c.get("name")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .is_empty()
+                        {
+                            errors
+                                .push(FieldError::required(&format!("spec.containers[{i}].name")));
+                        }
+                        if c.get("image")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .is_empty()
+                        {
+                            errors
+                                .push(FieldError::required(&format!("spec.containers[{i}].image")));
+                        }
+                    }
+                }
+            }
+        }
+        "endpointslices" if object.get("addressType").and_then(Value::as_str).is_none() => {
+            errors.push(FieldError::required("addressType"));
+        }
+        "services" => {
+            let svc_type = object
+                .pointer("/spec/type")
+                .and_then(Value::as_str)
+                .unwrap_or("ClusterIP");
+            let headless =
+                object.pointer("/spec/clusterIP").and_then(Value::as_str) == Some("None");
+            let ports = object
+                .pointer("/spec/ports")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            if ports == 0 && svc_type != "ExternalName" && !headless {
+                errors.push(FieldError::required("spec.ports"));
+            }
+        }
+        _ => {}
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dns_names() {
+        assert!(is_dns1123_subdomain("node-1.example"));
+        assert!(!is_dns1123_subdomain("Node1"));
+        assert!(!is_dns1123_subdomain("-a"));
+        assert!(is_dns1123_label("kube-system"));
+        assert!(!is_dns1123_label("a.b"));
+        assert!(is_dns1035_label("web"));
+        assert!(!is_dns1035_label("1web"));
+    }
+}

@@ -1,0 +1,4 @@
+//! kwire-lab: a local kwire cluster on one Linux machine (network namespaces as nodes and
+//! pods), and the Kubernetes API stand-in it runs against.
+
+pub mod apiserver;

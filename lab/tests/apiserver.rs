@@ -1,0 +1,1261 @@
+//! The API stand-in over HTTP: raw REST calls, watches, kube-rs (Api, watcher, reflector,
+//! Recorder) and kubectl against a server on 127.0.0.1 with an ephemeral port.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{AsyncBufReadExt as _, StreamExt as _};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Node, ObjectReference, Pod};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::runtime::{reflector, watcher, WatchStreamExt as _};
+use kwire_lab::apiserver::{ApiServer, ApiServerConfig};
+use serde_json::{json, Value};
+use tokio::time::{timeout, Instant};
+
+/// How long any awaited condition may take before the test fails.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A temporary directory removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "kwire-lab-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Lab {
+    server: ApiServer,
+    client: kube::Client,
+    kubeconfig: PathBuf,
+    _dir: TempDir,
+}
+
+fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+async fn lab_with(config: ApiServerConfig) -> Lab {
+    install_crypto();
+    let server = ApiServer::start(config)
+        .await
+        .expect("start the API stand-in");
+    let dir = TempDir::new("api");
+    let kubeconfig = dir.path().join("kubeconfig");
+    server.write_kubeconfig(&kubeconfig).unwrap();
+    let kc = Kubeconfig::read_from(&kubeconfig).unwrap();
+    let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    Lab {
+        server,
+        client,
+        kubeconfig,
+        _dir: dir,
+    }
+}
+
+async fn lab() -> Lab {
+    lab_with(ApiServerConfig::default()).await
+}
+
+fn req(
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Option<Value>,
+) -> http::Request<Vec<u8>> {
+    http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("content-type", content_type)
+        .body(
+            body.map(|b| serde_json::to_vec(&b).unwrap())
+                .unwrap_or_default(),
+        )
+        .unwrap()
+}
+
+/// Sends a request; Ok(body) on 2xx, Err(Status as JSON) otherwise.
+async fn call(
+    c: &kube::Client,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, kube::core::Status> {
+    call_typed(c, method, path, "application/json", body).await
+}
+
+async fn call_typed(
+    c: &kube::Client,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Option<Value>,
+) -> Result<Value, kube::core::Status> {
+    match c.request_text(req(method, path, content_type, body)).await {
+        Ok(text) => Ok(serde_json::from_str(&text).unwrap_or(Value::String(text))),
+        Err(kube::Error::Api(status)) => Err(*status),
+        Err(e) => panic!("{method} {path}: {e}"),
+    }
+}
+
+fn pod(name: &str, node: &str) -> Value {
+    json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
+           "spec": {"nodeName": node, "containers": [{"name": "c", "image": "busybox"}]}})
+}
+
+fn rv_of(v: &Value) -> u64 {
+    v["metadata"]["resourceVersion"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Reads newline-delimited watch events, each within the deadline; None at the end of the stream.
+struct WatchLines {
+    lines: futures::io::Lines<Box<dyn futures::AsyncBufRead + Unpin + Send>>,
+}
+
+impl WatchLines {
+    async fn open(c: &kube::Client, path: &str) -> Self {
+        let body = c
+            .request_stream(req("GET", path, "application/json", None))
+            .await
+            .unwrap();
+        let boxed: Box<dyn futures::AsyncBufRead + Unpin + Send> = Box::new(body);
+        WatchLines {
+            lines: boxed.lines(),
+        }
+    }
+    async fn next(&mut self) -> Option<Value> {
+        let line = timeout(DEADLINE, self.lines.next())
+            .await
+            .expect("watch event within the deadline")?;
+        Some(serde_json::from_str(&line.unwrap()).unwrap())
+    }
+}
+
+/// Waits until `cond` holds, polling; fails the test at the deadline.
+async fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + DEADLINE;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn crud_conflicts_and_statuses() {
+    let lab = lab().await;
+    let c = &lab.client;
+    let ns = "/api/v1/namespaces/default/pods";
+    let created = call(c, "POST", ns, Some(pod("a", "node-a"))).await.unwrap();
+    assert_eq!(created["metadata"]["namespace"], "default");
+    assert_eq!(created["metadata"]["generation"], 1);
+    assert_eq!(created["metadata"]["uid"].as_str().unwrap().len(), 36);
+    assert!(created["metadata"]["creationTimestamp"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    assert_eq!(created["status"]["phase"], "Pending");
+
+    let exists = call(c, "POST", ns, Some(pod("a", "node-a")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (exists.code, exists.reason.as_str()),
+        (409, "AlreadyExists")
+    );
+
+    let got = call(c, "GET", &format!("{ns}/a"), None).await.unwrap();
+    assert_eq!(got, created);
+
+    // Update with the current resourceVersion works; with a stale one, 409 Conflict.
+    let mut upd = got.clone();
+    upd["metadata"]["labels"]["tier"] = json!("web");
+    let updated = call(c, "PUT", &format!("{ns}/a"), Some(upd)).await.unwrap();
+    assert!(rv_of(&updated) > rv_of(&created));
+    let mut stale = got.clone();
+    stale["metadata"]["labels"]["tier"] = json!("db");
+    let conflict = call(c, "PUT", &format!("{ns}/a"), Some(stale))
+        .await
+        .unwrap_err();
+    assert_eq!((conflict.code, conflict.reason.as_str()), (409, "Conflict"));
+
+    // 404 as a Status object, 422 for an invalid object, 404 for a missing namespace.
+    let missing = call(c, "GET", &format!("{ns}/nope"), None)
+        .await
+        .unwrap_err();
+    assert_eq!((missing.code, missing.reason.as_str()), (404, "NotFound"));
+    assert_eq!(missing.message, "pods \"nope\" not found");
+    let raw = c
+        .request_text(req("GET", &format!("{ns}/nope"), "application/json", None))
+        .await;
+    assert!(
+        matches!(raw, Err(kube::Error::Api(s)) if s.status == Some(kube::core::response::StatusSummary::Failure))
+    );
+    let invalid = call(c, "POST", ns, Some(json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "Bad_Name"}, "spec": {}}))).await.unwrap_err();
+    assert_eq!((invalid.code, invalid.reason.as_str()), (422, "Invalid"));
+    let no_ns = call(
+        c,
+        "POST",
+        "/api/v1/namespaces/ghost/pods",
+        Some(pod("b", "n")),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(no_ns.code, 404);
+
+    // All-namespaces list, cluster-scoped list, label and field selectors.
+    call(
+        c,
+        "POST",
+        "/api/v1/namespaces",
+        Some(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "other"}})),
+    )
+    .await
+    .unwrap();
+    call(
+        c,
+        "POST",
+        "/api/v1/namespaces/other/pods",
+        Some(pod("b", "node-b")),
+    )
+    .await
+    .unwrap();
+    let all = call(c, "GET", "/api/v1/pods", None).await.unwrap();
+    assert_eq!(all["kind"], "PodList");
+    assert_eq!(all["items"].as_array().unwrap().len(), 2);
+    let on_b = call(
+        c,
+        "GET",
+        "/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-b",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(on_b["items"][0]["metadata"]["name"], "b");
+    assert_eq!(on_b["items"].as_array().unwrap().len(), 1);
+    let by_label = call(
+        c,
+        "GET",
+        "/api/v1/pods?labelSelector=app%20in%20(a,x),tier",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(by_label["items"].as_array().unwrap().len(), 1);
+    let bad_field = call(
+        c,
+        "GET",
+        "/api/v1/pods?fieldSelector=spec.hostname%3Dx",
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(bad_field.code, 400);
+    let namespaces = call(c, "GET", "/api/v1/namespaces", None).await.unwrap();
+    assert!(namespaces["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|n| n["metadata"]["labels"]["kubernetes.io/metadata.name"] == "other"));
+
+    // Merge patch, JSON patch, status subresource.
+    let patched = call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/a"),
+        "application/merge-patch+json",
+        Some(json!({"metadata": {"labels": {"tier": null, "x": "1"}}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(patched["metadata"]["labels"], json!({"app": "a", "x": "1"}));
+    let jp = call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/a"),
+        "application/json-patch+json",
+        Some(json!([{"op": "test", "path": "/metadata/labels/x", "value": "1"}, {"op": "replace", "path": "/metadata/labels/x", "value": "2"}])),
+    )
+    .await
+    .unwrap();
+    assert_eq!(jp["metadata"]["labels"]["x"], "2");
+    let failed_test = call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/a"),
+        "application/json-patch+json",
+        Some(json!([{"op": "test", "path": "/metadata/labels/x", "value": "9"}])),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(failed_test.code, 422);
+    let st = call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/a/status"),
+        "application/merge-patch+json",
+        Some(json!({"status": {"podIP": "10.244.0.5"}, "spec": {"nodeName": "evil"}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st["status"]["podIP"], "10.244.0.5");
+    assert_eq!(
+        st["spec"]["nodeName"], "node-a",
+        "status writes change only status"
+    );
+    let apply = call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/a"),
+        "application/apply-patch+yaml",
+        Some(json!({})),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(apply.code, 415);
+
+    // Delete preconditions, and namespaces that may not be deleted.
+    let wrong_uid = call(c, "DELETE", &format!("{ns}/a"), Some(json!({"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": "not-the-uid"}})))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (wrong_uid.code, wrong_uid.reason.as_str()),
+        (409, "Conflict")
+    );
+    let default_ns = call(c, "DELETE", "/api/v1/namespaces/default", None)
+        .await
+        .unwrap_err();
+    assert_eq!(default_ns.code, 403);
+
+    // Delete returns the object; a second delete is 404.
+    let gone = call(c, "DELETE", &format!("{ns}/a"), None).await.unwrap();
+    assert_eq!(gone["metadata"]["name"], "a");
+    assert_eq!(
+        call(c, "DELETE", &format!("{ns}/a"), None)
+            .await
+            .unwrap_err()
+            .code,
+        404
+    );
+    let node = call(
+        c,
+        "POST",
+        "/api/v1/nodes",
+        Some(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n1"}})),
+    )
+    .await
+    .unwrap();
+    assert!(node["spec"].get("podCIDRs").is_none());
+    let node = call(c, "GET", "/api/v1/nodes/n1", None).await.unwrap();
+    assert_eq!(node["spec"]["podCIDRs"], json!(["10.244.0.0/24"]));
+    let status = call(c, "DELETE", "/api/v1/nodes/n1", None).await.unwrap();
+    assert_eq!(
+        (status["kind"].as_str(), status["status"].as_str()),
+        (Some("Status"), Some("Success"))
+    );
+}
+
+#[tokio::test]
+async fn discovery_documents() {
+    let lab = lab().await;
+    let c = &lab.client;
+    let v = c.apiserver_version().await.unwrap();
+    assert_eq!((v.major.as_str(), v.minor.as_str()), ("1", "33"));
+    let core = c.list_core_api_resources("v1").await.unwrap();
+    let nodes = core.resources.iter().find(|r| r.name == "nodes").unwrap();
+    assert!(!nodes.namespaced);
+    assert!(nodes.verbs.contains(&"watch".to_string()));
+    assert!(core
+        .resources
+        .iter()
+        .any(|r| r.name == "pods" && r.namespaced && r.kind == "Pod"));
+    let groups = c.list_api_groups().await.unwrap();
+    let names: Vec<&str> = groups.groups.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["discovery.k8s.io", "networking.k8s.io", "events.k8s.io"]
+    );
+    for gv in [
+        "discovery.k8s.io/v1",
+        "networking.k8s.io/v1",
+        "events.k8s.io/v1",
+    ] {
+        assert!(
+            !c.list_api_group_resources(gv)
+                .await
+                .unwrap()
+                .resources
+                .is_empty(),
+            "{gv}"
+        );
+    }
+    assert_eq!(
+        call(c, "GET", "/apis/apps/v1", None)
+            .await
+            .unwrap_err()
+            .code,
+        404
+    );
+}
+
+#[tokio::test]
+async fn watch_delivers_events_in_order_from_a_resource_version() {
+    let lab = lab().await;
+    let c = &lab.client;
+    let ns = "/api/v1/namespaces/default/pods";
+    call(c, "POST", ns, Some(pod("p1", "n"))).await.unwrap();
+    let list = call(c, "GET", ns, None).await.unwrap();
+    let from = rv_of(&list);
+    let mut w = WatchLines::open(c, &format!("{ns}?watch=true&resourceVersion={from}")).await;
+    let mut w2 = WatchLines::open(
+        c,
+        &format!("/api/v1/pods?watch=true&resourceVersion={from}"),
+    )
+    .await;
+    call(c, "POST", ns, Some(pod("p2", "n"))).await.unwrap();
+    call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/p1"),
+        "application/merge-patch+json",
+        Some(json!({"metadata": {"labels": {"x": "y"}}})),
+    )
+    .await
+    .unwrap();
+    call(c, "DELETE", &format!("{ns}/p2"), None).await.unwrap();
+    // Another kind's write does not show up in the pod watch.
+    lab.server
+        .create(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n"}}))
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut last = from;
+    for _ in 0..3 {
+        let ev = w.next().await.unwrap();
+        let rv = rv_of(&ev["object"]);
+        assert!(rv > last, "resourceVersions increase: {ev}");
+        last = rv;
+        seen.push(format!(
+            "{} {}",
+            ev["type"].as_str().unwrap(),
+            ev["object"]["metadata"]["name"].as_str().unwrap()
+        ));
+    }
+    assert_eq!(seen, ["ADDED p2", "MODIFIED p1", "DELETED p2"]);
+    // Fan-out: an all-namespaces watcher from the same resourceVersion gets the same events.
+    let mut seen2 = Vec::new();
+    for _ in 0..3 {
+        let ev = w2.next().await.unwrap();
+        seen2.push(format!(
+            "{} {}",
+            ev["type"].as_str().unwrap(),
+            ev["object"]["metadata"]["name"].as_str().unwrap()
+        ));
+    }
+    assert_eq!(seen, seen2);
+    // The old single-object watch path works as a watch on metadata.name.
+    let mut one = WatchLines::open(c, &format!("{ns}/p1?watch=true&resourceVersion={last}")).await;
+    call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/p1"),
+        "application/merge-patch+json",
+        Some(json!({"metadata": {"annotations": {"k": "v"}}})),
+    )
+    .await
+    .unwrap();
+    let ev = one.next().await.unwrap();
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["object"]["metadata"]["annotations"]["k"].as_str()
+        ),
+        (Some("MODIFIED"), Some("v"))
+    );
+    last = rv_of(&ev["object"]);
+
+    // Without a resourceVersion, the watch starts with the current objects as ADDED.
+    let mut w0 = WatchLines::open(c, "/api/v1/nodes?watch=1&resourceVersion=0").await;
+    let ev = w0.next().await.unwrap();
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("ADDED"), Some("n"))
+    );
+    assert_eq!(ev["object"]["spec"]["podCIDRs"], json!(["10.244.0.0/24"]));
+
+    // `kubectl get -w` asks for Tables: each event's object is then a one-row Table.
+    let table_req = http::Request::builder()
+        .uri(format!("{ns}?watch=true&resourceVersion={from}"))
+        .header(
+            "accept",
+            "application/json;as=Table;v=v1;g=meta.k8s.io,application/json",
+        )
+        .body(Vec::new())
+        .unwrap();
+    let body: Box<dyn futures::AsyncBufRead + Unpin + Send> =
+        Box::new(c.request_stream(table_req).await.unwrap());
+    let mut tw = WatchLines {
+        lines: body.lines(),
+    };
+    let ev = tw.next().await.unwrap();
+    assert_eq!(
+        (ev["type"].as_str(), ev["object"]["kind"].as_str()),
+        (Some("ADDED"), Some("Table"))
+    );
+    assert_eq!(ev["object"]["rows"][0]["cells"][0], "p2");
+
+    // A label-selected watch sees an object leave the selection as DELETED.
+    let mut sel = WatchLines::open(
+        c,
+        &format!("{ns}?watch=true&labelSelector=x%3Dy&resourceVersion={last}"),
+    )
+    .await;
+    call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/p1"),
+        "application/merge-patch+json",
+        Some(json!({"metadata": {"labels": {"x": "z"}}})),
+    )
+    .await
+    .unwrap();
+    let ev = sel.next().await.unwrap();
+    assert_eq!(
+        (
+            ev["type"].as_str(),
+            ev["object"]["metadata"]["name"].as_str()
+        ),
+        (Some("DELETED"), Some("p1"))
+    );
+}
+
+#[tokio::test]
+async fn bookmarks_carry_only_the_resource_version() {
+    let lab = lab_with(ApiServerConfig {
+        bookmark_interval: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let c = &lab.client;
+    let rv = lab.server.store().resource_version();
+    let mut w = WatchLines::open(
+        c,
+        &format!("/api/v1/nodes?watch=true&allowWatchBookmarks=true&resourceVersion={rv}"),
+    )
+    .await;
+    let ev = w.next().await.unwrap();
+    assert_eq!(ev["type"], "BOOKMARK");
+    assert_eq!(
+        ev["object"],
+        json!({"kind": "Node", "apiVersion": "v1", "metadata": {"resourceVersion": rv.to_string()}})
+    );
+
+    // sendInitialEvents: current objects, then a bookmark with the initial-events-end annotation.
+    lab.server
+        .create(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n"}}))
+        .unwrap();
+    let mut w = WatchLines::open(c, "/api/v1/nodes?watch=true&allowWatchBookmarks=true&sendInitialEvents=true&resourceVersionMatch=NotOlderThan").await;
+    assert_eq!(w.next().await.unwrap()["type"], "ADDED");
+    let end = w.next().await.unwrap();
+    assert_eq!(end["type"], "BOOKMARK");
+    assert_eq!(
+        end["object"]["metadata"]["annotations"]["k8s.io/initial-events-end"],
+        "true"
+    );
+}
+
+#[tokio::test]
+async fn too_old_resource_version_is_410() {
+    let lab = lab_with(ApiServerConfig {
+        history_size: 4,
+        ..Default::default()
+    })
+    .await;
+    let c = &lab.client;
+    let ns = "/api/v1/namespaces/default/pods";
+    let old = lab.server.store().resource_version();
+    for i in 0..6 {
+        call(c, "POST", ns, Some(pod(&format!("p{i}"), "n")))
+            .await
+            .unwrap();
+    }
+    // A watch gets an ERROR event with a 410 Status, then the stream ends.
+    let mut w = WatchLines::open(c, &format!("{ns}?watch=true&resourceVersion={old}")).await;
+    let ev = w.next().await.unwrap();
+    assert_eq!(ev["type"], "ERROR");
+    assert_eq!(
+        (
+            ev["object"]["kind"].as_str(),
+            ev["object"]["code"].as_u64(),
+            ev["object"]["reason"].as_str()
+        ),
+        (Some("Status"), Some(410), Some("Expired"))
+    );
+    assert!(w.next().await.is_none());
+    // A list continuing an expired snapshot gets HTTP 410.
+    let page = call(c, "GET", &format!("{ns}?limit=2"), None)
+        .await
+        .unwrap();
+    let token = page["metadata"]["continue"].as_str().unwrap().to_string();
+    assert_eq!(page["metadata"]["remainingItemCount"], 4);
+    let next = call(c, "GET", &format!("{ns}?limit=2&continue={token}"), None)
+        .await
+        .unwrap();
+    assert_eq!(next["items"][0]["metadata"]["name"], "p2");
+    call(c, "POST", ns, Some(pod("late", "n"))).await.unwrap();
+    lab.server.compact_history();
+    let gone = call(c, "GET", &format!("{ns}?limit=2&continue={token}"), None)
+        .await
+        .unwrap_err();
+    assert_eq!((gone.code, gone.reason.as_str()), (410, "Expired"));
+    // An exact read of a compacted resourceVersion too.
+    let exact = call(
+        c,
+        "GET",
+        &format!("{ns}?resourceVersion={old}&resourceVersionMatch=Exact"),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(exact.code, 410);
+}
+
+#[tokio::test]
+async fn timeout_seconds_ends_the_watch_cleanly() {
+    let lab = lab().await;
+    let started = Instant::now();
+    let mut w = WatchLines::open(&lab.client, "/api/v1/pods?watch=true&timeoutSeconds=1").await;
+    assert!(w.next().await.is_none(), "no events, then a clean end");
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[tokio::test]
+async fn stop_and_resume_keep_the_store_and_port() {
+    let lab = lab().await;
+    let c = &lab.client;
+    let node = lab
+        .server
+        .create(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "n"}}))
+        .unwrap();
+    let mut w = WatchLines::open(
+        c,
+        &format!("/api/v1/nodes?watch=true&resourceVersion={}", rv_of(&node)),
+    )
+    .await;
+    assert_eq!(
+        w.next().await.unwrap()["type"],
+        "MODIFIED",
+        "podCIDR allocation"
+    );
+    lab.server.stop().await;
+    // The open watch is cut, and new connections are refused.
+    let cut = timeout(DEADLINE, w.lines.next())
+        .await
+        .expect("the watch ends when the server stops");
+    assert!(cut.is_none() || cut.unwrap().is_err());
+    assert!(tokio::net::TcpStream::connect(lab.server.addr())
+        .await
+        .is_err());
+    // The store keeps working in-process while the server is down.
+    let nodes = ApiServer::kind("v1", "Node").unwrap();
+    lab.server
+        .merge_patch(
+            nodes,
+            None,
+            "n",
+            &json!({"metadata": {"labels": {"down": "yes"}}}),
+            false,
+        )
+        .unwrap();
+    lab.server.resume().await.unwrap();
+    let got = call(c, "GET", "/api/v1/nodes/n", None).await.unwrap();
+    assert_eq!(got["metadata"]["labels"]["down"], "yes");
+    assert_eq!(got["metadata"]["uid"], node["metadata"]["uid"]);
+    assert!(rv_of(&got) > rv_of(&node));
+}
+
+#[tokio::test]
+async fn bearer_token_is_required_when_configured() {
+    let lab = lab_with(ApiServerConfig {
+        token: Some("s3cret".into()),
+        ..Default::default()
+    })
+    .await;
+    // The kubeconfig carries the token, so the client gets through.
+    assert!(Api::<Node>::all(lab.client.clone())
+        .list(&ListParams::default())
+        .await
+        .is_ok());
+    let text = std::fs::read_to_string(&lab.kubeconfig).unwrap();
+    assert!(text.contains("token: \"s3cret\""));
+    let mut s = tokio::net::TcpStream::connect(lab.server.addr())
+        .await
+        .unwrap();
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    s.write_all(b"GET /api/v1/nodes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+}
+
+// ---- kube-rs ----
+
+#[tokio::test]
+async fn kube_rs_api_list_get_create_patch() {
+    let lab = lab().await;
+    let nodes: Api<Node> = Api::all(lab.client.clone());
+    let n: Node = serde_json::from_value(
+        json!({"metadata": {"name": "node-a", "labels": {"role": "worker"}}}),
+    )
+    .unwrap();
+    let created = nodes.create(&PostParams::default(), &n).await.unwrap();
+    assert!(created.metadata.uid.is_some());
+    let got = nodes.get("node-a").await.unwrap();
+    assert_eq!(
+        got.spec.unwrap().pod_cidrs.unwrap(),
+        vec!["10.244.0.0/24".to_string()]
+    );
+    let listed = nodes
+        .list(&ListParams::default().labels("role=worker"))
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1);
+    assert!(listed.metadata.resource_version.is_some());
+    let patched = nodes
+        .patch(
+            "node-a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"kwire.dev/public-key": "k"}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        patched.metadata.annotations.unwrap()["kwire.dev/public-key"],
+        "k"
+    );
+    // Node conditions through the status subresource, as the daemon writes them.
+    let cond = json!({"status": {"conditions": [{"type": "NetworkUnavailable", "status": "False", "reason": "KwireReady", "message": "ok",
+        "lastTransitionTime": "2025-01-01T00:00:00Z"}]}});
+    let st = nodes
+        .patch_status("node-a", &PatchParams::default(), &Patch::Merge(cond))
+        .await
+        .unwrap();
+    assert_eq!(
+        st.status.unwrap().conditions.unwrap()[0].type_,
+        "NetworkUnavailable"
+    );
+    let err = nodes.get("missing").await.unwrap_err();
+    assert!(matches!(err, kube::Error::Api(s) if s.code == 404));
+    // get_opt relies on the 404 Status.
+    assert!(nodes.get_opt("missing").await.unwrap().is_none());
+
+    // Pods by spec.nodeName.
+    let pods: Api<Pod> = Api::namespaced(lab.client.clone(), "default");
+    for (name, node) in [("a", "node-a"), ("b", "node-b"), ("c", "node-a")] {
+        pods.create(
+            &PostParams::default(),
+            &serde_json::from_value(pod(name, node)).unwrap(),
+        )
+        .await
+        .unwrap();
+    }
+    let on_a = Api::<Pod>::all(lab.client.clone())
+        .list(&ListParams::default().fields("spec.nodeName=node-a"))
+        .await
+        .unwrap();
+    let names: Vec<String> = on_a
+        .items
+        .iter()
+        .map(|p| p.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "c"]);
+    // Paged list through kube-rs' own pager parameters.
+    let page = pods.list(&ListParams::default().limit(2)).await.unwrap();
+    assert_eq!(page.items.len(), 2);
+    let rest = pods
+        .list(
+            &ListParams::default()
+                .limit(2)
+                .continue_token(page.metadata.continue_.as_deref().unwrap()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rest.items.len(), 1);
+}
+
+#[tokio::test]
+async fn kube_rs_recorder_posts_events_k8s_io() {
+    let lab = lab().await;
+    let nodes: Api<Node> = Api::all(lab.client.clone());
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "node-a"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let recorder = kube::runtime::events::Recorder::new(lab.client.clone(), "kwire-agent".into());
+    let reference = ObjectReference {
+        kind: Some("Node".into()),
+        name: Some("node-a".into()),
+        api_version: Some("v1".into()),
+        ..Default::default()
+    };
+    let ev = kube::runtime::events::Event {
+        type_: kube::runtime::events::EventType::Normal,
+        reason: "PeerUp".into(),
+        note: Some("handshake with node-b".into()),
+        action: "Handshake".into(),
+        secondary: None,
+    };
+    recorder.publish(&ev, &reference).await.unwrap();
+    recorder.publish(&ev, &reference).await.unwrap(); // the second one patches the series
+    let core: Api<CoreEvent> = Api::namespaced(lab.client.clone(), "default");
+    let listed = core
+        .list(&ListParams::default().fields("involvedObject.name=node-a"))
+        .await
+        .unwrap();
+    assert_eq!(listed.items.len(), 1);
+    assert_eq!(
+        listed.items[0].message.as_deref(),
+        Some("handshake with node-b")
+    );
+    assert_eq!(listed.items[0].reason.as_deref(), Some("PeerUp"));
+}
+
+#[tokio::test]
+async fn kube_rs_reflector_follows_changes_and_recovers_from_410() {
+    let lab = lab_with(ApiServerConfig {
+        history_size: 8,
+        bookmark_interval: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await;
+    let nodes: Api<Node> = Api::all(lab.client.clone());
+    let (reader, writer) = reflector::store::<Node>();
+    let inits = Arc::new(AtomicUsize::new(0));
+    let errors = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (inits2, errors2) = (inits.clone(), errors.clone());
+    let stream = reflector(
+        writer,
+        watcher(nodes.clone(), watcher::Config::default().timeout(30)),
+    );
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream.default_backoff());
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(watcher::Event::Init) => {
+                    inits2.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok(_) => {}
+                Err(e) => errors2.lock().unwrap().push(e.to_string()),
+            }
+        }
+    });
+    let has = |name: &str| {
+        let r = reader.clone();
+        let name = name.to_string();
+        move || {
+            r.state()
+                .iter()
+                .any(|n| n.metadata.name.as_deref() == Some(name.as_str()))
+        }
+    };
+    for name in ["a", "b"] {
+        nodes
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": name}})).unwrap(),
+            )
+            .await
+            .unwrap();
+    }
+    wait_for("the reflector to see a and b", || has("a")() && has("b")()).await;
+    nodes
+        .patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"kwire.dev/ready": "true"}}})),
+        )
+        .await
+        .unwrap();
+    let r = reader.clone();
+    wait_for("the reflector to see the label", move || {
+        r.state().iter().any(|n| {
+            n.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key("kwire.dev/ready"))
+        })
+    })
+    .await;
+    nodes.delete("b", &Default::default()).await.unwrap();
+    let gone_b = has("b");
+    wait_for("the reflector to drop b", move || !gone_b()).await;
+    assert_eq!(inits.load(Ordering::SeqCst), 1);
+    assert_eq!(lab.server.store().expired_answers(), 0);
+
+    // The API goes away; meanwhile nodes change and the history is compacted, so the
+    // watcher's resourceVersion is gone: it must get 410 and re-list.
+    lab.server.stop().await;
+    let kind = ApiServer::kind("v1", "Node").unwrap();
+    lab.server.delete(kind, None, "a").unwrap();
+    lab.server
+        .create(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "c"}}))
+        .unwrap();
+    lab.server.compact_history();
+    lab.server.resume().await.unwrap();
+    let (has_a, has_c) = (has("a"), has("c"));
+    wait_for("the reflector to re-list after 410", move || {
+        !has_a() && has_c()
+    })
+    .await;
+    assert!(
+        inits.load(Ordering::SeqCst) >= 2,
+        "a second initial list happened"
+    );
+    assert!(
+        lab.server.store().expired_answers() >= 1,
+        "the watcher was told 410 Gone"
+    );
+    let r = reader.clone();
+    let c = r
+        .state()
+        .into_iter()
+        .find(|n| n.metadata.name.as_deref() == Some("c"))
+        .unwrap();
+    let has_cidr = || c.spec.as_ref().and_then(|s| s.pod_cidrs.clone()).is_some();
+    assert!(has_cidr(), "the re-list carries the allocated podCIDRs");
+    task.abort();
+}
+
+#[tokio::test]
+async fn kube_rs_streaming_list_watcher() {
+    let lab = lab().await;
+    let nodes: Api<Node> = Api::all(lab.client.clone());
+    for name in ["a", "b"] {
+        lab.server
+            .create(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": name}}))
+            .unwrap();
+    }
+    // sendInitialEvents=true: the watcher needs the initial-events-end bookmark to finish Init.
+    let mut events = std::pin::pin!(watcher(nodes, watcher::Config::default().streaming_lists()));
+    let mut seen = Vec::new();
+    loop {
+        match timeout(DEADLINE, events.next())
+            .await
+            .expect("watcher event")
+            .unwrap()
+            .unwrap()
+        {
+            watcher::Event::Init => {}
+            watcher::Event::InitApply(n) => seen.push(n.metadata.name.unwrap()),
+            watcher::Event::InitDone => break,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(seen, ["a", "b"]);
+    lab.server
+        .create(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "c"}}))
+        .unwrap();
+    match timeout(DEADLINE, events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
+        watcher::Event::Apply(n) => assert_eq!(n.metadata.name.as_deref(), Some("c")),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn kube_rs_namespaces_services_endpointslices_networkpolicies() {
+    use k8s_openapi::api::core::v1::{Namespace, Service};
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
+    let lab = lab().await;
+    let c = lab.client.clone();
+    let pp = PostParams::default();
+    let ns: Namespace =
+        serde_json::from_value(json!({"metadata": {"name": "shop", "labels": {"team": "a"}}}))
+            .unwrap();
+    let ns = Api::<Namespace>::all(c.clone())
+        .create(&pp, &ns)
+        .await
+        .unwrap();
+    assert_eq!(ns.status.unwrap().phase.as_deref(), Some("Active"));
+    assert_eq!(
+        ns.metadata.labels.unwrap()["kubernetes.io/metadata.name"],
+        "shop"
+    );
+
+    let svc: Service = serde_json::from_value(json!({"metadata": {"name": "web"}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]}})).unwrap();
+    let svc = Api::<Service>::namespaced(c.clone(), "shop")
+        .create(&pp, &svc)
+        .await
+        .unwrap();
+    let spec = svc.spec.unwrap();
+    assert_eq!(spec.cluster_ip.as_deref(), Some("10.96.0.2"));
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+
+    let slices: Api<EndpointSlice> = Api::namespaced(c.clone(), "shop");
+    let slice: EndpointSlice = serde_json::from_value(json!({"metadata": {"name": "web-abc", "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4", "endpoints": [{"addresses": ["10.244.1.5"], "conditions": {"ready": true}, "nodeName": "node-a"}],
+        "ports": [{"name": "", "port": 8080}]})).unwrap();
+    slices.create(&pp, &slice).await.unwrap();
+    let by_service = slices
+        .list(&ListParams::default().labels("kubernetes.io/service-name=web"))
+        .await
+        .unwrap();
+    assert_eq!(by_service.items.len(), 1);
+    assert_eq!(
+        by_service.items[0].ports.as_ref().unwrap()[0]
+            .protocol
+            .as_deref(),
+        Some("TCP")
+    );
+
+    let policies: Api<NetworkPolicy> = Api::namespaced(c.clone(), "shop");
+    let np: NetworkPolicy = serde_json::from_value(
+        json!({"metadata": {"name": "deny-all"}, "spec": {"podSelector": {}}}),
+    )
+    .unwrap();
+    let np = policies.create(&pp, &np).await.unwrap();
+    assert_eq!(
+        np.spec.unwrap().policy_types.unwrap(),
+        vec!["Ingress".to_string()]
+    );
+    assert_eq!(np.metadata.generation, Some(1));
+    let np = policies
+        .patch(
+            "deny-all",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"egress": [], "policyTypes": ["Ingress", "Egress"]}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        np.metadata.generation,
+        Some(2),
+        "a spec change bumps generation"
+    );
+
+    // A paged initial list through the watcher (page size 1) still sees every namespace.
+    let all_ns = watcher(
+        Api::<Namespace>::all(c.clone()),
+        watcher::Config::default().page_size(1),
+    );
+    let mut all_ns = std::pin::pin!(all_ns);
+    let mut names = Vec::new();
+    loop {
+        match timeout(DEADLINE, all_ns.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            watcher::Event::InitApply(n) => names.push(n.metadata.name.unwrap()),
+            watcher::Event::InitDone => break,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        names,
+        [
+            "default",
+            "kube-node-lease",
+            "kube-public",
+            "kube-system",
+            "shop"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn cli_apiserver_serves_and_stops_on_sigterm() {
+    install_crypto();
+    let dir = TempDir::new("cli");
+    let kubeconfig = dir.path().join("kubeconfig");
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kwire-lab"))
+        .args([
+            "apiserver",
+            "--listen",
+            "127.0.0.1:0",
+            "--cluster-cidr-v6",
+            "fd00:10:244::/56",
+            "--kubeconfig",
+        ])
+        .arg(&kubeconfig)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let kc = kubeconfig.clone();
+    wait_for("the kubeconfig to be written", move || kc.exists()).await;
+    let config = kube::Config::from_custom_kubeconfig(
+        Kubeconfig::read_from(&kubeconfig).unwrap(),
+        &KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    let client = kube::Client::try_from(config).unwrap();
+    let nodes: Api<Node> = Api::all(client);
+    nodes
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "a"}})).unwrap(),
+        )
+        .await
+        .unwrap();
+    let cidrs = nodes
+        .get("a")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .pod_cidrs
+        .unwrap();
+    assert_eq!(cidrs, ["10.244.0.0/24", "fd00:10:244::/64"]);
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = timeout(DEADLINE, child.wait())
+        .await
+        .expect("exits on SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status}");
+}
+
+// ---- kubectl ----
+
+#[tokio::test]
+async fn kubectl_get_create_delete() {
+    let kubectl = Path::new("/usr/bin/kubectl");
+    let kubectl = if kubectl.exists() {
+        kubectl.to_path_buf()
+    } else {
+        match std::env::var_os("PATH").and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("kubectl"))
+                .find(|k| k.exists())
+        }) {
+            Some(k) => k,
+            None => {
+                println!("SKIPPED kubectl_get_create_delete: kubectl is not installed (Debian package kubernetes-client)");
+                return;
+            }
+        }
+    };
+    let lab = lab().await;
+    lab.server
+        .create(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-a"}}))
+        .unwrap();
+    let manifest = lab._dir.path().join("objects.yaml");
+    std::fs::write(
+        &manifest,
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: demo\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  namespace: demo\n  labels:\n    app: web\nspec:\n  nodeName: node-a\n  containers:\n  - name: c\n    image: busybox\n",
+    )
+    .unwrap();
+    let home = lab._dir.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let run = |args: &[&str]| {
+        let kubectl = kubectl.clone();
+        let kubeconfig = lab.kubeconfig.clone();
+        let home = home.clone();
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        async move {
+            let out = timeout(
+                DEADLINE,
+                tokio::process::Command::new(&kubectl)
+                    .arg("--kubeconfig")
+                    .arg(&kubeconfig)
+                    .args(&args)
+                    .env("HOME", &home)
+                    .env("KUBECACHEDIR", home.join("cache"))
+                    .kill_on_drop(true)
+                    .output(),
+            )
+            .await
+            .expect("kubectl finishes within the deadline")
+            .unwrap();
+            let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+            let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+            assert!(
+                out.status.success(),
+                "kubectl {args:?} failed: {stdout}\n{stderr}"
+            );
+            stdout
+        }
+    };
+    let nodes = run(&["get", "nodes"]).await;
+    assert!(
+        nodes.contains("node-a") && nodes.contains("NAME"),
+        "{nodes}"
+    );
+    let created = run(&["create", "-f", manifest.to_str().unwrap()]).await;
+    assert!(
+        created.contains("namespace/demo created") && created.contains("pod/web created"),
+        "{created}"
+    );
+    let pods: Value =
+        serde_json::from_str(&run(&["get", "pods", "-A", "-o", "json"]).await).unwrap();
+    let items = pods["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(
+        (
+            items[0]["metadata"]["namespace"].as_str(),
+            items[0]["spec"]["nodeName"].as_str()
+        ),
+        (Some("demo"), Some("node-a"))
+    );
+    let table = run(&["get", "pods", "-A", "-o", "wide"]).await;
+    assert!(
+        table.contains("demo") && table.contains("web") && table.contains("node-a"),
+        "{table}"
+    );
+    let deleted = run(&["delete", "pod", "web", "-n", "demo"]).await;
+    assert!(deleted.contains("pod \"web\" deleted"), "{deleted}");
+    run(&["delete", "namespace", "demo"]).await;
+    let after: Value =
+        serde_json::from_str(&run(&["get", "pods", "-A", "-o", "json"]).await).unwrap();
+    assert!(after["items"].as_array().unwrap().is_empty());
+    let ns = run(&["get", "namespaces", "-o", "name"]).await;
+    assert!(
+        !ns.contains("namespace/demo") && ns.contains("namespace/default"),
+        "{ns}"
+    );
+}
