@@ -19,6 +19,16 @@ struct Cli {
 enum Command {
     /// Run a standalone userspace WireGuard device in the foreground (like `wireguard-go -f`).
     Tunnel(kwire::tunnel::TunnelArgs),
+    /// NetworkPolicy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Say offline whether a connection is allowed under a set of manifests, and why.
+    /// Exit code: 0 allowed, 1 denied, 2 error.
+    Trace(kwire::policy::trace::TraceArgs),
 }
 
 fn main() -> ExitCode {
@@ -30,10 +40,18 @@ fn main() -> ExitCode {
         .unwrap_or_else(|| "info".to_string());
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     let r = match cli.command {
         Command::Tunnel(a) => kwire::tunnel::run(a),
+        Command::Policy(PolicyCommand::Trace(a)) => {
+            let r = kwire::policy::trace::run(&a, &mut std::io::stdout().lock());
+            if let Err(e) = &r {
+                eprintln!("kwire policy trace: {e}");
+            }
+            return ExitCode::from(kwire::policy::trace::exit_code(&r));
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
