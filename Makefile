@@ -1,0 +1,33 @@
+# The two commands a new user runs (see README.md), and a few helpers.
+#   make demo   build kwire and show it working on this machine (needs root)
+#   make test   every test: unit, property, integration (root: network namespaces), bench builds
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: demo test deps build release bench bench-tunnel clean-lab
+
+deps:
+	@scripts/install-deps.sh
+
+build:
+	$(CARGO) build --workspace --bins
+
+release:
+	$(CARGO) build --release --workspace --bins
+
+demo: deps release
+	@scripts/demo.sh
+
+# Integration tests find target/debug/kwire and kwire-lab, so the binaries are built first.
+test: deps build
+	$(CARGO) test --workspace --no-fail-fast
+	$(CARGO) bench --workspace --no-run
+
+# Criterion micro-benchmarks (data path, policy engine).
+bench:
+	$(CARGO) bench -p kwire-daemon
+
+# Side by side with wireguard-go and boringtun-cli (shared/bench harness); ~15 minutes.
+bench-tunnel: release
+	@scripts/install-deps.sh --bench
+	@scripts/bench-compare.sh
