@@ -3,4 +3,5 @@
 #![forbid(unsafe_code)]
 
 pub mod annotations;
+pub mod cni;
 pub mod key;
