@@ -383,3 +383,124 @@ pub const TIMER_TICK: std::time::Duration = std::time::Duration::from_millis(250
 pub fn is_wireguard_message(d: &[u8]) -> bool {
     Tunn::parse_incoming_packet(d).is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wg::device::{Device, NetworkControl, HANDSHAKE_RATE_LIMIT};
+    use crate::wg::key::PrivateKey;
+    use crate::wg::uapi::{parse_request, Request};
+    use std::time::Duration;
+
+    struct NoNet;
+    impl NetworkControl for NoNet {
+        fn bind(&mut self, p: u16, _: u32) -> std::io::Result<u16> {
+            Ok(p)
+        }
+        fn set_fwmark(&mut self, _: u32) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Collects what the loop would write.
+    #[derive(Default)]
+    struct Capture {
+        tun: Vec<Vec<u8>>,
+        udp: Vec<(SocketAddr, Vec<u8>)>,
+    }
+    impl Io for Capture {
+        fn tun_write(&mut self, f: &[u8]) {
+            self.tun.push(f.to_vec());
+        }
+        fn udp_send(&mut self, b: &mut TxBatch) {
+            self.udp.extend(b.datagrams().map(|(a, d)| (a, d.to_vec())));
+            b.clear();
+        }
+    }
+
+    fn device(own: &PrivateKey, peer: &PrivateKey, allowed: &str, endpoint: &str) -> Device {
+        let d = Device::new();
+        let lines = [
+            "set=1".to_string(),
+            format!("private_key={}", own.expose_hex().as_str()),
+            format!("public_key={}", peer.public_key().to_hex()),
+            format!("allowed_ip={allowed}"),
+            format!("endpoint={endpoint}"),
+        ];
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let Request::Set(r) = parse_request(&refs).unwrap() else { panic!() };
+        d.apply(r, &mut NoNet).unwrap();
+        d
+    }
+
+    /// Under load the responder answers initiations with a cookie; an initiator that took the
+    /// cookie gets through. The source address decides the cookie, so it must be the real one.
+    #[test]
+    fn cookie_reply_under_load_then_handshake_completes() {
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
+        let mut a = Tunn::new(ka.secret(), x25519_dalek::PublicKey::from(&kb.secret()), None, None, 7, None);
+        let counters = Counters::default();
+        let limiter = SourceLimiter::default();
+        let mut rx = RxPath::new(false);
+        let mut io = Capture::default();
+        let snap = b.snapshot();
+        let mut buf = vec![0u8; 2048];
+        let t0 = Instant::now();
+        // Flood past the device's limit: every initiation counts, whatever happens to it.
+        for _ in 0..HANDSHAKE_RATE_LIMIT + 5 {
+            let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true) else { panic!() };
+            let init = init.to_vec();
+            rx.handle_message(&snap, &limiter, a_addr, &init, None, t0, &counters, &mut io);
+            rx.finish(&counters, &mut io);
+        }
+        let cookie = io.udp.iter().rev().find(|(_, d)| d.len() == 64 && d[0] == 3).expect("a cookie reply under load").1.clone();
+        assert!(counters.drops(DropReason::RateLimited) > 0);
+        // The initiator takes the cookie; its next initiation carries a valid mac2.
+        assert!(matches!(a.decapsulate(Some(a_addr.ip()), &cookie, &mut buf), TunnResult::Done));
+        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true) else { panic!() };
+        let init = init.to_vec();
+        io.udp.clear();
+        // A second later, so the per-source bucket has a token again.
+        rx.handle_message(&snap, &limiter, a_addr, &init, None, t0 + Duration::from_secs(1), &counters, &mut io);
+        rx.finish(&counters, &mut io);
+        let (to, resp) = io.udp.iter().find(|(_, d)| d[0] == 2).expect("a handshake response").clone();
+        assert_eq!(to, a_addr);
+        assert!(matches!(a.decapsulate(Some(to.ip()), &resp, &mut buf), TunnResult::WriteToNetwork(_)), "initiator accepts the response");
+    }
+
+    /// A decrypted packet whose source is outside the peer's allowed IPs never reaches the tun.
+    #[test]
+    fn inner_source_must_be_in_allowed_ips() {
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
+        let mut a = Tunn::new(ka.secret(), x25519_dalek::PublicKey::from(&kb.secret()), None, None, 9, None);
+        let (counters, limiter, mut rx, mut io) = (Counters::default(), SourceLimiter::default(), RxPath::new(false), Capture::default());
+        let snap = b.snapshot();
+        let mut buf = vec![0u8; 2048];
+        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else { panic!() };
+        let init = init.to_vec();
+        rx.handle_message(&snap, &limiter, a_addr, &init, None, Instant::now(), &counters, &mut io);
+        rx.finish(&counters, &mut io);
+        let resp = io.udp.iter().find(|(_, d)| d[0] == 2).unwrap().1.clone();
+        let TunnResult::WriteToNetwork(ka_pkt) = a.decapsulate(None, &resp, &mut buf) else { panic!() };
+        let ka_pkt = ka_pkt.to_vec();
+        rx.handle_message(&snap, &limiter, a_addr, &ka_pkt, None, Instant::now(), &counters, &mut io);
+        for (src, want) in [([10, 99, 0, 1], true), ([10, 99, 0, 66], false)] {
+            let mut ip = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0];
+            ip.extend_from_slice(&src);
+            ip.extend_from_slice(&[10, 99, 0, 2]);
+            ip.extend_from_slice(&[0u8; 8]);
+            crate::offload::checksum::set_ipv4_header(&mut ip[..20]);
+            let TunnResult::WriteToNetwork(d) = a.encapsulate(&ip, &mut buf) else { panic!() };
+            let d = d.to_vec();
+            io.tun.clear();
+            rx.handle_message(&snap, &limiter, a_addr, &d, None, Instant::now(), &counters, &mut io);
+            rx.finish(&counters, &mut io);
+            assert_eq!(io.tun.len() == 1, want, "source {src:?}");
+        }
+        assert_eq!(counters.drops(DropReason::NotAllowedIp), 1);
+    }
+}
