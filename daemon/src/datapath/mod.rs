@@ -146,7 +146,8 @@ struct Held<'a> {
 impl RxPath {
     /// `vnet`: the tun takes virtio-net headers, so TCP segments can be merged.
     pub fn new(vnet: bool) -> RxPath {
-        RxPath { dec: vec![0; 65536], coalescer: Coalescer::new(64, vnet), replies: TxBatch::new(64 * 1024, 64), delivered: 0 }
+        // Replies hold a packet boringtun queued during the handshake: up to a whole tun frame.
+        RxPath { dec: vec![0; 65536], coalescer: Coalescer::new(64, vnet), replies: TxBatch::new(128 * 1024, 64), delivered: 0 }
     }
 
     /// Handles one received message: a datagram, or a GRO train of `segment`-sized ones.
@@ -187,6 +188,12 @@ impl RxPath {
     }
 
     fn data(&mut self, snap: &Snapshot, h: &mut Held<'_>, src: SocketAddr, d: &[u8], counters: &Counters, io: &mut impl Io) {
+        // boringtun panics if the ciphertext (all but the 16-byte header) exceeds the output
+        // buffer; no UDP datagram is that long, but this function takes any bytes.
+        if d.len() - 16 > self.dec.len() {
+            counters.drop(DropReason::Malformed);
+            return;
+        }
         let (pkt, inner_src) = match h.st.tunn.decapsulate(Some(src.ip()), d, &mut self.dec) {
             TunnResult::WriteToTunnelV4(p, a) => (p, IpAddr::V4(a)),
             TunnResult::WriteToTunnelV6(p, a) => (p, IpAddr::V6(a)),
@@ -296,11 +303,9 @@ impl RxPath {
                 counters.drop(DropReason::from_wireguard(&e));
                 return;
             }
-            TunnResult::WriteToNetwork(p) => {
-                if !self.replies.push(p, src) {
-                    io.udp_send(&mut self.replies);
-                    let _ = self.replies.push(p, src);
-                }
+            TunnResult::WriteToNetwork(p) if !self.replies.push(p, src) => {
+                io.udp_send(&mut self.replies);
+                let _ = self.replies.push(p, src);
             }
             _ => {}
         }
@@ -311,7 +316,7 @@ impl RxPath {
         // Packets boringtun queued while the handshake was under way.
         let mut sent = 0u64;
         loop {
-            if !self.replies.has_room(65536 + DATA_OVERHEAD, 1) {
+            if !self.replies.has_room(MAX_FRAME + DATA_OVERHEAD, 1) {
                 io.udp_send(&mut self.replies);
             }
             match st.tunn.decapsulate(None, &[], self.replies.slot()) {

@@ -336,7 +336,7 @@ mod tests {
             let mut p = b1;
             p[36] = 0;
             p[37] = 0;
-            let ph = pseudo_header(&p[12..16].to_vec(), &p[16..20].to_vec(), 6, (p.len() - 20) as u32);
+            let ph = pseudo_header(&p[12..16], &p[16..20], 6, (p.len() - 20) as u32);
             let cs = !fold(sum(ph, &p[20..]));
             p[36..38].copy_from_slice(&cs.to_be_bytes());
             p

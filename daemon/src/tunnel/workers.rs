@@ -11,7 +11,7 @@ use crate::wg::device::NetworkControl;
 use crate::wg::Device;
 use arc_swap::ArcSwap;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
@@ -225,19 +225,20 @@ fn spawn_udp_reader(i: usize, b: Arc<Bound>, tun: Arc<TunQueue>, net: Network) -
 
 /// Starts the timer thread: peer timers every tick, rate limiter reset every second.
 pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
-    static TICKS: AtomicU64 = AtomicU64::new(0);
     std::thread::Builder::new().name("kwire-timers".into()).spawn(move || {
         let mut out = TxBatch::new(64 * 1024, 64);
         let mut scratch = SendScratch::new();
         let (mut a, mut b) = (Throttle::new(), Throttle::new());
         let tun = net.tun_writers.lock().unwrap_or_else(|p| p.into_inner())[0].clone();
         let ticks_per_second = (1000 / datapath::TIMER_TICK.as_millis()).max(1) as u64;
+        let mut ticks = 0u64;
         loop {
             std::thread::sleep(datapath::TIMER_TICK);
             let snap = device.snapshot();
             let mut wio = WorkerIo { tun: &tun, sock: net.socket_for(0), scratch: &mut scratch, counters: &net.counters, tun_err: &mut a, udp_err: &mut b };
             datapath::tick_timers(&snap, &mut out, &mut wio);
-            if TICKS.fetch_add(1, Ordering::Relaxed) % ticks_per_second == 0 {
+            ticks += 1;
+            if ticks.is_multiple_of(ticks_per_second) {
                 if let Some(id) = &snap.identity {
                     id.rate_limiter.reset_count();
                 }
