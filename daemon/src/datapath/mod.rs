@@ -4,6 +4,7 @@
 //! through [`Io`]; tests drive both directions in memory.
 
 pub mod batch;
+pub mod local;
 pub mod stats;
 
 use crate::offload::{tso, VNET_HDR_LEN};
@@ -11,6 +12,7 @@ use crate::offload::gro::Coalescer;
 use crate::wg::device::{PeerState, Snapshot};
 use crate::wg::ratelimit::SourceLimiter;
 use batch::TxBatch;
+use local::{addresses, LocalTable, Port};
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use stats::{Counters, DropReason};
@@ -33,8 +35,13 @@ const MSG_DATA: u32 = 4;
 
 /// Where the loop's output goes.
 pub trait Io {
-    /// Writes one frame (virtio header + packet when the tun has offloads) to the tun.
+    /// Writes one frame (virtio header + packet when the tun has offloads) to the host tun.
     fn tun_write(&mut self, frame: &[u8]);
+    /// Writes one frame to a pod's tun or the host's. Devices without pods keep the default.
+    fn tun_write_to(&mut self, port: Port, frame: &[u8]) {
+        let _ = port;
+        self.tun_write(frame)
+    }
     /// Sends every datagram of `batch`, then clears it.
     fn udp_send(&mut self, batch: &mut TxBatch);
 }
@@ -43,6 +50,26 @@ pub trait Io {
 pub struct TxPath {
     scratch: Vec<u8>,
     pub batch: TxBatch,
+    /// The table of a device without pods (`kwire tunnel`).
+    host_only: LocalTable<()>,
+}
+
+/// Tag of the host tun in the coalescer; pods use their slot.
+const HOST_TAG: u32 = u32::MAX;
+
+fn tag(p: Port) -> u32 {
+    match p {
+        Port::Host => HOST_TAG,
+        Port::Pod(s) => s,
+    }
+}
+
+fn port(tag: u32) -> Port {
+    if tag == HOST_TAG {
+        Port::Host
+    } else {
+        Port::Pod(tag)
+    }
 }
 
 impl Default for TxPath {
@@ -53,26 +80,55 @@ impl Default for TxPath {
 
 impl TxPath {
     pub fn new() -> TxPath {
-        TxPath { scratch: vec![0; 65536], batch: TxBatch::new(256 * 1024, 256) }
+        TxPath { scratch: vec![0; 65536], batch: TxBatch::new(256 * 1024, 256), host_only: LocalTable::default() }
     }
 
-    /// Encrypts the packets of one tun frame for the peer that owns their destination.
+    /// Encrypts the packets of one frame from the host tun for the peer that owns their
+    /// destination (a device without pods).
     pub fn handle_frame(&mut self, snap: &Snapshot, frame: &mut [u8], vnet: bool, counters: &Counters, io: &mut impl Io) {
+        let local = std::mem::take(&mut self.host_only);
+        self.handle_frame_from(snap, &local, Port::Host, frame, vnet, counters, io);
+        self.host_only = local;
+    }
+
+    /// One frame read from `from`: a pod's frame must carry one of the pod's addresses as
+    /// source; it then goes to a local pod, to the peer that owns the destination (encrypted),
+    /// or, from a pod, to the host tun (the node and the outside world).
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_frame_from<T>(
+        &mut self,
+        snap: &Snapshot,
+        local: &LocalTable<T>,
+        from: Port,
+        frame: &mut [u8],
+        vnet: bool,
+        counters: &Counters,
+        io: &mut impl Io,
+    ) {
         let off = if vnet { VNET_HDR_LEN } else { 0 };
-        let Some(pkt) = frame.get(off..) else {
+        let Some((src, dst)) = frame.get(off..).and_then(addresses) else {
             counters.drop(DropReason::Malformed);
             return;
         };
-        let dst: &[u8] = match pkt.first().map(|b| b >> 4) {
-            Some(4) if pkt.len() >= 20 => &pkt[16..20],
-            Some(6) if pkt.len() >= 40 => &pkt[24..40],
-            _ => {
-                counters.drop(DropReason::Malformed);
+        if let Port::Pod(s) = from {
+            if !local.owns(s, src) {
+                counters.drop(DropReason::SpoofedSource);
                 return;
             }
-        };
-        let Some(slot) = snap.routes.lookup_bytes(dst) else {
-            counters.drop(DropReason::NoPeer);
+        }
+        if let Some(t) = local.pod_for_ip(dst) {
+            // Same node: the frame (offload header included) goes to the other pod as is.
+            io.tun_write_to(Port::Pod(t), frame);
+            counters.packets_local.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let Some(slot) = snap.routes.lookup(dst) else {
+            if from == Port::Host {
+                counters.drop(DropReason::NoPeer);
+            } else {
+                io.tun_write_to(Port::Host, frame);
+                counters.packets_local.fetch_add(1, Ordering::Relaxed);
+            }
             return;
         };
         if snap.identity.is_none() {
@@ -86,7 +142,7 @@ impl TxPath {
             counters.drop(DropReason::NoEndpoint);
             return;
         };
-        let TxPath { scratch, batch } = self;
+        let TxPath { scratch, batch, .. } = self;
         let mut sent = 0u64;
         let mut bytes = 0u64;
         let mut emit = |p: &[u8]| {
@@ -134,6 +190,7 @@ pub struct RxPath {
     coalescer: Coalescer,
     pub replies: TxBatch,
     delivered: u64,
+    host_only: LocalTable<()>,
 }
 
 /// A peer's lock held across consecutive datagrams from it, with counts to add on release.
@@ -147,14 +204,41 @@ impl RxPath {
     /// `vnet`: the tun takes virtio-net headers, so TCP segments can be merged.
     pub fn new(vnet: bool) -> RxPath {
         // Replies hold a packet boringtun queued during the handshake: up to a whole tun frame.
-        RxPath { dec: vec![0; 65536], coalescer: Coalescer::new(64, vnet), replies: TxBatch::new(128 * 1024, 64), delivered: 0 }
+        RxPath {
+            dec: vec![0; 65536],
+            coalescer: Coalescer::new(64, vnet),
+            replies: TxBatch::new(128 * 1024, 64),
+            delivered: 0,
+            host_only: LocalTable::default(),
+        }
     }
 
-    /// Handles one received message: a datagram, or a GRO train of `segment`-sized ones.
+    /// Handles one received message for a device without pods: everything the cryptokey
+    /// routing admits goes to the host tun.
     #[allow(clippy::too_many_arguments)]
     pub fn handle_message(
         &mut self,
         snap: &Snapshot,
+        limiter: &SourceLimiter,
+        src: SocketAddr,
+        data: &[u8],
+        segment: Option<u16>,
+        now: Instant,
+        counters: &Counters,
+        io: &mut impl Io,
+    ) {
+        let local = std::mem::take(&mut self.host_only);
+        self.handle_message_local(snap, &local, limiter, src, data, segment, now, counters, io);
+        self.host_only = local;
+    }
+
+    /// Handles one received message: a datagram, or a GRO train of `segment`-sized ones.
+    /// Decrypted packets go to the local pod or host port `local` names for their destination.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_message_local<T>(
+        &mut self,
+        snap: &Snapshot,
+        local: &LocalTable<T>,
         limiter: &SourceLimiter,
         src: SocketAddr,
         data: &[u8],
@@ -178,7 +262,7 @@ impl RxPath {
                     held = Some(Held { slot, st: peer.lock(), rx_bytes: 0 });
                 }
                 let h = held.as_mut().expect("just set");
-                self.data(snap, h, src, d, counters, io);
+                self.data(snap, local, h, src, d, counters, io);
             } else {
                 release(snap, held.take());
                 self.handshake(snap, limiter, kind, src, d, now, counters, io);
@@ -187,7 +271,8 @@ impl RxPath {
         release(snap, held);
     }
 
-    fn data(&mut self, snap: &Snapshot, h: &mut Held<'_>, src: SocketAddr, d: &[u8], counters: &Counters, io: &mut impl Io) {
+    #[allow(clippy::too_many_arguments)]
+    fn data<T>(&mut self, snap: &Snapshot, local: &LocalTable<T>, h: &mut Held<'_>, src: SocketAddr, d: &[u8], counters: &Counters, io: &mut impl Io) {
         // boringtun panics if the ciphertext (all but the 16-byte header) exceeds the output
         // buffer; no UDP datagram is that long, but this function takes any bytes.
         if d.len() - 16 > self.dec.len() {
@@ -219,10 +304,14 @@ impl RxPath {
             counters.drop(DropReason::NotAllowedIp);
             return;
         }
+        let Some(to) = addresses(pkt).and_then(|(_, dst)| local.deliver(dst)) else {
+            counters.drop(DropReason::NoRoute);
+            return;
+        };
         if self.coalescer.is_full() {
-            self.coalescer.drain(|f| io.tun_write(f));
+            self.coalescer.drain_tagged(|t, f| io.tun_write_to(port(t), f));
         }
-        self.coalescer.push(pkt);
+        self.coalescer.push_tagged(pkt, tag(to));
         self.delivered += 1;
     }
 
@@ -335,7 +424,7 @@ impl RxPath {
     /// Writes what is pending to the tun and the network.
     pub fn finish(&mut self, counters: &Counters, io: &mut impl Io) {
         if !self.coalescer.is_empty() {
-            self.coalescer.drain(|f| io.tun_write(f));
+            self.coalescer.drain_tagged(|t, f| io.tun_write_to(port(t), f));
         }
         if !self.replies.is_empty() {
             io.udp_send(&mut self.replies);
@@ -411,10 +500,15 @@ mod tests {
     #[derive(Default)]
     struct Capture {
         tun: Vec<Vec<u8>>,
+        to: Vec<Port>,
         udp: Vec<(SocketAddr, Vec<u8>)>,
     }
     impl Io for Capture {
         fn tun_write(&mut self, f: &[u8]) {
+            self.tun_write_to(Port::Host, f)
+        }
+        fn tun_write_to(&mut self, p: Port, f: &[u8]) {
+            self.to.push(p);
             self.tun.push(f.to_vec());
         }
         fn udp_send(&mut self, b: &mut TxBatch) {
@@ -507,5 +601,84 @@ mod tests {
             assert_eq!(io.tun.len() == 1, want, "source {src:?}");
         }
         assert_eq!(counters.drops(DropReason::NotAllowedIp), 1);
+    }
+
+    fn udp4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut ip = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0];
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        ip.extend_from_slice(&[0u8; 8]);
+        crate::offload::checksum::set_ipv4_header(&mut ip[..20]);
+        ip
+    }
+
+    /// Frames from pods: spoofed sources dropped; local pods, peers and the host reached.
+    #[test]
+    fn pod_frames_are_checked_and_routed() {
+        use local::PodPort;
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+        let snap = dev.snapshot();
+        let pods = vec![
+            PodPort { id: 1, ips: vec!["10.244.1.5".parse().unwrap()], io: () },
+            PodPort { id: 2, ips: vec!["10.244.1.6".parse().unwrap()], io: () },
+        ];
+        let local = LocalTable::new(pods, vec!["10.244.1.1".parse().unwrap()]);
+        let counters = Counters::default();
+        let mut tx = TxPath::new();
+        let mut io = Capture::default();
+        let from = Port::Pod(0);
+        // Spoofed: pod 0 claims pod 1's address.
+        tx.handle_frame_from(&snap, &local, from, &mut udp4([10, 244, 1, 6], [10, 244, 1, 5]), false, &counters, &mut io);
+        assert_eq!(counters.drops(DropReason::SpoofedSource), 1);
+        assert!(io.tun.is_empty() && io.udp.is_empty());
+        // Same node: straight to pod 1's tun.
+        tx.handle_frame_from(&snap, &local, from, &mut udp4([10, 244, 1, 5], [10, 244, 1, 6]), false, &counters, &mut io);
+        assert_eq!(io.to, vec![Port::Pod(1)]);
+        // Outside world: to the host tun (the kernel masquerades).
+        tx.handle_frame_from(&snap, &local, from, &mut udp4([10, 244, 1, 5], [198, 51, 100, 7]), false, &counters, &mut io);
+        assert_eq!(io.to.last(), Some(&Port::Host));
+        // Another node's pod: encrypted to that peer (a handshake initiation first).
+        tx.handle_frame_from(&snap, &local, from, &mut udp4([10, 244, 1, 5], [10, 244, 2, 9]), false, &counters, &mut io);
+        tx.flush(&mut io);
+        assert_eq!(io.udp.len(), 1);
+        assert_eq!(io.udp[0].0, "192.0.2.2:51820".parse::<SocketAddr>().unwrap());
+        assert_eq!(io.udp[0].1[0], 1, "handshake initiation");
+        // From the host, an address nobody owns is dropped, not looped back.
+        let before = io.tun.len();
+        tx.handle_frame_from(&snap, &local, Port::Host, &mut udp4([10, 244, 1, 1], [198, 51, 100, 7]), false, &counters, &mut io);
+        assert_eq!(io.tun.len(), before);
+        assert_eq!(counters.drops(DropReason::NoPeer), 1);
+    }
+
+    /// Decrypted packets reach local pods and the node's gateway; nothing else on a node.
+    #[test]
+    fn decrypted_packets_go_to_pods_or_the_gateway_only() {
+        use local::PodPort;
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let b = device(&kb, &ka, "10.244.1.0/24", "192.0.2.1:51820");
+        let snap = b.snapshot();
+        let local = LocalTable::new(vec![PodPort { id: 9, ips: vec!["10.244.2.5".parse().unwrap()], io: () }], vec!["10.244.2.1".parse().unwrap()]);
+        let mut a = Tunn::new(ka.secret(), x25519_dalek::PublicKey::from(&kb.secret()), None, None, 3, None);
+        let (counters, limiter, mut rx, mut io) = (Counters::default(), SourceLimiter::default(), RxPath::new(false), Capture::default());
+        let mut buf = vec![0u8; 2048];
+        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else { panic!() };
+        let init = init.to_vec();
+        rx.handle_message_local(&snap, &local, &limiter, a_addr, &init, None, Instant::now(), &counters, &mut io);
+        rx.finish(&counters, &mut io);
+        let resp = io.udp.iter().find(|(_, d)| d[0] == 2).unwrap().1.clone();
+        let TunnResult::WriteToNetwork(k) = a.decapsulate(None, &resp, &mut buf) else { panic!() };
+        let k = k.to_vec();
+        rx.handle_message_local(&snap, &local, &limiter, a_addr, &k, None, Instant::now(), &counters, &mut io);
+        for (dst, want) in [([10, 244, 2, 5], Some(Port::Pod(0))), ([10, 244, 2, 1], Some(Port::Host)), ([10, 244, 2, 77], None)] {
+            let TunnResult::WriteToNetwork(d) = a.encapsulate(&udp4([10, 244, 1, 5], dst), &mut buf) else { panic!() };
+            let d = d.to_vec();
+            io.to.clear();
+            rx.handle_message_local(&snap, &local, &limiter, a_addr, &d, None, Instant::now(), &counters, &mut io);
+            rx.finish(&counters, &mut io);
+            assert_eq!(io.to.first().copied(), want, "{dst:?}");
+        }
+        assert_eq!(counters.drops(DropReason::NoRoute), 1);
     }
 }

@@ -34,10 +34,14 @@ pub enum DropReason {
     TunWrite,
     /// The kernel refused a UDP send.
     UdpSend,
+    /// A pod sent a packet whose source is not one of its own addresses.
+    SpoofedSource,
+    /// A decrypted packet for an address that is neither a local pod nor this node.
+    NoRoute,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 13] = [
+    pub const ALL: [DropReason; 15] = [
         DropReason::NoPeer,
         DropReason::NoEndpoint,
         DropReason::NotAllowedIp,
@@ -51,6 +55,8 @@ impl DropReason {
         DropReason::Offload,
         DropReason::TunWrite,
         DropReason::UdpSend,
+        DropReason::SpoofedSource,
+        DropReason::NoRoute,
     ];
 
     /// The `reason` label in metrics.
@@ -69,6 +75,8 @@ impl DropReason {
             DropReason::Offload => "offload",
             DropReason::TunWrite => "tun_write",
             DropReason::UdpSend => "udp_send",
+            DropReason::SpoofedSource => "spoofed_source",
+            DropReason::NoRoute => "no_route",
         }
     }
 
@@ -93,6 +101,8 @@ pub struct Counters {
     pub packets_tx: AtomicU64,
     /// Packets decrypted and delivered to the tun.
     pub packets_rx: AtomicU64,
+    /// Packets delivered on this node without the tunnel (pod to pod, pod to host).
+    pub packets_local: AtomicU64,
 }
 
 impl Counters {

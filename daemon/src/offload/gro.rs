@@ -31,6 +31,8 @@ struct Frame {
     len: usize,
     /// The flow may still be extended.
     open: bool,
+    /// The caller's label for where the frame goes; frames merge only within one tag.
+    tag: u32,
     v6: bool,
     l4: usize,
     hlen: usize,
@@ -66,6 +68,11 @@ impl Coalescer {
 
     /// Adds one IP packet. The caller flushes first when [`Coalescer::is_full`].
     pub fn push(&mut self, pkt: &[u8]) {
+        self.push_tagged(pkt, 0)
+    }
+
+    /// Adds one IP packet bound for destination `tag` (see [`Coalescer::drain_tagged`]).
+    pub fn push_tagged(&mut self, pkt: &[u8], tag: u32) {
         debug_assert!(!self.is_full());
         if pkt.len() > MAX_MERGED {
             return;
@@ -74,7 +81,7 @@ impl Coalescer {
         if let Some(c) = cand {
             let n = self.frames.len();
             for i in (n.saturating_sub(SEARCH_DEPTH)..n).rev() {
-                if !self.frames[i].open {
+                if !self.frames[i].open || self.frames[i].tag != tag {
                     continue;
                 }
                 let start = i * SLOT + self.hdr_room;
@@ -106,9 +113,10 @@ impl Coalescer {
         let i = self.frames.len();
         let start = i * SLOT + self.hdr_room;
         self.buf[start..start + pkt.len()].copy_from_slice(pkt);
-        let mut f = Frame { len: pkt.len(), ..Frame::default() };
+        let mut f = Frame { len: pkt.len(), tag, ..Frame::default() };
         if let Some(c) = cand {
             f = Frame {
+                tag,
                 len: pkt.len(),
                 open: c.flags & TCP_PSH == 0,
                 v6: c.v6,
@@ -138,6 +146,11 @@ impl Coalescer {
     /// Finishes every frame (headers, lengths, checksums) and hands each to `write` as
     /// header + packet (or packet alone without header room). Then empties the coalescer.
     pub fn drain<F: FnMut(&[u8])>(&mut self, mut write: F) {
+        self.drain_tagged(|_, f| write(f))
+    }
+
+    /// Like [`Coalescer::drain`], with each frame's tag.
+    pub fn drain_tagged<F: FnMut(u32, &[u8])>(&mut self, mut write: F) {
         for (i, f) in self.frames.iter().enumerate() {
             let slot = &mut self.buf[i * SLOT..i * SLOT + self.hdr_room + f.len];
             if self.hdr_room > 0 {
@@ -145,7 +158,7 @@ impl Coalescer {
                 let vh = if f.count > 1 { finish_merged(pkt, f) } else { VnetHdr::default() };
                 vh.encode(h.try_into().expect("header room"));
             }
-            write(slot);
+            write(f.tag, slot);
         }
         self.frames.clear();
     }

@@ -3,6 +3,7 @@
 //! socket each, blocking system calls, no async); a small tokio runtime serves the
 //! userspace API, runs timers and waits for signals.
 
+pub mod pods;
 pub mod uapi_server;
 pub mod workers;
 
@@ -52,7 +53,7 @@ impl TunnelDevice {
         info!(ifname, queues = queues.len(), offload = vnet, "tun device ready");
         let device = Arc::new(Device::new());
         let counters = Arc::new(Counters::default());
-        let net = workers::Network::new(device.clone(), counters.clone(), queues.len(), vnet);
+        let net = workers::Network::new(device.clone(), counters.clone(), queues.len(), vnet)?;
         for (i, q) in queues.into_iter().enumerate() {
             workers::spawn_tun_reader(i, q, device.clone(), counters.clone(), net.clone())?;
         }

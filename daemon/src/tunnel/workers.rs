@@ -4,8 +4,11 @@
 
 use crate::datapath::batch::TxBatch;
 use crate::datapath::stats::{Counters, DropReason};
+use crate::datapath::local::Port;
 use crate::datapath::{self, Io, RxPath, TxPath, MAX_FRAME};
+use crate::io::epoll;
 use crate::io::tun::TunQueue;
+use crate::tunnel::pods::{Local, Pods, HOST_TOKEN};
 use crate::io::udp::{RecvBatch, SendScratch, UdpSocket};
 use crate::wg::device::NetworkControl;
 use crate::wg::Device;
@@ -20,8 +23,10 @@ use tracing::{info, warn};
 pub const RECV_BATCH: usize = 32;
 /// Bytes per received message: a whole UDP GRO train.
 pub const RECV_MSG_BYTES: usize = 65536;
-/// Tun frames read before the pending datagrams are sent.
+/// Tun frames read from one tun before the next ready one gets its turn.
 pub const TUN_BATCH: usize = 32;
+/// Ready descriptors taken from one epoll wait.
+pub const EPOLL_EVENTS: usize = 64;
 /// Least time between two log lines about the same repeated I/O error.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -39,20 +44,22 @@ pub struct Network {
     device: Arc<Device>,
     counters: Arc<Counters>,
     tun_writers: Arc<Mutex<Vec<Arc<TunQueue>>>>,
+    pub pods: Arc<Pods>,
     workers: usize,
     vnet: bool,
 }
 
 impl Network {
-    pub fn new(device: Arc<Device>, counters: Arc<Counters>, workers: usize, vnet: bool) -> Network {
-        Network {
+    pub fn new(device: Arc<Device>, counters: Arc<Counters>, workers: usize, vnet: bool) -> io::Result<Network> {
+        Ok(Network {
             sockets: Arc::new(ArcSwap::from_pointee(Vec::new())),
             device,
             counters,
             tun_writers: Arc::new(Mutex::new(Vec::new())),
+            pods: Arc::new(Pods::new(workers, vnet)?),
             workers,
             vnet,
-        }
+        })
     }
 
     fn socket_for(&self, worker: usize) -> Option<Arc<Bound>> {
@@ -116,6 +123,7 @@ impl Throttle {
 /// The I/O a worker does on behalf of the pure packet path.
 struct WorkerIo<'a> {
     tun: &'a TunQueue,
+    local: &'a Local,
     sock: Option<Arc<Bound>>,
     scratch: &'a mut SendScratch,
     counters: &'a Counters,
@@ -125,9 +133,20 @@ struct WorkerIo<'a> {
 
 impl Io for WorkerIo<'_> {
     fn tun_write(&mut self, frame: &[u8]) {
-        if let Err(e) = self.tun.write(frame) {
+        self.tun_write_to(Port::Host, frame)
+    }
+
+    fn tun_write_to(&mut self, port: Port, frame: &[u8]) {
+        let tun = match port {
+            Port::Host => self.tun,
+            Port::Pod(s) => match self.local.io(s) {
+                Some(t) => t,
+                None => return,
+            },
+        };
+        if let Err(e) = tun.write(frame) {
             self.counters.drop(DropReason::TunWrite);
-            self.tun_err.log("writing to the tun", &e);
+            self.tun_err.log("writing to a tun", &e);
         }
     }
 
@@ -145,41 +164,69 @@ impl Io for WorkerIo<'_> {
     }
 }
 
-/// Starts the thread that reads tun queue `i`.
+/// Starts worker `i`'s tun reader: its queue of the host tun and the pods assigned to it.
 pub fn spawn_tun_reader(i: usize, q: TunQueue, device: Arc<Device>, counters: Arc<Counters>, net: Network) -> io::Result<()> {
     let q = Arc::new(q);
     net.tun_writers.lock().unwrap_or_else(|p| p.into_inner()).push(q.clone());
     q.set_nonblocking(true)?;
+    let ep = net.pods.epolls[i % net.pods.epolls.len()].clone();
+    ep.add(q.as_raw_fd(), HOST_TOKEN)?;
     std::thread::Builder::new().name(format!("kwire-tun-{i}")).spawn(move || {
         let vnet = q.offload();
         let mut frame = vec![0u8; MAX_FRAME];
         let mut tx = TxPath::new();
         let mut scratch = SendScratch::new();
+        let mut events = epoll::events(EPOLL_EVENTS);
+        let mut ready = [0u64; EPOLL_EVENTS];
         let (mut tun_err, mut udp_err, mut read_err) = (Throttle::new(), Throttle::new(), Throttle::new());
         loop {
-            let mut n = 0;
-            let sock = net.socket_for(i);
-            let mut wio = WorkerIo { tun: &q, sock, scratch: &mut scratch, counters: &counters, tun_err: &mut tun_err, udp_err: &mut udp_err };
-            let snap = device.snapshot();
-            while n < TUN_BATCH {
-                match q.read(&mut frame) {
-                    Ok(len) => {
-                        tx.handle_frame(&snap, &mut frame[..len], vnet, &counters, &mut wio);
+            let n = match ep.wait(&mut events, -1) {
+                Ok(tokens) => {
+                    let mut n = 0;
+                    for t in tokens {
+                        ready[n] = t;
                         n += 1;
                     }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) => {
-                        read_err.log("reading from the tun", &e);
-                        std::thread::sleep(Duration::from_millis(10));
-                        break;
+                    n
+                }
+                Err(e) => {
+                    read_err.log("waiting for tun frames", &e);
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            let snap = device.snapshot();
+            let local = net.pods.table();
+            let mut wio = WorkerIo {
+                tun: &q,
+                local: &local,
+                sock: net.socket_for(i),
+                scratch: &mut scratch,
+                counters: &counters,
+                tun_err: &mut tun_err,
+                udp_err: &mut udp_err,
+            };
+            for &token in &ready[..n] {
+                let (port, src): (Port, &TunQueue) = if token == HOST_TOKEN {
+                    (Port::Host, &q)
+                } else {
+                    match local.slot_for_id(token) {
+                        Some(s) => (Port::Pod(s), &local.pods[s as usize].io),
+                        None => continue, // detached since the wait
+                    }
+                };
+                for _ in 0..TUN_BATCH {
+                    match src.read(&mut frame) {
+                        Ok(len) => tx.handle_frame_from(&snap, &local, port, &mut frame[..len], vnet, &counters, &mut wio),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            read_err.log("reading from a tun", &e);
+                            break;
+                        }
                     }
                 }
             }
             tx.flush(&mut wio);
-            drop(snap);
-            if n < TUN_BATCH {
-                let _ = q.poll_readable(-1);
-            }
         }
     })?;
     Ok(())
@@ -211,11 +258,20 @@ fn spawn_udp_reader(i: usize, b: Arc<Bound>, tun: Arc<TunQueue>, net: Network) -
             }
             let now = Instant::now();
             let snap = device.snapshot();
-            let mut wio = WorkerIo { tun: &tun, sock: Some(b.clone()), scratch: &mut scratch, counters: &counters, tun_err: &mut tun_err, udp_err: &mut udp_err };
+            let local = net.pods.table();
+            let mut wio = WorkerIo {
+                tun: &tun,
+                local: &local,
+                sock: Some(b.clone()),
+                scratch: &mut scratch,
+                counters: &counters,
+                tun_err: &mut tun_err,
+                udp_err: &mut udp_err,
+            };
             for k in 0..n {
                 let m = batch.get(k);
                 let Some(src) = m.src else { continue };
-                rx.handle_message(&snap, &device.source_limiter, src, m.data, m.segment, now, &counters, &mut wio);
+                rx.handle_message_local(&snap, &local, &device.source_limiter, src, m.data, m.segment, now, &counters, &mut wio);
             }
             rx.finish(&counters, &mut wio);
         }
@@ -235,7 +291,8 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
         loop {
             std::thread::sleep(datapath::TIMER_TICK);
             let snap = device.snapshot();
-            let mut wio = WorkerIo { tun: &tun, sock: net.socket_for(0), scratch: &mut scratch, counters: &net.counters, tun_err: &mut a, udp_err: &mut b };
+            let local = net.pods.table();
+            let mut wio = WorkerIo { tun: &tun, local: &local, sock: net.socket_for(0), scratch: &mut scratch, counters: &net.counters, tun_err: &mut a, udp_err: &mut b };
             datapath::tick_timers(&snap, &mut out, &mut wio);
             ticks += 1;
             if ticks.is_multiple_of(ticks_per_second) {

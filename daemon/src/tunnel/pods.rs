@@ -1,0 +1,108 @@
+//! Pods attached to the node's packet loop: each pod's tun (created by the CNI server inside
+//! the pod's namespace), its addresses, and the table the loop reads to deliver to it.
+
+use crate::datapath::local::{LocalTable, PodPort};
+use crate::io::epoll::Epoll;
+use crate::io::tun::TunQueue;
+use arc_swap::ArcSwap;
+use std::io;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use tracing::info;
+
+/// What the loop keeps per pod: its tun.
+pub type PodTun = Arc<TunQueue>;
+/// The table the loop reads.
+pub type Local = LocalTable<PodTun>;
+
+/// epoll token of a worker's host queue; pods use their ids.
+pub const HOST_TOKEN: u64 = u64::MAX;
+
+struct Entry {
+    id: u64,
+    ips: Vec<IpAddr>,
+    tun: PodTun,
+}
+
+#[derive(Default)]
+struct Inner {
+    pods: Vec<Entry>,
+    gateways: Option<Vec<IpAddr>>,
+    next_id: u64,
+}
+
+/// The pods of this node. One writer (the control plane), many readers (the workers).
+pub struct Pods {
+    table: ArcSwap<Local>,
+    inner: Mutex<Inner>,
+    /// One per tun reader; a pod's tun is read by worker `id % len`.
+    pub(crate) epolls: Vec<Arc<Epoll>>,
+    vnet: bool,
+}
+
+impl Pods {
+    pub fn new(workers: usize, vnet: bool) -> io::Result<Pods> {
+        let epolls = (0..workers.max(1)).map(|_| Epoll::new().map(Arc::new)).collect::<io::Result<_>>()?;
+        Ok(Pods { table: ArcSwap::from_pointee(Local::default()), inner: Mutex::new(Inner::default()), epolls, vnet })
+    }
+
+    /// The current table (hold it for a batch).
+    #[inline]
+    pub fn table(&self) -> arc_swap::Guard<Arc<Local>> {
+        self.table.load()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes this a node: decrypted packets reach the host tun only for these addresses (the
+    /// node's own tunnel addresses), pods for theirs.
+    pub fn set_gateways(&self, gateways: Vec<IpAddr>) {
+        let mut g = self.lock();
+        g.gateways = Some(gateways);
+        self.publish(&g);
+    }
+
+    /// Attaches a pod's tun; returns the pod's id for [`Pods::detach`]. The tun must use the
+    /// same offload mode as the host tun (frames pass between them unchanged).
+    pub fn attach(&self, ips: Vec<IpAddr>, tun: TunQueue) -> io::Result<u64> {
+        if tun.offload() != self.vnet {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "pod tun offload mode differs from the host tun's"));
+        }
+        tun.set_nonblocking(true)?;
+        let tun = Arc::new(tun);
+        let mut g = self.lock();
+        let id = g.next_id;
+        g.next_id += 1;
+        self.epolls[(id as usize) % self.epolls.len()].add(tun.as_raw_fd(), id)?;
+        info!(pod = id, ips = ?ips, "pod attached to the packet loop");
+        g.pods.push(Entry { id, ips, tun });
+        self.publish(&g);
+        Ok(id)
+    }
+
+    /// Detaches a pod; its tun closes when the last batch that used it ends.
+    pub fn detach(&self, id: u64) {
+        let mut g = self.lock();
+        if let Some(i) = g.pods.iter().position(|e| e.id == id) {
+            let e = g.pods.remove(i);
+            let _ = self.epolls[(id as usize) % self.epolls.len()].remove(e.tun.as_raw_fd());
+            info!(pod = id, "pod detached from the packet loop");
+        }
+        self.publish(&g);
+    }
+
+    fn publish(&self, g: &Inner) {
+        let pods = g.pods.iter().map(|e| PodPort { id: e.id, ips: e.ips.clone(), io: e.tun.clone() }).collect();
+        let t = match &g.gateways {
+            Some(gw) => Local::new(pods, gw.clone()),
+            None => {
+                let mut t = Local::new(pods, Vec::new());
+                t.host_accepts_all = true;
+                t
+            }
+        };
+        self.table.store(Arc::new(t));
+    }
+}
