@@ -1,7 +1,9 @@
 //! kwire: the node daemon's library. `main.rs` only parses flags and calls in here.
 
+pub mod agent;
 pub mod datapath;
 pub mod io;
+pub mod metrics;
 pub mod offload;
 pub mod policy;
 pub mod tunnel;

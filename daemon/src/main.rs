@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Run a standalone userspace WireGuard device in the foreground (like `wireguard-go -f`).
     Tunnel(kwire::tunnel::TunnelArgs),
+    /// Run the node agent: the tunnel, peers from the cluster's Nodes, routes, /metrics.
+    Agent(kwire::agent::AgentArgs),
     /// NetworkPolicy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -45,6 +47,7 @@ fn main() -> ExitCode {
         .init();
     let r = match cli.command {
         Command::Tunnel(a) => kwire::tunnel::run(a),
+        Command::Agent(a) => kwire::agent::run(a),
         Command::Policy(PolicyCommand::Trace(a)) => {
             let r = kwire::policy::trace::run(&a, &mut std::io::stdout().lock());
             if let Err(e) = &r {

@@ -1,0 +1,606 @@
+//! `kwire agent`: the node daemon. Runs the WireGuard data plane on a host tun, publishes this
+//! node's key and endpoint on its Node, makes every other valid Node a peer (allowed IPs = its
+//! `spec.podCIDRs`), routes the peers' pod ranges into the tun with blackholes behind them,
+//! keeps the last peer set in its state directory, and serves `/metrics`.
+
+pub mod keyfile;
+pub mod peers;
+pub mod routes;
+pub mod state;
+
+use crate::metrics::AgentStatus;
+use crate::tunnel::{uapi_server, workers::Network, TunnelDevice, UAPI_DIR};
+use crate::wg::uapi::SetRequest;
+use crate::wg::Device;
+use anyhow::Context;
+use futures::StreamExt;
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event as K8sEvent, EventType, Recorder, Reporter};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client, Resource};
+use kwire_proto::annotations;
+use kwire_proto::key::PublicKey;
+use peers::{DesiredPeer, NodeInfo, RejectReason, Settings};
+use routes::HostNetwork;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, error, info, warn};
+
+/// How often failed work (routes, the Node patch) is retried.
+pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
+/// At most one log line per this interval for repeated watch errors (API down).
+pub const WATCH_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
+/// How long one write to the API (the Node patch) may take.
+pub const API_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Name this agent reports Kubernetes Events under.
+pub const EVENT_CONTROLLER: &str = "kwire-agent";
+/// Tun MTU before the underlay is known (1500 - 80).
+pub const DEFAULT_TUNNEL_MTU: u32 = 1420;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct AgentArgs {
+    /// Kubeconfig file; default: in-cluster configuration, else $KUBECONFIG or ~/.kube/config.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// This node's name, as its Node object is named.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Directory of the private key and the saved peer set (created 0700).
+    #[arg(long, env = "KWIRE_STATE_DIR", default_value = "/var/lib/kwire")]
+    pub state_dir: PathBuf,
+    /// WireGuard UDP port.
+    #[arg(long, env = "KWIRE_LISTEN_PORT", default_value_t = 51820)]
+    pub listen_port: u16,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "KWIRE_METRICS_ADDR", default_value = "127.0.0.1:9742")]
+    pub metrics_addr: SocketAddr,
+    /// Directory of the agent's local sockets.
+    #[arg(long, env = "KWIRE_RUN_DIR", default_value = "/run/kwire")]
+    pub run_dir: PathBuf,
+    /// Name of the host tun interface.
+    #[arg(long, env = "KWIRE_INTERFACE", default_value = "kwire0")]
+    pub interface: String,
+    /// Endpoint to advertise (IP:port); default: the Node's InternalIP and --listen-port.
+    #[arg(long, env = "KWIRE_ENDPOINT")]
+    pub endpoint: Option<SocketAddr>,
+    /// Tun MTU; default: the underlay interface's MTU minus 80.
+    #[arg(long, env = "KWIRE_MTU")]
+    pub mtu: Option<u32>,
+    /// Persistent keepalive for every peer, in seconds (0: off); a Node's
+    /// `kwire.dev/persistent-keepalive` annotation overrides it for that peer.
+    #[arg(long, env = "KWIRE_PERSISTENT_KEEPALIVE", default_value_t = 0)]
+    pub persistent_keepalive: u16,
+    /// Directory of the WireGuard userspace API socket (`wg show IFNAME` looks here).
+    #[arg(long, default_value = UAPI_DIR)]
+    pub uapi_dir: PathBuf,
+    /// Data-plane worker threads; default: one per core.
+    #[arg(long)]
+    pub workers: Option<usize>,
+}
+
+/// Runs the agent until SIGTERM or SIGINT; then removes the userspace API socket and exits 0,
+/// leaving routes and blackholes in place (fail closed).
+pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    // kube's TLS must use ring: a crate enabling aws-lc-rs would otherwise make it panic.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::io::tun::check_ifname(&args.interface)
+        .with_context(|| format!("--interface {:?}", args.interface))?;
+    anyhow::ensure!(
+        !args.node_name.is_empty(),
+        "--node-name (or NODE_NAME) is empty: set it to this node's Node name"
+    );
+    if let Some(e) = args.endpoint {
+        anyhow::ensure!(
+            peers::usable_endpoint(&e),
+            "--endpoint {e}: not a unicast address with a port"
+        );
+    }
+    let key = keyfile::load_or_create(&args.state_dir)?;
+    let restored = match state::load(&args.state_dir) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "ignoring the saved peer set");
+            None
+        }
+    };
+    let workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("kwire-agent")
+        .build()?;
+    let sock_path = args.uapi_dir.join(format!("{}.sock", args.interface));
+    let r = rt.block_on(agent_main(args, key, restored, workers, &sock_path));
+    let _ = std::fs::remove_file(&sock_path);
+    r?;
+    // Worker threads are blocked in system calls; exiting is the clean way to end them.
+    std::process::exit(0)
+}
+
+async fn agent_main(
+    args: AgentArgs,
+    key: crate::wg::key::PrivateKey,
+    restored: Option<state::State>,
+    workers: usize,
+    sock_path: &Path,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&args.run_dir)
+        .with_context(|| format!("creating --run-dir {}", args.run_dir.display()))?;
+    let listener = uapi_server::bind(sock_path)?;
+    let tun = TunnelDevice::start(&args.interface, workers, true)?;
+    let own_key = key.public_key();
+    let mut first = SetRequest {
+        private_key: Some(Some(key)),
+        listen_port: Some(args.listen_port),
+        ..SetRequest::default()
+    };
+    if let Some(st) = &restored {
+        first.peers = peers::add_all(&st.peers);
+    }
+    tun.device.apply(first, &mut tun.net.clone()).map_err(|e| {
+        anyhow::anyhow!(
+            "configuring {}: {e} (is --listen-port {} taken?)",
+            args.interface,
+            args.listen_port
+        )
+    })?;
+    let status = Arc::new(AgentStatus::new(tun.device.clone(), tun.counters.clone()));
+    let mut agent = Agent::new(
+        &args,
+        own_key,
+        tun.device.clone(),
+        tun.net.clone(),
+        status.clone(),
+    );
+    info!(node = %args.node_name, interface = %args.interface, port = args.listen_port, public_key = %own_key, "kwire agent starting");
+    if let Some(st) = restored {
+        agent.restore(st);
+    } else {
+        agent.program_host();
+    }
+    let metrics = crate::metrics::bind(args.metrics_addr, status.clone()).await?;
+    let metrics = tokio::spawn(metrics);
+    let uapi = tokio::spawn(uapi_server::serve(
+        listener,
+        tun.device.clone(),
+        tun.net.clone(),
+    ));
+    let control = tokio::spawn(async move {
+        match make_client(args.kubeconfig.as_deref()).await {
+            Ok(client) => agent.run(client).await,
+            Err(e) => error!(
+                error = format!("{e:#}"),
+                "no Kubernetes API client; the data plane keeps the restored peers"
+            ),
+        }
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down (routes and blackholes stay)"),
+        _ = int.recv() => info!("SIGINT: shutting down (routes and blackholes stay)"),
+    }
+    control.abort();
+    uapi.abort();
+    metrics.abort();
+    Ok(())
+}
+
+/// `10.244.1.0/24,fd00::/64` for logs.
+fn nets(v: &[IpNetwork]) -> String {
+    v.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+async fn make_client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p).with_context(|| format!("reading --kubeconfig {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using --kubeconfig {}", p.display()))?
+        }
+        None => match kube::Config::incluster() {
+            Ok(c) => c,
+            Err(_) => kube::Config::infer()
+                .await
+                .context("no Kubernetes API configuration: not in a cluster, no $KUBECONFIG, no ~/.kube/config; pass --kubeconfig")?,
+        },
+    };
+    Client::try_from(config).context("building the Kubernetes API client")
+}
+
+/// The control loop's state: the Nodes it knows, what it configured, what it reported.
+struct Agent {
+    node_name: String,
+    listen_port: u16,
+    endpoint_override: Option<SocketAddr>,
+    mtu_override: Option<u32>,
+    default_keepalive: u16,
+    state_dir: PathBuf,
+    own_key: PublicKey,
+    device: Arc<Device>,
+    net: Network,
+    status: Arc<AgentStatus>,
+    host: HostNetwork,
+    own_cidrs: Vec<IpNetwork>,
+    /// Tun MTU and the InternalIP it was derived from.
+    mtu: u32,
+    mtu_from: Option<IpAddr>,
+    applied: BTreeMap<String, DesiredPeer>,
+    rejected: BTreeSet<(String, RejectReason)>,
+    saved: Option<state::State>,
+    /// The Nodes as of the last complete list plus the watch events since.
+    nodes: BTreeMap<String, Node>,
+    /// Nodes of a list in progress (between watcher Init and InitDone).
+    relist: Option<BTreeMap<String, Node>>,
+    synced: bool,
+    /// Work that failed and must be retried (routes, Node patch, state file).
+    retry: bool,
+    /// resourceVersion of this Node when its annotations were last patched: the same version
+    /// seen again means our patch's watch event has not arrived yet, not that it was undone.
+    patched_at: Option<String>,
+}
+
+/// What a reconcile asks the async side to do.
+#[derive(Default)]
+struct Outcome {
+    new_rejections: Vec<peers::Rejection>,
+    patch: Option<serde_json::Value>,
+}
+
+impl Agent {
+    fn new(
+        args: &AgentArgs,
+        own_key: PublicKey,
+        device: Arc<Device>,
+        net: Network,
+        status: Arc<AgentStatus>,
+    ) -> Agent {
+        Agent {
+            node_name: args.node_name.clone(),
+            listen_port: args.listen_port,
+            endpoint_override: args.endpoint,
+            mtu_override: args.mtu,
+            default_keepalive: args.persistent_keepalive,
+            state_dir: args.state_dir.clone(),
+            own_key,
+            device,
+            net,
+            status,
+            host: HostNetwork::new(&args.interface),
+            own_cidrs: Vec::new(),
+            mtu: args.mtu.unwrap_or(DEFAULT_TUNNEL_MTU),
+            mtu_from: None,
+            applied: BTreeMap::new(),
+            rejected: BTreeSet::new(),
+            saved: None,
+            nodes: BTreeMap::new(),
+            relist: None,
+            synced: false,
+            retry: false,
+            patched_at: None,
+        }
+    }
+
+    /// Takes the saved state as the current one (its peers are already in the device).
+    fn restore(&mut self, st: state::State) {
+        info!(peers = st.peers.len(), pod_cidrs = %nets(&st.pod_cidrs), "restored the saved peer set; forwarding before the API answers");
+        self.own_cidrs = st.pod_cidrs.clone();
+        if self.mtu_override.is_none() {
+            if let Some(m) = st.mtu {
+                self.mtu = m;
+            }
+        }
+        self.applied = st.peers.clone();
+        self.saved = Some(st);
+        self.publish_names();
+        self.status.synced.store(true, Ordering::Relaxed);
+        self.program_host();
+    }
+
+    fn publish_names(&self) {
+        let names = self
+            .applied
+            .values()
+            .map(|p| (p.public_key, p.node.clone()))
+            .collect();
+        self.status.peer_names.store(Arc::new(names));
+    }
+
+    fn program_host(&mut self) {
+        let peer_cidrs: Vec<IpNetwork> = self
+            .applied
+            .values()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+            .collect();
+        let errors = self.host.sync(self.mtu, &self.own_cidrs, &peer_cidrs);
+        for e in &errors {
+            warn!(error = %e, interface = %self.host.ifname, "programming the tun's addresses or routes");
+        }
+        self.retry |= !errors.is_empty();
+        self.status.programmed.store(
+            errors.is_empty() && !self.own_cidrs.is_empty(),
+            Ordering::Relaxed,
+        );
+    }
+
+    async fn run(mut self, client: Client) {
+        let nodes_api: Api<Node> = Api::all(client.clone());
+        let recorder = Arc::new(Recorder::new(
+            client,
+            Reporter {
+                controller: EVENT_CONTROLLER.into(),
+                instance: Some(self.node_name.clone()),
+            },
+        ));
+        let stream =
+            watcher::watcher(nodes_api.clone(), watcher::Config::default()).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        let mut tick = tokio::time::interval(RETRY_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_err_log: Option<Instant> = None;
+        loop {
+            let work = tokio::select! {
+                ev = stream.next() => match ev {
+                    Some(Ok(ev)) => self.on_event(ev),
+                    Some(Err(e)) => {
+                        if last_err_log.is_none_or(|t| t.elapsed() >= WATCH_ERROR_LOG_INTERVAL) {
+                            warn!(error = %e, "watching Nodes failed; retrying with backoff, the data plane keeps the last peer set");
+                            last_err_log = Some(Instant::now());
+                        }
+                        false
+                    }
+                    None => {
+                        error!("the Node watch ended");
+                        return;
+                    }
+                },
+                _ = tick.tick() => self.synced && self.retry,
+            };
+            if !work {
+                continue;
+            }
+            let out = tokio::task::block_in_place(|| self.reconcile());
+            for r in out.new_rejections {
+                self.record_event(&recorder, r);
+            }
+            if let Some(patch) = out.patch {
+                let pp = PatchParams::default();
+                match tokio::time::timeout(
+                    API_WRITE_TIMEOUT,
+                    nodes_api.patch(&self.node_name, &pp, &Patch::Merge(&patch)),
+                )
+                .await
+                {
+                    Ok(Ok(_)) => {
+                        info!(node = %self.node_name, "published public key and endpoint on the Node");
+                        self.patched_at = self
+                            .nodes
+                            .get(&self.node_name)
+                            .and_then(|n| n.metadata.resource_version.clone());
+                    }
+                    Ok(Err(e)) => {
+                        warn!(node = %self.node_name, error = %e, "publishing kwire.dev annotations on the Node failed; retrying");
+                        self.retry = true;
+                    }
+                    Err(_) => {
+                        warn!(node = %self.node_name, "publishing kwire.dev annotations on the Node timed out; retrying");
+                        self.retry = true;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Folds a watch event into the Node view; true when the view is complete and changed.
+    fn on_event(&mut self, ev: Event<Node>) -> bool {
+        match ev {
+            Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(n) => {
+                if let (Some(buf), Some(name)) = (self.relist.as_mut(), n.metadata.name.clone()) {
+                    buf.insert(name, n);
+                }
+                false
+            }
+            Event::InitDone => {
+                // Only a complete list removes peers: Nodes gone from it are gone.
+                if let Some(buf) = self.relist.take() {
+                    self.nodes = buf;
+                }
+                if !self.synced {
+                    info!(nodes = self.nodes.len(), "synced with the API");
+                }
+                self.synced = true;
+                self.status.synced.store(true, Ordering::Relaxed);
+                true
+            }
+            Event::Apply(n) => {
+                let Some(name) = n.metadata.name.clone() else {
+                    return false;
+                };
+                self.nodes.insert(name, n);
+                self.synced
+            }
+            Event::Delete(n) => {
+                let Some(name) = n.metadata.name.clone() else {
+                    return false;
+                };
+                self.nodes.remove(&name);
+                self.synced
+            }
+        }
+    }
+
+    fn reconcile(&mut self) -> Outcome {
+        self.retry = false;
+        let mut out = Outcome::default();
+        let own = self.nodes.get(&self.node_name).map(NodeInfo::from_node);
+        if let Some(own) = &own {
+            let cidrs = own.parsed_pod_cidrs();
+            if !cidrs.is_empty() && cidrs != self.own_cidrs {
+                info!(pod_cidrs = %nets(&cidrs), "this node's pod CIDRs");
+                self.own_cidrs = cidrs;
+            }
+            if self.mtu_override.is_none() {
+                if let Some(ip) = own.internal_ips.first().copied() {
+                    if self.mtu_from != Some(ip) {
+                        let underlay = routes::underlay_mtu(ip);
+                        let mtu =
+                            routes::tunnel_mtu(underlay.unwrap_or(routes::DEFAULT_UNDERLAY_MTU));
+                        info!(internal_ip = %ip, underlay_mtu = ?underlay, mtu, "tunnel MTU");
+                        self.mtu = mtu;
+                        self.mtu_from = Some(ip);
+                    }
+                }
+            }
+            let node = self.nodes.get(&self.node_name);
+            let rv = node.and_then(|n| n.metadata.resource_version.as_ref());
+            if rv.is_none() || rv != self.patched_at.as_ref() {
+                out.patch = self.annotation_patch(own, node);
+            }
+        }
+
+        let infos: Vec<NodeInfo> = self.nodes.values().map(NodeInfo::from_node).collect();
+        let settings = Settings {
+            self_name: self.node_name.clone(),
+            self_key: self.own_key,
+            default_port: self.listen_port,
+            default_keepalive: self.default_keepalive,
+        };
+        let sel = peers::select(&infos, &self.own_cidrs, &settings);
+
+        let now: BTreeSet<(String, RejectReason)> = sel
+            .rejections
+            .iter()
+            .map(|r| (r.node.clone(), r.reason))
+            .collect();
+        for r in &sel.rejections {
+            if !self.rejected.contains(&(r.node.clone(), r.reason)) {
+                warn!(node = %r.node, reason = r.reason.metric_label(), "Node skipped as a peer: {}", r.detail);
+                self.status.count_invalid(r.reason);
+                out.new_rejections.push(r.clone());
+            }
+        }
+        self.rejected = now;
+
+        let changes = peers::plan(&self.applied, &sel.peers);
+        if !changes.is_empty() {
+            for (name, p) in &sel.peers {
+                match self.applied.get(name) {
+                    None => {
+                        info!(node = %name, endpoint = %p.endpoint, allowed_ips = %nets(&p.allowed_ips), keepalive = p.keepalive, "peer added")
+                    }
+                    Some(o) if o != p => info!(
+                        node = %name,
+                        endpoint = %p.endpoint,
+                        allowed_ips = %nets(&p.allowed_ips),
+                        keepalive = p.keepalive,
+                        key_changed = o.public_key != p.public_key,
+                        "peer changed"
+                    ),
+                    _ => {}
+                }
+            }
+            for name in self.applied.keys().filter(|n| !sel.peers.contains_key(*n)) {
+                info!(node = %name, "peer removed");
+            }
+            let req = SetRequest {
+                peers: changes,
+                ..SetRequest::default()
+            };
+            if let Err(e) = self.device.apply(req, &mut self.net.clone()) {
+                error!(error = %e, "applying peer changes to the device");
+            }
+            self.applied = sel.peers;
+            self.publish_names();
+        }
+
+        self.program_host();
+
+        let st = state::State {
+            pod_cidrs: self.own_cidrs.clone(),
+            mtu: Some(self.mtu),
+            peers: self.applied.clone(),
+        };
+        if self.saved.as_ref() != Some(&st) {
+            match state::save(&self.state_dir, &st) {
+                Ok(()) => self.saved = Some(st),
+                Err(e) => {
+                    warn!(error = %e, "saving the peer set");
+                    self.retry = true;
+                }
+            }
+        }
+        if out.patch.is_some() {
+            debug!("Node annotations to publish");
+        }
+        out
+    }
+
+    /// The merge patch that makes this Node's kwire annotations right, if they are not.
+    fn annotation_patch(&self, own: &NodeInfo, node: Option<&Node>) -> Option<serde_json::Value> {
+        let key = self.own_key.to_base64();
+        let endpoint = self.endpoint_override.or_else(|| {
+            own.internal_ips
+                .first()
+                .map(|ip| SocketAddr::new(*ip, self.listen_port))
+        });
+        let ann = node.and_then(|n| n.metadata.annotations.as_ref());
+        let cur = |k: &str| ann.and_then(|a| a.get(k)).map(String::as_str);
+        let mut patch = serde_json::Map::new();
+        if cur(annotations::PUBLIC_KEY) != Some(key.as_str()) {
+            patch.insert(annotations::PUBLIC_KEY.into(), key.into());
+        }
+        match endpoint {
+            Some(ep) => {
+                let ep = ep.to_string();
+                if cur(annotations::ENDPOINT) != Some(ep.as_str()) {
+                    patch.insert(annotations::ENDPOINT.into(), ep.into());
+                }
+            }
+            None => {
+                debug!(node = %self.node_name, "no InternalIP and no --endpoint: no endpoint to publish")
+            }
+        }
+        (!patch.is_empty()).then(|| serde_json::json!({ "metadata": { "annotations": patch } }))
+    }
+
+    fn record_event(&self, recorder: &Arc<Recorder>, r: peers::Rejection) {
+        let Some(node) = self.nodes.get(&r.node) else {
+            return;
+        };
+        let reference = node.object_ref(&());
+        let recorder = recorder.clone();
+        tokio::spawn(async move {
+            let ev = K8sEvent {
+                type_: EventType::Warning,
+                reason: r.reason.event_reason().into(),
+                note: Some(format!(
+                    "kwire skips this Node as a WireGuard peer ({}): {}",
+                    r.reason.metric_label(),
+                    r.detail
+                )),
+                action: "SelectPeers".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&ev, &reference).await {
+                debug!(node = %r.node, error = %e, "recording a Kubernetes Event failed");
+            }
+        });
+    }
+}

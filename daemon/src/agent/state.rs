@@ -1,0 +1,217 @@
+//! What the agent keeps in its state directory besides the key: the last peer set and this
+//! node's pod ranges, so a restart forwards again before the API answers. JSON, written
+//! atomically (temp file, fsync, rename), mode 0600.
+
+use crate::agent::peers::DesiredPeer;
+use ipnetwork::IpNetwork;
+use kwire_proto::key::PublicKey;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+/// Name of the state file inside the state directory.
+pub const STATE_FILE: &str = "peers.json";
+/// Format version written; files of another version are ignored (with a warning).
+pub const STATE_VERSION: u32 = 1;
+
+/// The saved state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct State {
+    pub pod_cidrs: Vec<IpNetwork>,
+    pub mtu: Option<u32>,
+    pub peers: BTreeMap<String, DesiredPeer>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FileV1 {
+    version: u32,
+    pod_cidrs: Vec<String>,
+    #[serde(default)]
+    mtu: Option<u32>,
+    peers: Vec<PeerV1>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PeerV1 {
+    node: String,
+    public_key: String,
+    endpoint: String,
+    allowed_ips: Vec<String>,
+    #[serde(default)]
+    keepalive: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot read state file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "state file {path} is not valid ({why}); it is ignored and rewritten once the API answers"
+    )]
+    Invalid { path: PathBuf, why: String },
+    #[error("cannot write state file {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn invalid(path: &Path, why: impl Into<String>) -> StateError {
+    StateError::Invalid {
+        path: path.to_path_buf(),
+        why: why.into(),
+    }
+}
+
+/// Reads `dir/peers.json`; `Ok(None)` when there is none.
+pub fn load(dir: &Path) -> Result<Option<State>, StateError> {
+    let path = dir.join(STATE_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StateError::Read { path, source }),
+    };
+    let f: FileV1 = serde_json::from_str(&text).map_err(|e| invalid(&path, e.to_string()))?;
+    if f.version != STATE_VERSION {
+        return Err(invalid(
+            &path,
+            format!("version {} (this agent reads {STATE_VERSION})", f.version),
+        ));
+    }
+    let net = |s: &String| {
+        s.parse::<IpNetwork>()
+            .map_err(|_| invalid(&path, format!("bad CIDR {s:?}")))
+    };
+    let mut st = State {
+        pod_cidrs: f.pod_cidrs.iter().map(net).collect::<Result<_, _>>()?,
+        mtu: f.mtu,
+        peers: BTreeMap::new(),
+    };
+    for p in f.peers {
+        let peer = DesiredPeer {
+            public_key: PublicKey::from_base64(&p.public_key)
+                .map_err(|e| invalid(&path, format!("peer {}: {e}", p.node)))?,
+            endpoint: p
+                .endpoint
+                .parse()
+                .map_err(|_| invalid(&path, format!("peer {}: bad endpoint", p.node)))?,
+            allowed_ips: p.allowed_ips.iter().map(net).collect::<Result<_, _>>()?,
+            keepalive: p.keepalive,
+            node: p.node,
+        };
+        st.peers.insert(peer.node.clone(), peer);
+    }
+    Ok(Some(st))
+}
+
+/// Writes `dir/peers.json` atomically with mode 0600.
+pub fn save(dir: &Path, st: &State) -> Result<(), StateError> {
+    let path = dir.join(STATE_FILE);
+    let f = FileV1 {
+        version: STATE_VERSION,
+        pod_cidrs: st.pod_cidrs.iter().map(ToString::to_string).collect(),
+        mtu: st.mtu,
+        peers: st
+            .peers
+            .values()
+            .map(|p| PeerV1 {
+                node: p.node.clone(),
+                public_key: p.public_key.to_base64(),
+                endpoint: p.endpoint.to_string(),
+                allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+                keepalive: p.keepalive,
+            })
+            .collect(),
+    };
+    let text = serde_json::to_vec_pretty(&f).expect("plain data serializes");
+    let tmp = dir.join(format!(".{STATE_FILE}.tmp.{}", std::process::id()));
+    let err = |source| StateError::Write {
+        path: path.clone(),
+        source,
+    };
+    let _ = std::fs::remove_file(&tmp);
+    let write = || -> std::io::Result<()> {
+        let mut out = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)?;
+        out.write_all(&text)?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        File::open(dir)?.sync_all()
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        err(e)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    #[test]
+    fn round_trip_atomic_0600() {
+        let dir = std::env::temp_dir().join(format!(
+            "kwire-state-{}-{}",
+            std::process::id(),
+            rand_core::RngCore::next_u32(&mut rand_core::OsRng)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert_eq!(load(&dir).unwrap(), None);
+        let mut st = State {
+            pod_cidrs: vec![
+                "10.244.0.0/24".parse().unwrap(),
+                "fd00::/64".parse().unwrap(),
+            ],
+            mtu: Some(1420),
+            peers: BTreeMap::new(),
+        };
+        for (i, n) in ["b", "c"].iter().enumerate() {
+            st.peers.insert(
+                n.to_string(),
+                DesiredPeer {
+                    node: n.to_string(),
+                    public_key: PublicKey([i as u8 + 2; 32]),
+                    endpoint: format!("192.0.2.{}:51820", i + 2).parse().unwrap(),
+                    allowed_ips: vec![
+                        format!("10.244.{}.0/24", i + 1).parse().unwrap(),
+                        "fd00:1::/64".parse().unwrap(),
+                    ],
+                    keepalive: 25,
+                },
+            );
+        }
+        save(&dir, &st).unwrap();
+        assert_eq!(load(&dir).unwrap(), Some(st.clone()));
+        assert_eq!(
+            std::fs::metadata(dir.join(STATE_FILE)).unwrap().mode() & 0o777,
+            0o600
+        );
+        // Overwrite: still one file, no temp left behind.
+        st.peers.remove("b");
+        save(&dir, &st).unwrap();
+        assert_eq!(load(&dir).unwrap(), Some(st));
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from(STATE_FILE)]);
+        // A corrupt file is an error naming the path, not a panic.
+        std::fs::write(dir.join(STATE_FILE), b"{\"version\":1,").unwrap();
+        let e = load(&dir).unwrap_err();
+        assert!(e.to_string().contains(STATE_FILE), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,305 @@
+//! The agent's HTTP endpoint: `/metrics` (Prometheus text; peers labelled by node name, never
+//! by key or address), `/healthz` (the process answers) and `/readyz` (synced with the API or
+//! restored from state, and the data plane programmed).
+
+use crate::agent::peers::RejectReason;
+use crate::datapath::stats::Counters;
+use crate::wg::Device;
+use arc_swap::ArcSwap;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use kwire_proto::key::PublicKey;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+/// A peer whose last handshake is older than this is down: WireGuard's REJECT_AFTER_TIME
+/// (whitepaper §6.1), after which no session key may be used.
+pub const PEER_UP_WITHIN: Duration = Duration::from_secs(180);
+
+/// What the endpoint reports, shared with the agent's control loop.
+pub struct AgentStatus {
+    pub device: Arc<Device>,
+    pub counters: Arc<Counters>,
+    /// Node name of each peer the control plane configured, by public key.
+    pub peer_names: ArcSwap<BTreeMap<PublicKey, String>>,
+    invalid: [AtomicU64; RejectReason::ALL.len()],
+    /// Synced with the API at least once, or restored from the state directory.
+    pub synced: AtomicBool,
+    /// The tun's addresses and routes are programmed.
+    pub programmed: AtomicBool,
+}
+
+impl std::fmt::Debug for AgentStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentStatus")
+            .field("synced", &self.synced)
+            .field("programmed", &self.programmed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentStatus {
+    pub fn new(device: Arc<Device>, counters: Arc<Counters>) -> AgentStatus {
+        AgentStatus {
+            device,
+            counters,
+            peer_names: ArcSwap::from_pointee(BTreeMap::new()),
+            invalid: Default::default(),
+            synced: AtomicBool::new(false),
+            programmed: AtomicBool::new(false),
+        }
+    }
+
+    pub fn count_invalid(&self, r: RejectReason) {
+        self.invalid[r as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn invalid(&self, r: RejectReason) -> u64 {
+        self.invalid[r as usize].load(Ordering::Relaxed)
+    }
+
+    pub fn ready(&self) -> bool {
+        self.synced.load(Ordering::Relaxed) && self.programmed.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+struct StatusCollector(Arc<AgentStatus>);
+
+type Labels = Vec<(String, String)>;
+
+fn one(k: &str, v: &str) -> Labels {
+    vec![(k.to_string(), v.to_string())]
+}
+
+fn gauge_family(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels, f64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (l, v) in samples {
+        ConstGauge::new(*v).encode(m.encode_family(l)?)?;
+    }
+    Ok(())
+}
+
+fn counter_family(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (l, v) in samples {
+        ConstCounter::new(*v).encode(m.encode_family(l)?)?;
+    }
+    Ok(())
+}
+
+impl Collector for StatusCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let st = &self.0;
+        let names = st.peer_names.load();
+        let snap = st.device.snapshot();
+        let now = SystemTime::now();
+        let (mut up, mut age, mut rx, mut tx) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut connected = 0u64;
+        for p in &snap.peers {
+            // Peers added by hand through the userspace API have no node: not reported.
+            let Some(node) = names.get(&p.public_key) else {
+                continue;
+            };
+            let l = one("node", node);
+            let hs_age = p.last_handshake().and_then(|t| now.duration_since(t).ok());
+            let is_up = hs_age.is_some_and(|a| a < PEER_UP_WITHIN);
+            connected += u64::from(is_up);
+            up.push((l.clone(), if is_up { 1.0 } else { 0.0 }));
+            if let Some(a) = hs_age {
+                age.push((l.clone(), a.as_secs_f64()));
+            }
+            rx.push((l.clone(), p.rx_bytes.load(Ordering::Relaxed)));
+            tx.push((l, p.tx_bytes.load(Ordering::Relaxed)));
+        }
+        gauge_family(
+            &mut e,
+            "kwire_peer_up",
+            "1 if the peer's last handshake is younger than 180 s",
+            &up,
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_peer_last_handshake_age_seconds",
+            "Seconds since the peer's last completed handshake (absent before the first)",
+            &age,
+        )?;
+        counter_family(
+            &mut e,
+            "kwire_peer_rx_bytes",
+            "Bytes received from the peer (WireGuard payload)",
+            &rx,
+        )?;
+        counter_family(
+            &mut e,
+            "kwire_peer_tx_bytes",
+            "Bytes sent to the peer (WireGuard payload)",
+            &tx,
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_peers_expected",
+            "Peers this node should have (valid other Nodes)",
+            &[(vec![], names.len() as f64)],
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_peers_connected",
+            "Peers with a handshake younger than 180 s",
+            &[(vec![], connected as f64)],
+        )?;
+        let drops: Vec<(Labels, u64)> = st
+            .counters
+            .all_drops()
+            .map(|(r, n)| (one("reason", r.metric_label()), n))
+            .collect();
+        counter_family(
+            &mut e,
+            "kwire_drops",
+            "Packets dropped by the data plane, by reason",
+            &drops,
+        )?;
+        let invalid: Vec<(Labels, u64)> = RejectReason::ALL
+            .iter()
+            .map(|r| (one("reason", r.metric_label()), st.invalid(*r)))
+            .collect();
+        counter_family(
+            &mut e,
+            "kwire_invalid_peer",
+            "Nodes refused as peers (counted once per change), by reason",
+            &invalid,
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_build_info",
+            "Build of this agent",
+            &[(one("version", env!("CARGO_PKG_VERSION")), 1.0)],
+        )?;
+        Ok(())
+    }
+}
+
+/// The registry with every agent metric.
+pub fn registry(status: Arc<AgentStatus>) -> Registry {
+    let mut r = Registry::default();
+    r.register_collector(Box::new(StatusCollector(status)));
+    r
+}
+
+/// Renders `/metrics`.
+pub fn render(registry: &Registry) -> String {
+    let mut s = String::with_capacity(4096);
+    prometheus_client::encoding::prometheus_text::encode(&mut s, registry)
+        .expect("writing to a String cannot fail");
+    s
+}
+
+struct Http {
+    status: Arc<AgentStatus>,
+    registry: Registry,
+}
+
+async fn metrics(State(h): State<Arc<Http>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        render(&h.registry),
+    )
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(h): State<Arc<Http>>) -> impl IntoResponse {
+    if h.status.ready() {
+        (StatusCode::OK, "ready\n")
+    } else if !h.status.synced.load(Ordering::Relaxed) {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: not yet synced with the API and nothing restored\n",
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: tun addresses or routes not programmed\n",
+        )
+    }
+}
+
+/// Binds `addr` now (so a bad address fails the start) and returns the server future.
+pub async fn bind(
+    addr: SocketAddr,
+    status: Arc<AgentStatus>,
+) -> anyhow::Result<impl std::future::Future<Output = ()>> {
+    use anyhow::Context;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics endpoint on {addr} (--metrics-addr)"))?;
+    let registry = registry(status.clone());
+    let app = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(Arc::new(Http { status, registry }));
+    Ok(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "metrics endpoint stopped");
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_node_level_metrics_without_keys() {
+        let st = Arc::new(AgentStatus::new(
+            Arc::new(Device::new()),
+            Arc::new(Counters::default()),
+        ));
+        st.count_invalid(RejectReason::DuplicateKey);
+        Counters::drop(&st.counters, crate::datapath::stats::DropReason::NoPeer);
+        let mut names = BTreeMap::new();
+        names.insert(PublicKey([5; 32]), "node-b".to_string());
+        st.peer_names.store(Arc::new(names));
+        let text = render(&registry(st.clone()));
+        for want in [
+            "kwire_invalid_peer_total{reason=\"duplicate_key\"} 1",
+            "kwire_drops_total{reason=\"no_peer\"} 1",
+            "kwire_peers_expected 1",
+            "kwire_peers_connected 0",
+            "kwire_build_info{version=",
+            "# TYPE kwire_peer_up gauge",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        assert!(!text.contains(&PublicKey([5; 32]).to_base64()));
+        assert!(!st.ready());
+    }
+}

@@ -1,0 +1,265 @@
+//! `kwire agent` end to end: three nodes (network namespaces on one bridge), the Kubernetes
+//! API stand-in, the real binary in each node. Needs root; skipped with a message otherwise.
+//!
+//! Reachability of the API: the stand-in must be reachable from the node namespaces, so the
+//! whole test body runs on a thread that entered the switch's namespace (`Netns::run_in`); the
+//! bridge there gets 192.0.2.254/24 and the stand-in listens on it. Threads the tokio runtime
+//! spawns from that thread inherit the namespace, so `stop()`/`resume()` rebind there too.
+//! Nothing is added to the root namespace.
+
+use kwire_lab::apiserver::{ApiServer, ApiServerConfig};
+use kwire_tests::{
+    require_root, try_wait_until, unique_id, wait_until, Netns, Proc, Scratch, Switch,
+};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::time::Duration;
+
+const BRIDGE_ADDR: &str = "192.0.2.254";
+const PORT: u16 = 51820;
+
+struct Node {
+    ns: Netns,
+    name: String,
+    ifname: String,
+    ip: String,
+}
+
+fn nodes_kind() -> &'static kwire_lab::apiserver::ResourceKind {
+    ApiServer::kind("v1", "Node").unwrap()
+}
+
+fn pod_cidrs(api: &ApiServer, name: &str) -> Vec<String> {
+    let n = api.get(nodes_kind(), None, name).unwrap();
+    n.pointer("/spec/podCIDRs")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn gateway(cidr: &str) -> String {
+    let net: ipnetwork::IpNetwork = cidr.parse().unwrap();
+    match net {
+        ipnetwork::IpNetwork::V4(n) => {
+            std::net::Ipv4Addr::from(u32::from(n.network()) + 1).to_string()
+        }
+        ipnetwork::IpNetwork::V6(n) => {
+            std::net::Ipv6Addr::from(u128::from(n.network()) + 1).to_string()
+        }
+    }
+}
+
+fn annotation(api: &ApiServer, name: &str, key: &str) -> Option<String> {
+    let n = api.get(nodes_kind(), None, name).ok()?;
+    n.pointer("/metadata/annotations")
+        .and_then(|a| a.get(key))
+        .and_then(Value::as_str)
+        .map(String::from)
+}
+
+fn spawn_agent(n: &Node, scratch: &Scratch, kubeconfig: &Path, tag: &str) -> Proc {
+    let bin = env!("CARGO_BIN_EXE_kwire");
+    let state = scratch.file(&format!("state-{}", n.name));
+    let run = scratch.file(&format!("run-{}", n.name));
+    let argv: Vec<String> = vec![
+        bin.into(),
+        "--log-level".into(),
+        "info,kube=warn,hyper=warn".into(),
+        "agent".into(),
+        "--kubeconfig".into(),
+        kubeconfig.display().to_string(),
+        "--node-name".into(),
+        n.name.clone(),
+        "--state-dir".into(),
+        state.display().to_string(),
+        "--run-dir".into(),
+        run.display().to_string(),
+        "--interface".into(),
+        n.ifname.clone(),
+        "--metrics-addr".into(),
+        "127.0.0.1:9742".into(),
+        "--listen-port".into(),
+        PORT.to_string(),
+        "--workers".into(),
+        "1".into(),
+    ];
+    n.ns.spawn(&argv, scratch.file(&format!("agent-{}-{tag}.log", n.name)))
+}
+
+fn http_get(ns: &Netns, path: &str) -> (bool, String) {
+    let out = ns.exec(&[
+        "curl",
+        "-s",
+        "-f",
+        "-m",
+        "2",
+        &format!("http://127.0.0.1:9742{path}"),
+    ]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+fn routes(ns: &Netns, cidr: &str) -> String {
+    let fam = if cidr.contains(':') { "-6" } else { "-4" };
+    ns.run(&["ip", fam, "route", "show", "exact", cidr])
+}
+
+#[test]
+fn agents_mesh_through_the_api_stand_in() {
+    require_root!();
+    kwire_tests::require_tool("curl");
+    kwire_tests::require_tool("wg");
+    let scratch = Scratch::new("agent");
+    let sw = Switch::new();
+    sw.ns.run(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{BRIDGE_ADDR}/24"),
+        "dev",
+        "br0",
+    ]);
+    let id = unique_id();
+    let nodes: Vec<Node> = (1..=3)
+        .map(|i| {
+            let ns = Netns::new(&format!("n{i}"));
+            let ip = format!("192.0.2.{i}");
+            sw.attach(&ns, &[&format!("{ip}/24")], 1500);
+            let ifname = ns.ifname("kw");
+            Node {
+                ns,
+                name: format!("n{i}-{id}"),
+                ifname,
+                ip,
+            }
+        })
+        .collect();
+
+    sw.ns.run_in(|| {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let config = ApiServerConfig {
+            listen: format!("{BRIDGE_ADDR}:0").parse().unwrap(),
+            cluster_cidr_v6: Some("fd00:10:244::/56".parse().unwrap()),
+            bookmark_interval: Duration::from_secs(5),
+            ..ApiServerConfig::default()
+        };
+        let api = rt.block_on(ApiServer::start(config)).unwrap();
+        let kubeconfig = scratch.file("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).unwrap();
+        for n in &nodes {
+            api.create(json!({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": n.name},
+                "status": {"addresses": [{"type": "InternalIP", "address": n.ip}, {"type": "Hostname", "address": n.name}]},
+            }))
+            .unwrap();
+        }
+        // A Node with an all-zero key: skipped, an Event on it, a metric.
+        let bad = format!("bad-{id}");
+        api.create(json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": bad, "annotations": {"kwire.dev/public-key": "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="}},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.99"}]},
+        }))
+        .unwrap();
+        let cidrs: Vec<Vec<String>> = nodes.iter().map(|n| pod_cidrs(&api, &n.name)).collect();
+        for c in &cidrs {
+            assert_eq!(c.len(), 2, "dual-stack podCIDRs expected: {c:?}");
+        }
+
+        let mut agents: Vec<Proc> = nodes.iter().map(|n| spawn_agent(n, &scratch, &kubeconfig, "1")).collect();
+
+        // 1. Each agent publishes its key and endpoint.
+        wait_until(Duration::from_secs(15), "every agent to publish its annotations", || {
+            nodes.iter().all(|n| {
+                annotation(&api, &n.name, "kwire.dev/public-key").is_some()
+                    && annotation(&api, &n.name, "kwire.dev/endpoint") == Some(format!("{}:{PORT}", n.ip))
+            })
+        });
+
+        // 2. Every node reaches every other node's gateways (IPv4 and IPv6) through the tunnels.
+        for (i, n) in nodes.iter().enumerate() {
+            for (j, c) in cidrs.iter().enumerate() {
+                if i == j {
+                    continue;
+                }
+                for cidr in c {
+                    n.ns.wait_ping(&gateway(cidr), Duration::from_secs(10));
+                    assert!(routes(&n.ns, cidr).contains("blackhole"), "no blackhole behind {cidr} on {}", n.name);
+                }
+            }
+        }
+        // The tun MTU is the underlay's minus 80.
+        assert!(nodes[0].ns.run(&["ip", "link", "show", "dev", &nodes[0].ifname]).contains("mtu 1420"));
+
+        // 3. The bad Node: an Event and a metric; the good peers are connected and named.
+        let events_kind = ApiServer::kind("events.k8s.io/v1", "Event").unwrap();
+        wait_until(Duration::from_secs(10), "an Event on the Node with the zero key", || {
+            api.list(events_kind, None).unwrap().iter().any(|e| {
+                e.pointer("/regarding/name").and_then(Value::as_str) == Some(bad.as_str())
+                    && e.get("reason").and_then(Value::as_str) == Some("KwireZeroPublicKey")
+            })
+        });
+        wait_until(Duration::from_secs(10), "metrics of node 1", || {
+            let (ok, m) = http_get(&nodes[0].ns, "/metrics");
+            ok && m.contains("kwire_invalid_peer_total{reason=\"zero_key\"} 1")
+                && m.contains(&format!("kwire_peer_up{{node=\"{}\"}} 1", nodes[1].name))
+                && m.contains("kwire_peers_expected 2")
+                && m.contains("kwire_peers_connected 2")
+        });
+        let (ok, _) = http_get(&nodes[0].ns, "/readyz");
+        assert!(ok, "node 1 is ready");
+
+        // 4. A Node deleted from the API is dropped by the others; its range then blackholes.
+        api.delete(nodes_kind(), None, &nodes[2].name).unwrap();
+        for n in &nodes[..2] {
+            for cidr in &cidrs[2] {
+                wait_until(Duration::from_secs(5), format!("{} to drop the route of {cidr}", n.name), || {
+                    let r = routes(&n.ns, cidr);
+                    !r.contains(&n.ifname) && r.contains("blackhole")
+                });
+            }
+            n.ns.assert_no_ping(&gateway(&cidrs[2][0]), None, 2);
+        }
+        nodes[0].ns.wait_ping(&gateway(&cidrs[1][0]), Duration::from_secs(5));
+
+        // 5. The API goes away: traffic keeps flowing.
+        rt.block_on(api.stop());
+        assert!(nodes[0].ns.ping_once(&gateway(&cidrs[1][0]), None));
+        assert!(nodes[1].ns.ping_once(&gateway(&cidrs[0][1]), None));
+
+        // 6. Restart node 1's agent while the API is down: it exits 0, removes its socket, and
+        //    forwards again from its saved peer set alone.
+        let (st, killed) = agents[0].stop();
+        assert!(st.success() && !killed, "agent exits 0 on SIGTERM: {st:?}");
+        let sock = format!("/var/run/wireguard/{}.sock", nodes[0].ifname);
+        assert!(!Path::new(&sock).exists(), "{sock} removed on exit");
+        assert!(routes(&nodes[0].ns, &cidrs[1][0]).contains("blackhole"), "blackholes stay after exit");
+        agents[0] = spawn_agent(&nodes[0], &scratch, &kubeconfig, "2");
+        nodes[0].ns.wait_ping(&gateway(&cidrs[1][0]), Duration::from_secs(10));
+        nodes[0].ns.wait_ping(&gateway(&cidrs[1][1]), Duration::from_secs(10));
+        assert!(try_wait_until(Duration::from_secs(5), || http_get(&nodes[0].ns, "/readyz").0), "ready from the saved state");
+
+        // 7. The API comes back: a change made afterwards is applied (watch resumed with backoff).
+        rt.block_on(api.resume()).unwrap();
+        let key2 = annotation(&api, &nodes[1].name, "kwire.dev/public-key").unwrap();
+        api.merge_patch(nodes_kind(), None, &nodes[1].name, &json!({"metadata": {"annotations": {"kwire.dev/persistent-keepalive": "7"}}}), false)
+            .unwrap();
+        wait_until(Duration::from_secs(40), "node 1 to apply node 2's keepalive after the API returned", || {
+            nodes[0].ns.run(&["wg", "show", &nodes[0].ifname, "persistent-keepalive"]).contains(&format!("{key2}\t7"))
+        });
+        nodes[0].ns.wait_ping(&gateway(&cidrs[1][0]), Duration::from_secs(5));
+        for a in agents.iter_mut() {
+            assert!(a.is_running(), "{} died:\n{}", a.name(), a.log());
+            if std::env::var_os("KWIRE_TEST_SHOW_LOGS").is_some() {
+                eprintln!("---- {} ----\n{}", a.name(), a.log());
+            }
+        }
+    });
+}
