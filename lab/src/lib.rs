@@ -2,3 +2,4 @@
 //! pods), and the Kubernetes API stand-in it runs against.
 
 pub mod apiserver;
+pub mod cluster;

@@ -1238,3 +1238,412 @@ TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=\t(none)\t[2001:db8:1::2]:51820\t(no
         );
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// kwire-lab
+
+/// Driving `kwire-lab` from tests: a [`lab::Lab`] guard (unique `--name`, `down` on drop) and a
+/// small JSON reader for `kwire-lab status --json` (this crate keeps its dependencies few).
+pub mod lab {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Output, Stdio};
+
+    use super::{pid_alive, pid_of_id, unique_id, ID_LEN};
+
+    /// First part of every lab name tests make: `kl<id>`, so stale labs can be swept.
+    pub const LAB_PREFIX: &str = "kl";
+    /// Where kwire-lab keeps each lab's state.
+    pub const LAB_STATE_ROOT: &str = "/run/kwire-lab";
+
+    /// Path of the `kwire-lab` binary: `$KWIRE_LAB_BIN`, else `<workspace>/target/debug/kwire-lab`
+    /// (or release, the newer). Panics saying how to build it.
+    pub fn kwire_lab_bin() -> PathBuf {
+        if let Some(p) = std::env::var_os("KWIRE_LAB_BIN") {
+            return PathBuf::from(p);
+        }
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("workspace root")
+            .to_path_buf();
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(|t| workspace.join(t))
+            .unwrap_or_else(|| workspace.join("target"));
+        let candidates = [
+            target.join("debug/kwire-lab"),
+            target.join("release/kwire-lab"),
+        ];
+        candidates
+            .iter()
+            .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p.clone())))
+            .max()
+            .map(|(_, p)| p)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no kwire-lab binary at {}: run `cargo build -p kwire-lab` first, or set KWIRE_LAB_BIN",
+                    candidates[0].display()
+                )
+            })
+    }
+
+    /// Runs `kwire-lab ARGS`.
+    pub fn kwire_lab(args: &[&str]) -> Output {
+        Command::new(kwire_lab_bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("running kwire-lab")
+    }
+
+    /// Runs `kwire-lab ARGS`; its stdout, or a panic with its output.
+    pub fn kwire_lab_ok(args: &[&str]) -> String {
+        let out = kwire_lab(args);
+        assert!(
+            out.status.success(),
+            "`kwire-lab {}` failed ({}):\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Removes labs of earlier test processes that died without `down` (their name carries
+    /// the pid, as [`unique_id`] does).
+    pub fn sweep_stale_labs() {
+        let Ok(dir) = std::fs::read_dir(LAB_STATE_ROOT) else {
+            return;
+        };
+        for name in dir
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+        {
+            let Some(id) = name.strip_prefix(LAB_PREFIX) else {
+                continue;
+            };
+            if id.len() == ID_LEN && pid_of_id(id).is_some_and(|p| !pid_alive(p)) {
+                let _ = kwire_lab(&["down", "--name", &name]);
+            }
+        }
+    }
+
+    /// A lab made by a test; `kwire-lab down` on drop (printing the supervisor log's tail when
+    /// the test failed).
+    pub struct Lab {
+        name: String,
+        down_on_drop: bool,
+    }
+
+    impl Lab {
+        /// A fresh, unique lab name (not yet up).
+        pub fn named() -> Lab {
+            sweep_stale_labs();
+            Lab {
+                name: format!("{LAB_PREFIX}{}", unique_id()),
+                down_on_drop: true,
+            }
+        }
+
+        /// `kwire-lab up --name <unique> --nodes N EXTRA...`.
+        pub fn up(nodes: u32, extra: &[&str]) -> Lab {
+            let lab = Lab::named();
+            let n = nodes.to_string();
+            let mut args = vec!["up", "--name", &lab.name, "--nodes", &n];
+            args.extend_from_slice(extra);
+            lab.run_ok(&args);
+            lab
+        }
+
+        pub fn name(&self) -> &str {
+            &self.name
+        }
+
+        pub fn dir(&self) -> PathBuf {
+            Path::new(LAB_STATE_ROOT).join(&self.name)
+        }
+
+        /// `kwire-lab ARGS` (the caller passes `--name`).
+        pub fn run_ok(&self, args: &[&str]) -> String {
+            kwire_lab_ok(args)
+        }
+
+        /// `kwire-lab SUBCOMMAND --name NAME ARGS...`.
+        pub fn cmd(&self, sub: &str, args: &[&str]) -> Output {
+            let mut all = vec![sub, "--name", &self.name];
+            all.extend_from_slice(args);
+            kwire_lab(&all)
+        }
+
+        pub fn cmd_ok(&self, sub: &str, args: &[&str]) -> String {
+            let mut all = vec![sub, "--name", &self.name];
+            all.extend_from_slice(args);
+            kwire_lab_ok(&all)
+        }
+
+        /// `kwire-lab status --json`, parsed.
+        pub fn status(&self) -> Json {
+            Json::parse(&self.cmd_ok("status", &["--json"])).expect("status --json is JSON")
+        }
+
+        /// `kwire-lab exec NODE -- ARGV...`.
+        pub fn exec(&self, node: &str, argv: &[&str]) -> Output {
+            let mut all = vec!["exec", "--name", &self.name, node, "--"];
+            all.extend_from_slice(argv);
+            kwire_lab(&all)
+        }
+
+        /// Do not run `down` on drop (the test did it).
+        pub fn forget(mut self) {
+            self.down_on_drop = false;
+        }
+    }
+
+    impl Drop for Lab {
+        fn drop(&mut self) {
+            if !self.down_on_drop {
+                return;
+            }
+            if std::thread::panicking() {
+                let log = self.dir().join("supervisor.log");
+                if let Ok(text) = std::fs::read_to_string(&log) {
+                    let lines: Vec<&str> = text.lines().collect();
+                    eprintln!(
+                        "--- {} (tail) ---\n{}",
+                        log.display(),
+                        lines[lines.len().saturating_sub(30)..].join("\n")
+                    );
+                }
+            }
+            let _ = kwire_lab(&["down", "--name", &self.name]);
+        }
+    }
+
+    /// A JSON value, as read by [`Json::parse`].
+    #[derive(Clone, Debug, PartialEq)]
+    pub enum Json {
+        Null,
+        Bool(bool),
+        Num(f64),
+        Str(String),
+        Arr(Vec<Json>),
+        Obj(Vec<(String, Json)>),
+    }
+
+    static NULL: Json = Json::Null;
+
+    impl Json {
+        pub fn parse(text: &str) -> Result<Json, String> {
+            let mut p = Parser {
+                s: text.as_bytes(),
+                i: 0,
+            };
+            let v = p.value()?;
+            p.ws();
+            if p.i != p.s.len() {
+                return Err(format!("trailing data at byte {}", p.i));
+            }
+            Ok(v)
+        }
+
+        /// The member `key` of an object (Null if absent or not an object).
+        pub fn get(&self, key: &str) -> &Json {
+            match self {
+                Json::Obj(m) => m
+                    .iter()
+                    .find(|(k, _)| k == key)
+                    .map(|(_, v)| v)
+                    .unwrap_or(&NULL),
+                _ => &NULL,
+            }
+        }
+
+        pub fn has(&self, key: &str) -> bool {
+            matches!(self, Json::Obj(m) if m.iter().any(|(k, _)| k == key))
+        }
+
+        pub fn as_array(&self) -> &[Json] {
+            match self {
+                Json::Arr(a) => a,
+                _ => &[],
+            }
+        }
+
+        pub fn as_str(&self) -> Option<&str> {
+            match self {
+                Json::Str(s) => Some(s),
+                _ => None,
+            }
+        }
+
+        pub fn as_u64(&self) -> Option<u64> {
+            match self {
+                Json::Num(n) if *n >= 0.0 => Some(*n as u64),
+                _ => None,
+            }
+        }
+
+        pub fn as_bool(&self) -> Option<bool> {
+            match self {
+                Json::Bool(b) => Some(*b),
+                _ => None,
+            }
+        }
+
+        pub fn is_null(&self) -> bool {
+            matches!(self, Json::Null)
+        }
+
+        /// The strings of an array of strings.
+        pub fn strings(&self) -> Vec<String> {
+            self.as_array()
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        }
+    }
+
+    struct Parser<'a> {
+        s: &'a [u8],
+        i: usize,
+    }
+
+    impl Parser<'_> {
+        fn ws(&mut self) {
+            while self.i < self.s.len() && self.s[self.i].is_ascii_whitespace() {
+                self.i += 1;
+            }
+        }
+
+        fn eat(&mut self, lit: &str) -> bool {
+            if self.s[self.i..].starts_with(lit.as_bytes()) {
+                self.i += lit.len();
+                true
+            } else {
+                false
+            }
+        }
+
+        fn value(&mut self) -> Result<Json, String> {
+            self.ws();
+            let c = *self.s.get(self.i).ok_or("unexpected end")?;
+            match c {
+                b'{' => {
+                    self.i += 1;
+                    let mut m = Vec::new();
+                    self.ws();
+                    if self.eat("}") {
+                        return Ok(Json::Obj(m));
+                    }
+                    loop {
+                        self.ws();
+                        let k = self.string()?;
+                        self.ws();
+                        if !self.eat(":") {
+                            return Err(format!("expected ':' at byte {}", self.i));
+                        }
+                        m.push((k, self.value()?));
+                        self.ws();
+                        if self.eat("}") {
+                            return Ok(Json::Obj(m));
+                        }
+                        if !self.eat(",") {
+                            return Err(format!("expected ',' at byte {}", self.i));
+                        }
+                    }
+                }
+                b'[' => {
+                    self.i += 1;
+                    let mut a = Vec::new();
+                    self.ws();
+                    if self.eat("]") {
+                        return Ok(Json::Arr(a));
+                    }
+                    loop {
+                        a.push(self.value()?);
+                        self.ws();
+                        if self.eat("]") {
+                            return Ok(Json::Arr(a));
+                        }
+                        if !self.eat(",") {
+                            return Err(format!("expected ',' at byte {}", self.i));
+                        }
+                    }
+                }
+                b'"' => Ok(Json::Str(self.string()?)),
+                b't' if self.eat("true") => Ok(Json::Bool(true)),
+                b'f' if self.eat("false") => Ok(Json::Bool(false)),
+                b'n' if self.eat("null") => Ok(Json::Null),
+                _ => {
+                    let start = self.i;
+                    while self.i < self.s.len() && b"+-0123456789.eE".contains(&self.s[self.i]) {
+                        self.i += 1;
+                    }
+                    std::str::from_utf8(&self.s[start..self.i])
+                        .ok()
+                        .and_then(|t| t.parse().ok())
+                        .map(Json::Num)
+                        .ok_or_else(|| format!("bad value at byte {start}"))
+                }
+            }
+        }
+
+        fn string(&mut self) -> Result<String, String> {
+            if !self.eat("\"") {
+                return Err(format!("expected a string at byte {}", self.i));
+            }
+            let mut out = Vec::new();
+            loop {
+                let c = *self.s.get(self.i).ok_or("unterminated string")?;
+                self.i += 1;
+                match c {
+                    b'"' => return String::from_utf8(out).map_err(|e| e.to_string()),
+                    b'\\' => {
+                        let e = *self.s.get(self.i).ok_or("unterminated escape")?;
+                        self.i += 1;
+                        let ch = match e {
+                            b'n' => '\n',
+                            b't' => '\t',
+                            b'r' => '\r',
+                            b'b' => '\u{8}',
+                            b'f' => '\u{c}',
+                            b'u' => {
+                                let hex = std::str::from_utf8(
+                                    self.s.get(self.i..self.i + 4).ok_or("short \\u")?,
+                                )
+                                .map_err(|e| e.to_string())?;
+                                self.i += 4;
+                                char::from_u32(
+                                    u32::from_str_radix(hex, 16).map_err(|e| e.to_string())?,
+                                )
+                                .unwrap_or('\u{fffd}')
+                            }
+                            other => other as char,
+                        };
+                        let mut buf = [0; 4];
+                        out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+                    }
+                    _ => out.push(c),
+                }
+            }
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::Json;
+
+        #[test]
+        fn json_reader() {
+            let j =
+                Json::parse(r#"{"a": [1, "x\"y", true, null], "b": {"c": -2.5e0}, "d": "\u00e9"}"#)
+                    .unwrap();
+            assert_eq!(j.get("a").as_array().len(), 4);
+            assert_eq!(j.get("a").as_array()[1].as_str(), Some("x\"y"));
+            assert_eq!(j.get("b").get("c"), &Json::Num(-2.5));
+            assert_eq!(j.get("d").as_str(), Some("é"));
+            assert!(j.get("zz").is_null());
+            assert!(Json::parse("{").is_err());
+            assert!(Json::parse("[1] x").is_err());
+        }
+    }
+}

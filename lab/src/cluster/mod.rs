@@ -1,0 +1,49 @@
+//! The local cluster: `kwire-lab up/down/status/exec/add-node/remove-node`, run from the user's
+//! shell, and the detached supervisor that keeps a lab's API stand-in and agents running.
+//!
+//! A lab named `L` is: namespace `L-ul` with bridge `kw<tag>br` (192.0.2.254/24 and
+//! 2001:db8:<tag>::fe/64, where the API stand-in listens on port 6443 for the agents); one
+//! namespace `L-n<i>` per node (also the Node's name) with veth `kw<tag>u<i>` on the bridge
+//! (192.0.2.<i>, 2001:db8:<tag>::<i>) and the agent's tun `kw<tag>n<i>`; and its state in
+//! /run/kwire-lab/L/. `<tag>` is 16 bits hashed from the name (see [`naming`]).
+
+pub mod client;
+pub mod commands;
+pub mod naming;
+pub mod state;
+pub mod status;
+pub mod supervisor;
+pub mod topology;
+
+/// What a lab command can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error(transparent)]
+    Name(#[from] naming::NameError),
+    #[error(transparent)]
+    State(#[from] state::StateError),
+    #[error(transparent)]
+    Topology(#[from] topology::TopologyError),
+    #[error(transparent)]
+    Client(#[from] client::ClientError),
+    #[error(transparent)]
+    ApiServer(#[from] crate::apiserver::ApiServerError),
+    #[error("lab {0} is not up: run `kwire-lab up --name {0}`")]
+    NotUp(String),
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot register Node {node} in the API stand-in: {detail}")]
+    Register { node: String, detail: String },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl LabError {
+    pub fn io(what: String, source: std::io::Error) -> LabError {
+        LabError::Io { what, source }
+    }
+}

@@ -1,0 +1,314 @@
+//! `kwire-lab` with the real `kwire agent`: the mesh comes up, pods' gateways are reachable
+//! across nodes over IPv4 and IPv6 through the tunnels, the underlay carries only WireGuard
+//! UDP, nodes join and leave, and a node's new key is picked up. Skips (with a message) when
+//! the kwire binary has no working `agent` subcommand yet. Needs root.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use kwire_tests::lab::{Json, Lab};
+use kwire_tests::{
+    require_root, require_tool, run_host, try_wait_until, wait_until, Proc, Scratch,
+};
+
+use nix::sys::signal::Signal;
+
+/// WireGuard port of every agent in a lab.
+const WG_PORT: &str = "51820";
+/// Handshakes and routes of a fresh peer; generous for a debug build on a shared machine.
+const CONVERGE: Duration = Duration::from_secs(30);
+
+/// The kwire binary if `kwire agent --help` works; None (the test skips) otherwise.
+fn kwire_agent() -> Option<PathBuf> {
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .to_path_buf();
+    let bin = std::env::var_os("KWIRE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target/debug/kwire"));
+    let ok = Command::new(&bin)
+        .args(["agent", "--help"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(bin)
+}
+
+macro_rules! require_agent {
+    () => {{
+        require_root!();
+        match kwire_agent() {
+            Some(bin) => bin,
+            None => {
+                eprintln!(
+                    "SKIP {}: `kwire agent --help` fails (build the agent: cargo build -p kwire-daemon)",
+                    module_path!()
+                );
+                return;
+            }
+        }
+    }};
+}
+
+fn up_real(nodes: u32, kwire: &std::path::Path) -> Lab {
+    Lab::up(
+        nodes,
+        &["--kwire", kwire.to_str().unwrap(), "--timeout", "45"],
+    )
+}
+
+fn node<'a>(status: &'a Json, name: &str) -> &'a Json {
+    status
+        .get("nodes")
+        .as_array()
+        .iter()
+        .find(|n| n.get("name").as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no node {name} in status"))
+}
+
+/// True when every node has a handshake with every other node of the lab.
+fn full_mesh(lab: &Lab) -> bool {
+    let st = lab.status();
+    let nodes = st.get("nodes").as_array();
+    let names: Vec<&str> = nodes
+        .iter()
+        .filter_map(|n| n.get("name").as_str())
+        .collect();
+    nodes.iter().all(|n| {
+        let me = n.get("name").as_str().unwrap_or("");
+        names.iter().filter(|o| **o != me).all(|o| {
+            n.get("peers").as_array().iter().any(|p| {
+                p.get("node").as_str() == Some(o) && p.get("handshake").as_bool() == Some(true)
+            })
+        })
+    })
+}
+
+fn ping(lab: &Lab, from: &str, dst: &str) -> bool {
+    lab.exec(from, &["ping", "-c1", "-W1", dst])
+        .status
+        .success()
+}
+
+fn wait_ping(lab: &Lab, from: &str, dst: &str) {
+    wait_until(
+        CONVERGE,
+        format!("{from} reaches {dst} through the tunnel"),
+        || ping(lab, from, dst),
+    );
+}
+
+fn gateways(status: &Json, node_name: &str) -> Vec<String> {
+    node(status, node_name).get("gateway_ips").strings()
+}
+
+fn public_key(lab: &Lab, node_name: &str) -> Option<String> {
+    node(&lab.status(), node_name)
+        .get("public_key")
+        .as_str()
+        .map(str::to_string)
+}
+
+/// tcpdump on the underlay bridge; the packets as `tcpdump -r -nn` lines.
+struct BridgeCapture {
+    proc: Proc,
+    pcap: PathBuf,
+}
+
+impl BridgeCapture {
+    fn start(lab: &Lab, scratch: &Scratch, filter: &str) -> BridgeCapture {
+        require_tool("tcpdump");
+        let st = lab.status();
+        let bridge = st.get("bridge").as_str().expect("bridge").to_string();
+        let pcap = scratch.file("underlay.pcap");
+        let mut cmd = Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            st.get("underlay_netns").as_str().expect("underlay_netns"),
+            "tcpdump",
+            "--immediate-mode",
+            "-i",
+            &bridge,
+            "-n",
+            "-U",
+            "-Z",
+            "root",
+            "-s",
+            "256",
+            "-w",
+        ])
+        .arg(&pcap)
+        .arg(filter);
+        let mut proc = Proc::spawn(cmd, "tcpdump", scratch.file("tcpdump.log"))
+            .with_stop_signal(Signal::SIGINT);
+        wait_until(
+            Duration::from_secs(10),
+            "tcpdump listening on the bridge",
+            || {
+                assert!(proc.is_running(), "tcpdump exited: {}", proc.log());
+                proc.log().contains("listening on")
+            },
+        );
+        BridgeCapture { proc, pcap }
+    }
+
+    fn stop(mut self) -> Vec<String> {
+        self.proc.stop();
+        let text = run_host(&["tcpdump", "-r", self.pcap.to_str().unwrap(), "-nn"]);
+        text.lines().map(str::to_string).collect()
+    }
+}
+
+#[test]
+fn three_nodes_mesh_and_only_wireguard_crosses_the_underlay() {
+    let kwire = require_agent!();
+    let scratch = Scratch::new("lab-mesh");
+    let lab = up_real(3, &kwire);
+    wait_until(CONVERGE, "full mesh of 3 nodes", || full_mesh(&lab));
+    let st = lab.status();
+    let names: Vec<String> = (1..=3).map(|i| format!("{}-n{i}", lab.name())).collect();
+
+    // Everything on the bridge except link control (ARP, neighbour discovery, MLD and other
+    // link-local multicast) and the agents' calls to the API stand-in.
+    let capture = BridgeCapture::start(
+        &lab,
+        &scratch,
+        "not arp and not (tcp port 6443) and not ip6 multicast and not (icmp6 and (ip6[40] >= 133 and ip6[40] <= 137))",
+    );
+    for from in &names {
+        for to in names.iter().filter(|t| *t != from) {
+            let gw = gateways(&st, to);
+            assert_eq!(gw.len(), 2, "{to}: {gw:?}");
+            for addr in &gw {
+                wait_ping(&lab, from, addr);
+            }
+        }
+    }
+    let lines = capture.stop();
+    assert!(
+        !lines.is_empty(),
+        "no tunnel traffic seen on the underlay bridge"
+    );
+    let port = format!(".{WG_PORT}");
+    let other: Vec<&String> = lines
+        .iter()
+        .filter(|l| !(l.contains("UDP") && l.contains(&port)))
+        .collect();
+    assert!(
+        other.is_empty(),
+        "non-WireGuard packets on the underlay:\n{other:#?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.contains("ICMP")),
+        "plaintext ICMP on the underlay"
+    );
+}
+
+#[test]
+fn added_node_joins_and_deleted_node_is_dropped() {
+    let kwire = require_agent!();
+    let lab = up_real(2, &kwire);
+    let name = lab.name().to_string();
+    let added = lab.cmd_ok("add-node", &[]);
+    let n3 = format!("{name}-n3");
+    assert!(added.contains(&n3), "{added}");
+    wait_until(CONVERGE, "full mesh with the added node", || {
+        full_mesh(&lab)
+    });
+    let st = lab.status();
+    for addr in gateways(&st, &n3) {
+        wait_ping(&lab, "n1", &addr);
+    }
+    for addr in gateways(&st, &format!("{name}-n1")) {
+        wait_ping(&lab, "n3", &addr);
+    }
+
+    // Delete n3's Node from the API: n1 and n2 drop it as a peer and stop routing to it.
+    let key = public_key(&lab, &n3).expect("n3 published its key");
+    let api = st.get("api_url").as_str().unwrap().to_string();
+    run_host(&[
+        "curl",
+        "-sS",
+        "--fail",
+        "-m",
+        "5",
+        "-X",
+        "DELETE",
+        &format!("{api}/api/v1/nodes/{n3}"),
+    ]);
+    wait_until(CONVERGE, "n1 and n2 drop the deleted node's peer", || {
+        let st = lab.status();
+        ["n1", "n2"].iter().all(|n| {
+            node(&st, &format!("{name}-{n}"))
+                .get("peers")
+                .as_array()
+                .iter()
+                .all(|p| {
+                    p.get("public_key").as_str() != Some(key.as_str())
+                        || p.get("configured").as_bool() == Some(false)
+                })
+        })
+    });
+    let gw = gateways(&st, &n3);
+    assert!(
+        !ping(&lab, "n1", &gw[0]),
+        "n1 still reaches the deleted node's pods"
+    );
+}
+
+#[test]
+fn a_new_key_is_picked_up_and_traffic_resumes() {
+    let kwire = require_agent!();
+    let lab = up_real(2, &kwire);
+    let name = lab.name().to_string();
+    let n2 = format!("{name}-n2");
+    wait_until(CONVERGE, "mesh", || full_mesh(&lab));
+    let st = lab.status();
+    let gw = gateways(&st, &n2);
+    wait_ping(&lab, "n1", &gw[0]);
+    let old_key = public_key(&lab, &n2).expect("key");
+
+    // A new key for n2: its state goes, its agent dies, the supervisor starts a fresh one.
+    let state_dir = node(&st, &n2)
+        .get("state_dir")
+        .as_str()
+        .unwrap()
+        .to_string();
+    let pid = node(&st, &n2).get("agent_pid").as_u64().expect("agent pid");
+    std::fs::remove_dir_all(&state_dir).unwrap();
+    run_host(&["kill", "-9", &pid.to_string()]);
+    wait_until(CONVERGE, "n2 publishes a new key", || {
+        public_key(&lab, &n2).is_some_and(|k| k != old_key)
+    });
+    // Traffic (the first ping) makes the handshake with the new key.
+    for addr in &gw {
+        wait_ping(&lab, "n1", addr);
+    }
+    wait_until(
+        CONVERGE,
+        "n1 and n2 have a handshake with n2's new key",
+        || full_mesh(&lab),
+    );
+    let n1 = node(&lab.status(), &format!("{name}-n1")).clone();
+    let new_key = public_key(&lab, &n2).unwrap();
+    assert!(
+        n1.get("peers")
+            .as_array()
+            .iter()
+            .all(|p| p.get("public_key").as_str() != Some(old_key.as_str())),
+        "n1 still has n2's old key as a peer: {n1:?}"
+    );
+    assert!(n1
+        .get("peers")
+        .as_array()
+        .iter()
+        .any(|p| p.get("public_key").as_str() == Some(new_key.as_str())));
+    let n1_gw = gateways(&st, &format!("{name}-n1"));
+    assert!(
+        try_wait_until(CONVERGE, || ping(&lab, "n2", &n1_gw[1])),
+        "n2 reaches n1 over IPv6 again"
+    );
+}
