@@ -1,10 +1,10 @@
 # The two commands a new user runs (see README.md), and a few helpers.
-#   make demo   build kwire and show it working on this machine (needs root)
+#   make demo   build kwire and start a 3-node lab cluster on this machine (needs root)
 #   make test   every test: unit, property, integration (root: network namespaces), bench builds
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo test deps build release bench bench-tunnel clean-lab
+.PHONY: demo demo-tunnel test deps build release bench bench-tunnel
 
 deps:
 	@scripts/install-deps.sh
@@ -17,6 +17,10 @@ release:
 
 demo: deps release
 	@scripts/demo.sh
+
+# kwire tunnel against wireguard-go between two namespaces.
+demo-tunnel: deps release
+	@scripts/demo-tunnel.sh
 
 # Integration tests find target/debug/kwire and kwire-lab, so the binaries are built first.
 test: deps build
