@@ -5,6 +5,7 @@ pub mod datapath;
 pub mod io;
 pub mod metrics;
 pub mod offload;
+pub mod pods;
 pub mod policy;
 pub mod tunnel;
 pub mod wg;
