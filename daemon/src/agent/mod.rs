@@ -5,6 +5,7 @@
 
 pub mod keyfile;
 pub mod peers;
+pub mod pods;
 pub mod routes;
 pub mod state;
 
@@ -162,11 +163,13 @@ async fn agent_main(
         status.clone(),
     );
     info!(node = %args.node_name, interface = %args.interface, port = args.listen_port, public_key = %own_key, "kwire agent starting");
+    let cidrs = agent.cidrs_tx.subscribe();
     if let Some(st) = restored {
         agent.restore(st);
     } else {
         agent.program_host();
     }
+    let pods = tokio::spawn(pods::serve(cidrs, tun.net.pods.clone(), args.run_dir.clone(), args.state_dir.clone(), args.interface.clone()));
     let metrics = crate::metrics::bind(args.metrics_addr, status.clone()).await?;
     let metrics = tokio::spawn(metrics);
     let uapi = tokio::spawn(uapi_server::serve(
@@ -192,6 +195,7 @@ async fn agent_main(
     control.abort();
     uapi.abort();
     metrics.abort();
+    pods.abort();
     Ok(())
 }
 
@@ -251,6 +255,8 @@ struct Agent {
     /// resourceVersion of this Node when its annotations were last patched: the same version
     /// seen again means our patch's watch event has not arrived yet, not that it was undone.
     patched_at: Option<String>,
+    /// Tells the pod side this node's pod CIDRs and MTU.
+    cidrs_tx: tokio::sync::watch::Sender<(Vec<IpNetwork>, u32)>,
 }
 
 /// What a reconcile asks the async side to do.
@@ -291,6 +297,7 @@ impl Agent {
             synced: false,
             retry: false,
             patched_at: None,
+            cidrs_tx: tokio::sync::watch::channel((Vec::new(), 0)).0,
         }
     }
 
@@ -320,6 +327,8 @@ impl Agent {
     }
 
     fn program_host(&mut self) {
+        let now = (self.own_cidrs.clone(), self.mtu);
+        self.cidrs_tx.send_if_modified(|v| if *v != now { *v = now; true } else { false });
         let peer_cidrs: Vec<IpNetwork> = self
             .applied
             .values()

@@ -110,6 +110,10 @@ impl TxPath {
             counters.drop(DropReason::Malformed);
             return;
         };
+        if dst.is_multicast() {
+            counters.drop(DropReason::Multicast);
+            return;
+        }
         if let Port::Pod(s) = from {
             if !local.owns(s, src) {
                 counters.drop(DropReason::SpoofedSource);

@@ -38,10 +38,12 @@ pub enum DropReason {
     SpoofedSource,
     /// A decrypted packet for an address that is neither a local pod nor this node.
     NoRoute,
+    /// Multicast from a tun (IPv6 router solicitations, MLD): the overlay is unicast only.
+    Multicast,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::NoPeer,
         DropReason::NoEndpoint,
         DropReason::NotAllowedIp,
@@ -57,6 +59,7 @@ impl DropReason {
         DropReason::UdpSend,
         DropReason::SpoofedSource,
         DropReason::NoRoute,
+        DropReason::Multicast,
     ];
 
     /// The `reason` label in metrics.
@@ -77,6 +80,7 @@ impl DropReason {
             DropReason::UdpSend => "udp_send",
             DropReason::SpoofedSource => "spoofed_source",
             DropReason::NoRoute => "no_route",
+            DropReason::Multicast => "multicast",
         }
     }
 
