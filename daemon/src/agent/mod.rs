@@ -6,6 +6,7 @@
 pub mod keyfile;
 pub mod peers;
 pub mod pods;
+pub mod policy;
 pub mod routes;
 pub mod state;
 
@@ -177,9 +178,14 @@ async fn agent_main(
         tun.device.clone(),
         tun.net.clone(),
     ));
+    let loop_pods = tun.net.pods.clone();
     let control = tokio::spawn(async move {
         match make_client(args.kubeconfig.as_deref()).await {
-            Ok(client) => agent.run(client).await,
+            Ok(client) => {
+                let policy = tokio::spawn(policy::run(client.clone(), loop_pods));
+                agent.run(client).await;
+                policy.abort();
+            }
             Err(e) => error!(
                 error = format!("{e:#}"),
                 "no Kubernetes API client; the data plane keeps the restored peers"

@@ -2,9 +2,12 @@
 //! owns it. Immutable, rebuilt and swapped when a pod comes or goes; the loop reads it per
 //! batch. `T` is what the runtime keeps per pod (its tun); tests use `()`.
 
+use crate::datapath::conntrack::Conntrack;
+use crate::policy::PolicySet;
 use crate::wg::allowed_ips::IntMap;
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 /// Where a frame came from or goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -36,11 +39,27 @@ pub struct LocalTable<T> {
     /// Deliver every decrypted packet to the host tun (plain WireGuard, as `kwire tunnel`
     /// does); off on a node, where only pods and the gateways receive.
     pub host_accepts_all: bool,
+    /// NetworkPolicy, when the cluster has any: checked for pods' new flows, with the
+    /// connection table remembering what passed.
+    pub filter: Option<Filter>,
+}
+
+/// The policy snapshot and the (long-lived, shared) connection table.
+#[derive(Clone)]
+pub struct Filter {
+    pub policy: Arc<PolicySet>,
+    pub conntrack: Arc<Conntrack>,
+}
+
+impl std::fmt::Debug for Filter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Filter").finish_non_exhaustive()
+    }
 }
 
 impl<T> Default for LocalTable<T> {
     fn default() -> Self {
-        LocalTable { pods: Vec::new(), by_ip: HashMap::new(), by_id: IntMap::default(), gateways: Vec::new(), host_accepts_all: true }
+        LocalTable { pods: Vec::new(), by_ip: HashMap::new(), by_id: IntMap::default(), gateways: Vec::new(), host_accepts_all: true, filter: None }
     }
 }
 
@@ -55,7 +74,7 @@ impl<T> LocalTable<T> {
                 by_ip.insert(*ip, slot as u32);
             }
         }
-        LocalTable { pods, by_ip, by_id, gateways, host_accepts_all: false }
+        LocalTable { pods, by_ip, by_id, gateways, host_accepts_all: false, filter: None }
     }
 
     #[inline]
@@ -78,6 +97,12 @@ impl<T> LocalTable<T> {
             return Some(Port::Pod(s));
         }
         (self.host_accepts_all || self.gateways.contains(&dst)).then_some(Port::Host)
+    }
+
+    /// Whether `ip` is one of this node's own tunnel addresses.
+    #[inline]
+    pub fn is_gateway(&self, ip: IpAddr) -> bool {
+        self.gateways.contains(&ip)
     }
 
     /// Whether `src` is one of pod `slot`'s addresses.

@@ -4,6 +4,7 @@
 //! through [`Io`]; tests drive both directions in memory.
 
 pub mod batch;
+pub mod conntrack;
 pub mod local;
 pub mod stats;
 
@@ -12,7 +13,8 @@ use crate::offload::gro::Coalescer;
 use crate::wg::device::{PeerState, Snapshot};
 use crate::wg::ratelimit::SourceLimiter;
 use batch::TxBatch;
-use local::{addresses, LocalTable, Port};
+use conntrack::{classify, Check, Classified, Decision};
+use local::{addresses, Filter, LocalTable, Port};
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
 use stats::{Counters, DropReason};
@@ -120,7 +122,21 @@ impl TxPath {
                 return;
             }
         }
+        if let (Some(f), Port::Pod(_)) = (&local.filter, from) {
+            if !policy_allows(f, Check::Egress, &frame[off..]) {
+                counters.drop(DropReason::PolicyEgress);
+                return;
+            }
+        }
         if let Some(t) = local.pod_for_ip(dst) {
+            // The node's own traffic to its pods is allowed (kubelet probes); all else is
+            // checked against the destination pod's ingress rules.
+            if let Some(f) = &local.filter {
+                if !(from == Port::Host && local.is_gateway(src)) && !policy_allows(f, Check::Ingress, &frame[off..]) {
+                    counters.drop(DropReason::PolicyIngress);
+                    return;
+                }
+            }
             // Same node: the frame (offload header included) goes to the other pod as is.
             io.tun_write_to(Port::Pod(t), frame);
             counters.packets_local.fetch_add(1, Ordering::Relaxed);
@@ -312,6 +328,12 @@ impl RxPath {
             counters.drop(DropReason::NoRoute);
             return;
         };
+        if let (Some(f), Port::Pod(_)) = (&local.filter, to) {
+            if !policy_allows(f, Check::Ingress, pkt) {
+                counters.drop(DropReason::PolicyIngress);
+                return;
+            }
+        }
         if self.coalescer.is_full() {
             self.coalescer.drain_tagged(|t, f| io.tun_write_to(port(t), f));
         }
@@ -435,6 +457,35 @@ impl RxPath {
         }
         counters.packets_rx.fetch_add(std::mem::take(&mut self.delivered), Ordering::Relaxed);
     }
+}
+
+/// Whether a pod's packet passes NetworkPolicy at `check`: replies and later packets of an
+/// admitted flow by one connection-table lookup; a new flow by the policy engine, once.
+#[inline]
+fn policy_allows(f: &Filter, check: Check, pkt: &[u8]) -> bool {
+    use crate::policy::Protocol;
+    let flow = match classify(pkt) {
+        Some(Classified::Packet(flow)) => flow,
+        // ICMP errors pass only for a flow admitted here.
+        Some(Classified::Error(about)) => return f.conntrack.knows(about),
+        None => match addresses(pkt) {
+            // A later fragment or an odd header: judged on addresses alone, port 0.
+            Some((src, dst)) => conntrack::Flow { proto: 0, src, dst, sport: 0, dport: 0 },
+            None => return false,
+        },
+    };
+    let d = f.conntrack.check(flow, check, || {
+        let proto = Protocol::from_ip_protocol(flow.proto);
+        let port = match flow.proto {
+            6 | 17 | 132 => flow.dport,
+            _ => 0,
+        };
+        match check {
+            Check::Egress => f.policy.egress_verdict(flow.src, flow.dst, proto, port).is_allowed(),
+            Check::Ingress => f.policy.ingress_verdict(flow.src, flow.dst, proto, port).is_allowed(),
+        }
+    });
+    d != Decision::Denied
 }
 
 fn release(snap: &Snapshot, h: Option<Held<'_>>) {
@@ -684,5 +735,67 @@ mod tests {
             assert_eq!(io.to.first().copied(), want, "{dst:?}");
         }
         assert_eq!(counters.drops(DropReason::NoRoute), 1);
+    }
+
+    /// NetworkPolicy in the loop: a default-deny-ingress pod admits only the allowed source;
+    /// its replies pass back through the connection table; the node itself always reaches it.
+    #[test]
+    fn policy_admits_new_flows_once_and_lets_replies_back() {
+        use crate::datapath::conntrack::Conntrack;
+        use crate::policy::{Namespace, Pod, PolicySet};
+        use local::{Filter, PodPort};
+        use std::collections::BTreeMap;
+        use std::sync::Arc;
+        let pod = |name: &str, ip: &str, app: &str| Pod {
+            namespace: "x".into(),
+            name: name.into(),
+            labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+            ips: vec![ip.parse().unwrap()],
+            container_ports: vec![],
+            node_name: "n1".into(),
+            host_network: false,
+        };
+        let np: k8s_openapi::api::networking::v1::NetworkPolicy = serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"namespace": "x", "name": "only-a"},
+            "spec": {"podSelector": {"matchLabels": {"app": "server"}},
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}]}]}
+        }))
+        .unwrap();
+        let policy = PolicySet::compile(
+            vec![Namespace::new("x", BTreeMap::new())],
+            vec![pod("server", "10.244.1.5", "server"), pod("a", "10.244.1.6", "a"), pod("b", "10.244.1.7", "b")],
+            vec![crate::policy::Policy::from_k8s(&np).unwrap()],
+        );
+        let ports = ["10.244.1.5", "10.244.1.6", "10.244.1.7"]
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| PodPort { id: i as u64, ips: vec![ip.parse().unwrap()], io: () })
+            .collect();
+        let mut local = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+        local.filter = Some(Filter { policy: Arc::new(policy), conntrack: Arc::new(Conntrack::default()) });
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+        let snap = dev.snapshot();
+        let counters = Counters::default();
+        let mut tx = TxPath::new();
+        let mut io = Capture::default();
+        let mut send = |from: u32, src: [u8; 4], dst: [u8; 4], io: &mut Capture| {
+            io.to.clear();
+            let port = if from == u32::MAX { Port::Host } else { Port::Pod(from) };
+            tx.handle_frame_from(&snap, &local, port, &mut udp4(src, dst), false, &counters, io);
+            io.to.first().copied()
+        };
+        // b -> server: denied at the server's ingress.
+        assert_eq!(send(2, [10, 244, 1, 7], [10, 244, 1, 5], &mut io), None);
+        assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
+        // a -> server: admitted; the server's reply passes (ports reversed in udp4: 0 -> 0).
+        assert_eq!(send(1, [10, 244, 1, 6], [10, 244, 1, 5], &mut io), Some(Port::Pod(0)));
+        assert_eq!(send(0, [10, 244, 1, 5], [10, 244, 1, 6], &mut io), Some(Port::Pod(1)));
+        // The node (its gateway address) reaches the server: kubelet probes.
+        assert_eq!(send(u32::MAX, [10, 244, 1, 1], [10, 244, 1, 5], &mut io), Some(Port::Pod(0)));
+        // An unselected pod is open both ways.
+        assert_eq!(send(0, [10, 244, 1, 5], [10, 244, 1, 7], &mut io), Some(Port::Pod(2)));
+        assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
     }
 }

@@ -40,10 +40,14 @@ pub enum DropReason {
     NoRoute,
     /// Multicast from a tun (IPv6 router solicitations, MLD): the overlay is unicast only.
     Multicast,
+    /// A new flow leaving a local pod that its NetworkPolicies do not allow.
+    PolicyEgress,
+    /// A new flow entering a local pod that its NetworkPolicies do not allow.
+    PolicyIngress,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 18] = [
         DropReason::NoPeer,
         DropReason::NoEndpoint,
         DropReason::NotAllowedIp,
@@ -60,6 +64,8 @@ impl DropReason {
         DropReason::SpoofedSource,
         DropReason::NoRoute,
         DropReason::Multicast,
+        DropReason::PolicyEgress,
+        DropReason::PolicyIngress,
     ];
 
     /// The `reason` label in metrics.
@@ -81,6 +87,8 @@ impl DropReason {
             DropReason::SpoofedSource => "spoofed_source",
             DropReason::NoRoute => "no_route",
             DropReason::Multicast => "multicast",
+            DropReason::PolicyEgress => "policy_egress",
+            DropReason::PolicyIngress => "policy_ingress",
         }
     }
 

@@ -109,6 +109,12 @@ pub enum InputError {
 }
 
 impl PolicySet {
+    /// Whether any NetworkPolicy exists: without one every flow is allowed and the packet
+    /// loop skips connection tracking altogether.
+    pub fn has_policies(&self) -> bool {
+        !self.policies.is_empty()
+    }
+
     /// Compiles a snapshot. Never fails: namespaces that pods or policies refer to but that are
     /// not given are assumed to exist with only the `kubernetes.io/metadata.name` label; the
     /// first of two pods (in namespace/name order) claiming one IP keeps it.

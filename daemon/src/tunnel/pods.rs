@@ -1,7 +1,9 @@
 //! Pods attached to the node's packet loop: each pod's tun (created by the CNI server inside
 //! the pod's namespace), its addresses, and the table the loop reads to deliver to it.
 
-use crate::datapath::local::{LocalTable, PodPort};
+use crate::datapath::conntrack::Conntrack;
+use crate::datapath::local::{Filter, LocalTable, PodPort};
+use crate::policy::PolicySet;
 use crate::io::epoll::Epoll;
 use crate::io::tun::TunQueue;
 use arc_swap::ArcSwap;
@@ -29,6 +31,7 @@ struct Inner {
     pods: Vec<Entry>,
     gateways: Option<Vec<IpAddr>>,
     next_id: u64,
+    policy: Option<Arc<PolicySet>>,
 }
 
 /// The pods of this node. One writer (the control plane), many readers (the workers).
@@ -38,12 +41,14 @@ pub struct Pods {
     /// One per tun reader; a pod's tun is read by worker `id % len`.
     pub(crate) epolls: Vec<Arc<Epoll>>,
     vnet: bool,
+    /// Flows admitted under NetworkPolicy; survives policy and pod changes.
+    pub conntrack: Arc<Conntrack>,
 }
 
 impl Pods {
     pub fn new(workers: usize, vnet: bool) -> io::Result<Pods> {
         let epolls = (0..workers.max(1)).map(|_| Epoll::new().map(Arc::new)).collect::<io::Result<_>>()?;
-        Ok(Pods { table: ArcSwap::from_pointee(Local::default()), inner: Mutex::new(Inner::default()), epolls, vnet })
+        Ok(Pods { table: ArcSwap::from_pointee(Local::default()), inner: Mutex::new(Inner::default()), epolls, vnet, conntrack: Arc::new(Conntrack::default()) })
     }
 
     /// The current table (hold it for a batch).
@@ -62,6 +67,23 @@ impl Pods {
         let mut g = self.lock();
         g.gateways = Some(gateways);
         self.publish(&g);
+    }
+
+    /// Swaps in a new NetworkPolicy snapshot: new flows see it at once; admitted flows go on
+    /// until idle.
+    pub fn set_policy(&self, policy: Arc<PolicySet>) {
+        let mut g = self.lock();
+        g.policy = Some(policy);
+        self.publish(&g);
+    }
+
+    /// How many pods are attached.
+    pub fn len(&self) -> usize {
+        self.lock().pods.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     /// Attaches a pod's tun; returns the pod's id for [`Pods::detach`]. The tun must use the
@@ -103,6 +125,18 @@ impl Pods {
                 t
             }
         };
+        let mut t = t;
+        t.filter = g
+            .policy
+            .as_ref()
+            .filter(|p| p.has_policies())
+            .map(|p| Filter { policy: p.clone(), conntrack: self.conntrack.clone() });
         self.table.store(Arc::new(t));
+    }
+}
+
+impl std::fmt::Debug for Pods {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pods").field("pods", &self.len()).finish_non_exhaustive()
     }
 }

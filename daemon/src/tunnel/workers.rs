@@ -25,6 +25,8 @@ pub const RECV_BATCH: usize = 32;
 pub const RECV_MSG_BYTES: usize = 65536;
 /// Tun frames read from one tun before the next ready one gets its turn.
 pub const TUN_BATCH: usize = 32;
+/// How often idle flows are swept from the connection table.
+pub const CONNTRACK_SWEEP_SECONDS: u64 = 10;
 /// Ready descriptors taken from one epoll wait.
 pub const EPOLL_EVENTS: usize = 64;
 /// Least time between two log lines about the same repeated I/O error.
@@ -300,6 +302,9 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
                     id.rate_limiter.reset_count();
                 }
                 device.source_limiter.prune(Instant::now());
+            }
+            if ticks.is_multiple_of(ticks_per_second * CONNTRACK_SWEEP_SECONDS) {
+                net.pods.conntrack.expire();
             }
         }
     })?;

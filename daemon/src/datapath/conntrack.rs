@@ -1,0 +1,305 @@
+//! Connection tracking for NetworkPolicy: which flows passed the checks this node made, so
+//! that their later packets and their replies pass with one hash lookup, and the policy
+//! engine runs once per new flow. Shared by all workers (a flow's two directions may be seen
+//! by different threads): a fixed number of shards, each a small lock held for one lookup.
+//!
+//! Established flows outlive a policy change until they go idle (Calico does the same);
+//! new flows see the new policy as soon as its snapshot is swapped in.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use crate::wg::allowed_ips::IntHasher;
+
+/// Shards of the table; a power of two.
+pub const SHARDS: usize = 64;
+/// Most flows remembered; past that new flows are evaluated every packet until room frees up.
+pub const MAX_FLOWS: usize = 1 << 20;
+/// Idle time after which a flow is forgotten (then re-evaluated if it resumes).
+pub const TCP_IDLE: Duration = Duration::from_secs(3600);
+pub const UDP_IDLE: Duration = Duration::from_secs(180);
+pub const OTHER_IDLE: Duration = Duration::from_secs(60);
+
+const ICMP: u8 = 1;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const SCTP: u8 = 132;
+const ICMPV6: u8 = 58;
+
+/// A packet's flow: protocol, addresses and ports (ICMP echo: the identifier as both ports).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Flow {
+    pub proto: u8,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub sport: u16,
+    pub dport: u16,
+}
+
+impl Flow {
+    /// The same flow seen from the other end.
+    pub fn reversed(&self) -> Flow {
+        Flow { proto: self.proto, src: self.dst, dst: self.src, sport: self.dport, dport: self.sport }
+    }
+}
+
+/// What a packet is, for policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Classified {
+    /// A packet of `Flow` in its own direction.
+    Packet(Flow),
+    /// An ICMP error about `Flow` (the flow of the packet quoted inside, reversed so that it
+    /// is seen from the error's receiver): passes only if that flow is known.
+    Error(Flow),
+}
+
+/// Reads the flow of an IP packet. Fragments after the first and unknown layouts give
+/// `None` (treated as a new flow on ports 0).
+pub fn classify(pkt: &[u8]) -> Option<Classified> {
+    let (proto, src, dst, l4) = ip_header(pkt)?;
+    let t = pkt.get(l4..)?;
+    let ports = |t: &[u8]| -> Option<(u16, u16)> { Some((u16::from_be_bytes([*t.first()?, *t.get(1)?]), u16::from_be_bytes([*t.get(2)?, *t.get(3)?]))) };
+    match proto {
+        TCP | UDP | SCTP => {
+            let (sport, dport) = ports(t)?;
+            Some(Classified::Packet(Flow { proto, src, dst, sport, dport }))
+        }
+        ICMP | ICMPV6 => {
+            let ty = *t.first()?;
+            let (echo_req, echo_rep, errors): (u8, u8, &[u8]) = if proto == ICMP { (8, 0, &[3, 4, 5, 11, 12]) } else { (128, 129, &[1, 2, 3, 4]) };
+            if ty == echo_req || ty == echo_rep {
+                let id = u16::from_be_bytes([*t.get(4)?, *t.get(5)?]);
+                // Request and reply share the identifier: the reply is the reversed flow.
+                let (sport, dport) = if ty == echo_req { (id, 0) } else { (0, id) };
+                Some(Classified::Packet(Flow { proto, src, dst, sport, dport }))
+            } else if errors.contains(&ty) {
+                let inner = t.get(8..)?;
+                let (ip, isrc, idst, il4) = ip_header_lenient(inner)?;
+                let (a, b) = ports(inner.get(il4..)?).unwrap_or((0, 0));
+                // The quoted packet went from `isrc` (the error's receiver) to `idst`.
+                Some(Classified::Error(Flow { proto: ip, src: isrc, dst: idst, sport: a, dport: b }))
+            } else {
+                Some(Classified::Packet(Flow { proto, src, dst, sport: ty as u16, dport: 0 }))
+            }
+        }
+        _ => Some(Classified::Packet(Flow { proto, src, dst, sport: 0, dport: 0 })),
+    }
+}
+
+fn ip_header(p: &[u8]) -> Option<(u8, IpAddr, IpAddr, usize)> {
+    match p.first()? >> 4 {
+        4 if p.len() >= 20 => {
+            let ihl = (p[0] & 0xf) as usize * 4;
+            let frag = u16::from_be_bytes([p[6], p[7]]) & 0x1fff;
+            if ihl < 20 || frag != 0 {
+                return None;
+            }
+            Some((p[9], IpAddr::from(<[u8; 4]>::try_from(&p[12..16]).ok()?), IpAddr::from(<[u8; 4]>::try_from(&p[16..20]).ok()?), ihl))
+        }
+        6 if p.len() >= 40 => Some((p[6], IpAddr::from(<[u8; 16]>::try_from(&p[8..24]).ok()?), IpAddr::from(<[u8; 16]>::try_from(&p[24..40]).ok()?), 40)),
+        _ => None,
+    }
+}
+
+/// The quoted header inside an ICMP error may be cut short; only the addresses and ports
+/// are needed.
+fn ip_header_lenient(p: &[u8]) -> Option<(u8, IpAddr, IpAddr, usize)> {
+    match p.first()? >> 4 {
+        4 if p.len() >= 20 => {
+            let ihl = (p[0] & 0xf) as usize * 4;
+            Some((p[9], IpAddr::from(<[u8; 4]>::try_from(&p[12..16]).ok()?), IpAddr::from(<[u8; 4]>::try_from(&p[16..20]).ok()?), ihl.max(20)))
+        }
+        6 if p.len() >= 40 => Some((p[6], IpAddr::from(<[u8; 16]>::try_from(&p[8..24]).ok()?), IpAddr::from(<[u8; 16]>::try_from(&p[24..40]).ok()?), 40)),
+        _ => None,
+    }
+}
+
+/// Where on this node a packet is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Check {
+    /// Leaving a local pod: that pod's egress rules.
+    Egress,
+    /// Entering a local pod: that pod's ingress rules.
+    Ingress,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// Checks passed by the flow's initiator direction on this node.
+    egress: bool,
+    ingress: bool,
+    /// Seconds since the table's epoch.
+    last_seen: u32,
+}
+
+/// The table. Keys are flows in the initiator's direction.
+pub struct Conntrack {
+    shards: Vec<Mutex<HashMap<Flow, Entry, std::hash::BuildHasherDefault<IntHasher>>>>,
+    epoch: std::time::Instant,
+}
+
+impl Default for Conntrack {
+    fn default() -> Self {
+        Conntrack { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(), epoch: std::time::Instant::now() }
+    }
+}
+
+/// The answer for one packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Part of a flow this node already admitted (either direction).
+    Established,
+    /// A new flow (or direction not yet checked here): `evaluate` said yes, now remembered.
+    Admitted,
+    /// `evaluate` said no.
+    Denied,
+}
+
+impl Conntrack {
+    fn shard(&self, f: &Flow) -> &Mutex<HashMap<Flow, Entry, std::hash::BuildHasherDefault<IntHasher>>> {
+        // Both directions of a flow land in the same shard.
+        let (a, b) = if (f.src, f.sport) <= (f.dst, f.dport) { ((f.src, f.sport), (f.dst, f.dport)) } else { ((f.dst, f.dport), (f.src, f.sport)) };
+        let mut h = std::hash::BuildHasherDefault::<IntHasher>::default().build_hasher();
+        (f.proto, a, b).hash(&mut h);
+        &self.shards[(h.finish() as usize) & (SHARDS - 1)]
+    }
+
+    fn now(&self) -> u32 {
+        self.epoch.elapsed().as_secs() as u32
+    }
+
+    /// Decides a packet of `flow` at `check`; `evaluate` runs the policy engine for a new
+    /// flow (or a direction not yet checked on this node).
+    pub fn check(&self, flow: Flow, check: Check, evaluate: impl FnOnce() -> bool) -> Decision {
+        let now = self.now();
+        let mut m = self.shard(&flow).lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = m.get_mut(&flow.reversed()) {
+            // A reply: the initiator's direction passed every check made here.
+            e.last_seen = now;
+            return Decision::Established;
+        }
+        if let Some(e) = m.get_mut(&flow) {
+            let passed = match check {
+                Check::Egress => e.egress,
+                Check::Ingress => e.ingress,
+            };
+            if passed {
+                e.last_seen = now;
+                return Decision::Established;
+            }
+        }
+        if !evaluate() {
+            m.remove(&flow);
+            return Decision::Denied;
+        }
+        if m.len() * SHARDS >= MAX_FLOWS && !m.contains_key(&flow) {
+            return Decision::Admitted; // full: admitted, not remembered
+        }
+        let e = m.entry(flow).or_insert(Entry { egress: false, ingress: false, last_seen: now });
+        match check {
+            Check::Egress => e.egress = true,
+            Check::Ingress => e.ingress = true,
+        }
+        e.last_seen = now;
+        Decision::Admitted
+    }
+
+    /// Whether an ICMP error about `flow` (seen from the error's receiver) belongs to a flow
+    /// admitted here.
+    pub fn knows(&self, flow: Flow) -> bool {
+        let m = self.shard(&flow).lock().unwrap_or_else(|p| p.into_inner());
+        m.contains_key(&flow) || m.contains_key(&flow.reversed())
+    }
+
+    /// Forgets idle flows (call every few seconds, off the packet path).
+    pub fn expire(&self) {
+        let now = self.now();
+        for s in &self.shards {
+            let mut m = s.lock().unwrap_or_else(|p| p.into_inner());
+            m.retain(|f, e| {
+                let idle = match f.proto {
+                    TCP => TCP_IDLE,
+                    UDP => UDP_IDLE,
+                    _ => OTHER_IDLE,
+                };
+                now.saturating_sub(e.last_seen) < idle.as_secs() as u32
+            });
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 40, 0, 0, 0x40, 0, 64, 6, 0, 0];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p.extend_from_slice(&sport.to_be_bytes());
+        p.extend_from_slice(&dport.to_be_bytes());
+        p.extend_from_slice(&[0u8; 16]);
+        p
+    }
+
+    fn flow(p: &[u8]) -> Flow {
+        match classify(p).unwrap() {
+            Classified::Packet(f) => f,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn replies_pass_once_the_initiator_was_admitted() {
+        let ct = Conntrack::default();
+        let out = flow(&tcp([10, 0, 0, 1], 40000, [10, 0, 0, 2], 80));
+        assert_eq!(ct.check(out, Check::Egress, || true), Decision::Admitted);
+        assert_eq!(ct.check(out, Check::Egress, || panic!("not evaluated again")), Decision::Established);
+        // Same node: the destination's ingress is its own check.
+        assert_eq!(ct.check(out, Check::Ingress, || true), Decision::Admitted);
+        let back = flow(&tcp([10, 0, 0, 2], 80, [10, 0, 0, 1], 40000));
+        assert_eq!(ct.check(back, Check::Egress, || panic!("replies are not evaluated")), Decision::Established);
+        assert_eq!(ct.check(back, Check::Ingress, || panic!()), Decision::Established);
+        // A denied flow is not remembered, and its "replies" do not pass.
+        let other = flow(&tcp([10, 0, 0, 3], 1, [10, 0, 0, 2], 80));
+        assert_eq!(ct.check(other, Check::Ingress, || false), Decision::Denied);
+        assert_eq!(ct.check(other.reversed(), Check::Egress, || false), Decision::Denied);
+        assert_eq!(ct.len(), 1);
+    }
+
+    #[test]
+    fn icmp_echo_and_errors() {
+        let mut req = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2, 8, 0, 0, 0, 0x12, 0x34, 0, 1];
+        let f = flow(&req);
+        req[20] = 0; // echo reply, addresses swapped
+        req[12..16].copy_from_slice(&[10, 0, 0, 2]);
+        req[16..20].copy_from_slice(&[10, 0, 0, 1]);
+        assert_eq!(flow(&req), f.reversed());
+        // An ICMP error (port unreachable) quoting 10.0.0.1:40000 -> 10.0.0.2:53/udp, sent back
+        // to 10.0.0.1.
+        let mut quoted = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        quoted.extend_from_slice(&40000u16.to_be_bytes());
+        quoted.extend_from_slice(&53u16.to_be_bytes());
+        quoted.extend_from_slice(&[0, 8, 0, 0]);
+        let mut err = vec![0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1, 3, 3, 0, 0, 0, 0, 0, 0];
+        err.extend_from_slice(&quoted);
+        let Some(Classified::Error(q)) = classify(&err) else { panic!() };
+        assert_eq!((q.src, q.sport, q.dport, q.proto), ("10.0.0.1".parse().unwrap(), 40000, 53, 17));
+        let ct = Conntrack::default();
+        assert!(!ct.knows(q));
+        ct.check(q, Check::Egress, || true);
+        assert!(ct.knows(q));
+        assert!(classify(&[0x45, 0, 0]).is_none());
+    }
+}
