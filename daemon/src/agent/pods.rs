@@ -61,6 +61,7 @@ pub async fn serve(mut cidrs: CidrWatch, pods: Arc<Pods>, run_dir: PathBuf, stat
         }
     };
     pods.set_gateways(gateways(&own));
+    pods.set_mtu(mtu);
     if let Err(e) = host_forwarding(&ifname, &own) {
         warn!(error = %e, "pods cannot reach the outside world until forwarding and masquerading work");
     }

@@ -42,6 +42,9 @@ pub struct LocalTable<T> {
     /// NetworkPolicy, when the cluster has any: checked for pods' new flows, with the
     /// connection table remembering what passed.
     pub filter: Option<Filter>,
+    /// Largest packet the tunnel carries; bigger ones get an ICMP error (DF, IPv6) or their
+    /// TCP segments cut smaller. `None`: the tun's own MTU is trusted (`kwire tunnel`).
+    pub mtu: Option<u16>,
 }
 
 /// The policy snapshot and the (long-lived, shared) connection table.
@@ -59,7 +62,7 @@ impl std::fmt::Debug for Filter {
 
 impl<T> Default for LocalTable<T> {
     fn default() -> Self {
-        LocalTable { pods: Vec::new(), by_ip: HashMap::new(), by_id: IntMap::default(), gateways: Vec::new(), host_accepts_all: true, filter: None }
+        LocalTable { pods: Vec::new(), by_ip: HashMap::new(), by_id: IntMap::default(), gateways: Vec::new(), host_accepts_all: true, filter: None, mtu: None }
     }
 }
 
@@ -74,7 +77,7 @@ impl<T> LocalTable<T> {
                 by_ip.insert(*ip, slot as u32);
             }
         }
-        LocalTable { pods, by_ip, by_id, gateways, host_accepts_all: false, filter: None }
+        LocalTable { pods, by_ip, by_id, gateways, host_accepts_all: false, filter: None, mtu: None }
     }
 
     #[inline]
@@ -97,6 +100,21 @@ impl<T> LocalTable<T> {
             return Some(Port::Pod(s));
         }
         (self.host_accepts_all || self.gateways.contains(&dst)).then_some(Port::Host)
+    }
+
+    /// This node's first IPv4 and IPv6 tunnel addresses (sources of ICMP errors).
+    pub fn gateway_v4(&self) -> Option<std::net::Ipv4Addr> {
+        self.gateways.iter().find_map(|a| match a {
+            IpAddr::V4(v) => Some(*v),
+            _ => None,
+        })
+    }
+
+    pub fn gateway_v6(&self) -> Option<std::net::Ipv6Addr> {
+        self.gateways.iter().find_map(|a| match a {
+            IpAddr::V6(v) => Some(*v),
+            _ => None,
+        })
     }
 
     /// Whether `ip` is one of this node's own tunnel addresses.

@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod conntrack;
+pub mod icmp;
 pub mod local;
 pub mod stats;
 
@@ -162,6 +163,21 @@ impl TxPath {
             counters.drop(DropReason::NoEndpoint);
             return;
         };
+        // Too big for the tunnel: tell the sender (path MTU discovery), never drop silently.
+        let max_packet = local.mtu.map_or(usize::MAX, usize::from);
+        if frame.len() - off > max_packet && !is_gso(frame, vnet) {
+            drop(st);
+            counters.drop(DropReason::Mtu);
+            let pkt = &frame[off..];
+            if icmp::dont_fragment(pkt) {
+                let out = &mut self.scratch;
+                out[..off].fill(0);
+                if let Some(n) = icmp::too_big(pkt, max_packet as u16, local.gateway_v4(), local.gateway_v6(), &mut out[off..]) {
+                    io.tun_write_to(from, &out[..off + n]);
+                }
+            }
+            return;
+        }
         let TxPath { scratch, batch, .. } = self;
         let mut sent = 0u64;
         let mut bytes = 0u64;
@@ -183,7 +199,7 @@ impl TxPath {
             }
         };
         let r = if vnet {
-            tso::split(frame, scratch, &mut emit)
+            tso::split_capped(frame, scratch, max_packet, &mut emit)
         } else {
             emit(&frame[..]);
             Ok(())
@@ -457,6 +473,12 @@ impl RxPath {
         }
         counters.packets_rx.fetch_add(std::mem::take(&mut self.delivered), Ordering::Relaxed);
     }
+}
+
+/// Whether a frame is a TSO segment (cut to size on the way, never too big as a whole).
+#[inline]
+fn is_gso(frame: &[u8], vnet: bool) -> bool {
+    vnet && frame.len() > 1 && frame[1] & !crate::offload::GSO_ECN != crate::offload::GSO_NONE
 }
 
 /// Whether a pod's packet passes NetworkPolicy at `check`: replies and later packets of an
@@ -797,5 +819,31 @@ mod tests {
         // An unselected pod is open both ways.
         assert_eq!(send(0, [10, 244, 1, 5], [10, 244, 1, 7], &mut io), Some(Port::Pod(2)));
         assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
+    }
+
+    /// A packet larger than the tunnel MTU with DF set is answered with "fragmentation
+    /// needed" to its sender, from the node's gateway address.
+    #[test]
+    fn too_big_for_the_tunnel_gets_an_icmp_error_back() {
+        use local::PodPort;
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+        let snap = dev.snapshot();
+        let mut local = LocalTable::new(vec![PodPort { id: 1, ips: vec!["10.244.1.5".parse().unwrap()], io: () }], vec!["10.244.1.1".parse().unwrap()]);
+        local.mtu = Some(1420);
+        let (counters, mut tx, mut io) = (Counters::default(), TxPath::new(), Capture::default());
+        let mut big = udp4([10, 244, 1, 5], [10, 244, 2, 9]);
+        big.resize(1500, 0);
+        big[2..4].copy_from_slice(&1500u16.to_be_bytes());
+        crate::offload::checksum::set_ipv4_header(&mut big[..20]);
+        tx.handle_frame_from(&snap, &local, Port::Pod(0), &mut big, false, &counters, &mut io);
+        tx.flush(&mut io);
+        assert!(io.udp.is_empty(), "nothing encrypted");
+        assert_eq!(io.to, vec![Port::Pod(0)], "the error goes back to the sender");
+        let e = &io.tun[0];
+        assert_eq!((e[20], e[21]), (3, 4));
+        assert_eq!(&e[12..16], &[10, 244, 1, 1]);
+        assert_eq!(u16::from_be_bytes([e[26], e[27]]), 1420);
+        assert_eq!(counters.drops(DropReason::Mtu), 1);
     }
 }

@@ -44,10 +44,12 @@ pub enum DropReason {
     PolicyEgress,
     /// A new flow entering a local pod that its NetworkPolicies do not allow.
     PolicyIngress,
+    /// Larger than the tunnel MTU (answered with an ICMP error when DF is set or IPv6).
+    Mtu,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 18] = [
+    pub const ALL: [DropReason; 19] = [
         DropReason::NoPeer,
         DropReason::NoEndpoint,
         DropReason::NotAllowedIp,
@@ -66,6 +68,7 @@ impl DropReason {
         DropReason::Multicast,
         DropReason::PolicyEgress,
         DropReason::PolicyIngress,
+        DropReason::Mtu,
     ];
 
     /// The `reason` label in metrics.
@@ -89,6 +92,7 @@ impl DropReason {
             DropReason::Multicast => "multicast",
             DropReason::PolicyEgress => "policy_egress",
             DropReason::PolicyIngress => "policy_ingress",
+            DropReason::Mtu => "mtu",
         }
     }
 

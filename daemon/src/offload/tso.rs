@@ -12,7 +12,13 @@ const PROTO_TCP: u8 = 6;
 
 /// Calls `emit` with each packet carried by `frame` (virtio-net header + packet). `scratch`
 /// must hold one packet of the largest segment (64 KiB is always enough).
-pub fn split<F: FnMut(&[u8])>(frame: &mut [u8], scratch: &mut [u8], mut emit: F) -> Result<(), OffloadError> {
+pub fn split<F: FnMut(&[u8])>(frame: &mut [u8], scratch: &mut [u8], emit: F) -> Result<(), OffloadError> {
+    split_capped(frame, scratch, usize::MAX, emit)
+}
+
+/// Like [`split`], with TCP segments cut so that no packet exceeds `max_packet` bytes (a
+/// smaller MSS is always valid TCP), for a path narrower than the sender's MTU.
+pub fn split_capped<F: FnMut(&[u8])>(frame: &mut [u8], scratch: &mut [u8], max_packet: usize, mut emit: F) -> Result<(), OffloadError> {
     if frame.len() < VNET_HDR_LEN {
         return Err(OffloadError::Malformed);
     }
@@ -26,7 +32,7 @@ pub fn split<F: FnMut(&[u8])>(frame: &mut [u8], scratch: &mut [u8], mut emit: F)
             emit(pkt);
             Ok(())
         }
-        GSO_TCPV4 | GSO_TCPV6 => split_tcp(pkt, &hdr, scratch, emit),
+        GSO_TCPV4 | GSO_TCPV6 => split_tcp(pkt, &hdr, scratch, max_packet, emit),
         _ => Err(OffloadError::Unsupported),
     }
 }
@@ -45,7 +51,7 @@ pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> Result<
     Ok(())
 }
 
-fn split_tcp<F: FnMut(&[u8])>(pkt: &[u8], hdr: &VnetHdr, scratch: &mut [u8], mut emit: F) -> Result<(), OffloadError> {
+fn split_tcp<F: FnMut(&[u8])>(pkt: &[u8], hdr: &VnetHdr, scratch: &mut [u8], max_packet: usize, mut emit: F) -> Result<(), OffloadError> {
     let v6 = match pkt.first().map(|b| b >> 4) {
         Some(4) => false,
         Some(6) => true,
@@ -64,7 +70,7 @@ fn split_tcp<F: FnMut(&[u8])>(pkt: &[u8], hdr: &VnetHdr, scratch: &mut [u8], mut
     if thl < 20 || hlen > pkt.len() {
         return Err(OffloadError::Malformed);
     }
-    let mss = hdr.gso_size as usize;
+    let mss = (hdr.gso_size as usize).min(max_packet.saturating_sub(hlen));
     if mss == 0 || hlen + mss > scratch.len() {
         return Err(OffloadError::Malformed);
     }

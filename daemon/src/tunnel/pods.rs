@@ -32,6 +32,7 @@ struct Inner {
     gateways: Option<Vec<IpAddr>>,
     next_id: u64,
     policy: Option<Arc<PolicySet>>,
+    mtu: Option<u16>,
 }
 
 /// The pods of this node. One writer (the control plane), many readers (the workers).
@@ -74,6 +75,13 @@ impl Pods {
     pub fn set_policy(&self, policy: Arc<PolicySet>) {
         let mut g = self.lock();
         g.policy = Some(policy);
+        self.publish(&g);
+    }
+
+    /// The tunnel MTU: larger packets from pods and the host get an ICMP error.
+    pub fn set_mtu(&self, mtu: u32) {
+        let mut g = self.lock();
+        g.mtu = u16::try_from(mtu).ok();
         self.publish(&g);
     }
 
@@ -126,6 +134,7 @@ impl Pods {
             }
         };
         let mut t = t;
+        t.mtu = g.mtu;
         t.filter = g
             .policy
             .as_ref()
