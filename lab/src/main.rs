@@ -11,6 +11,7 @@ use ipnetwork::{Ipv4Network, Ipv6Network};
 use kwire_lab::apiserver::{ApiServer, ApiServerConfig, DEFAULT_HISTORY_SIZE};
 use kwire_lab::cluster::state::AgentCommand;
 use kwire_lab::cluster::{commands, naming, supervisor};
+use kwire_lab::pods;
 
 #[derive(Parser)]
 #[command(
@@ -34,8 +35,21 @@ enum Command {
     Down(LabArg),
     /// Print the lab's nodes, pod CIDRs, agents and WireGuard handshakes.
     Status(StatusArgs),
-    /// Run a command in a node's network namespace; exits with the command's exit code.
+    /// Draw the lab's mesh (every node's view) as Graphviz DOT or SVG.
+    Graph(GraphArgs),
+    /// Run a command in a node's (`n1`) or a pod's (`NS/POD`) network namespace; exits with
+    /// the command's exit code.
     Exec(ExecArgs),
+    /// Create or update the objects of a YAML/JSON manifest (several documents) in the lab's API.
+    Apply(ApplyArgs),
+    /// Delete the objects of a YAML/JSON manifest from the lab's API.
+    Delete(ApplyArgs),
+    /// Whether FROM (a pod `NS/NAME` or a node `n1`) reaches TO[:PORT[/PROTO]] (a pod or an
+    /// IP; ICMP echo when no port). Exits 0 reachable, 1 not, 2 on error.
+    Probe(ProbeArgs),
+    /// Serve a lab pod's ports (run by the supervisor inside the pod's namespace).
+    #[command(hide = true)]
+    PodServe(PodServeArgs),
     /// Add a node to a running lab (namespace, Node, agent); prints its name.
     AddNode(LabArg),
     /// Remove a node from a running lab: stop its agent, delete its Node and namespace.
@@ -77,6 +91,64 @@ struct UpArgs {
     /// Give up (leaving the lab up for inspection) after this many seconds.
     #[arg(long, default_value_t = 60)]
     timeout: u64,
+    /// Pods to create per node (`default/pod-<node#>-<i>`, label app=lab-pod), waiting until
+    /// they run with IPs.
+    #[arg(long, default_value_t = 0)]
+    pods: u32,
+}
+
+#[derive(clap::Args)]
+struct GraphArgs {
+    #[command(flatten)]
+    lab: LabArg,
+    /// `dot` (Graphviz text) or `svg` (needs Graphviz's `dot`).
+    #[arg(long, default_value = "dot", value_parser = ["dot", "svg"])]
+    format: String,
+    /// The kwire binary (default: $KWIRE_BIN, next to kwire-lab, target/{debug,release}/kwire).
+    #[arg(long)]
+    kwire: Option<PathBuf>,
+}
+
+#[derive(clap::Args)]
+struct ApplyArgs {
+    #[command(flatten)]
+    lab: LabArg,
+    /// The manifest (`-` for stdin).
+    #[arg(short = 'f', long = "filename")]
+    file: PathBuf,
+    /// With `delete`: objects that do not exist are not an error.
+    #[arg(long)]
+    ignore_not_found: bool,
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    #[command(flatten)]
+    lab: LabArg,
+    /// A pod (`NS/NAME`) or a node (`n1`).
+    from: String,
+    /// A pod (`NS/NAME`) or an IP, with an optional `:PORT` and `/TCP` or `/UDP`
+    /// (`[IPv6]:PORT`).
+    to: String,
+    /// Use the IPv6 address of a pod given by name.
+    #[arg(short = '6', long)]
+    ipv6: bool,
+    /// Seconds to wait for an answer.
+    #[arg(long, default_value_t = 2.0)]
+    timeout: f64,
+    /// Print {"from","to","address","port","protocol","reachable","detail"}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct PodServeArgs {
+    /// The pod's `NS/NAME`, sent in every answer.
+    #[arg(long)]
+    pod: String,
+    /// Ports to serve: `80/TCP,80/UDP`.
+    #[arg(long, default_value = "80/TCP,80/UDP")]
+    ports: String,
 }
 
 #[derive(clap::Args)]
@@ -84,7 +156,8 @@ struct StatusArgs {
     #[command(flatten)]
     lab: LabArg,
     /// Print JSON: per node name, netns, underlay_ip, pod_cidrs, gateway_ips, metrics_url,
-    /// state_dir, agent, and per peer whether it has a handshake.
+    /// cni_socket, state_dir, agent, and per peer whether it has a handshake; and every pod
+    /// with name, namespace, node, phase, netns and ips.
     #[arg(long)]
     json: bool,
 }
@@ -93,7 +166,7 @@ struct StatusArgs {
 struct ExecArgs {
     #[command(flatten)]
     lab: LabArg,
-    /// The node: `<lab>-n1`, `n1` or `1`.
+    /// The node (`<lab>-n1`, `n1` or `1`) or a pod (`NS/NAME`).
     node: String,
     /// The command and its arguments, after `--`.
     #[arg(last = true, required = true)]
@@ -231,14 +304,78 @@ fn run() -> anyhow::Result<()> {
                 agent,
                 wait_mesh,
                 timeout: Duration::from_secs(args.timeout),
+                pods_per_node: args.pods,
             })?;
             Ok(())
         }
         Command::Down(args) => Ok(commands::down(&args.name, false)?),
         Command::Status(args) => Ok(commands::status(&args.lab.name, args.json)?),
+        Command::Graph(args) => {
+            let out = kwire_lab::cluster::graph::graph(&args.lab.name, args.kwire, &args.format)?;
+            print!("{out}");
+            Ok(())
+        }
         Command::Exec(args) => {
-            let code = commands::exec(&args.lab.name, &args.node, &args.command)?;
+            let code = if args.node.contains('/') {
+                pods::exec_pod(&args.lab.name, &args.node, &args.command)?
+            } else {
+                commands::exec(&args.lab.name, &args.node, &args.command)?
+            };
             std::process::exit(code)
+        }
+        Command::Apply(args) => Ok(pods::apply(&args.lab.name, &args.file, false, false)?),
+        Command::Delete(args) => Ok(pods::apply(
+            &args.lab.name,
+            &args.file,
+            true,
+            args.ignore_not_found,
+        )?),
+        Command::Probe(args) => {
+            let opts = pods::ProbeOptions {
+                from: args.from,
+                to: args.to,
+                ipv6: args.ipv6,
+                timeout: Duration::from_secs_f64(args.timeout.max(0.05)),
+            };
+            match pods::probe(&args.lab.name, &opts) {
+                Ok(r) => {
+                    if args.json {
+                        println!("{}", serde_json::to_string(&r).expect("serializes"));
+                    } else {
+                        println!(
+                            "{} -> {} ({}{}): {} ({})",
+                            r.from,
+                            r.to,
+                            r.address,
+                            r.port
+                                .map(|p| format!(" port {p}/{}", r.protocol))
+                                .unwrap_or_else(|| " ICMP".into()),
+                            if r.reachable {
+                                "reachable"
+                            } else {
+                                "NOT reachable"
+                            },
+                            r.detail
+                        );
+                    }
+                    std::process::exit(if r.reachable { 0 } else { 1 })
+                }
+                Err(e) => {
+                    if args.json {
+                        println!(
+                            "{}",
+                            serde_json::json!({"from": opts.from, "to": opts.to, "error": format!("{e:#}")})
+                        );
+                    }
+                    eprintln!("error: {e:#}");
+                    std::process::exit(2)
+                }
+            }
+        }
+        Command::PodServe(args) => {
+            let ports = pods::serve::parse_ports(&args.ports).map_err(anyhow::Error::msg)?;
+            pods::serve::serve(&args.pod, &ports).context("serving the pod's ports")?;
+            Ok(())
         }
         Command::AddNode(args) => {
             commands::add_node(&args.name)?;

@@ -31,6 +31,8 @@ pub struct UpOptions {
     /// supervisor to be ready).
     pub wait_mesh: bool,
     pub timeout: Duration,
+    /// Pods to create per node (and wait for) once the lab is up.
+    pub pods_per_node: u32,
 }
 
 fn require_root() -> Result<(), LabError> {
@@ -206,6 +208,13 @@ pub fn up(opts: &UpOptions) -> Result<(), LabError> {
     }
     if opts.wait_mesh && lab.nodes.len() > 1 {
         wait_mesh(&names, opts.timeout.saturating_sub(started.elapsed()))?;
+    }
+    if opts.pods_per_node > 0 {
+        crate::pods::create_lab_pods(
+            name,
+            opts.pods_per_node,
+            opts.timeout.saturating_sub(started.elapsed()),
+        )?;
     }
     println!(
         "lab {name} is up: `kwire-lab status --name {name}`, `kwire-lab exec --name {name} {}-n1 -- CMD`, `kwire-lab down --name {name}`",

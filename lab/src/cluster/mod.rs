@@ -9,6 +9,7 @@
 
 pub mod client;
 pub mod commands;
+pub mod graph;
 pub mod naming;
 pub mod state;
 pub mod status;

@@ -121,7 +121,8 @@ impl LabNames {
         digits.parse().ok().filter(|i| (1..=MAX_NODES).contains(i))
     }
 
-    /// True for namespaces this lab creates: `<lab>-ul` and `<lab>-n<digits>`.
+    /// True for namespaces this lab creates: `<lab>-ul`, `<lab>-n<digits>` and the pods'
+    /// `<lab>-p<8 hex digits>`.
     pub fn owns_netns(&self, netns: &str) -> bool {
         let Some(rest) = netns.strip_prefix(&format!("{}-", self.name)) else {
             return false;
@@ -130,6 +131,17 @@ impl LabNames {
             || rest
                 .strip_prefix('n')
                 .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            || rest.strip_prefix('p').is_some_and(|h| {
+                h.len() == POD_NETNS_HASH_DIGITS
+                    && h.bytes()
+                        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            })
+    }
+
+    /// The network namespace of the pod with `uid`: `<lab>-p<hash>`, stable for the pod's life
+    /// (the uid changes when a pod of the same name is created again).
+    pub fn pod_netns(&self, uid: &str) -> String {
+        format!("{}-p{:08x}", self.name, fnv1a(uid))
     }
 
     /// The bridge in the underlay namespace.
@@ -179,13 +191,22 @@ impl LabNames {
     }
 }
 
-/// FNV-1a (32 bit) folded to 16 bits: stable across builds and machines.
-fn tag_of(name: &str) -> u16 {
+/// Hex digits of the hash in a pod's namespace name (32 bits: collisions need ~65k pods).
+pub const POD_NETNS_HASH_DIGITS: usize = 8;
+
+/// FNV-1a, 32 bit: stable across builds and machines.
+fn fnv1a(text: &str) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
-    for b in name.bytes() {
+    for b in text.bytes() {
         h ^= b as u32;
         h = h.wrapping_mul(0x0100_0193);
     }
+    h
+}
+
+/// FNV-1a (32 bit) folded to 16 bits.
+fn tag_of(name: &str) -> u16 {
+    let h = fnv1a(name);
     ((h >> 16) ^ (h & 0xffff)) as u16
 }
 
@@ -243,6 +264,17 @@ mod tests {
         assert_eq!(l.node_index("3"), Some(3));
         assert_eq!(l.node_index("x3"), None);
         assert_eq!(l.node_index("n0"), None);
+        let p = l.pod_netns("0b6f3c9e-1d2a-4c8e-9f00-123456789abc");
+        assert!(
+            p.starts_with("kwire-p") && p.len() == "kwire-p".len() + 8,
+            "{p}"
+        );
+        assert_eq!(p, l.pod_netns("0b6f3c9e-1d2a-4c8e-9f00-123456789abc"));
+        assert_ne!(p, l.pod_netns("another-uid"));
+        assert!(l.owns_netns(&p));
+        assert!(!LabNames::new("kwire2").unwrap().owns_netns(&p));
+        assert!(!l.owns_netns("kwire-p12"));
+        assert!(!l.owns_netns("kwire-pXXXXXXXX"));
     }
 
     #[test]

@@ -32,6 +32,8 @@ pub struct LabStatus {
     /// Why the API could not be read, if it could not.
     pub api_error: Option<String>,
     pub nodes: Vec<NodeStatus>,
+    /// Every Pod in the API, with its node, network namespace and IPs.
+    pub pods: Vec<crate::pods::PodStatus>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -44,6 +46,8 @@ pub struct NodeStatus {
     pub pod_cidrs: Vec<String>,
     pub gateway_ips: Vec<String>,
     pub metrics_url: String,
+    /// Where the node's agent serves the CNI plugin (`<run dir>/cni.sock`).
+    pub cni_socket: PathBuf,
     pub state_dir: PathBuf,
     pub log: PathBuf,
     /// In the API (false: deleted from it, or not registered yet).
@@ -260,6 +264,7 @@ pub fn collect(lab: &LabDescription, runtime: Option<&Runtime>) -> LabStatus {
                 gateway_ips: gateway_ips(&pod_cidrs),
                 pod_cidrs,
                 metrics_url: node.metrics_url.clone(),
+                cni_socket: crate::pods::kubelet::cni_socket(node),
                 state_dir: node.state_dir.clone(),
                 log: node.log.clone(),
                 registered: from_api.is_some(),
@@ -273,7 +278,14 @@ pub fn collect(lab: &LabDescription, runtime: Option<&Runtime>) -> LabStatus {
             }
         })
         .collect();
+    let pods = match super::naming::LabNames::new(&lab.name) {
+        Ok(names) if api_error.is_none() => {
+            crate::pods::list_pods(&names, runtime).unwrap_or_default()
+        }
+        _ => Vec::new(),
+    };
     LabStatus {
+        pods,
         name: lab.name.clone(),
         underlay_netns: lab.underlay_netns.clone(),
         bridge: lab.bridge.clone(),
@@ -381,6 +393,26 @@ impl LabStatus {
         }
         if self.nodes.iter().any(|n| !n.registered) {
             out.push_str("* not in the API\n");
+        }
+        if !self.pods.is_empty() {
+            out.push_str(&format!(
+                "\n{:<28} {:<16} {:<10} {:<20} {}\n",
+                "POD", "NODE", "PHASE", "NETNS", "IPS"
+            ));
+            for p in &self.pods {
+                out.push_str(&format!(
+                    "{:<28} {:<16} {:<10} {:<20} {}\n",
+                    p.key(),
+                    p.node.as_deref().unwrap_or("-"),
+                    p.phase.as_deref().unwrap_or("-"),
+                    p.netns.as_deref().unwrap_or("-"),
+                    if p.ips.is_empty() {
+                        p.message.clone().unwrap_or_default()
+                    } else {
+                        p.ips.join(",")
+                    }
+                ));
+            }
         }
         out
     }

@@ -23,6 +23,7 @@ use super::naming::{self, LabNames};
 use super::state::{self, AgentCommand, AgentRuntime, LabDescription, LabPaths, NodeSpec, Runtime};
 use super::LabError;
 use crate::apiserver::{kubeconfig, ApiServer, ApiServerConfig};
+use crate::pods::kubelet::{Kubelet, PodDone};
 
 /// First pause before restarting an agent that exited; doubled per quick exit.
 pub const RESTART_BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -33,6 +34,8 @@ pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub const RESTART_BACKOFF_RESET: Duration = Duration::from_secs(10);
 /// How often children are checked for exits.
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the kubelet role re-reads the Pods without a change (retries of failed setups).
+const KUBELET_RESYNC: Duration = Duration::from_millis(500);
 /// How long agents get between SIGTERM and SIGKILL when the lab stops.
 pub const AGENT_STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -110,6 +113,11 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
     sup.write_runtime(true)?;
     tracing::info!(nodes = sup.agents.len(), "lab ready");
 
+    let (pod_done_tx, mut pod_done) = tokio::sync::mpsc::unbounded_channel::<PodDone>();
+    let mut kubelet = Kubelet::new(&sup.lab, sup.names.clone(), sup.paths.clone(), pod_done_tx);
+    let mut api_changes = sup.server.store().subscribe();
+    let mut pod_tick = tokio::time::interval(KUBELET_RESYNC);
+
     let sig =
         |k| signal(k).map_err(|source| LabError::io("installing signal handlers".into(), source));
     let mut term = sig(SignalKind::terminate())?;
@@ -131,9 +139,20 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
                     sup.write_runtime(true)?;
                 }
             }
+            changed = api_changes.changed() => {
+                if changed.is_ok() {
+                    kubelet.reconcile(&sup.server, &sup.lab);
+                }
+            }
+            _ = pod_tick.tick() => kubelet.reconcile(&sup.server, &sup.lab),
+            Some(done) = pod_done.recv() => {
+                kubelet.finished(&sup.server, &sup.lab, done);
+                kubelet.reconcile(&sup.server, &sup.lab);
+            }
         }
     }
-    tracing::info!("stopping: agents get SIGTERM");
+    tracing::info!("stopping: pod servers and agents get SIGTERM");
+    kubelet.stop_all();
     sup.stop_all().await;
     sup.server.stop().await;
     let _ = std::fs::remove_file(sup.paths.runtime());
