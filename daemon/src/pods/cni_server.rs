@@ -321,6 +321,9 @@ impl CniServer {
             }
             Ok(c) => {
                 tracing::warn!(uid = c.uid(), "refused a CNI request from a non-root peer");
+                // Read the request first: a client that writes before it reads (kwire-cni
+                // does) would otherwise see a broken pipe instead of this answer.
+                let _ = tokio::time::timeout(Duration::from_secs(1), drain_request(&mut stream)).await;
                 Response::Error(err(code::INVALID_ENV, format!("kwire daemon refuses CNI requests from uid {}: only root may call it", c.uid())))
             }
             Err(e) => Response::Error(err(code::IO_FAILURE, format!("reading the peer's credentials: {e}"))),
@@ -616,4 +619,14 @@ async fn read_request(stream: &mut UnixStream) -> Result<(Request, Option<OwnedF
     }
     let req: Request = serde_json::from_slice(&buf[4..total]).map_err(|e| err(code::DECODE_FAILURE, format!("undecodable request from kwire-cni: {e}")))?;
     Ok((req, fd))
+}
+
+/// Reads and discards one length-prefixed request (bounded by the protocol's limit).
+async fn drain_request(stream: &mut UnixStream) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await?;
+    let n = u32::from_be_bytes(len).min(kwire_proto::cni::MAX_MESSAGE_BYTES) as u64;
+    tokio::io::copy(&mut stream.take(n), &mut tokio::io::sink()).await?;
+    Ok(())
 }
