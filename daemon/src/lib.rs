@@ -7,5 +7,6 @@ pub mod metrics;
 pub mod offload;
 pub mod pods;
 pub mod policy;
+pub mod status;
 pub mod tunnel;
 pub mod wg;

@@ -8,9 +8,13 @@ use std::process::ExitCode;
 #[derive(Parser)]
 #[command(name = "kwire", version, about, long_about = None)]
 struct Cli {
-    /// Log filter (overrides RUST_LOG), e.g. `info` or `kwire=debug`.
+    /// Log filter (overrides RUST_LOG), e.g. `info` or `kwire=debug`. Default:
+    /// `info,kube_client=warn,kube_runtime=warn` (no per-retry lines during an API outage).
     #[arg(long, global = true)]
     log_level: Option<String>,
+    /// Log line format: `text` (human) or `json` (one object per line).
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -21,6 +25,10 @@ enum Command {
     Tunnel(kwire::tunnel::TunnelArgs),
     /// Run the node agent: the tunnel, peers from the cluster's Nodes, routes, /metrics.
     Agent(kwire::agent::AgentArgs),
+    /// Show this node's peers (by node name) and pods, from the running agent (root only).
+    Status(kwire::status::StatusArgs),
+    /// Draw the mesh as Graphviz DOT (or SVG) from the running agent's view.
+    Graph(kwire::status::graph::GraphArgs),
     /// NetworkPolicy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
@@ -33,21 +41,30 @@ enum PolicyCommand {
     Trace(kwire::policy::trace::TraceArgs),
 }
 
+/// Log filter without RUST_LOG or --log-level: kube's clients log every failed retry at ERROR,
+/// which floods the log during an API outage; the agent itself logs those once per interval.
+const DEFAULT_LOG_FILTER: &str = "info,kube_client=warn,kube_runtime=warn";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = cli
         .log_level
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
-        .unwrap_or_else(|| "info".to_string());
-    tracing_subscriber::fmt()
+        .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_string());
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    if cli.log_format == "json" {
+        builder.json().with_current_span(false).init();
+    } else {
+        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
     let r = match cli.command {
         Command::Tunnel(a) => kwire::tunnel::run(a),
         Command::Agent(a) => kwire::agent::run(a),
+        Command::Status(a) => kwire::status::run(&a),
+        Command::Graph(a) => kwire::status::graph::run(&a),
         Command::Policy(PolicyCommand::Trace(a)) => {
             let r = kwire::policy::trace::run(&a, &mut std::io::stdout().lock());
             if let Err(e) = &r {

@@ -3,6 +3,7 @@
 //! `spec.podCIDRs`), routes the peers' pod ranges into the tun with blackholes behind them,
 //! keeps the last peer set in its state directory, and serves `/metrics`.
 
+pub mod health;
 pub mod keyfile;
 pub mod peers;
 pub mod pods;
@@ -85,6 +86,10 @@ pub struct AgentArgs {
     /// Data-plane worker threads; default: one per core.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// A peer without a handshake for this long while traffic to it waits is unreachable
+    /// (a `PeerUnreachable` Event on its Node, kwire_peer_up 0), e.g. 120s, 2m.
+    #[arg(long, env = "KWIRE_PEER_UNREACHABLE_AFTER", default_value = "2m", value_parser = health::parse_duration)]
+    pub peer_unreachable_after: Duration,
 }
 
 /// Runs the agent until SIGTERM or SIGINT; then removes the userspace API socket and exits 0,
@@ -156,6 +161,14 @@ async fn agent_main(
         )
     })?;
     let status = Arc::new(AgentStatus::new(tun.device.clone(), tun.counters.clone()));
+    let _ = status.node.set(crate::metrics::NodeContext {
+        name: args.node_name.clone(),
+        interface: args.interface.clone(),
+        state_dir: args.state_dir.clone(),
+        pods: tun.net.pods.clone(),
+    });
+    let status_sock = crate::status::server::bind(&args.run_dir)?;
+    let run_dir = args.run_dir.clone();
     let mut agent = Agent::new(
         &args,
         own_key,
@@ -173,6 +186,15 @@ async fn agent_main(
     let pods = tokio::spawn(pods::serve(cidrs, tun.net.pods.clone(), args.run_dir.clone(), args.state_dir.clone(), args.interface.clone()));
     let metrics = crate::metrics::bind(args.metrics_addr, status.clone()).await?;
     let metrics = tokio::spawn(metrics);
+    let status_server = tokio::spawn(crate::status::server::serve(status_sock, status.clone()));
+    let health = tokio::spawn(health::run(
+        status.clone(),
+        health::HealthSettings {
+            node_name: args.node_name.clone(),
+            kubeconfig: args.kubeconfig.clone(),
+            unreachable_after: args.peer_unreachable_after,
+        },
+    ));
     let uapi = tokio::spawn(uapi_server::serve(
         listener,
         tun.device.clone(),
@@ -201,6 +223,9 @@ async fn agent_main(
     control.abort();
     uapi.abort();
     metrics.abort();
+    status_server.abort();
+    health.abort();
+    let _ = std::fs::remove_file(run_dir.join(crate::status::STATUS_SOCKET));
     pods.abort();
     Ok(())
 }
@@ -213,7 +238,7 @@ fn nets(v: &[IpNetwork]) -> String {
         .join(",")
 }
 
-async fn make_client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+pub(crate) async fn make_client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     let config = match kubeconfig {
         Some(p) => {
             let kc = kube::config::Kubeconfig::read_from(p).with_context(|| format!("reading --kubeconfig {}", p.display()))?;
@@ -340,6 +365,7 @@ impl Agent {
             .values()
             .flat_map(|p| p.allowed_ips.iter().copied())
             .collect();
+        self.status.pod_cidrs.store(Arc::new(self.own_cidrs.clone()));
         let errors = self.host.sync(self.mtu, &self.own_cidrs, &peer_cidrs);
         for e in &errors {
             warn!(error = %e, interface = %self.host.ifname, "programming the tun's addresses or routes");
@@ -371,6 +397,8 @@ impl Agent {
                 ev = stream.next() => match ev {
                     Some(Ok(ev)) => self.on_event(ev),
                     Some(Err(e)) => {
+                        self.status.watch_errors.fetch_add(1, Ordering::Relaxed);
+                        self.status.api_synced.store(false, Ordering::Relaxed);
                         if last_err_log.is_none_or(|t| t.elapsed() >= WATCH_ERROR_LOG_INTERVAL) {
                             warn!(error = %e, "watching Nodes failed; retrying with backoff, the data plane keeps the last peer set");
                             last_err_log = Some(Instant::now());
@@ -423,6 +451,7 @@ impl Agent {
     fn on_event(&mut self, ev: Event<Node>) -> bool {
         match ev {
             Event::Init => {
+                self.status.watch_resyncs.fetch_add(1, Ordering::Relaxed);
                 self.relist = Some(BTreeMap::new());
                 false
             }
@@ -442,6 +471,7 @@ impl Agent {
                 }
                 self.synced = true;
                 self.status.synced.store(true, Ordering::Relaxed);
+                self.status.api_synced.store(true, Ordering::Relaxed);
                 true
             }
             Event::Apply(n) => {
@@ -449,6 +479,7 @@ impl Agent {
                     return false;
                 };
                 self.nodes.insert(name, n);
+                self.status.api_synced.store(self.synced, Ordering::Relaxed);
                 self.synced
             }
             Event::Delete(n) => {

@@ -18,11 +18,14 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
+use crate::tunnel::pods::Pods;
+use ipnetwork::IpNetwork;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 /// A peer whose last handshake is older than this is down: WireGuard's REJECT_AFTER_TIME
 /// (whitepaper §6.1), after which no session key may be used.
@@ -39,6 +42,37 @@ pub struct AgentStatus {
     pub synced: AtomicBool,
     /// The tun's addresses and routes are programmed.
     pub programmed: AtomicBool,
+    /// Which node this is, where its pod records live, its pods (set once at start).
+    pub node: OnceLock<NodeContext>,
+    /// This node's pod CIDRs, as last programmed.
+    pub pod_cidrs: ArcSwap<Vec<IpNetwork>>,
+    /// Errors of the Node watch (each failed list/watch attempt).
+    pub watch_errors: AtomicU64,
+    /// Complete re-lists of the Nodes (the first list included).
+    pub watch_resyncs: AtomicU64,
+    /// The Node watch delivered its last answer without error.
+    pub api_synced: AtomicBool,
+    /// What the health monitor knows of each peer, by node name.
+    pub peer_health: Mutex<BTreeMap<String, PeerHealthReport>>,
+}
+
+/// The node an agent runs for.
+#[derive(Debug, Clone)]
+pub struct NodeContext {
+    pub name: String,
+    pub interface: String,
+    /// Holds `pods.json` (pod names and namespaces).
+    pub state_dir: PathBuf,
+    pub pods: Arc<Pods>,
+}
+
+/// Per peer, what the health monitor derived between ticks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerHealthReport {
+    /// Completed handshakes seen (a change of the handshake time between ticks).
+    pub handshakes: u64,
+    /// No handshake for longer than `--peer-unreachable-after` while traffic waits.
+    pub unreachable: bool,
 }
 
 impl std::fmt::Debug for AgentStatus {
@@ -59,7 +93,23 @@ impl AgentStatus {
             invalid: Default::default(),
             synced: AtomicBool::new(false),
             programmed: AtomicBool::new(false),
+            node: OnceLock::new(),
+            pod_cidrs: ArcSwap::from_pointee(Vec::new()),
+            watch_errors: AtomicU64::new(0),
+            watch_resyncs: AtomicU64::new(0),
+            api_synced: AtomicBool::new(false),
+            peer_health: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// The health monitor's view of each peer.
+    pub fn peer_health(&self) -> BTreeMap<String, PeerHealthReport> {
+        self.peer_health.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Pods attached to the packet loop (0 before the node is known).
+    pub fn pod_count(&self) -> usize {
+        self.node.get().map_or(0, |n| n.pods.table().pods.len())
     }
 
     pub fn count_invalid(&self, r: RejectReason) {
@@ -113,62 +163,85 @@ fn counter_family(
 impl Collector for StatusCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let st = &self.0;
-        let names = st.peer_names.load();
-        let snap = st.device.snapshot();
-        let now = SystemTime::now();
-        let (mut up, mut age, mut rx, mut tx) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut connected = 0u64;
-        for p in &snap.peers {
-            // Peers added by hand through the userspace API have no node: not reported.
-            let Some(node) = names.get(&p.public_key) else {
-                continue;
-            };
-            let l = one("node", node);
-            let hs_age = p.last_handshake().and_then(|t| now.duration_since(t).ok());
-            let is_up = hs_age.is_some_and(|a| a < PEER_UP_WITHIN);
-            connected += u64::from(is_up);
-            up.push((l.clone(), if is_up { 1.0 } else { 0.0 }));
-            if let Some(a) = hs_age {
-                age.push((l.clone(), a.as_secs_f64()));
-            }
-            rx.push((l.clone(), p.rx_bytes.load(Ordering::Relaxed)));
-            tx.push((l, p.tx_bytes.load(Ordering::Relaxed)));
-        }
+        // The same numbers `kwire status` prints.
+        let r = crate::status::report(st);
+        let node = |n: &str| one("node", n);
+        let peer_gauge = |f: &dyn Fn(&crate::status::PeerReport) -> Option<f64>| -> Vec<(Labels, f64)> {
+            r.peers.iter().filter_map(|p| f(p).map(|v| (node(&p.node), v))).collect()
+        };
+        let peer_counter = |f: &dyn Fn(&crate::status::PeerReport) -> u64| -> Vec<(Labels, u64)> {
+            r.peers.iter().map(|p| (node(&p.node), f(p))).collect()
+        };
         gauge_family(
             &mut e,
             "kwire_peer_up",
-            "1 if the peer's last handshake is younger than 180 s",
-            &up,
+            "1 if the peer's last handshake is younger than 180 s and it is not judged unreachable",
+            &peer_gauge(&|p| Some(if p.up { 1.0 } else { 0.0 })),
         )?;
         gauge_family(
             &mut e,
             "kwire_peer_last_handshake_age_seconds",
             "Seconds since the peer's last completed handshake (absent before the first)",
-            &age,
+            &peer_gauge(&|p| p.last_handshake_age_seconds),
         )?;
         counter_family(
             &mut e,
             "kwire_peer_rx_bytes",
-            "Bytes received from the peer (WireGuard payload)",
-            &rx,
+            "Bytes received from the peer (decrypted WireGuard payload)",
+            &peer_counter(&|p| p.rx_bytes),
         )?;
         counter_family(
             &mut e,
             "kwire_peer_tx_bytes",
-            "Bytes sent to the peer (WireGuard payload)",
-            &tx,
+            "Bytes sent to the peer (WireGuard payload before encryption)",
+            &peer_counter(&|p| p.tx_bytes),
+        )?;
+        let hs: Vec<(Labels, u64)> = r
+            .peers
+            .iter()
+            .map(|p| (vec![("node".to_string(), p.node.clone()), ("result".to_string(), "success".to_string())], p.handshakes))
+            .collect();
+        counter_family(
+            &mut e,
+            "kwire_peer_handshakes",
+            "Completed handshakes with the peer seen by the agent",
+            &hs,
+        )?;
+        let ep: Vec<(Labels, f64)> = r
+            .peers
+            .iter()
+            .filter_map(|p| {
+                let ep = p.endpoint.clone()?;
+                Some((vec![("node".to_string(), p.node.clone()), ("endpoint".to_string(), ep)], 1.0))
+            })
+            .collect();
+        gauge_family(
+            &mut e,
+            "kwire_peer_endpoint_info",
+            "The peer's current UDP endpoint (ip:port; changes when it roams)",
+            &ep,
         )?;
         gauge_family(
             &mut e,
             "kwire_peers_expected",
             "Peers this node should have (valid other Nodes)",
-            &[(vec![], names.len() as f64)],
+            &[(vec![], r.peers_expected as f64)],
         )?;
         gauge_family(
             &mut e,
             "kwire_peers_connected",
-            "Peers with a handshake younger than 180 s",
-            &[(vec![], connected as f64)],
+            "Peers that are up (handshake younger than 180 s, not unreachable)",
+            &[(vec![], r.peers_connected as f64)],
+        )?;
+        let packets: Vec<(Labels, u64)> = [("tx", r.packets.tx), ("rx", r.packets.rx), ("local", r.packets.local)]
+            .into_iter()
+            .map(|(d, n)| (one("direction", d), n))
+            .collect();
+        counter_family(
+            &mut e,
+            "kwire_packets",
+            "Packets of the data plane: tx encrypted to peers, rx decrypted from peers, local delivered on this node",
+            &packets,
         )?;
         let drops: Vec<(Labels, u64)> = st
             .counters
@@ -181,6 +254,12 @@ impl Collector for StatusCollector {
             "Packets dropped by the data plane, by reason",
             &drops,
         )?;
+        gauge_family(
+            &mut e,
+            "kwire_pods",
+            "Pods attached to this node's packet loop",
+            &[(vec![], r.pods.len() as f64)],
+        )?;
         let invalid: Vec<(Labels, u64)> = RejectReason::ALL
             .iter()
             .map(|r| (one("reason", r.metric_label()), st.invalid(*r)))
@@ -190,6 +269,30 @@ impl Collector for StatusCollector {
             "kwire_invalid_peer",
             "Nodes refused as peers (counted once per change), by reason",
             &invalid,
+        )?;
+        counter_family(
+            &mut e,
+            "kwire_watch_errors",
+            "Failed attempts of the Node watch (API unreachable, refused, timed out)",
+            &[(vec![], r.watch_errors)],
+        )?;
+        counter_family(
+            &mut e,
+            "kwire_watch_resyncs",
+            "Complete re-lists of the Nodes, the first included",
+            &[(vec![], r.watch_resyncs)],
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_api_synced",
+            "1 if the Node watch's last answer was not an error",
+            &[(vec![], if r.api_synced { 1.0 } else { 0.0 })],
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_ready",
+            "1 if synced (or restored) and the tun's addresses and routes are programmed",
+            &[(vec![], if r.ready { 1.0 } else { 0.0 })],
         )?;
         gauge_family(
             &mut e,

@@ -1,0 +1,662 @@
+//! Peer health: once a second, compare each peer's handshake time, counters and endpoint with
+//! the last look; count handshakes, log state changes (endpoint roamed, first handshake),
+//! decide when a peer is unreachable ([`assess`], pure), record `PeerUnreachable` /
+//! `PeerRecovered` Events on the peer's Node, and keep this Node's `KwireReady` condition.
+
+use crate::metrics::{AgentStatus, PeerHealthReport};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event as K8sEvent, EventType, Recorder, Reporter};
+use kube::{Api, Client, Resource};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tracing::{debug, info, warn};
+
+/// How often peers are looked at (handshakes, roaming, reachability).
+pub const HEALTH_TICK: Duration = Duration::from_secs(1);
+/// Default of `--peer-unreachable-after`.
+pub const DEFAULT_PEER_UNREACHABLE_AFTER: Duration = Duration::from_secs(120);
+/// A handshake time that moved by more than this is a new handshake (the time is derived from
+/// boringtun's coarse timers, so it jitters by a few milliseconds between looks).
+pub const HANDSHAKE_JITTER: Duration = Duration::from_millis(500);
+/// The Node condition this agent owns.
+pub const CONDITION_TYPE: &str = "KwireReady";
+/// How often a failed condition patch is retried.
+const CONDITION_RETRY: Duration = Duration::from_secs(5);
+
+/// Parses `120`, `120s`, `2m`, `500ms`, `1h` (for `--peer-unreachable-after`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration: write e.g. 120s, 2m or 500ms"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
+    }
+}
+
+/// One look at a peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSample {
+    pub handshake_at: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    pub tx_dropped: u64,
+    pub endpoint: Option<SocketAddr>,
+}
+
+/// What is remembered of a peer between looks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerWatch {
+    pub sample: PeerSample,
+    /// When the peer was first seen (stands in for the handshake before the first one).
+    pub first_seen: Instant,
+    /// Since when traffic has waited for an answer: tx (or tx_dropped) grew, rx did not.
+    pub pending_since: Option<Instant>,
+    pub unreachable: bool,
+    pub handshakes: u64,
+}
+
+/// A change worth a log line, a metric or an Event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// A handshake completed since the last look (`first`: the peer's first one).
+    Handshake { first: bool },
+    EndpointRoamed {
+        from: Option<SocketAddr>,
+        to: Option<SocketAddr>,
+    },
+    /// No handshake for longer than the threshold while traffic waits.
+    Unreachable { quiet_for: Duration },
+    /// Received again, or a new handshake, after being unreachable.
+    Recovered,
+}
+
+/// Folds one look into the peer's state. Pure: `now` and `wall_now` are the caller's clock.
+pub fn assess(
+    prev: Option<&PeerWatch>,
+    s: &PeerSample,
+    now: Instant,
+    wall_now: SystemTime,
+    threshold: Duration,
+) -> (PeerWatch, Vec<Change>) {
+    let mut changes = Vec::new();
+    let Some(prev) = prev else {
+        let mut w = PeerWatch {
+            sample: s.clone(),
+            first_seen: now,
+            pending_since: None,
+            unreachable: false,
+            handshakes: 0,
+        };
+        if s.handshake_at.is_some() {
+            w.handshakes = 1;
+            changes.push(Change::Handshake { first: true });
+        }
+        return (w, changes);
+    };
+    let p = &prev.sample;
+    let new_handshake = match (p.handshake_at, s.handshake_at) {
+        (None, Some(_)) => true,
+        (Some(a), Some(b)) => b.duration_since(a).is_ok_and(|d| d > HANDSHAKE_JITTER),
+        _ => false,
+    };
+    if new_handshake {
+        changes.push(Change::Handshake {
+            first: prev.handshakes == 0,
+        });
+    }
+    if p.endpoint != s.endpoint {
+        changes.push(Change::EndpointRoamed {
+            from: p.endpoint,
+            to: s.endpoint,
+        });
+    }
+    let rx_grew = s.rx_bytes > p.rx_bytes;
+    let tx_grew = s.tx_bytes > p.tx_bytes || s.tx_dropped > p.tx_dropped;
+    let pending_since = if rx_grew || new_handshake {
+        None
+    } else if tx_grew {
+        prev.pending_since.or(Some(now))
+    } else {
+        prev.pending_since
+    };
+    let quiet_for = match s.handshake_at {
+        Some(t) => wall_now.duration_since(t).unwrap_or_default(),
+        None => now.duration_since(prev.first_seen),
+    };
+    let waiting = pending_since.is_some_and(|t| now.duration_since(t) >= threshold);
+    let unreachable = if prev.unreachable {
+        !(rx_grew || new_handshake)
+    } else {
+        waiting && quiet_for >= threshold
+    };
+    match (prev.unreachable, unreachable) {
+        (false, true) => changes.push(Change::Unreachable { quiet_for }),
+        (true, false) => changes.push(Change::Recovered),
+        _ => {}
+    }
+    let w = PeerWatch {
+        sample: s.clone(),
+        first_seen: prev.first_seen,
+        pending_since,
+        unreachable,
+        handshakes: prev.handshakes + u64::from(new_handshake),
+    };
+    (w, changes)
+}
+
+/// The `KwireReady` condition: (status, reason, message).
+pub fn readiness(
+    synced: bool,
+    programmed: bool,
+    has_key: bool,
+) -> (&'static str, &'static str, String) {
+    match (has_key, synced, programmed) {
+        (false, _, _) => ("False", "NoKey", "the WireGuard device has no private key".into()),
+        (_, false, _) => ("False", "NotSynced", "not yet synced with the API and nothing restored from the state directory".into()),
+        (_, _, false) => ("False", "RoutesNotProgrammed", "the tun's addresses or routes are not programmed (no podCIDRs yet, or `ip` failed: see the agent's log)".into()),
+        _ => ("True", "DataPlaneReady", "kwire data plane up, synced, routes programmed".into()),
+    }
+}
+
+/// The full `status.conditions` list with ours set: others kept as they are; our
+/// `lastTransitionTime` kept unless the status changed.
+pub fn merge_conditions(
+    current: &[serde_json::Value],
+    status: &str,
+    reason: &str,
+    message: &str,
+    now_rfc3339: &str,
+) -> Vec<serde_json::Value> {
+    let old = current
+        .iter()
+        .find(|c| c.get("type").and_then(|t| t.as_str()) == Some(CONDITION_TYPE));
+    let transition = match old {
+        Some(o) if o.get("status").and_then(|s| s.as_str()) == Some(status) => o
+            .get("lastTransitionTime")
+            .cloned()
+            .unwrap_or_else(|| now_rfc3339.into()),
+        _ => now_rfc3339.into(),
+    };
+    let ours = serde_json::json!({
+        "type": CONDITION_TYPE,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastHeartbeatTime": now_rfc3339,
+        "lastTransitionTime": transition,
+    });
+    let mut out: Vec<serde_json::Value> = current
+        .iter()
+        .filter(|c| c.get("type").and_then(|t| t.as_str()) != Some(CONDITION_TYPE))
+        .cloned()
+        .collect();
+    out.push(ours);
+    out
+}
+
+fn rfc3339_now() -> String {
+    k8s_openapi::jiff::Timestamp::now()
+        .round(k8s_openapi::jiff::Unit::Second)
+        .unwrap_or_else(|_| k8s_openapi::jiff::Timestamp::now())
+        .to_string()
+}
+
+/// Settings of the monitor.
+#[derive(Debug, Clone)]
+pub struct HealthSettings {
+    pub node_name: String,
+    pub kubeconfig: Option<PathBuf>,
+    pub unreachable_after: Duration,
+}
+
+/// Runs until aborted.
+pub async fn run(status: Arc<AgentStatus>, settings: HealthSettings) {
+    let api = match super::make_client(settings.kubeconfig.as_deref()).await {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn!(
+                error = format!("{e:#}"),
+                "peer health: no API client; no KwireReady condition and no peer Events"
+            );
+            None
+        }
+    };
+    let mut monitor = Monitor {
+        status,
+        settings,
+        api,
+        peers: BTreeMap::new(),
+        condition: None,
+        condition_failed_at: None,
+    };
+    let mut tick = tokio::time::interval(HEALTH_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let changes = monitor.look();
+        for (node, c) in changes {
+            monitor.event(&node, &c);
+        }
+        monitor.condition().await;
+    }
+}
+
+struct Monitor {
+    status: Arc<AgentStatus>,
+    settings: HealthSettings,
+    api: Option<Client>,
+    peers: BTreeMap<String, PeerWatch>,
+    /// The condition last written successfully.
+    condition: Option<(&'static str, &'static str)>,
+    condition_failed_at: Option<Instant>,
+}
+
+impl Monitor {
+    /// One look at every peer; returns the changes that deserve an Event.
+    fn look(&mut self) -> Vec<(String, Change)> {
+        let names = self.status.peer_names.load();
+        let snap = self.status.device.snapshot();
+        let (now, wall_now) = (Instant::now(), SystemTime::now());
+        let mut next = BTreeMap::new();
+        let mut events = Vec::new();
+        for p in &snap.peers {
+            let Some(node) = names.get(&p.public_key) else {
+                continue;
+            };
+            let s = PeerSample {
+                handshake_at: p.last_handshake(),
+                rx_bytes: p.rx_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                tx_bytes: p.tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                tx_dropped: p.tx_dropped.load(std::sync::atomic::Ordering::Relaxed),
+                endpoint: p.endpoint(),
+            };
+            let (w, changes) = assess(
+                self.peers.get(node),
+                &s,
+                now,
+                wall_now,
+                self.settings.unreachable_after,
+            );
+            for c in changes {
+                match &c {
+                    Change::Handshake { first: true } => {
+                        info!(node = %node, endpoint = ?s.endpoint, "peer connected: first handshake")
+                    }
+                    Change::Handshake { first: false } => {
+                        debug!(node = %node, "handshake completed")
+                    }
+                    Change::EndpointRoamed { from, to } => {
+                        info!(node = %node, from = ?from, to = ?to, "peer endpoint roamed")
+                    }
+                    Change::Unreachable { quiet_for } => {
+                        warn!(node = %node, quiet_secs = quiet_for.as_secs(), "peer unreachable: no handshake while traffic waits");
+                        events.push((node.clone(), c.clone()));
+                    }
+                    Change::Recovered => {
+                        info!(node = %node, "peer recovered");
+                        events.push((node.clone(), c.clone()));
+                    }
+                }
+            }
+            next.insert(node.clone(), w);
+        }
+        self.peers = next;
+        let report: BTreeMap<String, PeerHealthReport> = self
+            .peers
+            .iter()
+            .map(|(n, w)| {
+                (
+                    n.clone(),
+                    PeerHealthReport {
+                        handshakes: w.handshakes,
+                        unreachable: w.unreachable,
+                    },
+                )
+            })
+            .collect();
+        *self
+            .status
+            .peer_health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = report;
+        events
+    }
+
+    fn event(&self, node: &str, c: &Change) {
+        let Some(client) = self.api.clone() else {
+            return;
+        };
+        let (type_, reason, note) = match c {
+            Change::Unreachable { quiet_for } => (
+                EventType::Warning,
+                "PeerUnreachable",
+                format!(
+                    "kwire on node {} has had no WireGuard handshake with this node for {} s while traffic waits; check that its kwire agent runs and UDP reaches its endpoint",
+                    self.settings.node_name,
+                    quiet_for.as_secs()
+                ),
+            ),
+            Change::Recovered => (EventType::Normal, "PeerRecovered", format!("kwire on node {} reaches this node again", self.settings.node_name)),
+            _ => return,
+        };
+        let node = node.to_string();
+        let instance = self.settings.node_name.clone();
+        tokio::spawn(async move {
+            let nodes: Api<Node> = Api::all(client.clone());
+            let reference =
+                match tokio::time::timeout(super::API_WRITE_TIMEOUT, nodes.get(&node)).await {
+                    Ok(Ok(n)) => n.object_ref(&()),
+                    _ => k8s_openapi::api::core::v1::ObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("Node".into()),
+                        name: Some(node.clone()),
+                        ..Default::default()
+                    },
+                };
+            let recorder = Recorder::new(
+                client,
+                Reporter {
+                    controller: super::EVENT_CONTROLLER.into(),
+                    instance: Some(instance),
+                },
+            );
+            let ev = K8sEvent {
+                type_,
+                reason: reason.into(),
+                note: Some(note),
+                action: "CheckPeer".into(),
+                secondary: None,
+            };
+            match tokio::time::timeout(super::API_WRITE_TIMEOUT, recorder.publish(&ev, &reference))
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    warn!(node = %node, reason, error = %e, "recording a Kubernetes Event failed")
+                }
+                Err(_) => warn!(node = %node, reason, "recording a Kubernetes Event timed out"),
+            }
+        });
+    }
+
+    /// Writes `KwireReady` on this Node when it changed (or a write failed earlier).
+    async fn condition(&mut self) {
+        let Some(client) = self.api.clone() else {
+            return;
+        };
+        let st = &self.status;
+        let (status, reason, message) = readiness(
+            st.synced.load(std::sync::atomic::Ordering::Relaxed),
+            st.programmed.load(std::sync::atomic::Ordering::Relaxed),
+            st.device.public_key().is_some(),
+        );
+        if self.condition == Some((status, reason)) {
+            return;
+        }
+        if self
+            .condition_failed_at
+            .is_some_and(|t| t.elapsed() < CONDITION_RETRY)
+        {
+            return;
+        }
+        let nodes: Api<Node> = Api::all(client);
+        let name = &self.settings.node_name;
+        let r = tokio::time::timeout(super::API_WRITE_TIMEOUT, async {
+            let node = nodes.get(name).await?;
+            let current: Vec<serde_json::Value> = node
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|c| serde_json::to_value(c).ok())
+                .collect();
+            let conditions = merge_conditions(&current, status, reason, &message, &rfc3339_now());
+            let patch = serde_json::json!({ "status": { "conditions": conditions } });
+            nodes
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+        })
+        .await;
+        match r {
+            Ok(Ok(_)) => {
+                info!(node = %name, condition = CONDITION_TYPE, status, reason, "Node condition set");
+                self.condition = Some((status, reason));
+                self.condition_failed_at = None;
+            }
+            Ok(Err(e)) => {
+                if self.condition_failed_at.is_none() {
+                    warn!(node = %name, error = %e, "setting the KwireReady condition failed; retrying");
+                }
+                self.condition_failed_at = Some(Instant::now());
+            }
+            Err(_) => {
+                if self.condition_failed_at.is_none() {
+                    warn!(node = %name, "setting the KwireReady condition timed out; retrying");
+                }
+                self.condition_failed_at = Some(Instant::now());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: Duration = Duration::from_secs(120);
+
+    fn sample(hs: Option<u64>, rx: u64, tx: u64, dropped: u64) -> PeerSample {
+        PeerSample {
+            handshake_at: hs.map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + s)),
+            rx_bytes: rx,
+            tx_bytes: tx,
+            tx_dropped: dropped,
+            endpoint: Some("192.0.2.2:51820".parse().unwrap()),
+        }
+    }
+
+    fn wall(s: u64) -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 + s)
+    }
+
+    /// Feeds (second, sample) looks; returns the changes of each look.
+    fn run(looks: &[(u64, PeerSample)]) -> (PeerWatch, Vec<Vec<Change>>) {
+        let t0 = Instant::now();
+        let mut w: Option<PeerWatch> = None;
+        let mut out = Vec::new();
+        for (sec, s) in looks {
+            let (n, c) = assess(w.as_ref(), s, t0 + Duration::from_secs(*sec), wall(*sec), T);
+            w = Some(n);
+            out.push(c);
+        }
+        (w.unwrap(), out)
+    }
+
+    #[test]
+    fn table() {
+        struct Case {
+            what: &'static str,
+            looks: Vec<(u64, PeerSample)>,
+            unreachable: bool,
+            last: Vec<Change>,
+        }
+        let cases = vec![
+            Case {
+                what: "idle peer with an old handshake is not unreachable",
+                looks: vec![
+                    (0, sample(Some(0), 10, 10, 0)),
+                    (300, sample(Some(0), 10, 10, 0)),
+                ],
+                unreachable: false,
+                last: vec![],
+            },
+            Case {
+                what:
+                    "traffic without answer, old handshake: unreachable once the threshold passes",
+                looks: vec![
+                    (0, sample(Some(0), 10, 10, 0)),
+                    (10, sample(Some(0), 10, 20, 0)),
+                    (129, sample(Some(0), 10, 90, 0)),
+                    (131, sample(Some(0), 10, 95, 0)),
+                ],
+                unreachable: true,
+                last: vec![Change::Unreachable {
+                    quiet_for: Duration::from_secs(131),
+                }],
+            },
+            Case {
+                what: "pending shorter than the threshold: not yet",
+                looks: vec![
+                    (0, sample(Some(0), 10, 10, 0)),
+                    (200, sample(Some(0), 10, 20, 0)),
+                    (250, sample(Some(0), 10, 30, 0)),
+                ],
+                unreachable: false,
+                last: vec![],
+            },
+            Case {
+                what: "tx_dropped counts as waiting traffic (no session, never a handshake)",
+                looks: vec![
+                    (0, sample(None, 0, 0, 0)),
+                    (5, sample(None, 0, 0, 3)),
+                    (130, sample(None, 0, 0, 9)),
+                ],
+                unreachable: true,
+                last: vec![Change::Unreachable {
+                    quiet_for: Duration::from_secs(130),
+                }],
+            },
+            Case {
+                what: "answers reset the wait",
+                looks: vec![
+                    (0, sample(Some(0), 10, 10, 0)),
+                    (10, sample(Some(0), 10, 20, 0)),
+                    (100, sample(Some(0), 20, 30, 0)),
+                    (200, sample(Some(0), 20, 40, 0)),
+                ],
+                unreachable: false,
+                last: vec![],
+            },
+            Case {
+                what: "a recent handshake keeps a peer reachable",
+                looks: vec![
+                    (0, sample(Some(0), 10, 10, 0)),
+                    (10, sample(Some(0), 10, 20, 0)),
+                    (125, sample(Some(120), 10, 30, 0)),
+                    (200, sample(Some(120), 10, 40, 0)),
+                ],
+                unreachable: false,
+                last: vec![],
+            },
+            Case {
+                what: "recovery on a new handshake",
+                looks: vec![
+                    (0, sample(Some(0), 10, 10, 0)),
+                    (10, sample(Some(0), 10, 20, 0)),
+                    (140, sample(Some(0), 10, 30, 0)),
+                    (150, sample(Some(149), 10, 40, 0)),
+                ],
+                unreachable: false,
+                last: vec![Change::Handshake { first: false }, Change::Recovered],
+            },
+            Case {
+                what: "recovery on received bytes",
+                looks: vec![
+                    (0, sample(Some(0), 10, 10, 0)),
+                    (10, sample(Some(0), 10, 20, 0)),
+                    (140, sample(Some(0), 10, 30, 0)),
+                    (150, sample(Some(0), 11, 30, 0)),
+                ],
+                unreachable: false,
+                last: vec![Change::Recovered],
+            },
+            Case {
+                what: "stays unreachable without an answer (one Event, not one per look)",
+                looks: vec![
+                    (0, sample(Some(0), 10, 10, 0)),
+                    (10, sample(Some(0), 10, 20, 0)),
+                    (140, sample(Some(0), 10, 30, 0)),
+                    (150, sample(Some(0), 10, 40, 0)),
+                ],
+                unreachable: true,
+                last: vec![],
+            },
+        ];
+        for c in cases {
+            let (w, changes) = run(&c.looks);
+            assert_eq!(w.unreachable, c.unreachable, "{}", c.what);
+            assert_eq!(changes.last().unwrap(), &c.last, "{}", c.what);
+        }
+    }
+
+    #[test]
+    fn counts_handshakes_and_sees_roaming() {
+        let mut b = sample(Some(1), 0, 0, 0);
+        b.endpoint = Some("198.51.100.7:4000".parse().unwrap());
+        let (w, changes) = run(&[
+            (0, sample(None, 0, 0, 0)),
+            (1, sample(Some(1), 0, 0, 0)),
+            (2, sample(Some(1), 0, 0, 0)),
+            (3, b),
+            (130, sample(Some(129), 0, 0, 0)),
+        ]);
+        assert_eq!(w.handshakes, 2);
+        assert_eq!(changes[1], vec![Change::Handshake { first: true }]);
+        assert_eq!(changes[2], vec![]);
+        assert_eq!(
+            changes[3],
+            vec![Change::EndpointRoamed {
+                from: Some("192.0.2.2:51820".parse().unwrap()),
+                to: Some("198.51.100.7:4000".parse().unwrap())
+            }]
+        );
+        assert!(changes[4].contains(&Change::Handshake { first: false }));
+    }
+
+    #[test]
+    fn conditions_are_merged_not_clobbered() {
+        let cur = vec![
+            serde_json::json!({"type": "Ready", "status": "True"}),
+            serde_json::json!({"type": "KwireReady", "status": "True", "reason": "DataPlaneReady", "lastTransitionTime": "2020-01-01T00:00:00Z"}),
+        ];
+        let same = merge_conditions(&cur, "True", "DataPlaneReady", "m", "2026-01-01T00:00:00Z");
+        assert_eq!(same.len(), 2);
+        assert_eq!(same[0]["type"], "Ready");
+        assert_eq!(same[1]["lastTransitionTime"], "2020-01-01T00:00:00Z");
+        let flipped = merge_conditions(&cur, "False", "NotSynced", "m", "2026-01-01T00:00:00Z");
+        assert_eq!(flipped[1]["lastTransitionTime"], "2026-01-01T00:00:00Z");
+        assert_eq!(flipped[1]["reason"], "NotSynced");
+        assert_eq!(
+            merge_conditions(&[], "True", "DataPlaneReady", "m", "x").len(),
+            1
+        );
+    }
+
+    #[test]
+    fn readiness_says_why() {
+        assert_eq!(readiness(true, true, true).0, "True");
+        assert_eq!(readiness(false, true, true).1, "NotSynced");
+        assert_eq!(readiness(true, false, true).1, "RoutesNotProgrammed");
+        assert_eq!(readiness(true, true, false).1, "NoKey");
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("3s"), Ok(Duration::from_secs(3)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert!(parse_duration("2 weeks").is_err());
+    }
+}

@@ -1,0 +1,527 @@
+//! `kwire status` and `kwire graph`: the node's report (peers by node name, pods, counters),
+//! the root-only local socket the agent serves it on, and the commands that print it.
+
+pub mod graph;
+pub mod server;
+
+use crate::datapath::stats::DropReason;
+use crate::metrics::{AgentStatus, PEER_UP_WITHIN};
+use crate::pods::cni_server::PODS_FILE;
+use crate::pods::PodRecord;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Read, Write};
+use std::net::IpAddr;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+/// The status socket's file name inside the run directory.
+pub const STATUS_SOCKET: &str = "status.sock";
+/// Default run directory of the agent (`--run-dir`).
+pub const DEFAULT_RUN_DIR: &str = "/run/kwire";
+/// How long `kwire status` waits for the agent's answer.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest status document the client reads (a node with thousands of pods fits).
+pub const MAX_REPORT_BYTES: u64 = 16 << 20;
+
+/// One node's view of the mesh: what `kwire status --json` prints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub node: String,
+    pub version: String,
+    pub interface: String,
+    pub listen_port: u16,
+    /// This node's WireGuard public key (public; never the private key).
+    pub public_key: Option<String>,
+    pub pod_cidrs: Vec<String>,
+    /// Synced with the API once, or restored from the state directory.
+    pub synced: bool,
+    /// Synced and the tun's addresses and routes programmed (what /readyz says).
+    pub ready: bool,
+    /// The Node watch's last answer was not an error.
+    pub api_synced: bool,
+    pub watch_errors: u64,
+    pub watch_resyncs: u64,
+    pub peers_expected: u64,
+    pub peers_connected: u64,
+    pub peers: Vec<PeerReport>,
+    pub pods: Vec<PodReport>,
+    pub packets: Packets,
+    /// Drops by reason (every reason, zeros included).
+    pub drops: BTreeMap<String, u64>,
+}
+
+/// A peer, by node name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerReport {
+    pub node: String,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    /// Seconds since the last completed handshake; None before the first.
+    pub last_handshake_age_seconds: Option<f64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Packets for this peer that no session could carry.
+    pub tx_dropped: u64,
+    /// Completed handshakes the agent has seen.
+    pub handshakes: u64,
+    pub up: bool,
+    /// No handshake for longer than `--peer-unreachable-after` while traffic waits.
+    pub unreachable: bool,
+}
+
+/// A pod attached to this node's packet loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodReport {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub ips: Vec<IpAddr>,
+}
+
+/// Packets of the loop, by direction.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Packets {
+    pub tx: u64,
+    pub rx: u64,
+    pub local: u64,
+}
+
+/// Up: a handshake younger than [`PEER_UP_WITHIN`], and not judged unreachable.
+pub fn peer_up(handshake_age: Option<Duration>, unreachable: bool) -> bool {
+    handshake_age.is_some_and(|a| a < PEER_UP_WITHIN) && !unreachable
+}
+
+/// The pod records the CNI server keeps (names and namespaces); empty when unreadable.
+fn pod_records(state_dir: &Path) -> Vec<PodRecord> {
+    std::fs::read(state_dir.join(PODS_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Builds the report from the agent's live state (the same numbers `/metrics` shows).
+pub fn report(st: &AgentStatus) -> StatusReport {
+    let names = st.peer_names.load();
+    let health = st.peer_health();
+    let info = st.device.info();
+    let snap = st.device.snapshot();
+    let now = SystemTime::now();
+    let mut peers = Vec::new();
+    for p in &info.peers {
+        // Peers added by hand through the userspace API have no node: not reported.
+        let Some(node) = names.get(&p.public_key) else {
+            continue;
+        };
+        let h = health.get(node).cloned().unwrap_or_default();
+        let age = p
+            .last_handshake
+            .map(|t| now.duration_since(t).unwrap_or_default());
+        let tx_dropped = snap
+            .peers
+            .iter()
+            .find(|q| q.public_key == p.public_key)
+            .map_or(0, |q| q.tx_dropped.load(Ordering::Relaxed));
+        peers.push(PeerReport {
+            node: node.clone(),
+            public_key: p.public_key.to_base64(),
+            endpoint: p.endpoint.map(|e| e.to_string()),
+            allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+            last_handshake_age_seconds: age.map(|a| a.as_secs_f64()),
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+            tx_dropped,
+            handshakes: h.handshakes,
+            up: peer_up(age, h.unreachable),
+            unreachable: h.unreachable,
+        });
+    }
+    drop(info);
+    peers.sort_by(|a, b| a.node.cmp(&b.node));
+    let ctx = st.node.get();
+    let mut pods = Vec::new();
+    if let Some(ctx) = ctx {
+        let records = pod_records(&ctx.state_dir);
+        for port in &ctx.pods.table().pods {
+            let rec = records
+                .iter()
+                .find(|r| !r.ips.is_empty() && r.ips == port.ips);
+            pods.push(PodReport {
+                namespace: rec.and_then(|r| r.pod_namespace.clone()),
+                name: rec.and_then(|r| r.pod_name.clone()),
+                ips: port.ips.clone(),
+            });
+        }
+    }
+    let c = &st.counters;
+    StatusReport {
+        node: ctx.map(|c| c.name.clone()).unwrap_or_default(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        interface: ctx.map(|c| c.interface.clone()).unwrap_or_default(),
+        listen_port: st.device.listen_port(),
+        public_key: st.device.public_key().map(|k| k.to_base64()),
+        pod_cidrs: st
+            .pod_cidrs
+            .load()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        synced: st.synced.load(Ordering::Relaxed),
+        ready: st.ready(),
+        api_synced: st.api_synced.load(Ordering::Relaxed),
+        watch_errors: st.watch_errors.load(Ordering::Relaxed),
+        watch_resyncs: st.watch_resyncs.load(Ordering::Relaxed),
+        peers_expected: names.len() as u64,
+        peers_connected: peers.iter().filter(|p| p.up).count() as u64,
+        peers,
+        pods,
+        packets: Packets {
+            tx: c.packets_tx.load(Ordering::Relaxed),
+            rx: c.packets_rx.load(Ordering::Relaxed),
+            local: c.packets_local.load(Ordering::Relaxed),
+        },
+        drops: DropReason::ALL
+            .iter()
+            .map(|r| (r.metric_label().to_string(), c.drops(*r)))
+            .collect(),
+    }
+}
+
+/// Why `kwire status` could not get a report.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(
+        "no kwire agent at {path}: is the DaemonSet running on this node? (or pass --run-dir)"
+    )]
+    NoAgent {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("permission denied on {path}: kwire status must run as root (sudo kwire status)")]
+    Permission {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading the status from {path}: {source} (is the agent overloaded? try again)")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the agent at {path} answered: {message}")]
+    Refused { path: PathBuf, message: String },
+    #[error("the agent at {path} sent a status this kwire cannot read ({source}); is the agent a different version?")]
+    Decode {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Asks the agent whose run directory is `run_dir` for its report.
+pub fn fetch(run_dir: &Path) -> Result<StatusReport, StatusError> {
+    let path = run_dir.join(STATUS_SOCKET);
+    let s = UnixStream::connect(&path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::PermissionDenied => StatusError::Permission {
+            path: path.clone(),
+            source,
+        },
+        _ => StatusError::NoAgent {
+            path: path.clone(),
+            source,
+        },
+    })?;
+    let read = |source| StatusError::Read {
+        path: path.clone(),
+        source,
+    };
+    s.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(read)?;
+    let mut body = Vec::new();
+    s.take(MAX_REPORT_BYTES)
+        .read_to_end(&mut body)
+        .map_err(read)?;
+    #[derive(Deserialize)]
+    struct Refusal {
+        error: String,
+    }
+    if let Ok(r) = serde_json::from_slice::<Refusal>(&body) {
+        return Err(StatusError::Refused {
+            path,
+            message: r.error,
+        });
+    }
+    serde_json::from_slice(&body).map_err(|source| StatusError::Decode { path, source })
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct StatusArgs {
+    /// The agent's run directory (where it serves status.sock).
+    #[arg(long, env = "KWIRE_RUN_DIR", default_value = DEFAULT_RUN_DIR)]
+    pub run_dir: PathBuf,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Colour: auto (when stdout is a terminal), always, never.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "always", "never"])]
+    pub color: String,
+}
+
+/// `kwire status`.
+pub fn run(args: &StatusArgs) -> anyhow::Result<()> {
+    let r = fetch(&args.run_dir)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        serde_json::to_writer_pretty(&mut out, &r)?;
+        writeln!(out)?;
+    } else {
+        let colour = match args.color.as_str() {
+            "always" => true,
+            "never" => false,
+            _ => std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        };
+        out.write_all(render(&r, colour).as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Bytes as `wg show` prints them.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", UNITS[u])
+    }
+}
+
+/// `1 minute, 5 seconds ago`, shortened: `1m 5s ago`.
+pub fn human_age(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    let (h, m, s) = (s / 3600, (s / 60) % 60, s % 60);
+    match (h, m) {
+        (0, 0) => format!("{s}s ago"),
+        (0, _) => format!("{m}m {s}s ago"),
+        _ => format!("{h}h {m}m {s}s ago"),
+    }
+}
+
+/// The text `kwire status` prints.
+pub fn render(r: &StatusReport, colour: bool) -> String {
+    let paint = |code: &str, s: &str| {
+        if colour {
+            format!("\x1b[{code}m{s}\x1b[0m")
+        } else {
+            s.to_string()
+        }
+    };
+    let mut o = String::new();
+    o.push_str(&format!(
+        "{}: {}\n",
+        paint("1;32", "node"),
+        paint("1", &r.node)
+    ));
+    o.push_str(&format!(
+        "  interface: {}, listening port: {}\n",
+        r.interface, r.listen_port
+    ));
+    if let Some(k) = &r.public_key {
+        o.push_str(&format!("  public key: {k}\n"));
+    }
+    o.push_str(&format!(
+        "  pod CIDRs: {}\n",
+        if r.pod_cidrs.is_empty() {
+            "(none yet)".into()
+        } else {
+            r.pod_cidrs.join(", ")
+        }
+    ));
+    let state = if r.ready {
+        paint("32", "ready")
+    } else {
+        paint("31", "not ready")
+    };
+    let api = if r.api_synced {
+        "API watch healthy"
+    } else {
+        "API watch failing or not started"
+    };
+    o.push_str(&format!(
+        "  state: {state}; {api}; peers connected {}/{}\n",
+        r.peers_connected, r.peers_expected
+    ));
+    o.push_str(&format!(
+        "  packets: tx {}, rx {}, local {}\n",
+        r.packets.tx, r.packets.rx, r.packets.local
+    ));
+    let drops: Vec<String> = r
+        .drops
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect();
+    if !drops.is_empty() {
+        o.push_str(&format!("  drops: {}\n", drops.join(", ")));
+    }
+    for p in &r.peers {
+        o.push('\n');
+        let state = match (p.up, p.unreachable) {
+            (true, _) => paint("32", "up"),
+            (false, true) => paint("31", "down (unreachable)"),
+            (false, false) => paint("33", "down"),
+        };
+        o.push_str(&format!(
+            "{}: {} ({state})\n",
+            paint("33", "peer"),
+            paint("1", &p.node)
+        ));
+        o.push_str(&format!(
+            "  endpoint: {}\n",
+            p.endpoint.as_deref().unwrap_or("(none)")
+        ));
+        o.push_str(&format!("  allowed ips: {}\n", p.allowed_ips.join(", ")));
+        let hs = p
+            .last_handshake_age_seconds
+            .map_or_else(|| "never".to_string(), human_age);
+        o.push_str(&format!(
+            "  latest handshake: {hs} ({} seen)\n",
+            p.handshakes
+        ));
+        o.push_str(&format!(
+            "  transfer: {} received, {} sent",
+            human_bytes(p.rx_bytes),
+            human_bytes(p.tx_bytes)
+        ));
+        if p.tx_dropped > 0 {
+            o.push_str(&format!(", {} packets waiting or dropped", p.tx_dropped));
+        }
+        o.push('\n');
+    }
+    o.push('\n');
+    o.push_str(&format!("{} ({})\n", paint("36", "pods"), r.pods.len()));
+    for p in &r.pods {
+        let name = match (&p.namespace, &p.name) {
+            (Some(ns), Some(n)) => format!("{ns}/{n}"),
+            (None, Some(n)) => n.clone(),
+            _ => "(unnamed)".to_string(),
+        };
+        let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+        o.push_str(&format!("  {name}  {}\n", ips.join(", ")));
+    }
+    o
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> StatusReport {
+        StatusReport {
+            node: "n1".into(),
+            version: "0.1.0".into(),
+            interface: "kwire0".into(),
+            listen_port: 51820,
+            public_key: Some("k1".into()),
+            pod_cidrs: vec!["10.244.1.0/24".into()],
+            synced: true,
+            ready: true,
+            api_synced: true,
+            watch_errors: 0,
+            watch_resyncs: 1,
+            peers_expected: 2,
+            peers_connected: 1,
+            peers: vec![
+                PeerReport {
+                    node: "n2".into(),
+                    public_key: "k2".into(),
+                    endpoint: Some("192.0.2.2:51820".into()),
+                    allowed_ips: vec!["10.244.2.0/24".into()],
+                    last_handshake_age_seconds: Some(65.2),
+                    rx_bytes: 2048,
+                    tx_bytes: 100,
+                    tx_dropped: 0,
+                    handshakes: 1,
+                    up: true,
+                    unreachable: false,
+                },
+                PeerReport {
+                    node: "n3".into(),
+                    public_key: "k3".into(),
+                    endpoint: None,
+                    allowed_ips: vec!["10.244.3.0/24".into()],
+                    last_handshake_age_seconds: None,
+                    rx_bytes: 0,
+                    tx_bytes: 0,
+                    tx_dropped: 3,
+                    handshakes: 0,
+                    up: false,
+                    unreachable: true,
+                },
+            ],
+            pods: vec![PodReport {
+                namespace: Some("default".into()),
+                name: Some("web".into()),
+                ips: vec!["10.244.1.5".parse().unwrap()],
+            }],
+            packets: Packets {
+                tx: 1,
+                rx: 2,
+                local: 3,
+            },
+            drops: [("no_peer".to_string(), 4)].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn renders_like_wg_show_by_node_name() {
+        let t = render(&sample(), false);
+        for want in [
+            "node: n1",
+            "peer: n2 (up)",
+            "latest handshake: 1m 5s ago (1 seen)",
+            "2.00 KiB received, 100 B sent",
+            "peer: n3 (down (unreachable))",
+            "latest handshake: never",
+            "default/web  10.244.1.5",
+            "drops: no_peer 4",
+        ] {
+            assert!(t.contains(want), "missing {want:?} in:\n{t}");
+        }
+        assert!(!t.contains('\x1b'));
+        assert!(render(&sample(), true).contains("\x1b[32mup\x1b[0m"));
+    }
+
+    #[test]
+    fn report_round_trips_through_json() {
+        let r = sample();
+        let back: StatusReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
+    }
+
+    #[test]
+    fn up_needs_a_recent_handshake_and_no_unreachable_verdict() {
+        assert!(peer_up(Some(Duration::from_secs(5)), false));
+        assert!(!peer_up(Some(Duration::from_secs(5)), true));
+        assert!(!peer_up(Some(PEER_UP_WITHIN), false));
+        assert!(!peer_up(None, false));
+    }
+
+    #[test]
+    fn a_missing_socket_says_what_to_do() {
+        let dir = std::env::temp_dir().join(format!("kwire-status-none-{}", std::process::id()));
+        let e = fetch(&dir).unwrap_err().to_string();
+        assert!(
+            e.contains("no kwire agent at") && e.contains("is the DaemonSet running on this node?"),
+            "{e}"
+        );
+    }
+}
