@@ -143,7 +143,8 @@ async fn agent_main(
     std::fs::create_dir_all(&args.run_dir)
         .with_context(|| format!("creating --run-dir {}", args.run_dir.display()))?;
     let listener = uapi_server::bind(sock_path)?;
-    let tun = TunnelDevice::start(&args.interface, workers, true)?;
+    // Persistent: a restart re-attaches; addresses, routes and blackholes stay (fail closed).
+    let tun = TunnelDevice::start_with(&args.interface, workers, true, true)?;
     let own_key = key.public_key();
     let mut first = SetRequest {
         private_key: Some(Some(key)),

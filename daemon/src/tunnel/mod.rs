@@ -45,10 +45,25 @@ pub struct TunnelDevice {
 }
 
 impl TunnelDevice {
-    /// Creates tun `ifname` with `workers` queues and starts the packet path.
+    /// Creates tun `ifname` with `workers` queues and starts the packet path. The device goes
+    /// away with the process, as wireguard-go's does.
     pub fn start(ifname: &str, workers: usize, offload: bool) -> anyhow::Result<TunnelDevice> {
+        Self::start_with(ifname, workers, offload, false)
+    }
+
+    /// Like [`TunnelDevice::start`]; with `persist` the device outlives the process (a node's
+    /// `kwire0`): a restarted daemon re-attaches to it, its addresses and routes stay, and
+    /// while no daemon reads it packets drop at the device instead of leaving another way.
+    pub fn start_with(ifname: &str, workers: usize, offload: bool, persist: bool) -> anyhow::Result<TunnelDevice> {
         let workers = workers.clamp(1, MAX_WORKERS);
+        let existed = crate::io::tun::if_index(ifname).is_some();
         let queues = open_queues(ifname, workers, offload)?;
+        if persist {
+            queues[0].set_persist(true).with_context(|| format!("making tun {ifname} persistent"))?;
+            if existed {
+                info!(ifname, "re-attached to the existing tun");
+            }
+        }
         let vnet = queues[0].offload();
         info!(ifname, queues = queues.len(), offload = vnet, "tun device ready");
         let device = Arc::new(Device::new());
