@@ -40,9 +40,9 @@ where
     (store, s)
 }
 
-fn owned<K: Clone>(s: &Store<K>) -> Vec<K>
+fn owned<K>(s: &Store<K>) -> Vec<K>
 where
-    K: kube::Resource + 'static,
+    K: kube::Resource + Clone + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
 {
     s.state().iter().map(|o| (**o).clone()).collect()

@@ -7,7 +7,7 @@
 //! new flows see the new policy as soon as its snapshot is swapped in.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -162,9 +162,8 @@ impl Conntrack {
     fn shard(&self, f: &Flow) -> &Mutex<HashMap<Flow, Entry, std::hash::BuildHasherDefault<IntHasher>>> {
         // Both directions of a flow land in the same shard.
         let (a, b) = if (f.src, f.sport) <= (f.dst, f.dport) { ((f.src, f.sport), (f.dst, f.dport)) } else { ((f.dst, f.dport), (f.src, f.sport)) };
-        let mut h = std::hash::BuildHasherDefault::<IntHasher>::default().build_hasher();
-        (f.proto, a, b).hash(&mut h);
-        &self.shards[(h.finish() as usize) & (SHARDS - 1)]
+        let h = std::hash::BuildHasherDefault::<IntHasher>::default().hash_one((f.proto, a, b));
+        &self.shards[(h as usize) & (SHARDS - 1)]
     }
 
     fn now(&self) -> u32 {

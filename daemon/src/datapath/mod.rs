@@ -133,7 +133,8 @@ impl TxPath {
             // The node's own traffic to its pods is allowed (kubelet probes); all else is
             // checked against the destination pod's ingress rules.
             if let Some(f) = &local.filter {
-                if !(from == Port::Host && local.is_gateway(src)) && !policy_allows(f, Check::Ingress, &frame[off..]) {
+                let from_node = from == Port::Host && local.is_gateway(src);
+                if !from_node && !policy_allows(f, Check::Ingress, &frame[off..]) {
                     counters.drop(DropReason::PolicyIngress);
                     return;
                 }
