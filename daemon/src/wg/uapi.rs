@@ -106,7 +106,16 @@ pub fn parse_request(lines: &[&str]) -> Result<Request, UapiError> {
 fn trunc(s: &str) -> &str {
     // Never echo long values: they may be keys.
     let key = s.split('=').next().unwrap_or("");
-    &key[..key.len().min(40)]
+    prefix(key, 40)
+}
+
+/// At most `max` bytes of `s`, cut at a character boundary (slicing inside one panics).
+fn prefix(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 fn hex_key(key: &str, v: &str) -> Result<Zeroizing<[u8; 32]>, UapiError> {
@@ -122,7 +131,7 @@ fn flag(key: &str, v: &str) -> Result<bool, UapiError> {
 }
 
 fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, UapiError> {
-    v.parse().map_err(|_| UapiError::invalid(format!("{key}: not a valid number: {:?}", &v[..v.len().min(20)])))
+    v.parse().map_err(|_| UapiError::invalid(format!("{key}: not a valid number: {:?}", prefix(v, 20))))
 }
 
 fn parse_set(lines: &[&str]) -> Result<SetRequest, UapiError> {
@@ -166,7 +175,7 @@ fn parse_peer_key(p: &mut PeerChange, key: &str, value: &str) -> Result<(), Uapi
         "endpoint" => {
             let a: SocketAddr = value
                 .parse()
-                .map_err(|_| UapiError::invalid(format!("endpoint: expected IP:port or [IPv6]:port, got {:?}", &value[..value.len().min(60)])))?;
+                .map_err(|_| UapiError::invalid(format!("endpoint: expected IP:port or [IPv6]:port, got {:?}", prefix(value, 60))))?;
             if a.port() == 0 || a.ip().is_unspecified() || a.ip().is_multicast() {
                 return Err(UapiError::invalid(format!("endpoint {a}: not a unicast address and port")));
             }
@@ -177,7 +186,7 @@ fn parse_peer_key(p: &mut PeerChange, key: &str, value: &str) -> Result<(), Uapi
         "allowed_ip" => {
             let n: IpNetwork = value
                 .parse()
-                .map_err(|_| UapiError::invalid(format!("allowed_ip: not a CIDR: {:?}", &value[..value.len().min(60)])))?;
+                .map_err(|_| UapiError::invalid(format!("allowed_ip: not a CIDR: {:?}", prefix(value, 60))))?;
             p.allowed_ips.push(canonical(n));
         }
         "protocol_version" => {
@@ -320,6 +329,19 @@ mod tests {
             let e = parse_request(lines).unwrap_err();
             assert_eq!(e.errno, *errno, "{lines:?}: {e}");
         }
+    }
+
+    /// Found by `fuzz/` (uapi_parse): echoes were cut at a byte count, inside a character.
+    #[test]
+    fn echoes_are_cut_at_character_boundaries() {
+        let long = "\u{88}".repeat(30);
+        for line in [long.clone(), format!("listen_port=1{long}"), format!("x{long}=1")] {
+            assert!(parse_request(&["set=1", &line]).is_err());
+        }
+        for key in ["endpoint", "allowed_ip", "persistent_keepalive_interval"] {
+            assert!(parse_request(&["set=1", &format!("public_key={PK}"), &format!("{key}=1{long}")]).is_err());
+        }
+        assert!(parse_request(&[&format!("x{long}")]).is_err());
     }
 
     #[test]
