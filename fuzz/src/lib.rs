@@ -1,0 +1,378 @@
+//! The bodies of kwire's fuzz targets, one `pub fn` each, so that the cargo-fuzz binaries
+//! (`fuzz_targets/`) and a plain `cargo test` over the checked-in seed corpora (with a
+//! deterministic mutation pass, no libFuzzer needed) run the same code; plus the seed writer.
+
+#[path = "../../daemon/tests/datapath_support/mod.rs"]
+mod support;
+
+use kwire::datapath::stats::Counters;
+use kwire::datapath::RxPath;
+use kwire::offload::checksum::{fold, pseudo_header, sum};
+use kwire::offload::gro::Coalescer;
+use kwire::offload::{tso, VnetHdr, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN};
+use kwire::wg::uapi::{format_get, parse_request, Request};
+use kwire::wg::Device;
+use std::cell::RefCell;
+use std::net::SocketAddr;
+use std::time::Instant;
+use support::{NoNet, RingIo, ADDR_A, ADDR_B, INNER_A, INNER_B, KEY_A, KEY_B};
+
+/// A target's name (as `cargo fuzz run <name>` and `corpus/<name>/` spell it) and body.
+pub type Target = (&'static str, fn(&[u8]));
+
+/// Every target.
+pub const TARGETS: [Target; 4] =
+    [("uapi_parse", uapi_parse), ("tso_split", tso_split), ("gro_coalesce", gro_coalesce), ("rx_message", rx_message)];
+
+/// Userspace API text, split into requests as the server does (lines up to a blank line; an
+/// unterminated last request is dropped as at end of stream). Each request is parsed; a `set`
+/// is applied to a device, a `get` formatted. Refusals must not echo key material.
+pub fn uapi_parse(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let dev = Device::new();
+    let mut lines: Vec<&str> = Vec::new();
+    let mut parts = text.split('\n').peekable();
+    while let Some(line) = parts.next() {
+        if parts.peek().is_none() {
+            break; // no terminating newline: the server never sees this line
+        }
+        if !line.is_empty() {
+            lines.push(line);
+            continue;
+        }
+        match parse_request(&lines) {
+            Ok(Request::Get) => {
+                let s = format_get(&dev.info());
+                assert!(s.ends_with("errno=0\n\n"));
+            }
+            Ok(Request::Set(req)) => {
+                let _ = dev.apply(req, &mut NoNet);
+                let snap = dev.snapshot();
+                assert_eq!(snap.by_index.len(), snap.peers.len(), "one session index per peer");
+                assert_eq!(snap.by_key.len(), snap.peers.len(), "one key per peer");
+                if let Some(own) = dev.public_key() {
+                    assert!(!snap.by_key.contains_key(&own.0), "our own key is never a peer");
+                }
+            }
+            Err(e) => {
+                assert!(e.errno.code() < 0);
+                // A key-like value (16+ hex digits) of a key line never appears in the message,
+                // unless another line carries it too (an endpoint or CIDR is echoed on purpose).
+                for (i, l) in lines.iter().enumerate() {
+                    for k in ["private_key=", "preshared_key="] {
+                        let Some(v) = l.strip_prefix(k) else { continue };
+                        if v.len() < 16 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+                            continue;
+                        }
+                        let head = &v[..16];
+                        let elsewhere = lines.iter().enumerate().any(|(j, o)| j != i && o.contains(head));
+                        assert!(elsewhere || !e.message.contains(head), "error echoes a key: {}", e.message);
+                    }
+                }
+            }
+        }
+        lines.clear();
+    }
+}
+
+/// One tun frame through TSO: must not panic; every TCP segment it makes must carry valid
+/// IPv4 header and TCP checksums.
+pub fn tso_split(data: &[u8]) {
+    thread_local! {
+        static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; 65536]);
+    }
+    let mut frame = data.to_vec();
+    let tcp = data.len() >= VNET_HDR_LEN && matches!(data[1] & !GSO_ECN, GSO_TCPV4 | GSO_TCPV6);
+    let l4 = if data.len() >= 8 { u16::from_le_bytes([data[6], data[7]]) as usize } else { 0 };
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        // Refusing the frame is fine; what it emits must be right.
+        let _ = tso::split(&mut frame, &mut s, |p| {
+            assert!(p.len() <= 65536, "segment of {} bytes", p.len());
+            if tcp {
+                assert!(tcp_checksum_valid(p, l4), "segment with a bad TCP checksum");
+            }
+        });
+    });
+}
+
+fn tcp_checksum_valid(p: &[u8], l4: usize) -> bool {
+    let (s, d) = if p[0] >> 4 == 6 { (8..24, 24..40) } else { (12..16, 16..20) };
+    if p[0] >> 4 == 4 && fold(sum(0, &p[..l4])) != 0xffff {
+        return false;
+    }
+    fold(sum(pseudo_header(&p[s], &p[d], 6, (p.len() - l4) as u32), &p[l4..])) == 0xffff
+}
+
+/// Splits `data` into records of a 2-byte big-endian length and that many bytes (the last
+/// takes what is left).
+fn records(mut data: &[u8]) -> impl Iterator<Item = &[u8]> {
+    std::iter::from_fn(move || {
+        if data.len() < 2 {
+            return None;
+        }
+        let n = (u16::from_be_bytes([data[0], data[1]]) as usize).min(data.len() - 2);
+        let (r, rest) = data[2..].split_at(n);
+        data = rest;
+        Some(r)
+    })
+}
+
+/// Encodes records for [`gro_coalesce`] and [`rx_message`] seeds.
+pub fn encode_records<'a>(head: &[u8], recs: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut v = head.to_vec();
+    for r in recs {
+        v.extend_from_slice(&(r.len() as u16).to_be_bytes());
+        v.extend_from_slice(r);
+    }
+    v
+}
+
+/// Packets through GRO (first byte, bit 0: the tun has virtio-net headers; then records).
+/// No panic, no packet lost or invented: each frame written, split again as the kernel would,
+/// gives back as many packets as went in.
+pub fn gro_coalesce(data: &[u8]) {
+    let Some((&head, rest)) = data.split_first() else { return };
+    let vnet = head & 1 == 1;
+    let mut c = Coalescer::new(8, vnet);
+    let mut scratch = vec![0u8; 65536];
+    let (mut pushed, mut out) = (0usize, 0usize);
+    let mut drain = |c: &mut Coalescer, out: &mut usize| {
+        c.drain(|f| {
+            if !vnet {
+                *out += 1;
+                return;
+            }
+            let h = VnetHdr::decode(f[..VNET_HDR_LEN].try_into().expect("header room"));
+            if h.gso_type == GSO_NONE {
+                assert_eq!(h, VnetHdr::default(), "a frame written as it came has an empty header");
+                *out += 1;
+                return;
+            }
+            let mut f = f.to_vec();
+            let mut n = 0;
+            tso::split(&mut f, &mut scratch, |_| n += 1).expect("a merged frame splits again");
+            *out += n;
+        })
+    };
+    for p in records(rest) {
+        if c.is_full() {
+            drain(&mut c, &mut out);
+        }
+        if p.len() <= 65535 {
+            pushed += 1;
+        }
+        c.push(p);
+    }
+    drain(&mut c, &mut out);
+    assert_eq!(pushed, out, "packets in, packets out");
+}
+
+/// Datagrams into the receive path of device B, whose one peer is A (first byte, bit 0: B's
+/// tun has virtio-net headers; then records of one flag byte, bit 0: sent from A's address,
+/// bit 1: a GRO train whose segment size is the next two bytes, then a 2-byte length and the
+/// bytes). No panic; the sender has no key B trusts, so nothing may reach B's tun.
+pub fn rx_message(data: &[u8]) {
+    rx_run(data);
+}
+
+/// [`rx_message`]'s body; returns how many datagrams the device sent back.
+fn rx_run(data: &[u8]) -> usize {
+    thread_local! {
+        // Buffers only (drained on every `finish`); the device and its sessions are new per input.
+        static PATHS: RefCell<[(RxPath, RingIo); 2]> = RefCell::new([(RxPath::new(false), RingIo::new()), (RxPath::new(true), RingIo::new())]);
+    }
+    let Some((&head, mut rest)) = data.split_first() else { return 0 };
+    let dev = Device::new();
+    support::apply_text(&dev, &support::set_request_text(&KEY_B, &KEY_A, ADDR_A, INNER_A));
+    let counters = Counters::default();
+    let stranger: SocketAddr = "203.0.113.9:51820".parse().expect("address");
+    let now = Instant::now();
+    PATHS.with(|paths| {
+        let mut paths = paths.borrow_mut();
+        let (rx, io) = &mut paths[(head & 1) as usize];
+        io.udp.clear();
+        io.tun.clear();
+        let snap = dev.snapshot();
+        while let Some((&flags, r)) = rest.split_first() {
+            let (segment, r) = match (flags & 2 != 0, r) {
+                (true, [a, b, r @ ..]) => (Some(u16::from_be_bytes([*a, *b])), r),
+                (true, _) => break,
+                (false, r) => (None, r),
+            };
+            let Some(d) = records(r).next() else { break };
+            rest = &r[2 + d.len()..];
+            let src = if flags & 1 != 0 { ADDR_A } else { stranger };
+            rx.handle_message(&snap, &dev.source_limiter, src, d, segment, now, &counters, io);
+        }
+        rx.finish(&counters, io);
+        assert!(io.tun.is_empty(), "a datagram without the key reached the tun");
+        assert_eq!(counters.packets_rx.load(std::sync::atomic::Ordering::Relaxed), 0);
+        io.udp.len()
+    })
+}
+
+/// Seed inputs per target: real messages, captured from two in-memory devices where there is
+/// a protocol (with the fixed keys `rx_message` uses, so initiations pass MAC checks).
+pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
+    let mut v = Vec::new();
+    // uapi: what `wg set` and `wg show` send, and a full request from the protocol docs.
+    let set = support::set_request_text(&KEY_A, &KEY_B, ADDR_B, INNER_B);
+    v.push(("uapi_parse", "wg_set", set.clone().into_bytes()));
+    v.push(("uapi_parse", "wg_show", b"get=1\n\n".to_vec()));
+    v.push((
+        "uapi_parse",
+        "set_then_get",
+        format!(
+            "{set}set=1\npublic_key=58402e695ba1772b1cc9309755f043251ea77fdcf10fbe63989ceb7e19321376\n\
+             preshared_key=188515093e952f5f22e865cef3012e72f8b5f0b598ac0309d5dacce3b70fcf52\n\
+             endpoint=[abcd:23::33%2]:51820\npersistent_keepalive_interval=25\nreplace_allowed_ips=true\n\
+             allowed_ip=fd00::/64\nallowed_ip=10.99.0.0/24\nprotocol_version=1\n\n\
+             set=1\npublic_key=58402e695ba1772b1cc9309755f043251ea77fdcf10fbe63989ceb7e19321376\nremove=true\n\nget=1\n\n"
+        )
+        .into_bytes(),
+    ));
+    v.push(("uapi_parse", "bad_key", b"set=1\nprivate_key=zz41414141414141\n\n".to_vec()));
+
+    // tso: a real TSO frame (3 segments plus a short one), and a single packet with a partial checksum.
+    let mut buf = vec![0u8; 65536 + 16];
+    let n = support::tso_frame(&mut buf, INNER_A, INNER_B, 1000, 1, 3 * support::MSS as usize + 100);
+    v.push(("tso_split", "tcpv4_4seg", buf[..n].to_vec()));
+    let mut partial = buf[..VNET_HDR_LEN + 40 + 200].to_vec();
+    partial[1] = GSO_NONE;
+    partial[VNET_HDR_LEN + 2..VNET_HDR_LEN + 4].copy_from_slice(&240u16.to_be_bytes());
+    v.push(("tso_split", "needs_csum", partial));
+
+    // gro: the segments that frame splits into, one flow, then two interleaved flows.
+    let mut segs: Vec<Vec<u8>> = Vec::new();
+    let mut scratch = vec![0u8; 65536];
+    tso::split(&mut buf[..n], &mut scratch, |p| segs.push(p.to_vec())).expect("seed frame splits");
+    v.push(("gro_coalesce", "one_flow_vnet", encode_records(&[1], segs.iter().map(Vec::as_slice))));
+    let mut other = segs.clone();
+    for s in &mut other {
+        s[15] = 9; // another source address: another flow (checksums now wrong: kept apart)
+    }
+    let mixed: Vec<&[u8]> = segs.iter().zip(&other).flat_map(|(a, b)| [a.as_slice(), b.as_slice()]).collect();
+    v.push(("gro_coalesce", "two_flows_vnet", encode_records(&[1], mixed.iter().copied())));
+    v.push(("gro_coalesce", "plain", encode_records(&[0], segs.iter().map(Vec::as_slice))));
+
+    // rx: a real handshake between A and B, captured: A's initiation, B's response, A's
+    // keepalive and first data message (from another session: B must drop them).
+    let mut p = support::Pair::new(false);
+    let mut pkt = vec![0u8; 2048];
+    let len = support::udp_packet(&mut pkt, INNER_A, INNER_B, 1, 120);
+    p.a.send(&mut pkt[..len], false);
+    let init = p.a.io.udp.entry(0).1.to_vec();
+    support::deliver(&mut p.a, &mut p.b, Instant::now());
+    let response = p.b.io.udp.entry(0).1.to_vec();
+    support::deliver(&mut p.b, &mut p.a, Instant::now());
+    let after: Vec<Vec<u8>> = (0..p.a.io.udp.len()).map(|i| p.a.io.udp.entry(i).1.to_vec()).collect();
+    let rec = |flags: u8, d: &[u8]| {
+        let mut r = vec![flags];
+        r.extend_from_slice(&(d.len() as u16).to_be_bytes());
+        r.extend_from_slice(d);
+        r
+    };
+    v.push(("rx_message", "handshake_init", [vec![0], rec(1, &init)].concat()));
+    v.push(("rx_message", "init_then_response", [vec![0], rec(1, &init), rec(1, &response)].concat()));
+    let mut all = vec![1u8];
+    all.extend(rec(1, &init));
+    for d in &after {
+        all.extend(rec(1, d));
+    }
+    v.push(("rx_message", "init_then_data", all));
+    let mut gro = vec![0u8, 3];
+    let seg = after.last().expect("a data message").len() as u16;
+    gro.extend_from_slice(&seg.to_be_bytes());
+    let train = [after.last().expect("data").as_slice(); 3].concat();
+    gro.extend_from_slice(&(train.len() as u16).to_be_bytes());
+    gro.extend_from_slice(&train);
+    v.push(("rx_message", "data_gro_train", gro));
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+        let mut v: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+            .map(|e| e.expect("dir entry").path())
+            .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .map(|p| {
+                let d = std::fs::read(&p).expect("read seed");
+                (p, d)
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Deterministic mutations of `seed`: byte flips, truncations, duplications, insertions.
+    fn mutations(seed: &[u8], n: usize) -> impl Iterator<Item = Vec<u8>> + '_ {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15 ^ seed.len() as u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        (0..n).map(move |_| {
+            let mut m = seed.to_vec();
+            for _ in 0..1 + next() % 4 {
+                let len = m.len().max(1);
+                let at = (next() as usize) % len;
+                match next() % 5 {
+                    0 | 1 if !m.is_empty() => m[at] ^= 1 << (next() % 8),
+                    2 if !m.is_empty() => m[at] = next() as u8,
+                    3 => m.truncate(at),
+                    _ => {
+                        let b = next() as u8;
+                        m.insert(at.min(m.len()), b);
+                    }
+                }
+            }
+            m
+        })
+    }
+
+    #[test]
+    fn seed_corpora_run_clean_with_mutations() {
+        for (name, f) in TARGETS {
+            let seeds = corpus(name);
+            assert!(!seeds.is_empty(), "corpus/{name} is empty");
+            // uapi and rx build a device per input: fewer mutations keep the test quick.
+            let n = if matches!(name, "uapi_parse" | "rx_message") { 50 } else { 300 };
+            for (path, seed) in &seeds {
+                f(seed);
+                for (i, m) in mutations(seed, n).enumerate() {
+                    let r = std::panic::catch_unwind(|| f(&m));
+                    assert!(r.is_ok(), "{name}: mutation {i} of {} panicked; input {m:?}", path.display());
+                }
+            }
+        }
+    }
+
+    /// The captured initiation is one the device answers: the seeds reach past the MAC check.
+    #[test]
+    fn the_handshake_seed_gets_a_response() {
+        let seed = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus/rx_message/handshake_init")).expect("seed");
+        assert_eq!(rx_run(&seed), 1);
+    }
+
+    #[test]
+    fn checked_in_seeds_are_current() {
+        for (target, name, data) in seeds() {
+            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target).join(name);
+            if std::env::var_os("KWIRE_WRITE_SEEDS").is_some() {
+                std::fs::write(&path, &data).expect("write seed");
+            } else {
+                // Handshake captures differ per run (ephemeral keys); only their presence is checked.
+                assert!(path.exists(), "missing seed {} (run with KWIRE_WRITE_SEEDS=1)", path.display());
+            }
+        }
+    }
+}
