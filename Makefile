@@ -26,6 +26,8 @@ demo-tunnel: deps release
 test: deps build
 	$(CARGO) test --workspace --no-fail-fast
 	$(CARGO) bench --workspace --no-run
+	# The fuzz targets' bodies over their seed corpora (stable; fuzzing itself: fuzz/README.md).
+	cd fuzz && CARGO_TARGET_DIR=../target $(CARGO) test --lib
 
 # Criterion micro-benchmarks (data path, policy engine).
 bench:
