@@ -47,6 +47,9 @@ enum Command {
     /// Whether FROM (a pod `NS/NAME` or a node `n1`) reaches TO[:PORT[/PROTO]] (a pod or an
     /// IP; ICMP echo when no port). Exits 0 reachable, 1 not, 2 on error.
     Probe(ProbeArgs),
+    /// Probe every ordered pair of pods (default: every Running pod) in parallel and print the
+    /// reachability table in the upstream netpol e2e format (`.` reachable, `X` blocked).
+    Matrix(MatrixArgs),
     /// Serve a lab pod's ports (run by the supervisor inside the pod's namespace).
     #[command(hide = true)]
     PodServe(PodServeArgs),
@@ -137,6 +140,26 @@ struct ProbeArgs {
     #[arg(long, default_value_t = 2.0)]
     timeout: f64,
     /// Print {"from","to","address","port","protocol","reachable","detail"}.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct MatrixArgs {
+    #[command(flatten)]
+    lab: LabArg,
+    /// The port to probe, `80/TCP` or `81/UDP` (protocol defaults to TCP).
+    #[arg(long, default_value = "80/TCP")]
+    port: pods::serve::PodPort,
+    /// Pods (`NS/NAME`), in row and column order; default every Running pod by namespace/name.
+    pods: Vec<String>,
+    /// Seconds one probe waits for an answer.
+    #[arg(long, default_value_t = 0.5)]
+    timeout: f64,
+    /// Probes in flight at once.
+    #[arg(long, default_value_t = pods::matrix::DEFAULT_CONCURRENCY)]
+    concurrency: usize,
+    /// Print {"port","protocol","pods","reachable","blocked","elapsed_ms"}.
     #[arg(long)]
     json: bool,
 }
@@ -371,6 +394,22 @@ fn run() -> anyhow::Result<()> {
                     std::process::exit(2)
                 }
             }
+        }
+        Command::Matrix(args) => {
+            let opts = pods::matrix::MatrixOptions {
+                port: args.port,
+                pods: args.pods,
+                timeout: Duration::from_secs_f64(args.timeout.max(0.05)),
+                concurrency: args.concurrency,
+            };
+            let report = pods::matrix::matrix(&args.lab.name, &opts)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&report).expect("serializes"));
+            } else {
+                println!("{} {}", report.port, report.protocol);
+                print!("{}", report.pretty_print());
+            }
+            Ok(())
         }
         Command::PodServe(args) => {
             let ports = pods::serve::parse_ports(&args.ports).map_err(anyhow::Error::msg)?;

@@ -6,6 +6,7 @@
 pub mod cni;
 pub mod kubelet;
 pub mod manifest;
+pub mod matrix;
 pub mod probe;
 pub mod serve;
 
