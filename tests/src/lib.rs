@@ -1647,3 +1647,32 @@ pub mod lab {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Namespaces made by others (a lab's pods and nodes)
+
+/// Runs `f` on a scoped thread that has entered the named network namespace
+/// `/var/run/netns/NAME` (one this crate did not make, such as a lab pod's), so sockets it opens
+/// live there and keep working from any thread afterwards. Returns `f`'s result.
+pub fn run_in_netns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> T {
+    let path = format!("/var/run/netns/{name}");
+    let file = File::open(&path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    std::thread::scope(|s| {
+        s.spawn(move || {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns into {path}: {e}"));
+            f()
+        })
+        .join()
+        .unwrap_or_else(|p| std::panic::resume_unwind(p))
+    })
+}
+
+/// One counter of a Prometheus text exposition: the value of the sample named exactly
+/// `series` (`kwire_drops_total{reason="spoofed_source"}`), None when absent.
+pub fn prometheus_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name.trim() == series).then(|| value.trim().parse().ok())?
+    })
+}
