@@ -481,22 +481,13 @@ fn cnitool_runs_kwire_then_portmap_add_check_del_and_a_host_port_on_a_lab_node()
             "hostPort {to} from {what}"
         );
     }
-    // A pod on the same node through the node's address: the DNAT happens in the node's
-    // kernel, but the answer goes pod to pod inside the agent's packet loop, past the
-    // kernel's conntrack, so it is never un-NATed (the client resets it). Reported, not
-    // asserted: a known limitation.
+    // A pod on the same node through the node's address: the kernel DNATs it back into the
+    // tun, and the agent's hairpin masquerade makes the answer return through the kernel so
+    // that it is un-NATed.
     let c3 = Netns::new("c3");
     let o = n1.cnitool("add", &c3, None);
     assert!(o.status.success(), "cnitool add c3: {}", out_text(&o));
-    let hairpin = fetch(c3.name(), &v4);
-    eprintln!(
-        "hostPort from another pod on the same node ({v4}): {}",
-        match &hairpin {
-            Some(t) => format!("works ({t})"),
-            None =>
-                "does NOT work (known limitation: no hairpin NAT for pod-to-pod on one node)".into(),
-        }
-    );
+    assert_eq!(fetch(c3.name(), &v4).as_deref(), Some(GREETING), "hostPort {v4} from a pod on the same node (hairpin)");
     let o = n1.cnitool("del", &c3, None);
     assert!(o.status.success(), "cnitool del c3: {}", out_text(&o));
     drop(server);

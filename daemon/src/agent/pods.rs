@@ -101,6 +101,11 @@ fn host_forwarding(ifname: &str, own: &[IpNetwork]) -> std::io::Result<()> {
     for c in own {
         let fam = if c.is_ipv4() { "ip" } else { "ip6" };
         rules.push_str(&format!("    {fam} saddr {c} oifname != \"{ifname}\" masquerade\n"));
+        // Hairpin: a pod's connection that the kernel DNATed (a hostPort) back to a pod on
+        // this node. Without this the answer would go pod to pod inside the packet loop, past
+        // the kernel's conntrack, and never be un-NATed; from the node's gateway address it
+        // comes back through the kernel.
+        rules.push_str(&format!("    {fam} saddr {c} oifname \"{ifname}\" ct status dnat masquerade\n"));
     }
     // Recreated whole, so a restart or a CIDR change leaves no stale rule.
     let script = format!(
