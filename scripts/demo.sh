@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # demo.sh - kwire's main job on one machine: a 3-node cluster in network namespaces (kwire-lab),
-# each node running the real `kwire agent` against a Kubernetes API stand-in; shows the mesh,
-# traffic between nodes' pod gateways over IPv4 and IPv6, what the underlay carries (only
-# WireGuard UDP), and a node's metrics. Leaves the lab up for you to explore; remove it with
+# each node running the real `kwire agent` against a Kubernetes API stand-in, with 2 pods per
+# node wired by the real kwire-cni; shows the mesh, pods reaching each other across nodes
+# over IPv4 and IPv6, what the underlay carries (only WireGuard UDP), a NetworkPolicy taking
+# effect, and a node's status and metrics. Leaves the lab up for you to explore; remove it with
 # `target/release/kwire-lab down`. Needs root and scripts/install-deps.sh.
 set -Eeuo pipefail
 HERE=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,6 +36,30 @@ wait "$TD" 2>/dev/null || true
 echo "what the underlay carried:"
 tcpdump -r /tmp/kwire-demo.pcap -nn 2>/dev/null | awk '{print $3, $4, $5, $6}' | sed -E 's/\.[0-9]+( |:|$)/\1/g' | sort | uniq -c | sort -rn | head -8
 rm -f /tmp/kwire-demo.pcap
+
+step "pods: every pod reaches every other pod (TCP port 80), then a NetworkPolicy isolates pod-1-1"
+lab matrix --port 80/TCP
+KC="kubectl --kubeconfig $("$BIN/kwire-lab" kubeconfig --name "$LAB")"
+$KC label pod pod-1-1 role=db >/dev/null
+$KC label pod pod-2-1 pod-2-2 role=web >/dev/null 2>&1 || { $KC label pod pod-2-1 role=web >/dev/null; $KC label pod pod-2-2 role=web >/dev/null; }
+cat >/tmp/kwire-demo-policy.yaml <<'YAML'
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: db-from-web, namespace: default}
+spec:
+  podSelector: {matchLabels: {role: db}}
+  ingress:
+    - from: [{podSelector: {matchLabels: {role: web}}}]
+YAML
+echo "policy: pods labelled role=db (pod-1-1) accept only pods labelled role=web (pod-2-*)"
+lab apply -f /tmp/kwire-demo-policy.yaml
+sleep 1
+lab matrix --port 80/TCP
+lab delete -f /tmp/kwire-demo-policy.yaml >/dev/null
+rm -f /tmp/kwire-demo-policy.yaml
+
+step "kwire status on node 1: peers by node name, and its pods"
+lab exec 1 -- "$BIN/kwire" status --run-dir "$(jq -r '.nodes[0].state_dir' <<<"$J" | sed 's|/state$|/run|')" || true
 
 step "wg show on node 1 (wireguard-tools talks to kwire's userspace API)"
 lab exec 1 -- wg show "$IF1"

@@ -13,6 +13,9 @@ use kwire_lab::cluster::state::AgentCommand;
 use kwire_lab::cluster::{commands, naming, supervisor};
 use kwire_lab::pods;
 
+/// Pods per node `up` creates unless told otherwise (DESIGN: "a few pods each").
+const DEFAULT_PODS_PER_NODE: u32 = 2;
+
 #[derive(Parser)]
 #[command(
     name = "kwire-lab",
@@ -95,9 +98,9 @@ struct UpArgs {
     #[arg(long, default_value_t = 60)]
     timeout: u64,
     /// Pods to create per node (`default/pod-<node#>-<i>`, label app=lab-pod), waiting until
-    /// they run with IPs.
-    #[arg(long, default_value_t = 0)]
-    pods: u32,
+    /// they run with IPs. Default: 2 with real agents, 0 with --agent-cmd.
+    #[arg(long)]
+    pods: Option<u32>,
 }
 
 #[derive(clap::Args)]
@@ -320,14 +323,16 @@ fn run() -> anyhow::Result<()> {
                     bin: commands::find_kwire(args.kwire)?,
                 },
             };
-            let wait_mesh = !args.no_wait_mesh && matches!(agent, AgentCommand::Kwire { .. });
+            let real = matches!(agent, AgentCommand::Kwire { .. });
+            let wait_mesh = !args.no_wait_mesh && real;
+            let pods_per_node = args.pods.unwrap_or(if real { DEFAULT_PODS_PER_NODE } else { 0 });
             commands::up(&commands::UpOptions {
                 name: args.lab.name,
                 nodes: args.nodes,
                 agent,
                 wait_mesh,
                 timeout: Duration::from_secs(args.timeout),
-                pods_per_node: args.pods,
+                pods_per_node,
             })?;
             Ok(())
         }
