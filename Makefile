@@ -1,6 +1,7 @@
 # The two commands a new user runs (see README.md), and a few helpers.
 #   make demo   build kwire and start a 3-node lab cluster on this machine (needs root)
-#   make test   every test: unit, property, integration (root: network namespaces), bench builds
+#   make test   every test: unit, property, integration (root: network namespaces), and each
+#               benchmark run once as a test (so the benches cannot rot)
 SHELL := /bin/bash
 CARGO ?= cargo
 
@@ -25,7 +26,7 @@ demo-tunnel: deps release
 # Integration tests find target/debug/kwire and kwire-lab, so the binaries are built first.
 test: deps build
 	$(CARGO) test --workspace --no-fail-fast
-	$(CARGO) bench --workspace --no-run
+	$(CARGO) test --workspace --bench '*'
 	# The fuzz targets' bodies over their seed corpora (stable; fuzzing itself: fuzz/README.md).
 	cd fuzz && CARGO_TARGET_DIR=../target $(CARGO) test --lib
 
