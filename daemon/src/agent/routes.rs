@@ -2,14 +2,16 @@
 //! this node's pod CIDRs) and the routes of the peers' pod CIDRs into it, each with a
 //! blackhole route behind it so nothing for a pod range leaves the node unencrypted.
 //!
-//! Programmed with iproute2 (`ip`), one command per change; what to run is planned by a pure
-//! function ([`plan`]) and only the commands that succeeded are remembered, so a failed one
-//! is retried at the next sync.
+//! Programmed with iproute2 (`ip`); what to run is planned by a pure function ([`plan`]) and
+//! run as one `ip -batch` per address family (one process per command made a 5,000-node
+//! start take 20 s); when a batch fails the steps are run one command each, and only the
+//! commands that succeeded are remembered, so a failed one is retried at the next sync.
 
 use ipnetwork::IpNetwork;
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 use std::net::IpAddr;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 /// Metric of a route into the tun: below the blackhole's.
 pub const PEER_ROUTE_METRIC: u32 = 100;
@@ -231,6 +233,55 @@ pub fn ip(args: &[String]) -> Result<String, RouteError> {
     }
 }
 
+/// Runs `steps` as `ip -batch -` invocations: those without a family option first, then the
+/// `-4` ones, then the `-6` ones, each group in plan order (the families do not depend on
+/// each other). Stops at the first failing command.
+pub fn ip_batches(steps: &[Step]) -> Result<(), RouteError> {
+    for fam in [None, Some("-4"), Some("-6")] {
+        let mut input = String::new();
+        for s in steps {
+            let (f, rest) = match s.argv.first().map(String::as_str) {
+                Some(f @ ("-4" | "-6")) => (Some(f), &s.argv[1..]),
+                _ => (None, &s.argv[..]),
+            };
+            if f == fam {
+                input.push_str(&rest.join(" "));
+                input.push('\n');
+            }
+        }
+        if input.is_empty() {
+            continue;
+        }
+        let mut args: Vec<&str> = fam.into_iter().collect();
+        args.extend(["-batch", "-"]);
+        let failed = |stderr: String| RouteError::Failed {
+            cmd: args.join(" "),
+            stderr,
+        };
+        let mut child = Command::new("ip")
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(RouteError::Spawn)?;
+        let wrote = child
+            .stdin
+            .take()
+            .expect("piped stdin")
+            .write_all(input.as_bytes());
+        let out = child.wait_with_output().map_err(RouteError::Spawn)?;
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if !out.status.success() {
+            return Err(failed(stderr));
+        }
+        if let Err(e) = wrote {
+            return Err(failed(e.to_string()));
+        }
+    }
+    Ok(())
+}
+
 /// The host network of the tun: remembers what it programmed.
 #[derive(Debug)]
 pub struct HostNetwork {
@@ -249,8 +300,17 @@ impl HostNetwork {
     /// Runs what [`plan`] says; returns every failure (the rest is still done). A missing
     /// route on delete counts as done.
     pub fn sync(&mut self, mtu: u32, own: &[IpNetwork], peers: &[IpNetwork]) -> Vec<RouteError> {
+        let steps = plan(&self.ifname, &self.done, mtu, own, peers);
+        if steps.len() > 1 && ip_batches(&steps).is_ok() {
+            for step in &steps {
+                self.done.record(&step.effect);
+            }
+            return Vec::new();
+        }
+        // One at a time, to learn which failed (every step is idempotent: replace, or a
+        // delete whose "already gone" counts as done).
         let mut errors = Vec::new();
-        for step in plan(&self.ifname, &self.done, mtu, own, peers) {
+        for step in steps {
             match ip(&step.argv) {
                 Ok(_) => self.done.record(&step.effect),
                 Err(RouteError::Failed { stderr, .. })
