@@ -75,6 +75,25 @@ macro_rules! require_root {
     };
 }
 
+/// Root and a kwire binary with the `agent` subcommand, or the calling test returns with a
+/// printed SKIP. Evaluates to the binary's path.
+#[macro_export]
+macro_rules! require_agent {
+    () => {{
+        $crate::require_root!();
+        match $crate::lab::kwire_with("agent") {
+            Some(bin) => bin,
+            None => {
+                eprintln!(
+                    "SKIP {}: `kwire agent --help` fails (build the agent: cargo build -p kwire-daemon)",
+                    module_path!()
+                );
+                return;
+            }
+        }
+    }};
+}
+
 fn base36(mut n: u64, width: usize) -> String {
     const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
     let mut out = vec![b'0'; width];
@@ -1245,6 +1264,24 @@ TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=\t(none)\t[2001:db8:1::2]:51820\t(no
 /// Driving `kwire-lab` from tests: a [`lab::Lab`] guard (unique `--name`, `down` on drop) and a
 /// small JSON reader for `kwire-lab status --json` (this crate keeps its dependencies few).
 pub mod lab {
+    /// The kwire binary (env KWIRE_BIN, else target/debug/kwire) if `kwire SUBCOMMAND --help`
+    /// works, i.e. this build has that subcommand; None otherwise (the caller skips).
+    pub fn kwire_with(subcommand: &str) -> Option<std::path::PathBuf> {
+        let workspace = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .parent()?
+            .to_path_buf();
+        let bin = std::env::var_os("KWIRE_BIN")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| workspace.join("target/debug/kwire"));
+        let ok = std::process::Command::new(&bin)
+            .args([subcommand, "--help"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(bin)
+    }
+
     use std::path::{Path, PathBuf};
     use std::process::{Command, Output, Stdio};
 

@@ -16,7 +16,8 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use kwire_tests::lab::{Json, Lab};
-use kwire_tests::{require_root, require_tool, try_wait_until, wait_until, Netns, Scratch};
+use kwire_tests::require_agent;
+use kwire_tests::{require_tool, try_wait_until, wait_until, Netns, Scratch};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -35,46 +36,6 @@ const HOST_PORT: u16 = 18080;
 const CONTAINER_PORT: u16 = 8080;
 /// What the pod's server answers on CONTAINER_PORT.
 const GREETING: &str = "hostport-ok";
-
-/// The kwire binary if `kwire agent --help` works; None (the test skips) otherwise.
-fn kwire_agent() -> Option<PathBuf> {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()?
-        .to_path_buf();
-    let bin = std::env::var_os("KWIRE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target/debug/kwire"));
-    let ok = Command::new(&bin)
-        .args(["agent", "--help"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then_some(bin)
-}
-
-macro_rules! require_agent {
-    () => {{
-        require_root!();
-        if !Path::new(CNITOOL).is_file() || !Path::new(REFERENCE_PLUGINS).join("portmap").is_file() {
-            eprintln!(
-                "SKIP {}: needs {CNITOOL} and {REFERENCE_PLUGINS}/portmap (shared/tools/REAL-PEERS.md)",
-                module_path!()
-            );
-            return;
-        }
-        match kwire_agent() {
-            Some(bin) => bin,
-            None => {
-                eprintln!(
-                    "SKIP {}: `kwire agent --help` fails (build the agent: cargo build -p kwire-daemon)",
-                    module_path!()
-                );
-                return;
-            }
-        }
-    }};
-}
 
 fn out_text(o: &Output) -> String {
     format!(
@@ -487,7 +448,11 @@ fn cnitool_runs_kwire_then_portmap_add_check_del_and_a_host_port_on_a_lab_node()
     let c3 = Netns::new("c3");
     let o = n1.cnitool("add", &c3, None);
     assert!(o.status.success(), "cnitool add c3: {}", out_text(&o));
-    assert_eq!(fetch(c3.name(), &v4).as_deref(), Some(GREETING), "hostPort {v4} from a pod on the same node (hairpin)");
+    assert_eq!(
+        fetch(c3.name(), &v4).as_deref(),
+        Some(GREETING),
+        "hostPort {v4} from a pod on the same node (hairpin)"
+    );
     let o = n1.cnitool("del", &c3, None);
     assert!(o.status.success(), "cnitool del c3: {}", out_text(&o));
     drop(server);

@@ -4,13 +4,12 @@
 //! the kwire binary has no working `agent` subcommand yet. Needs root.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use kwire_tests::lab::{Json, Lab};
-use kwire_tests::{
-    require_root, require_tool, run_host, try_wait_until, wait_until, Proc, Scratch,
-};
+use kwire_tests::require_agent;
+use kwire_tests::{require_tool, run_host, try_wait_until, wait_until, Proc, Scratch};
 
 use nix::sys::signal::Signal;
 
@@ -18,39 +17,6 @@ use nix::sys::signal::Signal;
 const WG_PORT: &str = "51820";
 /// Handshakes and routes of a fresh peer; generous for a debug build on a shared machine.
 const CONVERGE: Duration = Duration::from_secs(30);
-
-/// The kwire binary if `kwire agent --help` works; None (the test skips) otherwise.
-fn kwire_agent() -> Option<PathBuf> {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()?
-        .to_path_buf();
-    let bin = std::env::var_os("KWIRE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target/debug/kwire"));
-    let ok = Command::new(&bin)
-        .args(["agent", "--help"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then_some(bin)
-}
-
-macro_rules! require_agent {
-    () => {{
-        require_root!();
-        match kwire_agent() {
-            Some(bin) => bin,
-            None => {
-                eprintln!(
-                    "SKIP {}: `kwire agent --help` fails (build the agent: cargo build -p kwire-daemon)",
-                    module_path!()
-                );
-                return;
-            }
-        }
-    }};
-}
 
 fn up_real(nodes: u32, kwire: &std::path::Path) -> Lab {
     Lab::up(

@@ -12,22 +12,6 @@ use std::time::Duration;
 use kwire_tests::lab::{Json, Lab};
 use kwire_tests::{require_root, try_wait_until};
 
-fn kwire_bin() -> Option<PathBuf> {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()?
-        .to_path_buf();
-    let bin = std::env::var_os("KWIRE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target/debug/kwire"));
-    let ok = Command::new(&bin)
-        .args(["status", "--help"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then_some(bin)
-}
-
 fn have(tool: &str) -> bool {
     Command::new(tool)
         .arg("--version")
@@ -67,7 +51,7 @@ fn pipe(cmd: &[&str], input: &str) -> std::process::Output {
 #[test]
 fn lab_status_metrics_and_graph() {
     require_root!();
-    let Some(kwire) = kwire_bin() else {
+    let Some(kwire) = kwire_tests::lab::kwire_with("status") else {
         eprintln!(
             "SKIP {}: `kwire status --help` fails (cargo build -p kwire-daemon)",
             module_path!()

@@ -6,11 +6,12 @@
 //! kwire binary has no `agent`, or when the agent does not serve the CNI socket yet.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use kwire_tests::lab::{Json, Lab};
-use kwire_tests::{require_root, require_tool, run_host, wait_until, Proc, Scratch};
+use kwire_tests::require_agent;
+use kwire_tests::{require_tool, run_host, wait_until, Proc, Scratch};
 use nix::sys::signal::Signal;
 
 /// WireGuard port of every agent in a lab.
@@ -21,39 +22,6 @@ const UP_TIMEOUT_SECS: &str = "40";
 const POD_READY: Duration = Duration::from_secs(15);
 /// How long the agent may take to serve its CNI socket once the lab is up.
 const CNI_SOCKET_WAIT: Duration = Duration::from_secs(10);
-
-/// The kwire binary if `kwire agent --help` works; None (the test skips) otherwise.
-fn kwire_agent() -> Option<PathBuf> {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()?
-        .to_path_buf();
-    let bin = std::env::var_os("KWIRE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target/debug/kwire"));
-    let ok = Command::new(&bin)
-        .args(["agent", "--help"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then_some(bin)
-}
-
-macro_rules! require_agent {
-    () => {{
-        require_root!();
-        match kwire_agent() {
-            Some(bin) => bin,
-            None => {
-                eprintln!(
-                    "SKIP {}: `kwire agent --help` fails (build the agent: cargo build -p kwire-daemon)",
-                    module_path!()
-                );
-                return;
-            }
-        }
-    }};
-}
 
 /// True when every node's agent serves its CNI socket (status `cni_socket`).
 fn cni_sockets_served(lab: &Lab) -> bool {

@@ -19,9 +19,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kwire_tests::lab::{Json, Lab};
+use kwire_tests::require_agent;
 use kwire_tests::{
-    prometheus_value, require_root, require_tool, run_host, run_in_netns, try_wait_until,
-    wait_until, Proc, Scratch,
+    prometheus_value, require_tool, run_host, run_in_netns, try_wait_until, wait_until, Proc,
+    Scratch,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -64,39 +65,6 @@ const ALARMING_DROPS: &[&str] = &[
 const STARTUP_DROPS: &[&str] = &["handshake"];
 /// The agent's metrics inside each node's namespace.
 const METRICS_URL: &str = "http://127.0.0.1:9742/metrics";
-
-/// The kwire binary if `kwire agent --help` works; None (the test skips) otherwise.
-fn kwire_agent() -> Option<PathBuf> {
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .parent()?
-        .to_path_buf();
-    let bin = std::env::var_os("KWIRE_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace.join("target/debug/kwire"));
-    let ok = Command::new(&bin)
-        .args(["agent", "--help"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    ok.then_some(bin)
-}
-
-macro_rules! require_agent {
-    () => {{
-        require_root!();
-        match kwire_agent() {
-            Some(bin) => bin,
-            None => {
-                eprintln!(
-                    "SKIP {}: `kwire agent --help` fails (build the agent: cargo build -p kwire-daemon)",
-                    module_path!()
-                );
-                return;
-            }
-        }
-    }};
-}
 
 fn out_text(o: &Output) -> String {
     format!(
