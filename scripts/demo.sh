@@ -26,7 +26,7 @@ IF1=$(jq -r '.nodes[0].interface' <<<"$J")
 BR=$(jq -r '.bridge' <<<"$J"); UL=$(jq -r '.underlay_netns' <<<"$J")
 
 step "node 1 reaches every other node's pod gateway through the tunnels (IPv4, IPv6), while tcpdump watches the underlay"
-ip netns exec "$UL" timeout 6 tcpdump -i "$BR" -nn -w /tmp/kwire-demo.pcap 'not arp and not tcp port 6443 and not (ip6 and (icmp6 or multicast))' >/dev/null 2>&1 &
+ip netns exec "$UL" timeout 6 tcpdump -i "$BR" -nn -w /tmp/kwire-demo.pcap 'not arp and not tcp port 6443 and not ip multicast and not (ip6 and (icmp6 or multicast))' >/dev/null 2>&1 &
 TD=$!
 sleep 1
 for gw in $(jq -r '.nodes[1:][] | .gateway_ips[]' <<<"$J"); do

@@ -1264,6 +1264,62 @@ TrMvSoP4jYQlY6RIzBgbssQqY3vxI2Pi+y71lOWWXX0=\t(none)\t[2001:db8:1::2]:51820\t(no
 /// Driving `kwire-lab` from tests: a [`lab::Lab`] guard (unique `--name`, `down` on drop) and a
 /// small JSON reader for `kwire-lab status --json` (this crate keeps its dependencies few).
 pub mod lab {
+    /// tcpdump on the underlay bridge; the packets as `tcpdump -r -nn` lines.
+    pub struct BridgeCapture {
+        proc: crate::Proc,
+        pcap: std::path::PathBuf,
+    }
+
+    impl BridgeCapture {
+        pub fn start(
+            lab: &Lab,
+            scratch: &crate::Scratch,
+            tag: &str,
+            filter: &str,
+        ) -> BridgeCapture {
+            crate::require_tool("tcpdump");
+            let st = lab.status();
+            let bridge = st.get("bridge").as_str().expect("bridge").to_string();
+            let pcap = scratch.file(&format!("{tag}.pcap"));
+            let mut cmd = std::process::Command::new("ip");
+            cmd.args([
+                "netns",
+                "exec",
+                st.get("underlay_netns").as_str().expect("underlay_netns"),
+                "tcpdump",
+                "--immediate-mode",
+                "-i",
+                &bridge,
+                "-n",
+                "-U",
+                "-Z",
+                "root",
+                "-s",
+                "256",
+                "-w",
+            ])
+            .arg(&pcap)
+            .arg(filter);
+            let mut proc = crate::Proc::spawn(cmd, "tcpdump", scratch.file(&format!("{tag}.log")))
+                .with_stop_signal(nix::sys::signal::Signal::SIGINT);
+            crate::wait_until(
+                std::time::Duration::from_secs(10),
+                "tcpdump listening on the bridge",
+                || {
+                    assert!(proc.is_running(), "tcpdump exited: {}", proc.log());
+                    proc.log().contains("listening on")
+                },
+            );
+            BridgeCapture { proc, pcap }
+        }
+
+        pub fn stop(mut self) -> Vec<String> {
+            self.proc.stop();
+            let text = crate::run_host(&["tcpdump", "-r", self.pcap.to_str().unwrap(), "-nn"]);
+            text.lines().map(str::to_string).collect()
+        }
+    }
+
     /// The kwire binary (env KWIRE_BIN, else target/debug/kwire) if `kwire SUBCOMMAND --help`
     /// works, i.e. this build has that subcommand; None otherwise (the caller skips).
     pub fn kwire_with(subcommand: &str) -> Option<std::path::PathBuf> {

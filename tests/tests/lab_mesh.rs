@@ -3,15 +3,11 @@
 //! UDP, nodes join and leave, and a node's new key is picked up. Skips (with a message) when
 //! the kwire binary has no working `agent` subcommand yet. Needs root.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
-use kwire_tests::lab::{Json, Lab};
+use kwire_tests::lab::{BridgeCapture, Json, Lab};
 use kwire_tests::require_agent;
-use kwire_tests::{require_tool, run_host, try_wait_until, wait_until, Proc, Scratch};
-
-use nix::sys::signal::Signal;
+use kwire_tests::{run_host, try_wait_until, wait_until, Scratch};
 
 /// WireGuard port of every agent in a lab.
 const WG_PORT: &str = "51820";
@@ -77,57 +73,6 @@ fn public_key(lab: &Lab, node_name: &str) -> Option<String> {
         .map(str::to_string)
 }
 
-/// tcpdump on the underlay bridge; the packets as `tcpdump -r -nn` lines.
-struct BridgeCapture {
-    proc: Proc,
-    pcap: PathBuf,
-}
-
-impl BridgeCapture {
-    fn start(lab: &Lab, scratch: &Scratch, filter: &str) -> BridgeCapture {
-        require_tool("tcpdump");
-        let st = lab.status();
-        let bridge = st.get("bridge").as_str().expect("bridge").to_string();
-        let pcap = scratch.file("underlay.pcap");
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            st.get("underlay_netns").as_str().expect("underlay_netns"),
-            "tcpdump",
-            "--immediate-mode",
-            "-i",
-            &bridge,
-            "-n",
-            "-U",
-            "-Z",
-            "root",
-            "-s",
-            "256",
-            "-w",
-        ])
-        .arg(&pcap)
-        .arg(filter);
-        let mut proc = Proc::spawn(cmd, "tcpdump", scratch.file("tcpdump.log"))
-            .with_stop_signal(Signal::SIGINT);
-        wait_until(
-            Duration::from_secs(10),
-            "tcpdump listening on the bridge",
-            || {
-                assert!(proc.is_running(), "tcpdump exited: {}", proc.log());
-                proc.log().contains("listening on")
-            },
-        );
-        BridgeCapture { proc, pcap }
-    }
-
-    fn stop(mut self) -> Vec<String> {
-        self.proc.stop();
-        let text = run_host(&["tcpdump", "-r", self.pcap.to_str().unwrap(), "-nn"]);
-        text.lines().map(str::to_string).collect()
-    }
-}
-
 #[test]
 fn three_nodes_mesh_and_only_wireguard_crosses_the_underlay() {
     let kwire = require_agent!();
@@ -139,10 +84,8 @@ fn three_nodes_mesh_and_only_wireguard_crosses_the_underlay() {
 
     // Everything on the bridge except link control (ARP, neighbour discovery, MLD and other
     // link-local multicast) and the agents' calls to the API stand-in.
-    let capture = BridgeCapture::start(
-        &lab,
-        &scratch,
-        "not arp and not (tcp port 6443) and not ip6 multicast and not (icmp6 and (ip6[40] >= 133 and ip6[40] <= 137))",
+    let capture = BridgeCapture::start(&lab, &scratch, "underlay",
+        "not arp and not (tcp port 6443) and not ip6 multicast and not ip multicast and not (icmp6 and (ip6[40] >= 133 and ip6[40] <= 137))",
     );
     for from in &names {
         for to in names.iter().filter(|t| *t != from) {

@@ -6,13 +6,12 @@
 //! kwire binary has no `agent`, or when the agent does not serve the CNI socket yet.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::{Duration, Instant};
 
-use kwire_tests::lab::{Json, Lab};
+use kwire_tests::lab::{BridgeCapture, Json, Lab};
 use kwire_tests::require_agent;
-use kwire_tests::{require_tool, run_host, wait_until, Proc, Scratch};
-use nix::sys::signal::Signal;
+use kwire_tests::{require_tool, run_host, wait_until, Scratch};
 
 /// WireGuard port of every agent in a lab.
 const WG_PORT: &str = "51820";
@@ -89,57 +88,6 @@ fn assert_reachable(lab: &Lab, from: &str, to: &str, v6: bool) {
         "{from} -> {to} ({}) not reachable (exit {code}): {report:?}",
         if v6 { "IPv6" } else { "IPv4" }
     );
-}
-
-/// tcpdump on the underlay bridge; the packets as `tcpdump -r -nn` lines.
-struct BridgeCapture {
-    proc: Proc,
-    pcap: PathBuf,
-}
-
-impl BridgeCapture {
-    fn start(lab: &Lab, scratch: &Scratch, tag: &str, filter: &str) -> BridgeCapture {
-        require_tool("tcpdump");
-        let st = lab.status();
-        let bridge = st.get("bridge").as_str().expect("bridge").to_string();
-        let pcap = scratch.file(&format!("{tag}.pcap"));
-        let mut cmd = Command::new("ip");
-        cmd.args([
-            "netns",
-            "exec",
-            st.get("underlay_netns").as_str().expect("underlay_netns"),
-            "tcpdump",
-            "--immediate-mode",
-            "-i",
-            &bridge,
-            "-n",
-            "-U",
-            "-Z",
-            "root",
-            "-s",
-            "256",
-            "-w",
-        ])
-        .arg(&pcap)
-        .arg(filter);
-        let mut proc = Proc::spawn(cmd, "tcpdump", scratch.file(&format!("{tag}.log")))
-            .with_stop_signal(Signal::SIGINT);
-        wait_until(
-            Duration::from_secs(10),
-            "tcpdump listening on the bridge",
-            || {
-                assert!(proc.is_running(), "tcpdump exited: {}", proc.log());
-                proc.log().contains("listening on")
-            },
-        );
-        BridgeCapture { proc, pcap }
-    }
-
-    fn stop(mut self) -> Vec<String> {
-        self.proc.stop();
-        let text = run_host(&["tcpdump", "-r", self.pcap.to_str().unwrap(), "-nn"]);
-        text.lines().map(str::to_string).collect()
-    }
 }
 
 #[test]
@@ -237,7 +185,7 @@ fn pods_talk_tcp_udp_icmp_v4_v6_within_and_across_nodes_and_only_wireguard_cross
         &lab,
         &scratch,
         "underlay",
-        "not arp and not (tcp port 6443) and not ip6 multicast and not (icmp6 and (ip6[40] >= 133 and ip6[40] <= 137))",
+        "not arp and not (tcp port 6443) and not ip6 multicast and not ip multicast and not (icmp6 and (ip6[40] >= 133 and ip6[40] <= 137))",
     );
     for to in ["default/pod-1-2", "default/pod-2-1"] {
         for v6 in [false, true] {

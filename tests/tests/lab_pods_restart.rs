@@ -45,7 +45,7 @@ const ECHO_TIMEOUT: Duration = Duration::from_secs(15);
 const ECHO_PORT: u16 = 9000;
 /// What the underlay may carry besides WireGuard: link control (ARP, ND, MLD) and the agents'
 /// calls to the API stand-in; everything else is captured (as tests/tests/lab_mesh.rs does).
-const UNDERLAY_FILTER: &str = "not arp and not (tcp port 6443) and not ip6 multicast and not (icmp6 and (ip6[40] >= 133 and ip6[40] <= 137))";
+const UNDERLAY_FILTER: &str = "not arp and not (tcp port 6443) and not ip6 multicast and not ip multicast and not (icmp6 and (ip6[40] >= 133 and ip6[40] <= 137))";
 /// Drop reasons that must not rise across a restart: each means forged, corrupted or
 /// misrouted traffic, never the transient of a restart (the new agent knowing no session yet
 /// is `unknown_session`, a pod not re-attached yet is `no_route`).
