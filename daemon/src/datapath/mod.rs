@@ -847,4 +847,66 @@ mod tests {
         assert_eq!(u16::from_be_bytes([e[26], e[27]]), 1420);
         assert_eq!(counters.drops(DropReason::Mtu), 1);
     }
+
+    /// A policy change applies to new flows at once; a flow admitted before it goes on until
+    /// idle (Calico's choice), because the connection table outlives policy snapshots.
+    #[test]
+    fn established_flows_outlive_a_policy_change_new_flows_see_it() {
+        use crate::datapath::conntrack::Conntrack;
+        use crate::policy::{Namespace, Pod, Policy, PolicySet};
+        use local::{Filter, PodPort};
+        use std::collections::BTreeMap;
+        use std::sync::Arc;
+        let pods = || {
+            ["10.244.1.5", "10.244.1.6"]
+                .iter()
+                .enumerate()
+                .map(|(i, ip)| Pod {
+                    namespace: "x".into(),
+                    name: format!("p{i}"),
+                    labels: BTreeMap::from([("app".to_string(), format!("p{i}"))]),
+                    ips: vec![ip.parse().unwrap()],
+                    container_ports: vec![],
+                    node_name: "n1".into(),
+                    host_network: false,
+                })
+                .collect::<Vec<_>>()
+        };
+        let table = |policies: Vec<Policy>, ct: &Arc<Conntrack>| {
+            let set = PolicySet::compile(vec![Namespace::new("x", BTreeMap::new())], pods(), policies);
+            let ports = ["10.244.1.5", "10.244.1.6"]
+                .iter()
+                .enumerate()
+                .map(|(i, ip)| PodPort { id: i as u64, ips: vec![ip.parse().unwrap()], io: () })
+                .collect();
+            let mut t = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+            t.filter = Some(Filter { policy: Arc::new(set), conntrack: ct.clone() });
+            t
+        };
+        let allow_all = serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"namespace": "x", "name": "open"}, "spec": {"podSelector": {}, "ingress": [{}]}});
+        let deny_all = serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"namespace": "x", "name": "closed"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}});
+        let np = |v: serde_json::Value| Policy::from_k8s(&serde_json::from_value(v).unwrap()).unwrap();
+        let ct = Arc::new(Conntrack::default());
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+        let snap = dev.snapshot();
+        let counters = Counters::default();
+        let mut tx = TxPath::new();
+        let mut io = Capture::default();
+        let mut send = |local: &LocalTable<()>, sport: u8, io: &mut Capture| {
+            io.to.clear();
+            let mut p = udp4([10, 244, 1, 5], [10, 244, 1, 6]);
+            p[21] = sport; // source port: one flow per value
+            tx.handle_frame_from(&snap, local, Port::Pod(0), &mut p, false, &counters, io);
+            !io.to.is_empty()
+        };
+        let open = table(vec![np(allow_all)], &ct);
+        assert!(send(&open, 1, &mut io), "admitted under the open policy");
+        let closed = table(vec![np(deny_all)], &ct);
+        assert!(send(&closed, 1, &mut io), "the established flow goes on after the change");
+        assert!(!send(&closed, 2, &mut io), "a new flow sees the new policy");
+        assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
+    }
 }
