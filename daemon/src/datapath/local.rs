@@ -5,7 +5,6 @@
 use crate::datapath::conntrack::Conntrack;
 use crate::policy::PolicySet;
 use crate::wg::allowed_ips::IntMap;
-use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
@@ -32,7 +31,7 @@ pub struct PodPort<T> {
 #[derive(Debug)]
 pub struct LocalTable<T> {
     pub pods: Vec<PodPort<T>>,
-    by_ip: HashMap<IpAddr, u32>,
+    by_ip: IntMap<IpAddr, u32>,
     by_id: IntMap<u64, u32>,
     /// The node's own tunnel addresses: decrypted packets for them go to the host tun.
     gateways: Vec<IpAddr>,
@@ -62,14 +61,14 @@ impl std::fmt::Debug for Filter {
 
 impl<T> Default for LocalTable<T> {
     fn default() -> Self {
-        LocalTable { pods: Vec::new(), by_ip: HashMap::new(), by_id: IntMap::default(), gateways: Vec::new(), host_accepts_all: true, filter: None, mtu: None }
+        LocalTable { pods: Vec::new(), by_ip: IntMap::default(), by_id: IntMap::default(), gateways: Vec::new(), host_accepts_all: true, filter: None, mtu: None }
     }
 }
 
 impl<T> LocalTable<T> {
     /// A node's table: pods and the node's gateway addresses.
     pub fn new(pods: Vec<PodPort<T>>, gateways: Vec<IpAddr>) -> LocalTable<T> {
-        let mut by_ip = HashMap::new();
+        let mut by_ip = IntMap::default();
         let mut by_id = IntMap::default();
         for (slot, p) in pods.iter().enumerate() {
             by_id.insert(p.id, slot as u32);

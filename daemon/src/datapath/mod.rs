@@ -53,8 +53,12 @@ pub trait Io {
 pub struct TxPath {
     scratch: Vec<u8>,
     pub batch: TxBatch,
-    /// The table of a device without pods (`kwire tunnel`).
-    host_only: LocalTable<()>,
+}
+
+/// The table of a device without pods (`kwire tunnel`): built once, shared.
+fn host_only() -> &'static LocalTable<()> {
+    static TABLE: std::sync::OnceLock<LocalTable<()>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(LocalTable::default)
 }
 
 /// Tag of the host tun in the coalescer; pods use their slot.
@@ -83,15 +87,13 @@ impl Default for TxPath {
 
 impl TxPath {
     pub fn new() -> TxPath {
-        TxPath { scratch: vec![0; 65536], batch: TxBatch::new(256 * 1024, 256), host_only: LocalTable::default() }
+        TxPath { scratch: vec![0; 65536], batch: TxBatch::new(256 * 1024, 256) }
     }
 
     /// Encrypts the packets of one frame from the host tun for the peer that owns their
     /// destination (a device without pods).
     pub fn handle_frame(&mut self, snap: &Snapshot, frame: &mut [u8], vnet: bool, counters: &Counters, io: &mut impl Io) {
-        let local = std::mem::take(&mut self.host_only);
-        self.handle_frame_from(snap, &local, Port::Host, frame, vnet, counters, io);
-        self.host_only = local;
+        self.handle_frame_from(snap, host_only(), Port::Host, frame, vnet, counters, io);
     }
 
     /// One frame read from `from`: a pod's frame must carry one of the pod's addresses as
@@ -153,21 +155,9 @@ impl TxPath {
             }
             return;
         };
-        if snap.identity.is_none() {
-            counters.drop(DropReason::NoKey);
-            return;
-        }
-        let peer = &snap.peers[slot as usize];
-        let mut st = peer.lock();
-        let Some(endpoint) = st.endpoint else {
-            peer.tx_dropped.fetch_add(1, Ordering::Relaxed);
-            counters.drop(DropReason::NoEndpoint);
-            return;
-        };
         // Too big for the tunnel: tell the sender (path MTU discovery), never drop silently.
         let max_packet = local.mtu.map_or(usize::MAX, usize::from);
         if frame.len() - off > max_packet && !is_gso(frame, vnet) {
-            drop(st);
             counters.drop(DropReason::Mtu);
             let pkt = &frame[off..];
             if icmp::dont_fragment(pkt) {
@@ -179,6 +169,17 @@ impl TxPath {
             }
             return;
         }
+        if snap.identity.is_none() {
+            counters.drop(DropReason::NoKey);
+            return;
+        }
+        let peer = &snap.peers[slot as usize];
+        let mut st = peer.lock();
+        let Some(endpoint) = st.endpoint else {
+            peer.tx_dropped.fetch_add(1, Ordering::Relaxed);
+            counters.drop(DropReason::NoEndpoint);
+            return;
+        };
         let TxPath { scratch, batch, .. } = self;
         let mut sent = 0u64;
         let mut bytes = 0u64;
@@ -227,7 +228,6 @@ pub struct RxPath {
     coalescer: Coalescer,
     pub replies: TxBatch,
     delivered: u64,
-    host_only: LocalTable<()>,
 }
 
 /// A peer's lock held across consecutive datagrams from it, with counts to add on release.
@@ -246,7 +246,6 @@ impl RxPath {
             coalescer: Coalescer::new(64, vnet),
             replies: TxBatch::new(128 * 1024, 64),
             delivered: 0,
-            host_only: LocalTable::default(),
         }
     }
 
@@ -264,9 +263,7 @@ impl RxPath {
         counters: &Counters,
         io: &mut impl Io,
     ) {
-        let local = std::mem::take(&mut self.host_only);
-        self.handle_message_local(snap, &local, limiter, src, data, segment, now, counters, io);
-        self.host_only = local;
+        self.handle_message_local(snap, host_only(), limiter, src, data, segment, now, counters, io);
     }
 
     /// Handles one received message: a datagram, or a GRO train of `segment`-sized ones.
