@@ -274,41 +274,12 @@ impl PolicySet {
         protocol: Protocol,
         dst_port: u16,
     ) -> Verdict {
-        let Some(&podi) = self.pod_by_ip.get(&src_pod) else {
-            return Verdict::Allow(AllowReason::NoPod);
-        };
-        let Some(table) = self
-            .tables
-            .get(podi as usize)
-            .and_then(|t| t.egress.as_ref())
-        else {
-            return Verdict::Allow(AllowReason::NotSelected);
-        };
-        // Looked up at most once, and only if a rule names a port.
+        // A named port resolves against the destination pod, looked up at most once.
         let mut dst_pod: Option<Option<&Pod>> = None;
-        for rule in &table.rules {
-            let ports_ok = match &rule.ports {
-                PortSet::Any => true,
-                PortSet::List(list) => list.iter().any(|p| match p {
-                    CompiledPort::Range {
-                        protocol: pr,
-                        lo,
-                        hi,
-                    } => *pr == protocol && (*lo..=*hi).contains(&dst_port),
-                    CompiledPort::Named { protocol: pr, name } => {
-                        *pr == protocol
-                            && dst_pod
-                                .get_or_insert_with(|| self.pod_at(dst))
-                                .is_some_and(|pod| pod.named_port(name, protocol) == Some(dst_port))
-                    }
-                }),
-            };
-            if ports_ok && rule.peers.contains(dst) {
-                return Verdict::Allow(AllowReason::Rule(rule.at));
-            }
-        }
-        Verdict::Deny(DenyReason::NoRuleMatched {
-            first_policy: table.selected_by.first().copied().unwrap_or(0),
+        self.direction_verdict(src_pod, |t| t.egress.as_ref(), dst, protocol, dst_port, |name| {
+            dst_pod
+                .get_or_insert_with(|| self.pod_at(dst))
+                .is_some_and(|pod| pod.named_port(name, protocol) == Some(dst_port))
         })
     }
 
@@ -321,30 +292,40 @@ impl PolicySet {
         protocol: Protocol,
         dst_port: u16,
     ) -> Verdict {
-        let Some(&podi) = self.pod_by_ip.get(&dst_pod) else {
+        // Named ports were resolved per pod at compile time for ingress; none are left.
+        self.direction_verdict(dst_pod, |t| t.ingress.as_ref(), src, protocol, dst_port, |_| false)
+    }
+
+    /// The rule scan both directions share: the rules selecting `local_pod` in one direction,
+    /// the first whose ports and peers match `remote` decides.
+    fn direction_verdict<'a>(
+        &'a self,
+        local_pod: IpAddr,
+        direction: impl Fn(&'a PodTable) -> Option<&'a DirectionTable>,
+        remote: IpAddr,
+        protocol: Protocol,
+        dst_port: u16,
+        mut named_port_matches: impl FnMut(&str) -> bool,
+    ) -> Verdict {
+        let Some(&podi) = self.pod_by_ip.get(&local_pod) else {
             return Verdict::Allow(AllowReason::NoPod);
         };
-        let Some(table) = self
-            .tables
-            .get(podi as usize)
-            .and_then(|t| t.ingress.as_ref())
-        else {
+        let Some(table) = self.tables.get(podi as usize).and_then(direction) else {
             return Verdict::Allow(AllowReason::NotSelected);
         };
         for rule in &table.rules {
             let ports_ok = match &rule.ports {
                 PortSet::Any => true,
                 PortSet::List(list) => list.iter().any(|p| match p {
-                    CompiledPort::Range {
-                        protocol: pr,
-                        lo,
-                        hi,
-                    } => *pr == protocol && (*lo..=*hi).contains(&dst_port),
-                    // Resolved at compile time for ingress; never present.
-                    CompiledPort::Named { .. } => false,
+                    CompiledPort::Range { protocol: pr, lo, hi } => {
+                        *pr == protocol && (*lo..=*hi).contains(&dst_port)
+                    }
+                    CompiledPort::Named { protocol: pr, name } => {
+                        *pr == protocol && named_port_matches(name)
+                    }
                 }),
             };
-            if ports_ok && rule.peers.contains(src) {
+            if ports_ok && rule.peers.contains(remote) {
                 return Verdict::Allow(AllowReason::Rule(rule.at));
             }
         }
