@@ -9,7 +9,11 @@ fn main() {
     }
     let env = std::env::vars().collect();
     let mut stdin = Vec::new();
-    if std::io::stdin().take(1 << 20).read_to_end(&mut stdin).is_err() {
+    if std::io::stdin()
+        .take(1 << 20)
+        .read_to_end(&mut stdin)
+        .is_err()
+    {
         stdin.clear();
     }
     let out = kwire_cni::run(&env, &stdin);

@@ -25,11 +25,22 @@ fn encapsulate(c: &mut Criterion) {
         p.handshake();
         let mut frame = vec![0u8; 2048];
         let n = udp_packet(&mut frame, INNER_A, INNER_B, 1, size);
-        let mut sink = SinkIo { datagrams: 0, frames: 0 };
+        let mut sink = SinkIo {
+            datagrams: 0,
+            frames: 0,
+        };
         let snap = p.a.device.snapshot();
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, _| {
-            b.iter(|| p.a.tx.handle_frame(&snap, black_box(&mut frame[..n]), false, &p.a.counters, &mut sink));
+            b.iter(|| {
+                p.a.tx.handle_frame(
+                    &snap,
+                    black_box(&mut frame[..n]),
+                    false,
+                    &p.a.counters,
+                    &mut sink,
+                )
+            });
         });
         p.a.tx.flush(&mut sink);
     }
@@ -43,7 +54,10 @@ fn decapsulate(c: &mut Criterion) {
         p.handshake();
         let mut frame = vec![0u8; 2048];
         let n = udp_packet(&mut frame, INNER_A, INNER_B, 1, size);
-        let mut sink = SinkIo { datagrams: 0, frames: 0 };
+        let mut sink = SinkIo {
+            datagrams: 0,
+            frames: 0,
+        };
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, _| {
             b.iter_custom(|iters| {
@@ -63,9 +77,22 @@ fn decapsulate(c: &mut Criterion) {
                     // One datagram per call, as without UDP GRO.
                     for i in 0..p.a.io.udp.len() {
                         let (e, group) = p.a.io.udp.entry(i);
-                        let seg = if e.segment == 0 { group.len() } else { e.segment as usize };
+                        let seg = if e.segment == 0 {
+                            group.len()
+                        } else {
+                            e.segment as usize
+                        };
                         for d in group.chunks(seg) {
-                            b_node.rx.handle_message(&snap, &b_node.device.source_limiter, from, d, None, now, &b_node.counters, &mut sink);
+                            b_node.rx.handle_message(
+                                &snap,
+                                &b_node.device.source_limiter,
+                                from,
+                                d,
+                                None,
+                                now,
+                                &b_node.counters,
+                                &mut sink,
+                            );
                         }
                     }
                     b_node.rx.finish(&b_node.counters, &mut sink);
@@ -76,8 +103,14 @@ fn decapsulate(c: &mut Criterion) {
                 timed
             });
         });
-        let delivered = p.b.counters.packets_rx.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(delivered > 0 && p.b.counters.all_drops().all(|(_, c)| c == 0), "decapsulation bench dropped packets");
+        let delivered =
+            p.b.counters
+                .packets_rx
+                .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            delivered > 0 && p.b.counters.all_drops().all(|(_, c)| c == 0),
+            "decapsulation bench dropped packets"
+        );
     }
     g.finish();
 }
@@ -96,7 +129,9 @@ fn offload(c: &mut Criterion) {
     frame[4..6].copy_from_slice(&(BENCH_MSS as u16).to_le_bytes()); // gso_size
     let frame = &mut frame[..len];
     let mut scratch = vec![0u8; 65536];
-    g.throughput(Throughput::Bytes((len - kwire::offload::VNET_HDR_LEN) as u64));
+    g.throughput(Throughput::Bytes(
+        (len - kwire::offload::VNET_HDR_LEN) as u64,
+    ));
     g.bench_function("tso_split_64k", |b| {
         b.iter(|| {
             let mut n = 0;
@@ -114,11 +149,20 @@ fn offload(c: &mut Criterion) {
     let mut buf = vec![0u8; 2048];
     for (i, chunk) in payload.chunks(BENCH_MSS).enumerate() {
         let flags = if i + 1 == SEGMENTS { 0x18 } else { 0x10 };
-        let n = tcp_packet(&mut buf, INNER_A, INNER_B, 1000 + (i * BENCH_MSS) as u32, flags, chunk);
+        let n = tcp_packet(
+            &mut buf,
+            INNER_A,
+            INNER_B,
+            1000 + (i * BENCH_MSS) as u32,
+            flags,
+            chunk,
+        );
         packets.push(buf[..n].to_vec());
     }
     let mut coalescer = Coalescer::new(64, true);
-    g.throughput(Throughput::Bytes(packets.iter().map(|p| p.len() as u64).sum()));
+    g.throughput(Throughput::Bytes(
+        packets.iter().map(|p| p.len() as u64).sum(),
+    ));
     g.bench_function("gro_merge_45", |b| {
         b.iter(|| {
             for p in &packets {

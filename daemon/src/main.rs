@@ -58,7 +58,9 @@ fn main() -> ExitCode {
     if cli.log_format == "json" {
         builder.json().with_current_span(false).init();
     } else {
-        builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
     }
     let r = match cli.command {
         Command::Tunnel(a) => kwire::tunnel::run(a),

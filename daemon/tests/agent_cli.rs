@@ -14,7 +14,15 @@ fn scratch(tag: &str) -> PathBuf {
 
 fn agent(state: &std::path::Path) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kwire"))
-        .args(["agent", "--node-name", "n1", "--interface", "kwcli0", "--kubeconfig", "/nonexistent"])
+        .args([
+            "agent",
+            "--node-name",
+            "n1",
+            "--interface",
+            "kwcli0",
+            "--kubeconfig",
+            "/nonexistent",
+        ])
         .arg("--state-dir")
         .arg(state)
         .arg("--uapi-dir")
@@ -34,9 +42,18 @@ fn refuses_a_group_readable_key_file() {
     let out = agent(&state);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains(&key.display().to_string()) && err.contains("chmod 600"), "{err}");
-    assert!(!err.contains("GBnNQXdL"), "the key never reaches the output: {err}");
-    assert!(!state.join("uapi").exists(), "refused before any socket was made");
+    assert!(
+        err.contains(&key.display().to_string()) && err.contains("chmod 600"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("GBnNQXdL"),
+        "the key never reaches the output: {err}"
+    );
+    assert!(
+        !state.join("uapi").exists(),
+        "refused before any socket was made"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -45,11 +62,18 @@ fn refuses_a_symlinked_key_file() {
     let dir = scratch("link");
     let state = dir.join("state");
     std::fs::create_dir_all(&state).unwrap();
-    std::fs::write(dir.join("elsewhere.key"), "GBnNQXdL5YbqHrCRt3wlPYE0Tlxa0Y2/pPm36SPwUlY=\n").unwrap();
+    std::fs::write(
+        dir.join("elsewhere.key"),
+        "GBnNQXdL5YbqHrCRt3wlPYE0Tlxa0Y2/pPm36SPwUlY=\n",
+    )
+    .unwrap();
     std::os::unix::fs::symlink(dir.join("elsewhere.key"), state.join("private.key")).unwrap();
     let out = agent(&state);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(err.contains("symlink") && err.contains("private.key"), "{err}");
+    assert!(
+        err.contains("symlink") && err.contains("private.key"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -28,17 +28,28 @@ fn cni_bin() -> PathBuf {
         return p.into();
     }
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/kwire-cni");
-    assert!(p.exists(), "{} not found: run `cargo build -p kwire-cni` first or set KWIRE_CNI_BIN", p.display());
+    assert!(
+        p.exists(),
+        "{} not found: run `cargo build -p kwire-cni` first or set KWIRE_CNI_BIN",
+        p.display()
+    );
     p.canonicalize().unwrap()
 }
 
 fn cnitool_bin() -> Option<PathBuf> {
-    ["/usr/local/bin/cnitool", "/usr/bin/cnitool"].iter().map(PathBuf::from).find(|p| p.exists())
+    ["/usr/local/bin/cnitool", "/usr/bin/cnitool"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
 }
 
 fn unique(prefix: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
-    format!("{prefix}{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// A named network namespace with `lo` up, deleted on drop.
@@ -63,19 +74,30 @@ impl Netns {
         serde_json::from_str(&run_ok("ip", &a)).unwrap()
     }
     fn has_link(&self, ifname: &str) -> bool {
-        std::process::Command::new("ip").args(["-n", &self.name, "link", "show", "dev", ifname]).output().unwrap().status.success()
+        std::process::Command::new("ip")
+            .args(["-n", &self.name, "link", "show", "dev", ifname])
+            .output()
+            .unwrap()
+            .status
+            .success()
     }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("ip").args(["netns", "del", &self.name]).output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }
 
 fn run_ok(cmd: &str, args: &[&str]) -> String {
     let o = std::process::Command::new(cmd).args(args).output().unwrap();
-    assert!(o.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8(o.stdout).unwrap()
 }
 
@@ -90,17 +112,27 @@ struct FakeDataPlane {
 impl PodDataPlane for FakeDataPlane {
     fn attach(&self, pod: PodAttachment) {
         self.attaches.fetch_add(1, Ordering::SeqCst);
-        self.pods.lock().unwrap().insert((pod.container_id.clone(), pod.ifname.clone()), pod);
+        self.pods
+            .lock()
+            .unwrap()
+            .insert((pod.container_id.clone(), pod.ifname.clone()), pod);
     }
     fn detach(&self, container_id: &str, ifname: &str) {
         self.detaches.fetch_add(1, Ordering::SeqCst);
-        self.pods.lock().unwrap().remove(&(container_id.to_string(), ifname.to_string()));
+        self.pods
+            .lock()
+            .unwrap()
+            .remove(&(container_id.to_string(), ifname.to_string()));
     }
 }
 
 impl FakeDataPlane {
     fn ips(&self, cid: &str, ifname: &str) -> Option<Vec<IpAddr>> {
-        self.pods.lock().unwrap().get(&(cid.to_string(), ifname.to_string())).map(|p| p.ips.clone())
+        self.pods
+            .lock()
+            .unwrap()
+            .get(&(cid.to_string(), ifname.to_string()))
+            .map(|p| p.ips.clone())
     }
 }
 
@@ -111,14 +143,19 @@ struct Env {
 
 impl Env {
     fn new() -> Env {
-        Env { dir: tempfile::Builder::new().prefix("kwcni").tempdir().unwrap() }
+        Env {
+            dir: tempfile::Builder::new().prefix("kwcni").tempdir().unwrap(),
+        }
     }
     fn cfg(&self) -> CniServerConfig {
         CniServerConfig {
             run_dir: self.dir.path().join("run"),
             state_dir: self.dir.path().join("state"),
             del_queue_dir: self.queue(),
-            pod_cidrs: vec!["10.244.7.0/24".parse().unwrap(), "fd00:10:244:7::/64".parse().unwrap()],
+            pod_cidrs: vec![
+                "10.244.7.0/24".parse().unwrap(),
+                "fd00:10:244:7::/64".parse().unwrap(),
+            ],
             mtu: 1420,
         }
     }
@@ -150,13 +187,20 @@ struct Daemon {
 impl Daemon {
     async fn start(env: &Env, dp: Arc<FakeDataPlane>) -> Daemon {
         let cfg = env.cfg();
-        let server = tokio::task::spawn_blocking(move || CniServer::new(cfg, dp)).await.unwrap().unwrap();
+        let server = tokio::task::spawn_blocking(move || CniServer::new(cfg, dp))
+            .await
+            .unwrap()
+            .unwrap();
         let l = server.listen().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(server.clone().serve(l, async move {
             let _ = rx.await;
         }));
-        Daemon { server, stop: Some(tx), task }
+        Daemon {
+            server,
+            stop: Some(tx),
+            task,
+        }
     }
     async fn stop(mut self) {
         let _ = self.stop.take().unwrap().send(());
@@ -165,7 +209,14 @@ impl Daemon {
 }
 
 /// Runs the real plugin as a runtime does: env + config on stdin. (stdout JSON or null, exit).
-async fn plugin(cmd: &str, cid: &str, netns: &str, ifname: &str, args: &str, conf: &Value) -> (Value, i32) {
+async fn plugin(
+    cmd: &str,
+    cid: &str,
+    netns: &str,
+    ifname: &str,
+    args: &str,
+    conf: &Value,
+) -> (Value, i32) {
     use tokio::io::AsyncWriteExt;
     let mut c = tokio::process::Command::new(cni_bin());
     c.env_clear()
@@ -182,13 +233,26 @@ async fn plugin(cmd: &str, cid: &str, netns: &str, ifname: &str, args: &str, con
     let mut stdin = child.stdin.take().unwrap();
     stdin.write_all(conf.to_string().as_bytes()).await.unwrap();
     drop(stdin);
-    let o = tokio::time::timeout(CMD_TIMEOUT, child.wait_with_output()).await.expect("kwire-cni answered in time").unwrap();
+    let o = tokio::time::timeout(CMD_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("kwire-cni answered in time")
+        .unwrap();
     let s = String::from_utf8(o.stdout).unwrap();
-    let v = if s.trim().is_empty() { Value::Null } else { serde_json::from_str(&s).unwrap_or_else(|e| panic!("{e}: {s}")) };
+    let v = if s.trim().is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&s).unwrap_or_else(|e| panic!("{e}: {s}"))
+    };
     (v, o.status.code().unwrap_or(-1))
 }
 
-async fn cnitool(tool: &Path, env: &Env, cmd: &str, net: &str, netns: &str) -> (Value, i32, String) {
+async fn cnitool(
+    tool: &Path,
+    env: &Env,
+    cmd: &str,
+    net: &str,
+    netns: &str,
+) -> (Value, i32, String) {
     // The network configuration says `"type": "kwire"`: the runtime runs CNI_PATH/kwire, so the
     // plugin is installed under that name (as the DaemonSet does), not as target/debug/kwire-cni
     // (target/debug/kwire is the daemon).
@@ -212,11 +276,20 @@ async fn cnitool(tool: &Path, env: &Env, cmd: &str, net: &str, netns: &str) -> (
     .unwrap();
     let s = String::from_utf8(o.stdout).unwrap();
     let v = serde_json::from_str(s.trim()).unwrap_or(Value::Null);
-    (v, o.status.code().unwrap_or(-1), format!("{s}{}", String::from_utf8_lossy(&o.stderr)))
+    (
+        v,
+        o.status.code().unwrap_or(-1),
+        format!("{s}{}", String::from_utf8_lossy(&o.stderr)),
+    )
 }
 
 fn addrs(result: &Value) -> Vec<String> {
-    result["ips"].as_array().unwrap().iter().map(|i| i["address"].as_str().unwrap().to_string()).collect()
+    result["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["address"].as_str().unwrap().to_string())
+        .collect()
 }
 
 /// Asserts the pod's tun in `ns` as ADD must leave it.
@@ -239,7 +312,10 @@ fn assert_pod_iface(ns: &Netns, ifname: &str, ips: &[String], mtu: u64, default_
     if default_route {
         for fam in ["-4", "-6"] {
             let r = ns.ip_json(&[fam, "route", "show", "default"]);
-            assert!(r.as_array().unwrap().iter().any(|r| r["dev"] == ifname), "{fam} default route: {r}");
+            assert!(
+                r.as_array().unwrap().iter().any(|r| r["dev"] == ifname),
+                "{fam} default route: {r}"
+            );
         }
     }
 }
@@ -263,18 +339,36 @@ async fn cnitool_chain_with_portmap_add_check_del() {
     kw.as_object_mut().unwrap().remove("cniVersion");
     kw.as_object_mut().unwrap().remove("name");
     let list = json!({"cniVersion": "1.0.0", "name": net, "plugins": [kw, {"type": "portmap", "capabilities": {"portMappings": true}}]});
-    std::fs::write(env.dir.path().join("net.d/10-kwire.conflist"), list.to_string()).unwrap();
+    std::fs::write(
+        env.dir.path().join("net.d/10-kwire.conflist"),
+        list.to_string(),
+    )
+    .unwrap();
     let ns = Netns::new();
 
     let (r, code, out) = cnitool(&tool, &env, "add", &net, &ns.path()).await;
     assert_eq!(code, 0, "cnitool add: {out}");
     assert_eq!(r["cniVersion"], "1.0.0");
-    assert_eq!(r["interfaces"], json!([{"name": "eth0", "sandbox": ns.path()}]), "{r}");
+    assert_eq!(
+        r["interfaces"],
+        json!([{"name": "eth0", "sandbox": ns.path()}]),
+        "{r}"
+    );
     let a = addrs(&r);
     assert_eq!(a.len(), 2, "{r}");
-    assert!(a[0].starts_with("10.244.7.") && a[0].ends_with("/32") && !a[0].starts_with("10.244.7.1/"), "{a:?}");
-    assert!(a[1].starts_with("fd00:10:244:7::") && a[1].ends_with("/128"), "{a:?}");
-    assert!(r["ips"].as_array().unwrap().iter().all(|i| i["interface"] == 0 && i.get("version").is_none()));
+    assert!(
+        a[0].starts_with("10.244.7.") && a[0].ends_with("/32") && !a[0].starts_with("10.244.7.1/"),
+        "{a:?}"
+    );
+    assert!(
+        a[1].starts_with("fd00:10:244:7::") && a[1].ends_with("/128"),
+        "{a:?}"
+    );
+    assert!(r["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i["interface"] == 0 && i.get("version").is_none()));
     assert_eq!(r["routes"], json!([{"dst": "0.0.0.0/0"}, {"dst": "::/0"}]));
     assert_eq!(r["dns"]["nameservers"], json!(["10.96.0.10"]));
     assert_pod_iface(&ns, "eth0", &a, 1400, true);
@@ -289,7 +383,10 @@ async fn cnitool_chain_with_portmap_add_check_del() {
     let (_, code, out) = cnitool(&tool, &env, "add", &net, &ns.path()).await;
     assert_ne!(code, 0, "a second ADD must fail: {out}");
     assert!(out.contains("already attached"), "{out}");
-    assert!(ns.has_link("eth0"), "the failed second ADD left the first alone");
+    assert!(
+        ns.has_link("eth0"),
+        "the failed second ADD left the first alone"
+    );
 
     let (_, code, out) = cnitool(&tool, &env, "del", &net, &ns.path()).await;
     assert_eq!(code, 0, "cnitool del: {out}");
@@ -299,7 +396,15 @@ async fn cnitool_chain_with_portmap_add_check_del() {
     let (_, code, out) = cnitool(&tool, &env, "del", &net, &ns.path()).await;
     assert_eq!(code, 0, "second cnitool del: {out}");
     // CHECK after DEL: the daemon knows nothing of it any more.
-    let (v, code) = plugin("CHECK", &cid, &ns.path(), "eth0", "", &env.conf("1.0.0", json!({}))).await;
+    let (v, code) = plugin(
+        "CHECK",
+        &cid,
+        &ns.path(),
+        "eth0",
+        "",
+        &env.conf("1.0.0", json!({})),
+    )
+    .await;
     assert_eq!((code, v["code"].as_u64()), (1, Some(3)), "{v}");
     d.stop().await;
 }
@@ -322,7 +427,8 @@ async fn plugin_add_04_status_gc_and_socket_modes() {
     let conf = env.conf("0.4.0", json!({}));
     // A non-root peer is refused even when the file modes would let it in (SO_PEERCRED).
     if Path::new("/usr/bin/setpriv").exists() && Path::new("/usr/bin/socat").exists() {
-        let perm = |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        let perm =
+            |p: &Path, m| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
         perm(&env.dir.path().join("run"), 0o711);
         perm(env.dir.path(), 0o711);
         perm(&env.socket(), 0o666);
@@ -330,19 +436,33 @@ async fn plugin_add_04_status_gc_and_socket_modes() {
         let mut msg = (body.len() as u32).to_be_bytes().to_vec();
         msg.extend_from_slice(body.as_bytes());
         let mut c = tokio::process::Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "socat", "-t2", "-", &format!("UNIX-CONNECT:{}", env.socket().display())])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .kill_on_drop(true);
+        c.args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "socat",
+            "-t2",
+            "-",
+            &format!("UNIX-CONNECT:{}", env.socket().display()),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true);
         let mut child = c.spawn().unwrap();
         use tokio::io::AsyncWriteExt;
         let mut stdin = child.stdin.take().unwrap();
         stdin.write_all(&msg).await.unwrap();
         // stdin stays open until the daemon has answered and closed (socat -t2 bounds it).
-        let out = tokio::time::timeout(CMD_TIMEOUT, child.wait_with_output()).await.unwrap().unwrap();
+        let out = tokio::time::timeout(CMD_TIMEOUT, child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
         drop(stdin);
         let out = String::from_utf8_lossy(&out.stdout);
-        assert!(out.contains("only root may call it"), "non-root peer got: {out:?}");
+        assert!(
+            out.contains("only root may call it"),
+            "non-root peer got: {out:?}"
+        );
         perm(&env.socket(), 0o600);
         perm(&env.dir.path().join("run"), 0o700);
         perm(env.dir.path(), 0o700);
@@ -350,13 +470,28 @@ async fn plugin_add_04_status_gc_and_socket_modes() {
         println!("setpriv or socat missing: SO_PEERCRED refusal not exercised");
     }
     let (v, code) = plugin("STATUS", "", "", "", "", &conf).await;
-    assert_eq!((code, v["code"].as_u64()), (1, Some(50)), "not ready yet: {v}");
+    assert_eq!(
+        (code, v["code"].as_u64()),
+        (1, Some(50)),
+        "not ready yet: {v}"
+    );
     d.server.set_ready(true);
-    assert_eq!(plugin("STATUS", "", "", "", "", &conf).await, (Value::Null, 0));
+    assert_eq!(
+        plugin("STATUS", "", "", "", "", &conf).await,
+        (Value::Null, 0)
+    );
 
     let ns = Netns::new();
     let cid = unique("c");
-    let (r, code) = plugin("ADD", &cid, &ns.path(), "eth0", "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;IgnoreUnknown=1", &conf).await;
+    let (r, code) = plugin(
+        "ADD",
+        &cid,
+        &ns.path(),
+        "eth0",
+        "K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-1;IgnoreUnknown=1",
+        &conf,
+    )
+    .await;
     assert_eq!(code, 0, "{r}");
     assert_eq!(r["cniVersion"], "0.4.0");
     assert_eq!(r["ips"][0]["version"], "4");
@@ -365,10 +500,15 @@ async fn plugin_add_04_status_gc_and_socket_modes() {
     {
         let pods = dp.pods.lock().unwrap();
         let p = pods.get(&(cid.clone(), "eth0".to_string())).unwrap();
-        assert_eq!((p.pod_namespace.as_deref(), p.pod_name.as_deref()), (Some("shop"), Some("web-1")));
+        assert_eq!(
+            (p.pod_namespace.as_deref(), p.pod_name.as_deref()),
+            (Some("shop"), Some("web-1"))
+        );
         assert!(p.tun.offload());
     }
-    let ipam: Value = serde_json::from_slice(&std::fs::read(env.dir.path().join("state/ipam.json")).unwrap()).unwrap();
+    let ipam: Value =
+        serde_json::from_slice(&std::fs::read(env.dir.path().join("state/ipam.json")).unwrap())
+            .unwrap();
     assert_eq!(ipam["allocations"].as_array().unwrap().len(), 1, "{ipam}");
     assert_eq!(mode(&env.dir.path().join("state/ipam.json")), 0o600);
 
@@ -376,16 +516,29 @@ async fn plugin_add_04_status_gc_and_socket_modes() {
     let (r2, code) = plugin("ADD", &cid, &ns.path(), "net1", "", &conf).await;
     assert_eq!(code, 0, "{r2}");
     assert_pod_iface(&ns, "net1", &addrs(&r2), 1420, false);
-    assert_eq!(ns.ip_json(&["-4", "route", "show", "default"])[0]["dev"], "eth0", "eth0 keeps the default route");
+    assert_eq!(
+        ns.ip_json(&["-4", "route", "show", "default"])[0]["dev"],
+        "eth0",
+        "eth0 keeps the default route"
+    );
     let (v, code) = plugin("GC", "", "", "", "", &conf).await;
-    assert_eq!((code, v["code"].as_u64()), (1, Some(7)), "GC without valid-attachments: {v}");
-    let gc = env.conf("1.1.0", json!({"cni.dev/valid-attachments": [{"containerID": cid, "ifname": "net1"}]}));
+    assert_eq!(
+        (code, v["code"].as_u64()),
+        (1, Some(7)),
+        "GC without valid-attachments: {v}"
+    );
+    let gc = env.conf(
+        "1.1.0",
+        json!({"cni.dev/valid-attachments": [{"containerID": cid, "ifname": "net1"}]}),
+    );
     assert_eq!(plugin("GC", "", "", "", "", &gc).await, (Value::Null, 0));
     assert!(!ns.has_link("eth0"), "GC removed the unlisted attachment");
     assert!(ns.has_link("net1"));
     assert_eq!(d.server.pods().len(), 1);
     assert!(dp.ips(&cid, "eth0").is_none());
-    let ipam: Value = serde_json::from_slice(&std::fs::read(env.dir.path().join("state/ipam.json")).unwrap()).unwrap();
+    let ipam: Value =
+        serde_json::from_slice(&std::fs::read(env.dir.path().join("state/ipam.json")).unwrap())
+            .unwrap();
     assert_eq!(ipam["allocations"].as_array().unwrap().len(), 1, "{ipam}");
     // Empty list: everything goes.
     let gc = env.conf("1.1.0", json!({"cni.dev/valid-attachments": []}));
@@ -394,14 +547,25 @@ async fn plugin_add_04_status_gc_and_socket_modes() {
     assert!(d.server.pods().is_empty());
 
     // Bad input comes back with spec codes.
-    let (v, code) = plugin("ADD", &cid, &ns.path(), "eth0", "", &env.conf("1.1.0", json!({"mtu": 100}))).await;
+    let (v, code) = plugin(
+        "ADD",
+        &cid,
+        &ns.path(),
+        "eth0",
+        "",
+        &env.conf("1.1.0", json!({"mtu": 100})),
+    )
+    .await;
     assert_eq!((code, v["code"].as_u64()), (1, Some(7)), "{v}");
     // DEL of a namespace that no longer exists succeeds.
     let (r, code) = plugin("ADD", &cid, &ns.path(), "eth0", "", &conf).await;
     assert_eq!(code, 0, "{r}");
     let path = ns.path();
     drop(ns);
-    assert_eq!(plugin("DEL", &cid, &path, "eth0", "", &conf).await, (Value::Null, 0));
+    assert_eq!(
+        plugin("DEL", &cid, &path, "eth0", "", &conf).await,
+        (Value::Null, 0)
+    );
     assert!(d.server.pods().is_empty());
     d.stop().await;
 }
@@ -417,7 +581,15 @@ async fn daemon_down_queues_del_and_restart_reattaches() {
     let (keep, gone) = (unique("keep"), unique("gone"));
     let dp = Arc::new(FakeDataPlane::default());
     let d = Daemon::start(&env, dp.clone()).await;
-    let (r_keep, code) = plugin("ADD", &keep, &ns.path(), "eth0", "K8S_POD_NAME=keeper", &conf).await;
+    let (r_keep, code) = plugin(
+        "ADD",
+        &keep,
+        &ns.path(),
+        "eth0",
+        "K8S_POD_NAME=keeper",
+        &conf,
+    )
+    .await;
     assert_eq!(code, 0, "{r_keep}");
     assert_eq!(r_keep["interfaces"][0]["mtu"], 1420);
     let (r_gone, code) = plugin("ADD", &gone, &ns.path(), "eth1", "", &conf).await;
@@ -430,23 +602,41 @@ async fn daemon_down_queues_del_and_restart_reattaches() {
     let (v, code) = plugin("ADD", &unique("late"), &ns.path(), "eth2", "", &conf).await;
     assert_eq!((code, v["code"].as_u64()), (1, Some(11)), "{v}");
     assert!(!ns.has_link("eth2"));
-    assert_eq!(plugin("DEL", &gone, &ns.path(), "eth1", "", &conf).await, (Value::Null, 0));
-    let queued: Vec<_> = std::fs::read_dir(env.queue()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(
+        plugin("DEL", &gone, &ns.path(), "eth1", "", &conf).await,
+        (Value::Null, 0)
+    );
+    let queued: Vec<_> = std::fs::read_dir(env.queue())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
     assert_eq!(queued.len(), 1, "the DEL is queued: {queued:?}");
 
     // Back up: the kept pod is re-attached before serving, the queued DEL replayed.
     let dp = Arc::new(FakeDataPlane::default());
     let d = Daemon::start(&env, dp.clone()).await;
-    assert_eq!(std::fs::read_dir(env.queue()).unwrap().count(), 0, "queue drained");
+    assert_eq!(
+        std::fs::read_dir(env.queue()).unwrap().count(),
+        0,
+        "queue drained"
+    );
     assert!(!ns.has_link("eth1"), "queued DEL removed the link");
     assert!(ns.has_link("eth0"));
     let pods = d.server.pods();
     assert_eq!(pods.len(), 1);
-    assert_eq!((pods[0].container_id.as_str(), pods[0].pod_name.as_deref()), (keep.as_str(), Some("keeper")));
-    let keep_ips: Vec<IpAddr> = addrs(&r_keep).iter().map(|a| a.split('/').next().unwrap().parse().unwrap()).collect();
+    assert_eq!(
+        (pods[0].container_id.as_str(), pods[0].pod_name.as_deref()),
+        (keep.as_str(), Some("keeper"))
+    );
+    let keep_ips: Vec<IpAddr> = addrs(&r_keep)
+        .iter()
+        .map(|a| a.split('/').next().unwrap().parse().unwrap())
+        .collect();
     assert_eq!(dp.ips(&keep, "eth0"), Some(keep_ips.clone()));
     assert_eq!(dp.attaches.load(Ordering::SeqCst), 1);
-    let ipam: Value = serde_json::from_slice(&std::fs::read(env.dir.path().join("state/ipam.json")).unwrap()).unwrap();
+    let ipam: Value =
+        serde_json::from_slice(&std::fs::read(env.dir.path().join("state/ipam.json")).unwrap())
+            .unwrap();
     assert_eq!(ipam["allocations"].as_array().unwrap().len(), 1, "{ipam}");
 
     // The re-attached fd is the live device: a packet the pod sends arrives on it.
@@ -459,10 +649,16 @@ async fn daemon_down_queues_del_and_restart_reattaches() {
     {
         let pods = dp.pods.lock().unwrap();
         let tun = &pods.get(&(keep.clone(), "eth0".to_string())).unwrap().tun;
-        assert!(tun.poll_readable(2000).unwrap(), "the pod's packet reached the re-attached tun");
+        assert!(
+            tun.poll_readable(2000).unwrap(),
+            "the pod's packet reached the re-attached tun"
+        );
         let mut buf = [0u8; 2048];
         let n = tun.read(&mut buf).unwrap();
-        assert!(n > 10 + 20 + 8 && buf[10] >> 4 == 4, "vnet header then an IPv4 packet");
+        assert!(
+            n > 10 + 20 + 8 && buf[10] >> 4 == 4,
+            "vnet header then an IPv4 packet"
+        );
     }
     // An address the restarted daemon hands out is not the kept pod's.
     let (r, code) = plugin("ADD", &unique("new"), &ns.path(), "eth2", "", &conf).await;
@@ -471,7 +667,12 @@ async fn daemon_down_queues_del_and_restart_reattaches() {
     let (v, code) = plugin("CHECK", &keep, &ns.path(), "eth0", "", &conf).await;
     assert_eq!(code, 0, "CHECK after restart: {v}");
     // CHECK notices a missing route.
-    run_ok("ip", &["-n", &ns.name, "-6", "route", "del", "default", "dev", "eth0"]);
+    run_ok(
+        "ip",
+        &[
+            "-n", &ns.name, "-6", "route", "del", "default", "dev", "eth0",
+        ],
+    );
     let (v, code) = plugin("CHECK", &keep, &ns.path(), "eth0", "", &conf).await;
     assert_eq!((code, v["code"].as_u64()), (1, Some(102)), "{v}");
     d.stop().await;
@@ -513,7 +714,9 @@ async fn fifty_concurrent_adds_get_distinct_addresses() {
     }
     assert!(d.server.pods().is_empty());
     assert!(dp.pods.lock().unwrap().is_empty());
-    let ipam: Value = serde_json::from_slice(&std::fs::read(env.dir.path().join("state/ipam.json")).unwrap()).unwrap();
+    let ipam: Value =
+        serde_json::from_slice(&std::fs::read(env.dir.path().join("state/ipam.json")).unwrap())
+            .unwrap();
     assert!(ipam["allocations"].as_array().unwrap().is_empty(), "{ipam}");
     d.stop().await;
 }

@@ -84,7 +84,14 @@ fn tso_payload(i: u32) -> usize {
 
 /// Sends `N` frames `from` -> `to` in batches and checks every one arrived unchanged.
 /// `make` writes frame `i` into the buffer and returns its length.
-fn run(from: &mut Node, to: &mut Node, vnet: bool, frame: &mut [u8], expect: &mut [u8], make: &dyn Fn(&mut [u8], u32) -> usize) -> Result<(), String> {
+fn run(
+    from: &mut Node,
+    to: &mut Node,
+    vnet: bool,
+    frame: &mut [u8],
+    expect: &mut [u8],
+    make: &dyn Fn(&mut [u8], u32) -> usize,
+) -> Result<(), String> {
     let now = Instant::now();
     let mut i = 0;
     while i < N {
@@ -102,7 +109,10 @@ fn run(from: &mut Node, to: &mut Node, vnet: bool, frame: &mut [u8], expect: &mu
             let n = make(expect, k);
             let (_, got) = to.io.tun.entry(j);
             if got != &expect[..n] {
-                return Err(format!("frame {k} ({n} bytes) arrived changed ({} bytes)", got.len()));
+                return Err(format!(
+                    "frame {k} ({n} bytes) arrived changed ({} bytes)",
+                    got.len()
+                ));
             }
         }
         to.io.tun.clear();
@@ -115,7 +125,11 @@ fn check_clean(p: &Pair) {
     for (name, n) in [("A", &p.a), ("B", &p.b)] {
         let drops: Vec<_> = n.counters.all_drops().filter(|(_, c)| *c > 0).collect();
         assert!(drops.is_empty(), "{name} dropped packets: {drops:?}");
-        assert_eq!(n.io.udp.overflows + n.io.tun.overflows, 0, "{name}'s ring overflowed");
+        assert_eq!(
+            n.io.udp.overflows + n.io.tun.overflows,
+            0,
+            "{name}'s ring overflowed"
+        );
     }
 }
 
@@ -134,10 +148,15 @@ fn plain_packets_allocate_nothing_in_steady_state() {
 
     let mut r = Ok(());
     let (count, bytes) = measure(|| {
-        r = run(a, b, false, &mut frame, &mut expect, &a_to_b).and_then(|_| run(b, a, false, &mut frame, &mut expect, &b_to_a));
+        r = run(a, b, false, &mut frame, &mut expect, &a_to_b)
+            .and_then(|_| run(b, a, false, &mut frame, &mut expect, &b_to_a));
     });
     r.unwrap();
-    assert_eq!((count, bytes), (0, 0), "allocations (count, bytes) while moving {N} plain packets each way");
+    assert_eq!(
+        (count, bytes),
+        (0, 0),
+        "allocations (count, bytes) while moving {N} plain packets each way"
+    );
     check_clean(&p);
 }
 
@@ -148,7 +167,11 @@ fn tso_frames_allocate_nothing_in_steady_state() {
     let mut frame = vec![0u8; 65536 + 16];
     let mut expect = vec![0u8; 65536 + 16];
     // Consecutive sequence numbers, as one TCP stream would send them.
-    let seq = |i: u32| (0..i).map(|k| tso_payload(k) as u32).fold(1000u32, u32::wrapping_add);
+    let seq = |i: u32| {
+        (0..i)
+            .map(|k| tso_payload(k) as u32)
+            .fold(1000u32, u32::wrapping_add)
+    };
     let a_to_b = |b: &mut [u8], i: u32| tso_frame(b, INNER_A, INNER_B, seq(i), i, tso_payload(i));
     let b_to_a = |b: &mut [u8], i: u32| tso_frame(b, INNER_B, INNER_A, seq(i), i, tso_payload(i));
     let Pair { a, b } = &mut p;
@@ -157,10 +180,15 @@ fn tso_frames_allocate_nothing_in_steady_state() {
 
     let mut r = Ok(());
     let (count, bytes) = measure(|| {
-        r = run(a, b, true, &mut frame, &mut expect, &a_to_b).and_then(|_| run(b, a, true, &mut frame, &mut expect, &b_to_a));
+        r = run(a, b, true, &mut frame, &mut expect, &a_to_b)
+            .and_then(|_| run(b, a, true, &mut frame, &mut expect, &b_to_a));
     });
     r.unwrap();
-    assert_eq!((count, bytes), (0, 0), "allocations (count, bytes) while moving {N} TSO frames each way");
+    assert_eq!(
+        (count, bytes),
+        (0, 0),
+        "allocations (count, bytes) while moving {N} TSO frames each way"
+    );
     check_clean(&p);
 }
 

@@ -66,7 +66,16 @@ fn sealed(p: &mut Pair, src: [u8; 4], n: u32) -> Vec<u8> {
 
 fn receive(b: &mut Node, from: std::net::SocketAddr, d: &[u8]) {
     let snap = b.device.snapshot();
-    b.rx.handle_message(&snap, &b.device.source_limiter, from, d, None, Instant::now(), &b.counters, &mut b.io);
+    b.rx.handle_message(
+        &snap,
+        &b.device.source_limiter,
+        from,
+        d,
+        None,
+        Instant::now(),
+        &b.counters,
+        &mut b.io,
+    );
     b.rx.finish(&b.counters, &mut b.io);
 }
 
@@ -117,7 +126,15 @@ fn authenticated_packets_roam_the_endpoint() {
 fn a_stranger_gets_nothing_through() {
     let mut p = established();
     let stranger_addr: std::net::SocketAddr = "203.0.113.9:51820".parse().unwrap();
-    let mut stranger = Node::new([0x33; 32], stranger_addr, [10, 99, 0, 9], support::KEY_B, ADDR_B, INNER_B, false);
+    let mut stranger = Node::new(
+        [0x33; 32],
+        stranger_addr,
+        [10, 99, 0, 9],
+        support::KEY_B,
+        ADDR_B,
+        INNER_B,
+        false,
+    );
     let mut buf = vec![0u8; 2048];
     let n = udp_packet(&mut buf, [10, 99, 0, 9], INNER_B, 0, 100);
     stranger.send(&mut buf[..n], false);
@@ -128,7 +145,15 @@ fn a_stranger_gets_nothing_through() {
     assert_eq!(p.b.io.tun.len(), 0);
     assert_eq!(p.b.counters.drops(DropReason::Handshake), 1);
     // A node with A's key but a different address is A (keys, not addresses, are identities).
-    let mut a2 = Node::new(KEY_A, stranger_addr, INNER_A, support::KEY_B, ADDR_B, INNER_B, false);
+    let mut a2 = Node::new(
+        KEY_A,
+        stranger_addr,
+        INNER_A,
+        support::KEY_B,
+        ADDR_B,
+        INNER_B,
+        false,
+    );
     let n = udp_packet(&mut buf, INNER_A, INNER_B, 1, 100);
     a2.send(&mut buf[..n], false);
     deliver(&mut a2, &mut p.b, now);

@@ -247,19 +247,33 @@ fn upstream_cases_on_a_live_lab() {
         let pods = st["pods"].as_array().unwrap_or(&empty);
         names.iter().all(|want| {
             pods.iter().any(|p| {
-                format!("{}/{}", p["namespace"].as_str().unwrap_or(""), p["name"].as_str().unwrap_or("")) == *want
+                format!(
+                    "{}/{}",
+                    p["namespace"].as_str().unwrap_or(""),
+                    p["name"].as_str().unwrap_or("")
+                ) == *want
                     && p["phase"] == "Running"
                     && p["netns"].is_string()
             })
         })
     });
-    assert!(running, "the 9 pods did not run within {PODS_READY:?}: {}", status(&lab)["pods"]);
-    eprintln!("lab {} up with 9 pods on {nodes:?} after {:.1?}", lab.name(), started.elapsed());
+    assert!(
+        running,
+        "the 9 pods did not run within {PODS_READY:?}: {}",
+        status(&lab)["pods"]
+    );
+    eprintln!(
+        "lab {} up with 9 pods on {nodes:?} after {:.1?}",
+        lab.name(),
+        started.elapsed()
+    );
 
     let all_open = Reachability::new(&names, true).expected;
     for protocol in [Protocol::Tcp, Protocol::Udp] {
         for port in [80, 81] {
-            if let Err(actual) = wait_table(&lab, port, protocol, &all_open, Instant::now() - SETTLE) {
+            if let Err(actual) =
+                wait_table(&lab, port, protocol, &all_open, Instant::now() - SETTLE)
+            {
                 panic!("without policies {port}/{protocol} is not all-reachable:\n{actual}");
             }
         }
@@ -296,7 +310,13 @@ fn upstream_cases_on_a_live_lab() {
                 let mut expected = Reachability::new(&names, true);
                 (check.expect)(&mut expected);
                 let what = format!("step {} {}/{}", si + 1, check.port, check.protocol);
-                match wait_table(&lab, check.port, check.protocol, &expected.expected, changed) {
+                match wait_table(
+                    &lab,
+                    check.port,
+                    check.protocol,
+                    &expected.expected,
+                    changed,
+                ) {
                     Ok(took) => {
                         tally[protocol_index(check.protocol)].passed += 1;
                         report.push(format!("{what} ok ({took:.1?})"));

@@ -325,7 +325,9 @@ fn run() -> anyhow::Result<()> {
             };
             let real = matches!(agent, AgentCommand::Kwire { .. });
             let wait_mesh = !args.no_wait_mesh && real;
-            let pods_per_node = args.pods.unwrap_or(if real { DEFAULT_PODS_PER_NODE } else { 0 });
+            let pods_per_node = args
+                .pods
+                .unwrap_or(if real { DEFAULT_PODS_PER_NODE } else { 0 });
             commands::up(&commands::UpOptions {
                 name: args.lab.name,
                 nodes: args.nodes,

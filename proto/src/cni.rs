@@ -64,7 +64,11 @@ pub enum Response {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[error("{msg}")]
 pub struct Error {
-    #[serde(rename = "cniVersion", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "cniVersion",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub cni_version: String,
     pub code: u32,
     pub msg: String,
@@ -74,7 +78,12 @@ pub struct Error {
 
 impl Error {
     pub fn new(code: u32, msg: impl Into<String>) -> Error {
-        Error { cni_version: String::new(), code, msg: msg.into(), details: String::new() }
+        Error {
+            cni_version: String::new(),
+            code,
+            msg: msg.into(),
+            details: String::new(),
+        }
     }
 }
 
@@ -85,7 +94,12 @@ pub fn parse_args(s: &str) -> Result<Vec<(String, String)>, Error> {
         .map(|p| {
             p.split_once('=')
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .ok_or_else(|| Error::new(code::INVALID_ENV, format!("CNI_ARGS: {p:?} is not KEY=VALUE")))
+                .ok_or_else(|| {
+                    Error::new(
+                        code::INVALID_ENV,
+                        format!("CNI_ARGS: {p:?} is not KEY=VALUE"),
+                    )
+                })
         })
         .collect()
 }
@@ -98,14 +112,27 @@ mod tests {
     fn args_and_round_trip() {
         assert_eq!(
             parse_args("IgnoreUnknown=1;K8S_POD_NAME=web").unwrap(),
-            vec![("IgnoreUnknown".into(), "1".into()), ("K8S_POD_NAME".into(), "web".into())]
+            vec![
+                ("IgnoreUnknown".into(), "1".into()),
+                ("K8S_POD_NAME".into(), "web".into())
+            ]
         );
         assert_eq!(parse_args("oops").unwrap_err().code, code::INVALID_ENV);
-        let r = Request { command: Command::Add, container_id: "c".into(), netns: "/n".into(), ifname: "eth0".into(), args: vec![], config: serde_json::json!({"type":"kwire"}) };
+        let r = Request {
+            command: Command::Add,
+            container_id: "c".into(),
+            netns: "/n".into(),
+            ifname: "eth0".into(),
+            args: vec![],
+            config: serde_json::json!({"type":"kwire"}),
+        };
         let j = serde_json::to_string(&r).unwrap();
         assert!(j.contains("\"ADD\""));
         assert_eq!(serde_json::from_str::<Request>(&j).unwrap(), r);
         let e = Response::Error(Error::new(11, "later"));
-        assert_eq!(serde_json::from_str::<Response>(&serde_json::to_string(&e).unwrap()).unwrap(), e);
+        assert_eq!(
+            serde_json::from_str::<Response>(&serde_json::to_string(&e).unwrap()).unwrap(),
+            e
+        );
     }
 }

@@ -184,7 +184,13 @@ async fn agent_main(
     } else {
         agent.program_host();
     }
-    let pods = tokio::spawn(pods::serve(cidrs, tun.net.pods.clone(), args.run_dir.clone(), args.state_dir.clone(), args.interface.clone()));
+    let pods = tokio::spawn(pods::serve(
+        cidrs,
+        tun.net.pods.clone(),
+        args.run_dir.clone(),
+        args.state_dir.clone(),
+        args.interface.clone(),
+    ));
     let metrics = crate::metrics::bind(args.metrics_addr, status.clone()).await?;
     let metrics = tokio::spawn(metrics);
     let status_server = tokio::spawn(crate::status::server::serve(status_sock, status.clone()));
@@ -360,13 +366,22 @@ impl Agent {
 
     fn program_host(&mut self) {
         let now = (self.own_cidrs.clone(), self.mtu);
-        self.cidrs_tx.send_if_modified(|v| if *v != now { *v = now; true } else { false });
+        self.cidrs_tx.send_if_modified(|v| {
+            if *v != now {
+                *v = now;
+                true
+            } else {
+                false
+            }
+        });
         let peer_cidrs: Vec<IpNetwork> = self
             .applied
             .values()
             .flat_map(|p| p.allowed_ips.iter().copied())
             .collect();
-        self.status.pod_cidrs.store(Arc::new(self.own_cidrs.clone()));
+        self.status
+            .pod_cidrs
+            .store(Arc::new(self.own_cidrs.clone()));
         let errors = self.host.sync(self.mtu, &self.own_cidrs, &peer_cidrs);
         for e in &errors {
             warn!(error = %e, interface = %self.host.ifname, "programming the tun's addresses or routes");

@@ -28,16 +28,27 @@ impl PodDataPlane for LoopPods {
         match self.pods.attach(pod.ips.clone(), pod.tun) {
             Ok(id) => {
                 info!(container = %pod.container_id, pod = ?pod.pod_name, ips = ?pod.ips, "pod plugged into the packet loop");
-                if let Some(old) = self.ids.lock().unwrap_or_else(|p| p.into_inner()).insert(key, id) {
+                if let Some(old) = self
+                    .ids
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, id)
+                {
                     self.pods.detach(old);
                 }
             }
-            Err(e) => error!(container = %pod.container_id, error = %e, "cannot plug the pod's tun into the packet loop"),
+            Err(e) => {
+                error!(container = %pod.container_id, error = %e, "cannot plug the pod's tun into the packet loop")
+            }
         }
     }
 
     fn detach(&self, container_id: &str, ifname: &str) {
-        let id = self.ids.lock().unwrap_or_else(|p| p.into_inner()).remove(&(container_id.to_string(), ifname.to_string()));
+        let id = self
+            .ids
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(container_id.to_string(), ifname.to_string()));
         if let Some(id) = id {
             self.pods.detach(id);
         }
@@ -46,11 +57,20 @@ impl PodDataPlane for LoopPods {
 
 /// The node's gateway addresses: the first address of each pod CIDR (on the host tun).
 pub fn gateways(cidrs: &[IpNetwork]) -> Vec<IpAddr> {
-    cidrs.iter().map(|c| super::routes::gateway(c).ip()).collect()
+    cidrs
+        .iter()
+        .map(|c| super::routes::gateway(c).ip())
+        .collect()
 }
 
 /// Waits for the pod CIDRs, then serves CNI until the task is aborted.
-pub async fn serve(mut cidrs: CidrWatch, pods: Arc<Pods>, run_dir: PathBuf, state_dir: PathBuf, ifname: String) {
+pub async fn serve(
+    mut cidrs: CidrWatch,
+    pods: Arc<Pods>,
+    run_dir: PathBuf,
+    state_dir: PathBuf,
+    ifname: String,
+) {
     let (own, mtu) = loop {
         let v = cidrs.borrow_and_update().clone();
         if !v.0.is_empty() {
@@ -65,8 +85,17 @@ pub async fn serve(mut cidrs: CidrWatch, pods: Arc<Pods>, run_dir: PathBuf, stat
     if let Err(e) = host_forwarding(&ifname, &own) {
         warn!(error = %e, "pods cannot reach the outside world until forwarding and masquerading work");
     }
-    let cfg = CniServerConfig { run_dir, del_queue_dir: state_dir.join("cni-del-queue"), state_dir, pod_cidrs: own.clone(), mtu };
-    let dp = Arc::new(LoopPods { pods, ids: Mutex::new(HashMap::new()) });
+    let cfg = CniServerConfig {
+        run_dir,
+        del_queue_dir: state_dir.join("cni-del-queue"),
+        state_dir,
+        pod_cidrs: own.clone(),
+        mtu,
+    };
+    let dp = Arc::new(LoopPods {
+        pods,
+        ids: Mutex::new(HashMap::new()),
+    });
     let server = match tokio::task::spawn_blocking(move || CniServer::new(cfg, dp)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -100,23 +129,40 @@ fn host_forwarding(ifname: &str, own: &[IpNetwork]) -> std::io::Result<()> {
     let mut rules = String::new();
     for c in own {
         let fam = if c.is_ipv4() { "ip" } else { "ip6" };
-        rules.push_str(&format!("    {fam} saddr {c} oifname != \"{ifname}\" masquerade\n"));
+        rules.push_str(&format!(
+            "    {fam} saddr {c} oifname != \"{ifname}\" masquerade\n"
+        ));
         // Hairpin: a pod's connection that the kernel DNATed (a hostPort) back to a pod on
         // this node. Without this the answer would go pod to pod inside the packet loop, past
         // the kernel's conntrack, and never be un-NATed; from the node's gateway address it
         // comes back through the kernel.
-        rules.push_str(&format!("    {fam} saddr {c} oifname \"{ifname}\" ct status dnat masquerade\n"));
+        rules.push_str(&format!(
+            "    {fam} saddr {c} oifname \"{ifname}\" ct status dnat masquerade\n"
+        ));
     }
     // Recreated whole, so a restart or a CIDR change leaves no stale rule.
     let script = format!(
         "add table inet kwire\ndelete table inet kwire\ntable inet kwire {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{rules}  }}\n}}\n"
     );
-    let mut child = Command::new("nft").arg("-f").arg("-").stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn()?;
+    let mut child = Command::new("nft")
+        .arg("-f")
+        .arg("-")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
     use std::io::Write;
-    child.stdin.take().expect("piped").write_all(script.as_bytes())?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(script.as_bytes())?;
     let out = child.wait_with_output()?;
     if !out.status.success() {
-        return Err(std::io::Error::other(format!("nft: {}", String::from_utf8_lossy(&out.stderr).trim())));
+        return Err(std::io::Error::other(format!(
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
     }
     info!(pod_cidrs = ?own, "forwarding on, pods masqueraded to the node's address when leaving the node");
     Ok(())
@@ -128,7 +174,16 @@ mod tests {
 
     #[test]
     fn gateways_are_the_first_addresses() {
-        let c: Vec<IpNetwork> = vec!["10.244.1.0/24".parse().unwrap(), "fd00:10:244:1::/64".parse().unwrap()];
-        assert_eq!(gateways(&c), vec!["10.244.1.1".parse::<IpAddr>().unwrap(), "fd00:10:244:1::1".parse().unwrap()]);
+        let c: Vec<IpNetwork> = vec![
+            "10.244.1.0/24".parse().unwrap(),
+            "fd00:10:244:1::/64".parse().unwrap(),
+        ];
+        assert_eq!(
+            gateways(&c),
+            vec![
+                "10.244.1.1".parse::<IpAddr>().unwrap(),
+                "fd00:10:244:1::1".parse().unwrap()
+            ]
+        );
     }
 }

@@ -31,7 +31,12 @@ pub struct TxBatch {
 impl TxBatch {
     /// `bytes` of buffer and room for `max_groups` groups.
     pub fn new(bytes: usize, max_groups: usize) -> TxBatch {
-        TxBatch { buf: vec![0; bytes], used: 0, groups: Vec::with_capacity(max_groups), max_groups }
+        TxBatch {
+            buf: vec![0; bytes],
+            used: 0,
+            groups: Vec::with_capacity(max_groups),
+            max_groups,
+        }
     }
 
     /// Whether `n` more bytes (in at most `datagrams` new groups) fit.
@@ -62,7 +67,14 @@ impl TxBatch {
                 return;
             }
         }
-        self.groups.push(TxGroup { dst, start, len, segment: len as u32, count: 1, closed: false });
+        self.groups.push(TxGroup {
+            dst,
+            start,
+            len,
+            segment: len as u32,
+            count: 1,
+            closed: false,
+        });
     }
 
     /// Copies `data` in as one datagram (handshake replies and the like).
@@ -85,7 +97,11 @@ impl TxBatch {
 
     /// Every datagram with its destination.
     pub fn datagrams(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> + '_ {
-        self.groups.iter().flat_map(move |g| self.group_bytes(g).chunks(g.segment as usize).map(move |d| (g.dst, d)))
+        self.groups.iter().flat_map(move |g| {
+            self.group_bytes(g)
+                .chunks(g.segment as usize)
+                .map(move |d| (g.dst, d))
+        })
     }
 
     pub fn is_empty(&self) -> bool {
@@ -110,7 +126,8 @@ mod tests {
         for (len, dst) in [(100, a), (100, a), (60, a), (100, a), (100, b), (120, b)] {
             assert!(t.push(&vec![len as u8; len], dst));
         }
-        let g: Vec<(SocketAddr, u32, usize)> = t.groups().iter().map(|g| (g.dst, g.count, g.len)).collect();
+        let g: Vec<(SocketAddr, u32, usize)> =
+            t.groups().iter().map(|g| (g.dst, g.count, g.len)).collect();
         assert_eq!(g, vec![(a, 3, 260), (a, 1, 100), (b, 1, 100), (b, 1, 120)]);
         let lens: Vec<usize> = t.datagrams().map(|(_, d)| d.len()).collect();
         assert_eq!(lens, vec![100, 100, 60, 100, 100, 120]);

@@ -42,7 +42,13 @@ pub struct Flow {
 impl Flow {
     /// The same flow seen from the other end.
     pub fn reversed(&self) -> Flow {
-        Flow { proto: self.proto, src: self.dst, dst: self.src, sport: self.dport, dport: self.sport }
+        Flow {
+            proto: self.proto,
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+        }
     }
 }
 
@@ -61,31 +67,70 @@ pub enum Classified {
 pub fn classify(pkt: &[u8]) -> Option<Classified> {
     let (proto, src, dst, l4) = ip_header(pkt)?;
     let t = pkt.get(l4..)?;
-    let ports = |t: &[u8]| -> Option<(u16, u16)> { Some((u16::from_be_bytes([*t.first()?, *t.get(1)?]), u16::from_be_bytes([*t.get(2)?, *t.get(3)?]))) };
+    let ports = |t: &[u8]| -> Option<(u16, u16)> {
+        Some((
+            u16::from_be_bytes([*t.first()?, *t.get(1)?]),
+            u16::from_be_bytes([*t.get(2)?, *t.get(3)?]),
+        ))
+    };
     match proto {
         TCP | UDP | SCTP => {
             let (sport, dport) = ports(t)?;
-            Some(Classified::Packet(Flow { proto, src, dst, sport, dport }))
+            Some(Classified::Packet(Flow {
+                proto,
+                src,
+                dst,
+                sport,
+                dport,
+            }))
         }
         ICMP | ICMPV6 => {
             let ty = *t.first()?;
-            let (echo_req, echo_rep, errors): (u8, u8, &[u8]) = if proto == ICMP { (8, 0, &[3, 4, 5, 11, 12]) } else { (128, 129, &[1, 2, 3, 4]) };
+            let (echo_req, echo_rep, errors): (u8, u8, &[u8]) = if proto == ICMP {
+                (8, 0, &[3, 4, 5, 11, 12])
+            } else {
+                (128, 129, &[1, 2, 3, 4])
+            };
             if ty == echo_req || ty == echo_rep {
                 let id = u16::from_be_bytes([*t.get(4)?, *t.get(5)?]);
                 // Request and reply share the identifier: the reply is the reversed flow.
                 let (sport, dport) = if ty == echo_req { (id, 0) } else { (0, id) };
-                Some(Classified::Packet(Flow { proto, src, dst, sport, dport }))
+                Some(Classified::Packet(Flow {
+                    proto,
+                    src,
+                    dst,
+                    sport,
+                    dport,
+                }))
             } else if errors.contains(&ty) {
                 let inner = t.get(8..)?;
                 let (ip, isrc, idst, il4) = ip_header_lenient(inner)?;
                 let (a, b) = ports(inner.get(il4..)?).unwrap_or((0, 0));
                 // The quoted packet went from `isrc` (the error's receiver) to `idst`.
-                Some(Classified::Error(Flow { proto: ip, src: isrc, dst: idst, sport: a, dport: b }))
+                Some(Classified::Error(Flow {
+                    proto: ip,
+                    src: isrc,
+                    dst: idst,
+                    sport: a,
+                    dport: b,
+                }))
             } else {
-                Some(Classified::Packet(Flow { proto, src, dst, sport: ty as u16, dport: 0 }))
+                Some(Classified::Packet(Flow {
+                    proto,
+                    src,
+                    dst,
+                    sport: ty as u16,
+                    dport: 0,
+                }))
             }
         }
-        _ => Some(Classified::Packet(Flow { proto, src, dst, sport: 0, dport: 0 })),
+        _ => Some(Classified::Packet(Flow {
+            proto,
+            src,
+            dst,
+            sport: 0,
+            dport: 0,
+        })),
     }
 }
 
@@ -97,9 +142,19 @@ fn ip_header(p: &[u8]) -> Option<(u8, IpAddr, IpAddr, usize)> {
             if ihl < 20 || frag != 0 {
                 return None;
             }
-            Some((p[9], IpAddr::from(<[u8; 4]>::try_from(&p[12..16]).ok()?), IpAddr::from(<[u8; 4]>::try_from(&p[16..20]).ok()?), ihl))
+            Some((
+                p[9],
+                IpAddr::from(<[u8; 4]>::try_from(&p[12..16]).ok()?),
+                IpAddr::from(<[u8; 4]>::try_from(&p[16..20]).ok()?),
+                ihl,
+            ))
         }
-        6 if p.len() >= 40 => Some((p[6], IpAddr::from(<[u8; 16]>::try_from(&p[8..24]).ok()?), IpAddr::from(<[u8; 16]>::try_from(&p[24..40]).ok()?), 40)),
+        6 if p.len() >= 40 => Some((
+            p[6],
+            IpAddr::from(<[u8; 16]>::try_from(&p[8..24]).ok()?),
+            IpAddr::from(<[u8; 16]>::try_from(&p[24..40]).ok()?),
+            40,
+        )),
         _ => None,
     }
 }
@@ -110,9 +165,19 @@ fn ip_header_lenient(p: &[u8]) -> Option<(u8, IpAddr, IpAddr, usize)> {
     match p.first()? >> 4 {
         4 if p.len() >= 20 => {
             let ihl = (p[0] & 0xf) as usize * 4;
-            Some((p[9], IpAddr::from(<[u8; 4]>::try_from(&p[12..16]).ok()?), IpAddr::from(<[u8; 4]>::try_from(&p[16..20]).ok()?), ihl.max(20)))
+            Some((
+                p[9],
+                IpAddr::from(<[u8; 4]>::try_from(&p[12..16]).ok()?),
+                IpAddr::from(<[u8; 4]>::try_from(&p[16..20]).ok()?),
+                ihl.max(20),
+            ))
         }
-        6 if p.len() >= 40 => Some((p[6], IpAddr::from(<[u8; 16]>::try_from(&p[8..24]).ok()?), IpAddr::from(<[u8; 16]>::try_from(&p[24..40]).ok()?), 40)),
+        6 if p.len() >= 40 => Some((
+            p[6],
+            IpAddr::from(<[u8; 16]>::try_from(&p[8..24]).ok()?),
+            IpAddr::from(<[u8; 16]>::try_from(&p[24..40]).ok()?),
+            40,
+        )),
         _ => None,
     }
 }
@@ -143,7 +208,12 @@ pub struct Conntrack {
 
 impl Default for Conntrack {
     fn default() -> Self {
-        Conntrack { shards: (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect(), epoch: std::time::Instant::now() }
+        Conntrack {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::default()))
+                .collect(),
+            epoch: std::time::Instant::now(),
+        }
     }
 }
 
@@ -159,9 +229,16 @@ pub enum Decision {
 }
 
 impl Conntrack {
-    fn shard(&self, f: &Flow) -> &Mutex<HashMap<Flow, Entry, std::hash::BuildHasherDefault<IntHasher>>> {
+    fn shard(
+        &self,
+        f: &Flow,
+    ) -> &Mutex<HashMap<Flow, Entry, std::hash::BuildHasherDefault<IntHasher>>> {
         // Both directions of a flow land in the same shard.
-        let (a, b) = if (f.src, f.sport) <= (f.dst, f.dport) { ((f.src, f.sport), (f.dst, f.dport)) } else { ((f.dst, f.dport), (f.src, f.sport)) };
+        let (a, b) = if (f.src, f.sport) <= (f.dst, f.dport) {
+            ((f.src, f.sport), (f.dst, f.dport))
+        } else {
+            ((f.dst, f.dport), (f.src, f.sport))
+        };
         let h = std::hash::BuildHasherDefault::<IntHasher>::default().hash_one((f.proto, a, b));
         &self.shards[(h as usize) & (SHARDS - 1)]
     }
@@ -197,7 +274,11 @@ impl Conntrack {
         if m.len() * SHARDS >= MAX_FLOWS && !m.contains_key(&flow) {
             return Decision::Admitted; // full: admitted, not remembered
         }
-        let e = m.entry(flow).or_insert(Entry { egress: false, ingress: false, last_seen: now });
+        let e = m.entry(flow).or_insert(Entry {
+            egress: false,
+            ingress: false,
+            last_seen: now,
+        });
         match check {
             Check::Egress => e.egress = true,
             Check::Ingress => e.ingress = true,
@@ -230,7 +311,10 @@ impl Conntrack {
     }
 
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len()).sum()
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -264,22 +348,37 @@ mod tests {
         let ct = Conntrack::default();
         let out = flow(&tcp([10, 0, 0, 1], 40000, [10, 0, 0, 2], 80));
         assert_eq!(ct.check(out, Check::Egress, || true), Decision::Admitted);
-        assert_eq!(ct.check(out, Check::Egress, || panic!("not evaluated again")), Decision::Established);
+        assert_eq!(
+            ct.check(out, Check::Egress, || panic!("not evaluated again")),
+            Decision::Established
+        );
         // Same node: the destination's ingress is its own check.
         assert_eq!(ct.check(out, Check::Ingress, || true), Decision::Admitted);
         let back = flow(&tcp([10, 0, 0, 2], 80, [10, 0, 0, 1], 40000));
-        assert_eq!(ct.check(back, Check::Egress, || panic!("replies are not evaluated")), Decision::Established);
-        assert_eq!(ct.check(back, Check::Ingress, || panic!()), Decision::Established);
+        assert_eq!(
+            ct.check(back, Check::Egress, || panic!("replies are not evaluated")),
+            Decision::Established
+        );
+        assert_eq!(
+            ct.check(back, Check::Ingress, || panic!()),
+            Decision::Established
+        );
         // A denied flow is not remembered, and its "replies" do not pass.
         let other = flow(&tcp([10, 0, 0, 3], 1, [10, 0, 0, 2], 80));
         assert_eq!(ct.check(other, Check::Ingress, || false), Decision::Denied);
-        assert_eq!(ct.check(other.reversed(), Check::Egress, || false), Decision::Denied);
+        assert_eq!(
+            ct.check(other.reversed(), Check::Egress, || false),
+            Decision::Denied
+        );
         assert_eq!(ct.len(), 1);
     }
 
     #[test]
     fn icmp_echo_and_errors() {
-        let mut req = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2, 8, 0, 0, 0, 0x12, 0x34, 0, 1];
+        let mut req = vec![
+            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2, 8, 0, 0, 0, 0x12,
+            0x34, 0, 1,
+        ];
         let f = flow(&req);
         req[20] = 0; // echo reply, addresses swapped
         req[12..16].copy_from_slice(&[10, 0, 0, 2]);
@@ -287,14 +386,24 @@ mod tests {
         assert_eq!(flow(&req), f.reversed());
         // An ICMP error (port unreachable) quoting 10.0.0.1:40000 -> 10.0.0.2:53/udp, sent back
         // to 10.0.0.1.
-        let mut quoted = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2];
+        let mut quoted = vec![
+            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+        ];
         quoted.extend_from_slice(&40000u16.to_be_bytes());
         quoted.extend_from_slice(&53u16.to_be_bytes());
         quoted.extend_from_slice(&[0, 8, 0, 0]);
-        let mut err = vec![0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1, 3, 3, 0, 0, 0, 0, 0, 0];
+        let mut err = vec![
+            0x45, 0, 0, 56, 0, 0, 0, 0, 64, 1, 0, 0, 10, 0, 0, 2, 10, 0, 0, 1, 3, 3, 0, 0, 0, 0, 0,
+            0,
+        ];
         err.extend_from_slice(&quoted);
-        let Some(Classified::Error(q)) = classify(&err) else { panic!() };
-        assert_eq!((q.src, q.sport, q.dport, q.proto), ("10.0.0.1".parse().unwrap(), 40000, 53, 17));
+        let Some(Classified::Error(q)) = classify(&err) else {
+            panic!()
+        };
+        assert_eq!(
+            (q.src, q.sport, q.dport, q.proto),
+            ("10.0.0.1".parse().unwrap(), 40000, 53, 17)
+        );
         let ct = Conntrack::default();
         assert!(!ct.knows(q));
         ct.check(q, Check::Egress, || true);

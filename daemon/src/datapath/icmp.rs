@@ -22,19 +22,31 @@ pub fn dont_fragment(pkt: &[u8]) -> bool {
 /// Writes into `out` the ICMP error telling `pkt`'s sender that `mtu` is the most that fits;
 /// `from4`/`from6` are this node's addresses to send it from. Returns the error's length, or
 /// `None` when `pkt` must not get one (not IP, an ICMP error itself, no source address).
-pub fn too_big(pkt: &[u8], mtu: u16, from4: Option<Ipv4Addr>, from6: Option<Ipv6Addr>, out: &mut [u8]) -> Option<usize> {
+pub fn too_big(
+    pkt: &[u8],
+    mtu: u16,
+    from4: Option<Ipv4Addr>,
+    from6: Option<Ipv6Addr>,
+    out: &mut [u8],
+) -> Option<usize> {
     match pkt.first()? >> 4 {
         4 if pkt.len() >= 20 => {
             let ihl = (pkt[0] & 0xf) as usize * 4;
             // Never answer an ICMP error with one (RFC 1122 3.2.2).
-            if pkt[9] == 1 && pkt.get(ihl).is_some_and(|t| ![0, 8, 13, 14, 15, 16, 17, 18].contains(t)) {
+            if pkt[9] == 1
+                && pkt
+                    .get(ihl)
+                    .is_some_and(|t| ![0, 8, 13, 14, 15, 16, 17, 18].contains(t))
+            {
                 return None;
             }
             let from = from4?;
             let q = pkt.len().min(QUOTE_V4).min(out.len().checked_sub(28)?);
             let len = 28 + q;
             let o = &mut out[..len];
-            o[..20].copy_from_slice(&[0x45, 0xc0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+            o[..20].copy_from_slice(&[
+                0x45, 0xc0, 0, 0, 0, 0, 0, 0, 64, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+            ]);
             o[2..4].copy_from_slice(&(len as u16).to_be_bytes());
             o[12..16].copy_from_slice(&from.octets());
             o[16..20].copy_from_slice(&pkt[12..16]);
@@ -78,10 +90,19 @@ mod tests {
     #[test]
     fn fragmentation_needed_for_ipv4_with_df() {
         let mut p = vec![0u8; 1500];
-        p[..20].copy_from_slice(&[0x45, 0, 0x05, 0xdc, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 244, 1, 5, 10, 244, 2, 5]);
+        p[..20].copy_from_slice(&[
+            0x45, 0, 0x05, 0xdc, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 244, 1, 5, 10, 244, 2, 5,
+        ]);
         assert!(dont_fragment(&p));
         let mut out = vec![0u8; 1500];
-        let n = too_big(&p, 1420, Some("10.244.1.1".parse().unwrap()), None, &mut out).unwrap();
+        let n = too_big(
+            &p,
+            1420,
+            Some("10.244.1.1".parse().unwrap()),
+            None,
+            &mut out,
+        )
+        .unwrap();
         let o = &out[..n];
         assert!(ipv4_header_valid(&o[..20]));
         assert_eq!(&o[16..20], &[10, 244, 1, 5], "back to the sender");
@@ -92,7 +113,14 @@ mod tests {
         // No error about an error.
         let mut e = o.to_vec();
         e[20] = 3;
-        assert!(too_big(&e, 1420, Some("10.244.1.1".parse().unwrap()), None, &mut out).is_none());
+        assert!(too_big(
+            &e,
+            1420,
+            Some("10.244.1.1".parse().unwrap()),
+            None,
+            &mut out
+        )
+        .is_none());
     }
 
     #[test]
@@ -110,6 +138,9 @@ mod tests {
         assert_eq!(u32::from_be_bytes([o[44], o[45], o[46], o[47]]), 1420);
         let ph = pseudo_header(&o[8..24], &o[24..40], 58, (n - 40) as u32);
         assert_eq!(fold(sum(ph, &o[40..])), 0xffff);
-        assert!(too_big(&p, 1420, Some("10.0.0.1".parse().unwrap()), None, &mut out).is_none(), "no IPv6 source address");
+        assert!(
+            too_big(&p, 1420, Some("10.0.0.1".parse().unwrap()), None, &mut out).is_none(),
+            "no IPv6 source address"
+        );
     }
 }

@@ -61,7 +61,15 @@ impl std::fmt::Debug for Filter {
 
 impl<T> Default for LocalTable<T> {
     fn default() -> Self {
-        LocalTable { pods: Vec::new(), by_ip: IntMap::default(), by_id: IntMap::default(), gateways: Vec::new(), host_accepts_all: true, filter: None, mtu: None }
+        LocalTable {
+            pods: Vec::new(),
+            by_ip: IntMap::default(),
+            by_id: IntMap::default(),
+            gateways: Vec::new(),
+            host_accepts_all: true,
+            filter: None,
+            mtu: None,
+        }
     }
 }
 
@@ -76,7 +84,15 @@ impl<T> LocalTable<T> {
                 by_ip.insert(*ip, slot as u32);
             }
         }
-        LocalTable { pods, by_ip, by_id, gateways, host_accepts_all: false, filter: None, mtu: None }
+        LocalTable {
+            pods,
+            by_ip,
+            by_id,
+            gateways,
+            host_accepts_all: false,
+            filter: None,
+            mtu: None,
+        }
     }
 
     #[inline]
@@ -125,7 +141,9 @@ impl<T> LocalTable<T> {
     /// Whether `src` is one of pod `slot`'s addresses.
     #[inline]
     pub fn owns(&self, slot: u32, src: IpAddr) -> bool {
-        self.pods.get(slot as usize).is_some_and(|p| p.ips.contains(&src))
+        self.pods
+            .get(slot as usize)
+            .is_some_and(|p| p.ips.contains(&src))
     }
 
     pub fn io(&self, slot: u32) -> Option<&T> {
@@ -157,7 +175,11 @@ mod tests {
 
     #[test]
     fn delivers_to_pods_and_gateways_only_on_a_node() {
-        let pods = vec![PodPort { id: 7, ips: vec!["10.244.1.5".parse().unwrap(), "fd00::5".parse().unwrap()], io: () }];
+        let pods = vec![PodPort {
+            id: 7,
+            ips: vec!["10.244.1.5".parse().unwrap(), "fd00::5".parse().unwrap()],
+            io: (),
+        }];
         let t = LocalTable::new(pods, vec!["10.244.1.1".parse().unwrap()]);
         assert_eq!(t.deliver("10.244.1.5".parse().unwrap()), Some(Port::Pod(0)));
         assert_eq!(t.deliver("fd00::5".parse().unwrap()), Some(Port::Pod(0)));
@@ -167,6 +189,9 @@ mod tests {
         assert!(!t.owns(0, "10.244.1.6".parse().unwrap()));
         assert_eq!(t.slot_for_id(7), Some(0));
         let plain: LocalTable<()> = LocalTable::default();
-        assert_eq!(plain.deliver("192.0.2.1".parse().unwrap()), Some(Port::Host));
+        assert_eq!(
+            plain.deliver("192.0.2.1".parse().unwrap()),
+            Some(Port::Host)
+        );
     }
 }

@@ -9,15 +9,15 @@ pub mod icmp;
 pub mod local;
 pub mod stats;
 
-use crate::offload::{tso, VNET_HDR_LEN};
 use crate::offload::gro::Coalescer;
+use crate::offload::{tso, VNET_HDR_LEN};
 use crate::wg::device::{PeerState, Snapshot};
 use crate::wg::ratelimit::SourceLimiter;
 use batch::TxBatch;
-use conntrack::{classify, Check, Classified, Decision};
-use local::{addresses, Filter, LocalTable, Port};
 use boringtun::noise::handshake::parse_handshake_anon;
 use boringtun::noise::{Packet, Tunn, TunnResult};
+use conntrack::{classify, Check, Classified, Decision};
+use local::{addresses, Filter, LocalTable, Port};
 use stats::{Counters, DropReason};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
@@ -87,12 +87,22 @@ impl Default for TxPath {
 
 impl TxPath {
     pub fn new() -> TxPath {
-        TxPath { scratch: vec![0; 65536], batch: TxBatch::new(256 * 1024, 256) }
+        TxPath {
+            scratch: vec![0; 65536],
+            batch: TxBatch::new(256 * 1024, 256),
+        }
     }
 
     /// Encrypts the packets of one frame from the host tun for the peer that owns their
     /// destination (a device without pods).
-    pub fn handle_frame(&mut self, snap: &Snapshot, frame: &mut [u8], vnet: bool, counters: &Counters, io: &mut impl Io) {
+    pub fn handle_frame(
+        &mut self,
+        snap: &Snapshot,
+        frame: &mut [u8],
+        vnet: bool,
+        counters: &Counters,
+        io: &mut impl Io,
+    ) {
         self.handle_frame_from(snap, host_only(), Port::Host, frame, vnet, counters, io);
     }
 
@@ -163,7 +173,13 @@ impl TxPath {
             if icmp::dont_fragment(pkt) {
                 let out = &mut self.scratch;
                 out[..off].fill(0);
-                if let Some(n) = icmp::too_big(pkt, max_packet as u16, local.gateway_v4(), local.gateway_v6(), &mut out[off..]) {
+                if let Some(n) = icmp::too_big(
+                    pkt,
+                    max_packet as u16,
+                    local.gateway_v4(),
+                    local.gateway_v6(),
+                    &mut out[off..],
+                ) {
                     io.tun_write_to(from, &out[..off + n]);
                 }
             }
@@ -263,7 +279,17 @@ impl RxPath {
         counters: &Counters,
         io: &mut impl Io,
     ) {
-        self.handle_message_local(snap, host_only(), limiter, src, data, segment, now, counters, io);
+        self.handle_message_local(
+            snap,
+            host_only(),
+            limiter,
+            src,
+            data,
+            segment,
+            now,
+            counters,
+            io,
+        );
     }
 
     /// Handles one received message: a datagram, or a GRO train of `segment`-sized ones.
@@ -284,7 +310,11 @@ impl RxPath {
         let seg = segment.map_or(data.len(), |s| s as usize).max(1);
         let mut held: Option<Held<'_>> = None;
         for d in data.chunks(seg) {
-            let kind = if d.len() >= 4 { u32::from_le_bytes([d[0], d[1], d[2], d[3]]) } else { 0 };
+            let kind = if d.len() >= 4 {
+                u32::from_le_bytes([d[0], d[1], d[2], d[3]])
+            } else {
+                0
+            };
             if kind == MSG_DATA && d.len() >= DATA_OVERHEAD {
                 let idx = u32::from_le_bytes([d[4], d[5], d[6], d[7]]);
                 let Some((slot, peer)) = snap.peer_for_index(idx) else {
@@ -293,7 +323,11 @@ impl RxPath {
                 };
                 if held.as_ref().map(|h| h.slot) != Some(slot) {
                     release(snap, held.take());
-                    held = Some(Held { slot, st: peer.lock(), rx_bytes: 0 });
+                    held = Some(Held {
+                        slot,
+                        st: peer.lock(),
+                        rx_bytes: 0,
+                    });
                 }
                 let h = held.as_mut().expect("just set");
                 self.data(snap, local, h, src, d, counters, io);
@@ -306,7 +340,16 @@ impl RxPath {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn data<T>(&mut self, snap: &Snapshot, local: &LocalTable<T>, h: &mut Held<'_>, src: SocketAddr, d: &[u8], counters: &Counters, io: &mut impl Io) {
+    fn data<T>(
+        &mut self,
+        snap: &Snapshot,
+        local: &LocalTable<T>,
+        h: &mut Held<'_>,
+        src: SocketAddr,
+        d: &[u8],
+        counters: &Counters,
+        io: &mut impl Io,
+    ) {
         // boringtun panics if the ciphertext (all but the 16-byte header) exceeds the output
         // buffer; no UDP datagram is that long, but this function takes any bytes.
         if d.len() - 16 > self.dec.len() {
@@ -349,7 +392,8 @@ impl RxPath {
             }
         }
         if self.coalescer.is_full() {
-            self.coalescer.drain_tagged(|t, f| io.tun_write_to(port(t), f));
+            self.coalescer
+                .drain_tagged(|t, f| io.tun_write_to(port(t), f));
         }
         self.coalescer.push_tagged(pkt, tag(to));
         self.delivered += 1;
@@ -374,7 +418,10 @@ impl RxPath {
         let peer = match kind {
             MSG_INIT => {
                 // MAC1, and under load a cookie, before any Diffie-Hellman.
-                let init = match id.rate_limiter.verify_packet(Some(src.ip()), d, &mut self.dec) {
+                let init = match id
+                    .rate_limiter
+                    .verify_packet(Some(src.ip()), d, &mut self.dec)
+                {
                     Ok(Packet::HandshakeInit(init)) => init,
                     Err(TunnResult::WriteToNetwork(cookie)) => {
                         let _ = self.replies.push(cookie, src);
@@ -383,7 +430,9 @@ impl RxPath {
                     }
                     Err(TunnResult::Err(e)) => {
                         counters.drop(match e {
-                            boringtun::noise::errors::WireGuardError::InvalidPacket => DropReason::Malformed,
+                            boringtun::noise::errors::WireGuardError::InvalidPacket => {
+                                DropReason::Malformed
+                            }
                             _ => DropReason::Handshake,
                         });
                         return;
@@ -464,12 +513,15 @@ impl RxPath {
     /// Writes what is pending to the tun and the network.
     pub fn finish(&mut self, counters: &Counters, io: &mut impl Io) {
         if !self.coalescer.is_empty() {
-            self.coalescer.drain_tagged(|t, f| io.tun_write_to(port(t), f));
+            self.coalescer
+                .drain_tagged(|t, f| io.tun_write_to(port(t), f));
         }
         if !self.replies.is_empty() {
             io.udp_send(&mut self.replies);
         }
-        counters.packets_rx.fetch_add(std::mem::take(&mut self.delivered), Ordering::Relaxed);
+        counters
+            .packets_rx
+            .fetch_add(std::mem::take(&mut self.delivered), Ordering::Relaxed);
     }
 }
 
@@ -490,7 +542,13 @@ fn policy_allows(f: &Filter, check: Check, pkt: &[u8]) -> bool {
         Some(Classified::Error(about)) => return f.conntrack.knows(about),
         None => match addresses(pkt) {
             // A later fragment or an odd header: judged on addresses alone, port 0.
-            Some((src, dst)) => conntrack::Flow { proto: 0, src, dst, sport: 0, dport: 0 },
+            Some((src, dst)) => conntrack::Flow {
+                proto: 0,
+                src,
+                dst,
+                sport: 0,
+                dport: 0,
+            },
             None => return false,
         },
     };
@@ -501,8 +559,14 @@ fn policy_allows(f: &Filter, check: Check, pkt: &[u8]) -> bool {
             _ => 0,
         };
         match check {
-            Check::Egress => f.policy.egress_verdict(flow.src, flow.dst, proto, port).is_allowed(),
-            Check::Ingress => f.policy.ingress_verdict(flow.src, flow.dst, proto, port).is_allowed(),
+            Check::Egress => f
+                .policy
+                .egress_verdict(flow.src, flow.dst, proto, port)
+                .is_allowed(),
+            Check::Ingress => f
+                .policy
+                .ingress_verdict(flow.src, flow.dst, proto, port)
+                .is_allowed(),
         }
     });
     d != Decision::Denied
@@ -510,7 +574,9 @@ fn policy_allows(f: &Filter, check: Check, pkt: &[u8]) -> bool {
 
 fn release(snap: &Snapshot, h: Option<Held<'_>>) {
     if let Some(h) = h {
-        snap.peers[h.slot as usize].rx_bytes.fetch_add(h.rx_bytes, Ordering::Relaxed);
+        snap.peers[h.slot as usize]
+            .rx_bytes
+            .fetch_add(h.rx_bytes, Ordering::Relaxed);
     }
 }
 
@@ -602,7 +668,9 @@ mod tests {
             format!("endpoint={endpoint}"),
         ];
         let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-        let Request::Set(r) = parse_request(&refs).unwrap() else { panic!() };
+        let Request::Set(r) = parse_request(&refs).unwrap() else {
+            panic!()
+        };
         d.apply(r, &mut NoNet).unwrap();
         d
     }
@@ -614,7 +682,14 @@ mod tests {
         let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
         let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
         let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
-        let mut a = Tunn::new(ka.secret(), x25519_dalek::PublicKey::from(&kb.secret()), None, None, 7, None);
+        let mut a = Tunn::new(
+            ka.secret(),
+            x25519_dalek::PublicKey::from(&kb.secret()),
+            None,
+            None,
+            7,
+            None,
+        );
         let counters = Counters::default();
         let limiter = SourceLimiter::default();
         let mut rx = RxPath::new(false);
@@ -624,24 +699,59 @@ mod tests {
         let t0 = Instant::now();
         // Flood past the device's limit: every initiation counts, whatever happens to it.
         for _ in 0..HANDSHAKE_RATE_LIMIT + 5 {
-            let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true) else { panic!() };
+            let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true)
+            else {
+                panic!()
+            };
             let init = init.to_vec();
             rx.handle_message(&snap, &limiter, a_addr, &init, None, t0, &counters, &mut io);
             rx.finish(&counters, &mut io);
         }
-        let cookie = io.udp.iter().rev().find(|(_, d)| d.len() == 64 && d[0] == 3).expect("a cookie reply under load").1.clone();
+        let cookie = io
+            .udp
+            .iter()
+            .rev()
+            .find(|(_, d)| d.len() == 64 && d[0] == 3)
+            .expect("a cookie reply under load")
+            .1
+            .clone();
         assert!(counters.drops(DropReason::RateLimited) > 0);
         // The initiator takes the cookie; its next initiation carries a valid mac2.
-        assert!(matches!(a.decapsulate(Some(a_addr.ip()), &cookie, &mut buf), TunnResult::Done));
-        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true) else { panic!() };
+        assert!(matches!(
+            a.decapsulate(Some(a_addr.ip()), &cookie, &mut buf),
+            TunnResult::Done
+        ));
+        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true) else {
+            panic!()
+        };
         let init = init.to_vec();
         io.udp.clear();
         // A second later, so the per-source bucket has a token again.
-        rx.handle_message(&snap, &limiter, a_addr, &init, None, t0 + Duration::from_secs(1), &counters, &mut io);
+        rx.handle_message(
+            &snap,
+            &limiter,
+            a_addr,
+            &init,
+            None,
+            t0 + Duration::from_secs(1),
+            &counters,
+            &mut io,
+        );
         rx.finish(&counters, &mut io);
-        let (to, resp) = io.udp.iter().find(|(_, d)| d[0] == 2).expect("a handshake response").clone();
+        let (to, resp) = io
+            .udp
+            .iter()
+            .find(|(_, d)| d[0] == 2)
+            .expect("a handshake response")
+            .clone();
         assert_eq!(to, a_addr);
-        assert!(matches!(a.decapsulate(Some(to.ip()), &resp, &mut buf), TunnResult::WriteToNetwork(_)), "initiator accepts the response");
+        assert!(
+            matches!(
+                a.decapsulate(Some(to.ip()), &resp, &mut buf),
+                TunnResult::WriteToNetwork(_)
+            ),
+            "initiator accepts the response"
+        );
     }
 
     /// A decrypted packet whose source is outside the peer's allowed IPs never reaches the tun.
@@ -650,28 +760,74 @@ mod tests {
         let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
         let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
         let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
-        let mut a = Tunn::new(ka.secret(), x25519_dalek::PublicKey::from(&kb.secret()), None, None, 9, None);
-        let (counters, limiter, mut rx, mut io) = (Counters::default(), SourceLimiter::default(), RxPath::new(false), Capture::default());
+        let mut a = Tunn::new(
+            ka.secret(),
+            x25519_dalek::PublicKey::from(&kb.secret()),
+            None,
+            None,
+            9,
+            None,
+        );
+        let (counters, limiter, mut rx, mut io) = (
+            Counters::default(),
+            SourceLimiter::default(),
+            RxPath::new(false),
+            Capture::default(),
+        );
         let snap = b.snapshot();
         let mut buf = vec![0u8; 2048];
-        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else { panic!() };
+        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!()
+        };
         let init = init.to_vec();
-        rx.handle_message(&snap, &limiter, a_addr, &init, None, Instant::now(), &counters, &mut io);
+        rx.handle_message(
+            &snap,
+            &limiter,
+            a_addr,
+            &init,
+            None,
+            Instant::now(),
+            &counters,
+            &mut io,
+        );
         rx.finish(&counters, &mut io);
         let resp = io.udp.iter().find(|(_, d)| d[0] == 2).unwrap().1.clone();
-        let TunnResult::WriteToNetwork(ka_pkt) = a.decapsulate(None, &resp, &mut buf) else { panic!() };
+        let TunnResult::WriteToNetwork(ka_pkt) = a.decapsulate(None, &resp, &mut buf) else {
+            panic!()
+        };
         let ka_pkt = ka_pkt.to_vec();
-        rx.handle_message(&snap, &limiter, a_addr, &ka_pkt, None, Instant::now(), &counters, &mut io);
+        rx.handle_message(
+            &snap,
+            &limiter,
+            a_addr,
+            &ka_pkt,
+            None,
+            Instant::now(),
+            &counters,
+            &mut io,
+        );
         for (src, want) in [([10, 99, 0, 1], true), ([10, 99, 0, 66], false)] {
             let mut ip = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0];
             ip.extend_from_slice(&src);
             ip.extend_from_slice(&[10, 99, 0, 2]);
             ip.extend_from_slice(&[0u8; 8]);
             crate::offload::checksum::set_ipv4_header(&mut ip[..20]);
-            let TunnResult::WriteToNetwork(d) = a.encapsulate(&ip, &mut buf) else { panic!() };
+            let TunnResult::WriteToNetwork(d) = a.encapsulate(&ip, &mut buf) else {
+                panic!()
+            };
             let d = d.to_vec();
             io.tun.clear();
-            rx.handle_message(&snap, &limiter, a_addr, &d, None, Instant::now(), &counters, &mut io);
+            rx.handle_message(
+                &snap,
+                &limiter,
+                a_addr,
+                &d,
+                None,
+                Instant::now(),
+                &counters,
+                &mut io,
+            );
             rx.finish(&counters, &mut io);
             assert_eq!(io.tun.len() == 1, want, "source {src:?}");
         }
@@ -695,8 +851,16 @@ mod tests {
         let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
         let snap = dev.snapshot();
         let pods = vec![
-            PodPort { id: 1, ips: vec!["10.244.1.5".parse().unwrap()], io: () },
-            PodPort { id: 2, ips: vec!["10.244.1.6".parse().unwrap()], io: () },
+            PodPort {
+                id: 1,
+                ips: vec!["10.244.1.5".parse().unwrap()],
+                io: (),
+            },
+            PodPort {
+                id: 2,
+                ips: vec!["10.244.1.6".parse().unwrap()],
+                io: (),
+            },
         ];
         let local = LocalTable::new(pods, vec!["10.244.1.1".parse().unwrap()]);
         let counters = Counters::default();
@@ -704,24 +868,67 @@ mod tests {
         let mut io = Capture::default();
         let from = Port::Pod(0);
         // Spoofed: pod 0 claims pod 1's address.
-        tx.handle_frame_from(&snap, &local, from, &mut udp4([10, 244, 1, 6], [10, 244, 1, 5]), false, &counters, &mut io);
+        tx.handle_frame_from(
+            &snap,
+            &local,
+            from,
+            &mut udp4([10, 244, 1, 6], [10, 244, 1, 5]),
+            false,
+            &counters,
+            &mut io,
+        );
         assert_eq!(counters.drops(DropReason::SpoofedSource), 1);
         assert!(io.tun.is_empty() && io.udp.is_empty());
         // Same node: straight to pod 1's tun.
-        tx.handle_frame_from(&snap, &local, from, &mut udp4([10, 244, 1, 5], [10, 244, 1, 6]), false, &counters, &mut io);
+        tx.handle_frame_from(
+            &snap,
+            &local,
+            from,
+            &mut udp4([10, 244, 1, 5], [10, 244, 1, 6]),
+            false,
+            &counters,
+            &mut io,
+        );
         assert_eq!(io.to, vec![Port::Pod(1)]);
         // Outside world: to the host tun (the kernel masquerades).
-        tx.handle_frame_from(&snap, &local, from, &mut udp4([10, 244, 1, 5], [198, 51, 100, 7]), false, &counters, &mut io);
+        tx.handle_frame_from(
+            &snap,
+            &local,
+            from,
+            &mut udp4([10, 244, 1, 5], [198, 51, 100, 7]),
+            false,
+            &counters,
+            &mut io,
+        );
         assert_eq!(io.to.last(), Some(&Port::Host));
         // Another node's pod: encrypted to that peer (a handshake initiation first).
-        tx.handle_frame_from(&snap, &local, from, &mut udp4([10, 244, 1, 5], [10, 244, 2, 9]), false, &counters, &mut io);
+        tx.handle_frame_from(
+            &snap,
+            &local,
+            from,
+            &mut udp4([10, 244, 1, 5], [10, 244, 2, 9]),
+            false,
+            &counters,
+            &mut io,
+        );
         tx.flush(&mut io);
         assert_eq!(io.udp.len(), 1);
-        assert_eq!(io.udp[0].0, "192.0.2.2:51820".parse::<SocketAddr>().unwrap());
+        assert_eq!(
+            io.udp[0].0,
+            "192.0.2.2:51820".parse::<SocketAddr>().unwrap()
+        );
         assert_eq!(io.udp[0].1[0], 1, "handshake initiation");
         // From the host, an address nobody owns is dropped, not looped back.
         let before = io.tun.len();
-        tx.handle_frame_from(&snap, &local, Port::Host, &mut udp4([10, 244, 1, 1], [198, 51, 100, 7]), false, &counters, &mut io);
+        tx.handle_frame_from(
+            &snap,
+            &local,
+            Port::Host,
+            &mut udp4([10, 244, 1, 1], [198, 51, 100, 7]),
+            false,
+            &counters,
+            &mut io,
+        );
         assert_eq!(io.tun.len(), before);
         assert_eq!(counters.drops(DropReason::NoPeer), 1);
     }
@@ -734,23 +941,85 @@ mod tests {
         let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
         let b = device(&kb, &ka, "10.244.1.0/24", "192.0.2.1:51820");
         let snap = b.snapshot();
-        let local = LocalTable::new(vec![PodPort { id: 9, ips: vec!["10.244.2.5".parse().unwrap()], io: () }], vec!["10.244.2.1".parse().unwrap()]);
-        let mut a = Tunn::new(ka.secret(), x25519_dalek::PublicKey::from(&kb.secret()), None, None, 3, None);
-        let (counters, limiter, mut rx, mut io) = (Counters::default(), SourceLimiter::default(), RxPath::new(false), Capture::default());
+        let local = LocalTable::new(
+            vec![PodPort {
+                id: 9,
+                ips: vec!["10.244.2.5".parse().unwrap()],
+                io: (),
+            }],
+            vec!["10.244.2.1".parse().unwrap()],
+        );
+        let mut a = Tunn::new(
+            ka.secret(),
+            x25519_dalek::PublicKey::from(&kb.secret()),
+            None,
+            None,
+            3,
+            None,
+        );
+        let (counters, limiter, mut rx, mut io) = (
+            Counters::default(),
+            SourceLimiter::default(),
+            RxPath::new(false),
+            Capture::default(),
+        );
         let mut buf = vec![0u8; 2048];
-        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else { panic!() };
+        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!()
+        };
         let init = init.to_vec();
-        rx.handle_message_local(&snap, &local, &limiter, a_addr, &init, None, Instant::now(), &counters, &mut io);
+        rx.handle_message_local(
+            &snap,
+            &local,
+            &limiter,
+            a_addr,
+            &init,
+            None,
+            Instant::now(),
+            &counters,
+            &mut io,
+        );
         rx.finish(&counters, &mut io);
         let resp = io.udp.iter().find(|(_, d)| d[0] == 2).unwrap().1.clone();
-        let TunnResult::WriteToNetwork(k) = a.decapsulate(None, &resp, &mut buf) else { panic!() };
+        let TunnResult::WriteToNetwork(k) = a.decapsulate(None, &resp, &mut buf) else {
+            panic!()
+        };
         let k = k.to_vec();
-        rx.handle_message_local(&snap, &local, &limiter, a_addr, &k, None, Instant::now(), &counters, &mut io);
-        for (dst, want) in [([10, 244, 2, 5], Some(Port::Pod(0))), ([10, 244, 2, 1], Some(Port::Host)), ([10, 244, 2, 77], None)] {
-            let TunnResult::WriteToNetwork(d) = a.encapsulate(&udp4([10, 244, 1, 5], dst), &mut buf) else { panic!() };
+        rx.handle_message_local(
+            &snap,
+            &local,
+            &limiter,
+            a_addr,
+            &k,
+            None,
+            Instant::now(),
+            &counters,
+            &mut io,
+        );
+        for (dst, want) in [
+            ([10, 244, 2, 5], Some(Port::Pod(0))),
+            ([10, 244, 2, 1], Some(Port::Host)),
+            ([10, 244, 2, 77], None),
+        ] {
+            let TunnResult::WriteToNetwork(d) =
+                a.encapsulate(&udp4([10, 244, 1, 5], dst), &mut buf)
+            else {
+                panic!()
+            };
             let d = d.to_vec();
             io.to.clear();
-            rx.handle_message_local(&snap, &local, &limiter, a_addr, &d, None, Instant::now(), &counters, &mut io);
+            rx.handle_message_local(
+                &snap,
+                &local,
+                &limiter,
+                a_addr,
+                &d,
+                None,
+                Instant::now(),
+                &counters,
+                &mut io,
+            );
             rx.finish(&counters, &mut io);
             assert_eq!(io.to.first().copied(), want, "{dst:?}");
         }
@@ -775,25 +1044,37 @@ mod tests {
             node_name: "n1".into(),
             host_network: false,
         };
-        let np: k8s_openapi::api::networking::v1::NetworkPolicy = serde_json::from_value(serde_json::json!({
-            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
-            "metadata": {"namespace": "x", "name": "only-a"},
-            "spec": {"podSelector": {"matchLabels": {"app": "server"}},
-                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}]}]}
-        }))
-        .unwrap();
+        let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"namespace": "x", "name": "only-a"},
+                "spec": {"podSelector": {"matchLabels": {"app": "server"}},
+                         "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}]}]}
+            }))
+            .unwrap();
         let policy = PolicySet::compile(
             vec![Namespace::new("x", BTreeMap::new())],
-            vec![pod("server", "10.244.1.5", "server"), pod("a", "10.244.1.6", "a"), pod("b", "10.244.1.7", "b")],
+            vec![
+                pod("server", "10.244.1.5", "server"),
+                pod("a", "10.244.1.6", "a"),
+                pod("b", "10.244.1.7", "b"),
+            ],
             vec![crate::policy::Policy::from_k8s(&np).unwrap()],
         );
         let ports = ["10.244.1.5", "10.244.1.6", "10.244.1.7"]
             .iter()
             .enumerate()
-            .map(|(i, ip)| PodPort { id: i as u64, ips: vec![ip.parse().unwrap()], io: () })
+            .map(|(i, ip)| PodPort {
+                id: i as u64,
+                ips: vec![ip.parse().unwrap()],
+                io: (),
+            })
             .collect();
         let mut local = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
-        local.filter = Some(Filter { policy: Arc::new(policy), conntrack: Arc::new(Conntrack::default()) });
+        local.filter = Some(Filter {
+            policy: Arc::new(policy),
+            conntrack: Arc::new(Conntrack::default()),
+        });
         let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
         let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
         let snap = dev.snapshot();
@@ -802,20 +1083,44 @@ mod tests {
         let mut io = Capture::default();
         let mut send = |from: u32, src: [u8; 4], dst: [u8; 4], io: &mut Capture| {
             io.to.clear();
-            let port = if from == u32::MAX { Port::Host } else { Port::Pod(from) };
-            tx.handle_frame_from(&snap, &local, port, &mut udp4(src, dst), false, &counters, io);
+            let port = if from == u32::MAX {
+                Port::Host
+            } else {
+                Port::Pod(from)
+            };
+            tx.handle_frame_from(
+                &snap,
+                &local,
+                port,
+                &mut udp4(src, dst),
+                false,
+                &counters,
+                io,
+            );
             io.to.first().copied()
         };
         // b -> server: denied at the server's ingress.
         assert_eq!(send(2, [10, 244, 1, 7], [10, 244, 1, 5], &mut io), None);
         assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
         // a -> server: admitted; the server's reply passes (ports reversed in udp4: 0 -> 0).
-        assert_eq!(send(1, [10, 244, 1, 6], [10, 244, 1, 5], &mut io), Some(Port::Pod(0)));
-        assert_eq!(send(0, [10, 244, 1, 5], [10, 244, 1, 6], &mut io), Some(Port::Pod(1)));
+        assert_eq!(
+            send(1, [10, 244, 1, 6], [10, 244, 1, 5], &mut io),
+            Some(Port::Pod(0))
+        );
+        assert_eq!(
+            send(0, [10, 244, 1, 5], [10, 244, 1, 6], &mut io),
+            Some(Port::Pod(1))
+        );
         // The node (its gateway address) reaches the server: kubelet probes.
-        assert_eq!(send(u32::MAX, [10, 244, 1, 1], [10, 244, 1, 5], &mut io), Some(Port::Pod(0)));
+        assert_eq!(
+            send(u32::MAX, [10, 244, 1, 1], [10, 244, 1, 5], &mut io),
+            Some(Port::Pod(0))
+        );
         // An unselected pod is open both ways.
-        assert_eq!(send(0, [10, 244, 1, 5], [10, 244, 1, 7], &mut io), Some(Port::Pod(2)));
+        assert_eq!(
+            send(0, [10, 244, 1, 5], [10, 244, 1, 7], &mut io),
+            Some(Port::Pod(2))
+        );
         assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
     }
 
@@ -827,17 +1132,36 @@ mod tests {
         let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
         let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
         let snap = dev.snapshot();
-        let mut local = LocalTable::new(vec![PodPort { id: 1, ips: vec!["10.244.1.5".parse().unwrap()], io: () }], vec!["10.244.1.1".parse().unwrap()]);
+        let mut local = LocalTable::new(
+            vec![PodPort {
+                id: 1,
+                ips: vec!["10.244.1.5".parse().unwrap()],
+                io: (),
+            }],
+            vec!["10.244.1.1".parse().unwrap()],
+        );
         local.mtu = Some(1420);
         let (counters, mut tx, mut io) = (Counters::default(), TxPath::new(), Capture::default());
         let mut big = udp4([10, 244, 1, 5], [10, 244, 2, 9]);
         big.resize(1500, 0);
         big[2..4].copy_from_slice(&1500u16.to_be_bytes());
         crate::offload::checksum::set_ipv4_header(&mut big[..20]);
-        tx.handle_frame_from(&snap, &local, Port::Pod(0), &mut big, false, &counters, &mut io);
+        tx.handle_frame_from(
+            &snap,
+            &local,
+            Port::Pod(0),
+            &mut big,
+            false,
+            &counters,
+            &mut io,
+        );
         tx.flush(&mut io);
         assert!(io.udp.is_empty(), "nothing encrypted");
-        assert_eq!(io.to, vec![Port::Pod(0)], "the error goes back to the sender");
+        assert_eq!(
+            io.to,
+            vec![Port::Pod(0)],
+            "the error goes back to the sender"
+        );
         let e = &io.tun[0];
         assert_eq!((e[20], e[21]), (3, 4));
         assert_eq!(&e[12..16], &[10, 244, 1, 1]);
@@ -870,21 +1194,30 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let table = |policies: Vec<Policy>, ct: &Arc<Conntrack>| {
-            let set = PolicySet::compile(vec![Namespace::new("x", BTreeMap::new())], pods(), policies);
+            let set =
+                PolicySet::compile(vec![Namespace::new("x", BTreeMap::new())], pods(), policies);
             let ports = ["10.244.1.5", "10.244.1.6"]
                 .iter()
                 .enumerate()
-                .map(|(i, ip)| PodPort { id: i as u64, ips: vec![ip.parse().unwrap()], io: () })
+                .map(|(i, ip)| PodPort {
+                    id: i as u64,
+                    ips: vec![ip.parse().unwrap()],
+                    io: (),
+                })
                 .collect();
             let mut t = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
-            t.filter = Some(Filter { policy: Arc::new(set), conntrack: ct.clone() });
+            t.filter = Some(Filter {
+                policy: Arc::new(set),
+                conntrack: ct.clone(),
+            });
             t
         };
         let allow_all = serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"namespace": "x", "name": "open"}, "spec": {"podSelector": {}, "ingress": [{}]}});
         let deny_all = serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
             "metadata": {"namespace": "x", "name": "closed"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}});
-        let np = |v: serde_json::Value| Policy::from_k8s(&serde_json::from_value(v).unwrap()).unwrap();
+        let np =
+            |v: serde_json::Value| Policy::from_k8s(&serde_json::from_value(v).unwrap()).unwrap();
         let ct = Arc::new(Conntrack::default());
         let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
         let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
@@ -902,7 +1235,10 @@ mod tests {
         let open = table(vec![np(allow_all)], &ct);
         assert!(send(&open, 1, &mut io), "admitted under the open policy");
         let closed = table(vec![np(deny_all)], &ct);
-        assert!(send(&closed, 1, &mut io), "the established flow goes on after the change");
+        assert!(
+            send(&closed, 1, &mut io),
+            "the established flow goes on after the change"
+        );
         assert!(!send(&closed, 2, &mut io), "a new flow sees the new policy");
         assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
     }

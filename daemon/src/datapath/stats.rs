@@ -101,9 +101,13 @@ impl DropReason {
         match e {
             WireGuardError::InvalidAeadTag => DropReason::Decrypt,
             WireGuardError::DuplicateCounter | WireGuardError::InvalidCounter => DropReason::Replay,
-            WireGuardError::WrongIndex | WireGuardError::NoCurrentSession => DropReason::UnknownSession,
+            WireGuardError::WrongIndex | WireGuardError::NoCurrentSession => {
+                DropReason::UnknownSession
+            }
             WireGuardError::UnderLoad => DropReason::RateLimited,
-            WireGuardError::InvalidPacket | WireGuardError::IncorrectPacketLength | WireGuardError::WrongPacketType => DropReason::Malformed,
+            WireGuardError::InvalidPacket
+            | WireGuardError::IncorrectPacketLength
+            | WireGuardError::WrongPacketType => DropReason::Malformed,
             _ => DropReason::Handshake,
         }
     }

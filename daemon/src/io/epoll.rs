@@ -15,12 +15,17 @@ impl Epoll {
     pub fn new() -> io::Result<Epoll> {
         // Safety: epoll_create1 takes no pointers; we own the returned descriptor.
         let fd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
-        Ok(Epoll { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(Epoll {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     /// Watches `fd` for readability, reporting `token`.
     pub fn add(&self, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event { events: libc::EPOLLIN as u32, u64: token };
+        let mut ev = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: token,
+        };
         // Safety: `ev` is a valid epoll_event for the duration of the call.
         cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })?;
         Ok(())
@@ -35,10 +40,21 @@ impl Epoll {
     }
 
     /// Waits for events (timeout in ms, -1 forever); returns the tokens that are ready.
-    pub fn wait<'a>(&self, events: &'a mut [libc::epoll_event], timeout_ms: i32) -> io::Result<impl Iterator<Item = u64> + 'a> {
+    pub fn wait<'a>(
+        &self,
+        events: &'a mut [libc::epoll_event],
+        timeout_ms: i32,
+    ) -> io::Result<impl Iterator<Item = u64> + 'a> {
         loop {
             // Safety: `events` is writable for `events.len()` entries.
-            let n = unsafe { libc::epoll_wait(self.fd.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, timeout_ms) };
+            let n = unsafe {
+                libc::epoll_wait(
+                    self.fd.as_raw_fd(),
+                    events.as_mut_ptr(),
+                    events.len() as i32,
+                    timeout_ms,
+                )
+            };
             if n < 0 {
                 let e = io::Error::last_os_error();
                 if e.kind() == io::ErrorKind::Interrupted {

@@ -1,9 +1,9 @@
 //! Kernel I/O: tun queues and UDP sockets. The only module in the daemon with `unsafe`; each
 //! block says why it is sound. Everything above talks to these through safe, small types.
 
+pub mod epoll;
 pub mod netns;
 pub mod scm;
-pub mod epoll;
 pub mod tun;
 pub mod udp;
 

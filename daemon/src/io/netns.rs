@@ -15,11 +15,18 @@ where
     R: Send,
 {
     std::thread::scope(|s| {
-        let h = std::thread::Builder::new().name("kwire-netns".into()).spawn_scoped(s, move || {
-            setns(netns.as_fd(), CloneFlags::CLONE_NEWNET)
-                .map_err(|e| io::Error::new(io::Error::from(e).kind(), format!("setns(CLONE_NEWNET): {e}")))?;
-            Ok(f())
-        })?;
-        h.join().map_err(|_| io::Error::other("netns thread panicked"))?
+        let h = std::thread::Builder::new()
+            .name("kwire-netns".into())
+            .spawn_scoped(s, move || {
+                setns(netns.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|e| {
+                    io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("setns(CLONE_NEWNET): {e}"),
+                    )
+                })?;
+                Ok(f())
+            })?;
+        h.join()
+            .map_err(|_| io::Error::other("netns thread panicked"))?
     })
 }

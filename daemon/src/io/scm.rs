@@ -10,8 +10,13 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 pub fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
     let mut cmsg = nix::cmsg_space!([RawFd; 4]);
     let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<UnixAddr>(sock, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT)
-        .map_err(io::Error::from)?;
+    let msg = recvmsg::<UnixAddr>(
+        sock,
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
     let n = msg.bytes;
     let mut first = None;
     for c in msg.cmsgs().map_err(io::Error::from)? {

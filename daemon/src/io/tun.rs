@@ -59,7 +59,9 @@ pub fn check_ifname(name: &str) -> io::Result<()> {
         || name.len() >= IFNAMSIZ
         || name == "."
         || name == ".."
-        || name.bytes().any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
+        || name
+            .bytes()
+            .any(|b| b == b'/' || b == b':' || b.is_ascii_whitespace() || b == 0)
     {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -78,7 +80,11 @@ impl TunQueue {
             .write(true)
             .custom_flags(libc::O_CLOEXEC)
             .open("/dev/net/tun")?;
-        let mut req = IfReqFlags { name: [0; IFNAMSIZ], flags: IFF_TUN | IFF_NO_PI, _pad: [0; 22] };
+        let mut req = IfReqFlags {
+            name: [0; IFNAMSIZ],
+            flags: IFF_TUN | IFF_NO_PI,
+            _pad: [0; 22],
+        };
         for (d, s) in req.name.iter_mut().zip(name.bytes()) {
             *d = s as libc::c_char;
         }
@@ -94,12 +100,21 @@ impl TunQueue {
         if opts.offload {
             let hdr: libc::c_int = VNET_HDR_LEN as libc::c_int;
             // Safety: TUNSETVNETHDRSZ reads an int through the pointer, which is valid.
-            cvt(unsafe { libc::ioctl(file.as_raw_fd(), TUNSETVNETHDRSZ, &hdr as *const libc::c_int) })?;
+            cvt(unsafe {
+                libc::ioctl(
+                    file.as_raw_fd(),
+                    TUNSETVNETHDRSZ,
+                    &hdr as *const libc::c_int,
+                )
+            })?;
             let flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
             // Safety: TUNSETOFFLOAD takes its argument by value.
             cvt(unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) })?;
         }
-        Ok(TunQueue { file, offload: opts.offload })
+        Ok(TunQueue {
+            file,
+            offload: opts.offload,
+        })
     }
 
     /// Whether frames carry a virtio-net header.
@@ -110,7 +125,13 @@ impl TunQueue {
     /// Marks the device persistent (it outlives this process) or not.
     pub fn set_persist(&self, persist: bool) -> io::Result<()> {
         // Safety: TUNSETPERSIST takes its argument by value.
-        cvt(unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETPERSIST, persist as libc::c_ulong) })?;
+        cvt(unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETPERSIST,
+                persist as libc::c_ulong,
+            )
+        })?;
         Ok(())
     }
 
@@ -158,7 +179,10 @@ impl TunQueue {
 
     /// Wraps a tun fd received from elsewhere (a persistent pod device handed over a socket).
     pub fn from_owned_fd(fd: OwnedFd, offload: bool) -> TunQueue {
-        TunQueue { file: File::from(fd), offload }
+        TunQueue {
+            file: File::from(fd),
+            offload,
+        }
     }
 
     pub fn as_raw_fd(&self) -> RawFd {
@@ -169,13 +193,21 @@ impl TunQueue {
 pub(crate) fn set_nonblocking(fd: RawFd, nonblocking: bool) -> io::Result<()> {
     // Safety: F_GETFL/F_SETFL on a descriptor we own take no pointers.
     let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
-    let flags = if nonblocking { flags | libc::O_NONBLOCK } else { flags & !libc::O_NONBLOCK };
+    let flags = if nonblocking {
+        flags | libc::O_NONBLOCK
+    } else {
+        flags & !libc::O_NONBLOCK
+    };
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) })?;
     Ok(())
 }
 
 pub(crate) fn poll_in(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
-    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     loop {
         // Safety: one valid pollfd.
         match cvt(unsafe { libc::poll(&mut p, 1, timeout_ms) }) {

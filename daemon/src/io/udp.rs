@@ -36,10 +36,21 @@ pub struct UdpSocket {
     port: u16,
 }
 
-fn setsockopt_int(fd: RawFd, level: libc::c_int, name: libc::c_int, v: libc::c_int) -> io::Result<()> {
+fn setsockopt_int(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    v: libc::c_int,
+) -> io::Result<()> {
     // Safety: passes a pointer to a live int and its size.
     cvt(unsafe {
-        libc::setsockopt(fd, level, name, (&v as *const libc::c_int).cast(), size_of::<libc::c_int>() as u32)
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&v as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
     })?;
     Ok(())
 }
@@ -50,7 +61,12 @@ impl UdpSocket {
     pub fn bind(port: u16, reuseport: bool, fwmark: u32) -> io::Result<UdpSocket> {
         match Self::bind_family(true, port, reuseport, fwmark) {
             Ok(s) => Ok(s),
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)) => {
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                ) =>
+            {
                 Self::bind_family(false, port, reuseport, fwmark)
             }
             Err(e) => Err(e),
@@ -69,7 +85,10 @@ impl UdpSocket {
             setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_REUSEPORT, 1)?;
         }
         // FORCE variants need CAP_NET_ADMIN; fall back to the capped ones.
-        for (force, plain) in [(libc::SO_RCVBUFFORCE, libc::SO_RCVBUF), (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF)] {
+        for (force, plain) in [
+            (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF),
+            (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF),
+        ] {
             if setsockopt_int(raw, libc::SOL_SOCKET, force, SOCKET_BUFFER_BYTES).is_err() {
                 let _ = setsockopt_int(raw, libc::SOL_SOCKET, plain, SOCKET_BUFFER_BYTES);
             }
@@ -87,7 +106,12 @@ impl UdpSocket {
         let (sa, len) = to_sockaddr(&addr, v6);
         // Safety: `sa` is a sockaddr_storage holding a sockaddr of length `len`.
         cvt(unsafe { libc::bind(raw, (&sa as *const libc::sockaddr_storage).cast(), len) })?;
-        let mut sock = UdpSocket { fd, v6, gso: AtomicBool::new(true), port: 0 };
+        let mut sock = UdpSocket {
+            fd,
+            v6,
+            gso: AtomicBool::new(true),
+            port: 0,
+        };
         sock.port = sock.local_port()?;
         Ok(sock)
     }
@@ -96,8 +120,16 @@ impl UdpSocket {
         // Safety: getsockname writes at most `len` bytes into `ss`.
         let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
         let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        cvt(unsafe { libc::getsockname(self.fd.as_raw_fd(), (&mut ss as *mut libc::sockaddr_storage).cast(), &mut len) })?;
-        from_sockaddr(&ss).map(|a| a.port()).ok_or_else(|| io::Error::other("unknown address family"))
+        cvt(unsafe {
+            libc::getsockname(
+                self.fd.as_raw_fd(),
+                (&mut ss as *mut libc::sockaddr_storage).cast(),
+                &mut len,
+            )
+        })?;
+        from_sockaddr(&ss)
+            .map(|a| a.port())
+            .ok_or_else(|| io::Error::other("unknown address family"))
     }
 
     /// The port actually bound.
@@ -106,7 +138,12 @@ impl UdpSocket {
     }
 
     pub fn set_fwmark(&self, mark: u32) -> io::Result<()> {
-        setsockopt_int(self.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_MARK, mark as libc::c_int)
+        setsockopt_int(
+            self.fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            mark as libc::c_int,
+        )
     }
 
     /// Wakes any thread blocked in a receive on this socket (it then sees `Ok(0)` messages and
@@ -121,7 +158,14 @@ impl UdpSocket {
         let (sa, len) = to_sockaddr(&dst, self.v6);
         // Safety: `buf` is readable for its length; `sa` holds `len` bytes of address.
         cvt_size(unsafe {
-            libc::sendto(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len(), 0, (&sa as *const libc::sockaddr_storage).cast(), len)
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                0,
+                (&sa as *const libc::sockaddr_storage).cast(),
+                len,
+            )
         })?;
         Ok(())
     }
@@ -174,7 +218,12 @@ impl UdpSocket {
             // Safety: `link` pointed every header in [0, n) at live buffers in `s`, which is
             // not touched until the call returns.
             let r = unsafe {
-                libc::sendmmsg(self.fd.as_raw_fd(), s.msgs.as_mut_ptr().add(sent), (n - sent) as u32, 0)
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    s.msgs.as_mut_ptr().add(sent),
+                    (n - sent) as u32,
+                    0,
+                )
             };
             if r < 0 {
                 let e = io::Error::last_os_error();
@@ -202,7 +251,13 @@ impl UdpSocket {
             // Safety: `link_headers` pointed each of the `n` headers at buffers owned by
             // `batch`, which stay borrowed until we return.
             let r = unsafe {
-                libc::recvmmsg(self.fd.as_raw_fd(), hdrs.as_mut_ptr(), n as u32, libc::MSG_WAITFORONE, std::ptr::null_mut())
+                libc::recvmmsg(
+                    self.fd.as_raw_fd(),
+                    hdrs.as_mut_ptr(),
+                    n as u32,
+                    libc::MSG_WAITFORONE,
+                    std::ptr::null_mut(),
+                )
             };
             if r < 0 {
                 let e = io::Error::last_os_error();
@@ -258,7 +313,10 @@ impl SendScratch {
         let (sa, len) = to_sockaddr(&dst, v6);
         self.addrs[i] = sa;
         self.addr_lens[i] = len;
-        self.iovs[i] = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+        self.iovs[i] = libc::iovec {
+            iov_base: data.as_ptr() as *mut libc::c_void,
+            iov_len: data.len(),
+        };
         self.segs[i] = seg;
     }
 
@@ -284,7 +342,10 @@ impl SendScratch {
                     std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
                 }
             }
-            self.msgs[i] = libc::mmsghdr { msg_hdr: h, msg_len: 0 };
+            self.msgs[i] = libc::mmsghdr {
+                msg_hdr: h,
+                msg_len: 0,
+            };
         }
     }
 }
@@ -337,7 +398,10 @@ impl RecvBatch {
         let base = self.bufs.as_mut_ptr();
         for i in 0..self.hdrs.len() {
             // Safety: offsets stay inside `bufs` (capacity * msg_len bytes).
-            self.iovs[i] = libc::iovec { iov_base: unsafe { base.add(i * self.msg_len) }.cast(), iov_len: self.msg_len };
+            self.iovs[i] = libc::iovec {
+                iov_base: unsafe { base.add(i * self.msg_len) }.cast(),
+                iov_len: self.msg_len,
+            };
             let mut h: libc::msghdr = unsafe { zeroed() };
             h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
             h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
@@ -345,7 +409,10 @@ impl RecvBatch {
             h.msg_iovlen = 1;
             h.msg_control = self.cmsgs[i].as_mut_ptr().cast();
             h.msg_controllen = CMSG_ROOM as _;
-            self.hdrs[i] = libc::mmsghdr { msg_hdr: h, msg_len: 0 };
+            self.hdrs[i] = libc::mmsghdr {
+                msg_hdr: h,
+                msg_len: 0,
+            };
         }
         &mut self.hdrs
     }
@@ -394,7 +461,10 @@ pub(crate) unsafe fn gro_segment(h: &libc::msghdr) -> Option<u16> {
 }
 
 /// Socket address to C form; IPv4 becomes v4-mapped on a dual-stack socket.
-pub(crate) fn to_sockaddr(addr: &SocketAddr, v6_socket: bool) -> (libc::sockaddr_storage, libc::socklen_t) {
+pub(crate) fn to_sockaddr(
+    addr: &SocketAddr,
+    v6_socket: bool,
+) -> (libc::sockaddr_storage, libc::socklen_t) {
     // Safety: all-zero sockaddr_storage is valid; we write a smaller sockaddr into it.
     let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
     let v6 = match (addr, v6_socket) {
@@ -402,7 +472,9 @@ pub(crate) fn to_sockaddr(addr: &SocketAddr, v6_socket: bool) -> (libc::sockaddr
             let sin = libc::sockaddr_in {
                 sin_family: libc::AF_INET as libc::sa_family_t,
                 sin_port: a.port().to_be(),
-                sin_addr: libc::in_addr { s_addr: u32::from_ne_bytes(a.ip().octets()) },
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
                 sin_zero: [0; 8],
             };
             unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
@@ -415,7 +487,9 @@ pub(crate) fn to_sockaddr(addr: &SocketAddr, v6_socket: bool) -> (libc::sockaddr
         sin6_family: libc::AF_INET6 as libc::sa_family_t,
         sin6_port: v6.port().to_be(),
         sin6_flowinfo: v6.flowinfo().to_be(),
-        sin6_addr: libc::in6_addr { s6_addr: v6.ip().octets() },
+        sin6_addr: libc::in6_addr {
+            s6_addr: v6.ip().octets(),
+        },
         sin6_scope_id: v6.scope_id(),
     };
     unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
@@ -427,18 +501,28 @@ pub(crate) fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match ss.ss_family as libc::c_int {
         libc::AF_INET => {
             // Safety: the family says this storage holds a sockaddr_in.
-            let sin: libc::sockaddr_in = unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
+            let sin: libc::sockaddr_in =
+                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
             let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-            Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
         }
         libc::AF_INET6 => {
             // Safety: the family says this storage holds a sockaddr_in6.
-            let sin6: libc::sockaddr_in6 = unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
+            let sin6: libc::sockaddr_in6 =
+                unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
             let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
             let port = u16::from_be(sin6.sin6_port);
             Some(match ip.to_ipv4_mapped() {
                 Some(v4) => SocketAddr::V4(SocketAddrV4::new(v4, port)),
-                None => SocketAddr::V6(SocketAddrV6::new(ip, port, u32::from_be(sin6.sin6_flowinfo), sin6.sin6_scope_id)),
+                None => SocketAddr::V6(SocketAddrV6::new(
+                    ip,
+                    port,
+                    u32::from_be(sin6.sin6_flowinfo),
+                    sin6.sin6_scope_id,
+                )),
             })
         }
         _ => None,

@@ -4,6 +4,7 @@
 
 use crate::agent::peers::RejectReason;
 use crate::datapath::stats::Counters;
+use crate::tunnel::pods::Pods;
 use crate::wg::Device;
 use arc_swap::ArcSwap;
 use axum::extract::State;
@@ -11,6 +12,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
+use ipnetwork::IpNetwork;
 use kwire_proto::key::PublicKey;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -18,8 +20,6 @@ use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
-use crate::tunnel::pods::Pods;
-use ipnetwork::IpNetwork;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -104,7 +104,10 @@ impl AgentStatus {
 
     /// The health monitor's view of each peer.
     pub fn peer_health(&self) -> BTreeMap<String, PeerHealthReport> {
-        self.peer_health.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.peer_health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Pods attached to the packet loop (0 before the node is known).
@@ -166,9 +169,13 @@ impl Collector for StatusCollector {
         // The same numbers `kwire status` prints.
         let r = crate::status::report(st);
         let node = |n: &str| one("node", n);
-        let peer_gauge = |f: &dyn Fn(&crate::status::PeerReport) -> Option<f64>| -> Vec<(Labels, f64)> {
-            r.peers.iter().filter_map(|p| f(p).map(|v| (node(&p.node), v))).collect()
-        };
+        let peer_gauge =
+            |f: &dyn Fn(&crate::status::PeerReport) -> Option<f64>| -> Vec<(Labels, f64)> {
+                r.peers
+                    .iter()
+                    .filter_map(|p| f(p).map(|v| (node(&p.node), v)))
+                    .collect()
+            };
         let peer_counter = |f: &dyn Fn(&crate::status::PeerReport) -> u64| -> Vec<(Labels, u64)> {
             r.peers.iter().map(|p| (node(&p.node), f(p))).collect()
         };
@@ -199,7 +206,15 @@ impl Collector for StatusCollector {
         let hs: Vec<(Labels, u64)> = r
             .peers
             .iter()
-            .map(|p| (vec![("node".to_string(), p.node.clone()), ("result".to_string(), "success".to_string())], p.handshakes))
+            .map(|p| {
+                (
+                    vec![
+                        ("node".to_string(), p.node.clone()),
+                        ("result".to_string(), "success".to_string()),
+                    ],
+                    p.handshakes,
+                )
+            })
             .collect();
         counter_family(
             &mut e,
@@ -212,7 +227,13 @@ impl Collector for StatusCollector {
             .iter()
             .filter_map(|p| {
                 let ep = p.endpoint.clone()?;
-                Some((vec![("node".to_string(), p.node.clone()), ("endpoint".to_string(), ep)], 1.0))
+                Some((
+                    vec![
+                        ("node".to_string(), p.node.clone()),
+                        ("endpoint".to_string(), ep),
+                    ],
+                    1.0,
+                ))
             })
             .collect();
         gauge_family(
@@ -233,10 +254,14 @@ impl Collector for StatusCollector {
             "Peers that are up (handshake younger than 180 s, not unreachable)",
             &[(vec![], r.peers_connected as f64)],
         )?;
-        let packets: Vec<(Labels, u64)> = [("tx", r.packets.tx), ("rx", r.packets.rx), ("local", r.packets.local)]
-            .into_iter()
-            .map(|(d, n)| (one("direction", d), n))
-            .collect();
+        let packets: Vec<(Labels, u64)> = [
+            ("tx", r.packets.tx),
+            ("rx", r.packets.rx),
+            ("local", r.packets.local),
+        ]
+        .into_iter()
+        .map(|(d, n)| (one("direction", d), n))
+        .collect();
         counter_family(
             &mut e,
             "kwire_packets",

@@ -11,7 +11,10 @@ fn add(acc: u64, v: u64) -> u64 {
 pub fn sum(mut acc: u64, data: &[u8]) -> u64 {
     let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
-        acc = add(acc, u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]));
+        acc = add(
+            acc,
+            u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]),
+        );
     }
     let rest = chunks.remainder();
     let mut i = 0;
@@ -68,7 +71,10 @@ mod tests {
     #[test]
     fn rfc1071_example() {
         // RFC 1071 section 3: 0001 f203 f4f5 f6f7 sums to ddf2 (folded).
-        assert_eq!(fold(sum(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7])), 0xddf2);
+        assert_eq!(
+            fold(sum(0, &[0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7])),
+            0xddf2
+        );
     }
 
     #[test]
@@ -102,7 +108,10 @@ mod tests {
     #[test]
     fn ipv4_header_checksum() {
         // A real header (from a capture) with checksum b861.
-        let mut h = [0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8, 0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7];
+        let mut h = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0xb8, 0x61, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
         assert!(ipv4_header_valid(&h));
         h[10] = 0;
         h[11] = 0;

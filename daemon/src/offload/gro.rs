@@ -113,7 +113,11 @@ impl Coalescer {
         let i = self.frames.len();
         let start = i * SLOT + self.hdr_room;
         self.buf[start..start + pkt.len()].copy_from_slice(pkt);
-        let mut f = Frame { len: pkt.len(), tag, ..Frame::default() };
+        let mut f = Frame {
+            len: pkt.len(),
+            tag,
+            ..Frame::default()
+        };
         if let Some(c) = cand {
             f = Frame {
                 tag,
@@ -155,7 +159,11 @@ impl Coalescer {
             let slot = &mut self.buf[i * SLOT..i * SLOT + self.hdr_room + f.len];
             if self.hdr_room > 0 {
                 let (h, pkt) = slot.split_at_mut(VNET_HDR_LEN);
-                let vh = if f.count > 1 { finish_merged(pkt, f) } else { VnetHdr::default() };
+                let vh = if f.count > 1 {
+                    finish_merged(pkt, f)
+                } else {
+                    VnetHdr::default()
+                };
                 vh.encode(h.try_into().expect("header room"));
             }
             write(f.tag, slot);
@@ -208,7 +216,14 @@ fn candidate(p: &[u8]) -> Option<Candidate> {
         return None; // SYN, FIN, RST, URG, ECE, CWR end merging
     }
     let seq = u32::from_be_bytes([p[l4 + 4], p[l4 + 5], p[l4 + 6], p[l4 + 7]]);
-    Some(Candidate { v6, l4, hlen, payload: p.len() - hlen, seq, flags })
+    Some(Candidate {
+        v6,
+        l4,
+        hlen,
+        payload: p.len() - hlen,
+        seq,
+        flags,
+    })
 }
 
 /// Same addresses, ports, IP fields that GRO keeps, ack, window and options.
@@ -232,7 +247,11 @@ fn same_flow(head: &[u8], p: &[u8], f: &Frame, c: &Candidate) -> bool {
 }
 
 fn tcp_checksum_valid(p: &[u8], c: &Candidate) -> bool {
-    let (s, d) = if c.v6 { (8..24, 24..40) } else { (12..16, 16..20) };
+    let (s, d) = if c.v6 {
+        (8..24, 24..40)
+    } else {
+        (12..16, 16..20)
+    };
     let ph = pseudo_header(&p[s], &p[d], 6, (p.len() - c.l4) as u32);
     fold(sum(ph, &p[c.l4..])) == 0xffff
 }
@@ -241,7 +260,11 @@ fn tcp_checksum_valid(p: &[u8], c: &Candidate) -> bool {
 fn finish_merged(pkt: &mut [u8], f: &Frame) -> VnetHdr {
     let len = f.len;
     let l4 = f.l4;
-    let (s, d) = if f.v6 { (8..24, 24..40) } else { (12..16, 16..20) };
+    let (s, d) = if f.v6 {
+        (8..24, 24..40)
+    } else {
+        (12..16, 16..20)
+    };
     if f.v6 {
         pkt[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
     } else {

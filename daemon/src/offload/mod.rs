@@ -30,7 +30,14 @@ pub struct VnetHdr {
 impl VnetHdr {
     pub fn decode(b: &[u8; VNET_HDR_LEN]) -> VnetHdr {
         let u = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
-        VnetHdr { flags: b[0], gso_type: b[1], hdr_len: u(2), gso_size: u(4), csum_start: u(6), csum_offset: u(8) }
+        VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u(2),
+            gso_size: u(4),
+            csum_start: u(6),
+            csum_offset: u(8),
+        }
     }
 
     pub fn encode(&self, b: &mut [u8; VNET_HDR_LEN]) {
@@ -58,7 +65,14 @@ mod tests {
 
     #[test]
     fn vnet_hdr_round_trip() {
-        let h = VnetHdr { flags: 1, gso_type: GSO_TCPV4, hdr_len: 52, gso_size: 1368, csum_start: 20, csum_offset: 16 };
+        let h = VnetHdr {
+            flags: 1,
+            gso_type: GSO_TCPV4,
+            hdr_len: 52,
+            gso_size: 1368,
+            csum_start: 20,
+            csum_offset: 16,
+        };
         let mut b = [0u8; VNET_HDR_LEN];
         h.encode(&mut b);
         assert_eq!(b, [1, 1, 52, 0, 0x58, 0x05, 20, 0, 16, 0]);

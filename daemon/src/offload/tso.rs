@@ -3,7 +3,9 @@
 //! whose checksum the kernel left partial gets it completed.
 
 use super::checksum::{fold, pseudo_header, set_ipv4_header, sum};
-use super::{OffloadError, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN};
+use super::{
+    OffloadError, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN,
+};
 
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
@@ -12,13 +14,22 @@ const PROTO_TCP: u8 = 6;
 
 /// Calls `emit` with each packet carried by `frame` (virtio-net header + packet). `scratch`
 /// must hold one packet of the largest segment (64 KiB is always enough).
-pub fn split<F: FnMut(&[u8])>(frame: &mut [u8], scratch: &mut [u8], emit: F) -> Result<(), OffloadError> {
+pub fn split<F: FnMut(&[u8])>(
+    frame: &mut [u8],
+    scratch: &mut [u8],
+    emit: F,
+) -> Result<(), OffloadError> {
     split_capped(frame, scratch, usize::MAX, emit)
 }
 
 /// Like [`split`], with TCP segments cut so that no packet exceeds `max_packet` bytes (a
 /// smaller MSS is always valid TCP), for a path narrower than the sender's MTU.
-pub fn split_capped<F: FnMut(&[u8])>(frame: &mut [u8], scratch: &mut [u8], max_packet: usize, mut emit: F) -> Result<(), OffloadError> {
+pub fn split_capped<F: FnMut(&[u8])>(
+    frame: &mut [u8],
+    scratch: &mut [u8],
+    max_packet: usize,
+    mut emit: F,
+) -> Result<(), OffloadError> {
     if frame.len() < VNET_HDR_LEN {
         return Err(OffloadError::Malformed);
     }
@@ -51,7 +62,13 @@ pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> Result<
     Ok(())
 }
 
-fn split_tcp<F: FnMut(&[u8])>(pkt: &[u8], hdr: &VnetHdr, scratch: &mut [u8], max_packet: usize, mut emit: F) -> Result<(), OffloadError> {
+fn split_tcp<F: FnMut(&[u8])>(
+    pkt: &[u8],
+    hdr: &VnetHdr,
+    scratch: &mut [u8],
+    max_packet: usize,
+    mut emit: F,
+) -> Result<(), OffloadError> {
     let v6 = match pkt.first().map(|b| b >> 4) {
         Some(4) => false,
         Some(6) => true,
@@ -77,7 +94,11 @@ fn split_tcp<F: FnMut(&[u8])>(pkt: &[u8], hdr: &VnetHdr, scratch: &mut [u8], max
     let payload = &pkt[hlen..];
     let seq0 = u32::from_be_bytes([pkt[l4 + 4], pkt[l4 + 5], pkt[l4 + 6], pkt[l4 + 7]]);
     let id0 = u16::from_be_bytes([pkt[4], pkt[5]]);
-    let (src, dst) = if v6 { (8..24, 24..40) } else { (12..16, 16..20) };
+    let (src, dst) = if v6 {
+        (8..24, 24..40)
+    } else {
+        (12..16, 16..20)
+    };
     let n = payload.len().div_ceil(mss).max(1);
     for i in 0..n {
         let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
@@ -103,7 +124,12 @@ fn split_tcp<F: FnMut(&[u8])>(pkt: &[u8], hdr: &VnetHdr, scratch: &mut [u8], max
         }
         seg[l4 + 16] = 0;
         seg[l4 + 17] = 0;
-        let ph = pseudo_header(&seg[src.clone()], &seg[dst.clone()], PROTO_TCP, (len - l4) as u32);
+        let ph = pseudo_header(
+            &seg[src.clone()],
+            &seg[dst.clone()],
+            PROTO_TCP,
+            (len - l4) as u32,
+        );
         let c = !fold(sum(ph, &seg[l4..]));
         seg[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
         emit(seg);
@@ -147,7 +173,11 @@ pub(crate) mod tests {
         p[l4 + 13] = flags;
         p[l4 + 14..l4 + 16].copy_from_slice(&512u16.to_be_bytes());
         p[l4 + 20..].copy_from_slice(payload);
-        let (s, d) = if v6 { (8..24, 24..40) } else { (12..16, 16..20) };
+        let (s, d) = if v6 {
+            (8..24, 24..40)
+        } else {
+            (12..16, 16..20)
+        };
         let ph = pseudo_header(&p[s], &p[d], 6, (len - l4) as u32);
         let c = !fold(sum(ph, &p[l4..]));
         p[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
@@ -157,7 +187,11 @@ pub(crate) mod tests {
     pub fn tcp_checksum_valid(p: &[u8]) -> bool {
         let v6 = p[0] >> 4 == 6;
         let l4 = if v6 { 40 } else { (p[0] & 0xf) as usize * 4 };
-        let (s, d) = if v6 { (8..24, 24..40) } else { (12..16, 16..20) };
+        let (s, d) = if v6 {
+            (8..24, 24..40)
+        } else {
+            (12..16, 16..20)
+        };
         let ph = pseudo_header(&p[s], &p[d], 6, (p.len() - l4) as u32);
         fold(sum(ph, &p[l4..])) == 0xffff
     }
@@ -178,7 +212,11 @@ pub(crate) mod tests {
         }
         .encode((&mut f[..]).try_into().unwrap());
         f.extend_from_slice(p);
-        let (s, d) = if v6 { (8..24, 24..40) } else { (12..16, 16..20) };
+        let (s, d) = if v6 {
+            (8..24, 24..40)
+        } else {
+            (12..16, 16..20)
+        };
         let ph = fold(pseudo_header(&p[s], &p[d], 6, (p.len() - l4) as u32));
         f[VNET_HDR_LEN + l4 + 16..VNET_HDR_LEN + l4 + 18].copy_from_slice(&ph.to_be_bytes());
         f
@@ -208,7 +246,11 @@ pub(crate) mod tests {
                 let seq = u32::from_be_bytes(p[l4 + 4..l4 + 8].try_into().unwrap());
                 assert_eq!(seq, 1000 + 1400 * i as u32);
                 let last = i == 3;
-                assert_eq!(p[l4 + 13] & (TCP_FIN | TCP_PSH) != 0, last, "FIN/PSH only on the last");
+                assert_eq!(
+                    p[l4 + 13] & (TCP_FIN | TCP_PSH) != 0,
+                    last,
+                    "FIN/PSH only on the last"
+                );
                 joined.extend_from_slice(&p[l4 + 20..]);
             }
             assert_eq!(joined, payload);
@@ -242,6 +284,9 @@ pub(crate) mod tests {
         // A gso_size larger than the scratch buffer is refused, not a panic.
         let p = tcp_packet(false, 1, 0x10, &[0u8; 3000]);
         let mut frame = as_gso_frame(&p, 4000);
-        assert_eq!(split(&mut frame, &mut scratch, |_| {}), Err(OffloadError::Malformed));
+        assert_eq!(
+            split(&mut frame, &mut scratch, |_| {}),
+            Err(OffloadError::Malformed)
+        );
     }
 }

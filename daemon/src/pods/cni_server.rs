@@ -10,7 +10,9 @@ use super::{write_atomic, PodAttachment, PodDataPlane, PodRecord};
 use crate::io::scm::recv_with_fd;
 use crate::io::tun::{check_ifname, dup, TunQueue};
 use ipnetwork::IpNetwork;
-use kwire_proto::cni::{code, Command, Error as CniError, Request, Response, MAX_MESSAGE_BYTES, SUPPORTED_VERSIONS};
+use kwire_proto::cni::{
+    code, Command, Error as CniError, Request, Response, MAX_MESSAGE_BYTES, SUPPORTED_VERSIONS,
+};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
@@ -130,13 +132,20 @@ fn err(code: u32, msg: impl Into<String>) -> CniError {
 }
 
 fn make_dir(path: &Path) -> Result<(), ServerError> {
-    let e = |source| ServerError::Dir { path: path.into(), source };
+    let e = |source| ServerError::Dir {
+        path: path.into(),
+        source,
+    };
     std::fs::create_dir_all(path).map_err(e)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(e)
 }
 
 fn arg(req: &Request, k: &str) -> Option<String> {
-    req.args.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone()).filter(|v| !v.is_empty())
+    req.args
+        .iter()
+        .find(|(key, _)| key == k)
+        .map(|(_, v)| v.clone())
+        .filter(|v| !v.is_empty())
 }
 
 impl CniServer {
@@ -145,16 +154,33 @@ impl CniServer {
     /// that no pod holds. Blocking; call before serving. Not ready until [`set_ready`].
     ///
     /// [`set_ready`]: CniServer::set_ready
-    pub fn new(cfg: CniServerConfig, dataplane: Arc<dyn PodDataPlane>) -> Result<Arc<CniServer>, ServerError> {
+    pub fn new(
+        cfg: CniServerConfig,
+        dataplane: Arc<dyn PodDataPlane>,
+    ) -> Result<Arc<CniServer>, ServerError> {
         make_dir(&cfg.state_dir)?;
         let ipam = IpamStore::open(&cfg.state_dir.join(IPAM_FILE), &cfg.pod_cidrs)?;
         let pods_path = cfg.state_dir.join(PODS_FILE);
         let records: Vec<PodRecord> = match std::fs::read(&pods_path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|source| ServerError::CorruptPods { path: pods_path.clone(), source })?,
+            Ok(b) => serde_json::from_slice(&b).map_err(|source| ServerError::CorruptPods {
+                path: pods_path.clone(),
+                source,
+            })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            Err(source) => return Err(ServerError::LoadPods { path: pods_path, source }),
+            Err(source) => {
+                return Err(ServerError::LoadPods {
+                    path: pods_path,
+                    source,
+                })
+            }
         };
-        let server = Arc::new(CniServer { cfg, dataplane, ipam, pods: Mutex::new(BTreeMap::new()), ready: AtomicBool::new(false) });
+        let server = Arc::new(CniServer {
+            cfg,
+            dataplane,
+            ipam,
+            pods: Mutex::new(BTreeMap::new()),
+            ready: AtomicBool::new(false),
+        });
         // Queued DELs first, so a deleted pod is never handed to the data plane again.
         let (queued, files) = server.read_del_queue();
         let mut records = records;
@@ -171,7 +197,10 @@ impl CniServer {
             server.restore(record);
         }
         for q in &queued {
-            if let Err(e) = server.ipam.release(&AttachmentKey::new(&q.container_id, &q.ifname)) {
+            if let Err(e) = server
+                .ipam
+                .release(&AttachmentKey::new(&q.container_id, &q.ifname))
+            {
                 tracing::warn!(container_id = %q.container_id, ifname = %q.ifname, error = %e, "queued DEL could not release addresses; GC will");
             }
         }
@@ -196,9 +225,9 @@ impl CniServer {
         let key = record.key();
         let tun = match netns::reattach(&record.netns, &record.tun_name) {
             Ok(t) => Ok(t),
-            Err(NetnsError::Missing { .. }) => {
-                netns::open_netns(&record.netns).and_then(|ns| netns::create(ns.as_fd(), &record.tun_name, &record.ips, record.mtu))
-            }
+            Err(NetnsError::Missing { .. }) => netns::open_netns(&record.netns).and_then(|ns| {
+                netns::create(ns.as_fd(), &record.tun_name, &record.ips, record.mtu)
+            }),
             Err(e) => Err(e),
         };
         match tun {
@@ -207,7 +236,9 @@ impl CniServer {
                     tracing::warn!(%key, error = %e, "could not re-attach pod tun");
                 }
             }
-            Err(e) => tracing::warn!(%key, error = %e, "pod's network namespace is gone or unusable; forgetting the pod"),
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "pod's network namespace is gone or unusable; forgetting the pod")
+            }
         }
     }
 
@@ -224,14 +255,24 @@ impl CniServer {
             pod_namespace: record.pod_namespace.clone(),
             pod_name: record.pod_name.clone(),
         };
-        self.lock().insert(record.key(), Slot::Live { record, tun: mine });
+        self.lock()
+            .insert(record.key(), Slot::Live { record, tun: mine });
         self.dataplane.attach(pod);
         Ok(())
     }
 
     fn persist_pods(&self) -> Result<(), ServerError> {
         let pods = self.lock();
-        let records: Vec<&PodRecord> = pods.values().filter_map(|s| if let Slot::Live { record, .. } = s { Some(record) } else { None }).collect();
+        let records: Vec<&PodRecord> = pods
+            .values()
+            .filter_map(|s| {
+                if let Slot::Live { record, .. } = s {
+                    Some(record)
+                } else {
+                    None
+                }
+            })
+            .collect();
         let path = self.cfg.state_dir.join(PODS_FILE);
         let body = serde_json::to_vec_pretty(&records).expect("pod records serialise");
         write_atomic(&path, &body).map_err(|source| ServerError::PersistPods { path, source })
@@ -241,16 +282,27 @@ impl CniServer {
     /// they are applied (unreadable ones are dropped with a warning).
     fn read_del_queue(&self) -> (Vec<Request>, Vec<PathBuf>) {
         let (mut reqs, mut files) = (Vec::new(), Vec::new());
-        let Ok(entries) = std::fs::read_dir(&self.cfg.del_queue_dir) else { return (reqs, files) };
+        let Ok(entries) = std::fs::read_dir(&self.cfg.del_queue_dir) else {
+            return (reqs, files);
+        };
         for e in entries.filter_map(Result::ok) {
             let path = e.path();
             if path.extension().and_then(|x| x.to_str()) != Some("json") {
                 continue;
             }
-            match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice::<Request>(&b).map_err(|e| e.to_string())) {
-                Ok(req) if req.command == Command::Del && !req.container_id.is_empty() => reqs.push(req),
-                Ok(_) => tracing::warn!(file = %path.display(), "queued request is not a DEL; dropped"),
-                Err(e) => tracing::warn!(file = %path.display(), error = %e, "unreadable queued DEL; dropped"),
+            match std::fs::read(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Request>(&b).map_err(|e| e.to_string()))
+            {
+                Ok(req) if req.command == Command::Del && !req.container_id.is_empty() => {
+                    reqs.push(req)
+                }
+                Ok(_) => {
+                    tracing::warn!(file = %path.display(), "queued request is not a DEL; dropped")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "unreadable queued DEL; dropped")
+                }
             }
             files.push(path);
         }
@@ -268,7 +320,16 @@ impl CniServer {
 
     /// The attached pods.
     pub fn pods(&self) -> Vec<PodRecord> {
-        self.lock().values().filter_map(|s| if let Slot::Live { record, .. } = s { Some(record.clone()) } else { None }).collect()
+        self.lock()
+            .values()
+            .filter_map(|s| {
+                if let Slot::Live { record, .. } = s {
+                    Some(record.clone())
+                } else {
+                    None
+                }
+            })
+            .collect()
     }
 
     /// The socket path.
@@ -280,7 +341,10 @@ impl CniServer {
     pub fn listen(&self) -> Result<UnixListener, ServerError> {
         make_dir(&self.cfg.run_dir)?;
         let path = self.socket_path();
-        let bind = |source| ServerError::Bind { path: path.clone(), source };
+        let bind = |source| ServerError::Bind {
+            path: path.clone(),
+            source,
+        };
         match std::fs::remove_file(&path) {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(bind(e)),
             _ => {}
@@ -291,7 +355,11 @@ impl CniServer {
     }
 
     /// Serves `listener` until `shutdown` completes, then removes the socket file.
-    pub async fn serve(self: Arc<Self>, listener: UnixListener, shutdown: impl Future<Output = ()>) {
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: UnixListener,
+        shutdown: impl Future<Output = ()>,
+    ) {
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -323,10 +391,20 @@ impl CniServer {
                 tracing::warn!(uid = c.uid(), "refused a CNI request from a non-root peer");
                 // Read the request first: a client that writes before it reads (kwire-cni
                 // does) would otherwise see a broken pipe instead of this answer.
-                let _ = tokio::time::timeout(Duration::from_secs(1), drain_request(&mut stream)).await;
-                Response::Error(err(code::INVALID_ENV, format!("kwire daemon refuses CNI requests from uid {}: only root may call it", c.uid())))
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), drain_request(&mut stream)).await;
+                Response::Error(err(
+                    code::INVALID_ENV,
+                    format!(
+                        "kwire daemon refuses CNI requests from uid {}: only root may call it",
+                        c.uid()
+                    ),
+                ))
             }
-            Err(e) => Response::Error(err(code::IO_FAILURE, format!("reading the peer's credentials: {e}"))),
+            Err(e) => Response::Error(err(
+                code::IO_FAILURE,
+                format!("reading the peer's credentials: {e}"),
+            )),
         };
         let body = serde_json::to_vec(&resp).expect("response serialises");
         let mut msg = (body.len() as u32).to_be_bytes().to_vec();
@@ -346,7 +424,10 @@ impl CniServer {
         };
         match tokio::task::spawn_blocking(move || self.handle(&req, fd)).await {
             Ok(r) => r,
-            Err(e) => Response::Error(err(code::IO_FAILURE, format!("kwire daemon failed handling the request: {e}"))),
+            Err(e) => Response::Error(err(
+                code::IO_FAILURE,
+                format!("kwire daemon failed handling the request: {e}"),
+            )),
         }
     }
 
@@ -360,7 +441,10 @@ impl CniServer {
                 if self.is_ready() {
                     Ok(Value::Null)
                 } else {
-                    Err(err(code::NOT_READY, "kwire daemon is starting: the data plane is not ready yet"))
+                    Err(err(
+                        code::NOT_READY,
+                        "kwire daemon is starting: the data plane is not ready yet",
+                    ))
                 }
             }
             Command::Gc => self.gc(req).map(|()| Value::Null),
@@ -375,15 +459,26 @@ impl CniServer {
     }
 
     fn validate(&self, req: &Request) -> Result<String, CniError> {
-        let ver = req.config.get("cniVersion").and_then(Value::as_str).unwrap_or("");
+        let ver = req
+            .config
+            .get("cniVersion")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if !SUPPORTED_VERSIONS.contains(&ver) {
-            return Err(err(code::INCOMPATIBLE_VERSION, format!("cniVersion {ver:?} is not supported; use one of {}", SUPPORTED_VERSIONS.join(", "))));
+            return Err(err(
+                code::INCOMPATIBLE_VERSION,
+                format!(
+                    "cniVersion {ver:?} is not supported; use one of {}",
+                    SUPPORTED_VERSIONS.join(", ")
+                ),
+            ));
         }
         if matches!(req.command, Command::Add | Command::Del | Command::Check) {
             if req.container_id.is_empty() {
                 return Err(err(code::INVALID_ENV, "CNI_CONTAINERID is not set"));
             }
-            check_ifname(&req.ifname).map_err(|e| err(code::INVALID_ENV, format!("CNI_IFNAME: {e}")))?;
+            check_ifname(&req.ifname)
+                .map_err(|e| err(code::INVALID_ENV, format!("CNI_IFNAME: {e}")))?;
         }
         Ok(ver.to_string())
     }
@@ -395,13 +490,23 @@ impl CniServer {
                 .as_u64()
                 .filter(|m| (576..=65535).contains(m))
                 .map(|m| m as u32)
-                .ok_or_else(|| err(code::INVALID_CONFIG, format!("\"mtu\" must be a number from 576 to 65535, got {m}"))),
+                .ok_or_else(|| {
+                    err(
+                        code::INVALID_CONFIG,
+                        format!("\"mtu\" must be a number from 576 to 65535, got {m}"),
+                    )
+                }),
         }
     }
 
     fn add(&self, req: &Request, ver: &str, netns_fd: Option<OwnedFd>) -> Result<Value, CniError> {
         let key = AttachmentKey::new(&req.container_id, &req.ifname);
-        let fd = netns_fd.ok_or_else(|| err(code::INVALID_ENV, format!("ADD for {key} came without the pod's netns fd")))?;
+        let fd = netns_fd.ok_or_else(|| {
+            err(
+                code::INVALID_ENV,
+                format!("ADD for {key} came without the pod's netns fd"),
+            )
+        })?;
         let mtu = self.mtu(req)?;
         {
             let mut pods = self.lock();
@@ -420,12 +525,21 @@ impl CniServer {
         r
     }
 
-    fn add_reserved(&self, req: &Request, ver: &str, key: &AttachmentKey, fd: std::os::fd::BorrowedFd<'_>, mtu: u32) -> Result<Value, CniError> {
+    fn add_reserved(
+        &self,
+        req: &Request,
+        ver: &str,
+        key: &AttachmentKey,
+        fd: std::os::fd::BorrowedFd<'_>,
+        mtu: u32,
+    ) -> Result<Value, CniError> {
         let ips = match self.ipam.allocate(key) {
             Ok(ips) => ips,
             // Held without a pod record (a daemon that died mid-ADD): the key's own, reuse it.
             Err(IpamError::AlreadyAllocated { ips, .. }) => ips,
-            Err(e @ (IpamError::Exhausted { .. } | IpamError::NoPodCidrs)) => return Err(err(code::NO_ADDRESS, e.to_string())),
+            Err(e @ (IpamError::Exhausted { .. } | IpamError::NoPodCidrs)) => {
+                return Err(err(code::NO_ADDRESS, e.to_string()))
+            }
             Err(e) => return Err(err(code::IO_FAILURE, e.to_string())),
         };
         let undo_ipam = || {
@@ -435,7 +549,11 @@ impl CniServer {
             Ok(t) => t,
             Err(e) => {
                 undo_ipam();
-                let c = if matches!(e, NetnsError::Exists { .. }) { code::INVALID_ENV } else { code::IO_FAILURE };
+                let c = if matches!(e, NetnsError::Exists { .. }) {
+                    code::INVALID_ENV
+                } else {
+                    code::IO_FAILURE
+                };
                 return Err(err(c, format!("{key}: {e}")));
             }
         };
@@ -455,10 +573,19 @@ impl CniServer {
                 let _ = tun.set_persist(false);
                 let _ = netns::remove(fd, &req.ifname);
                 undo_ipam();
-                return Err(err(code::IO_FAILURE, format!("{key}: duplicating the tun fd: {e}")));
+                return Err(err(
+                    code::IO_FAILURE,
+                    format!("{key}: duplicating the tun fd: {e}"),
+                ));
             }
         };
-        self.lock().insert(key.clone(), Slot::Live { record: record.clone(), tun: mine });
+        self.lock().insert(
+            key.clone(),
+            Slot::Live {
+                record: record.clone(),
+                tun: mine,
+            },
+        );
         if let Err(e) = self.persist_pods() {
             self.lock().insert(key.clone(), Slot::Busy);
             let _ = tun.set_persist(false);
@@ -477,7 +604,14 @@ impl CniServer {
             pod_name: record.pod_name,
         });
         tracing::info!(%key, ?ips, "pod attached");
-        Ok(add_result(ver, &req.ifname, &req.netns, &ips, mtu, req.config.get("dns")))
+        Ok(add_result(
+            ver,
+            &req.ifname,
+            &req.netns,
+            &ips,
+            mtu,
+            req.config.get("dns"),
+        ))
     }
 
     /// Takes down one attachment's interface: data plane first, then the device.
@@ -486,7 +620,11 @@ impl CniServer {
         // Not persistent any more: the device goes with the last fd even if its netns is out of reach.
         let _ = tun.set_persist(false);
         drop(tun);
-        let path = if netns_path.is_empty() { record.netns.as_str() } else { netns_path };
+        let path = if netns_path.is_empty() {
+            record.netns.as_str()
+        } else {
+            netns_path
+        };
         if let Err(e) = netns::remove_at(path, &record.tun_name) {
             tracing::warn!(%key, error = %e, "removing the pod's tun failed; it goes when its netns does");
         }
@@ -498,7 +636,12 @@ impl CniServer {
         let taken = {
             let mut pods = self.lock();
             match pods.get(&key) {
-                Some(Slot::Busy) => return Err(err(code::TRY_AGAIN_LATER, format!("{key}: another request for it is in progress; retry"))),
+                Some(Slot::Busy) => {
+                    return Err(err(
+                        code::TRY_AGAIN_LATER,
+                        format!("{key}: another request for it is in progress; retry"),
+                    ))
+                }
                 Some(Slot::Live { .. }) => match pods.insert(key.clone(), Slot::Busy) {
                     Some(Slot::Live { record, tun }) => Some((record, tun)),
                     _ => None,
@@ -521,26 +664,65 @@ impl CniServer {
         let key = AttachmentKey::new(&req.container_id, &req.ifname);
         let record = match self.lock().get(&key) {
             Some(Slot::Live { record, .. }) => record.clone(),
-            Some(Slot::Busy) => return Err(err(code::TRY_AGAIN_LATER, format!("{key}: another request for it is in progress; retry"))),
-            None => return Err(err(code::UNKNOWN_CONTAINER, format!("kwire has no attachment for {key}"))),
+            Some(Slot::Busy) => {
+                return Err(err(
+                    code::TRY_AGAIN_LATER,
+                    format!("{key}: another request for it is in progress; retry"),
+                ))
+            }
+            None => {
+                return Err(err(
+                    code::UNKNOWN_CONTAINER,
+                    format!("kwire has no attachment for {key}"),
+                ))
+            }
         };
-        let fd = netns_fd.ok_or_else(|| err(code::INVALID_ENV, format!("CHECK for {key} came without the pod's netns fd")))?;
+        let fd = netns_fd.ok_or_else(|| {
+            err(
+                code::INVALID_ENV,
+                format!("CHECK for {key} came without the pod's netns fd"),
+            )
+        })?;
         // The runtime's cached result must name the addresses we gave out.
-        if let Some(prev) = req.config.get("prevResult").and_then(|p| p.get("ips")).and_then(Value::as_array) {
+        if let Some(prev) = req
+            .config
+            .get("prevResult")
+            .and_then(|p| p.get("ips"))
+            .and_then(Value::as_array)
+        {
             for a in prev {
-                let addr = a.get("address").and_then(Value::as_str).and_then(|s| s.split('/').next()).and_then(|s| s.parse::<IpAddr>().ok());
+                let addr = a
+                    .get("address")
+                    .and_then(Value::as_str)
+                    .and_then(|s| s.split('/').next())
+                    .and_then(|s| s.parse::<IpAddr>().ok());
                 if let Some(addr) = addr {
-                    if !record.ips.contains(&addr) && (a.get("interface").and_then(Value::as_u64) == Some(0)) {
-                        return Err(err(CHECK_FAILED, format!("{key}: prevResult address {addr} is not the one kwire gave ({:?})", record.ips)));
+                    if !record.ips.contains(&addr)
+                        && (a.get("interface").and_then(Value::as_u64) == Some(0))
+                    {
+                        return Err(err(
+                            CHECK_FAILED,
+                            format!(
+                                "{key}: prevResult address {addr} is not the one kwire gave ({:?})",
+                                record.ips
+                            ),
+                        ));
                     }
                 }
             }
         }
         let ipam_ips = self.ipam.get(&key).unwrap_or_default();
         if ipam_ips != record.ips {
-            return Err(err(CHECK_FAILED, format!("{key}: IPAM holds {ipam_ips:?}, the pod record {:?}", record.ips)));
+            return Err(err(
+                CHECK_FAILED,
+                format!(
+                    "{key}: IPAM holds {ipam_ips:?}, the pod record {:?}",
+                    record.ips
+                ),
+            ));
         }
-        netns::check(fd.as_fd(), &record.tun_name, &record.ips, record.mtu).map_err(|e| err(CHECK_FAILED, format!("CHECK {key}: {e}")))
+        netns::check(fd.as_fd(), &record.tun_name, &record.ips, record.mtu)
+            .map_err(|e| err(CHECK_FAILED, format!("CHECK {key}: {e}")))
     }
 
     /// GC: releases every attachment `cni.dev/valid-attachments` does not list.
@@ -552,12 +734,21 @@ impl CniServer {
             .ok_or_else(|| err(code::INVALID_CONFIG, "GC needs \"cni.dev/valid-attachments\" (a list of {containerID, ifname}) in the configuration"))?;
         let mut valid = HashSet::new();
         for a in list {
-            let k: AttachmentKey = serde_json::from_value(a.clone()).map_err(|e| err(code::DECODE_FAILURE, format!("cni.dev/valid-attachments entry {a}: {e}")))?;
+            let k: AttachmentKey = serde_json::from_value(a.clone()).map_err(|e| {
+                err(
+                    code::DECODE_FAILURE,
+                    format!("cni.dev/valid-attachments entry {a}: {e}"),
+                )
+            })?;
             valid.insert(k);
         }
         let stale: Vec<(AttachmentKey, PodRecord, TunQueue)> = {
             let mut pods = self.lock();
-            let keys: Vec<AttachmentKey> = pods.iter().filter(|(k, s)| matches!(s, Slot::Live { .. }) && !valid.contains(*k)).map(|(k, _)| k.clone()).collect();
+            let keys: Vec<AttachmentKey> = pods
+                .iter()
+                .filter(|(k, s)| matches!(s, Slot::Live { .. }) && !valid.contains(*k))
+                .map(|(k, _)| k.clone())
+                .collect();
             keys.into_iter()
                 .filter_map(|k| match pods.insert(k.clone(), Slot::Busy) {
                     Some(Slot::Live { record, tun }) => Some((k, record, tun)),
@@ -569,8 +760,15 @@ impl CniServer {
         for (k, record, tun) in stale {
             self.teardown(&k, &record, tun, "");
         }
-        let busy: HashSet<AttachmentKey> = self.lock().iter().filter(|(_, s)| matches!(s, Slot::Busy)).map(|(k, _)| k.clone()).collect();
-        let released = self.ipam.retain(|k| valid.contains(k) || (busy.contains(k) && !stale_keys.contains(k)));
+        let busy: HashSet<AttachmentKey> = self
+            .lock()
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Busy))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let released = self
+            .ipam
+            .retain(|k| valid.contains(k) || (busy.contains(k) && !stale_keys.contains(k)));
         {
             let mut pods = self.lock();
             for k in &stale_keys {
@@ -581,7 +779,10 @@ impl CniServer {
         let released = released.map_err(|e| err(code::IO_FAILURE, format!("GC: {e}")))?;
         p.map_err(|e| err(code::IO_FAILURE, format!("GC: {e}")))?;
         if !released.is_empty() {
-            tracing::info!(released = released.len(), "GC released attachments not listed as valid");
+            tracing::info!(
+                released = released.len(),
+                "GC released attachments not listed as valid"
+            );
         }
         Ok(())
     }
@@ -589,11 +790,18 @@ impl CniServer {
 
 /// Reads the length-prefixed JSON request and the first fd sent with it.
 async fn read_request(stream: &mut UnixStream) -> Result<(Request, Option<OwnedFd>), CniError> {
-    let io_err = |e: io::Error| err(code::IO_FAILURE, format!("reading the request from kwire-cni: {e}"));
+    let io_err = |e: io::Error| {
+        err(
+            code::IO_FAILURE,
+            format!("reading the request from kwire-cni: {e}"),
+        )
+    };
     let mut buf = vec![0u8; 64 * 1024];
     let (mut have, fd) = loop {
         stream.readable().await.map_err(io_err)?;
-        match stream.try_io(Interest::READABLE, || recv_with_fd(stream.as_raw_fd(), &mut buf)) {
+        match stream.try_io(Interest::READABLE, || {
+            recv_with_fd(stream.as_raw_fd(), &mut buf)
+        }) {
             Ok(r) => break r,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(io_err(e)),
@@ -602,22 +810,36 @@ async fn read_request(stream: &mut UnixStream) -> Result<(Request, Option<OwnedF
     while have < 4 {
         let n = stream.read(&mut buf[have..]).await.map_err(io_err)?;
         if n == 0 {
-            return Err(err(code::DECODE_FAILURE, "kwire-cni closed the connection before sending a request"));
+            return Err(err(
+                code::DECODE_FAILURE,
+                "kwire-cni closed the connection before sending a request",
+            ));
         }
         have += n;
     }
     let len = u32::from_be_bytes(buf[..4].try_into().expect("4 bytes"));
     if len > MAX_MESSAGE_BYTES {
-        return Err(err(code::DECODE_FAILURE, format!("request of {len} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit")));
+        return Err(err(
+            code::DECODE_FAILURE,
+            format!("request of {len} bytes exceeds the {MAX_MESSAGE_BYTES}-byte limit"),
+        ));
     }
     let total = 4 + len as usize;
     if buf.len() < total {
         buf.resize(total, 0);
     }
     if have < total {
-        stream.read_exact(&mut buf[have..total]).await.map_err(io_err)?;
+        stream
+            .read_exact(&mut buf[have..total])
+            .await
+            .map_err(io_err)?;
     }
-    let req: Request = serde_json::from_slice(&buf[4..total]).map_err(|e| err(code::DECODE_FAILURE, format!("undecodable request from kwire-cni: {e}")))?;
+    let req: Request = serde_json::from_slice(&buf[4..total]).map_err(|e| {
+        err(
+            code::DECODE_FAILURE,
+            format!("undecodable request from kwire-cni: {e}"),
+        )
+    })?;
     Ok((req, fd))
 }
 

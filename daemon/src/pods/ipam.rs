@@ -25,24 +25,36 @@ pub struct AttachmentKey {
 
 impl AttachmentKey {
     pub fn new(container_id: impl Into<String>, ifname: impl Into<String>) -> AttachmentKey {
-        AttachmentKey { container_id: container_id.into(), ifname: ifname.into() }
+        AttachmentKey {
+            container_id: container_id.into(),
+            ifname: ifname.into(),
+        }
     }
 }
 
 impl std::fmt::Display for AttachmentKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "container {} interface {}", self.container_id, self.ifname)
+        write!(
+            f,
+            "container {} interface {}",
+            self.container_id, self.ifname
+        )
     }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
-    #[error("this node has no podCIDRs (Node spec.podCIDRs is empty): no pod address can be allocated")]
+    #[error(
+        "this node has no podCIDRs (Node spec.podCIDRs is empty): no pod address can be allocated"
+    )]
     NoPodCidrs,
     #[error("podCIDR {cidr} has no free address left; delete unused pods or give the node a larger podCIDR")]
     Exhausted { cidr: IpNetwork },
     #[error("{key} already has addresses {ips:?}")]
-    AlreadyAllocated { key: AttachmentKey, ips: Vec<IpAddr> },
+    AlreadyAllocated {
+        key: AttachmentKey,
+        ips: Vec<IpAddr>,
+    },
     #[error("writing IPAM state {}: {source}", path.display())]
     Persist {
         path: PathBuf,
@@ -107,12 +119,22 @@ pub struct Ipam {
 /// Offsets of the usable host addresses of `net`: not the network address, not the first
 /// address (the node's gateway on kwire0), not the IPv4 broadcast. `None` when empty.
 fn usable(net: &IpNetwork) -> Option<(u128, u128)> {
-    let host_bits = u32::from(match net {
-        IpNetwork::V4(_) => 32u8,
-        IpNetwork::V6(_) => 128u8,
-    } - net.prefix());
-    let last = if host_bits >= 128 { u128::MAX } else { (1u128 << host_bits) - 1 };
-    let hi = if net.is_ipv4() { last.checked_sub(1)? } else { last };
+    let host_bits = u32::from(
+        match net {
+            IpNetwork::V4(_) => 32u8,
+            IpNetwork::V6(_) => 128u8,
+        } - net.prefix(),
+    );
+    let last = if host_bits >= 128 {
+        u128::MAX
+    } else {
+        (1u128 << host_bits) - 1
+    };
+    let hi = if net.is_ipv4() {
+        last.checked_sub(1)?
+    } else {
+        last
+    };
     (hi >= 2).then_some((2, hi))
 }
 
@@ -136,11 +158,17 @@ impl Ipam {
         let mut pools: Vec<IpNetwork> = Vec::new();
         for c in pod_cidrs {
             if pools.iter().all(|p| p.is_ipv4() != c.is_ipv4()) {
-                pools.push(IpNetwork::new(c.network(), c.prefix()).expect("prefix of a valid network"));
+                pools.push(
+                    IpNetwork::new(c.network(), c.prefix()).expect("prefix of a valid network"),
+                );
             }
         }
         let last = vec![0; pools.len()];
-        Ipam { pools, allocations: BTreeMap::new(), last }
+        Ipam {
+            pools,
+            allocations: BTreeMap::new(),
+            last,
+        }
     }
 
     pub fn pools(&self) -> &[IpNetwork] {
@@ -163,7 +191,10 @@ impl Ipam {
     /// Allocates one address per pool for `key`.
     pub fn allocate(&mut self, key: &AttachmentKey) -> Result<Vec<IpAddr>, IpamError> {
         if let Some(ips) = self.allocations.get(key) {
-            return Err(IpamError::AlreadyAllocated { key: key.clone(), ips: ips.clone() });
+            return Err(IpamError::AlreadyAllocated {
+                key: key.clone(),
+                ips: ips.clone(),
+            });
         }
         if self.pools.is_empty() {
             return Err(IpamError::NoPodCidrs);
@@ -177,7 +208,11 @@ impl Ipam {
             let in_pool = used.iter().filter(|a| pool.contains(**a)).count() as u128;
             // Among `in_pool + 1` consecutive candidates at least one is free (if the pool has them).
             let tries = span.min(in_pool + 1);
-            let start = if (lo..=hi).contains(&self.last[i]) { self.last[i] - lo + 1 } else { 0 };
+            let start = if (lo..=hi).contains(&self.last[i]) {
+                self.last[i] - lo + 1
+            } else {
+                0
+            };
             let found = (0..tries)
                 .map(|t| lo + (start + t) % span)
                 .find(|off| !used.contains(&at(pool, *off)))
@@ -198,16 +233,38 @@ impl Ipam {
     }
 
     /// Releases every allocation `keep` refuses (GC); returns what was released.
-    pub fn retain(&mut self, mut keep: impl FnMut(&AttachmentKey) -> bool) -> Vec<(AttachmentKey, Vec<IpAddr>)> {
-        let gone: Vec<AttachmentKey> = self.allocations.keys().filter(|k| !keep(k)).cloned().collect();
-        gone.into_iter().filter_map(|k| self.allocations.remove(&k).map(|v| (k, v))).collect()
+    pub fn retain(
+        &mut self,
+        mut keep: impl FnMut(&AttachmentKey) -> bool,
+    ) -> Vec<(AttachmentKey, Vec<IpAddr>)> {
+        let gone: Vec<AttachmentKey> = self
+            .allocations
+            .keys()
+            .filter(|k| !keep(k))
+            .cloned()
+            .collect();
+        gone.into_iter()
+            .filter_map(|k| self.allocations.remove(&k).map(|v| (k, v)))
+            .collect()
     }
 
     /// The file form.
     pub fn to_json(&self) -> Vec<u8> {
         let f = IpamFile {
-            allocations: self.allocations.iter().map(|(k, v)| Allocation { key: k.clone(), ips: v.clone() }).collect(),
-            last: self.pools.iter().zip(&self.last).map(|(p, off)| at(p, *off)).collect(),
+            allocations: self
+                .allocations
+                .iter()
+                .map(|(k, v)| Allocation {
+                    key: k.clone(),
+                    ips: v.clone(),
+                })
+                .collect(),
+            last: self
+                .pools
+                .iter()
+                .zip(&self.last)
+                .map(|(p, off)| at(p, *off))
+                .collect(),
         };
         serde_json::to_vec_pretty(&f).expect("IPAM state serialises")
     }
@@ -243,11 +300,22 @@ impl IpamStore {
     /// Loads `path` (a missing file is an empty table) over the node's podCIDRs.
     pub fn open(path: &Path, pod_cidrs: &[IpNetwork]) -> Result<IpamStore, IpamError> {
         let ipam = match std::fs::read(path) {
-            Ok(b) => Ipam::from_json(pod_cidrs, &b).map_err(|source| IpamError::Corrupt { path: path.into(), source })?,
+            Ok(b) => Ipam::from_json(pod_cidrs, &b).map_err(|source| IpamError::Corrupt {
+                path: path.into(),
+                source,
+            })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ipam::new(pod_cidrs),
-            Err(source) => return Err(IpamError::Load { path: path.into(), source }),
+            Err(source) => {
+                return Err(IpamError::Load {
+                    path: path.into(),
+                    source,
+                })
+            }
         };
-        Ok(IpamStore { path: path.into(), inner: Mutex::new(ipam) })
+        Ok(IpamStore {
+            path: path.into(),
+            inner: Mutex::new(ipam),
+        })
     }
 
     /// Runs `f` on a copy of the table, writes the copy, then makes it current: a failed write
@@ -257,7 +325,10 @@ impl IpamStore {
         let mut next = cur.clone();
         let r = f(&mut next)?;
         if next != *cur {
-            write_atomic(&self.path, &next.to_json()).map_err(|source| IpamError::Persist { path: self.path.clone(), source })?;
+            write_atomic(&self.path, &next.to_json()).map_err(|source| IpamError::Persist {
+                path: self.path.clone(),
+                source,
+            })?;
             *cur = next;
         }
         Ok(r)
@@ -271,12 +342,19 @@ impl IpamStore {
         self.update(|t| Ok(t.release(key)))
     }
 
-    pub fn retain(&self, keep: impl FnMut(&AttachmentKey) -> bool) -> Result<Vec<(AttachmentKey, Vec<IpAddr>)>, IpamError> {
+    pub fn retain(
+        &self,
+        keep: impl FnMut(&AttachmentKey) -> bool,
+    ) -> Result<Vec<(AttachmentKey, Vec<IpAddr>)>, IpamError> {
         self.update(|t| Ok(t.retain(keep)))
     }
 
     pub fn get(&self, key: &AttachmentKey) -> Option<Vec<IpAddr>> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).get(key).map(<[IpAddr]>::to_vec)
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .map(<[IpAddr]>::to_vec)
     }
 
     /// A copy of the table.
@@ -300,14 +378,36 @@ mod tests {
 
     #[test]
     fn dual_stack_skips_network_gateway_and_broadcast() {
-        let mut t = Ipam::new(&cidrs(&["10.244.7.0/30", "fd00:10:244:7::/126", "10.9.0.0/16"]));
+        let mut t = Ipam::new(&cidrs(&[
+            "10.244.7.0/30",
+            "fd00:10:244:7::/126",
+            "10.9.0.0/16",
+        ]));
         assert_eq!(t.pools().len(), 2, "one pool per family");
-        assert_eq!(t.gateways(), vec!["10.244.7.1".parse::<IpAddr>().unwrap(), "fd00:10:244:7::1".parse().unwrap()]);
+        assert_eq!(
+            t.gateways(),
+            vec![
+                "10.244.7.1".parse::<IpAddr>().unwrap(),
+                "fd00:10:244:7::1".parse().unwrap()
+            ]
+        );
         let a = t.allocate(&k("a")).unwrap();
-        assert_eq!(a, vec!["10.244.7.2".parse::<IpAddr>().unwrap(), "fd00:10:244:7::2".parse().unwrap()]);
+        assert_eq!(
+            a,
+            vec![
+                "10.244.7.2".parse::<IpAddr>().unwrap(),
+                "fd00:10:244:7::2".parse().unwrap()
+            ]
+        );
         // /30: .0 network, .1 gateway, .3 broadcast: nothing left for IPv4.
-        assert!(matches!(t.allocate(&k("b")), Err(IpamError::Exhausted { .. })));
-        assert!(matches!(t.allocate(&k("a")), Err(IpamError::AlreadyAllocated { .. })));
+        assert!(matches!(
+            t.allocate(&k("b")),
+            Err(IpamError::Exhausted { .. })
+        ));
+        assert!(matches!(
+            t.allocate(&k("a")),
+            Err(IpamError::AlreadyAllocated { .. })
+        ));
         assert_eq!(t.release(&k("a")), Some(a.clone()));
         assert_eq!(t.release(&k("a")), None);
         let b = t.allocate(&k("b")).unwrap();
@@ -327,8 +427,14 @@ mod tests {
         assert_eq!(gone.len(), 1);
         assert_eq!(gone[0].0, k("b"));
         assert!(t.get(&k("c")).is_some());
-        assert!(matches!(Ipam::new(&[]).allocate(&k("x")), Err(IpamError::NoPodCidrs)));
-        assert!(matches!(Ipam::new(&cidrs(&["10.0.0.0/31"])).allocate(&k("x")), Err(IpamError::Exhausted { .. })));
+        assert!(matches!(
+            Ipam::new(&[]).allocate(&k("x")),
+            Err(IpamError::NoPodCidrs)
+        ));
+        assert!(matches!(
+            Ipam::new(&cidrs(&["10.0.0.0/31"])).allocate(&k("x")),
+            Err(IpamError::Exhausted { .. })
+        ));
     }
 
     #[test]
@@ -351,12 +457,18 @@ mod tests {
         let pools = cidrs(&["10.244.7.0/24"]);
         let s = IpamStore::open(&p, &pools).unwrap();
         let a = s.allocate(&k("a")).unwrap();
-        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let s2 = IpamStore::open(&p, &pools).unwrap();
         assert_eq!(s2.get(&k("a")), Some(a.clone()));
         assert_ne!(s2.allocate(&k("b")).unwrap(), a);
         std::fs::write(&p, b"{oops").unwrap();
-        assert!(matches!(IpamStore::open(&p, &pools), Err(IpamError::Corrupt { .. })));
+        assert!(matches!(
+            IpamStore::open(&p, &pools),
+            Err(IpamError::Corrupt { .. })
+        ));
     }
 
     #[derive(Debug, Clone)]

@@ -9,7 +9,14 @@ use std::net::IpAddr;
 ///   0.4.0 adds `version`.
 /// - `routes`: a default route per family the pod has an address in.
 /// - `dns`: the configuration's `dns` object, when it has one.
-pub fn add_result(cni_version: &str, ifname: &str, sandbox: &str, ips: &[IpAddr], mtu: u32, dns: Option<&Value>) -> Value {
+pub fn add_result(
+    cni_version: &str,
+    ifname: &str,
+    sandbox: &str,
+    ips: &[IpAddr],
+    mtu: u32,
+    dns: Option<&Value>,
+) -> Value {
     let mut iface = Map::new();
     iface.insert("name".into(), json!(ifname));
     iface.insert("sandbox".into(), json!(sandbox));
@@ -22,7 +29,10 @@ pub fn add_result(cni_version: &str, ifname: &str, sandbox: &str, ips: &[IpAddr]
             let plen = if ip.is_ipv4() { 32 } else { 128 };
             let mut e = Map::new();
             if cni_version == "0.4.0" {
-                e.insert("version".into(), json!(if ip.is_ipv4() { "4" } else { "6" }));
+                e.insert(
+                    "version".into(),
+                    json!(if ip.is_ipv4() { "4" } else { "6" }),
+                );
             }
             e.insert("address".into(), json!(format!("{ip}/{plen}")));
             e.insert("interface".into(), json!(0));
@@ -54,13 +64,23 @@ mod tests {
     use super::*;
 
     fn ips() -> Vec<IpAddr> {
-        vec!["10.244.1.5".parse().unwrap(), "fd00:10:244:1::5".parse().unwrap()]
+        vec![
+            "10.244.1.5".parse().unwrap(),
+            "fd00:10:244:1::5".parse().unwrap(),
+        ]
     }
 
     #[test]
     fn v1_result() {
         let dns = json!({"nameservers": ["10.96.0.10"], "search": ["svc.cluster.local"]});
-        let r = add_result("1.0.0", "eth0", "/var/run/netns/p", &ips(), 1420, Some(&dns));
+        let r = add_result(
+            "1.0.0",
+            "eth0",
+            "/var/run/netns/p",
+            &ips(),
+            1420,
+            Some(&dns),
+        );
         assert_eq!(
             r,
             json!({
@@ -80,7 +100,10 @@ mod tests {
     #[test]
     fn v04_result_has_versions() {
         let r = add_result("0.4.0", "eth0", "/n", &ips(), 1420, None);
-        assert_eq!(r["ips"][0], json!({"version": "4", "address": "10.244.1.5/32", "interface": 0}));
+        assert_eq!(
+            r["ips"][0],
+            json!({"version": "4", "address": "10.244.1.5/32", "interface": 0})
+        );
         assert_eq!(r["ips"][1]["version"], "6");
         assert!(r["interfaces"][0].get("mtu").is_none());
     }

@@ -276,11 +276,18 @@ impl PolicySet {
     ) -> Verdict {
         // A named port resolves against the destination pod, looked up at most once.
         let mut dst_pod: Option<Option<&Pod>> = None;
-        self.direction_verdict(src_pod, |t| t.egress.as_ref(), dst, protocol, dst_port, |name| {
-            dst_pod
-                .get_or_insert_with(|| self.pod_at(dst))
-                .is_some_and(|pod| pod.named_port(name, protocol) == Some(dst_port))
-        })
+        self.direction_verdict(
+            src_pod,
+            |t| t.egress.as_ref(),
+            dst,
+            protocol,
+            dst_port,
+            |name| {
+                dst_pod
+                    .get_or_insert_with(|| self.pod_at(dst))
+                    .is_some_and(|pod| pod.named_port(name, protocol) == Some(dst_port))
+            },
+        )
     }
 
     /// Ingress of a new flow entering `dst_pod`: the loop asks this for flows to its local pods.
@@ -293,7 +300,14 @@ impl PolicySet {
         dst_port: u16,
     ) -> Verdict {
         // Named ports were resolved per pod at compile time for ingress; none are left.
-        self.direction_verdict(dst_pod, |t| t.ingress.as_ref(), src, protocol, dst_port, |_| false)
+        self.direction_verdict(
+            dst_pod,
+            |t| t.ingress.as_ref(),
+            src,
+            protocol,
+            dst_port,
+            |_| false,
+        )
     }
 
     /// The rule scan both directions share: the rules selecting `local_pod` in one direction,
@@ -317,9 +331,11 @@ impl PolicySet {
             let ports_ok = match &rule.ports {
                 PortSet::Any => true,
                 PortSet::List(list) => list.iter().any(|p| match p {
-                    CompiledPort::Range { protocol: pr, lo, hi } => {
-                        *pr == protocol && (*lo..=*hi).contains(&dst_port)
-                    }
+                    CompiledPort::Range {
+                        protocol: pr,
+                        lo,
+                        hi,
+                    } => *pr == protocol && (*lo..=*hi).contains(&dst_port),
                     CompiledPort::Named { protocol: pr, name } => {
                         *pr == protocol && named_port_matches(name)
                     }

@@ -54,18 +54,30 @@ impl TunnelDevice {
     /// Like [`TunnelDevice::start`]; with `persist` the device outlives the process (a node's
     /// `kwire0`): a restarted daemon re-attaches to it, its addresses and routes stay, and
     /// while no daemon reads it packets drop at the device instead of leaving another way.
-    pub fn start_with(ifname: &str, workers: usize, offload: bool, persist: bool) -> anyhow::Result<TunnelDevice> {
+    pub fn start_with(
+        ifname: &str,
+        workers: usize,
+        offload: bool,
+        persist: bool,
+    ) -> anyhow::Result<TunnelDevice> {
         let workers = workers.clamp(1, MAX_WORKERS);
         let existed = crate::io::tun::if_index(ifname).is_some();
         let queues = open_queues(ifname, workers, offload)?;
         if persist {
-            queues[0].set_persist(true).with_context(|| format!("making tun {ifname} persistent"))?;
+            queues[0]
+                .set_persist(true)
+                .with_context(|| format!("making tun {ifname} persistent"))?;
             if existed {
                 info!(ifname, "re-attached to the existing tun");
             }
         }
         let vnet = queues[0].offload();
-        info!(ifname, queues = queues.len(), offload = vnet, "tun device ready");
+        info!(
+            ifname,
+            queues = queues.len(),
+            offload = vnet,
+            "tun device ready"
+        );
         let device = Arc::new(Device::new());
         let counters = Arc::new(Counters::default());
         let net = workers::Network::new(device.clone(), counters.clone(), queues.len(), vnet)?;
@@ -73,29 +85,47 @@ impl TunnelDevice {
             workers::spawn_tun_reader(i, q, device.clone(), counters.clone(), net.clone())?;
         }
         // Bind a port now (random unless set later), as wireguard-go does on start.
-        device.ensure_bound(&mut net.clone()).context("binding the WireGuard UDP port")?;
+        device
+            .ensure_bound(&mut net.clone())
+            .context("binding the WireGuard UDP port")?;
         workers::spawn_timers(device.clone(), net.clone())?;
-        Ok(TunnelDevice { device, counters, net, ifname: ifname.to_string() })
+        Ok(TunnelDevice {
+            device,
+            counters,
+            net,
+            ifname: ifname.to_string(),
+        })
     }
 }
 
 fn open_queues(ifname: &str, workers: usize, offload: bool) -> anyhow::Result<Vec<TunQueue>> {
-    let mut opts = TunOptions { offload, multi_queue: workers > 1 };
+    let mut opts = TunOptions {
+        offload,
+        multi_queue: workers > 1,
+    };
     let first = match TunQueue::open(ifname, opts) {
         Ok(q) => q,
         Err(e) if opts.offload || opts.multi_queue => {
             warn!(ifname, error = %e, "tun offloads or multi-queue refused; falling back to one plain queue");
-            opts = TunOptions { offload: false, multi_queue: false };
+            opts = TunOptions {
+                offload: false,
+                multi_queue: false,
+            };
             TunQueue::open(ifname, opts).with_context(|| format!("creating tun {ifname}"))?
         }
         Err(e) => {
-            return Err(e).with_context(|| format!("creating tun {ifname} (needs CAP_NET_ADMIN and /dev/net/tun)"))
+            return Err(e).with_context(|| {
+                format!("creating tun {ifname} (needs CAP_NET_ADMIN and /dev/net/tun)")
+            })
         }
     };
     let mut queues = vec![first];
     if opts.multi_queue {
         for _ in 1..workers {
-            queues.push(TunQueue::open(ifname, opts).with_context(|| format!("opening another queue of tun {ifname}"))?);
+            queues.push(
+                TunQueue::open(ifname, opts)
+                    .with_context(|| format!("opening another queue of tun {ifname}"))?,
+            );
         }
     }
     Ok(queues)
@@ -107,7 +137,9 @@ pub fn run(args: TunnelArgs) -> anyhow::Result<()> {
     let workers = args
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let sock_path = args.uapi_dir.join(format!("{}.sock", args.ifname));
         // Claim the socket path first: a second instance must fail before touching the tun.
@@ -120,7 +152,11 @@ pub fn run(args: TunnelArgs) -> anyhow::Result<()> {
             }
         };
         info!(ifname = %args.ifname, socket = %sock_path.display(), "kwire tunnel up");
-        let server = tokio::spawn(uapi_server::serve(listener, tun.device.clone(), tun.net.clone()));
+        let server = tokio::spawn(uapi_server::serve(
+            listener,
+            tun.device.clone(),
+            tun.net.clone(),
+        ));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         tokio::select! {

@@ -3,9 +3,9 @@
 
 use crate::datapath::conntrack::Conntrack;
 use crate::datapath::local::{Filter, LocalTable, PodPort};
-use crate::policy::PolicySet;
 use crate::io::epoll::Epoll;
 use crate::io::tun::TunQueue;
+use crate::policy::PolicySet;
 use arc_swap::ArcSwap;
 use std::io;
 use std::net::IpAddr;
@@ -48,8 +48,16 @@ pub struct Pods {
 
 impl Pods {
     pub fn new(workers: usize, vnet: bool) -> io::Result<Pods> {
-        let epolls = (0..workers.max(1)).map(|_| Epoll::new().map(Arc::new)).collect::<io::Result<_>>()?;
-        Ok(Pods { table: ArcSwap::from_pointee(Local::default()), inner: Mutex::new(Inner::default()), epolls, vnet, conntrack: Arc::new(Conntrack::default()) })
+        let epolls = (0..workers.max(1))
+            .map(|_| Epoll::new().map(Arc::new))
+            .collect::<io::Result<_>>()?;
+        Ok(Pods {
+            table: ArcSwap::from_pointee(Local::default()),
+            inner: Mutex::new(Inner::default()),
+            epolls,
+            vnet,
+            conntrack: Arc::new(Conntrack::default()),
+        })
     }
 
     /// The current table (hold it for a batch).
@@ -98,7 +106,10 @@ impl Pods {
     /// same offload mode as the host tun (frames pass between them unchanged).
     pub fn attach(&self, ips: Vec<IpAddr>, tun: TunQueue) -> io::Result<u64> {
         if tun.offload() != self.vnet {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "pod tun offload mode differs from the host tun's"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "pod tun offload mode differs from the host tun's",
+            ));
         }
         tun.set_nonblocking(true)?;
         let tun = Arc::new(tun);
@@ -124,7 +135,15 @@ impl Pods {
     }
 
     fn publish(&self, g: &Inner) {
-        let pods = g.pods.iter().map(|e| PodPort { id: e.id, ips: e.ips.clone(), io: e.tun.clone() }).collect();
+        let pods = g
+            .pods
+            .iter()
+            .map(|e| PodPort {
+                id: e.id,
+                ips: e.ips.clone(),
+                io: e.tun.clone(),
+            })
+            .collect();
         let t = match &g.gateways {
             Some(gw) => Local::new(pods, gw.clone()),
             None => {
@@ -139,13 +158,18 @@ impl Pods {
             .policy
             .as_ref()
             .filter(|p| p.has_policies())
-            .map(|p| Filter { policy: p.clone(), conntrack: self.conntrack.clone() });
+            .map(|p| Filter {
+                policy: p.clone(),
+                conntrack: self.conntrack.clone(),
+            });
         self.table.store(Arc::new(t));
     }
 }
 
 impl std::fmt::Debug for Pods {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pods").field("pods", &self.len()).finish_non_exhaustive()
+        f.debug_struct("Pods")
+            .field("pods", &self.len())
+            .finish_non_exhaustive()
     }
 }

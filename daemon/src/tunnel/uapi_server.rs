@@ -25,7 +25,8 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             anyhow::bail!("{} is in use: another WireGuard implementation serves this interface; stop it first", path.display());
         }
-        std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
     let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -34,7 +35,11 @@ pub fn bind(path: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Accepts connections until the task is aborted. Only root (uid 0) is served.
-pub async fn serve<N: NetworkControl + Clone + Send + 'static>(listener: UnixListener, device: Arc<Device>, net: N) {
+pub async fn serve<N: NetworkControl + Clone + Send + 'static>(
+    listener: UnixListener,
+    device: Arc<Device>,
+    net: N,
+) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(c) => c,
@@ -47,7 +52,10 @@ pub async fn serve<N: NetworkControl + Clone + Send + 'static>(listener: UnixLis
         match stream.peer_cred() {
             Ok(c) if c.uid() == 0 => {}
             Ok(c) => {
-                warn!(uid = c.uid(), "refusing a userspace API connection from a non-root user");
+                warn!(
+                    uid = c.uid(),
+                    "refusing a userspace API connection from a non-root user"
+                );
                 continue;
             }
             Err(e) => {
@@ -65,7 +73,11 @@ pub async fn serve<N: NetworkControl + Clone + Send + 'static>(listener: UnixLis
     }
 }
 
-async fn handle<N: NetworkControl + Clone + Send + 'static>(stream: UnixStream, device: Arc<Device>, net: N) -> std::io::Result<()> {
+async fn handle<N: NetworkControl + Clone + Send + 'static>(
+    stream: UnixStream,
+    device: Arc<Device>,
+    net: N,
+) -> std::io::Result<()> {
     let (r, mut w) = stream.into_split();
     let mut r = BufReader::new(r);
     loop {
@@ -82,7 +94,8 @@ async fn handle<N: NetworkControl + Clone + Send + 'static>(stream: UnixStream, 
             }
             total += n;
             if total > MAX_REQUEST_BYTES {
-                w.write_all(format_errno(Err(crate::wg::uapi::Errno::Invalid)).as_bytes()).await?;
+                w.write_all(format_errno(Err(crate::wg::uapi::Errno::Invalid)).as_bytes())
+                    .await?;
                 return Ok(());
             }
             let line = line.trim_end_matches('\n');
@@ -97,7 +110,9 @@ async fn handle<N: NetworkControl + Clone + Send + 'static>(stream: UnixStream, 
             Ok(Request::Set(req)) => {
                 let device = device.clone();
                 let mut net = net.clone();
-                let r = tokio::task::spawn_blocking(move || device.apply(req, &mut net)).await.map_err(std::io::Error::other)?;
+                let r = tokio::task::spawn_blocking(move || device.apply(req, &mut net))
+                    .await
+                    .map_err(std::io::Error::other)?;
                 match r {
                     Ok(()) => {
                         info!("configuration changed through the userspace API");

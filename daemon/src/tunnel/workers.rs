@@ -3,13 +3,13 @@
 //! by each thread, nothing allocated per packet.
 
 use crate::datapath::batch::TxBatch;
-use crate::datapath::stats::{Counters, DropReason};
 use crate::datapath::local::Port;
+use crate::datapath::stats::{Counters, DropReason};
 use crate::datapath::{self, Io, RxPath, TxPath, MAX_FRAME};
 use crate::io::epoll;
 use crate::io::tun::TunQueue;
-use crate::tunnel::pods::{Local, Pods, HOST_TOKEN};
 use crate::io::udp::{RecvBatch, SendScratch, UdpSocket};
+use crate::tunnel::pods::{Local, Pods, HOST_TOKEN};
 use crate::wg::device::NetworkControl;
 use crate::wg::Device;
 use arc_swap::ArcSwap;
@@ -52,7 +52,12 @@ pub struct Network {
 }
 
 impl Network {
-    pub fn new(device: Arc<Device>, counters: Arc<Counters>, workers: usize, vnet: bool) -> io::Result<Network> {
+    pub fn new(
+        device: Arc<Device>,
+        counters: Arc<Counters>,
+        workers: usize,
+        vnet: bool,
+    ) -> io::Result<Network> {
         Ok(Network {
             sockets: Arc::new(ArcSwap::from_pointee(Vec::new())),
             device,
@@ -74,16 +79,26 @@ impl NetworkControl for Network {
     fn bind(&mut self, port: u16, fwmark: u32) -> io::Result<u16> {
         let first = UdpSocket::bind(port, true, fwmark)?;
         let port = first.port();
-        let mut socks = vec![Arc::new(Bound { sock: first, closed: AtomicBool::new(false) })];
+        let mut socks = vec![Arc::new(Bound {
+            sock: first,
+            closed: AtomicBool::new(false),
+        })];
         for _ in 1..self.workers {
-            socks.push(Arc::new(Bound { sock: UdpSocket::bind(port, true, fwmark)?, closed: AtomicBool::new(false) }));
+            socks.push(Arc::new(Bound {
+                sock: UdpSocket::bind(port, true, fwmark)?,
+                closed: AtomicBool::new(false),
+            }));
         }
         let old = self.sockets.swap(Arc::new(socks.clone()));
         for b in old.iter() {
             b.closed.store(true, Ordering::Relaxed);
             b.sock.shutdown();
         }
-        let writers = self.tun_writers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let writers = self
+            .tun_writers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         for (i, b) in socks.into_iter().enumerate() {
             let tun = writers[i % writers.len().max(1)].clone();
             spawn_udp_reader(i, b, tun, self.clone())?;
@@ -108,11 +123,17 @@ struct Throttle {
 
 impl Throttle {
     fn new() -> Throttle {
-        Throttle { last: None, suppressed: 0 }
+        Throttle {
+            last: None,
+            suppressed: 0,
+        }
     }
     fn log(&mut self, what: &str, e: &io::Error) {
         let now = Instant::now();
-        if self.last.is_none_or(|t| now.duration_since(t) >= ERROR_LOG_INTERVAL) {
+        if self
+            .last
+            .is_none_or(|t| now.duration_since(t) >= ERROR_LOG_INTERVAL)
+        {
             warn!(error = %e, suppressed = self.suppressed, "{what}");
             self.last = Some(now);
             self.suppressed = 0;
@@ -160,153 +181,199 @@ impl Io for WorkerIo<'_> {
                     self.udp_err.log("sending WireGuard datagrams", &e);
                 }
             }
-            None => self.counters.drop_n(DropReason::UdpSend, batch.groups().iter().map(|g| g.count as u64).sum()),
+            None => self.counters.drop_n(
+                DropReason::UdpSend,
+                batch.groups().iter().map(|g| g.count as u64).sum(),
+            ),
         }
         batch.clear();
     }
 }
 
 /// Starts worker `i`'s tun reader: its queue of the host tun and the pods assigned to it.
-pub fn spawn_tun_reader(i: usize, q: TunQueue, device: Arc<Device>, counters: Arc<Counters>, net: Network) -> io::Result<()> {
+pub fn spawn_tun_reader(
+    i: usize,
+    q: TunQueue,
+    device: Arc<Device>,
+    counters: Arc<Counters>,
+    net: Network,
+) -> io::Result<()> {
     let q = Arc::new(q);
-    net.tun_writers.lock().unwrap_or_else(|p| p.into_inner()).push(q.clone());
+    net.tun_writers
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(q.clone());
     q.set_nonblocking(true)?;
     let ep = net.pods.epolls[i % net.pods.epolls.len()].clone();
     ep.add(q.as_raw_fd(), HOST_TOKEN)?;
-    std::thread::Builder::new().name(format!("kwire-tun-{i}")).spawn(move || {
-        let vnet = q.offload();
-        let mut frame = vec![0u8; MAX_FRAME];
-        let mut tx = TxPath::new();
-        let mut scratch = SendScratch::new();
-        let mut events = epoll::events(EPOLL_EVENTS);
-        let mut ready = [0u64; EPOLL_EVENTS];
-        let (mut tun_err, mut udp_err, mut read_err) = (Throttle::new(), Throttle::new(), Throttle::new());
-        loop {
-            let n = match ep.wait(&mut events, -1) {
-                Ok(tokens) => {
-                    let mut n = 0;
-                    for t in tokens {
-                        ready[n] = t;
-                        n += 1;
+    std::thread::Builder::new()
+        .name(format!("kwire-tun-{i}"))
+        .spawn(move || {
+            let vnet = q.offload();
+            let mut frame = vec![0u8; MAX_FRAME];
+            let mut tx = TxPath::new();
+            let mut scratch = SendScratch::new();
+            let mut events = epoll::events(EPOLL_EVENTS);
+            let mut ready = [0u64; EPOLL_EVENTS];
+            let (mut tun_err, mut udp_err, mut read_err) =
+                (Throttle::new(), Throttle::new(), Throttle::new());
+            loop {
+                let n = match ep.wait(&mut events, -1) {
+                    Ok(tokens) => {
+                        let mut n = 0;
+                        for t in tokens {
+                            ready[n] = t;
+                            n += 1;
+                        }
+                        n
                     }
-                    n
-                }
-                Err(e) => {
-                    read_err.log("waiting for tun frames", &e);
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                }
-            };
-            let snap = device.snapshot();
-            let local = net.pods.table();
-            let mut wio = WorkerIo {
-                tun: &q,
-                local: &local,
-                sock: net.socket_for(i),
-                scratch: &mut scratch,
-                counters: &counters,
-                tun_err: &mut tun_err,
-                udp_err: &mut udp_err,
-            };
-            for &token in &ready[..n] {
-                let (port, src): (Port, &TunQueue) = if token == HOST_TOKEN {
-                    (Port::Host, &q)
-                } else {
-                    match local.slot_for_id(token) {
-                        Some(s) => (Port::Pod(s), &local.pods[s as usize].io),
-                        None => continue, // detached since the wait
+                    Err(e) => {
+                        read_err.log("waiting for tun frames", &e);
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
                     }
                 };
-                for _ in 0..TUN_BATCH {
-                    match src.read(&mut frame) {
-                        Ok(len) => tx.handle_frame_from(&snap, &local, port, &mut frame[..len], vnet, &counters, &mut wio),
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                        Err(e) => {
-                            read_err.log("reading from a tun", &e);
-                            break;
+                let snap = device.snapshot();
+                let local = net.pods.table();
+                let mut wio = WorkerIo {
+                    tun: &q,
+                    local: &local,
+                    sock: net.socket_for(i),
+                    scratch: &mut scratch,
+                    counters: &counters,
+                    tun_err: &mut tun_err,
+                    udp_err: &mut udp_err,
+                };
+                for &token in &ready[..n] {
+                    let (port, src): (Port, &TunQueue) = if token == HOST_TOKEN {
+                        (Port::Host, &q)
+                    } else {
+                        match local.slot_for_id(token) {
+                            Some(s) => (Port::Pod(s), &local.pods[s as usize].io),
+                            None => continue, // detached since the wait
+                        }
+                    };
+                    for _ in 0..TUN_BATCH {
+                        match src.read(&mut frame) {
+                            Ok(len) => tx.handle_frame_from(
+                                &snap,
+                                &local,
+                                port,
+                                &mut frame[..len],
+                                vnet,
+                                &counters,
+                                &mut wio,
+                            ),
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                            Err(e) => {
+                                read_err.log("reading from a tun", &e);
+                                break;
+                            }
                         }
                     }
                 }
+                tx.flush(&mut wio);
             }
-            tx.flush(&mut wio);
-        }
-    })?;
+        })?;
     Ok(())
 }
 
 /// Starts the thread that reads one UDP socket until it is replaced.
 fn spawn_udp_reader(i: usize, b: Arc<Bound>, tun: Arc<TunQueue>, net: Network) -> io::Result<()> {
-    std::thread::Builder::new().name(format!("kwire-udp-{i}")).spawn(move || {
-        let mut rx = RxPath::new(net.vnet && tun.offload());
-        let mut batch = RecvBatch::new(RECV_BATCH, RECV_MSG_BYTES);
-        let mut scratch = SendScratch::new();
-        let (mut tun_err, mut udp_err, mut recv_err) = (Throttle::new(), Throttle::new(), Throttle::new());
-        let counters = net.counters.clone();
-        let device = net.device.clone();
-        loop {
-            let n = match b.sock.recv_batch(&mut batch) {
-                Ok(n) => n,
-                Err(e) => {
-                    if b.closed.load(Ordering::Relaxed) {
-                        return;
+    std::thread::Builder::new()
+        .name(format!("kwire-udp-{i}"))
+        .spawn(move || {
+            let mut rx = RxPath::new(net.vnet && tun.offload());
+            let mut batch = RecvBatch::new(RECV_BATCH, RECV_MSG_BYTES);
+            let mut scratch = SendScratch::new();
+            let (mut tun_err, mut udp_err, mut recv_err) =
+                (Throttle::new(), Throttle::new(), Throttle::new());
+            let counters = net.counters.clone();
+            let device = net.device.clone();
+            loop {
+                let n = match b.sock.recv_batch(&mut batch) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        if b.closed.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        recv_err.log("receiving WireGuard datagrams", &e);
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
                     }
-                    recv_err.log("receiving WireGuard datagrams", &e);
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
+                };
+                if b.closed.load(Ordering::Relaxed) {
+                    return;
                 }
-            };
-            if b.closed.load(Ordering::Relaxed) {
-                return;
+                let now = Instant::now();
+                let snap = device.snapshot();
+                let local = net.pods.table();
+                let mut wio = WorkerIo {
+                    tun: &tun,
+                    local: &local,
+                    sock: Some(b.clone()),
+                    scratch: &mut scratch,
+                    counters: &counters,
+                    tun_err: &mut tun_err,
+                    udp_err: &mut udp_err,
+                };
+                for k in 0..n {
+                    let m = batch.get(k);
+                    let Some(src) = m.src else { continue };
+                    rx.handle_message_local(
+                        &snap,
+                        &local,
+                        &device.source_limiter,
+                        src,
+                        m.data,
+                        m.segment,
+                        now,
+                        &counters,
+                        &mut wio,
+                    );
+                }
+                rx.finish(&counters, &mut wio);
             }
-            let now = Instant::now();
-            let snap = device.snapshot();
-            let local = net.pods.table();
-            let mut wio = WorkerIo {
-                tun: &tun,
-                local: &local,
-                sock: Some(b.clone()),
-                scratch: &mut scratch,
-                counters: &counters,
-                tun_err: &mut tun_err,
-                udp_err: &mut udp_err,
-            };
-            for k in 0..n {
-                let m = batch.get(k);
-                let Some(src) = m.src else { continue };
-                rx.handle_message_local(&snap, &local, &device.source_limiter, src, m.data, m.segment, now, &counters, &mut wio);
-            }
-            rx.finish(&counters, &mut wio);
-        }
-    })?;
+        })?;
     Ok(())
 }
 
 /// Starts the timer thread: peer timers every tick, rate limiter reset every second.
 pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
-    std::thread::Builder::new().name("kwire-timers".into()).spawn(move || {
-        let mut out = TxBatch::new(64 * 1024, 64);
-        let mut scratch = SendScratch::new();
-        let (mut a, mut b) = (Throttle::new(), Throttle::new());
-        let tun = net.tun_writers.lock().unwrap_or_else(|p| p.into_inner())[0].clone();
-        let ticks_per_second = (1000 / datapath::TIMER_TICK.as_millis()).max(1) as u64;
-        let mut ticks = 0u64;
-        loop {
-            std::thread::sleep(datapath::TIMER_TICK);
-            let snap = device.snapshot();
-            let local = net.pods.table();
-            let mut wio = WorkerIo { tun: &tun, local: &local, sock: net.socket_for(0), scratch: &mut scratch, counters: &net.counters, tun_err: &mut a, udp_err: &mut b };
-            datapath::tick_timers(&snap, &mut out, &mut wio);
-            ticks += 1;
-            if ticks.is_multiple_of(ticks_per_second) {
-                if let Some(id) = &snap.identity {
-                    id.rate_limiter.reset_count();
+    std::thread::Builder::new()
+        .name("kwire-timers".into())
+        .spawn(move || {
+            let mut out = TxBatch::new(64 * 1024, 64);
+            let mut scratch = SendScratch::new();
+            let (mut a, mut b) = (Throttle::new(), Throttle::new());
+            let tun = net.tun_writers.lock().unwrap_or_else(|p| p.into_inner())[0].clone();
+            let ticks_per_second = (1000 / datapath::TIMER_TICK.as_millis()).max(1) as u64;
+            let mut ticks = 0u64;
+            loop {
+                std::thread::sleep(datapath::TIMER_TICK);
+                let snap = device.snapshot();
+                let local = net.pods.table();
+                let mut wio = WorkerIo {
+                    tun: &tun,
+                    local: &local,
+                    sock: net.socket_for(0),
+                    scratch: &mut scratch,
+                    counters: &net.counters,
+                    tun_err: &mut a,
+                    udp_err: &mut b,
+                };
+                datapath::tick_timers(&snap, &mut out, &mut wio);
+                ticks += 1;
+                if ticks.is_multiple_of(ticks_per_second) {
+                    if let Some(id) = &snap.identity {
+                        id.rate_limiter.reset_count();
+                    }
+                    device.source_limiter.prune(Instant::now());
                 }
-                device.source_limiter.prune(Instant::now());
+                if ticks.is_multiple_of(ticks_per_second * CONNTRACK_SWEEP_SECONDS) {
+                    net.pods.conntrack.expire();
+                }
             }
-            if ticks.is_multiple_of(ticks_per_second * CONNTRACK_SWEEP_SECONDS) {
-                net.pods.conntrack.expire();
-            }
-        }
-    })?;
+        })?;
     Ok(())
 }

@@ -59,14 +59,22 @@ trait Bits: Copy + Eq + std::hash::Hash + std::ops::BitAnd<Output = Self> {
 impl Bits for u32 {
     const BITS: u8 = 32;
     fn mask(len: u8) -> u32 {
-        if len == 0 { 0 } else { u32::MAX << (32 - len as u32) }
+        if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - len as u32)
+        }
     }
 }
 
 impl Bits for u128 {
     const BITS: u8 = 128;
     fn mask(len: u8) -> u128 {
-        if len == 0 { 0 } else { u128::MAX << (128 - len as u32) }
+        if len == 0 {
+            0
+        } else {
+            u128::MAX << (128 - len as u32)
+        }
     }
 }
 
@@ -118,7 +126,10 @@ pub struct AllowedIps<T> {
 
 impl<T> Default for AllowedIps<T> {
     fn default() -> Self {
-        AllowedIps { v4: Family::default(), v6: Family::default() }
+        AllowedIps {
+            v4: Family::default(),
+            v6: Family::default(),
+        }
     }
 }
 
@@ -177,8 +188,12 @@ impl<T: Copy> AllowedIps<T> {
 /// Normalises a network: clears host bits, so `10.0.0.5/24` is stored as `10.0.0.0/24`.
 pub fn canonical(net: IpNetwork) -> IpNetwork {
     match net {
-        IpNetwork::V4(n) => IpNetwork::V4(ipnetwork::Ipv4Network::new(n.network(), n.prefix()).expect("prefix checked")),
-        IpNetwork::V6(n) => IpNetwork::V6(ipnetwork::Ipv6Network::new(n.network(), n.prefix()).expect("prefix checked")),
+        IpNetwork::V4(n) => IpNetwork::V4(
+            ipnetwork::Ipv4Network::new(n.network(), n.prefix()).expect("prefix checked"),
+        ),
+        IpNetwork::V6(n) => IpNetwork::V6(
+            ipnetwork::Ipv6Network::new(n.network(), n.prefix()).expect("prefix checked"),
+        ),
     }
 }
 
@@ -219,8 +234,10 @@ mod tests {
 
     fn net_strategy() -> impl Strategy<Value = IpNetwork> {
         prop_oneof![
-            (any::<[u8; 4]>(), 0u8..=32).prop_map(|(a, l)| canonical(IpNetwork::new(IpAddr::from(a), l).unwrap())),
-            (any::<[u8; 16]>(), 0u8..=128).prop_map(|(a, l)| canonical(IpNetwork::new(IpAddr::from(a), l).unwrap())),
+            (any::<[u8; 4]>(), 0u8..=32)
+                .prop_map(|(a, l)| canonical(IpNetwork::new(IpAddr::from(a), l).unwrap())),
+            (any::<[u8; 16]>(), 0u8..=128)
+                .prop_map(|(a, l)| canonical(IpNetwork::new(IpAddr::from(a), l).unwrap())),
         ]
     }
 

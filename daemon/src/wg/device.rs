@@ -47,7 +47,10 @@ pub struct PeerState {
 
 impl std::fmt::Debug for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Peer").field("public_key", &self.public_key).field("index", &self.index).finish_non_exhaustive()
+        f.debug_struct("Peer")
+            .field("public_key", &self.public_key)
+            .field("index", &self.index)
+            .finish_non_exhaustive()
     }
 }
 
@@ -130,7 +133,11 @@ pub struct Device {
 
 impl Default for Device {
     fn default() -> Self {
-        Device { config: Mutex::new(Config::default()), snapshot: ArcSwap::from_pointee(Snapshot::default()), source_limiter: SourceLimiter::default() }
+        Device {
+            config: Mutex::new(Config::default()),
+            snapshot: ArcSwap::from_pointee(Snapshot::default()),
+            source_limiter: SourceLimiter::default(),
+        }
     }
 }
 
@@ -174,7 +181,11 @@ impl Device {
         if let Some(port) = req.listen_port {
             if !cfg.bound || port != cfg.listen_port || (port == 0) {
                 let bound = net.bind(port, fwmark).map_err(|e| UapiError {
-                    errno: if e.kind() == std::io::ErrorKind::AddrInUse { Errno::AddrInUse } else { Errno::Io },
+                    errno: if e.kind() == std::io::ErrorKind::AddrInUse {
+                        Errno::AddrInUse
+                    } else {
+                        Errno::Io
+                    },
                     message: format!("binding UDP port {port}: {e}"),
                 })?;
                 cfg.listen_port = bound;
@@ -182,7 +193,10 @@ impl Device {
             }
         }
         if req.fwmark.is_some() && fwmark != cfg.fwmark {
-            net.set_fwmark(fwmark).map_err(|e| UapiError { errno: Errno::Io, message: format!("setting fwmark {fwmark}: {e}") })?;
+            net.set_fwmark(fwmark).map_err(|e| UapiError {
+                errno: Errno::Io,
+                message: format!("setting fwmark {fwmark}: {e}"),
+            })?;
             cfg.fwmark = fwmark;
         }
         if let Some(k) = req.private_key {
@@ -210,7 +224,10 @@ impl Device {
     }
 
     fn publish(&self, cfg: &Config) {
-        let mut s = Snapshot { identity: cfg.identity.clone(), ..Snapshot::default() };
+        let mut s = Snapshot {
+            identity: cfg.identity.clone(),
+            ..Snapshot::default()
+        };
         for (slot, e) in cfg.peers.values().enumerate() {
             let slot = slot as u32;
             s.peers.push(e.peer.clone());
@@ -255,7 +272,11 @@ fn set_private_key(cfg: &mut Config, key: Option<PrivateKey>) {
     cfg.identity = key.as_ref().map(|k| {
         let secret = k.secret();
         let public = x25519_dalek::PublicKey::from(&secret);
-        Arc::new(Identity { rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)), secret, public })
+        Arc::new(Identity {
+            rate_limiter: Arc::new(RateLimiter::new(&public, HANDSHAKE_RATE_LIMIT)),
+            secret,
+            public,
+        })
     });
     cfg.key = key;
     // A peer with our own public key cannot exist (wireguard-go removes it too).
@@ -271,8 +292,15 @@ fn set_private_key(cfg: &mut Config, key: Option<PrivateKey>) {
 
 /// Replaces a peer's `Tunn` (new key, preshared key or keepalive: boringtun fixes these at
 /// construction), keeping its endpoint, counters and allowed IPs.
-fn rebuild_peer(cfg: &mut Config, pk: PublicKey, psk: Option<Option<PresharedKey>>, keepalive: Option<u16>) {
-    let Some(old) = cfg.peers.get(&pk).map(|e| e.peer.clone()) else { return };
+fn rebuild_peer(
+    cfg: &mut Config,
+    pk: PublicKey,
+    psk: Option<Option<PresharedKey>>,
+    keepalive: Option<u16>,
+) {
+    let Some(old) = cfg.peers.get(&pk).map(|e| e.peer.clone()) else {
+        return;
+    };
     let psk = psk.unwrap_or_else(|| old.preshared_key.clone());
     let keepalive = keepalive.unwrap_or(old.persistent_keepalive);
     let used: IntMap<u32, u32> = cfg.peers.values().map(|e| (e.peer.index, 0)).collect();
@@ -280,8 +308,10 @@ fn rebuild_peer(cfg: &mut Config, pk: PublicKey, psk: Option<Option<PresharedKey
         cfg.peers.remove(&pk);
         return;
     };
-    peer.rx_bytes.store(old.rx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
-    peer.tx_bytes.store(old.tx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    peer.rx_bytes
+        .store(old.rx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    peer.tx_bytes
+        .store(old.tx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
     if let Some(e) = cfg.peers.get_mut(&pk) {
         e.peer = Arc::new(peer);
     }
@@ -299,7 +329,10 @@ fn make_peer(
     // throw-away key: it can do nothing, and is rebuilt when a key arrives.
     let (secret, limiter) = match &cfg.identity {
         Some(id) => (id.secret.clone(), Some(id.rate_limiter.clone())),
-        None => (x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng), None),
+        None => (
+            x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng),
+            None,
+        ),
     };
     let index = new_index(used);
     let tunn = Tunn::new(
@@ -339,17 +372,30 @@ fn apply_peer(cfg: &mut Config, c: PeerChange) {
         let psk = c.preshared_key.clone().flatten();
         let ka = c.persistent_keepalive.unwrap_or(0);
         if let Some(peer) = make_peer(cfg, pk, psk, ka, None, &used) {
-            cfg.peers.insert(pk, PeerEntry { peer: Arc::new(peer), allowed_ips: Vec::new() });
+            cfg.peers.insert(
+                pk,
+                PeerEntry {
+                    peer: Arc::new(peer),
+                    allowed_ips: Vec::new(),
+                },
+            );
         }
     } else {
         let e = &cfg.peers[&pk];
-        let psk_changed = c.preshared_key.as_ref().is_some_and(|k| *k != e.peer.preshared_key);
-        let ka_changed = c.persistent_keepalive.is_some_and(|k| k != e.peer.persistent_keepalive);
+        let psk_changed = c
+            .preshared_key
+            .as_ref()
+            .is_some_and(|k| *k != e.peer.preshared_key);
+        let ka_changed = c
+            .persistent_keepalive
+            .is_some_and(|k| k != e.peer.persistent_keepalive);
         if psk_changed || ka_changed {
             rebuild_peer(cfg, pk, c.preshared_key.clone(), c.persistent_keepalive);
         }
     }
-    let Some(e) = cfg.peers.get_mut(&pk) else { return };
+    let Some(e) = cfg.peers.get_mut(&pk) else {
+        return;
+    };
     if let Some(ep) = c.endpoint {
         e.peer.lock().endpoint = Some(ep);
     }
@@ -396,7 +442,9 @@ mod tests {
     fn set(dev: &Device, net: &mut FakeNet, lines: &[&str]) -> Result<(), UapiError> {
         let mut all = vec!["set=1"];
         all.extend_from_slice(lines);
-        let Request::Set(r) = parse_request(&all).unwrap() else { panic!() };
+        let Request::Set(r) = parse_request(&all).unwrap() else {
+            panic!()
+        };
         dev.apply(r, net)
     }
 
@@ -411,7 +459,19 @@ mod tests {
         let pk1 = format!("public_key={}", hex(1));
         let pk2 = format!("public_key={}", hex(2));
         let sk = format!("private_key={}", hex(9));
-        set(&dev, &mut net, &[&sk, "listen_port=51820", &pk1, "allowed_ip=10.0.0.0/24", &pk2, "allowed_ip=10.0.1.0/24"]).unwrap();
+        set(
+            &dev,
+            &mut net,
+            &[
+                &sk,
+                "listen_port=51820",
+                &pk1,
+                "allowed_ip=10.0.0.0/24",
+                &pk2,
+                "allowed_ip=10.0.1.0/24",
+            ],
+        )
+        .unwrap();
         let s = dev.snapshot();
         assert_eq!(s.peers.len(), 2);
         let slot = s.routes.lookup("10.0.1.7".parse().unwrap()).unwrap();
@@ -426,13 +486,22 @@ mod tests {
         set(&dev, &mut net, &["listen_port=51820"]).unwrap();
         assert_eq!(net.binds.len(), 1);
         // update_only does not create; remove removes.
-        set(&dev, &mut net, &[&format!("public_key={}", hex(3)), "update_only=true"]).unwrap();
+        set(
+            &dev,
+            &mut net,
+            &[&format!("public_key={}", hex(3)), "update_only=true"],
+        )
+        .unwrap();
         assert_eq!(dev.snapshot().peers.len(), 2);
         set(&dev, &mut net, &[&pk1, "remove=true"]).unwrap();
         assert_eq!(dev.snapshot().peers.len(), 1);
         set(&dev, &mut net, &["replace_peers=true"]).unwrap();
         assert!(dev.snapshot().peers.is_empty());
-        assert!(dev.snapshot().routes.lookup("10.0.0.1".parse().unwrap()).is_none());
+        assert!(dev
+            .snapshot()
+            .routes
+            .lookup("10.0.0.1".parse().unwrap())
+            .is_none());
     }
 
     #[test]
@@ -440,7 +509,16 @@ mod tests {
         let dev = Device::new();
         let mut net = FakeNet::default();
         let pk = format!("public_key={}", hex(1));
-        set(&dev, &mut net, &[&format!("private_key={}", hex(9)), &pk, "endpoint=192.0.2.2:51820"]).unwrap();
+        set(
+            &dev,
+            &mut net,
+            &[
+                &format!("private_key={}", hex(9)),
+                &pk,
+                "endpoint=192.0.2.2:51820",
+            ],
+        )
+        .unwrap();
         let before = dev.snapshot().peers[0].clone();
         before.rx_bytes.store(77, Ordering::Relaxed);
         set(&dev, &mut net, &[&pk, "persistent_keepalive_interval=25"]).unwrap();
@@ -459,7 +537,15 @@ mod tests {
         let mut net = FakeNet::default();
         let sk = PrivateKey::from_bytes([9; 32]).unwrap();
         let own = sk.public_key().to_hex();
-        set(&dev, &mut net, &[&format!("private_key={}", hex(9)), &format!("public_key={own}")]).unwrap();
+        set(
+            &dev,
+            &mut net,
+            &[
+                &format!("private_key={}", hex(9)),
+                &format!("public_key={own}"),
+            ],
+        )
+        .unwrap();
         assert!(dev.snapshot().peers.is_empty());
         net.fail = true;
         let e = set(&dev, &mut net, &["listen_port=1"]).unwrap_err();

@@ -24,7 +24,9 @@ pub struct SourceLimiter {
 
 impl Default for SourceLimiter {
     fn default() -> Self {
-        SourceLimiter { inner: Mutex::new(HashMap::new()) }
+        SourceLimiter {
+            inner: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -53,7 +55,9 @@ impl SourceLimiter {
     /// Forgets sources idle for a second or more (call about once a second).
     pub fn prune(&self, now: Instant) {
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        m.retain(|_, (tokens, t)| *tokens < MAX_TOKENS || now.saturating_duration_since(*t).as_secs() < 1);
+        m.retain(|_, (tokens, t)| {
+            *tokens < MAX_TOKENS || now.saturating_duration_since(*t).as_secs() < 1
+        });
     }
 }
 
@@ -73,7 +77,10 @@ mod tests {
         }
         assert!(!l.allow(a, t0), "burst exhausted");
         assert!(l.allow(b, t0), "other sources unaffected");
-        assert!(l.allow(a, t0 + Duration::from_millis(50)), "one token per 50 ms");
+        assert!(
+            l.allow(a, t0 + Duration::from_millis(50)),
+            "one token per 50 ms"
+        );
         assert!(!l.allow(a, t0 + Duration::from_millis(60)));
     }
 }

@@ -1,8 +1,8 @@
 //! The WireGuard cross-platform userspace API (wireguard.com/xplatform): parsing `set=1`
 //! requests and formatting `get=1` answers. Text in, text out; no I/O and no device state.
 
-use crate::wg::key::{PresharedKey, PrivateKey};
 use crate::wg::allowed_ips::canonical;
+use crate::wg::key::{PresharedKey, PrivateKey};
 use ipnetwork::IpNetwork;
 use kwire_proto::key::{decode_hex32, PublicKey};
 use std::fmt::Write as _;
@@ -40,7 +40,10 @@ pub struct UapiError {
 
 impl UapiError {
     pub fn invalid(message: impl Into<String>) -> UapiError {
-        UapiError { errno: Errno::Invalid, message: message.into() }
+        UapiError {
+            errno: Errno::Invalid,
+            message: message.into(),
+        }
     }
 }
 
@@ -98,7 +101,10 @@ pub fn parse_request(lines: &[&str]) -> Result<Request, UapiError> {
         Some("get=1") if lines.len() == 1 => Ok(Request::Get),
         Some("get=1") => Err(UapiError::invalid("get=1 takes no arguments")),
         Some("set=1") => parse_set(&lines[1..]).map(Request::Set),
-        Some(other) => Err(UapiError::invalid(format!("unknown operation {:?}", trunc(other)))),
+        Some(other) => Err(UapiError::invalid(format!(
+            "unknown operation {:?}",
+            trunc(other)
+        ))),
         None => Err(UapiError::invalid("empty request")),
     }
 }
@@ -119,7 +125,9 @@ fn prefix(s: &str, max: usize) -> &str {
 }
 
 fn hex_key(key: &str, v: &str) -> Result<Zeroizing<[u8; 32]>, UapiError> {
-    decode_hex32(v).map(Zeroizing::new).map_err(|e| UapiError::invalid(format!("{key}: {e}")))
+    decode_hex32(v)
+        .map(Zeroizing::new)
+        .map_err(|e| UapiError::invalid(format!("{key}: {e}")))
 }
 
 fn flag(key: &str, v: &str) -> Result<bool, UapiError> {
@@ -131,7 +139,8 @@ fn flag(key: &str, v: &str) -> Result<bool, UapiError> {
 }
 
 fn num<T: std::str::FromStr>(key: &str, v: &str) -> Result<T, UapiError> {
-    v.parse().map_err(|_| UapiError::invalid(format!("{key}: not a valid number: {:?}", prefix(v, 20))))
+    v.parse()
+        .map_err(|_| UapiError::invalid(format!("{key}: not a valid number: {:?}", prefix(v, 20))))
 }
 
 fn parse_set(lines: &[&str]) -> Result<SetRequest, UapiError> {
@@ -155,10 +164,16 @@ fn parse_set(lines: &[&str]) -> Result<SetRequest, UapiError> {
             "fwmark" => req.fwmark = Some(num(key, value)?),
             "replace_peers" => req.replace_peers = flag(key, value)?,
             "public_key" => {
-                let pk = PublicKey::from_hex(value).map_err(|e| UapiError::invalid(format!("public_key: {e}")))?;
+                let pk = PublicKey::from_hex(value)
+                    .map_err(|e| UapiError::invalid(format!("public_key: {e}")))?;
                 req.peers.push(PeerChange::new(pk));
             }
-            _ => return Err(UapiError::invalid(format!("unknown device key {:?}", trunc(key)))),
+            _ => {
+                return Err(UapiError::invalid(format!(
+                    "unknown device key {:?}",
+                    trunc(key)
+                )))
+            }
         }
     }
     Ok(req)
@@ -170,31 +185,48 @@ fn parse_peer_key(p: &mut PeerChange, key: &str, value: &str) -> Result<(), Uapi
         "update_only" => p.update_only = flag(key, value)?,
         "preshared_key" => {
             let b = hex_key(key, value)?;
-            p.preshared_key = Some(if *b == [0u8; 32] { None } else { Some(PresharedKey(b)) });
+            p.preshared_key = Some(if *b == [0u8; 32] {
+                None
+            } else {
+                Some(PresharedKey(b))
+            });
         }
         "endpoint" => {
-            let a: SocketAddr = value
-                .parse()
-                .map_err(|_| UapiError::invalid(format!("endpoint: expected IP:port or [IPv6]:port, got {:?}", prefix(value, 60))))?;
+            let a: SocketAddr = value.parse().map_err(|_| {
+                UapiError::invalid(format!(
+                    "endpoint: expected IP:port or [IPv6]:port, got {:?}",
+                    prefix(value, 60)
+                ))
+            })?;
             if a.port() == 0 || a.ip().is_unspecified() || a.ip().is_multicast() {
-                return Err(UapiError::invalid(format!("endpoint {a}: not a unicast address and port")));
+                return Err(UapiError::invalid(format!(
+                    "endpoint {a}: not a unicast address and port"
+                )));
             }
             p.endpoint = Some(a);
         }
         "persistent_keepalive_interval" => p.persistent_keepalive = Some(num(key, value)?),
         "replace_allowed_ips" => p.replace_allowed_ips = flag(key, value)?,
         "allowed_ip" => {
-            let n: IpNetwork = value
-                .parse()
-                .map_err(|_| UapiError::invalid(format!("allowed_ip: not a CIDR: {:?}", prefix(value, 60))))?;
+            let n: IpNetwork = value.parse().map_err(|_| {
+                UapiError::invalid(format!("allowed_ip: not a CIDR: {:?}", prefix(value, 60)))
+            })?;
             p.allowed_ips.push(canonical(n));
         }
         "protocol_version" => {
             if value != "1" {
-                return Err(UapiError { errno: Errno::Protocol, message: format!("protocol_version {value:?} not supported (only 1)") });
+                return Err(UapiError {
+                    errno: Errno::Protocol,
+                    message: format!("protocol_version {value:?} not supported (only 1)"),
+                });
             }
         }
-        _ => return Err(UapiError::invalid(format!("unknown peer key {:?}", trunc(key)))),
+        _ => {
+            return Err(UapiError::invalid(format!(
+                "unknown peer key {:?}",
+                trunc(key)
+            )))
+        }
     }
     Ok(())
 }
@@ -244,12 +276,19 @@ pub fn format_get(info: &DeviceInfo) -> Zeroizing<String> {
         if let Some(e) = p.endpoint {
             let _ = writeln!(s, "endpoint={e}");
         }
-        let d = p.last_handshake.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).unwrap_or(Duration::ZERO);
+        let d = p
+            .last_handshake
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .unwrap_or(Duration::ZERO);
         let _ = writeln!(s, "last_handshake_time_sec={}", d.as_secs());
         let _ = writeln!(s, "last_handshake_time_nsec={}", d.subsec_nanos());
         let _ = writeln!(s, "tx_bytes={}", p.tx_bytes);
         let _ = writeln!(s, "rx_bytes={}", p.rx_bytes);
-        let _ = writeln!(s, "persistent_keepalive_interval={}", p.persistent_keepalive);
+        let _ = writeln!(
+            s,
+            "persistent_keepalive_interval={}",
+            p.persistent_keepalive
+        );
         for n in &p.allowed_ips {
             let _ = writeln!(s, "allowed_ip={n}");
         }
@@ -296,7 +335,9 @@ mod tests {
             "remove=true",
             "protocol_version=1",
         ];
-        let Request::Set(r) = parse_request(&lines).unwrap() else { panic!() };
+        let Request::Set(r) = parse_request(&lines).unwrap() else {
+            panic!()
+        };
         assert!(matches!(r.private_key, Some(Some(_))));
         assert_eq!(r.listen_port, Some(12912));
         assert_eq!(r.fwmark, Some(0));
@@ -317,11 +358,30 @@ mod tests {
             (&["set=1", "private_key=zz"], Errno::Invalid),
             (&["set=1", "nonsense"], Errno::Invalid),
             (&["set=1", "public_key=00"], Errno::Invalid),
-            (&["set=1", &format!("public_key={PK}"), "endpoint=nowhere"], Errno::Invalid),
-            (&["set=1", &format!("public_key={PK}"), "endpoint=0.0.0.0:1"], Errno::Invalid),
-            (&["set=1", &format!("public_key={PK}"), "allowed_ip=10.0.0.0/33"], Errno::Invalid),
-            (&["set=1", &format!("public_key={PK}"), "protocol_version=2"], Errno::Protocol),
-            (&["set=1", &format!("public_key={PK}"), "listen_port=1"], Errno::Invalid),
+            (
+                &["set=1", &format!("public_key={PK}"), "endpoint=nowhere"],
+                Errno::Invalid,
+            ),
+            (
+                &["set=1", &format!("public_key={PK}"), "endpoint=0.0.0.0:1"],
+                Errno::Invalid,
+            ),
+            (
+                &[
+                    "set=1",
+                    &format!("public_key={PK}"),
+                    "allowed_ip=10.0.0.0/33",
+                ],
+                Errno::Invalid,
+            ),
+            (
+                &["set=1", &format!("public_key={PK}"), "protocol_version=2"],
+                Errno::Protocol,
+            ),
+            (
+                &["set=1", &format!("public_key={PK}"), "listen_port=1"],
+                Errno::Invalid,
+            ),
             (&["set=1", "replace_peers=yes"], Errno::Invalid),
             (&["get=1", "x=y"], Errno::Invalid),
         ];
@@ -335,11 +395,20 @@ mod tests {
     #[test]
     fn echoes_are_cut_at_character_boundaries() {
         let long = "\u{88}".repeat(30);
-        for line in [long.clone(), format!("listen_port=1{long}"), format!("x{long}=1")] {
+        for line in [
+            long.clone(),
+            format!("listen_port=1{long}"),
+            format!("x{long}=1"),
+        ] {
             assert!(parse_request(&["set=1", &line]).is_err());
         }
         for key in ["endpoint", "allowed_ip", "persistent_keepalive_interval"] {
-            assert!(parse_request(&["set=1", &format!("public_key={PK}"), &format!("{key}=1{long}")]).is_err());
+            assert!(parse_request(&[
+                "set=1",
+                &format!("public_key={PK}"),
+                &format!("{key}=1{long}")
+            ])
+            .is_err());
         }
         assert!(parse_request(&[&format!("x{long}")]).is_err());
     }

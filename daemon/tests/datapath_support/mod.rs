@@ -16,8 +16,10 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
 /// Outer (underlay) addresses of the two nodes.
-pub const ADDR_A: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 51820);
-pub const ADDR_B: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)), 51820);
+pub const ADDR_A: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), 51820);
+pub const ADDR_B: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 2)), 51820);
 /// Inner (pod) addresses: each is the other's only allowed IP.
 pub const INNER_A: [u8; 4] = [10, 99, 0, 1];
 pub const INNER_B: [u8; 4] = [10, 99, 0, 2];
@@ -61,16 +63,27 @@ pub struct Ring {
 
 impl Ring {
     pub fn new(bytes: usize, entries: usize) -> Ring {
-        Ring { buf: vec![0; bytes], used: 0, entries: Vec::with_capacity(entries), overflows: 0 }
+        Ring {
+            buf: vec![0; bytes],
+            used: 0,
+            entries: Vec::with_capacity(entries),
+            overflows: 0,
+        }
     }
 
     pub fn push(&mut self, data: &[u8], segment: u32, addr: SocketAddr) {
-        if self.used + data.len() > self.buf.len() || self.entries.len() == self.entries.capacity() {
+        if self.used + data.len() > self.buf.len() || self.entries.len() == self.entries.capacity()
+        {
             self.overflows += 1;
             return;
         }
         self.buf[self.used..self.used + data.len()].copy_from_slice(data);
-        self.entries.push(Entry { start: self.used, len: data.len(), segment, addr });
+        self.entries.push(Entry {
+            start: self.used,
+            len: data.len(),
+            segment,
+            addr,
+        });
         self.used += data.len();
     }
 
@@ -101,7 +114,10 @@ pub struct RingIo {
 
 impl RingIo {
     pub fn new() -> RingIo {
-        RingIo { udp: Ring::new(8 << 20, 8192), tun: Ring::new(8 << 20, 4096) }
+        RingIo {
+            udp: Ring::new(8 << 20, 8192),
+            tun: Ring::new(8 << 20, 4096),
+        }
     }
 }
 
@@ -155,8 +171,16 @@ pub fn hex(b: &[u8]) -> String {
 }
 
 /// The `wg set` request text that gives `own` the key `key` and `peer` as its one peer.
-pub fn set_request_text(key: &[u8; 32], peer_key: &[u8; 32], peer_addr: SocketAddr, peer_inner: [u8; 4]) -> String {
-    let peer_pub = PrivateKey::from_bytes(*peer_key).expect("nonzero").public_key().to_hex();
+pub fn set_request_text(
+    key: &[u8; 32],
+    peer_key: &[u8; 32],
+    peer_addr: SocketAddr,
+    peer_inner: [u8; 4],
+) -> String {
+    let peer_pub = PrivateKey::from_bytes(*peer_key)
+        .expect("nonzero")
+        .public_key()
+        .to_hex();
     let ip = Ipv4Addr::from(peer_inner);
     format!(
         "set=1\nprivate_key={}\nlisten_port=51820\nreplace_peers=true\npublic_key={peer_pub}\nendpoint={peer_addr}\n\
@@ -168,29 +192,52 @@ pub fn set_request_text(key: &[u8; 32], peer_key: &[u8; 32], peer_addr: SocketAd
 /// Applies a request text (lines up to the blank line) to `dev`.
 pub fn apply_text(dev: &Device, text: &str) {
     let lines: Vec<&str> = text.lines().take_while(|l| !l.is_empty()).collect();
-    let Request::Set(req) = parse_request(&lines).expect("request parses") else { panic!("not a set") };
+    let Request::Set(req) = parse_request(&lines).expect("request parses") else {
+        panic!("not a set")
+    };
     dev.apply(req, &mut NoNet).expect("request applies");
 }
 
 impl Node {
     /// A node with key `key` whose one peer has key `peer_key`, at `peer_addr`, owning `peer_inner`.
-    pub fn new(key: [u8; 32], addr: SocketAddr, inner: [u8; 4], peer_key: [u8; 32], peer_addr: SocketAddr, peer_inner: [u8; 4], rx_vnet: bool) -> Node {
+    pub fn new(
+        key: [u8; 32],
+        addr: SocketAddr,
+        inner: [u8; 4],
+        peer_key: [u8; 32],
+        peer_addr: SocketAddr,
+        peer_inner: [u8; 4],
+        rx_vnet: bool,
+    ) -> Node {
         let device = Device::new();
-        apply_text(&device, &set_request_text(&key, &peer_key, peer_addr, peer_inner));
-        Node { device, addr, inner, tx: TxPath::new(), rx: RxPath::new(rx_vnet), counters: Counters::default(), io: RingIo::new() }
+        apply_text(
+            &device,
+            &set_request_text(&key, &peer_key, peer_addr, peer_inner),
+        );
+        Node {
+            device,
+            addr,
+            inner,
+            tx: TxPath::new(),
+            rx: RxPath::new(rx_vnet),
+            counters: Counters::default(),
+            io: RingIo::new(),
+        }
     }
 
     /// Encrypts one tun frame and sends what is pending.
     pub fn send(&mut self, frame: &mut [u8], vnet: bool) {
         let snap = self.device.snapshot();
-        self.tx.handle_frame(&snap, frame, vnet, &self.counters, &mut self.io);
+        self.tx
+            .handle_frame(&snap, frame, vnet, &self.counters, &mut self.io);
         self.tx.flush(&mut self.io);
     }
 
     /// Encrypts one tun frame without flushing.
     pub fn queue(&mut self, frame: &mut [u8], vnet: bool) {
         let snap = self.device.snapshot();
-        self.tx.handle_frame(&snap, frame, vnet, &self.counters, &mut self.io);
+        self.tx
+            .handle_frame(&snap, frame, vnet, &self.counters, &mut self.io);
     }
 }
 
@@ -204,8 +251,21 @@ pub fn deliver(from: &mut Node, to: &mut Node, now: Instant) -> usize {
     let snap = to.device.snapshot();
     for i in 0..n {
         let (e, data) = from.io.udp.entry(i);
-        let seg = if e.segment == 0 { None } else { Some(e.segment as u16) };
-        to.rx.handle_message(&snap, &to.device.source_limiter, from.addr, data, seg, now, &to.counters, &mut to.io);
+        let seg = if e.segment == 0 {
+            None
+        } else {
+            Some(e.segment as u16)
+        };
+        to.rx.handle_message(
+            &snap,
+            &to.device.source_limiter,
+            from.addr,
+            data,
+            seg,
+            now,
+            &to.counters,
+            &mut to.io,
+        );
     }
     to.rx.finish(&to.counters, &mut to.io);
     from.io.udp.clear();
@@ -230,7 +290,8 @@ impl Pair {
     /// Moves datagrams both ways until neither side has anything to send.
     pub fn pump(&mut self, now: Instant) {
         for _ in 0..16 {
-            let moved = deliver(&mut self.a, &mut self.b, now) + deliver(&mut self.b, &mut self.a, now);
+            let moved =
+                deliver(&mut self.a, &mut self.b, now) + deliver(&mut self.b, &mut self.a, now);
             if moved == 0 {
                 return;
             }
@@ -289,12 +350,26 @@ fn fill_pattern(p: &mut [u8], n: u32) {
 /// Writes into `buf` what a tun with TSO hands over: a virtio-net header (`GSO_TCPV4`,
 /// `NEEDS_CSUM`, `gso_size` [`MSS`]) and one IPv4/TCP segment with `payload` bytes, ACK|PSH,
 /// its checksum field holding the pseudo-header sum. Returns the frame length.
-pub fn tso_frame(buf: &mut [u8], src: [u8; 4], dst: [u8; 4], seq: u32, n: u32, payload: usize) -> usize {
+pub fn tso_frame(
+    buf: &mut [u8],
+    src: [u8; 4],
+    dst: [u8; 4],
+    seq: u32,
+    n: u32,
+    payload: usize,
+) -> usize {
     let len = 40 + payload;
     assert!(len <= 65535);
     let (h, rest) = buf.split_at_mut(VNET_HDR_LEN);
-    VnetHdr { flags: F_NEEDS_CSUM, gso_type: GSO_TCPV4, hdr_len: 40, gso_size: MSS, csum_start: 20, csum_offset: 16 }
-        .encode(h.try_into().expect("header length"));
+    VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_TCPV4,
+        hdr_len: 40,
+        gso_size: MSS,
+        csum_start: 20,
+        csum_offset: 16,
+    }
+    .encode(h.try_into().expect("header length"));
     let p = &mut rest[..len];
     p[..40].fill(0);
     p[0] = 0x45;
@@ -320,7 +395,14 @@ pub fn tso_frame(buf: &mut [u8], src: [u8; 4], dst: [u8; 4], seq: u32, n: u32, p
 }
 
 /// A plain IPv4/TCP packet with a full checksum (for GRO benches and seeds).
-pub fn tcp_packet(buf: &mut [u8], src: [u8; 4], dst: [u8; 4], seq: u32, flags: u8, payload: &[u8]) -> usize {
+pub fn tcp_packet(
+    buf: &mut [u8],
+    src: [u8; 4],
+    dst: [u8; 4],
+    seq: u32,
+    flags: u8,
+    payload: &[u8],
+) -> usize {
     let len = 40 + payload.len();
     let p = &mut buf[..len];
     p[..40].fill(0);
@@ -340,7 +422,10 @@ pub fn tcp_packet(buf: &mut [u8], src: [u8; 4], dst: [u8; 4], seq: u32, flags: u
     p[33] = flags;
     p[34..36].copy_from_slice(&512u16.to_be_bytes());
     p[40..].copy_from_slice(payload);
-    let c = !fold(sum(pseudo_header(&src, &dst, 6, (len - 20) as u32), &p[20..]));
+    let c = !fold(sum(
+        pseudo_header(&src, &dst, 6, (len - 20) as u32),
+        &p[20..],
+    ));
     p[36..38].copy_from_slice(&c.to_be_bytes());
     len
 }

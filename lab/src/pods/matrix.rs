@@ -3,8 +3,8 @@
 //! to, `.` reachable, `X` blocked; loopback is not probed and printed `.`).
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -107,12 +107,15 @@ fn reserve_udp_ports(dir: &Path, count: usize) -> u16 {
         .truncate(false)
         .open(dir.join(UDP_PORT_FILE));
     let Ok(file) = file else { return clock() };
-    let Ok(mut file) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-    else {
+    let Ok(mut file) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive) else {
         return clock();
     };
     let mut text = String::new();
-    let start = match file.read_to_string(&mut text).ok().and_then(|_| text.trim().parse::<u16>().ok()) {
+    let start = match file
+        .read_to_string(&mut text)
+        .ok()
+        .and_then(|_| text.trim().parse::<u16>().ok())
+    {
         Some(p) if (UDP_PORT_BASE..UDP_PORT_BASE + UDP_PORT_RANGE).contains(&p) => p,
         _ => clock(),
     };
@@ -165,10 +168,20 @@ fn probe_udp(
             match u.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     if let Some(i) = tos.iter().position(|t| *t == from) {
-                        out[i] = (true, format!("answer {:?}", String::from_utf8_lossy(&buf[..n])));
+                        out[i] = (
+                            true,
+                            format!("answer {:?}", String::from_utf8_lossy(&buf[..n])),
+                        );
                     }
                 }
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    break
+                }
                 Err(_) => {} // an ICMP error about one request; the others may still answer
             }
         }
@@ -205,7 +218,10 @@ fn select_pods(all: Vec<PodStatus>, wanted: &[String]) -> Result<Vec<PodStatus>,
 /// The IP a probe to `pod` uses: its IPv4 address if it has one.
 fn address_of(pod: &PodStatus) -> Option<IpAddr> {
     let ips: Vec<IpAddr> = pod.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
-    ips.iter().copied().find(IpAddr::is_ipv4).or(ips.first().copied())
+    ips.iter()
+        .copied()
+        .find(IpAddr::is_ipv4)
+        .or(ips.first().copied())
 }
 
 /// Probes every ordered pair of `pods` (not loopback) on `opts.port`, `opts.concurrency` at a
@@ -218,7 +234,9 @@ pub fn probe_all(pods: &[PodStatus], opts: &MatrixOptions, udp_ports_from: u16) 
     let n = pods.len();
     let others = |f: usize| (0..n).filter(move |t| *t != f);
     let jobs: Vec<Job> = match opts.port.protocol {
-        Protocol::Tcp => (0..n).flat_map(|f| others(f).map(move |t| (f, vec![t]))).collect(),
+        Protocol::Tcp => (0..n)
+            .flat_map(|f| others(f).map(move |t| (f, vec![t])))
+            .collect(),
         Protocol::Udp => (0..n).map(|f| (f, others(f).collect())).collect(),
     };
     let next = AtomicUsize::new(0);
@@ -238,12 +256,19 @@ pub fn probe_all(pods: &[PodStatus], opts: &MatrixOptions, udp_ports_from: u16) 
                 let answers: Vec<std::io::Result<(bool, String)>> = match opts.port.protocol {
                     Protocol::Tcp => known
                         .iter()
-                        .map(|a| probe::probe(netns, a.ip(), Some(a.port()), Protocol::Tcp, opts.timeout))
+                        .map(|a| {
+                            probe::probe(netns, a.ip(), Some(a.port()), Protocol::Tcp, opts.timeout)
+                        })
                         .collect(),
-                    Protocol::Udp => match probe_udp(netns, &known, udp_port(udp_ports_from, *f), opts.timeout) {
-                        Ok(v) => v.into_iter().map(Ok).collect(),
-                        Err(e) => known.iter().map(|_| Err(std::io::Error::new(e.kind(), e.to_string()))).collect(),
-                    },
+                    Protocol::Udp => {
+                        match probe_udp(netns, &known, udp_port(udp_ports_from, *f), opts.timeout) {
+                            Ok(v) => v.into_iter().map(Ok).collect(),
+                            Err(e) => known
+                                .iter()
+                                .map(|_| Err(std::io::Error::new(e.kind(), e.to_string())))
+                                .collect(),
+                        }
+                    }
                 };
                 let mut answers = answers.into_iter();
                 let mut out = results.lock().expect("no worker panics");
@@ -290,8 +315,11 @@ pub fn probe_all(pods: &[PodStatus], opts: &MatrixOptions, udp_ports_from: u16) 
 pub fn matrix(name: &str, opts: &MatrixOptions) -> Result<MatrixReport, LabError> {
     let (names, _, runtime) = running_lab(name)?;
     let all = list_pods(&names, runtime.as_ref())?;
-    let pods = select_pods(all, &opts.pods)
-        .map_err(|e| LabError::Usage(format!("lab {name}: {e} (`kwire-lab status --name {name}` lists pods)")))?;
+    let pods = select_pods(all, &opts.pods).map_err(|e| {
+        LabError::Usage(format!(
+            "lab {name}: {e} (`kwire-lab status --name {name}` lists pods)"
+        ))
+    })?;
     if pods.len() < 2 {
         return Err(LabError::Usage(format!(
             "lab {name} has {} running pod(s) to probe; a matrix needs two",
@@ -319,7 +347,10 @@ mod tests {
             blocked: vec![],
             elapsed_ms: 0,
         };
-        assert_eq!(r.pretty_print(), "-\t\tx/a\tx/b\nx/a\t.\t\tX\t\nx/b\t.\t\t.\t\n");
+        assert_eq!(
+            r.pretty_print(),
+            "-\t\tx/a\tx/b\nx/a\t.\t\tX\t\nx/b\t.\t\t.\t\n"
+        );
     }
 
     #[test]
@@ -329,7 +360,10 @@ mod tests {
         let a = reserve_udp_ports(&dir, 9);
         let b = reserve_udp_ports(&dir, 9);
         assert_eq!(b, udp_port(a, 9));
-        assert_eq!(udp_port(UDP_PORT_BASE + UDP_PORT_RANGE - 1, 2), UDP_PORT_BASE + 1);
+        assert_eq!(
+            udp_port(UDP_PORT_BASE + UDP_PORT_RANGE - 1, 2),
+            UDP_PORT_BASE + 1
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
