@@ -21,8 +21,12 @@ use support::{NoNet, RingIo, ADDR_A, ADDR_B, INNER_A, INNER_B, KEY_A, KEY_B};
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target.
-pub const TARGETS: [Target; 4] =
-    [("uapi_parse", uapi_parse), ("tso_split", tso_split), ("gro_coalesce", gro_coalesce), ("rx_message", rx_message)];
+pub const TARGETS: [Target; 4] = [
+    ("uapi_parse", uapi_parse),
+    ("tso_split", tso_split),
+    ("gro_coalesce", gro_coalesce),
+    ("rx_message", rx_message),
+];
 
 /// Userspace API text, split into requests as the server does (lines up to a blank line; an
 /// unterminated last request is dropped as at end of stream). Each request is parsed; a `set`
@@ -48,10 +52,17 @@ pub fn uapi_parse(data: &[u8]) {
             Ok(Request::Set(req)) => {
                 let _ = dev.apply(req, &mut NoNet);
                 let snap = dev.snapshot();
-                assert_eq!(snap.by_index.len(), snap.peers.len(), "one session index per peer");
+                assert_eq!(
+                    snap.by_index.len(),
+                    snap.peers.len(),
+                    "one session index per peer"
+                );
                 assert_eq!(snap.by_key.len(), snap.peers.len(), "one key per peer");
                 if let Some(own) = dev.public_key() {
-                    assert!(!snap.by_key.contains_key(&own.0), "our own key is never a peer");
+                    assert!(
+                        !snap.by_key.contains_key(&own.0),
+                        "our own key is never a peer"
+                    );
                 }
             }
             Err(e) => {
@@ -65,8 +76,15 @@ pub fn uapi_parse(data: &[u8]) {
                             continue;
                         }
                         let head = &v[..16];
-                        let elsewhere = lines.iter().enumerate().any(|(j, o)| j != i && o.contains(head));
-                        assert!(elsewhere || !e.message.contains(head), "error echoes a key: {}", e.message);
+                        let elsewhere = lines
+                            .iter()
+                            .enumerate()
+                            .any(|(j, o)| j != i && o.contains(head));
+                        assert!(
+                            elsewhere || !e.message.contains(head),
+                            "error echoes a key: {}",
+                            e.message
+                        );
                     }
                 }
             }
@@ -83,7 +101,11 @@ pub fn tso_split(data: &[u8]) {
     }
     let mut frame = data.to_vec();
     let tcp = data.len() >= VNET_HDR_LEN && matches!(data[1] & !GSO_ECN, GSO_TCPV4 | GSO_TCPV6);
-    let l4 = if data.len() >= 8 { u16::from_le_bytes([data[6], data[7]]) as usize } else { 0 };
+    let l4 = if data.len() >= 8 {
+        u16::from_le_bytes([data[6], data[7]]) as usize
+    } else {
+        0
+    };
     SCRATCH.with(|s| {
         let mut s = s.borrow_mut();
         // Refusing the frame is fine; what it emits must be right.
@@ -97,11 +119,18 @@ pub fn tso_split(data: &[u8]) {
 }
 
 fn tcp_checksum_valid(p: &[u8], l4: usize) -> bool {
-    let (s, d) = if p[0] >> 4 == 6 { (8..24, 24..40) } else { (12..16, 16..20) };
+    let (s, d) = if p[0] >> 4 == 6 {
+        (8..24, 24..40)
+    } else {
+        (12..16, 16..20)
+    };
     if p[0] >> 4 == 4 && fold(sum(0, &p[..l4])) != 0xffff {
         return false;
     }
-    fold(sum(pseudo_header(&p[s], &p[d], 6, (p.len() - l4) as u32), &p[l4..])) == 0xffff
+    fold(sum(
+        pseudo_header(&p[s], &p[d], 6, (p.len() - l4) as u32),
+        &p[l4..],
+    )) == 0xffff
 }
 
 /// Splits `data` into records of a 2-byte big-endian length and that many bytes (the last
@@ -132,7 +161,9 @@ pub fn encode_records<'a>(head: &[u8], recs: impl IntoIterator<Item = &'a [u8]>)
 /// No panic, no packet lost or invented: each frame written, split again as the kernel would,
 /// gives back as many packets as went in.
 pub fn gro_coalesce(data: &[u8]) {
-    let Some((&head, rest)) = data.split_first() else { return };
+    let Some((&head, rest)) = data.split_first() else {
+        return;
+    };
     let vnet = head & 1 == 1;
     let mut c = Coalescer::new(8, vnet);
     let mut scratch = vec![0u8; 65536];
@@ -145,7 +176,11 @@ pub fn gro_coalesce(data: &[u8]) {
             }
             let h = VnetHdr::decode(f[..VNET_HDR_LEN].try_into().expect("header room"));
             if h.gso_type == GSO_NONE {
-                assert_eq!(h, VnetHdr::default(), "a frame written as it came has an empty header");
+                assert_eq!(
+                    h,
+                    VnetHdr::default(),
+                    "a frame written as it came has an empty header"
+                );
                 *out += 1;
                 return;
             }
@@ -182,9 +217,14 @@ fn rx_run(data: &[u8]) -> usize {
         // Buffers only (drained on every `finish`); the device and its sessions are new per input.
         static PATHS: RefCell<[(RxPath, RingIo); 2]> = RefCell::new([(RxPath::new(false), RingIo::new()), (RxPath::new(true), RingIo::new())]);
     }
-    let Some((&head, mut rest)) = data.split_first() else { return 0 };
+    let Some((&head, mut rest)) = data.split_first() else {
+        return 0;
+    };
     let dev = Device::new();
-    support::apply_text(&dev, &support::set_request_text(&KEY_B, &KEY_A, ADDR_A, INNER_A));
+    support::apply_text(
+        &dev,
+        &support::set_request_text(&KEY_B, &KEY_A, ADDR_A, INNER_A),
+    );
     let counters = Counters::default();
     let stranger: SocketAddr = "203.0.113.9:51820".parse().expect("address");
     let now = Instant::now();
@@ -203,11 +243,28 @@ fn rx_run(data: &[u8]) -> usize {
             let Some(d) = records(r).next() else { break };
             rest = &r[2 + d.len()..];
             let src = if flags & 1 != 0 { ADDR_A } else { stranger };
-            rx.handle_message(&snap, &dev.source_limiter, src, d, segment, now, &counters, io);
+            rx.handle_message(
+                &snap,
+                &dev.source_limiter,
+                src,
+                d,
+                segment,
+                now,
+                &counters,
+                io,
+            );
         }
         rx.finish(&counters, io);
-        assert!(io.tun.is_empty(), "a datagram without the key reached the tun");
-        assert_eq!(counters.packets_rx.load(std::sync::atomic::Ordering::Relaxed), 0);
+        assert!(
+            io.tun.is_empty(),
+            "a datagram without the key reached the tun"
+        );
+        assert_eq!(
+            counters
+                .packets_rx
+                .load(std::sync::atomic::Ordering::Relaxed),
+            0
+        );
         io.udp.len()
     })
 }
@@ -232,11 +289,22 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         )
         .into_bytes(),
     ));
-    v.push(("uapi_parse", "bad_key", b"set=1\nprivate_key=zz41414141414141\n\n".to_vec()));
+    v.push((
+        "uapi_parse",
+        "bad_key",
+        b"set=1\nprivate_key=zz41414141414141\n\n".to_vec(),
+    ));
 
     // tso: a real TSO frame (3 segments plus a short one), and a single packet with a partial checksum.
     let mut buf = vec![0u8; 65536 + 16];
-    let n = support::tso_frame(&mut buf, INNER_A, INNER_B, 1000, 1, 3 * support::MSS as usize + 100);
+    let n = support::tso_frame(
+        &mut buf,
+        INNER_A,
+        INNER_B,
+        1000,
+        1,
+        3 * support::MSS as usize + 100,
+    );
     v.push(("tso_split", "tcpv4_4seg", buf[..n].to_vec()));
     let mut partial = buf[..VNET_HDR_LEN + 40 + 200].to_vec();
     partial[1] = GSO_NONE;
@@ -247,14 +315,30 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     let mut segs: Vec<Vec<u8>> = Vec::new();
     let mut scratch = vec![0u8; 65536];
     tso::split(&mut buf[..n], &mut scratch, |p| segs.push(p.to_vec())).expect("seed frame splits");
-    v.push(("gro_coalesce", "one_flow_vnet", encode_records(&[1], segs.iter().map(Vec::as_slice))));
+    v.push((
+        "gro_coalesce",
+        "one_flow_vnet",
+        encode_records(&[1], segs.iter().map(Vec::as_slice)),
+    ));
     let mut other = segs.clone();
     for s in &mut other {
         s[15] = 9; // another source address: another flow (checksums now wrong: kept apart)
     }
-    let mixed: Vec<&[u8]> = segs.iter().zip(&other).flat_map(|(a, b)| [a.as_slice(), b.as_slice()]).collect();
-    v.push(("gro_coalesce", "two_flows_vnet", encode_records(&[1], mixed.iter().copied())));
-    v.push(("gro_coalesce", "plain", encode_records(&[0], segs.iter().map(Vec::as_slice))));
+    let mixed: Vec<&[u8]> = segs
+        .iter()
+        .zip(&other)
+        .flat_map(|(a, b)| [a.as_slice(), b.as_slice()])
+        .collect();
+    v.push((
+        "gro_coalesce",
+        "two_flows_vnet",
+        encode_records(&[1], mixed.iter().copied()),
+    ));
+    v.push((
+        "gro_coalesce",
+        "plain",
+        encode_records(&[0], segs.iter().map(Vec::as_slice)),
+    ));
 
     // rx: a real handshake between A and B, captured: A's initiation, B's response, A's
     // keepalive and first data message (from another session: B must drop them).
@@ -266,15 +350,25 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     support::deliver(&mut p.a, &mut p.b, Instant::now());
     let response = p.b.io.udp.entry(0).1.to_vec();
     support::deliver(&mut p.b, &mut p.a, Instant::now());
-    let after: Vec<Vec<u8>> = (0..p.a.io.udp.len()).map(|i| p.a.io.udp.entry(i).1.to_vec()).collect();
+    let after: Vec<Vec<u8>> = (0..p.a.io.udp.len())
+        .map(|i| p.a.io.udp.entry(i).1.to_vec())
+        .collect();
     let rec = |flags: u8, d: &[u8]| {
         let mut r = vec![flags];
         r.extend_from_slice(&(d.len() as u16).to_be_bytes());
         r.extend_from_slice(d);
         r
     };
-    v.push(("rx_message", "handshake_init", [vec![0], rec(1, &init)].concat()));
-    v.push(("rx_message", "init_then_response", [vec![0], rec(1, &init), rec(1, &response)].concat()));
+    v.push((
+        "rx_message",
+        "handshake_init",
+        [vec![0], rec(1, &init)].concat(),
+    ));
+    v.push((
+        "rx_message",
+        "init_then_response",
+        [vec![0], rec(1, &init), rec(1, &response)].concat(),
+    ));
     let mut all = vec![1u8];
     all.extend(rec(1, &init));
     for d in &after {
@@ -297,11 +391,16 @@ mod tests {
     use std::path::PathBuf;
 
     fn corpus(target: &str) -> Vec<(PathBuf, Vec<u8>)> {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target);
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("corpus")
+            .join(target);
         let mut v: Vec<_> = std::fs::read_dir(&dir)
             .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
             .map(|e| e.expect("dir entry").path())
-            .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+            .filter(|p| {
+                !p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
             .map(|p| {
                 let d = std::fs::read(&p).expect("read seed");
                 (p, d)
@@ -345,12 +444,20 @@ mod tests {
             let seeds = corpus(name);
             assert!(!seeds.is_empty(), "corpus/{name} is empty");
             // uapi and rx build a device per input: fewer mutations keep the test quick.
-            let n = if matches!(name, "uapi_parse" | "rx_message") { 50 } else { 300 };
+            let n = if matches!(name, "uapi_parse" | "rx_message") {
+                50
+            } else {
+                300
+            };
             for (path, seed) in &seeds {
                 f(seed);
                 for (i, m) in mutations(seed, n).enumerate() {
                     let r = std::panic::catch_unwind(|| f(&m));
-                    assert!(r.is_ok(), "{name}: mutation {i} of {} panicked; input {m:?}", path.display());
+                    assert!(
+                        r.is_ok(),
+                        "{name}: mutation {i} of {} panicked; input {m:?}",
+                        path.display()
+                    );
                 }
             }
         }
@@ -359,19 +466,29 @@ mod tests {
     /// The captured initiation is one the device answers: the seeds reach past the MAC check.
     #[test]
     fn the_handshake_seed_gets_a_response() {
-        let seed = std::fs::read(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus/rx_message/handshake_init")).expect("seed");
+        let seed = std::fs::read(
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus/rx_message/handshake_init"),
+        )
+        .expect("seed");
         assert_eq!(rx_run(&seed), 1);
     }
 
     #[test]
     fn checked_in_seeds_are_current() {
         for (target, name, data) in seeds() {
-            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus").join(target).join(name);
+            let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("corpus")
+                .join(target)
+                .join(name);
             if std::env::var_os("KWIRE_WRITE_SEEDS").is_some() {
                 std::fs::write(&path, &data).expect("write seed");
             } else {
                 // Handshake captures differ per run (ephemeral keys); only their presence is checked.
-                assert!(path.exists(), "missing seed {} (run with KWIRE_WRITE_SEEDS=1)", path.display());
+                assert!(
+                    path.exists(),
+                    "missing seed {} (run with KWIRE_WRITE_SEEDS=1)",
+                    path.display()
+                );
             }
         }
     }
