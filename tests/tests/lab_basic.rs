@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use kwire_tests::lab::{kwire_lab, Json, Lab};
+use kwire_tests::lab::{kwire_lab, parse_json, Json, JsonExt, Lab};
 use kwire_tests::{require_root, run_host, wait_until};
 
 /// The stand-in agent: records what it was given, then sleeps (exec: the pid is the agent's).
@@ -24,16 +24,15 @@ fn netns_list() -> Vec<String> {
 }
 
 fn node<'a>(status: &'a Json, name: &str) -> &'a Json {
-    status
-        .get("nodes")
-        .as_array()
+    status["nodes"]
+        .array()
         .iter()
-        .find(|n| n.get("name").as_str() == Some(name))
+        .find(|n| n["name"].as_str() == Some(name))
         .unwrap_or_else(|| panic!("no node {name} in status"))
 }
 
 fn agent_pid(lab: &Lab, node_name: &str) -> Option<u64> {
-    node(&lab.status(), node_name).get("agent_pid").as_u64()
+    node(&lab.status(), node_name)["agent_pid"].as_u64()
 }
 
 fn curl(url: &str) -> String {
@@ -64,13 +63,13 @@ fn up_builds_namespaces_bridge_api_nodes_and_status() {
     assert_eq!(ports.lines().count(), 3, "{ports}");
 
     // The API: Nodes registered with InternalIPs, dual-stack podCIDRs assigned by the stand-in.
-    let api = status.get("api_url").as_str().expect("api_url").to_string();
-    let nodes = Json::parse(&curl(&format!("{api}/api/v1/nodes"))).unwrap();
-    let items = nodes.get("items").as_array();
+    let api = status["api_url"].as_str().expect("api_url").to_string();
+    let nodes = parse_json(&curl(&format!("{api}/api/v1/nodes"))).unwrap();
+    let items = nodes["items"].array();
     assert_eq!(items.len(), 3);
     let mut all_cidrs = Vec::new();
     for item in items {
-        let cidrs = item.get("spec").get("podCIDRs").strings();
+        let cidrs = item["spec"]["podCIDRs"].strings();
         assert_eq!(cidrs.len(), 2, "{item:?}");
         assert!(
             cidrs[0].starts_with("10.244.") && cidrs[0].ends_with("/24"),
@@ -80,11 +79,11 @@ fn up_builds_namespaces_bridge_api_nodes_and_status() {
             cidrs[1].starts_with("fd00:10:244:") && cidrs[1].ends_with("/64"),
             "{cidrs:?}"
         );
-        let addrs = item.get("status").get("addresses").as_array();
+        let addrs = item["status"]["addresses"].array();
         let internal: Vec<&str> = addrs
             .iter()
-            .filter(|a| a.get("type").as_str() == Some("InternalIP"))
-            .filter_map(|a| a.get("address").as_str())
+            .filter(|a| a["type"].as_str() == Some("InternalIP"))
+            .filter_map(|a| a["address"].as_str())
             .collect();
         assert_eq!(internal.len(), 2, "v4 and v6 InternalIP: {addrs:?}");
         all_cidrs.extend(cidrs);
@@ -99,7 +98,7 @@ fn up_builds_namespaces_bridge_api_nodes_and_status() {
     );
 
     // status --json: the promised fields per node.
-    for (i, n) in status.get("nodes").as_array().iter().enumerate() {
+    for (i, n) in status["nodes"].array().iter().enumerate() {
         for field in [
             "name",
             "netns",
@@ -113,19 +112,19 @@ fn up_builds_namespaces_bridge_api_nodes_and_status() {
             assert!(n.has(field), "node {i} lacks {field}: {n:?}");
         }
         assert_eq!(
-            n.get("underlay_ip").as_str(),
+            n["underlay_ip"].as_str(),
             Some(format!("192.0.2.{}", i + 1).as_str())
         );
-        assert_eq!(n.get("pod_cidrs").strings().len(), 2);
-        let gw = n.get("gateway_ips").strings();
+        assert_eq!(n["pod_cidrs"].strings().len(), 2);
+        let gw = n["gateway_ips"].strings();
         assert!(gw[0].ends_with(".1") && gw[1].ends_with("::1"), "{gw:?}");
-        assert!(Path::new(n.get("state_dir").as_str().unwrap()).is_dir());
+        assert!(Path::new(n["state_dir"].as_str().unwrap()).is_dir());
         // Without a real agent: the other two nodes, no handshake.
-        let peers = n.get("peers").as_array();
+        let peers = n["peers"].array();
         assert_eq!(peers.len(), 2, "{peers:?}");
         assert!(peers
             .iter()
-            .all(|p| p.get("handshake").as_bool() == Some(false)));
+            .all(|p| p["handshake"].as_bool() == Some(false)));
     }
     let human = lab.cmd_ok("status", &[]);
     assert!(
@@ -147,7 +146,7 @@ fn up_builds_namespaces_bridge_api_nodes_and_status() {
         text.contains(&format!("{name}-n1")) && text.contains("kubeconfig-agents"),
         "{text}"
     );
-    assert!(n1.get("agent_pid").as_u64().is_some());
+    assert!(n1["agent_pid"].as_u64().is_some());
 
     // exec: runs in the node's namespace, exit code passed through.
     let out = lab.exec("2", &["ip", "-o", "addr", "show"]);
@@ -170,8 +169,7 @@ fn up_builds_namespaces_bridge_api_nodes_and_status() {
         .exec("n1", &["ping", "-c1", "-W2", "192.0.2.3"])
         .status
         .success());
-    let v6_n3 = node(&status, &format!("{name}-n3"))
-        .get("underlay_ipv6")
+    let v6_n3 = node(&status, &format!("{name}-n3"))["underlay_ipv6"]
         .as_str()
         .unwrap()
         .to_string();
@@ -222,15 +220,13 @@ fn supervisor_restarts_an_agent_that_exits() {
         || agent_pid(&lab, &n1).is_some_and(|p| p != first),
     );
     let st = lab.status();
-    assert_eq!(node(&st, &n1).get("agent_restarts").as_u64(), Some(1));
+    assert_eq!(node(&st, &n1)["agent_restarts"].as_u64(), Some(1));
     assert!(!Path::new(&format!("/proc/{first}")).exists());
     let log = std::fs::read_to_string(lab.dir().join("supervisor.log")).unwrap();
     assert!(log.contains("agent exited; restarting"), "{log}");
     // The other agent was left alone.
     assert_eq!(
-        node(&st, &format!("{}-n2", lab.name()))
-            .get("agent_restarts")
-            .as_u64(),
+        node(&st, &format!("{}-n2", lab.name()))["agent_restarts"].as_u64(),
         Some(0)
     );
 }
@@ -241,17 +237,15 @@ fn down_after_kill_9_of_the_supervisor_removes_everything() {
     let lab = up_fake(2);
     let name = lab.name().to_string();
     let st = lab.status();
-    let sup = st.get("supervisor_pid").as_u64().unwrap();
-    let agents: Vec<u64> = st
-        .get("nodes")
-        .as_array()
+    let sup = st["supervisor_pid"].as_u64().unwrap();
+    let agents: Vec<u64> = st["nodes"]
+        .array()
         .iter()
-        .filter_map(|n| n.get("agent_pid").as_u64())
+        .filter_map(|n| n["agent_pid"].as_u64())
         .collect();
     assert_eq!(agents.len(), 2);
     // A UAPI socket as an agent would leave it.
-    let iface = node(&st, &format!("{name}-n1"))
-        .get("interface")
+    let iface = node(&st, &format!("{name}-n1"))["interface"]
         .as_str()
         .unwrap()
         .to_string();
@@ -314,14 +308,12 @@ fn two_labs_coexist() {
     let a = up_fake(2);
     let b = up_fake(2);
     let (sa, sb) = (a.status(), b.status());
-    assert_ne!(sa.get("api_url"), sb.get("api_url"));
-    let ifa = node(&sa, &format!("{}-n1", a.name()))
-        .get("interface")
+    assert_ne!(sa["api_url"], sb["api_url"]);
+    let ifa = node(&sa, &format!("{}-n1", a.name()))["interface"]
         .as_str()
         .unwrap()
         .to_string();
-    let ifb = node(&sb, &format!("{}-n1", b.name()))
-        .get("interface")
+    let ifb = node(&sb, &format!("{}-n1", b.name()))["interface"]
         .as_str()
         .unwrap()
         .to_string();
@@ -335,7 +327,7 @@ fn two_labs_coexist() {
         .exec("n1", &["ping", "-c1", "-W2", "192.0.2.2"])
         .status
         .success());
-    let a_nodes = Json::parse(&String::from_utf8_lossy(
+    let a_nodes = parse_json(&String::from_utf8_lossy(
         &a.exec(
             "n1",
             &[
@@ -349,11 +341,10 @@ fn two_labs_coexist() {
         .stdout,
     ))
     .unwrap();
-    let names: Vec<String> = a_nodes
-        .get("items")
-        .as_array()
+    let names: Vec<String> = a_nodes["items"]
+        .array()
         .iter()
-        .filter_map(|i| i.get("metadata").get("name").as_str().map(str::to_string))
+        .filter_map(|i| i["metadata"]["name"].as_str().map(str::to_string))
         .collect();
     assert!(names.iter().all(|n| n.starts_with(a.name())), "{names:?}");
     // Taking one down leaves the other up.
@@ -362,7 +353,7 @@ fn two_labs_coexist() {
         .iter()
         .any(|n| n.starts_with(&format!("{}-", a.name()))));
     let sb2 = b.status();
-    assert_eq!(sb2.get("supervisor_running").as_bool(), Some(true));
+    assert_eq!(sb2["supervisor_running"].as_bool(), Some(true));
     assert!(b
         .exec("n2", &["ping", "-c1", "-W2", "192.0.2.1"])
         .status
@@ -379,8 +370,8 @@ fn add_node_and_remove_node() {
     assert!(out.contains(&format!("{name}-n3")), "{out}");
     let st = lab.status();
     let n3 = node(&st, &format!("{name}-n3"));
-    assert_eq!(n3.get("pod_cidrs").strings().len(), 2);
-    assert!(n3.get("agent_pid").as_u64().is_some());
+    assert_eq!(n3["pod_cidrs"].strings().len(), 2);
+    assert!(n3["agent_pid"].as_u64().is_some());
     assert!(lab
         .exec("n3", &["ping", "-c1", "-W2", "192.0.2.1"])
         .status
@@ -388,9 +379,9 @@ fn add_node_and_remove_node() {
 
     lab.cmd_ok("remove-node", &["n1"]);
     let st = lab.status();
-    assert_eq!(st.get("nodes").as_array().len(), 2);
+    assert_eq!(st["nodes"].array().len(), 2);
     assert!(!netns_list().contains(&format!("{name}-n1")));
-    let api = st.get("api_url").as_str().unwrap().to_string();
-    let nodes = Json::parse(&curl(&format!("{api}/api/v1/nodes"))).unwrap();
-    assert_eq!(nodes.get("items").as_array().len(), 2);
+    let api = st["api_url"].as_str().unwrap().to_string();
+    let nodes = parse_json(&curl(&format!("{api}/api/v1/nodes"))).unwrap();
+    assert_eq!(nodes["items"].array().len(), 2);
 }

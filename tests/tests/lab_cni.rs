@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use kwire_tests::lab::{Json, Lab};
+use kwire_tests::lab::{parse_json, Json, JsonExt, Lab};
 use kwire_tests::require_agent;
 use kwire_tests::{require_tool, try_wait_until, wait_until, Netns, Scratch};
 use nix::sys::signal::{kill, Signal};
@@ -63,8 +63,8 @@ fn up(kwire: &Path) -> Option<Lab> {
     assert!(up.status.success(), "kwire-lab up: {}", out_text(&up));
     let served = try_wait_until(CNI_SOCKET_WAIT, || {
         let st = lab.status();
-        st.get("nodes").as_array().iter().all(|n| {
-            n.get("cni_socket")
+        st["nodes"].array().iter().all(|n| {
+            n["cni_socket"]
                 .as_str()
                 .is_some_and(|p| Path::new(p).exists())
         })
@@ -99,16 +99,14 @@ impl Node {
     fn of(lab: &Lab, index: u32) -> Node {
         let st = lab.status();
         let name = format!("{}-n{index}", lab.name());
-        let n = st
-            .get("nodes")
-            .as_array()
+        let n = st["nodes"]
+            .array()
             .iter()
-            .find(|n| n.get("name").as_str() == Some(name.as_str()))
+            .find(|n| n["name"].as_str() == Some(name.as_str()))
             .unwrap_or_else(|| panic!("no node {name} in status"))
             .clone();
         let s = |k: &str| {
-            n.get(k)
-                .as_str()
+            n[k].as_str()
                 .unwrap_or_else(|| panic!("{name}: no {k} in status"))
                 .to_string()
         };
@@ -117,7 +115,7 @@ impl Node {
             netns: s("netns"),
             underlay_v4: s("underlay_ip"),
             underlay_v6: s("underlay_ipv6"),
-            pod_cidrs: n.get("pod_cidrs").strings(),
+            pod_cidrs: n["pod_cidrs"].strings(),
             state_dir: PathBuf::from(s("state_dir")),
             net_d: lab.dir().join("nodes").join(&name).join("net.d"),
             cni_path: format!("{}:{REFERENCE_PLUGINS}", bin.display()),
@@ -131,13 +129,12 @@ impl Node {
         let path = self.net_d.join("10-kwire.conflist");
         let text = std::fs::read_to_string(&path)
             .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
-        Json::parse(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        parse_json(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
     }
 
     /// The network name cnitool is given (the list's `name`).
     fn network(&self) -> String {
-        self.conflist()
-            .get("name")
+        self.conflist()["name"]
             .as_str()
             .expect("conflist name")
             .to_string()
@@ -183,7 +180,7 @@ impl Node {
         let json = if text.is_empty() {
             Json::Null
         } else {
-            Json::parse(&text)
+            parse_json(&text)
                 .unwrap_or_else(|e| panic!("kwire-cni printed no JSON ({e}): {}", out_text(&o)))
         };
         (o.status.code().unwrap_or(-1), json, out_text(&o))
@@ -193,70 +190,40 @@ impl Node {
     /// members set (Null removes one).
     fn kwire_conf(&self, extra: &[(&str, Json)]) -> String {
         let list = self.conflist();
-        let mut members: Vec<(String, Json)> = vec![
-            ("cniVersion".into(), list.get("cniVersion").clone()),
-            ("name".into(), list.get("name").clone()),
-        ];
-        if let Json::Obj(m) = &list.get("plugins").as_array()[0] {
-            members.extend(m.iter().cloned());
-        }
+        let mut conf = list["plugins"].array()[0]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
+        conf.insert("cniVersion".into(), list["cniVersion"].clone());
+        conf.insert("name".into(), list["name"].clone());
         for (k, v) in extra {
-            members.retain(|(mk, _)| mk != k);
-            if !v.is_null() {
-                members.push((k.to_string(), v.clone()));
+            if v.is_null() {
+                conf.remove(*k);
+            } else {
+                conf.insert(k.to_string(), v.clone());
             }
         }
-        to_json(&Json::Obj(members))
+        Json::Object(conf).to_string()
     }
 
     /// Container ids holding addresses in this node's IPAM file.
     fn ipam_holders(&self) -> Vec<String> {
         let path = self.state_dir.join("ipam.json");
         let text = std::fs::read_to_string(&path).unwrap_or_default();
-        Json::parse(&text)
+        parse_json(&text)
             .map(|j| {
-                j.get("allocations")
-                    .as_array()
+                j["allocations"]
+                    .array()
                     .iter()
-                    .filter_map(|a| a.get("containerID").as_str().map(str::to_string))
+                    .filter_map(|a| a["containerID"].as_str().map(str::to_string))
                     .collect()
             })
             .unwrap_or_default()
     }
 }
 
-/// Writes a [`Json`] back as text.
-fn to_json(v: &Json) -> String {
-    match v {
-        Json::Null => "null".into(),
-        Json::Bool(b) => b.to_string(),
-        Json::Num(n) => n.to_string(),
-        Json::Str(s) => {
-            let mut o = String::from("\"");
-            for c in s.chars() {
-                match c {
-                    '"' => o.push_str("\\\""),
-                    '\\' => o.push_str("\\\\"),
-                    c if (c as u32) < 0x20 => o.push_str(&format!("\\u{:04x}", c as u32)),
-                    c => o.push(c),
-                }
-            }
-            o.push('"');
-            o
-        }
-        Json::Arr(a) => format!("[{}]", a.iter().map(to_json).collect::<Vec<_>>().join(",")),
-        Json::Obj(m) => format!(
-            "{{{}}}",
-            m.iter()
-                .map(|(k, v)| format!("{}:{}", to_json(&Json::Str(k.clone())), to_json(v)))
-                .collect::<Vec<_>>()
-                .join(",")
-        ),
-    }
-}
-
 fn s(v: &str) -> Json {
-    Json::Str(v.to_string())
+    Json::String(v.to_string())
 }
 
 /// True when `ip` is inside `cidr`.
@@ -278,11 +245,10 @@ fn in_cidr(ip: &str, cidr: &str) -> bool {
 
 /// The addresses (without prefix) of an ADD result.
 fn result_ips(result: &Json) -> Vec<String> {
-    result
-        .get("ips")
-        .as_array()
+    result["ips"]
+        .array()
         .iter()
-        .filter_map(|i| i.get("address").as_str())
+        .filter_map(|i| i["address"].as_str())
         .map(|a| a.split('/').next().unwrap().to_string())
         .collect()
 }
@@ -332,12 +298,10 @@ fn cnitool_runs_kwire_then_portmap_add_check_del_and_a_host_port_on_a_lab_node()
     let scratch = Scratch::new("lab-cni");
     let Some(lab) = up(&kwire) else { return };
     let (n1, n2) = (Node::of(&lab, 1), Node::of(&lab, 2));
-    let plugins: Vec<String> = n1
-        .conflist()
-        .get("plugins")
-        .as_array()
+    let plugins: Vec<String> = n1.conflist()["plugins"]
+        .array()
         .iter()
-        .filter_map(|p| p.get("type").as_str().map(str::to_string))
+        .filter_map(|p| p["type"].as_str().map(str::to_string))
         .collect();
     assert_eq!(
         plugins,
@@ -357,7 +321,7 @@ fn cnitool_runs_kwire_then_portmap_add_check_del_and_a_host_port_on_a_lab_node()
         n1.name,
         out_text(&o)
     );
-    let result = Json::parse(String::from_utf8_lossy(&o.stdout).trim())
+    let result = parse_json(String::from_utf8_lossy(&o.stdout).trim())
         .unwrap_or_else(|e| panic!("ADD result is not JSON ({e}): {}", out_text(&o)));
     let ips = result_ips(&result);
     assert_eq!(ips.len(), 2, "one IPv4 and one IPv6 address: {result:?}");
@@ -379,7 +343,7 @@ fn cnitool_runs_kwire_then_portmap_add_check_del_and_a_host_port_on_a_lab_node()
         n2.name,
         out_text(&o)
     );
-    let c2_ips = result_ips(&Json::parse(String::from_utf8_lossy(&o.stdout).trim()).expect("JSON"));
+    let c2_ips = result_ips(&parse_json(String::from_utf8_lossy(&o.stdout).trim()).expect("JSON"));
     for dst in &c2_ips {
         wait_until(
             Duration::from_secs(10),
@@ -499,13 +463,13 @@ fn cnitool_runs_kwire_then_portmap_add_check_del_and_a_host_port_on_a_lab_node()
 fn assert_error(r: &(i32, Json, String), code: u64, case: &str) {
     let (exit, json, text) = r;
     assert_eq!(*exit, 1, "{case}: exit code; {text}");
-    assert_eq!(json.get("code").as_u64(), Some(code), "{case}: {text}");
+    assert_eq!(json["code"].as_u64(), Some(code), "{case}: {text}");
     assert!(
-        json.get("msg").as_str().is_some_and(|m| !m.is_empty()),
+        json["msg"].as_str().is_some_and(|m| !m.is_empty()),
         "{case}: no msg: {text}"
     );
     assert!(
-        json.get("cniVersion").as_str().is_some(),
+        json["cniVersion"].as_str().is_some(),
         "{case}: no cniVersion: {text}"
     );
 }
@@ -525,7 +489,7 @@ fn kwire_cni_by_hand_status_gc_error_codes_and_a_queued_del_replayed_after_sigki
     let r = n1.plugin(&[("CNI_COMMAND", "VERSION")], &conf);
     assert_eq!(r.0, 0, "{}", r.2);
     assert!(
-        r.1.get("supportedVersions")
+        r.1["supportedVersions"]
             .strings()
             .contains(&"1.1.0".to_string()),
         "{}",
@@ -603,9 +567,12 @@ fn kwire_cni_by_hand_status_gc_error_codes_and_a_queued_del_replayed_after_sigki
         ),
         (
             "socket not a string",
-            n1.kwire_conf(&[("socket", Json::Num(3.0))]),
+            n1.kwire_conf(&[("socket", serde_json::json!(3))]),
         ),
-        ("mtu too small", n1.kwire_conf(&[("mtu", Json::Num(10.0))])),
+        (
+            "mtu too small",
+            n1.kwire_conf(&[("mtu", serde_json::json!(10))]),
+        ),
         ("mtu not a number", n1.kwire_conf(&[("mtu", s("big"))])),
     ];
     for (case, c) in &cases_conf {
@@ -632,10 +599,7 @@ fn kwire_cni_by_hand_status_gc_error_codes_and_a_queued_del_replayed_after_sigki
     assert!(a.has_link("eth0"));
 
     // GC: only `a` is valid; `b` is torn down and its addresses released.
-    let valid = Json::Arr(vec![Json::Obj(vec![
-        ("containerID".into(), s(&id_a)),
-        ("ifname".into(), s("eth0")),
-    ])]);
+    let valid = serde_json::json!([{"containerID": id_a, "ifname": "eth0"}]);
     let gc_conf = n1.kwire_conf(&[("cni.dev/valid-attachments", valid.clone())]);
     let r = call(&[("CNI_COMMAND", "GC".to_string())], &gc_conf);
     assert_eq!((r.0, &r.1), (0, &Json::Null), "GC: {}", r.2);
@@ -695,8 +659,7 @@ fn kwire_cni_by_hand_status_gc_error_codes_and_a_queued_del_replayed_after_sigki
 
     // Replayed by the real agent: the queued file moved to the node's queue directory, the
     // agent SIGKILLed; the one the supervisor starts applies it before serving.
-    let node_queue = n1.conflist().get("plugins").as_array()[0]
-        .get("delQueueDir")
+    let node_queue = n1.conflist()["plugins"].array()[0]["delQueueDir"]
         .as_str()
         .map(PathBuf::from)
         .expect("delQueueDir in the node's list");
@@ -704,22 +667,21 @@ fn kwire_cni_by_hand_status_gc_error_codes_and_a_queued_del_replayed_after_sigki
     let target = node_queue.join(queued[0].file_name().unwrap());
     std::fs::copy(&queued[0], &target).unwrap();
     let st = lab.status();
-    let node = st
-        .get("nodes")
-        .as_array()
+    let node = st["nodes"]
+        .array()
         .iter()
-        .find(|n| n.get("name").as_str() == Some(n1.name.as_str()))
+        .find(|n| n["name"].as_str() == Some(n1.name.as_str()))
         .unwrap()
         .clone();
-    let pid = node.get("agent_pid").as_u64().expect("agent_pid") as i32;
-    let restarts = node.get("agent_restarts").as_u64().unwrap_or(0);
+    let pid = node["agent_pid"].as_u64().expect("agent_pid") as i32;
+    let restarts = node["agent_restarts"].as_u64().unwrap_or(0);
     kill(Pid::from_raw(pid), Signal::SIGKILL).expect("SIGKILL the agent");
     wait_until(RESTART, format!("{}'s agent restarted", n1.name), || {
         let st = lab.status();
-        st.get("nodes").as_array().iter().any(|n| {
-            n.get("name").as_str() == Some(n1.name.as_str())
-                && n.get("agent_pid").as_u64().is_some_and(|p| p as i32 != pid)
-                && n.get("agent_restarts").as_u64().unwrap_or(0) > restarts
+        st["nodes"].array().iter().any(|n| {
+            n["name"].as_str() == Some(n1.name.as_str())
+                && n["agent_pid"].as_u64().is_some_and(|p| p as i32 != pid)
+                && n["agent_restarts"].as_u64().unwrap_or(0) > restarts
         })
     });
     wait_until(RESTART, "the queued DEL replayed", || {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use kwire_tests::lab::{BridgeCapture, Json, Lab};
+use kwire_tests::lab::{BridgeCapture, Json, JsonExt, Lab};
 use kwire_tests::require_agent;
 use kwire_tests::{run_host, try_wait_until, wait_until, Scratch};
 
@@ -22,28 +22,25 @@ fn up_real(nodes: u32, kwire: &std::path::Path) -> Lab {
 }
 
 fn node<'a>(status: &'a Json, name: &str) -> &'a Json {
-    status
-        .get("nodes")
-        .as_array()
+    status["nodes"]
+        .array()
         .iter()
-        .find(|n| n.get("name").as_str() == Some(name))
+        .find(|n| n["name"].as_str() == Some(name))
         .unwrap_or_else(|| panic!("no node {name} in status"))
 }
 
 /// True when every node has a handshake with every other node of the lab.
 fn full_mesh(lab: &Lab) -> bool {
     let st = lab.status();
-    let nodes = st.get("nodes").as_array();
-    let names: Vec<&str> = nodes
-        .iter()
-        .filter_map(|n| n.get("name").as_str())
-        .collect();
+    let nodes = st["nodes"].array();
+    let names: Vec<&str> = nodes.iter().filter_map(|n| n["name"].as_str()).collect();
     nodes.iter().all(|n| {
-        let me = n.get("name").as_str().unwrap_or("");
+        let me = n["name"].as_str().unwrap_or("");
         names.iter().filter(|o| **o != me).all(|o| {
-            n.get("peers").as_array().iter().any(|p| {
-                p.get("node").as_str() == Some(o) && p.get("handshake").as_bool() == Some(true)
-            })
+            n["peers"]
+                .array()
+                .iter()
+                .any(|p| p["node"].as_str() == Some(o) && p["handshake"].as_bool() == Some(true))
         })
     })
 }
@@ -63,12 +60,11 @@ fn wait_ping(lab: &Lab, from: &str, dst: &str) {
 }
 
 fn gateways(status: &Json, node_name: &str) -> Vec<String> {
-    node(status, node_name).get("gateway_ips").strings()
+    node(status, node_name)["gateway_ips"].strings()
 }
 
 fn public_key(lab: &Lab, node_name: &str) -> Option<String> {
-    node(&lab.status(), node_name)
-        .get("public_key")
+    node(&lab.status(), node_name)["public_key"]
         .as_str()
         .map(str::to_string)
 }
@@ -137,7 +133,7 @@ fn added_node_joins_and_deleted_node_is_dropped() {
 
     // Delete n3's Node from the API: n1 and n2 drop it as a peer and stop routing to it.
     let key = public_key(&lab, &n3).expect("n3 published its key");
-    let api = st.get("api_url").as_str().unwrap().to_string();
+    let api = st["api_url"].as_str().unwrap().to_string();
     run_host(&[
         "curl",
         "-sS",
@@ -151,13 +147,12 @@ fn added_node_joins_and_deleted_node_is_dropped() {
     wait_until(CONVERGE, "n1 and n2 drop the deleted node's peer", || {
         let st = lab.status();
         ["n1", "n2"].iter().all(|n| {
-            node(&st, &format!("{name}-{n}"))
-                .get("peers")
-                .as_array()
+            node(&st, &format!("{name}-{n}"))["peers"]
+                .array()
                 .iter()
                 .all(|p| {
-                    p.get("public_key").as_str() != Some(key.as_str())
-                        || p.get("configured").as_bool() == Some(false)
+                    p["public_key"].as_str() != Some(key.as_str())
+                        || p["configured"].as_bool() == Some(false)
                 })
         })
     });
@@ -181,12 +176,8 @@ fn a_new_key_is_picked_up_and_traffic_resumes() {
     let old_key = public_key(&lab, &n2).expect("key");
 
     // A new key for n2: its state goes, its agent dies, the supervisor starts a fresh one.
-    let state_dir = node(&st, &n2)
-        .get("state_dir")
-        .as_str()
-        .unwrap()
-        .to_string();
-    let pid = node(&st, &n2).get("agent_pid").as_u64().expect("agent pid");
+    let state_dir = node(&st, &n2)["state_dir"].as_str().unwrap().to_string();
+    let pid = node(&st, &n2)["agent_pid"].as_u64().expect("agent pid");
     std::fs::remove_dir_all(&state_dir).unwrap();
     run_host(&["kill", "-9", &pid.to_string()]);
     wait_until(CONVERGE, "n2 publishes a new key", || {
@@ -204,17 +195,16 @@ fn a_new_key_is_picked_up_and_traffic_resumes() {
     let n1 = node(&lab.status(), &format!("{name}-n1")).clone();
     let new_key = public_key(&lab, &n2).unwrap();
     assert!(
-        n1.get("peers")
-            .as_array()
+        n1["peers"]
+            .array()
             .iter()
-            .all(|p| p.get("public_key").as_str() != Some(old_key.as_str())),
+            .all(|p| p["public_key"].as_str() != Some(old_key.as_str())),
         "n1 still has n2's old key as a peer: {n1:?}"
     );
-    assert!(n1
-        .get("peers")
-        .as_array()
+    assert!(n1["peers"]
+        .array()
         .iter()
-        .any(|p| p.get("public_key").as_str() == Some(new_key.as_str())));
+        .any(|p| p["public_key"].as_str() == Some(new_key.as_str())));
     let n1_gw = gateways(&st, &format!("{name}-n1"));
     assert!(
         try_wait_until(CONVERGE, || ping(&lab, "n2", &n1_gw[1])),

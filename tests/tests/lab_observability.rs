@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kwire_tests::lab::{Json, Lab};
+use kwire_tests::lab::{parse_json, Json, JsonExt, Lab};
 use kwire_tests::{require_root, try_wait_until};
 
 fn have(tool: &str) -> bool {
@@ -70,11 +70,11 @@ fn lab_status_metrics_and_graph() {
         ],
     );
     let st = lab.status();
-    let nodes: Vec<Json> = st.get("nodes").as_array().to_vec();
+    let nodes: Vec<Json> = st["nodes"].array().to_vec();
     assert_eq!(nodes.len(), 3);
     for n in &nodes {
-        let name = n.get("name").as_str().unwrap().to_string();
-        let state_dir = PathBuf::from(n.get("state_dir").as_str().unwrap());
+        let name = n["name"].as_str().unwrap().to_string();
+        let state_dir = PathBuf::from(n["state_dir"].as_str().unwrap());
         let run_dir = state_dir.parent().unwrap().join("run");
         // The status socket is a path: reachable from the host namespace too.
         let mut report = None;
@@ -87,9 +87,8 @@ fn lab_status_metrics_and_graph() {
                 return false;
             }
             let v =
-                Json::parse(&String::from_utf8_lossy(&out.stdout)).expect("status --json is JSON");
-            let done = v.get("peers_connected").as_u64() == Some(2)
-                && !v.get("pods").as_array().is_empty();
+                parse_json(&String::from_utf8_lossy(&out.stdout)).expect("status --json is JSON");
+            let done = v["peers_connected"].as_u64() == Some(2) && !v["pods"].array().is_empty();
             report = Some(v);
             done
         });
@@ -98,7 +97,7 @@ fn lab_status_metrics_and_graph() {
             ok,
             "{name}: not every peer up or no pod attached: {report:?}"
         );
-        assert_eq!(report.get("node").as_str(), Some(name.as_str()));
+        assert_eq!(report["node"].as_str(), Some(name.as_str()));
         let out = lab.exec(
             &name,
             &[
@@ -114,15 +113,15 @@ fn lab_status_metrics_and_graph() {
         let m = String::from_utf8_lossy(&out.stdout).into_owned();
         assert_eq!(
             sample(&m, "kwire_peers_expected"),
-            report.get("peers_expected").as_u64().map(|v| v as f64),
+            report["peers_expected"].as_u64().map(|v| v as f64),
             "{name}"
         );
         assert_eq!(sample(&m, "kwire_peers_connected"), Some(2.0), "{name}");
-        let pods = report.get("pods").as_array();
+        let pods = report["pods"].array();
         assert_eq!(sample(&m, "kwire_pods"), Some(pods.len() as f64), "{name}");
         let pod = &pods[0];
         assert!(
-            pod.get("name").as_str().is_some() && pod.get("namespace").as_str() == Some("default"),
+            pod["name"].as_str().is_some() && pod["namespace"].as_str() == Some("default"),
             "pod names come from the CNI records: {pod:?}"
         );
         if have("promtool") {
@@ -141,7 +140,7 @@ fn lab_status_metrics_and_graph() {
     let dot = lab.cmd_ok("graph", &["--kwire", kwire.to_str().unwrap()]);
     for n in &nodes {
         assert!(
-            dot.contains(&format!("\"{}\" [label=", n.get("name").as_str().unwrap())),
+            dot.contains(&format!("\"{}\" [label=", n["name"].as_str().unwrap())),
             "{dot}"
         );
     }

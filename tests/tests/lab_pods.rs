@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use kwire_tests::lab::{BridgeCapture, Json, Lab};
+use kwire_tests::lab::{parse_json, BridgeCapture, Json, JsonExt, Lab};
 use kwire_tests::require_agent;
 use kwire_tests::{require_tool, run_host, wait_until, Scratch};
 
@@ -25,10 +25,10 @@ const CNI_SOCKET_WAIT: Duration = Duration::from_secs(10);
 /// True when every node's agent serves its CNI socket (status `cni_socket`).
 fn cni_sockets_served(lab: &Lab) -> bool {
     let st = lab.status();
-    let nodes = st.get("nodes").as_array();
+    let nodes = st["nodes"].array();
     !nodes.is_empty()
         && nodes.iter().all(|n| {
-            n.get("cni_socket")
+            n["cni_socket"]
                 .as_str()
                 .is_some_and(|p| Path::new(p).exists())
         })
@@ -55,14 +55,14 @@ fn out_text(o: &Output) -> String {
 }
 
 fn pods(st: &Json) -> Vec<Json> {
-    st.get("pods").as_array().to_vec()
+    st["pods"].array().to_vec()
 }
 
 fn pod<'a>(st: &'a Json, ns: &str, name: &str) -> Option<&'a Json> {
-    st.get("pods")
-        .as_array()
+    st["pods"]
+        .array()
         .iter()
-        .find(|p| p.get("namespace").as_str() == Some(ns) && p.get("name").as_str() == Some(name))
+        .find(|p| p["namespace"].as_str() == Some(ns) && p["name"].as_str() == Some(name))
 }
 
 /// `kwire-lab probe --json FROM TO [-6]`: (reachable, exit code, report).
@@ -72,10 +72,10 @@ fn probe(lab: &Lab, from: &str, to: &str, v6: bool) -> (bool, i32, Json) {
         args.push("-6");
     }
     let o = lab.cmd("probe", &args);
-    let report = Json::parse(String::from_utf8_lossy(&o.stdout).trim())
+    let report = parse_json(String::from_utf8_lossy(&o.stdout).trim())
         .unwrap_or_else(|e| panic!("probe {from} {to}: not JSON ({e}): {}", out_text(&o)));
     (
-        report.get("reachable").as_bool() == Some(true),
+        report["reachable"].as_bool() == Some(true),
         o.status.code().unwrap_or(-1),
         report,
     )
@@ -121,20 +121,20 @@ fn pods_talk_tcp_udp_icmp_v4_v6_within_and_across_nodes_and_only_wireguard_cross
     let st = lab.status();
     let n1 = format!("{}-n1", lab.name());
     let n2 = format!("{}-n2", lab.name());
-    for n in st.get("nodes").as_array() {
-        let sock = n.get("cni_socket").as_str().expect("cni_socket");
+    for n in st["nodes"].array() {
+        let sock = n["cni_socket"].as_str().expect("cni_socket");
         assert!(sock.ends_with("/run/cni.sock"), "{sock}");
         assert!(Path::new(sock).exists(), "{sock}");
     }
-    assert_eq!(pods(&st).len(), 4, "{:?}", st.get("pods"));
+    assert_eq!(pods(&st).len(), 4, "{:?}", st["pods"]);
     for (node, idx) in [(&n1, 1), (&n2, 2)] {
         for i in 1..=2 {
             let name = format!("pod-{idx}-{i}");
             let p = pod(&st, "default", &name).unwrap_or_else(|| panic!("no pod {name}"));
-            assert_eq!(p.get("node").as_str(), Some(node.as_str()));
-            let netns = p.get("netns").as_str().expect("netns");
+            assert_eq!(p["node"].as_str(), Some(node.as_str()));
+            let netns = p["netns"].as_str().expect("netns");
             assert!(Path::new("/var/run/netns").join(netns).exists(), "{netns}");
-            let ips = p.get("ips").strings();
+            let ips = p["ips"].strings();
             assert_eq!(ips.len(), 2, "{name}: {ips:?}");
             assert!(
                 !ips[0].contains(':') && ips[1].contains(':'),
@@ -155,29 +155,24 @@ fn pods_talk_tcp_udp_icmp_v4_v6_within_and_across_nodes_and_only_wireguard_cross
 
     // The Pod objects themselves: Running, podIP and podIPs (IPv4 first) as the kubelet writes them.
     require_tool("curl");
-    let api = st.get("api_url").as_str().expect("api_url").to_string();
+    let api = st["api_url"].as_str().expect("api_url").to_string();
     for p in pods(&st) {
-        let name = p.get("name").as_str().unwrap();
-        let obj = Json::parse(&run_host(&[
+        let name = p["name"].as_str().unwrap();
+        let obj = parse_json(&run_host(&[
             "curl",
             "-sf",
             &format!("{api}/api/v1/namespaces/default/pods/{name}"),
         ]))
         .expect("a Pod as JSON");
-        let status = obj.get("status");
-        assert_eq!(status.get("phase").as_str(), Some("Running"), "{name}");
-        let ips: Vec<String> = status
-            .get("podIPs")
-            .as_array()
+        let status = &obj["status"];
+        assert_eq!(status["phase"].as_str(), Some("Running"), "{name}");
+        let ips: Vec<String> = status["podIPs"]
+            .array()
             .iter()
-            .filter_map(|i| i.get("ip").as_str().map(str::to_string))
+            .filter_map(|i| i["ip"].as_str().map(str::to_string))
             .collect();
-        assert_eq!(ips, p.get("ips").strings(), "{name}");
-        assert_eq!(
-            status.get("podIP").as_str(),
-            Some(ips[0].as_str()),
-            "{name}"
-        );
+        assert_eq!(ips, p["ips"].strings(), "{name}");
+        assert_eq!(status["podIP"].as_str(), Some(ips[0].as_str()), "{name}");
     }
 
     // Everything on the bridge except link control and the agents' calls to the API.
@@ -215,7 +210,7 @@ fn pods_talk_tcp_udp_icmp_v4_v6_within_and_across_nodes_and_only_wireguard_cross
     // The server answers with the pod's name: the packet reached that very pod.
     let (_, _, r) = probe(&lab, "default/pod-1-1", "default/pod-2-1:80", false);
     assert!(
-        r.get("detail")
+        r["detail"]
             .as_str()
             .unwrap_or("")
             .contains("default/pod-2-1"),
@@ -224,20 +219,17 @@ fn pods_talk_tcp_udp_icmp_v4_v6_within_and_across_nodes_and_only_wireguard_cross
 
     // A pod reaches its node and, through it, the outside world (the underlay bridge's
     // addresses, in no node), masqueraded: no pod address shows on the underlay.
-    let node1 = st
-        .get("nodes")
-        .as_array()
+    let node1 = st["nodes"]
+        .array()
         .iter()
-        .find(|n| n.get("name").as_str() == Some(n1.as_str()))
+        .find(|n| n["name"].as_str() == Some(n1.as_str()))
         .expect("n1 in status")
         .clone();
-    let n1_v4 = node1
-        .get("underlay_ip")
+    let n1_v4 = node1["underlay_ip"]
         .as_str()
         .expect("underlay_ip")
         .to_string();
-    let n1_v6 = node1
-        .get("underlay_ipv6")
+    let n1_v6 = node1["underlay_ipv6"]
         .as_str()
         .expect("underlay_ipv6")
         .to_string();
@@ -352,7 +344,7 @@ fn applied_pods_are_scheduled_served_on_their_ports_and_deleted_with_their_names
             st = lab.status();
             ["web", "client"].iter().all(|n| {
                 pod(&st, "shop", n).is_some_and(|p| {
-                    p.get("phase").as_str() == Some("Running") && p.get("ips").strings().len() == 2
+                    p["phase"].as_str() == Some("Running") && p["ips"].strings().len() == 2
                 })
             })
         },
@@ -360,9 +352,8 @@ fn applied_pods_are_scheduled_served_on_their_ports_and_deleted_with_their_names
     // Scheduled round-robin: one pod per node.
     let web = pod(&st, "shop", "web").unwrap().clone();
     let client = pod(&st, "shop", "client").unwrap().clone();
-    let web_node = web.get("node").as_str().expect("web scheduled").to_string();
-    let client_node = client
-        .get("node")
+    let web_node = web["node"].as_str().expect("web scheduled").to_string();
+    let client_node = client["node"]
         .as_str()
         .expect("client scheduled")
         .to_string();
@@ -376,9 +367,9 @@ fn applied_pods_are_scheduled_served_on_their_ports_and_deleted_with_their_names
     let (ok, code, _) = probe(&lab, "shop/client", "shop/web:80", false);
     assert!(!ok && code == 1);
     // By IP as well.
-    let web_v4 = web.get("ips").strings()[0].clone();
+    let web_v4 = web["ips"].strings()[0].clone();
     assert_reachable(&lab, "shop/client", &format!("{web_v4}:8080"), false);
-    let web_v6 = web.get("ips").strings()[1].clone();
+    let web_v6 = web["ips"].strings()[1].clone();
     assert_reachable(&lab, "shop/client", &format!("[{web_v6}]:5353/udp"), false);
 
     // Applying again updates in place.
@@ -386,14 +377,12 @@ fn applied_pods_are_scheduled_served_on_their_ports_and_deleted_with_their_names
     assert!(out.contains("pod/shop/web configured"), "{out}");
 
     // Delete: the namespace goes, the agent releases the IP (ipam.json of web's node).
-    let web_netns = web.get("netns").as_str().expect("netns").to_string();
-    let node_state = lab
-        .status()
-        .get("nodes")
-        .as_array()
+    let web_netns = web["netns"].as_str().expect("netns").to_string();
+    let node_state = lab.status()["nodes"]
+        .array()
         .iter()
-        .find(|n| n.get("name").as_str() == Some(web_node.as_str()))
-        .and_then(|n| n.get("state_dir").as_str().map(PathBuf::from))
+        .find(|n| n["name"].as_str() == Some(web_node.as_str()))
+        .and_then(|n| n["state_dir"].as_str().map(PathBuf::from))
         .expect("web's node state_dir");
     let ipam = node_state.join("ipam.json");
     let allocated = |ip: &str| {

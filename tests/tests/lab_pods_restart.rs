@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kwire_tests::lab::{Json, Lab};
+use kwire_tests::lab::{Json, JsonExt, Lab};
 use kwire_tests::require_agent;
 use kwire_tests::{
     prometheus_value, require_tool, run_host, run_in_netns, try_wait_until, wait_until, Proc,
@@ -78,10 +78,10 @@ fn out_text(o: &Output) -> String {
 /// True when every node's agent serves its CNI socket (status `cni_socket`).
 fn cni_sockets_served(lab: &Lab) -> bool {
     let st = lab.status();
-    let nodes = st.get("nodes").as_array();
+    let nodes = st["nodes"].array();
     !nodes.is_empty()
         && nodes.iter().all(|n| {
-            n.get("cni_socket")
+            n["cni_socket"]
                 .as_str()
                 .is_some_and(|p| Path::new(p).exists())
         })
@@ -117,34 +117,34 @@ fn up_with_pods(kwire: &Path) -> Option<Lab> {
 }
 
 fn pod<'a>(st: &'a Json, ns: &str, name: &str) -> &'a Json {
-    st.get("pods")
-        .as_array()
+    st["pods"]
+        .array()
         .iter()
-        .find(|p| p.get("namespace").as_str() == Some(ns) && p.get("name").as_str() == Some(name))
-        .unwrap_or_else(|| panic!("no pod {ns}/{name} in status: {:?}", st.get("pods")))
+        .find(|p| p["namespace"].as_str() == Some(ns) && p["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no pod {ns}/{name} in status: {:?}", st["pods"]))
 }
 
 fn node<'a>(st: &'a Json, name: &str) -> &'a Json {
-    st.get("nodes")
-        .as_array()
+    st["nodes"]
+        .array()
         .iter()
-        .find(|n| n.get("name").as_str() == Some(name))
+        .find(|n| n["name"].as_str() == Some(name))
         .unwrap_or_else(|| panic!("no node {name} in status"))
 }
 
 /// Every pod's `ns/name` and IPs, from status.
 fn pod_ips(st: &Json) -> BTreeMap<String, Vec<String>> {
-    st.get("pods")
-        .as_array()
+    st["pods"]
+        .array()
         .iter()
         .map(|p| {
             (
                 format!(
                     "{}/{}",
-                    p.get("namespace").as_str().unwrap_or(""),
-                    p.get("name").as_str().unwrap_or("")
+                    p["namespace"].as_str().unwrap_or(""),
+                    p["name"].as_str().unwrap_or("")
                 ),
-                p.get("ips").strings(),
+                p["ips"].strings(),
             )
         })
         .collect()
@@ -228,8 +228,8 @@ fn agent(lab: &Lab, node_name: &str) -> (i32, u64) {
     let st = lab.status();
     let n = node(&st, node_name);
     (
-        n.get("agent_pid").as_u64().expect("agent_pid") as i32,
-        n.get("agent_restarts").as_u64().unwrap_or(0),
+        n["agent_pid"].as_u64().expect("agent_pid") as i32,
+        n["agent_restarts"].as_u64().unwrap_or(0),
     )
 }
 
@@ -257,11 +257,9 @@ fn kill_agents(lab: &Lab, nodes: &[&str]) {
         let st = lab.status();
         nodes.iter().zip(&before).all(|(name, (pid, restarts))| {
             let n = node(&st, name);
-            n.get("agent_pid")
-                .as_u64()
-                .is_some_and(|p| p as i32 != *pid)
-                && n.get("agent_restarts").as_u64().unwrap_or(0) > *restarts
-                && n.get("cni_socket")
+            n["agent_pid"].as_u64().is_some_and(|p| p as i32 != *pid)
+                && n["agent_restarts"].as_u64().unwrap_or(0) > *restarts
+                && n["cni_socket"]
                     .as_str()
                     .is_some_and(|p| Path::new(p).exists())
         })
@@ -512,8 +510,8 @@ impl NsCapture {
     fn underlay(lab: &Lab, scratch: &Scratch, tag: &str) -> NsCapture {
         let st = lab.status();
         NsCapture::start(
-            st.get("underlay_netns").as_str().expect("underlay_netns"),
-            st.get("bridge").as_str().expect("bridge"),
+            st["underlay_netns"].as_str().expect("underlay_netns"),
+            st["bridge"].as_str().expect("bridge"),
             scratch,
             tag,
             UNDERLAY_FILTER,
@@ -567,13 +565,12 @@ fn sigkilled_agent_leaks_nothing_and_pods_keep_addresses_and_connections() {
     let st = lab.status();
     let ips_before = pod_ips(&st);
     let netns = |p: &str| {
-        pod(&st, "default", p)
-            .get("netns")
+        pod(&st, "default", p)["netns"]
             .as_str()
             .unwrap()
             .to_string()
     };
-    let ip = |p: &str, i: usize| pod(&st, "default", p).get("ips").strings()[i].clone();
+    let ip = |p: &str, i: usize| pod(&st, "default", p)["ips"].strings()[i].clone();
     let eth0_before: BTreeMap<String, Vec<String>> = ips_before
         .keys()
         .map(|p| (p.clone(), eth0_addrs(&lab, p)))
@@ -670,10 +667,9 @@ fn a_pod_sending_from_an_address_not_its_own_is_dropped_and_counted() {
     };
     let n1 = format!("{}-n1", lab.name());
     let st = lab.status();
-    let ip = |p: &str, i: usize| pod(&st, "default", p).get("ips").strings()[i].clone();
+    let ip = |p: &str, i: usize| pod(&st, "default", p)["ips"].strings()[i].clone();
     let netns = |p: &str| {
-        pod(&st, "default", p)
-            .get("netns")
+        pod(&st, "default", p)["netns"]
             .as_str()
             .unwrap()
             .to_string()

@@ -1,0 +1,280 @@
+//! Driving `kwire-lab` from tests: a [`Lab`] guard (unique `--name`, `down` on drop) and
+//! `kwire-lab status --json` as a `serde_json::Value`.
+
+/// tcpdump on the underlay bridge; the packets as `tcpdump -r -nn` lines.
+pub struct BridgeCapture {
+    proc: crate::Proc,
+    pcap: std::path::PathBuf,
+}
+
+impl BridgeCapture {
+    pub fn start(lab: &Lab, scratch: &crate::Scratch, tag: &str, filter: &str) -> BridgeCapture {
+        crate::require_tool("tcpdump");
+        let st = lab.status();
+        let bridge = st["bridge"].as_str().expect("bridge").to_string();
+        let pcap = scratch.file(&format!("{tag}.pcap"));
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            st["underlay_netns"].as_str().expect("underlay_netns"),
+            "tcpdump",
+            "--immediate-mode",
+            "-i",
+            &bridge,
+            "-n",
+            "-U",
+            "-Z",
+            "root",
+            "-s",
+            "256",
+            "-w",
+        ])
+        .arg(&pcap)
+        .arg(filter);
+        let mut proc = crate::Proc::spawn(cmd, "tcpdump", scratch.file(&format!("{tag}.log")))
+            .with_stop_signal(nix::sys::signal::Signal::SIGINT);
+        crate::wait_until(
+            std::time::Duration::from_secs(10),
+            "tcpdump listening on the bridge",
+            || {
+                assert!(proc.is_running(), "tcpdump exited: {}", proc.log());
+                proc.log().contains("listening on")
+            },
+        );
+        BridgeCapture { proc, pcap }
+    }
+
+    pub fn stop(mut self) -> Vec<String> {
+        self.proc.stop();
+        let text = crate::run_host(&["tcpdump", "-r", self.pcap.to_str().unwrap(), "-nn"]);
+        text.lines().map(str::to_string).collect()
+    }
+}
+
+/// The kwire binary (env KWIRE_BIN, else target/debug/kwire) if `kwire SUBCOMMAND --help`
+/// works, i.e. this build has that subcommand; None otherwise (the caller skips).
+pub fn kwire_with(subcommand: &str) -> Option<std::path::PathBuf> {
+    let workspace = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()?
+        .to_path_buf();
+    let bin = std::env::var_os("KWIRE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| workspace.join("target/debug/kwire"));
+    let ok = std::process::Command::new(&bin)
+        .args([subcommand, "--help"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(bin)
+}
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use crate::{pid_alive, pid_of_id, unique_id, ID_LEN};
+
+/// First part of every lab name tests make: `kl<id>`, so stale labs can be swept.
+pub const LAB_PREFIX: &str = "kl";
+/// Where kwire-lab keeps each lab's state.
+pub const LAB_STATE_ROOT: &str = "/run/kwire-lab";
+
+/// Path of the `kwire-lab` binary: `$KWIRE_LAB_BIN`, else `<workspace>/target/debug/kwire-lab`
+/// (or release, the newer). Panics saying how to build it.
+pub fn kwire_lab_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("KWIRE_LAB_BIN") {
+        return PathBuf::from(p);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(|t| workspace.join(t))
+        .unwrap_or_else(|| workspace.join("target"));
+    let candidates = [
+        target.join("debug/kwire-lab"),
+        target.join("release/kwire-lab"),
+    ];
+    candidates
+        .iter()
+        .filter_map(|p| Some((std::fs::metadata(p).ok()?.modified().ok()?, p.clone())))
+        .max()
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| {
+            panic!(
+                "no kwire-lab binary at {}: run `cargo build -p kwire-lab` first, or set KWIRE_LAB_BIN",
+                candidates[0].display()
+            )
+        })
+}
+
+/// Runs `kwire-lab ARGS`.
+pub fn kwire_lab(args: &[&str]) -> Output {
+    Command::new(kwire_lab_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("running kwire-lab")
+}
+
+/// Runs `kwire-lab ARGS`; its stdout, or a panic with its output.
+pub fn kwire_lab_ok(args: &[&str]) -> String {
+    let out = kwire_lab(args);
+    assert!(
+        out.status.success(),
+        "`kwire-lab {}` failed ({}):\nstdout: {}\nstderr: {}",
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Removes labs of earlier test processes that died without `down` (their name carries
+/// the pid, as [`unique_id`] does).
+pub fn sweep_stale_labs() {
+    let Ok(dir) = std::fs::read_dir(LAB_STATE_ROOT) else {
+        return;
+    };
+    for name in dir
+        .filter_map(Result::ok)
+        .filter_map(|e| e.file_name().into_string().ok())
+    {
+        let Some(id) = name.strip_prefix(LAB_PREFIX) else {
+            continue;
+        };
+        if id.len() == ID_LEN && pid_of_id(id).is_some_and(|p| !pid_alive(p)) {
+            let _ = kwire_lab(&["down", "--name", &name]);
+        }
+    }
+}
+
+/// A lab made by a test; `kwire-lab down` on drop (printing the supervisor log's tail when
+/// the test failed).
+pub struct Lab {
+    name: String,
+    down_on_drop: bool,
+}
+
+impl Lab {
+    /// A fresh, unique lab name (not yet up).
+    pub fn named() -> Lab {
+        sweep_stale_labs();
+        Lab {
+            name: format!("{LAB_PREFIX}{}", unique_id()),
+            down_on_drop: true,
+        }
+    }
+
+    /// `kwire-lab up --name <unique> --nodes N EXTRA...`.
+    pub fn up(nodes: u32, extra: &[&str]) -> Lab {
+        let lab = Lab::named();
+        let n = nodes.to_string();
+        let mut args = vec!["up", "--name", &lab.name, "--nodes", &n];
+        args.extend_from_slice(extra);
+        lab.run_ok(&args);
+        lab
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn dir(&self) -> PathBuf {
+        Path::new(LAB_STATE_ROOT).join(&self.name)
+    }
+
+    /// `kwire-lab ARGS` (the caller passes `--name`).
+    pub fn run_ok(&self, args: &[&str]) -> String {
+        kwire_lab_ok(args)
+    }
+
+    /// `kwire-lab SUBCOMMAND --name NAME ARGS...`.
+    pub fn cmd(&self, sub: &str, args: &[&str]) -> Output {
+        let mut all = vec![sub, "--name", &self.name];
+        all.extend_from_slice(args);
+        kwire_lab(&all)
+    }
+
+    pub fn cmd_ok(&self, sub: &str, args: &[&str]) -> String {
+        let mut all = vec![sub, "--name", &self.name];
+        all.extend_from_slice(args);
+        kwire_lab_ok(&all)
+    }
+
+    /// `kwire-lab status --json`, parsed.
+    pub fn status(&self) -> Json {
+        parse_json(&self.cmd_ok("status", &["--json"])).expect("status --json is JSON")
+    }
+
+    /// `kwire-lab exec NODE -- ARGV...`.
+    pub fn exec(&self, node: &str, argv: &[&str]) -> Output {
+        let mut all = vec!["exec", "--name", &self.name, node, "--"];
+        all.extend_from_slice(argv);
+        kwire_lab(&all)
+    }
+
+    /// Do not run `down` on drop (the test did it).
+    pub fn forget(mut self) {
+        self.down_on_drop = false;
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        if !self.down_on_drop {
+            return;
+        }
+        if std::thread::panicking() {
+            let log = self.dir().join("supervisor.log");
+            if let Ok(text) = std::fs::read_to_string(&log) {
+                let lines: Vec<&str> = text.lines().collect();
+                eprintln!(
+                    "--- {} (tail) ---\n{}",
+                    log.display(),
+                    lines[lines.len().saturating_sub(30)..].join("\n")
+                );
+            }
+        }
+        let _ = kwire_lab(&["down", "--name", &self.name]);
+    }
+}
+
+/// `kwire-lab status --json` and other JSON the tests read: a `serde_json::Value`.
+pub use serde_json::Value as Json;
+
+/// Parses JSON text (the lab's, a plugin's, the API's).
+pub fn parse_json(text: &str) -> Result<Json, String> {
+    serde_json::from_str(text).map_err(|e| e.to_string())
+}
+
+/// What the tests ask of JSON beyond `serde_json::Value`'s own accessors (`v["key"]` gives
+/// Null for an absent member).
+pub trait JsonExt {
+    /// The elements of an array (none if not an array).
+    fn array(&self) -> &[Json];
+    /// The strings of an array of strings.
+    fn strings(&self) -> Vec<String>;
+    /// Whether an object has member `key`.
+    fn has(&self, key: &str) -> bool;
+}
+
+impl JsonExt for Json {
+    fn array(&self) -> &[Json] {
+        self.as_array().map_or(&[], Vec::as_slice)
+    }
+
+    fn strings(&self) -> Vec<String> {
+        self.array()
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect()
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.as_object().is_some_and(|m| m.contains_key(key))
+    }
+}
