@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo demo-tunnel test deps build release bench bench-tunnel
+.PHONY: demo demo-tunnel test lint deps build release bench bench-tunnel
 
 deps:
 	@scripts/install-deps.sh
@@ -24,11 +24,19 @@ demo-tunnel: deps release
 	@scripts/demo-tunnel.sh
 
 # Integration tests find target/debug/kwire and kwire-lab, so the binaries are built first.
-test: deps build
-	$(CARGO) test --workspace --no-fail-fast
+# Gates first (formatting, lints), then every test; KWIRE_TESTS_STRICT=1 turns a skipped test
+# (not root, a tool missing) into a failure, so a green run means every test ran.
+test: deps build lint
+	KWIRE_TESTS_STRICT=1 $(CARGO) test --workspace --no-fail-fast
 	$(CARGO) test --workspace --bench '*'
 	# The fuzz targets' bodies over their seed corpora (stable; fuzzing itself: fuzz/README.md).
 	cd fuzz && CARGO_TARGET_DIR=../target $(CARGO) test --lib
+
+# rustfmt's default style and clippy with warnings as errors, on every crate and target.
+lint:
+	$(CARGO) fmt --all --check
+	cd fuzz && $(CARGO) fmt --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Criterion micro-benchmarks (data path, policy engine).
 bench:

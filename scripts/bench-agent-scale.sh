@@ -46,7 +46,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 echo "== building (release): kwire, examples/agent_scale" >&2
-cargo build --release -q -p kwire-daemon --bin kwire --example agent_scale
+cargo build --release -q -p kwire-daemon --bin kwire && cargo build --release -q -p kwire-tests --example agent_scale
 
 target="${CARGO_TARGET_DIR:-target}"
 echo "== machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2

@@ -1175,6 +1175,10 @@ async fn kubectl_get_create_delete() {
         }) {
             Some(k) => k,
             None => {
+                assert!(
+                    std::env::var("KWIRE_TESTS_STRICT").as_deref() != Ok("1"),
+                    "kubectl_get_create_delete cannot run: kubectl is not installed (KWIRE_TESTS_STRICT=1 makes a skip a failure)"
+                );
                 println!("SKIPPED kubectl_get_create_delete: kubectl is not installed (Debian package kubernetes-client)");
                 return;
             }

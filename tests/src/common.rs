@@ -17,22 +17,41 @@ pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
 
-/// Returns from the calling test, with a printed message, when not running as root.
+/// Environment variable that turns every skip into a failure. `make test` sets it (CI runs as
+/// root with every tool installed, so a skip there would hide a broken suite).
+pub const STRICT_ENV: &str = "KWIRE_TESTS_STRICT";
+
+/// Whether skips are failures ([`STRICT_ENV`] is `1`).
+pub fn strict() -> bool {
+    std::env::var(STRICT_ENV).is_ok_and(|v| v == "1")
+}
+
+/// Says why `test` cannot run here: a printed SKIP, or a panic under [`STRICT_ENV`]=1. The
+/// caller returns afterwards.
+pub fn skip(test: &str, why: &str) {
+    if strict() {
+        panic!("{test} cannot run: {why} ({STRICT_ENV}=1 makes a skip a failure)");
+    }
+    eprintln!("SKIP {test}: {why}");
+}
+
+/// Returns from the calling test when not running as root (printed SKIP; a failure under
+/// [`STRICT_ENV`]=1).
 #[macro_export]
 macro_rules! require_root {
     () => {
         if !$crate::is_root() {
-            eprintln!(
-                "SKIP {}: needs root (network namespaces, tun devices); CI runs it as root",
-                module_path!()
+            $crate::skip(
+                module_path!(),
+                "needs root (network namespaces, tun devices); CI runs it as root",
             );
             return;
         }
     };
 }
 
-/// Root and a kwire binary with the `agent` subcommand, or the calling test returns with a
-/// printed SKIP. Evaluates to the binary's path.
+/// Root and a kwire binary with the `agent` subcommand, or the calling test returns (printed
+/// SKIP; a failure under [`STRICT_ENV`]=1). Evaluates to the binary's path.
 #[macro_export]
 macro_rules! require_agent {
     () => {{
@@ -40,9 +59,9 @@ macro_rules! require_agent {
         match $crate::lab::kwire_with("agent") {
             Some(bin) => bin,
             None => {
-                eprintln!(
-                    "SKIP {}: `kwire agent --help` fails (build the agent: cargo build -p kwire-daemon)",
-                    module_path!()
+                $crate::skip(
+                    module_path!(),
+                    "`kwire agent --help` fails (build the agent: cargo build -p kwire-daemon)",
                 );
                 return;
             }

@@ -70,9 +70,9 @@ fn up(kwire: &Path) -> Option<Lab> {
         })
     });
     if !served {
-        eprintln!(
-            "SKIP {}: the agent serves no CNI socket at <run-dir>/cni.sock",
-            module_path!()
+        kwire_tests::skip(
+            module_path!(),
+            "the agent serves no CNI socket at <run-dir>/cni.sock",
         );
         return None;
     }

@@ -52,9 +52,9 @@ fn pipe(cmd: &[&str], input: &str) -> std::process::Output {
 fn lab_status_metrics_and_graph() {
     require_root!();
     let Some(kwire) = kwire_tests::lab::kwire_with("status") else {
-        eprintln!(
-            "SKIP {}: `kwire status --help` fails (cargo build -p kwire-daemon)",
-            module_path!()
+        kwire_tests::skip(
+            module_path!(),
+            "`kwire status --help` fails (cargo build -p kwire-daemon)",
         );
         return;
     };
@@ -133,7 +133,10 @@ fn lab_status_metrics_and_graph() {
                 String::from_utf8_lossy(&out.stderr)
             );
         } else {
-            eprintln!("SKIP promtool check: promtool not installed");
+            kwire_tests::skip(
+                "promtool check",
+                "promtool not installed (apt install prometheus)",
+            );
         }
     }
 
@@ -171,6 +174,6 @@ fn lab_status_metrics_and_graph() {
             std::fs::write(p, svg).unwrap();
         }
     } else {
-        eprintln!("SKIP dot -Tsvg: graphviz not installed");
+        kwire_tests::skip("dot -Tsvg", "graphviz not installed (apt install graphviz)");
     }
 }

@@ -38,9 +38,9 @@ fn skip_no_cni(lab: &Lab) -> bool {
     if cni_sockets_served(lab) {
         return false;
     }
-    eprintln!(
-        "SKIP {}: the agent serves no CNI socket at <run-dir>/cni.sock (kwire agent without the CNI server)",
-        module_path!()
+    kwire_tests::skip(
+        module_path!(),
+        "the agent serves no CNI socket at <run-dir>/cni.sock (kwire agent without the CNI server)",
     );
     true
 }

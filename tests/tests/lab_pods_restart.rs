@@ -105,9 +105,9 @@ fn up_with_pods(kwire: &Path) -> Option<Lab> {
     );
     if !up.status.success() {
         if !try_wait_until(CNI_SOCKET_WAIT, || cni_sockets_served(&lab)) {
-            eprintln!(
-                "SKIP {}: the agent serves no CNI socket at <run-dir>/cni.sock",
-                module_path!()
+            kwire_tests::skip(
+                module_path!(),
+                "the agent serves no CNI socket at <run-dir>/cni.sock",
             );
             return None;
         }

@@ -62,11 +62,11 @@ fn annotation(api: &ApiServer, name: &str, key: &str) -> Option<String> {
 }
 
 fn spawn_agent(n: &Node, scratch: &Scratch, kubeconfig: &Path, tag: &str) -> Proc {
-    let bin = env!("CARGO_BIN_EXE_kwire");
+    let bin = kwire_tests::kwire_bin().display().to_string();
     let state = scratch.file(&format!("state-{}", n.name));
     let run = scratch.file(&format!("run-{}", n.name));
     let argv: Vec<String> = vec![
-        bin.into(),
+        bin,
         "--log-level".into(),
         "info,kube=warn,hyper=warn".into(),
         "agent".into(),

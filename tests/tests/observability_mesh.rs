@@ -50,7 +50,7 @@ fn gateway(cidr: &str) -> String {
 
 fn spawn_agent(n: &Node, scratch: &Scratch, kubeconfig: &Path, tag: &str) -> Proc {
     let argv: Vec<String> = vec![
-        env!("CARGO_BIN_EXE_kwire").into(),
+        kwire_tests::kwire_bin().display().to_string(),
         "--log-format".into(),
         "json".into(),
         "agent".into(),
@@ -106,7 +106,7 @@ fn peer(text: &str, metric: &str, node: &str) -> Option<f64> {
 }
 
 fn kwire(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kwire"))
+    Command::new(kwire_tests::kwire_bin())
         .args(args)
         .stdin(Stdio::null())
         .output()
@@ -264,7 +264,7 @@ fn metrics_status_graph_and_peer_health() {
             let out = child.wait_with_output().unwrap();
             assert!(out.status.success(), "promtool check metrics: {}{}\n{after}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         } else {
-            eprintln!("SKIP promtool check: promtool not installed (apt install prometheus)");
+            kwire_tests::skip("promtool check", "promtool not installed (apt install prometheus)");
         }
 
         // 3. Drops by reason: a packet for an address in no peer's range.
@@ -302,7 +302,7 @@ fn metrics_status_graph_and_peer_health() {
         for n in &nodes {
             argv.extend(["--run-dir".to_string(), n.run_dir.display().to_string()]);
         }
-        let out = Command::new(env!("CARGO_BIN_EXE_kwire")).args(&argv).output().unwrap();
+        let out = Command::new(kwire_tests::kwire_bin()).args(&argv).output().unwrap();
         assert!(out.status.success(), "kwire graph: {}", String::from_utf8_lossy(&out.stderr));
         let dot = String::from_utf8(out.stdout).unwrap();
         for n in &nodes {
@@ -314,7 +314,7 @@ fn metrics_status_graph_and_peer_health() {
             let out = child.wait_with_output().unwrap();
             assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("<svg"), "dot -Tsvg: {}", String::from_utf8_lossy(&out.stderr));
         } else {
-            eprintln!("SKIP dot -Tsvg: graphviz not installed");
+            kwire_tests::skip("dot -Tsvg", "graphviz not installed (apt install graphviz)");
         }
 
         // 6. KwireReady on every Node; the stand-in's other condition kept.

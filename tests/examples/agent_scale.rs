@@ -78,7 +78,7 @@ fn random_public_key() -> String {
 
 /// A distinct documentation-range endpoint for `i` and a generation `g` (the port carries both).
 fn endpoint(i: usize, g: usize) -> String {
-    let net = if (i / 254) % 2 == 0 {
+    let net = if (i / 254).is_multiple_of(2) {
         "198.51.100"
     } else {
         "203.0.113"
