@@ -1,11 +1,12 @@
 //! kwire: the node daemon's library. `main.rs` only parses flags and calls in here.
 
 pub mod agent;
+pub mod cni;
 pub mod datapath;
+pub mod dataplane;
 pub mod io;
 pub mod metrics;
 pub mod offload;
-pub mod pods;
 pub mod policy;
 pub mod status;
 pub mod tunnel;

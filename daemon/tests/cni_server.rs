@@ -3,7 +3,7 @@
 //! Needs root (netns, tun); each test prints why and passes when not root.
 //! Build the plugin first: `cargo build -p kwire-cni` (or set KWIRE_CNI_BIN).
 
-use kwire::pods::{CniServer, CniServerConfig, PodAttachment, PodDataPlane};
+use kwire::cni::{CniServer, CniServerConfig, PodAttachment, PodDataPlane};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;

@@ -6,13 +6,14 @@
 pub mod health;
 pub mod keyfile;
 pub mod peers;
-pub mod pods;
+pub mod pod_network;
 pub mod policy;
 pub mod routes;
 pub mod state;
 
+use crate::dataplane::uapi_server::{self, UAPI_DIR};
+use crate::dataplane::{workers::Network, TunnelDevice};
 use crate::metrics::AgentStatus;
-use crate::tunnel::{uapi_server, workers::Network, TunnelDevice, UAPI_DIR};
 use crate::wg::uapi::SetRequest;
 use crate::wg::Device;
 use anyhow::Context;
@@ -184,7 +185,7 @@ async fn agent_main(
     } else {
         agent.program_host();
     }
-    let pods = tokio::spawn(pods::serve(
+    let pods = tokio::spawn(pod_network::serve(
         cidrs,
         tun.net.pods.clone(),
         args.run_dir.clone(),

@@ -2,8 +2,8 @@
 //! wide, and after any change (at most every [`REBUILD_DELAY`]) compiles a new snapshot and
 //! swaps it in. Nothing is enforced before all three lists have been read once.
 
+use crate::dataplane::ports::Pods;
 use crate::policy::PolicySet;
-use crate::tunnel::pods::Pods;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;

@@ -4,7 +4,7 @@
 
 use crate::agent::peers::RejectReason;
 use crate::datapath::stats::Counters;
-use crate::tunnel::pods::Pods;
+use crate::dataplane::ports::Pods;
 use crate::wg::Device;
 use arc_swap::ArcSwap;
 use axum::extract::State;

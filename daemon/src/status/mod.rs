@@ -4,10 +4,10 @@
 pub mod graph;
 pub mod server;
 
+use crate::cni::cni_server::PODS_FILE;
+use crate::cni::PodRecord;
 use crate::datapath::stats::DropReason;
 use crate::metrics::{AgentStatus, PEER_UP_WITHIN};
-use crate::pods::cni_server::PODS_FILE;
-use crate::pods::PodRecord;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{IsTerminal, Read, Write};

@@ -13,6 +13,9 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tracing::{debug, info, warn};
 
+/// Where wireguard-tools looks for userspace API sockets.
+pub const UAPI_DIR: &str = "/var/run/wireguard";
+
 /// How long a client may take to send a request.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 

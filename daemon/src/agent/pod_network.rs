@@ -2,8 +2,8 @@
 //! pod's tun into the packet loop; make the host forward and masquerade what pods send to the
 //! outside world.
 
-use crate::pods::{CniServer, CniServerConfig, PodAttachment, PodDataPlane};
-use crate::tunnel::pods::Pods;
+use crate::cni::{CniServer, CniServerConfig, PodAttachment, PodDataPlane};
+use crate::dataplane::ports::Pods;
 use ipnetwork::IpNetwork;
 use std::collections::HashMap;
 use std::net::IpAddr;
