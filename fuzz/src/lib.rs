@@ -6,7 +6,8 @@
 mod support;
 
 use kwire::datapath::stats::Counters;
-use kwire::datapath::RxPath;
+use kwire::datapath::Ctx;
+use kwire::dataplane::RxPath;
 use kwire::offload::checksum::{fold, pseudo_header, sum};
 use kwire::offload::gro::Coalescer;
 use kwire::offload::{tso, VnetHdr, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN};
@@ -234,6 +235,7 @@ fn rx_run(data: &[u8]) -> usize {
         io.udp.clear();
         io.tun.clear();
         let snap = dev.snapshot();
+        let ctx = Ctx::host_only(&snap, &counters, &dev.source_limiter, now, head & 1 != 0);
         while let Some((&flags, r)) = rest.split_first() {
             let (segment, r) = match (flags & 2 != 0, r) {
                 (true, [a, b, r @ ..]) => (Some(u16::from_be_bytes([*a, *b])), r),
@@ -243,16 +245,7 @@ fn rx_run(data: &[u8]) -> usize {
             let Some(d) = records(r).next() else { break };
             rest = &r[2 + d.len()..];
             let src = if flags & 1 != 0 { ADDR_A } else { stranger };
-            rx.handle_message(
-                &snap,
-                &dev.source_limiter,
-                src,
-                d,
-                segment,
-                now,
-                &counters,
-                io,
-            );
+            rx.message(&ctx, src, d, segment, io);
         }
         rx.finish(&counters, io);
         assert!(

@@ -4,7 +4,7 @@
 //! into system calls.
 
 use super::{cvt, cvt_size};
-use crate::datapath::batch::TxBatch;
+use crate::offload::gso::TxBatch;
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
