@@ -32,11 +32,14 @@ test: deps build lint
 	# The fuzz targets' bodies over their seed corpora (stable; fuzzing itself: fuzz/README.md).
 	cd fuzz && CARGO_TARGET_DIR=../target $(CARGO) test --lib
 
-# rustfmt's default style and clippy with warnings as errors, on every crate and target.
+# rustfmt's default style and clippy with warnings as errors, on every crate and target; no
+# cycle between a crate's top-level modules (scripts/module-graph.py CRATE_DIR prints the graph).
 lint:
 	$(CARGO) fmt --all --check
 	cd fuzz && $(CARGO) fmt --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	python3 scripts/module-graph.py --self-test
+	python3 scripts/module-graph.py daemon
 
 # Criterion micro-benchmarks (data path, policy engine).
 bench:
