@@ -1,4 +1,7 @@
 //! kwire: the node daemon's library. `main.rs` only parses flags and calls in here.
+//!
+//! `unsafe` is denied in the whole crate except [`io`], the module that talks to the kernel.
+#![deny(unsafe_code)]
 
 pub mod agent;
 pub mod cni;
