@@ -111,18 +111,10 @@ mod tests {
     use super::*;
     use crate::datapath::local::{LocalTable, PodPort};
     use crate::datapath::stats::Counters;
+    use crate::datapath::testing::udp4;
     use crate::wg::device::Snapshot;
     use crate::wg::ratelimit::SourceLimiter;
     use std::time::Instant;
-
-    fn udp4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
-        let mut ip = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0];
-        ip.extend_from_slice(&src);
-        ip.extend_from_slice(&dst);
-        ip.extend_from_slice(&[0u8; 8]);
-        crate::offload::checksum::set_ipv4_header(&mut ip[..20]);
-        ip
-    }
 
     /// Every decision of the pipeline without a peer session: the stages in order.
     #[test]

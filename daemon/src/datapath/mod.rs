@@ -125,3 +125,16 @@ impl<'a> Ctx<'a, ()> {
         }
     }
 }
+
+#[cfg(test)]
+pub(crate) mod testing {
+    /// A minimal IPv4/UDP packet (ports 0, DF set, valid header checksum).
+    pub(crate) fn udp4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut ip = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0];
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&dst);
+        ip.extend_from_slice(&[0u8; 8]);
+        crate::offload::checksum::set_ipv4_header(&mut ip[..20]);
+        ip
+    }
+}

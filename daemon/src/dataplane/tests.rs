@@ -5,6 +5,7 @@
 use super::apply::{Io, RxPath, TxPath};
 use crate::datapath::local::{self, LocalTable, Port};
 use crate::datapath::stats::{Counters, DropReason};
+use crate::datapath::testing::udp4;
 use crate::datapath::Ctx;
 use crate::offload::gso::TxBatch;
 use crate::wg::device::{Device, NetworkControl, Snapshot, HANDSHAKE_RATE_LIMIT};
@@ -94,6 +95,52 @@ fn device(own: &PrivateKey, peer: &PrivateKey, allowed: &str, endpoint: &str) ->
     d
 }
 
+/// A session for `own`'s side with `responder`, made by hand (the other end of the device).
+fn initiator(own: &PrivateKey, responder: &PrivateKey, index: u32) -> Tunn {
+    Tunn::new(
+        own.secret(),
+        x25519_dalek::PublicKey::from(&responder.secret()),
+        None,
+        None,
+        index,
+        None,
+    )
+}
+
+/// A device's receive side: counters, limiter, runtime, captured output.
+fn receiver() -> (Counters, SourceLimiter, RxPath, Capture) {
+    (
+        Counters::default(),
+        SourceLimiter::default(),
+        RxPath::new(false),
+        Capture::default(),
+    )
+}
+
+/// Completes `a`'s handshake with the device behind `rx` (initiation in, response out, the
+/// initiator's keepalive in), as a peer at `a_addr`.
+fn handshake<T>(
+    a: &mut Tunn,
+    a_addr: SocketAddr,
+    ctx: &Ctx<'_, T>,
+    rx: &mut RxPath,
+    io: &mut Capture,
+) {
+    let mut buf = vec![0u8; 2048];
+    let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else {
+        panic!()
+    };
+    let init = init.to_vec();
+    rx.message(ctx, a_addr, &init, None, io);
+    rx.finish(ctx.counters, io);
+    let resp = io.udp.iter().find(|(_, d)| d[0] == 2).unwrap().1.clone();
+    let TunnResult::WriteToNetwork(keepalive) = a.decapsulate(None, &resp, &mut buf) else {
+        panic!()
+    };
+    let keepalive = keepalive.to_vec();
+    rx.message(ctx, a_addr, &keepalive, None, io);
+}
+
 /// Under load the responder answers initiations with a cookie; an initiator that took the
 /// cookie gets through. The source address decides the cookie, so it must be the real one.
 #[test]
@@ -101,14 +148,7 @@ fn cookie_reply_under_load_then_handshake_completes() {
     let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
     let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
     let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
-    let mut a = Tunn::new(
-        ka.secret(),
-        x25519_dalek::PublicKey::from(&kb.secret()),
-        None,
-        None,
-        7,
-        None,
-    );
+    let mut a = initiator(&ka, &kb, 7);
     let counters = Counters::default();
     let limiter = SourceLimiter::default();
     let mut rx = RxPath::new(false);
@@ -187,44 +227,15 @@ fn inner_source_must_be_in_allowed_ips() {
     let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
     let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
     let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
-    let mut a = Tunn::new(
-        ka.secret(),
-        x25519_dalek::PublicKey::from(&kb.secret()),
-        None,
-        None,
-        9,
-        None,
-    );
-    let (counters, limiter, mut rx, mut io) = (
-        Counters::default(),
-        SourceLimiter::default(),
-        RxPath::new(false),
-        Capture::default(),
-    );
+    let mut a = initiator(&ka, &kb, 9);
+    let (counters, limiter, mut rx, mut io) = receiver();
     let snap = b.snapshot();
     let mut buf = vec![0u8; 2048];
-    let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else {
-        panic!()
-    };
-    let init = init.to_vec();
-    rx.message(
-        &Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false),
+    handshake(
+        &mut a,
         a_addr,
-        &init,
-        None,
-        &mut io,
-    );
-    rx.finish(&counters, &mut io);
-    let resp = io.udp.iter().find(|(_, d)| d[0] == 2).unwrap().1.clone();
-    let TunnResult::WriteToNetwork(ka_pkt) = a.decapsulate(None, &resp, &mut buf) else {
-        panic!()
-    };
-    let ka_pkt = ka_pkt.to_vec();
-    rx.message(
         &Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false),
-        a_addr,
-        &ka_pkt,
-        None,
+        &mut rx,
         &mut io,
     );
     for (src, want) in [([10, 99, 0, 1], true), ([10, 99, 0, 66], false)] {
@@ -249,15 +260,6 @@ fn inner_source_must_be_in_allowed_ips() {
         assert_eq!(io.tun.len() == 1, want, "source {src:?}");
     }
     assert_eq!(counters.drops(DropReason::NotAllowedIp), 1);
-}
-
-fn udp4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
-    let mut ip = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0];
-    ip.extend_from_slice(&src);
-    ip.extend_from_slice(&dst);
-    ip.extend_from_slice(&[0u8; 8]);
-    crate::offload::checksum::set_ipv4_header(&mut ip[..20]);
-    ip
 }
 
 /// Frames from pods: spoofed sources dropped; local pods, peers and the host reached.
@@ -351,43 +353,14 @@ fn decrypted_packets_go_to_pods_or_the_gateway_only() {
         }],
         vec!["10.244.2.1".parse().unwrap()],
     );
-    let mut a = Tunn::new(
-        ka.secret(),
-        x25519_dalek::PublicKey::from(&kb.secret()),
-        None,
-        None,
-        3,
-        None,
-    );
-    let (counters, limiter, mut rx, mut io) = (
-        Counters::default(),
-        SourceLimiter::default(),
-        RxPath::new(false),
-        Capture::default(),
-    );
+    let mut a = initiator(&ka, &kb, 3);
+    let (counters, limiter, mut rx, mut io) = receiver();
     let mut buf = vec![0u8; 2048];
-    let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else {
-        panic!()
-    };
-    let init = init.to_vec();
-    rx.message(
-        &rx_ctx(&snap, &local, &counters, &limiter, Instant::now()),
+    handshake(
+        &mut a,
         a_addr,
-        &init,
-        None,
-        &mut io,
-    );
-    rx.finish(&counters, &mut io);
-    let resp = io.udp.iter().find(|(_, d)| d[0] == 2).unwrap().1.clone();
-    let TunnResult::WriteToNetwork(k) = a.decapsulate(None, &resp, &mut buf) else {
-        panic!()
-    };
-    let k = k.to_vec();
-    rx.message(
         &rx_ctx(&snap, &local, &counters, &limiter, Instant::now()),
-        a_addr,
-        &k,
-        None,
+        &mut rx,
         &mut io,
     );
     for (dst, want) in [

@@ -3,7 +3,7 @@
 //! by each thread, nothing allocated per packet.
 
 use super::apply::{self, Io, RxPath, TxPath};
-use super::ports::{Local, Pods, HOST_TOKEN};
+use super::ports::{Local, PodTun, Pods, HOST_TOKEN};
 use crate::datapath::local::Port;
 use crate::datapath::stats::{Counters, DropReason};
 use crate::datapath::timers::TIMER_TICK;
@@ -12,7 +12,7 @@ use crate::io::epoll;
 use crate::io::tun::TunQueue;
 use crate::io::udp::{RecvBatch, SendScratch, UdpSocket};
 use crate::offload::gso::TxBatch;
-use crate::wg::device::NetworkControl;
+use crate::wg::device::{NetworkControl, Snapshot};
 use crate::wg::Device;
 use arc_swap::ArcSwap;
 use std::io;
@@ -188,6 +188,24 @@ impl Io for WorkerIo<'_> {
     }
 }
 
+/// The context of one batch of reads.
+fn batch_ctx<'a>(
+    snap: &'a Snapshot,
+    local: &'a Local,
+    counters: &'a Counters,
+    device: &'a Device,
+    vnet: bool,
+) -> Ctx<'a, PodTun> {
+    Ctx {
+        snap,
+        local,
+        counters,
+        limiter: &device.source_limiter,
+        now: Instant::now(),
+        vnet,
+    }
+}
+
 /// Starts worker `i`'s tun reader: its queue of the host tun and the pods assigned to it.
 pub fn spawn_tun_reader(
     i: usize,
@@ -233,14 +251,7 @@ pub fn spawn_tun_reader(
                 };
                 let snap = device.snapshot();
                 let local = net.pods.table();
-                let ctx = Ctx {
-                    snap: &snap,
-                    local: &local,
-                    counters: &counters,
-                    limiter: &device.source_limiter,
-                    now: Instant::now(),
-                    vnet,
-                };
+                let ctx = batch_ctx(&snap, &local, &counters, &device, vnet);
                 let mut wio = WorkerIo {
                     tun: &q,
                     local: &local,
@@ -306,14 +317,7 @@ fn spawn_udp_reader(i: usize, b: Arc<Bound>, tun: Arc<TunQueue>, net: Network) -
                 }
                 let snap = device.snapshot();
                 let local = net.pods.table();
-                let ctx = Ctx {
-                    snap: &snap,
-                    local: &local,
-                    counters: &counters,
-                    limiter: &device.source_limiter,
-                    now: Instant::now(),
-                    vnet,
-                };
+                let ctx = batch_ctx(&snap, &local, &counters, &device, vnet);
                 let mut wio = WorkerIo {
                     tun: &tun,
                     local: &local,
