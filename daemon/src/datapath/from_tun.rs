@@ -27,6 +27,7 @@ pub enum TxAction<'a> {
 
 /// Decides a frame read from `from`. `answer_buf` receives an ICMP error when one is due (a
 /// frame's worth of bytes is always enough).
+#[inline(always)]
 pub fn decide<'a, T>(
     ctx: &Ctx<'_, T>,
     from: Port,

@@ -8,7 +8,9 @@ use super::stats::DropReason;
 use super::{Ctx, DATA_OVERHEAD, MIN_OUT};
 use crate::offload::gso::TxBatch;
 use crate::offload::tso::Segments;
-use boringtun::noise::TunnResult;
+use crate::wg::device::Peer;
+use boringtun::noise::{Tunn, TunnResult};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 
 /// How sealing one frame ended.
@@ -35,8 +37,55 @@ pub struct Sealer {
 struct Progress {
     peer: u32,
     packet: usize,
+    tally: Tally,
+}
+
+/// What sealing a frame has done so far.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally {
     datagrams: u64,
     failed: u64,
+    /// Bytes not yet added to the peer's counter.
+    bytes: u64,
+}
+
+impl Tally {
+    /// Encrypts one packet into `batch` (which has room for it) for `endpoint`.
+    #[inline]
+    fn encrypt(&mut self, tunn: &mut Tunn, pkt: &[u8], endpoint: SocketAddr, batch: &mut TxBatch) {
+        match tunn.encapsulate(pkt, batch.slot()) {
+            TunnResult::WriteToNetwork(d) => {
+                let n = d.len();
+                batch.commit(n, endpoint);
+                self.datagrams += 1;
+                self.bytes += n as u64;
+            }
+            TunnResult::Err(_) => self.failed += 1,
+            // Queued inside boringtun until the handshake completes.
+            _ => {}
+        }
+    }
+
+    /// Adds the bytes to `peer`'s counter.
+    #[inline]
+    fn settle(&mut self, peer: &Peer) {
+        peer.tx_bytes
+            .fetch_add(std::mem::take(&mut self.bytes), Ordering::Relaxed);
+    }
+
+    fn done(self) -> Sealed {
+        Sealed::Done {
+            datagrams: self.datagrams,
+            failed: self.failed,
+        }
+    }
+}
+
+/// Room a datagram carrying a packet of `len` bytes needs (boringtun may write a handshake
+/// initiation instead, which is longer than a small packet).
+#[inline]
+fn room_for(len: usize) -> usize {
+    (len + DATA_OVERHEAD).max(MIN_OUT)
 }
 
 impl Default for Sealer {
@@ -56,6 +105,7 @@ impl Sealer {
     /// Encrypts the packets of `frame` for peer `peer` (a snapshot slot) into `batch`, to the
     /// peer's endpoint. After [`Sealed::BatchFull`] the caller sends the batch and calls again
     /// with the same frame and peer; the frame goes on where it stopped.
+    #[inline(always)]
     pub fn seal<T>(
         &mut self,
         ctx: &Ctx<'_, T>,
@@ -63,65 +113,64 @@ impl Sealer {
         frame: &mut [u8],
         batch: &mut TxBatch,
     ) -> Sealed {
-        let mut at = match self.progress.take() {
-            Some(p) if p.peer == peer => p,
-            _ => Progress {
-                peer,
-                packet: 0,
-                datagrams: 0,
-                failed: 0,
-            },
-        };
         let Some(p) = ctx.snap.peers.get(peer as usize) else {
             return Sealed::Drop(DropReason::NoPeer);
         };
+        if !ctx.vnet {
+            // The frame is one packet: nothing to cut, nothing to resume.
+            if !batch.has_room(room_for(frame.len()), 1) {
+                return Sealed::BatchFull;
+            }
+            let mut st = p.lock();
+            let Some(endpoint) = st.endpoint else {
+                return no_endpoint(p);
+            };
+            let mut tally = Tally::default();
+            tally.encrypt(&mut st.tunn, frame, endpoint, batch);
+            drop(st);
+            tally.settle(p);
+            return tally.done();
+        }
+        let mut at = match self.progress.take() {
+            Some(at) if at.peer == peer => at,
+            _ => Progress {
+                peer,
+                packet: 0,
+                tally: Tally::default(),
+            },
+        };
         let mut st = p.lock();
         let Some(endpoint) = st.endpoint else {
-            p.tx_dropped.fetch_add(1, Ordering::Relaxed);
-            return Sealed::Drop(DropReason::NoEndpoint);
+            return no_endpoint(p);
         };
-        let mut packets = if ctx.vnet {
-            match Segments::new(frame, &mut self.scratch, max_packet(ctx.local)) {
-                Ok(s) => s,
-                Err(_) => return Sealed::Drop(DropReason::Offload),
-            }
-        } else {
-            Segments::plain(frame, &mut self.scratch)
+        let mut packets = match Segments::new(frame, &mut self.scratch, max_packet(ctx.local)) {
+            Ok(s) => s,
+            Err(_) => return Sealed::Drop(DropReason::Offload),
         };
         packets.skip(at.packet);
-        let need = (packets.max_len() + DATA_OVERHEAD).max(MIN_OUT);
-        let mut bytes = 0u64;
+        let need = room_for(packets.max_len());
         let out = loop {
-            if packets.position() >= packets.count() {
-                break Sealed::Done {
-                    datagrams: at.datagrams,
-                    failed: at.failed,
-                };
-            }
-            if !batch.has_room(need, 1) {
+            if !batch.has_room(need, 1) && packets.position() < packets.count() {
                 at.packet = packets.position();
-                self.progress = Some(at);
                 break Sealed::BatchFull;
             }
-            let pkt = match packets.next_packet() {
-                Some(Ok(pkt)) => pkt,
+            match packets.next_packet() {
+                Some(Ok(pkt)) => at.tally.encrypt(&mut st.tunn, pkt, endpoint, batch),
                 Some(Err(_)) => break Sealed::Drop(DropReason::Offload),
-                None => continue,
-            };
-            match st.tunn.encapsulate(pkt, batch.slot()) {
-                TunnResult::WriteToNetwork(d) => {
-                    let n = d.len();
-                    batch.commit(n, endpoint);
-                    at.datagrams += 1;
-                    bytes += n as u64;
-                }
-                TunnResult::Err(_) => at.failed += 1,
-                // Queued inside boringtun until the handshake completes.
-                _ => {}
+                None => break at.tally.done(),
             }
         };
         drop(st);
-        p.tx_bytes.fetch_add(bytes, Ordering::Relaxed);
+        at.tally.settle(p);
+        if out == Sealed::BatchFull {
+            self.progress = Some(at);
+        }
         out
     }
+}
+
+/// A peer without an endpoint cannot be sent to (yet): counted on the peer too.
+fn no_endpoint(p: &Peer) -> Sealed {
+    p.tx_dropped.fetch_add(1, Ordering::Relaxed);
+    Sealed::Drop(DropReason::NoEndpoint)
 }

@@ -99,6 +99,7 @@ impl<'f, 's> Segments<'f, 's> {
     }
 
     /// A frame without virtio-net header: the frame is the one packet.
+    #[inline]
     pub fn plain(frame: &'f mut [u8], scratch: &'s mut [u8]) -> Segments<'f, 's> {
         Segments {
             pkt: frame,
@@ -109,6 +110,7 @@ impl<'f, 's> Segments<'f, 's> {
     }
 
     /// How many packets the frame carries.
+    #[inline]
     pub fn count(&self) -> usize {
         match &self.shape {
             Shape::Single { .. } => 1,
@@ -117,6 +119,7 @@ impl<'f, 's> Segments<'f, 's> {
     }
 
     /// The largest packet any of them is (the room to ask for before taking the next).
+    #[inline]
     pub fn max_len(&self) -> usize {
         match &self.shape {
             Shape::Single { .. } => self.pkt.len(),
@@ -125,16 +128,19 @@ impl<'f, 's> Segments<'f, 's> {
     }
 
     /// Index of the packet [`Segments::next_packet`] produces next.
+    #[inline]
     pub fn position(&self) -> usize {
         self.next
     }
 
     /// Passes over the first `n` packets without producing them.
+    #[inline]
     pub fn skip(&mut self, n: usize) {
         self.next = n.min(self.count());
     }
 
     /// The next packet, or `None` after the last.
+    #[inline]
     pub fn next_packet(&mut self) -> Option<Result<&[u8], OffloadError>> {
         let i = self.next;
         if i >= self.count() {
