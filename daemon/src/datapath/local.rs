@@ -3,6 +3,7 @@
 //! batch. `T` is what the runtime keeps per pod (its tun); tests use `()`.
 
 use crate::datapath::conntrack::Conntrack;
+use crate::datapath::service::ServiceNat;
 use crate::policy::PolicySet;
 use crate::wg::allowed_ips::IntMap;
 use std::net::IpAddr;
@@ -44,6 +45,9 @@ pub struct LocalTable<T> {
     /// Largest packet the tunnel carries; bigger ones get an ICMP error (DF, IPv6) or their
     /// TCP segments cut smaller. `None`: the tun's own MTU is trusted (`kwire tunnel`).
     pub mtu: Option<u16>,
+    /// Services (ClusterIP), when the control plane has compiled a table: new flows to a
+    /// frontend are translated, replies translated back.
+    pub services: Option<ServiceNat>,
 }
 
 /// The policy snapshot and the (long-lived, shared) connection table.
@@ -69,6 +73,7 @@ impl<T> Default for LocalTable<T> {
             host_accepts_all: true,
             filter: None,
             mtu: None,
+            services: None,
         }
     }
 }
@@ -100,6 +105,7 @@ impl<T> LocalTable<T> {
             host_accepts_all: false,
             filter: None,
             mtu: None,
+            services: None,
         }
     }
 

@@ -46,10 +46,13 @@ pub enum DropReason {
     PolicyIngress,
     /// Larger than the tunnel MTU (answered with an ICMP error when DF is set or IPv6).
     Mtu,
+    /// A new flow to a Service without a usable endpoint (answered with a TCP reset or ICMP
+    /// port unreachable).
+    ServiceNoEndpoint,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::NoPeer,
         DropReason::NoEndpoint,
         DropReason::NotAllowedIp,
@@ -69,6 +72,7 @@ impl DropReason {
         DropReason::PolicyEgress,
         DropReason::PolicyIngress,
         DropReason::Mtu,
+        DropReason::ServiceNoEndpoint,
     ];
 
     /// The `reason` label in metrics.
@@ -93,6 +97,7 @@ impl DropReason {
             DropReason::PolicyEgress => "policy_egress",
             DropReason::PolicyIngress => "policy_ingress",
             DropReason::Mtu => "mtu",
+            DropReason::ServiceNoEndpoint => "service_no_endpoint",
         }
     }
 
