@@ -142,6 +142,7 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
             changed = api_changes.changed() => {
                 if changed.is_ok() {
                     kubelet.reconcile(&sup.server, &sup.lab);
+                    crate::pods::endpoints::reconcile(&sup.server);
                 }
             }
             _ = pod_tick.tick() => kubelet.reconcile(&sup.server, &sup.lab),
