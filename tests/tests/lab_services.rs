@@ -4,8 +4,8 @@
 //! over TCP and UDP, answered by a backend on its own node and by one on the other node;
 //! a Service without endpoints is refused at once (TCP reset, ICMP port unreachable); a
 //! NetworkPolicy denying the backend denies it through the ClusterIP; the underlay carries
-//! only WireGuard meanwhile. IPv4 only: the lab's API stand-in allocates IPv4 ClusterIPs
-//! (IPv6 translation is covered by the data path's unit tests).
+//! only WireGuard meanwhile. Over IPv4 and IPv6: the Services are dual-stack
+//! (`PreferDualStack`), one ClusterIP per family.
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
@@ -64,6 +64,7 @@ apiVersion: v1
 kind: Service
 metadata: {{name: web, namespace: shop}}
 spec:
+  ipFamilyPolicy: PreferDualStack
   selector: {{app: web}}
   ports:
   - {{name: http, port: 80, targetPort: http}}
@@ -73,6 +74,7 @@ apiVersion: v1
 kind: Service
 metadata: {{name: empty, namespace: shop}}
 spec:
+  ipFamilyPolicy: PreferDualStack
   selector: {{app: nobody}}
   ports:
   - {{name: http, port: 80}}
@@ -127,7 +129,7 @@ fn both_backends_answer(lab: &Lab, to: &str, want: &[&str]) {
 }
 
 #[test]
-fn cluster_ip_tcp_udp_both_nodes_refusal_policy_and_no_plaintext() {
+fn cluster_ip_tcp_udp_v4_v6_both_nodes_refusal_policy_and_no_plaintext() {
     let kwire = require_agent!();
     let scratch = Scratch::new("lab-services");
     let lab = Lab::up(
@@ -143,33 +145,50 @@ fn cluster_ip_tcp_udp_both_nodes_refusal_policy_and_no_plaintext() {
     std::fs::write(&file, manifest(lab.name())).unwrap();
     lab.cmd_ok("apply", &["-f", file.to_str().unwrap()]);
 
-    // The lab's slice controller: both pods ready behind web, each with its own target port.
+    // The lab's slice controller: both pods ready behind web (in both families), each with
+    // its own target port.
     let mut st = lab.status();
-    wait_until(CONVERGE, "shop/web with two ready endpoints", || {
-        st = lab.status();
-        service(&st, "web").is_some_and(|s| s["endpoints"].array().len() == 2)
-            && ["client", "web-1", "web-2"].iter().all(|n| {
-                st["pods"].array().iter().any(|p| {
-                    p["name"].as_str() == Some(n) && p["phase"].as_str() == Some("Running")
+    wait_until(
+        CONVERGE,
+        "shop/web with two ready endpoints per family",
+        || {
+            st = lab.status();
+            service(&st, "web").is_some_and(|s| s["endpoints"].array().len() == 4)
+                && ["client", "web-1", "web-2"].iter().all(|n| {
+                    st["pods"].array().iter().any(|p| {
+                        p["name"].as_str() == Some(n) && p["phase"].as_str() == Some("Running")
+                    })
                 })
-            })
-    });
-    let web = service(&st, "web").unwrap().clone();
-    let mut eps = web["endpoints"].strings();
-    eps.sort();
-    assert!(
-        eps[0].ends_with(":8080") && eps[1].ends_with(":9090"),
-        "{eps:?}"
+        },
     );
+    let web = service(&st, "web").unwrap().clone();
+    let eps = web["endpoints"].strings();
+    for port in [":8080", ":9090"] {
+        assert_eq!(
+            eps.iter().filter(|e| e.ends_with(port)).count(),
+            2,
+            "{eps:?}"
+        );
+    }
     assert_eq!(web["type"].as_str(), Some("ClusterIP"));
     assert!(web["node_ports"].array().is_empty());
-    let vip = web["cluster_ips"].strings()[0].clone();
-    let empty_vip = service(&st, "empty").unwrap()["cluster_ips"].strings()[0].clone();
-    assert!(service(&st, "empty").unwrap()["endpoints"]
-        .array()
-        .is_empty());
+    let vips = web["cluster_ips"].strings();
+    assert!(
+        vips.len() == 2 && vips[1].contains(':'),
+        "dual-stack: {vips:?}"
+    );
+    let empty = service(&st, "empty").unwrap().clone();
+    assert!(empty["endpoints"].array().is_empty());
+    let at = |ip: &str, port: &str| {
+        if ip.contains(':') {
+            format!("[{ip}]:{port}")
+        } else {
+            format!("{ip}:{port}")
+        }
+    };
 
-    // Every agent compiled the table: 2 Services, 4 frontends, 2 of them without endpoints.
+    // Every agent compiled the table: 2 Services, 8 frontends (2 ports in 2 families each),
+    // the 4 of `empty` without endpoints.
     for node in st["nodes"].array() {
         let mut last = None;
         let ok = try_wait_until(CONVERGE, || {
@@ -177,8 +196,8 @@ fn cluster_ip_tcp_udp_both_nodes_refusal_policy_and_no_plaintext() {
             last.as_ref().is_some_and(|r| {
                 let s = &r["services"];
                 s["services"].as_u64() == Some(2)
-                    && s["frontends"].as_u64() == Some(4)
-                    && s["frontends_without_endpoints"].as_u64() == Some(2)
+                    && s["frontends"].as_u64() == Some(8)
+                    && s["frontends_without_endpoints"].as_u64() == Some(4)
             })
         });
         assert!(
@@ -189,7 +208,7 @@ fn cluster_ip_tcp_udp_both_nodes_refusal_policy_and_no_plaintext() {
         );
     }
 
-    // Through the ClusterIP, TCP and UDP, both backends (one on the client's node, one on
+    // Through each ClusterIP, TCP and UDP, both backends (one on the client's node, one on
     // the other) answer; only WireGuard crosses the underlay meanwhile.
     let capture = BridgeCapture::start(
         &lab,
@@ -197,12 +216,10 @@ fn cluster_ip_tcp_udp_both_nodes_refusal_policy_and_no_plaintext() {
         "underlay",
         "not arp and not (tcp port 6443) and not ip6 multicast and not ip multicast and not (icmp6 and (ip6[40] >= 133 and ip6[40] <= 137))",
     );
-    both_backends_answer(&lab, &format!("{vip}:80"), &["shop/web-1", "shop/web-2"]);
-    both_backends_answer(
-        &lab,
-        &format!("{vip}:53/UDP"),
-        &["shop/web-1", "shop/web-2"],
-    );
+    for vip in &vips {
+        both_backends_answer(&lab, &at(vip, "80"), &["shop/web-1", "shop/web-2"]);
+        both_backends_answer(&lab, &at(vip, "53/UDP"), &["shop/web-1", "shop/web-2"]);
+    }
     let lines = capture.stop();
     assert!(!lines.is_empty(), "no traffic to web-2 on the underlay");
     let port = format!(".{WG_PORT}");
@@ -216,21 +233,21 @@ fn cluster_ip_tcp_udp_both_nodes_refusal_policy_and_no_plaintext() {
     );
 
     // No endpoints: refused, not timed out (a reset for TCP, port unreachable for UDP).
-    for to in [format!("{empty_vip}:80"), format!("{empty_vip}:53/UDP")] {
-        let (ok, r) = probe(&lab, "shop/client", &to);
+    let refused: Vec<String> = empty["cluster_ips"]
+        .strings()
+        .iter()
+        .flat_map(|ip| [at(ip, "80"), at(ip, "53/UDP")])
+        .collect();
+    for to in &refused {
+        let (ok, r) = probe(&lab, "shop/client", to);
         let detail = r["detail"].as_str().unwrap_or_default();
         assert!(!ok && detail.contains("refused"), "{to}: {r:?}");
     }
 
     // The client's node counted its translations and refusals.
-    let n1 = st["nodes"]
-        .array()
-        .iter()
-        .find(|n| n["name"].as_str() == Some(&format!("{}-n1", lab.name())))
-        .unwrap()
-        .clone();
+    let n1 = format!("{}-n1", lab.name());
     let out = lab.exec(
-        n1["name"].as_str().unwrap(),
+        &n1,
         &[
             "curl",
             "-s",
@@ -243,13 +260,13 @@ fn cluster_ip_tcp_udp_both_nodes_refusal_policy_and_no_plaintext() {
     assert!(out.status.success(), "GET /metrics: {}", out_text(&out));
     let m = String::from_utf8_lossy(&out.stdout).into_owned();
     let translated = prometheus_value(&m, "kwire_service_translations_total").unwrap_or(0.0);
-    assert!(translated >= 4.0, "translations {translated}");
+    assert!(translated >= 8.0, "translations {translated}");
     assert_eq!(
         prometheus_value(&m, "kwire_service_no_endpoint_total"),
-        Some(2.0)
+        Some(refused.len() as f64)
     );
 
-    // A policy denying the backends' ingress denies them through the ClusterIP too.
+    // A policy denying the backends' ingress denies them through the ClusterIPs too.
     let deny = scratch.file("deny.yaml");
     std::fs::write(
         &deny,
@@ -260,19 +277,20 @@ fn cluster_ip_tcp_udp_both_nodes_refusal_policy_and_no_plaintext() {
     let mut last = Json::Null;
     let denied = try_wait_until(CONVERGE, || {
         // Every fresh flow is denied, wherever Maglev sends it.
-        let all = (0..4).all(|_| {
-            let (ok, r) = probe(&lab, "shop/client", &format!("{vip}:80"));
-            last = r;
-            !ok
-        });
-        all
+        vips.iter().all(|vip| {
+            (0..4).all(|_| {
+                let (ok, r) = probe(&lab, "shop/client", &at(vip, "80"));
+                last = r;
+                !ok
+            })
+        })
     });
-    assert!(denied, "still reachable through the ClusterIP: {last:?}");
+    assert!(denied, "still reachable through a ClusterIP: {last:?}");
     let detail = last["detail"].as_str().unwrap_or_default().to_string();
     assert!(
         !detail.contains("refused"),
         "a policy drop, not a refusal: {detail}"
     );
     lab.cmd_ok("delete", &["-f", deny.to_str().unwrap()]);
-    both_backends_answer(&lab, &format!("{vip}:80"), &["shop/web-1", "shop/web-2"]);
+    both_backends_answer(&lab, &at(&vips[0], "80"), &["shop/web-1", "shop/web-2"]);
 }

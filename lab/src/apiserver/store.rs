@@ -198,6 +198,86 @@ fn cluster_ips_of(svc: &Value) -> Vec<IpAddr> {
         .unwrap_or_default()
 }
 
+/// The families a new Service gets, as kube-apiserver decides them from `ipFamilyPolicy`
+/// (`SingleStack` by default) and `ipFamilies` against the cluster's `configured` families
+/// (primary first): one family, or both for `PreferDualStack` (when the cluster has both) and
+/// `RequireDualStack` (refused when it has not).
+fn service_families(
+    configured: &[&'static str],
+    kind: &ResourceKind,
+    name: &str,
+    svc: &Value,
+) -> Result<Vec<&'static str>, ApiError> {
+    let invalid = |field: &str, value: &str, why: &str| {
+        ApiError::invalid(kind, name, &[FieldError::invalid(field, value, why)])
+    };
+    let mut requested: Vec<&'static str> = Vec::new();
+    for (i, f) in svc
+        .pointer("/spec/ipFamilies")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let f = f.as_str().unwrap_or_default();
+        match configured.iter().find(|c| **c == f) {
+            Some(c) if !requested.contains(c) => requested.push(c),
+            Some(_) => {
+                return Err(invalid(
+                    &format!("spec.ipFamilies[{i}]"),
+                    f,
+                    "may not be repeated",
+                ))
+            }
+            None => {
+                return Err(invalid(
+                    &format!("spec.ipFamilies[{i}]"),
+                    f,
+                    "not configured on this cluster",
+                ))
+            }
+        }
+    }
+    let primary = requested
+        .first()
+        .or(configured.first())
+        .copied()
+        .ok_or_else(|| {
+            ApiError::internal(format!(
+                "failed to allocate a serviceIP for service {name}: no service CIDR is configured"
+            ))
+        })?;
+    let both = || {
+        let mut f = vec![primary];
+        f.extend(configured.iter().filter(|c| **c != primary));
+        f
+    };
+    let policy = svc
+        .pointer("/spec/ipFamilyPolicy")
+        .and_then(Value::as_str)
+        .unwrap_or("SingleStack");
+    match policy {
+        "SingleStack" if requested.len() > 1 => Err(invalid(
+            "spec.ipFamilies",
+            &requested.join(","),
+            "when spec.ipFamilyPolicy is SingleStack, a single ipFamily is allowed",
+        )),
+        "SingleStack" => Ok(vec![primary]),
+        "PreferDualStack" => Ok(both()),
+        "RequireDualStack" if configured.len() < 2 => Err(invalid(
+            "spec.ipFamilyPolicy",
+            policy,
+            "this cluster is not configured for dual-stack services",
+        )),
+        "RequireDualStack" => Ok(both()),
+        other => Err(invalid(
+            "spec.ipFamilyPolicy",
+            other,
+            "supported values: \"PreferDualStack\", \"RequireDualStack\", \"SingleStack\"",
+        )),
+    }
+}
+
 fn node_ports_of(svc: &Value) -> Vec<u16> {
     svc.pointer("/spec/ports")
         .and_then(Value::as_array)
@@ -448,11 +528,22 @@ impl Store {
         if given == "None" {
             svc["spec"]["clusterIPs"] = json!(["None"]);
         } else if given.is_empty() {
-            let ip = inner.service_ips.allocate().ok_or_else(|| {
-                ApiError::internal(format!("failed to allocate a serviceIP for service {name}: range is full or no service CIDR is configured"))
-            })?;
-            svc["spec"]["clusterIP"] = json!(ip.to_string());
-            svc["spec"]["clusterIPs"] = json!([ip.to_string()]);
+            let families = service_families(&inner.service_ips.families(), kind, name, svc)?;
+            let mut ips = Vec::new();
+            for f in &families {
+                match inner.service_ips.allocate(f) {
+                    Some(ip) => ips.push(ip.to_string()),
+                    None => {
+                        for ip in &ips {
+                            inner.service_ips.release(ip.parse().expect("allocated"));
+                        }
+                        return Err(ApiError::internal(format!("failed to allocate a serviceIP for service {name}: the {f} range is full or no service CIDR is configured")));
+                    }
+                }
+            }
+            svc["spec"]["clusterIP"] = json!(ips[0]);
+            svc["spec"]["clusterIPs"] = json!(ips);
+            svc["spec"]["ipFamilies"] = json!(families);
         } else {
             let ip: IpAddr = given.parse().map_err(|_| {
                 ApiError::invalid(
@@ -467,6 +558,7 @@ impl Store {
             })?;
             inner.service_ips.occupy(ip);
             svc["spec"]["clusterIPs"] = json!([given]);
+            svc["spec"]["ipFamilies"] = json!([if ip.is_ipv4() { "IPv4" } else { "IPv6" }]);
         }
         if given != "None" {
             let spec = svc["spec"].as_object_mut().expect("defaulted");
@@ -847,7 +939,7 @@ mod tests {
                 Some(("fd00:10:244::/56".parse().unwrap(), 64)),
             )
             .unwrap(),
-            service_ips: ServiceIpAllocator::new(Some("10.96.0.0/12".parse().unwrap())).unwrap(),
+            service_ips: ServiceIpAllocator::new(&["10.96.0.0/12".parse().unwrap()]).unwrap(),
         })
     }
 
@@ -1023,6 +1115,72 @@ mod tests {
         assert_eq!(a["spec"]["ports"][0]["nodePort"], 30000);
         assert_eq!(a["spec"]["ports"][0]["targetPort"], 80);
         assert_eq!(a["spec"]["ports"][0]["protocol"], "TCP");
+    }
+
+    #[test]
+    fn dual_stack_services_get_one_cluster_ip_per_family() {
+        let dual = Store::new(StoreConfig {
+            history_size: 100,
+            pod_cidrs: PodCidrAllocator::new(None, None).unwrap(),
+            service_ips: ServiceIpAllocator::new(&[
+                "10.96.0.0/12".parse().unwrap(),
+                "fd00:10:96::/112".parse().unwrap(),
+            ])
+            .unwrap(),
+        });
+        let svcs = find("", "v1", "services").unwrap();
+        let create = |s: &Store, name: &str, spec: Value| {
+            s.create(
+                svcs,
+                Some("default"),
+                json!({"metadata": {"name": name}, "spec": spec}),
+            )
+        };
+        let single = create(&dual, "a", json!({"ports": [{"port": 80}]})).unwrap();
+        assert_eq!(single["spec"]["clusterIPs"], json!(["10.96.0.2"]));
+        assert_eq!(single["spec"]["ipFamilies"], json!(["IPv4"]));
+        let both = create(
+            &dual,
+            "b",
+            json!({"ipFamilyPolicy": "PreferDualStack", "ports": [{"port": 80}]}),
+        )
+        .unwrap();
+        assert_eq!(
+            both["spec"]["clusterIPs"],
+            json!(["10.96.0.3", "fd00:10:96::2"])
+        );
+        assert_eq!(both["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+        let v6_first = create(&dual, "c", json!({"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv6"], "ports": [{"port": 80}]})).unwrap();
+        assert_eq!(v6_first["spec"]["clusterIP"], "fd00:10:96::3");
+        // A cluster with IPv4 only refuses what needs IPv6, and says why.
+        let v4 = store(100);
+        let e = create(
+            &v4,
+            "d",
+            json!({"ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 80}]}),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("not configured for dual-stack"),
+            "{e}"
+        );
+        let e = create(
+            &v4,
+            "e",
+            json!({"ipFamilies": ["IPv6"], "ports": [{"port": 80}]}),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("not configured on this cluster"),
+            "{e}"
+        );
+        let ok = create(
+            &v4,
+            "f",
+            json!({"ipFamilyPolicy": "PreferDualStack", "ports": [{"port": 80}]}),
+        )
+        .unwrap();
+        assert_eq!(ok["spec"]["ipFamilies"], json!(["IPv4"]));
     }
 
     #[test]

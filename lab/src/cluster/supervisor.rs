@@ -79,6 +79,7 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
         node_cidr_mask: naming::NODE_CIDR_MASK_V4,
         node_cidr_mask_v6: naming::NODE_CIDR_MASK_V6,
         service_cidr: Some(naming::SERVICE_CIDR_V4.parse().expect("valid")),
+        service_cidr_v6: Some(naming::SERVICE_CIDR_V6.parse().expect("valid")),
         ..ApiServerConfig::default()
     };
     let server = ApiServer::start(config).await?;
