@@ -55,26 +55,30 @@ pub fn build<B: AsRef<[u8]>>(backends: &[B], m: usize) -> Vec<u16> {
         n < m && n <= u16::MAX as usize,
         "{n} backends for {m} entries"
     );
-    let perm: Vec<(usize, usize)> = backends
-        .iter()
-        .map(|b| {
-            let offset = (hash(SEED_OFFSET, b.as_ref()) % m as u64) as usize;
-            let skip = (hash(SEED_SKIP, b.as_ref()) % (m as u64 - 1)) as usize + 1;
-            (offset, skip)
-        })
-        .collect();
-    let mut next = vec![0usize; n];
+    // Each backend's permutation is offset, offset + skip, ... (mod m): walked by addition,
+    // `pos` being the next candidate slot of each backend.
+    let mut pos: Vec<usize> = Vec::with_capacity(n);
+    let mut skips: Vec<usize> = Vec::with_capacity(n);
+    for b in backends {
+        pos.push((hash(SEED_OFFSET, b.as_ref()) % m as u64) as usize);
+        skips.push((hash(SEED_SKIP, b.as_ref()) % (m as u64 - 1)) as usize + 1);
+    }
     let mut table = vec![u16::MAX; m];
     let mut filled = 0;
     'fill: loop {
-        for (i, (offset, skip)) in perm.iter().enumerate() {
-            let mut c = (offset + next[i] * skip) % m;
-            while table[c] != u16::MAX {
-                next[i] += 1;
-                c = (offset + next[i] * skip) % m;
+        for i in 0..n {
+            let (skip, c) = (skips[i], &mut pos[i]);
+            while table[*c] != u16::MAX {
+                *c += skip;
+                if *c >= m {
+                    *c -= m;
+                }
             }
-            table[c] = i as u16;
-            next[i] += 1;
+            table[*c] = i as u16;
+            *c += skip;
+            if *c >= m {
+                *c -= m;
+            }
             filled += 1;
             if filled == m {
                 break 'fill;
@@ -110,6 +114,47 @@ mod tests {
         assert_eq!(table_size(40), 4093);
         assert_eq!(table_size(41), 65521);
         assert_eq!(table_size(100_000), 131071);
+    }
+
+    /// The paper's population, written the obvious way: `build` must fill exactly this.
+    fn reference<B: AsRef<[u8]>>(backends: &[B], m: usize) -> Vec<u16> {
+        let perm: Vec<(usize, usize)> = backends
+            .iter()
+            .map(|b| {
+                let offset = (hash(SEED_OFFSET, b.as_ref()) % m as u64) as usize;
+                let skip = (hash(SEED_SKIP, b.as_ref()) % (m as u64 - 1)) as usize + 1;
+                (offset, skip)
+            })
+            .collect();
+        let mut next = vec![0usize; backends.len()];
+        let mut table = vec![u16::MAX; m];
+        let mut filled = 0;
+        while filled < m {
+            for (i, (offset, skip)) in perm.iter().enumerate() {
+                let mut c = (offset + next[i] * skip) % m;
+                while table[c] != u16::MAX {
+                    next[i] += 1;
+                    c = (offset + next[i] * skip) % m;
+                }
+                table[c] = i as u16;
+                next[i] += 1;
+                filled += 1;
+                if filled == m {
+                    break;
+                }
+            }
+        }
+        table
+    }
+
+    #[test]
+    fn fills_what_the_paper_describes() {
+        for n in [1, 2, 7, 40] {
+            let b = names(n);
+            assert_eq!(build(&b, 4093), reference(&b, 4093), "{n} backends");
+        }
+        let b = names(100);
+        assert_eq!(build(&b, 65521), reference(&b, 65521));
     }
 
     #[test]
