@@ -65,7 +65,8 @@ enum Command {
     /// Run a lab's supervisor in the foreground (`up` starts it detached).
     #[command(hide = true)]
     Supervise(LabArg),
-    /// Run the Kubernetes API stand-in in the foreground (plain HTTP, no auth: loopback only).
+    /// Run the Kubernetes API stand-in in the foreground (HTTPS with its own CA, bearer tokens,
+    /// RBAC and admission; the kubeconfig it writes holds the admin token).
     Apiserver(ApiserverArgs),
 }
 
@@ -245,15 +246,13 @@ struct ApiserverArgs {
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 60)]
     bookmark_interval_secs: u64,
-    /// Require this bearer token on every request (it is written into the kubeconfig).
-    #[arg(long, env = "KWIRE_LAB_API_TOKEN")]
-    token: Option<String>,
+    /// Another IP address or DNS name for the serving certificate (repeatable), e.g. where a
+    /// proxy forwards from.
+    #[arg(long = "tls-name")]
+    tls_names: Vec<String>,
 }
 
 async fn run_apiserver(args: ApiserverArgs) -> anyhow::Result<()> {
-    if !args.listen.ip().is_loopback() {
-        tracing::warn!(listen = %args.listen, "the API stand-in serves plain HTTP without authorisation; listen on loopback only");
-    }
     let config = ApiServerConfig {
         listen: args.listen,
         cluster_cidr: Some(args.cluster_cidr),
@@ -263,7 +262,7 @@ async fn run_apiserver(args: ApiserverArgs) -> anyhow::Result<()> {
         service_cidr: Some(args.service_cidr),
         history_size: args.history_size,
         bookmark_interval: Duration::from_secs(args.bookmark_interval_secs.max(1)),
-        token: args.token,
+        tls_names: args.tls_names,
         ..ApiServerConfig::default()
     };
     let server = ApiServer::start(config)

@@ -90,8 +90,9 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
     server.write_kubeconfig(&paths.kubeconfig())?;
     kubeconfig::write_kubeconfig(
         &paths.agent_kubeconfig(),
-        &format!("http://{}", lab.api_underlay),
-        None,
+        &format!("https://{}", lab.api_underlay),
+        server.ca_pem(),
+        Some(server.admin_token()),
     )
     .map_err(|source| {
         LabError::io(
