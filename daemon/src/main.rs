@@ -25,6 +25,9 @@ enum Command {
     Tunnel(kwire::tunnel::TunnelArgs),
     /// Run the node agent: the tunnel, peers from the cluster's Nodes, routes, /metrics.
     Agent(kwire::agent::AgentArgs),
+    /// Install the CNI plugin and configuration list onto the node (the DaemonSet's init
+    /// container).
+    InstallCni(kwire::cni::install::InstallCniArgs),
     /// Show this node's peers (by node name) and pods, from the running agent (root only).
     Status(kwire::status::StatusArgs),
     /// Draw the mesh as Graphviz DOT (or SVG) from the running agent's view.
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
     let r = match cli.command {
         Command::Tunnel(a) => kwire::tunnel::run(a),
         Command::Agent(a) => kwire::agent::run(a),
+        Command::InstallCni(a) => kwire::cni::install::run(&a),
         Command::Status(a) => kwire::status::run(&a),
         Command::Graph(a) => kwire::status::graph::run(&a),
         Command::Policy(PolicyCommand::Trace(a)) => {

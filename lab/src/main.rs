@@ -9,9 +9,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use kwire_lab::apiserver::{ApiServer, ApiServerConfig, DEFAULT_HISTORY_SIZE};
+use kwire_lab::cluster::naming;
 use kwire_lab::cluster::state::AgentCommand;
-use kwire_lab::cluster::{commands, naming, supervisor};
 use kwire_lab::pods;
+use kwire_lab::{commands, supervisor};
 
 /// Pods per node `up` creates unless told otherwise (DESIGN: "a few pods each").
 const DEFAULT_PODS_PER_NODE: u32 = 2;
@@ -60,8 +61,13 @@ enum Command {
     AddNode(LabArg),
     /// Remove a node from a running lab: stop its agent, delete its Node and namespace.
     RemoveNode(NodeArgs),
-    /// Print the path of the lab's kubeconfig (for kubectl on this host).
+    /// Print the path of the lab's admin kubeconfig (for kubectl on this host), or with
+    /// `--node` of a kubeconfig holding the service account token that node's agent was given.
     Kubeconfig(KubeconfigArgs),
+    /// Run one container of a pod confined as a container runtime would (used by the
+    /// supervisor for the DaemonSet's containers).
+    #[command(hide = true)]
+    ContainerRun(ContainerRunArgs),
     /// Run a lab's supervisor in the foreground (`up` starts it detached).
     #[command(hide = true)]
     Supervise(LabArg),
@@ -212,9 +218,16 @@ struct NodeArgs {
 struct KubeconfigArgs {
     #[command(flatten)]
     lab: LabArg,
-    /// The agents' kubeconfig (the API on the underlay bridge) instead of the host's.
+    /// The kubeconfig of this node's agent (`n1`, `<lab>-n1` or `1`): its token, bound to the
+    /// node, is held to deploy/'s RBAC and admission policy.
     #[arg(long)]
-    agents: bool,
+    node: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ContainerRunArgs {
+    /// The container spec (JSON) the supervisor wrote.
+    spec: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -312,7 +325,12 @@ fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if let Command::ContainerRun(args) = &cli.command {
+        // Single-threaded: it forks into the container's namespaces.
+        std::process::exit(kwire_lab::container::run::container_run(&args.spec));
+    }
+    match cli.command {
         Command::Apiserver(args) => runtime()?.block_on(run_apiserver(args)),
         Command::Supervise(args) => Ok(runtime()?.block_on(supervisor::supervise(&args.name))?),
         Command::Up(args) => {
@@ -340,7 +358,7 @@ fn run() -> anyhow::Result<()> {
         Command::Down(args) => Ok(commands::down(&args.name, false)?),
         Command::Status(args) => Ok(commands::status(&args.lab.name, args.json)?),
         Command::Graph(args) => {
-            let out = kwire_lab::cluster::graph::graph(&args.lab.name, args.kwire, &args.format)?;
+            let out = kwire_lab::commands::graph::graph(&args.lab.name, args.kwire, &args.format)?;
             print!("{out}");
             Ok(())
         }
@@ -430,9 +448,10 @@ fn run() -> anyhow::Result<()> {
         Command::Kubeconfig(args) => {
             println!(
                 "{}",
-                commands::kubeconfig(&args.lab.name, args.agents)?.display()
+                commands::kubeconfig(&args.lab.name, args.node.as_deref())?.display()
             );
             Ok(())
         }
+        Command::ContainerRun(_) => unreachable!("handled before the runtime starts"),
     }
 }

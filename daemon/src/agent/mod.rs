@@ -3,6 +3,7 @@
 //! `spec.podCIDRs`), routes the peers' pod ranges into the tun with blackholes behind them,
 //! keeps the last peer set in its state directory, and serves `/metrics`.
 
+pub mod cleanup;
 pub mod health;
 pub mod keyfile;
 pub mod peers;
@@ -53,8 +54,9 @@ pub struct AgentArgs {
     /// Kubeconfig file; default: in-cluster configuration, else $KUBECONFIG or ~/.kube/config.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
-    /// This node's name, as its Node object is named.
-    #[arg(long, env = "NODE_NAME")]
+    /// This node's name, as its Node object is named (the DaemonSet sets NODE_NAME from
+    /// `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME", default_value = "", hide_default_value = true)]
     pub node_name: String,
     /// Directory of the private key and the saved peer set (created 0700).
     #[arg(long, env = "KWIRE_STATE_DIR", default_value = "/var/lib/kwire")]
@@ -91,6 +93,18 @@ pub struct AgentArgs {
     /// (a `PeerUnreachable` Event on its Node, kwire_peer_up 0), e.g. 120s, 2m.
     #[arg(long, env = "KWIRE_PEER_UNREACHABLE_AFTER", default_value = "2m", value_parser = health::parse_duration)]
     pub peer_unreachable_after: Duration,
+    /// Remove what kwire put on this node and exit, instead of running: pod tuns, the host tun
+    /// and its routes, kwire's blackhole routes, the `inet kwire` nftables table, the CNI
+    /// plugin and configuration, the sockets, the state directory's files. For uninstalling,
+    /// after `kubectl delete -f deploy/`; run as root on the node.
+    #[arg(long)]
+    pub cleanup: bool,
+    /// With --cleanup: the node's CNI plugin directory.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// With --cleanup: the node's CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
 }
 
 /// Runs the agent until SIGTERM or SIGINT; then removes the userspace API socket and exits 0,
@@ -100,6 +114,21 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     crate::io::tun::check_ifname(&args.interface)
         .with_context(|| format!("--interface {:?}", args.interface))?;
+    if args.cleanup {
+        let done = cleanup::cleanup(&cleanup::CleanupPlan {
+            interface: args.interface.clone(),
+            state_dir: args.state_dir.clone(),
+            run_dir: args.run_dir.clone(),
+            uapi_dir: args.uapi_dir.clone(),
+            cni_bin_dir: args.cni_bin_dir.clone(),
+            cni_conf_dir: args.cni_conf_dir.clone(),
+        })?;
+        for line in &done {
+            println!("{line}");
+        }
+        println!("kwire cleanup: done ({} removed)", done.len());
+        return Ok(());
+    }
     anyhow::ensure!(
         !args.node_name.is_empty(),
         "--node-name (or NODE_NAME) is empty: set it to this node's Node name"

@@ -119,12 +119,31 @@ pub async fn serve(
     server.serve(listener, std::future::pending()).await;
 }
 
+/// Turns a forwarding sysctl on, unless it is on already. In a pod `/proc/sys` is read-only, so
+/// forwarding is a node prerequisite (kubeadm's preflight checks `net.ipv4.ip_forward` too);
+/// the error says which sysctl to set.
+fn forwarding_on(path: &str, sysctl: &str) -> std::io::Result<()> {
+    let current = std::fs::read_to_string(path)?;
+    if current.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(path, "1").map_err(|e| {
+        std::io::Error::new(
+            e.kind(),
+            format!("{sysctl} is 0 and {path} cannot be written here ({e}): set `sysctl -w {sysctl}=1` on the node (a prerequisite, see README)"),
+        )
+    })
+}
+
 /// Pods reach the node and the outside world through the host tun: the kernel forwards and
 /// masquerades what leaves any other interface with a pod source address.
 fn host_forwarding(ifname: &str, own: &[IpNetwork]) -> std::io::Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+    forwarding_on("/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward")?;
     if own.iter().any(IpNetwork::is_ipv6) {
-        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
+        forwarding_on(
+            "/proc/sys/net/ipv6/conf/all/forwarding",
+            "net.ipv6.conf.all.forwarding",
+        )?;
     }
     let mut rules = String::new();
     for c in own {
