@@ -217,6 +217,26 @@ impl Lab {
         kwire_lab(&all)
     }
 
+    /// `curl` arguments for a call to the lab's API as its admin (HTTPS with the lab's CA, the
+    /// admin token the supervisor wrote).
+    pub fn api_curl_args(&self, method: &str, url: &str) -> Vec<String> {
+        let token = std::fs::read_to_string(self.dir().join("admin.token")).expect("admin.token");
+        vec![
+            "curl".into(),
+            "-sS".into(),
+            "--fail".into(),
+            "-m".into(),
+            "5".into(),
+            "-X".into(),
+            method.into(),
+            "--cacert".into(),
+            self.dir().join("ca.crt").display().to_string(),
+            "-H".into(),
+            format!("Authorization: Bearer {}", token.trim()),
+            url.into(),
+        ]
+    }
+
     /// Do not run `down` on drop (the test did it).
     pub fn forget(mut self) {
         self.down_on_drop = false;

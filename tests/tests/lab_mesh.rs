@@ -134,16 +134,8 @@ fn added_node_joins_and_deleted_node_is_dropped() {
     // Delete n3's Node from the API: n1 and n2 drop it as a peer and stop routing to it.
     let key = public_key(&lab, &n3).expect("n3 published its key");
     let api = st["api_url"].as_str().unwrap().to_string();
-    run_host(&[
-        "curl",
-        "-sS",
-        "--fail",
-        "-m",
-        "5",
-        "-X",
-        "DELETE",
-        &format!("{api}/api/v1/nodes/{n3}"),
-    ]);
+    let delete = lab.api_curl_args("DELETE", &format!("{api}/api/v1/nodes/{n3}"));
+    run_host(&delete.iter().map(String::as_str).collect::<Vec<_>>());
     wait_until(CONVERGE, "n1 and n2 drop the deleted node's peer", || {
         let st = lab.status();
         ["n1", "n2"].iter().all(|n| {

@@ -123,7 +123,7 @@ fn pods_talk_tcp_udp_icmp_v4_v6_within_and_across_nodes_and_only_wireguard_cross
     let n2 = format!("{}-n2", lab.name());
     for n in st["nodes"].array() {
         let sock = n["cni_socket"].as_str().expect("cni_socket");
-        assert!(sock.ends_with("/run/cni.sock"), "{sock}");
+        assert!(sock.ends_with("/run/kwire/cni.sock"), "{sock}");
         assert!(Path::new(sock).exists(), "{sock}");
     }
     assert_eq!(pods(&st).len(), 4, "{:?}", st["pods"]);

@@ -77,10 +77,11 @@ fn enter_and_fork(spec: &ContainerSpec) -> Result<i32> {
             format!("entering {}", ns.display())
         })?;
     }
-    ctx(
-        unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWIPC),
-        || "unshare(mount, pid, ipc)".to_string(),
-    )?;
+    // The PID namespace applies to the next child; this process stays in the host's mount
+    // namespace (the child's pivot_root would otherwise move this process's root too).
+    ctx(unshare(CloneFlags::CLONE_NEWPID), || {
+        "unshare(pid)".to_string()
+    })?;
     // Safety: this process is single-threaded (no runtime, no threads started), so the child
     // may do anything the parent could.
     match unsafe { fork() } {
@@ -157,6 +158,10 @@ fn bind(source: &Path, target: &Path, read_only: bool, recursive: bool) -> Resul
 }
 
 fn setup_and_exec(spec: &ContainerSpec) -> Result<std::convert::Infallible> {
+    ctx(
+        unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC),
+        || "unshare(mount, ipc)".to_string(),
+    )?;
     // Nothing this namespace mounts reaches the host; the host's new mounts still arrive where
     // a volume asks for them (rslave).
     mnt(
