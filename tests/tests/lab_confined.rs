@@ -400,14 +400,16 @@ fn agents_run_confined_as_the_daemonset_says_and_the_api_holds_them_to_deploys_r
     );
 
     // The refusals above are the only ones, and none is the agents'.
-    let denied: Vec<_> = agent_calls(&lab).into_iter().filter(|c| !c.3).collect();
-    assert_eq!(
-        denied,
-        [(
-            "list".to_string(),
-            String::new(),
-            "secrets".to_string(),
-            false
-        )]
+    let denied = || -> Vec<_> { agent_calls(&lab).into_iter().filter(|c| !c.3).collect() };
+    let secrets = vec![(
+        "list".to_string(),
+        String::new(),
+        "secrets".to_string(),
+        false,
+    )];
+    wait_until(
+        CONVERGE,
+        "the audit to show the refused Secrets list",
+        || denied() == secrets,
     );
 }

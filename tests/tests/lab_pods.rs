@@ -158,11 +158,13 @@ fn pods_talk_tcp_udp_icmp_v4_v6_within_and_across_nodes_and_only_wireguard_cross
     let api = st["api_url"].as_str().expect("api_url").to_string();
     for p in pods(&st) {
         let name = p["name"].as_str().unwrap();
-        let obj = parse_json(&run_host(&[
-            "curl",
-            "-sf",
+        let get = lab.api_curl_args(
+            "GET",
             &format!("{api}/api/v1/namespaces/default/pods/{name}"),
-        ]))
+        );
+        let obj = parse_json(&run_host(
+            &get.iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
         .expect("a Pod as JSON");
         let status = &obj["status"];
         assert_eq!(status["phase"].as_str(), Some("Running"), "{name}");
