@@ -100,6 +100,8 @@ pub struct DumpPeer {
     pub latest_handshake: u64,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Seconds, 0 = off.
+    pub persistent_keepalive: u64,
 }
 
 fn hex_key_to_base64(hex: &str) -> Result<String, String> {
@@ -132,7 +134,9 @@ pub fn parse_uapi_get(text: &str) -> Result<Vec<DumpPeer>, String> {
                 latest_handshake: 0,
                 rx_bytes: 0,
                 tx_bytes: 0,
+                persistent_keepalive: 0,
             }),
+            ("persistent_keepalive_interval", Some(p)) => p.persistent_keepalive = num()?,
             ("endpoint", Some(p)) => p.endpoint = Some(v.to_string()),
             ("allowed_ip", Some(p)) => p.allowed_ips.push(v.to_string()),
             ("last_handshake_time_sec", Some(p)) => p.latest_handshake = num()?,

@@ -92,11 +92,13 @@ fn enter_and_fork(spec: &ContainerSpec) -> Result<i32> {
             std::process::exit(SETUP_FAILED);
         }
         Ok(ForkResult::Parent { child }) => {
-            // The supervisor signals the whole process group; the container (PID 1 of its
-            // namespace, with handlers of its own) gets those signals itself.
+            // SIGTERM, SIGINT and SIGHUP sent to this process are passed on to the container
+            // (as a runtime's shim does); a process group signal reaches both, which the
+            // container's own handlers take twice without harm.
+            CHILD.store(child.as_raw(), std::sync::atomic::Ordering::SeqCst);
             for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
-                // Safety: SIG_IGN installs no handler code.
-                let _ = unsafe { signal(s, SigHandler::SigIgn) };
+                // Safety: the handler only calls kill(2), which is async-signal-safe.
+                let _ = unsafe { signal(s, SigHandler::Handler(forward)) };
             }
             let _ = std::fs::write(&spec.pid_file, format!("{child}\n"));
             loop {
@@ -109,6 +111,17 @@ fn enter_and_fork(spec: &ContainerSpec) -> Result<i32> {
                 }
             }
         }
+    }
+}
+
+/// The container's pid, for [`forward`].
+static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn forward(sig: nix::libc::c_int) {
+    let pid = CHILD.load(std::sync::atomic::Ordering::SeqCst);
+    if pid > 0 {
+        // Safety: kill(2) is async-signal-safe and touches no memory of this process.
+        unsafe { nix::libc::kill(pid, sig) };
     }
 }
 
@@ -158,6 +171,10 @@ fn bind(source: &Path, target: &Path, read_only: bool, recursive: bool) -> Resul
 }
 
 fn setup_and_exec(spec: &ContainerSpec) -> Result<std::convert::Infallible> {
+    // If `container-run` is killed outright, the container goes too (no orphaned agent).
+    ctx(nix::sys::prctl::set_pdeathsig(Signal::SIGKILL), || {
+        "PR_SET_PDEATHSIG".to_string()
+    })?;
     ctx(
         unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC),
         || "unshare(mount, ipc)".to_string(),

@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use crate::apiserver::ApiServer;
-use crate::cluster::state::{LabDescription, LabPaths, NodeSpec};
+use crate::cluster::state::NodeSpec;
 use crate::container::{ContainerSpec, Mount, Propagation};
 use crate::manifests::{self, Container, ImageSource, PodContext, PodSpec};
+use std::net::{Ipv4Addr, SocketAddr};
 
 /// Where a pod's service account volume is mounted (the in-cluster configuration's path).
 pub const SERVICE_ACCOUNT_MOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -43,7 +44,7 @@ pub fn shared_libraries(exe: &Path) -> Vec<PathBuf> {
 
 /// The image's files (`deploy/image.txt`) with the lab's binaries, the repository's files as
 /// compiled in, and the shared libraries of every executable.
-pub fn image_files(paths: &LabPaths, kwire: &Path, kwire_cni: &Path) -> Result<ImageFiles, String> {
+pub fn image_files(dir: &Path, kwire: &Path, kwire_cni: &Path) -> Result<ImageFiles, String> {
     let mut out: ImageFiles = Vec::new();
     for f in manifests::image_files() {
         let source = match &f.source {
@@ -53,7 +54,7 @@ pub fn image_files(paths: &LabPaths, kwire: &Path, kwire_cni: &Path) -> Result<I
                 return Err(format!("deploy/image.txt names an unknown binary {b:?}"))
             }
             ImageSource::Repository(p) if p == "deploy/10-kwire.conflist" => {
-                let file = paths.dir.join("image").join("10-kwire.conflist");
+                let file = dir.join("image").join("10-kwire.conflist");
                 std::fs::create_dir_all(file.parent().expect("has a parent"))
                     .and_then(|()| std::fs::write(&file, manifests::CONFLIST))
                     .map_err(|e| format!("writing {}: {e}", file.display()))?;
@@ -88,19 +89,18 @@ pub fn image_files(paths: &LabPaths, kwire: &Path, kwire_cni: &Path) -> Result<I
     Ok(out)
 }
 
-/// The node's service account volume (on the lab's machine).
-pub fn service_account_dir(paths: &LabPaths, node: &NodeSpec) -> PathBuf {
-    paths.node_dir(&node.name).join("serviceaccount")
+/// The node's service account volume (on the lab's machine), under the node's directory.
+pub fn service_account_dir(node_dir: &Path) -> PathBuf {
+    node_dir.join("serviceaccount")
 }
 
 /// Writes the node's service account volume (token, ca.crt, namespace) and returns its path.
 pub fn write_service_account(
-    paths: &LabPaths,
-    node: &NodeSpec,
+    node_dir: &Path,
     token: &str,
     ca_pem: &str,
 ) -> std::io::Result<PathBuf> {
-    let dir = service_account_dir(paths, node);
+    let dir = service_account_dir(node_dir);
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("token"), token)?;
     std::fs::write(dir.join("ca.crt"), ca_pem)?;
@@ -128,11 +128,8 @@ fn host_volume(node: &NodeSpec, path: &str, kind: &str) -> Result<PathBuf, Strin
 
 /// The `KUBERNETES_*` variables the kubelet sets from the `kubernetes` Service; in the lab the
 /// API is reached on the underlay (as a kube-proxy-less cluster configures it).
-fn service_env(lab: &LabDescription) -> Vec<(String, String)> {
-    let (host, port) = (
-        lab.api_underlay.ip().to_string(),
-        lab.api_underlay.port().to_string(),
-    );
+fn service_env(api: SocketAddr) -> Vec<(String, String)> {
+    let (host, port) = (api.ip().to_string(), api.port().to_string());
     let addr = format!("tcp://{host}:{port}");
     vec![
         ("KUBERNETES_SERVICE_HOST".into(), host.clone()),
@@ -148,8 +145,8 @@ fn service_env(lab: &LabDescription) -> Vec<(String, String)> {
 
 /// The container `c` of the DaemonSet's pod on `node`, ready for `container-run`.
 pub fn container_spec(
-    lab: &LabDescription,
-    paths: &LabPaths,
+    api: SocketAddr,
+    node_dir: &Path,
     node: &NodeSpec,
     pod: &PodSpec,
     c: &Container,
@@ -173,7 +170,7 @@ pub fn container_spec(
         ("PATH".to_string(), DEFAULT_PATH.to_string()),
         ("HOSTNAME".to_string(), node.name.clone()),
     ];
-    env.extend(service_env(lab));
+    env.extend(service_env(api));
     env.extend(c.environment(&ctx).map_err(at)?);
     let mut mounts = Vec::new();
     for m in &c.mounts {
@@ -197,7 +194,7 @@ pub fn container_spec(
             propagation: Propagation::Private,
         });
     }
-    let dir = paths.node_dir(&node.name).join("containers").join(&c.name);
+    let dir = node_dir.join("containers").join(&c.name);
     Ok(ContainerSpec {
         name: format!("{}/{}", node.name, c.name),
         netns: Some(Path::new("/var/run/netns").join(&node.netns)),
@@ -214,15 +211,14 @@ pub fn container_spec(
 }
 
 /// Writes `spec` next to its rootfs and returns the command that runs it.
-pub fn command(spec: &ContainerSpec) -> Result<Command, String> {
+pub fn command(spec: &ContainerSpec, kwire_lab: &Path) -> Result<Command, String> {
     let dir = spec.rootfs.parent().expect("rootfs has a parent");
     std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
     let file = dir.join("spec.json");
     std::fs::write(&file, serde_json::to_vec_pretty(spec).expect("serializes"))
         .map_err(|e| format!("writing {}: {e}", file.display()))?;
     let _ = std::fs::remove_file(&spec.pid_file);
-    let exe = std::env::current_exe().map_err(|e| format!("finding kwire-lab: {e}"))?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = Command::new(kwire_lab);
     cmd.arg("container-run").arg(&file).stdin(Stdio::null());
     Ok(cmd)
 }
@@ -240,4 +236,119 @@ pub fn container_pid(spec_pid_file: &Path) -> Option<u32> {
 /// the API as the host reaches it, the node's token.
 pub fn node_kubeconfig(server: &ApiServer, token: &str) -> String {
     server.kubeconfig(Some(token))
+}
+
+/// The DaemonSet's pod on nodes outside a lab: for test suites that build their own network
+/// namespaces and API stand-in and still want agents exactly as the DaemonSet runs them.
+pub struct Standalone {
+    pub pod: PodSpec,
+    image: ImageFiles,
+    kwire_lab: PathBuf,
+    dir: PathBuf,
+    api: SocketAddr,
+}
+
+impl Standalone {
+    /// Applies deploy/'s objects to `server` (reached by agents at `api`), and prepares the
+    /// image from the given binaries; `extra_agent_args` are appended to the agent container's
+    /// args (as a `kubectl patch` of the DaemonSet would).
+    pub fn new(
+        server: &ApiServer,
+        api: SocketAddr,
+        binaries: (&Path, &Path, &Path),
+        dir: &Path,
+        extra_agent_args: &[&str],
+    ) -> Result<Standalone, String> {
+        let (kwire, kwire_cni, kwire_lab) = binaries;
+        for object in manifests::api_objects()? {
+            match server.create(object) {
+                Ok(_) => {}
+                Err(e) if e.code == 409 => {}
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        let mut pod = manifests::daemonset()?;
+        for c in pod
+            .containers
+            .iter_mut()
+            .filter(|c| c.name == manifests::AGENT_CONTAINER)
+        {
+            c.args
+                .extend(extra_agent_args.iter().map(|a| a.to_string()));
+        }
+        std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        Ok(Standalone {
+            image: image_files(dir, kwire, kwire_cni)?,
+            pod,
+            kwire_lab: kwire_lab.to_path_buf(),
+            dir: dir.to_path_buf(),
+            api,
+        })
+    }
+
+    /// A node `name` in network namespace `netns` with InternalIP `ip`; its host paths under
+    /// this runner's directory.
+    pub fn node(&self, name: &str, netns: &str, ip: Ipv4Addr) -> NodeSpec {
+        let root = self.dir.join(name).join("root");
+        NodeSpec {
+            index: 0,
+            name: name.into(),
+            netns: netns.into(),
+            underlay_if: String::new(),
+            bridge_port: String::new(),
+            tun_if: crate::cluster::naming::AGENT_INTERFACE.into(),
+            underlay_ipv4: ip,
+            underlay_ipv6: std::net::Ipv6Addr::UNSPECIFIED,
+            state_dir: root.join("var/lib/kwire"),
+            run_dir: root.join("run/kwire"),
+            root,
+            log: self.dir.join(name).join("agent.log"),
+            metrics_url: String::new(),
+        }
+    }
+
+    /// Issues the node's token, runs the init containers (when `init`) and returns the agent
+    /// container's command (`kwire-lab container-run`), whose output the caller directs.
+    pub fn agent(
+        &self,
+        server: &ApiServer,
+        node: &NodeSpec,
+        init: bool,
+    ) -> Result<Command, String> {
+        let node_dir = self.dir.join(&node.name);
+        let token = server.issue_service_account_token(
+            NAMESPACE,
+            &self.pod.service_account,
+            Some(&node.name),
+        );
+        let sa =
+            write_service_account(&node_dir, &token, server.ca_pem()).map_err(|e| e.to_string())?;
+        if init {
+            for c in &self.pod.init_containers {
+                let spec =
+                    container_spec(self.api, &node_dir, node, &self.pod, c, &self.image, &sa)?;
+                let out = command(&spec, &self.kwire_lab)?
+                    .output()
+                    .map_err(|e| e.to_string())?;
+                if !out.status.success() {
+                    return Err(format!(
+                        "init container {} failed: {}",
+                        c.name,
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
+                }
+            }
+        }
+        let agent = self.pod.agent()?;
+        let spec = container_spec(
+            self.api,
+            &node_dir,
+            node,
+            &self.pod,
+            agent,
+            &self.image,
+            &sa,
+        )?;
+        command(&spec, &self.kwire_lab)
+    }
 }

@@ -114,7 +114,7 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
         AgentCommand::Kwire { bin } => {
             let pod = manifests::daemonset().map_err(LabError::Usage)?;
             let cni = crate::pods::kubelet::find_kwire_cni(&lab).map_err(LabError::Usage)?;
-            let image = daemonset::image_files(&paths, bin, &cni).map_err(LabError::Usage)?;
+            let image = daemonset::image_files(&paths.dir, bin, &cni).map_err(LabError::Usage)?;
             (Some(pod), image)
         }
         AgentCommand::Shell { .. } => (None, Vec::new()),
@@ -243,11 +243,15 @@ impl Supervisor {
         let token =
             self.server
                 .issue_service_account_token(daemonset::NAMESPACE, &sa, Some(&node.name));
-        daemonset::write_service_account(&self.paths, &node, &token, self.server.ca_pem())
-            .map_err(io(format!(
-                "writing the service account volume of {}",
-                node.name
-            )))?;
+        daemonset::write_service_account(
+            &self.paths.node_dir(&node.name),
+            &token,
+            self.server.ca_pem(),
+        )
+        .map_err(io(format!(
+            "writing the service account volume of {}",
+            node.name
+        )))?;
         let kc = self.paths.node_kubeconfig(&node.name);
         kubeconfig::write_private(
             &kc,
@@ -274,11 +278,18 @@ impl Supervisor {
     /// Runs the pod's init containers on `node`, each to completion.
     fn run_init_containers(&self, node: &NodeSpec) -> Result<(), String> {
         let Some(pod) = &self.pod else { return Ok(()) };
-        let sa = daemonset::service_account_dir(&self.paths, node);
+        let sa = daemonset::service_account_dir(&self.paths.node_dir(&node.name));
         for c in &pod.init_containers {
-            let spec =
-                daemonset::container_spec(&self.lab, &self.paths, node, pod, c, &self.image, &sa)?;
-            let mut cmd = daemonset::command(&spec)?;
+            let spec = daemonset::container_spec(
+                self.lab.api_underlay,
+                &self.paths.node_dir(&node.name),
+                node,
+                pod,
+                c,
+                &self.image,
+                &sa,
+            )?;
+            let mut cmd = daemonset::command(&spec, &kwire_lab_exe()?)?;
             let log = agent_log(node).map_err(|e| e.to_string())?;
             cmd.stdout(log.try_clone().map_err(|e| e.to_string())?)
                 .stderr(log);
@@ -414,10 +425,17 @@ impl Supervisor {
     fn spawn_agent_container(&self, pod: &PodSpec, agent: &mut Agent) -> Result<Child, String> {
         let node = &agent.node;
         let c = pod.agent()?;
-        let sa = daemonset::service_account_dir(&self.paths, node);
-        let spec =
-            daemonset::container_spec(&self.lab, &self.paths, node, pod, c, &self.image, &sa)?;
-        let std_cmd = daemonset::command(&spec)?;
+        let sa = daemonset::service_account_dir(&self.paths.node_dir(&node.name));
+        let spec = daemonset::container_spec(
+            self.lab.api_underlay,
+            &self.paths.node_dir(&node.name),
+            node,
+            pod,
+            c,
+            &self.image,
+            &sa,
+        )?;
+        let std_cmd = daemonset::command(&spec, &kwire_lab_exe()?)?;
         let log = agent_log(node).map_err(|e| e.to_string())?;
         let mut cmd = Command::from(std_cmd);
         cmd.stdout(log.try_clone().map_err(|e| e.to_string())?)
@@ -577,6 +595,10 @@ fn agent_argv(lab: &LabDescription) -> Vec<String> {
         AgentCommand::Shell { script } => vec!["/bin/sh".into(), "-c".into(), script.clone()],
         AgentCommand::Kwire { bin } => vec![bin.display().to_string(), "agent".into()],
     }
+}
+
+fn kwire_lab_exe() -> Result<std::path::PathBuf, String> {
+    std::env::current_exe().map_err(|e| format!("finding the kwire-lab executable: {e}"))
 }
 
 fn agent_log(node: &NodeSpec) -> std::io::Result<File> {
