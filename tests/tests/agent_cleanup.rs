@@ -70,23 +70,26 @@ fn cleanup_removes_kwires_things_and_leaves_the_rest() {
     std::fs::write(conf.join("10-kwire.conflist"), b"{}").unwrap();
 
     let d = |p: &std::path::Path| p.display().to_string();
-    let out = node.exec(&[
-        d(&kwire),
-        "agent".into(),
-        "--cleanup".into(),
-        "--interface".into(),
-        tun.clone(),
-        "--state-dir".into(),
-        d(&state),
-        "--run-dir".into(),
-        d(&run),
-        "--uapi-dir".into(),
-        d(&uapi),
-        "--cni-bin-dir".into(),
-        d(&bin),
-        "--cni-conf-dir".into(),
-        d(&conf),
-    ]);
+    let cleanup = || {
+        node.exec(&[
+            d(&kwire),
+            "agent".into(),
+            "--cleanup".into(),
+            "--interface".into(),
+            tun.clone(),
+            "--state-dir".into(),
+            d(&state),
+            "--run-dir".into(),
+            d(&run),
+            "--uapi-dir".into(),
+            d(&uapi),
+            "--cni-bin-dir".into(),
+            d(&bin),
+            "--cni-conf-dir".into(),
+            d(&conf),
+        ])
+    };
+    let out = cleanup();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{text}");
@@ -114,22 +117,6 @@ fn cleanup_removes_kwires_things_and_leaves_the_rest() {
         assert!(!state.join(f).exists(), "{f} left");
     }
     // Again: nothing to do, still success.
-    let again = node.exec(&[
-        d(&kwire),
-        "agent".into(),
-        "--cleanup".into(),
-        "--interface".into(),
-        tun,
-        "--state-dir".into(),
-        d(&state),
-        "--run-dir".into(),
-        d(&run),
-        "--uapi-dir".into(),
-        d(&uapi),
-        "--cni-bin-dir".into(),
-        d(&bin),
-        "--cni-conf-dir".into(),
-        d(&conf),
-    ]);
+    let again = cleanup();
     assert!(again.status.success(), "{again:?}");
 }

@@ -61,7 +61,8 @@ pub struct Policies {
     pub bindings: Vec<Value>,
 }
 
-fn strings(v: &Value) -> Vec<&str> {
+/// The strings of a JSON array (others skipped).
+pub fn strings(v: &Value) -> Vec<&str> {
     v.as_array()
         .into_iter()
         .flatten()

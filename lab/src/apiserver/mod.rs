@@ -460,6 +460,25 @@ impl ApiServer {
         self.store().get(kind, namespace, name)
     }
 
+    /// Reads, changes and writes an object in-process as the lab's control plane.
+    fn modify_as_control_plane(
+        &self,
+        kind: &'static ResourceKind,
+        namespace: Option<&str>,
+        name: &str,
+        status: bool,
+        change: impl FnOnce(Value) -> Result<Value, ApiError>,
+    ) -> Result<Value, ApiError> {
+        self.state.registry.modify(
+            &UserInfo::control_plane(),
+            kind,
+            namespace,
+            name,
+            status,
+            change,
+        )
+    }
+
     /// Applies a JSON merge patch (RFC 7386) in-process, to the object or its `status`.
     pub fn merge_patch(
         &self,
@@ -469,17 +488,10 @@ impl ApiServer {
         patch: &Value,
         status: bool,
     ) -> Result<Value, ApiError> {
-        self.state.registry.modify(
-            &UserInfo::control_plane(),
-            kind,
-            namespace,
-            name,
-            status,
-            |mut current| {
-                patch::merge_patch(&mut current, patch);
-                Ok(current)
-            },
-        )
+        self.modify_as_control_plane(kind, namespace, name, status, |mut current| {
+            patch::merge_patch(&mut current, patch);
+            Ok(current)
+        })
     }
 
     /// Replaces an object in-process (PUT semantics: a non-empty `metadata.resourceVersion`
@@ -492,14 +504,7 @@ impl ApiServer {
         object: Value,
         status: bool,
     ) -> Result<Value, ApiError> {
-        self.state.registry.modify(
-            &UserInfo::control_plane(),
-            kind,
-            namespace,
-            name,
-            status,
-            |_| Ok(object),
-        )
+        self.modify_as_control_plane(kind, namespace, name, status, |_| Ok(object))
     }
 
     /// Applies a JSON patch (RFC 6902) in-process.
@@ -511,25 +516,18 @@ impl ApiServer {
         patch: &Value,
         status: bool,
     ) -> Result<Value, ApiError> {
-        self.state.registry.modify(
-            &UserInfo::control_plane(),
-            kind,
-            namespace,
-            name,
-            status,
-            |current| {
-                patch::json_patch(&current, patch).map_err(|e| {
-                    ApiError::new(
-                        422,
-                        "Invalid",
-                        format!(
-                            "the JSON patch for {} \"{name}\" cannot be applied: {e}",
-                            kind.qualified_plural()
-                        ),
-                    )
-                })
-            },
-        )
+        self.modify_as_control_plane(kind, namespace, name, status, |current| {
+            patch::json_patch(&current, patch).map_err(|e| {
+                ApiError::new(
+                    422,
+                    "Invalid",
+                    format!(
+                        "the JSON patch for {} \"{name}\" cannot be applied: {e}",
+                        kind.qualified_plural()
+                    ),
+                )
+            })
+        })
     }
 
     pub fn delete(

@@ -15,6 +15,7 @@
 
 use serde_json::{json, Value};
 
+use super::admission::strings;
 use super::authn::UserInfo;
 use super::request::RequestInfo;
 
@@ -32,14 +33,6 @@ pub struct RbacObjects {
 pub enum Decision {
     Allow,
     Deny,
-}
-
-fn strings(v: &Value) -> Vec<&str> {
-    v.as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .collect()
 }
 
 fn meta<'a>(o: &'a Value, f: &str) -> &'a str {

@@ -278,21 +278,8 @@ impl Supervisor {
     /// Runs the pod's init containers on `node`, each to completion.
     fn run_init_containers(&self, node: &NodeSpec) -> Result<(), String> {
         let Some(pod) = &self.pod else { return Ok(()) };
-        let sa = daemonset::service_account_dir(&self.paths.node_dir(&node.name));
         for c in &pod.init_containers {
-            let spec = daemonset::container_spec(
-                self.lab.api_underlay,
-                &self.paths.node_dir(&node.name),
-                node,
-                pod,
-                c,
-                &self.image,
-                &sa,
-            )?;
-            let mut cmd = daemonset::command(&spec, &kwire_lab_exe()?)?;
-            let log = agent_log(node).map_err(|e| e.to_string())?;
-            cmd.stdout(log.try_clone().map_err(|e| e.to_string())?)
-                .stderr(log);
+            let (mut cmd, _) = self.container_command(pod, c, node)?;
             let mut child = cmd
                 .spawn()
                 .map_err(|e| format!("starting init container {}: {e}", c.name))?;
@@ -422,27 +409,38 @@ impl Supervisor {
         Ok(())
     }
 
-    fn spawn_agent_container(&self, pod: &PodSpec, agent: &mut Agent) -> Result<Child, String> {
-        let node = &agent.node;
-        let c = pod.agent()?;
-        let sa = daemonset::service_account_dir(&self.paths.node_dir(&node.name));
+    /// `container-run` for container `c` of the pod on `node`, its output to the node's log;
+    /// and where it will write the container's pid.
+    fn container_command(
+        &self,
+        pod: &PodSpec,
+        c: &manifests::Container,
+        node: &NodeSpec,
+    ) -> Result<(std::process::Command, std::path::PathBuf), String> {
+        let node_dir = self.paths.node_dir(&node.name);
+        let sa = daemonset::service_account_dir(&node_dir);
         let spec = daemonset::container_spec(
             self.lab.api_underlay,
-            &self.paths.node_dir(&node.name),
+            &node_dir,
             node,
             pod,
             c,
             &self.image,
             &sa,
         )?;
-        let std_cmd = daemonset::command(&spec, &kwire_lab_exe()?)?;
+        let mut cmd = daemonset::command(&spec, &kwire_lab_exe()?)?;
         let log = agent_log(node).map_err(|e| e.to_string())?;
-        let mut cmd = Command::from(std_cmd);
         cmd.stdout(log.try_clone().map_err(|e| e.to_string())?)
-            .stderr(log)
-            .process_group(0)
-            .kill_on_drop(false);
-        agent.pid_file = Some(spec.pid_file.clone());
+            .stderr(log);
+        Ok((cmd, spec.pid_file))
+    }
+
+    fn spawn_agent_container(&self, pod: &PodSpec, agent: &mut Agent) -> Result<Child, String> {
+        let node = &agent.node;
+        let (std_cmd, pid_file) = self.container_command(pod, pod.agent()?, node)?;
+        let mut cmd = Command::from(std_cmd);
+        cmd.process_group(0).kill_on_drop(false);
+        agent.pid_file = Some(pid_file);
         cmd.spawn()
             .map_err(|e| format!("starting the agent container: {e}"))
     }
