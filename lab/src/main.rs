@@ -30,7 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build a lab: underlay, node namespaces, API stand-in, Nodes, one `kwire agent` per node.
+    /// Build a lab: underlay, node namespaces, API stand-in (deploy/'s RBAC and admission
+    /// policy applied), Nodes, and deploy/kwire.yaml's DaemonSet pod on every node, confined as
+    /// the kubelet would run it.
     ///
     /// Returns once the lab is ready (and, unless --no-wait-mesh, every node has a handshake
     /// with every other); a detached supervisor keeps it running until `kwire-lab down`.
@@ -93,9 +95,10 @@ struct UpArgs {
     /// The kwire binary (default: $KWIRE_BIN, next to kwire-lab, target/{debug,release}/kwire).
     #[arg(long)]
     kwire: Option<PathBuf>,
-    /// Run this shell command as each node's agent instead of `kwire agent` (for tests); it
-    /// gets KWIRE_LAB_NODE, KWIRE_LAB_NETNS, KWIRE_LAB_INTERFACE, KWIRE_LAB_STATE_DIR,
-    /// KWIRE_LAB_RUN_DIR, KWIRE_LAB_KUBECONFIG. Implies --no-wait-mesh.
+    /// Run this shell command as each node's agent instead of deploy/kwire.yaml's DaemonSet
+    /// pod (for tests of the lab itself; it runs unconfined in the node's namespace); it gets
+    /// KWIRE_LAB_NODE, KWIRE_LAB_NETNS, KWIRE_LAB_INTERFACE, KWIRE_LAB_STATE_DIR,
+    /// KWIRE_LAB_RUN_DIR, KWIRE_LAB_KUBECONFIG (an admin kubeconfig). Implies --no-wait-mesh.
     #[arg(long, conflicts_with = "kwire")]
     agent_cmd: Option<String>,
     /// Return when the supervisor is ready, without waiting for handshakes.
