@@ -534,8 +534,20 @@ pub fn exec(name: &str, node: &str, argv: &[String]) -> Result<i32, LabError> {
             "give the command after `--`: `kwire-lab exec NODE -- ip addr`".into(),
         ));
     }
+    // As on the node: its network namespace, and its /var/run/wireguard (so `wg show` finds
+    // the agent's userspace API socket), in a mount namespace of the command's own.
+    let wg = node.host_path("/var/run/wireguard");
+    for dir in [wg.as_path(), Path::new(WG_SOCKET_DIR)] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
+    }
     let status = Command::new("ip")
         .args(["netns", "exec", &node.netns])
+        .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount --bind \"$0\" {WG_SOCKET_DIR} && exec \"$@\""
+        ))
+        .arg(&wg)
         .args(argv)
         .status()
         .map_err(|e| LabError::io(format!("running `ip netns exec {}`", node.netns), e))?;
