@@ -24,7 +24,7 @@ enum Command {
     /// Run a standalone userspace WireGuard device in the foreground (like `wireguard-go -f`).
     Tunnel(kwire::tunnel::TunnelArgs),
     /// Run the node agent: the tunnel, peers from the cluster's Nodes, routes, /metrics.
-    Agent(kwire::agent::AgentArgs),
+    Agent(Box<kwire::agent::AgentArgs>),
     /// Show this node's peers (by node name) and pods, from the running agent (root only).
     Status(kwire::status::StatusArgs),
     /// Draw the mesh as Graphviz DOT (or SVG) from the running agent's view.
@@ -64,7 +64,7 @@ fn main() -> ExitCode {
     }
     let r = match cli.command {
         Command::Tunnel(a) => kwire::tunnel::run(a),
-        Command::Agent(a) => kwire::agent::run(a),
+        Command::Agent(a) => kwire::agent::run(*a),
         Command::Status(a) => kwire::status::run(&a),
         Command::Graph(a) => kwire::status::graph::run(&a),
         Command::Policy(PolicyCommand::Trace(a)) => {

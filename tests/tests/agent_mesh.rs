@@ -86,6 +86,10 @@ fn spawn_agent(n: &Node, scratch: &Scratch, kubeconfig: &Path, tag: &str) -> Pro
         PORT.to_string(),
         "--workers".into(),
         "1".into(),
+        "--cluster-cidr".into(),
+        "10.244.0.0/16".into(),
+        "--cluster-cidr".into(),
+        "fd00:10:244::/56".into(),
     ];
     n.ns.spawn(&argv, scratch.file(&format!("agent-{}-{tag}.log", n.name)))
 }

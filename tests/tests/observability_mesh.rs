@@ -73,6 +73,8 @@ fn spawn_agent(n: &Node, scratch: &Scratch, kubeconfig: &Path, tag: &str) -> Pro
         "1".into(),
         "--peer-unreachable-after".into(),
         "3s".into(),
+        "--cluster-cidr".into(),
+        "10.244.0.0/16".into(),
     ];
     n.ns.spawn(&argv, scratch.file(&format!("agent-{}-{tag}.log", n.name)))
 }

@@ -136,8 +136,8 @@ impl TxPath {
             }
         }
         if let (Some(f), Port::Pod(_)) = (&local.filter, from) {
-            if !policy_allows(f, Check::Egress, &frame[off..]) {
-                counters.drop(DropReason::PolicyEgress);
+            if let Err(r) = policy_allows(f, Check::Egress, &frame[off..]) {
+                counters.drop(r);
                 return;
             }
         }
@@ -146,9 +146,11 @@ impl TxPath {
             // checked against the destination pod's ingress rules.
             if let Some(f) = &local.filter {
                 let from_node = from == Port::Host && local.is_gateway(src);
-                if !from_node && !policy_allows(f, Check::Ingress, &frame[off..]) {
-                    counters.drop(DropReason::PolicyIngress);
-                    return;
+                if !from_node {
+                    if let Err(r) = policy_allows(f, Check::Ingress, &frame[off..]) {
+                        counters.drop(r);
+                        return;
+                    }
                 }
             }
             // Same node: the frame (offload header included) goes to the other pod as is.
@@ -157,7 +159,17 @@ impl TxPath {
             return;
         }
         let Some(slot) = snap.routes.lookup(dst) else {
-            if from == Port::Host {
+            if local.in_cluster(dst) {
+                // A pod range of a Node without a live peer: never the host's default route;
+                // the sender learns at once.
+                counters.drop(DropReason::NoPeer);
+                let out = &mut self.scratch;
+                out[..off].fill(0);
+                let (g4, g6) = (local.gateway_v4(), local.gateway_v6());
+                if let Some(n) = icmp::unreachable(&frame[off..], g4, g6, &mut out[off..]) {
+                    io.tun_write_to(from, &out[..off + n]);
+                }
+            } else if from == Port::Host {
                 counters.drop(DropReason::NoPeer);
             } else {
                 io.tun_write_to(Port::Host, frame);
@@ -386,8 +398,8 @@ impl RxPath {
             return;
         };
         if let (Some(f), Port::Pod(_)) = (&local.filter, to) {
-            if !policy_allows(f, Check::Ingress, pkt) {
-                counters.drop(DropReason::PolicyIngress);
+            if let Err(r) = policy_allows(f, Check::Ingress, pkt) {
+                counters.drop(r);
                 return;
             }
         }
@@ -532,14 +544,21 @@ fn is_gso(frame: &[u8], vnet: bool) -> bool {
 }
 
 /// Whether a pod's packet passes NetworkPolicy at `check`: replies and later packets of an
-/// admitted flow by one connection-table lookup; a new flow by the policy engine, once.
+/// admitted flow by one connection-table lookup; a new flow by the policy engine, once. The
+/// drop reason when not: the policy's, or `flow_limit` when the flow cannot be remembered.
 #[inline]
-fn policy_allows(f: &Filter, check: Check, pkt: &[u8]) -> bool {
+fn policy_allows(f: &Filter, check: Check, pkt: &[u8]) -> Result<(), DropReason> {
     use crate::policy::Protocol;
+    let denied = match check {
+        Check::Egress => DropReason::PolicyEgress,
+        Check::Ingress => DropReason::PolicyIngress,
+    };
     let flow = match classify(pkt) {
         Some(Classified::Packet(flow)) => flow,
         // ICMP errors pass only for a flow admitted here.
-        Some(Classified::Error(about)) => return f.conntrack.knows(about),
+        Some(Classified::Error(about)) => {
+            return f.conntrack.knows(about).then_some(()).ok_or(denied)
+        }
         None => match addresses(pkt) {
             // A later fragment or an odd header: judged on addresses alone, port 0.
             Some((src, dst)) => conntrack::Flow {
@@ -549,7 +568,7 @@ fn policy_allows(f: &Filter, check: Check, pkt: &[u8]) -> bool {
                 sport: 0,
                 dport: 0,
             },
-            None => return false,
+            None => return Err(denied),
         },
     };
     let d = f.conntrack.check(flow, check, || {
@@ -569,7 +588,11 @@ fn policy_allows(f: &Filter, check: Check, pkt: &[u8]) -> bool {
                 .is_allowed(),
         }
     });
-    d != Decision::Denied
+    match d {
+        Decision::Established | Decision::Admitted => Ok(()),
+        Decision::Denied => Err(denied),
+        Decision::Full => Err(DropReason::FlowLimit),
+    }
 }
 
 fn release(snap: &Snapshot, h: Option<Held<'_>>) {

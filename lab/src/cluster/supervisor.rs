@@ -397,6 +397,12 @@ pub fn agent_argv(lab: &LabDescription, paths: &LabPaths, node: &NodeSpec) -> Ve
             naming::WIREGUARD_PORT.to_string(),
             "--metrics-addr".into(),
             naming::METRICS_ADDR.into(),
+            "--cluster-cidr".into(),
+            naming::CLUSTER_CIDR_V4.into(),
+            "--cluster-cidr".into(),
+            naming::CLUSTER_CIDR_V6.into(),
+            "--service-cidr".into(),
+            naming::SERVICE_CIDR_V4.into(),
         ],
         AgentCommand::Shell { script } => vec!["/bin/sh".into(), "-c".into(), script.clone()],
     }
