@@ -165,7 +165,13 @@ impl TxPath {
                 counters.drop(DropReason::NoPeer);
                 let out = &mut self.scratch;
                 out[..off].fill(0);
-                let (g4, g6) = (local.gateway_v4(), local.gateway_v6());
+                // To a pod from the node's gateway; to the node itself from the destination
+                // (the kernel drops a packet from the outside with one of its own addresses).
+                let (g4, g6) = match (from, dst) {
+                    (Port::Host, IpAddr::V4(d)) => (Some(d), None),
+                    (Port::Host, IpAddr::V6(d)) => (None, Some(d)),
+                    _ => (local.gateway_v4(), local.gateway_v6()),
+                };
                 if let Some(n) = icmp::unreachable(&frame[off..], g4, g6, &mut out[off..]) {
                     io.tun_write_to(from, &out[..off + n]);
                 }
