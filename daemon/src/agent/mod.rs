@@ -41,12 +41,81 @@ use tracing::{debug, error, info, warn};
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// At most one log line per this interval for repeated watch errors (API down).
 pub const WATCH_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
+/// Longest pause between two attempts of a failing watch: kube's default grows to 30 s, so a
+/// change made while the API was unreachable could wait half a minute after it is back.
+pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// First pause of a failing watch.
+pub const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(500);
+
+/// Retry pauses of the agent's watches: [`WATCH_BACKOFF_MIN`] doubling up to
+/// [`WATCH_BACKOFF_MAX`]; back to the start once a watch works again.
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff {
+            next: WATCH_BACKOFF_MIN,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (self.next * 2).min(WATCH_BACKOFF_MAX);
+        Some(now)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_BACKOFF_MIN;
+    }
+}
+
 /// How long one write to the API (the Node patch) may take.
 pub const API_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Name this agent reports Kubernetes Events under.
 pub const EVENT_CONTROLLER: &str = "kwire-agent";
 /// Tun MTU before the underlay is known (1500 - 80).
 pub const DEFAULT_TUNNEL_MTU: u32 = 1420;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_backoff_doubles_to_its_cap_and_resets() {
+        use kube::runtime::utils::Backoff as _;
+        let mut b = WatchBackoff::default();
+        let first: Vec<u64> = b.by_ref().take(6).map(|d| d.as_millis() as u64).collect();
+        assert_eq!(first, vec![500, 1000, 2000, 4000, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next(), Some(WATCH_BACKOFF_MIN));
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        let n = |s: &str| s.parse::<IpNetwork>().unwrap();
+        assert!(check_ranges(&[], &[])
+            .unwrap_err()
+            .to_string()
+            .contains("--cluster-cidr is required"));
+        assert!(check_ranges(
+            &[n("10.244.0.0/16"), n("fd00:10:244::/56")],
+            &[n("10.96.0.0/12")]
+        )
+        .is_ok());
+        assert!(check_ranges(&[n("10.244.0.5/16")], &[]).is_err());
+        assert!(check_ranges(&[n("10.0.0.0/7")], &[]).is_err());
+        assert!(check_ranges(&[n("10.244.0.0/16")], &[n("10.244.0.0/20")]).is_err());
+    }
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
@@ -531,8 +600,8 @@ impl Agent {
                 instance: Some(self.node_name.clone()),
             },
         ));
-        let stream =
-            watcher::watcher(nodes_api.clone(), watcher::Config::default()).default_backoff();
+        let stream = watcher::watcher(nodes_api.clone(), watcher::Config::default())
+            .backoff(WatchBackoff::default());
         let mut stream = std::pin::pin!(stream);
         let mut tick = tokio::time::interval(RETRY_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

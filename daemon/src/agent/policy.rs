@@ -37,7 +37,7 @@ where
 {
     let (store, writer) = reflector::store();
     let s = reflector::reflector(writer, watcher::watcher(api, watcher::Config::default()))
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .map(move |r| match r {
             Ok(Event::InitDone) => Change::Event(idx, true),
             Ok(_) => Change::Event(idx, false),
