@@ -170,6 +170,17 @@ pub fn create_underlay(
         &lab.bridge,
         "nodad",
     ])?;
+    // The nodes' gateway: a router, as a real node's is.
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+    ])?;
     Ok(())
 }
 
