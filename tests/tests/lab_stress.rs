@@ -17,6 +17,7 @@ use std::net::{SocketAddr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
+use kwire_tests::impair::{Faults, Impairment};
 use kwire_tests::lab::{Json, JsonExt, Lab};
 use kwire_tests::{
     prometheus_value, require_agent, require_tool, run_host, try_wait_until, wait_until, Netns,
@@ -343,28 +344,22 @@ fn handshake_floods_leave_real_peers_their_sessions_and_traffic() {
     );
 }
 
-/// The underlay interface of a node (the one holding its underlay address).
-fn underlay_if(lab: &Lab, n: &str, ip: &str) -> String {
-    let out = text(&lab.exec(n, &["ip", "-o", "addr", "show", "to", ip]));
-    out.split_whitespace()
-        .nth(1)
-        .unwrap_or_else(|| panic!("no interface with {ip} on {n}: {out}"))
-        .to_string()
-}
-
-fn netem(lab: &Lab, ifs: &[(String, String)], args: &str) {
-    for (n, dev) in ifs {
-        let mut argv = vec!["tc", "qdisc", "replace", "dev", dev, "root", "netem"];
-        argv.extend(args.split_whitespace());
-        let o = lab.exec(n, &argv);
-        assert!(o.status.success(), "tc on {n}: {}", text(&o));
-    }
-}
-
-fn netem_off(lab: &Lab, ifs: &[(String, String)]) {
-    for (n, dev) in ifs {
-        let _ = lab.exec(n, &["tc", "qdisc", "del", "dev", dev, "root"]);
-    }
+/// Faults on both nodes' WireGuard traffic (userspace netem: this kernel has no sch_netem).
+fn impair(lab: &Lab, st: &Json, f: Faults) -> Vec<Impairment> {
+    let ip = |n: &str| -> std::net::Ipv4Addr {
+        node(st, lab, n)["underlay_ip"]
+            .as_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    [("n1", "n2", 101), ("n2", "n1", 102)]
+        .iter()
+        .map(|(me, peer, q)| {
+            let netns = node(st, lab, me)["netns"].as_str().unwrap().to_string();
+            Impairment::start(&netns, 51820, *q, f, ip(peer))
+        })
+        .collect()
 }
 
 fn pod_field(st: &Json, pod: &str, field: &str) -> Json {
@@ -421,23 +416,13 @@ fn transfer(st: &Json, scratch: &Scratch, file: &std::path::Path, tag: &str) -> 
 #[test]
 fn underlay_faults_and_an_unreachable_api() {
     let kwire = require_agent!();
-    require_tool("tc");
+    require_tool("iptables");
     require_tool("socat");
     require_tool("sha256sum");
     let scratch = Scratch::new("stress-faults");
     let lab = up(2, 1, &kwire);
     wait_until(CONVERGE, "mesh", || full_mesh(&lab));
     let st = lab.status();
-    let ifs: Vec<(String, String)> = ["n1", "n2"]
-        .iter()
-        .map(|n| {
-            let ip = node(&st, &lab, n)["underlay_ip"]
-                .as_str()
-                .unwrap()
-                .to_string();
-            (n.to_string(), underlay_if(&lab, n, &ip))
-        })
-        .collect();
 
     // 100 MB of random bytes.
     let file = scratch.file("payload");
@@ -462,30 +447,86 @@ fn underlay_faults_and_an_unreachable_api() {
         .iter()
         .map(|n| n["agent_restarts"].as_u64().unwrap_or(0))
         .collect();
-    for (tag, args, reason) in [
-        ("loss", "loss 10%", None),
-        ("duplication", "duplicate 5%", Some("replay")),
-        ("reordering", "delay 10ms reorder 25%", None),
-        ("corruption", "corrupt 0.1%", Some("decrypt")),
+    let ms10 = Duration::from_millis(10);
+    for (tag, faults, reason) in [
+        (
+            "loss 10%",
+            Faults {
+                loss: 0.10,
+                ..Faults::default()
+            },
+            None,
+        ),
+        (
+            "duplicate 5%",
+            Faults {
+                duplicate: 0.05,
+                ..Faults::default()
+            },
+            Some("replay"),
+        ),
+        (
+            "delay 10ms reorder 25%",
+            Faults {
+                delay: ms10,
+                reorder: 0.25,
+                ..Faults::default()
+            },
+            None,
+        ),
+        (
+            "corrupt 0.1%",
+            Faults {
+                corrupt: 0.001,
+                ..Faults::default()
+            },
+            Some("decrypt"),
+        ),
     ] {
-        let before = drops(&lab, "n2", reason.unwrap_or("decrypt"));
-        netem(&lab, &ifs, args);
+        let before = reason.map(|r| drops(&lab, "n1", r) + drops(&lab, "n2", r));
+        let faults_on = impair(&lab, &st, faults);
         let (sum, secs) = transfer(&st, &scratch, &file, tag);
-        netem_off(&lab, &ifs);
-        let counted = drops(&lab, "n2", reason.unwrap_or("decrypt")) - before;
+        let done: Vec<String> = faults_on
+            .iter()
+            .map(|i| {
+                let c = &i.counts;
+                let n =
+                    |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+                format!(
+                    "{} seen, {} dropped, {} delayed, {} corrupted",
+                    n(&c.seen),
+                    n(&c.dropped),
+                    n(&c.delayed),
+                    n(&c.corrupted)
+                )
+            })
+            .collect();
+        drop(faults_on);
+        let counted = match (reason, before) {
+            (Some(r), Some(b)) => drops(&lab, "n1", r) + drops(&lab, "n2", r) - b,
+            _ => 0.0,
+        };
         println!(
-            "FIGURES 100 MB pod to pod with netem {args}: {secs:.1} s, intact: {}{}",
+            "FIGURES 100 MB pod to pod, {tag}: {secs:.1} s, intact: {}{} (faults: {})",
             sum == want,
-            reason.map_or(String::new(), |r| format!(", n2 drops {r} +{counted}"))
+            reason.map_or(String::new(), |r| format!(", drops {r} +{counted}")),
+            done.join("; ")
         );
         assert_eq!(sum, want, "{tag}: the transfer arrived changed");
-        if reason.is_some() {
-            assert!(counted > 0.0, "{tag}: no {} drops counted", reason.unwrap());
+        if let Some(r) = reason {
+            assert!(counted > 0.0, "{tag}: no {r} drops counted");
         }
     }
 
     // Handshakes at 30% loss: n2's agent restarts, its new sessions must be made through it.
-    netem(&lab, &ifs, "loss 30%");
+    let lossy = impair(
+        &lab,
+        &st,
+        Faults {
+            loss: 0.30,
+            ..Faults::default()
+        },
+    );
     let gw = node(&st, &lab, "n1")["gateway_ips"].strings()[0].clone();
     let old = node(&lab.status(), &lab, "n2")["agent_pid"]
         .as_u64()
@@ -497,7 +538,7 @@ fn underlay_faults_and_an_unreachable_api() {
             .status
             .success()
     });
-    netem_off(&lab, &ifs);
+    drop(lossy);
     println!(
         "FIGURES handshake at 30% loss: n2 reached n1 {:.1} s after its agent was killed",
         t.elapsed().as_secs_f64()
@@ -515,6 +556,13 @@ fn underlay_faults_and_an_unreachable_api() {
     assert!(o.status.success(), "{}", text(&o));
     let _ = lab.exec("n1", &["ss", "-K", "dst", api_ip]);
     let n2_gw = node(&st, &lab, "n2")["gateway_ips"].strings()[0].clone();
+    let joined = format!("{}-joined", lab.name());
+    let joined_key = base64::engine::general_purpose::STANDARD.encode(
+        x25519_dalek::PublicKey::from(&x25519_dalek::StaticSecret::random_from_rng(
+            rand_core::OsRng,
+        ))
+        .as_bytes(),
+    );
     let outage = Instant::now();
     let mut lost = 0;
     let mut sent = 0;
@@ -529,25 +577,42 @@ fn underlay_faults_and_an_unreachable_api() {
             lost += 1;
         }
         if added.is_none() && outage.elapsed() > Duration::from_secs(20) {
-            // A change while n1 cannot see it: a third node joins.
-            added = Some(lab.cmd_ok("add-node", &[]).trim().to_string());
+            // A change while n1 cannot see it: a Node joins (a key and an endpoint, its pod
+            // range allocated by the controller).
+            let f = scratch.file("joined.json");
+            std::fs::write(
+                &f,
+                serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": joined,
+                    "annotations": {"kwire.dev/public-key": joined_key, "kwire.dev/endpoint": "192.0.2.99:51820"}}})
+                .to_string(),
+            )
+            .unwrap();
+            lab.cmd_ok("apply", &["-f", f.to_str().unwrap()]);
+            added = Some(joined.clone());
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    // The outage was real: n1 has not seen the change.
+    let before_return = node(&lab.status(), &lab, "n1")["peers"]
+        .array()
+        .iter()
+        .any(|p| p["public_key"].as_str() == Some(joined_key.as_str()));
+    assert!(
+        !before_return,
+        "n1 saw the new Node while the API was unreachable"
+    );
     let o = lab.exec(
         "n1",
         &["ip", "route", "del", "prohibit", &format!("{api_ip}/32")],
     );
     assert!(o.status.success(), "{}", text(&o));
     let back = Instant::now();
-    let n3 = format!("{}-n3", lab.name());
+    // Configured in n1's device: a peer with the joined Node's key.
     let seen = try_wait_until(Duration::from_secs(30), || {
         node(&lab.status(), &lab, "n1")["peers"]
             .array()
             .iter()
-            .any(|p| {
-                p["node"].as_str() == Some(n3.as_str()) && p["configured"].as_bool() == Some(true)
-            })
+            .any(|p| p["public_key"].as_str() == Some(joined_key.as_str()))
     });
     let applied = back.elapsed();
     let log = std::fs::read_to_string(&n1_log).unwrap();
@@ -563,6 +628,9 @@ fn underlay_faults_and_an_unreachable_api() {
         applied.as_secs_f64(),
         outage_lines.len()
     );
+    for l in &outage_lines {
+        println!("  n1 log during the outage: {}", &l[..l.len().min(220)]);
+    }
     assert_eq!(lost, 0, "forwarding stopped while the API was unreachable");
     assert!(
         seen && applied < Duration::from_secs(10),
