@@ -13,10 +13,9 @@
 
 use std::time::Duration;
 
-use kwire_tests::lab::{kwire_lab_ok, BridgeCapture, Json, JsonExt, Lab};
+use kwire_tests::lab::{kwire_lab_ok, node, BridgeCapture, Json, JsonExt, Lab};
 use kwire_tests::{
-    prometheus_value, require_agent, require_tool, run_host, try_wait_until, wait_until, Capture,
-    Netns, Scratch,
+    require_agent, require_tool, run_host, try_wait_until, wait_until, Capture, Netns, Scratch,
 };
 
 /// Mesh, pods and routes of a fresh lab; generous for a debug build on a shared machine.
@@ -42,14 +41,6 @@ fn up(nodes: u32, pods: u32, kwire: &std::path::Path) -> Lab {
     )
 }
 
-fn node<'a>(st: &'a Json, name: &str) -> &'a Json {
-    st["nodes"]
-        .array()
-        .iter()
-        .find(|n| n["name"].as_str() == Some(name))
-        .unwrap_or_else(|| panic!("no node {name} in status"))
-}
-
 fn pod_ips(st: &Json, name: &str) -> Vec<String> {
     st["pods"]
         .array()
@@ -65,23 +56,6 @@ fn text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// `/metrics` of a node's agent.
-fn metrics(lab: &Lab, n: &str) -> String {
-    let o = lab.exec(
-        n,
-        &["curl", "-sS", "-m", "3", "http://127.0.0.1:9742/metrics"],
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn drops(lab: &Lab, n: &str, reason: &str) -> f64 {
-    prometheus_value(
-        &metrics(lab, n),
-        &format!("kwire_drops_total{{reason=\"{reason}\"}}"),
-    )
-    .unwrap_or(0.0)
 }
 
 /// Applies one object (JSON) with `kwire-lab apply -f`.
@@ -118,22 +92,6 @@ fn host_in(cidr: &str, host: u8) -> String {
             std::net::Ipv6Addr::from(u128::from(n.network()) + u128::from(host)).to_string()
         }
     }
-}
-
-/// Every node has a handshake with every other node.
-fn full_mesh(lab: &Lab) -> bool {
-    let st = lab.status();
-    let nodes = st["nodes"].array();
-    let names: Vec<&str> = nodes.iter().filter_map(|n| n["name"].as_str()).collect();
-    nodes.iter().all(|n| {
-        let me = n["name"].as_str().unwrap_or("");
-        names.iter().filter(|o| **o != me).all(|o| {
-            n["peers"]
-                .array()
-                .iter()
-                .any(|p| p["node"].as_str() == Some(o) && p["handshake"].as_bool() == Some(true))
-        })
-    })
 }
 
 /// Stops the lab's supervisor (so that it restarts no agent) until dropped.
@@ -205,7 +163,7 @@ fn a_keyless_nodes_pod_range_never_leaves_a_node_agent_alive_or_dead() {
     require_tool("socat");
     let scratch = Scratch::new("fc-keyless");
     let lab = up(2, 1, &kwire);
-    wait_until(CONVERGE, "full mesh", || full_mesh(&lab));
+    wait_until(CONVERGE, "full mesh", || lab.full_mesh());
     let n1 = format!("{}-n1", lab.name());
     let st = lab.status();
 
@@ -248,7 +206,7 @@ fn a_keyless_nodes_pod_range_never_leaves_a_node_agent_alive_or_dead() {
     let seen = control.stop();
     assert!(!seen.is_empty(), "the control capture saw nothing");
 
-    let no_peer_before = drops(&lab, "n1", "no_peer");
+    let no_peer_before = lab.drops("n1", "no_peer");
     let capture = BridgeCapture::start(&lab, &scratch, "keyless", CLUSTER_FILTER);
     let mut answers = Vec::new();
     for dst in &targets {
@@ -267,7 +225,7 @@ fn a_keyless_nodes_pod_range_never_leaves_a_node_agent_alive_or_dead() {
             "{from} -> {dst}: no ICMP unreachable:\n{t}"
         );
     }
-    let counted = drops(&lab, "n1", "no_peer") - no_peer_before;
+    let counted = lab.drops("n1", "no_peer") - no_peer_before;
     assert!(
         counted >= 4.0,
         "no_peer drops on n1 went up by {counted} only"
@@ -319,7 +277,7 @@ fn plaintext_from_the_underlay_never_reaches_a_pod_and_host_ports_still_work() {
     require_tool("socat");
     let scratch = Scratch::new("fc-underlay");
     let lab = up(2, 1, &kwire);
-    wait_until(CONVERGE, "full mesh", || full_mesh(&lab));
+    wait_until(CONVERGE, "full mesh", || lab.full_mesh());
     let n1 = format!("{}-n1", lab.name());
     // A pod with a hostPort on n1 (portmap DNATs the node's port to it).
     apply(
@@ -347,27 +305,7 @@ fn plaintext_from_the_underlay_never_reaches_a_pod_and_host_ports_still_work() {
 
     // An attacker on the underlay: its own addresses, and a remote pod's as spoofed sources.
     let atk = Netns::new("atk");
-    let ul = st["underlay_netns"].as_str().unwrap().to_string();
-    let bridge = st["bridge"].as_str().unwrap().to_string();
-    let (outer, inner) = (atk.ifname("ao"), atk.ifname("ai"));
-    run_host(&[
-        "ip",
-        "-n",
-        &ul,
-        "link",
-        "add",
-        &outer,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &inner,
-        "netns",
-        atk.name(),
-    ]);
-    run_host(&[
-        "ip", "-n", &ul, "link", "set", &outer, "master", &bridge, "up",
-    ]);
+    let inner = lab.attach_to_underlay(&atk, "a");
     let prefix6 = n1_v6.rsplit_once(':').unwrap().0.to_string();
     let (atk_v4, atk_v6) = ("192.0.2.201".to_string(), format!("{prefix6}:c9"));
     atk.run(&["ip", "addr", "add", &format!("{atk_v4}/24"), "dev", &inner]);
@@ -426,7 +364,7 @@ fn plaintext_from_the_underlay_never_reaches_a_pod_and_host_ports_still_work() {
         &format!("dst host {} or dst host {}", victim[0], victim[1]),
         &scratch,
     );
-    let plaintext_before = drops(&lab, "n1", "underlay_plaintext");
+    let plaintext_before = lab.drops("n1", "underlay_plaintext");
     for (src, dst) in [
         (&atk_v4, &victim[0]),
         (&remote[0], &victim[0]),
@@ -477,7 +415,7 @@ fn plaintext_from_the_underlay_never_reaches_a_pod_and_host_ports_still_work() {
         delivered.join("\n")
     );
     wait_until(COUNTERS, "underlay_plaintext drops counted on n1", || {
-        drops(&lab, "n1", "underlay_plaintext") - plaintext_before >= 8.0
+        lab.drops("n1", "underlay_plaintext") - plaintext_before >= 8.0
     });
 
     // A hostPort is the node's own translation: it still answers from the underlay.
@@ -520,7 +458,7 @@ fn nodes_deleted_and_added_again_leave_no_stale_route() {
     for _ in 0..2 {
         kwire_lab_ok(&["add-node", "--name", &name]);
     }
-    wait_until(CONVERGE, "full mesh of 4", || full_mesh(&lab));
+    wait_until(CONVERGE, "full mesh of 4", || lab.full_mesh());
     let (n3, n4) = (format!("{name}-n3"), format!("{name}-n4"));
     let n3_cidrs = lab_node_cidrs(&lab, &n3);
     let n4_cidrs = lab_node_cidrs(&lab, &n4);
@@ -580,7 +518,7 @@ fn nodes_deleted_and_added_again_leave_no_stale_route() {
         .find(|w| w.starts_with(&format!("{name}-n")))
         .unwrap_or_else(|| panic!("add-node printed {added}"))
         .to_string();
-    wait_until(CONVERGE, "n5 in the mesh", || full_mesh(&lab));
+    wait_until(CONVERGE, "n5 in the mesh", || lab.full_mesh());
     for c in lab_node_cidrs(&lab, &n5) {
         let r = routes_for(&lab, &c);
         assert!(

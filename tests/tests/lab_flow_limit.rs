@@ -7,17 +7,9 @@
 use std::time::Duration;
 
 use kwire_tests::lab::{kwire_lab_bin, Json, JsonExt, Lab};
-use kwire_tests::{prometheus_value, require_agent, require_tool, wait_until, Scratch};
+use kwire_tests::{require_agent, require_tool, wait_until, Scratch};
 
 const LIMIT: usize = 40;
-
-fn metric(lab: &Lab, n: &str, series: &str) -> f64 {
-    let o = lab.exec(
-        n,
-        &["curl", "-sS", "-m", "3", "http://127.0.0.1:9742/metrics"],
-    );
-    prometheus_value(&String::from_utf8_lossy(&o.stdout), series).unwrap_or(0.0)
-}
 
 fn ip_of(st: &Json, pod: &str) -> String {
     st["pods"]
@@ -80,16 +72,16 @@ fn a_pod_at_its_flow_limit_cannot_starve_another() {
     );
 
     // pod-1-2 opens new flows until its budget is spent.
-    let refused_before = metric(&lab, "n1", r#"kwire_drops_total{reason="flow_limit"}"#);
+    let refused_before = lab.metric("n1", r#"kwire_drops_total{reason="flow_limit"}"#);
     let answered: Vec<bool> = (0..LIMIT as u16 + 15)
         .map(|i| udp(&lab, "pod-1-2", &server, 20_000 + i))
         .collect();
     let ok = answered.iter().filter(|a| **a).count();
-    let refused = metric(&lab, "n1", r#"kwire_drops_total{reason="flow_limit"}"#) - refused_before;
+    let refused = lab.metric("n1", r#"kwire_drops_total{reason="flow_limit"}"#) - refused_before;
     println!(
         "pod-1-2: {ok} of {} new flows answered; n1 flow_limit drops +{refused}; table {} flows",
         answered.len(),
-        metric(&lab, "n1", "kwire_conntrack_flows")
+        lab.metric("n1", "kwire_conntrack_flows")
     );
     assert!(
         ok <= LIMIT && answered[LIMIT..].iter().all(|a| !a),
@@ -109,7 +101,7 @@ fn a_pod_at_its_flow_limit_cannot_starve_another() {
         );
     }
     assert_eq!(
-        metric(&lab, "n1", "kwire_conntrack_flows_per_pod_max"),
+        lab.metric("n1", "kwire_conntrack_flows_per_pod_max"),
         LIMIT as f64
     );
 }

@@ -20,8 +20,7 @@ use base64::Engine;
 use kwire_tests::impair::{Faults, Impairment};
 use kwire_tests::lab::{Json, JsonExt, Lab};
 use kwire_tests::{
-    prometheus_value, require_agent, require_tool, run_host, try_wait_until, wait_until, Netns,
-    Scratch,
+    require_agent, require_tool, run_host, try_wait_until, wait_until, Netns, Scratch,
 };
 
 const CONVERGE: Duration = Duration::from_secs(60);
@@ -55,39 +54,12 @@ fn node<'a>(st: &'a Json, lab: &Lab, n: &str) -> &'a Json {
         .unwrap_or_else(|| panic!("no node {name}"))
 }
 
-fn full_mesh(lab: &Lab) -> bool {
-    let st = lab.status();
-    let nodes = st["nodes"].array();
-    let names: Vec<&str> = nodes.iter().filter_map(|n| n["name"].as_str()).collect();
-    nodes.iter().all(|n| {
-        let me = n["name"].as_str().unwrap_or("");
-        names.iter().filter(|o| **o != me).all(|o| {
-            n["peers"]
-                .array()
-                .iter()
-                .any(|p| p["node"].as_str() == Some(o) && p["handshake"].as_bool() == Some(true))
-        })
-    })
-}
-
 fn text(o: &std::process::Output) -> String {
     format!(
         "{}{}",
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-fn metric(lab: &Lab, n: &str, series: &str) -> f64 {
-    let o = lab.exec(
-        n,
-        &["curl", "-sS", "-m", "3", "http://127.0.0.1:9742/metrics"],
-    );
-    prometheus_value(&String::from_utf8_lossy(&o.stdout), series).unwrap_or(0.0)
-}
-
-fn drops(lab: &Lab, n: &str, reason: &str) -> f64 {
-    metric(lab, n, &format!("kwire_drops_total{{reason=\"{reason}\"}}"))
 }
 
 /// `ping -q` summary: the percentage of probes lost.
@@ -179,26 +151,7 @@ fn attacker(lab: &Lab) -> (Netns, Vec<String>) {
     let st = lab.status();
     let atk = Netns::new("flood");
     let ul = st["underlay_netns"].as_str().unwrap().to_string();
-    let bridge = st["bridge"].as_str().unwrap().to_string();
-    let (outer, inner) = (atk.ifname("fo"), atk.ifname("fi"));
-    run_host(&[
-        "ip",
-        "-n",
-        &ul,
-        "link",
-        "add",
-        &outer,
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &inner,
-        "netns",
-        atk.name(),
-    ]);
-    run_host(&[
-        "ip", "-n", &ul, "link", "set", &outer, "master", &bridge, "up",
-    ]);
+    let inner = lab.attach_to_underlay(&atk, "f");
     atk.run(&["ip", "addr", "add", "192.0.2.200/24", "dev", &inner]);
     atk.run(&["ip", "link", "set", &inner, "up"]);
     let mut many = Vec::new();
@@ -225,7 +178,7 @@ fn attacker(lab: &Lab) -> (Netns, Vec<String>) {
 fn handshake_floods_leave_real_peers_their_sessions_and_traffic() {
     let kwire = require_agent!();
     let lab = up(2, 0, &kwire);
-    wait_until(CONVERGE, "mesh", || full_mesh(&lab));
+    wait_until(CONVERGE, "mesh", || lab.full_mesh());
     let st = lab.status();
     let n1 = node(&st, &lab, "n1");
     let target: SocketAddr = format!("{}:51820", n1["underlay_ip"].as_str().unwrap())
@@ -249,8 +202,8 @@ fn handshake_floods_leave_real_peers_their_sessions_and_traffic() {
         ("254 sources", many.clone()),
     ] {
         let before = (
-            drops(&lab, "n1", "rate_limited"),
-            drops(&lab, "n1", "handshake"),
+            lab.drops("n1", "rate_limited"),
+            lab.drops("n1", "handshake"),
         );
         let probe = std::thread::scope(|s| {
             let p = s.spawn(|| {
@@ -274,8 +227,8 @@ fn handshake_floods_leave_real_peers_their_sessions_and_traffic() {
         });
         let (f, ping) = probe;
         let after = (
-            drops(&lab, "n1", "rate_limited"),
-            drops(&lab, "n1", "handshake"),
+            lab.drops("n1", "rate_limited"),
+            lab.drops("n1", "handshake"),
         );
         let loss = loss_percent(&ping);
         let rate = f.sent as f64 / f.elapsed.as_secs_f64();
@@ -301,7 +254,7 @@ fn handshake_floods_leave_real_peers_their_sessions_and_traffic() {
             loss < 1.0,
             "{what}: the real peer lost {loss}% of its probes:\n{ping}"
         );
-        assert!(full_mesh(&lab), "{what}: a session was lost");
+        assert!(lab.full_mesh(), "{what}: a session was lost");
     }
 
     // A peer that must handshake anew under the flood: n2's agent restarts (sessions live in
@@ -421,7 +374,7 @@ fn underlay_faults_and_an_unreachable_api() {
     require_tool("sha256sum");
     let scratch = Scratch::new("stress-faults");
     let lab = up(2, 1, &kwire);
-    wait_until(CONVERGE, "mesh", || full_mesh(&lab));
+    wait_until(CONVERGE, "mesh", || lab.full_mesh());
     let st = lab.status();
 
     // 100 MB of random bytes.
@@ -483,7 +436,7 @@ fn underlay_faults_and_an_unreachable_api() {
             Some("decrypt"),
         ),
     ] {
-        let before = reason.map(|r| drops(&lab, "n1", r) + drops(&lab, "n2", r));
+        let before = reason.map(|r| lab.drops("n1", r) + lab.drops("n2", r));
         let faults_on = impair(&lab, &st, faults);
         let (sum, secs) = transfer(&st, &scratch, &file, tag);
         let done: Vec<String> = faults_on
@@ -503,7 +456,7 @@ fn underlay_faults_and_an_unreachable_api() {
             .collect();
         drop(faults_on);
         let counted = match (reason, before) {
-            (Some(r), Some(b)) => drops(&lab, "n1", r) + drops(&lab, "n2", r) - b,
+            (Some(r), Some(b)) => lab.drops("n1", r) + lab.drops("n2", r) - b,
             _ => 0.0,
         };
         println!(

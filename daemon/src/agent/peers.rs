@@ -246,6 +246,19 @@ fn net_key(n: &IpNetwork) -> (bool, u128, u8) {
     }
 }
 
+/// (is IPv6, first address, last address) of a range, as numbers.
+fn span(c: &IpNetwork) -> (bool, u128, u128) {
+    let (v6, start, p) = net_key(c);
+    let width = if v6 { 128 } else { 32 };
+    let host = width - u32::from(p);
+    let end = if host >= 128 {
+        u128::MAX
+    } else {
+        start | ((1u128 << host) - 1)
+    };
+    (v6, start, end)
+}
+
 /// `addr` with only its first `prefix` bits kept.
 fn mask(v6: bool, addr: u128, prefix: u8) -> u128 {
     let width = if v6 { 128 } else { 32 };
@@ -267,20 +280,14 @@ impl<'a> Claimed<'a> {
 
     /// The earliest claimed range that overlaps `c`, with its owner.
     fn first_overlap(&self, c: &IpNetwork) -> Option<(IpNetwork, &'a str)> {
-        let (v6, start, p) = net_key(c);
-        let width = if v6 { 128 } else { 32 };
-        let host = width - u32::from(p);
-        let end = if host >= 128 {
-            u128::MAX
-        } else {
-            start | ((1u128 << host) - 1)
-        };
+        let (v6, start, end) = span(c);
         let mut best: Option<(usize, IpNetwork, &'a str)> = None;
         let mut consider = |hit: &(usize, IpNetwork, &'a str)| {
             if best.is_none_or(|b| hit.0 < b.0) {
                 best = Some(*hit);
             }
         };
+        let p = c.prefix();
         for &(_, q) in self.prefixes.range((v6, 0)..=(v6, p)) {
             if let Some(hit) = self.by_net.get(&(v6, mask(v6, start, q), q)) {
                 consider(hit);
@@ -322,14 +329,7 @@ impl Reserved {
 
     /// The first reserved address inside `c`.
     fn inside(&self, c: &IpNetwork) -> Option<IpAddr> {
-        let (v6, start, p) = net_key(c);
-        let width = if v6 { 128 } else { 32 };
-        let host = width - u32::from(p);
-        let end = if host >= 128 {
-            u128::MAX
-        } else {
-            start | ((1u128 << host) - 1)
-        };
+        let (v6, start, end) = span(c);
         let list = if v6 { &self.v6 } else { &self.v4 };
         let i = list.partition_point(|a| *a < start);
         let a = *list.get(i).filter(|a| **a <= end)?;

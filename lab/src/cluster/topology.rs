@@ -255,32 +255,25 @@ pub fn create_node(lab: &LabDescription, node: &NodeSpec) -> Result<(), Topology
     // A default route through the underlay's gateway, as a real node has: traffic that does
     // not go through the tunnel has somewhere to go (and shows on the underlay).
     if let Ok(names) = LabNames::new(&lab.name) {
-        run(&[
-            "ip",
-            "-n",
-            ns,
-            "-4",
-            "route",
-            "add",
-            "default",
-            "via",
-            &names.api_underlay_v4().to_string(),
-            "dev",
-            &node.underlay_if,
-        ])?;
-        run(&[
-            "ip",
-            "-n",
-            ns,
-            "-6",
-            "route",
-            "add",
-            "default",
-            "via",
-            &names.api_underlay_v6().to_string(),
-            "dev",
-            &node.underlay_if,
-        ])?;
+        let gateways = [
+            ("-4", names.api_underlay_v4().to_string()),
+            ("-6", names.api_underlay_v6().to_string()),
+        ];
+        for (family, via) in &gateways {
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                family,
+                "route",
+                "add",
+                "default",
+                "via",
+                via,
+                "dev",
+                &node.underlay_if,
+            ])?;
+        }
     }
     std::fs::create_dir_all(&node.run_dir).map_err(|source| TopologyError::Spawn {
         command: format!("mkdir -p {}", node.run_dir.display()),
