@@ -179,6 +179,16 @@ impl Lab {
         lab
     }
 
+    /// `kwire-lab up` with the real agent `kwire` and `pods` pods per node.
+    pub fn up_real(nodes: u32, pods: u32, kwire: &Path) -> Lab {
+        let pods = pods.to_string();
+        let kwire = kwire.to_str().expect("UTF-8 path");
+        Lab::up(
+            nodes,
+            &["--kwire", kwire, "--pods", &pods, "--timeout", "90"],
+        )
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -26,21 +26,6 @@ const COUNTERS: Duration = Duration::from_secs(20);
 const CLUSTER_FILTER: &str = "net 10.244.0.0/16 or net fd00:10:244::/56";
 const HOST_PORT: u16 = 18080;
 
-fn up(nodes: u32, pods: u32, kwire: &std::path::Path) -> Lab {
-    let pods = pods.to_string();
-    Lab::up(
-        nodes,
-        &[
-            "--kwire",
-            kwire.to_str().unwrap(),
-            "--pods",
-            &pods,
-            "--timeout",
-            "90",
-        ],
-    )
-}
-
 fn pod_ips(st: &Json, name: &str) -> Vec<String> {
     st["pods"]
         .array()
@@ -162,7 +147,7 @@ fn a_keyless_nodes_pod_range_never_leaves_a_node_agent_alive_or_dead() {
     require_tool("tcpdump");
     require_tool("socat");
     let scratch = Scratch::new("fc-keyless");
-    let lab = up(2, 1, &kwire);
+    let lab = Lab::up_real(2, 1, &kwire);
     wait_until(CONVERGE, "full mesh", || lab.full_mesh());
     let n1 = format!("{}-n1", lab.name());
     let st = lab.status();
@@ -276,7 +261,7 @@ fn plaintext_from_the_underlay_never_reaches_a_pod_and_host_ports_still_work() {
     require_tool("tcpdump");
     require_tool("socat");
     let scratch = Scratch::new("fc-underlay");
-    let lab = up(2, 1, &kwire);
+    let lab = Lab::up_real(2, 1, &kwire);
     wait_until(CONVERGE, "full mesh", || lab.full_mesh());
     let n1 = format!("{}-n1", lab.name());
     // A pod with a hostPort on n1 (portmap DNATs the node's port to it).
@@ -453,7 +438,7 @@ fn lab_node_cidrs(lab: &Lab, name: &str) -> Vec<String> {
 #[test]
 fn nodes_deleted_and_added_again_leave_no_stale_route() {
     let kwire = require_agent!();
-    let lab = up(2, 0, &kwire);
+    let lab = Lab::up_real(2, 0, &kwire);
     let name = lab.name().to_string();
     for _ in 0..2 {
         kwire_lab_ok(&["add-node", "--name", &name]);

@@ -30,21 +30,6 @@ const FLOOD_FOR: Duration = Duration::from_secs(10);
 /// The real peer's probe traffic during a flood: one ICMP echo every 10 ms.
 const PROBES: u32 = 1000;
 
-fn up(nodes: u32, pods: u32, kwire: &std::path::Path) -> Lab {
-    let pods = pods.to_string();
-    Lab::up(
-        nodes,
-        &[
-            "--kwire",
-            kwire.to_str().unwrap(),
-            "--pods",
-            &pods,
-            "--timeout",
-            "90",
-        ],
-    )
-}
-
 fn node<'a>(st: &'a Json, lab: &Lab, n: &str) -> &'a Json {
     let name = format!("{}-{n}", lab.name());
     st["nodes"]
@@ -177,7 +162,7 @@ fn attacker(lab: &Lab) -> (Netns, Vec<String>) {
 #[test]
 fn handshake_floods_leave_real_peers_their_sessions_and_traffic() {
     let kwire = require_agent!();
-    let lab = up(2, 0, &kwire);
+    let lab = Lab::up_real(2, 0, &kwire);
     wait_until(CONVERGE, "mesh", || lab.full_mesh());
     let st = lab.status();
     let n1 = node(&st, &lab, "n1");
@@ -373,7 +358,7 @@ fn underlay_faults_and_an_unreachable_api() {
     require_tool("socat");
     require_tool("sha256sum");
     let scratch = Scratch::new("stress-faults");
-    let lab = up(2, 1, &kwire);
+    let lab = Lab::up_real(2, 1, &kwire);
     wait_until(CONVERGE, "mesh", || lab.full_mesh());
     let st = lab.status();
 
