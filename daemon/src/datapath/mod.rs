@@ -159,9 +159,10 @@ impl TxPath {
             return;
         }
         let Some(slot) = snap.routes.lookup(dst) else {
-            if local.in_cluster(dst) {
+            if local.in_cluster(dst) && !local.is_gateway(dst) {
                 // A pod range of a Node without a live peer: never the host's default route;
-                // the sender learns at once.
+                // the sender learns at once. (This node's own gateway addresses are the
+                // host's: they go to it below.)
                 counters.drop(DropReason::NoPeer);
                 let out = &mut self.scratch;
                 out[..off].fill(0);
@@ -1057,6 +1058,62 @@ mod tests {
 
     /// NetworkPolicy in the loop: a default-deny-ingress pod admits only the allowed source;
     /// its replies pass back through the connection table; the node itself always reaches it.
+    /// A cluster address without a peer: the packet is dropped (`no_peer`) and an ICMP
+    /// unreachable goes back to its sender (a pod: from the node's gateway; the node: from the
+    /// destination), never to the host to route; the node's own gateway still gets its packets.
+    #[test]
+    fn cluster_addresses_without_a_peer_are_unreachable() {
+        use local::PodPort;
+        let ports = vec![PodPort {
+            id: 0,
+            ips: vec!["10.244.1.5".parse().unwrap()],
+            io: (),
+        }];
+        let mut local = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+        local.cluster = vec!["10.244.0.0/16".parse().unwrap()];
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+        let snap = dev.snapshot();
+        let counters = Counters::default();
+        let mut tx = TxPath::new();
+        let mut io = Capture::default();
+        let mut send = |from: Port, src: [u8; 4], dst: [u8; 4], io: &mut Capture| {
+            io.to.clear();
+            io.tun.clear();
+            tx.handle_frame_from(
+                &snap,
+                &local,
+                from,
+                &mut udp4(src, dst),
+                false,
+                &counters,
+                io,
+            );
+        };
+        // Pod -> a keyless Node's range: dropped, ICMP host unreachable back to the pod.
+        send(Port::Pod(0), [10, 244, 1, 5], [10, 244, 9, 7], &mut io);
+        assert_eq!(counters.drops(DropReason::NoPeer), 1);
+        assert_eq!(io.to, vec![Port::Pod(0)]);
+        let icmp = &io.tun[0];
+        assert_eq!(
+            (icmp[9], icmp[20], icmp[21]),
+            (1, 3, 1),
+            "ICMP host unreachable"
+        );
+        assert_eq!(&icmp[12..16], &[10, 244, 1, 1], "from the gateway");
+        assert_eq!(&icmp[16..20], &[10, 244, 1, 5], "to the pod");
+        // The node itself: from the destination (the kernel drops its own address as source).
+        send(Port::Host, [10, 244, 1, 1], [10, 244, 9, 7], &mut io);
+        assert_eq!(counters.drops(DropReason::NoPeer), 2);
+        assert_eq!(&io.tun[0][12..16], &[10, 244, 9, 7]);
+        // Pod -> its node's gateway, and -> the world: to the host.
+        send(Port::Pod(0), [10, 244, 1, 5], [10, 244, 1, 1], &mut io);
+        assert_eq!(io.to, vec![Port::Host]);
+        send(Port::Pod(0), [10, 244, 1, 5], [192, 0, 2, 9], &mut io);
+        assert_eq!(io.to, vec![Port::Host]);
+        assert_eq!(counters.drops(DropReason::NoPeer), 2);
+    }
+
     #[test]
     fn policy_admits_new_flows_once_and_lets_replies_back() {
         use crate::datapath::conntrack::Conntrack;
