@@ -263,7 +263,15 @@ pub struct RxPath {
     coalescer: Coalescer,
     pub replies: TxBatch,
     delivered: u64,
+    /// Handshake messages handled since the last [`RxPath::finish`].
+    handshakes: usize,
 }
+
+/// Handshake messages handled per receive batch (up to 32 datagrams); past it they are dropped
+/// (`rate_limited`) before any cryptography. A worker that keeps up sees small batches and never
+/// reaches it; one that falls behind under a flood would otherwise answer cookies while data
+/// waits behind them in the same socket (wireguard-go drops past a full handshake queue alike).
+pub const MAX_HANDSHAKES_PER_BATCH: usize = 8;
 
 /// A peer's lock held across consecutive datagrams from it, with counts to add on release.
 struct Held<'a> {
@@ -281,6 +289,7 @@ impl RxPath {
             coalescer: Coalescer::new(64, vnet),
             replies: TxBatch::new(128 * 1024, 64),
             delivered: 0,
+            handshakes: 0,
         }
     }
 
@@ -352,6 +361,11 @@ impl RxPath {
                 self.data(snap, local, h, src, d, counters, io);
             } else {
                 release(snap, held.take());
+                if self.handshakes >= MAX_HANDSHAKES_PER_BATCH {
+                    counters.drop(DropReason::RateLimited);
+                    continue;
+                }
+                self.handshakes += 1;
                 self.handshake(snap, limiter, kind, src, d, now, counters, io);
             }
         }
@@ -531,6 +545,7 @@ impl RxPath {
 
     /// Writes what is pending to the tun and the network.
     pub fn finish(&mut self, counters: &Counters, io: &mut impl Io) {
+        self.handshakes = 0;
         if !self.coalescer.is_empty() {
             self.coalescer
                 .drain_tagged(|t, f| io.tun_write_to(port(t), f));
@@ -782,6 +797,54 @@ mod tests {
             ),
             "initiator accepts the response"
         );
+    }
+
+    /// A batch full of initiations gets at most MAX_HANDSHAKES_PER_BATCH of them handled; the
+    /// rest are dropped before any cryptography, and the next batch starts afresh.
+    #[test]
+    fn handshakes_per_batch_are_capped() {
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
+        let mut a = Tunn::new(
+            ka.secret(),
+            x25519_dalek::PublicKey::from(&kb.secret()),
+            None,
+            None,
+            7,
+            None,
+        );
+        let mut buf = vec![0u8; 2048];
+        let counters = Counters::default();
+        let limiter = SourceLimiter::default();
+        let mut rx = RxPath::new(false);
+        let mut io = Capture::default();
+        let snap = b.snapshot();
+        let t0 = Instant::now();
+        // Fresh initiations from distinct sources (no per-source limit, no replay).
+        let mut send = |rx: &mut RxPath, io: &mut Capture, n: u8| {
+            let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true)
+            else {
+                panic!()
+            };
+            let src = SocketAddr::new([192, 0, 2, n].into(), 51820);
+            rx.handle_message(&snap, &limiter, src, init, None, t0, &counters, io);
+        };
+        for n in 0..(MAX_HANDSHAKES_PER_BATCH as u8 + 12) {
+            send(&mut rx, &mut io, n + 1);
+        }
+        rx.finish(&counters, &mut io);
+        assert_eq!(
+            io.udp.len(),
+            MAX_HANDSHAKES_PER_BATCH,
+            "one answer per handled initiation"
+        );
+        assert_eq!(counters.drops(DropReason::RateLimited), 12);
+        io.udp.clear();
+        send(&mut rx, &mut io, 200);
+        rx.finish(&counters, &mut io);
+        assert_eq!(io.udp.len(), 1, "the next batch is handled");
+        let _ = a_addr;
     }
 
     /// A decrypted packet whose source is outside the peer's allowed IPs never reaches the tun.
