@@ -136,8 +136,8 @@ impl TxPath {
             }
         }
         if let (Some(f), Port::Pod(_)) = (&local.filter, from) {
-            if !policy_allows(f, Check::Egress, &frame[off..]) {
-                counters.drop(DropReason::PolicyEgress);
+            if let Err(r) = policy_allows(f, Check::Egress, &frame[off..]) {
+                counters.drop(r);
                 return;
             }
         }
@@ -146,9 +146,11 @@ impl TxPath {
             // checked against the destination pod's ingress rules.
             if let Some(f) = &local.filter {
                 let from_node = from == Port::Host && local.is_gateway(src);
-                if !from_node && !policy_allows(f, Check::Ingress, &frame[off..]) {
-                    counters.drop(DropReason::PolicyIngress);
-                    return;
+                if !from_node {
+                    if let Err(r) = policy_allows(f, Check::Ingress, &frame[off..]) {
+                        counters.drop(r);
+                        return;
+                    }
                 }
             }
             // Same node: the frame (offload header included) goes to the other pod as is.
@@ -157,7 +159,24 @@ impl TxPath {
             return;
         }
         let Some(slot) = snap.routes.lookup(dst) else {
-            if from == Port::Host {
+            if local.in_cluster(dst) && !local.is_gateway(dst) {
+                // A pod range of a Node without a live peer: never the host's default route;
+                // the sender learns at once. (This node's own gateway addresses are the
+                // host's: they go to it below.)
+                counters.drop(DropReason::NoPeer);
+                let out = &mut self.scratch;
+                out[..off].fill(0);
+                // To a pod from the node's gateway; to the node itself from the destination
+                // (the kernel drops a packet from the outside with one of its own addresses).
+                let (g4, g6) = match (from, dst) {
+                    (Port::Host, IpAddr::V4(d)) => (Some(d), None),
+                    (Port::Host, IpAddr::V6(d)) => (None, Some(d)),
+                    _ => (local.gateway_v4(), local.gateway_v6()),
+                };
+                if let Some(n) = icmp::unreachable(&frame[off..], g4, g6, &mut out[off..]) {
+                    io.tun_write_to(from, &out[..off + n]);
+                }
+            } else if from == Port::Host {
                 counters.drop(DropReason::NoPeer);
             } else {
                 io.tun_write_to(Port::Host, frame);
@@ -244,7 +263,15 @@ pub struct RxPath {
     coalescer: Coalescer,
     pub replies: TxBatch,
     delivered: u64,
+    /// Handshake messages handled since the last [`RxPath::finish`].
+    handshakes: usize,
 }
+
+/// Handshake messages handled per receive batch (up to 32 datagrams); past it they are dropped
+/// (`rate_limited`) before any cryptography. A worker that keeps up sees small batches and never
+/// reaches it; one that falls behind under a flood would otherwise answer cookies while data
+/// waits behind them in the same socket (wireguard-go drops past a full handshake queue alike).
+pub const MAX_HANDSHAKES_PER_BATCH: usize = 8;
 
 /// A peer's lock held across consecutive datagrams from it, with counts to add on release.
 struct Held<'a> {
@@ -262,6 +289,7 @@ impl RxPath {
             coalescer: Coalescer::new(64, vnet),
             replies: TxBatch::new(128 * 1024, 64),
             delivered: 0,
+            handshakes: 0,
         }
     }
 
@@ -333,6 +361,11 @@ impl RxPath {
                 self.data(snap, local, h, src, d, counters, io);
             } else {
                 release(snap, held.take());
+                if self.handshakes >= MAX_HANDSHAKES_PER_BATCH {
+                    counters.drop(DropReason::RateLimited);
+                    continue;
+                }
+                self.handshakes += 1;
                 self.handshake(snap, limiter, kind, src, d, now, counters, io);
             }
         }
@@ -386,8 +419,8 @@ impl RxPath {
             return;
         };
         if let (Some(f), Port::Pod(_)) = (&local.filter, to) {
-            if !policy_allows(f, Check::Ingress, pkt) {
-                counters.drop(DropReason::PolicyIngress);
+            if let Err(r) = policy_allows(f, Check::Ingress, pkt) {
+                counters.drop(r);
                 return;
             }
         }
@@ -512,6 +545,7 @@ impl RxPath {
 
     /// Writes what is pending to the tun and the network.
     pub fn finish(&mut self, counters: &Counters, io: &mut impl Io) {
+        self.handshakes = 0;
         if !self.coalescer.is_empty() {
             self.coalescer
                 .drain_tagged(|t, f| io.tun_write_to(port(t), f));
@@ -532,14 +566,21 @@ fn is_gso(frame: &[u8], vnet: bool) -> bool {
 }
 
 /// Whether a pod's packet passes NetworkPolicy at `check`: replies and later packets of an
-/// admitted flow by one connection-table lookup; a new flow by the policy engine, once.
+/// admitted flow by one connection-table lookup; a new flow by the policy engine, once. The
+/// drop reason when not: the policy's, or `flow_limit` when the flow cannot be remembered.
 #[inline]
-fn policy_allows(f: &Filter, check: Check, pkt: &[u8]) -> bool {
+fn policy_allows(f: &Filter, check: Check, pkt: &[u8]) -> Result<(), DropReason> {
     use crate::policy::Protocol;
+    let denied = match check {
+        Check::Egress => DropReason::PolicyEgress,
+        Check::Ingress => DropReason::PolicyIngress,
+    };
     let flow = match classify(pkt) {
         Some(Classified::Packet(flow)) => flow,
         // ICMP errors pass only for a flow admitted here.
-        Some(Classified::Error(about)) => return f.conntrack.knows(about),
+        Some(Classified::Error(about)) => {
+            return f.conntrack.knows(about).then_some(()).ok_or(denied)
+        }
         None => match addresses(pkt) {
             // A later fragment or an odd header: judged on addresses alone, port 0.
             Some((src, dst)) => conntrack::Flow {
@@ -549,7 +590,7 @@ fn policy_allows(f: &Filter, check: Check, pkt: &[u8]) -> bool {
                 sport: 0,
                 dport: 0,
             },
-            None => return false,
+            None => return Err(denied),
         },
     };
     let d = f.conntrack.check(flow, check, || {
@@ -569,7 +610,11 @@ fn policy_allows(f: &Filter, check: Check, pkt: &[u8]) -> bool {
                 .is_allowed(),
         }
     });
-    d != Decision::Denied
+    match d {
+        Decision::Established | Decision::Admitted => Ok(()),
+        Decision::Denied => Err(denied),
+        Decision::Full => Err(DropReason::FlowLimit),
+    }
 }
 
 fn release(snap: &Snapshot, h: Option<Held<'_>>) {
@@ -752,6 +797,54 @@ mod tests {
             ),
             "initiator accepts the response"
         );
+    }
+
+    /// A batch full of initiations gets at most MAX_HANDSHAKES_PER_BATCH of them handled; the
+    /// rest are dropped before any cryptography, and the next batch starts afresh.
+    #[test]
+    fn handshakes_per_batch_are_capped() {
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+        let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
+        let mut a = Tunn::new(
+            ka.secret(),
+            x25519_dalek::PublicKey::from(&kb.secret()),
+            None,
+            None,
+            7,
+            None,
+        );
+        let mut buf = vec![0u8; 2048];
+        let counters = Counters::default();
+        let limiter = SourceLimiter::default();
+        let mut rx = RxPath::new(false);
+        let mut io = Capture::default();
+        let snap = b.snapshot();
+        let t0 = Instant::now();
+        // Fresh initiations from distinct sources (no per-source limit, no replay).
+        let mut send = |rx: &mut RxPath, io: &mut Capture, n: u8| {
+            let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true)
+            else {
+                panic!()
+            };
+            let src = SocketAddr::new([192, 0, 2, n].into(), 51820);
+            rx.handle_message(&snap, &limiter, src, init, None, t0, &counters, io);
+        };
+        for n in 0..(MAX_HANDSHAKES_PER_BATCH as u8 + 12) {
+            send(&mut rx, &mut io, n + 1);
+        }
+        rx.finish(&counters, &mut io);
+        assert_eq!(
+            io.udp.len(),
+            MAX_HANDSHAKES_PER_BATCH,
+            "one answer per handled initiation"
+        );
+        assert_eq!(counters.drops(DropReason::RateLimited), 12);
+        io.udp.clear();
+        send(&mut rx, &mut io, 200);
+        rx.finish(&counters, &mut io);
+        assert_eq!(io.udp.len(), 1, "the next batch is handled");
+        let _ = a_addr;
     }
 
     /// A decrypted packet whose source is outside the peer's allowed IPs never reaches the tun.
@@ -1028,6 +1121,62 @@ mod tests {
 
     /// NetworkPolicy in the loop: a default-deny-ingress pod admits only the allowed source;
     /// its replies pass back through the connection table; the node itself always reaches it.
+    /// A cluster address without a peer: the packet is dropped (`no_peer`) and an ICMP
+    /// unreachable goes back to its sender (a pod: from the node's gateway; the node: from the
+    /// destination), never to the host to route; the node's own gateway still gets its packets.
+    #[test]
+    fn cluster_addresses_without_a_peer_are_unreachable() {
+        use local::PodPort;
+        let ports = vec![PodPort {
+            id: 0,
+            ips: vec!["10.244.1.5".parse().unwrap()],
+            io: (),
+        }];
+        let mut local = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+        local.cluster = vec!["10.244.0.0/16".parse().unwrap()];
+        let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+        let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+        let snap = dev.snapshot();
+        let counters = Counters::default();
+        let mut tx = TxPath::new();
+        let mut io = Capture::default();
+        let mut send = |from: Port, src: [u8; 4], dst: [u8; 4], io: &mut Capture| {
+            io.to.clear();
+            io.tun.clear();
+            tx.handle_frame_from(
+                &snap,
+                &local,
+                from,
+                &mut udp4(src, dst),
+                false,
+                &counters,
+                io,
+            );
+        };
+        // Pod -> a keyless Node's range: dropped, ICMP host unreachable back to the pod.
+        send(Port::Pod(0), [10, 244, 1, 5], [10, 244, 9, 7], &mut io);
+        assert_eq!(counters.drops(DropReason::NoPeer), 1);
+        assert_eq!(io.to, vec![Port::Pod(0)]);
+        let icmp = &io.tun[0];
+        assert_eq!(
+            (icmp[9], icmp[20], icmp[21]),
+            (1, 3, 1),
+            "ICMP host unreachable"
+        );
+        assert_eq!(&icmp[12..16], &[10, 244, 1, 1], "from the gateway");
+        assert_eq!(&icmp[16..20], &[10, 244, 1, 5], "to the pod");
+        // The node itself: from the destination (the kernel drops its own address as source).
+        send(Port::Host, [10, 244, 1, 1], [10, 244, 9, 7], &mut io);
+        assert_eq!(counters.drops(DropReason::NoPeer), 2);
+        assert_eq!(&io.tun[0][12..16], &[10, 244, 9, 7]);
+        // Pod -> its node's gateway, and -> the world: to the host.
+        send(Port::Pod(0), [10, 244, 1, 5], [10, 244, 1, 1], &mut io);
+        assert_eq!(io.to, vec![Port::Host]);
+        send(Port::Pod(0), [10, 244, 1, 5], [192, 0, 2, 9], &mut io);
+        assert_eq!(io.to, vec![Port::Host]);
+        assert_eq!(counters.drops(DropReason::NoPeer), 2);
+    }
+
     #[test]
     fn policy_admits_new_flows_once_and_lets_replies_back() {
         use crate::datapath::conntrack::Conntrack;

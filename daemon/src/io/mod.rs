@@ -2,6 +2,7 @@
 //! block says why it is sound. Everything above talks to these through safe, small types.
 
 pub mod epoll;
+pub mod netlink;
 pub mod netns;
 pub mod scm;
 pub mod tun;

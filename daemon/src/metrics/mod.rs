@@ -285,6 +285,28 @@ impl Collector for StatusCollector {
             "Pods attached to this node's packet loop",
             &[(vec![], r.pods.len() as f64)],
         )?;
+        let (flows, max_flows, per_pod) = st.node.get().map_or((0, 0, 0), |n| {
+            let ct = &n.pods.conntrack;
+            (ct.len(), ct.max_flows(), ct.max_flows_per_pod())
+        });
+        gauge_family(
+            &mut e,
+            "kwire_conntrack_flows",
+            "Flows in the NetworkPolicy connection table (new flows are refused past kwire_conntrack_flows_max, or past kwire_conntrack_flows_per_pod_max for one initiating address)",
+            &[(vec![], flows as f64)],
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_conntrack_flows_max",
+            "Most flows the connection table holds",
+            &[(vec![], max_flows as f64)],
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_conntrack_flows_per_pod_max",
+            "Most flows one initiating pod address may hold (--max-flows-per-pod)",
+            &[(vec![], per_pod as f64)],
+        )?;
         let invalid: Vec<(Labels, u64)> = RejectReason::ALL
             .iter()
             .map(|r| (one("reason", r.metric_label()), st.invalid(*r)))
