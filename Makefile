@@ -57,7 +57,7 @@ lint:
 bench:
 	$(CARGO) bench -p kwire-daemon
 
-# Side by side with wireguard-go and boringtun-cli (shared/bench harness); ~15 minutes.
+# Side by side with wireguard-go and boringtun-cli (bench/harness); ~15 minutes.
 bench-tunnel: release
 	@scripts/install-deps.sh --bench
 	@scripts/bench-compare.sh
