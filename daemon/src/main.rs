@@ -1,4 +1,5 @@
 //! The `kwire` command: parses flags, sets up logging, calls the library.
+#![forbid(unsafe_code)]
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;

@@ -6,7 +6,8 @@
 mod support;
 
 use kwire::datapath::stats::Counters;
-use kwire::datapath::RxPath;
+use kwire::datapath::Ctx;
+use kwire::dataplane::RxPath;
 use kwire::offload::checksum::{fold, pseudo_header, sum};
 use kwire::offload::gro::Coalescer;
 use kwire::offload::{tso, VnetHdr, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN};
@@ -238,6 +239,7 @@ fn rx_run(data: &[u8]) -> usize {
         io.udp.clear();
         io.tun.clear();
         let snap = dev.snapshot();
+        let ctx = Ctx::host_only(&snap, &counters, &dev.source_limiter, now, head & 1 != 0);
         while let Some((&flags, r)) = rest.split_first() {
             let (segment, r) = match (flags & 2 != 0, r) {
                 (true, [a, b, r @ ..]) => (Some(u16::from_be_bytes([*a, *b])), r),
@@ -247,16 +249,7 @@ fn rx_run(data: &[u8]) -> usize {
             let Some(d) = records(r).next() else { break };
             rest = &r[2 + d.len()..];
             let src = if flags & 1 != 0 { ADDR_A } else { stranger };
-            rx.handle_message(
-                &snap,
-                &dev.source_limiter,
-                src,
-                d,
-                segment,
-                now,
-                &counters,
-                io,
-            );
+            rx.message(&ctx, src, d, segment, io);
         }
         rx.finish(&counters, io);
         assert!(
@@ -299,14 +292,11 @@ struct PortIo {
     datagrams: usize,
 }
 
-impl kwire::datapath::Io for PortIo {
-    fn tun_write(&mut self, frame: &[u8]) {
-        self.tun_write_to(kwire::datapath::local::Port::Host, frame)
-    }
-    fn tun_write_to(&mut self, port: kwire::datapath::local::Port, frame: &[u8]) {
+impl kwire::dataplane::Io for PortIo {
+    fn write_tun(&mut self, port: kwire::datapath::local::Port, frame: &[u8]) {
         self.tun.push((port, frame.to_vec()));
     }
-    fn udp_send(&mut self, batch: &mut kwire::datapath::batch::TxBatch) {
+    fn send_udp(&mut self, batch: &mut kwire::offload::gso::TxBatch) {
         for g in batch.groups() {
             self.datagrams += g.count as usize;
         }
@@ -323,7 +313,7 @@ impl kwire::datapath::Io for PortIo {
 pub fn loop_frame(data: &[u8]) {
     use kwire::datapath::conntrack::Conntrack;
     use kwire::datapath::local::{addresses, Filter, LocalTable, PodPort, Port};
-    use kwire::datapath::TxPath;
+    use kwire::dataplane::TxPath;
     use std::net::IpAddr;
     use std::sync::Arc;
     thread_local! {
@@ -377,17 +367,18 @@ pub fn loop_frame(data: &[u8]) {
         let mut io = PortIo::default();
         let mut f = frame.to_vec();
         let mut tx = tx.borrow_mut();
+        let limiter = kwire::wg::ratelimit::SourceLimiter::default();
+        let ctx = Ctx {
+            snap: &snap,
+            local: &local,
+            counters: &counters,
+            limiter: &limiter,
+            now: Instant::now(),
+            vnet,
+        };
         // Twice: the second time the connection table has seen the flow.
         for _ in 0..2 {
-            tx.handle_frame_from(
-                &snap,
-                &local,
-                from,
-                &mut f.clone(),
-                vnet,
-                &counters,
-                &mut io,
-            );
+            tx.frame(&ctx, from, &mut f.clone(), &mut io);
         }
         tx.flush(&mut io);
         f.truncate(0);

@@ -3,7 +3,7 @@
 //! decide when a peer is unreachable ([`assess`], pure), record `PeerUnreachable` /
 //! `PeerRecovered` Events on the peer's Node, and keep this Node's `KwireReady` condition.
 
-use crate::metrics::{AgentStatus, PeerHealthReport};
+use crate::node_state::{NodeState, PeerHealthReport};
 use k8s_openapi::api::core::v1::Node;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event as K8sEvent, EventType, Recorder, Reporter};
@@ -213,8 +213,8 @@ pub struct HealthSettings {
 }
 
 /// Runs until aborted.
-pub async fn run(status: Arc<AgentStatus>, settings: HealthSettings) {
-    let api = match super::make_client(settings.kubeconfig.as_deref()).await {
+pub async fn run(status: Arc<NodeState>, settings: HealthSettings) {
+    let api = match crate::kubeapi::client(settings.kubeconfig.as_deref()).await {
         Ok(c) => Some(c),
         Err(e) => {
             warn!(
@@ -246,7 +246,7 @@ pub async fn run(status: Arc<AgentStatus>, settings: HealthSettings) {
 }
 
 struct Monitor {
-    status: Arc<AgentStatus>,
+    status: Arc<NodeState>,
     settings: HealthSettings,
     api: Option<Client>,
     peers: BTreeMap<String, PeerWatch>,

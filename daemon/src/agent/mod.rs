@@ -15,7 +15,7 @@ pub mod sysctl;
 
 use crate::dataplane::uapi_server::{self, UAPI_DIR};
 use crate::dataplane::{workers::Network, TunnelDevice};
-use crate::metrics::AgentStatus;
+use crate::node_state::{NodeContext, NodeState};
 use crate::wg::uapi::SetRequest;
 use crate::wg::Device;
 use anyhow::Context;
@@ -371,11 +371,14 @@ async fn agent_main(
             args.listen_port
         )
     })?;
-    let status = Arc::new(AgentStatus::new(tun.device.clone(), tun.counters.clone()));
-    let _ = status.node.set(crate::metrics::NodeContext {
+    let status = Arc::new(NodeState::new(
+        tun.device.clone(),
+        tun.counters.clone(),
+        &RejectReason::ALL.map(RejectReason::metric_label),
+    ));
+    let _ = status.node.set(NodeContext {
         name: args.node_name.clone(),
         interface: args.interface.clone(),
-        state_dir: args.state_dir.clone(),
         pods: tun.net.pods.clone(),
     });
     let status_sock = crate::status::server::bind(&args.run_dir)?;
@@ -425,7 +428,7 @@ async fn agent_main(
     ));
     let loop_pods = tun.net.pods.clone();
     let control = tokio::spawn(async move {
-        match make_client(args.kubeconfig.as_deref()).await {
+        match crate::kubeapi::client(args.kubeconfig.as_deref()).await {
             Ok(client) => {
                 let policy = tokio::spawn(policy::run(client.clone(), loop_pods));
                 agent.run(client).await;
@@ -461,24 +464,6 @@ fn nets(v: &[IpNetwork]) -> String {
         .join(",")
 }
 
-pub(crate) async fn make_client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(p) => {
-            let kc = kube::config::Kubeconfig::read_from(p).with_context(|| format!("reading --kubeconfig {}", p.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("using --kubeconfig {}", p.display()))?
-        }
-        None => match kube::Config::incluster() {
-            Ok(c) => c,
-            Err(_) => kube::Config::infer()
-                .await
-                .context("no Kubernetes API configuration: not in a cluster, no $KUBECONFIG, no ~/.kube/config; pass --kubeconfig")?,
-        },
-    };
-    Client::try_from(config).context("building the Kubernetes API client")
-}
-
 /// The control loop's state: the Nodes it knows, what it configured, what it reported.
 struct Agent {
     node_name: String,
@@ -490,7 +475,7 @@ struct Agent {
     own_key: PublicKey,
     device: Arc<Device>,
     net: Network,
-    status: Arc<AgentStatus>,
+    status: Arc<NodeState>,
     host: HostNetwork,
     own_cidrs: Vec<IpNetwork>,
     /// `--cluster-cidr`.
@@ -530,7 +515,7 @@ impl Agent {
         own_key: PublicKey,
         device: Arc<Device>,
         net: Network,
-        status: Arc<AgentStatus>,
+        status: Arc<NodeState>,
         host_addresses: Vec<IpAddr>,
     ) -> Agent {
         Agent {
@@ -790,7 +775,7 @@ impl Agent {
         for r in &sel.rejections {
             if !self.rejected.contains(&(r.node.clone(), r.reason)) {
                 warn!(node = %r.node, reason = r.reason.metric_label(), "Node skipped as a peer: {}", r.detail);
-                self.status.count_invalid(r.reason);
+                self.status.count_invalid(r.reason.metric_label());
                 out.new_rejections.push(r.clone());
             }
         }

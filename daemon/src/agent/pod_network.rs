@@ -6,7 +6,7 @@
 use super::sysctl;
 use crate::cni::{CniServer, CniServerConfig, PodAttachment, PodDataPlane};
 use crate::datapath::stats::{Counters, DropReason};
-use crate::dataplane::ports::Pods;
+use crate::dataplane::ports::{PodName, Pods};
 use ipnetwork::IpNetwork;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -29,7 +29,11 @@ struct LoopPods {
 impl PodDataPlane for LoopPods {
     fn attach(&self, pod: PodAttachment) {
         let key = (pod.container_id.clone(), pod.ifname.clone());
-        match self.pods.attach(pod.ips.clone(), pod.tun) {
+        let name = PodName {
+            namespace: pod.pod_namespace.clone(),
+            name: pod.pod_name.clone(),
+        };
+        match self.pods.attach(name, pod.ips.clone(), pod.tun) {
             Ok(id) => {
                 info!(container = %pod.container_id, pod = ?pod.pod_name, ips = ?pod.ips, "pod plugged into the packet loop");
                 if let Some(old) = self

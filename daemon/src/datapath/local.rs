@@ -77,6 +77,14 @@ impl<T> Default for LocalTable<T> {
     }
 }
 
+impl LocalTable<()> {
+    /// The table of a device without pods (`kwire tunnel`): built once, shared.
+    pub fn host_only() -> &'static LocalTable<()> {
+        static TABLE: std::sync::OnceLock<LocalTable<()>> = std::sync::OnceLock::new();
+        TABLE.get_or_init(LocalTable::default)
+    }
+}
+
 impl<T> LocalTable<T> {
     /// A node's table: pods and the node's gateway addresses.
     pub fn new(pods: Vec<PodPort<T>>, gateways: Vec<IpAddr>) -> LocalTable<T> {

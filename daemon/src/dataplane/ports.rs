@@ -20,8 +20,25 @@ pub type Local = LocalTable<PodTun>;
 /// epoll token of a worker's host queue; pods use their ids.
 pub const HOST_TOKEN: u64 = u64::MAX;
 
+/// A pod's name as the CNI runtime gave it (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`; absent when
+/// the runtime passes no such arguments, as `cnitool` does).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodName {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+}
+
+/// An attached pod as the status reports see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedPod {
+    pub id: u64,
+    pub name: PodName,
+    pub ips: Vec<IpAddr>,
+}
+
 struct Entry {
     id: u64,
+    name: PodName,
     ips: Vec<IpAddr>,
     tun: PodTun,
 }
@@ -111,9 +128,23 @@ impl Pods {
         self.len() == 0
     }
 
-    /// Attaches a pod's tun; returns the pod's id for [`Pods::detach`]. The tun must use the
-    /// same offload mode as the host tun (frames pass between them unchanged).
-    pub fn attach(&self, ips: Vec<IpAddr>, tun: TunQueue) -> io::Result<u64> {
+    /// The attached pods with their names, in attach order (off the packet path: takes the
+    /// control plane's lock).
+    pub fn attached(&self) -> Vec<AttachedPod> {
+        self.lock()
+            .pods
+            .iter()
+            .map(|e| AttachedPod {
+                id: e.id,
+                name: e.name.clone(),
+                ips: e.ips.clone(),
+            })
+            .collect()
+    }
+
+    /// Attaches pod `name`'s tun; returns the pod's id for [`Pods::detach`]. The tun must use
+    /// the same offload mode as the host tun (frames pass between them unchanged).
+    pub fn attach(&self, name: PodName, ips: Vec<IpAddr>, tun: TunQueue) -> io::Result<u64> {
         if tun.offload() != self.vnet {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -127,7 +158,7 @@ impl Pods {
         g.next_id += 1;
         self.epolls[(id as usize) % self.epolls.len()].add(tun.as_raw_fd(), id)?;
         info!(pod = id, ips = ?ips, "pod attached to the packet loop");
-        g.pods.push(Entry { id, ips, tun });
+        g.pods.push(Entry { id, name, ips, tun });
         self.publish(&g);
         Ok(id)
     }
