@@ -96,8 +96,7 @@ fn service<'a>(st: &'a Json, name: &str) -> Option<&'a Json> {
 
 /// `kwire status --json` of a lab node's agent.
 fn agent_status(kwire: &PathBuf, node: &Json) -> Option<Json> {
-    let state_dir = PathBuf::from(node["state_dir"].as_str()?);
-    let run_dir = state_dir.parent()?.join("run");
+    let run_dir = PathBuf::from(node["run_dir"].as_str()?);
     let out = Command::new(kwire)
         .args(["status", "--json", "--run-dir", run_dir.to_str()?])
         .output()

@@ -49,7 +49,7 @@ where
 {
     let (store, writer) = reflector::store();
     let s = reflector::reflector(writer, watcher::watcher(api, watcher::Config::default()))
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .map(move |r| Change::from((idx, r)));
     (store, s)
 }
@@ -111,8 +111,8 @@ pub async fn run(client: Client, pods: Arc<Pods>) {
 
 /// The control loop of a compiled snapshot: takes watch items (`take` applies each and says
 /// what changed), and after any change, at most every [`REBUILD_DELAY`] and only once every
-/// list in `kinds` was read in full, runs `rebuild`. Errors are logged at most every 30 s
-/// (`keeps`: what stays in force meanwhile). Runs until the streams end.
+/// list in `kinds` was read in full, runs `rebuild`. Each watch's errors are logged at most
+/// once per `WATCH_ERROR_LOG_INTERVAL` (`keeps`: what stays in force meanwhile). Runs until the streams end.
 pub(super) async fn debounced<I, F: std::future::Future<Output = ()>>(
     events: impl futures::Stream<Item = I>,
     kinds: &'static [&'static str],
@@ -123,7 +123,8 @@ pub(super) async fn debounced<I, F: std::future::Future<Output = ()>>(
     let mut events = std::pin::pin!(events);
     let mut listed = vec![false; kinds.len()];
     let mut dirty = false;
-    let mut last_err: Option<Instant> = None;
+    // One warning per failing watch per interval.
+    let mut last_err: Vec<Option<Instant>> = vec![None; kinds.len()];
     let mut tick = tokio::time::interval(REBUILD_DELAY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -134,10 +135,10 @@ pub(super) async fn debounced<I, F: std::future::Future<Output = ()>>(
                     dirty = true;
                 }
                 Some(Change::Error(i, e)) => {
-                    if last_err.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    if last_err[i].is_none_or(|t| t.elapsed() >= super::WATCH_ERROR_LOG_INTERVAL) {
                         let what = kinds[i];
                         warn!(error = %e, "watching {what} failed; retrying with backoff, {keeps}");
-                        last_err = Some(Instant::now());
+                        last_err[i] = Some(Instant::now());
                     }
                 }
                 None => return,

@@ -82,10 +82,10 @@ enum Item {
 pub async fn run(client: Client, pods: Arc<Pods>) {
     let cfg = watcher::Config::default;
     let services = watcher::watcher(Api::<Service>::all(client.clone()), cfg())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .map(Item::Service);
     let slices = watcher::watcher(Api::<EndpointSlice>::all(client), cfg())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .map(Item::Slice);
     let state = Mutex::new(State::default());
     let lock = || state.lock().unwrap_or_else(|p| p.into_inner());

@@ -45,9 +45,17 @@ pub enum RxAction<'a> {
     Drop(DropReason),
 }
 
-/// Per-worker state of the receive side: the buffer messages are decrypted into.
+/// Handshake messages decided per receive batch (up to 32 datagrams); past it they are dropped
+/// (`rate_limited`) before any cryptography. A worker that keeps up sees small batches and never
+/// reaches it; one that falls behind under a flood would otherwise answer cookies while data
+/// waits behind them in the same socket (wireguard-go drops past a full handshake queue alike).
+pub const MAX_HANDSHAKES_PER_BATCH: usize = 8;
+
+/// Per-worker state of the receive side: the buffer messages are decrypted into, and the
+/// handshake messages decided in this batch.
 pub struct Receiver {
     buf: Vec<u8>,
+    handshakes: usize,
 }
 
 impl Default for Receiver {
@@ -60,7 +68,13 @@ impl Receiver {
     pub fn new() -> Receiver {
         Receiver {
             buf: vec![0; RECEIVE_BUFFER],
+            handshakes: 0,
         }
+    }
+
+    /// A new receive batch: the handshake budget ([`MAX_HANDSHAKES_PER_BATCH`]) is whole again.
+    pub fn end_batch(&mut self) {
+        self.handshakes = 0;
     }
 
     /// Starts on one received message from `src`: a datagram, or a GRO train of
@@ -77,6 +91,7 @@ impl Receiver {
             snap: ctx.snap,
             ctx,
             buf: &mut self.buf,
+            handshakes: &mut self.handshakes,
             src,
             datagrams: data.chunks(seg),
             held: None,
@@ -90,6 +105,7 @@ pub struct Message<'r, 's, T> {
     ctx: &'r Ctx<'s, T>,
     snap: &'s Snapshot,
     buf: &'r mut [u8],
+    handshakes: &'r mut usize,
     src: SocketAddr,
     datagrams: std::slice::Chunks<'r, u8>,
     /// The session of the last data message's peer, locked until another peer's comes.
@@ -189,6 +205,10 @@ impl<T> Message<'_, '_, T> {
             Some(self.data(d).unwrap_or_else(Step::from))
         } else {
             release(self.snap, self.held.take());
+            if *self.handshakes >= MAX_HANDSHAKES_PER_BATCH {
+                return Some(Step::Drop(DropReason::RateLimited));
+            }
+            *self.handshakes += 1;
             Some(self.handshake(kind, d))
         }
     }

@@ -1,7 +1,9 @@
 //! ICMP errors the loop originates, sent back to the offending packet's source: "fragmentation
 //! needed" (IPv4, DF set) and "packet too big" (IPv6) for a packet larger than the tunnel MTU,
 //! so path MTU discovery works instead of a silent black hole (RFC 1191, RFC 8201); "port
-//! unreachable" for a UDP flow to a Service without endpoints (as kube-proxy answers).
+//! unreachable" for a UDP flow to a Service without endpoints (as kube-proxy answers); "host
+//! unreachable" / "no route to destination" for a cluster address without a peer, so the
+//! sender fails at once instead of timing out.
 
 use crate::offload::checksum::{checksum, fold, pseudo_header, set_ipv4_header, sum};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -27,6 +29,8 @@ pub enum IcmpError {
     TooBig(u16),
     /// Nothing listens on the destination port.
     PortUnreachable,
+    /// The destination cannot be reached (IPv4 host unreachable, IPv6 no route).
+    HostUnreachable,
 }
 
 impl IcmpError {
@@ -38,6 +42,7 @@ impl IcmpError {
                 (3, 4, [0, 0, m[0], m[1]])
             }
             IcmpError::PortUnreachable => (3, 3, [0; 4]),
+            IcmpError::HostUnreachable => (3, 1, [0; 4]),
         }
     }
 
@@ -45,6 +50,7 @@ impl IcmpError {
         match self {
             IcmpError::TooBig(mtu) => (2, 0, (mtu as u32).to_be_bytes()),
             IcmpError::PortUnreachable => (1, 4, [0; 4]),
+            IcmpError::HostUnreachable => (1, 0, [0; 4]),
         }
     }
 }
@@ -60,6 +66,17 @@ pub fn too_big(
     out: &mut [u8],
 ) -> Option<usize> {
     error(pkt, IcmpError::TooBig(mtu), from4, from6, out)
+}
+
+/// Writes into `out` the ICMP error telling `pkt`'s sender that its destination cannot be
+/// reached (IPv4 host unreachable, IPv6 no route to destination); as [`too_big`] otherwise.
+pub fn unreachable(
+    pkt: &[u8],
+    from4: Option<Ipv4Addr>,
+    from6: Option<Ipv6Addr>,
+    out: &mut [u8],
+) -> Option<usize> {
+    error(pkt, IcmpError::HostUnreachable, from4, from6, out)
 }
 
 /// Writes into `out` the ICMP error `kind` about `pkt`, from `from4` or `from6` (by the

@@ -48,6 +48,9 @@ pub struct LocalTable<T> {
     /// Services (ClusterIP), when the control plane has compiled a table: new flows to a
     /// frontend are translated, replies translated back.
     pub services: Option<ServiceNat>,
+    /// The cluster's pod ranges: a destination in one without a peer is unreachable (never
+    /// handed to the host to route). Empty for `kwire tunnel`.
+    pub cluster: Vec<ipnetwork::IpNetwork>,
 }
 
 /// The policy snapshot and the (long-lived, shared) connection table.
@@ -74,6 +77,7 @@ impl<T> Default for LocalTable<T> {
             filter: None,
             mtu: None,
             services: None,
+            cluster: Vec::new(),
         }
     }
 }
@@ -106,6 +110,7 @@ impl<T> LocalTable<T> {
             filter: None,
             mtu: None,
             services: None,
+            cluster: Vec::new(),
         }
     }
 
@@ -144,6 +149,12 @@ impl<T> LocalTable<T> {
             IpAddr::V6(v) => Some(*v),
             _ => None,
         })
+    }
+
+    /// Whether `ip` lies in one of the cluster's pod ranges.
+    #[inline]
+    pub fn in_cluster(&self, ip: IpAddr) -> bool {
+        self.cluster.iter().any(|r| r.contains(ip))
     }
 
     /// Whether `ip` is one of this node's own tunnel addresses.

@@ -49,10 +49,14 @@ pub enum DropReason {
     /// A new flow to a Service without a usable endpoint (answered with a TCP reset or ICMP
     /// port unreachable).
     ServiceNoEndpoint,
+    /// Plaintext forwarded toward the tun from another interface (the host firewall's count).
+    UnderlayPlaintext,
+    /// A new flow of a pod whose connection-table budget (or the whole table) is full.
+    FlowLimit,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::NoPeer,
         DropReason::NoEndpoint,
         DropReason::NotAllowedIp,
@@ -73,6 +77,8 @@ impl DropReason {
         DropReason::PolicyIngress,
         DropReason::Mtu,
         DropReason::ServiceNoEndpoint,
+        DropReason::UnderlayPlaintext,
+        DropReason::FlowLimit,
     ];
 
     /// The `reason` label in metrics.
@@ -98,6 +104,8 @@ impl DropReason {
             DropReason::PolicyIngress => "policy_ingress",
             DropReason::Mtu => "mtu",
             DropReason::ServiceNoEndpoint => "service_no_endpoint",
+            DropReason::UnderlayPlaintext => "underlay_plaintext",
+            DropReason::FlowLimit => "flow_limit",
         }
     }
 

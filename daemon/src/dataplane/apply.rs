@@ -165,6 +165,7 @@ impl RxPath {
 
     /// Writes what is pending to the tuns and the network (once per receive batch).
     pub fn finish(&mut self, counters: &Counters, io: &mut impl Io) {
+        self.receiver.end_batch();
         if !self.coalescer.is_empty() {
             self.coalescer.drain_tagged(|t, f| io.write_tun(port(t), f));
         }

@@ -54,6 +54,7 @@ struct Inner {
     policy: Option<Arc<PolicySet>>,
     services: Option<Arc<ServiceTable>>,
     mtu: Option<u16>,
+    cluster: Vec<ipnetwork::IpNetwork>,
 }
 
 /// The pods of this node. One writer (the control plane), many readers (the workers).
@@ -121,6 +122,14 @@ impl Pods {
     /// The service table in force, if one was compiled.
     pub fn services(&self) -> Option<Arc<ServiceTable>> {
         self.lock().services.clone()
+    }
+
+    /// The cluster's pod ranges: a packet for one of them without a peer is dropped
+    /// (`no_peer`) and answered with an ICMP unreachable, never handed to the host to route.
+    pub fn set_cluster_ranges(&self, ranges: Vec<ipnetwork::IpNetwork>) {
+        let mut g = self.lock();
+        g.cluster = ranges;
+        self.publish(&g);
     }
 
     /// The tunnel MTU: larger packets from pods and the host get an ICMP error.
@@ -205,6 +214,7 @@ impl Pods {
         };
         let mut t = t;
         t.mtu = g.mtu;
+        t.cluster = g.cluster.clone();
         t.filter = g
             .policy
             .as_ref()

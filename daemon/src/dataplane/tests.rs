@@ -702,3 +702,89 @@ fn cluster_ip_translated_in_the_pipeline_and_policy_sees_the_backend() {
     assert_eq!(io.tun[0][20 + 13], 0x14, "RST|ACK");
     assert_eq!(counters.drops(DropReason::ServiceNoEndpoint), 1);
 }
+
+/// A batch full of initiations gets at most MAX_HANDSHAKES_PER_BATCH of them decided; the rest
+/// are dropped before any cryptography, and the next batch starts afresh.
+#[test]
+fn handshakes_per_batch_are_capped() {
+    use crate::datapath::from_network::MAX_HANDSHAKES_PER_BATCH;
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
+    let mut a = initiator(&ka, &kb, 7);
+    let (counters, limiter, mut rx, mut io) = receiver();
+    let snap = b.snapshot();
+    let mut buf = vec![0u8; 2048];
+    let t0 = Instant::now();
+    // Fresh initiations from distinct sources (no per-source limit, no replay).
+    let mut send = |rx: &mut RxPath, io: &mut Capture, n: u8| {
+        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true) else {
+            panic!()
+        };
+        let init = init.to_vec();
+        let src = SocketAddr::new([192, 0, 2, n].into(), 51820);
+        let ctx = Ctx::host_only(&snap, &counters, &limiter, t0, false);
+        rx.message(&ctx, src, &init, None, io);
+    };
+    for n in 0..(MAX_HANDSHAKES_PER_BATCH as u8 + 12) {
+        send(&mut rx, &mut io, n + 1);
+    }
+    rx.finish(&counters, &mut io);
+    assert_eq!(
+        io.udp.len(),
+        MAX_HANDSHAKES_PER_BATCH,
+        "one answer per decided initiation"
+    );
+    assert_eq!(counters.drops(DropReason::RateLimited), 12);
+    io.udp.clear();
+    send(&mut rx, &mut io, 200);
+    rx.finish(&counters, &mut io);
+    assert_eq!(io.udp.len(), 1, "the next batch is decided");
+}
+
+/// A cluster address without a peer: the packet is dropped (`no_peer`) and an ICMP unreachable
+/// goes back to its sender (a pod: from the node's gateway; the node: from the destination),
+/// never to the host to route; the node's own gateway still gets its packets.
+#[test]
+fn cluster_addresses_without_a_peer_are_unreachable() {
+    let ports = vec![local::PodPort {
+        id: 0,
+        ips: vec!["10.244.1.5".parse().unwrap()],
+        io: (),
+    }];
+    let mut local = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+    local.cluster = vec!["10.244.0.0/16".parse().unwrap()];
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+    let snap = dev.snapshot();
+    let counters = Counters::default();
+    let ctx = tx_ctx(&snap, &local, &counters);
+    let mut tx = TxPath::new();
+    let mut io = Capture::default();
+    let mut send = |from: Port, src: [u8; 4], dst: [u8; 4], io: &mut Capture| {
+        io.to.clear();
+        io.tun.clear();
+        tx.frame(&ctx, from, &mut udp4(src, dst), io);
+    };
+    // Pod -> a keyless Node's range: dropped, ICMP host unreachable back to the pod.
+    send(Port::Pod(0), [10, 244, 1, 5], [10, 244, 9, 7], &mut io);
+    assert_eq!(counters.drops(DropReason::NoPeer), 1);
+    assert_eq!(io.to, vec![Port::Pod(0)]);
+    let icmp = &io.tun[0];
+    assert_eq!(
+        (icmp[9], icmp[20], icmp[21]),
+        (1, 3, 1),
+        "ICMP host unreachable"
+    );
+    assert_eq!(&icmp[12..16], &[10, 244, 1, 1], "from the gateway");
+    assert_eq!(&icmp[16..20], &[10, 244, 1, 5], "to the pod");
+    // The node itself: from the destination (the kernel drops its own address as source).
+    send(Port::Host, [10, 244, 1, 1], [10, 244, 9, 7], &mut io);
+    assert_eq!(counters.drops(DropReason::NoPeer), 2);
+    assert_eq!(&io.tun[0][12..16], &[10, 244, 9, 7]);
+    // Pod -> its node's gateway, and -> the world: to the host.
+    send(Port::Pod(0), [10, 244, 1, 5], [10, 244, 1, 1], &mut io);
+    assert_eq!(io.to, vec![Port::Host]);
+    send(Port::Pod(0), [10, 244, 1, 5], [192, 0, 2, 9], &mut io);
+    assert_eq!(io.to, vec![Port::Host]);
+    assert_eq!(counters.drops(DropReason::NoPeer), 2);
+}

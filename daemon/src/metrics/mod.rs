@@ -193,6 +193,24 @@ impl Collector for StatusCollector {
             "Pods attached to this node's packet loop",
             &[(vec![], r.pods.len() as f64)],
         )?;
+        gauge_family(
+            &mut e,
+            "kwire_conntrack_flows",
+            "Flows in the NetworkPolicy connection table (new flows are refused past kwire_conntrack_flows_max, or past kwire_conntrack_flows_per_pod_max for one initiating address)",
+            &[(vec![], r.conntrack.flows as f64)],
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_conntrack_flows_max",
+            "Most flows the connection table holds",
+            &[(vec![], r.conntrack.max_flows as f64)],
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_conntrack_flows_per_pod_max",
+            "Most flows one initiating pod address may hold (--max-flows-per-pod)",
+            &[(vec![], r.conntrack.max_flows_per_pod as f64)],
+        )?;
         let invalid = by_reason(&r.invalid_peers);
         counter_family(
             &mut e,

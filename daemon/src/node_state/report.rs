@@ -41,6 +41,17 @@ pub struct StatusReport {
     /// The node's service table and translations.
     #[serde(default)]
     pub services: ServicesReport,
+    /// The NetworkPolicy connection table's occupancy and limits.
+    #[serde(default)]
+    pub conntrack: ConntrackReport,
+}
+
+/// The connection table: flows held, and the most it (and one initiating pod) may hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackReport {
+    pub flows: u64,
+    pub max_flows: u64,
+    pub max_flows_per_pod: u64,
 }
 
 /// The service table in force on the node and what the loop translated.
@@ -152,6 +163,14 @@ pub fn report(st: &NodeState) -> StatusReport {
             })
             .collect()
     });
+    let conntrack = ctx.map_or_else(ConntrackReport::default, |ctx| {
+        let ct = &ctx.pods.conntrack;
+        ConntrackReport {
+            flows: ct.len() as u64,
+            max_flows: ct.max_flows() as u64,
+            max_flows_per_pod: ct.max_flows_per_pod() as u64,
+        }
+    });
     let services = ctx.map_or_else(ServicesReport::default, |ctx| {
         let table = ctx.pods.services();
         ServicesReport {
@@ -199,6 +218,7 @@ pub fn report(st: &NodeState) -> StatusReport {
             .map(|(r, n)| (r.to_string(), n))
             .collect(),
         services,
+        conntrack,
     }
 }
 

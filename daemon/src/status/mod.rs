@@ -335,6 +335,7 @@ pub(crate) mod tests {
                 flows: 4,
                 translations: 5,
             },
+            conntrack: Default::default(),
         }
     }
 
