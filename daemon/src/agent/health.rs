@@ -319,7 +319,6 @@ impl Monitor {
                 (
                     n.clone(),
                     PeerHealthReport {
-                        handshakes: w.handshakes,
                         unreachable: w.unreachable,
                     },
                 )

@@ -31,6 +31,8 @@ pub const TUN_BATCH: usize = 32;
 pub const CONNTRACK_SWEEP_SECONDS: u64 = 10;
 /// Ready descriptors taken from one epoll wait.
 pub const EPOLL_EVENTS: usize = 64;
+/// How often the timer thread greets peers that wait for their first handshake.
+pub const GREET_TICK: Duration = Duration::from_millis(50);
 /// Least time between two log lines about the same repeated I/O error.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -201,6 +203,7 @@ fn batch_ctx<'a>(
         local,
         counters,
         limiter: &device.source_limiter,
+        pacer: &device.pacer,
         now: Instant::now(),
         vnet,
     }
@@ -348,9 +351,39 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
             let (mut a, mut b) = (Throttle::new(), Throttle::new());
             let tun = net.tun_writers.lock().unwrap_or_else(|p| p.into_inner())[0].clone();
             let ticks_per_second = (1000 / TIMER_TICK.as_millis()).max(1) as u64;
+            let greets_per_tick = (TIMER_TICK.as_millis() / GREET_TICK.as_millis()).max(1);
             let mut ticks = 0u64;
+            // The snapshot whose peers were all greeted, if any (held, so that a new one is
+            // never taken for it).
+            let mut greeted: Option<Arc<Snapshot>> = None;
             loop {
-                std::thread::sleep(TIMER_TICK);
+                // Greetings every GREET_TICK (a restarted device handshakes within one),
+                // peer timers every TIMER_TICK.
+                for _ in 0..greets_per_tick {
+                    std::thread::sleep(GREET_TICK);
+                    let snap = device.snapshot();
+                    if greeted.as_ref().is_some_and(|g| Arc::ptr_eq(g, &snap)) {
+                        continue;
+                    }
+                    let local = net.pods.table();
+                    let mut wio = WorkerIo {
+                        tun: &tun,
+                        local: &local,
+                        sock: net.socket_for(0),
+                        scratch: &mut scratch,
+                        counters: &net.counters,
+                        tun_err: &mut a,
+                        udp_err: &mut b,
+                    };
+                    let waiting = apply::greet_peers(
+                        &snap,
+                        &device.pacer,
+                        Instant::now(),
+                        &mut out,
+                        &mut wio,
+                    );
+                    greeted = (!waiting).then(|| Arc::clone(&snap));
+                }
                 let snap = device.snapshot();
                 let local = net.pods.table();
                 let mut wio = WorkerIo {
