@@ -799,3 +799,102 @@ fn kwire_wait(limit: Duration, mut f: impl FnMut() -> bool) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// Fifty peers keep sending to a node that restarted: each one's first message triggers an
+/// initiation (fifty fit in the pacer's burst), and after one round trip every peer's next
+/// packet is delivered.
+#[test]
+fn fifty_peers_recover_after_one_round_trip() {
+    const PEERS: usize = 50;
+    let own = PrivateKey::generate();
+    let keys: Vec<PrivateKey> = (0..PEERS).map(|_| PrivateKey::generate()).collect();
+    let addr = |i: usize| -> SocketAddr { format!("192.0.2.{}:51820", i + 1).parse().unwrap() };
+    let inner = |i: usize| [10, 99, 0, i as u8 + 1];
+    let node = || {
+        let d = Device::new();
+        let mut lines = vec![
+            "set=1".to_string(),
+            format!("private_key={}", own.expose_hex().as_str()),
+        ];
+        for (i, k) in keys.iter().enumerate() {
+            let [a, b, c, e] = inner(i);
+            lines.push(format!("public_key={}", k.public_key().to_hex()));
+            lines.push(format!("allowed_ip={a}.{b}.{c}.{e}/32"));
+            lines.push(format!("endpoint={}", addr(i)));
+        }
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let Request::Set(r) = parse_request(&refs).unwrap() else {
+            panic!()
+        };
+        d.apply(r, &mut NoNet).unwrap();
+        d
+    };
+    let mut peers: Vec<Tunn> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| initiator(k, &own, 100 + i as u32))
+        .collect();
+    let before = node();
+    let (counters, limiter, mut rx, mut io) = receiver();
+    let snap = before.snapshot();
+    for (i, p) in peers.iter_mut().enumerate() {
+        // As the timer thread does once a second: 50 initiations are 100 handshake messages
+        // to the device's limiter.
+        snap.identity.as_ref().unwrap().rate_limiter.reset_count();
+        io.udp.clear();
+        handshake(
+            p,
+            addr(i),
+            &Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false),
+            &mut rx,
+            &mut io,
+        );
+    }
+    let after = node();
+    let (counters, limiter, mut rx, mut io) = receiver();
+    let pacer = Pacer::new();
+    let snap = after.snapshot();
+    let ctx = paced_ctx(&snap, &counters, &limiter, &pacer, Instant::now());
+    let mut buf = vec![0u8; 2048];
+    let mut send = |i: usize, p: &mut Tunn, rx: &mut RxPath, io: &mut Capture| {
+        let pkt = udp4(inner(i), [10, 99, 1, 1]);
+        let TunnResult::WriteToNetwork(d) = p.encapsulate(&pkt, &mut buf) else {
+            panic!("peer {i} has a session")
+        };
+        let d = d.to_vec();
+        rx.message(&ctx, addr(i), &d, None, io);
+    };
+    for (i, p) in peers.iter_mut().enumerate() {
+        send(i, p, &mut rx, &mut io);
+    }
+    rx.finish(&counters, &mut io);
+    let inits: Vec<(SocketAddr, Vec<u8>)> = std::mem::take(&mut io.udp);
+    assert_eq!(inits.len(), PEERS, "one initiation per peer at once");
+    // Each peer answers; the node's keepalive completes each handshake.
+    let mut b2 = vec![0u8; 2048];
+    for (to, init) in &inits {
+        let i = (0..PEERS)
+            .find(|i| addr(*i) == *to)
+            .expect("a peer's address");
+        let TunnResult::WriteToNetwork(resp) = peers[i].decapsulate(Some(to.ip()), init, &mut b2)
+        else {
+            panic!("peer {i} answers")
+        };
+        let resp = resp.to_vec();
+        rx.message(&ctx, *to, &resp, None, &mut io);
+    }
+    rx.finish(&counters, &mut io);
+    for (to, keepalive) in std::mem::take(&mut io.udp) {
+        let i = (0..PEERS).find(|i| addr(*i) == to).unwrap();
+        let _ = peers[i].decapsulate(Some(to.ip()), &keepalive, &mut b2);
+    }
+    for (i, p) in peers.iter_mut().enumerate() {
+        send(i, p, &mut rx, &mut io);
+    }
+    rx.finish(&counters, &mut io);
+    assert_eq!(io.tun.len(), PEERS, "every peer's next packet delivered");
+    for p in &snap.peers {
+        assert_eq!(p.handshakes.success.load(Ordering::Relaxed), 1);
+        assert_eq!(p.handshakes.triggered.load(Ordering::Relaxed), 1);
+    }
+}
