@@ -108,6 +108,16 @@ impl Receiver {
             .max_by_key(|(d, _)| *d)
             .unwrap_or_default()
     }
+
+    /// When the first datagram after the largest hole since `from` arrived.
+    fn resumed_after(&self, from: Instant, hole: Duration) -> Option<Instant> {
+        let a = self.arrivals.lock().unwrap();
+        let start = a.partition_point(|(at, _)| *at < from).saturating_sub(1);
+        a[start..]
+            .windows(2)
+            .find(|w| w[1].0.duration_since(w[0].0) == hole)
+            .map(|w| w[1].0)
+    }
 }
 
 impl Drop for Receiver {
@@ -206,22 +216,32 @@ fn assert_only_wireguard(lines: &[String], pcap: &[u8]) {
     );
 }
 
-/// How long process `pid` has run (from `/proc`; clock ticks of 10 ms).
-fn age(pid: i32) -> Duration {
+/// When process `pid` started, in seconds since boot (`/proc`, clock ticks of 10 ms).
+fn started(pid: i32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The fields after the command (which may hold spaces), from the 3rd on; starttime is
     // the 22nd.
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let start: f64 = after
+    after
         .split_whitespace()
         .nth(19)
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(f64::MAX);
+        .and_then(|t| t.parse::<f64>().ok())
+        .map_or(f64::MAX, |t| t / 100.0)
+}
+
+/// Seconds since boot at `at` (the clock of `/proc`'s start times).
+fn uptime_at(at: Instant) -> f64 {
+    let now = Instant::now();
     let uptime: f64 = std::fs::read_to_string("/proc/uptime")
         .ok()
         .and_then(|u| u.split_whitespace().next()?.parse().ok())
         .unwrap_or(0.0);
-    Duration::from_secs_f64((uptime - start / 100.0).max(0.0))
+    uptime - now.saturating_duration_since(at).as_secs_f64()
+}
+
+/// How long process `pid` has run.
+fn age(pid: i32) -> Duration {
+    Duration::from_secs_f64((uptime_at(Instant::now()) - started(pid)).max(0.0))
 }
 
 /// Signals the agents of `nodes`, waits until the stream ran [`RESUMED_FOR`] again, and
@@ -252,9 +272,20 @@ fn hole_across(lab: &Lab, rx: &Receiver, nodes: &[&str], signal: Signal, what: &
         rx.count_since(from + hole) >= want && hole > Duration::ZERO
     });
     let (hole, missing) = rx.largest_hole(from);
+    // The part kwire answers for: from the start of the last new agent to the first datagram
+    // after the hole (the rest is the supervisor's pause and the old agent's exit).
+    let last_start = nodes
+        .iter()
+        .map(|n| started(lab.agent(n).0))
+        .fold(0.0, f64::max);
+    let own = rx
+        .resumed_after(from, hole)
+        .map(|b| ((uptime_at(b) - last_start) * 1000.0).round() as i64);
     eprintln!(
-        "{what}: largest hole {} ms ({missing} datagrams missing across it){}",
+        "{what}: largest hole {} ms ({missing} datagrams missing across it); back {} ms after \
+         the new agent started{}",
         hole.as_millis(),
+        own.map_or("?".to_string(), |m| m.to_string()),
         if resumed {
             ""
         } else {

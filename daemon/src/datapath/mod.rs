@@ -27,7 +27,7 @@
 //!
 //! datagram from the network (from_network.rs)
 //!   message type and length                  malformed
-//!   data: session index                      unknown_session
+//!   data: session index                      unknown_session (from a peer: + initiation)
 //!         decrypt, replay window             decrypt, replay, unknown_session, malformed
 //!         inner source in allowed IPs        not_allowed_ip
 //!         route.rs: a pod or this node       no_route
