@@ -249,9 +249,12 @@ impl<T> Message<'_, '_, T> {
         }
         let peer = &self.snap.peers[slot as usize];
         let mut st = peer.lock();
-        if !st.initiations.may_trigger(self.ctx.now) || !self.ctx.pacer.take(self.ctx.now) {
+        // The pace is asked only when the peer's own limit allows: a token is never taken for
+        // nothing, and a refused pace does not hold the peer back for the whole interval.
+        if !st.initiations.trigger_due(self.ctx.now) || !self.ctx.pacer.take(self.ctx.now) {
             return drop;
         }
+        st.initiations.triggered(self.ctx.now);
         let base = self.buf.as_ptr() as usize;
         let at = match st.tunn.format_handshake_initiation(self.buf, false) {
             TunnResult::WriteToNetwork(p) => range_in(base, p),

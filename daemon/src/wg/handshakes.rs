@@ -3,7 +3,7 @@
 //! WireGuard's timers repairs that for a peer that only sends. So the device greets every peer
 //! as soon as it can send ([`Pacer`]: paced, so that thousands of peers do not burst), and a
 //! data message for a session index it does not know, from a peer's endpoint, starts a
-//! handshake with that peer at once ([`Initiations::may_trigger`]: at most one per
+//! handshake with that peer at once ([`Initiations::trigger_due`]: at most one per
 //! [`TRIGGER_INTERVAL`] per peer). The peer's `Tunn` stores the new session when the
 //! initiation arrives and switches to it on our first data message (the keepalive that
 //! completes every handshake we initiate), so its old session is replaced without waiting for
@@ -143,17 +143,16 @@ impl Initiations {
         self.greeted
     }
 
-    /// Whether an unknown-session message may trigger a handshake at `now` (at most one per
-    /// [`TRIGGER_INTERVAL`]); records it when it may.
-    pub fn may_trigger(&mut self, now: Instant) -> bool {
-        if self
-            .last_trigger
-            .is_some_and(|t| now.saturating_duration_since(t) < TRIGGER_INTERVAL)
-        {
-            return false;
-        }
+    /// Whether an unknown-session message may trigger a handshake at `now`: at most one per
+    /// [`TRIGGER_INTERVAL`] (record it with [`Initiations::triggered`]).
+    pub fn trigger_due(&self, now: Instant) -> bool {
+        self.last_trigger
+            .is_none_or(|t| now.saturating_duration_since(t) >= TRIGGER_INTERVAL)
+    }
+
+    /// A handshake was triggered at `now`.
+    pub fn triggered(&mut self, now: Instant) {
         self.last_trigger = Some(now);
-        true
     }
 }
 
@@ -216,17 +215,18 @@ mod tests {
 
     #[test]
     fn triggers_are_limited_per_peer() {
-        let mut a = Initiations::default();
-        let mut b = Initiations::default();
+        let (mut a, b) = (Initiations::default(), Initiations::default());
         let t0 = Instant::now();
-        assert!(a.may_trigger(t0));
-        assert!(!a.may_trigger(t0 + Duration::from_millis(10)));
+        assert!(a.trigger_due(t0));
+        assert!(a.trigger_due(t0), "only a recorded trigger counts");
+        a.triggered(t0);
+        assert!(!a.trigger_due(t0 + Duration::from_millis(10)));
         assert!(
-            b.may_trigger(t0),
+            b.trigger_due(t0),
             "another peer is not limited by the first"
         );
-        assert!(!a.may_trigger(t0 + TRIGGER_INTERVAL - Duration::from_millis(1)));
-        assert!(a.may_trigger(t0 + TRIGGER_INTERVAL));
+        assert!(!a.trigger_due(t0 + TRIGGER_INTERVAL - Duration::from_millis(1)));
+        assert!(a.trigger_due(t0 + TRIGGER_INTERVAL));
     }
 
     #[test]
