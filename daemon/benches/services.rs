@@ -106,6 +106,7 @@ fn new_flows(c: &mut Criterion) {
                         local: &local,
                         counters: &counters,
                         limiter: &limiter,
+                        pacer: &kwire::datapath::HOST_ONLY_PACER,
                         now: Instant::now(),
                         vnet: false,
                     };

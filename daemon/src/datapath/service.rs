@@ -459,6 +459,7 @@ pub(crate) mod tests {
             local: &local,
             counters: &counters,
             limiter: &limiter,
+            pacer: &crate::datapath::HOST_ONLY_PACER,
             now: std::time::Instant::now(),
             vnet: false,
         };
