@@ -3,6 +3,7 @@
 //! batch. `T` is what the runtime keeps per pod (its tun); tests use `()`.
 
 use crate::datapath::conntrack::Conntrack;
+use crate::datapath::service::ServiceNat;
 use crate::policy::PolicySet;
 use crate::wg::allowed_ips::IntMap;
 use std::net::IpAddr;
@@ -44,6 +45,9 @@ pub struct LocalTable<T> {
     /// Largest packet the tunnel carries; bigger ones get an ICMP error (DF, IPv6) or their
     /// TCP segments cut smaller. `None`: the tun's own MTU is trusted (`kwire tunnel`).
     pub mtu: Option<u16>,
+    /// Services (ClusterIP), when the control plane has compiled a table: new flows to a
+    /// frontend are translated, replies translated back.
+    pub services: Option<ServiceNat>,
     /// The cluster's pod ranges: a destination in one without a peer is unreachable (never
     /// handed to the host to route). Empty for `kwire tunnel`.
     pub cluster: Vec<ipnetwork::IpNetwork>,
@@ -72,6 +76,7 @@ impl<T> Default for LocalTable<T> {
             host_accepts_all: true,
             filter: None,
             mtu: None,
+            services: None,
             cluster: Vec::new(),
         }
     }
@@ -104,6 +109,7 @@ impl<T> LocalTable<T> {
             host_accepts_all: false,
             filter: None,
             mtu: None,
+            services: None,
             cluster: Vec::new(),
         }
     }
