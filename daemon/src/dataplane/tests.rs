@@ -18,6 +18,18 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// Pods on this node, one address each, by slot.
+fn pod_ports(ips: &[&str]) -> Vec<local::PodPort<()>> {
+    ips.iter()
+        .enumerate()
+        .map(|(i, ip)| local::PodPort {
+            id: i as u64,
+            ips: vec![ip.parse().unwrap()],
+            io: (),
+        })
+        .collect()
+}
+
 /// The context of a node's receive side at `now`.
 fn rx_ctx<'a, T>(
     snap: &'a Snapshot,
@@ -396,7 +408,7 @@ fn decrypted_packets_go_to_pods_or_the_gateway_only() {
 fn policy_admits_new_flows_once_and_lets_replies_back() {
     use crate::datapath::conntrack::Conntrack;
     use crate::policy::{Namespace, Pod, PolicySet};
-    use local::{Filter, PodPort};
+    use local::Filter;
     use std::collections::BTreeMap;
     use std::sync::Arc;
     let pod = |name: &str, ip: &str, app: &str| Pod {
@@ -425,15 +437,7 @@ fn policy_admits_new_flows_once_and_lets_replies_back() {
         ],
         vec![crate::policy::Policy::from_k8s(&np).unwrap()],
     );
-    let ports = ["10.244.1.5", "10.244.1.6", "10.244.1.7"]
-        .iter()
-        .enumerate()
-        .map(|(i, ip)| PodPort {
-            id: i as u64,
-            ips: vec![ip.parse().unwrap()],
-            io: (),
-        })
-        .collect();
+    let ports = pod_ports(&["10.244.1.5", "10.244.1.6", "10.244.1.7"]);
     let mut local = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
     local.filter = Some(Filter {
         policy: Arc::new(policy),
@@ -533,7 +537,7 @@ fn too_big_for_the_tunnel_gets_an_icmp_error_back() {
 fn established_flows_outlive_a_policy_change_new_flows_see_it() {
     use crate::datapath::conntrack::Conntrack;
     use crate::policy::{Namespace, Pod, Policy, PolicySet};
-    use local::{Filter, PodPort};
+    use local::Filter;
     use std::collections::BTreeMap;
     use std::sync::Arc;
     let pods = || {
@@ -553,15 +557,7 @@ fn established_flows_outlive_a_policy_change_new_flows_see_it() {
     };
     let table = |policies: Vec<Policy>, ct: &Arc<Conntrack>| {
         let set = PolicySet::compile(vec![Namespace::new("x", BTreeMap::new())], pods(), policies);
-        let ports = ["10.244.1.5", "10.244.1.6"]
-            .iter()
-            .enumerate()
-            .map(|(i, ip)| PodPort {
-                id: i as u64,
-                ips: vec![ip.parse().unwrap()],
-                io: (),
-            })
-            .collect();
+        let ports = pod_ports(&["10.244.1.5", "10.244.1.6"]);
         let mut t = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
         t.filter = Some(Filter {
             policy: Arc::new(set),
@@ -608,7 +604,7 @@ fn cluster_ip_translated_in_the_pipeline_and_policy_sees_the_backend() {
     use crate::datapath::conntrack::Conntrack;
     use crate::datapath::service::tests::{checksums_valid, packet, services};
     use crate::policy::{Namespace, Pod, Policy, PolicySet};
-    use local::{Filter, PodPort};
+    use local::Filter;
     use std::collections::BTreeMap;
     use std::sync::Arc;
     let pod = |name: &str, ip: &str| Pod {
@@ -621,15 +617,7 @@ fn cluster_ip_translated_in_the_pipeline_and_policy_sees_the_backend() {
         host_network: false,
     };
     let table = |deny_backend: bool| {
-        let ports = ["10.244.1.5", "10.244.1.6"]
-            .iter()
-            .enumerate()
-            .map(|(i, ip)| PodPort {
-                id: i as u64,
-                ips: vec![ip.parse().unwrap()],
-                io: (),
-            })
-            .collect();
+        let ports = pod_ports(&["10.244.1.5", "10.244.1.6"]);
         let mut t = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
         t.services = Some(services(&["10.244.1.6"]));
         if deny_backend {
