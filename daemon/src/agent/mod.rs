@@ -6,6 +6,7 @@
 pub mod cleanup;
 pub mod health;
 pub mod keyfile;
+pub mod objects;
 pub mod peers;
 pub mod pod_network;
 pub mod policy;
@@ -238,10 +239,11 @@ async fn agent_main(
         tun.net.clone(),
     ));
     let loop_pods = tun.net.pods.clone();
+    let policy_node = args.node_name.clone();
     let control = tokio::spawn(async move {
         match make_client(args.kubeconfig.as_deref()).await {
             Ok(client) => {
-                let policy = tokio::spawn(policy::run(client.clone(), loop_pods));
+                let policy = tokio::spawn(policy::run(client.clone(), loop_pods, policy_node));
                 agent.run(client).await;
                 policy.abort();
             }

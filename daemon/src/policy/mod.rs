@@ -26,6 +26,8 @@
 //!   of the verdict is [`AllowReason::NoPod`].
 
 mod engine;
+mod index;
+mod ipmap;
 mod ipset;
 pub mod matrix;
 mod model;
@@ -36,6 +38,7 @@ pub mod trace;
 pub use engine::{
     DirectionExplanation, Explanation, FlowVerdict, InputError, PolicySet, RuleMatch,
 };
+pub use index::{IndexStats, PodKey, PolicyIndex, Scope};
 pub use ipset::{Cidr, CidrError, IpRangeSet};
 pub use model::{ContainerPort, ModelError, Namespace, ObjectRef, Pod, NAMESPACE_NAME_LABEL};
 pub use selector::{LabelSelector, Requirement, SelectorError};

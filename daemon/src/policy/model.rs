@@ -58,7 +58,7 @@ impl Namespace {
 }
 
 /// A port a container of the pod declares (`spec.containers[].ports[]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ContainerPort {
     pub name: Option<String>,
     pub port: u16,
