@@ -243,7 +243,7 @@ impl Folder {
 
     fn apply_pod(&mut self, view: PodView) {
         let (ns, name) = key_of(&view.metadata);
-        match Pod::from_k8s(&view.into_k8s()) {
+        match Pod::from_k8s_owned(view.into_k8s()) {
             Ok(pod) => {
                 self.index.apply_pod(pod);
             }

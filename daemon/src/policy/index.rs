@@ -82,6 +82,8 @@ struct NsState {
     given: bool,
     labels: Arc<Labels>,
     identities: BTreeSet<u32>,
+    /// Every pod of this namespace, by name.
+    pods: HashMap<Arc<str>, Arc<PodRecord>>,
     /// Enforced pods of this namespace.
     enforced: BTreeSet<PodKey>,
     policies: BTreeMap<Arc<str>, PolicyState>,
@@ -93,6 +95,7 @@ impl NsState {
             given: false,
             labels: Arc::new(Namespace::new(name, Labels::new()).labels),
             identities: BTreeSet::new(),
+            pods: HashMap::new(),
             enforced: BTreeSet::new(),
             policies: BTreeMap::new(),
         }
@@ -157,7 +160,7 @@ struct Enforced {
 pub struct PolicyIndex {
     scope: Scope,
     namespaces: HashMap<Arc<str>, NsState>,
-    pods: HashMap<PodKey, Arc<PodRecord>>,
+    pod_count: usize,
     /// Policy id -> (namespace, name).
     policy_ids: HashMap<u32, (Arc<str>, Arc<str>)>,
     next_policy_id: u32,
@@ -189,7 +192,7 @@ impl PolicyIndex {
         PolicyIndex {
             scope,
             namespaces: HashMap::new(),
-            pods: HashMap::new(),
+            pod_count: 0,
             policy_ids: HashMap::new(),
             next_policy_id: 0,
             policy_count: 0,
@@ -227,7 +230,7 @@ impl PolicyIndex {
     }
 
     pub fn pod_count(&self) -> usize {
-        self.pods.len()
+        self.pod_count
     }
 
     pub fn policy_count(&self) -> usize {
@@ -249,7 +252,9 @@ impl PolicyIndex {
 
     /// Every pod, as (namespace, name).
     pub fn pod_names(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.pods.keys().map(|k| (&*k.namespace, &*k.name))
+        self.namespaces
+            .iter()
+            .flat_map(|(ns, s)| s.pods.keys().map(move |n| (&**ns, &**n)))
     }
 
     /// Every Namespace given as an object.
@@ -548,34 +553,54 @@ impl PolicyIndex {
 
     // ---------- Pods ----------
 
+    /// The stored pod `namespace/name`.
+    fn pod(&self, namespace: &str, name: &str) -> Option<&Arc<PodRecord>> {
+        self.namespaces.get(namespace)?.pods.get(name)
+    }
+
+    fn pod_by_key(&self, key: &PodKey) -> Option<&Arc<PodRecord>> {
+        self.pod(&key.namespace, &key.name)
+    }
+
+    /// Whether `pod` says what `old` says, as far as policy reads: labels, addresses, named
+    /// container ports, node, host network. Allocates nothing.
+    fn unchanged(&self, old: &PodRecord, pod: &Pod) -> bool {
+        let same_labels = match old.identity {
+            Some(id) => !pod.host_network && *self.labels_of(id) == pod.labels,
+            None => pod.host_network,
+        };
+        same_labels
+            && *old.ips == *pod.ips
+            && *old.node == *pod.node_name
+            && old
+                .ports
+                .iter()
+                .eq(pod.container_ports.iter().filter(|p| p.name.is_some()))
+    }
+
     /// Adds or updates a pod; false (and nothing else done) when nothing policy reads of it
     /// changed: labels, addresses, named container ports, node, host network.
     pub fn apply_pod(&mut self, pod: Pod) -> bool {
-        let namespace = self.ns_key(&pod.namespace);
-        let ports = self.port_list(&pod.container_ports);
-        let node = self.node_key(&pod.node_name);
-        let lookup = PodKey {
-            namespace: namespace.clone(),
-            name: Arc::from(pod.name.as_str()),
-        };
-        if let Some(old) = self.pods.get(&lookup) {
-            let same_labels = match old.identity {
-                Some(id) => !pod.host_network && *self.labels_of(id) == pod.labels,
-                None => pod.host_network,
-            };
-            if same_labels
-                && *old.ips == *pod.ips
-                && Arc::ptr_eq(&old.ports, &ports)
-                && old.node == node
-            {
+        if let Some(old) = self.pod(&pod.namespace, &pod.name) {
+            if self.unchanged(old, &pod) {
                 self.stats.unchanged += 1;
                 return false;
             }
         }
+        let namespace = self.ns_key(&pod.namespace);
+        let ports = self.port_list(&pod.container_ports);
+        let node = self.node_key(&pod.node_name);
         // Reuse the stored name so that every map shares one allocation.
-        let key = match self.pods.get_key_value(&lookup) {
+        let name = match self.namespaces[&namespace]
+            .pods
+            .get_key_value(pod.name.as_str())
+        {
             Some((k, _)) => k.clone(),
-            None => lookup,
+            None => Arc::from(pod.name.as_str()),
+        };
+        let key = PodKey {
+            namespace: namespace.clone(),
+            name: name.clone(),
         };
         let identity = (!pod.host_network).then(|| self.acquire_identity(&namespace, pod.labels));
         let rec = Arc::new(PodRecord {
@@ -585,7 +610,15 @@ impl PolicyIndex {
             ips: pod.ips.into_boxed_slice(),
             node,
         });
-        let old = self.pods.insert(key.clone(), rec.clone());
+        let old = self
+            .namespaces
+            .get_mut(&namespace)
+            .expect("interned")
+            .pods
+            .insert(name, rec.clone());
+        if old.is_none() {
+            self.pod_count += 1;
+        }
         // Host-network pods claim no address: theirs is the node's.
         let claims: &[IpAddr] = if rec.identity.is_some() {
             &rec.ips
@@ -613,20 +646,15 @@ impl PolicyIndex {
 
     /// Removes a pod; false when the index did not have it.
     pub fn delete_pod(&mut self, namespace: &str, name: &str) -> bool {
-        let Some(ns) = self
+        let Some(old) = self
             .namespaces
-            .get_key_value(namespace)
-            .map(|(k, _)| k.clone())
+            .get_mut(namespace)
+            .and_then(|s| s.pods.remove(name))
         else {
             return false;
         };
-        let lookup = PodKey {
-            namespace: ns,
-            name: Arc::from(name),
-        };
-        let Some((key, old)) = self.pods.remove_entry(&lookup) else {
-            return false;
-        };
+        self.pod_count -= 1;
+        let key = old.key.clone();
         if let Some(id) = old.identity {
             for ip in old.ips.iter() {
                 self.release(*ip, &key);
@@ -658,7 +686,7 @@ impl PolicyIndex {
     /// Marks a pod dirty if it is enforced (its table entries may change).
     fn touch(&mut self, key: &PodKey) {
         if self.enforced.contains_key(key)
-            || self.pods.get(key).is_some_and(|r| self.is_enforced(r))
+            || self.pod_by_key(key).is_some_and(|r| self.is_enforced(r))
         {
             self.dirty.insert(key.clone());
         }
@@ -943,7 +971,7 @@ impl PolicyIndex {
         }
         // 2. New selections.
         for key in &dirty {
-            let Some(rec) = self.pods.get(key).cloned() else {
+            let Some(rec) = self.pod_by_key(key).cloned() else {
                 continue;
             };
             if !self.is_enforced(&rec) {
@@ -996,7 +1024,7 @@ impl PolicyIndex {
             if state.selecting.is_empty() {
                 continue;
             }
-            let rec = self.pods[key].clone();
+            let rec = self.pod_by_key(key).expect("enforced pods exist").clone();
             let table = Arc::new(self.build_table(&rec, &state.selecting));
             self.stats.tables_built += 1;
             let owned: Vec<IpAddr> = rec
