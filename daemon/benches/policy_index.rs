@@ -137,18 +137,42 @@ fn index(s: &Size) -> (PolicyIndex, Vec<Pod>) {
     (ix, pods)
 }
 
+/// Resident memory of this process, kB.
+fn rss_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn bench(c: &mut Criterion) {
     let s = size();
     let t = std::time::Instant::now();
+    let before = rss_kb();
     let (mut ix, pods) = index(&s);
+    // The index's share: what it holds beyond the bench's own copy of the pods.
+    let with_copy = rss_kb();
+    let copy_kb = {
+        let again: Vec<Pod> = pods.clone();
+        let kb = rss_kb().saturating_sub(with_copy);
+        drop(again);
+        kb
+    };
+    let index_kb = with_copy.saturating_sub(before).saturating_sub(copy_kb);
     eprintln!(
-        "policy_index: {} pods, {} policies, {} identities; {} compiled for {THIS_NODE}, {} selectors; built in {:?}",
+        "policy_index: {} pods, {} policies, {} identities; {} compiled for {THIS_NODE}, {} selectors; built in {:?}; index ≈ {} MB ({} bytes per pod)",
         ix.pod_count(),
         ix.policy_count(),
         ix.identity_count(),
         ix.compiled_policy_count(),
         ix.selector_count(),
-        t.elapsed()
+        t.elapsed(),
+        index_kb / 1024,
+        index_kb * 1024 / ix.pod_count().max(1) as u64
     );
     let remote = pods[pods.len() / 2].clone();
     let local = pods[0].clone();

@@ -14,14 +14,20 @@
 //!   sidecars') names, restart policies and ports; `status.phase`, `status.podIP(s)`.
 //! - Namespace: name, labels.
 //! - NetworkPolicy: name, namespace, `spec`.
+//! - Node: name, uid, creationTimestamp, the `kwire.dev/` annotations; `spec.podCIDR(s)`;
+//!   `status.addresses`.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1 as corev1;
 use k8s_openapi::api::networking::v1 as netv1;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
+
+/// The annotations a Node view keeps (kwire's own).
+pub const KEPT_ANNOTATION_PREFIX: &str = "kwire.dev/";
 
 /// The metadata every view keeps: identity and resourceVersion (the watcher resumes from it).
 #[derive(Deserialize)]
@@ -215,6 +221,145 @@ impl NetworkPolicyView {
     }
 }
 
+/// A Node's metadata as peer selection reads it: identity, age, kwire's annotations.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeMeta {
+    name: Option<String>,
+    resource_version: Option<String>,
+    uid: Option<String>,
+    creation_timestamp: Option<Time>,
+    #[serde(default, deserialize_with = "kwire_annotations")]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+fn node_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = NodeMeta::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        resource_version: m.resource_version,
+        uid: m.uid,
+        creation_timestamp: m.creation_timestamp,
+        annotations: m.annotations,
+        ..ObjectMeta::default()
+    })
+}
+
+/// A map key, borrowed from the input when it can be.
+enum Key<'de> {
+    Borrowed(&'de str),
+    Owned(String),
+}
+
+impl Key<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Key::Borrowed(s) => s,
+            Key::Owned(s) => s,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key::Borrowed(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key::Owned(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Key::Owned(v))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// `metadata.annotations`, keeping only [`KEPT_ANNOTATION_PREFIX`] keys: the others (kubeadm's,
+/// cloud providers', last-applied-configuration) are skipped unallocated.
+fn kwire_annotations<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    struct Map;
+    impl<'de> Visitor<'de> for Map {
+        type Value = Option<BTreeMap<String, String>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of strings, or null")
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(k) = m.next_key::<Key<'de>>()? {
+                if k.as_str().starts_with(KEPT_ANNOTATION_PREFIX) {
+                    out.insert(k.as_str().to_string(), m.next_value::<String>()?);
+                } else {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(Some(out))
+        }
+    }
+    d.deserialize_option(Map)
+}
+
+/// A Node as peer selection reads it.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct NodeView {
+    #[serde(deserialize_with = "node_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<NodeSpecView>,
+    #[serde(default)]
+    status: Option<NodeStatusView>,
+}
+view_of!(NodeView, corev1::Node);
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeSpecView {
+    #[serde(rename = "podCIDR")]
+    pod_cidr: Option<String>,
+    #[serde(rename = "podCIDRs")]
+    pod_cidrs: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct NodeStatusView {
+    addresses: Option<Vec<corev1::NodeAddress>>,
+}
+
+impl NodeView {
+    pub fn into_k8s(self) -> corev1::Node {
+        corev1::Node {
+            metadata: self.metadata,
+            spec: self.spec.map(|s| corev1::NodeSpec {
+                pod_cidr: s.pod_cidr,
+                pod_cidrs: s.pod_cidrs,
+                ..corev1::NodeSpec::default()
+            }),
+            status: self.status.map(|s| corev1::NodeStatus {
+                addresses: s.addresses,
+                ..corev1::NodeStatus::default()
+            }),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -284,6 +429,58 @@ mod tests {
             NetworkPolicyView::url_path(&(), None),
             "/apis/networking.k8s.io/v1/networkpolicies"
         );
+    }
+
+    fn full_node(heartbeat: &str, ttl: &str) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "n2", "uid": "u2", "resourceVersion": "77",
+                "creationTimestamp": "2025-01-01T00:00:00Z",
+                "labels": {"kubernetes.io/hostname": "n2"},
+                "annotations": {"kwire.dev/public-key": "AAAA", "kwire.dev/endpoint": "192.0.2.2:51820",
+                    "node.alpha.kubernetes.io/ttl": ttl, "we\\ird": "x"},
+                "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]},
+            "spec": {"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.2.0/24"], "providerID": "x"},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "192.0.2.2"}, {"type": "Hostname", "address": "n2"}],
+                "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat}],
+                "capacity": {"cpu": "4"},
+                "images": [{"names": ["pause"], "sizeBytes": 1}]
+            }
+        })
+    }
+
+    #[test]
+    fn node_view_keeps_what_peer_selection_reads() {
+        let view: NodeView =
+            serde_json::from_value(full_node("2025-01-01T00:00:10Z", "0")).unwrap();
+        let ann = view.metadata.annotations.clone().unwrap();
+        assert_eq!(
+            ann.keys().collect::<Vec<_>>(),
+            ["kwire.dev/endpoint", "kwire.dev/public-key"]
+        );
+        assert!(view.metadata.labels.is_none() && view.metadata.managed_fields.is_none());
+        let full: corev1::Node =
+            serde_json::from_value(full_node("2025-01-01T00:00:10Z", "0")).unwrap();
+        let a = crate::agent::peers::NodeInfo::from_node(&view.into_k8s());
+        assert_eq!(a, crate::agent::peers::NodeInfo::from_node(&full));
+        // A heartbeat and an annotation kwire does not read change nothing it reads.
+        let later: NodeView =
+            serde_json::from_value(full_node("2025-01-01T00:05:10Z", "30")).unwrap();
+        assert_eq!(
+            a,
+            crate::agent::peers::NodeInfo::from_node(&later.into_k8s())
+        );
+        // From bytes (borrowed keys), as the watch reads it; null annotations are none.
+        let bytes = serde_json::to_vec(&full_node("t", "0")).unwrap();
+        let v: NodeView = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v.metadata.annotations.unwrap().len(), 2);
+        let v: NodeView = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "x", "annotations": null}}),
+        )
+        .unwrap();
+        assert!(v.metadata.annotations.is_none());
+        assert_eq!(NodeView::url_path(&(), None), "/api/v1/nodes");
     }
 
     #[test]
