@@ -337,3 +337,82 @@ pub async fn run(client: Client, pods: Arc<Pods>, node_name: String) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod_event(name: &str, labels: serde_json::Value, heartbeat: &str) -> PodView {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "x", "resourceVersion": "1", "labels": labels,
+                "annotations": {"note": heartbeat}, "managedFields": [{"manager": "kubelet"}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i",
+                "ports": [{"name": "http", "containerPort": 80}]}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True", "lastProbeTime": heartbeat}]}
+        }))
+        .unwrap()
+    }
+
+    fn listed(folder: &mut Folder) {
+        for kind in [Kind::Pods, Kind::Namespaces, Kind::NetworkPolicies] {
+            let done = match kind {
+                Kind::Pods => Change::Pod(Event::InitDone),
+                Kind::Namespaces => Change::Namespace(Event::InitDone),
+                Kind::NetworkPolicies => Change::Policy(Event::InitDone),
+            };
+            folder.fold(done);
+        }
+    }
+
+    #[test]
+    fn a_heartbeat_folds_into_no_change() {
+        let mut f = Folder::new("n1");
+        listed(&mut f);
+        f.fold(Change::Pod(Event::Apply(pod_event(
+            "a",
+            json!({"app": "a"}),
+            "2025-01-01T00:00:00Z",
+        ))));
+        assert!(f.ready() && f.index.is_changed());
+        f.index.snapshot();
+        let before = f.index.stats();
+        // Status heartbeat and an annotation: nothing policy reads.
+        f.fold(Change::Pod(Event::Apply(pod_event(
+            "a",
+            json!({"app": "a"}),
+            "2025-01-01T00:05:00Z",
+        ))));
+        assert!(!f.index.is_changed(), "no snapshot is due");
+        assert_eq!(f.index.stats().unchanged, before.unchanged + 1);
+        assert_eq!(f.index.stats().changes, before.changes);
+        // A label: relevant.
+        f.fold(Change::Pod(Event::Apply(pod_event(
+            "a",
+            json!({"app": "b"}),
+            "2025-01-01T00:05:00Z",
+        ))));
+        assert!(f.index.is_changed());
+    }
+
+    #[test]
+    fn a_relist_removes_what_it_no_longer_lists_and_holds_snapshots_meanwhile() {
+        let mut f = Folder::new("n1");
+        listed(&mut f);
+        f.fold(Change::Pod(Event::Apply(pod_event("a", json!({}), "t"))));
+        f.fold(Change::Pod(Event::Apply(pod_event("b", json!({}), "t"))));
+        assert_eq!(f.index.pod_count(), 2);
+        // After a 410 Gone: a new list that no longer has `a`.
+        f.fold(Change::Pod(Event::Init));
+        f.fold(Change::Pod(Event::InitApply(pod_event(
+            "b",
+            json!({}),
+            "t",
+        ))));
+        assert!(!f.ready(), "no snapshot from half a list");
+        f.fold(Change::Pod(Event::InitDone));
+        assert!(f.ready());
+        assert_eq!(f.index.pod_names().collect::<Vec<_>>(), [("x", "b")]);
+    }
+}
