@@ -4,8 +4,9 @@
 # release binary in a fresh network namespace with three pods wired in by the real kwire-cni;
 # prints start to complete data plane, peak RSS, agent CPU per irrelevant update and per
 # relevant change, relevant-change latency (p50/p99/max) and agent CPU under churn (100 Pod +
-# 20 Node events/s). CPU is user+system time from /proc/PID/stat. See
-# tests/examples/agent_scale/main.rs for what each figure covers.
+# 20 Node events/s), and the state file's writes. CPU is the agent threads' run time
+# (/proc/PID/task/*/schedstat). See tests/examples/agent_scale/main.rs for what each figure
+# covers.
 #
 # Usage: sudo scripts/bench-agent-scale.sh [--nodes N] [--pods N] [--namespaces N]
 #          [--policies N] [--services N] [--changes N] [--irrelevant N] [--churn-secs S]
@@ -18,7 +19,10 @@
 #                 churn_cpu_cores, and the parts behind them); progress goes to stderr
 #   --kwire PATH  measure another agent binary (e.g. main's, for before/after); its kwire-cni
 #                 is taken from this build
-# Env:   KWIRE_BENCH_PERF=FILE    also record a perf profile of the agent during the CPU phase
+# Env:   KWIRE_BENCH_PERF=FILE    also record a perf profile of the agent during one phase:
+#        KWIRE_BENCH_PERF_PHASE=idle|irrelevant_pods|irrelevant_nodes|relevant|churn
+#          (default relevant),
+#        KWIRE_BENCH_PERF_FREQ=HZ (default 499), KWIRE_BENCH_PERF_CALL_GRAPH=fp|dwarf
 #        KWIRE_BENCH_KEEP_LOG=1   keep the agent's log at $TMPDIR/kwire-agent-scale.log
 # Needs root, iproute2 and /dev/net/tun. The driver's namespaces, scratch directory and agent
 # are RAII guards; the trap below also removes what a killed run left behind.

@@ -17,7 +17,8 @@
 //! - `churn_cpu_cores`: agent CPU under 100 Pod events/s and 20 Node events/s (creates,
 //!   deletes, IP assignments, relabels, heartbeats), idle included.
 //!
-//! CPU is user+system time from /proc/PID/stat, never wall time. Needs root. Run it with
+//! CPU is the run time of the agent's threads (/proc/PID/task/TID/schedstat, in nanoseconds;
+//! the tick-granular /proc/PID/stat when a thread ended during a window), never wall time. Needs root. Run it with
 //! `scripts/bench-agent-scale.sh` (which builds the release binaries), or:
 //!   cargo build --release -p kwire-daemon -p kwire-cni && cargo build --release -p kwire-tests --example agent_scale
 //!   target/release/examples/agent_scale [--nodes N] [--pods N] [--namespaces N] [--policies N] [--json] ...
@@ -54,6 +55,9 @@ const SYNC_POLL: Duration = Duration::from_millis(20);
 const CHANGE_POLL: Duration = Duration::from_millis(1);
 /// Pause between two measured changes, so each is measured alone.
 const CHANGE_GAP: Duration = Duration::from_millis(20);
+/// Pause after the sync before anything is measured: what the sync set off (the first state
+/// file write, the Node condition) is not idle work.
+const SETTLE: Duration = Duration::from_secs(2);
 /// Window over which idle CPU is measured (the baseline subtracted from per-update costs).
 const IDLE_WINDOW: Duration = Duration::from_secs(5);
 /// Irrelevant updates per second.
@@ -144,7 +148,8 @@ fn status_kb(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// (user + system) CPU seconds of a process so far, from /proc/PID/stat.
+/// (user + system) CPU seconds of a process so far, from /proc/PID/stat: exact for the whole
+/// process life, exited threads included, but in clock ticks (10 ms).
 fn cpu_seconds(pid: u32) -> f64 {
     let ticks = || -> Option<f64> {
         let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -155,6 +160,54 @@ fn cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks().map(|t| t / hz).unwrap_or(0.0)
+}
+
+/// A reading of a process's CPU time: per thread in nanoseconds (/proc/PID/task/TID/schedstat)
+/// and in ticks for the whole process; and the time its live threads have waited for a CPU
+/// while runnable (the second schedstat field), to tell a slow agent from a busy machine.
+struct CpuReading {
+    threads: std::collections::BTreeMap<u32, u64>,
+    runqueue_ns: u64,
+    ticks_s: f64,
+}
+
+impl CpuReading {
+    fn take(pid: u32) -> CpuReading {
+        let mut threads = std::collections::BTreeMap::new();
+        let mut runqueue_ns = 0;
+        if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for e in dir.flatten() {
+                let Some(tid) = e.file_name().to_str().and_then(|t| t.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let Ok(stat) = std::fs::read_to_string(e.path().join("schedstat")) else {
+                    continue;
+                };
+                let mut f = stat.split_whitespace().map(|v| v.parse::<u64>().ok());
+                if let (Some(Some(run)), Some(Some(wait))) = (f.next(), f.next()) {
+                    threads.insert(tid, run);
+                    runqueue_ns += wait;
+                }
+            }
+        }
+        CpuReading {
+            threads,
+            runqueue_ns,
+            ticks_s: cpu_seconds(pid),
+        }
+    }
+
+    /// CPU seconds from `earlier` to this reading: to the nanosecond when no thread ended in
+    /// between (new threads count from zero), else from the ticks.
+    fn since(&self, earlier: &CpuReading) -> f64 {
+        if earlier.threads.keys().all(|t| self.threads.contains_key(t)) {
+            let now: u64 = self.threads.values().sum();
+            let then: u64 = earlier.threads.values().sum();
+            now.saturating_sub(then) as f64 / 1e9
+        } else {
+            self.ticks_s - earlier.ticks_s
+        }
+    }
 }
 
 fn loadavg() -> String {
@@ -181,7 +234,7 @@ fn ms(d: Duration) -> f64 {
 /// Runs `work` over a window, paced at `rate` items per second; the agent's CPU seconds used
 /// meanwhile and the window's length.
 fn paced(pid: u32, items: usize, rate: f64, mut work: impl FnMut(usize)) -> (f64, Duration) {
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = CpuReading::take(pid);
     let t0 = Instant::now();
     for i in 0..items {
         let due = t0 + Duration::from_secs_f64(i as f64 / rate);
@@ -192,7 +245,108 @@ fn paced(pid: u32, items: usize, rate: f64, mut work: impl FnMut(usize)) -> (f64
     }
     // Let the last items be processed before reading the CPU counters.
     std::thread::sleep(Duration::from_millis(300));
-    (cpu_seconds(pid) - cpu0, t0.elapsed())
+    (CpuReading::take(pid).since(&cpu0), t0.elapsed())
+}
+
+/// A perf profile of the agent during one phase, when `KWIRE_BENCH_PERF=FILE` asks for one
+/// and `KWIRE_BENCH_PERF_PHASE` (idle, irrelevant_pods, irrelevant_nodes, relevant, churn;
+/// default relevant) names this phase; `KWIRE_BENCH_PERF_FREQ` sets the sampling frequency
+/// (default 499 Hz), `KWIRE_BENCH_PERF_CALL_GRAPH` the unwinding (fp or dwarf).
+struct Perf(Option<std::process::Child>);
+
+impl Perf {
+    fn start(pid: u32, phase: &str) -> Perf {
+        let wanted = std::env::var("KWIRE_BENCH_PERF_PHASE").unwrap_or_else(|_| "relevant".into());
+        let Some(out) = std::env::var_os("KWIRE_BENCH_PERF").filter(|_| wanted == phase) else {
+            return Perf(None);
+        };
+        let freq = std::env::var("KWIRE_BENCH_PERF_FREQ").unwrap_or_else(|_| "499".into());
+        // fp (the default) costs little; dwarf unwinds through code built without frame
+        // pointers (the release build's debug line tables suffice).
+        let graph = std::env::var("KWIRE_BENCH_PERF_CALL_GRAPH").unwrap_or_else(|_| "fp".into());
+        let child = std::process::Command::new("perf")
+            .args([
+                "record",
+                "-F",
+                &freq,
+                "--call-graph",
+                &graph,
+                "-p",
+                &pid.to_string(),
+                "-o",
+            ])
+            .arg(out)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("perf record");
+        Perf(Some(child))
+    }
+
+    fn stop(self) {
+        if let Some(mut p) = self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(p.id() as i32),
+                nix::sys::signal::Signal::SIGINT,
+            );
+            let _ = p.wait();
+        }
+    }
+}
+
+/// Counts the agent's writes of its state file: the file is replaced by a rename each time, so
+/// a new inode is a write. Polled every [`STATE_POLL`], far below the agent's minimum interval
+/// between writes, so no write is missed unless two land within one poll.
+struct StateWrites {
+    count: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+const STATE_POLL: Duration = Duration::from_millis(10);
+
+impl StateWrites {
+    fn watch(file: PathBuf) -> StateWrites {
+        use std::os::unix::fs::MetadataExt;
+        use std::sync::atomic::Ordering;
+        let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, s) = (count.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let ino = || {
+                std::fs::metadata(&file)
+                    .ok()
+                    .map(|m| (m.ino(), m.mtime_nsec()))
+            };
+            let mut last = ino();
+            while !s.load(Ordering::Relaxed) {
+                std::thread::sleep(STATE_POLL);
+                let now = ino();
+                if now.is_some() && now != last {
+                    c.fetch_add(1, Ordering::Relaxed);
+                }
+                last = now;
+            }
+        });
+        StateWrites {
+            count,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    fn get(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for StateWrites {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 // ---------- the device ----------
@@ -733,37 +887,56 @@ fn main() {
         let sync = peers_at.max(routes_at).max(policy_at);
         let hwm_sync = status_kb(pid, "VmHWM:").unwrap_or(0);
         let cpu_sync = cpu_seconds(pid);
-        eprintln!("  synced in {:.0} ms (peers {:.0}, routes {:.0}, policy {:.0}); VmHWM {:.1} MB; agent CPU {:.2} s; load {}",
-            ms(sync), ms(peers_at), ms(routes_at), ms(policy_at), hwm_sync as f64 / 1024.0, cpu_sync, loadavg());
+        let waited_sync = CpuReading::take(pid).runqueue_ns as f64 / 1e9;
+        eprintln!("  synced in {:.0} ms (peers {:.0}, routes {:.0}, policy {:.0}); VmHWM {:.1} MB; agent CPU {:.2} s, waiting for a CPU {:.2} s; load {}",
+            ms(sync), ms(peers_at), ms(routes_at), ms(policy_at), hwm_sync as f64 / 1024.0, cpu_sync, waited_sync, loadavg());
         report.set("sync_ms", ms(sync));
         report.set("peers_ms", ms(peers_at));
         report.set("routes_ms", ms(routes_at));
         report.set("policy_ms", ms(policy_at));
         report.set("sync_cpu_s", (cpu_sync * 100.0).round() / 100.0);
+        // Runnable but waiting for a CPU (threads still alive at the end of the sync): the
+        // rest of sync_ms, beyond this and sync_cpu_s, the agent waited on the API.
+        report.set("sync_runqueue_wait_s", (waited_sync * 100.0).round() / 100.0);
         report.set("rss_after_sync_mb", (hwm_sync as f64 / 102.4).round() / 10.0);
 
+        // State-file writes from here on (the figures below say per phase).
+        let writes = StateWrites::watch(state.join(kwire::agent::state::STATE_FILE));
+
         // (b) idle baseline.
-        let cpu0 = cpu_seconds(pid);
+        std::thread::sleep(SETTLE);
+        let perf = Perf::start(pid, "idle");
+        let cpu0 = CpuReading::take(pid);
         let w0 = Instant::now();
         std::thread::sleep(IDLE_WINDOW);
-        let idle_rate = (cpu_seconds(pid) - cpu0) / w0.elapsed().as_secs_f64();
+        let idle_rate = CpuReading::take(pid).since(&cpu0) / w0.elapsed().as_secs_f64();
+        perf.stop();
         report.set("idle_cpu_cores", (idle_rate * 1e4).round() / 1e4);
+        let writes_before = writes.get();
         let net_us = |cpu: f64, wall: Duration, n: usize| ((cpu - idle_rate * wall.as_secs_f64()).max(0.0) / n.max(1) as f64 * 1e6 * 10.0).round() / 10.0;
 
         // (c) irrelevant updates: heartbeats and annotations kwire does not read.
         let half = o.irrelevant / 2;
+        let perf = Perf::start(pid, "irrelevant_pods");
         let (cpu, wall) = paced(pid, half, IRRELEVANT_RATE, |i| {
             let p = cluster.remote_pod();
             if i % 2 == 0 { cluster.pod_heartbeat(p) } else { cluster.pod_annotation(p) }
         });
+        perf.stop();
         let pod_us = net_us(cpu, wall, half);
+        let perf = Perf::start(pid, "irrelevant_nodes");
         let (cpu2, wall2) = paced(pid, half, IRRELEVANT_RATE, |i| {
             let n = 1 + cluster.rand(o.nodes);
             if i % 2 == 0 { cluster.node_heartbeat(n) } else { cluster.node_annotation(n) }
         });
+        perf.stop();
         let node_us = net_us(cpu2, wall2, half);
         let all_us = net_us(cpu + cpu2, wall + wall2, 2 * half);
         eprintln!("  irrelevant updates: {all_us} µs agent CPU each (pods {pod_us}, nodes {node_us}); idle {:.4} cores", idle_rate);
+        // Nothing the state file holds changed: no write is due (one may still be pending from
+        // the sync, at most STATE_SAVE_INTERVAL after it).
+        let irrelevant_writes = writes.get() - writes_before;
+        report.set("state_writes_irrelevant", irrelevant_writes);
         report.set("irrelevant_update_cpu_us", all_us);
         report.set("irrelevant_pod_update_cpu_us", pod_us);
         report.set("irrelevant_node_update_cpu_us", node_us);
@@ -827,15 +1000,7 @@ fn main() {
         report.set("relevant_change_by_kind", Value::Object(by_kind));
 
         // (e) relevant changes, CPU only (no polling).
-        let perf = std::env::var_os("KWIRE_BENCH_PERF").map(|out| {
-            std::process::Command::new("perf")
-                .args(["record", "-F", "499", "-g", "-p", &pid.to_string(), "-o"])
-                .arg(out)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("perf record")
-        });
+        let perf = Perf::start(pid, "relevant");
         let mut local_paused = false;
         let (cpu, wall) = paced(pid, o.changes, RELEVANT_RATE, |i| match i % 6 {
             0 => { let p = cluster.remote_pod(); cluster.relabel_pod(p) }
@@ -849,10 +1014,7 @@ fn main() {
                 api.merge_patch(cluster.kinds.pod, Some(BENCH_NS), "a", &json!({"metadata": {"labels": {"role": role}}}), false).expect("relabel");
             }
         });
-        if let Some(mut p) = perf {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p.id() as i32), nix::sys::signal::Signal::SIGINT);
-            let _ = p.wait();
-        }
+        perf.stop();
         let relevant_ms = net_us(cpu, wall, o.changes) / 1000.0;
         eprintln!("  relevant change: {:.3} ms agent CPU each", relevant_ms);
         report.set("relevant_change_cpu_ms", (relevant_ms * 1000.0).round() / 1000.0);
@@ -863,6 +1025,8 @@ fn main() {
         let node_every = (CHURN_POD_EVENTS_PER_S / CHURN_NODE_EVENTS_PER_S) as usize;
         let mut created: Vec<usize> = Vec::new();
         let mut node_events = 0usize;
+        let perf = Perf::start(pid, "churn");
+        let writes_before = writes.get();
         let (cpu, wall) = paced(pid, pod_events, CHURN_POD_EVENTS_PER_S, |i| {
             // Ten pod events: two pods created, their two IPs assigned, two pods deleted, one
             // relabeled (a rollout's new version), three status heartbeats.
@@ -897,11 +1061,17 @@ fn main() {
                 node_events += 1;
             }
         });
+        perf.stop();
+        let churn_writes = writes.get() - writes_before;
         let churn = cpu / wall.as_secs_f64();
         eprintln!("  churn ({:.0} Pod + {:.0} Node events/s for {:.0} s): {:.4} cores", pod_events as f64 / wall.as_secs_f64(), node_events as f64 / wall.as_secs_f64(), wall.as_secs_f64(), churn);
         report.set("churn_cpu_cores", (churn * 1e4).round() / 1e4);
         report.set("churn_pod_events_per_s", (pod_events as f64 / wall.as_secs_f64()).round());
         report.set("churn_node_events_per_s", (node_events as f64 / wall.as_secs_f64()).round());
+        report.set("state_writes_churn", churn_writes);
+        report.set("state_writes_churn_events", pod_events + node_events);
+        report.set("state_writes_churn_s", (wall.as_secs_f64() * 10.0).round() / 10.0);
+        eprintln!("  state file: {irrelevant_writes} writes during the irrelevant updates, {churn_writes} during churn ({} events, {:.0} s)", pod_events + node_events, wall.as_secs_f64());
 
         let hwm = status_kb(pid, "VmHWM:").unwrap_or(0);
         let rss = status_kb(pid, "VmRSS:").unwrap_or(0);
