@@ -44,7 +44,8 @@ test: deps-test build lint
 
 # rustfmt's default style and clippy with warnings as errors, on every crate and target; every
 # manifest in deploy/ against the API schemas of the oldest Kubernetes it supports (1.30, for
-# the admission policy) and the newest kubernetes-validate knows, unknown fields refused.
+# the admission policy) and the newest kubernetes-validate knows, unknown fields refused; no
+# cycle between a crate's top-level modules (scripts/module-graph.py CRATE_DIR prints the graph).
 lint:
 	$(CARGO) fmt --all --check
 	cd fuzz && $(CARGO) fmt --check
@@ -52,12 +53,14 @@ lint:
 	@command -v kubernetes-validate >/dev/null || { echo "kubernetes-validate missing: run scripts/install-deps.sh --image" >&2; exit 1; }
 	kubernetes-validate --quiet --strict -k 1.30.0 deploy/*.yaml
 	kubernetes-validate --quiet --strict deploy/*.yaml
+	python3 scripts/module-graph.py --self-test
+	python3 scripts/module-graph.py daemon
 
 # Criterion micro-benchmarks (data path, policy engine).
 bench:
 	$(CARGO) bench -p kwire-daemon
 
-# Side by side with wireguard-go and boringtun-cli (shared/bench harness); ~15 minutes.
+# Side by side with wireguard-go and boringtun-cli (bench/harness); ~15 minutes.
 bench-tunnel: release
 	@scripts/install-deps.sh --bench
 	@scripts/bench-compare.sh

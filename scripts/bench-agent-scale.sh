@@ -6,7 +6,8 @@
 # relevant change, relevant-change latency (p50/p99/max) and agent CPU under churn (100 Pod +
 # 20 Node events/s), and the state file's writes. CPU is the agent threads' run time
 # (/proc/PID/task/*/schedstat). See tests/examples/agent_scale/main.rs for what each figure
-# covers.
+# covers. Then route programming for 5,000 peers alone, netlink beside the `ip -batch` the
+# agent used before (tests/examples/route_programming.rs; on stderr with --json).
 #
 # Usage: sudo scripts/bench-agent-scale.sh [--nodes N] [--pods N] [--namespaces N]
 #          [--policies N] [--services N] [--changes N] [--irrelevant N] [--churn-secs S]
@@ -62,11 +63,23 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-echo "== building (release): kwire, kwire-cni, examples/agent_scale" >&2
-cargo build --release -q -p kwire-daemon --bin kwire && cargo build --release -q -p kwire-cni && cargo build --release -q -p kwire-tests --example agent_scale
+echo "== building (release): kwire, kwire-cni, examples/agent_scale, examples/route_programming" >&2
+cargo build --release -q -p kwire-daemon --bin kwire && cargo build --release -q -p kwire-cni && cargo build --release -q -p kwire-tests --example agent_scale --example route_programming
 
 target="${CARGO_TARGET_DIR:-target}"
 echo "== machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 "$target/release/examples/agent_scale" --kwire "$target/release/kwire" --kwire-cni "$target/release/kwire-cni" "$@" &
+driver_pid=$!
+wait "$driver_pid"
+# Route programming alone, the agent's way (rtnetlink) beside `ip -batch` (its way before),
+# interleaved in fresh namespaces. With --json, stdout holds the one JSON object only.
+echo "== route programming, 5,000 peers: ip -batch vs netlink" >&2
+json=0
+for a in "$@"; do [ "$a" = "--json" ] && json=1; done
+if [ "$json" = 1 ]; then
+    "$target/release/examples/route_programming" 5000 5 >&2 &
+else
+    "$target/release/examples/route_programming" 5000 5 &
+fi
 driver_pid=$!
 wait "$driver_pid"

@@ -11,7 +11,7 @@
 #   1. apt-get update (once, only if a package is missing) and install the missing packages of
 #      APT_PACKAGES below, waiting up to 300 s for another apt/dpkg to release its lock.
 #   2. cnitool -> /usr/local/bin/cnitool, built offline from Debian's *source* package
-#      golang-github-appc-cni (1.1.2-1), as ../shared/tools/REAL-PEERS.md describes: a private
+#      golang-github-appc-cni (1.1.2-1) (cnitool is not packaged in Debian 12): a private
 #      deb-src list made from the machine's own apt sources, `apt-get source --download-only`,
 #      then a GOPATH-mode build against golang-github-appc-cni-dev in /usr/share/gocode.
 #   3. (--bench) boringtun-cli via cargo, into cargo's bin directory (~/.cargo/bin).

@@ -29,25 +29,25 @@ fn note(size: usize) {
     });
 }
 
-// Safety: every call is forwarded unchanged to `System`; counting touches only `Cell`s.
+// SAFETY: every call is forwarded unchanged to `System`; counting touches only `Cell`s.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         note(layout.size());
-        // Safety: the caller's contract for `alloc` is passed on as is.
+        // SAFETY: the caller's contract for `alloc` is passed on as is.
         unsafe { System.alloc(layout) }
     }
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         note(layout.size());
-        // Safety: as for `alloc`.
+        // SAFETY: as for `alloc`.
         unsafe { System.alloc_zeroed(layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         note(new_size);
-        // Safety: `ptr` and `layout` come from this allocator, which is `System`'s.
+        // SAFETY: `ptr` and `layout` come from this allocator, which is `System`'s.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        // Safety: as for `realloc`.
+        // SAFETY: as for `realloc`.
         unsafe { System.dealloc(ptr, layout) }
     }
 }

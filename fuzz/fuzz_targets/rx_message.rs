@@ -1,4 +1,4 @@
-//! cargo-fuzz target: `RxPath::handle_message` on arbitrary datagrams against a device with a peer.
+//! cargo-fuzz target: `RxPath::message` on arbitrary datagrams against a device with a peer.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;

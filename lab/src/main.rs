@@ -99,8 +99,12 @@ struct UpArgs {
     /// pod (for tests of the lab itself; it runs unconfined in the node's namespace); it gets
     /// KWIRE_LAB_NODE, KWIRE_LAB_NETNS, KWIRE_LAB_INTERFACE, KWIRE_LAB_STATE_DIR,
     /// KWIRE_LAB_RUN_DIR, KWIRE_LAB_KUBECONFIG (an admin kubeconfig). Implies --no-wait-mesh.
-    #[arg(long, conflicts_with = "kwire")]
+    #[arg(long, conflicts_with_all = ["kwire", "agent_arg"])]
     agent_cmd: Option<String>,
+    /// An argument appended to the DaemonSet's agent container args on every node, as a
+    /// `kubectl patch` of the DaemonSet would (repeatable; `--agent-arg=--max-flows-per-pod=40`).
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    agent_arg: Vec<String>,
     /// Return when the supervisor is ready, without waiting for handshakes.
     #[arg(long)]
     no_wait_mesh: bool,
@@ -341,6 +345,7 @@ fn run() -> anyhow::Result<()> {
                 Some(script) => AgentCommand::Shell { script },
                 None => AgentCommand::Kwire {
                     bin: commands::find_kwire(args.kwire)?,
+                    args: args.agent_arg,
                 },
             };
             let real = matches!(agent, AgentCommand::Kwire { .. });

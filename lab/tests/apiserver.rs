@@ -338,6 +338,40 @@ async fn crud_conflicts_and_statuses() {
     .await
     .unwrap_err();
     assert_eq!(apply.code, 415);
+    // Strategic merge patch: status.conditions merge by type (the kubelet's Ready stays when
+    // another writer sets its own condition).
+    call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/a/status"),
+        "application/merge-patch+json",
+        Some(json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})),
+    )
+    .await
+    .unwrap();
+    let smp = call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/a/status"),
+        "application/strategic-merge-patch+json",
+        Some(json!({"status": {"conditions": [{"type": "KwireReady", "status": "False"}]}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        smp["status"]["conditions"],
+        json!([{"type": "Ready", "status": "True"}, {"type": "KwireReady", "status": "False"}])
+    );
+    let bad = call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/a"),
+        "application/strategic-merge-patch+json",
+        Some(json!({"$frob": true})),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(bad.code, 422);
 
     // Delete preconditions, and namespaces that may not be deleted.
     let wrong_uid = call(c, "DELETE", &format!("{ns}/a"), Some(json!({"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": "not-the-uid"}})))

@@ -179,6 +179,16 @@ impl Lab {
         lab
     }
 
+    /// `kwire-lab up` with the real agent `kwire` and `pods` pods per node.
+    pub fn up_real(nodes: u32, pods: u32, kwire: &Path) -> Lab {
+        let pods = pods.to_string();
+        let kwire = kwire.to_str().expect("UTF-8 path");
+        Lab::up(
+            nodes,
+            &["--kwire", kwire, "--pods", &pods, "--timeout", "90"],
+        )
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -237,6 +247,63 @@ impl Lab {
         ]
     }
 
+    /// True when every node has a handshake with every other node of the lab.
+    pub fn full_mesh(&self) -> bool {
+        let st = self.status();
+        let nodes = st["nodes"].array();
+        let names: Vec<&str> = nodes.iter().filter_map(|n| n["name"].as_str()).collect();
+        nodes.iter().all(|n| {
+            let me = n["name"].as_str().unwrap_or("");
+            names.iter().filter(|o| **o != me).all(|o| {
+                n["peers"].array().iter().any(|p| {
+                    p["node"].as_str() == Some(o) && p["handshake"].as_bool() == Some(true)
+                })
+            })
+        })
+    }
+
+    /// One series of node `n`'s (`n1`) `/metrics` (0 when absent).
+    pub fn metric(&self, n: &str, series: &str) -> f64 {
+        let o = self.exec(
+            n,
+            &["curl", "-sS", "-m", "3", "http://127.0.0.1:9742/metrics"],
+        );
+        crate::prometheus_value(&String::from_utf8_lossy(&o.stdout), series).unwrap_or(0.0)
+    }
+
+    /// `kwire_drops_total{reason=REASON}` of node `n`.
+    pub fn drops(&self, n: &str, reason: &str) -> f64 {
+        self.metric(n, &format!("kwire_drops_total{{reason=\"{reason}\"}}"))
+    }
+
+    /// Joins namespace `ns` to the lab's underlay bridge by a veth; the name of its end in `ns`
+    /// (down, no address).
+    pub fn attach_to_underlay(&self, ns: &crate::Netns, tag: &str) -> String {
+        let st = self.status();
+        let ul = st["underlay_netns"].as_str().expect("underlay_netns");
+        let bridge = st["bridge"].as_str().expect("bridge");
+        let (outer, inner) = (ns.ifname(&format!("{tag}o")), ns.ifname(&format!("{tag}i")));
+        crate::run_host(&[
+            "ip",
+            "-n",
+            ul,
+            "link",
+            "add",
+            &outer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &inner,
+            "netns",
+            ns.name(),
+        ]);
+        crate::run_host(&[
+            "ip", "-n", ul, "link", "set", &outer, "master", bridge, "up",
+        ]);
+        inner
+    }
+
     /// Do not run `down` on drop (the test did it).
     pub fn forget(mut self) {
         self.down_on_drop = false;
@@ -261,6 +328,15 @@ impl Drop for Lab {
         }
         let _ = kwire_lab(&["down", "--name", &self.name]);
     }
+}
+
+/// The node named `name` in `kwire-lab status --json`.
+pub fn node<'a>(status: &'a Json, name: &str) -> &'a Json {
+    status["nodes"]
+        .array()
+        .iter()
+        .find(|n| n["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no node {name} in status"))
 }
 
 /// `kwire-lab status --json` and other JSON the tests read: a `serde_json::Value`.

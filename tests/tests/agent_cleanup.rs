@@ -42,6 +42,8 @@ fn cleanup_removes_kwires_things_and_leaves_the_rest() {
         "10.244.1.0/24",
         "metric",
         "4096",
+        "proto",
+        "107",
     ]);
     node.run(&[
         "ip",
@@ -52,8 +54,19 @@ fn cleanup_removes_kwires_things_and_leaves_the_rest() {
         "fd00:10:244:1::/64",
         "metric",
         "4096",
+        "proto",
+        "107",
     ]);
-    node.run(&["ip", "route", "add", "blackhole", "198.51.100.0/24"]);
+    // Someone else's, even with kwire's metric: only routing protocol 107 marks kwire's.
+    node.run(&[
+        "ip",
+        "route",
+        "add",
+        "blackhole",
+        "198.51.100.0/24",
+        "metric",
+        "4096",
+    ]);
     node.run(&["nft", "add", "table", "inet", "kwire"]);
     node.run(&["nft", "add", "table", "inet", "other"]);
     pod.run(&["ip", "tuntap", "add", "mode", "tun", "name", "eth0"]);

@@ -1,16 +1,15 @@
 //! `kwire agent --cleanup`: removes what kwire put on a node, for uninstalling (after
 //! `kubectl delete -f deploy/`, so that no agent puts it back): every pod's tun (in the pod's
 //! network namespace, from the saved pod records), the host tun (its addresses and routes go
-//! with it), the blackhole routes behind the pod ranges (kwire's have metric
-//! [`super::routes::BLACKHOLE_METRIC`]), the `inet kwire` nftables table, the CNI plugin and
-//! configuration list, the local sockets and the state directory's files (the private key
-//! included). Each step is tried; the ones that fail are reported together.
-//!
-//! Until links and routes are programmed over netlink, this runs iproute2's `ip` like the rest
-//! of the agent.
+//! with it), the blackhole and unreachable routes behind the pod and cluster ranges (kwire's
+//! carry routing protocol [`RTPROT_KWIRE`]), the `inet kwire` nftables table, the CNI plugin
+//! and configuration list, the local sockets and the state directory's files (the private key
+//! included). Each step is tried; the ones that fail are reported together. Links and routes
+//! go over netlink, like everything else the agent programs.
 
 use crate::cni::cni_server::{IPAM_FILE, PODS_FILE};
 use crate::cni::PodRecord;
+use crate::io::netlink::{self, Netlink, Request, Route, RTPROT_KWIRE};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -45,18 +44,24 @@ fn run(cmd: &mut Command) -> Result<String, String> {
     }
 }
 
-/// The prefixes of kwire's blackhole routes in `ip route show type blackhole` output.
-pub fn kwire_blackholes(text: &str) -> Vec<String> {
-    let metric = format!("metric {}", super::routes::BLACKHOLE_METRIC);
-    text.lines()
-        .filter(|l| l.contains(&metric))
-        .filter_map(|l| {
-            let mut w = l.split_whitespace();
-            match (w.next(), w.next()) {
-                (Some("blackhole"), Some(prefix)) => Some(prefix.to_string()),
-                _ => None,
-            }
-        })
+/// Deletes the link named `name` in the current network namespace; false if there is none.
+fn delete_link(name: &str) -> std::io::Result<bool> {
+    let mut nl = Netlink::open()?;
+    match nl.link_by_name(name)? {
+        Some(link) => match nl.run(Request::LinkDel { index: link.index }) {
+            Err(e) if netlink::is_gone(&e) => Ok(false),
+            r => r.map(|()| true),
+        },
+        None => Ok(false),
+    }
+}
+
+/// kwire's routes among `routes`: those it marked with its routing protocol.
+pub fn kwire_routes(routes: &[Route]) -> Vec<Route> {
+    routes
+        .iter()
+        .filter(|r| r.protocol == RTPROT_KWIRE)
+        .copied()
         .collect()
 }
 
@@ -82,43 +87,35 @@ pub fn cleanup(plan: &CleanupPlan) -> anyhow::Result<Vec<String>> {
             continue; // the pod's namespace is gone, and its tun with it
         };
         let tun = p.tun_name.clone();
-        let r = crate::io::netns::run_in(std::os::fd::AsFd::as_fd(&ns), || {
-            run(Command::new("ip").args(["link", "del", &tun]))
-        })
-        .unwrap_or_else(|e| Err(e.to_string()));
+        let r = crate::io::netns::run_in(std::os::fd::AsFd::as_fd(&ns), || delete_link(&tun))
+            .and_then(|r| r);
         match r {
-            Ok(_) => done.push(format!("deleted {tun} in {}", p.netns)),
-            Err(e) if e.contains("Cannot find device") => {}
+            Ok(true) => done.push(format!("deleted {tun} in {}", p.netns)),
+            Ok(false) => {}
             Err(e) => failed.push(format!("deleting {tun} in {}: {e}", p.netns)),
         }
     }
 
-    match run(Command::new("ip").args(["link", "del", &plan.interface])) {
-        Ok(_) => done.push(format!("deleted {} (and its routes)", plan.interface)),
-        Err(e) if e.contains("Cannot find device") => {}
+    match delete_link(&plan.interface) {
+        Ok(true) => done.push(format!("deleted {} (and its routes)", plan.interface)),
+        Ok(false) => {}
         Err(e) => failed.push(format!("deleting {}: {e}", plan.interface)),
     }
-    for fam in ["-4", "-6"] {
-        match run(Command::new("ip").args([fam, "route", "show", "type", "blackhole"])) {
-            Ok(text) => {
-                for prefix in kwire_blackholes(&text) {
-                    let metric = super::routes::BLACKHOLE_METRIC.to_string();
-                    match run(Command::new("ip").args([
-                        fam,
-                        "route",
-                        "del",
-                        "blackhole",
-                        &prefix,
-                        "metric",
-                        &metric,
-                    ])) {
-                        Ok(_) => done.push(format!("deleted blackhole {prefix}")),
-                        Err(e) => failed.push(format!("deleting blackhole {prefix}: {e}")),
-                    }
+    match Netlink::open().and_then(|mut nl| {
+        let routes = kwire_routes(&nl.routes()?);
+        let requests: Vec<Request> = routes.iter().map(|r| Request::RouteDel(*r)).collect();
+        Ok((routes, nl.execute(&requests)))
+    }) {
+        Ok((routes, results)) => {
+            for (r, res) in routes.iter().zip(results) {
+                match res {
+                    Ok(()) => done.push(format!("deleted route {r}")),
+                    Err(e) if netlink::is_gone(&e) => {}
+                    Err(e) => failed.push(format!("deleting route {r}: {e}")),
                 }
             }
-            Err(e) => failed.push(format!("listing blackhole routes: {e}")),
         }
+        Err(e) => failed.push(format!("listing routes: {e}")),
     }
     match run(Command::new("nft").args(["delete", "table", "inet", "kwire"])) {
         Ok(_) => done.push("deleted nftables table inet kwire".into()),
@@ -173,11 +170,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_kwires_blackholes_are_picked() {
-        let text = "blackhole 10.244.1.0/24 metric 4096 \nblackhole 192.0.2.0/24 \nblackhole fd00:10:244:1::/64 dev lo metric 4096 pref medium\n";
-        assert_eq!(
-            kwire_blackholes(text),
-            ["10.244.1.0/24", "fd00:10:244:1::/64"]
-        );
+    fn only_kwires_routes_are_picked() {
+        use crate::io::netlink::RouteKind;
+        let r = |dst: &str, kind, protocol| Route {
+            dst: dst.parse().unwrap(),
+            kind,
+            metric: super::super::routes::BLACKHOLE_METRIC,
+            src: None,
+            protocol,
+        };
+        let ours = r("10.244.1.0/24", RouteKind::Blackhole, RTPROT_KWIRE);
+        let ours6 = r("fd00:10:244::/56", RouteKind::Unreachable, RTPROT_KWIRE);
+        let boot = r("192.0.2.0/24", RouteKind::Blackhole, 3);
+        assert_eq!(kwire_routes(&[ours, boot, ours6]), [ours, ours6]);
     }
 }

@@ -38,7 +38,14 @@ impl Claims {
                 .filter_map(|c| c.parse().ok())
                 .map(crate::wg::allowed_ips::canonical)
                 .collect(),
-            addresses: n.internal_ips.clone(),
+            addresses: {
+                // Every address selection reserves: status.addresses of any type.
+                let mut a: Vec<IpAddr> =
+                    n.addresses.iter().chain(&n.internal_ips).copied().collect();
+                a.sort_unstable();
+                a.dedup();
+                a
+            },
         }
     }
 }
@@ -372,6 +379,10 @@ mod tests {
             self_key: PublicKey([9; 32]),
             default_port: 51820,
             default_keepalive: 0,
+            // 192.0.2.0/24 of the pool is outside; 10.0.3.0/24 and 10.0.0.0/16 cover this
+            // host's address.
+            cluster_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
+            host_addresses: vec![IpAddr::from([10, 0, 3, 9])],
         }
     }
 
@@ -379,9 +390,10 @@ mod tests {
         PublicKey([i; 32]).to_base64()
     }
 
-    /// Node `i` with key `k`, podCIDR number `c` of a small pool (so that they collide) and
-    /// address `a`.
-    fn node(i: usize, k: u8, c: usize, a: u8, created: i64) -> NodeInfo {
+    /// Node `i` with key `k`, podCIDR number `c` of a small pool (so that they collide),
+    /// InternalIP `a` and, unless `x` is 0, an ExternalIP `x` inside the pool's ranges (so that
+    /// one Node's address can fall in another's podCIDR).
+    fn node(i: usize, k: u8, c: usize, a: u8, x: u8, created: i64) -> NodeInfo {
         let cidrs = [
             "10.0.1.0/24",
             "10.0.2.0/24",
@@ -389,6 +401,7 @@ mod tests {
             "10.0.2.128/25",
             "192.0.2.0/24",
             "not-a-cidr",
+            "10.0.3.0/24",
         ];
         NodeInfo {
             name: format!("n{i}"),
@@ -398,6 +411,11 @@ mod tests {
             keepalive: None,
             pod_cidrs: vec![cidrs[c % cidrs.len()].to_string()],
             internal_ips: vec![IpAddr::from([192, 0, 2, a])],
+            addresses: if x == 0 {
+                vec![]
+            } else {
+                vec![IpAddr::from([10, 0, x, 7])]
+            },
         }
     }
 
@@ -420,7 +438,7 @@ mod tests {
         let own: Vec<IpNetwork> = vec!["10.0.0.0/24".parse().unwrap()];
         let mut ix = PeerIndex::new(SELF, PublicKey([9; 32]));
         for i in 1..=50 {
-            let mut n = node(i, i as u8, 0, i as u8, i as i64);
+            let mut n = node(i, i as u8, 0, i as u8, 0, i as i64);
             n.pod_cidrs = vec![format!("10.1.{i}.0/24")];
             ix.upsert(n);
         }
@@ -443,14 +461,14 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Upsert(usize, u8, usize, u8),
+        Upsert(usize, u8, usize, u8, u8),
         Remove(usize),
         Reselect,
     }
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            5 => (0..8usize, 0..5u8, 0..6usize, 1..6u8).prop_map(|(i, k, c, a)| Op::Upsert(i, k, c, a)),
+            5 => (0..8usize, 0..5u8, 0..7usize, 1..6u8, 0..4u8).prop_map(|(i, k, c, a, x)| Op::Upsert(i, k, c, a, x)),
             1 => (0..8usize).prop_map(Op::Remove),
             2 => Just(Op::Reselect),
         ]
@@ -469,7 +487,7 @@ mod tests {
             for (t, op) in ops.iter().enumerate() {
                 match op {
                     // Key 9 is this node's; n0 is this node.
-                    Op::Upsert(i, k, c, a) => { ix.upsert(node(*i, if *k == 4 { 9 } else { *k }, *c, *a, (*i as i64) % 3)); }
+                    Op::Upsert(i, k, c, a, x) => { ix.upsert(node(*i, if *k == 4 { 9 } else { *k }, *c, *a, *x, (*i as i64) % 3)); }
                     Op::Remove(i) => { ix.remove(&format!("n{i}")); }
                     Op::Reselect => {}
                 }

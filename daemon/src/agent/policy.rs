@@ -8,7 +8,7 @@
 //! API etiquette: the watcher lists once (pages of [`PAGE_SIZE`], served from the API
 //! server's watch cache), then watches from that resourceVersion with bookmarks, resuming from
 //! the last one seen when a watch ends; only a 410 Gone makes it list again. Failures back off
-//! exponentially with jitter. The agent never writes Pods, Namespaces or NetworkPolicies.
+//! exponentially (see [`super::WatchBackoff`]). The agent never writes Pods, Namespaces or NetworkPolicies.
 
 use super::objects::{NamespaceView, NetworkPolicyView, PodView};
 use crate::dataplane::ports::Pods;
@@ -31,8 +31,6 @@ pub const PAGE_SIZE: u32 = 500;
 /// [`PROBLEM_LOG_INTERVAL`]; the rest are counted in one line.
 pub const PROBLEM_LOG_BURST: u32 = 10;
 pub const PROBLEM_LOG_INTERVAL: Duration = Duration::from_secs(30);
-/// At most one line per kind per this interval for repeated watch errors (API down).
-pub const WATCH_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 /// The kinds watched, as indexes into per-kind state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -73,7 +71,7 @@ where
     K::DynamicType: Default,
 {
     watcher::watcher(api, watch_config())
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .map(move |r| match r {
             Ok(ev) => wrap(ev),
             Err(e) => Change::Error(kind, e.to_string()),
@@ -172,7 +170,7 @@ impl Folder {
             ),
             Change::Error(kind, e) => {
                 let last = &mut self.last_error[kind as usize];
-                if last.is_none_or(|t| t.elapsed() >= WATCH_ERROR_LOG_INTERVAL) {
+                if last.is_none_or(|t| t.elapsed() >= super::WATCH_ERROR_LOG_INTERVAL) {
                     warn!(error = %e, "watching {} failed; retrying with backoff, the last policy stays in force", kind.name());
                     *last = Some(Instant::now());
                 }

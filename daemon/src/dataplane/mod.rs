@@ -1,13 +1,19 @@
 //! The data plane's runtime: a WireGuard device on a tun interface and the threads that move
-//! its packets. Worker threads own the packet path (one tun queue and one UDP socket each,
-//! blocking system calls, no async) and apply what the per-packet code in
-//! [`crate::datapath`] decides; [`ports`] is the table of pods attached to the loop;
+//! its packets. Worker threads ([`workers`]) own the packet path (one tun queue and one UDP
+//! socket each, blocking system calls, no async) and apply ([`apply`]) what the per-packet
+//! code in [`crate::datapath`] decides; [`ports`] is the table of pods attached to the loop;
 //! [`uapi_server`] serves the WireGuard userspace API socket. Used by `kwire tunnel` and by
 //! `kwire agent`.
 
+pub mod apply;
 pub mod ports;
 pub mod uapi_server;
 pub mod workers;
+
+#[cfg(test)]
+mod tests;
+
+pub use apply::{Io, RxPath, TxPath};
 
 use crate::datapath::stats::Counters;
 use crate::io::tun::{TunOptions, TunQueue};

@@ -20,8 +20,25 @@ pub type Local = LocalTable<PodTun>;
 /// epoll token of a worker's host queue; pods use their ids.
 pub const HOST_TOKEN: u64 = u64::MAX;
 
+/// A pod's name as the CNI runtime gave it (`K8S_POD_NAMESPACE`, `K8S_POD_NAME`; absent when
+/// the runtime passes no such arguments, as `cnitool` does).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodName {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+}
+
+/// An attached pod as the status reports see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttachedPod {
+    pub id: u64,
+    pub name: PodName,
+    pub ips: Vec<IpAddr>,
+}
+
 struct Entry {
     id: u64,
+    name: PodName,
     ips: Vec<IpAddr>,
     tun: PodTun,
 }
@@ -33,6 +50,7 @@ struct Inner {
     next_id: u64,
     policy: Option<Arc<PolicySet>>,
     mtu: Option<u16>,
+    cluster: Vec<ipnetwork::IpNetwork>,
 }
 
 /// The pods of this node. One writer (the control plane), many readers (the workers).
@@ -86,6 +104,14 @@ impl Pods {
         self.publish(&g);
     }
 
+    /// The cluster's pod ranges: a packet for one of them without a peer is dropped
+    /// (`no_peer`) and answered with an ICMP unreachable, never handed to the host to route.
+    pub fn set_cluster_ranges(&self, ranges: Vec<ipnetwork::IpNetwork>) {
+        let mut g = self.lock();
+        g.cluster = ranges;
+        self.publish(&g);
+    }
+
     /// The tunnel MTU: larger packets from pods and the host get an ICMP error.
     pub fn set_mtu(&self, mtu: u32) {
         let mut g = self.lock();
@@ -102,9 +128,23 @@ impl Pods {
         self.len() == 0
     }
 
-    /// Attaches a pod's tun; returns the pod's id for [`Pods::detach`]. The tun must use the
-    /// same offload mode as the host tun (frames pass between them unchanged).
-    pub fn attach(&self, ips: Vec<IpAddr>, tun: TunQueue) -> io::Result<u64> {
+    /// The attached pods with their names, in attach order (off the packet path: takes the
+    /// control plane's lock).
+    pub fn attached(&self) -> Vec<AttachedPod> {
+        self.lock()
+            .pods
+            .iter()
+            .map(|e| AttachedPod {
+                id: e.id,
+                name: e.name.clone(),
+                ips: e.ips.clone(),
+            })
+            .collect()
+    }
+
+    /// Attaches pod `name`'s tun; returns the pod's id for [`Pods::detach`]. The tun must use
+    /// the same offload mode as the host tun (frames pass between them unchanged).
+    pub fn attach(&self, name: PodName, ips: Vec<IpAddr>, tun: TunQueue) -> io::Result<u64> {
         if tun.offload() != self.vnet {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -118,7 +158,7 @@ impl Pods {
         g.next_id += 1;
         self.epolls[(id as usize) % self.epolls.len()].add(tun.as_raw_fd(), id)?;
         info!(pod = id, ips = ?ips, "pod attached to the packet loop");
-        g.pods.push(Entry { id, ips, tun });
+        g.pods.push(Entry { id, name, ips, tun });
         self.publish(&g);
         Ok(id)
     }
@@ -154,6 +194,7 @@ impl Pods {
         };
         let mut t = t;
         t.mtu = g.mtu;
+        t.cluster = g.cluster.clone();
         t.filter = g
             .policy
             .as_ref()

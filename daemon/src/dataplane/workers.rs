@@ -2,15 +2,17 @@
 //! UDP reader (UDP -> decrypt -> tun); one timer thread. Blocking system calls, buffers owned
 //! by each thread, nothing allocated per packet.
 
-use crate::datapath::batch::TxBatch;
+use super::apply::{self, Io, RxPath, TxPath};
+use super::ports::{Local, PodTun, Pods, HOST_TOKEN};
 use crate::datapath::local::Port;
 use crate::datapath::stats::{Counters, DropReason};
-use crate::datapath::{self, Io, RxPath, TxPath, MAX_FRAME};
-use crate::dataplane::ports::{Local, Pods, HOST_TOKEN};
+use crate::datapath::timers::TIMER_TICK;
+use crate::datapath::{Ctx, MAX_FRAME};
 use crate::io::epoll;
 use crate::io::tun::TunQueue;
 use crate::io::udp::{RecvBatch, SendScratch, UdpSocket};
-use crate::wg::device::NetworkControl;
+use crate::offload::gso::TxBatch;
+use crate::wg::device::{NetworkControl, Snapshot};
 use crate::wg::Device;
 use arc_swap::ArcSwap;
 use std::io;
@@ -143,7 +145,7 @@ impl Throttle {
     }
 }
 
-/// The I/O a worker does on behalf of the pure packet path.
+/// The system calls a worker makes for the runtime.
 struct WorkerIo<'a> {
     tun: &'a TunQueue,
     local: &'a Local,
@@ -155,11 +157,7 @@ struct WorkerIo<'a> {
 }
 
 impl Io for WorkerIo<'_> {
-    fn tun_write(&mut self, frame: &[u8]) {
-        self.tun_write_to(Port::Host, frame)
-    }
-
-    fn tun_write_to(&mut self, port: Port, frame: &[u8]) {
+    fn write_tun(&mut self, port: Port, frame: &[u8]) {
         let tun = match port {
             Port::Host => self.tun,
             Port::Pod(s) => match self.local.io(s) {
@@ -173,7 +171,7 @@ impl Io for WorkerIo<'_> {
         }
     }
 
-    fn udp_send(&mut self, batch: &mut TxBatch) {
+    fn send_udp(&mut self, batch: &mut TxBatch) {
         match &self.sock {
             Some(b) => {
                 if let Err(e) = b.sock.send_batch(batch, self.scratch) {
@@ -187,6 +185,24 @@ impl Io for WorkerIo<'_> {
             ),
         }
         batch.clear();
+    }
+}
+
+/// The context of one batch of reads.
+fn batch_ctx<'a>(
+    snap: &'a Snapshot,
+    local: &'a Local,
+    counters: &'a Counters,
+    device: &'a Device,
+    vnet: bool,
+) -> Ctx<'a, PodTun> {
+    Ctx {
+        snap,
+        local,
+        counters,
+        limiter: &device.source_limiter,
+        now: Instant::now(),
+        vnet,
     }
 }
 
@@ -235,6 +251,7 @@ pub fn spawn_tun_reader(
                 };
                 let snap = device.snapshot();
                 let local = net.pods.table();
+                let ctx = batch_ctx(&snap, &local, &counters, &device, vnet);
                 let mut wio = WorkerIo {
                     tun: &q,
                     local: &local,
@@ -255,15 +272,7 @@ pub fn spawn_tun_reader(
                     };
                     for _ in 0..TUN_BATCH {
                         match src.read(&mut frame) {
-                            Ok(len) => tx.handle_frame_from(
-                                &snap,
-                                &local,
-                                port,
-                                &mut frame[..len],
-                                vnet,
-                                &counters,
-                                &mut wio,
-                            ),
+                            Ok(len) => tx.frame(&ctx, port, &mut frame[..len], &mut wio),
                             Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                             Err(e) => {
                                 read_err.log("reading from a tun", &e);
@@ -283,7 +292,8 @@ fn spawn_udp_reader(i: usize, b: Arc<Bound>, tun: Arc<TunQueue>, net: Network) -
     std::thread::Builder::new()
         .name(format!("kwire-udp-{i}"))
         .spawn(move || {
-            let mut rx = RxPath::new(net.vnet && tun.offload());
+            let vnet = net.vnet && tun.offload();
+            let mut rx = RxPath::new(vnet);
             let mut batch = RecvBatch::new(RECV_BATCH, RECV_MSG_BYTES);
             let mut scratch = SendScratch::new();
             let (mut tun_err, mut udp_err, mut recv_err) =
@@ -305,9 +315,9 @@ fn spawn_udp_reader(i: usize, b: Arc<Bound>, tun: Arc<TunQueue>, net: Network) -
                 if b.closed.load(Ordering::Relaxed) {
                     return;
                 }
-                let now = Instant::now();
                 let snap = device.snapshot();
                 let local = net.pods.table();
+                let ctx = batch_ctx(&snap, &local, &counters, &device, vnet);
                 let mut wio = WorkerIo {
                     tun: &tun,
                     local: &local,
@@ -320,17 +330,7 @@ fn spawn_udp_reader(i: usize, b: Arc<Bound>, tun: Arc<TunQueue>, net: Network) -
                 for k in 0..n {
                     let m = batch.get(k);
                     let Some(src) = m.src else { continue };
-                    rx.handle_message_local(
-                        &snap,
-                        &local,
-                        &device.source_limiter,
-                        src,
-                        m.data,
-                        m.segment,
-                        now,
-                        &counters,
-                        &mut wio,
-                    );
+                    rx.message(&ctx, src, m.data, m.segment, &mut wio);
                 }
                 rx.finish(&counters, &mut wio);
             }
@@ -347,10 +347,10 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
             let mut scratch = SendScratch::new();
             let (mut a, mut b) = (Throttle::new(), Throttle::new());
             let tun = net.tun_writers.lock().unwrap_or_else(|p| p.into_inner())[0].clone();
-            let ticks_per_second = (1000 / datapath::TIMER_TICK.as_millis()).max(1) as u64;
+            let ticks_per_second = (1000 / TIMER_TICK.as_millis()).max(1) as u64;
             let mut ticks = 0u64;
             loop {
-                std::thread::sleep(datapath::TIMER_TICK);
+                std::thread::sleep(TIMER_TICK);
                 let snap = device.snapshot();
                 let local = net.pods.table();
                 let mut wio = WorkerIo {
@@ -362,7 +362,7 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
                     tun_err: &mut a,
                     udp_err: &mut b,
                 };
-                datapath::tick_timers(&snap, &mut out, &mut wio);
+                apply::tick_timers(&snap, &mut out, &mut wio);
                 ticks += 1;
                 if ticks.is_multiple_of(ticks_per_second) {
                     if let Some(id) = &snap.identity {

@@ -13,9 +13,10 @@ pub struct Epoll {
 
 impl Epoll {
     pub fn new() -> io::Result<Epoll> {
-        // Safety: epoll_create1 takes no pointers; we own the returned descriptor.
+        // SAFETY: epoll_create1 takes no pointers; we own the returned descriptor.
         let fd = cvt(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         Ok(Epoll {
+            // SAFETY: `fd` was just returned by epoll_create1 and nothing else owns it.
             fd: unsafe { OwnedFd::from_raw_fd(fd) },
         })
     }
@@ -26,15 +27,15 @@ impl Epoll {
             events: libc::EPOLLIN as u32,
             u64: token,
         };
-        // Safety: `ev` is a valid epoll_event for the duration of the call.
+        // SAFETY: `ev` is a valid epoll_event for the duration of the call.
         cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_ADD, fd, &mut ev) })?;
         Ok(())
     }
 
     /// Stops watching `fd` (before it is closed).
     pub fn remove(&self, fd: RawFd) -> io::Result<()> {
-        // Safety: EPOLL_CTL_DEL ignores the event pointer on current kernels; we pass a valid one.
         let mut ev = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: EPOLL_CTL_DEL ignores the event pointer on current kernels; we pass a valid one.
         cvt(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), libc::EPOLL_CTL_DEL, fd, &mut ev) })?;
         Ok(())
     }
@@ -46,7 +47,7 @@ impl Epoll {
         timeout_ms: i32,
     ) -> io::Result<impl Iterator<Item = u64> + 'a> {
         loop {
-            // Safety: `events` is writable for `events.len()` entries.
+            // SAFETY: `events` is writable for `events.len()` entries.
             let n = unsafe {
                 libc::epoll_wait(
                     self.fd.as_raw_fd(),

@@ -22,7 +22,7 @@ pub fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<Ow
     for c in msg.cmsgs().map_err(io::Error::from)? {
         if let ControlMessageOwned::ScmRights(fds) = c {
             for fd in fds {
-                // Safety: the kernel just installed `fd` in our table for this message; nothing
+                // SAFETY: the kernel just installed `fd` in our table for this message; nothing
                 // else knows it, so wrapping it in an OwnedFd gives it exactly one owner.
                 let owned = unsafe { OwnedFd::from_raw_fd(fd) };
                 if first.is_none() {

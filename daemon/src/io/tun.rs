@@ -94,12 +94,12 @@ impl TunQueue {
         if opts.multi_queue {
             req.flags |= IFF_MULTI_QUEUE;
         }
-        // Safety: TUNSETIFF reads and writes a `struct ifreq`; `req` is a repr(C) struct of
+        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` is a repr(C) struct of
         // at least that size (40 bytes) that lives across the call.
         cvt(unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReqFlags) })?;
         if opts.offload {
             let hdr: libc::c_int = VNET_HDR_LEN as libc::c_int;
-            // Safety: TUNSETVNETHDRSZ reads an int through the pointer, which is valid.
+            // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer, which is valid.
             cvt(unsafe {
                 libc::ioctl(
                     file.as_raw_fd(),
@@ -108,7 +108,7 @@ impl TunQueue {
                 )
             })?;
             let flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
-            // Safety: TUNSETOFFLOAD takes its argument by value.
+            // SAFETY: TUNSETOFFLOAD takes its argument by value.
             cvt(unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) })?;
         }
         Ok(TunQueue {
@@ -124,7 +124,7 @@ impl TunQueue {
 
     /// Marks the device persistent (it outlives this process) or not.
     pub fn set_persist(&self, persist: bool) -> io::Result<()> {
-        // Safety: TUNSETPERSIST takes its argument by value.
+        // SAFETY: TUNSETPERSIST takes its argument by value.
         cvt(unsafe {
             libc::ioctl(
                 self.file.as_raw_fd(),
@@ -138,7 +138,7 @@ impl TunQueue {
     /// Blocking read of one frame.
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            // Safety: `buf` is valid for writes of `buf.len()` bytes.
+            // SAFETY: `buf` is valid for writes of `buf.len()` bytes.
             let r = cvt_size(unsafe {
                 libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
             });
@@ -152,7 +152,7 @@ impl TunQueue {
     /// Writes one frame.
     pub fn write(&self, frame: &[u8]) -> io::Result<usize> {
         loop {
-            // Safety: `frame` is valid for reads of `frame.len()` bytes.
+            // SAFETY: `frame` is valid for reads of `frame.len()` bytes.
             let r = cvt_size(unsafe {
                 libc::write(self.file.as_raw_fd(), frame.as_ptr().cast(), frame.len())
             });
@@ -191,13 +191,14 @@ impl TunQueue {
 }
 
 pub(crate) fn set_nonblocking(fd: RawFd, nonblocking: bool) -> io::Result<()> {
-    // Safety: F_GETFL/F_SETFL on a descriptor we own take no pointers.
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own take no pointers.
     let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
     let flags = if nonblocking {
         flags | libc::O_NONBLOCK
     } else {
         flags & !libc::O_NONBLOCK
     };
+    // SAFETY: as above; the flags are the descriptor's own with O_NONBLOCK changed.
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) })?;
     Ok(())
 }
@@ -209,7 +210,7 @@ pub(crate) fn poll_in(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
         revents: 0,
     };
     loop {
-        // Safety: one valid pollfd.
+        // SAFETY: one valid pollfd.
         match cvt(unsafe { libc::poll(&mut p, 1, timeout_ms) }) {
             Ok(n) => return Ok(n > 0),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -221,14 +222,15 @@ pub(crate) fn poll_in(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
 /// The kernel's index of interface `name` in the current namespace, if it exists.
 pub fn if_index(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
-    // Safety: `c` is a valid NUL-terminated string.
+    // SAFETY: `c` is a valid NUL-terminated string.
     let idx = unsafe { libc::if_nametoindex(c.as_ptr()) };
     (idx != 0).then_some(idx)
 }
 
 /// Duplicates a descriptor (CLOEXEC).
 pub fn dup(fd: RawFd) -> io::Result<OwnedFd> {
-    // Safety: F_DUPFD_CLOEXEC returns a new descriptor that we then own exclusively.
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor that we then own exclusively.
     let n = cvt(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) })?;
+    // SAFETY: `n` is the new descriptor F_DUPFD_CLOEXEC returned; nothing else owns it.
     Ok(unsafe { OwnedFd::from_raw_fd(n) })
 }

@@ -4,7 +4,7 @@
 //! into system calls.
 
 use super::{cvt, cvt_size};
-use crate::datapath::batch::TxBatch;
+use crate::offload::gso::TxBatch;
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
@@ -42,7 +42,7 @@ fn setsockopt_int(
     name: libc::c_int,
     v: libc::c_int,
 ) -> io::Result<()> {
-    // Safety: passes a pointer to a live int and its size.
+    // SAFETY: passes a pointer to a live int and its size.
     cvt(unsafe {
         libc::setsockopt(
             fd,
@@ -75,8 +75,9 @@ impl UdpSocket {
 
     fn bind_family(v6: bool, port: u16, reuseport: bool, fwmark: u32) -> io::Result<UdpSocket> {
         let domain = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-        // Safety: socket() takes no pointers; we own the result.
+        // SAFETY: socket() takes no pointers; we own the result.
         let raw = cvt(unsafe { libc::socket(domain, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+        // SAFETY: `raw` is the descriptor socket() just returned; nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         if v6 {
             setsockopt_int(raw, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 0)?;
@@ -104,7 +105,7 @@ impl UdpSocket {
             SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
         };
         let (sa, len) = to_sockaddr(&addr, v6);
-        // Safety: `sa` is a sockaddr_storage holding a sockaddr of length `len`.
+        // SAFETY: `sa` is a sockaddr_storage holding a sockaddr of length `len`.
         cvt(unsafe { libc::bind(raw, (&sa as *const libc::sockaddr_storage).cast(), len) })?;
         let mut sock = UdpSocket {
             fd,
@@ -117,9 +118,10 @@ impl UdpSocket {
     }
 
     fn local_port(&self) -> io::Result<u16> {
-        // Safety: getsockname writes at most `len` bytes into `ss`.
+        // SAFETY: all-zero is a valid sockaddr_storage (a plain C struct).
         let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
         let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: getsockname writes at most `len` bytes into `ss`, which has that many.
         cvt(unsafe {
             libc::getsockname(
                 self.fd.as_raw_fd(),
@@ -149,14 +151,14 @@ impl UdpSocket {
     /// Wakes any thread blocked in a receive on this socket (it then sees `Ok(0)` messages and
     /// a shut-down socket). Linux wakes readers even on an unconnected UDP socket.
     pub fn shutdown(&self) {
-        // Safety: shutdown takes no pointers; ENOTCONN is expected and harmless.
+        // SAFETY: shutdown takes no pointers; ENOTCONN is expected and harmless.
         unsafe { libc::shutdown(self.fd.as_raw_fd(), libc::SHUT_RDWR) };
     }
 
     /// Sends one datagram.
     pub fn send_to(&self, buf: &[u8], dst: SocketAddr) -> io::Result<()> {
         let (sa, len) = to_sockaddr(&dst, self.v6);
-        // Safety: `buf` is readable for its length; `sa` holds `len` bytes of address.
+        // SAFETY: `buf` is readable for its length; `sa` holds `len` bytes of address.
         cvt_size(unsafe {
             libc::sendto(
                 self.fd.as_raw_fd(),
@@ -215,7 +217,7 @@ impl UdpSocket {
         s.link(n);
         let mut sent = 0;
         while sent < n {
-            // Safety: `link` pointed every header in [0, n) at live buffers in `s`, which is
+            // SAFETY: `link` pointed every header in [0, n) at live buffers in `s`, which is
             // not touched until the call returns.
             let r = unsafe {
                 libc::sendmmsg(
@@ -248,7 +250,7 @@ impl UdpSocket {
         let n = batch.capacity();
         let hdrs = batch.link_headers();
         loop {
-            // Safety: `link_headers` pointed each of the `n` headers at buffers owned by
+            // SAFETY: `link_headers` pointed each of the `n` headers at buffers owned by
             // `batch`, which stay borrowed until we return.
             let r = unsafe {
                 libc::recvmmsg(
@@ -287,7 +289,7 @@ pub struct SendScratch {
     segs: Vec<Option<u16>>,
 }
 
-// Safety: the raw pointers inside are only set and used within one `send_batch` call.
+// SAFETY: the raw pointers inside are only set and used within one `send_batch` call.
 unsafe impl Send for SendScratch {}
 
 impl Default for SendScratch {
@@ -298,11 +300,10 @@ impl Default for SendScratch {
 
 impl SendScratch {
     pub fn new() -> SendScratch {
-        // Safety: all-zero is a valid value for these plain C structs.
         SendScratch {
-            msgs: (0..MAX_SEND_MSGS).map(|_| unsafe { zeroed() }).collect(),
-            iovs: (0..MAX_SEND_MSGS).map(|_| unsafe { zeroed() }).collect(),
-            addrs: (0..MAX_SEND_MSGS).map(|_| unsafe { zeroed() }).collect(),
+            msgs: (0..MAX_SEND_MSGS).map(|_| zeroed_c()).collect(),
+            iovs: (0..MAX_SEND_MSGS).map(|_| zeroed_c()).collect(),
+            addrs: (0..MAX_SEND_MSGS).map(|_| zeroed_c()).collect(),
             addr_lens: vec![0; MAX_SEND_MSGS],
             cmsgs: vec![[0; CMSG_ROOM / 8]; MAX_SEND_MSGS],
             segs: vec![None; MAX_SEND_MSGS],
@@ -323,9 +324,9 @@ impl SendScratch {
     /// Points the headers at the iovecs, addresses and control messages.
     fn link(&mut self, n: usize) {
         for i in 0..n {
-            // Safety: an all-zero msghdr is valid; every pointer set below refers into `self`,
-            // whose vectors are never resized after `new`.
-            let mut h: libc::msghdr = unsafe { zeroed() };
+            // Every pointer set below refers into `self`, whose vectors are never resized after
+            // `new`.
+            let mut h: libc::msghdr = zeroed_c();
             h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
             h.msg_namelen = self.addr_lens[i];
             h.msg_iov = &mut self.iovs[i];
@@ -333,6 +334,8 @@ impl SendScratch {
             if let Some(seg) = self.segs[i] {
                 let buf = &mut self.cmsgs[i];
                 h.msg_control = buf.as_mut_ptr().cast();
+                // SAFETY: `buf` (CMSG_ROOM bytes, 8-aligned) holds one cmsghdr with a u16 of
+                // data; CMSG_FIRSTHDR of a header whose controllen covers it points into `buf`.
                 unsafe {
                     h.msg_controllen = libc::CMSG_SPACE(size_of::<u16>() as u32) as _;
                     let c = libc::CMSG_FIRSTHDR(&h);
@@ -362,7 +365,7 @@ pub struct RecvBatch {
     filled: usize,
 }
 
-// Safety: the raw pointers inside point into the struct's own vectors and are re-made before
+// SAFETY: the raw pointers inside point into the struct's own vectors and are re-made before
 // every receive.
 unsafe impl Send for RecvBatch {}
 
@@ -377,13 +380,12 @@ pub struct RecvMsg<'a> {
 
 impl RecvBatch {
     pub fn new(capacity: usize, msg_len: usize) -> RecvBatch {
-        // Safety: all-zero is valid for these plain C structs.
         RecvBatch {
             bufs: vec![0; capacity * msg_len],
             msg_len,
-            hdrs: (0..capacity).map(|_| unsafe { zeroed() }).collect(),
-            iovs: (0..capacity).map(|_| unsafe { zeroed() }).collect(),
-            addrs: (0..capacity).map(|_| unsafe { zeroed() }).collect(),
+            hdrs: (0..capacity).map(|_| zeroed_c()).collect(),
+            iovs: (0..capacity).map(|_| zeroed_c()).collect(),
+            addrs: (0..capacity).map(|_| zeroed_c()).collect(),
             cmsgs: vec![[0; CMSG_ROOM / 8]; capacity],
             filled: 0,
         }
@@ -397,12 +399,12 @@ impl RecvBatch {
         self.filled = 0;
         let base = self.bufs.as_mut_ptr();
         for i in 0..self.hdrs.len() {
-            // Safety: offsets stay inside `bufs` (capacity * msg_len bytes).
             self.iovs[i] = libc::iovec {
+                // SAFETY: offsets stay inside `bufs` (capacity * msg_len bytes).
                 iov_base: unsafe { base.add(i * self.msg_len) }.cast(),
                 iov_len: self.msg_len,
             };
-            let mut h: libc::msghdr = unsafe { zeroed() };
+            let mut h: libc::msghdr = zeroed_c();
             h.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
             h.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
             h.msg_iov = &mut self.iovs[i];
@@ -434,7 +436,7 @@ impl RecvBatch {
     pub fn get(&self, i: usize) -> RecvMsg<'_> {
         let h = &self.hdrs[i];
         let len = (h.msg_len as usize).min(self.msg_len);
-        // Safety: the header was filled by recvmmsg; its control pointer refers to `cmsgs[i]`.
+        // SAFETY: the header was filled by recvmmsg; its control pointer refers to `cmsgs[i]`.
         let segment = unsafe { gro_segment(&h.msg_hdr) };
         RecvMsg {
             src: from_sockaddr(&self.addrs[i]),
@@ -460,13 +462,26 @@ pub(crate) unsafe fn gro_segment(h: &libc::msghdr) -> Option<u16> {
     None
 }
 
+/// A plain C struct of the kernel ABI (addresses, headers, iovecs), all zero.
+fn zeroed_c<T: PlainC>() -> T {
+    // SAFETY: `PlainC` is implemented only for C structs made of integers, arrays of them and
+    // raw pointers, for which all-zero bytes are a valid value (null pointers, zero lengths).
+    unsafe { zeroed() }
+}
+
+/// C structs for which all-zero bytes are a valid value.
+trait PlainC {}
+impl PlainC for libc::sockaddr_storage {}
+impl PlainC for libc::msghdr {}
+impl PlainC for libc::mmsghdr {}
+impl PlainC for libc::iovec {}
+
 /// Socket address to C form; IPv4 becomes v4-mapped on a dual-stack socket.
 pub(crate) fn to_sockaddr(
     addr: &SocketAddr,
     v6_socket: bool,
 ) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // Safety: all-zero sockaddr_storage is valid; we write a smaller sockaddr into it.
-    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    let mut ss: libc::sockaddr_storage = zeroed_c();
     let v6 = match (addr, v6_socket) {
         (SocketAddr::V4(a), false) => {
             let sin = libc::sockaddr_in {
@@ -477,6 +492,7 @@ pub(crate) fn to_sockaddr(
                 },
                 sin_zero: [0; 8],
             };
+            // SAFETY: sockaddr_storage is larger and at least as aligned as sockaddr_in.
             unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
             return (ss, size_of::<libc::sockaddr_in>() as libc::socklen_t);
         }
@@ -492,6 +508,7 @@ pub(crate) fn to_sockaddr(
         },
         sin6_scope_id: v6.scope_id(),
     };
+    // SAFETY: sockaddr_storage is larger and at least as aligned as sockaddr_in6.
     unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
     (ss, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
 }
@@ -500,7 +517,7 @@ pub(crate) fn to_sockaddr(
 pub(crate) fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match ss.ss_family as libc::c_int {
         libc::AF_INET => {
-            // Safety: the family says this storage holds a sockaddr_in.
+            // SAFETY: the family says this storage holds a sockaddr_in.
             let sin: libc::sockaddr_in =
                 unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
             let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
@@ -510,7 +527,7 @@ pub(crate) fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
             )))
         }
         libc::AF_INET6 => {
-            // Safety: the family says this storage holds a sockaddr_in6.
+            // SAFETY: the family says this storage holds a sockaddr_in6.
             let sin6: libc::sockaddr_in6 =
                 unsafe { std::ptr::read((ss as *const libc::sockaddr_storage).cast()) };
             let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);

@@ -1,19 +1,15 @@
 //! The agent's HTTP endpoint: `/metrics` (Prometheus text; peers labelled by node name, never
 //! by key or address), `/healthz` (the process answers) and `/readyz` (synced with the API or
-//! restored from state, and the data plane programmed).
+//! restored from state, and the data plane programmed). Renders the node's
+//! [`StatusReport`](crate::node_state::StatusReport), so `/metrics` and `kwire status` show the
+//! same numbers by construction.
 
-use crate::agent::peers::RejectReason;
-use crate::datapath::stats::Counters;
-use crate::dataplane::ports::Pods;
-use crate::wg::Device;
-use arc_swap::ArcSwap;
+use crate::node_state::{report, NodeState, PeerReport};
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use ipnetwork::IpNetwork;
-use kwire_proto::key::PublicKey;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -22,114 +18,11 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
-
-/// A peer whose last handshake is older than this is down: WireGuard's REJECT_AFTER_TIME
-/// (whitepaper §6.1), after which no session key may be used.
-pub const PEER_UP_WITHIN: Duration = Duration::from_secs(180);
-
-/// What the endpoint reports, shared with the agent's control loop.
-pub struct AgentStatus {
-    pub device: Arc<Device>,
-    pub counters: Arc<Counters>,
-    /// Node name of each peer the control plane configured, by public key.
-    pub peer_names: ArcSwap<BTreeMap<PublicKey, String>>,
-    invalid: [AtomicU64; RejectReason::ALL.len()],
-    /// Synced with the API at least once, or restored from the state directory.
-    pub synced: AtomicBool,
-    /// The tun's addresses and routes are programmed.
-    pub programmed: AtomicBool,
-    /// Which node this is, where its pod records live, its pods (set once at start).
-    pub node: OnceLock<NodeContext>,
-    /// This node's pod CIDRs, as last programmed.
-    pub pod_cidrs: ArcSwap<Vec<IpNetwork>>,
-    /// Errors of the Node watch (each failed list/watch attempt).
-    pub watch_errors: AtomicU64,
-    /// Complete re-lists of the Nodes (the first list included).
-    pub watch_resyncs: AtomicU64,
-    /// The Node watch delivered its last answer without error.
-    pub api_synced: AtomicBool,
-    /// What the health monitor knows of each peer, by node name.
-    pub peer_health: Mutex<BTreeMap<String, PeerHealthReport>>,
-}
-
-/// The node an agent runs for.
-#[derive(Debug, Clone)]
-pub struct NodeContext {
-    pub name: String,
-    pub interface: String,
-    /// Holds `pods.json` (pod names and namespaces).
-    pub state_dir: PathBuf,
-    pub pods: Arc<Pods>,
-}
-
-/// Per peer, what the health monitor derived between ticks.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PeerHealthReport {
-    /// Completed handshakes seen (a change of the handshake time between ticks).
-    pub handshakes: u64,
-    /// No handshake for longer than `--peer-unreachable-after` while traffic waits.
-    pub unreachable: bool,
-}
-
-impl std::fmt::Debug for AgentStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AgentStatus")
-            .field("synced", &self.synced)
-            .field("programmed", &self.programmed)
-            .finish_non_exhaustive()
-    }
-}
-
-impl AgentStatus {
-    pub fn new(device: Arc<Device>, counters: Arc<Counters>) -> AgentStatus {
-        AgentStatus {
-            device,
-            counters,
-            peer_names: ArcSwap::from_pointee(BTreeMap::new()),
-            invalid: Default::default(),
-            synced: AtomicBool::new(false),
-            programmed: AtomicBool::new(false),
-            node: OnceLock::new(),
-            pod_cidrs: ArcSwap::from_pointee(Vec::new()),
-            watch_errors: AtomicU64::new(0),
-            watch_resyncs: AtomicU64::new(0),
-            api_synced: AtomicBool::new(false),
-            peer_health: Mutex::new(BTreeMap::new()),
-        }
-    }
-
-    /// The health monitor's view of each peer.
-    pub fn peer_health(&self) -> BTreeMap<String, PeerHealthReport> {
-        self.peer_health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Pods attached to the packet loop (0 before the node is known).
-    pub fn pod_count(&self) -> usize {
-        self.node.get().map_or(0, |n| n.pods.table().pods.len())
-    }
-
-    pub fn count_invalid(&self, r: RejectReason) {
-        self.invalid[r as usize].fetch_add(1, Ordering::Relaxed);
-    }
-
-    pub fn invalid(&self, r: RejectReason) -> u64 {
-        self.invalid[r as usize].load(Ordering::Relaxed)
-    }
-
-    pub fn ready(&self) -> bool {
-        self.synced.load(Ordering::Relaxed) && self.programmed.load(Ordering::Relaxed)
-    }
-}
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 #[derive(Debug)]
-struct StatusCollector(Arc<AgentStatus>);
+struct StatusCollector(Arc<NodeState>);
 
 type Labels = Vec<(String, String)>;
 
@@ -165,18 +58,16 @@ fn counter_family(
 
 impl Collector for StatusCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let st = &self.0;
         // The same numbers `kwire status` prints.
-        let r = crate::status::report(st);
+        let r = report(&self.0);
         let node = |n: &str| one("node", n);
-        let peer_gauge =
-            |f: &dyn Fn(&crate::status::PeerReport) -> Option<f64>| -> Vec<(Labels, f64)> {
-                r.peers
-                    .iter()
-                    .filter_map(|p| f(p).map(|v| (node(&p.node), v)))
-                    .collect()
-            };
-        let peer_counter = |f: &dyn Fn(&crate::status::PeerReport) -> u64| -> Vec<(Labels, u64)> {
+        let peer_gauge = |f: &dyn Fn(&PeerReport) -> Option<f64>| -> Vec<(Labels, f64)> {
+            r.peers
+                .iter()
+                .filter_map(|p| f(p).map(|v| (node(&p.node), v)))
+                .collect()
+        };
+        let peer_counter = |f: &dyn Fn(&PeerReport) -> u64| -> Vec<(Labels, u64)> {
             r.peers.iter().map(|p| (node(&p.node), f(p))).collect()
         };
         gauge_family(
@@ -268,11 +159,10 @@ impl Collector for StatusCollector {
             "Packets of the data plane: tx encrypted to peers, rx decrypted from peers, local delivered on this node",
             &packets,
         )?;
-        let drops: Vec<(Labels, u64)> = st
-            .counters
-            .all_drops()
-            .map(|(r, n)| (one("reason", r.metric_label()), n))
-            .collect();
+        let by_reason = |m: &BTreeMap<String, u64>| -> Vec<(Labels, u64)> {
+            m.iter().map(|(r, n)| (one("reason", r), *n)).collect()
+        };
+        let drops = by_reason(&r.drops);
         counter_family(
             &mut e,
             "kwire_drops",
@@ -285,10 +175,25 @@ impl Collector for StatusCollector {
             "Pods attached to this node's packet loop",
             &[(vec![], r.pods.len() as f64)],
         )?;
-        let invalid: Vec<(Labels, u64)> = RejectReason::ALL
-            .iter()
-            .map(|r| (one("reason", r.metric_label()), st.invalid(*r)))
-            .collect();
+        gauge_family(
+            &mut e,
+            "kwire_conntrack_flows",
+            "Flows in the NetworkPolicy connection table (new flows are refused past kwire_conntrack_flows_max, or past kwire_conntrack_flows_per_pod_max for one initiating address)",
+            &[(vec![], r.conntrack.flows as f64)],
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_conntrack_flows_max",
+            "Most flows the connection table holds",
+            &[(vec![], r.conntrack.max_flows as f64)],
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_conntrack_flows_per_pod_max",
+            "Most flows one initiating pod address may hold (--max-flows-per-pod)",
+            &[(vec![], r.conntrack.max_flows_per_pod as f64)],
+        )?;
+        let invalid = by_reason(&r.invalid_peers);
         counter_family(
             &mut e,
             "kwire_invalid_peer",
@@ -330,7 +235,7 @@ impl Collector for StatusCollector {
 }
 
 /// The registry with every agent metric.
-pub fn registry(status: Arc<AgentStatus>) -> Registry {
+pub fn registry(status: Arc<NodeState>) -> Registry {
     let mut r = Registry::default();
     r.register_collector(Box::new(StatusCollector(status)));
     r
@@ -345,7 +250,7 @@ pub fn render(registry: &Registry) -> String {
 }
 
 struct Http {
-    status: Arc<AgentStatus>,
+    status: Arc<NodeState>,
     registry: Registry,
 }
 
@@ -382,7 +287,7 @@ async fn readyz(State(h): State<Arc<Http>>) -> impl IntoResponse {
 /// Binds `addr` now (so a bad address fails the start) and returns the server future.
 pub async fn bind(
     addr: SocketAddr,
-    status: Arc<AgentStatus>,
+    status: Arc<NodeState>,
 ) -> anyhow::Result<impl std::future::Future<Output = ()>> {
     use anyhow::Context;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -404,22 +309,28 @@ pub async fn bind(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::datapath::stats::{Counters, DropReason};
+    use crate::wg::Device;
+    use kwire_proto::key::PublicKey;
 
     #[test]
     fn renders_node_level_metrics_without_keys() {
-        let st = Arc::new(AgentStatus::new(
+        let st = Arc::new(NodeState::new(
             Arc::new(Device::new()),
             Arc::new(Counters::default()),
+            &["duplicate_key", "no_key"],
         ));
-        st.count_invalid(RejectReason::DuplicateKey);
-        Counters::drop(&st.counters, crate::datapath::stats::DropReason::NoPeer);
+        st.count_invalid("duplicate_key");
+        Counters::drop(&st.counters, DropReason::NoPeer);
         let mut names = BTreeMap::new();
         names.insert(PublicKey([5; 32]), "node-b".to_string());
         st.peer_names.store(Arc::new(names));
         let text = render(&registry(st.clone()));
         for want in [
             "kwire_invalid_peer_total{reason=\"duplicate_key\"} 1",
+            "kwire_invalid_peer_total{reason=\"no_key\"} 0",
             "kwire_drops_total{reason=\"no_peer\"} 1",
+            "kwire_drops_total{reason=\"mtu\"} 0",
             "kwire_peers_expected 1",
             "kwire_peers_connected 0",
             "kwire_build_info{version=",

@@ -1,9 +1,11 @@
-//! Tun offloads: the virtio-net header the kernel puts before each frame, splitting a 64 KB
-//! TCP segment into MTU-sized packets (TSO), and merging received packets of one TCP flow back
-//! into one segment (GRO). Pure functions over caller-owned buffers; no I/O.
+//! Offloads: the virtio-net header the kernel puts before each tun frame, splitting a 64 KB
+//! TCP segment into MTU-sized packets (TSO), merging received packets of one TCP flow back
+//! into one segment (GRO), and grouping outgoing datagrams for UDP GSO ([`gso::TxBatch`]).
+//! Pure functions over caller-owned buffers; no I/O.
 
 pub mod checksum;
 pub mod gro;
+pub mod gso;
 pub mod tso;
 
 /// Length of the header as we configure it (`struct virtio_net_hdr`, no `num_buffers`).

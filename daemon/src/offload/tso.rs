@@ -30,21 +30,130 @@ pub fn split_capped<F: FnMut(&[u8])>(
     max_packet: usize,
     mut emit: F,
 ) -> Result<(), OffloadError> {
-    if frame.len() < VNET_HDR_LEN {
-        return Err(OffloadError::Malformed);
+    let mut s = Segments::new(frame, scratch, max_packet)?;
+    while let Some(p) = s.next_packet() {
+        emit(p?);
     }
-    let (h, pkt) = frame.split_at_mut(VNET_HDR_LEN);
-    let hdr = VnetHdr::decode(&(&*h).try_into().expect("split at header length"));
-    match hdr.gso_type & !GSO_ECN {
-        GSO_NONE => {
-            if hdr.flags & F_NEEDS_CSUM != 0 {
-                complete_checksum(pkt, hdr.csum_start as usize, hdr.csum_offset as usize)?;
-            }
-            emit(pkt);
-            Ok(())
+    Ok(())
+}
+
+/// The packets one tun frame carries, produced one at a time: a TSO segment becomes
+/// MSS-sized packets built in `scratch`; a single packet is handed out in place (its partial
+/// checksum completed first). The caller may stop after any packet and, with a new
+/// `Segments` over the same frame, [`Segments::skip`] what it already took: nothing is
+/// changed in the frame until the packet that needs it is produced.
+pub struct Segments<'f, 's> {
+    pkt: &'f mut [u8],
+    scratch: &'s mut [u8],
+    shape: Shape,
+    next: usize,
+}
+
+enum Shape {
+    /// One packet; `csum`: where its partial checksum starts and where the field is.
+    Single {
+        csum: Option<(usize, usize)>,
+    },
+    Tcp(Tcp),
+}
+
+/// A TCP segment's layout and how it is cut.
+struct Tcp {
+    v6: bool,
+    l4: usize,
+    hlen: usize,
+    mss: usize,
+    count: usize,
+    seq0: u32,
+    id0: u16,
+}
+
+impl<'f, 's> Segments<'f, 's> {
+    /// The packets of `frame` (virtio-net header + packet), TCP segments no larger than
+    /// `max_packet`. Checks the header against the packet; `scratch` must hold the largest
+    /// segment.
+    pub fn new(
+        frame: &'f mut [u8],
+        scratch: &'s mut [u8],
+        max_packet: usize,
+    ) -> Result<Segments<'f, 's>, OffloadError> {
+        if frame.len() < VNET_HDR_LEN {
+            return Err(OffloadError::Malformed);
         }
-        GSO_TCPV4 | GSO_TCPV6 => split_tcp(pkt, &hdr, scratch, max_packet, emit),
-        _ => Err(OffloadError::Unsupported),
+        let (h, pkt) = frame.split_at_mut(VNET_HDR_LEN);
+        let hdr = VnetHdr::decode(&(&*h).try_into().expect("split at header length"));
+        let shape = match hdr.gso_type & !GSO_ECN {
+            GSO_NONE => Shape::Single {
+                csum: (hdr.flags & F_NEEDS_CSUM != 0)
+                    .then_some((hdr.csum_start as usize, hdr.csum_offset as usize)),
+            },
+            GSO_TCPV4 | GSO_TCPV6 => Shape::Tcp(Tcp::layout(pkt, &hdr, scratch.len(), max_packet)?),
+            _ => return Err(OffloadError::Unsupported),
+        };
+        Ok(Segments {
+            pkt,
+            scratch,
+            shape,
+            next: 0,
+        })
+    }
+
+    /// A frame without virtio-net header: the frame is the one packet.
+    #[inline]
+    pub fn plain(frame: &'f mut [u8], scratch: &'s mut [u8]) -> Segments<'f, 's> {
+        Segments {
+            pkt: frame,
+            scratch,
+            shape: Shape::Single { csum: None },
+            next: 0,
+        }
+    }
+
+    /// How many packets the frame carries.
+    #[inline]
+    pub fn count(&self) -> usize {
+        match &self.shape {
+            Shape::Single { .. } => 1,
+            Shape::Tcp(t) => t.count,
+        }
+    }
+
+    /// The largest packet any of them is (the room to ask for before taking the next).
+    #[inline]
+    pub fn max_len(&self) -> usize {
+        match &self.shape {
+            Shape::Single { .. } => self.pkt.len(),
+            Shape::Tcp(t) => (t.hlen + t.mss).min(self.pkt.len()),
+        }
+    }
+
+    /// Index of the packet [`Segments::next_packet`] produces next.
+    #[inline]
+    pub fn position(&self) -> usize {
+        self.next
+    }
+
+    /// Passes over the first `n` packets without producing them.
+    #[inline]
+    pub fn skip(&mut self, n: usize) {
+        self.next = n.min(self.count());
+    }
+
+    /// The next packet, or `None` after the last.
+    #[inline]
+    pub fn next_packet(&mut self) -> Option<Result<&[u8], OffloadError>> {
+        let i = self.next;
+        if i >= self.count() {
+            return None;
+        }
+        self.next += 1;
+        match &self.shape {
+            Shape::Single { csum: None } => Some(Ok(&*self.pkt)),
+            Shape::Single {
+                csum: Some((start, offset)),
+            } => Some(complete_checksum(self.pkt, *start, *offset).map(|()| &*self.pkt)),
+            Shape::Tcp(t) => Some(Ok(t.segment(self.pkt, self.scratch, i))),
+        }
     }
 }
 
@@ -62,45 +171,59 @@ pub fn complete_checksum(pkt: &mut [u8], start: usize, offset: usize) -> Result<
     Ok(())
 }
 
-fn split_tcp<F: FnMut(&[u8])>(
-    pkt: &[u8],
-    hdr: &VnetHdr,
-    scratch: &mut [u8],
-    max_packet: usize,
-    mut emit: F,
-) -> Result<(), OffloadError> {
-    let v6 = match pkt.first().map(|b| b >> 4) {
-        Some(4) => false,
-        Some(6) => true,
-        _ => return Err(OffloadError::Malformed),
-    };
-    let l4 = hdr.csum_start as usize;
-    let min_l3 = if v6 { 40 } else { 20 };
-    if l4 < min_l3 || l4 + 20 > pkt.len() {
-        return Err(OffloadError::Malformed);
+impl Tcp {
+    /// Checks the headers the virtio-net header describes and works out the cut.
+    fn layout(
+        pkt: &[u8],
+        hdr: &VnetHdr,
+        scratch_len: usize,
+        max_packet: usize,
+    ) -> Result<Tcp, OffloadError> {
+        let v6 = match pkt.first().map(|b| b >> 4) {
+            Some(4) => false,
+            Some(6) => true,
+            _ => return Err(OffloadError::Malformed),
+        };
+        let l4 = hdr.csum_start as usize;
+        let min_l3 = if v6 { 40 } else { 20 };
+        if l4 < min_l3 || l4 + 20 > pkt.len() {
+            return Err(OffloadError::Malformed);
+        }
+        if !v6 && (pkt[0] & 0x0f) as usize * 4 != l4 {
+            return Err(OffloadError::Malformed);
+        }
+        let thl = (pkt[l4 + 12] >> 4) as usize * 4;
+        let hlen = l4 + thl;
+        if thl < 20 || hlen > pkt.len() {
+            return Err(OffloadError::Malformed);
+        }
+        let mss = (hdr.gso_size as usize).min(max_packet.saturating_sub(hlen));
+        if mss == 0 || hlen + mss > scratch_len {
+            return Err(OffloadError::Malformed);
+        }
+        Ok(Tcp {
+            v6,
+            l4,
+            hlen,
+            mss,
+            count: (pkt.len() - hlen).div_ceil(mss).max(1),
+            seq0: u32::from_be_bytes([pkt[l4 + 4], pkt[l4 + 5], pkt[l4 + 6], pkt[l4 + 7]]),
+            id0: u16::from_be_bytes([pkt[4], pkt[5]]),
+        })
     }
-    if !v6 && (pkt[0] & 0x0f) as usize * 4 != l4 {
-        return Err(OffloadError::Malformed);
-    }
-    let thl = (pkt[l4 + 12] >> 4) as usize * 4;
-    let hlen = l4 + thl;
-    if thl < 20 || hlen > pkt.len() {
-        return Err(OffloadError::Malformed);
-    }
-    let mss = (hdr.gso_size as usize).min(max_packet.saturating_sub(hlen));
-    if mss == 0 || hlen + mss > scratch.len() {
-        return Err(OffloadError::Malformed);
-    }
-    let payload = &pkt[hlen..];
-    let seq0 = u32::from_be_bytes([pkt[l4 + 4], pkt[l4 + 5], pkt[l4 + 6], pkt[l4 + 7]]);
-    let id0 = u16::from_be_bytes([pkt[4], pkt[5]]);
-    let (src, dst) = if v6 {
-        (8..24, 24..40)
-    } else {
-        (12..16, 16..20)
-    };
-    let n = payload.len().div_ceil(mss).max(1);
-    for i in 0..n {
+
+    /// Builds packet `i` in `scratch`: the headers, the `i`th MSS of payload, lengths,
+    /// sequence number, flags and checksums fixed.
+    fn segment<'s>(&self, pkt: &[u8], scratch: &'s mut [u8], i: usize) -> &'s [u8] {
+        let Tcp {
+            v6,
+            l4,
+            hlen,
+            mss,
+            count,
+            ..
+        } = *self;
+        let payload = &pkt[hlen..];
         let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
         let len = hlen + chunk.len();
         let seg = &mut scratch[..len];
@@ -110,13 +233,13 @@ fn split_tcp<F: FnMut(&[u8])>(
             seg[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
         } else {
             seg[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            seg[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+            seg[4..6].copy_from_slice(&self.id0.wrapping_add(i as u16).to_be_bytes());
             set_ipv4_header(&mut seg[..l4]);
         }
-        let seq = seq0.wrapping_add((i * mss) as u32);
+        let seq = self.seq0.wrapping_add((i * mss) as u32);
         seg[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
         let flags = &mut seg[l4 + 13];
-        if i + 1 < n {
+        if i + 1 < count {
             *flags &= !(TCP_FIN | TCP_PSH);
         }
         if i > 0 {
@@ -124,17 +247,16 @@ fn split_tcp<F: FnMut(&[u8])>(
         }
         seg[l4 + 16] = 0;
         seg[l4 + 17] = 0;
-        let ph = pseudo_header(
-            &seg[src.clone()],
-            &seg[dst.clone()],
-            PROTO_TCP,
-            (len - l4) as u32,
-        );
+        let (src, dst) = if v6 {
+            (8..24, 24..40)
+        } else {
+            (12..16, 16..20)
+        };
+        let ph = pseudo_header(&seg[src], &seg[dst], PROTO_TCP, (len - l4) as u32);
         let c = !fold(sum(ph, &seg[l4..]));
         seg[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
-        emit(seg);
+        seg
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -255,6 +377,42 @@ pub(crate) mod tests {
             }
             assert_eq!(joined, payload);
         }
+    }
+
+    /// Stopping after any packet and going on with a new `Segments` over the same frame
+    /// yields the same packets as one pass.
+    #[test]
+    fn resumes_where_it_stopped() {
+        let payload: Vec<u8> = (0..7000u32).map(|i| (i * 7) as u8).collect();
+        let big = tcp_packet(false, 1, 0x18, &payload);
+        let mut scratch = vec![0u8; 65536];
+        let mut whole: Vec<Vec<u8>> = Vec::new();
+        split(&mut as_gso_frame(&big, 1000), &mut scratch, |p| {
+            whole.push(p.to_vec())
+        })
+        .unwrap();
+        assert_eq!(whole.len(), 7);
+        for stop in 0..=7 {
+            let mut frame = as_gso_frame(&big, 1000);
+            let mut got = Vec::new();
+            let mut s = Segments::new(&mut frame, &mut scratch, usize::MAX).unwrap();
+            while s.position() < stop {
+                got.push(s.next_packet().unwrap().unwrap().to_vec());
+            }
+            let mut s = Segments::new(&mut frame, &mut scratch, usize::MAX).unwrap();
+            s.skip(stop);
+            while let Some(p) = s.next_packet() {
+                got.push(p.unwrap().to_vec());
+            }
+            assert_eq!(got, whole, "stopped after {stop}");
+        }
+        // A single packet's checksum is completed once, when it is taken.
+        let p = tcp_packet(false, 1, 0x10, b"hello");
+        let mut frame = as_gso_frame(&p, 1400);
+        frame[1] = GSO_NONE;
+        let untouched = frame.clone();
+        let _ = Segments::new(&mut frame, &mut scratch, usize::MAX).unwrap();
+        assert_eq!(frame, untouched);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! `kwire graph`: the mesh as Graphviz DOT, from one or more nodes' status reports and,
 //! optionally, the cluster's Nodes (for nodes no report mentions).
 
-use super::{fetch, human_age, human_bytes, StatusReport, DEFAULT_RUN_DIR};
-use crate::metrics::PEER_UP_WITHIN;
+use super::{fetch, human_age, human_bytes, DEFAULT_RUN_DIR};
+use crate::node_state::{StatusReport, PEER_UP_WITHIN};
 use anyhow::Context;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -153,7 +153,7 @@ pub fn to_svg(dot_text: &str) -> anyhow::Result<String> {
 /// The cluster's Nodes as graph nodes (pod CIDRs, `kwire.dev/endpoint`).
 async fn api_nodes(kubeconfig: &std::path::Path) -> anyhow::Result<BTreeMap<String, GraphNode>> {
     use k8s_openapi::api::core::v1::Node;
-    let client = crate::agent::make_client(Some(kubeconfig)).await?;
+    let client = crate::kubeapi::client(Some(kubeconfig)).await?;
     let list = kube::Api::<Node>::all(client)
         .list(&Default::default())
         .await

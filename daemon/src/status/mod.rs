@@ -1,21 +1,16 @@
-//! `kwire status` and `kwire graph`: the node's report (peers by node name, pods, counters),
-//! the root-only local socket the agent serves it on, and the commands that print it.
+//! `kwire status` and `kwire graph`: the root-only local socket the agent serves the node's
+//! [`StatusReport`] on ([`server`]), and the commands that fetch and print it (text, JSON,
+//! Graphviz). The report itself is [`crate::node_state`]'s.
 
 pub mod graph;
 pub mod server;
 
-use crate::cni::cni_server::PODS_FILE;
-use crate::cni::PodRecord;
-use crate::datapath::stats::DropReason;
-use crate::metrics::{AgentStatus, PEER_UP_WITHIN};
-use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use crate::node_state::StatusReport;
+use serde::Deserialize;
 use std::io::{IsTerminal, Read, Write};
-use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 /// The status socket's file name inside the run directory.
 pub const STATUS_SOCKET: &str = "status.sock";
@@ -25,169 +20,6 @@ pub const DEFAULT_RUN_DIR: &str = "/run/kwire";
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest status document the client reads (a node with thousands of pods fits).
 pub const MAX_REPORT_BYTES: u64 = 16 << 20;
-
-/// One node's view of the mesh: what `kwire status --json` prints.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StatusReport {
-    pub node: String,
-    pub version: String,
-    pub interface: String,
-    pub listen_port: u16,
-    /// This node's WireGuard public key (public; never the private key).
-    pub public_key: Option<String>,
-    pub pod_cidrs: Vec<String>,
-    /// Synced with the API once, or restored from the state directory.
-    pub synced: bool,
-    /// Synced and the tun's addresses and routes programmed (what /readyz says).
-    pub ready: bool,
-    /// The Node watch's last answer was not an error.
-    pub api_synced: bool,
-    pub watch_errors: u64,
-    pub watch_resyncs: u64,
-    pub peers_expected: u64,
-    pub peers_connected: u64,
-    pub peers: Vec<PeerReport>,
-    pub pods: Vec<PodReport>,
-    pub packets: Packets,
-    /// Drops by reason (every reason, zeros included).
-    pub drops: BTreeMap<String, u64>,
-}
-
-/// A peer, by node name.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PeerReport {
-    pub node: String,
-    pub public_key: String,
-    pub endpoint: Option<String>,
-    pub allowed_ips: Vec<String>,
-    /// Seconds since the last completed handshake; None before the first.
-    pub last_handshake_age_seconds: Option<f64>,
-    pub rx_bytes: u64,
-    pub tx_bytes: u64,
-    /// Packets for this peer that no session could carry.
-    pub tx_dropped: u64,
-    /// Completed handshakes the agent has seen.
-    pub handshakes: u64,
-    pub up: bool,
-    /// No handshake for longer than `--peer-unreachable-after` while traffic waits.
-    pub unreachable: bool,
-}
-
-/// A pod attached to this node's packet loop.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PodReport {
-    pub namespace: Option<String>,
-    pub name: Option<String>,
-    pub ips: Vec<IpAddr>,
-}
-
-/// Packets of the loop, by direction.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Packets {
-    pub tx: u64,
-    pub rx: u64,
-    pub local: u64,
-}
-
-/// Up: a handshake younger than [`PEER_UP_WITHIN`], and not judged unreachable.
-pub fn peer_up(handshake_age: Option<Duration>, unreachable: bool) -> bool {
-    handshake_age.is_some_and(|a| a < PEER_UP_WITHIN) && !unreachable
-}
-
-/// The pod records the CNI server keeps (names and namespaces); empty when unreadable.
-fn pod_records(state_dir: &Path) -> Vec<PodRecord> {
-    std::fs::read(state_dir.join(PODS_FILE))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
-}
-
-/// Builds the report from the agent's live state (the same numbers `/metrics` shows).
-pub fn report(st: &AgentStatus) -> StatusReport {
-    let names = st.peer_names.load();
-    let health = st.peer_health();
-    let info = st.device.info();
-    let snap = st.device.snapshot();
-    let now = SystemTime::now();
-    let mut peers = Vec::new();
-    for p in &info.peers {
-        // Peers added by hand through the userspace API have no node: not reported.
-        let Some(node) = names.get(&p.public_key) else {
-            continue;
-        };
-        let h = health.get(node).cloned().unwrap_or_default();
-        let age = p
-            .last_handshake
-            .map(|t| now.duration_since(t).unwrap_or_default());
-        let tx_dropped = snap
-            .peers
-            .iter()
-            .find(|q| q.public_key == p.public_key)
-            .map_or(0, |q| q.tx_dropped.load(Ordering::Relaxed));
-        peers.push(PeerReport {
-            node: node.clone(),
-            public_key: p.public_key.to_base64(),
-            endpoint: p.endpoint.map(|e| e.to_string()),
-            allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
-            last_handshake_age_seconds: age.map(|a| a.as_secs_f64()),
-            rx_bytes: p.rx_bytes,
-            tx_bytes: p.tx_bytes,
-            tx_dropped,
-            handshakes: h.handshakes,
-            up: peer_up(age, h.unreachable),
-            unreachable: h.unreachable,
-        });
-    }
-    drop(info);
-    peers.sort_by(|a, b| a.node.cmp(&b.node));
-    let ctx = st.node.get();
-    let mut pods = Vec::new();
-    if let Some(ctx) = ctx {
-        let records = pod_records(&ctx.state_dir);
-        for port in &ctx.pods.table().pods {
-            let rec = records
-                .iter()
-                .find(|r| !r.ips.is_empty() && r.ips == port.ips);
-            pods.push(PodReport {
-                namespace: rec.and_then(|r| r.pod_namespace.clone()),
-                name: rec.and_then(|r| r.pod_name.clone()),
-                ips: port.ips.clone(),
-            });
-        }
-    }
-    let c = &st.counters;
-    StatusReport {
-        node: ctx.map(|c| c.name.clone()).unwrap_or_default(),
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        interface: ctx.map(|c| c.interface.clone()).unwrap_or_default(),
-        listen_port: st.device.listen_port(),
-        public_key: st.device.public_key().map(|k| k.to_base64()),
-        pod_cidrs: st
-            .pod_cidrs
-            .load()
-            .iter()
-            .map(ToString::to_string)
-            .collect(),
-        synced: st.synced.load(Ordering::Relaxed),
-        ready: st.ready(),
-        api_synced: st.api_synced.load(Ordering::Relaxed),
-        watch_errors: st.watch_errors.load(Ordering::Relaxed),
-        watch_resyncs: st.watch_resyncs.load(Ordering::Relaxed),
-        peers_expected: names.len() as u64,
-        peers_connected: peers.iter().filter(|p| p.up).count() as u64,
-        peers,
-        pods,
-        packets: Packets {
-            tx: c.packets_tx.load(Ordering::Relaxed),
-            rx: c.packets_rx.load(Ordering::Relaxed),
-            local: c.packets_local.load(Ordering::Relaxed),
-        },
-        drops: DropReason::ALL
-            .iter()
-            .map(|r| (r.metric_label().to_string(), c.drops(*r)))
-            .collect(),
-    }
-}
 
 /// Why `kwire status` could not get a report.
 #[derive(Debug, thiserror::Error)]
@@ -363,14 +195,20 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
         "  packets: tx {}, rx {}, local {}\n",
         r.packets.tx, r.packets.rx, r.packets.local
     ));
-    let drops: Vec<String> = r
-        .drops
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(k, n)| format!("{k} {n}"))
-        .collect();
+    let nonzero = |m: &std::collections::BTreeMap<String, u64>| -> String {
+        m.iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let drops = nonzero(&r.drops);
     if !drops.is_empty() {
-        o.push_str(&format!("  drops: {}\n", drops.join(", ")));
+        o.push_str(&format!("  drops: {drops}\n"));
+    }
+    let refused = nonzero(&r.invalid_peers);
+    if !refused.is_empty() {
+        o.push_str(&format!("  Nodes refused as peers: {refused}\n"));
     }
     for p in &r.peers {
         o.push('\n');
@@ -423,6 +261,7 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::node_state::{Packets, PeerReport, PodReport};
 
     pub(crate) fn sample() -> StatusReport {
         StatusReport {
@@ -478,6 +317,8 @@ pub(crate) mod tests {
                 local: 3,
             },
             drops: [("no_peer".to_string(), 4)].into_iter().collect(),
+            invalid_peers: [("duplicate_key".to_string(), 1)].into_iter().collect(),
+            conntrack: Default::default(),
         }
     }
 
@@ -493,6 +334,7 @@ pub(crate) mod tests {
             "latest handshake: never",
             "default/web  10.244.1.5",
             "drops: no_peer 4",
+            "Nodes refused as peers: duplicate_key 1",
         ] {
             assert!(t.contains(want), "missing {want:?} in:\n{t}");
         }
@@ -505,14 +347,6 @@ pub(crate) mod tests {
         let r = sample();
         let back: StatusReport = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(back, r);
-    }
-
-    #[test]
-    fn up_needs_a_recent_handshake_and_no_unreachable_verdict() {
-        assert!(peer_up(Some(Duration::from_secs(5)), false));
-        assert!(!peer_up(Some(Duration::from_secs(5)), true));
-        assert!(!peer_up(Some(PEER_UP_WITHIN), false));
-        assert!(!peer_up(None, false));
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The agent's status socket: `<run-dir>/status.sock` (directory 0700, socket 0600), root
-//! peers only (SO_PEERCRED), one JSON [`StatusReport`](super::StatusReport) per connection.
+//! peers only (SO_PEERCRED), one JSON [`StatusReport`](crate::node_state::StatusReport) per
+//! connection.
 
-use super::{report, STATUS_SOCKET};
-use crate::metrics::AgentStatus;
+use super::STATUS_SOCKET;
+use crate::node_state::{report, NodeState};
 use anyhow::Context;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -38,7 +39,7 @@ pub fn bind(run_dir: &Path) -> anyhow::Result<UnixListener> {
 }
 
 /// Answers every connection with the current report until the task is aborted.
-pub async fn serve(listener: UnixListener, status: Arc<AgentStatus>) {
+pub async fn serve(listener: UnixListener, status: Arc<NodeState>) {
     let mut last_err: Option<Instant> = None;
     loop {
         match listener.accept().await {
@@ -57,7 +58,7 @@ pub async fn serve(listener: UnixListener, status: Arc<AgentStatus>) {
     }
 }
 
-async fn answer(mut stream: UnixStream, status: Arc<AgentStatus>) {
+async fn answer(mut stream: UnixStream, status: Arc<NodeState>) {
     let body = match stream.peer_cred() {
         Ok(c) if c.uid() == 0 => {
             let r = tokio::task::block_in_place(|| report(&status));

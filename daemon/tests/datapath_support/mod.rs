@@ -3,10 +3,12 @@
 //! [`Io`] doubles that never allocate once built. Included with `#[path]`; not a test itself.
 #![allow(dead_code)]
 
-use kwire::datapath::batch::TxBatch;
+use kwire::datapath::local::Port;
 use kwire::datapath::stats::Counters;
-use kwire::datapath::{Io, RxPath, TxPath};
+use kwire::datapath::Ctx;
+use kwire::dataplane::{Io, RxPath, TxPath};
 use kwire::offload::checksum::{fold, pseudo_header, set_ipv4_header, sum};
+use kwire::offload::gso::TxBatch;
 use kwire::offload::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, VNET_HDR_LEN};
 use kwire::wg::device::NetworkControl;
 use kwire::wg::key::PrivateKey;
@@ -122,11 +124,11 @@ impl RingIo {
 }
 
 impl Io for RingIo {
-    fn tun_write(&mut self, frame: &[u8]) {
+    fn write_tun(&mut self, _to: Port, frame: &[u8]) {
         self.tun.push(frame, 0, ADDR_A);
     }
 
-    fn udp_send(&mut self, batch: &mut TxBatch) {
+    fn send_udp(&mut self, batch: &mut TxBatch) {
         for g in batch.groups() {
             let seg = if g.count > 1 { g.segment } else { 0 };
             self.udp.push(batch.group_bytes(g), seg, g.dst);
@@ -142,11 +144,11 @@ pub struct SinkIo {
 }
 
 impl Io for SinkIo {
-    fn tun_write(&mut self, frame: &[u8]) {
+    fn write_tun(&mut self, _to: Port, frame: &[u8]) {
         std::hint::black_box(frame);
         self.frames += 1;
     }
-    fn udp_send(&mut self, batch: &mut TxBatch) {
+    fn send_udp(&mut self, batch: &mut TxBatch) {
         for g in batch.groups() {
             self.datagrams += g.count as u64;
         }
@@ -227,17 +229,21 @@ impl Node {
 
     /// Encrypts one tun frame and sends what is pending.
     pub fn send(&mut self, frame: &mut [u8], vnet: bool) {
-        let snap = self.device.snapshot();
-        self.tx
-            .handle_frame(&snap, frame, vnet, &self.counters, &mut self.io);
+        self.queue(frame, vnet);
         self.tx.flush(&mut self.io);
     }
 
     /// Encrypts one tun frame without flushing.
     pub fn queue(&mut self, frame: &mut [u8], vnet: bool) {
         let snap = self.device.snapshot();
-        self.tx
-            .handle_frame(&snap, frame, vnet, &self.counters, &mut self.io);
+        let ctx = Ctx::host_only(
+            &snap,
+            &self.counters,
+            &self.device.source_limiter,
+            Instant::now(),
+            vnet,
+        );
+        self.tx.frame(&ctx, Port::Host, frame, &mut self.io);
     }
 }
 
@@ -249,6 +255,7 @@ pub fn deliver(from: &mut Node, to: &mut Node, now: Instant) -> usize {
         return 0;
     }
     let snap = to.device.snapshot();
+    let ctx = Ctx::host_only(&snap, &to.counters, &to.device.source_limiter, now, false);
     for i in 0..n {
         let (e, data) = from.io.udp.entry(i);
         let seg = if e.segment == 0 {
@@ -256,16 +263,7 @@ pub fn deliver(from: &mut Node, to: &mut Node, now: Instant) -> usize {
         } else {
             Some(e.segment as u16)
         };
-        to.rx.handle_message(
-            &snap,
-            &to.device.source_limiter,
-            from.addr,
-            data,
-            seg,
-            now,
-            &to.counters,
-            &mut to.io,
-        );
+        to.rx.message(&ctx, from.addr, data, seg, &mut to.io);
     }
     to.rx.finish(&to.counters, &mut to.io);
     from.io.udp.clear();

@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use super::authn::{Authenticated, TokenAuthenticator, UserInfo};
 use super::error::ApiError;
 use super::openapi;
-use super::patch::{json_patch, merge_patch};
+use super::patch::{json_patch, merge_patch, strategic_merge_patch};
 use super::rbac::{self, Decision};
 use super::registry::Registry;
 use super::request::{self, RequestInfo};
@@ -520,14 +520,28 @@ fn handle_resource(
                 "application/merge-patch+json" | "application/strategic-merge-patch+json" | "application/json-patch+json" => parse_body(&body)?,
                 "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
                     return Err(ApiError::unsupported_media_type(
-                        "server-side apply is not supported by the kwire-lab API stand-in; use a JSON merge patch or a JSON patch",
+                        "server-side apply is not supported by the kwire-lab API stand-in (the real API server supports it); use a strategic merge patch, a JSON merge patch or a JSON patch",
                     ))
                 }
                 other => return Err(ApiError::unsupported_media_type(format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {other:?})"))),
             };
             let is_json_patch = media == "application/json-patch+json";
+            let is_strategic = media == "application/strategic-merge-patch+json";
             let patched = registry.modify(user, kind, ns, name, status_sub, |current| {
-                if is_json_patch {
+                if is_strategic {
+                    let mut object = current;
+                    strategic_merge_patch(&mut object, &patch).map_err(|e| {
+                        ApiError::new(
+                            422,
+                            "Invalid",
+                            format!(
+                                "the strategic merge patch for {} \"{name}\" cannot be applied: {e}",
+                                kind.qualified_plural()
+                            ),
+                        )
+                    })?;
+                    Ok(object)
+                } else if is_json_patch {
                     json_patch(&current, &patch).map_err(|e| {
                         ApiError::new(
                             422,

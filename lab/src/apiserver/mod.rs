@@ -21,15 +21,15 @@
 //! consistent snapshot; watch with ADDED/MODIFIED/DELETED/BOOKMARK/ERROR, selectors turning
 //! entering/leaving changes into ADDED/DELETED, timeoutSeconds, sendInitialEvents with the
 //! initial-events-end bookmark, 410 Gone from a bounded history; label and field selectors
-//! (unsupported fields are 400); merge patch, JSON patch; `status` subresources (main-resource
+//! (unsupported fields are 400); merge patch, strategic merge patch, JSON patch; `status` subresources (main-resource
 //! writes keep the status, status writes keep the rest); write-once `spec.podCIDRs`; events in
 //! both APIs over one storage; defaults kwire reads (NetworkPolicy `policyTypes`, port
 //! `protocol`, Service `targetPort`); ClusterIP and NodePort allocation; server-side Table
 //! printing (also for `kubectl get -w`).
 //!
-//! What is not: no server-side apply (415), strategic merge patch is applied as a JSON merge
-//! patch (the same for maps, not for lists with merge keys); no finalizers, no graceful
-//! deletion (pods go at once), no namespace cascade (Terminating) on delete; no mutating
+//! What is not: no server-side apply (415, saying the real one has it); strategic merge patch
+//! knows the merge keys of the kinds it serves (`patch::LIST_STRATEGIES`); no finalizers, no
+//! graceful deletion (pods go at once), no namespace cascade (Terminating) on delete; no mutating
 //! admission, no admission plugins besides ValidatingAdmissionPolicy (see [`admission`] for what
 //! of it is missing); no client certificates, no impersonation, tokens are not JWTs
 //! ([`authn`]); no OpenAPI schemas (a stub v3 document tells kubectl that the server validates,

@@ -28,8 +28,9 @@ pub const API_UNDERLAY_PORT: u16 = 6443;
 pub const AGENT_INTERFACE: &str = "kwire0";
 
 /// Host paths that are one and the same for every lab node (one kernel, one `/run/netns` for
-/// all network namespaces); every other hostPath is per node, under the node's root directory.
-pub const SHARED_HOST_PATHS: &[&str] = &["/dev/net/tun", "/run/netns"];
+/// all network namespaces, `/proc/sys/net` showing the namespace of whoever opens a file);
+/// every other hostPath is per node, under the node's root directory.
+pub const SHARED_HOST_PATHS: &[&str] = &["/dev/net/tun", "/run/netns", "/proc/sys/net"];
 
 /// WireGuard UDP port of every agent (each in its own namespace).
 pub const WIREGUARD_PORT: u16 = 51820;

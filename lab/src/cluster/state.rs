@@ -67,7 +67,13 @@ impl LabPaths {
 #[serde(rename_all = "snake_case")]
 pub enum AgentCommand {
     /// `ip netns exec NS KWIRE agent --kubeconfig ... --node-name ...` (the real agent).
-    Kwire { bin: PathBuf },
+    Kwire {
+        bin: PathBuf,
+        /// Appended to the DaemonSet agent container's args (`kwire-lab up --agent-arg`), as
+        /// a `kubectl patch` of the DaemonSet would.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        args: Vec<String>,
+    },
     /// `ip netns exec NS sh -c SCRIPT`, with the node's settings in `KWIRE_LAB_*` variables
     /// (tests use it to run a stand-in for the agent).
     Shell { script: String },

@@ -158,7 +158,7 @@ pub fn find_kwire_cni(lab: &LabDescription) -> Result<PathBuf, String> {
     {
         candidates.push(dir.join("kwire-cni"));
     }
-    if let AgentCommand::Kwire { bin } = &lab.agent {
+    if let AgentCommand::Kwire { bin, .. } = &lab.agent {
         if let Some(dir) = bin.parent() {
             candidates.push(dir.join("kwire-cni"));
         }

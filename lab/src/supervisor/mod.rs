@@ -111,8 +111,15 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
             .map_err(|e| LabError::Usage(format!("applying deploy/'s {what}: {e}")))?;
     }
     let (pod, image) = match &lab.agent {
-        AgentCommand::Kwire { bin } => {
-            let pod = manifests::daemonset().map_err(LabError::Usage)?;
+        AgentCommand::Kwire { bin, args } => {
+            let mut pod = manifests::daemonset().map_err(LabError::Usage)?;
+            for c in pod
+                .containers
+                .iter_mut()
+                .filter(|c| c.name == manifests::AGENT_CONTAINER)
+            {
+                c.args.extend(args.iter().cloned());
+            }
             let cni = crate::pods::kubelet::find_kwire_cni(&lab).map_err(LabError::Usage)?;
             let image = daemonset::image_files(&paths.dir, bin, &cni).map_err(LabError::Usage)?;
             (Some(pod), image)
@@ -121,7 +128,10 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
     };
     let host_addr = server.addr();
     let underlay = bind_in_netns(&lab.underlay_netns, lab.api_underlay)?;
-    tokio::spawn(proxy(underlay, host_addr));
+    // SIGUSR1 takes the agents' endpoint down (connections closed, new ones closed at once) and
+    // brings it back: an API outage as the nodes see it, while the host can still make changes.
+    let (api_down_tx, api_down) = tokio::sync::watch::channel(false);
+    tokio::spawn(proxy(underlay, host_addr, api_down));
     tracing::info!(host = %host_addr, underlay = %lab.api_underlay, "API stand-in serving");
 
     server.write_kubeconfig(&paths.kubeconfig())?;
@@ -175,6 +185,7 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
     let mut term = sig(SignalKind::terminate())?;
     let mut int = sig(SignalKind::interrupt())?;
     let mut hup = sig(SignalKind::hangup())?;
+    let mut usr1 = sig(SignalKind::user_defined1())?;
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     loop {
         tokio::select! {
@@ -185,6 +196,10 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
                     tracing::error!(error = %e, "cannot apply the changed lab description");
                 }
                 sup.write_runtime(true)?;
+            }
+            _ = usr1.recv() => {
+                api_down_tx.send_modify(|d| *d = !*d);
+                tracing::warn!(down = *api_down_tx.borrow(), "SIGUSR1: the agents' API endpoint (underlay) toggled");
             }
             _ = tick.tick() => {
                 if sup.check_agents() || sup.container_pids_changed() {
@@ -591,7 +606,7 @@ fn register_node(server: &ApiServer, lab: &str, node: &NodeSpec) -> Result<(), L
 fn agent_argv(lab: &LabDescription) -> Vec<String> {
     match &lab.agent {
         AgentCommand::Shell { script } => vec!["/bin/sh".into(), "-c".into(), script.clone()],
-        AgentCommand::Kwire { bin } => vec![bin.display().to_string(), "agent".into()],
+        AgentCommand::Kwire { bin, .. } => vec![bin.display().to_string(), "agent".into()],
     }
 }
 
@@ -655,13 +670,20 @@ fn bind_in_netns(netns: &str, addr: SocketAddr) -> Result<TcpListener, LabError>
 }
 
 /// Forwards connections from the underlay listener to the API stand-in on loopback.
-async fn proxy(listener: TcpListener, to: SocketAddr) {
+async fn proxy(listener: TcpListener, to: SocketAddr, down: tokio::sync::watch::Receiver<bool>) {
     loop {
         match listener.accept().await {
             Ok((mut inbound, _)) => {
+                if *down.borrow() {
+                    continue; // closed at once: the API is "down"
+                }
+                let mut down = down.clone();
                 tokio::spawn(async move {
                     if let Ok(mut outbound) = TcpStream::connect(to).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = down.wait_for(|d| *d) => {}
+                        }
                     }
                 });
             }

@@ -1,5 +1,6 @@
-//! Outgoing datagrams gathered into one buffer, grouped so that runs of equal-sized
-//! datagrams to one address leave in a single UDP GSO send.
+//! UDP segmentation offload on the way out: encrypted datagrams gathered into one buffer,
+//! grouped so that runs of equal-sized datagrams to one address leave in a single UDP GSO
+//! send (one `sendmmsg` for the whole batch). The data path writes into it; `io::udp` sends it.
 
 use std::net::SocketAddr;
 

@@ -1,0 +1,328 @@
+//! The pipeline of a message read from the network (one datagram, or a GRO train of equal
+//! datagrams from one source): each datagram is a data message for a session or a handshake
+//! message, and becomes one action. A data message passes the session (decrypt, replay
+//! window), cryptokey routing (the inner source must be in the sending peer's allowed IPs:
+//! boringtun's `noise` does not check it), local delivery and the destination pod's ingress
+//! policy. A peer's session is locked once for consecutive datagrams from it, not per
+//! datagram.
+
+use super::handshake::{self, Admission, MSG_COOKIE, MSG_DATA};
+use super::local::{addresses, Port};
+use super::stats::DropReason;
+use super::{policy, route, Ctx, DATA_OVERHEAD, MAX_FRAME};
+use crate::wg::device::{PeerState, Snapshot};
+use boringtun::noise::TunnResult;
+use std::net::{IpAddr, SocketAddr};
+use std::ops::Range;
+use std::sync::atomic::Ordering;
+use std::sync::MutexGuard;
+
+/// The longest UDP payload (65535 bytes of UDP length, less its 8-byte header).
+pub const MAX_DATAGRAM: usize = 65535 - 8;
+
+/// The receive buffer takes any datagram's plaintext and any queued packet re-encrypted.
+const RECEIVE_BUFFER: usize = MAX_FRAME + DATA_OVERHEAD;
+const _: () = assert!(MAX_DATAGRAM - 16 <= RECEIVE_BUFFER);
+
+/// What to do with one received datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RxAction<'a> {
+    /// Write the decrypted packet to this port's tun (the runtime merges TCP segments first).
+    DeliverToPort { to: Port, packet: &'a [u8] },
+    /// Send this datagram to `to`: a handshake response, a keepalive, or a packet the session
+    /// queued while its handshake was under way.
+    WriteToNetwork { datagram: &'a [u8], to: SocketAddr },
+    /// Drop the datagram for `reason` and answer its sender with `answer` (a cookie reply: the
+    /// device is under load and the initiation carried no valid cookie).
+    Answer {
+        reason: DropReason,
+        answer: &'a [u8],
+        to: SocketAddr,
+    },
+    /// Taken, nothing to send or deliver (a keepalive, a cookie, a handshake in progress).
+    Done,
+    /// Drop the datagram.
+    Drop(DropReason),
+}
+
+/// Handshake messages decided per receive batch (up to 32 datagrams); past it they are dropped
+/// (`rate_limited`) before any cryptography. A worker that keeps up sees small batches and never
+/// reaches it; one that falls behind under a flood would otherwise answer cookies while data
+/// waits behind them in the same socket (wireguard-go drops past a full handshake queue alike).
+pub const MAX_HANDSHAKES_PER_BATCH: usize = 8;
+
+/// Per-worker state of the receive side: the buffer messages are decrypted into, and the
+/// handshake messages decided in this batch.
+pub struct Receiver {
+    buf: Vec<u8>,
+    handshakes: usize,
+}
+
+impl Default for Receiver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Receiver {
+    pub fn new() -> Receiver {
+        Receiver {
+            buf: vec![0; RECEIVE_BUFFER],
+            handshakes: 0,
+        }
+    }
+
+    /// A new receive batch: the handshake budget ([`MAX_HANDSHAKES_PER_BATCH`]) is whole again.
+    pub fn end_batch(&mut self) {
+        self.handshakes = 0;
+    }
+
+    /// Starts on one received message from `src`: a datagram, or a GRO train of
+    /// `segment`-sized ones. Take its actions with [`Message::next_action`] until `None`.
+    pub fn message<'r, 's, T>(
+        &'r mut self,
+        ctx: &'r Ctx<'s, T>,
+        src: SocketAddr,
+        data: &'r [u8],
+        segment: Option<u16>,
+    ) -> Message<'r, 's, T> {
+        let seg = segment.map_or(data.len(), |s| s as usize).max(1);
+        Message {
+            snap: ctx.snap,
+            ctx,
+            buf: &mut self.buf,
+            handshakes: &mut self.handshakes,
+            src,
+            datagrams: data.chunks(seg),
+            held: None,
+            queued: None,
+        }
+    }
+}
+
+/// One received message being decided, datagram by datagram.
+pub struct Message<'r, 's, T> {
+    ctx: &'r Ctx<'s, T>,
+    snap: &'s Snapshot,
+    buf: &'r mut [u8],
+    handshakes: &'r mut usize,
+    src: SocketAddr,
+    datagrams: std::slice::Chunks<'r, u8>,
+    /// The session of the last data message's peer, locked until another peer's comes.
+    held: Option<Held<'s>>,
+    /// After a handshake message: the peer whose queued packets go out next.
+    queued: Option<u32>,
+}
+
+/// A peer's session held across consecutive datagrams from it, with the bytes to add to its
+/// counter on release.
+struct Held<'s> {
+    slot: u32,
+    st: MutexGuard<'s, PeerState>,
+    rx_bytes: u64,
+}
+
+/// An action with its bytes as a range of the receive buffer.
+enum Step {
+    Deliver {
+        to: Port,
+        at: Range<usize>,
+    },
+    Write {
+        at: Range<usize>,
+        to: SocketAddr,
+    },
+    Answer {
+        reason: DropReason,
+        at: Range<usize>,
+        to: SocketAddr,
+    },
+    Done,
+    Drop(DropReason),
+}
+
+impl From<DropReason> for Step {
+    fn from(r: DropReason) -> Step {
+        Step::Drop(r)
+    }
+}
+
+/// Where `part` (returned by boringtun from the buffer that started at `base`) lies in it.
+fn range_in(base: usize, part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - base;
+    start..start + part.len()
+}
+
+impl<T> Message<'_, '_, T> {
+    /// The next action, or `None` when every datagram of the message is decided. (Not an
+    /// `Iterator`: each action borrows the receive buffer until the next call.)
+    pub fn next_action(&mut self) -> Option<RxAction<'_>> {
+        let step = self.step()?;
+        Some(match step {
+            Step::Deliver { to, at } => RxAction::DeliverToPort {
+                to,
+                packet: &self.buf[at],
+            },
+            Step::Write { at, to } => RxAction::WriteToNetwork {
+                datagram: &self.buf[at],
+                to,
+            },
+            Step::Answer { reason, at, to } => RxAction::Answer {
+                reason,
+                answer: &self.buf[at],
+                to,
+            },
+            Step::Done => RxAction::Done,
+            Step::Drop(r) => RxAction::Drop(r),
+        })
+    }
+
+    fn step(&mut self) -> Option<Step> {
+        if let Some(slot) = self.queued {
+            match self.queued_packet(slot) {
+                Some(s) => return Some(s),
+                None => self.queued = None,
+            }
+        }
+        let d = self.datagrams.next()?;
+        let kind = match d {
+            [a, b, c, e, ..] => u32::from_le_bytes([*a, *b, *c, *e]),
+            _ => 0,
+        };
+        if kind == MSG_DATA && d.len() >= DATA_OVERHEAD {
+            let idx = u32::from_le_bytes([d[4], d[5], d[6], d[7]]);
+            let Some((slot, peer)) = self.snap.peer_for_index(idx) else {
+                return Some(Step::Drop(DropReason::UnknownSession));
+            };
+            if self.held.as_ref().map(|h| h.slot) != Some(slot) {
+                release(self.snap, self.held.take());
+                self.held = Some(Held {
+                    slot,
+                    st: peer.lock(),
+                    rx_bytes: 0,
+                });
+            }
+            Some(self.data(d).unwrap_or_else(Step::from))
+        } else {
+            release(self.snap, self.held.take());
+            if *self.handshakes >= MAX_HANDSHAKES_PER_BATCH {
+                return Some(Step::Drop(DropReason::RateLimited));
+            }
+            *self.handshakes += 1;
+            Some(self.handshake(kind, d))
+        }
+    }
+
+    /// A data message for the held session.
+    fn data(&mut self, d: &[u8]) -> Result<Step, DropReason> {
+        // No UDP datagram is longer, but this function takes any bytes; the check also keeps
+        // boringtun, which panics when the ciphertext exceeds the output buffer, safe.
+        if d.len() > MAX_DATAGRAM {
+            return Err(DropReason::Malformed);
+        }
+        let h = self.held.as_mut().expect("held by step()");
+        let base = self.buf.as_ptr() as usize;
+        let (at, inner_src) = match h.st.tunn.decapsulate(Some(self.src.ip()), d, self.buf) {
+            TunnResult::WriteToTunnelV4(p, a) => (range_in(base, p), IpAddr::V4(a)),
+            TunnResult::WriteToTunnelV6(p, a) => (range_in(base, p), IpAddr::V6(a)),
+            TunnResult::Done => {
+                // An authenticated keepalive.
+                h.rx_bytes += d.len() as u64;
+                roam(&mut h.st, self.src);
+                return Ok(Step::Done);
+            }
+            TunnResult::WriteToNetwork(p) => {
+                return Ok(Step::Write {
+                    at: range_in(base, p),
+                    to: self.src,
+                })
+            }
+            TunnResult::Err(e) => return Err(DropReason::from_wireguard(&e)),
+        };
+        h.rx_bytes += d.len() as u64;
+        roam(&mut h.st, self.src);
+        // Cryptokey routing: boringtun does not check the inner source against allowed IPs.
+        if self.snap.routes.lookup(inner_src) != Some(h.slot) {
+            return Err(DropReason::NotAllowedIp);
+        }
+        let pkt = &self.buf[at.clone()];
+        let (_, dst) = addresses(pkt).ok_or(DropReason::NoRoute)?;
+        let to = route::decrypted(self.ctx.local, dst)?;
+        // Services' reverse NAT (replies from a Service's backends) goes here.
+        policy::ingress(self.ctx.local, to, false, pkt)?;
+        Ok(Step::Deliver { to, at })
+    }
+
+    /// A handshake message (initiation, response, cookie) or something that is not WireGuard.
+    fn handshake(&mut self, kind: u32, d: &[u8]) -> Step {
+        let slot = match handshake::admit(self.ctx, kind, self.src, d, self.buf) {
+            Admission::Peer(slot) => slot,
+            Admission::Cookie(at) => {
+                return Step::Answer {
+                    reason: DropReason::RateLimited,
+                    at,
+                    to: self.src,
+                }
+            }
+            Admission::Drop(r) => return Step::Drop(r),
+        };
+        let peer = &self.snap.peers[slot as usize];
+        let mut st = peer.lock();
+        let base = self.buf.as_ptr() as usize;
+        let step = match st.tunn.decapsulate(Some(self.src.ip()), d, self.buf) {
+            TunnResult::Err(e) => return Step::Drop(DropReason::from_wireguard(&e)),
+            TunnResult::WriteToNetwork(p) => Step::Write {
+                at: range_in(base, p),
+                to: self.src,
+            },
+            _ => Step::Done,
+        };
+        if kind != MSG_COOKIE {
+            peer.rx_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
+            roam(&mut st, self.src);
+        }
+        // Packets boringtun queued while the handshake was under way go out next.
+        self.queued = Some(slot);
+        step
+    }
+
+    /// The next packet peer `slot`'s session queued during its handshake, encrypted.
+    fn queued_packet(&mut self, slot: u32) -> Option<Step> {
+        let peer = &self.snap.peers[slot as usize];
+        let mut st = peer.lock();
+        let base = self.buf.as_ptr() as usize;
+        match st.tunn.decapsulate(None, &[], self.buf) {
+            TunnResult::WriteToNetwork(p) => {
+                peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
+                let at = range_in(base, p);
+                Some(Step::Write {
+                    at,
+                    to: st.endpoint.unwrap_or(self.src),
+                })
+            }
+            _ => None,
+        }
+    }
+}
+
+impl<T> Drop for Message<'_, '_, T> {
+    fn drop(&mut self) {
+        release(self.snap, self.held.take());
+    }
+}
+
+fn release(snap: &Snapshot, h: Option<Held<'_>>) {
+    if let Some(h) = h {
+        snap.peers[h.slot as usize]
+            .rx_bytes
+            .fetch_add(h.rx_bytes, Ordering::Relaxed);
+    }
+}
+
+/// Endpoint roaming: authenticated packets tell where the peer is now.
+#[inline]
+fn roam(st: &mut PeerState, src: SocketAddr) {
+    if st.endpoint != Some(src) {
+        st.endpoint = Some(src);
+    }
+}

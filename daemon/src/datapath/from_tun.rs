@@ -1,0 +1,210 @@
+//! The pipeline of a frame read from a tun (a pod's or the host's): its stages in order,
+//! each an early return with a [`DropReason`], ending in what to do with the frame.
+
+use super::local::{addresses, Port};
+use super::route::{self, NextHop};
+use super::stats::DropReason;
+use super::{antispoof, icmp, policy, Ctx};
+use std::net::IpAddr;
+
+/// What to do with a frame read from a tun.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TxAction<'a> {
+    /// Write the frame unchanged (virtio-net header included) to this port's tun: a pod on
+    /// this node, or the host (the node itself and the outside world).
+    DeliverToPort(Port),
+    /// Encrypt the frame's packets for the peer in this snapshot slot ([`super::Sealer`]) and
+    /// send them to its endpoint.
+    EncryptToPeer(u32),
+    /// Drop the frame for `reason` and write `answer` (an ICMP error for its sender, with a
+    /// zeroed virtio-net header when the tun has one) back to the port it came from.
+    Answer {
+        reason: DropReason,
+        answer: &'a [u8],
+    },
+    /// Drop the frame.
+    Drop(DropReason),
+}
+
+/// Decides a frame read from `from`. `answer_buf` receives an ICMP error when one is due (a
+/// frame's worth of bytes is always enough).
+#[inline(always)]
+pub fn decide<'a, T>(
+    ctx: &Ctx<'_, T>,
+    from: Port,
+    frame: &[u8],
+    answer_buf: &'a mut [u8],
+) -> TxAction<'a> {
+    match next_hop(ctx, from, frame) {
+        Ok(NextHop::Pod(pod)) => TxAction::DeliverToPort(Port::Pod(pod)),
+        Ok(NextHop::Host) => TxAction::DeliverToPort(Port::Host),
+        Ok(NextHop::Peer(peer)) => to_peer(ctx, peer, frame, answer_buf),
+        Err(DropReason::NoPeer) => match no_peer_answer(ctx, from, frame, answer_buf) {
+            Some(n) => TxAction::Answer {
+                reason: DropReason::NoPeer,
+                answer: &answer_buf[..n],
+            },
+            None => TxAction::Drop(DropReason::NoPeer),
+        },
+        Err(reason) => TxAction::Drop(reason),
+    }
+}
+
+/// Writes the ICMP unreachable for a frame to a cluster address without a peer into `out`
+/// (the sender learns at once instead of timing out); returns its length. To a pod it comes
+/// from the node's gateway; to the node itself from the destination (the kernel drops a
+/// packet from the outside carrying one of its own addresses).
+fn no_peer_answer<T>(ctx: &Ctx<'_, T>, from: Port, frame: &[u8], out: &mut [u8]) -> Option<usize> {
+    let off = ctx.offset();
+    let pkt = frame.get(off..)?;
+    let (_, dst) = addresses(pkt)?;
+    if !route::unreachable(ctx.local, dst) {
+        return None;
+    }
+    let (g4, g6) = match (from, dst) {
+        (Port::Host, IpAddr::V4(d)) => (Some(d), None),
+        (Port::Host, IpAddr::V6(d)) => (None, Some(d)),
+        _ => (ctx.local.gateway_v4(), ctx.local.gateway_v6()),
+    };
+    out.get_mut(..off)?.fill(0);
+    let n = icmp::unreachable(pkt, g4, g6, out.get_mut(off..)?)?;
+    Some(off + n)
+}
+
+/// The stages every frame passes before it has a next hop.
+#[inline]
+fn next_hop<T>(ctx: &Ctx<'_, T>, from: Port, frame: &[u8]) -> Result<NextHop, DropReason> {
+    let pkt = frame.get(ctx.offset()..).unwrap_or_default();
+    let (src, dst) = addresses(pkt).ok_or(DropReason::Malformed)?;
+    if dst.is_multicast() {
+        return Err(DropReason::Multicast);
+    }
+    antispoof::check(ctx.local, from, src)?;
+    // Services (ClusterIP/NodePort NAT) go here: after the source is known to be the pod's
+    // own, before policy sees the translated destination.
+    policy::egress(ctx.local, from, pkt)?;
+    let hop = route::from_tun(ctx, from, dst)?;
+    if let NextHop::Pod(pod) = hop {
+        let from_node = from == Port::Host && ctx.local.is_gateway(src);
+        policy::ingress(ctx.local, Port::Pod(pod), from_node, pkt)?;
+    }
+    Ok(hop)
+}
+
+/// The checks of a frame for a peer: it must fit the tunnel (else the sender learns the
+/// MTU), and the device must have a key.
+#[inline]
+fn to_peer<'a, T>(
+    ctx: &Ctx<'_, T>,
+    peer: u32,
+    frame: &[u8],
+    answer_buf: &'a mut [u8],
+) -> TxAction<'a> {
+    if route::too_big(ctx, frame) {
+        // Too big for the tunnel: tell the sender (path MTU discovery), never drop silently.
+        return match too_big_answer(ctx, frame, answer_buf) {
+            Some(n) => TxAction::Answer {
+                reason: DropReason::Mtu,
+                answer: &answer_buf[..n],
+            },
+            None => TxAction::Drop(DropReason::Mtu),
+        };
+    }
+    if ctx.snap.identity.is_none() {
+        return TxAction::Drop(DropReason::NoKey);
+    }
+    TxAction::EncryptToPeer(peer)
+}
+
+/// Writes the ICMP error for a too-big frame into `out` (from this node's gateway address),
+/// unless the packet may be fragmented or must not get one; returns its length.
+fn too_big_answer<T>(ctx: &Ctx<'_, T>, frame: &[u8], out: &mut [u8]) -> Option<usize> {
+    let off = ctx.offset();
+    let pkt = &frame[off..];
+    if !icmp::dont_fragment(pkt) {
+        return None;
+    }
+    let mtu = u16::try_from(route::max_packet(ctx.local)).unwrap_or(u16::MAX);
+    out.get_mut(..off)?.fill(0);
+    let n = icmp::too_big(
+        pkt,
+        mtu,
+        ctx.local.gateway_v4(),
+        ctx.local.gateway_v6(),
+        out.get_mut(off..)?,
+    )?;
+    Some(off + n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::local::{LocalTable, PodPort};
+    use crate::datapath::stats::Counters;
+    use crate::datapath::testing::udp4;
+    use crate::wg::device::Snapshot;
+    use crate::wg::ratelimit::SourceLimiter;
+    use std::time::Instant;
+
+    /// Every decision of the pipeline without a peer session: the stages in order.
+    #[test]
+    fn each_stage_decides_in_order() {
+        let mut snap = Snapshot::default();
+        snap.routes.insert("10.244.2.0/24".parse().unwrap(), 0);
+        let mut local = LocalTable::new(
+            vec![PodPort {
+                id: 1,
+                ips: vec!["10.244.1.5".parse().unwrap()],
+                io: (),
+            }],
+            vec!["10.244.1.1".parse().unwrap()],
+        );
+        local.mtu = Some(1420);
+        let (counters, limiter) = (Counters::default(), SourceLimiter::default());
+        let ctx = Ctx {
+            snap: &snap,
+            local: &local,
+            counters: &counters,
+            limiter: &limiter,
+            now: Instant::now(),
+            vnet: false,
+        };
+        let mut buf = vec![0u8; 2048];
+        let mut decide_one = |from, p: &[u8]| match decide(&ctx, from, p, &mut buf) {
+            TxAction::Answer { reason, .. } => Err(reason),
+            TxAction::Drop(r) => Err(r),
+            TxAction::DeliverToPort(p) => Ok(Some(p)),
+            TxAction::EncryptToPeer(_) => Ok(None),
+        };
+        let pod = Port::Pod(0);
+        assert_eq!(decide_one(pod, &[0x45, 0]), Err(DropReason::Malformed));
+        assert_eq!(
+            decide_one(pod, &udp4([10, 244, 1, 5], [224, 0, 0, 1])),
+            Err(DropReason::Multicast)
+        );
+        assert_eq!(
+            decide_one(pod, &udp4([10, 244, 1, 9], [10, 244, 2, 9])),
+            Err(DropReason::SpoofedSource)
+        );
+        assert_eq!(
+            decide_one(Port::Host, &udp4([10, 244, 1, 1], [10, 244, 1, 5])),
+            Ok(Some(pod))
+        );
+        assert_eq!(
+            decide_one(pod, &udp4([10, 244, 1, 5], [198, 51, 100, 7])),
+            Ok(Some(Port::Host))
+        );
+        assert_eq!(
+            decide_one(Port::Host, &udp4([10, 244, 1, 1], [198, 51, 100, 7])),
+            Err(DropReason::NoPeer)
+        );
+        // A peer's address, but no private key yet.
+        assert_eq!(
+            decide_one(pod, &udp4([10, 244, 1, 5], [10, 244, 2, 9])),
+            Err(DropReason::NoKey)
+        );
+        let mut big = udp4([10, 244, 1, 5], [10, 244, 2, 9]);
+        big.resize(1500, 0);
+        assert_eq!(decide_one(pod, &big), Err(DropReason::Mtu));
+    }
+}

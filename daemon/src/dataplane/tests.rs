@@ -1,0 +1,683 @@
+//! The whole path of a node in memory: the data path's decisions applied by the runtime, with
+//! an [`Io`] that records what would be written. Real sessions (boringtun on both ends),
+//! pods, policy and the tunnel MTU.
+
+use super::apply::{Io, RxPath, TxPath};
+use crate::datapath::local::{self, LocalTable, Port};
+use crate::datapath::stats::{Counters, DropReason};
+use crate::datapath::testing::udp4;
+use crate::datapath::Ctx;
+use crate::offload::gso::TxBatch;
+use crate::wg::device::{Device, NetworkControl, Snapshot, HANDSHAKE_RATE_LIMIT};
+use crate::wg::key::PrivateKey;
+use crate::wg::ratelimit::SourceLimiter;
+use crate::wg::uapi::{parse_request, Request};
+use boringtun::noise::{Tunn, TunnResult};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// The context of a node's receive side at `now`.
+fn rx_ctx<'a, T>(
+    snap: &'a Snapshot,
+    local: &'a LocalTable<T>,
+    counters: &'a Counters,
+    limiter: &'a SourceLimiter,
+    now: Instant,
+) -> Ctx<'a, T> {
+    Ctx {
+        snap,
+        local,
+        counters,
+        limiter,
+        now,
+        vnet: false,
+    }
+}
+
+/// The context of a node's tun side (frames without virtio-net headers).
+fn tx_ctx<'a, T>(
+    snap: &'a Snapshot,
+    local: &'a LocalTable<T>,
+    counters: &'a Counters,
+) -> Ctx<'a, T> {
+    static LIMITER: std::sync::OnceLock<SourceLimiter> = std::sync::OnceLock::new();
+    rx_ctx(
+        snap,
+        local,
+        counters,
+        LIMITER.get_or_init(SourceLimiter::default),
+        Instant::now(),
+    )
+}
+
+struct NoNet;
+impl NetworkControl for NoNet {
+    fn bind(&mut self, p: u16, _: u32) -> std::io::Result<u16> {
+        Ok(p)
+    }
+    fn set_fwmark(&mut self, _: u32) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Collects what the loop would write.
+#[derive(Default)]
+struct Capture {
+    tun: Vec<Vec<u8>>,
+    to: Vec<Port>,
+    udp: Vec<(SocketAddr, Vec<u8>)>,
+}
+impl Io for Capture {
+    fn write_tun(&mut self, p: Port, f: &[u8]) {
+        self.to.push(p);
+        self.tun.push(f.to_vec());
+    }
+    fn send_udp(&mut self, b: &mut TxBatch) {
+        self.udp.extend(b.datagrams().map(|(a, d)| (a, d.to_vec())));
+        b.clear();
+    }
+}
+
+fn device(own: &PrivateKey, peer: &PrivateKey, allowed: &str, endpoint: &str) -> Device {
+    let d = Device::new();
+    let lines = [
+        "set=1".to_string(),
+        format!("private_key={}", own.expose_hex().as_str()),
+        format!("public_key={}", peer.public_key().to_hex()),
+        format!("allowed_ip={allowed}"),
+        format!("endpoint={endpoint}"),
+    ];
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let Request::Set(r) = parse_request(&refs).unwrap() else {
+        panic!()
+    };
+    d.apply(r, &mut NoNet).unwrap();
+    d
+}
+
+/// A session for `own`'s side with `responder`, made by hand (the other end of the device).
+fn initiator(own: &PrivateKey, responder: &PrivateKey, index: u32) -> Tunn {
+    Tunn::new(
+        own.secret(),
+        x25519_dalek::PublicKey::from(&responder.secret()),
+        None,
+        None,
+        index,
+        None,
+    )
+}
+
+/// A device's receive side: counters, limiter, runtime, captured output.
+fn receiver() -> (Counters, SourceLimiter, RxPath, Capture) {
+    (
+        Counters::default(),
+        SourceLimiter::default(),
+        RxPath::new(false),
+        Capture::default(),
+    )
+}
+
+/// Completes `a`'s handshake with the device behind `rx` (initiation in, response out, the
+/// initiator's keepalive in), as a peer at `a_addr`.
+fn handshake<T>(
+    a: &mut Tunn,
+    a_addr: SocketAddr,
+    ctx: &Ctx<'_, T>,
+    rx: &mut RxPath,
+    io: &mut Capture,
+) {
+    let mut buf = vec![0u8; 2048];
+    let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else {
+        panic!()
+    };
+    let init = init.to_vec();
+    rx.message(ctx, a_addr, &init, None, io);
+    rx.finish(ctx.counters, io);
+    let resp = io.udp.iter().find(|(_, d)| d[0] == 2).unwrap().1.clone();
+    let TunnResult::WriteToNetwork(keepalive) = a.decapsulate(None, &resp, &mut buf) else {
+        panic!()
+    };
+    let keepalive = keepalive.to_vec();
+    rx.message(ctx, a_addr, &keepalive, None, io);
+}
+
+/// Under load the responder answers initiations with a cookie; an initiator that took the
+/// cookie gets through. The source address decides the cookie, so it must be the real one.
+#[test]
+fn cookie_reply_under_load_then_handshake_completes() {
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+    let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
+    let mut a = initiator(&ka, &kb, 7);
+    let counters = Counters::default();
+    let limiter = SourceLimiter::default();
+    let mut rx = RxPath::new(false);
+    let mut io = Capture::default();
+    let snap = b.snapshot();
+    let mut buf = vec![0u8; 2048];
+    let t0 = Instant::now();
+    // Flood past the device's limit: every initiation counts, whatever happens to it.
+    for _ in 0..HANDSHAKE_RATE_LIMIT + 5 {
+        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true) else {
+            panic!()
+        };
+        let init = init.to_vec();
+        rx.message(
+            &Ctx::host_only(&snap, &counters, &limiter, t0, false),
+            a_addr,
+            &init,
+            None,
+            &mut io,
+        );
+        rx.finish(&counters, &mut io);
+    }
+    let cookie = io
+        .udp
+        .iter()
+        .rev()
+        .find(|(_, d)| d.len() == 64 && d[0] == 3)
+        .expect("a cookie reply under load")
+        .1
+        .clone();
+    assert!(counters.drops(DropReason::RateLimited) > 0);
+    // The initiator takes the cookie; its next initiation carries a valid mac2.
+    assert!(matches!(
+        a.decapsulate(Some(a_addr.ip()), &cookie, &mut buf),
+        TunnResult::Done
+    ));
+    let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true) else {
+        panic!()
+    };
+    let init = init.to_vec();
+    io.udp.clear();
+    // A second later, so the per-source bucket has a token again.
+    rx.message(
+        &Ctx::host_only(
+            &snap,
+            &counters,
+            &limiter,
+            t0 + Duration::from_secs(1),
+            false,
+        ),
+        a_addr,
+        &init,
+        None,
+        &mut io,
+    );
+    rx.finish(&counters, &mut io);
+    let (to, resp) = io
+        .udp
+        .iter()
+        .find(|(_, d)| d[0] == 2)
+        .expect("a handshake response")
+        .clone();
+    assert_eq!(to, a_addr);
+    assert!(
+        matches!(
+            a.decapsulate(Some(to.ip()), &resp, &mut buf),
+            TunnResult::WriteToNetwork(_)
+        ),
+        "initiator accepts the response"
+    );
+}
+
+/// A decrypted packet whose source is outside the peer's allowed IPs never reaches the tun.
+#[test]
+fn inner_source_must_be_in_allowed_ips() {
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+    let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
+    let mut a = initiator(&ka, &kb, 9);
+    let (counters, limiter, mut rx, mut io) = receiver();
+    let snap = b.snapshot();
+    let mut buf = vec![0u8; 2048];
+    handshake(
+        &mut a,
+        a_addr,
+        &Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false),
+        &mut rx,
+        &mut io,
+    );
+    for (src, want) in [([10, 99, 0, 1], true), ([10, 99, 0, 66], false)] {
+        let mut ip = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0];
+        ip.extend_from_slice(&src);
+        ip.extend_from_slice(&[10, 99, 0, 2]);
+        ip.extend_from_slice(&[0u8; 8]);
+        crate::offload::checksum::set_ipv4_header(&mut ip[..20]);
+        let TunnResult::WriteToNetwork(d) = a.encapsulate(&ip, &mut buf) else {
+            panic!()
+        };
+        let d = d.to_vec();
+        io.tun.clear();
+        rx.message(
+            &Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false),
+            a_addr,
+            &d,
+            None,
+            &mut io,
+        );
+        rx.finish(&counters, &mut io);
+        assert_eq!(io.tun.len() == 1, want, "source {src:?}");
+    }
+    assert_eq!(counters.drops(DropReason::NotAllowedIp), 1);
+}
+
+/// Frames from pods: spoofed sources dropped; local pods, peers and the host reached.
+#[test]
+fn pod_frames_are_checked_and_routed() {
+    use local::PodPort;
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+    let snap = dev.snapshot();
+    let pods = vec![
+        PodPort {
+            id: 1,
+            ips: vec!["10.244.1.5".parse().unwrap()],
+            io: (),
+        },
+        PodPort {
+            id: 2,
+            ips: vec!["10.244.1.6".parse().unwrap()],
+            io: (),
+        },
+    ];
+    let local = LocalTable::new(pods, vec!["10.244.1.1".parse().unwrap()]);
+    let counters = Counters::default();
+    let mut tx = TxPath::new();
+    let mut io = Capture::default();
+    let from = Port::Pod(0);
+    // Spoofed: pod 0 claims pod 1's address.
+    tx.frame(
+        &tx_ctx(&snap, &local, &counters),
+        from,
+        &mut udp4([10, 244, 1, 6], [10, 244, 1, 5]),
+        &mut io,
+    );
+    assert_eq!(counters.drops(DropReason::SpoofedSource), 1);
+    assert!(io.tun.is_empty() && io.udp.is_empty());
+    // Same node: straight to pod 1's tun.
+    tx.frame(
+        &tx_ctx(&snap, &local, &counters),
+        from,
+        &mut udp4([10, 244, 1, 5], [10, 244, 1, 6]),
+        &mut io,
+    );
+    assert_eq!(io.to, vec![Port::Pod(1)]);
+    // Outside world: to the host tun (the kernel masquerades).
+    tx.frame(
+        &tx_ctx(&snap, &local, &counters),
+        from,
+        &mut udp4([10, 244, 1, 5], [198, 51, 100, 7]),
+        &mut io,
+    );
+    assert_eq!(io.to.last(), Some(&Port::Host));
+    // Another node's pod: encrypted to that peer (a handshake initiation first).
+    tx.frame(
+        &tx_ctx(&snap, &local, &counters),
+        from,
+        &mut udp4([10, 244, 1, 5], [10, 244, 2, 9]),
+        &mut io,
+    );
+    tx.flush(&mut io);
+    assert_eq!(io.udp.len(), 1);
+    assert_eq!(
+        io.udp[0].0,
+        "192.0.2.2:51820".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(io.udp[0].1[0], 1, "handshake initiation");
+    // From the host, an address nobody owns is dropped, not looped back.
+    let before = io.tun.len();
+    tx.frame(
+        &tx_ctx(&snap, &local, &counters),
+        Port::Host,
+        &mut udp4([10, 244, 1, 1], [198, 51, 100, 7]),
+        &mut io,
+    );
+    assert_eq!(io.tun.len(), before);
+    assert_eq!(counters.drops(DropReason::NoPeer), 1);
+}
+
+/// Decrypted packets reach local pods and the node's gateway; nothing else on a node.
+#[test]
+fn decrypted_packets_go_to_pods_or_the_gateway_only() {
+    use local::PodPort;
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+    let b = device(&kb, &ka, "10.244.1.0/24", "192.0.2.1:51820");
+    let snap = b.snapshot();
+    let local = LocalTable::new(
+        vec![PodPort {
+            id: 9,
+            ips: vec!["10.244.2.5".parse().unwrap()],
+            io: (),
+        }],
+        vec!["10.244.2.1".parse().unwrap()],
+    );
+    let mut a = initiator(&ka, &kb, 3);
+    let (counters, limiter, mut rx, mut io) = receiver();
+    let mut buf = vec![0u8; 2048];
+    handshake(
+        &mut a,
+        a_addr,
+        &rx_ctx(&snap, &local, &counters, &limiter, Instant::now()),
+        &mut rx,
+        &mut io,
+    );
+    for (dst, want) in [
+        ([10, 244, 2, 5], Some(Port::Pod(0))),
+        ([10, 244, 2, 1], Some(Port::Host)),
+        ([10, 244, 2, 77], None),
+    ] {
+        let TunnResult::WriteToNetwork(d) = a.encapsulate(&udp4([10, 244, 1, 5], dst), &mut buf)
+        else {
+            panic!()
+        };
+        let d = d.to_vec();
+        io.to.clear();
+        rx.message(
+            &rx_ctx(&snap, &local, &counters, &limiter, Instant::now()),
+            a_addr,
+            &d,
+            None,
+            &mut io,
+        );
+        rx.finish(&counters, &mut io);
+        assert_eq!(io.to.first().copied(), want, "{dst:?}");
+    }
+    assert_eq!(counters.drops(DropReason::NoRoute), 1);
+}
+
+/// NetworkPolicy in the loop: a default-deny-ingress pod admits only the allowed source;
+/// its replies pass back through the connection table; the node itself always reaches it.
+#[test]
+fn policy_admits_new_flows_once_and_lets_replies_back() {
+    use crate::datapath::conntrack::Conntrack;
+    use crate::policy::{Namespace, Pod, PolicySet};
+    use local::{Filter, PodPort};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    let pod = |name: &str, ip: &str, app: &str| Pod {
+        namespace: "x".into(),
+        name: name.into(),
+        labels: BTreeMap::from([("app".to_string(), app.to_string())]),
+        ips: vec![ip.parse().unwrap()],
+        container_ports: vec![],
+        node_name: "n1".into(),
+        host_network: false,
+    };
+    let np: k8s_openapi::api::networking::v1::NetworkPolicy =
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"namespace": "x", "name": "only-a"},
+            "spec": {"podSelector": {"matchLabels": {"app": "server"}},
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "a"}}}]}]}
+        }))
+        .unwrap();
+    let policy = PolicySet::compile(
+        vec![Namespace::new("x", BTreeMap::new())],
+        vec![
+            pod("server", "10.244.1.5", "server"),
+            pod("a", "10.244.1.6", "a"),
+            pod("b", "10.244.1.7", "b"),
+        ],
+        vec![crate::policy::Policy::from_k8s(&np).unwrap()],
+    );
+    let ports = ["10.244.1.5", "10.244.1.6", "10.244.1.7"]
+        .iter()
+        .enumerate()
+        .map(|(i, ip)| PodPort {
+            id: i as u64,
+            ips: vec![ip.parse().unwrap()],
+            io: (),
+        })
+        .collect();
+    let mut local = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+    local.filter = Some(Filter {
+        policy: Arc::new(policy),
+        conntrack: Arc::new(Conntrack::default()),
+    });
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+    let snap = dev.snapshot();
+    let counters = Counters::default();
+    let mut tx = TxPath::new();
+    let mut io = Capture::default();
+    let mut send = |from: u32, src: [u8; 4], dst: [u8; 4], io: &mut Capture| {
+        io.to.clear();
+        let port = if from == u32::MAX {
+            Port::Host
+        } else {
+            Port::Pod(from)
+        };
+        tx.frame(
+            &tx_ctx(&snap, &local, &counters),
+            port,
+            &mut udp4(src, dst),
+            io,
+        );
+        io.to.first().copied()
+    };
+    // b -> server: denied at the server's ingress.
+    assert_eq!(send(2, [10, 244, 1, 7], [10, 244, 1, 5], &mut io), None);
+    assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
+    // a -> server: admitted; the server's reply passes (ports reversed in udp4: 0 -> 0).
+    assert_eq!(
+        send(1, [10, 244, 1, 6], [10, 244, 1, 5], &mut io),
+        Some(Port::Pod(0))
+    );
+    assert_eq!(
+        send(0, [10, 244, 1, 5], [10, 244, 1, 6], &mut io),
+        Some(Port::Pod(1))
+    );
+    // The node (its gateway address) reaches the server: kubelet probes.
+    assert_eq!(
+        send(u32::MAX, [10, 244, 1, 1], [10, 244, 1, 5], &mut io),
+        Some(Port::Pod(0))
+    );
+    // An unselected pod is open both ways.
+    assert_eq!(
+        send(0, [10, 244, 1, 5], [10, 244, 1, 7], &mut io),
+        Some(Port::Pod(2))
+    );
+    assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
+}
+
+/// A packet larger than the tunnel MTU with DF set is answered with "fragmentation
+/// needed" to its sender, from the node's gateway address.
+#[test]
+fn too_big_for_the_tunnel_gets_an_icmp_error_back() {
+    use local::PodPort;
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+    let snap = dev.snapshot();
+    let mut local = LocalTable::new(
+        vec![PodPort {
+            id: 1,
+            ips: vec!["10.244.1.5".parse().unwrap()],
+            io: (),
+        }],
+        vec!["10.244.1.1".parse().unwrap()],
+    );
+    local.mtu = Some(1420);
+    let (counters, mut tx, mut io) = (Counters::default(), TxPath::new(), Capture::default());
+    let mut big = udp4([10, 244, 1, 5], [10, 244, 2, 9]);
+    big.resize(1500, 0);
+    big[2..4].copy_from_slice(&1500u16.to_be_bytes());
+    crate::offload::checksum::set_ipv4_header(&mut big[..20]);
+    tx.frame(
+        &tx_ctx(&snap, &local, &counters),
+        Port::Pod(0),
+        &mut big,
+        &mut io,
+    );
+    tx.flush(&mut io);
+    assert!(io.udp.is_empty(), "nothing encrypted");
+    assert_eq!(
+        io.to,
+        vec![Port::Pod(0)],
+        "the error goes back to the sender"
+    );
+    let e = &io.tun[0];
+    assert_eq!((e[20], e[21]), (3, 4));
+    assert_eq!(&e[12..16], &[10, 244, 1, 1]);
+    assert_eq!(u16::from_be_bytes([e[26], e[27]]), 1420);
+    assert_eq!(counters.drops(DropReason::Mtu), 1);
+}
+
+/// A policy change applies to new flows at once; a flow admitted before it goes on until
+/// idle (Calico's choice), because the connection table outlives policy snapshots.
+#[test]
+fn established_flows_outlive_a_policy_change_new_flows_see_it() {
+    use crate::datapath::conntrack::Conntrack;
+    use crate::policy::{Namespace, Pod, Policy, PolicySet};
+    use local::{Filter, PodPort};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    let pods = || {
+        ["10.244.1.5", "10.244.1.6"]
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| Pod {
+                namespace: "x".into(),
+                name: format!("p{i}"),
+                labels: BTreeMap::from([("app".to_string(), format!("p{i}"))]),
+                ips: vec![ip.parse().unwrap()],
+                container_ports: vec![],
+                node_name: "n1".into(),
+                host_network: false,
+            })
+            .collect::<Vec<_>>()
+    };
+    let table = |policies: Vec<Policy>, ct: &Arc<Conntrack>| {
+        let set = PolicySet::compile(vec![Namespace::new("x", BTreeMap::new())], pods(), policies);
+        let ports = ["10.244.1.5", "10.244.1.6"]
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| PodPort {
+                id: i as u64,
+                ips: vec![ip.parse().unwrap()],
+                io: (),
+            })
+            .collect();
+        let mut t = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+        t.filter = Some(Filter {
+            policy: Arc::new(set),
+            conntrack: ct.clone(),
+        });
+        t
+    };
+    let allow_all = serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"namespace": "x", "name": "open"}, "spec": {"podSelector": {}, "ingress": [{}]}});
+    let deny_all = serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"namespace": "x", "name": "closed"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}});
+    let np = |v: serde_json::Value| Policy::from_k8s(&serde_json::from_value(v).unwrap()).unwrap();
+    let ct = Arc::new(Conntrack::default());
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+    let snap = dev.snapshot();
+    let counters = Counters::default();
+    let mut tx = TxPath::new();
+    let mut io = Capture::default();
+    let mut send = |local: &LocalTable<()>, sport: u8, io: &mut Capture| {
+        io.to.clear();
+        let mut p = udp4([10, 244, 1, 5], [10, 244, 1, 6]);
+        p[21] = sport; // source port: one flow per value
+        tx.frame(&tx_ctx(&snap, local, &counters), Port::Pod(0), &mut p, io);
+        !io.to.is_empty()
+    };
+    let open = table(vec![np(allow_all)], &ct);
+    assert!(send(&open, 1, &mut io), "admitted under the open policy");
+    let closed = table(vec![np(deny_all)], &ct);
+    assert!(
+        send(&closed, 1, &mut io),
+        "the established flow goes on after the change"
+    );
+    assert!(!send(&closed, 2, &mut io), "a new flow sees the new policy");
+    assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
+}
+
+/// A batch full of initiations gets at most MAX_HANDSHAKES_PER_BATCH of them decided; the rest
+/// are dropped before any cryptography, and the next batch starts afresh.
+#[test]
+fn handshakes_per_batch_are_capped() {
+    use crate::datapath::from_network::MAX_HANDSHAKES_PER_BATCH;
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
+    let mut a = initiator(&ka, &kb, 7);
+    let (counters, limiter, mut rx, mut io) = receiver();
+    let snap = b.snapshot();
+    let mut buf = vec![0u8; 2048];
+    let t0 = Instant::now();
+    // Fresh initiations from distinct sources (no per-source limit, no replay).
+    let mut send = |rx: &mut RxPath, io: &mut Capture, n: u8| {
+        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true) else {
+            panic!()
+        };
+        let init = init.to_vec();
+        let src = SocketAddr::new([192, 0, 2, n].into(), 51820);
+        let ctx = Ctx::host_only(&snap, &counters, &limiter, t0, false);
+        rx.message(&ctx, src, &init, None, io);
+    };
+    for n in 0..(MAX_HANDSHAKES_PER_BATCH as u8 + 12) {
+        send(&mut rx, &mut io, n + 1);
+    }
+    rx.finish(&counters, &mut io);
+    assert_eq!(
+        io.udp.len(),
+        MAX_HANDSHAKES_PER_BATCH,
+        "one answer per decided initiation"
+    );
+    assert_eq!(counters.drops(DropReason::RateLimited), 12);
+    io.udp.clear();
+    send(&mut rx, &mut io, 200);
+    rx.finish(&counters, &mut io);
+    assert_eq!(io.udp.len(), 1, "the next batch is decided");
+}
+
+/// A cluster address without a peer: the packet is dropped (`no_peer`) and an ICMP unreachable
+/// goes back to its sender (a pod: from the node's gateway; the node: from the destination),
+/// never to the host to route; the node's own gateway still gets its packets.
+#[test]
+fn cluster_addresses_without_a_peer_are_unreachable() {
+    let ports = vec![local::PodPort {
+        id: 0,
+        ips: vec!["10.244.1.5".parse().unwrap()],
+        io: (),
+    }];
+    let mut local = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+    local.cluster = vec!["10.244.0.0/16".parse().unwrap()];
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+    let snap = dev.snapshot();
+    let counters = Counters::default();
+    let ctx = tx_ctx(&snap, &local, &counters);
+    let mut tx = TxPath::new();
+    let mut io = Capture::default();
+    let mut send = |from: Port, src: [u8; 4], dst: [u8; 4], io: &mut Capture| {
+        io.to.clear();
+        io.tun.clear();
+        tx.frame(&ctx, from, &mut udp4(src, dst), io);
+    };
+    // Pod -> a keyless Node's range: dropped, ICMP host unreachable back to the pod.
+    send(Port::Pod(0), [10, 244, 1, 5], [10, 244, 9, 7], &mut io);
+    assert_eq!(counters.drops(DropReason::NoPeer), 1);
+    assert_eq!(io.to, vec![Port::Pod(0)]);
+    let icmp = &io.tun[0];
+    assert_eq!(
+        (icmp[9], icmp[20], icmp[21]),
+        (1, 3, 1),
+        "ICMP host unreachable"
+    );
+    assert_eq!(&icmp[12..16], &[10, 244, 1, 1], "from the gateway");
+    assert_eq!(&icmp[16..20], &[10, 244, 1, 5], "to the pod");
+    // The node itself: from the destination (the kernel drops its own address as source).
+    send(Port::Host, [10, 244, 1, 1], [10, 244, 9, 7], &mut io);
+    assert_eq!(counters.drops(DropReason::NoPeer), 2);
+    assert_eq!(&io.tun[0][12..16], &[10, 244, 9, 7]);
+    // Pod -> its node's gateway, and -> the world: to the host.
+    send(Port::Pod(0), [10, 244, 1, 5], [10, 244, 1, 1], &mut io);
+    assert_eq!(io.to, vec![Port::Host]);
+    send(Port::Pod(0), [10, 244, 1, 5], [192, 0, 2, 9], &mut io);
+    assert_eq!(io.to, vec![Port::Host]);
+    assert_eq!(counters.drops(DropReason::NoPeer), 2);
+}

@@ -1,0 +1,26 @@
+//! The Kubernetes API client every command that talks to the cluster builds the same way:
+//! `--kubeconfig` if given, else the in-cluster configuration, else `$KUBECONFIG` or
+//! `~/.kube/config`.
+
+use anyhow::Context;
+use kube::Client;
+use std::path::Path;
+
+/// A client for `kubeconfig`, or for the environment the process runs in.
+pub async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(p) => {
+            let kc = kube::config::Kubeconfig::read_from(p).with_context(|| format!("reading --kubeconfig {}", p.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("using --kubeconfig {}", p.display()))?
+        }
+        None => match kube::Config::incluster() {
+            Ok(c) => c,
+            Err(_) => kube::Config::infer()
+                .await
+                .context("no Kubernetes API configuration: not in a cluster, no $KUBECONFIG, no ~/.kube/config; pass --kubeconfig")?,
+        },
+    };
+    Client::try_from(config).context("building the Kubernetes API client")
+}

@@ -1,0 +1,134 @@
+//! The node's state as the agent knows it, in one owner: the device and its counters, the peers
+//! by node name, their health, the pods on the loop, the sync and programming flags, the API
+//! watch counters. The control plane writes it ([`crate::agent`]); `/metrics`
+//! ([`crate::metrics`]), `kwire status` and `kwire graph` ([`crate::status`]) only read it,
+//! through one [`report::StatusReport`] per request, built from memory.
+
+pub mod report;
+
+use crate::datapath::stats::Counters;
+use crate::dataplane::ports::Pods;
+use crate::wg::Device;
+use arc_swap::ArcSwap;
+use ipnetwork::IpNetwork;
+use kwire_proto::key::PublicKey;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+pub use report::{peer_up, report, Packets, PeerReport, PodReport, StatusReport};
+
+/// A peer whose last handshake is older than this is down: WireGuard's REJECT_AFTER_TIME
+/// (whitepaper §6.1), after which no session key may be used.
+pub const PEER_UP_WITHIN: Duration = Duration::from_secs(180);
+
+/// What the agent knows of its node; shared by its tasks, read by the renderers.
+pub struct NodeState {
+    pub device: Arc<Device>,
+    pub counters: Arc<Counters>,
+    /// Node name of each peer the control plane configured, by public key.
+    pub peer_names: ArcSwap<BTreeMap<PublicKey, String>>,
+    /// Nodes refused as peers, by reason (the labels are fixed at construction).
+    invalid_peers: Vec<(&'static str, AtomicU64)>,
+    /// Synced with the API at least once, or restored from the state directory.
+    pub synced: AtomicBool,
+    /// The tun's addresses and routes are programmed.
+    pub programmed: AtomicBool,
+    /// Which node this is, its interface, its pods (set once at start).
+    pub node: OnceLock<NodeContext>,
+    /// This node's pod CIDRs, as last programmed.
+    pub pod_cidrs: ArcSwap<Vec<IpNetwork>>,
+    /// Errors of the Node watch (each failed list/watch attempt).
+    pub watch_errors: AtomicU64,
+    /// Complete re-lists of the Nodes (the first list included).
+    pub watch_resyncs: AtomicU64,
+    /// The Node watch delivered its last answer without error.
+    pub api_synced: AtomicBool,
+    /// What the health monitor knows of each peer, by node name.
+    pub peer_health: Mutex<BTreeMap<String, PeerHealthReport>>,
+}
+
+/// The node an agent runs for.
+#[derive(Debug, Clone)]
+pub struct NodeContext {
+    pub name: String,
+    pub interface: String,
+    /// The pods attached to the packet loop (with their names, as the CNI runtime gave them).
+    pub pods: Arc<Pods>,
+}
+
+/// Per peer, what the health monitor derived between ticks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerHealthReport {
+    /// Completed handshakes seen (a change of the handshake time between ticks).
+    pub handshakes: u64,
+    /// No handshake for longer than `--peer-unreachable-after` while traffic waits.
+    pub unreachable: bool,
+}
+
+impl std::fmt::Debug for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeState")
+            .field("synced", &self.synced)
+            .field("programmed", &self.programmed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeState {
+    /// The state of a node whose device is `device`. `invalid_peer_reasons`: every label a
+    /// refused Node can be counted under (all are reported, zeros included).
+    pub fn new(
+        device: Arc<Device>,
+        counters: Arc<Counters>,
+        invalid_peer_reasons: &[&'static str],
+    ) -> NodeState {
+        NodeState {
+            device,
+            counters,
+            peer_names: ArcSwap::from_pointee(BTreeMap::new()),
+            invalid_peers: invalid_peer_reasons
+                .iter()
+                .map(|r| (*r, AtomicU64::new(0)))
+                .collect(),
+            synced: AtomicBool::new(false),
+            programmed: AtomicBool::new(false),
+            node: OnceLock::new(),
+            pod_cidrs: ArcSwap::from_pointee(Vec::new()),
+            watch_errors: AtomicU64::new(0),
+            watch_resyncs: AtomicU64::new(0),
+            api_synced: AtomicBool::new(false),
+            peer_health: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The health monitor's view of each peer.
+    pub fn peer_health(&self) -> BTreeMap<String, PeerHealthReport> {
+        self.peer_health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Counts a Node refused as a peer for `reason` (one of the labels given to `new`; an
+    /// unknown label is a bug and counts nowhere).
+    pub fn count_invalid(&self, reason: &str) {
+        if let Some((_, n)) = self.invalid_peers.iter().find(|(r, _)| *r == reason) {
+            n.fetch_add(1, Ordering::Relaxed);
+        } else {
+            debug_assert!(false, "invalid-peer reason {reason:?} not registered");
+        }
+    }
+
+    /// Nodes refused as peers, by reason.
+    pub fn invalid_peers(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        self.invalid_peers
+            .iter()
+            .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+    }
+
+    pub fn ready(&self) -> bool {
+        self.synced.load(Ordering::Relaxed) && self.programmed.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,204 @@
+//! One node's view of the mesh as a plain value: what `kwire status --json` prints, what
+//! `/metrics` and `kwire graph` render. Built from the [`NodeState`] in memory on every request;
+//! peers by node name, never by key alone.
+
+use super::{NodeState, PEER_UP_WITHIN};
+use crate::datapath::stats::DropReason;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+/// One node's view of the mesh: what `kwire status --json` prints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub node: String,
+    pub version: String,
+    pub interface: String,
+    pub listen_port: u16,
+    /// This node's WireGuard public key (public; never the private key).
+    pub public_key: Option<String>,
+    pub pod_cidrs: Vec<String>,
+    /// Synced with the API once, or restored from the state directory.
+    pub synced: bool,
+    /// Synced and the tun's addresses and routes programmed (what /readyz says).
+    pub ready: bool,
+    /// The Node watch's last answer was not an error.
+    pub api_synced: bool,
+    pub watch_errors: u64,
+    pub watch_resyncs: u64,
+    pub peers_expected: u64,
+    pub peers_connected: u64,
+    pub peers: Vec<PeerReport>,
+    pub pods: Vec<PodReport>,
+    pub packets: Packets,
+    /// Drops by reason (every reason, zeros included).
+    pub drops: BTreeMap<String, u64>,
+    /// Nodes refused as peers (counted once per change), by reason; zeros included.
+    #[serde(default)]
+    pub invalid_peers: BTreeMap<String, u64>,
+    /// The NetworkPolicy connection table's occupancy and limits.
+    #[serde(default)]
+    pub conntrack: ConntrackReport,
+}
+
+/// The connection table: flows held, and the most it (and one initiating pod) may hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackReport {
+    pub flows: u64,
+    pub max_flows: u64,
+    pub max_flows_per_pod: u64,
+}
+
+/// A peer, by node name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerReport {
+    pub node: String,
+    pub public_key: String,
+    pub endpoint: Option<String>,
+    pub allowed_ips: Vec<String>,
+    /// Seconds since the last completed handshake; None before the first.
+    pub last_handshake_age_seconds: Option<f64>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+    /// Packets for this peer that no session could carry.
+    pub tx_dropped: u64,
+    /// Completed handshakes the agent has seen.
+    pub handshakes: u64,
+    pub up: bool,
+    /// No handshake for longer than `--peer-unreachable-after` while traffic waits.
+    pub unreachable: bool,
+}
+
+/// A pod attached to this node's packet loop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodReport {
+    pub namespace: Option<String>,
+    pub name: Option<String>,
+    pub ips: Vec<IpAddr>,
+}
+
+/// Packets of the loop, by direction.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Packets {
+    pub tx: u64,
+    pub rx: u64,
+    pub local: u64,
+}
+
+/// Up: a handshake younger than [`PEER_UP_WITHIN`], and not judged unreachable.
+pub fn peer_up(handshake_age: Option<Duration>, unreachable: bool) -> bool {
+    handshake_age.is_some_and(|a| a < PEER_UP_WITHIN) && !unreachable
+}
+
+/// Builds the report from the node's live state. Reads memory only: the device, the loop's
+/// pod table and the counters (no file, no API call).
+pub fn report(st: &NodeState) -> StatusReport {
+    let names = st.peer_names.load();
+    let health = st.peer_health();
+    let info = st.device.info();
+    let snap = st.device.snapshot();
+    let now = SystemTime::now();
+    let mut peers = Vec::new();
+    for p in &info.peers {
+        // Peers added by hand through the userspace API have no node: not reported.
+        let Some(node) = names.get(&p.public_key) else {
+            continue;
+        };
+        let h = health.get(node).cloned().unwrap_or_default();
+        let age = p
+            .last_handshake
+            .map(|t| now.duration_since(t).unwrap_or_default());
+        let tx_dropped = snap
+            .peers
+            .iter()
+            .find(|q| q.public_key == p.public_key)
+            .map_or(0, |q| q.tx_dropped.load(Ordering::Relaxed));
+        peers.push(PeerReport {
+            node: node.clone(),
+            public_key: p.public_key.to_base64(),
+            endpoint: p.endpoint.map(|e| e.to_string()),
+            allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+            last_handshake_age_seconds: age.map(|a| a.as_secs_f64()),
+            rx_bytes: p.rx_bytes,
+            tx_bytes: p.tx_bytes,
+            tx_dropped,
+            handshakes: h.handshakes,
+            up: peer_up(age, h.unreachable),
+            unreachable: h.unreachable,
+        });
+    }
+    drop(info);
+    peers.sort_by(|a, b| a.node.cmp(&b.node));
+    let ctx = st.node.get();
+    let pods = ctx.map_or_else(Vec::new, |ctx| {
+        ctx.pods
+            .attached()
+            .into_iter()
+            .map(|p| PodReport {
+                namespace: p.name.namespace,
+                name: p.name.name,
+                ips: p.ips,
+            })
+            .collect()
+    });
+    let conntrack = ctx.map_or_else(ConntrackReport::default, |ctx| {
+        let ct = &ctx.pods.conntrack;
+        ConntrackReport {
+            flows: ct.len() as u64,
+            max_flows: ct.max_flows() as u64,
+            max_flows_per_pod: ct.max_flows_per_pod() as u64,
+        }
+    });
+    let c = &st.counters;
+    StatusReport {
+        node: ctx.map(|c| c.name.clone()).unwrap_or_default(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        interface: ctx.map(|c| c.interface.clone()).unwrap_or_default(),
+        listen_port: st.device.listen_port(),
+        public_key: st.device.public_key().map(|k| k.to_base64()),
+        pod_cidrs: st
+            .pod_cidrs
+            .load()
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
+        synced: st.synced.load(Ordering::Relaxed),
+        ready: st.ready(),
+        api_synced: st.api_synced.load(Ordering::Relaxed),
+        watch_errors: st.watch_errors.load(Ordering::Relaxed),
+        watch_resyncs: st.watch_resyncs.load(Ordering::Relaxed),
+        peers_expected: names.len() as u64,
+        peers_connected: peers.iter().filter(|p| p.up).count() as u64,
+        peers,
+        pods,
+        packets: Packets {
+            tx: c.packets_tx.load(Ordering::Relaxed),
+            rx: c.packets_rx.load(Ordering::Relaxed),
+            local: c.packets_local.load(Ordering::Relaxed),
+        },
+        drops: DropReason::ALL
+            .iter()
+            .map(|r| (r.metric_label().to_string(), c.drops(*r)))
+            .collect(),
+        invalid_peers: st
+            .invalid_peers()
+            .map(|(r, n)| (r.to_string(), n))
+            .collect(),
+        conntrack,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn up_needs_a_recent_handshake_and_no_unreachable_verdict() {
+        assert!(peer_up(Some(Duration::from_secs(5)), false));
+        assert!(!peer_up(Some(Duration::from_secs(5)), true));
+        assert!(!peer_up(Some(PEER_UP_WITHIN), false));
+        assert!(!peer_up(None, false));
+    }
+}
