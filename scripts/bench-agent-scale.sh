@@ -21,7 +21,7 @@
 #   --kwire PATH  measure another agent binary (e.g. main's, for before/after); its kwire-cni
 #                 is taken from this build
 # Env:   KWIRE_BENCH_PERF=FILE    also record a perf profile of the agent during one phase:
-#        KWIRE_BENCH_PERF_PHASE=idle|irrelevant_pods|irrelevant_nodes|relevant|churn
+#        KWIRE_BENCH_PERF_PHASE=sync|idle|irrelevant_pods|irrelevant_nodes|relevant|churn
 #          (default relevant),
 #        KWIRE_BENCH_PERF_FREQ=HZ (default 499), KWIRE_BENCH_PERF_CALL_GRAPH=fp|dwarf
 #        KWIRE_BENCH_KEEP_LOG=1   keep the agent's log at $TMPDIR/kwire-agent-scale.log
