@@ -304,6 +304,60 @@ impl Lab {
         inner
     }
 
+    /// The agent of node `name`: (pid, restarts so far), from `status --json`.
+    pub fn agent(&self, name: &str) -> (i32, u64) {
+        let st = self.status();
+        let n = st["nodes"]
+            .array()
+            .iter()
+            .find(|n| n["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no node {name} in status"))
+            .clone();
+        (
+            n["agent_pid"].as_u64().expect("agent_pid") as i32,
+            n["agent_restarts"].as_u64().unwrap_or(0),
+        )
+    }
+
+    /// Sends `signal` to the agents of `nodes` at once (SIGKILL: a crash; SIGTERM: what a
+    /// DaemonSet rollout sends), then waits until the supervisor restarted each (a new pid,
+    /// one more restart) and it serves CNI again, within `restart`. Returns when the signals
+    /// were sent.
+    pub fn signal_agents(
+        &self,
+        nodes: &[&str],
+        signal: nix::sys::signal::Signal,
+        restart: std::time::Duration,
+    ) -> std::time::Instant {
+        let before: Vec<(i32, u64)> = nodes.iter().map(|n| self.agent(n)).collect();
+        for (n, (pid, _)) in nodes.iter().zip(&before) {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), signal)
+                .unwrap_or_else(|e| panic!("{signal} to agent {pid} of {n}: {e}"));
+        }
+        let sent = std::time::Instant::now();
+        crate::wait_until(restart, format!("agents of {nodes:?} restarted"), || {
+            let st = self.status();
+            nodes.iter().zip(&before).all(|(name, (pid, restarts))| {
+                st["nodes"]
+                    .array()
+                    .iter()
+                    .find(|n| n["name"].as_str() == Some(name))
+                    .is_some_and(|n| {
+                        n["agent_pid"].as_u64().is_some_and(|p| p as i32 != *pid)
+                            && n["agent_restarts"].as_u64().unwrap_or(0) > *restarts
+                            && n["cni_socket"]
+                                .as_str()
+                                .is_some_and(|p| Path::new(p).exists())
+                    })
+            })
+        });
+        eprintln!(
+            "agents of {nodes:?}: {signal}, restarted in {:.1} s",
+            sent.elapsed().as_secs_f64()
+        );
+        sent
+    }
+
     /// Do not run `down` on drop (the test did it).
     pub fn forget(mut self) {
         self.down_on_drop = false;

@@ -314,7 +314,6 @@ impl Monitor {
                 (
                     n.clone(),
                     PeerHealthReport {
-                        handshakes: w.handshakes,
                         unreachable: w.unreachable,
                     },
                 )

@@ -166,6 +166,7 @@ mod tests {
             local: &local,
             counters: &counters,
             limiter: &limiter,
+            pacer: &crate::datapath::HOST_ONLY_PACER,
             now: Instant::now(),
             vnet: false,
         };

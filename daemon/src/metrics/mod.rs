@@ -97,21 +97,36 @@ impl Collector for StatusCollector {
         let hs: Vec<(Labels, u64)> = r
             .peers
             .iter()
-            .map(|p| {
-                (
-                    vec![
-                        ("node".to_string(), p.node.clone()),
-                        ("result".to_string(), "success".to_string()),
-                    ],
-                    p.handshakes,
-                )
+            .flat_map(|p| {
+                [
+                    ("success", p.handshakes),
+                    ("timeout", p.handshakes_timeout),
+                    ("rejected", p.handshakes_rejected),
+                ]
+                .map(|(result, n)| {
+                    (
+                        vec![
+                            ("node".to_string(), p.node.clone()),
+                            ("result".to_string(), result.to_string()),
+                        ],
+                        n,
+                    )
+                })
             })
             .collect();
         counter_family(
             &mut e,
             "kwire_peer_handshakes",
-            "Completed handshakes with the peer seen by the agent",
+            "Handshake attempts with the peer by result: success (completed, either side \
+             initiating), timeout (our initiation never answered), rejected (refused)",
             &hs,
+        )?;
+        counter_family(
+            &mut e,
+            "kwire_peer_handshakes_triggered",
+            "Handshakes started at once because the peer sent data for a session this node \
+             does not know (after this node restarted)",
+            &peer_counter(&|p| p.handshakes_triggered),
         )?;
         let ep: Vec<(Labels, f64)> = r
             .peers
