@@ -213,25 +213,6 @@ impl CpuReading {
     }
 }
 
-/// CPU seconds of this process's tokio threads so far: the API stand-in's (the driver's own
-/// work runs on the main thread and on threads of other names).
-fn api_cpu_seconds() -> f64 {
-    let mut ns = 0u64;
-    if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
-        for e in dir.flatten() {
-            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
-            if !comm.starts_with("tokio-runtime") {
-                continue;
-            }
-            ns += std::fs::read_to_string(e.path().join("schedstat"))
-                .ok()
-                .and_then(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-                .unwrap_or(0);
-        }
-    }
-    ns as f64 / 1e9
-}
-
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()
@@ -853,7 +834,6 @@ fn main() {
         let mut agent: Proc = ns.spawn(&argv, log.clone());
         let pid = agent.pid();
         let perf = Perf::start(pid, "sync");
-        let api_cpu0 = api_cpu_seconds();
 
         // This node's pods, wired in by kwire-cni as soon as the agent serves CNI.
         let cni_sock = run.join("cni.sock");
@@ -909,14 +889,13 @@ fn main() {
             std::thread::sleep(SYNC_POLL);
         }
         perf.stop();
-        let api_cpu_sync = api_cpu_seconds() - api_cpu0;
         let (peers_at, routes_at, policy_at) = (peers_at.unwrap(), routes_at.unwrap(), policy_at.unwrap());
         let sync = peers_at.max(routes_at).max(policy_at);
         let hwm_sync = status_kb(pid, "VmHWM:").unwrap_or(0);
         let cpu_sync = cpu_seconds(pid);
         let waited_sync = CpuReading::take(pid).runqueue_ns as f64 / 1e9;
-        eprintln!("  synced in {:.0} ms (peers {:.0}, routes {:.0}, policy {:.0}); VmHWM {:.1} MB; agent CPU {:.2} s, waiting for a CPU {:.2} s; the stand-in's CPU {:.2} s; load {}",
-            ms(sync), ms(peers_at), ms(routes_at), ms(policy_at), hwm_sync as f64 / 1024.0, cpu_sync, waited_sync, api_cpu_sync, loadavg());
+        eprintln!("  synced in {:.0} ms (peers {:.0}, routes {:.0}, policy {:.0}); VmHWM {:.1} MB; agent CPU {:.2} s, waiting for a CPU {:.2} s; load {}",
+            ms(sync), ms(peers_at), ms(routes_at), ms(policy_at), hwm_sync as f64 / 1024.0, cpu_sync, waited_sync, loadavg());
         report.set("sync_ms", ms(sync));
         report.set("peers_ms", ms(peers_at));
         report.set("routes_ms", ms(routes_at));
@@ -925,9 +904,6 @@ fn main() {
         // Runnable but waiting for a CPU (threads still alive at the end of the sync): the
         // rest of sync_ms, beyond this and sync_cpu_s, the agent waited on the API.
         report.set("sync_runqueue_wait_s", (waited_sync * 100.0).round() / 100.0);
-        // The stand-in's own CPU meanwhile (serving the lists): on this machine it competes
-        // with the agent for the same cores.
-        report.set("sync_api_cpu_s", (api_cpu_sync * 100.0).round() / 100.0);
         report.set("rss_after_sync_mb", (hwm_sync as f64 / 102.4).round() / 10.0);
 
         // State-file writes from here on (the figures below say per phase).
