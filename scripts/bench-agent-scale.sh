@@ -1,14 +1,31 @@
 #!/usr/bin/env bash
-# Scale benchmark of `kwire agent`: the API stand-in filled with 5,000 Nodes, the real release
-# binary in a fresh network namespace; prints the time from start to every peer in the device
-# and every route in the kernel, peak RSS, and p50/p99/max latency from a Node change to its
-# effect in the data plane (with the load average beside the figures); then route programming
-# for 5,000 peers alone, netlink beside the `ip -batch` the agent used before.
+# Scale benchmark of `kwire agent` (issue 17): the API stand-in filled with a synthetic cluster
+# (5,000 Nodes, 150,000 Pods in 500 Namespaces, 5,000 NetworkPolicies by default), the real
+# release binary in a fresh network namespace with three pods wired in by the real kwire-cni;
+# prints start to complete data plane, peak RSS, agent CPU per irrelevant update and per
+# relevant change, relevant-change latency (p50/p99/max) and agent CPU under churn (100 Pod +
+# 20 Node events/s), and the state file's writes. CPU is the agent threads' run time
+# (/proc/PID/task/*/schedstat). See tests/examples/agent_scale/main.rs for what each figure
+# covers. Then route programming for 5,000 peers alone, netlink beside the `ip -batch` the
+# agent used before (tests/examples/route_programming.rs; on stderr with --json).
 #
-# Usage: sudo scripts/bench-agent-scale.sh [--nodes N] [--changes M] [--log-level FILTER]
-# Env:   KWIRE_BENCH_PERF=FILE    also record a perf profile of the agent during the changes
+# Usage: sudo scripts/bench-agent-scale.sh [--nodes N] [--pods N] [--namespaces N]
+#          [--policies N] [--services N] [--changes N] [--irrelevant N] [--churn-secs S]
+#          [--json] [--kwire PATH] [--log-level FILTER]
+#   --pods        default 30 per node (this node included)
+#   --services    creates Services with 10-endpoint EndpointSlices; the agent does not read
+#                 them until kwire has Services (the hook is synth::service in the example)
+#   --json        one JSON object on stdout (nodes, pods, policies, sync_ms, peak_rss_mb,
+#                 irrelevant_update_cpu_us, relevant_change_p99_ms, relevant_change_cpu_ms,
+#                 churn_cpu_cores, and the parts behind them); progress goes to stderr
+#   --kwire PATH  measure another agent binary (e.g. main's, for before/after); its kwire-cni
+#                 is taken from this build
+# Env:   KWIRE_BENCH_PERF=FILE    also record a perf profile of the agent during one phase:
+#        KWIRE_BENCH_PERF_PHASE=sync|idle|irrelevant_pods|irrelevant_nodes|relevant|churn
+#          (default relevant),
+#        KWIRE_BENCH_PERF_FREQ=HZ (default 499), KWIRE_BENCH_PERF_CALL_GRAPH=fp|dwarf
 #        KWIRE_BENCH_KEEP_LOG=1   keep the agent's log at $TMPDIR/kwire-agent-scale.log
-# Needs root, iproute2 and /dev/net/tun. The driver's namespace, scratch directory and agent
+# Needs root, iproute2 and /dev/net/tun. The driver's namespaces, scratch directory and agent
 # are RAII guards; the trap below also removes what a killed run left behind.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,17 +63,23 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-echo "== building (release): kwire, examples/agent_scale" >&2
-cargo build --release -q -p kwire-daemon --bin kwire && cargo build --release -q -p kwire-tests --example agent_scale --example route_programming
+echo "== building (release): kwire, kwire-cni, examples/agent_scale, examples/route_programming" >&2
+cargo build --release -q -p kwire-daemon --bin kwire && cargo build --release -q -p kwire-cni && cargo build --release -q -p kwire-tests --example agent_scale --example route_programming
 
 target="${CARGO_TARGET_DIR:-target}"
 echo "== machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
-"$target/release/examples/agent_scale" --kwire "$target/release/kwire" "$@" &
+"$target/release/examples/agent_scale" --kwire "$target/release/kwire" --kwire-cni "$target/release/kwire-cni" "$@" &
 driver_pid=$!
 wait "$driver_pid"
 # Route programming alone, the agent's way (rtnetlink) beside `ip -batch` (its way before),
-# interleaved in fresh namespaces.
+# interleaved in fresh namespaces. With --json, stdout holds the one JSON object only.
 echo "== route programming, 5,000 peers: ip -batch vs netlink" >&2
-"$target/release/examples/route_programming" 5000 5 &
+json=0
+for a in "$@"; do [ "$a" = "--json" ] && json=1; done
+if [ "$json" = 1 ]; then
+    "$target/release/examples/route_programming" 5000 5 >&2 &
+else
+    "$target/release/examples/route_programming" 5000 5 &
+fi
 driver_pid=$!
 wait "$driver_pid"

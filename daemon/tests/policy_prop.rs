@@ -1,4 +1,8 @@
-//! Property test: the compiled PolicySet against a direct, naive reading of the NetworkPolicy spec over raw manifests.
+//! Property tests: the compiled PolicySet against a direct, naive reading of the NetworkPolicy
+//! spec over raw manifests; and the incremental index (random sequences of adds, updates and
+//! deletes of Namespaces, Pods and NetworkPolicies, snapshots taken in between) against a full
+//! rebuild from the final objects and against the naive reading, in both scopes (all pods, and
+//! one node's).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -6,7 +10,10 @@ use std::net::IpAddr;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use kwire::policy::{PolicySet, Protocol};
+use kwire::policy::{
+    AllowReason, DenyReason, Namespace, Pod, Policy, PolicyIndex, PolicySet, Protocol, Scope,
+    Verdict,
+};
 
 const NAMESPACES: [&str; 4] = ["x", "y", "z", "w"]; // "w" is never given as an object
 const POD_LABELS: [(&str, &[&str]); 2] = [("app", &["a", "b", "c"]), ("tier", &["f", "b"])];
@@ -276,12 +283,22 @@ impl Naive<'_> {
         labels
     }
 
-    /// The pod that owns `ip`; host-network pods are not pods for policy purposes.
+    /// The pod that owns `ip`; host-network pods are not pods for policy purposes. Of two
+    /// pods claiming one address, the first in (namespace, name) order owns it.
     fn pod(&self, ip: IpAddr) -> Option<&Value> {
-        self.c.pods.iter().find(|p| {
-            p["status"]["podIP"].as_str() == Some(&ip.to_string())
-                && p["spec"]["hostNetwork"] != true
-        })
+        self.c
+            .pods
+            .iter()
+            .filter(|p| {
+                p["status"]["podIP"].as_str() == Some(&ip.to_string())
+                    && p["spec"]["hostNetwork"] != true
+            })
+            .min_by_key(|p| {
+                (
+                    p["metadata"]["namespace"].as_str().unwrap_or_default(),
+                    p["metadata"]["name"].as_str().unwrap_or_default(),
+                )
+            })
     }
 
     fn pod_labels(p: &Value) -> BTreeMap<String, String> {
@@ -462,6 +479,294 @@ proptest! {
                         prop_assert_eq!(e.allowed, eg && ing);
                     }
                 }
+            }
+        }
+    }
+}
+
+// ---------- incremental compilation: random change sequences ----------
+
+/// Pod slots (names `p0`..); each slot's pod may live in any namespace, so one slot can be
+/// several objects over a sequence.
+const POD_SLOTS: usize = 6;
+const POLICY_SLOTS: usize = 4;
+/// Pods draw addresses from a pool smaller than the pods, so two pods sometimes claim one.
+const IP_POOL: u8 = 5;
+const NODES: [&str; 2] = ["n1", "n2"];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Namespace(usize, BTreeMap<String, String>),
+    DeleteNamespace(usize),
+    Pod(usize, Value),
+    DeletePod(usize),
+    Policy(usize, Value),
+    DeletePolicy(usize),
+    Snapshot,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let placed_pod = (
+        pod(),
+        proptest::option::of(1..=IP_POOL),
+        proptest::sample::select(NODES.to_vec()),
+    )
+        .prop_map(|(mut p, ip, node)| {
+            match ip {
+                Some(i) => p["status"] = json!({"podIP": format!("10.0.0.{i}")}),
+                None => p["status"] = json!({}),
+            }
+            p["spec"]["nodeName"] = json!(node);
+            p
+        });
+    prop_oneof![
+        1 => (0..3usize, labels(&NS_LABELS)).prop_map(|(i, l)| Op::Namespace(i, l)),
+        1 => (0..3usize).prop_map(Op::DeleteNamespace),
+        4 => (0..POD_SLOTS, placed_pod).prop_map(|(i, p)| Op::Pod(i, p)),
+        2 => (0..POD_SLOTS).prop_map(Op::DeletePod),
+        3 => (0..POLICY_SLOTS, policy()).prop_map(|(i, p)| Op::Policy(i, p)),
+        1 => (0..POLICY_SLOTS).prop_map(Op::DeletePolicy),
+        1 => Just(Op::Snapshot),
+    ]
+}
+
+/// The objects after a sequence, by slot, as the API server would hold them.
+#[derive(Default, Clone)]
+struct World {
+    namespaces: BTreeMap<usize, Value>,
+    pods: BTreeMap<usize, Value>,
+    policies: BTreeMap<usize, Value>,
+}
+
+impl World {
+    fn cluster(&self) -> Cluster {
+        Cluster {
+            namespaces: self.namespaces.values().cloned().collect(),
+            pods: self.pods.values().cloned().collect(),
+            policies: self.policies.values().cloned().collect(),
+        }
+    }
+}
+
+fn key(v: &Value) -> (String, String) {
+    (
+        v["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+        v["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string(),
+    )
+}
+
+fn model_pod(v: &Value) -> Pod {
+    Pod::from_k8s(&serde_json::from_value(v.clone()).unwrap()).unwrap()
+}
+
+fn model_policy(v: &Value) -> Policy {
+    Policy::from_k8s(&serde_json::from_value(v.clone()).unwrap()).unwrap()
+}
+
+fn model_namespace(v: &Value) -> Namespace {
+    Namespace::from_k8s(&serde_json::from_value(v.clone()).unwrap()).unwrap()
+}
+
+/// Applies `op` to the world and to the index, as the agent's watch would deliver it.
+fn step(world: &mut World, index: &mut PolicyIndex, op: &Op) {
+    let ns_names = ["x", "y", "z"];
+    match op {
+        Op::Namespace(i, labels) => {
+            let v = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns_names[*i], "labels": labels}});
+            index.apply_namespace(model_namespace(&v));
+            world.namespaces.insert(*i, v);
+        }
+        Op::DeleteNamespace(i) => {
+            index.delete_namespace(ns_names[*i]);
+            world.namespaces.remove(i);
+        }
+        Op::Pod(i, p) => {
+            let mut p = p.clone();
+            p["metadata"]["name"] = json!(format!("p{i}"));
+            // A slot's pod moving namespace is a delete of the old object and a create.
+            if let Some(old) = world.pods.get(i).filter(|old| key(old) != key(&p)) {
+                let (ns, name) = key(old);
+                index.delete_pod(&ns, &name);
+            }
+            index.apply_pod(model_pod(&p));
+            world.pods.insert(*i, p);
+        }
+        Op::DeletePod(i) => {
+            if let Some(old) = world.pods.remove(i) {
+                let (ns, name) = key(&old);
+                index.delete_pod(&ns, &name);
+            }
+        }
+        Op::Policy(i, p) => {
+            let mut p = p.clone();
+            p["metadata"]["name"] = json!(format!("np{i}"));
+            if let Some(old) = world.policies.get(i).filter(|old| key(old) != key(&p)) {
+                let (ns, name) = key(old);
+                index.delete_policy(&ns, &name);
+            }
+            index.apply_policy(model_policy(&p));
+            world.policies.insert(*i, p);
+        }
+        Op::DeletePolicy(i) => {
+            if let Some(old) = world.policies.remove(i) {
+                let (ns, name) = key(&old);
+                index.delete_policy(&ns, &name);
+            }
+        }
+        Op::Snapshot => {
+            index.snapshot();
+        }
+    }
+}
+
+/// A full rebuild of the world into a fresh index of `scope`.
+fn rebuild(world: &World, scope: &Scope) -> PolicySet {
+    let mut index = PolicyIndex::new(scope.clone());
+    for v in world.namespaces.values() {
+        index.apply_namespace(model_namespace(v));
+    }
+    for v in world.pods.values() {
+        index.apply_pod(model_pod(v));
+    }
+    for v in world.policies.values() {
+        index.apply_policy(model_policy(v));
+    }
+    index.snapshot()
+}
+
+/// A verdict with policy ids replaced by names (ids differ between indexes).
+fn named(set: &PolicySet, v: Verdict) -> String {
+    let name = |id: u32| {
+        set.policy(id)
+            .map(|p| p.object_ref().to_string())
+            .unwrap_or_else(|| format!("unknown policy id {id}"))
+    };
+    match v {
+        Verdict::Allow(AllowReason::NoPod) => "allow: no pod".into(),
+        Verdict::Allow(AllowReason::NotSelected) => "allow: not selected".into(),
+        Verdict::Allow(AllowReason::Rule(r)) => {
+            format!("allow: {} rule {}", name(r.policy), r.rule)
+        }
+        Verdict::Deny(DenyReason::NoRuleMatched { first_policy }) => {
+            format!("deny: {}", name(first_policy))
+        }
+    }
+}
+
+/// `explain`, with the verdicts named as [`named`] does.
+fn explained(set: &PolicySet, src: IpAddr, dst: IpAddr, proto: Protocol, port: u16) -> String {
+    let e = set.explain(src, dst, proto, port);
+    let side = |d: &kwire::policy::DirectionExplanation| {
+        format!(
+            "{:?} {} {:?} {:?}",
+            d.pod,
+            named(set, d.verdict),
+            d.selected_by,
+            d.decided_by
+        )
+    };
+    format!("{} | {} | {}", side(&e.egress), side(&e.ingress), e.allowed)
+}
+
+fn on_node(c: &Cluster, ip: IpAddr, node: &str) -> bool {
+    Naive { c }
+        .pod(ip)
+        .is_none_or(|p| p["spec"]["nodeName"] == node)
+}
+
+/// Every verdict and explanation of `incremental` equals the rebuild's; where the scope
+/// enforces, both equal the naive reading.
+fn same_answers(
+    world: &World,
+    incremental: &PolicySet,
+    scope: &Scope,
+) -> Result<(), TestCaseError> {
+    let full = rebuild(world, scope);
+    let c = world.cluster();
+    let naive = Naive { c: &c };
+    let mut ips: Vec<IpAddr> = (1..=IP_POOL + 1)
+        .map(|i| format!("10.0.0.{i}").parse().unwrap())
+        .collect();
+    ips.extend(EXTERNAL.iter().map(|s| s.parse::<IpAddr>().unwrap()));
+    for &src in &ips {
+        for &dst in &ips {
+            for proto in [Protocol::Tcp, Protocol::Udp, Protocol::Other(1)] {
+                for port in PORTS {
+                    let port = if matches!(proto, Protocol::Other(_)) {
+                        0
+                    } else {
+                        port
+                    };
+                    let a = incremental.verdict(src, dst, proto, port);
+                    let b = full.verdict(src, dst, proto, port);
+                    let what = || {
+                        format!(
+                            "{src} -> {dst} {port}/{proto} in {scope:?}\n{:#}",
+                            json!(c.policies)
+                        )
+                    };
+                    prop_assert_eq!(
+                        named(incremental, a.egress),
+                        named(&full, b.egress),
+                        "egress {}",
+                        what()
+                    );
+                    prop_assert_eq!(
+                        named(incremental, a.ingress),
+                        named(&full, b.ingress),
+                        "ingress {}",
+                        what()
+                    );
+                    prop_assert_eq!(
+                        explained(incremental, src, dst, proto, port),
+                        explained(&full, src, dst, proto, port),
+                        "explain {}",
+                        what()
+                    );
+                    let (eg, ing) = naive.allowed(src, dst, proto, port);
+                    let enforced = |own| match scope {
+                        Scope::All => true,
+                        Scope::Node(n) => on_node(&c, own, n),
+                    };
+                    if enforced(src) {
+                        prop_assert_eq!(a.egress.is_allowed(), eg, "naive egress {}", what());
+                    }
+                    if enforced(dst) {
+                        prop_assert_eq!(a.ingress.is_allowed(), ing, "naive ingress {}", what());
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 160, ..ProptestConfig::default() })]
+
+    #[test]
+    fn incremental_equals_full_rebuild(ops in proptest::collection::vec(op(), 1..40)) {
+        for scope in [Scope::All, Scope::Node("n1".into())] {
+            let mut world = World::default();
+            let mut index = PolicyIndex::new(scope.clone());
+            let mut taken = Vec::new();
+            for (i, op) in ops.iter().enumerate() {
+                step(&mut world, &mut index, op);
+                if matches!(op, Op::Snapshot) || i + 1 == ops.len() {
+                    let snap = index.snapshot();
+                    same_answers(&world, &snap, &scope)?;
+                    taken.push((snap, world.clone()));
+                }
+            }
+            // Earlier snapshots are untouched by later changes (copy on write).
+            for (snap, then) in &taken {
+                same_answers(then, snap, &scope)?;
             }
         }
     }

@@ -514,13 +514,13 @@ pub fn policy_compile(data: &[u8]) {
     if m.add_text(std::path::Path::new("fuzz"), &text).is_err() {
         return;
     }
-    let traced = m.compile();
-    let mut addrs: Vec<std::net::IpAddr> = traced
-        .pods()
+    let mut addrs: Vec<std::net::IpAddr> = m
+        .pods
         .iter()
         .flat_map(|p| p.ips.iter().copied())
         .take(8)
         .collect();
+    let traced = m.compile();
     addrs.extend(
         ["10.0.0.1", "192.0.2.9", "fd00::1"]
             .iter()

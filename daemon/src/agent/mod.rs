@@ -6,6 +6,8 @@
 pub mod cleanup;
 pub mod health;
 pub mod keyfile;
+pub mod objects;
+pub mod peer_index;
 pub mod peers;
 pub mod pod_network;
 pub mod policy;
@@ -20,16 +22,18 @@ use crate::node_state::{NodeContext, NodeState};
 use crate::wg::uapi::SetRequest;
 use crate::wg::Device;
 use anyhow::Context;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use ipnetwork::IpNetwork;
-use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event as K8sEvent, EventType, Recorder, Reporter};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
-use kube::{Api, Client, Resource};
+use kube::{Api, Client};
 use kwire_proto::annotations;
 use kwire_proto::key::PublicKey;
+use objects::NodeView;
+use peer_index::{Choice, PeerIndex};
 use peers::{DesiredPeer, NodeInfo, RejectReason, Settings};
 use routes::HostNetwork;
 use std::collections::{BTreeMap, BTreeSet};
@@ -44,6 +48,14 @@ use tracing::{debug, error, info, warn};
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// At most one log line per this interval for repeated watch errors (API down).
 pub const WATCH_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
+/// The state file is written at most this often (when what it holds changed): it only
+/// serves a restart before the API answers, so a few seconds of lag cost nothing, while a
+/// write per Node event would cost a core at 5,000 Nodes.
+pub const STATE_SAVE_INTERVAL: Duration = Duration::from_secs(5);
+/// How long a stopping agent may take to write its state file.
+pub const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Watch events folded before a reconcile, at most.
+pub const MAX_NODE_BATCH: usize = 1024;
 /// Longest pause between two attempts of a failing watch: kube's default grows to 30 s, so a
 /// change made while the API was unreachable could wait half a minute after it is back.
 pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -51,10 +63,20 @@ pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
 pub const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(500);
 
 /// Retry pauses of the agent's watches: [`WATCH_BACKOFF_MIN`] doubling up to
-/// [`WATCH_BACKOFF_MAX`]; back to the start once a watch works again.
+/// [`WATCH_BACKOFF_MAX`]; back to the start once a watch works again. Each pause is drawn
+/// between half the step and the whole step ("equal jitter"), so that the agents of a cluster
+/// that lost the API together do not come back in step (a thundering herd of lists).
 #[derive(Debug, Clone)]
 pub struct WatchBackoff {
     next: Duration,
+}
+
+/// A pause between half of `step` and `step`, uniformly.
+fn jittered(step: Duration) -> Duration {
+    use rand_core::RngCore;
+    let half = step / 2;
+    let r = rand_core::OsRng.next_u32() as u64;
+    half + Duration::from_nanos((half.as_nanos() as u64).saturating_mul(r) >> 32)
 }
 
 impl Default for WatchBackoff {
@@ -69,9 +91,9 @@ impl Iterator for WatchBackoff {
     type Item = Duration;
 
     fn next(&mut self) -> Option<Duration> {
-        let now = self.next;
+        let step = self.next;
         self.next = (self.next * 2).min(WATCH_BACKOFF_MAX);
-        Some(now)
+        Some(jittered(step))
     }
 }
 
@@ -93,13 +115,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn watch_backoff_doubles_to_its_cap_and_resets() {
+    fn watch_backoff_doubles_to_its_cap_jittered_and_resets() {
         use kube::runtime::utils::Backoff as _;
+        let steps = [500, 1000, 2000, 4000, 5000, 5000];
         let mut b = WatchBackoff::default();
-        let first: Vec<u64> = b.by_ref().take(6).map(|d| d.as_millis() as u64).collect();
-        assert_eq!(first, vec![500, 1000, 2000, 4000, 5000, 5000]);
+        let first: Vec<Duration> = b.by_ref().take(6).collect();
+        for (d, step) in first.iter().zip(steps) {
+            let step = Duration::from_millis(step);
+            assert!(
+                *d >= step / 2 && *d <= step,
+                "{d:?} outside [{:?}, {step:?}]",
+                step / 2
+            );
+        }
         b.reset();
-        assert_eq!(b.next(), Some(WATCH_BACKOFF_MIN));
+        let again = b.next().unwrap();
+        assert!(again >= WATCH_BACKOFF_MIN / 2 && again <= WATCH_BACKOFF_MIN);
+        // Jittered: a thousand agents do not all wait the same.
+        let pauses: std::collections::BTreeSet<Duration> = (0..1000)
+            .map(|_| WatchBackoff::default().next().unwrap())
+            .collect();
+        assert!(pauses.len() > 500, "only {} distinct pauses", pauses.len());
     }
 
     #[test]
@@ -428,12 +464,16 @@ async fn agent_main(
         tun.net.clone(),
     ));
     let loop_pods = tun.net.pods.clone();
-    let control = tokio::spawn(async move {
+    let policy_node = args.node_name.clone();
+    // Tells the control loop to write what the state file still misses, then stop.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut control = tokio::spawn(async move {
         match crate::kubeapi::client(args.kubeconfig.as_deref()).await {
             Ok(client) => {
-                let policy = tokio::spawn(policy::run(client.clone(), loop_pods.clone()));
+                let policy =
+                    tokio::spawn(policy::run(client.clone(), loop_pods.clone(), policy_node));
                 let services = tokio::spawn(services::run(client.clone(), loop_pods));
-                agent.run(client).await;
+                agent.run(client, stop_rx).await;
                 policy.abort();
                 services.abort();
             }
@@ -449,7 +489,13 @@ async fn agent_main(
         _ = term.recv() => info!("SIGTERM: shutting down (routes and blackholes stay)"),
         _ = int.recv() => info!("SIGINT: shutting down (routes and blackholes stay)"),
     }
-    control.abort();
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(SHUTDOWN_FLUSH_TIMEOUT, &mut control)
+        .await
+        .is_err()
+    {
+        control.abort();
+    }
     uapi.abort();
     metrics.abort();
     status_server.abort();
@@ -493,11 +539,17 @@ struct Agent {
     mtu_from: Option<IpAddr>,
     applied: BTreeMap<String, DesiredPeer>,
     rejected: BTreeSet<(String, RejectReason)>,
-    saved: Option<state::State>,
-    /// The Nodes as of the last complete list plus the watch events since.
-    nodes: BTreeMap<String, Node>,
-    /// Nodes of a list in progress (between watcher Init and InitDone).
-    relist: Option<BTreeMap<String, Node>>,
+    /// What the state file holds changed since it was last written.
+    state_dirty: bool,
+    state_saved_at: Option<Instant>,
+    /// What peer selection reads of every Node, as of the last complete list plus the watch
+    /// events since; selects incrementally.
+    nodes: PeerIndex,
+    /// resourceVersion of this Node as last seen.
+    own_rv: Option<String>,
+    /// Names seen by a list in progress (between watcher Init and InitDone): the others are
+    /// gone at its end.
+    relist: Option<BTreeSet<String>>,
     synced: bool,
     /// Work that failed and must be retried (routes, Node patch, state file).
     retry: bool,
@@ -544,8 +596,10 @@ impl Agent {
             mtu_from: None,
             applied: BTreeMap::new(),
             rejected: BTreeSet::new(),
-            saved: None,
-            nodes: BTreeMap::new(),
+            state_dirty: false,
+            state_saved_at: None,
+            nodes: PeerIndex::new(&args.node_name, own_key),
+            own_rv: None,
             relist: None,
             synced: false,
             retry: false,
@@ -563,8 +617,7 @@ impl Agent {
                 self.mtu = m;
             }
         }
-        self.applied = st.peers.clone();
-        self.saved = Some(st);
+        self.applied = st.peers;
         self.publish_names();
         self.status.synced.store(true, Ordering::Relaxed);
         self.program_host();
@@ -613,8 +666,9 @@ impl Agent {
         );
     }
 
-    async fn run(mut self, client: Client) {
+    async fn run(mut self, client: Client, mut stop: tokio::sync::watch::Receiver<bool>) {
         let nodes_api: Api<Node> = Api::all(client.clone());
+        let views: Api<NodeView> = Api::all(client.clone());
         let recorder = Arc::new(Recorder::new(
             client,
             Reporter {
@@ -622,32 +676,55 @@ impl Agent {
                 instance: Some(self.node_name.clone()),
             },
         ));
-        let stream = watcher::watcher(nodes_api.clone(), watcher::Config::default())
-            .backoff(WatchBackoff::default());
+        let stream =
+            watcher::watcher(views, policy::watch_config()).backoff(WatchBackoff::default());
         let mut stream = std::pin::pin!(stream);
         let mut tick = tokio::time::interval(RETRY_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_err_log: Option<Instant> = None;
         loop {
-            let work = tokio::select! {
-                ev = stream.next() => match ev {
-                    Some(Ok(ev)) => self.on_event(ev),
+            let mut event =
+                |agent: &mut Agent, ev: Option<Result<Event<NodeView>, watcher::Error>>| match ev {
+                    Some(Ok(ev)) => Some(agent.on_event(ev)),
                     Some(Err(e)) => {
-                        self.status.watch_errors.fetch_add(1, Ordering::Relaxed);
-                        self.status.api_synced.store(false, Ordering::Relaxed);
+                        agent.status.watch_errors.fetch_add(1, Ordering::Relaxed);
+                        agent.status.api_synced.store(false, Ordering::Relaxed);
                         if last_err_log.is_none_or(|t| t.elapsed() >= WATCH_ERROR_LOG_INTERVAL) {
                             warn!(error = %e, "watching Nodes failed; retrying with backoff, the data plane keeps the last peer set");
                             last_err_log = Some(Instant::now());
                         }
-                        false
+                        Some(false)
                     }
                     None => {
                         error!("the Node watch ended");
-                        return;
+                        None
                     }
+                };
+            let mut work = tokio::select! {
+                ev = stream.next() => match event(&mut self, ev) {
+                    Some(w) => w,
+                    None => return,
                 },
-                _ = tick.tick() => self.synced && self.retry,
+                _ = tick.tick() => {
+                    self.save_state();
+                    self.synced && self.retry
+                }
+                _ = stop.changed() => {
+                    self.state_saved_at = None;
+                    tokio::task::block_in_place(|| self.save_state());
+                    return;
+                }
             };
+            // What else has already arrived joins this reconcile.
+            for _ in 1..MAX_NODE_BATCH {
+                match stream.next().now_or_never() {
+                    Some(ev) => match event(&mut self, ev) {
+                        Some(w) => work |= w,
+                        None => return,
+                    },
+                    None => break,
+                }
+            }
             if !work {
                 continue;
             }
@@ -665,10 +742,7 @@ impl Agent {
                 {
                     Ok(Ok(_)) => {
                         info!(node = %self.node_name, "published public key and endpoint on the Node");
-                        self.patched_at = self
-                            .nodes
-                            .get(&self.node_name)
-                            .and_then(|n| n.metadata.resource_version.clone());
+                        self.patched_at = self.own_rv.clone();
                     }
                     Ok(Err(e)) => {
                         warn!(node = %self.node_name, error = %e, "publishing kwire.dev annotations on the Node failed; retrying");
@@ -683,55 +757,72 @@ impl Agent {
         }
     }
 
-    /// Folds a watch event into the Node view; true when the view is complete and changed.
-    fn on_event(&mut self, ev: Event<Node>) -> bool {
+    /// Folds a watch event into the Node view; true when the view is complete and something
+    /// peer selection reads changed (a status heartbeat, another annotation: false).
+    fn on_event(&mut self, ev: Event<NodeView>) -> bool {
+        let read = |agent: &mut Agent, v: NodeView| -> Option<(String, bool)> {
+            let name = v.metadata.name.clone()?;
+            if name == agent.node_name {
+                agent.own_rv = v.metadata.resource_version.clone();
+            }
+            let changed = agent.nodes.upsert(NodeInfo::from_node(&v.into_k8s()));
+            Some((name, changed))
+        };
         match ev {
             Event::Init => {
                 self.status.watch_resyncs.fetch_add(1, Ordering::Relaxed);
-                self.relist = Some(BTreeMap::new());
+                self.relist = Some(BTreeSet::new());
                 false
             }
-            Event::InitApply(n) => {
-                if let (Some(buf), Some(name)) = (self.relist.as_mut(), n.metadata.name.clone()) {
-                    buf.insert(name, n);
+            Event::InitApply(v) => {
+                if let Some((name, _)) = read(self, v) {
+                    if let Some(seen) = self.relist.as_mut() {
+                        seen.insert(name);
+                    }
                 }
                 false
             }
             Event::InitDone => {
                 // Only a complete list removes peers: Nodes gone from it are gone.
-                if let Some(buf) = self.relist.take() {
-                    self.nodes = buf;
+                if let Some(seen) = self.relist.take() {
+                    let gone: Vec<String> = self
+                        .nodes
+                        .names()
+                        .filter(|n| !seen.contains(*n))
+                        .map(str::to_string)
+                        .collect();
+                    for name in gone {
+                        self.nodes.remove(&name);
+                    }
                 }
                 if !self.synced {
                     info!(nodes = self.nodes.len(), "synced with the API");
                 }
+                let first = !self.synced;
                 self.synced = true;
                 self.status.synced.store(true, Ordering::Relaxed);
                 self.status.api_synced.store(true, Ordering::Relaxed);
-                true
+                first || self.nodes.is_pending()
             }
-            Event::Apply(n) => {
-                let Some(name) = n.metadata.name.clone() else {
-                    return false;
-                };
-                self.nodes.insert(name, n);
+            Event::Apply(v) => {
+                let changed = read(self, v).is_some_and(|(_, c)| c);
                 self.status.api_synced.store(self.synced, Ordering::Relaxed);
-                self.synced
+                self.synced && changed
             }
-            Event::Delete(n) => {
-                let Some(name) = n.metadata.name.clone() else {
+            Event::Delete(v) => {
+                let Some(name) = v.metadata.name.clone() else {
                     return false;
                 };
-                self.nodes.remove(&name);
-                self.synced
+                self.nodes.remove(&name) && self.synced
             }
         }
     }
 
     fn reconcile(&mut self) -> Outcome {
-        self.retry = false;
+        let retrying = std::mem::take(&mut self.retry);
         let mut out = Outcome::default();
-        let own = self.nodes.get(&self.node_name).map(NodeInfo::from_node);
+        let own = self.nodes.get(&self.node_name).cloned();
+        let (cidrs_before, mtu_before) = (self.own_cidrs.clone(), self.mtu);
         if let Some(own) = &own {
             let cidrs = own.parsed_pod_cidrs();
             if !cidrs.is_empty() && cidrs != self.own_cidrs {
@@ -743,6 +834,7 @@ impl Agent {
                     warn!(pod_cidr = %c, cluster_cidrs = %nets(&self.cluster), "this node's pod CIDR is outside --cluster-cidr: other nodes refuse it; make --cluster-cidr match kube-controller-manager's");
                 }
                 self.own_cidrs = cidrs;
+                self.nodes.force_full();
             }
             if self.mtu_override.is_none() {
                 if let Some(ip) = own.internal_ips.first().copied() {
@@ -756,14 +848,12 @@ impl Agent {
                     }
                 }
             }
-            let node = self.nodes.get(&self.node_name);
-            let rv = node.and_then(|n| n.metadata.resource_version.as_ref());
+            let rv = self.own_rv.as_ref();
             if rv.is_none() || rv != self.patched_at.as_ref() {
-                out.patch = self.annotation_patch(own, node);
+                out.patch = self.annotation_patch(own);
             }
         }
 
-        let infos: Vec<NodeInfo> = self.nodes.values().map(NodeInfo::from_node).collect();
         let settings = Settings {
             self_name: self.node_name.clone(),
             self_key: self.own_key,
@@ -772,43 +862,79 @@ impl Agent {
             cluster_cidrs: self.cluster.clone(),
             host_addresses: self.host_addresses.clone(),
         };
-        let sel = peers::select(&infos, &self.own_cidrs, &settings);
-
-        let now: BTreeSet<(String, RejectReason)> = sel
-            .rejections
-            .iter()
-            .map(|r| (r.node.clone(), r.reason))
-            .collect();
-        for r in &sel.rejections {
-            if !self.rejected.contains(&(r.node.clone(), r.reason)) {
-                warn!(node = %r.node, reason = r.reason.metric_label(), "Node skipped as a peer: {}", r.detail);
-                self.status.count_invalid(r.reason.metric_label());
-                out.new_rejections.push(r.clone());
+        // Only the Nodes that changed (all of them when a change touched a conflict).
+        let done = self.nodes.reselect(&self.own_cidrs, &settings);
+        for (_, was, now) in &done.changed {
+            if let Some(Choice::Refused(r)) = was {
+                self.rejected.remove(&(r.node.clone(), r.reason));
+            }
+            if let Some(Choice::Refused(r)) = now {
+                if self.rejected.insert((r.node.clone(), r.reason)) {
+                    warn!(node = %r.node, reason = r.reason.metric_label(), "Node skipped as a peer: {}", r.detail);
+                    self.status.count_invalid(r.reason.metric_label());
+                    out.new_rejections.push(r.clone());
+                }
             }
         }
-        self.rejected = now;
-
-        let changes = peers::plan(&self.applied, &sel.peers);
-        if !changes.is_empty() {
-            for (name, p) in &sel.peers {
-                match self.applied.get(name) {
-                    None => {
-                        info!(node = %name, endpoint = %p.endpoint, allowed_ips = %nets(&p.allowed_ips), keepalive = p.keepalive, "peer added")
-                    }
-                    Some(o) if o != p => info!(
+        // The device side of it: all peers after a full selection (the device may hold restored
+        // peers no Node has any more), else the changed Nodes'.
+        let (old, new): (BTreeMap<String, DesiredPeer>, BTreeMap<String, DesiredPeer>) =
+            if done.full {
+                (
+                    self.applied.clone(),
+                    self.nodes
+                        .peers()
+                        .map(|p| (p.node.clone(), p.clone()))
+                        .collect(),
+                )
+            } else {
+                let names: BTreeSet<&String> = done.changed.iter().map(|(n, _, _)| n).collect();
+                (
+                    names
+                        .iter()
+                        .filter_map(|n| self.applied.get(*n).map(|p| ((*n).clone(), p.clone())))
+                        .collect(),
+                    done.changed
+                        .iter()
+                        .filter_map(|(n, _, now)| match now {
+                            Some(Choice::Peer(p)) => Some((n.clone(), p.clone())),
+                            _ => None,
+                        })
+                        .collect(),
+                )
+            };
+        let mut names_changed = false;
+        let mut routes_changed = false;
+        let names: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
+        for name in names {
+            match (old.get(name), new.get(name)) {
+                (None, Some(p)) => {
+                    info!(node = %name, endpoint = %p.endpoint, allowed_ips = %nets(&p.allowed_ips), keepalive = p.keepalive, "peer added");
+                    names_changed = true;
+                    routes_changed = true;
+                }
+                (Some(o), Some(p)) if o != p => {
+                    info!(
                         node = %name,
                         endpoint = %p.endpoint,
                         allowed_ips = %nets(&p.allowed_ips),
                         keepalive = p.keepalive,
                         key_changed = o.public_key != p.public_key,
                         "peer changed"
-                    ),
-                    _ => {}
+                    );
+                    names_changed |= o.public_key != p.public_key;
+                    routes_changed |= o.allowed_ips != p.allowed_ips;
                 }
+                (Some(_), None) => {
+                    info!(node = %name, "peer removed");
+                    names_changed = true;
+                    routes_changed = true;
+                }
+                _ => {}
             }
-            for name in self.applied.keys().filter(|n| !sel.peers.contains_key(*n)) {
-                info!(node = %name, "peer removed");
-            }
+        }
+        let changes = peers::plan(&old, &new);
+        if !changes.is_empty() {
             let req = SetRequest {
                 peers: changes,
                 ..SetRequest::default()
@@ -816,50 +942,71 @@ impl Agent {
             if let Err(e) = self.device.apply(req, &mut self.net.clone()) {
                 error!(error = %e, "applying peer changes to the device");
             }
-            self.applied = sel.peers;
-            self.publish_names();
-        }
-
-        self.program_host();
-
-        let st = state::State {
-            pod_cidrs: self.own_cidrs.clone(),
-            mtu: Some(self.mtu),
-            peers: self.applied.clone(),
-        };
-        if self.saved.as_ref() != Some(&st) {
-            match state::save(&self.state_dir, &st) {
-                Ok(()) => self.saved = Some(st),
-                Err(e) => {
-                    warn!(error = %e, "saving the peer set");
-                    self.retry = true;
-                }
+            for name in old.keys() {
+                self.applied.remove(name);
+            }
+            self.applied.extend(new);
+            self.state_dirty = true;
+            if names_changed {
+                self.publish_names();
             }
         }
+
+        let host_changed = self.own_cidrs != cidrs_before || self.mtu != mtu_before;
+        if routes_changed || host_changed || retrying {
+            self.program_host();
+        }
+        self.state_dirty |= host_changed;
+        self.save_state();
         if out.patch.is_some() {
             debug!("Node annotations to publish");
         }
         out
     }
 
+    /// Writes the state file if what it holds changed, at most every [`STATE_SAVE_INTERVAL`]
+    /// (the retry tick writes what waited).
+    fn save_state(&mut self) {
+        if !self.state_dirty
+            || self
+                .state_saved_at
+                .is_some_and(|t| t.elapsed() < STATE_SAVE_INTERVAL)
+        {
+            return;
+        }
+        let st = state::State {
+            pod_cidrs: self.own_cidrs.clone(),
+            mtu: Some(self.mtu),
+            peers: self.applied.clone(),
+        };
+        match state::save(&self.state_dir, &st) {
+            Ok(()) => {
+                self.state_dirty = false;
+                self.state_saved_at = Some(Instant::now());
+            }
+            Err(e) => {
+                warn!(error = %e, "saving the peer set");
+                self.retry = true;
+            }
+        }
+    }
+
     /// The merge patch that makes this Node's kwire annotations right, if they are not.
-    fn annotation_patch(&self, own: &NodeInfo, node: Option<&Node>) -> Option<serde_json::Value> {
+    fn annotation_patch(&self, own: &NodeInfo) -> Option<serde_json::Value> {
         let key = self.own_key.to_base64();
         let endpoint = self.endpoint_override.or_else(|| {
             own.internal_ips
                 .first()
                 .map(|ip| SocketAddr::new(*ip, self.listen_port))
         });
-        let ann = node.and_then(|n| n.metadata.annotations.as_ref());
-        let cur = |k: &str| ann.and_then(|a| a.get(k)).map(String::as_str);
         let mut patch = serde_json::Map::new();
-        if cur(annotations::PUBLIC_KEY) != Some(key.as_str()) {
+        if own.public_key.as_deref() != Some(key.as_str()) {
             patch.insert(annotations::PUBLIC_KEY.into(), key.into());
         }
         match endpoint {
             Some(ep) => {
                 let ep = ep.to_string();
-                if cur(annotations::ENDPOINT) != Some(ep.as_str()) {
+                if own.endpoint.as_deref() != Some(ep.as_str()) {
                     patch.insert(annotations::ENDPOINT.into(), ep.into());
                 }
             }
@@ -871,10 +1018,15 @@ impl Agent {
     }
 
     fn record_event(&self, recorder: &Arc<Recorder>, r: peers::Rejection) {
-        let Some(node) = self.nodes.get(&r.node) else {
+        if self.nodes.get(&r.node).is_none() {
             return;
+        }
+        let reference = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Node".into()),
+            name: Some(r.node.clone()),
+            ..ObjectReference::default()
         };
-        let reference = node.object_ref(&());
         let recorder = recorder.clone();
         tokio::spawn(async move {
             let ev = K8sEvent {

@@ -1,155 +1,416 @@
-//! NetworkPolicy for the packet loop: watches Pods, Namespaces and NetworkPolicies cluster
-//! wide, and after any change (at most every [`REBUILD_DELAY`]) compiles a new snapshot and
-//! swaps it in. Nothing is enforced before all three lists have been read once.
+//! NetworkPolicy for the packet loop: one watch each on Pods, Namespaces and NetworkPolicies
+//! (cluster wide, objects stripped while parsing, see [`super::objects`]), folded change by
+//! change into a [`PolicyIndex`] scoped to this node; after each burst of changes the new
+//! snapshot is swapped in. An update that changes nothing policy reads (a status heartbeat, an
+//! annotation) is dropped after one comparison and swaps nothing. Nothing is enforced before
+//! all three lists have been read once.
+//!
+//! API etiquette: the watcher lists once (pages of [`PAGE_SIZE`], served from the API
+//! server's watch cache), then watches from that resourceVersion with bookmarks, resuming from
+//! the last one seen when a watch ends; only a 410 Gone makes it list again. Failures back off
+//! exponentially (see [`super::WatchBackoff`]). The agent never writes Pods, Namespaces or NetworkPolicies.
 
+use super::objects::{NamespaceView, NetworkPolicyView, PodView};
 use crate::dataplane::ports::Pods;
-use crate::policy::PolicySet;
-use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
-use kube::runtime::reflector::{self, Store};
+use crate::policy::{Namespace, Pod, Policy, PolicyIndex, Scope};
+use futures::{FutureExt, StreamExt};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-/// Changes arriving within this window are compiled together.
-pub const REBUILD_DELAY: Duration = Duration::from_millis(100);
+/// Changes folded into the index before a snapshot is swapped in, at most: bounds how long a
+/// change waits behind a burst (a few milliseconds of folding).
+pub const MAX_BATCH: usize = 1024;
+/// Objects per list page (client-go's pager uses 500 too).
+pub const PAGE_SIZE: u32 = 500;
+/// At most this many problem lines (unreadable Pods, invalid policy parts) per
+/// [`PROBLEM_LOG_INTERVAL`]; the rest are counted in one line.
+pub const PROBLEM_LOG_BURST: u32 = 10;
+pub const PROBLEM_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
-/// What one watch item did to the watched lists.
-pub(super) enum Change {
-    /// A watch event of list `0`; `true` when it completed a full list.
-    Event(usize, bool),
-    /// Watch `0` failed (it retries with backoff).
-    Error(usize, String),
+/// The kinds watched, as indexes into per-kind state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Pods = 0,
+    Namespaces = 1,
+    NetworkPolicies = 2,
 }
 
-impl<K> From<(usize, Result<Event<K>, watcher::Error>)> for Change {
-    fn from((idx, r): (usize, Result<Event<K>, watcher::Error>)) -> Change {
-        match r {
-            Ok(Event::InitDone) => Change::Event(idx, true),
-            Ok(_) => Change::Event(idx, false),
-            Err(e) => Change::Error(idx, e.to_string()),
+impl Kind {
+    fn name(self) -> &'static str {
+        ["Pods", "Namespaces", "NetworkPolicies"][self as usize]
+    }
+}
+
+/// One item of the merged watch streams.
+pub enum Change {
+    Pod(Event<PodView>),
+    Namespace(Event<NamespaceView>),
+    Policy(Event<NetworkPolicyView>),
+    Error(Kind, String),
+}
+
+/// The watcher configuration of all three kinds.
+pub fn watch_config() -> watcher::Config {
+    watcher::Config::default()
+        .any_semantic()
+        .page_size(PAGE_SIZE)
+}
+
+fn watch<K>(
+    api: Api<K>,
+    kind: Kind,
+    wrap: fn(Event<K>) -> Change,
+) -> impl futures::Stream<Item = Change> + Send
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    K::DynamicType: Default,
+{
+    watcher::watcher(api, watch_config())
+        .backoff(super::WatchBackoff::default())
+        .map(move |r| match r {
+            Ok(ev) => wrap(ev),
+            Err(e) => Change::Error(kind, e.to_string()),
+        })
+}
+
+/// Rate-limited problem lines.
+struct ProblemLog {
+    since: Instant,
+    logged: u32,
+    suppressed: u32,
+}
+
+impl ProblemLog {
+    fn new() -> Self {
+        ProblemLog {
+            since: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    fn warn(&mut self, problem: &dyn std::fmt::Display) {
+        if self.since.elapsed() >= PROBLEM_LOG_INTERVAL {
+            if self.suppressed > 0 {
+                warn!(
+                    suppressed = self.suppressed,
+                    "more NetworkPolicy input problems were not logged"
+                );
+            }
+            *self = ProblemLog::new();
+        }
+        if self.logged < PROBLEM_LOG_BURST {
+            self.logged += 1;
+            warn!(problem = %problem, "NetworkPolicy input read fail-closed or skipped");
+        } else {
+            self.suppressed += 1;
         }
     }
 }
 
-fn watch<K>(api: Api<K>, idx: usize) -> (Store<K>, impl futures::Stream<Item = Change>)
-where
-    K: kube::Resource
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let (store, writer) = reflector::store();
-    let s = reflector::reflector(writer, watcher::watcher(api, watcher::Config::default()))
-        .backoff(super::WatchBackoff::default())
-        .map(move |r| Change::from((idx, r)));
-    (store, s)
+/// The watch events folded into the index, and what the watches have delivered so far.
+pub struct Folder {
+    pub index: PolicyIndex,
+    /// Per kind: a complete list has been read.
+    listed: [bool; 3],
+    /// Per kind, during a re-list: the objects it has delivered so far (the others are gone
+    /// at its end). `None` outside a re-list, and during a first list (nothing to remove).
+    relist: [Option<HashSet<(String, String)>>; 3],
+    /// Per kind: a list is in progress.
+    listing: [bool; 3],
+    problems: ProblemLog,
+    last_error: [Option<Instant>; 3],
 }
 
-fn owned<K>(s: &Store<K>) -> Vec<K>
-where
-    K: kube::Resource + Clone + 'static,
-    K::DynamicType: Eq + std::hash::Hash + Clone,
-{
-    s.state().iter().map(|o| (**o).clone()).collect()
+fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+    (
+        meta.namespace.clone().unwrap_or_default(),
+        meta.name.clone().unwrap_or_default(),
+    )
+}
+
+impl Folder {
+    pub fn new(node_name: &str) -> Self {
+        Folder {
+            index: PolicyIndex::new(Scope::Node(node_name.to_string())),
+            listed: [false; 3],
+            relist: [None, None, None],
+            listing: [false; 3],
+            problems: ProblemLog::new(),
+            last_error: [None; 3],
+        }
+    }
+
+    /// Whether a snapshot may be taken: every kind listed once, no re-list half done.
+    pub fn ready(&self) -> bool {
+        self.listed.iter().all(|l| *l) && !self.listing.iter().any(|l| *l)
+    }
+
+    /// Folds one watch item into the index.
+    pub fn fold(&mut self, change: Change) {
+        match change {
+            Change::Pod(ev) => self.event(Kind::Pods, ev, Self::apply_pod, |ix, (ns, n)| {
+                ix.delete_pod(ns, n)
+            }),
+            Change::Namespace(ev) => {
+                self.event(Kind::Namespaces, ev, Self::apply_namespace, |ix, (_, n)| {
+                    ix.delete_namespace(n)
+                })
+            }
+            Change::Policy(ev) => self.event(
+                Kind::NetworkPolicies,
+                ev,
+                Self::apply_policy,
+                |ix, (ns, n)| ix.delete_policy(ns, n),
+            ),
+            Change::Error(kind, e) => {
+                let last = &mut self.last_error[kind as usize];
+                if last.is_none_or(|t| t.elapsed() >= super::WATCH_ERROR_LOG_INTERVAL) {
+                    warn!(error = %e, "watching {} failed; retrying with backoff, the last policy stays in force", kind.name());
+                    *last = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    fn event<K: kube::Resource>(
+        &mut self,
+        kind: Kind,
+        ev: Event<K>,
+        apply: fn(&mut Self, K),
+        delete: fn(&mut PolicyIndex, (&str, &str)) -> bool,
+    ) {
+        let k = kind as usize;
+        match ev {
+            Event::Init => {
+                self.listing[k] = true;
+                let known = match kind {
+                    Kind::Pods => self.index.pod_count() > 0,
+                    Kind::Namespaces => self.index.namespace_names().next().is_some(),
+                    Kind::NetworkPolicies => self.index.policy_count() > 0,
+                };
+                self.relist[k] = known.then(HashSet::new);
+            }
+            Event::InitApply(o) => {
+                if let Some(seen) = self.relist[k].as_mut() {
+                    seen.insert(key_of(o.meta()));
+                }
+                apply(self, o);
+            }
+            Event::InitDone => {
+                if let Some(seen) = self.relist[k].take() {
+                    let gone: Vec<(String, String)> = match kind {
+                        Kind::Pods => self
+                            .index
+                            .pod_names()
+                            .map(|(ns, n)| (ns.to_string(), n.to_string()))
+                            .collect(),
+                        Kind::Namespaces => self
+                            .index
+                            .namespace_names()
+                            .map(|n| (String::new(), n.to_string()))
+                            .collect(),
+                        Kind::NetworkPolicies => self
+                            .index
+                            .policy_names()
+                            .map(|(ns, n)| (ns.to_string(), n.to_string()))
+                            .collect(),
+                    };
+                    for key in gone.into_iter().filter(|key| !seen.contains(key)) {
+                        delete(&mut self.index, (&key.0, &key.1));
+                    }
+                }
+                if !self.listed[k] {
+                    info!(kind = kind.name(), "listed");
+                }
+                self.listed[k] = true;
+                self.listing[k] = false;
+            }
+            Event::Apply(o) => apply(self, o),
+            Event::Delete(o) => {
+                let (ns, n) = key_of(o.meta());
+                delete(&mut self.index, (&ns, &n));
+            }
+        }
+    }
+
+    fn apply_pod(&mut self, view: PodView) {
+        let (ns, name) = key_of(&view.metadata);
+        match Pod::from_k8s_owned(view.into_k8s()) {
+            Ok(pod) => {
+                self.index.apply_pod(pod);
+            }
+            Err(e) => {
+                // Unreadable now: as if it were gone (fail closed for what it might match).
+                self.problems.warn(&e);
+                self.index.delete_pod(&ns, &name);
+            }
+        }
+    }
+
+    fn apply_namespace(&mut self, view: NamespaceView) {
+        match Namespace::from_k8s(&view.into_k8s()) {
+            Ok(ns) => {
+                self.index.apply_namespace(ns);
+            }
+            Err(e) => self.problems.warn(&e),
+        }
+    }
+
+    fn apply_policy(&mut self, view: NetworkPolicyView) {
+        match Policy::from_k8s_lenient(&view.into_k8s()) {
+            Ok((policy, errors)) => {
+                if self.index.apply_policy(policy) {
+                    for e in &errors {
+                        self.problems.warn(e);
+                    }
+                }
+            }
+            Err(e) => self.problems.warn(&e),
+        }
+    }
 }
 
 /// Runs until aborted.
-pub async fn run(client: Client, pods: Arc<Pods>) {
-    let (pod_store, s0) = watch(Api::<Pod>::all(client.clone()), 0);
-    let (ns_store, s1) = watch(Api::<Namespace>::all(client.clone()), 1);
-    let (np_store, s2) = watch(Api::<NetworkPolicy>::all(client), 2);
+pub async fn run(client: Client, pods: Arc<Pods>, node_name: String) {
+    let s0 = watch(Api::<PodView>::all(client.clone()), Kind::Pods, Change::Pod);
+    let s1 = watch(
+        Api::<NamespaceView>::all(client.clone()),
+        Kind::Namespaces,
+        Change::Namespace,
+    );
+    let s2 = watch(
+        Api::<NetworkPolicyView>::all(client),
+        Kind::NetworkPolicies,
+        Change::Policy,
+    );
     let events = futures::stream::select(futures::stream::select(s0, s1), s2);
-    let kinds = &["Pods", "Namespaces", "NetworkPolicies"];
-    let rebuild = || {
-        let (p, n, np) = (owned(&pod_store), owned(&ns_store), owned(&np_store));
-        let pods = pods.clone();
-        async move {
-            let started = Instant::now();
-            let compiled = tokio::task::spawn_blocking(move || {
-                let (set, errors) = PolicySet::from_k8s(&n, &p, &np);
-                (
-                    set,
-                    errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                    np.len(),
-                )
-            })
-            .await;
-            match compiled {
-                Ok((set, errors, count)) => {
-                    for e in errors.iter().take(10) {
-                        warn!(problem = %e, "NetworkPolicy input read fail-closed or skipped");
-                    }
-                    pods.set_policy(Arc::new(set));
-                    info!(
-                        policies = count,
-                        took_ms = started.elapsed().as_millis() as u64,
-                        "NetworkPolicy snapshot swapped in"
-                    );
-                }
-                Err(e) => warn!(error = %e, "compiling NetworkPolicies failed"),
+    let mut events = std::pin::pin!(events);
+    let mut folder = Folder::new(&node_name);
+    let mut enforcing = false;
+    loop {
+        let Some(first) = events.next().await else {
+            return;
+        };
+        folder.fold(first);
+        // Everything else already here joins this batch.
+        for _ in 1..MAX_BATCH {
+            match events.next().now_or_never() {
+                Some(Some(change)) => folder.fold(change),
+                Some(None) => return,
+                None => break,
             }
         }
-    };
-    debounced(
-        events,
-        kinds,
-        "the last policy stays in force",
-        |c| c,
-        rebuild,
-    )
-    .await
+        if !folder.ready() || !folder.index.is_changed() {
+            continue;
+        }
+        let started = Instant::now();
+        let set = if enforcing {
+            folder.index.snapshot()
+        } else {
+            // The first snapshot computes every selector at once: off the async workers.
+            tokio::task::block_in_place(|| folder.index.snapshot())
+        };
+        pods.set_policy(Arc::new(set));
+        let ix = &folder.index;
+        let took_us = started.elapsed().as_micros() as u64;
+        if enforcing {
+            debug!(took_us, "NetworkPolicy snapshot swapped in");
+        } else {
+            info!(
+                pods = ix.pod_count(),
+                policies = ix.policy_count(),
+                identities = ix.identity_count(),
+                compiled = ix.compiled_policy_count(),
+                selectors = ix.selector_count(),
+                took_ms = took_us / 1000,
+                "NetworkPolicy snapshot swapped in; enforcing"
+            );
+            enforcing = true;
+        }
+    }
 }
 
-/// The control loop of a compiled snapshot: takes watch items (`take` applies each and says
-/// what changed), and after any change, at most every [`REBUILD_DELAY`] and only once every
-/// list in `kinds` was read in full, runs `rebuild`. Each watch's errors are logged at most
-/// once per `WATCH_ERROR_LOG_INTERVAL` (`keeps`: what stays in force meanwhile). Runs until the streams end.
-pub(super) async fn debounced<I, F: std::future::Future<Output = ()>>(
-    events: impl futures::Stream<Item = I>,
-    kinds: &'static [&'static str],
-    keeps: &'static str,
-    mut take: impl FnMut(I) -> Change,
-    mut rebuild: impl FnMut() -> F,
-) {
-    let mut events = std::pin::pin!(events);
-    let mut listed = vec![false; kinds.len()];
-    let mut dirty = false;
-    // One warning per failing watch per interval.
-    let mut last_err: Vec<Option<Instant>> = vec![None; kinds.len()];
-    let mut tick = tokio::time::interval(REBUILD_DELAY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            ev = events.next() => match ev.map(&mut take) {
-                Some(Change::Event(i, done)) => {
-                    listed[i] |= done;
-                    dirty = true;
-                }
-                Some(Change::Error(i, e)) => {
-                    if last_err[i].is_none_or(|t| t.elapsed() >= super::WATCH_ERROR_LOG_INTERVAL) {
-                        let what = kinds[i];
-                        warn!(error = %e, "watching {what} failed; retrying with backoff, {keeps}");
-                        last_err[i] = Some(Instant::now());
-                    }
-                }
-                None => return,
-            },
-            _ = tick.tick() => {
-                if !dirty || !listed.iter().all(|l| *l) {
-                    continue;
-                }
-                dirty = false;
-                rebuild().await;
-            }
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod_event(name: &str, labels: serde_json::Value, heartbeat: &str) -> PodView {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "x", "resourceVersion": "1", "labels": labels,
+                "annotations": {"note": heartbeat}, "managedFields": [{"manager": "kubelet"}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i",
+                "ports": [{"name": "http", "containerPort": 80}]}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1",
+                "conditions": [{"type": "Ready", "status": "True", "lastProbeTime": heartbeat}]}
+        }))
+        .unwrap()
+    }
+
+    fn listed(folder: &mut Folder) {
+        for kind in [Kind::Pods, Kind::Namespaces, Kind::NetworkPolicies] {
+            let done = match kind {
+                Kind::Pods => Change::Pod(Event::InitDone),
+                Kind::Namespaces => Change::Namespace(Event::InitDone),
+                Kind::NetworkPolicies => Change::Policy(Event::InitDone),
+            };
+            folder.fold(done);
         }
+    }
+
+    #[test]
+    fn a_heartbeat_folds_into_no_change() {
+        let mut f = Folder::new("n1");
+        listed(&mut f);
+        f.fold(Change::Pod(Event::Apply(pod_event(
+            "a",
+            json!({"app": "a"}),
+            "2025-01-01T00:00:00Z",
+        ))));
+        assert!(f.ready() && f.index.is_changed());
+        f.index.snapshot();
+        let before = f.index.stats();
+        // Status heartbeat and an annotation: nothing policy reads.
+        f.fold(Change::Pod(Event::Apply(pod_event(
+            "a",
+            json!({"app": "a"}),
+            "2025-01-01T00:05:00Z",
+        ))));
+        assert!(!f.index.is_changed(), "no snapshot is due");
+        assert_eq!(f.index.stats().unchanged, before.unchanged + 1);
+        assert_eq!(f.index.stats().changes, before.changes);
+        // A label: relevant.
+        f.fold(Change::Pod(Event::Apply(pod_event(
+            "a",
+            json!({"app": "b"}),
+            "2025-01-01T00:05:00Z",
+        ))));
+        assert!(f.index.is_changed());
+    }
+
+    #[test]
+    fn a_relist_removes_what_it_no_longer_lists_and_holds_snapshots_meanwhile() {
+        let mut f = Folder::new("n1");
+        listed(&mut f);
+        f.fold(Change::Pod(Event::Apply(pod_event("a", json!({}), "t"))));
+        f.fold(Change::Pod(Event::Apply(pod_event("b", json!({}), "t"))));
+        assert_eq!(f.index.pod_count(), 2);
+        // After a 410 Gone: a new list that no longer has `a`.
+        f.fold(Change::Pod(Event::Init));
+        f.fold(Change::Pod(Event::InitApply(pod_event(
+            "b",
+            json!({}),
+            "t",
+        ))));
+        assert!(!f.ready(), "no snapshot from half a list");
+        f.fold(Change::Pod(Event::InitDone));
+        assert!(f.ready());
+        assert_eq!(f.index.pod_names().collect::<Vec<_>>(), [("x", "b")]);
     }
 }

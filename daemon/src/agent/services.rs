@@ -1,10 +1,9 @@
 //! Services for the packet loop: watches Services and EndpointSlices cluster wide, keeps only
 //! their stripped views (not the full objects), and after any change (at most every
-//! [`super::policy::REBUILD_DELAY`]) compiles a new [`ServiceTable`] and swaps it in. Nothing
+//! [`REBUILD_DELAY`]) compiles a new [`ServiceTable`] and swaps it in. Nothing
 //! is translated before both lists have been read once; while the API is unreachable the
 //! last table stays in force.
 
-use super::policy::{debounced, Change};
 use crate::dataplane::ports::Pods;
 use crate::services::{ServiceTable, ServiceView, SliceView};
 use futures::StreamExt;
@@ -15,8 +14,64 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, ResourceExt};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::{info, warn};
+
+/// Changes arriving within this window are compiled together.
+pub const REBUILD_DELAY: Duration = Duration::from_millis(100);
+
+/// What one watch item did to the watched lists.
+enum Change {
+    /// A watch event of list `0`; `true` when it completed a full list.
+    Event(usize, bool),
+    /// Watch `0` failed (it retries with backoff).
+    Error(usize, String),
+}
+
+/// The control loop of a compiled snapshot: takes watch items (`take` applies each and says
+/// what changed), and after any change, at most every [`REBUILD_DELAY`] and only once every
+/// list in `kinds` was read in full, runs `rebuild`. Each watch's errors are logged at most
+/// once per `WATCH_ERROR_LOG_INTERVAL` (`keeps`: what stays in force meanwhile). Runs until the streams end.
+async fn debounced<I, F: std::future::Future<Output = ()>>(
+    events: impl futures::Stream<Item = I>,
+    kinds: &'static [&'static str],
+    keeps: &'static str,
+    mut take: impl FnMut(I) -> Change,
+    mut rebuild: impl FnMut() -> F,
+) {
+    let mut events = std::pin::pin!(events);
+    let mut listed = vec![false; kinds.len()];
+    let mut dirty = false;
+    // One warning per failing watch per interval.
+    let mut last_err: Vec<Option<Instant>> = vec![None; kinds.len()];
+    let mut tick = tokio::time::interval(REBUILD_DELAY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            ev = events.next() => match ev.map(&mut take) {
+                Some(Change::Event(i, done)) => {
+                    listed[i] |= done;
+                    dirty = true;
+                }
+                Some(Change::Error(i, e)) => {
+                    if last_err[i].is_none_or(|t| t.elapsed() >= super::WATCH_ERROR_LOG_INTERVAL) {
+                        let what = kinds[i];
+                        warn!(error = %e, "watching {what} failed; retrying with backoff, {keeps}");
+                        last_err[i] = Some(Instant::now());
+                    }
+                }
+                None => return,
+            },
+            _ = tick.tick() => {
+                if !dirty || !listed.iter().all(|l| *l) {
+                    continue;
+                }
+                dirty = false;
+                rebuild().await;
+            }
+        }
+    }
+}
 
 /// The views of one kind, by object (namespace, name); a re-list builds a fresh map.
 struct Views<V> {

@@ -1,36 +1,143 @@
-//! The compiled PolicySet: per-pod rule tables with pre-resolved peers, the per-new-flow verdicts, and the slow `explain`.
+//! The compiled PolicySet: an immutable snapshot with per-pod rule tables, the per-new-flow
+//! verdicts, and the slow `explain`.
+//!
+//! A snapshot is made by [`super::PolicyIndex`] (incrementally) or [`PolicySet::compile`] (all
+//! at once, through the same index). What it holds:
+//! - `pods`: every pod address of the cluster (host-network pods excepted) with the pod's
+//!   identity (its namespace and label set, shared by every pod with the same labels) and its
+//!   named container ports; sharded and copied on write ([`IpMap`]).
+//! - `tables`: the rule tables of the pods this snapshot enforces for (those of one node in the
+//!   agent, all in `kwire policy trace`), by address; only pods some policy selects have one.
+//! - `selectors`: for each distinct pod selector of an enforced rule (with its namespace
+//!   scope), the sorted identities it matches. A rule refers to selectors by id, so a pod label
+//!   change elsewhere in the cluster touches one identity set, never a table.
+//! - `policies`: the policies the tables refer to, for names in `explain`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1 as corev1;
 use k8s_openapi::api::networking::v1 as netv1;
 
+use super::index::{PodKey, PolicyIndex, Scope};
+use super::ipmap::IpMap;
 use super::ipset::IpRangeSet;
-use super::model::{ModelError, Namespace, ObjectRef, Pod};
+use super::model::{ContainerPort, ModelError, Namespace, ObjectRef, Pod};
 use super::spec::{Peer, Policy, PolicyError, PortMatch, PortSpec};
 use super::{AllowReason, DenyReason, Direction, Protocol, RuleRef, Verdict};
 
-/// The addresses a rule admits.
-#[derive(Debug)]
-enum PeerSet {
-    /// `from`/`to` missing or empty: any address.
-    Any,
-    Ranges(IpRangeSet),
+/// A pod as the snapshot (and the index) keeps it: what names it, what policy reads of it.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct PodRecord {
+    pub key: PodKey,
+    /// `None` for host-network pods (neither selected nor matched by pod selectors).
+    pub identity: Option<u32>,
+    /// The container ports that have a name (the only ones a policy can refer to by name).
+    pub ports: Arc<[ContainerPort]>,
+    pub ips: Box<[IpAddr]>,
+    pub node: Arc<str>,
 }
 
-impl PeerSet {
-    fn contains(&self, ip: IpAddr) -> bool {
-        match self {
-            PeerSet::Any => true,
-            PeerSet::Ranges(r) => r.contains(ip),
+impl PodRecord {
+    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.ports
+            .iter()
+            .find(|p| p.protocol == protocol && p.name.as_deref() == Some(name))
+            .map(|p| p.port)
+    }
+
+    pub fn object_ref(&self) -> ObjectRef {
+        ObjectRef {
+            namespace: self.key.namespace.to_string(),
+            name: self.key.name.to_string(),
         }
     }
 }
 
-#[derive(Debug)]
-enum CompiledPort {
+/// The identities one selector matches, sorted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct IdSet(Vec<u32>);
+
+impl IdSet {
+    pub fn from_unsorted(mut ids: Vec<u32>) -> Self {
+        ids.sort_unstable();
+        ids.dedup();
+        IdSet(ids)
+    }
+
+    pub fn contains(&self, id: u32) -> bool {
+        self.0.binary_search(&id).is_ok()
+    }
+
+    /// True if it was not there.
+    pub fn insert(&mut self, id: u32) -> bool {
+        match self.0.binary_search(&id) {
+            Ok(_) => false,
+            Err(i) => {
+                self.0.insert(i, id);
+                true
+            }
+        }
+    }
+
+    /// True if it was there.
+    pub fn remove(&mut self, id: u32) -> bool {
+        match self.0.binary_search(&id) {
+            Ok(i) => {
+                self.0.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+}
+
+/// The selector sets of a snapshot, by selector id (freed ids are `None`).
+pub(super) type SelectorSets = Vec<Option<Arc<IdSet>>>;
+
+/// The addresses one rule admits: compiled once per rule of an enforced policy and shared by
+/// the tables of every pod that policy selects.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct RulePeers {
+    /// `from`/`to` missing or empty: any address.
+    pub any: bool,
+    /// The ipBlock peers, merged (pod addresses included: ipBlocks match them too).
+    pub blocks: IpRangeSet,
+    /// Selector ids of the pod peers, without repeats.
+    pub selectors: Box<[u32]>,
+    /// Per entry of the rule's `from`/`to`, its selector id (pod peers), for `explain`.
+    pub per_peer: Box<[Option<u32>]>,
+}
+
+impl RulePeers {
+    fn matches(
+        &self,
+        remote: IpAddr,
+        identity: &mut impl FnMut() -> Option<u32>,
+        sets: &SelectorSets,
+    ) -> bool {
+        if self.any || self.blocks.contains(remote) {
+            return true;
+        }
+        if self.selectors.is_empty() {
+            return false;
+        }
+        let Some(id) = identity() else {
+            return false;
+        };
+        self.selectors.iter().any(|&s| set_contains(sets, s, id))
+    }
+}
+
+fn set_contains(sets: &SelectorSets, selector: u32, identity: u32) -> bool {
+    sets.get(selector as usize)
+        .and_then(Option::as_ref)
+        .is_some_and(|s| s.contains(identity))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum CompiledPort {
     Range {
         protocol: Protocol,
         lo: u16,
@@ -40,34 +147,87 @@ enum CompiledPort {
     Named { protocol: Protocol, name: Box<str> },
 }
 
-#[derive(Debug)]
-enum PortSet {
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum PortSet {
     /// `ports` missing or empty: every port of every protocol.
     Any,
-    /// Some entry must match; an empty list matches nothing (e.g. only named ports the pod
-    /// does not declare).
+    /// Some entry must match; never empty (a rule whose entries can match nothing, e.g. only
+    /// named ports the pod does not declare, is left out of the table).
     List(Box<[CompiledPort]>),
 }
 
-#[derive(Debug)]
-struct CompiledRule {
-    at: RuleRef,
-    peers: Arc<PeerSet>,
-    ports: PortSet,
+#[derive(Debug, PartialEq, Eq)]
+pub(super) struct CompiledRule {
+    pub at: RuleRef,
+    pub peers: Arc<RulePeers>,
+    pub ports: PortSet,
 }
 
 /// The rules of one direction of one pod, present iff some policy of that direction selects it.
-#[derive(Debug, Default)]
-struct DirectionTable {
-    /// Indexes of the selecting policies, ascending.
-    selected_by: Vec<u32>,
-    rules: Vec<CompiledRule>,
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct DirectionTable {
+    /// Ids of the selecting policies, in (namespace, name) order.
+    pub selected_by: Vec<u32>,
+    pub rules: Vec<CompiledRule>,
 }
 
-#[derive(Debug, Default)]
-struct PodTable {
-    ingress: Option<DirectionTable>,
-    egress: Option<DirectionTable>,
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct PodTable {
+    pub ingress: Option<DirectionTable>,
+    pub egress: Option<DirectionTable>,
+}
+
+impl PodTable {
+    fn direction(&self, direction: Direction) -> Option<&DirectionTable> {
+        match direction {
+            Direction::Ingress => self.ingress.as_ref(),
+            Direction::Egress => self.egress.as_ref(),
+        }
+    }
+}
+
+/// Compiles a rule's `ports` for one selected pod: ingress named ports resolve against the
+/// pod itself; egress named ports stay named (they resolve against the destination).
+/// `None` when no entry can match.
+pub(super) fn compile_ports(
+    ports: &[PortSpec],
+    direction: Direction,
+    pod: &PodRecord,
+) -> Option<PortSet> {
+    if ports.is_empty() {
+        return Some(PortSet::Any);
+    }
+    let list: Box<[CompiledPort]> = ports
+        .iter()
+        .filter_map(|spec| {
+            let protocol = spec.protocol;
+            match &spec.port {
+                PortMatch::All => Some(CompiledPort::Range {
+                    protocol,
+                    lo: 0,
+                    hi: u16::MAX,
+                }),
+                PortMatch::Range(lo, hi) => Some(CompiledPort::Range {
+                    protocol,
+                    lo: *lo,
+                    hi: *hi,
+                }),
+                PortMatch::Named(name) if direction == Direction::Ingress => {
+                    pod.named_port(name, protocol).map(|p| CompiledPort::Range {
+                        protocol,
+                        lo: p,
+                        hi: p,
+                    })
+                }
+                PortMatch::Named(name) => Some(CompiledPort::Named {
+                    protocol,
+                    name: name.as_str().into(),
+                }),
+                PortMatch::Invalid => None,
+            }
+        })
+        .collect();
+    (!list.is_empty()).then_some(PortSet::List(list))
 }
 
 /// Both directions of one flow.
@@ -84,19 +244,37 @@ impl FlowVerdict {
     }
 }
 
-/// An immutable, compiled snapshot of the cluster's NetworkPolicies.
+/// An immutable, compiled snapshot of the cluster's NetworkPolicies (see the module
+/// documentation). Cloning the parts an index shares with it is what makes a new snapshot
+/// cheap; nothing in it changes after it is made.
 ///
-/// Policies are indexed in (namespace, name) order; [`RuleRef::policy`] indexes
-/// [`PolicySet::policies`].
-#[derive(Debug, Default)]
+/// [`RuleRef::policy`] and [`DenyReason::NoRuleMatched`] carry policy ids of this snapshot
+/// (use [`PolicySet::policy`] for the policy).
+#[derive(Clone)]
 pub struct PolicySet {
-    policies: Vec<Policy>,
-    namespaces: BTreeMap<String, Namespace>,
-    /// Sorted by (namespace, name).
-    pods: Vec<Pod>,
-    /// Pod IP -> index into `pods` and `tables`. Host-network pods are not in it.
-    pod_by_ip: HashMap<IpAddr, u32>,
-    tables: Vec<PodTable>,
+    pub(super) pods: IpMap<Arc<PodRecord>>,
+    pub(super) tables: Arc<HashMap<IpAddr, Arc<PodTable>>>,
+    pub(super) selectors: Arc<SelectorSets>,
+    pub(super) policies: Arc<HashMap<u32, Arc<Policy>>>,
+    pub(super) has_policies: bool,
+}
+
+impl std::fmt::Debug for PolicySet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicySet")
+            .field("pod_addresses", &self.pods.len())
+            .field("tables", &self.tables.len())
+            .field("selectors", &self.selectors.iter().flatten().count())
+            .field("enforced_policies", &self.policies.len())
+            .field("has_policies", &self.has_policies)
+            .finish()
+    }
+}
+
+impl Default for PolicySet {
+    fn default() -> Self {
+        PolicyIndex::new(Scope::All).snapshot()
+    }
 }
 
 /// A k8s object that [`PolicySet::from_k8s`] skipped or read leniently.
@@ -109,128 +287,36 @@ pub enum InputError {
 }
 
 impl PolicySet {
-    /// Whether any NetworkPolicy exists: without one every flow is allowed and the packet
-    /// loop skips connection tracking altogether.
+    /// Whether any NetworkPolicy exists in the cluster: without one every flow is allowed and
+    /// the packet loop skips connection tracking altogether.
     pub fn has_policies(&self) -> bool {
-        !self.policies.is_empty()
+        self.has_policies
     }
 
-    /// Compiles a snapshot. Never fails: namespaces that pods or policies refer to but that are
-    /// not given are assumed to exist with only the `kubernetes.io/metadata.name` label; the
-    /// first of two pods (in namespace/name order) claiming one IP keeps it.
+    /// Compiles a snapshot enforcing for every pod (as `kwire policy trace` needs). Never
+    /// fails: namespaces that pods or policies refer to but that are not given are assumed to
+    /// exist with only the `kubernetes.io/metadata.name` label; the first of two pods (in
+    /// namespace/name order) claiming one IP keeps it; of two objects with one name the last
+    /// one counts.
     pub fn compile(namespaces: Vec<Namespace>, pods: Vec<Pod>, policies: Vec<Policy>) -> Self {
-        let mut ns_map: BTreeMap<String, Namespace> = BTreeMap::new();
+        let mut index = PolicyIndex::new(Scope::All);
         for ns in namespaces {
-            // Re-applied in case the caller built the struct by hand.
-            let ns = Namespace::new(ns.name, ns.labels);
-            ns_map.entry(ns.name.clone()).or_insert(ns);
+            index.apply_namespace(ns);
         }
-        let mut pods = pods;
-        pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for pod in pods {
+            index.apply_pod(pod);
+        }
         let mut policies = policies;
         policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        for name in pods
-            .iter()
-            .map(|p| &p.namespace)
-            .chain(policies.iter().map(|p| &p.namespace))
-        {
-            if !ns_map.contains_key(name) {
-                ns_map.insert(name.clone(), Namespace::new(name.clone(), BTreeMap::new()));
-            }
+        for policy in policies {
+            index.apply_policy(policy);
         }
-
-        let mut pod_by_ip = HashMap::new();
-        let mut pods_by_ns: HashMap<&str, Vec<u32>> = HashMap::new();
-        for (i, pod) in pods.iter().enumerate() {
-            if pod.host_network {
-                continue;
-            }
-            let i = i as u32;
-            pods_by_ns
-                .entry(pod.namespace.as_str())
-                .or_default()
-                .push(i);
-            for ip in &pod.ips {
-                pod_by_ip.entry(*ip).or_insert(i);
-            }
-        }
-
-        let mut tables: Vec<PodTable> = (0..pods.len()).map(|_| PodTable::default()).collect();
-        let no_pods = Vec::new();
-        for (pi, policy) in policies.iter().enumerate() {
-            let pi = pi as u32;
-            let selected: Vec<u32> = pods_by_ns
-                .get(policy.namespace.as_str())
-                .unwrap_or(&no_pods)
-                .iter()
-                .copied()
-                .filter(|&i| policy.pod_selector.matches(&pods[i as usize].labels))
-                .collect();
-            if selected.is_empty() {
-                continue;
-            }
-            for direction in [Direction::Ingress, Direction::Egress] {
-                let Some(rules) = policy.rules(direction) else {
-                    continue;
-                };
-                let compiled_peers: Vec<Arc<PeerSet>> = rules
-                    .iter()
-                    .map(|rule| {
-                        Arc::new(match &rule.peers {
-                            None => PeerSet::Any,
-                            Some(peers) => {
-                                let mut set = IpRangeSet::new();
-                                for peer in peers {
-                                    add_peer(&mut set, peer, policy, &ns_map, &pods, &pods_by_ns);
-                                }
-                                set.normalize();
-                                PeerSet::Ranges(set)
-                            }
-                        })
-                    })
-                    .collect();
-                for &podi in &selected {
-                    let pod = &pods[podi as usize];
-                    let table = &mut tables[podi as usize];
-                    let slot = match direction {
-                        Direction::Ingress => &mut table.ingress,
-                        Direction::Egress => &mut table.egress,
-                    };
-                    let dt = slot.get_or_insert_with(DirectionTable::default);
-                    dt.selected_by.push(pi);
-                    for (ri, rule) in rules.iter().enumerate() {
-                        let ports = compile_ports(&rule.ports, direction, pod);
-                        if matches!(&ports, PortSet::List(l) if l.is_empty()) {
-                            continue; // can match nothing
-                        }
-                        if matches!(&*compiled_peers[ri], PeerSet::Ranges(r) if r.is_empty()) {
-                            continue;
-                        }
-                        dt.rules.push(CompiledRule {
-                            at: RuleRef {
-                                policy: pi,
-                                rule: ri as u32,
-                            },
-                            peers: Arc::clone(&compiled_peers[ri]),
-                            ports,
-                        });
-                    }
-                }
-            }
-        }
-
-        PolicySet {
-            policies,
-            namespaces: ns_map,
-            pods,
-            pod_by_ip,
-            tables,
-        }
+        index.snapshot()
     }
 
-    /// Converts k8s-openapi objects and compiles them, for the control plane. Invalid policy
-    /// parts fail closed (match nothing, see [`Policy::from_k8s_lenient`]); Pods and Namespaces
-    /// that cannot be read are skipped. Everything skipped or degraded is returned, to be logged.
+    /// Converts k8s-openapi objects and compiles them. Invalid policy parts fail closed (match
+    /// nothing, see [`Policy::from_k8s_lenient`]); Pods and Namespaces that cannot be read are
+    /// skipped. Everything skipped or degraded is returned, to be logged.
     pub fn from_k8s(
         namespaces: &[corev1::Namespace],
         pods: &[corev1::Pod],
@@ -251,7 +337,6 @@ impl PolicySet {
                 Err(e) => problems.push(e.into()),
             }
         }
-        let pods = model_pods;
         let mut pols = Vec::new();
         for np in policies {
             match Policy::from_k8s_lenient(np) {
@@ -262,7 +347,7 @@ impl PolicySet {
                 Err(e) => problems.push(e.into()),
             }
         }
-        (PolicySet::compile(ns, pods, pols), problems)
+        (PolicySet::compile(ns, model_pods, pols), problems)
     }
 
     /// Egress of a new flow leaving `src_pod`: the loop asks this for flows its local pods send.
@@ -274,58 +359,12 @@ impl PolicySet {
         protocol: Protocol,
         dst_port: u16,
     ) -> Verdict {
-        // A named port resolves against the destination pod, looked up at most once.
-        let mut dst_pod: Option<Option<&Pod>> = None;
-        self.direction_verdict(
-            src_pod,
-            |t| t.egress.as_ref(),
-            dst,
-            protocol,
-            dst_port,
-            |name| {
-                dst_pod
-                    .get_or_insert_with(|| self.pod_at(dst))
-                    .is_some_and(|pod| pod.named_port(name, protocol) == Some(dst_port))
-            },
-        )
-    }
-
-    /// Ingress of a new flow entering `dst_pod`: the loop asks this for flows to its local pods.
-    /// No allocation; cost depends on the rules of the policies selecting `dst_pod` only.
-    pub fn ingress_verdict(
-        &self,
-        src: IpAddr,
-        dst_pod: IpAddr,
-        protocol: Protocol,
-        dst_port: u16,
-    ) -> Verdict {
-        // Named ports were resolved per pod at compile time for ingress; none are left.
-        self.direction_verdict(
-            dst_pod,
-            |t| t.ingress.as_ref(),
-            src,
-            protocol,
-            dst_port,
-            |_| false,
-        )
-    }
-
-    /// The rule scan both directions share: the rules selecting `local_pod` in one direction,
-    /// the first whose ports and peers match `remote` decides.
-    fn direction_verdict<'a>(
-        &'a self,
-        local_pod: IpAddr,
-        direction: impl Fn(&'a PodTable) -> Option<&'a DirectionTable>,
-        remote: IpAddr,
-        protocol: Protocol,
-        dst_port: u16,
-        mut named_port_matches: impl FnMut(&str) -> bool,
-    ) -> Verdict {
-        let Some(&podi) = self.pod_by_ip.get(&local_pod) else {
-            return Verdict::Allow(AllowReason::NoPod);
-        };
-        let Some(table) = self.tables.get(podi as usize).and_then(direction) else {
-            return Verdict::Allow(AllowReason::NotSelected);
+        // The destination pod is looked up at most once (named ports, selectors).
+        let mut dst_pod: Option<Option<&PodRecord>> = None;
+        let mut lookup = || *dst_pod.get_or_insert_with(|| self.pods.get(&dst).map(|p| &**p));
+        let table = match self.table(src_pod, Direction::Egress) {
+            Ok(t) => t,
+            Err(v) => return v,
         };
         for rule in &table.rules {
             let ports_ok = match &rule.ports {
@@ -337,14 +376,73 @@ impl PolicySet {
                         hi,
                     } => *pr == protocol && (*lo..=*hi).contains(&dst_port),
                     CompiledPort::Named { protocol: pr, name } => {
-                        *pr == protocol && named_port_matches(name)
+                        *pr == protocol
+                            && lookup()
+                                .is_some_and(|pod| pod.named_port(name, protocol) == Some(dst_port))
                     }
                 }),
             };
-            if ports_ok && rule.peers.contains(remote) {
+            if ports_ok
+                && rule.peers.matches(
+                    dst,
+                    &mut || lookup().and_then(|p| p.identity),
+                    &self.selectors,
+                )
+            {
                 return Verdict::Allow(AllowReason::Rule(rule.at));
             }
         }
+        Self::deny(table)
+    }
+
+    /// Ingress of a new flow entering `dst_pod`: the loop asks this for flows to its local pods.
+    /// No allocation; cost depends on the rules of the policies selecting `dst_pod` only.
+    pub fn ingress_verdict(
+        &self,
+        src: IpAddr,
+        dst_pod: IpAddr,
+        protocol: Protocol,
+        dst_port: u16,
+    ) -> Verdict {
+        let table = match self.table(dst_pod, Direction::Ingress) {
+            Ok(t) => t,
+            Err(v) => return v,
+        };
+        let mut src_identity: Option<Option<u32>> = None;
+        let mut identity =
+            || *src_identity.get_or_insert_with(|| self.pods.get(&src).and_then(|p| p.identity));
+        for rule in &table.rules {
+            // Named ports were resolved against the pod itself when its table was built.
+            let ports_ok = match &rule.ports {
+                PortSet::Any => true,
+                PortSet::List(list) => list.iter().any(|p| match p {
+                    CompiledPort::Range {
+                        protocol: pr,
+                        lo,
+                        hi,
+                    } => *pr == protocol && (*lo..=*hi).contains(&dst_port),
+                    CompiledPort::Named { .. } => false,
+                }),
+            };
+            if ports_ok && rule.peers.matches(src, &mut identity, &self.selectors) {
+                return Verdict::Allow(AllowReason::Rule(rule.at));
+            }
+        }
+        Self::deny(table)
+    }
+
+    /// The table of `local_pod` in one direction, or the verdict when it has none.
+    fn table(&self, local_pod: IpAddr, direction: Direction) -> Result<&DirectionTable, Verdict> {
+        match self.tables.get(&local_pod) {
+            Some(t) => t
+                .direction(direction)
+                .ok_or(Verdict::Allow(AllowReason::NotSelected)),
+            None if self.pods.contains(&local_pod) => Err(Verdict::Allow(AllowReason::NotSelected)),
+            None => Err(Verdict::Allow(AllowReason::NoPod)),
+        }
+    }
+
+    fn deny(table: &DirectionTable) -> Verdict {
         Verdict::Deny(DenyReason::NoRuleMatched {
             first_policy: table.selected_by.first().copied().unwrap_or(0),
         })
@@ -364,33 +462,25 @@ impl PolicySet {
         }
     }
 
-    /// The policies, in index order (sorted by namespace, name).
-    pub fn policies(&self) -> &[Policy] {
-        &self.policies
-    }
-
-    /// The pods, sorted by namespace, name.
-    pub fn pods(&self) -> &[Pod] {
-        &self.pods
-    }
-
-    /// Every namespace known, given or implied by a pod or policy.
-    pub fn namespaces(&self) -> impl Iterator<Item = &Namespace> {
-        self.namespaces.values()
+    /// The policy a [`RuleRef`] or [`DenyReason`] of this snapshot names.
+    pub fn policy(&self, id: u32) -> Option<&Policy> {
+        self.policies.get(&id).map(|p| &**p)
     }
 
     /// The (non-host-network) pod that has `ip`.
-    pub fn pod_at(&self, ip: IpAddr) -> Option<&Pod> {
-        self.pod_by_ip
-            .get(&ip)
-            .and_then(|&i| self.pods.get(i as usize))
+    pub fn pod_at(&self, ip: IpAddr) -> Option<ObjectRef> {
+        self.pods.get(&ip).map(|p| p.object_ref())
     }
 
-    pub fn find_pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
-        self.pods
-            .binary_search_by(|p| (p.namespace.as_str(), p.name.as_str()).cmp(&(namespace, name)))
-            .ok()
-            .and_then(|i| self.pods.get(i))
+    /// How many pod addresses the snapshot knows (all of the cluster's).
+    pub fn pod_addresses(&self) -> usize {
+        self.pods.len()
+    }
+
+    /// How many addresses have a rule table (pods this snapshot enforces for that a policy
+    /// selects).
+    pub fn tables(&self) -> usize {
+        self.tables.len()
     }
 
     /// The slow path for `kwire policy trace`: the verdicts with names. Takes the verdicts from
@@ -437,31 +527,26 @@ impl PolicySet {
             Direction::Egress => (src, dst),
             Direction::Ingress => (dst, src),
         };
-        let podi = self.pod_by_ip.get(&own).copied();
-        let pod = podi.and_then(|i| self.pods.get(i as usize));
-        let selected_by = podi
-            .and_then(|i| self.tables.get(i as usize))
-            .and_then(|t| match direction {
-                Direction::Ingress => t.ingress.as_ref(),
-                Direction::Egress => t.egress.as_ref(),
-            })
+        let table = self.tables.get(&own).and_then(|t| t.direction(direction));
+        let selected_by = table
             .map(|t| {
                 t.selected_by
                     .iter()
-                    .filter_map(|&p| self.policies.get(p as usize))
+                    .filter_map(|&p| self.policy(p))
                     .map(Policy::object_ref)
                     .collect()
             })
             .unwrap_or_default();
-        let decided_by = match verdict {
-            Verdict::Allow(AllowReason::Rule(at)) => {
-                self.describe_match(direction, at, other, dst, protocol, dst_port)
+        let decided_by = match (verdict, table) {
+            (Verdict::Allow(AllowReason::Rule(at)), Some(table)) => {
+                let rule = table.rules.iter().find(|r| r.at == at);
+                rule.and_then(|r| self.describe_match(direction, r, other, dst, protocol, dst_port))
             }
             _ => None,
         };
         DirectionExplanation {
             direction,
-            pod: pod.map(Pod::object_ref),
+            pod: self.pod_at(own),
             verdict,
             selected_by,
             decided_by,
@@ -471,18 +556,33 @@ impl PolicySet {
     fn describe_match(
         &self,
         direction: Direction,
-        at: RuleRef,
+        compiled: &CompiledRule,
         peer_ip: IpAddr,
         dst: IpAddr,
         protocol: Protocol,
         dst_port: u16,
     ) -> Option<RuleMatch> {
-        let policy = self.policies.get(at.policy as usize)?;
+        let at = compiled.at;
+        let policy = self.policy(at.policy)?;
         let rule = policy.rules(direction)?.get(at.rule as usize)?;
+        let identity = self.pods.get(&peer_ip).and_then(|p| p.identity);
         let peer = rule.peers.as_ref().and_then(|peers| {
             peers
                 .iter()
-                .position(|p| self.peer_matches(policy, p, peer_ip))
+                .enumerate()
+                .position(|(i, p)| match p {
+                    Peer::Invalid => false,
+                    Peer::IpBlock(b) => {
+                        b.cidr.contains(peer_ip) && !b.except.iter().any(|e| e.contains(peer_ip))
+                    }
+                    Peer::Pods { .. } => {
+                        let selector = compiled.peers.per_peer.get(i).copied().flatten();
+                        match (selector, identity) {
+                            (Some(s), Some(id)) => set_contains(&self.selectors, s, id),
+                            _ => false,
+                        }
+                    }
+                })
                 .map(|i| (i, peers[i].to_string()))
         });
         let port = rule.ports.iter().enumerate().find_map(|(i, spec)| {
@@ -505,27 +605,6 @@ impl PolicySet {
         })
     }
 
-    /// Slow, direct reading of one peer, for explain.
-    fn peer_matches(&self, policy: &Policy, peer: &Peer, ip: IpAddr) -> bool {
-        match peer {
-            Peer::Invalid => false,
-            Peer::IpBlock(b) => b.cidr.contains(ip) && !b.except.iter().any(|e| e.contains(ip)),
-            Peer::Pods { namespaces, pods } => {
-                let Some(pod) = self.pod_at(ip) else {
-                    return false;
-                };
-                let ns_ok = match namespaces {
-                    None => pod.namespace == policy.namespace,
-                    Some(sel) => self
-                        .namespaces
-                        .get(&pod.namespace)
-                        .is_some_and(|ns| sel.matches(&ns.labels)),
-                };
-                ns_ok && pods.matches(&pod.labels)
-            }
-        }
-    }
-
     fn port_matches(
         &self,
         spec: &PortSpec,
@@ -538,83 +617,12 @@ impl PolicySet {
                 PortMatch::All => true,
                 PortMatch::Range(lo, hi) => (*lo..=*hi).contains(&dst_port),
                 PortMatch::Named(name) => self
-                    .pod_at(dst)
+                    .pods
+                    .get(&dst)
                     .is_some_and(|p| p.named_port(name, protocol) == Some(dst_port)),
                 PortMatch::Invalid => false,
             }
     }
-}
-
-fn add_peer(
-    set: &mut IpRangeSet,
-    peer: &Peer,
-    policy: &Policy,
-    namespaces: &BTreeMap<String, Namespace>,
-    pods: &[Pod],
-    pods_by_ns: &HashMap<&str, Vec<u32>>,
-) {
-    match peer {
-        Peer::Invalid => {}
-        Peer::IpBlock(b) => set.insert_block(b.cidr, &b.except),
-        Peer::Pods {
-            namespaces: ns_sel,
-            pods: pod_sel,
-        } => {
-            let mut add_ns = |ns: &str| {
-                for &i in pods_by_ns.get(ns).into_iter().flatten() {
-                    let pod = &pods[i as usize];
-                    if pod_sel.matches(&pod.labels) {
-                        pod.ips.iter().for_each(|ip| set.insert_ip(*ip));
-                    }
-                }
-            };
-            match ns_sel {
-                None => add_ns(&policy.namespace),
-                Some(sel) => namespaces
-                    .values()
-                    .filter(|ns| sel.matches(&ns.labels))
-                    .for_each(|ns| add_ns(&ns.name)),
-            }
-        }
-    }
-}
-
-fn compile_ports(ports: &[PortSpec], direction: Direction, pod: &Pod) -> PortSet {
-    if ports.is_empty() {
-        return PortSet::Any;
-    }
-    let list = ports
-        .iter()
-        .filter_map(|spec| {
-            let protocol = spec.protocol;
-            match &spec.port {
-                PortMatch::All => Some(CompiledPort::Range {
-                    protocol,
-                    lo: 0,
-                    hi: u16::MAX,
-                }),
-                PortMatch::Range(lo, hi) => Some(CompiledPort::Range {
-                    protocol,
-                    lo: *lo,
-                    hi: *hi,
-                }),
-                // Ingress: the destination is the selected pod itself, resolve now.
-                PortMatch::Named(name) if direction == Direction::Ingress => {
-                    pod.named_port(name, protocol).map(|p| CompiledPort::Range {
-                        protocol,
-                        lo: p,
-                        hi: p,
-                    })
-                }
-                PortMatch::Named(name) => Some(CompiledPort::Named {
-                    protocol,
-                    name: name.as_str().into(),
-                }),
-                PortMatch::Invalid => None,
-            }
-        })
-        .collect();
-    PortSet::List(list)
 }
 
 /// Names behind both verdicts of a flow.
@@ -657,6 +665,7 @@ pub struct RuleMatch {
 mod tests {
     use super::*;
     use crate::policy::{ContainerPort, Namespace};
+    use std::collections::BTreeMap;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

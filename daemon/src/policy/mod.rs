@@ -3,12 +3,20 @@
 //!
 //! Flow of data, all without I/O:
 //! - [`Namespace`], [`Pod`] (plain types, convertible from k8s-openapi objects) and
-//!   [`Policy`] (parsed from `networking.k8s.io/v1` `NetworkPolicy`) go into
-//!   [`PolicySet::compile`], which yields an immutable snapshot.
+//!   [`Policy`] (parsed from `networking.k8s.io/v1` `NetworkPolicy`) go, one change at a time,
+//!   into a [`PolicyIndex`], which keeps only what policy reads and turns each change into the
+//!   least work (see `index.rs`: identities, shared selector sets, a sharded address map);
+//!   [`PolicyIndex::snapshot`] yields an immutable [`PolicySet`] that shares everything
+//!   unchanged with the previous one. [`PolicySet::compile`] is the same index filled at once.
+//! - A snapshot enforces for a [`Scope`]: the agent's has rule tables only for its own node's
+//!   pods (the only ones its packet loop asks about) and compiles only the policies selecting
+//!   them, while every pod address of the cluster stays known for matching peers.
 //! - The packet loop asks, once per new flow, only the direction it owns:
 //!   [`PolicySet::egress_verdict`] for a flow leaving a local pod, [`PolicySet::ingress_verdict`]
 //!   for a flow entering one. Both hash the local pod's IP and scan only the rules of the
-//!   policies that select that pod; they never allocate. The answer is a `Copy` [`Verdict`].
+//!   policies that select that pod (a pod peer is one more hash lookup for the remote address's
+//!   identity and a binary search in the selector's set); they never allocate. The answer is a
+//!   `Copy` [`Verdict`].
 //! - [`PolicySet::explain`] is the slow path with names, for `kwire policy trace` ([`trace`]).
 //!
 //! Semantics follow the `networking.k8s.io/v1` API reference and the upstream e2e suite
@@ -26,6 +34,8 @@
 //!   of the verdict is [`AllowReason::NoPod`].
 
 mod engine;
+mod index;
+mod ipmap;
 mod ipset;
 pub mod matrix;
 mod model;
@@ -36,6 +46,7 @@ pub mod trace;
 pub use engine::{
     DirectionExplanation, Explanation, FlowVerdict, InputError, PolicySet, RuleMatch,
 };
+pub use index::{IndexStats, PodKey, PolicyIndex, Scope};
 pub use ipset::{Cidr, CidrError, IpRangeSet};
 pub use model::{ContainerPort, ModelError, Namespace, ObjectRef, Pod, NAMESPACE_NAME_LABEL};
 pub use selector::{LabelSelector, Requirement, SelectorError};

@@ -58,7 +58,7 @@ impl Namespace {
 }
 
 /// A port a container of the pod declares (`spec.containers[].ports[]`).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ContainerPort {
     pub name: Option<String>,
     pub port: u16,
@@ -102,16 +102,22 @@ impl Pod {
     /// Fails on a missing name, an unparsable IP, or a container port out of range or with an
     /// unknown protocol.
     pub fn from_k8s(pod: &corev1::Pod) -> Result<Self, ModelError> {
+        Self::from_k8s_owned(pod.clone())
+    }
+
+    /// [`Pod::from_k8s`], taking the object: its names and labels move instead of being copied
+    /// (the agent reads every Pod event of the cluster this way).
+    pub fn from_k8s_owned(mut pod: corev1::Pod) -> Result<Self, ModelError> {
         let name = pod
             .metadata
             .name
-            .clone()
+            .take()
             .filter(|n| !n.is_empty())
             .ok_or(ModelError::MissingName { kind: "Pod" })?;
         let namespace = pod
             .metadata
             .namespace
-            .clone()
+            .take()
             .unwrap_or_else(|| "default".to_string());
         let at = ObjectRef {
             namespace: namespace.clone(),
@@ -140,9 +146,10 @@ impl Pod {
         let mut container_ports = Vec::new();
         let mut host_network = false;
         let mut node_name = String::new();
-        if let Some(spec) = &pod.spec {
+        if let Some(spec) = pod.spec.as_mut() {
             host_network = spec.host_network.unwrap_or(false);
-            node_name = spec.node_name.clone().unwrap_or_default();
+            node_name = spec.node_name.take().unwrap_or_default();
+            let spec = &*spec;
             // Sidecars (init containers with restartPolicy Always) serve ports too.
             let sidecars = spec
                 .init_containers
@@ -179,7 +186,7 @@ impl Pod {
         Ok(Pod {
             namespace,
             name,
-            labels: pod.metadata.labels.clone().unwrap_or_default(),
+            labels: pod.metadata.labels.take().unwrap_or_default(),
             ips,
             container_ports,
             node_name,

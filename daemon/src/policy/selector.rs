@@ -6,7 +6,7 @@ use std::fmt;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1 as metav1;
 
 /// One matchExpressions requirement, or one matchLabels pair (`In` with one value).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Requirement {
     In { key: String, values: Vec<String> },
     NotIn { key: String, values: Vec<String> },
@@ -43,7 +43,7 @@ impl fmt::Display for Requirement {
 }
 
 /// A parsed LabelSelector: all requirements must hold. Empty selects everything.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct LabelSelector {
     pub requirements: Vec<Requirement>,
 }

@@ -95,6 +95,13 @@ impl Manifests {
         PolicySet::compile(self.namespaces, self.pods, self.policies)
     }
 
+    /// The pod named `namespace/name`.
+    pub fn find_pod(&self, namespace: &str, name: &str) -> Option<&Pod> {
+        self.pods
+            .iter()
+            .find(|p| p.namespace == namespace && p.name == name)
+    }
+
     /// Reads the files in order.
     pub fn load(paths: &[PathBuf]) -> Result<Self, TraceError> {
         let mut m = Manifests::default();
@@ -280,22 +287,24 @@ fn parse_endpoint(flag: &'static str, value: &str) -> Result<EndpointArg, TraceE
 /// Resolves one end to an address; `family` prefers addresses of the other end's family.
 fn resolve(
     set: &PolicySet,
+    manifests: &Manifests,
     flag: &'static str,
     arg: &EndpointArg,
     family: Option<bool>,
 ) -> Result<Endpoint, TraceError> {
     match arg {
         EndpointArg::Ip(ip) => Ok(Endpoint {
-            pod: set.pod_at(*ip).map(Pod::object_ref),
+            pod: set.pod_at(*ip),
             ip: *ip,
         }),
         EndpointArg::Pod { namespace, name } => {
-            let pod = set
-                .find_pod(namespace, name)
-                .ok_or_else(|| TraceError::UnknownPod {
-                    flag,
-                    pod: format!("{namespace}/{name}"),
-                })?;
+            let pod =
+                manifests
+                    .find_pod(namespace, name)
+                    .ok_or_else(|| TraceError::UnknownPod {
+                        flag,
+                        pod: format!("{namespace}/{name}"),
+                    })?;
             let ip = match family {
                 Some(v4) => pod.ips.iter().find(|ip| ip.is_ipv4() == v4),
                 None => pod.ips.first(),
@@ -319,17 +328,18 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<TraceOutcome, TraceE
     let (port, protocol) = parse_port(&args.port)?;
     let from_arg = parse_endpoint("--from", &args.from)?;
     let to_arg = parse_endpoint("--to", &args.to)?;
-    let set = Manifests::load(&args.filename)?.compile();
+    let manifests = Manifests::load(&args.filename)?;
+    let set = manifests.clone().compile();
 
     // An IP fixes the family; otherwise the source's first address does.
     let (from, to) = match (&from_arg, &to_arg) {
         (_, EndpointArg::Ip(ip)) => {
-            let from = resolve(&set, "--from", &from_arg, Some(ip.is_ipv4()))?;
-            (from, resolve(&set, "--to", &to_arg, None)?)
+            let from = resolve(&set, &manifests, "--from", &from_arg, Some(ip.is_ipv4()))?;
+            (from, resolve(&set, &manifests, "--to", &to_arg, None)?)
         }
         _ => {
-            let from = resolve(&set, "--from", &from_arg, None)?;
-            let to = resolve(&set, "--to", &to_arg, Some(from.ip.is_ipv4()))?;
+            let from = resolve(&set, &manifests, "--from", &from_arg, None)?;
+            let to = resolve(&set, &manifests, "--to", &to_arg, Some(from.ip.is_ipv4()))?;
             (from, to)
         }
     };

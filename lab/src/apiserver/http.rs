@@ -442,15 +442,34 @@ fn handle_resource(
                 metadata["remainingItemCount"] = json!(r);
             }
             if wants_table(headers) {
+                let items: Vec<Value> = page.items.iter().map(|o| (**o).clone()).collect();
                 return Ok(json_response(
                     200,
-                    &table::list_table(kind, &page.items, metadata),
+                    &table::list_table(kind, &items, metadata),
                 ));
             }
-            Ok(json_response(
-                200,
-                &json!({"kind": list_kind(kind), "apiVersion": kind.api_version(), "metadata": metadata, "items": page.items}),
-            ))
+            // Serialised from the stored objects, not copied into a new document.
+            #[derive(serde::Serialize)]
+            #[serde(rename_all = "camelCase")]
+            struct List<'a> {
+                kind: String,
+                api_version: String,
+                metadata: Value,
+                items: Vec<&'a Value>,
+            }
+            let list = List {
+                kind: list_kind(kind),
+                api_version: kind.api_version(),
+                metadata,
+                items: page.items.iter().map(|o| &**o).collect(),
+            };
+            let bytes = serde_json::to_vec(&list).expect("JSON values serialise");
+            Ok((
+                StatusCode::OK,
+                [(header::CONTENT_TYPE, "application/json")],
+                bytes,
+            )
+                .into_response())
         }
         (None, &Method::POST) => {
             if kind.namespaced && ns.is_none() {

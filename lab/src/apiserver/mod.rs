@@ -561,7 +561,10 @@ impl ApiServer {
         Ok(self
             .store()
             .list(kind, namespace, &ListOptions::default())?
-            .items)
+            .items
+            .iter()
+            .map(|o| (**o).clone())
+            .collect())
     }
 }
 

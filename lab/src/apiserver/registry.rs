@@ -27,7 +27,7 @@ fn all_of(store: &Store, group: &str, plural: &str) -> Vec<Value> {
     let kind = resources::find(group, "v1", plural).expect("served kind");
     store
         .list(kind, None, &ListOptions::default())
-        .map(|p| p.items)
+        .map(|p| p.items.iter().map(|o| (**o).clone()).collect())
         .unwrap_or_default()
 }
 

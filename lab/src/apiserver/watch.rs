@@ -15,7 +15,7 @@ use tokio::time::{sleep_until, Instant};
 use super::error::ApiError;
 use super::resources::ResourceKind;
 use super::selector::{FieldSelector, LabelSelector};
-use super::store::{to_view, EventType, Store, StoredEvent};
+use super::store::{to_view_shared, EventType, Store, StoredEvent};
 use super::table;
 
 /// Annotation on the bookmark that ends the initial events of a `sendInitialEvents` watch.
@@ -50,9 +50,15 @@ struct WatchState {
     done: bool,
 }
 
-fn line(event_type: &str, object: Value) -> Bytes {
-    let mut bytes = serde_json::to_vec(&json!({"type": event_type, "object": object}))
-        .expect("JSON values serialise");
+fn line(event_type: &str, object: &Value) -> Bytes {
+    #[derive(serde::Serialize)]
+    struct Line<'a> {
+        #[serde(rename = "type")]
+        event_type: &'a str,
+        object: &'a Value,
+    }
+    let mut bytes =
+        serde_json::to_vec(&Line { event_type, object }).expect("JSON values serialise");
     bytes.push(b'\n');
     Bytes::from(bytes)
 }
@@ -88,33 +94,32 @@ impl WatchState {
                     (true, true) => ("MODIFIED", ev.object.clone()),
                     (false, true) => ("ADDED", ev.object.clone()),
                     (true, false) => {
-                        let mut gone = ev.prev.clone().expect("matched");
+                        let mut gone = (**ev.prev.as_ref().expect("matched")).clone();
                         gone["metadata"]["resourceVersion"] = json!(ev.rv.to_string());
-                        ("DELETED", gone)
+                        ("DELETED", Arc::new(gone))
                     }
                     (false, false) => return None,
                 }
             }
         };
-        Some(line(event_type, self.present(object)))
+        Some(line(event_type, &self.present(object)))
     }
 
     /// The object as the client asked to see it: the served version, possibly as a Table row.
-    fn present(&self, stored: Value) -> Value {
-        let object = to_view(self.req.kind, stored);
-        if self.req.as_table {
-            let rv = object
-                .pointer("/metadata/resourceVersion")
-                .cloned()
-                .unwrap_or(json!(""));
-            table::list_table(
-                self.req.kind,
-                std::slice::from_ref(&object),
-                json!({"resourceVersion": rv}),
-            )
-        } else {
-            object
+    fn present(&self, stored: Arc<Value>) -> Arc<Value> {
+        let object = to_view_shared(self.req.kind, &stored);
+        if !self.req.as_table {
+            return object;
         }
+        let rv = object
+            .pointer("/metadata/resourceVersion")
+            .cloned()
+            .unwrap_or(json!(""));
+        Arc::new(table::list_table(
+            self.req.kind,
+            std::slice::from_ref(&*object),
+            json!({"resourceVersion": rv}),
+        ))
     }
 
     fn bookmark(&self, initial_events_end: bool) -> Bytes {
@@ -124,7 +129,7 @@ impl WatchState {
         }
         line(
             "BOOKMARK",
-            json!({"kind": self.req.kind.kind, "apiVersion": self.req.kind.api_version(), "metadata": metadata}),
+            &json!({"kind": self.req.kind.kind, "apiVersion": self.req.kind.api_version(), "metadata": metadata}),
         )
     }
 
@@ -139,7 +144,7 @@ impl WatchState {
                 self.cursor = cursor;
             }
             Err(err) => {
-                self.pending.push_back(line("ERROR", err.status()));
+                self.pending.push_back(line("ERROR", &err.status()));
                 self.done = true;
             }
         }
@@ -228,7 +233,7 @@ pub fn watch_stream(
             let added: Vec<Bytes> = items
                 .into_iter()
                 .filter(|o| state.matches(o))
-                .map(|o| line("ADDED", state.present(o)))
+                .map(|o| line("ADDED", &state.present(o)))
                 .collect();
             state.pending.extend(added);
             state.cursor = rv;

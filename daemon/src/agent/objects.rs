@@ -1,0 +1,499 @@
+//! The API objects the agent watches, as it reads them: deserialization keeps only the fields
+//! kwire uses and skips the rest while parsing (managedFields, status conditions and container
+//! statuses, other annotations, container images, env, volumes...), so none of it is ever
+//! allocated, let alone stored.
+//!
+//! Each view implements [`kube::Resource`] with the kind, group, version and plural of the
+//! k8s-openapi type it stands for, so `Api<PodView>` lists and watches `/api/v1/pods` and the
+//! watcher resumes from the views' resourceVersions like from full objects. A view is turned
+//! into the full k8s-openapi type (with only the kept fields set) for the code that reads it,
+//! so there is one reading of each field, not two.
+//!
+//! What is kept, per kind:
+//! - Pod: name, namespace, labels; `spec.nodeName`, `spec.hostNetwork`, the containers' (and
+//!   sidecars') names, restart policies and ports; `status.phase`, `status.podIP(s)`.
+//! - Namespace: name, labels.
+//! - NetworkPolicy: name, namespace, `spec`.
+//! - Node: name, uid, creationTimestamp, the `kwire.dev/` annotations; `spec.podCIDR(s)`;
+//!   `status.addresses`.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1 as corev1;
+use k8s_openapi::api::networking::v1 as netv1;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+
+/// The annotations a Node view keeps (kwire's own).
+pub const KEPT_ANNOTATION_PREFIX: &str = "kwire.dev/";
+
+/// The metadata every view keeps: identity and resourceVersion (the watcher resumes from it).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PlainMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    resource_version: Option<String>,
+    uid: Option<String>,
+}
+
+/// [`PlainMeta`] and the labels (spelled out: `serde(flatten)` would buffer every skipped
+/// field).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct LabelledMeta {
+    name: Option<String>,
+    namespace: Option<String>,
+    resource_version: Option<String>,
+    uid: Option<String>,
+    labels: Option<BTreeMap<String, String>>,
+}
+
+fn plain_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = PlainMeta::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        resource_version: m.resource_version,
+        uid: m.uid,
+        ..ObjectMeta::default()
+    })
+}
+
+fn labelled_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = LabelledMeta::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        namespace: m.namespace,
+        resource_version: m.resource_version,
+        uid: m.uid,
+        labels: m.labels,
+        ..ObjectMeta::default()
+    })
+}
+
+/// Implements [`kube::Resource`] for a view with the type information of the k8s-openapi type
+/// it stands for.
+macro_rules! view_of {
+    ($view:ty, $full:ty) => {
+        impl kube::Resource for $view {
+            type DynamicType = ();
+            type Scope = <$full as k8s_openapi::Resource>::Scope;
+
+            fn kind(_: &()) -> Cow<'_, str> {
+                <$full as k8s_openapi::Resource>::KIND.into()
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                <$full as k8s_openapi::Resource>::GROUP.into()
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                <$full as k8s_openapi::Resource>::VERSION.into()
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                <$full as k8s_openapi::Resource>::URL_PATH_SEGMENT.into()
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+/// A Pod as NetworkPolicy reads it.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct PodView {
+    #[serde(deserialize_with = "labelled_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<PodSpecView>,
+    #[serde(default)]
+    status: Option<PodStatusView>,
+}
+view_of!(PodView, corev1::Pod);
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpecView {
+    node_name: Option<String>,
+    host_network: Option<bool>,
+    #[serde(default)]
+    containers: Vec<ContainerView>,
+    init_containers: Option<Vec<ContainerView>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ContainerView {
+    #[serde(default)]
+    name: String,
+    restart_policy: Option<String>,
+    ports: Option<Vec<corev1::ContainerPort>>,
+}
+
+impl ContainerView {
+    fn into_k8s(self) -> corev1::Container {
+        corev1::Container {
+            name: self.name,
+            restart_policy: self.restart_policy,
+            ports: self.ports,
+            ..corev1::Container::default()
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodStatusView {
+    phase: Option<String>,
+    #[serde(rename = "podIP")]
+    pod_ip: Option<String>,
+    #[serde(rename = "podIPs")]
+    pod_ips: Option<Vec<corev1::PodIP>>,
+}
+
+impl PodView {
+    /// The k8s-openapi Pod with the kept fields set.
+    pub fn into_k8s(self) -> corev1::Pod {
+        corev1::Pod {
+            metadata: self.metadata,
+            spec: self.spec.map(|s| corev1::PodSpec {
+                node_name: s.node_name,
+                host_network: s.host_network,
+                containers: s
+                    .containers
+                    .into_iter()
+                    .map(ContainerView::into_k8s)
+                    .collect(),
+                init_containers: s
+                    .init_containers
+                    .map(|c| c.into_iter().map(ContainerView::into_k8s).collect()),
+                ..corev1::PodSpec::default()
+            }),
+            status: self.status.map(|s| corev1::PodStatus {
+                phase: s.phase,
+                pod_ip: s.pod_ip,
+                pod_ips: s.pod_ips,
+                ..corev1::PodStatus::default()
+            }),
+        }
+    }
+}
+
+/// A Namespace as NetworkPolicy reads it: its name and labels.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct NamespaceView {
+    #[serde(deserialize_with = "labelled_meta")]
+    pub metadata: ObjectMeta,
+}
+view_of!(NamespaceView, corev1::Namespace);
+
+impl NamespaceView {
+    pub fn into_k8s(self) -> corev1::Namespace {
+        corev1::Namespace {
+            metadata: self.metadata,
+            ..corev1::Namespace::default()
+        }
+    }
+}
+
+/// A NetworkPolicy without its metadata's extras (annotations such as kubectl's
+/// last-applied-configuration copy the whole policy; managedFields more than that).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct NetworkPolicyView {
+    #[serde(deserialize_with = "plain_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<netv1::NetworkPolicySpec>,
+}
+view_of!(NetworkPolicyView, netv1::NetworkPolicy);
+
+impl NetworkPolicyView {
+    pub fn into_k8s(self) -> netv1::NetworkPolicy {
+        netv1::NetworkPolicy {
+            metadata: self.metadata,
+            spec: self.spec,
+        }
+    }
+}
+
+/// A Node's metadata as peer selection reads it: identity, age, kwire's annotations.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeMeta {
+    name: Option<String>,
+    resource_version: Option<String>,
+    uid: Option<String>,
+    creation_timestamp: Option<Time>,
+    #[serde(default, deserialize_with = "kwire_annotations")]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+fn node_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
+    let m = NodeMeta::deserialize(d)?;
+    Ok(ObjectMeta {
+        name: m.name,
+        resource_version: m.resource_version,
+        uid: m.uid,
+        creation_timestamp: m.creation_timestamp,
+        annotations: m.annotations,
+        ..ObjectMeta::default()
+    })
+}
+
+/// A map key, borrowed from the input when it can be.
+enum Key<'de> {
+    Borrowed(&'de str),
+    Owned(String),
+}
+
+impl Key<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            Key::Borrowed(s) => s,
+            Key::Owned(s) => s,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Key::Borrowed(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Key::Owned(v.to_string()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Key::Owned(v))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// `metadata.annotations`, keeping only [`KEPT_ANNOTATION_PREFIX`] keys: the others (kubeadm's,
+/// cloud providers', last-applied-configuration) are skipped unallocated.
+fn kwire_annotations<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<BTreeMap<String, String>>, D::Error> {
+    struct Map;
+    impl<'de> Visitor<'de> for Map {
+        type Value = Option<BTreeMap<String, String>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of strings, or null")
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(k) = m.next_key::<Key<'de>>()? {
+                if k.as_str().starts_with(KEPT_ANNOTATION_PREFIX) {
+                    out.insert(k.as_str().to_string(), m.next_value::<String>()?);
+                } else {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(Some(out))
+        }
+    }
+    d.deserialize_option(Map)
+}
+
+/// A Node as peer selection reads it.
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct NodeView {
+    #[serde(deserialize_with = "node_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    spec: Option<NodeSpecView>,
+    #[serde(default)]
+    status: Option<NodeStatusView>,
+}
+view_of!(NodeView, corev1::Node);
+
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeSpecView {
+    #[serde(rename = "podCIDR")]
+    pod_cidr: Option<String>,
+    #[serde(rename = "podCIDRs")]
+    pod_cidrs: Option<Vec<String>>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize)]
+struct NodeStatusView {
+    addresses: Option<Vec<corev1::NodeAddress>>,
+}
+
+impl NodeView {
+    pub fn into_k8s(self) -> corev1::Node {
+        corev1::Node {
+            metadata: self.metadata,
+            spec: self.spec.map(|s| corev1::NodeSpec {
+                pod_cidr: s.pod_cidr,
+                pod_cidrs: s.pod_cidrs,
+                ..corev1::NodeSpec::default()
+            }),
+            status: self.status.map(|s| corev1::NodeStatus {
+                addresses: s.addresses,
+                ..corev1::NodeStatus::default()
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::Resource;
+
+    /// A Pod as a kubelet-managed cluster serves it, trimmed to one of each part.
+    fn full_pod(annotation: &str, heartbeat: &str) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {
+                "name": "web-7d9c-x2x8f", "generateName": "web-7d9c-", "namespace": "shop",
+                "uid": "5b1e", "resourceVersion": "4711", "creationTimestamp": "2025-01-01T00:00:00Z",
+                "labels": {"app": "web", "pod-template-hash": "7d9c"},
+                "annotations": {"kubectl.kubernetes.io/restartedAt": annotation},
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web-7d9c", "uid": "u", "controller": true}],
+                "managedFields": [{"manager": "kubelet", "operation": "Update", "apiVersion": "v1",
+                    "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {"f:conditions": {"k:{\"type\":\"Ready\"}": {".": {}}}}}}]
+            },
+            "spec": {
+                "nodeName": "n1",
+                "containers": [{"name": "web", "image": "nginx:1.27",
+                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}],
+                    "env": [{"name": "A", "value": "b"}],
+                    "resources": {"requests": {"cpu": "100m"}}}],
+                "initContainers": [{"name": "proxy", "image": "envoy", "restartPolicy": "Always",
+                    "ports": [{"name": "admin", "containerPort": 9901}]}],
+                "volumes": [{"name": "v", "emptyDir": {}}]
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.244.1.5", "podIPs": [{"ip": "10.244.1.5"}],
+                "hostIP": "192.0.2.1",
+                "conditions": [{"type": "Ready", "status": "True", "lastProbeTime": heartbeat}],
+                "containerStatuses": [{"name": "web", "ready": true, "restartCount": 0, "image": "nginx", "imageID": "x"}]
+            }
+        })
+    }
+
+    #[test]
+    fn pod_view_keeps_what_policy_reads() {
+        let view: PodView = serde_json::from_value(full_pod("a", "2025-01-01T00:00:01Z")).unwrap();
+        assert_eq!(view.metadata.resource_version.as_deref(), Some("4711"));
+        assert!(view.metadata.annotations.is_none() && view.metadata.managed_fields.is_none());
+        let from_view = crate::policy::Pod::from_k8s(&view.into_k8s()).unwrap();
+        let full: corev1::Pod =
+            serde_json::from_value(full_pod("a", "2025-01-01T00:00:01Z")).unwrap();
+        assert_eq!(from_view, crate::policy::Pod::from_k8s(&full).unwrap());
+        assert_eq!(from_view.container_ports.len(), 2, "sidecar ports count");
+    }
+
+    #[test]
+    fn heartbeat_and_annotation_do_not_change_the_model() {
+        let read = |a, h| {
+            let v: PodView = serde_json::from_value(full_pod(a, h)).unwrap();
+            crate::policy::Pod::from_k8s(&v.into_k8s()).unwrap()
+        };
+        assert_eq!(
+            read("a", "2025-01-01T00:00:01Z"),
+            read("b", "2025-01-01T00:05:01Z")
+        );
+    }
+
+    #[test]
+    fn views_address_the_resources_they_stand_for() {
+        assert_eq!(PodView::url_path(&(), None), "/api/v1/pods");
+        assert_eq!(NamespaceView::url_path(&(), None), "/api/v1/namespaces");
+        assert_eq!(
+            NetworkPolicyView::url_path(&(), None),
+            "/apis/networking.k8s.io/v1/networkpolicies"
+        );
+    }
+
+    fn full_node(heartbeat: &str, ttl: &str) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": "n2", "uid": "u2", "resourceVersion": "77",
+                "creationTimestamp": "2025-01-01T00:00:00Z",
+                "labels": {"kubernetes.io/hostname": "n2"},
+                "annotations": {"kwire.dev/public-key": "AAAA", "kwire.dev/endpoint": "192.0.2.2:51820",
+                    "node.alpha.kubernetes.io/ttl": ttl, "we\\ird": "x"},
+                "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]},
+            "spec": {"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.2.0/24"], "providerID": "x"},
+            "status": {
+                "addresses": [{"type": "InternalIP", "address": "192.0.2.2"}, {"type": "Hostname", "address": "n2"}],
+                "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat}],
+                "capacity": {"cpu": "4"},
+                "images": [{"names": ["pause"], "sizeBytes": 1}]
+            }
+        })
+    }
+
+    #[test]
+    fn node_view_keeps_what_peer_selection_reads() {
+        let view: NodeView =
+            serde_json::from_value(full_node("2025-01-01T00:00:10Z", "0")).unwrap();
+        let ann = view.metadata.annotations.clone().unwrap();
+        assert_eq!(
+            ann.keys().collect::<Vec<_>>(),
+            ["kwire.dev/endpoint", "kwire.dev/public-key"]
+        );
+        assert!(view.metadata.labels.is_none() && view.metadata.managed_fields.is_none());
+        let full: corev1::Node =
+            serde_json::from_value(full_node("2025-01-01T00:00:10Z", "0")).unwrap();
+        let a = crate::agent::peers::NodeInfo::from_node(&view.into_k8s());
+        assert_eq!(a, crate::agent::peers::NodeInfo::from_node(&full));
+        // A heartbeat and an annotation kwire does not read change nothing it reads.
+        let later: NodeView =
+            serde_json::from_value(full_node("2025-01-01T00:05:10Z", "30")).unwrap();
+        assert_eq!(
+            a,
+            crate::agent::peers::NodeInfo::from_node(&later.into_k8s())
+        );
+        // From bytes (borrowed keys), as the watch reads it; null annotations are none.
+        let bytes = serde_json::to_vec(&full_node("t", "0")).unwrap();
+        let v: NodeView = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(v.metadata.annotations.unwrap().len(), 2);
+        let v: NodeView = serde_json::from_value(
+            serde_json::json!({"metadata": {"name": "x", "annotations": null}}),
+        )
+        .unwrap();
+        assert!(v.metadata.annotations.is_none());
+        assert_eq!(NodeView::url_path(&(), None), "/api/v1/nodes");
+    }
+
+    #[test]
+    fn policy_view_drops_annotations() {
+        let v: NetworkPolicyView = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "x", "resourceVersion": "9",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}"}},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}
+        }))
+        .unwrap();
+        let np = v.into_k8s();
+        assert!(np.metadata.annotations.is_none());
+        let p = crate::policy::Policy::from_k8s(&np).unwrap();
+        assert_eq!((p.namespace.as_str(), p.name.as_str()), ("x", "p"));
+    }
+}
