@@ -140,6 +140,7 @@ fn range_in(base: usize, part: &[u8]) -> Range<usize> {
 impl<T> Message<'_, '_, T> {
     /// The next action, or `None` when every datagram of the message is decided. (Not an
     /// `Iterator`: each action borrows the receive buffer until the next call.)
+    #[inline(always)]
     pub fn next_action(&mut self) -> Option<RxAction<'_>> {
         let step = self.step()?;
         Some(match step {
@@ -161,6 +162,7 @@ impl<T> Message<'_, '_, T> {
         })
     }
 
+    #[inline(always)]
     fn step(&mut self) -> Option<Step> {
         if let Some(slot) = self.queued {
             match self.queued_packet(slot) {
@@ -194,6 +196,7 @@ impl<T> Message<'_, '_, T> {
     }
 
     /// A data message for the held session.
+    #[inline(always)]
     fn data(&mut self, d: &[u8]) -> Result<Step, DropReason> {
         // No UDP datagram is longer, but this function takes any bytes; the check also keeps
         // boringtun, which panics when the ciphertext exceeds the output buffer, safe.
@@ -234,6 +237,7 @@ impl<T> Message<'_, '_, T> {
     }
 
     /// A handshake message (initiation, response, cookie) or something that is not WireGuard.
+    #[inline(never)]
     fn handshake(&mut self, kind: u32, d: &[u8]) -> Step {
         let slot = match handshake::admit(self.ctx, kind, self.src, d, self.buf) {
             Admission::Peer(slot) => slot,
@@ -267,6 +271,7 @@ impl<T> Message<'_, '_, T> {
     }
 
     /// The next packet peer `slot`'s session queued during its handshake, encrypted.
+    #[inline(never)]
     fn queued_packet(&mut self, slot: u32) -> Option<Step> {
         let peer = &self.snap.peers[slot as usize];
         let mut st = peer.lock();

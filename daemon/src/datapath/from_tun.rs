@@ -43,7 +43,7 @@ pub fn decide<'a, T>(
 }
 
 /// The stages every frame passes before it has a next hop.
-#[inline]
+#[inline(always)]
 fn next_hop<T>(ctx: &Ctx<'_, T>, from: Port, frame: &[u8]) -> Result<NextHop, DropReason> {
     let pkt = frame.get(ctx.offset()..).unwrap_or_default();
     let (src, dst) = addresses(pkt).ok_or(DropReason::Malformed)?;
@@ -64,7 +64,7 @@ fn next_hop<T>(ctx: &Ctx<'_, T>, from: Port, frame: &[u8]) -> Result<NextHop, Dr
 
 /// The checks of a frame for a peer: it must fit the tunnel (else the sender learns the
 /// MTU), and the device must have a key.
-#[inline]
+#[inline(always)]
 fn to_peer<'a, T>(
     ctx: &Ctx<'_, T>,
     peer: u32,
@@ -89,6 +89,8 @@ fn to_peer<'a, T>(
 
 /// Writes the ICMP error for a too-big frame into `out` (from this node's gateway address),
 /// unless the packet may be fragmented or must not get one; returns its length.
+#[cold]
+#[inline(never)]
 fn too_big_answer<T>(ctx: &Ctx<'_, T>, frame: &[u8], out: &mut [u8]) -> Option<usize> {
     let off = ctx.offset();
     let pkt = &frame[off..];

@@ -20,7 +20,7 @@ pub enum NextHop {
 
 /// The next hop for `dst` of a frame read from `from`. Local pods first, then the peers; what
 /// neither owns goes to the host from a pod and nowhere from the host (it would loop back).
-#[inline]
+#[inline(always)]
 pub fn from_tun<T>(ctx: &Ctx<'_, T>, from: Port, dst: IpAddr) -> Result<NextHop, DropReason> {
     if let Some(pod) = ctx.local.pod_for_ip(dst) {
         return Ok(NextHop::Pod(pod));

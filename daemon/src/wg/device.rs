@@ -55,6 +55,7 @@ impl std::fmt::Debug for Peer {
 }
 
 impl Peer {
+    #[inline]
     pub fn lock(&self) -> MutexGuard<'_, PeerState> {
         // A panic while holding the lock aborts the process (release profile), so poison
         // can only be seen in tests; the state is still usable.
