@@ -5,16 +5,26 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo demo-tunnel test lint deps build release bench bench-tunnel
+.PHONY: demo demo-tunnel test lint deps deps-test build release image bench bench-tunnel
 
 deps:
 	@scripts/install-deps.sh
+
+# What the tests need on top: buildah and skopeo (the image and its test), kubernetes-validate
+# (the manifests in deploy/).
+deps-test:
+	@scripts/install-deps.sh --image
 
 build:
 	$(CARGO) build --workspace --bins
 
 release:
 	$(CARGO) build --release --workspace --bins
+
+# The OCI image, offline: static release builds of kwire and kwire-cni, buildah from scratch
+# with deploy/image.txt's files, written to target/kwire-image.tar (scripts/build-image.sh).
+image: deps-test
+	scripts/build-image.sh
 
 demo: deps release
 	@scripts/demo.sh
@@ -26,18 +36,23 @@ demo-tunnel: deps release
 # Integration tests find target/debug/kwire and kwire-lab, so the binaries are built first.
 # Gates first (formatting, lints), then every test; KWIRE_TESTS_STRICT=1 turns a skipped test
 # (not root, a tool missing) into a failure, so a green run means every test ran.
-test: deps build lint
+test: deps-test build lint
 	KWIRE_TESTS_STRICT=1 $(CARGO) test --workspace --no-fail-fast
 	$(CARGO) test --workspace --bench '*'
 	# The fuzz targets' bodies over their seed corpora (stable; fuzzing itself: fuzz/README.md).
 	cd fuzz && CARGO_TARGET_DIR=../target $(CARGO) test --lib
 
-# rustfmt's default style and clippy with warnings as errors, on every crate and target; no
+# rustfmt's default style and clippy with warnings as errors, on every crate and target; every
+# manifest in deploy/ against the API schemas of the oldest Kubernetes it supports (1.30, for
+# the admission policy) and the newest kubernetes-validate knows, unknown fields refused; no
 # cycle between a crate's top-level modules (scripts/module-graph.py CRATE_DIR prints the graph).
 lint:
 	$(CARGO) fmt --all --check
 	cd fuzz && $(CARGO) fmt --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	@command -v kubernetes-validate >/dev/null || { echo "kubernetes-validate missing: run scripts/install-deps.sh --image" >&2; exit 1; }
+	kubernetes-validate --quiet --strict -k 1.30.0 deploy/*.yaml
+	kubernetes-validate --quiet --strict deploy/*.yaml
 	python3 scripts/module-graph.py --self-test
 	python3 scripts/module-graph.py daemon
 
@@ -45,7 +60,7 @@ lint:
 bench:
 	$(CARGO) bench -p kwire-daemon
 
-# Side by side with wireguard-go and boringtun-cli (shared/bench harness); ~15 minutes.
+# Side by side with wireguard-go and boringtun-cli (bench/harness); ~15 minutes.
 bench-tunnel: release
 	@scripts/install-deps.sh --bench
 	@scripts/bench-compare.sh

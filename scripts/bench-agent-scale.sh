@@ -2,7 +2,8 @@
 # Scale benchmark of `kwire agent`: the API stand-in filled with 5,000 Nodes, the real release
 # binary in a fresh network namespace; prints the time from start to every peer in the device
 # and every route in the kernel, peak RSS, and p50/p99/max latency from a Node change to its
-# effect in the data plane (with the load average beside the figures).
+# effect in the data plane (with the load average beside the figures); then route programming
+# for 5,000 peers alone, netlink beside the `ip -batch` the agent used before.
 #
 # Usage: sudo scripts/bench-agent-scale.sh [--nodes N] [--changes M] [--log-level FILTER]
 # Env:   KWIRE_BENCH_PERF=FILE    also record a perf profile of the agent during the changes
@@ -46,10 +47,16 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 echo "== building (release): kwire, examples/agent_scale" >&2
-cargo build --release -q -p kwire-daemon --bin kwire && cargo build --release -q -p kwire-tests --example agent_scale
+cargo build --release -q -p kwire-daemon --bin kwire && cargo build --release -q -p kwire-tests --example agent_scale --example route_programming
 
 target="${CARGO_TARGET_DIR:-target}"
 echo "== machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 "$target/release/examples/agent_scale" --kwire "$target/release/kwire" "$@" &
+driver_pid=$!
+wait "$driver_pid"
+# Route programming alone, the agent's way (rtnetlink) beside `ip -batch` (its way before),
+# interleaved in fresh namespaces.
+echo "== route programming, 5,000 peers: ip -batch vs netlink" >&2
+"$target/release/examples/route_programming" 5000 5 &
 driver_pid=$!
 wait "$driver_pid"

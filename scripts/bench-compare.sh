@@ -1,23 +1,22 @@
 #!/usr/bin/env bash
 # bench-compare.sh - `kwire tunnel` side by side with raw veth, wireguard-go and boringtun-cli,
-# through the shared harness (../shared/bench/compare.sh), results kept in this repository.
+# through the benchmark harness in bench/harness/ (compare.sh), results kept in bench/results/.
 #
 # The exact command it runs, from the repository root (as root, after
 # `cargo build --release -p kwire-daemon` and `scripts/install-deps.sh --bench`):
 #
 #   PATH="$HOME/.cargo/bin:$PATH" KWIRE=target/release/kwire ROUNDS=5 DURATION=10 \
-#     RESULTS=bench/results/results-$(date +%Y%m%d-%H%M%S).txt ../shared/bench/compare.sh
+#     RESULTS=bench/results/results-$(date +%Y%m%d-%H%M%S).txt bench/harness/compare.sh
 #
-# RESULTS must be set: compare.sh's default is beside itself, in the read-only shared tree.
 # Overridable: ROUNDS (5), DURATION (10 s per test), KWIRE (target/release/kwire), RESULTS,
-# BENCH_DIR (../shared/bench), and anything compare.sh / tunnel-bench.sh read (TESTS, IMPLS,
+# BENCH_DIR (bench/harness), and anything compare.sh / tunnel-bench.sh read (TESTS, IMPLS,
 # QUIET_MAX, ...). Quick look: ROUNDS=3 DURATION=5 scripts/bench-compare.sh (≈ 6 min);
 # 4 implementations x 5 rounds x 10 s ≈ 18 min. Summary again later:
-#   python3 ../shared/bench/summarize.py bench/results/FILE --ratio kwire/wireguard-go
+#   python3 bench/harness/summarize.py bench/results/FILE --ratio kwire/wireguard-go
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
-BENCH_DIR=${BENCH_DIR:-$ROOT/../shared/bench}
+BENCH_DIR=${BENCH_DIR:-$ROOT/bench/harness}
 export KWIRE=${KWIRE:-target/release/kwire}
 export ROUNDS=${ROUNDS:-5}
 export DURATION=${DURATION:-10}

@@ -59,7 +59,7 @@ lab delete -f /tmp/kwire-demo-policy.yaml >/dev/null
 rm -f /tmp/kwire-demo-policy.yaml
 
 step "kwire status on node 1: peers by node name, and its pods"
-lab exec 1 -- "$BIN/kwire" status --run-dir "$(jq -r '.nodes[0].state_dir' <<<"$J" | sed 's|/state$|/run|')" || true
+lab exec 1 -- "$BIN/kwire" status --run-dir "$(jq -r '.nodes[0].run_dir' <<<"$J")" || true
 
 step "wg show on node 1 (wireguard-tools talks to kwire's userspace API)"
 lab exec 1 -- wg show "$IF1"

@@ -4,15 +4,18 @@
 # USAGE (as root, on a fresh Debian 12 machine or in CI; safe to run again):
 #   scripts/install-deps.sh            # apt packages + cnitool
 #   scripts/install-deps.sh --bench    # also `cargo install boringtun-cli --locked` (compiles, ~minutes)
+#   scripts/install-deps.sh --image    # also buildah and skopeo (apt: `make image`, its test) and
+#                                      # kubernetes-validate (PyPI, pinned: `make lint` checks deploy/)
 #
 # What it does, each step skipped when its result is already there:
 #   1. apt-get update (once, only if a package is missing) and install the missing packages of
 #      APT_PACKAGES below, waiting up to 300 s for another apt/dpkg to release its lock.
 #   2. cnitool -> /usr/local/bin/cnitool, built offline from Debian's *source* package
-#      golang-github-appc-cni (1.1.2-1), as ../shared/tools/REAL-PEERS.md describes: a private
+#      golang-github-appc-cni (1.1.2-1) (cnitool is not packaged in Debian 12): a private
 #      deb-src list made from the machine's own apt sources, `apt-get source --download-only`,
 #      then a GOPATH-mode build against golang-github-appc-cni-dev in /usr/share/gocode.
 #   3. (--bench) boringtun-cli via cargo, into cargo's bin directory (~/.cargo/bin).
+#   4. (--image) apt buildah skopeo; `pip install kubernetes-validate==KUBERNETES_VALIDATE_VERSION`.
 # Output is quiet: one line per step; on failure the log of the failing command is printed.
 # Exit codes: 0 ok, 1 a step failed (message says which), 2 usage, 3 not root / not Debian-like.
 set -Eeuo pipefail
@@ -24,6 +27,8 @@ APT_PACKAGES=(
   # for fetching and unpacking the cnitool source, and for the tests' key/checksum tools
   ca-certificates xz-utils coreutils
 )
+IMAGE_APT_PACKAGES=(buildah skopeo)
+KUBERNETES_VALIDATE_VERSION=1.37.0
 CNI_SRC_PACKAGE=golang-github-appc-cni
 CNI_SRC_VERSION=1.1.2-1
 CNI_ORIG_TARBALL=golang-github-appc-cni_1.1.2.orig.tar.xz
@@ -31,10 +36,12 @@ CNITOOL=${CNITOOL:-/usr/local/bin/cnitool}  # override only to test the build
 APT_LOCK_TIMEOUT_S=300
 
 want_bench=0
+want_image=0
 for arg in "$@"; do
   case "$arg" in
     --bench) want_bench=1 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --image) want_image=1 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "install-deps.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -74,6 +81,7 @@ provided_by_command() {
     *) return 1 ;;
   esac
 }
+((want_image)) && APT_PACKAGES+=("${IMAGE_APT_PACKAGES[@]}")
 missing=()
 for p in "${APT_PACKAGES[@]}"; do installed "$p" || provided_by_command "$p" || missing+=("$p"); done
 
@@ -158,6 +166,18 @@ if ((want_bench)); then
     say "boringtun-cli: cargo install boringtun-cli --locked (compiles; a few minutes)"
     run "cargo install boringtun-cli" cargo install --quiet boringtun-cli --locked
     say "boringtun-cli: installed in $CARGO_BIN_DIR"
+  fi
+fi
+
+# ---- 4. kubernetes-validate (image/test only) --------------------------------------------------
+if ((want_image)); then
+  if command -v kubernetes-validate >/dev/null && \
+     [[ $(python3 -m pip show kubernetes-validate 2>/dev/null | sed -n 's/^Version: //p') == "$KUBERNETES_VALIDATE_VERSION" ]]; then
+    say "kubernetes-validate: present ($KUBERNETES_VALIDATE_VERSION)"
+  else
+    say "kubernetes-validate: pip install kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+    run "pip install of kubernetes-validate" python3 -m pip install --quiet "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+    command -v kubernetes-validate >/dev/null || die "kubernetes-validate installed but not on PATH"
   fi
 fi
 

@@ -25,7 +25,10 @@ enum Command {
     /// Run a standalone userspace WireGuard device in the foreground (like `wireguard-go -f`).
     Tunnel(kwire::tunnel::TunnelArgs),
     /// Run the node agent: the tunnel, peers from the cluster's Nodes, routes, /metrics.
-    Agent(kwire::agent::AgentArgs),
+    Agent(Box<kwire::agent::AgentArgs>),
+    /// Install the CNI plugin and configuration list onto the node (the DaemonSet's init
+    /// container).
+    InstallCni(kwire::cni::install::InstallCniArgs),
     /// Show this node's peers (by node name) and pods, from the running agent (root only).
     Status(kwire::status::StatusArgs),
     /// Draw the mesh as Graphviz DOT (or SVG) from the running agent's view.
@@ -42,9 +45,12 @@ enum PolicyCommand {
     Trace(kwire::policy::trace::TraceArgs),
 }
 
-/// Log filter without RUST_LOG or --log-level: kube's clients log every failed retry at ERROR,
-/// which floods the log during an API outage; the agent itself logs those once per interval.
+/// Log filter without RUST_LOG or --log-level.
 const DEFAULT_LOG_FILTER: &str = "info,kube_client=warn,kube_runtime=warn";
+/// Added to any filter that does not name kube_client::client itself: kube's HTTP client logs every
+/// failed request at ERROR (about one a second per retrying watch while the API is
+/// unreachable); each of the agent's watches says it once per interval instead.
+const QUIET_KUBE_CLIENT: &str = "kube_client::client::builder=off";
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -53,6 +59,11 @@ fn main() -> ExitCode {
         .clone()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| DEFAULT_LOG_FILTER.to_string());
+    let filter = if filter.contains("kube_client::client") {
+        filter
+    } else {
+        format!("{filter},{QUIET_KUBE_CLIENT}")
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr);
@@ -65,7 +76,8 @@ fn main() -> ExitCode {
     }
     let r = match cli.command {
         Command::Tunnel(a) => kwire::tunnel::run(a),
-        Command::Agent(a) => kwire::agent::run(a),
+        Command::Agent(a) => kwire::agent::run(*a),
+        Command::InstallCni(a) => kwire::cni::install::run(&a),
         Command::Status(a) => kwire::status::run(&a),
         Command::Graph(a) => kwire::status::graph::run(&a),
         Command::Policy(PolicyCommand::Trace(a)) => {

@@ -13,6 +13,10 @@ fn scratch(tag: &str) -> PathBuf {
 }
 
 fn agent(state: &std::path::Path) -> std::process::Output {
+    agent_with(state, &["--cluster-cidr", "10.244.0.0/16"])
+}
+
+fn agent_with(state: &std::path::Path, extra: &[&str]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_kwire"))
         .args([
             "agent",
@@ -23,12 +27,57 @@ fn agent(state: &std::path::Path) -> std::process::Output {
             "--kubeconfig",
             "/nonexistent",
         ])
+        .args(extra)
+        .env_remove("KWIRE_CLUSTER_CIDR")
+        .env_remove("KWIRE_SERVICE_CIDR")
         .arg("--state-dir")
         .arg(state)
         .arg("--uapi-dir")
         .arg(state.join("uapi"))
         .output()
         .unwrap()
+}
+
+/// Without the cluster's ranges the agent cannot fail closed: it refuses to start, says how
+/// to set them, and touches nothing (no key, no socket).
+#[test]
+fn refuses_to_start_without_cluster_cidr_and_says_how_to_set_it() {
+    let dir = scratch("nocidr");
+    let state = dir.join("state");
+    let out = agent_with(&state, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("--cluster-cidr is required")
+            && err.contains("kube-controller-manager")
+            && err.contains("KWIRE_CLUSTER_CIDR"),
+        "{err}"
+    );
+    assert!(!state.join("private.key").exists(), "no key made");
+    for (flags, want) in [
+        (
+            vec!["--cluster-cidr", "10.244.1.5/16"],
+            "has host bits set: did you mean 10.244.0.0/16?",
+        ),
+        (vec!["--cluster-cidr", "0.0.0.0/0"], "wider than /8"),
+        (
+            vec![
+                "--cluster-cidr",
+                "10.244.0.0/16",
+                "--service-cidr",
+                "10.244.128.0/20",
+            ],
+            "overlap",
+        ),
+    ] {
+        let out = agent_with(&state, &flags);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want),
+            "{flags:?}: {err}"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]

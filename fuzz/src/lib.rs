@@ -22,11 +22,15 @@ use support::{NoNet, RingIo, ADDR_A, ADDR_B, INNER_A, INNER_B, KEY_A, KEY_B};
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target.
-pub const TARGETS: [Target; 4] = [
+pub const TARGETS: [Target; 8] = [
     ("uapi_parse", uapi_parse),
     ("tso_split", tso_split),
     ("gro_coalesce", gro_coalesce),
     ("rx_message", rx_message),
+    ("loop_frame", loop_frame),
+    ("node_peers", node_peers),
+    ("policy_compile", policy_compile),
+    ("cni_request", cni_request),
 ];
 
 /// Userspace API text, split into requests as the server does (lines up to a blank line; an
@@ -262,6 +266,340 @@ fn rx_run(data: &[u8]) -> usize {
     })
 }
 
+/// The pods of [`loop_frame`]'s node: (addresses) by slot.
+const POD_IPS: [[&str; 2]; 2] = [
+    ["10.244.0.2", "fd00:10:244::2"],
+    ["10.244.0.3", "fd00:10:244::3"],
+];
+/// The policies of [`loop_frame`]: pod 1 (app=db) takes TCP 5432 from pod 0 (app=web) only;
+/// pod 0 may send anywhere but UDP.
+const LOOP_POLICY: &str = r#"[
+ {"apiVersion":"v1","kind":"Namespace","metadata":{"name":"default","labels":{"kubernetes.io/metadata.name":"default"}}},
+ {"apiVersion":"v1","kind":"Pod","metadata":{"name":"web","namespace":"default","labels":{"app":"web"}},"status":{"podIPs":[{"ip":"10.244.0.2"},{"ip":"fd00:10:244::2"}]}},
+ {"apiVersion":"v1","kind":"Pod","metadata":{"name":"db","namespace":"default","labels":{"app":"db"}},"status":{"podIPs":[{"ip":"10.244.0.3"},{"ip":"fd00:10:244::3"}]}},
+ {"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{"name":"db","namespace":"default"},
+  "spec":{"podSelector":{"matchLabels":{"app":"db"}},"policyTypes":["Ingress"],
+   "ingress":[{"from":[{"podSelector":{"matchLabels":{"app":"web"}}}],"ports":[{"protocol":"TCP","port":5432}]}]}},
+ {"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{"name":"web","namespace":"default"},
+  "spec":{"podSelector":{"matchLabels":{"app":"web"}},"policyTypes":["Egress"],
+   "egress":[{"ports":[{"protocol":"TCP"},{"protocol":"SCTP"}]}]}}
+]"#;
+
+/// Records what the loop wrote, by port.
+#[derive(Default)]
+struct PortIo {
+    tun: Vec<(kwire::datapath::local::Port, Vec<u8>)>,
+    datagrams: usize,
+}
+
+impl kwire::dataplane::Io for PortIo {
+    fn write_tun(&mut self, port: kwire::datapath::local::Port, frame: &[u8]) {
+        self.tun.push((port, frame.to_vec()));
+    }
+    fn send_udp(&mut self, batch: &mut kwire::offload::gso::TxBatch) {
+        for g in batch.groups() {
+            self.datagrams += g.count as usize;
+        }
+        batch.clear();
+    }
+}
+
+/// One frame into the node's loop (first byte: bit 0 virtio-net headers, bits 1-2 where it
+/// comes from: 0 the host tun, 1 pod 0, 2 pod 1; bit 3 NetworkPolicy on; then the frame).
+/// Inner IPv4/IPv6/TCP/UDP/ICMP headers go through the loop's parsing, spoofing check, policy
+/// and connection table, local delivery, cluster ranges, MTU and TSO. No panic; a pod's frame
+/// with a source that is not its own goes nowhere; a frame handed to a pod is for that pod's
+/// address, or an ICMP error back to the sender.
+pub fn loop_frame(data: &[u8]) {
+    use kwire::datapath::conntrack::Conntrack;
+    use kwire::datapath::local::{addresses, Filter, LocalTable, PodPort, Port};
+    use kwire::dataplane::TxPath;
+    use std::net::IpAddr;
+    use std::sync::Arc;
+    thread_local! {
+        static STATE: (Device, Arc<kwire::policy::PolicySet>, RefCell<TxPath>) = {
+            let dev = Device::new();
+            support::apply_text(&dev, &support::set_request_text(&KEY_A, &KEY_B, ADDR_B, [10, 244, 1, 0]));
+            let mut m = kwire::policy::trace::Manifests::default();
+            m.add_text(std::path::Path::new("loop_frame"), LOOP_POLICY).expect("policy seed");
+            (dev, Arc::new(m.compile()), RefCell::new(TxPath::new()))
+        };
+    }
+    let Some((&head, frame)) = data.split_first() else {
+        return;
+    };
+    let vnet = head & 1 == 1;
+    let from = match (head >> 1) & 3 {
+        1 => Port::Pod(0),
+        2 => Port::Pod(1),
+        _ => Port::Host,
+    };
+    STATE.with(|(dev, policy, tx)| {
+        let pods: Vec<PodPort<()>> = POD_IPS
+            .iter()
+            .enumerate()
+            .map(|(i, ips)| PodPort {
+                id: i as u64,
+                ips: ips.iter().map(|a| a.parse().expect("address")).collect(),
+                io: (),
+            })
+            .collect();
+        let mut local = LocalTable::new(
+            pods,
+            vec![
+                "10.244.0.1".parse().expect("a"),
+                "fd00:10:244::1".parse().expect("a"),
+            ],
+        );
+        local.mtu = Some(1420);
+        local.cluster = vec![
+            "10.244.0.0/16".parse().expect("c"),
+            "fd00:10:244::/56".parse().expect("c"),
+        ];
+        if head & 8 != 0 {
+            local.filter = Some(Filter {
+                policy: policy.clone(),
+                conntrack: Arc::new(Conntrack::with_limits(64, 8)),
+            });
+        }
+        let snap = dev.snapshot();
+        let counters = Counters::default();
+        let mut io = PortIo::default();
+        let mut f = frame.to_vec();
+        let mut tx = tx.borrow_mut();
+        let limiter = kwire::wg::ratelimit::SourceLimiter::default();
+        let ctx = Ctx {
+            snap: &snap,
+            local: &local,
+            counters: &counters,
+            limiter: &limiter,
+            now: Instant::now(),
+            vnet,
+        };
+        // Twice: the second time the connection table has seen the flow.
+        for _ in 0..2 {
+            tx.frame(&ctx, from, &mut f.clone(), &mut io);
+        }
+        tx.flush(&mut io);
+        f.truncate(0);
+        let off = if vnet {
+            kwire::offload::VNET_HDR_LEN
+        } else {
+            0
+        };
+        let src = frame.get(off..).and_then(addresses).map(|(s, _)| s);
+        if let (Port::Pod(slot), Some(src)) = (from, src) {
+            let own: Vec<IpAddr> = POD_IPS[slot as usize]
+                .iter()
+                .map(|a| a.parse().expect("a"))
+                .collect();
+            if !own.contains(&src) {
+                assert!(
+                    io.tun.is_empty() && io.datagrams == 0,
+                    "a spoofed frame went somewhere"
+                );
+            }
+        }
+        for (port, out) in &io.tun {
+            let Port::Pod(slot) = port else { continue };
+            let dst = out.get(off..).and_then(addresses).map(|(_, d)| d);
+            let own: Vec<IpAddr> = POD_IPS[*slot as usize]
+                .iter()
+                .map(|a| a.parse().expect("a"))
+                .collect();
+            let icmp_back = *port == from;
+            assert!(
+                icmp_back || dst.is_some_and(|d| own.contains(&d)),
+                "a frame for {dst:?} was handed to pod {slot}"
+            );
+        }
+    });
+}
+
+/// Nodes as the API would give them (records separated by a 0 byte; fields of a record by
+/// newlines: name, public key, endpoint, keepalive, podCIDRs (comma-separated), addresses
+/// (comma-separated)) through peer selection. No panic; every accepted peer's ranges lie in the
+/// cluster ranges, overlap no other accepted peer's or this node's, and contain no Node's
+/// address; every Node is either a peer, refused with a reason, or without a key.
+pub fn node_peers(data: &[u8]) {
+    use kwire::agent::peers::{inside, select, NodeInfo, Settings};
+    use kwire_proto::key::PublicKey;
+    let text = String::from_utf8_lossy(data);
+    let nodes: Vec<NodeInfo> = text
+        .split('\0')
+        .enumerate()
+        .map(|(i, rec)| {
+            let f: Vec<&str> = rec.split('\n').collect();
+            let get = |i: usize| f.get(i).copied().unwrap_or("");
+            let list = |i: usize| -> Vec<String> {
+                get(i)
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            };
+            let addresses: Vec<std::net::IpAddr> =
+                list(5).iter().filter_map(|a| a.parse().ok()).collect();
+            NodeInfo {
+                name: get(0).to_string(),
+                created: Some(i as i64),
+                public_key: (!get(1).is_empty()).then(|| get(1).to_string()),
+                endpoint: (!get(2).is_empty()).then(|| get(2).to_string()),
+                keepalive: (!get(3).is_empty()).then(|| get(3).to_string()),
+                pod_cidrs: list(4),
+                internal_ips: addresses.iter().take(1).copied().collect(),
+                addresses,
+            }
+        })
+        .collect();
+    let own: Vec<ipnetwork::IpNetwork> = vec!["10.244.0.0/24".parse().expect("c")];
+    let settings = Settings {
+        self_name: "self".into(),
+        self_key: PublicKey([1; 32]),
+        default_port: 51820,
+        default_keepalive: 0,
+        cluster_cidrs: vec![
+            "10.244.0.0/16".parse().expect("c"),
+            "fd00:10:244::/56".parse().expect("c"),
+        ],
+        host_addresses: vec!["192.0.2.1".parse().expect("a")],
+    };
+    let sel = select(&nodes, &own, &settings);
+    let all_addrs: Vec<std::net::IpAddr> = nodes
+        .iter()
+        .flat_map(|n| n.addresses.iter().copied())
+        .chain(settings.host_addresses.iter().copied())
+        .collect();
+    let peers: Vec<_> = sel.peers.values().collect();
+    for (i, p) in peers.iter().enumerate() {
+        assert!(!p.allowed_ips.is_empty());
+        for c in &p.allowed_ips {
+            assert!(
+                settings.cluster_cidrs.iter().any(|r| inside(c, r)),
+                "{c} outside the cluster"
+            );
+            assert!(
+                !all_addrs.iter().any(|a| c.contains(*a)),
+                "{c} covers a node address"
+            );
+            assert!(
+                !own.iter()
+                    .any(|o| o.contains(c.network()) || c.contains(o.network())),
+                "{c} overlaps ours"
+            );
+            for q in &peers[i + 1..] {
+                for d in &q.allowed_ips {
+                    assert!(
+                        c.is_ipv4() != d.is_ipv4()
+                            || !(c.contains(d.network()) || d.contains(c.network())),
+                        "{c} of {} overlaps {d} of {}",
+                        p.node,
+                        q.node
+                    );
+                }
+            }
+        }
+    }
+    assert!(sel.peers.len() + sel.rejections.len() <= nodes.len());
+}
+
+/// Manifests (JSON or YAML, as `kwire policy trace` reads them) and the same objects as the
+/// API would give them (k8s-openapi types), compiled, then asked for verdicts between the
+/// pods and a few outside addresses. No panic; the two readings agree on every verdict.
+pub fn policy_compile(data: &[u8]) {
+    use kwire::policy::{PolicySet, Protocol};
+    let text = String::from_utf8_lossy(data);
+    let mut m = kwire::policy::trace::Manifests::default();
+    if m.add_text(std::path::Path::new("fuzz"), &text).is_err() {
+        return;
+    }
+    let traced = m.compile();
+    let mut addrs: Vec<std::net::IpAddr> = traced
+        .pods()
+        .iter()
+        .flat_map(|p| p.ips.iter().copied())
+        .take(8)
+        .collect();
+    addrs.extend(
+        ["10.0.0.1", "192.0.2.9", "fd00::1"]
+            .iter()
+            .map(|a| a.parse::<std::net::IpAddr>().expect("a")),
+    );
+    let protocols = [
+        Protocol::from_ip_protocol(6),
+        Protocol::from_ip_protocol(17),
+        Protocol::from_ip_protocol(1),
+    ];
+    // The API's path: the same objects as k8s-openapi types.
+    let docs: Vec<serde_json::Value> = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(serde_json::Value::Array(v)) => v,
+        Ok(v) => vec![v],
+        Err(_) => Vec::new(),
+    };
+    let of_kind = |k: &'static str| docs.iter().filter(move |d| d["kind"] == k).cloned();
+    let namespaces: Vec<_> = of_kind("Namespace")
+        .filter_map(|d| serde_json::from_value(d).ok())
+        .collect();
+    let pods: Vec<_> = of_kind("Pod")
+        .filter_map(|d| serde_json::from_value(d).ok())
+        .collect();
+    let policies: Vec<_> = of_kind("NetworkPolicy")
+        .filter_map(|d| serde_json::from_value(d).ok())
+        .collect();
+    let (api, _problems) = PolicySet::from_k8s(&namespaces, &pods, &policies);
+    for a in &addrs {
+        for b in &addrs {
+            for proto in protocols {
+                for port in [0u16, 80, 5432] {
+                    let e = traced.egress_verdict(*a, *b, proto, port).is_allowed();
+                    let i = traced.ingress_verdict(*a, *b, proto, port).is_allowed();
+                    let _ = (
+                        api.egress_verdict(*a, *b, proto, port),
+                        api.ingress_verdict(*a, *b, proto, port),
+                    );
+                    let _ = (e, i);
+                }
+            }
+        }
+    }
+}
+
+/// A CNI request as it arrives on the daemon's socket (the JSON after the length prefix),
+/// decoded and answered by a CNI server over an empty state directory (no pod's netns fd, so
+/// nothing touches a namespace). No panic; every answer is a CNI result or a CNI error.
+pub fn cni_request(data: &[u8]) {
+    use kwire::cni::{CniServer, CniServerConfig, PodAttachment, PodDataPlane};
+    use std::sync::Arc;
+    struct NoPods;
+    impl PodDataPlane for NoPods {
+        fn attach(&self, _: PodAttachment) {}
+        fn detach(&self, _: &str, _: &str) {}
+    }
+    thread_local! {
+        static SERVER: Arc<CniServer> = {
+            let dir = std::env::temp_dir().join(format!("kwire-fuzz-cni-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            let cfg = CniServerConfig {
+                run_dir: dir.join("run"),
+                state_dir: dir.join("state"),
+                del_queue_dir: dir.join("queue"),
+                pod_cidrs: vec!["10.244.0.0/24".parse().expect("c"), "fd00:10:244::/64".parse().expect("c")],
+                mtu: 1420,
+            };
+            let s = CniServer::new(cfg, Arc::new(NoPods)).expect("CNI server over an empty directory");
+            s.set_ready(true);
+            s
+        };
+    }
+    let Ok(req) = serde_json::from_slice::<kwire_proto::cni::Request>(data) else {
+        return;
+    };
+    SERVER.with(|s| match s.handle(&req, None) {
+        kwire_proto::cni::Response::Ok(_) => {}
+        kwire_proto::cni::Response::Error(e) => assert!(e.code > 0, "an error without a code"),
+    });
+}
+
 /// Seed inputs per target: real messages, captured from two in-memory devices where there is
 /// a protocol (with the fixed keys `rx_message` uses, so initiations pass MAC checks).
 pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
@@ -375,6 +713,127 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     gro.extend_from_slice(&(train.len() as u16).to_be_bytes());
     gro.extend_from_slice(&train);
     v.push(("rx_message", "data_gro_train", gro));
+
+    // loop: pod 0 -> pod 1 TCP 5432 (allowed), UDP (denied), ICMP echo across to a peer, a
+    // keyless cluster address, a spoofed source; IPv6 too; one TSO frame from the host.
+    let mut frame = vec![0u8; 2048];
+    let n = support::udp_packet(&mut frame, [10, 244, 0, 2], [10, 244, 0, 3], 1, 64);
+    v.push((
+        "loop_frame",
+        "udp_pod0_to_pod1_policy",
+        [&[0b1010u8][..], &frame[..n]].concat(),
+    ));
+    let mut tcp = frame[..n].to_vec();
+    tcp[9] = 6;
+    tcp[22..24].copy_from_slice(&5432u16.to_be_bytes());
+    v.push((
+        "loop_frame",
+        "tcp_pod0_to_pod1_policy",
+        [&[0b1010u8][..], &tcp[..]].concat(),
+    ));
+    let n = support::udp_packet(&mut frame, [10, 244, 0, 2], [10, 244, 1, 7], 1, 64);
+    v.push((
+        "loop_frame",
+        "udp_pod0_to_peer",
+        [&[0b0010u8][..], &frame[..n]].concat(),
+    ));
+    let n = support::udp_packet(&mut frame, [10, 244, 0, 2], [10, 244, 9, 7], 1, 64);
+    v.push((
+        "loop_frame",
+        "udp_pod0_to_keyless",
+        [&[0b0010u8][..], &frame[..n]].concat(),
+    ));
+    let n = support::udp_packet(&mut frame, [10, 244, 0, 9], [10, 244, 0, 3], 1, 64);
+    v.push((
+        "loop_frame",
+        "spoofed_from_pod0",
+        [&[0b0010u8][..], &frame[..n]].concat(),
+    ));
+    let mut echo6 = vec![0x60, 0, 0, 0, 0, 16, 58, 64];
+    echo6.extend_from_slice(
+        &"fd00:10:244::2"
+            .parse::<std::net::Ipv6Addr>()
+            .expect("a")
+            .octets(),
+    );
+    echo6.extend_from_slice(
+        &"fd00:10:244::3"
+            .parse::<std::net::Ipv6Addr>()
+            .expect("a")
+            .octets(),
+    );
+    echo6.extend_from_slice(&[128, 0, 0, 0, 0x12, 0x34, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8]);
+    v.push((
+        "loop_frame",
+        "icmp6_echo_pod0_to_pod1",
+        [&[0b1010u8][..], &echo6[..]].concat(),
+    ));
+    let mut big = vec![0u8; 65536 + 16];
+    let n = support::tso_frame(
+        &mut big,
+        [10, 244, 0, 1],
+        [10, 244, 1, 7],
+        1000,
+        1,
+        3 * support::MSS as usize,
+    );
+    v.push((
+        "loop_frame",
+        "tso_host_to_peer",
+        [&[0b0001u8][..], &big[..n]].concat(),
+    ));
+
+    // peers: a good node, one outside the cluster, one covering an address, one overlapping.
+    let key = |b: u8| kwire_proto::key::PublicKey([b; 32]).to_base64();
+    let recs = [
+        format!(
+            "n2\n{}\n192.0.2.2:51820\n\n10.244.1.0/24,fd00:10:244:1::/64\n192.0.2.2",
+            key(2)
+        ),
+        format!("n3\n{}\n\n25\n10.99.0.0/24\n192.0.2.3", key(3)),
+        format!("n4\n{}\n\n\n10.244.4.0/24\n10.244.4.9", key(4)),
+        format!(
+            "n5\n{}\n[2001:db8::5]:51820\nsoon\n10.244.1.128/25\n2001:db8::5",
+            key(5)
+        ),
+        "n6\n\n\n\n10.244.6.0/24\n192.0.2.6".to_string(),
+    ];
+    v.push(("node_peers", "mixed", recs.join("\0").into_bytes()));
+
+    // policy: the loop's manifests as JSON, and a YAML one with ipBlock and named ports.
+    v.push((
+        "policy_compile",
+        "loop_policy_json",
+        LOOP_POLICY.as_bytes().to_vec(),
+    ));
+    v.push((
+        "policy_compile",
+        "ipblock_yaml",
+        b"apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: default}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}\n    ports: [{port: http, protocol: TCP}, {port: 8000, endPort: 8080}]\n  egress:\n  - to: [{namespaceSelector: {matchExpressions: [{key: team, operator: In, values: [a, b]}]}}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: w, namespace: default, labels: {app: w}}\nspec: {containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}\nstatus: {podIPs: [{ip: 10.244.0.5}]}\n".to_vec(),
+    ));
+
+    // cni: what kwire-cni sends for ADD (without its fd), DEL, CHECK, STATUS and GC.
+    let conf = serde_json::json!({"cniVersion": "1.1.0", "name": "kwire", "type": "kwire"});
+    for (name, cmd) in [
+        ("add", "ADD"),
+        ("del", "DEL"),
+        ("check", "CHECK"),
+        ("status", "STATUS"),
+    ] {
+        let req = serde_json::json!({"command": cmd, "container_id": "abc123", "netns": "/var/run/netns/none",
+            "ifname": "eth0", "args": [["K8S_POD_NAMESPACE", "default"], ["K8S_POD_NAME", "web"]], "config": conf});
+        v.push(("cni_request", name, req.to_string().into_bytes()));
+    }
+    let mut gc_conf = conf.clone();
+    gc_conf["cni.dev/valid-attachments"] =
+        serde_json::json!([{"containerID": "abc123", "ifname": "eth0"}]);
+    v.push((
+        "cni_request",
+        "gc",
+        serde_json::json!({"command": "GC", "config": gc_conf})
+            .to_string()
+            .into_bytes(),
+    ));
     v
 }
 
@@ -437,7 +896,10 @@ mod tests {
             let seeds = corpus(name);
             assert!(!seeds.is_empty(), "corpus/{name} is empty");
             // uapi and rx build a device per input: fewer mutations keep the test quick.
-            let n = if matches!(name, "uapi_parse" | "rx_message") {
+            let n = if matches!(
+                name,
+                "uapi_parse" | "rx_message" | "policy_compile" | "cni_request"
+            ) {
                 50
             } else {
                 300

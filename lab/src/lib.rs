@@ -3,4 +3,8 @@
 
 pub mod apiserver;
 pub mod cluster;
+pub mod commands;
+pub mod container;
+pub mod manifests;
 pub mod pods;
+pub mod supervisor;

@@ -9,9 +9,10 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use kwire_lab::apiserver::{ApiServer, ApiServerConfig, DEFAULT_HISTORY_SIZE};
+use kwire_lab::cluster::naming;
 use kwire_lab::cluster::state::AgentCommand;
-use kwire_lab::cluster::{commands, naming, supervisor};
 use kwire_lab::pods;
+use kwire_lab::{commands, supervisor};
 
 /// Pods per node `up` creates unless told otherwise (DESIGN: "a few pods each").
 const DEFAULT_PODS_PER_NODE: u32 = 2;
@@ -29,7 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build a lab: underlay, node namespaces, API stand-in, Nodes, one `kwire agent` per node.
+    /// Build a lab: underlay, node namespaces, API stand-in (deploy/'s RBAC and admission
+    /// policy applied), Nodes, and deploy/kwire.yaml's DaemonSet pod on every node, confined as
+    /// the kubelet would run it.
     ///
     /// Returns once the lab is ready (and, unless --no-wait-mesh, every node has a handshake
     /// with every other); a detached supervisor keeps it running until `kwire-lab down`.
@@ -60,12 +63,18 @@ enum Command {
     AddNode(LabArg),
     /// Remove a node from a running lab: stop its agent, delete its Node and namespace.
     RemoveNode(NodeArgs),
-    /// Print the path of the lab's kubeconfig (for kubectl on this host).
+    /// Print the path of the lab's admin kubeconfig (for kubectl on this host), or with
+    /// `--node` of a kubeconfig holding the service account token that node's agent was given.
     Kubeconfig(KubeconfigArgs),
+    /// Run one container of a pod confined as a container runtime would (used by the
+    /// supervisor for the DaemonSet's containers).
+    #[command(hide = true)]
+    ContainerRun(ContainerRunArgs),
     /// Run a lab's supervisor in the foreground (`up` starts it detached).
     #[command(hide = true)]
     Supervise(LabArg),
-    /// Run the Kubernetes API stand-in in the foreground (plain HTTP, no auth: loopback only).
+    /// Run the Kubernetes API stand-in in the foreground (HTTPS with its own CA, bearer tokens,
+    /// RBAC and admission; the kubeconfig it writes holds the admin token).
     Apiserver(ApiserverArgs),
 }
 
@@ -86,11 +95,16 @@ struct UpArgs {
     /// The kwire binary (default: $KWIRE_BIN, next to kwire-lab, target/{debug,release}/kwire).
     #[arg(long)]
     kwire: Option<PathBuf>,
-    /// Run this shell command as each node's agent instead of `kwire agent` (for tests); it
-    /// gets KWIRE_LAB_NODE, KWIRE_LAB_NETNS, KWIRE_LAB_INTERFACE, KWIRE_LAB_STATE_DIR,
-    /// KWIRE_LAB_RUN_DIR, KWIRE_LAB_KUBECONFIG. Implies --no-wait-mesh.
-    #[arg(long, conflicts_with = "kwire")]
+    /// Run this shell command as each node's agent instead of deploy/kwire.yaml's DaemonSet
+    /// pod (for tests of the lab itself; it runs unconfined in the node's namespace); it gets
+    /// KWIRE_LAB_NODE, KWIRE_LAB_NETNS, KWIRE_LAB_INTERFACE, KWIRE_LAB_STATE_DIR,
+    /// KWIRE_LAB_RUN_DIR, KWIRE_LAB_KUBECONFIG (an admin kubeconfig). Implies --no-wait-mesh.
+    #[arg(long, conflicts_with_all = ["kwire", "agent_arg"])]
     agent_cmd: Option<String>,
+    /// An argument appended to the DaemonSet's agent container args on every node, as a
+    /// `kubectl patch` of the DaemonSet would (repeatable; `--agent-arg=--max-flows-per-pod=40`).
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    agent_arg: Vec<String>,
     /// Return when the supervisor is ready, without waiting for handshakes.
     #[arg(long)]
     no_wait_mesh: bool,
@@ -211,9 +225,16 @@ struct NodeArgs {
 struct KubeconfigArgs {
     #[command(flatten)]
     lab: LabArg,
-    /// The agents' kubeconfig (the API on the underlay bridge) instead of the host's.
+    /// The kubeconfig of this node's agent (`n1`, `<lab>-n1` or `1`): its token, bound to the
+    /// node, is held to deploy/'s RBAC and admission policy.
     #[arg(long)]
-    agents: bool,
+    node: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ContainerRunArgs {
+    /// The container spec (JSON) the supervisor wrote.
+    spec: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -245,15 +266,13 @@ struct ApiserverArgs {
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 60)]
     bookmark_interval_secs: u64,
-    /// Require this bearer token on every request (it is written into the kubeconfig).
-    #[arg(long, env = "KWIRE_LAB_API_TOKEN")]
-    token: Option<String>,
+    /// Another IP address or DNS name for the serving certificate (repeatable), e.g. where a
+    /// proxy forwards from.
+    #[arg(long = "tls-name")]
+    tls_names: Vec<String>,
 }
 
 async fn run_apiserver(args: ApiserverArgs) -> anyhow::Result<()> {
-    if !args.listen.ip().is_loopback() {
-        tracing::warn!(listen = %args.listen, "the API stand-in serves plain HTTP without authorisation; listen on loopback only");
-    }
     let config = ApiServerConfig {
         listen: args.listen,
         cluster_cidr: Some(args.cluster_cidr),
@@ -263,7 +282,7 @@ async fn run_apiserver(args: ApiserverArgs) -> anyhow::Result<()> {
         service_cidr: Some(args.service_cidr),
         history_size: args.history_size,
         bookmark_interval: Duration::from_secs(args.bookmark_interval_secs.max(1)),
-        token: args.token,
+        tls_names: args.tls_names,
         ..ApiServerConfig::default()
     };
     let server = ApiServer::start(config)
@@ -313,7 +332,12 @@ fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    if let Command::ContainerRun(args) = &cli.command {
+        // Single-threaded: it forks into the container's namespaces.
+        std::process::exit(kwire_lab::container::run::container_run(&args.spec));
+    }
+    match cli.command {
         Command::Apiserver(args) => runtime()?.block_on(run_apiserver(args)),
         Command::Supervise(args) => Ok(runtime()?.block_on(supervisor::supervise(&args.name))?),
         Command::Up(args) => {
@@ -321,6 +345,7 @@ fn run() -> anyhow::Result<()> {
                 Some(script) => AgentCommand::Shell { script },
                 None => AgentCommand::Kwire {
                     bin: commands::find_kwire(args.kwire)?,
+                    args: args.agent_arg,
                 },
             };
             let real = matches!(agent, AgentCommand::Kwire { .. });
@@ -341,7 +366,7 @@ fn run() -> anyhow::Result<()> {
         Command::Down(args) => Ok(commands::down(&args.name, false)?),
         Command::Status(args) => Ok(commands::status(&args.lab.name, args.json)?),
         Command::Graph(args) => {
-            let out = kwire_lab::cluster::graph::graph(&args.lab.name, args.kwire, &args.format)?;
+            let out = kwire_lab::commands::graph::graph(&args.lab.name, args.kwire, &args.format)?;
             print!("{out}");
             Ok(())
         }
@@ -431,9 +456,10 @@ fn run() -> anyhow::Result<()> {
         Command::Kubeconfig(args) => {
             println!(
                 "{}",
-                commands::kubeconfig(&args.lab.name, args.agents)?.display()
+                commands::kubeconfig(&args.lab.name, args.node.as_deref())?.display()
             );
             Ok(())
         }
+        Command::ContainerRun(_) => unreachable!("handled before the runtime starts"),
     }
 }

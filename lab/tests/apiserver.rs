@@ -338,6 +338,40 @@ async fn crud_conflicts_and_statuses() {
     .await
     .unwrap_err();
     assert_eq!(apply.code, 415);
+    // Strategic merge patch: status.conditions merge by type (the kubelet's Ready stays when
+    // another writer sets its own condition).
+    call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/a/status"),
+        "application/merge-patch+json",
+        Some(json!({"status": {"conditions": [{"type": "Ready", "status": "True"}]}})),
+    )
+    .await
+    .unwrap();
+    let smp = call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/a/status"),
+        "application/strategic-merge-patch+json",
+        Some(json!({"status": {"conditions": [{"type": "KwireReady", "status": "False"}]}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        smp["status"]["conditions"],
+        json!([{"type": "Ready", "status": "True"}, {"type": "KwireReady", "status": "False"}])
+    );
+    let bad = call_typed(
+        c,
+        "PATCH",
+        &format!("{ns}/a"),
+        "application/strategic-merge-patch+json",
+        Some(json!({"$frob": true})),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(bad.code, 422);
 
     // Delete preconditions, and namespaces that may not be deleted.
     let wrong_uid = call(c, "DELETE", &format!("{ns}/a"), Some(json!({"kind": "DeleteOptions", "apiVersion": "v1", "preconditions": {"uid": "not-the-uid"}})))
@@ -398,7 +432,13 @@ async fn discovery_documents() {
     let names: Vec<&str> = groups.groups.iter().map(|g| g.name.as_str()).collect();
     assert_eq!(
         names,
-        ["discovery.k8s.io", "networking.k8s.io", "events.k8s.io"]
+        [
+            "discovery.k8s.io",
+            "networking.k8s.io",
+            "events.k8s.io",
+            "rbac.authorization.k8s.io",
+            "admissionregistration.k8s.io"
+        ]
     );
     for gv in [
         "discovery.k8s.io/v1",
@@ -701,20 +741,56 @@ async fn stop_and_resume_keep_the_store_and_port() {
     assert!(rv_of(&got) > rv_of(&node));
 }
 
-#[tokio::test]
-async fn bearer_token_is_required_when_configured() {
-    let lab = lab_with(ApiServerConfig {
-        token: Some("s3cret".into()),
-        ..Default::default()
-    })
-    .await;
-    // The kubeconfig carries the token, so the client gets through.
-    assert!(Api::<Node>::all(lab.client.clone())
-        .list(&ListParams::default())
+/// A raw HTTPS request with an optional bearer token: (status code, body).
+async fn raw(
+    lab: &Lab,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let tls = kwire_lab::apiserver::tls::client_config(lab.server.ca_pem()).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(tls);
+    let tcp = tokio::net::TcpStream::connect(lab.server.addr())
         .await
-        .is_ok());
-    let text = std::fs::read_to_string(&lab.kubeconfig).unwrap();
-    assert!(text.contains("token: \"s3cret\""));
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut s = connector
+        .connect(name, tcp)
+        .await
+        .expect("TLS with the server's CA");
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let ct = if method == "PATCH" {
+        "application/merge-patch+json"
+    } else {
+        "application/json"
+    };
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}Content-Type: {ct}\r\nContent-Length: {}\r\n\r\n{payload}",
+        payload.len()
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code: u16 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    // Chunked or not: the JSON object is between the first '{' and the last '}'.
+    let json = match (body.find('{'), body.rfind('}')) {
+        (Some(a), Some(b)) => serde_json::from_str(&body[a..=b]).unwrap_or(Value::Null),
+        _ => Value::Null,
+    };
+    (code, json)
+}
+
+#[tokio::test]
+async fn https_only_and_unknown_tokens_get_401_anonymous_gets_403() {
+    let lab = lab().await;
+    // Plain HTTP is not spoken.
     let mut s = tokio::net::TcpStream::connect(lab.server.addr())
         .await
         .unwrap();
@@ -722,9 +798,208 @@ async fn bearer_token_is_required_when_configured() {
     s.write_all(b"GET /api/v1/nodes HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         .await
         .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 401"), "{out}");
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out).await;
+    assert!(
+        !String::from_utf8_lossy(&out).starts_with("HTTP/1.1 200"),
+        "plain HTTP answered"
+    );
+    let (code, body) = raw(&lab, "GET", "/api/v1/nodes", Some("not-a-token"), None).await;
+    assert_eq!((code, body["reason"].as_str()), (401, Some("Unauthorized")));
+    let (code, body) = raw(&lab, "GET", "/api/v1/nodes", None, None).await;
+    assert_eq!(code, 403);
+    assert_eq!(
+        body["message"],
+        "nodes is forbidden: User \"system:anonymous\" cannot list resource \"nodes\" in API group \"\" at the cluster scope"
+    );
+    assert_eq!((raw(&lab, "GET", "/version", None, None).await).0, 200);
+    let text = std::fs::read_to_string(&lab.kubeconfig).unwrap();
+    assert!(
+        text.contains("server: \"https://127.0.0.1:")
+            && text.contains("certificate-authority-data: ")
+    );
+}
+
+/// deploy/'s RBAC and admission policy, applied as `kwire-lab up` applies them, decide what a
+/// node's agent token may do: its own Node's kwire.dev annotations and KwireReady condition,
+/// nothing of another Node, no Secrets.
+#[tokio::test]
+async fn agent_tokens_are_held_to_deploys_rbac_and_admission_policy() {
+    let lab = lab().await;
+    for o in kwire_lab::manifests::api_objects().unwrap() {
+        lab.server.create(o).unwrap();
+    }
+    for n in ["n1", "n2"] {
+        lab.server
+            .create(json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": n, "labels": {"role": "worker"}},
+                "status": {"conditions": [{"type": "Ready", "status": "True"}]}}))
+            .unwrap();
+    }
+    let t1 = lab
+        .server
+        .issue_service_account_token("kube-system", "kwire", Some("n1"));
+    let t1 = Some(t1.as_str());
+    let ann = |k: &str| json!({"metadata": {"annotations": {k: "x"}}});
+    assert_eq!(raw(&lab, "GET", "/api/v1/nodes", t1, None).await.0, 200);
+    assert_eq!(
+        raw(
+            &lab,
+            "PATCH",
+            "/api/v1/nodes/n1",
+            t1,
+            Some(ann("kwire.dev/public-key"))
+        )
+        .await
+        .0,
+        200
+    );
+    let (code, body) = raw(
+        &lab,
+        "PATCH",
+        "/api/v1/nodes/n2",
+        t1,
+        Some(ann("kwire.dev/public-key")),
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(
+        body["message"],
+        "nodes \"n2\" is forbidden: ValidatingAdmissionPolicy 'kwire-agent-own-node' with binding 'kwire-agent-own-node' denied request: the kwire agent of node n1 may change only its own Node, not n2"
+    );
+    let denied = |body: &Value, what: &str| {
+        assert!(
+            body["message"].as_str().unwrap_or("").ends_with(what),
+            "{body}"
+        )
+    };
+    let (code, body) = raw(
+        &lab,
+        "PATCH",
+        "/api/v1/nodes/n1",
+        t1,
+        Some(ann("example.com/x")),
+    )
+    .await;
+    assert_eq!(code, 403);
+    denied(
+        &body,
+        "kwire agents may change only the kwire.dev/* annotations of their Node",
+    );
+    let (code, body) = raw(
+        &lab,
+        "PATCH",
+        "/api/v1/nodes/n1",
+        t1,
+        Some(json!({"metadata": {"labels": {"role": null}}})),
+    )
+    .await;
+    assert_eq!(code, 403);
+    denied(
+        &body,
+        "may not change their Node's labels, finalizers, owners or other metadata",
+    );
+    let (code, body) = raw(
+        &lab,
+        "PATCH",
+        "/api/v1/nodes/n1",
+        t1,
+        Some(json!({"spec": {"unschedulable": true}})),
+    )
+    .await;
+    assert_eq!(code, 403);
+    denied(
+        &body,
+        "may not change their Node's spec (podCIDRs, taints, unschedulable)",
+    );
+    let kwire_ready = json!({"status": {"conditions": [{"type": "Ready", "status": "True"}, {"type": "KwireReady", "status": "True"}]}});
+    assert_eq!(
+        raw(
+            &lab,
+            "PATCH",
+            "/api/v1/nodes/n1/status",
+            t1,
+            Some(kwire_ready)
+        )
+        .await
+        .0,
+        200
+    );
+    let (code, body) = raw(
+        &lab,
+        "PATCH",
+        "/api/v1/nodes/n1/status",
+        t1,
+        Some(json!({"status": {"conditions": [{"type": "Ready", "status": "False"}]}})),
+    )
+    .await;
+    assert_eq!(code, 403);
+    denied(
+        &body,
+        "may change only their own condition (KwireReady) of their Node",
+    );
+    // RBAC: no PUT, no delete, no Secrets.
+    let (code, body) = raw(&lab, "DELETE", "/api/v1/nodes/n1", t1, None).await;
+    assert_eq!(code, 403);
+    denied(
+        &body,
+        "cannot delete resource \"nodes\" in API group \"\" at the cluster scope",
+    );
+    let (code, body) = raw(
+        &lab,
+        "GET",
+        "/api/v1/namespaces/kube-system/secrets",
+        t1,
+        None,
+    )
+    .await;
+    assert_eq!(code, 403);
+    assert_eq!(
+        body["message"],
+        "secrets is forbidden: User \"system:serviceaccount:kube-system:kwire\" cannot list resource \"secrets\" in API group \"\" in the namespace \"kube-system\""
+    );
+    assert_eq!(body["details"]["kind"], "secrets");
+    // Without the ServiceAccount the token is worth nothing.
+    let sa = ApiServer::kind("v1", "ServiceAccount").unwrap();
+    lab.server.delete(sa, Some("kube-system"), "kwire").unwrap();
+    assert_eq!(raw(&lab, "GET", "/api/v1/nodes", t1, None).await.0, 401);
+    let audit = lab.server.audit();
+    assert!(audit
+        .iter()
+        .any(|e| e.username == "system:serviceaccount:kube-system:kwire"
+            && e.verb == "list"
+            && e.resource == "secrets"
+            && !e.allowed));
+}
+
+/// `stop` then `resume` while another process holds a copy of the listening socket (a child
+/// forked while the server ran, not yet exec'd): the port is taken back, not AddrInUse.
+#[tokio::test]
+async fn resume_works_while_a_forked_child_holds_the_listening_socket() {
+    let lab = lab().await;
+    // Safety: the child only sleeps and exits (async-signal-safe calls), whatever the state of
+    // the parent's other threads.
+    let child = match unsafe { nix::unistd::fork() }.unwrap() {
+        nix::unistd::ForkResult::Child => {
+            let _ = nix::unistd::sleep(3);
+            unsafe { nix::libc::_exit(0) }
+        }
+        nix::unistd::ForkResult::Parent { child } => child,
+    };
+    lab.server.stop().await;
+    assert!(
+        tokio::net::TcpStream::connect(lab.server.addr())
+            .await
+            .is_err(),
+        "refused while stopped"
+    );
+    lab.server
+        .resume()
+        .await
+        .expect("resume takes the port back");
+    assert!(call(&lab.client, "GET", "/api/v1/nodes", None)
+        .await
+        .is_ok());
+    let _ = nix::sys::wait::waitpid(child, None);
 }
 
 // ---- kube-rs ----

@@ -252,6 +252,8 @@ fn main() {
             LISTEN_PORT.to_string(),
             "--workers".into(),
             "1".into(),
+            "--cluster-cidr".into(),
+            "10.0.0.0/8".into(),
         ];
         let log = scratch.file("agent.log");
         let t0 = Instant::now();

@@ -18,15 +18,25 @@ impl Capture {
     /// Starts capturing on `ifname` in `ns` with BPF `filter` (may be empty) and waits until
     /// tcpdump is listening.
     pub fn start(ns: &Netns, ifname: &str, filter: &str, scratch: &Scratch) -> Capture {
+        Capture::start_in(ns.name(), ifname, filter, scratch)
+    }
+
+    /// [`Capture::start`] in the namespace named `netns` (one a lab made, say).
+    pub fn start_in(netns: &str, ifname: &str, filter: &str, scratch: &Scratch) -> Capture {
         require_tool("tcpdump");
-        let pcap = scratch.file(&format!("{}-{ifname}.pcap", ns.id()));
-        let log = scratch.file(&format!("{}-{ifname}.tcpdump.log", ns.id()));
+        let tag = format!("{netns}-{ifname}-{}", unique_id());
+        let pcap = scratch.file(&format!("{tag}.pcap"));
+        let log = scratch.file(&format!("{tag}.tcpdump.log"));
         let pcap_s = pcap.display().to_string();
         // --immediate-mode: hand each packet over at once (TPACKET_V3 otherwise holds a block
         // back for up to a second, and a capture stopped early loses it); -U: write each packet
         // at once; -Z root: Debian's tcpdump would otherwise switch to the tcpdump user and lose
         // write access to the scratch directory.
-        let mut argv = vec![
+        let mut cmd = std::process::Command::new("ip");
+        cmd.args([
+            "netns",
+            "exec",
+            netns,
             "tcpdump",
             "--immediate-mode",
             "-i",
@@ -39,18 +49,18 @@ impl Capture {
             "256",
             "-w",
             &pcap_s,
-        ];
+        ]);
         if !filter.is_empty() {
-            argv.push(filter);
+            cmd.arg(filter);
         }
-        let mut proc = ns.spawn(&argv, log).with_stop_signal(Signal::SIGINT);
+        let mut proc = Proc::spawn(cmd, "tcpdump", log).with_stop_signal(Signal::SIGINT);
         wait_until(
             Duration::from_secs(10),
-            format!("tcpdump listening on {ifname} in {ns}"),
+            format!("tcpdump listening on {ifname} in {netns}"),
             || {
                 assert!(
                     proc.is_running(),
-                    "tcpdump on {ifname} in {ns} exited:\n{}",
+                    "tcpdump on {ifname} in {netns} exited:\n{}",
                     proc.log()
                 );
                 proc.log().contains("listening on")

@@ -179,6 +179,16 @@ impl Lab {
         lab
     }
 
+    /// `kwire-lab up` with the real agent `kwire` and `pods` pods per node.
+    pub fn up_real(nodes: u32, pods: u32, kwire: &Path) -> Lab {
+        let pods = pods.to_string();
+        let kwire = kwire.to_str().expect("UTF-8 path");
+        Lab::up(
+            nodes,
+            &["--kwire", kwire, "--pods", &pods, "--timeout", "90"],
+        )
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -217,6 +227,137 @@ impl Lab {
         kwire_lab(&all)
     }
 
+    /// `curl` arguments for a call to the lab's API as its admin (HTTPS with the lab's CA, the
+    /// admin token the supervisor wrote).
+    pub fn api_curl_args(&self, method: &str, url: &str) -> Vec<String> {
+        let token = std::fs::read_to_string(self.dir().join("admin.token")).expect("admin.token");
+        vec![
+            "curl".into(),
+            "-sS".into(),
+            "--fail".into(),
+            "-m".into(),
+            "5".into(),
+            "-X".into(),
+            method.into(),
+            "--cacert".into(),
+            self.dir().join("ca.crt").display().to_string(),
+            "-H".into(),
+            format!("Authorization: Bearer {}", token.trim()),
+            url.into(),
+        ]
+    }
+
+    /// True when every node has a handshake with every other node of the lab.
+    pub fn full_mesh(&self) -> bool {
+        let st = self.status();
+        let nodes = st["nodes"].array();
+        let names: Vec<&str> = nodes.iter().filter_map(|n| n["name"].as_str()).collect();
+        nodes.iter().all(|n| {
+            let me = n["name"].as_str().unwrap_or("");
+            names.iter().filter(|o| **o != me).all(|o| {
+                n["peers"].array().iter().any(|p| {
+                    p["node"].as_str() == Some(o) && p["handshake"].as_bool() == Some(true)
+                })
+            })
+        })
+    }
+
+    /// One series of node `n`'s (`n1`) `/metrics` (0 when absent).
+    pub fn metric(&self, n: &str, series: &str) -> f64 {
+        let o = self.exec(
+            n,
+            &["curl", "-sS", "-m", "3", "http://127.0.0.1:9742/metrics"],
+        );
+        crate::prometheus_value(&String::from_utf8_lossy(&o.stdout), series).unwrap_or(0.0)
+    }
+
+    /// `kwire_drops_total{reason=REASON}` of node `n`.
+    pub fn drops(&self, n: &str, reason: &str) -> f64 {
+        self.metric(n, &format!("kwire_drops_total{{reason=\"{reason}\"}}"))
+    }
+
+    /// Joins namespace `ns` to the lab's underlay bridge by a veth; the name of its end in `ns`
+    /// (down, no address).
+    pub fn attach_to_underlay(&self, ns: &crate::Netns, tag: &str) -> String {
+        let st = self.status();
+        let ul = st["underlay_netns"].as_str().expect("underlay_netns");
+        let bridge = st["bridge"].as_str().expect("bridge");
+        let (outer, inner) = (ns.ifname(&format!("{tag}o")), ns.ifname(&format!("{tag}i")));
+        crate::run_host(&[
+            "ip",
+            "-n",
+            ul,
+            "link",
+            "add",
+            &outer,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &inner,
+            "netns",
+            ns.name(),
+        ]);
+        crate::run_host(&[
+            "ip", "-n", ul, "link", "set", &outer, "master", bridge, "up",
+        ]);
+        inner
+    }
+
+    /// The agent of node `name`: (pid, restarts so far), from `status --json`.
+    pub fn agent(&self, name: &str) -> (i32, u64) {
+        let st = self.status();
+        let n = st["nodes"]
+            .array()
+            .iter()
+            .find(|n| n["name"].as_str() == Some(name))
+            .unwrap_or_else(|| panic!("no node {name} in status"))
+            .clone();
+        (
+            n["agent_pid"].as_u64().expect("agent_pid") as i32,
+            n["agent_restarts"].as_u64().unwrap_or(0),
+        )
+    }
+
+    /// Sends `signal` to the agents of `nodes` at once (SIGKILL: a crash; SIGTERM: what a
+    /// DaemonSet rollout sends), then waits until the supervisor restarted each (a new pid,
+    /// one more restart) and it serves CNI again, within `restart`. Returns when the signals
+    /// were sent.
+    pub fn signal_agents(
+        &self,
+        nodes: &[&str],
+        signal: nix::sys::signal::Signal,
+        restart: std::time::Duration,
+    ) -> std::time::Instant {
+        let before: Vec<(i32, u64)> = nodes.iter().map(|n| self.agent(n)).collect();
+        for (n, (pid, _)) in nodes.iter().zip(&before) {
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), signal)
+                .unwrap_or_else(|e| panic!("{signal} to agent {pid} of {n}: {e}"));
+        }
+        let sent = std::time::Instant::now();
+        crate::wait_until(restart, format!("agents of {nodes:?} restarted"), || {
+            let st = self.status();
+            nodes.iter().zip(&before).all(|(name, (pid, restarts))| {
+                st["nodes"]
+                    .array()
+                    .iter()
+                    .find(|n| n["name"].as_str() == Some(name))
+                    .is_some_and(|n| {
+                        n["agent_pid"].as_u64().is_some_and(|p| p as i32 != *pid)
+                            && n["agent_restarts"].as_u64().unwrap_or(0) > *restarts
+                            && n["cni_socket"]
+                                .as_str()
+                                .is_some_and(|p| Path::new(p).exists())
+                    })
+            })
+        });
+        eprintln!(
+            "agents of {nodes:?}: {signal}, restarted in {:.1} s",
+            sent.elapsed().as_secs_f64()
+        );
+        sent
+    }
+
     /// Do not run `down` on drop (the test did it).
     pub fn forget(mut self) {
         self.down_on_drop = false;
@@ -241,6 +382,15 @@ impl Drop for Lab {
         }
         let _ = kwire_lab(&["down", "--name", &self.name]);
     }
+}
+
+/// The node named `name` in `kwire-lab status --json`.
+pub fn node<'a>(status: &'a Json, name: &str) -> &'a Json {
+    status["nodes"]
+        .array()
+        .iter()
+        .find(|n| n["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no node {name} in status"))
 }
 
 /// `kwire-lab status --json` and other JSON the tests read: a `serde_json::Value`.

@@ -25,6 +25,7 @@
 
 pub mod capture;
 pub mod common;
+pub mod impair;
 pub mod lab;
 pub mod netns;
 pub mod process;

@@ -1,5 +1,7 @@
 //! `kwire agent` end to end: three nodes (network namespaces on one bridge), the Kubernetes
-//! API stand-in, the real binary in each node. Needs root; skipped with a message otherwise.
+//! API stand-in, the real binary in each node, run as `deploy/kwire.yaml`'s DaemonSet runs it
+//! (confined by kwire-lab's container runtime, with deploy/'s RBAC and admission policy and a
+//! token bound to its node). Needs root; skipped with a message otherwise.
 //!
 //! Reachability of the API: the stand-in must be reachable from the node namespaces, so the
 //! whole test body runs on a thread that entered the switch's namespace (`Netns::run_in`); the
@@ -8,21 +10,24 @@
 //! Nothing is added to the root namespace.
 
 use kwire_lab::apiserver::{ApiServer, ApiServerConfig};
+use kwire_lab::cluster::state::NodeSpec;
+use kwire_lab::supervisor::daemonset::Standalone;
 use kwire_tests::{
     require_root, try_wait_until, unique_id, wait_until, Netns, Proc, Scratch, Switch,
 };
 use serde_json::{json, Value};
-use std::path::Path;
 use std::time::Duration;
 
 const BRIDGE_ADDR: &str = "192.0.2.254";
 const PORT: u16 = 51820;
+/// The agent's tun in each node (the DaemonSet's default).
+const TUN: &str = "kwire0";
 
 struct Node {
     ns: Netns,
     name: String,
-    ifname: String,
     ip: String,
+    spec: Option<NodeSpec>,
 }
 
 fn nodes_kind() -> &'static kwire_lab::apiserver::ResourceKind {
@@ -61,33 +66,13 @@ fn annotation(api: &ApiServer, name: &str, key: &str) -> Option<String> {
         .map(String::from)
 }
 
-fn spawn_agent(n: &Node, scratch: &Scratch, kubeconfig: &Path, tag: &str) -> Proc {
-    let bin = kwire_tests::kwire_bin().display().to_string();
-    let state = scratch.file(&format!("state-{}", n.name));
-    let run = scratch.file(&format!("run-{}", n.name));
-    let argv: Vec<String> = vec![
-        bin,
-        "--log-level".into(),
-        "info,kube=warn,hyper=warn".into(),
-        "agent".into(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-        "--node-name".into(),
-        n.name.clone(),
-        "--state-dir".into(),
-        state.display().to_string(),
-        "--run-dir".into(),
-        run.display().to_string(),
-        "--interface".into(),
-        n.ifname.clone(),
-        "--metrics-addr".into(),
-        "127.0.0.1:9742".into(),
-        "--listen-port".into(),
-        PORT.to_string(),
-        "--workers".into(),
-        "1".into(),
-    ];
-    n.ns.spawn(&argv, scratch.file(&format!("agent-{}-{tag}.log", n.name)))
+fn spawn_agent(n: &Node, ds: &Standalone, api: &ApiServer, scratch: &Scratch, tag: &str) -> Proc {
+    let cmd = ds.agent(api, n.spec.as_ref().unwrap(), tag == "1").unwrap();
+    Proc::spawn(
+        cmd,
+        format!("agent-{}", n.name),
+        scratch.file(&format!("agent-{}-{tag}.log", n.name)),
+    )
 }
 
 fn http_get(ns: &Netns, path: &str) -> (bool, String) {
@@ -114,7 +99,6 @@ fn routes(ns: &Netns, cidr: &str) -> String {
 fn agents_mesh_through_the_api_stand_in() {
     require_root!();
     kwire_tests::require_tool("curl");
-    kwire_tests::require_tool("wg");
     let scratch = Scratch::new("agent");
     let sw = Switch::new();
     sw.ns.run(&[
@@ -126,17 +110,23 @@ fn agents_mesh_through_the_api_stand_in() {
         "br0",
     ]);
     let id = unique_id();
-    let nodes: Vec<Node> = (1..=3)
+    let mut nodes: Vec<Node> = (1..=3)
         .map(|i| {
             let ns = Netns::new(&format!("n{i}"));
             let ip = format!("192.0.2.{i}");
             sw.attach(&ns, &[&format!("{ip}/24")], 1500);
-            let ifname = ns.ifname("kw");
+            // Node prerequisite (README): forwarding on.
+            ns.run(&[
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+            ]);
             Node {
                 ns,
                 name: format!("n{i}-{id}"),
-                ifname,
                 ip,
+                spec: None,
             }
         })
         .collect();
@@ -150,8 +140,12 @@ fn agents_mesh_through_the_api_stand_in() {
             ..ApiServerConfig::default()
         };
         let api = rt.block_on(ApiServer::start(config)).unwrap();
-        let kubeconfig = scratch.file("kubeconfig");
-        api.write_kubeconfig(&kubeconfig).unwrap();
+        let kwire = kwire_tests::kwire_bin();
+        let kwire_cni = kwire.with_file_name("kwire-cni");
+        let ds = Standalone::new(&api, api.addr(), (&kwire, &kwire_cni, &kwire_tests::lab::kwire_lab_bin()), &scratch.file("ds"), &[]).unwrap();
+        for n in nodes.iter_mut() {
+            n.spec = Some(ds.node(&n.name, n.ns.name(), n.ip.parse().unwrap()));
+        }
         for n in &nodes {
             api.create(json!({
                 "apiVersion": "v1", "kind": "Node",
@@ -173,7 +167,7 @@ fn agents_mesh_through_the_api_stand_in() {
             assert_eq!(c.len(), 2, "dual-stack podCIDRs expected: {c:?}");
         }
 
-        let mut agents: Vec<Proc> = nodes.iter().map(|n| spawn_agent(n, &scratch, &kubeconfig, "1")).collect();
+        let mut agents: Vec<Proc> = nodes.iter().map(|n| spawn_agent(n, &ds, &api, &scratch, "1")).collect();
 
         // 1. Each agent publishes its key and endpoint.
         wait_until(Duration::from_secs(15), "every agent to publish its annotations", || {
@@ -196,7 +190,7 @@ fn agents_mesh_through_the_api_stand_in() {
             }
         }
         // The tun MTU is the underlay's minus 80.
-        assert!(nodes[0].ns.run(&["ip", "link", "show", "dev", &nodes[0].ifname]).contains("mtu 1420"));
+        assert!(nodes[0].ns.run(&["ip", "link", "show", "dev", TUN]).contains("mtu 1420"));
 
         // 3. The bad Node: an Event and a metric; the good peers are connected and named.
         let events_kind = ApiServer::kind("events.k8s.io/v1", "Event").unwrap();
@@ -216,13 +210,14 @@ fn agents_mesh_through_the_api_stand_in() {
         let (ok, _) = http_get(&nodes[0].ns, "/readyz");
         assert!(ok, "node 1 is ready");
 
-        // 4. A Node deleted from the API is dropped by the others; its range then blackholes.
+        // 4. A Node deleted from the API is dropped by the others: its route and blackhole go,
+        //    the cluster range's unreachable route covers its range.
         api.delete(nodes_kind(), None, &nodes[2].name).unwrap();
         for n in &nodes[..2] {
             for cidr in &cidrs[2] {
                 wait_until(Duration::from_secs(5), format!("{} to drop the route of {cidr}", n.name), || {
                     let r = routes(&n.ns, cidr);
-                    !r.contains(&n.ifname) && r.contains("blackhole")
+                    r.trim().is_empty()
                 });
             }
             n.ns.assert_no_ping(&gateway(&cidrs[2][0]), None, 2);
@@ -238,10 +233,10 @@ fn agents_mesh_through_the_api_stand_in() {
         //    forwards again from its saved peer set alone.
         let (st, killed) = agents[0].stop();
         assert!(st.success() && !killed, "agent exits 0 on SIGTERM: {st:?}");
-        let sock = format!("/var/run/wireguard/{}.sock", nodes[0].ifname);
-        assert!(!Path::new(&sock).exists(), "{sock} removed on exit");
+        let sock = nodes[0].spec.as_ref().unwrap().uapi_socket();
+        assert!(!sock.exists(), "{} removed on exit", sock.display());
         assert!(routes(&nodes[0].ns, &cidrs[1][0]).contains("blackhole"), "blackholes stay after exit");
-        agents[0] = spawn_agent(&nodes[0], &scratch, &kubeconfig, "2");
+        agents[0] = spawn_agent(&nodes[0], &ds, &api, &scratch, "2");
         nodes[0].ns.wait_ping(&gateway(&cidrs[1][0]), Duration::from_secs(10));
         nodes[0].ns.wait_ping(&gateway(&cidrs[1][1]), Duration::from_secs(10));
         assert!(try_wait_until(Duration::from_secs(5), || http_get(&nodes[0].ns, "/readyz").0), "ready from the saved state");
@@ -252,7 +247,8 @@ fn agents_mesh_through_the_api_stand_in() {
         api.merge_patch(nodes_kind(), None, &nodes[1].name, &json!({"metadata": {"annotations": {"kwire.dev/persistent-keepalive": "7"}}}), false)
             .unwrap();
         wait_until(Duration::from_secs(40), "node 1 to apply node 2's keepalive after the API returned", || {
-            nodes[0].ns.run(&["wg", "show", &nodes[0].ifname, "persistent-keepalive"]).contains(&format!("{key2}\t7"))
+            kwire_lab::commands::status::uapi_get(&nodes[0].spec.as_ref().unwrap().uapi_socket())
+                .is_ok_and(|peers| peers.iter().any(|p| p.public_key == key2 && p.persistent_keepalive == 7))
         });
         nodes[0].ns.wait_ping(&gateway(&cidrs[1][0]), Duration::from_secs(5));
         for a in agents.iter_mut() {

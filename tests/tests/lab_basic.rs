@@ -35,8 +35,13 @@ fn agent_pid(lab: &Lab, node_name: &str) -> Option<u64> {
     node(&lab.status(), node_name)["agent_pid"].as_u64()
 }
 
-fn curl(url: &str) -> String {
-    run_host(&["curl", "-sS", "--fail", "-m", "5", url])
+/// GET on the lab's API as its admin (HTTPS with the lab's CA, the admin token).
+fn curl(lab: &Lab, url: &str) -> String {
+    run_host(&curl_args(lab, url))
+}
+
+fn curl_args(lab: &Lab, url: &str) -> Vec<String> {
+    lab.api_curl_args("GET", url)
 }
 
 #[test]
@@ -64,7 +69,7 @@ fn up_builds_namespaces_bridge_api_nodes_and_status() {
 
     // The API: Nodes registered with InternalIPs, dual-stack podCIDRs assigned by the stand-in.
     let api = status["api_url"].as_str().expect("api_url").to_string();
-    let nodes = parse_json(&curl(&format!("{api}/api/v1/nodes"))).unwrap();
+    let nodes = parse_json(&curl(&lab, &format!("{api}/api/v1/nodes"))).unwrap();
     let items = nodes["items"].array();
     assert_eq!(items.len(), 3);
     let mut all_cidrs = Vec::new();
@@ -138,7 +143,7 @@ fn up_builds_namespaces_bridge_api_nodes_and_status() {
         "n1",
         &[
             "cat",
-            &format!("{}/nodes/{name}-n1/run/fake-agent", lab.dir().display()),
+            &format!("{}/fake-agent", n1["run_dir"].as_str().unwrap()),
         ],
     );
     let text = String::from_utf8_lossy(&out.stdout);
@@ -177,22 +182,18 @@ fn up_builds_namespaces_bridge_api_nodes_and_status() {
         .exec("n1", &["ping", "-c1", "-W2", &v6_n3])
         .status
         .success());
-    let out = lab.exec(
-        "n3",
-        &[
-            "curl",
-            "-sS",
-            "--fail",
-            "-m",
-            "5",
-            "http://192.0.2.254:6443/api/v1/nodes",
-        ],
-    );
+    let in_node = curl_args(&lab, "https://192.0.2.254:6443/api/v1/nodes");
+    let in_node: Vec<&str> = in_node.iter().map(String::as_str).collect();
+    let out = lab.exec("n3", &in_node);
     assert!(out.status.success(), "API from a node namespace: {out:?}");
-    let agents_cfg = lab.cmd_ok("kubeconfig", &["--agents"]);
-    assert!(std::fs::read_to_string(agents_cfg.trim())
-        .unwrap()
-        .contains("http://192.0.2.254:6443"));
+    // A node's kubeconfig carries its agent's token.
+    let node_cfg = lab.cmd_ok("kubeconfig", &["--node", "n3"]);
+    let node_cfg = std::fs::read_to_string(node_cfg.trim()).unwrap();
+    assert!(
+        node_cfg.contains("token: ") && node_cfg.contains("https://127.0.0.1:"),
+        "{node_cfg}"
+    );
+    assert!(!lab.cmd("kubeconfig", &["--node", "n9"]).status.success());
     let host_cfg = lab.cmd_ok("kubeconfig", &[]);
     assert!(std::fs::read_to_string(host_cfg.trim())
         .unwrap()
@@ -244,13 +245,12 @@ fn down_after_kill_9_of_the_supervisor_removes_everything() {
         .filter_map(|n| n["agent_pid"].as_u64())
         .collect();
     assert_eq!(agents.len(), 2);
-    // A UAPI socket as an agent would leave it.
-    let iface = node(&st, &format!("{name}-n1"))["interface"]
+    // A UAPI socket as an agent would leave it (in the node's /var/run/wireguard).
+    let sock = node(&st, &format!("{name}-n1"))["uapi_socket"]
         .as_str()
         .unwrap()
         .to_string();
-    std::fs::create_dir_all("/var/run/wireguard").unwrap();
-    let sock = format!("/var/run/wireguard/{iface}.sock");
+    std::fs::create_dir_all(Path::new(&sock).parent().unwrap()).unwrap();
     std::fs::write(&sock, b"").unwrap();
 
     run_host(&["kill", "-9", &sup.to_string()]);
@@ -309,15 +309,18 @@ fn two_labs_coexist() {
     let b = up_fake(2);
     let (sa, sb) = (a.status(), b.status());
     assert_ne!(sa["api_url"], sb["api_url"]);
-    let ifa = node(&sa, &format!("{}-n1", a.name()))["interface"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let ifb = node(&sb, &format!("{}-n1", b.name()))["interface"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    assert_ne!(ifa, ifb, "tun names must differ across labs");
+    // Each node has its own /var/run/wireguard (and every other hostPath but the shared ones).
+    let sock = |st: &Json, lab: &Lab| {
+        node(st, &format!("{}-n1", lab.name()))["uapi_socket"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_ne!(
+        sock(&sa, &a),
+        sock(&sb, &b),
+        "UAPI sockets must differ across labs"
+    );
     // Same underlay addresses, separate namespaces: each lab's nodes reach only their own API.
     assert!(a
         .exec("n1", &["ping", "-c1", "-W2", "192.0.2.2"])
@@ -327,20 +330,9 @@ fn two_labs_coexist() {
         .exec("n1", &["ping", "-c1", "-W2", "192.0.2.2"])
         .status
         .success());
-    let a_nodes = parse_json(&String::from_utf8_lossy(
-        &a.exec(
-            "n1",
-            &[
-                "curl",
-                "-sS",
-                "-m",
-                "5",
-                "http://192.0.2.254:6443/api/v1/nodes",
-            ],
-        )
-        .stdout,
-    ))
-    .unwrap();
+    let in_node = curl_args(&a, "https://192.0.2.254:6443/api/v1/nodes");
+    let in_node: Vec<&str> = in_node.iter().map(String::as_str).collect();
+    let a_nodes = parse_json(&String::from_utf8_lossy(&a.exec("n1", &in_node).stdout)).unwrap();
     let names: Vec<String> = a_nodes["items"]
         .array()
         .iter()
@@ -382,6 +374,6 @@ fn add_node_and_remove_node() {
     assert_eq!(st["nodes"].array().len(), 2);
     assert!(!netns_list().contains(&format!("{name}-n1")));
     let api = st["api_url"].as_str().unwrap().to_string();
-    let nodes = parse_json(&curl(&format!("{api}/api/v1/nodes"))).unwrap();
+    let nodes = parse_json(&curl(&lab, &format!("{api}/api/v1/nodes"))).unwrap();
     assert_eq!(nodes["items"].array().len(), 2);
 }

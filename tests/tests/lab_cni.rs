@@ -110,14 +110,16 @@ impl Node {
                 .unwrap_or_else(|| panic!("{name}: no {k} in status"))
                 .to_string()
         };
-        let bin = lab.dir().join("cni-bin");
+        // The plugin the DaemonSet's init container installed in the node's /opt/cni/bin, and
+        // the configuration list the lab's runtime uses for the node.
+        let bin = PathBuf::from(s("cni_bin_dir"));
         Node {
             netns: s("netns"),
             underlay_v4: s("underlay_ip"),
             underlay_v6: s("underlay_ipv6"),
             pod_cidrs: n["pod_cidrs"].strings(),
             state_dir: PathBuf::from(s("state_dir")),
-            net_d: lab.dir().join("nodes").join(&name).join("net.d"),
+            net_d: PathBuf::from(s("cni_net_d")),
             cni_path: format!("{}:{REFERENCE_PLUGINS}", bin.display()),
             plugin: bin.join("kwire"),
             name,

@@ -29,22 +29,6 @@ fn node<'a>(status: &'a Json, name: &str) -> &'a Json {
         .unwrap_or_else(|| panic!("no node {name} in status"))
 }
 
-/// True when every node has a handshake with every other node of the lab.
-fn full_mesh(lab: &Lab) -> bool {
-    let st = lab.status();
-    let nodes = st["nodes"].array();
-    let names: Vec<&str> = nodes.iter().filter_map(|n| n["name"].as_str()).collect();
-    nodes.iter().all(|n| {
-        let me = n["name"].as_str().unwrap_or("");
-        names.iter().filter(|o| **o != me).all(|o| {
-            n["peers"]
-                .array()
-                .iter()
-                .any(|p| p["node"].as_str() == Some(o) && p["handshake"].as_bool() == Some(true))
-        })
-    })
-}
-
 fn ping(lab: &Lab, from: &str, dst: &str) -> bool {
     lab.exec(from, &["ping", "-c1", "-W1", dst])
         .status
@@ -74,7 +58,7 @@ fn three_nodes_mesh_and_only_wireguard_crosses_the_underlay() {
     let kwire = require_agent!();
     let scratch = Scratch::new("lab-mesh");
     let lab = up_real(3, &kwire);
-    wait_until(CONVERGE, "full mesh of 3 nodes", || full_mesh(&lab));
+    wait_until(CONVERGE, "full mesh of 3 nodes", || lab.full_mesh());
     let st = lab.status();
     let names: Vec<String> = (1..=3).map(|i| format!("{}-n{i}", lab.name())).collect();
 
@@ -121,7 +105,7 @@ fn added_node_joins_and_deleted_node_is_dropped() {
     let n3 = format!("{name}-n3");
     assert!(added.contains(&n3), "{added}");
     wait_until(CONVERGE, "full mesh with the added node", || {
-        full_mesh(&lab)
+        lab.full_mesh()
     });
     let st = lab.status();
     for addr in gateways(&st, &n3) {
@@ -134,16 +118,8 @@ fn added_node_joins_and_deleted_node_is_dropped() {
     // Delete n3's Node from the API: n1 and n2 drop it as a peer and stop routing to it.
     let key = public_key(&lab, &n3).expect("n3 published its key");
     let api = st["api_url"].as_str().unwrap().to_string();
-    run_host(&[
-        "curl",
-        "-sS",
-        "--fail",
-        "-m",
-        "5",
-        "-X",
-        "DELETE",
-        &format!("{api}/api/v1/nodes/{n3}"),
-    ]);
+    let delete = lab.api_curl_args("DELETE", &format!("{api}/api/v1/nodes/{n3}"));
+    run_host(&delete.iter().map(String::as_str).collect::<Vec<_>>());
     wait_until(CONVERGE, "n1 and n2 drop the deleted node's peer", || {
         let st = lab.status();
         ["n1", "n2"].iter().all(|n| {
@@ -169,7 +145,7 @@ fn a_new_key_is_picked_up_and_traffic_resumes() {
     let lab = up_real(2, &kwire);
     let name = lab.name().to_string();
     let n2 = format!("{name}-n2");
-    wait_until(CONVERGE, "mesh", || full_mesh(&lab));
+    wait_until(CONVERGE, "mesh", || lab.full_mesh());
     let st = lab.status();
     let gw = gateways(&st, &n2);
     wait_ping(&lab, "n1", &gw[0]);
@@ -190,7 +166,7 @@ fn a_new_key_is_picked_up_and_traffic_resumes() {
     wait_until(
         CONVERGE,
         "n1 and n2 have a handshake with n2's new key",
-        || full_mesh(&lab),
+        || lab.full_mesh(),
     );
     let n1 = node(&lab.status(), &format!("{name}-n1")).clone();
     let new_key = public_key(&lab, &n2).unwrap();

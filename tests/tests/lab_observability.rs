@@ -74,8 +74,7 @@ fn lab_status_metrics_and_graph() {
     assert_eq!(nodes.len(), 3);
     for n in &nodes {
         let name = n["name"].as_str().unwrap().to_string();
-        let state_dir = PathBuf::from(n["state_dir"].as_str().unwrap());
-        let run_dir = state_dir.parent().unwrap().join("run");
+        let run_dir = PathBuf::from(n["run_dir"].as_str().unwrap());
         // The status socket is a path: reachable from the host namespace too.
         let mut report = None;
         let ok = try_wait_until(Duration::from_secs(30), || {

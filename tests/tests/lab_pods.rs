@@ -123,7 +123,7 @@ fn pods_talk_tcp_udp_icmp_v4_v6_within_and_across_nodes_and_only_wireguard_cross
     let n2 = format!("{}-n2", lab.name());
     for n in st["nodes"].array() {
         let sock = n["cni_socket"].as_str().expect("cni_socket");
-        assert!(sock.ends_with("/run/cni.sock"), "{sock}");
+        assert!(sock.ends_with("/run/kwire/cni.sock"), "{sock}");
         assert!(Path::new(sock).exists(), "{sock}");
     }
     assert_eq!(pods(&st).len(), 4, "{:?}", st["pods"]);
@@ -158,11 +158,13 @@ fn pods_talk_tcp_udp_icmp_v4_v6_within_and_across_nodes_and_only_wireguard_cross
     let api = st["api_url"].as_str().expect("api_url").to_string();
     for p in pods(&st) {
         let name = p["name"].as_str().unwrap();
-        let obj = parse_json(&run_host(&[
-            "curl",
-            "-sf",
+        let get = lab.api_curl_args(
+            "GET",
             &format!("{api}/api/v1/namespaces/default/pods/{name}"),
-        ]))
+        );
+        let obj = parse_json(&run_host(
+            &get.iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
         .expect("a Pod as JSON");
         let status = &obj["status"];
         assert_eq!(status["phase"].as_str(), Some("Running"), "{name}");

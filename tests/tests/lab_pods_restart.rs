@@ -24,8 +24,7 @@ use kwire_tests::{
     prometheus_value, require_tool, run_host, run_in_netns, try_wait_until, wait_until, Proc,
     Scratch,
 };
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 
 /// WireGuard port of every agent in a lab.
 const WG_PORT: &str = "51820";
@@ -124,14 +123,6 @@ fn pod<'a>(st: &'a Json, ns: &str, name: &str) -> &'a Json {
         .unwrap_or_else(|| panic!("no pod {ns}/{name} in status: {:?}", st["pods"]))
 }
 
-fn node<'a>(st: &'a Json, name: &str) -> &'a Json {
-    st["nodes"]
-        .array()
-        .iter()
-        .find(|n| n["name"].as_str() == Some(name))
-        .unwrap_or_else(|| panic!("no node {name} in status"))
-}
-
 /// Every pod's `ns/name` and IPs, from status.
 fn pod_ips(st: &Json) -> BTreeMap<String, Vec<String>> {
     st["pods"]
@@ -223,51 +214,10 @@ fn assert_no_alarming_drops(lab: &Lab, node: &str, before: Option<&BTreeMap<Stri
     eprintln!("{node} drops: {:?}", nonzero_drops(&m));
 }
 
-/// The agent of `node`: (pid, restarts so far).
-fn agent(lab: &Lab, node_name: &str) -> (i32, u64) {
-    let st = lab.status();
-    let n = node(&st, node_name);
-    (
-        n["agent_pid"].as_u64().expect("agent_pid") as i32,
-        n["agent_restarts"].as_u64().unwrap_or(0),
-    )
-}
-
 /// SIGKILLs the agents of `nodes` at once; returns when each was restarted by the supervisor
 /// (a new pid, one more restart) and serves CNI again.
 fn kill_agents(lab: &Lab, nodes: &[&str]) {
-    let before: Vec<(i32, u64)> = nodes.iter().map(|n| agent(lab, n)).collect();
-    for (n, (pid, _)) in nodes.iter().zip(&before) {
-        kill(Pid::from_raw(*pid), Signal::SIGKILL)
-            .unwrap_or_else(|e| panic!("SIGKILL agent {pid} of {n}: {e}"));
-    }
-    let killed = Instant::now();
-    for (n, (pid, _)) in nodes.iter().zip(&before) {
-        wait_until(
-            Duration::from_secs(5),
-            format!("agent {pid} of {n} gone"),
-            || {
-                !Path::new(&format!("/proc/{pid}")).exists()
-                    || std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                        .is_ok_and(|s| s.contains(") Z "))
-            },
-        );
-    }
-    wait_until(RESTART, format!("agents of {nodes:?} restarted"), || {
-        let st = lab.status();
-        nodes.iter().zip(&before).all(|(name, (pid, restarts))| {
-            let n = node(&st, name);
-            n["agent_pid"].as_u64().is_some_and(|p| p as i32 != *pid)
-                && n["agent_restarts"].as_u64().unwrap_or(0) > *restarts
-                && n["cni_socket"]
-                    .as_str()
-                    .is_some_and(|p| Path::new(p).exists())
-        })
-    });
-    eprintln!(
-        "agents of {nodes:?} killed and restarted in {:.1} s",
-        killed.elapsed().as_secs_f64()
-    );
+    lab.signal_agents(nodes, Signal::SIGKILL, RESTART);
 }
 
 /// A TCP echo server listening on every address of a pod (dual-stack `[::]`), counting the

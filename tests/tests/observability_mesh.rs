@@ -6,6 +6,8 @@
 //! with a message otherwise (same topology as agent_mesh.rs).
 
 use kwire_lab::apiserver::{ApiServer, ApiServerConfig};
+use kwire_lab::cluster::state::NodeSpec;
+use kwire_lab::supervisor::daemonset::Standalone;
 use kwire_tests::{require_root, unique_id, wait_until, Netns, Proc, Scratch, Switch};
 use serde_json::{json, Value};
 use std::io::Write;
@@ -23,12 +25,16 @@ const WG_OVERHEAD: u64 = 16 + 16 + 15;
 /// Handshake and keepalive messages that may ride along in the measured window.
 const WG_SLACK: u64 = 1024;
 
+/// The agent's tun in each node (the DaemonSet's default).
+const TUN: &str = "kwire0";
+
 struct Node {
     ns: Netns,
     name: String,
-    ifname: String,
     ip: String,
+    /// The agent's /run/kwire (its hostPath).
     run_dir: PathBuf,
+    spec: Option<NodeSpec>,
 }
 
 fn nodes_kind() -> &'static kwire_lab::apiserver::ResourceKind {
@@ -48,33 +54,17 @@ fn gateway(cidr: &str) -> String {
     std::net::Ipv4Addr::from(u32::from(net.network()) + 1).to_string()
 }
 
-fn spawn_agent(n: &Node, scratch: &Scratch, kubeconfig: &Path, tag: &str) -> Proc {
-    let argv: Vec<String> = vec![
-        kwire_tests::kwire_bin().display().to_string(),
-        "--log-format".into(),
-        "json".into(),
-        "agent".into(),
-        "--kubeconfig".into(),
-        kubeconfig.display().to_string(),
-        "--node-name".into(),
-        n.name.clone(),
-        "--state-dir".into(),
-        scratch
-            .file(&format!("state-{}", n.name))
-            .display()
-            .to_string(),
-        "--run-dir".into(),
-        n.run_dir.display().to_string(),
-        "--interface".into(),
-        n.ifname.clone(),
-        "--listen-port".into(),
-        PORT.to_string(),
-        "--workers".into(),
-        "1".into(),
-        "--peer-unreachable-after".into(),
-        "3s".into(),
-    ];
-    n.ns.spawn(&argv, scratch.file(&format!("agent-{}-{tag}.log", n.name)))
+/// The agent as the DaemonSet runs it (kwire-lab's container runtime), with the flags this test
+/// patches in: JSON logs, and peers unreachable after 3 s instead of 2 min.
+const AGENT_ARGS: &[&str] = &["--log-format=json", "--peer-unreachable-after=3s"];
+
+fn spawn_agent(n: &Node, ds: &Standalone, api: &ApiServer, scratch: &Scratch, tag: &str) -> Proc {
+    let cmd = ds.agent(api, n.spec.as_ref().unwrap(), tag == "1").unwrap();
+    Proc::spawn(
+        cmd,
+        format!("agent-{}", n.name),
+        scratch.file(&format!("agent-{}-{tag}.log", n.name)),
+    )
 }
 
 fn metrics(ns: &Netns) -> String {
@@ -187,20 +177,25 @@ fn metrics_status_graph_and_peer_health() {
         "br0",
     ]);
     let id = unique_id();
-    let nodes: Vec<Node> = (1..=3)
+    let mut nodes: Vec<Node> = (1..=3)
         .map(|i| {
             let ns = Netns::new(&format!("o{i}"));
             let ip = format!("192.0.2.{i}");
             sw.attach(&ns, &[&format!("{ip}/24")], 1500);
-            let ifname = ns.ifname("kw");
+            // Node prerequisite (README): forwarding on.
+            ns.run(&[
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+            ]);
             let name = format!("o{i}-{id}");
-            let run_dir = scratch.file(&format!("run-{name}"));
             Node {
                 ns,
                 name,
-                ifname,
                 ip,
-                run_dir,
+                run_dir: PathBuf::new(),
+                spec: None,
             }
         })
         .collect();
@@ -211,6 +206,14 @@ fn metrics_status_graph_and_peer_health() {
         let api = rt.block_on(ApiServer::start(config)).unwrap();
         let kubeconfig = scratch.file("kubeconfig");
         api.write_kubeconfig(&kubeconfig).unwrap();
+        let kwire_bin = kwire_tests::kwire_bin();
+        let kwire_cni = kwire_bin.with_file_name("kwire-cni");
+        let ds = Standalone::new(&api, api.addr(), (&kwire_bin, &kwire_cni, &kwire_tests::lab::kwire_lab_bin()), &scratch.file("ds"), AGENT_ARGS).unwrap();
+        for n in nodes.iter_mut() {
+            let spec = ds.node(&n.name, n.ns.name(), n.ip.parse().unwrap());
+            n.run_dir = spec.run_dir.clone();
+            n.spec = Some(spec);
+        }
         for n in &nodes {
             api.create(json!({
                 "apiVersion": "v1", "kind": "Node",
@@ -223,7 +226,7 @@ fn metrics_status_graph_and_peer_health() {
             .unwrap();
         }
         let cidrs: Vec<String> = nodes.iter().map(|n| first_cidr(&api, &n.name)).collect();
-        let mut agents: Vec<Proc> = nodes.iter().map(|n| spawn_agent(n, &scratch, &kubeconfig, "1")).collect();
+        let mut agents: Vec<Proc> = nodes.iter().map(|n| spawn_agent(n, &ds, &api, &scratch, "1")).collect();
         for (i, n) in nodes.iter().enumerate() {
             for (j, c) in cidrs.iter().enumerate() {
                 if i != j {
@@ -268,7 +271,7 @@ fn metrics_status_graph_and_peer_health() {
         }
 
         // 3. Drops by reason: a packet for an address in no peer's range.
-        a.ns.run(&["ip", "route", "add", "198.18.0.0/24", "dev", &a.ifname]);
+        a.ns.run(&["ip", "route", "add", "198.18.0.0/24", "dev", TUN]);
         let no_peer = |m: &str| sample(m, "kwire_drops_total{reason=\"no_peer\"}").unwrap();
         let d0 = no_peer(&metrics(&a.ns));
         let _ = a.ns.exec(&["ping", "-q", "-c", "3", "-i", "0.05", "-W", "1", "198.18.0.1"]);
@@ -348,7 +351,7 @@ fn metrics_status_graph_and_peer_health() {
         assert!(!has_event(&api, &b.name, "PeerUnreachable"));
 
         // 8. Node 3 comes back: PeerRecovered.
-        agents[2] = spawn_agent(c, &scratch, &kubeconfig, "2");
+        agents[2] = spawn_agent(c, &ds, &api, &scratch, "2");
         wait_until(Duration::from_secs(30), format!("a PeerRecovered Event on {}", c.name), || has_event(&api, &c.name, "PeerRecovered"));
         wait_until(Duration::from_secs(5), "node 3 up again on node 1", || peer(&metrics(&a.ns), "kwire_peer_up", &c.name) == Some(1.0));
         drop(pinger);

@@ -169,40 +169,32 @@ pub fn readiness(
     }
 }
 
-/// The full `status.conditions` list with ours set: others kept as they are; our
-/// `lastTransitionTime` kept unless the status changed.
-pub fn merge_conditions(
-    current: &[serde_json::Value],
+/// The strategic merge patch that sets our condition and nothing else: `status.conditions`
+/// merges by `type` (its patch strategy), so the kubelet's conditions, however fresh, are never
+/// written back. `current` is our condition as last seen (its `lastTransitionTime` is kept
+/// unless the status changes).
+pub fn condition_patch(
+    current: Option<&serde_json::Value>,
     status: &str,
     reason: &str,
     message: &str,
     now_rfc3339: &str,
-) -> Vec<serde_json::Value> {
-    let old = current
-        .iter()
-        .find(|c| c.get("type").and_then(|t| t.as_str()) == Some(CONDITION_TYPE));
-    let transition = match old {
+) -> serde_json::Value {
+    let transition = match current {
         Some(o) if o.get("status").and_then(|s| s.as_str()) == Some(status) => o
             .get("lastTransitionTime")
             .cloned()
             .unwrap_or_else(|| now_rfc3339.into()),
         _ => now_rfc3339.into(),
     };
-    let ours = serde_json::json!({
+    serde_json::json!({ "status": { "conditions": [{
         "type": CONDITION_TYPE,
         "status": status,
         "reason": reason,
         "message": message,
         "lastHeartbeatTime": now_rfc3339,
         "lastTransitionTime": transition,
-    });
-    let mut out: Vec<serde_json::Value> = current
-        .iter()
-        .filter(|c| c.get("type").and_then(|t| t.as_str()) != Some(CONDITION_TYPE))
-        .cloned()
-        .collect();
-    out.push(ours);
-    out
+    }] } })
 }
 
 fn rfc3339_now() -> String {
@@ -238,6 +230,7 @@ pub async fn run(status: Arc<NodeState>, settings: HealthSettings) {
         api,
         peers: BTreeMap::new(),
         condition: None,
+        written: None,
         condition_failed_at: None,
     };
     let mut tick = tokio::time::interval(HEALTH_TICK);
@@ -259,6 +252,8 @@ struct Monitor {
     peers: BTreeMap<String, PeerWatch>,
     /// The condition last written successfully.
     condition: Option<(&'static str, &'static str)>,
+    /// Our condition as last written (its transition time is kept while the status holds).
+    written: Option<serde_json::Value>,
     condition_failed_at: Option<Instant>,
 }
 
@@ -319,7 +314,6 @@ impl Monitor {
                 (
                     n.clone(),
                     PeerHealthReport {
-                        handshakes: w.handshakes,
                         unreachable: w.unreachable,
                     },
                 )
@@ -412,25 +406,33 @@ impl Monitor {
         }
         let nodes: Api<Node> = Api::all(client);
         let name = &self.settings.node_name;
+        let known = self.written.clone();
         let r = tokio::time::timeout(super::API_WRITE_TIMEOUT, async {
-            let node = nodes.get(name).await?;
-            let current: Vec<serde_json::Value> = node
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .filter_map(|c| serde_json::to_value(c).ok())
-                .collect();
-            let conditions = merge_conditions(&current, status, reason, &message, &rfc3339_now());
-            let patch = serde_json::json!({ "status": { "conditions": conditions } });
+            // Our condition as the API has it (once, after a start); the patch itself
+            // carries only ours.
+            let current = match known {
+                Some(c) => Some(c),
+                None => nodes
+                    .get(name)
+                    .await?
+                    .status
+                    .and_then(|s| s.conditions)
+                    .unwrap_or_default()
+                    .iter()
+                    .find(|c| c.type_ == CONDITION_TYPE)
+                    .and_then(|c| serde_json::to_value(c).ok()),
+            };
+            let patch = condition_patch(current.as_ref(), status, reason, &message, &rfc3339_now());
             nodes
-                .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+                .patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
                 .await
+                .map(|_| patch["status"]["conditions"][0].clone())
         })
         .await;
         match r {
-            Ok(Ok(_)) => {
+            Ok(Ok(ours)) => {
                 info!(node = %name, condition = CONDITION_TYPE, status, reason, "Node condition set");
+                self.written = Some(ours);
                 self.condition = Some((status, reason));
                 self.condition_failed_at = None;
             }
@@ -624,23 +626,38 @@ mod tests {
         assert!(changes[4].contains(&Change::Handshake { first: false }));
     }
 
+    /// The patch carries our condition only (the kubelet's stay as the API has them), and
+    /// keeps our transition time while the status holds.
     #[test]
-    fn conditions_are_merged_not_clobbered() {
-        let cur = vec![
-            serde_json::json!({"type": "Ready", "status": "True"}),
-            serde_json::json!({"type": "KwireReady", "status": "True", "reason": "DataPlaneReady", "lastTransitionTime": "2020-01-01T00:00:00Z"}),
-        ];
-        let same = merge_conditions(&cur, "True", "DataPlaneReady", "m", "2026-01-01T00:00:00Z");
-        assert_eq!(same.len(), 2);
-        assert_eq!(same[0]["type"], "Ready");
-        assert_eq!(same[1]["lastTransitionTime"], "2020-01-01T00:00:00Z");
-        let flipped = merge_conditions(&cur, "False", "NotSynced", "m", "2026-01-01T00:00:00Z");
-        assert_eq!(flipped[1]["lastTransitionTime"], "2026-01-01T00:00:00Z");
-        assert_eq!(flipped[1]["reason"], "NotSynced");
-        assert_eq!(
-            merge_conditions(&[], "True", "DataPlaneReady", "m", "x").len(),
-            1
+    fn the_condition_patch_carries_ours_only() {
+        let ours = serde_json::json!({"type": "KwireReady", "status": "True", "reason": "DataPlaneReady", "lastTransitionTime": "2020-01-01T00:00:00Z"});
+        let same = condition_patch(
+            Some(&ours),
+            "True",
+            "DataPlaneReady",
+            "m",
+            "2026-01-01T00:00:00Z",
         );
+        let list = same["status"]["conditions"].as_array().unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(list[0]["type"], "KwireReady");
+        assert_eq!(list[0]["lastTransitionTime"], "2020-01-01T00:00:00Z");
+        assert_eq!(list[0]["lastHeartbeatTime"], "2026-01-01T00:00:00Z");
+        let flipped = condition_patch(
+            Some(&ours),
+            "False",
+            "NotSynced",
+            "m",
+            "2026-01-01T00:00:00Z",
+        );
+        assert_eq!(
+            flipped["status"]["conditions"][0]["lastTransitionTime"],
+            "2026-01-01T00:00:00Z"
+        );
+        assert_eq!(flipped["status"]["conditions"][0]["reason"], "NotSynced");
+        let first = condition_patch(None, "True", "DataPlaneReady", "m", "x");
+        assert_eq!(first["status"]["conditions"][0]["lastTransitionTime"], "x");
+        assert_eq!(first.as_object().unwrap().len(), 1, "status only");
     }
 
     #[test]

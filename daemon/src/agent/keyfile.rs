@@ -116,6 +116,9 @@ pub fn load_or_create(dir: &Path) -> Result<PrivateKey, KeyFileError> {
     })
 }
 
+/// Longest key file read: 44 base64 characters, a newline, room for stray whitespace.
+const MAX_KEY_FILE_BYTES: usize = 128;
+
 fn read_key(path: &Path, mut f: File) -> Result<PrivateKey, KeyFileError> {
     let read_err = |source| KeyFileError::Read {
         path: path.to_path_buf(),
@@ -142,13 +145,24 @@ fn read_key(path: &Path, mut f: File) -> Result<PrivateKey, KeyFileError> {
             me,
         });
     }
-    let mut text = Zeroizing::new(Vec::with_capacity(64));
     // A key file is 45 bytes; read at most a little more so a huge file is refused cheaply.
-    (&mut f)
-        .take(128)
-        .read_to_end(&mut text)
-        .map_err(read_err)?;
-    let trimmed = text.trim_ascii();
+    // Into a fixed buffer zeroed on drop: a growing Vec would leave copies of the key behind.
+    let mut text = Zeroizing::new([0u8; MAX_KEY_FILE_BYTES + 1]);
+    let mut n = 0;
+    while n < text.len() {
+        match f.read(&mut text[n..]) {
+            Ok(0) => break,
+            Ok(r) => n += r,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(read_err(e)),
+        }
+    }
+    if n > MAX_KEY_FILE_BYTES {
+        return Err(KeyFileError::Malformed {
+            path: path.to_path_buf(),
+        });
+    }
+    let trimmed = text[..n].trim_ascii();
     let mut bytes = Zeroizing::new([0u8; 32]);
     match STANDARD.decode_slice(trimmed, &mut bytes[..]) {
         Ok(32) if trimmed.len() == 44 => {}
@@ -176,8 +190,12 @@ fn create_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
         .map_err(err)?;
-    let mut text = Zeroizing::new(STANDARD.encode(key.expose_bytes()));
+    // Sized for the 44 characters and the newline up front: a String that grows moves its
+    // bytes and leaves the old copy behind, unzeroed.
+    let mut text = Zeroizing::new(String::with_capacity(45));
+    STANDARD.encode_string(key.expose_bytes(), &mut text);
     text.push('\n');
+    debug_assert_eq!(text.capacity(), 45, "no reallocation");
     let written = f.write_all(text.as_bytes()).and_then(|()| f.sync_all());
     if let Err(e) = written {
         let _ = std::fs::remove_file(path);

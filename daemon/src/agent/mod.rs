@@ -3,6 +3,7 @@
 //! `spec.podCIDRs`), routes the peers' pod ranges into the tun with blackholes behind them,
 //! keeps the last peer set in its state directory, and serves `/metrics`.
 
+pub mod cleanup;
 pub mod health;
 pub mod keyfile;
 pub mod peers;
@@ -10,6 +11,7 @@ pub mod pod_network;
 pub mod policy;
 pub mod routes;
 pub mod state;
+pub mod sysctl;
 
 use crate::dataplane::uapi_server::{self, UAPI_DIR};
 use crate::dataplane::{workers::Network, TunnelDevice};
@@ -41,6 +43,43 @@ use tracing::{debug, error, info, warn};
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(5);
 /// At most one log line per this interval for repeated watch errors (API down).
 pub const WATCH_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
+/// Longest pause between two attempts of a failing watch: kube's default grows to 30 s, so a
+/// change made while the API was unreachable could wait half a minute after it is back.
+pub const WATCH_BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// First pause of a failing watch.
+pub const WATCH_BACKOFF_MIN: Duration = Duration::from_millis(500);
+
+/// Retry pauses of the agent's watches: [`WATCH_BACKOFF_MIN`] doubling up to
+/// [`WATCH_BACKOFF_MAX`]; back to the start once a watch works again.
+#[derive(Debug, Clone)]
+pub struct WatchBackoff {
+    next: Duration,
+}
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        WatchBackoff {
+            next: WATCH_BACKOFF_MIN,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        let now = self.next;
+        self.next = (self.next * 2).min(WATCH_BACKOFF_MAX);
+        Some(now)
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = WATCH_BACKOFF_MIN;
+    }
+}
+
 /// How long one write to the API (the Node patch) may take.
 pub const API_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Name this agent reports Kubernetes Events under.
@@ -48,13 +87,46 @@ pub const EVENT_CONTROLLER: &str = "kwire-agent";
 /// Tun MTU before the underlay is known (1500 - 80).
 pub const DEFAULT_TUNNEL_MTU: u32 = 1420;
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_backoff_doubles_to_its_cap_and_resets() {
+        use kube::runtime::utils::Backoff as _;
+        let mut b = WatchBackoff::default();
+        let first: Vec<u64> = b.by_ref().take(6).map(|d| d.as_millis() as u64).collect();
+        assert_eq!(first, vec![500, 1000, 2000, 4000, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next(), Some(WATCH_BACKOFF_MIN));
+    }
+
+    #[test]
+    fn ranges_are_checked() {
+        let n = |s: &str| s.parse::<IpNetwork>().unwrap();
+        assert!(check_ranges(&[], &[])
+            .unwrap_err()
+            .to_string()
+            .contains("--cluster-cidr is required"));
+        assert!(check_ranges(
+            &[n("10.244.0.0/16"), n("fd00:10:244::/56")],
+            &[n("10.96.0.0/12")]
+        )
+        .is_ok());
+        assert!(check_ranges(&[n("10.244.0.5/16")], &[]).is_err());
+        assert!(check_ranges(&[n("10.0.0.0/7")], &[]).is_err());
+        assert!(check_ranges(&[n("10.244.0.0/16")], &[n("10.244.0.0/20")]).is_err());
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct AgentArgs {
     /// Kubeconfig file; default: in-cluster configuration, else $KUBECONFIG or ~/.kube/config.
     #[arg(long)]
     pub kubeconfig: Option<PathBuf>,
-    /// This node's name, as its Node object is named.
-    #[arg(long, env = "NODE_NAME")]
+    /// This node's name, as its Node object is named (the DaemonSet sets NODE_NAME from
+    /// `spec.nodeName`).
+    #[arg(long, env = "NODE_NAME", default_value = "", hide_default_value = true)]
     pub node_name: String,
     /// Directory of the private key and the saved peer set (created 0700).
     #[arg(long, env = "KWIRE_STATE_DIR", default_value = "/var/lib/kwire")]
@@ -91,6 +163,103 @@ pub struct AgentArgs {
     /// (a `PeerUnreachable` Event on its Node, kwire_peer_up 0), e.g. 120s, 2m.
     #[arg(long, env = "KWIRE_PEER_UNREACHABLE_AFTER", default_value = "2m", value_parser = health::parse_duration)]
     pub peer_unreachable_after: Duration,
+    /// Remove what kwire put on this node and exit, instead of running: pod tuns, the host tun
+    /// and its routes, kwire's blackhole routes, the `inet kwire` nftables table, the CNI
+    /// plugin and configuration, the sockets, the state directory's files. For uninstalling,
+    /// after `kubectl delete -f deploy/`; run as root on the node.
+    #[arg(long)]
+    pub cleanup: bool,
+    /// With --cleanup: the node's CNI plugin directory.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
+    /// With --cleanup: the node's CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    /// The cluster's pod range, as kube-controller-manager's --cluster-cidr (repeat it, or
+    /// separate with commas, for IPv4 and IPv6). Required: nothing in these ranges ever leaves
+    /// the node except through the tunnel (unreachable routes cover them before any other
+    /// route), and a Node's podCIDRs are accepted only inside them.
+    #[arg(
+        long = "cluster-cidr",
+        env = "KWIRE_CLUSTER_CIDR",
+        value_delimiter = ','
+    )]
+    pub cluster_cidr: Vec<IpNetwork>,
+    /// The cluster's Service range, as kube-apiserver's --service-cluster-ip-range (repeatable):
+    /// a packet to it that no Service translated is refused, never routed out of the node.
+    #[arg(
+        long = "service-cidr",
+        env = "KWIRE_SERVICE_CIDR",
+        value_delimiter = ','
+    )]
+    pub service_cidr: Vec<IpNetwork>,
+    /// Flows one pod address may hold in the NetworkPolicy connection table; past it that
+    /// pod's new flows are dropped (counted as `flow_limit`), other pods' are unaffected.
+    #[arg(long, env = "KWIRE_MAX_FLOWS_PER_POD", default_value_t = crate::datapath::conntrack::DEFAULT_MAX_FLOWS_PER_POD)]
+    pub max_flows_per_pod: usize,
+}
+
+/// How to set `--cluster-cidr`, for the error that says it is missing.
+pub const CLUSTER_CIDR_HELP: &str = "--cluster-cidr is required: pass the cluster's pod range(s), the same as kube-controller-manager's --cluster-cidr, e.g. `--cluster-cidr 10.244.0.0/16 --cluster-cidr fd00:10:244::/56` (or KWIRE_CLUSTER_CIDR=10.244.0.0/16,fd00:10:244::/56 in the DaemonSet's env)";
+
+/// Checks `--cluster-cidr` and `--service-cidr`: present (the cluster ranges), canonical, not
+/// absurdly wide, not overlapping one another.
+pub fn check_ranges(cluster: &[IpNetwork], services: &[IpNetwork]) -> anyhow::Result<()> {
+    anyhow::ensure!(!cluster.is_empty(), "{CLUSTER_CIDR_HELP}");
+    let all: Vec<(&str, &IpNetwork)> = cluster
+        .iter()
+        .map(|c| ("--cluster-cidr", c))
+        .chain(services.iter().map(|c| ("--service-cidr", c)))
+        .collect();
+    for (flag, c) in &all {
+        let canonical = crate::wg::allowed_ips::canonical(**c);
+        anyhow::ensure!(
+            canonical == **c,
+            "{flag} {c} has host bits set: did you mean {canonical}?"
+        );
+        let min = if c.is_ipv4() {
+            peers::MIN_POD_CIDR_PREFIX_V4
+        } else {
+            peers::MIN_POD_CIDR_PREFIX_V6
+        };
+        anyhow::ensure!(
+            c.prefix() >= min,
+            "{flag} {c} is wider than /{min}: it would capture traffic that is not the cluster's"
+        );
+    }
+    for (i, (fa, a)) in all.iter().enumerate() {
+        for (fb, b) in &all[i + 1..] {
+            anyhow::ensure!(
+                !(peers::inside(a, b) || peers::inside(b, a)),
+                "{fa} {a} and {fb} {b} overlap: pod and Service ranges must be disjoint"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Refuses ranges that contain one of this host's own addresses (other than on the tun): the
+/// cluster's unreachable routes would cut the node off.
+fn check_host_addresses(ranges: &[IpNetwork], tun: &str) -> anyhow::Result<Vec<IpAddr>> {
+    let mut nl = crate::io::netlink::Netlink::open().context("opening a netlink socket")?;
+    let links = nl.links().context("listing links")?;
+    let tun_index = links.iter().find(|l| l.name == tun).map(|l| l.index);
+    let mut own = Vec::new();
+    for a in nl.addresses().context("listing addresses")? {
+        let ip = a.addr.ip();
+        if Some(a.index) == tun_index || ip.is_loopback() {
+            continue;
+        }
+        if let Some(r) = ranges.iter().find(|r| r.contains(ip)) {
+            let name = links
+                .iter()
+                .find(|l| l.index == a.index)
+                .map_or("?", |l| l.name.as_str());
+            anyhow::bail!("{r} (--cluster-cidr or --service-cidr) contains this host's address {ip} on {name}: pod and Service ranges must not contain node addresses");
+        }
+        own.push(ip);
+    }
+    Ok(own)
 }
 
 /// Runs the agent until SIGTERM or SIGINT; then removes the userspace API socket and exits 0,
@@ -100,6 +269,21 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     crate::io::tun::check_ifname(&args.interface)
         .with_context(|| format!("--interface {:?}", args.interface))?;
+    if args.cleanup {
+        let done = cleanup::cleanup(&cleanup::CleanupPlan {
+            interface: args.interface.clone(),
+            state_dir: args.state_dir.clone(),
+            run_dir: args.run_dir.clone(),
+            uapi_dir: args.uapi_dir.clone(),
+            cni_bin_dir: args.cni_bin_dir.clone(),
+            cni_conf_dir: args.cni_conf_dir.clone(),
+        })?;
+        for line in &done {
+            println!("{line}");
+        }
+        println!("kwire cleanup: done ({} removed)", done.len());
+        return Ok(());
+    }
     anyhow::ensure!(
         !args.node_name.is_empty(),
         "--node-name (or NODE_NAME) is empty: set it to this node's Node name"
@@ -110,6 +294,18 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
             "--endpoint {e}: not a unicast address with a port"
         );
     }
+    check_ranges(&args.cluster_cidr, &args.service_cidr)?;
+    anyhow::ensure!(
+        args.max_flows_per_pod > 0,
+        "--max-flows-per-pod must be at least 1"
+    );
+    let ranges: Vec<IpNetwork> = args
+        .cluster_cidr
+        .iter()
+        .chain(&args.service_cidr)
+        .copied()
+        .collect();
+    let host_addresses = check_host_addresses(&ranges, &args.interface)?;
     let key = keyfile::load_or_create(&args.state_dir)?;
     let restored = match state::load(&args.state_dir) {
         Ok(s) => s,
@@ -127,7 +323,14 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .thread_name("kwire-agent")
         .build()?;
     let sock_path = args.uapi_dir.join(format!("{}.sock", args.interface));
-    let r = rt.block_on(agent_main(args, key, restored, workers, &sock_path));
+    let r = rt.block_on(agent_main(
+        args,
+        key,
+        restored,
+        workers,
+        &sock_path,
+        host_addresses,
+    ));
     let _ = std::fs::remove_file(&sock_path);
     r?;
     // Worker threads are blocked in system calls; exiting is the clean way to end them.
@@ -140,12 +343,18 @@ async fn agent_main(
     restored: Option<state::State>,
     workers: usize,
     sock_path: &Path,
+    host_addresses: Vec<IpAddr>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.run_dir)
         .with_context(|| format!("creating --run-dir {}", args.run_dir.display()))?;
     let listener = uapi_server::bind(sock_path)?;
     // Persistent: a restart re-attaches; addresses, routes and blackholes stay (fail closed).
     let tun = TunnelDevice::start_with(&args.interface, workers, true, true)?;
+    tun.net.pods.set_cluster_ranges(args.cluster_cidr.clone());
+    tun.net
+        .pods
+        .conntrack
+        .set_max_flows_per_pod(args.max_flows_per_pod);
     let own_key = key.public_key();
     let mut first = SetRequest {
         private_key: Some(Some(key)),
@@ -180,6 +389,7 @@ async fn agent_main(
         tun.device.clone(),
         tun.net.clone(),
         status.clone(),
+        host_addresses,
     );
     info!(node = %args.node_name, interface = %args.interface, port = args.listen_port, public_key = %own_key, "kwire agent starting");
     let cidrs = agent.cidrs_tx.subscribe();
@@ -191,9 +401,14 @@ async fn agent_main(
     let pods = tokio::spawn(pod_network::serve(
         cidrs,
         tun.net.pods.clone(),
+        pod_network::Firewall {
+            ifname: args.interface.clone(),
+            cluster: args.cluster_cidr.clone(),
+            services: args.service_cidr.clone(),
+            counters: tun.counters.clone(),
+        },
         args.run_dir.clone(),
         args.state_dir.clone(),
-        args.interface.clone(),
     ));
     let metrics = crate::metrics::bind(args.metrics_addr, status.clone()).await?;
     let metrics = tokio::spawn(metrics);
@@ -263,6 +478,10 @@ struct Agent {
     status: Arc<NodeState>,
     host: HostNetwork,
     own_cidrs: Vec<IpNetwork>,
+    /// `--cluster-cidr`.
+    cluster: Vec<IpNetwork>,
+    /// This host's addresses outside the tun (no podCIDR may contain one).
+    host_addresses: Vec<IpAddr>,
     /// Tun MTU and the InternalIP it was derived from.
     mtu: u32,
     mtu_from: Option<IpAddr>,
@@ -297,6 +516,7 @@ impl Agent {
         device: Arc<Device>,
         net: Network,
         status: Arc<NodeState>,
+        host_addresses: Vec<IpAddr>,
     ) -> Agent {
         Agent {
             node_name: args.node_name.clone(),
@@ -311,6 +531,8 @@ impl Agent {
             status,
             host: HostNetwork::new(&args.interface),
             own_cidrs: Vec::new(),
+            cluster: args.cluster_cidr.clone(),
+            host_addresses,
             mtu: args.mtu.unwrap_or(DEFAULT_TUNNEL_MTU),
             mtu_from: None,
             applied: BTreeMap::new(),
@@ -368,7 +590,12 @@ impl Agent {
         self.status
             .pod_cidrs
             .store(Arc::new(self.own_cidrs.clone()));
-        let errors = self.host.sync(self.mtu, &self.own_cidrs, &peer_cidrs);
+        let errors = self.host.sync(&routes::Desired {
+            mtu: self.mtu,
+            own: self.own_cidrs.clone(),
+            peers: peer_cidrs,
+            cluster: self.cluster.clone(),
+        });
         for e in &errors {
             warn!(error = %e, interface = %self.host.ifname, "programming the tun's addresses or routes");
         }
@@ -388,8 +615,8 @@ impl Agent {
                 instance: Some(self.node_name.clone()),
             },
         ));
-        let stream =
-            watcher::watcher(nodes_api.clone(), watcher::Config::default()).default_backoff();
+        let stream = watcher::watcher(nodes_api.clone(), watcher::Config::default())
+            .backoff(WatchBackoff::default());
         let mut stream = std::pin::pin!(stream);
         let mut tick = tokio::time::interval(RETRY_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -502,6 +729,12 @@ impl Agent {
             let cidrs = own.parsed_pod_cidrs();
             if !cidrs.is_empty() && cidrs != self.own_cidrs {
                 info!(pod_cidrs = %nets(&cidrs), "this node's pod CIDRs");
+                for c in cidrs
+                    .iter()
+                    .filter(|c| !self.cluster.iter().any(|r| peers::inside(c, r)))
+                {
+                    warn!(pod_cidr = %c, cluster_cidrs = %nets(&self.cluster), "this node's pod CIDR is outside --cluster-cidr: other nodes refuse it; make --cluster-cidr match kube-controller-manager's");
+                }
                 self.own_cidrs = cidrs;
             }
             if self.mtu_override.is_none() {
@@ -529,6 +762,8 @@ impl Agent {
             self_key: self.own_key,
             default_port: self.listen_port,
             default_keepalive: self.default_keepalive,
+            cluster_cidrs: self.cluster.clone(),
+            host_addresses: self.host_addresses.clone(),
         };
         let sel = peers::select(&infos, &self.own_cidrs, &settings);
 

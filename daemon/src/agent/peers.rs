@@ -30,6 +30,8 @@ pub struct NodeInfo {
     pub pod_cidrs: Vec<String>,
     /// `status.addresses` of type InternalIP that parse, in order.
     pub internal_ips: Vec<IpAddr>,
+    /// Every address of `status.addresses` that parses (InternalIP, ExternalIP, ...).
+    pub addresses: Vec<IpAddr>,
 }
 
 impl NodeInfo {
@@ -41,17 +43,17 @@ impl NodeInfo {
         if pod_cidrs.is_empty() {
             pod_cidrs.extend(spec.and_then(|s| s.pod_cidr.clone()));
         }
-        let internal_ips = n
-            .status
-            .as_ref()
-            .and_then(|s| s.addresses.as_ref())
-            .map(|a| {
-                a.iter()
-                    .filter(|a| a.type_ == "InternalIP")
-                    .filter_map(|a| a.address.parse().ok())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let status_addresses = n.status.as_ref().and_then(|s| s.addresses.as_ref());
+        let parsed = |internal_only: bool| -> Vec<IpAddr> {
+            status_addresses
+                .map(|a| {
+                    a.iter()
+                        .filter(|a| !internal_only || a.type_ == "InternalIP")
+                        .filter_map(|a| a.address.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
         NodeInfo {
             name: n.metadata.name.clone().unwrap_or_default(),
             created: n
@@ -63,7 +65,8 @@ impl NodeInfo {
             endpoint: get(annotations::ENDPOINT),
             keepalive: get(annotations::PERSISTENT_KEEPALIVE),
             pod_cidrs,
-            internal_ips,
+            internal_ips: parsed(true),
+            addresses: parsed(false),
         }
     }
 
@@ -109,10 +112,15 @@ pub enum RejectReason {
     OverlappingPodCidrs,
     /// `kwire.dev/persistent-keepalive` is not a number of seconds (0 to 65535).
     BadKeepalive,
+    /// A podCIDR outside every cluster range (`--cluster-cidr`).
+    PodCidrOutsideCluster,
+    /// A podCIDR that contains a Node's address or one of this node's own addresses: routing
+    /// it into the tunnel would capture that node's traffic.
+    PodCidrCoversNode,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 11] = [
         RejectReason::MalformedKey,
         RejectReason::ZeroKey,
         RejectReason::DuplicateKey,
@@ -122,6 +130,8 @@ impl RejectReason {
         RejectReason::BadPodCidr,
         RejectReason::OverlappingPodCidrs,
         RejectReason::BadKeepalive,
+        RejectReason::PodCidrOutsideCluster,
+        RejectReason::PodCidrCoversNode,
     ];
 
     /// The `reason` label of `kwire_invalid_peer_total`.
@@ -136,6 +146,8 @@ impl RejectReason {
             RejectReason::BadPodCidr => "bad_pod_cidr",
             RejectReason::OverlappingPodCidrs => "overlapping_pod_cidrs",
             RejectReason::BadKeepalive => "bad_keepalive",
+            RejectReason::PodCidrOutsideCluster => "pod_cidr_outside_cluster",
+            RejectReason::PodCidrCoversNode => "pod_cidr_covers_node",
         }
     }
 
@@ -151,6 +163,8 @@ impl RejectReason {
             RejectReason::BadPodCidr => "KwireBadPodCIDR",
             RejectReason::OverlappingPodCidrs => "KwireOverlappingPodCIDRs",
             RejectReason::BadKeepalive => "KwireBadPersistentKeepalive",
+            RejectReason::PodCidrOutsideCluster => "KwirePodCIDROutsideCluster",
+            RejectReason::PodCidrCoversNode => "KwirePodCIDRCoversNode",
         }
     }
 }
@@ -174,6 +188,10 @@ pub struct Settings {
     pub default_port: u16,
     /// Keepalive for peers without the annotation (0: off).
     pub default_keepalive: u16,
+    /// The cluster's pod ranges: every accepted podCIDR lies inside one.
+    pub cluster_cidrs: Vec<IpNetwork>,
+    /// This node's own addresses (its underlay): no podCIDR may contain one.
+    pub host_addresses: Vec<IpAddr>,
 }
 
 /// The result of peer selection.
@@ -228,6 +246,19 @@ fn net_key(n: &IpNetwork) -> (bool, u128, u8) {
     }
 }
 
+/// (is IPv6, first address, last address) of a range, as numbers.
+fn span(c: &IpNetwork) -> (bool, u128, u128) {
+    let (v6, start, p) = net_key(c);
+    let width = if v6 { 128 } else { 32 };
+    let host = width - u32::from(p);
+    let end = if host >= 128 {
+        u128::MAX
+    } else {
+        start | ((1u128 << host) - 1)
+    };
+    (v6, start, end)
+}
+
 /// `addr` with only its first `prefix` bits kept.
 fn mask(v6: bool, addr: u128, prefix: u8) -> u128 {
     let width = if v6 { 128 } else { 32 };
@@ -249,20 +280,14 @@ impl<'a> Claimed<'a> {
 
     /// The earliest claimed range that overlaps `c`, with its owner.
     fn first_overlap(&self, c: &IpNetwork) -> Option<(IpNetwork, &'a str)> {
-        let (v6, start, p) = net_key(c);
-        let width = if v6 { 128 } else { 32 };
-        let host = width - u32::from(p);
-        let end = if host >= 128 {
-            u128::MAX
-        } else {
-            start | ((1u128 << host) - 1)
-        };
+        let (v6, start, end) = span(c);
         let mut best: Option<(usize, IpNetwork, &'a str)> = None;
         let mut consider = |hit: &(usize, IpNetwork, &'a str)| {
             if best.is_none_or(|b| hit.0 < b.0) {
                 best = Some(*hit);
             }
         };
+        let p = c.prefix();
         for &(_, q) in self.prefixes.range((v6, 0)..=(v6, p)) {
             if let Some(hit) = self.by_net.get(&(v6, mask(v6, start, q), q)) {
                 consider(hit);
@@ -279,9 +304,57 @@ impl<'a> Claimed<'a> {
     }
 }
 
+/// The addresses no podCIDR may contain (every Node's, this host's), sorted per family, so
+/// that "does this range contain one" is a binary search (a scan would make selection
+/// quadratic in the number of Nodes).
+#[derive(Default)]
+struct Reserved {
+    v4: Vec<u128>,
+    v6: Vec<u128>,
+}
+
+impl Reserved {
+    fn new<'a>(ips: impl Iterator<Item = &'a IpAddr>) -> Reserved {
+        let mut r = Reserved::default();
+        for ip in ips {
+            match ip {
+                IpAddr::V4(a) => r.v4.push(u32::from(*a).into()),
+                IpAddr::V6(a) => r.v6.push(u128::from(*a)),
+            }
+        }
+        r.v4.sort_unstable();
+        r.v6.sort_unstable();
+        r
+    }
+
+    /// The first reserved address inside `c`.
+    fn inside(&self, c: &IpNetwork) -> Option<IpAddr> {
+        let (v6, start, end) = span(c);
+        let list = if v6 { &self.v6 } else { &self.v4 };
+        let i = list.partition_point(|a| *a < start);
+        let a = *list.get(i).filter(|a| **a <= end)?;
+        Some(if v6 {
+            IpAddr::V6(a.into())
+        } else {
+            IpAddr::V4((a as u32).into())
+        })
+    }
+}
+
+/// Whether `c` lies inside `range` (same family, at least as long a prefix).
+pub fn inside(c: &IpNetwork, range: &IpNetwork) -> bool {
+    c.is_ipv4() == range.is_ipv4() && range.prefix() <= c.prefix() && range.contains(c.network())
+}
+
 /// Chooses the peers among `nodes`. Older Nodes (creationTimestamp, then name) win a
 /// contested public key or pod range; this node always wins its own.
 pub fn select(nodes: &[NodeInfo], own_pod_cidrs: &[IpNetwork], s: &Settings) -> Selection {
+    let reserved = Reserved::new(
+        nodes
+            .iter()
+            .flat_map(|n| n.addresses.iter().chain(&n.internal_ips))
+            .chain(&s.host_addresses),
+    );
     let mut order: Vec<&NodeInfo> = nodes
         .iter()
         .filter(|n| n.name != s.self_name && !n.name.is_empty())
@@ -301,7 +374,7 @@ pub fn select(nodes: &[NodeInfo], own_pod_cidrs: &[IpNetwork], s: &Settings) -> 
             reason,
             detail,
         };
-        match check_node(n, s, &mut keys, &mut claimed) {
+        match check_node(n, s, &reserved, &mut keys, &mut claimed) {
             Ok(Some(p)) => {
                 out.peers.insert(n.name.clone(), p);
             }
@@ -318,6 +391,7 @@ type Refusal = (RejectReason, String);
 fn check_node<'a>(
     n: &'a NodeInfo,
     s: &Settings,
+    reserved: &Reserved,
     keys: &mut BTreeMap<PublicKey, &'a str>,
     claimed: &mut Claimed<'a>,
 ) -> Result<Option<DesiredPeer>, Refusal> {
@@ -366,13 +440,32 @@ fn check_node<'a>(
                 format!("spec.podCIDRs entry {c} is wider than /{min}"),
             ));
         }
-        cidrs.push(canonical(net));
+        let net = canonical(net);
+        if !s.cluster_cidrs.iter().any(|r| inside(&net, r)) {
+            let ranges: Vec<String> = s.cluster_cidrs.iter().map(ToString::to_string).collect();
+            return Err((
+                RejectReason::PodCidrOutsideCluster,
+                format!(
+                    "spec.podCIDRs entry {net} is outside the cluster's pod ranges ({}); the agents' --cluster-cidr must match kube-controller-manager's --cluster-cidr",
+                    ranges.join(", ")
+                ),
+            ));
+        }
+        cidrs.push(net);
     }
     for c in &cidrs {
         if let Some((other, owner)) = claimed.first_overlap(c) {
             return Err((
                 RejectReason::OverlappingPodCidrs,
                 format!("spec.podCIDRs entry {c} overlaps {other} of node {owner}"),
+            ));
+        }
+    }
+    for c in &cidrs {
+        if let Some(ip) = reserved.inside(c) {
+            return Err((
+                RejectReason::PodCidrCoversNode,
+                format!("spec.podCIDRs entry {c} contains node address {ip}: routing it into the tunnel would capture that node's traffic"),
             ));
         }
     }
@@ -554,6 +647,11 @@ mod tests {
             self_key: key(1),
             default_port: 51820,
             default_keepalive: 0,
+            cluster_cidrs: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00::/8".parse().unwrap(),
+            ],
+            host_addresses: vec!["10.244.200.1".parse().unwrap()],
         }
     }
 
@@ -570,6 +668,7 @@ mod tests {
             } else {
                 vec![ip.parse().unwrap()]
             },
+            addresses: vec![],
         }
     }
 
@@ -758,6 +857,36 @@ mod tests {
                 "duplicate key of older node",
                 |n| n.public_key = Some(key(2).to_base64()),
                 RejectReason::DuplicateKey,
+            ),
+            (
+                "podCIDR outside the cluster ranges",
+                |n| n.pod_cidrs = vec!["10.99.5.0/24".into()],
+                RejectReason::PodCidrOutsideCluster,
+            ),
+            (
+                "v6 podCIDR outside the cluster ranges",
+                |n| n.pod_cidrs = vec!["10.244.5.0/24".into(), "2001:db8::/64".into()],
+                RejectReason::PodCidrOutsideCluster,
+            ),
+            (
+                "podCIDR wider than the cluster range",
+                |n| n.pod_cidrs = vec!["10.240.0.0/12".into()],
+                RejectReason::PodCidrOutsideCluster,
+            ),
+            (
+                "podCIDR covers the node's own InternalIP",
+                |n| n.internal_ips = vec!["10.244.5.7".parse().unwrap()],
+                RejectReason::PodCidrCoversNode,
+            ),
+            (
+                "podCIDR covers the node's ExternalIP",
+                |n| n.addresses = vec!["10.244.5.200".parse().unwrap()],
+                RejectReason::PodCidrCoversNode,
+            ),
+            (
+                "podCIDR covers this node's underlay",
+                |n| n.pod_cidrs = vec!["10.244.200.0/24".into()],
+                RejectReason::PodCidrCoversNode,
             ),
             (
                 "keepalive garbage",

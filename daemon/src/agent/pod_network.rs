@@ -1,8 +1,11 @@
 //! The agent's pods: once this node's pod CIDRs are known, serve the CNI socket and plug each
 //! pod's tun into the packet loop; make the host forward and masquerade what pods send to the
-//! outside world.
+//! outside world. From the start, the host firewall ([`Firewall`]) keeps plaintext from other
+//! hosts away from the pods and the cluster's ranges off every interface but the tun.
 
+use super::sysctl;
 use crate::cni::{CniServer, CniServerConfig, PodAttachment, PodDataPlane};
+use crate::datapath::stats::{Counters, DropReason};
 use crate::dataplane::ports::{PodName, Pods};
 use ipnetwork::IpNetwork;
 use std::collections::HashMap;
@@ -10,6 +13,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -67,14 +71,199 @@ pub fn gateways(cidrs: &[IpNetwork]) -> Vec<IpAddr> {
         .collect()
 }
 
-/// Waits for the pod CIDRs, then serves CNI until the task is aborted.
+/// The host firewall kwire owns (`table inet kwire`, recreated whole in one `nft -f -`
+/// transaction): what keeps plaintext off the node's pods and the cluster's ranges off every
+/// other interface, and the pods' masquerading.
+#[derive(Debug, Clone)]
+pub struct Firewall {
+    /// The host tun (`kwire0`).
+    pub ifname: String,
+    /// `--cluster-cidr`.
+    pub cluster: Vec<IpNetwork>,
+    /// `--service-cidr`.
+    pub services: Vec<IpNetwork>,
+    /// The loop's counters: the firewall's drops are added to them.
+    pub counters: Arc<Counters>,
+}
+
+/// nftables counter of packets from another interface forwarded toward the tun (plaintext
+/// from the underlay aimed at a pod, or at a peer's pods through this node) and dropped.
+pub const COUNTER_UNDERLAY: &str = "underlay_plaintext";
+/// nftables counter of packets to a cluster or Service range about to leave by an interface
+/// other than the tun (a more specific foreign route, or a Service nothing translated), refused.
+pub const COUNTER_ESCAPE: &str = "cluster_escape";
+/// How often the firewall's counters are added to the loop's drop counters.
+pub const FIREWALL_COUNTER_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Firewall {
+    /// The whole ruleset for this node's pod CIDRs `own` (none yet: no masquerading).
+    pub fn ruleset(&self, own: &[IpNetwork]) -> String {
+        let tun = &self.ifname;
+        let ranges: Vec<&IpNetwork> = self.cluster.iter().chain(&self.services).collect();
+        let set = |v4: bool| -> Option<String> {
+            let e: Vec<String> = ranges
+                .iter()
+                .filter(|r| r.is_ipv4() == v4)
+                .map(ToString::to_string)
+                .collect();
+            (!e.is_empty()).then(|| e.join(", "))
+        };
+        let mut guard = String::new();
+        for (fam, v4) in [("ip", true), ("ip6", false)] {
+            if let Some(elems) = set(v4) {
+                guard.push_str(&format!(
+                    "    {fam} daddr {{ {elems} }} oifname != {{ \"{tun}\", \"lo\" }} counter name {COUNTER_ESCAPE} reject with icmpx type admin-prohibited\n"
+                ));
+            }
+        }
+        let mut nat = String::new();
+        for c in own {
+            let fam = if c.is_ipv4() { "ip" } else { "ip6" };
+            nat.push_str(&format!(
+                "    {fam} saddr {c} oifname != \"{tun}\" masquerade\n"
+            ));
+            // Hairpin: a pod's connection that the kernel DNATed (a hostPort) back to a pod on
+            // this node. Without this the answer would go pod to pod inside the packet loop,
+            // past the kernel's conntrack, and never be un-NATed; from the node's gateway
+            // address it comes back through the kernel.
+            nat.push_str(&format!(
+                "    {fam} saddr {c} oifname \"{tun}\" ct status dnat masquerade\n"
+            ));
+        }
+        format!(
+            "add table inet kwire
+delete table inet kwire
+table inet kwire {{
+  counter {COUNTER_UNDERLAY} {{ }}
+  counter {COUNTER_ESCAPE} {{ }}
+  chain forward {{
+    type filter hook forward priority filter - 10; policy accept;
+    # Into the tun only what came out of it, or what this node translated: a hostPort
+    # (DNAT) or the answer to a pod's masqueraded connection. Plaintext from another host,
+    # whatever its source address, stops here.
+    oifname \"{tun}\" iifname != \"{tun}\" ct status dnat accept
+    oifname \"{tun}\" iifname != \"{tun}\" ct direction reply ct status snat accept
+    oifname \"{tun}\" iifname != \"{tun}\" ct state related ct status snat accept
+    oifname \"{tun}\" iifname != \"{tun}\" counter name {COUNTER_UNDERLAY} drop
+{guard}  }}
+  chain output {{
+    type filter hook output priority filter - 10; policy accept;
+{guard}  }}
+  chain postrouting {{
+    type nat hook postrouting priority srcnat; policy accept;
+{nat}  }}
+}}
+"
+        )
+    }
+
+    /// Installs the ruleset (one transaction: no moment without the filter).
+    pub fn install(&self, own: &[IpNetwork]) -> std::io::Result<()> {
+        nft(&["-f", "-"], Some(&self.ruleset(own))).map(drop)
+    }
+
+    /// Adds what the firewall dropped since the last look to the loop's drop counters, until
+    /// the task is aborted.
+    pub async fn count_drops(self) {
+        let mut last: HashMap<String, u64> = HashMap::new();
+        let mut tick = tokio::time::interval(FIREWALL_COUNTER_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut warned = false;
+        loop {
+            tick.tick().await;
+            let out = tokio::task::spawn_blocking(|| {
+                nft(&["-j", "list", "counters", "table", "inet", "kwire"], None)
+            })
+            .await;
+            let text = match out {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    if !warned {
+                        warn!(error = %e, "cannot read the firewall's drop counters");
+                        warned = true;
+                    }
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            for (name, now) in parse_counters(&text) {
+                let before = last.insert(name.clone(), now).unwrap_or(0);
+                // A recreated table starts from zero again.
+                let delta = if now >= before { now - before } else { now };
+                let reason = match name.as_str() {
+                    COUNTER_UNDERLAY => DropReason::UnderlayPlaintext,
+                    COUNTER_ESCAPE => DropReason::NoPeer,
+                    _ => continue,
+                };
+                self.counters.drop_n(reason, delta);
+            }
+        }
+    }
+}
+
+/// (name, packets) of each counter in `nft -j list counters` output.
+pub fn parse_counters(json: &str) -> Vec<(String, u64)> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    v["nftables"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .filter_map(|i| {
+                    let c = i.get("counter")?;
+                    Some((c["name"].as_str()?.to_string(), c["packets"].as_u64()?))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Runs `nft ARGS` with `stdin`; its stdout.
+fn nft(args: &[&str], stdin: Option<&str>) -> std::io::Result<String> {
+    use std::io::Write;
+    let mut child = Command::new("nft")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(text) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(text.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        return Err(std::io::Error::other(format!(
+            "nft {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Installs the firewall at once (before any pod exists), waits for the pod CIDRs, then
+/// serves CNI until the task is aborted.
 pub async fn serve(
     mut cidrs: CidrWatch,
     pods: Arc<Pods>,
+    firewall: Firewall,
     run_dir: PathBuf,
     state_dir: PathBuf,
-    ifname: String,
 ) {
+    if let Err(e) = firewall.install(&[]) {
+        error!(error = %e, "cannot install the host firewall (table inet kwire): plaintext from other hosts is not kept from the tun");
+    }
+    let _counting = AbortOnDrop(tokio::spawn(firewall.clone().count_drops()));
     let (own, mtu) = loop {
         let v = cidrs.borrow_and_update().clone();
         if !v.0.is_empty() {
@@ -86,7 +275,7 @@ pub async fn serve(
     };
     pods.set_gateways(gateways(&own));
     pods.set_mtu(mtu);
-    if let Err(e) = host_forwarding(&ifname, &own) {
+    if let Err(e) = host_forwarding(&firewall, &own) {
         warn!(error = %e, "pods cannot reach the outside world until forwarding and masquerading work");
     }
     let cfg = CniServerConfig {
@@ -123,51 +312,32 @@ pub async fn serve(
     server.serve(listener, std::future::pending()).await;
 }
 
+/// Turns a forwarding sysctl on, unless it is on already (through the node's `/proc/sys/net`
+/// mount in a container, see [`sysctl`]); the error says what to do.
+fn forwarding_on(key: &str) -> std::io::Result<()> {
+    if sysctl::get(key)? == "1" {
+        return Ok(());
+    }
+    sysctl::set(key, "1")
+}
+
+/// Aborts a task when dropped (the counting task ends with the serving one).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Pods reach the node and the outside world through the host tun: the kernel forwards and
 /// masquerades what leaves any other interface with a pod source address.
-fn host_forwarding(ifname: &str, own: &[IpNetwork]) -> std::io::Result<()> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")?;
+fn host_forwarding(firewall: &Firewall, own: &[IpNetwork]) -> std::io::Result<()> {
+    forwarding_on("ipv4/ip_forward")?;
     if own.iter().any(IpNetwork::is_ipv6) {
-        std::fs::write("/proc/sys/net/ipv6/conf/all/forwarding", "1")?;
+        forwarding_on("ipv6/conf/all/forwarding")?;
     }
-    let mut rules = String::new();
-    for c in own {
-        let fam = if c.is_ipv4() { "ip" } else { "ip6" };
-        rules.push_str(&format!(
-            "    {fam} saddr {c} oifname != \"{ifname}\" masquerade\n"
-        ));
-        // Hairpin: a pod's connection that the kernel DNATed (a hostPort) back to a pod on
-        // this node. Without this the answer would go pod to pod inside the packet loop, past
-        // the kernel's conntrack, and never be un-NATed; from the node's gateway address it
-        // comes back through the kernel.
-        rules.push_str(&format!(
-            "    {fam} saddr {c} oifname \"{ifname}\" ct status dnat masquerade\n"
-        ));
-    }
-    // Recreated whole, so a restart or a CIDR change leaves no stale rule.
-    let script = format!(
-        "add table inet kwire\ndelete table inet kwire\ntable inet kwire {{\n  chain postrouting {{\n    type nat hook postrouting priority srcnat; policy accept;\n{rules}  }}\n}}\n"
-    );
-    let mut child = Command::new("nft")
-        .arg("-f")
-        .arg("-")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    use std::io::Write;
-    child
-        .stdin
-        .take()
-        .expect("piped")
-        .write_all(script.as_bytes())?;
-    let out = child.wait_with_output()?;
-    if !out.status.success() {
-        return Err(std::io::Error::other(format!(
-            "nft: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
-    }
+    firewall.install(own)?;
     info!(pod_cidrs = ?own, "forwarding on, pods masqueraded to the node's address when leaving the node");
     Ok(())
 }
@@ -175,6 +345,73 @@ fn host_forwarding(ifname: &str, own: &[IpNetwork]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn firewall() -> Firewall {
+        Firewall {
+            ifname: "kw0".into(),
+            cluster: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:10:244::/56".parse().unwrap(),
+            ],
+            services: vec!["10.96.0.0/12".parse().unwrap()],
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    #[test]
+    fn the_ruleset_filters_forwarding_into_the_tun_and_guards_the_ranges() {
+        let r = firewall().ruleset(&["10.244.1.0/24".parse().unwrap()]);
+        assert!(
+            r.starts_with("add table inet kwire\ndelete table inet kwire\n"),
+            "{r}"
+        );
+        assert!(
+            r.contains("oifname \"kw0\" iifname != \"kw0\" counter name underlay_plaintext drop"),
+            "{r}"
+        );
+        assert!(
+            r.contains("oifname \"kw0\" iifname != \"kw0\" ct status dnat accept"),
+            "{r}"
+        );
+        assert!(r.contains("ip daddr { 10.244.0.0/16, 10.96.0.0/12 } oifname != { \"kw0\", \"lo\" } counter name cluster_escape reject"), "{r}");
+        assert!(r.contains("ip6 daddr { fd00:10:244::/56 }"), "{r}");
+        assert!(
+            r.contains("ip saddr 10.244.1.0/24 oifname != \"kw0\" masquerade"),
+            "{r}"
+        );
+        // Before the pod CIDRs are known: the filter, no masquerading.
+        assert!(!firewall().ruleset(&[]).contains(" masquerade\n"));
+    }
+
+    /// The ruleset is what `nft` accepts (checked, not installed: `nft -c`).
+    #[test]
+    fn nft_accepts_the_ruleset() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let r = firewall().ruleset(&[
+            "10.244.1.0/24".parse().unwrap(),
+            "fd00:10:244:1::/64".parse().unwrap(),
+        ]);
+        match nft(&["-c", "-f", "-"], Some(&r)) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("{e}\n{r}"),
+        }
+    }
+
+    #[test]
+    fn reads_nft_counters() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}}, {"counter": {"family": "inet", "name": "underlay_plaintext", "table": "kwire", "handle": 1, "packets": 7, "bytes": 420}}, {"counter": {"family": "inet", "name": "cluster_escape", "table": "kwire", "handle": 2, "packets": 0, "bytes": 0}}]}"#;
+        assert_eq!(
+            parse_counters(json),
+            vec![
+                ("underlay_plaintext".to_string(), 7),
+                ("cluster_escape".to_string(), 0)
+            ]
+        );
+        assert!(parse_counters("garbage").is_empty());
+    }
 
     #[test]
     fn gateways_are_the_first_addresses() {

@@ -37,7 +37,7 @@ where
 {
     let (store, writer) = reflector::store();
     let s = reflector::reflector(writer, watcher::watcher(api, watcher::Config::default()))
-        .default_backoff()
+        .backoff(super::WatchBackoff::default())
         .map(move |r| match r {
             Ok(Event::InitDone) => Change::Event(idx, true),
             Ok(_) => Change::Event(idx, false),
@@ -63,7 +63,8 @@ pub async fn run(client: Client, pods: Arc<Pods>) {
     let mut events = std::pin::pin!(events);
     let mut listed = [false; 3];
     let mut dirty = false;
-    let mut last_err: Option<Instant> = None;
+    // One warning per failing watch per interval.
+    let mut last_err: [Option<Instant>; 3] = [None; 3];
     let mut tick = tokio::time::interval(REBUILD_DELAY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -74,10 +75,10 @@ pub async fn run(client: Client, pods: Arc<Pods>) {
                     dirty = true;
                 }
                 Some(Change::Error(i, e)) => {
-                    if last_err.is_none_or(|t| t.elapsed() >= Duration::from_secs(30)) {
+                    if last_err[i].is_none_or(|t| t.elapsed() >= super::WATCH_ERROR_LOG_INTERVAL) {
                         let what = ["Pods", "Namespaces", "NetworkPolicies"][i];
                         warn!(error = %e, "watching {what} failed; retrying with backoff, the last policy stays in force");
-                        last_err = Some(Instant::now());
+                        last_err[i] = Some(Instant::now());
                     }
                 }
                 None => return,

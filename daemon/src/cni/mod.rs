@@ -4,6 +4,7 @@
 //! [`PodDataPlane`].
 
 pub mod cni_server;
+pub mod install;
 pub mod ipam;
 pub mod netns;
 pub mod result;

@@ -3,17 +3,18 @@
 //! earlier attachment of the pod holds it), the tunnel MTU, link up. The daemon keeps the tun's fd; the device outlives a daemon restart.
 //!
 //! The namespace switch happens on a short-lived thread ([`crate::io::netns::run_in`]);
-//! addresses and routes are programmed by running iproute2's `ip` from that thread (the child
-//! inherits the thread's namespace). Blocking: call from `spawn_blocking`.
+//! the link, addresses and routes are programmed over a netlink socket opened on that thread
+//! (so it lives in the pod's namespace; [`crate::io::netlink`]), no `ip` process. Blocking:
+//! call from `spawn_blocking`.
 
+use crate::io::netlink::{self, Netlink, Request, Route, RouteKind};
 use crate::io::netns::run_in;
 use crate::io::tun::{if_index, TunOptions, TunQueue};
-use serde_json::Value;
+use ipnetwork::IpNetwork;
 use std::fs::File;
 use std::io;
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::process::Command;
 
 /// How pod tuns are opened: virtio-net headers with TSO offloads, one queue.
 pub const POD_TUN: TunOptions = TunOptions {
@@ -44,11 +45,12 @@ pub enum NetnsError {
         #[source]
         source: io::Error,
     },
-    #[error("configuring {ifname} in the pod's network namespace: `ip {args}` failed: {stderr}")]
-    Ip {
+    #[error("configuring {ifname} in the pod's network namespace: {step}: {source}")]
+    Netlink {
         ifname: String,
-        args: String,
-        stderr: String,
+        step: String,
+        #[source]
+        source: io::Error,
     },
     #[error("interface {ifname} in the pod's network namespace: {what}")]
     Check { ifname: String, what: String },
@@ -71,23 +73,46 @@ fn enter<R: Send>(
     run_in(netns, f).map_err(|source| NetnsError::Enter { source })?
 }
 
-/// Runs `ip ARGS` in the current thread's namespace.
-fn ip(ifname: &str, args: &[&str]) -> Result<String, NetnsError> {
-    let fail = |stderr: String| NetnsError::Ip {
+/// Routing protocol of the pod's default routes: `boot`, as `ip route add` marks them.
+const RTPROT_BOOT: u8 = 3;
+/// Metric of the pod's default routes: what `ip route add` gives each family.
+const DEFAULT_METRIC_V4: u32 = 0;
+const DEFAULT_METRIC_V6: u32 = 1024;
+
+/// A netlink socket in the current thread's namespace, and the index of `ifname` there.
+fn open(ifname: &str) -> Result<(Netlink, u32), NetnsError> {
+    let fail = |step: &str, source| NetnsError::Netlink {
         ifname: ifname.into(),
-        args: args.join(" "),
-        stderr,
+        step: step.into(),
+        source,
     };
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| fail(format!("running ip (iproute2): {e}")))?;
-    if !out.status.success() {
-        return Err(fail(
-            String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        ));
+    let nl = Netlink::open().map_err(|e| fail("opening a netlink socket", e))?;
+    let index = if_index(ifname).ok_or_else(|| NetnsError::Missing {
+        ifname: ifname.into(),
+    })?;
+    Ok((nl, index))
+}
+
+/// The pod's default route of a family through `index`.
+fn default_route(index: u32, v6: bool) -> Route {
+    let (dst, metric) = if v6 {
+        (
+            IpNetwork::new(Ipv6Addr::UNSPECIFIED.into(), 0).expect("/0"),
+            DEFAULT_METRIC_V6,
+        )
+    } else {
+        (
+            IpNetwork::new(Ipv4Addr::UNSPECIFIED.into(), 0).expect("/0"),
+            DEFAULT_METRIC_V4,
+        )
+    };
+    Route {
+        dst,
+        kind: RouteKind::Dev(index),
+        metric,
+        src: None,
+        protocol: RTPROT_BOOT,
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// Creates the pod's tun `ifname` in `netns` and configures it. On failure nothing is left
@@ -120,7 +145,9 @@ pub fn create(
             Err(e) => {
                 let _ = tun.set_persist(false);
                 drop(tun);
-                let _ = ip(ifname, &["link", "del", "dev", ifname]);
+                if let Ok((mut nl, index)) = open(ifname) {
+                    let _ = nl.run(Request::LinkDel { index });
+                }
                 Err(e)
             }
         }
@@ -128,40 +155,37 @@ pub fn create(
 }
 
 fn configure(ifname: &str, ips: &[IpAddr], mtu: u32) -> Result<(), NetnsError> {
-    let mtu = mtu.to_string();
-    ip(ifname, &["link", "set", "dev", ifname, "mtu", &mtu, "up"])?;
+    let (mut nl, index) = open(ifname)?;
+    let mut steps = vec![Request::LinkUp {
+        index,
+        mtu: Some(mtu),
+    }];
     for a in ips {
-        match a {
-            IpAddr::V4(_) => ip(
-                ifname,
-                &["-4", "addr", "add", &format!("{a}/32"), "dev", ifname],
-            )?,
-            IpAddr::V6(_) => ip(
-                ifname,
-                &[
-                    "-6",
-                    "addr",
-                    "add",
-                    &format!("{a}/128"),
-                    "dev",
-                    ifname,
-                    "nodad",
-                ],
-            )?,
-        };
+        let prefix = if a.is_ipv4() { 32 } else { 128 };
+        steps.push(Request::AddrReplace {
+            index,
+            addr: IpNetwork::new(*a, prefix).expect("host prefix"),
+            nodad: a.is_ipv6(),
+        });
     }
     // The default route goes to the first interface that asks; a second attachment in the
     // same pod (`net1`) does not take it over (deleting it would leave the pod without one).
-    for (fam, present) in [
-        ("-4", ips.iter().any(IpAddr::is_ipv4)),
-        ("-6", ips.iter().any(IpAddr::is_ipv6)),
-    ] {
-        if !present {
-            continue;
+    for v6 in [false, true] {
+        if ips.iter().any(|a| a.is_ipv6() == v6) {
+            steps.push(Request::RouteAdd(default_route(index, v6)));
         }
-        match ip(ifname, &[fam, "route", "add", "default", "dev", ifname]) {
-            Err(NetnsError::Ip { stderr, .. }) if stderr.contains("File exists") => {}
-            r => r.map(drop)?,
+    }
+    for (step, r) in steps.iter().zip(nl.execute(&steps)) {
+        match r {
+            Err(e) if matches!(step, Request::RouteAdd(_)) && netlink::is_exists(&e) => {}
+            Err(source) => {
+                return Err(NetnsError::Netlink {
+                    ifname: ifname.into(),
+                    step: step.to_string(),
+                    source,
+                })
+            }
+            Ok(()) => {}
         }
     }
     Ok(())
@@ -191,9 +215,19 @@ pub fn remove(netns: BorrowedFd<'_>, ifname: &str) -> Result<(), NetnsError> {
         if if_index(ifname).is_none() {
             return Ok(());
         }
-        match ip(ifname, &["link", "del", "dev", ifname]) {
-            Err(_) if if_index(ifname).is_none() => Ok(()),
-            r => r.map(drop),
+        let (mut nl, index) = match open(ifname) {
+            Ok(x) => x,
+            Err(NetnsError::Missing { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match nl.run(Request::LinkDel { index }) {
+            Err(e) if netlink::is_gone(&e) || if_index(ifname).is_none() => Ok(()),
+            Err(source) => Err(NetnsError::Netlink {
+                ifname: ifname.into(),
+                step: format!("link del {ifname}"),
+                source,
+            }),
+            Ok(()) => Ok(()),
         }
     })
 }
@@ -237,56 +271,56 @@ pub fn check(
                 ifname: ifname.into(),
             });
         }
-        let parse = |s: String| {
-            serde_json::from_str::<Value>(&s)
-                .map_err(|e| bad(format!("unreadable `ip -j` output: {e}")))
+        let (mut nl, index) = open(ifname)?;
+        let read = |step: &str| {
+            let step = step.to_string();
+            move |source| NetnsError::Netlink {
+                ifname: ifname.into(),
+                step,
+                source,
+            }
         };
-        let link = parse(ip(ifname, &["-j", "addr", "show", "dev", ifname])?)?;
-        let link = &link[0];
-        if link["link_type"] != "none" {
-            return Err(bad(format!(
-                "is not a tun (link type {})",
-                link["link_type"]
-            )));
+        let link = nl
+            .link_by_index(index)
+            .map_err(read("reading the link"))?
+            .ok_or_else(|| NetnsError::Missing {
+                ifname: ifname.into(),
+            })?;
+        if !link.layer3 {
+            return Err(bad("is not a tun (it has a link-layer header)".into()));
         }
-        if !link["flags"]
-            .as_array()
-            .is_some_and(|f| f.iter().any(|f| f == "UP"))
-        {
+        if !link.up {
             return Err(bad("is down".into()));
         }
-        if link["mtu"].as_u64() != Some(mtu.into()) {
-            return Err(bad(format!("has MTU {}, want {mtu}", link["mtu"])));
+        if link.mtu != mtu {
+            return Err(bad(format!("has MTU {}, want {mtu}", link.mtu)));
         }
-        let have: Vec<(String, u64)> = link["addr_info"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|a| {
-                        Some((a["local"].as_str()?.to_string(), a["prefixlen"].as_u64()?))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let have: Vec<IpNetwork> = nl
+            .addresses()
+            .map_err(read("listing addresses"))?
+            .into_iter()
+            .filter(|a| a.index == index)
+            .map(|a| a.addr)
+            .collect();
         for a in ips {
-            let want = (a.to_string(), if a.is_ipv4() { 32 } else { 128 });
+            let want = IpNetwork::new(*a, if a.is_ipv4() { 32 } else { 128 }).expect("host prefix");
             if !have.contains(&want) {
-                return Err(bad(format!("lacks address {}/{}", want.0, want.1)));
+                return Err(bad(format!("lacks address {want}")));
             }
         }
-        for (fam, present) in [
-            ("-4", ips.iter().any(IpAddr::is_ipv4)),
-            ("-6", ips.iter().any(IpAddr::is_ipv6)),
-        ] {
-            if !present {
+        let routes = nl.routes().map_err(read("listing routes"))?;
+        for v6 in [false, true] {
+            if !ips.iter().any(|a| a.is_ipv6() == v6) {
                 continue;
             }
             // Through this interface, or through an earlier one of the same pod (see `configure`).
-            let routes = parse(ip(ifname, &["-j", fam, "route", "show", "default"])?)?;
-            if routes.as_array().is_none_or(Vec::is_empty) {
+            if !routes
+                .iter()
+                .any(|r| r.dst.prefix() == 0 && r.dst.is_ipv6() == v6)
+            {
                 return Err(bad(format!(
                     "the pod has no {} default route",
-                    if fam == "-4" { "IPv4" } else { "IPv6" }
+                    if v6 { "IPv6" } else { "IPv4" }
                 )));
             }
         }

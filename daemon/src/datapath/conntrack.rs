@@ -5,19 +5,29 @@
 //!
 //! Established flows outlive a policy change until they go idle (Calico does the same);
 //! new flows see the new policy as soon as its snapshot is swapped in.
+//!
+//! The table cannot be turned against other pods: flows are hashed with SipHash keyed by a
+//! random per-process seed (std's `RandomState`), so nobody can aim many flows at one shard
+//! or bucket; every flow is charged to its initiator's address, which may hold at most
+//! [`DEFAULT_MAX_FLOWS_PER_POD`] (`--max-flows-per-pod`); when the initiator's budget or the
+//! whole table is full, its new flow is refused ([`Decision::Full`], a `flow_limit` drop),
+//! never let through unrecorded (its replies would then be judged as new flows).
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash};
+use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::wg::allowed_ips::IntHasher;
-
 /// Shards of the table; a power of two.
 pub const SHARDS: usize = 64;
-/// Most flows remembered; past that new flows are evaluated every packet until room frees up.
+/// Most flows remembered in all; past that every new flow is refused until room frees up.
 pub const MAX_FLOWS: usize = 1 << 20;
+/// Default of `--max-flows-per-pod`: flows one initiating address may hold. 32,768 is 64
+/// times what a busy web pod keeps open and 1/32 of the table, so 32 pods that fill theirs
+/// still leave the rest of the table free.
+pub const DEFAULT_MAX_FLOWS_PER_POD: usize = 32_768;
 /// Idle time after which a flow is forgotten (then re-evaluated if it resumes).
 pub const TCP_IDLE: Duration = Duration::from_secs(3600);
 pub const UDP_IDLE: Duration = Duration::from_secs(180);
@@ -200,20 +210,23 @@ struct Entry {
     last_seen: u32,
 }
 
+type FlowMap = HashMap<Flow, Entry, RandomState>;
+
 /// The table. Keys are flows in the initiator's direction.
 pub struct Conntrack {
-    shards: Vec<Mutex<HashMap<Flow, Entry, std::hash::BuildHasherDefault<IntHasher>>>>,
+    shards: Vec<Mutex<FlowMap>>,
+    /// Flows held per initiating address (sharded like the flows, by the address's hash).
+    owners: Vec<Mutex<HashMap<IpAddr, usize, RandomState>>>,
+    hasher: RandomState,
     epoch: std::time::Instant,
+    len: AtomicUsize,
+    max_flows: usize,
+    per_owner: AtomicUsize,
 }
 
 impl Default for Conntrack {
     fn default() -> Self {
-        Conntrack {
-            shards: (0..SHARDS)
-                .map(|_| Mutex::new(HashMap::default()))
-                .collect(),
-            epoch: std::time::Instant::now(),
-        }
+        Conntrack::with_limits(MAX_FLOWS, DEFAULT_MAX_FLOWS_PER_POD)
     }
 }
 
@@ -226,21 +239,100 @@ pub enum Decision {
     Admitted,
     /// `evaluate` said no.
     Denied,
+    /// A new flow whose initiator holds its whole budget, or the table is full: refused
+    /// without asking the policy (it could not be remembered).
+    Full,
 }
 
 impl Conntrack {
-    fn shard(
-        &self,
-        f: &Flow,
-    ) -> &Mutex<HashMap<Flow, Entry, std::hash::BuildHasherDefault<IntHasher>>> {
+    /// A table of at most `max_flows` flows, `per_owner` per initiating address.
+    pub fn with_limits(max_flows: usize, per_owner: usize) -> Conntrack {
+        let hasher = RandomState::new();
+        Conntrack {
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(hasher.clone())))
+                .collect(),
+            owners: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(hasher.clone())))
+                .collect(),
+            hasher,
+            epoch: std::time::Instant::now(),
+            len: AtomicUsize::new(0),
+            max_flows,
+            per_owner: AtomicUsize::new(per_owner.max(1)),
+        }
+    }
+
+    /// Sets the flows one initiating address may hold (`--max-flows-per-pod`); flows already
+    /// held stay.
+    pub fn set_max_flows_per_pod(&self, n: usize) {
+        self.per_owner.store(n.max(1), Ordering::Relaxed);
+    }
+
+    pub fn max_flows_per_pod(&self) -> usize {
+        self.per_owner.load(Ordering::Relaxed)
+    }
+
+    pub fn max_flows(&self) -> usize {
+        self.max_flows
+    }
+
+    fn shard(&self, f: &Flow) -> &Mutex<FlowMap> {
         // Both directions of a flow land in the same shard.
         let (a, b) = if (f.src, f.sport) <= (f.dst, f.dport) {
             ((f.src, f.sport), (f.dst, f.dport))
         } else {
             ((f.dst, f.dport), (f.src, f.sport))
         };
-        let h = std::hash::BuildHasherDefault::<IntHasher>::default().hash_one((f.proto, a, b));
+        let h = self.hasher.hash_one((f.proto, a, b));
         &self.shards[(h as usize) & (SHARDS - 1)]
+    }
+
+    fn owner_shard(&self, owner: &IpAddr) -> &Mutex<HashMap<IpAddr, usize, RandomState>> {
+        let h = self.hasher.hash_one(owner);
+        &self.owners[(h as usize) & (SHARDS - 1)]
+    }
+
+    /// Takes one unit of `owner`'s budget and of the table; false when either is spent.
+    fn charge(&self, owner: IpAddr) -> bool {
+        let per_owner = self.per_owner.load(Ordering::Relaxed);
+        let mut o = self
+            .owner_shard(&owner)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let held = o.entry(owner).or_insert(0);
+        if *held >= per_owner {
+            return false;
+        }
+        if self
+            .len
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < self.max_flows).then_some(n + 1)
+            })
+            .is_err()
+        {
+            if *held == 0 {
+                o.remove(&owner);
+            }
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    /// Gives back the units of flows forgotten.
+    fn release(&self, owner: IpAddr) {
+        self.len.fetch_sub(1, Ordering::Relaxed);
+        let mut o = self
+            .owner_shard(&owner)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(held) = o.get_mut(&owner) {
+            *held = held.saturating_sub(1);
+            if *held == 0 {
+                o.remove(&owner);
+            }
+        }
     }
 
     fn now(&self) -> u32 {
@@ -257,22 +349,29 @@ impl Conntrack {
             e.last_seen = now;
             return Decision::Established;
         }
-        if let Some(e) = m.get_mut(&flow) {
-            let passed = match check {
-                Check::Egress => e.egress,
-                Check::Ingress => e.ingress,
-            };
-            if passed {
-                e.last_seen = now;
-                return Decision::Established;
+        let known = match m.get_mut(&flow) {
+            Some(e) => {
+                let passed = match check {
+                    Check::Egress => e.egress,
+                    Check::Ingress => e.ingress,
+                };
+                if passed {
+                    e.last_seen = now;
+                    return Decision::Established;
+                }
+                true
             }
+            None => false,
+        };
+        if !known && !self.charge(flow.src) {
+            return Decision::Full;
         }
         if !evaluate() {
-            m.remove(&flow);
+            if known {
+                m.remove(&flow);
+            }
+            self.release(flow.src);
             return Decision::Denied;
-        }
-        if m.len() * SHARDS >= MAX_FLOWS && !m.contains_key(&flow) {
-            return Decision::Admitted; // full: admitted, not remembered
         }
         let e = m.entry(flow).or_insert(Entry {
             egress: false,
@@ -297,6 +396,7 @@ impl Conntrack {
     /// Forgets idle flows (call every few seconds, off the packet path).
     pub fn expire(&self) {
         let now = self.now();
+        let mut gone = Vec::new();
         for s in &self.shards {
             let mut m = s.lock().unwrap_or_else(|p| p.into_inner());
             m.retain(|f, e| {
@@ -305,20 +405,35 @@ impl Conntrack {
                     UDP => UDP_IDLE,
                     _ => OTHER_IDLE,
                 };
-                now.saturating_sub(e.last_seen) < idle.as_secs() as u32
+                let keep = now.saturating_sub(e.last_seen) < idle.as_secs() as u32;
+                if !keep {
+                    gone.push(f.src);
+                }
+                keep
             });
+            drop(m);
+            for owner in gone.drain(..) {
+                self.release(owner);
+            }
         }
     }
 
+    /// Flows remembered (the occupancy metric).
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).len())
-            .sum()
+        self.len.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Flows `owner` holds.
+    pub fn held_by(&self, owner: IpAddr) -> usize {
+        let o = self
+            .owner_shard(&owner)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        o.get(&owner).copied().unwrap_or(0)
     }
 }
 
@@ -409,5 +524,85 @@ mod tests {
         ct.check(q, Check::Egress, || true);
         assert!(ct.knows(q));
         assert!(classify(&[0x45, 0, 0]).is_none());
+    }
+
+    fn udp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Flow {
+        Flow {
+            proto: UDP,
+            src: IpAddr::from(src),
+            dst: IpAddr::from(dst),
+            sport,
+            dport,
+        }
+    }
+
+    /// One pod opens flows until its budget is spent: its next new flow is refused (never
+    /// admitted unrecorded), while another pod's established flows and new flows go on.
+    #[test]
+    fn a_pod_at_its_limit_cannot_starve_another() {
+        let ct = Conntrack::with_limits(1000, 50);
+        let victim = udp([10, 0, 0, 2], 5000, [10, 0, 1, 9], 53);
+        assert_eq!(ct.check(victim, Check::Egress, || true), Decision::Admitted);
+        for port in 0..50 {
+            let f = udp([10, 0, 0, 66], 10_000 + port, [10, 0, 1, 9], 53);
+            assert_eq!(ct.check(f, Check::Egress, || true), Decision::Admitted);
+        }
+        let over = udp([10, 0, 0, 66], 20_000, [10, 0, 1, 9], 53);
+        assert_eq!(
+            ct.check(over, Check::Egress, || panic!(
+                "not evaluated: it could not be remembered"
+            )),
+            Decision::Full
+        );
+        assert!(!ct.knows(over), "refused, not remembered");
+        assert_eq!(ct.held_by("10.0.0.66".parse().unwrap()), 50);
+        // The other pod: its established flow and its reply, and new flows.
+        assert_eq!(
+            ct.check(victim, Check::Egress, || panic!()),
+            Decision::Established
+        );
+        assert_eq!(
+            ct.check(victim.reversed(), Check::Ingress, || panic!()),
+            Decision::Established
+        );
+        let fresh = udp([10, 0, 0, 2], 5001, [10, 0, 1, 9], 53);
+        assert_eq!(ct.check(fresh, Check::Egress, || true), Decision::Admitted);
+        // The full pod's established flows still pass; a denied flow gives its unit back.
+        let first = udp([10, 0, 0, 66], 10_000, [10, 0, 1, 9], 53);
+        assert_eq!(
+            ct.check(first, Check::Egress, || panic!()),
+            Decision::Established
+        );
+        assert_eq!(ct.len(), 52);
+        let denied = udp([10, 0, 0, 2], 6000, [10, 0, 1, 9], 80);
+        assert_eq!(ct.check(denied, Check::Egress, || false), Decision::Denied);
+        assert_eq!(ct.len(), 52);
+        assert_eq!(ct.held_by("10.0.0.2".parse().unwrap()), 2);
+    }
+
+    #[test]
+    fn a_full_table_refuses_new_flows_and_expiry_gives_room_back() {
+        let ct = Conntrack::with_limits(10, 100);
+        for port in 0..10 {
+            let f = udp([10, 0, 0, port as u8 + 1], port, [10, 0, 1, 9], 53);
+            assert_eq!(ct.check(f, Check::Egress, || true), Decision::Admitted);
+        }
+        let f = udp([10, 0, 0, 99], 1, [10, 0, 1, 9], 53);
+        assert_eq!(ct.check(f, Check::Egress, || true), Decision::Full);
+        assert_eq!(ct.len(), 10);
+        // Nothing is idle yet: expiry keeps everything and the counts stay exact.
+        ct.expire();
+        assert_eq!(ct.len(), 10);
+        assert_eq!(ct.held_by("10.0.0.1".parse().unwrap()), 1);
+    }
+
+    /// Two tables hash the same flow differently: the seed is random, so the shard a flow
+    /// lands in cannot be computed from outside.
+    #[test]
+    fn hashing_is_keyed() {
+        let f = udp([10, 0, 0, 1], 1, [10, 0, 0, 2], 2);
+        let a = Conntrack::default();
+        let b = Conntrack::default();
+        assert_ne!(a.hasher.hash_one(f), b.hasher.hash_one(f));
     }
 }

@@ -6,11 +6,12 @@
 //! policy. A peer's session is locked once for consecutive datagrams from it, not per
 //! datagram.
 
-use super::handshake::{self, Admission, MSG_COOKIE, MSG_DATA};
+use super::handshake::{self, Admission, MSG_COOKIE, MSG_DATA, MSG_INIT, MSG_RESPONSE};
 use super::local::{addresses, Port};
 use super::stats::DropReason;
 use super::{policy, route, Ctx, DATA_OVERHEAD, MAX_FRAME};
-use crate::wg::device::{PeerState, Snapshot};
+use crate::wg::device::{Peer, PeerState, Snapshot};
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::TunnResult;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
@@ -45,9 +46,17 @@ pub enum RxAction<'a> {
     Drop(DropReason),
 }
 
-/// Per-worker state of the receive side: the buffer messages are decrypted into.
+/// Handshake initiations decided per receive batch (up to 32 datagrams); past it they are dropped
+/// (`rate_limited`) before any cryptography. A worker that keeps up sees small batches and never
+/// reaches it; one that falls behind under a flood would otherwise answer cookies while data
+/// waits behind them in the same socket (wireguard-go drops past a full handshake queue alike).
+pub const MAX_HANDSHAKES_PER_BATCH: usize = 8;
+
+/// Per-worker state of the receive side: the buffer messages are decrypted into, and the
+/// handshake messages decided in this batch.
 pub struct Receiver {
     buf: Vec<u8>,
+    handshakes: usize,
 }
 
 impl Default for Receiver {
@@ -60,7 +69,13 @@ impl Receiver {
     pub fn new() -> Receiver {
         Receiver {
             buf: vec![0; RECEIVE_BUFFER],
+            handshakes: 0,
         }
+    }
+
+    /// A new receive batch: the handshake budget ([`MAX_HANDSHAKES_PER_BATCH`]) is whole again.
+    pub fn end_batch(&mut self) {
+        self.handshakes = 0;
     }
 
     /// Starts on one received message from `src`: a datagram, or a GRO train of
@@ -77,6 +92,7 @@ impl Receiver {
             snap: ctx.snap,
             ctx,
             buf: &mut self.buf,
+            handshakes: &mut self.handshakes,
             src,
             datagrams: data.chunks(seg),
             held: None,
@@ -90,6 +106,7 @@ pub struct Message<'r, 's, T> {
     ctx: &'r Ctx<'s, T>,
     snap: &'s Snapshot,
     buf: &'r mut [u8],
+    handshakes: &'r mut usize,
     src: SocketAddr,
     datagrams: std::slice::Chunks<'r, u8>,
     /// The session of the last data message's peer, locked until another peer's comes.
@@ -178,7 +195,8 @@ impl<T> Message<'_, '_, T> {
         if kind == MSG_DATA && d.len() >= DATA_OVERHEAD {
             let idx = u32::from_le_bytes([d[4], d[5], d[6], d[7]]);
             let Some((slot, peer)) = self.snap.peer_for_index(idx) else {
-                return Some(Step::Drop(DropReason::UnknownSession));
+                release(self.snap, self.held.take());
+                return Some(self.unknown_session());
             };
             if self.held.as_ref().map(|h| h.slot) != Some(slot) {
                 release(self.snap, self.held.take());
@@ -191,6 +209,14 @@ impl<T> Message<'_, '_, T> {
             Some(self.data(d).unwrap_or_else(Step::from))
         } else {
             release(self.snap, self.held.take());
+            // Initiations are what a flood sends (anyone may, and each costs a Diffie-Hellman);
+            // responses and cookies must name a session index we gave out, checked first.
+            if kind == MSG_INIT {
+                if *self.handshakes >= MAX_HANDSHAKES_PER_BATCH {
+                    return Some(Step::Drop(DropReason::RateLimited));
+                }
+                *self.handshakes += 1;
+            }
             Some(self.handshake(kind, d))
         }
     }
@@ -236,6 +262,46 @@ impl<T> Message<'_, '_, T> {
         Ok(Step::Deliver { to, at })
     }
 
+    /// A data message for a session we do not know (we restarted, or the peer kept a session
+    /// we dropped): dropped, and if it comes from a peer's endpoint, answered with a handshake
+    /// initiation to that peer (at most one per peer per `TRIGGER_INTERVAL`, within the
+    /// device's pace). The peer switches to the new session on our keepalive that completes it.
+    #[inline(never)]
+    fn unknown_session(&mut self) -> Step {
+        let drop = Step::Drop(DropReason::UnknownSession);
+        let Some(&slot) = self.snap.by_endpoint.get(&self.src) else {
+            return drop;
+        };
+        if self.snap.identity.is_none() {
+            return drop;
+        }
+        let peer = &self.snap.peers[slot as usize];
+        let mut st = peer.lock();
+        // The pace is asked only when the peer's own limit allows: a token is never taken for
+        // nothing, and a refused pace does not hold the peer back for the whole interval.
+        if !st.initiations.trigger_due(self.ctx.now) || !self.ctx.pacer.take(self.ctx.now) {
+            return drop;
+        }
+        st.initiations.triggered(self.ctx.now);
+        let base = self.buf.as_ptr() as usize;
+        let at = match st.tunn.format_handshake_initiation(self.buf, false) {
+            TunnResult::WriteToNetwork(p) => range_in(base, p),
+            // One is under way already: its retries do the rest.
+            _ => {
+                self.ctx.pacer.give_back(1);
+                return drop;
+            }
+        };
+        peer.initiation_sent(&mut st);
+        peer.handshakes.triggered.fetch_add(1, Ordering::Relaxed);
+        peer.tx_bytes.fetch_add(at.len() as u64, Ordering::Relaxed);
+        Step::Answer {
+            reason: DropReason::UnknownSession,
+            at,
+            to: st.endpoint.unwrap_or(self.src),
+        }
+    }
+
     /// A handshake message (initiation, response, cookie) or something that is not WireGuard.
     #[inline(never)]
     fn handshake(&mut self, kind: u32, d: &[u8]) -> Step {
@@ -254,13 +320,23 @@ impl<T> Message<'_, '_, T> {
         let mut st = peer.lock();
         let base = self.buf.as_ptr() as usize;
         let step = match st.tunn.decapsulate(Some(self.src.ip()), d, self.buf) {
-            TunnResult::Err(e) => return Step::Drop(DropReason::from_wireguard(&e)),
+            TunnResult::Err(e) => {
+                outcome(peer, &mut st, kind, Some(&e));
+                return Step::Drop(DropReason::from_wireguard(&e));
+            }
             TunnResult::WriteToNetwork(p) => Step::Write {
                 at: range_in(base, p),
                 to: self.src,
             },
             _ => Step::Done,
         };
+        // What boringtun wrote: a response or a keepalive completes a handshake; a cookie
+        // reply (we are under load) does not.
+        if let Step::Write { at, .. } = &step {
+            if self.buf[at.start] != MSG_COOKIE as u8 {
+                outcome(peer, &mut st, kind, None);
+            }
+        }
         if kind != MSG_COOKIE {
             peer.rx_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
             roam(&mut st, self.src);
@@ -280,6 +356,9 @@ impl<T> Message<'_, '_, T> {
             TunnResult::WriteToNetwork(p) => {
                 peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
                 let at = range_in(base, p);
+                if self.buf[at.start] == MSG_INIT as u8 {
+                    peer.initiation_sent(&mut st);
+                }
                 Some(Step::Write {
                     at,
                     to: st.endpoint.unwrap_or(self.src),
@@ -302,6 +381,28 @@ fn release(snap: &Snapshot, h: Option<Held<'_>>) {
             .rx_bytes
             .fetch_add(h.rx_bytes, Ordering::Relaxed);
     }
+}
+
+/// Counts what became of a handshake with `peer` after boringtun took a message of type
+/// `kind` (`err`: it refused it). A completed handshake is a response taken (we initiated) or
+/// an initiation answered (the peer did); an initiation refused, or a response refused while
+/// ours waited (not a late one for an index already replaced), is a rejection. Cookie replies
+/// and WireGuard data are no outcome.
+fn outcome(peer: &Peer, st: &mut PeerState, kind: u32, err: Option<&WireGuardError>) {
+    let stats = &peer.handshakes;
+    match (kind, err) {
+        (MSG_INIT, None) => stats.success.fetch_add(1, Ordering::Relaxed),
+        (MSG_INIT, Some(_)) => stats.rejected.fetch_add(1, Ordering::Relaxed),
+        (MSG_RESPONSE, None) => {
+            st.initiations.answered();
+            stats.success.fetch_add(1, Ordering::Relaxed)
+        }
+        (MSG_RESPONSE, Some(WireGuardError::WrongIndex)) => return,
+        (MSG_RESPONSE, Some(_)) if st.initiations.answered() => {
+            stats.rejected.fetch_add(1, Ordering::Relaxed)
+        }
+        _ => return,
+    };
 }
 
 /// Endpoint roaming: authenticated packets tell where the peer is now.

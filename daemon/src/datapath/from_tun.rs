@@ -5,6 +5,7 @@ use super::local::{addresses, Port};
 use super::route::{self, NextHop};
 use super::stats::DropReason;
 use super::{antispoof, icmp, policy, Ctx};
+use std::net::IpAddr;
 
 /// What to do with a frame read from a tun.
 #[derive(Debug, PartialEq, Eq)]
@@ -38,8 +39,38 @@ pub fn decide<'a, T>(
         Ok(NextHop::Pod(pod)) => TxAction::DeliverToPort(Port::Pod(pod)),
         Ok(NextHop::Host) => TxAction::DeliverToPort(Port::Host),
         Ok(NextHop::Peer(peer)) => to_peer(ctx, peer, frame, answer_buf),
+        Err(DropReason::NoPeer) => match no_peer_answer(ctx, from, frame, answer_buf) {
+            Some(n) => TxAction::Answer {
+                reason: DropReason::NoPeer,
+                answer: &answer_buf[..n],
+            },
+            None => TxAction::Drop(DropReason::NoPeer),
+        },
         Err(reason) => TxAction::Drop(reason),
     }
+}
+
+/// Writes the ICMP unreachable for a frame to a cluster address without a peer into `out`
+/// (the sender learns at once instead of timing out); returns its length. To a pod it comes
+/// from the node's gateway; to the node itself from the destination (the kernel drops a
+/// packet from the outside carrying one of its own addresses).
+#[cold]
+#[inline(never)]
+fn no_peer_answer<T>(ctx: &Ctx<'_, T>, from: Port, frame: &[u8], out: &mut [u8]) -> Option<usize> {
+    let off = ctx.offset();
+    let pkt = frame.get(off..)?;
+    let (_, dst) = addresses(pkt)?;
+    if !route::unreachable(ctx.local, dst) {
+        return None;
+    }
+    let (g4, g6) = match (from, dst) {
+        (Port::Host, IpAddr::V4(d)) => (Some(d), None),
+        (Port::Host, IpAddr::V6(d)) => (None, Some(d)),
+        _ => (ctx.local.gateway_v4(), ctx.local.gateway_v6()),
+    };
+    out.get_mut(..off)?.fill(0);
+    let n = icmp::unreachable(pkt, g4, g6, out.get_mut(off..)?)?;
+    Some(off + n)
 }
 
 /// The stages every frame passes before it has a next hop.
@@ -139,6 +170,7 @@ mod tests {
             local: &local,
             counters: &counters,
             limiter: &limiter,
+            pacer: &crate::datapath::HOST_ONLY_PACER,
             now: Instant::now(),
             vnet: false,
         };

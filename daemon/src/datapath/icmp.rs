@@ -1,6 +1,8 @@
 //! ICMP errors the loop originates: "fragmentation needed" (IPv4, DF set) and "packet too
 //! big" (IPv6) for a packet larger than the tunnel MTU, sent back to the packet's source so
-//! path MTU discovery works instead of a silent black hole (RFC 1191, RFC 8201).
+//! path MTU discovery works instead of a silent black hole (RFC 1191, RFC 8201); "host
+//! unreachable" / "no route to destination" for a cluster address without a peer, so the
+//! sender fails at once instead of timing out.
 
 use crate::offload::checksum::{checksum, fold, pseudo_header, set_ipv4_header, sum};
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -29,6 +31,28 @@ pub fn too_big(
     from6: Option<Ipv6Addr>,
     out: &mut [u8],
 ) -> Option<usize> {
+    error(pkt, Some(mtu), from4, from6, out)
+}
+
+/// Writes into `out` the ICMP error telling `pkt`'s sender that its destination cannot be
+/// reached (IPv4 host unreachable, IPv6 no route to destination); as [`too_big`] otherwise.
+pub fn unreachable(
+    pkt: &[u8],
+    from4: Option<Ipv4Addr>,
+    from6: Option<Ipv6Addr>,
+    out: &mut [u8],
+) -> Option<usize> {
+    error(pkt, None, from4, from6, out)
+}
+
+/// The error: "too big" with `mtu`, "unreachable" without.
+fn error(
+    pkt: &[u8],
+    mtu: Option<u16>,
+    from4: Option<Ipv4Addr>,
+    from6: Option<Ipv6Addr>,
+    out: &mut [u8],
+) -> Option<usize> {
     match pkt.first()? >> 4 {
         4 if pkt.len() >= 20 => {
             let ihl = (pkt[0] & 0xf) as usize * 4;
@@ -51,8 +75,13 @@ pub fn too_big(
             o[12..16].copy_from_slice(&from.octets());
             o[16..20].copy_from_slice(&pkt[12..16]);
             set_ipv4_header(&mut o[..20]);
-            o[20..28].copy_from_slice(&[3, 4, 0, 0, 0, 0, 0, 0]);
-            o[26..28].copy_from_slice(&mtu.to_be_bytes());
+            match mtu {
+                Some(mtu) => {
+                    o[20..28].copy_from_slice(&[3, 4, 0, 0, 0, 0, 0, 0]);
+                    o[26..28].copy_from_slice(&mtu.to_be_bytes());
+                }
+                None => o[20..28].copy_from_slice(&[3, 1, 0, 0, 0, 0, 0, 0]),
+            }
             o[28..].copy_from_slice(&pkt[..q]);
             let c = checksum(&o[20..]);
             o[22..24].copy_from_slice(&c.to_be_bytes());
@@ -70,8 +99,13 @@ pub fn too_big(
             o[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
             o[8..24].copy_from_slice(&from.octets());
             o[24..40].copy_from_slice(&pkt[8..24]);
-            o[40..48].copy_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
-            o[44..48].copy_from_slice(&(mtu as u32).to_be_bytes());
+            match mtu {
+                Some(mtu) => {
+                    o[40..48].copy_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
+                    o[44..48].copy_from_slice(&u32::from(mtu).to_be_bytes());
+                }
+                None => o[40..48].copy_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]),
+            }
             o[48..].copy_from_slice(&pkt[..q]);
             let ph = pseudo_header(&o[8..24], &o[24..40], 58, (len - 40) as u32);
             let c = !fold(sum(ph, &o[40..]));

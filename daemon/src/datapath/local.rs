@@ -44,6 +44,9 @@ pub struct LocalTable<T> {
     /// Largest packet the tunnel carries; bigger ones get an ICMP error (DF, IPv6) or their
     /// TCP segments cut smaller. `None`: the tun's own MTU is trusted (`kwire tunnel`).
     pub mtu: Option<u16>,
+    /// The cluster's pod ranges: a destination in one without a peer is unreachable (never
+    /// handed to the host to route). Empty for `kwire tunnel`.
+    pub cluster: Vec<ipnetwork::IpNetwork>,
 }
 
 /// The policy snapshot and the (long-lived, shared) connection table.
@@ -69,6 +72,7 @@ impl<T> Default for LocalTable<T> {
             host_accepts_all: true,
             filter: None,
             mtu: None,
+            cluster: Vec::new(),
         }
     }
 }
@@ -100,6 +104,7 @@ impl<T> LocalTable<T> {
             host_accepts_all: false,
             filter: None,
             mtu: None,
+            cluster: Vec::new(),
         }
     }
 
@@ -138,6 +143,12 @@ impl<T> LocalTable<T> {
             IpAddr::V6(v) => Some(*v),
             _ => None,
         })
+    }
+
+    /// Whether `ip` lies in one of the cluster's pod ranges.
+    #[inline]
+    pub fn in_cluster(&self, ip: IpAddr) -> bool {
+        self.cluster.iter().any(|r| r.contains(ip))
     }
 
     /// Whether `ip` is one of this node's own tunnel addresses.

@@ -27,7 +27,7 @@
 //!
 //! datagram from the network (from_network.rs)
 //!   message type and length                  malformed
-//!   data: session index                      unknown_session
+//!   data: session index                      unknown_session (from a peer: + initiation)
 //!         decrypt, replay window             decrypt, replay, unknown_session, malformed
 //!         inner source in allowed IPs        not_allowed_ip
 //!         route.rs: a pod or this node       no_route
@@ -58,6 +58,7 @@ pub mod timers;
 
 use crate::offload::VNET_HDR_LEN;
 use crate::wg::device::Snapshot;
+use crate::wg::handshakes::Pacer;
 use crate::wg::ratelimit::SourceLimiter;
 use local::LocalTable;
 use stats::Counters;
@@ -87,6 +88,8 @@ pub struct Ctx<'a, T = ()> {
     pub counters: &'a Counters,
     /// Handshake initiations per source address.
     pub limiter: &'a SourceLimiter,
+    /// Initiations the device starts on its own (handshakes unknown sessions trigger).
+    pub pacer: &'a Pacer,
     /// When the batch was read (rate limits).
     pub now: Instant,
     /// Frames on the tuns carry a virtio-net header.
@@ -106,8 +109,9 @@ impl<'a, T> Ctx<'a, T> {
 }
 
 impl<'a> Ctx<'a, ()> {
-    /// The context of a device without pods (`kwire tunnel`): every decrypted packet goes to
-    /// the host tun, every frame from it to a peer.
+    /// The context of an in-memory device without pods (tests, benches, fuzzing): every
+    /// decrypted packet goes to the host tun, every frame from it to a peer. Such contexts
+    /// share one pacer; the runtime's devices (`kwire tunnel`, the agent) use their own.
     pub fn host_only(
         snap: &'a Snapshot,
         counters: &'a Counters,
@@ -120,11 +124,15 @@ impl<'a> Ctx<'a, ()> {
             local: LocalTable::host_only(),
             counters,
             limiter,
+            pacer: &HOST_ONLY_PACER,
             now,
             vnet,
         }
     }
 }
+
+/// The pacer of in-memory devices (tests, benches, fuzzing).
+pub static HOST_ONLY_PACER: Pacer = Pacer::new();
 
 #[cfg(test)]
 pub(crate) mod testing {

@@ -14,7 +14,7 @@ use crate::policy::Protocol;
 #[inline]
 pub fn egress<T>(local: &LocalTable<T>, from: Port, pkt: &[u8]) -> Result<(), DropReason> {
     match (&local.filter, from) {
-        (Some(f), Port::Pod(_)) if !allows(f, Check::Egress, pkt) => Err(DropReason::PolicyEgress),
+        (Some(f), Port::Pod(_)) => allows(f, Check::Egress, pkt),
         _ => Ok(()),
     }
 }
@@ -30,21 +30,26 @@ pub fn ingress<T>(
     pkt: &[u8],
 ) -> Result<(), DropReason> {
     match (&local.filter, to) {
-        (Some(f), Port::Pod(_)) if !from_node && !allows(f, Check::Ingress, pkt) => {
-            Err(DropReason::PolicyIngress)
-        }
+        (Some(f), Port::Pod(_)) if !from_node => allows(f, Check::Ingress, pkt),
         _ => Ok(()),
     }
 }
 
 /// Whether a pod's packet passes NetworkPolicy at `check`: replies and later packets of an
-/// admitted flow by one connection-table lookup; a new flow by the policy engine, once.
+/// admitted flow by one connection-table lookup; a new flow by the policy engine, once. The
+/// drop reason when not: the policy's, or `flow_limit` when the flow cannot be remembered.
 #[inline]
-fn allows(f: &Filter, check: Check, pkt: &[u8]) -> bool {
+fn allows(f: &Filter, check: Check, pkt: &[u8]) -> Result<(), DropReason> {
+    let denied = match check {
+        Check::Egress => DropReason::PolicyEgress,
+        Check::Ingress => DropReason::PolicyIngress,
+    };
     let flow = match classify(pkt) {
         Some(Classified::Packet(flow)) => flow,
         // ICMP errors pass only for a flow admitted here.
-        Some(Classified::Error(about)) => return f.conntrack.knows(about),
+        Some(Classified::Error(about)) => {
+            return f.conntrack.knows(about).then_some(()).ok_or(denied)
+        }
         None => match addresses(pkt) {
             // A later fragment or an odd header: judged on addresses alone, port 0.
             Some((src, dst)) => Flow {
@@ -54,7 +59,7 @@ fn allows(f: &Filter, check: Check, pkt: &[u8]) -> bool {
                 sport: 0,
                 dport: 0,
             },
-            None => return false,
+            None => return Err(denied),
         },
     };
     let d = f.conntrack.check(flow, check, || {
@@ -74,5 +79,9 @@ fn allows(f: &Filter, check: Check, pkt: &[u8]) -> bool {
                 .is_allowed(),
         }
     });
-    d != Decision::Denied
+    match d {
+        Decision::Established | Decision::Admitted => Ok(()),
+        Decision::Denied => Err(denied),
+        Decision::Full => Err(DropReason::FlowLimit),
+    }
 }

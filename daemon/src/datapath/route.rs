@@ -18,8 +18,10 @@ pub enum NextHop {
     Host,
 }
 
-/// The next hop for `dst` of a frame read from `from`. Local pods first, then the peers; what
-/// neither owns goes to the host from a pod and nowhere from the host (it would loop back).
+/// The next hop for `dst` of a frame read from `from`. Local pods first, then the peers; an
+/// address of the cluster's ranges that no peer owns goes nowhere (a Node without a live
+/// peer: never the host's default route; see [`unreachable`]); what else neither owns goes to
+/// the host from a pod and nowhere from the host (it would loop back).
 #[inline(always)]
 pub fn from_tun<T>(ctx: &Ctx<'_, T>, from: Port, dst: IpAddr) -> Result<NextHop, DropReason> {
     if let Some(pod) = ctx.local.pod_for_ip(dst) {
@@ -27,9 +29,18 @@ pub fn from_tun<T>(ctx: &Ctx<'_, T>, from: Port, dst: IpAddr) -> Result<NextHop,
     }
     match (ctx.snap.routes.lookup(dst), from) {
         (Some(peer), _) => Ok(NextHop::Peer(peer)),
+        (None, _) if unreachable(ctx.local, dst) => Err(DropReason::NoPeer),
         (None, Port::Pod(_)) => Ok(NextHop::Host),
         (None, Port::Host) => Err(DropReason::NoPeer),
     }
+}
+
+/// Whether `dst`, owned by no pod here and no peer, is a cluster address the sender must be
+/// told is unreachable. This node's own gateway addresses are the host's, inside the cluster
+/// range too.
+#[inline]
+pub fn unreachable<T>(local: &LocalTable<T>, dst: IpAddr) -> bool {
+    local.in_cluster(dst) && !local.is_gateway(dst)
 }
 
 /// Where a decrypted packet for `dst` goes: a local pod, or the host for this node's own

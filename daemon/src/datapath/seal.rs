@@ -3,12 +3,13 @@
 //! of the peer's session. When the batch fills up mid-frame, sealing stops and resumes after
 //! the runtime has sent it, so a frame of any size needs no buffer of its own.
 
+use super::handshake::MSG_INIT;
 use super::route::max_packet;
 use super::stats::DropReason;
 use super::{Ctx, DATA_OVERHEAD, MIN_OUT};
 use crate::offload::gso::TxBatch;
 use crate::offload::tso::{whole_packet, Segments};
-use crate::wg::device::Peer;
+use crate::wg::device::{Peer, PeerState};
 use boringtun::noise::{Tunn, TunnResult};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -47,6 +48,8 @@ struct Tally {
     failed: u64,
     /// Bytes not yet added to the peer's counter.
     bytes: u64,
+    /// boringtun wrote a handshake initiation (no session yet) instead of data.
+    initiated: bool,
 }
 
 impl Tally {
@@ -56,6 +59,7 @@ impl Tally {
         match tunn.encapsulate(pkt, batch.slot()) {
             TunnResult::WriteToNetwork(d) => {
                 let n = d.len();
+                self.initiated |= d[0] == MSG_INIT as u8;
                 batch.commit(n, endpoint);
                 self.datagrams += 1;
                 self.bytes += n as u64;
@@ -63,6 +67,14 @@ impl Tally {
             TunnResult::Err(_) => self.failed += 1,
             // Queued inside boringtun until the handshake completes.
             _ => {}
+        }
+    }
+
+    /// Records an initiation written for `peer` (whose state `st` is) on its attempts.
+    #[inline]
+    fn note_initiation(&mut self, peer: &Peer, st: &mut PeerState) {
+        if std::mem::take(&mut self.initiated) {
+            peer.initiation_sent(st);
         }
     }
 
@@ -127,6 +139,7 @@ impl Sealer {
             };
             let mut tally = Tally::default();
             tally.encrypt(&mut st.tunn, pkt, endpoint, batch);
+            tally.note_initiation(p, &mut st);
             drop(st);
             tally.settle(p);
             return tally.done();
@@ -175,6 +188,7 @@ impl Sealer {
                 None => break at.tally.done(),
             }
         };
+        at.tally.note_initiation(p, &mut st);
         drop(st);
         at.tally.settle(p);
         if out == Sealed::BatchFull {

@@ -46,10 +46,14 @@ pub enum DropReason {
     PolicyIngress,
     /// Larger than the tunnel MTU (answered with an ICMP error when DF is set or IPv6).
     Mtu,
+    /// Plaintext forwarded toward the tun from another interface (the host firewall's count).
+    UnderlayPlaintext,
+    /// A new flow of a pod whose connection-table budget (or the whole table) is full.
+    FlowLimit,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 19] = [
+    pub const ALL: [DropReason; 21] = [
         DropReason::NoPeer,
         DropReason::NoEndpoint,
         DropReason::NotAllowedIp,
@@ -69,6 +73,8 @@ impl DropReason {
         DropReason::PolicyEgress,
         DropReason::PolicyIngress,
         DropReason::Mtu,
+        DropReason::UnderlayPlaintext,
+        DropReason::FlowLimit,
     ];
 
     /// The `reason` label in metrics.
@@ -93,6 +99,8 @@ impl DropReason {
             DropReason::PolicyEgress => "policy_egress",
             DropReason::PolicyIngress => "policy_ingress",
             DropReason::Mtu => "mtu",
+            DropReason::UnderlayPlaintext => "underlay_plaintext",
+            DropReason::FlowLimit => "flow_limit",
         }
     }
 

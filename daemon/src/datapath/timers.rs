@@ -1,9 +1,12 @@
 //! WireGuard's timers: handshake retries, keepalives and rekeys, run for every peer once per
-//! [`TIMER_TICK`] by the runtime's timer thread.
+//! [`TIMER_TICK`] by the runtime's timer thread; and the greeting, a handshake with every
+//! peer as soon as it has an endpoint (paced by the caller, see [`crate::wg::handshakes`]).
 
+use super::handshake::MSG_INIT;
 use super::{DATA_OVERHEAD, MIN_OUT};
 use crate::offload::gso::TxBatch;
 use crate::wg::device::Peer;
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::TunnResult;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -20,11 +23,50 @@ pub const TIMER_ROOM: usize = MIN_OUT + DATA_OVERHEAD;
 pub fn tick(peer: &Peer, batch: &mut TxBatch) {
     let mut st = peer.lock();
     let endpoint = st.endpoint;
-    if let TunnResult::WriteToNetwork(p) = st.tunn.update_timers(batch.slot()) {
-        let n = p.len();
-        if let Some(ep) = endpoint {
-            batch.commit(n, ep);
-            peer.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    match st.tunn.update_timers(batch.slot()) {
+        TunnResult::WriteToNetwork(p) => {
+            let (n, init) = (p.len(), p[0] == MSG_INIT as u8);
+            if let Some(ep) = endpoint {
+                batch.commit(n, ep);
+                peer.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                if init {
+                    peer.initiation_sent(&mut st);
+                }
+            }
         }
+        // boringtun gave up on the handshake (REKEY_ATTEMPT_TIME).
+        TunnResult::Err(WireGuardError::ConnectionExpired) if st.initiations.expired() => {
+            peer.handshakes.timeout.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {}
     }
+}
+
+/// Whether `peer` still waits for its greeting: the first handshake the device starts on its
+/// own, as soon as the peer has an endpoint (after a restart, every restored peer).
+pub fn needs_greeting(peer: &Peer) -> bool {
+    let st = peer.lock();
+    !st.initiations.greeted() && st.endpoint.is_some()
+}
+
+/// Greets `peer`: a handshake initiation into `batch` (which must have [`TIMER_ROOM`] bytes
+/// free) unless it has a session or a handshake under way. Returns whether an initiation went
+/// out (the caller's pace counts only those).
+pub fn greet(peer: &Peer, batch: &mut TxBatch) -> bool {
+    let mut st = peer.lock();
+    let Some(ep) = st.endpoint else {
+        return false;
+    };
+    if !st.initiations.greet() || st.tunn.time_since_last_handshake().is_some() {
+        return false;
+    }
+    let TunnResult::WriteToNetwork(p) = st.tunn.format_handshake_initiation(batch.slot(), false)
+    else {
+        return false;
+    };
+    let n = p.len();
+    batch.commit(n, ep);
+    peer.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    peer.initiation_sent(&mut st);
+    true
 }

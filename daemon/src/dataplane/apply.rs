@@ -12,8 +12,10 @@ use crate::datapath::{Ctx, Receiver, RxAction, Sealed, Sealer};
 use crate::offload::gro::Coalescer;
 use crate::offload::gso::TxBatch;
 use crate::wg::device::Snapshot;
+use crate::wg::handshakes::{Pacer, INITIATION_BURST};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 /// Where the runtime's output goes.
 pub trait Io {
@@ -165,6 +167,7 @@ impl RxPath {
 
     /// Writes what is pending to the tuns and the network (once per receive batch).
     pub fn finish(&mut self, counters: &Counters, io: &mut impl Io) {
+        self.receiver.end_batch();
         if !self.coalescer.is_empty() {
             self.coalescer.drain_tagged(|t, f| io.write_tun(port(t), f));
         }
@@ -197,4 +200,42 @@ pub fn tick_timers(snap: &Snapshot, out: &mut TxBatch, io: &mut impl Io) {
     if !out.is_empty() {
         io.send_udp(out);
     }
+}
+
+/// Greets the peers that still wait for it (a handshake with each as soon as it has an
+/// endpoint: after a restart, every restored peer), as many as `pacer` allows at `now`, in
+/// snapshot order. Returns whether some peer still waits (call again on the next tick).
+pub fn greet_peers(
+    snap: &Snapshot,
+    pacer: &Pacer,
+    now: Instant,
+    out: &mut TxBatch,
+    io: &mut impl Io,
+) -> bool {
+    if snap.identity.is_none() {
+        // Without a key the peers' sessions are placeholders: nothing to greet with yet.
+        return false;
+    }
+    let mut budget = pacer.take_up_to(INITIATION_BURST, now);
+    let mut waiting = false;
+    for peer in &snap.peers {
+        if !timers::needs_greeting(peer) {
+            continue;
+        }
+        if budget == 0 {
+            waiting = true;
+            break;
+        }
+        if !out.has_room(TIMER_ROOM, 1) {
+            io.send_udp(out);
+        }
+        if timers::greet(peer, out) {
+            budget -= 1;
+        }
+    }
+    pacer.give_back(budget);
+    if !out.is_empty() {
+        io.send_udp(out);
+    }
+    waiting
 }

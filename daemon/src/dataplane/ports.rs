@@ -50,6 +50,7 @@ struct Inner {
     next_id: u64,
     policy: Option<Arc<PolicySet>>,
     mtu: Option<u16>,
+    cluster: Vec<ipnetwork::IpNetwork>,
 }
 
 /// The pods of this node. One writer (the control plane), many readers (the workers).
@@ -100,6 +101,14 @@ impl Pods {
     pub fn set_policy(&self, policy: Arc<PolicySet>) {
         let mut g = self.lock();
         g.policy = Some(policy);
+        self.publish(&g);
+    }
+
+    /// The cluster's pod ranges: a packet for one of them without a peer is dropped
+    /// (`no_peer`) and answered with an ICMP unreachable, never handed to the host to route.
+    pub fn set_cluster_ranges(&self, ranges: Vec<ipnetwork::IpNetwork>) {
+        let mut g = self.lock();
+        g.cluster = ranges;
         self.publish(&g);
     }
 
@@ -185,6 +194,7 @@ impl Pods {
         };
         let mut t = t;
         t.mtu = g.mtu;
+        t.cluster = g.cluster.clone();
         t.filter = g
             .policy
             .as_ref()

@@ -2,18 +2,20 @@
 //! an [`Io`] that records what would be written. Real sessions (boringtun on both ends),
 //! pods, policy and the tunnel MTU.
 
-use super::apply::{Io, RxPath, TxPath};
+use super::apply::{greet_peers, Io, RxPath, TxPath};
 use crate::datapath::local::{self, LocalTable, Port};
 use crate::datapath::stats::{Counters, DropReason};
 use crate::datapath::testing::udp4;
 use crate::datapath::Ctx;
 use crate::offload::gso::TxBatch;
 use crate::wg::device::{Device, NetworkControl, Snapshot, HANDSHAKE_RATE_LIMIT};
+use crate::wg::handshakes::{Pacer, INITIATION_BURST, TRIGGER_INTERVAL};
 use crate::wg::key::PrivateKey;
 use crate::wg::ratelimit::SourceLimiter;
 use crate::wg::uapi::{parse_request, Request};
 use boringtun::noise::{Tunn, TunnResult};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 /// The context of a node's receive side at `now`.
@@ -29,6 +31,7 @@ fn rx_ctx<'a, T>(
         local,
         counters,
         limiter,
+        pacer: &crate::datapath::HOST_ONLY_PACER,
         now,
         vnet: false,
     }
@@ -594,4 +597,390 @@ fn established_flows_outlive_a_policy_change_new_flows_see_it() {
     );
     assert!(!send(&closed, 2, &mut io), "a new flow sees the new policy");
     assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
+}
+
+/// A batch full of initiations gets at most MAX_HANDSHAKES_PER_BATCH of them decided; the rest
+/// are dropped before any cryptography, and the next batch starts afresh.
+#[test]
+fn handshakes_per_batch_are_capped() {
+    use crate::datapath::from_network::MAX_HANDSHAKES_PER_BATCH;
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
+    let mut a = initiator(&ka, &kb, 7);
+    let (counters, limiter, mut rx, mut io) = receiver();
+    let snap = b.snapshot();
+    let mut buf = vec![0u8; 2048];
+    let t0 = Instant::now();
+    // Fresh initiations from distinct sources (no per-source limit, no replay).
+    let mut send = |rx: &mut RxPath, io: &mut Capture, n: u8| {
+        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true) else {
+            panic!()
+        };
+        let init = init.to_vec();
+        let src = SocketAddr::new([192, 0, 2, n].into(), 51820);
+        let ctx = Ctx::host_only(&snap, &counters, &limiter, t0, false);
+        rx.message(&ctx, src, &init, None, io);
+    };
+    for n in 0..(MAX_HANDSHAKES_PER_BATCH as u8 + 12) {
+        send(&mut rx, &mut io, n + 1);
+    }
+    rx.finish(&counters, &mut io);
+    assert_eq!(
+        io.udp.len(),
+        MAX_HANDSHAKES_PER_BATCH,
+        "one answer per decided initiation"
+    );
+    assert_eq!(counters.drops(DropReason::RateLimited), 12);
+    io.udp.clear();
+    send(&mut rx, &mut io, 200);
+    rx.finish(&counters, &mut io);
+    assert_eq!(io.udp.len(), 1, "the next batch is decided");
+}
+
+/// A cluster address without a peer: the packet is dropped (`no_peer`) and an ICMP unreachable
+/// goes back to its sender (a pod: from the node's gateway; the node: from the destination),
+/// never to the host to route; the node's own gateway still gets its packets.
+#[test]
+fn cluster_addresses_without_a_peer_are_unreachable() {
+    let ports = vec![local::PodPort {
+        id: 0,
+        ips: vec!["10.244.1.5".parse().unwrap()],
+        io: (),
+    }];
+    let mut local = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+    local.cluster = vec!["10.244.0.0/16".parse().unwrap()];
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+    let snap = dev.snapshot();
+    let counters = Counters::default();
+    let ctx = tx_ctx(&snap, &local, &counters);
+    let mut tx = TxPath::new();
+    let mut io = Capture::default();
+    let mut send = |from: Port, src: [u8; 4], dst: [u8; 4], io: &mut Capture| {
+        io.to.clear();
+        io.tun.clear();
+        tx.frame(&ctx, from, &mut udp4(src, dst), io);
+    };
+    // Pod -> a keyless Node's range: dropped, ICMP host unreachable back to the pod.
+    send(Port::Pod(0), [10, 244, 1, 5], [10, 244, 9, 7], &mut io);
+    assert_eq!(counters.drops(DropReason::NoPeer), 1);
+    assert_eq!(io.to, vec![Port::Pod(0)]);
+    let icmp = &io.tun[0];
+    assert_eq!(
+        (icmp[9], icmp[20], icmp[21]),
+        (1, 3, 1),
+        "ICMP host unreachable"
+    );
+    assert_eq!(&icmp[12..16], &[10, 244, 1, 1], "from the gateway");
+    assert_eq!(&icmp[16..20], &[10, 244, 1, 5], "to the pod");
+    // The node itself: from the destination (the kernel drops its own address as source).
+    send(Port::Host, [10, 244, 1, 1], [10, 244, 9, 7], &mut io);
+    assert_eq!(counters.drops(DropReason::NoPeer), 2);
+    assert_eq!(&io.tun[0][12..16], &[10, 244, 9, 7]);
+    // Pod -> its node's gateway, and -> the world: to the host.
+    send(Port::Pod(0), [10, 244, 1, 5], [10, 244, 1, 1], &mut io);
+    assert_eq!(io.to, vec![Port::Host]);
+    send(Port::Pod(0), [10, 244, 1, 5], [192, 0, 2, 9], &mut io);
+    assert_eq!(io.to, vec![Port::Host]);
+    assert_eq!(counters.drops(DropReason::NoPeer), 2);
+}
+
+/// A receive context with its own pacer (triggered handshakes draw on it).
+fn paced_ctx<'a>(
+    snap: &'a Snapshot,
+    counters: &'a Counters,
+    limiter: &'a SourceLimiter,
+    pacer: &'a Pacer,
+    now: Instant,
+) -> Ctx<'a, ()> {
+    Ctx {
+        pacer,
+        ..Ctx::host_only(snap, counters, limiter, now, false)
+    }
+}
+
+/// The restart of a receiving node: its peer keeps encrypting with a session the new device
+/// does not know. The first such message triggers one initiation to the peer (no more within
+/// the per-peer interval, none for a stranger's address); the peer's `Tunn` answers, our
+/// keepalive switches it to the new session, and its very next packet is delivered.
+#[test]
+fn unknown_session_from_a_peer_triggers_a_handshake_and_the_sender_switches_at_once() {
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+    let mut a = initiator(&ka, &kb, 11);
+    let packet = udp4([10, 99, 0, 1], [10, 99, 0, 2]);
+    let mut buf = vec![0u8; 2048];
+    let mut sbuf = vec![0u8; 2048];
+    let mut seal = |a: &mut Tunn| match a.encapsulate(&packet, &mut sbuf) {
+        TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!("a has a session"),
+    };
+    // Before the restart: a session, as usual.
+    let before = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
+    let (counters, limiter, mut rx, mut io) = receiver();
+    let snap = before.snapshot();
+    handshake(
+        &mut a,
+        a_addr,
+        &Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false),
+        &mut rx,
+        &mut io,
+    );
+    // The restarted device: same keys, no session.
+    let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
+    let (counters, limiter, mut rx, mut io) = receiver();
+    let pacer = Pacer::new();
+    let snap = b.snapshot();
+    let t0 = Instant::now();
+    let ctx = paced_ctx(&snap, &counters, &limiter, &pacer, t0);
+    let stranger: SocketAddr = "192.0.2.99:51820".parse().unwrap();
+    for from in [stranger, a_addr, a_addr] {
+        let d = seal(&mut a);
+        rx.message(&ctx, from, &d, None, &mut io);
+    }
+    rx.finish(&counters, &mut io);
+    assert_eq!(counters.drops(DropReason::UnknownSession), 3);
+    assert!(io.tun.is_empty());
+    let inits: Vec<_> = io.udp.iter().filter(|(_, d)| d[0] == 1).collect();
+    assert_eq!(inits.len(), 1, "one initiation, to the peer: {:?}", io.udp);
+    assert_eq!(inits[0].0, a_addr);
+    let peer = &snap.peers[0];
+    assert_eq!(peer.handshakes.triggered.load(Ordering::Relaxed), 1);
+    // The peer answers; our keepalive completes the handshake.
+    let init = inits[0].1.clone();
+    let TunnResult::WriteToNetwork(resp) = a.decapsulate(Some(a_addr.ip()), &init, &mut buf) else {
+        panic!("a answers the initiation")
+    };
+    let resp = resp.to_vec();
+    io.udp.clear();
+    rx.message(&ctx, a_addr, &resp, None, &mut io);
+    rx.finish(&counters, &mut io);
+    let keepalive = io.udp.iter().find(|(_, d)| d[0] == 4).expect("a keepalive");
+    assert_eq!(keepalive.0, a_addr);
+    assert_eq!(peer.handshakes.success.load(Ordering::Relaxed), 1);
+    assert_eq!(peer.handshakes.timeout.load(Ordering::Relaxed), 0);
+    let keepalive = keepalive.1.clone();
+    assert!(matches!(
+        a.decapsulate(Some(a_addr.ip()), &keepalive, &mut buf),
+        TunnResult::Done
+    ));
+    // a's next packet uses the new session: delivered.
+    let d = seal(&mut a);
+    rx.message(&ctx, a_addr, &d, None, &mut io);
+    rx.finish(&counters, &mut io);
+    assert_eq!(
+        io.tun.len(),
+        1,
+        "{:?}",
+        counters.all_drops().collect::<Vec<_>>()
+    );
+    // After the per-peer interval, another unknown session may trigger again.
+    let later = paced_ctx(&snap, &counters, &limiter, &pacer, t0 + TRIGGER_INTERVAL);
+    let mut other = initiator(&ka, &kb, 12);
+    let mut io2 = Capture::default();
+    handshake_with_tunn_only(&mut other, &mut initiator(&kb, &ka, 13));
+    let d = match other.encapsulate(&packet, &mut vec![0u8; 2048]) {
+        TunnResult::WriteToNetwork(d) => d.to_vec(),
+        _ => panic!(),
+    };
+    rx.message(&later, a_addr, &d, None, &mut io2);
+    rx.finish(&counters, &mut io2);
+    assert_eq!(io2.udp.iter().filter(|(_, d)| d[0] == 1).count(), 1);
+    assert_eq!(peer.handshakes.triggered.load(Ordering::Relaxed), 2);
+}
+
+/// Gives `x` a session with `y` (both hand-made `Tunn`s): data `x` then sends names an index
+/// no device knows.
+fn handshake_with_tunn_only(x: &mut Tunn, y: &mut Tunn) {
+    let (mut b1, mut b2) = (vec![0u8; 2048], vec![0u8; 2048]);
+    let TunnResult::WriteToNetwork(init) = x.format_handshake_initiation(&mut b1, true) else {
+        panic!()
+    };
+    let TunnResult::WriteToNetwork(resp) = y.decapsulate(None, init, &mut b2) else {
+        panic!()
+    };
+    assert!(matches!(
+        x.decapsulate(None, resp, &mut b1),
+        TunnResult::WriteToNetwork(_)
+    ));
+}
+
+/// A device greets every peer with an endpoint (a restarted agent: every restored peer), at
+/// most the pacer's burst at once, then at its rate; a greeted peer is not greeted again, and
+/// an initiation left unanswered counts as a timeout when it is retried.
+#[test]
+fn greetings_are_paced_and_unanswered_ones_time_out() {
+    let own = PrivateKey::generate();
+    let d = Device::new();
+    let mut lines = vec![
+        "set=1".to_string(),
+        format!("private_key={}", own.expose_hex().as_str()),
+    ];
+    let peers = INITIATION_BURST as usize + 30;
+    for i in 0..peers {
+        lines.push(format!(
+            "public_key={}",
+            PrivateKey::generate().public_key().to_hex()
+        ));
+        lines.push(format!("endpoint=192.0.2.{}:51820", i + 1));
+    }
+    // One peer without an endpoint: nothing to greet.
+    lines.push(format!(
+        "public_key={}",
+        PrivateKey::generate().public_key().to_hex()
+    ));
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let Request::Set(r) = parse_request(&refs).unwrap() else {
+        panic!()
+    };
+    d.apply(r, &mut NoNet).unwrap();
+    let snap = d.snapshot();
+    let pacer = Pacer::new();
+    let mut out = TxBatch::new(64 * 1024, 64);
+    let mut io = Capture::default();
+    let t0 = Instant::now();
+    assert!(
+        greet_peers(&snap, &pacer, t0, &mut out, &mut io),
+        "more wait"
+    );
+    assert_eq!(io.udp.len(), INITIATION_BURST as usize);
+    assert!(io.udp.iter().all(|(_, d)| d[0] == 1 && d.len() == 148));
+    // Nothing more in the same instant; the rest as the bucket refills.
+    assert!(greet_peers(&snap, &pacer, t0, &mut out, &mut io));
+    assert_eq!(io.udp.len(), INITIATION_BURST as usize);
+    let t1 = t0 + Duration::from_secs(1);
+    assert!(
+        !greet_peers(&snap, &pacer, t1, &mut out, &mut io),
+        "all greeted"
+    );
+    assert_eq!(io.udp.len(), peers);
+    let mut to: Vec<SocketAddr> = io.udp.iter().map(|(a, _)| *a).collect();
+    to.sort();
+    to.dedup();
+    assert_eq!(to.len(), peers, "each peer once");
+    assert!(!greet_peers(
+        &snap,
+        &pacer,
+        t1 + Duration::from_secs(60),
+        &mut out,
+        &mut io
+    ));
+    assert_eq!(io.udp.len(), peers, "never twice");
+    // Nobody answers: boringtun retries after REKEY_TIMEOUT (5 s, real time), and each retry
+    // ends the unanswered attempt as a timeout.
+    let peer = &snap.peers[0];
+    kwire_wait(Duration::from_secs(8), || {
+        crate::datapath::timers::tick(peer, &mut out);
+        out.clear();
+        peer.handshakes.timeout.load(Ordering::Relaxed) >= 1
+    });
+    assert_eq!(peer.handshakes.success.load(Ordering::Relaxed), 0);
+}
+
+/// Polls `f` every 100 ms until it holds; panics after `limit`.
+fn kwire_wait(limit: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < end, "condition not met within {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Fifty peers keep sending to a node that restarted: each one's first message triggers an
+/// initiation (fifty fit in the pacer's burst), and after one round trip every peer's next
+/// packet is delivered.
+#[test]
+fn fifty_peers_recover_after_one_round_trip() {
+    const PEERS: usize = 50;
+    let own = PrivateKey::generate();
+    let keys: Vec<PrivateKey> = (0..PEERS).map(|_| PrivateKey::generate()).collect();
+    let addr = |i: usize| -> SocketAddr { format!("192.0.2.{}:51820", i + 1).parse().unwrap() };
+    let inner = |i: usize| [10, 99, 0, i as u8 + 1];
+    let node = || {
+        let d = Device::new();
+        let mut lines = vec![
+            "set=1".to_string(),
+            format!("private_key={}", own.expose_hex().as_str()),
+        ];
+        for (i, k) in keys.iter().enumerate() {
+            let [a, b, c, e] = inner(i);
+            lines.push(format!("public_key={}", k.public_key().to_hex()));
+            lines.push(format!("allowed_ip={a}.{b}.{c}.{e}/32"));
+            lines.push(format!("endpoint={}", addr(i)));
+        }
+        let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let Request::Set(r) = parse_request(&refs).unwrap() else {
+            panic!()
+        };
+        d.apply(r, &mut NoNet).unwrap();
+        d
+    };
+    let mut peers: Vec<Tunn> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| initiator(k, &own, 100 + i as u32))
+        .collect();
+    let before = node();
+    let (counters, limiter, mut rx, mut io) = receiver();
+    let snap = before.snapshot();
+    for (i, p) in peers.iter_mut().enumerate() {
+        // As the timer thread does once a second: 50 initiations are 100 handshake messages
+        // to the device's limiter.
+        snap.identity.as_ref().unwrap().rate_limiter.reset_count();
+        io.udp.clear();
+        handshake(
+            p,
+            addr(i),
+            &Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false),
+            &mut rx,
+            &mut io,
+        );
+    }
+    let after = node();
+    let (counters, limiter, mut rx, mut io) = receiver();
+    let pacer = Pacer::new();
+    let snap = after.snapshot();
+    let ctx = paced_ctx(&snap, &counters, &limiter, &pacer, Instant::now());
+    let mut buf = vec![0u8; 2048];
+    let mut send = |i: usize, p: &mut Tunn, rx: &mut RxPath, io: &mut Capture| {
+        let pkt = udp4(inner(i), [10, 99, 1, 1]);
+        let TunnResult::WriteToNetwork(d) = p.encapsulate(&pkt, &mut buf) else {
+            panic!("peer {i} has a session")
+        };
+        let d = d.to_vec();
+        rx.message(&ctx, addr(i), &d, None, io);
+    };
+    for (i, p) in peers.iter_mut().enumerate() {
+        send(i, p, &mut rx, &mut io);
+    }
+    rx.finish(&counters, &mut io);
+    let inits: Vec<(SocketAddr, Vec<u8>)> = std::mem::take(&mut io.udp);
+    assert_eq!(inits.len(), PEERS, "one initiation per peer at once");
+    // Each peer answers; the node's keepalive completes each handshake.
+    let mut b2 = vec![0u8; 2048];
+    for (to, init) in &inits {
+        let i = (0..PEERS)
+            .find(|i| addr(*i) == *to)
+            .expect("a peer's address");
+        let TunnResult::WriteToNetwork(resp) = peers[i].decapsulate(Some(to.ip()), init, &mut b2)
+        else {
+            panic!("peer {i} answers")
+        };
+        let resp = resp.to_vec();
+        rx.message(&ctx, *to, &resp, None, &mut io);
+    }
+    rx.finish(&counters, &mut io);
+    for (to, keepalive) in std::mem::take(&mut io.udp) {
+        let i = (0..PEERS).find(|i| addr(*i) == to).unwrap();
+        let _ = peers[i].decapsulate(Some(to.ip()), &keepalive, &mut b2);
+    }
+    for (i, p) in peers.iter_mut().enumerate() {
+        send(i, p, &mut rx, &mut io);
+    }
+    rx.finish(&counters, &mut io);
+    assert_eq!(io.tun.len(), PEERS, "every peer's next packet delivered");
+    for p in &snap.peers {
+        assert_eq!(p.handshakes.success.load(Ordering::Relaxed), 1);
+        assert_eq!(p.handshakes.triggered.load(Ordering::Relaxed), 1);
+    }
 }

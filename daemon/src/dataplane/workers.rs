@@ -31,6 +31,8 @@ pub const TUN_BATCH: usize = 32;
 pub const CONNTRACK_SWEEP_SECONDS: u64 = 10;
 /// Ready descriptors taken from one epoll wait.
 pub const EPOLL_EVENTS: usize = 64;
+/// How often the timer thread greets peers that wait for their first handshake.
+pub const GREET_TICK: Duration = Duration::from_millis(50);
 /// Least time between two log lines about the same repeated I/O error.
 pub const ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
@@ -201,6 +203,7 @@ fn batch_ctx<'a>(
         local,
         counters,
         limiter: &device.source_limiter,
+        pacer: &device.pacer,
         now: Instant::now(),
         vnet,
     }
@@ -338,7 +341,8 @@ fn spawn_udp_reader(i: usize, b: Arc<Bound>, tun: Arc<TunQueue>, net: Network) -
     Ok(())
 }
 
-/// Starts the timer thread: peer timers every tick, rate limiter reset every second.
+/// Starts the timer thread: greetings every [`GREET_TICK`] while peers wait for them, peer
+/// timers every tick, rate limiter reset every second.
 pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
     std::thread::Builder::new()
         .name("kwire-timers".into())
@@ -348,10 +352,22 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
             let (mut a, mut b) = (Throttle::new(), Throttle::new());
             let tun = net.tun_writers.lock().unwrap_or_else(|p| p.into_inner())[0].clone();
             let ticks_per_second = (1000 / TIMER_TICK.as_millis()).max(1) as u64;
-            let mut ticks = 0u64;
+            let wakes_per_tick = (TIMER_TICK.as_millis() / GREET_TICK.as_millis()).max(1) as u64;
+            let (mut wakes, mut ticks) = (0u64, 0u64);
+            // The snapshot whose peers were all greeted, if any (held, so that a new one is
+            // never taken for it).
+            let mut greeted: Option<Arc<Snapshot>> = None;
             loop {
-                std::thread::sleep(TIMER_TICK);
+                // Greetings every GREET_TICK (a restarted device handshakes within one),
+                // peer timers every TIMER_TICK.
+                std::thread::sleep(GREET_TICK);
+                wakes += 1;
+                let timers_due = wakes.is_multiple_of(wakes_per_tick);
                 let snap = device.snapshot();
+                let greet = !greeted.as_ref().is_some_and(|g| Arc::ptr_eq(g, &snap));
+                if !greet && !timers_due {
+                    continue;
+                }
                 let local = net.pods.table();
                 let mut wio = WorkerIo {
                     tun: &tun,
@@ -362,6 +378,19 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
                     tun_err: &mut a,
                     udp_err: &mut b,
                 };
+                if greet {
+                    let waiting = apply::greet_peers(
+                        &snap,
+                        &device.pacer,
+                        Instant::now(),
+                        &mut out,
+                        &mut wio,
+                    );
+                    greeted = (!waiting).then(|| Arc::clone(&snap));
+                }
+                if !timers_due {
+                    continue;
+                }
                 apply::tick_timers(&snap, &mut out, &mut wio);
                 ticks += 1;
                 if ticks.is_multiple_of(ticks_per_second) {

@@ -97,21 +97,36 @@ impl Collector for StatusCollector {
         let hs: Vec<(Labels, u64)> = r
             .peers
             .iter()
-            .map(|p| {
-                (
-                    vec![
-                        ("node".to_string(), p.node.clone()),
-                        ("result".to_string(), "success".to_string()),
-                    ],
-                    p.handshakes,
-                )
+            .flat_map(|p| {
+                [
+                    ("success", p.handshakes),
+                    ("timeout", p.handshakes_timeout),
+                    ("rejected", p.handshakes_rejected),
+                ]
+                .map(|(result, n)| {
+                    (
+                        vec![
+                            ("node".to_string(), p.node.clone()),
+                            ("result".to_string(), result.to_string()),
+                        ],
+                        n,
+                    )
+                })
             })
             .collect();
         counter_family(
             &mut e,
             "kwire_peer_handshakes",
-            "Completed handshakes with the peer seen by the agent",
+            "Handshake attempts with the peer by result: success (completed, either side \
+             initiating), timeout (our initiation never answered), rejected (refused)",
             &hs,
+        )?;
+        counter_family(
+            &mut e,
+            "kwire_peer_handshakes_triggered",
+            "Handshakes started at once because the peer sent data for a session this node \
+             does not know (after this node restarted)",
+            &peer_counter(&|p| p.handshakes_triggered),
         )?;
         let ep: Vec<(Labels, f64)> = r
             .peers
@@ -174,6 +189,24 @@ impl Collector for StatusCollector {
             "kwire_pods",
             "Pods attached to this node's packet loop",
             &[(vec![], r.pods.len() as f64)],
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_conntrack_flows",
+            "Flows in the NetworkPolicy connection table (new flows are refused past kwire_conntrack_flows_max, or past kwire_conntrack_flows_per_pod_max for one initiating address)",
+            &[(vec![], r.conntrack.flows as f64)],
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_conntrack_flows_max",
+            "Most flows the connection table holds",
+            &[(vec![], r.conntrack.max_flows as f64)],
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_conntrack_flows_per_pod_max",
+            "Most flows one initiating pod address may hold (--max-flows-per-pod)",
+            &[(vec![], r.conntrack.max_flows_per_pod as f64)],
         )?;
         let invalid = by_reason(&r.invalid_peers);
         counter_family(

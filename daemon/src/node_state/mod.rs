@@ -61,8 +61,6 @@ pub struct NodeContext {
 /// Per peer, what the health monitor derived between ticks.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PeerHealthReport {
-    /// Completed handshakes seen (a change of the handshake time between ticks).
-    pub handshakes: u64,
     /// No handshake for longer than `--peer-unreachable-after` while traffic waits.
     pub unreachable: bool,
 }

@@ -7,7 +7,7 @@ use crate::datapath::stats::DropReason;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::net::IpAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 /// One node's view of the mesh: what `kwire status --json` prints.
@@ -38,6 +38,17 @@ pub struct StatusReport {
     /// Nodes refused as peers (counted once per change), by reason; zeros included.
     #[serde(default)]
     pub invalid_peers: BTreeMap<String, u64>,
+    /// The NetworkPolicy connection table's occupancy and limits.
+    #[serde(default)]
+    pub conntrack: ConntrackReport,
+}
+
+/// The connection table: flows held, and the most it (and one initiating pod) may hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConntrackReport {
+    pub flows: u64,
+    pub max_flows: u64,
+    pub max_flows_per_pod: u64,
 }
 
 /// A peer, by node name.
@@ -53,8 +64,18 @@ pub struct PeerReport {
     pub tx_bytes: u64,
     /// Packets for this peer that no session could carry.
     pub tx_dropped: u64,
-    /// Completed handshakes the agent has seen.
+    /// Completed handshakes (either side initiating).
     pub handshakes: u64,
+    /// Initiations of ours never answered (retried after 5 s, or given up after 90 s).
+    #[serde(default)]
+    pub handshakes_timeout: u64,
+    /// Handshake messages of or for this peer that were refused (bad timestamp, MAC, keys).
+    #[serde(default)]
+    pub handshakes_rejected: u64,
+    /// Handshakes started at once because the peer sent data for a session this node does
+    /// not know (after a restart of this node).
+    #[serde(default)]
+    pub handshakes_triggered: u64,
     pub up: bool,
     /// No handshake for longer than `--peer-unreachable-after` while traffic waits.
     pub unreachable: bool,
@@ -99,11 +120,10 @@ pub fn report(st: &NodeState) -> StatusReport {
         let age = p
             .last_handshake
             .map(|t| now.duration_since(t).unwrap_or_default());
-        let tx_dropped = snap
-            .peers
-            .iter()
-            .find(|q| q.public_key == p.public_key)
-            .map_or(0, |q| q.tx_dropped.load(Ordering::Relaxed));
+        let live = snap.peers.iter().find(|q| q.public_key == p.public_key);
+        let count = |f: fn(&crate::wg::Peer) -> &AtomicU64| {
+            live.map_or(0, |q| f(q).load(Ordering::Relaxed))
+        };
         peers.push(PeerReport {
             node: node.clone(),
             public_key: p.public_key.to_base64(),
@@ -112,8 +132,11 @@ pub fn report(st: &NodeState) -> StatusReport {
             last_handshake_age_seconds: age.map(|a| a.as_secs_f64()),
             rx_bytes: p.rx_bytes,
             tx_bytes: p.tx_bytes,
-            tx_dropped,
-            handshakes: h.handshakes,
+            tx_dropped: count(|q| &q.tx_dropped),
+            handshakes: count(|q| &q.handshakes.success),
+            handshakes_timeout: count(|q| &q.handshakes.timeout),
+            handshakes_rejected: count(|q| &q.handshakes.rejected),
+            handshakes_triggered: count(|q| &q.handshakes.triggered),
             up: peer_up(age, h.unreachable),
             unreachable: h.unreachable,
         });
@@ -131,6 +154,14 @@ pub fn report(st: &NodeState) -> StatusReport {
                 ips: p.ips,
             })
             .collect()
+    });
+    let conntrack = ctx.map_or_else(ConntrackReport::default, |ctx| {
+        let ct = &ctx.pods.conntrack;
+        ConntrackReport {
+            flows: ct.len() as u64,
+            max_flows: ct.max_flows() as u64,
+            max_flows_per_pod: ct.max_flows_per_pod() as u64,
+        }
     });
     let c = &st.counters;
     StatusReport {
@@ -167,6 +198,7 @@ pub fn report(st: &NodeState) -> StatusReport {
             .invalid_peers()
             .map(|(r, n)| (r.to_string(), n))
             .collect(),
+        conntrack,
     }
 }
 

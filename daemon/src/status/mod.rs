@@ -231,8 +231,8 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
             .last_handshake_age_seconds
             .map_or_else(|| "never".to_string(), human_age);
         o.push_str(&format!(
-            "  latest handshake: {hs} ({} seen)\n",
-            p.handshakes
+            "  latest handshake: {hs} ({} completed, {} timed out, {} rejected)\n",
+            p.handshakes, p.handshakes_timeout, p.handshakes_rejected
         ));
         o.push_str(&format!(
             "  transfer: {} received, {} sent",
@@ -289,6 +289,9 @@ pub(crate) mod tests {
                     tx_bytes: 100,
                     tx_dropped: 0,
                     handshakes: 1,
+                    handshakes_timeout: 0,
+                    handshakes_rejected: 0,
+                    handshakes_triggered: 0,
                     up: true,
                     unreachable: false,
                 },
@@ -302,6 +305,9 @@ pub(crate) mod tests {
                     tx_bytes: 0,
                     tx_dropped: 3,
                     handshakes: 0,
+                    handshakes_timeout: 4,
+                    handshakes_rejected: 0,
+                    handshakes_triggered: 0,
                     up: false,
                     unreachable: true,
                 },
@@ -318,6 +324,7 @@ pub(crate) mod tests {
             },
             drops: [("no_peer".to_string(), 4)].into_iter().collect(),
             invalid_peers: [("duplicate_key".to_string(), 1)].into_iter().collect(),
+            conntrack: Default::default(),
         }
     }
 
@@ -327,7 +334,7 @@ pub(crate) mod tests {
         for want in [
             "node: n1",
             "peer: n2 (up)",
-            "latest handshake: 1m 5s ago (1 seen)",
+            "latest handshake: 1m 5s ago (1 completed, 0 timed out, 0 rejected)",
             "2.00 KiB received, 100 B sent",
             "peer: n3 (down (unreachable))",
             "latest handshake: never",

@@ -2,6 +2,7 @@
 //! [`Snapshot`] the packet loop reads without waiting (rebuilt and swapped on every change).
 
 use crate::wg::allowed_ips::{AllowedIps, IntMap};
+use crate::wg::handshakes::{HandshakeStats, Initiations, Pacer};
 use crate::wg::key::{PresharedKey, PrivateKey};
 use crate::wg::ratelimit::SourceLimiter;
 use crate::wg::uapi::{DeviceInfo, Errno, PeerChange, PeerInfo, SetRequest, UapiError};
@@ -36,6 +37,8 @@ pub struct Peer {
     pub tx_bytes: AtomicU64,
     /// Packets to this peer that no session could carry yet, or that had no endpoint.
     pub tx_dropped: AtomicU64,
+    /// The outcome of every handshake attempt with the peer.
+    pub handshakes: HandshakeStats,
 }
 
 /// The mutable half of a peer: boringtun's `Tunn` (its methods take `&mut self`) and the
@@ -43,6 +46,8 @@ pub struct Peer {
 pub struct PeerState {
     pub tunn: Tunn,
     pub endpoint: Option<SocketAddr>,
+    /// Our initiations: awaited, greeted, last triggered.
+    pub initiations: Initiations,
 }
 
 impl std::fmt::Debug for Peer {
@@ -60,6 +65,14 @@ impl Peer {
         // A panic while holding the lock aborts the process (release profile), so poison
         // can only be seen in tests; the state is still usable.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An initiation of ours went out (`st` is this peer's locked state): one that was never
+    /// answered timed out.
+    pub fn initiation_sent(&self, st: &mut PeerState) {
+        if st.initiations.sent() {
+            self.handshakes.timeout.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     pub fn endpoint(&self) -> Option<SocketAddr> {
@@ -91,6 +104,9 @@ pub struct Snapshot {
     pub by_index: IntMap<u32, u32>,
     /// Public key to peer slot, for handshake initiations.
     pub by_key: HashMap<[u8; 32], u32>,
+    /// Endpoint to peer slot, as configured when the snapshot was made (not as roamed since):
+    /// whom to handshake with when a data message names a session we do not know.
+    pub by_endpoint: HashMap<SocketAddr, u32>,
     pub identity: Option<Arc<Identity>>,
 }
 
@@ -130,6 +146,8 @@ pub struct Device {
     config: Mutex<Config>,
     snapshot: ArcSwap<Snapshot>,
     pub source_limiter: SourceLimiter,
+    /// Initiations the device starts on its own (greetings, triggers).
+    pub pacer: Pacer,
 }
 
 impl Default for Device {
@@ -138,6 +156,7 @@ impl Default for Device {
             config: Mutex::new(Config::default()),
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             source_limiter: SourceLimiter::default(),
+            pacer: Pacer::default(),
         }
     }
 }
@@ -234,6 +253,9 @@ impl Device {
             s.peers.push(e.peer.clone());
             s.by_index.insert(e.peer.index, slot);
             s.by_key.insert(e.peer.public_key.0, slot);
+            if let Some(ep) = e.peer.endpoint() {
+                s.by_endpoint.insert(ep, slot);
+            }
             for n in &e.allowed_ips {
                 s.routes.insert(*n, slot);
             }
@@ -313,6 +335,7 @@ fn rebuild_peer(
         .store(old.rx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
     peer.tx_bytes
         .store(old.tx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
+    peer.handshakes.add(&old.handshakes);
     if let Some(e) = cfg.peers.get_mut(&pk) {
         e.peer = Arc::new(peer);
     }
@@ -349,10 +372,15 @@ fn make_peer(
         index,
         preshared_key: psk,
         persistent_keepalive: keepalive,
-        state: Mutex::new(PeerState { tunn, endpoint }),
+        state: Mutex::new(PeerState {
+            tunn,
+            endpoint,
+            initiations: Initiations::default(),
+        }),
         rx_bytes: AtomicU64::new(0),
         tx_bytes: AtomicU64::new(0),
         tx_dropped: AtomicU64::new(0),
+        handshakes: HandshakeStats::default(),
     })
 }
 

@@ -4,6 +4,7 @@
 
 pub mod allowed_ips;
 pub mod device;
+pub mod handshakes;
 pub mod key;
 pub mod ratelimit;
 pub mod uapi;

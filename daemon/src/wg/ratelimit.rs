@@ -1,5 +1,7 @@
 //! Per-source limit on handshake initiations, applied after the MAC and cookie checks and
-//! before the Diffie-Hellman work (wireguard-go `ratelimiter/`: 20 per second, burst 5).
+//! before the Diffie-Hellman work (wireguard-go `ratelimiter/`: 20 per second, burst 5). An
+//! IPv6 source is its /64 (as wireguard-go keys it): one host holds a whole /64, so counting
+//! its addresses apart would give it 2^64 buckets.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -33,6 +35,7 @@ impl Default for SourceLimiter {
 impl SourceLimiter {
     /// Whether one more initiation from `src` may be processed at `now`.
     pub fn allow(&self, src: IpAddr, now: Instant) -> bool {
+        let src = source_key(src);
         let mut m = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if m.len() >= MAX_SOURCES && !m.contains_key(&src) {
             m.retain(|_, (_, t)| now.saturating_duration_since(*t).as_secs() < 1);
@@ -61,6 +64,18 @@ impl SourceLimiter {
     }
 }
 
+/// The bucket of a source: an IPv4 address, or the /64 of an IPv6 one (an IPv4-mapped IPv6
+/// address counts as its IPv4 address).
+pub fn source_key(src: IpAddr) -> IpAddr {
+    match src {
+        IpAddr::V4(_) => src,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,5 +97,23 @@ mod tests {
             "one token per 50 ms"
         );
         assert!(!l.allow(a, t0 + Duration::from_millis(60)));
+    }
+
+    #[test]
+    fn an_ipv6_source_is_its_slash_64() {
+        let l = SourceLimiter::default();
+        let t0 = Instant::now();
+        for i in 0..BURST {
+            let a: IpAddr = format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap();
+            assert!(l.allow(a, t0));
+        }
+        let other_host_same_64: IpAddr = "2001:db8:1:2:ffff:ffff:ffff:ffff".parse().unwrap();
+        assert!(!l.allow(other_host_same_64, t0), "one bucket per /64");
+        let next_64: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert!(l.allow(next_64, t0));
+        assert_eq!(
+            source_key("::ffff:192.0.2.7".parse().unwrap()),
+            "192.0.2.7".parse::<IpAddr>().unwrap()
+        );
     }
 }

@@ -94,6 +94,10 @@ impl PeerChange {
 
 /// Longest request accepted, in bytes: a few thousand peers with many allowed IPs.
 pub const MAX_REQUEST_BYTES: usize = 16 << 20;
+/// Longest line accepted, in bytes: the longest valid one (`preshared_key=` and 64 hex digits,
+/// an IPv6 endpoint with a scope) is under 100; a longer line is refused before it is read
+/// whole.
+pub const MAX_LINE_BYTES: usize = 4096;
 
 /// Parses the lines of one request (without the terminating blank line).
 pub fn parse_request(lines: &[&str]) -> Result<Request, UapiError> {

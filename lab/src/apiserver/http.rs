@@ -5,8 +5,8 @@
 //! `.../RESOURCE` (cluster-scoped, or all namespaces), `.../namespaces/NS/RESOURCE`,
 //! `.../RESOURCE/NAME` and `.../RESOURCE/NAME/status`.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -16,14 +16,18 @@ use axum::response::{IntoResponse, Response};
 use axum::Router;
 use serde_json::{json, Value};
 
+use super::authn::{Authenticated, TokenAuthenticator, UserInfo};
 use super::error::ApiError;
 use super::openapi;
-use super::patch::{json_patch, merge_patch};
+use super::patch::{json_patch, merge_patch, strategic_merge_patch};
+use super::rbac::{self, Decision};
+use super::registry::Registry;
+use super::request::{self, RequestInfo};
 use super::resources::{
     self, api_group, api_group_list, api_resource_list, event_v1_field_to_core, ResourceKind,
 };
 use super::selector::{FieldRequirement, FieldSelector, LabelSelector};
-use super::store::{ListOptions, Store, INITIAL_NAMESPACES};
+use super::store::{ListOptions, INITIAL_NAMESPACES};
 use super::table;
 use super::watch::{watch_stream, WatchRequest};
 
@@ -33,15 +37,30 @@ pub const SERVED_VERSION: (&str, &str) = ("1", "33");
 /// Settings the HTTP layer needs.
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
-    pub token: Option<String>,
     pub bookmark_interval: Duration,
     pub default_watch_timeout: Duration,
     pub server_address: String,
 }
 
+/// One kind of request a user made, as the audit set keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct AuditEntry {
+    pub username: String,
+    pub verb: String,
+    /// API group ("" for core), or "" for non-resource requests.
+    pub api_group: String,
+    /// `nodes`, `nodes/status`; the path for non-resource requests.
+    pub resource: String,
+    /// False when authorization denied it.
+    pub allowed: bool,
+}
+
 pub struct AppState {
-    pub store: Arc<Store>,
+    pub registry: Arc<Registry>,
+    pub authn: Arc<TokenAuthenticator>,
     pub settings: HttpSettings,
+    /// Every distinct (user, verb, group, resource, allowed) seen, for tests and `kwire-lab`.
+    pub audit: Arc<Mutex<BTreeSet<AuditEntry>>>,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -108,19 +127,20 @@ async fn dispatch(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if let Some(token) = &app.settings.token {
-        let ok = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| t == token);
-        if !ok {
-            return error_response(&ApiError::new(401, "Unauthorized", "Unauthorized"));
-        }
-    }
     let query: HashMap<String, String> = Query::try_from_uri(&uri)
         .map(|Query(q)| q)
         .unwrap_or_default();
+    let user = match authenticate(&app, &headers) {
+        Some(u) => u,
+        None => return error_response(&ApiError::new(401, "Unauthorized", "Unauthorized")),
+    };
+    let info = request::parse(method.as_str(), uri.path(), &query);
+    let decision = app.registry.rbac().authorize(&user, &info);
+    record(&app, &user, &info, decision == Decision::Allow);
+    if decision == Decision::Deny {
+        tracing::debug!(user = %user.username, verb = %info.verb, resource = %info.resource_and_subresource(), "forbidden");
+        return error_response(&forbidden(&user, &info));
+    }
     let segs: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
     tracing::debug!(%method, path = uri.path(), "request");
     let result = match segs.as_slice() {
@@ -142,10 +162,24 @@ async fn dispatch(
             .map(|l| json_response(200, &l))
             .ok_or_else(|| not_found_path(&uri)),
         ["api", "v1", rest @ ..] => {
-            handle_resource(&app, &method, "", "v1", rest, &query, &headers, body)
+            let req = ResourceRequest {
+                app: &app,
+                user: &user,
+                method: &method,
+                group: "",
+                version: "v1",
+            };
+            handle_resource(&req, rest, &query, &headers, body)
         }
         ["apis", group, version, rest @ ..] => {
-            handle_resource(&app, &method, group, version, rest, &query, &headers, body)
+            let req = ResourceRequest {
+                app: &app,
+                user: &user,
+                method: &method,
+                group,
+                version,
+            };
+            handle_resource(&req, rest, &query, &headers, body)
         }
         ["openapi", "v3"] => Ok(json_response(200, &openapi::index())),
         ["openapi", "v3", rest @ ..] => openapi::group_version_doc(&rest.join("/"))
@@ -155,6 +189,71 @@ async fn dispatch(
         _ => Err(not_found_path(&uri)),
     };
     result.unwrap_or_else(|e| error_response(&e))
+}
+
+/// The user of a request, or None for 401: a token the stand-in did not issue, or a service
+/// account token whose ServiceAccount no longer exists.
+fn authenticate(app: &AppState, headers: &HeaderMap) -> Option<UserInfo> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match app.authn.authenticate(header) {
+        Authenticated::Anonymous => Some(UserInfo::anonymous()),
+        Authenticated::Rejected => None,
+        Authenticated::User(u) => {
+            if let Some((ns, name)) = u.service_account_of() {
+                let sa = super::resources::find("", "v1", "serviceaccounts").expect("served");
+                app.registry.store().get(sa, Some(ns), name).ok()?;
+            }
+            Some(u)
+        }
+    }
+}
+
+fn record(app: &AppState, user: &UserInfo, info: &RequestInfo, allowed: bool) {
+    let entry = AuditEntry {
+        username: user.username.clone(),
+        verb: info.verb.clone(),
+        api_group: info.api_group.clone(),
+        resource: if info.is_resource_request {
+            info.resource_and_subresource()
+        } else {
+            info.path.clone()
+        },
+        allowed,
+    };
+    app.audit
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(entry);
+}
+
+/// The 403 of a request RBAC denies, worded as the real server words it.
+fn forbidden(user: &UserInfo, info: &RequestInfo) -> ApiError {
+    let reason = rbac::forbidden_reason(user, info);
+    if !info.is_resource_request {
+        return ApiError::new(403, "Forbidden", format!("forbidden: {reason}"));
+    }
+    let qualified = if info.api_group.is_empty() {
+        info.resource.clone()
+    } else {
+        format!("{}.{}", info.resource, info.api_group)
+    };
+    let message = if info.name.is_empty() {
+        format!("{qualified} is forbidden: {reason}")
+    } else {
+        format!("{qualified} \"{}\" is forbidden: {reason}", info.name)
+    };
+    let mut e = ApiError::new(403, "Forbidden", message);
+    let mut details = json!({"kind": info.resource});
+    if !info.name.is_empty() {
+        details["name"] = json!(info.name);
+    }
+    if !info.api_group.is_empty() {
+        details["group"] = json!(info.api_group);
+    }
+    e.details = Some(details);
+    e
 }
 
 fn not_found_path(uri: &Uri) -> ApiError {
@@ -234,21 +333,28 @@ fn wants_table(headers: &HeaderMap) -> bool {
         })
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Who asks what of which API group and version.
+struct ResourceRequest<'a> {
+    app: &'a AppState,
+    user: &'a UserInfo,
+    method: &'a Method,
+    group: &'a str,
+    version: &'a str,
+}
+
 fn handle_resource(
-    app: &AppState,
-    method: &Method,
-    group: &str,
-    version: &str,
+    req: &ResourceRequest<'_>,
     rest: &[&str],
     query: &HashMap<String, String>,
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let target = resource_target(group, version, rest)?;
+    let (app, user, method) = (req.app, req.user, req.method);
+    let target = resource_target(req.group, req.version, rest)?;
     let kind = target.kind;
     let ns = target.namespace.as_deref();
-    let store = &app.store;
+    let store = app.registry.store();
+    let registry = &app.registry;
     if query.get("dryRun").is_some_and(|v| !v.is_empty()) {
         return Err(ApiError::bad_request(
             "dryRun is not supported by the kwire-lab API stand-in",
@@ -353,7 +459,7 @@ fn handle_resource(
                     kind.plural
                 )));
             }
-            let created = store.create(kind, ns, parse_body(&body)?)?;
+            let created = registry.create(user, kind, ns, parse_body(&body)?)?;
             Ok(json_response(201, &created))
         }
         (None, _) => Err(ApiError::method_not_allowed(format!(
@@ -378,10 +484,13 @@ fn handle_resource(
             }
             Ok(json_response(200, &object))
         }
-        (Some(name), &Method::PUT) => Ok(json_response(
-            200,
-            &store.update(kind, ns, name, parse_body(&body)?, status_sub)?,
-        )),
+        (Some(name), &Method::PUT) => {
+            let object = parse_body(&body)?;
+            Ok(json_response(
+                200,
+                &registry.modify(user, kind, ns, name, status_sub, |_| Ok(object))?,
+            ))
+        }
         (Some(name), &Method::PATCH) => {
             let content_type = headers
                 .get(header::CONTENT_TYPE)
@@ -392,14 +501,28 @@ fn handle_resource(
                 "application/merge-patch+json" | "application/strategic-merge-patch+json" | "application/json-patch+json" => parse_body(&body)?,
                 "application/apply-patch+yaml" | "application/apply-patch+cbor" => {
                     return Err(ApiError::unsupported_media_type(
-                        "server-side apply is not supported by the kwire-lab API stand-in; use a JSON merge patch or a JSON patch",
+                        "server-side apply is not supported by the kwire-lab API stand-in (the real API server supports it); use a strategic merge patch, a JSON merge patch or a JSON patch",
                     ))
                 }
                 other => return Err(ApiError::unsupported_media_type(format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/strategic-merge-patch+json (got {other:?})"))),
             };
             let is_json_patch = media == "application/json-patch+json";
-            let patched = store.modify(kind, ns, name, status_sub, |current| {
-                if is_json_patch {
+            let is_strategic = media == "application/strategic-merge-patch+json";
+            let patched = registry.modify(user, kind, ns, name, status_sub, |current| {
+                if is_strategic {
+                    let mut object = current;
+                    strategic_merge_patch(&mut object, &patch).map_err(|e| {
+                        ApiError::new(
+                            422,
+                            "Invalid",
+                            format!(
+                                "the strategic merge patch for {} \"{name}\" cannot be applied: {e}",
+                                kind.qualified_plural()
+                            ),
+                        )
+                    })?;
+                    Ok(object)
+                } else if is_json_patch {
                     json_patch(&current, &patch).map_err(|e| {
                         ApiError::new(
                             422,
@@ -442,7 +565,8 @@ fn handle_resource(
                     ),
                 ));
             }
-            let gone = store.delete(
+            let gone = registry.delete(
+                user,
                 kind,
                 ns,
                 name,

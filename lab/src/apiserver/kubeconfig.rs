@@ -3,10 +3,12 @@
 use std::io::Write as _;
 use std::path::Path;
 
-/// The kubeconfig text for a server at `server_url` (`http://127.0.0.1:PORT`), with a bearer
-/// token when the server requires one. Cluster, user and context are all named `kwire-lab`;
-/// the context's namespace is `default`.
-pub fn kubeconfig_yaml(server_url: &str, token: Option<&str>) -> String {
+/// The kubeconfig text for a server at `server_url` (`https://127.0.0.1:PORT`) whose
+/// certificate `ca_pem` signed, with a bearer token. Cluster, user and context are all named
+/// `kwire-lab`; the context's namespace is `default`.
+pub fn kubeconfig_yaml(server_url: &str, ca_pem: &str, token: Option<&str>) -> String {
+    use base64::Engine as _;
+    let ca = base64::engine::general_purpose::STANDARD.encode(ca_pem);
     let user_block = match token {
         // A JSON string is a valid YAML double-quoted scalar.
         Some(t) => format!(
@@ -21,6 +23,7 @@ pub fn kubeconfig_yaml(server_url: &str, token: Option<&str>) -> String {
          clusters:\n\
          - name: kwire-lab\n  \
            cluster:\n    \
+             certificate-authority-data: {ca}\n    \
              server: {server}\n\
          users:\n\
          - name: kwire-lab\n\
@@ -38,9 +41,19 @@ pub fn kubeconfig_yaml(server_url: &str, token: Option<&str>) -> String {
 }
 
 /// Writes the kubeconfig to `path` (mode 0600, created or replaced atomically by rename).
-pub fn write_kubeconfig(path: &Path, server_url: &str, token: Option<&str>) -> std::io::Result<()> {
+pub fn write_kubeconfig(
+    path: &Path,
+    server_url: &str,
+    ca_pem: &str,
+    token: Option<&str>,
+) -> std::io::Result<()> {
+    let text = kubeconfig_yaml(server_url, ca_pem, token);
+    write_private(path, text.as_bytes())
+}
+
+/// Writes `bytes` to `path` (mode 0600, created or replaced atomically by rename).
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let text = kubeconfig_yaml(server_url, token);
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
     {
         let mut f = std::fs::OpenOptions::new()
@@ -49,7 +62,7 @@ pub fn write_kubeconfig(path: &Path, server_url: &str, token: Option<&str>) -> s
             .truncate(true)
             .mode(0o600)
             .open(&tmp)?;
-        f.write_all(text.as_bytes())?;
+        f.write_all(bytes)?;
         f.sync_all()?;
     }
     std::fs::rename(&tmp, path)
@@ -61,11 +74,12 @@ mod tests {
 
     #[test]
     fn kubeconfig_names_server_and_context() {
-        let y = kubeconfig_yaml("http://127.0.0.1:6443", None);
-        assert!(y.contains("server: \"http://127.0.0.1:6443\""), "{y}");
+        let y = kubeconfig_yaml("https://127.0.0.1:6443", "CA", None);
+        assert!(y.contains("server: \"https://127.0.0.1:6443\""), "{y}");
+        assert!(y.contains("certificate-authority-data: Q0E=\n"), "{y}");
         assert!(y.contains("current-context: kwire-lab"));
         assert!(y.contains("  user: {}\n"), "{y}");
-        let t = kubeconfig_yaml("http://127.0.0.1:6443", Some("s3cret"));
+        let t = kubeconfig_yaml("https://127.0.0.1:6443", "CA", Some("s3cret"));
         assert!(t.contains("    token: \"s3cret\"\n"), "{t}");
     }
 }

@@ -1,4 +1,5 @@
-//! Patches the API server accepts: JSON merge patch (RFC 7386) and JSON patch (RFC 6902).
+//! Patches the API server accepts: JSON merge patch (RFC 7386), JSON patch (RFC 6902) and
+//! strategic merge patch (Kubernetes: lists with a merge key merge element by element).
 //!
 //! Pure functions on `serde_json::Value`; the HTTP layer picks one by `Content-Type`.
 
@@ -44,6 +45,262 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
             merge_patch(target_map.entry(key.clone()).or_insert(Value::Null), value);
         }
     }
+}
+
+/// How a list merges in a strategic merge patch: the `patchStrategy`/`patchMergeKey` tags of
+/// the Go types. A list without one is replaced whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ListStrategy {
+    /// Elements are objects merged by this field.
+    ByKey(&'static str),
+    /// A list of scalars: the patch's values are added (`$deleteFromPrimitiveList` removes).
+    Primitives,
+}
+
+/// The lists with a merge strategy, by path from the object's root (list elements skipped),
+/// for the kinds the stand-in serves (core/v1 types.go tags).
+const LIST_STRATEGIES: &[(&str, ListStrategy)] = &[
+    ("metadata.finalizers", ListStrategy::Primitives),
+    ("metadata.ownerReferences", ListStrategy::ByKey("uid")),
+    ("spec.podCIDRs", ListStrategy::Primitives),
+    ("status.conditions", ListStrategy::ByKey("type")),
+    ("status.addresses", ListStrategy::ByKey("type")),
+    ("status.volumesAttached", ListStrategy::ByKey("name")),
+    ("status.podIPs", ListStrategy::ByKey("ip")),
+    ("status.hostIPs", ListStrategy::ByKey("ip")),
+    ("spec.containers", ListStrategy::ByKey("name")),
+    ("spec.initContainers", ListStrategy::ByKey("name")),
+    ("spec.ephemeralContainers", ListStrategy::ByKey("name")),
+    (
+        "spec.containers.ports",
+        ListStrategy::ByKey("containerPort"),
+    ),
+    ("spec.containers.env", ListStrategy::ByKey("name")),
+    (
+        "spec.containers.volumeMounts",
+        ListStrategy::ByKey("mountPath"),
+    ),
+    (
+        "spec.containers.volumeDevices",
+        ListStrategy::ByKey("devicePath"),
+    ),
+    (
+        "spec.initContainers.ports",
+        ListStrategy::ByKey("containerPort"),
+    ),
+    ("spec.initContainers.env", ListStrategy::ByKey("name")),
+    (
+        "spec.initContainers.volumeMounts",
+        ListStrategy::ByKey("mountPath"),
+    ),
+    ("spec.volumes", ListStrategy::ByKey("name")),
+    ("spec.imagePullSecrets", ListStrategy::ByKey("name")),
+    ("spec.hostAliases", ListStrategy::ByKey("ip")),
+    ("spec.ports", ListStrategy::ByKey("port")),
+];
+
+fn list_strategy(path: &[String]) -> Option<ListStrategy> {
+    let p = path.join(".");
+    LIST_STRATEGIES
+        .iter()
+        .find(|(q, _)| *q == p)
+        .map(|(_, s)| *s)
+}
+
+/// Why a strategic merge patch could not be applied (422, as the API server answers).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StrategicPatchError(pub String);
+
+/// Applies a strategic merge patch to `target` in place: maps merge as in a merge patch
+/// (`null` deletes); a list with a merge strategy merges element by element (by its key, or as
+/// a set of scalars); any other list is replaced. Directives: `$patch: replace|delete|merge`
+/// (on a map, or as a list element), `$deleteFromPrimitiveList/<field>`,
+/// `$setElementOrder/<field>`, `$retainKeys`. Another `$` key is refused, as the API server
+/// refuses it.
+pub fn strategic_merge_patch(target: &mut Value, patch: &Value) -> Result<(), StrategicPatchError> {
+    if !patch.is_object() {
+        return Err(StrategicPatchError(
+            "a strategic merge patch must be a JSON object".into(),
+        ));
+    }
+    merge_map(target, patch, &mut Vec::new())
+}
+
+fn merge_map(
+    target: &mut Value,
+    patch: &Value,
+    path: &mut Vec<String>,
+) -> Result<(), StrategicPatchError> {
+    let Value::Object(p) = patch else {
+        *target = patch.clone();
+        return Ok(());
+    };
+    match p.get("$patch").and_then(Value::as_str) {
+        Some("replace") => {
+            let mut m = p.clone();
+            m.remove("$patch");
+            *target = Value::Object(m);
+            return Ok(());
+        }
+        Some("delete") => {
+            *target = Value::Null;
+            return Ok(());
+        }
+        Some("merge") | None => {}
+        Some(other) => {
+            return Err(StrategicPatchError(format!(
+                "unknown patch type {other:?} in $patch (replace, delete or merge)"
+            )))
+        }
+    }
+    if !target.is_object() {
+        *target = Value::Object(Default::default());
+    }
+    let mut retain: Option<Vec<String>> = None;
+    let mut orders: Vec<(String, Vec<Value>)> = Vec::new();
+    for (key, value) in p {
+        if key == "$patch" {
+            continue;
+        }
+        if key == "$retainKeys" {
+            retain = Some(
+                value
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|k| k.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .ok_or_else(|| {
+                        StrategicPatchError("$retainKeys must be a list of field names".into())
+                    })?,
+            );
+            continue;
+        }
+        if let Some(field) = key.strip_prefix("$setElementOrder/") {
+            let order = value
+                .as_array()
+                .cloned()
+                .ok_or_else(|| StrategicPatchError(format!("{key} must be a list")))?;
+            orders.push((field.to_string(), order));
+            continue;
+        }
+        if let Some(field) = key.strip_prefix("$deleteFromPrimitiveList/") {
+            let gone = value.as_array().cloned().unwrap_or_default();
+            let map = target.as_object_mut().expect("made an object above");
+            if let Some(Value::Array(items)) = map.get_mut(field) {
+                items.retain(|v| !gone.contains(v));
+            }
+            continue;
+        }
+        if key.starts_with('$') {
+            return Err(StrategicPatchError(format!(
+                "unknown directive {key:?} in the strategic merge patch"
+            )));
+        }
+        let map = target.as_object_mut().expect("made an object above");
+        if value.is_null() {
+            map.remove(key);
+            continue;
+        }
+        path.push(key.clone());
+        let slot = map.entry(key.clone()).or_insert(Value::Null);
+        let r = match (list_strategy(path), value) {
+            (Some(strategy), Value::Array(items)) => merge_list(slot, items, strategy, path),
+            (None, Value::Object(_)) => merge_map(slot, value, path),
+            _ => {
+                *slot = value.clone();
+                Ok(())
+            }
+        };
+        path.pop();
+        r?;
+        if map.get(key).is_some_and(Value::is_null)
+            && !value.is_null()
+            && value.get("$patch").is_some()
+        {
+            map.remove(key);
+        }
+    }
+    let map = target.as_object_mut().expect("made an object above");
+    for (field, order) in orders {
+        if let Some(Value::Array(items)) = map.get_mut(&field) {
+            let key = list_strategy(&[path.clone(), vec![field.clone()]].concat());
+            let rank = |v: &Value| {
+                order.iter().position(|o| match key {
+                    Some(ListStrategy::ByKey(k)) => o.get(k).is_some() && o.get(k) == v.get(k),
+                    _ => o == v,
+                })
+            };
+            // Elements named in the order first, in that order; the rest after, as they were.
+            items.sort_by_key(|v| rank(v).unwrap_or(usize::MAX));
+        }
+    }
+    if let Some(keep) = retain {
+        map.retain(|k, _| keep.contains(k));
+    }
+    Ok(())
+}
+
+fn merge_list(
+    slot: &mut Value,
+    patch: &[Value],
+    strategy: ListStrategy,
+    path: &mut Vec<String>,
+) -> Result<(), StrategicPatchError> {
+    if patch
+        .iter()
+        .any(|e| e.get("$patch").and_then(Value::as_str) == Some("replace"))
+    {
+        *slot = Value::Array(
+            patch
+                .iter()
+                .filter(|e| e.get("$patch").is_none())
+                .cloned()
+                .collect(),
+        );
+        return Ok(());
+    }
+    if !slot.is_array() {
+        *slot = Value::Array(Vec::new());
+    }
+    let items = slot.as_array_mut().expect("made an array above");
+    match strategy {
+        ListStrategy::Primitives => {
+            for v in patch {
+                if !items.contains(v) {
+                    items.push(v.clone());
+                }
+            }
+        }
+        ListStrategy::ByKey(key) => {
+            for e in patch {
+                let id = e.get(key).ok_or_else(|| {
+                    StrategicPatchError(format!(
+                        "an element of {} has no merge key {key:?}",
+                        path.join(".")
+                    ))
+                })?;
+                let at = items.iter().position(|i| i.get(key) == Some(id));
+                if e.get("$patch").and_then(Value::as_str) == Some("delete") {
+                    if let Some(i) = at {
+                        items.remove(i);
+                    }
+                    continue;
+                }
+                match at {
+                    Some(i) => merge_map(&mut items[i], e, path)?,
+                    None => {
+                        let mut fresh = Value::Null;
+                        merge_map(&mut fresh, e, path)?;
+                        items.push(fresh);
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Applies a JSON patch (RFC 6902) and returns the patched document; `target` is not changed
@@ -354,5 +611,90 @@ mod tests {
             json_patch(&doc, &json!([{"op":"replace","path":"","value":5}])).unwrap(),
             json!(5)
         );
+    }
+
+    fn smp(target: Value, patch: Value) -> Value {
+        let mut t = target;
+        strategic_merge_patch(&mut t, &patch).unwrap();
+        t
+    }
+
+    /// A Node's conditions merge by type: a patch with one condition sets that one and leaves
+    /// the kubelet's alone (a JSON merge patch would replace the whole list).
+    #[test]
+    fn strategic_merge_by_type_keeps_the_other_conditions() {
+        let node = json!({"metadata":{"name":"n1"},"status":{"conditions":[
+            {"type":"Ready","status":"True","lastHeartbeatTime":"t2"},
+            {"type":"KwireReady","status":"False","reason":"NotSynced"}]}});
+        let got = smp(
+            node,
+            json!({"status":{"conditions":[{"type":"KwireReady","status":"True","reason":"DataPlaneReady"}]}}),
+        );
+        assert_eq!(
+            got["status"]["conditions"],
+            json!([{"type":"Ready","status":"True","lastHeartbeatTime":"t2"},
+                   {"type":"KwireReady","status":"True","reason":"DataPlaneReady"}])
+        );
+        // A new type is appended; a field set to null goes.
+        let got = smp(
+            got,
+            json!({"status":{"conditions":[{"type":"NetworkUnavailable","status":"False"},{"type":"Ready","lastHeartbeatTime":null}]}}),
+        );
+        assert_eq!(
+            got["status"]["conditions"][0],
+            json!({"type":"Ready","status":"True"})
+        );
+        assert_eq!(got["status"]["conditions"][2]["type"], "NetworkUnavailable");
+    }
+
+    #[test]
+    fn strategic_merge_directives_and_lists_without_strategy() {
+        let pod = json!({"metadata":{"finalizers":["a"],"labels":{"x":"1","y":"2"}},
+            "spec":{"containers":[{"name":"c","image":"i","ports":[{"containerPort":80,"name":"http"}]}],
+                    "tolerations":[{"key":"k"}]}});
+        let got = smp(
+            pod.clone(),
+            json!({"metadata":{"finalizers":["b"]},
+                   "spec":{"containers":[{"name":"c","ports":[{"containerPort":81}]}],"tolerations":[{"key":"z"}]}}),
+        );
+        assert_eq!(
+            got["metadata"]["finalizers"],
+            json!(["a", "b"]),
+            "primitives merge"
+        );
+        assert_eq!(
+            got["spec"]["containers"][0]["ports"],
+            json!([{"containerPort":80,"name":"http"},{"containerPort":81}])
+        );
+        assert_eq!(got["spec"]["containers"][0]["image"], "i");
+        assert_eq!(
+            got["spec"]["tolerations"],
+            json!([{"key":"z"}]),
+            "no strategy: replaced"
+        );
+        // $patch: delete of a keyed element, replace of a list and a map, primitive removal.
+        let got = smp(
+            got,
+            json!({"metadata":{"$deleteFromPrimitiveList/finalizers":["a"],"labels":{"$patch":"replace","z":"3"}},
+                   "spec":{"containers":[{"name":"c","ports":[{"containerPort":80,"$patch":"delete"}]}]}}),
+        );
+        assert_eq!(got["metadata"]["finalizers"], json!(["b"]));
+        assert_eq!(got["metadata"]["labels"], json!({"z":"3"}));
+        assert_eq!(
+            got["spec"]["containers"][0]["ports"],
+            json!([{"containerPort":81}])
+        );
+        let got = smp(
+            got,
+            json!({"spec":{"containers":[{"$patch":"replace"},{"name":"d","image":"j"}]}}),
+        );
+        assert_eq!(got["spec"]["containers"], json!([{"name":"d","image":"j"}]));
+        let mut t = pod;
+        assert!(strategic_merge_patch(&mut t, &json!({"$frob": 1})).is_err());
+        assert!(
+            strategic_merge_patch(&mut t, &json!({"spec":{"containers":[{"image":"nokey"}]}}))
+                .is_err()
+        );
+        assert!(strategic_merge_patch(&mut t, &json!([1])).is_err());
     }
 }

@@ -204,10 +204,120 @@ pub static KINDS: &[ResourceKind] = &[
         status_subresource: false,
         extra_fields: EVENTS_V1_FIELDS,
     },
+    ResourceKind {
+        group: "",
+        version: "v1",
+        plural: "serviceaccounts",
+        singular: "serviceaccount",
+        kind: "ServiceAccount",
+        namespaced: true,
+        short_names: &["sa"],
+        name_rule: NameRule::Subdomain,
+        storage: "serviceaccounts",
+        status_subresource: false,
+        extra_fields: &[],
+    },
+    ResourceKind {
+        group: "",
+        version: "v1",
+        plural: "secrets",
+        singular: "secret",
+        kind: "Secret",
+        namespaced: true,
+        short_names: &[],
+        name_rule: NameRule::Subdomain,
+        storage: "secrets",
+        status_subresource: false,
+        extra_fields: &["type"],
+    },
+    ResourceKind {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "clusterroles",
+        singular: "clusterrole",
+        kind: "ClusterRole",
+        namespaced: false,
+        short_names: &[],
+        name_rule: NameRule::PathSegment,
+        storage: "clusterroles",
+        status_subresource: false,
+        extra_fields: &[],
+    },
+    ResourceKind {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "clusterrolebindings",
+        singular: "clusterrolebinding",
+        kind: "ClusterRoleBinding",
+        namespaced: false,
+        short_names: &[],
+        name_rule: NameRule::PathSegment,
+        storage: "clusterrolebindings",
+        status_subresource: false,
+        extra_fields: &[],
+    },
+    ResourceKind {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "roles",
+        singular: "role",
+        kind: "Role",
+        namespaced: true,
+        short_names: &[],
+        name_rule: NameRule::PathSegment,
+        storage: "roles",
+        status_subresource: false,
+        extra_fields: &[],
+    },
+    ResourceKind {
+        group: "rbac.authorization.k8s.io",
+        version: "v1",
+        plural: "rolebindings",
+        singular: "rolebinding",
+        kind: "RoleBinding",
+        namespaced: true,
+        short_names: &[],
+        name_rule: NameRule::PathSegment,
+        storage: "rolebindings",
+        status_subresource: false,
+        extra_fields: &[],
+    },
+    ResourceKind {
+        group: "admissionregistration.k8s.io",
+        version: "v1",
+        plural: "validatingadmissionpolicies",
+        singular: "validatingadmissionpolicy",
+        kind: "ValidatingAdmissionPolicy",
+        namespaced: false,
+        short_names: &[],
+        name_rule: NameRule::Subdomain,
+        storage: "validatingadmissionpolicies",
+        status_subresource: true,
+        extra_fields: &[],
+    },
+    ResourceKind {
+        group: "admissionregistration.k8s.io",
+        version: "v1",
+        plural: "validatingadmissionpolicybindings",
+        singular: "validatingadmissionpolicybinding",
+        kind: "ValidatingAdmissionPolicyBinding",
+        namespaced: false,
+        short_names: &[],
+        name_rule: NameRule::Subdomain,
+        storage: "validatingadmissionpolicybindings",
+        status_subresource: false,
+        extra_fields: &[],
+    },
 ];
 
 /// The API groups besides core, in discovery order.
-pub const GROUPS: &[&str] = &["discovery.k8s.io", "networking.k8s.io", "events.k8s.io"];
+pub const GROUPS: &[&str] = &[
+    "discovery.k8s.io",
+    "networking.k8s.io",
+    "events.k8s.io",
+    "rbac.authorization.k8s.io",
+    "admissionregistration.k8s.io",
+];
 
 /// Looks up a resource by group, version and plural.
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceKind> {
@@ -383,6 +493,9 @@ mod tests {
         }
         assert!(api_resource_list("networking.k8s.io", "v1").is_some());
         assert!(api_resource_list("apps", "v1").is_none());
-        assert_eq!(api_group_list()["groups"].as_array().unwrap().len(), 3);
+        assert_eq!(
+            api_group_list()["groups"].as_array().unwrap().len(),
+            GROUPS.len()
+        );
     }
 }

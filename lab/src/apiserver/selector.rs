@@ -3,6 +3,8 @@
 
 use serde_json::Value;
 
+use super::names::{is_valid_label_key, is_valid_label_value};
+
 /// A selector the client sent that we cannot parse; the server answers 400 BadRequest.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unable to parse requirement {requirement:?}: {reason}")]
@@ -161,35 +163,6 @@ fn parse_label_requirement(part: &str) -> Result<LabelRequirement, SelectorError
     }
     check_key(part, part)?;
     Ok(LabelRequirement::Exists(part.to_string()))
-}
-
-/// A label key: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters
-/// of alphanumerics, '-', '_', '.', starting and ending with an alphanumeric.
-pub fn is_valid_label_key(key: &str) -> bool {
-    let (prefix, name) = match key.rsplit_once('/') {
-        Some((p, n)) => (Some(p), n),
-        None => (None, key),
-    };
-    if let Some(p) = prefix {
-        if !super::validate::is_dns1123_subdomain(p) {
-            return false;
-        }
-    }
-    !name.is_empty() && is_valid_label_value(name)
-}
-
-/// A label value: empty, or at most 63 characters of alphanumerics, '-', '_', '.', starting and
-/// ending with an alphanumeric.
-pub fn is_valid_label_value(value: &str) -> bool {
-    if value.is_empty() {
-        return true;
-    }
-    let b = value.as_bytes();
-    value.len() <= 63
-        && b[0].is_ascii_alphanumeric()
-        && b[b.len() - 1].is_ascii_alphanumeric()
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
 }
 
 fn check_key(part: &str, key: &str) -> Result<(), SelectorError> {

@@ -5,26 +5,24 @@
 //! Every write takes the next resourceVersion and appends one event to the history; a watch
 //! or a paged list can only be served from a resourceVersion still inside that history, else
 //! it gets 410 Gone, as from a real server after etcd compaction.
+//!
+//! The store knows nothing of allocation (podCIDRs, ClusterIPs, NodePorts: [`super::alloc`]),
+//! authorization or admission: a write can carry an `admit` check that runs under the store's
+//! lock on the old and the new object, so that admission sees exactly what is written.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
-use std::net::IpAddr;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 use base64::Engine as _;
-use ipnetwork::IpNetwork;
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use super::cidr::{PodCidrAllocator, ServiceIpAllocator};
 use super::error::ApiError;
 use super::resources::{self, by_storage, event_core_to_v1, event_v1_to_core, ResourceKind};
 use super::selector::{FieldSelector, LabelSelector};
 use super::strategy::{self, check_identity};
-use super::validate::{validate_object, FieldError};
-
-/// NodePorts come from this range (kube-apiserver's `--service-node-port-range` default).
-pub const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+use super::validate::validate_object;
 
 /// Namespaces every cluster starts with.
 pub const INITIAL_NAMESPACES: &[&str] =
@@ -104,8 +102,15 @@ pub struct ListPage {
 pub struct StoreConfig {
     /// Events kept for watches and paged lists; older resourceVersions get 410 Gone.
     pub history_size: usize,
-    pub pod_cidrs: PodCidrAllocator,
-    pub service_ips: ServiceIpAllocator,
+}
+
+/// A check a write must pass, run under the store's lock with the stored object (None for a
+/// create) and the one about to be stored (None for a delete): admission.
+pub type Admit<'a> = &'a dyn Fn(Option<&Value>, Option<&Value>) -> Result<(), ApiError>;
+
+/// The check of writes that need none (the lab's own control plane).
+pub fn admit_all(_: Option<&Value>, _: Option<&Value>) -> Result<(), ApiError> {
+    Ok(())
 }
 
 struct Inner {
@@ -115,9 +120,6 @@ struct Inner {
     history_size: usize,
     /// Events with rv <= compacted_rv are gone from the history.
     compacted_rv: u64,
-    pod_cidrs: PodCidrAllocator,
-    service_ips: ServiceIpAllocator,
-    node_ports: BTreeSet<u16>,
 }
 
 /// The store; cheap to share behind an `Arc`, safe to use from any thread.
@@ -165,51 +167,6 @@ fn storage_kind(kind: &ResourceKind) -> &'static ResourceKind {
     by_storage(kind.storage).expect("every storage has a canonical kind")
 }
 
-fn pod_cidrs_of(node: &Value) -> Vec<IpNetwork> {
-    let from_list: Vec<IpNetwork> = node
-        .pointer("/spec/podCIDRs")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .filter_map(|s| s.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    if !from_list.is_empty() {
-        return from_list;
-    }
-    node.pointer("/spec/podCIDR")
-        .and_then(Value::as_str)
-        .and_then(|s| s.parse().ok())
-        .into_iter()
-        .collect()
-}
-
-fn cluster_ips_of(svc: &Value) -> Vec<IpAddr> {
-    svc.pointer("/spec/clusterIPs")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .filter_map(|s| s.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-fn node_ports_of(svc: &Value) -> Vec<u16> {
-    svc.pointer("/spec/ports")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
-                .map(|p| p as u16)
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Encodes a continue token like the real server: base64 of `{"v","rv","start"}`.
 fn encode_continue(rv: u64, start: &str) -> String {
     let body = json!({"v": "meta.k8s.io/v1", "rv": rv, "start": format!("{start}\u{0}")});
@@ -241,9 +198,6 @@ impl Store {
                 history: VecDeque::new(),
                 history_size: config.history_size.max(1),
                 compacted_rv: 1,
-                pod_cidrs: config.pod_cidrs,
-                service_ips: config.service_ips,
-                node_ports: BTreeSet::new(),
             }),
             rv_tx,
             expired_answers: AtomicU64::new(0),
@@ -348,14 +302,22 @@ impl Store {
     }
 
     /// Creates an object (in the form `kind` serves); returns it as stored.
-    ///
-    /// A Node created without `spec.podCIDRs` gets them right after, in a second write (a
-    /// MODIFIED event), as kube-controller-manager would do; the returned object is the first.
     pub fn create(
         &self,
         kind: &ResourceKind,
         namespace: Option<&str>,
         object: Value,
+    ) -> Result<Value, ApiError> {
+        self.create_admitted(kind, namespace, object, &admit_all)
+    }
+
+    /// [`Store::create`], after `admit` passed on the object as it would be stored.
+    pub fn create_admitted(
+        &self,
+        kind: &ResourceKind,
+        namespace: Option<&str>,
+        object: Value,
+        admit: Admit<'_>,
     ) -> Result<Value, ApiError> {
         if !object.is_object() {
             return Err(ApiError::bad_request(format!(
@@ -415,122 +377,9 @@ impl Store {
         }
         object["metadata"]["uid"] = json!(strategy::new_uid());
         object["metadata"]["creationTimestamp"] = json!(strategy::rfc3339_now());
-        if kind.storage == "services" {
-            self.allocate_service(&mut inner, kind, &name, &mut object)?;
-        }
-        let created = self.commit(&mut inner, key.clone(), EventType::Added, object, None);
-        if kind.storage == "nodes" {
-            self.allocate_pod_cidrs(&mut inner, key, &created);
-        }
+        admit(None, Some(&to_view(kind, object.clone())))?;
+        let created = self.commit(&mut inner, key, EventType::Added, object, None);
         Ok(to_view(kind, created))
-    }
-
-    fn allocate_service(
-        &self,
-        inner: &mut Inner,
-        kind: &ResourceKind,
-        name: &str,
-        svc: &mut Value,
-    ) -> Result<(), ApiError> {
-        let svc_type = svc
-            .pointer("/spec/type")
-            .and_then(Value::as_str)
-            .unwrap_or("ClusterIP")
-            .to_string();
-        if svc_type == "ExternalName" {
-            return Ok(());
-        }
-        let given = svc
-            .pointer("/spec/clusterIP")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        if given == "None" {
-            svc["spec"]["clusterIPs"] = json!(["None"]);
-        } else if given.is_empty() {
-            let ip = inner.service_ips.allocate().ok_or_else(|| {
-                ApiError::internal(format!("failed to allocate a serviceIP for service {name}: range is full or no service CIDR is configured"))
-            })?;
-            svc["spec"]["clusterIP"] = json!(ip.to_string());
-            svc["spec"]["clusterIPs"] = json!([ip.to_string()]);
-        } else {
-            let ip: IpAddr = given.parse().map_err(|_| {
-                ApiError::invalid(
-                    kind,
-                    name,
-                    &[FieldError::invalid(
-                        "spec.clusterIP",
-                        &given,
-                        "must be a valid IP address",
-                    )],
-                )
-            })?;
-            inner.service_ips.occupy(ip);
-            svc["spec"]["clusterIPs"] = json!([given]);
-        }
-        if given != "None" {
-            let spec = svc["spec"].as_object_mut().expect("defaulted");
-            spec.entry("ipFamilies").or_insert(json!(["IPv4"]));
-            spec.entry("ipFamilyPolicy").or_insert(json!("SingleStack"));
-        }
-        if svc_type == "NodePort" || svc_type == "LoadBalancer" {
-            svc["spec"]
-                .as_object_mut()
-                .expect("defaulted")
-                .entry("externalTrafficPolicy")
-                .or_insert(json!("Cluster"));
-            if let Some(Value::Array(ports)) = svc["spec"].get_mut("ports") {
-                for p in ports.iter_mut() {
-                    match p.get("nodePort").and_then(Value::as_u64) {
-                        Some(n) => {
-                            if !inner.node_ports.insert(n as u16) {
-                                return Err(ApiError::invalid(
-                                    kind,
-                                    name,
-                                    &[FieldError::invalid(
-                                        "spec.ports[].nodePort",
-                                        &n.to_string(),
-                                        "provided port is already allocated",
-                                    )],
-                                ));
-                            }
-                        }
-                        None => {
-                            let free = NODE_PORT_RANGE
-                                .clone()
-                                .find(|n| !inner.node_ports.contains(n))
-                                .ok_or_else(|| ApiError::internal("no free NodePort"))?;
-                            inner.node_ports.insert(free);
-                            p["nodePort"] = json!(free);
-                        }
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn allocate_pod_cidrs(&self, inner: &mut Inner, key: ObjectKey, node: &Value) {
-        let existing = pod_cidrs_of(node);
-        if !existing.is_empty() {
-            let conflicts = inner.pod_cidrs.occupy(&existing);
-            if !conflicts.is_empty() {
-                tracing::warn!(node = %key.name, ?conflicts, "node came with podCIDRs another node holds");
-            }
-            return;
-        }
-        if !inner.pod_cidrs.is_enabled() {
-            return;
-        }
-        let Some(cidrs) = inner.pod_cidrs.allocate() else {
-            tracing::warn!(node = %key.name, "CIDRNotAvailable: no podCIDR left in the cluster CIDR");
-            return;
-        };
-        let strings: Vec<String> = cidrs.iter().map(ToString::to_string).collect();
-        let mut next = node.clone();
-        next["spec"]["podCIDR"] = json!(strings[0]);
-        next["spec"]["podCIDRs"] = json!(strings);
-        self.commit(inner, key, EventType::Modified, next, Some(node.clone()));
     }
 
     pub fn get(
@@ -561,9 +410,7 @@ impl Store {
         self.modify(kind, namespace, name, status_subresource, |_| Ok(object))
     }
 
-    /// Reads the object (in the form `kind` serves), lets `change` produce the new one, and
-    /// stores it, all under one lock: the shape of a PATCH. The same resourceVersion rule as
-    /// [`Store::update`] applies to what `change` returns.
+    /// [`Store::modify`] without admission.
     pub fn modify(
         &self,
         kind: &ResourceKind,
@@ -571,6 +418,29 @@ impl Store {
         name: &str,
         status_subresource: bool,
         change: impl FnOnce(Value) -> Result<Value, ApiError>,
+    ) -> Result<Value, ApiError> {
+        self.modify_admitted(
+            kind,
+            namespace,
+            name,
+            status_subresource,
+            change,
+            &admit_all,
+        )
+    }
+
+    /// Reads the object (in the form `kind` serves), lets `change` produce the new one, and
+    /// stores it, all under one lock: the shape of a PATCH. The same resourceVersion rule as
+    /// [`Store::update`] applies to what `change` returns; `admit` sees the old and the new
+    /// object as they would be stored.
+    pub fn modify_admitted(
+        &self,
+        kind: &ResourceKind,
+        namespace: Option<&str>,
+        name: &str,
+        status_subresource: bool,
+        change: impl FnOnce(Value) -> Result<Value, ApiError>,
+        admit: Admit<'_>,
     ) -> Result<Value, ApiError> {
         if status_subresource && !kind.status_subresource {
             return Err(ApiError::not_found(kind, name));
@@ -623,12 +493,10 @@ impl Store {
         if next == old {
             return Ok(to_view(kind, old));
         }
-        if kind.storage == "nodes" && pod_cidrs_of(&old).is_empty() {
-            let gained = pod_cidrs_of(&next);
-            if !gained.is_empty() {
-                inner.pod_cidrs.occupy(&gained);
-            }
-        }
+        admit(
+            Some(&to_view(kind, old.clone())),
+            Some(&to_view(kind, next.clone())),
+        )?;
         let stored = self.commit(&mut inner, key, EventType::Modified, next, Some(old));
         Ok(to_view(kind, stored))
     }
@@ -642,6 +510,19 @@ impl Store {
         name: &str,
         uid: Option<&str>,
         resource_version: Option<&str>,
+    ) -> Result<Value, ApiError> {
+        self.delete_admitted(kind, namespace, name, uid, resource_version, &admit_all)
+    }
+
+    /// [`Store::delete`], after `admit` passed on the stored object.
+    pub fn delete_admitted(
+        &self,
+        kind: &ResourceKind,
+        namespace: Option<&str>,
+        name: &str,
+        uid: Option<&str>,
+        resource_version: Option<&str>,
+        admit: Admit<'_>,
     ) -> Result<Value, ApiError> {
         let mut inner = self.lock();
         let key = Self::key(kind, namespace, name);
@@ -667,21 +548,7 @@ impl Store {
                 return Err(ApiError::conflict(kind, name, &format!("Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {}", meta_str(&old, "resourceVersion"))));
             }
         }
-        match kind.storage {
-            "nodes" => {
-                let cidrs = pod_cidrs_of(&old);
-                inner.pod_cidrs.release(&cidrs);
-            }
-            "services" => {
-                for ip in cluster_ips_of(&old) {
-                    inner.service_ips.release(ip);
-                }
-                for p in node_ports_of(&old) {
-                    inner.node_ports.remove(&p);
-                }
-            }
-            _ => {}
-        }
+        admit(Some(&to_view(kind, old.clone())), None)?;
         let gone = self.commit(&mut inner, key, EventType::Deleted, old.clone(), Some(old));
         Ok(to_view(kind, gone))
     }
@@ -842,12 +709,6 @@ mod tests {
     fn store(history: usize) -> Store {
         Store::new(StoreConfig {
             history_size: history,
-            pod_cidrs: PodCidrAllocator::new(
-                Some(("10.244.0.0/16".parse().unwrap(), 24)),
-                Some(("fd00:10:244::/56".parse().unwrap(), 64)),
-            )
-            .unwrap(),
-            service_ips: ServiceIpAllocator::new(Some("10.96.0.0/12".parse().unwrap())).unwrap(),
         })
     }
 
@@ -935,51 +796,6 @@ mod tests {
     }
 
     #[test]
-    fn nodes_get_dual_stack_pod_cidrs_in_a_second_write_and_release_them() {
-        let s = store(1000);
-        let nodes = find("", "v1", "nodes").unwrap();
-        let created = s
-            .create(
-                nodes,
-                None,
-                json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "a"}}),
-            )
-            .unwrap();
-        assert!(
-            created.pointer("/spec/podCIDRs").is_none(),
-            "the create itself is stored as sent"
-        );
-        let a = s.get(nodes, None, "a").unwrap();
-        assert_eq!(
-            a["spec"]["podCIDRs"],
-            json!(["10.244.0.0/24", "fd00:10:244::/64"])
-        );
-        assert_eq!(a["spec"]["podCIDR"], "10.244.0.0/24");
-        let b = s
-            .create(nodes, None, json!({"metadata": {"name": "b"}}))
-            .unwrap();
-        let b = s
-            .get(nodes, None, b["metadata"]["name"].as_str().unwrap())
-            .unwrap();
-        assert_eq!(b["spec"]["podCIDRs"][0], "10.244.1.0/24");
-        // A node that brings its own podCIDR keeps it, and nobody else gets it.
-        s.create(nodes, None, json!({"metadata": {"name": "c"}, "spec": {"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.2.0/24"]}})).unwrap();
-        s.delete(nodes, None, "a", None, None).unwrap();
-        s.create(nodes, None, json!({"metadata": {"name": "d"}}))
-            .unwrap();
-        assert_eq!(
-            s.get(nodes, None, "d").unwrap()["spec"]["podCIDRs"],
-            json!(["10.244.3.0/24", "fd00:10:244:2::/64"])
-        );
-        // podCIDRs are write-once.
-        let err = s.modify(nodes, None, "d", false, |mut n| {
-            n["spec"]["podCIDRs"] = json!(["10.244.9.0/24"]);
-            Ok(n)
-        });
-        assert_eq!(err.unwrap_err().code, 422);
-    }
-
-    #[test]
     fn stale_update_conflicts_and_events_are_in_order() {
         let s = store(1000);
         let pods = find("", "v1", "pods").unwrap();
@@ -1012,17 +828,6 @@ mod tests {
         assert_eq!(types, ["ADDED", "MODIFIED", "DELETED"]);
         assert_eq!(rv, s.resource_version());
         assert!(events.windows(2).all(|w| w[0].rv < w[1].rv));
-    }
-
-    #[test]
-    fn services_get_cluster_ips_and_node_ports() {
-        let s = store(1000);
-        let svcs = find("", "v1", "services").unwrap();
-        let a = s.create(svcs, Some("default"), json!({"metadata": {"name": "web"}, "spec": {"type": "NodePort", "ports": [{"port": 80}]}})).unwrap();
-        assert_eq!(a["spec"]["clusterIP"], "10.96.0.2");
-        assert_eq!(a["spec"]["ports"][0]["nodePort"], 30000);
-        assert_eq!(a["spec"]["ports"][0]["targetPort"], 80);
-        assert_eq!(a["spec"]["ports"][0]["protocol"], "TCP");
     }
 
     #[test]

@@ -3,8 +3,11 @@
 
 use serde_json::Value;
 
+use super::names::{
+    is_dns1035_label, is_dns1123_label, is_dns1123_subdomain, is_valid_label_key,
+    is_valid_label_value,
+};
 use super::resources::{NameRule, ResourceKind};
-use super::selector::{is_valid_label_key, is_valid_label_value};
 
 /// One field error, reported in the `Status`'s `details.causes` like the real server does.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,36 +46,6 @@ impl std::fmt::Display for FieldError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}: {}", self.field, self.message)
     }
-}
-
-/// RFC 1123 subdomain: at most 253 characters, lowercase alphanumerics, '-' and '.', starting
-/// and ending with an alphanumeric.
-pub fn is_dns1123_subdomain(s: &str) -> bool {
-    !s.is_empty() && s.len() <= 253 && s.split('.').all(|label| is_label_chars(label, 63, false))
-}
-
-/// RFC 1123 label: at most 63 characters, lowercase alphanumerics and '-', alphanumeric ends.
-pub fn is_dns1123_label(s: &str) -> bool {
-    is_label_chars(s, 63, false)
-}
-
-/// RFC 1035 label: like an RFC 1123 label but starting with a letter (Service names).
-pub fn is_dns1035_label(s: &str) -> bool {
-    is_label_chars(s, 63, true)
-}
-
-fn is_label_chars(s: &str, max: usize, letter_first: bool) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= max
-        && b.iter()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && (if letter_first {
-            b[0].is_ascii_lowercase()
-        } else {
-            b[0].is_ascii_alphanumeric()
-        })
-        && b[b.len() - 1].is_ascii_alphanumeric()
 }
 
 fn name_ok(rule: NameRule, name: &str) -> Result<(), &'static str> {

@@ -1,19 +1,16 @@
-//! The local cluster: `kwire-lab up/down/status/exec/add-node/remove-node`, run from the user's
-//! shell, and the detached supervisor that keeps a lab's API stand-in and agents running.
+//! What a lab is made of, shared by its commands ([`crate::commands`]), its supervisor
+//! ([`crate::supervisor`]) and its pods ([`crate::pods`]): names, the description and runtime
+//! files, the network namespaces, the client for the lab's own API calls.
 //!
 //! A lab named `L` is: namespace `L-ul` with bridge `kw<tag>br` (192.0.2.254/24 and
-//! 2001:db8:<tag>::fe/64, where the API stand-in listens on port 6443 for the agents); one
+//! 2001:db8:<tag>::fe/64, where the API stand-in listens (HTTPS) on port 6443 for the agents); one
 //! namespace `L-n<i>` per node (also the Node's name) with veth `kw<tag>u<i>` on the bridge
-//! (192.0.2.<i>, 2001:db8:<tag>::<i>) and the agent's tun `kw<tag>n<i>`; and its state in
+//! (192.0.2.<i>, 2001:db8:<tag>::<i>) and the agent's tun `kwire0`; its host paths under its root directory; its state in
 //! /run/kwire-lab/L/. `<tag>` is 16 bits hashed from the name (see [`naming`]).
 
 pub mod client;
-pub mod commands;
-pub mod graph;
 pub mod naming;
 pub mod state;
-pub mod status;
-pub mod supervisor;
 pub mod topology;
 
 /// What a lab command can fail with.

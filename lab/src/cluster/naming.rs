@@ -23,6 +23,15 @@ pub const API_HOST: u8 = 254;
 /// Port the API stand-in listens on in the underlay namespace (kube-apiserver's default).
 pub const API_UNDERLAY_PORT: u16 = 6443;
 
+/// The tun device of every node's agent: the agent's default (`kwire agent --interface`), as
+/// the DaemonSet passes no `--interface`; each node has its own network namespace.
+pub const AGENT_INTERFACE: &str = "kwire0";
+
+/// Host paths that are one and the same for every lab node (one kernel, one `/run/netns` for
+/// all network namespaces, `/proc/sys/net` showing the namespace of whoever opens a file);
+/// every other hostPath is per node, under the node's root directory.
+pub const SHARED_HOST_PATHS: &[&str] = &["/dev/net/tun", "/run/netns", "/proc/sys/net"];
+
 /// WireGuard UDP port of every agent (each in its own namespace).
 pub const WIREGUARD_PORT: u16 = 51820;
 /// Where each agent serves /metrics, inside its node's namespace (DESIGN.md interface 4).

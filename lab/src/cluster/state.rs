@@ -49,6 +49,14 @@ impl LabPaths {
     pub fn agent_kubeconfig(&self) -> PathBuf {
         self.dir.join("kubeconfig-agents")
     }
+    /// kubeconfig with node `node`'s agent token (`kwire-lab kubeconfig --node`).
+    pub fn node_kubeconfig(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("kubeconfig")
+    }
+    /// Every distinct (user, verb, resource) the API stand-in saw, written by the supervisor.
+    pub fn audit(&self) -> PathBuf {
+        self.dir.join("audit.json")
+    }
     pub fn node_dir(&self, node: &str) -> PathBuf {
         self.dir.join("nodes").join(node)
     }
@@ -59,7 +67,13 @@ impl LabPaths {
 #[serde(rename_all = "snake_case")]
 pub enum AgentCommand {
     /// `ip netns exec NS KWIRE agent --kubeconfig ... --node-name ...` (the real agent).
-    Kwire { bin: PathBuf },
+    Kwire {
+        bin: PathBuf,
+        /// Appended to the DaemonSet agent container's args (`kwire-lab up --agent-arg`), as
+        /// a `kubectl patch` of the DaemonSet would.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        args: Vec<String>,
+    },
     /// `ip netns exec NS sh -c SCRIPT`, with the node's settings in `KWIRE_LAB_*` variables
     /// (tests use it to run a stand-in for the agent).
     Shell { script: String },
@@ -77,7 +91,12 @@ pub struct NodeSpec {
     pub tun_if: String,
     pub underlay_ipv4: Ipv4Addr,
     pub underlay_ipv6: Ipv6Addr,
+    /// The node's own host filesystem: every hostPath but [`naming::SHARED_HOST_PATHS`] is
+    /// this directory plus the path (the lab's nodes share one machine).
+    pub root: PathBuf,
+    /// The agent's `/var/lib/kwire` (its hostPath).
     pub state_dir: PathBuf,
+    /// The agent's `/run/kwire` (its hostPath).
     pub run_dir: PathBuf,
     pub log: PathBuf,
     pub metrics_url: String,
@@ -87,20 +106,43 @@ impl NodeSpec {
     pub fn new(names: &LabNames, paths: &LabPaths, index: u32) -> NodeSpec {
         let name = names.node_name(index);
         let dir = paths.node_dir(&name);
+        let root = dir.join("root");
         NodeSpec {
             index,
             netns: names.node_netns(index),
             underlay_if: names.node_underlay_if(index),
             bridge_port: names.bridge_port(index),
-            tun_if: names.tun_if(index),
+            tun_if: naming::AGENT_INTERFACE.to_string(),
             underlay_ipv4: names.node_underlay_v4(index),
             underlay_ipv6: names.node_underlay_v6(index),
-            state_dir: dir.join("state"),
-            run_dir: dir.join("run"),
+            state_dir: root.join("var/lib/kwire"),
+            run_dir: root.join("run/kwire"),
+            root,
             log: dir.join("agent.log"),
             metrics_url: format!("http://{}/metrics", naming::METRICS_ADDR),
             name,
         }
+    }
+
+    /// Where hostPath `path` of this node is on the lab's machine (`/var/run` is `/run`).
+    pub fn host_path(&self, path: &str) -> PathBuf {
+        let path = match path.strip_prefix("/var/run") {
+            Some(rest) if rest.is_empty() || rest.starts_with('/') => format!("/run{rest}"),
+            _ => path.to_string(),
+        };
+        let shared = naming::SHARED_HOST_PATHS
+            .iter()
+            .any(|s| path == *s || path.strip_prefix(s).is_some_and(|r| r.starts_with('/')));
+        if shared {
+            PathBuf::from(path)
+        } else {
+            self.root.join(path.trim_start_matches('/'))
+        }
+    }
+
+    /// The node's WireGuard userspace API socket (`/var/run/wireguard/IF.sock` on the node).
+    pub fn uapi_socket(&self) -> PathBuf {
+        self.host_path(&format!("/var/run/wireguard/{}.sock", self.tun_if))
     }
 }
 
@@ -223,6 +265,17 @@ pub fn save<T: Serialize>(path: &Path, value: &T) -> Result<(), StateError> {
     std::fs::rename(&tmp, path).map_err(err)
 }
 
+/// The running lab's description and runtime, or "not up".
+pub fn load_running(
+    names: &LabNames,
+) -> Result<(LabDescription, Option<Runtime>), super::LabError> {
+    let paths = LabPaths::new(names.name());
+    let lab: LabDescription = load(&paths.description())?
+        .ok_or_else(|| super::LabError::NotUp(names.name().to_string()))?;
+    let runtime = load(&paths.runtime())?;
+    Ok((lab, runtime))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,7 +296,20 @@ mod tests {
         assert_eq!(d.api_underlay.to_string(), "192.0.2.254:6443");
         assert_eq!(
             d.nodes[0].state_dir,
-            Path::new("/run/kwire-lab/t1/nodes/t1-n1/state")
+            Path::new("/run/kwire-lab/t1/nodes/t1-n1/root/var/lib/kwire")
+        );
+        assert_eq!(d.nodes[0].host_path("/var/lib/kwire"), d.nodes[0].state_dir);
+        assert_eq!(
+            d.nodes[0].uapi_socket(),
+            Path::new("/run/kwire-lab/t1/nodes/t1-n1/root/run/wireguard/kwire0.sock")
+        );
+        assert_eq!(
+            d.nodes[0].host_path("/var/run/netns"),
+            Path::new("/run/netns")
+        );
+        assert_eq!(
+            d.nodes[0].host_path("/dev/net/tun"),
+            Path::new("/dev/net/tun")
         );
         assert_eq!(d.next_index(), 4);
         let dir = std::env::temp_dir().join(format!("kwire-lab-state-{}", std::process::id()));

@@ -1,12 +1,15 @@
 //! The lab's network: an underlay namespace with a bridge, and one namespace per node joined to
-//! it by a veth, made and unmade with iproute2.
+//! it by a veth, made and unmade with iproute2. As on a real network, every node has a default
+//! route (IPv4 and IPv6) through a gateway on the underlay: the underlay namespace, which
+//! forwards like a router (and has nowhere to send what is not for the lab's own addresses),
+//! so anything a node sends outside the tunnel is on the underlay for a capture to see.
 
 use std::ffi::OsStr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::naming::{UNDERLAY_V4_LEN, UNDERLAY_V6_LEN};
+use super::naming::{LabNames, UNDERLAY_V4_LEN, UNDERLAY_V6_LEN};
 use super::state::{LabDescription, NodeSpec};
 
 /// Underlay MTU: a plain Ethernet link.
@@ -167,6 +170,17 @@ pub fn create_underlay(
         &lab.bridge,
         "nodad",
     ])?;
+    // The nodes' gateway: a router, as a real node's is.
+    run(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+    ])?;
     Ok(())
 }
 
@@ -238,6 +252,29 @@ pub fn create_node(lab: &LabDescription, node: &NodeSpec) -> Result<(), Topology
         &mtu,
         "up",
     ])?;
+    // A default route through the underlay's gateway, as a real node has: traffic that does
+    // not go through the tunnel has somewhere to go (and shows on the underlay).
+    if let Ok(names) = LabNames::new(&lab.name) {
+        let gateways = [
+            ("-4", names.api_underlay_v4().to_string()),
+            ("-6", names.api_underlay_v6().to_string()),
+        ];
+        for (family, via) in &gateways {
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                family,
+                "route",
+                "add",
+                "default",
+                "via",
+                via,
+                "dev",
+                &node.underlay_if,
+            ])?;
+        }
+    }
     std::fs::create_dir_all(&node.run_dir).map_err(|source| TopologyError::Spawn {
         command: format!("mkdir -p {}", node.run_dir.display()),
         source,

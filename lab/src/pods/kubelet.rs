@@ -75,8 +75,8 @@ struct PodContext {
     names: LabNames,
     paths: LabPaths,
     exe: PathBuf,
-    /// The directory holding the `kwire` → kwire-cni link (None: kwire-cni was not found).
-    cni_dir: Option<PathBuf>,
+    /// Run CNI DEL on teardown (false: the node left the lab with its agent).
+    cni: bool,
     node: NodeSpec,
 }
 
@@ -84,8 +84,6 @@ pub struct Kubelet {
     names: LabNames,
     paths: LabPaths,
     exe: PathBuf,
-    cni_dir: Option<PathBuf>,
-    cni_missing: Option<String>,
     pods: BTreeMap<String, RunningPod>,
     busy: BTreeSet<String>,
     retry: BTreeMap<String, (Instant, Duration)>,
@@ -98,26 +96,54 @@ pub fn container_id(uid: &str) -> String {
     format!("kwire-lab-{uid}")
 }
 
-/// The configuration list a lab node's runtime uses: kwire on the node's agent socket, then
-/// portmap for hostPorts.
-pub fn conf_list(node: &NodeSpec) -> ConfList {
-    ConfList {
-        cni_version: CNI_VERSION.into(),
-        name: NETWORK_NAME.into(),
-        plugins: vec![
-            json!({
-                "type": "kwire",
-                "socket": cni_socket(node),
-                "delQueueDir": node.state_dir.join("cni-del-queue"),
-            }),
-            json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}),
-        ],
-    }
+/// The node's CNI configuration directory (`/etc/cni/net.d` on the node).
+pub fn node_net_d(node: &NodeSpec) -> PathBuf {
+    node.host_path("/etc/cni/net.d")
 }
 
-/// Where node `node`'s agent serves the CNI socket (`<--run-dir>/cni.sock`).
+/// The node's CNI plugin directory (`/opt/cni/bin` on the node).
+pub fn node_cni_bin(node: &NodeSpec) -> PathBuf {
+    node.host_path("/opt/cni/bin")
+}
+
+/// The configuration list the node's runtime uses: the first `*.conflist` of the node's
+/// `/etc/cni/net.d`, as the DaemonSet's init container installed it. The kwire plugin's host
+/// paths (its `socket`, its `delQueueDir`, their defaults when absent) are the node's: the
+/// lab's nodes share one machine, so each node's `/run/kwire` is a directory of its own.
+pub fn conf_list(node: &NodeSpec) -> Result<ConfList, String> {
+    let dir = node_net_d(node);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|d| d.filter_map(Result::ok).map(|e| e.path()).collect())
+        .unwrap_or_default();
+    files.retain(|f| f.extension().is_some_and(|e| e == "conflist"));
+    files.sort();
+    let file = files.first().ok_or_else(|| {
+        format!(
+            "no CNI configuration in {} (node {}'s /etc/cni/net.d): the DaemonSet's install-cni init container has not run there",
+            dir.display(),
+            node.name
+        )
+    })?;
+    let text = std::fs::read(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+    let v: Value = serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", file.display()))?;
+    let mut list = ConfList::parse(&v).map_err(|e| format!("{}: {e}", file.display()))?;
+    for p in list.plugins.iter_mut().filter(|p| p["type"] == "kwire") {
+        for (key, default) in [("socket", CNI_SOCKET), ("delQueueDir", CNI_DEL_QUEUE)] {
+            let on_node = p[key].as_str().unwrap_or(default).to_string();
+            p[key] = json!(node.host_path(&on_node));
+        }
+    }
+    Ok(list)
+}
+
+/// The plugin's socket when its configuration names none (kwire-cni's default).
+pub const CNI_SOCKET: &str = "/run/kwire/cni.sock";
+/// The plugin's DEL queue when its configuration names none (kwire-cni's default).
+pub const CNI_DEL_QUEUE: &str = "/var/lib/kwire/cni-del-queue";
+
+/// Where node `node`'s agent serves the CNI socket (its `/run/kwire/cni.sock`).
 pub fn cni_socket(node: &NodeSpec) -> PathBuf {
-    node.run_dir.join("cni.sock")
+    node.host_path(CNI_SOCKET)
 }
 
 /// Finds kwire-cni: $KWIRE_CNI_BIN, next to this executable, next to the lab's kwire binary.
@@ -132,7 +158,7 @@ pub fn find_kwire_cni(lab: &LabDescription) -> Result<PathBuf, String> {
     {
         candidates.push(dir.join("kwire-cni"));
     }
-    if let AgentCommand::Kwire { bin } = &lab.agent {
+    if let AgentCommand::Kwire { bin, .. } = &lab.agent {
         if let Some(dir) = bin.parent() {
             candidates.push(dir.join("kwire-cni"));
         }
@@ -207,7 +233,7 @@ fn runtime_conf(
 
 impl PodContext {
     fn executor(&self) -> Executor {
-        let mut cni_path: Vec<PathBuf> = self.cni_dir.iter().cloned().collect();
+        let mut cni_path = vec![node_cni_bin(&self.node)];
         cni_path.extend(SYSTEM_CNI_DIRS.iter().map(PathBuf::from));
         Executor {
             cni_path,
@@ -226,9 +252,8 @@ impl PodContext {
         };
         let (namespace, name, uid) = (meta("namespace"), meta("name"), meta("uid"));
         let netns = self.names.pod_netns(&uid);
-        if self.cni_dir.is_none() {
-            return Err("kwire-cni not found (see the supervisor log)".into());
-        }
+        let list = conf_list(&self.node)?;
+        write_netconf(&self.paths, &self.node, &list);
         if !topology::netns_exists(&netns) {
             topology::run(&["ip", "netns", "add", &netns]).map_err(|e| e.to_string())?;
         }
@@ -240,7 +265,6 @@ impl PodContext {
             .map_err(|e| undo_netns(e.to_string()))?;
         let ports = host_ports(pod);
         let rt = runtime_conf(&self.names, &namespace, &name, &uid, &ports);
-        let list = conf_list(&self.node);
         let ex = self.executor();
         let result = ex
             .add(&list, &rt)
@@ -310,7 +334,7 @@ impl PodContext {
     /// CNI DEL (reverse order), server stopped, namespace deleted. Errors are logged: a
     /// deleted pod's resources go regardless.
     fn teardown(&self, mut pod: RunningPod) {
-        if self.cni_dir.is_some() {
+        if self.cni {
             let rt = runtime_conf(
                 &self.names,
                 &pod.namespace,
@@ -318,10 +342,12 @@ impl PodContext {
                 &pod.uid,
                 &pod.host_ports,
             );
-            if let Err(e) = self
-                .executor()
-                .del(&conf_list(&self.node), &rt, Some(&pod.cni_result))
-            {
+            let del = conf_list(&self.node).and_then(|list| {
+                self.executor()
+                    .del(&list, &rt, Some(&pod.cni_result))
+                    .map_err(|e| e.to_string())
+            });
+            if let Err(e) = del {
                 tracing::warn!(pod = %format!("{}/{}", pod.namespace, pod.name), error = %e, "CNI DEL failed");
             }
         }
@@ -368,38 +394,11 @@ impl Kubelet {
         done: UnboundedSender<PodDone>,
     ) -> Kubelet {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("kwire-lab"));
-        let (cni_dir, cni_missing) = match find_kwire_cni(lab) {
-            Ok(bin) => {
-                let dir = paths.dir.join("cni-bin");
-                match cni::install_plugin_link(&dir, &bin) {
-                    Ok(()) => {
-                        tracing::info!(plugin = %bin.display(), dir = %dir.display(), "CNI plugin installed as kwire");
-                        (Some(dir), None)
-                    }
-                    Err(e) => (
-                        None,
-                        Some(format!(
-                            "cannot link {} into {}: {e}",
-                            bin.display(),
-                            dir.display()
-                        )),
-                    ),
-                }
-            }
-            Err(e) => (None, Some(e)),
-        };
-        if let Some(e) = &cni_missing {
-            tracing::error!(error = %e, "pods cannot be wired");
-        }
-        for node in &lab.nodes {
-            write_netconf(&paths, node);
-        }
+        let _ = lab;
         Kubelet {
             names,
             paths,
             exe,
-            cni_dir,
-            cni_missing,
             pods: BTreeMap::new(),
             busy: BTreeSet::new(),
             retry: BTreeMap::new(),
@@ -413,7 +412,7 @@ impl Kubelet {
             names: self.names.clone(),
             paths: self.paths.clone(),
             exe: self.exe.clone(),
-            cni_dir: self.cni_dir.clone(),
+            cni: true,
             node: node.clone(),
         }
     }
@@ -508,7 +507,7 @@ impl Kubelet {
                     // The node left the lab with its agent and namespace: no CNI DEL to run
                     // (the agent's state went with the node); the pod's namespace still goes.
                     let mut ctx = self.context(&NodeSpec::new(&self.names, &self.paths, 0));
-                    ctx.cni_dir = None;
+                    ctx.cni = false;
                     ctx
                 }
             };
@@ -576,10 +575,7 @@ impl Kubelet {
                     .unwrap_or(SETUP_RETRY_MIN);
                 self.retry
                     .insert(uid.clone(), (Instant::now() + backoff, backoff));
-                let message = match &self.cni_missing {
-                    Some(m) => m.clone(),
-                    None => e,
-                };
+                let message = e;
                 let pods = server.list(kind, None).unwrap_or_default();
                 if let Some(p) = pods.iter().find(|p| {
                     p.pointer("/metadata/uid").and_then(Value::as_str) == Some(uid.as_str())
@@ -616,11 +612,12 @@ impl Kubelet {
     }
 }
 
-/// Writes the node's configuration list to `nodes/<node>/net.d/10-kwire.conflist`, so that
-/// `cnitool` (with NETCONFPATH) can be run by hand the way the lab's kubelet runs it.
-fn write_netconf(paths: &LabPaths, node: &NodeSpec) {
+/// Writes the configuration list the lab's runtime uses for `node` (node paths made host
+/// paths) to `nodes/<node>/net.d/10-kwire.conflist`, so that `cnitool` (with NETCONFPATH) can
+/// be run by hand the way the lab's kubelet runs it.
+pub fn write_netconf(paths: &LabPaths, node: &NodeSpec, list: &ConfList) {
     let dir = paths.node_dir(&node.name).join("net.d");
-    let text = serde_json::to_string_pretty(&conf_list(node).to_value()).expect("serializes");
+    let text = serde_json::to_string_pretty(&list.to_value()).expect("serializes");
     if let Err(e) = std::fs::create_dir_all(&dir)
         .and_then(|()| std::fs::write(dir.join("10-kwire.conflist"), text))
     {
@@ -636,13 +633,23 @@ mod tests {
     fn conf_list_and_runtime_conf_are_what_a_runtime_passes() {
         let names = LabNames::new("t1").unwrap();
         let paths = LabPaths::new("t1");
-        let node = NodeSpec::new(&names, &paths, 2);
-        let l = conf_list(&node);
+        let mut node = NodeSpec::new(&names, &paths, 2);
+        let root = tempfile::tempdir().unwrap();
+        node.root = root.path().to_path_buf();
+        assert!(conf_list(&node).unwrap_err().contains("install-cni"));
+        let net_d = root.path().join("etc/cni/net.d");
+        std::fs::create_dir_all(&net_d).unwrap();
+        std::fs::write(net_d.join("10-kwire.conflist"), crate::manifests::CONFLIST).unwrap();
+        let l = conf_list(&node).unwrap();
         let v = l.to_value();
         assert_eq!(v["plugins"][0]["type"], "kwire");
         assert_eq!(
             v["plugins"][0]["socket"],
-            "/run/kwire-lab/t1/nodes/t1-n2/run/cni.sock"
+            json!(root.path().join("run/kwire/cni.sock"))
+        );
+        assert_eq!(
+            v["plugins"][0]["delQueueDir"],
+            json!(root.path().join("var/lib/kwire/cni-del-queue"))
         );
         assert_eq!(v["plugins"][1]["type"], "portmap");
         assert_eq!(ConfList::parse(&v).unwrap(), l);

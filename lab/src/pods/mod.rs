@@ -10,7 +10,7 @@ pub mod matrix;
 pub mod probe;
 pub mod serve;
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -18,10 +18,9 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::cluster::client::{self, ClientError};
-use crate::cluster::commands::load_running;
+use crate::cluster::client::{self, ApiAccess, ClientError};
 use crate::cluster::naming::LabNames;
-use crate::cluster::state::{LabDescription, Runtime};
+use crate::cluster::state::{load_running, LabDescription, Runtime};
 use crate::cluster::{topology, LabError};
 use probe::{Host, ProbeReport};
 use serve::Protocol;
@@ -72,15 +71,17 @@ impl PodStatus {
     }
 }
 
-fn api_addr(runtime: Option<&Runtime>, lab: &str) -> Result<SocketAddr, LabError> {
-    runtime
-        .and_then(|r| client::addr_of_url(&r.api_url))
-        .ok_or_else(|| LabError::NotUp(lab.to_string()))
+fn api_access(runtime: Option<&Runtime>, lab: &str) -> Result<ApiAccess, LabError> {
+    let runtime = runtime.ok_or_else(|| LabError::NotUp(lab.to_string()))?;
+    Ok(ApiAccess::new(
+        &runtime.api_url,
+        &crate::cluster::state::lab_dir(lab),
+    )?)
 }
 
 /// Every pod of the lab, from the API stand-in.
 pub fn list_pods(names: &LabNames, runtime: Option<&Runtime>) -> Result<Vec<PodStatus>, LabError> {
-    let addr = api_addr(runtime, names.name())?;
+    let addr = &api_access(runtime, names.name())?;
     let list = client::get(addr, "/api/v1/pods")?;
     Ok(list["items"]
         .as_array()
@@ -123,7 +124,7 @@ pub fn apply(
     ignore_not_found: bool,
 ) -> Result<(), LabError> {
     let (names, _, runtime) = running_lab(name)?;
-    let addr = api_addr(runtime.as_ref(), names.name())?;
+    let addr = &api_access(runtime.as_ref(), names.name())?;
     let text = if file == Path::new("-") {
         std::io::read_to_string(std::io::stdin())
     } else {
@@ -188,7 +189,7 @@ pub fn lab_pod_name(node_index: u32, i: u32) -> String {
 /// until all run with IPs.
 pub fn create_lab_pods(name: &str, per_node: u32, timeout: Duration) -> Result<(), LabError> {
     let (names, lab, runtime) = running_lab(name)?;
-    let addr = api_addr(runtime.as_ref(), names.name())?;
+    let addr = &api_access(runtime.as_ref(), names.name())?;
     let mut wanted = Vec::new();
     for node in &lab.nodes {
         for i in 1..=per_node {

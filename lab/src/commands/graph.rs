@@ -1,9 +1,10 @@
 //! `kwire-lab graph`: the whole lab's mesh as one picture, by asking every node's agent for its
 //! status (`kwire graph` with each node's run directory) plus the API's Nodes.
 
-use super::commands::{find_kwire, kubeconfig, load_running};
-use super::naming::LabNames;
-use super::LabError;
+use super::{find_kwire, kubeconfig};
+use crate::cluster::naming::LabNames;
+use crate::cluster::state::load_running;
+use crate::cluster::LabError;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -27,7 +28,7 @@ pub fn graph(name: &str, kwire: Option<PathBuf>, format: &str) -> Result<String,
             "no agent of lab {name} serves its status socket: are the agents running? (`kwire-lab status --name {name}`)"
         )));
     }
-    if let Ok(k) = kubeconfig(name, false) {
+    if let Ok(k) = kubeconfig(name, None) {
         if k.exists() {
             cmd.arg("--kubeconfig").arg(k);
         }

@@ -1,6 +1,7 @@
 //! `kwire-lab status`: each node's addresses and pod CIDRs (from the API stand-in), its agent
-//! (from the supervisor) and its WireGuard peers with their handshakes (`wg show IF dump` in
-//! the node's namespace), as a table or as JSON.
+//! (from the supervisor) and its WireGuard peers with their handshakes (the WireGuard
+//! userspace API's `get`, on the node's socket, what `wg show IF dump` asks), as a table or as
+//! JSON.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -11,9 +12,9 @@ use ipnetwork::IpNetwork;
 use serde::Serialize;
 use serde_json::Value;
 
-use super::client;
-use super::state::{LabDescription, LabPaths, Runtime};
-use super::topology;
+use crate::cluster::client;
+use crate::cluster::state::{LabDescription, LabPaths, Runtime};
+use crate::cluster::topology;
 
 /// The annotation an agent publishes its WireGuard public key in (DESIGN.md, Control plane).
 pub const PUBLIC_KEY_ANNOTATION: &str = "kwire.dev/public-key";
@@ -48,7 +49,18 @@ pub struct NodeStatus {
     pub metrics_url: String,
     /// Where the node's agent serves the CNI plugin (`<run dir>/cni.sock`).
     pub cni_socket: PathBuf,
+    /// The node's own filesystem (its hostPaths are under it).
+    pub root: PathBuf,
+    /// The agent's `/var/lib/kwire` and `/run/kwire` (hostPaths).
     pub state_dir: PathBuf,
+    pub run_dir: PathBuf,
+    /// The agent's WireGuard userspace API socket (`/var/run/wireguard/IF.sock` on the node).
+    pub uapi_socket: PathBuf,
+    /// The node's `/opt/cni/bin` (where the DaemonSet's init container put the plugin).
+    pub cni_bin_dir: PathBuf,
+    /// The configuration list the lab's runtime uses for this node (node paths made host
+    /// paths): `NETCONFPATH` for cnitool.
+    pub cni_net_d: PathBuf,
     pub log: PathBuf,
     /// In the API (false: deleted from it, or not registered yet).
     pub registered: bool,
@@ -57,7 +69,7 @@ pub struct NodeStatus {
     pub agent_pid: Option<u32>,
     pub agent_restarts: u32,
     pub agent_last_exit: Option<String>,
-    /// Why `wg show` failed, if it did (agent not up, no such interface).
+    /// Why the userspace API could not be read, if it could not (agent not up).
     pub wg_error: Option<String>,
     pub peers: Vec<PeerStatus>,
 }
@@ -77,9 +89,10 @@ pub struct PeerStatus {
     pub tx_bytes: u64,
 }
 
-/// One peer line of `wg show IF dump`.
+/// One peer of the WireGuard userspace API's `get`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DumpPeer {
+    /// Base64, as Node annotations and `wg` show it.
     pub public_key: String,
     pub endpoint: Option<String>,
     pub allowed_ips: Vec<String>,
@@ -87,41 +100,77 @@ pub struct DumpPeer {
     pub latest_handshake: u64,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Seconds, 0 = off.
+    pub persistent_keepalive: u64,
 }
 
-/// Parses `wg show IF dump`: the interface line (private key, public key, port, fwmark), then
-/// per peer: public key, preshared key, endpoint, allowed ips, latest handshake, rx, tx,
-/// keepalive. Returns the interface's public key and the peers.
-pub fn parse_wg_dump(text: &str) -> Result<(Option<String>, Vec<DumpPeer>), String> {
-    let none = |s: &str| (s != "(none)" && s != "off" && !s.is_empty()).then(|| s.to_string());
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let first = lines.next().ok_or("empty `wg show dump` output")?;
-    let f: Vec<&str> = first.split('\t').collect();
-    if f.len() != 4 {
-        return Err(format!("interface line has {} fields, want 4", f.len()));
+fn hex_key_to_base64(hex: &str) -> Result<String, String> {
+    use base64::Engine as _;
+    if hex.len() != 64 {
+        return Err(format!("key {hex:?} is not 32 bytes of hex"));
     }
-    let mut peers = Vec::new();
-    for line in lines {
-        let p: Vec<&str> = line.split('\t').collect();
-        if p.len() != 8 {
-            return Err(format!(
-                "peer line has {} fields, want 8: {line:?}",
-                p.len()
-            ));
+    let bytes: Result<Vec<u8>, _> = (0..32)
+        .map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16))
+        .collect();
+    let bytes = bytes.map_err(|e| format!("key {hex:?}: {e}"))?;
+    Ok(base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+/// Parses the answer to the userspace API's `get=1` (the cross-platform protocol wg and
+/// wireguard-go speak): `errno=0` last, peers from each `public_key=` on.
+pub fn parse_uapi_get(text: &str) -> Result<Vec<DumpPeer>, String> {
+    let mut peers: Vec<DumpPeer> = Vec::new();
+    let mut errno = None;
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        let (k, v) = line
+            .split_once('=')
+            .ok_or_else(|| format!("bad line {line:?}"))?;
+        let num = || v.parse::<u64>().map_err(|e| format!("{line:?}: {e}"));
+        match (k, peers.last_mut()) {
+            ("public_key", _) => peers.push(DumpPeer {
+                public_key: hex_key_to_base64(v)?,
+                endpoint: None,
+                allowed_ips: Vec::new(),
+                latest_handshake: 0,
+                rx_bytes: 0,
+                tx_bytes: 0,
+                persistent_keepalive: 0,
+            }),
+            ("persistent_keepalive_interval", Some(p)) => p.persistent_keepalive = num()?,
+            ("endpoint", Some(p)) => p.endpoint = Some(v.to_string()),
+            ("allowed_ip", Some(p)) => p.allowed_ips.push(v.to_string()),
+            ("last_handshake_time_sec", Some(p)) => p.latest_handshake = num()?,
+            ("rx_bytes", Some(p)) => p.rx_bytes = num()?,
+            ("tx_bytes", Some(p)) => p.tx_bytes = num()?,
+            ("errno", _) => errno = Some(num()?),
+            _ => {}
         }
-        let num = |s: &str| s.parse::<u64>().map_err(|e| format!("{s:?}: {e}"));
-        peers.push(DumpPeer {
-            public_key: p[0].to_string(),
-            endpoint: none(p[2]),
-            allowed_ips: none(p[3])
-                .map(|a| a.split(',').map(|s| s.trim().to_string()).collect())
-                .unwrap_or_default(),
-            latest_handshake: num(p[4])?,
-            rx_bytes: num(p[5])?,
-            tx_bytes: num(p[6])?,
-        });
     }
-    Ok((none(f[1]), peers))
+    match errno {
+        Some(0) => Ok(peers),
+        Some(e) => Err(format!("the userspace API answered errno={e}")),
+        None => Err("the userspace API's answer has no errno line".into()),
+    }
+}
+
+/// Asks the userspace API socket at `path` for the device's state.
+pub fn uapi_get(path: &std::path::Path) -> Result<Vec<DumpPeer>, String> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::os::unix::net::UnixStream::connect(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(2)))
+        .ok();
+    s.write_all(b"get=1\n\n").map_err(|e| e.to_string())?;
+    let mut text = String::new();
+    let mut buf = [0u8; 4096];
+    while !text.ends_with("\n\n") {
+        let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        text.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    parse_uapi_get(&text)
 }
 
 /// The first address of each CIDR: the node's gateway in its pod range.
@@ -150,12 +199,13 @@ struct ApiNode {
     endpoint: Option<String>,
 }
 
-fn api_nodes(runtime: Option<&Runtime>) -> Result<BTreeMap<String, ApiNode>, String> {
+fn api_nodes(lab: &str, runtime: Option<&Runtime>) -> Result<BTreeMap<String, ApiNode>, String> {
     let url = runtime
         .map(|r| r.api_url.as_str())
         .ok_or("the supervisor has not published the API address yet")?;
-    let addr = client::addr_of_url(url).ok_or_else(|| format!("bad API url {url:?}"))?;
-    let list = client::get(addr, "/api/v1/nodes").map_err(|e| e.to_string())?;
+    let api = client::ApiAccess::new(url, &crate::cluster::state::lab_dir(lab))
+        .map_err(|e| e.to_string())?;
+    let list = client::get(&api, "/api/v1/nodes").map_err(|e| e.to_string())?;
     let mut out = BTreeMap::new();
     for item in list["items"].as_array().into_iter().flatten() {
         let Some(name) = item.pointer("/metadata/name").and_then(Value::as_str) else {
@@ -190,7 +240,7 @@ fn api_nodes(runtime: Option<&Runtime>) -> Result<BTreeMap<String, ApiNode>, Str
 pub fn collect(lab: &LabDescription, runtime: Option<&Runtime>) -> LabStatus {
     let paths = LabPaths::new(&lab.name);
     let supervisor_running = runtime.is_some_and(|r| topology::pid_alive(r.supervisor_pid));
-    let (api, api_error) = match api_nodes(runtime) {
+    let (api, api_error) = match api_nodes(&lab.name, runtime) {
         Ok(a) => (a, None),
         Err(e) => (BTreeMap::new(), Some(e)),
     };
@@ -206,20 +256,8 @@ pub fn collect(lab: &LabDescription, runtime: Option<&Runtime>) -> LabStatus {
             let from_api = api.get(&node.name);
             let pod_cidrs = from_api.map(|a| a.pod_cidrs.clone()).unwrap_or_default();
             let agent = runtime.and_then(|r| r.agents.get(&node.name));
-            let dump = topology::run(&[
-                "ip",
-                "netns",
-                "exec",
-                &node.netns,
-                "wg",
-                "show",
-                &node.tun_if,
-                "dump",
-            ])
-            .map_err(|e| e.to_string())
-            .and_then(|t| parse_wg_dump(&t));
-            let (wg_error, dump_peers) = match dump {
-                Ok((_, peers)) => (None, peers),
+            let (wg_error, dump_peers) = match uapi_get(&node.uapi_socket()) {
+                Ok(peers) => (None, peers),
                 Err(e) => (Some(e), Vec::new()),
             };
             let mut peers: Vec<PeerStatus> = dump_peers
@@ -265,7 +303,12 @@ pub fn collect(lab: &LabDescription, runtime: Option<&Runtime>) -> LabStatus {
                 pod_cidrs,
                 metrics_url: node.metrics_url.clone(),
                 cni_socket: crate::pods::kubelet::cni_socket(node),
+                root: node.root.clone(),
                 state_dir: node.state_dir.clone(),
+                run_dir: node.run_dir.clone(),
+                uapi_socket: node.uapi_socket(),
+                cni_bin_dir: crate::pods::kubelet::node_cni_bin(node),
+                cni_net_d: paths.node_dir(&node.name).join("net.d"),
                 log: node.log.clone(),
                 registered: from_api.is_some(),
                 public_key: from_api.and_then(|a| a.public_key.clone()),
@@ -278,7 +321,7 @@ pub fn collect(lab: &LabDescription, runtime: Option<&Runtime>) -> LabStatus {
             }
         })
         .collect();
-    let pods = match super::naming::LabNames::new(&lab.name) {
+    let pods = match crate::cluster::naming::LabNames::new(&lab.name) {
         Ok(names) if api_error.is_none() => {
             crate::pods::list_pods(&names, runtime).unwrap_or_default()
         }
@@ -423,23 +466,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_wg_dump() {
-        let text = "cHJpdg==\tcHVi\t51820\toff\n\
-                    a2V5MQ==\t(none)\t192.0.2.2:51820\t10.244.1.0/24,fd00:10:244:1::/64\t1700000000\t100\t200\toff\n\
-                    a2V5Mg==\t(none)\t(none)\t(none)\t0\t0\t0\t25\n";
-        let (key, peers) = parse_wg_dump(text).unwrap();
-        assert_eq!(key.as_deref(), Some("cHVi"));
+    fn parses_the_userspace_api_answer() {
+        let key = "11".repeat(32);
+        let text = format!(
+            "private_key={}\nlisten_port=51820\npublic_key={key}\nendpoint=192.0.2.2:51820\nallowed_ip=10.244.1.0/24\nallowed_ip=fd00:10:244:1::/64\nlast_handshake_time_sec=1700000000\nlast_handshake_time_nsec=5\nrx_bytes=100\ntx_bytes=200\npersistent_keepalive_interval=0\npublic_key={}\nerrno=0\n\n",
+            "22".repeat(32),
+            "33".repeat(32)
+        );
+        let peers = parse_uapi_get(&text).unwrap();
         assert_eq!(peers.len(), 2);
+        assert_eq!(
+            peers[0].public_key,
+            "ERERERERERERERERERERERERERERERERERERERERERE="
+        );
         assert_eq!(peers[0].endpoint.as_deref(), Some("192.0.2.2:51820"));
         assert_eq!(
             peers[0].allowed_ips,
             vec!["10.244.1.0/24", "fd00:10:244:1::/64"]
         );
-        assert_eq!(peers[0].latest_handshake, 1_700_000_000);
+        assert_eq!(
+            (
+                peers[0].latest_handshake,
+                peers[0].rx_bytes,
+                peers[0].tx_bytes
+            ),
+            (1_700_000_000, 100, 200)
+        );
         assert_eq!(peers[1].endpoint, None);
-        assert!(peers[1].allowed_ips.is_empty());
-        assert!(parse_wg_dump("").is_err());
-        assert!(parse_wg_dump("a\tb\n").is_err());
+        assert!(parse_uapi_get("errno=2\n\n").is_err());
+        assert!(parse_uapi_get("public_key=zz\nerrno=0\n").is_err());
     }
 
     #[test]

@@ -1,4 +1,8 @@
-//! The user-facing lab commands. Progress goes to stdout, one line per step.
+//! The user-facing lab commands (`up`, `down`, `status`, `exec`, `add-node`, `remove-node`,
+//! `kubeconfig`, `graph`). Progress goes to stdout, one line per step.
+
+pub mod graph;
+pub mod status;
 
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
@@ -7,11 +11,13 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use super::naming::{LabNames, MAX_NODES};
-use super::state::{self, AgentCommand, LabDescription, LabPaths, NodeSpec, Runtime, STATE_ROOT};
-use super::status::{self, LabStatus};
-use super::topology::{self, WG_SOCKET_DIR};
-use super::LabError;
+use crate::cluster::naming::{LabNames, MAX_NODES};
+use crate::cluster::state::{
+    self, load_running, AgentCommand, LabDescription, LabPaths, NodeSpec, Runtime, STATE_ROOT,
+};
+use crate::cluster::topology::{self, WG_SOCKET_DIR};
+use crate::cluster::LabError;
+use status::LabStatus;
 
 /// How long `down` waits for the supervisor to stop its agents after SIGTERM.
 pub const SUPERVISOR_STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -74,15 +80,6 @@ fn is_supervisor_of(pid: u32, name: &str) -> bool {
         && args
             .windows(2)
             .any(|w| w[0] == b"--name" && w[1] == name.as_bytes())
-}
-
-/// The running lab's description and runtime, or "not up".
-pub fn load_running(names: &LabNames) -> Result<(LabDescription, Option<Runtime>), LabError> {
-    let paths = LabPaths::new(names.name());
-    let lab: LabDescription = state::load(&paths.description())?
-        .ok_or_else(|| LabError::NotUp(names.name().to_string()))?;
-    let runtime = state::load(&paths.runtime())?;
-    Ok((lab, runtime))
 }
 
 /// The kwire binary: `given`, else $KWIRE_BIN, else next to this executable, else
@@ -251,7 +248,24 @@ fn build_network(names: &LabNames, lab: &LabDescription) -> Result<(), LabError>
             node.netns, node.underlay_if, node.underlay_ipv4, node.underlay_ipv6
         );
         topology::create_node(lab, node)?;
+        node_prerequisites(node)?;
     }
+    Ok(())
+}
+
+/// What a node must have before kwire is installed (README, prerequisites): forwarding on, as
+/// kubeadm's preflight checks. The agent, confined, cannot set it (`/proc/sys` is read-only).
+fn node_prerequisites(node: &NodeSpec) -> Result<(), LabError> {
+    topology::run(&[
+        "ip",
+        "netns",
+        "exec",
+        &node.netns,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+        "net.ipv6.conf.all.forwarding=1",
+    ])?;
     Ok(())
 }
 
@@ -520,8 +534,20 @@ pub fn exec(name: &str, node: &str, argv: &[String]) -> Result<i32, LabError> {
             "give the command after `--`: `kwire-lab exec NODE -- ip addr`".into(),
         ));
     }
+    // As on the node: its network namespace, and its /var/run/wireguard (so `wg show` finds
+    // the agent's userspace API socket), in a mount namespace of the command's own.
+    let wg = node.host_path("/var/run/wireguard");
+    for dir in [wg.as_path(), Path::new(WG_SOCKET_DIR)] {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| LabError::io(format!("creating {}", dir.display()), e))?;
+    }
     let status = Command::new("ip")
         .args(["netns", "exec", &node.netns])
+        .args(["unshare", "--mount", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "mount --bind \"$0\" {WG_SOCKET_DIR} && exec \"$@\""
+        ))
+        .arg(&wg)
         .args(argv)
         .status()
         .map_err(|e| LabError::io(format!("running `ip netns exec {}`", node.netns), e))?;
@@ -585,9 +611,12 @@ pub fn add_node(name: &str) -> Result<String, LabError> {
         "creating node namespace {} ({} {} / {})",
         node.netns, node.underlay_if, node.underlay_ipv4, node.underlay_ipv6
     );
-    if let Err(e) = topology::create_node(&lab, &node) {
+    if let Err(e) = topology::create_node(&lab, &node)
+        .map_err(LabError::from)
+        .and_then(|()| node_prerequisites(&node))
+    {
         let _ = topology::delete_netns(&node.netns);
-        return Err(e.into());
+        return Err(e);
     }
     lab.nodes.push(node.clone());
     state::save(&paths.description(), &lab)?;
@@ -625,16 +654,22 @@ pub fn remove_node(name: &str, node: &str) -> Result<(), LabError> {
     Ok(())
 }
 
-/// `kwire-lab kubeconfig`: the path of the host's (or the agents') kubeconfig.
-pub fn kubeconfig(name: &str, agents: bool) -> Result<PathBuf, LabError> {
+/// `kwire-lab kubeconfig`: the path of the admin kubeconfig, or of node `node`'s agent's.
+pub fn kubeconfig(name: &str, node: Option<&str>) -> Result<PathBuf, LabError> {
     let names = LabNames::new(name)?;
     let paths = LabPaths::new(name);
-    let path = if agents {
-        paths.agent_kubeconfig()
-    } else {
-        paths.kubeconfig()
+    if supervisor_pid(&names).is_none() {
+        return Err(LabError::NotUp(name.to_string()));
+    }
+    let path = match node {
+        None => paths.kubeconfig(),
+        Some(given) => {
+            let (lab, _) = load_running(&names)?;
+            let node = resolve_node(&names, &lab, given)?;
+            paths.node_kubeconfig(&node.name)
+        }
     };
-    if !path.exists() || supervisor_pid(&names).is_none() {
+    if !path.exists() {
         return Err(LabError::NotUp(name.to_string()));
     }
     Ok(path)

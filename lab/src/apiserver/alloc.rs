@@ -1,0 +1,249 @@
+//! What the control plane allocates for objects: Node podCIDRs (kube-controller-manager's range
+//! allocator, a write after the Node's creation), Service ClusterIPs and NodePorts (the
+//! Service registry, before the Service is stored). The CIDR arithmetic is [`super::cidr`];
+//! the store never allocates ([`super::registry`] calls this around its writes).
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use serde_json::{json, Value};
+
+use super::cidr::{PodCidrAllocator, ServiceIpAllocator};
+use super::error::ApiError;
+use super::resources::ResourceKind;
+use super::validate::FieldError;
+
+/// NodePorts come from this range (kube-apiserver's `--service-node-port-range` default).
+pub const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+/// Every allocator of one API server.
+#[derive(Debug, Clone)]
+pub struct Allocators {
+    pub pod_cidrs: PodCidrAllocator,
+    pub service_ips: ServiceIpAllocator,
+    node_ports: BTreeSet<u16>,
+}
+
+/// What a Service create took, to give back if the create fails.
+#[derive(Debug, Default)]
+pub struct ServiceReservation {
+    ips: Vec<IpAddr>,
+    ports: Vec<u16>,
+}
+
+/// A Node's podCIDRs (`spec.podCIDRs`, else `spec.podCIDR`).
+pub fn pod_cidrs_of(node: &Value) -> Vec<IpNetwork> {
+    let from_list: Vec<IpNetwork> = node
+        .pointer("/spec/podCIDRs")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .filter_map(|s| s.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !from_list.is_empty() {
+        return from_list;
+    }
+    node.pointer("/spec/podCIDR")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+        .into_iter()
+        .collect()
+}
+
+fn cluster_ips_of(svc: &Value) -> Vec<IpAddr> {
+    svc.pointer("/spec/clusterIPs")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .filter_map(|s| s.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn node_ports_of(svc: &Value) -> Vec<u16> {
+    svc.pointer("/spec/ports")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
+                .map(|p| p as u16)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Allocators {
+    pub fn new(pod_cidrs: PodCidrAllocator, service_ips: ServiceIpAllocator) -> Allocators {
+        Allocators {
+            pod_cidrs,
+            service_ips,
+            node_ports: BTreeSet::new(),
+        }
+    }
+
+    /// The podCIDRs a new Node gets: None when it came with its own (they are marked taken)
+    /// or none are left (logged, as kube-controller-manager's `CIDRNotAvailable`).
+    pub fn node_created(&mut self, name: &str, node: &Value) -> Option<Vec<IpNetwork>> {
+        let existing = pod_cidrs_of(node);
+        if !existing.is_empty() {
+            let conflicts = self.pod_cidrs.occupy(&existing);
+            if !conflicts.is_empty() {
+                tracing::warn!(node = %name, ?conflicts, "node came with podCIDRs another node holds");
+            }
+            return None;
+        }
+        if !self.pod_cidrs.is_enabled() {
+            return None;
+        }
+        let cidrs = self.pod_cidrs.allocate();
+        if cidrs.is_none() {
+            tracing::warn!(node = %name, "CIDRNotAvailable: no podCIDR left in the cluster CIDR");
+        }
+        cidrs
+    }
+
+    /// A Node changed: podCIDRs it gained (written once, from empty) are taken.
+    pub fn node_updated(&mut self, node: &Value) {
+        let cidrs = pod_cidrs_of(node);
+        if !cidrs.is_empty() {
+            self.pod_cidrs.occupy(&cidrs);
+        }
+    }
+
+    pub fn node_deleted(&mut self, node: &Value) {
+        self.pod_cidrs.release(&pod_cidrs_of(node));
+    }
+
+    /// Fills a new Service's ClusterIP(s) and NodePorts (and the defaults that go with them),
+    /// or answers as the Service registry does when they cannot be had.
+    pub fn service_creating(
+        &mut self,
+        kind: &ResourceKind,
+        name: &str,
+        svc: &mut Value,
+    ) -> Result<ServiceReservation, ApiError> {
+        let mut taken = ServiceReservation::default();
+        let result = self.assign_service(kind, name, svc, &mut taken);
+        if result.is_err() {
+            self.release(&taken);
+        }
+        result.map(|()| taken)
+    }
+
+    /// Gives back what a Service create took (the create failed).
+    pub fn release(&mut self, r: &ServiceReservation) {
+        for ip in &r.ips {
+            self.service_ips.release(*ip);
+        }
+        for p in &r.ports {
+            self.node_ports.remove(p);
+        }
+    }
+
+    pub fn service_deleted(&mut self, svc: &Value) {
+        for ip in cluster_ips_of(svc) {
+            self.service_ips.release(ip);
+        }
+        for p in node_ports_of(svc) {
+            self.node_ports.remove(&p);
+        }
+    }
+
+    fn assign_service(
+        &mut self,
+        kind: &ResourceKind,
+        name: &str,
+        svc: &mut Value,
+        taken: &mut ServiceReservation,
+    ) -> Result<(), ApiError> {
+        let svc_type = svc
+            .pointer("/spec/type")
+            .and_then(Value::as_str)
+            .unwrap_or("ClusterIP")
+            .to_string();
+        if svc_type == "ExternalName" {
+            return Ok(());
+        }
+        if !svc.get("spec").is_some_and(Value::is_object) {
+            svc["spec"] = json!({});
+        }
+        let given = svc
+            .pointer("/spec/clusterIP")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        if given == "None" {
+            svc["spec"]["clusterIPs"] = json!(["None"]);
+        } else if given.is_empty() {
+            let ip = self.service_ips.allocate().ok_or_else(|| {
+                ApiError::internal(format!("failed to allocate a serviceIP for service {name}: range is full or no service CIDR is configured"))
+            })?;
+            taken.ips.push(ip);
+            svc["spec"]["clusterIP"] = json!(ip.to_string());
+            svc["spec"]["clusterIPs"] = json!([ip.to_string()]);
+        } else {
+            let ip: IpAddr = given.parse().map_err(|_| {
+                ApiError::invalid(
+                    kind,
+                    name,
+                    &[FieldError::invalid(
+                        "spec.clusterIP",
+                        &given,
+                        "must be a valid IP address",
+                    )],
+                )
+            })?;
+            self.service_ips.occupy(ip);
+            taken.ips.push(ip);
+            svc["spec"]["clusterIPs"] = json!([given]);
+        }
+        if given != "None" {
+            let spec = svc["spec"].as_object_mut().expect("an object");
+            spec.entry("ipFamilies").or_insert(json!(["IPv4"]));
+            spec.entry("ipFamilyPolicy").or_insert(json!("SingleStack"));
+        }
+        if svc_type == "NodePort" || svc_type == "LoadBalancer" {
+            svc["spec"]
+                .as_object_mut()
+                .expect("an object")
+                .entry("externalTrafficPolicy")
+                .or_insert(json!("Cluster"));
+            if let Some(Value::Array(ports)) = svc["spec"].get_mut("ports") {
+                for p in ports.iter_mut() {
+                    match p.get("nodePort").and_then(Value::as_u64) {
+                        Some(n) => {
+                            if !self.node_ports.insert(n as u16) {
+                                return Err(ApiError::invalid(
+                                    kind,
+                                    name,
+                                    &[FieldError::invalid(
+                                        "spec.ports[].nodePort",
+                                        &n.to_string(),
+                                        "provided port is already allocated",
+                                    )],
+                                ));
+                            }
+                            taken.ports.push(n as u16);
+                        }
+                        None => {
+                            let free = NODE_PORT_RANGE
+                                .clone()
+                                .find(|n| !self.node_ports.contains(n))
+                                .ok_or_else(|| ApiError::internal("no free NodePort"))?;
+                            self.node_ports.insert(free);
+                            taken.ports.push(free);
+                            p["nodePort"] = json!(free);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
