@@ -143,9 +143,8 @@ fn too_big_answer<T>(ctx: &Ctx<'_, T>, frame: &[u8], out: &mut [u8]) -> Option<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::local::{LocalTable, PodPort};
     use crate::datapath::stats::Counters;
-    use crate::datapath::testing::udp4;
+    use crate::datapath::testing::{pod_table, udp4};
     use crate::wg::device::Snapshot;
     use crate::wg::ratelimit::SourceLimiter;
     use std::time::Instant;
@@ -155,14 +154,7 @@ mod tests {
     fn each_stage_decides_in_order() {
         let mut snap = Snapshot::default();
         snap.routes.insert("10.244.2.0/24".parse().unwrap(), 0);
-        let mut local = LocalTable::new(
-            vec![PodPort {
-                id: 1,
-                ips: vec!["10.244.1.5".parse().unwrap()],
-                io: (),
-            }],
-            vec!["10.244.1.1".parse().unwrap()],
-        );
+        let mut local = pod_table("10.244.1.1", &["10.244.1.5"]);
         local.mtu = Some(1420);
         let (counters, limiter) = (Counters::default(), SourceLimiter::default());
         let ctx = Ctx {
