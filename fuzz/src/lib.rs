@@ -373,6 +373,7 @@ pub fn loop_frame(data: &[u8]) {
             local: &local,
             counters: &counters,
             limiter: &limiter,
+            pacer: &kwire::datapath::HOST_ONLY_PACER,
             now: Instant::now(),
             vnet,
         };
