@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod node_state;
 pub mod offload;
 pub mod policy;
+pub mod services;
 pub mod status;
 pub mod tunnel;
 pub mod wg;

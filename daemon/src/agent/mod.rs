@@ -10,6 +10,7 @@ pub mod peers;
 pub mod pod_network;
 pub mod policy;
 pub mod routes;
+pub mod services;
 pub mod state;
 pub mod sysctl;
 
@@ -430,9 +431,11 @@ async fn agent_main(
     let control = tokio::spawn(async move {
         match crate::kubeapi::client(args.kubeconfig.as_deref()).await {
             Ok(client) => {
-                let policy = tokio::spawn(policy::run(client.clone(), loop_pods));
+                let policy = tokio::spawn(policy::run(client.clone(), loop_pods.clone()));
+                let services = tokio::spawn(services::run(client.clone(), loop_pods));
                 agent.run(client).await;
                 policy.abort();
+                services.abort();
             }
             Err(e) => error!(
                 error = format!("{e:#}"),

@@ -18,10 +18,22 @@ use tracing::{info, warn};
 /// Changes arriving within this window are compiled together.
 pub const REBUILD_DELAY: Duration = Duration::from_millis(100);
 
-enum Change {
-    /// A watch event; `true` when it completed a full list.
+/// What one watch item did to the watched lists.
+pub(super) enum Change {
+    /// A watch event of list `0`; `true` when it completed a full list.
     Event(usize, bool),
+    /// Watch `0` failed (it retries with backoff).
     Error(usize, String),
+}
+
+impl<K> From<(usize, Result<Event<K>, watcher::Error>)> for Change {
+    fn from((idx, r): (usize, Result<Event<K>, watcher::Error>)) -> Change {
+        match r {
+            Ok(Event::InitDone) => Change::Event(idx, true),
+            Ok(_) => Change::Event(idx, false),
+            Err(e) => Change::Error(idx, e.to_string()),
+        }
+    }
 }
 
 fn watch<K>(api: Api<K>, idx: usize) -> (Store<K>, impl futures::Stream<Item = Change>)
@@ -38,11 +50,7 @@ where
     let (store, writer) = reflector::store();
     let s = reflector::reflector(writer, watcher::watcher(api, watcher::Config::default()))
         .backoff(super::WatchBackoff::default())
-        .map(move |r| match r {
-            Ok(Event::InitDone) => Change::Event(idx, true),
-            Ok(_) => Change::Event(idx, false),
-            Err(e) => Change::Error(idx, e.to_string()),
-        });
+        .map(move |r| Change::from((idx, r)));
     (store, s)
 }
 
@@ -60,24 +68,76 @@ pub async fn run(client: Client, pods: Arc<Pods>) {
     let (ns_store, s1) = watch(Api::<Namespace>::all(client.clone()), 1);
     let (np_store, s2) = watch(Api::<NetworkPolicy>::all(client), 2);
     let events = futures::stream::select(futures::stream::select(s0, s1), s2);
+    let kinds = &["Pods", "Namespaces", "NetworkPolicies"];
+    let rebuild = || {
+        let (p, n, np) = (owned(&pod_store), owned(&ns_store), owned(&np_store));
+        let pods = pods.clone();
+        async move {
+            let started = Instant::now();
+            let compiled = tokio::task::spawn_blocking(move || {
+                let (set, errors) = PolicySet::from_k8s(&n, &p, &np);
+                (
+                    set,
+                    errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    np.len(),
+                )
+            })
+            .await;
+            match compiled {
+                Ok((set, errors, count)) => {
+                    for e in errors.iter().take(10) {
+                        warn!(problem = %e, "NetworkPolicy input read fail-closed or skipped");
+                    }
+                    pods.set_policy(Arc::new(set));
+                    info!(
+                        policies = count,
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "NetworkPolicy snapshot swapped in"
+                    );
+                }
+                Err(e) => warn!(error = %e, "compiling NetworkPolicies failed"),
+            }
+        }
+    };
+    debounced(
+        events,
+        kinds,
+        "the last policy stays in force",
+        |c| c,
+        rebuild,
+    )
+    .await
+}
+
+/// The control loop of a compiled snapshot: takes watch items (`take` applies each and says
+/// what changed), and after any change, at most every [`REBUILD_DELAY`] and only once every
+/// list in `kinds` was read in full, runs `rebuild`. Each watch's errors are logged at most
+/// once per `WATCH_ERROR_LOG_INTERVAL` (`keeps`: what stays in force meanwhile). Runs until the streams end.
+pub(super) async fn debounced<I, F: std::future::Future<Output = ()>>(
+    events: impl futures::Stream<Item = I>,
+    kinds: &'static [&'static str],
+    keeps: &'static str,
+    mut take: impl FnMut(I) -> Change,
+    mut rebuild: impl FnMut() -> F,
+) {
     let mut events = std::pin::pin!(events);
-    let mut listed = [false; 3];
+    let mut listed = vec![false; kinds.len()];
     let mut dirty = false;
     // One warning per failing watch per interval.
-    let mut last_err: [Option<Instant>; 3] = [None; 3];
+    let mut last_err: Vec<Option<Instant>> = vec![None; kinds.len()];
     let mut tick = tokio::time::interval(REBUILD_DELAY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            ev = events.next() => match ev {
+            ev = events.next() => match ev.map(&mut take) {
                 Some(Change::Event(i, done)) => {
                     listed[i] |= done;
                     dirty = true;
                 }
                 Some(Change::Error(i, e)) => {
                     if last_err[i].is_none_or(|t| t.elapsed() >= super::WATCH_ERROR_LOG_INTERVAL) {
-                        let what = ["Pods", "Namespaces", "NetworkPolicies"][i];
-                        warn!(error = %e, "watching {what} failed; retrying with backoff, the last policy stays in force");
+                        let what = kinds[i];
+                        warn!(error = %e, "watching {what} failed; retrying with backoff, {keeps}");
                         last_err[i] = Some(Instant::now());
                     }
                 }
@@ -88,23 +148,7 @@ pub async fn run(client: Client, pods: Arc<Pods>) {
                     continue;
                 }
                 dirty = false;
-                let (p, n, np) = (owned(&pod_store), owned(&ns_store), owned(&np_store));
-                let started = Instant::now();
-                let compiled = tokio::task::spawn_blocking(move || {
-                    let (set, errors) = PolicySet::from_k8s(&n, &p, &np);
-                    (set, errors.iter().map(ToString::to_string).collect::<Vec<_>>(), np.len())
-                })
-                .await;
-                match compiled {
-                    Ok((set, errors, count)) => {
-                        for e in errors.iter().take(10) {
-                            warn!(problem = %e, "NetworkPolicy input read fail-closed or skipped");
-                        }
-                        pods.set_policy(Arc::new(set));
-                        info!(policies = count, took_ms = started.elapsed().as_millis() as u64, "NetworkPolicy snapshot swapped in");
-                    }
-                    Err(e) => warn!(error = %e, "compiling NetworkPolicies failed"),
-                }
+                rebuild().await;
             }
         }
     }

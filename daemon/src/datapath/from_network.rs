@@ -9,7 +9,7 @@
 use super::handshake::{self, Admission, MSG_COOKIE, MSG_DATA, MSG_INIT, MSG_RESPONSE};
 use super::local::{addresses, Port};
 use super::stats::DropReason;
-use super::{policy, route, Ctx, DATA_OVERHEAD, MAX_FRAME};
+use super::{policy, route, service, Ctx, DATA_OVERHEAD, MAX_FRAME};
 use crate::wg::device::{Peer, PeerState, Snapshot};
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::TunnResult;
@@ -257,8 +257,10 @@ impl<T> Message<'_, '_, T> {
         let pkt = &self.buf[at.clone()];
         let (_, dst) = addresses(pkt).ok_or(DropReason::NoRoute)?;
         let to = route::decrypted(self.ctx.local, dst)?;
-        // Services' reverse NAT (replies from a Service's backends) goes here.
         policy::ingress(self.ctx.local, to, false, pkt)?;
+        // A reply from a Service's backend on another node: policy judged the real
+        // addresses, the client sees the Service's. (Decrypted packets carry full checksums.)
+        service::reverse(self.ctx.local, &mut self.buf[at.clone()], false);
         Ok(Step::Deliver { to, at })
     }
 

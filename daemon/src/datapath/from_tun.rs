@@ -4,7 +4,7 @@
 use super::local::{addresses, Port};
 use super::route::{self, NextHop};
 use super::stats::DropReason;
-use super::{antispoof, icmp, policy, Ctx};
+use super::{antispoof, icmp, policy, service, Ctx};
 use std::net::IpAddr;
 
 /// What to do with a frame read from a tun.
@@ -26,19 +26,21 @@ pub enum TxAction<'a> {
     Drop(DropReason),
 }
 
-/// Decides a frame read from `from`. `answer_buf` receives an ICMP error when one is due (a
+/// Decides a frame read from `from`, translating it in place when it is for a Service (or a
+/// backend's reply). `answer_buf` receives an ICMP error or a TCP reset when one is due (a
 /// frame's worth of bytes is always enough).
 #[inline(always)]
 pub fn decide<'a, T>(
     ctx: &Ctx<'_, T>,
     from: Port,
-    frame: &[u8],
+    frame: &mut [u8],
     answer_buf: &'a mut [u8],
 ) -> TxAction<'a> {
     match next_hop(ctx, from, frame) {
         Ok(NextHop::Pod(pod)) => TxAction::DeliverToPort(Port::Pod(pod)),
         Ok(NextHop::Host) => TxAction::DeliverToPort(Port::Host),
         Ok(NextHop::Peer(peer)) => to_peer(ctx, peer, frame, answer_buf),
+        Err(DropReason::ServiceNoEndpoint) => reject(ctx, frame, answer_buf),
         Err(DropReason::NoPeer) => match no_peer_answer(ctx, from, frame, answer_buf) {
             Some(n) => TxAction::Answer {
                 reason: DropReason::NoPeer,
@@ -75,22 +77,51 @@ fn no_peer_answer<T>(ctx: &Ctx<'_, T>, from: Port, frame: &[u8], out: &mut [u8])
 
 /// The stages every frame passes before it has a next hop.
 #[inline(always)]
-fn next_hop<T>(ctx: &Ctx<'_, T>, from: Port, frame: &[u8]) -> Result<NextHop, DropReason> {
-    let pkt = frame.get(ctx.offset()..).unwrap_or_default();
-    let (src, dst) = addresses(pkt).ok_or(DropReason::Malformed)?;
+fn next_hop<T>(ctx: &Ctx<'_, T>, from: Port, frame: &mut [u8]) -> Result<NextHop, DropReason> {
+    let (src, dst) =
+        addresses(frame.get(ctx.offset()..).unwrap_or_default()).ok_or(DropReason::Malformed)?;
     if dst.is_multicast() {
         return Err(DropReason::Multicast);
     }
     antispoof::check(ctx.local, from, src)?;
-    // Services (ClusterIP/NodePort NAT) go here: after the source is known to be the pod's
-    // own, before policy sees the translated destination.
+    // After the source is known to be the pod's own, before policy: policy and routing see
+    // the backend a Service's address was translated to.
+    service::forward(ctx, frame)?;
+    let pkt = &frame[ctx.offset()..];
+    let (_, dst) = addresses(pkt).ok_or(DropReason::Malformed)?;
     policy::egress(ctx.local, from, pkt)?;
     let hop = route::from_tun(ctx, from, dst)?;
     if let NextHop::Pod(pod) = hop {
         let from_node = from == Port::Host && ctx.local.is_gateway(src);
         policy::ingress(ctx.local, Port::Pod(pod), from_node, pkt)?;
     }
+    // A backend's reply: policy judged the real addresses, the client sees the Service's.
+    service::reverse_frame(ctx, frame);
     Ok(hop)
+}
+
+/// The answer to a flow for a Service without endpoints (a TCP reset, ICMP port unreachable
+/// for UDP), back to the port the frame came from.
+#[cold]
+#[inline(never)]
+fn reject<'a, T>(ctx: &Ctx<'_, T>, frame: &[u8], answer_buf: &'a mut [u8]) -> TxAction<'a> {
+    let off = ctx.offset();
+    let n = match answer_buf.get_mut(..off) {
+        Some(h) => {
+            h.fill(0);
+            answer_buf
+                .get_mut(off..)
+                .and_then(|out| service::reject(&frame[off..], out))
+        }
+        None => None,
+    };
+    match n {
+        Some(n) => TxAction::Answer {
+            reason: DropReason::ServiceNoEndpoint,
+            answer: &answer_buf[..off + n],
+        },
+        None => TxAction::Drop(DropReason::ServiceNoEndpoint),
+    }
 }
 
 /// The checks of a frame for a peer: it must fit the tunnel (else the sender learns the
@@ -167,7 +198,7 @@ mod tests {
             vnet: false,
         };
         let mut buf = vec![0u8; 2048];
-        let mut decide_one = |from, p: &[u8]| match decide(&ctx, from, p, &mut buf) {
+        let mut decide_one = |from, p: &[u8]| match decide(&ctx, from, &mut p.to_vec(), &mut buf) {
             TxAction::Answer { reason, .. } => Err(reason),
             TxAction::Drop(r) => Err(r),
             TxAction::DeliverToPort(p) => Ok(Some(p)),

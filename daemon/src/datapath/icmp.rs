@@ -1,6 +1,7 @@
-//! ICMP errors the loop originates: "fragmentation needed" (IPv4, DF set) and "packet too
-//! big" (IPv6) for a packet larger than the tunnel MTU, sent back to the packet's source so
-//! path MTU discovery works instead of a silent black hole (RFC 1191, RFC 8201); "host
+//! ICMP errors the loop originates, sent back to the offending packet's source: "fragmentation
+//! needed" (IPv4, DF set) and "packet too big" (IPv6) for a packet larger than the tunnel MTU,
+//! so path MTU discovery works instead of a silent black hole (RFC 1191, RFC 8201); "port
+//! unreachable" for a UDP flow to a Service without endpoints (as kube-proxy answers); "host
 //! unreachable" / "no route to destination" for a cluster address without a peer, so the
 //! sender fails at once instead of timing out.
 
@@ -21,6 +22,39 @@ pub fn dont_fragment(pkt: &[u8]) -> bool {
     }
 }
 
+/// Which error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IcmpError {
+    /// The packet is larger than this MTU.
+    TooBig(u16),
+    /// Nothing listens on the destination port.
+    PortUnreachable,
+    /// The destination cannot be reached (IPv4 host unreachable, IPv6 no route).
+    HostUnreachable,
+}
+
+impl IcmpError {
+    /// Type, code and the header's last four bytes, for ICMPv4 and for ICMPv6.
+    fn v4(self) -> (u8, u8, [u8; 4]) {
+        match self {
+            IcmpError::TooBig(mtu) => {
+                let m = mtu.to_be_bytes();
+                (3, 4, [0, 0, m[0], m[1]])
+            }
+            IcmpError::PortUnreachable => (3, 3, [0; 4]),
+            IcmpError::HostUnreachable => (3, 1, [0; 4]),
+        }
+    }
+
+    fn v6(self) -> (u8, u8, [u8; 4]) {
+        match self {
+            IcmpError::TooBig(mtu) => (2, 0, (mtu as u32).to_be_bytes()),
+            IcmpError::PortUnreachable => (1, 4, [0; 4]),
+            IcmpError::HostUnreachable => (1, 0, [0; 4]),
+        }
+    }
+}
+
 /// Writes into `out` the ICMP error telling `pkt`'s sender that `mtu` is the most that fits;
 /// `from4`/`from6` are this node's addresses to send it from. Returns the error's length, or
 /// `None` when `pkt` must not get one (not IP, an ICMP error itself, no source address).
@@ -31,7 +65,7 @@ pub fn too_big(
     from6: Option<Ipv6Addr>,
     out: &mut [u8],
 ) -> Option<usize> {
-    error(pkt, Some(mtu), from4, from6, out)
+    error(pkt, IcmpError::TooBig(mtu), from4, from6, out)
 }
 
 /// Writes into `out` the ICMP error telling `pkt`'s sender that its destination cannot be
@@ -42,13 +76,14 @@ pub fn unreachable(
     from6: Option<Ipv6Addr>,
     out: &mut [u8],
 ) -> Option<usize> {
-    error(pkt, None, from4, from6, out)
+    error(pkt, IcmpError::HostUnreachable, from4, from6, out)
 }
 
-/// The error: "too big" with `mtu`, "unreachable" without.
-fn error(
+/// Writes into `out` the ICMP error `kind` about `pkt`, from `from4` or `from6` (by the
+/// packet's family) to its source; returns its length, or `None` when `pkt` must not get one.
+pub fn error(
     pkt: &[u8],
-    mtu: Option<u16>,
+    kind: IcmpError,
     from4: Option<Ipv4Addr>,
     from6: Option<Ipv6Addr>,
     out: &mut [u8],
@@ -75,13 +110,9 @@ fn error(
             o[12..16].copy_from_slice(&from.octets());
             o[16..20].copy_from_slice(&pkt[12..16]);
             set_ipv4_header(&mut o[..20]);
-            match mtu {
-                Some(mtu) => {
-                    o[20..28].copy_from_slice(&[3, 4, 0, 0, 0, 0, 0, 0]);
-                    o[26..28].copy_from_slice(&mtu.to_be_bytes());
-                }
-                None => o[20..28].copy_from_slice(&[3, 1, 0, 0, 0, 0, 0, 0]),
-            }
+            let (ty, code, rest) = kind.v4();
+            o[20..24].copy_from_slice(&[ty, code, 0, 0]);
+            o[24..28].copy_from_slice(&rest);
             o[28..].copy_from_slice(&pkt[..q]);
             let c = checksum(&o[20..]);
             o[22..24].copy_from_slice(&c.to_be_bytes());
@@ -99,13 +130,9 @@ fn error(
             o[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
             o[8..24].copy_from_slice(&from.octets());
             o[24..40].copy_from_slice(&pkt[8..24]);
-            match mtu {
-                Some(mtu) => {
-                    o[40..48].copy_from_slice(&[2, 0, 0, 0, 0, 0, 0, 0]);
-                    o[44..48].copy_from_slice(&u32::from(mtu).to_be_bytes());
-                }
-                None => o[40..48].copy_from_slice(&[1, 0, 0, 0, 0, 0, 0, 0]),
-            }
+            let (ty, code, rest) = kind.v6();
+            o[40..44].copy_from_slice(&[ty, code, 0, 0]);
+            o[44..48].copy_from_slice(&rest);
             o[48..].copy_from_slice(&pkt[..q]);
             let ph = pseudo_header(&o[8..24], &o[24..40], 58, (len - 40) as u32);
             let c = !fold(sum(ph, &o[40..]));

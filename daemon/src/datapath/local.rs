@@ -3,7 +3,9 @@
 //! batch. `T` is what the runtime keeps per pod (its tun); tests use `()`.
 
 use crate::datapath::conntrack::Conntrack;
+use crate::datapath::nat::NatTable;
 use crate::policy::PolicySet;
+use crate::services::ServiceTable;
 use crate::wg::allowed_ips::IntMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -44,6 +46,9 @@ pub struct LocalTable<T> {
     /// Largest packet the tunnel carries; bigger ones get an ICMP error (DF, IPv6) or their
     /// TCP segments cut smaller. `None`: the tun's own MTU is trusted (`kwire tunnel`).
     pub mtu: Option<u16>,
+    /// Services (ClusterIP), when the control plane has compiled a table: new flows to a
+    /// frontend are translated, replies translated back.
+    pub services: Option<ServiceNat>,
     /// The cluster's pod ranges: a destination in one without a peer is unreachable (never
     /// handed to the host to route). Empty for `kwire tunnel`.
     pub cluster: Vec<ipnetwork::IpNetwork>,
@@ -72,6 +77,7 @@ impl<T> Default for LocalTable<T> {
             host_accepts_all: true,
             filter: None,
             mtu: None,
+            services: None,
             cluster: Vec::new(),
         }
     }
@@ -104,6 +110,7 @@ impl<T> LocalTable<T> {
             host_accepts_all: false,
             filter: None,
             mtu: None,
+            services: None,
             cluster: Vec::new(),
         }
     }
@@ -185,6 +192,21 @@ pub fn addresses(pkt: &[u8]) -> Option<(IpAddr, IpAddr)> {
             Some((IpAddr::from(s), IpAddr::from(d)))
         }
         _ => None,
+    }
+}
+
+/// The service snapshot (swapped whole) and the long-lived translation table.
+#[derive(Clone)]
+pub struct ServiceNat {
+    pub table: Arc<ServiceTable>,
+    pub nat: Arc<NatTable>,
+}
+
+impl std::fmt::Debug for ServiceNat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceNat")
+            .field("frontends", &self.table.frontends())
+            .finish_non_exhaustive()
     }
 }
 

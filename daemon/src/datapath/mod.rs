@@ -13,7 +13,7 @@
 //!   IP header                                malformed
 //!   destination                              multicast
 //!   antispoof.rs: pod source is its own      spoofed_source
-//!   [service.rs: Services' NAT goes here]
+//!   service.rs: to a ClusterIP: a backend    service_no_endpoint (TCP reset / ICMP back)
 //!   policy.rs: source pod's egress           policy_egress
 //!   route.rs: next hop
 //!     a pod on this node: policy.rs ingress  policy_ingress      -> DeliverToPort(pod)
@@ -21,6 +21,7 @@
 //!             private key set                no_key
 //!     neither, from a pod                                        -> DeliverToPort(host)
 //!     neither, from the host                 no_peer
+//!   service.rs: a backend's reply gets the Service's address back (after policy)
 //!   seal.rs: peer endpoint                   no_endpoint
 //!            TSO split                       offload
 //!            encapsulate                     handshake           -> datagrams in the batch
@@ -31,7 +32,8 @@
 //!         decrypt, replay window             decrypt, replay, unknown_session, malformed
 //!         inner source in allowed IPs        not_allowed_ip
 //!         route.rs: a pod or this node       no_route
-//!         policy.rs: destination's ingress   policy_ingress      -> DeliverToPort
+//!         policy.rs: destination's ingress   policy_ingress
+//!         service.rs: reply from a backend                       -> DeliverToPort
 //!   handshake.rs: private key set            no_key
 //!         MAC1, cookie when under load       malformed, handshake, rate_limited (+ cookie)
 //!         per-source rate                    rate_limited
@@ -50,9 +52,11 @@ pub mod from_tun;
 pub mod handshake;
 pub mod icmp;
 pub mod local;
+pub mod nat;
 pub mod policy;
 pub mod route;
 pub mod seal;
+pub mod service;
 pub mod stats;
 pub mod timers;
 

@@ -46,6 +46,9 @@ pub enum DropReason {
     PolicyIngress,
     /// Larger than the tunnel MTU (answered with an ICMP error when DF is set or IPv6).
     Mtu,
+    /// A new flow to a Service without a usable endpoint (answered with a TCP reset or ICMP
+    /// port unreachable).
+    ServiceNoEndpoint,
     /// Plaintext forwarded toward the tun from another interface (the host firewall's count).
     UnderlayPlaintext,
     /// A new flow of a pod whose connection-table budget (or the whole table) is full.
@@ -53,7 +56,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 21] = [
+    pub const ALL: [DropReason; 22] = [
         DropReason::NoPeer,
         DropReason::NoEndpoint,
         DropReason::NotAllowedIp,
@@ -73,6 +76,7 @@ impl DropReason {
         DropReason::PolicyEgress,
         DropReason::PolicyIngress,
         DropReason::Mtu,
+        DropReason::ServiceNoEndpoint,
         DropReason::UnderlayPlaintext,
         DropReason::FlowLimit,
     ];
@@ -99,6 +103,7 @@ impl DropReason {
             DropReason::PolicyEgress => "policy_egress",
             DropReason::PolicyIngress => "policy_ingress",
             DropReason::Mtu => "mtu",
+            DropReason::ServiceNoEndpoint => "service_no_endpoint",
             DropReason::UnderlayPlaintext => "underlay_plaintext",
             DropReason::FlowLimit => "flow_limit",
         }

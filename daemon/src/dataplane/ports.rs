@@ -3,9 +3,12 @@
 
 use crate::datapath::conntrack::Conntrack;
 use crate::datapath::local::{Filter, LocalTable, PodPort};
+use crate::datapath::nat::NatTable;
+use crate::datapath::service::ServiceNat;
 use crate::io::epoll::Epoll;
 use crate::io::tun::TunQueue;
 use crate::policy::PolicySet;
+use crate::services::ServiceTable;
 use arc_swap::ArcSwap;
 use std::io;
 use std::net::IpAddr;
@@ -49,6 +52,7 @@ struct Inner {
     gateways: Option<Vec<IpAddr>>,
     next_id: u64,
     policy: Option<Arc<PolicySet>>,
+    services: Option<Arc<ServiceTable>>,
     mtu: Option<u16>,
     cluster: Vec<ipnetwork::IpNetwork>,
 }
@@ -62,6 +66,8 @@ pub struct Pods {
     vnet: bool,
     /// Flows admitted under NetworkPolicy; survives policy and pod changes.
     pub conntrack: Arc<Conntrack>,
+    /// Flows translated to a Service's backend; survives service table swaps.
+    pub nat: Arc<NatTable>,
 }
 
 impl Pods {
@@ -75,6 +81,7 @@ impl Pods {
             epolls,
             vnet,
             conntrack: Arc::new(Conntrack::default()),
+            nat: Arc::new(NatTable::default()),
         })
     }
 
@@ -102,6 +109,19 @@ impl Pods {
         let mut g = self.lock();
         g.policy = Some(policy);
         self.publish(&g);
+    }
+
+    /// Swaps in a new service table: new flows to a ClusterIP see it at once; translated
+    /// flows keep their backend while it stays (TCP: until the connection ends).
+    pub fn set_services(&self, table: Arc<ServiceTable>) {
+        let mut g = self.lock();
+        g.services = Some(table);
+        self.publish(&g);
+    }
+
+    /// The service table in force, if one was compiled.
+    pub fn services(&self) -> Option<Arc<ServiceTable>> {
+        self.lock().services.clone()
     }
 
     /// The cluster's pod ranges: a packet for one of them without a peer is dropped
@@ -202,6 +222,14 @@ impl Pods {
             .map(|p| Filter {
                 policy: p.clone(),
                 conntrack: self.conntrack.clone(),
+            });
+        t.services = g
+            .services
+            .as_ref()
+            .filter(|s| s.frontends() > 0)
+            .map(|s| ServiceNat {
+                table: s.clone(),
+                nat: self.nat.clone(),
             });
         self.table.store(Arc::new(t));
     }

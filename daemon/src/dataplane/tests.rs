@@ -560,6 +560,113 @@ fn established_flows_outlive_a_policy_change_new_flows_see_it() {
     assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
 }
 
+/// A ClusterIP through the whole tun pipeline on one node: the client's flow reaches the
+/// backend pod translated, the reply comes back from the Service's address, a NetworkPolicy
+/// denying the backend denies it through the ClusterIP too, and a Service without endpoints
+/// answers the client with a reset.
+#[test]
+fn cluster_ip_translated_in_the_pipeline_and_policy_sees_the_backend() {
+    use crate::datapath::conntrack::Conntrack;
+    use crate::datapath::service::tests::{checksums_valid, packet, services};
+    use crate::policy::{Namespace, Pod, Policy, PolicySet};
+    use local::{Filter, PodPort};
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    let pod = |name: &str, ip: &str| Pod {
+        namespace: "shop".into(),
+        name: name.into(),
+        labels: BTreeMap::from([("app".to_string(), name.to_string())]),
+        ips: vec![ip.parse().unwrap()],
+        container_ports: vec![],
+        node_name: "n1".into(),
+        host_network: false,
+    };
+    let table = |deny_backend: bool| {
+        let ports = ["10.244.1.5", "10.244.1.6"]
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| PodPort {
+                id: i as u64,
+                ips: vec![ip.parse().unwrap()],
+                io: (),
+            })
+            .collect();
+        let mut t = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+        t.services = Some(services(&["10.244.1.6"]));
+        if deny_backend {
+            let np = serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"namespace": "shop", "name": "closed"},
+                "spec": {"podSelector": {"matchLabels": {"app": "backend"}}, "policyTypes": ["Ingress"]}});
+            let set = PolicySet::compile(
+                vec![Namespace::new("shop", BTreeMap::new())],
+                vec![pod("client", "10.244.1.5"), pod("backend", "10.244.1.6")],
+                vec![Policy::from_k8s(&serde_json::from_value(np).unwrap()).unwrap()],
+            );
+            t.filter = Some(Filter {
+                policy: Arc::new(set),
+                conntrack: Arc::new(Conntrack::default()),
+            });
+        }
+        t
+    };
+    let snap = Snapshot::default();
+    let counters = Counters::default();
+    let mut tx = TxPath::new();
+    let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+    let (client, vip) = (sa("10.244.1.5:40000"), sa("10.96.0.10:80"));
+
+    let open = table(false);
+    let mut io = Capture::default();
+    let mut syn = packet(6, client, vip, 0x02, b"");
+    tx.frame(
+        &tx_ctx(&snap, &open, &counters),
+        Port::Pod(0),
+        &mut syn,
+        &mut io,
+    );
+    assert_eq!(io.to, [Port::Pod(1)], "delivered to the backend pod");
+    assert_eq!(&io.tun[0][16..20], &[10, 244, 1, 6]);
+    assert!(checksums_valid(&io.tun[0]));
+    let mut reply = packet(6, sa("10.244.1.6:8080"), client, 0x12, b"");
+    tx.frame(
+        &tx_ctx(&snap, &open, &counters),
+        Port::Pod(1),
+        &mut reply,
+        &mut io,
+    );
+    assert_eq!(io.to[1], Port::Pod(0), "reply to the client");
+    assert_eq!(
+        &io.tun[1][12..20],
+        &[10, 96, 0, 10, 10, 244, 1, 5],
+        "from the ClusterIP"
+    );
+    assert!(checksums_valid(&io.tun[1]));
+
+    let closed = table(true);
+    let mut io = Capture::default();
+    let mut syn = packet(6, sa("10.244.1.5:40001"), vip, 0x02, b"");
+    tx.frame(
+        &tx_ctx(&snap, &closed, &counters),
+        Port::Pod(0),
+        &mut syn,
+        &mut io,
+    );
+    assert!(io.to.is_empty(), "denied at the backend's ingress");
+    assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
+
+    let mut io = Capture::default();
+    let mut syn = packet(6, client, sa("10.96.0.11:80"), 0x02, b"");
+    tx.frame(
+        &tx_ctx(&snap, &open, &counters),
+        Port::Pod(0),
+        &mut syn,
+        &mut io,
+    );
+    assert_eq!(io.to, [Port::Pod(0)], "answered back to the client");
+    assert_eq!(io.tun[0][20 + 13], 0x14, "RST|ACK");
+    assert_eq!(counters.drops(DropReason::ServiceNoEndpoint), 1);
+}
+
 /// A batch full of initiations gets at most MAX_HANDSHAKES_PER_BATCH of them decided; the rest
 /// are dropped before any cryptography, and the next batch starts afresh.
 #[test]

@@ -401,6 +401,7 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
                 }
                 if ticks.is_multiple_of(ticks_per_second * CONNTRACK_SWEEP_SECONDS) {
                     net.pods.conntrack.expire();
+                    net.pods.nat.expire();
                 }
             }
         })?;

@@ -184,6 +184,24 @@ impl Collector for StatusCollector {
             "Packets dropped by the data plane, by reason",
             &drops,
         )?;
+        counter_family(
+            &mut e,
+            "kwire_service_translations",
+            "New flows to a Service's ClusterIP translated to a backend",
+            &[(vec![], r.services.translations)],
+        )?;
+        counter_family(
+            &mut e,
+            "kwire_service_no_endpoint",
+            "New flows to a Service without a usable endpoint, refused (TCP reset, ICMP port unreachable); also in kwire_drops_total{reason=\"service_no_endpoint\"}",
+            &[(vec![], r.drops.get("service_no_endpoint").copied().unwrap_or(0))],
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_service_frontends",
+            "Frontends (protocol, ClusterIP, port) in the node's service table",
+            &[(vec![], r.services.frontends as f64)],
+        )?;
         gauge_family(
             &mut e,
             "kwire_pods",

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-pub use report::{peer_up, report, Packets, PeerReport, PodReport, StatusReport};
+pub use report::{peer_up, report, Packets, PeerReport, PodReport, ServicesReport, StatusReport};
 
 /// A peer whose last handshake is older than this is down: WireGuard's REJECT_AFTER_TIME
 /// (whitepaper §6.1), after which no session key may be used.

@@ -38,6 +38,9 @@ pub struct StatusReport {
     /// Nodes refused as peers (counted once per change), by reason; zeros included.
     #[serde(default)]
     pub invalid_peers: BTreeMap<String, u64>,
+    /// The node's service table and translations.
+    #[serde(default)]
+    pub services: ServicesReport,
     /// The NetworkPolicy connection table's occupancy and limits.
     #[serde(default)]
     pub conntrack: ConntrackReport,
@@ -49,6 +52,23 @@ pub struct ConntrackReport {
     pub flows: u64,
     pub max_flows: u64,
     pub max_flows_per_pod: u64,
+}
+
+/// The service table in force on the node and what the loop translated.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServicesReport {
+    /// Whether a table was compiled (the Service and EndpointSlice watches listed once).
+    pub synced: bool,
+    /// Services with a ClusterIP.
+    pub services: u64,
+    /// Frontends (protocol, ClusterIP, port).
+    pub frontends: u64,
+    /// Frontends without a usable endpoint (their flows are refused).
+    pub frontends_without_endpoints: u64,
+    /// Translated flows the connection table remembers.
+    pub flows: u64,
+    /// New flows translated to a backend, ever.
+    pub translations: u64,
 }
 
 /// A peer, by node name.
@@ -163,6 +183,17 @@ pub fn report(st: &NodeState) -> StatusReport {
             max_flows_per_pod: ct.max_flows_per_pod() as u64,
         }
     });
+    let services = ctx.map_or_else(ServicesReport::default, |ctx| {
+        let table = ctx.pods.services();
+        ServicesReport {
+            synced: table.is_some(),
+            services: table.as_ref().map_or(0, |t| t.services() as u64),
+            frontends: table.as_ref().map_or(0, |t| t.frontends() as u64),
+            frontends_without_endpoints: table.as_ref().map_or(0, |t| t.without_endpoints() as u64),
+            flows: ctx.pods.nat.len() as u64,
+            translations: ctx.pods.nat.translations.load(Ordering::Relaxed),
+        }
+    });
     let c = &st.counters;
     StatusReport {
         node: ctx.map(|c| c.name.clone()).unwrap_or_default(),
@@ -198,6 +229,7 @@ pub fn report(st: &NodeState) -> StatusReport {
             .invalid_peers()
             .map(|(r, n)| (r.to_string(), n))
             .collect(),
+        services,
         conntrack,
     }
 }

@@ -202,6 +202,15 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
             .collect::<Vec<_>>()
             .join(", ")
     };
+    let s = &r.services;
+    if s.synced {
+        o.push_str(&format!(
+            "  services: {} ({} frontends, {} without endpoints); {} flows translated, {} remembered\n",
+            s.services, s.frontends, s.frontends_without_endpoints, s.translations, s.flows
+        ));
+    } else {
+        o.push_str("  services: no table yet (Service and EndpointSlice watches not listed)\n");
+    }
     let drops = nonzero(&r.drops);
     if !drops.is_empty() {
         o.push_str(&format!("  drops: {drops}\n"));
@@ -324,6 +333,14 @@ pub(crate) mod tests {
             },
             drops: [("no_peer".to_string(), 4)].into_iter().collect(),
             invalid_peers: [("duplicate_key".to_string(), 1)].into_iter().collect(),
+            services: crate::node_state::ServicesReport {
+                synced: true,
+                services: 2,
+                frontends: 3,
+                frontends_without_endpoints: 1,
+                flows: 4,
+                translations: 5,
+            },
             conntrack: Default::default(),
         }
     }
@@ -341,6 +358,7 @@ pub(crate) mod tests {
             "default/web  10.244.1.5",
             "drops: no_peer 4",
             "Nodes refused as peers: duplicate_key 1",
+            "services: 2 (3 frontends, 1 without endpoints); 5 flows translated, 4 remembered",
         ] {
             assert!(t.contains(want), "missing {want:?} in:\n{t}");
         }

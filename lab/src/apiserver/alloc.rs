@@ -54,6 +54,86 @@ pub fn pod_cidrs_of(node: &Value) -> Vec<IpNetwork> {
         .collect()
 }
 
+/// The families a new Service gets, as kube-apiserver decides them from `ipFamilyPolicy`
+/// (`SingleStack` by default) and `ipFamilies` against the cluster's `configured` families
+/// (primary first): one family, or both for `PreferDualStack` (when the cluster has both) and
+/// `RequireDualStack` (refused when it has not).
+fn service_families(
+    configured: &[&'static str],
+    kind: &ResourceKind,
+    name: &str,
+    svc: &Value,
+) -> Result<Vec<&'static str>, ApiError> {
+    let invalid = |field: &str, value: &str, why: &str| {
+        ApiError::invalid(kind, name, &[FieldError::invalid(field, value, why)])
+    };
+    let mut requested: Vec<&'static str> = Vec::new();
+    for (i, f) in svc
+        .pointer("/spec/ipFamilies")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let f = f.as_str().unwrap_or_default();
+        match configured.iter().find(|c| **c == f) {
+            Some(c) if !requested.contains(c) => requested.push(c),
+            Some(_) => {
+                return Err(invalid(
+                    &format!("spec.ipFamilies[{i}]"),
+                    f,
+                    "may not be repeated",
+                ))
+            }
+            None => {
+                return Err(invalid(
+                    &format!("spec.ipFamilies[{i}]"),
+                    f,
+                    "not configured on this cluster",
+                ))
+            }
+        }
+    }
+    let primary = requested
+        .first()
+        .or(configured.first())
+        .copied()
+        .ok_or_else(|| {
+            ApiError::internal(format!(
+                "failed to allocate a serviceIP for service {name}: no service CIDR is configured"
+            ))
+        })?;
+    let both = || {
+        let mut f = vec![primary];
+        f.extend(configured.iter().filter(|c| **c != primary));
+        f
+    };
+    let policy = svc
+        .pointer("/spec/ipFamilyPolicy")
+        .and_then(Value::as_str)
+        .unwrap_or("SingleStack");
+    match policy {
+        "SingleStack" if requested.len() > 1 => Err(invalid(
+            "spec.ipFamilies",
+            &requested.join(","),
+            "when spec.ipFamilyPolicy is SingleStack, a single ipFamily is allowed",
+        )),
+        "SingleStack" => Ok(vec![primary]),
+        "PreferDualStack" => Ok(both()),
+        "RequireDualStack" if configured.len() < 2 => Err(invalid(
+            "spec.ipFamilyPolicy",
+            policy,
+            "this cluster is not configured for dual-stack services",
+        )),
+        "RequireDualStack" => Ok(both()),
+        other => Err(invalid(
+            "spec.ipFamilyPolicy",
+            other,
+            "supported values: \"PreferDualStack\", \"RequireDualStack\", \"SingleStack\"",
+        )),
+    }
+}
+
 fn cluster_ips_of(svc: &Value) -> Vec<IpAddr> {
     svc.pointer("/spec/clusterIPs")
         .and_then(Value::as_array)
@@ -181,12 +261,19 @@ impl Allocators {
         if given == "None" {
             svc["spec"]["clusterIPs"] = json!(["None"]);
         } else if given.is_empty() {
-            let ip = self.service_ips.allocate().ok_or_else(|| {
-                ApiError::internal(format!("failed to allocate a serviceIP for service {name}: range is full or no service CIDR is configured"))
-            })?;
-            taken.ips.push(ip);
-            svc["spec"]["clusterIP"] = json!(ip.to_string());
-            svc["spec"]["clusterIPs"] = json!([ip.to_string()]);
+            let families = service_families(&self.service_ips.families(), kind, name, svc)?;
+            let mut ips = Vec::new();
+            for f in &families {
+                let ip = self.service_ips.allocate(f).ok_or_else(|| {
+                    ApiError::internal(format!("failed to allocate a serviceIP for service {name}: the {f} range is full or no service CIDR is configured"))
+                })?;
+                // Recorded at once: a failure later in this call releases what was taken.
+                taken.ips.push(ip);
+                ips.push(ip.to_string());
+            }
+            svc["spec"]["clusterIP"] = json!(ips[0]);
+            svc["spec"]["clusterIPs"] = json!(ips);
+            svc["spec"]["ipFamilies"] = json!(families);
         } else {
             let ip: IpAddr = given.parse().map_err(|_| {
                 ApiError::invalid(
@@ -202,6 +289,7 @@ impl Allocators {
             self.service_ips.occupy(ip);
             taken.ips.push(ip);
             svc["spec"]["clusterIPs"] = json!([given]);
+            svc["spec"]["ipFamilies"] = json!([if ip.is_ipv4() { "IPv4" } else { "IPv6" }]);
         }
         if given != "None" {
             let spec = svc["spec"].as_object_mut().expect("an object");

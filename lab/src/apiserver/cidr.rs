@@ -184,16 +184,44 @@ impl PodCidrAllocator {
     }
 }
 
-/// ClusterIP allocation for Services out of the service CIDR; the network address and the first
-/// host address (the real server's `kubernetes` Service) are never handed out.
+/// ClusterIP allocation for Services out of the service CIDRs (`--service-cluster-ip-range`,
+/// one per family: IPv4 first when both); the network address and the first host address (the
+/// real server's `kubernetes` Service) of each are never handed out.
 #[derive(Debug, Clone)]
 pub struct ServiceIpAllocator {
-    set: Option<CidrSet>,
+    v4: Option<CidrSet>,
+    v6: Option<CidrSet>,
 }
 
 impl ServiceIpAllocator {
-    pub fn new(service_cidr: Option<IpNetwork>) -> Result<Self, CidrConfigError> {
-        let set = match service_cidr {
+    /// One allocator per given CIDR (its family decides which).
+    pub fn new(service_cidrs: &[IpNetwork]) -> Result<Self, CidrConfigError> {
+        let mut a = ServiceIpAllocator { v4: None, v6: None };
+        for net in service_cidrs {
+            let set = Self::set(Some(*net))?;
+            if net.is_ipv4() {
+                a.v4 = set;
+            } else {
+                a.v6 = set;
+            }
+        }
+        Ok(a)
+    }
+
+    /// The families this cluster allocates, primary first (`IPv4`, `IPv6`).
+    pub fn families(&self) -> Vec<&'static str> {
+        let mut f = Vec::new();
+        if self.v4.is_some() {
+            f.push("IPv4");
+        }
+        if self.v6.is_some() {
+            f.push("IPv6");
+        }
+        f
+    }
+
+    fn set(service_cidr: Option<IpNetwork>) -> Result<Option<CidrSet>, CidrConfigError> {
+        Ok(match service_cidr {
             Some(net) => {
                 let bits = if net.is_ipv4() { 32 } else { 128 };
                 // Cap the range like CidrSet does; a /12 keeps its first 2^16 addresses.
@@ -206,23 +234,36 @@ impl ServiceIpAllocator {
                 Some(set)
             }
             None => None,
-        };
-        Ok(ServiceIpAllocator { set })
+        })
     }
 
-    pub fn allocate(&mut self) -> Option<IpAddr> {
-        self.set.as_mut()?.allocate().map(|n| n.ip())
+    fn family(&mut self, ip: IpAddr) -> Option<&mut CidrSet> {
+        if ip.is_ipv4() {
+            self.v4.as_mut()
+        } else {
+            self.v6.as_mut()
+        }
+    }
+
+    /// A free address of `family` (`IPv4` or `IPv6`).
+    pub fn allocate(&mut self, family: &str) -> Option<IpAddr> {
+        let set = if family == "IPv6" {
+            self.v6.as_mut()
+        } else {
+            self.v4.as_mut()
+        };
+        set?.allocate().map(|n| n.ip())
     }
 
     pub fn occupy(&mut self, ip: IpAddr) {
-        if let Some(set) = &mut self.set {
+        if let Some(set) = self.family(ip) {
             let bits = if ip.is_ipv4() { 32 } else { 128 };
             set.occupy(IpNetwork::new(ip, bits).expect("host prefix"));
         }
     }
 
     pub fn release(&mut self, ip: IpAddr) {
-        if let Some(set) = &mut self.set {
+        if let Some(set) = self.family(ip) {
             let bits = if ip.is_ipv4() { 32 } else { 128 };
             set.release(IpNetwork::new(ip, bits).expect("host prefix"));
         }
@@ -315,9 +356,14 @@ mod tests {
 
     #[test]
     fn service_ips_skip_the_reserved_addresses() {
-        let mut s = ServiceIpAllocator::new(Some(net("10.96.0.0/12"))).unwrap();
-        assert_eq!(s.allocate(), Some("10.96.0.2".parse().unwrap()));
+        let mut s =
+            ServiceIpAllocator::new(&[net("10.96.0.0/12"), net("fd00:10:96::/112")]).unwrap();
+        assert_eq!(s.families(), ["IPv4", "IPv6"]);
+        assert_eq!(s.allocate("IPv4"), Some("10.96.0.2".parse().unwrap()));
         s.occupy("10.96.0.3".parse().unwrap());
-        assert_eq!(s.allocate(), Some("10.96.0.4".parse().unwrap()));
+        assert_eq!(s.allocate("IPv4"), Some("10.96.0.4".parse().unwrap()));
+        assert_eq!(s.allocate("IPv6"), Some("fd00:10:96::2".parse().unwrap()));
+        let v4_only = ServiceIpAllocator::new(&[net("10.96.0.0/12")]).unwrap();
+        assert_eq!(v4_only.families(), ["IPv4"]);
     }
 }

@@ -123,6 +123,8 @@ pub struct ApiServerConfig {
     pub node_cidr_mask_v6: u8,
     /// Service ClusterIPs come from here (None: Services need an explicit clusterIP).
     pub service_cidr: Option<Ipv4Network>,
+    /// IPv6 ClusterIPs (dual-stack Services) come from here (None: IPv4 only).
+    pub service_cidr_v6: Option<Ipv6Network>,
     /// Writes kept for watches and paged lists; older resourceVersions get 410 Gone.
     pub history_size: usize,
     pub bookmark_interval: Duration,
@@ -142,6 +144,7 @@ impl Default for ApiServerConfig {
             node_cidr_mask: 24,
             node_cidr_mask_v6: 64,
             service_cidr: Some("10.96.0.0/12".parse().expect("valid")),
+            service_cidr_v6: None,
             history_size: DEFAULT_HISTORY_SIZE,
             bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
             default_watch_timeout: DEFAULT_WATCH_TIMEOUT,
@@ -248,7 +251,10 @@ impl ApiServer {
                 .cluster_cidr_v6
                 .map(|n| (IpNetwork::V6(n), config.node_cidr_mask_v6)),
         )?;
-        let service_ips = ServiceIpAllocator::new(config.service_cidr.map(IpNetwork::V4))?;
+        let cidrs: Vec<IpNetwork> = (config.service_cidr.map(IpNetwork::V4).into_iter())
+            .chain(config.service_cidr_v6.map(IpNetwork::V6))
+            .collect();
+        let service_ips = ServiceIpAllocator::new(&cidrs)?;
         let store = Arc::new(Store::new(StoreConfig {
             history_size: config.history_size,
         }));

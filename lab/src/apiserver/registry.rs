@@ -241,7 +241,7 @@ mod tests {
                     Some(("fd00:10:244::/56".parse().unwrap(), 64)),
                 )
                 .unwrap(),
-                ServiceIpAllocator::new(Some("10.96.0.0/12".parse().unwrap())).unwrap(),
+                ServiceIpAllocator::new(&["10.96.0.0/12".parse().unwrap()]).unwrap(),
             ),
         )
     }
@@ -309,6 +309,76 @@ mod tests {
         let b = r.create(&u, svcs, Some("default"), json!({"metadata": {"name": "web2"},
             "spec": {"type": "NodePort", "clusterIP": "10.96.0.3", "ports": [{"port": 80, "nodePort": 30001}]}}));
         assert!(b.is_ok(), "10.96.0.3 and 30001 were given back: {b:?}");
+    }
+
+    #[test]
+    fn dual_stack_services_get_one_cluster_ip_per_family() {
+        let u = UserInfo::control_plane();
+        let svcs = find("", "v1", "services").unwrap();
+        let dual = Registry::new(
+            Arc::new(Store::new(StoreConfig { history_size: 100 })),
+            Allocators::new(
+                PodCidrAllocator::new(None, None).unwrap(),
+                ServiceIpAllocator::new(&[
+                    "10.96.0.0/12".parse().unwrap(),
+                    "fd00:10:96::/112".parse().unwrap(),
+                ])
+                .unwrap(),
+            ),
+        );
+        let create = |r: &Registry, name: &str, spec: Value| {
+            r.create(
+                &u,
+                svcs,
+                Some("default"),
+                json!({"metadata": {"name": name}, "spec": spec}),
+            )
+        };
+        let single = create(&dual, "a", json!({"ports": [{"port": 80}]})).unwrap();
+        assert_eq!(single["spec"]["clusterIPs"], json!(["10.96.0.2"]));
+        assert_eq!(single["spec"]["ipFamilies"], json!(["IPv4"]));
+        let both = create(
+            &dual,
+            "b",
+            json!({"ipFamilyPolicy": "PreferDualStack", "ports": [{"port": 80}]}),
+        )
+        .unwrap();
+        assert_eq!(
+            both["spec"]["clusterIPs"],
+            json!(["10.96.0.3", "fd00:10:96::2"])
+        );
+        assert_eq!(both["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+        let v6_first = create(&dual, "c", json!({"ipFamilyPolicy": "RequireDualStack", "ipFamilies": ["IPv6"], "ports": [{"port": 80}]})).unwrap();
+        assert_eq!(v6_first["spec"]["clusterIP"], "fd00:10:96::3");
+        // A cluster with IPv4 only refuses what needs IPv6, and says why.
+        let v4 = registry();
+        let e = create(
+            &v4,
+            "d",
+            json!({"ipFamilyPolicy": "RequireDualStack", "ports": [{"port": 80}]}),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:?}").contains("not configured for dual-stack"),
+            "{e:?}"
+        );
+        let e = create(
+            &v4,
+            "e",
+            json!({"ipFamilies": ["IPv6"], "ports": [{"port": 80}]}),
+        )
+        .unwrap_err();
+        assert!(
+            format!("{e:?}").contains("not configured on this cluster"),
+            "{e:?}"
+        );
+        let ok = create(
+            &v4,
+            "f",
+            json!({"ipFamilyPolicy": "PreferDualStack", "ports": [{"port": 80}]}),
+        )
+        .unwrap();
+        assert_eq!(ok["spec"]["ipFamilies"], json!(["IPv4"]));
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub const NODE_CIDR_MASK_V4: u8 = 24;
 pub const CLUSTER_CIDR_V6: &str = "fd00:10:244::/56";
 pub const NODE_CIDR_MASK_V6: u8 = 64;
 pub const SERVICE_CIDR_V4: &str = "10.96.0.0/12";
+/// IPv6 ClusterIPs of dual-stack Services (kubeadm's default size).
+pub const SERVICE_CIDR_V6: &str = "fd00:10:96::/112";
 
 /// Why a lab name cannot be used.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

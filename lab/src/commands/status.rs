@@ -35,6 +35,112 @@ pub struct LabStatus {
     pub nodes: Vec<NodeStatus>,
     /// Every Pod in the API, with its node, network namespace and IPs.
     pub pods: Vec<crate::pods::PodStatus>,
+    /// Every Service in the API, with its addresses and ready endpoints.
+    pub services: Vec<ServiceStatus>,
+}
+
+/// A Service as `status` shows it.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ServiceStatus {
+    pub namespace: String,
+    pub name: String,
+    #[serde(rename = "type")]
+    pub type_: String,
+    pub cluster_ips: Vec<String>,
+    /// `PORT/PROTOCOL` of each port.
+    pub ports: Vec<String>,
+    /// The node ports (NodePort and LoadBalancer Services).
+    pub node_ports: Vec<u16>,
+    /// Ready endpoints from its EndpointSlices, `ADDRESS:PORT` for the first port.
+    pub endpoints: Vec<String>,
+}
+
+/// The Services and their ready endpoints, from the API.
+fn api_services(lab: &str, runtime: Option<&Runtime>) -> Result<Vec<ServiceStatus>, String> {
+    let url = runtime
+        .map(|r| r.api_url.as_str())
+        .ok_or("the supervisor has not published the API address yet")?;
+    let api = client::ApiAccess::new(url, &crate::cluster::state::lab_dir(lab))
+        .map_err(|e| e.to_string())?;
+    let services = client::get(&api, "/api/v1/services").map_err(|e| e.to_string())?;
+    let slices =
+        client::get(&api, "/apis/discovery.k8s.io/v1/endpointslices").map_err(|e| e.to_string())?;
+    let text = |v: &Value, p: &str| {
+        v.pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut out = Vec::new();
+    for svc in services["items"].as_array().into_iter().flatten() {
+        let (ns, name) = (
+            text(svc, "/metadata/namespace"),
+            text(svc, "/metadata/name"),
+        );
+        let ports: Vec<&Value> = svc
+            .pointer("/spec/ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .collect();
+        let mut endpoints = Vec::new();
+        for sl in slices["items"].as_array().into_iter().flatten() {
+            if text(sl, "/metadata/namespace") != ns
+                || sl.pointer("/metadata/labels/kubernetes.io~1service-name")
+                    != Some(&Value::String(name.clone()))
+            {
+                continue;
+            }
+            let port = sl.pointer("/ports/0/port").and_then(Value::as_u64);
+            for ep in sl["endpoints"].as_array().into_iter().flatten() {
+                if ep.pointer("/conditions/ready") == Some(&Value::Bool(false)) {
+                    continue;
+                }
+                for a in ep["addresses"].as_array().into_iter().flatten() {
+                    let a = a.as_str().unwrap_or_default();
+                    endpoints.push(match (port, a.contains(':')) {
+                        (Some(p), true) => format!("[{a}]:{p}"),
+                        (Some(p), false) => format!("{a}:{p}"),
+                        (None, _) => a.to_string(),
+                    });
+                }
+            }
+        }
+        endpoints.sort();
+        out.push(ServiceStatus {
+            namespace: ns,
+            name,
+            type_: svc
+                .pointer("/spec/type")
+                .and_then(Value::as_str)
+                .unwrap_or("ClusterIP")
+                .to_string(),
+            cluster_ips: svc
+                .pointer("/spec/clusterIPs")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            ports: ports
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}/{}",
+                        p.get("port").and_then(Value::as_u64).unwrap_or(0),
+                        p.get("protocol").and_then(Value::as_str).unwrap_or("TCP")
+                    )
+                })
+                .collect(),
+            node_ports: ports
+                .iter()
+                .filter_map(|p| p.get("nodePort").and_then(Value::as_u64))
+                .filter_map(|p| u16::try_from(p).ok())
+                .collect(),
+            endpoints,
+        });
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -327,8 +433,14 @@ pub fn collect(lab: &LabDescription, runtime: Option<&Runtime>) -> LabStatus {
         }
         _ => Vec::new(),
     };
+    let services = if api_error.is_none() {
+        api_services(&lab.name, runtime).unwrap_or_default()
+    } else {
+        Vec::new()
+    };
     LabStatus {
         pods,
+        services,
         name: lab.name.clone(),
         underlay_netns: lab.underlay_netns.clone(),
         bridge: lab.bridge.clone(),
@@ -453,6 +565,26 @@ impl LabStatus {
                         p.message.clone().unwrap_or_default()
                     } else {
                         p.ips.join(",")
+                    }
+                ));
+            }
+        }
+        if !self.services.is_empty() {
+            out.push_str(&format!(
+                "\n{:<28} {:<10} {:<16} {:<16} {}\n",
+                "SERVICE", "TYPE", "CLUSTER-IPS", "PORTS", "ENDPOINTS"
+            ));
+            for s in &self.services {
+                out.push_str(&format!(
+                    "{:<28} {:<10} {:<16} {:<16} {}\n",
+                    format!("{}/{}", s.namespace, s.name),
+                    s.type_,
+                    s.cluster_ips.join(","),
+                    s.ports.join(","),
+                    if s.endpoints.is_empty() {
+                        "(none ready)".to_string()
+                    } else {
+                        s.endpoints.join(",")
                     }
                 ));
             }

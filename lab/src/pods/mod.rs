@@ -4,6 +4,7 @@
 //! `up --pods N`.
 
 pub mod cni;
+pub mod endpoints;
 pub mod kubelet;
 pub mod manifest;
 pub mod matrix;

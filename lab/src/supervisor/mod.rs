@@ -97,6 +97,7 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
         node_cidr_mask: naming::NODE_CIDR_MASK_V4,
         node_cidr_mask_v6: naming::NODE_CIDR_MASK_V6,
         service_cidr: Some(naming::SERVICE_CIDR_V4.parse().expect("valid")),
+        service_cidr_v6: Some(naming::SERVICE_CIDR_V6.parse().expect("valid")),
         tls_names: vec![
             lab.api_underlay.ip().to_string(),
             names.api_underlay_v6().to_string(),
@@ -210,6 +211,7 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
             changed = api_changes.changed() => {
                 if changed.is_ok() {
                     kubelet.reconcile(&sup.server, &sup.lab);
+                    crate::pods::endpoints::reconcile(&sup.server);
                 }
             }
             _ = pod_tick.tick() => kubelet.reconcile(&sup.server, &sup.lab),

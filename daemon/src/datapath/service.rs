@@ -1,0 +1,613 @@
+//! Services in the loop, without kube-proxy: a pod's (or the node's) packet to a Service's
+//! ClusterIP and port is translated to one backend before NetworkPolicy sees it, so policy
+//! decides on the backend pod exactly as for direct traffic; the backend's replies get the
+//! Service's address back after policy (which saw the real addresses both ways). The backend
+//! of a new flow comes from the snapshot's Maglev table (the same choice on every node and
+//! after a restart), later packets keep it through [`super::nat`]. A flow to a Service
+//! without a usable endpoint is answered: TCP with a reset, UDP with ICMP port unreachable,
+//! from the Service's address, as kube-proxy does.
+//!
+//! Checksums are updated incrementally (RFC 1624); a frame whose TCP/UDP checksum the kernel
+//! left partial (virtio-net `NEEDS_CSUM`) holds the pseudo-header sum, which changes with the
+//! addresses only.
+
+use super::conntrack::Flow;
+use super::icmp::{self, IcmpError};
+use super::local::LocalTable;
+/// The service snapshot of a node's local table (defined there, so that the table does not
+/// depend on this stage).
+pub use super::local::ServiceNat;
+use super::nat::Forward;
+use super::stats::DropReason;
+use super::Ctx;
+use crate::offload::checksum::{fold, pseudo_header, set_ipv4_header, sum};
+use crate::offload::F_NEEDS_CSUM;
+use crate::services::flow_hash;
+use std::net::{IpAddr, SocketAddr};
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_ACK: u8 = 0x10;
+
+/// The fields of a TCP or UDP packet that translation reads.
+#[derive(Debug, Clone, Copy)]
+struct L4 {
+    proto: u8,
+    v6: bool,
+    /// Where the TCP/UDP header starts (the IPv4 header's length).
+    l4: usize,
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+}
+
+impl L4 {
+    fn flow(&self) -> Flow {
+        Flow {
+            proto: self.proto,
+            src: self.src,
+            dst: self.dst,
+            sport: self.sport,
+            dport: self.dport,
+        }
+    }
+}
+
+/// A TCP or UDP packet's addresses and ports: IPv4 (a first fragment or none) or IPv6 with
+/// the transport header first. Anything else is not translated.
+#[inline]
+fn parse(pkt: &[u8]) -> Option<L4> {
+    let (proto, v6, l4, src, dst) = match pkt.first()? >> 4 {
+        4 if pkt.len() >= 20 => {
+            let ihl = (pkt[0] & 0xf) as usize * 4;
+            if ihl < 20 || u16::from_be_bytes([pkt[6], pkt[7]]) & 0x1fff != 0 {
+                return None;
+            }
+            let s: [u8; 4] = pkt[12..16].try_into().ok()?;
+            let d: [u8; 4] = pkt[16..20].try_into().ok()?;
+            (pkt[9], false, ihl, IpAddr::from(s), IpAddr::from(d))
+        }
+        6 if pkt.len() >= 40 => {
+            let s: [u8; 16] = pkt[8..24].try_into().ok()?;
+            let d: [u8; 16] = pkt[24..40].try_into().ok()?;
+            (pkt[6], true, 40, IpAddr::from(s), IpAddr::from(d))
+        }
+        _ => return None,
+    };
+    let header = match proto {
+        TCP => 20,
+        UDP => 8,
+        _ => return None,
+    };
+    let t = pkt.get(l4..l4 + header)?;
+    Some(L4 {
+        proto,
+        v6,
+        l4,
+        src,
+        dst,
+        sport: u16::from_be_bytes([t[0], t[1]]),
+        dport: u16::from_be_bytes([t[2], t[3]]),
+    })
+}
+
+/// Whether the frame's L4 checksum is partial (left to the device by the kernel).
+#[inline]
+fn partial<T>(ctx: &Ctx<'_, T>, frame: &[u8]) -> bool {
+    ctx.vnet && frame.first().is_some_and(|f| f & F_NEEDS_CSUM != 0)
+}
+
+/// Translates a client's packet to a Service frontend (destination -> one backend); packets
+/// to anything else pass unchanged. `Err(ServiceNoEndpoint)`: the Service has no usable
+/// endpoint; the caller answers with [`reject`].
+#[inline]
+pub fn forward<T>(ctx: &Ctx<'_, T>, frame: &mut [u8]) -> Result<(), DropReason> {
+    let Some(s) = &ctx.local.services else {
+        return Ok(());
+    };
+    let partial = partial(ctx, frame);
+    let Some(pkt) = frame.get_mut(ctx.offset()..) else {
+        return Ok(());
+    };
+    let Some(p) = parse(pkt) else {
+        return Ok(());
+    };
+    let Some(fe) = s.table.lookup(p.proto, p.dst, p.dport) else {
+        return Ok(());
+    };
+    let new_syn = p.proto == TCP && pkt[p.l4 + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let keep = |b: SocketAddr| {
+        // A removed endpoint keeps its open TCP connections; new flows (and UDP) move.
+        fe.has(b) || (p.proto == TCP && !new_syn)
+    };
+    let choose = || fe.pick(flow_hash(p.proto, p.src, p.sport, p.dst, p.dport));
+    match s.nat.forward(p.flow(), keep, choose) {
+        Forward::To(to) => {
+            rewrite(pkt, &p, true, to, partial);
+            Ok(())
+        }
+        Forward::NoEndpoint => Err(DropReason::ServiceNoEndpoint),
+    }
+}
+
+/// Gives a backend's reply of a translated flow the Service's address as its source. Runs
+/// after policy (which judges the real addresses); packets of other flows are unchanged.
+#[inline]
+pub fn reverse<T>(local: &LocalTable<T>, pkt: &mut [u8], partial: bool) {
+    let Some(s) = &local.services else {
+        return;
+    };
+    if s.nat.is_empty() {
+        return;
+    }
+    let Some(p) = parse(pkt) else {
+        return;
+    };
+    if let Some(from) = s.nat.reverse(p.flow()) {
+        rewrite(pkt, &p, false, from, partial);
+    }
+}
+
+/// [`reverse`] for a frame read from a tun.
+#[inline]
+pub fn reverse_frame<T>(ctx: &Ctx<'_, T>, frame: &mut [u8]) {
+    let partial = partial(ctx, frame);
+    if let Some(pkt) = frame.get_mut(ctx.offset()..) {
+        reverse(ctx.local, pkt, partial);
+    }
+}
+
+/// Adds the one's complement of `bytes` (16-bit words, at most 16 bytes) to a sum.
+fn sum_negated(acc: u64, bytes: &[u8]) -> u64 {
+    let mut inv = [0u8; 16];
+    for (i, b) in bytes.iter().enumerate() {
+        inv[i] = !b;
+    }
+    sum(acc, &inv[..bytes.len()])
+}
+
+/// Rewrites the destination (`dst`) or source address and port to `to`, with the IPv4 header
+/// checksum and the TCP/UDP checksum updated.
+fn rewrite(pkt: &mut [u8], p: &L4, dst: bool, to: SocketAddr, partial: bool) {
+    let (at, len) = match (p.v6, dst) {
+        (false, false) => (12, 4),
+        (false, true) => (16, 4),
+        (true, false) => (8, 16),
+        (true, true) => (24, 16),
+    };
+    let mut new = [0u8; 16];
+    match to.ip() {
+        IpAddr::V4(a) if !p.v6 => new[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) if p.v6 => new.copy_from_slice(&a.octets()),
+        _ => return, // never across families: frontends are per family
+    }
+    let port_at = p.l4 + if dst { 2 } else { 0 };
+    let csum_at = p.l4 + if p.proto == TCP { 16 } else { 6 };
+    let addr_delta = sum(sum_negated(0, &pkt[at..at + len]), &new[..len]);
+    let port_delta = sum(
+        sum_negated(0, &pkt[port_at..port_at + 2]),
+        &to.port().to_be_bytes(),
+    );
+    pkt[at..at + len].copy_from_slice(&new[..len]);
+    pkt[port_at..port_at + 2].copy_from_slice(&to.port().to_be_bytes());
+    if !p.v6 {
+        set_ipv4_header(&mut pkt[..p.l4]);
+    }
+    let Some(field) = pkt.get_mut(csum_at..csum_at + 2) else {
+        return;
+    };
+    let old = u16::from_be_bytes([field[0], field[1]]);
+    let c = if partial {
+        // The pseudo-header sum, not complemented; the ports are summed later by the device.
+        fold(old as u64 + addr_delta)
+    } else if p.proto == UDP && !p.v6 && old == 0 {
+        return; // IPv4 UDP without a checksum stays without one
+    } else {
+        let c = !fold(addr_delta + port_delta + (!old) as u64);
+        if p.proto == UDP && c == 0 {
+            0xffff
+        } else {
+            c
+        }
+    };
+    field.copy_from_slice(&c.to_be_bytes());
+}
+
+/// Writes into `out` the answer to a client's packet for a Service without endpoints (a TCP
+/// reset, or ICMP port unreachable for UDP), from the Service's address; returns its length,
+/// or `None` when the packet gets none (a reset itself, not TCP/UDP).
+pub fn reject(pkt: &[u8], out: &mut [u8]) -> Option<usize> {
+    let p = parse(pkt)?;
+    if p.proto == UDP {
+        let (from4, from6) = match p.dst {
+            IpAddr::V4(a) => (Some(a), None),
+            IpAddr::V6(a) => (None, Some(a)),
+        };
+        return icmp::error(pkt, IcmpError::PortUnreachable, from4, from6, out);
+    }
+    let t = &pkt[p.l4..];
+    let flags = t[13];
+    if flags & TCP_RST != 0 {
+        return None;
+    }
+    let seq = u32::from_be_bytes([t[4], t[5], t[6], t[7]]);
+    let ack = u32::from_be_bytes([t[8], t[9], t[10], t[11]]);
+    let data_off = ((t[12] >> 4) as usize * 4).max(20);
+    let ip_len = if p.v6 {
+        40 + u16::from_be_bytes([pkt[4], pkt[5]]) as usize
+    } else {
+        u16::from_be_bytes([pkt[2], pkt[3]]) as usize
+    };
+    let payload = ip_len.min(pkt.len()).saturating_sub(p.l4 + data_off) as u32;
+    let (rseq, rack, rflags) = if flags & TCP_ACK != 0 {
+        (ack, 0, TCP_RST)
+    } else {
+        let consumed = payload + u32::from(flags & TCP_SYN != 0) + u32::from(flags & TCP_FIN != 0);
+        (0, seq.wrapping_add(consumed), TCP_RST | TCP_ACK)
+    };
+    let hl = if p.v6 { 40 } else { 20 };
+    let len = hl + 20;
+    let o = out.get_mut(..len)?;
+    o.fill(0);
+    let (src, dst) = if p.v6 {
+        o[0] = 0x60;
+        o[4..6].copy_from_slice(&20u16.to_be_bytes());
+        o[6] = TCP;
+        o[7] = 64;
+        o[8..24].copy_from_slice(&pkt[24..40]);
+        o[24..40].copy_from_slice(&pkt[8..24]);
+        (8..24, 24..40)
+    } else {
+        o[..10].copy_from_slice(&[0x45, 0, 0, len as u8, 0, 0, 0x40, 0, 64, TCP]);
+        o[12..16].copy_from_slice(&pkt[16..20]);
+        o[16..20].copy_from_slice(&pkt[12..16]);
+        set_ipv4_header(&mut o[..20]);
+        (12..16, 16..20)
+    };
+    let tcp = hl;
+    o[tcp..tcp + 2].copy_from_slice(&p.dport.to_be_bytes());
+    o[tcp + 2..tcp + 4].copy_from_slice(&p.sport.to_be_bytes());
+    o[tcp + 4..tcp + 8].copy_from_slice(&rseq.to_be_bytes());
+    o[tcp + 8..tcp + 12].copy_from_slice(&rack.to_be_bytes());
+    o[tcp + 12] = 5 << 4;
+    o[tcp + 13] = rflags;
+    let ph = pseudo_header(&o[src], &o[dst], TCP, 20);
+    let c = !fold(sum(ph, &o[tcp..]));
+    o[tcp + 16..tcp + 18].copy_from_slice(&c.to_be_bytes());
+    Some(len)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::datapath::nat::NatTable;
+    use crate::offload::tso::complete_checksum;
+    use crate::services::model::{EndpointView, ServicePortView, SlicePortView};
+    use crate::services::ServiceTable;
+    use crate::services::{ServiceView, SliceView};
+    use std::sync::Arc;
+
+    /// A TCP (`proto` 6, 20-byte header) or UDP packet with `payload`, valid checksums.
+    pub(crate) fn packet(
+        proto: u8,
+        src: SocketAddr,
+        dst: SocketAddr,
+        flags: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let th = if proto == TCP { 20 } else { 8 };
+        let l4_len = th + payload.len();
+        let mut p = match (src.ip(), dst.ip()) {
+            (IpAddr::V4(s), IpAddr::V4(d)) => {
+                let mut p = vec![0x45, 0, 0, 0, 0, 0, 0x40, 0, 64, proto, 0, 0];
+                p.extend_from_slice(&s.octets());
+                p.extend_from_slice(&d.octets());
+                let n = (20 + l4_len) as u16;
+                p[2..4].copy_from_slice(&n.to_be_bytes());
+                set_ipv4_header(&mut p);
+                p
+            }
+            (IpAddr::V6(s), IpAddr::V6(d)) => {
+                let mut p = vec![0x60, 0, 0, 0, 0, 0, proto, 64];
+                p[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+                p.extend_from_slice(&s.octets());
+                p.extend_from_slice(&d.octets());
+                p
+            }
+            _ => panic!("mixed families"),
+        };
+        let l4 = p.len();
+        p.extend_from_slice(&src.port().to_be_bytes());
+        p.extend_from_slice(&dst.port().to_be_bytes());
+        if proto == TCP {
+            p.extend_from_slice(&[
+                0,
+                0,
+                0x10,
+                0,
+                0,
+                0,
+                0,
+                0,
+                5 << 4,
+                flags,
+                0xff,
+                0xff,
+                0,
+                0,
+                0,
+                0,
+            ]);
+            p[l4 + 4..l4 + 8].copy_from_slice(&1000u32.to_be_bytes());
+        } else {
+            p.extend_from_slice(&(l4_len as u16).to_be_bytes());
+            p.extend_from_slice(&[0, 0]);
+        }
+        p.extend_from_slice(payload);
+        let at = l4 + if proto == TCP { 16 } else { 6 };
+        let c = !fold(l4_sum(&p, l4));
+        p[at..at + 2].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    fn l4_sum(p: &[u8], l4: usize) -> u64 {
+        let (s, d) = if p[0] >> 4 == 4 {
+            (&p[12..16], &p[16..20])
+        } else {
+            (&p[8..24], &p[24..40])
+        };
+        let proto = if p[0] >> 4 == 4 { p[9] } else { p[6] };
+        sum(pseudo_header(s, d, proto, (p.len() - l4) as u32), &p[l4..])
+    }
+
+    /// Whether the IPv4 header (if any) and the TCP/UDP checksum are right.
+    pub(crate) fn checksums_valid(p: &[u8]) -> bool {
+        let l4 = if p[0] >> 4 == 4 {
+            (p[0] & 0xf) as usize * 4
+        } else {
+            40
+        };
+        let ip_ok = p[0] >> 4 == 6 || fold(sum(0, &p[..l4])) == 0xffff;
+        ip_ok && fold(l4_sum(p, l4)) == 0xffff
+    }
+
+    fn sa(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// A table with `web` (TCP 80 and UDP 53 on a dual-stack ClusterIP) backed by the given
+    /// endpoints on 8080/5353, and `empty` without any.
+    pub(crate) fn services(backends: &[&str]) -> ServiceNat {
+        let svc = |name: &str, ips: &[&str]| ServiceView {
+            namespace: "shop".into(),
+            name: name.into(),
+            cluster_ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            ports: vec![
+                ServicePortView {
+                    name: "http".into(),
+                    proto: TCP,
+                    port: 80,
+                },
+                ServicePortView {
+                    name: "dns".into(),
+                    proto: UDP,
+                    port: 53,
+                },
+            ],
+        };
+        let slice = SliceView {
+            namespace: "shop".into(),
+            service: "web".into(),
+            ports: vec![
+                SlicePortView {
+                    name: "http".into(),
+                    proto: TCP,
+                    port: 8080,
+                },
+                SlicePortView {
+                    name: "dns".into(),
+                    proto: UDP,
+                    port: 5353,
+                },
+            ],
+            endpoints: backends
+                .iter()
+                .map(|b| EndpointView {
+                    addresses: vec![b.parse().unwrap()],
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                })
+                .collect(),
+        };
+        ServiceNat {
+            table: Arc::new(ServiceTable::compile(
+                &[
+                    svc("web", &["10.96.0.10", "fd00:96::10"]),
+                    svc("empty", &["10.96.0.11", "fd00:96::11"]),
+                ],
+                &[slice],
+            )),
+            nat: Arc::new(NatTable::default()),
+        }
+    }
+
+    fn translate(s: &ServiceNat, pkt: &mut [u8]) -> Result<(), DropReason> {
+        let mut local = LocalTable::<()>::default();
+        local.services = Some(s.clone());
+        let snap = crate::wg::device::Snapshot::default();
+        let (counters, limiter) = (
+            super::super::stats::Counters::default(),
+            crate::wg::ratelimit::SourceLimiter::default(),
+        );
+        let ctx = Ctx {
+            snap: &snap,
+            local: &local,
+            counters: &counters,
+            limiter: &limiter,
+            pacer: &crate::datapath::HOST_ONLY_PACER,
+            now: std::time::Instant::now(),
+            vnet: false,
+        };
+        forward(&ctx, pkt)
+    }
+
+    fn back(s: &ServiceNat, pkt: &mut [u8]) {
+        let mut local = LocalTable::<()>::default();
+        local.services = Some(s.clone());
+        reverse(&local, pkt, false);
+    }
+
+    #[test]
+    fn tcp_and_udp_both_families_translated_and_back_with_valid_checksums() {
+        let s = services(&["10.244.2.5", "fd00:244:2::5"]);
+        for (proto, client, vip, backend) in [
+            (TCP, "10.244.1.5:40000", "10.96.0.10:80", "10.244.2.5:8080"),
+            (UDP, "10.244.1.5:40001", "10.96.0.10:53", "10.244.2.5:5353"),
+            (
+                TCP,
+                "[fd00:244:1::5]:40000",
+                "[fd00:96::10]:80",
+                "[fd00:244:2::5]:8080",
+            ),
+            (
+                UDP,
+                "[fd00:244:1::5]:40001",
+                "[fd00:96::10]:53",
+                "[fd00:244:2::5]:5353",
+            ),
+        ] {
+            let mut p = packet(proto, sa(client), sa(vip), TCP_SYN, b"hello");
+            translate(&s, &mut p).unwrap();
+            let q = parse(&p).unwrap();
+            assert_eq!(SocketAddr::new(q.dst, q.dport), sa(backend), "{vip}");
+            assert_eq!(SocketAddr::new(q.src, q.sport), sa(client));
+            assert!(checksums_valid(&p), "{vip} forward");
+            let mut r = packet(proto, sa(backend), sa(client), TCP_ACK, b"world!");
+            back(&s, &mut r);
+            let q = parse(&r).unwrap();
+            assert_eq!(SocketAddr::new(q.src, q.sport), sa(vip), "{vip} reply");
+            assert!(checksums_valid(&r), "{vip} reverse");
+        }
+        // A reply-looking packet of no translated flow is left alone.
+        let mut r = packet(TCP, sa("10.244.2.5:8080"), sa("10.244.1.5:1"), TCP_ACK, b"");
+        let before = r.clone();
+        back(&s, &mut r);
+        assert_eq!(r, before);
+        // Not a frontend: unchanged.
+        let mut p = packet(TCP, sa("10.244.1.5:1"), sa("10.96.0.10:81"), TCP_SYN, b"");
+        let before = p.clone();
+        translate(&s, &mut p).unwrap();
+        assert_eq!(p, before);
+    }
+
+    #[test]
+    fn partial_checksums_stay_partial_and_complete_right() {
+        for (client, vip, backend) in [
+            ("10.244.1.5:40000", "10.96.0.10:80", "10.244.2.5:8080"),
+            (
+                "[fd00:244:1::5]:40000",
+                "[fd00:96::10]:80",
+                "[fd00:244:2::5]:8080",
+            ),
+        ] {
+            let mut p = packet(TCP, sa(client), sa(vip), TCP_ACK, &[7u8; 300]);
+            let l4 = if p[0] >> 4 == 4 { 20 } else { 40 };
+            // What the kernel hands over with NEEDS_CSUM: the pseudo-header sum in the field.
+            let (s, d) = if l4 == 20 {
+                (12..16, 16..20)
+            } else {
+                (8..24, 24..40)
+            };
+            let ph = fold(pseudo_header(&p[s], &p[d], TCP, (p.len() - l4) as u32));
+            p[l4 + 16..l4 + 18].copy_from_slice(&ph.to_be_bytes());
+            let q = parse(&p).unwrap();
+            rewrite(&mut p, &q, true, sa(backend), true);
+            complete_checksum(&mut p, l4, 16).unwrap();
+            assert!(checksums_valid(&p), "{vip}");
+        }
+    }
+
+    #[test]
+    fn a_flow_keeps_its_backend_and_every_node_picks_the_same() {
+        let backends = ["10.244.1.7", "10.244.2.5", "10.244.3.5"];
+        let (one, two) = (services(&backends), services(&backends));
+        let mut seen = std::collections::BTreeSet::new();
+        for port in 40000..40064 {
+            let p = packet(
+                TCP,
+                sa(&format!("10.244.1.5:{port}")),
+                sa("10.96.0.10:80"),
+                TCP_SYN,
+                b"",
+            );
+            let (mut a, mut b) = (p.clone(), p.clone());
+            translate(&one, &mut a).unwrap();
+            translate(&two, &mut b).unwrap();
+            assert_eq!(a, b, "two nodes, one choice");
+            let mut again = p.clone();
+            again[20 + 13] = TCP_ACK;
+            translate(&one, &mut again).unwrap();
+            assert_eq!(&again[16..20], &a[16..20], "later packets keep the backend");
+            seen.insert(a[16..20].to_vec());
+        }
+        assert_eq!(seen.len(), 3, "64 flows spread over the three backends");
+    }
+
+    #[test]
+    fn no_endpoint_answers_tcp_with_a_reset_and_udp_with_port_unreachable() {
+        let s = services(&[]);
+        let mut out = [0u8; 2048];
+        for (client, vip) in [
+            ("10.244.1.5:40000", "10.96.0.10:80"),
+            ("[fd00:244:1::5]:40000", "[fd00:96::10]:80"),
+        ] {
+            let mut syn = packet(TCP, sa(client), sa(vip), TCP_SYN, b"");
+            assert_eq!(translate(&s, &mut syn), Err(DropReason::ServiceNoEndpoint));
+            let n = reject(&syn, &mut out).unwrap();
+            let rst = &out[..n];
+            assert!(checksums_valid(rst), "{vip}");
+            let q = parse(rst).unwrap();
+            assert_eq!(SocketAddr::new(q.src, q.sport), sa(vip), "from the Service");
+            assert_eq!(SocketAddr::new(q.dst, q.dport), sa(client));
+            let t = &rst[q.l4..];
+            assert_eq!(t[13], TCP_RST | TCP_ACK);
+            assert_eq!(
+                u32::from_be_bytes([t[8], t[9], t[10], t[11]]),
+                1001,
+                "acks the SYN"
+            );
+            let rst_in = packet(TCP, sa(client), sa(vip), TCP_RST, b"");
+            assert!(reject(&rst_in, &mut out).is_none(), "no reset for a reset");
+        }
+        let mut dgram = packet(UDP, sa("10.244.1.5:40001"), sa("10.96.0.11:53"), 0, b"q");
+        assert_eq!(
+            translate(&s, &mut dgram),
+            Err(DropReason::ServiceNoEndpoint)
+        );
+        let n = reject(&dgram, &mut out).unwrap();
+        assert_eq!((out[20], out[21]), (3, 3), "port unreachable");
+        assert_eq!(&out[12..16], &[10, 96, 0, 11], "from the ClusterIP");
+        assert_eq!(
+            &out[28..28 + dgram.len()],
+            &dgram[..],
+            "quotes the datagram"
+        );
+        assert_eq!(fold(sum(0, &out[20..n])), 0xffff);
+        let mut d6 = packet(
+            UDP,
+            sa("[fd00:244:1::5]:1"),
+            sa("[fd00:96::11]:53"),
+            0,
+            b"q",
+        );
+        assert!(translate(&s, &mut d6).is_err());
+        let n = reject(&d6, &mut out).unwrap();
+        assert_eq!((out[40], out[41]), (1, 4), "ICMPv6 port unreachable");
+        assert!(n > 48);
+    }
+}

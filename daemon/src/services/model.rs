@@ -1,0 +1,154 @@
+//! What the service table is compiled from: stripped views of Services and EndpointSlices
+//! (only the fields translation needs), read from the API objects by pure functions.
+
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use std::net::IpAddr;
+
+/// IP protocol numbers of the ports a Service can name.
+pub const TCP: u8 = 6;
+pub const UDP: u8 = 17;
+pub const SCTP: u8 = 132;
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// A Service, as far as translation goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceView {
+    pub namespace: String,
+    pub name: String,
+    /// `spec.clusterIPs` (one per family); empty for headless and ExternalName Services.
+    pub cluster_ips: Vec<IpAddr>,
+    pub ports: Vec<ServicePortView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePortView {
+    /// The port's name (empty when the Service has a single unnamed port); slices name their
+    /// ports the same way, with the target port already resolved to a number.
+    pub name: String,
+    pub proto: u8,
+    pub port: u16,
+}
+
+/// An EndpointSlice, as far as translation goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SliceView {
+    pub namespace: String,
+    /// The Service it belongs to (its `kubernetes.io/service-name` label).
+    pub service: String,
+    /// Every endpoint of a slice is of one family.
+    pub ports: Vec<SlicePortView>,
+    pub endpoints: Vec<EndpointView>,
+}
+
+/// A slice port: the Service port's name and the number its endpoints listen on (the
+/// EndpointSlice controller resolved `targetPort`, by number or by the pods' port names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePortView {
+    pub name: String,
+    pub proto: u8,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointView {
+    pub addresses: Vec<IpAddr>,
+    /// `conditions.ready` (unset means ready, as the API says).
+    pub ready: bool,
+    /// `conditions.serving` (unset: same as ready).
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// A protocol name as the API spells it (unset means TCP).
+pub fn protocol(p: Option<&str>) -> Option<u8> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(TCP),
+        "UDP" => Some(UDP),
+        "SCTP" => Some(SCTP),
+        _ => None,
+    }
+}
+
+impl ServiceView {
+    /// The view of a Service, or `None` when it has nothing to translate (no ClusterIP:
+    /// headless or ExternalName). Addresses that do not parse are left out.
+    pub fn from_k8s(s: &Service) -> Option<ServiceView> {
+        let spec = s.spec.as_ref()?;
+        if spec.type_.as_deref() == Some("ExternalName") {
+            return None;
+        }
+        let ips: Vec<&String> = match (&spec.cluster_ips, &spec.cluster_ip) {
+            (Some(v), _) if !v.is_empty() => v.iter().collect(),
+            (_, Some(one)) => vec![one],
+            _ => return None,
+        };
+        let cluster_ips: Vec<IpAddr> = ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+        if cluster_ips.is_empty() {
+            return None;
+        }
+        let ports = spec
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some(ServicePortView {
+                    name: p.name.clone().unwrap_or_default(),
+                    proto: protocol(p.protocol.as_deref())?,
+                    port: u16::try_from(p.port).ok().filter(|p| *p != 0)?,
+                })
+            })
+            .collect();
+        Some(ServiceView {
+            namespace: s.metadata.namespace.clone().unwrap_or_default(),
+            name: s.metadata.name.clone()?,
+            cluster_ips,
+            ports,
+        })
+    }
+}
+
+impl SliceView {
+    /// The view of an EndpointSlice, or `None` when it belongs to no Service or is of an
+    /// address type other than IPv4/IPv6 (FQDN slices are not translated).
+    pub fn from_k8s(s: &EndpointSlice) -> Option<SliceView> {
+        if !matches!(s.address_type.as_str(), "IPv4" | "IPv6") {
+            return None;
+        }
+        let service = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?.clone();
+        let ports = s
+            .ports
+            .iter()
+            .flatten()
+            .filter_map(|p| {
+                Some(SlicePortView {
+                    name: p.name.clone().unwrap_or_default(),
+                    proto: protocol(p.protocol.as_deref())?,
+                    port: u16::try_from(p.port?).ok().filter(|p| *p != 0)?,
+                })
+            })
+            .collect();
+        let endpoints = s
+            .endpoints
+            .iter()
+            .map(|e| {
+                let c = e.conditions.as_ref();
+                let ready = c.and_then(|c| c.ready).unwrap_or(true);
+                EndpointView {
+                    addresses: e.addresses.iter().filter_map(|a| a.parse().ok()).collect(),
+                    ready,
+                    serving: c.and_then(|c| c.serving).unwrap_or(ready),
+                    terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                }
+            })
+            .collect();
+        Some(SliceView {
+            namespace: s.metadata.namespace.clone().unwrap_or_default(),
+            service,
+            ports,
+            endpoints,
+        })
+    }
+}
