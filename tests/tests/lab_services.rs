@@ -292,4 +292,18 @@ fn cluster_ip_tcp_udp_v4_v6_both_nodes_refusal_policy_and_no_plaintext() {
     );
     lab.cmd_ok("delete", &["-f", deny.to_str().unwrap()]);
     both_backends_answer(&lab, &at(&vips[0], "80"), &["shop/web-1", "shop/web-2"]);
+
+    // The nodes themselves reach the IPv4 ClusterIP (KWIRE_SERVICE_CIDR routes it into the
+    // tun, where the loop translates it; no kube-proxy), TCP and UDP.
+    for node in ["n1", "n2"] {
+        for to in [at(&vips[0], "80"), at(&vips[0], "53/UDP")] {
+            let mut last = Json::Null;
+            let ok = try_wait_until(CONVERGE, || {
+                let (ok, r) = probe(&lab, node, &to);
+                last = r;
+                ok
+            });
+            assert!(ok, "{node} -> {to}: {last:?}");
+        }
+    }
 }

@@ -483,6 +483,9 @@ struct Agent {
     own_cidrs: Vec<IpNetwork>,
     /// `--cluster-cidr`.
     cluster: Vec<IpNetwork>,
+    /// `--service-cidr`: routed into the tun like the cluster ranges, so that the node's own
+    /// packets to a ClusterIP reach the loop's Service stage.
+    services: Vec<IpNetwork>,
     /// This host's addresses outside the tun (no podCIDR may contain one).
     host_addresses: Vec<IpAddr>,
     /// Tun MTU and the InternalIP it was derived from.
@@ -535,6 +538,7 @@ impl Agent {
             host: HostNetwork::new(&args.interface),
             own_cidrs: Vec::new(),
             cluster: args.cluster_cidr.clone(),
+            services: args.service_cidr.clone(),
             host_addresses,
             mtu: args.mtu.unwrap_or(DEFAULT_TUNNEL_MTU),
             mtu_from: None,
@@ -597,7 +601,7 @@ impl Agent {
             mtu: self.mtu,
             own: self.own_cidrs.clone(),
             peers: peer_cidrs,
-            cluster: self.cluster.clone(),
+            cluster: self.cluster.iter().chain(&self.services).copied().collect(),
         });
         for e in &errors {
             warn!(error = %e, interface = %self.host.ifname, "programming the tun's addresses or routes");

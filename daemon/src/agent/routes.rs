@@ -58,7 +58,8 @@ pub struct Desired {
     pub own: Vec<IpNetwork>,
     /// The accepted peers' pod CIDRs.
     pub peers: Vec<IpNetwork>,
-    /// The cluster's pod ranges (`--cluster-cidr`).
+    /// The cluster's ranges: pods (`--cluster-cidr`) and Services (`--service-cidr`). Each
+    /// gets an unreachable route, then a route into the tun.
     pub cluster: Vec<IpNetwork>,
 }
 

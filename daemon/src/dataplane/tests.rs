@@ -569,7 +569,7 @@ fn cluster_ip_translated_in_the_pipeline_and_policy_sees_the_backend() {
     use crate::datapath::conntrack::Conntrack;
     use crate::datapath::service::tests::{checksums_valid, packet, services};
     use crate::policy::{Namespace, Pod, Policy, PolicySet};
-    use local::{Filter, PodPort};
+    use local::Filter;
     use std::collections::BTreeMap;
     use std::sync::Arc;
     let pod = |name: &str, ip: &str| Pod {
@@ -582,16 +582,7 @@ fn cluster_ip_translated_in_the_pipeline_and_policy_sees_the_backend() {
         host_network: false,
     };
     let table = |deny_backend: bool| {
-        let ports = ["10.244.1.5", "10.244.1.6"]
-            .iter()
-            .enumerate()
-            .map(|(i, ip)| PodPort {
-                id: i as u64,
-                ips: vec![ip.parse().unwrap()],
-                io: (),
-            })
-            .collect();
-        let mut t = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+        let mut t = pod_table("10.244.1.1", &["10.244.1.5", "10.244.1.6"]);
         t.services = Some(services(&["10.244.1.6"]));
         if deny_backend {
             let np = serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
