@@ -45,7 +45,8 @@ test: deps-test build lint
 # rustfmt's default style and clippy with warnings as errors, on every crate and target; every
 # manifest in deploy/ against the API schemas of the oldest Kubernetes it supports (1.30, for
 # the admission policy) and the newest kubernetes-validate knows, unknown fields refused; no
-# cycle between a crate's top-level modules (scripts/module-graph.py CRATE_DIR prints the graph).
+# cycle between the modules of any level of any crate (scripts/module-graph.py CRATE_DIR prints
+# the top level's graph, --within MODULE a module's).
 lint:
 	$(CARGO) fmt --all --check
 	cd fuzz && $(CARGO) fmt --check
@@ -54,7 +55,7 @@ lint:
 	kubernetes-validate --quiet --strict -k 1.30.0 deploy/*.yaml
 	kubernetes-validate --quiet --strict deploy/*.yaml
 	python3 scripts/module-graph.py --self-test
-	python3 scripts/module-graph.py daemon
+	for c in daemon lab tests cni-shim proto fuzz; do python3 scripts/module-graph.py $$c --every || exit 1; done
 
 # Criterion micro-benchmarks (data path, policy engine).
 bench:

@@ -8,6 +8,8 @@
 #                                      # kubernetes-validate (PyPI, pinned: `make lint` checks deploy/)
 #
 # What it does, each step skipped when its result is already there:
+#   0. Checks rustc against the workspace's rust-version (Cargo.toml) and says what to do if it
+#      is missing or older; Rust itself comes from rustup.
 #   1. apt-get update (once, only if a package is missing) and install the missing packages of
 #      APT_PACKAGES below, waiting up to 300 s for another apt/dpkg to release its lock.
 #   2. cnitool -> /usr/local/bin/cnitool, built offline from Debian's *source* package
@@ -41,7 +43,7 @@ for arg in "$@"; do
   case "$arg" in
     --bench) want_bench=1 ;;
     --image) want_image=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "install-deps.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -69,6 +71,23 @@ run() {
 
 export DEBIAN_FRONTEND=noninteractive
 APT_OPTS=(-q -y -o "DPkg::Lock::Timeout=$APT_LOCK_TIMEOUT_S" -o Dpkg::Use-Pty=0)
+
+# ---- 0. Rust: the workspace's rust-version ----------------------------------------------------
+# Not installed here (rustup is per user); checked so that an old toolchain is named now rather
+# than by the first build.
+RUST_VERSION=$(sed -n 's/^rust-version[[:space:]]*=[[:space:]]*"\([0-9.]*\)".*/\1/p' \
+  "$(dirname "$0")/../Cargo.toml" | head -n 1)
+older() { [[ $(printf '%s\n%s\n' "$1" "$2" | sort -V | head -n 1) == "$1" && $1 != "$2" ]]; }
+if ! command -v rustc >/dev/null; then
+  say "rust: no rustc; kwire needs Rust >= ${RUST_VERSION:-?}: install it with rustup (https://rustup.rs)"
+else
+  have=$(rustc --version | awk '{print $2}')
+  if [[ -n $RUST_VERSION ]] && older "$have" "$RUST_VERSION"; then
+    say "rust: rustc $have is older than the workspace's rust-version $RUST_VERSION: run 'rustup update stable'"
+  else
+    say "rust: rustc $have (>= ${RUST_VERSION:-?})"
+  fi
+fi
 
 # ---- 1. apt packages -------------------------------------------------------------------------
 installed() { [[ $(dpkg-query -W -f='${db:Status-Abbrev}' "$1" 2>/dev/null) == ii* ]]; }

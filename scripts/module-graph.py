@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The module dependency graph of a Rust crate, derived from its sources; exits 1 on a cycle.
 
-    scripts/module-graph.py CRATE_DIR [--within MODULE] [--dot]
+    scripts/module-graph.py CRATE_DIR [--within MODULE | --every] [--dot]
     scripts/module-graph.py --self-test
 
 Reads the crate's module tree from src/lib.rs (or src/main.rs for a binary-only crate),
@@ -12,13 +12,16 @@ path that names a module of the crate counts as a dependency of the module it is
 string literals are ignored; test code counts (a cycle through tests is still a cycle).
 
 By default the graph is between the crate's top-level modules; `--within agent` draws it
-between the children of `agent` (for `crate::agent::x`, the node is `x`). The graph is printed
+between the children of `agent` (for `crate::agent::x`, the node is `x`); `--every` checks the
+crate's top level and the children of every module that has any, printing only cycles. The graph is printed
 one module per line (`a -> b, c`); every cycle is printed with the references that close it
 (file:line), and the exit status is 1 if there is one, 2 on a usage error. `--self-test` runs
 the script against small crates written to a temporary directory.
 """
 
 import argparse
+import contextlib
+import io
 import os
 import re
 import sys
@@ -304,8 +307,8 @@ def sccs(nodes, edges):
     return out
 
 
-def graph(crate_dir, within=()):
-    """(nodes, edges, evidence, root file) of `crate_dir`, at the level below `within`."""
+def crate(crate_dir):
+    """(root file, modules, references) of the crate in `crate_dir`."""
     src = os.path.join(crate_dir, "src")
     root = next(
         (os.path.join(src, f) for f in ("lib.rs", "main.rs") if os.path.exists(os.path.join(src, f))),
@@ -314,11 +317,18 @@ def graph(crate_dir, within=()):
     if root is None:
         raise LookupError(f"no src/lib.rs or src/main.rs in {crate_dir}")
     modules, files = load_tree(root)
+    return root, modules, list(references(modules, files))
+
+
+def graph(crate_dir, within=(), loaded=None):
+    """(nodes, edges, evidence, root file) of `crate_dir`, at the level below `within`.
+    `loaded`: what [`crate`] returned for it, to read the sources once for many graphs."""
+    root, modules, refs = loaded or crate(crate_dir)
     if within not in modules:
         raise LookupError(f"no module {'::'.join(within)!r} in {crate_dir}")
     nodes = set(modules[within].children)
     edges, evidence = {}, {}
-    for here, target, file, line in references(modules, files):
+    for here, target, file, line in refs:
         x, y = project(here, within), project(target, within)
         if x is None or y is None or x == y:
             continue
@@ -359,8 +369,40 @@ def self_test():
         assert nodes == {"x"} and edges == {}, (nodes, edges)
         nodes, edges, _, _ = graph(os.path.join(d, "acyclic"))
         assert edges == {"a": {"b"}}, edges
+        # --every: the top level's cycle is found; `b` has one child, so it is no level.
+        quiet = io.StringIO()
+        with contextlib.redirect_stderr(quiet):
+            assert every(os.path.join(d, "cycle")) == (1, 1)
+        assert "cycle: a <-> b" in quiet.getvalue(), quiet.getvalue()
+        assert every(os.path.join(d, "acyclic")) == (1, 0)
     print("module-graph: self-test passed")
     return 0
+
+
+def report_cycles(name, nodes, edges, evidence):
+    """Prints every cycle among `nodes` with the references that close it; how many."""
+    cycles = [c for c in sccs(nodes, edges) if len(c) > 1]
+    for c in cycles:
+        print(f"cycle: {' <-> '.join(c)}", file=sys.stderr)
+        for v in c:
+            for w in sorted(edges.get(v, ())):
+                if w in c:
+                    print(f"  {v} -> {w}  ({evidence[(v, w)]})", file=sys.stderr)
+    if cycles:
+        print(f"module-graph: {len(cycles)} cycle(s) in {name}", file=sys.stderr)
+    return len(cycles)
+
+
+def every(crate_dir, loaded=None):
+    """(levels checked, cycles found) over the children of every module with two or more."""
+    loaded = loaded or crate(crate_dir)
+    modules = loaded[1]
+    levels = [m for m in sorted(modules) if len(modules[m].children) > 1]
+    found = 0
+    for m in levels:
+        nodes, edges, evidence, _ = graph(crate_dir, m, loaded)
+        found += report_cycles("::".join(("crate",) + m), nodes, edges, evidence)
+    return len(levels), found
 
 
 def main():
@@ -369,11 +411,17 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("crate_dir", help="directory with Cargo.toml and src/")
     ap.add_argument("--within", default="", help="draw the children of this module (a::b)")
+    ap.add_argument("--every", action="store_true", help="check every level; print cycles only")
     ap.add_argument("--dot", action="store_true", help="print Graphviz DOT instead of text")
     a = ap.parse_args()
     within = tuple(p for p in a.within.split("::") if p)
     try:
-        nodes, edges, evidence, root = graph(a.crate_dir, within)
+        loaded = crate(a.crate_dir)
+        if a.every:
+            levels, found = every(a.crate_dir, loaded)
+            print(f"{a.crate_dir}: {levels} levels, {found} cycle(s)")
+            return 1 if found else 0
+        nodes, edges, evidence, root = graph(a.crate_dir, within, loaded)
     except LookupError as e:
         print(f"module-graph: {e}", file=sys.stderr)
         return 2
@@ -389,17 +437,7 @@ def main():
         print(f"{name} ({os.path.relpath(root)}): {len(nodes)} modules")
         for v in sorted(nodes):
             print(f"  {v} -> {', '.join(sorted(edges.get(v, ()))) or '(none)'}")
-    cycles = [c for c in sccs(nodes, edges) if len(c) > 1]
-    for c in cycles:
-        print(f"cycle: {' <-> '.join(c)}", file=sys.stderr)
-        for v in c:
-            for w in sorted(edges.get(v, ())):
-                if w in c:
-                    print(f"  {v} -> {w}  ({evidence[(v, w)]})", file=sys.stderr)
-    if cycles:
-        print(f"module-graph: {len(cycles)} cycle(s) in {name}", file=sys.stderr)
-        return 1
-    return 0
+    return 1 if report_cycles(name, nodes, edges, evidence) else 0
 
 
 if __name__ == "__main__":

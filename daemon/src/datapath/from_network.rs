@@ -157,6 +157,7 @@ fn range_in(base: usize, part: &[u8]) -> Range<usize> {
 impl<T> Message<'_, '_, T> {
     /// The next action, or `None` when every datagram of the message is decided. (Not an
     /// `Iterator`: each action borrows the receive buffer until the next call.)
+    #[inline(always)]
     pub fn next_action(&mut self) -> Option<RxAction<'_>> {
         let step = self.step()?;
         Some(match step {
@@ -178,6 +179,7 @@ impl<T> Message<'_, '_, T> {
         })
     }
 
+    #[inline(always)]
     fn step(&mut self) -> Option<Step> {
         if let Some(slot) = self.queued {
             match self.queued_packet(slot) {
@@ -220,6 +222,7 @@ impl<T> Message<'_, '_, T> {
     }
 
     /// A data message for the held session.
+    #[inline(always)]
     fn data(&mut self, d: &[u8]) -> Result<Step, DropReason> {
         // No UDP datagram is longer, but this function takes any bytes; the check also keeps
         // boringtun, which panics when the ciphertext exceeds the output buffer, safe.
@@ -265,6 +268,7 @@ impl<T> Message<'_, '_, T> {
     /// we dropped): dropped, and if it comes from a peer's endpoint, answered with a handshake
     /// initiation to that peer (at most one per peer per `TRIGGER_INTERVAL`, within the
     /// device's pace). The peer switches to the new session on our keepalive that completes it.
+    #[inline(never)]
     fn unknown_session(&mut self) -> Step {
         let drop = Step::Drop(DropReason::UnknownSession);
         let Some(&slot) = self.snap.by_endpoint.get(&self.src) else {
@@ -301,6 +305,7 @@ impl<T> Message<'_, '_, T> {
     }
 
     /// A handshake message (initiation, response, cookie) or something that is not WireGuard.
+    #[inline(never)]
     fn handshake(&mut self, kind: u32, d: &[u8]) -> Step {
         let slot = match handshake::admit(self.ctx, kind, self.src, d, self.buf) {
             Admission::Peer(slot) => slot,
@@ -344,6 +349,7 @@ impl<T> Message<'_, '_, T> {
     }
 
     /// The next packet peer `slot`'s session queued during its handshake, encrypted.
+    #[inline(never)]
     fn queued_packet(&mut self, slot: u32) -> Option<Step> {
         let peer = &self.snap.peers[slot as usize];
         let mut st = peer.lock();

@@ -56,6 +56,8 @@ pub fn decide<'a, T>(
 /// (the sender learns at once instead of timing out); returns its length. To a pod it comes
 /// from the node's gateway; to the node itself from the destination (the kernel drops a
 /// packet from the outside carrying one of its own addresses).
+#[cold]
+#[inline(never)]
 fn no_peer_answer<T>(ctx: &Ctx<'_, T>, from: Port, frame: &[u8], out: &mut [u8]) -> Option<usize> {
     let off = ctx.offset();
     let pkt = frame.get(off..)?;
@@ -74,7 +76,7 @@ fn no_peer_answer<T>(ctx: &Ctx<'_, T>, from: Port, frame: &[u8], out: &mut [u8])
 }
 
 /// The stages every frame passes before it has a next hop.
-#[inline]
+#[inline(always)]
 fn next_hop<T>(ctx: &Ctx<'_, T>, from: Port, frame: &mut [u8]) -> Result<NextHop, DropReason> {
     let (src, dst) =
         addresses(frame.get(ctx.offset()..).unwrap_or_default()).ok_or(DropReason::Malformed)?;
@@ -100,6 +102,8 @@ fn next_hop<T>(ctx: &Ctx<'_, T>, from: Port, frame: &mut [u8]) -> Result<NextHop
 
 /// The answer to a flow for a Service without endpoints (a TCP reset, ICMP port unreachable
 /// for UDP), back to the port the frame came from.
+#[cold]
+#[inline(never)]
 fn reject<'a, T>(ctx: &Ctx<'_, T>, frame: &[u8], answer_buf: &'a mut [u8]) -> TxAction<'a> {
     let off = ctx.offset();
     let n = match answer_buf.get_mut(..off) {
@@ -122,7 +126,7 @@ fn reject<'a, T>(ctx: &Ctx<'_, T>, frame: &[u8], answer_buf: &'a mut [u8]) -> Tx
 
 /// The checks of a frame for a peer: it must fit the tunnel (else the sender learns the
 /// MTU), and the device must have a key.
-#[inline]
+#[inline(always)]
 fn to_peer<'a, T>(
     ctx: &Ctx<'_, T>,
     peer: u32,
@@ -147,6 +151,8 @@ fn to_peer<'a, T>(
 
 /// Writes the ICMP error for a too-big frame into `out` (from this node's gateway address),
 /// unless the packet may be fragmented or must not get one; returns its length.
+#[cold]
+#[inline(never)]
 fn too_big_answer<T>(ctx: &Ctx<'_, T>, frame: &[u8], out: &mut [u8]) -> Option<usize> {
     let off = ctx.offset();
     let pkt = &frame[off..];
@@ -168,9 +174,8 @@ fn too_big_answer<T>(ctx: &Ctx<'_, T>, frame: &[u8], out: &mut [u8]) -> Option<u
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::local::{LocalTable, PodPort};
     use crate::datapath::stats::Counters;
-    use crate::datapath::testing::udp4;
+    use crate::datapath::testing::{pod_table, udp4};
     use crate::wg::device::Snapshot;
     use crate::wg::ratelimit::SourceLimiter;
     use std::time::Instant;
@@ -180,14 +185,7 @@ mod tests {
     fn each_stage_decides_in_order() {
         let mut snap = Snapshot::default();
         snap.routes.insert("10.244.2.0/24".parse().unwrap(), 0);
-        let mut local = LocalTable::new(
-            vec![PodPort {
-                id: 1,
-                ips: vec!["10.244.1.5".parse().unwrap()],
-                io: (),
-            }],
-            vec!["10.244.1.1".parse().unwrap()],
-        );
+        let mut local = pod_table("10.244.1.1", &["10.244.1.5"]);
         local.mtu = Some(1420);
         let (counters, limiter) = (Counters::default(), SourceLimiter::default());
         let ctx = Ctx {

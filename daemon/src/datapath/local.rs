@@ -3,8 +3,9 @@
 //! batch. `T` is what the runtime keeps per pod (its tun); tests use `()`.
 
 use crate::datapath::conntrack::Conntrack;
-use crate::datapath::service::ServiceNat;
+use crate::datapath::nat::NatTable;
 use crate::policy::PolicySet;
+use crate::services::ServiceTable;
 use crate::wg::allowed_ips::IntMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -191,6 +192,21 @@ pub fn addresses(pkt: &[u8]) -> Option<(IpAddr, IpAddr)> {
             Some((IpAddr::from(s), IpAddr::from(d)))
         }
         _ => None,
+    }
+}
+
+/// The service snapshot (swapped whole) and the long-lived translation table.
+#[derive(Clone)]
+pub struct ServiceNat {
+    pub table: Arc<ServiceTable>,
+    pub nat: Arc<NatTable>,
+}
+
+impl std::fmt::Debug for ServiceNat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceNat")
+            .field("frontends", &self.table.frontends())
+            .finish_non_exhaustive()
     }
 }
 

@@ -140,6 +140,23 @@ pub static HOST_ONLY_PACER: Pacer = Pacer::new();
 
 #[cfg(test)]
 pub(crate) mod testing {
+    use super::local::{LocalTable, PodPort};
+
+    /// A node's local table: gateway `gateway`, one pod per address in `ips` (its slot and
+    /// id are its index).
+    pub(crate) fn pod_table(gateway: &str, ips: &[&str]) -> LocalTable<()> {
+        let ports = ips
+            .iter()
+            .enumerate()
+            .map(|(i, ip)| PodPort {
+                id: i as u64,
+                ips: vec![ip.parse().unwrap()],
+                io: (),
+            })
+            .collect();
+        LocalTable::new(ports, vec![gateway.parse().unwrap()])
+    }
+
     /// A minimal IPv4/UDP packet (ports 0, DF set, valid header checksum).
     pub(crate) fn udp4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
         let mut ip = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0];

@@ -22,7 +22,7 @@ pub enum NextHop {
 /// address of the cluster's ranges that no peer owns goes nowhere (a Node without a live
 /// peer: never the host's default route; see [`unreachable`]); what else neither owns goes to
 /// the host from a pod and nowhere from the host (it would loop back).
-#[inline]
+#[inline(always)]
 pub fn from_tun<T>(ctx: &Ctx<'_, T>, from: Port, dst: IpAddr) -> Result<NextHop, DropReason> {
     if let Some(pod) = ctx.local.pod_for_ip(dst) {
         return Ok(NextHop::Pod(pod));

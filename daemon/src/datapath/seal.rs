@@ -8,7 +8,7 @@ use super::route::max_packet;
 use super::stats::DropReason;
 use super::{Ctx, DATA_OVERHEAD, MIN_OUT};
 use crate::offload::gso::TxBatch;
-use crate::offload::tso::Segments;
+use crate::offload::tso::{whole_packet, Segments};
 use crate::wg::device::{Peer, PeerState};
 use boringtun::noise::{Tunn, TunnResult};
 use std::net::SocketAddr;
@@ -128,9 +128,9 @@ impl Sealer {
         let Some(p) = ctx.snap.peers.get(peer as usize) else {
             return Sealed::Drop(DropReason::NoPeer);
         };
-        if !ctx.vnet {
-            // The frame is one packet: nothing to cut, nothing to resume.
-            if !batch.has_room(room_for(frame.len()), 1) {
+        if let Some(pkt) = whole_packet(frame, ctx.vnet) {
+            // One packet: nothing to cut, nothing to resume.
+            if !batch.has_room(room_for(pkt.len()), 1) {
                 return Sealed::BatchFull;
             }
             let mut st = p.lock();
@@ -138,12 +138,27 @@ impl Sealer {
                 return no_endpoint(p);
             };
             let mut tally = Tally::default();
-            tally.encrypt(&mut st.tunn, frame, endpoint, batch);
+            tally.encrypt(&mut st.tunn, pkt, endpoint, batch);
             tally.note_initiation(p, &mut st);
             drop(st);
             tally.settle(p);
             return tally.done();
         }
+        self.seal_segments(ctx, p, peer, frame, batch)
+    }
+
+    /// [`Sealer::seal`] for a frame that needs cutting or a checksum: its packets one by one,
+    /// resumable after [`Sealed::BatchFull`]. Out of line, so that the one-packet path stays
+    /// small where it is inlined.
+    #[inline(never)]
+    fn seal_segments<T>(
+        &mut self,
+        ctx: &Ctx<'_, T>,
+        p: &Peer,
+        peer: u32,
+        frame: &mut [u8],
+        batch: &mut TxBatch,
+    ) -> Sealed {
         let mut at = match self.progress.take() {
             Some(at) if at.peer == peer => at,
             _ => Progress {

@@ -14,14 +14,16 @@
 use super::conntrack::Flow;
 use super::icmp::{self, IcmpError};
 use super::local::LocalTable;
-use super::nat::{Forward, NatTable};
+/// The service snapshot of a node's local table (defined there, so that the table does not
+/// depend on this stage).
+pub use super::local::ServiceNat;
+use super::nat::Forward;
 use super::stats::DropReason;
 use super::Ctx;
 use crate::offload::checksum::{fold, pseudo_header, set_ipv4_header, sum};
 use crate::offload::F_NEEDS_CSUM;
-use crate::services::{flow_hash, ServiceTable};
+use crate::services::flow_hash;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -29,21 +31,6 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
-
-/// The service snapshot (swapped whole) and the long-lived translation table.
-#[derive(Clone)]
-pub struct ServiceNat {
-    pub table: Arc<ServiceTable>,
-    pub nat: Arc<NatTable>,
-}
-
-impl std::fmt::Debug for ServiceNat {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ServiceNat")
-            .field("frontends", &self.table.frontends())
-            .finish_non_exhaustive()
-    }
-}
 
 /// The fields of a TCP or UDP packet that translation reads.
 #[derive(Debug, Clone, Copy)]
@@ -297,9 +284,12 @@ pub fn reject(pkt: &[u8], out: &mut [u8]) -> Option<usize> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::datapath::nat::NatTable;
     use crate::offload::tso::complete_checksum;
     use crate::services::model::{EndpointView, ServicePortView, SlicePortView};
+    use crate::services::ServiceTable;
     use crate::services::{ServiceView, SliceView};
+    use std::sync::Arc;
 
     /// A TCP (`proto` 6, 20-byte header) or UDP packet with `payload`, valid checksums.
     pub(crate) fn packet(

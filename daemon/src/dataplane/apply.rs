@@ -69,7 +69,7 @@ impl TxPath {
     }
 
     /// One frame read from `from`'s tun: decided, then delivered, encrypted or answered.
-    #[inline]
+    #[inline(always)]
     pub fn frame<T>(&mut self, ctx: &Ctx<'_, T>, from: Port, frame: &mut [u8], io: &mut impl Io) {
         let c = ctx.counters;
         match from_tun::decide(ctx, from, frame, &mut self.answer) {

@@ -5,11 +5,11 @@
 use super::apply::{greet_peers, Io, RxPath, TxPath};
 use crate::datapath::local::{self, LocalTable, Port};
 use crate::datapath::stats::{Counters, DropReason};
-use crate::datapath::testing::udp4;
+use crate::datapath::testing::{pod_table, udp4};
 use crate::datapath::Ctx;
 use crate::offload::gso::TxBatch;
-use crate::wg::device::{Device, NetworkControl, Snapshot, HANDSHAKE_RATE_LIMIT};
-use crate::wg::handshakes::{Pacer, INITIATION_BURST, TRIGGER_INTERVAL};
+use crate::wg::device::{Device, NetworkControl, Snapshot};
+use crate::wg::handshakes::{Pacer, HANDSHAKE_RATE_LIMIT, INITIATION_BURST, TRIGGER_INTERVAL};
 use crate::wg::key::PrivateKey;
 use crate::wg::ratelimit::SourceLimiter;
 use crate::wg::uapi::{parse_request, Request};
@@ -17,18 +17,6 @@ use boringtun::noise::{Tunn, TunnResult};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-/// Pods on this node, one address each, by slot.
-fn pod_ports(ips: &[&str]) -> Vec<local::PodPort<()>> {
-    ips.iter()
-        .enumerate()
-        .map(|(i, ip)| local::PodPort {
-            id: i as u64,
-            ips: vec![ip.parse().unwrap()],
-            io: (),
-        })
-        .collect()
-}
 
 /// The context of a node's receive side at `now`.
 fn rx_ctx<'a, T>(
@@ -110,6 +98,26 @@ fn device(own: &PrivateKey, peer: &PrivateKey, allowed: &str, endpoint: &str) ->
     d
 }
 
+/// A device with a key whose one peer owns 10.244.2.0/24 at 192.0.2.2:51820: the sending side
+/// of the tests that need no session.
+fn sender() -> Device {
+    device(
+        &PrivateKey::generate(),
+        &PrivateKey::generate(),
+        "10.244.2.0/24",
+        "192.0.2.2:51820",
+    )
+}
+
+/// The receiving side: a device whose one peer owns 10.99.0.1/32 at 192.0.2.1:51820, and
+/// that peer's end made by hand (session index `index`): (the peer's address, device, peer).
+fn responder(index: u32) -> (SocketAddr, Device, Tunn) {
+    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
+    let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+    let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
+    (a_addr, b, initiator(&ka, &kb, index))
+}
+
 /// A session for `own`'s side with `responder`, made by hand (the other end of the device).
 fn initiator(own: &PrivateKey, responder: &PrivateKey, index: u32) -> Tunn {
     Tunn::new(
@@ -132,6 +140,16 @@ fn receiver() -> (Counters, SourceLimiter, RxPath, Capture) {
     )
 }
 
+/// A handshake initiation from `a`; `force_resend`: a new one even while one is under way.
+fn initiation(a: &mut Tunn, force_resend: bool) -> Vec<u8> {
+    let mut buf = vec![0u8; 256];
+    let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, force_resend)
+    else {
+        panic!("no initiation")
+    };
+    init.to_vec()
+}
+
 /// Completes `a`'s handshake with the device behind `rx` (initiation in, response out, the
 /// initiator's keepalive in), as a peer at `a_addr`.
 fn handshake<T>(
@@ -141,11 +159,8 @@ fn handshake<T>(
     rx: &mut RxPath,
     io: &mut Capture,
 ) {
+    let init = initiation(a, false);
     let mut buf = vec![0u8; 2048];
-    let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, false) else {
-        panic!()
-    };
-    let init = init.to_vec();
     rx.message(ctx, a_addr, &init, None, io);
     rx.finish(ctx.counters, io);
     let resp = io.udp.iter().find(|(_, d)| d[0] == 2).unwrap().1.clone();
@@ -160,23 +175,14 @@ fn handshake<T>(
 /// cookie gets through. The source address decides the cookie, so it must be the real one.
 #[test]
 fn cookie_reply_under_load_then_handshake_completes() {
-    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
-    let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
-    let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
-    let mut a = initiator(&ka, &kb, 7);
-    let counters = Counters::default();
-    let limiter = SourceLimiter::default();
-    let mut rx = RxPath::new(false);
-    let mut io = Capture::default();
+    let (a_addr, b, mut a) = responder(7);
+    let (counters, limiter, mut rx, mut io) = receiver();
     let snap = b.snapshot();
     let mut buf = vec![0u8; 2048];
     let t0 = Instant::now();
     // Flood past the device's limit: every initiation counts, whatever happens to it.
     for _ in 0..HANDSHAKE_RATE_LIMIT + 5 {
-        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true) else {
-            panic!()
-        };
-        let init = init.to_vec();
+        let init = initiation(&mut a, true);
         rx.message(
             &Ctx::host_only(&snap, &counters, &limiter, t0, false),
             a_addr,
@@ -200,10 +206,7 @@ fn cookie_reply_under_load_then_handshake_completes() {
         a.decapsulate(Some(a_addr.ip()), &cookie, &mut buf),
         TunnResult::Done
     ));
-    let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true) else {
-        panic!()
-    };
-    let init = init.to_vec();
+    let init = initiation(&mut a, true);
     io.udp.clear();
     // A second later, so the per-source bucket has a token again.
     rx.message(
@@ -239,10 +242,7 @@ fn cookie_reply_under_load_then_handshake_completes() {
 /// A decrypted packet whose source is outside the peer's allowed IPs never reaches the tun.
 #[test]
 fn inner_source_must_be_in_allowed_ips() {
-    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
-    let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
-    let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
-    let mut a = initiator(&ka, &kb, 9);
+    let (a_addr, b, mut a) = responder(9);
     let (counters, limiter, mut rx, mut io) = receiver();
     let snap = b.snapshot();
     let mut buf = vec![0u8; 2048];
@@ -280,23 +280,9 @@ fn inner_source_must_be_in_allowed_ips() {
 /// Frames from pods: spoofed sources dropped; local pods, peers and the host reached.
 #[test]
 fn pod_frames_are_checked_and_routed() {
-    use local::PodPort;
-    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
-    let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+    let dev = sender();
     let snap = dev.snapshot();
-    let pods = vec![
-        PodPort {
-            id: 1,
-            ips: vec!["10.244.1.5".parse().unwrap()],
-            io: (),
-        },
-        PodPort {
-            id: 2,
-            ips: vec!["10.244.1.6".parse().unwrap()],
-            io: (),
-        },
-    ];
-    let local = LocalTable::new(pods, vec!["10.244.1.1".parse().unwrap()]);
+    let local = pod_table("10.244.1.1", &["10.244.1.5", "10.244.1.6"]);
     let counters = Counters::default();
     let mut tx = TxPath::new();
     let mut io = Capture::default();
@@ -355,19 +341,11 @@ fn pod_frames_are_checked_and_routed() {
 /// Decrypted packets reach local pods and the node's gateway; nothing else on a node.
 #[test]
 fn decrypted_packets_go_to_pods_or_the_gateway_only() {
-    use local::PodPort;
     let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
     let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
     let b = device(&kb, &ka, "10.244.1.0/24", "192.0.2.1:51820");
     let snap = b.snapshot();
-    let local = LocalTable::new(
-        vec![PodPort {
-            id: 9,
-            ips: vec!["10.244.2.5".parse().unwrap()],
-            io: (),
-        }],
-        vec!["10.244.2.1".parse().unwrap()],
-    );
+    let local = pod_table("10.244.2.1", &["10.244.2.5"]);
     let mut a = initiator(&ka, &kb, 3);
     let (counters, limiter, mut rx, mut io) = receiver();
     let mut buf = vec![0u8; 2048];
@@ -437,14 +415,12 @@ fn policy_admits_new_flows_once_and_lets_replies_back() {
         ],
         vec![crate::policy::Policy::from_k8s(&np).unwrap()],
     );
-    let ports = pod_ports(&["10.244.1.5", "10.244.1.6", "10.244.1.7"]);
-    let mut local = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+    let mut local = pod_table("10.244.1.1", &["10.244.1.5", "10.244.1.6", "10.244.1.7"]);
     local.filter = Some(Filter {
         policy: Arc::new(policy),
         conntrack: Arc::new(Conntrack::default()),
     });
-    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
-    let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+    let dev = sender();
     let snap = dev.snapshot();
     let counters = Counters::default();
     let mut tx = TxPath::new();
@@ -493,18 +469,9 @@ fn policy_admits_new_flows_once_and_lets_replies_back() {
 /// needed" to its sender, from the node's gateway address.
 #[test]
 fn too_big_for_the_tunnel_gets_an_icmp_error_back() {
-    use local::PodPort;
-    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
-    let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+    let dev = sender();
     let snap = dev.snapshot();
-    let mut local = LocalTable::new(
-        vec![PodPort {
-            id: 1,
-            ips: vec!["10.244.1.5".parse().unwrap()],
-            io: (),
-        }],
-        vec!["10.244.1.1".parse().unwrap()],
-    );
+    let mut local = pod_table("10.244.1.1", &["10.244.1.5"]);
     local.mtu = Some(1420);
     let (counters, mut tx, mut io) = (Counters::default(), TxPath::new(), Capture::default());
     let mut big = udp4([10, 244, 1, 5], [10, 244, 2, 9]);
@@ -557,8 +524,7 @@ fn established_flows_outlive_a_policy_change_new_flows_see_it() {
     };
     let table = |policies: Vec<Policy>, ct: &Arc<Conntrack>| {
         let set = PolicySet::compile(vec![Namespace::new("x", BTreeMap::new())], pods(), policies);
-        let ports = pod_ports(&["10.244.1.5", "10.244.1.6"]);
-        let mut t = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+        let mut t = pod_table("10.244.1.1", &["10.244.1.5", "10.244.1.6"]);
         t.filter = Some(Filter {
             policy: Arc::new(set),
             conntrack: ct.clone(),
@@ -571,8 +537,7 @@ fn established_flows_outlive_a_policy_change_new_flows_see_it() {
         "metadata": {"namespace": "x", "name": "closed"}, "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}});
     let np = |v: serde_json::Value| Policy::from_k8s(&serde_json::from_value(v).unwrap()).unwrap();
     let ct = Arc::new(Conntrack::default());
-    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
-    let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+    let dev = sender();
     let snap = dev.snapshot();
     let counters = Counters::default();
     let mut tx = TxPath::new();
@@ -617,8 +582,7 @@ fn cluster_ip_translated_in_the_pipeline_and_policy_sees_the_backend() {
         host_network: false,
     };
     let table = |deny_backend: bool| {
-        let ports = pod_ports(&["10.244.1.5", "10.244.1.6"]);
-        let mut t = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+        let mut t = pod_table("10.244.1.1", &["10.244.1.5", "10.244.1.6"]);
         t.services = Some(services(&["10.244.1.6"]));
         if deny_backend {
             let np = serde_json::json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -699,19 +663,13 @@ fn cluster_ip_translated_in_the_pipeline_and_policy_sees_the_backend() {
 #[test]
 fn handshakes_per_batch_are_capped() {
     use crate::datapath::from_network::MAX_HANDSHAKES_PER_BATCH;
-    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
-    let b = device(&kb, &ka, "10.99.0.1/32", "192.0.2.1:51820");
-    let mut a = initiator(&ka, &kb, 7);
+    let (_, b, mut a) = responder(7);
     let (counters, limiter, mut rx, mut io) = receiver();
     let snap = b.snapshot();
-    let mut buf = vec![0u8; 2048];
     let t0 = Instant::now();
     // Fresh initiations from distinct sources (no per-source limit, no replay).
     let mut send = |rx: &mut RxPath, io: &mut Capture, n: u8| {
-        let TunnResult::WriteToNetwork(init) = a.format_handshake_initiation(&mut buf, true) else {
-            panic!()
-        };
-        let init = init.to_vec();
+        let init = initiation(&mut a, true);
         let src = SocketAddr::new([192, 0, 2, n].into(), 51820);
         let ctx = Ctx::host_only(&snap, &counters, &limiter, t0, false);
         rx.message(&ctx, src, &init, None, io);
@@ -737,15 +695,9 @@ fn handshakes_per_batch_are_capped() {
 /// never to the host to route; the node's own gateway still gets its packets.
 #[test]
 fn cluster_addresses_without_a_peer_are_unreachable() {
-    let ports = vec![local::PodPort {
-        id: 0,
-        ips: vec!["10.244.1.5".parse().unwrap()],
-        io: (),
-    }];
-    let mut local = LocalTable::new(ports, vec!["10.244.1.1".parse().unwrap()]);
+    let mut local = pod_table("10.244.1.1", &["10.244.1.5"]);
     local.cluster = vec!["10.244.0.0/16".parse().unwrap()];
-    let (ka, kb) = (PrivateKey::generate(), PrivateKey::generate());
-    let dev = device(&ka, &kb, "10.244.2.0/24", "192.0.2.2:51820");
+    let dev = sender();
     let snap = dev.snapshot();
     let counters = Counters::default();
     let ctx = tx_ctx(&snap, &local, &counters);

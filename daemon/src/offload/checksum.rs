@@ -45,6 +45,7 @@ pub fn checksum(data: &[u8]) -> u16 {
 
 /// Sum of the pseudo-header for an L4 segment of `l4_len` bytes and protocol `proto`.
 /// `src` and `dst` are the 4 or 16 address bytes.
+#[inline]
 pub fn pseudo_header(src: &[u8], dst: &[u8], proto: u8, l4_len: u32) -> u64 {
     let mut acc = sum(0, src);
     acc = sum(acc, dst);
@@ -57,6 +58,7 @@ pub fn ipv4_header_valid(hdr: &[u8]) -> bool {
 }
 
 /// Recomputes the IPv4 header checksum in place.
+#[inline]
 pub fn set_ipv4_header(hdr: &mut [u8]) {
     hdr[10] = 0;
     hdr[11] = 0;

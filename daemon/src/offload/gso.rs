@@ -41,16 +41,19 @@ impl TxBatch {
     }
 
     /// Whether `n` more bytes (in at most `datagrams` new groups) fit.
+    #[inline]
     pub fn has_room(&self, n: usize, datagrams: usize) -> bool {
         self.used + n <= self.buf.len() && self.groups.len() + datagrams <= self.max_groups
     }
 
     /// Free space for the next datagram; pass what was written to [`TxBatch::commit`].
+    #[inline]
     pub fn slot(&mut self) -> &mut [u8] {
         &mut self.buf[self.used..]
     }
 
     /// Appends the `len` bytes just written at the start of [`TxBatch::slot`].
+    #[inline]
     pub fn commit(&mut self, len: usize, dst: SocketAddr) {
         debug_assert!(self.used + len <= self.buf.len());
         let start = self.used;

@@ -31,10 +31,31 @@ pub fn split_capped<F: FnMut(&[u8])>(
     mut emit: F,
 ) -> Result<(), OffloadError> {
     let mut s = Segments::new(frame, scratch, max_packet)?;
+    if let Shape::Tcp(t) = &s.shape {
+        // All at once: one loop over the cuts, no per-packet dispatch on the shape.
+        for i in 0..t.count {
+            emit(t.segment(s.pkt, s.scratch, i));
+        }
+        return Ok(());
+    }
     while let Some(p) = s.next_packet() {
         emit(p?);
     }
     Ok(())
+}
+
+/// The packet of a frame that is one complete packet as it stands: the whole frame when the
+/// tun has no virtio-net header, else what follows a header that asks for neither
+/// segmentation nor a checksum. `None`: the frame needs [`Segments`].
+#[inline]
+pub fn whole_packet(frame: &mut [u8], vnet: bool) -> Option<&mut [u8]> {
+    if !vnet {
+        return Some(frame);
+    }
+    let whole = frame.len() >= VNET_HDR_LEN
+        && frame[0] & F_NEEDS_CSUM == 0
+        && frame[1] & !GSO_ECN == GSO_NONE;
+    whole.then(|| &mut frame[VNET_HDR_LEN..])
 }
 
 /// The packets one tun frame carries, produced one at a time: a TSO segment becomes
@@ -96,17 +117,6 @@ impl<'f, 's> Segments<'f, 's> {
             shape,
             next: 0,
         })
-    }
-
-    /// A frame without virtio-net header: the frame is the one packet.
-    #[inline]
-    pub fn plain(frame: &'f mut [u8], scratch: &'s mut [u8]) -> Segments<'f, 's> {
-        Segments {
-            pkt: frame,
-            scratch,
-            shape: Shape::Single { csum: None },
-            next: 0,
-        }
     }
 
     /// How many packets the frame carries.
@@ -214,6 +224,7 @@ impl Tcp {
 
     /// Builds packet `i` in `scratch`: the headers, the `i`th MSS of payload, lengths,
     /// sequence number, flags and checksums fixed.
+    #[inline(always)]
     fn segment<'s>(&self, pkt: &[u8], scratch: &'s mut [u8], i: usize) -> &'s [u8] {
         let Tcp {
             v6,
@@ -424,6 +435,28 @@ pub(crate) mod tests {
         let mut got = None;
         split(&mut frame, &mut scratch, |q| got = Some(q.to_vec())).unwrap();
         assert_eq!(got.unwrap(), p);
+    }
+
+    /// Only a frame that is one finished packet skips the segment machinery.
+    #[test]
+    fn whole_packet_only_when_nothing_is_left_to_do() {
+        let p = tcp_packet(false, 1, 0x10, b"hello");
+        let mut plain = p.clone();
+        assert_eq!(whole_packet(&mut plain, false).as_deref(), Some(&p[..]));
+        let mut frame = as_gso_frame(&p, 1400);
+        assert_eq!(whole_packet(&mut frame, true), None, "a TSO segment");
+        frame[1] = GSO_NONE;
+        assert_eq!(whole_packet(&mut frame, true), None, "a partial checksum");
+        frame[0] = 0;
+        let rest = frame[VNET_HDR_LEN..].to_vec();
+        assert_eq!(whole_packet(&mut frame, true).as_deref(), Some(&rest[..]));
+        frame[1] = GSO_NONE | GSO_ECN;
+        assert_eq!(whole_packet(&mut frame, true).as_deref(), Some(&rest[..]));
+        assert_eq!(
+            whole_packet(&mut [0u8; 3], true),
+            None,
+            "shorter than the header"
+        );
     }
 
     #[test]

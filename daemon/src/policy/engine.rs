@@ -20,7 +20,6 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1 as corev1;
 use k8s_openapi::api::networking::v1 as netv1;
 
-use super::index::{PodKey, PolicyIndex, Scope};
 use super::ipmap::IpMap;
 use super::ipset::IpRangeSet;
 use super::model::{ContainerPort, ModelError, Namespace, ObjectRef, Pod};
@@ -271,10 +270,11 @@ impl std::fmt::Debug for PolicySet {
     }
 }
 
-impl Default for PolicySet {
-    fn default() -> Self {
-        PolicyIndex::new(Scope::All).snapshot()
-    }
+/// A pod's name, shared by the index's maps.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PodKey {
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 /// A k8s object that [`PolicySet::from_k8s`] skipped or read leniently.
@@ -291,27 +291,6 @@ impl PolicySet {
     /// the packet loop skips connection tracking altogether.
     pub fn has_policies(&self) -> bool {
         self.has_policies
-    }
-
-    /// Compiles a snapshot enforcing for every pod (as `kwire policy trace` needs). Never
-    /// fails: namespaces that pods or policies refer to but that are not given are assumed to
-    /// exist with only the `kubernetes.io/metadata.name` label; the first of two pods (in
-    /// namespace/name order) claiming one IP keeps it; of two objects with one name the last
-    /// one counts.
-    pub fn compile(namespaces: Vec<Namespace>, pods: Vec<Pod>, policies: Vec<Policy>) -> Self {
-        let mut index = PolicyIndex::new(Scope::All);
-        for ns in namespaces {
-            index.apply_namespace(ns);
-        }
-        for pod in pods {
-            index.apply_pod(pod);
-        }
-        let mut policies = policies;
-        policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        for policy in policies {
-            index.apply_policy(policy);
-        }
-        index.snapshot()
     }
 
     /// Converts k8s-openapi objects and compiles them. Invalid policy parts fail closed (match

@@ -28,8 +28,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::engine::{
-    compile_ports, CompiledRule, DirectionTable, IdSet, PodRecord, PodTable, PolicySet, RulePeers,
-    SelectorSets,
+    compile_ports, CompiledRule, DirectionTable, IdSet, PodKey, PodRecord, PodTable, PolicySet,
+    RulePeers, SelectorSets,
 };
 use super::ipmap::IpMap;
 use super::ipset::IpRangeSet;
@@ -48,13 +48,6 @@ pub enum Scope {
     /// The pods whose `spec.nodeName` is this node: the agent, whose packet loop asks only
     /// about its own pods.
     Node(String),
-}
-
-/// A pod's name, shared by the index's maps.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct PodKey {
-    pub namespace: Arc<str>,
-    pub name: Arc<str>,
 }
 
 /// What the index has done, for logs and for tests that prove work was (not) done.
@@ -1057,6 +1050,35 @@ impl PolicyIndex {
             policies: self.compiled.clone(),
             has_policies: self.policy_count > 0,
         }
+    }
+}
+
+impl Default for PolicySet {
+    fn default() -> Self {
+        PolicyIndex::new(Scope::All).snapshot()
+    }
+}
+
+impl PolicySet {
+    /// Compiles a snapshot enforcing for every pod (as `kwire policy trace` needs). Never
+    /// fails: namespaces that pods or policies refer to but that are not given are assumed to
+    /// exist with only the `kubernetes.io/metadata.name` label; the first of two pods (in
+    /// namespace/name order) claiming one IP keeps it; of two objects with one name the last
+    /// one counts.
+    pub fn compile(namespaces: Vec<Namespace>, pods: Vec<Pod>, policies: Vec<Policy>) -> Self {
+        let mut index = PolicyIndex::new(Scope::All);
+        for ns in namespaces {
+            index.apply_namespace(ns);
+        }
+        for pod in pods {
+            index.apply_pod(pod);
+        }
+        let mut policies = policies;
+        policies.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        for policy in policies {
+            index.apply_policy(policy);
+        }
+        index.snapshot()
     }
 }
 

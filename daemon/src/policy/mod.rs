@@ -44,9 +44,9 @@ mod spec;
 pub mod trace;
 
 pub use engine::{
-    DirectionExplanation, Explanation, FlowVerdict, InputError, PolicySet, RuleMatch,
+    DirectionExplanation, Explanation, FlowVerdict, InputError, PodKey, PolicySet, RuleMatch,
 };
-pub use index::{IndexStats, PodKey, PolicyIndex, Scope};
+pub use index::{IndexStats, PolicyIndex, Scope};
 pub use ipset::{Cidr, CidrError, IpRangeSet};
 pub use model::{ContainerPort, ModelError, Namespace, ObjectRef, Pod, NAMESPACE_NAME_LABEL};
 pub use selector::{LabelSelector, Requirement, SelectorError};

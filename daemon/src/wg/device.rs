@@ -2,7 +2,7 @@
 //! [`Snapshot`] the packet loop reads without waiting (rebuilt and swapped on every change).
 
 use crate::wg::allowed_ips::{AllowedIps, IntMap};
-use crate::wg::handshakes::{HandshakeStats, Initiations, Pacer};
+use crate::wg::handshakes::{HandshakeStats, Initiations, Pacer, HANDSHAKE_RATE_LIMIT};
 use crate::wg::key::{PresharedKey, PrivateKey};
 use crate::wg::ratelimit::SourceLimiter;
 use crate::wg::uapi::{DeviceInfo, Errno, PeerChange, PeerInfo, SetRequest, UapiError};
@@ -17,10 +17,6 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
-
-/// Handshake messages per second the device takes before it asks for cookies
-/// (boringtun's device uses the same figure).
-pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
 
 /// Largest session index boringtun accepts (it shifts the index left by 8 bits).
 const MAX_INDEX: u32 = (1 << 24) - 1;
@@ -60,6 +56,7 @@ impl std::fmt::Debug for Peer {
 }
 
 impl Peer {
+    #[inline]
     pub fn lock(&self) -> MutexGuard<'_, PeerState> {
         // A panic while holding the lock aborts the process (release profile), so poison
         // can only be seen in tests; the state is still usable.

@@ -17,12 +17,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// Handshake messages per second the device takes before it asks for cookies
+/// (boringtun's device uses the same figure).
+pub const HANDSHAKE_RATE_LIMIT: u64 = 100;
 /// Initiations per second the device starts on its own (greetings after a start, handshakes
 /// triggered by unknown sessions). Every answer counts against the device's handshake budget
-/// ([`super::device::HANDSHAKE_RATE_LIMIT`], 100 a second, after which boringtun answers
-/// handshakes with cookie replies); half of it leaves room for the peers' own initiations.
-/// 5,000 peers are greeted in 100 s; peers that send traffic trigger theirs first.
-pub const INITIATIONS_PER_SECOND: u64 = super::device::HANDSHAKE_RATE_LIMIT / 2;
+/// ([`HANDSHAKE_RATE_LIMIT`], 100 a second, after which boringtun answers handshakes with
+/// cookie replies); half of it leaves room for the peers' own initiations. 5,000 peers are
+/// greeted in 100 s; peers that send traffic trigger theirs first.
+pub const INITIATIONS_PER_SECOND: u64 = HANDSHAKE_RATE_LIMIT / 2;
 /// Initiations the device may start at once (a node with up to this many peers greets them
 /// all in its first tick).
 pub const INITIATION_BURST: u64 = 50;
