@@ -23,6 +23,8 @@ const CONVERGE: Duration = Duration::from_secs(60);
 /// The agent adds the firewall's counters to its metrics every 5 s.
 const COUNTERS: Duration = Duration::from_secs(20);
 /// The lab's cluster ranges (kwire-lab's naming: the stand-in allocates podCIDRs from them).
+/// The lab's cluster ranges and Service range, as deploy/kwire.yaml sets them.
+const CLUSTER_RANGES: [&str; 3] = ["10.244.0.0/16", "fd00:10:244::/56", "10.96.0.0/12"];
 const CLUSTER_FILTER: &str = "net 10.244.0.0/16 or net fd00:10:244::/56";
 const HOST_PORT: u16 = 18080;
 
@@ -497,7 +499,8 @@ fn nodes_deleted_and_added_again_leave_no_stale_route() {
             "{c}: {r}"
         );
     }
-    for c in ["10.244.0.0/16", "fd00:10:244::/56"] {
+    // The cluster ranges and the Service range (deploy/kwire.yaml's KWIRE_SERVICE_CIDR).
+    for c in CLUSTER_RANGES {
         let r = routes_for(&lab, c);
         assert!(r.contains("unreachable"), "{c}: {r}");
     }
@@ -506,7 +509,7 @@ fn nodes_deleted_and_added_again_leave_no_stale_route() {
         .array()
         .iter()
         .flat_map(|n| n["pod_cidrs"].strings())
-        .chain(["10.244.0.0/16".into(), "fd00:10:244::/56".into()])
+        .chain(CLUSTER_RANGES.iter().map(|c| c.to_string()))
         .collect();
     for fam in ["-4", "-6"] {
         let all = text(&lab.exec("n1", &["ip", fam, "route", "show", "proto", "107"]));
