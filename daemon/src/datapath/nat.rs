@@ -57,6 +57,9 @@ pub enum Forward {
     To(SocketAddr),
     /// The Service has no usable endpoint.
     NoEndpoint,
+    /// The table is full: the new flow is refused, never translated unrecorded (its replies
+    /// could not be translated back).
+    Full,
 }
 
 impl NatTable {
@@ -100,17 +103,18 @@ impl NatTable {
         let Some(to) = choose() else {
             return Forward::NoEndpoint;
         };
-        if self.flows.load(Ordering::Relaxed) < MAX_NAT_FLOWS {
-            m.insert(flow, Entry::Forward { to, last_seen: now });
-            m.insert(
-                reply_of(&flow, to),
-                Entry::Reverse {
-                    from: SocketAddr::new(flow.dst, flow.dport),
-                    last_seen: now,
-                },
-            );
-            self.flows.fetch_add(1, Ordering::Relaxed);
+        if self.flows.load(Ordering::Relaxed) >= MAX_NAT_FLOWS {
+            return Forward::Full;
         }
+        m.insert(flow, Entry::Forward { to, last_seen: now });
+        m.insert(
+            reply_of(&flow, to),
+            Entry::Reverse {
+                from: SocketAddr::new(flow.dst, flow.dport),
+                last_seen: now,
+            },
+        );
+        self.flows.fetch_add(1, Ordering::Relaxed);
         self.translations.fetch_add(1, Ordering::Relaxed);
         Forward::To(to)
     }

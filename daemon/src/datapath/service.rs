@@ -131,6 +131,7 @@ pub fn forward<T>(ctx: &Ctx<'_, T>, frame: &mut [u8]) -> Result<(), DropReason> 
             Ok(())
         }
         Forward::NoEndpoint => Err(DropReason::ServiceNoEndpoint),
+        Forward::Full => Err(DropReason::FlowLimit),
     }
 }
 

@@ -51,7 +51,8 @@ pub enum DropReason {
     ServiceNoEndpoint,
     /// Plaintext forwarded toward the tun from another interface (the host firewall's count).
     UnderlayPlaintext,
-    /// A new flow of a pod whose connection-table budget (or the whole table) is full.
+    /// A new flow of a pod whose connection-table budget (or the whole table) is full, or a
+    /// new flow to a Service while the Service translation table is full.
     FlowLimit,
 }
 
