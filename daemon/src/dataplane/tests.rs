@@ -18,6 +18,19 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// A pod on node n1 with one address and label `app`, as the policy engine reads it.
+fn model_pod(namespace: &str, name: &str, ip: &str, app: &str) -> crate::policy::Pod {
+    crate::policy::Pod {
+        namespace: namespace.into(),
+        name: name.into(),
+        labels: [("app".to_string(), app.to_string())].into(),
+        ips: vec![ip.parse().unwrap()],
+        container_ports: vec![],
+        node_name: "n1".into(),
+        host_network: false,
+    }
+}
+
 /// The context of a node's receive side at `now`.
 fn rx_ctx<'a, T>(
     snap: &'a Snapshot,
@@ -385,19 +398,11 @@ fn decrypted_packets_go_to_pods_or_the_gateway_only() {
 #[test]
 fn policy_admits_new_flows_once_and_lets_replies_back() {
     use crate::datapath::conntrack::Conntrack;
-    use crate::policy::{Namespace, Pod, PolicySet};
+    use crate::policy::{Namespace, PolicySet};
     use local::Filter;
     use std::collections::BTreeMap;
     use std::sync::Arc;
-    let pod = |name: &str, ip: &str, app: &str| Pod {
-        namespace: "x".into(),
-        name: name.into(),
-        labels: BTreeMap::from([("app".to_string(), app.to_string())]),
-        ips: vec![ip.parse().unwrap()],
-        container_ports: vec![],
-        node_name: "n1".into(),
-        host_network: false,
-    };
+    let pod = |name: &str, ip: &str, app: &str| model_pod("x", name, ip, app);
     let np: k8s_openapi::api::networking::v1::NetworkPolicy =
         serde_json::from_value(serde_json::json!({
             "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
@@ -503,7 +508,7 @@ fn too_big_for_the_tunnel_gets_an_icmp_error_back() {
 #[test]
 fn established_flows_outlive_a_policy_change_new_flows_see_it() {
     use crate::datapath::conntrack::Conntrack;
-    use crate::policy::{Namespace, Pod, Policy, PolicySet};
+    use crate::policy::{Namespace, Policy, PolicySet};
     use local::Filter;
     use std::collections::BTreeMap;
     use std::sync::Arc;
@@ -511,15 +516,7 @@ fn established_flows_outlive_a_policy_change_new_flows_see_it() {
         ["10.244.1.5", "10.244.1.6"]
             .iter()
             .enumerate()
-            .map(|(i, ip)| Pod {
-                namespace: "x".into(),
-                name: format!("p{i}"),
-                labels: BTreeMap::from([("app".to_string(), format!("p{i}"))]),
-                ips: vec![ip.parse().unwrap()],
-                container_ports: vec![],
-                node_name: "n1".into(),
-                host_network: false,
-            })
+            .map(|(i, ip)| model_pod("x", &format!("p{i}"), ip, &format!("p{i}")))
             .collect::<Vec<_>>()
     };
     let table = |policies: Vec<Policy>, ct: &Arc<Conntrack>| {
@@ -568,19 +565,11 @@ fn established_flows_outlive_a_policy_change_new_flows_see_it() {
 fn cluster_ip_translated_in_the_pipeline_and_policy_sees_the_backend() {
     use crate::datapath::conntrack::Conntrack;
     use crate::datapath::service::tests::{checksums_valid, packet, services};
-    use crate::policy::{Namespace, Pod, Policy, PolicySet};
+    use crate::policy::{Namespace, Policy, PolicySet};
     use local::Filter;
     use std::collections::BTreeMap;
     use std::sync::Arc;
-    let pod = |name: &str, ip: &str| Pod {
-        namespace: "shop".into(),
-        name: name.into(),
-        labels: BTreeMap::from([("app".to_string(), name.to_string())]),
-        ips: vec![ip.parse().unwrap()],
-        container_ports: vec![],
-        node_name: "n1".into(),
-        host_network: false,
-    };
+    let pod = |name: &str, ip: &str| model_pod("shop", name, ip, name);
     let table = |deny_backend: bool| {
         let mut t = pod_table("10.244.1.1", &["10.244.1.5", "10.244.1.6"]);
         t.services = Some(services(&["10.244.1.6"]));
