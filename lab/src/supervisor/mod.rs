@@ -102,6 +102,8 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
             lab.api_underlay.ip().to_string(),
             names.api_underlay_v6().to_string(),
         ],
+        // Pods reach the API through `default/kubernetes` at the agents' address of it.
+        advertise: Some(lab.api_underlay),
         ..ApiServerConfig::default()
     };
     let server = ApiServer::start(config).await?;
@@ -212,6 +214,9 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
                 if changed.is_ok() {
                     kubelet.reconcile(&sup.server, &sup.lab);
                     crate::pods::endpoints::reconcile(&sup.server);
+                    if let Err(e) = sup.server.reconcile_kubernetes_service() {
+                        tracing::warn!(error = %e, "cannot repair the default/kubernetes Service");
+                    }
                 }
             }
             _ = pod_tick.tick() => kubelet.reconcile(&sup.server, &sup.lab),
