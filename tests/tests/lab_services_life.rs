@@ -412,3 +412,135 @@ spec:
         "no-endpoint rejections on {n1}: {rejected}"
     );
 }
+
+/// `getent hosts NAME` in a pod (its resolver is the cluster DNS): the addresses, or None
+/// when the name does not resolve.
+fn getent(lab: &Lab, pod: &str, db: &str, name: &str) -> Option<Vec<String>> {
+    let o = lab.exec(pod, &["getent", db, name]);
+    o.status.success().then(|| {
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect()
+    })
+}
+
+#[test]
+fn cluster_dns_names_services_and_pods_and_follows_changes() {
+    let kwire = require_agent!();
+    require_tool("dnsmasq");
+    require_tool("socat");
+    let scratch = Scratch::new("lab-svc-dns");
+    let lab = Lab::up(
+        2,
+        &[
+            "--kwire",
+            kwire.to_str().unwrap(),
+            "--timeout",
+            UP_TIMEOUT_SECS,
+            "--dns",
+        ],
+    );
+    let l = lab.name().to_string();
+    let svc = |name: &str| {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  selector: {{app: web}}\n  ports: [{{name: http, port: 80, targetPort: http}}]\n"
+        )
+    };
+    apply(
+        &lab,
+        &scratch,
+        "shop.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: shop}}\n{}{}{}",
+            pod(&l, "client", "n1", "client"),
+            pod(&l, "web-1", "n2", "web"),
+            svc("web")
+        ),
+    );
+    let mut st = lab.status();
+    wait_until(CONVERGE, "pods, kube-dns and web's endpoint", || {
+        st = lab.status();
+        running(&st, &["client", "web-1"])
+            && service(&st, "shop", "web").is_some_and(|s| s["endpoints"].array().len() == 1)
+            && service(&st, "kube-system", "kube-dns")
+                .is_some_and(|s| s["endpoints"].array().len() == 1)
+    });
+    let kube_dns = service(&st, "kube-system", "kube-dns").unwrap();
+    assert_eq!(kube_dns["cluster_ips"].strings(), ["10.96.0.10"]);
+    let vip = service(&st, "shop", "web").unwrap()["cluster_ips"].strings()[0].clone();
+    let web_ip = st["pods"]
+        .array()
+        .iter()
+        .find(|p| p["name"].as_str() == Some("web-1"))
+        .map(|p| p["ips"].strings()[0].clone())
+        .unwrap();
+
+    // The Service by its full name and by the search path; the pod by its address record.
+    let client = "shop/client";
+    let mut last = None;
+    let ok = try_wait_until(CONVERGE, || {
+        last = getent(&lab, client, "hosts", "web.shop.svc.cluster.local");
+        last.as_deref() == Some(std::slice::from_ref(&vip))
+    });
+    assert!(ok, "web.shop.svc.cluster.local: {last:?}, want {vip}");
+    assert_eq!(
+        getent(&lab, client, "hosts", "web"),
+        Some(vec![vip.clone()])
+    );
+    let pod_name = format!("{}.shop.pod.cluster.local", web_ip.replace('.', "-"));
+    assert_eq!(
+        getent(&lab, client, "ahostsv4", &pod_name).map(|v| v[0].clone()),
+        Some(web_ip.clone()),
+        "{pod_name}"
+    );
+    assert_eq!(
+        getent(&lab, client, "hosts", "nope.shop.svc.cluster.local"),
+        None
+    );
+
+    // Connecting by name: through the ClusterIP to the pod on the other node.
+    for name in ["web.shop.svc.cluster.local", "web"] {
+        let o = lab.exec(
+            client,
+            &[
+                "socat",
+                "-T",
+                "5",
+                "-u",
+                &format!("TCP:{name}:80"),
+                "STDOUT",
+            ],
+        );
+        let answer = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success() && answer.contains("shop/web-1"),
+            "{name}:80: {}",
+            out_text(&o)
+        );
+    }
+
+    // Records follow the API: a new Service resolves, a deleted one stops resolving, and so
+    // does a deleted pod's address.
+    let late = apply(&lab, &scratch, "late.yaml", &svc("late"));
+    let mut late_ip = None;
+    wait_until(CONVERGE, "late.shop.svc.cluster.local resolves", || {
+        late_ip = getent(&lab, client, "hosts", "late.shop.svc.cluster.local");
+        late_ip.is_some()
+    });
+    st = lab.status();
+    assert_eq!(
+        late_ip.unwrap(),
+        service(&st, "shop", "late").unwrap()["cluster_ips"].strings()
+    );
+    lab.cmd_ok("delete", &["-f", late.to_str().unwrap()]);
+    wait_until(CONVERGE, "late.shop.svc.cluster.local gone", || {
+        getent(&lab, client, "hosts", "late.shop.svc.cluster.local").is_none()
+    });
+    let web1 = scratch.file("web-1.yaml");
+    std::fs::write(&web1, pod(&l, "web-1", "n2", "web")).unwrap();
+    lab.cmd_ok("delete", &["-f", web1.to_str().unwrap()]);
+    wait_until(CONVERGE, "the deleted pod's record gone", || {
+        getent(&lab, client, "ahostsv4", &pod_name).is_none()
+    });
+}

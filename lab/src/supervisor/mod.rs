@@ -113,6 +113,16 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
             .create(object)
             .map_err(|e| LabError::Usage(format!("applying deploy/'s {what}: {e}")))?;
     }
+    if lab.dns {
+        // Before any Service is created: kube-dns takes its fixed ClusterIP.
+        for object in crate::pods::dns::objects() {
+            let what = format!("{} {}", object["kind"], object["metadata"]["name"]);
+            server
+                .create(object)
+                .map_err(|e| LabError::Usage(format!("creating the cluster DNS {what}: {e}")))?;
+        }
+        crate::pods::dns::reconcile(&server, &paths.dir);
+    }
     let (pod, image) = match &lab.agent {
         AgentCommand::Kwire { bin, args } => {
             let mut pod = manifests::daemonset().map_err(LabError::Usage)?;
@@ -216,6 +226,9 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
                     crate::pods::endpoints::reconcile(&sup.server);
                     if let Err(e) = sup.server.reconcile_kubernetes_service() {
                         tracing::warn!(error = %e, "cannot repair the default/kubernetes Service");
+                    }
+                    if sup.lab.dns {
+                        crate::pods::dns::reconcile(&sup.server, &sup.paths.dir);
                     }
                 }
             }
