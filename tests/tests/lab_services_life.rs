@@ -44,16 +44,16 @@ fn out_text(o: &Output) -> String {
     )
 }
 
-fn up(kwire: &Path) -> Lab {
-    Lab::up(
-        2,
-        &[
-            "--kwire",
-            kwire.to_str().unwrap(),
-            "--timeout",
-            UP_TIMEOUT_SECS,
-        ],
-    )
+/// Two nodes with the real agents; `extra` arguments to `up`.
+fn up(kwire: &Path, extra: &[&str]) -> Lab {
+    let mut args = vec![
+        "--kwire",
+        kwire.to_str().unwrap(),
+        "--timeout",
+        UP_TIMEOUT_SECS,
+    ];
+    args.extend_from_slice(extra);
+    Lab::up(2, &args)
 }
 
 /// A pod of namespace `shop` on node `n1`/`n2` of lab `lab`, serving `http` on 8080.
@@ -153,7 +153,7 @@ fn agents_have(lab: &Lab, kwire: &Path, services: u64, backends: u64) {
 fn tcp_through_a_cluster_ip_survives_agent_restarts_on_both_ends() {
     let kwire = require_agent!();
     let scratch = Scratch::new("lab-svc-restart");
-    let lab = up(&kwire);
+    let lab = up(&kwire, &[]);
     let l = lab.name().to_string();
     let (n1, n2) = (format!("{l}-n1"), format!("{l}-n2"));
     let text = format!(
@@ -245,7 +245,7 @@ fn endpoints_zero_three_two_zero_and_default_kubernetes_from_every_pod() {
     let kwire = require_agent!();
     require_tool("curl");
     let scratch = Scratch::new("lab-svc-life");
-    let lab = up(&kwire);
+    let lab = up(&kwire, &[]);
     let l = lab.name().to_string();
     let n1 = format!("{l}-n1");
     apply(
@@ -431,16 +431,7 @@ fn cluster_dns_names_services_and_pods_and_follows_changes() {
     require_tool("dnsmasq");
     require_tool("socat");
     let scratch = Scratch::new("lab-svc-dns");
-    let lab = Lab::up(
-        2,
-        &[
-            "--kwire",
-            kwire.to_str().unwrap(),
-            "--timeout",
-            UP_TIMEOUT_SECS,
-            "--dns",
-        ],
-    );
+    let lab = up(&kwire, &["--dns"]);
     let l = lab.name().to_string();
     let svc = |name: &str| {
         format!(

@@ -314,16 +314,9 @@ impl PodContext {
 
     /// dnsmasq for the cluster DNS pod; ready once it listens on port 53 (UDP and TCP).
     fn start_dns(&self, netns: &str) -> Result<Child, String> {
-        let log_dir = self.paths.dir.join("pods");
         std::fs::create_dir_all(dns::records_dir(&self.paths.dir))
-            .and_then(|()| std::fs::create_dir_all(&log_dir))
-            .map_err(|e| format!("creating the DNS directories: {e}"))?;
-        let log_path = log_dir.join(format!("{netns}.log"));
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
+            .map_err(|e| format!("creating the DNS directory: {e}"))?;
+        let (log, log_path) = self.pod_log(netns)?;
         let mut child = dns::dnsmasq(netns, &self.paths.dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().map_err(|e| e.to_string())?)
@@ -355,7 +348,8 @@ impl PodContext {
         }
     }
 
-    fn start_server(&self, netns: &str, pod_name: &str, pod: &Value) -> Result<Child, String> {
+    /// The pod's log file (appended to), and its path.
+    fn pod_log(&self, netns: &str) -> Result<(std::fs::File, PathBuf), String> {
         let log_dir = self.paths.dir.join("pods");
         std::fs::create_dir_all(&log_dir)
             .map_err(|e| format!("creating {}: {e}", log_dir.display()))?;
@@ -365,6 +359,11 @@ impl PodContext {
             .append(true)
             .open(&log_path)
             .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
+        Ok((log, log_path))
+    }
+
+    fn start_server(&self, netns: &str, pod_name: &str, pod: &Value) -> Result<Child, String> {
+        let (log, log_path) = self.pod_log(netns)?;
         let ports = format_ports(&declared_ports(pod));
         let mut child = Command::new("ip")
             .args(["netns", "exec", netns])
