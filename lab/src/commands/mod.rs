@@ -458,6 +458,17 @@ pub fn down(name: &str, quiet_if_nothing: bool) -> Result<(), LabError> {
         }
     }
 
+    // Cluster DNS: the pods' /etc/netns/<netns> (resolv.conf), also those a crash left.
+    if let Ok(dir) = std::fs::read_dir("/etc/netns") {
+        for entry in dir.filter_map(Result::ok) {
+            if names.owns_netns(&entry.file_name().to_string_lossy())
+                && std::fs::remove_dir_all(entry.path()).is_ok()
+            {
+                did_something = true;
+            }
+        }
+    }
+
     if let Ok(dir) = std::fs::read_dir(WG_SOCKET_DIR) {
         for entry in dir.filter_map(Result::ok) {
             let file = entry.file_name();
