@@ -63,6 +63,9 @@ pub struct ServicesReport {
     pub services: u64,
     /// Frontends (protocol, ClusterIP, port).
     pub frontends: u64,
+    /// Backends summed over every frontend (one endpoint behind two ports counts twice).
+    #[serde(default)]
+    pub backends: u64,
     /// Frontends without a usable endpoint (their flows are refused).
     pub frontends_without_endpoints: u64,
     /// Translated flows the connection table remembers.
@@ -189,6 +192,7 @@ pub fn report(st: &NodeState) -> StatusReport {
             synced: table.is_some(),
             services: table.as_ref().map_or(0, |t| t.services() as u64),
             frontends: table.as_ref().map_or(0, |t| t.frontends() as u64),
+            backends: table.as_ref().map_or(0, |t| t.backends() as u64),
             frontends_without_endpoints: table.as_ref().map_or(0, |t| t.without_endpoints() as u64),
             flows: ctx.pods.nat.len() as u64,
             translations: ctx.pods.nat.translations.load(Ordering::Relaxed),

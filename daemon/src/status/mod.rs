@@ -205,8 +205,8 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
     let s = &r.services;
     if s.synced {
         o.push_str(&format!(
-            "  services: {} ({} frontends, {} without endpoints); {} flows translated, {} remembered\n",
-            s.services, s.frontends, s.frontends_without_endpoints, s.translations, s.flows
+            "  services: {} ({} frontends, {} backends, {} without endpoints); {} flows translated, {} remembered\n",
+            s.services, s.frontends, s.backends, s.frontends_without_endpoints, s.translations, s.flows
         ));
     } else {
         o.push_str("  services: no table yet (Service and EndpointSlice watches not listed)\n");
@@ -337,6 +337,7 @@ pub(crate) mod tests {
                 synced: true,
                 services: 2,
                 frontends: 3,
+                backends: 6,
                 frontends_without_endpoints: 1,
                 flows: 4,
                 translations: 5,
@@ -358,7 +359,7 @@ pub(crate) mod tests {
             "default/web  10.244.1.5",
             "drops: no_peer 4",
             "Nodes refused as peers: duplicate_key 1",
-            "services: 2 (3 frontends, 1 without endpoints); 5 flows translated, 4 remembered",
+            "services: 2 (3 frontends, 6 backends, 1 without endpoints); 5 flows translated, 4 remembered",
         ] {
             assert!(t.contains(want), "missing {want:?} in:\n{t}");
         }
