@@ -613,6 +613,8 @@ fn change(pk: PublicKey) -> PeerChange {
         persistent_keepalive: None,
         replace_allowed_ips: false,
         allowed_ips: Vec::new(),
+        next_public_key: None,
+        renamed_from: None,
     }
 }
 
