@@ -407,6 +407,8 @@ mod tests {
             name: format!("n{i}"),
             created: Some(created),
             public_key: (k > 0).then(|| key(k)),
+            next_public_key: None,
+            revoked_keys: None,
             endpoint: None,
             keepalive: None,
             pod_cidrs: vec![cidrs[c % cidrs.len()].to_string()],

@@ -450,11 +450,7 @@ type WantedPair = (Pair, Option<Arc<Identity>>);
 
 /// The pairs of keys peer `pk` (next key `next`) should have a `Tunn` for, each with our
 /// identity for it, and the target pair (ours current, its newest).
-fn wanted_pairs(
-    cfg: &Config,
-    pk: PublicKey,
-    next: Option<PublicKey>,
-) -> (Vec<WantedPair>, Pair) {
+fn wanted_pairs(cfg: &Config, pk: PublicKey, next: Option<PublicKey>) -> (Vec<WantedPair>, Pair) {
     let locals: Vec<(PublicKey, Option<Arc<Identity>>)> = match (&cfg.identity, &cfg.next_identity)
     {
         (None, None) => vec![(NO_KEY, None)],
