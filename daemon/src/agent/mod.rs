@@ -1118,8 +1118,10 @@ impl Agent {
             .peers
             .iter()
             .filter_map(|p| {
+                let (pair, rx) = *keys.get(&p.public_key)?;
                 Some(rotation::PeerSession {
-                    pair: *keys.get(&p.public_key)?,
+                    pair,
+                    rx,
                     handshake_age: p
                         .last_handshake
                         .map(|t| now.duration_since(t).unwrap_or_default()),

@@ -53,11 +53,12 @@ pub enum Progress {
     AbortUnpublished,
 }
 
-/// A peer's session as rotation sees it: the keys it sends with, the age of its last
-/// handshake (None: none yet).
+/// A peer's session as rotation sees it: the keys we send with, the keys its data last came
+/// with, the age of its last handshake (None: none yet).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerSession {
     pub pair: Pair,
+    pub rx: Option<Pair>,
     pub handshake_age: Option<Duration>,
 }
 
@@ -81,7 +82,7 @@ pub fn progress(
     let behind = peers
         .iter()
         .filter(|p| p.handshake_age.is_some_and(|a| a < PEER_UP_WITHIN))
-        .filter(|p| p.pair.local != next)
+        .filter(|p| p.pair.local != next || p.rx.is_none_or(|r| r.local != next))
         .count();
     match (behind, over) {
         (0, _) => Progress::PromoteAllMoved,
@@ -125,11 +126,13 @@ mod tests {
     }
 
     fn s(local: u8, age: Option<u64>) -> PeerSession {
+        let pair = Pair {
+            local: k(local),
+            remote: k(100),
+        };
         PeerSession {
-            pair: Pair {
-                local: k(local),
-                remote: k(100),
-            },
+            pair,
+            rx: Some(pair),
             handshake_age: age.map(Duration::from_secs),
         }
     }
@@ -151,6 +154,11 @@ mod tests {
             progress(k(2), true, g, g, &peers),
             Progress::PromoteGraceOver { behind: 1 }
         );
+        // We send with the next key, but the peer's data still comes with the old one: it
+        // has not moved (promoting would drop what it sends).
+        peers[0] = s(2, Some(0));
+        peers[0].rx = Some(s(1, None).pair);
+        assert_eq!(progress(k(2), true, t, g, &peers), Progress::Wait);
         peers[0] = s(2, Some(0));
         assert_eq!(
             progress(k(2), true, t, g, &peers),

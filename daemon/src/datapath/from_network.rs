@@ -240,7 +240,7 @@ impl<T> Message<'_, '_, T> {
                 // An authenticated keepalive.
                 h.rx_bytes += d.len() as u64;
                 roam(&mut h.st, self.src);
-                h.st.prefer(index);
+                h.st.received(index);
                 return Ok(Step::Done);
             }
             TunnResult::WriteToNetwork(p) => {
@@ -253,7 +253,7 @@ impl<T> Message<'_, '_, T> {
         };
         h.rx_bytes += d.len() as u64;
         roam(&mut h.st, self.src);
-        h.st.prefer(index);
+        h.st.received(index);
         // Cryptokey routing: boringtun does not check the inner source against allowed IPs.
         if self.snap.routes.lookup(inner_src) != Some(h.slot) {
             return Err(DropReason::NotAllowedIp);

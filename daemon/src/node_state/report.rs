@@ -190,14 +190,14 @@ pub fn report(st: &NodeState) -> StatusReport {
             handshakes_triggered: count(|q| &q.handshakes.triggered),
             up: peer_up(age, h.unreachable),
             unreachable: h.unreachable,
-            session_local_key: match sessions.get(&p.public_key).map(|s| Some(s.local)) {
+            session_local_key: match sessions.get(&p.public_key).map(|s| Some(s.0.local)) {
                 Some(k) if k == own => "current",
                 Some(k) if k == own_next => "next",
                 _ => "none",
             }
             .into(),
             session_peer_key: match sessions.get(&p.public_key) {
-                Some(s) if s.remote != p.public_key => "next",
+                Some(s) if s.0.remote != p.public_key => "next",
                 _ => "current",
             }
             .into(),

@@ -52,10 +52,13 @@ pub struct PeerState {
     pub index: u32,
     /// The peer's other `Tunn`s (other pairs of keys), during a rotation.
     pub standby: Vec<Standby>,
-    /// The pair our own initiations use: our current key, the peer's newest.
+    /// The pair our own initiations aim at: our newest key (the next one while we rotate),
+    /// the peer's newest.
     pub target: Pair,
     /// When the timers last initiated on `target` while it was not active.
     pub last_target_attempt: Option<Instant>,
+    /// The session index of the `Tunn` that last decrypted data from the peer.
+    pub rx_index: u32,
     pub endpoint: Option<SocketAddr>,
     /// Our initiations: awaited, greeted, last triggered.
     pub initiations: Initiations,
@@ -393,12 +396,16 @@ impl Device {
         self.publish(&cfg);
     }
 
-    /// Per peer, the keys of the session it sends on (ours, its), for status.
-    pub fn session_keys(&self) -> BTreeMap<PublicKey, Pair> {
+    /// Per peer, the keys of the session we send on and of the one the peer's data last
+    /// came on (ours, its), for status and rotation.
+    pub fn session_keys(&self) -> BTreeMap<PublicKey, (Pair, Option<Pair>)> {
         let cfg = self.lock();
         cfg.peers
             .iter()
-            .map(|(pk, e)| (*pk, e.peer.lock().pair))
+            .map(|(pk, e)| {
+                let st = e.peer.lock();
+                (*pk, (st.pair, st.rx_pair()))
+            })
             .collect()
     }
 }
@@ -449,7 +456,7 @@ fn sync_all(cfg: &mut Config) {
 type WantedPair = (Pair, Option<Arc<Identity>>);
 
 /// The pairs of keys peer `pk` (next key `next`) should have a `Tunn` for, each with our
-/// identity for it, and the target pair (ours current, its newest).
+/// identity for it, and the target pair (our newest key, its newest).
 fn wanted_pairs(cfg: &Config, pk: PublicKey, next: Option<PublicKey>) -> (Vec<WantedPair>, Pair) {
     let locals: Vec<(PublicKey, Option<Arc<Identity>>)> = match (&cfg.identity, &cfg.next_identity)
     {
@@ -474,8 +481,10 @@ fn wanted_pairs(cfg: &Config, pk: PublicKey, next: Option<PublicKey>) -> (Vec<Wa
             ));
         }
     }
+    // Both ends aim at the newest keys: the same pair seen from either side, so that their
+    // initiations agree instead of taking turns.
     let target = Pair {
-        local: locals[0].0,
+        local: locals[locals.len() - 1].0,
         remote: next.unwrap_or(pk),
     };
     (out, target)
@@ -622,6 +631,7 @@ fn make_peer(
             standby: Vec::new(),
             target: pair,
             last_target_attempt: None,
+            rx_index: 0,
             endpoint,
             initiations: Initiations::default(),
         })),

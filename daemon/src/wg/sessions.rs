@@ -8,11 +8,13 @@
 //! - The **active** `Tunn` ([`PeerState::tunn`]) is the one we encrypt with: the one whose
 //!   current session was established last. A handshake completed on another pair, or the
 //!   first data on a session the peer made with it, makes that pair active ([`PeerState::prefer`]).
-//! - The **target** pair is the one our own initiations use: our current key and the peer's
-//!   newest (its next key once it publishes one). The timer thread starts a handshake on it
-//!   when it has no session ([`PeerState::target_initiation`]), so a peer that rotates is
-//!   moved to without waiting for a rekey; until that handshake completes, traffic goes on
-//!   over the old pair.
+//! - The **target** pair is the one our own initiations aim at: our newest key (the next one
+//!   while we rotate) and the peer's newest (its next key once it publishes one): the same
+//!   pair seen from both ends. The timer thread starts a handshake on it while it is not the
+//!   active one ([`PeerState::target_initiation`]), so a rotation moves without waiting for
+//!   a rekey; until that handshake completes, traffic goes on over the old pair. Once the
+//!   target is active, no other pair takes over (an old session's rekey cannot pull the
+//!   traffic back).
 
 use boringtun::noise::Tunn;
 use kwire_proto::key::PublicKey;
@@ -90,6 +92,25 @@ impl super::device::PeerState {
         }
     }
 
+    /// `index`'s `Tunn` decrypted data from the peer: remembered (the peer sends with that
+    /// pair of keys), and it becomes the active one if its session is newer.
+    #[inline(always)]
+    pub fn received(&mut self, index: u32) {
+        self.rx_index = index;
+        self.prefer(index);
+    }
+
+    /// The keys of the `Tunn` that last decrypted data from the peer, if it is still there.
+    pub fn rx_pair(&self) -> Option<Pair> {
+        if self.rx_index == self.index {
+            return Some(self.pair);
+        }
+        self.standby
+            .iter()
+            .find(|s| s.index == self.rx_index)
+            .map(|s| s.pair)
+    }
+
     /// After `index`'s `Tunn` completed a handshake or took data: it becomes the active one
     /// if its current session is newer than the active one's. Cheap when it is active.
     #[inline(always)]
@@ -101,6 +122,9 @@ impl super::device::PeerState {
 
     #[inline(never)]
     fn prefer_standby(&mut self, index: u32) {
+        if self.pair == self.target {
+            return;
+        }
         let Some(at) = self.standby.iter().position(|s| s.index == index) else {
             return;
         };
@@ -123,8 +147,8 @@ impl super::device::PeerState {
         std::mem::swap(&mut self.index, &mut s.index);
     }
 
-    /// The pair our initiations use while it has no session and is not active: due at most
-    /// once per [`TARGET_RETRY`]. Returns the `Tunn` to initiate on.
+    /// The target pair while it is not the active one: an initiation due at most once per
+    /// [`TARGET_RETRY`]. Returns the `Tunn` to initiate on.
     pub fn target_initiation(&mut self, now: Instant) -> Option<&mut Tunn> {
         if self.target == self.pair {
             return None;
@@ -137,9 +161,6 @@ impl super::device::PeerState {
         }
         let target = self.target;
         let s = self.standby.iter_mut().find(|s| s.pair == target)?;
-        if s.tunn.time_since_last_handshake().is_some() {
-            return None;
-        }
         self.last_target_attempt = Some(now);
         Some(&mut s.tunn)
     }
