@@ -265,8 +265,9 @@ impl Device {
         if req.replace_peers {
             cfg.peers.clear();
         }
+        let mut used = None;
         for change in req.peers {
-            apply_peer(&mut cfg, change);
+            apply_peer(&mut cfg, change, &mut used);
         }
         self.publish(&cfg);
         Ok(())
@@ -338,8 +339,9 @@ impl Device {
     /// Applies peer changes only (no key, port or socket change).
     pub fn apply_peer_changes(&self, changes: Vec<PeerChange>) {
         let mut cfg = self.lock();
+        let mut used = None;
         for c in changes {
-            apply_peer(&mut cfg, c);
+            apply_peer(&mut cfg, c, &mut used);
         }
         self.publish(&cfg);
     }
@@ -433,19 +435,25 @@ fn set_private_key(cfg: &mut Config, key: Option<PrivateKey>) {
     sync_all(cfg);
 }
 
-/// Every session index in use on the device.
-fn used_indexes(cfg: &Config) -> IntMap<u32, u32> {
-    let mut used = IntMap::default();
-    for e in cfg.peers.values() {
-        for i in e.peer.lock().indexes() {
-            used.insert(i, 0);
+/// The session indexes in use on the device, gathered (every peer locked once) only when a
+/// `Tunn` is made, and once per configuration change: a change that makes none (an
+/// endpoint, allowed IPs) costs nothing per peer. Indexes freed meanwhile stay reserved.
+type Used = Option<IntMap<u32, u32>>;
+
+fn used_indexes<'a>(cfg: &Config, used: &'a mut Used) -> &'a mut IntMap<u32, u32> {
+    used.get_or_insert_with(|| {
+        let mut m = IntMap::default();
+        for e in cfg.peers.values() {
+            for i in e.peer.lock().indexes() {
+                m.insert(i, 0);
+            }
         }
-    }
-    used
+        m
+    })
 }
 
 fn sync_all(cfg: &mut Config) {
-    let mut used = used_indexes(cfg);
+    let mut used = None;
     let keys: Vec<PublicKey> = cfg.peers.keys().copied().collect();
     for pk in keys {
         sync_pairs(cfg, pk, &mut used);
@@ -492,23 +500,23 @@ fn wanted_pairs(cfg: &Config, pk: PublicKey, next: Option<PublicKey>) -> (Vec<Wa
 
 /// Gives peer `pk` a `Tunn` for every pair of keys in use (and none for a pair no longer
 /// in use), keeping the sessions of the pairs that stay. `used`: the session indexes in use.
-fn sync_pairs(cfg: &mut Config, pk: PublicKey, used: &mut IntMap<u32, u32>) {
+fn sync_pairs(cfg: &mut Config, pk: PublicKey, used: &mut Used) {
     let Some(e) = cfg.peers.get(&pk) else {
         return;
     };
     let (wanted, target) = wanted_pairs(cfg, pk, e.next_key);
     let peer = e.peer.clone();
+    let missing = {
+        let st = peer.lock();
+        wanted.iter().any(|(w, _)| !st.pairs().any(|p| p == *w))
+    };
+    if missing {
+        used_indexes(cfg, used);
+    }
     let mut st = peer.lock();
     let keep = |p: &Pair| wanted.iter().any(|(w, _)| w == p);
-    st.standby.retain(|s| {
-        let k = keep(&s.pair);
-        if !k {
-            used.remove(&s.index);
-        }
-        k
-    });
+    st.standby.retain(|s| keep(&s.pair));
     if !keep(&st.pair) {
-        used.remove(&st.index);
         // The standby with the newest session takes over, else the target's, else a new one.
         let best = (0..st.standby.len())
             .filter_map(|i| Some((st.standby[i].tunn.time_since_last_handshake()?, i)))
@@ -525,6 +533,7 @@ fn sync_pairs(cfg: &mut Config, pk: PublicKey, used: &mut IntMap<u32, u32>) {
                     .iter()
                     .find(|(w, _)| *w == target)
                     .and_then(|(_, id)| id.clone());
+                let used = used.as_mut().expect("gathered: the target is missing");
                 let (tunn, index) = new_tunn(&peer, target.remote, id.as_deref(), used);
                 st.tunn = tunn;
                 st.pair = target;
@@ -536,6 +545,7 @@ fn sync_pairs(cfg: &mut Config, pk: PublicKey, used: &mut IntMap<u32, u32>) {
         if st.pairs().any(|p| p == *pair) {
             continue;
         }
+        let used = used.as_mut().expect("gathered: a pair is missing");
         let (tunn, index) = new_tunn(&peer, pair.remote, id.as_deref(), used);
         st.standby.push(Standby {
             tunn,
@@ -590,7 +600,7 @@ fn rebuild_peer(
     };
     let psk = psk.unwrap_or_else(|| old.preshared_key.clone());
     let keepalive = keepalive.unwrap_or(old.persistent_keepalive);
-    let mut used = used_indexes(cfg);
+    let mut used = None;
     let peer = make_peer(cfg, pk, psk, keepalive, old.endpoint(), &mut used);
     peer.rx_bytes
         .store(old.rx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
@@ -610,7 +620,7 @@ fn make_peer(
     psk: Option<PresharedKey>,
     keepalive: u16,
     endpoint: Option<SocketAddr>,
-    used: &mut IntMap<u32, u32>,
+    used: &mut Used,
 ) -> Peer {
     // Without a private key a peer is kept in the configuration with a Tunn made from a
     // throw-away key: it can do nothing, and is rebuilt when a key arrives.
@@ -640,7 +650,7 @@ fn make_peer(
         tx_dropped: AtomicU64::new(0),
         handshakes: HandshakeStats::default(),
     };
-    let (tunn, index) = new_tunn(&peer, pk, id, used);
+    let (tunn, index) = new_tunn(&peer, pk, id, used_indexes(cfg, used));
     peer.index = index;
     {
         let mut st = peer.lock();
@@ -694,7 +704,7 @@ fn is_own(cfg: &Config, pk: PublicKey) -> bool {
         || cfg.next_key.as_ref().map(PrivateKey::public_key) == Some(pk)
 }
 
-fn apply_peer(cfg: &mut Config, c: PeerChange) {
+fn apply_peer(cfg: &mut Config, c: PeerChange, used: &mut Used) {
     let pk = c.public_key;
     if is_own(cfg, pk) {
         return; // our own key: ignored, as wireguard-go does
@@ -709,14 +719,13 @@ fn apply_peer(cfg: &mut Config, c: PeerChange) {
     if let Some(from) = c.renamed_from {
         rename_peer(cfg, from, pk);
     }
-    let mut used = used_indexes(cfg);
     if !cfg.peers.contains_key(&pk) {
         if c.update_only {
             return;
         }
         let psk = c.preshared_key.clone().flatten();
         let ka = c.persistent_keepalive.unwrap_or(0);
-        let peer = make_peer(cfg, pk, psk, ka, None, &mut used);
+        let peer = make_peer(cfg, pk, psk, ka, None, used);
         cfg.peers.insert(
             pk,
             PeerEntry {
@@ -736,7 +745,6 @@ fn apply_peer(cfg: &mut Config, c: PeerChange) {
             .is_some_and(|k| k != e.peer.persistent_keepalive);
         if psk_changed || ka_changed {
             rebuild_peer(cfg, pk, c.preshared_key.clone(), c.persistent_keepalive);
-            used = used_indexes(cfg);
         }
     }
     let own_next = c.next_public_key.flatten().filter(|k| is_own(cfg, *k));
@@ -764,7 +772,7 @@ fn apply_peer(cfg: &mut Config, c: PeerChange) {
             e.allowed_ips.push(*n);
         }
     }
-    sync_pairs(cfg, pk, &mut used);
+    sync_pairs(cfg, pk, used);
 }
 
 #[cfg(test)]
