@@ -5,6 +5,7 @@ use crate::wg::allowed_ips::{AllowedIps, IntMap};
 use crate::wg::handshakes::{HandshakeStats, Initiations, Pacer, HANDSHAKE_RATE_LIMIT};
 use crate::wg::key::{PresharedKey, PrivateKey};
 use crate::wg::ratelimit::SourceLimiter;
+pub use crate::wg::sessions::PeerState;
 use crate::wg::sessions::{Pair, Standby, MAX_PAIRS};
 use crate::wg::uapi::{DeviceInfo, Errno, PeerChange, PeerInfo, SetRequest, UapiError};
 use arc_swap::ArcSwap;
@@ -17,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Instant, SystemTime};
+use std::time::SystemTime;
 
 /// Largest session index boringtun accepts (it shifts the index left by 8 bits).
 const MAX_INDEX: u32 = (1 << 24) - 1;
@@ -38,30 +39,6 @@ pub struct Peer {
     pub tx_dropped: AtomicU64,
     /// The outcome of every handshake attempt with the peer.
     pub handshakes: HandshakeStats,
-}
-
-/// The mutable half of a peer: boringtun's `Tunn`s (their methods take `&mut self`) and the
-/// endpoint, which roams with authenticated packets. Locked once per batch, not per packet.
-/// While keys rotate a peer has a `Tunn` per pair of keys (see [`crate::wg::sessions`]).
-pub struct PeerState {
-    /// The active `Tunn`: what we encrypt with.
-    pub tunn: Tunn,
-    /// The keys of `tunn`.
-    pub pair: Pair,
-    /// `tunn`'s 24-bit session index.
-    pub index: u32,
-    /// The peer's other `Tunn`s (other pairs of keys), during a rotation.
-    pub standby: Vec<Standby>,
-    /// The pair our own initiations aim at: our newest key (the next one while we rotate),
-    /// the peer's newest.
-    pub target: Pair,
-    /// When the timers last initiated on `target` while it was not active.
-    pub last_target_attempt: Option<Instant>,
-    /// The session index of the `Tunn` that last decrypted data from the peer.
-    pub rx_index: u32,
-    pub endpoint: Option<SocketAddr>,
-    /// Our initiations: awaited, greeted, last triggered.
-    pub initiations: Initiations,
 }
 
 impl std::fmt::Debug for Peer {

@@ -16,8 +16,10 @@
 //!   target is active, no other pair takes over (an old session's rekey cannot pull the
 //!   traffic back).
 
+use crate::wg::handshakes::Initiations;
 use boringtun::noise::Tunn;
 use kwire_proto::key::PublicKey;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// Pairs of static keys a peer holds at most (our 2 keys times its 2 keys).
@@ -41,6 +43,30 @@ pub struct Standby {
     pub index: u32,
 }
 
+/// The mutable half of a peer: boringtun's `Tunn`s (their methods take `&mut self`) and the
+/// endpoint, which roams with authenticated packets. Locked once per batch, not per packet.
+/// While keys rotate a peer has a `Tunn` per pair of keys (see the module documentation).
+pub struct PeerState {
+    /// The active `Tunn`: what we encrypt with.
+    pub tunn: Tunn,
+    /// The keys of `tunn`.
+    pub pair: Pair,
+    /// `tunn`'s 24-bit session index.
+    pub index: u32,
+    /// The peer's other `Tunn`s (other pairs of keys), during a rotation.
+    pub standby: Vec<Standby>,
+    /// The pair our own initiations aim at: our newest key (the next one while we rotate),
+    /// the peer's newest.
+    pub target: Pair,
+    /// When the timers last initiated on `target` while it was not active.
+    pub last_target_attempt: Option<Instant>,
+    /// The session index of the `Tunn` that last decrypted data from the peer.
+    pub rx_index: u32,
+    pub endpoint: Option<SocketAddr>,
+    /// Our initiations: awaited, greeted, last triggered.
+    pub initiations: Initiations,
+}
+
 /// Which of a peer's `Tunn`s a handshake message is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
@@ -50,7 +76,7 @@ pub enum Via {
     Pair(Pair),
 }
 
-impl super::device::PeerState {
+impl PeerState {
     /// The session indexes of every `Tunn` of the peer, the active one first.
     pub fn indexes(&self) -> impl Iterator<Item = u32> + '_ {
         std::iter::once(self.index).chain(self.standby.iter().map(|s| s.index))
