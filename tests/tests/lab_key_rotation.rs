@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kwire_tests::lab::{BridgeCapture, Json, JsonExt, Lab};
+use kwire_tests::lab::{assert_only_wireguard, BridgeCapture, Json, JsonExt, Lab};
 use kwire_tests::wireguard::{kwire_bin, Impl, WgDevice};
 use kwire_tests::{require_agent, require_tool, run_host, run_in_netns, wait_until};
 use kwire_tests::{Netns, Scratch};
@@ -287,23 +287,25 @@ fn nodes(lab: &Lab) -> Vec<Node> {
         .collect()
 }
 
-/// `kwire status --json` of a node's agent.
-fn agent_status(n: &Node) -> Json {
-    let out = std::process::Command::new(kwire_bin())
-        .args(["status", "--json", "--run-dir"])
+/// `kwire ARGS... --run-dir RUN_DIR` against a node's agent.
+fn kwire_at(n: &Node, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(kwire_bin())
+        .args(args)
+        .arg("--run-dir")
         .arg(&n.run_dir)
         .output()
-        .expect("run kwire status");
+        .expect("run kwire")
+}
+
+/// `kwire status --json` of a node's agent.
+fn agent_status(n: &Node) -> Json {
+    let out = kwire_at(n, &["status", "--json"]);
     kwire_tests::lab::parse_json(&String::from_utf8_lossy(&out.stdout)).unwrap_or(Json::Null)
 }
 
 /// `kwire key COMMAND` against a node's agent; its output.
 fn key_command(n: &Node, command: &str) -> String {
-    let out = std::process::Command::new(kwire_bin())
-        .args(["key", command, "--run-dir"])
-        .arg(&n.run_dir)
-        .output()
-        .expect("run kwire key");
+    let out = kwire_at(n, &["key", command]);
     assert!(
         out.status.success(),
         "kwire key {command} on {}: {}",
@@ -493,26 +495,6 @@ fn old_keys(ns: &[&Node]) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Only WireGuard on the underlay (and ICMP port unreachable for it while an agent is down),
-/// no pod address, and no probe's plaintext.
-fn assert_only_wireguard(lines: &[String], pcap: &[u8]) {
-    let other: Vec<&String> = lines
-        .iter()
-        .filter(|l| !(l.contains(" UDP") && l.contains(".51820")))
-        .filter(|l| !(l.contains(": ICMP ") && l.contains(" udp port 51820 unreachable")))
-        .collect();
-    assert!(
-        other.is_empty(),
-        "besides WireGuard on the underlay: {other:#?}"
-    );
-    let pods: Vec<&String> = lines.iter().filter(|l| l.contains("10.244.")).collect();
-    assert!(pods.is_empty(), "pod addresses on the underlay: {pods:#?}");
-    assert!(
-        !pcap.windows(MARKER.len()).any(|w| w == MARKER),
-        "the probe's plaintext was captured on the underlay"
-    );
-}
-
 #[test]
 fn rotation_loses_nothing_resumes_after_sigkill_and_revocation_locks_the_old_key_out() {
     let kwire = require_agent!();
@@ -652,5 +634,5 @@ fn rotation_loses_nothing_resumes_after_sigkill_and_revocation_locks_the_old_key
     let lines = capture.stop();
     let pcap = std::fs::read(scratch.file("underlay.pcap")).expect("the capture file");
     // The thief's own attempts are WireGuard too.
-    assert_only_wireguard(&lines, &pcap);
+    assert_only_wireguard(&lines, &pcap, MARKER);
 }

@@ -6,7 +6,6 @@
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -61,23 +60,7 @@ enum Answer {
 
 /// Binds the socket (0600) in `run_dir` (0700), replacing a stale one.
 pub fn bind(run_dir: &Path) -> anyhow::Result<UnixListener> {
-    std::fs::create_dir_all(run_dir)
-        .with_context(|| format!("creating --run-dir {}", run_dir.display()))?;
-    std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("making --run-dir {} private (0700)", run_dir.display()))?;
-    let path = run_dir.join(KEY_SOCKET);
-    match std::fs::remove_file(&path) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e)
-                .with_context(|| format!("removing the stale key socket {}", path.display()))
-        }
-        _ => {}
-    }
-    let l = UnixListener::bind(&path)
-        .with_context(|| format!("binding the key socket {}", path.display()))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("making {} root-only (0600)", path.display()))?;
-    Ok(l)
+    crate::status::server::bind_root_only(run_dir, KEY_SOCKET, "key")
 }
 
 /// Takes commands until the task is aborted; each goes to `to` (the control loop).

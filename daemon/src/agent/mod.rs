@@ -1349,58 +1349,61 @@ impl Agent {
         reason: &'static str,
         note: String,
     ) {
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Node".into()),
-            name: Some(self.node_name.clone()),
-            ..ObjectReference::default()
+        let ty = if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
         };
-        let recorder = recorder.clone();
-        let node = self.node_name.clone();
-        tokio::spawn(async move {
-            let ev = K8sEvent {
-                type_: if warning {
-                    EventType::Warning
-                } else {
-                    EventType::Normal
-                },
-                reason: reason.into(),
-                note: Some(note),
-                action: "RotateKey".into(),
-                secondary: None,
-            };
-            if let Err(e) = recorder.publish(&ev, &reference).await {
-                debug!(node = %node, error = %e, "recording a Kubernetes Event failed");
-            }
-        });
+        node_event(recorder, &self.node_name, ty, reason, note, "RotateKey");
     }
 
     fn record_event(&self, recorder: &Arc<Recorder>, r: peers::Rejection) {
         if self.nodes.get(&r.node).is_none() {
             return;
         }
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Node".into()),
-            name: Some(r.node.clone()),
-            ..ObjectReference::default()
-        };
-        let recorder = recorder.clone();
-        tokio::spawn(async move {
-            let ev = K8sEvent {
-                type_: EventType::Warning,
-                reason: r.reason.event_reason().into(),
-                note: Some(format!(
-                    "kwire skips this Node as a WireGuard peer ({}): {}",
-                    r.reason.metric_label(),
-                    r.detail
-                )),
-                action: "SelectPeers".into(),
-                secondary: None,
-            };
-            if let Err(e) = recorder.publish(&ev, &reference).await {
-                debug!(node = %r.node, error = %e, "recording a Kubernetes Event failed");
-            }
-        });
+        let note = format!(
+            "kwire skips this Node as a WireGuard peer ({}): {}",
+            r.reason.metric_label(),
+            r.detail
+        );
+        node_event(
+            recorder,
+            &r.node,
+            EventType::Warning,
+            r.reason.event_reason(),
+            note,
+            "SelectPeers",
+        );
     }
+}
+
+/// Records an Event on Node `node` (in the background; a failure is logged at debug).
+fn node_event(
+    recorder: &Arc<Recorder>,
+    node: &str,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    action: &str,
+) {
+    let reference = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node.to_string()),
+        ..ObjectReference::default()
+    };
+    let recorder = recorder.clone();
+    let node = node.to_string();
+    let ev = K8sEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            debug!(node = %node, error = %e, "recording a Kubernetes Event failed");
+        }
+    });
 }
