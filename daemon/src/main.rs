@@ -36,6 +36,9 @@ enum Command {
     /// NetworkPolicy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Peers outside the cluster (the `Peer` resource): their side's configuration.
+    #[command(subcommand)]
+    Peer(kwire::peer_config::PeerCommand),
 }
 
 #[derive(Subcommand)]
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Command::InstallCni(a) => kwire::cni::install::run(&a),
         Command::Status(a) => kwire::status::run(&a),
         Command::Graph(a) => kwire::status::graph::run(&a),
+        Command::Peer(c) => kwire::peer_config::run(c),
         Command::Policy(PolicyCommand::Trace(a)) => {
             let r = kwire::policy::trace::run(&a, &mut std::io::stdout().lock());
             if let Err(e) = &r {

@@ -4,6 +4,7 @@
 //! keeps the last peer set in its state directory, and serves `/metrics`.
 
 pub mod cleanup;
+pub mod external;
 pub mod health;
 pub mod keyfile;
 pub mod objects;
@@ -408,10 +409,15 @@ async fn agent_main(
             args.listen_port
         )
     })?;
+    let reasons: Vec<&'static str> = RejectReason::ALL
+        .map(RejectReason::metric_label)
+        .into_iter()
+        .chain(external::PeerRejectReason::ALL.map(external::PeerRejectReason::metric_label))
+        .collect();
     let status = Arc::new(NodeState::new(
         tun.device.clone(),
         tun.counters.clone(),
-        &RejectReason::ALL.map(RejectReason::metric_label),
+        &reasons,
     ));
     let _ = status.node.set(NodeContext {
         name: args.node_name.clone(),
@@ -558,6 +564,8 @@ struct Agent {
     patched_at: Option<String>,
     /// Tells the pod side this node's pod CIDRs and MTU.
     cidrs_tx: tokio::sync::watch::Sender<(Vec<IpNetwork>, u32)>,
+    /// Peers outside the cluster (the `Peer` resource).
+    external: external::Peers,
 }
 
 /// What a reconcile asks the async side to do.
@@ -565,6 +573,9 @@ struct Agent {
 struct Outcome {
     new_rejections: Vec<peers::Rejection>,
     patch: Option<serde_json::Value>,
+    /// Status patches of Peers, and the Secrets their preshared keys are to be read from.
+    peer_patches: Vec<(String, serde_json::Value)>,
+    psk_wanted: Vec<String>,
 }
 
 impl Agent {
@@ -605,6 +616,7 @@ impl Agent {
             retry: false,
             patched_at: None,
             cidrs_tx: tokio::sync::watch::channel((Vec::new(), 0)).0,
+            external: external::Peers::default(),
         }
     }
 
@@ -646,6 +658,7 @@ impl Agent {
             .applied
             .values()
             .flat_map(|p| p.allowed_ips.iter().copied())
+            .chain(self.external.allowed_ips())
             .collect();
         self.status
             .pod_cidrs
@@ -670,7 +683,7 @@ impl Agent {
         let nodes_api: Api<Node> = Api::all(client.clone());
         let views: Api<NodeView> = Api::all(client.clone());
         let recorder = Arc::new(Recorder::new(
-            client,
+            client.clone(),
             Reporter {
                 controller: EVENT_CONTROLLER.into(),
                 instance: Some(self.node_name.clone()),
@@ -679,6 +692,14 @@ impl Agent {
         let stream =
             watcher::watcher(views, policy::watch_config()).backoff(WatchBackoff::default());
         let mut stream = std::pin::pin!(stream);
+        let peer_api = external::api_resource();
+        let peers_api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &peer_api);
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(client.clone(), external::PSK_NAMESPACE);
+        let peer_stream = watcher::watcher(peers_api.clone(), policy::watch_config())
+            .backoff(WatchBackoff::default());
+        let mut peer_stream = std::pin::pin!(peer_stream);
+        let mut last_peer_err_log: Option<Instant> = None;
         let mut tick = tokio::time::interval(RETRY_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_err_log: Option<Instant> = None;
@@ -705,9 +726,24 @@ impl Agent {
                     Some(w) => w,
                     None => return,
                 },
+                ev = peer_stream.next() => match ev {
+                    Some(Ok(ev)) => self.external.on_event(ev) && self.synced,
+                    Some(Err(e)) => {
+                        if last_peer_err_log.is_none_or(|t| t.elapsed() >= WATCH_ERROR_LOG_INTERVAL) {
+                            warn!(error = %e, "watching Peers (kwire.dev/v1alpha1) failed; retrying with backoff (is deploy/peer-crd.yaml applied?); Node peers are unaffected");
+                            last_peer_err_log = Some(Instant::now());
+                        }
+                        false
+                    }
+                    None => {
+                        error!("the Peer watch ended");
+                        return;
+                    }
+                },
                 _ = tick.tick() => {
                     self.save_state();
-                    self.synced && self.retry
+                    let psk_retry = self.external.retry_psks();
+                    self.synced && (self.retry || psk_retry)
                 }
                 _ = stop.changed() => {
                     self.state_saved_at = None;
@@ -731,6 +767,13 @@ impl Agent {
             let out = tokio::task::block_in_place(|| self.reconcile());
             for r in out.new_rejections {
                 self.record_event(&recorder, r);
+            }
+            self.write_peer_statuses(&peers_api, out.peer_patches).await;
+            if !out.psk_wanted.is_empty() {
+                self.read_psks(&secrets, out.psk_wanted).await;
+                let again = tokio::task::block_in_place(|| self.reconcile());
+                self.write_peer_statuses(&peers_api, again.peer_patches)
+                    .await;
             }
             if let Some(patch) = out.patch {
                 let pp = PatchParams::default();
@@ -952,6 +995,13 @@ impl Agent {
             }
         }
 
+        if self.external.pending() {
+            let ext = self.reconcile_external();
+            routes_changed |= ext.changed;
+            out.peer_patches = ext.patches;
+            out.psk_wanted = ext.psk_wanted;
+        }
+
         let host_changed = self.own_cidrs != cidrs_before || self.mtu != mtu_before;
         if routes_changed || host_changed || retrying {
             self.program_host();
@@ -962,6 +1012,114 @@ impl Agent {
             debug!("Node annotations to publish");
         }
         out
+    }
+
+    /// Selects the Peers against the Nodes as applied now and applies the device changes.
+    fn reconcile_external(&mut self) -> external::Outcome {
+        let mut ctx = external::Context {
+            cluster: self.cluster.iter().chain(&self.services).copied().collect(),
+            node_addresses: self.host_addresses.iter().copied().collect(),
+            node_keys: self.applied.values().map(|p| p.public_key).collect(),
+            psks: BTreeMap::new(),
+        };
+        ctx.node_keys.insert(self.own_key);
+        for n in self.nodes.names().filter_map(|n| self.nodes.get(n)) {
+            ctx.node_addresses.extend(n.addresses.iter().copied());
+            let ep = n
+                .endpoint
+                .as_deref()
+                .and_then(|e| e.parse::<SocketAddr>().ok());
+            ctx.node_addresses.extend(ep.map(|e| e.ip()));
+        }
+        ctx.node_addresses
+            .extend(self.applied.values().map(|p| p.endpoint.ip()));
+        let now = k8s_openapi::jiff::Timestamp::now()
+            .round(k8s_openapi::jiff::Unit::Second)
+            .map_or_else(|_| String::new(), |t| t.to_string());
+        let mut out = self.external.reconcile(ctx, &now);
+        for (name, reason, message) in &out.refused {
+            warn!(peer = %name, reason = reason.metric_label(), "Peer refused: {message}");
+            self.status.count_invalid(reason.metric_label());
+        }
+        if !out.changes.is_empty() {
+            for c in &out.changes {
+                info!(public_key = %c.public_key, removed = c.remove, allowed_ips = %nets(&c.allowed_ips), "external peer configured");
+            }
+            let req = SetRequest {
+                peers: std::mem::take(&mut out.changes),
+                ..SetRequest::default()
+            };
+            if let Err(e) = self.device.apply(req, &mut self.net.clone()) {
+                error!(error = %e, "applying Peer changes to the device");
+            }
+        }
+        if out.changed {
+            self.status
+                .external_peer_names
+                .store(Arc::new(self.external.names()));
+        }
+        out
+    }
+
+    /// Writes Peers' `Accepted` conditions (each agent writes the same; a failure waits for
+    /// the next change or the retry tick).
+    async fn write_peer_statuses(
+        &mut self,
+        api: &Api<kube::api::DynamicObject>,
+        patches: Vec<(String, serde_json::Value)>,
+    ) {
+        let pp = PatchParams::default();
+        for (name, patch) in patches {
+            let r = tokio::time::timeout(
+                API_WRITE_TIMEOUT,
+                api.patch_status(&name, &pp, &Patch::Merge(&patch)),
+            )
+            .await;
+            match r {
+                Ok(Ok(_)) => debug!(peer = %name, "wrote the Peer's Accepted condition"),
+                Ok(Err(e)) => {
+                    warn!(peer = %name, error = %e, "writing the Peer's Accepted condition failed; retrying");
+                    self.retry = true;
+                }
+                Err(_) => {
+                    warn!(peer = %name, "writing the Peer's Accepted condition timed out; retrying");
+                    self.retry = true;
+                }
+            }
+        }
+    }
+
+    /// Reads Peers' preshared keys from their Secrets (`get` by name in
+    /// [`external::PSK_NAMESPACE`]: all deploy/ grants). The key never reaches a log.
+    async fn read_psks(
+        &mut self,
+        api: &Api<k8s_openapi::api::core::v1::Secret>,
+        names: Vec<String>,
+    ) {
+        for name in names {
+            let key = match tokio::time::timeout(API_WRITE_TIMEOUT, api.get(&name)).await {
+                Ok(Ok(secret)) => {
+                    let data = secret
+                        .data
+                        .as_ref()
+                        .and_then(|d| d.get(external::PSK_DATA_KEY));
+                    let key = data.and_then(|b| external::psk_from_secret_data(&b.0));
+                    if key.is_none() {
+                        warn!(secret = %name, namespace = external::PSK_NAMESPACE, "the Secret holds no valid preshared key under {:?}", external::PSK_DATA_KEY);
+                    }
+                    key
+                }
+                Ok(Err(e)) => {
+                    warn!(secret = %name, namespace = external::PSK_NAMESPACE, error = %e, "reading a Peer's preshared key Secret failed; retrying");
+                    None
+                }
+                Err(_) => {
+                    warn!(secret = %name, "reading a Peer's preshared key Secret timed out; retrying");
+                    None
+                }
+            };
+            self.external.psk_read(&name, key);
+        }
     }
 
     /// Writes the state file if what it holds changed, at most every [`STATE_SAVE_INTERVAL`]

@@ -215,11 +215,27 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
     if !drops.is_empty() {
         o.push_str(&format!("  drops: {drops}\n"));
     }
-    let refused = nonzero(&r.invalid_peers);
+    let (external, nodes): (std::collections::BTreeMap<String, u64>, _) = r
+        .invalid_peers
+        .clone()
+        .into_iter()
+        .partition(|(k, _)| k.starts_with("peer_"));
+    let refused = nonzero(&nodes);
     if !refused.is_empty() {
         o.push_str(&format!("  Nodes refused as peers: {refused}\n"));
     }
-    for p in &r.peers {
+    let refused = nonzero(&external);
+    if !refused.is_empty() {
+        o.push_str(&format!(
+            "  Peers refused (kubectl get peers shows why): {refused}\n"
+        ));
+    }
+    let all = r
+        .peers
+        .iter()
+        .map(|p| ("peer", "33", p))
+        .chain(r.external_peers.iter().map(|p| ("external peer", "35", p)));
+    for (what, code, p) in all {
         o.push('\n');
         let state = match (p.up, p.unreachable) {
             (true, _) => paint("32", "up"),
@@ -228,7 +244,7 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
         };
         o.push_str(&format!(
             "{}: {} ({state})\n",
-            paint("33", "peer"),
+            paint(code, what),
             paint("1", &p.node)
         ));
         o.push_str(&format!(
@@ -321,6 +337,22 @@ pub(crate) mod tests {
                     unreachable: true,
                 },
             ],
+            external_peers: vec![PeerReport {
+                node: "laptop".into(),
+                public_key: "k4".into(),
+                endpoint: Some("198.51.100.7:40000".into()),
+                allowed_ips: vec!["198.51.100.7/32".into()],
+                last_handshake_age_seconds: Some(3.0),
+                rx_bytes: 10,
+                tx_bytes: 20,
+                tx_dropped: 0,
+                handshakes: 1,
+                handshakes_timeout: 0,
+                handshakes_rejected: 0,
+                handshakes_triggered: 0,
+                up: true,
+                unreachable: false,
+            }],
             pods: vec![PodReport {
                 namespace: Some("default".into()),
                 name: Some("web".into()),
@@ -332,7 +364,12 @@ pub(crate) mod tests {
                 local: 3,
             },
             drops: [("no_peer".to_string(), 4)].into_iter().collect(),
-            invalid_peers: [("duplicate_key".to_string(), 1)].into_iter().collect(),
+            invalid_peers: [
+                ("duplicate_key".to_string(), 1),
+                ("peer_overlaps_cluster".to_string(), 2),
+            ]
+            .into_iter()
+            .collect(),
             services: crate::node_state::ServicesReport {
                 synced: true,
                 services: 2,
@@ -357,7 +394,10 @@ pub(crate) mod tests {
             "latest handshake: never",
             "default/web  10.244.1.5",
             "drops: no_peer 4",
-            "Nodes refused as peers: duplicate_key 1",
+            "Nodes refused as peers: duplicate_key 1\n",
+            "Peers refused (kubectl get peers shows why): peer_overlaps_cluster 2",
+            "external peer: laptop (up)",
+            "allowed ips: 198.51.100.7/32",
             "services: 2 (3 frontends, 1 without endpoints); 5 flows translated, 4 remembered",
         ] {
             assert!(t.contains(want), "missing {want:?} in:\n{t}");
