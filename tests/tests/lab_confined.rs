@@ -353,6 +353,28 @@ fn agents_run_confined_as_the_daemonset_says_and_the_api_holds_them_to_deploys_r
         ))
     });
 
+    // A Peer inside the pod range: each agent lists and watches Peers anyway, and writes this
+    // one's Accepted=False condition (patch peers/status).
+    let peer = lab.dir().join("bad-peer.json");
+    std::fs::write(
+        &peer,
+        format!(
+            "{{\"apiVersion\": \"kwire.dev/v1alpha1\", \"kind\": \"Peer\", \"metadata\": {{\"name\": \"{name}-in-pods\"}}, \"spec\": {{\"publicKey\": \"{}\", \"allowedIPs\": [\"10.244.250.1/32\"]}}}}",
+            kwire_tests::wireguard::Keypair::generate().public
+        ),
+    )
+    .unwrap();
+    let (ok, out) = kubectl(admin, &["create", "-f", peer.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    wait_until(CONVERGE, "the agents' patch of the Peer's status", || {
+        agent_calls(&lab).contains(&(
+            "patch".into(),
+            "kwire.dev".into(),
+            "peers/status".into(),
+            true,
+        ))
+    });
+
     let docs = manifests::documents(manifests::KWIRE_YAML, "deploy/kwire.yaml").unwrap();
     let role = docs.iter().find(|d| d["kind"] == "ClusterRole").unwrap();
     let granted = role_grants(role);
