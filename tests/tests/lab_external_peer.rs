@@ -348,4 +348,47 @@ fn a_laptop_from_kwire_peer_config_reaches_pods_on_every_node_under_policy() {
     let short = |n: &str| format!("{}-{n}", lab.name());
     let up = lab.metric(&short("n1"), "kwire_peer_up{peer=\"laptop\"}");
     assert_eq!(up, 1.0, "kwire_peer_up{{peer=\"laptop\"}} on n1");
+
+    // A node marked behind NAT keeps its mapping open: a keepalive to every peer (25 s), with
+    // no --persistent-keepalive set. (Only the setting: the lab has no NAT between nodes.)
+    let st = lab.status();
+    let n2 = st["nodes"]
+        .array()
+        .iter()
+        .find(|n| n["name"].as_str() == Some(short("n2").as_str()))
+        .unwrap()
+        .clone();
+    let socket = PathBuf::from(n2["uapi_socket"].as_str().unwrap());
+    let keepalive_to_n1 = || -> Option<u64> {
+        let n1_key = lab.status()["nodes"]
+            .array()
+            .iter()
+            .find(|n| n["name"].as_str() == Some(short("n1").as_str()))?["public_key"]
+            .as_str()?
+            .to_string();
+        let peers = kwire_lab::commands::status::uapi_get(&socket).ok()?;
+        Some(
+            peers
+                .iter()
+                .find(|p| p.public_key == n1_key)?
+                .persistent_keepalive,
+        )
+    };
+    assert_eq!(keepalive_to_n1(), Some(0));
+    let (ok, out) = kubectl(
+        &admin,
+        &[
+            "annotate",
+            "node",
+            &short("n2"),
+            "kwire.dev/behind-nat=true",
+        ],
+    );
+    assert!(ok, "{out}");
+    let mut last = None;
+    let ok = try_wait_until(CONVERGE, || {
+        last = keepalive_to_n1();
+        last == Some(25)
+    });
+    assert!(ok, "n2 behind NAT: keepalive to n1 {last:?}");
 }

@@ -110,6 +110,9 @@ pub const API_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const EVENT_CONTROLLER: &str = "kwire-agent";
 /// Tun MTU before the underlay is known (1500 - 80).
 pub const DEFAULT_TUNNEL_MTU: u32 = 1420;
+/// Keepalive interval of a node behind NAT (s): what wg-quick users set; NATs keep UDP
+/// mappings for 30 s at least (RFC 4787 REQ-5).
+pub const NAT_KEEPALIVE: u16 = 25;
 
 #[cfg(test)]
 mod tests {
@@ -191,6 +194,11 @@ pub struct AgentArgs {
     /// `kwire.dev/persistent-keepalive` annotation overrides it for that peer.
     #[arg(long, env = "KWIRE_PERSISTENT_KEEPALIVE", default_value_t = 0)]
     pub persistent_keepalive: u16,
+    /// This node is behind NAT (its peers cannot reach its underlay address): keep the NAT's
+    /// mapping open with a keepalive to every peer every 25 s unless --persistent-keepalive
+    /// says otherwise. The Node annotation `kwire.dev/behind-nat: "true"` does the same.
+    #[arg(long, env = "KWIRE_BEHIND_NAT")]
+    pub behind_nat: bool,
     /// Directory of the WireGuard userspace API socket (`wg show IFNAME` looks here).
     #[arg(long, default_value = UAPI_DIR)]
     pub uapi_dir: PathBuf,
@@ -526,6 +534,9 @@ struct Agent {
     endpoint_override: Option<SocketAddr>,
     mtu_override: Option<u32>,
     default_keepalive: u16,
+    /// `--behind-nat`, and the own Node's `kwire.dev/behind-nat` as last seen.
+    behind_nat_flag: bool,
+    behind_nat_annotation: bool,
     state_dir: PathBuf,
     own_key: PublicKey,
     device: Arc<Device>,
@@ -593,6 +604,8 @@ impl Agent {
             endpoint_override: args.endpoint,
             mtu_override: args.mtu,
             default_keepalive: args.persistent_keepalive,
+            behind_nat_flag: args.behind_nat,
+            behind_nat_annotation: false,
             state_dir: args.state_dir.clone(),
             own_key,
             device,
@@ -805,10 +818,27 @@ impl Agent {
     fn on_event(&mut self, ev: Event<NodeView>) -> bool {
         let read = |agent: &mut Agent, v: NodeView| -> Option<(String, bool)> {
             let name = v.metadata.name.clone()?;
+            let mut nat_changed = false;
             if name == agent.node_name {
                 agent.own_rv = v.metadata.resource_version.clone();
+                let nat = v
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(annotations::BEHIND_NAT))
+                    .is_some_and(|v| v == "true");
+                if nat != agent.behind_nat_annotation {
+                    info!(
+                        behind_nat = nat,
+                        "this Node's {} annotation",
+                        annotations::BEHIND_NAT
+                    );
+                    agent.behind_nat_annotation = nat;
+                    agent.nodes.force_full();
+                    nat_changed = true;
+                }
             }
-            let changed = agent.nodes.upsert(NodeInfo::from_node(&v.into_k8s()));
+            let changed = agent.nodes.upsert(NodeInfo::from_node(&v.into_k8s())) || nat_changed;
             Some((name, changed))
         };
         match ev {
@@ -901,7 +931,7 @@ impl Agent {
             self_name: self.node_name.clone(),
             self_key: self.own_key,
             default_port: self.listen_port,
-            default_keepalive: self.default_keepalive,
+            default_keepalive: self.effective_keepalive(),
             cluster_cidrs: self.cluster.clone(),
             host_addresses: self.host_addresses.clone(),
         };
@@ -1012,6 +1042,17 @@ impl Agent {
             debug!("Node annotations to publish");
         }
         out
+    }
+
+    /// The keepalive for peers without their own: behind NAT, at least [`NAT_KEEPALIVE`].
+    fn effective_keepalive(&self) -> u16 {
+        match (
+            self.behind_nat_flag || self.behind_nat_annotation,
+            self.default_keepalive,
+        ) {
+            (true, 0) => NAT_KEEPALIVE,
+            (_, k) => k,
+        }
     }
 
     /// Selects the Peers against the Nodes as applied now and applies the device changes.
