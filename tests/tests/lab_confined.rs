@@ -14,11 +14,10 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use kwire_lab::manifests;
-use kwire_tests::lab::{parse_json, Json, JsonExt, Lab};
+use kwire_tests::lab::{kubectl, parse_json, Json, JsonExt, Lab};
 use kwire_tests::{require_agent, require_tool, wait_until};
 
 const TIMEOUT: &str = "60";
@@ -66,23 +65,6 @@ fn mount_points(pid: u64) -> Vec<(String, String)> {
             (f[4].to_string(), f[5].to_string())
         })
         .collect()
-}
-
-fn kubectl(kubeconfig: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .output()
-        .expect("kubectl runs");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// Every (verb, apiGroup, resource) a ClusterRole's rules name.

@@ -5,16 +5,15 @@
 //! whose allowed IPs lie in the cluster's pod range is refused with `Accepted=False`, counted,
 //! and left out of the device; `kwire status` and `/metrics` name the external peer apart.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kwire_tests::lab::{parse_json, BridgeCapture, Json, JsonExt, Lab};
+use kwire_tests::lab::{agent_status, kubectl, parse_json, BridgeCapture, JsonExt, Lab};
 use kwire_tests::wireguard::{Impl, WgDevice};
 use kwire_tests::{require_agent, require_tool, try_wait_until, wait_until, Netns, Scratch};
 
-const UP_TIMEOUT_SECS: &str = "60";
 /// Pods running, Peers accepted by every agent, handshakes, policy compiled.
 const CONVERGE: Duration = Duration::from_secs(30);
 /// The laptop's address on the underlay (the lab's nodes are 192.0.2.1.., the API .254).
@@ -46,23 +45,6 @@ fn peer_manifest(name: &str, key: &str, ip: &str) -> String {
 fn policy(cidr: &str, except: &[&str]) -> String {
     format!(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: from-edge, namespace: edge}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - ipBlock: {{cidr: {cidr}, except: {except:?}}}\n",
-    )
-}
-
-fn kubectl(kubeconfig: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .output()
-        .expect("kubectl runs");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
     )
 }
 
@@ -113,16 +95,6 @@ fn to_setconf(conf: &str, private_key: &str) -> (String, Vec<String>, Vec<String
     (out, addresses, routes)
 }
 
-/// `kwire status --json` of a lab node's agent.
-fn agent_status(kwire: &Path, node: &Json) -> Option<Json> {
-    let run_dir = PathBuf::from(node["run_dir"].as_str()?);
-    let out = Command::new(kwire)
-        .args(["status", "--json", "--run-dir", run_dir.to_str()?])
-        .output()
-        .ok()?;
-    parse_json(&String::from_utf8_lossy(&out.stdout)).ok()
-}
-
 /// One TCP connection from the laptop: the line the pod's server sends (its name).
 fn tcp_line(ns: &Netns, ip: &str) -> Option<String> {
     let o = ns.exec(&[
@@ -146,15 +118,8 @@ fn a_laptop_from_kwire_peer_config_reaches_pods_on_every_node_under_policy() {
     require_tool("kubectl");
     require_tool("socat");
     let scratch = Scratch::new("lab-external-peer");
-    let lab = Lab::up(
-        2,
-        &[
-            "--kwire",
-            kwire.to_str().unwrap(),
-            "--timeout",
-            UP_TIMEOUT_SECS,
-        ],
-    );
+    // Two nodes, no pods of the lab's own (the test makes its two).
+    let lab = Lab::up_real(2, 0, &kwire);
     let admin = lab.cmd_ok("kubeconfig", &[]);
     let admin = admin.trim().to_string();
     let file = scratch.file("edge.yaml");

@@ -13,7 +13,7 @@
 //! Pure functions here (selection, device changes, the condition); the watch, the status patch
 //! and the Secret read are the control loop's ([`super`]).
 
-use crate::wg::allowed_ips::canonical;
+use super::peers::{parse_range, RangeError};
 use crate::wg::key::PresharedKey;
 use crate::wg::uapi::PeerChange;
 use ipnetwork::IpNetwork;
@@ -259,24 +259,13 @@ fn check(p: &PeerObject, ctx: &Context) -> Result<ExternalPeer, (PeerRejectReaso
     }
     let mut allowed = Vec::new();
     for w in written {
-        let n: IpNetwork = w.parse().map_err(|_| {
-            no(
-                R::BadAllowedIps,
-                format!("spec.allowedIPs: {w:?} is not a CIDR (address/prefix)"),
-            )
+        let n = parse_range(w, MIN_PREFIX_V4, MIN_PREFIX_V6).map_err(|e| {
+            let why = match e {
+                RangeError::NotCidr => format!("spec.allowedIPs: {w:?} is not a CIDR (address/prefix)"),
+                RangeError::TooWide(min) => format!("spec.allowedIPs: {w} is wider than /{min}: a Peer's allowed IPs are its own addresses, not a network behind it"),
+            };
+            no(R::BadAllowedIps, why)
         })?;
-        let min = if n.is_ipv4() {
-            MIN_PREFIX_V4
-        } else {
-            MIN_PREFIX_V6
-        };
-        if n.prefix() < min {
-            return Err(no(
-                R::BadAllowedIps,
-                format!("spec.allowedIPs: {w} is wider than /{min}: a Peer's allowed IPs are its own addresses, not a network behind it"),
-            ));
-        }
-        let n = canonical(n);
         if let Some(c) = ctx.cluster.iter().find(|c| overlaps(c, &n)) {
             return Err(no(
                 R::OverlapsCluster,
@@ -376,19 +365,6 @@ pub fn select(peers: &BTreeMap<String, PeerObject>, ctx: &Context) -> BTreeMap<S
     out
 }
 
-fn base(pk: PublicKey) -> PeerChange {
-    PeerChange {
-        public_key: pk,
-        remove: false,
-        update_only: false,
-        preshared_key: None,
-        endpoint: None,
-        persistent_keepalive: None,
-        replace_allowed_ips: false,
-        allowed_ips: Vec::new(),
-    }
-}
-
 /// The device changes from the `old` accepted Peers to the `new` ones. A key that a Node peer
 /// now holds (`node_keys`) is not removed: the Node's own change already took it over. A Peer
 /// without an endpoint keeps the one it roamed to.
@@ -409,7 +385,7 @@ pub fn plan(
         if !new_keys.contains(&p.public_key) && !node_keys.contains(&p.public_key) {
             out.push(PeerChange {
                 remove: true,
-                ..base(p.public_key)
+                ..PeerChange::new(p.public_key)
             });
         }
     }
@@ -425,7 +401,7 @@ pub fn plan(
             persistent_keepalive: Some(p.keepalive),
             replace_allowed_ips: true,
             allowed_ips: p.allowed_ips.clone(),
-            ..base(p.public_key)
+            ..PeerChange::new(p.public_key)
         });
     }
     out

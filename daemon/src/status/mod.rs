@@ -288,6 +288,26 @@ pub(crate) mod tests {
     use super::*;
     use crate::node_state::{Packets, PeerReport, PodReport};
 
+    /// A peer that never handshook.
+    fn peer(node: &str, key: &str, allowed: &str) -> PeerReport {
+        PeerReport {
+            node: node.into(),
+            public_key: key.into(),
+            endpoint: None,
+            allowed_ips: vec![allowed.into()],
+            last_handshake_age_seconds: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            tx_dropped: 0,
+            handshakes: 0,
+            handshakes_timeout: 0,
+            handshakes_rejected: 0,
+            handshakes_triggered: 0,
+            up: false,
+            unreachable: false,
+        }
+    }
+
     pub(crate) fn sample() -> StatusReport {
         StatusReport {
             node: "n1".into(),
@@ -305,53 +325,29 @@ pub(crate) mod tests {
             peers_connected: 1,
             peers: vec![
                 PeerReport {
-                    node: "n2".into(),
-                    public_key: "k2".into(),
                     endpoint: Some("192.0.2.2:51820".into()),
-                    allowed_ips: vec!["10.244.2.0/24".into()],
                     last_handshake_age_seconds: Some(65.2),
                     rx_bytes: 2048,
                     tx_bytes: 100,
-                    tx_dropped: 0,
                     handshakes: 1,
-                    handshakes_timeout: 0,
-                    handshakes_rejected: 0,
-                    handshakes_triggered: 0,
                     up: true,
-                    unreachable: false,
+                    ..peer("n2", "k2", "10.244.2.0/24")
                 },
                 PeerReport {
-                    node: "n3".into(),
-                    public_key: "k3".into(),
-                    endpoint: None,
-                    allowed_ips: vec!["10.244.3.0/24".into()],
-                    last_handshake_age_seconds: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
                     tx_dropped: 3,
-                    handshakes: 0,
                     handshakes_timeout: 4,
-                    handshakes_rejected: 0,
-                    handshakes_triggered: 0,
-                    up: false,
                     unreachable: true,
+                    ..peer("n3", "k3", "10.244.3.0/24")
                 },
             ],
             external_peers: vec![PeerReport {
-                node: "laptop".into(),
-                public_key: "k4".into(),
                 endpoint: Some("198.51.100.7:40000".into()),
-                allowed_ips: vec!["198.51.100.7/32".into()],
                 last_handshake_age_seconds: Some(3.0),
                 rx_bytes: 10,
                 tx_bytes: 20,
-                tx_dropped: 0,
                 handshakes: 1,
-                handshakes_timeout: 0,
-                handshakes_rejected: 0,
-                handshakes_triggered: 0,
                 up: true,
-                unreachable: false,
+                ..peer("laptop", "k4", "198.51.100.7/32")
             }],
             pods: vec![PodReport {
                 namespace: Some("default".into()),

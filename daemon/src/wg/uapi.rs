@@ -78,7 +78,8 @@ pub struct PeerChange {
 }
 
 impl PeerChange {
-    fn new(public_key: PublicKey) -> PeerChange {
+    /// A change of `public_key` that changes nothing yet.
+    pub fn new(public_key: PublicKey) -> PeerChange {
         PeerChange {
             public_key,
             remove: false,
