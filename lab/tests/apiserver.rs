@@ -437,7 +437,8 @@ async fn discovery_documents() {
             "networking.k8s.io",
             "events.k8s.io",
             "rbac.authorization.k8s.io",
-            "admissionregistration.k8s.io"
+            "admissionregistration.k8s.io",
+            "apiextensions.k8s.io"
         ]
     );
     for gv in [

@@ -5,13 +5,16 @@
 //!
 //! What the schema check covers: `type` (object, array, string, integer, number, boolean),
 //! `properties`, `required`, `additionalProperties`, `items`, `enum`, `pattern`, `minLength`,
-//! `maxLength`, `minItems`, `maxItems`, `minimum`, `maximum`, `nullable`,
-//! `x-kubernetes-preserve-unknown-fields`. What it does not: `format`, `oneOf`/`anyOf`/`allOf`/
-//! `not`, `x-kubernetes-validations` (CEL), list-type and map-type uniqueness, defaults, and
-//! conversion between versions (a CRD with several versions is served with each version's
-//! schema, objects are not converted). Where the real server prunes a field the schema does
-//! not know, the stand-in refuses the write (422, saying so), which is stricter: a client that
-//! writes fields its CRD lacks is caught here too.
+//! `maxLength`, `minItems`, `maxItems`, `minimum`, `maximum`, `nullable`, `format` (date-time,
+//! int32, int64), `x-kubernetes-list-type` set/map uniqueness, and
+//! `x-kubernetes-preserve-unknown-fields`. A CRD whose schema uses anything else the real
+//! server enforces (`x-kubernetes-validations` CEL rules, `oneOf`/`anyOf`/`allOf`/`not`,
+//! `default`, other formats, ...) is refused with a 422 saying the stand-in would not enforce
+//! it ([`super::validate::validate_crd`]): accepting it unchecked would make the lab kinder
+//! than a cluster. No conversion between versions (a CRD with several versions is served
+//! with each version's schema; objects are not converted). Where the real server prunes a
+//! field the schema does not know, the stand-in refuses the write (422, saying so), which is
+//! stricter: a client that writes fields its CRD lacks is caught here too.
 //!
 //! Kinds are registered per process (a `ResourceKind` must be `'static`; each distinct
 //! group/version/plural is leaked once) and served per stand-in: a stand-in serves a custom
@@ -304,6 +307,32 @@ fn check(v: &Value, schema: &Value, path: &str, errors: &mut Vec<FieldError>) {
             }
         }
         Value::Array(items) => {
+            let keys: Vec<&str> = schema
+                .get("x-kubernetes-list-map-keys")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let identity = |item: &Value| -> Value {
+                match schema.get("x-kubernetes-list-type").and_then(Value::as_str) {
+                    Some("map") => Value::Array(keys.iter().map(|k| item[*k].clone()).collect()),
+                    _ => item.clone(),
+                }
+            };
+            if matches!(
+                schema.get("x-kubernetes-list-type").and_then(Value::as_str),
+                Some("map" | "set")
+            ) {
+                for (i, item) in items.iter().enumerate() {
+                    let id = identity(item);
+                    if items[..i].iter().any(|o| identity(o) == id) {
+                        errors.push(FieldError {
+                            reason: "FieldValueDuplicate",
+                            field: format!("{path}[{i}]"),
+                            message: format!("Duplicate value: {}", short(&id)),
+                        });
+                    }
+                }
+            }
             if let Some(n) = num("maxItems").filter(|n| items.len() as f64 > *n) {
                 errors.push(FieldError {
                     reason: "FieldValueTooMany",
@@ -325,6 +354,15 @@ fn check(v: &Value, schema: &Value, path: &str, errors: &mut Vec<FieldError>) {
             }
         }
         Value::String(s) => {
+            if schema.get("format").and_then(Value::as_str) == Some("date-time")
+                && super::table::parse_rfc3339(s).is_none()
+            {
+                errors.push(FieldError::invalid(
+                    at,
+                    s,
+                    &format!("{at} in body must be of type date-time"),
+                ));
+            }
             let len = s.chars().count() as f64;
             if let Some(n) = num("maxLength").filter(|n| len > *n) {
                 errors.push(FieldError {
@@ -358,6 +396,15 @@ fn check(v: &Value, schema: &Value, path: &str, errors: &mut Vec<FieldError>) {
         }
         Value::Number(n) => {
             let x = n.as_f64().unwrap_or(0.0);
+            if schema.get("format").and_then(Value::as_str) == Some("int32")
+                && n.as_i64().and_then(|i| i32::try_from(i).ok()).is_none()
+            {
+                errors.push(FieldError::invalid(
+                    at,
+                    &n.to_string(),
+                    &format!("{at} in body must be of type int32"),
+                ));
+            }
             if let Some(m) = num("maximum").filter(|m| x > *m) {
                 errors.push(FieldError::invalid(
                     at,
@@ -426,6 +473,23 @@ mod tests {
         assert!(errors(json!({"spec": {}}))
             .join("")
             .contains("spec.publicKey: Required"));
+        let dup = json!({"type": "object", "properties": {"c": {"type": "array",
+            "x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"],
+            "items": {"type": "object", "properties": {"type": {"type": "string"},
+                "at": {"type": "string", "format": "date-time"}}}}}});
+        let mut e = Vec::new();
+        check_root(
+            &json!({"c": [{"type": "A", "at": "2026-01-01T00:00:00Z"}, {"type": "A", "at": "yesterday"}]}),
+            &dup,
+            &mut e,
+        );
+        let all: Vec<String> = e.iter().map(ToString::to_string).collect();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert!(all[0].starts_with("c[1]: Duplicate value"), "{all:?}");
+        assert!(
+            all[1].contains("c[1].at") && all[1].contains("date-time"),
+            "{all:?}"
+        );
         assert!(
             errors(json!({"spec": {"publicKey": key, "allowedIPs": []}}))
                 .join("")
@@ -446,5 +510,17 @@ mod tests {
         bad["spec"]["versions"][0]["storage"] = json!(false);
         let e: Vec<String> = validate_crd(&bad).iter().map(|e| e.field.clone()).collect();
         assert_eq!(e, ["metadata.name", "spec.scope", "spec.versions"]);
+        // What the stand-in would not enforce is refused, saying so.
+        let mut cel = good.clone();
+        cel["spec"]["versions"][0]["schema"]["openAPIV3Schema"] = json!({"type": "object",
+            "properties": {"spec": {"type": "string", "x-kubernetes-validations": [{"rule": "true"}], "format": "uri"}}});
+        let e = validate_crd(&cel);
+        assert_eq!(e.len(), 2, "{e:?}");
+        assert!(e[0].field.ends_with("properties.spec.format"), "{e:?}");
+        assert!(
+            e[1].message
+                .contains("not enforced by the kwire-lab API stand-in"),
+            "{e:?}"
+        );
     }
 }

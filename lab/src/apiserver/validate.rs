@@ -148,13 +148,81 @@ pub fn validate_crd(crd: &Value) -> Vec<FieldError> {
             ));
         }
         match v.pointer("/schema/openAPIV3Schema") {
-            Some(s) if s.get("type").and_then(Value::as_str) == Some("object") => {}
+            Some(s) if s.get("type").and_then(Value::as_str) == Some("object") => {
+                unchecked_keywords(
+                    s,
+                    &format!("spec.versions[{i}].schema.openAPIV3Schema"),
+                    &mut errors,
+                );
+            }
             _ => errors.push(FieldError::required(&format!(
                 "spec.versions[{i}].schema.openAPIV3Schema (a structural schema of type object; the stand-in needs one)"
             ))),
         }
     }
     errors
+}
+
+/// Schema keywords the stand-in checks ([`super::crd`]) or that change nothing (documentation).
+const SCHEMA_KEYWORDS: &[&str] = &[
+    "type",
+    "properties",
+    "required",
+    "items",
+    "additionalProperties",
+    "enum",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "minimum",
+    "maximum",
+    "nullable",
+    "format",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-map-type",
+    "description",
+    "title",
+    "example",
+    "externalDocs",
+];
+
+/// Formats the stand-in checks (the real server knows more).
+pub const SCHEMA_FORMATS: &[&str] = &["date-time", "int32", "int64"];
+
+/// Refuses what a CRD's schema asks that the stand-in would not enforce (CEL rules, oneOf,
+/// defaults, ...): a lab that accepted them unchecked would be kinder than a cluster.
+fn unchecked_keywords(schema: &Value, path: &str, errors: &mut Vec<FieldError>) {
+    let Some(map) = schema.as_object() else {
+        return;
+    };
+    for (k, v) in map {
+        if !SCHEMA_KEYWORDS.contains(&k.as_str()) {
+            errors.push(FieldError::forbidden(
+                &format!("{path}.{k}"),
+                "not enforced by the kwire-lab API stand-in (the real API server enforces it): leave it out, or teach lab/src/apiserver/crd.rs",
+            ));
+        }
+        if k == "format" && !v.as_str().is_some_and(|f| SCHEMA_FORMATS.contains(&f)) {
+            errors.push(FieldError::forbidden(
+                &format!("{path}.format"),
+                "a format the kwire-lab API stand-in does not check (it checks date-time, int32, int64)",
+            ));
+        }
+    }
+    if let Some(props) = map.get("properties").and_then(Value::as_object) {
+        for (name, sub) in props {
+            unchecked_keywords(sub, &format!("{path}.properties.{name}"), errors);
+        }
+    }
+    for k in ["items", "additionalProperties"] {
+        if let Some(sub) = map.get(k).filter(|s| s.is_object()) {
+            unchecked_keywords(sub, &format!("{path}.{k}"), errors);
+        }
+    }
 }
 
 /// Validates an object about to be stored (after defaulting and name generation).
