@@ -66,7 +66,7 @@ fn accepted(kubeconfig: &str, name: &str) -> Option<(String, String, String)> {
 
 /// The wg-quick file as `wg setconf` takes it: the private key filled in, `Address` taken out
 /// (returned apart), comments dropped.
-fn to_setconf(conf: &str, private_key: &str) -> (String, Vec<String>, Vec<String>) {
+fn to_setconf(conf: &str, private_key: &str, psk: &str) -> (String, Vec<String>, Vec<String>) {
     let mut out = String::new();
     let mut addresses = Vec::new();
     let mut routes = Vec::new();
@@ -80,6 +80,10 @@ fn to_setconf(conf: &str, private_key: &str) -> (String, Vec<String>, Vec<String
             Some(("PrivateKey", v)) => {
                 assert!(v.starts_with("<fill in"), "a placeholder, never a key: {v}");
                 out.push_str(&format!("PrivateKey = {private_key}\n"));
+            }
+            Some(("PresharedKey", v)) => {
+                assert!(v.starts_with("<fill in"), "a placeholder, never a key: {v}");
+                out.push_str(&format!("PresharedKey = {psk}\n"));
             }
             Some(("AllowedIPs", v)) => {
                 routes.extend(v.split(", ").map(str::to_string));
@@ -133,12 +137,14 @@ fn a_laptop_from_kwire_peer_config_reaches_pods_on_every_node_under_policy() {
     ns.link_up(&ul, 1500);
     let dev = WgDevice::start(&ns, Impl::WireguardGo, "wg", &scratch);
 
-    // Its Peer, and a bad one (allowed IPs inside the pod range) that must be refused.
+    // Its Peer with a preshared key from a Secret in kwire-peer-keys, and a bad one (allowed
+    // IPs inside the pod range) that must be refused.
+    let psk = kwire_tests::run_host(&["wg", "genpsk"]).trim().to_string();
     let peers = scratch.file("peers.yaml");
     std::fs::write(
         &peers,
         format!(
-            "{}---\n{}",
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: laptop-psk, namespace: kwire-peer-keys}}\nstringData: {{presharedKey: \"{psk}\"}}\n---\n{}  presharedKeySecretRef: {{name: laptop-psk}}\n---\n{}",
             peer_manifest("laptop", &dev.keys.public, &format!("{LAPTOP_IP}/32")),
             peer_manifest(
                 "in-pods",
@@ -193,7 +199,8 @@ fn a_laptop_from_kwire_peer_config_reaches_pods_on_every_node_under_policy() {
         !refused.status.success() && err.contains("AllowedIPsOverlapCluster"),
         "{err}"
     );
-    let (setconf, addresses, routes) = to_setconf(&conf, &dev.keys.private);
+    assert_eq!(conf.matches("PresharedKey = <fill in").count(), 2, "{conf}");
+    let (setconf, addresses, routes) = to_setconf(&conf, &dev.keys.private, &psk);
     assert_eq!(addresses, [format!("{LAPTOP_IP}/32")]);
     let conf_file = scratch.file("laptop.conf");
     std::fs::write(&conf_file, &setconf).unwrap();
