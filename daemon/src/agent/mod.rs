@@ -743,7 +743,7 @@ impl Agent {
                     Some(Ok(ev)) => self.external.on_event(ev) && self.synced,
                     Some(Err(e)) => {
                         if last_peer_err_log.is_none_or(|t| t.elapsed() >= WATCH_ERROR_LOG_INTERVAL) {
-                            warn!(error = %e, "watching Peers (kwire.dev/v1alpha1) failed; retrying with backoff (is deploy/peer-crd.yaml applied?); Node peers are unaffected");
+                            warn!(error = %e, "watching Peers (kwire.dev/v1alpha1) failed; retrying with backoff; Node peers are unaffected (a 404 means deploy/peer-crd.yaml is not applied)");
                             last_peer_err_log = Some(Instant::now());
                         }
                         false
