@@ -12,6 +12,7 @@ pub mod kubeapi;
 pub mod metrics;
 pub mod node_state;
 pub mod offload;
+pub mod peer_config;
 pub mod policy;
 pub mod services;
 pub mod status;

@@ -39,6 +39,9 @@ enum Command {
     /// NetworkPolicy tools.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Peers outside the cluster (the `Peer` resource): their side's configuration.
+    #[command(subcommand)]
+    Peer(kwire::peer_config::PeerCommand),
 }
 
 #[derive(Subcommand)]
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         Command::Status(a) => kwire::status::run(&a),
         Command::Key(a) => kwire::agent::keyctl::run(&a),
         Command::Graph(a) => kwire::status::graph::run(&a),
+        Command::Peer(c) => kwire::peer_config::run(c),
         Command::Policy(PolicyCommand::Trace(a)) => {
             let r = kwire::policy::trace::run(&a, &mut std::io::stdout().lock());
             if let Err(e) = &r {

@@ -12,6 +12,8 @@ use serde_json::Value;
 
 /// `deploy/kwire.yaml`.
 pub const KWIRE_YAML: &str = include_str!("../../deploy/kwire.yaml");
+/// `deploy/peer-crd.yaml`.
+pub const PEER_CRD_YAML: &str = include_str!("../../deploy/peer-crd.yaml");
 /// `deploy/admission.yaml`.
 pub const ADMISSION_YAML: &str = include_str!("../../deploy/admission.yaml");
 /// `deploy/10-kwire.conflist`.
@@ -55,7 +57,8 @@ pub fn documents(text: &str, source: &str) -> Result<Vec<Value>, String> {
 
 /// The objects of `deploy/` that the API stores (all but the DaemonSet, which the lab runs).
 pub fn api_objects() -> Result<Vec<Value>, String> {
-    let mut out = documents(KWIRE_YAML, "deploy/kwire.yaml")?;
+    let mut out = documents(PEER_CRD_YAML, "deploy/peer-crd.yaml")?;
+    out.extend(documents(KWIRE_YAML, "deploy/kwire.yaml")?);
     out.extend(documents(ADMISSION_YAML, "deploy/admission.yaml")?);
     out.retain(|o| o["kind"] != "DaemonSet");
     Ok(out)
@@ -468,9 +471,13 @@ mod tests {
         assert_eq!(
             kinds,
             [
+                "CustomResourceDefinition",
                 "ServiceAccount",
                 "ClusterRole",
                 "ClusterRoleBinding",
+                "Namespace",
+                "Role",
+                "RoleBinding",
                 "ValidatingAdmissionPolicy",
                 "ValidatingAdmissionPolicyBinding"
             ]

@@ -437,7 +437,8 @@ async fn discovery_documents() {
             "networking.k8s.io",
             "events.k8s.io",
             "rbac.authorization.k8s.io",
-            "admissionregistration.k8s.io"
+            "admissionregistration.k8s.io",
+            "apiextensions.k8s.io"
         ]
     );
     for gv in [
@@ -1537,4 +1538,190 @@ async fn kubectl_get_create_delete() {
         !ns.contains("namespace/demo") && ns.contains("namespace/default"),
         "{ns}"
     );
+}
+
+/// deploy/'s Peer CRD, as the lab applies it.
+fn peer_crd() -> Value {
+    kwire_lab::manifests::api_objects()
+        .unwrap()
+        .into_iter()
+        .find(|o| o["kind"] == "CustomResourceDefinition")
+        .expect("deploy/ has the Peer CRD")
+}
+
+fn peer(name: &str, ip: &str) -> Value {
+    json!({"apiVersion": "kwire.dev/v1alpha1", "kind": "Peer", "metadata": {"name": name},
+        "spec": {"publicKey": format!("{}=", "A".repeat(43)), "allowedIPs": [ip], "persistentKeepalive": 25}})
+}
+
+#[tokio::test]
+async fn custom_resources_are_served_from_their_crd() {
+    let lab = lab().await;
+    let c = &lab.client;
+    let peers = "/apis/kwire.dev/v1alpha1/peers";
+    // Not served before its CRD exists.
+    let e = call(c, "GET", peers, None).await.unwrap_err();
+    assert_eq!(e.code, 404);
+    let crd = call(
+        c,
+        "POST",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+        Some(peer_crd()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(crd["metadata"]["name"], "peers.kwire.dev");
+    let established = call(
+        c,
+        "GET",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/peers.kwire.dev",
+        None,
+    )
+    .await
+    .unwrap();
+    let conds = established["status"]["conditions"].as_array().unwrap();
+    assert!(conds
+        .iter()
+        .any(|c| c["type"] == "Established" && c["status"] == "True"));
+    // A CRD with a bad name is refused.
+    let mut bad = peer_crd();
+    bad["metadata"]["name"] = json!("peer.kwire.dev");
+    let e = call(
+        c,
+        "POST",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions",
+        Some(bad),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code, 422, "{e:?}");
+
+    // Discovery lists the group, the resource and its status subresource.
+    let groups = call(c, "GET", "/apis", None).await.unwrap();
+    assert!(groups["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|g| g["name"] == "kwire.dev"
+            && g["preferredVersion"]["groupVersion"] == "kwire.dev/v1alpha1"));
+    let list = call(c, "GET", "/apis/kwire.dev/v1alpha1", None)
+        .await
+        .unwrap();
+    let names: Vec<&str> = list["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["peers", "peers/status"]);
+
+    // Create, list, watch from a resourceVersion, status writes keep the spec.
+    let created = call(c, "POST", peers, Some(peer("laptop", "192.0.2.10/32")))
+        .await
+        .unwrap();
+    let rv = rv_of(&created);
+    let mut w = WatchLines::open(
+        c,
+        &format!("{peers}?watch=1&resourceVersion={rv}&allowWatchBookmarks=true"),
+    )
+    .await;
+    let status = json!({"status": {"conditions": [{"type": "Accepted", "status": "False", "reason": "Overlap", "message": "m"}]}});
+    let patched = call_typed(
+        c,
+        "PATCH",
+        &format!("{peers}/laptop/status"),
+        "application/merge-patch+json",
+        Some(json!({"spec": {"allowedIPs": ["198.51.100.1/32"]}, "status": status["status"]})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(patched["spec"]["allowedIPs"], json!(["192.0.2.10/32"]));
+    assert_eq!(patched["status"]["conditions"][0]["reason"], "Overlap");
+    let ev = w.next().await.unwrap();
+    assert_eq!(ev["type"], "MODIFIED");
+    assert_eq!(ev["object"]["status"]["conditions"][0]["type"], "Accepted");
+    let listed = call(c, "GET", peers, None).await.unwrap();
+    assert_eq!(listed["kind"], "PeerList");
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+
+    // The schema: types, bounds, patterns; unknown fields refused (the real server prunes).
+    let mut wrong = peer("bad", "192.0.2.11/32");
+    wrong["spec"]["allowedIPs"] = json!("192.0.2.11/32");
+    wrong["spec"]["persistentKeepalive"] = json!(70000);
+    wrong["spec"]["publicKey"] = json!("not-a-key");
+    let e = call(c, "POST", peers, Some(wrong)).await.unwrap_err();
+    assert_eq!(e.code, 422);
+    for want in [
+        "spec.allowedIPs in body must be of type array",
+        "spec.persistentKeepalive",
+        "spec.publicKey",
+    ] {
+        assert!(e.message.contains(want), "{want:?} not in {}", e.message);
+    }
+    let mut extra = peer("extra", "192.0.2.12/32");
+    extra["spec"]["colour"] = json!("blue");
+    let e = call(c, "POST", peers, Some(extra)).await.unwrap_err();
+    assert!(
+        e.code == 422 && e.message.contains("silently prunes"),
+        "{e:?}"
+    );
+    let e = call_typed(
+        c,
+        "PATCH",
+        &format!("{peers}/laptop"),
+        "application/merge-patch+json",
+        Some(json!({"spec": {"allowedIPs": []}})),
+    )
+    .await
+    .unwrap_err();
+    assert!(e.message.contains("at least 1 items"), "{e:?}");
+
+    // RBAC as deploy/ grants it: the agent lists and watches Peers and writes only their status.
+    for o in kwire_lab::manifests::api_objects().unwrap() {
+        if o["kind"] != "CustomResourceDefinition" {
+            lab.server.create(o).unwrap();
+        }
+    }
+    let t = lab
+        .server
+        .issue_service_account_token("kube-system", "kwire", Some("n1"));
+    let t = Some(t.as_str());
+    assert_eq!(raw(&lab, "GET", peers, t, None).await.0, 200);
+    let (code, _) = raw(
+        &lab,
+        "PATCH",
+        &format!("{peers}/laptop/status"),
+        t,
+        Some(status.clone()),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let (code, body) = raw(
+        &lab,
+        "PATCH",
+        &format!("{peers}/laptop"),
+        t,
+        Some(json!({"spec": {"persistentKeepalive": 1}})),
+    )
+    .await;
+    assert_eq!(code, 403, "{body}");
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("peers.kwire.dev \"laptop\" is forbidden"));
+
+    // Another stand-in in this process does not serve the kind: its store has no CRD.
+    let other = lab_with(ApiServerConfig::default()).await;
+    let e = call(&other.client, "GET", peers, None).await.unwrap_err();
+    assert_eq!(e.code, 404);
+    // Deleting the CRD stops serving the kind here too.
+    call(
+        c,
+        "DELETE",
+        "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/peers.kwire.dev",
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(call(c, "GET", peers, None).await.unwrap_err().code, 404);
 }

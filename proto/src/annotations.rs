@@ -15,3 +15,7 @@ pub const NEXT_PUBLIC_KEY: &str = "kwire.dev/next-public-key";
 /// key. The node whose key is listed generates a fresh one. Set by `kwire key revoke` on the
 /// node's own Node, or by an administrator on any Node.
 pub const REVOKED_KEYS: &str = "kwire.dev/revoked-keys";
+/// `"true"` on a Node whose underlay address its peers cannot reach (behind NAT): its agent
+/// sends keepalives to every peer so that the NAT keeps its mapping, and the peers learn the
+/// address its packets come from (set by the operator; the agent's `--behind-nat` does the same).
+pub const BEHIND_NAT: &str = "kwire.dev/behind-nat";

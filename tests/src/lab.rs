@@ -74,6 +74,34 @@ pub fn assert_only_wireguard(lines: &[String], pcap: &[u8], marker: &[u8]) {
     );
 }
 
+/// `kwire status --json` of a lab node's agent (`node`: an entry of `status --json`'s `nodes`).
+pub fn agent_status(kwire: &Path, node: &Json) -> Option<Json> {
+    let run_dir = node["run_dir"].as_str()?;
+    let out = std::process::Command::new(kwire)
+        .args(["status", "--json", "--run-dir", run_dir])
+        .output()
+        .ok()?;
+    parse_json(&String::from_utf8_lossy(&out.stdout)).ok()
+}
+
+/// `kubectl --kubeconfig KUBECONFIG ARGS...`: (succeeded, stdout and stderr).
+pub fn kubectl(kubeconfig: &str, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new("kubectl")
+        .arg("--kubeconfig")
+        .arg(kubeconfig)
+        .args(args)
+        .output()
+        .expect("kubectl runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// The kwire binary (env KWIRE_BIN, else target/debug/kwire) if `kwire SUBCOMMAND --help`
 /// works, i.e. this build has that subcommand; None otherwise (the caller skips).
 pub fn kwire_with(subcommand: &str) -> Option<std::path::PathBuf> {

@@ -14,11 +14,10 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use kwire_lab::manifests;
-use kwire_tests::lab::{parse_json, Json, JsonExt, Lab};
+use kwire_tests::lab::{kubectl, parse_json, Json, JsonExt, Lab};
 use kwire_tests::{require_agent, require_tool, wait_until};
 
 const TIMEOUT: &str = "60";
@@ -66,23 +65,6 @@ fn mount_points(pid: u64) -> Vec<(String, String)> {
             (f[4].to_string(), f[5].to_string())
         })
         .collect()
-}
-
-fn kubectl(kubeconfig: &str, args: &[&str]) -> (bool, String) {
-    let out = Command::new("kubectl")
-        .arg("--kubeconfig")
-        .arg(kubeconfig)
-        .args(args)
-        .output()
-        .expect("kubectl runs");
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 /// Every (verb, apiGroup, resource) a ClusterRole's rules name.
@@ -349,6 +331,28 @@ fn agents_run_confined_as_the_daemonset_says_and_the_api_holds_them_to_deploys_r
             "patch".into(),
             "events.k8s.io".into(),
             "events".into(),
+            true,
+        ))
+    });
+
+    // A Peer inside the pod range: each agent lists and watches Peers anyway, and writes this
+    // one's Accepted=False condition (patch peers/status).
+    let peer = lab.dir().join("bad-peer.json");
+    std::fs::write(
+        &peer,
+        format!(
+            "{{\"apiVersion\": \"kwire.dev/v1alpha1\", \"kind\": \"Peer\", \"metadata\": {{\"name\": \"{name}-in-pods\"}}, \"spec\": {{\"publicKey\": \"{}\", \"allowedIPs\": [\"10.244.250.1/32\"]}}}}",
+            kwire_tests::wireguard::Keypair::generate().public
+        ),
+    )
+    .unwrap();
+    let (ok, out) = kubectl(admin, &["create", "-f", peer.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    wait_until(CONVERGE, "the agents' patch of the Peer's status", || {
+        agent_calls(&lab).contains(&(
+            "patch".into(),
+            "kwire.dev".into(),
+            "peers/status".into(),
             true,
         ))
     });

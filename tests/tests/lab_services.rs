@@ -7,11 +7,10 @@
 //! only WireGuard meanwhile. Over IPv4 and IPv6: the Services are dual-stack
 //! (`PreferDualStack`), one ClusterIP per family.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
-use kwire_tests::lab::{parse_json, BridgeCapture, Json, JsonExt, Lab};
+use kwire_tests::lab::{agent_status, parse_json, BridgeCapture, Json, JsonExt, Lab};
 use kwire_tests::require_agent;
 use kwire_tests::{prometheus_value, try_wait_until, wait_until, Scratch};
 
@@ -92,16 +91,6 @@ fn service<'a>(st: &'a Json, name: &str) -> Option<&'a Json> {
         .array()
         .iter()
         .find(|s| s["namespace"].as_str() == Some("shop") && s["name"].as_str() == Some(name))
-}
-
-/// `kwire status --json` of a lab node's agent.
-fn agent_status(kwire: &PathBuf, node: &Json) -> Option<Json> {
-    let run_dir = PathBuf::from(node["run_dir"].as_str()?);
-    let out = Command::new(kwire)
-        .args(["status", "--json", "--run-dir", run_dir.to_str()?])
-        .output()
-        .ok()?;
-    parse_json(&String::from_utf8_lossy(&out.stdout)).ok()
 }
 
 /// Probes `to` from the client with fresh flows until every name in `want` has answered.

@@ -585,10 +585,10 @@ fn underlay_faults_and_an_unreachable_api() {
         "ERROR lines while the API was unreachable:\n{}",
         outage_lines.join("\n")
     );
-    // Six watches (Nodes, Pods, Namespaces, NetworkPolicies, Services, EndpointSlices), at
+    // Seven watches (Nodes, Peers, Pods, Namespaces, NetworkPolicies, Services, EndpointSlices), at
     // most one warning each per 30 s, and the KwireReady condition's own warning.
     assert!(
-        warns <= 6 * 3 + 2,
+        warns <= 7 * 3 + 2,
         "{warns} warnings in 60 s:\n{}",
         outage_lines.join("\n")
     );

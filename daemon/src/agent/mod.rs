@@ -4,6 +4,7 @@
 //! keeps the last peer set in its state directory, and serves `/metrics`.
 
 pub mod cleanup;
+pub mod external;
 pub mod health;
 pub mod keyctl;
 pub mod keyfile;
@@ -111,6 +112,9 @@ pub const API_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 pub const EVENT_CONTROLLER: &str = "kwire-agent";
 /// Tun MTU before the underlay is known (1500 - 80).
 pub const DEFAULT_TUNNEL_MTU: u32 = 1420;
+/// Keepalive interval of a node behind NAT (s): what wg-quick users set; NATs keep UDP
+/// mappings for 30 s at least (RFC 4787 REQ-5).
+pub const NAT_KEEPALIVE: u16 = 25;
 
 #[cfg(test)]
 mod tests {
@@ -192,6 +196,11 @@ pub struct AgentArgs {
     /// `kwire.dev/persistent-keepalive` annotation overrides it for that peer.
     #[arg(long, env = "KWIRE_PERSISTENT_KEEPALIVE", default_value_t = 0)]
     pub persistent_keepalive: u16,
+    /// This node is behind NAT (its peers cannot reach its underlay address): keep the NAT's
+    /// mapping open with a keepalive to every peer every 25 s unless --persistent-keepalive
+    /// says otherwise. The Node annotation `kwire.dev/behind-nat: "true"` does the same.
+    #[arg(long, env = "KWIRE_BEHIND_NAT")]
+    pub behind_nat: bool,
     /// Directory of the WireGuard userspace API socket (`wg show IFNAME` looks here).
     #[arg(long, default_value = UAPI_DIR)]
     pub uapi_dir: PathBuf,
@@ -432,10 +441,15 @@ async fn agent_main(
         tun.device.set_next_private_key(Some(next.clone()));
         keys.started = Some(Instant::now());
     }
+    let reasons: Vec<&'static str> = RejectReason::ALL
+        .map(RejectReason::metric_label)
+        .into_iter()
+        .chain(external::PeerRejectReason::ALL.map(external::PeerRejectReason::metric_label))
+        .collect();
     let status = Arc::new(NodeState::new(
         tun.device.clone(),
         tun.counters.clone(),
-        &RejectReason::ALL.map(RejectReason::metric_label),
+        &reasons,
     ));
     status.update_keys(|k| {
         k.written = keys.written;
@@ -555,6 +569,9 @@ struct Agent {
     endpoint_override: Option<SocketAddr>,
     mtu_override: Option<u32>,
     default_keepalive: u16,
+    /// `--behind-nat`, and the own Node's `kwire.dev/behind-nat` as last seen.
+    behind_nat_flag: bool,
+    behind_nat_annotation: bool,
     state_dir: PathBuf,
     own_key: PublicKey,
     device: Arc<Device>,
@@ -606,6 +623,8 @@ struct Agent {
     own_revoked: Vec<PublicKey>,
     /// Events about this node's key waiting to be recorded: (warning, reason, note).
     key_events: Vec<(bool, &'static str, String)>,
+    /// Peers outside the cluster (the `Peer` resource).
+    external: external::Peers,
 }
 
 /// What a reconcile asks the async side to do.
@@ -613,6 +632,9 @@ struct Agent {
 struct Outcome {
     new_rejections: Vec<peers::Rejection>,
     patch: Option<serde_json::Value>,
+    /// Status patches of Peers, and the Secrets their preshared keys are to be read from.
+    peer_patches: Vec<(String, serde_json::Value)>,
+    psk_wanted: Vec<String>,
 }
 
 impl Agent {
@@ -632,6 +654,8 @@ impl Agent {
             endpoint_override: args.endpoint,
             mtu_override: args.mtu,
             default_keepalive: args.persistent_keepalive,
+            behind_nat_flag: args.behind_nat,
+            behind_nat_annotation: false,
             state_dir: args.state_dir.clone(),
             own_key,
             device,
@@ -662,6 +686,7 @@ impl Agent {
             revoked: BTreeSet::new(),
             own_revoked: Vec::new(),
             key_events: Vec::new(),
+            external: external::Peers::default(),
         }
     }
 
@@ -703,6 +728,7 @@ impl Agent {
             .applied
             .values()
             .flat_map(|p| p.allowed_ips.iter().copied())
+            .chain(self.external.allowed_ips())
             .collect();
         self.status
             .pod_cidrs
@@ -727,7 +753,7 @@ impl Agent {
         let nodes_api: Api<Node> = Api::all(client.clone());
         let views: Api<NodeView> = Api::all(client.clone());
         let recorder = Arc::new(Recorder::new(
-            client,
+            client.clone(),
             Reporter {
                 controller: EVENT_CONTROLLER.into(),
                 instance: Some(self.node_name.clone()),
@@ -736,6 +762,14 @@ impl Agent {
         let stream =
             watcher::watcher(views, policy::watch_config()).backoff(WatchBackoff::default());
         let mut stream = std::pin::pin!(stream);
+        let peer_api = external::api_resource();
+        let peers_api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &peer_api);
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(client.clone(), external::PSK_NAMESPACE);
+        let peer_stream = watcher::watcher(peers_api.clone(), policy::watch_config())
+            .backoff(WatchBackoff::default());
+        let mut peer_stream = std::pin::pin!(peer_stream);
+        let mut last_peer_err_log: Option<Instant> = None;
         let mut tick = tokio::time::interval(RETRY_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rotation_tick = tokio::time::interval(rotation::CHECK_INTERVAL);
@@ -765,9 +799,24 @@ impl Agent {
                     Some(w) => w,
                     None => return,
                 },
+                ev = peer_stream.next() => match ev {
+                    Some(Ok(ev)) => self.external.on_event(ev) && self.synced,
+                    Some(Err(e)) => {
+                        if last_peer_err_log.is_none_or(|t| t.elapsed() >= WATCH_ERROR_LOG_INTERVAL) {
+                            warn!(error = %e, "watching Peers (kwire.dev/v1alpha1) failed; retrying with backoff; Node peers are unaffected (a 404 means deploy/peer-crd.yaml is not applied)");
+                            last_peer_err_log = Some(Instant::now());
+                        }
+                        false
+                    }
+                    None => {
+                        error!("the Peer watch ended");
+                        return;
+                    }
+                },
                 _ = tick.tick() => {
                     self.save_state();
-                    self.synced && self.retry
+                    let psk_retry = self.external.retry_psks();
+                    self.synced && (self.retry || psk_retry)
                 }
                 _ = rotation_tick.tick() => tokio::task::block_in_place(|| self.rotation_tick()),
                 Some(req) = async {
@@ -806,6 +855,13 @@ impl Agent {
             for (warning, reason, note) in std::mem::take(&mut self.key_events) {
                 self.key_event(&recorder, warning, reason, note);
             }
+            self.write_peer_statuses(&peers_api, out.peer_patches).await;
+            if !out.psk_wanted.is_empty() {
+                self.read_psks(&secrets, out.psk_wanted).await;
+                let again = tokio::task::block_in_place(|| self.reconcile());
+                self.write_peer_statuses(&peers_api, again.peer_patches)
+                    .await;
+            }
             if let Some(patch) = out.patch {
                 let pp = PatchParams::default();
                 match tokio::time::timeout(
@@ -836,10 +892,27 @@ impl Agent {
     fn on_event(&mut self, ev: Event<NodeView>) -> bool {
         let read = |agent: &mut Agent, v: NodeView| -> Option<(String, bool)> {
             let name = v.metadata.name.clone()?;
+            let mut nat_changed = false;
             if name == agent.node_name {
                 agent.own_rv = v.metadata.resource_version.clone();
+                let nat = v
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(annotations::BEHIND_NAT))
+                    .is_some_and(|v| v == "true");
+                if nat != agent.behind_nat_annotation {
+                    info!(
+                        behind_nat = nat,
+                        "this Node's {} annotation",
+                        annotations::BEHIND_NAT
+                    );
+                    agent.behind_nat_annotation = nat;
+                    agent.nodes.force_full();
+                    nat_changed = true;
+                }
             }
-            let changed = agent.nodes.upsert(NodeInfo::from_node(&v.into_k8s()));
+            let changed = agent.nodes.upsert(NodeInfo::from_node(&v.into_k8s())) || nat_changed;
             Some((name, changed))
         };
         match ev {
@@ -935,7 +1008,7 @@ impl Agent {
             self_name: self.node_name.clone(),
             self_key: self.own_key,
             default_port: self.listen_port,
-            default_keepalive: self.default_keepalive,
+            default_keepalive: self.effective_keepalive(),
             cluster_cidrs: self.cluster.clone(),
             host_addresses: self.host_addresses.clone(),
         };
@@ -1029,6 +1102,13 @@ impl Agent {
             }
         }
 
+        if self.external.pending() {
+            let ext = self.reconcile_external();
+            routes_changed |= ext.changed;
+            out.peer_patches = ext.patches;
+            out.psk_wanted = ext.psk_wanted;
+        }
+
         let host_changed = self.own_cidrs != cidrs_before || self.mtu != mtu_before;
         if routes_changed || host_changed || retrying {
             self.program_host();
@@ -1039,6 +1119,125 @@ impl Agent {
             debug!("Node annotations to publish");
         }
         out
+    }
+
+    /// The keepalive for peers without their own: behind NAT, at least [`NAT_KEEPALIVE`].
+    fn effective_keepalive(&self) -> u16 {
+        match (
+            self.behind_nat_flag || self.behind_nat_annotation,
+            self.default_keepalive,
+        ) {
+            (true, 0) => NAT_KEEPALIVE,
+            (_, k) => k,
+        }
+    }
+
+    /// Selects the Peers against the Nodes as applied now and applies the device changes.
+    fn reconcile_external(&mut self) -> external::Outcome {
+        let mut ctx = external::Context {
+            cluster: self.cluster.iter().chain(&self.services).copied().collect(),
+            node_addresses: self.host_addresses.iter().copied().collect(),
+            node_keys: self.applied.values().map(|p| p.public_key).collect(),
+            psks: BTreeMap::new(),
+        };
+        ctx.node_keys.insert(self.own_key);
+        for n in self.nodes.names().filter_map(|n| self.nodes.get(n)) {
+            ctx.node_addresses.extend(n.addresses.iter().copied());
+            let ep = n
+                .endpoint
+                .as_deref()
+                .and_then(|e| e.parse::<SocketAddr>().ok());
+            ctx.node_addresses.extend(ep.map(|e| e.ip()));
+        }
+        ctx.node_addresses
+            .extend(self.applied.values().map(|p| p.endpoint.ip()));
+        let now = k8s_openapi::jiff::Timestamp::now()
+            .round(k8s_openapi::jiff::Unit::Second)
+            .map_or_else(|_| String::new(), |t| t.to_string());
+        let mut out = self.external.reconcile(ctx, &now);
+        for (name, reason, message) in &out.refused {
+            warn!(peer = %name, reason = reason.metric_label(), "Peer refused: {message}");
+            self.status.count_invalid(reason.metric_label());
+        }
+        if !out.changes.is_empty() {
+            for c in &out.changes {
+                info!(public_key = %c.public_key, removed = c.remove, allowed_ips = %nets(&c.allowed_ips), "external peer configured");
+            }
+            let req = SetRequest {
+                peers: std::mem::take(&mut out.changes),
+                ..SetRequest::default()
+            };
+            if let Err(e) = self.device.apply(req, &mut self.net.clone()) {
+                error!(error = %e, "applying Peer changes to the device");
+            }
+        }
+        if out.changed {
+            self.status
+                .external_peer_names
+                .store(Arc::new(self.external.names()));
+        }
+        out
+    }
+
+    /// Writes Peers' `Accepted` conditions (each agent writes the same; a failure waits for
+    /// the next change or the retry tick).
+    async fn write_peer_statuses(
+        &mut self,
+        api: &Api<kube::api::DynamicObject>,
+        patches: Vec<(String, serde_json::Value)>,
+    ) {
+        let pp = PatchParams::default();
+        for (name, patch) in patches {
+            let r = tokio::time::timeout(
+                API_WRITE_TIMEOUT,
+                api.patch_status(&name, &pp, &Patch::Merge(&patch)),
+            )
+            .await;
+            match r {
+                Ok(Ok(_)) => debug!(peer = %name, "wrote the Peer's Accepted condition"),
+                Ok(Err(e)) => {
+                    warn!(peer = %name, error = %e, "writing the Peer's Accepted condition failed; retrying");
+                    self.retry = true;
+                }
+                Err(_) => {
+                    warn!(peer = %name, "writing the Peer's Accepted condition timed out; retrying");
+                    self.retry = true;
+                }
+            }
+        }
+    }
+
+    /// Reads Peers' preshared keys from their Secrets (`get` by name in
+    /// [`external::PSK_NAMESPACE`]: all deploy/ grants). The key never reaches a log.
+    async fn read_psks(
+        &mut self,
+        api: &Api<k8s_openapi::api::core::v1::Secret>,
+        names: Vec<String>,
+    ) {
+        for name in names {
+            let key = match tokio::time::timeout(API_WRITE_TIMEOUT, api.get(&name)).await {
+                Ok(Ok(secret)) => {
+                    let data = secret
+                        .data
+                        .as_ref()
+                        .and_then(|d| d.get(external::PSK_DATA_KEY));
+                    let key = data.and_then(|b| external::psk_from_secret_data(&b.0));
+                    if key.is_none() {
+                        warn!(secret = %name, namespace = external::PSK_NAMESPACE, "the Secret holds no valid preshared key under {:?}", external::PSK_DATA_KEY);
+                    }
+                    key
+                }
+                Ok(Err(e)) => {
+                    warn!(secret = %name, namespace = external::PSK_NAMESPACE, error = %e, "reading a Peer's preshared key Secret failed; retrying");
+                    None
+                }
+                Err(_) => {
+                    warn!(secret = %name, "reading a Peer's preshared key Secret timed out; retrying");
+                    None
+                }
+            };
+            self.external.psk_read(&name, key);
+        }
     }
 
     /// Writes the state file if what it holds changed, at most every [`STATE_SAVE_INTERVAL`]

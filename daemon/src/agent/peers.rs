@@ -109,6 +109,24 @@ pub struct DesiredPeer {
     pub keepalive: u16,
 }
 
+/// Why a range given as text cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeError {
+    NotCidr,
+    /// Wider than the prefix length it carries.
+    TooWide(u8),
+}
+
+/// Parses `text` as a CIDR no wider than /`min_v4` (IPv4) or /`min_v6` (IPv6), canonical.
+pub fn parse_range(text: &str, min_v4: u8, min_v6: u8) -> Result<IpNetwork, RangeError> {
+    let net: IpNetwork = text.parse().map_err(|_| RangeError::NotCidr)?;
+    let min = if net.is_ipv4() { min_v4 } else { min_v6 };
+    if net.prefix() < min {
+        return Err(RangeError::TooWide(min));
+    }
+    Ok(canonical(net))
+}
+
 /// Why a Node was not made a peer. Its label is bounded (a metric label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum RejectReason {
@@ -441,24 +459,13 @@ fn check_node<'a>(
     }
     let mut cidrs = Vec::with_capacity(n.pod_cidrs.len());
     for c in &n.pod_cidrs {
-        let net: IpNetwork = c.parse().map_err(|_| {
-            (
-                RejectReason::BadPodCidr,
-                format!("spec.podCIDRs entry {c:?} is not a CIDR"),
-            )
+        let net = parse_range(c, MIN_POD_CIDR_PREFIX_V4, MIN_POD_CIDR_PREFIX_V6).map_err(|e| {
+            let why = match e {
+                RangeError::NotCidr => format!("spec.podCIDRs entry {c:?} is not a CIDR"),
+                RangeError::TooWide(min) => format!("spec.podCIDRs entry {c} is wider than /{min}"),
+            };
+            (RejectReason::BadPodCidr, why)
         })?;
-        let min = if net.is_ipv4() {
-            MIN_POD_CIDR_PREFIX_V4
-        } else {
-            MIN_POD_CIDR_PREFIX_V6
-        };
-        if net.prefix() < min {
-            return Err((
-                RejectReason::BadPodCidr,
-                format!("spec.podCIDRs entry {c} is wider than /{min}"),
-            ));
-        }
-        let net = canonical(net);
         if !s.cluster_cidrs.iter().any(|r| inside(&net, r)) {
             let ranges: Vec<String> = s.cluster_cidrs.iter().map(ToString::to_string).collect();
             return Err((

@@ -1,5 +1,6 @@
-//! The agent's HTTP endpoint: `/metrics` (Prometheus text; peers labelled by node name, never
-//! by key or address), `/healthz` (the process answers) and `/readyz` (synced with the API or
+//! The agent's HTTP endpoint: `/metrics` (Prometheus text; peers labelled by node name, external
+//! peers (the `Peer` resource) by Peer name (label `peer`), never by key or address), `/healthz` (the
+//! process answers) and `/readyz` (synced with the API or
 //! restored from state, and the data plane programmed). Renders the node's
 //! [`StatusReport`](crate::node_state::StatusReport), so `/metrics` and `kwire status` show the
 //! same numbers by construction.
@@ -60,15 +61,20 @@ impl Collector for StatusCollector {
     fn encode(&self, mut e: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         // The same numbers `kwire status` prints.
         let r = report(&self.0);
-        let node = |n: &str| one("node", n);
+        // Node peers labelled `node`, external peers (the `Peer` resource) `peer`.
+        let all: Vec<(Labels, &PeerReport)> = r
+            .peers
+            .iter()
+            .map(|p| (one("node", &p.node), p))
+            .chain(r.external_peers.iter().map(|p| (one("peer", &p.node), p)))
+            .collect();
         let peer_gauge = |f: &dyn Fn(&PeerReport) -> Option<f64>| -> Vec<(Labels, f64)> {
-            r.peers
-                .iter()
-                .filter_map(|p| f(p).map(|v| (node(&p.node), v)))
+            all.iter()
+                .filter_map(|(l, p)| f(p).map(|v| (l.clone(), v)))
                 .collect()
         };
         let peer_counter = |f: &dyn Fn(&PeerReport) -> u64| -> Vec<(Labels, u64)> {
-            r.peers.iter().map(|p| (node(&p.node), f(p))).collect()
+            all.iter().map(|(l, p)| (l.clone(), f(p))).collect()
         };
         gauge_family(
             &mut e,
@@ -94,24 +100,20 @@ impl Collector for StatusCollector {
             "Bytes sent to the peer (WireGuard payload before encryption)",
             &peer_counter(&|p| p.tx_bytes),
         )?;
-        let hs: Vec<(Labels, u64)> = r
-            .peers
+        let with = |l: &Labels, k: &str, v: String| -> Labels {
+            let mut l = l.clone();
+            l.push((k.to_string(), v));
+            l
+        };
+        let hs: Vec<(Labels, u64)> = all
             .iter()
-            .flat_map(|p| {
+            .flat_map(|(l, p)| {
                 [
                     ("success", p.handshakes),
                     ("timeout", p.handshakes_timeout),
                     ("rejected", p.handshakes_rejected),
                 ]
-                .map(|(result, n)| {
-                    (
-                        vec![
-                            ("node".to_string(), p.node.clone()),
-                            ("result".to_string(), result.to_string()),
-                        ],
-                        n,
-                    )
-                })
+                .map(|(result, n)| (with(l, "result", result.to_string()), n))
             })
             .collect();
         counter_family(
@@ -128,19 +130,9 @@ impl Collector for StatusCollector {
              does not know (after this node restarted)",
             &peer_counter(&|p| p.handshakes_triggered),
         )?;
-        let ep: Vec<(Labels, f64)> = r
-            .peers
+        let ep: Vec<(Labels, f64)> = all
             .iter()
-            .filter_map(|p| {
-                let ep = p.endpoint.clone()?;
-                Some((
-                    vec![
-                        ("node".to_string(), p.node.clone()),
-                        ("endpoint".to_string(), ep),
-                    ],
-                    1.0,
-                ))
-            })
+            .filter_map(|(l, p)| Some((with(l, "endpoint", p.endpoint.clone()?), 1.0)))
             .collect();
         gauge_family(
             &mut e,

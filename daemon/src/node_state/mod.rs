@@ -29,6 +29,8 @@ pub struct NodeState {
     pub counters: Arc<Counters>,
     /// Node name of each peer the control plane configured, by public key.
     pub peer_names: ArcSwap<BTreeMap<PublicKey, String>>,
+    /// Peer name of each external peer (the `Peer` resource) the control plane configured.
+    pub external_peer_names: ArcSwap<BTreeMap<PublicKey, String>>,
     /// Nodes refused as peers, by reason (the labels are fixed at construction).
     invalid_peers: Vec<(&'static str, AtomicU64)>,
     /// Synced with the API at least once, or restored from the state directory.
@@ -104,6 +106,7 @@ impl NodeState {
             device,
             counters,
             peer_names: ArcSwap::from_pointee(BTreeMap::new()),
+            external_peer_names: ArcSwap::from_pointee(BTreeMap::new()),
             invalid_peers: invalid_peer_reasons
                 .iter()
                 .map(|r| (*r, AtomicU64::new(0)))

@@ -31,6 +31,10 @@ pub struct StatusReport {
     pub peers_expected: u64,
     pub peers_connected: u64,
     pub peers: Vec<PeerReport>,
+    /// Peers outside the cluster (the `Peer` resource), by Peer name in `node`; not counted in
+    /// `peers_expected`/`peers_connected` (a laptop is offline as often as not).
+    #[serde(default)]
+    pub external_peers: Vec<PeerReport>,
     pub pods: Vec<PodReport>,
     pub packets: Packets,
     /// Drops by reason (every reason, zeros included).
@@ -164,11 +168,15 @@ pub fn report(st: &NodeState) -> StatusReport {
     let now = SystemTime::now();
     let sessions = st.device.session_keys();
     let (own, own_next) = (st.device.public_key(), st.device.next_public_key());
+    let external = st.external_peer_names.load();
     let mut peers = Vec::new();
+    let mut external_peers = Vec::new();
     for p in &info.peers {
         // Peers added by hand through the userspace API have no node: not reported.
-        let Some(node) = names.get(&p.public_key) else {
-            continue;
+        let (node, out) = match (names.get(&p.public_key), external.get(&p.public_key)) {
+            (Some(node), _) => (node, &mut peers),
+            (None, Some(peer)) => (peer, &mut external_peers),
+            (None, None) => continue,
         };
         let h = health.get(node).cloned().unwrap_or_default();
         let age = p
@@ -178,7 +186,7 @@ pub fn report(st: &NodeState) -> StatusReport {
         let count = |f: fn(&crate::wg::Peer) -> &AtomicU64| {
             live.map_or(0, |q| f(q).load(Ordering::Relaxed))
         };
-        peers.push(PeerReport {
+        out.push(PeerReport {
             node: node.clone(),
             public_key: p.public_key.to_base64(),
             endpoint: p.endpoint.map(|e| e.to_string()),
@@ -208,6 +216,7 @@ pub fn report(st: &NodeState) -> StatusReport {
     }
     drop(info);
     peers.sort_by(|a, b| a.node.cmp(&b.node));
+    external_peers.sort_by(|a, b| a.node.cmp(&b.node));
     let ctx = st.node.get();
     let pods = ctx.map_or_else(Vec::new, |ctx| {
         ctx.pods
@@ -261,6 +270,7 @@ pub fn report(st: &NodeState) -> StatusReport {
         peers_expected: names.len() as u64,
         peers_connected: peers.iter().filter(|p| p.up).count() as u64,
         peers,
+        external_peers,
         pods,
         packets: Packets {
             tx: c.packets_tx.load(Ordering::Relaxed),

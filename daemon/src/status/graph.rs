@@ -96,8 +96,38 @@ pub fn dot(reports: &[StatusReport], extra: &BTreeMap<String, GraphNode>) -> Str
         };
         let _ = writeln!(o, "  {} [label={}{extra}];", q(name), q(&label));
     }
+    // Peers outside the cluster (the `Peer` resource): ellipses, by Peer name, apart from the
+    // Nodes (a Node cannot be named `peer/...`).
+    let mut external: BTreeMap<String, (Vec<String>, Option<String>)> = BTreeMap::new();
+    for p in reports.iter().flat_map(|r| &r.external_peers) {
+        let e = external.entry(p.node.clone()).or_default();
+        e.0 = p.allowed_ips.clone();
+        if e.1.is_none() {
+            e.1 = p.endpoint.clone();
+        }
+    }
+    for (name, (ips, endpoint)) in &external {
+        let mut label = format!("Peer {name}");
+        for ip in ips {
+            let _ = write!(label, "\n{ip}");
+        }
+        if let Some(e) = endpoint {
+            let _ = write!(label, "\nlast seen at {e}");
+        }
+        let _ = writeln!(
+            o,
+            "  {} [label={}, shape=ellipse, fillcolor=\"#fff4dd\"];",
+            q(&format!("peer/{name}")),
+            q(&label)
+        );
+    }
     for r in reports {
-        for p in &r.peers {
+        let all = r.peers.iter().map(|p| (p, p.node.clone())).chain(
+            r.external_peers
+                .iter()
+                .map(|p| (p, format!("peer/{}", p.node))),
+        );
+        for (p, to) in all {
             let (style, colour) = edge_style(p.up, p.unreachable, p.last_handshake_age_seconds);
             let hs = p.last_handshake_age_seconds.map_or_else(
                 || "no handshake".to_string(),
@@ -112,7 +142,7 @@ pub fn dot(reports: &[StatusReport], extra: &BTreeMap<String, GraphNode>) -> Str
                 o,
                 "  {} -> {} [label={}, style={style}, color={colour}, fontcolor={colour}];",
                 q(&r.node),
-                q(&p.node),
+                q(&to),
                 q(&label)
             );
         }
@@ -239,6 +269,14 @@ mod tests {
         assert!(d.contains("\"n1\" -> \"n2\" [label=\"tx 100 B / rx 2.00 KiB\\nhandshake 1m 5s ago\", style=solid, color=darkgreen"), "{d}");
         assert!(d.contains("\"n1\" -> \"n3\" [label=\"tx 0 B / rx 0 B\\nno handshake\", style=dashed, color=red"), "{d}");
         assert!(d.contains("\"n4\" [label=\"n4\\n10.244.4.0/24\""), "{d}");
+        assert!(
+            d.contains("\"peer/laptop\" [label=\"Peer laptop\\n198.51.100.7/32\\nlast seen at 198.51.100.7:40000\", shape=ellipse"),
+            "{d}"
+        );
+        assert!(
+            d.contains("\"n1\" -> \"peer/laptop\" [label=\"tx 20 B / rx 10 B\\nhandshake 3s ago\""),
+            "{d}"
+        );
         if Command::new("dot")
             .arg("-V")
             .stderr(Stdio::null())

@@ -229,11 +229,27 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
     if !drops.is_empty() {
         o.push_str(&format!("  drops: {drops}\n"));
     }
-    let refused = nonzero(&r.invalid_peers);
+    let (external, nodes): (std::collections::BTreeMap<String, u64>, _) = r
+        .invalid_peers
+        .clone()
+        .into_iter()
+        .partition(|(k, _)| k.starts_with("peer_"));
+    let refused = nonzero(&nodes);
     if !refused.is_empty() {
         o.push_str(&format!("  Nodes refused as peers: {refused}\n"));
     }
-    for p in &r.peers {
+    let refused = nonzero(&external);
+    if !refused.is_empty() {
+        o.push_str(&format!(
+            "  Peers refused (kubectl get peers shows why): {refused}\n"
+        ));
+    }
+    let all = r
+        .peers
+        .iter()
+        .map(|p| ("peer", "33", p))
+        .chain(r.external_peers.iter().map(|p| ("external peer", "35", p)));
+    for (what, code, p) in all {
         o.push('\n');
         let state = match (p.up, p.unreachable) {
             (true, _) => paint("32", "up"),
@@ -242,7 +258,7 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
         };
         o.push_str(&format!(
             "{}: {} ({state})\n",
-            paint("33", "peer"),
+            paint(code, what),
             paint("1", &p.node)
         ));
         o.push_str(&format!(
@@ -292,6 +308,28 @@ pub(crate) mod tests {
     use super::*;
     use crate::node_state::{Packets, PeerReport, PodReport};
 
+    /// A peer that never handshook.
+    fn peer(node: &str, key: &str, allowed: &str) -> PeerReport {
+        PeerReport {
+            node: node.into(),
+            public_key: key.into(),
+            endpoint: None,
+            allowed_ips: vec![allowed.into()],
+            last_handshake_age_seconds: None,
+            rx_bytes: 0,
+            tx_bytes: 0,
+            tx_dropped: 0,
+            handshakes: 0,
+            handshakes_timeout: 0,
+            handshakes_rejected: 0,
+            handshakes_triggered: 0,
+            up: false,
+            unreachable: false,
+            session_local_key: "current".into(),
+            session_peer_key: "current".into(),
+        }
+    }
+
     pub(crate) fn sample() -> StatusReport {
         StatusReport {
             node: "n1".into(),
@@ -309,42 +347,35 @@ pub(crate) mod tests {
             peers_connected: 1,
             peers: vec![
                 PeerReport {
-                    node: "n2".into(),
-                    public_key: "k2".into(),
                     endpoint: Some("192.0.2.2:51820".into()),
-                    allowed_ips: vec!["10.244.2.0/24".into()],
                     last_handshake_age_seconds: Some(65.2),
                     rx_bytes: 2048,
                     tx_bytes: 100,
-                    tx_dropped: 0,
                     handshakes: 1,
-                    handshakes_timeout: 0,
-                    handshakes_rejected: 0,
-                    handshakes_triggered: 0,
                     up: true,
                     unreachable: false,
                     session_local_key: "next".into(),
                     session_peer_key: "current".into(),
+                    ..peer("n2", "k2", "10.244.2.0/24")
                 },
                 PeerReport {
-                    node: "n3".into(),
-                    public_key: "k3".into(),
-                    endpoint: None,
-                    allowed_ips: vec!["10.244.3.0/24".into()],
-                    last_handshake_age_seconds: None,
-                    rx_bytes: 0,
-                    tx_bytes: 0,
                     tx_dropped: 3,
-                    handshakes: 0,
                     handshakes_timeout: 4,
-                    handshakes_rejected: 0,
-                    handshakes_triggered: 0,
-                    up: false,
                     unreachable: true,
                     session_local_key: "current".into(),
                     session_peer_key: "current".into(),
+                    ..peer("n3", "k3", "10.244.3.0/24")
                 },
             ],
+            external_peers: vec![PeerReport {
+                endpoint: Some("198.51.100.7:40000".into()),
+                last_handshake_age_seconds: Some(3.0),
+                rx_bytes: 10,
+                tx_bytes: 20,
+                handshakes: 1,
+                up: true,
+                ..peer("laptop", "k4", "198.51.100.7/32")
+            }],
             pods: vec![PodReport {
                 namespace: Some("default".into()),
                 name: Some("web".into()),
@@ -356,7 +387,12 @@ pub(crate) mod tests {
                 local: 3,
             },
             drops: [("no_peer".to_string(), 4)].into_iter().collect(),
-            invalid_peers: [("duplicate_key".to_string(), 1)].into_iter().collect(),
+            invalid_peers: [
+                ("duplicate_key".to_string(), 1),
+                ("peer_overlaps_cluster".to_string(), 2),
+            ]
+            .into_iter()
+            .collect(),
             services: crate::node_state::ServicesReport {
                 synced: true,
                 services: 2,
@@ -392,7 +428,10 @@ pub(crate) mod tests {
             "latest handshake: never",
             "default/web  10.244.1.5",
             "drops: no_peer 4",
-            "Nodes refused as peers: duplicate_key 1",
+            "Nodes refused as peers: duplicate_key 1\n",
+            "Peers refused (kubectl get peers shows why): peer_overlaps_cluster 2",
+            "external peer: laptop (up)",
+            "allowed ips: 198.51.100.7/32",
             "services: 2 (3 frontends, 6 backends, 1 without endpoints); 5 flows translated, 4 remembered",
             "public key: k1 (written 1h 0m 0s ago)",
             "key rotation: rotating to k1next, started 4s ago",

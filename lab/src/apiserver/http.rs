@@ -85,7 +85,12 @@ struct Target {
     subresource: Option<String>,
 }
 
-fn resource_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, ApiError> {
+fn resource_target(
+    store: &super::store::Store,
+    group: &str,
+    version: &str,
+    rest: &[&str],
+) -> Result<Target, ApiError> {
     let not_found = || {
         ApiError::new(
             404,
@@ -93,7 +98,9 @@ fn resource_target(group: &str, version: &str, rest: &[&str]) -> Result<Target, 
             "the server could not find the requested resource",
         )
     };
-    let find = |plural: &str| resources::find(group, version, plural);
+    let find = |plural: &str| {
+        resources::find(group, version, plural).filter(|k| super::crd::served(store, k))
+    };
     // `namespaces/NS/RESOURCE[/NAME[/SUB]]` when RESOURCE is a namespaced resource.
     if rest.len() >= 3 && rest[0] == "namespaces" {
         if let Some(kind) = find(rest[2]).filter(|k| k.namespaced) {
@@ -143,6 +150,7 @@ async fn dispatch(
     }
     let segs: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
     tracing::debug!(%method, path = uri.path(), "request");
+    let custom = || super::crd::served_kinds(app.registry.store());
     let result = match segs.as_slice() {
         ["version"] => Ok(json_response(200, &version())),
         ["healthz"] | ["livez"] | ["readyz"] => Ok((StatusCode::OK, "ok").into_response()),
@@ -150,15 +158,15 @@ async fn dispatch(
             200,
             &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": app.settings.server_address}]}),
         )),
-        ["apis"] => Ok(json_response(200, &api_group_list())),
+        ["apis"] => Ok(json_response(200, &api_group_list(&custom()))),
         ["api", "v1"] => Ok(json_response(
             200,
-            &api_resource_list("", "v1").expect("core served"),
+            &api_resource_list("", "v1", &[]).expect("core served"),
         )),
-        ["apis", group] => api_group(group)
+        ["apis", group] => api_group(group, &custom())
             .map(|g| json_response(200, &g))
             .ok_or_else(|| not_found_path(&uri)),
-        ["apis", group, version] => api_resource_list(group, version)
+        ["apis", group, version] => api_resource_list(group, version, &custom())
             .map(|l| json_response(200, &l))
             .ok_or_else(|| not_found_path(&uri)),
         ["api", "v1", rest @ ..] => {
@@ -350,7 +358,7 @@ fn handle_resource(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let (app, user, method) = (req.app, req.user, req.method);
-    let target = resource_target(req.group, req.version, rest)?;
+    let target = resource_target(req.app.registry.store(), req.group, req.version, rest)?;
     let kind = target.kind;
     let ns = target.namespace.as_deref();
     let store = app.registry.store();

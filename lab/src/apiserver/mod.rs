@@ -2,8 +2,10 @@
 //! kinds kwire watches (core/v1 nodes, pods, namespaces, services, events, serviceaccounts,
 //! secrets; discovery.k8s.io/v1 endpointslices; networking.k8s.io/v1 networkpolicies;
 //! events.k8s.io/v1 events; rbac.authorization.k8s.io/v1 roles and bindings;
-//! admissionregistration.k8s.io/v1 validating admission policies and bindings), with podCIDR
-//! allocation for new Nodes as kube-controller-manager does it.
+//! admissionregistration.k8s.io/v1 validating admission policies and bindings;
+//! apiextensions.k8s.io/v1 CustomResourceDefinitions, and the custom kinds they define, served
+//! like the built-in ones with their schemas checked, see [`crd`]), with podCIDR allocation for
+//! new Nodes as kube-controller-manager does it.
 //!
 //! **Security, as in a real cluster:** HTTPS only, with a CA made per server ([`tls`]);
 //! bearer-token authentication ([`authn`]: an admin token, and service account tokens bound to a
@@ -32,7 +34,7 @@
 //! graceful deletion (pods go at once), no namespace cascade (Terminating) on delete; no mutating
 //! admission, no admission plugins besides ValidatingAdmissionPolicy (see [`admission`] for what
 //! of it is missing); no client certificates, no impersonation, tokens are not JWTs
-//! ([`authn`]); no OpenAPI schemas (a stub v3 document tells kubectl that the server validates,
+//! ([`authn`]); no OpenAPI schemas for built-in kinds (a stub v3 document tells kubectl that the server validates,
 //! and `fieldValidation=Strict` is ignored: unknown fields are kept, not rejected); no
 //! protobuf, no dryRun (400), no deletecollection, no managedFields, no aggregated discovery
 //! (clients fall back to the legacy documents); a watch from a resourceVersion newer than the
@@ -48,6 +50,7 @@ pub mod admission;
 pub mod alloc;
 pub mod authn;
 pub mod cidr;
+pub mod crd;
 pub mod error;
 pub mod http;
 pub mod kubeconfig;

@@ -12,6 +12,7 @@ use serde_json::{json, Value};
 use super::admission::{AdmissionRequest, Operation, Policies};
 use super::alloc::Allocators;
 use super::authn::UserInfo;
+use super::crd;
 use super::error::ApiError;
 use super::rbac::RbacObjects;
 use super::resources::{self, ResourceKind};
@@ -106,9 +107,14 @@ impl Registry {
         } else {
             None
         };
+        let schema = crd::schema_of(&self.store, kind)?;
         let policies = self.policies();
         let ns_object = self.namespace_object(kind, &ns);
         let admit = |_: Option<&Value>, new: Option<&Value>| {
+            crd::check_schema(kind, schema.as_ref(), new)?;
+            if let (Some(crd), "customresourcedefinitions") = (new, kind.storage) {
+                crd::register(crd)?;
+            }
             let name = new
                 .and_then(|o| o.pointer("/metadata/name"))
                 .and_then(Value::as_str)
@@ -132,6 +138,9 @@ impl Registry {
                 return Err(e);
             }
         };
+        if kind.storage == "customresourcedefinitions" {
+            return self.establish(kind, created);
+        }
         if kind.storage == "nodes" {
             let name = created
                 .pointer("/metadata/name")
@@ -156,6 +165,21 @@ impl Registry {
         Ok(created)
     }
 
+    /// A CRD just stored (its kinds registered when it was admitted): writes the status the
+    /// real server's CRD controllers write (names accepted, established).
+    fn establish(&self, kind: &'static ResourceKind, created: Value) -> Result<Value, ApiError> {
+        let name = created
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let status = crd::established_status(&created);
+        self.store.modify(kind, None, &name, true, |mut c| {
+            c["status"] = status;
+            Ok(c)
+        })
+    }
+
     /// Reads, changes and writes an object (or its status) as `user`: PUT and PATCH.
     pub fn modify(
         &self,
@@ -167,9 +191,14 @@ impl Registry {
         change: impl FnOnce(Value) -> Result<Value, ApiError>,
     ) -> Result<Value, ApiError> {
         let ns = namespace.unwrap_or("").to_string();
+        let schema = crd::schema_of(&self.store, kind)?;
         let policies = self.policies();
         let ns_object = self.namespace_object(kind, &ns);
         let admit = |old: Option<&Value>, new: Option<&Value>| {
+            crd::check_schema(kind, schema.as_ref(), new)?;
+            if let (Some(crd), "customresourcedefinitions", false) = (new, kind.storage, status) {
+                crd::register(crd)?;
+            }
             let req = AdmissionRequest {
                 operation: Operation::Update,
                 kind,

@@ -308,6 +308,19 @@ pub static KINDS: &[ResourceKind] = &[
         status_subresource: false,
         extra_fields: &[],
     },
+    ResourceKind {
+        group: "apiextensions.k8s.io",
+        version: "v1",
+        plural: "customresourcedefinitions",
+        singular: "customresourcedefinition",
+        kind: "CustomResourceDefinition",
+        namespaced: false,
+        short_names: &["crd", "crds"],
+        name_rule: NameRule::Subdomain,
+        storage: "customresourcedefinitions",
+        status_subresource: true,
+        extra_fields: &[],
+    },
 ];
 
 /// The API groups besides core, in discovery order.
@@ -317,35 +330,110 @@ pub const GROUPS: &[&str] = &[
     "events.k8s.io",
     "rbac.authorization.k8s.io",
     "admissionregistration.k8s.io",
+    "apiextensions.k8s.io",
 ];
+
+/// Custom kinds registered in this process ([`register_custom`]).
+static CUSTOM: std::sync::RwLock<Vec<&'static ResourceKind>> = std::sync::RwLock::new(Vec::new());
+
+/// Every kind known in this process: the built-in ones, then the custom ones some stand-in's
+/// CustomResourceDefinitions registered ([`super::crd`]). A custom kind known here is served
+/// only by a stand-in whose store holds its CRD ([`super::crd::served`]).
+fn known() -> impl Iterator<Item = &'static ResourceKind> {
+    let custom = CUSTOM.read().unwrap_or_else(|e| e.into_inner()).clone();
+    KINDS.iter().chain(custom)
+}
+
+/// A kind a CustomResourceDefinition defines (one per served version).
+#[derive(Debug, Clone)]
+pub struct CustomKind {
+    pub group: String,
+    pub version: String,
+    pub plural: String,
+    pub singular: String,
+    pub kind: String,
+    pub namespaced: bool,
+    pub short_names: Vec<String>,
+    pub status_subresource: bool,
+}
+
+fn leak(s: &str) -> &'static str {
+    Box::leak(s.to_string().into_boxed_str())
+}
+
+/// Makes a custom kind known in this process, once per group/version/plural (a
+/// `ResourceKind` is `'static`: each distinct one is leaked once). A second definition must
+/// agree on kind, scope and subresources.
+pub fn register_custom(c: CustomKind) -> Result<&'static ResourceKind, String> {
+    let mut reg = CUSTOM.write().unwrap_or_else(|e| e.into_inner());
+    let same = |k: &&&'static ResourceKind| {
+        k.group == c.group && k.version == c.version && k.plural == c.plural
+    };
+    if let Some(k) = reg.iter().find(same) {
+        if k.kind != c.kind
+            || k.namespaced != c.namespaced
+            || k.status_subresource != c.status_subresource
+        {
+            return Err(format!(
+                "the kwire-lab stand-in cannot change the kind, scope or subresources of {}.{}/{} once defined in this process (the real server can); use another group or plural",
+                c.plural, c.group, c.version
+            ));
+        }
+        return Ok(*k);
+    }
+    let short: Vec<&'static str> = c.short_names.iter().map(|s| leak(s)).collect();
+    let k: &'static ResourceKind = Box::leak(Box::new(ResourceKind {
+        group: leak(&c.group),
+        version: leak(&c.version),
+        plural: leak(&c.plural),
+        singular: leak(&c.singular),
+        kind: leak(&c.kind),
+        namespaced: c.namespaced,
+        short_names: Box::leak(short.into_boxed_slice()),
+        name_rule: NameRule::Subdomain,
+        // One storage per version: the stand-in does not convert between versions.
+        storage: leak(&format!("{}.{}/{}", c.plural, c.group, c.version)),
+        status_subresource: c.status_subresource,
+        extra_fields: &[],
+    }));
+    reg.push(k);
+    Ok(k)
+}
+
+/// True for the kinds compiled in (not from a CustomResourceDefinition).
+pub fn is_builtin(kind: &ResourceKind) -> bool {
+    KINDS.iter().any(|k| std::ptr::eq(k, kind))
+}
 
 /// Looks up a resource by group, version and plural.
 pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceKind> {
-    KINDS
-        .iter()
-        .find(|k| k.group == group && k.version == version && k.plural == plural)
+    known().find(|k| k.group == group && k.version == version && k.plural == plural)
 }
 
 /// Looks up the canonical (storage-owning) kind for a storage name: the core/v1 one for events.
 pub fn by_storage(storage: &str) -> Option<&'static ResourceKind> {
-    KINDS.iter().find(|k| k.storage == storage)
+    known().find(|k| k.storage == storage)
 }
 
 /// Finds the resource for a Kind (`apiVersion` + `kind`), as the in-process API takes objects.
 pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static ResourceKind> {
-    KINDS
-        .iter()
-        .find(|k| k.api_version() == api_version && k.kind == kind)
+    known().find(|k| k.api_version() == api_version && k.kind == kind)
 }
 
 const VERBS: &[&str] = &[
     "create", "delete", "get", "list", "patch", "update", "watch",
 ];
 
-/// `APIResourceList` for one group/version, or None when we do not serve it.
-pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
+/// `APIResourceList` for one group/version, or None when we do not serve it; `custom` are the
+/// custom kinds this stand-in serves.
+pub fn api_resource_list(
+    group: &str,
+    version: &str,
+    custom: &[&'static ResourceKind],
+) -> Option<Value> {
     let kinds: Vec<&ResourceKind> = KINDS
         .iter()
+        .chain(custom.iter().copied())
         .filter(|k| k.group == group && k.version == version)
         .collect();
     if kinds.is_empty() {
@@ -382,20 +470,38 @@ pub fn api_resource_list(group: &str, version: &str) -> Option<Value> {
     )
 }
 
-/// `APIGroup` for one named group.
-pub fn api_group(group: &str) -> Option<Value> {
-    GROUPS.contains(&group).then(|| {
-        let gv = json!({"groupVersion": format!("{group}/v1"), "version": "v1"});
-        json!({"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": [gv.clone()], "preferredVersion": gv})
-    })
+/// `APIGroup` for one named group (built in, or of one of the `custom` kinds served).
+pub fn api_group(group: &str, custom: &[&'static ResourceKind]) -> Option<Value> {
+    let versions: Vec<&str> = if GROUPS.contains(&group) {
+        vec!["v1"]
+    } else {
+        let mut v: Vec<&str> = custom
+            .iter()
+            .filter(|k| k.group == group)
+            .map(|k| k.version)
+            .collect();
+        v.dedup();
+        v
+    };
+    let gvs: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{group}/{v}"), "version": v}))
+        .collect();
+    let preferred = gvs.first()?.clone();
+    Some(
+        json!({"kind": "APIGroup", "apiVersion": "v1", "name": group, "versions": gvs, "preferredVersion": preferred}),
+    )
 }
 
-/// `APIGroupList` for `/apis`.
-pub fn api_group_list() -> Value {
-    let groups: Vec<Value> = GROUPS
-        .iter()
-        .map(|g| api_group(g).expect("listed group"))
-        .collect();
+/// `APIGroupList` for `/apis`: the built-in groups, then the custom ones served.
+pub fn api_group_list(custom: &[&'static ResourceKind]) -> Value {
+    let mut names: Vec<&str> = GROUPS.to_vec();
+    for k in custom {
+        if !names.contains(&k.group) {
+            names.push(k.group);
+        }
+    }
+    let groups: Vec<Value> = names.iter().filter_map(|g| api_group(g, custom)).collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
@@ -474,7 +580,7 @@ mod tests {
 
     #[test]
     fn discovery_lists_every_kind() {
-        let core = api_resource_list("", "v1").unwrap();
+        let core = api_resource_list("", "v1", &[]).unwrap();
         let names: Vec<&str> = core["resources"]
             .as_array()
             .unwrap()
@@ -491,10 +597,10 @@ mod tests {
         ] {
             assert!(names.contains(&n), "{n} missing from {names:?}");
         }
-        assert!(api_resource_list("networking.k8s.io", "v1").is_some());
-        assert!(api_resource_list("apps", "v1").is_none());
+        assert!(api_resource_list("networking.k8s.io", "v1", &[]).is_some());
+        assert!(api_resource_list("apps", "v1", &[]).is_none());
         assert_eq!(
-            api_group_list()["groups"].as_array().unwrap().len(),
+            api_group_list(&[])["groups"].as_array().unwrap().len(),
             GROUPS.len()
         );
     }

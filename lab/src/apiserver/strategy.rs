@@ -151,6 +151,22 @@ pub fn apply_defaults(kind: &ResourceKind, object: &mut Value) {
             }
         }
         "endpointslices" => default_port_protocols(object.get_mut("ports")),
+        "secrets" if kind.group.is_empty() => {
+            // `stringData` is write-only: the real server merges it into `data` (base64).
+            if let Some(Value::Object(strings)) =
+                object.as_object_mut().and_then(|o| o.remove("stringData"))
+            {
+                use base64::Engine as _;
+                let data = obj_mut(object, "data");
+                for (k, v) in strings {
+                    let text = v.as_str().unwrap_or_default();
+                    data.insert(
+                        k,
+                        json!(base64::engine::general_purpose::STANDARD.encode(text)),
+                    );
+                }
+            }
+        }
         "namespaces" => {
             let name = object
                 .pointer("/metadata/name")
@@ -358,6 +374,18 @@ mod tests {
         assert_eq!(u.len(), 36);
         assert_eq!(&u[14..15], "4");
         assert_eq!(name_suffix().len(), 5);
+    }
+
+    #[test]
+    fn secret_string_data_is_merged_into_data() {
+        let kind = find("", "v1", "secrets").unwrap();
+        let mut s =
+            json!({"metadata": {"name": "s"}, "data": {"a": "YQ=="}, "stringData": {"b": "b"}});
+        apply_defaults(kind, &mut s);
+        assert_eq!(
+            s,
+            json!({"metadata": {"name": "s"}, "data": {"a": "YQ==", "b": "Yg=="}})
+        );
     }
 
     #[test]

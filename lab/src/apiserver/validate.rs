@@ -48,6 +48,11 @@ impl std::fmt::Display for FieldError {
     }
 }
 
+/// The string at a JSON pointer, or "".
+pub(super) fn str_at<'a>(v: &'a Value, ptr: &str) -> &'a str {
+    v.pointer(ptr).and_then(Value::as_str).unwrap_or("")
+}
+
 fn name_ok(rule: NameRule, name: &str) -> Result<(), &'static str> {
     let ok = match rule {
         NameRule::Subdomain => is_dns1123_subdomain(name),
@@ -66,6 +71,158 @@ fn name_ok(rule: NameRule, name: &str) -> Result<(), &'static str> {
         NameRule::Dns1035 => "a DNS-1035 label must consist of lower case alphanumeric characters or '-', start with an alphabetic character, and end with an alphanumeric character",
         NameRule::PathSegment => "may not contain '/' or '%' and may not be '.' or '..'",
     })
+}
+
+/// Checks a CustomResourceDefinition as the real server's validation does for the fields the
+/// stand-in uses; the errors are 422 causes.
+pub fn validate_crd(crd: &Value) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    let group = str_at(crd, "/spec/group");
+    let plural = str_at(crd, "/spec/names/plural");
+    let kind = str_at(crd, "/spec/names/kind");
+    if group.is_empty() || !group.contains('.') {
+        errors.push(FieldError::invalid(
+            "spec.group",
+            group,
+            "should be a domain with at least one dot",
+        ));
+    }
+    if super::resources::GROUPS.contains(&group) || group.is_empty() {
+        errors.push(FieldError::forbidden(
+            "spec.group",
+            "a built-in API group cannot be extended",
+        ));
+    }
+    if plural.is_empty() || !is_dns1035_label(plural) {
+        errors.push(FieldError::invalid(
+            "spec.names.plural",
+            plural,
+            "a lowercase DNS-1035 label is required",
+        ));
+    }
+    if kind.is_empty() {
+        errors.push(FieldError::required("spec.names.kind"));
+    }
+    let name = str_at(crd, "/metadata/name");
+    if name != format!("{plural}.{group}") {
+        errors.push(FieldError::invalid(
+            "metadata.name",
+            name,
+            "must be spec.names.plural+\".\"+spec.group",
+        ));
+    }
+    match str_at(crd, "/spec/scope") {
+        "Cluster" | "Namespaced" => {}
+        s => errors.push(FieldError::invalid(
+            "spec.scope",
+            s,
+            "supported values: \"Cluster\", \"Namespaced\"",
+        )),
+    }
+    let versions = crd
+        .pointer("/spec/versions")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if versions.is_empty() {
+        errors.push(FieldError::required("spec.versions"));
+    }
+    let storage = versions
+        .iter()
+        .filter(|v| v.get("storage").and_then(Value::as_bool) == Some(true))
+        .count();
+    if !versions.is_empty() && storage != 1 {
+        errors.push(FieldError::invalid(
+            "spec.versions",
+            &storage.to_string(),
+            "must have exactly one version marked as storage version",
+        ));
+    }
+    for (i, v) in versions.iter().enumerate() {
+        let vname = str_at(v, "/name");
+        if vname.is_empty() || !is_dns1035_label(vname) {
+            errors.push(FieldError::invalid(
+                &format!("spec.versions[{i}].name"),
+                vname,
+                "a DNS-1035 label is required",
+            ));
+        }
+        match v.pointer("/schema/openAPIV3Schema") {
+            Some(s) if s.get("type").and_then(Value::as_str) == Some("object") => {
+                unchecked_keywords(
+                    s,
+                    &format!("spec.versions[{i}].schema.openAPIV3Schema"),
+                    &mut errors,
+                );
+            }
+            _ => errors.push(FieldError::required(&format!(
+                "spec.versions[{i}].schema.openAPIV3Schema (a structural schema of type object; the stand-in needs one)"
+            ))),
+        }
+    }
+    errors
+}
+
+/// Schema keywords the stand-in checks ([`super::crd`]) or that change nothing (documentation).
+const SCHEMA_KEYWORDS: &[&str] = &[
+    "type",
+    "properties",
+    "required",
+    "items",
+    "additionalProperties",
+    "enum",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "minimum",
+    "maximum",
+    "nullable",
+    "format",
+    "x-kubernetes-preserve-unknown-fields",
+    "x-kubernetes-list-type",
+    "x-kubernetes-list-map-keys",
+    "x-kubernetes-map-type",
+    "description",
+    "title",
+    "example",
+    "externalDocs",
+];
+
+/// Formats the stand-in checks (the real server knows more).
+pub const SCHEMA_FORMATS: &[&str] = &["date-time", "int32", "int64"];
+
+/// Refuses what a CRD's schema asks that the stand-in would not enforce (CEL rules, oneOf,
+/// defaults, ...): a lab that accepted them unchecked would be kinder than a cluster.
+fn unchecked_keywords(schema: &Value, path: &str, errors: &mut Vec<FieldError>) {
+    let Some(map) = schema.as_object() else {
+        return;
+    };
+    for (k, v) in map {
+        if !SCHEMA_KEYWORDS.contains(&k.as_str()) {
+            errors.push(FieldError::forbidden(
+                &format!("{path}.{k}"),
+                "not enforced by the kwire-lab API stand-in (the real API server enforces it): leave it out, or teach lab/src/apiserver/crd.rs",
+            ));
+        }
+        if k == "format" && !v.as_str().is_some_and(|f| SCHEMA_FORMATS.contains(&f)) {
+            errors.push(FieldError::forbidden(
+                &format!("{path}.format"),
+                "a format the kwire-lab API stand-in does not check (it checks date-time, int32, int64)",
+            ));
+        }
+    }
+    if let Some(props) = map.get("properties").and_then(Value::as_object) {
+        for (name, sub) in props {
+            unchecked_keywords(sub, &format!("{path}.properties.{name}"), errors);
+        }
+    }
+    for k in ["items", "additionalProperties"] {
+        if let Some(sub) = map.get(k).filter(|s| s.is_object()) {
+            unchecked_keywords(sub, &format!("{path}.{k}"), errors);
+        }
+    }
 }
 
 /// Validates an object about to be stored (after defaulting and name generation).
@@ -115,6 +272,9 @@ pub fn validate_object(kind: &ResourceKind, object: &Value) -> Vec<FieldError> {
         }
     }
     match kind.plural {
+        "customresourcedefinitions" if kind.group == "apiextensions.k8s.io" => {
+            errors.extend(validate_crd(object));
+        }
         "pods" => {
             let containers = object.pointer("/spec/containers").and_then(Value::as_array);
             match containers {

@@ -4,6 +4,7 @@
 use serde::Deserialize as _;
 use serde_json::Value;
 
+use crate::apiserver::crd;
 use crate::apiserver::resources::{self, ResourceKind};
 
 /// One object of a manifest with where it lives in the API.
@@ -65,6 +66,22 @@ fn collect(v: Value, source: &str, out: &mut Vec<ManifestObject>) -> Result<(), 
         return Ok(());
     }
     let api_version = v["apiVersion"].as_str().unwrap_or("");
+    // Custom kinds: this process learns them from deploy/'s CRDs and from CRDs in the manifest
+    // (the stand-in, another process, serves them only once it stores their CRD).
+    static DEPLOY_CRDS: std::sync::Once = std::sync::Once::new();
+    DEPLOY_CRDS.call_once(|| {
+        for crd in crate::manifests::api_objects()
+            .unwrap_or_default()
+            .iter()
+            .filter(|o| o["kind"] == "CustomResourceDefinition")
+        {
+            let _ = crd::register(crd);
+        }
+    });
+    if kind == "CustomResourceDefinition" && crate::apiserver::validate::validate_crd(&v).is_empty()
+    {
+        let _ = crd::register(&v);
+    }
     let rk = resources::by_kind(api_version, &kind).ok_or_else(|| {
         format!(
             "{source}: kind {kind:?} of apiVersion {api_version:?} is not served by the lab's API stand-in"

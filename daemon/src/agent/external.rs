@@ -1,0 +1,810 @@
+//! Peers outside the cluster: the `Peer` custom resource (`kwire.dev/v1alpha1`, cluster-scoped,
+//! `deploy/peer-crd.yaml`). Every agent adds each valid Peer to its device; a Peer whose spec
+//! cannot be used is refused with the condition `Accepted=False` and a reason in its status, and
+//! counted in `kwire_invalid_peer_total{reason="peer_..."}`.
+//!
+//! A Peer's allowed IPs are its own addresses: what it may send from, and what every node
+//! routes to it. They may not overlap the cluster's pod or Service ranges (`--cluster-cidr`,
+//! `--service-cidr`: every node's podCIDR lies inside them), contain a Node's address or one of
+//! this host's, or overlap another Peer's; two Peers with overlapping addresses or the same key:
+//! the older one (then the smaller name) keeps them, as with Nodes. Every agent decides alike
+//! from the same objects, so they write the same condition.
+//!
+//! Pure functions here (selection, device changes, the condition); the watch, the status patch
+//! and the Secret read are the control loop's ([`super`]).
+
+use super::peers::{parse_range, RangeError};
+use crate::wg::key::PresharedKey;
+use crate::wg::uapi::PeerChange;
+use ipnetwork::IpNetwork;
+use kube::api::{ApiResource, DynamicObject};
+use kube::runtime::watcher::Event;
+use kwire_proto::key::PublicKey;
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+/// The API group and version of `Peer`.
+pub const GROUP: &str = "kwire.dev";
+pub const VERSION: &str = "v1alpha1";
+/// Where a Peer's preshared key Secret lives (`deploy/kwire.yaml` lets the agent `get` there).
+pub const PSK_NAMESPACE: &str = "kwire-peer-keys";
+/// The data key of the preshared key in that Secret.
+pub const PSK_DATA_KEY: &str = "presharedKey";
+/// The condition every agent writes on a Peer.
+pub const CONDITION: &str = "Accepted";
+/// An allowed IP wider than this (IPv4) is not "the peer's own addresses": refused.
+pub const MIN_PREFIX_V4: u8 = 16;
+/// The same for IPv6.
+pub const MIN_PREFIX_V6: u8 = 48;
+
+/// The `Peer` resource for kube's dynamic API.
+pub fn api_resource() -> ApiResource {
+    ApiResource {
+        group: GROUP.into(),
+        version: VERSION.into(),
+        api_version: format!("{GROUP}/{VERSION}"),
+        kind: "Peer".into(),
+        plural: "peers".into(),
+    }
+}
+
+/// Why a Peer is not added. Its label is bounded (a metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PeerRejectReason {
+    /// `spec.publicKey` is not base64 of 32 bytes, or is all zeros.
+    BadKey,
+    /// A Node, this node, or an older Peer has the same key.
+    DuplicateKey,
+    /// `spec.allowedIPs` is empty, has an entry that is not a CIDR, or one that is too wide.
+    BadAllowedIps,
+    /// An allowed IP overlaps the cluster's pod or Service ranges.
+    OverlapsCluster,
+    /// An allowed IP contains a Node's address or one of this host's.
+    CoversNode,
+    /// An allowed IP overlaps an older Peer's.
+    OverlapsPeer,
+    /// `spec.endpoint` is not a usable IP:port.
+    BadEndpoint,
+    /// `spec.persistentKeepalive` is not 0 to 65535.
+    BadKeepalive,
+    /// The preshared key Secret is missing, unreadable, or holds no valid key.
+    PresharedKeyUnavailable,
+}
+
+impl PeerRejectReason {
+    pub const ALL: [PeerRejectReason; 9] = [
+        PeerRejectReason::BadKey,
+        PeerRejectReason::DuplicateKey,
+        PeerRejectReason::BadAllowedIps,
+        PeerRejectReason::OverlapsCluster,
+        PeerRejectReason::CoversNode,
+        PeerRejectReason::OverlapsPeer,
+        PeerRejectReason::BadEndpoint,
+        PeerRejectReason::BadKeepalive,
+        PeerRejectReason::PresharedKeyUnavailable,
+    ];
+
+    /// The `reason` label of `kwire_invalid_peer_total` (prefixed `peer_`: Nodes use the rest).
+    pub fn metric_label(self) -> &'static str {
+        match self {
+            PeerRejectReason::BadKey => "peer_bad_key",
+            PeerRejectReason::DuplicateKey => "peer_duplicate_key",
+            PeerRejectReason::BadAllowedIps => "peer_bad_allowed_ips",
+            PeerRejectReason::OverlapsCluster => "peer_overlaps_cluster",
+            PeerRejectReason::CoversNode => "peer_covers_node",
+            PeerRejectReason::OverlapsPeer => "peer_overlaps_peer",
+            PeerRejectReason::BadEndpoint => "peer_bad_endpoint",
+            PeerRejectReason::BadKeepalive => "peer_bad_keepalive",
+            PeerRejectReason::PresharedKeyUnavailable => "peer_preshared_key_unavailable",
+        }
+    }
+
+    /// The condition's `reason` (PascalCase).
+    pub fn condition_reason(self) -> &'static str {
+        match self {
+            PeerRejectReason::BadKey => "BadPublicKey",
+            PeerRejectReason::DuplicateKey => "DuplicatePublicKey",
+            PeerRejectReason::BadAllowedIps => "BadAllowedIPs",
+            PeerRejectReason::OverlapsCluster => "AllowedIPsOverlapCluster",
+            PeerRejectReason::CoversNode => "AllowedIPsCoverNode",
+            PeerRejectReason::OverlapsPeer => "AllowedIPsOverlapPeer",
+            PeerRejectReason::BadEndpoint => "BadEndpoint",
+            PeerRejectReason::BadKeepalive => "BadPersistentKeepalive",
+            PeerRejectReason::PresharedKeyUnavailable => "PresharedKeyUnavailable",
+        }
+    }
+}
+
+/// What selection reads of a Peer object.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PeerObject {
+    pub name: String,
+    /// `metadata.creationTimestamp`, RFC 3339 (sorts by time; None sorts as the newest).
+    pub created: Option<String>,
+    pub generation: Option<i64>,
+    pub spec: Value,
+    /// The `Accepted` condition as stored.
+    pub accepted: Option<Condition>,
+}
+
+/// A Peer's `Accepted` condition as stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Condition {
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    pub observed_generation: Option<i64>,
+    pub last_transition_time: String,
+}
+
+impl PeerObject {
+    pub fn from_dynamic(o: &DynamicObject) -> Option<PeerObject> {
+        let name = o.metadata.name.clone()?;
+        let cond = o
+            .data
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .and_then(|cs| cs.iter().find(|c| c["type"] == CONDITION))
+            .map(|c| {
+                let s = |k: &str| c[k].as_str().unwrap_or("").to_string();
+                Condition {
+                    status: s("status"),
+                    reason: s("reason"),
+                    message: s("message"),
+                    observed_generation: c["observedGeneration"].as_i64(),
+                    last_transition_time: s("lastTransitionTime"),
+                }
+            });
+        Some(PeerObject {
+            name,
+            created: o
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string()),
+            generation: o.metadata.generation,
+            spec: o.data.get("spec").cloned().unwrap_or(Value::Null),
+            accepted: cond,
+        })
+    }
+
+    /// The Secret holding this Peer's preshared key, if it names one.
+    pub fn psk_secret(&self) -> Option<&str> {
+        self.spec
+            .pointer("/presharedKeySecretRef/name")
+            .and_then(Value::as_str)
+    }
+}
+
+/// A Peer as the device gets it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExternalPeer {
+    pub name: String,
+    pub public_key: PublicKey,
+    pub endpoint: Option<SocketAddr>,
+    pub allowed_ips: Vec<IpNetwork>,
+    pub keepalive: u16,
+    /// The preshared key's Secret, if any (the key itself is in [`Context::psks`]).
+    pub psk_secret: Option<String>,
+}
+
+/// The verdict on one Peer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Accepted(ExternalPeer),
+    Refused {
+        reason: PeerRejectReason,
+        message: String,
+    },
+}
+
+/// What a Peer is checked against.
+#[derive(Debug, Default)]
+pub struct Context {
+    /// `--cluster-cidr` and `--service-cidr`.
+    pub cluster: Vec<IpNetwork>,
+    /// Every Node's addresses and endpoints, and this host's addresses.
+    pub node_addresses: BTreeSet<IpAddr>,
+    /// This node's key and every Node peer's.
+    pub node_keys: BTreeSet<PublicKey>,
+    /// Preshared keys read so far, by Secret name (None: the read failed or held no key).
+    pub psks: BTreeMap<String, Option<PresharedKey>>,
+}
+
+fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
+    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
+}
+
+fn refuse(reason: PeerRejectReason, message: impl Into<String>) -> Verdict {
+    Verdict::Refused {
+        reason,
+        message: message.into(),
+    }
+}
+
+fn no(reason: PeerRejectReason, message: impl Into<String>) -> (PeerRejectReason, String) {
+    (reason, message.into())
+}
+
+/// Checks one Peer on its own (no other Peer considered).
+fn check(p: &PeerObject, ctx: &Context) -> Result<ExternalPeer, (PeerRejectReason, String)> {
+    use PeerRejectReason as R;
+    let key_text = p.spec["publicKey"].as_str().unwrap_or("");
+    let key = match PublicKey::from_base64(key_text) {
+        Ok(k) if k.0 != [0; 32] => k,
+        Ok(_) => return Err(no(R::BadKey, "spec.publicKey is the all-zero key")),
+        Err(_) => {
+            return Err(no(
+                R::BadKey,
+                "spec.publicKey is not a WireGuard public key (44 characters of base64, as `wg pubkey` prints it)",
+            ))
+        }
+    };
+    if ctx.node_keys.contains(&key) {
+        return Err(no(
+            R::DuplicateKey,
+            "spec.publicKey is a Node's key: every Peer needs its own key pair",
+        ));
+    }
+    let written: Vec<&str> = p.spec["allowedIPs"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap_or("")).collect())
+        .unwrap_or_default();
+    if written.is_empty() {
+        return Err(no(
+            R::BadAllowedIps,
+            "spec.allowedIPs is empty: give the peer's own address, e.g. 10.250.0.2/32",
+        ));
+    }
+    let mut allowed = Vec::new();
+    for w in written {
+        let n = parse_range(w, MIN_PREFIX_V4, MIN_PREFIX_V6).map_err(|e| {
+            let why = match e {
+                RangeError::NotCidr => format!("spec.allowedIPs: {w:?} is not a CIDR (address/prefix)"),
+                RangeError::TooWide(min) => format!("spec.allowedIPs: {w} is wider than /{min}: a Peer's allowed IPs are its own addresses, not a network behind it"),
+            };
+            no(R::BadAllowedIps, why)
+        })?;
+        if let Some(c) = ctx.cluster.iter().find(|c| overlaps(c, &n)) {
+            return Err(no(
+                R::OverlapsCluster,
+                format!("spec.allowedIPs: {n} overlaps the cluster range {c} (pods or Services): pick addresses outside the cluster's ranges"),
+            ));
+        }
+        if let Some(a) = ctx.node_addresses.iter().find(|a| n.contains(**a)) {
+            return Err(no(
+                R::CoversNode,
+                format!("spec.allowedIPs: {n} contains the node address {a}: routing it to the Peer would cut that node off"),
+            ));
+        }
+        allowed.push(n);
+    }
+    let endpoint = match p.spec.get("endpoint").and_then(Value::as_str) {
+        None => None,
+        Some(e) => match e.parse::<SocketAddr>() {
+            Ok(a) if super::peers::usable_endpoint(&a) => Some(a),
+            _ => {
+                return Err(no(
+                    R::BadEndpoint,
+                    format!("spec.endpoint {e:?} is not a usable IP:port (host names are not resolved; leave it out for a peer that connects first)"),
+                ))
+            }
+        },
+    };
+    let keepalive = match p.spec.get("persistentKeepalive") {
+        None | Some(Value::Null) => 0,
+        Some(v) => match v.as_u64().and_then(|k| u16::try_from(k).ok()) {
+            Some(k) => k,
+            None => {
+                return Err(no(
+                    R::BadKeepalive,
+                    format!("spec.persistentKeepalive {v} is not 0 to 65535 seconds"),
+                ))
+            }
+        },
+    };
+    let psk_secret = p.psk_secret().map(str::to_string);
+    if let Some(s) = &psk_secret {
+        if !matches!(ctx.psks.get(s), Some(Some(_))) {
+            return Err(no(
+                R::PresharedKeyUnavailable,
+                format!("the preshared key Secret {PSK_NAMESPACE}/{s} is missing or holds no valid key under {PSK_DATA_KEY:?} (base64 of 32 bytes, as `wg genpsk` prints it)"),
+            ));
+        }
+    }
+    Ok(ExternalPeer {
+        name: p.name.clone(),
+        public_key: key,
+        endpoint,
+        allowed_ips: allowed,
+        keepalive,
+        psk_secret,
+    })
+}
+
+/// The verdict on every Peer, by name. Peers are taken oldest first (then by name): a later
+/// one that repeats a key or overlaps an address of an accepted one is refused.
+pub fn select(peers: &BTreeMap<String, PeerObject>, ctx: &Context) -> BTreeMap<String, Verdict> {
+    let mut order: Vec<&PeerObject> = peers.values().collect();
+    order.sort_by(|a, b| {
+        let t = |p: &PeerObject| (p.created.is_none(), p.created.clone());
+        t(a).cmp(&t(b)).then_with(|| a.name.cmp(&b.name))
+    });
+    let mut out = BTreeMap::new();
+    let mut keys: BTreeMap<PublicKey, String> = BTreeMap::new();
+    let mut claimed: Vec<(IpNetwork, String)> = Vec::new();
+    for p in order {
+        let verdict = match check(p, ctx) {
+            Err((reason, message)) => Verdict::Refused { reason, message },
+            Ok(e) => {
+                if let Some(other) = keys.get(&e.public_key) {
+                    refuse(
+                        PeerRejectReason::DuplicateKey,
+                        format!("spec.publicKey is also Peer {other}'s (the older one keeps it)"),
+                    )
+                } else if let Some((n, other)) = claimed
+                    .iter()
+                    .find(|(c, _)| e.allowed_ips.iter().any(|a| overlaps(a, c)))
+                {
+                    refuse(
+                        PeerRejectReason::OverlapsPeer,
+                        format!(
+                            "spec.allowedIPs overlaps {n} of Peer {other} (the older one keeps it)"
+                        ),
+                    )
+                } else {
+                    keys.insert(e.public_key, e.name.clone());
+                    claimed.extend(e.allowed_ips.iter().map(|a| (*a, e.name.clone())));
+                    Verdict::Accepted(e)
+                }
+            }
+        };
+        out.insert(p.name.clone(), verdict);
+    }
+    out
+}
+
+/// The device changes from the `old` accepted Peers to the `new` ones. A key that a Node peer
+/// now holds (`node_keys`) is not removed: the Node's own change already took it over. A Peer
+/// without an endpoint keeps the one it roamed to.
+pub fn plan(
+    old: &BTreeMap<String, ExternalPeer>,
+    new: &BTreeMap<String, ExternalPeer>,
+    psks: &BTreeMap<String, Option<PresharedKey>>,
+    node_keys: &BTreeSet<PublicKey>,
+) -> Vec<PeerChange> {
+    let psk_of = |p: &ExternalPeer| {
+        p.psk_secret
+            .as_ref()
+            .and_then(|s| psks.get(s).cloned().flatten())
+    };
+    let mut out = Vec::new();
+    let new_keys: BTreeSet<PublicKey> = new.values().map(|p| p.public_key).collect();
+    for p in old.values() {
+        if !new_keys.contains(&p.public_key) && !node_keys.contains(&p.public_key) {
+            out.push(PeerChange {
+                remove: true,
+                ..PeerChange::new(p.public_key)
+            });
+        }
+    }
+    for (name, p) in new {
+        let before = old.values().find(|o| o.public_key == p.public_key);
+        if before.is_some_and(|b| b == p && old.get(name) == Some(p)) {
+            continue;
+        }
+        out.push(PeerChange {
+            // Always set: a Secret read again may hold a new key; None clears one removed.
+            preshared_key: Some(psk_of(p)),
+            endpoint: p.endpoint,
+            persistent_keepalive: Some(p.keepalive),
+            replace_allowed_ips: true,
+            allowed_ips: p.allowed_ips.clone(),
+            ..PeerChange::new(p.public_key)
+        });
+    }
+    out
+}
+
+/// The merge patch for the Peer's status if its `Accepted` condition is not `verdict` yet
+/// (None: already right). The transition time is kept while the status holds, so agents that
+/// agree write nothing new.
+pub fn status_patch(p: &PeerObject, verdict: &Verdict, now: &str) -> Option<Value> {
+    let (status, reason, message) = match verdict {
+        Verdict::Accepted(_) => (
+            "True",
+            "Valid",
+            "every kwire agent adds this Peer to its WireGuard device".to_string(),
+        ),
+        Verdict::Refused { reason, message } => {
+            ("False", reason.condition_reason(), message.clone())
+        }
+    };
+    let mut since = now;
+    if let Some(c) = &p.accepted {
+        if c.status == status {
+            if c.reason == reason && c.message == message && c.observed_generation == p.generation {
+                return None;
+            }
+            if !c.last_transition_time.is_empty() {
+                since = &c.last_transition_time;
+            }
+        }
+    }
+    Some(json!({"status": {"conditions": [{
+        "type": CONDITION,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "observedGeneration": p.generation,
+        "lastTransitionTime": since,
+    }]}}))
+}
+
+/// The control loop's view of the Peers and what it gave the device.
+#[derive(Debug, Default)]
+pub struct Peers {
+    objects: BTreeMap<String, PeerObject>,
+    /// Accepted Peers as the device has them.
+    pub applied: BTreeMap<String, ExternalPeer>,
+    verdicts: BTreeMap<String, Verdict>,
+    /// Preshared keys read, by Secret name (None: the read failed; retried on the tick).
+    pub psks: BTreeMap<String, Option<PresharedKey>>,
+    relist: Option<BTreeSet<String>>,
+    /// A complete list has been seen.
+    pub synced: bool,
+    /// Something selection reads changed since the last [`Peers::reconcile`].
+    dirty: bool,
+}
+
+/// What one reconcile of the Peers asks for.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub changes: Vec<PeerChange>,
+    /// Peers newly refused (to count and log).
+    pub refused: Vec<(String, PeerRejectReason, String)>,
+    /// Status patches, by Peer name.
+    pub patches: Vec<(String, Value)>,
+    /// Secrets to read before the Peers that name them can be added.
+    pub psk_wanted: Vec<String>,
+    /// The set of accepted Peers or their addresses changed (routes, names).
+    pub changed: bool,
+}
+
+impl Peers {
+    /// Folds a watch event in; true when selection has something new to do.
+    pub fn on_event(&mut self, ev: Event<DynamicObject>) -> bool {
+        match ev {
+            Event::Init => {
+                self.relist = Some(BTreeSet::new());
+                false
+            }
+            Event::InitApply(o) => {
+                if let Some(p) = PeerObject::from_dynamic(&o) {
+                    if let Some(seen) = self.relist.as_mut() {
+                        seen.insert(p.name.clone());
+                    }
+                    self.objects.insert(p.name.clone(), p);
+                }
+                false
+            }
+            Event::InitDone => {
+                if let Some(seen) = self.relist.take() {
+                    self.objects.retain(|n, _| seen.contains(n));
+                }
+                self.synced = true;
+                self.dirty = true;
+                true
+            }
+            Event::Apply(o) => {
+                let Some(p) = PeerObject::from_dynamic(&o) else {
+                    return false;
+                };
+                let changed = self.objects.get(&p.name) != Some(&p);
+                self.objects.insert(p.name.clone(), p);
+                self.dirty |= changed;
+                changed && self.synced
+            }
+            Event::Delete(o) => {
+                let gone = o
+                    .metadata
+                    .name
+                    .as_ref()
+                    .is_some_and(|n| self.objects.remove(n).is_some());
+                self.dirty |= gone;
+                gone && self.synced
+            }
+        }
+    }
+
+    /// True when a reconcile has work: Peers changed, or there are Peers to check again.
+    pub fn pending(&self) -> bool {
+        self.synced && (self.dirty || !self.objects.is_empty())
+    }
+
+    /// Forgets failed Secret reads so that the next reconcile asks again; true if there were.
+    pub fn retry_psks(&mut self) -> bool {
+        let before = self.psks.len();
+        self.psks.retain(|_, k| k.is_some());
+        let retry = self.psks.len() != before;
+        self.dirty |= retry;
+        retry
+    }
+
+    /// Records a Secret read (None: failed or no valid key).
+    pub fn psk_read(&mut self, secret: &str, key: Option<PresharedKey>) {
+        self.psks.insert(secret.to_string(), key);
+        self.dirty = true;
+    }
+
+    /// Selects against `ctx` (its `psks` are taken from here), plans the device changes and
+    /// the status writes.
+    pub fn reconcile(&mut self, mut ctx: Context, now: &str) -> Outcome {
+        let mut out = Outcome::default();
+        if !self.synced {
+            return out;
+        }
+        self.dirty = false;
+        // Secrets named by Peers and not read yet: read them first.
+        let wanted: Vec<String> = self
+            .objects
+            .values()
+            .filter_map(PeerObject::psk_secret)
+            .filter(|s| !self.psks.contains_key(*s))
+            .map(str::to_string)
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        ctx.psks = std::mem::take(&mut self.psks);
+        let verdicts = select(&self.objects, &ctx);
+        let accepted: BTreeMap<String, ExternalPeer> = verdicts
+            .iter()
+            .filter_map(|(n, v)| match v {
+                Verdict::Accepted(p) => Some((n.clone(), p.clone())),
+                Verdict::Refused { .. } => None,
+            })
+            .collect();
+        // A Peer waiting for its Secret's first read is not refused yet.
+        let waiting = |n: &str| {
+            self.objects[n]
+                .psk_secret()
+                .is_some_and(|s| wanted.iter().any(|w| w == s))
+        };
+        for (name, v) in &verdicts {
+            if let Verdict::Refused { reason, message } = v {
+                if waiting(name) {
+                    continue;
+                }
+                let was = self.verdicts.get(name);
+                if !matches!(was, Some(Verdict::Refused { reason: r, .. }) if r == reason) {
+                    out.refused.push((name.clone(), *reason, message.clone()));
+                }
+            }
+            if !waiting(name) {
+                if let Some(patch) = status_patch(&self.objects[name], v, now) {
+                    out.patches.push((name.clone(), patch));
+                }
+            }
+        }
+        out.psk_wanted = wanted;
+        out.changes = plan(&self.applied, &accepted, &ctx.psks, &ctx.node_keys);
+        out.changed = self.applied != accepted;
+        self.psks = ctx.psks;
+        self.applied = accepted;
+        self.verdicts = verdicts;
+        out
+    }
+
+    /// Every accepted Peer's allowed IPs (routed into the tun like the Nodes' pod ranges).
+    pub fn allowed_ips(&self) -> impl Iterator<Item = IpNetwork> + '_ {
+        self.applied
+            .values()
+            .flat_map(|p| p.allowed_ips.iter().copied())
+    }
+
+    /// Peer name by public key, for status and metrics.
+    pub fn names(&self) -> BTreeMap<PublicKey, String> {
+        self.applied
+            .values()
+            .map(|p| (p.public_key, p.name.clone()))
+            .collect()
+    }
+}
+
+/// A preshared key from a Secret's `data` (base64 of base64 text, as `wg genpsk` prints it,
+/// or of the 32 raw bytes).
+pub fn psk_from_secret_data(data: &[u8]) -> Option<PresharedKey> {
+    use base64::Engine as _;
+    let raw: Vec<u8> = match std::str::from_utf8(data).ok().map(str::trim) {
+        Some(text) if text.len() == 44 => base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .ok()?,
+        _ => data.to_vec(),
+    };
+    let bytes: [u8; 32] = raw.try_into().ok()?;
+    Some(PresharedKey(zeroize::Zeroizing::new(bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: u8) -> String {
+        PublicKey([b; 32]).to_base64()
+    }
+
+    fn obj(name: &str, created: &str, k: u8, ips: &[&str]) -> PeerObject {
+        PeerObject {
+            name: name.into(),
+            created: Some(created.into()),
+            generation: Some(1),
+            spec: json!({"publicKey": key(k), "allowedIPs": ips, "persistentKeepalive": 25}),
+            accepted: None,
+        }
+    }
+
+    fn ctx() -> Context {
+        Context {
+            cluster: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "10.96.0.0/12".parse().unwrap(),
+            ],
+            node_addresses: ["192.0.2.1".parse().unwrap()].into_iter().collect(),
+            node_keys: [PublicKey([9; 32])].into_iter().collect(),
+            psks: BTreeMap::new(),
+        }
+    }
+
+    fn reason(v: &Verdict) -> Option<PeerRejectReason> {
+        match v {
+            Verdict::Refused { reason, .. } => Some(*reason),
+            Verdict::Accepted(_) => None,
+        }
+    }
+
+    #[test]
+    fn good_peers_are_accepted_and_bad_ones_refused_with_a_reason() {
+        use PeerRejectReason as R;
+        let mut peers = BTreeMap::new();
+        let mut add = |p: PeerObject| {
+            peers.insert(p.name.clone(), p);
+        };
+        add(obj(
+            "laptop",
+            "2026-01-01T00:00:00Z",
+            1,
+            &["198.51.100.7/32"],
+        ));
+        add(obj(
+            "in-pods",
+            "2026-01-01T00:00:00Z",
+            2,
+            &["10.244.3.9/32"],
+        ));
+        add(obj("in-svc", "2026-01-01T00:00:00Z", 3, &["10.96.0.10/32"]));
+        add(obj("on-node", "2026-01-01T00:00:00Z", 4, &["192.0.2.0/24"]));
+        add(obj("wide", "2026-01-01T00:00:00Z", 5, &["0.0.0.0/0"]));
+        add(obj("junk", "2026-01-01T00:00:00Z", 6, &["nope"]));
+        add(obj(
+            "node-key",
+            "2026-01-01T00:00:00Z",
+            9,
+            &["198.51.100.9/32"],
+        ));
+        add(obj(
+            "later",
+            "2026-01-02T00:00:00Z",
+            7,
+            &["198.51.100.0/28"],
+        ));
+        add(obj(
+            "same-key",
+            "2026-01-02T00:00:00Z",
+            1,
+            &["198.51.100.200/32"],
+        ));
+        let mut bad_ep = obj("bad-ep", "2026-01-01T00:00:00Z", 8, &["203.0.113.1/32"]);
+        bad_ep.spec["endpoint"] = json!("example.com:51820");
+        add(bad_ep);
+        let mut zero = obj("zero", "2026-01-01T00:00:00Z", 0, &["203.0.113.2/32"]);
+        zero.spec["persistentKeepalive"] = json!(1);
+        add(zero);
+        let mut psk = obj("psk", "2026-01-01T00:00:00Z", 10, &["203.0.113.3/32"]);
+        psk.spec["presharedKeySecretRef"] = json!({"name": "missing"});
+        add(psk);
+        let v = select(&peers, &ctx());
+        let got: BTreeMap<&str, Option<PeerRejectReason>> =
+            v.iter().map(|(n, v)| (n.as_str(), reason(v))).collect();
+        let want: BTreeMap<&str, Option<PeerRejectReason>> = [
+            ("laptop", None),
+            ("in-pods", Some(R::OverlapsCluster)),
+            ("in-svc", Some(R::OverlapsCluster)),
+            ("on-node", Some(R::CoversNode)),
+            ("wide", Some(R::BadAllowedIps)),
+            ("junk", Some(R::BadAllowedIps)),
+            ("node-key", Some(R::DuplicateKey)),
+            ("later", Some(R::OverlapsPeer)),
+            ("same-key", Some(R::DuplicateKey)),
+            ("bad-ep", Some(R::BadEndpoint)),
+            ("zero", Some(R::BadKey)),
+            ("psk", Some(R::PresharedKeyUnavailable)),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(got, want);
+        let Verdict::Accepted(l) = &v["laptop"] else {
+            panic!()
+        };
+        assert_eq!(l.allowed_ips, ["198.51.100.7/32".parse().unwrap()]);
+        assert_eq!((l.keepalive, l.endpoint), (25, None));
+    }
+
+    #[test]
+    fn the_older_peer_keeps_its_addresses_whatever_the_names() {
+        let mut peers = BTreeMap::new();
+        for p in [
+            obj("a-new", "2026-02-01T00:00:00Z", 1, &["198.51.100.1/32"]),
+            obj("z-old", "2026-01-01T00:00:00Z", 2, &["198.51.100.1/32"]),
+        ] {
+            peers.insert(p.name.clone(), p);
+        }
+        let v = select(&peers, &ctx());
+        assert!(matches!(v["z-old"], Verdict::Accepted(_)));
+        assert_eq!(reason(&v["a-new"]), Some(PeerRejectReason::OverlapsPeer));
+    }
+
+    #[test]
+    fn plan_adds_changes_and_removes_but_leaves_a_key_a_node_took() {
+        let p = |name: &str, k: u8, ip: &str| ExternalPeer {
+            name: name.into(),
+            public_key: PublicKey([k; 32]),
+            endpoint: None,
+            allowed_ips: vec![ip.parse().unwrap()],
+            keepalive: 0,
+            psk_secret: None,
+        };
+        let old: BTreeMap<String, ExternalPeer> = [
+            ("a".to_string(), p("a", 1, "198.51.100.1/32")),
+            ("b".to_string(), p("b", 2, "198.51.100.2/32")),
+            ("c".to_string(), p("c", 3, "198.51.100.3/32")),
+        ]
+        .into_iter()
+        .collect();
+        let mut new = old.clone();
+        new.remove("b");
+        new.remove("c");
+        new.get_mut("a").unwrap().allowed_ips = vec!["198.51.100.9/32".parse().unwrap()];
+        new.insert("d".into(), p("d", 4, "198.51.100.4/32"));
+        let nodes = [PublicKey([3; 32])].into_iter().collect();
+        let ch = plan(&old, &new, &BTreeMap::new(), &nodes);
+        let summary: Vec<(u8, bool)> = ch.iter().map(|c| (c.public_key.0[0], c.remove)).collect();
+        assert_eq!(summary, [(2, true), (1, false), (4, false)]);
+        assert!(plan(&new, &new, &BTreeMap::new(), &nodes).is_empty());
+    }
+
+    #[test]
+    fn the_condition_is_written_once_per_change() {
+        let mut o = obj("p", "2026-01-01T00:00:00Z", 1, &["198.51.100.1/32"]);
+        let v = refuse(PeerRejectReason::OverlapsCluster, "m");
+        let patch = status_patch(&o, &v, "t").unwrap();
+        let c = &patch["status"]["conditions"][0];
+        assert_eq!(
+            (c["status"].as_str(), c["reason"].as_str()),
+            (Some("False"), Some("AllowedIPsOverlapCluster"))
+        );
+        o.accepted = Some(Condition {
+            status: "False".into(),
+            reason: "AllowedIPsOverlapCluster".into(),
+            message: "m".into(),
+            observed_generation: Some(1),
+            last_transition_time: "t0".into(),
+        });
+        assert_eq!(status_patch(&o, &v, "t"), None);
+        // A new generation with the same verdict: written, the transition time kept.
+        o.generation = Some(2);
+        let patch = status_patch(&o, &v, "t").unwrap();
+        assert_eq!(patch["status"]["conditions"][0]["lastTransitionTime"], "t0");
+        assert_eq!(patch["status"]["conditions"][0]["observedGeneration"], 2);
+    }
+}
