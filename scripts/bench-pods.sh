@@ -46,7 +46,7 @@ iperf() { # iperf DEST -> Gbit/s received (0 on failure, after retries while the
 }
 tunnel() { # the harness's kwire tunnel, tcp1 -> Gbit/s
   local f; f=$(mktemp)
-  NAME=kwire DURATION=$DURATION TESTS=tcp1 RESULTS=$f "$HERE/bench/harness/tunnel-bench.sh" \
+  NS_PREFIX=tq NAME=kwire DURATION=$DURATION TESTS=tcp1 RESULTS=$f "$HERE/bench/harness/tunnel-bench.sh" \
     "$BIN/kwire tunnel {if}" >/dev/null 2>&1 || true
   awk '/metric=tcp1_gbps/{split($4,a,"="); print a[2]}' "$f" | grep . || echo 0
   rm -f "$f"

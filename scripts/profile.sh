@@ -41,11 +41,12 @@ rm -f "$OUT"/perf-a.data "$OUT"/perf-b.data "$OUT"/bench.txt
 # perf is the process the harness starts (and stops: on SIGTERM it stops recording and passes
 # the signal on to kwire); each end writes its own recording.
 echo "profile: $TESTS for ${DURATION}s, perf record -F $FREQ --call-graph $CALL_GRAPH -> $OUT" >&2
-NAME=kwire DURATION=$DURATION TESTS=$TESTS RESULTS="$OUT/bench.txt" \
+P=${NS_PREFIX:-tp}   # namespaces P-a, P-b: apart from a benchmark's (tb) running at the same time
+NS_PREFIX=$P NAME=kwire DURATION=$DURATION TESTS=$TESTS RESULTS="$OUT/bench.txt" \
   bench/harness/tunnel-bench.sh \
   "perf record -q -F $FREQ --call-graph $CALL_GRAPH -o $OUT/perf-{if}.data -- $KWIRE tunnel {if}" >/dev/null
-mv "$OUT/perf-tbwa.data" "$OUT/perf-a.data"
-mv "$OUT/perf-tbwb.data" "$OUT/perf-b.data"
+mv "$OUT/perf-${P}wa.data" "$OUT/perf-a.data"
+mv "$OUT/perf-${P}wb.data" "$OUT/perf-b.data"
 echo "profile: perf script (this takes a while with dwarf call graphs)" >&2
 for e in a b; do perf script -i "$OUT/perf-$e.data" --no-inline 2>/dev/null; done >"$OUT/perf.txt"
 "$FLAMEGRAPH" "$OUT/perf.txt" --svg "$OUT/flamegraph.svg" --folded "$OUT/stacks.folded" \
