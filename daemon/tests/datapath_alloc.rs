@@ -8,7 +8,7 @@ mod support;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::time::Instant;
-use support::{tso_frame, udp_packet, Node, Pair, INNER_A, INNER_B, MSS};
+use support::{tso_frame, udp_packet, uso_frame, Node, Pair, INNER_A, INNER_B, MSS};
 
 /// Counts allocations made by the current thread while it is measuring.
 struct Counting;
@@ -188,6 +188,42 @@ fn tso_frames_allocate_nothing_in_steady_state() {
         (count, bytes),
         (0, 0),
         "allocations (count, bytes) while moving {N} TSO frames each way"
+    );
+    check_clean(&p);
+}
+
+/// Payload of UDP super-packet `i`: 2 to 50 datagrams of [`USO_SIZE`], the last one shorter
+/// (so that consecutive super-packets stay apart when merged again).
+fn uso_payload(i: u32) -> usize {
+    let n = 2 + (i as usize * 7) % 49;
+    n * USO_SIZE as usize - 1 - (i as usize * 31) % 500
+}
+const USO_SIZE: u16 = 1200;
+
+/// An application's UDP GSO sends: split to encrypt, merged again after decryption (tuns
+/// with USO), each arriving as the super-packet it left as.
+#[test]
+fn uso_super_packets_allocate_nothing_in_steady_state() {
+    let mut p = Pair::with_uso();
+    p.handshake();
+    let mut frame = vec![0u8; 65536 + 16];
+    let mut expect = vec![0u8; 65536 + 16];
+    let a_to_b = |b: &mut [u8], i: u32| uso_frame(b, INNER_A, INNER_B, i, USO_SIZE, uso_payload(i));
+    let b_to_a = |b: &mut [u8], i: u32| uso_frame(b, INNER_B, INNER_A, i, USO_SIZE, uso_payload(i));
+    let Pair { a, b } = &mut p;
+    run(a, b, true, &mut frame, &mut expect, &a_to_b).unwrap();
+    run(b, a, true, &mut frame, &mut expect, &b_to_a).unwrap();
+
+    let mut r = Ok(());
+    let (count, bytes) = measure(|| {
+        r = run(a, b, true, &mut frame, &mut expect, &a_to_b)
+            .and_then(|_| run(b, a, true, &mut frame, &mut expect, &b_to_a));
+    });
+    r.unwrap();
+    assert_eq!(
+        (count, bytes),
+        (0, 0),
+        "allocations (count, bytes) while moving {N} UDP super-packets each way"
     );
     check_clean(&p);
 }
