@@ -66,8 +66,8 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// The `top` symbols by self samples (the last frame of each stack) with their shares, and
-/// the samples per thread name (the first frame), as a plain-text table.
+/// The `top` symbols by self weight (the last frame of each stack) with their shares, and
+/// the weight per thread name (the first frame), as a plain-text table.
 fn summary(folded: &str, top: usize) -> String {
     let mut total = 0u64;
     let mut leaf: HashMap<&str, u64> = HashMap::new();
@@ -84,13 +84,18 @@ fn summary(folded: &str, top: usize) -> String {
             .entry(stack.rsplit(';').next().unwrap_or("?"))
             .or_default() += n;
     }
-    let mut out = format!("{total} samples\n\nthread            samples  share\n");
+    // perf weighs each sample by its period: nanoseconds with cpu-clock (no PMU, as in most
+    // VMs), cycles with a PMU; the shares are what matters.
+    let mut out = format!(
+        "total weight {total} (perf sample periods: ns with cpu-clock, cycles with a PMU)\n\n\
+         thread                   weight  share\n"
+    );
     for (name, n) in sorted(comm).into_iter().take(top) {
-        out += &format!("{name:<16} {n:>8}  {:>5.1}%\n", pct(n, total));
+        out += &format!("{name:<16} {n:>15}  {:>5.1}%\n", pct(n, total));
     }
-    out += "\nself samples  share  symbol\n";
+    out += "\n    self weight  share  symbol (samples in it, not in what it called)\n";
     for (name, n) in sorted(leaf).into_iter().take(top) {
-        out += &format!("{n:>12}  {:>5.1}%  {name}\n", pct(n, total));
+        out += &format!("{n:>15}  {:>5.1}%  {name}\n", pct(n, total));
     }
     out
 }
@@ -113,10 +118,13 @@ mod tests {
     fn summary_counts_self_samples_and_threads() {
         let folded = "kwire-udp-0;main;open;chacha 6\nkwire-tun-0;main;seal;chacha 2\nkwire-tun-0;main;write 2\n";
         let s = summary(folded, 5);
-        assert!(s.starts_with("10 samples"), "{s}");
-        assert!(s.contains("           8   80.0%  chacha"), "{s}");
-        assert!(s.contains("           2   20.0%  write"), "{s}");
-        assert!(s.contains("kwire-tun-0             4   40.0%"), "{s}");
+        assert!(s.starts_with("total weight 10 "), "{s}");
+        assert!(s.contains("\n              8   80.0%  chacha\n"), "{s}");
+        assert!(s.contains("\n              2   20.0%  write\n"), "{s}");
+        assert!(
+            s.contains("\nkwire-tun-0                    4   40.0%\n"),
+            "{s}"
+        );
     }
 
     #[test]
