@@ -316,40 +316,25 @@ fn finish_merged(pkt: &mut [u8], f: &Frame) -> VnetHdr {
         pkt[2..4].copy_from_slice(&(len as u16).to_be_bytes());
         set_ipv4_header(&mut pkt[..20]);
     }
-    // CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum, not complemented.
+    // CHECKSUM_PARTIAL: the field holds the folded pseudo-header sum, not complemented. For
+    // UDP the kernel derives each datagram's length and checksum from the whole's.
+    let (proto, field, gso_type) = match (f.udp, f.v6) {
+        (true, _) => (PROTO_UDP, 6, GSO_UDP_L4),
+        (false, false) => (PROTO_TCP, 16, GSO_TCPV4),
+        (false, true) => (PROTO_TCP, 16, GSO_TCPV6),
+    };
     if f.udp {
-        // The kernel derives each datagram's length and checksum from the whole's.
         pkt[l4 + 4..l4 + 6].copy_from_slice(&((len - l4) as u16).to_be_bytes());
-        let ph = fold(pseudo_header(
-            &pkt[s],
-            &pkt[d],
-            PROTO_UDP,
-            (len - l4) as u32,
-        ));
-        pkt[l4 + 6..l4 + 8].copy_from_slice(&ph.to_be_bytes());
-        return VnetHdr {
-            flags: F_NEEDS_CSUM,
-            gso_type: GSO_UDP_L4,
-            hdr_len: f.hlen as u16,
-            gso_size: f.mss as u16,
-            csum_start: l4 as u16,
-            csum_offset: 6,
-        };
     }
-    let ph = fold(pseudo_header(
-        &pkt[s],
-        &pkt[d],
-        PROTO_TCP,
-        (len - l4) as u32,
-    ));
-    pkt[l4 + 16..l4 + 18].copy_from_slice(&ph.to_be_bytes());
+    let ph = fold(pseudo_header(&pkt[s], &pkt[d], proto, (len - l4) as u32));
+    pkt[l4 + field..l4 + field + 2].copy_from_slice(&ph.to_be_bytes());
     VnetHdr {
         flags: F_NEEDS_CSUM,
-        gso_type: if f.v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+        gso_type,
         hdr_len: f.hlen as u16,
         gso_size: f.mss as u16,
         csum_start: l4 as u16,
-        csum_offset: 16,
+        csum_offset: field as u16,
     }
 }
 

@@ -253,19 +253,8 @@ impl Tcp {
             count,
             ..
         } = *self;
-        let payload = &pkt[hlen..];
-        let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
-        let len = hlen + chunk.len();
-        let seg = &mut scratch[..len];
-        seg[..hlen].copy_from_slice(&pkt[..hlen]);
-        seg[hlen..].copy_from_slice(chunk);
-        if v6 {
-            seg[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
-        } else {
-            seg[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            seg[4..6].copy_from_slice(&self.id0.wrapping_add(i as u16).to_be_bytes());
-            set_ipv4_header(&mut seg[..l4]);
-        }
+        let seg = cut(pkt, scratch, hlen, mss, i, l4, self.id0);
+        let len = seg.len();
         let seq = self.seq0.wrapping_add((i * mss) as u32);
         seg[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
         let flags = &mut seg[l4 + 13];
@@ -287,6 +276,35 @@ impl Tcp {
         seg[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
         seg
     }
+}
+
+/// Packet `i` of a super-packet cut into `size`-byte payloads, built in `scratch`: the
+/// `hlen` bytes of headers, its payload, the IP length (and IPv4 id, `id0 + i`, and header
+/// checksum) fixed; the L4 header is the caller's to finish.
+#[inline(always)]
+fn cut<'s>(
+    pkt: &[u8],
+    scratch: &'s mut [u8],
+    hlen: usize,
+    size: usize,
+    i: usize,
+    l4: usize,
+    id0: u16,
+) -> &'s mut [u8] {
+    let payload = &pkt[hlen..];
+    let chunk = &payload[(i * size).min(payload.len())..((i + 1) * size).min(payload.len())];
+    let len = hlen + chunk.len();
+    let p = &mut scratch[..len];
+    p[..hlen].copy_from_slice(&pkt[..hlen]);
+    p[hlen..].copy_from_slice(chunk);
+    if p[0] >> 4 == 6 {
+        p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+    } else {
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+        set_ipv4_header(&mut p[..l4]);
+    }
+    p
 }
 
 impl Udp {
@@ -331,20 +349,8 @@ impl Udp {
     #[inline(always)]
     fn datagram<'s>(&self, pkt: &[u8], scratch: &'s mut [u8], i: usize) -> &'s [u8] {
         let Udp { v6, l4, size, .. } = *self;
-        let hlen = l4 + UDP_HLEN;
-        let payload = &pkt[hlen..];
-        let chunk = &payload[(i * size).min(payload.len())..((i + 1) * size).min(payload.len())];
-        let len = hlen + chunk.len();
-        let d = &mut scratch[..len];
-        d[..hlen].copy_from_slice(&pkt[..hlen]);
-        d[hlen..].copy_from_slice(chunk);
-        if v6 {
-            d[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
-        } else {
-            d[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            d[4..6].copy_from_slice(&self.id0.wrapping_add(i as u16).to_be_bytes());
-            set_ipv4_header(&mut d[..l4]);
-        }
+        let d = cut(pkt, scratch, l4 + UDP_HLEN, size, i, l4, self.id0);
+        let len = d.len();
         d[l4 + 4..l4 + 6].copy_from_slice(&((len - l4) as u16).to_be_bytes());
         d[l4 + 6] = 0;
         d[l4 + 7] = 0;
