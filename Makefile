@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: demo demo-tunnel test lint deps deps-test build release image bench bench-tunnel
+.PHONY: demo demo-tunnel test lint deps deps-test build release image bench bench-tunnel profile
 
 deps:
 	@scripts/install-deps.sh
@@ -61,7 +61,15 @@ lint:
 bench:
 	$(CARGO) bench -p kwire-daemon
 
-# Side by side with wireguard-go and boringtun-cli (bench/harness); ~15 minutes.
+# Side by side with wireguard-go and boringtun-cli (bench/harness); ~25 minutes. With
+# KWIRE_BEFORE=/path/to/an/older/kwire that build runs in the same rounds too (before/after
+# ratios); ANCHORS=0 leaves out all but the kwire builds (scripts/bench-compare.sh).
 bench-tunnel: release
 	@scripts/install-deps.sh --bench
 	@scripts/bench-compare.sh
+
+# Both ends of `kwire tunnel` recorded with perf during a TCP test: target/profile/flamegraph.svg
+# and top.txt (the top symbols and their shares); scripts/profile.sh says how to vary it.
+profile: release
+	@scripts/install-deps.sh --profile
+	@scripts/profile.sh

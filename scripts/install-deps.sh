@@ -4,6 +4,7 @@
 # USAGE (as root, on a fresh Debian 12 machine or in CI; safe to run again):
 #   scripts/install-deps.sh            # apt packages + cnitool
 #   scripts/install-deps.sh --bench    # also `cargo install boringtun-cli --locked` (compiles, ~minutes)
+#   scripts/install-deps.sh --profile  # also perf (apt linux-perf: `make profile`)
 #   scripts/install-deps.sh --image    # also buildah and skopeo (apt: `make image`, its test) and
 #                                      # kubernetes-validate (PyPI, pinned: `make lint` checks deploy/)
 #
@@ -17,7 +18,8 @@
 #      deb-src list made from the machine's own apt sources, `apt-get source --download-only`,
 #      then a GOPATH-mode build against golang-github-appc-cni-dev in /usr/share/gocode.
 #   3. (--bench) boringtun-cli via cargo, into cargo's bin directory (~/.cargo/bin).
-#   4. (--image) apt buildah skopeo; `pip install kubernetes-validate==KUBERNETES_VALIDATE_VERSION`.
+#   4. (--profile) apt linux-perf (perf, for scripts/profile.sh).
+#   5. (--image) apt buildah skopeo; `pip install kubernetes-validate==KUBERNETES_VALIDATE_VERSION`.
 # Output is quiet: one line per step; on failure the log of the failing command is printed.
 # Exit codes: 0 ok, 1 a step failed (message says which), 2 usage, 3 not root / not Debian-like.
 set -Eeuo pipefail
@@ -32,6 +34,7 @@ APT_PACKAGES=(
   ca-certificates xz-utils coreutils
 )
 IMAGE_APT_PACKAGES=(buildah skopeo)
+PROFILE_APT_PACKAGES=(linux-perf)
 KUBERNETES_VALIDATE_VERSION=1.37.0
 CNI_SRC_PACKAGE=golang-github-appc-cni
 CNI_SRC_VERSION=1.1.2-1
@@ -41,11 +44,13 @@ APT_LOCK_TIMEOUT_S=300
 
 want_bench=0
 want_image=0
+want_profile=0
 for arg in "$@"; do
   case "$arg" in
     --bench) want_bench=1 ;;
     --image) want_image=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --profile) want_profile=1 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "install-deps.sh: unknown argument '$arg' (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -103,6 +108,7 @@ provided_by_command() {
   esac
 }
 ((want_image)) && APT_PACKAGES+=("${IMAGE_APT_PACKAGES[@]}")
+((want_profile)) && APT_PACKAGES+=("${PROFILE_APT_PACKAGES[@]}")
 missing=()
 for p in "${APT_PACKAGES[@]}"; do installed "$p" || provided_by_command "$p" || missing+=("$p"); done
 

@@ -4,6 +4,8 @@
 # USAGE
 #   KWIRE=target/release/kwire ROUNDS=3 bench/harness/compare.sh
 #       raw veth, wireguard-go, boringtun-cli and `kwire tunnel`, then the summary with ratios
+#   KWIRE=target/release/kwire KWIRE_BEFORE=/path/to/older/kwire ROUNDS=3 bench/harness/compare.sh
+#       the same with "kwire-before" in every round too, and the ratio kwire/kwire-before
 #   IMPLS=$'raw=raw\nwireguard-go=wireguard-go -f {if}\nours=/path/to/ourd --foreground {if}' ./compare.sh
 #
 # IMPLS: one "NAME=TEMPLATE" per line (TEMPLATE as for tunnel-bench.sh; "raw" = no tunnel).
@@ -24,6 +26,10 @@ RESULTS=${RESULTS:-$HERE/results/results-$(date +%Y%m%d-%H%M%S).txt}
 DEFAULT_IMPLS='raw=raw
 wireguard-go=wireguard-go -f {if}
 boringtun-cli=boringtun-cli --foreground --disable-drop-privileges {if}'
+if [[ -n ${KWIRE_BEFORE:-} ]]; then  # an older kwire build, compared within each round
+  KWIRE_BEFORE=$(readlink -f "$KWIRE_BEFORE")
+  DEFAULT_IMPLS+=$'\n'"kwire-before=$KWIRE_BEFORE tunnel {if}"
+fi
 if [[ -n ${KWIRE:-} ]]; then
   KWIRE=$(readlink -f "$KWIRE")
   DEFAULT_IMPLS+=$'\n'"kwire=$KWIRE tunnel {if}"
@@ -69,9 +75,9 @@ for ((r = 1; r <= ROUNDS; r++)); do
 done
 echo "done: $RESULTS" >&2
 ratios=()
-for other in wireguard-go boringtun-cli raw; do
+for other in kwire-before wireguard-go boringtun-cli raw; do
   grep -q "impl=$other " "$RESULTS" && grep -q "impl=kwire " "$RESULTS" && ratios+=(--ratio "kwire/$other")
 done
 grep -q "impl=wireguard-go " "$RESULTS" && grep -q "impl=raw " "$RESULTS" && ratios+=(--ratio wireguard-go/raw)
 python3 "$HERE/summarize.py" "$RESULTS" "${ratios[@]}" \
-  --metrics ping_avg_ms,ping_p99_ms,tcp1_gbps,tcp4_gbps,udp_recv_gbps,udp_recv_kpps,tcp1_impl_cores,tcp1_impl_cpu_s_per_gb,tcp4_impl_cpu_s_per_gb,tcp1_foreign_cores
+  --metrics ping_avg_ms,ping_p99_ms,tcp1_gbps,tcp4_gbps,udp_recv_gbps,udp_recv_kpps,udp_lossfree_gbps,udp64_recv_kpps,tcp1_impl_cores,tcp1_impl_cpu_s_per_gb,tcp4_impl_cpu_s_per_gb,udp_impl_cpu_s_per_gb,tcp1_foreign_cores

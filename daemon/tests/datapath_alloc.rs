@@ -8,7 +8,7 @@ mod support;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::time::Instant;
-use support::{tso_frame, udp_packet, Node, Pair, INNER_A, INNER_B, MSS};
+use support::{tso_frame, udp_packet, uso_frame, Node, Pair, INNER_A, INNER_B, MSS};
 
 /// Counts allocations made by the current thread while it is measuring.
 struct Counting;
@@ -133,39 +133,47 @@ fn check_clean(p: &Pair) {
     }
 }
 
-#[test]
-fn plain_packets_allocate_nothing_in_steady_state() {
-    let mut p = Pair::new(false);
-    p.handshake();
-    let mut frame = vec![0u8; 65536];
-    let mut expect = vec![0u8; 65536];
-    let a_to_b = |b: &mut [u8], i: u32| udp_packet(b, INNER_A, INNER_B, i, plain_len(i));
-    let b_to_a = |b: &mut [u8], i: u32| udp_packet(b, INNER_B, INNER_A, i, plain_len(i));
-    // Warm-up: the first batch may allocate (thread-locals, first snapshot guard).
-    let Pair { a, b } = &mut p;
-    run(a, b, false, &mut frame, &mut expect, &a_to_b).unwrap();
-    run(b, a, false, &mut frame, &mut expect, &b_to_a).unwrap();
-
+/// Moves `N` frames each way once to warm up (the first batch may allocate: thread-locals,
+/// the first snapshot guard), then again while counting allocations: there must be none.
+fn assert_steady_state_allocates_nothing(
+    p: &mut Pair,
+    vnet: bool,
+    a_to_b: &dyn Fn(&mut [u8], u32) -> usize,
+    b_to_a: &dyn Fn(&mut [u8], u32) -> usize,
+    what: &str,
+) {
+    let mut frame = vec![0u8; 65536 + 16];
+    let mut expect = vec![0u8; 65536 + 16];
+    let Pair { a, b } = p;
+    run(a, b, vnet, &mut frame, &mut expect, a_to_b).unwrap();
+    run(b, a, vnet, &mut frame, &mut expect, b_to_a).unwrap();
     let mut r = Ok(());
     let (count, bytes) = measure(|| {
-        r = run(a, b, false, &mut frame, &mut expect, &a_to_b)
-            .and_then(|_| run(b, a, false, &mut frame, &mut expect, &b_to_a));
+        r = run(a, b, vnet, &mut frame, &mut expect, a_to_b)
+            .and_then(|_| run(b, a, vnet, &mut frame, &mut expect, b_to_a));
     });
     r.unwrap();
     assert_eq!(
         (count, bytes),
         (0, 0),
-        "allocations (count, bytes) while moving {N} plain packets each way"
+        "allocations (count, bytes) while moving {N} {what} each way"
     );
-    check_clean(&p);
+    check_clean(p);
+}
+
+#[test]
+fn plain_packets_allocate_nothing_in_steady_state() {
+    let mut p = Pair::new(false);
+    p.handshake();
+    let a_to_b = |b: &mut [u8], i: u32| udp_packet(b, INNER_A, INNER_B, i, plain_len(i));
+    let b_to_a = |b: &mut [u8], i: u32| udp_packet(b, INNER_B, INNER_A, i, plain_len(i));
+    assert_steady_state_allocates_nothing(&mut p, false, &a_to_b, &b_to_a, "plain packets");
 }
 
 #[test]
 fn tso_frames_allocate_nothing_in_steady_state() {
     let mut p = Pair::new(true);
     p.handshake();
-    let mut frame = vec![0u8; 65536 + 16];
-    let mut expect = vec![0u8; 65536 + 16];
     // Consecutive sequence numbers, as one TCP stream would send them.
     let seq = |i: u32| {
         (0..i)
@@ -174,22 +182,26 @@ fn tso_frames_allocate_nothing_in_steady_state() {
     };
     let a_to_b = |b: &mut [u8], i: u32| tso_frame(b, INNER_A, INNER_B, seq(i), i, tso_payload(i));
     let b_to_a = |b: &mut [u8], i: u32| tso_frame(b, INNER_B, INNER_A, seq(i), i, tso_payload(i));
-    let Pair { a, b } = &mut p;
-    run(a, b, true, &mut frame, &mut expect, &a_to_b).unwrap();
-    run(b, a, true, &mut frame, &mut expect, &b_to_a).unwrap();
+    assert_steady_state_allocates_nothing(&mut p, true, &a_to_b, &b_to_a, "TSO frames");
+}
 
-    let mut r = Ok(());
-    let (count, bytes) = measure(|| {
-        r = run(a, b, true, &mut frame, &mut expect, &a_to_b)
-            .and_then(|_| run(b, a, true, &mut frame, &mut expect, &b_to_a));
-    });
-    r.unwrap();
-    assert_eq!(
-        (count, bytes),
-        (0, 0),
-        "allocations (count, bytes) while moving {N} TSO frames each way"
-    );
-    check_clean(&p);
+/// Payload of UDP super-packet `i`: 2 to 50 datagrams of [`USO_SIZE`], the last one shorter
+/// (so that consecutive super-packets stay apart when merged again).
+fn uso_payload(i: u32) -> usize {
+    let n = 2 + (i as usize * 7) % 49;
+    n * USO_SIZE as usize - 1 - (i as usize * 31) % 500
+}
+const USO_SIZE: u16 = 1200;
+
+/// An application's UDP GSO sends: split to encrypt, merged again after decryption (tuns
+/// with USO), each arriving as the super-packet it left as.
+#[test]
+fn uso_super_packets_allocate_nothing_in_steady_state() {
+    let mut p = Pair::with_uso();
+    p.handshake();
+    let a_to_b = |b: &mut [u8], i: u32| uso_frame(b, INNER_A, INNER_B, i, USO_SIZE, uso_payload(i));
+    let b_to_a = |b: &mut [u8], i: u32| uso_frame(b, INNER_B, INNER_A, i, USO_SIZE, uso_payload(i));
+    assert_steady_state_allocates_nothing(&mut p, true, &a_to_b, &b_to_a, "UDP super-packets");
 }
 
 #[test]

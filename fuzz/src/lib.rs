@@ -162,7 +162,8 @@ pub fn encode_records<'a>(head: &[u8], recs: impl IntoIterator<Item = &'a [u8]>)
     v
 }
 
-/// Packets through GRO (first byte, bit 0: the tun has virtio-net headers; then records).
+/// Packets through GRO (first byte, bit 0: the tun has virtio-net headers, bit 1: it takes USO;
+/// then records).
 /// No panic, no packet lost or invented: each frame written, split again as the kernel would,
 /// gives back as many packets as went in.
 pub fn gro_coalesce(data: &[u8]) {
@@ -170,7 +171,8 @@ pub fn gro_coalesce(data: &[u8]) {
         return;
     };
     let vnet = head & 1 == 1;
-    let mut c = Coalescer::new(8, vnet);
+    // Bit 1: the tun takes USO, so UDP datagrams merge too.
+    let mut c = Coalescer::new(8, vnet).with_udp(head & 2 == 2);
     let mut scratch = vec![0u8; 65536];
     let (mut pushed, mut out) = (0usize, 0usize);
     let mut drain = |c: &mut Coalescer, out: &mut usize| {

@@ -108,6 +108,7 @@ macro_rules! interop_suite {
             cases!($a, $b:
                 handshake_and_ping_both_ways,
                 tcp_transfer_both_ways_checksummed,
+                udp_gso_datagrams_arrive_whole,
                 ipv6_underlay,
                 peer_remove_and_readd,
                 endpoint_roaming,
@@ -410,6 +411,84 @@ fn tcp_transfer_both_ways_checksummed(a: Impl, b: Impl) {
     const SIZE: usize = 4 << 20;
     transfer(&t, &t.ns_a, &t.ns_b, B_IN4, 5001, SIZE);
     transfer(&t, &t.ns_b, &t.ns_a, A_IN6, 5002, SIZE);
+}
+
+/// An application sending with UDP GSO (`UDP_SEGMENT`: one send, many datagrams): each
+/// datagram arrives whole and in order. Where A is kwire and the kernel's tun has USO (Linux
+/// 6.2 and later), the kernel hands A each send as one super-packet (A's tun counts one
+/// packet per send, not per datagram), which kwire splits only to encrypt.
+fn udp_gso_datagrams_arrive_whole(a: Impl, b: Impl) {
+    use nix::sys::socket::{setsockopt, sockopt::UdpGsoSegment};
+    const SENDS: usize = 20;
+    const SIZE: usize = 1000;
+    const PER_SEND: usize = 8;
+    let t = Topo::new(a, b, Opts::default());
+    t.wait_tunnel();
+    let rx = t
+        .ns_b
+        .run_in(|| UdpSocket::bind((B_IN4, 5301)).expect("bind in B"));
+    rx.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let tx = t
+        .ns_a
+        .run_in(|| UdpSocket::bind((A_IN4, 0)).expect("bind in A"));
+    tx.connect((B_IN4, 5301)).unwrap();
+    setsockopt(&tx, UdpGsoSegment, &(SIZE as i32)).expect("UDP_SEGMENT");
+    let tun_tx = || -> u64 {
+        let path = format!("/sys/class/net/{}/statistics/tx_packets", t.a.ifname);
+        t.ns_a
+            .run(&["cat", &path])
+            .trim()
+            .parse()
+            .expect("tx_packets")
+    };
+    let before = tun_tx();
+    let mut buf = vec![0u8; 2048];
+    for send in 0..SENDS {
+        // PER_SEND - 1 full datagrams and a shorter last one, each byte naming its datagram.
+        let mut msg = Vec::new();
+        for d in 0..PER_SEND {
+            let len = if d + 1 == PER_SEND { SIZE / 2 } else { SIZE };
+            msg.extend(std::iter::repeat_n((send * PER_SEND + d) as u8, len));
+        }
+        assert_eq!(tx.send(&msg).expect("UDP GSO send"), msg.len());
+        // In lockstep: a send's datagrams are all taken before the next send.
+        for d in 0..PER_SEND {
+            let n = rx.recv(&mut buf).unwrap_or_else(|e| {
+                panic!("datagram {d} of send {send} did not arrive ({e}): {a} -> {b}")
+            });
+            let want = if d + 1 == PER_SEND { SIZE / 2 } else { SIZE };
+            assert_eq!(n, want, "datagram {d} of send {send}: length");
+            let tag = (send * PER_SEND + d) as u8;
+            assert!(
+                buf[..n].iter().all(|&x| x == tag),
+                "datagram {d} of send {send}: wrong bytes (reordered or merged)"
+            );
+        }
+    }
+    let handed = tun_tx() - before;
+    let uso = t.ns_a.run(&["ethtool", "-k", &t.a.ifname]);
+    if a == Impl::Kwire && uso.contains("tx-udp-segmentation: on") {
+        // A few more for pings or keepalives, never one per datagram.
+        assert!(
+            handed < (SENDS * 2) as u64,
+            "the kernel handed kwire {handed} packets for {SENDS} UDP GSO sends: not super-packets"
+        );
+    } else if a == Impl::Kwire {
+        let release = run_host(&["uname", "-r"]);
+        let mut v = release
+            .trim()
+            .split(['.', '-'])
+            .map(|x| x.parse::<u32>().unwrap_or(0));
+        assert!(
+            (v.next().unwrap_or(0), v.next().unwrap_or(0)) < (6, 2),
+            "kernel {} has tun USO (6.2+), but kwire's tun does not offer it:\n{uso}",
+            release.trim()
+        );
+        eprintln!(
+            "kernel {} has no tun USO: datagrams checked, super-packets not",
+            release.trim()
+        );
+    }
 }
 
 fn ipv6_underlay(a: Impl, b: Impl) {

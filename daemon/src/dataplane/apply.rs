@@ -119,9 +119,14 @@ pub struct RxPath {
 impl RxPath {
     /// `vnet`: the tun takes virtio-net headers, so TCP segments can be merged.
     pub fn new(vnet: bool) -> RxPath {
+        RxPath::with_uso(vnet, false)
+    }
+
+    /// [`RxPath::new`], merging the datagrams of a UDP flow too when the tuns take USO.
+    pub fn with_uso(vnet: bool, uso: bool) -> RxPath {
         RxPath {
             receiver: Receiver::new(),
-            coalescer: Coalescer::new(64, vnet),
+            coalescer: Coalescer::new(64, vnet).with_udp(uso),
             // Replies hold a packet boringtun queued during the handshake: up to a whole frame.
             replies: TxBatch::new(128 * 1024, 64),
             delivered: 0,

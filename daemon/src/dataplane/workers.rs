@@ -296,7 +296,7 @@ fn spawn_udp_reader(i: usize, b: Arc<Bound>, tun: Arc<TunQueue>, net: Network) -
         .name(format!("kwire-udp-{i}"))
         .spawn(move || {
             let vnet = net.vnet && tun.offload();
-            let mut rx = RxPath::new(vnet);
+            let mut rx = RxPath::with_uso(vnet, tun.uso());
             let mut batch = RecvBatch::new(RECV_BATCH, RECV_MSG_BYTES);
             let mut scratch = SendScratch::new();
             let (mut tun_err, mut udp_err, mut recv_err) =

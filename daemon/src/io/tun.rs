@@ -8,6 +8,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::OpenOptionsExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
@@ -22,6 +23,12 @@ const IFF_VNET_HDR: libc::c_short = 0x4000;
 const TUN_F_CSUM: libc::c_uint = 0x01;
 const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
+const TUN_F_USO4: libc::c_uint = 0x20;
+const TUN_F_USO6: libc::c_uint = 0x40;
+
+/// Whether this kernel's tun took UDP segmentation offload (Linux 6.2 and later) when a queue
+/// was opened here: then it also takes UDP super-packets written to a tun.
+static KERNEL_USO: AtomicBool = AtomicBool::new(false);
 
 /// Size of `struct virtio_net_hdr` without `num_buffers`, what we ask the kernel to prepend.
 pub const VNET_HDR_LEN: usize = 10;
@@ -51,6 +58,7 @@ pub struct TunOptions {
 pub struct TunQueue {
     file: File,
     offload: bool,
+    uso: bool,
 }
 
 /// Checks an interface name the way the kernel will, so the error names the real problem.
@@ -97,6 +105,7 @@ impl TunQueue {
         // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` is a repr(C) struct of
         // at least that size (40 bytes) that lives across the call.
         cvt(unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req as *mut IfReqFlags) })?;
+        let mut uso = false;
         if opts.offload {
             let hdr: libc::c_int = VNET_HDR_LEN as libc::c_int;
             // SAFETY: TUNSETVNETHDRSZ reads an int through the pointer, which is valid.
@@ -107,14 +116,30 @@ impl TunQueue {
                     &hdr as *const libc::c_int,
                 )
             })?;
-            let flags = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
-            // SAFETY: TUNSETOFFLOAD takes its argument by value.
-            cvt(unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) })?;
+            let tso = TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6;
+            // USO where the kernel has it (an application's UDP_SEGMENT sends stay one
+            // super-packet up to us, and we may write such back); else TSO alone.
+            let set = |flags: libc::c_uint| {
+                // SAFETY: TUNSETOFFLOAD takes its argument by value.
+                cvt(unsafe { libc::ioctl(file.as_raw_fd(), TUNSETOFFLOAD, flags as libc::c_ulong) })
+            };
+            uso = set(tso | TUN_F_USO4 | TUN_F_USO6).is_ok();
+            if uso {
+                KERNEL_USO.store(true, Ordering::Relaxed);
+            } else {
+                set(tso)?;
+            }
         }
         Ok(TunQueue {
             file,
             offload: opts.offload,
+            uso,
         })
+    }
+
+    /// Whether the queue takes UDP super-packets (USO) both ways.
+    pub fn uso(&self) -> bool {
+        self.uso
     }
 
     /// Whether frames carry a virtio-net header.
@@ -178,10 +203,12 @@ impl TunQueue {
     }
 
     /// Wraps a tun fd received from elsewhere (a persistent pod device handed over a socket).
+    /// It takes UDP super-packets when the kernel's tuns do ([`TunQueue::open`] found out).
     pub fn from_owned_fd(fd: OwnedFd, offload: bool) -> TunQueue {
         TunQueue {
             file: File::from(fd),
             offload,
+            uso: offload && KERNEL_USO.load(Ordering::Relaxed),
         }
     }
 

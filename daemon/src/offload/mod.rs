@@ -1,6 +1,7 @@
 //! Offloads: the virtio-net header the kernel puts before each tun frame, splitting a 64 KB
-//! TCP segment into MTU-sized packets (TSO), merging received packets of one TCP flow back
-//! into one segment (GRO), and grouping outgoing datagrams for UDP GSO ([`gso::TxBatch`]).
+//! TCP segment into MTU-sized packets (TSO) and a UDP super-packet into its datagrams (USO),
+//! merging received packets of one TCP or UDP flow back into one such frame (GRO), and
+//! grouping outgoing datagrams for UDP GSO ([`gso::TxBatch`]).
 //! Pure functions over caller-owned buffers; no I/O.
 
 pub mod checksum;
@@ -16,6 +17,8 @@ pub const F_NEEDS_CSUM: u8 = 1;
 pub const GSO_NONE: u8 = 0;
 pub const GSO_TCPV4: u8 = 1;
 pub const GSO_TCPV6: u8 = 4;
+/// `VIRTIO_NET_HDR_GSO_UDP_L4`: UDP segmentation (USO), `gso_size` bytes of payload per datagram.
+pub const GSO_UDP_L4: u8 = 5;
 pub const GSO_ECN: u8 = 0x80;
 
 /// The virtio-net header (little-endian on the wire of a tun fd on x86 and arm64).

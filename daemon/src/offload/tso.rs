@@ -1,16 +1,20 @@
 //! Splitting what the tun hands us into wire-sized packets: a TCP segment of up to 64 KB with
-//! `gso_size` becomes MSS-sized packets with their own headers and checksums; a single packet
-//! whose checksum the kernel left partial gets it completed.
+//! `gso_size` becomes MSS-sized packets with their own headers and checksums, a UDP
+//! super-packet (an application's `UDP_SEGMENT` send, USO) its `gso_size` datagrams; a single
+//! packet whose checksum the kernel left partial gets it completed.
 
 use super::checksum::{fold, pseudo_header, set_ipv4_header, sum};
 use super::{
-    OffloadError, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, VNET_HDR_LEN,
+    OffloadError, VnetHdr, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, GSO_UDP_L4,
+    VNET_HDR_LEN,
 };
 
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_CWR: u8 = 0x80;
 const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+const UDP_HLEN: usize = 8;
 
 /// Calls `emit` with each packet carried by `frame` (virtio-net header + packet). `scratch`
 /// must hold one packet of the largest segment (64 KiB is always enough).
@@ -76,6 +80,17 @@ enum Shape {
         csum: Option<(usize, usize)>,
     },
     Tcp(Tcp),
+    Udp(Udp),
+}
+
+/// A UDP super-packet's layout: `count` datagrams of `size` payload bytes (the last may be
+/// shorter), each with a copy of the headers.
+struct Udp {
+    v6: bool,
+    l4: usize,
+    size: usize,
+    count: usize,
+    id0: u16,
 }
 
 /// A TCP segment's layout and how it is cut.
@@ -109,6 +124,7 @@ impl<'f, 's> Segments<'f, 's> {
                     .then_some((hdr.csum_start as usize, hdr.csum_offset as usize)),
             },
             GSO_TCPV4 | GSO_TCPV6 => Shape::Tcp(Tcp::layout(pkt, &hdr, scratch.len(), max_packet)?),
+            GSO_UDP_L4 => Shape::Udp(Udp::layout(pkt, &hdr, scratch.len(), max_packet)?),
             _ => return Err(OffloadError::Unsupported),
         };
         Ok(Segments {
@@ -125,6 +141,7 @@ impl<'f, 's> Segments<'f, 's> {
         match &self.shape {
             Shape::Single { .. } => 1,
             Shape::Tcp(t) => t.count,
+            Shape::Udp(u) => u.count,
         }
     }
 
@@ -134,6 +151,7 @@ impl<'f, 's> Segments<'f, 's> {
         match &self.shape {
             Shape::Single { .. } => self.pkt.len(),
             Shape::Tcp(t) => (t.hlen + t.mss).min(self.pkt.len()),
+            Shape::Udp(u) => (u.l4 + UDP_HLEN + u.size).min(self.pkt.len()),
         }
     }
 
@@ -163,6 +181,7 @@ impl<'f, 's> Segments<'f, 's> {
                 csum: Some((start, offset)),
             } => Some(complete_checksum(self.pkt, *start, *offset).map(|()| &*self.pkt)),
             Shape::Tcp(t) => Some(Ok(t.segment(self.pkt, self.scratch, i))),
+            Shape::Udp(u) => Some(Ok(u.datagram(self.pkt, self.scratch, i))),
         }
     }
 }
@@ -234,19 +253,8 @@ impl Tcp {
             count,
             ..
         } = *self;
-        let payload = &pkt[hlen..];
-        let chunk = &payload[(i * mss).min(payload.len())..((i + 1) * mss).min(payload.len())];
-        let len = hlen + chunk.len();
-        let seg = &mut scratch[..len];
-        seg[..hlen].copy_from_slice(&pkt[..hlen]);
-        seg[hlen..].copy_from_slice(chunk);
-        if v6 {
-            seg[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
-        } else {
-            seg[2..4].copy_from_slice(&(len as u16).to_be_bytes());
-            seg[4..6].copy_from_slice(&self.id0.wrapping_add(i as u16).to_be_bytes());
-            set_ipv4_header(&mut seg[..l4]);
-        }
+        let seg = cut(pkt, scratch, hlen, mss, i, l4, self.id0);
+        let len = seg.len();
         let seq = self.seq0.wrapping_add((i * mss) as u32);
         seg[l4 + 4..l4 + 8].copy_from_slice(&seq.to_be_bytes());
         let flags = &mut seg[l4 + 13];
@@ -267,6 +275,97 @@ impl Tcp {
         let c = !fold(sum(ph, &seg[l4..]));
         seg[l4 + 16..l4 + 18].copy_from_slice(&c.to_be_bytes());
         seg
+    }
+}
+
+/// Packet `i` of a super-packet cut into `size`-byte payloads, built in `scratch`: the
+/// `hlen` bytes of headers, its payload, the IP length (and IPv4 id, `id0 + i`, and header
+/// checksum) fixed; the L4 header is the caller's to finish.
+#[inline(always)]
+fn cut<'s>(
+    pkt: &[u8],
+    scratch: &'s mut [u8],
+    hlen: usize,
+    size: usize,
+    i: usize,
+    l4: usize,
+    id0: u16,
+) -> &'s mut [u8] {
+    let payload = &pkt[hlen..];
+    let chunk = &payload[(i * size).min(payload.len())..((i + 1) * size).min(payload.len())];
+    let len = hlen + chunk.len();
+    let p = &mut scratch[..len];
+    p[..hlen].copy_from_slice(&pkt[..hlen]);
+    p[hlen..].copy_from_slice(chunk);
+    if p[0] >> 4 == 6 {
+        p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+    } else {
+        p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&id0.wrapping_add(i as u16).to_be_bytes());
+        set_ipv4_header(&mut p[..l4]);
+    }
+    p
+}
+
+impl Udp {
+    /// Checks the headers the virtio-net header describes. Datagram boundaries belong to the
+    /// application: a size the path cannot carry is refused, never cut smaller.
+    fn layout(
+        pkt: &[u8],
+        hdr: &VnetHdr,
+        scratch_len: usize,
+        max_packet: usize,
+    ) -> Result<Udp, OffloadError> {
+        let (v6, proto) = match pkt.first().map(|b| b >> 4) {
+            Some(4) if pkt.len() >= 20 => (false, pkt[9]),
+            Some(6) if pkt.len() >= 40 => (true, pkt[6]),
+            _ => return Err(OffloadError::Malformed),
+        };
+        let l4 = hdr.csum_start as usize;
+        let hlen = l4 + UDP_HLEN;
+        let l3_ok = if v6 {
+            l4 == 40
+        } else {
+            (pkt[0] & 0x0f) as usize * 4 == l4
+        };
+        if proto != PROTO_UDP || !l3_ok || hlen > pkt.len() || hdr.csum_offset != 6 {
+            return Err(OffloadError::Malformed);
+        }
+        let size = hdr.gso_size as usize;
+        if size == 0 || hlen + size > scratch_len || hlen + size > max_packet {
+            return Err(OffloadError::Malformed);
+        }
+        Ok(Udp {
+            v6,
+            l4,
+            size,
+            count: (pkt.len() - hlen).div_ceil(size).max(1),
+            id0: u16::from_be_bytes([pkt[4], pkt[5]]),
+        })
+    }
+
+    /// Builds datagram `i` in `scratch`: the headers, the `i`th `size` bytes of payload,
+    /// lengths, IPv4 id and checksums.
+    #[inline(always)]
+    fn datagram<'s>(&self, pkt: &[u8], scratch: &'s mut [u8], i: usize) -> &'s [u8] {
+        let Udp { v6, l4, size, .. } = *self;
+        let d = cut(pkt, scratch, l4 + UDP_HLEN, size, i, l4, self.id0);
+        let len = d.len();
+        d[l4 + 4..l4 + 6].copy_from_slice(&((len - l4) as u16).to_be_bytes());
+        d[l4 + 6] = 0;
+        d[l4 + 7] = 0;
+        let (src, dst) = if v6 {
+            (8..24, 24..40)
+        } else {
+            (12..16, 16..20)
+        };
+        let ph = pseudo_header(&d[src], &d[dst], PROTO_UDP, (len - l4) as u32);
+        let mut c = !fold(sum(ph, &d[l4..]));
+        if c == 0 {
+            c = 0xffff; // RFC 768: a computed zero is sent as all ones
+        }
+        d[l4 + 6..l4 + 8].copy_from_slice(&c.to_be_bytes());
+        d
     }
 }
 
@@ -327,6 +426,100 @@ pub(crate) mod tests {
         };
         let ph = pseudo_header(&p[s], &p[d], 6, (p.len() - l4) as u32);
         fold(sum(ph, &p[l4..])) == 0xffff
+    }
+
+    /// Builds an IPv4 or IPv6 UDP packet (10.99.0.1:40000 -> 10.99.0.2:5201, or the fd00:0:99::
+    /// equivalents) with a valid checksum.
+    pub fn udp_packet(v6: bool, payload: &[u8]) -> Vec<u8> {
+        let mut p = tcp_packet(v6, 0, 0, &[]);
+        let l4 = if v6 { 40 } else { 20 };
+        p.truncate(l4 + UDP_HLEN);
+        p.extend_from_slice(payload);
+        let len = p.len();
+        if v6 {
+            p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
+            p[6] = PROTO_UDP;
+        } else {
+            p[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            p[9] = PROTO_UDP;
+            set_ipv4_header(&mut p[..20]);
+        }
+        p[l4 + 4..l4 + 6].copy_from_slice(&((len - l4) as u16).to_be_bytes());
+        p[l4 + 6..l4 + 8].copy_from_slice(&[0, 0]);
+        let c = !fold(sum(udp_pseudo(&p, l4), &p[l4..]));
+        p[l4 + 6..l4 + 8].copy_from_slice(&c.to_be_bytes());
+        p
+    }
+
+    fn udp_pseudo(p: &[u8], l4: usize) -> u64 {
+        let (s, d) = if l4 == 40 {
+            (8..24, 24..40)
+        } else {
+            (12..16, 16..20)
+        };
+        pseudo_header(&p[s], &p[d], PROTO_UDP, (p.len() - l4) as u32)
+    }
+
+    pub fn udp_checksum_valid(p: &[u8]) -> bool {
+        let l4 = if p[0] >> 4 == 6 { 40 } else { 20 };
+        fold(sum(udp_pseudo(p, l4), &p[l4..])) == 0xffff
+    }
+
+    /// What the kernel hands over for an application's `UDP_SEGMENT` send (USO): one
+    /// super-packet, `size` bytes of payload per datagram, UDP length and checksum partial.
+    pub fn as_uso_frame(p: &[u8], size: u16) -> Vec<u8> {
+        let l4 = if p[0] >> 4 == 6 { 40 } else { 20 };
+        let mut f = vec![0u8; VNET_HDR_LEN];
+        VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_UDP_L4,
+            hdr_len: (l4 + UDP_HLEN) as u16,
+            gso_size: size,
+            csum_start: l4 as u16,
+            csum_offset: 6,
+        }
+        .encode((&mut f[..]).try_into().unwrap());
+        f.extend_from_slice(p);
+        let ph = fold(udp_pseudo(p, l4));
+        f[VNET_HDR_LEN + l4 + 6..VNET_HDR_LEN + l4 + 8].copy_from_slice(&ph.to_be_bytes());
+        f
+    }
+
+    #[test]
+    fn splits_a_uso_super_packet_into_its_datagrams() {
+        for v6 in [false, true] {
+            let payload: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+            let mut frame = as_uso_frame(&udp_packet(v6, &payload), 1200);
+            let mut scratch = vec![0u8; 65536];
+            let mut out: Vec<Vec<u8>> = Vec::new();
+            split(&mut frame, &mut scratch, |p| out.push(p.to_vec())).unwrap();
+            let expected: Vec<Vec<u8>> = payload.chunks(1200).map(|c| udp_packet(v6, c)).collect();
+            assert_eq!(out.len(), 3);
+            for (i, (d, e)) in out.iter().zip(&expected).enumerate() {
+                assert!(udp_checksum_valid(d), "datagram {i} checksum");
+                if v6 {
+                    assert_eq!(d, e);
+                } else {
+                    assert!(ipv4_header_valid(&d[..20]));
+                    assert_eq!(u16::from_be_bytes([d[4], d[5]]), 0x1234 + i as u16);
+                    assert_eq!(d[20..], e[20..]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn refuses_uso_datagrams_the_path_cannot_carry() {
+        let mut frame = as_uso_frame(&udp_packet(false, &[9; 3000]), 1400);
+        let mut scratch = vec![0u8; 65536];
+        // 1400 + 28 > 1420: datagram boundaries are the application's, never cut smaller.
+        assert_eq!(
+            split_capped(&mut frame, &mut scratch, 1420, |_| {}).unwrap_err(),
+            OffloadError::Malformed
+        );
+        let mut out = 0;
+        split_capped(&mut frame, &mut scratch, 1428, |_| out += 1).unwrap();
+        assert_eq!(out, 3);
     }
 
     /// Turns a valid packet into what the kernel hands over with TSO: one super-packet whose

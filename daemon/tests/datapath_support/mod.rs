@@ -9,7 +9,7 @@ use kwire::datapath::Ctx;
 use kwire::dataplane::{Io, RxPath, TxPath};
 use kwire::offload::checksum::{fold, pseudo_header, set_ipv4_header, sum};
 use kwire::offload::gso::TxBatch;
-use kwire::offload::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, VNET_HDR_LEN};
+use kwire::offload::{VnetHdr, F_NEEDS_CSUM, GSO_TCPV4, GSO_UDP_L4, VNET_HDR_LEN};
 use kwire::wg::device::NetworkControl;
 use kwire::wg::key::PrivateKey;
 use kwire::wg::uapi::{parse_request, Request};
@@ -285,6 +285,14 @@ impl Pair {
         }
     }
 
+    /// Both receive paths write virtio-net headers and merge UDP datagrams too (tuns with USO).
+    pub fn with_uso() -> Pair {
+        let mut p = Pair::new(true);
+        p.a.rx = RxPath::with_uso(true, true);
+        p.b.rx = RxPath::with_uso(true, true);
+        p
+    }
+
     /// Moves datagrams both ways until neither side has anything to send.
     pub fn pump(&mut self, now: Instant) {
         for _ in 0..16 {
@@ -389,6 +397,37 @@ pub fn tso_frame(
     fill_pattern(&mut p[40..], n);
     let ph = fold(pseudo_header(&src, &dst, 6, (len - 20) as u32));
     p[36..38].copy_from_slice(&ph.to_be_bytes());
+    VNET_HDR_LEN + len
+}
+
+/// Writes into `buf` what a tun with USO hands over for an application's `UDP_SEGMENT` send:
+/// a virtio-net header (`GSO_UDP_L4`, `NEEDS_CSUM`, `gso_size` `size`) and one IPv4/UDP
+/// super-packet with `payload` bytes, its checksum field holding the pseudo-header sum.
+/// Returns the frame length.
+pub fn uso_frame(
+    buf: &mut [u8],
+    src: [u8; 4],
+    dst: [u8; 4],
+    n: u32,
+    size: u16,
+    payload: usize,
+) -> usize {
+    let len = 28 + payload;
+    assert!(len <= 65535);
+    let (h, rest) = buf.split_at_mut(VNET_HDR_LEN);
+    VnetHdr {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_UDP_L4,
+        hdr_len: 28,
+        gso_size: size,
+        csum_start: 20,
+        csum_offset: 6,
+    }
+    .encode(h.try_into().expect("header length"));
+    let p = &mut rest[..len];
+    udp_packet(p, src, dst, n, len);
+    let ph = fold(pseudo_header(&src, &dst, 17, (len - 20) as u32));
+    p[26..28].copy_from_slice(&ph.to_be_bytes());
     VNET_HDR_LEN + len
 }
 
