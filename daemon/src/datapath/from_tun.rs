@@ -86,14 +86,21 @@ fn next_hop<T>(ctx: &Ctx<'_, T>, from: Port, frame: &mut [u8]) -> Result<NextHop
     antispoof::check(ctx.local, from, src)?;
     // After the source is known to be the pod's own, before policy: policy and routing see
     // the backend a Service's address was translated to.
-    service::forward(ctx, frame)?;
+    // A hairpinned flow (a pod reaching itself through its Service) is the pod's traffic to
+    // itself: policy does not judge it.
+    let hairpin = service::forward(ctx, from, frame)?;
     let pkt = &frame[ctx.offset()..];
     let (_, dst) = addresses(pkt).ok_or(DropReason::Malformed)?;
-    policy::egress(ctx.local, from, pkt)?;
+    if !hairpin {
+        policy::egress(ctx.local, from, pkt)?;
+    }
     let hop = route::from_tun(ctx, from, dst)?;
-    if let NextHop::Pod(pod) = hop {
-        let from_node = from == Port::Host && ctx.local.is_gateway(src);
-        policy::ingress(ctx.local, Port::Pod(pod), from_node, pkt)?;
+    match hop {
+        NextHop::Pod(pod) if !hairpin => {
+            let from_node = from == Port::Host && ctx.local.is_gateway(src);
+            policy::ingress(ctx.local, Port::Pod(pod), from_node, pkt)?;
+        }
+        _ => {}
     }
     // A backend's reply: policy judged the real addresses, the client sees the Service's.
     service::reverse_frame(ctx, frame);

@@ -13,16 +13,17 @@
 
 use super::conntrack::Flow;
 use super::icmp::{self, IcmpError};
-use super::local::LocalTable;
 /// The service snapshot of a node's local table (defined there, so that the table does not
 /// depend on this stage).
 pub use super::local::ServiceNat;
+use super::local::{LocalTable, Port};
 use super::nat::Forward;
 use super::stats::DropReason;
 use super::Ctx;
 use crate::offload::checksum::{fold, pseudo_header, set_ipv4_header, sum};
 use crate::offload::F_NEEDS_CSUM;
 use crate::services::flow_hash;
+use crate::services::table::FrontendKey;
 use std::net::{IpAddr, SocketAddr};
 
 const TCP: u8 = 6;
@@ -102,37 +103,82 @@ fn partial<T>(ctx: &Ctx<'_, T>, frame: &[u8]) -> bool {
 }
 
 /// Translates a client's packet to a Service frontend (destination -> one backend); packets
-/// to anything else pass unchanged. `Err(ServiceNoEndpoint)`: the Service has no usable
-/// endpoint; the caller answers with [`reject`].
+/// to anything else pass unchanged. `Ok(true)`: a hairpinned flow (a pod reaching itself
+/// through its Service), which policy does not judge (a pod's traffic to itself, as over
+/// its loopback). `Err(ServiceNoEndpoint)`: the Service has no usable endpoint; the caller
+/// answers with [`reject`]. `Err(ServiceNoLocalEndpoint)`: none on this node for a `Local`
+/// traffic policy (dropped, as kube-proxy does).
 #[inline]
-pub fn forward<T>(ctx: &Ctx<'_, T>, frame: &mut [u8]) -> Result<(), DropReason> {
+pub fn forward<T>(ctx: &Ctx<'_, T>, from: Port, frame: &mut [u8]) -> Result<bool, DropReason> {
     let Some(s) = &ctx.local.services else {
-        return Ok(());
+        return Ok(false);
     };
     let partial = partial(ctx, frame);
     let Some(pkt) = frame.get_mut(ctx.offset()..) else {
-        return Ok(());
+        return Ok(false);
     };
     let Some(p) = parse(pkt) else {
-        return Ok(());
+        return Ok(false);
     };
+    let hairpin = s.table.node_port_addr(p.v6);
+    if from != Port::Host && hairpin == Some(p.dst) {
+        return Ok(hairpin_reply(s, pkt, &p, partial));
+    }
     let Some(fe) = s.table.lookup(p.proto, p.dst, p.dport) else {
-        return Ok(());
+        return Ok(false);
     };
     let new_syn = p.proto == TCP && pkt[p.l4 + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // The client is this node (its own traffic, or masqueraded to it by the kernel).
+    let from_node = from == Port::Host && ctx.local.is_gateway(p.src);
+    let pool = fe.pool(from_node);
     let keep = |b: SocketAddr| {
         // A removed endpoint keeps its open TCP connections; new flows (and UDP) move.
-        fe.has(b) || (p.proto == TCP && !new_syn)
+        pool.is_ok_and(|pl| pl.has(b)) || (p.proto == TCP && !new_syn)
     };
-    let choose = || fe.pick(flow_hash(p.proto, p.src, p.sport, p.dst, p.dport));
-    match s.nat.forward(p.flow(), keep, choose) {
+    let choose = || {
+        let pl = pool.ok()?;
+        let pick = || pl.pick(flow_hash(p.proto, p.src, p.sport, p.dst, p.dport));
+        if fe.affinity_secs == 0 {
+            return pick();
+        }
+        let key = FrontendKey {
+            proto: p.proto,
+            ip: p.dst,
+            port: p.dport,
+        };
+        s.nat
+            .sticky(key, p.src, fe.affinity_secs, |b| pl.has(b), pick)
+    };
+    match s.nat.forward(p.flow(), hairpin, keep, choose) {
         Forward::To(to) => {
             rewrite(pkt, &p, true, to, partial);
-            Ok(())
+            match hairpin {
+                Some(h) if to.ip() == p.src => {
+                    // The pod would drop a packet from its own address: it comes from the
+                    // node-port address, and its reply is turned back in `hairpin_reply`.
+                    rewrite(pkt, &p, false, SocketAddr::new(h, p.sport), partial);
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
         }
+        Forward::NoEndpoint if pool == Err(false) => Err(DropReason::ServiceNoLocalEndpoint),
         Forward::NoEndpoint => Err(DropReason::ServiceNoEndpoint),
         Forward::Full => Err(DropReason::FlowLimit),
     }
+}
+
+/// A pod's reply to a hairpinned flow (to the node-port address): from the Service, to the
+/// pod itself again. Whether it was one.
+#[cold]
+#[inline(never)]
+fn hairpin_reply(s: &ServiceNat, pkt: &mut [u8], p: &L4, partial: bool) -> bool {
+    let Some((from, Some(client))) = s.nat.reverse(p.flow()) else {
+        return false;
+    };
+    rewrite(pkt, p, false, from, partial);
+    rewrite(pkt, p, true, SocketAddr::new(client, p.dport), partial);
+    true
 }
 
 /// Gives a backend's reply of a translated flow the Service's address as its source. Runs
@@ -148,7 +194,7 @@ pub fn reverse<T>(local: &LocalTable<T>, pkt: &mut [u8], partial: bool) {
     let Some(p) = parse(pkt) else {
         return;
     };
-    if let Some(from) = s.nat.reverse(p.flow()) {
+    if let Some((from, _)) = s.nat.reverse(p.flow()) {
         rewrite(pkt, &p, false, from, partial);
     }
 }
@@ -383,6 +429,21 @@ pub(crate) mod tests {
     /// A table with `web` (TCP 80 and UDP 53 on a dual-stack ClusterIP) backed by the given
     /// endpoints on 8080/5353, and `empty` without any.
     pub(crate) fn services(backends: &[&str]) -> ServiceNat {
+        let eps: Vec<(&str, &str)> = backends.iter().map(|b| (*b, "elsewhere")).collect();
+        services_on(&eps, |_| {})
+    }
+
+    /// The node the tables of [`services_on`] are compiled for, and its gateway.
+    const NODE: &str = "n1";
+    const GATEWAY: &str = "10.244.1.1";
+
+    /// [`services`] with endpoints `(address, nodeName)`, for node [`NODE`] with node-port
+    /// addresses 10.96.0.0 and fd00:96::, `web` changed by `tweak` (its http port has node
+    /// port 30080, its dns port 30053, when `tweak` makes it a NodePort Service).
+    pub(crate) fn services_on(
+        backends: &[(&str, &str)],
+        tweak: impl Fn(&mut ServiceView),
+    ) -> ServiceNat {
         let svc = |name: &str, ips: &[&str]| ServiceView {
             namespace: "shop".into(),
             name: name.into(),
@@ -392,14 +453,19 @@ pub(crate) mod tests {
                     name: "http".into(),
                     proto: TCP,
                     port: 80,
+                    ..Default::default()
                 },
                 ServicePortView {
                     name: "dns".into(),
                     proto: UDP,
                     port: 53,
+                    ..Default::default()
                 },
             ],
+            ..Default::default()
         };
+        let mut web = svc("web", &["10.96.0.10", "fd00:96::10"]);
+        tweak(&mut web);
         let slice = SliceView {
             namespace: "shop".into(),
             service: "web".into(),
@@ -417,28 +483,36 @@ pub(crate) mod tests {
             ],
             endpoints: backends
                 .iter()
-                .map(|b| EndpointView {
+                .map(|(b, node)| EndpointView {
                     addresses: vec![b.parse().unwrap()],
                     ready: true,
                     serving: true,
                     terminating: false,
+                    node_name: Some(node.to_string()),
                 })
                 .collect(),
         };
+        let scope = crate::services::table::Scope {
+            node: Some(NODE.into()),
+            node_port_addrs: vec!["10.96.0.0".parse().unwrap(), "fd00:96::".parse().unwrap()],
+        };
         ServiceNat {
-            table: Arc::new(ServiceTable::compile(
-                &[
-                    svc("web", &["10.96.0.10", "fd00:96::10"]),
-                    svc("empty", &["10.96.0.11", "fd00:96::11"]),
-                ],
+            table: Arc::new(ServiceTable::compile_for(
+                &[web, svc("empty", &["10.96.0.11", "fd00:96::11"])],
                 &[slice],
+                &scope,
             )),
             nat: Arc::new(NatTable::default()),
         }
     }
 
     fn translate(s: &ServiceNat, pkt: &mut [u8]) -> Result<(), DropReason> {
-        let mut local = LocalTable::<()>::default();
+        translate_from(s, Port::Pod(0), pkt).map(drop)
+    }
+
+    /// [`forward`] of a packet from `from` on node [`NODE`].
+    fn translate_from(s: &ServiceNat, from: Port, pkt: &mut [u8]) -> Result<bool, DropReason> {
+        let mut local = LocalTable::<()>::new(Vec::new(), vec![GATEWAY.parse().unwrap()]);
         local.services = Some(s.clone());
         let snap = crate::wg::device::Snapshot::default();
         let (counters, limiter) = (
@@ -454,7 +528,7 @@ pub(crate) mod tests {
             now: std::time::Instant::now(),
             vnet: false,
         };
-        forward(&ctx, pkt)
+        forward(&ctx, from, pkt)
     }
 
     fn back(s: &ServiceNat, pkt: &mut [u8]) {
@@ -610,5 +684,190 @@ pub(crate) mod tests {
         let n = reject(&d6, &mut out).unwrap();
         assert_eq!((out[40], out[41]), (1, 4), "ICMPv6 port unreachable");
         assert!(n > 48);
+    }
+
+    /// Where a translated packet goes: (source, destination).
+    fn ends(p: &[u8]) -> (SocketAddr, SocketAddr) {
+        let q = parse(p).unwrap();
+        (
+            SocketAddr::new(q.src, q.sport),
+            SocketAddr::new(q.dst, q.dport),
+        )
+    }
+
+    fn node_port(local: bool) -> impl Fn(&mut ServiceView) {
+        move |v: &mut ServiceView| {
+            v.ports[0].node_port = Some(30080);
+            v.ports[1].node_port = Some(30053);
+            v.external_local = local;
+        }
+    }
+
+    #[test]
+    fn node_ports_external_traffic_policy_cluster_and_local() {
+        let eps = [("10.244.1.7", NODE), ("10.244.2.5", "n2")];
+        let outside = |port: u16| sa(&format!("192.0.2.201:{port}"));
+        let node = |port: u16| sa(&format!("{GATEWAY}:{port}"));
+        let backends_seen = |s: &ServiceNat, client: &dyn Fn(u16) -> SocketAddr| {
+            let mut seen = std::collections::BTreeSet::new();
+            for port in 40000..40064 {
+                let mut p = packet(TCP, client(port), sa("10.96.0.0:30080"), TCP_SYN, b"");
+                translate_from(s, Port::Host, &mut p).unwrap();
+                assert!(checksums_valid(&p));
+                let (src, dst) = ends(&p);
+                assert_eq!(src, client(port), "the source is the kernel's business");
+                seen.insert(dst);
+            }
+            seen
+        };
+        let both: std::collections::BTreeSet<SocketAddr> =
+            [sa("10.244.1.7:8080"), sa("10.244.2.5:8080")].into();
+        let local_only: std::collections::BTreeSet<SocketAddr> = [sa("10.244.1.7:8080")].into();
+        // Cluster: every endpoint, whoever the client.
+        let s = services_on(&eps, node_port(false));
+        assert_eq!(backends_seen(&s, &outside), both);
+        // Local: a client from elsewhere reaches this node's endpoint only; the node's own
+        // (masqueraded) traffic every endpoint.
+        let s = services_on(&eps, node_port(true));
+        assert_eq!(backends_seen(&s, &outside), local_only);
+        assert_eq!(backends_seen(&s, &node), both);
+        // The ClusterIP is not subject to externalTrafficPolicy.
+        let mut seen = std::collections::BTreeSet::new();
+        for port in 40000..40064 {
+            let mut p = packet(
+                TCP,
+                sa(&format!("10.244.1.9:{port}")),
+                sa("10.96.0.10:80"),
+                TCP_SYN,
+                b"",
+            );
+            translate(&s, &mut p).unwrap();
+            seen.insert(ends(&p).1);
+        }
+        assert_eq!(seen, both);
+        // UDP, IPv6 node-port address.
+        let s = services_on(&[("fd00:244:1::7", NODE)], node_port(true));
+        let mut p = packet(
+            UDP,
+            sa("[2001:db8::9]:5000"),
+            sa("[fd00:96::]:30053"),
+            0,
+            b"q",
+        );
+        translate_from(&s, Port::Host, &mut p).unwrap();
+        assert_eq!(ends(&p).1, sa("[fd00:244:1::7]:5353"));
+        // Local without a local endpoint: dropped for clients from elsewhere (the health
+        // check fails), served for the node itself.
+        let s = services_on(&[("10.244.2.5", "n2")], node_port(true));
+        let mut p = packet(TCP, outside(1), sa("10.96.0.0:30080"), TCP_SYN, b"");
+        assert_eq!(
+            translate_from(&s, Port::Host, &mut p),
+            Err(DropReason::ServiceNoLocalEndpoint)
+        );
+        let mut p = packet(TCP, node(1), sa("10.96.0.0:30080"), TCP_SYN, b"");
+        assert_eq!(translate_from(&s, Port::Host, &mut p), Ok(false));
+        // No endpoint at all: refused.
+        let s = services_on(&[], node_port(true));
+        let mut p = packet(TCP, outside(1), sa("10.96.0.0:30080"), TCP_SYN, b"");
+        assert_eq!(
+            translate_from(&s, Port::Host, &mut p),
+            Err(DropReason::ServiceNoEndpoint)
+        );
+        // Not a node port: unchanged.
+        let mut p = packet(TCP, outside(1), sa("10.96.0.0:30081"), TCP_SYN, b"");
+        let before = p.clone();
+        assert_eq!(translate_from(&s, Port::Host, &mut p), Ok(false));
+        assert_eq!(p, before);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_uses_this_nodes_endpoints() {
+        let itp = |v: &mut ServiceView| v.internal_local = true;
+        let s = services_on(&[("10.244.1.7", NODE), ("10.244.2.5", "n2")], itp);
+        for port in 40000..40064 {
+            let mut p = packet(
+                TCP,
+                sa(&format!("10.244.1.9:{port}")),
+                sa("10.96.0.10:80"),
+                TCP_SYN,
+                b"",
+            );
+            translate(&s, &mut p).unwrap();
+            assert_eq!(ends(&p).1, sa("10.244.1.7:8080"));
+        }
+        let s = services_on(&[("10.244.2.5", "n2")], itp);
+        let mut p = packet(TCP, sa("10.244.1.9:1"), sa("10.96.0.10:80"), TCP_SYN, b"");
+        assert_eq!(
+            translate(&s, &mut p),
+            Err(DropReason::ServiceNoLocalEndpoint)
+        );
+    }
+
+    #[test]
+    fn session_affinity_sends_a_client_to_one_backend() {
+        let eps = [
+            ("10.244.1.7", NODE),
+            ("10.244.2.5", "n2"),
+            ("10.244.3.5", "n3"),
+        ];
+        let plain = services_on(&eps, |_| {});
+        let sticky = services_on(&eps, |v| v.affinity_secs = 10800);
+        let spread = |s: &ServiceNat, client: &str| {
+            let mut seen = std::collections::BTreeSet::new();
+            for port in 40000..40032 {
+                let mut p = packet(
+                    TCP,
+                    sa(&format!("{client}:{port}")),
+                    sa("10.96.0.10:80"),
+                    TCP_SYN,
+                    b"",
+                );
+                translate(s, &mut p).unwrap();
+                seen.insert(ends(&p).1);
+            }
+            seen.len()
+        };
+        assert_eq!(spread(&plain, "10.244.1.9"), 3);
+        assert_eq!(spread(&sticky, "10.244.1.9"), 1);
+        assert_eq!(spread(&sticky, "10.244.1.10"), 1);
+    }
+
+    #[test]
+    fn hairpin_a_pod_reaches_itself_through_its_service() {
+        let s = services_on(&[("10.244.1.7", NODE), ("fd00:244:1::7", NODE)], |_| {});
+        for (me, vip, h) in [
+            ("10.244.1.7", "10.96.0.10:80", "10.96.0.0"),
+            ("fd00:244:1::7", "[fd00:96::10]:80", "fd00:96::"),
+        ] {
+            let ip: IpAddr = me.parse().unwrap();
+            let client = SocketAddr::new(ip, 40000);
+            let backend = SocketAddr::new(ip, 8080);
+            let mut p = packet(TCP, client, sa(vip), TCP_SYN, b"hi");
+            assert_eq!(
+                translate_from(&s, Port::Pod(0), &mut p),
+                Ok(true),
+                "a hairpin"
+            );
+            assert_eq!(
+                ends(&p),
+                (SocketAddr::new(h.parse().unwrap(), 40000), backend)
+            );
+            assert!(checksums_valid(&p));
+            // The pod's reply, to the node-port address, comes back from the Service.
+            let mut r = packet(
+                TCP,
+                backend,
+                SocketAddr::new(h.parse().unwrap(), 40000),
+                TCP_ACK,
+                b"yo",
+            );
+            assert_eq!(translate_from(&s, Port::Pod(0), &mut r), Ok(true));
+            assert_eq!(ends(&r), (sa(vip), client));
+            assert!(checksums_valid(&r));
+            // Later packets of the flow keep both rewrites.
+            let mut again = packet(TCP, client, sa(vip), TCP_ACK, b"more");
+            assert_eq!(translate_from(&s, Port::Pod(0), &mut again), Ok(true));
+            assert_eq!(ends(&again).0.ip(), h.parse::<IpAddr>().unwrap());
+        }
     }
 }
