@@ -72,8 +72,22 @@ spec:
         pod("client", "n1", "app: client"),
         pod("web-1", "n1", "app: web, one: \"yes\""),
         pod("web-2", "n2", "app: web"),
-        format!(
-            r#"---
+        node_port_service(),
+        svc(
+            "web-local",
+            "one: \"yes\"",
+            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n"
+        ),
+        svc("web-sticky", "app: web", "  sessionAffinity: ClientIP\n"),
+        svc("web-itp", "app: web", "  internalTrafficPolicy: Local\n"),
+        svc("web-hair", "one: \"yes\"", ""),
+    )
+}
+
+/// `web-np`: NodePort, `externalTrafficPolicy: Cluster`, with requested node ports.
+fn node_port_service() -> String {
+    format!(
+        r#"---
 apiVersion: v1
 kind: Service
 metadata: {{name: web-np, namespace: shop}}
@@ -84,15 +98,6 @@ spec:
   - {{name: http, port: 80, targetPort: http, nodePort: {NODE_PORT_HTTP}}}
   - {{name: dns, port: 53, protocol: UDP, targetPort: dns, nodePort: {NODE_PORT_DNS}}}
 "#
-        ),
-        svc(
-            "web-local",
-            "one: \"yes\"",
-            "  type: LoadBalancer\n  externalTrafficPolicy: Local\n"
-        ),
-        svc("web-sticky", "app: web", "  sessionAffinity: ClientIP\n"),
-        svc("web-itp", "app: web", "  internalTrafficPolicy: Local\n"),
-        svc("web-hair", "one: \"yes\"", ""),
     )
 }
 

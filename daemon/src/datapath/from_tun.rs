@@ -175,6 +175,8 @@ fn too_big_answer<T>(ctx: &Ctx<'_, T>, frame: &[u8], out: &mut [u8]) -> Option<u
         ctx.local.gateway_v6(),
         out.get_mut(off..)?,
     )?;
+    // It quotes the packet as translated: the client must see its own flow, to the Service.
+    service::reverse_answer(ctx.local, out.get_mut(off..off + n)?);
     Some(off + n)
 }
 

@@ -168,6 +168,21 @@ impl NatTable {
         }
     }
 
+    /// The backend of a translated flow (client -> Service), if it is one; nothing changes.
+    pub fn backend(&self, flow: Flow) -> Option<SocketAddr> {
+        if self.flows.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        let m = self
+            .shard(flow.proto, flow.sport)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match m.get(&flow) {
+            Some(Entry::Forward { to, .. }) => Some(*to),
+            _ => None,
+        }
+    }
+
     /// Forgets idle flows (call every few seconds, off the packet path).
     pub fn expire(&self) {
         let now = self.now();

@@ -118,6 +118,7 @@ pub fn forward<T>(ctx: &Ctx<'_, T>, from: Port, frame: &mut [u8]) -> Result<bool
         return Ok(false);
     };
     let Some(p) = parse(pkt) else {
+        icmp_error(s, pkt, Toward::Backend);
         return Ok(false);
     };
     let hairpin = s.table.node_port_addr(p.v6);
@@ -192,10 +193,178 @@ pub fn reverse<T>(local: &LocalTable<T>, pkt: &mut [u8], partial: bool) {
         return;
     }
     let Some(p) = parse(pkt) else {
+        icmp_error(s, pkt, Toward::Client);
         return;
     };
     if let Some((from, _)) = s.nat.reverse(p.flow()) {
         rewrite(pkt, &p, false, from, partial);
+    }
+}
+
+/// Which way an ICMP error about a translated flow travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Toward {
+    /// From the backend's side (the backend, or a hop on the way, e.g. this node's MTU
+    /// check) to the client: it quotes the translated packet (client -> backend).
+    Client,
+    /// From the client about a reply (Service -> client): it must reach the backend.
+    Backend,
+}
+
+/// ICMP error types that quote the packet they are about: destination unreachable (with
+/// fragmentation needed), time exceeded, parameter problem; ICMPv6 also packet too big.
+fn is_icmp_error(v6: bool, ty: u8) -> bool {
+    if v6 {
+        matches!(ty, 1..=4)
+    } else {
+        matches!(ty, 3 | 11 | 12)
+    }
+}
+
+/// Translates an ICMP error about a translated flow, so that its sender's peer recognises
+/// the flow: toward the client, the quoted packet's destination (the backend) becomes the
+/// Service's address again, and so does the error's source when the backend sent it
+/// itself; toward the backend, the quoted source (the Service) becomes the backend and so
+/// does the error's destination. Checksums (outer IPv4 header, quoted IPv4 header and
+/// transport checksum when quoted, ICMP) follow. Anything else is left alone.
+#[cold]
+#[inline(never)]
+fn icmp_error(s: &ServiceNat, pkt: &mut [u8], toward: Toward) {
+    if s.nat.is_empty() {
+        return;
+    }
+    let (v6, hl, len) = match pkt.first().map(|b| b >> 4) {
+        Some(4) if pkt.len() >= 28 => {
+            let ihl = (pkt[0] & 0xf) as usize * 4;
+            let frag = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0;
+            if pkt[9] != 1 || ihl < 20 || frag {
+                return;
+            }
+            (false, ihl, u16::from_be_bytes([pkt[2], pkt[3]]) as usize)
+        }
+        Some(6) if pkt.len() >= 48 => {
+            if pkt[6] != 58 {
+                return;
+            }
+            (true, 40, 40 + u16::from_be_bytes([pkt[4], pkt[5]]) as usize)
+        }
+        _ => return,
+    };
+    let len = len.min(pkt.len());
+    if len < hl + 8 || !is_icmp_error(v6, pkt[hl]) {
+        return;
+    }
+    let at = hl + 8;
+    let Some(q) = parse_quoted(&pkt[at..len]) else {
+        return;
+    };
+    if q.v6 != v6 {
+        return;
+    }
+    // The quoted packet is of the flow's forward direction (client -> backend) toward the
+    // client, of its reply (Service -> client) toward the backend.
+    let (outer_at, new) = match toward {
+        Toward::Client => {
+            let reply = Flow {
+                proto: q.proto,
+                src: q.dst,
+                sport: q.dport,
+                dst: q.src,
+                dport: q.sport,
+            };
+            let Some((from, _)) = s.nat.reverse(reply) else {
+                return;
+            };
+            // Outer source: rewritten when the backend itself sent the error.
+            let (src_at, alen) = if v6 { (8, 16) } else { (12, 4) };
+            let outer = (pkt[src_at..src_at + alen] == ip_bytes(q.dst)[..alen]).then_some(src_at);
+            rewrite(&mut pkt[at..len], &q, true, from, false);
+            (outer, from)
+        }
+        Toward::Backend => {
+            let flow = Flow {
+                proto: q.proto,
+                src: q.dst,
+                sport: q.dport,
+                dst: q.src,
+                dport: q.sport,
+            };
+            let Some(to) = s.nat.backend(flow) else {
+                return;
+            };
+            rewrite(&mut pkt[at..len], &q, false, to, false);
+            (Some(if v6 { 24 } else { 16 }), to)
+        }
+    };
+    if let Some(o) = outer_at {
+        let alen = if v6 { 16 } else { 4 };
+        pkt[o..o + alen].copy_from_slice(&ip_bytes(new.ip())[..alen]);
+    }
+    if !v6 {
+        set_ipv4_header(&mut pkt[..hl]);
+    }
+    // The ICMP checksum, over the message (and for ICMPv6 the pseudo-header).
+    pkt[hl + 2] = 0;
+    pkt[hl + 3] = 0;
+    let acc = if v6 {
+        pseudo_header(&pkt[8..24], &pkt[24..40], 58, (len - hl) as u32)
+    } else {
+        0
+    };
+    let c = !fold(sum(acc, &pkt[hl..len]));
+    pkt[hl + 2..hl + 4].copy_from_slice(&c.to_be_bytes());
+}
+
+/// An address's bytes (IPv4 in the first four).
+fn ip_bytes(ip: IpAddr) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    match ip {
+        IpAddr::V4(a) => b[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => b.copy_from_slice(&a.octets()),
+    }
+    b
+}
+
+/// The TCP or UDP packet an ICMP error quotes: its IP header and at least the first 8
+/// bytes of its transport header (all RFC 792 promises).
+fn parse_quoted(pkt: &[u8]) -> Option<L4> {
+    let (proto, v6, l4, src, dst) = match pkt.first()? >> 4 {
+        4 if pkt.len() >= 20 => {
+            let ihl = (pkt[0] & 0xf) as usize * 4;
+            if ihl < 20 {
+                return None;
+            }
+            let s: [u8; 4] = pkt[12..16].try_into().ok()?;
+            let d: [u8; 4] = pkt[16..20].try_into().ok()?;
+            (pkt[9], false, ihl, IpAddr::from(s), IpAddr::from(d))
+        }
+        6 if pkt.len() >= 40 => {
+            let s: [u8; 16] = pkt[8..24].try_into().ok()?;
+            let d: [u8; 16] = pkt[24..40].try_into().ok()?;
+            (pkt[6], true, 40, IpAddr::from(s), IpAddr::from(d))
+        }
+        _ => return None,
+    };
+    if proto != TCP && proto != UDP {
+        return None;
+    }
+    let t = pkt.get(l4..l4 + 8)?;
+    Some(L4 {
+        proto,
+        v6,
+        l4,
+        src,
+        dst,
+        sport: u16::from_be_bytes([t[0], t[1]]),
+        dport: u16::from_be_bytes([t[2], t[3]]),
+    })
+}
+
+/// [`reverse`] for an ICMP error this node writes itself about a client's translated packet
+/// (the tunnel's MTU check quotes it after translation).
+pub fn reverse_answer<T>(local: &LocalTable<T>, pkt: &mut [u8]) {
+    if let Some(s) = &local.services {
+        icmp_error(s, pkt, Toward::Client);
     }
 }
 
@@ -869,5 +1038,119 @@ pub(crate) mod tests {
             assert_eq!(translate_from(&s, Port::Pod(0), &mut again), Ok(true));
             assert_eq!(ends(&again).0.ip(), h.parse::<IpAddr>().unwrap());
         }
+    }
+
+    /// Whether an ICMP(v6) error's checksum and its quoted IPv4 header are right.
+    fn icmp_valid(p: &[u8]) -> bool {
+        let v6 = p[0] >> 4 == 6;
+        let hl = if v6 { 40 } else { 20 };
+        let acc = if v6 {
+            pseudo_header(&p[8..24], &p[24..40], 58, (p.len() - hl) as u32)
+        } else {
+            0
+        };
+        let quoted_ok = v6 || fold(sum(0, &p[hl + 8..hl + 28])) == 0xffff;
+        let outer_ok = v6 || fold(sum(0, &p[..20])) == 0xffff;
+        fold(sum(acc, &p[hl..])) == 0xffff && quoted_ok && outer_ok
+    }
+
+    #[test]
+    fn icmp_errors_about_a_translated_flow_are_translated_both_ways() {
+        let s = services(&["10.244.2.5", "fd00:244:2::5"]);
+        let mut out = [0u8; 2048];
+        for (client, vip, backend, gw) in [
+            (
+                "10.244.1.5:40001",
+                "10.96.0.10:53",
+                "10.244.2.5:5353",
+                "10.244.1.1",
+            ),
+            (
+                "[fd00:244:1::5]:40001",
+                "[fd00:96::10]:53",
+                "[fd00:244:2::5]:5353",
+                "fd00:244:1::1",
+            ),
+        ] {
+            let v6 = vip.starts_with('[');
+            let hl = if v6 { 40 } else { 20 };
+            let mut q = packet(UDP, sa(client), sa(vip), 0, b"query");
+            translate(&s, &mut q).unwrap();
+            // The backend answers port unreachable: the client sees it from the Service,
+            // about its own datagram to the Service.
+            let (f4, f6) = match sa(backend).ip() {
+                IpAddr::V4(a) => (Some(a), None),
+                IpAddr::V6(a) => (None, Some(a)),
+            };
+            let n = icmp::error(&q, IcmpError::PortUnreachable, f4, f6, &mut out).unwrap();
+            let mut e = out[..n].to_vec();
+            back(&s, &mut e);
+            let (src, _) = crate::datapath::local::addresses(&e).unwrap();
+            assert_eq!(src, sa(vip).ip(), "{vip}: from the Service");
+            let inner = parse_quoted(&e[hl + 8..]).unwrap();
+            assert_eq!(SocketAddr::new(inner.dst, inner.dport), sa(vip));
+            assert_eq!(SocketAddr::new(inner.src, inner.sport), sa(client));
+            assert!(icmp_valid(&e), "{vip}: checksums");
+            assert!(
+                checksums_valid(&e[hl + 8..]),
+                "{vip}: the quoted datagram's checksum"
+            );
+            // This node's own error (fragmentation needed) quotes the translated packet: its
+            // quote is translated, its source (the gateway) kept.
+            let (g4, g6) = match gw.parse::<IpAddr>().unwrap() {
+                IpAddr::V4(a) => (Some(a), None),
+                IpAddr::V6(a) => (None, Some(a)),
+            };
+            let mut big = packet(UDP, sa(client), sa(vip), 0, &[0u8; 1400]);
+            translate(&s, &mut big).unwrap();
+            let n = icmp::too_big(&big, 1280, g4, g6, &mut out).unwrap();
+            let mut local = LocalTable::<()>::default();
+            local.services = Some(s.clone());
+            reverse_answer(&local, &mut out[..n]);
+            let e = &out[..n];
+            assert_eq!(
+                crate::datapath::local::addresses(e).unwrap().0,
+                gw.parse::<IpAddr>().unwrap()
+            );
+            let inner = parse_quoted(&e[hl + 8..]).unwrap();
+            assert_eq!(
+                SocketAddr::new(inner.dst, inner.dport),
+                sa(vip),
+                "{vip}: frag needed"
+            );
+            assert!(icmp_valid(e));
+            // The client answers a reply (from the Service) with port unreachable: it reaches
+            // the backend, about the backend's own datagram.
+            let mut r = packet(UDP, sa(backend), sa(client), 0, b"answer");
+            back(&s, &mut r);
+            let (c4, c6) = match sa(client).ip() {
+                IpAddr::V4(a) => (Some(a), None),
+                IpAddr::V6(a) => (None, Some(a)),
+            };
+            let n = icmp::error(&r, IcmpError::PortUnreachable, c4, c6, &mut out).unwrap();
+            let mut e = out[..n].to_vec();
+            assert_eq!(translate(&s, &mut e), Ok(()));
+            assert_eq!(
+                crate::datapath::local::addresses(&e).unwrap().1,
+                sa(backend).ip()
+            );
+            let inner = parse_quoted(&e[hl + 8..]).unwrap();
+            assert_eq!(SocketAddr::new(inner.src, inner.sport), sa(backend));
+            assert!(icmp_valid(&e), "{vip}: toward the backend");
+        }
+        // An error about no translated flow is left alone.
+        let q = packet(UDP, sa("10.244.1.5:1"), sa("10.244.2.9:2"), 0, b"x");
+        let n = icmp::error(
+            &q,
+            IcmpError::PortUnreachable,
+            Some("10.244.2.9".parse().unwrap()),
+            None,
+            &mut out,
+        )
+        .unwrap();
+        let mut e = out[..n].to_vec();
+        let before = e.clone();
+        back(&s, &mut e);
+        assert_eq!(e, before);
     }
 }
