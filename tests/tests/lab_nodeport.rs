@@ -4,7 +4,8 @@
 //! like a ClusterIP). `externalTrafficPolicy: Cluster` masquerades (every endpoint answers,
 //! and sees the node, not the client); `Local` keeps the client's address, serves only the
 //! node's own endpoints, and the node's `healthCheckNodePort` says 200 or 503 as kube-proxy
-//! does. Also: `sessionAffinity: ClientIP`, `internalTrafficPolicy: Local`, and a pod
+//! does. A LoadBalancer's ingress IP reaching a node is served like its node port, and
+//! like its ClusterIP from a pod. Also: `sessionAffinity: ClientIP`, `internalTrafficPolicy: Local`, and a pod
 //! reaching itself through its Service (hairpin). The underlay carries only WireGuard
 //! between the nodes meanwhile.
 
@@ -24,6 +25,8 @@ const NODE_PORT_HTTP: u16 = 30080;
 const NODE_PORT_DNS: u16 = 30053;
 /// The outside client's address on the underlay.
 const CLIENT: &str = "192.0.2.201";
+/// web-local's load balancer ingress IP.
+const LB_IP: &str = "203.0.113.10";
 /// Where the kernel steers node ports (the lab's Service range's network address).
 const NODE_PORT_ADDR: &str = "10.96.0.0";
 
@@ -322,6 +325,52 @@ fn node_ports_traffic_policies_affinity_and_hairpin() {
         "n2 has no local endpoint for a Local Service"
     );
     assert!(lab.drops("n2", "service_no_local_endpoint") >= 1.0);
+
+    // A load balancer's ingress IP (status written as a cloud controller would): reaching
+    // a node for it is served like the node port, with web-local's Local policy; from a pod
+    // it is served like the ClusterIP (kube-proxy short-circuits it the same way).
+    let patch = r#"{"status":{"loadBalancer":{"ingress":[{"ip":"203.0.113.10"}]}}}"#;
+    let mut argv = lab.api_curl_args(
+        "PATCH",
+        &format!("{api}/api/v1/namespaces/shop/services/web-local/status"),
+    );
+    let url = argv.pop().unwrap();
+    argv.extend([
+        "-H".to_string(),
+        "Content-Type: application/merge-patch+json".to_string(),
+        "-d".to_string(),
+        patch.to_string(),
+        url,
+    ]);
+    run_host(&argv);
+    outside.run(&["ip", "route", "add", &format!("{LB_IP}/32"), "via", n1_ip]);
+    let mut last = None;
+    let ok = try_wait_until(CONVERGE, || {
+        last = fetch(&outside, &format!("{LB_IP}:80"));
+        last.is_some()
+    });
+    assert!(ok, "{LB_IP}:80 through n1: {last:?}");
+    assert_eq!(last.unwrap(), format!("shop/web-1 from {CLIENT}"));
+    let mut last = None;
+    let ok = try_wait_until(CONVERGE, || {
+        last = probe(&lab, "shop/client", &format!("{LB_IP}:80"));
+        last.is_some()
+    });
+    assert!(ok, "{LB_IP}:80 from a pod: {last:?}");
+    assert_eq!(backend(&last.unwrap()), "shop/web-1");
+    outside.run(&[
+        "ip",
+        "route",
+        "replace",
+        &format!("{LB_IP}/32"),
+        "via",
+        n2_ip,
+    ]);
+    assert_eq!(
+        fetch(&outside, &format!("{LB_IP}:80")),
+        None,
+        "n2 has no local endpoint for the Local Service's ingress IP"
+    );
 
     let lines = capture.stop();
     let other: Vec<&String> = lines
