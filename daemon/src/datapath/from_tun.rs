@@ -87,8 +87,9 @@ fn next_hop<T>(ctx: &Ctx<'_, T>, from: Port, frame: &mut [u8]) -> Result<NextHop
     // After the source is known to be the pod's own, before policy: policy and routing see
     // the backend a Service's address was translated to.
     // A hairpinned flow (a pod reaching itself through its Service) is the pod's traffic to
-    // itself: policy does not judge it.
-    let hairpin = service::forward(ctx, from, frame)?;
+    // itself: policy does not judge it. A node port's is never the node's own traffic.
+    let translated = service::forward(ctx, from, frame)?;
+    let hairpin = translated == service::Translated::Hairpin;
     let pkt = &frame[ctx.offset()..];
     let (_, dst) = addresses(pkt).ok_or(DropReason::Malformed)?;
     if !hairpin {
@@ -97,7 +98,9 @@ fn next_hop<T>(ctx: &Ctx<'_, T>, from: Port, frame: &mut [u8]) -> Result<NextHop
     let hop = route::from_tun(ctx, from, dst)?;
     match hop {
         NextHop::Pod(pod) if !hairpin => {
-            let from_node = from == Port::Host && ctx.local.is_gateway(src);
+            let from_node = from == Port::Host
+                && ctx.local.is_gateway(src)
+                && translated != service::Translated::NodePort;
             policy::ingress(ctx.local, Port::Pod(pod), from_node, pkt)?;
         }
         _ => {}

@@ -102,31 +102,51 @@ fn partial<T>(ctx: &Ctx<'_, T>, frame: &[u8]) -> bool {
     ctx.vnet && frame.first().is_some_and(|f| f & F_NEEDS_CSUM != 0)
 }
 
+/// What [`forward`] did to a packet, as far as policy cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Translated {
+    /// Nothing, or a ClusterIP's (or ingress IP's) translation: policy judges as usual.
+    Plain,
+    /// A hairpinned flow (a pod reaching itself through its Service, or its reply): the
+    /// pod's traffic to itself, as over its loopback; policy does not judge it.
+    Hairpin,
+    /// A node port's: the kernel steered it from outside (masqueraded to the node for
+    /// `externalTrafficPolicy: Cluster`); policy judges it by its source address even when
+    /// that is the node's own, never as the node's own traffic.
+    NodePort,
+}
+
 /// Translates a client's packet to a Service frontend (destination -> one backend); packets
-/// to anything else pass unchanged. `Ok(true)`: a hairpinned flow (a pod reaching itself
-/// through its Service), which policy does not judge (a pod's traffic to itself, as over
-/// its loopback). `Err(ServiceNoEndpoint)`: the Service has no usable endpoint; the caller
+/// to anything else pass unchanged. `Err(ServiceNoEndpoint)`: the Service has no usable endpoint; the caller
 /// answers with [`reject`]. `Err(ServiceNoLocalEndpoint)`: none on this node for a `Local`
 /// traffic policy (dropped, as kube-proxy does).
 #[inline]
-pub fn forward<T>(ctx: &Ctx<'_, T>, from: Port, frame: &mut [u8]) -> Result<bool, DropReason> {
+pub fn forward<T>(
+    ctx: &Ctx<'_, T>,
+    from: Port,
+    frame: &mut [u8],
+) -> Result<Translated, DropReason> {
     let Some(s) = &ctx.local.services else {
-        return Ok(false);
+        return Ok(Translated::Plain);
     };
     let partial = partial(ctx, frame);
     let Some(pkt) = frame.get_mut(ctx.offset()..) else {
-        return Ok(false);
+        return Ok(Translated::Plain);
     };
     let Some(p) = parse(pkt) else {
         icmp_error(s, pkt, Toward::Backend);
-        return Ok(false);
+        return Ok(Translated::Plain);
     };
     let hairpin = s.table.node_port_addr(p.v6);
     if from != Port::Host && hairpin == Some(p.dst) {
-        return Ok(hairpin_reply(s, pkt, &p, partial));
+        return Ok(if hairpin_reply(s, pkt, &p, partial) {
+            Translated::Hairpin
+        } else {
+            Translated::Plain
+        });
     }
     let Some(fe) = s.table.lookup(p.proto, p.dst, p.dport) else {
-        return Ok(false);
+        return Ok(Translated::Plain);
     };
     let new_syn = p.proto == TCP && pkt[p.l4 + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // The client is this node (its own traffic, or masqueraded to it by the kernel).
@@ -158,9 +178,10 @@ pub fn forward<T>(ctx: &Ctx<'_, T>, from: Port, frame: &mut [u8]) -> Result<bool
                     // The pod would drop a packet from its own address: it comes from the
                     // node-port address, and its reply is turned back in `hairpin_reply`.
                     rewrite(pkt, &p, false, SocketAddr::new(h, p.sport), partial);
-                    Ok(true)
+                    Ok(Translated::Hairpin)
                 }
-                _ => Ok(false),
+                Some(h) if h == p.dst => Ok(Translated::NodePort),
+                _ => Ok(Translated::Plain),
             }
         }
         Forward::NoEndpoint if pool == Err(false) => Err(DropReason::ServiceNoLocalEndpoint),
@@ -680,7 +701,11 @@ pub(crate) mod tests {
     }
 
     /// [`forward`] of a packet from `from` on node [`NODE`].
-    fn translate_from(s: &ServiceNat, from: Port, pkt: &mut [u8]) -> Result<bool, DropReason> {
+    fn translate_from(
+        s: &ServiceNat,
+        from: Port,
+        pkt: &mut [u8],
+    ) -> Result<Translated, DropReason> {
         let mut local = LocalTable::<()>::new(Vec::new(), vec![GATEWAY.parse().unwrap()]);
         local.services = Some(s.clone());
         let snap = crate::wg::device::Snapshot::default();
@@ -934,7 +959,10 @@ pub(crate) mod tests {
             Err(DropReason::ServiceNoLocalEndpoint)
         );
         let mut p = packet(TCP, node(1), sa("10.96.0.0:30080"), TCP_SYN, b"");
-        assert_eq!(translate_from(&s, Port::Host, &mut p), Ok(false));
+        assert_eq!(
+            translate_from(&s, Port::Host, &mut p),
+            Ok(Translated::NodePort)
+        );
         // No endpoint at all: refused.
         let s = services_on(&[], node_port(true));
         let mut p = packet(TCP, outside(1), sa("10.96.0.0:30080"), TCP_SYN, b"");
@@ -945,7 +973,10 @@ pub(crate) mod tests {
         // Not a node port: unchanged.
         let mut p = packet(TCP, outside(1), sa("10.96.0.0:30081"), TCP_SYN, b"");
         let before = p.clone();
-        assert_eq!(translate_from(&s, Port::Host, &mut p), Ok(false));
+        assert_eq!(
+            translate_from(&s, Port::Host, &mut p),
+            Ok(Translated::Plain)
+        );
         assert_eq!(p, before);
     }
 
@@ -1014,7 +1045,7 @@ pub(crate) mod tests {
             let mut p = packet(TCP, client, sa(vip), TCP_SYN, b"hi");
             assert_eq!(
                 translate_from(&s, Port::Pod(0), &mut p),
-                Ok(true),
+                Ok(Translated::Hairpin),
                 "a hairpin"
             );
             assert_eq!(
@@ -1030,12 +1061,18 @@ pub(crate) mod tests {
                 TCP_ACK,
                 b"yo",
             );
-            assert_eq!(translate_from(&s, Port::Pod(0), &mut r), Ok(true));
+            assert_eq!(
+                translate_from(&s, Port::Pod(0), &mut r),
+                Ok(Translated::Hairpin)
+            );
             assert_eq!(ends(&r), (sa(vip), client));
             assert!(checksums_valid(&r));
             // Later packets of the flow keep both rewrites.
             let mut again = packet(TCP, client, sa(vip), TCP_ACK, b"more");
-            assert_eq!(translate_from(&s, Port::Pod(0), &mut again), Ok(true));
+            assert_eq!(
+                translate_from(&s, Port::Pod(0), &mut again),
+                Ok(Translated::Hairpin)
+            );
             assert_eq!(ends(&again).0.ip(), h.parse::<IpAddr>().unwrap());
         }
     }
