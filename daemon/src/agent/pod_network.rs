@@ -275,7 +275,7 @@ table inet kwire {{
                 "    fib daddr type local meta nfproto {nf} meta l4proto . th dport @{SET_NODE_PORTS} dnat {fam} to {to}\n"
             ));
             dnat.push_str(&format!(
-                "    meta nfproto {nf} meta l4proto {{ tcp, udp }} {fam} daddr . meta l4proto . th dport @{map} dnat {fam} to {to} : {fam} daddr . meta l4proto . th dport map @{map}\n"
+                "    meta nfproto {nf} meta l4proto {{ tcp, udp, sctp }} {fam} daddr . meta l4proto . th dport @{map} dnat {fam} to {to} : {fam} daddr . meta l4proto . th dport map @{map}\n"
             ));
             masq.push_str(&format!(
                 "    oifname \"{tun}\" {fam} daddr {at} meta l4proto . th dport @{SET_MASQUERADE} masquerade\n"

@@ -28,6 +28,7 @@ use std::net::{IpAddr, SocketAddr};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
+const SCTP: u8 = 132;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -58,7 +59,7 @@ impl L4 {
     }
 }
 
-/// A TCP or UDP packet's addresses and ports: IPv4 (a first fragment or none) or IPv6 with
+/// A TCP, UDP or SCTP packet's addresses and ports: IPv4 (a first fragment or none) or IPv6 with
 /// the transport header first. Anything else is not translated.
 #[inline]
 fn parse(pkt: &[u8]) -> Option<L4> {
@@ -82,6 +83,7 @@ fn parse(pkt: &[u8]) -> Option<L4> {
     let header = match proto {
         TCP => 20,
         UDP => 8,
+        SCTP => 12,
         _ => return None,
     };
     let t = pkt.get(l4..l4 + header)?;
@@ -423,6 +425,15 @@ fn rewrite(pkt: &mut [u8], p: &L4, dst: bool, to: SocketAddr, partial: bool) {
         _ => return, // never across families: frontends are per family
     }
     let port_at = p.l4 + if dst { 2 } else { 0 };
+    if p.proto == SCTP {
+        pkt[at..at + len].copy_from_slice(&new[..len]);
+        pkt[port_at..port_at + 2].copy_from_slice(&to.port().to_be_bytes());
+        if !p.v6 {
+            set_ipv4_header(&mut pkt[..p.l4]);
+        }
+        set_sctp_checksum(pkt, p);
+        return;
+    }
     let csum_at = p.l4 + if p.proto == TCP { 16 } else { 6 };
     let addr_delta = sum(sum_negated(0, &pkt[at..at + len]), &new[..len]);
     let port_delta = sum(
@@ -454,12 +465,65 @@ fn rewrite(pkt: &mut [u8], p: &L4, dst: bool, to: SocketAddr, partial: bool) {
     field.copy_from_slice(&c.to_be_bytes());
 }
 
+/// CRC32c (Castagnoli, reflected polynomial 0x82F63B78), SCTP's checksum (RFC 9260
+/// appendix A): its lookup table, built at compile time.
+const CRC32C: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82F6_3B78
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for b in data {
+        crc = CRC32C[((crc ^ *b as u32) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+/// Recomputes an SCTP packet's checksum over its common header and chunks (the addresses
+/// do not enter it; its ports do). SCTP has no partial checksum here: tun devices do not
+/// offer CRC32c offload, so the kernel hands over complete packets. Not per-packet for
+/// TCP/UDP: SCTP flows only.
+#[cold]
+fn set_sctp_checksum(pkt: &mut [u8], p: &L4) {
+    let end = if p.v6 {
+        40 + u16::from_be_bytes([pkt[4], pkt[5]]) as usize
+    } else {
+        u16::from_be_bytes([pkt[2], pkt[3]]) as usize
+    };
+    let Some(sctp) = pkt.get_mut(p.l4..end.min(pkt.len())) else {
+        return;
+    };
+    if sctp.len() < 12 {
+        return;
+    }
+    sctp[8..12].fill(0);
+    // Sent least significant byte first (RFC 9260 appendix A; Linux stores it as __le32).
+    let c = crc32c(sctp);
+    sctp[8..12].copy_from_slice(&c.to_le_bytes());
+}
+
 /// Writes into `out` the answer to a client's packet for a Service without endpoints (a TCP
-/// reset, or ICMP port unreachable for UDP), from the Service's address; returns its length,
-/// or `None` when the packet gets none (a reset itself, not TCP/UDP).
+/// reset, or ICMP port unreachable for UDP and SCTP), from the Service's address; returns
+/// its length, or `None` when the packet gets none (a reset itself, not TCP/UDP/SCTP).
 pub fn reject(pkt: &[u8], out: &mut [u8]) -> Option<usize> {
     let p = parse(pkt)?;
-    if p.proto == UDP {
+    if p.proto != TCP {
         let (from4, from6) = match p.dst {
             IpAddr::V4(a) => (Some(a), None),
             IpAddr::V6(a) => (None, Some(a)),
@@ -1189,5 +1253,118 @@ pub(crate) mod tests {
         let before = e.clone();
         back(&s, &mut e);
         assert_eq!(e, before);
+    }
+
+    #[test]
+    fn crc32c_matches_the_rfc_3720_vectors() {
+        assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
+        assert_eq!(crc32c(&[0xffu8; 32]), 0x62A8_AB43);
+        let inc: Vec<u8> = (0u8..32).collect();
+        assert_eq!(crc32c(&inc), 0x46DD_794E);
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    /// An SCTP packet (common header and one DATA-like chunk), valid CRC32c.
+    fn sctp(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+        let mut p = packet(UDP, src, dst, 0, &[0u8; 12]);
+        let l4 = if p[0] >> 4 == 4 { 20 } else { 40 };
+        if l4 == 20 {
+            p[9] = SCTP;
+            set_ipv4_header(&mut p[..20]);
+        } else {
+            p[6] = SCTP;
+        }
+        // Verification tag, then a chunk: type 0, flags 3, length 16, payload.
+        p[l4 + 4..l4 + 8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        p[l4 + 12..l4 + 16].copy_from_slice(&[0, 3, 0, 8]);
+        let q = parse(&p).unwrap();
+        set_sctp_checksum(&mut p, &q);
+        p
+    }
+
+    fn sctp_valid(p: &[u8]) -> bool {
+        let l4 = if p[0] >> 4 == 4 { 20 } else { 40 };
+        let mut c = p[l4..].to_vec();
+        let want = u32::from_le_bytes([c[8], c[9], c[10], c[11]]);
+        c[8..12].fill(0);
+        crc32c(&c) == want && (l4 == 40 || fold(sum(0, &p[..20])) == 0xffff)
+    }
+
+    #[test]
+    fn sctp_is_translated_and_back_with_its_crc32c() {
+        let web = |v: &mut ServiceView| {
+            v.ports.push(ServicePortView {
+                name: "sctp".into(),
+                proto: SCTP,
+                port: 9,
+                ..Default::default()
+            })
+        };
+        // SCTP 9 on both ClusterIPs, to 9999 on one backend per family.
+        let slice = SliceView {
+            namespace: "shop".into(),
+            service: "web".into(),
+            ports: vec![SlicePortView {
+                name: "sctp".into(),
+                proto: SCTP,
+                port: 9999,
+            }],
+            endpoints: vec![EndpointView {
+                addresses: vec!["10.244.2.5".parse().unwrap()],
+                ready: true,
+                serving: true,
+                ..Default::default()
+            }],
+        };
+        let mut v = ServiceView {
+            namespace: "shop".into(),
+            name: "web".into(),
+            cluster_ips: vec![
+                "10.96.0.10".parse().unwrap(),
+                "fd00:96::10".parse().unwrap(),
+            ],
+            ..Default::default()
+        };
+        web(&mut v);
+        let v6 = SliceView {
+            endpoints: vec![EndpointView {
+                addresses: vec!["fd00:244:2::5".parse().unwrap()],
+                ready: true,
+                serving: true,
+                ..Default::default()
+            }],
+            ..slice.clone()
+        };
+        let mut s = ServiceNat {
+            table: Arc::new(ServiceTable::compile(&[v.clone()], &[slice, v6])),
+            nat: Arc::new(NatTable::default()),
+        };
+        for (client, vip, backend) in [
+            ("10.244.1.5:5000", "10.96.0.10:9", "10.244.2.5:9999"),
+            (
+                "[fd00:244:1::5]:5000",
+                "[fd00:96::10]:9",
+                "[fd00:244:2::5]:9999",
+            ),
+        ] {
+            let mut p = sctp(sa(client), sa(vip));
+            assert!(sctp_valid(&p));
+            translate(&s, &mut p).unwrap();
+            assert_eq!(ends(&p), (sa(client), sa(backend)), "{vip}");
+            assert!(sctp_valid(&p), "{vip}: CRC32c after translation");
+            let mut r = sctp(sa(backend), sa(client));
+            back(&s, &mut r);
+            assert_eq!(ends(&r), (sa(vip), sa(client)), "{vip} reply");
+            assert!(sctp_valid(&r), "{vip}: CRC32c of the reply");
+        }
+        // Without endpoints: ICMP port unreachable, as for UDP.
+        let empty = ServiceTable::compile(&[v], &[]);
+        s.table = Arc::new(empty);
+        let mut p = sctp(sa("10.244.1.5:5001"), sa("10.96.0.10:9"));
+        assert_eq!(translate(&s, &mut p), Err(DropReason::ServiceNoEndpoint));
+        let mut out = [0u8; 512];
+        let n = reject(&p, &mut out).unwrap();
+        assert_eq!((out[20], out[21]), (3, 3));
+        assert!(n > 28);
     }
 }

@@ -13,7 +13,7 @@
 //! (a pod reaching itself through its Service) gets, so that the pod accepts it.
 
 use super::maglev;
-use super::model::{ServiceView, SliceView, SCTP};
+use super::model::{ServiceView, SliceView};
 use crate::wg::allowed_ips::IntHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasherDefault;
@@ -273,9 +273,8 @@ impl ServiceTable {
     }
 
     /// Compiles Services and their EndpointSlices for one node. Every frontend of a Service
-    /// with a ClusterIP is present, with no backend when no endpoint is usable (the loop
-    /// rejects its flows). SCTP ports are left out: their checksum (CRC32c) is not
-    /// translated yet.
+    /// with a ClusterIP is present (TCP, UDP and SCTP ports), with no backend when no
+    /// endpoint is usable (the loop rejects its flows).
     pub fn compile_for(
         services: &[ServiceView],
         slices: &[SliceView],
@@ -315,7 +314,7 @@ impl ServiceTable {
             for ip in &svc.cluster_ips {
                 let v4 = ip.is_ipv4();
                 let node_port_addr = t.node_port_addrs[usize::from(!v4)];
-                for p in svc.ports.iter().filter(|p| p.proto != SCTP) {
+                for p in &svc.ports {
                     let backends = usable(slices, v4, &p.name, p.proto, node);
                     let mut add = |ip: IpAddr, port: u16, serve: Serve| {
                         let key = FrontendKey {
@@ -485,7 +484,7 @@ fn local_ready(slices: &[&SliceView], node: Option<&str>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::model::{EndpointView, ServicePortView, SlicePortView, TCP, UDP};
+    use crate::services::model::{EndpointView, ServicePortView, SlicePortView, SCTP, TCP, UDP};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -560,7 +559,11 @@ mod tests {
             ),
         ];
         let t = ServiceTable::compile(&services, &slices);
-        assert_eq!((t.services(), t.frontends()), (1, 4), "SCTP left out");
+        assert_eq!(
+            (t.services(), t.frontends()),
+            (1, 6),
+            "SCTP too, in both families"
+        );
         let f = t.lookup(TCP, ip("10.96.0.10"), 80).unwrap();
         assert_eq!(
             f.backends(),
