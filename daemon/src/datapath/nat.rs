@@ -370,35 +370,23 @@ mod tests {
         let client: IpAddr = "10.244.1.5".parse().unwrap();
         let a: SocketAddr = "10.244.2.5:8080".parse().unwrap();
         let b: SocketAddr = "10.244.2.6:8080".parse().unwrap();
-        assert_eq!(
-            t.sticky_at(100, fe, client, 10, |_| true, || Some(a)),
-            Some(a)
-        );
-        // Within the timeout (counted from the last new flow), whatever the hash says.
-        assert_eq!(
-            t.sticky_at(109, fe, client, 10, |_| true, || Some(b)),
-            Some(a)
-        );
-        assert_eq!(
-            t.sticky_at(118, fe, client, 10, |_| true, || Some(b)),
-            Some(a)
-        );
-        // Another client, another frontend: their own choice.
         let other: IpAddr = "10.244.1.6".parse().unwrap();
-        assert_eq!(
-            t.sticky_at(118, fe, other, 10, |_| true, || Some(b)),
-            Some(b)
-        );
-        // Timed out: chosen again.
-        assert_eq!(
-            t.sticky_at(128, fe, client, 10, |_| true, || Some(b)),
-            Some(b)
-        );
-        // The backend left the Service: chosen again at once.
-        assert_eq!(
-            t.sticky_at(129, fe, client, 10, |x| x != b, || Some(a)),
-            Some(a)
-        );
-        assert_eq!(t.sticky_at(130, fe, client, 10, |_| true, || None), Some(a));
+        // (now, client, whether b is still usable, what Maglev would choose, the answer)
+        for (now, who, b_usable, choice, want) in [
+            (100, client, true, Some(a), Some(a)),
+            // Within the timeout (counted from the last new flow), whatever the hash says.
+            (109, client, true, Some(b), Some(a)),
+            (118, client, true, Some(b), Some(a)),
+            // Another client: its own choice.
+            (118, other, true, Some(b), Some(b)),
+            // Timed out: chosen again.
+            (128, client, true, Some(b), Some(b)),
+            // The backend left the Service: chosen again at once.
+            (129, client, false, Some(a), Some(a)),
+            (130, client, true, None, Some(a)),
+        ] {
+            let got = t.sticky_at(now, fe, who, 10, |x| b_usable || x != b, || choice);
+            assert_eq!(got, want, "at {now} for {who}");
+        }
     }
 }

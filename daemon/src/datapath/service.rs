@@ -59,10 +59,17 @@ impl L4 {
     }
 }
 
-/// A TCP, UDP or SCTP packet's addresses and ports: IPv4 (a first fragment or none) or IPv6 with
-/// the transport header first. Anything else is not translated.
+/// A TCP, UDP or SCTP packet's addresses and ports: IPv4 (a first fragment or none) or IPv6
+/// with the transport header first. Anything else is not translated.
 #[inline]
 fn parse(pkt: &[u8]) -> Option<L4> {
+    parse_l4(pkt, false)
+}
+
+/// [`parse`], or with `quoted` the TCP or UDP packet an ICMP error quotes: its IP header
+/// and at least the first 8 bytes of its transport header (all RFC 792 promises).
+#[inline(always)]
+fn parse_l4(pkt: &[u8], quoted: bool) -> Option<L4> {
     let (proto, v6, l4, src, dst) = match pkt.first()? >> 4 {
         4 if pkt.len() >= 20 => {
             let ihl = (pkt[0] & 0xf) as usize * 4;
@@ -80,10 +87,12 @@ fn parse(pkt: &[u8]) -> Option<L4> {
         }
         _ => return None,
     };
-    let header = match proto {
-        TCP => 20,
-        UDP => 8,
-        SCTP => 12,
+    let header = match (proto, quoted) {
+        (TCP | UDP, true) => 8,
+        (_, true) => return None,
+        (TCP, false) => 20,
+        (UDP, false) => 8,
+        (SCTP, false) => 12,
         _ => return None,
     };
     let t = pkt.get(l4..l4 + header)?;
@@ -348,39 +357,9 @@ fn ip_bytes(ip: IpAddr) -> [u8; 16] {
     b
 }
 
-/// The TCP or UDP packet an ICMP error quotes: its IP header and at least the first 8
-/// bytes of its transport header (all RFC 792 promises).
+/// The packet an ICMP error quotes ([`parse_l4`]).
 fn parse_quoted(pkt: &[u8]) -> Option<L4> {
-    let (proto, v6, l4, src, dst) = match pkt.first()? >> 4 {
-        4 if pkt.len() >= 20 => {
-            let ihl = (pkt[0] & 0xf) as usize * 4;
-            if ihl < 20 {
-                return None;
-            }
-            let s: [u8; 4] = pkt[12..16].try_into().ok()?;
-            let d: [u8; 4] = pkt[16..20].try_into().ok()?;
-            (pkt[9], false, ihl, IpAddr::from(s), IpAddr::from(d))
-        }
-        6 if pkt.len() >= 40 => {
-            let s: [u8; 16] = pkt[8..24].try_into().ok()?;
-            let d: [u8; 16] = pkt[24..40].try_into().ok()?;
-            (pkt[6], true, 40, IpAddr::from(s), IpAddr::from(d))
-        }
-        _ => return None,
-    };
-    if proto != TCP && proto != UDP {
-        return None;
-    }
-    let t = pkt.get(l4..l4 + 8)?;
-    Some(L4 {
-        proto,
-        v6,
-        l4,
-        src,
-        dst,
-        sport: u16::from_be_bytes([t[0], t[1]]),
-        dport: u16::from_be_bytes([t[2], t[3]]),
-    })
+    parse_l4(pkt, true)
 }
 
 /// [`reverse`] for an ICMP error this node writes itself about a client's translated packet
