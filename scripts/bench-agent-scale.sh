@@ -13,8 +13,9 @@
 #          [--policies N] [--services N] [--changes N] [--irrelevant N] [--churn-secs S]
 #          [--json] [--kwire PATH] [--log-level FILTER]
 #   --pods        default 30 per node (this node included)
-#   --services    creates Services with 10-endpoint EndpointSlices; the agent does not read
-#                 them until kwire has Services (the hook is synth::service in the example)
+#   --services    creates Services with 10-endpoint EndpointSlices: the sync then waits for
+#                 the service table too (services_ms), and service_change_cpu_ms is the agent
+#                 CPU per EndpointSlice change
 #   --json        one JSON object on stdout (nodes, pods, policies, sync_ms, peak_rss_mb,
 #                 irrelevant_update_cpu_us, relevant_change_p99_ms, relevant_change_cpu_ms,
 #                 churn_cpu_cores, and the parts behind them); progress goes to stderr

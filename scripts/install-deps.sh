@@ -25,6 +25,8 @@ set -Eeuo pipefail
 APT_PACKAGES=(
   iproute2 iperf3 iputils-ping wireguard-tools wireguard-go jq ethtool tcpdump socat nftables
   prometheus graphviz kubernetes-client python3 procps
+  # the lab's cluster DNS (`kwire-lab up --dns`): the dnsmasq binary only, no system service
+  dnsmasq-base
   golang-go golang-github-appc-cni-dev containernetworking-plugins
   # for fetching and unpacking the cnitool source, and for the tests' key/checksum tools
   ca-certificates xz-utils coreutils

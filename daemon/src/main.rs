@@ -31,6 +31,9 @@ enum Command {
     InstallCni(kwire::cni::install::InstallCniArgs),
     /// Show this node's peers (by node name) and pods, from the running agent (root only).
     Status(kwire::status::StatusArgs),
+    /// Rotate (make-before-break) or revoke this node's WireGuard key, through the running
+    /// agent (root only).
+    Key(kwire::agent::keyctl::KeyArgs),
     /// Draw the mesh as Graphviz DOT (or SVG) from the running agent's view.
     Graph(kwire::status::graph::GraphArgs),
     /// NetworkPolicy tools.
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         Command::Agent(a) => kwire::agent::run(*a),
         Command::InstallCni(a) => kwire::cni::install::run(&a),
         Command::Status(a) => kwire::status::run(&a),
+        Command::Key(a) => kwire::agent::keyctl::run(&a),
         Command::Graph(a) => kwire::status::graph::run(&a),
         Command::Policy(PolicyCommand::Trace(a)) => {
             let r = kwire::policy::trace::run(&a, &mut std::io::stdout().lock());

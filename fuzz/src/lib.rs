@@ -450,6 +450,7 @@ pub fn node_peers(data: &[u8]) {
                 pod_cidrs: list(4),
                 internal_ips: addresses.iter().take(1).copied().collect(),
                 addresses,
+                ..NodeInfo::default()
             }
         })
         .collect();

@@ -115,6 +115,11 @@ struct UpArgs {
     /// they run with IPs. Default: 2 with real agents, 0 with --agent-cmd.
     #[arg(long)]
     pods: Option<u32>,
+    /// Cluster DNS: a kube-system/kube-dns pod (dnsmasq) behind the kube-dns ClusterIP
+    /// 10.96.0.10, answering <svc>.<ns>.svc.cluster.local and <a-b-c-d>.<ns>.pod.cluster.local;
+    /// every pod resolves through it (/etc/netns/<netns>/resolv.conf).
+    #[arg(long)]
+    dns: bool,
 }
 
 #[derive(clap::Args)]
@@ -360,6 +365,7 @@ fn run() -> anyhow::Result<()> {
                 wait_mesh,
                 timeout: Duration::from_secs(args.timeout),
                 pods_per_node,
+                dns: args.dns,
             })?;
             Ok(())
         }

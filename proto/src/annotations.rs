@@ -6,3 +6,12 @@ pub const PUBLIC_KEY: &str = "kwire.dev/public-key";
 pub const ENDPOINT: &str = "kwire.dev/endpoint";
 /// Persistent keepalive for a node behind NAT, in seconds.
 pub const PERSISTENT_KEEPALIVE: &str = "kwire.dev/persistent-keepalive";
+/// The key the node rotates to, while it rotates (base64): its peers handshake to it, and the
+/// node answers handshakes addressed to either key until it promotes this one to
+/// `kwire.dev/public-key` and removes this annotation.
+pub const NEXT_PUBLIC_KEY: &str = "kwire.dev/next-public-key";
+/// Public keys that must never be accepted again (base64, separated by commas or
+/// whitespace): every kwire node drops sessions made with them and refuses them as a peer's
+/// key. The node whose key is listed generates a fresh one. Set by `kwire key revoke` on the
+/// node's own Node, or by an administrator on any Node.
+pub const REVOKED_KEYS: &str = "kwire.dev/revoked-keys";

@@ -52,6 +52,28 @@ impl BridgeCapture {
     }
 }
 
+/// What a capture of the underlay ([`BridgeCapture::stop`]'s lines, the pcap's bytes) may
+/// hold while pods talk: WireGuard (UDP port 51820), and ICMP port unreachable for it while
+/// an agent is down; no pod address (10.244.x) in any header, and `marker` (the plaintext the
+/// test's probes carry) in no captured byte.
+pub fn assert_only_wireguard(lines: &[String], pcap: &[u8], marker: &[u8]) {
+    let other: Vec<&String> = lines
+        .iter()
+        .filter(|l| !(l.contains(" UDP") && l.contains(".51820")))
+        .filter(|l| !(l.contains(": ICMP ") && l.contains(" udp port 51820 unreachable")))
+        .collect();
+    assert!(
+        other.is_empty(),
+        "besides WireGuard on the underlay: {other:#?}"
+    );
+    let pods: Vec<&String> = lines.iter().filter(|l| l.contains("10.244.")).collect();
+    assert!(pods.is_empty(), "pod addresses on the underlay: {pods:#?}");
+    assert!(
+        !pcap.windows(marker.len()).any(|w| w == marker),
+        "the probe's plaintext was captured on the underlay"
+    );
+}
+
 /// The kwire binary (env KWIRE_BIN, else target/debug/kwire) if `kwire SUBCOMMAND --help`
 /// works, i.e. this build has that subcommand; None otherwise (the caller skips).
 pub fn kwire_with(subcommand: &str) -> Option<std::path::PathBuf> {

@@ -21,10 +21,12 @@
 
 //!
 //! One module per concern: [`common`] (ids, root, waiting), [`scratch`], [`process`],
-//! [`netns`], [`wireguard`], [`capture`], [`lab`]; everything but `lab` is re-exported at the root.
+//! [`netns`], [`wireguard`], [`capture`], [`lab`], [`echo`] (long-lived connections from
+//! lab pods); everything but `lab` is re-exported at the root.
 
 pub mod capture;
 pub mod common;
+pub mod echo;
 pub mod impair;
 pub mod lab;
 pub mod netns;

@@ -9,20 +9,17 @@
 //! does not serve the CNI socket.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, ErrorKind, Write};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::io::Write;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kwire_tests::echo::{echo_once, EchoServer, Ticker, ECHO_PORT};
 use kwire_tests::lab::{Json, JsonExt, Lab};
 use kwire_tests::require_agent;
 use kwire_tests::{
-    prometheus_value, require_tool, run_host, run_in_netns, try_wait_until, wait_until, Proc,
-    Scratch,
+    prometheus_value, require_tool, run_host, try_wait_until, wait_until, Proc, Scratch,
 };
 use nix::sys::signal::Signal;
 
@@ -35,13 +32,6 @@ const CNI_SOCKET_WAIT: Duration = Duration::from_secs(10);
 /// The supervisor restarts a dead agent and the new one re-attaches its pods within this
 /// (a debug build on two shared cores).
 const RESTART: Duration = Duration::from_secs(25);
-/// A line every this long on each long-lived connection.
-const TICK: Duration = Duration::from_millis(100);
-/// How long one echo may take. Covers the outage: TCP retransmits with exponential backoff
-/// (200 ms, 400 ms, ... 3.2 s) until the restarted agent carries the segments again.
-const ECHO_TIMEOUT: Duration = Duration::from_secs(15);
-/// Port of the tests' echo servers inside pods (the lab's pod server uses 80).
-const ECHO_PORT: u16 = 9000;
 /// What the underlay may carry besides WireGuard: link control (ARP, ND, MLD) and the agents'
 /// calls to the API stand-in; everything else is captured (as tests/tests/lab_mesh.rs does).
 const UNDERLAY_FILTER: &str = "not arp and not (tcp port 6443) and not ip6 multicast and not ip multicast and not (icmp6 and (ip6[40] >= 133 and ip6[40] <= 137))";
@@ -218,196 +208,6 @@ fn assert_no_alarming_drops(lab: &Lab, node: &str, before: Option<&BTreeMap<Stri
 /// (a new pid, one more restart) and serves CNI again.
 fn kill_agents(lab: &Lab, nodes: &[&str]) {
     lab.signal_agents(nodes, Signal::SIGKILL, RESTART);
-}
-
-/// A TCP echo server listening on every address of a pod (dual-stack `[::]`), counting the
-/// connections it accepts. Stops accepting on drop.
-struct EchoServer {
-    stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicUsize>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl EchoServer {
-    fn start(netns: &str) -> EchoServer {
-        let listener = run_in_netns(netns, || TcpListener::bind(("::", ECHO_PORT)))
-            .unwrap_or_else(|e| panic!("listen on [::]:{ECHO_PORT} in {netns}: {e}"));
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let (s, a) = (stop.clone(), accepted.clone());
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        a.fetch_add(1, Ordering::SeqCst);
-                        let _ = conn.set_nonblocking(false);
-                        std::thread::spawn(move || {
-                            let Ok(mut r) = conn.try_clone() else { return };
-                            let mut w = conn;
-                            let _ = std::io::copy(&mut r, &mut w);
-                        });
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    Err(_) => return,
-                }
-            }
-        });
-        EchoServer {
-            stop,
-            accepted,
-            thread: Some(thread),
-        }
-    }
-
-    fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for EchoServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// One long-lived TCP connection from a pod: a numbered line every [`TICK`], each echo read
-/// back and checked. Any error (reset, timeout, wrong echo) is kept and fails [`Ticker::check`].
-struct Ticker {
-    what: String,
-    stream: TcpStream,
-    local: SocketAddr,
-    stop: Arc<AtomicBool>,
-    echoed: Arc<AtomicU64>,
-    failure: Arc<Mutex<Option<String>>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl Ticker {
-    fn start(netns: &str, to: SocketAddr, what: &str) -> Ticker {
-        let stream = run_in_netns(netns, || {
-            TcpStream::connect_timeout(&to, Duration::from_secs(5))
-        })
-        .unwrap_or_else(|e| panic!("{what}: connect to {to} from {netns}: {e}"));
-        stream.set_read_timeout(Some(ECHO_TIMEOUT)).unwrap();
-        stream.set_nodelay(true).unwrap();
-        let local = stream.local_addr().unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let echoed = Arc::new(AtomicU64::new(0));
-        let failure = Arc::new(Mutex::new(None));
-        let (s, e, f) = (stop.clone(), echoed.clone(), failure.clone());
-        let mut w = stream.try_clone().unwrap();
-        let mut r = BufReader::new(stream.try_clone().unwrap());
-        let tag = what.to_string();
-        let thread = std::thread::spawn(move || {
-            let mut line = String::new();
-            let mut seq = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                seq += 1;
-                let sent = format!("{tag} {seq}\n");
-                let t = Instant::now();
-                if let Err(err) = w.write_all(sent.as_bytes()) {
-                    *f.lock().unwrap() = Some(format!("writing line {seq}: {err}"));
-                    return;
-                }
-                line.clear();
-                match r.read_line(&mut line) {
-                    Ok(0) => {
-                        *f.lock().unwrap() = Some(format!("closed by the server at line {seq}"));
-                        return;
-                    }
-                    Ok(_) if line == sent => e.store(seq, Ordering::SeqCst),
-                    Ok(_) => {
-                        *f.lock().unwrap() =
-                            Some(format!("line {seq}: sent {sent:?}, got {line:?}"));
-                        return;
-                    }
-                    Err(err) if s.load(Ordering::Relaxed) => {
-                        let _ = err;
-                        return;
-                    }
-                    Err(err) => {
-                        *f.lock().unwrap() = Some(format!(
-                            "reading the echo of line {seq} after {:.1} s: {err}",
-                            t.elapsed().as_secs_f64()
-                        ));
-                        return;
-                    }
-                }
-                std::thread::sleep(TICK);
-            }
-        });
-        Ticker {
-            what: what.to_string(),
-            stream,
-            local,
-            stop,
-            echoed,
-            failure,
-            thread: Some(thread),
-        }
-    }
-
-    fn echoed(&self) -> u64 {
-        self.echoed.load(Ordering::SeqCst)
-    }
-
-    /// Panics if the connection failed.
-    fn check(&self) {
-        if let Some(f) = self.failure.lock().unwrap().as_ref() {
-            panic!(
-                "{} (local {}): the connection failed: {f}",
-                self.what, self.local
-            );
-        }
-    }
-
-    /// Waits until `n` more lines came back on this very connection.
-    fn wait_more(&self, n: u64, deadline: Duration) {
-        let from = self.echoed();
-        wait_until(
-            deadline,
-            format!("{}: {n} more echoes after line {from}", self.what),
-            || {
-                self.check();
-                self.echoed() >= from + n
-            },
-        );
-    }
-}
-
-impl Drop for Ticker {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.stream.shutdown(Shutdown::Both);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// One new connection from a pod: a line out, its echo back.
-fn echo_once(netns: &str, to: SocketAddr) -> Result<(), String> {
-    let mut s = run_in_netns(netns, || {
-        TcpStream::connect_timeout(&to, Duration::from_secs(5))
-    })
-    .map_err(|e| format!("connect {to}: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"fresh\n").map_err(|e| format!("write: {e}"))?;
-    let mut line = String::new();
-    BufReader::new(&s)
-        .read_line(&mut line)
-        .map_err(|e| format!("read: {e}"))?;
-    (line == "fresh\n")
-        .then_some(())
-        .ok_or_else(|| format!("echo {line:?}"))
 }
 
 /// tcpdump on an interface of a namespace; the packets as `tcpdump -r -nn` lines.

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kwire_tests::lab::{BridgeCapture, Json, JsonExt, Lab};
+use kwire_tests::lab::{assert_only_wireguard, BridgeCapture, Json, JsonExt, Lab};
 use kwire_tests::{prometheus_value, require_agent, require_tool, run_in_netns, wait_until};
 use kwire_tests::{try_wait_until, Scratch};
 use nix::sys::signal::Signal;
@@ -196,26 +196,6 @@ fn metrics(lab: &Lab, node: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
-/// Only WireGuard on the underlay (and the kernel's ICMP port unreachable for it while an
-/// agent is down), no pod address, and the probe's marker in no captured byte.
-fn assert_only_wireguard(lines: &[String], pcap: &[u8]) {
-    let other: Vec<&String> = lines
-        .iter()
-        .filter(|l| !(l.contains(" UDP") && l.contains(".51820")))
-        .filter(|l| !(l.contains(": ICMP ") && l.contains(" udp port 51820 unreachable")))
-        .collect();
-    assert!(
-        other.is_empty(),
-        "besides WireGuard on the underlay: {other:#?}"
-    );
-    let pods: Vec<&String> = lines.iter().filter(|l| l.contains("10.244.")).collect();
-    assert!(pods.is_empty(), "pod addresses on the underlay: {pods:#?}");
-    assert!(
-        !pcap.windows(MARKER.len()).any(|w| w == MARKER),
-        "the probe's plaintext was captured on the underlay"
-    );
-}
-
 /// When process `pid` started, in seconds since boot (`/proc`, clock ticks of 10 ms).
 fn started(pid: i32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -352,7 +332,7 @@ fn one_way_udp_survives_agent_restarts_with_a_hole_under_a_second() {
     let sent = tx.stop();
     let lines = capture.stop();
     let pcap = std::fs::read(scratch.file("underlay.pcap")).expect("the capture file");
-    assert_only_wireguard(&lines, &pcap);
+    assert_only_wireguard(&lines, &pcap, MARKER);
 
     eprintln!("sent {sent} datagrams; largest holes:");
     for (what, hole) in &holes {

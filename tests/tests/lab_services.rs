@@ -187,15 +187,15 @@ fn cluster_ip_tcp_udp_v4_v6_both_nodes_refusal_policy_and_no_plaintext() {
     };
 
     // Every agent compiled the table: 2 Services, 8 frontends (2 ports in 2 families each),
-    // the 4 of `empty` without endpoints.
+    // the 4 of `empty` without endpoints; and the API server's own `default/kubernetes`.
     for node in st["nodes"].array() {
         let mut last = None;
         let ok = try_wait_until(CONVERGE, || {
             last = agent_status(&kwire, node);
             last.as_ref().is_some_and(|r| {
                 let s = &r["services"];
-                s["services"].as_u64() == Some(2)
-                    && s["frontends"].as_u64() == Some(8)
+                s["services"].as_u64() == Some(3)
+                    && s["frontends"].as_u64() == Some(9)
                     && s["frontends_without_endpoints"].as_u64() == Some(4)
             })
         });

@@ -20,7 +20,8 @@ fn trace_allows(files: &[PathBuf], from: &str, to: &str, port: u16, protocol: Pr
         filename: files.to_vec(),
         from: from.to_string(),
         to: to.to_string(),
-        port: format!("{port}/{protocol}"),
+        port: Some(format!("{port}/{protocol}")),
+        source_port: trace::DEFAULT_SOURCE_PORT,
         output: OutputFormat::Json,
     };
     let mut out = Vec::new();
@@ -104,7 +105,8 @@ fn trace_explains_the_deciding_rule() {
         filename: files,
         from: "y/c".into(),
         to: "x/a".into(),
-        port: "80".into(),
+        port: Some("80".into()),
+        source_port: trace::DEFAULT_SOURCE_PORT,
         output: OutputFormat::Json,
     };
     let mut out = Vec::new();
@@ -145,7 +147,8 @@ fn trace_errors_exit_2() {
         filename: vec![fixture(NS), fixture(PODS)],
         from: "x/nope".into(),
         to: "x/a".into(),
-        port: "80".into(),
+        port: Some("80".into()),
+        source_port: trace::DEFAULT_SOURCE_PORT,
         output: OutputFormat::Json,
     };
     let result = trace::run(&args, &mut Vec::new());

@@ -1,5 +1,11 @@
 //! The node's private key file: created once in the state directory, reused on restart,
 //! refused when anyone but its owner could read it or when it is a symlink.
+//!
+//! Key rotation keeps its steps on disk, so that a restart at any point resumes it: the next
+//! key beside the current one ([`NEXT_KEY_FILE`], written whole under a temporary name and
+//! renamed), then the promotion: the current key hard-linked to [`OLD_KEY_FILE`], the next
+//! key renamed over the current one (one atomic step), the old key overwritten with zeros
+//! and removed. A leftover old key (a restart during the promotion) is wiped at start.
 
 use crate::wg::key::PrivateKey;
 use base64::engine::general_purpose::STANDARD;
@@ -16,6 +22,12 @@ pub const KEY_FILE: &str = "private.key";
 pub const STATE_DIR_MODE: u32 = 0o700;
 /// Mode of the key file.
 pub const KEY_FILE_MODE: u32 = 0o600;
+/// The key the node rotates to, while it rotates.
+pub const NEXT_KEY_FILE: &str = "private.key.next";
+/// The key being replaced, between the promotion's rename and its wiping.
+pub const OLD_KEY_FILE: &str = "private.key.old";
+/// Prefix of a key file being written (renamed into place when complete).
+const TMP_PREFIX: &str = ".private.key.tmp.";
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
@@ -37,6 +49,12 @@ pub enum KeyFileError {
     Malformed { path: PathBuf },
     #[error("cannot read private key file {path}")]
     Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot replace or remove private key file {path}")]
+    Replace {
         path: PathBuf,
         #[source]
         source: std::io::Error,
@@ -178,11 +196,18 @@ fn read_key(path: &Path, mut f: File) -> Result<PrivateKey, KeyFileError> {
 }
 
 fn create_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
+    let key = PrivateKey::generate();
+    write_new(path, &key)?;
+    Ok(key)
+}
+
+/// Writes `key` to the new file `path` (O_EXCL|O_NOFOLLOW, 0600) and syncs it and its
+/// directory; removes it again on failure.
+fn write_new(path: &Path, key: &PrivateKey) -> Result<(), KeyFileError> {
     let err = |source| KeyFileError::Create {
         path: path.to_path_buf(),
         source,
     };
-    let key = PrivateKey::generate();
     let mut f = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -204,7 +229,150 @@ fn create_key(path: &Path) -> Result<PrivateKey, KeyFileError> {
     if let Some(dir) = path.parent() {
         let _ = File::open(dir).and_then(|d| d.sync_all());
     }
+    Ok(())
+}
+
+/// Writes `key` as `dir/name` whole or not at all: a temporary file renamed into place.
+fn write_atomic(dir: &Path, name: &str, key: &PrivateKey) -> Result<(), KeyFileError> {
+    let tmp = dir.join(format!("{TMP_PREFIX}{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    write_new(&tmp, key)?;
+    let path = dir.join(name);
+    if let Err(source) = std::fs::rename(&tmp, &path) {
+        wipe(&tmp);
+        return Err(KeyFileError::Replace { path, source });
+    }
+    sync_dir(dir);
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) {
+    let _ = File::open(dir).and_then(|d| d.sync_all());
+}
+
+/// Overwrites the key file `path` with zeros, syncs and removes it (best effort: a file that
+/// cannot be opened is still removed). Never follows a symlink.
+fn wipe(path: &Path) {
+    if let Ok(mut f) = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
+        if let Ok(m) = f.metadata() {
+            if m.is_file() && m.nlink() == 1 {
+                let zeros = vec![0u8; m.len().min(MAX_KEY_FILE_BYTES as u64 * 8) as usize];
+                let _ = f.write_all(&zeros).and_then(|()| f.sync_all());
+            }
+        }
+    }
+    let _ = std::fs::remove_file(path);
+}
+
+/// The key the node rotates to, if a rotation is under way (`dir/private.key.next`), with
+/// the same checks as the current key's file.
+pub fn load_next(dir: &Path) -> Result<Option<PrivateKey>, KeyFileError> {
+    let path = dir.join(NEXT_KEY_FILE);
+    match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(&path)
+    {
+        Ok(f) => read_key(&path, f).map(Some),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => Err(KeyFileError::NotRegular { path }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(KeyFileError::Read { path, source }),
+    }
+}
+
+/// Starts a rotation on disk: a fresh key written whole as `dir/private.key.next`.
+pub fn create_next(dir: &Path) -> Result<PrivateKey, KeyFileError> {
+    let key = PrivateKey::generate();
+    write_atomic(dir, NEXT_KEY_FILE, &key)?;
     Ok(key)
+}
+
+/// Ends a rotation on disk: the next key becomes the current key in one rename, and the old
+/// key is wiped. Safe to repeat after a crash at any point.
+pub fn promote_next(dir: &Path) -> Result<(), KeyFileError> {
+    let (key, next, old) = (
+        dir.join(KEY_FILE),
+        dir.join(NEXT_KEY_FILE),
+        dir.join(OLD_KEY_FILE),
+    );
+    if !next.exists() {
+        wipe_leftovers(dir);
+        return Ok(());
+    }
+    // The old key keeps a name until the new one is in place: a crash in between leaves two
+    // names for it, which the start cleans up (it is never zeroed while it is the key).
+    let _ = std::fs::remove_file(&old);
+    std::fs::hard_link(&key, &old).map_err(|source| KeyFileError::Replace {
+        path: old.clone(),
+        source,
+    })?;
+    std::fs::rename(&next, &key).map_err(|source| KeyFileError::Replace {
+        path: key.clone(),
+        source,
+    })?;
+    sync_dir(dir);
+    wipe(&old);
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Replaces the current key with `key` at once (revocation), wiping the old one; a rotation
+/// under way is dropped with it.
+pub fn replace_current(dir: &Path, key: &PrivateKey) -> Result<(), KeyFileError> {
+    discard_next(dir);
+    let (cur, old) = (dir.join(KEY_FILE), dir.join(OLD_KEY_FILE));
+    let _ = std::fs::remove_file(&old);
+    if let Err(source) = std::fs::hard_link(&cur, &old) {
+        if source.kind() != std::io::ErrorKind::NotFound {
+            return Err(KeyFileError::Replace { path: old, source });
+        }
+    }
+    write_atomic(dir, KEY_FILE, key)?;
+    wipe(&old);
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Abandons a rotation on disk: the next key is wiped.
+pub fn discard_next(dir: &Path) {
+    wipe(&dir.join(NEXT_KEY_FILE));
+    sync_dir(dir);
+}
+
+/// Wipes what an interrupted promotion or write left: the old key (unless it is still the
+/// current key's only other name, then just that name goes) and temporary key files.
+pub fn wipe_leftovers(dir: &Path) {
+    let old = dir.join(OLD_KEY_FILE);
+    if let (Ok(o), Ok(k)) = (
+        std::fs::symlink_metadata(&old),
+        std::fs::symlink_metadata(dir.join(KEY_FILE)),
+    ) {
+        if o.ino() == k.ino() && o.dev() == k.dev() {
+            let _ = std::fs::remove_file(&old);
+        }
+    }
+    if old.exists() {
+        wipe(&old);
+    }
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_name().to_string_lossy().starts_with(TMP_PREFIX) {
+                wipe(&e.path());
+            }
+        }
+    }
+    sync_dir(dir);
+}
+
+/// When the current key was written (its file's modification time): the key's age.
+pub fn key_written(dir: &Path) -> Option<std::time::SystemTime> {
+    std::fs::symlink_metadata(dir.join(KEY_FILE))
+        .and_then(|m| m.modified())
+        .ok()
 }
 
 #[cfg(test)]
@@ -288,6 +456,51 @@ mod tests {
             Err(KeyFileError::NotRegular { .. }) | Err(KeyFileError::Create { .. })
         ));
         assert!(!other.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A rotation on disk: the next key is written 0600 beside the current one and read
+    /// back; the promotion makes it the current key and leaves no trace of the old one; a
+    /// crash between the promotion's link and rename leaves the current key intact (the start
+    /// only removes the second name), a crash after the rename leaves an old key the start
+    /// wipes.
+    #[test]
+    fn rotation_steps_on_disk_resume_and_leave_no_old_key() {
+        let dir = tmpdir("rotate");
+        let k0 = load_or_create(&dir).unwrap();
+        assert!(load_next(&dir).unwrap().is_none());
+        let k1 = create_next(&dir).unwrap();
+        let m = std::fs::metadata(dir.join(NEXT_KEY_FILE)).unwrap().mode() & 0o777;
+        assert_eq!(m, 0o600);
+        assert_eq!(load_next(&dir).unwrap(), Some(k1.clone()));
+        assert_eq!(load_or_create(&dir).unwrap(), k0, "still the current key");
+        // Crash after the link, before the rename: the key is untouched.
+        std::fs::hard_link(dir.join(KEY_FILE), dir.join(OLD_KEY_FILE)).unwrap();
+        wipe_leftovers(&dir);
+        assert!(!dir.join(OLD_KEY_FILE).exists());
+        assert_eq!(load_or_create(&dir).unwrap(), k0);
+        promote_next(&dir).unwrap();
+        assert_eq!(load_or_create(&dir).unwrap(), k1);
+        assert!(load_next(&dir).unwrap().is_none());
+        let names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![KEY_FILE.to_string()], "nothing else left");
+        // Promoting again (a restart after the rename) changes nothing.
+        promote_next(&dir).unwrap();
+        assert_eq!(load_or_create(&dir).unwrap(), k1);
+        // Crash after the rename, before the wipe: the old key is wiped at start.
+        std::fs::write(dir.join(OLD_KEY_FILE), b"old").unwrap();
+        wipe_leftovers(&dir);
+        assert!(!dir.join(OLD_KEY_FILE).exists());
+        // Revocation: a new current key at once; a rotation under way goes with it.
+        create_next(&dir).unwrap();
+        let k2 = PrivateKey::generate();
+        replace_current(&dir, &k2).unwrap();
+        assert_eq!(load_or_create(&dir).unwrap(), k2);
+        assert!(load_next(&dir).unwrap().is_none());
+        assert!(!dir.join(OLD_KEY_FILE).exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

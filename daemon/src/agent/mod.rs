@@ -5,12 +5,14 @@
 
 pub mod cleanup;
 pub mod health;
+pub mod keyctl;
 pub mod keyfile;
 pub mod objects;
 pub mod peer_index;
 pub mod peers;
 pub mod pod_network;
 pub mod policy;
+pub mod rotation;
 pub mod routes;
 pub mod service_health;
 pub mod services;
@@ -42,7 +44,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 use tracing::{debug, error, info, warn};
 
 /// How often failed work (routes, the Node patch) is retried.
@@ -235,6 +237,14 @@ pub struct AgentArgs {
     /// pod's new flows are dropped (counted as `flow_limit`), other pods' are unaffected.
     #[arg(long, env = "KWIRE_MAX_FLOWS_PER_POD", default_value_t = crate::datapath::conntrack::DEFAULT_MAX_FLOWS_PER_POD)]
     pub max_flows_per_pod: usize,
+    /// Rotate this node's WireGuard key when it is this old, without dropping a packet
+    /// (e.g. 720h; default: off, rotate with `kwire key rotate`).
+    #[arg(long, env = "KWIRE_KEY_ROTATION_INTERVAL", value_parser = health::parse_duration)]
+    pub key_rotation_interval: Option<Duration>,
+    /// How long a rotation waits for the peers that are up to move to the new key before it
+    /// promotes it anyway (e.g. 2m).
+    #[arg(long, env = "KWIRE_KEY_ROTATION_GRACE", default_value = "2m", value_parser = health::parse_duration)]
+    pub key_rotation_grace: Duration,
 }
 
 /// How to set `--cluster-cidr`, for the error that says it is missing.
@@ -345,6 +355,15 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
         .collect();
     let host_addresses = check_host_addresses(&ranges, &args.interface)?;
     let key = keyfile::load_or_create(&args.state_dir)?;
+    // A restart during a rotation: the old key a promotion left is wiped; a next key resumes.
+    keyfile::wipe_leftovers(&args.state_dir);
+    let next_key = keyfile::load_next(&args.state_dir)?;
+    let keys = rotation::Keys {
+        current: key,
+        next: next_key,
+        written: keyfile::key_written(&args.state_dir),
+        started: None,
+    };
     let restored = match state::load(&args.state_dir) {
         Ok(s) => s,
         Err(e) => {
@@ -363,7 +382,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     let sock_path = args.uapi_dir.join(format!("{}.sock", args.interface));
     let r = rt.block_on(agent_main(
         args,
-        key,
+        keys,
         restored,
         workers,
         &sock_path,
@@ -377,7 +396,7 @@ pub fn run(args: AgentArgs) -> anyhow::Result<()> {
 
 async fn agent_main(
     args: AgentArgs,
-    key: crate::wg::key::PrivateKey,
+    mut keys: rotation::Keys,
     restored: Option<state::State>,
     workers: usize,
     sock_path: &Path,
@@ -393,9 +412,9 @@ async fn agent_main(
         .pods
         .conntrack
         .set_max_flows_per_pod(args.max_flows_per_pod);
-    let own_key = key.public_key();
+    let own_key = keys.public();
     let mut first = SetRequest {
-        private_key: Some(Some(key)),
+        private_key: Some(Some(keys.current.clone())),
         listen_port: Some(args.listen_port),
         ..SetRequest::default()
     };
@@ -409,21 +428,34 @@ async fn agent_main(
             args.listen_port
         )
     })?;
+    if let Some(next) = &keys.next {
+        info!(next_public_key = %next.public_key(), "resuming the key rotation under way");
+        tun.device.set_next_private_key(Some(next.clone()));
+        keys.started = Some(Instant::now());
+    }
     let status = Arc::new(NodeState::new(
         tun.device.clone(),
         tun.counters.clone(),
         &RejectReason::ALL.map(RejectReason::metric_label),
     ));
+    status.update_keys(|k| {
+        k.written = keys.written;
+        k.next_public_key = keys.next_public();
+        k.rotation_started = keys.next.as_ref().map(|_| SystemTime::now());
+    });
     let _ = status.node.set(NodeContext {
         name: args.node_name.clone(),
         interface: args.interface.clone(),
         pods: tun.net.pods.clone(),
     });
     let status_sock = crate::status::server::bind(&args.run_dir)?;
+    let key_sock = keyctl::bind(&args.run_dir)?;
+    let (key_tx, key_rx) = tokio::sync::mpsc::channel(4);
     let run_dir = args.run_dir.clone();
     let mut agent = Agent::new(
         &args,
-        own_key,
+        keys,
+        key_rx,
         tun.device.clone(),
         tun.net.clone(),
         status.clone(),
@@ -453,6 +485,7 @@ async fn agent_main(
     let metrics = crate::metrics::bind(args.metrics_addr, status.clone()).await?;
     let metrics = tokio::spawn(metrics);
     let status_server = tokio::spawn(crate::status::server::serve(status_sock, status.clone()));
+    let key_server = tokio::spawn(keyctl::serve(key_sock, key_tx));
     let health = tokio::spawn(health::run(
         status.clone(),
         health::HealthSettings {
@@ -510,8 +543,10 @@ async fn agent_main(
     uapi.abort();
     metrics.abort();
     status_server.abort();
+    key_server.abort();
     health.abort();
     let _ = std::fs::remove_file(run_dir.join(crate::status::STATUS_SOCKET));
+    let _ = std::fs::remove_file(run_dir.join(keyctl::KEY_SOCKET));
     pods.abort();
     Ok(())
 }
@@ -569,6 +604,19 @@ struct Agent {
     patched_at: Option<String>,
     /// Tells the pod side this node's pod CIDRs and MTU.
     cidrs_tx: tokio::sync::watch::Sender<(Vec<IpNetwork>, u32)>,
+    /// This node's private keys (current, next while rotating).
+    keys: rotation::Keys,
+    /// `kwire key rotate|revoke` commands (taken by `run`).
+    key_rx: Option<tokio::sync::mpsc::Receiver<keyctl::KeyRequest>>,
+    /// `--key-rotation-interval`, `--key-rotation-grace`.
+    rotation_interval: Option<Duration>,
+    rotation_grace: Duration,
+    /// Every key some Node's `kwire.dev/revoked-keys` listed since the start: refused for good.
+    revoked: BTreeSet<PublicKey>,
+    /// Keys this node revoked itself: its `kwire.dev/revoked-keys` must list them.
+    own_revoked: Vec<PublicKey>,
+    /// Events about this node's key waiting to be recorded: (warning, reason, note).
+    key_events: Vec<(bool, &'static str, String)>,
 }
 
 /// What a reconcile asks the async side to do.
@@ -581,12 +629,14 @@ struct Outcome {
 impl Agent {
     fn new(
         args: &AgentArgs,
-        own_key: PublicKey,
+        keys: rotation::Keys,
+        key_rx: tokio::sync::mpsc::Receiver<keyctl::KeyRequest>,
         device: Arc<Device>,
         net: Network,
         status: Arc<NodeState>,
         host_addresses: Vec<IpAddr>,
     ) -> Agent {
+        let own_key = keys.public();
         Agent {
             node_name: args.node_name.clone(),
             listen_port: args.listen_port,
@@ -616,6 +666,13 @@ impl Agent {
             retry: false,
             patched_at: None,
             cidrs_tx: tokio::sync::watch::channel((Vec::new(), 0)).0,
+            keys,
+            key_rx: Some(key_rx),
+            rotation_interval: args.key_rotation_interval,
+            rotation_grace: args.key_rotation_grace,
+            revoked: BTreeSet::new(),
+            own_revoked: Vec::new(),
+            key_events: Vec::new(),
         }
     }
 
@@ -692,6 +749,9 @@ impl Agent {
         let mut stream = std::pin::pin!(stream);
         let mut tick = tokio::time::interval(RETRY_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut rotation_tick = tokio::time::interval(rotation::CHECK_INTERVAL);
+        rotation_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut key_rx = self.key_rx.take();
         let mut last_err_log: Option<Instant> = None;
         loop {
             let mut event =
@@ -720,6 +780,17 @@ impl Agent {
                     self.save_state();
                     self.synced && self.retry
                 }
+                _ = rotation_tick.tick() => tokio::task::block_in_place(|| self.rotation_tick()),
+                Some(req) = async {
+                    match key_rx.as_mut() {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    let r = tokio::task::block_in_place(|| self.key_command(req.command));
+                    let _ = req.reply.send(r);
+                    true
+                }
                 _ = stop.changed() => {
                     self.state_saved_at = None;
                     tokio::task::block_in_place(|| self.save_state());
@@ -743,6 +814,9 @@ impl Agent {
             for r in out.new_rejections {
                 self.record_event(&recorder, r);
             }
+            for (warning, reason, note) in std::mem::take(&mut self.key_events) {
+                self.key_event(&recorder, warning, reason, note);
+            }
             if let Some(patch) = out.patch {
                 let pp = PatchParams::default();
                 match tokio::time::timeout(
@@ -752,7 +826,7 @@ impl Agent {
                 .await
                 {
                     Ok(Ok(_)) => {
-                        info!(node = %self.node_name, "published public key and endpoint on the Node");
+                        info!(node = %self.node_name, "published kwire.dev annotations (keys, endpoint) on the Node");
                         self.patched_at = self.own_rv.clone();
                     }
                     Ok(Err(e)) => {
@@ -859,12 +933,15 @@ impl Agent {
                     }
                 }
             }
-            let rv = self.own_rv.as_ref();
-            if rv.is_none() || rv != self.patched_at.as_ref() {
-                out.patch = self.annotation_patch(own);
-            }
         }
 
+        self.apply_revocations();
+        if let Some(own) = self.nodes.get(&self.node_name).cloned() {
+            let rv = self.own_rv.as_ref();
+            if rv.is_none() || rv != self.patched_at.as_ref() {
+                out.patch = self.annotation_patch(&own);
+            }
+        }
         let settings = Settings {
             self_name: self.node_name.clone(),
             self_key: self.own_key,
@@ -1014,6 +1091,21 @@ impl Agent {
         if own.public_key.as_deref() != Some(key.as_str()) {
             patch.insert(annotations::PUBLIC_KEY.into(), key.into());
         }
+        // The next key while rotating; none (a merge patch's null removes it) otherwise.
+        let next = self.keys.next_public().map(|k| k.to_base64());
+        if own.next_public_key != next {
+            patch.insert(
+                annotations::NEXT_PUBLIC_KEY.into(),
+                next.map_or(serde_json::Value::Null, Into::into),
+            );
+        }
+        let listed = own.parsed_revoked_keys();
+        if self.own_revoked.iter().any(|k| !listed.contains(k)) {
+            patch.insert(
+                annotations::REVOKED_KEYS.into(),
+                rotation::revoked_annotation(&listed, &self.own_revoked).into(),
+            );
+        }
         match endpoint {
             Some(ep) => {
                 let ep = ep.to_string();
@@ -1028,32 +1120,301 @@ impl Agent {
         (!patch.is_empty()).then(|| serde_json::json!({ "metadata": { "annotations": patch } }))
     }
 
+    /// Every peer's session as rotation sees it.
+    fn peer_sessions(&self) -> Vec<rotation::PeerSession> {
+        let keys = self.device.session_keys();
+        let now = SystemTime::now();
+        self.device
+            .info()
+            .peers
+            .iter()
+            .filter_map(|p| {
+                let (pair, rx) = *keys.get(&p.public_key)?;
+                Some(rotation::PeerSession {
+                    pair,
+                    rx,
+                    handshake_age: p
+                        .last_handshake
+                        .map(|t| now.duration_since(t).unwrap_or_default()),
+                })
+            })
+            .collect()
+    }
+
+    /// Once per [`rotation::CHECK_INTERVAL`]: starts a rotation `--key-rotation-interval`
+    /// calls for, moves one under way on. True when the Node's annotations must change.
+    fn rotation_tick(&mut self) -> bool {
+        let Some(next) = self.keys.next_public() else {
+            if self.synced
+                && rotation::due(self.rotation_interval, self.keys.written, SystemTime::now())
+            {
+                return match self.start_rotation("--key-rotation-interval") {
+                    Ok(_) => true,
+                    Err(e) => {
+                        warn!(error = %e, "starting a key rotation");
+                        false
+                    }
+                };
+            }
+            return false;
+        };
+        let published = self
+            .nodes
+            .get(&self.node_name)
+            .and_then(|n| n.next_public_key.as_deref())
+            == Some(next.to_base64().as_str());
+        let elapsed = self.keys.started.map_or(Duration::ZERO, |t| t.elapsed());
+        let sessions = self.peer_sessions();
+        match rotation::progress(next, published, elapsed, self.rotation_grace, &sessions) {
+            rotation::Progress::Wait => false,
+            rotation::Progress::PromoteAllMoved => {
+                self.promote("every peer that is up moved to the new key")
+            }
+            rotation::Progress::PromoteGraceOver { behind } => self.promote(&format!(
+                "grace period over with {behind} peer(s) still on the old key (they handshake again to the new one)"
+            )),
+            rotation::Progress::AbortUnpublished => {
+                self.abort_rotation(&format!(
+                    "{} could not be published on the Node within {:?}",
+                    annotations::NEXT_PUBLIC_KEY,
+                    self.rotation_grace
+                ));
+                true
+            }
+        }
+    }
+
+    /// `kwire key rotate|revoke`.
+    fn key_command(&mut self, c: keyctl::KeyCommand) -> Result<String, String> {
+        match c {
+            keyctl::KeyCommand::Rotate => self.start_rotation("kwire key rotate"),
+            keyctl::KeyCommand::Revoke => self.revoke_own("kwire key revoke"),
+        }
+    }
+
+    /// Starts a make-before-break rotation: the next key on disk, in the device (answering
+    /// handshakes to both keys) and, with the next reconcile, on the Node.
+    fn start_rotation(&mut self, why: &str) -> Result<String, String> {
+        if let Some(next) = self.keys.next_public() {
+            return Err(format!(
+                "a key rotation is under way already (to {next}); see `kwire status`"
+            ));
+        }
+        let next = keyfile::create_next(&self.state_dir).map_err(|e| e.to_string())?;
+        let pk = next.public_key();
+        self.device.set_next_private_key(Some(next.clone()));
+        self.keys.next = Some(next);
+        self.keys.started = Some(Instant::now());
+        self.status.update_keys(|k| {
+            k.next_public_key = Some(pk);
+            k.rotation_started = Some(SystemTime::now());
+        });
+        self.patched_at = None;
+        info!(next_public_key = %pk, trigger = why, "key rotation started");
+        self.key_events.push((
+            false,
+            "KeyRotationStarted",
+            format!("rotating to public key {pk} ({why}): this node answers handshakes to both keys until every peer that is up uses the new one"),
+        ));
+        Ok(format!(
+            "key rotation started: next public key {pk}; `kwire status` shows its progress"
+        ))
+    }
+
+    /// Promotes the next key (disk, device, Node) and wipes the old one. False (retried on
+    /// the next tick) when the key file could not be replaced.
+    fn promote(&mut self, why: &str) -> bool {
+        let Some(next) = self.keys.next.clone() else {
+            return false;
+        };
+        if let Err(e) = keyfile::promote_next(&self.state_dir) {
+            warn!(error = %e, "promoting the next key on disk; retrying");
+            return false;
+        }
+        let old = self.keys.public();
+        self.device.set_private_key(Some(next.clone()));
+        self.keys.current = next;
+        self.keys.next = None;
+        self.keys.started = None;
+        self.keys.written = Some(SystemTime::now());
+        let new = self.keys.public();
+        self.set_own_key(new);
+        self.status.update_keys(|k| {
+            k.written = Some(SystemTime::now());
+            k.next_public_key = None;
+            k.rotation_started = None;
+            k.last_outcome = Some(format!("rotation to {new} completed: {why}"));
+            k.rotations_completed += 1;
+        });
+        self.patched_at = None;
+        info!(public_key = %new, old_public_key = %old, reason = why, "key rotation completed; the old key is wiped");
+        self.key_events.push((
+            false,
+            "KeyRotationCompleted",
+            format!("public key is now {new} (was {old}): {why}; the old private key is wiped"),
+        ));
+        true
+    }
+
+    /// Abandons the rotation under way: the next key is wiped, the current one stays.
+    fn abort_rotation(&mut self, why: &str) {
+        let Some(next) = self.keys.next_public() else {
+            return;
+        };
+        keyfile::discard_next(&self.state_dir);
+        self.device.set_next_private_key(None);
+        self.keys.next = None;
+        self.keys.started = None;
+        self.status.update_keys(|k| {
+            k.next_public_key = None;
+            k.rotation_started = None;
+            k.last_outcome = Some(format!("rotation to {next} aborted: {why}"));
+            k.rotations_aborted += 1;
+        });
+        self.patched_at = None;
+        warn!(next_public_key = %next, reason = why, "key rotation aborted");
+        self.key_events.push((
+            true,
+            "KeyRotationAborted",
+            format!("rotation to {next} aborted: {why}; the current key stays"),
+        ));
+    }
+
+    /// Replaces this node's key at once and revokes the old one: a fresh key on disk, in the
+    /// device and on the Node, the old key listed in its `kwire.dev/revoked-keys` (every node
+    /// drops sessions made with it and refuses it from then on).
+    fn revoke_own(&mut self, why: &str) -> Result<String, String> {
+        if self.keys.next.is_some() {
+            self.abort_rotation("the current key was revoked");
+        }
+        let old = self.keys.public();
+        let fresh = crate::wg::key::PrivateKey::generate();
+        keyfile::replace_current(&self.state_dir, &fresh).map_err(|e| e.to_string())?;
+        self.device.set_private_key(Some(fresh.clone()));
+        self.keys.current = fresh;
+        self.keys.written = Some(SystemTime::now());
+        let new = self.keys.public();
+        self.set_own_key(new);
+        if !self.own_revoked.contains(&old) {
+            self.own_revoked.push(old);
+        }
+        self.revoked.insert(old);
+        self.status.update_keys(|k| {
+            k.written = Some(SystemTime::now());
+            k.last_outcome = Some(format!("{old} revoked ({why}); new key {new}"));
+            k.revocations += 1;
+        });
+        self.patched_at = None;
+        warn!(revoked = %old, public_key = %new, reason = why, "key revoked; every node refuses the old key");
+        self.key_events.push((
+            true,
+            "KeyRevoked",
+            format!("public key {old} revoked ({why}); new public key {new}. Every kwire node drops sessions made with the old key and refuses it from now on"),
+        ));
+        Ok(format!(
+            "key {old} revoked; new public key {new}, being published on the Node"
+        ))
+    }
+
+    /// Takes in every key the Nodes' `kwire.dev/revoked-keys` list: the device refuses them;
+    /// this node's own key among them (an administrator revoked it) is replaced at once.
+    fn apply_revocations(&mut self) {
+        let mut revoked = self.revoked.clone();
+        for n in self.nodes.infos() {
+            if n.revoked_keys.is_some() {
+                revoked.extend(n.parsed_revoked_keys());
+            }
+        }
+        if revoked != self.revoked {
+            info!(
+                keys = revoked.len(),
+                "revoked keys: sessions made with them end, and they are refused"
+            );
+            self.revoked = revoked;
+            self.device.set_revoked(self.revoked.clone());
+        }
+        if self.revoked.contains(&self.keys.public()) {
+            if let Err(e) = self.revoke_own(&format!("listed in {}", annotations::REVOKED_KEYS)) {
+                error!(error = %e, "replacing this node's revoked key");
+            }
+        } else if self
+            .keys
+            .next_public()
+            .is_some_and(|k| self.revoked.contains(&k))
+        {
+            self.abort_rotation("the next key was revoked");
+        }
+    }
+
+    /// This node's public key changed (promotion, revocation).
+    fn set_own_key(&mut self, key: PublicKey) {
+        self.own_key = key;
+        self.nodes.set_self_key(key);
+    }
+
+    /// Records an Event about this node's key on its Node.
+    fn key_event(
+        &self,
+        recorder: &Arc<Recorder>,
+        warning: bool,
+        reason: &'static str,
+        note: String,
+    ) {
+        let ty = if warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        };
+        node_event(recorder, &self.node_name, ty, reason, note, "RotateKey");
+    }
+
     fn record_event(&self, recorder: &Arc<Recorder>, r: peers::Rejection) {
         if self.nodes.get(&r.node).is_none() {
             return;
         }
-        let reference = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Node".into()),
-            name: Some(r.node.clone()),
-            ..ObjectReference::default()
-        };
-        let recorder = recorder.clone();
-        tokio::spawn(async move {
-            let ev = K8sEvent {
-                type_: EventType::Warning,
-                reason: r.reason.event_reason().into(),
-                note: Some(format!(
-                    "kwire skips this Node as a WireGuard peer ({}): {}",
-                    r.reason.metric_label(),
-                    r.detail
-                )),
-                action: "SelectPeers".into(),
-                secondary: None,
-            };
-            if let Err(e) = recorder.publish(&ev, &reference).await {
-                debug!(node = %r.node, error = %e, "recording a Kubernetes Event failed");
-            }
-        });
+        let note = format!(
+            "kwire skips this Node as a WireGuard peer ({}): {}",
+            r.reason.metric_label(),
+            r.detail
+        );
+        node_event(
+            recorder,
+            &r.node,
+            EventType::Warning,
+            r.reason.event_reason(),
+            note,
+            "SelectPeers",
+        );
     }
+}
+
+/// Records an Event on Node `node` (in the background; a failure is logged at debug).
+fn node_event(
+    recorder: &Arc<Recorder>,
+    node: &str,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    action: &str,
+) {
+    let reference = ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Node".into()),
+        name: Some(node.to_string()),
+        ..ObjectReference::default()
+    };
+    let recorder = recorder.clone();
+    let node = node.to_string();
+    let ev = K8sEvent {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    tokio::spawn(async move {
+        if let Err(e) = recorder.publish(&ev, &reference).await {
+            debug!(node = %node, error = %e, "recording a Kubernetes Event failed");
+        }
+    });
 }

@@ -242,6 +242,19 @@ impl PeerIndex {
         self.infos.get(name)
     }
 
+    /// This node's key changed (rotation, revocation): selection runs again in full.
+    pub fn set_self_key(&mut self, key: PublicKey) {
+        if self.self_key != key {
+            self.self_key = key;
+            self.full = true;
+        }
+    }
+
+    /// Every Node's view, by name.
+    pub fn infos(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.infos.values()
+    }
+
     pub fn len(&self) -> usize {
         self.infos.len()
     }
@@ -407,6 +420,8 @@ mod tests {
             name: format!("n{i}"),
             created: Some(created),
             public_key: (k > 0).then(|| key(k)),
+            next_public_key: None,
+            revoked_keys: None,
             endpoint: None,
             keepalive: None,
             pod_cidrs: vec![cidrs[c % cidrs.len()].to_string()],

@@ -24,6 +24,10 @@ pub struct NodeInfo {
     /// `metadata.creationTimestamp` in seconds (None sorts as the newest).
     pub created: Option<i64>,
     pub public_key: Option<String>,
+    /// `kwire.dev/next-public-key`: the key the node rotates to.
+    pub next_public_key: Option<String>,
+    /// `kwire.dev/revoked-keys`, as written.
+    pub revoked_keys: Option<String>,
     pub endpoint: Option<String>,
     pub keepalive: Option<String>,
     /// `spec.podCIDRs` (falls back to `spec.podCIDR`), as written.
@@ -62,6 +66,8 @@ impl NodeInfo {
                 .as_ref()
                 .map(|t| t.0.as_second()),
             public_key: get(annotations::PUBLIC_KEY),
+            next_public_key: get(annotations::NEXT_PUBLIC_KEY),
+            revoked_keys: get(annotations::REVOKED_KEYS),
             endpoint: get(annotations::ENDPOINT),
             keepalive: get(annotations::PERSISTENT_KEEPALIVE),
             pod_cidrs,
@@ -71,6 +77,16 @@ impl NodeInfo {
     }
 
     /// The node's podCIDRs, parsed and canonical; invalid entries are left out.
+    /// The keys `kwire.dev/revoked-keys` lists; entries that are not keys are left out.
+    pub fn parsed_revoked_keys(&self) -> Vec<PublicKey> {
+        self.revoked_keys
+            .as_deref()
+            .unwrap_or("")
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .filter_map(|k| PublicKey::from_base64(k).ok())
+            .collect()
+    }
+
     pub fn parsed_pod_cidrs(&self) -> Vec<IpNetwork> {
         self.pod_cidrs
             .iter()
@@ -85,6 +101,8 @@ impl NodeInfo {
 pub struct DesiredPeer {
     pub node: String,
     pub public_key: PublicKey,
+    /// The key the node rotates to (`kwire.dev/next-public-key`), if it does and it parses.
+    pub next_public_key: Option<PublicKey>,
     pub endpoint: SocketAddr,
     /// The Node's `spec.podCIDRs`, canonical.
     pub allowed_ips: Vec<IpNetwork>,
@@ -532,9 +550,16 @@ fn check_node<'a>(
         })?,
         None => s.default_keepalive,
     };
+    // A next key that does not parse, or is not new, is ignored: the peer keeps its key.
+    let next_public_key = n
+        .next_public_key
+        .as_deref()
+        .and_then(|t| PublicKey::from_base64(t).ok())
+        .filter(|k| *k != key && *k != s.self_key);
     Ok(Some(DesiredPeer {
         node: n.name.clone(),
         public_key: key,
+        next_public_key,
         endpoint,
         allowed_ips: cidrs,
         keepalive,
@@ -551,7 +576,9 @@ fn truncate(s: &str) -> &str {
 
 /// The device changes that turn `old` into `new`: removals first (so a key that moves
 /// between Nodes is never removed after it was added), then per-peer changes carrying only
-/// what changed. Unchanged peers get no change, so their sessions are untouched.
+/// what changed. Unchanged peers get no change, so their sessions are untouched. A peer whose
+/// new key is the next key it announced (it promoted it) is renamed, not replaced: the
+/// sessions made with that key carry on.
 pub fn plan(
     old: &BTreeMap<String, DesiredPeer>,
     new: &BTreeMap<String, DesiredPeer>,
@@ -561,7 +588,9 @@ pub fn plan(
     for (name, o) in old {
         match new.get(name) {
             None => removes.push(remove(o.public_key)),
-            Some(n) if n.public_key != o.public_key => removes.push(remove(o.public_key)),
+            Some(n) if n.public_key != o.public_key && !promoted(o, n) => {
+                removes.push(remove(o.public_key))
+            }
             Some(_) => {}
         }
     }
@@ -583,15 +612,28 @@ pub fn plan(
                     c.allowed_ips = n.allowed_ips.clone();
                     any = true;
                 }
+                if o.next_public_key != n.next_public_key {
+                    c.next_public_key = Some(n.next_public_key);
+                    any = true;
+                }
                 if any {
                     changes.push(c);
                 }
             }
+            Some(o) if promoted(o, n) => changes.push(PeerChange {
+                renamed_from: Some(o.public_key),
+                ..add(n)
+            }),
             _ => changes.push(add(n)),
         }
     }
     removes.extend(changes);
     removes
+}
+
+/// `n` is `o` after it promoted the next key it announced.
+fn promoted(o: &DesiredPeer, n: &DesiredPeer) -> bool {
+    o.next_public_key == Some(n.public_key)
 }
 
 /// The changes that add every peer of `peers` (a restore).
@@ -613,6 +655,8 @@ fn change(pk: PublicKey) -> PeerChange {
         persistent_keepalive: None,
         replace_allowed_ips: false,
         allowed_ips: Vec::new(),
+        next_public_key: None,
+        renamed_from: None,
     }
 }
 
@@ -629,6 +673,7 @@ fn add(p: &DesiredPeer) -> PeerChange {
         persistent_keepalive: Some(p.keepalive),
         replace_allowed_ips: true,
         allowed_ips: p.allowed_ips.clone(),
+        next_public_key: Some(p.next_public_key),
         ..change(p.public_key)
     }
 }
@@ -660,6 +705,8 @@ mod tests {
             name: name.into(),
             created: Some(created),
             public_key: k.map(|b| key(b).to_base64()),
+            next_public_key: None,
+            revoked_keys: None,
             endpoint: None,
             keepalive: None,
             pod_cidrs: cidrs.iter().map(|s| s.to_string()).collect(),
@@ -989,10 +1036,60 @@ mod tests {
         assert_eq!(sel.rejections[0].reason, RejectReason::OverlappingPodCidrs);
     }
 
+    /// A Node that announces a next key gets it on its peer; once it promotes that key the
+    /// peer is renamed (its sessions carry on); a key it never announced replaces the peer.
+    #[test]
+    fn a_peer_that_promotes_its_next_key_is_renamed_not_replaced() {
+        let a = peer("a", 3, "192.0.2.3:51820", &["10.244.3.0/24"]);
+        let one = |p: &DesiredPeer| BTreeMap::from([("a".to_string(), p.clone())]);
+        let rotating = DesiredPeer {
+            next_public_key: Some(key(4)),
+            ..a.clone()
+        };
+        let p = plan(&one(&a), &one(&rotating));
+        assert_eq!(p.len(), 1);
+        assert!(!p[0].remove && p[0].renamed_from.is_none());
+        assert_eq!(p[0].next_public_key, Some(Some(key(4))));
+        let promoted = DesiredPeer {
+            public_key: key(4),
+            next_public_key: None,
+            ..a.clone()
+        };
+        let p = plan(&one(&rotating), &one(&promoted));
+        assert_eq!(p.len(), 1);
+        assert!(!p[0].remove);
+        assert_eq!(p[0].public_key, key(4));
+        assert_eq!(p[0].renamed_from, Some(key(3)));
+        assert_eq!(p[0].next_public_key, Some(None));
+        let replaced = DesiredPeer {
+            public_key: key(5),
+            ..a.clone()
+        };
+        let p = plan(&one(&a), &one(&replaced));
+        assert_eq!(p.len(), 2);
+        assert!(p[0].remove && p[0].public_key == key(3));
+        assert!(!p[1].remove && p[1].renamed_from.is_none());
+    }
+
+    #[test]
+    fn revoked_keys_annotation_parses_commas_and_spaces_and_skips_garbage() {
+        let n = NodeInfo {
+            revoked_keys: Some(format!(
+                "{}, not-a-key\n{}",
+                key(3).to_base64(),
+                key(4).to_base64()
+            )),
+            ..NodeInfo::default()
+        };
+        assert_eq!(n.parsed_revoked_keys(), vec![key(3), key(4)]);
+        assert!(NodeInfo::default().parsed_revoked_keys().is_empty());
+    }
+
     fn peer(name: &str, k: u8, ep: &str, cidrs: &[&str]) -> DesiredPeer {
         DesiredPeer {
             node: name.into(),
             public_key: key(k),
+            next_public_key: None,
             endpoint: ep.parse().unwrap(),
             allowed_ips: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
             keepalive: 0,

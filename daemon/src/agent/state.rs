@@ -42,6 +42,9 @@ struct PeerV1 {
     allowed_ips: Vec<String>,
     #[serde(default)]
     keepalive: u16,
+    /// The key the peer rotates to (absent: it does not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    next_public_key: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +108,12 @@ pub fn load(dir: &Path) -> Result<Option<State>, StateError> {
                 .map_err(|_| invalid(&path, format!("peer {}: bad endpoint", p.node)))?,
             allowed_ips: p.allowed_ips.iter().map(net).collect::<Result<_, _>>()?,
             keepalive: p.keepalive,
+            next_public_key: p
+                .next_public_key
+                .as_deref()
+                .map(PublicKey::from_base64)
+                .transpose()
+                .map_err(|e| invalid(&path, format!("peer {}: next key: {e}", p.node)))?,
             node: p.node,
         };
         st.peers.insert(peer.node.clone(), peer);
@@ -128,6 +137,7 @@ pub fn save(dir: &Path, st: &State) -> Result<(), StateError> {
                 endpoint: p.endpoint.to_string(),
                 allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
                 keepalive: p.keepalive,
+                next_public_key: p.next_public_key.map(|k| k.to_base64()),
             })
             .collect(),
     };
@@ -184,6 +194,7 @@ mod tests {
                 DesiredPeer {
                     node: n.to_string(),
                     public_key: PublicKey([i as u8 + 2; 32]),
+                    next_public_key: None,
                     endpoint: format!("192.0.2.{}:51820", i + 2).parse().unwrap(),
                     allowed_ips: vec![
                         format!("10.244.{}.0/24", i + 1).parse().unwrap(),

@@ -111,8 +111,8 @@ pub struct Message<'r, 's, T> {
     datagrams: std::slice::Chunks<'r, u8>,
     /// The session of the last data message's peer, locked until another peer's comes.
     held: Option<Held<'s>>,
-    /// After a handshake message: the peer whose queued packets go out next.
-    queued: Option<u32>,
+    /// After a handshake message: the peer (slot, session index) whose queued packets go out next.
+    queued: Option<(u32, u32)>,
 }
 
 /// A peer's session held across consecutive datagrams from it, with the bytes to add to its
@@ -206,7 +206,7 @@ impl<T> Message<'_, '_, T> {
                     rx_bytes: 0,
                 });
             }
-            Some(self.data(d).unwrap_or_else(Step::from))
+            Some(self.data(d, idx >> 8).unwrap_or_else(Step::from))
         } else {
             release(self.snap, self.held.take());
             // Initiations are what a flood sends (anyone may, and each costs a Diffie-Hellman);
@@ -223,7 +223,7 @@ impl<T> Message<'_, '_, T> {
 
     /// A data message for the held session.
     #[inline(always)]
-    fn data(&mut self, d: &[u8]) -> Result<Step, DropReason> {
+    fn data(&mut self, d: &[u8], index: u32) -> Result<Step, DropReason> {
         // No UDP datagram is longer, but this function takes any bytes; the check also keeps
         // boringtun, which panics when the ciphertext exceeds the output buffer, safe.
         if d.len() > MAX_DATAGRAM {
@@ -231,13 +231,16 @@ impl<T> Message<'_, '_, T> {
         }
         let h = self.held.as_mut().expect("held by step()");
         let base = self.buf.as_ptr() as usize;
-        let (at, inner_src) = match h.st.tunn.decapsulate(Some(self.src.ip()), d, self.buf) {
+        // The peer's `Tunn` for this index (while keys rotate, a peer has several).
+        let tunn = h.st.session(index).ok_or(DropReason::UnknownSession)?;
+        let (at, inner_src) = match tunn.decapsulate(Some(self.src.ip()), d, self.buf) {
             TunnResult::WriteToTunnelV4(p, a) => (range_in(base, p), IpAddr::V4(a)),
             TunnResult::WriteToTunnelV6(p, a) => (range_in(base, p), IpAddr::V6(a)),
             TunnResult::Done => {
                 // An authenticated keepalive.
                 h.rx_bytes += d.len() as u64;
                 roam(&mut h.st, self.src);
+                h.st.received(index);
                 return Ok(Step::Done);
             }
             TunnResult::WriteToNetwork(p) => {
@@ -250,6 +253,7 @@ impl<T> Message<'_, '_, T> {
         };
         h.rx_bytes += d.len() as u64;
         roam(&mut h.st, self.src);
+        h.st.received(index);
         // Cryptokey routing: boringtun does not check the inner source against allowed IPs.
         if self.snap.routes.lookup(inner_src) != Some(h.slot) {
             return Err(DropReason::NotAllowedIp);
@@ -307,8 +311,8 @@ impl<T> Message<'_, '_, T> {
     /// A handshake message (initiation, response, cookie) or something that is not WireGuard.
     #[inline(never)]
     fn handshake(&mut self, kind: u32, d: &[u8]) -> Step {
-        let slot = match handshake::admit(self.ctx, kind, self.src, d, self.buf) {
-            Admission::Peer(slot) => slot,
+        let (slot, via) = match handshake::admit(self.ctx, kind, self.src, d, self.buf) {
+            Admission::Peer(slot, via) => (slot, via),
             Admission::Cookie(at) => {
                 return Step::Answer {
                     reason: DropReason::RateLimited,
@@ -320,8 +324,13 @@ impl<T> Message<'_, '_, T> {
         };
         let peer = &self.snap.peers[slot as usize];
         let mut st = peer.lock();
+        let Some(index) = st.resolve(via) else {
+            // No session for that pair of keys (the configuration changed meanwhile).
+            return Step::Drop(DropReason::Handshake);
+        };
         let base = self.buf.as_ptr() as usize;
-        let step = match st.tunn.decapsulate(Some(self.src.ip()), d, self.buf) {
+        let tunn = st.session(index).expect("resolved");
+        let step = match tunn.decapsulate(Some(self.src.ip()), d, self.buf) {
             TunnResult::Err(e) => {
                 outcome(peer, &mut st, kind, Some(&e));
                 return Step::Drop(DropReason::from_wireguard(&e));
@@ -342,19 +351,20 @@ impl<T> Message<'_, '_, T> {
         if kind != MSG_COOKIE {
             peer.rx_bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
             roam(&mut st, self.src);
+            st.prefer(index);
         }
         // Packets boringtun queued while the handshake was under way go out next.
-        self.queued = Some(slot);
+        self.queued = Some((slot, index));
         step
     }
 
     /// The next packet peer `slot`'s session queued during its handshake, encrypted.
     #[inline(never)]
-    fn queued_packet(&mut self, slot: u32) -> Option<Step> {
+    fn queued_packet(&mut self, (slot, index): (u32, u32)) -> Option<Step> {
         let peer = &self.snap.peers[slot as usize];
         let mut st = peer.lock();
         let base = self.buf.as_ptr() as usize;
-        match st.tunn.decapsulate(None, &[], self.buf) {
+        match st.session(index)?.decapsulate(None, &[], self.buf) {
             TunnResult::WriteToNetwork(p) => {
                 peer.tx_bytes.fetch_add(p.len() as u64, Ordering::Relaxed);
                 let at = range_in(base, p);

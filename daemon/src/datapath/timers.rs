@@ -6,23 +6,48 @@ use super::handshake::MSG_INIT;
 use super::{DATA_OVERHEAD, MIN_OUT};
 use crate::offload::gso::TxBatch;
 use crate::wg::device::Peer;
+use crate::wg::sessions::MAX_PAIRS;
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::TunnResult;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// How often peer timers run. boringtun rounds its timers to whole seconds internally; a
 /// quarter second keeps handshake retries within the protocol's jitter.
 pub const TIMER_TICK: Duration = Duration::from_millis(250);
 
-/// Room a batch needs for what one peer's timers may send.
-pub const TIMER_ROOM: usize = MIN_OUT + DATA_OVERHEAD;
+/// Room a batch needs for what one peer's timers may send: a datagram per `Tunn` (while
+/// keys rotate a peer has up to [`MAX_PAIRS`]) and an initiation on the target pair.
+pub const TIMER_ROOM: usize = (MAX_PAIRS + 1) * (MIN_OUT + DATA_OVERHEAD);
+/// Datagrams one peer's timers may send at most.
+pub const TIMER_DATAGRAMS: usize = MAX_PAIRS + 1;
 
 /// Runs `peer`'s timers once; what they send (to its endpoint, if it has one) goes into
-/// `batch`, which must have [`TIMER_ROOM`] bytes free.
+/// `batch`, which must have [`TIMER_ROOM`] bytes and [`TIMER_DATAGRAMS`] datagrams free.
+/// While keys rotate, every `Tunn` of the peer runs its timers, and the target pair (the
+/// peer's next key) gets an initiation when it has no session.
 pub fn tick(peer: &Peer, batch: &mut TxBatch) {
     let mut st = peer.lock();
     let endpoint = st.endpoint;
+    for s in st.standby.iter_mut() {
+        if let TunnResult::WriteToNetwork(p) = s.tunn.update_timers(batch.slot()) {
+            let n = p.len();
+            if let Some(ep) = endpoint {
+                batch.commit(n, ep);
+                peer.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+    if let Some(tunn) = st.target_initiation(Instant::now()) {
+        if let TunnResult::WriteToNetwork(p) = tunn.format_handshake_initiation(batch.slot(), false)
+        {
+            let n = p.len();
+            if let Some(ep) = endpoint {
+                batch.commit(n, ep);
+                peer.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
     match st.tunn.update_timers(batch.slot()) {
         TunnResult::WriteToNetwork(p) => {
             let (n, init) = (p.len(), p[0] == MSG_INIT as u8);

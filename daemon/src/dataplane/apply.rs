@@ -7,7 +7,7 @@
 use crate::datapath::from_tun::{self, TxAction};
 use crate::datapath::local::Port;
 use crate::datapath::stats::{Counters, DropReason};
-use crate::datapath::timers::{self, TIMER_ROOM};
+use crate::datapath::timers::{self, TIMER_DATAGRAMS, TIMER_ROOM};
 use crate::datapath::{Ctx, Receiver, RxAction, Sealed, Sealer};
 use crate::offload::gro::Coalescer;
 use crate::offload::gso::TxBatch;
@@ -192,7 +192,7 @@ fn reply(replies: &mut TxBatch, datagram: &[u8], to: SocketAddr, io: &mut impl I
 /// keepalives and rekeys go out through `out`.
 pub fn tick_timers(snap: &Snapshot, out: &mut TxBatch, io: &mut impl Io) {
     for peer in &snap.peers {
-        if !out.has_room(TIMER_ROOM, 1) {
+        if !out.has_room(TIMER_ROOM, TIMER_DATAGRAMS) {
             io.send_udp(out);
         }
         timers::tick(peer, out);

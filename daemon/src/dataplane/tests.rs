@@ -1020,3 +1020,6 @@ fn fifty_peers_recover_after_one_round_trip() {
         assert_eq!(p.handshakes.triggered.load(Ordering::Relaxed), 1);
     }
 }
+
+/// Two-key answering, peers that rotate, revocation.
+mod rotation;

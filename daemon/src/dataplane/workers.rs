@@ -394,7 +394,7 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
                 apply::tick_timers(&snap, &mut out, &mut wio);
                 ticks += 1;
                 if ticks.is_multiple_of(ticks_per_second) {
-                    if let Some(id) = &snap.identity {
+                    for id in snap.identity.iter().chain(&snap.next_identity) {
                         id.rate_limiter.reset_count();
                     }
                     device.source_limiter.prune(Instant::now());

@@ -148,6 +148,59 @@ impl Collector for StatusCollector {
             "The peer's current UDP endpoint (ip:port; changes when it roams)",
             &ep,
         )?;
+        let session_keys: Vec<(Labels, f64)> = r
+            .peers
+            .iter()
+            .map(|p| {
+                (
+                    vec![
+                        ("node".to_string(), p.node.clone()),
+                        ("local".to_string(), p.session_local_key.clone()),
+                        ("peer".to_string(), p.session_peer_key.clone()),
+                    ],
+                    1.0,
+                )
+            })
+            .collect();
+        gauge_family(
+            &mut e,
+            "kwire_peer_session_key_info",
+            "Which keys the session the node sends on was made with: local (this node's: current, next while it rotates) and peer (the peer's: current, next while it rotates)",
+            &session_keys,
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_key_age_seconds",
+            "Seconds since this node's current private key was written",
+            &r.key
+                .age_seconds
+                .map(|a| (vec![], a))
+                .into_iter()
+                .collect::<Vec<_>>(),
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_key_rotation_in_progress",
+            "1 while this node rotates its key (it answers handshakes to both keys)",
+            &[(
+                vec![],
+                if r.key.next_public_key.is_some() {
+                    1.0
+                } else {
+                    0.0
+                },
+            )],
+        )?;
+        counter_family(
+            &mut e,
+            "kwire_key_rotations",
+            "Key rotations of this node by result: completed, aborted; and revocations of its key",
+            &[
+                (one("result", "completed"), r.key.rotations_completed),
+                (one("result", "aborted"), r.key.rotations_aborted),
+                (one("result", "revoked"), r.key.revocations),
+            ],
+        )?;
         gauge_family(
             &mut e,
             "kwire_peers_expected",

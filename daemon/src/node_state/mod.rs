@@ -47,6 +47,24 @@ pub struct NodeState {
     pub api_synced: AtomicBool,
     /// What the health monitor knows of each peer, by node name.
     pub peer_health: Mutex<BTreeMap<String, PeerHealthReport>>,
+    /// The node's key: its age, the rotation under way (public keys only).
+    pub keys: Mutex<KeyState>,
+}
+
+/// The node's key and its rotation as the agent last set them (no private key here).
+#[derive(Debug, Clone, Default)]
+pub struct KeyState {
+    /// When the current key was written.
+    pub written: Option<std::time::SystemTime>,
+    /// The key the node rotates to, while it does.
+    pub next_public_key: Option<PublicKey>,
+    /// When the rotation under way started (or resumed after a restart).
+    pub rotation_started: Option<std::time::SystemTime>,
+    /// How the last rotation or revocation ended, and why.
+    pub last_outcome: Option<String>,
+    pub rotations_completed: u64,
+    pub rotations_aborted: u64,
+    pub revocations: u64,
 }
 
 /// The node an agent runs for.
@@ -98,6 +116,7 @@ impl NodeState {
             watch_resyncs: AtomicU64::new(0),
             api_synced: AtomicBool::new(false),
             peer_health: Mutex::new(BTreeMap::new()),
+            keys: Mutex::new(KeyState::default()),
         }
     }
 
@@ -124,6 +143,16 @@ impl NodeState {
         self.invalid_peers
             .iter()
             .map(|(r, n)| (*r, n.load(Ordering::Relaxed)))
+    }
+
+    /// The key state, for the report.
+    pub fn keys(&self) -> KeyState {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Changes the key state.
+    pub fn update_keys(&self, f: impl FnOnce(&mut KeyState)) {
+        f(&mut self.keys.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
     pub fn ready(&self) -> bool {

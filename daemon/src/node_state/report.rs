@@ -44,6 +44,27 @@ pub struct StatusReport {
     /// The NetworkPolicy connection table's occupancy and limits.
     #[serde(default)]
     pub conntrack: ConntrackReport,
+    /// The node's key: age, rotation, revocations.
+    #[serde(default)]
+    pub key: KeyReport,
+}
+
+/// The node's key and its rotation (public keys only).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyReport {
+    /// Seconds since the current key was written.
+    pub age_seconds: Option<f64>,
+    /// `idle` or `rotating`.
+    pub rotation: String,
+    /// The key the node rotates to, while it does.
+    pub next_public_key: Option<String>,
+    /// Seconds since the rotation under way started.
+    pub rotation_age_seconds: Option<f64>,
+    /// How the last rotation or revocation ended, and why.
+    pub last_outcome: Option<String>,
+    pub rotations_completed: u64,
+    pub rotations_aborted: u64,
+    pub revocations: u64,
 }
 
 /// The connection table: flows held, and the most it (and one initiating pod) may hold.
@@ -63,6 +84,9 @@ pub struct ServicesReport {
     pub services: u64,
     /// Frontends (protocol, ClusterIP, port).
     pub frontends: u64,
+    /// Backends summed over every frontend (one endpoint behind two ports counts twice).
+    #[serde(default)]
+    pub backends: u64,
     /// Frontends without a usable endpoint (their flows are refused).
     pub frontends_without_endpoints: u64,
     /// Translated flows the connection table remembers.
@@ -99,6 +123,14 @@ pub struct PeerReport {
     pub up: bool,
     /// No handshake for longer than `--peer-unreachable-after` while traffic waits.
     pub unreachable: bool,
+    /// Which of this node's keys the session we send on was made with: `current`, `next`
+    /// (while this node rotates), `none` (no key yet).
+    #[serde(default)]
+    pub session_local_key: String,
+    /// Which of the peer's keys that session was made with: `current`, or `next` (the peer
+    /// rotates and this node moved to its next key).
+    #[serde(default)]
+    pub session_peer_key: String,
 }
 
 /// A pod attached to this node's packet loop.
@@ -130,6 +162,8 @@ pub fn report(st: &NodeState) -> StatusReport {
     let info = st.device.info();
     let snap = st.device.snapshot();
     let now = SystemTime::now();
+    let sessions = st.device.session_keys();
+    let (own, own_next) = (st.device.public_key(), st.device.next_public_key());
     let mut peers = Vec::new();
     for p in &info.peers {
         // Peers added by hand through the userspace API have no node: not reported.
@@ -159,6 +193,17 @@ pub fn report(st: &NodeState) -> StatusReport {
             handshakes_triggered: count(|q| &q.handshakes.triggered),
             up: peer_up(age, h.unreachable),
             unreachable: h.unreachable,
+            session_local_key: match sessions.get(&p.public_key).map(|s| Some(s.0.local)) {
+                Some(k) if k == own => "current",
+                Some(k) if k == own_next => "next",
+                _ => "none",
+            }
+            .into(),
+            session_peer_key: match sessions.get(&p.public_key) {
+                Some(s) if s.0.remote != p.public_key => "next",
+                _ => "current",
+            }
+            .into(),
         });
     }
     drop(info);
@@ -189,6 +234,7 @@ pub fn report(st: &NodeState) -> StatusReport {
             synced: table.is_some(),
             services: table.as_ref().map_or(0, |t| t.services() as u64),
             frontends: table.as_ref().map_or(0, |t| t.frontends() as u64),
+            backends: table.as_ref().map_or(0, |t| t.backends() as u64),
             frontends_without_endpoints: table.as_ref().map_or(0, |t| t.without_endpoints() as u64),
             flows: ctx.pods.nat.len() as u64,
             translations: ctx.pods.nat.translations.load(Ordering::Relaxed),
@@ -231,6 +277,28 @@ pub fn report(st: &NodeState) -> StatusReport {
             .collect(),
         services,
         conntrack,
+        key: key_report(st, now),
+    }
+}
+
+fn key_report(st: &NodeState, now: SystemTime) -> KeyReport {
+    let k = st.keys();
+    let age =
+        |t: Option<SystemTime>| t.map(|t| now.duration_since(t).unwrap_or_default().as_secs_f64());
+    KeyReport {
+        age_seconds: age(k.written),
+        rotation: if k.next_public_key.is_some() {
+            "rotating"
+        } else {
+            "idle"
+        }
+        .into(),
+        next_public_key: k.next_public_key.map(|k| k.to_base64()),
+        rotation_age_seconds: age(k.rotation_started),
+        last_outcome: k.last_outcome,
+        rotations_completed: k.rotations_completed,
+        rotations_aborted: k.rotations_aborted,
+        revocations: k.revocations,
     }
 }
 

@@ -40,6 +40,7 @@ mod ipset;
 pub mod matrix;
 mod model;
 mod selector;
+pub mod service_trace;
 mod spec;
 pub mod trace;
 

@@ -1,8 +1,10 @@
 //! `kwire policy trace`: offline verdict for one connection under a set of manifests, with the policy and rule that decided it.
 //!
-//! Manifests are YAML (multi-document) or JSON files holding Namespaces, Pods and
-//! NetworkPolicies, directly or inside `kind: List` (or `PodList`, ...) objects; other kinds are
-//! ignored. YAML is read with `serde_norway`, the maintained fork of the archived `serde_yaml`.
+//! Manifests are YAML (multi-document) or JSON files holding Namespaces, Pods,
+//! NetworkPolicies, Services and EndpointSlices, directly or inside `kind: List` (or `PodList`,
+//! ...) objects; other kinds are ignored. When `--to` is a Service (a ClusterIP or
+//! `svc/NAMESPACE/NAME[:PORT]`), the trace first takes the data path's translation (see
+//! [`super::service_trace`]) and then asks policy about the chosen backend. YAML is read with `serde_norway`, the maintained fork of the archived `serde_yaml`.
 //! Exit codes (see [`exit_code`]): 0 allowed, 1 denied, 2 error.
 
 use std::collections::HashMap;
@@ -11,12 +13,15 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1 as corev1;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::networking::v1 as netv1;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::engine::{DirectionExplanation, Explanation, PolicySet};
 use super::model::{ModelError, Namespace, ObjectRef, Pod};
+pub use super::service_trace::DEFAULT_SOURCE_PORT;
+use super::service_trace::{self, ServiceArg, ServiceHop, ServiceObjects, ServiceTraceError};
 use super::spec::{Policy, PolicyError};
 use super::{AllowReason, Direction, Protocol, Verdict};
 
@@ -37,12 +42,20 @@ pub struct TraceArgs {
     /// Source: NAMESPACE/POD (a Pod from the manifests) or an IP address.
     #[arg(long, value_name = "NS/POD|IP")]
     pub from: String,
-    /// Destination: NAMESPACE/POD (a Pod from the manifests) or an IP address.
-    #[arg(long, value_name = "NS/POD|IP")]
+    /// Destination: NAMESPACE/POD (a Pod from the manifests), an IP address, or a Service:
+    /// its ClusterIP or svc/NAMESPACE/NAME[:PORT] (PORT: the Service port's number or name).
+    /// A Service is traced as the data path translates it: the backend it picks for this flow,
+    /// then the policy verdict against that backend.
+    #[arg(long, value_name = "NS/POD|IP|svc/NS/NAME[:PORT]")]
     pub to: String,
     /// Destination port and protocol: 80, 80/TCP, 53/UDP, 9000/SCTP (protocol defaults to TCP).
+    /// For a Service, its port (not the backend's); not needed with svc/NS/NAME:PORT.
     #[arg(long, value_name = "PORT[/PROTOCOL]")]
-    pub port: String,
+    pub port: Option<String>,
+    /// The client's source port: with the addresses it decides which backend of a Service the
+    /// flow goes to (the data path hashes the whole flow).
+    #[arg(long, value_name = "PORT", default_value_t = DEFAULT_SOURCE_PORT)]
+    pub source_port: u16,
     /// Output format.
     #[arg(short = 'o', long, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
@@ -66,15 +79,21 @@ pub struct Endpoint {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TraceOutcome {
     pub from: Endpoint,
+    /// The destination policy judges: for a Service, the chosen backend (or the ClusterIP
+    /// when there is none).
     pub to: Endpoint,
     pub protocol: Protocol,
     pub port: u16,
-    pub explanation: Explanation,
+    /// When `--to` was a Service: the translation.
+    pub service: Option<ServiceHop>,
+    /// `None` only when a Service has no usable endpoint (the data path refuses the
+    /// connection before policy).
+    pub explanation: Option<Explanation>,
 }
 
 impl TraceOutcome {
     pub fn allowed(&self) -> bool {
-        self.explanation.allowed
+        self.explanation.as_ref().is_some_and(|e| e.allowed)
     }
 }
 
@@ -84,6 +103,8 @@ pub struct Manifests {
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<Pod>,
     pub policies: Vec<Policy>,
+    /// Services and EndpointSlices, for `--to` a Service.
+    pub services: ServiceObjects,
     /// Objects of other kinds that were skipped.
     pub ignored: usize,
     /// Where each object came from, for duplicate detection: (kind, namespace/name) -> file.
@@ -205,6 +226,7 @@ impl Manifests {
                 Ok(())
             }
             "Pod" => {
+                let raw = v.clone();
                 let pod: corev1::Pod = serde_json::from_value(v).map_err(malformed)?;
                 let pod = Pod::from_k8s(&pod).map_err(|source| TraceError::Object {
                     path: path.to_path_buf(),
@@ -212,6 +234,7 @@ impl Manifests {
                 })?;
                 self.claim(path, "Pod", pod.object_ref().to_string())?;
                 self.pods.push(pod);
+                self.services.add_pod(raw);
                 Ok(())
             }
             "NetworkPolicy" => {
@@ -222,6 +245,25 @@ impl Manifests {
                 })?;
                 self.claim(path, "NetworkPolicy", policy.object_ref().to_string())?;
                 self.policies.push(policy);
+                Ok(())
+            }
+            "Service" => {
+                let raw = with_namespace(v);
+                let svc: corev1::Service =
+                    serde_json::from_value(raw.clone()).map_err(malformed)?;
+                let name = format!(
+                    "{}/{}",
+                    svc.metadata.namespace.as_deref().unwrap_or_default(),
+                    svc.metadata.name.as_deref().unwrap_or_default()
+                );
+                self.claim(path, "Service", name)?;
+                self.services.add_service(raw, &svc);
+                Ok(())
+            }
+            "EndpointSlice" => {
+                let slice: EndpointSlice =
+                    serde_json::from_value(with_namespace(v)).map_err(malformed)?;
+                self.services.add_slice(&slice);
                 Ok(())
             }
             _ => {
@@ -243,6 +285,15 @@ impl Manifests {
         self.origin.insert((kind, name), path.to_path_buf());
         Ok(())
     }
+}
+
+/// An object's `metadata.namespace`, `default` when absent (as kubectl applies it).
+fn with_namespace(mut v: Value) -> Value {
+    if let Some(meta) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+        meta.entry("namespace")
+            .or_insert_with(|| Value::String("default".into()));
+    }
+    v
 }
 
 /// Parses `--port`: `80`, `80/TCP`, `53/udp`.
@@ -325,11 +376,87 @@ fn resolve(
 /// Runs a trace: reads the manifests, compiles them with the packet loop's engine, asks both
 /// directions, and writes the result to `out` in the chosen format.
 pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<TraceOutcome, TraceError> {
-    let (port, protocol) = parse_port(&args.port)?;
     let from_arg = parse_endpoint("--from", &args.from)?;
-    let to_arg = parse_endpoint("--to", &args.to)?;
+    let to_service = match ServiceArg::parse(&args.to) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(())) => {
+            return Err(TraceError::BadEndpoint {
+                flag: "--to",
+                value: args.to.clone(),
+            })
+        }
+        None => None,
+    };
+    let to_arg = match &to_service {
+        Some(_) => None,
+        None => Some(parse_endpoint("--to", &args.to)?),
+    };
+    let port_arg = args.port.as_deref().map(parse_port).transpose()?;
     let manifests = Manifests::load(&args.filename)?;
     let set = manifests.clone().compile();
+
+    let service = match (&to_service, &to_arg) {
+        (Some(a), _) => Some(manifests.services.find(a)?),
+        (None, Some(EndpointArg::Ip(ip))) => manifests.services.by_cluster_ip(*ip),
+        _ => None,
+    };
+    if let Some(svc) = service {
+        let family = match &to_arg {
+            Some(EndpointArg::Ip(ip)) => Some(ip.is_ipv4()),
+            _ => None,
+        };
+        let from = resolve(&set, &manifests, "--from", &from_arg, family)?;
+        let named = to_service.as_ref().and_then(|a| a.port.as_deref());
+        let (port, protocol) = match (named, &args.port, port_arg) {
+            (Some(_), Some(_), _) => return Err(TraceError::PortTwice),
+            (Some(n), None, _) if n.parse::<u16>().is_err() => {
+                service_trace::service_port(svc, n, None)?
+            }
+            (Some(n), None, _) => service_trace::service_port(svc, n, Some(Protocol::Tcp))?,
+            (None, Some(text), Some((p, proto))) => {
+                let explicit = text.contains('/');
+                service_trace::service_port(svc, &p.to_string(), explicit.then_some(proto))?
+            }
+            (None, _, _) => return Err(TraceError::MissingPort),
+        };
+        let table = manifests.services.table();
+        let hop = service_trace::choose(&table, svc, from.ip, args.source_port, port, protocol)?;
+        let (to, port, explanation) = match hop.backend {
+            Some(b) => (
+                Endpoint {
+                    pod: set.pod_at(b.ip()),
+                    ip: b.ip(),
+                },
+                b.port(),
+                Some(set.explain(from.ip, b.ip(), protocol, b.port())),
+            ),
+            None => (
+                Endpoint {
+                    pod: None,
+                    ip: hop.cluster_ip,
+                },
+                port,
+                None,
+            ),
+        };
+        let outcome = TraceOutcome {
+            from,
+            to,
+            protocol,
+            port,
+            service: Some(hop),
+            explanation,
+        };
+        return write_outcome(args, outcome, out);
+    }
+    // A `svc/...` destination returned above (or failed to resolve).
+    let Some(to_arg) = to_arg else {
+        return Err(TraceError::BadEndpoint {
+            flag: "--to",
+            value: args.to.clone(),
+        });
+    };
+    let (port, protocol) = port_arg.ok_or(TraceError::MissingPort)?;
 
     // An IP fixes the family; otherwise the source's first address does.
     let (from, to) = match (&from_arg, &to_arg) {
@@ -356,8 +483,17 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<TraceOutcome, TraceE
         to,
         protocol,
         port,
-        explanation,
+        service: None,
+        explanation: Some(explanation),
     };
+    write_outcome(args, outcome, out)
+}
+
+fn write_outcome(
+    args: &TraceArgs,
+    outcome: TraceOutcome,
+    out: &mut dyn Write,
+) -> Result<TraceOutcome, TraceError> {
     let written = match args.output {
         OutputFormat::Json => {
             let text = serde_json::to_string_pretty(&to_json(&outcome)).unwrap_or_default();
@@ -385,7 +521,54 @@ fn endpoint_text(e: &Endpoint) -> String {
     }
 }
 
+fn write_service(o: &TraceOutcome, h: &ServiceHop, out: &mut dyn Write) -> io::Result<()> {
+    let front = std::net::SocketAddr::new(h.cluster_ip, h.port);
+    let client = std::net::SocketAddr::new(o.from.ip, h.source_port);
+    let Some(b) = h.backend else {
+        writeln!(
+            out,
+            "SERVICE {} {front}/{}: no usable endpoint",
+            h.service, h.protocol
+        )?;
+        let answer = match h.protocol {
+            Protocol::Udp => "an ICMP port unreachable",
+            _ => "a TCP reset",
+        };
+        return writeln!(
+            out,
+            "REFUSED: {} -> {} {front}/{}: the data path answers with {answer}; no policy is asked",
+            endpoint_text(&o.from),
+            h.service,
+            h.protocol
+        );
+    };
+    let pod =
+        o.to.pod
+            .as_ref()
+            .map(|p| format!(" ({p})"))
+            .unwrap_or_default();
+    writeln!(
+        out,
+        "SERVICE {} {front}/{}: backend {b}{pod}, by Maglev over {} usable endpoint{} for source port {}",
+        h.service,
+        h.protocol,
+        h.backends.len(),
+        if h.backends.len() == 1 { "" } else { "s" },
+        h.source_port
+    )?;
+    writeln!(
+        out,
+        "  translated: {client} -> {front} becomes {client} -> {b}; replies from {b} leave as {front}"
+    )
+}
+
 fn write_text(o: &TraceOutcome, out: &mut dyn Write) -> io::Result<()> {
+    if let Some(h) = &o.service {
+        write_service(o, h, out)?;
+    }
+    let Some(explanation) = &o.explanation else {
+        return Ok(());
+    };
     writeln!(
         out,
         "{}: {} -> {} on {}/{}",
@@ -395,7 +578,7 @@ fn write_text(o: &TraceOutcome, out: &mut dyn Write) -> io::Result<()> {
         o.port,
         o.protocol
     )?;
-    for d in [&o.explanation.egress, &o.explanation.ingress] {
+    for d in [&explanation.egress, &explanation.ingress] {
         let dir = d.direction.name().to_ascii_lowercase();
         let verdict = d.verdict.metric_label();
         let line =
@@ -458,15 +641,32 @@ fn names(refs: &[ObjectRef]) -> String {
 /// The `--output json` document.
 pub fn to_json(o: &TraceOutcome) -> Value {
     let endpoint = |e: &Endpoint| json!({"pod": e.pod.as_ref().map(ObjectRef::to_string), "ip": e.ip.to_string()});
-    json!({
-        "verdict": if o.allowed() { "allow" } else { "deny" },
+    let verdict = match &o.explanation {
+        None => "refused",
+        Some(e) if e.allowed => "allow",
+        Some(_) => "deny",
+    };
+    let mut v = json!({
+        "verdict": verdict,
         "from": endpoint(&o.from),
         "to": endpoint(&o.to),
         "port": o.port,
         "protocol": o.protocol.to_string(),
-        "egress": direction_json(&o.explanation.egress),
-        "ingress": direction_json(&o.explanation.ingress),
-    })
+        "egress": o.explanation.as_ref().map(|e| direction_json(&e.egress)),
+        "ingress": o.explanation.as_ref().map(|e| direction_json(&e.ingress)),
+    });
+    if let Some(h) = &o.service {
+        v["service"] = json!({
+            "name": h.service,
+            "cluster_ip": h.cluster_ip.to_string(),
+            "port": h.port,
+            "protocol": h.protocol.to_string(),
+            "source_port": h.source_port,
+            "backends": h.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "backend": h.backend.map(|b| b.to_string()),
+        });
+    }
+    v
 }
 
 fn direction_json(d: &DirectionExplanation) -> Value {
@@ -546,7 +746,7 @@ pub enum TraceError {
         path: PathBuf,
         first: PathBuf,
     },
-    #[error("{flag} {value:?}: expected NAMESPACE/POD or an IP address")]
+    #[error("{flag} {value:?}: expected NAMESPACE/POD, an IP address{}", if *flag == "--to" { " or svc/NAMESPACE/NAME[:PORT]" } else { "" })]
     BadEndpoint { flag: &'static str, value: String },
     #[error(
         "--port {value:?}: expected PORT or PORT/PROTOCOL, port 1-65535, protocol TCP, UDP or SCTP"
@@ -558,6 +758,12 @@ pub enum TraceError {
     PodWithoutIp { pod: String, family: Option<bool> },
     #[error("--from {from} and --to {to} are of different IP families")]
     FamilyMismatch { from: IpAddr, to: IpAddr },
+    #[error("{0}")]
+    Service(#[from] ServiceTraceError),
+    #[error("--port is required (for a Service, --port or svc/NAMESPACE/NAME:PORT)")]
+    MissingPort,
+    #[error("the Service port is given twice: use svc/NAMESPACE/NAME:PORT or --port, not both")]
+    PortTwice,
     #[error("cannot write the result: {0}")]
     Write(#[source] io::Error),
 }
@@ -573,7 +779,11 @@ impl TraceError {
             | TraceError::Malformed { .. } => "malformed",
             TraceError::Object { .. } | TraceError::Policy { .. } => "invalid_object",
             TraceError::Duplicate { .. } => "duplicate",
-            TraceError::BadEndpoint { .. } | TraceError::BadPort { .. } => "bad_argument",
+            TraceError::BadEndpoint { .. }
+            | TraceError::BadPort { .. }
+            | TraceError::MissingPort
+            | TraceError::PortTwice => "bad_argument",
+            TraceError::Service(_) => "service",
             TraceError::UnknownPod { .. }
             | TraceError::PodWithoutIp { .. }
             | TraceError::FamilyMismatch { .. } => "endpoint",
@@ -640,7 +850,8 @@ spec:
             filename: files,
             from: from.into(),
             to: to.into(),
-            port: port.into(),
+            port: Some(port.into()),
+            source_port: DEFAULT_SOURCE_PORT,
             output,
         }
     }
@@ -656,7 +867,7 @@ spec:
                 m.policies.len(),
                 m.ignored
             ),
-            (1, 2, 1, 1)
+            (1, 2, 1, 0)
         );
     }
 
@@ -792,5 +1003,235 @@ spec:
         assert!(
             parse_port("0").is_err() && parse_port("70000").is_err() && parse_port("80/").is_err()
         );
+    }
+
+    const SERVICES: &str = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: client, namespace: x, labels: {pod: client}}
+status: {podIPs: [{ip: 10.0.1.1}, {ip: "fd00::1:1"}]}
+---
+apiVersion: v1
+kind: List
+items:
+- kind: Pod
+  metadata: {name: web-1, namespace: shop, labels: {app: web, open: "yes"}}
+  spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+  status: {podIPs: [{ip: 10.0.2.1}, {ip: "fd00::2:1"}]}
+- kind: Pod
+  metadata: {name: web-2, namespace: shop, labels: {app: web}}
+  spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+  status: {podIPs: [{ip: 10.0.2.2}, {ip: "fd00::2:2"}]}
+- kind: Pod
+  metadata: {name: web-3, namespace: shop, labels: {app: web}}
+  spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+  status:
+    podIPs: [{ip: 10.0.2.3}]
+    conditions: [{type: Ready, status: "False"}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  selector: {app: web}
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: kubernetes}
+spec:
+  clusterIP: 10.96.0.1
+  ports: [{name: https, port: 443, targetPort: 6443}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: kubernetes, labels: {kubernetes.io/service-name: kubernetes}}
+addressType: IPv4
+ports: [{name: https, port: 6443}]
+endpoints: [{addresses: [192.0.2.10]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: shop}
+spec:
+  selector: {app: nothing}
+  clusterIP: 10.96.0.11
+  ports: [{port: 80}, {port: 53, protocol: UDP}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: only-web-1, namespace: shop}
+spec:
+  podSelector: {matchLabels: {open: "yes"}}
+  ingress:
+  - from: [{namespaceSelector: {}}]
+    ports: [{port: 8080}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: web-2-closed, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: web}}
+  policyTypes: [Ingress]
+"#;
+
+    fn svc_args(to: &str, port: Option<&str>, sport: u16, output: OutputFormat) -> TraceArgs {
+        TraceArgs {
+            // One file per test thread: tests run in parallel and rewrite their fixture.
+            filename: vec![write_fixture(
+                &format!("services-{:?}.yaml", std::thread::current().id()),
+                SERVICES,
+            )],
+            from: "x/client".into(),
+            to: to.into(),
+            port: port.map(Into::into),
+            source_port: sport,
+            output,
+        }
+    }
+
+    fn svc_json(to: &str, port: Option<&str>, sport: u16) -> (u8, Value) {
+        let mut out = Vec::new();
+        let r = run(&svc_args(to, port, sport, OutputFormat::Json), &mut out);
+        let code = exit_code(&r);
+        assert_ne!(code, EXIT_ERROR, "{:?}", r.err());
+        (code, serde_json::from_slice(&out).unwrap())
+    }
+
+    #[test]
+    fn a_service_is_traced_to_the_backend_the_data_path_picks() {
+        use crate::services::{flow_hash, ServiceTable};
+        let mut m = Manifests::default();
+        m.add_text(Path::new("s.yaml"), SERVICES).unwrap();
+        // The data path's own table: the ready pods only (web-3 is not ready).
+        let table: ServiceTable = m.services.table();
+        let fe = table.lookup(6, "10.96.0.10".parse().unwrap(), 80).unwrap();
+        assert_eq!(
+            fe.backends(),
+            &[
+                "10.0.2.1:8080".parse().unwrap(),
+                "10.0.2.2:8080".parse().unwrap()
+            ]
+        );
+        let mut seen = std::collections::BTreeSet::new();
+        for sport in 40000..40040 {
+            let want = fe
+                .pick(flow_hash(
+                    6,
+                    "10.0.1.1".parse().unwrap(),
+                    sport,
+                    "10.96.0.10".parse().unwrap(),
+                    80,
+                ))
+                .unwrap();
+            for (to, port) in [
+                ("svc/shop/web:http", None),
+                ("svc/shop/web:80", None),
+                ("svc/shop/web", Some("80")),
+                ("10.96.0.10", Some("80/TCP")),
+            ] {
+                let (code, v) = svc_json(to, port, sport);
+                assert_eq!(v["service"]["backend"], want.to_string(), "{to} {sport}");
+                assert_eq!(v["service"]["name"], "shop/web");
+                assert_eq!(v["to"]["ip"], want.ip().to_string());
+                assert_eq!(v["port"], 8080, "policy sees the backend's port");
+                // web-1 is open on 8080, web-2 is closed by a policy of its own.
+                let (verdict, pod) = if want.ip().to_string() == "10.0.2.1" {
+                    (EXIT_ALLOW, "shop/web-1")
+                } else {
+                    (EXIT_DENY, "shop/web-2")
+                };
+                assert_eq!((code, v["to"]["pod"].as_str()), (verdict, Some(pod)));
+            }
+            seen.insert(want);
+        }
+        assert_eq!(seen.len(), 2, "both ready backends serve some flows");
+
+        // IPv6 from the same client: the Service's IPv6 ClusterIP, an IPv6 backend.
+        let (_, v) = svc_json("fd00:96::10", Some("80"), 40000);
+        assert!(v["service"]["backend"]
+            .as_str()
+            .unwrap()
+            .starts_with("[fd00::2:"));
+        assert_eq!(v["from"]["ip"], "fd00::1:1");
+    }
+
+    #[test]
+    fn service_text_shows_the_translation_then_both_directions() {
+        let mut out = Vec::new();
+        run(
+            &svc_args("svc/shop/web:http", None, 40001, OutputFormat::Text),
+            &mut out,
+        )
+        .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with("SERVICE shop/web 10.96.0.10:80/TCP: backend 10.0.2.")
+                && lines[0].contains("by Maglev over 2 usable endpoints for source port 40001"),
+            "{text}"
+        );
+        assert!(
+            lines[1].contains("10.0.1.1:40001 -> 10.96.0.10:80 becomes 10.0.1.1:40001 -> 10.0.2."),
+            "{text}"
+        );
+        assert!(lines[2].contains("-> shop/web-"), "{text}");
+        assert!(lines[3].trim_start().starts_with("egress"), "{text}");
+        assert!(lines[4].trim_start().starts_with("ingress"), "{text}");
+    }
+
+    #[test]
+    fn endpoints_outside_the_pod_network_and_services_without_endpoints() {
+        // default/kubernetes: its own slice, an address that is no pod.
+        let (code, v) = svc_json("svc/default/kubernetes:https", None, 40000);
+        assert_eq!(code, EXIT_ALLOW);
+        assert_eq!(v["service"]["backend"], "192.0.2.10:6443");
+        assert_eq!(v["to"]["pod"], Value::Null);
+        assert_eq!(v["ingress"]["reason"], "not-a-pod");
+
+        for (port, answer) in [
+            ("80", "a TCP reset"),
+            ("53/UDP", "an ICMP port unreachable"),
+        ] {
+            let (code, v) = svc_json("svc/shop/empty", Some(port), 40000);
+            assert_eq!(code, EXIT_DENY);
+            assert_eq!(v["verdict"], "refused");
+            assert_eq!(v["service"]["backend"], Value::Null);
+            assert_eq!(v["ingress"], Value::Null);
+            let mut out = Vec::new();
+            run(
+                &svc_args("10.96.0.11", Some(port), 40000, OutputFormat::Text),
+                &mut out,
+            )
+            .unwrap();
+            let text = String::from_utf8(out).unwrap();
+            assert!(
+                text.contains("no usable endpoint") && text.contains(answer),
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn service_errors_say_what_to_give() {
+        let e = |to: &str, port: Option<&str>| {
+            run(&svc_args(to, port, 1, OutputFormat::Text), &mut Vec::new())
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(e("svc/shop/nope", Some("80")).contains("no such Service"));
+        let msg = e("svc/shop/web:81", None);
+        assert!(
+            msg.contains("no port 81") && msg.contains("80/TCP (http), 53/UDP (dns)"),
+            "{msg}"
+        );
+        assert!(e("svc/shop/web", Some("53/TCP")).contains("no port 53/TCP"));
+        assert!(e("svc/shop/web:http", Some("80")).contains("given twice"));
+        assert!(e("svc/shop/web", None).contains("--port is required"));
+        assert!(e("svc/shop", Some("80")).contains("svc/NAMESPACE/NAME"));
     }
 }

@@ -392,6 +392,11 @@ impl ServiceTable {
         self.frontends.len()
     }
 
+    /// Backends summed over every frontend (an endpoint behind two ports counts twice).
+    pub fn backends(&self) -> usize {
+        self.frontends.values().map(|f| f.backends().len()).sum()
+    }
+
     /// Frontends with no usable endpoint.
     pub fn without_endpoints(&self) -> usize {
         self.frontends.values().filter(|f| f.all.is_empty()).count()

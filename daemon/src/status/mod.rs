@@ -167,7 +167,21 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
         r.interface, r.listen_port
     ));
     if let Some(k) = &r.public_key {
-        o.push_str(&format!("  public key: {k}\n"));
+        let age = r
+            .key
+            .age_seconds
+            .map_or_else(String::new, |a| format!(" (written {})", human_age(a)));
+        o.push_str(&format!("  public key: {k}{age}\n"));
+    }
+    if let Some(next) = &r.key.next_public_key {
+        let since = r
+            .key
+            .rotation_age_seconds
+            .map_or_else(String::new, |a| format!(", started {}", human_age(a)));
+        o.push_str(&format!("  key rotation: rotating to {next}{since}\n"));
+    }
+    if let Some(last) = &r.key.last_outcome {
+        o.push_str(&format!("  last key change: {last}\n"));
     }
     o.push_str(&format!(
         "  pod CIDRs: {}\n",
@@ -205,8 +219,8 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
     let s = &r.services;
     if s.synced {
         o.push_str(&format!(
-            "  services: {} ({} frontends, {} without endpoints); {} flows translated, {} remembered\n",
-            s.services, s.frontends, s.frontends_without_endpoints, s.translations, s.flows
+            "  services: {} ({} frontends, {} backends, {} without endpoints); {} flows translated, {} remembered\n",
+            s.services, s.frontends, s.backends, s.frontends_without_endpoints, s.translations, s.flows
         ));
     } else {
         o.push_str("  services: no table yet (Service and EndpointSlice watches not listed)\n");
@@ -243,6 +257,12 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
             "  latest handshake: {hs} ({} completed, {} timed out, {} rejected)\n",
             p.handshakes, p.handshakes_timeout, p.handshakes_rejected
         ));
+        if p.session_local_key == "next" || p.session_peer_key == "next" {
+            o.push_str(&format!(
+                "  session keys: ours {}, the peer's {}\n",
+                p.session_local_key, p.session_peer_key
+            ));
+        }
         o.push_str(&format!(
             "  transfer: {} received, {} sent",
             human_bytes(p.rx_bytes),
@@ -303,6 +323,8 @@ pub(crate) mod tests {
                     handshakes_triggered: 0,
                     up: true,
                     unreachable: false,
+                    session_local_key: "next".into(),
+                    session_peer_key: "current".into(),
                 },
                 PeerReport {
                     node: "n3".into(),
@@ -319,6 +341,8 @@ pub(crate) mod tests {
                     handshakes_triggered: 0,
                     up: false,
                     unreachable: true,
+                    session_local_key: "current".into(),
+                    session_peer_key: "current".into(),
                 },
             ],
             pods: vec![PodReport {
@@ -337,11 +361,22 @@ pub(crate) mod tests {
                 synced: true,
                 services: 2,
                 frontends: 3,
+                backends: 6,
                 frontends_without_endpoints: 1,
                 flows: 4,
                 translations: 5,
             },
             conntrack: Default::default(),
+            key: crate::node_state::report::KeyReport {
+                age_seconds: Some(3600.0),
+                rotation: "rotating".into(),
+                next_public_key: Some("k1next".into()),
+                rotation_age_seconds: Some(4.0),
+                last_outcome: None,
+                rotations_completed: 1,
+                rotations_aborted: 0,
+                revocations: 0,
+            },
         }
     }
 
@@ -358,7 +393,10 @@ pub(crate) mod tests {
             "default/web  10.244.1.5",
             "drops: no_peer 4",
             "Nodes refused as peers: duplicate_key 1",
-            "services: 2 (3 frontends, 1 without endpoints); 5 flows translated, 4 remembered",
+            "services: 2 (3 frontends, 6 backends, 1 without endpoints); 5 flows translated, 4 remembered",
+            "public key: k1 (written 1h 0m 0s ago)",
+            "key rotation: rotating to k1next, started 4s ago",
+            "session keys: ours next, the peer's current",
         ] {
             assert!(t.contains(want), "missing {want:?} in:\n{t}");
         }

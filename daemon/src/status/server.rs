@@ -19,20 +19,26 @@ const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Creates the run directory (0700) and binds the socket (0600), replacing a stale one.
 pub fn bind(run_dir: &Path) -> anyhow::Result<UnixListener> {
+    bind_root_only(run_dir, STATUS_SOCKET, "status")
+}
+
+/// Creates `run_dir` (0700) and binds the socket `name` in it (0600, root only), replacing a
+/// stale one; `what` names it in errors.
+pub fn bind_root_only(run_dir: &Path, name: &str, what: &str) -> anyhow::Result<UnixListener> {
     std::fs::create_dir_all(run_dir)
         .with_context(|| format!("creating --run-dir {}", run_dir.display()))?;
     std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o700))
         .with_context(|| format!("making --run-dir {} private (0700)", run_dir.display()))?;
-    let path = run_dir.join(STATUS_SOCKET);
+    let path = run_dir.join(name);
     match std::fs::remove_file(&path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             return Err(e)
-                .with_context(|| format!("removing the stale status socket {}", path.display()))
+                .with_context(|| format!("removing the stale {what} socket {}", path.display()))
         }
         _ => {}
     }
     let l = UnixListener::bind(&path)
-        .with_context(|| format!("binding the status socket {}", path.display()))?;
+        .with_context(|| format!("binding the {what} socket {}", path.display()))?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("making {} root-only (0600)", path.display()))?;
     Ok(l)

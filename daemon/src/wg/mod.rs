@@ -7,6 +7,7 @@ pub mod device;
 pub mod handshakes;
 pub mod key;
 pub mod ratelimit;
+pub mod sessions;
 pub mod uapi;
 
 pub use device::{Device, Peer, Snapshot};

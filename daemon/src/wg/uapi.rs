@@ -75,10 +75,17 @@ pub struct PeerChange {
     pub persistent_keepalive: Option<u16>,
     pub replace_allowed_ips: bool,
     pub allowed_ips: Vec<IpNetwork>,
+    /// The key the peer rotates to (`Some(None)`: it no longer does). Not part of the
+    /// userspace API: the agent sets it from the peer's Node.
+    pub next_public_key: Option<Option<PublicKey>>,
+    /// The peer was known by this key and promoted its next key to `public_key`: its
+    /// sessions carry on. Not part of the userspace API.
+    pub renamed_from: Option<PublicKey>,
 }
 
 impl PeerChange {
-    fn new(public_key: PublicKey) -> PeerChange {
+    /// A change of peer `public_key` that changes nothing yet.
+    pub fn new(public_key: PublicKey) -> PeerChange {
         PeerChange {
             public_key,
             remove: false,
@@ -88,6 +95,8 @@ impl PeerChange {
             persistent_keepalive: None,
             replace_allowed_ips: false,
             allowed_ips: Vec::new(),
+            next_public_key: None,
+            renamed_from: None,
         }
     }
 }

@@ -51,6 +51,7 @@ pub mod cidr;
 pub mod error;
 pub mod http;
 pub mod kubeconfig;
+pub mod kubernetes_service;
 pub mod names;
 pub mod openapi;
 pub mod patch;
@@ -67,7 +68,7 @@ pub mod validate;
 pub mod watch;
 
 use std::collections::BTreeSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::sync::Arc;
@@ -133,6 +134,11 @@ pub struct ApiServerConfig {
     /// the `kubernetes.default.svc` names and the listen address (e.g. where a proxy forwards
     /// from).
     pub tls_names: Vec<String>,
+    /// The address clients outside the host reach this server at (kube-apiserver's
+    /// `--advertise-address` and secure port): when set (with an IPv4 or IPv6 service range),
+    /// the server keeps the `default/kubernetes` Service and its EndpointSlice pointing at it
+    /// ([`kubernetes_service`]).
+    pub advertise: Option<SocketAddr>,
 }
 
 impl Default for ApiServerConfig {
@@ -149,6 +155,7 @@ impl Default for ApiServerConfig {
             bookmark_interval: DEFAULT_BOOKMARK_INTERVAL,
             default_watch_timeout: DEFAULT_WATCH_TIMEOUT,
             tls_names: Vec::new(),
+            advertise: None,
         }
     }
 }
@@ -225,6 +232,9 @@ pub struct ApiServer {
     ca_pem: String,
     admin_token: String,
     serving: Mutex<Serving>,
+    /// `default/kubernetes`: its ClusterIP (the primary service range's first host address)
+    /// and the advertised endpoint.
+    kubernetes: Option<(IpAddr, SocketAddr)>,
 }
 
 impl Drop for ApiServer {
@@ -291,11 +301,22 @@ impl ApiServer {
             ca_pem: server_tls.ca_pem,
             admin_token,
             serving: Mutex::new(Serving::Stopped),
+            kubernetes: config.advertise.and_then(|ep| {
+                let first = |n: IpNetwork| n.iter().nth(1);
+                let range = config
+                    .service_cidr
+                    .map(IpNetwork::V4)
+                    .or(config.service_cidr_v6.map(IpNetwork::V6))?;
+                Some((first(range)?, ep))
+            }),
         };
         for object in rbac::bootstrap_objects() {
             server
                 .create(object)
                 .expect("the bootstrap RBAC objects are valid");
+        }
+        if let Err(e) = server.reconcile_kubernetes_service() {
+            tracing::warn!(error = %e, "cannot create the default/kubernetes Service");
         }
         server.resume().await?;
         tracing::info!(%addr, "Kubernetes API stand-in listening (HTTPS, tokens, RBAC, admission)");

@@ -158,6 +158,9 @@ pub struct LabDescription {
     pub api_underlay: SocketAddr,
     pub agent: AgentCommand,
     pub nodes: Vec<NodeSpec>,
+    /// Cluster DNS (`up --dns`): the `kube-dns` pod and Service, pods resolving through it.
+    #[serde(default)]
+    pub dns: bool,
 }
 
 impl LabDescription {
@@ -173,6 +176,7 @@ impl LabDescription {
             nodes: (1..=nodes)
                 .map(|i| NodeSpec::new(names, &paths, i))
                 .collect(),
+            dns: false,
         }
     }
 

@@ -39,6 +39,8 @@ pub struct UpOptions {
     pub timeout: Duration,
     /// Pods to create per node (and wait for) once the lab is up.
     pub pods_per_node: u32,
+    /// Cluster DNS: the `kube-dns` pod and Service (see `pods::dns`).
+    pub dns: bool,
 }
 
 fn require_root() -> Result<(), LabError> {
@@ -142,7 +144,8 @@ pub fn up(opts: &UpOptions) -> Result<(), LabError> {
             "lab {name} is already up (supervisor pid {pid}): `kwire-lab status --name {name}`, or `kwire-lab down --name {name}` first"
         )));
     }
-    let lab = LabDescription::new(&names, opts.nodes, opts.agent.clone());
+    let mut lab = LabDescription::new(&names, opts.nodes, opts.agent.clone());
+    lab.dns = opts.dns;
     let mut wanted = vec![lab.underlay_netns.clone()];
     wanted.extend(lab.nodes.iter().map(|n| n.netns.clone()));
     if let Some(ns) = topology::netns_list()
@@ -452,6 +455,17 @@ pub fn down(name: &str, quiet_if_nothing: bool) -> Result<(), LabError> {
                 println!("deleted namespace {ns}");
             }
             did_something = true;
+        }
+    }
+
+    // Cluster DNS: the pods' /etc/netns/<netns> (resolv.conf), also those a crash left.
+    if let Ok(dir) = std::fs::read_dir("/etc/netns") {
+        for entry in dir.filter_map(Result::ok) {
+            if names.owns_netns(&entry.file_name().to_string_lossy())
+                && std::fs::remove_dir_all(entry.path()).is_ok()
+            {
+                did_something = true;
+            }
         }
     }
 

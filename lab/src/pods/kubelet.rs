@@ -21,6 +21,7 @@ use serde_json::{json, Map, Value};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::cni::{self, ConfList, Executor, RuntimeConf};
+use super::dns;
 use super::serve::{self, declared_ports, format_ports};
 use crate::apiserver::ApiServer;
 use crate::cluster::naming::LabNames;
@@ -78,12 +79,15 @@ struct PodContext {
     /// Run CNI DEL on teardown (false: the node left the lab with its agent).
     cni: bool,
     node: NodeSpec,
+    /// Cluster DNS is on: pods get its resolv.conf.
+    dns: bool,
 }
 
 pub struct Kubelet {
     names: LabNames,
     paths: LabPaths,
     exe: PathBuf,
+    dns: bool,
     pods: BTreeMap<String, RunningPod>,
     busy: BTreeSet<String>,
     retry: BTreeMap<String, (Instant, Duration)>,
@@ -270,7 +274,24 @@ impl PodContext {
             .add(&list, &rt)
             .map_err(|e| undo_netns(format!("CNI ADD: {e}")))?;
         let ips = cni::result_ips(&result);
-        let server = self.start_server(&netns, &format!("{namespace}/{name}"), pod);
+        if self.dns && !dns::is_dns_pod(pod) {
+            let etc = dns::etc_dir(&netns);
+            let written = std::fs::create_dir_all(&etc).and_then(|()| {
+                std::fs::write(etc.join("resolv.conf"), dns::resolv_conf(&namespace))
+            });
+            if let Err(e) = written {
+                let _ = ex.del(&list, &rt, Some(&result));
+                return Err(undo_netns(format!(
+                    "writing {}/resolv.conf: {e}",
+                    etc.display()
+                )));
+            }
+        }
+        let server = if dns::is_dns_pod(pod) {
+            self.start_dns(&netns)
+        } else {
+            self.start_server(&netns, &format!("{namespace}/{name}"), pod)
+        };
         let server = match server {
             Ok(s) => s,
             Err(e) => {
@@ -291,7 +312,44 @@ impl PodContext {
         })
     }
 
-    fn start_server(&self, netns: &str, pod_name: &str, pod: &Value) -> Result<Child, String> {
+    /// dnsmasq for the cluster DNS pod; ready once it listens on port 53 (UDP and TCP).
+    fn start_dns(&self, netns: &str) -> Result<Child, String> {
+        std::fs::create_dir_all(dns::records_dir(&self.paths.dir))
+            .map_err(|e| format!("creating the DNS directory: {e}"))?;
+        let (log, log_path) = self.pod_log(netns)?;
+        let mut child = dns::dnsmasq(netns, &self.paths.dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| format!("starting dnsmasq (install dnsmasq-base): {e}"))?;
+        let deadline = Instant::now() + SERVER_READY_TIMEOUT;
+        loop {
+            let listening = Command::new("ip")
+                .args(["netns", "exec", netns, "ss", "-Hln", "sport", "=", ":53"])
+                .output()
+                .map(|o| {
+                    let t = String::from_utf8_lossy(&o.stdout).into_owned();
+                    t.contains("udp") && t.contains("tcp")
+                })
+                .unwrap_or(false);
+            if listening {
+                return Ok(child);
+            }
+            if Instant::now() > deadline || matches!(child.try_wait(), Ok(Some(_))) {
+                stop_server(&mut child);
+                return Err(format!(
+                    "dnsmasq did not listen on port 53; see {}",
+                    log_path.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The pod's log file (appended to), and its path.
+    fn pod_log(&self, netns: &str) -> Result<(std::fs::File, PathBuf), String> {
         let log_dir = self.paths.dir.join("pods");
         std::fs::create_dir_all(&log_dir)
             .map_err(|e| format!("creating {}: {e}", log_dir.display()))?;
@@ -301,6 +359,11 @@ impl PodContext {
             .append(true)
             .open(&log_path)
             .map_err(|e| format!("opening {}: {e}", log_path.display()))?;
+        Ok((log, log_path))
+    }
+
+    fn start_server(&self, netns: &str, pod_name: &str, pod: &Value) -> Result<Child, String> {
+        let (log, log_path) = self.pod_log(netns)?;
         let ports = format_ports(&declared_ports(pod));
         let mut child = Command::new("ip")
             .args(["netns", "exec", netns])
@@ -354,6 +417,7 @@ impl PodContext {
         if let Some(child) = pod.server.as_mut() {
             stop_server(child);
         }
+        let _ = std::fs::remove_dir_all(dns::etc_dir(&pod.netns));
         if let Err(e) = topology::delete_netns(&pod.netns) {
             tracing::warn!(netns = %pod.netns, error = %e, "cannot delete the pod's namespace");
         }
@@ -394,11 +458,11 @@ impl Kubelet {
         done: UnboundedSender<PodDone>,
     ) -> Kubelet {
         let exe = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("kwire-lab"));
-        let _ = lab;
         Kubelet {
             names,
             paths,
             exe,
+            dns: lab.dns,
             pods: BTreeMap::new(),
             busy: BTreeSet::new(),
             retry: BTreeMap::new(),
@@ -414,6 +478,7 @@ impl Kubelet {
             exe: self.exe.clone(),
             cni: true,
             node: node.clone(),
+            dns: self.dns,
         }
     }
 

@@ -4,6 +4,7 @@
 //! `up --pods N`.
 
 pub mod cni;
+pub mod dns;
 pub mod endpoints;
 pub mod kubelet;
 pub mod manifest;

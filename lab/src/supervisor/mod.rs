@@ -102,6 +102,8 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
             lab.api_underlay.ip().to_string(),
             names.api_underlay_v6().to_string(),
         ],
+        // Pods reach the API through `default/kubernetes` at the agents' address of it.
+        advertise: Some(lab.api_underlay),
         ..ApiServerConfig::default()
     };
     let server = ApiServer::start(config).await?;
@@ -110,6 +112,16 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
         server
             .create(object)
             .map_err(|e| LabError::Usage(format!("applying deploy/'s {what}: {e}")))?;
+    }
+    if lab.dns {
+        // Before any Service is created: kube-dns takes its fixed ClusterIP.
+        for object in crate::pods::dns::objects() {
+            let what = format!("{} {}", object["kind"], object["metadata"]["name"]);
+            server
+                .create(object)
+                .map_err(|e| LabError::Usage(format!("creating the cluster DNS {what}: {e}")))?;
+        }
+        crate::pods::dns::reconcile(&server, &paths.dir);
     }
     let (pod, image) = match &lab.agent {
         AgentCommand::Kwire { bin, args } => {
@@ -212,6 +224,12 @@ pub async fn supervise(name: &str) -> Result<(), LabError> {
                 if changed.is_ok() {
                     kubelet.reconcile(&sup.server, &sup.lab);
                     crate::pods::endpoints::reconcile(&sup.server);
+                    if let Err(e) = sup.server.reconcile_kubernetes_service() {
+                        tracing::warn!(error = %e, "cannot repair the default/kubernetes Service");
+                    }
+                    if sup.lab.dns {
+                        crate::pods::dns::reconcile(&sup.server, &sup.paths.dir);
+                    }
                 }
             }
             _ = pod_tick.tick() => kubelet.reconcile(&sup.server, &sup.lab),

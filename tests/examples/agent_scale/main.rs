@@ -25,7 +25,10 @@
 //!
 //! Topology: one namespace holds the agent, an underlay (192.0.2.1/24, this node's InternalIP,
 //! on a veth pair) and the stand-in on its 127.0.0.1; the three pods are namespaces of their
-//! own. Peer endpoints are documentation addresses; nothing is ever sent to them. The stand-in
+//! own. Peer endpoints are documentation addresses no one answers at: the device's greetings
+//! (and boringtun's retries) go unanswered, and every peer ends up reported unreachable. That
+//! start-up load is measured on its own (`startup_handshake_cpu_cores`) and is over before the
+//! per-event figures are taken. The stand-in
 //! keeps no managedFields of its own, so the synthetic objects bring theirs, as objects read
 //! from a real API server have them.
 
@@ -58,12 +61,17 @@ const CHANGE_GAP: Duration = Duration::from_millis(20);
 /// Pause after the sync before anything is measured: what the sync set off (the first state
 /// file write, the Node condition) is not idle work.
 const SETTLE: Duration = Duration::from_secs(2);
+/// How long the device must send nothing to the synthetic peers (longer than boringtun's
+/// 5 s handshake retry) before the start-up handshakes count as over.
+const HANDSHAKE_QUIET: Duration = Duration::from_secs(7);
 /// Window over which idle CPU is measured (the baseline subtracted from per-update costs).
 const IDLE_WINDOW: Duration = Duration::from_secs(5);
 /// Irrelevant updates per second.
 const IRRELEVANT_RATE: f64 = 200.0;
 /// Relevant changes per second in the CPU phase (no polling).
 const RELEVANT_RATE: f64 = 10.0;
+/// EndpointSlice changes per second in the Services phase (no polling).
+const SERVICE_CHANGE_RATE: f64 = 10.0;
 /// Churn rates (the goal).
 const CHURN_POD_EVENTS_PER_S: f64 = 100.0;
 const CHURN_NODE_EVENTS_PER_S: f64 = 20.0;
@@ -72,7 +80,9 @@ const OWN_IP: &str = "192.0.2.1";
 const BENCH_NS: &str = "bench";
 /// The cluster's pod range (the stand-in's --cluster-cidr and the agent's); its route into the
 /// tun is not a peer's.
-const CLUSTER_CIDR: &str = "10.0.0.0/8";
+const CLUSTER_CIDR: &str = "10.0.0.0/11";
+/// The Service range (the stand-in's default), disjoint from the pods' as the agent requires.
+const SERVICE_CIDR: &str = "10.96.0.0/12";
 
 struct Opts {
     nodes: usize,
@@ -354,6 +364,26 @@ impl Drop for StateWrites {
 
 // ---------- the device ----------
 
+/// The agent's `kwire_service_frontends` gauge (its metrics listen on the namespace's loopback).
+fn service_frontends(ns: &Netns) -> Option<usize> {
+    let out = ns.exec(&[
+        "curl",
+        "-sf",
+        "--max-time",
+        "2",
+        "http://127.0.0.1:9742/metrics",
+    ]);
+    let text = String::from_utf8(out.stdout).ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("kwire_service_frontends "))?;
+    line.split_whitespace()
+        .nth(1)?
+        .parse::<f64>()
+        .ok()
+        .map(|v| v as usize)
+}
+
 /// `get=1` on the userspace API socket; the whole reply.
 fn uapi_get(sock: &Path) -> Option<String> {
     let mut s = UnixStream::connect(sock).ok()?;
@@ -437,6 +467,7 @@ struct PodRec {
 }
 
 struct Kinds {
+    slice: &'static ResourceKind,
     node: &'static ResourceKind,
     pod: &'static ResourceKind,
     policy: &'static ResourceKind,
@@ -682,9 +713,6 @@ fn main() {
         "agent_scale: {} Nodes, {} Pods, {} Namespaces, {} NetworkPolicies, {} Services; agent {}; load {}",
         o.nodes, pods_total, o.namespaces, o.policies, o.services, o.kwire.display(), loadavg()
     );
-    if o.services > 0 {
-        eprintln!("  note: kwire has no Services yet; the Services and EndpointSlices are created but the agent does not watch them, and sync_ms has no service table in it");
-    }
     let scratch = Scratch::new("scale");
     let ns = Netns::new("scale");
     ns.run(&[
@@ -718,6 +746,7 @@ fn main() {
         let kubeconfig = scratch.file("kubeconfig");
         api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
         let kinds = Kinds {
+            slice: ApiServer::kind("discovery.k8s.io/v1", "EndpointSlice").expect("EndpointSlice"),
             node: ApiServer::kind("v1", "Node").expect("Node"),
             pod: ApiServer::kind("v1", "Pod").expect("Pod"),
             policy: ApiServer::kind("networking.k8s.io/v1", "NetworkPolicy").expect("NetworkPolicy"),
@@ -827,7 +856,7 @@ fn main() {
             "--state-dir".into(), state.display().to_string(), "--run-dir".into(), run.display().to_string(),
             "--interface".into(), ifname.clone(), "--metrics-addr".into(), "127.0.0.1:9742".into(),
             "--listen-port".into(), LISTEN_PORT.to_string(), "--workers".into(), "1".into(),
-            "--cluster-cidr".into(), CLUSTER_CIDR.into(),
+            "--cluster-cidr".into(), CLUSTER_CIDR.into(), "--service-cidr".into(), SERVICE_CIDR.into(),
         ];
         let log = scratch.file("agent.log");
         let t0 = Instant::now();
@@ -858,7 +887,9 @@ fn main() {
         // (a) start → complete data plane.
         let (mut peers_at, mut routes_at, mut policy_at) = (None, None, None);
         let mut last = (0usize, 0usize);
-        while peers_at.is_none() || routes_at.is_none() || policy_at.is_none() {
+        let mut services_at = (o.services == 0).then_some(Duration::ZERO);
+        let mut polls = 0u64;
+        while peers_at.is_none() || routes_at.is_none() || policy_at.is_none() || services_at.is_none() {
             assert!(agent.is_running(), "the agent exited:\n{}", agent.log());
             if t0.elapsed() > SYNC_TIMEOUT {
                 panic!("after {SYNC_TIMEOUT:?}: {} peers, {} routes (want {}), policy {}; log {}",
@@ -874,10 +905,14 @@ fn main() {
             }
             if routes_at.is_none() {
                 let out = ns.exec(&["ip", "-4", "route", "show", "dev", &ifname]);
-                last.1 = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("metric 100") && !l.starts_with(CLUSTER_CIDR)).count();
+                last.1 = String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains("metric 100") && !l.starts_with(CLUSTER_CIDR) && !l.starts_with(SERVICE_CIDR)).count();
                 if last.1 >= o.nodes {
                     routes_at = Some(t0.elapsed());
                 }
+            }
+            polls += 1;
+            if services_at.is_none() && polls.is_multiple_of(10) && service_frontends(&ns).is_some_and(|n| n >= o.services) {
+                services_at = Some(t0.elapsed());
             }
             if policy_at.is_none()
                 && !server.probe(&pod_c, pod_b.ip, probe::DROP_WAIT)
@@ -890,16 +925,18 @@ fn main() {
         }
         perf.stop();
         let (peers_at, routes_at, policy_at) = (peers_at.unwrap(), routes_at.unwrap(), policy_at.unwrap());
-        let sync = peers_at.max(routes_at).max(policy_at);
+        let services_at = services_at.unwrap();
+        let sync = peers_at.max(routes_at).max(policy_at).max(services_at);
         let hwm_sync = status_kb(pid, "VmHWM:").unwrap_or(0);
         let cpu_sync = cpu_seconds(pid);
         let waited_sync = CpuReading::take(pid).runqueue_ns as f64 / 1e9;
-        eprintln!("  synced in {:.0} ms (peers {:.0}, routes {:.0}, policy {:.0}); VmHWM {:.1} MB; agent CPU {:.2} s, waiting for a CPU {:.2} s; load {}",
-            ms(sync), ms(peers_at), ms(routes_at), ms(policy_at), hwm_sync as f64 / 1024.0, cpu_sync, waited_sync, loadavg());
+        eprintln!("  synced in {:.0} ms (peers {:.0}, routes {:.0}, policy {:.0}, services {:.0}); VmHWM {:.1} MB; agent CPU {:.2} s, waiting for a CPU {:.2} s; load {}",
+            ms(sync), ms(peers_at), ms(routes_at), ms(policy_at), ms(services_at), hwm_sync as f64 / 1024.0, cpu_sync, waited_sync, loadavg());
         report.set("sync_ms", ms(sync));
         report.set("peers_ms", ms(peers_at));
         report.set("routes_ms", ms(routes_at));
         report.set("policy_ms", ms(policy_at));
+        report.set("services_ms", ms(services_at));
         report.set("sync_cpu_s", (cpu_sync * 100.0).round() / 100.0);
         // Runnable but waiting for a CPU (threads still alive at the end of the sync): the
         // rest of sync_ms, beyond this and sync_cpu_s, the agent waited on the API.
@@ -908,6 +945,53 @@ fn main() {
 
         // State-file writes from here on (the figures below say per phase).
         let writes = StateWrites::watch(state.join(kwire::agent::state::STATE_FILE));
+
+        // (a2) start-up handshakes. The device greets every peer (paced: INITIATIONS_PER_SECOND)
+        // and boringtun retries each unanswered greeting every 5 s for 90 s. The synthetic
+        // peers never answer, so for minutes after the sync the agent computes ~18 initiations
+        // per peer: load no watch event causes (in a real cluster a peer answers the first one).
+        // It is measured here, and the per-event figures below start once it is over (no
+        // initiation bytes sent for HANDSHAKE_QUIET), so that the idle baseline they subtract
+        // is steady.
+        let cpu_hs = CpuReading::take(pid);
+        let hs0 = Instant::now();
+        let deadline = Duration::from_secs(o.nodes as u64 / 50 + 90 + 60);
+        let (mut last_tx, mut quiet_since) = (u64::MAX, Instant::now());
+        loop {
+            let tx: u64 = uapi_get(&sock)
+                .map(|r| r.lines().filter_map(|l| l.strip_prefix("tx_bytes=")?.parse::<u64>().ok()).sum())
+                .unwrap_or(0);
+            if tx != last_tx {
+                (last_tx, quiet_since) = (tx, Instant::now());
+            } else if quiet_since.elapsed() >= HANDSHAKE_QUIET {
+                break;
+            }
+            assert!(hs0.elapsed() < deadline, "the device still sends to the synthetic peers after {deadline:?}; log {}", log.display());
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        // The health monitor then reports each unanswering peer once (`--peer-unreachable-after`,
+        // 120 s after its first unanswered initiation): a PeerUnreachable Event on its Node,
+        // one Node get and one Event create per peer, also load no watch event causes.
+        let events = ApiServer::kind("events.k8s.io/v1", "Event").expect("the Event kind");
+        let unreachable = || {
+            api.list(events, None).map_or(0, |l| l.iter().filter(|e| e["reason"] == "PeerUnreachable").count())
+        };
+        loop {
+            let n = unreachable();
+            if n >= o.nodes {
+                break;
+            }
+            if hs0.elapsed() > deadline + Duration::from_secs(120) {
+                eprintln!("  warning: {n} PeerUnreachable Events of {} expected; measuring anyway", o.nodes);
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let hs_wall = hs0.elapsed();
+        let hs_cpu = CpuReading::take(pid).since(&cpu_hs) / hs0.elapsed().as_secs_f64();
+        eprintln!("  start-up handshakes with {} unanswering peers and their PeerUnreachable Events: over after {:.0} s, {:.4} cores meanwhile", o.nodes, hs_wall.as_secs_f64(), hs_cpu);
+        report.set("startup_handshakes_s", hs_wall.as_secs_f64().round());
+        report.set("startup_handshake_cpu_cores", (hs_cpu * 1e4).round() / 1e4);
 
         // (b) idle baseline.
         std::thread::sleep(SETTLE);
@@ -1024,6 +1108,24 @@ fn main() {
         let relevant_ms = net_us(cpu, wall, o.changes) / 1000.0;
         eprintln!("  relevant change: {:.3} ms agent CPU each", relevant_ms);
         report.set("relevant_change_cpu_ms", (relevant_ms * 1000.0).round() / 1000.0);
+
+        // (e2) Service endpoint changes, CPU only: one endpoint of one EndpointSlice replaced by
+        // another pod's address (a rollout's step), as the EndpointSlice controller writes it.
+        if o.services > 0 {
+            let perf = Perf::start(pid, "services");
+            let (cpu, wall) = paced(pid, o.changes, SERVICE_CHANGE_RATE, |i| {
+                let s = cluster.rand(o.services);
+                let eps: Vec<String> = (0..10).map(|e| cluster.pods[(s * 10 + e + i + 1) % cluster.pods.len()].ip.clone()).collect();
+                let (_, slice) = synth::service(s % o.namespaces, s, &eps);
+                let name = slice["metadata"]["name"].as_str().expect("slice name").to_string();
+                let ns_name = slice["metadata"]["namespace"].as_str().expect("slice namespace").to_string();
+                api.merge_patch(cluster.kinds.slice, Some(&ns_name), &name, &json!({"endpoints": slice["endpoints"]}), false).expect("EndpointSlice patch");
+            });
+            perf.stop();
+            let per = net_us(cpu, wall, o.changes) / 1000.0;
+            eprintln!("  EndpointSlice change: {per:.3} ms agent CPU each ({} Services)", o.services);
+            report.set("service_change_cpu_ms", (per * 1000.0).round() / 1000.0);
+        }
 
         // (f) churn: 100 Pod events/s and 20 Node events/s.
         let secs = o.churn_secs as f64;

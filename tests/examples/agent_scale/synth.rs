@@ -230,8 +230,7 @@ pub fn policy(ns: usize, k: usize, apps: &[Deployment]) -> Value {
         "spec": spec})
 }
 
-/// A ClusterIP Service and its EndpointSlice with `endpoints` addresses (the hook for
-/// `--services`: the agent does not watch them until Services land in kwire).
+/// A ClusterIP Service and its EndpointSlice with `endpoints` addresses (`--services`).
 pub fn service(ns: usize, i: usize, endpoints: &[String]) -> (Value, Value) {
     let name = format!("svc-{i:05}");
     let svc = json!({"apiVersion": "v1", "kind": "Service",

@@ -1,0 +1,254 @@
+//! Key rotation in the data path: a device that holds a current and a next key answers
+//! initiations addressed to either and keeps every session across the promotion; a device
+//! whose peer rotates handshakes to the peer's next key while the old session carries the
+//! traffic; a revoked key is refused.
+
+use super::*;
+use crate::datapath::timers;
+use crate::wg::sessions::Pair;
+use crate::wg::uapi::PeerChange;
+use kwire_proto::key::PublicKey;
+use std::collections::BTreeSet;
+
+/// A packet from the peer at 10.99.0.1 encrypted by `a` (which has a session) arrives at the
+/// device: whether it reached the host tun.
+fn delivered<T>(a: &mut Tunn, from: SocketAddr, ctx: &Ctx<'_, T>, rx: &mut RxPath) -> bool {
+    let mut buf = vec![0u8; 2048];
+    let TunnResult::WriteToNetwork(d) =
+        a.encapsulate(&udp4([10, 99, 0, 1], [10, 99, 0, 2]), &mut buf)
+    else {
+        panic!("the sender has a session")
+    };
+    let d = d.to_vec();
+    let mut io = Capture::default();
+    rx.message(ctx, from, &d, None, &mut io);
+    rx.finish(ctx.counters, &mut io);
+    io.tun.len() == 1
+}
+
+fn pair(local: &PrivateKey, remote: &PrivateKey) -> Pair {
+    Pair {
+        local: local.public_key(),
+        remote: remote.public_key(),
+    }
+}
+
+/// Node B rotates from kb0 to kb1 while peer A keeps sending: A's session to kb0 carries on,
+/// A's initiation to kb1 is answered (MAC1 tells which key it is for), B switches to the new
+/// session on A's keepalive, packets still in flight on the old one are delivered; after the
+/// promotion only the session made with kb1 is left, and it carries traffic without a new
+/// handshake. An initiation to a key B does not hold is dropped before any Diffie-Hellman.
+#[test]
+fn rotating_device_answers_both_keys_and_promotes_without_a_new_handshake() {
+    let (ka, kb0, kb1) = (
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    );
+    let a_addr: SocketAddr = "192.0.2.1:51820".parse().unwrap();
+    let b = device(&kb0, &ka, "10.99.0.1/32", "192.0.2.1:51820");
+    let (counters, limiter, mut rx, mut io) = receiver();
+    let mut old = initiator(&ka, &kb0, 10);
+    {
+        let snap = b.snapshot();
+        let ctx = Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false);
+        handshake(&mut old, a_addr, &ctx, &mut rx, &mut io);
+        assert!(delivered(&mut old, a_addr, &ctx, &mut rx));
+    }
+
+    b.set_next_private_key(Some(kb1.clone()));
+    assert_eq!(b.next_public_key(), Some(kb1.public_key()));
+    let snap = b.snapshot();
+    let ctx = Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false);
+    {
+        let st = snap.peers[0].lock();
+        assert_eq!(st.pair, pair(&kb0, &ka), "the old session still sends");
+        let mut pairs: Vec<Pair> = st.pairs().collect();
+        pairs.sort();
+        let mut want = vec![pair(&kb0, &ka), pair(&kb1, &ka)];
+        want.sort();
+        assert_eq!(pairs, want);
+    }
+    assert!(
+        delivered(&mut old, a_addr, &ctx, &mut rx),
+        "old key, same session"
+    );
+
+    let mut new = initiator(&ka, &kb1, 20);
+    io.udp.clear();
+    handshake(&mut new, a_addr, &ctx, &mut rx, &mut io);
+    assert_eq!(
+        snap.peers[0].lock().pair,
+        pair(&kb1, &ka),
+        "the keepalive on the new session made it the one B sends on"
+    );
+    assert!(delivered(&mut new, a_addr, &ctx, &mut rx));
+    assert!(
+        delivered(&mut old, a_addr, &ctx, &mut rx),
+        "in flight on the old session"
+    );
+    assert_eq!(
+        snap.peers[0].lock().pair,
+        pair(&kb1, &ka),
+        "an older session taking data does not take over"
+    );
+
+    // Addressed to a key B does not hold: refused at MAC1.
+    let before = counters.drops(DropReason::Handshake);
+    let mut stranger = initiator(&ka, &PrivateKey::generate(), 30);
+    let init = initiation(&mut stranger, false);
+    rx.message(&ctx, a_addr, &init, None, &mut io);
+    rx.finish(&counters, &mut io);
+    assert_eq!(counters.drops(DropReason::Handshake), before + 1);
+
+    b.set_private_key(Some(kb1.clone()));
+    assert_eq!(b.public_key(), Some(kb1.public_key()));
+    assert_eq!(b.next_public_key(), None);
+    let snap = b.snapshot();
+    let ctx = Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false);
+    assert!(snap.next_identity.is_none());
+    {
+        let st = snap.peers[0].lock();
+        assert_eq!(st.pairs().collect::<Vec<_>>(), vec![pair(&kb1, &ka)]);
+    }
+    assert!(
+        delivered(&mut new, a_addr, &ctx, &mut rx),
+        "the session made with the next key outlives the promotion"
+    );
+    let unknown = counters.drops(DropReason::UnknownSession);
+    assert!(!delivered(&mut old, a_addr, &ctx, &mut rx));
+    assert_eq!(counters.drops(DropReason::UnknownSession), unknown + 1);
+}
+
+/// The answering side of a rotation, as the peer: device A learns that its peer B rotates
+/// (B's next key), and its timers start a handshake to that key at once while the session to
+/// B's current key goes on carrying traffic; once the handshake completes A sends on it, and
+/// when B promotes (the peer is renamed to its next key) that session is kept.
+#[test]
+fn peer_rotation_handshakes_to_the_next_key_and_survives_the_rename() {
+    let (ka, kb0, kb1) = (
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    );
+    let b_addr: SocketAddr = "192.0.2.2:51820".parse().unwrap();
+    let a = device(&ka, &kb0, "10.99.0.1/32", "192.0.2.2:51820");
+    let (counters, limiter, mut rx, mut io) = receiver();
+    // B's old end has a session with A (B initiated).
+    let mut b_old = initiator(&kb0, &ka, 40);
+    {
+        let snap = a.snapshot();
+        let ctx = Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false);
+        handshake(&mut b_old, b_addr, &ctx, &mut rx, &mut io);
+    }
+    let mut change = PeerChange::new(kb0.public_key());
+    change.next_public_key = Some(Some(kb1.public_key()));
+    a.apply_peer_changes(vec![change]);
+    let snap = a.snapshot();
+    assert_eq!(snap.by_key.get(&kb1.public_key().0), Some(&0));
+    let peer = snap.peers[0].clone();
+    assert_eq!(peer.lock().target, pair(&ka, &kb1));
+
+    // The timers initiate to kb1; B's new end (holding kb1) answers.
+    let mut out = TxBatch::new(64 * 1024, 64);
+    timers::tick(&peer, &mut out);
+    let inits: Vec<Vec<u8>> = out
+        .datagrams()
+        .filter(|(_, d)| d[0] == 1)
+        .map(|(_, d)| d.to_vec())
+        .collect();
+    assert_eq!(inits.len(), 1, "one initiation, to the next key");
+    out.clear();
+    timers::tick(&peer, &mut out);
+    assert_eq!(
+        out.datagrams().filter(|(_, d)| d[0] == 1).count(),
+        0,
+        "paced"
+    );
+    let mut b_new = Tunn::new(
+        kb1.secret(),
+        x25519_dalek::PublicKey::from(&ka.secret()),
+        None,
+        None,
+        50,
+        None,
+    );
+    let mut buf = vec![0u8; 2048];
+    let TunnResult::WriteToNetwork(resp) = b_new.decapsulate(None, &inits[0], &mut buf) else {
+        panic!("B's next key takes A's initiation")
+    };
+    let resp = resp.to_vec();
+    let ctx = Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false);
+    // Until the response, A sends on the old session.
+    assert_eq!(peer.lock().pair, pair(&ka, &kb0));
+    assert!(delivered(&mut b_old, b_addr, &ctx, &mut rx));
+    io.udp.clear();
+    rx.message(&ctx, b_addr, &resp, None, &mut io);
+    rx.finish(&counters, &mut io);
+    assert_eq!(
+        peer.lock().pair,
+        pair(&ka, &kb1),
+        "switched on the response"
+    );
+    // A's keepalive completes B's side; both sessions decrypt.
+    let keepalive = io
+        .udp
+        .iter()
+        .find(|(_, d)| d[0] == 4)
+        .expect("keepalive")
+        .1
+        .clone();
+    assert!(matches!(
+        b_new.decapsulate(None, &keepalive, &mut buf),
+        TunnResult::Done
+    ));
+    assert!(delivered(&mut b_new, b_addr, &ctx, &mut rx));
+    assert!(delivered(&mut b_old, b_addr, &ctx, &mut rx), "in flight");
+
+    // B promotes kb1: A renames the peer; the session made with kb1 carries on.
+    let mut change = PeerChange::new(kb1.public_key());
+    change.renamed_from = Some(kb0.public_key());
+    change.next_public_key = Some(None);
+    a.apply_peer_changes(vec![change]);
+    let snap = a.snapshot();
+    assert_eq!(snap.peers.len(), 1);
+    assert_eq!(snap.peers[0].public_key, kb1.public_key());
+    assert!(!snap.by_key.contains_key(&kb0.public_key().0));
+    assert_eq!(
+        snap.peers[0].lock().pairs().collect::<Vec<_>>(),
+        vec![pair(&ka, &kb1)]
+    );
+    assert_eq!(snap.routes.lookup("10.99.0.1".parse().unwrap()), Some(0));
+    let ctx = Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false);
+    assert!(delivered(&mut b_new, b_addr, &ctx, &mut rx));
+}
+
+/// A revoked key loses its sessions at once and is refused afterwards, even when it is
+/// configured again.
+#[test]
+fn revoked_key_loses_its_session_and_cannot_handshake_again() {
+    let (a_addr, b, mut a) = responder(60);
+    let (counters, limiter, mut rx, mut io) = receiver();
+    let snap = b.snapshot();
+    let ctx = Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false);
+    handshake(&mut a, a_addr, &ctx, &mut rx, &mut io);
+    assert!(delivered(&mut a, a_addr, &ctx, &mut rx));
+    let revoked: PublicKey = snap.peers[0].public_key;
+    b.set_revoked(BTreeSet::from([revoked]));
+    let snap = b.snapshot();
+    assert!(snap.peers.is_empty());
+    let ctx = Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false);
+    assert!(!delivered(&mut a, a_addr, &ctx, &mut rx), "session gone");
+    // Configured again (it reappeared on its Node): still refused.
+    let mut change = PeerChange::new(revoked);
+    change.allowed_ips = vec!["10.99.0.1/32".parse().unwrap()];
+    b.apply_peer_changes(vec![change]);
+    let snap = b.snapshot();
+    assert!(snap.peers.is_empty());
+    let ctx = Ctx::host_only(&snap, &counters, &limiter, Instant::now(), false);
+    let before = counters.drops(DropReason::Handshake);
+    let init = initiation(&mut a, true);
+    rx.message(&ctx, a_addr, &init, None, &mut io);
+    rx.finish(&counters, &mut io);
+    assert_eq!(counters.drops(DropReason::Handshake), before + 1);
+}

@@ -1,0 +1,213 @@
+//! Long-lived TCP connections from lab pods, to prove they survive what a test does to the
+//! agents (restarts, endpoint changes): [`EchoServer`] echoes lines on [`ECHO_PORT`] inside a
+//! pod's namespace and counts the connections it accepted; [`Ticker`] sends a numbered line
+//! every [`TICK`] on one connection and checks each echo; [`echo_once`] is one fresh
+//! connection.
+
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::{run_in_netns, wait_until};
+
+/// A line every this long on each long-lived connection.
+pub const TICK: Duration = Duration::from_millis(100);
+/// How long one echo may take. Covers an agent's outage: TCP retransmits with exponential
+/// backoff (200 ms, 400 ms, ... 3.2 s) until the restarted agent carries the segments again.
+pub const ECHO_TIMEOUT: Duration = Duration::from_secs(15);
+/// Port of the tests' echo servers inside pods (the lab's pod server uses 80).
+pub const ECHO_PORT: u16 = 9000;
+
+/// A TCP echo server listening on every address of a pod (dual-stack `[::]`), counting the
+/// connections it accepts. Stops accepting on drop.
+pub struct EchoServer {
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicUsize>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl EchoServer {
+    /// Listens on `[::]:ECHO_PORT` inside `netns`.
+    pub fn start(netns: &str) -> EchoServer {
+        let listener = run_in_netns(netns, || TcpListener::bind(("::", ECHO_PORT)))
+            .unwrap_or_else(|e| panic!("listen on [::]:{ECHO_PORT} in {netns}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (s, a) = (stop.clone(), accepted.clone());
+        let thread = std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        a.fetch_add(1, Ordering::SeqCst);
+                        let _ = conn.set_nonblocking(false);
+                        std::thread::spawn(move || {
+                            let Ok(mut r) = conn.try_clone() else { return };
+                            let mut w = conn;
+                            let _ = std::io::copy(&mut r, &mut w);
+                        });
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(_) => return,
+                }
+            }
+        });
+        EchoServer {
+            stop,
+            accepted,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for EchoServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One long-lived TCP connection from a pod: a numbered line every [`TICK`], each echo read
+/// back and checked. Any error (reset, timeout, wrong echo) is kept and fails [`Ticker::check`].
+pub struct Ticker {
+    what: String,
+    stream: TcpStream,
+    local: SocketAddr,
+    stop: Arc<AtomicBool>,
+    echoed: Arc<AtomicU64>,
+    failure: Arc<Mutex<Option<String>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Ticker {
+    pub fn start(netns: &str, to: SocketAddr, what: &str) -> Ticker {
+        let stream = run_in_netns(netns, || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        })
+        .unwrap_or_else(|e| panic!("{what}: connect to {to} from {netns}: {e}"));
+        stream.set_read_timeout(Some(ECHO_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let local = stream.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let echoed = Arc::new(AtomicU64::new(0));
+        let failure = Arc::new(Mutex::new(None));
+        let (s, e, f) = (stop.clone(), echoed.clone(), failure.clone());
+        let mut w = stream.try_clone().unwrap();
+        let mut r = BufReader::new(stream.try_clone().unwrap());
+        let tag = what.to_string();
+        let thread = std::thread::spawn(move || {
+            let mut line = String::new();
+            let mut seq = 0u64;
+            while !s.load(Ordering::Relaxed) {
+                seq += 1;
+                let sent = format!("{tag} {seq}\n");
+                let t = Instant::now();
+                if let Err(err) = w.write_all(sent.as_bytes()) {
+                    *f.lock().unwrap() = Some(format!("writing line {seq}: {err}"));
+                    return;
+                }
+                line.clear();
+                match r.read_line(&mut line) {
+                    Ok(0) => {
+                        *f.lock().unwrap() = Some(format!("closed by the server at line {seq}"));
+                        return;
+                    }
+                    Ok(_) if line == sent => e.store(seq, Ordering::SeqCst),
+                    Ok(_) => {
+                        *f.lock().unwrap() =
+                            Some(format!("line {seq}: sent {sent:?}, got {line:?}"));
+                        return;
+                    }
+                    Err(err) if s.load(Ordering::Relaxed) => {
+                        let _ = err;
+                        return;
+                    }
+                    Err(err) => {
+                        *f.lock().unwrap() = Some(format!(
+                            "reading the echo of line {seq} after {:.1} s: {err}",
+                            t.elapsed().as_secs_f64()
+                        ));
+                        return;
+                    }
+                }
+                std::thread::sleep(TICK);
+            }
+        });
+        Ticker {
+            what: what.to_string(),
+            stream,
+            local,
+            stop,
+            echoed,
+            failure,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn echoed(&self) -> u64 {
+        self.echoed.load(Ordering::SeqCst)
+    }
+
+    /// Panics if the connection failed.
+    pub fn check(&self) {
+        if let Some(f) = self.failure.lock().unwrap().as_ref() {
+            panic!(
+                "{} (local {}): the connection failed: {f}",
+                self.what, self.local
+            );
+        }
+    }
+
+    /// Waits until `n` more lines came back on this very connection.
+    pub fn wait_more(&self, n: u64, deadline: Duration) {
+        let from = self.echoed();
+        wait_until(
+            deadline,
+            format!("{}: {n} more echoes after line {from}", self.what),
+            || {
+                self.check();
+                self.echoed() >= from + n
+            },
+        );
+    }
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One new connection from a pod: a line out, its echo back.
+pub fn echo_once(netns: &str, to: SocketAddr) -> Result<(), String> {
+    let mut s = run_in_netns(netns, || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(5))
+    })
+    .map_err(|e| format!("connect {to}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"fresh\n").map_err(|e| format!("write: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .map_err(|e| format!("read: {e}"))?;
+    (line == "fresh\n")
+        .then_some(())
+        .ok_or_else(|| format!("echo {line:?}"))
+}
