@@ -154,6 +154,11 @@ pub const FIREWALL_COUNTER_INTERVAL: Duration = Duration::from_secs(5);
 impl Firewall {
     /// The whole ruleset for this node's pod CIDRs `own` (none yet: no masquerading).
     pub fn ruleset(&self, own: &[IpNetwork]) -> String {
+        self.ruleset_with(own, &self.lock_steering())
+    }
+
+    /// [`Self::ruleset`] with the steering sets `steering`.
+    fn ruleset_with(&self, own: &[IpNetwork], steering: &Steering) -> String {
         let tun = &self.ifname;
         let ranges: Vec<&IpNetwork> = self.cluster.iter().chain(&self.services).collect();
         let set = |v4: bool| -> Option<String> {
@@ -186,7 +191,7 @@ impl Firewall {
                 "    {fam} saddr {c} oifname \"{tun}\" ct status dnat masquerade\n"
             ));
         }
-        let (sets, dnat, masq) = self.node_port_rules(&self.lock_steering());
+        let (sets, dnat, masq) = self.node_port_rules(steering);
         format!(
             "add table inet kwire
 delete table inet kwire
@@ -288,8 +293,11 @@ table inet kwire {{
     }
 
     /// Installs the ruleset (one transaction: no moment without the filter).
+    /// The steering lock is held until `nft` is done, so that a steering update cannot land
+    /// between rendering the ruleset and replacing the table (and be lost with it).
     pub fn install(&self, own: &[IpNetwork]) -> std::io::Result<()> {
-        nft(&["-f", "-"], Some(&self.ruleset(own))).map(drop)
+        let steering = self.lock_steering();
+        nft(&["-f", "-"], Some(&self.ruleset_with(own, &steering))).map(drop)
     }
 
     /// Steers these node ports and ingress IPs into the loop from now on: the sets and maps
