@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use kwire::datapath::local::LocalTable;
+use kwire::datapath::local::{LocalTable, Port};
 use kwire::datapath::nat::NatTable;
 use kwire::datapath::service::{self, ServiceNat};
 use kwire::datapath::stats::Counters;
@@ -40,7 +40,9 @@ fn input(services: usize) -> (Vec<ServiceView>, Vec<SliceView>) {
                 name: "http".into(),
                 proto: TCP,
                 port: 80,
+                ..Default::default()
             }],
+            ..Default::default()
         });
         slices.push(SliceView {
             namespace: format!("ns-{}", i % 100),
@@ -61,6 +63,7 @@ fn input(services: usize) -> (Vec<ServiceView>, Vec<SliceView>) {
                     ready: true,
                     serving: true,
                     terminating: false,
+                    node_name: None,
                 })
                 .collect(),
         });
@@ -116,7 +119,7 @@ fn new_flows(c: &mut Criterion) {
                         // A new source port (and address) per flow.
                         pkt[14] = (i >> 16) as u8;
                         pkt[20..22].copy_from_slice(&(i as u16).to_be_bytes());
-                        black_box(service::forward(&ctx, black_box(&mut pkt))).ok();
+                        black_box(service::forward(&ctx, Port::Pod(0), black_box(&mut pkt))).ok();
                     }
                     total += start.elapsed();
                     done += batch;

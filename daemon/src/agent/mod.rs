@@ -15,6 +15,7 @@ pub mod pod_network;
 pub mod policy;
 pub mod rotation;
 pub mod routes;
+pub mod service_health;
 pub mod services;
 pub mod state;
 pub mod sysctl;
@@ -481,15 +482,17 @@ async fn agent_main(
     } else {
         agent.program_host();
     }
+    let firewall = pod_network::Firewall {
+        ifname: args.interface.clone(),
+        cluster: args.cluster_cidr.clone(),
+        services: args.service_cidr.clone(),
+        counters: tun.counters.clone(),
+        steering: Default::default(),
+    };
     let pods = tokio::spawn(pod_network::serve(
         cidrs,
         tun.net.pods.clone(),
-        pod_network::Firewall {
-            ifname: args.interface.clone(),
-            cluster: args.cluster_cidr.clone(),
-            services: args.service_cidr.clone(),
-            counters: tun.counters.clone(),
-        },
+        firewall.clone(),
         args.run_dir.clone(),
         args.state_dir.clone(),
     ));
@@ -512,6 +515,7 @@ async fn agent_main(
     ));
     let loop_pods = tun.net.pods.clone();
     let policy_node = args.node_name.clone();
+    let services_node = args.node_name.clone();
     // Tells the control loop to write what the state file still misses, then stop.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut control = tokio::spawn(async move {
@@ -519,7 +523,14 @@ async fn agent_main(
             Ok(client) => {
                 let policy =
                     tokio::spawn(policy::run(client.clone(), loop_pods.clone(), policy_node));
-                let services = tokio::spawn(services::run(client.clone(), loop_pods));
+                let services = tokio::spawn(services::run(
+                    client.clone(),
+                    loop_pods,
+                    services::NodeScope {
+                        node: services_node,
+                        firewall,
+                    },
+                ));
                 agent.run(client, stop_rx).await;
                 policy.abort();
                 services.abort();

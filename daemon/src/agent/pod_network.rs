@@ -7,6 +7,7 @@ use super::sysctl;
 use crate::cni::{CniServer, CniServerConfig, PodAttachment, PodDataPlane};
 use crate::datapath::stats::{Counters, DropReason};
 use crate::dataplane::ports::{PodName, Pods};
+use crate::services::table::Steering;
 use ipnetwork::IpNetwork;
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -84,7 +85,62 @@ pub struct Firewall {
     pub services: Vec<IpNetwork>,
     /// The loop's counters: the firewall's drops are added to them.
     pub counters: Arc<Counters>,
+    /// The node ports and ingress IPs the kernel steers into the loop (the Service watch
+    /// sets them; the ruleset carries the current ones whenever it is installed).
+    pub steering: Arc<Mutex<Steering>>,
 }
+
+/// Protocol name in an nftables set element.
+fn nft_proto(p: u8) -> &'static str {
+    match p {
+        6 => "tcp",
+        17 => "udp",
+        _ => "sctp",
+    }
+}
+
+/// The elements of the steering sets and maps, as `nft` spells them (empty: none).
+fn steering_elements(st: &Steering) -> [(&'static str, String); 4] {
+    let ports = |masq_only: bool| {
+        st.node_ports
+            .iter()
+            .filter(|n| !masq_only || n.masquerade)
+            .map(|n| format!("{} . {}", nft_proto(n.proto), n.port))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let ingress = |v4: bool| {
+        st.ingress
+            .iter()
+            .filter(|i| i.ip.is_ipv4() == v4)
+            .map(|i| {
+                format!(
+                    "{} . {} . {} : {}",
+                    i.ip,
+                    nft_proto(i.proto),
+                    i.port,
+                    i.node_port
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    [
+        (SET_NODE_PORTS, ports(false)),
+        (SET_MASQUERADE, ports(true)),
+        (MAP_INGRESS4, ingress(true)),
+        (MAP_INGRESS6, ingress(false)),
+    ]
+}
+
+/// nftables set of the node ports (`protocol . port`) steered into the loop.
+pub const SET_NODE_PORTS: &str = "node_ports";
+/// nftables set of the node ports of `externalTrafficPolicy: Cluster` Services: masqueraded
+/// to this node's gateway address, so that replies come back through this node.
+pub const SET_MASQUERADE: &str = "node_ports_masquerade";
+/// nftables maps of LoadBalancer ingress IPs (`address . protocol . port`) to node ports.
+pub const MAP_INGRESS4: &str = "ingress4";
+pub const MAP_INGRESS6: &str = "ingress6";
 
 /// nftables counter of packets from another interface forwarded toward the tun (plaintext
 /// from the underlay aimed at a pod, or at a peer's pods through this node) and dropped.
@@ -98,6 +154,11 @@ pub const FIREWALL_COUNTER_INTERVAL: Duration = Duration::from_secs(5);
 impl Firewall {
     /// The whole ruleset for this node's pod CIDRs `own` (none yet: no masquerading).
     pub fn ruleset(&self, own: &[IpNetwork]) -> String {
+        self.ruleset_with(own, &self.lock_steering())
+    }
+
+    /// [`Self::ruleset`] with the steering sets `steering`.
+    fn ruleset_with(&self, own: &[IpNetwork], steering: &Steering) -> String {
         let tun = &self.ifname;
         let ranges: Vec<&IpNetwork> = self.cluster.iter().chain(&self.services).collect();
         let set = |v4: bool| -> Option<String> {
@@ -130,12 +191,21 @@ impl Firewall {
                 "    {fam} saddr {c} oifname \"{tun}\" ct status dnat masquerade\n"
             ));
         }
+        let (sets, dnat, masq) = self.node_port_rules(steering);
         format!(
             "add table inet kwire
 delete table inet kwire
 table inet kwire {{
   counter {COUNTER_UNDERLAY} {{ }}
   counter {COUNTER_ESCAPE} {{ }}
+{sets}  chain prerouting {{
+    type nat hook prerouting priority dstnat; policy accept;
+{dnat}  }}
+  chain output_nat {{
+    type nat hook output priority -100; policy accept;
+    fib daddr type local ip daddr 127.0.0.0/8 return
+    fib daddr type local ip6 daddr ::1 return
+{dnat}  }}
   chain forward {{
     type filter hook forward priority filter - 10; policy accept;
     # Into the tun only what came out of it, or what this node translated: a hostPort
@@ -151,15 +221,107 @@ table inet kwire {{
 {guard}  }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-{nat}  }}
+{masq}{nat}  }}
 }}
 "
         )
     }
 
+    fn lock_steering(&self) -> std::sync::MutexGuard<'_, Steering> {
+        self.steering.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The node-port address per family (the network address of the first `--service-cidr`
+    /// of the family, which kube-apiserver never allocates): the loop's key for node ports.
+    fn node_port_addrs(&self) -> Vec<IpAddr> {
+        crate::services::table::Scope::new("", &self.services).node_port_addrs
+    }
+
+    /// Node-port steering: the sets (with `st`'s elements), the DNAT rules (prerouting and
+    /// locally generated traffic alike) and the masquerading.
+    ///
+    /// A packet for any local address on a node port, or for an ingress IP's port, is
+    /// DNATed to the node-port address of its family with the node port as port; the route
+    /// of the Service range takes it into the tun, where the loop translates it like a
+    /// ClusterIP (its frontend is `(protocol, node-port address, nodePort)`). The forward
+    /// filter lets it in because it is DNATed (`ct status dnat`), like a hostPort. For
+    /// `externalTrafficPolicy: Cluster`, and for the node's own traffic, the source is
+    /// masqueraded to the tun's address (this node's gateway), so replies from a backend on
+    /// any node come back here and the kernel turns them back; for `Local` the client's
+    /// address is kept and the loop picks a local endpoint.
+    fn node_port_rules(&self, st: &Steering) -> (String, String, String) {
+        let tun = &self.ifname;
+        let mut sets = String::new();
+        for (name, elems) in steering_elements(st) {
+            let ty = match name {
+                MAP_INGRESS4 => "map",
+                MAP_INGRESS6 => "map",
+                _ => "set",
+            };
+            let key = match name {
+                MAP_INGRESS4 => "ipv4_addr . inet_proto . inet_service : inet_service",
+                MAP_INGRESS6 => "ipv6_addr . inet_proto . inet_service : inet_service",
+                _ => "inet_proto . inet_service",
+            };
+            let elems = if elems.is_empty() {
+                String::new()
+            } else {
+                format!(" elements = {{ {elems} }};")
+            };
+            sets.push_str(&format!("  {ty} {name} {{ type {key};{elems} }}\n"));
+        }
+        let (mut dnat, mut masq) = (String::new(), String::new());
+        for at in self.node_port_addrs() {
+            let (fam, nf, to, map) = match at {
+                IpAddr::V4(a) => ("ip", "ipv4", a.to_string(), MAP_INGRESS4),
+                IpAddr::V6(a) => ("ip6", "ipv6", format!("[{a}]"), MAP_INGRESS6),
+            };
+            dnat.push_str(&format!(
+                "    fib daddr type local meta nfproto {nf} meta l4proto . th dport @{SET_NODE_PORTS} dnat {fam} to {to}\n"
+            ));
+            dnat.push_str(&format!(
+                "    meta nfproto {nf} meta l4proto {{ tcp, udp, sctp }} {fam} daddr . meta l4proto . th dport @{map} dnat {fam} to {to} : {fam} daddr . meta l4proto . th dport map @{map}\n"
+            ));
+            masq.push_str(&format!(
+                "    oifname \"{tun}\" {fam} daddr {at} meta l4proto . th dport @{SET_MASQUERADE} masquerade\n"
+            ));
+            masq.push_str(&format!(
+                "    oifname \"{tun}\" {fam} daddr {at} fib saddr type local masquerade\n"
+            ));
+        }
+        (sets, dnat, masq)
+    }
+
     /// Installs the ruleset (one transaction: no moment without the filter).
+    /// The steering lock is held until `nft` is done, so that a steering update cannot land
+    /// between rendering the ruleset and replacing the table (and be lost with it).
     pub fn install(&self, own: &[IpNetwork]) -> std::io::Result<()> {
-        nft(&["-f", "-"], Some(&self.ruleset(own))).map(drop)
+        let steering = self.lock_steering();
+        nft(&["-f", "-"], Some(&self.ruleset_with(own, &steering))).map(drop)
+    }
+
+    /// Steers these node ports and ingress IPs into the loop from now on: the sets and maps
+    /// are replaced in one transaction (the rest of the ruleset, and its counters, stay).
+    pub fn set_steering(&self, st: &Steering) -> std::io::Result<()> {
+        let mut g = self.lock_steering();
+        if *g == *st {
+            return Ok(());
+        }
+        // Kept even if `nft` fails: the next install carries it.
+        *g = st.clone();
+        let mut script = String::new();
+        for (name, elems) in steering_elements(st) {
+            let ty = if name.starts_with("ingress") {
+                "map"
+            } else {
+                "set"
+            };
+            script.push_str(&format!("flush {ty} inet kwire {name}\n"));
+            if !elems.is_empty() {
+                script.push_str(&format!("add element inet kwire {name} {{ {elems} }}\n"));
+            }
+        }
+        nft(&["-f", "-"], Some(&script)).map(drop)
     }
 
     /// Adds what the firewall dropped since the last look to the loop's drop counters, until
@@ -347,14 +509,41 @@ mod tests {
     use super::*;
 
     fn firewall() -> Firewall {
+        use crate::services::table::{IngressPort, NodePort};
+        let steering = Steering {
+            node_ports: [
+                NodePort {
+                    proto: 6,
+                    port: 30080,
+                    masquerade: true,
+                },
+                NodePort {
+                    proto: 17,
+                    port: 30053,
+                    masquerade: false,
+                },
+            ]
+            .into(),
+            ingress: [IngressPort {
+                ip: "203.0.113.10".parse().unwrap(),
+                proto: 6,
+                port: 80,
+                node_port: 30080,
+            }]
+            .into(),
+        };
         Firewall {
             ifname: "kw0".into(),
             cluster: vec![
                 "10.244.0.0/16".parse().unwrap(),
                 "fd00:10:244::/56".parse().unwrap(),
             ],
-            services: vec!["10.96.0.0/12".parse().unwrap()],
+            services: vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "fd00:10:96::/108".parse().unwrap(),
+            ],
             counters: Arc::new(Counters::default()),
+            steering: Arc::new(Mutex::new(steering)),
         }
     }
 
@@ -374,13 +563,31 @@ mod tests {
             "{r}"
         );
         assert!(r.contains("ip daddr { 10.244.0.0/16, 10.96.0.0/12 } oifname != { \"kw0\", \"lo\" } counter name cluster_escape reject"), "{r}");
-        assert!(r.contains("ip6 daddr { fd00:10:244::/56 }"), "{r}");
+        assert!(
+            r.contains("ip6 daddr { fd00:10:244::/56, fd00:10:96::/108 }"),
+            "{r}"
+        );
         assert!(
             r.contains("ip saddr 10.244.1.0/24 oifname != \"kw0\" masquerade"),
             "{r}"
         );
         // Before the pod CIDRs are known: the filter, no masquerading.
-        assert!(!firewall().ruleset(&[]).contains(" masquerade\n"));
+        assert!(!firewall().ruleset(&[]).contains("ip saddr"));
+        // Node ports: DNATed to the node-port address (the Service range's network address),
+        // from the underlay and from the node itself; Cluster ones masqueraded.
+        assert!(r.contains("fib daddr type local meta nfproto ipv4 meta l4proto . th dport @node_ports dnat ip to 10.96.0.0\n"), "{r}");
+        assert!(r.contains("oifname \"kw0\" ip daddr 10.96.0.0 meta l4proto . th dport @node_ports_masquerade masquerade"), "{r}");
+        assert!(r.contains("chain output_nat"), "{r}");
+        assert!(
+            r.contains("set node_ports { type inet_proto . inet_service;"),
+            "{r}"
+        );
+        assert!(r.contains("set node_ports { type inet_proto . inet_service; elements = { tcp . 30080, udp . 30053 }; }"), "{r}");
+        assert!(r.contains("set node_ports_masquerade { type inet_proto . inet_service; elements = { tcp . 30080 }; }"), "{r}");
+        assert!(
+            r.contains("elements = { 203.0.113.10 . tcp . 80 : 30080 }"),
+            "{r}"
+        );
     }
 
     /// The ruleset is what `nft` accepts (checked, not installed: `nft -c`).

@@ -4,7 +4,10 @@
 //! is translated before both lists have been read once; while the API is unreachable the
 //! last table stays in force.
 
+use super::pod_network::Firewall;
+use super::service_health::HealthServers;
 use crate::dataplane::ports::Pods;
+use crate::services::table::Scope;
 use crate::services::{ServiceTable, ServiceView, SliceView};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
@@ -133,8 +136,18 @@ enum Item {
     Slice(Result<Event<EndpointSlice>, watcher::Error>),
 }
 
+/// What the node's table depends on besides the objects: its name (local endpoints) and the
+/// host firewall that steers its node ports (which also gives the node-port addresses).
+pub struct NodeScope {
+    pub node: String,
+    pub firewall: Firewall,
+}
+
 /// Runs until aborted.
-pub async fn run(client: Client, pods: Arc<Pods>) {
+pub async fn run(client: Client, pods: Arc<Pods>, node: NodeScope) {
+    let scope = Arc::new(Scope::new(&node.node, &node.firewall.services));
+    let firewall = node.firewall;
+    let health = Arc::new(tokio::sync::Mutex::new(HealthServers::default()));
     let cfg = watcher::Config::default;
     let services = watcher::watcher(Api::<Service>::all(client.clone()), cfg())
         .backoff(super::WatchBackoff::default())
@@ -170,11 +183,13 @@ pub async fn run(client: Client, pods: Arc<Pods>) {
             )
         };
         let pods = pods.clone();
+        let (scope, firewall, health) = (scope.clone(), firewall.clone(), health.clone());
         async move {
             let started = Instant::now();
-            let compiled =
-                tokio::task::spawn_blocking(move || ServiceTable::compile(&services, &slices))
-                    .await;
+            let compiled = tokio::task::spawn_blocking(move || {
+                ServiceTable::compile_for(&services, &slices, &scope)
+            })
+            .await;
             match compiled {
                 Ok(table) => {
                     info!(
@@ -184,7 +199,18 @@ pub async fn run(client: Client, pods: Arc<Pods>) {
                         took_ms = started.elapsed().as_millis() as u64,
                         "service table swapped in"
                     );
-                    pods.set_services(Arc::new(table));
+                    let table = Arc::new(table);
+                    pods.set_services(table.clone());
+                    let steer = table.steering().clone();
+                    let fw = firewall.clone();
+                    match tokio::task::spawn_blocking(move || fw.set_steering(&steer)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => {
+                            warn!(error = %e, "cannot steer node ports into the loop (table inet kwire)")
+                        }
+                        Err(e) => warn!(error = %e, "cannot steer node ports into the loop"),
+                    }
+                    health.lock().await.apply(table.health_checks()).await;
                 }
                 Err(e) => warn!(error = %e, "compiling the service table failed"),
             }

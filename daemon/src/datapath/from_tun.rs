@@ -86,14 +86,24 @@ fn next_hop<T>(ctx: &Ctx<'_, T>, from: Port, frame: &mut [u8]) -> Result<NextHop
     antispoof::check(ctx.local, from, src)?;
     // After the source is known to be the pod's own, before policy: policy and routing see
     // the backend a Service's address was translated to.
-    service::forward(ctx, frame)?;
+    // A hairpinned flow (a pod reaching itself through its Service) is the pod's traffic to
+    // itself: policy does not judge it. A node port's is never the node's own traffic.
+    let translated = service::forward(ctx, from, frame)?;
+    let hairpin = translated == service::Translated::Hairpin;
     let pkt = &frame[ctx.offset()..];
     let (_, dst) = addresses(pkt).ok_or(DropReason::Malformed)?;
-    policy::egress(ctx.local, from, pkt)?;
+    if !hairpin {
+        policy::egress(ctx.local, from, pkt)?;
+    }
     let hop = route::from_tun(ctx, from, dst)?;
-    if let NextHop::Pod(pod) = hop {
-        let from_node = from == Port::Host && ctx.local.is_gateway(src);
-        policy::ingress(ctx.local, Port::Pod(pod), from_node, pkt)?;
+    match hop {
+        NextHop::Pod(pod) if !hairpin => {
+            let from_node = from == Port::Host
+                && ctx.local.is_gateway(src)
+                && translated != service::Translated::NodePort;
+            policy::ingress(ctx.local, Port::Pod(pod), from_node, pkt)?;
+        }
+        _ => {}
     }
     // A backend's reply: policy judged the real addresses, the client sees the Service's.
     service::reverse_frame(ctx, frame);
@@ -168,6 +178,8 @@ fn too_big_answer<T>(ctx: &Ctx<'_, T>, frame: &[u8], out: &mut [u8]) -> Option<u
         ctx.local.gateway_v6(),
         out.get_mut(off..)?,
     )?;
+    // It quotes the packet as translated: the client must see its own flow, to the Service.
+    service::reverse_answer(ctx.local, out.get_mut(off..off + n)?);
     Some(off + n)
 }
 

@@ -14,6 +14,7 @@
 //!   destination                              multicast
 //!   antispoof.rs: pod source is its own      spoofed_source
 //!   service.rs: to a ClusterIP: a backend    service_no_endpoint (TCP reset / ICMP back)
+//!     (node port, ingress IP, hairpin)       service_no_local_endpoint
 //!   policy.rs: source pod's egress           policy_egress
 //!   route.rs: next hop
 //!     a pod on this node: policy.rs ingress  policy_ingress      -> DeliverToPort(pod)

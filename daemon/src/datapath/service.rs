@@ -13,20 +13,22 @@
 
 use super::conntrack::Flow;
 use super::icmp::{self, IcmpError};
-use super::local::LocalTable;
 /// The service snapshot of a node's local table (defined there, so that the table does not
 /// depend on this stage).
 pub use super::local::ServiceNat;
+use super::local::{LocalTable, Port};
 use super::nat::Forward;
 use super::stats::DropReason;
 use super::Ctx;
 use crate::offload::checksum::{fold, pseudo_header, set_ipv4_header, sum};
 use crate::offload::F_NEEDS_CSUM;
 use crate::services::flow_hash;
+use crate::services::table::FrontendKey;
 use std::net::{IpAddr, SocketAddr};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
+const SCTP: u8 = 132;
 const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
@@ -57,10 +59,17 @@ impl L4 {
     }
 }
 
-/// A TCP or UDP packet's addresses and ports: IPv4 (a first fragment or none) or IPv6 with
-/// the transport header first. Anything else is not translated.
+/// A TCP, UDP or SCTP packet's addresses and ports: IPv4 (a first fragment or none) or IPv6
+/// with the transport header first. Anything else is not translated.
 #[inline]
 fn parse(pkt: &[u8]) -> Option<L4> {
+    parse_l4(pkt, false)
+}
+
+/// [`parse`], or with `quoted` the TCP or UDP packet an ICMP error quotes: its IP header
+/// and at least the first 8 bytes of its transport header (all RFC 792 promises).
+#[inline(always)]
+fn parse_l4(pkt: &[u8], quoted: bool) -> Option<L4> {
     let (proto, v6, l4, src, dst) = match pkt.first()? >> 4 {
         4 if pkt.len() >= 20 => {
             let ihl = (pkt[0] & 0xf) as usize * 4;
@@ -78,9 +87,12 @@ fn parse(pkt: &[u8]) -> Option<L4> {
         }
         _ => return None,
     };
-    let header = match proto {
-        TCP => 20,
-        UDP => 8,
+    let header = match (proto, quoted) {
+        (TCP | UDP, true) => 8,
+        (_, true) => return None,
+        (TCP, false) => 20,
+        (UDP, false) => 8,
+        (SCTP, false) => 12,
         _ => return None,
     };
     let t = pkt.get(l4..l4 + header)?;
@@ -101,38 +113,105 @@ fn partial<T>(ctx: &Ctx<'_, T>, frame: &[u8]) -> bool {
     ctx.vnet && frame.first().is_some_and(|f| f & F_NEEDS_CSUM != 0)
 }
 
+/// What [`forward`] did to a packet, as far as policy cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Translated {
+    /// Nothing, or a ClusterIP's (or ingress IP's) translation: policy judges as usual.
+    Plain,
+    /// A hairpinned flow (a pod reaching itself through its Service, or its reply): the
+    /// pod's traffic to itself, as over its loopback; policy does not judge it.
+    Hairpin,
+    /// A node port's: the kernel steered it from outside (masqueraded to the node for
+    /// `externalTrafficPolicy: Cluster`); policy judges it by its source address even when
+    /// that is the node's own, never as the node's own traffic.
+    NodePort,
+}
+
 /// Translates a client's packet to a Service frontend (destination -> one backend); packets
-/// to anything else pass unchanged. `Err(ServiceNoEndpoint)`: the Service has no usable
-/// endpoint; the caller answers with [`reject`].
+/// to anything else pass unchanged. `Err(ServiceNoEndpoint)`: the Service has no usable endpoint; the caller
+/// answers with [`reject`]. `Err(ServiceNoLocalEndpoint)`: none on this node for a `Local`
+/// traffic policy (dropped, as kube-proxy does).
 #[inline]
-pub fn forward<T>(ctx: &Ctx<'_, T>, frame: &mut [u8]) -> Result<(), DropReason> {
+pub fn forward<T>(
+    ctx: &Ctx<'_, T>,
+    from: Port,
+    frame: &mut [u8],
+) -> Result<Translated, DropReason> {
     let Some(s) = &ctx.local.services else {
-        return Ok(());
+        return Ok(Translated::Plain);
     };
     let partial = partial(ctx, frame);
     let Some(pkt) = frame.get_mut(ctx.offset()..) else {
-        return Ok(());
+        return Ok(Translated::Plain);
     };
     let Some(p) = parse(pkt) else {
-        return Ok(());
+        icmp_error(s, pkt, Toward::Backend);
+        return Ok(Translated::Plain);
     };
+    let hairpin = s.table.node_port_addr(p.v6);
+    if from != Port::Host && hairpin == Some(p.dst) {
+        return Ok(if hairpin_reply(s, pkt, &p, partial) {
+            Translated::Hairpin
+        } else {
+            Translated::Plain
+        });
+    }
     let Some(fe) = s.table.lookup(p.proto, p.dst, p.dport) else {
-        return Ok(());
+        return Ok(Translated::Plain);
     };
     let new_syn = p.proto == TCP && pkt[p.l4 + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    // The client is this node (its own traffic, or masqueraded to it by the kernel).
+    let from_node = from == Port::Host && ctx.local.is_gateway(p.src);
+    let pool = fe.pool(from_node);
     let keep = |b: SocketAddr| {
         // A removed endpoint keeps its open TCP connections; new flows (and UDP) move.
-        fe.has(b) || (p.proto == TCP && !new_syn)
+        pool.is_ok_and(|pl| pl.has(b)) || (p.proto == TCP && !new_syn)
     };
-    let choose = || fe.pick(flow_hash(p.proto, p.src, p.sport, p.dst, p.dport));
-    match s.nat.forward(p.flow(), keep, choose) {
+    let choose = || {
+        let pl = pool.ok()?;
+        let pick = || pl.pick(flow_hash(p.proto, p.src, p.sport, p.dst, p.dport));
+        if fe.affinity_secs == 0 {
+            return pick();
+        }
+        let key = FrontendKey {
+            proto: p.proto,
+            ip: p.dst,
+            port: p.dport,
+        };
+        s.nat
+            .sticky(key, p.src, fe.affinity_secs, |b| pl.has(b), pick)
+    };
+    match s.nat.forward(p.flow(), hairpin, keep, choose) {
         Forward::To(to) => {
             rewrite(pkt, &p, true, to, partial);
-            Ok(())
+            match hairpin {
+                Some(h) if to.ip() == p.src => {
+                    // The pod would drop a packet from its own address: it comes from the
+                    // node-port address, and its reply is turned back in `hairpin_reply`.
+                    rewrite(pkt, &p, false, SocketAddr::new(h, p.sport), partial);
+                    Ok(Translated::Hairpin)
+                }
+                Some(h) if h == p.dst => Ok(Translated::NodePort),
+                _ => Ok(Translated::Plain),
+            }
         }
+        Forward::NoEndpoint if pool == Err(false) => Err(DropReason::ServiceNoLocalEndpoint),
         Forward::NoEndpoint => Err(DropReason::ServiceNoEndpoint),
         Forward::Full => Err(DropReason::FlowLimit),
     }
+}
+
+/// A pod's reply to a hairpinned flow (to the node-port address): from the Service, to the
+/// pod itself again. Whether it was one.
+#[cold]
+#[inline(never)]
+fn hairpin_reply(s: &ServiceNat, pkt: &mut [u8], p: &L4, partial: bool) -> bool {
+    let Some((from, Some(client))) = s.nat.reverse(p.flow()) else {
+        return false;
+    };
+    rewrite(pkt, p, false, from, partial);
+    rewrite(pkt, p, true, SocketAddr::new(client, p.dport), partial);
+    true
 }
 
 /// Gives a backend's reply of a translated flow the Service's address as its source. Runs
@@ -146,10 +225,148 @@ pub fn reverse<T>(local: &LocalTable<T>, pkt: &mut [u8], partial: bool) {
         return;
     }
     let Some(p) = parse(pkt) else {
+        icmp_error(s, pkt, Toward::Client);
         return;
     };
-    if let Some(from) = s.nat.reverse(p.flow()) {
+    if let Some((from, _)) = s.nat.reverse(p.flow()) {
         rewrite(pkt, &p, false, from, partial);
+    }
+}
+
+/// Which way an ICMP error about a translated flow travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Toward {
+    /// From the backend's side (the backend, or a hop on the way, e.g. this node's MTU
+    /// check) to the client: it quotes the translated packet (client -> backend).
+    Client,
+    /// From the client about a reply (Service -> client): it must reach the backend.
+    Backend,
+}
+
+/// ICMP error types that quote the packet they are about: destination unreachable (with
+/// fragmentation needed), time exceeded, parameter problem; ICMPv6 also packet too big.
+fn is_icmp_error(v6: bool, ty: u8) -> bool {
+    if v6 {
+        matches!(ty, 1..=4)
+    } else {
+        matches!(ty, 3 | 11 | 12)
+    }
+}
+
+/// Translates an ICMP error about a translated flow, so that its sender's peer recognises
+/// the flow: toward the client, the quoted packet's destination (the backend) becomes the
+/// Service's address again, and so does the error's source when the backend sent it
+/// itself; toward the backend, the quoted source (the Service) becomes the backend and so
+/// does the error's destination. Checksums (outer IPv4 header, quoted IPv4 header and
+/// transport checksum when quoted, ICMP) follow. Anything else is left alone.
+#[cold]
+#[inline(never)]
+fn icmp_error(s: &ServiceNat, pkt: &mut [u8], toward: Toward) {
+    if s.nat.is_empty() {
+        return;
+    }
+    let (v6, hl, len) = match pkt.first().map(|b| b >> 4) {
+        Some(4) if pkt.len() >= 28 => {
+            let ihl = (pkt[0] & 0xf) as usize * 4;
+            let frag = u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0;
+            if pkt[9] != 1 || ihl < 20 || frag {
+                return;
+            }
+            (false, ihl, u16::from_be_bytes([pkt[2], pkt[3]]) as usize)
+        }
+        Some(6) if pkt.len() >= 48 => {
+            if pkt[6] != 58 {
+                return;
+            }
+            (true, 40, 40 + u16::from_be_bytes([pkt[4], pkt[5]]) as usize)
+        }
+        _ => return,
+    };
+    let len = len.min(pkt.len());
+    if len < hl + 8 || !is_icmp_error(v6, pkt[hl]) {
+        return;
+    }
+    let at = hl + 8;
+    let Some(q) = parse_quoted(&pkt[at..len]) else {
+        return;
+    };
+    if q.v6 != v6 {
+        return;
+    }
+    // The quoted packet is of the flow's forward direction (client -> backend) toward the
+    // client, of its reply (Service -> client) toward the backend.
+    let (outer_at, new) = match toward {
+        Toward::Client => {
+            let reply = Flow {
+                proto: q.proto,
+                src: q.dst,
+                sport: q.dport,
+                dst: q.src,
+                dport: q.sport,
+            };
+            let Some((from, _)) = s.nat.reverse(reply) else {
+                return;
+            };
+            // Outer source: rewritten when the backend itself sent the error.
+            let (src_at, alen) = if v6 { (8, 16) } else { (12, 4) };
+            let outer = (pkt[src_at..src_at + alen] == ip_bytes(q.dst)[..alen]).then_some(src_at);
+            rewrite(&mut pkt[at..len], &q, true, from, false);
+            (outer, from)
+        }
+        Toward::Backend => {
+            let flow = Flow {
+                proto: q.proto,
+                src: q.dst,
+                sport: q.dport,
+                dst: q.src,
+                dport: q.sport,
+            };
+            let Some(to) = s.nat.backend(flow) else {
+                return;
+            };
+            rewrite(&mut pkt[at..len], &q, false, to, false);
+            (Some(if v6 { 24 } else { 16 }), to)
+        }
+    };
+    if let Some(o) = outer_at {
+        let alen = if v6 { 16 } else { 4 };
+        pkt[o..o + alen].copy_from_slice(&ip_bytes(new.ip())[..alen]);
+    }
+    if !v6 {
+        set_ipv4_header(&mut pkt[..hl]);
+    }
+    // The ICMP checksum, over the message (and for ICMPv6 the pseudo-header).
+    pkt[hl + 2] = 0;
+    pkt[hl + 3] = 0;
+    let acc = if v6 {
+        pseudo_header(&pkt[8..24], &pkt[24..40], 58, (len - hl) as u32)
+    } else {
+        0
+    };
+    let c = !fold(sum(acc, &pkt[hl..len]));
+    pkt[hl + 2..hl + 4].copy_from_slice(&c.to_be_bytes());
+}
+
+/// An address's bytes (IPv4 in the first four).
+fn ip_bytes(ip: IpAddr) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    match ip {
+        IpAddr::V4(a) => b[..4].copy_from_slice(&a.octets()),
+        IpAddr::V6(a) => b.copy_from_slice(&a.octets()),
+    }
+    b
+}
+
+/// The packet an ICMP error quotes ([`parse_l4`]).
+fn parse_quoted(pkt: &[u8]) -> Option<L4> {
+    parse_l4(pkt, true)
+}
+
+/// [`reverse`] for an ICMP error this node writes itself about a client's translated packet
+/// (the tunnel's MTU check quotes it after translation).
+pub fn reverse_answer<T>(local: &LocalTable<T>, pkt: &mut [u8]) {
+    if let Some(s) = &local.services {
+        icmp_error(s, pkt, Toward::Client);
     }
 }
 
@@ -187,6 +404,15 @@ fn rewrite(pkt: &mut [u8], p: &L4, dst: bool, to: SocketAddr, partial: bool) {
         _ => return, // never across families: frontends are per family
     }
     let port_at = p.l4 + if dst { 2 } else { 0 };
+    if p.proto == SCTP {
+        pkt[at..at + len].copy_from_slice(&new[..len]);
+        pkt[port_at..port_at + 2].copy_from_slice(&to.port().to_be_bytes());
+        if !p.v6 {
+            set_ipv4_header(&mut pkt[..p.l4]);
+        }
+        set_sctp_checksum(pkt, p);
+        return;
+    }
     let csum_at = p.l4 + if p.proto == TCP { 16 } else { 6 };
     let addr_delta = sum(sum_negated(0, &pkt[at..at + len]), &new[..len]);
     let port_delta = sum(
@@ -218,12 +444,65 @@ fn rewrite(pkt: &mut [u8], p: &L4, dst: bool, to: SocketAddr, partial: bool) {
     field.copy_from_slice(&c.to_be_bytes());
 }
 
+/// CRC32c (Castagnoli, reflected polynomial 0x82F63B78), SCTP's checksum (RFC 9260
+/// appendix A): its lookup table, built at compile time.
+const CRC32C: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82F6_3B78
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
+fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for b in data {
+        crc = CRC32C[((crc ^ *b as u32) & 0xff) as usize] ^ (crc >> 8);
+    }
+    !crc
+}
+
+/// Recomputes an SCTP packet's checksum over its common header and chunks (the addresses
+/// do not enter it; its ports do). SCTP has no partial checksum here: tun devices do not
+/// offer CRC32c offload, so the kernel hands over complete packets. Not per-packet for
+/// TCP/UDP: SCTP flows only.
+#[cold]
+fn set_sctp_checksum(pkt: &mut [u8], p: &L4) {
+    let end = if p.v6 {
+        40 + u16::from_be_bytes([pkt[4], pkt[5]]) as usize
+    } else {
+        u16::from_be_bytes([pkt[2], pkt[3]]) as usize
+    };
+    let Some(sctp) = pkt.get_mut(p.l4..end.min(pkt.len())) else {
+        return;
+    };
+    if sctp.len() < 12 {
+        return;
+    }
+    sctp[8..12].fill(0);
+    // Sent least significant byte first (RFC 9260 appendix A; Linux stores it as __le32).
+    let c = crc32c(sctp);
+    sctp[8..12].copy_from_slice(&c.to_le_bytes());
+}
+
 /// Writes into `out` the answer to a client's packet for a Service without endpoints (a TCP
-/// reset, or ICMP port unreachable for UDP), from the Service's address; returns its length,
-/// or `None` when the packet gets none (a reset itself, not TCP/UDP).
+/// reset, or ICMP port unreachable for UDP and SCTP), from the Service's address; returns
+/// its length, or `None` when the packet gets none (a reset itself, not TCP/UDP/SCTP).
 pub fn reject(pkt: &[u8], out: &mut [u8]) -> Option<usize> {
     let p = parse(pkt)?;
-    if p.proto == UDP {
+    if p.proto != TCP {
         let (from4, from6) = match p.dst {
             IpAddr::V4(a) => (Some(a), None),
             IpAddr::V6(a) => (None, Some(a)),
@@ -383,6 +662,21 @@ pub(crate) mod tests {
     /// A table with `web` (TCP 80 and UDP 53 on a dual-stack ClusterIP) backed by the given
     /// endpoints on 8080/5353, and `empty` without any.
     pub(crate) fn services(backends: &[&str]) -> ServiceNat {
+        let eps: Vec<(&str, &str)> = backends.iter().map(|b| (*b, "elsewhere")).collect();
+        services_on(&eps, |_| {})
+    }
+
+    /// The node the tables of [`services_on`] are compiled for, and its gateway.
+    const NODE: &str = "n1";
+    const GATEWAY: &str = "10.244.1.1";
+
+    /// [`services`] with endpoints `(address, nodeName)`, for node [`NODE`] with node-port
+    /// addresses 10.96.0.0 and fd00:96::, `web` changed by `tweak` (its http port has node
+    /// port 30080, its dns port 30053, when `tweak` makes it a NodePort Service).
+    pub(crate) fn services_on(
+        backends: &[(&str, &str)],
+        tweak: impl Fn(&mut ServiceView),
+    ) -> ServiceNat {
         let svc = |name: &str, ips: &[&str]| ServiceView {
             namespace: "shop".into(),
             name: name.into(),
@@ -392,14 +686,19 @@ pub(crate) mod tests {
                     name: "http".into(),
                     proto: TCP,
                     port: 80,
+                    ..Default::default()
                 },
                 ServicePortView {
                     name: "dns".into(),
                     proto: UDP,
                     port: 53,
+                    ..Default::default()
                 },
             ],
+            ..Default::default()
         };
+        let mut web = svc("web", &["10.96.0.10", "fd00:96::10"]);
+        tweak(&mut web);
         let slice = SliceView {
             namespace: "shop".into(),
             service: "web".into(),
@@ -417,28 +716,40 @@ pub(crate) mod tests {
             ],
             endpoints: backends
                 .iter()
-                .map(|b| EndpointView {
+                .map(|(b, node)| EndpointView {
                     addresses: vec![b.parse().unwrap()],
                     ready: true,
                     serving: true,
                     terminating: false,
+                    node_name: Some(node.to_string()),
                 })
                 .collect(),
         };
+        let scope = crate::services::table::Scope {
+            node: Some(NODE.into()),
+            node_port_addrs: vec!["10.96.0.0".parse().unwrap(), "fd00:96::".parse().unwrap()],
+        };
         ServiceNat {
-            table: Arc::new(ServiceTable::compile(
-                &[
-                    svc("web", &["10.96.0.10", "fd00:96::10"]),
-                    svc("empty", &["10.96.0.11", "fd00:96::11"]),
-                ],
+            table: Arc::new(ServiceTable::compile_for(
+                &[web, svc("empty", &["10.96.0.11", "fd00:96::11"])],
                 &[slice],
+                &scope,
             )),
             nat: Arc::new(NatTable::default()),
         }
     }
 
     fn translate(s: &ServiceNat, pkt: &mut [u8]) -> Result<(), DropReason> {
-        let mut local = LocalTable::<()>::default();
+        translate_from(s, Port::Pod(0), pkt).map(drop)
+    }
+
+    /// [`forward`] of a packet from `from` on node [`NODE`].
+    fn translate_from(
+        s: &ServiceNat,
+        from: Port,
+        pkt: &mut [u8],
+    ) -> Result<Translated, DropReason> {
+        let mut local = LocalTable::<()>::new(Vec::new(), vec![GATEWAY.parse().unwrap()]);
         local.services = Some(s.clone());
         let snap = crate::wg::device::Snapshot::default();
         let (counters, limiter) = (
@@ -454,7 +765,7 @@ pub(crate) mod tests {
             now: std::time::Instant::now(),
             vnet: false,
         };
-        forward(&ctx, pkt)
+        forward(&ctx, from, pkt)
     }
 
     fn back(s: &ServiceNat, pkt: &mut [u8]) {
@@ -610,5 +921,429 @@ pub(crate) mod tests {
         let n = reject(&d6, &mut out).unwrap();
         assert_eq!((out[40], out[41]), (1, 4), "ICMPv6 port unreachable");
         assert!(n > 48);
+    }
+
+    /// Where a translated packet goes: (source, destination).
+    fn ends(p: &[u8]) -> (SocketAddr, SocketAddr) {
+        let q = parse(p).unwrap();
+        (
+            SocketAddr::new(q.src, q.sport),
+            SocketAddr::new(q.dst, q.dport),
+        )
+    }
+
+    fn node_port(local: bool) -> impl Fn(&mut ServiceView) {
+        move |v: &mut ServiceView| {
+            v.ports[0].node_port = Some(30080);
+            v.ports[1].node_port = Some(30053);
+            v.external_local = local;
+        }
+    }
+
+    #[test]
+    fn node_ports_external_traffic_policy_cluster_and_local() {
+        let eps = [("10.244.1.7", NODE), ("10.244.2.5", "n2")];
+        let outside = |port: u16| sa(&format!("192.0.2.201:{port}"));
+        let node = |port: u16| sa(&format!("{GATEWAY}:{port}"));
+        let backends_seen = |s: &ServiceNat, client: &dyn Fn(u16) -> SocketAddr| {
+            let mut seen = std::collections::BTreeSet::new();
+            for port in 40000..40064 {
+                let mut p = packet(TCP, client(port), sa("10.96.0.0:30080"), TCP_SYN, b"");
+                translate_from(s, Port::Host, &mut p).unwrap();
+                assert!(checksums_valid(&p));
+                let (src, dst) = ends(&p);
+                assert_eq!(src, client(port), "the source is the kernel's business");
+                seen.insert(dst);
+            }
+            seen
+        };
+        let both: std::collections::BTreeSet<SocketAddr> =
+            [sa("10.244.1.7:8080"), sa("10.244.2.5:8080")].into();
+        let local_only: std::collections::BTreeSet<SocketAddr> = [sa("10.244.1.7:8080")].into();
+        // Cluster: every endpoint, whoever the client.
+        let s = services_on(&eps, node_port(false));
+        assert_eq!(backends_seen(&s, &outside), both);
+        // Local: a client from elsewhere reaches this node's endpoint only; the node's own
+        // (masqueraded) traffic every endpoint.
+        let s = services_on(&eps, node_port(true));
+        assert_eq!(backends_seen(&s, &outside), local_only);
+        assert_eq!(backends_seen(&s, &node), both);
+        // The ClusterIP is not subject to externalTrafficPolicy.
+        let mut seen = std::collections::BTreeSet::new();
+        for port in 40000..40064 {
+            let mut p = packet(
+                TCP,
+                sa(&format!("10.244.1.9:{port}")),
+                sa("10.96.0.10:80"),
+                TCP_SYN,
+                b"",
+            );
+            translate(&s, &mut p).unwrap();
+            seen.insert(ends(&p).1);
+        }
+        assert_eq!(seen, both);
+        // UDP, IPv6 node-port address.
+        let s = services_on(&[("fd00:244:1::7", NODE)], node_port(true));
+        let mut p = packet(
+            UDP,
+            sa("[2001:db8::9]:5000"),
+            sa("[fd00:96::]:30053"),
+            0,
+            b"q",
+        );
+        translate_from(&s, Port::Host, &mut p).unwrap();
+        assert_eq!(ends(&p).1, sa("[fd00:244:1::7]:5353"));
+        // Local without a local endpoint: dropped for clients from elsewhere (the health
+        // check fails), served for the node itself.
+        let s = services_on(&[("10.244.2.5", "n2")], node_port(true));
+        let mut p = packet(TCP, outside(1), sa("10.96.0.0:30080"), TCP_SYN, b"");
+        assert_eq!(
+            translate_from(&s, Port::Host, &mut p),
+            Err(DropReason::ServiceNoLocalEndpoint)
+        );
+        let mut p = packet(TCP, node(1), sa("10.96.0.0:30080"), TCP_SYN, b"");
+        assert_eq!(
+            translate_from(&s, Port::Host, &mut p),
+            Ok(Translated::NodePort)
+        );
+        // No endpoint at all: refused.
+        let s = services_on(&[], node_port(true));
+        let mut p = packet(TCP, outside(1), sa("10.96.0.0:30080"), TCP_SYN, b"");
+        assert_eq!(
+            translate_from(&s, Port::Host, &mut p),
+            Err(DropReason::ServiceNoEndpoint)
+        );
+        // Not a node port: unchanged.
+        let mut p = packet(TCP, outside(1), sa("10.96.0.0:30081"), TCP_SYN, b"");
+        let before = p.clone();
+        assert_eq!(
+            translate_from(&s, Port::Host, &mut p),
+            Ok(Translated::Plain)
+        );
+        assert_eq!(p, before);
+    }
+
+    #[test]
+    fn internal_traffic_policy_local_uses_this_nodes_endpoints() {
+        let itp = |v: &mut ServiceView| v.internal_local = true;
+        let s = services_on(&[("10.244.1.7", NODE), ("10.244.2.5", "n2")], itp);
+        for port in 40000..40064 {
+            let mut p = packet(
+                TCP,
+                sa(&format!("10.244.1.9:{port}")),
+                sa("10.96.0.10:80"),
+                TCP_SYN,
+                b"",
+            );
+            translate(&s, &mut p).unwrap();
+            assert_eq!(ends(&p).1, sa("10.244.1.7:8080"));
+        }
+        let s = services_on(&[("10.244.2.5", "n2")], itp);
+        let mut p = packet(TCP, sa("10.244.1.9:1"), sa("10.96.0.10:80"), TCP_SYN, b"");
+        assert_eq!(
+            translate(&s, &mut p),
+            Err(DropReason::ServiceNoLocalEndpoint)
+        );
+    }
+
+    #[test]
+    fn session_affinity_sends_a_client_to_one_backend() {
+        let eps = [
+            ("10.244.1.7", NODE),
+            ("10.244.2.5", "n2"),
+            ("10.244.3.5", "n3"),
+        ];
+        let plain = services_on(&eps, |_| {});
+        let sticky = services_on(&eps, |v| v.affinity_secs = 10800);
+        let spread = |s: &ServiceNat, client: &str| {
+            let mut seen = std::collections::BTreeSet::new();
+            for port in 40000..40032 {
+                let mut p = packet(
+                    TCP,
+                    sa(&format!("{client}:{port}")),
+                    sa("10.96.0.10:80"),
+                    TCP_SYN,
+                    b"",
+                );
+                translate(s, &mut p).unwrap();
+                seen.insert(ends(&p).1);
+            }
+            seen.len()
+        };
+        assert_eq!(spread(&plain, "10.244.1.9"), 3);
+        assert_eq!(spread(&sticky, "10.244.1.9"), 1);
+        assert_eq!(spread(&sticky, "10.244.1.10"), 1);
+    }
+
+    #[test]
+    fn hairpin_a_pod_reaches_itself_through_its_service() {
+        let s = services_on(&[("10.244.1.7", NODE), ("fd00:244:1::7", NODE)], |_| {});
+        for (me, vip, h) in [
+            ("10.244.1.7", "10.96.0.10:80", "10.96.0.0"),
+            ("fd00:244:1::7", "[fd00:96::10]:80", "fd00:96::"),
+        ] {
+            let ip: IpAddr = me.parse().unwrap();
+            let client = SocketAddr::new(ip, 40000);
+            let backend = SocketAddr::new(ip, 8080);
+            let mut p = packet(TCP, client, sa(vip), TCP_SYN, b"hi");
+            assert_eq!(
+                translate_from(&s, Port::Pod(0), &mut p),
+                Ok(Translated::Hairpin),
+                "a hairpin"
+            );
+            assert_eq!(
+                ends(&p),
+                (SocketAddr::new(h.parse().unwrap(), 40000), backend)
+            );
+            assert!(checksums_valid(&p));
+            // The pod's reply, to the node-port address, comes back from the Service.
+            let mut r = packet(
+                TCP,
+                backend,
+                SocketAddr::new(h.parse().unwrap(), 40000),
+                TCP_ACK,
+                b"yo",
+            );
+            assert_eq!(
+                translate_from(&s, Port::Pod(0), &mut r),
+                Ok(Translated::Hairpin)
+            );
+            assert_eq!(ends(&r), (sa(vip), client));
+            assert!(checksums_valid(&r));
+            // Later packets of the flow keep both rewrites.
+            let mut again = packet(TCP, client, sa(vip), TCP_ACK, b"more");
+            assert_eq!(
+                translate_from(&s, Port::Pod(0), &mut again),
+                Ok(Translated::Hairpin)
+            );
+            assert_eq!(ends(&again).0.ip(), h.parse::<IpAddr>().unwrap());
+        }
+    }
+
+    /// Whether an ICMP(v6) error's checksum and its quoted IPv4 header are right.
+    fn icmp_valid(p: &[u8]) -> bool {
+        let v6 = p[0] >> 4 == 6;
+        let hl = if v6 { 40 } else { 20 };
+        let acc = if v6 {
+            pseudo_header(&p[8..24], &p[24..40], 58, (p.len() - hl) as u32)
+        } else {
+            0
+        };
+        let quoted_ok = v6 || fold(sum(0, &p[hl + 8..hl + 28])) == 0xffff;
+        let outer_ok = v6 || fold(sum(0, &p[..20])) == 0xffff;
+        fold(sum(acc, &p[hl..])) == 0xffff && quoted_ok && outer_ok
+    }
+
+    #[test]
+    fn icmp_errors_about_a_translated_flow_are_translated_both_ways() {
+        let s = services(&["10.244.2.5", "fd00:244:2::5"]);
+        let mut out = [0u8; 2048];
+        for (client, vip, backend, gw) in [
+            (
+                "10.244.1.5:40001",
+                "10.96.0.10:53",
+                "10.244.2.5:5353",
+                "10.244.1.1",
+            ),
+            (
+                "[fd00:244:1::5]:40001",
+                "[fd00:96::10]:53",
+                "[fd00:244:2::5]:5353",
+                "fd00:244:1::1",
+            ),
+        ] {
+            let v6 = vip.starts_with('[');
+            let hl = if v6 { 40 } else { 20 };
+            let mut q = packet(UDP, sa(client), sa(vip), 0, b"query");
+            translate(&s, &mut q).unwrap();
+            // The backend answers port unreachable: the client sees it from the Service,
+            // about its own datagram to the Service.
+            let (f4, f6) = match sa(backend).ip() {
+                IpAddr::V4(a) => (Some(a), None),
+                IpAddr::V6(a) => (None, Some(a)),
+            };
+            let n = icmp::error(&q, IcmpError::PortUnreachable, f4, f6, &mut out).unwrap();
+            let mut e = out[..n].to_vec();
+            back(&s, &mut e);
+            let (src, _) = crate::datapath::local::addresses(&e).unwrap();
+            assert_eq!(src, sa(vip).ip(), "{vip}: from the Service");
+            let inner = parse_quoted(&e[hl + 8..]).unwrap();
+            assert_eq!(SocketAddr::new(inner.dst, inner.dport), sa(vip));
+            assert_eq!(SocketAddr::new(inner.src, inner.sport), sa(client));
+            assert!(icmp_valid(&e), "{vip}: checksums");
+            assert!(
+                checksums_valid(&e[hl + 8..]),
+                "{vip}: the quoted datagram's checksum"
+            );
+            // This node's own error (fragmentation needed) quotes the translated packet: its
+            // quote is translated, its source (the gateway) kept.
+            let (g4, g6) = match gw.parse::<IpAddr>().unwrap() {
+                IpAddr::V4(a) => (Some(a), None),
+                IpAddr::V6(a) => (None, Some(a)),
+            };
+            let mut big = packet(UDP, sa(client), sa(vip), 0, &[0u8; 1400]);
+            translate(&s, &mut big).unwrap();
+            let n = icmp::too_big(&big, 1280, g4, g6, &mut out).unwrap();
+            let mut local = LocalTable::<()>::default();
+            local.services = Some(s.clone());
+            reverse_answer(&local, &mut out[..n]);
+            let e = &out[..n];
+            assert_eq!(
+                crate::datapath::local::addresses(e).unwrap().0,
+                gw.parse::<IpAddr>().unwrap()
+            );
+            let inner = parse_quoted(&e[hl + 8..]).unwrap();
+            assert_eq!(
+                SocketAddr::new(inner.dst, inner.dport),
+                sa(vip),
+                "{vip}: frag needed"
+            );
+            assert!(icmp_valid(e));
+            // The client answers a reply (from the Service) with port unreachable: it reaches
+            // the backend, about the backend's own datagram.
+            let mut r = packet(UDP, sa(backend), sa(client), 0, b"answer");
+            back(&s, &mut r);
+            let (c4, c6) = match sa(client).ip() {
+                IpAddr::V4(a) => (Some(a), None),
+                IpAddr::V6(a) => (None, Some(a)),
+            };
+            let n = icmp::error(&r, IcmpError::PortUnreachable, c4, c6, &mut out).unwrap();
+            let mut e = out[..n].to_vec();
+            assert_eq!(translate(&s, &mut e), Ok(()));
+            assert_eq!(
+                crate::datapath::local::addresses(&e).unwrap().1,
+                sa(backend).ip()
+            );
+            let inner = parse_quoted(&e[hl + 8..]).unwrap();
+            assert_eq!(SocketAddr::new(inner.src, inner.sport), sa(backend));
+            assert!(icmp_valid(&e), "{vip}: toward the backend");
+        }
+        // An error about no translated flow is left alone.
+        let q = packet(UDP, sa("10.244.1.5:1"), sa("10.244.2.9:2"), 0, b"x");
+        let n = icmp::error(
+            &q,
+            IcmpError::PortUnreachable,
+            Some("10.244.2.9".parse().unwrap()),
+            None,
+            &mut out,
+        )
+        .unwrap();
+        let mut e = out[..n].to_vec();
+        let before = e.clone();
+        back(&s, &mut e);
+        assert_eq!(e, before);
+    }
+
+    #[test]
+    fn crc32c_matches_the_rfc_3720_vectors() {
+        assert_eq!(crc32c(&[0u8; 32]), 0x8A91_36AA);
+        assert_eq!(crc32c(&[0xffu8; 32]), 0x62A8_AB43);
+        let inc: Vec<u8> = (0u8..32).collect();
+        assert_eq!(crc32c(&inc), 0x46DD_794E);
+        assert_eq!(crc32c(b"123456789"), 0xE306_9283);
+    }
+
+    /// An SCTP packet (common header and one DATA-like chunk), valid CRC32c.
+    fn sctp(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
+        let mut p = packet(UDP, src, dst, 0, &[0u8; 12]);
+        let l4 = if p[0] >> 4 == 4 { 20 } else { 40 };
+        if l4 == 20 {
+            p[9] = SCTP;
+            set_ipv4_header(&mut p[..20]);
+        } else {
+            p[6] = SCTP;
+        }
+        // Verification tag, then a chunk: type 0, flags 3, length 16, payload.
+        p[l4 + 4..l4 + 8].copy_from_slice(&0x1234_5678u32.to_be_bytes());
+        p[l4 + 12..l4 + 16].copy_from_slice(&[0, 3, 0, 8]);
+        let q = parse(&p).unwrap();
+        set_sctp_checksum(&mut p, &q);
+        p
+    }
+
+    fn sctp_valid(p: &[u8]) -> bool {
+        let l4 = if p[0] >> 4 == 4 { 20 } else { 40 };
+        let mut c = p[l4..].to_vec();
+        let want = u32::from_le_bytes([c[8], c[9], c[10], c[11]]);
+        c[8..12].fill(0);
+        crc32c(&c) == want && (l4 == 40 || fold(sum(0, &p[..20])) == 0xffff)
+    }
+
+    #[test]
+    fn sctp_is_translated_and_back_with_its_crc32c() {
+        let web = |v: &mut ServiceView| {
+            v.ports.push(ServicePortView {
+                name: "sctp".into(),
+                proto: SCTP,
+                port: 9,
+                ..Default::default()
+            })
+        };
+        // SCTP 9 on both ClusterIPs, to 9999 on one backend per family.
+        let slice = SliceView {
+            namespace: "shop".into(),
+            service: "web".into(),
+            ports: vec![SlicePortView {
+                name: "sctp".into(),
+                proto: SCTP,
+                port: 9999,
+            }],
+            endpoints: vec![EndpointView {
+                addresses: vec!["10.244.2.5".parse().unwrap()],
+                ready: true,
+                serving: true,
+                ..Default::default()
+            }],
+        };
+        let mut v = ServiceView {
+            namespace: "shop".into(),
+            name: "web".into(),
+            cluster_ips: vec![
+                "10.96.0.10".parse().unwrap(),
+                "fd00:96::10".parse().unwrap(),
+            ],
+            ..Default::default()
+        };
+        web(&mut v);
+        let v6 = SliceView {
+            endpoints: vec![EndpointView {
+                addresses: vec!["fd00:244:2::5".parse().unwrap()],
+                ready: true,
+                serving: true,
+                ..Default::default()
+            }],
+            ..slice.clone()
+        };
+        let mut s = ServiceNat {
+            table: Arc::new(ServiceTable::compile(&[v.clone()], &[slice, v6])),
+            nat: Arc::new(NatTable::default()),
+        };
+        for (client, vip, backend) in [
+            ("10.244.1.5:5000", "10.96.0.10:9", "10.244.2.5:9999"),
+            (
+                "[fd00:244:1::5]:5000",
+                "[fd00:96::10]:9",
+                "[fd00:244:2::5]:9999",
+            ),
+        ] {
+            let mut p = sctp(sa(client), sa(vip));
+            assert!(sctp_valid(&p));
+            translate(&s, &mut p).unwrap();
+            assert_eq!(ends(&p), (sa(client), sa(backend)), "{vip}");
+            assert!(sctp_valid(&p), "{vip}: CRC32c after translation");
+            let mut r = sctp(sa(backend), sa(client));
+            back(&s, &mut r);
+            assert_eq!(ends(&r), (sa(vip), sa(client)), "{vip} reply");
+            assert!(sctp_valid(&r), "{vip}: CRC32c of the reply");
+        }
+        // Without endpoints: ICMP port unreachable, as for UDP.
+        let empty = ServiceTable::compile(&[v], &[]);
+        s.table = Arc::new(empty);
+        let mut p = sctp(sa("10.244.1.5:5001"), sa("10.96.0.10:9"));
+        assert_eq!(translate(&s, &mut p), Err(DropReason::ServiceNoEndpoint));
+        let mut out = [0u8; 512];
+        let n = reject(&p, &mut out).unwrap();
+        assert_eq!((out[20], out[21]), (3, 3));
+        assert!(n > 28);
     }
 }

@@ -49,6 +49,9 @@ pub enum DropReason {
     /// A new flow to a Service without a usable endpoint (answered with a TCP reset or ICMP
     /// port unreachable).
     ServiceNoEndpoint,
+    /// A new flow to a Service whose traffic policy is `Local` and that has no endpoint on
+    /// this node (dropped, as kube-proxy does: a load balancer's health check steers away).
+    ServiceNoLocalEndpoint,
     /// Plaintext forwarded toward the tun from another interface (the host firewall's count).
     UnderlayPlaintext,
     /// A new flow of a pod whose connection-table budget (or the whole table) is full, or a
@@ -57,7 +60,7 @@ pub enum DropReason {
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 22] = [
+    pub const ALL: [DropReason; 23] = [
         DropReason::NoPeer,
         DropReason::NoEndpoint,
         DropReason::NotAllowedIp,
@@ -78,6 +81,7 @@ impl DropReason {
         DropReason::PolicyIngress,
         DropReason::Mtu,
         DropReason::ServiceNoEndpoint,
+        DropReason::ServiceNoLocalEndpoint,
         DropReason::UnderlayPlaintext,
         DropReason::FlowLimit,
     ];
@@ -105,6 +109,7 @@ impl DropReason {
             DropReason::PolicyIngress => "policy_ingress",
             DropReason::Mtu => "mtu",
             DropReason::ServiceNoEndpoint => "service_no_endpoint",
+            DropReason::ServiceNoLocalEndpoint => "service_no_local_endpoint",
             DropReason::UnderlayPlaintext => "underlay_plaintext",
             DropReason::FlowLimit => "flow_limit",
         }

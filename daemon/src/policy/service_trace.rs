@@ -212,6 +212,7 @@ fn headless(full: String) -> ServiceView {
         name: name.to_string(),
         cluster_ips: Vec::new(),
         ports: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -14,22 +14,35 @@ pub const SCTP: u8 = 132;
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// A Service, as far as translation goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServiceView {
     pub namespace: String,
     pub name: String,
     /// `spec.clusterIPs` (one per family); empty for headless and ExternalName Services.
     pub cluster_ips: Vec<IpAddr>,
     pub ports: Vec<ServicePortView>,
+    /// `externalTrafficPolicy: Local` (NodePort and LoadBalancer): clients from elsewhere
+    /// reach only this node's endpoints and keep their address.
+    pub external_local: bool,
+    /// `internalTrafficPolicy: Local`: the ClusterIP reaches only the client node's endpoints.
+    pub internal_local: bool,
+    /// `sessionAffinity: ClientIP`: its `timeoutSeconds` (default 10800); 0 without affinity.
+    pub affinity_secs: u32,
+    /// `status.loadBalancer.ingress[].ip`.
+    pub lb_ips: Vec<IpAddr>,
+    /// `spec.healthCheckNodePort` (LoadBalancer with `externalTrafficPolicy: Local`).
+    pub health_check_node_port: Option<u16>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServicePortView {
     /// The port's name (empty when the Service has a single unnamed port); slices name their
     /// ports the same way, with the target port already resolved to a number.
     pub name: String,
     pub proto: u8,
     pub port: u16,
+    /// `nodePort` (NodePort and LoadBalancer Services).
+    pub node_port: Option<u16>,
 }
 
 /// An EndpointSlice, as far as translation goes.
@@ -52,7 +65,7 @@ pub struct SlicePortView {
     pub port: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct EndpointView {
     pub addresses: Vec<IpAddr>,
     /// `conditions.ready` (unset means ready, as the API says).
@@ -60,7 +73,12 @@ pub struct EndpointView {
     /// `conditions.serving` (unset: same as ready).
     pub serving: bool,
     pub terminating: bool,
+    /// `nodeName`: the node it runs on (local endpoints for the `Local` traffic policies).
+    pub node_name: Option<String>,
 }
+
+/// `sessionAffinityConfig.clientIP.timeoutSeconds` when none is given (3 hours).
+pub const DEFAULT_AFFINITY_SECS: u32 = 10800;
 
 /// A protocol name as the API spells it (unset means TCP).
 pub fn protocol(p: Option<&str>) -> Option<u8> {
@@ -89,6 +107,8 @@ impl ServiceView {
         if cluster_ips.is_empty() {
             return None;
         }
+        let is_lb = spec.type_.as_deref() == Some("LoadBalancer");
+        let node_ports = is_lb || spec.type_.as_deref() == Some("NodePort");
         let ports = spec
             .ports
             .iter()
@@ -98,14 +118,49 @@ impl ServiceView {
                     name: p.name.clone().unwrap_or_default(),
                     proto: protocol(p.protocol.as_deref())?,
                     port: u16::try_from(p.port).ok().filter(|p| *p != 0)?,
+                    node_port: p
+                        .node_port
+                        .and_then(|n| u16::try_from(n).ok())
+                        .filter(|n| *n != 0 && node_ports),
                 })
             })
             .collect();
+        let affinity_secs = if spec.session_affinity.as_deref() == Some("ClientIP") {
+            spec.session_affinity_config
+                .as_ref()
+                .and_then(|c| c.client_ip.as_ref())
+                .and_then(|c| c.timeout_seconds)
+                .and_then(|t| u32::try_from(t).ok())
+                .filter(|t| *t > 0)
+                .unwrap_or(DEFAULT_AFFINITY_SECS)
+        } else {
+            0
+        };
+        let lb_ips = if is_lb {
+            s.status
+                .as_ref()
+                .and_then(|st| st.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                .filter_map(|i| i.ip.as_deref()?.parse().ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
         Some(ServiceView {
             namespace: s.metadata.namespace.clone().unwrap_or_default(),
             name: s.metadata.name.clone()?,
             cluster_ips,
             ports,
+            external_local: node_ports && spec.external_traffic_policy.as_deref() == Some("Local"),
+            internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
+            affinity_secs,
+            lb_ips,
+            health_check_node_port: spec
+                .health_check_node_port
+                .and_then(|n| u16::try_from(n).ok())
+                .filter(|n| *n != 0 && is_lb),
         })
     }
 }
@@ -141,6 +196,7 @@ impl SliceView {
                     ready,
                     serving: c.and_then(|c| c.serving).unwrap_or(ready),
                     terminating: c.and_then(|c| c.terminating).unwrap_or(false),
+                    node_name: e.node_name.clone(),
                 }
             })
             .collect();

@@ -1,12 +1,21 @@
 //! The service table: an immutable snapshot, compiled from Service and EndpointSlice views,
-//! that maps every frontend (protocol, ClusterIP, port) to its usable backends and their
+//! that maps every frontend (protocol, address, port) to its usable backends and their
 //! Maglev lookup table. The control plane compiles it after a change and swaps it in whole;
 //! the loop reads it for a flow's first packet.
+//!
+//! Frontends are a Service's ClusterIPs, its LoadBalancer ingress IPs (as its ClusterIP, for
+//! pods: kube-proxy short-circuits them the same way), and its node ports. The kernel steers
+//! a node port (any local address) and an ingress IP reaching the node to the node-port
+//! address of the family ([`Scope::node_port_addrs`]: the network address of the Service
+//! range, which kube-apiserver never allocates) with the node port as destination port; so
+//! `(protocol, node-port address, nodePort)` is the node port's frontend, and node ports can
+//! never collide with a ClusterIP's ports. The same address is the source a hairpinned flow
+//! (a pod reaching itself through its Service) gets, so that the pod accepts it.
 
 use super::maglev;
-use super::model::{ServiceView, SliceView, SCTP};
+use super::model::{ServiceView, SliceView};
 use crate::wg::allowed_ips::IntHasher;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasherDefault;
 use std::net::{IpAddr, SocketAddr};
 
@@ -18,32 +27,43 @@ pub struct FrontendKey {
     pub port: u16,
 }
 
-/// One frontend's backends.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Frontend {
-    /// The Service, by index into [`ServiceTable::service_name`].
-    pub service: u32,
-    /// Sorted; the ready endpoints, or the serving terminating ones when none is ready.
+/// Which endpoints serve a frontend's flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Serve {
+    /// Every usable endpoint (a ClusterIP, an ingress IP from a pod, a node port with
+    /// `externalTrafficPolicy: Cluster`: the kernel masqueraded it to this node).
+    Cluster,
+    /// This node's endpoints only (`internalTrafficPolicy: Local`); none: dropped.
+    Local,
+    /// A node port with `externalTrafficPolicy: Local`: a client from elsewhere (its address
+    /// kept) reaches this node's endpoints only (none: dropped, the load balancer's health
+    /// check steers it away); this node's own traffic (masqueraded to its gateway
+    /// address) reaches every endpoint, as kube-proxy does.
+    ExternalLocal,
+}
+
+/// Backends and their Maglev table.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Pool {
+    /// Sorted.
     backends: Box<[SocketAddr]>,
     /// Maglev's lookup table: indexes into `backends`.
     lut: Box<[u16]>,
 }
 
-impl Frontend {
-    fn new(service: u32, mut backends: Vec<SocketAddr>) -> Frontend {
+impl Pool {
+    fn new(mut backends: Vec<SocketAddr>) -> Pool {
         backends.sort_unstable();
         backends.dedup();
         let names: Vec<Vec<u8>> = backends.iter().map(backend_bytes).collect();
         let lut = maglev::build(&names, maglev::table_size(backends.len()));
-        Frontend {
-            service,
+        Pool {
             backends: backends.into(),
             lut: lut.into(),
         }
     }
 
-    /// The backend for a flow of hash `h` ([`flow_hash`]); `None` when the Service has no
-    /// usable endpoint.
+    /// The backend for a flow of hash `h` ([`flow_hash`]); `None` without backends.
     #[inline]
     pub fn pick(&self, h: u64) -> Option<SocketAddr> {
         if self.lut.is_empty() {
@@ -53,7 +73,7 @@ impl Frontend {
         self.backends.get(i as usize).copied()
     }
 
-    /// Whether `b` is still one of the backends (a flow pinned to a removed one is moved).
+    /// Whether `b` is one of the backends (a flow pinned to a removed one is moved).
     #[inline]
     pub fn has(&self, b: SocketAddr) -> bool {
         self.backends.binary_search(&b).is_ok()
@@ -61,6 +81,83 @@ impl Frontend {
 
     pub fn backends(&self) -> &[SocketAddr] {
         &self.backends
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.backends.is_empty()
+    }
+}
+
+/// One frontend's backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frontend {
+    /// The Service, by index into [`ServiceTable::service_name`].
+    pub service: u32,
+    /// The ready endpoints, or the serving terminating ones when none is ready.
+    all: Pool,
+    /// Those of `all` on this node (only for `Local` and `ExternalLocal`).
+    local: Pool,
+    pub serve: Serve,
+    /// `sessionAffinity: ClientIP`: seconds a client keeps its backend; 0: no affinity.
+    pub affinity_secs: u32,
+}
+
+impl Frontend {
+    fn new(
+        service: u32,
+        backends: Vec<(SocketAddr, bool)>,
+        serve: Serve,
+        affinity_secs: u32,
+    ) -> Frontend {
+        let local = if serve == Serve::Cluster {
+            Pool::default()
+        } else {
+            Pool::new(backends.iter().filter(|b| b.1).map(|b| b.0).collect())
+        };
+        Frontend {
+            service,
+            all: Pool::new(backends.into_iter().map(|b| b.0).collect()),
+            local,
+            serve,
+            affinity_secs,
+        }
+    }
+
+    /// The pool that serves a new flow (`from_node`: the client is this node itself, or was
+    /// masqueraded to it); `Err(true)`: the Service has no usable endpoint at all (the
+    /// client is refused), `Err(false)`: none on this node (dropped, as kube-proxy does).
+    #[inline]
+    pub fn pool(&self, from_node: bool) -> Result<&Pool, bool> {
+        let p = match self.serve {
+            Serve::Cluster => &self.all,
+            Serve::ExternalLocal if from_node => &self.all,
+            Serve::Local | Serve::ExternalLocal => &self.local,
+        };
+        if p.is_empty() {
+            return Err(self.all.is_empty());
+        }
+        Ok(p)
+    }
+
+    /// The backend for a flow of hash `h` among all usable endpoints; `None` without one.
+    #[inline]
+    pub fn pick(&self, h: u64) -> Option<SocketAddr> {
+        self.all.pick(h)
+    }
+
+    /// Whether `b` is still one of the usable endpoints.
+    #[inline]
+    pub fn has(&self, b: SocketAddr) -> bool {
+        self.all.has(b)
+    }
+
+    pub fn backends(&self) -> &[SocketAddr] {
+        self.all.backends()
+    }
+
+    /// This node's endpoints (`Local` policies only).
+    pub fn local_backends(&self) -> &[SocketAddr] {
+        self.local.backends()
     }
 }
 
@@ -94,19 +191,95 @@ pub fn flow_hash(proto: u8, src: IpAddr, sport: u16, dst: IpAddr, dport: u16) ->
     maglev::hash(0x6b77_6972_652d_666c, &b[..n])
 }
 
+/// What a node's table depends on besides the objects.
+#[derive(Debug, Clone, Default)]
+pub struct Scope {
+    /// This node's name: endpoints with this `nodeName` are local.
+    pub node: Option<String>,
+    /// Per family, the address the kernel steers node-port traffic to (the network address
+    /// of `--service-cidr`); none: no node ports in that family.
+    pub node_port_addrs: Vec<IpAddr>,
+}
+
+impl Scope {
+    /// The scope of a node named `node` with Service ranges `ranges` (the first of each
+    /// family gives the node-port address).
+    pub fn new(node: &str, ranges: &[ipnetwork::IpNetwork]) -> Scope {
+        let mut node_port_addrs: Vec<IpAddr> = Vec::new();
+        for r in ranges {
+            if !node_port_addrs.iter().any(|a| a.is_ipv4() == r.is_ipv4()) {
+                node_port_addrs.push(r.network());
+            }
+        }
+        Scope {
+            node: Some(node.to_string()),
+            node_port_addrs,
+        }
+    }
+}
+
+/// A node port (or an ingress IP's port) the kernel must steer into the loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodePort {
+    pub proto: u8,
+    pub port: u16,
+    /// `externalTrafficPolicy: Cluster`: masqueraded to this node's gateway address.
+    pub masquerade: bool,
+}
+
+/// A LoadBalancer ingress IP's port, steered to the Service's node port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct IngressPort {
+    pub ip: IpAddr,
+    pub proto: u8,
+    pub port: u16,
+    pub node_port: u16,
+}
+
+/// What the kernel steers into the loop (the host firewall's sets).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Steering {
+    pub node_ports: BTreeSet<NodePort>,
+    pub ingress: BTreeSet<IngressPort>,
+}
+
+/// A `healthCheckNodePort` this node serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub port: u16,
+    pub namespace: String,
+    pub name: String,
+    /// Ready endpoints of the Service on this node.
+    pub local_endpoints: usize,
+}
+
 /// The compiled table.
 #[derive(Debug, Default, Clone)]
 pub struct ServiceTable {
     frontends: HashMap<FrontendKey, Frontend, BuildHasherDefault<IntHasher>>,
     /// `namespace/name` of every Service with a frontend.
     names: Vec<String>,
+    /// The node-port (and hairpin) address per family: `[IPv4, IPv6]`.
+    node_port_addrs: [Option<IpAddr>; 2],
+    steering: Steering,
+    health: Vec<HealthCheck>,
 }
 
 impl ServiceTable {
-    /// Compiles Services and their EndpointSlices. Every frontend of a Service with a
-    /// ClusterIP is present, with no backend when no endpoint is usable (the loop rejects its
-    /// flows). SCTP ports are left out: their checksum (CRC32c) is not translated yet.
+    /// Compiles Services and their EndpointSlices without node context (no node ports, no
+    /// local endpoints): tests and benches.
     pub fn compile(services: &[ServiceView], slices: &[SliceView]) -> ServiceTable {
+        Self::compile_for(services, slices, &Scope::default())
+    }
+
+    /// Compiles Services and their EndpointSlices for one node. Every frontend of a Service
+    /// with a ClusterIP is present (TCP, UDP and SCTP ports), with no backend when no
+    /// endpoint is usable (the loop rejects its flows).
+    pub fn compile_for(
+        services: &[ServiceView],
+        slices: &[SliceView],
+        scope: &Scope,
+    ) -> ServiceTable {
         let mut by_service: BTreeMap<(&str, &str), Vec<&SliceView>> = BTreeMap::new();
         for s in slices {
             by_service
@@ -117,6 +290,10 @@ impl ServiceTable {
         let mut sorted: Vec<&ServiceView> = services.iter().collect();
         sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
         let mut t = ServiceTable::default();
+        for a in &scope.node_port_addrs {
+            t.node_port_addrs[usize::from(a.is_ipv6())].get_or_insert(*a);
+        }
+        let node = scope.node.as_deref();
         for svc in sorted {
             let slices = by_service
                 .get(&(svc.namespace.as_str(), svc.name.as_str()))
@@ -124,20 +301,63 @@ impl ServiceTable {
                 .unwrap_or_default();
             let index = t.names.len() as u32;
             let mut any = false;
+            let internal = if svc.internal_local {
+                Serve::Local
+            } else {
+                Serve::Cluster
+            };
+            let external = if svc.external_local {
+                Serve::ExternalLocal
+            } else {
+                Serve::Cluster
+            };
             for ip in &svc.cluster_ips {
-                for p in svc.ports.iter().filter(|p| p.proto != SCTP) {
-                    let key = FrontendKey {
-                        proto: p.proto,
-                        ip: *ip,
-                        port: p.port,
+                let v4 = ip.is_ipv4();
+                let node_port_addr = t.node_port_addrs[usize::from(!v4)];
+                for p in &svc.ports {
+                    let backends = usable(slices, v4, &p.name, p.proto, node);
+                    let mut add = |ip: IpAddr, port: u16, serve: Serve| {
+                        let key = FrontendKey {
+                            proto: p.proto,
+                            ip,
+                            port,
+                        };
+                        if t.frontends.contains_key(&key) {
+                            return; // two Services claim one address: the first by name keeps it
+                        }
+                        let fe = Frontend::new(index, backends.clone(), serve, svc.affinity_secs);
+                        t.frontends.insert(key, fe);
+                        any = true;
                     };
-                    if t.frontends.contains_key(&key) {
-                        continue; // two Services claim one address: the first by name keeps it
+                    add(*ip, p.port, internal);
+                    for lb in svc.lb_ips.iter().filter(|a| a.is_ipv4() == v4) {
+                        add(*lb, p.port, Serve::Cluster);
                     }
-                    let backends = usable(slices, ip.is_ipv4(), &p.name, p.proto);
-                    t.frontends.insert(key, Frontend::new(index, backends));
-                    any = true;
+                    if let (Some(np), Some(at)) = (p.node_port, node_port_addr) {
+                        add(at, np, external);
+                        t.steering.node_ports.insert(NodePort {
+                            proto: p.proto,
+                            port: np,
+                            masquerade: !svc.external_local,
+                        });
+                        for lb in svc.lb_ips.iter().filter(|a| a.is_ipv4() == v4) {
+                            t.steering.ingress.insert(IngressPort {
+                                ip: *lb,
+                                proto: p.proto,
+                                port: p.port,
+                                node_port: np,
+                            });
+                        }
+                    }
                 }
+            }
+            if let (Some(port), true) = (svc.health_check_node_port, svc.external_local) {
+                t.health.push(HealthCheck {
+                    port,
+                    namespace: svc.namespace.clone(),
+                    name: svc.name.clone(),
+                    local_endpoints: local_ready(slices, node),
+                });
             }
             if any {
                 t.names.push(format!("{}/{}", svc.namespace, svc.name));
@@ -155,31 +375,45 @@ impl ServiceTable {
         self.frontends.get(&FrontendKey { proto, ip, port })
     }
 
+    /// The node-port address of a family: where the kernel steers node ports, and the
+    /// source of hairpinned flows.
+    #[inline]
+    pub fn node_port_addr(&self, v6: bool) -> Option<IpAddr> {
+        self.node_port_addrs[usize::from(v6)]
+    }
+
     /// Services with at least one frontend.
     pub fn services(&self) -> usize {
         self.names.len()
     }
 
-    /// Frontends (protocol, ClusterIP, port).
+    /// Frontends (protocol, address, port).
     pub fn frontends(&self) -> usize {
         self.frontends.len()
     }
 
     /// Backends summed over every frontend (an endpoint behind two ports counts twice).
     pub fn backends(&self) -> usize {
-        self.frontends.values().map(|f| f.backends.len()).sum()
+        self.frontends.values().map(|f| f.backends().len()).sum()
     }
 
     /// Frontends with no usable endpoint.
     pub fn without_endpoints(&self) -> usize {
-        self.frontends
-            .values()
-            .filter(|f| f.backends.is_empty())
-            .count()
+        self.frontends.values().filter(|f| f.all.is_empty()).count()
     }
 
     pub fn service_name(&self, index: u32) -> Option<&str> {
         self.names.get(index as usize).map(String::as_str)
+    }
+
+    /// What the kernel must steer into the loop.
+    pub fn steering(&self) -> &Steering {
+        &self.steering
+    }
+
+    /// The health check ports this node serves.
+    pub fn health_checks(&self) -> &[HealthCheck] {
+        &self.health
     }
 
     /// Every frontend, sorted (reports, tests).
@@ -190,9 +424,16 @@ impl ServiceTable {
     }
 }
 
-/// The backends of one Service port in one family: the ready endpoints of its slices; when
-/// none is ready, the serving ones that are terminating (as kube-proxy does).
-fn usable(slices: &[&SliceView], v4: bool, port_name: &str, proto: u8) -> Vec<SocketAddr> {
+/// The backends of one Service port in one family, each with whether it is on `node`: the
+/// ready endpoints of its slices; when none is ready, the serving ones that are terminating
+/// (as kube-proxy does).
+fn usable(
+    slices: &[&SliceView],
+    v4: bool,
+    port_name: &str,
+    proto: u8,
+    node: Option<&str>,
+) -> Vec<(SocketAddr, bool)> {
     let mut ready = Vec::new();
     let mut terminating = Vec::new();
     for s in slices {
@@ -212,11 +453,12 @@ fn usable(slices: &[&SliceView], v4: bool, port_name: &str, proto: u8) -> Vec<So
             } else {
                 continue;
             };
+            let local = node.is_some() && e.node_name.as_deref() == node;
             into.extend(
                 e.addresses
                     .iter()
                     .filter(|a| a.is_ipv4() == v4)
-                    .map(|a| SocketAddr::new(*a, port)),
+                    .map(|a| (SocketAddr::new(*a, port), local)),
             );
         }
     }
@@ -227,10 +469,27 @@ fn usable(slices: &[&SliceView], v4: bool, port_name: &str, proto: u8) -> Vec<So
     }
 }
 
+/// The ready endpoints of a Service on `node` (what kube-proxy's health check counts): per
+/// family, the larger count (a dual-stack pod is one endpoint in each family's slices).
+fn local_ready(slices: &[&SliceView], node: Option<&str>) -> usize {
+    let Some(node) = node else {
+        return 0;
+    };
+    let count = |v4: bool| {
+        slices
+            .iter()
+            .flat_map(|s| &s.endpoints)
+            .filter(|e| e.ready && e.node_name.as_deref() == Some(node))
+            .filter(|e| e.addresses.iter().any(|a| a.is_ipv4() == v4))
+            .count()
+    };
+    count(true).max(count(false))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::services::model::{EndpointView, ServicePortView, SlicePortView, TCP, UDP};
+    use crate::services::model::{EndpointView, ServicePortView, SlicePortView, SCTP, TCP, UDP};
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -247,8 +506,10 @@ mod tests {
                     name: n.to_string(),
                     proto: *proto,
                     port: *port,
+                    ..Default::default()
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 
@@ -258,6 +519,7 @@ mod tests {
             ready,
             serving: ready || terminating,
             terminating,
+            node_name: None,
         }
     }
 
@@ -302,7 +564,11 @@ mod tests {
             ),
         ];
         let t = ServiceTable::compile(&services, &slices);
-        assert_eq!((t.services(), t.frontends()), (1, 4), "SCTP left out");
+        assert_eq!(
+            (t.services(), t.frontends()),
+            (1, 6),
+            "SCTP too, in both families"
+        );
         let f = t.lookup(TCP, ip("10.96.0.10"), 80).unwrap();
         assert_eq!(
             f.backends(),

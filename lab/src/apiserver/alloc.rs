@@ -146,8 +146,10 @@ fn cluster_ips_of(svc: &Value) -> Vec<IpAddr> {
         .unwrap_or_default()
 }
 
+/// The node ports a Service holds: its ports' `nodePort`s and its `healthCheckNodePort`.
 fn node_ports_of(svc: &Value) -> Vec<u16> {
-    svc.pointer("/spec/ports")
+    let mut v: Vec<u16> = svc
+        .pointer("/spec/ports")
         .and_then(Value::as_array)
         .map(|a| {
             a.iter()
@@ -155,10 +157,113 @@ fn node_ports_of(svc: &Value) -> Vec<u16> {
                 .map(|p| p as u16)
                 .collect()
         })
-        .unwrap_or_default()
+        .unwrap_or_default();
+    v.extend(
+        svc.pointer("/spec/healthCheckNodePort")
+            .and_then(Value::as_u64)
+            .map(|p| p as u16),
+    );
+    v
 }
 
 impl Allocators {
+    /// Takes a requested node port (`field` names it in the error), as the Service
+    /// registry's port allocator answers: outside the range, or already taken, is invalid.
+    fn request_node_port(
+        &mut self,
+        kind: &ResourceKind,
+        name: &str,
+        field: &str,
+        n: u64,
+    ) -> Result<(), ApiError> {
+        let invalid = |why: String| {
+            ApiError::invalid(kind, name, &[FieldError::invalid_number(field, n, &why)])
+        };
+        let range = NODE_PORT_RANGE;
+        if !(u64::from(*range.start())..=u64::from(*range.end())).contains(&n) {
+            return Err(invalid(format!(
+                "provided port is not in the valid range. The range of valid ports is {}-{}",
+                range.start(),
+                range.end()
+            )));
+        }
+        if !self.node_ports.insert(n as u16) {
+            return Err(invalid("provided port is already allocated".into()));
+        }
+        Ok(())
+    }
+
+    /// A free node port, taken (kube-apiserver picks at random; this stand-in takes the
+    /// lowest free one, which no client may rely on either way).
+    fn free_node_port(&mut self) -> Result<u16, ApiError> {
+        let free = NODE_PORT_RANGE
+            .clone()
+            .find(|n| !self.node_ports.contains(n))
+            .ok_or_else(|| {
+                ApiError::internal("failed to allocate a nodePort: range is full (30000-32767)")
+            })?;
+        self.node_ports.insert(free);
+        Ok(free)
+    }
+
+    /// Every port's `nodePort`: the requested one, or the one a port of the same number
+    /// and another protocol got (kube-apiserver shares it, so `53/TCP` and `53/UDP` answer
+    /// on one node port), or a free one.
+    fn assign_node_ports(
+        &mut self,
+        kind: &ResourceKind,
+        name: &str,
+        svc: &mut Value,
+        taken: &mut ServiceReservation,
+    ) -> Result<(), ApiError> {
+        let Some(Value::Array(ports)) = svc["spec"].get_mut("ports") else {
+            return Ok(());
+        };
+        // (port, protocol, nodePort) of this Service so far.
+        let mut mine: Vec<(u64, String, u16)> = Vec::new();
+        for (i, p) in ports.iter_mut().enumerate() {
+            let number = p.get("port").and_then(Value::as_u64).unwrap_or(0);
+            let proto = p
+                .get("protocol")
+                .and_then(Value::as_str)
+                .unwrap_or("TCP")
+                .to_string();
+            let field = format!("spec.ports[{i}].nodePort");
+            let node_port = match p.get("nodePort").and_then(Value::as_u64) {
+                Some(n) => {
+                    if let Some(m) = mine.iter().find(|m| u64::from(m.2) == n) {
+                        if m.1 == proto {
+                            return Err(ApiError::invalid(
+                                kind,
+                                name,
+                                &[FieldError::duplicate(
+                                    &format!("spec.ports[{i}]"),
+                                    &format!("{{\"nodePort\":{n},\"protocol\":\"{proto}\"}}"),
+                                )],
+                            ));
+                        }
+                        n as u16 // the same node port for another protocol: shared
+                    } else {
+                        self.request_node_port(kind, name, &field, n)?;
+                        taken.ports.push(n as u16);
+                        n as u16
+                    }
+                }
+                None => match mine.iter().find(|m| m.0 == number && m.1 != proto) {
+                    Some(m) => m.2,
+                    None => {
+                        let free = self.free_node_port()?;
+                        taken.ports.push(free);
+                        free
+                    }
+                },
+            };
+            p["nodePort"] = json!(node_port);
+            mine.push((number, proto, node_port));
+        }
+        Ok(())
+    }
+
     pub fn new(pod_cidrs: PodCidrAllocator, service_ips: ServiceIpAllocator) -> Allocators {
         Allocators {
             pod_cidrs,
@@ -302,34 +407,39 @@ impl Allocators {
                 .expect("an object")
                 .entry("externalTrafficPolicy")
                 .or_insert(json!("Cluster"));
-            if let Some(Value::Array(ports)) = svc["spec"].get_mut("ports") {
-                for p in ports.iter_mut() {
-                    match p.get("nodePort").and_then(Value::as_u64) {
-                        Some(n) => {
-                            if !self.node_ports.insert(n as u16) {
-                                return Err(ApiError::invalid(
-                                    kind,
-                                    name,
-                                    &[FieldError::invalid(
-                                        "spec.ports[].nodePort",
-                                        &n.to_string(),
-                                        "provided port is already allocated",
-                                    )],
-                                ));
-                            }
-                            taken.ports.push(n as u16);
-                        }
-                        None => {
-                            let free = NODE_PORT_RANGE
-                                .clone()
-                                .find(|n| !self.node_ports.contains(n))
-                                .ok_or_else(|| ApiError::internal("no free NodePort"))?;
-                            self.node_ports.insert(free);
-                            taken.ports.push(free);
-                            p["nodePort"] = json!(free);
-                        }
+            // `allocateLoadBalancerNodePorts: false` (LoadBalancer only): no node ports.
+            let allocate = svc_type == "NodePort"
+                || svc
+                    .pointer("/spec/allocateLoadBalancerNodePorts")
+                    .and_then(Value::as_bool)
+                    != Some(false);
+            if svc_type == "LoadBalancer" {
+                svc["spec"]
+                    .as_object_mut()
+                    .expect("an object")
+                    .entry("allocateLoadBalancerNodePorts")
+                    .or_insert(json!(true));
+            }
+            if allocate {
+                self.assign_node_ports(kind, name, svc, taken)?;
+            }
+            let local = svc
+                .pointer("/spec/externalTrafficPolicy")
+                .and_then(Value::as_str)
+                == Some("Local");
+            if svc_type == "LoadBalancer" && local {
+                let port = match svc
+                    .pointer("/spec/healthCheckNodePort")
+                    .and_then(Value::as_u64)
+                {
+                    Some(n) => {
+                        self.request_node_port(kind, name, "spec.healthCheckNodePort", n)?;
+                        n as u16
                     }
-                }
+                    None => self.free_node_port()?,
+                };
+                taken.ports.push(port);
+                svc["spec"]["healthCheckNodePort"] = json!(port);
             }
         }
         Ok(())

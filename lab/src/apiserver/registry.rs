@@ -338,6 +338,53 @@ mod tests {
         let b = r.create(&u, svcs, Some("default"), json!({"metadata": {"name": "web2"},
             "spec": {"type": "NodePort", "clusterIP": "10.96.0.3", "ports": [{"port": 80, "nodePort": 30001}]}}));
         assert!(b.is_ok(), "10.96.0.3 and 30001 were given back: {b:?}");
+        // Taken, or outside the range: refused as kube-apiserver does.
+        let taken = r.create(
+            &u,
+            svcs,
+            Some("default"),
+            json!({"metadata": {"name": "web3"},
+            "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 30001}]}}),
+        );
+        let e = taken.unwrap_err();
+        assert_eq!(e.code, 422);
+        assert!(
+            e.message.contains(
+                "spec.ports[0].nodePort: Invalid value: 30001: provided port is already allocated"
+            ),
+            "{}",
+            e.message
+        );
+        let outside = r.create(
+            &u,
+            svcs,
+            Some("default"),
+            json!({"metadata": {"name": "web3"},
+            "spec": {"type": "NodePort", "ports": [{"port": 80, "nodePort": 80}]}}),
+        );
+        let e = outside.unwrap_err();
+        assert!(
+            e.message.contains(
+                "provided port is not in the valid range. The range of valid ports is 30000-32767"
+            ),
+            "{}",
+            e.message
+        );
+        // One node port for 53/TCP and 53/UDP; a LoadBalancer with Local gets a health check port.
+        let dns = r.create(&u, svcs, Some("default"), json!({"metadata": {"name": "dns"},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                     "ports": [{"name": "t", "port": 53}, {"name": "u", "port": 53, "protocol": "UDP"}]}})).unwrap();
+        let (t, u_) = (
+            &dns["spec"]["ports"][0]["nodePort"],
+            &dns["spec"]["ports"][1]["nodePort"],
+        );
+        assert_eq!(t, u_);
+        let hc = dns["spec"]["healthCheckNodePort"].as_u64().unwrap();
+        assert!(
+            (30000..=32767).contains(&hc) && Some(hc) != t.as_u64(),
+            "{dns}"
+        );
+        assert_eq!(dns["spec"]["allocateLoadBalancerNodePorts"], true);
     }
 
     #[test]

@@ -33,6 +33,21 @@ impl FieldError {
             message: format!("Invalid value: {value:?}: {why}"),
         }
     }
+    /// An invalid number: kube-apiserver prints it bare (`Invalid value: 30001: ...`).
+    pub fn invalid_number(field: &str, value: u64, why: &str) -> Self {
+        FieldError {
+            reason: "FieldValueInvalid",
+            field: field.to_string(),
+            message: format!("Invalid value: {value}: {why}"),
+        }
+    }
+    pub fn duplicate(field: &str, value: &str) -> Self {
+        FieldError {
+            reason: "FieldValueDuplicate",
+            field: field.to_string(),
+            message: format!("Duplicate value: {value}"),
+        }
+    }
     pub fn forbidden(field: &str, why: &str) -> Self {
         FieldError {
             reason: "FieldValueForbidden",

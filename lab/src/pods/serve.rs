@@ -1,6 +1,7 @@
 //! `kwire-lab pod-serve`: the small server each lab pod runs in its namespace. It answers on
 //! the ports the pod's containers declare: a TCP connection gets one line with the pod's name
-//! and is closed; a UDP datagram is echoed back after the pod's name. Sockets are dual-stack
+//! and the client's address as the pod sees it (`NAME from ADDRESS`: what a Service's
+//! translation kept of the client) and is closed; a UDP datagram is echoed back after the pod's name. Sockets are dual-stack
 //! (`[::]:PORT`), so IPv4 and IPv6 both reach it.
 
 use std::fmt;
@@ -129,6 +130,17 @@ pub fn udp_answer(pod: &str, request: &[u8]) -> Vec<u8> {
     a
 }
 
+/// An address as its family spells it (the dual-stack socket sees IPv4 clients as
+/// `::ffff:a.b.c.d`).
+fn unmapped(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip {
+        std::net::IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(std::net::IpAddr::V6(v6), std::net::IpAddr::V4),
+        v4 => v4,
+    }
+}
+
 /// Binds every port, prints [`READY_LINE`], then serves until killed.
 pub fn serve(pod: &str, ports: &[PodPort]) -> std::io::Result<()> {
     let any = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0));
@@ -141,7 +153,10 @@ pub fn serve(pod: &str, ports: &[PodPort]) -> std::io::Result<()> {
                 let l = TcpListener::bind(addr)?;
                 threads.push(std::thread::spawn(move || {
                     for mut s in l.incoming().flatten() {
-                        let _ = writeln!(s, "{name}");
+                        let _ = match s.peer_addr() {
+                            Ok(peer) => writeln!(s, "{name} from {}", unmapped(peer.ip())),
+                            Err(_) => writeln!(s, "{name}"),
+                        };
                     }
                 }));
             }
@@ -226,7 +241,7 @@ mod tests {
             );
             std::thread::sleep(std::time::Duration::from_millis(10));
         };
-        assert_eq!(line, "default/web\n");
+        assert_eq!(line, "default/web from 127.0.0.1\n");
         // The UDP socket may be bound after the TCP one: send again until it answers.
         let c = UdpSocket::bind("127.0.0.1:0").unwrap();
         c.set_read_timeout(Some(std::time::Duration::from_millis(100)))
