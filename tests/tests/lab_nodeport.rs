@@ -244,6 +244,13 @@ fn node_ports_traffic_policies_affinity_and_hairpin() {
     let inner = lab.attach_to_underlay(&outside, "c");
     outside.run(&["ip", "addr", "add", &format!("{CLIENT}/24"), "dev", &inner]);
     outside.run(&["ip", "link", "set", &inner, "up"]);
+    // A load balancer in front of nodes follows its own routes, never ICMP redirects.
+    outside.run(&["sysctl", "-qw", "net.ipv4.conf.all.accept_redirects=0"]);
+    outside.run(&[
+        "sysctl",
+        "-qw",
+        &format!("net.ipv4.conf.{inner}.accept_redirects=0"),
+    ]);
     let nodes: Vec<(String, String)> = ["n1", "n2"]
         .iter()
         .map(|n| {
@@ -343,6 +350,15 @@ fn node_ports_traffic_policies_affinity_and_hairpin() {
         url,
     ]);
     run_host(&argv);
+    // The route to the ingress IP only once n1 steers it: a SYN that n1 forwarded before (to
+    // its default route, out of the interface it came in by) would earn the client an ICMP
+    // redirect around n1, as from any router, and the later SYNs would never reach n1. A
+    // real load balancer ignores redirects; so does this client, below.
+    let steered = try_wait_until(CONVERGE, || {
+        let o = lab.exec("n1", &["nft", "list", "map", "inet", "kwire", "ingress4"]);
+        String::from_utf8_lossy(&o.stdout).contains(LB_IP)
+    });
+    assert!(steered, "n1 never steered {LB_IP} into the loop");
     outside.run(&["ip", "route", "add", &format!("{LB_IP}/32"), "via", n1_ip]);
     let mut last = None;
     let ok = try_wait_until(CONVERGE, || {
