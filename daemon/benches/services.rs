@@ -1,5 +1,6 @@
 //! Service translation cost per new flow with 10 and with 10,000 Services (10 endpoints
-//! each) in the node's table, and the time to compile a 10,000 x 10 table.
+//! each) in the node's table, and the time to compile a 10,000 x 10 table, whole and again
+//! after one EndpointSlice changed.
 //!
 //! A new flow is a client's first packet to a ClusterIP: the frontend lookup, Maglev's pick,
 //! the connection-table insert (both directions) and the in-place rewrite with checksums. The
@@ -158,6 +159,22 @@ fn compile(c: &mut Criterion) {
     drop(table);
     g.bench_function("10000x10", |b| {
         b.iter(|| black_box(ServiceTable::compile(&svcs, &slices)))
+    });
+    // What the agent does after one EndpointSlice changed: a recompile that reuses the last
+    // compile's Maglev tables (`Pools`), alternating between two versions of one slice so
+    // that every iteration has exactly one changed Service.
+    let scope = kwire::services::table::Scope::default();
+    let mut pools = kwire::services::table::Pools::default();
+    ServiceTable::compile_with(&svcs, &slices, &scope, &mut pools);
+    let mut changed = slices.clone();
+    changed[4321].endpoints[0].addresses[0] = IpAddr::from([10, 255, 0, 1]);
+    let mut flip = false;
+    g.bench_function("10000x10_one_slice_changed", |b| {
+        b.iter(|| {
+            flip = !flip;
+            let input = if flip { &changed } else { &slices };
+            black_box(ServiceTable::compile_with(&svcs, input, &scope, &mut pools))
+        })
     });
     g.finish();
 }

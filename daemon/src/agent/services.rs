@@ -7,7 +7,7 @@
 use super::pod_network::Firewall;
 use super::service_health::HealthServers;
 use crate::dataplane::ports::Pods;
-use crate::services::table::Scope;
+use crate::services::table::{Pools, Scope};
 use crate::services::{ServiceTable, ServiceView, SliceView};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
@@ -148,6 +148,8 @@ pub async fn run(client: Client, pods: Arc<Pods>, node: NodeScope) {
     let scope = Arc::new(Scope::new(&node.node, &node.firewall.services));
     let firewall = node.firewall;
     let health = Arc::new(tokio::sync::Mutex::new(HealthServers::default()));
+    // The last compile's Maglev tables: a recompile builds only the changed Services'.
+    let pools = Arc::new(Mutex::new(Pools::default()));
     let cfg = watcher::Config::default;
     let services = watcher::watcher(Api::<Service>::all(client.clone()), cfg())
         .backoff(super::WatchBackoff::default())
@@ -184,18 +186,21 @@ pub async fn run(client: Client, pods: Arc<Pods>, node: NodeScope) {
         };
         let pods = pods.clone();
         let (scope, firewall, health) = (scope.clone(), firewall.clone(), health.clone());
+        let pools = pools.clone();
         async move {
             let started = Instant::now();
             let compiled = tokio::task::spawn_blocking(move || {
-                ServiceTable::compile_for(&services, &slices, &scope)
+                let mut pools = pools.lock().unwrap_or_else(|p| p.into_inner());
+                ServiceTable::compile_with(&services, &slices, &scope, &mut pools)
             })
             .await;
             match compiled {
-                Ok(table) => {
+                Ok((table, built)) => {
                     info!(
                         services = table.services(),
                         frontends = table.frontends(),
                         without_endpoints = table.without_endpoints(),
+                        maglev_tables_built = built,
                         took_ms = started.elapsed().as_millis() as u64,
                         "service table swapped in"
                     );

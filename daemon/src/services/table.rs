@@ -18,6 +18,7 @@ use crate::wg::allowed_ips::IntHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasherDefault;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 /// A frontend: what a client addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -42,19 +43,28 @@ pub enum Serve {
     ExternalLocal,
 }
 
-/// Backends and their Maglev table.
+/// Backends and their Maglev table. Shared: every frontend with the same backends (a
+/// Service's ClusterIPs, ingress IPs and node port; the same Service in the next compile)
+/// holds the same table.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Pool {
     /// Sorted.
-    backends: Box<[SocketAddr]>,
+    backends: Arc<[SocketAddr]>,
     /// Maglev's lookup table: indexes into `backends`.
-    lut: Box<[u16]>,
+    lut: Arc<[u16]>,
 }
 
 impl Pool {
-    fn new(mut backends: Vec<SocketAddr>) -> Pool {
+    /// The pool of `backends` (any order, duplicates allowed), from `pools` if a compile
+    /// already built it.
+    fn new(mut backends: Vec<SocketAddr>, pools: &mut Pools) -> Pool {
         backends.sort_unstable();
         backends.dedup();
+        pools.get(backends)
+    }
+
+    /// Builds the Maglev table of sorted, distinct `backends`.
+    fn build(backends: Vec<SocketAddr>) -> Pool {
         let names: Vec<Vec<u8>> = backends.iter().map(backend_bytes).collect();
         let lut = maglev::build(&names, maglev::table_size(backends.len()));
         Pool {
@@ -88,6 +98,54 @@ impl Pool {
     }
 }
 
+/// The pools one compile made, which the next compile reuses: a recompile after one
+/// EndpointSlice changed builds the Maglev tables of that Service only (the rest are shared
+/// with the table in force, so a swap does not hold two copies of them either). A pool is
+/// keyed by its sorted backends, and its table depends on nothing else, so a reused pool is
+/// exactly the one a fresh compile would build.
+#[derive(Debug, Default)]
+pub struct Pools {
+    /// The last compile's pools.
+    prev: HashMap<Arc<[SocketAddr]>, Pool>,
+    /// This compile's.
+    next: HashMap<Arc<[SocketAddr]>, Pool>,
+    /// Tables this compile built (not reused).
+    built: usize,
+}
+
+impl Pools {
+    fn get(&mut self, backends: Vec<SocketAddr>) -> Pool {
+        if let Some(p) = self.next.get(backends.as_slice()) {
+            return p.clone();
+        }
+        let pool = match self.prev.remove(backends.as_slice()) {
+            Some(p) => p,
+            None => {
+                self.built += 1;
+                Pool::build(backends)
+            }
+        };
+        self.next.insert(pool.backends.clone(), pool.clone());
+        pool
+    }
+
+    /// Ends a compile: only its pools are kept for the next one. Returns how many Maglev
+    /// tables it built.
+    fn finish(&mut self) -> usize {
+        self.prev = std::mem::take(&mut self.next);
+        std::mem::take(&mut self.built)
+    }
+
+    /// Distinct pools kept for the next compile.
+    pub fn len(&self) -> usize {
+        self.prev.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.prev.is_empty()
+    }
+}
+
 /// One frontend's backends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frontend {
@@ -108,15 +166,19 @@ impl Frontend {
         backends: Vec<(SocketAddr, bool)>,
         serve: Serve,
         affinity_secs: u32,
+        pools: &mut Pools,
     ) -> Frontend {
         let local = if serve == Serve::Cluster {
             Pool::default()
         } else {
-            Pool::new(backends.iter().filter(|b| b.1).map(|b| b.0).collect())
+            Pool::new(
+                backends.iter().filter(|b| b.1).map(|b| b.0).collect(),
+                pools,
+            )
         };
         Frontend {
             service,
-            all: Pool::new(backends.into_iter().map(|b| b.0).collect()),
+            all: Pool::new(backends.into_iter().map(|b| b.0).collect(), pools),
             local,
             serve,
             affinity_secs,
@@ -280,6 +342,18 @@ impl ServiceTable {
         slices: &[SliceView],
         scope: &Scope,
     ) -> ServiceTable {
+        Self::compile_with(services, slices, scope, &mut Pools::default()).0
+    }
+
+    /// [`ServiceTable::compile_for`], reusing the Maglev tables of `pools` (the previous
+    /// compile's) and leaving this compile's there for the next; also returns how many
+    /// tables it had to build.
+    pub fn compile_with(
+        services: &[ServiceView],
+        slices: &[SliceView],
+        scope: &Scope,
+        pools: &mut Pools,
+    ) -> (ServiceTable, usize) {
         let mut by_service: BTreeMap<(&str, &str), Vec<&SliceView>> = BTreeMap::new();
         for s in slices {
             by_service
@@ -325,7 +399,8 @@ impl ServiceTable {
                         if t.frontends.contains_key(&key) {
                             return; // two Services claim one address: the first by name keeps it
                         }
-                        let fe = Frontend::new(index, backends.clone(), serve, svc.affinity_secs);
+                        let fe =
+                            Frontend::new(index, backends.clone(), serve, svc.affinity_secs, pools);
                         t.frontends.insert(key, fe);
                         any = true;
                     };
@@ -363,7 +438,8 @@ impl ServiceTable {
                 t.names.push(format!("{}/{}", svc.namespace, svc.name));
             }
         }
-        t
+        let built = pools.finish();
+        (t, built)
     }
 
     /// The frontend a packet addresses, if it is one.
@@ -660,5 +736,64 @@ mod tests {
             let h = flow_hash(TCP, ip("10.244.1.5"), sport, ip("10.96.0.10"), 80);
             assert_eq!(fa.pick(h), fb.pick(h));
         }
+    }
+
+    #[test]
+    fn a_recompile_builds_only_the_changed_pools_and_equals_a_fresh_compile() {
+        let ports = [("http", TCP, 80)];
+        let sports = [("http", TCP, 8080)];
+        let services: Vec<ServiceView> = (0..20)
+            .map(|i| svc(&format!("s{i}"), &[&format!("10.96.0.{}", 10 + i)], &ports))
+            .collect();
+        let slices = |moved: usize| -> Vec<SliceView> {
+            (0..20)
+                .map(|i| {
+                    // Service `moved` gets one endpoint replaced; s19 shares s18's backends.
+                    let base = if i == 19 { 18 } else { i };
+                    let last = if i == moved { 99 } else { 3 };
+                    let eps = vec![
+                        ep(&[&format!("10.244.{base}.1")], true, false),
+                        ep(&[&format!("10.244.{base}.2")], true, false),
+                        ep(&[&format!("10.244.{base}.{last}")], true, false),
+                    ];
+                    slice(&format!("s{i}"), &sports, eps)
+                })
+                .collect()
+        };
+        let scope = Scope::default();
+        let mut pools = Pools::default();
+        let (first, built) =
+            ServiceTable::compile_with(&services, &slices(usize::MAX), &scope, &mut pools);
+        assert_eq!(built, 19, "s18 and s19 share one table");
+        assert_eq!(pools.len(), 19);
+        assert_eq!(
+            first.entries(),
+            ServiceTable::compile_for(&services, &slices(usize::MAX), &scope).entries()
+        );
+        // One Service's endpoints change: one table built, the others shared with `first`.
+        let (second, built) = ServiceTable::compile_with(&services, &slices(4), &scope, &mut pools);
+        assert_eq!(built, 1);
+        assert_eq!(
+            second.entries(),
+            ServiceTable::compile_for(&services, &slices(4), &scope).entries()
+        );
+        let key = |i: u8| FrontendKey {
+            proto: TCP,
+            ip: ip(&format!("10.96.0.{}", 10 + i)),
+            port: 80,
+        };
+        let (a, b) = (
+            first.lookup(TCP, key(7).ip, 80).unwrap(),
+            second.lookup(TCP, key(7).ip, 80).unwrap(),
+        );
+        assert!(
+            Arc::ptr_eq(&a.all.lut, &b.all.lut),
+            "an unchanged Service keeps its table"
+        );
+        // The old pool of s4 is dropped; going back rebuilds it.
+        let (third, built) =
+            ServiceTable::compile_with(&services, &slices(usize::MAX), &scope, &mut pools);
+        assert_eq!(built, 1);
+        assert_eq!(third.entries(), first.entries());
     }
 }
