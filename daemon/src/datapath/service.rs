@@ -971,13 +971,7 @@ pub(crate) mod tests {
         // The ClusterIP is not subject to externalTrafficPolicy.
         let mut seen = std::collections::BTreeSet::new();
         for port in 40000..40064 {
-            let mut p = packet(
-                TCP,
-                sa(&format!("10.244.1.9:{port}")),
-                sa("10.96.0.10:80"),
-                TCP_SYN,
-                b"",
-            );
+            let mut p = client_syn(port);
             translate(&s, &mut p).unwrap();
             seen.insert(ends(&p).1);
         }
@@ -1023,18 +1017,23 @@ pub(crate) mod tests {
         assert_eq!(p, before);
     }
 
+    /// A new TCP flow from the client pod 10.244.1.9 (source port `port`) to the ClusterIP.
+    fn client_syn(port: u16) -> Vec<u8> {
+        packet(
+            TCP,
+            sa(&format!("10.244.1.9:{port}")),
+            sa("10.96.0.10:80"),
+            TCP_SYN,
+            b"",
+        )
+    }
+
     #[test]
     fn internal_traffic_policy_local_uses_this_nodes_endpoints() {
         let itp = |v: &mut ServiceView| v.internal_local = true;
         let s = services_on(&[("10.244.1.7", NODE), ("10.244.2.5", "n2")], itp);
         for port in 40000..40064 {
-            let mut p = packet(
-                TCP,
-                sa(&format!("10.244.1.9:{port}")),
-                sa("10.96.0.10:80"),
-                TCP_SYN,
-                b"",
-            );
+            let mut p = client_syn(port);
             translate(&s, &mut p).unwrap();
             assert_eq!(ends(&p).1, sa("10.244.1.7:8080"));
         }
