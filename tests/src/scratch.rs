@@ -6,7 +6,8 @@ use std::fs::{self};
 use std::path::{Path, PathBuf};
 
 /// A directory under /tmp/kwire-tests for one test's files, removed on drop unless the test
-/// panicked (then its path is printed, for the logs and pcaps inside).
+/// panicked or `KWIRE_KEEP_SCRATCH` is set (then its path is printed, for the logs and pcaps
+/// inside).
 pub struct Scratch {
     path: PathBuf,
 }
@@ -29,7 +30,7 @@ impl Scratch {
 
 impl Drop for Scratch {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("KWIRE_KEEP_SCRATCH").is_some() {
             eprintln!(
                 "kept scratch directory of the failed test: {}",
                 self.path.display()
