@@ -42,9 +42,15 @@ const DEFAULT_PAIRS: &str = "kwire:wireguard-go,kwire:kwire,wireguard-go:kwire";
 const PORT: u16 = 51820;
 const TUN_MTU: u32 = 1420;
 const UNDERLAY_MTU: u32 = 1500;
-/// Time for a tunnel to pass its first packet (handshake included; wireguard-go retries a lost
-/// initiation after 5 s).
-const FIRST_PACKET: Duration = Duration::from_secs(12);
+/// Time for a tunnel to pass its first packet, handshake included. WireGuard's own bounds set
+/// it: a lost initiation is retried after REKEY_TIMEOUT (5 s), and a session that works one
+/// way only (crossing initiations that an end settled differently: wireguard-go handles the
+/// two messages on parallel goroutines) is replaced by a fresh handshake once an end has sent
+/// without hearing back for KEEPALIVE_TIMEOUT + REKEY_TIMEOUT (15 s). A deadline below that
+/// fails on the protocol's own recovery time, not on a defect (seen once in CI, on
+/// `wggo_kwire::ipv6_underlay`, where kwire answered every ping and wireguard-go dropped the
+/// answers until its rekey).
+const FIRST_PACKET: Duration = Duration::from_secs(25);
 
 const A_V4: &str = "192.0.2.1";
 const B_V4: &str = "192.0.2.2";
@@ -107,6 +113,7 @@ macro_rules! interop_suite {
             use kwire_tests::Impl;
             cases!($a, $b:
                 handshake_and_ping_both_ways,
+                crossing_initiations,
                 tcp_transfer_both_ways_checksummed,
                 udp_gso_datagrams_arrive_whole,
                 ipv6_underlay,
@@ -491,6 +498,18 @@ fn udp_gso_datagrams_arrive_whole(a: Impl, b: Impl) {
     }
 }
 
+/// Both ends start a handshake at the same moment (traffic both ways before any session),
+/// so the two initiations cross: each end answers the other's while its own is pending, and
+/// the tunnel must work both ways right after, not only once a rekey sorts it out.
+fn crossing_initiations(a: Impl, b: Impl) {
+    let t = Topo::new(a, b, Opts::default());
+    std::thread::scope(|s| {
+        s.spawn(|| t.ns_a.ping_once(B_IN4, None));
+        s.spawn(|| t.ns_b.ping_once(A_IN4, None));
+    });
+    t.wait_tunnel();
+}
+
 fn ipv6_underlay(a: Impl, b: Impl) {
     let t = Topo::new(
         a,
@@ -642,10 +661,12 @@ fn allowed_ips_drop_foreign_source(a: Impl, b: Impl) {
     // From an address B does not allow for C: encrypted and sent by C, dropped by B.
     const SPOOFED: u64 = 5;
     ns_c.assert_no_ping(B_IN4, Some(C_SPOOF4), SPOOFED as u32);
-    // From the allowed address: answered.
-    assert!(
-        ns_c.ping_once(B_IN4, Some(C_IN4)),
-        "B stopped answering C's allowed address"
+    // From the allowed address: answered (within a deadline: one ping with a 1 s wait is
+    // lost on a loaded machine).
+    wait_until(
+        Duration::from_secs(5),
+        "B to answer C's allowed address 10.99.0.3 after the spoofed pings",
+        || ns_c.ping_once(B_IN4, Some(C_IN4)),
     );
     // ...and A, B's other peer, is unaffected.
     t.ns_a.wait_ping(B_IN4, FIRST_PACKET);
