@@ -5,23 +5,9 @@
 # medians and their ratio. Removes its lab on exit. Needs root, iperf3, jq, kubectl.
 #   ROUNDS=5 DURATION=5 scripts/bench-policy-overhead.sh
 set -Eeuo pipefail
-HERE=$(cd "$(dirname "$0")/.." && pwd)
-BIN=${BIN:-$HERE/target/release}
-ROUNDS=${ROUNDS:-5}
-DURATION=${DURATION:-5}
 LAB=${LAB:-kwpolbench}
-[[ $(id -u) -eq 0 ]] || { echo "needs root" >&2; exit 1; }
-[[ -x $BIN/kwire-lab && -x $BIN/kwire ]] || { echo "build first: cargo build --release --workspace" >&2; exit 1; }
-lab() { local sub=$1; shift; "$BIN/kwire-lab" "$sub" --name "$LAB" "$@"; }
-POLICY=$(mktemp)
-cleanup() { set +e; lab down >/dev/null 2>&1; rm -f "$POLICY"; }
-trap cleanup EXIT
-lab down >/dev/null 2>&1 || true
-lab up --nodes 2 --kwire "$BIN/kwire" >/dev/null
-J=$(lab status --json)
-pod() { jq -r --arg n "$1" ".pods[] | select(.name==\$n) | .$2" <<<"$J"; }
-CLI_NS=$(pod pod-1-1 netns); SRV_NS=$(pod pod-2-1 netns); SRV_IP=$(pod pod-2-1 'ips[0]')
-KC="kubectl --kubeconfig $("$BIN/kwire-lab" kubeconfig --name "$LAB")"
+source "$(dirname "$0")/lib/iperf-lab.sh"
+POLICY=$(mktemp); CLEANUP_FILES+=("$POLICY")
 $KC label pod pod-1-1 role=cli >/dev/null; $KC label pod pod-2-1 role=srv >/dev/null
 cat >"$POLICY" <<'YAML'
 apiVersion: networking.k8s.io/v1
@@ -40,21 +26,19 @@ spec:
 YAML
 ip netns exec "$SRV_NS" iperf3 -s -D
 sleep 0.5
-run() { ip netns exec "$CLI_NS" iperf3 -c "$SRV_IP" -t "$DURATION" -J | jq '.end.sum_received.bits_per_second/1e9'; }
 enforced() { # the policy is in force: another pod no longer reaches the server pod's port 80
   ! "$BIN/kwire-lab" probe --name "$LAB" default/pod-1-2 "default/pod-2-1:80/TCP" >/dev/null 2>&1
 }
 without=(); with=()
 for r in $(seq "$ROUNDS"); do
-  without+=("$(run)")
+  without+=("$(iperf_gbps "$SRV_IP")")
   lab apply -f "$POLICY" >/dev/null
   for _ in $(seq 50); do enforced && break; sleep 0.1; done
   enforced || { echo "policy not in force" >&2; exit 1; }
-  with+=("$(run)")
+  with+=("$(iperf_gbps "$SRV_IP")")
   lab delete -f "$POLICY" >/dev/null
   for _ in $(seq 50); do enforced || break; sleep 0.1; done
   printf 'round %d: no policy %.3f Gbit/s, default-deny + allow %.3f Gbit/s\n' "$r" "${without[-1]}" "${with[-1]}"
 done
-median() { printf '%s\n' "$@" | sort -g | awk '{v[NR]=$1} END{print (NR%2)? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2}'; }
 a=$(median "${without[@]}"); b=$(median "${with[@]}")
 printf 'median: no policy %.3f Gbit/s, with policy %.3f Gbit/s, ratio %.3f (load %s)\n' "$a" "$b" "$(awk "BEGIN{print $b/$a}")" "$(cut -d' ' -f1-3 /proc/loadavg)"
