@@ -13,6 +13,7 @@ pub mod peer_index;
 pub mod peers;
 pub mod pod_network;
 pub mod policy;
+pub mod relay;
 pub mod rotation;
 pub mod routes;
 pub mod service_health;
@@ -202,6 +203,11 @@ pub struct AgentArgs {
     /// says otherwise. The Node annotation `kwire.dev/behind-nat: "true"` does the same.
     #[arg(long, env = "KWIRE_BEHIND_NAT")]
     pub behind_nat: bool,
+    /// UDP port on which this node relays for pairs of nodes both behind NAT (their
+    /// WireGuard datagrams, forwarded untouched), published as `kwire.dev/relay-endpoint`
+    /// unless the node is behind NAT; 0: never relay. Open it like the WireGuard port.
+    #[arg(long, env = "KWIRE_RELAY_PORT", default_value_t = relay::DEFAULT_RELAY_PORT)]
+    pub relay_port: u16,
     /// Directory of the WireGuard userspace API socket (`wg show IFNAME` looks here).
     #[arg(long, default_value = UAPI_DIR)]
     pub uapi_dir: PathBuf,
@@ -475,6 +481,14 @@ async fn agent_main(
         status.clone(),
         host_addresses,
     );
+    if args.relay_port != 0 {
+        match relay::Forwarder::start(args.relay_port, status.clone()) {
+            Ok(f) => agent.relay = Some(f),
+            Err(e) => {
+                warn!(port = args.relay_port, error = %e, "cannot open the relay port: this node relays for no NATed pair (--relay-port 0 turns the relay off)")
+            }
+        }
+    }
     info!(node = %args.node_name, interface = %args.interface, port = args.listen_port, public_key = %own_key, "kwire agent starting");
     let cidrs = agent.cidrs_tx.subscribe();
     if let Some(st) = restored {
@@ -636,6 +650,13 @@ struct Agent {
     key_events: Vec<(bool, &'static str, String)>,
     /// Peers outside the cluster (the `Peer` resource).
     external: external::Peers,
+    /// `--relay-port`, and the relay running on it (none: the port could not be opened).
+    relay_port: u16,
+    relay: Option<relay::Forwarder>,
+    /// Peers reached through a relay (this node and they are behind NAT), by name.
+    relay_plan: BTreeMap<String, relay::Route>,
+    /// The NATed nodes the relay forwards for.
+    relay_served: BTreeSet<String>,
 }
 
 /// What a reconcile asks the async side to do.
@@ -698,6 +719,10 @@ impl Agent {
             own_revoked: Vec::new(),
             key_events: Vec::new(),
             external: external::Peers::default(),
+            relay_port: args.relay_port,
+            relay: None,
+            relay_plan: BTreeMap::new(),
+            relay_served: BTreeSet::new(),
         }
     }
 
@@ -723,6 +748,43 @@ impl Agent {
             .map(|p| (p.public_key, p.node.clone()))
             .collect();
         self.status.peer_names.store(Arc::new(names));
+        let relays = self
+            .applied
+            .values()
+            .filter_map(|p| Some((p.public_key, p.relay.clone()?)))
+            .collect();
+        self.status.peer_relays.store(Arc::new(relays));
+    }
+
+    /// Whether this node is behind NAT (`--behind-nat` or its Node's annotation).
+    fn behind_nat(&self) -> bool {
+        self.behind_nat_flag || self.behind_nat_annotation
+    }
+
+    /// Tells the relay which nodes it forwards for: the peers behind NAT (none while this
+    /// node is itself behind NAT: it publishes no relay endpoint).
+    fn serve_relay(&mut self) {
+        let Some(relay) = &self.relay else { return };
+        let served: Vec<relay::Served> = if self.behind_nat() {
+            Vec::new()
+        } else {
+            self.applied
+                .values()
+                .filter(|p| self.nodes.get(&p.node).is_some_and(|n| n.behind_nat))
+                .map(|p| {
+                    let keys = std::iter::once(p.public_key)
+                        .chain(p.next_public_key)
+                        .collect();
+                    relay::Served::new(p.node.clone(), keys)
+                })
+                .collect()
+        };
+        let names: BTreeSet<String> = served.iter().map(|s| s.name.clone()).collect();
+        if names != self.relay_served {
+            info!(nodes = ?names, "relaying for these nodes behind NAT");
+        }
+        self.relay_served = names;
+        relay.set_served(served);
     }
 
     fn program_host(&mut self) {
@@ -1023,6 +1085,21 @@ impl Agent {
             cluster_cidrs: self.cluster.clone(),
             host_addresses: self.host_addresses.clone(),
         };
+        // Which peers go through a relay: when that changes, every peer is reselected (the
+        // plan is then applied to all of them).
+        let plan = match &own {
+            Some(own) => relay::plan(own, self.behind_nat(), self.nodes.infos()),
+            None => BTreeMap::new(),
+        };
+        if plan != self.relay_plan {
+            for (name, r) in &plan {
+                if self.relay_plan.get(name) != Some(r) {
+                    info!(peer = %name, relay = %r.relay, endpoint = %r.endpoint, "both behind NAT: reaching the peer through a relay");
+                }
+            }
+            self.relay_plan = plan;
+            self.nodes.force_full();
+        }
         // Only the Nodes that changed (all of them when a change touched a conflict).
         let done = self.nodes.reselect(&self.own_cidrs, &settings);
         for (_, was, now) in &done.changed {
@@ -1064,6 +1141,18 @@ impl Agent {
                         .collect(),
                 )
             };
+        let mut new = new;
+        for p in new.values_mut() {
+            if let Some(r) = self.relay_plan.get(&p.node) {
+                p.endpoint = r.endpoint;
+                p.relay = Some(r.relay.clone());
+            }
+        }
+        let serving_changed = self.relay.is_some()
+            && (done.full
+                || new.keys().chain(old.keys()).any(|n| {
+                    self.relay_served.contains(n) || self.nodes.get(n).is_some_and(|i| i.behind_nat)
+                }));
         let mut names_changed = false;
         let mut routes_changed = false;
         let names: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
@@ -1111,6 +1200,9 @@ impl Agent {
             if names_changed {
                 self.publish_names();
             }
+        }
+        if serving_changed {
+            self.serve_relay();
         }
 
         if self.external.pending() {
@@ -1303,6 +1395,20 @@ impl Agent {
             patch.insert(
                 annotations::REVOKED_KEYS.into(),
                 rotation::revoked_annotation(&listed, &self.own_revoked).into(),
+            );
+        }
+        // Its peers must know it is behind NAT (two such nodes go through a relay).
+        if self.behind_nat_flag && !own.behind_nat {
+            patch.insert(annotations::BEHIND_NAT.into(), "true".into());
+        }
+        // A reachable node with its relay running offers it; any other withdraws it.
+        let relay = endpoint
+            .filter(|_| self.relay.is_some() && !self.behind_nat())
+            .map(|ep| SocketAddr::new(ep.ip(), self.relay_port).to_string());
+        if own.relay_endpoint != relay {
+            patch.insert(
+                annotations::RELAY_ENDPOINT.into(),
+                relay.map_or(serde_json::Value::Null, Into::into),
             );
         }
         match endpoint {

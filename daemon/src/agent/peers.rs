@@ -36,6 +36,12 @@ pub struct NodeInfo {
     pub internal_ips: Vec<IpAddr>,
     /// Every address of `status.addresses` that parses (InternalIP, ExternalIP, ...).
     pub addresses: Vec<IpAddr>,
+    /// `kwire.dev/behind-nat: "true"`.
+    pub behind_nat: bool,
+    /// The `kwire.dev/location` label.
+    pub location: Option<String>,
+    /// `kwire.dev/relay-endpoint`, as written.
+    pub relay_endpoint: Option<String>,
 }
 
 impl NodeInfo {
@@ -73,6 +79,14 @@ impl NodeInfo {
             pod_cidrs,
             internal_ips: parsed(true),
             addresses: parsed(false),
+            behind_nat: get(annotations::BEHIND_NAT).is_some_and(|v| v.trim() == "true"),
+            location: n
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(annotations::LOCATION))
+                .cloned(),
+            relay_endpoint: get(annotations::RELAY_ENDPOINT),
         }
     }
 
@@ -107,6 +121,9 @@ pub struct DesiredPeer {
     /// The Node's `spec.podCIDRs`, canonical.
     pub allowed_ips: Vec<IpNetwork>,
     pub keepalive: u16,
+    /// The relay node this peer is reached through (`endpoint` is then the relay's), when
+    /// both this node and the peer are behind NAT.
+    pub relay: Option<String>,
 }
 
 /// Why a range given as text cannot be used.
@@ -570,6 +587,7 @@ fn check_node<'a>(
         endpoint,
         allowed_ips: cidrs,
         keepalive,
+        relay: None,
     }))
 }
 
@@ -723,6 +741,7 @@ mod tests {
                 vec![ip.parse().unwrap()]
             },
             addresses: vec![],
+            ..NodeInfo::default()
         }
     }
 
@@ -1100,6 +1119,7 @@ mod tests {
             endpoint: ep.parse().unwrap(),
             allowed_ips: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
             keepalive: 0,
+            relay: None,
         }
     }
 

@@ -45,6 +45,9 @@ struct PeerV1 {
     /// The key the peer rotates to (absent: it does not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     next_public_key: Option<String>,
+    /// The relay node the peer is reached through (`endpoint` is the relay's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    relay: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +117,7 @@ pub fn load(dir: &Path) -> Result<Option<State>, StateError> {
                 .map(PublicKey::from_base64)
                 .transpose()
                 .map_err(|e| invalid(&path, format!("peer {}: next key: {e}", p.node)))?,
+            relay: p.relay,
             node: p.node,
         };
         st.peers.insert(peer.node.clone(), peer);
@@ -138,6 +142,7 @@ pub fn save(dir: &Path, st: &State) -> Result<(), StateError> {
                 allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
                 keepalive: p.keepalive,
                 next_public_key: p.next_public_key.map(|k| k.to_base64()),
+                relay: p.relay.clone(),
             })
             .collect(),
     };
@@ -201,6 +206,7 @@ mod tests {
                         "fd00:1::/64".parse().unwrap(),
                     ],
                     keepalive: 25,
+                    relay: (i == 1).then(|| "r".to_string()),
                 },
             );
         }
