@@ -657,6 +657,8 @@ struct Agent {
     relay_plan: BTreeMap<String, relay::Route>,
     /// The NATed nodes the relay forwards for.
     relay_served: BTreeSet<String>,
+    /// A Node's `kwire.dev/behind-nat` changed since the relay was last told whom it serves.
+    relay_dirty: bool,
 }
 
 /// What a reconcile asks the async side to do.
@@ -723,6 +725,7 @@ impl Agent {
             relay: None,
             relay_plan: BTreeMap::new(),
             relay_served: BTreeSet::new(),
+            relay_dirty: true,
         }
     }
 
@@ -779,6 +782,7 @@ impl Agent {
                 })
                 .collect()
         };
+        self.relay_dirty = false;
         let names: BTreeSet<String> = served.iter().map(|s| s.name.clone()).collect();
         if names != self.relay_served {
             info!(nodes = ?names, "relaying for these nodes behind NAT");
@@ -985,7 +989,16 @@ impl Agent {
                     nat_changed = true;
                 }
             }
-            let changed = agent.nodes.upsert(NodeInfo::from_node(&v.into_k8s())) || nat_changed;
+            let info = NodeInfo::from_node(&v.into_k8s());
+            // Whom the relay serves depends on it, though peer selection does not.
+            if agent
+                .nodes
+                .get(&name)
+                .is_none_or(|o| o.behind_nat != info.behind_nat)
+            {
+                agent.relay_dirty = true;
+            }
+            let changed = agent.nodes.upsert(info) || nat_changed;
             Some((name, changed))
         };
         match ev {
@@ -1150,6 +1163,7 @@ impl Agent {
         }
         let serving_changed = self.relay.is_some()
             && (done.full
+                || self.relay_dirty
                 || new.keys().chain(old.keys()).any(|n| {
                     self.relay_served.contains(n) || self.nodes.get(n).is_some_and(|i| i.behind_nat)
                 }));
@@ -1172,7 +1186,8 @@ impl Agent {
                         key_changed = o.public_key != p.public_key,
                         "peer changed"
                     );
-                    names_changed |= o.public_key != p.public_key;
+                    // The names and the relays are published together.
+                    names_changed |= o.public_key != p.public_key || o.relay != p.relay;
                     routes_changed |= o.allowed_ips != p.allowed_ips;
                 }
                 (Some(_), None) => {
