@@ -612,6 +612,19 @@ impl Peers {
     }
 }
 
+/// The Node whose agent writes the Peers' conditions: the oldest (creationTimestamp, then name)
+/// that publishes a key. Every agent computes the same.
+pub fn status_writer<'a>(
+    nodes: impl Iterator<Item = &'a super::peers::NodeInfo>,
+) -> Option<&'a str> {
+    nodes
+        .filter(|n| n.public_key.is_some())
+        .min_by(|a, b| {
+            (a.created.unwrap_or(i64::MAX), &a.name).cmp(&(b.created.unwrap_or(i64::MAX), &b.name))
+        })
+        .map(|n| n.name.as_str())
+}
+
 /// A preshared key from a Secret's `data` (base64 of base64 text, as `wg genpsk` prints it,
 /// or of the 32 raw bytes).
 pub fn psk_from_secret_data(data: &[u8]) -> Option<PresharedKey> {
@@ -628,6 +641,26 @@ pub fn psk_from_secret_data(data: &[u8]) -> Option<PresharedKey> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn one_agent_writes_conditions_the_oldest_keyed_node() {
+        use crate::agent::peers::NodeInfo;
+        let n = |name: &str, created: Option<i64>, key: bool| NodeInfo {
+            name: name.into(),
+            created,
+            public_key: key.then(|| "k".to_string()),
+            ..NodeInfo::default()
+        };
+        let nodes = [
+            n("zeta", Some(5), true),
+            n("alpha", Some(5), true),
+            n("old-no-key", Some(1), false),
+            n("young", Some(9), true),
+            n("unknown-age", None, true),
+        ];
+        assert_eq!(status_writer(nodes.iter()), Some("alpha"));
+        assert_eq!(status_writer(nodes[2..3].iter()), None);
+    }
+
     use super::*;
 
     fn key(b: u8) -> String {

@@ -1273,6 +1273,10 @@ impl Agent {
             .round(k8s_openapi::jiff::Unit::Second)
             .map_or_else(|_| String::new(), |t| t.to_string());
         let mut out = self.external.reconcile(ctx, &now);
+        // One agent writes the Peers' conditions (all judge alike): not one write per node.
+        if !self.writes_peer_status() {
+            out.patches.clear();
+        }
         for (name, reason, message) in &out.refused {
             warn!(peer = %name, reason = reason.metric_label(), "Peer refused: {message}");
             self.status.count_invalid(reason.metric_label());
@@ -1297,7 +1301,14 @@ impl Agent {
         out
     }
 
-    /// Writes Peers' `Accepted` conditions (each agent writes the same; a failure waits for
+    /// Whether this agent writes the Peers' `Accepted` conditions: the one on the oldest Node
+    /// (creationTimestamp, then name) that publishes a key, the same rule on every agent. If
+    /// that agent is down, conditions wait until it is back or its Node is deleted.
+    fn writes_peer_status(&self) -> bool {
+        external::status_writer(self.nodes.infos()).is_none_or(|n| n == self.node_name)
+    }
+
+    /// Writes Peers' `Accepted` conditions (only [`Agent::writes_peer_status`]; a failure waits for
     /// the next change or the retry tick).
     async fn write_peer_statuses(
         &mut self,
