@@ -435,6 +435,9 @@ async fn agent_main(
     };
     if let Some(st) = &restored {
         first.peers = peers::add_all(&st.peers);
+        first
+            .peers
+            .extend(external::restore_changes(&st.external, &st.external_psks));
     }
     tun.device.apply(first, &mut tun.net.clone()).map_err(|e| {
         anyhow::anyhow!(
@@ -739,6 +742,16 @@ impl Agent {
             }
         }
         self.applied = st.peers;
+        if !st.external.is_empty() {
+            info!(
+                peers = st.external.len(),
+                "restored the saved Peers (outside the cluster)"
+            );
+        }
+        self.external.restore(st.external, st.external_psks);
+        self.status
+            .external_peer_names
+            .store(Arc::new(self.external.names()));
         self.publish_names();
         self.status.synced.store(true, Ordering::Relaxed);
         self.program_host();
@@ -891,6 +904,9 @@ impl Agent {
                     }
                 },
                 _ = tick.tick() => {
+                    // The tick is itself the throttle: what waited is written now (a save
+                    // skipped as too recent would otherwise wait one more tick, ~10 s).
+                    self.state_saved_at = None;
                     self.save_state();
                     let psk_retry = self.external.retry_psks();
                     self.synced && (self.retry || psk_retry)
@@ -1282,6 +1298,7 @@ impl Agent {
             self.status.count_invalid(reason.metric_label());
         }
         if !out.changes.is_empty() {
+            self.state_dirty = true;
             for c in &out.changes {
                 info!(public_key = %c.public_key, removed = c.remove, allowed_ips = %nets(&c.allowed_ips), "external peer configured");
             }
@@ -1383,6 +1400,8 @@ impl Agent {
             pod_cidrs: self.own_cidrs.clone(),
             mtu: Some(self.mtu),
             peers: self.applied.clone(),
+            external: self.external.applied.clone(),
+            external_psks: self.external.applied_psks.clone(),
         };
         match state::save(&self.state_dir, &st) {
             Ok(()) => {
