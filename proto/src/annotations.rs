@@ -26,3 +26,8 @@ pub const LOCATION: &str = "kwire.dev/location";
 /// `ip:port` where a reachable node's agent relays the WireGuard datagrams of two nodes both
 /// behind NAT (published by the agent unless it is behind NAT or `--relay-port 0`).
 pub const RELAY_ENDPOINT: &str = "kwire.dev/relay-endpoint";
+/// Peers whose authenticated WireGuard packets reach this node from an address other than
+/// their published endpoint, as `node=ip:port` separated by commas (published by the agent;
+/// absent when there are none). A node named here is behind NAT (or publishes a wrong
+/// endpoint): its agent reads it and says so.
+pub const NAT_OBSERVED: &str = "kwire.dev/nat-observed";

@@ -411,6 +411,32 @@ fn two_nodes_behind_two_nats_reach_each_other_through_the_relay_and_heal() {
         graph.contains(&format!("relayed via {relay}")),
         "kwire-lab graph:\n{graph}"
     );
+
+    // NAT detection: the reachable nodes publish where n3's authenticated packets come from
+    // (its NAT's new address), and n3, once its agent reconnects to the API through the NAT
+    // (its old connections died with its old address), says it is seen behind NAT.
+    let observed = |node: &str| -> Option<String> {
+        let (ok, out) = kubectl(&admin, &["get", "node", node, "-o", "json"]);
+        let v = parse_json(&out).ok().filter(|_| ok)?;
+        v["metadata"]["annotations"]["kwire.dev/nat-observed"]
+            .as_str()
+            .map(str::to_string)
+    };
+    let mut seen = None;
+    let ok = try_wait_until(CONVERGE, || {
+        seen = observed(&name(2));
+        seen.as_deref()
+            .is_some_and(|t| t.contains(&format!("{}=192.0.2.223:", name(3))))
+    });
+    assert!(ok, "n2's kwire.dev/nat-observed: {seen:?}");
+    lab.signal_agents(&[&name(3)], nix::sys::signal::Signal::SIGTERM, CONVERGE);
+    let mut said = None;
+    let ok = try_wait_until(CONVERGE, || {
+        said = agent_status(&kwire, node(&lab.status(), &name(3)))
+            .and_then(|r| r["nat_detected"].as_str().map(str::to_string));
+        said.as_deref().is_some_and(|s| s.contains("192.0.2.223"))
+    });
+    assert!(ok, "n3 does not say it is seen behind NAT: {said:?}");
     drop(nat4);
     drop(nat3);
 }

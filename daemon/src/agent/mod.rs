@@ -662,6 +662,12 @@ struct Agent {
     relay_served: BTreeSet<String>,
     /// A Node's `kwire.dev/behind-nat` changed since the relay was last told whom it serves.
     relay_dirty: bool,
+    /// Peers whose authenticated packets come from elsewhere than their published endpoint
+    /// (`kwire.dev/nat-observed` on this Node).
+    nat_observed: BTreeMap<String, SocketAddr>,
+    /// Another node sees this one's packets come from elsewhere than its endpoint: (that node,
+    /// the address it sees).
+    nat_seen: Option<(String, SocketAddr)>,
 }
 
 /// What a reconcile asks the async side to do.
@@ -729,6 +735,8 @@ impl Agent {
             relay_plan: BTreeMap::new(),
             relay_served: BTreeSet::new(),
             relay_dirty: true,
+            nat_observed: BTreeMap::new(),
+            nat_seen: None,
         }
     }
 
@@ -909,7 +917,8 @@ impl Agent {
                     self.state_saved_at = None;
                     self.save_state();
                     let psk_retry = self.external.retry_psks();
-                    self.synced && (self.retry || psk_retry)
+                    let observed = self.observe_nat();
+                    self.synced && (self.retry || psk_retry || observed)
                 }
                 _ = rotation_tick.tick() => tokio::task::block_in_place(|| self.rotation_tick()),
                 Some(req) = async {
@@ -1114,6 +1123,9 @@ impl Agent {
             cluster_cidrs: self.cluster.clone(),
             host_addresses: self.host_addresses.clone(),
         };
+        if self.detect_nat() {
+            self.nodes.force_full();
+        }
         // Which peers go through a relay: when that changes, every peer is reselected (the
         // plan is then applied to all of them).
         let plan = match &own {
@@ -1255,10 +1267,63 @@ impl Agent {
         out
     }
 
-    /// The keepalive for peers without their own: behind NAT, at least [`NAT_KEEPALIVE`].
+    /// Compares every direct peer's roamed endpoint with the one it publishes; true when the
+    /// list to publish (`kwire.dev/nat-observed`) changed.
+    fn observe_nat(&mut self) -> bool {
+        let seen: std::collections::HashMap<PublicKey, SocketAddr> = self
+            .device
+            .info()
+            .peers
+            .iter()
+            .filter_map(|p| Some((p.public_key, p.endpoint?)))
+            .collect();
+        let obs = relay::nat_observations(&self.applied, &seen);
+        if obs == self.nat_observed {
+            return false;
+        }
+        for (node, at) in &obs {
+            if self.nat_observed.get(node) != Some(at) {
+                info!(node = %node, seen_at = %at, "a peer's packets come from elsewhere than its published endpoint (behind NAT?)");
+            }
+        }
+        self.nat_observed = obs;
+        true
+    }
+
+    /// Whether another node sees this one behind NAT; says so (log, status) when it changes.
+    /// True when that changes this node's keepalive.
+    fn detect_nat(&mut self) -> bool {
+        let seen = relay::seen_behind_nat(self.nodes.infos(), &self.node_name);
+        if seen == self.nat_seen {
+            return false;
+        }
+        let keepalive_before = self.effective_keepalive();
+        match &seen {
+            Some((by, at)) if !self.behind_nat() => warn!(
+                seen_by = %by,
+                seen_at = %at,
+                "this node looks behind NAT: node {by} receives its packets from {at}, not its published endpoint; keeping mappings open with a {NAT_KEEPALIVE} s keepalive. Set --behind-nat (or annotate the Node {}=true) so that two nodes behind NAT use a relay",
+                annotations::BEHIND_NAT
+            ),
+            Some((by, at)) => {
+                info!(seen_by = %by, seen_at = %at, "behind NAT, as flagged: a peer sees this node's packets from another address")
+            }
+            None => info!("no peer sees this node behind NAT any more"),
+        }
+        self.status
+            .nat_seen
+            .store(Arc::new(seen.as_ref().map(|(by, at)| {
+                format!("node {by} receives this node's packets from {at}")
+            })));
+        self.nat_seen = seen;
+        self.effective_keepalive() != keepalive_before
+    }
+
+    /// The keepalive for peers without their own: behind NAT (flagged or detected), at least
+    /// [`NAT_KEEPALIVE`].
     fn effective_keepalive(&self) -> u16 {
         match (
-            self.behind_nat_flag || self.behind_nat_annotation,
+            self.behind_nat() || self.nat_seen.is_some(),
             self.default_keepalive,
         ) {
             (true, 0) => NAT_KEEPALIVE,
@@ -1440,6 +1505,14 @@ impl Agent {
             patch.insert(
                 annotations::REVOKED_KEYS.into(),
                 rotation::revoked_annotation(&listed, &self.own_revoked).into(),
+            );
+        }
+        // The peers this node sees behind NAT: they read it and learn it.
+        let observed = relay::nat_annotation(&self.nat_observed);
+        if own.nat_observed != observed {
+            patch.insert(
+                annotations::NAT_OBSERVED.into(),
+                observed.map_or(serde_json::Value::Null, Into::into),
             );
         }
         // Its peers must know it is behind NAT (two such nodes go through a relay).

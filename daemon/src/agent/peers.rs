@@ -42,6 +42,8 @@ pub struct NodeInfo {
     pub location: Option<String>,
     /// `kwire.dev/relay-endpoint`, as written.
     pub relay_endpoint: Option<String>,
+    /// `kwire.dev/nat-observed`, as written.
+    pub nat_observed: Option<String>,
 }
 
 impl NodeInfo {
@@ -87,6 +89,7 @@ impl NodeInfo {
                 .and_then(|l| l.get(annotations::LOCATION))
                 .cloned(),
             relay_endpoint: get(annotations::RELAY_ENDPOINT),
+            nat_observed: get(annotations::NAT_OBSERVED),
         }
     }
 

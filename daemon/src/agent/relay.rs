@@ -121,6 +121,59 @@ pub fn plan<'a>(
         .collect()
 }
 
+/// At most this many peers are listed in `kwire.dev/nat-observed`.
+pub const MAX_NAT_OBSERVED: usize = 64;
+
+/// The peers (by name) whose authenticated packets come from an address other than the
+/// endpoint they publish: `seen` is the device's roamed endpoint per key. Relayed peers are
+/// left out (their packets come from the relay).
+pub fn nat_observations(
+    applied: &BTreeMap<String, super::peers::DesiredPeer>,
+    seen: &HashMap<PublicKey, SocketAddr>,
+) -> BTreeMap<String, SocketAddr> {
+    applied
+        .values()
+        .filter(|p| p.relay.is_none())
+        .filter_map(|p| {
+            let at = *seen.get(&p.public_key)?;
+            (at != p.endpoint).then(|| (p.node.clone(), at))
+        })
+        .take(MAX_NAT_OBSERVED)
+        .collect()
+}
+
+/// `kwire.dev/nat-observed`'s value for `obs` (None: remove it).
+pub fn nat_annotation(obs: &BTreeMap<String, SocketAddr>) -> Option<String> {
+    (!obs.is_empty()).then(|| {
+        obs.iter()
+            .map(|(n, a)| format!("{n}={a}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    })
+}
+
+/// Whether another node sees this one behind NAT: the first (by observer name) whose
+/// `kwire.dev/nat-observed` names `own`, with the address it sees. Entries that do not parse
+/// are ignored.
+pub fn seen_behind_nat<'a>(
+    nodes: impl Iterator<Item = &'a NodeInfo>,
+    own: &str,
+) -> Option<(String, SocketAddr)> {
+    nodes
+        .filter(|n| n.name != own)
+        .filter_map(|n| {
+            let text = n.nat_observed.as_deref()?;
+            let at = text.split(',').find_map(|e| {
+                let (name, addr) = e.trim().split_once('=')?;
+                (name == own)
+                    .then(|| addr.parse::<SocketAddr>().ok())
+                    .flatten()
+            })?;
+            Some((n.name.clone(), at))
+        })
+        .min()
+}
+
 /// mac1's key for messages to `key`: HASH("mac1----" || key).
 fn mac1_key(key: &PublicKey) -> [u8; 32] {
     let mut h = Blake2s256::new();
@@ -542,6 +595,55 @@ mod tests {
         let all: Vec<NodeInfo> = nodes.iter().cloned().chain([far.clone(), g]).collect();
         assert_eq!(plan(&far, true, all.iter())["g"].relay, "r-old");
         assert_eq!(plan(&far, true, all.iter())["b"].relay, "r-old");
+    }
+
+    #[test]
+    fn nat_is_observed_by_peers_and_detected_by_the_node_itself() {
+        let peer =
+            |name: &str, k: u8, ep: &str, relay: Option<&str>| super::super::peers::DesiredPeer {
+                node: name.into(),
+                public_key: PublicKey([k; 32]),
+                next_public_key: None,
+                endpoint: ep.parse().unwrap(),
+                allowed_ips: vec![],
+                keepalive: 0,
+                relay: relay.map(Into::into),
+            };
+        let applied: BTreeMap<String, super::super::peers::DesiredPeer> = [
+            peer("a", 1, "192.0.2.1:51820", None),
+            peer("b", 2, "10.77.3.2:51820", None),
+            peer("c", 3, "192.0.2.9:51821", Some("r")),
+            peer("d", 4, "192.0.2.4:51820", None),
+        ]
+        .into_iter()
+        .map(|p| (p.node.clone(), p))
+        .collect();
+        let seen = HashMap::from([
+            (PublicKey([1; 32]), "192.0.2.1:51820".parse().unwrap()),
+            (PublicKey([2; 32]), "192.0.2.213:51820".parse().unwrap()),
+            (PublicKey([3; 32]), "203.0.113.3:51820".parse().unwrap()),
+        ]);
+        let obs = nat_observations(&applied, &seen);
+        assert_eq!(obs.keys().collect::<Vec<_>>(), ["b"]);
+        let text = nat_annotation(&obs).unwrap();
+        assert_eq!(text, "b=192.0.2.213:51820");
+        assert_eq!(nat_annotation(&BTreeMap::new()), None);
+        let observer = |name: &str, text: &str| NodeInfo {
+            name: name.into(),
+            nat_observed: Some(text.into()),
+            ..NodeInfo::default()
+        };
+        let nodes = [
+            observer("z", "b=198.51.100.1:1"),
+            observer("m", &text),
+            observer("x", "garbage,=,b=not-an-address"),
+            observer("b", "b=203.0.113.1:2"),
+        ];
+        assert_eq!(
+            seen_behind_nat(nodes.iter(), "b"),
+            Some(("m".to_string(), "192.0.2.213:51820".parse().unwrap()))
+        );
+        assert_eq!(seen_behind_nat(nodes.iter(), "a"), None);
     }
 
     fn tunn(own: &PrivateKey, peer: &PrivateKey, index: u32) -> Tunn {

@@ -88,6 +88,15 @@ impl Collector for StatusCollector {
             "1 if the peer is reached through a relay node (both behind NAT)",
             &peer_gauge(&|p| Some(if p.relay.is_some() { 1.0 } else { 0.0 })),
         )?;
+        gauge_family(
+            &mut e,
+            "kwire_nat_detected",
+            "1 if a peer sees this node's packets come from elsewhere than its published endpoint",
+            &[(
+                Labels::new(),
+                if r.nat_detected.is_some() { 1.0 } else { 0.0 },
+            )],
+        )?;
         counter_family(
             &mut e,
             "kwire_relay_forwarded",

@@ -55,6 +55,9 @@ pub struct NodeState {
     pub peer_relays: ArcSwap<BTreeMap<PublicKey, String>>,
     /// The relay this node runs for NATed pairs, if it does.
     pub relay: RelayState,
+    /// Another node sees this one's packets from elsewhere than its published endpoint (NAT
+    /// detected), as a sentence.
+    pub nat_seen: ArcSwap<Option<String>>,
 }
 
 /// The relay this node runs (`kwire.dev/relay-endpoint`): whom it forwards for, what it did.
@@ -140,6 +143,7 @@ impl NodeState {
             keys: Mutex::new(KeyState::default()),
             peer_relays: ArcSwap::from_pointee(BTreeMap::new()),
             relay: RelayState::default(),
+            nat_seen: ArcSwap::from_pointee(None),
         }
     }
 

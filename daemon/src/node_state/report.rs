@@ -54,6 +54,9 @@ pub struct StatusReport {
     /// The relay this node runs for pairs of nodes both behind NAT.
     #[serde(default)]
     pub relay: RelayReport,
+    /// NAT detected: which peer sees this node's packets from which address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat_detected: Option<String>,
 }
 
 /// The relay this node runs (it forwards NATed pairs' WireGuard datagrams untouched).
@@ -312,6 +315,7 @@ pub fn report(st: &NodeState) -> StatusReport {
             forwarded: st.relay.forwarded.load(Ordering::Relaxed),
             dropped: st.relay.dropped.load(Ordering::Relaxed),
         },
+        nat_detected: st.nat_seen.load().as_ref().clone(),
     }
 }
 

@@ -225,6 +225,9 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
     } else {
         o.push_str("  services: no table yet (Service and EndpointSlice watches not listed)\n");
     }
+    if let Some(nat) = &r.nat_detected {
+        o.push_str(&format!("  behind NAT (detected): {nat}\n"));
+    }
     if !r.relay.serving.is_empty() {
         o.push_str(&format!(
             "  relay for nodes behind NAT: {} ({} datagrams forwarded, {} dropped)\n",
@@ -437,6 +440,9 @@ pub(crate) mod tests {
                 forwarded: 12,
                 dropped: 1,
             },
+            nat_detected: Some(
+                "node n2 receives this node's packets from 203.0.113.5:40000".into(),
+            ),
         }
     }
 
@@ -462,6 +468,7 @@ pub(crate) mod tests {
             "session keys: ours next, the peer's current",
             "endpoint: 192.0.2.9:51821 (relayed through relay n9: both behind NAT)",
             "relay for nodes behind NAT: n5, n6 (12 datagrams forwarded, 1 dropped)",
+            "behind NAT (detected): node n2 receives this node's packets from 203.0.113.5:40000",
         ] {
             assert!(t.contains(want), "missing {want:?} in:\n{t}");
         }
