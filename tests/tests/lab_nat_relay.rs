@@ -6,7 +6,7 @@
 //! the relay's WireGuard) crosses the underlay and the NATs' inside links, and the probes'
 //! plaintext is in no captured byte. `kwire status` and the lab's graph name the relayed path.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use kwire_tests::lab::{agent_status, kubectl, parse_json, Json, JsonExt, Lab};
@@ -192,7 +192,7 @@ fn node<'a>(st: &'a Json, name: &str) -> &'a Json {
 }
 
 /// The relay `from`'s agent reaches peer `to` through, if it does.
-fn relay_of(kwire: &PathBuf, lab: &Lab, from: &str, to: &str) -> Option<String> {
+fn relay_of(kwire: &Path, lab: &Lab, from: &str, to: &str) -> Option<String> {
     let r = agent_status(kwire, node(&lab.status(), from))?;
     let p = r["peers"]
         .array()
