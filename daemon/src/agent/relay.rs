@@ -245,6 +245,9 @@ pub struct Table {
     relay_addr: HashMap<String, SocketAddr>,
     /// (sender, receiver index it names) → receiver, with the last use.
     sessions: HashMap<(String, u32), (String, Instant)>,
+    /// Receiver index → the nodes with a session it names (a data message from a new address
+    /// is looked up here, not by a scan of every session).
+    by_index: HashMap<u32, Vec<String>>,
 }
 
 /// What to do with one datagram.
@@ -266,6 +269,14 @@ impl Table {
         self.sessions.retain(|(from, _), (to, _)| {
             names.contains(&from.as_str()) && names.contains(&to.as_str())
         });
+        self.index_sessions();
+    }
+
+    fn index_sessions(&mut self) {
+        self.by_index.clear();
+        for (name, index) in self.sessions.keys() {
+            self.by_index.entry(*index).or_default().push(name.clone());
+        }
     }
 
     /// Takes the served nodes' endpoints (from the device: the address each one's
@@ -325,11 +336,16 @@ impl Table {
                     self.sessions.remove(&k);
                 }
             }
+            self.index_sessions();
         }
         let (r, s) = (
             self.served[receiver].name.clone(),
             self.served[sender].name.clone(),
         );
+        let named = self.by_index.entry(index).or_default();
+        if !named.contains(&r) {
+            named.push(r.clone());
+        }
         self.sessions.insert((r, index), (s, now));
     }
 
@@ -364,18 +380,13 @@ impl Table {
                     Some(s) => s,
                     // A new address: the sender is the only served node with a session the index
                     // names (the NAT restarted or changed its mapping).
-                    None if kind == DATA => {
-                        let mut named = self.sessions.keys().filter(|(_, i)| *i == index);
-                        match (named.next(), named.next()) {
-                            (Some((name, _)), None) => {
-                                match self.served.iter().position(|x| &x.name == name) {
-                                    Some(s) => s,
-                                    None => return Verdict::Drop,
-                                }
-                            }
-                            _ => return Verdict::Drop,
-                        }
-                    }
+                    None if kind == DATA => match self.by_index.get(&index).map(Vec::as_slice) {
+                        Some([name]) => match self.served.iter().position(|x| &x.name == name) {
+                            Some(s) => s,
+                            None => return Verdict::Drop,
+                        },
+                        _ => return Verdict::Drop,
+                    },
                     None => return Verdict::Drop,
                 };
                 let key = (self.served[s].name.clone(), index);
