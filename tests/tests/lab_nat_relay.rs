@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use kwire_tests::lab::{agent_status, kubectl, parse_json, Json, JsonExt, Lab};
+use kwire_tests::lab::{agent_status, kubectl, node, parse_json, JsonExt, Lab};
 use kwire_tests::{require_agent, require_tool, run_host, try_wait_until, wait_until};
 use kwire_tests::{Capture, Netns, Scratch};
 
@@ -30,9 +30,10 @@ struct Nat {
     public: String,
 }
 
-fn sh(ns: &str, argv: &[&str]) {
-    let mut all = vec!["ip", "netns", "exec", ns];
-    all.extend_from_slice(argv);
+/// `ip -n NS ARGS...` (words split on spaces).
+fn ip(ns: &str, args: &str) {
+    let mut all = vec!["ip", "-n", ns];
+    all.extend(args.split(' '));
     run_host(&all);
 }
 
@@ -50,42 +51,16 @@ impl Nat {
             .to_string();
         let (port, uplink) = (format!("kw{tag}p{index}"), format!("kw{tag}u{index}"));
         let ns = Netns::new("nat");
-        run_host(&["ip", "-n", &ul, "link", "set", &port, "netns", ns.name()]);
+        let n = ns.name();
+        ip(&ul, &format!("link set {port} netns {n}"));
         let outside = lab.attach_to_underlay(&ns, "o");
-        let inside_net = format!("10.77.{index}");
-        sh(ns.name(), &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
-        run_host(&[
-            "ip",
-            "-n",
-            ns.name(),
-            "addr",
-            "add",
-            &format!("{inside_net}.1/24"),
-            "dev",
-            &port,
-        ]);
-        run_host(&["ip", "-n", ns.name(), "link", "set", &port, "up"]);
-        run_host(&[
-            "ip",
-            "-n",
-            ns.name(),
-            "addr",
-            "add",
-            &format!("{public}/24"),
-            "dev",
-            &outside,
-        ]);
-        run_host(&["ip", "-n", ns.name(), "link", "set", &outside, "up"]);
-        run_host(&[
-            "ip",
-            "-n",
-            ns.name(),
-            "route",
-            "add",
-            "default",
-            "via",
-            "192.0.2.254",
-        ]);
+        let inside = format!("10.77.{index}");
+        ns.run(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        ip(n, &format!("addr add {inside}.1/24 dev {port}"));
+        ip(n, &format!("link set {port} up"));
+        ip(n, &format!("addr add {public}/24 dev {outside}"));
+        ip(n, &format!("link set {outside} up"));
+        ip(n, "route add default via 192.0.2.254");
         let rules = format!(
             "table ip nat {{\n chain post {{ type nat hook postrouting priority srcnat; oifname \"{outside}\" masquerade; }}\n}}\ntable inet filter {{\n chain forwarding {{ type filter hook forward priority filter; policy drop; ct state established,related accept; iifname \"{port}\" accept; }}\n}}\n"
         );
@@ -95,33 +70,12 @@ impl Nat {
         std::io::Write::write_all(&mut child.stdin.take().unwrap(), rules.as_bytes()).unwrap();
         assert!(child.wait().unwrap().success(), "nft rules in the NAT");
         // The node: its underlay addresses replaced by a private one behind the NAT.
-        run_host(&[
-            "ip", "-n", node_ns, "addr", "flush", "dev", &uplink, "scope", "global",
-        ]);
-        run_host(&[
-            "ip",
-            "-n",
-            node_ns,
-            "addr",
-            "add",
-            &format!("{inside_net}.2/24"),
-            "dev",
-            &uplink,
-        ]);
+        ip(node_ns, &format!("addr flush dev {uplink} scope global"));
+        ip(node_ns, &format!("addr add {inside}.2/24 dev {uplink}"));
         let _ = std::process::Command::new("ip")
             .args(["-n", node_ns, "-4", "route", "del", "default"])
             .output();
-        run_host(&[
-            "ip",
-            "-n",
-            node_ns,
-            "-4",
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("{inside_net}.1"),
-        ]);
+        ip(node_ns, &format!("-4 route add default via {inside}.1"));
         Nat {
             ns,
             inside: port,
@@ -133,36 +87,10 @@ impl Nat {
     /// The NAT restarts with another public address: Linux drops the mappings masqueraded to
     /// the old one, so every flow through it gets a new mapping.
     fn readdress(&mut self, public: &str) {
-        run_host(&[
-            "ip",
-            "-n",
-            self.ns.name(),
-            "addr",
-            "del",
-            &format!("{}/24", self.public),
-            "dev",
-            &self.outside,
-        ]);
-        run_host(&[
-            "ip",
-            "-n",
-            self.ns.name(),
-            "addr",
-            "add",
-            &format!("{public}/24"),
-            "dev",
-            &self.outside,
-        ]);
-        run_host(&[
-            "ip",
-            "-n",
-            self.ns.name(),
-            "route",
-            "replace",
-            "default",
-            "via",
-            "192.0.2.254",
-        ]);
+        let (n, out) = (self.ns.name(), &self.outside);
+        ip(n, &format!("addr del {}/24 dev {out}", self.public));
+        ip(n, &format!("addr add {public}/24 dev {out}"));
+        ip(n, "route replace default via 192.0.2.254");
         self.public = public.to_string();
     }
 }
@@ -181,14 +109,6 @@ fn blocked(lab: &Lab) -> Vec<String> {
         return vec!["no pods probed".into()];
     }
     b.iter().map(|p| format!("{p:?}")).collect()
-}
-
-fn node<'a>(st: &'a Json, name: &str) -> &'a Json {
-    st["nodes"]
-        .array()
-        .iter()
-        .find(|n| n["name"].as_str() == Some(name))
-        .unwrap_or_else(|| panic!("no node {name}"))
 }
 
 /// The relay `from`'s agent reaches peer `to` through, if it does.
