@@ -280,12 +280,31 @@ fn two_nodes_behind_two_nats_reach_each_other_through_the_relay_and_heal() {
     let forwarded = relay_report["relay"]["forwarded"].as_u64().unwrap_or(0);
     assert!(forwarded > 0, "{relay} forwarded nothing");
 
-    // The NAT of n3 restarts with a new public address: every mapping is gone.
-    nat3.readdress("192.0.2.223");
+    // The NAT of n3 restarts with a new public address: every mapping is gone (the kernel
+    // drops the connections masqueraded to the old address; waited for, so that no old
+    // mapping carries the healed traffic).
     let t0 = Instant::now();
-    let ok = try_wait_until(HEAL, || {
+    nat3.readdress("192.0.2.223");
+    wait_until(
+        HEAL,
+        "the NAT's mappings to its old address are gone",
+        || {
+            let ct = nat3.ns.exec(&["cat", "/proc/net/nf_conntrack"]);
+            ct.status.success() && !String::from_utf8_lossy(&ct.stdout).contains("192.0.2.213")
+        },
+    );
+    // Healed: every pod reaches every pod, and n3's direct peer sees it at the new address.
+    let ok = try_wait_until(HEAL.saturating_sub(t0.elapsed()), || {
+        let seen_new = agent_status(&kwire, node(&lab.status(), &name(2))).is_some_and(|r| {
+            r["peers"].array().iter().any(|p| {
+                p["node"].as_str() == Some(name(3).as_str())
+                    && p["endpoint"]
+                        .as_str()
+                        .is_some_and(|e| e.starts_with("192.0.2.223:"))
+            })
+        });
         last = blocked(&lab);
-        last.is_empty()
+        seen_new && last.is_empty()
     });
     let healed = t0.elapsed();
     assert!(ok, "not healed {HEAL:?} after the NAT restarted: {last:#?}");
