@@ -5,6 +5,12 @@
 //! address (its mappings gone) and every pair heals within 25 s; meanwhile only WireGuard (and
 //! the relay's WireGuard) crosses the underlay and the NATs' inside links, and the probes'
 //! plaintext is in no captured byte. `kwire status` and the lab's graph name the relayed path.
+//! NAT detection: a reachable node publishes the address n3's packets come from
+//! (`kwire.dev/nat-observed`), and n3 says it is seen behind NAT.
+//!
+//! The NATs are put in front of n3 and n4 after the lab is up (the lab builds nodes on one
+//! bridge): their old addresses go, so their agents' API connections die and reconnect through
+//! the NAT; n3's agent is restarted for the detection check so that it reads the API at once.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
