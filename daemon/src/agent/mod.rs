@@ -761,6 +761,8 @@ impl Agent {
             .external_peer_names
             .store(Arc::new(self.external.names()));
         self.publish_names();
+        // The relay forwards for the restored NATed peers before the API answers too.
+        self.serve_relay();
         self.status.synced.store(true, Ordering::Relaxed);
         self.program_host();
     }
@@ -794,7 +796,7 @@ impl Agent {
         } else {
             self.applied
                 .values()
-                .filter(|p| self.nodes.get(&p.node).is_some_and(|n| n.behind_nat))
+                .filter(|p| p.behind_nat)
                 .map(|p| {
                     let keys = std::iter::once(p.public_key)
                         .chain(p.next_public_key)
@@ -1235,6 +1237,9 @@ impl Agent {
             if let Err(e) = self.device.apply(req, &mut self.net.clone()) {
                 error!(error = %e, "applying peer changes to the device");
             }
+        }
+        // Also what the device does not hold changed (a peer now behind NAT): kept and saved.
+        if old != new {
             for name in old.keys() {
                 self.applied.remove(name);
             }

@@ -127,6 +127,8 @@ pub struct DesiredPeer {
     /// The relay node this peer is reached through (`endpoint` is then the relay's), when
     /// both this node and the peer are behind NAT.
     pub relay: Option<String>,
+    /// The Node says it is behind NAT (`kwire.dev/behind-nat`): a relay forwards for it.
+    pub behind_nat: bool,
 }
 
 /// Why a range given as text cannot be used.
@@ -591,6 +593,7 @@ fn check_node<'a>(
         allowed_ips: cidrs,
         keepalive,
         relay: None,
+        behind_nat: n.behind_nat,
     }))
 }
 
@@ -1123,6 +1126,7 @@ mod tests {
             allowed_ips: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
             keepalive: 0,
             relay: None,
+            behind_nat: false,
         }
     }
 

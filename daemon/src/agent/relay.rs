@@ -619,6 +619,7 @@ mod tests {
                 allowed_ips: vec![],
                 keepalive: 0,
                 relay: relay.map(Into::into),
+                behind_nat: false,
             };
         let applied: BTreeMap<String, super::super::peers::DesiredPeer> = [
             peer("a", 1, "192.0.2.1:51820", None),

@@ -72,6 +72,9 @@ struct PeerV1 {
     /// The relay node the peer is reached through (`endpoint` is the relay's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     relay: Option<String>,
+    /// The peer is behind NAT (this node's relay forwards for it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    behind_nat: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -166,6 +169,7 @@ pub fn load(dir: &Path) -> Result<Option<State>, StateError> {
                 .transpose()
                 .map_err(|e| invalid(&path, format!("peer {}: next key: {e}", p.node)))?,
             relay: p.relay,
+            behind_nat: p.behind_nat,
             node: p.node,
         };
         st.peers.insert(peer.node.clone(), peer);
@@ -191,6 +195,7 @@ pub fn save(dir: &Path, st: &State) -> Result<(), StateError> {
                 keepalive: p.keepalive,
                 next_public_key: p.next_public_key.map(|k| k.to_base64()),
                 relay: p.relay.clone(),
+                behind_nat: p.behind_nat,
             })
             .collect(),
         external: st
@@ -293,6 +298,7 @@ mod tests {
                     ],
                     keepalive: 25,
                     relay: (i == 1).then(|| "r".to_string()),
+                    behind_nat: i == 1,
                 },
             );
         }
