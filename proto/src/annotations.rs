@@ -19,3 +19,15 @@ pub const REVOKED_KEYS: &str = "kwire.dev/revoked-keys";
 /// sends keepalives to every peer so that the NAT keeps its mapping, and the peers learn the
 /// address its packets come from (set by the operator; the agent's `--behind-nat` does the same).
 pub const BEHIND_NAT: &str = "kwire.dev/behind-nat";
+/// Label naming a Node's site (a cloud region, an edge location): two nodes behind NAT in
+/// the same location reach each other directly (one private network); per location, one
+/// reachable node relays for NATed pairs (see `kwire.dev/relay-endpoint`).
+pub const LOCATION: &str = "kwire.dev/location";
+/// `ip:port` where a reachable node's agent relays the WireGuard datagrams of two nodes both
+/// behind NAT (published by the agent unless it is behind NAT or `--relay-port 0`).
+pub const RELAY_ENDPOINT: &str = "kwire.dev/relay-endpoint";
+/// Peers whose authenticated WireGuard packets reach this node from an address other than
+/// their published endpoint, as `node=ip:port` separated by commas (published by the agent;
+/// absent when there are none). A node named here is behind NAT (or publishes a wrong
+/// endpoint): its agent reads it and says so.
+pub const NAT_OBSERVED: &str = "kwire.dev/nat-observed";

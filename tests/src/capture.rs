@@ -69,6 +69,13 @@ impl Capture {
         Capture { proc, pcap }
     }
 
+    /// [`Capture::stop`], and the pcap's bytes (to look for plaintext in any captured byte).
+    pub fn stop_with_pcap(self) -> (Vec<String>, Vec<u8>) {
+        let pcap = self.pcap.clone();
+        let lines = self.stop();
+        (lines, std::fs::read(&pcap).unwrap_or_default())
+    }
+
     /// Stops tcpdump and returns the captured packets, one `tcpdump -r -nn` line each.
     pub fn stop(mut self) -> Vec<String> {
         self.proc.stop();

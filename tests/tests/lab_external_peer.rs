@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kwire_tests::lab::{agent_status, kubectl, parse_json, BridgeCapture, JsonExt, Lab};
+use kwire_tests::lab::{agent_status, kubectl, node, parse_json, BridgeCapture, JsonExt, Lab};
 use kwire_tests::wireguard::{Impl, WgDevice};
 use kwire_tests::{require_agent, require_tool, try_wait_until, wait_until, Netns, Scratch};
 
@@ -320,6 +320,82 @@ fn a_laptop_from_kwire_peer_config_reaches_pods_on_every_node_under_policy() {
     let short = |n: &str| format!("{}-{n}", lab.name());
     let up = lab.metric(&short("n1"), "kwire_peer_up{peer=\"laptop\"}");
     assert_eq!(up, 1.0, "kwire_peer_up{{peer=\"laptop\"}} on n1");
+
+    // A restarted agent reinstates the Peer from its state file before the API answers: n1's
+    // agent is killed while n1 cannot reach the API, and the laptop reaches n1 again.
+    let n1 = node(&lab.status(), &short("n1")).clone();
+    let n1_ns = n1["netns"].as_str().unwrap().to_string();
+    let nft = |args: &[&str]| {
+        let mut all = vec!["ip", "netns", "exec", &n1_ns, "nft"];
+        all.extend_from_slice(args);
+        kwire_tests::run_host(&all);
+    };
+    let n1_gateway = n1["gateway_ips"]
+        .strings()
+        .into_iter()
+        .find(|ip| !ip.contains(':'))
+        .unwrap();
+    ns.wait_ping(&n1_gateway, CONVERGE);
+    let state_file = PathBuf::from(n1["state_dir"].as_str().unwrap()).join("peers.json");
+    wait_until(CONVERGE, "n1's state file holds the laptop", || {
+        std::fs::read_to_string(&state_file).is_ok_and(|t| t.contains(&dev.keys.public))
+    });
+    nft(&["add", "table", "inet", "kwtest_block"]);
+    nft(&[
+        "add",
+        "chain",
+        "inet",
+        "kwtest_block",
+        "out",
+        "{ type filter hook output priority 0; }",
+    ]);
+    nft(&[
+        "add",
+        "rule",
+        "inet",
+        "kwtest_block",
+        "out",
+        "tcp",
+        "dport",
+        "6443",
+        "drop",
+    ]);
+    lab.signal_agents(&[&short("n1")], nix::sys::signal::Signal::SIGKILL, CONVERGE);
+    let back = try_wait_until(CONVERGE, || ns.ping_once(&n1_gateway, None));
+    let node1 = node(&lab.status(), &short("n1")).clone();
+    let r = agent_status(&kwire, &node1).expect("kwire status --json on n1");
+    if !back {
+        let log = std::fs::read_to_string(node1["log"].as_str().unwrap()).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "the laptop does not reach n1 after its restart: {r:?}\nagent log (last lines first):\n{}",
+            tail.join("\n")
+        );
+    }
+    assert_eq!(
+        r["api_synced"].as_bool(),
+        Some(false),
+        "n1 reached the API: {r:?}"
+    );
+    assert_eq!(
+        r["external_peers"]
+            .array()
+            .first()
+            .and_then(|p| p["node"].as_str()),
+        Some("laptop"),
+        "the restored Peer is named"
+    );
+    kwire_tests::run_host(&[
+        "ip",
+        "netns",
+        "exec",
+        &n1_ns,
+        "nft",
+        "delete",
+        "table",
+        "inet",
+        "kwtest_block",
+    ]);
 
     // A node marked behind NAT keeps its mapping open: a keepalive to every peer (25 s), with
     // no --persistent-keepalive set. (Only the setting: the lab has no NAT between nodes.)

@@ -365,11 +365,13 @@ pub fn select(peers: &BTreeMap<String, PeerObject>, ctx: &Context) -> BTreeMap<S
     out
 }
 
-/// The device changes from the `old` accepted Peers to the `new` ones. A key that a Node peer
-/// now holds (`node_keys`) is not removed: the Node's own change already took it over. A Peer
-/// without an endpoint keeps the one it roamed to.
+/// The device changes from the `old` accepted Peers (given the preshared keys `old_psks`, by
+/// Peer name) to the `new` ones. A key that a Node peer now holds (`node_keys`) is not
+/// removed: the Node's own change already took it over. A Peer without an endpoint keeps the
+/// one it roamed to.
 pub fn plan(
     old: &BTreeMap<String, ExternalPeer>,
+    old_psks: &BTreeMap<String, PresharedKey>,
     new: &BTreeMap<String, ExternalPeer>,
     psks: &BTreeMap<String, Option<PresharedKey>>,
     node_keys: &BTreeSet<PublicKey>,
@@ -391,7 +393,9 @@ pub fn plan(
     }
     for (name, p) in new {
         let before = old.values().find(|o| o.public_key == p.public_key);
-        if before.is_some_and(|b| b == p && old.get(name) == Some(p)) {
+        if before.is_some_and(|b| b == p && old.get(name) == Some(p))
+            && old_psks.get(name) == psk_of(p).as_ref()
+        {
             continue;
         }
         out.push(PeerChange {
@@ -448,6 +452,11 @@ pub struct Peers {
     objects: BTreeMap<String, PeerObject>,
     /// Accepted Peers as the device has them.
     pub applied: BTreeMap<String, ExternalPeer>,
+    /// The preshared key each applied Peer was given, by Peer name.
+    pub applied_psks: BTreeMap<String, PresharedKey>,
+    /// Preshared keys from the state file, by Secret name: used until the Secret is read
+    /// again (so a restored Peer stays in the device meanwhile).
+    pub restored_psks: BTreeMap<String, PresharedKey>,
     verdicts: BTreeMap<String, Verdict>,
     /// Preshared keys read, by Secret name (None: the read failed; retried on the tick).
     pub psks: BTreeMap<String, Option<PresharedKey>>,
@@ -532,8 +541,25 @@ impl Peers {
         retry
     }
 
+    /// Takes the Peers the state file kept as applied (the device already has them): the
+    /// first reconcile after the API answers changes only what changed meanwhile, and their
+    /// preshared keys stand in for their Secrets until those are read again.
+    pub fn restore(
+        &mut self,
+        applied: BTreeMap<String, ExternalPeer>,
+        psks: BTreeMap<String, PresharedKey>,
+    ) {
+        self.restored_psks = applied
+            .iter()
+            .filter_map(|(n, p)| Some((p.psk_secret.clone()?, psks.get(n)?.clone())))
+            .collect();
+        self.applied = applied;
+        self.applied_psks = psks;
+    }
+
     /// Records a Secret read (None: failed or no valid key).
     pub fn psk_read(&mut self, secret: &str, key: Option<PresharedKey>) {
+        self.restored_psks.remove(secret);
         self.psks.insert(secret.to_string(), key);
         self.dirty = true;
     }
@@ -557,6 +583,14 @@ impl Peers {
             .into_iter()
             .collect();
         ctx.psks = std::mem::take(&mut self.psks);
+        // Secrets not read since the restart: the key the state file kept, until read.
+        let mut stand_ins = Vec::new();
+        for (secret, key) in &self.restored_psks {
+            if !ctx.psks.contains_key(secret) {
+                ctx.psks.insert(secret.clone(), Some(key.clone()));
+                stand_ins.push(secret.clone());
+            }
+        }
         let verdicts = select(&self.objects, &ctx);
         let accepted: BTreeMap<String, ExternalPeer> = verdicts
             .iter()
@@ -588,8 +622,18 @@ impl Peers {
             }
         }
         out.psk_wanted = wanted;
-        out.changes = plan(&self.applied, &accepted, &ctx.psks, &ctx.node_keys);
+        out.changes = plan(
+            &self.applied,
+            &self.applied_psks,
+            &accepted,
+            &ctx.psks,
+            &ctx.node_keys,
+        );
         out.changed = self.applied != accepted;
+        self.applied_psks = psks_of(&accepted, &ctx.psks);
+        for s in stand_ins {
+            ctx.psks.remove(&s);
+        }
         self.psks = ctx.psks;
         self.applied = accepted;
         self.verdicts = verdicts;
@@ -612,6 +656,48 @@ impl Peers {
     }
 }
 
+/// The device changes that add the Peers a state file kept (`psks` by Peer name).
+pub fn restore_changes(
+    peers: &BTreeMap<String, ExternalPeer>,
+    psks: &BTreeMap<String, PresharedKey>,
+) -> Vec<PeerChange> {
+    let by_secret: BTreeMap<String, Option<PresharedKey>> = peers
+        .iter()
+        .filter_map(|(n, p)| Some((p.psk_secret.clone()?, psks.get(n).cloned())))
+        .collect();
+    plan(
+        &BTreeMap::new(),
+        &BTreeMap::new(),
+        peers,
+        &by_secret,
+        &BTreeSet::new(),
+    )
+}
+
+/// Each Peer's preshared key (by Peer name) as `psks` (by Secret name) give it.
+pub fn psks_of(
+    peers: &BTreeMap<String, ExternalPeer>,
+    psks: &BTreeMap<String, Option<PresharedKey>>,
+) -> BTreeMap<String, PresharedKey> {
+    peers
+        .iter()
+        .filter_map(|(n, p)| Some((n.clone(), psks.get(p.psk_secret.as_ref()?)?.clone()?)))
+        .collect()
+}
+
+/// The Node whose agent writes the Peers' conditions: the oldest (creationTimestamp, then name)
+/// that publishes a key. Every agent computes the same.
+pub fn status_writer<'a>(
+    nodes: impl Iterator<Item = &'a super::peers::NodeInfo>,
+) -> Option<&'a str> {
+    nodes
+        .filter(|n| n.public_key.is_some())
+        .min_by(|a, b| {
+            (a.created.unwrap_or(i64::MAX), &a.name).cmp(&(b.created.unwrap_or(i64::MAX), &b.name))
+        })
+        .map(|n| n.name.as_str())
+}
+
 /// A preshared key from a Secret's `data` (base64 of base64 text, as `wg genpsk` prints it,
 /// or of the 32 raw bytes).
 pub fn psk_from_secret_data(data: &[u8]) -> Option<PresharedKey> {
@@ -628,6 +714,26 @@ pub fn psk_from_secret_data(data: &[u8]) -> Option<PresharedKey> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn one_agent_writes_conditions_the_oldest_keyed_node() {
+        use crate::agent::peers::NodeInfo;
+        let n = |name: &str, created: Option<i64>, key: bool| NodeInfo {
+            name: name.into(),
+            created,
+            public_key: key.then(|| "k".to_string()),
+            ..NodeInfo::default()
+        };
+        let nodes = [
+            n("zeta", Some(5), true),
+            n("alpha", Some(5), true),
+            n("old-no-key", Some(1), false),
+            n("young", Some(9), true),
+            n("unknown-age", None, true),
+        ];
+        assert_eq!(status_writer(nodes.iter()), Some("alpha"));
+        assert_eq!(status_writer(nodes[2..3].iter()), None);
+    }
+
     use super::*;
 
     fn key(b: u8) -> String {
@@ -777,10 +883,23 @@ mod tests {
         new.get_mut("a").unwrap().allowed_ips = vec!["198.51.100.9/32".parse().unwrap()];
         new.insert("d".into(), p("d", 4, "198.51.100.4/32"));
         let nodes = [PublicKey([3; 32])].into_iter().collect();
-        let ch = plan(&old, &new, &BTreeMap::new(), &nodes);
+        let ch = plan(&old, &BTreeMap::new(), &new, &BTreeMap::new(), &nodes);
         let summary: Vec<(u8, bool)> = ch.iter().map(|c| (c.public_key.0[0], c.remove)).collect();
         assert_eq!(summary, [(2, true), (1, false), (4, false)]);
-        assert!(plan(&new, &new, &BTreeMap::new(), &nodes).is_empty());
+        assert!(plan(&new, &BTreeMap::new(), &new, &BTreeMap::new(), &nodes).is_empty());
+
+        // An unchanged Peer whose Secret now holds another key gets the new key.
+        let mut e = new.clone();
+        e.get_mut("d").unwrap().psk_secret = Some("s".into());
+        let k = |b: u8| PresharedKey(zeroize::Zeroizing::new([b; 32]));
+        let psks = BTreeMap::from([("s".to_string(), Some(k(1)))]);
+        let applied = psks_of(&e, &psks);
+        assert_eq!(applied.len(), 1);
+        assert!(plan(&e, &applied, &e, &psks, &nodes).is_empty());
+        let psks = BTreeMap::from([("s".to_string(), Some(k(2)))]);
+        let ch = plan(&e, &applied, &e, &psks, &nodes);
+        assert_eq!(ch.len(), 1);
+        assert!(ch[0].preshared_key == Some(Some(k(2))));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod peer_index;
 pub mod peers;
 pub mod pod_network;
 pub mod policy;
+pub mod relay;
 pub mod rotation;
 pub mod routes;
 pub mod service_health;
@@ -202,6 +203,11 @@ pub struct AgentArgs {
     /// says otherwise. The Node annotation `kwire.dev/behind-nat: "true"` does the same.
     #[arg(long, env = "KWIRE_BEHIND_NAT")]
     pub behind_nat: bool,
+    /// UDP port on which this node relays for pairs of nodes both behind NAT (their
+    /// WireGuard datagrams, forwarded untouched), published as `kwire.dev/relay-endpoint`
+    /// unless the node is behind NAT; 0: never relay. Open it like the WireGuard port.
+    #[arg(long, env = "KWIRE_RELAY_PORT", default_value_t = relay::DEFAULT_RELAY_PORT)]
+    pub relay_port: u16,
     /// Directory of the WireGuard userspace API socket (`wg show IFNAME` looks here).
     #[arg(long, default_value = UAPI_DIR)]
     pub uapi_dir: PathBuf,
@@ -429,6 +435,9 @@ async fn agent_main(
     };
     if let Some(st) = &restored {
         first.peers = peers::add_all(&st.peers);
+        first
+            .peers
+            .extend(external::restore_changes(&st.external, &st.external_psks));
     }
     tun.device.apply(first, &mut tun.net.clone()).map_err(|e| {
         anyhow::anyhow!(
@@ -475,6 +484,14 @@ async fn agent_main(
         status.clone(),
         host_addresses,
     );
+    if args.relay_port != 0 {
+        match relay::Forwarder::start(args.relay_port, status.clone()) {
+            Ok(f) => agent.relay = Some(f),
+            Err(e) => {
+                warn!(port = args.relay_port, error = %e, "cannot open the relay port: this node relays for no NATed pair (--relay-port 0 turns the relay off)")
+            }
+        }
+    }
     info!(node = %args.node_name, interface = %args.interface, port = args.listen_port, public_key = %own_key, "kwire agent starting");
     let cidrs = agent.cidrs_tx.subscribe();
     if let Some(st) = restored {
@@ -636,6 +653,21 @@ struct Agent {
     key_events: Vec<(bool, &'static str, String)>,
     /// Peers outside the cluster (the `Peer` resource).
     external: external::Peers,
+    /// `--relay-port`, and the relay running on it (none: the port could not be opened).
+    relay_port: u16,
+    relay: Option<relay::Forwarder>,
+    /// Peers reached through a relay (this node and they are behind NAT), by name.
+    relay_plan: BTreeMap<String, relay::Route>,
+    /// The NATed nodes the relay forwards for.
+    relay_served: BTreeSet<String>,
+    /// A Node's `kwire.dev/behind-nat` changed since the relay was last told whom it serves.
+    relay_dirty: bool,
+    /// Peers whose authenticated packets come from elsewhere than their published endpoint
+    /// (`kwire.dev/nat-observed` on this Node).
+    nat_observed: BTreeMap<String, SocketAddr>,
+    /// Another node sees this one's packets come from elsewhere than its endpoint: (that node,
+    /// the address it sees).
+    nat_seen: Option<(String, SocketAddr)>,
 }
 
 /// What a reconcile asks the async side to do.
@@ -698,6 +730,13 @@ impl Agent {
             own_revoked: Vec::new(),
             key_events: Vec::new(),
             external: external::Peers::default(),
+            relay_port: args.relay_port,
+            relay: None,
+            relay_plan: BTreeMap::new(),
+            relay_served: BTreeSet::new(),
+            relay_dirty: true,
+            nat_observed: BTreeMap::new(),
+            nat_seen: None,
         }
     }
 
@@ -711,7 +750,19 @@ impl Agent {
             }
         }
         self.applied = st.peers;
+        if !st.external.is_empty() {
+            info!(
+                peers = st.external.len(),
+                "restored the saved Peers (outside the cluster)"
+            );
+        }
+        self.external.restore(st.external, st.external_psks);
+        self.status
+            .external_peer_names
+            .store(Arc::new(self.external.names()));
         self.publish_names();
+        // The relay forwards for the restored NATed peers before the API answers too.
+        self.serve_relay();
         self.status.synced.store(true, Ordering::Relaxed);
         self.program_host();
     }
@@ -723,6 +774,44 @@ impl Agent {
             .map(|p| (p.public_key, p.node.clone()))
             .collect();
         self.status.peer_names.store(Arc::new(names));
+        let relays = self
+            .applied
+            .values()
+            .filter_map(|p| Some((p.public_key, p.relay.clone()?)))
+            .collect();
+        self.status.peer_relays.store(Arc::new(relays));
+    }
+
+    /// Whether this node is behind NAT (`--behind-nat` or its Node's annotation).
+    fn behind_nat(&self) -> bool {
+        self.behind_nat_flag || self.behind_nat_annotation
+    }
+
+    /// Tells the relay which nodes it forwards for: the peers behind NAT (none while this
+    /// node is itself behind NAT: it publishes no relay endpoint).
+    fn serve_relay(&mut self) {
+        let Some(relay) = &self.relay else { return };
+        let served: Vec<relay::Served> = if self.behind_nat() {
+            Vec::new()
+        } else {
+            self.applied
+                .values()
+                .filter(|p| p.behind_nat)
+                .map(|p| {
+                    let keys = std::iter::once(p.public_key)
+                        .chain(p.next_public_key)
+                        .collect();
+                    relay::Served::new(p.node.clone(), keys)
+                })
+                .collect()
+        };
+        self.relay_dirty = false;
+        let names: BTreeSet<String> = served.iter().map(|s| s.name.clone()).collect();
+        if names != self.relay_served {
+            info!(nodes = ?names, "relaying for these nodes behind NAT");
+        }
+        self.relay_served = names;
+        relay.set_served(served);
     }
 
     fn program_host(&mut self) {
@@ -825,9 +914,13 @@ impl Agent {
                     }
                 },
                 _ = tick.tick() => {
+                    // The tick is itself the throttle: what waited is written now (a save
+                    // skipped as too recent would otherwise wait one more tick, ~10 s).
+                    self.state_saved_at = None;
                     self.save_state();
                     let psk_retry = self.external.retry_psks();
-                    self.synced && (self.retry || psk_retry)
+                    let observed = self.observe_nat();
+                    self.synced && (self.retry || psk_retry || observed)
                 }
                 _ = rotation_tick.tick() => tokio::task::block_in_place(|| self.rotation_tick()),
                 Some(req) = async {
@@ -923,7 +1016,16 @@ impl Agent {
                     nat_changed = true;
                 }
             }
-            let changed = agent.nodes.upsert(NodeInfo::from_node(&v.into_k8s())) || nat_changed;
+            let info = NodeInfo::from_node(&v.into_k8s());
+            // Whom the relay serves depends on it, though peer selection does not.
+            if agent
+                .nodes
+                .get(&name)
+                .is_none_or(|o| o.behind_nat != info.behind_nat)
+            {
+                agent.relay_dirty = true;
+            }
+            let changed = agent.nodes.upsert(info) || nat_changed;
             Some((name, changed))
         };
         match ev {
@@ -1023,6 +1125,24 @@ impl Agent {
             cluster_cidrs: self.cluster.clone(),
             host_addresses: self.host_addresses.clone(),
         };
+        if self.detect_nat() {
+            self.nodes.force_full();
+        }
+        // Which peers go through a relay: when that changes, every peer is reselected (the
+        // plan is then applied to all of them).
+        let plan = match &own {
+            Some(own) => relay::plan(own, self.behind_nat(), self.nodes.infos()),
+            None => BTreeMap::new(),
+        };
+        if plan != self.relay_plan {
+            for (name, r) in &plan {
+                if self.relay_plan.get(name) != Some(r) {
+                    info!(peer = %name, relay = %r.relay, endpoint = %r.endpoint, "both behind NAT: reaching the peer through a relay");
+                }
+            }
+            self.relay_plan = plan;
+            self.nodes.force_full();
+        }
         // Only the Nodes that changed (all of them when a change touched a conflict).
         let done = self.nodes.reselect(&self.own_cidrs, &settings);
         for (_, was, now) in &done.changed {
@@ -1064,6 +1184,19 @@ impl Agent {
                         .collect(),
                 )
             };
+        let mut new = new;
+        for p in new.values_mut() {
+            if let Some(r) = self.relay_plan.get(&p.node) {
+                p.endpoint = r.endpoint;
+                p.relay = Some(r.relay.clone());
+            }
+        }
+        let serving_changed = self.relay.is_some()
+            && (done.full
+                || self.relay_dirty
+                || new.keys().chain(old.keys()).any(|n| {
+                    self.relay_served.contains(n) || self.nodes.get(n).is_some_and(|i| i.behind_nat)
+                }));
         let mut names_changed = false;
         let mut routes_changed = false;
         let names: BTreeSet<&String> = old.keys().chain(new.keys()).collect();
@@ -1083,7 +1216,8 @@ impl Agent {
                         key_changed = o.public_key != p.public_key,
                         "peer changed"
                     );
-                    names_changed |= o.public_key != p.public_key;
+                    // The names and the relays are published together.
+                    names_changed |= o.public_key != p.public_key || o.relay != p.relay;
                     routes_changed |= o.allowed_ips != p.allowed_ips;
                 }
                 (Some(_), None) => {
@@ -1103,6 +1237,9 @@ impl Agent {
             if let Err(e) = self.device.apply(req, &mut self.net.clone()) {
                 error!(error = %e, "applying peer changes to the device");
             }
+        }
+        // Also what the device does not hold changed (a peer now behind NAT): kept and saved.
+        if old != new {
             for name in old.keys() {
                 self.applied.remove(name);
             }
@@ -1111,6 +1248,9 @@ impl Agent {
             if names_changed {
                 self.publish_names();
             }
+        }
+        if serving_changed {
+            self.serve_relay();
         }
 
         if self.external.pending() {
@@ -1132,10 +1272,63 @@ impl Agent {
         out
     }
 
-    /// The keepalive for peers without their own: behind NAT, at least [`NAT_KEEPALIVE`].
+    /// Compares every direct peer's roamed endpoint with the one it publishes; true when the
+    /// list to publish (`kwire.dev/nat-observed`) changed.
+    fn observe_nat(&mut self) -> bool {
+        let seen: std::collections::HashMap<PublicKey, SocketAddr> = self
+            .device
+            .info()
+            .peers
+            .iter()
+            .filter_map(|p| Some((p.public_key, p.endpoint?)))
+            .collect();
+        let obs = relay::nat_observations(&self.applied, &seen);
+        if obs == self.nat_observed {
+            return false;
+        }
+        for (node, at) in &obs {
+            if self.nat_observed.get(node) != Some(at) {
+                info!(node = %node, seen_at = %at, "a peer's packets come from elsewhere than its published endpoint (behind NAT?)");
+            }
+        }
+        self.nat_observed = obs;
+        true
+    }
+
+    /// Whether another node sees this one behind NAT; says so (log, status) when it changes.
+    /// True when that changes this node's keepalive.
+    fn detect_nat(&mut self) -> bool {
+        let seen = relay::seen_behind_nat(self.nodes.infos(), &self.node_name);
+        if seen == self.nat_seen {
+            return false;
+        }
+        let keepalive_before = self.effective_keepalive();
+        match &seen {
+            Some((by, at)) if !self.behind_nat() => warn!(
+                seen_by = %by,
+                seen_at = %at,
+                "this node looks behind NAT: node {by} receives its packets from {at}, not its published endpoint; keeping mappings open with a {NAT_KEEPALIVE} s keepalive. Set --behind-nat (or annotate the Node {}=true) so that two nodes behind NAT use a relay",
+                annotations::BEHIND_NAT
+            ),
+            Some((by, at)) => {
+                info!(seen_by = %by, seen_at = %at, "behind NAT, as flagged: a peer sees this node's packets from another address")
+            }
+            None => info!("no peer sees this node behind NAT any more"),
+        }
+        self.status
+            .nat_seen
+            .store(Arc::new(seen.as_ref().map(|(by, at)| {
+                format!("node {by} receives this node's packets from {at}")
+            })));
+        self.nat_seen = seen;
+        self.effective_keepalive() != keepalive_before
+    }
+
+    /// The keepalive for peers without their own: behind NAT (flagged or detected), at least
+    /// [`NAT_KEEPALIVE`].
     fn effective_keepalive(&self) -> u16 {
         match (
-            self.behind_nat_flag || self.behind_nat_annotation,
+            self.behind_nat() || self.nat_seen.is_some(),
             self.default_keepalive,
         ) {
             (true, 0) => NAT_KEEPALIVE,
@@ -1166,11 +1359,16 @@ impl Agent {
             .round(k8s_openapi::jiff::Unit::Second)
             .map_or_else(|_| String::new(), |t| t.to_string());
         let mut out = self.external.reconcile(ctx, &now);
+        // One agent writes the Peers' conditions (all judge alike): not one write per node.
+        if !self.writes_peer_status() {
+            out.patches.clear();
+        }
         for (name, reason, message) in &out.refused {
             warn!(peer = %name, reason = reason.metric_label(), "Peer refused: {message}");
             self.status.count_invalid(reason.metric_label());
         }
         if !out.changes.is_empty() {
+            self.state_dirty = true;
             for c in &out.changes {
                 info!(public_key = %c.public_key, removed = c.remove, allowed_ips = %nets(&c.allowed_ips), "external peer configured");
             }
@@ -1190,7 +1388,14 @@ impl Agent {
         out
     }
 
-    /// Writes Peers' `Accepted` conditions (each agent writes the same; a failure waits for
+    /// Whether this agent writes the Peers' `Accepted` conditions: the one on the oldest Node
+    /// (creationTimestamp, then name) that publishes a key, the same rule on every agent. If
+    /// that agent is down, conditions wait until it is back or its Node is deleted.
+    fn writes_peer_status(&self) -> bool {
+        external::status_writer(self.nodes.infos()).is_none_or(|n| n == self.node_name)
+    }
+
+    /// Writes Peers' `Accepted` conditions (only [`Agent::writes_peer_status`]; a failure waits for
     /// the next change or the retry tick).
     async fn write_peer_statuses(
         &mut self,
@@ -1265,6 +1470,8 @@ impl Agent {
             pod_cidrs: self.own_cidrs.clone(),
             mtu: Some(self.mtu),
             peers: self.applied.clone(),
+            external: self.external.applied.clone(),
+            external_psks: self.external.applied_psks.clone(),
         };
         match state::save(&self.state_dir, &st) {
             Ok(()) => {
@@ -1303,6 +1510,28 @@ impl Agent {
             patch.insert(
                 annotations::REVOKED_KEYS.into(),
                 rotation::revoked_annotation(&listed, &self.own_revoked).into(),
+            );
+        }
+        // The peers this node sees behind NAT: they read it and learn it.
+        let observed = relay::nat_annotation(&self.nat_observed);
+        if own.nat_observed != observed {
+            patch.insert(
+                annotations::NAT_OBSERVED.into(),
+                observed.map_or(serde_json::Value::Null, Into::into),
+            );
+        }
+        // Its peers must know it is behind NAT (two such nodes go through a relay).
+        if self.behind_nat_flag && !own.behind_nat {
+            patch.insert(annotations::BEHIND_NAT.into(), "true".into());
+        }
+        // A reachable node with its relay running offers it; any other withdraws it.
+        let relay = endpoint
+            .filter(|_| self.relay.is_some() && !self.behind_nat())
+            .map(|ep| SocketAddr::new(ep.ip(), self.relay_port).to_string());
+        if own.relay_endpoint != relay {
+            patch.insert(
+                annotations::RELAY_ENDPOINT.into(),
+                relay.map_or(serde_json::Value::Null, Into::into),
             );
         }
         match endpoint {

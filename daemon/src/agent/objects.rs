@@ -231,6 +231,9 @@ struct NodeMeta {
     creation_timestamp: Option<Time>,
     #[serde(default, deserialize_with = "kwire_annotations")]
     annotations: Option<BTreeMap<String, String>>,
+    /// kwire's labels only (`kwire.dev/location`), skipped like the annotations.
+    #[serde(default, deserialize_with = "kwire_annotations")]
+    labels: Option<BTreeMap<String, String>>,
 }
 
 fn node_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
@@ -241,6 +244,7 @@ fn node_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
         uid: m.uid,
         creation_timestamp: m.creation_timestamp,
         annotations: m.annotations,
+        labels: m.labels,
         ..ObjectMeta::default()
     })
 }
@@ -436,7 +440,7 @@ mod tests {
             "apiVersion": "v1", "kind": "Node",
             "metadata": {"name": "n2", "uid": "u2", "resourceVersion": "77",
                 "creationTimestamp": "2025-01-01T00:00:00Z",
-                "labels": {"kubernetes.io/hostname": "n2"},
+                "labels": {"kubernetes.io/hostname": "n2", "kwire.dev/location": "eu"},
                 "annotations": {"kwire.dev/public-key": "AAAA", "kwire.dev/endpoint": "192.0.2.2:51820",
                     "node.alpha.kubernetes.io/ttl": ttl, "we\\ird": "x"},
                 "managedFields": [{"manager": "kubelet", "fieldsV1": {"f:status": {}}}]},
@@ -459,7 +463,10 @@ mod tests {
             ann.keys().collect::<Vec<_>>(),
             ["kwire.dev/endpoint", "kwire.dev/public-key"]
         );
-        assert!(view.metadata.labels.is_none() && view.metadata.managed_fields.is_none());
+        // Labels: kwire's own only (the relay's location).
+        let labels = view.metadata.labels.clone().unwrap();
+        assert_eq!(labels.keys().collect::<Vec<_>>(), ["kwire.dev/location"]);
+        assert!(view.metadata.managed_fields.is_none());
         let full: corev1::Node =
             serde_json::from_value(full_node("2025-01-01T00:00:10Z", "0")).unwrap();
         let a = crate::agent::peers::NodeInfo::from_node(&view.into_k8s());

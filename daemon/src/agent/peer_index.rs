@@ -431,6 +431,7 @@ mod tests {
             } else {
                 vec![IpAddr::from([10, 0, x, 7])]
             },
+            ..NodeInfo::default()
         }
     }
 

@@ -36,6 +36,14 @@ pub struct NodeInfo {
     pub internal_ips: Vec<IpAddr>,
     /// Every address of `status.addresses` that parses (InternalIP, ExternalIP, ...).
     pub addresses: Vec<IpAddr>,
+    /// `kwire.dev/behind-nat: "true"`.
+    pub behind_nat: bool,
+    /// The `kwire.dev/location` label.
+    pub location: Option<String>,
+    /// `kwire.dev/relay-endpoint`, as written.
+    pub relay_endpoint: Option<String>,
+    /// `kwire.dev/nat-observed`, as written.
+    pub nat_observed: Option<String>,
 }
 
 impl NodeInfo {
@@ -73,6 +81,15 @@ impl NodeInfo {
             pod_cidrs,
             internal_ips: parsed(true),
             addresses: parsed(false),
+            behind_nat: get(annotations::BEHIND_NAT).is_some_and(|v| v.trim() == "true"),
+            location: n
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(annotations::LOCATION))
+                .cloned(),
+            relay_endpoint: get(annotations::RELAY_ENDPOINT),
+            nat_observed: get(annotations::NAT_OBSERVED),
         }
     }
 
@@ -107,6 +124,11 @@ pub struct DesiredPeer {
     /// The Node's `spec.podCIDRs`, canonical.
     pub allowed_ips: Vec<IpNetwork>,
     pub keepalive: u16,
+    /// The relay node this peer is reached through (`endpoint` is then the relay's), when
+    /// both this node and the peer are behind NAT.
+    pub relay: Option<String>,
+    /// The Node says it is behind NAT (`kwire.dev/behind-nat`): a relay forwards for it.
+    pub behind_nat: bool,
 }
 
 /// Why a range given as text cannot be used.
@@ -570,6 +592,8 @@ fn check_node<'a>(
         endpoint,
         allowed_ips: cidrs,
         keepalive,
+        relay: None,
+        behind_nat: n.behind_nat,
     }))
 }
 
@@ -723,6 +747,7 @@ mod tests {
                 vec![ip.parse().unwrap()]
             },
             addresses: vec![],
+            ..NodeInfo::default()
         }
     }
 
@@ -1100,6 +1125,8 @@ mod tests {
             endpoint: ep.parse().unwrap(),
             allowed_ips: cidrs.iter().map(|c| c.parse().unwrap()).collect(),
             keepalive: 0,
+            relay: None,
+            behind_nat: false,
         }
     }
 

@@ -2,7 +2,9 @@
 //! node's pod ranges, so a restart forwards again before the API answers. JSON, written
 //! atomically (temp file, fsync, rename), mode 0600.
 
+use crate::agent::external::ExternalPeer;
 use crate::agent::peers::DesiredPeer;
+use crate::wg::key::PresharedKey;
 use ipnetwork::IpNetwork;
 use kwire_proto::key::PublicKey;
 use serde::{Deserialize, Serialize};
@@ -18,11 +20,15 @@ pub const STATE_FILE: &str = "peers.json";
 pub const STATE_VERSION: u32 = 1;
 
 /// The saved state.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct State {
     pub pod_cidrs: Vec<IpNetwork>,
     pub mtu: Option<u32>,
     pub peers: BTreeMap<String, DesiredPeer>,
+    /// Accepted Peers (the `Peer` resource) as the device had them, by Peer name.
+    pub external: BTreeMap<String, ExternalPeer>,
+    /// Their preshared keys, by Peer name (the file is 0600 beside the private key).
+    pub external_psks: BTreeMap<String, PresharedKey>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -32,6 +38,24 @@ struct FileV1 {
     #[serde(default)]
     mtu: Option<u32>,
     peers: Vec<PeerV1>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    external: Vec<ExternalV1>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ExternalV1 {
+    name: String,
+    public_key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    endpoint: Option<String>,
+    allowed_ips: Vec<String>,
+    #[serde(default)]
+    keepalive: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    psk_secret: Option<String>,
+    /// The preshared key (hex), as last read from `psk_secret`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    preshared_key: Option<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -45,6 +69,12 @@ struct PeerV1 {
     /// The key the peer rotates to (absent: it does not).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     next_public_key: Option<String>,
+    /// The relay node the peer is reached through (`endpoint` is the relay's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    relay: Option<String>,
+    /// The peer is behind NAT (this node's relay forwards for it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    behind_nat: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +108,7 @@ fn invalid(path: &Path, why: impl Into<String>) -> StateError {
 pub fn load(dir: &Path) -> Result<Option<State>, StateError> {
     let path = dir.join(STATE_FILE);
     let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
+        Ok(t) => zeroize::Zeroizing::new(t),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(StateError::Read { path, source }),
     };
@@ -97,7 +127,31 @@ pub fn load(dir: &Path) -> Result<Option<State>, StateError> {
         pod_cidrs: f.pod_cidrs.iter().map(net).collect::<Result<_, _>>()?,
         mtu: f.mtu,
         peers: BTreeMap::new(),
+        external: BTreeMap::new(),
+        external_psks: BTreeMap::new(),
     };
+    for p in &f.external {
+        let bad = |what: &str| invalid(&path, format!("Peer {}: {what}", p.name));
+        let peer = ExternalPeer {
+            name: p.name.clone(),
+            public_key: PublicKey::from_base64(&p.public_key).map_err(|e| bad(&e.to_string()))?,
+            endpoint: p
+                .endpoint
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .map_err(|_| bad("bad endpoint"))?,
+            allowed_ips: p.allowed_ips.iter().map(net).collect::<Result<_, _>>()?,
+            keepalive: p.keepalive,
+            psk_secret: p.psk_secret.clone(),
+        };
+        if let Some(hex) = &p.preshared_key {
+            let key = kwire_proto::key::decode_hex32(hex).map_err(|_| bad("bad preshared key"))?;
+            st.external_psks
+                .insert(p.name.clone(), PresharedKey(zeroize::Zeroizing::new(key)));
+        }
+        st.external.insert(p.name.clone(), peer);
+    }
     for p in f.peers {
         let peer = DesiredPeer {
             public_key: PublicKey::from_base64(&p.public_key)
@@ -114,6 +168,8 @@ pub fn load(dir: &Path) -> Result<Option<State>, StateError> {
                 .map(PublicKey::from_base64)
                 .transpose()
                 .map_err(|e| invalid(&path, format!("peer {}: next key: {e}", p.node)))?,
+            relay: p.relay,
+            behind_nat: p.behind_nat,
             node: p.node,
         };
         st.peers.insert(peer.node.clone(), peer);
@@ -138,10 +194,30 @@ pub fn save(dir: &Path, st: &State) -> Result<(), StateError> {
                 allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
                 keepalive: p.keepalive,
                 next_public_key: p.next_public_key.map(|k| k.to_base64()),
+                relay: p.relay.clone(),
+                behind_nat: p.behind_nat,
+            })
+            .collect(),
+        external: st
+            .external
+            .values()
+            .map(|p| ExternalV1 {
+                name: p.name.clone(),
+                public_key: p.public_key.to_base64(),
+                endpoint: p.endpoint.map(|e| e.to_string()),
+                allowed_ips: p.allowed_ips.iter().map(ToString::to_string).collect(),
+                keepalive: p.keepalive,
+                psk_secret: p.psk_secret.clone(),
+                preshared_key: st
+                    .external_psks
+                    .get(&p.name)
+                    .map(|k| kwire_proto::key::encode_hex(&k.0[..])),
             })
             .collect(),
     };
-    let text = serde_json::to_vec_pretty(&f).expect("plain data serializes");
+    // It may hold preshared keys: zeroized once written.
+    let text =
+        zeroize::Zeroizing::new(serde_json::to_vec_pretty(&f).expect("plain data serializes"));
     let tmp = dir.join(format!(".{STATE_FILE}.tmp.{}", std::process::id()));
     let err = |source| StateError::Write {
         path: path.clone(),
@@ -187,7 +263,27 @@ mod tests {
             ],
             mtu: Some(1420),
             peers: BTreeMap::new(),
+            external: BTreeMap::new(),
+            external_psks: BTreeMap::new(),
         };
+        // A Peer with a preshared key, one without an endpoint.
+        for (i, n) in ["laptop", "phone"].iter().enumerate() {
+            st.external.insert(
+                n.to_string(),
+                ExternalPeer {
+                    name: n.to_string(),
+                    public_key: PublicKey([i as u8 + 7; 32]),
+                    endpoint: (i == 0).then(|| "203.0.113.9:40000".parse().unwrap()),
+                    allowed_ips: vec![format!("198.51.100.{}/32", i + 1).parse().unwrap()],
+                    keepalive: 25,
+                    psk_secret: (i == 0).then(|| "laptop-psk".to_string()),
+                },
+            );
+        }
+        st.external_psks.insert(
+            "laptop".into(),
+            PresharedKey(zeroize::Zeroizing::new([0x5a; 32])),
+        );
         for (i, n) in ["b", "c"].iter().enumerate() {
             st.peers.insert(
                 n.to_string(),
@@ -201,6 +297,8 @@ mod tests {
                         "fd00:1::/64".parse().unwrap(),
                     ],
                     keepalive: 25,
+                    relay: (i == 1).then(|| "r".to_string()),
+                    behind_nat: i == 1,
                 },
             );
         }

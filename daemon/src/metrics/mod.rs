@@ -84,6 +84,33 @@ impl Collector for StatusCollector {
         )?;
         gauge_family(
             &mut e,
+            "kwire_peer_relayed",
+            "1 if the peer is reached through a relay node (both behind NAT)",
+            &peer_gauge(&|p| Some(if p.relay.is_some() { 1.0 } else { 0.0 })),
+        )?;
+        gauge_family(
+            &mut e,
+            "kwire_nat_detected",
+            "1 if a peer sees this node's packets come from elsewhere than its published endpoint",
+            &[(
+                Labels::new(),
+                if r.nat_detected.is_some() { 1.0 } else { 0.0 },
+            )],
+        )?;
+        counter_family(
+            &mut e,
+            "kwire_relay_forwarded",
+            "WireGuard datagrams this node forwarded as the relay of nodes both behind NAT",
+            &[(Labels::new(), r.relay.forwarded)],
+        )?;
+        counter_family(
+            &mut e,
+            "kwire_relay_dropped",
+            "Datagrams to this node's relay port it did not forward (not WireGuard, unknown sender or session)",
+            &[(Labels::new(), r.relay.dropped)],
+        )?;
+        gauge_family(
+            &mut e,
             "kwire_peer_last_handshake_age_seconds",
             "Seconds since the peer's last completed handshake (absent before the first)",
             &peer_gauge(&|p| p.last_handshake_age_seconds),

@@ -51,6 +51,27 @@ pub struct NodeState {
     pub peer_health: Mutex<BTreeMap<String, PeerHealthReport>>,
     /// The node's key: its age, the rotation under way (public keys only).
     pub keys: Mutex<KeyState>,
+    /// The relay node of each peer reached through one (both behind NAT), by public key.
+    pub peer_relays: ArcSwap<BTreeMap<PublicKey, String>>,
+    /// The relay this node runs for NATed pairs, if it does.
+    pub relay: RelayState,
+    /// Another node sees this one's packets from elsewhere than its published endpoint (NAT
+    /// detected), as a sentence.
+    pub nat_seen: ArcSwap<Option<String>>,
+}
+
+/// The relay this node runs (`kwire.dev/relay-endpoint`): whom it forwards for, what it did.
+#[derive(Debug, Default)]
+pub struct RelayState {
+    /// Listening (relay port open).
+    pub listening: AtomicBool,
+    /// The nodes behind NAT it forwards for, by name.
+    pub serving: ArcSwap<Vec<String>>,
+    /// Datagrams forwarded.
+    pub forwarded: AtomicU64,
+    /// Datagrams not forwarded: not WireGuard, from an address no served node's session
+    /// comes from, or for no known session.
+    pub dropped: AtomicU64,
 }
 
 /// The node's key and its rotation as the agent last set them (no private key here).
@@ -120,6 +141,9 @@ impl NodeState {
             api_synced: AtomicBool::new(false),
             peer_health: Mutex::new(BTreeMap::new()),
             keys: Mutex::new(KeyState::default()),
+            peer_relays: ArcSwap::from_pointee(BTreeMap::new()),
+            relay: RelayState::default(),
+            nat_seen: ArcSwap::from_pointee(None),
         }
     }
 

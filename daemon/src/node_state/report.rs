@@ -51,6 +51,22 @@ pub struct StatusReport {
     /// The node's key: age, rotation, revocations.
     #[serde(default)]
     pub key: KeyReport,
+    /// The relay this node runs for pairs of nodes both behind NAT.
+    #[serde(default)]
+    pub relay: RelayReport,
+    /// NAT detected: which peer sees this node's packets from which address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nat_detected: Option<String>,
+}
+
+/// The relay this node runs (it forwards NATed pairs' WireGuard datagrams untouched).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RelayReport {
+    pub listening: bool,
+    /// Nodes behind NAT it forwards for.
+    pub serving: Vec<String>,
+    pub forwarded: u64,
+    pub dropped: u64,
 }
 
 /// The node's key and its rotation (public keys only).
@@ -135,6 +151,9 @@ pub struct PeerReport {
     /// rotates and this node moved to its next key).
     #[serde(default)]
     pub session_peer_key: String,
+    /// The node this peer is reached through (both behind NAT), if it is relayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub relay: Option<String>,
 }
 
 /// A pod attached to this node's packet loop.
@@ -169,6 +188,7 @@ pub fn report(st: &NodeState) -> StatusReport {
     let sessions = st.device.session_keys();
     let (own, own_next) = (st.device.public_key(), st.device.next_public_key());
     let external = st.external_peer_names.load();
+    let relays = st.peer_relays.load();
     let mut peers = Vec::new();
     let mut external_peers = Vec::new();
     for p in &info.peers {
@@ -212,6 +232,7 @@ pub fn report(st: &NodeState) -> StatusReport {
                 _ => "current",
             }
             .into(),
+            relay: relays.get(&p.public_key).cloned(),
         });
     }
     drop(info);
@@ -288,6 +309,13 @@ pub fn report(st: &NodeState) -> StatusReport {
         services,
         conntrack,
         key: key_report(st, now),
+        relay: RelayReport {
+            listening: st.relay.listening.load(Ordering::Relaxed),
+            serving: st.relay.serving.load().as_ref().clone(),
+            forwarded: st.relay.forwarded.load(Ordering::Relaxed),
+            dropped: st.relay.dropped.load(Ordering::Relaxed),
+        },
+        nat_detected: st.nat_seen.load().as_ref().clone(),
     }
 }
 

@@ -67,14 +67,15 @@ pub fn dot(reports: &[StatusReport], extra: &BTreeMap<String, GraphNode>) -> Str
             if m.pod_cidrs.is_empty() {
                 m.pod_cidrs = p.allowed_ips.clone();
             }
-            if m.endpoint.is_none() {
+            // A relayed peer's endpoint is its relay's.
+            if m.endpoint.is_none() && p.relay.is_none() {
                 m.endpoint = p.endpoint.clone();
             }
         }
     }
     let mut o = String::new();
     o.push_str("digraph kwire {\n");
-    o.push_str("  graph [label=\"kwire mesh (edges: tunnels as each node sees them; green: recent handshake, orange: stale, red dashed: unreachable, gray dotted: never)\", labelloc=t, fontname=\"Helvetica\", rankdir=LR];\n");
+    o.push_str("  graph [label=\"kwire mesh (edges: tunnels as each node sees them; green: recent handshake, orange: stale, red dashed: unreachable, gray dotted: never; bold dashed: relayed through a third node, both behind NAT)\", labelloc=t, fontname=\"Helvetica\", rankdir=LR];\n");
     o.push_str("  node [shape=box, style=\"rounded,filled\", fillcolor=\"#eef4ff\", fontname=\"Helvetica\"];\n");
     o.push_str("  edge [fontname=\"Helvetica\", fontsize=10];\n");
     for (name, n) in &nodes {
@@ -133,11 +134,19 @@ pub fn dot(reports: &[StatusReport], extra: &BTreeMap<String, GraphNode>) -> Str
                 || "no handshake".to_string(),
                 |a| format!("handshake {}", human_age(a)),
             );
-            let label = format!(
+            let mut label = format!(
                 "tx {} / rx {}\n{hs}",
                 human_bytes(p.tx_bytes),
                 human_bytes(p.rx_bytes)
             );
+            // Relayed: drawn bold dashed, the relay named on the edge.
+            let style = match &p.relay {
+                Some(relay) => {
+                    let _ = write!(label, "\nrelayed via {relay}");
+                    "\"dashed,bold\""
+                }
+                None => style,
+            };
             let _ = writeln!(
                 o,
                 "  {} -> {} [label={}, style={style}, color={colour}, fontcolor={colour}];",
@@ -267,7 +276,13 @@ mod tests {
             "{d}"
         );
         assert!(d.contains("\"n1\" -> \"n2\" [label=\"tx 100 B / rx 2.00 KiB\\nhandshake 1m 5s ago\", style=solid, color=darkgreen"), "{d}");
-        assert!(d.contains("\"n1\" -> \"n3\" [label=\"tx 0 B / rx 0 B\\nno handshake\", style=dashed, color=red"), "{d}");
+        // n3 is relayed (both behind NAT): drawn bold dashed, the relay named; its endpoint
+        // (the relay's) is not drawn as n3's.
+        assert!(d.contains("\"n1\" -> \"n3\" [label=\"tx 0 B / rx 0 B\\nno handshake\\nrelayed via n9\", style=\"dashed,bold\", color=red"), "{d}");
+        assert!(
+            d.contains("\"n3\" [label=\"n3\\n10.244.3.0/24\", fillcolor"),
+            "{d}"
+        );
         assert!(d.contains("\"n4\" [label=\"n4\\n10.244.4.0/24\""), "{d}");
         assert!(
             d.contains("\"peer/laptop\" [label=\"Peer laptop\\n198.51.100.7/32\\nlast seen at 198.51.100.7:40000\", shape=ellipse"),

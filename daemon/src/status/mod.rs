@@ -225,6 +225,17 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
     } else {
         o.push_str("  services: no table yet (Service and EndpointSlice watches not listed)\n");
     }
+    if let Some(nat) = &r.nat_detected {
+        o.push_str(&format!("  behind NAT (detected): {nat}\n"));
+    }
+    if !r.relay.serving.is_empty() {
+        o.push_str(&format!(
+            "  relay for nodes behind NAT: {} ({} datagrams forwarded, {} dropped)\n",
+            r.relay.serving.join(", "),
+            r.relay.forwarded,
+            r.relay.dropped
+        ));
+    }
     let drops = nonzero(&r.drops);
     if !drops.is_empty() {
         o.push_str(&format!("  drops: {drops}\n"));
@@ -261,10 +272,17 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
             paint(code, what),
             paint("1", &p.node)
         ));
-        o.push_str(&format!(
-            "  endpoint: {}\n",
-            p.endpoint.as_deref().unwrap_or("(none)")
-        ));
+        match &p.relay {
+            Some(relay) => o.push_str(&format!(
+                "  endpoint: {} ({} through relay {relay}: both behind NAT)\n",
+                p.endpoint.as_deref().unwrap_or("(none)"),
+                paint("35", "relayed"),
+            )),
+            None => o.push_str(&format!(
+                "  endpoint: {}\n",
+                p.endpoint.as_deref().unwrap_or("(none)")
+            )),
+        }
         o.push_str(&format!("  allowed ips: {}\n", p.allowed_ips.join(", ")));
         let hs = p
             .last_handshake_age_seconds
@@ -327,6 +345,7 @@ pub(crate) mod tests {
             unreachable: false,
             session_local_key: "current".into(),
             session_peer_key: "current".into(),
+            relay: None,
         }
     }
 
@@ -364,6 +383,8 @@ pub(crate) mod tests {
                     unreachable: true,
                     session_local_key: "current".into(),
                     session_peer_key: "current".into(),
+                    endpoint: Some("192.0.2.9:51821".into()),
+                    relay: Some("n9".into()),
                     ..peer("n3", "k3", "10.244.3.0/24")
                 },
             ],
@@ -413,6 +434,15 @@ pub(crate) mod tests {
                 rotations_aborted: 0,
                 revocations: 0,
             },
+            relay: crate::node_state::report::RelayReport {
+                listening: true,
+                serving: vec!["n5".into(), "n6".into()],
+                forwarded: 12,
+                dropped: 1,
+            },
+            nat_detected: Some(
+                "node n2 receives this node's packets from 203.0.113.5:40000".into(),
+            ),
         }
     }
 
@@ -436,6 +466,9 @@ pub(crate) mod tests {
             "public key: k1 (written 1h 0m 0s ago)",
             "key rotation: rotating to k1next, started 4s ago",
             "session keys: ours next, the peer's current",
+            "endpoint: 192.0.2.9:51821 (relayed through relay n9: both behind NAT)",
+            "relay for nodes behind NAT: n5, n6 (12 datagrams forwarded, 1 dropped)",
+            "behind NAT (detected): node n2 receives this node's packets from 203.0.113.5:40000",
         ] {
             assert!(t.contains(want), "missing {want:?} in:\n{t}");
         }
