@@ -2,6 +2,16 @@
 //! the last look; count handshakes, log state changes (endpoint roamed, first handshake),
 //! decide when a peer is unreachable ([`assess`], pure), record `PeerUnreachable` /
 //! `PeerRecovered` Events on the peer's Node, and keep this Node's `KwireReady` condition.
+//!
+//! Events are written by a few witnesses per peer, not by every agent that sees it: when M
+//! Nodes die in a cluster of N, N agents each seeing M dead peers would otherwise write N × M
+//! Events (and as many Node reads). For each peer, the [`EVENT_WITNESSES`] agents that rank
+//! highest for it ([`is_witness`]: rendezvous hashing over the Node names, so every agent
+//! computes the same ranking without talking to the others) record its Events; an agent skips
+//! the Nodes it sees unreachable itself when it ranks, so a dead witness is replaced by the
+//! next one, and so are the Nodes it never handshaked with (no sign of life: a lone agent
+//! among dead peers reports them all). Every agent still logs the change and exports it
+//! (`kwire_peer_up`, `kwire status`).
 
 use crate::node_state::{NodeState, PeerHealthReport};
 use k8s_openapi::api::core::v1::Node;
@@ -26,6 +36,44 @@ pub const HANDSHAKE_JITTER: Duration = Duration::from_millis(500);
 pub const CONDITION_TYPE: &str = "KwireReady";
 /// How often a failed condition patch is retried.
 const CONDITION_RETRY: Duration = Duration::from_secs(5);
+/// Agents that record a peer's `PeerUnreachable` / `PeerRecovered` Events (see [`is_witness`]).
+pub const EVENT_WITNESSES: usize = 3;
+
+/// A candidate's rank for `subject`: the first 8 bytes of SHA-256(subject, 0, candidate). Any
+/// agent computes the same for the same names (a fixed hash, not std's).
+fn witness_score(subject: &str, candidate: &str) -> u64 {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(subject.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(candidate.as_bytes());
+    let d = ctx.finish();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d.as_ref()[..8]);
+    u64::from_be_bytes(b)
+}
+
+/// Whether `me` is one of the `k` witnesses of `subject` among `candidates` (the Nodes this
+/// agent does not see unreachable; `me` counts whether listed or not, `subject` never does):
+/// the `k` candidates with the highest [`witness_score`] for `subject`, ties broken by name.
+/// Agents that see the same Nodes pick the same witnesses, so `k` Events are written per peer
+/// whatever the cluster's size.
+pub fn is_witness<'a>(
+    me: &str,
+    subject: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+    k: usize,
+) -> bool {
+    if me == subject {
+        return false;
+    }
+    let mine = (witness_score(subject, me), me);
+    let above = candidates
+        .into_iter()
+        .filter(|c| *c != subject && *c != me)
+        .filter(|c| (witness_score(subject, c), *c) > mine)
+        .count();
+    above < k
+}
 
 /// Parses `120`, `120s`, `2m`, `500ms`, `1h` (for `--peer-unreachable-after`).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -232,6 +280,7 @@ pub async fn run(status: Arc<NodeState>, settings: HealthSettings) {
         condition: None,
         written: None,
         condition_failed_at: None,
+        recorder: std::sync::OnceLock::new(),
     };
     let mut tick = tokio::time::interval(HEALTH_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -255,6 +304,7 @@ struct Monitor {
     /// Our condition as last written (its transition time is kept while the status holds).
     written: Option<serde_json::Value>,
     condition_failed_at: Option<Instant>,
+    recorder: std::sync::OnceLock<Arc<Recorder>>,
 }
 
 impl Monitor {
@@ -307,6 +357,17 @@ impl Monitor {
             next.insert(node.clone(), w);
         }
         self.peers = next;
+        // Only this peer's witnesses record its Events (the others have logged it above),
+        // ranked among the Nodes this agent has seen alive: handshaked with at least once (the
+        // greeting handshakes with every peer) and not unreachable now.
+        let own = self.settings.node_name.as_str();
+        let seen_up = || {
+            self.peers
+                .iter()
+                .filter(|(_, w)| w.handshakes > 0 && !w.unreachable)
+                .map(|(n, _)| n.as_str())
+        };
+        events.retain(|(node, _)| is_witness(own, node, seen_up(), EVENT_WITNESSES));
         let report: BTreeMap<String, PeerHealthReport> = self
             .peers
             .iter()
@@ -327,6 +388,22 @@ impl Monitor {
         events
     }
 
+    /// The one Recorder of this monitor: it remembers what it recorded, so the same Event
+    /// again (a peer that flaps) becomes a series count on the first, not a new object.
+    fn recorder(&self, client: &Client) -> Arc<Recorder> {
+        self.recorder
+            .get_or_init(|| {
+                Arc::new(Recorder::new(
+                    client.clone(),
+                    Reporter {
+                        controller: super::EVENT_CONTROLLER.into(),
+                        instance: Some(self.settings.node_name.clone()),
+                    },
+                ))
+            })
+            .clone()
+    }
+
     fn event(&self, node: &str, c: &Change) {
         let Some(client) = self.api.clone() else {
             return;
@@ -345,9 +422,9 @@ impl Monitor {
             _ => return,
         };
         let node = node.to_string();
-        let instance = self.settings.node_name.clone();
+        let recorder = self.recorder(&client);
         tokio::spawn(async move {
-            let nodes: Api<Node> = Api::all(client.clone());
+            let nodes: Api<Node> = Api::all(client);
             let reference =
                 match tokio::time::timeout(super::API_WRITE_TIMEOUT, nodes.get(&node)).await {
                     Ok(Ok(n)) => n.object_ref(&()),
@@ -358,13 +435,6 @@ impl Monitor {
                         ..Default::default()
                     },
                 };
-            let recorder = Recorder::new(
-                client,
-                Reporter {
-                    controller: super::EVENT_CONTROLLER.into(),
-                    instance: Some(instance),
-                },
-            );
             let ev = K8sEvent {
                 type_,
                 reason: reason.into(),
@@ -666,6 +736,38 @@ mod tests {
         assert_eq!(readiness(false, true, true).1, "NotSynced");
         assert_eq!(readiness(true, false, true).1, "RoutesNotProgrammed");
         assert_eq!(readiness(true, true, false).1, "NoKey");
+    }
+
+    /// Each dead peer gets `EVENT_WITNESSES` reporters whatever the cluster's size, the same
+    /// ones seen from every agent; a witness that is gone itself is replaced by the next.
+    #[test]
+    fn a_few_witnesses_per_peer_whatever_the_cluster_size() {
+        for n in [2usize, 3, 4, 10, 500] {
+            let nodes: Vec<String> = (0..n).map(|i| format!("node-{i}")).collect();
+            let names = || nodes.iter().map(String::as_str);
+            for dead in nodes.iter().take(5) {
+                let witnesses: Vec<&str> = names()
+                    .filter(|me| is_witness(me, dead, names(), EVENT_WITNESSES))
+                    .collect();
+                assert_eq!(
+                    witnesses.len(),
+                    EVENT_WITNESSES.min(n - 1),
+                    "n={n} dead={dead}"
+                );
+                assert!(!witnesses.contains(&dead.as_str()));
+                // The first witness dies too: the others, not seeing it, pick a third.
+                let gone = witnesses[0];
+                let alive = || names().filter(move |c| *c != gone);
+                let next: Vec<&str> = alive()
+                    .filter(|me| is_witness(me, dead, alive(), EVENT_WITNESSES))
+                    .collect();
+                assert_eq!(next.len(), EVENT_WITNESSES.min(n - 2), "n={n}");
+                assert!(witnesses[1..].iter().all(|w| next.contains(w)));
+            }
+        }
+        // An agent that has seen no other Node alive reports everything it sees.
+        assert!(is_witness("me", "d", [], EVENT_WITNESSES));
+        assert!(!is_witness("d", "d", [], EVENT_WITNESSES));
     }
 
     #[test]

@@ -95,3 +95,164 @@ pub fn greet(peer: &Peer, batch: &mut TxBatch) -> bool {
     peer.initiation_sent(&mut st);
     true
 }
+
+/// Ticks after a peer's last activity (its rx, tx or dropped counters moved) during which it is
+/// visited every tick: 20 s covers every timer that traffic arms (keepalive 10 s after a
+/// receive, a new handshake 15 s after an unanswered send, the handshake retries every 5 s,
+/// which are traffic themselves).
+pub const QUIET_AFTER_TICKS: u64 = 80;
+/// A quiet peer is visited every this many ticks (2 s): what can still fall due for it with no
+/// traffic is the expiry of an old session's keys (after 540 s), which may come that late.
+pub const QUIET_EVERY_TICKS: u64 = 8;
+
+/// What the timer thread remembers of one peer between ticks.
+#[derive(Clone, Copy, Debug)]
+struct Visit {
+    activity: u64,
+    active_at: u64,
+}
+
+/// Which peers a tick visits: every peer that was active in the last [`QUIET_AFTER_TICKS`]
+/// (and every peer with a persistent keepalive, and all of them while keys rotate); the quiet
+/// ones only every [`QUIET_EVERY_TICKS`], spread over the ticks. At 5,000 mostly idle peers a
+/// tick visits about an eighth of them, and a peer wakes up on the first visit after its
+/// counters moved (a send to a quiet peer starts its handshake on the packet path at once; the
+/// timers only retry it, 5 s later).
+#[derive(Default)]
+pub struct TimerSchedule {
+    tick: u64,
+    /// Per peer of the last snapshot (its `Arc`'s address), in snapshot order.
+    keys: Vec<usize>,
+    visits: Vec<Visit>,
+}
+
+impl TimerSchedule {
+    /// Advances one tick and returns the indexes of the peers to visit. `key(i)` names peer
+    /// `i` across snapshots, `activity(i)` is a sum of its counters (it only grows while the
+    /// peer does something), `always(i)` keeps it visited every tick.
+    pub fn due(
+        &mut self,
+        n: usize,
+        key: impl Fn(usize) -> usize,
+        activity: impl Fn(usize) -> u64,
+        always: impl Fn(usize) -> bool,
+    ) -> Vec<usize> {
+        self.tick += 1;
+        let t = self.tick;
+        if self.keys.len() != n || (0..n).any(|i| self.keys[i] != key(i)) {
+            // A new peer set: what is known carries over by peer, new peers start active.
+            let old: std::collections::HashMap<usize, Visit> = self
+                .keys
+                .iter()
+                .copied()
+                .zip(self.visits.iter().copied())
+                .collect();
+            self.keys = (0..n).map(&key).collect();
+            self.visits = self
+                .keys
+                .iter()
+                .map(|k| {
+                    old.get(k).copied().unwrap_or(Visit {
+                        activity: u64::MAX,
+                        active_at: t,
+                    })
+                })
+                .collect();
+        }
+        let mut due = Vec::new();
+        for (i, v) in self.visits.iter_mut().enumerate() {
+            let quiet = t.saturating_sub(v.active_at) > QUIET_AFTER_TICKS && !always(i);
+            if quiet && !(t + i as u64).is_multiple_of(QUIET_EVERY_TICKS) {
+                continue;
+            }
+            let a = activity(i);
+            if a != v.activity {
+                v.activity = a;
+                v.active_at = t;
+            }
+            due.push(i);
+        }
+        due
+    }
+}
+
+/// A peer's activity for [`TimerSchedule`]: its counters, summed (each only grows).
+pub fn activity(peer: &Peer) -> u64 {
+    peer.rx_bytes
+        .load(Ordering::Relaxed)
+        .wrapping_add(peer.tx_bytes.load(Ordering::Relaxed))
+        .wrapping_add(peer.tx_dropped.load(Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `ticks` ticks over `n` peers whose activity `act(i, t)` gives; returns per peer
+    /// the ticks it was visited.
+    fn visits(n: usize, ticks: u64, act: impl Fn(usize, u64) -> u64) -> Vec<Vec<u64>> {
+        let mut s = TimerSchedule::default();
+        let mut out = vec![Vec::new(); n];
+        for t in 1..=ticks {
+            for i in s.due(n, |i| i, |i| act(i, t), |i| i == n - 1 && n > 3) {
+                out[i].push(t);
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn quiet_peers_are_visited_an_eighth_as_often_and_wake_on_activity() {
+        // Peer 0 idle throughout; peer 1 active until tick 50, then quiet, then busy again
+        // from tick 300; peer 2 busy throughout; peer 3 has a persistent keepalive.
+        let v = visits(4, 400, |i, t| match i {
+            0 => 7,
+            1 if t <= 50 => t,
+            1 if t < 300 => 50,
+            1 => t,
+            _ => t / 3,
+        });
+        // Every tick while it is new (its first QUIET_AFTER_TICKS), then every eighth.
+        let idle_after: Vec<u64> = v[0].iter().copied().filter(|t| *t > 100).collect();
+        assert!(
+            idle_after
+                .windows(2)
+                .all(|w| w[1] - w[0] == QUIET_EVERY_TICKS),
+            "{idle_after:?}"
+        );
+        assert_eq!(
+            v[0].iter().filter(|t| **t <= QUIET_AFTER_TICKS + 1).count() as u64,
+            QUIET_AFTER_TICKS + 1
+        );
+        // Peer 1: every tick until 20 s after its last activity, then sparse, then every tick
+        // from the first sparse visit after it moved again (at most QUIET_EVERY_TICKS late).
+        assert!((1..=50 + QUIET_AFTER_TICKS).all(|t| v[1].contains(&t)));
+        assert!(!(200..300).all(|t| v[1].contains(&t)));
+        let woke = *v[1].iter().find(|t| **t >= 300).unwrap();
+        assert!(woke < 300 + QUIET_EVERY_TICKS);
+        assert!((woke..=400).all(|t| v[1].contains(&t)));
+        // Busy and keepalive peers: every tick.
+        assert_eq!(v[2].len(), 400);
+        assert_eq!(v[3].len(), 400);
+    }
+
+    #[test]
+    fn a_new_peer_set_keeps_what_it_knew_by_peer() {
+        let mut s = TimerSchedule::default();
+        for _ in 0..200 {
+            s.due(2, |i| 10 + i, |_| 1, |_| false);
+        }
+        // Both quiet now: one tick visits at most one of them.
+        assert!(s.due(2, |i| 10 + i, |_| 1, |_| false).len() <= 1);
+        // A third peer arrives in front: it is visited every tick, the others stay quiet.
+        let mut seen_new = 0;
+        let mut seen_old = 0;
+        for _ in 0..QUIET_EVERY_TICKS {
+            let due = s.due(3, |i| [30, 10, 11][i], |_| 1, |_| false);
+            seen_new += due.iter().filter(|i| **i == 0).count();
+            seen_old += due.iter().filter(|i| **i != 0).count();
+        }
+        assert_eq!(seen_new as u64, QUIET_EVERY_TICKS);
+        assert_eq!(seen_old, 2);
+    }
+}

@@ -15,6 +15,7 @@ use crate::wg::device::Snapshot;
 use crate::wg::handshakes::{Pacer, INITIATION_BURST};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// Where the runtime's output goes.
@@ -193,14 +194,27 @@ fn reply(replies: &mut TxBatch, datagram: &[u8], to: SocketAddr, io: &mut impl I
     }
 }
 
-/// Runs every peer's timers once (every [`timers::TIMER_TICK`]); handshake retries,
-/// keepalives and rekeys go out through `out`.
-pub fn tick_timers(snap: &Snapshot, out: &mut TxBatch, io: &mut impl Io) {
-    for peer in &snap.peers {
+/// Runs the timers of the peers `schedule` says are due (every [`timers::TIMER_TICK`]: the
+/// active ones, and a share of the quiet ones); handshake retries, keepalives and rekeys go
+/// out through `out`.
+pub fn tick_timers(
+    snap: &Snapshot,
+    schedule: &mut timers::TimerSchedule,
+    out: &mut TxBatch,
+    io: &mut impl Io,
+) {
+    let rotating = snap.next_identity.is_some();
+    let due = schedule.due(
+        snap.peers.len(),
+        |i| Arc::as_ptr(&snap.peers[i]) as usize,
+        |i| timers::activity(&snap.peers[i]),
+        |i| rotating || snap.peers[i].persistent_keepalive > 0,
+    );
+    for i in due {
         if !out.has_room(TIMER_ROOM, TIMER_DATAGRAMS) {
             io.send_udp(out);
         }
-        timers::tick(peer, out);
+        timers::tick(&snap.peers[i], out);
     }
     if !out.is_empty() {
         io.send_udp(out);

@@ -357,6 +357,7 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
             // The snapshot whose peers were all greeted, if any (held, so that a new one is
             // never taken for it).
             let mut greeted: Option<Arc<Snapshot>> = None;
+            let mut schedule = crate::datapath::timers::TimerSchedule::default();
             loop {
                 // Greetings every GREET_TICK (a restarted device handshakes within one),
                 // peer timers every TIMER_TICK.
@@ -391,7 +392,7 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
                 if !timers_due {
                     continue;
                 }
-                apply::tick_timers(&snap, &mut out, &mut wio);
+                apply::tick_timers(&snap, &mut schedule, &mut out, &mut wio);
                 ticks += 1;
                 if ticks.is_multiple_of(ticks_per_second) {
                     for id in snap.identity.iter().chain(&snap.next_identity) {
