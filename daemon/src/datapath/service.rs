@@ -22,7 +22,6 @@ use super::stats::DropReason;
 use super::Ctx;
 use crate::offload::checksum::{fold, pseudo_header, set_ipv4_header, sum};
 use crate::offload::F_NEEDS_CSUM;
-use crate::services::flow_hash;
 use crate::services::table::FrontendKey;
 use std::net::{IpAddr, SocketAddr};
 
@@ -162,16 +161,14 @@ pub fn forward<T>(
     let new_syn = p.proto == TCP && pkt[p.l4 + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // The client is this node (its own traffic, or masqueraded to it by the kernel).
     let from_node = from == Port::Host && ctx.local.is_gateway(p.src);
-    let pool = fe.pool(from_node);
+    let sel = fe.select(from_node, p.proto, (p.src, p.sport), (p.dst, p.dport));
     let keep = |b: SocketAddr| {
         // A removed endpoint keeps its open TCP connections; new flows (and UDP) move.
-        pool.is_ok_and(|pl| pl.has(b)) || (p.proto == TCP && !new_syn)
+        sel.has(b) || (p.proto == TCP && !new_syn)
     };
     let choose = || {
-        let pl = pool.ok()?;
-        let pick = || pl.pick(flow_hash(p.proto, p.src, p.sport, p.dst, p.dport));
         if fe.affinity_secs == 0 {
-            return pick();
+            return sel.pick();
         }
         let key = FrontendKey {
             proto: p.proto,
@@ -179,7 +176,7 @@ pub fn forward<T>(
             port: p.dport,
         };
         s.nat
-            .sticky(key, p.src, fe.affinity_secs, |b| pl.has(b), pick)
+            .sticky(key, p.src, fe.affinity_secs, |b| sel.has(b), || sel.pick())
     };
     match s.nat.forward(p.flow(), hairpin, keep, choose) {
         Forward::To(to) => {
@@ -195,7 +192,7 @@ pub fn forward<T>(
                 _ => Ok(Translated::Plain),
             }
         }
-        Forward::NoEndpoint if pool == Err(false) => Err(DropReason::ServiceNoLocalEndpoint),
+        Forward::NoEndpoint if sel.pool == Err(false) => Err(DropReason::ServiceNoLocalEndpoint),
         Forward::NoEndpoint => Err(DropReason::ServiceNoEndpoint),
         Forward::Full => Err(DropReason::FlowLimit),
     }
@@ -744,7 +741,7 @@ pub(crate) mod tests {
     }
 
     /// [`forward`] of a packet from `from` on node [`NODE`].
-    fn translate_from(
+    pub(crate) fn translate_from(
         s: &ServiceNat,
         from: Port,
         pkt: &mut [u8],
@@ -924,7 +921,7 @@ pub(crate) mod tests {
     }
 
     /// Where a translated packet goes: (source, destination).
-    fn ends(p: &[u8]) -> (SocketAddr, SocketAddr) {
+    pub(crate) fn ends(p: &[u8]) -> (SocketAddr, SocketAddr) {
         let q = parse(p).unwrap();
         (
             SocketAddr::new(q.src, q.sport),

@@ -207,6 +207,31 @@ impl Frontend {
         self.all.pick(h)
     }
 
+    /// How this frontend serves a new flow `src:sport -> dst:dport` (`from_node`: the client
+    /// is this node, as for [`Frontend::pool`]): the one selection the packet loop and
+    /// `kwire policy trace` both make. Cheap: the flow's hash is computed only by
+    /// [`Selection::pick`].
+    #[inline]
+    pub fn select(
+        &self,
+        from_node: bool,
+        proto: u8,
+        (src, sport): (IpAddr, u16),
+        (dst, dport): (IpAddr, u16),
+    ) -> Selection<'_> {
+        Selection {
+            pool: self.pool(from_node),
+            proto,
+            src,
+            // `sessionAffinity: ClientIP`: the client address alone decides, so that all its
+            // flows pick one backend, on every node and after a restart, before the loop
+            // remembers it (which keeps it while the backends change).
+            sport: if self.affinity_secs == 0 { sport } else { 0 },
+            dst,
+            dport,
+        }
+    }
+
     /// Whether `b` is still one of the usable endpoints.
     #[inline]
     pub fn has(&self, b: SocketAddr) -> bool {
@@ -220,6 +245,43 @@ impl Frontend {
     /// This node's endpoints (`Local` policies only).
     pub fn local_backends(&self) -> &[SocketAddr] {
         self.local.backends()
+    }
+}
+
+/// A new flow's selection ([`Frontend::select`]): the pool that serves it and the backend
+/// Maglev picks there for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection<'a> {
+    /// As [`Frontend::pool`]: `Err(true)` refused (no usable endpoint), `Err(false)` dropped
+    /// (none on this node for a `Local` policy).
+    pub pool: Result<&'a Pool, bool>,
+    proto: u8,
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+}
+
+impl Selection<'_> {
+    /// Maglev's backend for the flow among the pool's; `None` when the pool is unusable.
+    #[inline]
+    pub fn pick(&self) -> Option<SocketAddr> {
+        let pool = self.pool.ok()?;
+        pool.pick(flow_hash(
+            self.proto, self.src, self.sport, self.dst, self.dport,
+        ))
+    }
+
+    /// Whether `b` may keep serving flows of this selection (a flow pinned to a removed
+    /// endpoint, or to one off this node for a `Local` policy, is moved).
+    #[inline]
+    pub fn has(&self, b: SocketAddr) -> bool {
+        self.pool.is_ok_and(|p| p.has(b))
+    }
+
+    /// The backends the choice is among (none when the pool is unusable).
+    pub fn backends(&self) -> &[SocketAddr] {
+        self.pool.map(Pool::backends).unwrap_or_default()
     }
 }
 
