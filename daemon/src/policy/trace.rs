@@ -1117,14 +1117,9 @@ spec:
   internalTrafficPolicy: Local
   ports: [{name: http, port: 80, targetPort: http}]
 ---
-apiVersion: v1
-kind: Service
-metadata: {name: sticky, namespace: shop}
-spec:
-  selector: {app: web}
-  clusterIP: 10.96.0.13
-  sessionAffinity: ClientIP
-  ports: [{name: http, port: 80, targetPort: http}]
+{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sticky", "namespace": "shop"},
+ "spec": {"selector": {"app": "web"}, "clusterIP": "10.96.0.13", "sessionAffinity": "ClientIP",
+          "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
 ---
 apiVersion: v1
 kind: Service
