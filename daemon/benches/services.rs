@@ -19,6 +19,7 @@ use kwire::datapath::service::{self, ServiceNat};
 use kwire::datapath::stats::Counters;
 use kwire::datapath::Ctx;
 use kwire::services::model::{EndpointView, ServicePortView, SlicePortView, TCP};
+use kwire::services::table::{Scope, ServiceCompiler};
 use kwire::services::{ServiceTable, ServiceView, SliceView};
 use kwire::wg::device::Snapshot;
 use kwire::wg::ratelimit::SourceLimiter;
@@ -160,20 +161,33 @@ fn compile(c: &mut Criterion) {
     g.bench_function("10000x10", |b| {
         b.iter(|| black_box(ServiceTable::compile(&svcs, &slices)))
     });
-    // What the agent does after one EndpointSlice changed: a recompile that reuses the last
-    // compile's Maglev tables (`Pools`), alternating between two versions of one slice so
-    // that every iteration has exactly one changed Service.
-    let scope = kwire::services::table::Scope::default();
-    let mut pools = kwire::services::table::Pools::default();
-    ServiceTable::compile_with(&svcs, &slices, &scope, &mut pools);
-    let mut changed = slices.clone();
-    changed[4321].endpoints[0].addresses[0] = IpAddr::from([10, 255, 0, 1]);
+    // What the agent does after one EndpointSlice changed: the compiler that holds every
+    // view takes the changed slice and compiles (recompiling that Service, assembling the
+    // table), alternating between two versions of one slice so that every iteration has
+    // exactly one changed Service.
+    let mut compiler = ServiceCompiler::new(Scope::default());
+    for s in &svcs {
+        compiler.put_service((s.namespace.clone(), s.name.clone()), Some(s.clone()));
+    }
+    let slice_key = |i: usize| {
+        (
+            slices[i].namespace.clone(),
+            format!("{}-x1", slices[i].service),
+        )
+    };
+    for (i, s) in slices.iter().enumerate() {
+        compiler.put_slice(slice_key(i), Some(s.clone()));
+    }
+    compiler.compile();
+    let mut changed = slices[4321].clone();
+    changed.endpoints[0].addresses[0] = IpAddr::from([10, 255, 0, 1]);
     let mut flip = false;
     g.bench_function("10000x10_one_slice_changed", |b| {
         b.iter(|| {
             flip = !flip;
-            let input = if flip { &changed } else { &slices };
-            black_box(ServiceTable::compile_with(&svcs, input, &scope, &mut pools))
+            let slice = if flip { &changed } else { &slices[4321] };
+            compiler.put_slice(slice_key(4321), Some(slice.clone()));
+            black_box(compiler.compile())
         })
     });
     g.finish();

@@ -270,6 +270,18 @@ impl Lab {
         parse_json(&self.cmd_ok("status", &["--json"])).expect("status --json is JSON")
     }
 
+    /// `kwire-lab probe --json FROM TO --timeout 2` (FROM a pod or node, TO `IP:PORT`), read.
+    pub fn probe(&self, from: &str, to: &str) -> Probe {
+        let o = self.cmd("probe", &[from, to, "--json", "--timeout", "2"]);
+        let report = parse_json(String::from_utf8_lossy(&o.stdout).trim())
+            .unwrap_or_else(|e| panic!("probe {from} {to}: not JSON ({e}): {}", out_text(&o)));
+        Probe {
+            reachable: report["reachable"].as_bool() == Some(true),
+            detail: report["detail"].as_str().unwrap_or_default().to_string(),
+            report,
+        }
+    }
+
     /// `kwire-lab exec NODE -- ARGV...`.
     pub fn exec(&self, node: &str, argv: &[&str]) -> Output {
         let mut all = vec!["exec", "--name", &self.name, node, "--"];
@@ -432,6 +444,63 @@ impl Drop for Lab {
         }
         let _ = kwire_lab(&["down", "--name", &self.name]);
     }
+}
+
+/// What `kwire-lab probe --json` found.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub reachable: bool,
+    /// The answer when reachable (`connected; answer "shop/web-1 ..."`), else why not.
+    pub detail: String,
+    /// The whole report.
+    pub report: Json,
+}
+
+impl Probe {
+    /// The detail when reachable.
+    pub fn answer(self) -> Option<String> {
+        self.reachable.then_some(self.detail)
+    }
+}
+
+/// A command's exit status and output, for a failure message.
+pub fn out_text(o: &Output) -> String {
+    format!(
+        "{}\nstdout: {}\nstderr: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout).trim_end(),
+        String::from_utf8_lossy(&o.stderr).trim_end()
+    )
+}
+
+/// A lab Pod manifest (one YAML document, `---` first) in namespace `shop` on node `node`
+/// (`n1`, `n2`...) of lab `lab`, with `labels` (a YAML flow mapping's body: `app: web, one:
+/// "yes"`), running the lab's `pod-serve` image: HTTP on container port `http` (named
+/// `http`), DNS on UDP 5353 (named `dns`).
+pub fn shop_pod(lab: &str, name: &str, node: &str, labels: &str, http: u16) -> String {
+    format!(
+        r#"---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: shop, labels: {{{labels}}}}}
+spec:
+  nodeName: {lab}-{node}
+  containers:
+  - name: c
+    image: kwire-lab/pod-serve
+    ports:
+    - {{name: http, containerPort: {http}}}
+    - {{name: dns, containerPort: 5353, protocol: UDP}}
+"#
+    )
+}
+
+/// The Service `namespace/name` in `kwire-lab status --json`.
+pub fn lab_service<'a>(status: &'a Json, namespace: &str, name: &str) -> Option<&'a Json> {
+    status["services"]
+        .array()
+        .iter()
+        .find(|s| s["namespace"].as_str() == Some(namespace) && s["name"].as_str() == Some(name))
 }
 
 /// The node named `name` in `kwire-lab status --json`.

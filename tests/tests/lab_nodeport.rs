@@ -9,10 +9,12 @@
 //! reaching itself through its Service (hairpin). The underlay carries only WireGuard
 //! between the nodes meanwhile.
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use kwire_tests::lab::{node, parse_json, BridgeCapture, Json, JsonExt, Lab};
+use kwire_tests::lab::{
+    lab_service, node, out_text, parse_json, shop_pod, BridgeCapture, Json, JsonExt, Lab,
+};
 use kwire_tests::{
     require_agent, require_tool, run_host, try_wait_until, wait_until, Netns, Scratch,
 };
@@ -30,33 +32,8 @@ const LB_IP: &str = "203.0.113.10";
 /// Where the kernel steers node ports (the lab's Service range's network address).
 const NODE_PORT_ADDR: &str = "10.96.0.0";
 
-fn out_text(o: &Output) -> String {
-    format!(
-        "{}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout).trim_end(),
-        String::from_utf8_lossy(&o.stderr).trim_end()
-    )
-}
-
 fn manifest(lab: &str) -> String {
-    let pod = |name: &str, node: &str, labels: &str| {
-        format!(
-            r#"---
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: shop, labels: {{{labels}}}}}
-spec:
-  nodeName: {lab}-{node}
-  containers:
-  - name: c
-    image: kwire-lab/pod-serve
-    ports:
-    - {{name: http, containerPort: 8080}}
-    - {{name: dns, containerPort: 5353, protocol: UDP}}
-"#
-        )
-    };
+    let pod = |name: &str, node: &str, labels: &str| shop_pod(lab, name, node, labels, 8080);
     let svc = |name: &str, selector: &str, spec: &str| {
         format!(
             r#"---
@@ -105,11 +82,7 @@ spec:
 }
 
 fn service<'a>(st: &'a Json, name: &str) -> &'a Json {
-    st["services"]
-        .array()
-        .iter()
-        .find(|s| s["namespace"].as_str() == Some("shop") && s["name"].as_str() == Some(name))
-        .unwrap_or_else(|| panic!("no service shop/{name} in {st:?}"))
+    lab_service(st, "shop", name).unwrap_or_else(|| panic!("no service shop/{name} in {st:?}"))
 }
 
 /// One TCP connection from `ns` to `addr` (`IP:PORT`): the line the pod answered.
@@ -146,14 +119,6 @@ fn http_get(ns: &Netns, url: &str) -> (u16, String) {
     let text = String::from_utf8_lossy(&o.stdout).to_string();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
     (code.trim().parse().unwrap_or(0), body.to_string())
-}
-
-/// `kwire-lab probe --json FROM TO`: the answer's detail when reachable.
-fn probe(lab: &Lab, from: &str, to: &str) -> Option<String> {
-    let o = lab.cmd("probe", &[from, to, "--json", "--timeout", "2"]);
-    let r = parse_json(String::from_utf8_lossy(&o.stdout).trim())
-        .unwrap_or_else(|e| panic!("probe {from} {to}: not JSON ({e}): {}", out_text(&o)));
-    (r["reachable"].as_bool() == Some(true)).then(|| r["detail"].as_str().unwrap_or("").to_string())
 }
 
 /// The pod named in an answer (`shop/web-1 from ...`).
@@ -369,7 +334,7 @@ fn node_ports_traffic_policies_affinity_and_hairpin() {
     assert_eq!(last.unwrap(), format!("shop/web-1 from {CLIENT}"));
     let mut last = None;
     let ok = try_wait_until(CONVERGE, || {
-        last = probe(&lab, "shop/client", &format!("{LB_IP}:80"));
+        last = lab.probe("shop/client", &format!("{LB_IP}:80")).answer();
         last.is_some()
     });
     assert!(ok, "{LB_IP}:80 from a pod: {last:?}");
@@ -406,7 +371,7 @@ fn node_ports_traffic_policies_affinity_and_hairpin() {
         .map(|_| {
             let mut a = None;
             wait_until(CONVERGE, "web-sticky answers", || {
-                a = probe(&lab, "shop/client", &sticky);
+                a = lab.probe("shop/client", &sticky).answer();
                 a.is_some()
             });
             backend(&a.unwrap()).to_string()
@@ -423,7 +388,7 @@ fn node_ports_traffic_policies_affinity_and_hairpin() {
         for _ in 0..6 {
             let mut a = None;
             wait_until(CONVERGE, format!("web-itp from {from}"), || {
-                a = probe(&lab, from, &itp);
+                a = lab.probe(from, &itp).answer();
                 a.is_some()
             });
             assert_eq!(backend(&a.unwrap()), want, "from {from}");
@@ -435,7 +400,7 @@ fn node_ports_traffic_policies_affinity_and_hairpin() {
     let hair = format!("{}:80", vip("web-hair"));
     let mut a = None;
     let ok = try_wait_until(CONVERGE, || {
-        a = probe(&lab, "shop/web-1", &hair);
+        a = lab.probe("shop/web-1", &hair).answer();
         a.is_some()
     });
     assert!(ok, "hairpin to {hair}: {a:?}");

@@ -7,10 +7,11 @@
 //! only WireGuard meanwhile. Over IPv4 and IPv6: the Services are dual-stack
 //! (`PreferDualStack`), one ClusterIP per family.
 
-use std::process::Output;
 use std::time::Duration;
 
-use kwire_tests::lab::{agent_status, parse_json, BridgeCapture, Json, JsonExt, Lab};
+use kwire_tests::lab::{
+    agent_status, lab_service, out_text, shop_pod, BridgeCapture, Json, JsonExt, Lab, Probe,
+};
 use kwire_tests::require_agent;
 use kwire_tests::{prometheus_value, try_wait_until, wait_until, Scratch};
 
@@ -19,40 +20,9 @@ const UP_TIMEOUT_SECS: &str = "40";
 /// Pods running, slices written, tables compiled and swapped on both nodes.
 const CONVERGE: Duration = Duration::from_secs(30);
 
-fn out_text(o: &Output) -> String {
-    format!(
-        "{}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout).trim_end(),
-        String::from_utf8_lossy(&o.stderr).trim_end()
-    )
-}
-
-/// `kwire-lab probe --json FROM TO --timeout 2`: (reachable, report).
-fn probe(lab: &Lab, from: &str, to: &str) -> (bool, Json) {
-    let o = lab.cmd("probe", &[from, to, "--json", "--timeout", "2"]);
-    let report = parse_json(String::from_utf8_lossy(&o.stdout).trim())
-        .unwrap_or_else(|e| panic!("probe {from} {to}: not JSON ({e}): {}", out_text(&o)));
-    (report["reachable"].as_bool() == Some(true), report)
-}
-
 fn manifest(lab: &str) -> String {
     let pod = |name: &str, node: &str, app: &str, http: u16| {
-        format!(
-            r#"---
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}
-spec:
-  nodeName: {lab}-{node}
-  containers:
-  - name: c
-    image: kwire-lab/pod-serve
-    ports:
-    - {{name: http, containerPort: {http}}}
-    - {{name: dns, containerPort: 5353, protocol: UDP}}
-"#
-        )
+        shop_pod(lab, name, node, &format!("app: {app}"), http)
     };
     format!(
         r#"apiVersion: v1
@@ -86,19 +56,16 @@ spec:
     )
 }
 
-fn service<'a>(st: &'a Json, name: &str) -> Option<&'a Json> {
-    st["services"]
-        .array()
-        .iter()
-        .find(|s| s["namespace"].as_str() == Some("shop") && s["name"].as_str() == Some(name))
-}
-
 /// Probes `to` from the client with fresh flows until every name in `want` has answered.
 fn both_backends_answer(lab: &Lab, to: &str, want: &[&str]) {
     let mut seen = std::collections::BTreeSet::new();
     let mut last = Json::Null;
     let ok = try_wait_until(Duration::from_secs(20), || {
-        let (ok, r) = probe(lab, "shop/client", to);
+        let Probe {
+            reachable: ok,
+            report: r,
+            ..
+        } = lab.probe("shop/client", to);
         if ok {
             let detail = r["detail"].as_str().unwrap_or_default();
             for w in want {
@@ -141,7 +108,7 @@ fn cluster_ip_tcp_udp_v4_v6_both_nodes_refusal_policy_and_no_plaintext() {
         "shop/web with two ready endpoints per family",
         || {
             st = lab.status();
-            service(&st, "web").is_some_and(|s| s["endpoints"].array().len() == 4)
+            lab_service(&st, "shop", "web").is_some_and(|s| s["endpoints"].array().len() == 4)
                 && ["client", "web-1", "web-2"].iter().all(|n| {
                     st["pods"].array().iter().any(|p| {
                         p["name"].as_str() == Some(n) && p["phase"].as_str() == Some("Running")
@@ -149,7 +116,7 @@ fn cluster_ip_tcp_udp_v4_v6_both_nodes_refusal_policy_and_no_plaintext() {
                 })
         },
     );
-    let web = service(&st, "web").unwrap().clone();
+    let web = lab_service(&st, "shop", "web").unwrap().clone();
     let eps = web["endpoints"].strings();
     for port in [":8080", ":9090"] {
         assert_eq!(
@@ -165,7 +132,7 @@ fn cluster_ip_tcp_udp_v4_v6_both_nodes_refusal_policy_and_no_plaintext() {
         vips.len() == 2 && vips[1].contains(':'),
         "dual-stack: {vips:?}"
     );
-    let empty = service(&st, "empty").unwrap().clone();
+    let empty = lab_service(&st, "shop", "empty").unwrap().clone();
     assert!(empty["endpoints"].array().is_empty());
     let at = |ip: &str, port: &str| {
         if ip.contains(':') {
@@ -227,7 +194,11 @@ fn cluster_ip_tcp_udp_v4_v6_both_nodes_refusal_policy_and_no_plaintext() {
         .flat_map(|ip| [at(ip, "80"), at(ip, "53/UDP")])
         .collect();
     for to in &refused {
-        let (ok, r) = probe(&lab, "shop/client", to);
+        let Probe {
+            reachable: ok,
+            report: r,
+            ..
+        } = lab.probe("shop/client", to);
         let detail = r["detail"].as_str().unwrap_or_default();
         assert!(!ok && detail.contains("refused"), "{to}: {r:?}");
     }
@@ -267,7 +238,11 @@ fn cluster_ip_tcp_udp_v4_v6_both_nodes_refusal_policy_and_no_plaintext() {
         // Every fresh flow is denied, wherever Maglev sends it.
         vips.iter().all(|vip| {
             (0..4).all(|_| {
-                let (ok, r) = probe(&lab, "shop/client", &at(vip, "80"));
+                let Probe {
+                    reachable: ok,
+                    report: r,
+                    ..
+                } = lab.probe("shop/client", &at(vip, "80"));
                 last = r;
                 !ok
             })
@@ -288,7 +263,11 @@ fn cluster_ip_tcp_udp_v4_v6_both_nodes_refusal_policy_and_no_plaintext() {
         for to in [at(&vips[0], "80"), at(&vips[0], "53/UDP")] {
             let mut last = Json::Null;
             let ok = try_wait_until(CONVERGE, || {
-                let (ok, r) = probe(&lab, node, &to);
+                let Probe {
+                    reachable: ok,
+                    report: r,
+                    ..
+                } = lab.probe(node, &to);
                 last = r;
                 ok
             });

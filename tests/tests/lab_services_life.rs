@@ -17,11 +17,11 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
 use kwire_tests::echo::{echo_once, EchoServer, Ticker, ECHO_PORT};
-use kwire_tests::lab::{parse_json, Json, JsonExt, Lab};
+use kwire_tests::lab::{lab_service, out_text, parse_json, shop_pod, Json, JsonExt, Lab, Probe};
 use kwire_tests::{prometheus_value, require_agent, require_tool};
 use kwire_tests::{try_wait_until, wait_until, Scratch};
 use nix::sys::signal::Signal;
@@ -34,15 +34,6 @@ const CONVERGE: Duration = Duration::from_secs(30);
 const RESTART: Duration = Duration::from_secs(25);
 /// The Service port in front of the echo servers.
 const ECHO_SERVICE_PORT: u16 = 7000;
-
-fn out_text(o: &Output) -> String {
-    format!(
-        "{}\nstdout: {}\nstderr: {}",
-        o.status,
-        String::from_utf8_lossy(&o.stdout).trim_end(),
-        String::from_utf8_lossy(&o.stderr).trim_end()
-    )
-}
 
 /// Two nodes with the real agents; `extra` arguments to `up`.
 fn up(kwire: &Path, extra: &[&str]) -> Lab {
@@ -58,21 +49,7 @@ fn up(kwire: &Path, extra: &[&str]) -> Lab {
 
 /// A pod of namespace `shop` on node `n1`/`n2` of lab `lab`, serving `http` on 8080.
 fn pod(lab: &str, name: &str, node: &str, app: &str) -> String {
-    format!(
-        r#"---
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: shop, labels: {{app: {app}}}}}
-spec:
-  nodeName: {lab}-{node}
-  containers:
-  - name: c
-    image: kwire-lab/pod-serve
-    ports:
-    - {{name: http, containerPort: 8080}}
-    - {{name: dns, containerPort: 5353, protocol: UDP}}
-"#
-    )
+    shop_pod(lab, name, node, &format!("app: {app}"), 8080)
 }
 
 fn apply(lab: &Lab, scratch: &Scratch, file: &str, text: &str) -> PathBuf {
@@ -80,24 +57,6 @@ fn apply(lab: &Lab, scratch: &Scratch, file: &str, text: &str) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     lab.cmd_ok("apply", &["-f", path.to_str().unwrap()]);
     path
-}
-
-/// `kwire-lab probe --json FROM TO --timeout 2`: (reachable, detail).
-fn probe(lab: &Lab, from: &str, to: &str) -> (bool, String) {
-    let o = lab.cmd("probe", &[from, to, "--json", "--timeout", "2"]);
-    let r = parse_json(String::from_utf8_lossy(&o.stdout).trim())
-        .unwrap_or_else(|e| panic!("probe {from} {to}: not JSON ({e}): {}", out_text(&o)));
-    (
-        r["reachable"].as_bool() == Some(true),
-        r["detail"].as_str().unwrap_or_default().to_string(),
-    )
-}
-
-fn service<'a>(st: &'a Json, ns: &str, name: &str) -> Option<&'a Json> {
-    st["services"]
-        .array()
-        .iter()
-        .find(|s| s["namespace"].as_str() == Some(ns) && s["name"].as_str() == Some(name))
 }
 
 fn running(st: &Json, names: &[&str]) -> bool {
@@ -176,11 +135,11 @@ spec:
     wait_until(CONVERGE, "three echo endpoints, pods running", || {
         st = lab.status();
         running(&st, &["client", "echo-1", "echo-2", "echo-3"])
-            && service(&st, "shop", "echo").is_some_and(|s| s["endpoints"].array().len() == 3)
+            && lab_service(&st, "shop", "echo").is_some_and(|s| s["endpoints"].array().len() == 3)
     });
     // echo's three, and default/kubernetes' one.
     agents_have(&lab, &kwire, 2, 4);
-    let vip = service(&st, "shop", "echo").unwrap()["cluster_ips"].strings()[0].clone();
+    let vip = lab_service(&st, "shop", "echo").unwrap()["cluster_ips"].strings()[0].clone();
     let to: SocketAddr = format!("{vip}:{ECHO_SERVICE_PORT}").parse().unwrap();
     let servers: Vec<EchoServer> = backends
         .iter()
@@ -269,15 +228,19 @@ spec:
     let mut st = lab.status();
     wait_until(CONVERGE, "client running, shop/web listed", || {
         st = lab.status();
-        running(&st, &["client"]) && service(&st, "shop", "web").is_some()
+        running(&st, &["client"]) && lab_service(&st, "shop", "web").is_some()
     });
-    let vip = service(&st, "shop", "web").unwrap()["cluster_ips"].strings()[0].clone();
+    let vip = lab_service(&st, "shop", "web").unwrap()["cluster_ips"].strings()[0].clone();
     let (tcp, udp) = (format!("{vip}:80"), format!("{vip}:53/UDP"));
     let refused = |phase: &str| {
         // A reset / port unreachable arrives well within the probe's 2 s: "connection refused",
         // where a silent drop would read "timed out".
         for to in [&tcp, &udp] {
-            let (ok, detail) = probe(&lab, "shop/client", to);
+            let Probe {
+                reachable: ok,
+                detail,
+                ..
+            } = lab.probe("shop/client", to);
             assert!(
                 !ok && detail.to_ascii_lowercase().contains("refused"),
                 "{phase}: {to}: {detail}"
@@ -287,7 +250,7 @@ spec:
 
     // The API server's own Service: on the first address of the service range, its slice on
     // the address the stand-in advertises on the underlay (outside the pod network).
-    let k8s = service(&st, "default", "kubernetes")
+    let k8s = lab_service(&st, "default", "kubernetes")
         .expect("default/kubernetes listed")
         .clone();
     assert_eq!(k8s["cluster_ips"].strings(), ["10.96.0.1"]);
@@ -310,14 +273,18 @@ spec:
     wait_until(CONVERGE, "three web endpoints", || {
         st = lab.status();
         running(&st, &["web-1", "web-2", "web-3"])
-            && service(&st, "shop", "web").is_some_and(|s| s["endpoints"].array().len() == 3)
+            && lab_service(&st, "shop", "web").is_some_and(|s| s["endpoints"].array().len() == 3)
     });
     agents_have(&lab, &kwire, 2, 2 * 3 + 1);
     for to in [&tcp, &udp] {
         let mut seen = std::collections::BTreeSet::new();
         let mut last = String::new();
         let ok = try_wait_until(Duration::from_secs(30), || {
-            let (ok, detail) = probe(&lab, "shop/client", to);
+            let Probe {
+                reachable: ok,
+                detail,
+                ..
+            } = lab.probe("shop/client", to);
             for w in ["web-1", "web-2", "web-3"] {
                 if ok && detail.contains(&format!("shop/{w}")) {
                     seen.insert(w);
@@ -366,13 +333,17 @@ spec:
     lab.cmd_ok("delete", &["-f", gone.to_str().unwrap()]);
     wait_until(CONVERGE, "two web endpoints", || {
         st = lab.status();
-        service(&st, "shop", "web").is_some_and(|s| s["endpoints"].array().len() == 2)
+        lab_service(&st, "shop", "web").is_some_and(|s| s["endpoints"].array().len() == 2)
     });
     agents_have(&lab, &kwire, 2, 2 * 2 + 1);
     let mut served = std::collections::BTreeMap::<String, usize>::new();
     for i in 0..30 {
         let to = if i % 3 == 2 { &udp } else { &tcp };
-        let (ok, detail) = probe(&lab, "shop/client", to);
+        let Probe {
+            reachable: ok,
+            detail,
+            ..
+        } = lab.probe("shop/client", to);
         assert!(ok, "flow {i} to {to} after web-3 left: {detail}");
         assert!(!detail.contains("shop/web-3"), "{to}: {detail}");
         let who = ["web-1", "web-2"]
@@ -397,7 +368,7 @@ spec:
     lab.cmd_ok("delete", &["-f", rest.to_str().unwrap()]);
     wait_until(CONVERGE, "no web endpoint", || {
         st = lab.status();
-        service(&st, "shop", "web").is_some_and(|s| s["endpoints"].array().is_empty())
+        lab_service(&st, "shop", "web").is_some_and(|s| s["endpoints"].array().is_empty())
     });
     agents_have(&lab, &kwire, 2, 1);
     refused("endpoints gone");
@@ -453,13 +424,13 @@ fn cluster_dns_names_services_and_pods_and_follows_changes() {
     wait_until(CONVERGE, "pods, kube-dns and web's endpoint", || {
         st = lab.status();
         running(&st, &["client", "web-1"])
-            && service(&st, "shop", "web").is_some_and(|s| s["endpoints"].array().len() == 1)
-            && service(&st, "kube-system", "kube-dns")
+            && lab_service(&st, "shop", "web").is_some_and(|s| s["endpoints"].array().len() == 1)
+            && lab_service(&st, "kube-system", "kube-dns")
                 .is_some_and(|s| s["endpoints"].array().len() == 1)
     });
-    let kube_dns = service(&st, "kube-system", "kube-dns").unwrap();
+    let kube_dns = lab_service(&st, "kube-system", "kube-dns").unwrap();
     assert_eq!(kube_dns["cluster_ips"].strings(), ["10.96.0.10"]);
-    let vip = service(&st, "shop", "web").unwrap()["cluster_ips"].strings()[0].clone();
+    let vip = lab_service(&st, "shop", "web").unwrap()["cluster_ips"].strings()[0].clone();
     let web_ip = st["pods"]
         .array()
         .iter()
@@ -522,7 +493,7 @@ fn cluster_dns_names_services_and_pods_and_follows_changes() {
     st = lab.status();
     assert_eq!(
         late_ip.unwrap(),
-        service(&st, "shop", "late").unwrap()["cluster_ips"].strings()
+        lab_service(&st, "shop", "late").unwrap()["cluster_ips"].strings()
     );
     lab.cmd_ok("delete", &["-f", late.to_str().unwrap()]);
     wait_until(CONVERGE, "late.shop.svc.cluster.local gone", || {

@@ -1,14 +1,15 @@
 //! Services for the packet loop: watches Services and EndpointSlices cluster wide, keeps only
-//! their stripped views (not the full objects), and after any change (at most every
-//! [`REBUILD_DELAY`]) compiles a new [`ServiceTable`] and swaps it in. Nothing
+//! their stripped views (not the full objects) in a [`ServiceCompiler`], and after any change
+//! (at most every [`REBUILD_DELAY`]) compiles a new [`crate::services::ServiceTable`], which
+//! recompiles only the changed Services, and swaps it in whole. Nothing
 //! is translated before both lists have been read once; while the API is unreachable the
 //! last table stays in force.
 
 use super::pod_network::Firewall;
 use super::service_health::HealthServers;
 use crate::dataplane::ports::Pods;
-use crate::services::table::{Pools, Scope};
-use crate::services::{ServiceTable, ServiceView, SliceView};
+use crate::services::table::{ObjectKey, Scope, ServiceCompiler};
+use crate::services::{ServiceView, SliceView};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -76,56 +77,55 @@ async fn debounced<I, F: std::future::Future<Output = ()>>(
     }
 }
 
-/// The views of one kind, by object (namespace, name); a re-list builds a fresh map.
-struct Views<V> {
-    current: BTreeMap<(String, String), V>,
-    relisting: Option<BTreeMap<(String, String), V>>,
+/// What one watch event means for the views of its kind, by object (namespace, name).
+enum Update<V> {
+    /// One object's view changed (`None`: it is gone, or has nothing to translate).
+    One(ObjectKey, Option<V>),
+    /// A re-list completed: these are all the objects.
+    All(BTreeMap<ObjectKey, V>),
 }
 
-impl<V> Default for Views<V> {
+/// The re-list in progress of one kind: the list held stays in force until the new one is
+/// complete.
+struct Relist<V>(Option<BTreeMap<ObjectKey, V>>);
+
+impl<V> Default for Relist<V> {
     fn default() -> Self {
-        Views {
-            current: BTreeMap::new(),
-            relisting: None,
-        }
+        Relist(None)
     }
 }
 
-impl<V> Views<V> {
-    /// Applies one watch event; `view` strips an object (`None`: nothing to translate).
-    fn apply<K: ResourceExt>(&mut self, ev: Event<K>, view: impl Fn(&K) -> Option<V>) {
+impl<V> Relist<V> {
+    /// Takes one watch event; `view` strips an object (`None`: nothing to translate).
+    fn apply<K: ResourceExt>(
+        &mut self,
+        ev: Event<K>,
+        view: impl Fn(&K) -> Option<V>,
+    ) -> Option<Update<V>> {
         let key = |o: &K| (o.namespace().unwrap_or_default(), o.name_any());
         match ev {
-            Event::Init => self.relisting = Some(BTreeMap::new()),
+            Event::Init => {
+                self.0 = Some(BTreeMap::new());
+                None
+            }
             Event::InitApply(o) => {
-                if let (Some(m), Some(v)) = (self.relisting.as_mut(), view(&o)) {
+                if let (Some(m), Some(v)) = (self.0.as_mut(), view(&o)) {
                     m.insert(key(&o), v);
                 }
+                None
             }
-            Event::InitDone => {
-                if let Some(m) = self.relisting.take() {
-                    self.current = m;
-                }
-            }
-            Event::Apply(o) => match view(&o) {
-                Some(v) => {
-                    self.current.insert(key(&o), v);
-                }
-                None => {
-                    self.current.remove(&key(&o));
-                }
-            },
-            Event::Delete(o) => {
-                self.current.remove(&key(&o));
-            }
+            Event::InitDone => self.0.take().map(Update::All),
+            Event::Apply(o) => Some(Update::One(key(&o), view(&o))),
+            Event::Delete(o) => Some(Update::One(key(&o), None)),
         }
     }
 }
 
-#[derive(Default)]
+/// The views held, in the compiler that turns them into the table.
 struct State {
-    services: Views<ServiceView>,
-    slices: Views<SliceView>,
+    services: Relist<ServiceView>,
+    slices: Relist<SliceView>,
+    compiler: ServiceCompiler,
 }
 
 /// One item of either watch (moved once, straight into [`Views::apply`]: the size difference
@@ -145,11 +145,9 @@ pub struct NodeScope {
 
 /// Runs until aborted.
 pub async fn run(client: Client, pods: Arc<Pods>, node: NodeScope) {
-    let scope = Arc::new(Scope::new(&node.node, &node.firewall.services));
+    let scope = Scope::new(&node.node, &node.firewall.services);
     let firewall = node.firewall;
     let health = Arc::new(tokio::sync::Mutex::new(HealthServers::default()));
-    // The last compile's Maglev tables: a recompile builds only the changed Services'.
-    let pools = Arc::new(Mutex::new(Pools::default()));
     let cfg = watcher::Config::default;
     let services = watcher::watcher(Api::<Service>::all(client.clone()), cfg())
         .backoff(super::WatchBackoff::default())
@@ -157,19 +155,34 @@ pub async fn run(client: Client, pods: Arc<Pods>, node: NodeScope) {
     let slices = watcher::watcher(Api::<EndpointSlice>::all(client), cfg())
         .backoff(super::WatchBackoff::default())
         .map(Item::Slice);
-    let state = Mutex::new(State::default());
+    // Shared with the compile on a blocking thread; never contended (the loop below awaits
+    // each compile before it takes the next event).
+    let state = Arc::new(Mutex::new(State {
+        services: Relist::default(),
+        slices: Relist::default(),
+        compiler: ServiceCompiler::new(scope),
+    }));
     let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
     let take = |item: Item| {
-        let mut st = lock();
+        let mut guard = lock();
+        let st = &mut *guard;
         match item {
             Item::Service(Ok(ev)) => {
                 let done = matches!(ev, Event::InitDone);
-                st.services.apply(ev, ServiceView::from_k8s);
+                match st.services.apply(ev, ServiceView::from_k8s) {
+                    Some(Update::One(k, v)) => st.compiler.put_service(k, v),
+                    Some(Update::All(all)) => st.compiler.replace_services(all),
+                    None => {}
+                }
                 Change::Event(0, done)
             }
             Item::Slice(Ok(ev)) => {
                 let done = matches!(ev, Event::InitDone);
-                st.slices.apply(ev, SliceView::from_k8s);
+                match st.slices.apply(ev, SliceView::from_k8s) {
+                    Some(Update::One(k, v)) => st.compiler.put_slice(k, v),
+                    Some(Update::All(all)) => st.compiler.replace_slices(all),
+                    None => {}
+                }
                 Change::Event(1, done)
             }
             Item::Service(Err(e)) => Change::Error(0, e.to_string()),
@@ -177,21 +190,14 @@ pub async fn run(client: Client, pods: Arc<Pods>, node: NodeScope) {
         }
     };
     let rebuild = || {
-        let (services, slices): (Vec<ServiceView>, Vec<SliceView>) = {
-            let st = lock();
-            (
-                st.services.current.values().cloned().collect(),
-                st.slices.current.values().cloned().collect(),
-            )
-        };
         let pods = pods.clone();
-        let (scope, firewall, health) = (scope.clone(), firewall.clone(), health.clone());
-        let pools = pools.clone();
+        let (firewall, health) = (firewall.clone(), health.clone());
+        let state = state.clone();
         async move {
             let started = Instant::now();
             let compiled = tokio::task::spawn_blocking(move || {
-                let mut pools = pools.lock().unwrap_or_else(|p| p.into_inner());
-                ServiceTable::compile_with(&services, &slices, &scope, &mut pools)
+                let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
+                st.compiler.compile()
             })
             .await;
             match compiled {
@@ -246,26 +252,32 @@ mod tests {
 
     #[test]
     fn views_follow_events_and_a_relist_replaces_them() {
-        let mut v = Views::<ServiceView>::default();
-        v.apply(Event::Apply(svc("a", "10.96.0.10")), ServiceView::from_k8s);
-        v.apply(Event::Apply(svc("b", "10.96.0.11")), ServiceView::from_k8s);
+        let mut c = ServiceCompiler::new(Scope::default());
+        let mut r = Relist::<ServiceView>::default();
+        let mut feed = |c: &mut ServiceCompiler, ev: Event<Service>| {
+            match r.apply(ev, ServiceView::from_k8s) {
+                Some(Update::One(k, v)) => c.put_service(k, v),
+                Some(Update::All(all)) => c.replace_services(all),
+                None => {}
+            };
+            c.compile().0
+        };
+        feed(&mut c, Event::Apply(svc("a", "10.96.0.10")));
+        let t = feed(&mut c, Event::Apply(svc("b", "10.96.0.11")));
+        assert_eq!(t.services(), 2);
         // A headless Service has nothing to translate: its view goes.
-        v.apply(Event::Apply(svc("b", "None")), ServiceView::from_k8s);
-        assert_eq!(v.current.len(), 1);
-        v.apply(Event::Init, ServiceView::from_k8s);
-        v.apply(
-            Event::InitApply(svc("c", "10.96.0.12")),
-            ServiceView::from_k8s,
-        );
+        let t = feed(&mut c, Event::Apply(svc("b", "None")));
+        assert_eq!(t.services(), 1);
+        feed(&mut c, Event::Init);
+        let t = feed(&mut c, Event::InitApply(svc("c", "10.96.0.12")));
         assert_eq!(
-            v.current.len(),
-            1,
+            t.service_name(0),
+            Some("shop/a"),
             "the old list holds until the new one is complete"
         );
-        v.apply(Event::InitDone, ServiceView::from_k8s);
-        let names: Vec<_> = v.current.keys().map(|(_, n)| n.as_str()).collect();
-        assert_eq!(names, ["c"]);
-        v.apply(Event::Delete(svc("c", "10.96.0.12")), ServiceView::from_k8s);
-        assert!(v.current.is_empty());
+        let t = feed(&mut c, Event::InitDone);
+        assert_eq!((t.services(), t.service_name(0)), (1, Some("shop/c")));
+        let t = feed(&mut c, Event::Delete(svc("c", "10.96.0.12")));
+        assert_eq!(t.services(), 0);
     }
 }

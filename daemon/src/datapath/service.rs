@@ -22,7 +22,6 @@ use super::stats::DropReason;
 use super::Ctx;
 use crate::offload::checksum::{fold, pseudo_header, set_ipv4_header, sum};
 use crate::offload::F_NEEDS_CSUM;
-use crate::services::flow_hash;
 use crate::services::table::FrontendKey;
 use std::net::{IpAddr, SocketAddr};
 
@@ -162,16 +161,14 @@ pub fn forward<T>(
     let new_syn = p.proto == TCP && pkt[p.l4 + 13] & (TCP_SYN | TCP_ACK) == TCP_SYN;
     // The client is this node (its own traffic, or masqueraded to it by the kernel).
     let from_node = from == Port::Host && ctx.local.is_gateway(p.src);
-    let pool = fe.pool(from_node);
+    let sel = fe.select(from_node, p.proto, (p.src, p.sport), (p.dst, p.dport));
     let keep = |b: SocketAddr| {
         // A removed endpoint keeps its open TCP connections; new flows (and UDP) move.
-        pool.is_ok_and(|pl| pl.has(b)) || (p.proto == TCP && !new_syn)
+        sel.has(b) || (p.proto == TCP && !new_syn)
     };
     let choose = || {
-        let pl = pool.ok()?;
-        let pick = || pl.pick(flow_hash(p.proto, p.src, p.sport, p.dst, p.dport));
         if fe.affinity_secs == 0 {
-            return pick();
+            return sel.pick();
         }
         let key = FrontendKey {
             proto: p.proto,
@@ -179,7 +176,7 @@ pub fn forward<T>(
             port: p.dport,
         };
         s.nat
-            .sticky(key, p.src, fe.affinity_secs, |b| pl.has(b), pick)
+            .sticky(key, p.src, fe.affinity_secs, |b| sel.has(b), || sel.pick())
     };
     match s.nat.forward(p.flow(), hairpin, keep, choose) {
         Forward::To(to) => {
@@ -195,7 +192,7 @@ pub fn forward<T>(
                 _ => Ok(Translated::Plain),
             }
         }
-        Forward::NoEndpoint if pool == Err(false) => Err(DropReason::ServiceNoLocalEndpoint),
+        Forward::NoEndpoint if sel.pool == Err(false) => Err(DropReason::ServiceNoLocalEndpoint),
         Forward::NoEndpoint => Err(DropReason::ServiceNoEndpoint),
         Forward::Full => Err(DropReason::FlowLimit),
     }
@@ -744,7 +741,7 @@ pub(crate) mod tests {
     }
 
     /// [`forward`] of a packet from `from` on node [`NODE`].
-    fn translate_from(
+    pub(crate) fn translate_from(
         s: &ServiceNat,
         from: Port,
         pkt: &mut [u8],
@@ -871,6 +868,75 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn open_flows_to_a_removed_endpoint_keep_it_until_they_end() {
+        let all = ["10.244.1.7", "10.244.2.5", "10.244.3.5"];
+        let before = services(&all);
+        let leaving = sa("10.244.2.5:8080");
+        let to = |proto: u8, port: u16, flags: u8| {
+            let vip = if proto == TCP {
+                "10.96.0.10:80"
+            } else {
+                "10.96.0.10:53"
+            };
+            packet(
+                proto,
+                sa(&format!("10.244.1.9:{port}")),
+                sa(vip),
+                flags,
+                b"x",
+            )
+        };
+        // A TCP connection and a UDP flow that Maglev sends to the endpoint about to leave.
+        let opened = |proto: u8| {
+            (40000..41000)
+                .find(|port| {
+                    let mut p = to(proto, *port, TCP_SYN);
+                    translate(&before, &mut p).unwrap();
+                    ends(&p).1.ip() == leaving.ip()
+                })
+                .unwrap()
+        };
+        let (tcp, udp) = (opened(TCP), opened(UDP));
+        // The endpoint leaves the slice: the next table has the other two, the connection
+        // table stays (the agent swaps only the table).
+        let after = ServiceNat {
+            table: services(&[all[0], all[2]]).table,
+            nat: before.nat.clone(),
+        };
+        // The open connection's later segments still reach it, and its replies still come
+        // back from the ClusterIP.
+        for _ in 0..3 {
+            let mut seg = to(TCP, tcp, TCP_ACK);
+            translate(&after, &mut seg).unwrap();
+            assert_eq!(ends(&seg).1, leaving);
+            assert!(checksums_valid(&seg));
+            let mut reply = packet(
+                TCP,
+                leaving,
+                sa(&format!("10.244.1.9:{tcp}")),
+                TCP_ACK,
+                b"ok",
+            );
+            back(&after, &mut reply);
+            assert_eq!(ends(&reply).0, sa("10.96.0.10:80"));
+        }
+        // No new flow goes to it: fresh connections, a new connection on the old one's
+        // ports once that one has ended, and the UDP flow's next datagram (UDP has no
+        // connection to finish).
+        for port in 41000..41064 {
+            let mut syn = to(TCP, port, TCP_SYN);
+            translate(&after, &mut syn).unwrap();
+            assert_ne!(ends(&syn).1.ip(), leaving.ip(), "new flow from port {port}");
+        }
+        let mut again = to(TCP, tcp, TCP_SYN);
+        translate(&after, &mut again).unwrap();
+        assert_ne!(ends(&again).1.ip(), leaving.ip());
+        let mut dgram = to(UDP, udp, 0);
+        translate(&after, &mut dgram).unwrap();
+        assert_ne!(ends(&dgram).1.ip(), leaving.ip());
+    }
+
+    #[test]
     fn no_endpoint_answers_tcp_with_a_reset_and_udp_with_port_unreachable() {
         let s = services(&[]);
         let mut out = [0u8; 2048];
@@ -924,7 +990,7 @@ pub(crate) mod tests {
     }
 
     /// Where a translated packet goes: (source, destination).
-    fn ends(p: &[u8]) -> (SocketAddr, SocketAddr) {
+    pub(crate) fn ends(p: &[u8]) -> (SocketAddr, SocketAddr) {
         let q = parse(p).unwrap();
         (
             SocketAddr::new(q.src, q.sport),

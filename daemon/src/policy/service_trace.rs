@@ -16,7 +16,8 @@ use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::{json, Value};
 
-use crate::services::{flow_hash, ServiceTable, ServiceView, SliceView};
+use crate::services::table::Scope;
+use crate::services::{ServiceTable, ServiceView, SliceView};
 
 use super::Protocol;
 
@@ -73,10 +74,21 @@ pub struct ServiceHop {
     pub port: u16,
     pub protocol: Protocol,
     pub source_port: u16,
-    /// Sorted, as the data path holds them.
+    /// The client's node (its Pod's `spec.nodeName`), when known.
+    pub node: Option<String>,
+    /// `internalTrafficPolicy: Local`: only endpoints on the client's node serve.
+    pub local: bool,
+    /// `sessionAffinity: ClientIP`'s timeout; 0 without affinity.
+    pub affinity_secs: u32,
+    /// The endpoints the choice is among (for `Local`, those on the client's node), sorted
+    /// as the data path holds them.
     pub backends: Vec<SocketAddr>,
-    /// `None`: no usable endpoint; the data path refuses the connection.
+    /// `None`: no usable endpoint (see `dropped`).
     pub backend: Option<SocketAddr>,
+    /// Without a backend: `false` when the Service has no usable endpoint at all (the data
+    /// path refuses the connection), `true` when it has some but none on the client's node
+    /// under `internalTrafficPolicy: Local` (the data path drops it, as kube-proxy does).
+    pub dropped: bool,
 }
 
 /// Why the Service leg could not answer.
@@ -88,6 +100,8 @@ pub enum ServiceTraceError {
     NoClusterIp(String),
     #[error("Service {service} has no {} ClusterIP for a source of that family", if *v4 { "IPv4" } else { "IPv6" })]
     NoFamily { service: String, v4: bool },
+    #[error("Service {service} has internalTrafficPolicy: Local, so its backend depends on the client's node, and --from {from} is no Pod with spec.nodeName in the manifests: give --from as NAMESPACE/POD of a scheduled Pod")]
+    NoNode { service: String, from: String },
     #[error("Service {service} has no port {port}; its ports: {ports}")]
     NoPort {
         service: String,
@@ -146,8 +160,9 @@ impl ServiceObjects {
         self.services.is_empty()
     }
 
-    /// The service table the data path would build from these objects.
-    pub fn table(&self) -> ServiceTable {
+    /// The service table the data path of node `node` would build from these objects
+    /// (`None`: no node, so no endpoint is local).
+    pub fn table(&self, node: Option<&str>) -> ServiceTable {
         let views: Vec<ServiceView> = self.services.iter().map(|(_, v)| v.clone()).collect();
         let explicit: BTreeSet<(&str, &str)> = self
             .slices
@@ -173,7 +188,11 @@ impl ServiceObjects {
                 .filter_map(|v| serde_json::from_value::<EndpointSlice>(v).ok())
                 .filter_map(|s| SliceView::from_k8s(&s)),
         );
-        ServiceTable::compile(&views, &slices)
+        let scope = Scope {
+            node: node.map(str::to_string),
+            node_port_addrs: Vec::new(),
+        };
+        ServiceTable::compile_for(&views, &slices, &scope)
     }
 
     /// The Service that owns `ip` as a ClusterIP, if any.
@@ -260,12 +279,16 @@ pub fn service_port(
     }
 }
 
-/// The data path's choice for the flow `src:source_port -> cluster_ip:port/protocol` under
-/// `table`: the frontend's backends and the one Maglev picks.
+/// The data path's choice for the flow `src:source_port -> cluster_ip:port/protocol` of a
+/// client on `node`: the frontend's backends and the one the loop's own selection
+/// ([`crate::services::Frontend::select`]) picks for a new flow, under the table node `node`
+/// compiles from `objects` (traffic policy and session affinity included; an offline trace
+/// has no remembered affinity, so it gives the backend a client's first flow gets, which
+/// its later flows keep).
 pub fn choose(
-    table: &ServiceTable,
+    objects: &ServiceObjects,
     svc: &ServiceView,
-    src: IpAddr,
+    (src, node): (IpAddr, Option<&str>),
     source_port: u16,
     port: u16,
     protocol: Protocol,
@@ -280,19 +303,29 @@ pub fn choose(
             service: service.clone(),
             v4: src.is_ipv4(),
         })?;
+    if svc.internal_local && node.is_none() {
+        return Err(ServiceTraceError::NoNode {
+            service,
+            from: src.to_string(),
+        });
+    }
+    let table = objects.table(node);
     let proto = proto_number(protocol);
-    // A frontend is missing only for SCTP ports, which the data path does not translate.
+    // A pod's flow: `from_node` matters for node ports only, which a trace does not address.
     let fe = table.lookup(proto, cluster_ip, port);
-    let backends = fe.map(|f| f.backends().to_vec()).unwrap_or_default();
-    let backend = fe.and_then(|f| f.pick(flow_hash(proto, src, source_port, cluster_ip, port)));
+    let sel = fe.map(|f| f.select(false, proto, (src, source_port), (cluster_ip, port)));
     Ok(ServiceHop {
         service,
         cluster_ip,
         port,
         protocol,
         source_port,
-        backends,
-        backend,
+        node: node.map(str::to_string),
+        local: svc.internal_local,
+        affinity_secs: svc.affinity_secs,
+        backends: sel.map(|s| s.backends().to_vec()).unwrap_or_default(),
+        backend: sel.and_then(|s| s.pick()),
+        dropped: sel.is_some_and(|s| s.pool == Err(false)),
     })
 }
 

@@ -86,8 +86,8 @@ pub struct TraceOutcome {
     pub port: u16,
     /// When `--to` was a Service: the translation.
     pub service: Option<ServiceHop>,
-    /// `None` only when a Service has no usable endpoint (the data path refuses the
-    /// connection before policy).
+    /// `None` only when a Service has no usable endpoint for the client (the data path
+    /// refuses or drops the connection before policy).
     pub explanation: Option<Explanation>,
 }
 
@@ -419,8 +419,21 @@ pub fn run(args: &TraceArgs, out: &mut dyn Write) -> Result<TraceOutcome, TraceE
             }
             (None, _, _) => return Err(TraceError::MissingPort),
         };
-        let table = manifests.services.table();
-        let hop = service_trace::choose(&table, svc, from.ip, args.source_port, port, protocol)?;
+        // The client's node decides `internalTrafficPolicy: Local`.
+        let node = from
+            .pod
+            .as_ref()
+            .and_then(|p| manifests.find_pod(&p.namespace, &p.name))
+            .map(|p| p.node_name.as_str())
+            .filter(|n| !n.is_empty());
+        let hop = service_trace::choose(
+            &manifests.services,
+            svc,
+            (from.ip, node),
+            args.source_port,
+            port,
+            protocol,
+        )?;
         let (to, port, explanation) = match hop.backend {
             Some(b) => (
                 Endpoint {
@@ -524,7 +537,22 @@ fn endpoint_text(e: &Endpoint) -> String {
 fn write_service(o: &TraceOutcome, h: &ServiceHop, out: &mut dyn Write) -> io::Result<()> {
     let front = std::net::SocketAddr::new(h.cluster_ip, h.port);
     let client = std::net::SocketAddr::new(o.from.ip, h.source_port);
+    let node = h.node.as_deref().unwrap_or("?");
     let Some(b) = h.backend else {
+        if h.dropped {
+            writeln!(
+                out,
+                "SERVICE {} {front}/{}: internalTrafficPolicy Local and no usable endpoint on node {node}",
+                h.service, h.protocol
+            )?;
+            return writeln!(
+                out,
+                "DROPPED: {} -> {} {front}/{}: the data path drops it without an answer (as kube-proxy does); no policy is asked",
+                endpoint_text(&o.from),
+                h.service,
+                h.protocol
+            );
+        }
         writeln!(
             out,
             "SERVICE {} {front}/{}: no usable endpoint",
@@ -547,14 +575,25 @@ fn write_service(o: &TraceOutcome, h: &ServiceHop, out: &mut dyn Write) -> io::R
             .as_ref()
             .map(|p| format!(" ({p})"))
             .unwrap_or_default();
+    let n = h.backends.len();
+    let among = match h.local {
+        true => format!(
+            "{n} usable endpoint{} on node {node} (internalTrafficPolicy Local)",
+            if n == 1 { "" } else { "s" }
+        ),
+        false => format!("{n} usable endpoint{}", if n == 1 { "" } else { "s" }),
+    };
+    let by = match h.affinity_secs {
+        0 => format!("for source port {}", h.source_port),
+        secs => format!(
+            "for client {} (sessionAffinity ClientIP: all its flows, until {secs} s after its last)",
+            o.from.ip
+        ),
+    };
     writeln!(
         out,
-        "SERVICE {} {front}/{}: backend {b}{pod}, by Maglev over {} usable endpoint{} for source port {}",
-        h.service,
-        h.protocol,
-        h.backends.len(),
-        if h.backends.len() == 1 { "" } else { "s" },
-        h.source_port
+        "SERVICE {} {front}/{}: backend {b}{pod}, by Maglev over {among} {by}",
+        h.service, h.protocol,
     )?;
     writeln!(
         out,
@@ -642,6 +681,7 @@ fn names(refs: &[ObjectRef]) -> String {
 pub fn to_json(o: &TraceOutcome) -> Value {
     let endpoint = |e: &Endpoint| json!({"pod": e.pod.as_ref().map(ObjectRef::to_string), "ip": e.ip.to_string()});
     let verdict = match &o.explanation {
+        None if o.service.as_ref().is_some_and(|h| h.dropped) => "dropped",
         None => "refused",
         Some(e) if e.allowed => "allow",
         Some(_) => "deny",
@@ -662,6 +702,9 @@ pub fn to_json(o: &TraceOutcome) -> Value {
             "port": h.port,
             "protocol": h.protocol.to_string(),
             "source_port": h.source_port,
+            "node": h.node,
+            "internal_traffic_policy": if h.local { "Local" } else { "Cluster" },
+            "affinity_timeout_seconds": h.affinity_secs,
             "backends": h.backends.iter().map(ToString::to_string).collect::<Vec<_>>(),
             "backend": h.backend.map(|b| b.to_string()),
         });
@@ -1009,18 +1052,29 @@ spec:
 apiVersion: v1
 kind: Pod
 metadata: {name: client, namespace: x, labels: {pod: client}}
+spec: {nodeName: n1}
 status: {podIPs: [{ip: 10.0.1.1}, {ip: "fd00::1:1"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: far, namespace: x, labels: {pod: far}}
+spec: {nodeName: n3}
+status: {podIP: 10.0.3.1}
 ---
 apiVersion: v1
 kind: List
 items:
 - kind: Pod
   metadata: {name: web-1, namespace: shop, labels: {app: web, open: "yes"}}
-  spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+  spec:
+    nodeName: n1
+    containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]
   status: {podIPs: [{ip: 10.0.2.1}, {ip: "fd00::2:1"}]}
 - kind: Pod
   metadata: {name: web-2, namespace: shop, labels: {app: web}}
-  spec: {containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]}
+  spec:
+    nodeName: n2
+    containers: [{name: c, ports: [{name: http, containerPort: 8080}]}]
   status: {podIPs: [{ip: 10.0.2.2}, {ip: "fd00::2:2"}]}
 - kind: Pod
   metadata: {name: web-3, namespace: shop, labels: {app: web}}
@@ -1053,6 +1107,19 @@ metadata: {name: kubernetes, labels: {kubernetes.io/service-name: kubernetes}}
 addressType: IPv4
 ports: [{name: https, port: 6443}]
 endpoints: [{addresses: [192.0.2.10]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: near, namespace: shop}
+spec:
+  selector: {app: web}
+  clusterIP: 10.96.0.12
+  internalTrafficPolicy: Local
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sticky", "namespace": "shop"},
+ "spec": {"selector": {"app": "web"}, "clusterIP": "10.96.0.13", "sessionAffinity": "ClientIP",
+          "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}}
 ---
 apiVersion: v1
 kind: Service
@@ -1108,7 +1175,7 @@ spec:
         let mut m = Manifests::default();
         m.add_text(Path::new("s.yaml"), SERVICES).unwrap();
         // The data path's own table: the ready pods only (web-3 is not ready).
-        let table: ServiceTable = m.services.table();
+        let table: ServiceTable = m.services.table(None);
         let fe = table.lookup(6, "10.96.0.10".parse().unwrap(), 80).unwrap();
         assert_eq!(
             fe.backends(),
@@ -1158,6 +1225,95 @@ spec:
             .unwrap()
             .starts_with("[fd00::2:"));
         assert_eq!(v["from"]["ip"], "fd00::1:1");
+    }
+
+    #[test]
+    fn traffic_policy_local_and_affinity_are_traced_as_the_loop_selects() {
+        use crate::datapath::local::Port;
+        use crate::datapath::nat::NatTable;
+        use crate::datapath::service::tests::{ends, packet, translate_from};
+        use crate::datapath::service::ServiceNat;
+        use crate::datapath::stats::DropReason;
+        let mut m = Manifests::default();
+        m.add_text(Path::new("s.yaml"), SERVICES).unwrap();
+        // The loop of a node, on the table that node compiles from the same manifests.
+        let on = |node: &str| ServiceNat {
+            table: std::sync::Arc::new(m.services.table(Some(node))),
+            nat: std::sync::Arc::new(NatTable::default()),
+        };
+        let sa = |s: String| s.parse::<std::net::SocketAddr>().unwrap();
+        let n1 = on("n1");
+        for (svc, vip, want) in [
+            // Local: only web-1 is on the client's node n1.
+            ("near", "10.96.0.12", Some("10.0.2.1:8080")),
+            // ClientIP: one backend for all the client's flows (whichever it is).
+            ("sticky", "10.96.0.13", None),
+        ] {
+            let mut seen = std::collections::BTreeSet::new();
+            for sport in 40000..40040 {
+                let mut syn = packet(
+                    6,
+                    sa(format!("10.0.1.1:{sport}")),
+                    sa(format!("{vip}:80")),
+                    0x02,
+                    b"",
+                );
+                translate_from(&n1, Port::Pod(0), &mut syn).unwrap();
+                let chosen = ends(&syn).1;
+                let (_, v) = svc_json(&format!("svc/shop/{svc}:http"), None, sport);
+                assert_eq!(v["service"]["backend"], chosen.to_string(), "{svc} {sport}");
+                assert_eq!(v["service"]["node"], "n1");
+                seen.insert(chosen);
+            }
+            assert_eq!(seen.len(), 1, "{svc}: {seen:?}");
+            if let Some(w) = want {
+                assert_eq!(seen.first().unwrap().to_string(), w);
+            }
+        }
+        let (_, v) = svc_json("svc/shop/near:http", None, 1);
+        assert_eq!(v["service"]["backends"], json!(["10.0.2.1:8080"]));
+        assert_eq!(v["service"]["internal_traffic_policy"], "Local");
+        let (_, v) = svc_json("svc/shop/sticky:http", None, 1);
+        assert_eq!(v["service"]["affinity_timeout_seconds"], 10800);
+
+        // A client on n3, which has no endpoint of `near`: the loop drops the flow, and so
+        // says the trace.
+        let mut syn = packet(
+            6,
+            sa("10.0.3.1:40000".into()),
+            sa("10.96.0.12:80".into()),
+            0x02,
+            b"",
+        );
+        assert_eq!(
+            translate_from(&on("n3"), Port::Pod(0), &mut syn),
+            Err(DropReason::ServiceNoLocalEndpoint)
+        );
+        let mut args = svc_args("svc/shop/near:http", None, 40000, OutputFormat::Json);
+        args.from = "x/far".into();
+        let mut out = Vec::new();
+        let r = run(&args, &mut out);
+        assert_eq!(exit_code(&r), EXIT_DENY);
+        let v: Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(
+            (v["verdict"].as_str(), &v["service"]["backend"]),
+            (Some("dropped"), &Value::Null)
+        );
+        args.output = OutputFormat::Text;
+        let mut out = Vec::new();
+        run(&args, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains("no usable endpoint on node n3") && text.contains("DROPPED"),
+            "{text}"
+        );
+        // A client that is no scheduled pod: the node is unknown, and the trace says so.
+        args.from = "10.0.9.9".into();
+        let e = run(&args, &mut Vec::new()).unwrap_err().to_string();
+        assert!(
+            e.contains("internalTrafficPolicy: Local") && e.contains("NAMESPACE/POD"),
+            "{e}"
+        );
     }
 
     #[test]

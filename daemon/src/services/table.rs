@@ -15,6 +15,7 @@
 use super::maglev;
 use super::model::{ServiceView, SliceView};
 use crate::wg::allowed_ips::IntHasher;
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasherDefault;
 use std::net::{IpAddr, SocketAddr};
@@ -51,7 +52,50 @@ pub struct Pool {
     /// Sorted.
     backends: Arc<[SocketAddr]>,
     /// Maglev's lookup table: indexes into `backends`.
-    lut: Arc<[u16]>,
+    lut: Lut,
+}
+
+/// A Maglev lookup table, one byte per entry up to 256 backends (nearly every Service):
+/// half the memory, and half the cache lines a new flow's pick can land on, of two bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Lut {
+    Narrow(Arc<[u8]>),
+    Wide(Arc<[u16]>),
+}
+
+impl Default for Lut {
+    fn default() -> Lut {
+        Lut::Narrow(Arc::from([]))
+    }
+}
+
+impl Lut {
+    fn new(table: Vec<u16>, backends: usize) -> Lut {
+        if backends <= 256 {
+            Lut::Narrow(table.into_iter().map(|i| i as u8).collect())
+        } else {
+            Lut::Wide(table.into())
+        }
+    }
+
+    /// The backend index for hash `h`; `None` when empty.
+    #[inline]
+    fn get(&self, h: u64) -> Option<usize> {
+        match self {
+            Lut::Narrow(t) if !t.is_empty() => Some(t[(h % t.len() as u64) as usize] as usize),
+            Lut::Wide(t) if !t.is_empty() => Some(t[(h % t.len() as u64) as usize] as usize),
+            _ => None,
+        }
+    }
+
+    #[cfg(test)]
+    fn ptr_eq(&self, other: &Lut) -> bool {
+        match (self, other) {
+            (Lut::Narrow(a), Lut::Narrow(b)) => Arc::ptr_eq(a, b),
+            (Lut::Wide(a), Lut::Wide(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
 }
 
 impl Pool {
@@ -68,19 +112,16 @@ impl Pool {
         let names: Vec<Vec<u8>> = backends.iter().map(backend_bytes).collect();
         let lut = maglev::build(&names, maglev::table_size(backends.len()));
         Pool {
+            lut: Lut::new(lut, backends.len()),
             backends: backends.into(),
-            lut: lut.into(),
         }
     }
 
     /// The backend for a flow of hash `h` ([`flow_hash`]); `None` without backends.
     #[inline]
     pub fn pick(&self, h: u64) -> Option<SocketAddr> {
-        if self.lut.is_empty() {
-            return None;
-        }
-        let i = self.lut[(h % self.lut.len() as u64) as usize];
-        self.backends.get(i as usize).copied()
+        let i = self.lut.get(h)?;
+        self.backends.get(i).copied()
     }
 
     /// Whether `b` is one of the backends (a flow pinned to a removed one is moved).
@@ -98,51 +139,49 @@ impl Pool {
     }
 }
 
-/// The pools one compile made, which the next compile reuses: a recompile after one
-/// EndpointSlice changed builds the Maglev tables of that Service only (the rest are shared
-/// with the table in force, so a swap does not hold two copies of them either). A pool is
-/// keyed by its sorted backends, and its table depends on nothing else, so a reused pool is
-/// exactly the one a fresh compile would build.
+/// The Maglev tables of the compiled Services, shared: every Service's frontends with the
+/// same backends hold one table, and a Service recompiled with backends some Service already
+/// has (the same Service after a change elsewhere in it, two Services over the same pods)
+/// gets that table instead of building one. A pool is keyed by its sorted backends, and its
+/// table depends on nothing else, so a shared pool is exactly the one a build would make. A
+/// pool goes when the last Service holding it does.
 #[derive(Debug, Default)]
-pub struct Pools {
-    /// The last compile's pools.
-    prev: HashMap<Arc<[SocketAddr]>, Pool>,
-    /// This compile's.
-    next: HashMap<Arc<[SocketAddr]>, Pool>,
-    /// Tables this compile built (not reused).
+struct Pools {
+    /// Each pool, with how many frontends of the compiled Services hold it.
+    pools: HashMap<Arc<[SocketAddr]>, (Pool, usize)>,
+    /// Tables built (not shared) since the last [`Pools::take_built`].
     built: usize,
 }
 
 impl Pools {
     fn get(&mut self, backends: Vec<SocketAddr>) -> Pool {
-        if let Some(p) = self.next.get(backends.as_slice()) {
+        if let Some((p, users)) = self.pools.get_mut(backends.as_slice()) {
+            *users += 1;
             return p.clone();
         }
-        let pool = match self.prev.remove(backends.as_slice()) {
-            Some(p) => p,
-            None => {
-                self.built += 1;
-                Pool::build(backends)
-            }
-        };
-        self.next.insert(pool.backends.clone(), pool.clone());
+        self.built += 1;
+        let pool = Pool::build(backends);
+        self.pools.insert(pool.backends.clone(), (pool.clone(), 1));
         pool
     }
 
-    /// Ends a compile: only its pools are kept for the next one. Returns how many Maglev
-    /// tables it built.
-    fn finish(&mut self) -> usize {
-        self.prev = std::mem::take(&mut self.next);
+    /// A frontend no longer holds `pool` (one [`Pools::get`] undone).
+    fn release(&mut self, pool: &Pool) {
+        if let Some((_, users)) = self.pools.get_mut(&pool.backends) {
+            *users -= 1;
+            if *users == 0 {
+                self.pools.remove(&pool.backends);
+            }
+        }
+    }
+
+    fn take_built(&mut self) -> usize {
         std::mem::take(&mut self.built)
     }
 
-    /// Distinct pools kept for the next compile.
-    pub fn len(&self) -> usize {
-        self.prev.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.prev.is_empty()
+    /// Distinct pools held.
+    fn len(&self) -> usize {
+        self.pools.len()
     }
 }
 
@@ -185,6 +224,14 @@ impl Frontend {
         }
     }
 
+    /// Gives back the pools [`Frontend::new`] took.
+    fn release(&self, pools: &mut Pools) {
+        pools.release(&self.all);
+        if self.serve != Serve::Cluster {
+            pools.release(&self.local);
+        }
+    }
+
     /// The pool that serves a new flow (`from_node`: the client is this node itself, or was
     /// masqueraded to it); `Err(true)`: the Service has no usable endpoint at all (the
     /// client is refused), `Err(false)`: none on this node (dropped, as kube-proxy does).
@@ -207,6 +254,31 @@ impl Frontend {
         self.all.pick(h)
     }
 
+    /// How this frontend serves a new flow `src:sport -> dst:dport` (`from_node`: the client
+    /// is this node, as for [`Frontend::pool`]): the one selection the packet loop and
+    /// `kwire policy trace` both make. Cheap: the flow's hash is computed only by
+    /// [`Selection::pick`].
+    #[inline]
+    pub fn select(
+        &self,
+        from_node: bool,
+        proto: u8,
+        (src, sport): (IpAddr, u16),
+        (dst, dport): (IpAddr, u16),
+    ) -> Selection<'_> {
+        Selection {
+            pool: self.pool(from_node),
+            proto,
+            src,
+            // `sessionAffinity: ClientIP`: the client address alone decides, so that all its
+            // flows pick one backend, on every node and after a restart, before the loop
+            // remembers it (which keeps it while the backends change).
+            sport: if self.affinity_secs == 0 { sport } else { 0 },
+            dst,
+            dport,
+        }
+    }
+
     /// Whether `b` is still one of the usable endpoints.
     #[inline]
     pub fn has(&self, b: SocketAddr) -> bool {
@@ -220,6 +292,43 @@ impl Frontend {
     /// This node's endpoints (`Local` policies only).
     pub fn local_backends(&self) -> &[SocketAddr] {
         self.local.backends()
+    }
+}
+
+/// A new flow's selection ([`Frontend::select`]): the pool that serves it and the backend
+/// Maglev picks there for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Selection<'a> {
+    /// As [`Frontend::pool`]: `Err(true)` refused (no usable endpoint), `Err(false)` dropped
+    /// (none on this node for a `Local` policy).
+    pub pool: Result<&'a Pool, bool>,
+    proto: u8,
+    src: IpAddr,
+    sport: u16,
+    dst: IpAddr,
+    dport: u16,
+}
+
+impl Selection<'_> {
+    /// Maglev's backend for the flow among the pool's; `None` when the pool is unusable.
+    #[inline]
+    pub fn pick(&self) -> Option<SocketAddr> {
+        let pool = self.pool.ok()?;
+        pool.pick(flow_hash(
+            self.proto, self.src, self.sport, self.dst, self.dport,
+        ))
+    }
+
+    /// Whether `b` may keep serving flows of this selection (a flow pinned to a removed
+    /// endpoint, or to one off this node for a `Local` policy, is moved).
+    #[inline]
+    pub fn has(&self, b: SocketAddr) -> bool {
+        self.pool.is_ok_and(|p| p.has(b))
+    }
+
+    /// The backends the choice is among (none when the pool is unusable).
+    pub fn backends(&self) -> &[SocketAddr] {
+        self.pool.map(Pool::backends).unwrap_or_default()
     }
 }
 
@@ -320,7 +429,7 @@ pub struct HealthCheck {
 pub struct ServiceTable {
     frontends: HashMap<FrontendKey, Frontend, BuildHasherDefault<IntHasher>>,
     /// `namespace/name` of every Service with a frontend.
-    names: Vec<String>,
+    names: Vec<Arc<str>>,
     /// The node-port (and hairpin) address per family: `[IPv4, IPv6]`.
     node_port_addrs: [Option<IpAddr>; 2],
     steering: Steering,
@@ -342,104 +451,14 @@ impl ServiceTable {
         slices: &[SliceView],
         scope: &Scope,
     ) -> ServiceTable {
-        Self::compile_with(services, slices, scope, &mut Pools::default()).0
-    }
-
-    /// [`ServiceTable::compile_for`], reusing the Maglev tables of `pools` (the previous
-    /// compile's) and leaving this compile's there for the next; also returns how many
-    /// tables it had to build.
-    pub fn compile_with(
-        services: &[ServiceView],
-        slices: &[SliceView],
-        scope: &Scope,
-        pools: &mut Pools,
-    ) -> (ServiceTable, usize) {
-        let mut by_service: BTreeMap<(&str, &str), Vec<&SliceView>> = BTreeMap::new();
-        for s in slices {
-            by_service
-                .entry((s.namespace.as_str(), s.service.as_str()))
-                .or_default()
-                .push(s);
+        let mut c = ServiceCompiler::new(scope.clone());
+        for s in services {
+            c.put_service((s.namespace.clone(), s.name.clone()), Some(s.clone()));
         }
-        let mut sorted: Vec<&ServiceView> = services.iter().collect();
-        sorted.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-        let mut t = ServiceTable::default();
-        for a in &scope.node_port_addrs {
-            t.node_port_addrs[usize::from(a.is_ipv6())].get_or_insert(*a);
+        for (i, s) in slices.iter().enumerate() {
+            c.put_slice((s.namespace.clone(), i.to_string()), Some(s.clone()));
         }
-        let node = scope.node.as_deref();
-        for svc in sorted {
-            let slices = by_service
-                .get(&(svc.namespace.as_str(), svc.name.as_str()))
-                .map(Vec::as_slice)
-                .unwrap_or_default();
-            let index = t.names.len() as u32;
-            let mut any = false;
-            let internal = if svc.internal_local {
-                Serve::Local
-            } else {
-                Serve::Cluster
-            };
-            let external = if svc.external_local {
-                Serve::ExternalLocal
-            } else {
-                Serve::Cluster
-            };
-            for ip in &svc.cluster_ips {
-                let v4 = ip.is_ipv4();
-                let node_port_addr = t.node_port_addrs[usize::from(!v4)];
-                for p in &svc.ports {
-                    let backends = usable(slices, v4, &p.name, p.proto, node);
-                    let mut add = |ip: IpAddr, port: u16, serve: Serve| {
-                        let key = FrontendKey {
-                            proto: p.proto,
-                            ip,
-                            port,
-                        };
-                        if t.frontends.contains_key(&key) {
-                            return; // two Services claim one address: the first by name keeps it
-                        }
-                        let fe =
-                            Frontend::new(index, backends.clone(), serve, svc.affinity_secs, pools);
-                        t.frontends.insert(key, fe);
-                        any = true;
-                    };
-                    add(*ip, p.port, internal);
-                    for lb in svc.lb_ips.iter().filter(|a| a.is_ipv4() == v4) {
-                        add(*lb, p.port, Serve::Cluster);
-                    }
-                    if let (Some(np), Some(at)) = (p.node_port, node_port_addr) {
-                        add(at, np, external);
-                        t.steering.node_ports.insert(NodePort {
-                            proto: p.proto,
-                            port: np,
-                            masquerade: !svc.external_local,
-                        });
-                        for lb in svc.lb_ips.iter().filter(|a| a.is_ipv4() == v4) {
-                            t.steering.ingress.insert(IngressPort {
-                                ip: *lb,
-                                proto: p.proto,
-                                port: p.port,
-                                node_port: np,
-                            });
-                        }
-                    }
-                }
-            }
-            if let (Some(port), true) = (svc.health_check_node_port, svc.external_local) {
-                t.health.push(HealthCheck {
-                    port,
-                    namespace: svc.namespace.clone(),
-                    name: svc.name.clone(),
-                    local_endpoints: local_ready(slices, node),
-                });
-            }
-            if any {
-                t.names.push(format!("{}/{}", svc.namespace, svc.name));
-            }
-        }
-        let built = pools.finish();
-        (t, built)
+        c.compile().0
     }
 
     /// The frontend a packet addresses, if it is one.
@@ -479,7 +498,7 @@ impl ServiceTable {
     }
 
     pub fn service_name(&self, index: u32) -> Option<&str> {
-        self.names.get(index as usize).map(String::as_str)
+        self.names.get(index as usize).map(|n| &**n)
     }
 
     /// What the kernel must steer into the loop.
@@ -498,6 +517,277 @@ impl ServiceTable {
         v.sort_by_key(|(k, _)| *k);
         v
     }
+}
+
+/// An object's namespace and name.
+pub type ObjectKey = (String, String);
+
+/// One Service's part of the table, kept between compiles.
+#[derive(Debug)]
+struct Fragment {
+    /// `namespace/name`.
+    name: Arc<str>,
+    /// Its frontends, in the order a Service claims them (the first Service by name keeps an
+    /// address two claim; its own duplicates are left out).
+    frontends: Vec<(FrontendKey, Frontend)>,
+    node_ports: Vec<NodePort>,
+    ingress: Vec<IngressPort>,
+    health: Option<HealthCheck>,
+}
+
+impl Fragment {
+    fn compile(
+        svc: &ServiceView,
+        slices: &[&SliceView],
+        scope: &Scope,
+        node_port_addrs: [Option<IpAddr>; 2],
+        pools: &mut Pools,
+    ) -> Fragment {
+        let node = scope.node.as_deref();
+        let mut f = Fragment {
+            name: format!("{}/{}", svc.namespace, svc.name).into(),
+            frontends: Vec::new(),
+            node_ports: Vec::new(),
+            ingress: Vec::new(),
+            health: None,
+        };
+        let internal = if svc.internal_local {
+            Serve::Local
+        } else {
+            Serve::Cluster
+        };
+        let external = if svc.external_local {
+            Serve::ExternalLocal
+        } else {
+            Serve::Cluster
+        };
+        for ip in &svc.cluster_ips {
+            let v4 = ip.is_ipv4();
+            let node_port_addr = node_port_addrs[usize::from(!v4)];
+            for p in &svc.ports {
+                let backends = usable(slices, v4, &p.name, p.proto, node);
+                let mut add = |ip: IpAddr, port: u16, serve: Serve| {
+                    let key = FrontendKey {
+                        proto: p.proto,
+                        ip,
+                        port,
+                    };
+                    if f.frontends.iter().any(|(k, _)| *k == key) {
+                        return;
+                    }
+                    let fe = Frontend::new(0, backends.clone(), serve, svc.affinity_secs, pools);
+                    f.frontends.push((key, fe));
+                };
+                add(*ip, p.port, internal);
+                for lb in svc.lb_ips.iter().filter(|a| a.is_ipv4() == v4) {
+                    add(*lb, p.port, Serve::Cluster);
+                }
+                if let (Some(np), Some(at)) = (p.node_port, node_port_addr) {
+                    add(at, np, external);
+                    f.node_ports.push(NodePort {
+                        proto: p.proto,
+                        port: np,
+                        masquerade: !svc.external_local,
+                    });
+                    for lb in svc.lb_ips.iter().filter(|a| a.is_ipv4() == v4) {
+                        f.ingress.push(IngressPort {
+                            ip: *lb,
+                            proto: p.proto,
+                            port: p.port,
+                            node_port: np,
+                        });
+                    }
+                }
+            }
+        }
+        if let (Some(port), true) = (svc.health_check_node_port, svc.external_local) {
+            f.health = Some(HealthCheck {
+                port,
+                namespace: svc.namespace.clone(),
+                name: svc.name.clone(),
+                local_endpoints: local_ready(slices, node),
+            });
+        }
+        f
+    }
+
+    fn release(&self, pools: &mut Pools) {
+        for (_, fe) in &self.frontends {
+            fe.release(pools);
+        }
+    }
+}
+
+/// Compiles the service table of one node, incrementally: it holds the views of every
+/// Service and EndpointSlice and each Service's compiled part, and a compile after changes
+/// recompiles only the Services whose Service or slices changed, then assembles the new
+/// table from the parts (shared Maglev tables, no endpoint list copied). The result is the
+/// table a compile from scratch would give; the caller swaps it in whole, as before.
+#[derive(Debug)]
+pub struct ServiceCompiler {
+    scope: Scope,
+    node_port_addrs: [Option<IpAddr>; 2],
+    services: HashMap<ObjectKey, ServiceView>,
+    /// By EndpointSlice (namespace, name).
+    slices: HashMap<ObjectKey, SliceView>,
+    /// The slices of each Service (namespace, Service name): a slice's label ties it to
+    /// its Service, whether or not that Service exists.
+    owned: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
+    /// Sorted by Service: a compile claims addresses in this order.
+    fragments: BTreeMap<ObjectKey, Fragment>,
+    /// Services to recompile.
+    dirty: BTreeSet<ObjectKey>,
+    pools: Pools,
+}
+
+impl ServiceCompiler {
+    pub fn new(scope: Scope) -> ServiceCompiler {
+        let mut node_port_addrs = [None; 2];
+        for a in &scope.node_port_addrs {
+            node_port_addrs[usize::from(a.is_ipv6())].get_or_insert(*a);
+        }
+        ServiceCompiler {
+            scope,
+            node_port_addrs,
+            services: HashMap::new(),
+            slices: HashMap::new(),
+            owned: HashMap::new(),
+            fragments: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            pools: Pools::default(),
+        }
+    }
+
+    /// Sets (`None`: removes) the Service `key`; a view equal to the one held changes nothing.
+    pub fn put_service(&mut self, key: ObjectKey, view: Option<ServiceView>) {
+        if view.as_ref() == self.services.get(&key) {
+            return;
+        }
+        match view {
+            Some(v) => self.services.insert(key.clone(), v),
+            None => self.services.remove(&key),
+        };
+        self.dirty.insert(key);
+    }
+
+    /// Sets (`None`: removes) the EndpointSlice `key` (its namespace and its own name).
+    pub fn put_slice(&mut self, key: ObjectKey, view: Option<SliceView>) {
+        if view.as_ref() == self.slices.get(&key) {
+            return;
+        }
+        let owner = |v: &SliceView| (v.namespace.clone(), v.service.clone());
+        if let Some(old) = self.slices.remove(&key) {
+            let o = owner(&old);
+            if let Some(set) = self.owned.get_mut(&o) {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.owned.remove(&o);
+                }
+            }
+            self.dirty.insert(o);
+        }
+        if let Some(v) = view {
+            let o = owner(&v);
+            self.owned.entry(o.clone()).or_default().insert(key.clone());
+            self.slices.insert(key, v);
+            self.dirty.insert(o);
+        }
+    }
+
+    /// Replaces every Service with `all` (a fresh list): only those that differ change.
+    pub fn replace_services(&mut self, all: BTreeMap<ObjectKey, ServiceView>) {
+        let gone = absent(self.services.keys(), &all);
+        self.replace(gone, all, Self::put_service);
+    }
+
+    /// Replaces every EndpointSlice with `all` (a fresh list): only those that differ change.
+    pub fn replace_slices(&mut self, all: BTreeMap<ObjectKey, SliceView>) {
+        let gone = absent(self.slices.keys(), &all);
+        self.replace(gone, all, Self::put_slice);
+    }
+
+    fn replace<V>(
+        &mut self,
+        gone: Vec<ObjectKey>,
+        mut all: BTreeMap<ObjectKey, V>,
+        put: fn(&mut Self, ObjectKey, Option<V>),
+    ) {
+        for k in gone {
+            put(self, k, None);
+        }
+        while let Some((k, v)) = all.pop_first() {
+            put(self, k, Some(v));
+        }
+    }
+
+    /// The table of the views held: recompiles the Services changed since the last compile,
+    /// and says how many Maglev tables that built.
+    pub fn compile(&mut self) -> (ServiceTable, usize) {
+        for key in std::mem::take(&mut self.dirty) {
+            let old = self.fragments.remove(&key);
+            if let Some(svc) = self.services.get(&key) {
+                let slices: Vec<&SliceView> = (self.owned.get(&key).into_iter().flatten())
+                    .filter_map(|k| self.slices.get(k))
+                    .collect();
+                let f = Fragment::compile(
+                    svc,
+                    &slices,
+                    &self.scope,
+                    self.node_port_addrs,
+                    &mut self.pools,
+                );
+                self.fragments.insert(key, f);
+            }
+            // After the new part took its pools: what it shares with the old is kept.
+            if let Some(old) = old {
+                old.release(&mut self.pools);
+            }
+        }
+        (self.assemble(), self.pools.take_built())
+    }
+
+    /// The table of the compiled parts, in Service order.
+    fn assemble(&self) -> ServiceTable {
+        let n: usize = self.fragments.values().map(|f| f.frontends.len()).sum();
+        let mut t = ServiceTable {
+            frontends: HashMap::with_capacity_and_hasher(n, Default::default()),
+            names: Vec::with_capacity(self.fragments.len()),
+            node_port_addrs: self.node_port_addrs,
+            ..Default::default()
+        };
+        for f in self.fragments.values() {
+            let index = t.names.len() as u32;
+            let mut any = false;
+            for (key, fe) in &f.frontends {
+                if let Entry::Vacant(e) = t.frontends.entry(*key) {
+                    let mut fe = fe.clone();
+                    fe.service = index;
+                    e.insert(fe);
+                    any = true;
+                }
+            }
+            t.steering.node_ports.extend(f.node_ports.iter().copied());
+            t.steering.ingress.extend(f.ingress.iter().copied());
+            t.health.extend(f.health.iter().cloned());
+            if any {
+                t.names.push(f.name.clone());
+            }
+        }
+        t
+    }
+
+    /// Maglev tables held (distinct backend sets).
+    pub fn pools(&self) -> usize {
+        self.pools.len()
+    }
+}
+
+/// The keys of `held` that `all` lacks.
+fn absent<'a, V>(
+    held: impl Iterator<Item = &'a ObjectKey>,
+    all: &BTreeMap<ObjectKey, V>,
+) -> Vec<ObjectKey> {
+    held.filter(|k| !all.contains_key(*k)).cloned().collect()
 }
 
 /// The backends of one Service port in one family, each with whether it is on `node`: the
@@ -738,8 +1028,12 @@ mod tests {
         }
     }
 
+    fn key(s: &str) -> ObjectKey {
+        ("shop".into(), s.into())
+    }
+
     #[test]
-    fn a_recompile_builds_only_the_changed_pools_and_equals_a_fresh_compile() {
+    fn a_recompile_builds_only_the_changed_service_and_equals_a_fresh_compile() {
         let ports = [("http", TCP, 80)];
         let sports = [("http", TCP, 8080)];
         let services: Vec<ServiceView> = (0..20)
@@ -761,39 +1055,156 @@ mod tests {
                 .collect()
         };
         let scope = Scope::default();
-        let mut pools = Pools::default();
-        let (first, built) =
-            ServiceTable::compile_with(&services, &slices(usize::MAX), &scope, &mut pools);
+        let mut c = ServiceCompiler::new(scope.clone());
+        let put_all = |c: &mut ServiceCompiler, moved: usize| {
+            for (i, s) in slices(moved).into_iter().enumerate() {
+                c.put_slice(key(&format!("s{i}-x1")), Some(s));
+            }
+        };
+        for s in &services {
+            c.put_service(key(&s.name), Some(s.clone()));
+        }
+        put_all(&mut c, usize::MAX);
+        let (first, built) = c.compile();
         assert_eq!(built, 19, "s18 and s19 share one table");
-        assert_eq!(pools.len(), 19);
+        assert_eq!(c.pools(), 19);
         assert_eq!(
             first.entries(),
             ServiceTable::compile_for(&services, &slices(usize::MAX), &scope).entries()
         );
-        // One Service's endpoints change: one table built, the others shared with `first`.
-        let (second, built) = ServiceTable::compile_with(&services, &slices(4), &scope, &mut pools);
+        // Every slice given again, one changed: one Service recompiled, one table built, the
+        // others shared with `first`.
+        put_all(&mut c, 4);
+        assert_eq!(c.dirty.iter().collect::<Vec<_>>(), [&key("s4")]);
+        let (second, built) = c.compile();
         assert_eq!(built, 1);
         assert_eq!(
             second.entries(),
             ServiceTable::compile_for(&services, &slices(4), &scope).entries()
         );
-        let key = |i: u8| FrontendKey {
-            proto: TCP,
-            ip: ip(&format!("10.96.0.{}", 10 + i)),
-            port: 80,
-        };
+        let vip = |i: u8| ip(&format!("10.96.0.{}", 10 + i));
         let (a, b) = (
-            first.lookup(TCP, key(7).ip, 80).unwrap(),
-            second.lookup(TCP, key(7).ip, 80).unwrap(),
+            first.lookup(TCP, vip(7), 80).unwrap(),
+            second.lookup(TCP, vip(7), 80).unwrap(),
         );
         assert!(
-            Arc::ptr_eq(&a.all.lut, &b.all.lut),
+            a.all.lut.ptr_eq(&b.all.lut),
             "an unchanged Service keeps its table"
         );
-        // The old pool of s4 is dropped; going back rebuilds it.
-        let (third, built) =
-            ServiceTable::compile_with(&services, &slices(usize::MAX), &scope, &mut pools);
-        assert_eq!(built, 1);
+        // The old pool of s4 went with it; going back builds it again.
+        put_all(&mut c, usize::MAX);
+        let (third, built) = c.compile();
+        assert_eq!((built, c.pools()), (1, 19));
         assert_eq!(third.entries(), first.entries());
+        // s18 goes: s19 still holds their table.
+        c.put_service(key("s18"), None);
+        let (fourth, built) = c.compile();
+        assert_eq!((built, c.pools(), fourth.services()), (0, 19, 19));
+        assert!(fourth.lookup(TCP, vip(18), 80).is_none());
+    }
+
+    /// One step of a random history of a node's Services and slices.
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Service `0` with ClusterIP `1` (two Services may claim one), ports `2`, or gone.
+        Service(usize, Option<(u8, bool)>),
+        /// Slice `0` of Service `1` with endpoints `2`, or gone.
+        Slice(usize, Option<(usize, Vec<Endpoint>)>),
+    }
+
+    /// An endpoint: its index (address and node), ready, terminating.
+    type Endpoint = (u8, bool, bool);
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        prop_oneof![
+            (0..4usize, proptest::option::of((0..3u8, any::<bool>())))
+                .prop_map(|(i, v)| Op::Service(i, v)),
+            (
+                0..5usize,
+                proptest::option::of((
+                    0..4usize,
+                    proptest::collection::vec((0..6u8, any::<bool>(), any::<bool>()), 0..4)
+                ))
+            )
+                .prop_map(|(i, v)| Op::Slice(i, v)),
+        ]
+    }
+
+    proptest::proptest! {
+        /// After any history of changes, the incremental compile equals a compile from
+        /// scratch of the same views (frontends, names, steering, health checks).
+        #[test]
+        fn incremental_equals_from_scratch(ops in proptest::collection::vec(op(), 1..40)) {
+            let scope = Scope {
+                node: Some("n1".into()),
+                node_port_addrs: vec![ip("10.96.0.0")],
+            };
+            let mut c = ServiceCompiler::new(scope.clone());
+            let mut services: BTreeMap<usize, ServiceView> = BTreeMap::new();
+            let mut slices: BTreeMap<usize, SliceView> = BTreeMap::new();
+            for (step, op) in ops.into_iter().enumerate() {
+                match op {
+                    Op::Service(i, v) => {
+                        let v = v.map(|(vip, two_ports)| {
+                            let mut s = svc(
+                                &format!("s{i}"),
+                                &[&format!("10.96.0.{}", 10 + vip)],
+                                &[("http", TCP, 80), ("dns", UDP, 53)][..1 + usize::from(two_ports)],
+                            );
+                            s.internal_local = two_ports;
+                            s.external_local = i % 2 == 0;
+                            s.health_check_node_port = Some(32000 + i as u16);
+                            s.ports[0].node_port = Some(30080 + i as u16);
+                            s
+                        });
+                        match &v {
+                            Some(v) => services.insert(i, v.clone()),
+                            None => services.remove(&i),
+                        };
+                        c.put_service(key(&format!("s{i}")), v);
+                    }
+                    Op::Slice(i, v) => {
+                        let v = v.map(|(owner, eps)| {
+                            let mut sl = slice(
+                                &format!("s{owner}"),
+                                &[("http", TCP, 8080), ("dns", UDP, 5353)],
+                                eps.iter()
+                                    .map(|(e, ready, term)| ep(&[&format!("10.244.1.{e}")], *ready, *term))
+                                    .collect(),
+                            );
+                            for (e, (n, _, _)) in sl.endpoints.iter_mut().zip(&eps) {
+                                e.node_name = Some(format!("n{}", n % 2 + 1));
+                            }
+                            sl
+                        });
+                        match &v {
+                            Some(v) => slices.insert(i, v.clone()),
+                            None => slices.remove(&i),
+                        };
+                        c.put_slice(key(&format!("slice-{i}")), v);
+                    }
+                }
+                if step % 3 == 0 {
+                    continue; // several changes per compile, too
+                }
+                let (t, _) = c.compile();
+                let svcs: Vec<ServiceView> = services.values().cloned().collect();
+                let sls: Vec<SliceView> = slices.values().cloned().collect();
+                let fresh = ServiceTable::compile_for(&svcs, &sls, &scope);
+                let names = |t: &ServiceTable| (0..t.services() as u32).map(|i| t.service_name(i).map(str::to_string)).collect::<Vec<_>>();
+                proptest::prop_assert_eq!(t.entries(), fresh.entries());
+                proptest::prop_assert_eq!(names(&t), names(&fresh));
+                proptest::prop_assert_eq!(t.steering(), fresh.steering());
+                proptest::prop_assert_eq!(t.health_checks(), fresh.health_checks());
+                // Only the pools the compiled Services hold are kept.
+                let held: BTreeSet<_> = c.fragments.values().flat_map(|f| &f.frontends).flat_map(|(_, f)| {
+                    let mut v = vec![f.backends().to_vec()];
+                    if f.serve != Serve::Cluster { v.push(f.local_backends().to_vec()) }
+                    v
+                }).collect();
+                proptest::prop_assert_eq!(c.pools(), held.len());
+            }
+        }
     }
 }
