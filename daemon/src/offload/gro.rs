@@ -158,13 +158,16 @@ impl Coalescer {
             let f = self.frames[i];
             let at = self.slot_start(i) + f.len - f.hlen;
             // The covered bytes must not reach the frame's own header (compared on landing).
-            if f.open && f.count > 0 && f.len >= 2 * f.hlen && f.hlen <= MAX_COVERED {
-                if at + max_len <= (i + 1) * SLOT {
-                    l.covered[..f.hlen].copy_from_slice(&self.buf[at..at + f.hlen]);
-                    l.covered_len = f.hlen;
-                    l.at = at;
-                    l.onto = Some(i);
-                }
+            if f.open
+                && f.count > 0
+                && f.len >= 2 * f.hlen
+                && f.hlen <= MAX_COVERED
+                && at + max_len <= (i + 1) * SLOT
+            {
+                l.covered[..f.hlen].copy_from_slice(&self.buf[at..at + f.hlen]);
+                l.covered_len = f.hlen;
+                l.at = at;
+                l.onto = Some(i);
             }
         }
         l
