@@ -11,6 +11,9 @@ fn add(acc: u64, v: u64) -> u64 {
 /// the 64-bit accumulator cannot overflow within a block.
 const SUM_BLOCK: usize = 64 * 1024;
 
+/// Inputs up to this long (IP headers, addresses) are summed word by word.
+const SHORT: usize = 64;
+
 /// Adds `data` to a running one's-complement sum (not yet folded) of big-endian 16-bit words.
 ///
 /// The one's-complement sum does not depend on byte order (RFC 1071 section 2.B): the data is
@@ -18,6 +21,18 @@ const SUM_BLOCK: usize = 64 * 1024;
 /// compiler vectorises the loop: about twice as fast as 64-bit words with end-around carries
 /// and a byte swap each), and only the folded 16-bit result is turned to network order.
 pub fn sum(mut acc: u64, data: &[u8]) -> u64 {
+    if data.len() <= SHORT {
+        // Headers and addresses: a few words, summed as they stand (the vector loop's set-up
+        // and the fold would cost more than they save).
+        let mut words = data.chunks_exact(2);
+        for w in &mut words {
+            acc = add(acc, u16::from_be_bytes([w[0], w[1]]) as u64);
+        }
+        if let [b] = words.remainder() {
+            acc = add(acc, (*b as u64) << 8);
+        }
+        return acc;
+    }
     for block in data.chunks(SUM_BLOCK) {
         let mut words = block.chunks_exact(4);
         let mut native: u64 = (&mut words)
