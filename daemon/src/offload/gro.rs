@@ -738,5 +738,33 @@ mod tests {
         }
     }
 
+    /// A packet that continues the newest frame is decrypted where that frame goes on (its
+    /// header over the frame's last bytes), so landing it copies nothing; one that starts a
+    /// frame is decrypted at the next free slot, where it stays.
+    #[test]
+    fn a_continuation_lands_where_its_frame_goes_on() {
+        let mut c = Coalescer::new(4, true);
+        let a = tcp_packet(false, 100, TCP_ACK, &[1; 1000]);
+        let b = tcp_packet(false, 1100, TCP_ACK, &[2; 1000]);
+        let l = c.landing(a.len() + 32);
+        assert_eq!((l.onto, l.at), (None, c.slot_start(0)));
+        c.landing_buf(&l)[..a.len()].copy_from_slice(&a);
+        c.land(l, a.len(), 0);
+        let l = c.landing(b.len() + 32);
+        assert_eq!((l.onto, l.at), (Some(0), c.end_of(0) - 40));
+        c.landing_buf(&l)[..b.len()].copy_from_slice(&b);
+        c.land(l, b.len(), 0);
+        assert_eq!((c.frames.len(), c.frames[0].count), (1, 2));
+        // Ciphertext longer than the slot has room for past the frame: the next free slot.
+        let l = c.landing(SLOT);
+        assert_eq!((l.onto, l.at), (None, c.slot_start(1)));
+        c.abandon(l);
+        let out = frames(&mut c);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].len(), VNET_HDR_LEN + 40 + 2000);
+        assert_eq!(&out[0][VNET_HDR_LEN + 40..VNET_HDR_LEN + 1040], &[1; 1000]);
+        assert_eq!(&out[0][VNET_HDR_LEN + 1040..], &[2; 1000]);
+    }
+
     const HOST: u32 = u32::MAX;
 }
