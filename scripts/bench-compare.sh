@@ -7,11 +7,11 @@
 # `cargo build --release -p kwire-daemon` and `scripts/install-deps.sh --bench`):
 #
 #   PATH="$HOME/.cargo/bin:$PATH" KWIRE=target/release/kwire ROUNDS=5 DURATION=10 \
-#     TESTS="ping tcp1 tcp4 udp udp@500M udp@1G udp@2G udp64" \
+#     TESTS="ping tcp1 tcp4 udp udp@250M udp@500M udp@1G udp@2G udp64" \
 #     RESULTS=bench/results/results-$(date +%Y%m%d-%H%M%S).txt bench/harness/compare.sh
 #
 # The tests: ping; TCP 1 and 4 streams; UDP 1400-byte packets unpaced (received kpps); the
-# same paced at 0.5, 1 and 2 Gbit/s offered (udp_lossfree_gbps: the highest with < 0.1% loss);
+# same paced at 0.25, 0.5, 1 and 2 Gbit/s offered (udp_lossfree_gbps: the highest with < 0.1% loss);
 # 64-byte packets unpaced (udp64_recv_kpps).
 #
 # Overridable: ROUNDS (5), DURATION (10 s per test), KWIRE (target/release/kwire), RESULTS,
@@ -32,7 +32,7 @@ BENCH_DIR=${BENCH_DIR:-$ROOT/bench/harness}
 export KWIRE=${KWIRE:-target/release/kwire}
 export ROUNDS=${ROUNDS:-5}
 export DURATION=${DURATION:-10}
-export TESTS=${TESTS:-ping tcp1 tcp4 udp udp@500M udp@1G udp@2G udp64}
+export TESTS=${TESTS:-ping tcp1 tcp4 udp udp@250M udp@500M udp@1G udp@2G udp64}
 export RESULTS=${RESULTS:-bench/results/results-$(date +%Y%m%d-%H%M%S).txt}
 export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 

@@ -97,6 +97,7 @@ impl Receiver {
             datagrams: data.chunks(seg),
             held: None,
             queued: None,
+            in_dst: false,
         }
     }
 }
@@ -113,6 +114,9 @@ pub struct Message<'r, 's, T> {
     held: Option<Held<'s>>,
     /// After a handshake message: the peer (slot, session index) whose queued packets go out next.
     queued: Option<(u32, u32)>,
+    /// The last step's bytes are in the caller's buffer ([`Message::next_action_into`]), not
+    /// the receive buffer.
+    in_dst: bool,
 }
 
 /// A peer's session held across consecutive datagrams from it, with the bytes to add to its
@@ -148,6 +152,28 @@ impl From<DropReason> for Step {
     }
 }
 
+/// A step as an action, its bytes in `buf`.
+#[inline(always)]
+fn action(step: Step, buf: &[u8]) -> RxAction<'_> {
+    match step {
+        Step::Deliver { to, at } => RxAction::DeliverToPort {
+            to,
+            packet: &buf[at],
+        },
+        Step::Write { at, to } => RxAction::WriteToNetwork {
+            datagram: &buf[at],
+            to,
+        },
+        Step::Answer { reason, at, to } => RxAction::Answer {
+            reason,
+            answer: &buf[at],
+            to,
+        },
+        Step::Done => RxAction::Done,
+        Step::Drop(r) => RxAction::Drop(r),
+    }
+}
+
 /// Where `part` (returned by boringtun from the buffer that started at `base`) lies in it.
 fn range_in(base: usize, part: &[u8]) -> Range<usize> {
     let start = part.as_ptr() as usize - base;
@@ -159,28 +185,34 @@ impl<T> Message<'_, '_, T> {
     /// `Iterator`: each action borrows the receive buffer until the next call.)
     #[inline(always)]
     pub fn next_action(&mut self) -> Option<RxAction<'_>> {
-        let step = self.step()?;
-        Some(match step {
-            Step::Deliver { to, at } => RxAction::DeliverToPort {
-                to,
-                packet: &self.buf[at],
-            },
-            Step::Write { at, to } => RxAction::WriteToNetwork {
-                datagram: &self.buf[at],
-                to,
-            },
-            Step::Answer { reason, at, to } => RxAction::Answer {
-                reason,
-                answer: &self.buf[at],
-                to,
-            },
-            Step::Done => RxAction::Done,
-            Step::Drop(r) => RxAction::Drop(r),
-        })
+        let step = self.step(None)?;
+        Some(action(step, self.buf))
+    }
+
+    /// Like [`Message::next_action`], with a data message decrypted into `dst` instead of the
+    /// receive buffer: a packet to deliver then starts at `dst[0]` (the runtime passes where
+    /// its coalescer would copy the packet to, so the packet needs no copy). `dst` takes any
+    /// datagram no longer than [`Message::next_len`] (shorter: it is dropped as malformed).
+    #[inline(always)]
+    pub fn next_action_into<'x>(&'x mut self, dst: &'x mut [u8]) -> Option<RxAction<'x>> {
+        let step = self.step(Some(&mut *dst))?;
+        let buf: &[u8] = if self.in_dst { dst } else { self.buf };
+        Some(action(step, buf))
+    }
+
+    /// The length of the datagram the next action decides (0 when the next action is a packet
+    /// queued during a handshake, or there is none).
+    #[inline]
+    pub fn next_len(&self) -> usize {
+        if self.queued.is_some() {
+            return 0;
+        }
+        self.datagrams.clone().next().map_or(0, <[u8]>::len)
     }
 
     #[inline(always)]
-    fn step(&mut self) -> Option<Step> {
+    fn step(&mut self, dst: Option<&mut [u8]>) -> Option<Step> {
+        self.in_dst = false;
         if let Some(slot) = self.queued {
             match self.queued_packet(slot) {
                 Some(s) => return Some(s),
@@ -206,7 +238,19 @@ impl<T> Message<'_, '_, T> {
                     rx_bytes: 0,
                 });
             }
-            Some(self.data(d, idx >> 8).unwrap_or_else(Step::from))
+            let step = match dst {
+                Some(out) => {
+                    self.in_dst = true;
+                    self.data(d, idx >> 8, out)
+                }
+                None => {
+                    let out = std::mem::take(&mut self.buf);
+                    let step = self.data(d, idx >> 8, out);
+                    self.buf = out;
+                    step
+                }
+            };
+            Some(step.unwrap_or_else(Step::from))
         } else {
             release(self.snap, self.held.take());
             // Initiations are what a flood sends (anyone may, and each costs a Diffie-Hellman);
@@ -221,19 +265,19 @@ impl<T> Message<'_, '_, T> {
         }
     }
 
-    /// A data message for the held session.
+    /// A data message for the held session, decrypted into `out`; the step's ranges are in it.
     #[inline(always)]
-    fn data(&mut self, d: &[u8], index: u32) -> Result<Step, DropReason> {
+    fn data(&mut self, d: &[u8], index: u32, out: &mut [u8]) -> Result<Step, DropReason> {
         // No UDP datagram is longer, but this function takes any bytes; the check also keeps
         // boringtun, which panics when the ciphertext exceeds the output buffer, safe.
-        if d.len() > MAX_DATAGRAM {
+        if d.len() > MAX_DATAGRAM || d.len() > out.len() {
             return Err(DropReason::Malformed);
         }
         let h = self.held.as_mut().expect("held by step()");
-        let base = self.buf.as_ptr() as usize;
+        let base = out.as_ptr() as usize;
         // The peer's `Tunn` for this index (while keys rotate, a peer has several).
         let tunn = h.st.session(index).ok_or(DropReason::UnknownSession)?;
-        let (at, inner_src) = match tunn.decapsulate(Some(self.src.ip()), d, self.buf) {
+        let (at, inner_src) = match tunn.decapsulate(Some(self.src.ip()), d, out) {
             TunnResult::WriteToTunnelV4(p, a) => (range_in(base, p), IpAddr::V4(a)),
             TunnResult::WriteToTunnelV6(p, a) => (range_in(base, p), IpAddr::V6(a)),
             TunnResult::Done => {
@@ -258,13 +302,13 @@ impl<T> Message<'_, '_, T> {
         if self.snap.routes.lookup(inner_src) != Some(h.slot) {
             return Err(DropReason::NotAllowedIp);
         }
-        let pkt = &self.buf[at.clone()];
+        let pkt = &out[at.clone()];
         let (_, dst) = addresses(pkt).ok_or(DropReason::NoRoute)?;
         let to = route::decrypted(self.ctx.local, dst)?;
         policy::ingress(self.ctx.local, to, false, pkt)?;
         // A reply from a Service's backend on another node: policy judged the real
         // addresses, the client sees the Service's. (Decrypted packets carry full checksums.)
-        service::reverse(self.ctx.local, &mut self.buf[at.clone()], false);
+        service::reverse(self.ctx.local, &mut out[at.clone()], false);
         Ok(Step::Deliver { to, at })
     }
 

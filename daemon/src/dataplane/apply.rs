@@ -109,7 +109,8 @@ impl TxPath {
 }
 
 /// Per-worker state for network -> tun: decrypted packets wait in the coalescer (TCP
-/// segments merged) and replies in `replies` until [`RxPath::finish`].
+/// segments merged; each is decrypted straight into it) and replies in `replies` until
+/// [`RxPath::finish`].
 pub struct RxPath {
     receiver: Receiver,
     coalescer: Coalescer,
@@ -151,14 +152,23 @@ impl RxPath {
             delivered,
         } = self;
         let mut m = receiver.message(ctx, src, data, segment);
-        while let Some(a) = m.next_action() {
+        loop {
+            if coalescer.is_full() {
+                coalescer.drain_tagged(|t, f| io.write_tun(port(t), f));
+            }
+            // Decrypted where the coalescer would copy the packet to: no copy when it continues
+            // the frame it landed on (or starts one), one as before otherwise.
+            let landing = coalescer.landing(m.next_len());
+            let Some(a) = m.next_action_into(coalescer.landing_buf(&landing)) else {
+                coalescer.abandon(landing);
+                break;
+            };
             match a {
                 RxAction::DeliverToPort { to, packet } => {
-                    if coalescer.is_full() {
-                        coalescer.drain_tagged(|t, f| io.write_tun(port(t), f));
-                    }
-                    coalescer.push_tagged(packet, tag(to));
+                    let len = packet.len();
+                    coalescer.land(landing, len, tag(to));
                     *delivered += 1;
+                    continue;
                 }
                 RxAction::WriteToNetwork { datagram, to } => reply(replies, datagram, to, io),
                 RxAction::Answer { reason, answer, to } => {
@@ -168,6 +178,7 @@ impl RxPath {
                 RxAction::Done => {}
                 RxAction::Drop(r) => ctx.counters.drop(r),
             }
+            coalescer.abandon(landing);
         }
     }
 

@@ -7,23 +7,43 @@ fn add(acc: u64, v: u64) -> u64 {
     s + carry as u64
 }
 
-/// Adds `data` to a running one's-complement sum (not yet folded).
+/// Bytes summed between two folds in [`sum`]: 16 Ki 32-bit words add up to less than 2^48, so
+/// the 64-bit accumulator cannot overflow within a block.
+const SUM_BLOCK: usize = 64 * 1024;
+
+/// Inputs up to this long (IP headers, addresses) are summed word by word.
+const SHORT: usize = 64;
+
+/// Adds `data` to a running one's-complement sum (not yet folded) of big-endian 16-bit words.
+///
+/// The one's-complement sum does not depend on byte order (RFC 1071 section 2.B): the data is
+/// added as native 32-bit words into a 64-bit accumulator (no carries to track, so the
+/// compiler vectorises the loop: about twice as fast as 64-bit words with end-around carries
+/// and a byte swap each), and only the folded 16-bit result is turned to network order.
 pub fn sum(mut acc: u64, data: &[u8]) -> u64 {
-    let mut chunks = data.chunks_exact(8);
-    for c in &mut chunks {
-        acc = add(
-            acc,
-            u64::from_be_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]),
-        );
+    if data.len() <= SHORT {
+        // Headers and addresses: a few words, summed as they stand (the vector loop's set-up
+        // and the fold would cost more than they save).
+        let mut words = data.chunks_exact(2);
+        for w in &mut words {
+            acc = add(acc, u16::from_be_bytes([w[0], w[1]]) as u64);
+        }
+        if let [b] = words.remainder() {
+            acc = add(acc, (*b as u64) << 8);
+        }
+        return acc;
     }
-    let rest = chunks.remainder();
-    let mut i = 0;
-    while i + 1 < rest.len() {
-        acc = add(acc, u16::from_be_bytes([rest[i], rest[i + 1]]) as u64);
-        i += 2;
-    }
-    if i < rest.len() {
-        acc = add(acc, (rest[i] as u64) << 8);
+    for block in data.chunks(SUM_BLOCK) {
+        let mut words = block.chunks_exact(4);
+        let mut native: u64 = (&mut words)
+            .map(|w| u32::from_ne_bytes([w[0], w[1], w[2], w[3]]) as u64)
+            .sum();
+        // An odd tail byte is the high byte of a zero-padded word, as in network order.
+        let rest = words.remainder();
+        let mut tail = [0u8; 4];
+        tail[..rest.len()].copy_from_slice(rest);
+        native += u32::from_ne_bytes(tail) as u64;
+        acc = add(acc, u16::from_be(fold(native)) as u64);
     }
     acc
 }
@@ -105,6 +125,46 @@ mod tests {
         assert_eq!(fold(pseudo_header(&all_ones, &all_ones, 6, 100)), 106);
         // All ones is zero in one's complement: 0x1234 + 0x5600 either way.
         assert_eq!(fold(sum(u64::MAX, &[0x12, 0x34, 0x56])), 0x6834);
+    }
+
+    /// The word-at-a-time sum in native order agrees with RFC 1071's big-endian 16-bit sum at
+    /// every length, alignment and starting sum, also past one block and for all-ones data
+    /// (one's-complement "negative zero").
+    #[test]
+    fn native_order_sum_agrees_with_big_endian_words() {
+        fn reference(mut acc: u64, d: &[u8]) -> u64 {
+            for c in d.chunks(2) {
+                acc = add(
+                    acc,
+                    u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]) as u64,
+                );
+            }
+            acc
+        }
+        let data: Vec<u8> = (0..(SUM_BLOCK as u32 * 2 + 64))
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let ones = vec![0xffu8; SUM_BLOCK + 9];
+        for start in [0u64, 1, 0xffff, 0x1_0000_0000, u64::MAX - 7, u64::MAX] {
+            for off in 0..4 {
+                for n in (0..80).chain([1399, 1400, 9000, SUM_BLOCK - 1, SUM_BLOCK + 3]) {
+                    let d = &data[off..off + n];
+                    assert_eq!(
+                        fold(sum(start, d)),
+                        fold(reference(start, d)),
+                        "{start} {off} {n}"
+                    );
+                    let o = &ones[off..off + n];
+                    assert_eq!(
+                        fold(sum(start, o)),
+                        fold(reference(start, o)),
+                        "ones {off} {n}"
+                    );
+                }
+            }
+        }
+        let all = &data[..];
+        assert_eq!(fold(sum(3, all)), fold(reference(3, all)));
     }
 
     #[test]

@@ -52,8 +52,36 @@ struct Frame {
     next_seq: u32,
 }
 
-/// Slot size: header room plus the largest packet.
-const SLOT: usize = VNET_HDR_LEN + MAX_MERGED;
+/// Room past a slot's largest packet: a packet decrypted in place ([`Coalescer::landing`]) needs
+/// room for its ciphertext, up to 31 bytes longer (padding to 16 bytes, the 16-byte tag).
+const TAIL_ROOM: usize = 64;
+
+/// Slot size: header room, the largest packet, the tail room.
+const SLOT: usize = VNET_HDR_LEN + MAX_MERGED + TAIL_ROOM;
+
+/// Bytes of a frame's tail a landing may cover (and keeps to put back): the longest header
+/// that merges (IPv6 and a TCP header with 40 bytes of options: 100).
+const MAX_COVERED: usize = 128;
+
+/// Where a packet is decrypted straight into the coalescer ([`Coalescer::landing`]), and the
+/// bytes of the frame it covers until it is landed or abandoned.
+pub struct Landing {
+    at: usize,
+    /// The frame whose continuation the packet would be, its payload decrypted right where
+    /// that frame goes on; `None`: at the start of the next free slot.
+    onto: Option<usize>,
+    covered: [u8; MAX_COVERED],
+    covered_len: usize,
+}
+
+/// Where a pushed packet goes, besides a frame of its own.
+enum Found {
+    /// It continues frame `i`.
+    Append(usize),
+    /// Frame `i` is the same flow but the packet does not continue it: the frame is closed.
+    Close(usize),
+    Nothing,
+}
 
 impl Coalescer {
     /// `capacity` frames; `vnet_hdr` says whether frames carry a virtio-net header (and so
@@ -95,58 +123,186 @@ impl Coalescer {
         if pkt.len() > MAX_MERGED {
             return;
         }
-        let cand = if self.enabled {
+        let cand = self.candidate(pkt);
+        if let Some(c) = cand {
+            match self.find(pkt, &c, tag) {
+                Found::Append(i) => {
+                    let at = self.end_of(i);
+                    self.buf[at..at + c.payload].copy_from_slice(&pkt[c.hlen..]);
+                    self.appended(i, &c);
+                    return;
+                }
+                Found::Close(i) => self.frames[i].open = false,
+                Found::Nothing => {}
+            }
+        }
+        let start = self.slot_start(self.frames.len());
+        self.buf[start..start + pkt.len()].copy_from_slice(pkt);
+        self.new_frame(pkt.len(), tag, cand);
+    }
+
+    /// Where to decrypt a packet whose ciphertext is at most `max_len` bytes so that it needs
+    /// no copy ([`Coalescer::landing_buf`]): over the tail of the newest open frame, its header
+    /// on the frame's last bytes (kept aside) and its payload where the frame goes on, when
+    /// there is room; else at the start of the next free slot. Call when not full, and give
+    /// the landing back ([`Coalescer::land`] or [`Coalescer::abandon`]) before anything else.
+    pub fn landing(&mut self, max_len: usize) -> Landing {
+        debug_assert!(!self.is_full());
+        let mut l = Landing {
+            at: self.slot_start(self.frames.len()),
+            onto: None,
+            covered: [0; MAX_COVERED],
+            covered_len: 0,
+        };
+        if let Some(i) = self.frames.len().checked_sub(1) {
+            let f = self.frames[i];
+            let at = self.slot_start(i) + f.len - f.hlen;
+            // The covered bytes must not reach the frame's own header (compared on landing).
+            if f.open
+                && f.count > 0
+                && f.len >= 2 * f.hlen
+                && f.hlen <= MAX_COVERED
+                && at + max_len <= (i + 1) * SLOT
+            {
+                l.covered[..f.hlen].copy_from_slice(&self.buf[at..at + f.hlen]);
+                l.covered_len = f.hlen;
+                l.at = at;
+                l.onto = Some(i);
+            }
+        }
+        l
+    }
+
+    /// The bytes a packet may be decrypted into at `l` (to the end of its slot: at least the
+    /// `max_len` the landing was asked for, and at least 65535 bytes at a free slot's start).
+    pub fn landing_buf(&mut self, l: &Landing) -> &mut [u8] {
+        let end = (l.at / SLOT + 1) * SLOT;
+        &mut self.buf[l.at..end]
+    }
+
+    /// The packet of `len` bytes decrypted at `l` goes to destination `tag`: where it landed
+    /// if it continues that frame (nothing copied), else moved as [`Coalescer::push_tagged`]
+    /// would place it, and the covered bytes put back.
+    pub fn land(&mut self, l: Landing, len: usize, tag: u32) {
+        let pkt = l.at..l.at + len;
+        let Some(i) = l.onto else {
+            return self.settle(len, tag);
+        };
+        if let Some(c) = self.candidate(&self.buf[pkt.clone()]) {
+            let f = self.frames[i];
+            let head = self.slot_start(i);
+            let head = &self.buf[head..head + f.hlen];
+            if f.tag == tag
+                && c.hlen == f.hlen
+                && same_flow(head, &self.buf[pkt.clone()], &f, &c)
+                && self.can_append(i, &c)
+            {
+                // Its payload is where frame i goes on; its header covered the frame's tail.
+                self.uncover(&l);
+                self.appended(i, &c);
+                return;
+            }
+        }
+        let to = self.slot_start(self.frames.len());
+        self.buf.copy_within(pkt, to);
+        self.uncover(&l);
+        self.settle(len, tag);
+    }
+
+    /// Gives back a landing whose packet is not delivered (dropped, or a reply).
+    pub fn abandon(&mut self, l: Landing) {
+        self.uncover(&l);
+    }
+
+    fn uncover(&mut self, l: &Landing) {
+        self.buf[l.at..l.at + l.covered_len].copy_from_slice(&l.covered[..l.covered_len]);
+    }
+
+    /// The packet of `len` bytes at the start of the next free slot: merged into the frame it
+    /// continues (its payload copied there), or a frame of its own where it is.
+    fn settle(&mut self, len: usize, tag: u32) {
+        if len > MAX_MERGED {
+            return;
+        }
+        let start = self.slot_start(self.frames.len());
+        let pkt = start..start + len;
+        let cand = self.candidate(&self.buf[pkt.clone()]);
+        if let Some(c) = cand {
+            match self.find(&self.buf[pkt.clone()], &c, tag) {
+                Found::Append(i) => {
+                    let at = self.end_of(i);
+                    self.buf.copy_within(start + c.hlen..pkt.end, at);
+                    self.appended(i, &c);
+                    return;
+                }
+                Found::Close(i) => self.frames[i].open = false,
+                Found::Nothing => {}
+            }
+        }
+        self.new_frame(len, tag, cand);
+    }
+
+    /// Start of frame `i`'s packet in `buf`.
+    fn slot_start(&self, i: usize) -> usize {
+        i * SLOT + self.hdr_room
+    }
+
+    /// Where frame `i` goes on.
+    fn end_of(&self, i: usize) -> usize {
+        self.slot_start(i) + self.frames[i].len
+    }
+
+    fn candidate(&self, pkt: &[u8]) -> Option<Candidate> {
+        if self.enabled {
             candidate(pkt, self.udp)
         } else {
             None
-        };
-        if let Some(c) = cand {
-            let n = self.frames.len();
-            for i in (n.saturating_sub(SEARCH_DEPTH)..n).rev() {
-                if !self.frames[i].open || self.frames[i].tag != tag {
-                    continue;
-                }
-                let start = i * SLOT + self.hdr_room;
-                let f = self.frames[i];
-                let head = &self.buf[start..start + f.hlen];
-                if !same_flow(head, pkt, &f, &c) {
-                    continue;
-                }
-                if self.can_append(i, &c) {
-                    let at = start + f.len;
-                    self.buf[at..at + c.payload].copy_from_slice(&pkt[c.hlen..]);
-                    let f = &mut self.frames[i];
-                    f.len += c.payload;
-                    f.count += 1;
-                    f.next_seq = c.seq.wrapping_add(c.payload as u32);
-                    if c.payload < f.mss
-                        || c.flags & TCP_PSH != 0
-                        || (c.udp && f.count == MAX_UDP_SEGMENTS)
-                    {
-                        f.open = false;
-                    }
-                    if c.flags & TCP_PSH != 0 {
-                        self.buf[start + f.l4 + 13] |= TCP_PSH;
-                    }
-                    return;
-                }
-                // Same flow but not contiguous: stop extending the old frame, keep order.
-                self.frames[i].open = false;
-                break;
-            }
         }
-        let i = self.frames.len();
-        let start = i * SLOT + self.hdr_room;
-        self.buf[start..start + pkt.len()].copy_from_slice(pkt);
-        let mut f = Frame {
-            len: pkt.len(),
-            tag,
-            ..Frame::default()
-        };
-        if let Some(c) = cand {
-            f = Frame {
+    }
+
+    /// The recent open frame of `tag` of the same flow as `pkt`, if any, and whether `pkt`
+    /// continues it.
+    fn find(&self, pkt: &[u8], c: &Candidate, tag: u32) -> Found {
+        let n = self.frames.len();
+        for i in (n.saturating_sub(SEARCH_DEPTH)..n).rev() {
+            let f = &self.frames[i];
+            if !f.open || f.tag != tag {
+                continue;
+            }
+            let start = self.slot_start(i);
+            if !same_flow(&self.buf[start..start + f.hlen], pkt, f, c) {
+                continue;
+            }
+            if self.can_append(i, c) {
+                return Found::Append(i);
+            }
+            // Same flow but not contiguous: stop extending the old frame, keep order.
+            return Found::Close(i);
+        }
+        Found::Nothing
+    }
+
+    /// Frame `i` took `c`'s payload at its end.
+    fn appended(&mut self, i: usize, c: &Candidate) {
+        let start = self.slot_start(i);
+        let f = &mut self.frames[i];
+        f.len += c.payload;
+        f.count += 1;
+        f.next_seq = c.seq.wrapping_add(c.payload as u32);
+        if c.payload < f.mss || c.flags & TCP_PSH != 0 || (c.udp && f.count == MAX_UDP_SEGMENTS) {
+            f.open = false;
+        }
+        if c.flags & TCP_PSH != 0 {
+            self.buf[start + f.l4 + 13] |= TCP_PSH;
+        }
+    }
+
+    /// A frame of its own for the packet of `len` bytes at the next free slot's start.
+    fn new_frame(&mut self, len: usize, tag: u32, cand: Option<Candidate>) {
+        let f = match cand {
+            Some(c) => Frame {
                 tag,
-                len: pkt.len(),
+                len,
                 open: c.flags & TCP_PSH == 0,
                 v6: c.v6,
                 udp: c.udp,
@@ -155,8 +311,13 @@ impl Coalescer {
                 mss: c.payload,
                 count: 1,
                 next_seq: c.seq.wrapping_add(c.payload as u32),
-            };
-        }
+            },
+            None => Frame {
+                len,
+                tag,
+                ..Frame::default()
+            },
+        };
         self.frames.push(f);
     }
 
@@ -342,7 +503,7 @@ fn finish_merged(pkt: &mut [u8], f: &Frame) -> VnetHdr {
 mod tests {
     use super::*;
     use crate::offload::checksum::sum;
-    use crate::offload::tso::{self, tests::tcp_packet};
+    use crate::offload::tso::{self, tests::tcp_packet, tests::udp_packet};
 
     fn frames(c: &mut Coalescer) -> Vec<Vec<u8>> {
         let mut out = Vec::new();
@@ -515,4 +676,95 @@ mod tests {
         assert_eq!(out[0].len(), VNET_HDR_LEN + 40 + 1000);
         assert_eq!(&out[1][VNET_HDR_LEN..], &b1[..]);
     }
+
+    /// Packets decrypted straight into the coalescer ([`Coalescer::landing`], then `land` or
+    /// `abandon`) come out exactly as the same packets pushed ([`Coalescer::push_tagged`]):
+    /// several flows interleaved (some with a gap), other tags, packets that do not merge,
+    /// replies abandoned in between, frames filled up to the largest merge, with and without
+    /// virtio-net headers and UDP merging.
+    #[test]
+    fn packets_landed_in_place_come_out_as_packets_pushed() {
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        for (vnet, uso) in [(true, false), (true, true), (false, false)] {
+            for _ in 0..40 {
+                let mut pushed = Coalescer::new(16, vnet).with_udp(uso);
+                let mut landed = Coalescer::new(16, vnet).with_udp(uso);
+                let mut seqs = [1000u32; 3];
+                let (mut out_p, mut out_l) = (Vec::new(), Vec::new());
+                for _ in 0..400 {
+                    let flow = next(3) as usize;
+                    let len = [1368, 1368, 1368, 700, 0][next(5) as usize];
+                    let payload: Vec<u8> = (0..len).map(|_| next(256) as u8).collect();
+                    let mut p = match next(12) {
+                        0 => udp_packet(flow == 1, &payload),
+                        1 => tcp_packet(false, seqs[flow] + 7, TCP_ACK, &payload), // a gap
+                        2 => tcp_packet(false, seqs[flow], TCP_ACK | TCP_PSH, &payload),
+                        _ => tcp_packet(flow == 2, seqs[flow], TCP_ACK, &payload),
+                    };
+                    if p[0] >> 4 == 4 && p[9] == PROTO_TCP {
+                        p[21] = flow as u8; // source port: the flow (checksums are not checked)
+                    }
+                    seqs[flow] = seqs[flow].wrapping_add(len as u32);
+                    let tag = if next(10) == 0 { 7 } else { HOST };
+                    if pushed.is_full() {
+                        pushed.drain_tagged(|t, f| out_p.push((t, f.to_vec())));
+                        landed.drain_tagged(|t, f| out_l.push((t, f.to_vec())));
+                    }
+                    let l = landed.landing(p.len() + 32);
+                    let room = landed.landing_buf(&l);
+                    assert!(room.len() >= p.len() + 32);
+                    room[..p.len()].copy_from_slice(&p);
+                    if next(8) == 0 {
+                        landed.abandon(l); // a reply, a drop: nothing delivered
+                        continue;
+                    }
+                    landed.land(l, p.len(), tag);
+                    pushed.push_tagged(&p, tag);
+                }
+                pushed.drain_tagged(|t, f| out_p.push((t, f.to_vec())));
+                landed.drain_tagged(|t, f| out_l.push((t, f.to_vec())));
+                assert!(out_p.len() < 400 || !vnet, "some packets merged");
+                assert_eq!(out_p.len(), out_l.len());
+                for (a, b) in out_p.iter().zip(&out_l) {
+                    assert!(a == b, "frames differ");
+                }
+            }
+        }
+    }
+
+    /// A packet that continues the newest frame is decrypted where that frame goes on (its
+    /// header over the frame's last bytes), so landing it copies nothing; one that starts a
+    /// frame is decrypted at the next free slot, where it stays.
+    #[test]
+    fn a_continuation_lands_where_its_frame_goes_on() {
+        let mut c = Coalescer::new(4, true);
+        let a = tcp_packet(false, 100, TCP_ACK, &[1; 1000]);
+        let b = tcp_packet(false, 1100, TCP_ACK, &[2; 1000]);
+        let l = c.landing(a.len() + 32);
+        assert_eq!((l.onto, l.at), (None, c.slot_start(0)));
+        c.landing_buf(&l)[..a.len()].copy_from_slice(&a);
+        c.land(l, a.len(), 0);
+        let l = c.landing(b.len() + 32);
+        assert_eq!((l.onto, l.at), (Some(0), c.end_of(0) - 40));
+        c.landing_buf(&l)[..b.len()].copy_from_slice(&b);
+        c.land(l, b.len(), 0);
+        assert_eq!((c.frames.len(), c.frames[0].count), (1, 2));
+        // Ciphertext longer than the slot has room for past the frame: the next free slot.
+        let l = c.landing(SLOT);
+        assert_eq!((l.onto, l.at), (None, c.slot_start(1)));
+        c.abandon(l);
+        let out = frames(&mut c);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].len(), VNET_HDR_LEN + 40 + 2000);
+        assert_eq!(&out[0][VNET_HDR_LEN + 40..VNET_HDR_LEN + 1040], &[1; 1000]);
+        assert_eq!(&out[0][VNET_HDR_LEN + 1040..], &[2; 1000]);
+    }
+
+    const HOST: u32 = u32::MAX;
 }
