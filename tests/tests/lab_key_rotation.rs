@@ -551,6 +551,16 @@ fn rotation_loses_nothing_resumes_after_sigkill_and_revocation_locks_the_old_key
     );
     wait_until(Duration::from_secs(60), "a full mesh", || lab.full_mesh());
     let ns = nodes(&lab);
+    // A pod's tun holds half a second of its two streams while the loaded machine deschedules
+    // the agent (the kernel's default of 500 frames overflowed in a quarter second).
+    for n in &ns {
+        let link = std::process::Command::new("ip")
+            .args(["-n", &n.pod_ns, "link", "show", "dev", "eth0"])
+            .output()
+            .expect("ip link");
+        let link = String::from_utf8_lossy(&link.stdout).into_owned();
+        assert!(link.contains("qlen 1000"), "{}: pod link {link}", n.name);
+    }
     let capture = BridgeCapture::start(&lab, &scratch, "underlay", UNDERLAY_FILTER);
 
     // 1. Node 1 rotates; then all three at once. Not a datagram lost.

@@ -357,23 +357,19 @@ fn data_both_ways_survives_every_step_of_a_peer_rotation() {
     );
     let flows = |a: &mut Node, b: &mut Node, step: &str| {
         for _ in 0..3 {
-            let d = b.send([10, 99, 0, 2], [10, 99, 0, 1]);
-            let d = d.unwrap_or_else(|| panic!("{step}: B has no session to send on"));
-            let (_, at_a) = exchange(b, a, vec![d]);
-            assert_eq!(
-                at_a,
-                1,
-                "{step}: B -> A lost; A's drops: {:?}",
-                drops(&a.counters)
+            one_way(
+                b,
+                a,
+                [10, 99, 0, 2],
+                [10, 99, 0, 1],
+                &format!("{step}: B -> A"),
             );
-            let d = a.send([10, 99, 0, 1], [10, 99, 0, 2]);
-            let d = d.unwrap_or_else(|| panic!("{step}: A has no session to send on"));
-            let (_, at_b) = exchange(a, b, vec![d]);
-            assert_eq!(
-                at_b,
-                1,
-                "{step}: A -> B lost; B's drops: {:?}",
-                drops(&b.counters)
+            one_way(
+                a,
+                b,
+                [10, 99, 0, 1],
+                [10, 99, 0, 2],
+                &format!("{step}: A -> B"),
             );
         }
     };
@@ -420,6 +416,19 @@ fn data_both_ways_survives_every_step_of_a_peer_rotation() {
     change.next_public_key = Some(None);
     a.dev.apply_peer_changes(vec![change]);
     flows(&mut a, &mut b, "A renamed B");
+}
+
+/// A packet from `from` (inner source `src`) reaches `to`'s host.
+fn one_way(from: &mut Node, to: &mut Node, src: [u8; 4], dst: [u8; 4], what: &str) {
+    let d = from.send(src, dst);
+    let d = d.unwrap_or_else(|| panic!("{what}: no session to send on"));
+    let (_, delivered) = exchange(from, to, vec![d]);
+    assert_eq!(
+        delivered,
+        1,
+        "{what}: lost; drops: {:?}",
+        drops(&to.counters)
+    );
 }
 
 fn drops(c: &Counters) -> Vec<(DropReason, u64)> {
