@@ -363,7 +363,14 @@ fn start_traffic(ns: &[Node], round: u16) -> (Vec<UdpStream>, Vec<TcpTransfer>) 
 /// Stops the traffic: every UDP datagram arrived (streams to or from the node named
 /// `killed`, whose agent was killed, may lose what its restart costs) and every TCP transfer
 /// is intact.
-fn finish_traffic(phase: &str, udp: Vec<UdpStream>, tcp: Vec<TcpTransfer>, killed: Option<&str>) {
+fn finish_traffic(
+    lab: &Lab,
+    ns: &[Node],
+    phase: &str,
+    udp: Vec<UdpStream>,
+    tcp: Vec<TcpTransfer>,
+    killed: Option<&str>,
+) {
     for s in udp {
         let what = s.what.clone();
         let (sent, lost) = s.finish();
@@ -378,9 +385,10 @@ fn finish_traffic(phase: &str, udp: Vec<UdpStream>, tcp: Vec<TcpTransfer>, kille
         };
         assert!(
             lost.len() <= allowed_loss,
-            "{phase}: {what}: {} of {sent} datagrams lost (first: {:?})",
+            "{phase}: {what}: {} of {sent} datagrams lost (first: {:?})\n{}",
             lost.len(),
-            &lost[..lost.len().min(10)]
+            &lost[..lost.len().min(10)],
+            drop_counters(lab, ns)
         );
     }
     for t in tcp {
@@ -393,6 +401,31 @@ fn finish_traffic(phase: &str, udp: Vec<UdpStream>, tcp: Vec<TcpTransfer>, kille
             "{phase}: {what}: bytes written vs received intact"
         );
     }
+}
+
+/// Every node's drop and handshake counters (`/metrics`), for a failure message: where the
+/// lost datagrams went.
+fn drop_counters(lab: &Lab, ns: &[Node]) -> String {
+    let mut out = String::new();
+    for n in ns {
+        let m = lab.exec(&n.name, &["curl", "-sf", "http://127.0.0.1:9742/metrics"]);
+        let text = String::from_utf8_lossy(&m.stdout);
+        out.push_str(&format!("{} counters:\n", n.name));
+        for l in text.lines().filter(|l| {
+            (l.starts_with("kwire_drops_total") || l.starts_with("kwire_peer_handshakes_total"))
+                && !l.ends_with(" 0")
+        }) {
+            out.push_str(&format!("  {l}\n"));
+        }
+        // The pod's link: packets the kernel dropped before the agent read them.
+        if let Ok(o) = std::process::Command::new("ip")
+            .args(["-n", &n.pod_ns, "-s", "link"])
+            .output()
+        {
+            out.push_str(&String::from_utf8_lossy(&o.stdout));
+        }
+    }
+    out
 }
 
 /// Waits until every stream carried a second of traffic (after a start or a restart).
@@ -518,6 +551,16 @@ fn rotation_loses_nothing_resumes_after_sigkill_and_revocation_locks_the_old_key
     );
     wait_until(Duration::from_secs(60), "a full mesh", || lab.full_mesh());
     let ns = nodes(&lab);
+    // A pod's tun holds half a second of its two streams while the loaded machine deschedules
+    // the agent (the kernel's default of 500 frames overflowed in a quarter second).
+    for n in &ns {
+        let link = std::process::Command::new("ip")
+            .args(["-n", &n.pod_ns, "link", "show", "dev", "eth0"])
+            .output()
+            .expect("ip link");
+        let link = String::from_utf8_lossy(&link.stdout).into_owned();
+        assert!(link.contains("qlen 1000"), "{}: pod link {link}", n.name);
+    }
     let capture = BridgeCapture::start(&lab, &scratch, "underlay", UNDERLAY_FILTER);
 
     // 1. Node 1 rotates; then all three at once. Not a datagram lost.
@@ -539,7 +582,7 @@ fn rotation_loses_nothing_resumes_after_sigkill_and_revocation_locks_the_old_key
         }
         assert_rotated(&lab, &ns, &rotating, &old);
         wait_flowing(&udp);
-        finish_traffic(&phase, udp, tcp, None);
+        finish_traffic(&lab, &ns, &phase, udp, tcp, None);
     }
 
     // 2. SIGKILL of node 2's agent right after its rotation started: the next key is on
@@ -553,7 +596,14 @@ fn rotation_loses_nothing_resumes_after_sigkill_and_revocation_locks_the_old_key
     lab.signal_agents(&[ns[1].name.as_str()], Signal::SIGKILL, RESTART);
     assert_rotated(&lab, &ns, &[&ns[1]], &old);
     wait_flowing(&udp);
-    finish_traffic("SIGKILL during a rotation", udp, tcp, Some(&ns[1].name));
+    finish_traffic(
+        &lab,
+        &ns,
+        "SIGKILL during a rotation",
+        udp,
+        tcp,
+        Some(&ns[1].name),
+    );
 
     // 3. Node 3 revokes its key. A wireguard-go process on the underlay holding the revoked
     // private key cannot complete a handshake with any node.
@@ -628,7 +678,7 @@ fn rotation_loses_nothing_resumes_after_sigkill_and_revocation_locks_the_old_key
     );
     let (udp, tcp) = start_traffic(&ns, 3);
     wait_flowing(&udp);
-    finish_traffic("after the revocation", udp, tcp, None);
+    finish_traffic(&lab, &ns, "after the revocation", udp, tcp, None);
 
     drop(wg);
     let lines = capture.stop();

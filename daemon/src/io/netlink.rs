@@ -84,6 +84,9 @@ impl std::fmt::Display for Route {
 pub enum Request {
     /// Set the link up, with this MTU if given.
     LinkUp { index: u32, mtu: Option<u32> },
+    /// Set the link's transmit queue length (for a tun: the frames the kernel holds for its
+    /// reader).
+    LinkTxQueueLen { index: u32, len: u32 },
     /// Delete the link.
     LinkDel { index: u32 },
     /// Add the address (with its prefix) to the link, or update it if present. `nodad`: IPv6
@@ -112,6 +115,9 @@ impl std::fmt::Display for Request {
                     write!(f, " mtu {m}")?;
                 }
                 Ok(())
+            }
+            Request::LinkTxQueueLen { index, len } => {
+                write!(f, "link set #{index} txqueuelen {len}")
             }
             Request::LinkDel { index } => write!(f, "link del #{index}"),
             Request::AddrReplace { index, addr, .. } => {
@@ -533,6 +539,12 @@ fn encode(r: &Request) -> (u16, RouteNetlinkMessage) {
             }
             (0, RouteNetlinkMessage::SetLink(m))
         }
+        Request::LinkTxQueueLen { index, len } => {
+            let mut m = LinkMessage::default();
+            m.header.index = *index;
+            m.attributes.push(LinkAttribute::TxQueueLen(*len));
+            (0, RouteNetlinkMessage::SetLink(m))
+        }
         Request::LinkDel { index } => {
             let mut m = LinkMessage::default();
             m.header.index = *index;
@@ -638,6 +650,14 @@ mod tests {
             }
             .to_string(),
             "link set #2 up mtu 1420"
+        );
+        assert_eq!(
+            Request::LinkTxQueueLen {
+                index: 2,
+                len: 1000
+            }
+            .to_string(),
+            "link set #2 txqueuelen 1000"
         );
     }
 }

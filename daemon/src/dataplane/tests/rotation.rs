@@ -252,3 +252,189 @@ fn revoked_key_loses_its_session_and_cannot_handshake_again() {
     rx.finish(&counters, &mut io);
     assert_eq!(counters.drops(DropReason::Handshake), before + 1);
 }
+
+/// One node of a two-node simulation: its device and receive side.
+struct Node {
+    dev: Device,
+    addr: SocketAddr,
+    counters: Counters,
+    limiter: SourceLimiter,
+    rx: RxPath,
+}
+
+impl Node {
+    fn new(
+        own: &PrivateKey,
+        peer: &PrivateKey,
+        peer_allowed: &str,
+        addr: &str,
+        peer_addr: &str,
+    ) -> Node {
+        Node {
+            dev: device(own, peer, peer_allowed, peer_addr),
+            addr: addr.parse().unwrap(),
+            counters: Counters::default(),
+            limiter: SourceLimiter::default(),
+            rx: RxPath::new(false),
+        }
+    }
+
+    /// Takes `datagrams` from `from`: (packets delivered to the host, datagrams sent back).
+    fn take(&mut self, from: SocketAddr, datagrams: &[Vec<u8>]) -> (usize, Vec<Vec<u8>>) {
+        let snap = self.dev.snapshot();
+        let ctx = Ctx::host_only(&snap, &self.counters, &self.limiter, Instant::now(), false);
+        let mut io = Capture::default();
+        for d in datagrams {
+            self.rx.message(&ctx, from, d, None, &mut io);
+        }
+        self.rx.finish(&self.counters, &mut io);
+        (io.tun.len(), io.udp.into_iter().map(|(_, d)| d).collect())
+    }
+
+    /// A packet from `src` encrypted on the session the node sends on (None: queued).
+    fn send(&self, src: [u8; 4], dst: [u8; 4]) -> Option<Vec<u8>> {
+        let snap = self.dev.snapshot();
+        let mut st = snap.peers[0].lock();
+        let mut buf = vec![0u8; 2048];
+        match st.tunn.encapsulate(&udp4(src, dst), &mut buf) {
+            TunnResult::WriteToNetwork(d) if d[0] == 4 => Some(d.to_vec()),
+            _ => None,
+        }
+    }
+
+    /// The node's timers, once: what they send.
+    fn tick(&self) -> Vec<Vec<u8>> {
+        let snap = self.dev.snapshot();
+        let mut out = TxBatch::new(64 * 1024, 64);
+        timers::tick(&snap.peers[0], &mut out);
+        out.datagrams().map(|(_, d)| d.to_vec()).collect()
+    }
+}
+
+/// Carries datagrams between `a` and `b` (starting with `a_out`, sent by `a`) until neither
+/// answers; packets delivered to each side's host.
+fn exchange(a: &mut Node, b: &mut Node, a_out: Vec<Vec<u8>>) -> (usize, usize) {
+    let (mut to_b, mut to_a) = (a_out, Vec::new());
+    let (mut at_a, mut at_b) = (0, 0);
+    for _ in 0..8 {
+        let (n, back) = b.take(a.addr, &to_b);
+        at_b += n;
+        to_a = [to_a, back].concat();
+        let (n, back) = a.take(b.addr, &to_a);
+        at_a += n;
+        to_b = back;
+        to_a = Vec::new();
+        if to_b.is_empty() {
+            break;
+        }
+    }
+    (at_a, at_b)
+}
+
+/// The whole rotation between two devices, data flowing both ways at every step: node B
+/// rotates (kb0 -> kb1) while node A learns B's next key, handshakes to it, both switch, B
+/// promotes and A renames the peer. Not a packet is lost at any step.
+#[test]
+fn data_both_ways_survives_every_step_of_a_peer_rotation() {
+    let (ka, kb0, kb1) = (
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+        PrivateKey::generate(),
+    );
+    let mut a = Node::new(
+        &ka,
+        &kb0,
+        "10.99.0.2/32",
+        "192.0.2.1:51820",
+        "192.0.2.2:51820",
+    );
+    let mut b = Node::new(
+        &kb0,
+        &ka,
+        "10.99.0.1/32",
+        "192.0.2.2:51820",
+        "192.0.2.1:51820",
+    );
+    let flows = |a: &mut Node, b: &mut Node, step: &str| {
+        for _ in 0..3 {
+            one_way(
+                b,
+                a,
+                [10, 99, 0, 2],
+                [10, 99, 0, 1],
+                &format!("{step}: B -> A"),
+            );
+            one_way(
+                a,
+                b,
+                [10, 99, 0, 1],
+                [10, 99, 0, 2],
+                &format!("{step}: A -> B"),
+            );
+        }
+    };
+    // A session, A initiating.
+    let mut buf = vec![0u8; 256];
+    let init = {
+        let snap = a.dev.snapshot();
+        let mut st = snap.peers[0].lock();
+        let TunnResult::WriteToNetwork(i) = st.tunn.format_handshake_initiation(&mut buf, false)
+        else {
+            panic!()
+        };
+        i.to_vec()
+    };
+    exchange(&mut a, &mut b, vec![init]);
+    flows(&mut a, &mut b, "before");
+
+    b.dev.set_next_private_key(Some(kb1.clone()));
+    flows(&mut a, &mut b, "B holds its next key");
+    let out = b.tick();
+    exchange(&mut b, &mut a, out);
+    flows(&mut a, &mut b, "B initiated to A's key with its next one");
+
+    let mut change = PeerChange::new(kb0.public_key());
+    change.next_public_key = Some(Some(kb1.public_key()));
+    a.dev.apply_peer_changes(vec![change]);
+    flows(&mut a, &mut b, "A learned B's next key");
+    let out = a.tick();
+    assert!(out.iter().any(|d| d[0] == 1), "A initiates to kb1");
+    // The initiation reaches B, B's response reaches A; A's keepalive not yet.
+    let (_, resp) = b.take(a.addr, &out);
+    flows(&mut a, &mut b, "B answered A's initiation");
+    let (_, ka_out) = a.take(b.addr, &resp);
+    flows(&mut a, &mut b, "A took B's response");
+    exchange(&mut a, &mut b, ka_out);
+    flows(&mut a, &mut b, "B took A's keepalive");
+    assert_eq!(a.dev.snapshot().peers[0].lock().pair, pair(&ka, &kb1));
+    assert_eq!(b.dev.snapshot().peers[0].lock().pair, pair(&kb1, &ka));
+
+    b.dev.set_private_key(Some(kb1.clone()));
+    flows(&mut a, &mut b, "B promoted");
+    let mut change = PeerChange::new(kb1.public_key());
+    change.renamed_from = Some(kb0.public_key());
+    change.next_public_key = Some(None);
+    a.dev.apply_peer_changes(vec![change]);
+    flows(&mut a, &mut b, "A renamed B");
+}
+
+/// A packet from `from` (inner source `src`) reaches `to`'s host.
+fn one_way(from: &mut Node, to: &mut Node, src: [u8; 4], dst: [u8; 4], what: &str) {
+    let d = from.send(src, dst);
+    let d = d.unwrap_or_else(|| panic!("{what}: no session to send on"));
+    let (_, delivered) = exchange(from, to, vec![d]);
+    assert_eq!(
+        delivered,
+        1,
+        "{what}: lost; drops: {:?}",
+        drops(&to.counters)
+    );
+}
+
+fn drops(c: &Counters) -> Vec<(DropReason, u64)> {
+    DropReason::ALL
+        .iter()
+        .map(|r| (*r, c.drops(*r)))
+        .filter(|(_, n)| *n > 0)
+        .collect()
+}
