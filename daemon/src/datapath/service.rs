@@ -1411,4 +1411,63 @@ pub(crate) mod tests {
         assert_eq!((out[20], out[21]), (3, 3));
         assert!(n > 28);
     }
+
+    /// `kwire policy trace --to svc/...` names the backend this loop picks, for the
+    /// selections that depend on the client's node and address: `internalTrafficPolicy:
+    /// Local` (only the client node's endpoints) and `sessionAffinity: ClientIP` (one backend
+    /// for every flow of a client). The loop runs on the table the client's node compiles
+    /// from the trace's own manifests.
+    #[test]
+    fn trace_names_the_backend_the_loop_picks_for_local_and_affinity() {
+        use crate::policy::trace::tests::{svc_json, SERVICES};
+        use crate::policy::trace::Manifests;
+        let mut m = Manifests::default();
+        m.add_text(std::path::Path::new("s.yaml"), SERVICES)
+            .unwrap();
+        let on = |node: &str| ServiceNat {
+            table: Arc::new(m.services.table(Some(node))),
+            nat: Arc::new(NatTable::default()),
+        };
+        let sa = |s: String| s.parse::<SocketAddr>().unwrap();
+        let n1 = on("n1");
+        for (svc, vip, want) in [
+            // Local: only web-1 is on the client's node n1.
+            ("near", "10.96.0.12", Some("10.0.2.1:8080")),
+            // ClientIP: one backend for all the client's flows (whichever it is).
+            ("sticky", "10.96.0.13", None),
+        ] {
+            let mut seen = std::collections::BTreeSet::new();
+            for sport in 40000..40040 {
+                let mut syn = packet(
+                    6,
+                    sa(format!("10.0.1.1:{sport}")),
+                    sa(format!("{vip}:80")),
+                    0x02,
+                    b"",
+                );
+                translate_from(&n1, Port::Pod(0), &mut syn).unwrap();
+                let chosen = ends(&syn).1;
+                let (_, v) = svc_json(&format!("svc/shop/{svc}:http"), None, sport);
+                assert_eq!(v["service"]["backend"], chosen.to_string(), "{svc} {sport}");
+                seen.insert(chosen);
+            }
+            assert_eq!(seen.len(), 1, "{svc}: {seen:?}");
+            if let Some(w) = want {
+                assert_eq!(seen.first().unwrap().to_string(), w);
+            }
+        }
+        // A client on n3, which has no endpoint of `near`: the loop drops the flow (the
+        // trace's DROPPED is checked in policy::trace's tests).
+        let mut syn = packet(
+            6,
+            sa("10.0.3.1:40000".into()),
+            sa("10.96.0.12:80".into()),
+            0x02,
+            b"",
+        );
+        assert_eq!(
+            translate_from(&on("n3"), Port::Pod(0), &mut syn),
+            Err(DropReason::ServiceNoLocalEndpoint)
+        );
+    }
 }
