@@ -686,12 +686,17 @@ pub fn psks_of(
 }
 
 /// The Node whose agent writes the Peers' conditions: the oldest (creationTimestamp, then name)
-/// that publishes a key. Every agent computes the same.
+/// that publishes a valid key (a Node with an all-zero or malformed key has no working agent:
+/// electing it would leave the conditions unwritten). Every agent computes the same.
 pub fn status_writer<'a>(
     nodes: impl Iterator<Item = &'a super::peers::NodeInfo>,
 ) -> Option<&'a str> {
     nodes
-        .filter(|n| n.public_key.is_some())
+        .filter(|n| {
+            n.public_key
+                .as_deref()
+                .is_some_and(|k| PublicKey::from_base64(k).is_ok())
+        })
         .min_by(|a, b| {
             (a.created.unwrap_or(i64::MAX), &a.name).cmp(&(b.created.unwrap_or(i64::MAX), &b.name))
         })
@@ -717,21 +722,31 @@ mod tests {
     #[test]
     fn one_agent_writes_conditions_the_oldest_keyed_node() {
         use crate::agent::peers::NodeInfo;
-        let n = |name: &str, created: Option<i64>, key: bool| NodeInfo {
+        let n = |name: &str, created: Option<i64>, key: Option<String>| NodeInfo {
             name: name.into(),
             created,
-            public_key: key.then(|| "k".to_string()),
+            public_key: key,
             ..NodeInfo::default()
         };
+        let good = || Some(PublicKey([7; 32]).to_base64());
         let nodes = [
-            n("zeta", Some(5), true),
-            n("alpha", Some(5), true),
-            n("old-no-key", Some(1), false),
-            n("young", Some(9), true),
-            n("unknown-age", None, true),
+            n("zeta", Some(5), good()),
+            n("alpha", Some(5), good()),
+            n("old-no-key", Some(1), None),
+            n("young", Some(9), good()),
+            n("unknown-age", None, good()),
+            // Created in the same second, first by name, but its key is no key: no agent
+            // of it writes, so it is never the writer.
+            n(
+                "aaa-zero-key",
+                Some(5),
+                Some(PublicKey([0; 32]).to_base64()),
+            ),
+            n("aaa-bad-key", Some(1), Some("not-a-key".into())),
         ];
         assert_eq!(status_writer(nodes.iter()), Some("alpha"));
         assert_eq!(status_writer(nodes[2..3].iter()), None);
+        assert_eq!(status_writer(nodes[5..].iter()), None);
     }
 
     use super::*;
