@@ -394,12 +394,18 @@ impl Table {
                     return Verdict::Drop;
                 };
                 *used = now;
-                let to = to.clone();
-                self.relay_addr.insert(key.0, from);
-                match self.served.iter().position(|x| x.name == to) {
-                    Some(r) => r,
-                    None => return Verdict::Drop,
+                // Per datagram: no copy of the receiver's name, and the sender's return
+                // address is updated in place (inserted only the first time).
+                let Some(r) = self.served.iter().position(|x| x.name == *to) else {
+                    return Verdict::Drop;
+                };
+                match self.relay_addr.get_mut(&key.0) {
+                    Some(a) => *a = from,
+                    None => {
+                        self.relay_addr.insert(key.0, from);
+                    }
                 }
+                r
             }
             _ => return Verdict::Drop,
         };
