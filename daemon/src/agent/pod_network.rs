@@ -328,7 +328,12 @@ table inet kwire {{
     /// the task is aborted.
     pub async fn count_drops(self) {
         let mut last: HashMap<String, u64> = HashMap::new();
-        let mut tick = tokio::time::interval(FIREWALL_COUNTER_INTERVAL);
+        // The first look one interval after the install (whose counters start at zero), not
+        // at once: an `nft` run less while the agent starts.
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + FIREWALL_COUNTER_INTERVAL,
+            FIREWALL_COUNTER_INTERVAL,
+        );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut warned = false;
         loop {
@@ -415,6 +420,11 @@ fn nft(args: &[&str], stdin: Option<&str>) -> std::io::Result<String> {
 
 /// Installs the firewall at once (before any pod exists), waits for the pod CIDRs, then
 /// serves CNI until the task is aborted.
+///
+/// A restarted agent knows its pod CIDRs from the state file: it installs the whole ruleset
+/// once, then re-attaches the pods. Each `nft` run costs tens of milliseconds, and more on a
+/// loaded node, on the way to forwarding the pods' traffic again (the previous agent's table
+/// guards the node meanwhile: it outlives the agent).
 pub async fn serve(
     mut cidrs: CidrWatch,
     pods: Arc<Pods>,
@@ -422,10 +432,14 @@ pub async fn serve(
     run_dir: PathBuf,
     state_dir: PathBuf,
 ) {
-    if let Err(e) = firewall.install(&[]) {
-        error!(error = %e, "cannot install the host firewall (table inet kwire): plaintext from other hosts is not kept from the tun");
+    let mut counting = None;
+    if cidrs.borrow().0.is_empty() {
+        // A first start: the ranges are guarded until the API gives this node's pod CIDRs.
+        if let Err(e) = firewall.install(&[]) {
+            error!(error = %e, "cannot install the host firewall (table inet kwire): plaintext from other hosts is not kept from the tun");
+        }
+        counting = Some(AbortOnDrop(tokio::spawn(firewall.clone().count_drops())));
     }
-    let _counting = AbortOnDrop(tokio::spawn(firewall.clone().count_drops()));
     let (own, mtu) = loop {
         let v = cidrs.borrow_and_update().clone();
         if !v.0.is_empty() {
@@ -440,6 +454,8 @@ pub async fn serve(
     if let Err(e) = host_forwarding(&firewall, &own) {
         warn!(error = %e, "pods cannot reach the outside world until forwarding and masquerading work");
     }
+    let _counting =
+        counting.unwrap_or_else(|| AbortOnDrop(tokio::spawn(firewall.clone().count_drops())));
     let cfg = CniServerConfig {
         run_dir,
         del_queue_dir: state_dir.join("cni-del-queue"),
@@ -495,11 +511,17 @@ impl Drop for AbortOnDrop {
 /// Pods reach the node and the outside world through the host tun: the kernel forwards and
 /// masquerades what leaves any other interface with a pod source address.
 fn host_forwarding(firewall: &Firewall, own: &[IpNetwork]) -> std::io::Result<()> {
+    // The filter first: forwarding is never on without it (after a restart this is the
+    // only install).
+    firewall.install(own).map_err(|e| {
+        std::io::Error::other(format!(
+            "cannot install the host firewall (table inet kwire), plaintext from other hosts is not kept from the tun: {e}"
+        ))
+    })?;
     forwarding_on("ipv4/ip_forward")?;
     if own.iter().any(IpNetwork::is_ipv6) {
         forwarding_on("ipv6/conf/all/forwarding")?;
     }
-    firewall.install(own)?;
     info!(pod_cidrs = ?own, "forwarding on, pods masqueraded to the node's address when leaving the node");
     Ok(())
 }
