@@ -9,7 +9,7 @@ mod mesh_support;
 
 use kwire_lab::apiserver::{ApiServer, ApiServerConfig};
 use kwire_tests::{require_root, try_wait_until, wait_until, Netns, Proc, Scratch};
-use mesh_support::{gateway, nodes_kind, Cluster, PORT, TUN};
+use mesh_support::{gateway, http_get, nodes_kind, Cluster, PORT, TUN};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -31,21 +31,6 @@ fn annotation(api: &ApiServer, name: &str, key: &str) -> Option<String> {
         .and_then(|a| a.get(key))
         .and_then(Value::as_str)
         .map(String::from)
-}
-
-fn http_get(ns: &Netns, path: &str) -> (bool, String) {
-    let out = ns.exec(&[
-        "curl",
-        "-s",
-        "-f",
-        "-m",
-        "2",
-        &format!("http://127.0.0.1:9742{path}"),
-    ]);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
 }
 
 fn routes(ns: &Netns, cidr: &str) -> String {

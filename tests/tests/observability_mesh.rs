@@ -9,7 +9,7 @@ mod mesh_support;
 
 use kwire_lab::apiserver::{ApiServer, ApiServerConfig};
 use kwire_tests::{require_root, wait_until, Netns, Proc, Scratch};
-use mesh_support::{gateway, nodes_kind, Cluster, Node, PORT, TUN};
+use mesh_support::{gateway, http_get, nodes_kind, Cluster, Node, PORT, TUN};
 use serde_json::{json, Value};
 use std::io::Write;
 use std::path::Path;
@@ -37,16 +37,9 @@ fn first_cidr(api: &ApiServer, name: &str) -> String {
 const AGENT_ARGS: &[&str] = &["--log-format=json", "--peer-unreachable-after=3s"];
 
 fn metrics(ns: &Netns) -> String {
-    let out = ns.exec(&[
-        "curl",
-        "-s",
-        "-f",
-        "-m",
-        "2",
-        "http://127.0.0.1:9742/metrics",
-    ]);
-    assert!(out.status.success(), "GET /metrics failed in {ns}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let (ok, text) = http_get(ns, "/metrics");
+    assert!(ok, "GET /metrics failed in {ns}");
+    text
 }
 
 /// The value of the sample `name{labels}` (labels exactly as rendered), if present.

@@ -78,7 +78,9 @@ pub fn nodes(prefix: &str, count: usize) -> (Switch, Vec<Node>) {
 pub struct Cluster {
     pub api: ApiServer,
     pub ds: Standalone,
-    /// Dropped last (fields drop in order): the stand-in's tasks run on it.
+    /// Dropped last (fields drop in order): the stand-in's tasks run on it. A test that only
+    /// keeps it alive never reads it.
+    #[allow(dead_code)]
     pub rt: tokio::runtime::Runtime,
 }
 
@@ -139,6 +141,23 @@ impl Cluster {
             scratch.file(&format!("agent-{}-{tag}.log", n.name)),
         )
     }
+}
+
+/// GET `path` of the agent's metrics server (loopback in the node's namespace): whether it
+/// answered 2xx within 2 s, and the body.
+pub fn http_get(ns: &Netns, path: &str) -> (bool, String) {
+    let out = ns.exec(&[
+        "curl",
+        "-s",
+        "-f",
+        "-m",
+        "2",
+        &format!("http://127.0.0.1:9742{path}"),
+    ]);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }
 
 pub fn nodes_kind() -> &'static ResourceKind {
