@@ -1524,6 +1524,20 @@ impl Agent {
         if self.behind_nat_flag && !own.behind_nat {
             patch.insert(annotations::BEHIND_NAT.into(), "true".into());
         }
+        // The Service ranges it serves to external Peers (their entry node translates).
+        let services = (!self.services.is_empty()).then(|| {
+            self.services
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        if own.service_cidr != services {
+            patch.insert(
+                annotations::SERVICE_CIDR.into(),
+                services.map_or(serde_json::Value::Null, Into::into),
+            );
+        }
         // A reachable node with its relay running offers it; any other withdraws it.
         let relay = endpoint
             .filter(|_| self.relay.is_some() && !self.behind_nat())
