@@ -5,6 +5,8 @@
 //! address (its mappings gone) and every pair heals within 25 s; meanwhile only WireGuard (and
 //! the relay's WireGuard) crosses the underlay and the NATs' inside links, and the probes'
 //! plaintext is in no captured byte. `kwire status` and the lab's graph name the relayed path.
+//! The relay stops serving (its relay port dropped, its Node NotReady): the pair moves to the
+//! other reachable node and heals through it.
 //! NAT detection: a reachable node publishes the address n3's packets come from
 //! (`kwire.dev/nat-observed`), and n3 says it is seen behind NAT.
 //!
@@ -328,6 +330,98 @@ fn two_nodes_behind_two_nats_reach_each_other_through_the_relay_and_heal() {
         .unwrap_or(0);
     assert!(after > forwarded, "the healed path bypasses the relay?");
 
+    // The relay stops serving: its relay port is blocked and its Node goes NotReady (what
+    // the node lifecycle controller says of a node that is down). Both sides of the pair
+    // move to the other reachable node by the same rule, and the pair heals through it.
+    let other = if relay == name(1) { name(2) } else { name(1) };
+    let relay_ns = node(&lab.status(), &relay)["netns"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let nft = |args: &[&str]| {
+        let mut all = vec!["ip", "netns", "exec", &relay_ns, "nft"];
+        all.extend_from_slice(args);
+        run_host(&all);
+    };
+    nft(&["add", "table", "inet", "kwtest_relay_down"]);
+    nft(&[
+        "add",
+        "chain",
+        "inet",
+        "kwtest_relay_down",
+        "in",
+        "{ type filter hook input priority 0; }",
+    ]);
+    nft(&[
+        "add",
+        "rule",
+        "inet",
+        "kwtest_relay_down",
+        "in",
+        "udp",
+        "dport",
+        "51821",
+        "drop",
+    ]);
+    let (ok, out) = kubectl(
+        &admin,
+        &[
+            "patch",
+            "node",
+            &relay,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"conditions":[{"type":"Ready","status":"Unknown","reason":"NodeStatusUnknown","message":"kwtest: the relay is down"}]}}"#,
+        ],
+    );
+    assert!(ok, "marking {relay} NotReady: {out}");
+    let t1 = Instant::now();
+    // n3's and n4's agents lost their API connections when the NATs came (the detection
+    // check below restarts n3 for the same reason): restarted, they read the API at once.
+    lab.signal_agents(
+        &[&name(3), &name(4)],
+        nix::sys::signal::Signal::SIGTERM,
+        CONVERGE,
+    );
+    let mut moved = (None, None);
+    let ok = try_wait_until(CONVERGE, || {
+        moved = (
+            relay_of(&kwire, &lab, &name(3), &name(4)),
+            relay_of(&kwire, &lab, &name(4), &name(3)),
+        );
+        moved.0.as_deref() == Some(other.as_str()) && moved.1 == moved.0
+    });
+    if !ok {
+        let (_, conditions) = kubectl(
+            &admin,
+            &["get", "node", &relay, "-o", "jsonpath={.status.conditions}"],
+        );
+        let (_, other_node) = kubectl(&admin, &["get", "node", &other, "-o", "json"]);
+        let log = std::fs::read_to_string(node(&lab.status(), &name(3))["log"].as_str().unwrap())
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        panic!("n3 and n4 did not move from {relay} to {other}: {moved:?}; {relay}'s conditions: {conditions}\n{other}: {other_node}\nn3's log, last first:\n{}", tail.join("\n"));
+    }
+    let ok = try_wait_until(HEAL, || {
+        lab.exec(&p3, &["ping", "-c", "1", "-W", "1", &ip4])
+            .status
+            .success()
+    });
+    assert!(
+        ok,
+        "{p3} -> {ip4} not healed through {other} after {relay} stopped serving"
+    );
+    eprintln!(
+        "moved to relay {other} and healed {:?} after {relay} stopped serving",
+        t1.elapsed()
+    );
+    let forwarded_by_other = agent_status(&kwire, node(&lab.status(), &other)).unwrap()["relay"]
+        ["forwarded"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(forwarded_by_other > 0, "{other} forwarded nothing");
+
     for (segment, c) in captures {
         let (lines, pcap) = c.stop_with_pcap();
         assert!(!lines.is_empty(), "{segment}: nothing captured");
@@ -348,12 +442,12 @@ fn two_nodes_behind_two_nats_reach_each_other_through_the_relay_and_heal() {
         "never",
     ]);
     assert!(
-        text.contains(&format!("relayed through relay {relay}")),
+        text.contains(&format!("relayed through relay {other}")),
         "kwire status on n3:\n{text}"
     );
     let graph = lab.cmd_ok("graph", &[]);
     assert!(
-        graph.contains(&format!("relayed via {relay}")),
+        graph.contains(&format!("relayed via {other}")),
         "kwire-lab graph:\n{graph}"
     );
 
