@@ -479,3 +479,86 @@ fn two_nodes_behind_two_nats_reach_each_other_through_the_relay_and_heal() {
     drop(nat4);
     drop(nat3);
 }
+
+/// NAT detection flags nodes by themselves (`--behind-nat-detect` on every agent): n3 and n4
+/// are put behind NATs without any flag; their peers see their packets come from the NATs'
+/// addresses and publish it, they flag their own Nodes `kwire.dev/behind-nat`, and the pair
+/// reaches each other through a relay. The reachable nodes are not flagged.
+#[test]
+fn detected_nats_flag_their_nodes_and_the_pair_goes_through_a_relay() {
+    let kwire = require_agent!();
+    require_tool("nft");
+    let lab = Lab::up(
+        4,
+        &[
+            "--kwire",
+            kwire.to_str().unwrap(),
+            "--pods",
+            "1",
+            "--timeout",
+            "90",
+            "--agent-arg=--behind-nat-detect",
+        ],
+    );
+    let name = |i: u32| format!("{}-n{i}", lab.name());
+    wait_until(CONVERGE, "every pod reaches every pod", || {
+        blocked(&lab).is_empty()
+    });
+    let admin = lab.cmd_ok("kubeconfig", &[]).trim().to_string();
+    let flagged = |i: u32| {
+        let (ok, out) = kubectl(&admin, &["get", "node", &name(i), "-o", "json"]);
+        ok && parse_json(&out).is_ok_and(|v| {
+            v["metadata"]["annotations"]["kwire.dev/behind-nat"].as_str() == Some("true")
+        })
+    };
+    assert!(
+        (1..=4).all(|i| !flagged(i)),
+        "a node flagged before any NAT"
+    );
+    let st = lab.status();
+    let ns = |i: u32| node(&st, &name(i))["netns"].as_str().unwrap().to_string();
+    let nat3 = Nat::put_in_front(&lab, 3, &ns(3), "192.0.2.213");
+    let nat4 = Nat::put_in_front(&lab, 4, &ns(4), "192.0.2.214");
+    // Their agents' API connections died with their addresses (see the test above):
+    // restarted, as agents on nodes behind NAT start.
+    lab.signal_agents(
+        &[&name(3), &name(4)],
+        nix::sys::signal::Signal::SIGTERM,
+        CONVERGE,
+    );
+    let mut last = Vec::new();
+    let ok = try_wait_until(CONVERGE, || {
+        // Pods probing each other keep traffic flowing, so that peers see where it comes from.
+        last = blocked(&lab);
+        flagged(3) && flagged(4)
+    });
+    assert!(
+        ok,
+        "n3 {} and n4 {} flagged behind NAT; unreachable: {last:#?}",
+        flagged(3),
+        flagged(4)
+    );
+    assert!(
+        !flagged(1) && !flagged(2),
+        "a reachable node flagged itself"
+    );
+    let mut relay = None;
+    wait_until(
+        CONVERGE,
+        "n3 and n4 reach each other through one relay",
+        || {
+            relay = relay_of(&kwire, &lab, &name(3), &name(4));
+            relay.is_some() && relay == relay_of(&kwire, &lab, &name(4), &name(3))
+        },
+    );
+    let ok = try_wait_until(CONVERGE, || {
+        last = blocked(&lab);
+        last.is_empty()
+    });
+    assert!(
+        ok,
+        "pods left unreachable through relay {relay:?}: {last:#?}"
+    );
+    drop(nat4);
+    drop(nat3);
+}
