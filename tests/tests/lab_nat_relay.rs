@@ -103,6 +103,25 @@ impl Nat {
     }
 }
 
+/// A lab of four nodes with a pod each (`extra`: more `kwire-lab up` arguments), once every
+/// pod reaches every pod.
+fn four_nodes(kwire: &Path, extra: &[&str]) -> Lab {
+    let mut args = vec![
+        "--kwire",
+        kwire.to_str().unwrap(),
+        "--pods",
+        "1",
+        "--timeout",
+        "90",
+    ];
+    args.extend_from_slice(extra);
+    let lab = Lab::up(4, &args);
+    wait_until(CONVERGE, "every pod reaches every pod", || {
+        blocked(&lab).is_empty()
+    });
+    lab
+}
+
 /// `kwire-lab matrix --json` over every pod: the unreachable pairs.
 fn blocked(lab: &Lab) -> Vec<String> {
     let o = lab.cmd("matrix", &["--json", "--timeout", "1"]);
@@ -153,21 +172,8 @@ fn two_nodes_behind_two_nats_reach_each_other_through_the_relay_and_heal() {
     require_tool("nft");
     require_tool("tcpdump");
     let scratch = Scratch::new("lab-nat-relay");
-    let lab = Lab::up(
-        4,
-        &[
-            "--kwire",
-            kwire.to_str().unwrap(),
-            "--pods",
-            "1",
-            "--timeout",
-            "90",
-        ],
-    );
+    let lab = four_nodes(&kwire, &[]);
     let name = |i: u32| format!("{}-n{i}", lab.name());
-    wait_until(CONVERGE, "every pod reaches every pod", || {
-        blocked(&lab).is_empty()
-    });
 
     // n3 and n4 are behind NAT: they say so, and so learn that they need a relay for each
     // other (their peers learn to wait for their packets).
@@ -488,22 +494,8 @@ fn two_nodes_behind_two_nats_reach_each_other_through_the_relay_and_heal() {
 fn detected_nats_flag_their_nodes_and_the_pair_goes_through_a_relay() {
     let kwire = require_agent!();
     require_tool("nft");
-    let lab = Lab::up(
-        4,
-        &[
-            "--kwire",
-            kwire.to_str().unwrap(),
-            "--pods",
-            "1",
-            "--timeout",
-            "90",
-            "--agent-arg=--behind-nat-detect",
-        ],
-    );
+    let lab = four_nodes(&kwire, &["--agent-arg=--behind-nat-detect"]);
     let name = |i: u32| format!("{}-n{i}", lab.name());
-    wait_until(CONVERGE, "every pod reaches every pod", || {
-        blocked(&lab).is_empty()
-    });
     let admin = lab.cmd_ok("kubeconfig", &[]).trim().to_string();
     let flagged = |i: u32| {
         let (ok, out) = kubectl(&admin, &["get", "node", &name(i), "-o", "json"]);
