@@ -4,7 +4,8 @@
 //! it and then admitting it is honoured; only WireGuard crosses the underlay meanwhile; a Peer
 //! whose allowed IPs lie in the cluster's pod range is refused with `Accepted=False`, counted,
 //! and left out of the device; `kwire status` and `/metrics` name the external peer apart.
-//! Services from the laptop: the config gives the Service range to its entry node (n1, the
+//! A Peer whose endpoint is a host name resolving to loopback is refused with the resolver's
+//! answer. Services from the laptop: the config gives the Service range to its entry node (n1, the
 //! first by name), and the laptop reaches a ClusterIP whose only backend is on n2 over TCP
 //! and UDP, the backend seeing n1's gateway (masqueraded there); NetworkPolicy judges that
 //! flow by n1's address, not the laptop's: an ipBlock refusing the laptop refuses it, one
@@ -187,7 +188,23 @@ fn a_laptop_from_kwire_peer_config_reaches_pods_on_every_node_under_policy() {
         ),
     )
     .unwrap();
+    // A Peer whose endpoint is a host name that resolves to no usable address (loopback):
+    // the agents resolve it and refuse it with the resolver's answer.
+    let by_name = scratch.file("by-name.yaml");
+    std::fs::write(
+        &by_name,
+        format!(
+            "{}  endpoint: localhost:51820\n",
+            peer_manifest(
+                "by-name",
+                &kwire_tests::wireguard::Keypair::generate().public,
+                "198.51.100.99/32"
+            )
+        ),
+    )
+    .unwrap();
     lab.cmd_ok("apply", &["-f", peers.to_str().unwrap()]);
+    lab.cmd_ok("apply", &["-f", by_name.to_str().unwrap()]);
     let mut last = None;
     let judged = try_wait_until(CONVERGE, || {
         last = Some((accepted(&admin, "laptop"), accepted(&admin, "in-pods")));
@@ -197,6 +214,19 @@ fn a_laptop_from_kwire_peer_config_reaches_pods_on_every_node_under_policy() {
     let (_, reason, message) = accepted(&admin, "in-pods").unwrap();
     assert_eq!(reason, "AllowedIPsOverlapCluster", "{message}");
     assert!(message.contains("10.244.0.0/16"), "{message}");
+    let mut named = None;
+    let judged = try_wait_until(CONVERGE, || {
+        named = accepted(&admin, "by-name");
+        named.as_ref().is_some_and(|c| c.0 == "False")
+    });
+    assert!(judged, "Peer by-name: {named:?}");
+    let (_, reason, message) = named.unwrap();
+    assert_eq!(reason, "BadEndpoint", "{message}");
+    assert!(
+        message.starts_with("spec.endpoint \"localhost:51820\": ")
+            && (message.contains("not a usable endpoint") || message.contains("resolve")),
+        "{message}"
+    );
 
     // kwire peer config: one [Peer] per node, the placeholder filled in here.
     let out = Command::new(&kwire)
