@@ -191,7 +191,8 @@ impl Firewall {
                 "    {fam} saddr {c} oifname \"{tun}\" ct status dnat masquerade\n"
             ));
         }
-        let (sets, dnat, masq) = self.node_port_rules(steering);
+        let (sets, dnat, mut masq) = self.node_port_rules(steering);
+        masq.insert_str(0, &self.peer_service_rules());
         format!(
             "add table inet kwire
 delete table inet kwire
@@ -290,6 +291,37 @@ table inet kwire {{
             ));
         }
         (sets, dnat, masq)
+    }
+
+    /// An external Peer's flows to ClusterIPs, which the loop hands to the host tun on the
+    /// Peer's entry node (`datapath::service::from_peer`): in by the tun and back out by it,
+    /// to a Service range, masqueraded to the tun's address (this node's gateway) with source
+    /// ports the loop tells from the node's own (`service::PEER_MASQUERADE_PORTS`), so that
+    /// the backend's replies, on any node, come back here and the kernel turns them back to
+    /// the Peer. Nothing else enters by the tun to leave by it again: the loop hands the
+    /// host only its own addresses and these.
+    fn peer_service_rules(&self) -> String {
+        let tun = &self.ifname;
+        let ports = crate::datapath::service::PEER_MASQUERADE_PORTS;
+        let mut r = String::new();
+        for (fam, v4) in [("ip", true), ("ip6", false)] {
+            let ranges: Vec<String> = self
+                .services
+                .iter()
+                .filter(|c| c.is_ipv4() == v4)
+                .map(ToString::to_string)
+                .collect();
+            if ranges.is_empty() {
+                continue;
+            }
+            r.push_str(&format!(
+                "    iifname \"{tun}\" oifname \"{tun}\" {fam} daddr {{ {} }} meta l4proto {{ tcp, udp, sctp }} masquerade to :{}-{}\n",
+                ranges.join(", "),
+                ports.start(),
+                ports.end()
+            ));
+        }
+        r
     }
 
     /// Installs the ruleset (one transaction: no moment without the filter).
@@ -600,6 +632,15 @@ mod tests {
         assert!(r.contains("fib daddr type local meta nfproto ipv4 meta l4proto . th dport @node_ports dnat ip to 10.96.0.0\n"), "{r}");
         assert!(r.contains("oifname \"kw0\" ip daddr 10.96.0.0 meta l4proto . th dport @node_ports_masquerade masquerade"), "{r}");
         assert!(r.contains("chain output_nat"), "{r}");
+        // An external Peer's ClusterIP flows, handed to the host by the loop: masqueraded
+        // to the gateway with the ports the loop recognises.
+        assert!(r.contains("iifname \"kw0\" oifname \"kw0\" ip daddr { 10.96.0.0/12 } meta l4proto { tcp, udp, sctp } masquerade to :61000-65535\n"), "{r}");
+        assert!(
+            r.contains(
+                "iifname \"kw0\" oifname \"kw0\" ip6 daddr { fd00:10:96::/108 } meta l4proto"
+            ),
+            "{r}"
+        );
         assert!(
             r.contains("set node_ports { type inet_proto . inet_service;"),
             "{r}"
