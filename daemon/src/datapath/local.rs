@@ -43,6 +43,10 @@ pub struct LocalTable<T> {
     /// NetworkPolicy, when the cluster has any: checked for pods' new flows, with the
     /// connection table remembering what passed.
     pub filter: Option<Filter>,
+    /// No NetworkPolicy snapshot yet on a node that enforces it (a fresh start, or an
+    /// unreadable saved policy, before the API lists arrive): pods' new flows are dropped
+    /// (`policy_not_synced`) instead of admitted unfiltered. Off for `kwire tunnel`.
+    pub policy_pending: bool,
     /// Largest packet the tunnel carries; bigger ones get an ICMP error (DF, IPv6) or their
     /// TCP segments cut smaller. `None`: the tun's own MTU is trusted (`kwire tunnel`).
     pub mtu: Option<u16>,
@@ -76,6 +80,7 @@ impl<T> Default for LocalTable<T> {
             gateways: Vec::new(),
             host_accepts_all: true,
             filter: None,
+            policy_pending: false,
             mtu: None,
             services: None,
             cluster: Vec::new(),
@@ -109,6 +114,7 @@ impl<T> LocalTable<T> {
             gateways,
             host_accepts_all: false,
             filter: None,
+            policy_pending: false,
             mtu: None,
             services: None,
             cluster: Vec::new(),

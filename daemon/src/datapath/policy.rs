@@ -3,7 +3,9 @@
 //! compiled [`crate::policy::PolicySet`] of the current snapshot. The connection table
 //! ([`super::conntrack`]) remembers what passed, so later packets and replies cost one lookup
 //! and the engine runs once per new flow. Without any NetworkPolicy in the cluster the table
-//! has no filter and nothing is looked up.
+//! has no filter and nothing is looked up. Before a node's first snapshot (no saved policy to
+//! restore, API lists not read yet) pods' new flows are dropped (`policy_not_synced`): fail
+//! closed, the node's own traffic to its pods excepted.
 
 use super::conntrack::{classify, Check, Classified, Decision, Flow};
 use super::local::{addresses, Filter, LocalTable, Port};
@@ -15,6 +17,7 @@ use crate::policy::Protocol;
 pub fn egress<T>(local: &LocalTable<T>, from: Port, pkt: &[u8]) -> Result<(), DropReason> {
     match (&local.filter, from) {
         (Some(f), Port::Pod(_)) => allows(f, Check::Egress, pkt),
+        (None, Port::Pod(_)) if local.policy_pending => Err(DropReason::PolicyNotSynced),
         _ => Ok(()),
     }
 }
@@ -31,6 +34,9 @@ pub fn ingress<T>(
 ) -> Result<(), DropReason> {
     match (&local.filter, to) {
         (Some(f), Port::Pod(_)) if !from_node => allows(f, Check::Ingress, pkt),
+        (None, Port::Pod(_)) if !from_node && local.policy_pending => {
+            Err(DropReason::PolicyNotSynced)
+        }
         _ => Ok(()),
     }
 }

@@ -57,10 +57,13 @@ pub enum DropReason {
     /// A new flow of a pod whose connection-table budget (or the whole table) is full, or a
     /// new flow to a Service while the Service translation table is full.
     FlowLimit,
+    /// A new flow of a pod before the node has any NetworkPolicy snapshot (fail closed until
+    /// the first lists arrive; a restart with a readable saved policy never has this).
+    PolicyNotSynced,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 23] = [
+    pub const ALL: [DropReason; 24] = [
         DropReason::NoPeer,
         DropReason::NoEndpoint,
         DropReason::NotAllowedIp,
@@ -84,6 +87,7 @@ impl DropReason {
         DropReason::ServiceNoLocalEndpoint,
         DropReason::UnderlayPlaintext,
         DropReason::FlowLimit,
+        DropReason::PolicyNotSynced,
     ];
 
     /// The `reason` label in metrics.
@@ -112,6 +116,7 @@ impl DropReason {
             DropReason::ServiceNoLocalEndpoint => "service_no_local_endpoint",
             DropReason::UnderlayPlaintext => "underlay_plaintext",
             DropReason::FlowLimit => "flow_limit",
+            DropReason::PolicyNotSynced => "policy_not_synced",
         }
     }
 

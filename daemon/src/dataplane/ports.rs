@@ -52,6 +52,8 @@ struct Inner {
     gateways: Option<Vec<IpAddr>>,
     next_id: u64,
     policy: Option<Arc<PolicySet>>,
+    /// Pods' flows wait for a policy snapshot (see [`Pods::require_policy`]).
+    policy_required: bool,
     services: Option<Arc<ServiceTable>>,
     mtu: Option<u16>,
     cluster: Vec<ipnetwork::IpNetwork>,
@@ -100,6 +102,15 @@ impl Pods {
     pub fn set_gateways(&self, gateways: Vec<IpAddr>) {
         let mut g = self.lock();
         g.gateways = Some(gateways);
+        self.publish(&g);
+    }
+
+    /// Makes NetworkPolicy fail closed: until the first [`Pods::set_policy`], pods' new flows
+    /// are dropped (`policy_not_synced`) instead of admitted unfiltered. The agent calls it
+    /// at start; `kwire tunnel` and bare data planes never do.
+    pub fn require_policy(&self) {
+        let mut g = self.lock();
+        g.policy_required = true;
         self.publish(&g);
     }
 
@@ -223,6 +234,7 @@ impl Pods {
                 policy: p.clone(),
                 conntrack: self.conntrack.clone(),
             });
+        t.policy_pending = g.policy_required && g.policy.is_none();
         t.services = g
             .services
             .as_ref()

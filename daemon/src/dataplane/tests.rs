@@ -470,6 +470,63 @@ fn policy_admits_new_flows_once_and_lets_replies_back() {
     assert_eq!(counters.drops(DropReason::PolicyIngress), 1);
 }
 
+/// Fail closed: before a node's first NetworkPolicy snapshot, pods' new flows are dropped
+/// (`policy_not_synced`) both ways; the node itself still reaches its pods (kubelet probes).
+/// The first snapshot lifts it, also when the cluster has no policy at all.
+#[test]
+fn no_policy_snapshot_yet_drops_pod_flows() {
+    use crate::dataplane::ports::Pods;
+    use crate::policy::PolicySet;
+    use std::sync::Arc;
+    let mut local = pod_table("10.244.1.1", &["10.244.1.5", "10.244.1.6"]);
+    local.policy_pending = true;
+    let dev = sender();
+    let snap = dev.snapshot();
+    let counters = Counters::default();
+    let mut tx = TxPath::new();
+    let mut io = Capture::default();
+    let mut send =
+        |local: &LocalTable<()>, port: Port, src: [u8; 4], dst: [u8; 4], io: &mut Capture| {
+            io.to.clear();
+            tx.frame(
+                &tx_ctx(&snap, local, &counters),
+                port,
+                &mut udp4(src, dst),
+                io,
+            );
+            io.to.first().copied()
+        };
+    let (a, b, gw) = ([10, 244, 1, 5], [10, 244, 1, 6], [10, 244, 1, 1]);
+    assert_eq!(send(&local, Port::Pod(0), a, b, &mut io), None);
+    assert_eq!(send(&local, Port::Pod(1), b, a, &mut io), None);
+    assert_eq!(
+        send(&local, Port::Pod(0), a, gw, &mut io),
+        None,
+        "egress too"
+    );
+    assert_eq!(counters.drops(DropReason::PolicyNotSynced), 3);
+    assert_eq!(
+        send(&local, Port::Host, gw, a, &mut io),
+        Some(Port::Pod(0)),
+        "the node reaches its pods"
+    );
+    // The same table once a snapshot without any policy is in: open.
+    local.policy_pending = false;
+    assert_eq!(
+        send(&local, Port::Pod(0), a, b, &mut io),
+        Some(Port::Pod(1))
+    );
+    assert_eq!(counters.drops(DropReason::PolicyNotSynced), 3);
+    // What the agent's Pods publish: pending from require_policy to the first snapshot.
+    let pods = Pods::new(1, false).unwrap();
+    assert!(!pods.table().policy_pending, "kwire tunnel: never pending");
+    pods.require_policy();
+    assert!(pods.table().policy_pending);
+    pods.set_policy(Arc::new(PolicySet::compile(vec![], vec![], vec![])));
+    assert!(!pods.table().policy_pending);
+    assert!(pods.table().filter.is_none(), "no policy: nothing to check");
+}
+
 /// A packet larger than the tunnel MTU with DF set is answered with "fragmentation
 /// needed" to its sender, from the node's gateway address.
 #[test]
