@@ -13,6 +13,7 @@ pub mod peer_index;
 pub mod peers;
 pub mod pod_network;
 pub mod policy;
+pub mod policy_state;
 pub mod relay;
 pub mod rotation;
 pub mod routes;
@@ -429,6 +430,11 @@ async fn agent_main(
     // Persistent: a restart re-attaches; addresses, routes and blackholes stay (fail closed).
     let tun = TunnelDevice::start_with(&args.interface, workers, true, true)?;
     tun.net.pods.set_cluster_ranges(args.cluster_cidr.clone());
+    // NetworkPolicy fails closed: the saved policy before pods are re-attached, else no new
+    // pod flow until the first lists arrive.
+    tun.net.pods.require_policy();
+    let (policy_restored, policy_store) =
+        policy_state::restore(&args.state_dir, &args.node_name, &tun.net.pods);
     tun.net
         .pods
         .conntrack
@@ -538,14 +544,21 @@ async fn agent_main(
     ));
     let loop_pods = tun.net.pods.clone();
     let policy_node = args.node_name.clone();
+    let policy_writer = tokio::spawn(policy_state::writer(policy_store.clone()));
+    let policy_record = policy_store.clone();
     let services_node = args.node_name.clone();
     // Tells the control loop to write what the state file still misses, then stop.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut control = tokio::spawn(async move {
         match crate::kubeapi::client(args.kubeconfig.as_deref()).await {
             Ok(client) => {
-                let policy =
-                    tokio::spawn(policy::run(client.clone(), loop_pods.clone(), policy_node));
+                let policy = tokio::spawn(policy::run(
+                    client.clone(),
+                    loop_pods.clone(),
+                    policy_node,
+                    policy_restored,
+                    policy_record,
+                ));
                 let services = tokio::spawn(services::run(
                     client.clone(),
                     loop_pods,
@@ -585,6 +598,8 @@ async fn agent_main(
     let _ = std::fs::remove_file(run_dir.join(crate::status::STATUS_SOCKET));
     let _ = std::fs::remove_file(run_dir.join(keyctl::KEY_SOCKET));
     pods.abort();
+    policy_writer.abort();
+    policy_state::flush(&policy_store);
     Ok(())
 }
 

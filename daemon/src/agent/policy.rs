@@ -276,8 +276,15 @@ impl Folder {
     }
 }
 
-/// Runs until aborted.
-pub async fn run(client: Client, pods: Arc<Pods>, node_name: String) {
+/// Runs until aborted. `restored`: the Folder of the saved inputs (already swapped in), the
+/// first lists fold on top of it; `store` keeps what the watches deliver for the next start.
+pub async fn run(
+    client: Client,
+    pods: Arc<Pods>,
+    node_name: String,
+    restored: Option<Folder>,
+    store: super::policy_state::Shared,
+) {
     let s0 = watch(Api::<PodView>::all(client.clone()), Kind::Pods, Change::Pod);
     let s1 = watch(
         Api::<NamespaceView>::all(client.clone()),
@@ -291,17 +298,21 @@ pub async fn run(client: Client, pods: Arc<Pods>, node_name: String) {
     );
     let events = futures::stream::select(futures::stream::select(s0, s1), s2);
     let mut events = std::pin::pin!(events);
-    let mut folder = Folder::new(&node_name);
+    let mut folder = restored.unwrap_or_else(|| Folder::new(&node_name));
     let mut enforcing = false;
+    let fold = |folder: &mut Folder, change: Change| {
+        store.lock().record(&change);
+        folder.fold(change);
+    };
     loop {
         let Some(first) = events.next().await else {
             return;
         };
-        folder.fold(first);
+        fold(&mut folder, first);
         // Everything else already here joins this batch.
         for _ in 1..MAX_BATCH {
             match events.next().now_or_never() {
-                Some(Some(change)) => folder.fold(change),
+                Some(Some(change)) => fold(&mut folder, change),
                 Some(None) => return,
                 None => break,
             }
@@ -309,6 +320,8 @@ pub async fn run(client: Client, pods: Arc<Pods>, node_name: String) {
         if !folder.ready() || !folder.index.is_changed() {
             continue;
         }
+        // Only complete inputs are saved (a half-listed set could lack the policies).
+        store.changed();
         let started = Instant::now();
         let set = if enforcing {
             folder.index.snapshot()

@@ -218,27 +218,36 @@ pub fn save(dir: &Path, st: &State) -> Result<(), StateError> {
     // It may hold preshared keys: zeroized once written.
     let text =
         zeroize::Zeroizing::new(serde_json::to_vec_pretty(&f).expect("plain data serializes"));
-    let tmp = dir.join(format!(".{STATE_FILE}.tmp.{}", std::process::id()));
-    let err = |source| StateError::Write {
+    write_atomic(dir, STATE_FILE, |out| out.write_all(&text)).map_err(|source| StateError::Write {
         path: path.clone(),
         source,
-    };
+    })
+}
+
+/// Writes `dir/name` atomically (a temp file beside it, fsync, rename, fsync of the
+/// directory) with mode 0600; `write` fills the temp file.
+pub fn write_atomic(
+    dir: &Path,
+    name: &str,
+    write: impl FnOnce(&mut File) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
-    let write = || -> std::io::Result<()> {
+    let run = || -> std::io::Result<()> {
         let mut out = OpenOptions::new()
             .write(true)
             .create_new(true)
             .mode(0o600)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&tmp)?;
-        out.write_all(&text)?;
+        write(&mut out)?;
         out.sync_all()?;
         std::fs::rename(&tmp, &path)?;
         File::open(dir)?.sync_all()
     };
-    write().map_err(|e| {
+    run().inspect_err(|_| {
         let _ = std::fs::remove_file(&tmp);
-        err(e)
     })
 }
 
