@@ -433,7 +433,7 @@ async fn agent_main(
     // NetworkPolicy fails closed: the saved policy before pods are re-attached, else no new
     // pod flow until the first lists arrive.
     tun.net.pods.require_policy();
-    let (policy_restored, policy_store) =
+    let (policy_restored, policy_store, policy_state_failed) =
         policy_state::restore(&args.state_dir, &args.node_name, &tun.net.pods);
     tun.net
         .pods
@@ -483,6 +483,9 @@ async fn agent_main(
         interface: args.interface.clone(),
         pods: tun.net.pods.clone(),
     });
+    if policy_state_failed {
+        status.policy_state_errors.fetch_add(1, Ordering::Relaxed);
+    }
     let status_sock = crate::status::server::bind(&args.run_dir)?;
     let key_sock = keyctl::bind(&args.run_dir)?;
     let (key_tx, key_rx) = tokio::sync::mpsc::channel(4);

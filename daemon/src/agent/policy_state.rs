@@ -260,12 +260,14 @@ pub fn load(dir: &Path, node_name: &str) -> Result<Option<(Folder, Store)>, Load
 
 /// At start, before pods are re-attached: the saved inputs compiled and swapped in, or
 /// nothing (an error is logged; the data plane stays fail-closed until the first lists).
-/// Returns the Folder to go on from and the Store to record into.
+/// Returns the Folder to go on from, the Store to record into, and whether a saved file was
+/// there but could not be restored.
 pub fn restore(
     dir: &Path,
     node_name: &str,
     pods: &crate::dataplane::ports::Pods,
-) -> (Option<Folder>, Shared) {
+) -> (Option<Folder>, Shared, bool) {
+    let mut failed = false;
     let (folder, store) = match load(dir, node_name) {
         Ok(Some((mut folder, store))) => {
             let set = folder.index.snapshot();
@@ -282,11 +284,12 @@ pub fn restore(
             (None, Store::new(dir))
         }
         Err(e) => {
+            failed = true;
             warn!(error = %e, "not restoring the saved NetworkPolicy inputs; pods' new flows are dropped (policy_not_synced) until the API lists arrive");
             (None, Store::new(dir))
         }
     };
-    (folder, Persist::new(store))
+    (folder, Persist::new(store), failed)
 }
 
 /// Writes the file when the inputs changed, at most once per [`SAVE_INTERVAL`] (the first
@@ -474,8 +477,8 @@ mod tests {
             assert!(e.to_string().contains(POLICY_STATE_FILE), "{e}");
             let pods = crate::dataplane::ports::Pods::new(1, false).unwrap();
             pods.require_policy();
-            let (folder, _) = restore(&dir, "n1", &pods);
-            assert!(folder.is_none());
+            let (folder, _, failed) = restore(&dir, "n1", &pods);
+            assert!(folder.is_none() && failed);
             assert!(pods.table().policy_pending, "fails closed");
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -317,6 +317,12 @@ impl Collector for StatusCollector {
             "Complete re-lists of the Nodes, the first included",
             &[(vec![], r.watch_resyncs)],
         )?;
+        counter_family(
+            &mut e,
+            "kwire_policy_state_errors",
+            "Saved NetworkPolicy inputs that could not be restored at start (pods' new flows wait for the API lists)",
+            &[(vec![], r.policy_state_errors)],
+        )?;
         gauge_family(
             &mut e,
             "kwire_api_synced",

@@ -45,6 +45,8 @@ pub struct NodeState {
     pub watch_errors: AtomicU64,
     /// Complete re-lists of the Nodes (the first list included).
     pub watch_resyncs: AtomicU64,
+    /// The saved NetworkPolicy inputs could not be restored at start (unreadable, invalid).
+    pub policy_state_errors: AtomicU64,
     /// The Node watch delivered its last answer without error.
     pub api_synced: AtomicBool,
     /// What the health monitor knows of each peer, by node name.
@@ -138,6 +140,7 @@ impl NodeState {
             pod_cidrs: ArcSwap::from_pointee(Vec::new()),
             watch_errors: AtomicU64::new(0),
             watch_resyncs: AtomicU64::new(0),
+            policy_state_errors: AtomicU64::new(0),
             api_synced: AtomicBool::new(false),
             peer_health: Mutex::new(BTreeMap::new()),
             keys: Mutex::new(KeyState::default()),

@@ -28,6 +28,9 @@ pub struct StatusReport {
     pub api_synced: bool,
     pub watch_errors: u64,
     pub watch_resyncs: u64,
+    /// The saved NetworkPolicy inputs could not be restored at start.
+    #[serde(default)]
+    pub policy_state_errors: u64,
     pub peers_expected: u64,
     pub peers_connected: u64,
     pub peers: Vec<PeerReport>,
@@ -288,6 +291,7 @@ pub fn report(st: &NodeState) -> StatusReport {
         api_synced: st.api_synced.load(Ordering::Relaxed),
         watch_errors: st.watch_errors.load(Ordering::Relaxed),
         watch_resyncs: st.watch_resyncs.load(Ordering::Relaxed),
+        policy_state_errors: st.policy_state_errors.load(Ordering::Relaxed),
         peers_expected: names.len() as u64,
         peers_connected: peers.iter().filter(|p| p.up).count() as u64,
         peers,

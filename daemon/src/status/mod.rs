@@ -362,6 +362,7 @@ pub(crate) mod tests {
             api_synced: true,
             watch_errors: 0,
             watch_resyncs: 1,
+            policy_state_errors: 0,
             peers_expected: 2,
             peers_connected: 1,
             peers: vec![
