@@ -600,6 +600,22 @@ pub(crate) mod tests {
         }
     }
 
+    /// The packets of `frame`: the first `stop` from one `Segments`, the rest from a new one
+    /// over the same frame that skips them.
+    fn in_two_passes(frame: &mut [u8], scratch: &mut [u8], stop: usize) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut s = Segments::new(frame, scratch, usize::MAX).unwrap();
+        while s.position() < stop {
+            got.push(s.next_packet().unwrap().unwrap().to_vec());
+        }
+        let mut s = Segments::new(frame, scratch, usize::MAX).unwrap();
+        s.skip(stop);
+        while let Some(p) = s.next_packet() {
+            got.push(p.unwrap().to_vec());
+        }
+        got
+    }
+
     /// Stopping after any packet and going on with a new `Segments` over the same frame
     /// yields the same packets as one pass.
     #[test]
@@ -614,17 +630,7 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(whole.len(), 7);
         for stop in 0..=7 {
-            let mut frame = as_gso_frame(&big, 1000);
-            let mut got = Vec::new();
-            let mut s = Segments::new(&mut frame, &mut scratch, usize::MAX).unwrap();
-            while s.position() < stop {
-                got.push(s.next_packet().unwrap().unwrap().to_vec());
-            }
-            let mut s = Segments::new(&mut frame, &mut scratch, usize::MAX).unwrap();
-            s.skip(stop);
-            while let Some(p) = s.next_packet() {
-                got.push(p.unwrap().to_vec());
-            }
+            let got = in_two_passes(&mut as_gso_frame(&big, 1000), &mut scratch, stop);
             assert_eq!(got, whole, "stopped after {stop}");
         }
         // A single packet's checksum is completed once, when it is taken.
@@ -668,16 +674,7 @@ pub(crate) mod tests {
         let mut scratch = vec![0u8; 65536];
         for stop in 0..=expected.len() {
             let mut frame = as_uso_frame(&udp_packet(true, &payload), 1000);
-            let mut got = Vec::new();
-            let mut s = Segments::new(&mut frame, &mut scratch, usize::MAX).unwrap();
-            while s.position() < stop {
-                got.push(s.next_packet().unwrap().unwrap().to_vec());
-            }
-            let mut s = Segments::new(&mut frame, &mut scratch, usize::MAX).unwrap();
-            s.skip(stop);
-            while let Some(p) = s.next_packet() {
-                got.push(p.unwrap().to_vec());
-            }
+            let got = in_two_passes(&mut frame, &mut scratch, stop);
             assert_eq!(got, expected, "stopped after {stop}");
         }
     }
