@@ -1,0 +1,142 @@
+//! NetworkPolicy across an agent restart, with the API unreachable from the restarted node
+//! (a `kwire-lab` of two nodes, one pod each):
+//! - a deny-all-ingress NetworkPolicy in force, the node's agent cut off from the API and
+//!   killed (SIGKILL; the lab's supervisor restarts it as the kubelet would): the restarted
+//!   agent enforces the saved policy at once, the pod stays unreachable (the drops are
+//!   `policy_ingress`), where it used to forward with no policy at all;
+//! - the saved file removed and the agent killed again: no policy to restore, the pod's new
+//!   flows are dropped (`policy_not_synced`) rather than admitted;
+//! - the policy deleted and the API reachable again: the pod answers (fail closed does not
+//!   cut off a cluster without policies once the lists arrive).
+//!
+//! Needs root; skips (with a message) when the kwire binary has no `agent`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use kwire_tests::lab::{JsonExt, Lab};
+use kwire_tests::{require_agent, require_tool, wait_until, Scratch};
+use nix::sys::signal::Signal;
+
+/// `up` (mesh and pods) must finish within this.
+const UP_TIMEOUT_SECS: &str = "40";
+/// Policy changes reach the agents, and the API lists a restarted one, within this.
+const CONVERGE: Duration = Duration::from_secs(30);
+/// The supervisor restarts a dead agent (after its backoff) and the new one serves CNI.
+const RESTART: Duration = Duration::from_secs(40);
+/// After a restart the pod is probed this many times (a probe waits 2 s for an answer).
+const PROBES_AFTER_RESTART: usize = 3;
+/// The nftables table that cuts the node off from the API (the stand-in's port).
+const BLOCK_TABLE: &str = "kwire_test_no_api";
+
+const DENY_ALL: &str = r#"{"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+ "metadata": {"name": "deny-all", "namespace": "default"},
+ "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}"#;
+
+fn state_dir(lab: &Lab, node: &str) -> PathBuf {
+    lab.status()["nodes"]
+        .array()
+        .iter()
+        .find(|n| n["name"].as_str() == Some(node))
+        .and_then(|n| n["state_dir"].as_str().map(PathBuf::from))
+        .unwrap_or_else(|| panic!("no state_dir of {node}"))
+}
+
+/// Node `node` can no longer reach the API (connections refused at once).
+fn block_api(lab: &Lab, node: &str) {
+    let rules = format!(
+        "add table inet {BLOCK_TABLE}\n\
+         add chain inet {BLOCK_TABLE} out {{ type filter hook output priority 0; }}\n\
+         add rule inet {BLOCK_TABLE} out tcp dport 6443 reject with tcp reset\n"
+    );
+    // `exec` passes no stdin: the rules go through a file.
+    let f = lab.dir().join(format!("{node}-block-api.nft"));
+    std::fs::write(&f, rules).unwrap();
+    let o = lab.exec(node, &["nft", "-f", f.to_str().unwrap()]);
+    assert!(o.status.success(), "block the API on {node}: {o:?}");
+}
+
+fn unblock_api(lab: &Lab, node: &str) {
+    let o = lab.exec(node, &["nft", "delete", "table", "inet", BLOCK_TABLE]);
+    assert!(o.status.success(), "unblock the API on {node}: {o:?}");
+}
+
+/// The pod on `n2` stays unreachable from the one on `n1` for every probe.
+fn stays_unreachable(lab: &Lab, what: &str) {
+    for i in 0..PROBES_AFTER_RESTART {
+        let p = lab.probe("default/pod-1-1", "default/pod-2-1:80");
+        assert!(
+            !p.reachable,
+            "{what}: probe {i} reached the pod: {}",
+            p.detail
+        );
+    }
+}
+
+#[test]
+fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_without_it() {
+    let kwire = require_agent!();
+    require_tool("curl");
+    require_tool("nft");
+    let scratch = Scratch::new("lab-policy-restart");
+    let lab = Lab::named();
+    lab.cmd_ok(
+        "up",
+        &[
+            "--nodes",
+            "2",
+            "--pods",
+            "1",
+            "--kwire",
+            kwire.to_str().unwrap(),
+            "--timeout",
+            UP_TIMEOUT_SECS,
+        ],
+    );
+    let n2 = format!("{}-n2", lab.name());
+    let saved = state_dir(&lab, &n2).join("policy-state.json");
+    wait_until(CONVERGE, "pod-2-1 answers pod-1-1", || {
+        lab.probe("default/pod-1-1", "default/pod-2-1:80").reachable
+    });
+
+    // Deny all ingress in `default`; n2 saves it.
+    let f = scratch.file("deny-all.json");
+    std::fs::write(&f, DENY_ALL).unwrap();
+    lab.cmd_ok("apply", &["-f", f.to_str().unwrap()]);
+    wait_until(CONVERGE, "deny-all in force on n2", || {
+        !lab.probe("default/pod-1-1", "default/pod-2-1:80").reachable
+    });
+    wait_until(CONVERGE, "n2 saved deny-all", || {
+        std::fs::read_to_string(&saved).is_ok_and(|t| t.contains("deny-all"))
+    });
+
+    // 1. No API, SIGKILL: the restored policy holds.
+    block_api(&lab, &n2);
+    lab.signal_agents(&[&n2], Signal::SIGKILL, RESTART);
+    let before = lab.drops(&n2, "policy_ingress");
+    stays_unreachable(&lab, "restored policy, API unreachable");
+    assert!(
+        lab.drops(&n2, "policy_ingress") > before,
+        "the restored policy dropped the probes"
+    );
+    assert_eq!(lab.metric(&n2, "kwire_policy_state_errors_total"), 0.0);
+
+    // 2. No API, no saved file: fail closed.
+    std::fs::remove_file(&saved).expect("remove policy-state.json");
+    lab.signal_agents(&[&n2], Signal::SIGKILL, RESTART);
+    stays_unreachable(&lab, "nothing saved, API unreachable");
+    assert!(
+        lab.drops(&n2, "policy_not_synced") >= PROBES_AFTER_RESTART as f64,
+        "new flows dropped as policy_not_synced"
+    );
+
+    // 3. The policy gone and the API back: the lists arrive, the pod answers again.
+    lab.cmd_ok("delete", &["-f", f.to_str().unwrap()]);
+    unblock_api(&lab, &n2);
+    wait_until(CONVERGE, "pod-2-1 answers again", || {
+        lab.probe("default/pod-1-1", "default/pod-2-1:80").reachable
+    });
+    wait_until(CONVERGE, "n2 saved the policy-free inputs", || {
+        std::fs::read_to_string(&saved).is_ok_and(|t| !t.contains("deny-all"))
+    });
+}
