@@ -2,8 +2,9 @@
 //! (cluster wide, objects stripped while parsing, see [`super::objects`]), folded change by
 //! change into a [`PolicyIndex`] scoped to this node; after each burst of changes the new
 //! snapshot is swapped in. An update that changes nothing policy reads (a status heartbeat, an
-//! annotation) is dropped after one comparison and swaps nothing. Nothing is enforced before
-//! all three lists have been read once.
+//! annotation) is dropped after one comparison and swaps nothing. No snapshot is taken before
+//! all three lists have been read once; until then the inputs saved by the last run are in
+//! force, or, without them, pods' new flows are dropped (see [`super::policy_state`]).
 //!
 //! API etiquette: the watcher lists once (pages of [`PAGE_SIZE`], served from the API
 //! server's watch cache), then watches from that resourceVersion with bookmarks, resuming from
