@@ -18,8 +18,6 @@ use kwire_tests::lab::{JsonExt, Lab};
 use kwire_tests::{require_agent, require_tool, wait_until, Scratch};
 use nix::sys::signal::Signal;
 
-/// `up` (mesh and pods) must finish within this.
-const UP_TIMEOUT_SECS: &str = "40";
 /// Policy changes reach the agents, and the API lists a restarted one, within this.
 const CONVERGE: Duration = Duration::from_secs(30);
 /// The supervisor restarts a dead agent (after its backoff) and the new one serves CNI.
@@ -79,20 +77,7 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
     require_tool("curl");
     require_tool("nft");
     let scratch = Scratch::new("lab-policy-restart");
-    let lab = Lab::named();
-    lab.cmd_ok(
-        "up",
-        &[
-            "--nodes",
-            "2",
-            "--pods",
-            "1",
-            "--kwire",
-            kwire.to_str().unwrap(),
-            "--timeout",
-            UP_TIMEOUT_SECS,
-        ],
-    );
+    let lab = Lab::up_real(2, 1, &kwire);
     let n2 = format!("{}-n2", lab.name());
     let saved = state_dir(&lab, &n2).join("policy-state.json");
     wait_until(CONVERGE, "pod-2-1 answers pod-1-1", || {
