@@ -4,7 +4,7 @@
 //! snapshot is swapped in. An update that changes nothing policy reads (a status heartbeat, an
 //! annotation) is dropped after one comparison and swaps nothing. No snapshot is taken before
 //! all three lists have been read once; until then the inputs saved by the last run are in
-//! force, or, without them, pods' new flows are dropped (see [`super::policy_state`]).
+//! force, or, without them, pods' new flows are dropped (the agent's `policy_state` module).
 //!
 //! API etiquette: the watcher lists once (pages of [`PAGE_SIZE`], served from the API
 //! server's watch cache), then watches from that resourceVersion with bookmarks, resuming from
@@ -277,6 +277,14 @@ impl Folder {
     }
 }
 
+/// Told what the loop folds, to keep a copy (the saved inputs a restart enforces first).
+pub trait Recorder: Send + Sync {
+    /// A watch item, before it is folded.
+    fn record(&self, change: &Change);
+    /// A complete set of inputs changed (a snapshot is taken).
+    fn changed(&self);
+}
+
 /// Runs until aborted. `restored`: the Folder of the saved inputs (already swapped in), the
 /// first lists fold on top of it; `store` keeps what the watches deliver for the next start.
 pub async fn run(
@@ -284,7 +292,7 @@ pub async fn run(
     pods: Arc<Pods>,
     node_name: String,
     restored: Option<Folder>,
-    store: super::policy_state::Shared,
+    store: Arc<dyn Recorder>,
 ) {
     let s0 = watch(Api::<PodView>::all(client.clone()), Kind::Pods, Change::Pod);
     let s1 = watch(
@@ -302,7 +310,7 @@ pub async fn run(
     let mut folder = restored.unwrap_or_else(|| Folder::new(&node_name));
     let mut enforcing = false;
     let fold = |folder: &mut Folder, change: Change| {
-        store.lock().record(&change);
+        store.record(&change);
         folder.fold(change);
     };
     loop {

@@ -10,7 +10,7 @@
 //! closed until the first lists arrive (see [`crate::dataplane::ports::Pods::require_policy`]).
 
 use super::objects::{NamespaceView, NetworkPolicyView, PodView};
-use super::policy::{Change, Folder};
+use super::policy::{Change, Folder, Recorder};
 use super::state::write_atomic;
 use kube::runtime::watcher::Event;
 use kube::Resource;
@@ -107,10 +107,16 @@ impl Persist {
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Store> {
         self.store.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+impl Recorder for Persist {
+    fn record(&self, change: &Change) {
+        self.lock().record(change);
+    }
 
     /// A complete, changed set of inputs was folded: the writer saves it (at once, or
     /// [`SAVE_INTERVAL`] after its last write).
-    pub fn changed(&self) {
+    fn changed(&self) {
         self.lock().mark_dirty();
         self.changed.notify_one();
     }
