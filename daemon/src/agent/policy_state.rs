@@ -14,7 +14,7 @@ use super::policy::{Change, Folder, Recorder};
 use super::state::write_atomic;
 use kube::runtime::watcher::Event;
 use kube::Resource;
-use serde::{Deserialize, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -31,17 +31,21 @@ pub const SAVE_INTERVAL: Duration = Duration::from_secs(10);
 
 type Key = (String, String);
 
-/// The objects of one kind as last delivered, and during a list the keys it delivered.
+/// The objects of one kind as last delivered, each as its k8s JSON (a few hundred bytes for a
+/// Pod; the view itself takes several times that), and during a list the keys it delivered.
 struct Objects<V> {
-    by_key: BTreeMap<Key, V>,
+    by_key: BTreeMap<Key, Box<str>>,
     listing: Option<HashSet<Key>>,
+    /// The view's k8s JSON.
+    json: fn(&V) -> String,
 }
 
-impl<V: Resource + Clone> Objects<V> {
-    fn new() -> Self {
+impl<V: Resource> Objects<V> {
+    fn new(json: fn(&V) -> String) -> Self {
         Objects {
             by_key: BTreeMap::new(),
             listing: None,
+            json,
         }
     }
 
@@ -59,7 +63,7 @@ impl<V: Resource + Clone> Objects<V> {
                 if let Some(seen) = self.listing.as_mut() {
                     seen.insert(key(o));
                 }
-                self.by_key.insert(key(o), o.clone());
+                self.by_key.insert(key(o), (self.json)(o).into());
             }
             Event::InitDone => {
                 if let Some(seen) = self.listing.take() {
@@ -67,13 +71,30 @@ impl<V: Resource + Clone> Objects<V> {
                 }
             }
             Event::Apply(o) => {
-                self.by_key.insert(key(o), o.clone());
+                self.by_key.insert(key(o), (self.json)(o).into());
             }
             Event::Delete(o) => {
                 self.by_key.remove(&key(o));
             }
         }
     }
+
+    /// `"name":[...]` of the file.
+    fn write(&self, name: &str, out: &mut impl Write) -> std::io::Result<()> {
+        write!(out, "\"{name}\":[")?;
+        for (i, o) in self.by_key.values().enumerate() {
+            if i > 0 {
+                out.write_all(b",")?;
+            }
+            out.write_all(o.as_bytes())?;
+        }
+        out.write_all(b"]")
+    }
+}
+
+/// The JSON of a view as its k8s type (plain data: it serializes).
+fn k8s_json<T: Serialize>(o: T) -> String {
+    serde_json::to_string(&o).expect("k8s objects serialize")
 }
 
 /// The policy inputs as last delivered; shared by the policy loop (which records) and the
@@ -126,9 +147,9 @@ impl Store {
     pub fn new(dir: &Path) -> Self {
         Store {
             dir: dir.to_path_buf(),
-            pods: Objects::new(),
-            namespaces: Objects::new(),
-            policies: Objects::new(),
+            pods: Objects::new(|v| k8s_json(v.clone().into_k8s())),
+            namespaces: Objects::new(|v| k8s_json(v.clone().into_k8s())),
+            policies: Objects::new(|v| k8s_json(v.clone().into_k8s())),
             dirty: false,
         }
     }
@@ -165,39 +186,18 @@ impl Store {
     }
 
     fn save(&self) -> std::io::Result<()> {
-        let file = FileOut {
-            version: POLICY_STATE_VERSION,
-            namespaces: Seq(&self.namespaces.by_key, |v: &NamespaceView| {
-                v.clone().into_k8s()
-            }),
-            policies: Seq(&self.policies.by_key, |v: &NetworkPolicyView| {
-                v.clone().into_k8s()
-            }),
-            pods: Seq(&self.pods.by_key, |v: &PodView| v.clone().into_k8s()),
-        };
         write_atomic(&self.dir, POLICY_STATE_FILE, |out| {
             let mut w = std::io::BufWriter::new(out);
-            serde_json::to_writer(&mut w, &file)?;
+            write!(w, "{{\"version\":{POLICY_STATE_VERSION},")?;
+            self.namespaces.write("namespaces", &mut w)?;
+            w.write_all(b",")?;
+            self.policies.write("policies", &mut w)?;
+            w.write_all(b",")?;
+            self.pods.write("pods", &mut w)?;
+            w.write_all(b"}")?;
             w.flush()
         })
     }
-}
-
-/// A kind's objects serialized one at a time as their k8s type (no copy of the whole set).
-struct Seq<'a, V, F>(&'a BTreeMap<Key, V>, F);
-
-impl<V, T: Serialize, F: Fn(&V) -> T> Serialize for Seq<'_, V, F> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.values().map(&self.1))
-    }
-}
-
-#[derive(Serialize)]
-struct FileOut<A, B, C> {
-    version: u32,
-    namespaces: A,
-    policies: B,
-    pods: C,
 }
 
 #[derive(Deserialize)]
