@@ -28,6 +28,7 @@ pub struct CleanupPlan {
 const STATE_FILES: &[&str] = &[
     super::keyfile::KEY_FILE,
     super::state::STATE_FILE,
+    super::policy_state::POLICY_STATE_FILE,
     PODS_FILE,
     IPAM_FILE,
 ];
