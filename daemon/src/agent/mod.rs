@@ -541,16 +541,15 @@ async fn agent_main(
             .await
             .and_then(|config| {
                 let client = crate::kubeapi::client_for(config.clone())?;
-                // The busiest watches run on threads of their own (see `watches`).
-                let nodes = watches::start_nodes(config.clone(), agent.node_name.clone())
+                // The Node watch runs on a thread of its own (see `watches`).
+                let nodes = watches::start_nodes(config, agent.node_name.clone())
                     .context("starting the Node watch thread")?;
-                let (policy_stop, stop) = tokio::sync::oneshot::channel();
-                watches::start_policy(config, loop_pods.clone(), policy_node, stop)
-                    .context("starting the policy watch thread")?;
-                Ok((client, nodes, policy_stop))
+                Ok((client, nodes))
             });
         match started {
-            Ok((client, nodes, policy_stop)) => {
+            Ok((client, nodes)) => {
+                let policy =
+                    tokio::spawn(policy::run(client.clone(), loop_pods.clone(), policy_node));
                 let services = tokio::spawn(services::run(
                     client.clone(),
                     loop_pods,
@@ -560,7 +559,7 @@ async fn agent_main(
                     },
                 ));
                 agent.run(client, nodes, stop_rx).await;
-                let _ = policy_stop.send(());
+                policy.abort();
                 services.abort();
             }
             Err(e) => error!(

@@ -310,13 +310,10 @@ pub async fn run(client: Client, pods: Arc<Pods>, node_name: String) {
             continue;
         }
         let started = Instant::now();
-        let on_workers = tokio::runtime::Handle::current().runtime_flavor()
-            == tokio::runtime::RuntimeFlavor::MultiThread;
-        let set = if enforcing || !on_workers {
+        let set = if enforcing {
             folder.index.snapshot()
         } else {
-            // The first snapshot computes every selector at once: off the async workers (on
-            // the policy's own thread, see `super::watches`, nothing else waits for it).
+            // The first snapshot computes every selector at once: off the async workers.
             tokio::task::block_in_place(|| folder.index.snapshot())
         };
         pods.set_policy(Arc::new(set));

@@ -1,25 +1,21 @@
-//! The busiest watches on threads of their own: the Node watch (filtered, see [`NodeFilter`])
-//! and the policy watches (Pods, Namespaces, NetworkPolicies, folded by [`super::policy`]).
+//! The Node watch on a thread of its own, filtered there (see [`NodeFilter`]): nearly every
+//! Node event changes nothing peer selection reads (status heartbeats every few minutes per
+//! node, annotations of other controllers), and the planner on the main runtime is woken only
+//! for one that does. The watch runs on a single-threaded runtime with an API client of its
+//! own (its connections live there too); what passes goes to the planner over a bounded
+//! channel.
 //!
-//! Why threads of their own: nearly every event of these watches changes nothing kwire reads
-//! (status heartbeats, annotations), and what such an event costs is mostly the wake-ups it
-//! takes, not the parse. On the agent's multi-threaded runtime one event woke the HTTP
-//! connection's task, which woke the watch's task, and each wake-up could unpark the other
-//! worker thread to steal it (a futex and a context switch) and woke the planner's task on
-//! top. Here each watch set runs on a single-threaded runtime with its own API client (its
-//! connections live there too), so an event is one thread's wake-up from epoll, the
-//! connection's task and the watch's task run back to back on it, and an update that changes
-//! nothing is dropped there: the Node planner on the main runtime is woken only for what it
-//! reads.
+//! The policy watches (Pods, Namespaces, NetworkPolicies) ran on such a thread too for a while;
+//! side by side with main it did not make a Pod event cheaper (the multi-threaded runtime runs
+//! a woken task on the worker that woke it, without waking the other one), so they stay on the
+//! main runtime, where an unchanged Pod is dropped after one comparison in the index.
 
 use super::objects::NodeView;
-use crate::dataplane::ports::Pods;
 use futures::StreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use std::collections::HashMap;
-use std::sync::Arc;
 use tracing::error;
 
 /// One item of the Node watch as the planner gets it.
@@ -190,22 +186,6 @@ pub fn start_nodes(
     let (tx, rx) = tokio::sync::mpsc::channel(NODE_QUEUE);
     spawn("kwire-nodes", config, move |client| nodes(client, own, tx))?;
     Ok(rx)
-}
-
-/// Starts the policy watches on a thread of its own; they run until `stop` is dropped or
-/// sent.
-pub fn start_policy(
-    config: kube::Config,
-    pods: Arc<Pods>,
-    node_name: String,
-    stop: tokio::sync::oneshot::Receiver<()>,
-) -> std::io::Result<()> {
-    spawn("kwire-policy", config, move |client| async move {
-        tokio::select! {
-            _ = super::policy::run(client, pods, node_name) => {}
-            _ = stop => {}
-        }
-    })
 }
 
 #[cfg(test)]
