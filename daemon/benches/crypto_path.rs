@@ -20,17 +20,24 @@ const SIZES: [usize; 3] = [64, 512, 1420];
 /// measurement does not hold millions of datagrams.
 const DECAP_CHUNK: u64 = 2048;
 
+/// Two devices with a session between them, a `size`-byte UDP packet from A to B (in a
+/// 2 KiB frame buffer, with its length) and a sink that counts what leaves.
+fn established(size: usize) -> (Pair, Vec<u8>, usize, SinkIo) {
+    let mut p = Pair::new(false);
+    p.handshake();
+    let mut frame = vec![0u8; 2048];
+    let n = udp_packet(&mut frame, INNER_A, INNER_B, 1, size);
+    let sink = SinkIo {
+        datagrams: 0,
+        frames: 0,
+    };
+    (p, frame, n, sink)
+}
+
 fn encapsulate(c: &mut Criterion) {
     let mut g = c.benchmark_group("encapsulate");
     for size in SIZES {
-        let mut p = Pair::new(false);
-        p.handshake();
-        let mut frame = vec![0u8; 2048];
-        let n = udp_packet(&mut frame, INNER_A, INNER_B, 1, size);
-        let mut sink = SinkIo {
-            datagrams: 0,
-            frames: 0,
-        };
+        let (mut p, mut frame, n, mut sink) = established(size);
         let snap = p.a.device.snapshot();
         let ctx = Ctx::host_only(
             &snap,
@@ -54,14 +61,7 @@ fn encapsulate(c: &mut Criterion) {
 fn decapsulate(c: &mut Criterion) {
     let mut g = c.benchmark_group("decapsulate");
     for size in SIZES {
-        let mut p = Pair::new(false);
-        p.handshake();
-        let mut frame = vec![0u8; 2048];
-        let n = udp_packet(&mut frame, INNER_A, INNER_B, 1, size);
-        let mut sink = SinkIo {
-            datagrams: 0,
-            frames: 0,
-        };
+        let (mut p, mut frame, n, mut sink) = established(size);
         g.throughput(Throughput::Bytes(size as u64));
         g.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, _| {
             b.iter_custom(|iters| {

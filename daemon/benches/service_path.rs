@@ -3,21 +3,19 @@
 //! pod to a pod on another node, with no service table, with a 10,000-Service table and no
 //! translated flow, and with that table and 1,000 translated flows (the reverse lookup then
 //! runs for every frame). Built only from APIs that predate node ports, so the same file
-//! measures an older tree for a ratio taken in one run.
+//! measures an older tree for a ratio taken in one run (with `service_support/`).
+
+mod service_support;
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kwire::datapath::from_tun::decide;
 use kwire::datapath::local::{LocalTable, PodPort, Port};
-use kwire::datapath::nat::NatTable;
-use kwire::datapath::service::ServiceNat;
 use kwire::datapath::stats::Counters;
-use kwire::datapath::Ctx;
 use kwire::services::{ServiceTable, ServiceView, SliceView};
 use kwire::wg::device::Snapshot;
 use kwire::wg::ratelimit::SourceLimiter;
@@ -92,20 +90,9 @@ fn bench(c: &mut Criterion) {
         );
         local.mtu = Some(1420);
         if case != "no_table" {
-            local.services = Some(ServiceNat {
-                table: table.clone(),
-                nat: Arc::new(NatTable::default()),
-            });
+            service_support::serve(&mut local, &table);
         }
-        let ctx = Ctx {
-            snap: &snap,
-            local: &local,
-            counters: &counters,
-            limiter: &limiter,
-            pacer: &kwire::datapath::HOST_ONLY_PACER,
-            now: Instant::now(),
-            vnet: false,
-        };
+        let ctx = service_support::ctx(&snap, &local, &counters, &limiter);
         let mut answer = vec![0u8; 2048];
         if case == "10000_services_1000_flows" {
             // 1,000 flows to ClusterIPs, translated through the same pipeline.

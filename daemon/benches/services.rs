@@ -7,6 +7,8 @@
 //! goal is that 10,000 Services cost no more than 1.5x of 10. Each measured run starts from an
 //! empty connection table (refilled every 100,000 flows), so every packet is a new flow.
 
+mod service_support;
+
 use std::hint::black_box;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -14,10 +16,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use kwire::datapath::local::{LocalTable, Port};
-use kwire::datapath::nat::NatTable;
-use kwire::datapath::service::{self, ServiceNat};
+use kwire::datapath::service;
 use kwire::datapath::stats::Counters;
-use kwire::datapath::Ctx;
 use kwire::services::model::{EndpointView, ServicePortView, SlicePortView, TCP};
 use kwire::services::table::{Scope, ServiceCompiler};
 use kwire::services::{ServiceTable, ServiceView, SliceView};
@@ -102,19 +102,8 @@ fn new_flows(c: &mut Criterion) {
                 while done < iters {
                     let batch = (iters - done).min(100_000);
                     let mut local = LocalTable::<()>::default();
-                    local.services = Some(ServiceNat {
-                        table: table.clone(),
-                        nat: Arc::new(NatTable::default()),
-                    });
-                    let ctx = Ctx {
-                        snap: &snap,
-                        local: &local,
-                        counters: &counters,
-                        limiter: &limiter,
-                        pacer: &kwire::datapath::HOST_ONLY_PACER,
-                        now: Instant::now(),
-                        vnet: false,
-                    };
+                    service_support::serve(&mut local, &table);
+                    let ctx = service_support::ctx(&snap, &local, &counters, &limiter);
                     let start = Instant::now();
                     for i in 0..batch {
                         pkt.copy_from_slice(&templates[(i % 64) as usize]);

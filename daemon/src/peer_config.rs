@@ -4,9 +4,12 @@
 //! peer's private key: the `PrivateKey` line is a placeholder for the user to fill in (and the
 //! `PresharedKey` line, when the Peer names a Secret).
 //!
-//! The Service range is not in the allowed IPs: a ClusterIP is translated in the packet loop of
-//! the sending pod's node, and packets arriving over WireGuard from an external peer are not
-//! translated yet (README.md, "Peers outside the cluster").
+//! The Service ranges go to exactly one node, the peer's **entry node**: a WireGuard peer
+//! routes each prefix to one of its peers, and the node that receives a Peer's packet for a
+//! ClusterIP is the one that translates it (masqueraded to its own pod-network address, so
+//! that the backend's replies come back through it; `datapath::service::from_peer`). It is
+//! `--entry-node`, else the first node by name that is not behind NAT and publishes the
+//! ranges it serves (`kwire.dev/service-cidr`), else the first by name that publishes them.
 
 use crate::agent::external::{self, PeerObject};
 use crate::agent::peers::NodeInfo;
@@ -53,6 +56,11 @@ pub struct ConfigArgs {
     pub kubeconfig: Option<PathBuf>,
     #[arg(long, short, value_enum, default_value = "conf")]
     pub output: Output,
+    /// The node whose [Peer] section carries the Service ranges (the ClusterIPs): the
+    /// peer's Service flows enter the cluster there. Default: the first node by name that
+    /// is not behind NAT and serves them (`kwire.dev/service-cidr`).
+    #[arg(long, value_name = "NODE")]
+    pub entry_node: Option<String>,
 }
 
 /// A node as the far side sees it.
@@ -94,8 +102,56 @@ pub fn node_peer(n: &NodeInfo) -> Result<NodePeer, String> {
     })
 }
 
-/// The wg-quick configuration for `peer` with these nodes.
-pub fn render(peer: &PeerObject, nodes: &[NodeInfo]) -> anyhow::Result<String> {
+/// The Service ranges a node serves to external peers (`kwire.dev/service-cidr`; invalid
+/// entries left out).
+fn service_ranges(n: &NodeInfo) -> Vec<IpNetwork> {
+    n.service_cidr
+        .as_deref()
+        .unwrap_or("")
+        .split(',')
+        .filter_map(|c| c.trim().parse().ok())
+        .map(canonical)
+        .collect()
+}
+
+/// The peer's entry node (see the module's comment): `wanted` if it can be one, else the
+/// first by name not behind NAT that serves Service ranges, else the first that serves
+/// them; `Ok(None)`: no node serves them (the configuration leaves them out).
+pub fn entry_node<'a>(
+    nodes: &'a [NodeInfo],
+    wanted: Option<&str>,
+) -> anyhow::Result<Option<&'a NodeInfo>> {
+    let serving = |n: &&NodeInfo| node_peer(n).is_ok() && !service_ranges(n).is_empty();
+    if let Some(name) = wanted {
+        let n = nodes
+            .iter()
+            .find(|n| n.name == name)
+            .ok_or_else(|| anyhow::anyhow!("--entry-node {name}: no such Node"))?;
+        if let Err(why) = node_peer(n) {
+            anyhow::bail!("--entry-node {name} cannot be a peer: {why}");
+        }
+        anyhow::ensure!(
+            serving(&n),
+            "--entry-node {name} publishes no kwire.dev/service-cidr (its agent runs without --service-cidr, or predates Services for Peers): pick another node"
+        );
+        return Ok(Some(n));
+    }
+    let mut sorted: Vec<&NodeInfo> = nodes.iter().filter(serving).collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(sorted
+        .iter()
+        .find(|n| !n.behind_nat)
+        .or(sorted.first())
+        .copied())
+}
+
+/// The wg-quick configuration for `peer` with these nodes, the Service ranges on `entry`
+/// (see [`entry_node`]).
+pub fn render(
+    peer: &PeerObject,
+    nodes: &[NodeInfo],
+    entry: Option<&NodeInfo>,
+) -> anyhow::Result<String> {
     let addresses: Vec<IpNetwork> = peer.spec["allowedIPs"]
         .as_array()
         .into_iter()
@@ -124,12 +180,25 @@ pub fn render(peer: &PeerObject, nodes: &[NodeInfo]) -> anyhow::Result<String> {
     o.push_str("[Interface]\n");
     let _ = writeln!(o, "Address = {}", join(&addresses));
     let _ = writeln!(o, "PrivateKey = {PRIVATE_KEY_PLACEHOLDER}");
-    if let Some(port) = peer.spec["endpoint"]
-        .as_str()
-        .and_then(|e| e.parse::<SocketAddr>().ok())
-        .map(|e| e.port())
-    {
+    if let Some(port) = peer.spec["endpoint"].as_str().and_then(|e| {
+        e.parse::<SocketAddr>()
+            .ok()
+            .map(|a| a.port())
+            .or_else(|| external::host_port(e).map(|(_, p)| p))
+    }) {
         let _ = writeln!(o, "ListenPort = {port}");
+    }
+    match entry {
+        Some(e) => {
+            let _ = writeln!(
+                o,
+                "# Services (ClusterIPs) through node {}: it translates them for this peer",
+                e.name
+            );
+        }
+        None => o.push_str(
+            "# Services left out: no node publishes kwire.dev/service-cidr (agents without --service-cidr)\n",
+        ),
     }
     let mut sorted: Vec<&NodeInfo> = nodes.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name));
@@ -150,7 +219,11 @@ pub fn render(peer: &PeerObject, nodes: &[NodeInfo]) -> anyhow::Result<String> {
                     );
                 }
                 let _ = writeln!(o, "Endpoint = {}", p.endpoint);
-                let _ = writeln!(o, "AllowedIPs = {}", join(&p.pod_cidrs));
+                let mut allowed = p.pod_cidrs.clone();
+                if entry.is_some_and(|e| e.name == n.name) {
+                    allowed.extend(service_ranges(n));
+                }
+                let _ = writeln!(o, "AllowedIPs = {}", join(&allowed));
                 if keepalive > 0 {
                     let _ = writeln!(o, "PersistentKeepalive = {keepalive}");
                 }
@@ -220,7 +293,8 @@ pub fn run(cmd: PeerCommand) -> anyhow::Result<()> {
             .await
             .context("listing Nodes")?;
         let infos: Vec<NodeInfo> = list.items.iter().map(NodeInfo::from_node).collect();
-        render(&peer, &infos)
+        let entry = entry_node(&infos, args.entry_node.as_deref())?;
+        render(&peer, &infos, entry)
     })?;
     match args.output {
         Output::Conf => print!("{text}"),
@@ -263,7 +337,7 @@ mod tests {
             node("n1", Some(1), "10.244.1.0/24", "192.0.2.1", None),
             node("n3", None, "10.244.3.0/24", "192.0.2.3", None),
         ];
-        let c = render(&peer, &nodes).unwrap();
+        let c = render(&peer, &nodes, None).unwrap();
         let n1 = c.find("# node n1\n").unwrap();
         let n2 = c.find("# node n2\n").unwrap();
         assert!(n1 < n2, "{c}");
@@ -282,6 +356,49 @@ mod tests {
         assert!(!c.contains("PresharedKey"));
         let q = qr(&c).unwrap();
         assert!(q.lines().count() > 20 && q.contains('█'), "{q}");
-        assert!(render(&peer, &nodes[2..]).is_err());
+        assert!(render(&peer, &nodes[2..], None).is_err());
+        assert!(c.contains("# Services left out: no node publishes kwire.dev/service-cidr"));
+        assert_eq!(entry_node(&nodes, None).unwrap(), None);
+    }
+
+    #[test]
+    fn the_service_ranges_go_to_one_entry_node() {
+        let peer = PeerObject {
+            name: "laptop".into(),
+            spec: json!({"publicKey": PublicKey([7; 32]).to_base64(), "allowedIPs": ["198.51.100.7/32"]}),
+            ..PeerObject::default()
+        };
+        let mut nodes = [
+            node("n2", Some(2), "10.244.2.0/24", "192.0.2.2", None),
+            node("n1", Some(1), "10.244.1.0/24", "192.0.2.1", None),
+            node("n3", Some(3), "10.244.3.0/24", "192.0.2.3", None),
+            node("n0", None, "10.244.4.0/24", "192.0.2.4", None),
+        ];
+        for n in &mut nodes {
+            n.service_cidr = Some("10.96.0.0/12, fd00:10:96::/108,junk".into());
+        }
+        // The first by name that can be a peer and is not behind NAT.
+        nodes[1].behind_nat = true;
+        let e = entry_node(&nodes, None).unwrap().unwrap();
+        assert_eq!(e.name, "n2");
+        let c = render(&peer, &nodes, Some(e)).unwrap();
+        assert!(
+            c.contains("Endpoint = 192.0.2.2:51820\nAllowedIPs = 10.244.2.0/24, 10.96.0.0/12, fd00:10:96::/108\n"),
+            "{c}"
+        );
+        assert_eq!(c.matches("10.96.0.0/12").count(), 1, "{c}");
+        assert!(c.contains("# Services (ClusterIPs) through node n2"), "{c}");
+        // All behind NAT: the first by name all the same.
+        for n in &mut nodes {
+            n.behind_nat = true;
+        }
+        assert_eq!(entry_node(&nodes, None).unwrap().unwrap().name, "n1");
+        // Chosen by the user; refused when it cannot serve.
+        assert_eq!(entry_node(&nodes, Some("n3")).unwrap().unwrap().name, "n3");
+        let err = |n: &str, nodes: &[NodeInfo]| entry_node(nodes, Some(n)).unwrap_err().to_string();
+        assert!(err("n9", &nodes).contains("no such Node"));
+        assert!(err("n0", &nodes).contains("cannot be a peer"));
+        nodes[2].service_cidr = None;
+        assert!(err("n3", &nodes).contains("publishes no kwire.dev/service-cidr"));
     }
 }

@@ -31,3 +31,7 @@ pub const RELAY_ENDPOINT: &str = "kwire.dev/relay-endpoint";
 /// absent when there are none). A node named here is behind NAT (or publishes a wrong
 /// endpoint): its agent reads it and says so.
 pub const NAT_OBSERVED: &str = "kwire.dev/nat-observed";
+/// The Service ranges (`--service-cidr`) this node's agent serves to external peers
+/// (`Peer`s), comma separated: `kwire peer config` gives them to the peer's entry node
+/// (published by the agent; absent from agents that do not serve them).
+pub const SERVICE_CIDR: &str = "kwire.dev/service-cidr";

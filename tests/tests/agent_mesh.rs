@@ -3,36 +3,15 @@
 //! (confined by kwire-lab's container runtime, with deploy/'s RBAC and admission policy and a
 //! token bound to its node). Needs root; skipped with a message otherwise.
 //!
-//! Reachability of the API: the stand-in must be reachable from the node namespaces, so the
-//! whole test body runs on a thread that entered the switch's namespace (`Netns::run_in`); the
-//! bridge there gets 192.0.2.254/24 and the stand-in listens on it. Threads the tokio runtime
-//! spawns from that thread inherit the namespace, so `stop()`/`resume()` rebind there too.
-//! Nothing is added to the root namespace.
+//! The topology, and how the stand-in is reached from the nodes: `mesh_support`.
+
+mod mesh_support;
 
 use kwire_lab::apiserver::{ApiServer, ApiServerConfig};
-use kwire_lab::cluster::state::NodeSpec;
-use kwire_lab::supervisor::daemonset::Standalone;
-use kwire_tests::{
-    require_root, try_wait_until, unique_id, wait_until, Netns, Proc, Scratch, Switch,
-};
+use kwire_tests::{require_root, try_wait_until, wait_until, Netns, Proc, Scratch};
+use mesh_support::{gateway, http_get, nodes_kind, Cluster, PORT, TUN};
 use serde_json::{json, Value};
 use std::time::Duration;
-
-const BRIDGE_ADDR: &str = "192.0.2.254";
-const PORT: u16 = 51820;
-/// The agent's tun in each node (the DaemonSet's default).
-const TUN: &str = "kwire0";
-
-struct Node {
-    ns: Netns,
-    name: String,
-    ip: String,
-    spec: Option<NodeSpec>,
-}
-
-fn nodes_kind() -> &'static kwire_lab::apiserver::ResourceKind {
-    ApiServer::kind("v1", "Node").unwrap()
-}
 
 fn pod_cidrs(api: &ApiServer, name: &str) -> Vec<String> {
     let n = api.get(nodes_kind(), None, name).unwrap();
@@ -46,48 +25,12 @@ fn pod_cidrs(api: &ApiServer, name: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
-fn gateway(cidr: &str) -> String {
-    let net: ipnetwork::IpNetwork = cidr.parse().unwrap();
-    match net {
-        ipnetwork::IpNetwork::V4(n) => {
-            std::net::Ipv4Addr::from(u32::from(n.network()) + 1).to_string()
-        }
-        ipnetwork::IpNetwork::V6(n) => {
-            std::net::Ipv6Addr::from(u128::from(n.network()) + 1).to_string()
-        }
-    }
-}
-
 fn annotation(api: &ApiServer, name: &str, key: &str) -> Option<String> {
     let n = api.get(nodes_kind(), None, name).ok()?;
     n.pointer("/metadata/annotations")
         .and_then(|a| a.get(key))
         .and_then(Value::as_str)
         .map(String::from)
-}
-
-fn spawn_agent(n: &Node, ds: &Standalone, api: &ApiServer, scratch: &Scratch, tag: &str) -> Proc {
-    let cmd = ds.agent(api, n.spec.as_ref().unwrap(), tag == "1").unwrap();
-    Proc::spawn(
-        cmd,
-        format!("agent-{}", n.name),
-        scratch.file(&format!("agent-{}-{tag}.log", n.name)),
-    )
-}
-
-fn http_get(ns: &Netns, path: &str) -> (bool, String) {
-    let out = ns.exec(&[
-        "curl",
-        "-s",
-        "-f",
-        "-m",
-        "2",
-        &format!("http://127.0.0.1:9742{path}"),
-    ]);
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-    )
 }
 
 fn routes(ns: &Netns, cidr: &str) -> String {
@@ -100,60 +43,15 @@ fn agents_mesh_through_the_api_stand_in() {
     require_root!();
     kwire_tests::require_tool("curl");
     let scratch = Scratch::new("agent");
-    let sw = Switch::new();
-    sw.ns.run(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{BRIDGE_ADDR}/24"),
-        "dev",
-        "br0",
-    ]);
-    let id = unique_id();
-    let mut nodes: Vec<Node> = (1..=3)
-        .map(|i| {
-            let ns = Netns::new(&format!("n{i}"));
-            let ip = format!("192.0.2.{i}");
-            sw.attach(&ns, &[&format!("{ip}/24")], 1500);
-            // Node prerequisite (README): forwarding on.
-            ns.run(&[
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-            ]);
-            Node {
-                ns,
-                name: format!("n{i}-{id}"),
-                ip,
-                spec: None,
-            }
-        })
-        .collect();
+    let (sw, mut nodes) = mesh_support::nodes("n", 3);
+    let id = kwire_tests::unique_id();
 
     sw.ns.run_in(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let config = ApiServerConfig {
-            listen: format!("{BRIDGE_ADDR}:0").parse().unwrap(),
-            cluster_cidr_v6: Some("fd00:10:244::/56".parse().unwrap()),
-            bookmark_interval: Duration::from_secs(5),
-            ..ApiServerConfig::default()
-        };
-        let api = rt.block_on(ApiServer::start(config)).unwrap();
-        let kwire = kwire_tests::kwire_bin();
-        let kwire_cni = kwire.with_file_name("kwire-cni");
-        let ds = Standalone::new(&api, api.addr(), (&kwire, &kwire_cni, &kwire_tests::lab::kwire_lab_bin()), &scratch.file("ds"), &[]).unwrap();
-        for n in nodes.iter_mut() {
-            n.spec = Some(ds.node(&n.name, n.ns.name(), n.ip.parse().unwrap()));
-        }
-        for n in &nodes {
-            api.create(json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": n.name},
-                "status": {"addresses": [{"type": "InternalIP", "address": n.ip}, {"type": "Hostname", "address": n.name}]},
-            }))
-            .unwrap();
-        }
+        let config = ApiServerConfig { cluster_cidr_v6: Some("fd00:10:244::/56".parse().unwrap()), ..ApiServerConfig::default() };
+        let cluster = Cluster::start(config, &scratch, &mut nodes, &[], |n| {
+            json!({"addresses": [{"type": "InternalIP", "address": n.ip}, {"type": "Hostname", "address": n.name}]})
+        });
+        let (rt, api) = (&cluster.rt, &cluster.api);
         // A Node with an all-zero key: skipped, an Event on it, a metric.
         let bad = format!("bad-{id}");
         api.create(json!({
@@ -162,18 +60,18 @@ fn agents_mesh_through_the_api_stand_in() {
             "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.99"}]},
         }))
         .unwrap();
-        let cidrs: Vec<Vec<String>> = nodes.iter().map(|n| pod_cidrs(&api, &n.name)).collect();
+        let cidrs: Vec<Vec<String>> = nodes.iter().map(|n| pod_cidrs(api, &n.name)).collect();
         for c in &cidrs {
             assert_eq!(c.len(), 2, "dual-stack podCIDRs expected: {c:?}");
         }
 
-        let mut agents: Vec<Proc> = nodes.iter().map(|n| spawn_agent(n, &ds, &api, &scratch, "1")).collect();
+        let mut agents: Vec<Proc> = nodes.iter().map(|n| cluster.spawn_agent(n, &scratch, "1")).collect();
 
         // 1. Each agent publishes its key and endpoint.
         wait_until(Duration::from_secs(15), "every agent to publish its annotations", || {
             nodes.iter().all(|n| {
-                annotation(&api, &n.name, "kwire.dev/public-key").is_some()
-                    && annotation(&api, &n.name, "kwire.dev/endpoint") == Some(format!("{}:{PORT}", n.ip))
+                annotation(api, &n.name, "kwire.dev/public-key").is_some()
+                    && annotation(api, &n.name, "kwire.dev/endpoint") == Some(format!("{}:{PORT}", n.ip))
             })
         });
 
@@ -233,21 +131,21 @@ fn agents_mesh_through_the_api_stand_in() {
         //    forwards again from its saved peer set alone.
         let (st, killed) = agents[0].stop();
         assert!(st.success() && !killed, "agent exits 0 on SIGTERM: {st:?}");
-        let sock = nodes[0].spec.as_ref().unwrap().uapi_socket();
+        let sock = nodes[0].spec().uapi_socket();
         assert!(!sock.exists(), "{} removed on exit", sock.display());
         assert!(routes(&nodes[0].ns, &cidrs[1][0]).contains("blackhole"), "blackholes stay after exit");
-        agents[0] = spawn_agent(&nodes[0], &ds, &api, &scratch, "2");
+        agents[0] = cluster.spawn_agent(&nodes[0], &scratch, "2");
         nodes[0].ns.wait_ping(&gateway(&cidrs[1][0]), Duration::from_secs(10));
         nodes[0].ns.wait_ping(&gateway(&cidrs[1][1]), Duration::from_secs(10));
         assert!(try_wait_until(Duration::from_secs(5), || http_get(&nodes[0].ns, "/readyz").0), "ready from the saved state");
 
         // 7. The API comes back: a change made afterwards is applied (watch resumed with backoff).
         rt.block_on(api.resume()).unwrap();
-        let key2 = annotation(&api, &nodes[1].name, "kwire.dev/public-key").unwrap();
+        let key2 = annotation(api, &nodes[1].name, "kwire.dev/public-key").unwrap();
         api.merge_patch(nodes_kind(), None, &nodes[1].name, &json!({"metadata": {"annotations": {"kwire.dev/persistent-keepalive": "7"}}}), false)
             .unwrap();
         wait_until(Duration::from_secs(40), "node 1 to apply node 2's keepalive after the API returned", || {
-            kwire_lab::commands::status::uapi_get(&nodes[0].spec.as_ref().unwrap().uapi_socket())
+            kwire_lab::commands::status::uapi_get(&nodes[0].spec().uapi_socket())
                 .is_ok_and(|peers| peers.iter().any(|p| p.public_key == key2 && p.persistent_keepalive == 7))
         });
         nodes[0].ns.wait_ping(&gateway(&cidrs[1][0]), Duration::from_secs(5));

@@ -4,6 +4,12 @@
 //! it and then admitting it is honoured; only WireGuard crosses the underlay meanwhile; a Peer
 //! whose allowed IPs lie in the cluster's pod range is refused with `Accepted=False`, counted,
 //! and left out of the device; `kwire status` and `/metrics` name the external peer apart.
+//! A Peer whose endpoint is a host name resolving to loopback is refused with the resolver's
+//! answer. Services from the laptop: the config gives the Service range to its entry node (n1, the
+//! first by name), and the laptop reaches a ClusterIP whose only backend is on n2 over TCP
+//! and UDP, the backend seeing n1's gateway (masqueraded there); NetworkPolicy judges that
+//! flow by n1's address, not the laptop's: an ipBlock refusing the laptop refuses it, one
+//! naming only the laptop does too, one naming n1's gateway admits it.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -25,11 +31,13 @@ const POD_PORT: &str = "8080";
 fn manifest(lab: &str) -> String {
     let pod = |name: &str, node: &str| {
         format!(
-            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: edge, labels: {{app: web}}}}\nspec:\n  nodeName: {lab}-{node}\n  containers:\n  - name: c\n    image: kwire-lab/pod-serve\n    ports:\n    - {{containerPort: {POD_PORT}}}\n"
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: edge, labels: {{app: web, at: {node}}}}}\nspec:\n  nodeName: {lab}-{node}\n  containers:\n  - name: c\n    image: kwire-lab/pod-serve\n    ports:\n    - {{containerPort: {POD_PORT}}}\n    - {{containerPort: 5353, protocol: UDP}}\n"
         )
     };
+    // A Service whose only backend is on n2 (the laptop's entry node is n1).
+    let service = "---\napiVersion: v1\nkind: Service\nmetadata: {name: on-n2, namespace: edge}\nspec:\n  selector: {at: n2}\n  ports:\n  - {name: http, port: 80, targetPort: 8080}\n  - {name: dns, port: 53, protocol: UDP, targetPort: 5353}\n";
     format!(
-        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: edge}}\n{}{}",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: edge}}\n{}{}{service}",
         pod("web-1", "n1"),
         pod("web-2", "n2")
     )
@@ -43,9 +51,18 @@ fn peer_manifest(name: &str, key: &str, ip: &str) -> String {
 
 /// A NetworkPolicy admitting the web pods' port from `cidr` except `except`.
 fn policy(cidr: &str, except: &[&str]) -> String {
-    format!(
-        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: from-edge, namespace: edge}}\nspec:\n  podSelector: {{matchLabels: {{app: web}}}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n    - ipBlock: {{cidr: {cidr}, except: {except:?}}}\n",
-    )
+    policy_from(&[(cidr, except)])
+}
+
+/// A NetworkPolicy admitting the web pods from each `(cidr, except)` ipBlock.
+fn policy_from(blocks: &[(&str, &[&str])]) -> String {
+    let mut p = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: from-edge, namespace: edge}\nspec:\n  podSelector: {matchLabels: {app: web}}\n  policyTypes: [Ingress]\n  ingress:\n  - from:\n".to_string();
+    for (cidr, except) in blocks {
+        p.push_str(&format!(
+            "    - ipBlock: {{cidr: {cidr}, except: {except:?}}}\n"
+        ));
+    }
+    p
 }
 
 /// The Peer's `Accepted` condition: (status, reason, message).
@@ -101,18 +118,35 @@ fn to_setconf(conf: &str, private_key: &str, psk: &str) -> (String, Vec<String>,
 
 /// One TCP connection from the laptop: the line the pod's server sends (its name).
 fn tcp_line(ns: &Netns, ip: &str) -> Option<String> {
+    tcp_line_at(ns, ip, POD_PORT)
+}
+
+/// One TCP connection from the laptop to `ip:port`: the line the server sends (`NAME from
+/// CLIENT`).
+fn tcp_line_at(ns: &Netns, ip: &str, port: &str) -> Option<String> {
     let o = ns.exec(&[
         "socat",
         "-T",
         "2",
         "-u",
-        &format!("TCP:{ip}:{POD_PORT},connect-timeout=2"),
+        &format!("TCP:{ip}:{port},connect-timeout=2"),
         "STDOUT",
     ]);
     o.status
         .success()
         .then(|| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .filter(|s| !s.is_empty())
+}
+
+/// One UDP datagram from the laptop to `ip:port`: the echo (the pod's name first), if any
+/// came back within 2 s.
+fn udp_echo(ns: &Netns, ip: &str, port: &str) -> Option<String> {
+    let o = ns.exec(&[
+        "sh",
+        "-c",
+        &format!("echo kwire-peer-probe | socat -T 2 - UDP:{ip}:{port}"),
+    ]);
+    Some(String::from_utf8_lossy(&o.stdout).trim().to_string()).filter(|s| !s.is_empty())
 }
 
 #[test]
@@ -154,7 +188,23 @@ fn a_laptop_from_kwire_peer_config_reaches_pods_on_every_node_under_policy() {
         ),
     )
     .unwrap();
+    // A Peer whose endpoint is a host name that resolves to no usable address (loopback):
+    // the agents resolve it and refuse it with the resolver's answer.
+    let by_name = scratch.file("by-name.yaml");
+    std::fs::write(
+        &by_name,
+        format!(
+            "{}  endpoint: localhost:51820\n",
+            peer_manifest(
+                "by-name",
+                &kwire_tests::wireguard::Keypair::generate().public,
+                "198.51.100.99/32"
+            )
+        ),
+    )
+    .unwrap();
     lab.cmd_ok("apply", &["-f", peers.to_str().unwrap()]);
+    lab.cmd_ok("apply", &["-f", by_name.to_str().unwrap()]);
     let mut last = None;
     let judged = try_wait_until(CONVERGE, || {
         last = Some((accepted(&admin, "laptop"), accepted(&admin, "in-pods")));
@@ -164,6 +214,19 @@ fn a_laptop_from_kwire_peer_config_reaches_pods_on_every_node_under_policy() {
     let (_, reason, message) = accepted(&admin, "in-pods").unwrap();
     assert_eq!(reason, "AllowedIPsOverlapCluster", "{message}");
     assert!(message.contains("10.244.0.0/16"), "{message}");
+    let mut named = None;
+    let judged = try_wait_until(CONVERGE, || {
+        named = accepted(&admin, "by-name");
+        named.as_ref().is_some_and(|c| c.0 == "False")
+    });
+    assert!(judged, "Peer by-name: {named:?}");
+    let (_, reason, message) = named.unwrap();
+    assert_eq!(reason, "BadEndpoint", "{message}");
+    assert!(
+        message.starts_with("spec.endpoint \"localhost:51820\": ")
+            && (message.contains("not a usable endpoint") || message.contains("resolve")),
+        "{message}"
+    );
 
     // kwire peer config: one [Peer] per node, the placeholder filled in here.
     let out = Command::new(&kwire)
@@ -253,6 +316,55 @@ fn a_laptop_from_kwire_peer_config_reaches_pods_on_every_node_under_policy() {
         assert!(ok, "TCP to {name} ({ip}) from the laptop: {line:?}");
     }
 
+    // Services: the ranges ride on the entry node's [Peer] only (n1, the first by name), and
+    // the laptop reaches a ClusterIP whose backend is on n2, over TCP and UDP; the backend
+    // sees n1's gateway (masqueraded there, so that its replies return through n1).
+    let n1_name = format!("{}-n1", lab.name());
+    assert!(
+        conf.contains(&format!("# Services (ClusterIPs) through node {n1_name}")),
+        "{conf}"
+    );
+    assert_eq!(conf.matches("10.96.0.0/12").count(), 1, "{conf}");
+    let n1_section = conf.split(&format!("# node {n1_name}\n")).nth(1).unwrap();
+    let n1_allowed = n1_section
+        .lines()
+        .find(|l| l.starts_with("AllowedIPs"))
+        .unwrap();
+    assert!(n1_allowed.contains("10.96.0.0/12"), "{conf}");
+    let mut vip = None;
+    wait_until(CONVERGE, "edge/on-n2 with its endpoint", || {
+        let st = lab.status();
+        let svc = kwire_tests::lab::lab_service(&st, "edge", "on-n2").cloned();
+        vip = svc
+            .as_ref()
+            .filter(|s| !s["endpoints"].array().is_empty())
+            .and_then(|s| s["cluster_ips"].strings().into_iter().next());
+        vip.is_some()
+    });
+    let vip = vip.unwrap();
+    let n1_gw = node(&lab.status(), &n1_name)["gateway_ips"]
+        .strings()
+        .into_iter()
+        .find(|ip| !ip.contains(':'))
+        .unwrap();
+    let mut line = None;
+    let ok = try_wait_until(CONVERGE, || {
+        line = tcp_line_at(&ns, &vip, "80");
+        line.is_some()
+    });
+    assert!(ok, "TCP to ClusterIP {vip}:80 from the laptop: nothing");
+    let line = line.unwrap();
+    assert!(
+        line.contains("web-2 from ") && line.ends_with(&format!(" {n1_gw}")),
+        "the backend on n2 sees the entry node's gateway: {line}"
+    );
+    let mut echo = None;
+    let ok = try_wait_until(CONVERGE, || {
+        echo = udp_echo(&ns, &vip, "53");
+        echo.as_deref().is_some_and(|e| e.contains("web-2"))
+    });
+    assert!(ok, "UDP to ClusterIP {vip}:53 from the laptop: {echo:?}");
+
     // An ipBlock that excepts the laptop refuses it on both nodes; one that names it admits it.
     let pol = scratch.file("policy.yaml");
     std::fs::write(
@@ -269,6 +381,15 @@ fn a_laptop_from_kwire_peer_config_reaches_pods_on_every_node_under_policy() {
         );
         ns.assert_no_ping(ip, None, 2);
     }
+    // The Service flow is refused too (it comes from n1's gateway, which the policy does not
+    // admit either), over TCP and UDP.
+    let refused = try_wait_until(CONVERGE, || {
+        tcp_line_at(&ns, &vip, "80").is_none() && udp_echo(&ns, &vip, "53").is_none()
+    });
+    assert!(
+        refused,
+        "ClusterIP {vip} reachable past an ipBlock excepting the laptop"
+    );
     std::fs::write(&pol, policy(&format!("{LAPTOP_IP}/32"), &[])).unwrap();
     lab.cmd_ok("apply", &["-f", pol.to_str().unwrap()]);
     for (name, ip) in &targets {
@@ -277,6 +398,33 @@ fn a_laptop_from_kwire_peer_config_reaches_pods_on_every_node_under_policy() {
         });
         assert!(ok, "{name} not reachable with an ipBlock naming the laptop");
     }
+    // A Peer's Service flow is judged by its entry node's address, as a node port's with
+    // externalTrafficPolicy: Cluster: naming the laptop does not admit it, naming n1's
+    // gateway does.
+    let refused = try_wait_until(CONVERGE, || {
+        tcp_line_at(&ns, &vip, "80").is_none() && udp_echo(&ns, &vip, "53").is_none()
+    });
+    assert!(
+        refused,
+        "ClusterIP {vip} admitted by an ipBlock naming only the laptop"
+    );
+    let laptop_block = format!("{LAPTOP_IP}/32");
+    let n1_block = format!("{n1_gw}/32");
+    let none: &[&str] = &[];
+    std::fs::write(
+        &pol,
+        policy_from(&[(laptop_block.as_str(), none), (n1_block.as_str(), none)]),
+    )
+    .unwrap();
+    lab.cmd_ok("apply", &["-f", pol.to_str().unwrap()]);
+    let ok = try_wait_until(CONVERGE, || {
+        tcp_line_at(&ns, &vip, "80").is_some_and(|l| l.contains("web-2"))
+            && udp_echo(&ns, &vip, "53").is_some_and(|e| e.contains("web-2"))
+    });
+    assert!(
+        ok,
+        "ClusterIP {vip} not admitted by an ipBlock naming n1's gateway"
+    );
     let lines = capture.stop();
     let other: Vec<&String> = lines
         .iter()

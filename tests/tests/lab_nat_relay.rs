@@ -5,6 +5,8 @@
 //! address (its mappings gone) and every pair heals within 25 s; meanwhile only WireGuard (and
 //! the relay's WireGuard) crosses the underlay and the NATs' inside links, and the probes'
 //! plaintext is in no captured byte. `kwire status` and the lab's graph name the relayed path.
+//! The relay stops serving (its relay port dropped, its Node NotReady): the pair moves to the
+//! other reachable node and heals through it.
 //! NAT detection: a reachable node publishes the address n3's packets come from
 //! (`kwire.dev/nat-observed`), and n3 says it is seen behind NAT.
 //!
@@ -101,6 +103,25 @@ impl Nat {
     }
 }
 
+/// A lab of four nodes with a pod each (`extra`: more `kwire-lab up` arguments), once every
+/// pod reaches every pod.
+fn four_nodes(kwire: &Path, extra: &[&str]) -> Lab {
+    let mut args = vec![
+        "--kwire",
+        kwire.to_str().unwrap(),
+        "--pods",
+        "1",
+        "--timeout",
+        "90",
+    ];
+    args.extend_from_slice(extra);
+    let lab = Lab::up(4, &args);
+    wait_until(CONVERGE, "every pod reaches every pod", || {
+        blocked(&lab).is_empty()
+    });
+    lab
+}
+
 /// `kwire-lab matrix --json` over every pod: the unreachable pairs.
 fn blocked(lab: &Lab) -> Vec<String> {
     let o = lab.cmd("matrix", &["--json", "--timeout", "1"]);
@@ -151,21 +172,8 @@ fn two_nodes_behind_two_nats_reach_each_other_through_the_relay_and_heal() {
     require_tool("nft");
     require_tool("tcpdump");
     let scratch = Scratch::new("lab-nat-relay");
-    let lab = Lab::up(
-        4,
-        &[
-            "--kwire",
-            kwire.to_str().unwrap(),
-            "--pods",
-            "1",
-            "--timeout",
-            "90",
-        ],
-    );
+    let lab = four_nodes(&kwire, &[]);
     let name = |i: u32| format!("{}-n{i}", lab.name());
-    wait_until(CONVERGE, "every pod reaches every pod", || {
-        blocked(&lab).is_empty()
-    });
 
     // n3 and n4 are behind NAT: they say so, and so learn that they need a relay for each
     // other (their peers learn to wait for their packets).
@@ -328,6 +336,98 @@ fn two_nodes_behind_two_nats_reach_each_other_through_the_relay_and_heal() {
         .unwrap_or(0);
     assert!(after > forwarded, "the healed path bypasses the relay?");
 
+    // The relay stops serving: its relay port is blocked and its Node goes NotReady (what
+    // the node lifecycle controller says of a node that is down). Both sides of the pair
+    // move to the other reachable node by the same rule, and the pair heals through it.
+    let other = if relay == name(1) { name(2) } else { name(1) };
+    let relay_ns = node(&lab.status(), &relay)["netns"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let nft = |args: &[&str]| {
+        let mut all = vec!["ip", "netns", "exec", &relay_ns, "nft"];
+        all.extend_from_slice(args);
+        run_host(&all);
+    };
+    nft(&["add", "table", "inet", "kwtest_relay_down"]);
+    nft(&[
+        "add",
+        "chain",
+        "inet",
+        "kwtest_relay_down",
+        "in",
+        "{ type filter hook input priority 0; }",
+    ]);
+    nft(&[
+        "add",
+        "rule",
+        "inet",
+        "kwtest_relay_down",
+        "in",
+        "udp",
+        "dport",
+        "51821",
+        "drop",
+    ]);
+    let (ok, out) = kubectl(
+        &admin,
+        &[
+            "patch",
+            "node",
+            &relay,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"conditions":[{"type":"Ready","status":"Unknown","reason":"NodeStatusUnknown","message":"kwtest: the relay is down"}]}}"#,
+        ],
+    );
+    assert!(ok, "marking {relay} NotReady: {out}");
+    let t1 = Instant::now();
+    // n3's and n4's agents lost their API connections when the NATs came (the detection
+    // check below restarts n3 for the same reason): restarted, they read the API at once.
+    lab.signal_agents(
+        &[&name(3), &name(4)],
+        nix::sys::signal::Signal::SIGTERM,
+        CONVERGE,
+    );
+    let mut moved = (None, None);
+    let ok = try_wait_until(CONVERGE, || {
+        moved = (
+            relay_of(&kwire, &lab, &name(3), &name(4)),
+            relay_of(&kwire, &lab, &name(4), &name(3)),
+        );
+        moved.0.as_deref() == Some(other.as_str()) && moved.1 == moved.0
+    });
+    if !ok {
+        let (_, conditions) = kubectl(
+            &admin,
+            &["get", "node", &relay, "-o", "jsonpath={.status.conditions}"],
+        );
+        let (_, other_node) = kubectl(&admin, &["get", "node", &other, "-o", "json"]);
+        let log = std::fs::read_to_string(node(&lab.status(), &name(3))["log"].as_str().unwrap())
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        panic!("n3 and n4 did not move from {relay} to {other}: {moved:?}; {relay}'s conditions: {conditions}\n{other}: {other_node}\nn3's log, last first:\n{}", tail.join("\n"));
+    }
+    let ok = try_wait_until(HEAL, || {
+        lab.exec(&p3, &["ping", "-c", "1", "-W", "1", &ip4])
+            .status
+            .success()
+    });
+    assert!(
+        ok,
+        "{p3} -> {ip4} not healed through {other} after {relay} stopped serving"
+    );
+    eprintln!(
+        "moved to relay {other} and healed {:?} after {relay} stopped serving",
+        t1.elapsed()
+    );
+    let forwarded_by_other = agent_status(&kwire, node(&lab.status(), &other)).unwrap()["relay"]
+        ["forwarded"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(forwarded_by_other > 0, "{other} forwarded nothing");
+
     for (segment, c) in captures {
         let (lines, pcap) = c.stop_with_pcap();
         assert!(!lines.is_empty(), "{segment}: nothing captured");
@@ -348,12 +448,12 @@ fn two_nodes_behind_two_nats_reach_each_other_through_the_relay_and_heal() {
         "never",
     ]);
     assert!(
-        text.contains(&format!("relayed through relay {relay}")),
+        text.contains(&format!("relayed through relay {other}")),
         "kwire status on n3:\n{text}"
     );
     let graph = lab.cmd_ok("graph", &[]);
     assert!(
-        graph.contains(&format!("relayed via {relay}")),
+        graph.contains(&format!("relayed via {other}")),
         "kwire-lab graph:\n{graph}"
     );
 
@@ -382,6 +482,75 @@ fn two_nodes_behind_two_nats_reach_each_other_through_the_relay_and_heal() {
         said.as_deref().is_some_and(|s| s.contains("192.0.2.223"))
     });
     assert!(ok, "n3 does not say it is seen behind NAT: {said:?}");
+    drop(nat4);
+    drop(nat3);
+}
+
+/// NAT detection flags nodes by themselves (`--behind-nat-detect` on every agent): n3 and n4
+/// are put behind NATs without any flag; their peers see their packets come from the NATs'
+/// addresses and publish it, they flag their own Nodes `kwire.dev/behind-nat`, and the pair
+/// reaches each other through a relay. The reachable nodes are not flagged.
+#[test]
+fn detected_nats_flag_their_nodes_and_the_pair_goes_through_a_relay() {
+    let kwire = require_agent!();
+    require_tool("nft");
+    let lab = four_nodes(&kwire, &["--agent-arg=--behind-nat-detect"]);
+    let name = |i: u32| format!("{}-n{i}", lab.name());
+    let admin = lab.cmd_ok("kubeconfig", &[]).trim().to_string();
+    let flagged = |i: u32| {
+        let (ok, out) = kubectl(&admin, &["get", "node", &name(i), "-o", "json"]);
+        ok && parse_json(&out).is_ok_and(|v| {
+            v["metadata"]["annotations"]["kwire.dev/behind-nat"].as_str() == Some("true")
+        })
+    };
+    assert!(
+        (1..=4).all(|i| !flagged(i)),
+        "a node flagged before any NAT"
+    );
+    let st = lab.status();
+    let ns = |i: u32| node(&st, &name(i))["netns"].as_str().unwrap().to_string();
+    let nat3 = Nat::put_in_front(&lab, 3, &ns(3), "192.0.2.213");
+    let nat4 = Nat::put_in_front(&lab, 4, &ns(4), "192.0.2.214");
+    // Their agents' API connections died with their addresses (see the test above):
+    // restarted, as agents on nodes behind NAT start.
+    lab.signal_agents(
+        &[&name(3), &name(4)],
+        nix::sys::signal::Signal::SIGTERM,
+        CONVERGE,
+    );
+    let mut last = Vec::new();
+    let ok = try_wait_until(CONVERGE, || {
+        // Pods probing each other keep traffic flowing, so that peers see where it comes from.
+        last = blocked(&lab);
+        flagged(3) && flagged(4)
+    });
+    assert!(
+        ok,
+        "n3 {} and n4 {} flagged behind NAT; unreachable: {last:#?}",
+        flagged(3),
+        flagged(4)
+    );
+    assert!(
+        !flagged(1) && !flagged(2),
+        "a reachable node flagged itself"
+    );
+    let mut relay = None;
+    wait_until(
+        CONVERGE,
+        "n3 and n4 reach each other through one relay",
+        || {
+            relay = relay_of(&kwire, &lab, &name(3), &name(4));
+            relay.is_some() && relay == relay_of(&kwire, &lab, &name(4), &name(3))
+        },
+    );
+    let ok = try_wait_until(CONVERGE, || {
+        last = blocked(&lab);
+        last.is_empty()
+    });
+    assert!(
+        ok,
+        "pods left unreachable through relay {relay:?}: {last:#?}"
+    );
     drop(nat4);
     drop(nat3);
 }

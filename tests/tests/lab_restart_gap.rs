@@ -219,6 +219,31 @@ fn uptime_at(at: Instant) -> f64 {
     uptime - now.saturating_duration_since(at).as_secs_f64()
 }
 
+/// `at` in seconds since the Unix epoch: the clock of the agents' and the supervisor's log
+/// lines, to find the hole in them.
+fn unix_secs(at: Instant) -> f64 {
+    let back = Instant::now().saturating_duration_since(at);
+    (std::time::SystemTime::now() - back)
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// Copies the agents' logs and the supervisor's into `scratch` (the lab's directory goes with
+/// `down`; the scratch directory stays when the test fails or KWIRE_KEEP_SCRATCH is set).
+fn keep_logs(lab: &Lab, scratch: &Scratch) {
+    let nodes = std::fs::read_dir(lab.dir().join("nodes"))
+        .into_iter()
+        .flatten();
+    for n in nodes.flatten() {
+        let name = format!("agent-{}.log", n.file_name().to_string_lossy());
+        let _ = std::fs::copy(n.path().join("agent.log"), scratch.file(&name));
+    }
+    let _ = std::fs::copy(
+        lab.dir().join("supervisor.log"),
+        scratch.file("supervisor.log"),
+    );
+}
+
 /// How long process `pid` has run.
 fn age(pid: i32) -> Duration {
     Duration::from_secs_f64((uptime_at(Instant::now()) - started(pid)).max(0.0))
@@ -226,7 +251,14 @@ fn age(pid: i32) -> Duration {
 
 /// Signals the agents of `nodes`, waits until the stream ran [`RESUMED_FOR`] again, and
 /// returns the largest hole since just before the signal.
-fn hole_across(lab: &Lab, rx: &Receiver, nodes: &[&str], signal: Signal, what: &str) -> Duration {
+fn hole_across(
+    lab: &Lab,
+    scratch: &Scratch,
+    rx: &Receiver,
+    nodes: &[&str],
+    signal: Signal,
+    what: &str,
+) -> Duration {
     // The supervisor, like the kubelet, restarts an agent that exits soon after its start
     // later and later; one that ran RESTART_BACKOFF_RESET is restarted after the shortest
     // pause (500 ms), which is what each phase measures.
@@ -258,20 +290,26 @@ fn hole_across(lab: &Lab, rx: &Receiver, nodes: &[&str], signal: Signal, what: &
         .iter()
         .map(|n| started(lab.agent(n).0))
         .fold(0.0, f64::max);
-    let own = rx
-        .resumed_after(from, hole)
-        .map(|b| ((uptime_at(b) - last_start) * 1000.0).round() as i64);
+    let back = rx.resumed_after(from, hole);
+    let own = back.map(|b| ((uptime_at(b) - last_start) * 1000.0).round() as i64);
     eprintln!(
         "{what}: largest hole {} ms ({missing} datagrams missing across it); back {} ms after \
-         the new agent started{}",
+         the new agent started; signal at {:.3}, hole {} (Unix time, as in the logs){}",
         hole.as_millis(),
         own.map_or("?".to_string(), |m| m.to_string()),
+        unix_secs(from),
+        back.map_or("?".to_string(), |b| format!(
+            "{:.3} to {:.3}",
+            unix_secs(b - hole),
+            unix_secs(b)
+        )),
         if resumed {
             ""
         } else {
             "; the stream did not resume"
         }
     );
+    keep_logs(lab, scratch);
     assert!(resumed, "{what}: the stream did not resume within 60 s");
     hole
 }
@@ -326,7 +364,10 @@ fn one_way_udp_survives_agent_restarts_with_a_hole_under_a_second() {
             (vec![n1.as_str(), n2.as_str()], "both agents"),
         ] {
             let what = format!("{how} of {whose}");
-            holes.push((what.clone(), hole_across(&lab, &rx, &nodes, signal, &what)));
+            holes.push((
+                what.clone(),
+                hole_across(&lab, &scratch, &rx, &nodes, signal, &what),
+            ));
         }
     }
     let sent = tx.stop();

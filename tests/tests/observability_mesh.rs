@@ -3,20 +3,19 @@
 //! `kwire status --json`; drops by reason rise when provoked; `kwire graph` output parses with
 //! `dot`; the `KwireReady` condition is set; a stopped peer gets kwire_peer_up 0, a growing
 //! handshake age and a `PeerUnreachable` Event (then `PeerRecovered`). Needs root; skipped
-//! with a message otherwise (same topology as agent_mesh.rs).
+//! with a message otherwise (the topology of agent_mesh.rs: `mesh_support`).
+
+mod mesh_support;
 
 use kwire_lab::apiserver::{ApiServer, ApiServerConfig};
-use kwire_lab::cluster::state::NodeSpec;
-use kwire_lab::supervisor::daemonset::Standalone;
-use kwire_tests::{require_root, unique_id, wait_until, Netns, Proc, Scratch, Switch};
+use kwire_tests::{require_root, wait_until, Netns, Proc, Scratch};
+use mesh_support::{gateway, http_get, nodes_kind, Cluster, Node, PORT, TUN};
 use serde_json::{json, Value};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const BRIDGE_ADDR: &str = "192.0.2.254";
-const PORT: u16 = 51820;
 /// ICMP payload of the measured pings; the IP packet is 28 bytes more.
 const PING_PAYLOAD: u64 = 1000;
 const PINGS: u64 = 20;
@@ -24,22 +23,6 @@ const PINGS: u64 = 20;
 const WG_OVERHEAD: u64 = 16 + 16 + 15;
 /// Handshake and keepalive messages that may ride along in the measured window.
 const WG_SLACK: u64 = 1024;
-
-/// The agent's tun in each node (the DaemonSet's default).
-const TUN: &str = "kwire0";
-
-struct Node {
-    ns: Netns,
-    name: String,
-    ip: String,
-    /// The agent's /run/kwire (its hostPath).
-    run_dir: PathBuf,
-    spec: Option<NodeSpec>,
-}
-
-fn nodes_kind() -> &'static kwire_lab::apiserver::ResourceKind {
-    ApiServer::kind("v1", "Node").unwrap()
-}
 
 fn first_cidr(api: &ApiServer, name: &str) -> String {
     let n = api.get(nodes_kind(), None, name).unwrap();
@@ -49,35 +32,14 @@ fn first_cidr(api: &ApiServer, name: &str) -> String {
         .to_string()
 }
 
-fn gateway(cidr: &str) -> String {
-    let net: ipnetwork::Ipv4Network = cidr.parse().unwrap();
-    std::net::Ipv4Addr::from(u32::from(net.network()) + 1).to_string()
-}
-
 /// The agent as the DaemonSet runs it (kwire-lab's container runtime), with the flags this test
 /// patches in: JSON logs, and peers unreachable after 3 s instead of 2 min.
 const AGENT_ARGS: &[&str] = &["--log-format=json", "--peer-unreachable-after=3s"];
 
-fn spawn_agent(n: &Node, ds: &Standalone, api: &ApiServer, scratch: &Scratch, tag: &str) -> Proc {
-    let cmd = ds.agent(api, n.spec.as_ref().unwrap(), tag == "1").unwrap();
-    Proc::spawn(
-        cmd,
-        format!("agent-{}", n.name),
-        scratch.file(&format!("agent-{}-{tag}.log", n.name)),
-    )
-}
-
 fn metrics(ns: &Netns) -> String {
-    let out = ns.exec(&[
-        "curl",
-        "-s",
-        "-f",
-        "-m",
-        "2",
-        "http://127.0.0.1:9742/metrics",
-    ]);
-    assert!(out.status.success(), "GET /metrics failed in {ns}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    let (ok, text) = http_get(ns, "/metrics");
+    assert!(ok, "GET /metrics failed in {ns}");
+    text
 }
 
 /// The value of the sample `name{labels}` (labels exactly as rendered), if present.
@@ -104,7 +66,12 @@ fn kwire(args: &[&str]) -> std::process::Output {
 }
 
 fn status_json(n: &Node) -> Value {
-    let out = kwire(&["status", "--json", "--run-dir", n.run_dir.to_str().unwrap()]);
+    let out = kwire(&[
+        "status",
+        "--json",
+        "--run-dir",
+        n.spec().run_dir.to_str().unwrap(),
+    ]);
     assert!(
         out.status.success(),
         "kwire status: {}",
@@ -167,66 +134,20 @@ fn metrics_status_graph_and_peer_health() {
     kwire_tests::require_tool("curl");
     kwire_tests::require_tool("ping");
     let scratch = Scratch::new("obs");
-    let sw = Switch::new();
-    sw.ns.run(&[
-        "ip",
-        "addr",
-        "add",
-        &format!("{BRIDGE_ADDR}/24"),
-        "dev",
-        "br0",
-    ]);
-    let id = unique_id();
-    let mut nodes: Vec<Node> = (1..=3)
-        .map(|i| {
-            let ns = Netns::new(&format!("o{i}"));
-            let ip = format!("192.0.2.{i}");
-            sw.attach(&ns, &[&format!("{ip}/24")], 1500);
-            // Node prerequisite (README): forwarding on.
-            ns.run(&[
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-                "net.ipv6.conf.all.forwarding=1",
-            ]);
-            let name = format!("o{i}-{id}");
-            Node {
-                ns,
-                name,
-                ip,
-                run_dir: PathBuf::new(),
-                spec: None,
-            }
-        })
-        .collect();
+    let (sw, mut nodes) = mesh_support::nodes("o", 3);
 
     sw.ns.run_in(|| {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let config = ApiServerConfig { listen: format!("{BRIDGE_ADDR}:0").parse().unwrap(), bookmark_interval: Duration::from_secs(5), ..ApiServerConfig::default() };
-        let api = rt.block_on(ApiServer::start(config)).unwrap();
+        let cluster = Cluster::start(ApiServerConfig::default(), &scratch, &mut nodes, AGENT_ARGS, |n| {
+            json!({
+                "addresses": [{"type": "InternalIP", "address": n.ip}],
+                "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "stand-in"}],
+            })
+        });
+        let api = &cluster.api;
         let kubeconfig = scratch.file("kubeconfig");
         api.write_kubeconfig(&kubeconfig).unwrap();
-        let kwire_bin = kwire_tests::kwire_bin();
-        let kwire_cni = kwire_bin.with_file_name("kwire-cni");
-        let ds = Standalone::new(&api, api.addr(), (&kwire_bin, &kwire_cni, &kwire_tests::lab::kwire_lab_bin()), &scratch.file("ds"), AGENT_ARGS).unwrap();
-        for n in nodes.iter_mut() {
-            let spec = ds.node(&n.name, n.ns.name(), n.ip.parse().unwrap());
-            n.run_dir = spec.run_dir.clone();
-            n.spec = Some(spec);
-        }
-        for n in &nodes {
-            api.create(json!({
-                "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": n.name},
-                "status": {
-                    "addresses": [{"type": "InternalIP", "address": n.ip}],
-                    "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady", "message": "stand-in"}],
-                },
-            }))
-            .unwrap();
-        }
-        let cidrs: Vec<String> = nodes.iter().map(|n| first_cidr(&api, &n.name)).collect();
-        let mut agents: Vec<Proc> = nodes.iter().map(|n| spawn_agent(n, &ds, &api, &scratch, "1")).collect();
+        let cidrs: Vec<String> = nodes.iter().map(|n| first_cidr(api, &n.name)).collect();
+        let mut agents: Vec<Proc> = nodes.iter().map(|n| cluster.spawn_agent(n, &scratch, "1")).collect();
         for (i, n) in nodes.iter().enumerate() {
             for (j, c) in cidrs.iter().enumerate() {
                 if i != j {
@@ -290,20 +211,20 @@ fn metrics_status_graph_and_peer_health() {
             assert_eq!(p["up"].as_bool().map(|u| if u { 1.0 } else { 0.0 }), peer(&m, "kwire_peer_up", node));
         }
         assert_eq!(st["drops"]["no_peer"].as_f64(), sample(&m, "kwire_drops_total{reason=\"no_peer\"}"));
-        let text = kwire(&["status", "--run-dir", a.run_dir.to_str().unwrap()]);
+        let text = kwire(&["status", "--run-dir", a.spec().run_dir.to_str().unwrap()]);
         let text = String::from_utf8_lossy(&text.stdout);
         assert!(text.contains(&format!("peer: {} (up)", b.name)) && !text.contains('\x1b'), "{text}");
         let missing = kwire(&["status", "--run-dir", scratch.file("nowhere").to_str().unwrap()]);
         assert!(!missing.status.success());
         assert!(String::from_utf8_lossy(&missing.stderr).contains("is the DaemonSet running on this node?"));
         let mode = |p: &Path| std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(p).unwrap().permissions()) & 0o777;
-        assert_eq!(mode(&a.run_dir.join("status.sock")), 0o600);
-        assert_eq!(mode(&a.run_dir), 0o700);
+        assert_eq!(mode(&a.spec().run_dir.join("status.sock")), 0o600);
+        assert_eq!(mode(&a.spec().run_dir), 0o700);
 
         // 5. The graph of all three views parses.
         let mut argv = vec!["graph".to_string(), "--kubeconfig".into(), kubeconfig.display().to_string()];
         for n in &nodes {
-            argv.extend(["--run-dir".to_string(), n.run_dir.display().to_string()]);
+            argv.extend(["--run-dir".to_string(), n.spec().run_dir.display().to_string()]);
         }
         let out = Command::new(kwire_tests::kwire_bin()).args(&argv).output().unwrap();
         assert!(out.status.success(), "kwire graph: {}", String::from_utf8_lossy(&out.stderr));
@@ -335,7 +256,7 @@ fn metrics_status_graph_and_peer_health() {
         let (st3, _) = agents[2].stop();
         assert!(st3.success());
         let pinger = a.ns.spawn(&["ping", "-i", "0.2", "-W", "1", &gateway(&cidrs[2])], scratch.file("pinger.log"));
-        wait_until(Duration::from_secs(30), format!("a PeerUnreachable Event on {}", c.name), || has_event(&api, &c.name, "PeerUnreachable"));
+        wait_until(Duration::from_secs(30), format!("a PeerUnreachable Event on {}", c.name), || has_event(api, &c.name, "PeerUnreachable"));
         let m1 = metrics(&a.ns);
         assert_eq!(peer(&m1, "kwire_peer_up", &c.name), Some(0.0), "{m1}");
         assert!(m1.contains("kwire_peers_connected 1"), "{m1}");
@@ -348,11 +269,11 @@ fn metrics_status_graph_and_peer_health() {
         assert_eq!(p3["unreachable"], true);
         assert_eq!(p3["up"], false);
         // The other peer is not blamed.
-        assert!(!has_event(&api, &b.name, "PeerUnreachable"));
+        assert!(!has_event(api, &b.name, "PeerUnreachable"));
 
         // 8. Node 3 comes back: PeerRecovered.
-        agents[2] = spawn_agent(c, &ds, &api, &scratch, "2");
-        wait_until(Duration::from_secs(30), format!("a PeerRecovered Event on {}", c.name), || has_event(&api, &c.name, "PeerRecovered"));
+        agents[2] = cluster.spawn_agent(c, &scratch, "2");
+        wait_until(Duration::from_secs(30), format!("a PeerRecovered Event on {}", c.name), || has_event(api, &c.name, "PeerRecovered"));
         wait_until(Duration::from_secs(5), "node 3 up again on node 1", || peer(&metrics(&a.ns), "kwire_peer_up", &c.name) == Some(1.0));
         drop(pinger);
 

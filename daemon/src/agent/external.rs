@@ -23,6 +23,8 @@ use kwire_proto::key::PublicKey;
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 /// The API group and version of `Peer`.
 pub const GROUP: &str = "kwire.dev";
@@ -227,8 +229,13 @@ fn no(reason: PeerRejectReason, message: impl Into<String>) -> (PeerRejectReason
     (reason, message.into())
 }
 
-/// Checks one Peer on its own (no other Peer considered).
-fn check(p: &PeerObject, ctx: &Context) -> Result<ExternalPeer, (PeerRejectReason, String)> {
+/// Checks one Peer on its own (no other Peer considered); `resolved`: the endpoints given as
+/// host names, as resolved so far.
+fn check(
+    p: &PeerObject,
+    ctx: &Context,
+    resolved: &Resolved,
+) -> Result<ExternalPeer, (PeerRejectReason, String)> {
     use PeerRejectReason as R;
     let key_text = p.spec["publicKey"].as_str().unwrap_or("");
     let key = match PublicKey::from_base64(key_text) {
@@ -284,10 +291,22 @@ fn check(p: &PeerObject, ctx: &Context) -> Result<ExternalPeer, (PeerRejectReaso
         None => None,
         Some(e) => match e.parse::<SocketAddr>() {
             Ok(a) if super::peers::usable_endpoint(&a) => Some(a),
+            Err(_) if host_port(e).is_some() => match resolved.get(e) {
+                // Not resolved yet: added without an endpoint (it may connect first) until
+                // the resolver answers.
+                None => None,
+                Some(Ok(a)) => Some(*a),
+                Some(Err(why)) => {
+                    return Err(no(
+                        R::BadEndpoint,
+                        format!("spec.endpoint {e:?}: {why} (the agents resolve it again every {} s)", RESOLVE_INTERVAL.as_secs()),
+                    ))
+                }
+            },
             _ => {
                 return Err(no(
                     R::BadEndpoint,
-                    format!("spec.endpoint {e:?} is not a usable IP:port (host names are not resolved; leave it out for a peer that connects first)"),
+                    format!("spec.endpoint {e:?} is not a usable IP:port or host:port (leave it out for a peer that connects first)"),
                 ))
             }
         },
@@ -323,9 +342,19 @@ fn check(p: &PeerObject, ctx: &Context) -> Result<ExternalPeer, (PeerRejectReaso
     })
 }
 
-/// The verdict on every Peer, by name. Peers are taken oldest first (then by name): a later
-/// one that repeats a key or overlaps an address of an accepted one is refused.
+/// The verdict on every Peer, by name, with no host name resolved yet.
 pub fn select(peers: &BTreeMap<String, PeerObject>, ctx: &Context) -> BTreeMap<String, Verdict> {
+    select_resolved(peers, ctx, &Resolved::new())
+}
+
+/// The verdict on every Peer, by name, with the host names of endpoints as `resolved` gives
+/// them. Peers are taken oldest first (then by name): a later one that repeats a key or
+/// overlaps an address of an accepted one is refused.
+pub fn select_resolved(
+    peers: &BTreeMap<String, PeerObject>,
+    ctx: &Context,
+    resolved: &Resolved,
+) -> BTreeMap<String, Verdict> {
     let mut order: Vec<&PeerObject> = peers.values().collect();
     order.sort_by(|a, b| {
         let t = |p: &PeerObject| (p.created.is_none(), p.created.clone());
@@ -335,7 +364,7 @@ pub fn select(peers: &BTreeMap<String, PeerObject>, ctx: &Context) -> BTreeMap<S
     let mut keys: BTreeMap<PublicKey, String> = BTreeMap::new();
     let mut claimed: Vec<(IpNetwork, String)> = Vec::new();
     for p in order {
-        let verdict = match check(p, ctx) {
+        let verdict = match check(p, ctx, resolved) {
             Err((reason, message)) => Verdict::Refused { reason, message },
             Ok(e) => {
                 if let Some(other) = keys.get(&e.public_key) {
@@ -363,6 +392,169 @@ pub fn select(peers: &BTreeMap<String, PeerObject>, ctx: &Context) -> BTreeMap<S
         out.insert(p.name.clone(), verdict);
     }
     out
+}
+
+/// How often the agents resolve the host names of Peers' endpoints again.
+pub const RESOLVE_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Endpoints given as `host:port`, by their text: the address they resolved to, or why not.
+pub type Resolved = BTreeMap<String, Result<SocketAddr, String>>;
+
+/// `host:port` with a DNS host name (letters, digits, `-` and `.`, at least one letter, at
+/// most 253 characters) and a port other than 0; None for anything else (an IP literal is
+/// parsed apart).
+pub fn host_port(e: &str) -> Option<(&str, u16)> {
+    let (host, port) = e.rsplit_once(':')?;
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    let ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
+        && host.chars().any(|c| c.is_ascii_alphabetic())
+        && !host.starts_with(['-', '.'])
+        && host
+            .split('.')
+            .all(|label| !label.is_empty() && label.len() <= 63);
+    ok.then_some((host, port))
+}
+
+/// Resolves `host:port` with the system's resolver (getaddrinfo: /etc/hosts, DNS): the first
+/// address usable as an endpoint.
+pub fn resolve_system(e: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs as _;
+    let (host, port) = host_port(e).ok_or_else(|| "not host:port".to_string())?;
+    let all: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|err| format!("does not resolve: {err}"))?
+        .collect();
+    match all.iter().find(|a| super::peers::usable_endpoint(a)) {
+        Some(a) => Ok(*a),
+        None => Err(match all.first() {
+            Some(a) => format!("resolves to {}, not a usable endpoint address", a.ip()),
+            None => "resolves to no address".to_string(),
+        }),
+    }
+}
+
+/// The host names of Peers' endpoints, resolved off the control loop: a thread (started with
+/// the first name) resolves every wanted name every [`RESOLVE_INTERVAL`], and at once when a
+/// new one is wanted. A name that stops resolving keeps its last address (a DNS outage must
+/// not take Peers out of the device); one never resolved is an error, which refuses its Peer
+/// (`BadEndpoint`, with the resolver's message) until it resolves.
+#[derive(Debug, Default)]
+pub struct Resolver {
+    shared: Arc<ResolverShared>,
+    started: bool,
+}
+
+#[derive(Debug, Default)]
+struct ResolverShared {
+    state: Mutex<ResolveState>,
+    wake: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct ResolveState {
+    wanted: BTreeSet<String>,
+    results: Resolved,
+    /// The results changed since the control loop last looked.
+    changed: bool,
+    /// A new name is wanted: resolve at once.
+    kick: bool,
+}
+
+impl ResolveState {
+    /// Takes the results of one pass over the names wanted when it started; results of
+    /// names no longer wanted go. A name that fails keeps its last address.
+    fn apply(&mut self, fresh: Vec<(String, Result<SocketAddr, String>)>) {
+        let before = self.results.len();
+        let wanted = &self.wanted;
+        self.results.retain(|n, _| wanted.contains(n));
+        self.changed |= self.results.len() != before;
+        for (name, new) in fresh {
+            if !self.wanted.contains(&name) {
+                continue;
+            }
+            if let (Err(why), Some(Ok(last))) = (&new, self.results.get(&name)) {
+                tracing::warn!(endpoint = %name, error = %why, kept = %last, "a Peer's endpoint no longer resolves; keeping its last address");
+                continue;
+            }
+            if self.results.get(&name) != Some(&new) {
+                self.results.insert(name, new);
+                self.changed = true;
+            }
+        }
+    }
+}
+
+impl Resolver {
+    /// Wants exactly these names resolved (starting the thread on the first, waking it for a
+    /// new one).
+    pub fn want(&mut self, names: BTreeSet<String>) {
+        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.wanted == names {
+            return;
+        }
+        let new = names.iter().any(|n| !st.results.contains_key(n));
+        st.wanted = names;
+        st.kick |= new;
+        drop(st);
+        if !new {
+            return;
+        }
+        if self.started {
+            self.shared.wake.notify_one();
+            return;
+        }
+        let shared = self.shared.clone();
+        let spawned = std::thread::Builder::new()
+            .name("kwire-resolve".into())
+            .spawn(move || resolve_forever(&shared));
+        match spawned {
+            Ok(_) => self.started = true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start the thread resolving Peers' endpoints; retrying with the next change")
+            }
+        }
+    }
+
+    /// The results so far.
+    pub fn results(&self) -> Resolved {
+        let st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.results.clone()
+    }
+
+    /// Whether the results changed since the last call.
+    pub fn take_changed(&self) -> bool {
+        let mut st = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        std::mem::take(&mut st.changed)
+    }
+}
+
+/// The resolver thread: resolves the wanted names (without the lock: a slow lookup never
+/// holds the control loop), every [`RESOLVE_INTERVAL`] or at once when kicked.
+fn resolve_forever(shared: &ResolverShared) {
+    let lock = || shared.state.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        let wanted = {
+            let mut st = lock();
+            st.kick = false;
+            st.wanted.clone()
+        };
+        let fresh = wanted
+            .into_iter()
+            .map(|n| {
+                let r = resolve_system(&n);
+                (n, r)
+            })
+            .collect();
+        let mut st = lock();
+        st.apply(fresh);
+        let _ = shared
+            .wake
+            .wait_timeout_while(st, RESOLVE_INTERVAL, |st| !st.kick);
+    }
 }
 
 /// The device changes from the `old` accepted Peers (given the preshared keys `old_psks`, by
@@ -461,6 +653,8 @@ pub struct Peers {
     /// Preshared keys read, by Secret name (None: the read failed; retried on the tick).
     pub psks: BTreeMap<String, Option<PresharedKey>>,
     relist: Option<BTreeSet<String>>,
+    /// Endpoints given as host names.
+    resolver: Resolver,
     /// A complete list has been seen.
     pub synced: bool,
     /// Something selection reads changed since the last [`Peers::reconcile`].
@@ -532,11 +726,12 @@ impl Peers {
         self.synced && (self.dirty || !self.objects.is_empty())
     }
 
-    /// Forgets failed Secret reads so that the next reconcile asks again; true if there were.
+    /// Forgets failed Secret reads so that the next reconcile asks again; true if there were,
+    /// or if a host name of an endpoint resolved differently since the last look.
     pub fn retry_psks(&mut self) -> bool {
         let before = self.psks.len();
         self.psks.retain(|_, k| k.is_some());
-        let retry = self.psks.len() != before;
+        let retry = self.psks.len() != before || self.resolver.take_changed();
         self.dirty |= retry;
         retry
     }
@@ -591,7 +786,15 @@ impl Peers {
                 stand_ins.push(secret.clone());
             }
         }
-        let verdicts = select(&self.objects, &ctx);
+        let names: BTreeSet<String> = self
+            .objects
+            .values()
+            .filter_map(|p| p.spec.get("endpoint").and_then(Value::as_str))
+            .filter(|e| e.parse::<SocketAddr>().is_err() && host_port(e).is_some())
+            .map(str::to_string)
+            .collect();
+        self.resolver.want(names);
+        let verdicts = select_resolved(&self.objects, &ctx, &self.resolver.results());
         let accepted: BTreeMap<String, ExternalPeer> = verdicts
             .iter()
             .filter_map(|(n, v)| match v {
@@ -785,6 +988,106 @@ mod tests {
     }
 
     #[test]
+    fn host_name_endpoints_resolve_keep_their_last_address_and_refuse_when_never_resolved() {
+        assert_eq!(
+            host_port("edge-1.example.com:51820"),
+            Some(("edge-1.example.com", 51820))
+        );
+        for bad in [
+            "example.com",
+            "example.com:0",
+            ":51820",
+            "exa mple.com:1",
+            "-x.example:1",
+            "a..b:1",
+            "example.com:x",
+            "192.0.2.1:51820",
+            "[2001:db8::1]:51820",
+        ] {
+            assert_eq!(host_port(bad), None, "{bad}");
+        }
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        // Selection: not resolved yet, resolved, never resolved.
+        let mut peers = BTreeMap::new();
+        let mut edge = obj("edge", "2026-01-01T00:00:00Z", 3, &["198.51.100.77/32"]);
+        edge.spec["endpoint"] = json!("edge.example.com:51820");
+        peers.insert("edge".to_string(), edge);
+        let ep = |r: &Resolved| match &select_resolved(&peers, &ctx(), r)["edge"] {
+            Verdict::Accepted(e) => Ok(e.endpoint),
+            Verdict::Refused { reason, message } => Err((*reason, message.clone())),
+        };
+        assert_eq!(ep(&Resolved::new()), Ok(None));
+        let mut r = Resolved::new();
+        r.insert("edge.example.com:51820".into(), Ok(sa("203.0.113.9:51820")));
+        assert_eq!(ep(&r), Ok(Some(sa("203.0.113.9:51820"))));
+        r.insert(
+            "edge.example.com:51820".into(),
+            Err("does not resolve: no such host".into()),
+        );
+        let (reason, message) = ep(&r).unwrap_err();
+        assert_eq!(reason, PeerRejectReason::BadEndpoint);
+        assert!(
+            message.contains("does not resolve: no such host") && message.contains("every 30 s"),
+            "{message}"
+        );
+        // The results: a failure keeps the last address; a name no longer wanted goes.
+        let mut st = ResolveState {
+            wanted: ["a.example:1".to_string()].into(),
+            ..ResolveState::default()
+        };
+        st.apply(vec![("a.example:1".into(), Err("down".into()))]);
+        assert!(std::mem::take(&mut st.changed));
+        st.apply(vec![("a.example:1".into(), Ok(sa("192.0.2.7:1")))]);
+        assert!(std::mem::take(&mut st.changed));
+        st.apply(vec![("a.example:1".into(), Err("down".into()))]);
+        assert_eq!(st.results["a.example:1"], Ok(sa("192.0.2.7:1")));
+        assert!(!st.changed);
+        st.apply(vec![("a.example:1".into(), Ok(sa("192.0.2.8:1")))]);
+        assert!(std::mem::take(&mut st.changed));
+        st.wanted.clear();
+        st.apply(vec![("a.example:1".into(), Ok(sa("192.0.2.8:1")))]);
+        assert!(st.results.is_empty() && st.changed);
+    }
+
+    /// Through the control loop's view and the resolver thread, with the system's resolver
+    /// (offline: /etc/hosts): `localhost` resolves to loopback, no endpoint, so the Peer is
+    /// refused with the resolver's reason once the thread answered (the retry tick's call
+    /// says when).
+    #[test]
+    fn the_resolver_thread_answers_the_control_loop() {
+        let mut peers = Peers {
+            synced: true,
+            ..Peers::default()
+        };
+        let mut local = obj("local", "2026-01-01T00:00:00Z", 3, &["198.51.100.78/32"]);
+        local.spec["endpoint"] = json!("localhost:51820");
+        peers.objects.insert("local".into(), local);
+        let mut out = peers.reconcile(ctx(), "2026-01-01T00:00:00Z");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while out.refused.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the resolver never answered"
+            );
+            if peers.retry_psks() {
+                out = peers.reconcile(ctx(), "2026-01-01T00:00:01Z");
+            } else {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let (name, reason, message) = &out.refused[0];
+        assert_eq!(
+            (name.as_str(), *reason),
+            ("local", PeerRejectReason::BadEndpoint)
+        );
+        assert!(
+            message.contains("not a usable endpoint address"),
+            "{message}"
+        );
+        assert!(peers.applied.is_empty());
+    }
+
+    #[test]
     fn good_peers_are_accepted_and_bad_ones_refused_with_a_reason() {
         use PeerRejectReason as R;
         let mut peers = BTreeMap::new();
@@ -826,7 +1129,7 @@ mod tests {
             &["198.51.100.200/32"],
         ));
         let mut bad_ep = obj("bad-ep", "2026-01-01T00:00:00Z", 8, &["203.0.113.1/32"]);
-        bad_ep.spec["endpoint"] = json!("example.com:51820");
+        bad_ep.spec["endpoint"] = json!("example.com");
         add(bad_ep);
         let mut zero = obj("zero", "2026-01-01T00:00:00Z", 0, &["203.0.113.2/32"]);
         zero.spec["persistentKeepalive"] = json!(1);

@@ -204,6 +204,12 @@ pub struct AgentArgs {
     /// says otherwise. The Node annotation `kwire.dev/behind-nat: "true"` does the same.
     #[arg(long, env = "KWIRE_BEHIND_NAT")]
     pub behind_nat: bool,
+    /// Flag this node behind NAT by itself (publish `kwire.dev/behind-nat: "true"`, kept
+    /// until removed) once a peer sees its packets come from another address than its
+    /// published endpoint. Off by default: a NAT with a port forward is reachable, and a
+    /// flagged node neither relays nor is reached but through a relay by NATed nodes.
+    #[arg(long, env = "KWIRE_BEHIND_NAT_DETECT")]
+    pub behind_nat_detect: bool,
     /// UDP port on which this node relays for pairs of nodes both behind NAT (their
     /// WireGuard datagrams, forwarded untouched), published as `kwire.dev/relay-endpoint`
     /// unless the node is behind NAT; 0: never relay. Open it like the WireGuard port.
@@ -609,6 +615,8 @@ struct Agent {
     default_keepalive: u16,
     /// `--behind-nat`, and the own Node's `kwire.dev/behind-nat` as last seen.
     behind_nat_flag: bool,
+    /// `--behind-nat-detect`: a detected NAT flags the node too.
+    behind_nat_detect: bool,
     behind_nat_annotation: bool,
     state_dir: PathBuf,
     own_key: PublicKey,
@@ -708,6 +716,7 @@ impl Agent {
             mtu_override: args.mtu,
             default_keepalive: args.persistent_keepalive,
             behind_nat_flag: args.behind_nat,
+            behind_nat_detect: args.behind_nat_detect,
             behind_nat_annotation: false,
             state_dir: args.state_dir.clone(),
             own_key,
@@ -1124,10 +1133,16 @@ impl Agent {
             }
         }
 
+        // Before the patch and the peers' keepalive, which depend on it.
+        if self.detect_nat() {
+            self.nodes.force_full();
+        }
         self.apply_revocations();
         if let Some(own) = self.nodes.get(&self.node_name).cloned() {
             let rv = self.own_rv.as_ref();
-            if rv.is_none() || rv != self.patched_at.as_ref() {
+            // A NAT detected since the last patch flags the Node (--behind-nat-detect).
+            let flag = self.behind_nat_detect && self.nat_seen.is_some() && !own.behind_nat;
+            if rv.is_none() || rv != self.patched_at.as_ref() || flag {
                 out.patch = self.annotation_patch(&own);
             }
         }
@@ -1139,9 +1154,6 @@ impl Agent {
             cluster_cidrs: self.cluster.clone(),
             host_addresses: self.host_addresses.clone(),
         };
-        if self.detect_nat() {
-            self.nodes.force_full();
-        }
         // Which peers go through a relay: when that changes, every peer is reselected (the
         // plan is then applied to all of them).
         let plan = match &own {
@@ -1318,6 +1330,12 @@ impl Agent {
         }
         let keepalive_before = self.effective_keepalive();
         match &seen {
+            Some((by, at)) if !self.behind_nat() && self.behind_nat_detect => warn!(
+                seen_by = %by,
+                seen_at = %at,
+                "this node is behind NAT: node {by} receives its packets from {at}, not its published endpoint; flagging the Node {}=true (--behind-nat-detect), so that two nodes behind NAT use a relay",
+                annotations::BEHIND_NAT
+            ),
             Some((by, at)) if !self.behind_nat() => warn!(
                 seen_by = %by,
                 seen_at = %at,
@@ -1535,8 +1553,25 @@ impl Agent {
             );
         }
         // Its peers must know it is behind NAT (two such nodes go through a relay).
-        if self.behind_nat_flag && !own.behind_nat {
+        // Detected, with --behind-nat-detect: flagged for good (withdrawn with the
+        // observation, the pair's relay would come and go with the NAT's mappings).
+        let detected = self.behind_nat_detect && self.nat_seen.is_some();
+        if (self.behind_nat_flag || detected) && !own.behind_nat {
             patch.insert(annotations::BEHIND_NAT.into(), "true".into());
+        }
+        // The Service ranges it serves to external Peers (their entry node translates).
+        let services = (!self.services.is_empty()).then(|| {
+            self.services
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(",")
+        });
+        if own.service_cidr != services {
+            patch.insert(
+                annotations::SERVICE_CIDR.into(),
+                services.map_or(serde_json::Value::Null, Into::into),
+            );
         }
         // A reachable node with its relay running offers it; any other withdraws it.
         let relay = endpoint

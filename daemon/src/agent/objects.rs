@@ -15,7 +15,7 @@
 //! - Namespace: name, labels.
 //! - NetworkPolicy: name, namespace, `spec`.
 //! - Node: name, uid, creationTimestamp, the `kwire.dev/` annotations; `spec.podCIDR(s)`;
-//!   `status.addresses`.
+//!   `status.addresses`; the type and status of `status.conditions` (a relay must be Ready).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -345,6 +345,16 @@ struct NodeSpecView {
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 struct NodeStatusView {
     addresses: Option<Vec<corev1::NodeAddress>>,
+    conditions: Option<Vec<ConditionView>>,
+}
+
+/// A Node condition's type and status (heartbeat and transition times, reasons and messages
+/// are skipped: they change without changing what kwire reads).
+#[derive(Clone, Debug, Default, Deserialize)]
+struct ConditionView {
+    #[serde(rename = "type")]
+    type_: String,
+    status: String,
 }
 
 impl NodeView {
@@ -363,6 +373,15 @@ impl NodeView {
             }),
             status: self.status.map(|s| corev1::NodeStatus {
                 addresses: s.addresses,
+                conditions: s.conditions.map(|c| {
+                    c.into_iter()
+                        .map(|c| corev1::NodeCondition {
+                            type_: c.type_,
+                            status: c.status,
+                            ..corev1::NodeCondition::default()
+                        })
+                        .collect()
+                }),
                 ..corev1::NodeStatus::default()
             }),
         }

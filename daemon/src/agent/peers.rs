@@ -44,6 +44,12 @@ pub struct NodeInfo {
     pub relay_endpoint: Option<String>,
     /// `kwire.dev/nat-observed`, as written.
     pub nat_observed: Option<String>,
+    /// `kwire.dev/service-cidr`, as written.
+    pub service_cidr: Option<String>,
+    /// Its `Ready` (kubelet) or `KwireReady` (its agent) condition is `False` or `Unknown`:
+    /// the node is down, or its agent says its data plane is not ready. (No condition, as on
+    /// a Node just registered, is not this.)
+    pub unready: bool,
 }
 
 impl NodeInfo {
@@ -90,6 +96,17 @@ impl NodeInfo {
                 .cloned(),
             relay_endpoint: get(annotations::RELAY_ENDPOINT),
             nat_observed: get(annotations::NAT_OBSERVED),
+            service_cidr: get(annotations::SERVICE_CIDR),
+            unready: n
+                .status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|c| {
+                    c.iter().any(|c| {
+                        matches!(c.type_.as_str(), "Ready" | "KwireReady")
+                            && matches!(c.status.as_str(), "False" | "Unknown")
+                    })
+                }),
         }
     }
 

@@ -191,7 +191,8 @@ impl Firewall {
                 "    {fam} saddr {c} oifname \"{tun}\" ct status dnat masquerade\n"
             ));
         }
-        let (sets, dnat, masq) = self.node_port_rules(steering);
+        let (sets, dnat, mut masq) = self.node_port_rules(steering);
+        masq.insert_str(0, &self.peer_service_rules());
         format!(
             "add table inet kwire
 delete table inet kwire
@@ -292,6 +293,37 @@ table inet kwire {{
         (sets, dnat, masq)
     }
 
+    /// An external Peer's flows to ClusterIPs, which the loop hands to the host tun on the
+    /// Peer's entry node (`datapath::service::from_peer`): in by the tun and back out by it,
+    /// to a Service range, masqueraded to the tun's address (this node's gateway) with source
+    /// ports the loop tells from the node's own (`service::PEER_MASQUERADE_PORTS`), so that
+    /// the backend's replies, on any node, come back here and the kernel turns them back to
+    /// the Peer. Nothing else enters by the tun to leave by it again: the loop hands the
+    /// host only its own addresses and these.
+    fn peer_service_rules(&self) -> String {
+        let tun = &self.ifname;
+        let ports = crate::datapath::service::PEER_MASQUERADE_PORTS;
+        let mut r = String::new();
+        for (fam, v4) in [("ip", true), ("ip6", false)] {
+            let ranges: Vec<String> = self
+                .services
+                .iter()
+                .filter(|c| c.is_ipv4() == v4)
+                .map(ToString::to_string)
+                .collect();
+            if ranges.is_empty() {
+                continue;
+            }
+            r.push_str(&format!(
+                "    iifname \"{tun}\" oifname \"{tun}\" {fam} daddr {{ {} }} meta l4proto {{ tcp, udp, sctp }} masquerade to :{}-{}\n",
+                ranges.join(", "),
+                ports.start(),
+                ports.end()
+            ));
+        }
+        r
+    }
+
     /// Installs the ruleset (one transaction: no moment without the filter).
     /// The steering lock is held until `nft` is done, so that a steering update cannot land
     /// between rendering the ruleset and replacing the table (and be lost with it).
@@ -328,7 +360,12 @@ table inet kwire {{
     /// the task is aborted.
     pub async fn count_drops(self) {
         let mut last: HashMap<String, u64> = HashMap::new();
-        let mut tick = tokio::time::interval(FIREWALL_COUNTER_INTERVAL);
+        // The first look one interval after the install (whose counters start at zero), not
+        // at once: an `nft` run less while the agent starts.
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + FIREWALL_COUNTER_INTERVAL,
+            FIREWALL_COUNTER_INTERVAL,
+        );
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut warned = false;
         loop {
@@ -415,6 +452,11 @@ fn nft(args: &[&str], stdin: Option<&str>) -> std::io::Result<String> {
 
 /// Installs the firewall at once (before any pod exists), waits for the pod CIDRs, then
 /// serves CNI until the task is aborted.
+///
+/// A restarted agent knows its pod CIDRs from the state file: it installs the whole ruleset
+/// once, then re-attaches the pods. Each `nft` run costs tens of milliseconds, and more on a
+/// loaded node, on the way to forwarding the pods' traffic again (the previous agent's table
+/// guards the node meanwhile: it outlives the agent).
 pub async fn serve(
     mut cidrs: CidrWatch,
     pods: Arc<Pods>,
@@ -422,10 +464,14 @@ pub async fn serve(
     run_dir: PathBuf,
     state_dir: PathBuf,
 ) {
-    if let Err(e) = firewall.install(&[]) {
-        error!(error = %e, "cannot install the host firewall (table inet kwire): plaintext from other hosts is not kept from the tun");
+    let mut counting = None;
+    if cidrs.borrow().0.is_empty() {
+        // A first start: the ranges are guarded until the API gives this node's pod CIDRs.
+        if let Err(e) = firewall.install(&[]) {
+            error!(error = %e, "cannot install the host firewall (table inet kwire): plaintext from other hosts is not kept from the tun");
+        }
+        counting = Some(AbortOnDrop(tokio::spawn(firewall.clone().count_drops())));
     }
-    let _counting = AbortOnDrop(tokio::spawn(firewall.clone().count_drops()));
     let (own, mtu) = loop {
         let v = cidrs.borrow_and_update().clone();
         if !v.0.is_empty() {
@@ -440,6 +486,8 @@ pub async fn serve(
     if let Err(e) = host_forwarding(&firewall, &own) {
         warn!(error = %e, "pods cannot reach the outside world until forwarding and masquerading work");
     }
+    let _counting =
+        counting.unwrap_or_else(|| AbortOnDrop(tokio::spawn(firewall.clone().count_drops())));
     let cfg = CniServerConfig {
         run_dir,
         del_queue_dir: state_dir.join("cni-del-queue"),
@@ -495,11 +543,17 @@ impl Drop for AbortOnDrop {
 /// Pods reach the node and the outside world through the host tun: the kernel forwards and
 /// masquerades what leaves any other interface with a pod source address.
 fn host_forwarding(firewall: &Firewall, own: &[IpNetwork]) -> std::io::Result<()> {
+    // The filter first: forwarding is never on without it (after a restart this is the
+    // only install).
+    firewall.install(own).map_err(|e| {
+        std::io::Error::other(format!(
+            "cannot install the host firewall (table inet kwire), plaintext from other hosts is not kept from the tun: {e}"
+        ))
+    })?;
     forwarding_on("ipv4/ip_forward")?;
     if own.iter().any(IpNetwork::is_ipv6) {
         forwarding_on("ipv6/conf/all/forwarding")?;
     }
-    firewall.install(own)?;
     info!(pod_cidrs = ?own, "forwarding on, pods masqueraded to the node's address when leaving the node");
     Ok(())
 }
@@ -578,6 +632,15 @@ mod tests {
         assert!(r.contains("fib daddr type local meta nfproto ipv4 meta l4proto . th dport @node_ports dnat ip to 10.96.0.0\n"), "{r}");
         assert!(r.contains("oifname \"kw0\" ip daddr 10.96.0.0 meta l4proto . th dport @node_ports_masquerade masquerade"), "{r}");
         assert!(r.contains("chain output_nat"), "{r}");
+        // An external Peer's ClusterIP flows, handed to the host by the loop: masqueraded
+        // to the gateway with the ports the loop recognises.
+        assert!(r.contains("iifname \"kw0\" oifname \"kw0\" ip daddr { 10.96.0.0/12 } meta l4proto { tcp, udp, sctp } masquerade to :61000-65535\n"), "{r}");
+        assert!(
+            r.contains(
+                "iifname \"kw0\" oifname \"kw0\" ip6 daddr { fd00:10:96::/108 } meta l4proto"
+            ),
+            "{r}"
+        );
         assert!(
             r.contains("set node_ports { type inet_proto . inet_service;"),
             "{r}"

@@ -34,9 +34,17 @@ pub struct Route {
     pub endpoint: SocketAddr,
 }
 
-/// A node that may relay: published a usable relay endpoint, has a key, not behind NAT.
+/// A node that may relay: published a usable relay endpoint, has a valid key (a withdrawn or
+/// broken one: its agent is gone), not behind NAT, and neither its `Ready` nor its
+/// `KwireReady` condition says otherwise (the node is down, or its agent says it is not
+/// serving). A relay that stops so is replaced by the next candidate of its location (the
+/// next oldest), on every agent alike, and its pairs move there.
 fn candidate(n: &NodeInfo) -> Option<SocketAddr> {
-    if n.behind_nat || n.public_key.is_none() {
+    let key_ok = n
+        .public_key
+        .as_deref()
+        .is_some_and(|k| PublicKey::from_base64(k).is_ok());
+    if n.behind_nat || !key_ok || n.unready {
         return None;
     }
     let ep: SocketAddr = n.relay_endpoint.as_deref()?.trim().parse().ok()?;
@@ -427,7 +435,6 @@ pub struct Forwarder {
     table: Arc<std::sync::Mutex<Table>>,
     status: Arc<NodeState>,
     stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Forwarder {
@@ -439,7 +446,7 @@ impl Forwarder {
         let table = Arc::new(std::sync::Mutex::new(Table::default()));
         let stop = Arc::new(AtomicBool::new(false));
         let (t, st, s) = (table.clone(), status.clone(), stop.clone());
-        let thread = std::thread::Builder::new()
+        std::thread::Builder::new()
             .name("kwire-relay".into())
             .spawn(move || forward(&socket, &st, &t, &s))?;
         status.relay.listening.store(true, Ordering::Relaxed);
@@ -447,7 +454,6 @@ impl Forwarder {
             table,
             status,
             stop,
-            thread: Some(thread),
         })
     }
 
@@ -462,12 +468,12 @@ impl Forwarder {
 }
 
 impl Drop for Forwarder {
+    /// Tells the thread to stop and does not wait for it: it notices within its socket's
+    /// read timeout (500 ms), and the agent drops the forwarder only on its way out, where
+    /// waiting would hold the process (and a rollout's restart) up to half a second.
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         self.status.relay.listening.store(false, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
     }
 }
 
@@ -612,6 +618,80 @@ mod tests {
         let all: Vec<NodeInfo> = nodes.iter().cloned().chain([far.clone(), g]).collect();
         assert_eq!(plan(&far, true, all.iter())["g"].relay, "r-old");
         assert_eq!(plan(&far, true, all.iter())["b"].relay, "r-old");
+    }
+
+    /// The relay of a location stops serving (its Node not Ready, its agent not KwireReady,
+    /// its key withdrawn or broken): both sides of every pair it served move to the next
+    /// candidate of that location by the same rule, and back when it serves again.
+    #[test]
+    fn a_relay_that_stops_serving_is_replaced_by_the_next_candidate_on_both_sides() {
+        let mut nodes = vec![
+            node("r-old", 1, false, Some("eu"), Some("192.0.2.1:51821")),
+            node("r-new", 2, false, Some("eu"), Some("192.0.2.2:51821")),
+            node("r-us", 3, false, Some("us"), Some("198.51.100.3:51821")),
+            node("a", 5, true, Some("eu"), None),
+            node("b", 6, true, Some("asia"), None),
+        ];
+        let route = |nodes: &[NodeInfo], from: &str, to: &str| {
+            let own = nodes.iter().find(|x| x.name == from).unwrap();
+            plan(own, true, nodes.iter()).get(to).cloned()
+        };
+        let both = |nodes: &[NodeInfo]| {
+            let (ab, ba) = (route(nodes, "a", "b"), route(nodes, "b", "a"));
+            assert_eq!(ab, ba, "both sides of the pair agree");
+            ab.map(|r| r.relay)
+        };
+        assert_eq!(both(&nodes).as_deref(), Some("r-old"));
+        let downs: [fn(&mut NodeInfo); 4] = [
+            |n| n.unready = true,
+            |n| n.public_key = None,
+            |n| n.public_key = Some("not a key".into()),
+            |n| n.public_key = Some(PublicKey([0; 32]).to_base64()),
+        ];
+        for down in downs {
+            let mut broken = nodes.clone();
+            down(&mut broken[0]);
+            assert_eq!(both(&broken).as_deref(), Some("r-new"), "{:?}", broken[0]);
+            // The location's last relay down too: the oldest relay of all.
+            down(&mut broken[1]);
+            assert_eq!(both(&broken).as_deref(), Some("r-us"));
+        }
+        // It serves again: the pair goes back (the oldest of its location).
+        nodes[0].unready = false;
+        assert_eq!(both(&nodes).as_deref(), Some("r-old"));
+    }
+
+    /// Node conditions as the relay election reads them: `Ready` or `KwireReady` False or
+    /// Unknown is down; True, other types or none is not.
+    #[test]
+    fn unready_reads_ready_and_kwire_ready() {
+        use k8s_openapi::api::core::v1::{Node, NodeCondition, NodeStatus};
+        let with = |conds: &[(&str, &str)]| {
+            NodeInfo::from_node(&Node {
+                status: Some(NodeStatus {
+                    conditions: Some(
+                        conds
+                            .iter()
+                            .map(|(t, s)| NodeCondition {
+                                type_: (*t).into(),
+                                status: (*s).into(),
+                                ..NodeCondition::default()
+                            })
+                            .collect(),
+                    ),
+                    ..NodeStatus::default()
+                }),
+                ..Node::default()
+            })
+            .unready
+        };
+        assert!(!with(&[]));
+        assert!(!with(&[("Ready", "True"), ("KwireReady", "True")]));
+        assert!(!with(&[("MemoryPressure", "False"), ("Ready", "True")]));
+        assert!(with(&[("Ready", "Unknown")]));
+        assert!(with(&[("Ready", "False")]));
+        assert!(with(&[("Ready", "True"), ("KwireReady", "False")]));
+        assert!(!NodeInfo::from_node(&Node::default()).unready);
     }
 
     #[test]

@@ -304,7 +304,13 @@ impl<T> Message<'_, '_, T> {
         }
         let pkt = &out[at.clone()];
         let (_, dst) = addresses(pkt).ok_or(DropReason::NoRoute)?;
-        let to = route::decrypted(self.ctx.local, dst)?;
+        let to = match route::decrypted(self.ctx.local, dst) {
+            Ok(to) => to,
+            // An external Peer's flow to a ClusterIP: served here, through the host's
+            // masquerade (`service::from_peer`).
+            Err(_) if service::from_peer(self.ctx.local, pkt) => Port::Host,
+            Err(e) => return Err(e),
+        };
         policy::ingress(self.ctx.local, to, false, pkt)?;
         // A reply from a Service's backend on another node: policy judged the real
         // addresses, the client sees the Service's. (Decrypted packets carry full checksums.)

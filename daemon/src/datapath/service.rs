@@ -122,7 +122,8 @@ pub enum Translated {
     Hairpin,
     /// A node port's: the kernel steered it from outside (masqueraded to the node for
     /// `externalTrafficPolicy: Cluster`); policy judges it by its source address even when
-    /// that is the node's own, never as the node's own traffic.
+    /// that is the node's own, never as the node's own traffic. Also an external Peer's
+    /// ClusterIP flow masqueraded to this node ([`from_peer`]).
     NodePort,
 }
 
@@ -189,6 +190,10 @@ pub fn forward<T>(
                     Ok(Translated::Hairpin)
                 }
                 Some(h) if h == p.dst => Ok(Translated::NodePort),
+                // An external Peer's flow, masqueraded by the kernel (see [`from_peer`]).
+                _ if from_node && PEER_MASQUERADE_PORTS.contains(&p.sport) => {
+                    Ok(Translated::NodePort)
+                }
                 _ => Ok(Translated::Plain),
             }
         }
@@ -229,6 +234,35 @@ pub fn reverse<T>(local: &LocalTable<T>, pkt: &mut [u8], partial: bool) {
         rewrite(pkt, &p, false, from, partial);
     }
 }
+
+/// Whether a decrypted packet from outside the cluster (an external `Peer`: cryptokey routing
+/// checked that its source is the Peer's own) is for a ClusterIP's frontend, to be served
+/// here as its entry node. The loop hands it to the host tun; the kernel masquerades it to
+/// this node's gateway address (`postrouting`: in by the tun, out by the tun, to a Service
+/// range, source ports [`PEER_MASQUERADE_PORTS`]) and routes it back into the tun, where
+/// [`forward`] translates it as a Service flow of the node's, judged by its source
+/// ([`Translated::NodePort`]); the backend's replies come back to this node, the kernel
+/// turns them back, and the loop encrypts them to the Peer. Anything else from a Peer that
+/// is for no local address stays dropped (`no_route`): in particular LoadBalancer ingress
+/// IPs and the node-port address, and every packet from a pod network source.
+#[cold]
+#[inline(never)]
+pub fn from_peer<T>(local: &LocalTable<T>, pkt: &[u8]) -> bool {
+    let (Some(s), Some(p)) = (&local.services, parse(pkt)) else {
+        return false;
+    };
+    !local.in_cluster(p.src)
+        && s.table
+            .cluster_ip_frontend(p.proto, p.dst, p.dport)
+            .is_some()
+}
+
+/// The source ports the kernel gives a Peer's Service flow when it masquerades it to this
+/// node's gateway (nftables `masquerade to :61000-65535`): above Linux's default ephemeral
+/// range (32768-60999), so that the loop tells such a flow from the node's own and judges it
+/// by policy ([`Translated::NodePort`]); a node whose own sockets use these ports has those
+/// flows judged too (stricter, never looser).
+pub const PEER_MASQUERADE_PORTS: std::ops::RangeInclusive<u16> = 61000..=65535;
 
 /// Which way an ICMP error about a translated flow travels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -725,6 +759,10 @@ pub(crate) mod tests {
         let scope = crate::services::table::Scope {
             node: Some(NODE.into()),
             node_port_addrs: vec!["10.96.0.0".parse().unwrap(), "fd00:96::".parse().unwrap()],
+            ranges: vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "fd00:96::/108".parse().unwrap(),
+            ],
         };
         ServiceNat {
             table: Arc::new(ServiceTable::compile_for(
@@ -996,6 +1034,73 @@ pub(crate) mod tests {
             SocketAddr::new(q.src, q.sport),
             SocketAddr::new(q.dst, q.dport),
         )
+    }
+
+    /// An external Peer's packet to a ClusterIP (TCP or UDP, either family) is served by its
+    /// entry node; to anything else (a node port's address, an ingress IP, a port the
+    /// Service lacks) it is not, nor is a packet from the pod network. Masqueraded back by the
+    /// kernel to the gateway with the Peer ports, it is judged by policy like a node port's;
+    /// the node's own flows from the gateway are not.
+    #[test]
+    fn a_peers_cluster_ip_flow_is_served_and_judged_by_its_source() {
+        let s = services_on(&[("10.244.2.5", "n2")], |v| {
+            v.lb_ips = vec!["203.0.113.10".parse().unwrap()];
+            v.ports[0].node_port = Some(30080);
+        });
+        let mut local = LocalTable::<()>::new(Vec::new(), vec![GATEWAY.parse().unwrap()]);
+        local.cluster = vec!["10.244.0.0/16".parse().unwrap()];
+        local.services = Some(s.clone());
+        let peer =
+            |dst: &str, proto: u8| packet(proto, sa("198.51.100.7:40000"), sa(dst), TCP_SYN, b"");
+        assert!(from_peer(&local, &peer("10.96.0.10:80", TCP)));
+        assert!(from_peer(&local, &peer("10.96.0.10:53", UDP)));
+        assert!(from_peer(
+            &local,
+            &packet(
+                TCP,
+                sa("[2001:db8::7]:40000"),
+                sa("[fd00:96::10]:80"),
+                TCP_SYN,
+                b""
+            )
+        ));
+        for (dst, proto) in [
+            ("10.96.0.10:81", TCP),
+            ("10.96.0.10:80", UDP),
+            ("10.96.0.0:30080", TCP),
+            ("203.0.113.10:80", TCP),
+            ("10.96.0.99:80", TCP),
+        ] {
+            assert!(!from_peer(&local, &peer(dst, proto)), "{dst}");
+        }
+        let pod = packet(
+            TCP,
+            sa("10.244.3.5:40000"),
+            sa("10.96.0.10:80"),
+            TCP_SYN,
+            b"",
+        );
+        assert!(!from_peer(&local, &pod));
+        local.services = None;
+        assert!(!from_peer(&local, &peer("10.96.0.10:80", TCP)));
+        // Back from the kernel, masqueraded: judged like a node port's; the node's own
+        // flows (ephemeral ports below the Peer range) stay the node's.
+        for (port, want) in [
+            (61000, Translated::NodePort),
+            (65535, Translated::NodePort),
+            (60999, Translated::Plain),
+            (40000, Translated::Plain),
+        ] {
+            let mut p = packet(
+                TCP,
+                sa(&format!("{GATEWAY}:{port}")),
+                sa("10.96.0.10:80"),
+                TCP_SYN,
+                b"",
+            );
+            assert_eq!(translate_from(&s, Port::Host, &mut p), Ok(want), "{port}");
+            assert_eq!(ends(&p).1, sa("10.244.2.5:8080"));
+        }
     }
 
     fn node_port(local: bool) -> impl Fn(&mut ServiceView) {

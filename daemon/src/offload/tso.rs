@@ -38,7 +38,7 @@ pub fn split_capped<F: FnMut(&[u8])>(
     if let Shape::Tcp(t) = &s.shape {
         // All at once: one loop over the cuts, no per-packet dispatch on the shape.
         for i in 0..t.count {
-            emit(t.segment(s.pkt, s.scratch, i));
+            emit(t.segment(&mut *s.pkt, &mut *s.scratch, i));
         }
         return Ok(());
     }
@@ -62,11 +62,14 @@ pub fn whole_packet(frame: &mut [u8], vnet: bool) -> Option<&mut [u8]> {
     whole.then(|| &mut frame[VNET_HDR_LEN..])
 }
 
-/// The packets one tun frame carries, produced one at a time: a TSO segment becomes
-/// MSS-sized packets built in `scratch`; a single packet is handed out in place (its partial
-/// checksum completed first). The caller may stop after any packet and, with a new
-/// `Segments` over the same frame, [`Segments::skip`] what it already took: nothing is
-/// changed in the frame until the packet that needs it is produced.
+/// The packets one tun frame carries, produced one at a time, in order: a TSO segment (or UDP
+/// super-packet) becomes MSS-sized packets, each but the first built where its payload lies in
+/// the frame, with a copy of the headers written over the end of the previous packet's payload
+/// (already taken), so no payload is copied; the first is built in `scratch`, so the frame's
+/// own headers stay as they came. A single packet is handed out in place (its partial checksum
+/// completed first). The caller may stop after any packet and, with a new `Segments` over
+/// the same frame, [`Segments::skip`] what it already took: the packets still to come and the
+/// frame's headers are unchanged until the packet that needs them is produced.
 pub struct Segments<'f, 's> {
     pkt: &'f mut [u8],
     scratch: &'s mut [u8],
@@ -180,8 +183,8 @@ impl<'f, 's> Segments<'f, 's> {
             Shape::Single {
                 csum: Some((start, offset)),
             } => Some(complete_checksum(self.pkt, *start, *offset).map(|()| &*self.pkt)),
-            Shape::Tcp(t) => Some(Ok(t.segment(self.pkt, self.scratch, i))),
-            Shape::Udp(u) => Some(Ok(u.datagram(self.pkt, self.scratch, i))),
+            Shape::Tcp(t) => Some(Ok(t.segment(&mut *self.pkt, &mut *self.scratch, i))),
+            Shape::Udp(u) => Some(Ok(u.datagram(&mut *self.pkt, &mut *self.scratch, i))),
         }
     }
 }
@@ -241,10 +244,10 @@ impl Tcp {
         })
     }
 
-    /// Builds packet `i` in `scratch`: the headers, the `i`th MSS of payload, lengths,
-    /// sequence number, flags and checksums fixed.
+    /// Builds packet `i` ([`cut`]: in the frame, or in `scratch`): the headers, the `i`th MSS
+    /// of payload, lengths, sequence number, flags and checksums fixed.
     #[inline(always)]
-    fn segment<'s>(&self, pkt: &[u8], scratch: &'s mut [u8], i: usize) -> &'s [u8] {
+    fn segment<'a>(&self, pkt: &'a mut [u8], scratch: &'a mut [u8], i: usize) -> &'a [u8] {
         let Tcp {
             v6,
             l4,
@@ -278,25 +281,39 @@ impl Tcp {
     }
 }
 
-/// Packet `i` of a super-packet cut into `size`-byte payloads, built in `scratch`: the
-/// `hlen` bytes of headers, its payload, the IP length (and IPv4 id, `id0 + i`, and header
-/// checksum) fixed; the L4 header is the caller's to finish.
+/// Packet `i` of a super-packet cut into `size`-byte payloads: the `hlen` bytes of headers,
+/// its payload, the IP length (and IPv4 id, `id0 + i`, and header checksum) fixed; the L4
+/// header is the caller's to finish. Packet 0 is built in `scratch`; packet `i > 0` in the
+/// frame itself, the headers copied over the last `hlen` bytes of packet `i - 1`'s payload
+/// (which the caller has taken: packets go in order), right before its own payload, which is
+/// not moved. The frame's own headers (`pkt[..hlen]`) are never written, so a later packet
+/// can always be built from them. A payload shorter than the headers is built in `scratch`.
 #[inline(always)]
-fn cut<'s>(
-    pkt: &[u8],
-    scratch: &'s mut [u8],
+fn cut<'a>(
+    pkt: &'a mut [u8],
+    scratch: &'a mut [u8],
     hlen: usize,
     size: usize,
     i: usize,
     l4: usize,
     id0: u16,
-) -> &'s mut [u8] {
-    let payload = &pkt[hlen..];
-    let chunk = &payload[(i * size).min(payload.len())..((i + 1) * size).min(payload.len())];
-    let len = hlen + chunk.len();
-    let p = &mut scratch[..len];
-    p[..hlen].copy_from_slice(&pkt[..hlen]);
-    p[hlen..].copy_from_slice(chunk);
+) -> &'a mut [u8] {
+    let payload_len = pkt.len() - hlen;
+    let (from, to) = (
+        (i * size).min(payload_len),
+        ((i + 1) * size).min(payload_len),
+    );
+    let len = hlen + (to - from);
+    let p = if i > 0 && size >= hlen {
+        // `from` >= `size` >= `hlen`: the copy does not touch the frame's own headers.
+        pkt.copy_within(..hlen, from);
+        &mut pkt[from..from + len]
+    } else {
+        let p = &mut scratch[..len];
+        p[..hlen].copy_from_slice(&pkt[..hlen]);
+        p[hlen..].copy_from_slice(&pkt[hlen + from..hlen + to]);
+        p
+    };
     if p[0] >> 4 == 6 {
         p[4..6].copy_from_slice(&((len - 40) as u16).to_be_bytes());
     } else {
@@ -344,10 +361,10 @@ impl Udp {
         })
     }
 
-    /// Builds datagram `i` in `scratch`: the headers, the `i`th `size` bytes of payload,
-    /// lengths, IPv4 id and checksums.
+    /// Builds datagram `i` ([`cut`]: in the frame, or in `scratch`): the headers, the `i`th
+    /// `size` bytes of payload, lengths, IPv4 id and checksums.
     #[inline(always)]
-    fn datagram<'s>(&self, pkt: &[u8], scratch: &'s mut [u8], i: usize) -> &'s [u8] {
+    fn datagram<'a>(&self, pkt: &'a mut [u8], scratch: &'a mut [u8], i: usize) -> &'a [u8] {
         let Udp { v6, l4, size, .. } = *self;
         let d = cut(pkt, scratch, l4 + UDP_HLEN, size, i, l4, self.id0);
         let len = d.len();
@@ -583,6 +600,22 @@ pub(crate) mod tests {
         }
     }
 
+    /// The packets of `frame`: the first `stop` from one `Segments`, the rest from a new one
+    /// over the same frame that skips them.
+    fn in_two_passes(frame: &mut [u8], scratch: &mut [u8], stop: usize) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut s = Segments::new(frame, scratch, usize::MAX).unwrap();
+        while s.position() < stop {
+            got.push(s.next_packet().unwrap().unwrap().to_vec());
+        }
+        let mut s = Segments::new(frame, scratch, usize::MAX).unwrap();
+        s.skip(stop);
+        while let Some(p) = s.next_packet() {
+            got.push(p.unwrap().to_vec());
+        }
+        got
+    }
+
     /// Stopping after any packet and going on with a new `Segments` over the same frame
     /// yields the same packets as one pass.
     #[test]
@@ -597,17 +630,7 @@ pub(crate) mod tests {
         .unwrap();
         assert_eq!(whole.len(), 7);
         for stop in 0..=7 {
-            let mut frame = as_gso_frame(&big, 1000);
-            let mut got = Vec::new();
-            let mut s = Segments::new(&mut frame, &mut scratch, usize::MAX).unwrap();
-            while s.position() < stop {
-                got.push(s.next_packet().unwrap().unwrap().to_vec());
-            }
-            let mut s = Segments::new(&mut frame, &mut scratch, usize::MAX).unwrap();
-            s.skip(stop);
-            while let Some(p) = s.next_packet() {
-                got.push(p.unwrap().to_vec());
-            }
+            let got = in_two_passes(&mut as_gso_frame(&big, 1000), &mut scratch, stop);
             assert_eq!(got, whole, "stopped after {stop}");
         }
         // A single packet's checksum is completed once, when it is taken.
@@ -617,6 +640,43 @@ pub(crate) mod tests {
         let untouched = frame.clone();
         let _ = Segments::new(&mut frame, &mut scratch, usize::MAX).unwrap();
         assert_eq!(frame, untouched);
+    }
+
+    /// Packets after the first are built in the frame, over the end of the previous one's
+    /// payload; the frame's own headers stay as they came. A payload shorter than the headers
+    /// (a tiny MSS) cannot take them and is built in scratch: the same packets either way.
+    #[test]
+    fn builds_in_the_frame_without_touching_its_headers() {
+        for (v6, mss) in [(false, 1400), (true, 1400), (false, 16), (true, 24)] {
+            let payload: Vec<u8> = (0..3000u32).map(|i| (i * 13) as u8).collect();
+            let big = tcp_packet(v6, 7, 0x18, &payload);
+            let mut frame = as_gso_frame(&big, mss);
+            let hlen = VNET_HDR_LEN + if v6 { 60 } else { 40 };
+            let headers = frame[..hlen].to_vec();
+            let mut scratch = vec![0u8; 65536];
+            let mut out: Vec<Vec<u8>> = Vec::new();
+            split(&mut frame, &mut scratch, |p| out.push(p.to_vec())).unwrap();
+            assert_eq!(frame[..hlen], headers[..], "v6 {v6} mss {mss}");
+            assert_eq!(out.len(), payload.len().div_ceil(mss as usize));
+            let l4 = if v6 { 40 } else { 20 };
+            let mut joined = Vec::new();
+            for (i, p) in out.iter().enumerate() {
+                assert!(tcp_checksum_valid(p), "v6 {v6} mss {mss} segment {i}");
+                let seq = u32::from_be_bytes(p[l4 + 4..l4 + 8].try_into().unwrap());
+                assert_eq!(seq, 7 + mss as u32 * i as u32);
+                joined.extend_from_slice(&p[l4 + 20..]);
+            }
+            assert_eq!(joined, payload);
+        }
+        // UDP super-packets alike, also resumed after each datagram.
+        let payload: Vec<u8> = (0..5000u32).map(|i| (i * 3) as u8).collect();
+        let expected: Vec<Vec<u8>> = payload.chunks(1000).map(|c| udp_packet(true, c)).collect();
+        let mut scratch = vec![0u8; 65536];
+        for stop in 0..=expected.len() {
+            let mut frame = as_uso_frame(&udp_packet(true, &payload), 1000);
+            let got = in_two_passes(&mut frame, &mut scratch, stop);
+            assert_eq!(got, expected, "stopped after {stop}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //!   change elsewhere in the cluster touches one identity set, never a table.
 //! - `policies`: the policies the tables refer to, for names in `explain`.
 
+use std::cell::OnceCell;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -153,6 +154,30 @@ pub(super) enum PortSet {
     /// Some entry must match; never empty (a rule whose entries can match nothing, e.g. only
     /// named ports the pod does not declare, is left out of the table).
     List(Box<[CompiledPort]>),
+}
+
+impl PortSet {
+    /// Whether the set admits `port` of `protocol`; `named_port(name)` answers for a named
+    /// entry of that protocol.
+    #[inline]
+    fn admits(
+        &self,
+        protocol: Protocol,
+        port: u16,
+        named_port: &mut impl FnMut(&str) -> bool,
+    ) -> bool {
+        match self {
+            PortSet::Any => true,
+            PortSet::List(list) => list.iter().any(|p| match p {
+                CompiledPort::Range {
+                    protocol: pr,
+                    lo,
+                    hi,
+                } => *pr == protocol && (*lo..=*hi).contains(&port),
+                CompiledPort::Named { protocol: pr, name } => *pr == protocol && named_port(name),
+            }),
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -338,40 +363,21 @@ impl PolicySet {
         protocol: Protocol,
         dst_port: u16,
     ) -> Verdict {
-        // The destination pod is looked up at most once (named ports, selectors).
-        let mut dst_pod: Option<Option<&PodRecord>> = None;
-        let mut lookup = || *dst_pod.get_or_insert_with(|| self.pods.get(&dst).map(|p| &**p));
         let table = match self.table(src_pod, Direction::Egress) {
             Ok(t) => t,
             Err(v) => return v,
         };
-        for rule in &table.rules {
-            let ports_ok = match &rule.ports {
-                PortSet::Any => true,
-                PortSet::List(list) => list.iter().any(|p| match p {
-                    CompiledPort::Range {
-                        protocol: pr,
-                        lo,
-                        hi,
-                    } => *pr == protocol && (*lo..=*hi).contains(&dst_port),
-                    CompiledPort::Named { protocol: pr, name } => {
-                        *pr == protocol
-                            && lookup()
-                                .is_some_and(|pod| pod.named_port(name, protocol) == Some(dst_port))
-                    }
-                }),
-            };
-            if ports_ok
-                && rule.peers.matches(
-                    dst,
-                    &mut || lookup().and_then(|p| p.identity),
-                    &self.selectors,
-                )
-            {
-                return Verdict::Allow(AllowReason::Rule(rule.at));
-            }
-        }
-        Self::deny(table)
+        // The destination pod is looked up at most once (named ports, selectors).
+        let dst_pod = OnceCell::new();
+        let lookup = || *dst_pod.get_or_init(|| self.pods.get(&dst).map(|p| &**p));
+        self.first_rule(
+            table,
+            dst,
+            protocol,
+            dst_port,
+            |name| lookup().is_some_and(|pod| pod.named_port(name, protocol) == Some(dst_port)),
+            &mut || lookup().and_then(|p| p.identity),
+        )
     }
 
     /// Ingress of a new flow entering `dst_pod`: the loop asks this for flows to its local pods.
@@ -388,22 +394,29 @@ impl PolicySet {
             Err(v) => return v,
         };
         let mut src_identity: Option<Option<u32>> = None;
-        let mut identity =
-            || *src_identity.get_or_insert_with(|| self.pods.get(&src).and_then(|p| p.identity));
+        // Named ports were resolved against the pod itself when its table was built.
+        self.first_rule(table, src, protocol, dst_port, |_| false, &mut || {
+            *src_identity.get_or_insert_with(|| self.pods.get(&src).and_then(|p| p.identity))
+        })
+    }
+
+    /// The verdict of `table` on a new flow with `remote` at its other end: the first rule
+    /// whose ports and peers both admit it, or a deny. `named_port` says whether a named port
+    /// entry (of the flow's protocol) is the flow's port; `identity` is the remote pod's, asked
+    /// for only when a rule's pod selectors need it.
+    fn first_rule(
+        &self,
+        table: &DirectionTable,
+        remote: IpAddr,
+        protocol: Protocol,
+        dst_port: u16,
+        mut named_port: impl FnMut(&str) -> bool,
+        identity: &mut impl FnMut() -> Option<u32>,
+    ) -> Verdict {
         for rule in &table.rules {
-            // Named ports were resolved against the pod itself when its table was built.
-            let ports_ok = match &rule.ports {
-                PortSet::Any => true,
-                PortSet::List(list) => list.iter().any(|p| match p {
-                    CompiledPort::Range {
-                        protocol: pr,
-                        lo,
-                        hi,
-                    } => *pr == protocol && (*lo..=*hi).contains(&dst_port),
-                    CompiledPort::Named { .. } => false,
-                }),
-            };
-            if ports_ok && rule.peers.matches(src, &mut identity, &self.selectors) {
+            if rule.ports.admits(protocol, dst_port, &mut named_port)
+                && rule.peers.matches(remote, identity, &self.selectors)
+            {
                 return Verdict::Allow(AllowReason::Rule(rule.at));
             }
         }

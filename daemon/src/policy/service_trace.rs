@@ -191,6 +191,7 @@ impl ServiceObjects {
         let scope = Scope {
             node: node.map(str::to_string),
             node_port_addrs: Vec::new(),
+            ranges: Vec::new(),
         };
         ServiceTable::compile_for(&views, &slices, &scope)
     }

@@ -370,6 +370,9 @@ pub struct Scope {
     /// Per family, the address the kernel steers node-port traffic to (the network address
     /// of `--service-cidr`); none: no node ports in that family.
     pub node_port_addrs: Vec<IpAddr>,
+    /// The Service ranges (`--service-cidr`): a ClusterIP lies in one, a LoadBalancer
+    /// ingress IP does not. Only ClusterIPs are served to external peers.
+    pub ranges: Vec<ipnetwork::IpNetwork>,
 }
 
 impl Scope {
@@ -385,6 +388,7 @@ impl Scope {
         Scope {
             node: Some(node.to_string()),
             node_port_addrs,
+            ranges: ranges.to_vec(),
         }
     }
 }
@@ -432,6 +436,8 @@ pub struct ServiceTable {
     names: Vec<Arc<str>>,
     /// The node-port (and hairpin) address per family: `[IPv4, IPv6]`.
     node_port_addrs: [Option<IpAddr>; 2],
+    /// The Service ranges of the scope (ClusterIPs lie in them).
+    ranges: Vec<ipnetwork::IpNetwork>,
     steering: Steering,
     health: Vec<HealthCheck>,
 }
@@ -475,6 +481,15 @@ impl ServiceTable {
     #[inline]
     pub fn node_port_addr(&self, v6: bool) -> Option<IpAddr> {
         self.node_port_addrs[usize::from(v6)]
+    }
+
+    /// The ClusterIP frontend a packet from an external peer addresses: one in the Service
+    /// ranges, not the node-port address (node ports are for the node's own addresses).
+    pub fn cluster_ip_frontend(&self, proto: u8, ip: IpAddr, port: u16) -> Option<&Frontend> {
+        if !self.ranges.iter().any(|r| r.contains(ip)) || self.node_port_addrs.contains(&Some(ip)) {
+            return None;
+        }
+        self.lookup(proto, ip, port)
     }
 
     /// Services with at least one frontend.
@@ -753,6 +768,7 @@ impl ServiceCompiler {
             frontends: HashMap::with_capacity_and_hasher(n, Default::default()),
             names: Vec::with_capacity(self.fragments.len()),
             node_port_addrs: self.node_port_addrs,
+            ranges: self.scope.ranges.clone(),
             ..Default::default()
         };
         for f in self.fragments.values() {
@@ -1139,6 +1155,7 @@ mod tests {
             let scope = Scope {
                 node: Some("n1".into()),
                 node_port_addrs: vec![ip("10.96.0.0")],
+                ranges: vec!["10.96.0.0/12".parse().unwrap()],
             };
             let mut c = ServiceCompiler::new(scope.clone());
             let mut services: BTreeMap<usize, ServiceView> = BTreeMap::new();
