@@ -350,7 +350,7 @@ struct NodeStatusView {
 
 /// A Node condition's type and status (heartbeat and transition times, reasons and messages
 /// are skipped: they change without changing what kwire reads).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 struct ConditionView {
     #[serde(rename = "type")]
     type_: String,
