@@ -236,6 +236,17 @@ mod tests {
         assert!(f.pass(&Ok(Event::Delete(node("n3", "8", "K3", "t0")))));
         assert!(f.pass(&Ok(Event::Apply(node("n3", "9", "K3", "t0")))));
         assert_eq!(f.counts(), (9, 3));
+        // A condition that flips is read (its heartbeat time is not).
+        let down: NodeView = serde_json::from_value(json!({
+            "metadata": {"name": "n2", "uid": "u-n2", "resourceVersion": "10",
+                "creationTimestamp": "2025-01-01T00:00:00Z",
+                "annotations": {"kwire.dev/public-key": "K2", "node.alpha.kubernetes.io/ttl": "t4"}},
+            "spec": {"podCIDR": "10.244.2.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.2"}],
+                "conditions": [{"type": "Ready", "status": "False", "lastHeartbeatTime": "t4"}]}
+        }))
+        .unwrap();
+        assert!(f.pass(&Ok(Event::Apply(down))));
     }
 
     #[test]
