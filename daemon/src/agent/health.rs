@@ -203,6 +203,95 @@ pub fn assess(
     (w, changes)
 }
 
+/// What is remembered of every peer, kept in place from one look to the next: a look reads
+/// each peer's counters (atomic loads) and updates its entry; it allocates only for a peer
+/// that is new, and the per-peer report (`kwire_peer_up`, `kwire status`) is rebuilt only when
+/// a peer came, went or changed reachability, not every second.
+#[derive(Debug, Default)]
+pub struct Looks {
+    peers: BTreeMap<String, Looked>,
+    pass: u64,
+}
+
+#[derive(Debug)]
+struct Looked {
+    watch: PeerWatch,
+    /// The last look that saw the peer (the others are gone).
+    pass: u64,
+}
+
+/// What one look found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Look {
+    /// Every change, by Node name, in the order seen.
+    pub changes: Vec<(String, Change)>,
+    /// A peer came, went or changed reachability: the report is due.
+    pub report_due: bool,
+}
+
+impl Looks {
+    /// Folds one look at every peer, `(node, sample)`, into the remembered state.
+    pub fn look<'a>(
+        &mut self,
+        samples: impl IntoIterator<Item = (&'a str, PeerSample)>,
+        now: Instant,
+        wall_now: SystemTime,
+        threshold: Duration,
+    ) -> Look {
+        self.pass += 1;
+        let pass = self.pass;
+        let mut out = Look::default();
+        for (node, s) in samples {
+            match self.peers.get_mut(node) {
+                Some(e) => {
+                    let (w, changes) = assess(Some(&e.watch), &s, now, wall_now, threshold);
+                    out.report_due |= w.unreachable != e.watch.unreachable;
+                    e.watch = w;
+                    e.pass = pass;
+                    out.changes
+                        .extend(changes.into_iter().map(|c| (node.to_string(), c)));
+                }
+                None => {
+                    let (w, changes) = assess(None, &s, now, wall_now, threshold);
+                    self.peers
+                        .insert(node.to_string(), Looked { watch: w, pass });
+                    out.report_due = true;
+                    out.changes
+                        .extend(changes.into_iter().map(|c| (node.to_string(), c)));
+                }
+            }
+        }
+        let before = self.peers.len();
+        self.peers.retain(|_, e| e.pass == pass);
+        out.report_due |= self.peers.len() != before;
+        out
+    }
+
+    /// A peer's endpoint as last seen.
+    pub fn endpoint(&self, node: &str) -> Option<SocketAddr> {
+        self.peers.get(node)?.watch.sample.endpoint
+    }
+
+    /// Every peer's remembered state, by Node name.
+    pub fn watches(&self) -> impl Iterator<Item = (&str, &PeerWatch)> {
+        self.peers.iter().map(|(n, e)| (n.as_str(), &e.watch))
+    }
+
+    /// The per-peer report.
+    pub fn report(&self) -> BTreeMap<String, PeerHealthReport> {
+        self.watches()
+            .map(|(n, w)| {
+                (
+                    n.to_string(),
+                    PeerHealthReport {
+                        unreachable: w.unreachable,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
 /// The `KwireReady` condition: (status, reason, message).
 pub fn readiness(
     synced: bool,
@@ -276,7 +365,7 @@ pub async fn run(status: Arc<NodeState>, settings: HealthSettings) {
         status,
         settings,
         api,
-        peers: BTreeMap::new(),
+        looks: Looks::default(),
         condition: None,
         written: None,
         condition_failed_at: None,
@@ -298,7 +387,7 @@ struct Monitor {
     status: Arc<NodeState>,
     settings: HealthSettings,
     api: Option<Client>,
-    peers: BTreeMap<String, PeerWatch>,
+    looks: Looks,
     /// The condition last written successfully.
     condition: Option<(&'static str, &'static str)>,
     /// Our condition as last written (its transition time is kept while the status holds).
@@ -312,79 +401,65 @@ impl Monitor {
     fn look(&mut self) -> Vec<(String, Change)> {
         let names = self.status.peer_names.load();
         let snap = self.status.device.snapshot();
-        let (now, wall_now) = (Instant::now(), SystemTime::now());
-        let mut next = BTreeMap::new();
+        let samples = snap.peers.iter().filter_map(|p| {
+            let node = names.get(&p.public_key)?;
+            Some((
+                node.as_str(),
+                PeerSample {
+                    handshake_at: p.last_handshake(),
+                    rx_bytes: p.rx_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                    tx_bytes: p.tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
+                    tx_dropped: p.tx_dropped.load(std::sync::atomic::Ordering::Relaxed),
+                    endpoint: p.endpoint(),
+                },
+            ))
+        });
+        let look = self.looks.look(
+            samples,
+            Instant::now(),
+            SystemTime::now(),
+            self.settings.unreachable_after,
+        );
         let mut events = Vec::new();
-        for p in &snap.peers {
-            let Some(node) = names.get(&p.public_key) else {
-                continue;
-            };
-            let s = PeerSample {
-                handshake_at: p.last_handshake(),
-                rx_bytes: p.rx_bytes.load(std::sync::atomic::Ordering::Relaxed),
-                tx_bytes: p.tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
-                tx_dropped: p.tx_dropped.load(std::sync::atomic::Ordering::Relaxed),
-                endpoint: p.endpoint(),
-            };
-            let (w, changes) = assess(
-                self.peers.get(node),
-                &s,
-                now,
-                wall_now,
-                self.settings.unreachable_after,
-            );
-            for c in changes {
-                match &c {
-                    Change::Handshake { first: true } => {
-                        info!(node = %node, endpoint = ?s.endpoint, "peer connected: first handshake")
-                    }
-                    Change::Handshake { first: false } => {
-                        debug!(node = %node, "handshake completed")
-                    }
-                    Change::EndpointRoamed { from, to } => {
-                        info!(node = %node, from = ?from, to = ?to, "peer endpoint roamed")
-                    }
-                    Change::Unreachable { quiet_for } => {
-                        warn!(node = %node, quiet_secs = quiet_for.as_secs(), "peer unreachable: no handshake while traffic waits");
-                        events.push((node.clone(), c.clone()));
-                    }
-                    Change::Recovered => {
-                        info!(node = %node, "peer recovered");
-                        events.push((node.clone(), c.clone()));
-                    }
+        for (node, c) in look.changes {
+            match &c {
+                Change::Handshake { first: true } => {
+                    info!(node = %node, endpoint = ?self.looks.endpoint(&node), "peer connected: first handshake")
+                }
+                Change::Handshake { first: false } => {
+                    debug!(node = %node, "handshake completed")
+                }
+                Change::EndpointRoamed { from, to } => {
+                    info!(node = %node, from = ?from, to = ?to, "peer endpoint roamed")
+                }
+                Change::Unreachable { quiet_for } => {
+                    warn!(node = %node, quiet_secs = quiet_for.as_secs(), "peer unreachable: no handshake while traffic waits");
+                    events.push((node, c));
+                }
+                Change::Recovered => {
+                    info!(node = %node, "peer recovered");
+                    events.push((node, c));
                 }
             }
-            next.insert(node.clone(), w);
         }
-        self.peers = next;
         // Only this peer's witnesses record its Events (the others have logged it above),
         // ranked among the Nodes this agent has seen alive: handshaked with at least once (the
         // greeting handshakes with every peer) and not unreachable now.
         let own = self.settings.node_name.as_str();
         let seen_up = || {
-            self.peers
-                .iter()
+            self.looks
+                .watches()
                 .filter(|(_, w)| w.handshakes > 0 && !w.unreachable)
-                .map(|(n, _)| n.as_str())
+                .map(|(n, _)| n)
         };
         events.retain(|(node, _)| is_witness(own, node, seen_up(), EVENT_WITNESSES));
-        let report: BTreeMap<String, PeerHealthReport> = self
-            .peers
-            .iter()
-            .map(|(n, w)| {
-                (
-                    n.clone(),
-                    PeerHealthReport {
-                        unreachable: w.unreachable,
-                    },
-                )
-            })
-            .collect();
-        *self
-            .status
-            .peer_health
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = report;
+        if look.report_due {
+            *self
+                .status
+                .peer_health
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()) = self.looks.report();
+        }
         events
     }
 
@@ -553,6 +628,64 @@ mod tests {
             out.push(c);
         }
         (w.unwrap(), out)
+    }
+
+    /// The looks kept in place equal the looks rebuilt from scratch every pass (a new map of
+    /// the peers seen, as the monitor did before): the same changes and the same state after
+    /// any history of peers coming, going, talking and falling silent, and the report is due
+    /// exactly when it would differ from the last one.
+    #[test]
+    fn looks_kept_in_place_equal_looks_rebuilt() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let names: Vec<String> = (0..6).map(|i| format!("n{i}")).collect();
+        for _ in 0..100 {
+            let t0 = Instant::now();
+            let mut kept = Looks::default();
+            let mut rebuilt: BTreeMap<String, PeerWatch> = BTreeMap::new();
+            let mut counters: BTreeMap<&str, (Option<u64>, u64, u64, u64)> = BTreeMap::new();
+            let mut report = BTreeMap::new();
+            for sec in 0..400u64 {
+                let mut samples = Vec::new();
+                for n in &names {
+                    if rand(8) == 0 {
+                        continue; // not a peer in this look (gone, or not yet there)
+                    }
+                    let c = counters.entry(n.as_str()).or_insert((None, 0, 0, 0));
+                    match rand(6) {
+                        0 => c.1 += 100,
+                        1 => c.2 += 100,
+                        2 => c.3 += 1,
+                        3 if rand(10) == 0 => c.0 = Some(sec),
+                        _ => {}
+                    }
+                    samples.push((n.as_str(), sample(c.0, c.1, c.2, c.3)));
+                }
+                let (now, wall_now) = (t0 + Duration::from_secs(sec), wall(sec));
+                let look = kept.look(samples.clone(), now, wall_now, Duration::from_secs(30));
+                let mut next = BTreeMap::new();
+                let mut changes = Vec::new();
+                for (n, s) in &samples {
+                    let (w, c) = assess(rebuilt.get(*n), s, now, wall_now, Duration::from_secs(30));
+                    changes.extend(c.into_iter().map(|c| (n.to_string(), c)));
+                    next.insert(n.to_string(), w);
+                }
+                rebuilt = next;
+                assert_eq!(look.changes, changes);
+                let a: Vec<(&str, &PeerWatch)> = kept.watches().collect();
+                let b: Vec<(&str, &PeerWatch)> =
+                    rebuilt.iter().map(|(n, w)| (n.as_str(), w)).collect();
+                assert_eq!(a, b);
+                let new_report = kept.report();
+                assert_eq!(look.report_due, new_report != report, "second {sec}");
+                report = new_report;
+            }
+        }
     }
 
     #[test]

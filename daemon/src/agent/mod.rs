@@ -21,6 +21,7 @@ pub mod service_health;
 pub mod services;
 pub mod state;
 pub mod sysctl;
+pub mod watches;
 
 use crate::dataplane::uapi_server::{self, UAPI_DIR};
 use crate::dataplane::{workers::Network, TunnelDevice};
@@ -28,7 +29,7 @@ use crate::node_state::{NodeContext, NodeState};
 use crate::wg::uapi::SetRequest;
 use crate::wg::Device;
 use anyhow::Context;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
 use kube::api::{Patch, PatchParams};
@@ -553,8 +554,17 @@ async fn agent_main(
     // Tells the control loop to write what the state file still misses, then stop.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut control = tokio::spawn(async move {
-        match crate::kubeapi::client(args.kubeconfig.as_deref()).await {
-            Ok(client) => {
+        let started = crate::kubeapi::config(args.kubeconfig.as_deref())
+            .await
+            .and_then(|config| {
+                let client = crate::kubeapi::client_for(config.clone())?;
+                // The Node watch runs on a thread of its own (see `watches`).
+                let nodes = watches::start_nodes(config, agent.node_name.clone())
+                    .context("starting the Node watch thread")?;
+                Ok((client, nodes))
+            });
+        match started {
+            Ok((client, nodes)) => {
                 let policy = tokio::spawn(policy::run(
                     client.clone(),
                     loop_pods.clone(),
@@ -570,7 +580,7 @@ async fn agent_main(
                         firewall,
                     },
                 ));
-                agent.run(client, stop_rx).await;
+                agent.run(client, nodes, stop_rx).await;
                 policy.abort();
                 services.abort();
             }
@@ -876,9 +886,15 @@ impl Agent {
         );
     }
 
-    async fn run(mut self, client: Client, mut stop: tokio::sync::watch::Receiver<bool>) {
+    /// Plans peers from `nodes` (the Node watch, filtered: see [`watches::NodeFilter`]) until
+    /// `stop` or the end of the watch.
+    async fn run(
+        mut self,
+        client: Client,
+        mut nodes: tokio::sync::mpsc::Receiver<watches::NodeItem>,
+        mut stop: tokio::sync::watch::Receiver<bool>,
+    ) {
         let nodes_api: Api<Node> = Api::all(client.clone());
-        let views: Api<NodeView> = Api::all(client.clone());
         let recorder = Arc::new(Recorder::new(
             client.clone(),
             Reporter {
@@ -886,9 +902,6 @@ impl Agent {
                 instance: Some(self.node_name.clone()),
             },
         ));
-        let stream =
-            watcher::watcher(views, policy::watch_config()).backoff(WatchBackoff::default());
-        let mut stream = std::pin::pin!(stream);
         let peer_api = external::api_resource();
         let peers_api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &peer_api);
         let secrets: Api<k8s_openapi::api::core::v1::Secret> =
@@ -904,25 +917,24 @@ impl Agent {
         let mut key_rx = self.key_rx.take();
         let mut last_err_log: Option<Instant> = None;
         loop {
-            let mut event =
-                |agent: &mut Agent, ev: Option<Result<Event<NodeView>, watcher::Error>>| match ev {
-                    Some(Ok(ev)) => Some(agent.on_event(ev)),
-                    Some(Err(e)) => {
-                        agent.status.watch_errors.fetch_add(1, Ordering::Relaxed);
-                        agent.status.api_synced.store(false, Ordering::Relaxed);
-                        if last_err_log.is_none_or(|t| t.elapsed() >= WATCH_ERROR_LOG_INTERVAL) {
-                            warn!(error = %e, "watching Nodes failed; retrying with backoff, the data plane keeps the last peer set");
-                            last_err_log = Some(Instant::now());
-                        }
-                        Some(false)
+            let mut event = |agent: &mut Agent, ev: Option<watches::NodeItem>| match ev {
+                Some(Ok(ev)) => Some(agent.on_event(ev)),
+                Some(Err(e)) => {
+                    agent.status.watch_errors.fetch_add(1, Ordering::Relaxed);
+                    agent.status.api_synced.store(false, Ordering::Relaxed);
+                    if last_err_log.is_none_or(|t| t.elapsed() >= WATCH_ERROR_LOG_INTERVAL) {
+                        warn!(error = %e, "watching Nodes failed; retrying with backoff, the data plane keeps the last peer set");
+                        last_err_log = Some(Instant::now());
                     }
-                    None => {
-                        error!("the Node watch ended");
-                        None
-                    }
-                };
+                    Some(false)
+                }
+                None => {
+                    error!("the Node watch ended");
+                    None
+                }
+            };
             let mut work = tokio::select! {
-                ev = stream.next() => match event(&mut self, ev) {
+                ev = nodes.recv() => match event(&mut self, ev) {
                     Some(w) => w,
                     None => return,
                 },
@@ -968,12 +980,14 @@ impl Agent {
             };
             // What else has already arrived joins this reconcile.
             for _ in 1..MAX_NODE_BATCH {
-                match stream.next().now_or_never() {
-                    Some(ev) => match event(&mut self, ev) {
-                        Some(w) => work |= w,
-                        None => return,
-                    },
-                    None => break,
+                let ev = match nodes.try_recv() {
+                    Ok(ev) => Some(ev),
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
+                };
+                match event(&mut self, ev) {
+                    Some(w) => work |= w,
+                    None => return,
                 }
             }
             if !work {

@@ -333,7 +333,7 @@ pub struct NodeView {
 }
 view_of!(NodeView, corev1::Node);
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct NodeSpecView {
     #[serde(rename = "podCIDR")]
@@ -342,7 +342,7 @@ struct NodeSpecView {
     pod_cidrs: Option<Vec<String>>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 struct NodeStatusView {
     addresses: Option<Vec<corev1::NodeAddress>>,
     conditions: Option<Vec<ConditionView>>,
@@ -350,7 +350,7 @@ struct NodeStatusView {
 
 /// A Node condition's type and status (heartbeat and transition times, reasons and messages
 /// are skipped: they change without changing what kwire reads).
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 struct ConditionView {
     #[serde(rename = "type")]
     type_: String,
@@ -358,6 +358,11 @@ struct ConditionView {
 }
 
 impl NodeView {
+    /// Whether `other` has the same spec and status as far as the view keeps them.
+    pub fn same_spec_and_status(&self, other: &NodeView) -> bool {
+        self.spec == other.spec && self.status == other.status
+    }
+
     pub fn into_k8s(self) -> corev1::Node {
         corev1::Node {
             metadata: self.metadata,

@@ -1,0 +1,341 @@
+//! The Node watch on a thread of its own, filtered there (see [`NodeFilter`]): nearly every
+//! Node event changes nothing peer selection reads (status heartbeats every few minutes per
+//! node, annotations of other controllers), and the planner on the main runtime is woken only
+//! for one that does. The watch runs on a single-threaded runtime with an API client of its
+//! own (its connections live there too); what passes goes to the planner over a bounded
+//! channel.
+//!
+//! The policy watches (Pods, Namespaces, NetworkPolicies) ran on such a thread too for a while;
+//! side by side with main it did not make a Pod event cheaper (the multi-threaded runtime runs
+//! a woken task on the worker that woke it, without waking the other one), so they stay on the
+//! main runtime, where an unchanged Pod is dropped after one comparison in the index.
+
+use super::objects::NodeView;
+use futures::StreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use std::collections::HashMap;
+use tracing::error;
+
+/// One item of the Node watch as the planner gets it.
+pub type NodeItem = Result<Event<NodeView>, watcher::Error>;
+
+/// Node items queued for the planner, at most (the watch waits while it is full).
+pub const NODE_QUEUE: usize = 4096;
+
+/// Drops Node updates that change nothing peer selection reads, before the planner sees
+/// them: the last view passed on per Node, compared with each update without its
+/// resourceVersion (a view holds only the fields kwire reads, see [`super::objects`]). What
+/// the planner is given is exactly what changes its state: every list (a re-list starts this
+/// filter afresh, as it does the planner's view), every delete, every update of this node's
+/// own Node (the planner follows its resourceVersion), and the first update after a watch
+/// error (it marks the API as reachable again).
+pub struct NodeFilter {
+    own: String,
+    last: HashMap<String, NodeView>,
+    after_error: bool,
+    passed: u64,
+    dropped: u64,
+}
+
+/// Whether two Node views differ in anything but their resourceVersion.
+fn same_node(a: &NodeView, b: &NodeView) -> bool {
+    let (m, n) = (&a.metadata, &b.metadata);
+    m.name == n.name
+        && m.uid == n.uid
+        && m.creation_timestamp == n.creation_timestamp
+        && m.annotations == n.annotations
+        && m.labels == n.labels
+        && a.same_spec_and_status(b)
+}
+
+impl NodeFilter {
+    pub fn new(own: &str) -> Self {
+        NodeFilter {
+            own: own.to_string(),
+            last: HashMap::new(),
+            after_error: false,
+            passed: 0,
+            dropped: 0,
+        }
+    }
+
+    /// Whether the planner must see `item`.
+    pub fn pass(&mut self, item: &NodeItem) -> bool {
+        let pass = match item {
+            Err(_) => {
+                self.after_error = true;
+                true
+            }
+            Ok(Event::Init) => {
+                self.last.clear();
+                true
+            }
+            Ok(Event::InitApply(v)) => {
+                self.remember(v);
+                true
+            }
+            Ok(Event::InitDone) => true,
+            Ok(Event::Apply(v)) => {
+                let changed = self.remember(v);
+                let own = v.metadata.name.as_deref() == Some(self.own.as_str());
+                changed || own || std::mem::take(&mut self.after_error)
+            }
+            Ok(Event::Delete(v)) => {
+                if let Some(name) = &v.metadata.name {
+                    self.last.remove(name);
+                }
+                true
+            }
+        };
+        if pass {
+            self.passed += 1;
+        } else {
+            self.dropped += 1;
+        }
+        pass
+    }
+
+    /// Records `v` as the last view of its Node; true when it differs from the one before.
+    fn remember(&mut self, v: &NodeView) -> bool {
+        let Some(name) = &v.metadata.name else {
+            return true;
+        };
+        match self.last.get_mut(name) {
+            Some(old) if same_node(old, v) => false,
+            Some(old) => {
+                *old = v.clone();
+                true
+            }
+            None => {
+                self.last.insert(name.clone(), v.clone());
+                true
+            }
+        }
+    }
+
+    /// (passed, dropped) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.passed, self.dropped)
+    }
+}
+
+/// Runs the Node watch, passing what [`NodeFilter`] keeps to `tx`, until `tx`'s receiver is
+/// gone.
+async fn nodes(client: Client, own: String, tx: tokio::sync::mpsc::Sender<NodeItem>) {
+    let views: Api<NodeView> = Api::all(client);
+    let stream = watcher::watcher(views, super::policy::watch_config())
+        .backoff(super::WatchBackoff::default());
+    let mut stream = std::pin::pin!(stream);
+    let mut filter = NodeFilter::new(&own);
+    loop {
+        let item = tokio::select! {
+            item = stream.next() => item,
+            _ = tx.closed() => return,
+        };
+        let Some(item) = item else {
+            error!("the Node watch ended");
+            return;
+        };
+        if filter.pass(&item) && tx.send(item).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Runs `work` with a client of its own on a new thread with a single-threaded runtime; the
+/// thread ends when `work` does. A client that cannot be built is logged and ends the thread.
+fn spawn<F, Fut>(name: &str, config: kube::Config, work: F) -> std::io::Result<()>
+where
+    F: FnOnce(Client) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let what = name.to_string();
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    error!(error = %e, thread = %what, "no runtime for the watch thread; its watches do not run");
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                match crate::kubeapi::client_for(config) {
+                    Ok(client) => work(client).await,
+                    Err(e) => {
+                        error!(error = format!("{e:#}"), thread = %what, "no API client for the watch thread; its watches do not run")
+                    }
+                }
+            });
+        })
+        .map(|_| ())
+}
+
+/// Starts the Node watch on a thread of its own; the planner reads the returned receiver (the
+/// thread ends when it is dropped).
+pub fn start_nodes(
+    config: kube::Config,
+    own: String,
+) -> std::io::Result<tokio::sync::mpsc::Receiver<NodeItem>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(NODE_QUEUE);
+    spawn("kwire-nodes", config, move |client| nodes(client, own, tx))?;
+    Ok(rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn node(name: &str, rv: &str, key: &str, heartbeat: &str) -> NodeView {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "uid": format!("u-{name}"), "resourceVersion": rv,
+                "creationTimestamp": "2025-01-01T00:00:00Z",
+                "annotations": {"kwire.dev/public-key": key, "node.alpha.kubernetes.io/ttl": heartbeat}},
+            "spec": {"podCIDR": "10.244.2.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.2"}],
+                "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat}]}
+        }))
+        .unwrap()
+    }
+
+    fn listed(f: &mut NodeFilter, nodes: &[NodeView]) {
+        assert!(f.pass(&Ok(Event::Init)));
+        for n in nodes {
+            assert!(
+                f.pass(&Ok(Event::InitApply(n.clone()))),
+                "a list passes whole"
+            );
+        }
+        assert!(f.pass(&Ok(Event::InitDone)));
+    }
+
+    #[test]
+    fn a_heartbeat_does_not_reach_the_planner_a_key_does() {
+        let mut f = NodeFilter::new("me");
+        listed(
+            &mut f,
+            &[node("n2", "1", "K1", "t0"), node("me", "1", "M", "t0")],
+        );
+        // Status heartbeat and an annotation kwire does not read: dropped.
+        assert!(!f.pass(&Ok(Event::Apply(node("n2", "2", "K1", "t1")))));
+        assert!(!f.pass(&Ok(Event::Apply(node("n2", "3", "K1", "t2")))));
+        // The planner follows its own Node's resourceVersion: passed.
+        assert!(f.pass(&Ok(Event::Apply(node("me", "4", "M", "t1")))));
+        // What peer selection reads: passed, then the same again is dropped.
+        assert!(f.pass(&Ok(Event::Apply(node("n2", "5", "K2", "t2")))));
+        assert!(!f.pass(&Ok(Event::Apply(node("n2", "6", "K2", "t3")))));
+        // A new Node passes; a delete passes and forgets, so the same Node again passes.
+        assert!(f.pass(&Ok(Event::Apply(node("n3", "7", "K3", "t0")))));
+        assert!(f.pass(&Ok(Event::Delete(node("n3", "8", "K3", "t0")))));
+        assert!(f.pass(&Ok(Event::Apply(node("n3", "9", "K3", "t0")))));
+        assert_eq!(f.counts(), (9, 3));
+        // A condition that flips is read (its heartbeat time is not).
+        let down: NodeView = serde_json::from_value(json!({
+            "metadata": {"name": "n2", "uid": "u-n2", "resourceVersion": "10",
+                "creationTimestamp": "2025-01-01T00:00:00Z",
+                "annotations": {"kwire.dev/public-key": "K2", "node.alpha.kubernetes.io/ttl": "t4"}},
+            "spec": {"podCIDR": "10.244.2.0/24"},
+            "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.2"}],
+                "conditions": [{"type": "Ready", "status": "False", "lastHeartbeatTime": "t4"}]}
+        }))
+        .unwrap();
+        assert!(f.pass(&Ok(Event::Apply(down))));
+    }
+
+    #[test]
+    fn after_an_error_and_a_relist_the_planner_sees_what_it_must() {
+        let mut f = NodeFilter::new("me");
+        listed(&mut f, &[node("n2", "1", "K1", "t0")]);
+        assert!(f.pass(&Err(watcher::Error::NoResourceVersion)));
+        // The first update after an error passes (the planner marks the API reachable again).
+        assert!(f.pass(&Ok(Event::Apply(node("n2", "2", "K1", "t1")))));
+        assert!(!f.pass(&Ok(Event::Apply(node("n2", "3", "K1", "t2")))));
+        // A re-list starts afresh: the planner drops Nodes the list lacks, so a Node the
+        // filter saw before is news again after it.
+        listed(&mut f, &[]);
+        assert!(f.pass(&Ok(Event::Apply(node("n2", "4", "K1", "t3")))));
+    }
+
+    /// The planner's fold of what the filter passes ends where its fold of everything ends:
+    /// for random histories, the peer view built from the passed items equals the one built
+    /// from all items.
+    #[test]
+    fn filtered_history_folds_to_the_same_peer_view() {
+        use crate::agent::peers::NodeInfo;
+        use std::collections::BTreeMap;
+        fn fold(
+            view: &mut BTreeMap<String, NodeInfo>,
+            relist: &mut Option<Vec<String>>,
+            item: &NodeItem,
+        ) {
+            match item {
+                Ok(Event::Init) => *relist = Some(Vec::new()),
+                Ok(Event::InitApply(v)) | Ok(Event::Apply(v)) => {
+                    let name = v.metadata.name.clone().unwrap();
+                    if let (Ok(Event::InitApply(_)), Some(seen)) = (item, relist.as_mut()) {
+                        seen.push(name.clone());
+                    }
+                    view.insert(name, NodeInfo::from_node(&v.clone().into_k8s()));
+                }
+                Ok(Event::InitDone) => {
+                    if let Some(seen) = relist.take() {
+                        view.retain(|n, _| seen.contains(n));
+                    }
+                }
+                Ok(Event::Delete(v)) => {
+                    view.remove(v.metadata.name.as_deref().unwrap());
+                }
+                Err(_) => {}
+            }
+        }
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for _ in 0..200 {
+            let mut f = NodeFilter::new("n0");
+            let (mut all, mut passed) = (BTreeMap::new(), BTreeMap::new());
+            let (mut r1, mut r2) = (None, None);
+            let mut rv = 0u64;
+            let mut items: Vec<NodeItem> = vec![Ok(Event::Init), Ok(Event::InitDone)];
+            for _ in 0..60 {
+                rv += 1;
+                let view = |rand: &mut dyn FnMut(u64) -> u64, rv: u64| {
+                    let name = format!("n{}", rand(4));
+                    let key = format!("K{}", rand(3));
+                    node(&name, &rv.to_string(), &key, &format!("t{rv}"))
+                };
+                match rand(12) {
+                    0 => items.push(Ok(Event::Delete(view(&mut rand, rv)))),
+                    1 => items.push(Err(watcher::Error::NoResourceVersion)),
+                    2 => {
+                        // A re-list (after a 410 Gone), as the watcher delivers one.
+                        items.push(Ok(Event::Init));
+                        for _ in 0..rand(4) {
+                            items.push(Ok(Event::InitApply(view(&mut rand, rv))));
+                        }
+                        items.push(Ok(Event::InitDone));
+                    }
+                    _ => items.push(Ok(Event::Apply(view(&mut rand, rv)))),
+                }
+            }
+            for item in &items {
+                fold(&mut all, &mut r1, item);
+                if f.pass(item) {
+                    fold(&mut passed, &mut r2, item);
+                }
+            }
+            assert_eq!(all, passed);
+        }
+    }
+}
