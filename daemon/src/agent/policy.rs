@@ -128,7 +128,10 @@ pub struct Folder {
     last_error: [Option<Instant>; 3],
 }
 
-fn key_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (String, String) {
+/// `(namespace, name)` of an object (empty for a missing one).
+pub(super) fn key_of(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> (String, String) {
     (
         meta.namespace.clone().unwrap_or_default(),
         meta.name.clone().unwrap_or_default(),

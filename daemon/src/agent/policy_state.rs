@@ -10,7 +10,7 @@
 //! closed until the first lists arrive (see [`crate::dataplane::ports::Pods::require_policy`]).
 
 use super::objects::{NamespaceView, NetworkPolicyView, PodView};
-use super::policy::{Change, Folder, Recorder};
+use super::policy::{key_of, Change, Folder, Recorder};
 use super::state::write_atomic;
 use kube::runtime::watcher::Event;
 use kube::Resource;
@@ -50,13 +50,7 @@ impl<V: Resource> Objects<V> {
     }
 
     fn record(&mut self, ev: &Event<V>) {
-        let key = |o: &V| {
-            let m = o.meta();
-            (
-                m.namespace.clone().unwrap_or_default(),
-                m.name.clone().unwrap_or_default(),
-            )
-        };
+        let key = |o: &V| key_of(o.meta());
         match ev {
             Event::Init => self.listing = Some(HashSet::new()),
             Event::InitApply(o) => {
