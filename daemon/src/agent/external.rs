@@ -895,11 +895,7 @@ pub fn status_writer<'a>(
     nodes: impl Iterator<Item = &'a super::peers::NodeInfo>,
 ) -> Option<&'a str> {
     nodes
-        .filter(|n| {
-            n.public_key
-                .as_deref()
-                .is_some_and(|k| PublicKey::from_base64(k).is_ok())
-        })
+        .filter(|n| n.has_valid_key())
         .min_by(|a, b| {
             (a.created.unwrap_or(i64::MAX), &a.name).cmp(&(b.created.unwrap_or(i64::MAX), &b.name))
         })

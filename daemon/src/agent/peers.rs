@@ -53,6 +53,14 @@ pub struct NodeInfo {
 }
 
 impl NodeInfo {
+    /// Whether it publishes a key that parses (not all-zero): a Node without one has no
+    /// working agent, so it neither relays nor writes the Peers' conditions.
+    pub fn has_valid_key(&self) -> bool {
+        self.public_key
+            .as_deref()
+            .is_some_and(|k| PublicKey::from_base64(k).is_ok())
+    }
+
     pub fn from_node(n: &Node) -> NodeInfo {
         let ann = n.metadata.annotations.as_ref();
         let get = |k: &str| ann.and_then(|a| a.get(k)).cloned();

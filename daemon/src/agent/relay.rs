@@ -40,11 +40,7 @@ pub struct Route {
 /// serving). A relay that stops so is replaced by the next candidate of its location (the
 /// next oldest), on every agent alike, and its pairs move there.
 fn candidate(n: &NodeInfo) -> Option<SocketAddr> {
-    let key_ok = n
-        .public_key
-        .as_deref()
-        .is_some_and(|k| PublicKey::from_base64(k).is_ok());
-    if n.behind_nat || !key_ok || n.unready {
+    if n.behind_nat || !n.has_valid_key() || n.unready {
         return None;
     }
     let ep: SocketAddr = n.relay_endpoint.as_deref()?.trim().parse().ok()?;
