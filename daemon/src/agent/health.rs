@@ -242,24 +242,26 @@ impl Looks {
         let pass = self.pass;
         let mut out = Look::default();
         for (node, s) in samples {
-            match self.peers.get_mut(node) {
+            let entry = self.peers.get_mut(node);
+            let (watch, changes) = assess(
+                entry.as_deref().map(|e| &e.watch),
+                &s,
+                now,
+                wall_now,
+                threshold,
+            );
+            match entry {
                 Some(e) => {
-                    let (w, changes) = assess(Some(&e.watch), &s, now, wall_now, threshold);
-                    out.report_due |= w.unreachable != e.watch.unreachable;
-                    e.watch = w;
-                    e.pass = pass;
-                    out.changes
-                        .extend(changes.into_iter().map(|c| (node.to_string(), c)));
+                    out.report_due |= watch.unreachable != e.watch.unreachable;
+                    *e = Looked { watch, pass };
                 }
                 None => {
-                    let (w, changes) = assess(None, &s, now, wall_now, threshold);
-                    self.peers
-                        .insert(node.to_string(), Looked { watch: w, pass });
+                    self.peers.insert(node.to_string(), Looked { watch, pass });
                     out.report_due = true;
-                    out.changes
-                        .extend(changes.into_iter().map(|c| (node.to_string(), c)));
                 }
             }
+            out.changes
+                .extend(changes.into_iter().map(|c| (node.to_string(), c)));
         }
         let before = self.peers.len();
         self.peers.retain(|_, e| e.pass == pass);
