@@ -79,7 +79,7 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
     let scratch = Scratch::new("lab-policy-restart");
     let lab = Lab::up_real(2, 1, &kwire);
     let n2 = format!("{}-n2", lab.name());
-    let saved = state_dir(&lab, &n2).join("policy-state.json");
+    let saved = state_dir(&lab, &n2).join("policy-state.bin");
     wait_until(CONVERGE, "pod-2-1 answers pod-1-1", || {
         lab.probe("default/pod-1-1", "default/pod-2-1:80").reachable
     });
@@ -92,7 +92,7 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
         !lab.probe("default/pod-1-1", "default/pod-2-1:80").reachable
     });
     wait_until(CONVERGE, "n2 saved deny-all", || {
-        std::fs::read_to_string(&saved).is_ok_and(|t| t.contains("deny-all"))
+        std::fs::read(&saved).is_ok_and(|b| b.windows(8).any(|w| w == b"deny-all"))
     });
 
     // 1. No API, SIGKILL: the restored policy holds.
@@ -107,7 +107,7 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
     assert_eq!(lab.metric(&n2, "kwire_policy_state_errors_total"), 0.0);
 
     // 2. No API, no saved file: fail closed.
-    std::fs::remove_file(&saved).expect("remove policy-state.json");
+    std::fs::remove_file(&saved).expect("remove policy-state.bin");
     lab.signal_agents(&[&n2], Signal::SIGKILL, RESTART);
     stays_unreachable(&lab, "nothing saved, API unreachable");
     assert!(

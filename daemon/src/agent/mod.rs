@@ -434,7 +434,7 @@ async fn agent_main(
     // NetworkPolicy fails closed: the saved policy before pods are re-attached, else no new
     // pod flow until the first lists arrive.
     tun.net.pods.require_policy();
-    let (policy_restored, policy_store, policy_state_failed) =
+    let (policy_store, policy_state_failed) =
         policy_state::restore(&args.state_dir, &args.node_name, &tun.net.pods);
     tun.net
         .pods
@@ -547,7 +547,6 @@ async fn agent_main(
         tun.net.clone(),
     ));
     let loop_pods = tun.net.pods.clone();
-    let policy_node = args.node_name.clone();
     let policy_writer = tokio::spawn(policy_state::writer(policy_store.clone()));
     let policy_record = policy_store.clone();
     let services_node = args.node_name.clone();
@@ -568,8 +567,6 @@ async fn agent_main(
                 let policy = tokio::spawn(policy::run(
                     client.clone(),
                     loop_pods.clone(),
-                    policy_node,
-                    policy_restored,
                     policy_record,
                 ));
                 let services = tokio::spawn(services::run(
