@@ -437,7 +437,8 @@ async fn agent_main(
         .with_context(|| format!("creating --run-dir {}", args.run_dir.display()))?;
     let listener = uapi_server::bind(sock_path)?;
     // Persistent: a restart re-attaches; addresses, routes and blackholes stay (fail closed).
-    let tun = TunnelDevice::start_with(&args.interface, workers, true, true)?;
+    let tun = TunnelDevice::start_with(&args.interface, workers, true, true, args.listen_port)
+        .with_context(|| format!("is --listen-port {} taken?", args.listen_port))?;
     tun.net.pods.set_cluster_ranges(args.cluster_cidr.clone());
     // NetworkPolicy fails closed: the saved policy before pods are re-attached, else no new
     // pod flow until the first lists arrive.
