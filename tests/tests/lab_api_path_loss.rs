@@ -7,16 +7,19 @@
 //! - every TCP connection n2 has to the API is black-holed in n2's namespace (packets of those
 //!   connections dropped both ways, silently; new connections pass, as behind a NAT whose
 //!   old mappings are gone);
-//! - the Node watch (its own thread and client) reports the dead connection, and a deny-all
-//!   NetworkPolicy applied after the loss is enforced on n2, both within a bound set by the
-//!   keepalive, far below the watch timeout.
+//! - the Node watch (its own thread and client) reports the dead connection, a deny-all
+//!   NetworkPolicy applied after the loss is enforced on n2, and an annotation put on n1's
+//!   Node after it (`kwire.dev/persistent-keepalive`) reaches n2's device, all within a bound
+//!   set by the keepalive, far below the watch timeout.
 //!
 //! With `--api-keepalive=0s` (no keepalive: the agent before this test) neither happens
 //! within the bound. Needs root; skips (with a message) when the kwire binary has no `agent`.
 
 use std::time::Duration;
 
-use kwire_tests::lab::Lab;
+use std::path::PathBuf;
+
+use kwire_tests::lab::{kubectl, JsonExt, Lab};
 use kwire_tests::{require_agent, require_tool, wait_until, Scratch};
 
 /// Every agent's API keepalive; the dead connection is given up 2 + 3 × 1 s after its last
@@ -73,12 +76,34 @@ fn black_hole(lab: &Lab, node: &str, ports: &[u16]) {
     );
 }
 
+/// The persistent keepalive node `node`'s device has for its peer `peer` (from its UAPI).
+fn keepalive_to(lab: &Lab, node: &str, peer: &str) -> Option<u64> {
+    let st = lab.status();
+    let find = |name: &str| {
+        st["nodes"]
+            .array()
+            .iter()
+            .find(|n| n["name"].as_str() == Some(name))
+            .cloned()
+    };
+    let socket = PathBuf::from(find(node)?["uapi_socket"].as_str()?);
+    let key = find(peer)?["public_key"].as_str()?.to_string();
+    let peers = kwire_lab::commands::status::uapi_get(&socket).ok()?;
+    Some(
+        peers
+            .iter()
+            .find(|p| p.public_key == key)?
+            .persistent_keepalive,
+    )
+}
+
 #[test]
 fn an_agent_whose_api_connections_went_silent_watches_again_within_its_keepalive() {
     let kwire = require_agent!();
     require_tool("curl");
     require_tool("nft");
     require_tool("ss");
+    require_tool("kubectl");
     let scratch = Scratch::new("lab-api-path-loss");
     let kwire = kwire.to_str().expect("UTF-8 path");
     let lab = Lab::up(
@@ -93,7 +118,8 @@ fn an_agent_whose_api_connections_went_silent_watches_again_within_its_keepalive
             KEEPALIVE,
         ],
     );
-    let n2 = format!("{}-n2", lab.name());
+    let (n1, n2) = (format!("{}-n1", lab.name()), format!("{}-n2", lab.name()));
+    let admin = lab.cmd_ok("kubeconfig", &[]);
     wait_until(CONVERGE, "pod-2-1 answers pod-1-1", || {
         lab.probe("default/pod-1-1", "default/pod-2-1:80").reachable
     });
@@ -108,10 +134,16 @@ fn an_agent_whose_api_connections_went_silent_watches_again_within_its_keepalive
     let errors_before = lab.metric(&n2, "kwire_watch_errors_total");
     black_hole(&lab, &n2, &ports);
 
-    // A change made after the loss, only the watches can bring it.
+    // Changes made after the loss: only the watches can bring them.
     let f = scratch.file("deny-all.json");
     std::fs::write(&f, DENY_ALL).unwrap();
     lab.cmd_ok("apply", &["-f", f.to_str().unwrap()]);
+    assert_eq!(keepalive_to(&lab, &n2, &n1), Some(0));
+    let (ok, out) = kubectl(
+        admin.trim(),
+        &["annotate", "node", &n1, "kwire.dev/persistent-keepalive=7"],
+    );
+    assert!(ok, "annotate n1: {out}");
 
     wait_until(
         NOTICED,
@@ -125,6 +157,9 @@ fn an_agent_whose_api_connections_went_silent_watches_again_within_its_keepalive
         lab.drops(&n2, "policy_ingress") > 0.0,
         "n2 dropped the probes by the new policy"
     );
+    wait_until(NOTICED, "n2 keeps n1's session alive every 7 s", || {
+        keepalive_to(&lab, &n2, &n1) == Some(7)
+    });
     // The old connections are still black-holed: the watches came back on new ones.
     let now = api_connections(&lab, &n2);
     assert!(
