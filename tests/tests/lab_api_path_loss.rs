@@ -15,7 +15,7 @@
 //! With `--api-keepalive=0s` (no keepalive: the agent before this test) neither happens
 //! within the bound. Needs root; skips (with a message) when the kwire binary has no `agent`.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use std::path::PathBuf;
 
@@ -133,6 +133,13 @@ fn an_agent_whose_api_connections_went_silent_watches_again_within_its_keepalive
     });
     let errors_before = lab.metric(&n2, "kwire_watch_errors_total");
     black_hole(&lab, &n2, &ports);
+    let lost = Instant::now();
+    let since = |what: &str| {
+        eprintln!(
+            "{what}: {:.1} s after the loss",
+            lost.elapsed().as_secs_f64()
+        )
+    };
 
     // Changes made after the loss: only the watches can bring them.
     let f = scratch.file("deny-all.json");
@@ -150,9 +157,11 @@ fn an_agent_whose_api_connections_went_silent_watches_again_within_its_keepalive
         "n2's Node watch gave its dead connection up",
         || lab.metric(&n2, "kwire_watch_errors_total") > errors_before,
     );
+    since("Node watch error");
     wait_until(NOTICED, "deny-all in force on n2", || {
         !lab.probe("default/pod-1-1", "default/pod-2-1:80").reachable
     });
+    since("deny-all in force");
     assert!(
         lab.drops(&n2, "policy_ingress") > 0.0,
         "n2 dropped the probes by the new policy"
@@ -160,6 +169,7 @@ fn an_agent_whose_api_connections_went_silent_watches_again_within_its_keepalive
     wait_until(NOTICED, "n2 keeps n1's session alive every 7 s", || {
         keepalive_to(&lab, &n2, &n1) == Some(7)
     });
+    since("n1's keepalive on n2");
     // The old connections are still black-holed: the watches came back on new ones.
     let now = api_connections(&lab, &n2);
     assert!(
