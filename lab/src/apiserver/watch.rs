@@ -51,8 +51,8 @@ struct WatchState {
     done: bool,
 }
 
-/// A bookmark ends a watch this long before its deadline, as kube-apiserver's (the client then
-/// watches again from that resourceVersion).
+/// The last bookmark of a watch comes this long before its deadline, as kube-apiserver's, so
+/// that the client watches again from a recent resourceVersion.
 const PRE_TIMEOUT_BOOKMARK: Duration = Duration::from_secs(2);
 
 /// When the bookmark after `now` is due, as kube-apiserver's cacher schedules it
