@@ -533,18 +533,17 @@ mod tests {
             name: name.into(),
             labels: BTreeMap::from([("app".into(), app.into())]),
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
-            container_ports: vec![
-                ContainerPort {
-                    name: Some("http".into()),
-                    port: 8080,
-                    protocol: Protocol::Tcp,
-                },
-                ContainerPort {
-                    name: None,
-                    port: 81,
-                    protocol: Protocol::Udp,
-                },
-            ],
+            // A named port (kept) and an unnamed one (policy cannot name it: not kept).
+            container_ports: [
+                (Some("http"), 8080, Protocol::Tcp),
+                (None, 81, Protocol::Udp),
+            ]
+            .map(|(name, port, protocol)| ContainerPort {
+                name: name.map(String::from),
+                port,
+                protocol,
+            })
+            .into(),
             node_name: node.into(),
             host_network: false,
         }
@@ -581,8 +580,10 @@ mod tests {
         ]
     }
 
-    fn index() -> PolicyIndex {
-        let mut ix = PolicyIndex::new(Scope::Node("n1".into()));
+    /// Namespace x given, the odd policies, pods x/a (two addresses), z/c (none), y/h (host
+    /// network): one pod per namespace.
+    fn pinned_index(scope: Scope) -> PolicyIndex {
+        let mut ix = PolicyIndex::new(scope);
         ix.apply_namespace(Namespace::new(
             "x",
             BTreeMap::from([("team".into(), "t".into())]),
@@ -591,11 +592,17 @@ mod tests {
             ix.apply_policy(p);
         }
         ix.apply_pod(pod("x", "a", &["10.0.0.1", "fd00::1"], "n1", "a"));
-        ix.apply_pod(pod("x", "b", &["10.0.0.2"], "n2", "b"));
-        ix.apply_pod(pod("y", "c", &[], "n2", "a"));
+        ix.apply_pod(pod("z", "c", &[], "n2", "a"));
         let mut host = pod("y", "h", &["192.0.2.1"], "n1", "a");
         host.host_network = true;
         ix.apply_pod(host);
+        ix
+    }
+
+    /// The pinned index and a second pod in x, on another node.
+    fn index() -> PolicyIndex {
+        let mut ix = pinned_index(Scope::Node("n1".into()));
+        ix.apply_pod(pod("x", "b", &["10.0.0.2"], "n2", "b"));
         ix
     }
 
@@ -650,20 +657,7 @@ mod tests {
     /// the figures here.
     #[test]
     fn the_encoding_is_pinned() {
-        let mut ix = PolicyIndex::new(Scope::All);
-        ix.apply_namespace(Namespace::new(
-            "x",
-            BTreeMap::from([("team".into(), "t".into())]),
-        ));
-        for p in odd_policies() {
-            ix.apply_policy(p);
-        }
-        ix.apply_pod(pod("x", "a", &["10.0.0.1", "fd00::1"], "n1", "a"));
-        ix.apply_pod(pod("z", "c", &[], "n2", "a"));
-        let mut host = pod("y", "h", &["192.0.2.1"], "n1", "a");
-        host.host_network = true;
-        ix.apply_pod(host);
-        let bytes = ix.save_inputs();
+        let bytes = pinned_index(Scope::All).save_inputs();
         // FNV-1a: stable, unlike std's hasher.
         let fnv = bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
             (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
