@@ -1191,6 +1191,31 @@ impl PolicyIndex {
     }
 }
 
+impl PolicyIndex {
+    /// Every input the index holds (Namespaces given, Pods, Policies), in the compact form of
+    /// the module documentation. Takes a few tens of milliseconds at 150,000 pods.
+    pub fn save_inputs(&self) -> Vec<u8> {
+        let mut w = Writer {
+            buf: Vec::with_capacity(64 + self.pod_count() * 24),
+        };
+        self.write_inputs(&mut w);
+        w.buf
+    }
+
+    /// A new index of `scope` holding what [`PolicyIndex::save_inputs`] wrote, as if each
+    /// object had been applied (policies in (namespace, name) order); take a snapshot to
+    /// enforce it.
+    pub fn restore_inputs(scope: Scope, bytes: &[u8]) -> Result<PolicyIndex, SavedError> {
+        let mut r = Reader::new(bytes);
+        let mut index = PolicyIndex::new(scope);
+        index.read_inputs(&mut r)?;
+        if !r.at_end() {
+            return Err(r.err("data after the end"));
+        }
+        Ok(index)
+    }
+}
+
 impl Default for PolicySet {
     fn default() -> Self {
         PolicyIndex::new(Scope::All).snapshot()

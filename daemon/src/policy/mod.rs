@@ -40,6 +40,8 @@ mod ipset;
 pub mod matrix;
 mod model;
 mod saved;
+#[cfg(test)]
+mod saved_tests;
 mod selector;
 pub mod service_trace;
 mod spec;
