@@ -118,7 +118,7 @@ fn bench(c: &mut Criterion) {
     let t = Instant::now();
     let bytes = std::fs::read(&file).unwrap();
     let read = t.elapsed();
-    let body = &bytes[20..];
+    let body = &bytes[policy_state::HEADER..];
     let t = Instant::now();
     let mut index = PolicyIndex::restore_inputs(Scope::Node("node-0".into()), body).unwrap();
     let decode = t.elapsed();

@@ -36,7 +36,8 @@ pub const SAVE_INTERVAL: Duration = Duration::from_secs(10);
 /// The file starts with these bytes, then the version (u32) and the checksum (u64), both
 /// little-endian, then the encoded inputs.
 const MAGIC: &[u8; 8] = b"kwire-ps";
-const HEADER: usize = 8 + 4 + 8;
+/// Bytes before the encoded inputs.
+pub const HEADER: usize = 8 + 4 + 8;
 
 /// A checksum of the encoded inputs: catches a damaged file (a flipped bit in an address or a
 /// label would otherwise change policy silently). Not a MAC: only root can write the file.
