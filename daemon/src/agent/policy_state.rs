@@ -33,26 +33,20 @@ pub const LEGACY_POLICY_STATE_FILE: &str = "policy-state.json";
 pub const POLICY_STATE_VERSION: u32 = 2;
 /// At most one write per interval.
 pub const SAVE_INTERVAL: Duration = Duration::from_secs(10);
-/// The file starts with these bytes, then the version (u32) and the checksum (u64), both
-/// little-endian, then the encoded inputs.
+/// The file starts with these bytes, then the version (u32, little-endian) and the SHA-256
+/// of the encoded inputs, then the encoded inputs.
 const MAGIC: &[u8; 8] = b"kwire-ps";
+/// Length of the digest in the header.
+const DIGEST: usize = 32;
 /// Bytes before the encoded inputs.
-pub const HEADER: usize = 8 + 4 + 8;
+pub const HEADER: usize = 8 + 4 + DIGEST;
 
-/// A checksum of the encoded inputs: catches a damaged file (a flipped bit in an address or a
+/// The digest of the encoded inputs: catches a damaged file (a flipped bit in an address or a
 /// label would otherwise change policy silently). Not a MAC: only root can write the file.
-fn checksum(bytes: &[u8]) -> u64 {
-    const K: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut h = (bytes.len() as u64).wrapping_mul(K);
-    let mut words = bytes.chunks_exact(8);
-    for w in &mut words {
-        let w = u64::from_le_bytes(w.try_into().expect("8 bytes"));
-        h = (h ^ w).wrapping_mul(K).rotate_left(29);
-    }
-    for &b in words.remainder() {
-        h = (h ^ u64::from(b)).wrapping_mul(K).rotate_left(29);
-    }
-    h ^ (h >> 32)
+/// ring's SHA-256 (already a dependency, hardware SHA where the CPU has it) rather than a
+/// hand-written hash.
+fn checksum(bytes: &[u8]) -> ring::digest::Digest {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
 }
 
 /// The policy loop's Folder, shared with the writer that saves what it holds.
@@ -130,7 +124,7 @@ pub fn encode(index: &PolicyIndex) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&POLICY_STATE_VERSION.to_le_bytes());
-    out.extend_from_slice(&checksum(&body).to_le_bytes());
+    out.extend_from_slice(checksum(&body).as_ref());
     out.extend_from_slice(&body);
     out
 }
@@ -168,9 +162,8 @@ pub fn load(dir: &Path, node_name: &str) -> Result<Option<Folder>, LoadError> {
             "version {version} (this agent reads {POLICY_STATE_VERSION})"
         )));
     }
-    let sum = u64::from_le_bytes(bytes[12..HEADER].try_into().expect("8 bytes"));
     let body = &bytes[HEADER..];
-    if checksum(body) != sum {
+    if checksum(body).as_ref() != &bytes[12..HEADER] {
         return Err(invalid("checksum mismatch: the file is damaged".into()));
     }
     let index = PolicyIndex::restore_inputs(Scope::Node(node_name.to_string()), body)
