@@ -312,7 +312,14 @@ pub async fn run(
     let mut events = std::pin::pin!(events);
     let mut folder = restored.unwrap_or_else(|| Folder::new(&node_name));
     let mut enforcing = false;
-    let fold = |folder: &mut Folder, change: Change| {
+    // Unchanged Pods (status heartbeats, annotations) stop here: not recorded, not converted.
+    let mut pod_filter = super::watches::PodFilter::default();
+    let mut fold = |folder: &mut Folder, change: Change| {
+        if let Change::Pod(ev) = &change {
+            if !pod_filter.pass(ev) {
+                return;
+            }
+        }
         store.record(&change);
         folder.fold(change);
     };
