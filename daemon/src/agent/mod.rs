@@ -559,14 +559,17 @@ async fn agent_main(
             .and_then(|config| {
                 let client = crate::kubeapi::client_for(config.clone())?;
                 // The Node watch runs on a thread of its own (see `watches`).
-                let nodes = watches::start_nodes(config, agent.node_name.clone())
+                let nodes = watches::start_nodes(config.clone(), agent.node_name.clone())
                     .context("starting the Node watch thread")?;
-                Ok((client, nodes))
+                // So do the policy watches, filtered there.
+                let policy_changes =
+                    watches::start_policy(config).context("starting the policy watch thread")?;
+                Ok((client, nodes, policy_changes))
             });
         match started {
-            Ok((client, nodes)) => {
+            Ok((client, nodes, policy_changes)) => {
                 let policy = tokio::spawn(policy::run(
-                    client.clone(),
+                    policy_changes,
                     loop_pods.clone(),
                     policy_node,
                     policy_restored,
