@@ -559,17 +559,14 @@ async fn agent_main(
             .and_then(|config| {
                 let client = crate::kubeapi::client_for(config.clone())?;
                 // The Node watch runs on a thread of its own (see `watches`).
-                let nodes = watches::start_nodes(config.clone(), agent.node_name.clone())
+                let nodes = watches::start_nodes(config, agent.node_name.clone())
                     .context("starting the Node watch thread")?;
-                // So do the policy watches, filtered there.
-                let policy_changes =
-                    watches::start_policy(config).context("starting the policy watch thread")?;
-                Ok((client, nodes, policy_changes))
+                Ok((client, nodes))
             });
         match started {
-            Ok((client, nodes, policy_changes)) => {
+            Ok((client, nodes)) => {
                 let policy = tokio::spawn(policy::run(
-                    policy_changes,
+                    client.clone(),
                     loop_pods.clone(),
                     policy_node,
                     policy_restored,

@@ -1,10 +1,8 @@
 //! NetworkPolicy for the packet loop: one watch each on Pods, Namespaces and NetworkPolicies
 //! (cluster wide, objects stripped while parsing, see [`super::objects`]), folded change by
 //! change into a [`PolicyIndex`] scoped to this node; after each burst of changes the new
-//! snapshot is swapped in. The watches run on a thread of their own (`watches::start_policy`),
-//! where a Pod update that changes nothing policy reads (a status heartbeat, an annotation) is
-//! dropped after one fingerprint comparison; one the index still finds unchanged swaps
-//! nothing. No snapshot is taken before
+//! snapshot is swapped in. An update that changes nothing policy reads (a status heartbeat, an
+//! annotation) is dropped after one comparison and swaps nothing. No snapshot is taken before
 //! all three lists have been read once; until then the inputs saved by the last run are in
 //! force, or, without them, pods' new flows are dropped (the agent's `policy_state` module).
 //!
@@ -16,7 +14,7 @@
 use super::objects::{NamespaceView, NetworkPolicyView, PodView};
 use crate::dataplane::ports::Pods;
 use crate::policy::{Namespace, Pod, Policy, PolicyIndex, Scope};
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
@@ -290,9 +288,15 @@ pub trait Recorder: Send + Sync {
     fn changed(&self);
 }
 
-/// The three policy watches (Pods, Namespaces, NetworkPolicies) as one stream, for the policy
-/// watch thread (see [`super::watches::start_policy`]).
-pub fn watches(client: Client) -> impl futures::Stream<Item = Change> + Send {
+/// Runs until aborted. `restored`: the Folder of the saved inputs (already swapped in), the
+/// first lists fold on top of it; `store` keeps what the watches deliver for the next start.
+pub async fn run(
+    client: Client,
+    pods: Arc<Pods>,
+    node_name: String,
+    restored: Option<Folder>,
+    store: Arc<dyn Recorder>,
+) {
     let s0 = watch(Api::<PodView>::all(client.clone()), Kind::Pods, Change::Pod);
     let s1 = watch(
         Api::<NamespaceView>::all(client.clone()),
@@ -304,36 +308,32 @@ pub fn watches(client: Client) -> impl futures::Stream<Item = Change> + Send {
         Kind::NetworkPolicies,
         Change::Policy,
     );
-    futures::stream::select(futures::stream::select(s0, s1), s2)
-}
-
-/// Runs until aborted or until the watch thread behind `changes` ends. `restored`: the Folder
-/// of the saved inputs (already swapped in), the first lists fold on top of it; `store` keeps
-/// what the watches deliver for the next start.
-pub async fn run(
-    mut changes: tokio::sync::mpsc::Receiver<Change>,
-    pods: Arc<Pods>,
-    node_name: String,
-    restored: Option<Folder>,
-    store: Arc<dyn Recorder>,
-) {
+    let events = futures::stream::select(futures::stream::select(s0, s1), s2);
+    let mut events = std::pin::pin!(events);
     let mut folder = restored.unwrap_or_else(|| Folder::new(&node_name));
     let mut enforcing = false;
-    let fold = |folder: &mut Folder, change: Change| {
+    // Unchanged Pods (status heartbeats, annotations) stop here: not recorded, not converted.
+    let mut pod_filter = super::watches::PodFilter::default();
+    let mut fold = |folder: &mut Folder, change: Change| {
+        if let Change::Pod(ev) = &change {
+            if !pod_filter.pass(ev) {
+                return;
+            }
+        }
         store.record(&change);
         folder.fold(change);
     };
     loop {
-        let Some(first) = changes.recv().await else {
+        let Some(first) = events.next().await else {
             return;
         };
         fold(&mut folder, first);
         // Everything else already here joins this batch.
         for _ in 1..MAX_BATCH {
-            match changes.try_recv() {
-                Ok(change) => fold(&mut folder, change),
-                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => return,
-                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+            match events.next().now_or_never() {
+                Some(Some(change)) => fold(&mut folder, change),
+                Some(None) => return,
+                None => break,
             }
         }
         if !folder.ready() || !folder.index.is_changed() {

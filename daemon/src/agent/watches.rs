@@ -5,14 +5,13 @@
 //! own (its connections live there too); what passes goes to the planner over a bounded
 //! channel.
 //!
-//! The policy watches (Pods, Namespaces, NetworkPolicies) run the same way on a thread of their
-//! own, where [`PodFilter`] drops an unchanged Pod (a status heartbeat, an annotation): such an
-//! event never wakes the main runtime, is never recorded for the saved inputs nor converted for
-//! the index. (Moving the watches to a thread without the filter saved nothing: every event
-//! then crossed to the main runtime anyway, where the index dropped it.)
+//! The policy watches (Pods, Namespaces, NetworkPolicies) ran on such a thread too for a while;
+//! side by side with main it did not make a Pod event cheaper (the multi-threaded runtime runs
+//! a woken task on the worker that woke it, without waking the other one), so they stay on the
+//! main runtime. There, [`PodFilter`] drops an unchanged Pod before it is recorded for the
+//! saved inputs or converted for the index.
 
 use super::objects::{NodeView, PodView};
-use super::policy::Change;
 use futures::StreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -219,42 +218,6 @@ async fn nodes(client: Client, own: String, tx: tokio::sync::mpsc::Sender<NodeIt
             return;
         }
     }
-}
-
-/// Policy watch items queued for the policy loop, at most (the watches wait while it is full).
-pub const POLICY_QUEUE: usize = 4096;
-
-/// Runs the policy watches, passing what [`PodFilter`] keeps (and every Namespace and
-/// NetworkPolicy item) to `tx`, until `tx`'s receiver is gone.
-async fn policy(client: Client, tx: tokio::sync::mpsc::Sender<Change>) {
-    let mut stream = std::pin::pin!(super::policy::watches(client));
-    let mut filter = PodFilter::default();
-    loop {
-        let change = tokio::select! {
-            change = stream.next() => change,
-            _ = tx.closed() => return,
-        };
-        let Some(change) = change else {
-            error!("the policy watches ended");
-            return;
-        };
-        if let Change::Pod(ev) = &change {
-            if !filter.pass(ev) {
-                continue;
-            }
-        }
-        if tx.send(change).await.is_err() {
-            return;
-        }
-    }
-}
-
-/// Starts the policy watches on a thread of their own; the policy loop reads the returned
-/// receiver (the thread ends when it is dropped).
-pub fn start_policy(config: kube::Config) -> std::io::Result<tokio::sync::mpsc::Receiver<Change>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(POLICY_QUEUE);
-    spawn("kwire-policy", config, move |client| policy(client, tx))?;
-    Ok(rx)
 }
 
 /// Runs `work` with a client of its own on a new thread with a single-threaded runtime; the
