@@ -494,7 +494,7 @@ mod tests {
             let (mut r1, mut r2) = (None, None);
             let mut events = vec![Event::Init, Event::InitDone];
             for rv in 1..=80u64 {
-                let mut view = |rand: &mut dyn FnMut(u64) -> u64| {
+                let view = |rand: &mut dyn FnMut(u64) -> u64| {
                     let name = format!("p{}", rand(4));
                     let app = format!("app{}", rand(2));
                     let ip = format!("10.0.0.{}", rand(2));
