@@ -26,6 +26,16 @@ pub type NodeItem = Result<Event<NodeView>, watcher::Error>;
 /// Node items queued for the planner, at most (the watch waits while it is full).
 pub const NODE_QUEUE: usize = 4096;
 
+/// Objects per list page (client-go's pager uses 500 too).
+pub const PAGE_SIZE: u32 = 500;
+
+/// The watcher configuration of every watched kind.
+pub fn watch_config() -> watcher::Config {
+    watcher::Config::default()
+        .any_semantic()
+        .page_size(PAGE_SIZE)
+}
+
 /// Drops Node updates that change nothing peer selection reads, before the planner sees
 /// them: the last view passed on per Node, compared with each update without its
 /// resourceVersion (a view holds only the fields kwire reads, see [`super::objects`]). What
@@ -37,8 +47,26 @@ pub struct NodeFilter {
     own: String,
     last: HashMap<String, NodeView>,
     after_error: bool,
+    tally: Tally,
+}
+
+/// What a filter passed and dropped so far.
+#[derive(Default)]
+struct Tally {
     passed: u64,
     dropped: u64,
+}
+
+impl Tally {
+    /// Counts one item; returns `pass`.
+    fn add(&mut self, pass: bool) -> bool {
+        if pass {
+            self.passed += 1;
+        } else {
+            self.dropped += 1;
+        }
+        pass
+    }
 }
 
 /// Whether two Node views differ in anything but their resourceVersion.
@@ -58,8 +86,7 @@ impl NodeFilter {
             own: own.to_string(),
             last: HashMap::new(),
             after_error: false,
-            passed: 0,
-            dropped: 0,
+            tally: Tally::default(),
         }
     }
 
@@ -91,12 +118,7 @@ impl NodeFilter {
                 true
             }
         };
-        if pass {
-            self.passed += 1;
-        } else {
-            self.dropped += 1;
-        }
-        pass
+        self.tally.add(pass)
     }
 
     /// Records `v` as the last view of its Node; true when it differs from the one before.
@@ -119,7 +141,7 @@ impl NodeFilter {
 
     /// (passed, dropped) so far.
     pub fn counts(&self) -> (u64, u64) {
-        (self.passed, self.dropped)
+        (self.tally.passed, self.tally.dropped)
     }
 }
 
@@ -134,8 +156,7 @@ impl NodeFilter {
 pub struct PodFilter {
     hasher: RandomState,
     last: HashMap<u64, u64>,
-    passed: u64,
-    dropped: u64,
+    tally: Tally,
 }
 
 impl Default for PodFilter {
@@ -143,8 +164,7 @@ impl Default for PodFilter {
         PodFilter {
             hasher: RandomState::new(),
             last: HashMap::new(),
-            passed: 0,
-            dropped: 0,
+            tally: Tally::default(),
         }
     }
 }
@@ -168,12 +188,7 @@ impl PodFilter {
                 true
             }
         };
-        if pass {
-            self.passed += 1;
-        } else {
-            self.dropped += 1;
-        }
-        pass
+        self.tally.add(pass)
     }
 
     fn key(&self, v: &PodView) -> u64 {
@@ -193,7 +208,7 @@ impl PodFilter {
 
     /// (passed, dropped) so far.
     pub fn counts(&self) -> (u64, u64) {
-        (self.passed, self.dropped)
+        (self.tally.passed, self.tally.dropped)
     }
 }
 
@@ -201,8 +216,7 @@ impl PodFilter {
 /// gone.
 async fn nodes(client: Client, own: String, tx: tokio::sync::mpsc::Sender<NodeItem>) {
     let views: Api<NodeView> = Api::all(client);
-    let stream = watcher::watcher(views, super::policy::watch_config())
-        .backoff(super::WatchBackoff::default());
+    let stream = watcher::watcher(views, watch_config()).backoff(super::WatchBackoff::default());
     let mut stream = std::pin::pin!(stream);
     let mut filter = NodeFilter::new(&own);
     loop {
@@ -279,6 +293,16 @@ mod tests {
                 "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat}]}
         }))
         .unwrap()
+    }
+
+    /// A reproducible random number below `n` per call.
+    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
     }
 
     fn listed(f: &mut NodeFilter, nodes: &[NodeView]) {
@@ -371,13 +395,7 @@ mod tests {
                 Err(_) => {}
             }
         }
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rand = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..200 {
             let mut f = NodeFilter::new("n0");
             let (mut all, mut passed) = (BTreeMap::new(), BTreeMap::new());
@@ -481,13 +499,7 @@ mod tests {
                 }
             }
         }
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut rand = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rand = xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..200 {
             let mut f = PodFilter::default();
             let (mut all, mut passed) = (View::new(), View::new());
