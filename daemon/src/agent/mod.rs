@@ -912,7 +912,7 @@ impl Agent {
         let peers_api: Api<kube::api::DynamicObject> = Api::all_with(client.clone(), &peer_api);
         let secrets: Api<k8s_openapi::api::core::v1::Secret> =
             Api::namespaced(client.clone(), external::PSK_NAMESPACE);
-        let peer_stream = watcher::watcher(peers_api.clone(), policy::watch_config())
+        let peer_stream = watcher::watcher(peers_api.clone(), watches::watch_config())
             .backoff(WatchBackoff::default());
         let mut peer_stream = std::pin::pin!(peer_stream);
         let mut last_peer_err_log: Option<Instant> = None;

@@ -116,7 +116,7 @@ pub struct PodView {
 }
 view_of!(PodView, corev1::Pod);
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PodSpecView {
     node_name: Option<String>,
@@ -126,13 +126,26 @@ struct PodSpecView {
     init_containers: Option<Vec<ContainerView>>,
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct ContainerView {
     #[serde(default)]
     name: String,
     restart_policy: Option<String>,
-    ports: Option<Vec<corev1::ContainerPort>>,
+    ports: Option<Vec<PortView>>,
+}
+
+/// `corev1::ContainerPort`, field for field (with `Hash`, which the k8s-openapi type lacks);
+/// a missing or null number or IP reads as k8s-openapi reads it, as the default.
+#[derive(Clone, Debug, Default, Hash, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PortView {
+    container_port: Option<i32>,
+    #[serde(rename = "hostIP")]
+    host_ip: Option<String>,
+    host_port: Option<i32>,
+    name: Option<String>,
+    protocol: Option<String>,
 }
 
 impl ContainerView {
@@ -140,23 +153,51 @@ impl ContainerView {
         corev1::Container {
             name: self.name,
             restart_policy: self.restart_policy,
-            ports: self.ports,
+            ports: self.ports.map(|p| {
+                p.into_iter()
+                    .map(|p| corev1::ContainerPort {
+                        container_port: p.container_port.unwrap_or_default(),
+                        host_ip: p.host_ip,
+                        host_port: p.host_port,
+                        name: p.name,
+                        protocol: p.protocol,
+                    })
+                    .collect()
+            }),
             ..corev1::Container::default()
         }
     }
 }
 
-#[derive(Clone, Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct PodStatusView {
     phase: Option<String>,
     #[serde(rename = "podIP")]
     pod_ip: Option<String>,
     #[serde(rename = "podIPs")]
-    pod_ips: Option<Vec<corev1::PodIP>>,
+    pod_ips: Option<Vec<PodIpView>>,
+}
+
+/// `corev1::PodIP` (with `Hash`).
+#[derive(Clone, Debug, Default, Hash, Deserialize)]
+struct PodIpView {
+    ip: Option<String>,
 }
 
 impl PodView {
+    /// Feeds everything the view keeps but its resourceVersion to `h`: two views that hash
+    /// alike differ in nothing NetworkPolicy reads. The metadata is hashed field by field
+    /// (the view keeps only these, see `labelled_meta`); spec and status by their derived
+    /// `Hash`, so a field added to them is hashed without a change here.
+    pub fn hash_content<H: std::hash::Hasher>(&self, h: &mut H) {
+        use std::hash::Hash;
+        let m = &self.metadata;
+        (&m.name, &m.namespace, &m.uid, &m.labels).hash(h);
+        self.spec.hash(h);
+        self.status.hash(h);
+    }
+
     /// The k8s-openapi Pod with the kept fields set.
     pub fn into_k8s(self) -> corev1::Pod {
         corev1::Pod {
@@ -177,7 +218,13 @@ impl PodView {
             status: self.status.map(|s| corev1::PodStatus {
                 phase: s.phase,
                 pod_ip: s.pod_ip,
-                pod_ips: s.pod_ips,
+                pod_ips: s.pod_ips.map(|v| {
+                    v.into_iter()
+                        .map(|p| corev1::PodIP {
+                            ip: p.ip.unwrap_or_default(),
+                        })
+                        .collect()
+                }),
                 ..corev1::PodStatus::default()
             }),
         }

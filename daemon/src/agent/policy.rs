@@ -6,7 +6,7 @@
 //! all three lists have been read once; until then the inputs saved by the last run are in
 //! force, or, without them, pods' new flows are dropped (the agent's `policy_state` module).
 //!
-//! API etiquette: the watcher lists once (pages of [`PAGE_SIZE`], served from the API
+//! API etiquette: the watcher lists once (pages of [`super::watches::PAGE_SIZE`], served from the API
 //! server's watch cache), then watches from that resourceVersion with bookmarks, resuming from
 //! the last one seen when a watch ends; only a 410 Gone makes it list again. Failures back off
 //! exponentially (see [`super::WatchBackoff`]). The agent never writes Pods, Namespaces or NetworkPolicies.
@@ -26,8 +26,6 @@ use tracing::{debug, info, warn};
 /// Changes folded into the index before a snapshot is swapped in, at most: bounds how long a
 /// change waits behind a burst (a few milliseconds of folding).
 pub const MAX_BATCH: usize = 1024;
-/// Objects per list page (client-go's pager uses 500 too).
-pub const PAGE_SIZE: u32 = 500;
 /// At most this many problem lines (unreadable Pods, invalid policy parts) per
 /// [`PROBLEM_LOG_INTERVAL`]; the rest are counted in one line.
 pub const PROBLEM_LOG_BURST: u32 = 10;
@@ -55,13 +53,6 @@ pub enum Change {
     Error(Kind, String),
 }
 
-/// The watcher configuration of all three kinds.
-pub fn watch_config() -> watcher::Config {
-    watcher::Config::default()
-        .any_semantic()
-        .page_size(PAGE_SIZE)
-}
-
 fn watch<K>(
     api: Api<K>,
     kind: Kind,
@@ -71,7 +62,7 @@ where
     K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
     K::DynamicType: Default,
 {
-    watcher::watcher(api, watch_config())
+    watcher::watcher(api, super::watches::watch_config())
         .backoff(super::WatchBackoff::default())
         .map(move |r| match r {
             Ok(ev) => wrap(ev),
@@ -318,16 +309,26 @@ pub async fn run(client: Client, pods: Arc<Pods>, store: Arc<dyn Recorder>) {
     let events = futures::stream::select(futures::stream::select(s0, s1), s2);
     let mut events = std::pin::pin!(events);
     let mut enforcing = false;
+    // Unchanged Pods (status heartbeats, annotations) stop here: not converted, not compared.
+    let mut pod_filter = super::watches::PodFilter::default();
+    let mut fold = |folder: &mut Folder, change: Change| {
+        if let Change::Pod(ev) = &change {
+            if !pod_filter.pass(ev) {
+                return;
+            }
+        }
+        folder.fold(change);
+    };
     loop {
         let Some(first) = events.next().await else {
             return;
         };
         let mut folder = store.folder();
-        folder.fold(first);
+        fold(&mut folder, first);
         // Everything else already here joins this batch.
         for _ in 1..MAX_BATCH {
             match events.next().now_or_never() {
-                Some(Some(change)) => folder.fold(change),
+                Some(Some(change)) => fold(&mut folder, change),
                 Some(None) => return,
                 None => break,
             }

@@ -8,14 +8,16 @@
 //! The policy watches (Pods, Namespaces, NetworkPolicies) ran on such a thread too for a while;
 //! side by side with main it did not make a Pod event cheaper (the multi-threaded runtime runs
 //! a woken task on the worker that woke it, without waking the other one), so they stay on the
-//! main runtime, where an unchanged Pod is dropped after one comparison in the index.
+//! main runtime. There, [`PodFilter`] drops an unchanged Pod before it is recorded for the
+//! saved inputs or converted for the index.
 
-use super::objects::NodeView;
+use super::objects::{NodeView, PodView};
 use futures::StreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher, RandomState};
 use tracing::error;
 
 /// One item of the Node watch as the planner gets it.
@@ -23,6 +25,16 @@ pub type NodeItem = Result<Event<NodeView>, watcher::Error>;
 
 /// Node items queued for the planner, at most (the watch waits while it is full).
 pub const NODE_QUEUE: usize = 4096;
+
+/// Objects per list page (client-go's pager uses 500 too).
+pub const PAGE_SIZE: u32 = 500;
+
+/// The watcher configuration of every watched kind.
+pub fn watch_config() -> watcher::Config {
+    watcher::Config::default()
+        .any_semantic()
+        .page_size(PAGE_SIZE)
+}
 
 /// Drops Node updates that change nothing peer selection reads, before the planner sees
 /// them: the last view passed on per Node, compared with each update without its
@@ -35,8 +47,26 @@ pub struct NodeFilter {
     own: String,
     last: HashMap<String, NodeView>,
     after_error: bool,
+    tally: Tally,
+}
+
+/// What a filter passed and dropped so far.
+#[derive(Default)]
+struct Tally {
     passed: u64,
     dropped: u64,
+}
+
+impl Tally {
+    /// Counts one item; returns `pass`.
+    fn add(&mut self, pass: bool) -> bool {
+        if pass {
+            self.passed += 1;
+        } else {
+            self.dropped += 1;
+        }
+        pass
+    }
 }
 
 /// Whether two Node views differ in anything but their resourceVersion.
@@ -56,8 +86,7 @@ impl NodeFilter {
             own: own.to_string(),
             last: HashMap::new(),
             after_error: false,
-            passed: 0,
-            dropped: 0,
+            tally: Tally::default(),
         }
     }
 
@@ -89,12 +118,7 @@ impl NodeFilter {
                 true
             }
         };
-        if pass {
-            self.passed += 1;
-        } else {
-            self.dropped += 1;
-        }
-        pass
+        self.tally.add(pass)
     }
 
     /// Records `v` as the last view of its Node; true when it differs from the one before.
@@ -117,7 +141,74 @@ impl NodeFilter {
 
     /// (passed, dropped) so far.
     pub fn counts(&self) -> (u64, u64) {
-        (self.passed, self.dropped)
+        (self.tally.passed, self.tally.dropped)
+    }
+}
+
+/// Drops Pod updates that change nothing NetworkPolicy reads (status heartbeats, annotations,
+/// resourceVersion alone), before they are recorded or folded. At 150,000 Pods a copy of
+/// every view, as [`NodeFilter`] keeps for Nodes, would cost tens of MB, so this keeps two
+/// 64-bit fingerprints per Pod (about 4 MB at that size): one of its namespace and name, one of
+/// the view's content without its resourceVersion ([`PodView::hash_content`]). Both are
+/// SipHash with this process's random keys, so no one can craft a collision; by chance, an
+/// update is dropped wrongly with odds of about 2^-64. Lists, deletes and errors always pass;
+/// a re-list starts the filter afresh, as it does the index.
+pub struct PodFilter {
+    hasher: RandomState,
+    last: HashMap<u64, u64>,
+    tally: Tally,
+}
+
+impl Default for PodFilter {
+    fn default() -> Self {
+        PodFilter {
+            hasher: RandomState::new(),
+            last: HashMap::new(),
+            tally: Tally::default(),
+        }
+    }
+}
+
+impl PodFilter {
+    /// Whether the index must see `ev`.
+    pub fn pass(&mut self, ev: &Event<PodView>) -> bool {
+        let pass = match ev {
+            Event::Init => {
+                self.last.clear();
+                true
+            }
+            Event::InitApply(v) => {
+                self.remember(v);
+                true
+            }
+            Event::InitDone => true,
+            Event::Apply(v) => self.remember(v),
+            Event::Delete(v) => {
+                self.last.remove(&self.key(v));
+                true
+            }
+        };
+        self.tally.add(pass)
+    }
+
+    fn key(&self, v: &PodView) -> u64 {
+        let m = &v.metadata;
+        self.hasher
+            .hash_one((m.namespace.as_deref(), m.name.as_deref()))
+    }
+
+    /// Records `v`'s fingerprint; true when it differs from the one before.
+    fn remember(&mut self, v: &PodView) -> bool {
+        let key = self.key(v);
+        let mut h = self.hasher.build_hasher();
+        v.hash_content(&mut h);
+        let content = h.finish();
+        self.last.insert(key, content) != Some(content)
+    }
+
+    /// (passed, dropped) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        (self.tally.passed, self.tally.dropped)
     }
 }
 
@@ -125,8 +216,7 @@ impl NodeFilter {
 /// gone.
 async fn nodes(client: Client, own: String, tx: tokio::sync::mpsc::Sender<NodeItem>) {
     let views: Api<NodeView> = Api::all(client);
-    let stream = watcher::watcher(views, super::policy::watch_config())
-        .backoff(super::WatchBackoff::default());
+    let stream = watcher::watcher(views, watch_config()).backoff(super::WatchBackoff::default());
     let mut stream = std::pin::pin!(stream);
     let mut filter = NodeFilter::new(&own);
     loop {
@@ -203,6 +293,16 @@ mod tests {
                 "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat}]}
         }))
         .unwrap()
+    }
+
+    /// A reproducible random number below `n` per call.
+    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        }
     }
 
     fn listed(f: &mut NodeFilter, nodes: &[NodeView]) {
@@ -295,13 +395,7 @@ mod tests {
                 Err(_) => {}
             }
         }
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut rand = |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rand = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..200 {
             let mut f = NodeFilter::new("n0");
             let (mut all, mut passed) = (BTreeMap::new(), BTreeMap::new());
@@ -336,6 +430,108 @@ mod tests {
                 }
             }
             assert_eq!(all, passed);
+        }
+    }
+
+    fn pod(name: &str, rv: u64, app: &str, ip: &str, heartbeat: &str) -> PodView {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "namespace": "x", "uid": format!("u-{name}"),
+                "resourceVersion": rv.to_string(), "labels": {"app": app},
+                "annotations": {"note": heartbeat}, "managedFields": [{"manager": "kubelet"}]},
+            "spec": {"nodeName": "n1", "containers": [{"name": "c", "image": "i",
+                "ports": [{"name": "http", "containerPort": 80}]}]},
+            "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": "True", "lastProbeTime": heartbeat}]}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_pod_heartbeat_is_dropped_labels_and_addresses_pass() {
+        let mut f = PodFilter::default();
+        assert!(f.pass(&Event::Init));
+        assert!(f.pass(&Event::InitApply(pod("a", 1, "web", "10.0.0.1", "t0"))));
+        assert!(f.pass(&Event::InitDone));
+        // Status heartbeat, an annotation, a new resourceVersion: nothing policy reads.
+        assert!(!f.pass(&Event::Apply(pod("a", 2, "web", "10.0.0.1", "t1"))));
+        assert!(!f.pass(&Event::Apply(pod("a", 3, "web", "10.0.0.1", "t2"))));
+        // Labels and addresses are read; the same again is dropped.
+        assert!(f.pass(&Event::Apply(pod("a", 4, "db", "10.0.0.1", "t2"))));
+        assert!(f.pass(&Event::Apply(pod("a", 5, "db", "10.0.0.2", "t2"))));
+        assert!(!f.pass(&Event::Apply(pod("a", 6, "db", "10.0.0.2", "t3"))));
+        // A Pod of the same content under another name is news; a delete forgets.
+        assert!(f.pass(&Event::Apply(pod("b", 7, "db", "10.0.0.2", "t3"))));
+        assert!(f.pass(&Event::Delete(pod("b", 8, "db", "10.0.0.2", "t3"))));
+        assert!(f.pass(&Event::Apply(pod("b", 9, "db", "10.0.0.2", "t3"))));
+        // A re-list starts afresh.
+        assert!(f.pass(&Event::Init));
+        assert!(f.pass(&Event::InitDone));
+        assert!(f.pass(&Event::Apply(pod("a", 10, "db", "10.0.0.2", "t4"))));
+        assert_eq!(f.counts(), (11, 3));
+    }
+
+    /// The policy index's fold of what the Pod filter passes ends where its fold of everything
+    /// ends: for random histories of updates (labels, addresses, heartbeats), deletes and
+    /// re-lists, the Pods (as the index's model reads them) folded from the passed events
+    /// equal those folded from all events.
+    #[test]
+    fn filtered_pod_history_folds_to_the_same_pods() {
+        use crate::policy::Pod;
+        use std::collections::{BTreeMap, BTreeSet};
+        type View = BTreeMap<String, Pod>;
+        fn fold(view: &mut View, relist: &mut Option<BTreeSet<String>>, ev: &Event<PodView>) {
+            match ev {
+                Event::Init => *relist = Some(BTreeSet::new()),
+                Event::InitApply(v) | Event::Apply(v) => {
+                    let name = v.metadata.name.clone().unwrap();
+                    if let (Event::InitApply(_), Some(seen)) = (ev, relist.as_mut()) {
+                        seen.insert(name.clone());
+                    }
+                    view.insert(name, Pod::from_k8s_owned(v.clone().into_k8s()).unwrap());
+                }
+                Event::InitDone => {
+                    if let Some(seen) = relist.take() {
+                        view.retain(|n, _| seen.contains(n));
+                    }
+                }
+                Event::Delete(v) => {
+                    view.remove(v.metadata.name.as_deref().unwrap());
+                }
+            }
+        }
+        let mut rand = xorshift(0x2545_f491_4f6c_dd1d);
+        for _ in 0..200 {
+            let mut f = PodFilter::default();
+            let (mut all, mut passed) = (View::new(), View::new());
+            let (mut r1, mut r2) = (None, None);
+            let mut events = vec![Event::Init, Event::InitDone];
+            for rv in 1..=80u64 {
+                let view = |rand: &mut dyn FnMut(u64) -> u64| {
+                    let name = format!("p{}", rand(4));
+                    let app = format!("app{}", rand(2));
+                    let ip = format!("10.0.0.{}", rand(2));
+                    pod(&name, rv, &app, &ip, &format!("t{}", rand(1000)))
+                };
+                match rand(12) {
+                    0 => events.push(Event::Delete(view(&mut rand))),
+                    1 => {
+                        events.push(Event::Init);
+                        for _ in 0..rand(4) {
+                            events.push(Event::InitApply(view(&mut rand)));
+                        }
+                        events.push(Event::InitDone);
+                    }
+                    _ => events.push(Event::Apply(view(&mut rand))),
+                }
+            }
+            for ev in &events {
+                fold(&mut all, &mut r1, ev);
+                if f.pass(ev) {
+                    fold(&mut passed, &mut r2, ev);
+                }
+            }
+            assert_eq!(all, passed);
+            assert!(f.counts().1 > 0, "some updates were dropped");
         }
     }
 }
