@@ -49,6 +49,23 @@ impl TunnelDevice {
         offload: bool,
         persist: bool,
     ) -> anyhow::Result<TunnelDevice> {
+        Self::start_opts(
+            ifname,
+            workers,
+            offload,
+            persist,
+            workers::TunIo::from_env(),
+        )
+    }
+
+    /// Like [`TunnelDevice::start_with`], with the way tun queues are read.
+    pub fn start_opts(
+        ifname: &str,
+        workers: usize,
+        offload: bool,
+        persist: bool,
+        tun_io: workers::TunIo,
+    ) -> anyhow::Result<TunnelDevice> {
         let workers = workers.clamp(1, MAX_WORKERS);
         let existed = crate::io::tun::if_index(ifname).is_some();
         let queues = open_queues(ifname, workers, offload)?;
@@ -65,13 +82,14 @@ impl TunnelDevice {
             ifname,
             queues = queues.len(),
             offload = vnet,
+            tun_io = ?tun_io,
             "tun device ready"
         );
         let device = Arc::new(Device::new());
         let counters = Arc::new(Counters::default());
         let net = workers::Network::new(device.clone(), counters.clone(), queues.len(), vnet)?;
         for (i, q) in queues.into_iter().enumerate() {
-            workers::spawn_tun_reader(i, q, device.clone(), counters.clone(), net.clone())?;
+            workers::spawn_tun_reader(i, q, device.clone(), counters.clone(), net.clone(), tun_io)?;
         }
         // Bind a port now (random unless set later), as wireguard-go does on start.
         device
