@@ -213,31 +213,31 @@ fn batch_ctx<'a>(
 /// How a worker reads its queue of the host tun.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TunIo {
+    /// One `read(2)` per frame after epoll reports the queue readable (the default).
+    Read,
     /// io_uring: one multishot read per queue fills up to [`URING_BUFFERS`] frames per
     /// system call; falls back to `read` where the kernel (before 6.7) or a seccomp profile
-    /// refuses it.
+    /// refuses it. Opt-in: the tunnel harness has not shown it faster here (README).
     Uring,
-    /// One `read(2)` per frame after epoll reports the queue readable.
-    Read,
 }
 
 impl TunIo {
-    /// The environment variable that chooses it (`uring` or `read`) for `kwire agent`;
+    /// The environment variable that chooses it (`read` or `uring`) for `kwire agent`;
     /// `kwire tunnel --tun-io` reads it too.
     pub const ENV: &'static str = "KWIRE_TUN_IO";
 
-    /// The mode [`TunIo::ENV`] names; the default ([`TunIo::Uring`]) when unset or unknown.
+    /// The mode [`TunIo::ENV`] names; the default ([`TunIo::Read`]) when unset or unknown.
     pub fn from_env() -> TunIo {
         match std::env::var(Self::ENV).as_deref() {
-            Ok("read") => TunIo::Read,
-            Ok("uring") | Err(_) => TunIo::Uring,
+            Ok("uring") => TunIo::Uring,
+            Ok("read") | Err(_) => TunIo::Read,
             Ok(other) => {
                 warn!(
                     value = other,
-                    "{} takes `uring` or `read`; using uring",
+                    "{} takes `read` or `uring`; using read",
                     Self::ENV
                 );
-                TunIo::Uring
+                TunIo::Read
             }
         }
     }

@@ -21,10 +21,10 @@ pub struct TunnelArgs {
     /// Turn off tun TSO/GRO offloads (virtio-net headers); for comparison and old kernels.
     #[arg(long)]
     pub no_offload: bool,
-    /// How tun frames are read: `uring` (io_uring multishot reads, many frames per system
-    /// call; `read` where the kernel or a seccomp profile refuses io_uring) or `read` (one
-    /// read(2) per frame).
-    #[arg(long, value_enum, env = TunIo::ENV, default_value = "uring")]
+    /// How tun frames are read: `read` (one read(2) per frame) or `uring` (io_uring
+    /// multishot reads, many frames per system call; falls back to `read` where the kernel
+    /// or a seccomp profile refuses io_uring).
+    #[arg(long, value_enum, env = TunIo::ENV, default_value = "read")]
     pub tun_io: TunIo,
 }
 
