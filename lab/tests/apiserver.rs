@@ -632,6 +632,48 @@ async fn bookmarks_carry_only_the_resource_version() {
     );
 }
 
+/// kube-apiserver's schedule, no kinder: with bookmarks a minute apart, a 4 s watch gets one
+/// bookmark, 2 s before its end, and then ends; none without allowWatchBookmarks.
+#[tokio::test]
+async fn a_short_watch_gets_one_bookmark_two_seconds_before_its_end() {
+    let lab = lab_with(ApiServerConfig::default()).await;
+    let c = &lab.client;
+    let rv = lab.server.store().resource_version();
+    let start = Instant::now();
+    let mut w = WatchLines::open(
+        c,
+        &format!("/api/v1/nodes?watch=true&allowWatchBookmarks=true&timeoutSeconds=4&resourceVersion={rv}"),
+    )
+    .await;
+    let ev = w.next().await.unwrap();
+    let at = start.elapsed();
+    assert_eq!(ev["type"], "BOOKMARK");
+    assert!(
+        at >= Duration::from_millis(1900),
+        "the bookmark came {at:?} into a 4 s watch, before its pre-timeout moment"
+    );
+    assert!(
+        w.next().await.is_none(),
+        "the watch ends after its one bookmark"
+    );
+    let end = start.elapsed();
+    assert!(
+        end >= Duration::from_millis(3900),
+        "the watch ended at {end:?}"
+    );
+    assert!(
+        end - at >= Duration::from_secs(1),
+        "the bookmark ({at:?}) came well before the end ({end:?}), not at it"
+    );
+
+    let mut w = WatchLines::open(
+        c,
+        &format!("/api/v1/nodes?watch=true&timeoutSeconds=3&resourceVersion={rv}"),
+    )
+    .await;
+    assert!(w.next().await.is_none(), "no bookmark unless asked for");
+}
+
 #[tokio::test]
 async fn too_old_resource_version_is_410() {
     let lab = lab_with(ApiServerConfig {

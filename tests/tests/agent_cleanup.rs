@@ -76,6 +76,7 @@ fn cleanup_removes_kwires_things_and_leaves_the_rest() {
     for f in [
         "private.key",
         "peers.json",
+        "policy-state.bin",
         "policy-state.json",
         "ipam.json",
     ] {
@@ -134,6 +135,7 @@ fn cleanup_removes_kwires_things_and_leaves_the_rest() {
     for f in [
         "private.key",
         "peers.json",
+        "policy-state.bin",
         "policy-state.json",
         "ipam.json",
         "pods.json",

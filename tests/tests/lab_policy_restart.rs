@@ -7,7 +7,10 @@
 //! - the saved file removed and the agent killed again: no policy to restore, the pod's new
 //!   flows are dropped (`policy_not_synced`) rather than admitted;
 //! - the policy deleted and the API reachable again: the pod answers (fail closed does not
-//!   cut off a cluster without policies once the lists arrive).
+//!   cut off a cluster without policies once the lists arrive);
+//! - `/readyz` says ready with the restored policy, not ready (naming the missing
+//!   NetworkPolicy) while nothing is restored or listed, and ready again once the lists came,
+//!   so that a DaemonSet rolling update waits for this node's pods.
 //!
 //! Needs root; skips (with a message) when the kwire binary has no `agent`.
 
@@ -59,6 +62,31 @@ fn unblock_api(lab: &Lab, node: &str) {
     assert!(o.status.success(), "unblock the API on {node}: {o:?}");
 }
 
+/// Whether the saved inputs (binary; names as UTF-8) hold `name`; `None` without a file.
+fn saved_has(saved: &std::path::Path, name: &str) -> Option<bool> {
+    let bytes = std::fs::read(saved).ok()?;
+    Some(bytes.windows(name.len()).any(|w| w == name.as_bytes()))
+}
+
+/// Node `node`'s `/readyz`: (HTTP status, body).
+fn readyz(lab: &Lab, node: &str) -> (String, String) {
+    let o = lab.exec(
+        node,
+        &[
+            "curl",
+            "-sS",
+            "-m",
+            "3",
+            "-w",
+            "\n%{http_code}",
+            "http://127.0.0.1:9742/readyz",
+        ],
+    );
+    let text = String::from_utf8_lossy(&o.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.to_string(), body.to_string())
+}
+
 /// The pod on `n2` stays unreachable from the one on `n1` for every probe.
 fn stays_unreachable(lab: &Lab, what: &str) {
     for i in 0..PROBES_AFTER_RESTART {
@@ -79,7 +107,7 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
     let scratch = Scratch::new("lab-policy-restart");
     let lab = Lab::up_real(2, 1, &kwire);
     let n2 = format!("{}-n2", lab.name());
-    let saved = state_dir(&lab, &n2).join("policy-state.json");
+    let saved = state_dir(&lab, &n2).join("policy-state.bin");
     wait_until(CONVERGE, "pod-2-1 answers pod-1-1", || {
         lab.probe("default/pod-1-1", "default/pod-2-1:80").reachable
     });
@@ -92,7 +120,7 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
         !lab.probe("default/pod-1-1", "default/pod-2-1:80").reachable
     });
     wait_until(CONVERGE, "n2 saved deny-all", || {
-        std::fs::read_to_string(&saved).is_ok_and(|t| t.contains("deny-all"))
+        saved_has(&saved, "deny-all") == Some(true)
     });
 
     // 1. No API, SIGKILL: the restored policy holds.
@@ -105,15 +133,30 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
         "the restored policy dropped the probes"
     );
     assert_eq!(lab.metric(&n2, "kwire_policy_state_errors_total"), 0.0);
+    wait_until(CONVERGE, "n2 ready with the restored policy", || {
+        readyz(&lab, &n2).0 == "200"
+    });
 
     // 2. No API, no saved file: fail closed.
-    std::fs::remove_file(&saved).expect("remove policy-state.json");
+    std::fs::remove_file(&saved).expect("remove policy-state.bin");
     lab.signal_agents(&[&n2], Signal::SIGKILL, RESTART);
+    // Its peers restored and its tun programmed, the agent is still not ready: no policy.
+    wait_until(
+        CONVERGE,
+        "n2's /readyz names the missing NetworkPolicy",
+        || readyz(&lab, &n2).1.contains("no NetworkPolicy"),
+    );
     stays_unreachable(&lab, "nothing saved, API unreachable");
     assert!(
         lab.drops(&n2, "policy_not_synced") >= PROBES_AFTER_RESTART as f64,
         "new flows dropped as policy_not_synced"
     );
+    let (code, body) = readyz(&lab, &n2);
+    assert_eq!(
+        code, "503",
+        "still not ready while pods are cut off: {body}"
+    );
+    assert_eq!(lab.metric(&n2, "kwire_ready"), 0.0);
 
     // 3. The policy gone and the API back: the lists arrive, the pod answers again.
     lab.cmd_ok("delete", &["-f", f.to_str().unwrap()]);
@@ -121,7 +164,10 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
     wait_until(CONVERGE, "pod-2-1 answers again", || {
         lab.probe("default/pod-1-1", "default/pod-2-1:80").reachable
     });
+    wait_until(CONVERGE, "n2 ready once the lists came", || {
+        readyz(&lab, &n2).0 == "200"
+    });
     wait_until(CONVERGE, "n2 saved the policy-free inputs", || {
-        std::fs::read_to_string(&saved).is_ok_and(|t| !t.contains("deny-all"))
+        saved_has(&saved, "deny-all") == Some(false)
     });
 }

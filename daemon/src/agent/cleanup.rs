@@ -29,6 +29,7 @@ const STATE_FILES: &[&str] = &[
     super::keyfile::KEY_FILE,
     super::state::STATE_FILE,
     super::policy_state::POLICY_STATE_FILE,
+    super::policy_state::LEGACY_POLICY_STATE_FILE,
     PODS_FILE,
     IPAM_FILE,
 ];

@@ -226,6 +226,13 @@ pub struct AgentArgs {
     /// (a `PeerUnreachable` Event on its Node, kwire_peer_up 0), e.g. 120s, 2m.
     #[arg(long, env = "KWIRE_PEER_UNREACHABLE_AFTER", default_value = "2m", value_parser = health::parse_duration)]
     pub peer_unreachable_after: Duration,
+    /// TCP keepalive on the API connections: probes start after this long without a packet,
+    /// and a connection whose probes (3, a sixth of this apart, at least 1 s) or whose sent
+    /// data go unanswered is closed, its watches restarted from their last resourceVersion
+    /// (the default gives a silently dead connection up after 45 s; 0s: off, the kernel's
+    /// defaults, which take hours), e.g. 30s.
+    #[arg(long, env = "KWIRE_API_KEEPALIVE", default_value = "30s", value_parser = health::parse_duration)]
+    pub api_keepalive: Duration,
     /// Remove what kwire put on this node and exit, instead of running: pod tuns, the host tun
     /// and its routes, kwire's blackhole routes, the `inet kwire` nftables table, the CNI
     /// plugin and configuration, the sockets, the state directory's files. For uninstalling,
@@ -338,6 +345,7 @@ fn check_host_addresses(ranges: &[IpNetwork], tun: &str) -> anyhow::Result<Vec<I
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
     // kube's TLS must use ring: a crate enabling aws-lc-rs would otherwise make it panic.
     let _ = rustls::crypto::ring::default_provider().install_default();
+    crate::kubeapi::set_liveness(crate::kubeapi::Liveness::after(args.api_keepalive));
     crate::io::tun::check_ifname(&args.interface)
         .with_context(|| format!("--interface {:?}", args.interface))?;
     if args.cleanup {
@@ -429,12 +437,13 @@ async fn agent_main(
         .with_context(|| format!("creating --run-dir {}", args.run_dir.display()))?;
     let listener = uapi_server::bind(sock_path)?;
     // Persistent: a restart re-attaches; addresses, routes and blackholes stay (fail closed).
-    let tun = TunnelDevice::start_with(&args.interface, workers, true, true)?;
+    let tun = TunnelDevice::start_with(&args.interface, workers, true, true, args.listen_port)
+        .with_context(|| format!("is --listen-port {} taken?", args.listen_port))?;
     tun.net.pods.set_cluster_ranges(args.cluster_cidr.clone());
     // NetworkPolicy fails closed: the saved policy before pods are re-attached, else no new
     // pod flow until the first lists arrive.
     tun.net.pods.require_policy();
-    let (policy_restored, policy_store, policy_state_failed) =
+    let (policy_store, policy_state_failed) =
         policy_state::restore(&args.state_dir, &args.node_name, &tun.net.pods);
     tun.net
         .pods
@@ -547,7 +556,6 @@ async fn agent_main(
         tun.net.clone(),
     ));
     let loop_pods = tun.net.pods.clone();
-    let policy_node = args.node_name.clone();
     let policy_writer = tokio::spawn(policy_state::writer(policy_store.clone()));
     let policy_record = policy_store.clone();
     let services_node = args.node_name.clone();
@@ -568,8 +576,6 @@ async fn agent_main(
                 let policy = tokio::spawn(policy::run(
                     client.clone(),
                     loop_pods.clone(),
-                    policy_node,
-                    policy_restored,
                     policy_record,
                 ));
                 let services = tokio::spawn(services::run(

@@ -139,6 +139,19 @@ pub(super) fn key_of(
 }
 
 impl Folder {
+    /// A Folder holding `index` (the saved inputs) as complete lists of every kind: its
+    /// snapshot may be taken, and the first real lists replace it (see [`Folder::fold`]).
+    pub fn restored(index: PolicyIndex) -> Self {
+        Folder {
+            index,
+            listed: [true; 3],
+            relist: [None, None, None],
+            listing: [false; 3],
+            problems: ProblemLog::new(),
+            last_error: [None; 3],
+        }
+    }
+
     pub fn new(node_name: &str) -> Self {
         Folder {
             index: PolicyIndex::new(Scope::Node(node_name.to_string())),
@@ -280,23 +293,17 @@ impl Folder {
     }
 }
 
-/// Told what the loop folds, to keep a copy (the saved inputs a restart enforces first).
+/// Holds the loop's Folder, which the saved inputs a restart enforces first are read from.
 pub trait Recorder: Send + Sync {
-    /// A watch item, before it is folded.
-    fn record(&self, change: &Change);
+    /// The Folder, locked: by the loop for each batch, by the writer while it encodes.
+    fn folder(&self) -> std::sync::MutexGuard<'_, Folder>;
     /// A complete set of inputs changed (a snapshot is taken).
     fn changed(&self);
 }
 
-/// Runs until aborted. `restored`: the Folder of the saved inputs (already swapped in), the
-/// first lists fold on top of it; `store` keeps what the watches deliver for the next start.
-pub async fn run(
-    client: Client,
-    pods: Arc<Pods>,
-    node_name: String,
-    restored: Option<Folder>,
-    store: Arc<dyn Recorder>,
-) {
+/// Runs until aborted. `store` holds the Folder to fold into: the saved inputs (already
+/// swapped in; the first lists fold on top of them) or an empty one.
+pub async fn run(client: Client, pods: Arc<Pods>, store: Arc<dyn Recorder>) {
     let s0 = watch(Api::<PodView>::all(client.clone()), Kind::Pods, Change::Pod);
     let s1 = watch(
         Api::<NamespaceView>::all(client.clone()),
@@ -310,21 +317,17 @@ pub async fn run(
     );
     let events = futures::stream::select(futures::stream::select(s0, s1), s2);
     let mut events = std::pin::pin!(events);
-    let mut folder = restored.unwrap_or_else(|| Folder::new(&node_name));
     let mut enforcing = false;
-    let fold = |folder: &mut Folder, change: Change| {
-        store.record(&change);
-        folder.fold(change);
-    };
     loop {
         let Some(first) = events.next().await else {
             return;
         };
-        fold(&mut folder, first);
+        let mut folder = store.folder();
+        folder.fold(first);
         // Everything else already here joins this batch.
         for _ in 1..MAX_BATCH {
             match events.next().now_or_never() {
-                Some(Some(change)) => fold(&mut folder, change),
+                Some(Some(change)) => folder.fold(change),
                 Some(None) => return,
                 None => break,
             }

@@ -37,23 +37,27 @@ impl TunnelDevice {
     /// Creates tun `ifname` with `workers` queues and starts the packet path. The device goes
     /// away with the process, as wireguard-go's does.
     pub fn start(ifname: &str, workers: usize, offload: bool) -> anyhow::Result<TunnelDevice> {
-        Self::start_with(ifname, workers, offload, false)
+        Self::start_with(ifname, workers, offload, false, 0)
     }
 
     /// Like [`TunnelDevice::start`]; with `persist` the device outlives the process (a node's
     /// `kwire0`): a restarted daemon re-attaches to it, its addresses and routes stay, and
     /// while no daemon reads it packets drop at the device instead of leaving another way.
+    /// The UDP port is `listen_port` from the start (0: the kernel picks one until a request
+    /// sets it).
     pub fn start_with(
         ifname: &str,
         workers: usize,
         offload: bool,
         persist: bool,
+        listen_port: u16,
     ) -> anyhow::Result<TunnelDevice> {
         Self::start_opts(
             ifname,
             workers,
             offload,
             persist,
+            listen_port,
             workers::TunIo::from_env(),
         )
     }
@@ -64,6 +68,7 @@ impl TunnelDevice {
         workers: usize,
         offload: bool,
         persist: bool,
+        listen_port: u16,
         tun_io: workers::TunIo,
     ) -> anyhow::Result<TunnelDevice> {
         let workers = workers.clamp(1, MAX_WORKERS);
@@ -91,10 +96,13 @@ impl TunnelDevice {
         for (i, q) in queues.into_iter().enumerate() {
             workers::spawn_tun_reader(i, q, device.clone(), counters.clone(), net.clone(), tun_io)?;
         }
-        // Bind a port now (random unless set later), as wireguard-go does on start.
+        // Bind the port now, as wireguard-go does on start: the agent's, else a random one.
         device
-            .ensure_bound(&mut net.clone())
-            .context("binding the WireGuard UDP port")?;
+            .ensure_bound(&mut net.clone(), listen_port)
+            .with_context(|| match listen_port {
+                0 => "binding a WireGuard UDP port".to_string(),
+                p => format!("binding WireGuard UDP port {p}"),
+            })?;
         workers::spawn_timers(device.clone(), net.clone())?;
         Ok(TunnelDevice {
             device,

@@ -19,7 +19,6 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 #[derive(Debug)]
@@ -380,18 +379,9 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(h): State<Arc<Http>>) -> impl IntoResponse {
-    if h.status.ready() {
-        (StatusCode::OK, "ready\n")
-    } else if !h.status.synced.load(Ordering::Relaxed) {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: not yet synced with the API and nothing restored\n",
-        )
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: tun addresses or routes not programmed\n",
-        )
+    match h.status.readiness() {
+        Ok(()) => (StatusCode::OK, "ready\n"),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, why.reason()),
     }
 }
 

@@ -185,7 +185,88 @@ impl NodeState {
         f(&mut self.keys.lock().unwrap_or_else(|p| p.into_inner()));
     }
 
+    /// What `/readyz` answers: ready once the node's peers are known (listed from the API, or
+    /// restored from the state file), its tun programmed, and a NetworkPolicy snapshot in the
+    /// loop (restored from `policy-state.json` or compiled from the API's lists). Until then
+    /// its pods' new flows are dropped as `policy_not_synced`: a DaemonSet rolling update must
+    /// not move on to the next node while this one's pods are cut off.
+    pub fn readiness(&self) -> Result<(), NotReady> {
+        if !self.synced.load(Ordering::Relaxed) {
+            Err(NotReady::NotSynced)
+        } else if !self.programmed.load(Ordering::Relaxed) {
+            Err(NotReady::NotProgrammed)
+        } else if self
+            .node
+            .get()
+            .is_some_and(|n| n.pods.table().policy_pending)
+        {
+            Err(NotReady::NoPolicy)
+        } else {
+            Ok(())
+        }
+    }
+
     pub fn ready(&self) -> bool {
-        self.synced.load(Ordering::Relaxed) && self.programmed.load(Ordering::Relaxed)
+        self.readiness().is_ok()
+    }
+}
+
+/// Why a node is not ready, the first unmet condition of [`NodeState::readiness`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotReady {
+    NotSynced,
+    NotProgrammed,
+    NoPolicy,
+}
+
+impl NotReady {
+    /// The `/readyz` answer.
+    pub fn reason(self) -> &'static str {
+        match self {
+            NotReady::NotSynced => "not ready: not yet synced with the API and nothing restored\n",
+            NotReady::NotProgrammed => "not ready: tun addresses or routes not programmed\n",
+            NotReady::NoPolicy => "not ready: no NetworkPolicy yet (nothing restored, the API's Pods, Namespaces and NetworkPolicies not yet listed); pods' new flows are dropped as policy_not_synced\n",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::PolicySet;
+
+    #[test]
+    fn ready_waits_for_the_first_policy_snapshot_after_sync_and_programming() {
+        let st = NodeState::new(Arc::new(Device::new()), Arc::new(Counters::default()), &[]);
+        let pods = Arc::new(Pods::new(1, false).unwrap());
+        pods.require_policy();
+        let _ = st.node.set(NodeContext {
+            name: "n1".into(),
+            interface: "kwire0".into(),
+            pods: pods.clone(),
+        });
+        assert_eq!(st.readiness(), Err(NotReady::NotSynced));
+        st.synced.store(true, Ordering::Relaxed);
+        assert_eq!(st.readiness(), Err(NotReady::NotProgrammed));
+        st.programmed.store(true, Ordering::Relaxed);
+        assert_eq!(st.readiness(), Err(NotReady::NoPolicy));
+        assert!(!st.ready());
+        assert!(NotReady::NoPolicy.reason().contains("policy_not_synced"));
+        // An empty snapshot (a cluster without policies) is a snapshot.
+        pods.set_policy(Arc::new(PolicySet::compile(vec![], vec![], vec![])));
+        assert_eq!(st.readiness(), Ok(()));
+    }
+
+    #[test]
+    fn a_data_plane_that_needs_no_policy_is_ready_without_one() {
+        let st = NodeState::new(Arc::new(Device::new()), Arc::new(Counters::default()), &[]);
+        let _ = st.node.set(NodeContext {
+            name: "n1".into(),
+            interface: "kwire0".into(),
+            pods: Arc::new(Pods::new(1, false).unwrap()),
+        });
+        st.synced.store(true, Ordering::Relaxed);
+        st.programmed.store(true, Ordering::Relaxed);
+        assert!(st.ready());
     }
 }

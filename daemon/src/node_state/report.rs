@@ -22,7 +22,8 @@ pub struct StatusReport {
     pub pod_cidrs: Vec<String>,
     /// Synced with the API once, or restored from the state directory.
     pub synced: bool,
-    /// Synced and the tun's addresses and routes programmed (what /readyz says).
+    /// Synced, the tun's addresses and routes programmed, a NetworkPolicy snapshot in the loop
+    /// (what /readyz says).
     pub ready: bool,
     /// The Node watch's last answer was not an error.
     pub api_synced: bool,

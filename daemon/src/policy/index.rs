@@ -34,6 +34,7 @@ use super::engine::{
 use super::ipmap::IpMap;
 use super::ipset::IpRangeSet;
 use super::model::{ContainerPort, Namespace, Pod};
+use super::saved::{read_ref, write_ref, FirstUse, Reader, SavedError, Writer};
 use super::selector::LabelSelector;
 use super::spec::{Peer, Policy};
 use super::{Direction, RuleRef};
@@ -591,16 +592,31 @@ impl PolicyIndex {
             Some((k, _)) => k.clone(),
             None => Arc::from(pod.name.as_str()),
         };
+        let identity = (!pod.host_network).then(|| self.acquire_identity(&namespace, pod.labels));
+        self.put_pod(namespace, name, identity, ports, pod.ips, node);
+        true
+    }
+
+    /// Stores a pod whose namespace, name, node and ports are interned and whose identity
+    /// is acquired, and does what follows from it.
+    fn put_pod(
+        &mut self,
+        namespace: Arc<str>,
+        name: Arc<str>,
+        identity: Option<u32>,
+        ports: Arc<[ContainerPort]>,
+        ips: Vec<IpAddr>,
+        node: Arc<str>,
+    ) {
         let key = PodKey {
             namespace: namespace.clone(),
             name: name.clone(),
         };
-        let identity = (!pod.host_network).then(|| self.acquire_identity(&namespace, pod.labels));
         let rec = Arc::new(PodRecord {
             key: key.clone(),
             identity,
             ports,
-            ips: pod.ips.into_boxed_slice(),
+            ips: ips.into_boxed_slice(),
             node,
         });
         let old = self
@@ -634,7 +650,6 @@ impl PolicyIndex {
         self.update_enforced(&key, old.as_deref(), Some(&rec));
         self.stats.changes += 1;
         self.changed = true;
-        true
     }
 
     /// Removes a pod; false when the index did not have it.
@@ -877,6 +892,129 @@ impl PolicyIndex {
         }
     }
 
+    // ---------- Saved inputs (see `saved.rs`) ----------
+
+    /// The stored policy `namespace/name`.
+    pub fn policy(&self, namespace: &str, name: &str) -> Option<&Policy> {
+        Some(&self.namespaces.get(namespace)?.policies.get(name)?.policy)
+    }
+
+    pub(super) fn write_inputs(&self, w: &mut Writer) {
+        let mut names: Vec<&Arc<str>> = self
+            .namespaces
+            .iter()
+            .filter(|(_, s)| s.given || !s.pods.is_empty() || !s.policies.is_empty())
+            .map(|(n, _)| n)
+            .collect();
+        names.sort();
+        // Identity id -> its number inside its namespace.
+        let mut local = vec![0u32; self.identities.len()];
+        let (mut nodes, mut port_lists) = (FirstUse::default(), FirstUse::default());
+        w.uint(names.len() as u64);
+        for name in names {
+            let state = &self.namespaces[name];
+            w.str(name);
+            if state.given {
+                w.byte(1);
+                w.labels(&state.labels);
+            } else {
+                w.byte(0);
+            }
+            w.uint(state.identities.len() as u64);
+            for (i, &id) in state.identities.iter().enumerate() {
+                local[id as usize] = i as u32;
+                w.labels(self.labels_of(id));
+            }
+            w.uint(state.pods.len() as u64);
+            for rec in state.pods.values() {
+                w.str(&rec.key.name);
+                w.uint(
+                    rec.identity
+                        .map_or(0, |id| 1 + u64::from(local[id as usize])),
+                );
+                write_ref(w, &mut nodes, &rec.node, |w| w.str(&rec.node));
+                write_ref(w, &mut port_lists, &rec.ports, |w| w.ports(&rec.ports));
+                w.uint(rec.ips.len() as u64);
+                for ip in rec.ips.iter() {
+                    w.ip(*ip);
+                }
+            }
+            w.uint(state.policies.len() as u64);
+            for p in state.policies.values() {
+                w.policy(&p.policy);
+            }
+        }
+    }
+
+    /// Reads what [`PolicyIndex::write_inputs`] wrote into this (empty) index.
+    pub(super) fn read_inputs(&mut self, r: &mut Reader<'_>) -> Result<(), SavedError> {
+        let (mut nodes, mut port_lists): (Vec<Arc<str>>, Vec<Arc<[ContainerPort]>>) =
+            (Vec::new(), Vec::new());
+        for _ in 0..r.count()? {
+            let name = r.str()?;
+            if name.is_empty() || self.namespaces.contains_key(name) {
+                return Err(r.err("namespace without a name, or twice"));
+            }
+            let ns = self.ns_key(name);
+            if r.byte()? == 1 {
+                let labels = r.labels()?;
+                self.apply_namespace(Namespace::new(name, labels));
+            }
+            // Label sets, acquired as identities when a pod first uses them.
+            let n = r.count()?;
+            let mut identities: Vec<(Option<Labels>, Option<u32>)> = Vec::with_capacity(n);
+            for _ in 0..n {
+                identities.push((Some(r.labels()?), None));
+            }
+            for _ in 0..r.count()? {
+                let pod_name = r.str()?;
+                if pod_name.is_empty() || self.pod(&ns, pod_name).is_some() {
+                    return Err(r.err("pod without a name, or twice"));
+                }
+                let identity = match r.uint()? {
+                    0 => None,
+                    n => {
+                        let slot = usize::try_from(n - 1)
+                            .ok()
+                            .and_then(|i| identities.get_mut(i))
+                            .ok_or(r.err("reference to an undefined label set"))?;
+                        Some(match slot {
+                            (_, Some(id)) => {
+                                let id = *id;
+                                if let Some(i) = self.identities[id as usize].as_mut() {
+                                    i.pods += 1;
+                                }
+                                id
+                            }
+                            (labels, None) => {
+                                let labels = labels.take().expect("taken once");
+                                let id = self.acquire_identity(&ns, labels);
+                                slot.1 = Some(id);
+                                id
+                            }
+                        })
+                    }
+                };
+                let node = read_ref(r, &mut nodes, |r| Ok(self.node_key(r.str()?)))?;
+                let node = nodes[node].clone();
+                let ports = read_ref(r, &mut port_lists, |r| Ok(self.port_list(&r.ports()?)))?;
+                let ports = port_lists[ports].clone();
+                let n = r.count()?;
+                let mut ips = Vec::with_capacity(n);
+                for _ in 0..n {
+                    ips.push(r.ip()?);
+                }
+                self.put_pod(ns.clone(), Arc::from(pod_name), identity, ports, ips, node);
+            }
+            // In (namespace, name) order, as written: the policies' ids follow it.
+            for _ in 0..r.count()? {
+                let p = r.policy(name)?;
+                self.apply_policy(p);
+            }
+        }
+        Ok(())
+    }
+
     // ---------- Snapshots ----------
 
     /// The policies of `key`'s namespace selecting it, in name order.
@@ -1050,6 +1188,31 @@ impl PolicyIndex {
             policies: self.compiled.clone(),
             has_policies: self.policy_count > 0,
         }
+    }
+}
+
+impl PolicyIndex {
+    /// Every input the index holds (Namespaces given, Pods, Policies), in the compact form of
+    /// the module documentation. Takes a few tens of milliseconds at 150,000 pods.
+    pub fn save_inputs(&self) -> Vec<u8> {
+        let mut w = Writer {
+            buf: Vec::with_capacity(64 + self.pod_count() * 24),
+        };
+        self.write_inputs(&mut w);
+        w.buf
+    }
+
+    /// A new index of `scope` holding what [`PolicyIndex::save_inputs`] wrote, as if each
+    /// object had been applied (policies in (namespace, name) order); take a snapshot to
+    /// enforce it.
+    pub fn restore_inputs(scope: Scope, bytes: &[u8]) -> Result<PolicyIndex, SavedError> {
+        let mut r = Reader::new(bytes);
+        let mut index = PolicyIndex::new(scope);
+        index.read_inputs(&mut r)?;
+        if !r.at_end() {
+            return Err(r.err("data after the end"));
+        }
+        Ok(index)
     }
 }
 

@@ -39,6 +39,9 @@ mod ipmap;
 mod ipset;
 pub mod matrix;
 mod model;
+mod saved;
+#[cfg(test)]
+mod saved_tests;
 mod selector;
 pub mod service_trace;
 mod spec;
@@ -50,6 +53,7 @@ pub use engine::{
 pub use index::{IndexStats, PolicyIndex, Scope};
 pub use ipset::{Cidr, CidrError, IpRangeSet};
 pub use model::{ContainerPort, ModelError, Namespace, ObjectRef, Pod, NAMESPACE_NAME_LABEL};
+pub use saved::SavedError;
 pub use selector::{LabelSelector, Requirement, SelectorError};
 pub use spec::{IpBlock, Peer, Policy, PolicyError, PortMatch, PortSpec, Problem, Rule};
 

@@ -46,6 +46,7 @@ pub fn run(args: TunnelArgs) -> anyhow::Result<()> {
             workers,
             !args.no_offload,
             false,
+            0,
             args.tun_io,
         ) {
             Ok(t) => t,

@@ -250,12 +250,13 @@ impl Device {
         Ok(())
     }
 
-    /// Binds the UDP port on first start if no request did (port 0: the kernel picks), as
-    /// wireguard-go does once the device is up.
-    pub fn ensure_bound(&self, net: &mut dyn NetworkControl) -> std::io::Result<u16> {
+    /// Binds UDP port `port` on first start if no request did (0: the kernel picks, as
+    /// wireguard-go does once the device is up). A later request for the same port keeps the
+    /// socket.
+    pub fn ensure_bound(&self, net: &mut dyn NetworkControl, port: u16) -> std::io::Result<u16> {
         let mut cfg = self.lock();
         if !cfg.bound {
-            cfg.listen_port = net.bind(cfg.listen_port, cfg.fwmark)?;
+            cfg.listen_port = net.bind(port, cfg.fwmark)?;
             cfg.bound = true;
         }
         Ok(cfg.listen_port)
@@ -786,6 +787,31 @@ mod tests {
 
     fn hex(b: u8) -> String {
         format!("{:02x}", b).repeat(32)
+    }
+
+    #[test]
+    fn a_port_bound_at_start_is_kept_by_the_same_port_in_a_request() {
+        let dev = Device::new();
+        let mut net = FakeNet::default();
+        assert_eq!(dev.ensure_bound(&mut net, 51820).unwrap(), 51820);
+        set(
+            &dev,
+            &mut net,
+            &[&format!("private_key={}", hex(9)), "listen_port=51820"],
+        )
+        .unwrap();
+        assert_eq!(
+            net.binds,
+            vec![(51820, 0)],
+            "bound once, at the port asked for"
+        );
+        assert_eq!(dev.ensure_bound(&mut net, 0).unwrap(), 51820);
+        // `kwire tunnel` with no port: the kernel picks one, a request moves it.
+        let dev = Device::new();
+        let mut net = FakeNet::default();
+        assert_eq!(dev.ensure_bound(&mut net, 0).unwrap(), 40000);
+        set(&dev, &mut net, &["listen_port=51820"]).unwrap();
+        assert_eq!(net.binds, vec![(0, 0), (51820, 0)]);
     }
 
     #[test]

@@ -45,9 +45,28 @@ struct WatchState {
     cursor: u64,
     pending: VecDeque<Bytes>,
     deadline: Instant,
-    next_bookmark: Instant,
+    /// When the next bookmark is due; None: no more before the watch ends.
+    next_bookmark: Option<Instant>,
     fetch: bool,
     done: bool,
+}
+
+/// The last bookmark of a watch comes this long before its deadline, as kube-apiserver's, so
+/// that the client watches again from a recent resourceVersion.
+const PRE_TIMEOUT_BOOKMARK: Duration = Duration::from_secs(2);
+
+/// When the bookmark after `now` is due, as kube-apiserver's cacher schedules it
+/// (`nextBookmarkTime`): one bookmark interval on, or [`PRE_TIMEOUT_BOOKMARK`] before the
+/// deadline if that comes first; none once that moment has come (the pre-timeout bookmark is
+/// the last).
+fn next_bookmark_time(now: Instant, interval: Duration, deadline: Instant) -> Option<Instant> {
+    let heartbeat = now + interval;
+    let due = match deadline.checked_sub(PRE_TIMEOUT_BOOKMARK) {
+        Some(pre) if pre < heartbeat => pre,
+        Some(_) => heartbeat,
+        None => return None,
+    };
+    (due > now).then_some(due)
 }
 
 fn line(event_type: &str, object: &Value) -> Bytes {
@@ -163,23 +182,19 @@ impl WatchState {
                 self.pull();
                 continue;
             }
-            let bookmarks = self.req.allow_bookmarks;
+            let bookmark_at = self.next_bookmark.filter(|_| self.req.allow_bookmarks);
             tokio::select! {
                 _ = sleep_until(self.deadline) => {
                     self.pull();
-                    if bookmarks && !self.done {
-                        let b = self.bookmark(false);
-                        self.pending.push_back(b);
-                    }
                     self.done = true;
                 }
-                _ = sleep_until(self.next_bookmark), if bookmarks => {
+                _ = sleep_until(bookmark_at.unwrap_or(self.deadline)), if bookmark_at.is_some() => {
                     self.pull();
                     if !self.done {
                         let b = self.bookmark(false);
                         self.pending.push_back(b);
                     }
-                    self.next_bookmark = Instant::now() + self.req.bookmark_interval;
+                    self.next_bookmark = next_bookmark_time(Instant::now(), self.req.bookmark_interval, self.deadline);
                 }
                 changed = self.rx.changed() => {
                     if changed.is_err() {
@@ -203,13 +218,15 @@ pub fn watch_stream(
     let mut rx = store.subscribe();
     rx.borrow_and_update();
     let now = Instant::now();
+    let deadline = now + req.timeout;
+    let next_bookmark = next_bookmark_time(now, req.bookmark_interval, deadline);
     let mut state = WatchState {
         store: store.clone(),
         rx,
         cursor: 0,
         pending: VecDeque::new(),
-        deadline: now + req.timeout,
-        next_bookmark: now + req.bookmark_interval,
+        deadline,
+        next_bookmark,
         fetch: false,
         done: false,
         req,

@@ -13,7 +13,6 @@ use kwire_lab::cluster::state::NodeSpec;
 use kwire_lab::supervisor::daemonset::Standalone;
 use kwire_tests::{unique_id, Netns, Proc, Scratch, Switch};
 use serde_json::{json, Value};
-use std::time::Duration;
 
 /// The switch's bridge address, where the stand-in listens.
 pub const BRIDGE_ADDR: &str = "192.0.2.254";
@@ -85,7 +84,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Starts the stand-in with `config` (listening on the bridge, bookmarks every 5 s), sets
+    /// Starts the stand-in with `config` (listening on the bridge), sets
     /// up the DaemonSet (deploy/'s objects, the agent with `agent_args` added) in `scratch`,
     /// gives every node its spec and creates its Node object with `status(node)` as status.
     /// Call on a thread in the switch's namespace.
@@ -103,7 +102,6 @@ impl Cluster {
             .unwrap();
         let config = ApiServerConfig {
             listen: format!("{BRIDGE_ADDR}:0").parse().unwrap(),
-            bookmark_interval: Duration::from_secs(5),
             ..config
         };
         let api = rt.block_on(ApiServer::start(config)).unwrap();
