@@ -319,6 +319,15 @@ fn fall_back(i: usize, q: &TunQueue, ep: &epoll::Epoll) {
     }
 }
 
+/// Appends the ready `tokens` to `ready` after its first `n`; returns the new count.
+fn take(tokens: impl Iterator<Item = u64>, ready: &mut [u64], mut n: usize) -> usize {
+    for t in tokens {
+        ready[n] = t;
+        n += 1;
+    }
+    n
+}
+
 /// A worker's tun reader: waits on its io_uring (host queue, then the pods' epoll when that
 /// is ready) or on the epoll alone (everything), and puts what it reads through the runtime.
 fn tun_reader(
@@ -352,12 +361,7 @@ fn tun_reader(
         let mut n = 0;
         if ring.is_none() {
             match ep.wait(&mut events, -1) {
-                Ok(tokens) => {
-                    for t in tokens {
-                        ready[n] = t;
-                        n += 1;
-                    }
-                }
+                Ok(tokens) => n = take(tokens, &mut ready, n),
                 Err(e) => {
                     read_err.log("waiting for tun frames", &e);
                     std::thread::sleep(Duration::from_millis(10));
@@ -391,10 +395,7 @@ fn tun_reader(
             }
             if pods {
                 if let Ok(tokens) = ep.wait(&mut events, 0) {
-                    for t in tokens {
-                        ready[n] = t;
-                        n += 1;
-                    }
+                    n = take(tokens, &mut ready, n);
                 }
             }
         }
