@@ -1,7 +1,9 @@
 //! Per-packet cost of the data path with an established session: a tun frame decided and
 //! encrypted through the runtime's `TxPath`, a datagram decided and decrypted through its
 //! `RxPath` (64, 512, 1420-byte packets), TSO split of a 64 KB frame and GRO merge of 45
-//! segments. Throughput is reported in packet bytes.
+//! segments. Throughput is reported in packet bytes. The `aead` group is the ceiling under
+//! all of it: ring's ChaCha20-Poly1305 (the AEAD boringtun calls) sealing and opening 64 and
+//! 1420 bytes in place, to set beside `openssl speed -evp chacha20-poly1305 -bytes N`.
 
 #[path = "../tests/datapath_support/mod.rs"]
 mod support;
@@ -180,5 +182,51 @@ fn offload(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, encapsulate, decapsulate, offload);
+/// ring's ChaCha20-Poly1305 alone, in place, at the sizes of the tunnel's small and full
+/// packets: what every other group here pays per byte before kwire's own code.
+fn aead(c: &mut Criterion) {
+    use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+    let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &[7u8; 32]).expect("key"));
+    let mut g = c.benchmark_group("aead");
+    for size in [64usize, 1420] {
+        let mut buf = vec![0x5au8; size + 16];
+        g.throughput(Throughput::Bytes(size as u64));
+        let mut counter = 0u64;
+        let nonce = |n: u64| {
+            let mut b = [0u8; 12];
+            b[4..].copy_from_slice(&n.to_le_bytes());
+            Nonce::assume_unique_for_key(b)
+        };
+        g.bench_with_input(BenchmarkId::new("seal", size), &size, |b, _| {
+            b.iter(|| {
+                counter += 1;
+                let (data, tag) = buf.split_at_mut(size);
+                let t = key
+                    .seal_in_place_separate_tag(nonce(counter), Aad::empty(), black_box(data))
+                    .expect("seal");
+                tag.copy_from_slice(t.as_ref());
+            })
+        });
+        // A sealed packet, opened again and again (opening decrypts in place, so each
+        // iteration starts from a fresh copy, as decapsulation's buffer does).
+        let sealed = {
+            let mut b = vec![0x5au8; size];
+            key.seal_in_place_append_tag(nonce(0), Aad::empty(), &mut b)
+                .expect("seal");
+            b
+        };
+        g.bench_with_input(BenchmarkId::new("open", size), &size, |b, _| {
+            b.iter(|| {
+                buf.copy_from_slice(&sealed);
+                let plain = key
+                    .open_in_place(nonce(0), Aad::empty(), black_box(&mut buf))
+                    .expect("open");
+                black_box(plain.len());
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, encapsulate, decapsulate, offload, aead);
 criterion_main!(benches);

@@ -52,6 +52,25 @@ impl TunnelDevice {
         persist: bool,
         listen_port: u16,
     ) -> anyhow::Result<TunnelDevice> {
+        Self::start_opts(
+            ifname,
+            workers,
+            offload,
+            persist,
+            listen_port,
+            workers::TunIo::from_env(),
+        )
+    }
+
+    /// Like [`TunnelDevice::start_with`], with the way tun queues are read.
+    pub fn start_opts(
+        ifname: &str,
+        workers: usize,
+        offload: bool,
+        persist: bool,
+        listen_port: u16,
+        tun_io: workers::TunIo,
+    ) -> anyhow::Result<TunnelDevice> {
         let workers = workers.clamp(1, MAX_WORKERS);
         let existed = crate::io::tun::if_index(ifname).is_some();
         let queues = open_queues(ifname, workers, offload)?;
@@ -68,13 +87,14 @@ impl TunnelDevice {
             ifname,
             queues = queues.len(),
             offload = vnet,
+            tun_io = ?tun_io,
             "tun device ready"
         );
         let device = Arc::new(Device::new());
         let counters = Arc::new(Counters::default());
         let net = workers::Network::new(device.clone(), counters.clone(), queues.len(), vnet)?;
         for (i, q) in queues.into_iter().enumerate() {
-            workers::spawn_tun_reader(i, q, device.clone(), counters.clone(), net.clone())?;
+            workers::spawn_tun_reader(i, q, device.clone(), counters.clone(), net.clone(), tun_io)?;
         }
         // Bind the port now, as wireguard-go does on start: the agent's, else a random one.
         device

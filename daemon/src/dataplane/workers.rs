@@ -11,6 +11,7 @@ use crate::datapath::{Ctx, MAX_FRAME};
 use crate::io::epoll;
 use crate::io::tun::TunQueue;
 use crate::io::udp::{RecvBatch, SendScratch, UdpSocket};
+use crate::io::uring::{Reaped, TunRing};
 use crate::offload::gso::TxBatch;
 use crate::wg::device::{NetworkControl, Snapshot};
 use crate::wg::Device;
@@ -209,6 +210,43 @@ fn batch_ctx<'a>(
     }
 }
 
+/// How a worker reads its queue of the host tun.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TunIo {
+    /// One `read(2)` per frame after epoll reports the queue readable (the default).
+    Read,
+    /// io_uring: one multishot read per queue fills up to [`URING_BUFFERS`] frames per
+    /// system call; falls back to `read` where the kernel (before 6.7) or a seccomp profile
+    /// refuses it. Opt-in: the tunnel harness has not shown it faster here (README).
+    Uring,
+}
+
+impl TunIo {
+    /// The environment variable that chooses it (`read` or `uring`) for `kwire agent`;
+    /// `kwire tunnel --tun-io` reads it too.
+    pub const ENV: &'static str = "KWIRE_TUN_IO";
+
+    /// The mode [`TunIo::ENV`] names; the default ([`TunIo::Read`]) when unset or unknown.
+    pub fn from_env() -> TunIo {
+        match std::env::var(Self::ENV).as_deref() {
+            Ok("uring") => TunIo::Uring,
+            Ok("read") | Err(_) => TunIo::Read,
+            Ok(other) => {
+                warn!(
+                    value = other,
+                    "{} takes `read` or `uring`; using read",
+                    Self::ENV
+                );
+                TunIo::Read
+            }
+        }
+    }
+}
+
+/// Buffers of one worker's io_uring (each [`MAX_FRAME`] bytes): at most this many frames
+/// are read per system call.
+pub const URING_BUFFERS: u16 = 32;
+
 /// Starts worker `i`'s tun reader: its queue of the host tun and the pods assigned to it.
 pub fn spawn_tun_reader(
     i: usize,
@@ -216,78 +254,173 @@ pub fn spawn_tun_reader(
     device: Arc<Device>,
     counters: Arc<Counters>,
     net: Network,
+    tun_io: TunIo,
 ) -> io::Result<()> {
     let q = Arc::new(q);
     net.tun_writers
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .push(q.clone());
-    q.set_nonblocking(true)?;
     let ep = net.pods.epolls[i % net.pods.epolls.len()].clone();
-    ep.add(q.as_raw_fd(), HOST_TOKEN)?;
+    if tun_io == TunIo::Read {
+        read_host_with_epoll(&q, &ep)?;
+    }
     std::thread::Builder::new()
         .name(format!("kwire-tun-{i}"))
         .spawn(move || {
-            let vnet = q.offload();
-            let mut frame = vec![0u8; MAX_FRAME];
-            let mut tx = TxPath::new();
-            let mut scratch = SendScratch::new();
-            let mut events = epoll::events(EPOLL_EVENTS);
-            let mut ready = [0u64; EPOLL_EVENTS];
-            let (mut tun_err, mut udp_err, mut read_err) =
-                (Throttle::new(), Throttle::new(), Throttle::new());
-            loop {
-                let n = match ep.wait(&mut events, -1) {
-                    Ok(tokens) => {
-                        let mut n = 0;
-                        for t in tokens {
-                            ready[n] = t;
-                            n += 1;
-                        }
-                        n
-                    }
-                    Err(e) => {
-                        read_err.log("waiting for tun frames", &e);
-                        std::thread::sleep(Duration::from_millis(10));
-                        continue;
-                    }
-                };
-                let snap = device.snapshot();
-                let local = net.pods.table();
-                let ctx = batch_ctx(&snap, &local, &counters, &device, vnet);
-                let mut wio = WorkerIo {
-                    tun: &q,
-                    local: &local,
-                    sock: net.socket_for(i),
-                    scratch: &mut scratch,
-                    counters: &counters,
-                    tun_err: &mut tun_err,
-                    udp_err: &mut udp_err,
-                };
-                for &token in &ready[..n] {
-                    let (port, src): (Port, &TunQueue) = if token == HOST_TOKEN {
-                        (Port::Host, &q)
-                    } else {
-                        match local.slot_for_id(token) {
-                            Some(s) => (Port::Pod(s), &local.pods[s as usize].io),
-                            None => continue, // detached since the wait
-                        }
-                    };
-                    for _ in 0..TUN_BATCH {
-                        match src.read(&mut frame) {
-                            Ok(len) => tx.frame(&ctx, port, &mut frame[..len], &mut wio),
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                            Err(e) => {
-                                read_err.log("reading from a tun", &e);
-                                break;
-                            }
-                        }
-                    }
-                }
-                tx.flush(&mut wio);
-            }
+            // The ring is made on the thread that uses it (it is single-issuer).
+            let ring = (tun_io == TunIo::Uring)
+                .then(|| open_ring(i, &q, &ep))
+                .flatten();
+            tun_reader(i, q, ep, ring, device, counters, net)
         })?;
     Ok(())
+}
+
+/// Serves the host queue from the worker's epoll, with non-blocking reads.
+fn read_host_with_epoll(q: &TunQueue, ep: &epoll::Epoll) -> io::Result<()> {
+    q.set_nonblocking(true)?;
+    ep.add(q.as_raw_fd(), HOST_TOKEN)
+}
+
+/// The io_uring for worker `i`'s host queue, or None (after switching the queue to epoll and
+/// `read`) where it cannot be had.
+fn open_ring(i: usize, q: &TunQueue, ep: &epoll::Epoll) -> Option<TunRing> {
+    use std::os::fd::AsRawFd;
+    // The multishot read must block in the kernel (a non-blocking file ends it with EAGAIN).
+    let ring = q.set_nonblocking(false).and_then(|()| {
+        TunRing::new(
+            q.as_raw_fd(),
+            Some(ep.as_raw_fd()),
+            URING_BUFFERS,
+            MAX_FRAME,
+        )
+    });
+    match ring {
+        Ok(r) => {
+            info!(
+                worker = i,
+                buffers = URING_BUFFERS,
+                "tun reads through io_uring"
+            );
+            Some(r)
+        }
+        Err(e) => {
+            info!(worker = i, error = %e, "io_uring refused (kernel before 6.7 or a seccomp profile); tun reads with read(2)");
+            fall_back(i, q, ep);
+            None
+        }
+    }
+}
+
+fn fall_back(i: usize, q: &TunQueue, ep: &epoll::Epoll) {
+    if let Err(e) = read_host_with_epoll(q, ep) {
+        warn!(worker = i, error = %e, "cannot watch the tun queue; this worker reads no frames from the host");
+    }
+}
+
+/// Appends the ready `tokens` to `ready` after its first `n`; returns the new count.
+fn take(tokens: impl Iterator<Item = u64>, ready: &mut [u64], mut n: usize) -> usize {
+    for t in tokens {
+        ready[n] = t;
+        n += 1;
+    }
+    n
+}
+
+/// A worker's tun reader: waits on its io_uring (host queue, then the pods' epoll when that
+/// is ready) or on the epoll alone (everything), and puts what it reads through the runtime.
+fn tun_reader(
+    i: usize,
+    q: Arc<TunQueue>,
+    ep: Arc<epoll::Epoll>,
+    mut ring: Option<TunRing>,
+    device: Arc<Device>,
+    counters: Arc<Counters>,
+    net: Network,
+) {
+    let vnet = q.offload();
+    let mut frame = vec![0u8; MAX_FRAME];
+    let mut tx = TxPath::new();
+    let mut scratch = SendScratch::new();
+    let mut events = epoll::events(EPOLL_EVENTS);
+    let mut ready = [0u64; EPOLL_EVENTS];
+    let (mut tun_err, mut udp_err, mut read_err) =
+        (Throttle::new(), Throttle::new(), Throttle::new());
+    loop {
+        let waited = match ring.as_mut() {
+            Some(r) => r.wait(),
+            None => Ok(()),
+        };
+        if let Err(e) = waited {
+            warn!(worker = i, error = %e, "io_uring wait failed; tun reads with read(2) from now on");
+            ring = None;
+            fall_back(i, &q, &ep);
+            continue;
+        }
+        let mut n = 0;
+        if ring.is_none() {
+            match ep.wait(&mut events, -1) {
+                Ok(tokens) => n = take(tokens, &mut ready, n),
+                Err(e) => {
+                    read_err.log("waiting for tun frames", &e);
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            }
+        }
+        let snap = device.snapshot();
+        let local = net.pods.table();
+        let ctx = batch_ctx(&snap, &local, &counters, &device, vnet);
+        let mut wio = WorkerIo {
+            tun: &q,
+            local: &local,
+            sock: net.socket_for(i),
+            scratch: &mut scratch,
+            counters: &counters,
+            tun_err: &mut tun_err,
+            udp_err: &mut udp_err,
+        };
+        if let Some(r) = ring.as_mut() {
+            let (mut pods, mut failed) = (false, None);
+            r.reap(|got| match got {
+                Reaped::Frame(f) => tx.frame(&ctx, Port::Host, f, &mut wio),
+                Reaped::Ready => pods = true,
+                Reaped::Error(e) => failed = Some(e),
+            });
+            if let Some(e) = failed {
+                warn!(worker = i, error = %e, "io_uring read of the tun failed; tun reads with read(2) from now on");
+                ring = None;
+                fall_back(i, &q, &ep);
+            }
+            if pods {
+                if let Ok(tokens) = ep.wait(&mut events, 0) {
+                    n = take(tokens, &mut ready, n);
+                }
+            }
+        }
+        for &token in &ready[..n] {
+            let (port, src): (Port, &TunQueue) = if token == HOST_TOKEN {
+                (Port::Host, &q)
+            } else {
+                match local.slot_for_id(token) {
+                    Some(s) => (Port::Pod(s), &local.pods[s as usize].io),
+                    None => continue, // detached since the wait
+                }
+            };
+            for _ in 0..TUN_BATCH {
+                match src.read(&mut frame) {
+                    Ok(len) => tx.frame(&ctx, port, &mut frame[..len], &mut wio),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => {
+                        read_err.log("reading from a tun", &e);
+                        break;
+                    }
+                }
+            }
+        }
+        tx.flush(&mut wio);
+    }
 }
 
 /// Starts the thread that reads one UDP socket until it is replaced.

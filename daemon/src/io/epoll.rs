@@ -68,6 +68,14 @@ impl Epoll {
     }
 }
 
+impl AsRawFd for Epoll {
+    /// The epoll descriptor itself (readable while any watched descriptor is), for watching
+    /// it from an io_uring.
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
 /// An empty event buffer of `n` entries.
 pub fn events(n: usize) -> Vec<libc::epoll_event> {
     vec![libc::epoll_event { events: 0, u64: 0 }; n]

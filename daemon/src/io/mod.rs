@@ -11,6 +11,7 @@ pub mod netns;
 pub mod scm;
 pub mod tun;
 pub mod udp;
+pub mod uring;
 
 use std::io;
 

@@ -3,6 +3,7 @@
 //! userspace API on a socket, and a small tokio runtime that waits for signals.
 
 use crate::dataplane::uapi_server::{self, UAPI_DIR};
+use crate::dataplane::workers::TunIo;
 use crate::dataplane::TunnelDevice;
 use std::path::PathBuf;
 use tracing::info;
@@ -20,6 +21,11 @@ pub struct TunnelArgs {
     /// Turn off tun TSO/GRO offloads (virtio-net headers); for comparison and old kernels.
     #[arg(long)]
     pub no_offload: bool,
+    /// How tun frames are read: `read` (one read(2) per frame) or `uring` (io_uring
+    /// multishot reads, many frames per system call; falls back to `read` where the kernel
+    /// or a seccomp profile refuses io_uring).
+    #[arg(long, value_enum, env = TunIo::ENV, default_value = "read")]
+    pub tun_io: TunIo,
 }
 
 /// Runs `kwire tunnel` until SIGTERM or SIGINT.
@@ -35,7 +41,14 @@ pub fn run(args: TunnelArgs) -> anyhow::Result<()> {
         let sock_path = args.uapi_dir.join(format!("{}.sock", args.ifname));
         // Claim the socket path first: a second instance must fail before touching the tun.
         let listener = uapi_server::bind(&sock_path)?;
-        let tun = match TunnelDevice::start(&args.ifname, workers, !args.no_offload) {
+        let tun = match TunnelDevice::start_opts(
+            &args.ifname,
+            workers,
+            !args.no_offload,
+            false,
+            0,
+            args.tun_io,
+        ) {
             Ok(t) => t,
             Err(e) => {
                 let _ = std::fs::remove_file(&sock_path);
