@@ -24,7 +24,8 @@ pub mod sysctl;
 pub mod watches;
 
 use crate::dataplane::uapi_server::{self, UAPI_DIR};
-use crate::dataplane::{workers::Network, TunnelDevice};
+use crate::dataplane::workers::{Network, TunIo};
+use crate::dataplane::{TunnelDevice, TunnelOptions};
 use crate::node_state::{NodeContext, NodeState};
 use crate::wg::uapi::SetRequest;
 use crate::wg::Device;
@@ -437,7 +438,14 @@ async fn agent_main(
         .with_context(|| format!("creating --run-dir {}", args.run_dir.display()))?;
     let listener = uapi_server::bind(sock_path)?;
     // Persistent: a restart re-attaches; addresses, routes and blackholes stay (fail closed).
-    let tun = TunnelDevice::start_with(&args.interface, workers, true, true, args.listen_port)
+    let opts = TunnelOptions {
+        workers,
+        offload: true,
+        persist: true,
+        listen_port: args.listen_port,
+        tun_io: TunIo::from_env(),
+    };
+    let tun = TunnelDevice::start(&args.interface, opts)
         .with_context(|| format!("is --listen-port {} taken?", args.listen_port))?;
     tun.net.pods.set_cluster_ranges(args.cluster_cidr.clone());
     // NetworkPolicy fails closed: the saved policy before pods are re-attached, else no new

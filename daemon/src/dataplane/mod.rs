@@ -33,44 +33,34 @@ pub struct TunnelDevice {
     pub ifname: String,
 }
 
-impl TunnelDevice {
-    /// Creates tun `ifname` with `workers` queues and starts the packet path. The device goes
-    /// away with the process, as wireguard-go's does.
-    pub fn start(ifname: &str, workers: usize, offload: bool) -> anyhow::Result<TunnelDevice> {
-        Self::start_with(ifname, workers, offload, false, 0)
-    }
+/// How [`TunnelDevice::start`] sets up the device.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelOptions {
+    /// Worker threads (tun queue + UDP socket pairs), clamped to 1..=[`MAX_WORKERS`].
+    pub workers: usize,
+    /// Ask the tun for TSO/USO/GRO offloads.
+    pub offload: bool,
+    /// The device outlives the process (a node's `kwire0`): a restarted daemon re-attaches
+    /// to it, its addresses and routes stay, and while no daemon reads it packets drop at the
+    /// device instead of leaving another way. Without it the device goes away with the
+    /// process, as wireguard-go's does.
+    pub persist: bool,
+    /// The UDP port bound at start (0: the kernel picks one until a request sets it).
+    pub listen_port: u16,
+    /// How tun queues are read.
+    pub tun_io: workers::TunIo,
+}
 
-    /// Like [`TunnelDevice::start`]; with `persist` the device outlives the process (a node's
-    /// `kwire0`): a restarted daemon re-attaches to it, its addresses and routes stay, and
-    /// while no daemon reads it packets drop at the device instead of leaving another way.
-    /// The UDP port is `listen_port` from the start (0: the kernel picks one until a request
-    /// sets it).
-    pub fn start_with(
-        ifname: &str,
-        workers: usize,
-        offload: bool,
-        persist: bool,
-        listen_port: u16,
-    ) -> anyhow::Result<TunnelDevice> {
-        Self::start_opts(
-            ifname,
+impl TunnelDevice {
+    /// Creates (or re-attaches to) tun `ifname` and starts the packet path.
+    pub fn start(ifname: &str, opts: TunnelOptions) -> anyhow::Result<TunnelDevice> {
+        let TunnelOptions {
             workers,
             offload,
             persist,
             listen_port,
-            workers::TunIo::from_env(),
-        )
-    }
-
-    /// Like [`TunnelDevice::start_with`], with the way tun queues are read.
-    pub fn start_opts(
-        ifname: &str,
-        workers: usize,
-        offload: bool,
-        persist: bool,
-        listen_port: u16,
-        tun_io: workers::TunIo,
-    ) -> anyhow::Result<TunnelDevice> {
+            tun_io,
+        } = opts;
         let workers = workers.clamp(1, MAX_WORKERS);
         let existed = crate::io::tun::if_index(ifname).is_some();
         let queues = open_queues(ifname, workers, offload)?;

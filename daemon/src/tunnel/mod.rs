@@ -4,7 +4,7 @@
 
 use crate::dataplane::uapi_server::{self, UAPI_DIR};
 use crate::dataplane::workers::TunIo;
-use crate::dataplane::TunnelDevice;
+use crate::dataplane::{TunnelDevice, TunnelOptions};
 use std::path::PathBuf;
 use tracing::info;
 
@@ -41,14 +41,14 @@ pub fn run(args: TunnelArgs) -> anyhow::Result<()> {
         let sock_path = args.uapi_dir.join(format!("{}.sock", args.ifname));
         // Claim the socket path first: a second instance must fail before touching the tun.
         let listener = uapi_server::bind(&sock_path)?;
-        let tun = match TunnelDevice::start_opts(
-            &args.ifname,
+        let opts = TunnelOptions {
             workers,
-            !args.no_offload,
-            false,
-            0,
-            args.tun_io,
-        ) {
+            offload: !args.no_offload,
+            persist: false,
+            listen_port: 0,
+            tun_io: args.tun_io,
+        };
+        let tun = match TunnelDevice::start(&args.ifname, opts) {
             Ok(t) => t,
             Err(e) => {
                 let _ = std::fs::remove_file(&sock_path);
