@@ -313,6 +313,20 @@ fn open_ring(i: usize, q: &TunQueue, ep: &epoll::Epoll) -> Option<TunRing> {
     }
 }
 
+/// Worker `i` stops using its io_uring after an error and reads with `read(2)` from now on.
+fn give_up_ring(
+    i: usize,
+    ring: &mut Option<TunRing>,
+    q: &TunQueue,
+    ep: &epoll::Epoll,
+    doing: &str,
+    e: &io::Error,
+) {
+    warn!(worker = i, error = %e, "{doing} io_uring failed; tun reads with read(2) from now on");
+    *ring = None;
+    fall_back(i, q, ep);
+}
+
 fn fall_back(i: usize, q: &TunQueue, ep: &epoll::Epoll) {
     if let Err(e) = read_host_with_epoll(q, ep) {
         warn!(worker = i, error = %e, "cannot watch the tun queue; this worker reads no frames from the host");
@@ -348,14 +362,8 @@ fn tun_reader(
     let (mut tun_err, mut udp_err, mut read_err) =
         (Throttle::new(), Throttle::new(), Throttle::new());
     loop {
-        let waited = match ring.as_mut() {
-            Some(r) => r.wait(),
-            None => Ok(()),
-        };
-        if let Err(e) = waited {
-            warn!(worker = i, error = %e, "io_uring wait failed; tun reads with read(2) from now on");
-            ring = None;
-            fall_back(i, &q, &ep);
+        if let Some(Err(e)) = ring.as_mut().map(TunRing::wait) {
+            give_up_ring(i, &mut ring, &q, &ep, "waiting on", &e);
             continue;
         }
         let mut n = 0;
@@ -389,9 +397,7 @@ fn tun_reader(
                 Reaped::Error(e) => failed = Some(e),
             });
             if let Some(e) = failed {
-                warn!(worker = i, error = %e, "io_uring read of the tun failed; tun reads with read(2) from now on");
-                ring = None;
-                fall_back(i, &q, &ep);
+                give_up_ring(i, &mut ring, &q, &ep, "reading the tun through", &e);
             }
             if pods {
                 if let Ok(tokens) = ep.wait(&mut events, 0) {
