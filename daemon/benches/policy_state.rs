@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use kube::runtime::watcher::Event;
-use kwire::agent::policy::{Change, Folder, Recorder};
+use kwire::agent::policy::{Change, Folder, FolderStore};
 use kwire::agent::policy_state::{self, Persist};
 use kwire::policy::{PolicyIndex, Scope};
 use serde_json::json;

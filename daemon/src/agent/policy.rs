@@ -284,8 +284,9 @@ impl Folder {
     }
 }
 
-/// Holds the loop's Folder, which the saved inputs a restart enforces first are read from.
-pub trait Recorder: Send + Sync {
+/// Holds the loop's Folder, which the saved inputs a restart enforces first are read from (a
+/// trait so that this module does not depend on `policy_state`, which implements it).
+pub trait FolderStore: Send + Sync {
     /// The Folder, locked: by the loop for each batch, by the writer while it encodes.
     fn folder(&self) -> std::sync::MutexGuard<'_, Folder>;
     /// A complete set of inputs changed (a snapshot is taken).
@@ -294,7 +295,7 @@ pub trait Recorder: Send + Sync {
 
 /// Runs until aborted. `store` holds the Folder to fold into: the saved inputs (already
 /// swapped in; the first lists fold on top of them) or an empty one.
-pub async fn run(client: Client, pods: Arc<Pods>, store: Arc<dyn Recorder>) {
+pub async fn run(client: Client, pods: Arc<Pods>, store: Arc<dyn FolderStore>) {
     let s0 = watch(Api::<PodView>::all(client.clone()), Kind::Pods, Change::Pod);
     let s1 = watch(
         Api::<NamespaceView>::all(client.clone()),

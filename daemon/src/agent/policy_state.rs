@@ -15,7 +15,7 @@
 //! A missing, corrupt or other-version file restores nothing: the data plane then fails closed
 //! until the first lists arrive (see [`crate::dataplane::ports::Pods::require_policy`]).
 
-use super::policy::{Folder, Recorder};
+use super::policy::{Folder, FolderStore};
 use super::state::write_atomic;
 use crate::policy::{PolicyIndex, Scope};
 use std::io::Write;
@@ -105,7 +105,7 @@ impl Persist {
     }
 }
 
-impl Recorder for Persist {
+impl FolderStore for Persist {
     fn folder(&self) -> MutexGuard<'_, Folder> {
         self.folder.lock().unwrap_or_else(|p| p.into_inner())
     }

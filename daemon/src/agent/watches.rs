@@ -8,8 +8,8 @@
 //! The policy watches (Pods, Namespaces, NetworkPolicies) ran on such a thread too for a while;
 //! side by side with main it did not make a Pod event cheaper (the multi-threaded runtime runs
 //! a woken task on the worker that woke it, without waking the other one), so they stay on the
-//! main runtime. There, [`PodFilter`] drops an unchanged Pod before it is recorded for the
-//! saved inputs or converted for the index.
+//! main runtime. There, [`PodFilter`] drops an unchanged Pod before it is converted and
+//! compared with what the policy index holds.
 
 use super::objects::{NodeView, PodView};
 use futures::StreamExt;
@@ -146,7 +146,7 @@ impl NodeFilter {
 }
 
 /// Drops Pod updates that change nothing NetworkPolicy reads (status heartbeats, annotations,
-/// resourceVersion alone), before they are recorded or folded. At 150,000 Pods a copy of
+/// resourceVersion alone), before they are folded. At 150,000 Pods a copy of
 /// every view, as [`NodeFilter`] keeps for Nodes, would cost tens of MB, so this keeps two
 /// 64-bit fingerprints per Pod (about 4 MB at that size): one of its namespace and name, one of
 /// the view's content without its resourceVersion ([`PodView::hash_content`]). Both are

@@ -187,7 +187,7 @@ impl NodeState {
 
     /// What `/readyz` answers: ready once the node's peers are known (listed from the API, or
     /// restored from the state file), its tun programmed, and a NetworkPolicy snapshot in the
-    /// loop (restored from `policy-state.json` or compiled from the API's lists). Until then
+    /// loop (restored from `policy-state.bin` or compiled from the API's lists). Until then
     /// its pods' new flows are dropped as `policy_not_synced`: a DaemonSet rolling update must
     /// not move on to the next node while this one's pods are cut off.
     pub fn readiness(&self) -> Result<(), NotReady> {
