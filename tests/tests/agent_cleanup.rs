@@ -5,6 +5,15 @@
 
 use kwire_tests::{require_agent, Netns, Scratch};
 
+/// The state directory's files (besides `pods.json`, written with content) that cleanup removes.
+const STATE_FILES: [&str; 5] = [
+    "private.key",
+    "peers.json",
+    "policy-state.bin",
+    "policy-state.json",
+    "ipam.json",
+];
+
 #[test]
 fn cleanup_removes_kwires_things_and_leaves_the_rest() {
     let kwire = require_agent!();
@@ -73,13 +82,7 @@ fn cleanup_removes_kwires_things_and_leaves_the_rest() {
     let pods = serde_json::json!([{"containerID": "c1", "ifname": "eth0", "netns": format!("/var/run/netns/{}", pod.name()),
         "ips": ["10.244.0.2"], "tun_name": "eth0", "mtu": 1420}]);
     std::fs::write(state.join("pods.json"), pods.to_string()).unwrap();
-    for f in [
-        "private.key",
-        "peers.json",
-        "policy-state.bin",
-        "policy-state.json",
-        "ipam.json",
-    ] {
+    for f in STATE_FILES {
         std::fs::write(state.join(f), b"x").unwrap();
     }
     std::fs::write(run.join("cni.sock"), b"").unwrap();
@@ -132,14 +135,7 @@ fn cleanup_removes_kwires_things_and_leaves_the_rest() {
     assert!(!bin.join("kwire").exists() && bin.join("portmap").exists());
     assert!(!conf.join("10-kwire.conflist").exists());
     assert!(!uapi.join(format!("{tun}.sock")).exists() && !run.join("cni.sock").exists());
-    for f in [
-        "private.key",
-        "peers.json",
-        "policy-state.bin",
-        "policy-state.json",
-        "ipam.json",
-        "pods.json",
-    ] {
+    for f in STATE_FILES.iter().chain(&["pods.json"]) {
         assert!(!state.join(f).exists(), "{f} left");
     }
     // Again: nothing to do, still success.
