@@ -428,6 +428,10 @@ fn cluster_dns_names_services_and_pods_and_follows_changes() {
             && lab_service(&st, "kube-system", "kube-dns")
                 .is_some_and(|s| s["endpoints"].array().len() == 1)
     });
+    // The lab's EndpointSlices are not yet the agents' tables: n1 refuses a connection to web
+    // until its own watch has the endpoint. default/kubernetes' one, kube-dns' UDP and TCP
+    // port, web's one.
+    agents_have(&lab, &kwire, 3, 4);
     let kube_dns = lab_service(&st, "kube-system", "kube-dns").unwrap();
     assert_eq!(kube_dns["cluster_ips"].strings(), ["10.96.0.10"]);
     let vip = lab_service(&st, "shop", "web").unwrap()["cluster_ips"].strings()[0].clone();
