@@ -16,5 +16,7 @@ pub mod peer_config;
 pub mod policy;
 pub mod services;
 pub mod status;
+#[cfg(test)]
+pub(crate) mod testing;
 pub mod tunnel;
 pub mod wg;
