@@ -143,7 +143,9 @@ fn cluster_ip_tcp_udp_v4_v6_both_nodes_refusal_policy_and_no_plaintext() {
     };
 
     // Every agent compiled the table: 2 Services, 8 frontends (2 ports in 2 families each),
-    // the 4 of `empty` without endpoints; and the API server's own `default/kubernetes`.
+    // the 4 of `empty` without endpoints; and the API server's own `default/kubernetes`. Both
+    // of web's endpoints behind each of its 4 frontends (8 backends, and kubernetes' one): the
+    // lab's slice is not yet an agent's table, and the probes below run on the agents'.
     for node in st["nodes"].array() {
         let mut last = None;
         let ok = try_wait_until(CONVERGE, || {
@@ -153,6 +155,7 @@ fn cluster_ip_tcp_udp_v4_v6_both_nodes_refusal_policy_and_no_plaintext() {
                 s["services"].as_u64() == Some(3)
                     && s["frontends"].as_u64() == Some(9)
                     && s["frontends_without_endpoints"].as_u64() == Some(4)
+                    && s["backends"].as_u64() == Some(9)
             })
         });
         assert!(
