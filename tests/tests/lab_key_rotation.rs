@@ -610,7 +610,22 @@ fn rotation_loses_nothing_resumes_after_sigkill_and_revocation_locks_the_old_key
     let (revoked_pub, revoked_private) = old_keys(&[&ns[2]]).remove(0);
     let said = key_command(&ns[2], "revoke");
     eprintln!("{}: {}", ns[2].name, said.trim());
-    let revoked_at = Instant::now();
+    // Nodes 1 and 2 learn of it through their Node watch; until then node 3's old key is
+    // still their peer, and a handshake with it would complete. The thief tries once their
+    // own peer lists no longer hold it.
+    for n in &ns[..2] {
+        wait_until(
+            Duration::from_secs(30),
+            format!("{} drops node 3's revoked key", n.name),
+            || {
+                let peers = agent_status(n)["peers"].array().to_vec();
+                peers.len() == ns.len() - 1
+                    && peers
+                        .iter()
+                        .all(|p| p["public_key"].as_str() != Some(revoked_pub.as_str()))
+            },
+        );
+    }
     let thief = Arc::new(Netns::new("thief"));
     let inner = lab.attach_to_underlay(&thief, "t");
     thief.run(&["ip", "addr", "add", "192.0.2.211/24", "dev", &inner]);
@@ -641,12 +656,13 @@ fn rotation_loses_nothing_resumes_after_sigkill_and_revocation_locks_the_old_key
             "1",
         ]);
     }
+    let revoked_at = Instant::now();
     let rejected_before: Vec<f64> = ns[..2]
         .iter()
         .map(|n| lab.drops(&n.name, "handshake"))
         .collect();
-    // wireguard-go initiates at once (keepalive 1 s) and retries every 5 s: the 5 s after the
-    // revocation hold its first attempts; none may complete, and the nodes refused them.
+    // wireguard-go initiates at once (keepalive 1 s) and retries every 5 s: the 5 s after its
+    // peers were set hold its first attempts; none may complete, and the nodes refused them.
     let window = Duration::from_secs(5) + Duration::from_secs(2);
     while revoked_at.elapsed() < window {
         let dump = wg.dump();
