@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use kwire_tests::lab::{assert_only_wireguard, BridgeCapture, Json, JsonExt, Lab};
 use kwire_tests::wireguard::{kwire_bin, Impl, WgDevice};
-use kwire_tests::{require_agent, require_tool, run_host, run_in_netns, wait_until};
+use kwire_tests::{
+    require_agent, require_tool, run_host, run_in_netns, try_wait_until, wait_until,
+};
 use kwire_tests::{Netns, Scratch};
 use nix::sys::signal::Signal;
 
@@ -431,11 +433,18 @@ fn drop_counters(lab: &Lab, ns: &[Node]) -> String {
 /// Waits until every stream carried a second of traffic (after a start or a restart).
 fn wait_flowing(udp: &[UdpStream]) {
     let base: Vec<usize> = udp.iter().map(UdpStream::received).collect();
-    wait_until(Duration::from_secs(30), "every UDP stream flows", || {
+    let flowing = try_wait_until(Duration::from_secs(30), || {
         udp.iter()
             .zip(&base)
             .all(|(s, b)| s.received() >= b + RATE as usize)
     });
+    let stalled: Vec<String> = udp
+        .iter()
+        .zip(&base)
+        .filter(|(s, b)| s.received() < *b + RATE as usize)
+        .map(|(s, b)| format!("{}: {} received in 30 s", s.what, s.received() - b))
+        .collect();
+    assert!(flowing, "UDP streams that did not flow: {stalled:#?}");
 }
 
 /// Rotates the keys of `rotating` (already started by the caller) to completion: each ends
