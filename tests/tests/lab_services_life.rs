@@ -192,7 +192,10 @@ spec:
         accepted,
         "a backend saw a new connection across the restarts"
     );
-    // New connections through the ClusterIP still work after the restarts.
+    // New connections through the ClusterIP still work after the restarts, once the new
+    // agents have their service tables again (a new flow meets the table, where the old ones
+    // may ride on what survived the restart).
+    agents_have(&lab, &kwire, 2, 4);
     for _ in 0..3 {
         echo_once(&client, to).unwrap_or_else(|e| panic!("new connection to {to}: {e}"));
     }
