@@ -289,8 +289,14 @@ fn node_ports_traffic_policies_affinity_and_hairpin() {
     let v = parse_json(&body).expect("health check JSON");
     assert_eq!(v["localEndpoints"].as_u64(), Some(1), "{body}");
     assert_eq!(v["service"]["name"].as_str(), Some("web-local"), "{body}");
-    let (code, body) = http_get(&outside, &format!("http://{n2_ip}:{hc_port}/healthz"));
-    assert_eq!(code, 503, "n2 health check: {body}");
+    // n1 answering says nothing of n2's table: n2 serves web-local's health check once its
+    // own Service watch delivered web-local (before, nothing listens there).
+    let mut last = (0, String::new());
+    let ok = try_wait_until(CONVERGE, || {
+        last = http_get(&outside, &format!("http://{n2_ip}:{hc_port}/healthz"));
+        last.0 == 503
+    });
+    assert!(ok, "n2 health check: {last:?}");
     assert_eq!(
         fetch(&outside, &format!("{n2_ip}:{local_port}")),
         None,
