@@ -50,8 +50,15 @@ struct UdpStream {
     received: Arc<Mutex<BTreeSet<u64>>>,
     sent: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    /// Set once the sender has stopped: `sent` is final.
+    sender_done: Arc<AtomicBool>,
+    /// The sender, then the receiver.
     threads: Vec<JoinHandle<()>>,
 }
+
+/// How long the receiver waits for datagrams still in flight after the sender stopped (a
+/// deadline: it returns as soon as all have arrived).
+const IN_FLIGHT: Duration = Duration::from_secs(10);
 
 impl UdpStream {
     fn start(what: String, from_ns: &str, to_ns: &str, to_ip: &str, port: u16) -> UdpStream {
@@ -69,31 +76,30 @@ impl UdpStream {
         let received: Arc<Mutex<BTreeSet<u64>>> = Arc::default();
         let sent = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (r, s) = (received.clone(), stop.clone());
+        let sender_done = Arc::new(AtomicBool::new(false));
+        let (r, done, total) = (received.clone(), sender_done.clone(), sent.clone());
         let receiver = std::thread::spawn(move || {
             let mut buf = [0u8; 64];
-            // Runs until told to stop and then until the socket has been quiet a while, so
-            // that datagrams still in flight are counted.
-            let mut quiet_since: Option<Instant> = None;
+            // Runs until the sender has stopped and every datagram it sent has arrived, or
+            // IN_FLIGHT after it stopped: the last ones may sit in a loaded node's queues for
+            // a while, and only those that never come are lost.
+            let mut stopped_at: Option<Instant> = None;
             loop {
-                match rx.recv(&mut buf) {
-                    Ok(n) => {
-                        quiet_since = None;
-                        if let Some(seq) = buf[..n]
-                            .strip_prefix(MARKER)
-                            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                            .map(u64::from_be_bytes)
-                        {
-                            r.lock().unwrap().insert(seq);
-                        }
+                if let Ok(n) = rx.recv(&mut buf) {
+                    if let Some(seq) = buf[..n]
+                        .strip_prefix(MARKER)
+                        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                        .map(u64::from_be_bytes)
+                    {
+                        r.lock().unwrap().insert(seq);
                     }
-                    Err(_) if s.load(Ordering::Relaxed) => {
-                        let q = *quiet_since.get_or_insert_with(Instant::now);
-                        if q.elapsed() > Duration::from_millis(500) {
-                            return;
-                        }
+                }
+                if done.load(Ordering::Relaxed) {
+                    let all = r.lock().unwrap().len() as u64 >= total.load(Ordering::Relaxed);
+                    let since = *stopped_at.get_or_insert_with(Instant::now);
+                    if all || since.elapsed() > IN_FLIGHT {
+                        return;
                     }
-                    Err(_) => {}
                 }
             }
         });
@@ -121,6 +127,7 @@ impl UdpStream {
             received,
             sent,
             stop,
+            sender_done,
             threads: vec![sender, receiver],
         }
     }
@@ -129,12 +136,23 @@ impl UdpStream {
         self.received.lock().unwrap().len()
     }
 
-    /// Stops sending, waits for what is in flight; (sent, the numbers that never arrived).
-    fn finish(mut self) -> (u64, Vec<u64>) {
+    /// Stops the sender, then the receiver once the sender's last datagram is in (or
+    /// [`IN_FLIGHT`] passed): the count it compares with is final.
+    fn stop_threads(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
+        let mut threads = self.threads.drain(..);
+        if let Some(sender) = threads.next() {
+            let _ = sender.join();
+        }
+        self.sender_done.store(true, Ordering::Relaxed);
+        for t in threads {
             let _ = t.join();
         }
+    }
+
+    /// Stops sending, waits for what is in flight; (sent, the numbers that never arrived).
+    fn finish(mut self) -> (u64, Vec<u64>) {
+        self.stop_threads();
         let sent = self.sent.load(Ordering::Relaxed);
         let got = self.received.lock().unwrap();
         let lost: Vec<u64> = (0..sent).filter(|s| !got.contains(s)).collect();
@@ -144,10 +162,7 @@ impl UdpStream {
 
 impl Drop for UdpStream {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.stop_threads();
     }
 }
 
