@@ -383,8 +383,9 @@ impl Lab {
 
     /// Sends `signal` to the agents of `nodes` at once (SIGKILL: a crash; SIGTERM: what a
     /// DaemonSet rollout sends), then waits until the supervisor restarted each (a new pid,
-    /// one more restart) and it serves CNI again, within `restart`. Returns when the signals
-    /// were sent.
+    /// one more restart) and it serves CNI again (its socket bound anew: the old agent's file
+    /// outlives a SIGKILL), within `restart`. Returns when the signals were sent. Whatever
+    /// else the new agents must have (sessions, tables) the caller waits for.
     pub fn signal_agents(
         &self,
         nodes: &[&str],
@@ -392,6 +393,12 @@ impl Lab {
         restart: std::time::Duration,
     ) -> std::time::Instant {
         let before: Vec<(i32, u64)> = nodes.iter().map(|n| self.agent(n)).collect();
+        let signalled = std::time::SystemTime::now();
+        let bound_since_signal = |socket: &str| {
+            std::fs::metadata(socket)
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t >= signalled)
+        };
         for (n, (pid, _)) in nodes.iter().zip(&before) {
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), signal)
                 .unwrap_or_else(|e| panic!("{signal} to agent {pid} of {n}: {e}"));
@@ -407,9 +414,7 @@ impl Lab {
                     .is_some_and(|n| {
                         n["agent_pid"].as_u64().is_some_and(|p| p as i32 != *pid)
                             && n["agent_restarts"].as_u64().unwrap_or(0) > *restarts
-                            && n["cni_socket"]
-                                .as_str()
-                                .is_some_and(|p| Path::new(p).exists())
+                            && n["cni_socket"].as_str().is_some_and(bound_since_signal)
                     })
             })
         });
