@@ -55,6 +55,8 @@ struct Api<K> {
     request: kube::core::Request,
     list: ListParams,
     watch: WatchParams,
+    /// The last page's size in bytes.
+    page_size: Arc<std::sync::atomic::AtomicUsize>,
     _kind: std::marker::PhantomData<fn() -> K>,
 }
 
@@ -62,12 +64,27 @@ impl<K> Source<K> for Api<K>
 where
     K: kube::Resource + DeserializeOwned + Clone + std::fmt::Debug + Send + 'static,
 {
+    /// Read into one buffer sized by the page before (pages are alike): kube's `request_text`
+    /// gathers the body, copies it into one buffer and that into a `String`, two copies of
+    /// every byte (~400 MB each for 150,000 Pods) where this makes one.
     fn page(&self, token: Option<String>) -> BoxFuture<'static, Result<String, kube::Error>> {
+        use std::sync::atomic::Ordering::Relaxed;
         let mut lp = self.list.clone();
         lp.continue_token = token;
         let req = self.request.list(&lp).map_err(kube::Error::BuildRequest);
         let client = self.client.clone();
-        async move { client.request_text(req?).await }.boxed()
+        let size = self.page_size.clone();
+        async move {
+            let body = client.request_stream(req?).await?;
+            let hint = size.load(Relaxed);
+            let mut buf = Vec::with_capacity(hint + hint / 8);
+            futures::AsyncReadExt::read_to_end(&mut Box::pin(body), &mut buf)
+                .await
+                .map_err(kube::Error::ReadEvents)?;
+            size.store(buf.len(), Relaxed);
+            String::from_utf8(buf).map_err(kube::Error::FromUtf8)
+        }
+        .boxed()
     }
 
     fn watch(
@@ -111,6 +128,7 @@ where
             bookmarks: true,
             ..WatchParams::default()
         },
+        page_size: Arc::default(),
         _kind: std::marker::PhantomData,
     };
     from_source(Arc::new(source), WATCH_TIMEOUT_S)
