@@ -343,29 +343,22 @@ where
             let next = tokio::time::timeout(idle, stream.next())
                 .await
                 .unwrap_or(None);
+            // An object event moves the watch to the object's resourceVersion; one without a
+            // resourceVersion leaves nothing to resume from: list again.
+            let object = |obj: K, wrap: fn(K) -> Event<K>, stream| match obj
+                .meta()
+                .resource_version
+                .clone()
+                .filter(|r| !r.is_empty())
+            {
+                Some(rv) => (Some(Ok(wrap(obj))), State::Watching { rv, stream }),
+                None => (Some(Err(Error::NoResourceVersion)), State::Empty),
+            };
             match next {
                 Some(Ok(WatchEvent::Added(obj) | WatchEvent::Modified(obj))) => {
-                    match obj
-                        .meta()
-                        .resource_version
-                        .clone()
-                        .filter(|r| !r.is_empty())
-                    {
-                        Some(rv) => (Some(Ok(Event::Apply(obj))), State::Watching { rv, stream }),
-                        None => (Some(Err(Error::NoResourceVersion)), State::Empty),
-                    }
+                    object(obj, Event::Apply, stream)
                 }
-                Some(Ok(WatchEvent::Deleted(obj))) => {
-                    match obj
-                        .meta()
-                        .resource_version
-                        .clone()
-                        .filter(|r| !r.is_empty())
-                    {
-                        Some(rv) => (Some(Ok(Event::Delete(obj))), State::Watching { rv, stream }),
-                        None => (Some(Err(Error::NoResourceVersion)), State::Empty),
-                    }
-                }
+                Some(Ok(WatchEvent::Deleted(obj))) => object(obj, Event::Delete, stream),
                 Some(Ok(WatchEvent::Bookmark(bm))) => (
                     None,
                     State::Watching {
