@@ -3,7 +3,8 @@
 //! head of the body), while page N is parsed and folded. kube-runtime's watcher asks for the
 //! next page only after the last object of the page before has been consumed, so at 150,000
 //! Pods (300 pages of 500) the agent and the API server took turns, each idle while the other
-//! worked. At most [`PAGES_AHEAD`] pages wait, so memory stays bounded by a few pages.
+//! worked. At most [`PAGES_AHEAD`] pages wait in the queue and one in the fetcher's hands, so
+//! memory stays bounded by a few pages.
 //!
 //! What it yields is what kube-runtime's watcher yields, item for item, so the consumers, the
 //! filters and the backoff (`WatchStreamExt::backoff`) stay as they are: `Init`, one `InitApply`
@@ -12,7 +13,8 @@
 //! seen (an event's or a bookmark's); a 410 Gone (in the stream, or refusing the watch) lists
 //! again from the start; every failure is an `Err` item (`InitialListFailed`,
 //! `WatchStartFailed`, `WatchError`, `WatchFailed`, `NoResourceVersion`), after which the list
-//! starts over or the watch is retried. The list parameters are the watcher's with the Any
+//! starts over or the watch is retried; a 403 Forbidden (RBAC) is such an error, never an
+//! empty list, and is logged as a warning where the watcher logged one. The list parameters are the watcher's with the Any
 //! semantic and [`super::watches::PAGE_SIZE`] (the query is built by kube's own `Request`),
 //! and a watch silent for longer than its timeout plus 5 s is taken as dead, as kube does.
 
@@ -27,7 +29,7 @@ use serde::{Deserialize, Deserializer};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Pages fetched but not yet parsed, at most.
+/// Fetched pages queued for the parser, at most (the fetcher holds one more while it waits).
 pub const PAGES_AHEAD: usize = 2;
 /// The server-side timeout of a watch (kube's default).
 const WATCH_TIMEOUT_S: u32 = 290;
@@ -270,6 +272,16 @@ fn is_gone(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 410)
 }
 
+/// A 403 Forbidden is logged as a warning, in kube's watcher's words (its other errors at
+/// debug): a missing RBAC grant should be seen without debug logs, on every retry.
+fn log_forbidden(what: &str, e: &kube::Error) {
+    if matches!(e, kube::Error::Api(s) if s.is_forbidden()) {
+        tracing::warn!("{what} with 403: {e:?}");
+    } else {
+        tracing::debug!("{what}: {e:?}");
+    }
+}
+
 /// One step: an item to yield (None: step again) and the state after it.
 async fn step<K, S>(
     source: &Arc<S>,
@@ -327,7 +339,10 @@ where
                         State::Empty,
                     ),
                 },
-                Some(Err(e)) => (Some(Err(Error::InitialListFailed(e))), State::Empty),
+                Some(Err(e)) => {
+                    log_forbidden("watch list error", &e);
+                    (Some(Err(Error::InitialListFailed(e))), State::Empty)
+                }
                 None => match rv {
                     Some(rv) => (Some(Ok(Event::InitDone)), State::Listed { rv }),
                     None => (Some(Err(Error::NoResourceVersion)), State::Empty),
@@ -336,8 +351,15 @@ where
         }
         State::Listed { rv } => match source.watch(&rv).await {
             Ok(stream) => (None, State::Watching { rv, stream }),
-            Err(e) if is_gone(&e) => (Some(Err(Error::WatchStartFailed(e))), State::Empty),
-            Err(e) => (Some(Err(Error::WatchStartFailed(e))), State::Listed { rv }),
+            Err(e) => {
+                log_forbidden("watch initlist error", &e);
+                let next = if is_gone(&e) {
+                    State::Empty
+                } else {
+                    State::Listed { rv }
+                };
+                (Some(Err(Error::WatchStartFailed(e))), next)
+            }
         },
         State::Watching { rv, mut stream } => {
             let next = tokio::time::timeout(idle, stream.next())
@@ -367,6 +389,9 @@ where
                     },
                 ),
                 Some(Ok(WatchEvent::Error(status))) => {
+                    if status.code == 403 {
+                        tracing::warn!("watcher watchevent error 403: {status:?}");
+                    }
                     let next = if status.code == 410 {
                         State::Empty
                     } else {
@@ -374,10 +399,13 @@ where
                     };
                     (Some(Err(Error::WatchError(status))), next)
                 }
-                Some(Err(e)) => (
-                    Some(Err(Error::WatchFailed(e))),
-                    State::Watching { rv, stream },
-                ),
+                Some(Err(e)) => {
+                    log_forbidden("watcher error", &e);
+                    (
+                        Some(Err(Error::WatchFailed(e))),
+                        State::Watching { rv, stream },
+                    )
+                }
                 None => (None, State::Listed { rv }),
             }
         }
@@ -655,6 +683,49 @@ mod tests {
             ]
         );
         assert_eq!(*s.asked_watches.lock().unwrap(), ["5", "5", "5"]);
+    }
+
+    /// RBAC's 403 (as a real cluster answers a missing grant): a refused list is an error and
+    /// the list starts over, never an empty list done; a refused watch is retried from the
+    /// list's version; a 403 ERROR event in a watch is an error and the watch goes on.
+    #[tokio::test]
+    async fn a_403_is_an_error_never_an_empty_list() {
+        let s = script(
+            vec![
+                (None, Err(kube::Error::Api(status(403)))),
+                (None, Ok(page(4, Some("t1"), &["a"]))),
+                (Some("t1"), Err(kube::Error::Api(status(403)))),
+                (Some("t1"), Ok(page(4, None, &["b"]))),
+            ],
+            vec![
+                Err(kube::Error::Api(status(403))),
+                Err(kube::Error::Api(status(403))),
+                Ok(vec![
+                    WatchEvent::Error(status(403)),
+                    WatchEvent::Added(cm("y", 5)),
+                ]),
+            ],
+        );
+        let got = lines(s.clone(), 13).await;
+        assert_eq!(
+            got,
+            [
+                "init",
+                "error list",
+                "init",
+                "+a",
+                "error list",
+                "init",
+                "+a",
+                "+b",
+                "done",
+                "error watch start",
+                "error watch start",
+                "error watch 403",
+                "apply y",
+            ]
+        );
+        assert_eq!(*s.asked_watches.lock().unwrap(), ["4", "4", "4"]);
     }
 
     #[test]
