@@ -11,7 +11,7 @@
 #
 # Usage: sudo scripts/bench-agent-scale.sh [--nodes N] [--pods N] [--namespaces N]
 #          [--policies N] [--services N] [--changes N] [--irrelevant N] [--churn-secs S]
-#          [--json] [--kwire PATH] [--log-level FILTER]
+#          [--json] [--sync-only] [--kwire PATH] [--log-level FILTER]
 #   --pods        default 30 per node (this node included)
 #   --services    creates Services with 10-endpoint EndpointSlices: the sync then waits for
 #                 the service table too (services_ms), and service_change_cpu_ms is the agent
@@ -19,6 +19,8 @@
 #   --json        one JSON object on stdout (nodes, pods, policies, sync_ms, peak_rss_mb,
 #                 irrelevant_update_cpu_us, relevant_change_p99_ms, relevant_change_cpu_ms,
 #                 churn_cpu_cores, and the parts behind them); progress goes to stderr
+#   --sync-only   stop after the start → complete data plane figures (sync_ms and its parts,
+#                 the agent's and this process's CPU meanwhile); no route programming run
 #   --kwire PATH  measure another agent binary (e.g. main's, for before/after); its kwire-cni
 #                 is taken from this build
 # Env:   KWIRE_BENCH_PERF=FILE    also record a perf profile of the agent during one phase:
@@ -72,6 +74,7 @@ echo "== machine: $(nproc) cores, load average $(cut -d' ' -f1-3 /proc/loadavg)"
 "$target/release/examples/agent_scale" --kwire "$target/release/kwire" --kwire-cni "$target/release/kwire-cni" "$@" &
 driver_pid=$!
 wait "$driver_pid"
+for a in "$@"; do [ "$a" = "--sync-only" ] && exit 0; done
 # Route programming alone, the agent's way (rtnetlink) beside `ip -batch` (its way before),
 # interleaved in fresh namespaces. With --json, stdout holds the one JSON object only.
 echo "== route programming, 5,000 peers: ip -batch vs netlink" >&2

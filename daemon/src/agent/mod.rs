@@ -8,6 +8,7 @@ pub mod external;
 pub mod health;
 pub mod keyctl;
 pub mod keyfile;
+pub mod lister;
 pub mod objects;
 pub mod peer_index;
 pub mod peers;

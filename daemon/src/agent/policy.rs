@@ -6,18 +6,19 @@
 //! all three lists have been read once; until then the inputs saved by the last run are in
 //! force, or, without them, pods' new flows are dropped (the agent's `policy_state` module).
 //!
-//! API etiquette: the watcher lists once (pages of [`super::watches::PAGE_SIZE`], served from the API
-//! server's watch cache), then watches from that resourceVersion with bookmarks, resuming from
-//! the last one seen when a watch ends; only a 410 Gone makes it list again. Failures back off
+//! API etiquette: each kind is listed once (pages of [`super::watches::PAGE_SIZE`], the next
+//! page asked for as soon as the one before has arrived, see [`super::lister`]), then watched
+//! from that resourceVersion with bookmarks, resuming from the last one seen when a watch ends;
+//! only a 410 Gone makes it list again. Failures back off
 //! exponentially (see [`super::WatchBackoff`]). The agent never writes Pods, Namespaces or NetworkPolicies.
 
 use super::objects::{NamespaceView, NetworkPolicyView, PodView};
 use crate::dataplane::ports::Pods;
 use crate::policy::{Namespace, Pod, Policy, PolicyIndex, Scope};
 use futures::{FutureExt, StreamExt};
-use kube::runtime::watcher::{self, Event};
+use kube::runtime::watcher::Event;
 use kube::runtime::WatchStreamExt;
-use kube::{Api, Client};
+use kube::Client;
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -54,15 +55,19 @@ pub enum Change {
 }
 
 fn watch<K>(
-    api: Api<K>,
+    client: Client,
     kind: Kind,
     wrap: fn(Event<K>) -> Change,
 ) -> impl futures::Stream<Item = Change> + Send
 where
-    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
-    K::DynamicType: Default,
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + 'static,
 {
-    watcher::watcher(api, super::watches::watch_config())
+    super::lister::watch::<K>(client)
         .backoff(super::WatchBackoff::default())
         .map(move |r| match r {
             Ok(ev) => wrap(ev),
@@ -296,17 +301,9 @@ pub trait FolderStore: Send + Sync {
 /// Runs until aborted. `store` holds the Folder to fold into: the saved inputs (already
 /// swapped in; the first lists fold on top of them) or an empty one.
 pub async fn run(client: Client, pods: Arc<Pods>, store: Arc<dyn FolderStore>) {
-    let s0 = watch(Api::<PodView>::all(client.clone()), Kind::Pods, Change::Pod);
-    let s1 = watch(
-        Api::<NamespaceView>::all(client.clone()),
-        Kind::Namespaces,
-        Change::Namespace,
-    );
-    let s2 = watch(
-        Api::<NetworkPolicyView>::all(client),
-        Kind::NetworkPolicies,
-        Change::Policy,
-    );
+    let s0 = watch::<PodView>(client.clone(), Kind::Pods, Change::Pod);
+    let s1 = watch::<NamespaceView>(client.clone(), Kind::Namespaces, Change::Namespace);
+    let s2 = watch::<NetworkPolicyView>(client, Kind::NetworkPolicies, Change::Policy);
     let events = futures::stream::select(futures::stream::select(s0, s1), s2);
     let mut events = std::pin::pin!(events);
     let mut enforcing = false;
