@@ -25,8 +25,11 @@
 #                 is taken from this build
 # Env:   KWIRE_BENCH_PERF=FILE    also record a perf profile of the agent during one phase:
 #        KWIRE_BENCH_PERF_PHASE=sync|idle|irrelevant_pods|irrelevant_nodes|relevant|churn
-#          (default relevant),
+#          (default relevant; several separated by commas: each to FILE.<phase>),
 #        KWIRE_BENCH_PERF_FREQ=HZ (default 499), KWIRE_BENCH_PERF_CALL_GRAPH=fp|dwarf
+#        KWIRE_BENCH_PERF_STAT=PREFIX  instead: `perf stat --per-thread` (run time, context
+#          switches, migrations; KWIRE_BENCH_PERF_STAT_EVENTS=LIST for others) of every phase,
+#          to PREFIX.<phase>
 #        KWIRE_BENCH_KEEP_LOG=1   keep the agent's log at $TMPDIR/kwire-agent-scale.log
 # Needs root, iproute2 and /dev/net/tun. The driver's namespaces, scratch directory and agent
 # are RAII guards; the trap below also removes what a killed run left behind.

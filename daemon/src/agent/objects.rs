@@ -496,6 +496,93 @@ mod tests {
         );
     }
 
+    /// A Pod's labels as the view reads them (from the bytes, as a watch does) become the map
+    /// k8s-openapi reads from the same bytes: escapes in keys and values, a key listed twice
+    /// (its last value), empty, null and absent labels.
+    #[test]
+    fn pod_labels_read_as_k8s_openapi_reads_them() {
+        let cases = [
+            r#"{"app": "web", "tier": "front"}"#,
+            r#"{"a\"b": "c\\d", "\u00e9t\u00e9": "\n", "k8s.io/x": "y\/z"}"#,
+            r#"{"app": "web", "app": "db", "z": "1", "a": "2"}"#,
+            r#"{"": ""}"#,
+            "{}",
+            "null",
+        ];
+        for labels in cases {
+            let text = format!(
+                r#"{{"metadata": {{"name": "p", "namespace": "x", "labels": {labels}, "annotations": {{"a": "b"}}}}, "status": {{"phase": "Running"}}}}"#
+            );
+            let view: PodView = serde_json::from_str(&text).unwrap();
+            let full: corev1::Pod = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                view.into_k8s().metadata.labels,
+                full.metadata.labels,
+                "{labels}"
+            );
+            // From a Value too (owned strings, no borrowing).
+            let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let view: PodView = serde_json::from_value(value).unwrap();
+            assert_eq!(
+                view.into_k8s().metadata.labels,
+                full.metadata.labels,
+                "{labels}"
+            );
+        }
+        let absent: PodView = serde_json::from_str(r#"{"metadata": {"name": "p"}}"#).unwrap();
+        assert_eq!(absent.into_k8s().metadata.labels, None);
+        // Not a map of strings: refused, as k8s-openapi refuses it.
+        for bad in [r#"{"a": 1}"#, r#"["a"]"#, r#""a""#] {
+            let text = format!(r#"{{"metadata": {{"name": "p", "labels": {bad}}}}}"#);
+            assert!(serde_json::from_str::<PodView>(&text).is_err(), "{bad}");
+            assert!(serde_json::from_str::<corev1::Pod>(&text).is_err(), "{bad}");
+        }
+    }
+
+    /// Every change of a Pod's labels changes its fingerprint (so the Pod filter passes it),
+    /// including a boundary moved between a key and its value and empty versus absent labels;
+    /// a heartbeat or an annotation does not.
+    #[test]
+    fn a_label_change_changes_the_fingerprint() {
+        use std::hash::{BuildHasher, Hasher};
+        let s = std::hash::RandomState::new();
+        let print = |labels: &str, annotation: &str| {
+            let text = format!(
+                r#"{{"metadata": {{"name": "p", "namespace": "x", "uid": "u", "resourceVersion": "{annotation}", {labels} "annotations": {{"a": "{annotation}"}}}}, "status": {{"phase": "Running"}}}}"#
+            );
+            let view: PodView = serde_json::from_str(&text).unwrap();
+            let mut h = s.build_hasher();
+            view.hash_content(&mut h);
+            h.finish()
+        };
+        let variants = [
+            r#""labels": {"app": "web"},"#,
+            r#""labels": {"app": "db"},"#,
+            r#""labels": {"ap": "pweb"},"#,
+            r#""labels": {"app": "web", "tier": "front"},"#,
+            r#""labels": {"tier": "front"},"#,
+            r#""labels": {"app": "w\u0065b2"},"#,
+            r#""labels": {},"#,
+            r#""labels": {"": ""},"#,
+            "",
+        ];
+        let prints: Vec<u64> = variants.iter().map(|l| print(l, "1")).collect();
+        for (i, a) in prints.iter().enumerate() {
+            for (j, b) in prints.iter().enumerate() {
+                assert_eq!(a == b, i == j, "{} vs {}", variants[i], variants[j]);
+            }
+        }
+        for (l, p) in variants.iter().zip(&prints) {
+            assert_eq!(
+                print(l, "2"),
+                *p,
+                "an annotation and resourceVersion alone: {l}"
+            );
+        }
+        // The same labels spelled with an escape read alike.
+        assert_eq!(print(r#""labels": {"app": "w\u0065b"},"#, "1"), prints[0]);
+    }
+
     #[test]
     fn views_address_the_resources_they_stand_for() {
         assert_eq!(PodView::url_path(&(), None), "/api/v1/pods");

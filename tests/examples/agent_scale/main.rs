@@ -266,16 +266,46 @@ fn paced(pid: u32, items: usize, rate: f64, mut work: impl FnMut(usize)) -> (f64
 
 /// A perf profile of the agent during one phase, when `KWIRE_BENCH_PERF=FILE` asks for one
 /// and `KWIRE_BENCH_PERF_PHASE` (sync, idle, irrelevant_pods, irrelevant_nodes, relevant,
-/// churn; default relevant) names this phase; `KWIRE_BENCH_PERF_FREQ` sets the sampling frequency
+/// churn; default relevant; several separated by commas) names this phase; `KWIRE_BENCH_PERF_FREQ` sets the sampling frequency
 /// (default 499 Hz), `KWIRE_BENCH_PERF_CALL_GRAPH` the unwinding (fp or dwarf).
 struct Perf(Option<std::process::Child>);
 
 impl Perf {
     fn start(pid: u32, phase: &str) -> Perf {
+        // Counts per thread (run time, context switches, migrations) for every phase, cheaper
+        // than sampling and steadier under load than a sampled profile.
+        if let Some(prefix) = std::env::var_os("KWIRE_BENCH_PERF_STAT") {
+            let mut out = std::path::PathBuf::from(prefix).into_os_string();
+            out.push(format!(".{phase}"));
+            let events = std::env::var("KWIRE_BENCH_PERF_STAT_EVENTS")
+                .unwrap_or_else(|_| "task-clock,context-switches,cpu-migrations".into());
+            let child = std::process::Command::new("perf")
+                .args([
+                    "stat",
+                    "--per-thread",
+                    "-e",
+                    &events,
+                    "-p",
+                    &pid.to_string(),
+                    "-o",
+                ])
+                .arg(out)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("perf stat");
+            return Perf(Some(child));
+        }
         let wanted = std::env::var("KWIRE_BENCH_PERF_PHASE").unwrap_or_else(|_| "relevant".into());
-        let Some(out) = std::env::var_os("KWIRE_BENCH_PERF").filter(|_| wanted == phase) else {
+        // One phase, or several separated by commas (each then to FILE.<phase>).
+        let Some(mut out) =
+            std::env::var_os("KWIRE_BENCH_PERF").filter(|_| wanted.split(',').any(|w| w == phase))
+        else {
             return Perf(None);
         };
+        if wanted.contains(',') {
+            out.push(format!(".{phase}"));
+        }
         let freq = std::env::var("KWIRE_BENCH_PERF_FREQ").unwrap_or_else(|_| "499".into());
         // fp (the default) costs little; dwarf unwinds through code built without frame
         // pointers (the release build's debug line tables suffice).
