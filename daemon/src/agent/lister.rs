@@ -41,15 +41,12 @@ pub trait Source<K>: Send + Sync + 'static {
     /// The body of one list page: the first (`None`) or the one a continue token names.
     fn page(&self, token: Option<String>) -> BoxFuture<'static, Result<String, kube::Error>>;
     /// A watch from `rv`.
-    #[allow(clippy::type_complexity)]
-    fn watch(
-        &self,
-        rv: &str,
-    ) -> BoxFuture<
-        'static,
-        Result<BoxStream<'static, Result<WatchEvent<K>, kube::Error>>, kube::Error>,
-    >;
+    fn watch(&self, rv: &str) -> WatchStart<K>;
 }
+
+/// A watch being started: its stream of events, or the error that refused it.
+pub type WatchStart<K> =
+    BoxFuture<'static, Result<BoxStream<'static, Result<WatchEvent<K>, kube::Error>>, kube::Error>>;
 
 /// The API server, for every kind (cluster-wide).
 struct Api<K> {
@@ -89,13 +86,7 @@ where
         .boxed()
     }
 
-    fn watch(
-        &self,
-        rv: &str,
-    ) -> BoxFuture<
-        'static,
-        Result<BoxStream<'static, Result<WatchEvent<K>, kube::Error>>, kube::Error>,
-    > {
+    fn watch(&self, rv: &str) -> WatchStart<K> {
         let req = self
             .request
             .watch(&self.watch, rv)
@@ -450,13 +441,7 @@ mod tests {
             async move { answer }.boxed()
         }
 
-        fn watch(
-            &self,
-            rv: &str,
-        ) -> BoxFuture<
-            'static,
-            Result<BoxStream<'static, Result<WatchEvent<ConfigMap>, kube::Error>>, kube::Error>,
-        > {
+        fn watch(&self, rv: &str) -> WatchStart<ConfigMap> {
             self.asked_watches.lock().unwrap().push(rv.to_string());
             let answer = match self.watches.lock().unwrap().pop_front() {
                 Some(Ok(events)) => Ok(futures::stream::iter(events.into_iter().map(Ok)).boxed()),

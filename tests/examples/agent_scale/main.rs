@@ -279,22 +279,7 @@ impl Perf {
             out.push(format!(".{phase}"));
             let events = std::env::var("KWIRE_BENCH_PERF_STAT_EVENTS")
                 .unwrap_or_else(|_| "task-clock,context-switches,cpu-migrations".into());
-            let child = std::process::Command::new("perf")
-                .args([
-                    "stat",
-                    "--per-thread",
-                    "-e",
-                    &events,
-                    "-p",
-                    &pid.to_string(),
-                    "-o",
-                ])
-                .arg(out)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .expect("perf stat");
-            return Perf(Some(child));
+            return Perf::spawn(&["stat", "--per-thread", "-e", &events], pid, out);
         }
         let wanted = std::env::var("KWIRE_BENCH_PERF_PHASE").unwrap_or_else(|_| "relevant".into());
         // One phase, or several separated by commas (each then to FILE.<phase>).
@@ -310,22 +295,19 @@ impl Perf {
         // fp (the default) costs little; dwarf unwinds through code built without frame
         // pointers (the release build's debug line tables suffice).
         let graph = std::env::var("KWIRE_BENCH_PERF_CALL_GRAPH").unwrap_or_else(|_| "fp".into());
+        Perf::spawn(&["record", "-F", &freq, "--call-graph", &graph], pid, out)
+    }
+
+    /// `perf ARGS -p PID -o OUT`, quiet.
+    fn spawn(args: &[&str], pid: u32, out: std::ffi::OsString) -> Perf {
         let child = std::process::Command::new("perf")
-            .args([
-                "record",
-                "-F",
-                &freq,
-                "--call-graph",
-                &graph,
-                "-p",
-                &pid.to_string(),
-                "-o",
-            ])
+            .args(args)
+            .args(["-p", &pid.to_string(), "-o"])
             .arg(out)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("perf record");
+            .unwrap_or_else(|e| panic!("perf {}: {e}", args[0]));
         Perf(Some(child))
     }
 
