@@ -470,4 +470,35 @@ mod tests {
         assert!(!pods.table().policy_pending);
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    /// A body the checksum vouches for (the digest is not a MAC) but the decoder cannot read:
+    /// refused with the decoder's reason and where, counted, nothing restored.
+    #[test]
+    fn a_hostile_body_behind_a_valid_checksum_is_refused_with_where() {
+        // One namespace "a" whose label-set count is as large as the bytes left allow, then
+        // no valid label set.
+        let mut body = vec![1, 1, b'a', 0, 0xf0, 0x0f];
+        body.resize(4096, 0xff);
+        let mut file = MAGIC.to_vec();
+        file.extend_from_slice(&POLICY_STATE_VERSION.to_le_bytes());
+        file.extend_from_slice(checksum(&body).as_ref());
+        file.extend_from_slice(&body);
+        assert_eq!(
+            decode(&file, "n1").err().expect("refused"),
+            "integer too long at byte 16"
+        );
+        let dir = temp_dir();
+        std::fs::write(dir.join(POLICY_STATE_FILE), &file).unwrap();
+        let text = load(&dir, "n1").err().expect("an error").to_string();
+        assert!(
+            text.contains(POLICY_STATE_FILE) && text.contains("integer too long at byte 16"),
+            "{text}"
+        );
+        let pods = crate::dataplane::ports::Pods::new(1, false).unwrap();
+        pods.require_policy();
+        let (persist, failed) = restore(&dir, "n1", &pods);
+        assert!(failed && !persist.folder().ready());
+        assert!(pods.table().policy_pending, "fails closed");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
