@@ -22,7 +22,7 @@ use support::{NoNet, RingIo, ADDR_A, ADDR_B, INNER_A, INNER_B, KEY_A, KEY_B};
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target.
-pub const TARGETS: [Target; 8] = [
+pub const TARGETS: [Target; 9] = [
     ("uapi_parse", uapi_parse),
     ("tso_split", tso_split),
     ("gro_coalesce", gro_coalesce),
@@ -31,6 +31,7 @@ pub const TARGETS: [Target; 8] = [
     ("node_peers", node_peers),
     ("policy_compile", policy_compile),
     ("cni_request", cni_request),
+    ("policy_state", policy_state),
 ];
 
 /// Userspace API text, split into requests as the server does (lines up to a blank line; an
@@ -285,6 +286,29 @@ const LOOP_POLICY: &str = r#"[
  {"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{"name":"web","namespace":"default"},
   "spec":{"podSelector":{"matchLabels":{"app":"web"}},"policyTypes":["Egress"],
    "egress":[{"ports":[{"protocol":"TCP"},{"protocol":"SCTP"}]}]}}
+]"#;
+
+/// Manifests for a [`policy_state`] seed: labelled namespaces; pods of two nodes, some
+/// sharing a label set and a port list, one with two addresses, one with none, one on the host
+/// network; a policy with every kind of part (ipBlock with except, namespace and pod selectors
+/// with expressions, named ports, port ranges, SCTP) and a default deny. (`Manifests` refuses
+/// invalid parts; the decoder's tags for them are reached by mutation.)
+const POLICY_STATE_SEED: &str = r#"[
+ {"apiVersion":"v1","kind":"Namespace","metadata":{"name":"a","labels":{"kubernetes.io/metadata.name":"a","team":"x"}}},
+ {"apiVersion":"v1","kind":"Namespace","metadata":{"name":"b","labels":{"kubernetes.io/metadata.name":"b"}}},
+ {"apiVersion":"v1","kind":"Pod","metadata":{"name":"w1","namespace":"a","labels":{"app":"w"}},"spec":{"nodeName":"n1","containers":[{"name":"c","ports":[{"name":"http","containerPort":8080}]}]},"status":{"podIPs":[{"ip":"10.244.0.2"},{"ip":"fd00:10:244::2"}]}},
+ {"apiVersion":"v1","kind":"Pod","metadata":{"name":"w2","namespace":"a","labels":{"app":"w"}},"spec":{"nodeName":"n2","containers":[{"name":"c","ports":[{"name":"http","containerPort":8080}]}]},"status":{"podIPs":[{"ip":"10.244.1.2"}]}},
+ {"apiVersion":"v1","kind":"Pod","metadata":{"name":"db","namespace":"b","labels":{"app":"db","tier":"data"}},"spec":{"nodeName":"n1","containers":[{"name":"c","ports":[{"name":"pg","containerPort":5432}]}]},"status":{"podIPs":[{"ip":"10.244.0.3"}]}},
+ {"apiVersion":"v1","kind":"Pod","metadata":{"name":"pending","namespace":"b","labels":{"app":"db","tier":"data"}},"spec":{"containers":[{"name":"c"}]}},
+ {"apiVersion":"v1","kind":"Pod","metadata":{"name":"host","namespace":"b","labels":{"app":"agent"}},"spec":{"nodeName":"n1","hostNetwork":true,"containers":[{"name":"c"}]},"status":{"podIPs":[{"ip":"192.0.2.1"}]}},
+ {"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{"name":"db","namespace":"b"},
+  "spec":{"podSelector":{"matchLabels":{"app":"db"},"matchExpressions":[{"key":"tier","operator":"In","values":["data","cache"]},{"key":"legacy","operator":"DoesNotExist"}]},
+   "policyTypes":["Ingress","Egress"],
+   "ingress":[{"from":[{"namespaceSelector":{"matchExpressions":[{"key":"team","operator":"Exists"}]},"podSelector":{"matchLabels":{"app":"w"}}},
+     {"ipBlock":{"cidr":"10.0.0.0/8","except":["10.1.0.0/16","10.2.0.0/16"]}},{"ipBlock":{"cidr":"fd00::/64"}}],
+    "ports":[{"port":"pg"},{"protocol":"TCP","port":5432,"endPort":5440},{"protocol":"SCTP"},{"protocol":"UDP","port":53}]}],
+   "egress":[{"to":[{"podSelector":{"matchExpressions":[{"key":"app","operator":"NotIn","values":["x"]}]}}]},{}]}},
+ {"apiVersion":"networking.k8s.io/v1","kind":"NetworkPolicy","metadata":{"name":"deny","namespace":"a"},"spec":{"podSelector":{},"policyTypes":["Ingress"]}}
 ]"#;
 
 /// Records what the loop wrote, by port.
@@ -604,6 +628,92 @@ pub fn cni_request(data: &[u8]) {
     });
 }
 
+/// The bytes of the agent's saved NetworkPolicy inputs (`policy-state.bin`), read as the
+/// agent reads the file at start (`policy_state::decode`, behind `load`): first as they are,
+/// then as the body of a file with a valid header (magic, version and the SHA-256 of the body,
+/// recomputed), so that the decoder's counts, strings, references and tags are exercised
+/// rather than the checksum. An input that starts with a header (as the seeds, real files, do)
+/// has it replaced. No panic; what decodes is a Folder whose snapshot can be taken, and whose
+/// inputs, encoded again, decode to the same inputs: the same namespaces, pods and policies,
+/// the same snapshot figures, the same pod at every address, the same verdicts.
+pub fn policy_state(data: &[u8]) {
+    use kwire::agent::policy_state::{decode, encode, HEADER};
+    use kwire::policy::{PolicyIndex, PolicySet, Protocol, Scope};
+    // Magic and version, as `encode` writes them.
+    const MAGIC_VERSION: usize = 12;
+    thread_local! {
+        static HEAD: Vec<u8> = encode(&PolicyIndex::new(Scope::All))[..MAGIC_VERSION].to_vec();
+    }
+    if let Ok(mut folder) = decode(data, "n1") {
+        let _ = folder.index.snapshot();
+    }
+    let body = HEAD.with(|head| match data.get(..HEADER) {
+        Some(h) if h[..8] == head[..8] => &data[HEADER..],
+        _ => data,
+    });
+    let mut file = HEAD.with(Clone::clone);
+    file.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, body).as_ref());
+    file.extend_from_slice(body);
+    let Ok(mut first) = decode(&file, "n1") else {
+        return;
+    };
+    assert!(first.ready(), "a restored Folder is listed");
+    let set = first.index.snapshot();
+    let again = encode(&first.index);
+    let mut second =
+        decode(&again, "n1").unwrap_or_else(|e| panic!("what was read does not read back: {e}"));
+    let (a, b) = (&first.index, &second.index);
+    assert_eq!(a.pod_count(), b.pod_count());
+    assert_eq!(a.identity_count(), b.identity_count());
+    let names = |ix: &PolicyIndex| {
+        let mut v: Vec<String> = ix
+            .pod_names()
+            .map(|(ns, n)| format!("pod {ns}/{n}"))
+            .chain(ix.namespace_names().map(|n| format!("namespace {n}")))
+            .chain(ix.policy_names().map(|(ns, n)| format!("policy {ns}/{n}")))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(a), names(b));
+    for (ns, n) in a.policy_names() {
+        assert_eq!(a.policy(ns, n), b.policy(ns, n), "policy {ns}/{n}");
+    }
+    // Not the bytes: pods are written in the index's hash order, which differs per index.
+    let set2 = second.index.snapshot();
+    assert_eq!(format!("{set:?}"), format!("{set2:?}"));
+    // Whatever in the body reads as an address: the same pod has it in both, and the
+    // verdicts between the first few pods' addresses (and one outside) agree.
+    let mut addrs: Vec<std::net::IpAddr> = vec!["192.0.2.9".parse().expect("a")];
+    for (i, &b) in body.iter().enumerate() {
+        let ip: std::net::IpAddr = match (b, body.get(i + 1..)) {
+            (4, Some(r)) if r.len() >= 4 => <[u8; 4]>::try_from(&r[..4]).expect("4").into(),
+            (6, Some(r)) if r.len() >= 16 => <[u8; 16]>::try_from(&r[..16]).expect("16").into(),
+            _ => continue,
+        };
+        assert_eq!(set.pod_at(ip), set2.pod_at(ip), "{ip}");
+        if set.pod_at(ip).is_some() && addrs.len() < 6 && !addrs.contains(&ip) {
+            addrs.push(ip);
+        }
+    }
+    let verdicts = |s: &PolicySet| {
+        let mut v = Vec::new();
+        for &x in &addrs {
+            for &y in &addrs {
+                for proto in [6, 17, 132] {
+                    let proto = Protocol::from_ip_protocol(proto);
+                    for port in [53u16, 80, 5432, 8080] {
+                        v.push(s.ingress_verdict(x, y, proto, port).is_allowed());
+                        v.push(s.egress_verdict(x, y, proto, port).is_allowed());
+                    }
+                }
+            }
+        }
+        v
+    };
+    assert_eq!(verdicts(&set), verdicts(&set2));
+}
+
 /// Seed inputs per target: real messages, captured from two in-memory devices where there is
 /// a protocol (with the fixed keys `rx_message` uses, so initiations pass MAC checks).
 pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
@@ -814,6 +924,45 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         "policy_compile",
         "ipblock_yaml",
         b"apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: p, namespace: default}\nspec:\n  podSelector: {}\n  policyTypes: [Ingress, Egress]\n  ingress:\n  - from:\n    - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}\n    ports: [{port: http, protocol: TCP}, {port: 8000, endPort: 8080}]\n  egress:\n  - to: [{namespaceSelector: {matchExpressions: [{key: team, operator: In, values: [a, b]}]}}]\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: w, namespace: default, labels: {app: w}}\nspec: {containers: [{name: c, ports: [{name: http, containerPort: 80}]}]}\nstatus: {podIPs: [{ip: 10.244.0.5}]}\n".to_vec(),
+    ));
+
+    // policy_state: files as the agent writes them (`encode`) for small indexes: the loop's
+    // manifests; namespaces with labels, pods sharing label sets, nodes and port lists (the
+    // file's references), every kind of policy part; an empty index; a truncated file.
+    let index_of = |text: &str| {
+        use kwire::policy::{PolicyIndex, Scope};
+        let mut m = kwire::policy::trace::Manifests::default();
+        m.add_text(std::path::Path::new("seed"), text)
+            .expect("seed manifests");
+        let mut ix = PolicyIndex::new(Scope::Node("n1".into()));
+        for ns in m.namespaces {
+            ix.apply_namespace(ns);
+        }
+        for p in m.policies {
+            ix.apply_policy(p);
+        }
+        for p in m.pods {
+            ix.apply_pod(p);
+        }
+        ix
+    };
+    let encode = kwire::agent::policy_state::encode;
+    let loop_file = encode(&index_of(LOOP_POLICY));
+    v.push(("policy_state", "loop_policy", loop_file.clone()));
+    v.push((
+        "policy_state",
+        "truncated",
+        loop_file[..loop_file.len() - 9].to_vec(),
+    ));
+    v.push((
+        "policy_state",
+        "shared_refs_every_part",
+        encode(&index_of(POLICY_STATE_SEED)),
+    ));
+    v.push((
+        "policy_state",
+        "empty",
+        encode(&kwire::policy::PolicyIndex::new(kwire::policy::Scope::All)),
     ));
 
     // cni: what kwire-cni sends for ADD (without its fd), DEL, CHECK, STATUS and GC.

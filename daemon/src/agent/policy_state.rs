@@ -149,26 +149,32 @@ pub fn load(dir: &Path, node_name: &str) -> Result<Option<Folder>, LoadError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(source) => return Err(LoadError::Read { path, source }),
     };
-    let invalid = |why: String| LoadError::Invalid {
-        path: path.clone(),
-        why,
-    };
+    decode(&bytes, node_name)
+        .map(Some)
+        .map_err(|why| LoadError::Invalid { path, why })
+}
+
+/// What [`load`] does with the file's bytes: checks the header (magic, version, checksum) and
+/// reads the inputs into a Folder of `node_name` (every kind listed). `Err` says why the bytes
+/// are not a valid file; damaged or hostile bytes give an error, never a panic. Public for the
+/// `policy_state` fuzz target.
+pub fn decode(bytes: &[u8], node_name: &str) -> Result<Folder, String> {
     if bytes.len() < HEADER || &bytes[..8] != MAGIC {
-        return Err(invalid("not a kwire policy state file".into()));
+        return Err("not a kwire policy state file".into());
     }
     let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
     if version != POLICY_STATE_VERSION {
-        return Err(invalid(format!(
+        return Err(format!(
             "version {version} (this agent reads {POLICY_STATE_VERSION})"
-        )));
+        ));
     }
     let body = &bytes[HEADER..];
     if checksum(body).as_ref() != &bytes[12..HEADER] {
-        return Err(invalid("checksum mismatch: the file is damaged".into()));
+        return Err("checksum mismatch: the file is damaged".into());
     }
     let index = PolicyIndex::restore_inputs(Scope::Node(node_name.to_string()), body)
-        .map_err(|e| invalid(e.to_string()))?;
-    Ok(Some(Folder::restored(index)))
+        .map_err(|e| e.to_string())?;
+    Ok(Folder::restored(index))
 }
 
 /// At start, before pods are re-attached: the saved inputs compiled and swapped in, or
@@ -462,6 +468,37 @@ mod tests {
         let (persist, failed) = restore(&dir, "n1", &pods);
         assert!(failed && persist.folder().ready());
         assert!(!pods.table().policy_pending);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A body the checksum vouches for (the digest is not a MAC) but the decoder cannot read:
+    /// refused with the decoder's reason and where, counted, nothing restored.
+    #[test]
+    fn a_hostile_body_behind_a_valid_checksum_is_refused_with_where() {
+        // One namespace "a" whose label-set count is as large as the bytes left allow, then
+        // no valid label set.
+        let mut body = vec![1, 1, b'a', 0, 0xf0, 0x0f];
+        body.resize(4096, 0xff);
+        let mut file = MAGIC.to_vec();
+        file.extend_from_slice(&POLICY_STATE_VERSION.to_le_bytes());
+        file.extend_from_slice(checksum(&body).as_ref());
+        file.extend_from_slice(&body);
+        assert_eq!(
+            decode(&file, "n1").err().expect("refused"),
+            "integer too long at byte 16"
+        );
+        let dir = temp_dir();
+        std::fs::write(dir.join(POLICY_STATE_FILE), &file).unwrap();
+        let text = load(&dir, "n1").err().expect("an error").to_string();
+        assert!(
+            text.contains(POLICY_STATE_FILE) && text.contains("integer too long at byte 16"),
+            "{text}"
+        );
+        let pods = crate::dataplane::ports::Pods::new(1, false).unwrap();
+        pods.require_policy();
+        let (persist, failed) = restore(&dir, "n1", &pods);
+        assert!(failed && !persist.folder().ready());
+        assert!(pods.table().policy_pending, "fails closed");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -962,7 +962,7 @@ impl PolicyIndex {
             }
             // Label sets, acquired as identities when a pod first uses them.
             let n = r.count()?;
-            let mut identities: Vec<(Option<Labels>, Option<u32>)> = Vec::with_capacity(n);
+            let mut identities: Vec<(Option<Labels>, Option<u32>)> = r.list(n);
             for _ in 0..n {
                 identities.push((Some(r.labels()?), None));
             }
@@ -1000,7 +1000,7 @@ impl PolicyIndex {
                 let ports = read_ref(r, &mut port_lists, |r| Ok(self.port_list(&r.ports()?)))?;
                 let ports = port_lists[ports].clone();
                 let n = r.count()?;
-                let mut ips = Vec::with_capacity(n);
+                let mut ips = r.list(n);
                 for _ in 0..n {
                     ips.push(r.ip()?);
                 }

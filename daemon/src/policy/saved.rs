@@ -13,8 +13,9 @@
 //!   folds later as "unchanged".
 //!
 //! Integers are LEB128 varints, strings are a length and UTF-8 bytes. Every count is checked
-//! against the bytes left before anything is allocated; malformed input is an error, never a
-//! panic. Any change to what is written here must change the agent's format version (the
+//! against the bytes left before anything is allocated, and no list reserves more memory than
+//! the bytes left ([`Reader::list`]); malformed input is an error, never a panic. Any change
+//! to what is written here must change the agent's format version (the
 //! `saved_tests::the_encoding_is_pinned` test fails until it is looked at).
 
 use std::collections::{BTreeMap, HashMap};
@@ -248,14 +249,23 @@ impl<'a> Reader<'a> {
         Err(self.err("integer too long"))
     }
 
-    /// A count of items that take at least one byte each: never more than the bytes left (so
-    /// a corrupt count cannot make us allocate more than the input).
+    /// A count of items that take at least one byte each: never more than the bytes left. Make
+    /// the list for them with [`Reader::list`], not `Vec::with_capacity(count)`.
     pub fn count(&mut self) -> Result<usize, SavedError> {
         let n = self.uint()?;
         usize::try_from(n)
             .ok()
             .filter(|&n| n <= self.buf.len() - self.pos)
             .ok_or(self.err("count larger than the data"))
+    }
+
+    /// An empty list for `n` items (a [`Reader::count`]) with room for as many as fit in the
+    /// bytes left, at most `n`: a corrupt or hostile count reserves no more memory than the
+    /// input has bytes (items are larger in memory than in the file, up to tens of times, and
+    /// lists nest); a list of real items grows as they are read.
+    pub fn list<T>(&self, n: usize) -> Vec<T> {
+        let left = self.buf.len() - self.pos;
+        Vec::with_capacity(n.min(left / std::mem::size_of::<T>().max(1)))
     }
 
     pub fn str(&mut self) -> Result<&'a str, SavedError> {
@@ -311,14 +321,14 @@ impl<'a> Reader<'a> {
 
     fn selector(&mut self) -> Result<LabelSelector, SavedError> {
         let n = self.count()?;
-        let mut requirements = Vec::with_capacity(n);
+        let mut requirements = self.list(n);
         for _ in 0..n {
             let tag = self.byte()?;
             let key = self.str()?.to_string();
             requirements.push(match tag {
                 0 | 1 => {
                     let m = self.count()?;
-                    let mut values = Vec::with_capacity(m);
+                    let mut values = self.list(m);
                     for _ in 0..m {
                         values.push(self.str()?.to_string());
                     }
@@ -347,11 +357,11 @@ impl<'a> Reader<'a> {
             return Ok(None);
         }
         let n = self.count()?;
-        let mut rules = Vec::with_capacity(n);
+        let mut rules = self.list(n);
         for _ in 0..n {
             let peers = if self.flag()? {
                 let m = self.count()?;
-                let mut peers = Vec::with_capacity(m);
+                let mut peers = self.list(m);
                 for _ in 0..m {
                     peers.push(match self.byte()? {
                         0 => Peer::Invalid,
@@ -368,7 +378,7 @@ impl<'a> Reader<'a> {
                         2 => {
                             let cidr = self.cidr()?;
                             let k = self.count()?;
-                            let mut except = Vec::with_capacity(k);
+                            let mut except = self.list(k);
                             for _ in 0..k {
                                 except.push(self.cidr()?);
                             }
@@ -382,7 +392,7 @@ impl<'a> Reader<'a> {
                 None
             };
             let m = self.count()?;
-            let mut ports = Vec::with_capacity(m);
+            let mut ports = self.list(m);
             for _ in 0..m {
                 let protocol = self.protocol()?;
                 let port = match self.byte()? {
@@ -416,7 +426,7 @@ impl<'a> Reader<'a> {
 
     pub fn ports(&mut self) -> Result<Vec<ContainerPort>, SavedError> {
         let n = self.count()?;
-        let mut ports = Vec::with_capacity(n);
+        let mut ports = self.list(n);
         for _ in 0..n {
             let name = self.str()?.to_string();
             ports.push(ContainerPort {

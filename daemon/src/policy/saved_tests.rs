@@ -190,3 +190,48 @@ fn every_truncation_and_many_corruptions_are_errors_not_panics() {
     w.uint(u64::MAX >> 1);
     assert!(PolicyIndex::restore_inputs(Scope::All, &w.buf).is_err());
 }
+
+/// A count the bytes left allow reserves room for no more items than fit in those bytes:
+/// without the cap, a 1 MiB body of nested counts (rules, peers, requirements, values) made
+/// the reader reserve 190 MB before failing at byte 38.
+#[test]
+fn a_count_reserves_no_more_memory_than_the_bytes_left() {
+    use super::saved::Reader;
+    use super::spec::Rule;
+    let mut w = Writer::default();
+    w.uint(4000);
+    w.buf.resize(4096, 0);
+    let mut r = Reader::new(&w.buf);
+    let n = r.count().expect("4000 items may follow 4094 bytes");
+    assert_eq!(n, 4000);
+    let rules: Vec<Rule> = r.list(n);
+    assert!(rules.capacity() < n);
+    assert!(rules.capacity() * std::mem::size_of::<Rule>() <= 4094);
+    let bytes: Vec<u8> = r.list(n);
+    assert_eq!(bytes.capacity(), n, "items that fit are reserved at once");
+
+    // The nested counts of one policy: each as large as the bytes left allow, then nothing
+    // valid. Refused where the data stops making sense.
+    let mut w = Writer::default();
+    w.uint(1); // namespaces
+    w.str("a");
+    w.byte(0); // not given
+    w.uint(0); // label sets
+    w.uint(0); // pods
+    w.uint(1); // policies
+    w.str("p");
+    w.uint(0); // pod selector
+    w.byte(1); // ingress
+    let size = 1 << 16;
+    // Rules; a rule with peers; a peer of pods without a namespace selector (its pod
+    // selector's requirements); an `In` requirement with the key "" (its values).
+    for prefix in [&[][..], &[1][..], &[1, 0][..], &[0, 0][..]] {
+        w.buf.extend_from_slice(prefix);
+        w.uint(size - 64);
+    }
+    let nested = w.buf.len();
+    w.buf.resize(size as usize, 0xff);
+    let e = PolicyIndex::restore_inputs(Scope::All, &w.buf).unwrap_err();
+    assert_eq!(e.what, "integer too long");
+    assert!(e.at > nested, "{e}");
+}
