@@ -604,6 +604,9 @@ fn serve(state: Arc<AppState>, tls: tokio_rustls::TlsAcceptor, listener: TcpList
                 _ = &mut stopped => break,
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _peer)) => {
+                        // As kube-apiserver's: Go turns Nagle off on every TCP connection, so
+                        // no event waits for the client's (possibly delayed) ACK of the last.
+                        let _ = stream.set_nodelay(true);
                         let service = TowerToHyperService::new(router.clone());
                         let tls = tls.clone();
                         connections.spawn(async move {
