@@ -9,22 +9,15 @@
 //! resourceVersion on a new connection, as client-go's HTTP/2 health check does for
 //! Kubernetes' own components. kube's builder takes no connector, so the stack it builds
 //! (base URI, retry, auth, extra headers, rustls) is built here around one that has keepalive.
-//!
-//! Its connections also delay their ACKs ([`DelayedAcks`]): a watch is a one-way stream of
-//! small events, and Linux ACKs each one on its own the moment the reader has drained it.
 
 use anyhow::Context;
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 use kube::client::ConfigExt;
 use kube::Client;
 use std::path::Path;
-use std::pin::Pin;
 use std::sync::OnceLock;
-use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -125,7 +118,7 @@ pub fn client_for(config: kube::Config) -> anyhow::Result<Client> {
     http.set_connect_timeout(config.connect_timeout);
     liveness().apply(&mut http);
     let https = config
-        .rustls_https_connector_with_connector(AckDelaying(http))
+        .rustls_https_connector_with_connector(http)
         .context("the API client's TLS settings")?;
     let hyper = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .build::<_, kube::client::Body>(https);
@@ -148,102 +141,6 @@ pub fn client_for(config: kube::Config) -> anyhow::Result<Client> {
         .map_err(BoxError::from)
         .service(hyper);
     Ok(Client::new(service, config.default_namespace))
-}
-
-/// A TCP connection to the API server that stays in delayed-ACK mode (`TCP_QUICKACK` off,
-/// tcp(7)) after every read that returned data.
-///
-/// A watch is a one-way stream: the agent sends nothing back, so Linux never takes the
-/// connection for an interactive one, and it ACKs every event (a segment smaller than the
-/// MSS) as soon as the reader has emptied the receive queue. That ACK is ~20% of what an event
-/// costs the agent on a host where the API server is reached over loopback, where it is sent
-/// and received in the reader's own system call, and each one is a packet the API server
-/// handles for every agent. Switching quick-ACK off puts the connection in the mode of an
-/// interactive one: ACKs wait for the delayed-ACK timer (40 ms and up) or for data to carry
-/// them. The kernel still ACKs at once whenever more than a full segment is unacknowledged (a
-/// list's pages), and leaves the mode when the timer fires, hence the renewal after each read.
-/// The API server (Go) sends with `TCP_NODELAY`, so no send of its waits for these ACKs.
-pub struct DelayedAcks(TcpStream);
-
-impl DelayedAcks {
-    fn renew(&self) {
-        // A failure (not TCP) only leaves the ACKs as they were.
-        let _ = socket2::SockRef::from(&self.0).set_tcp_quickack(false);
-    }
-}
-
-impl AsyncRead for DelayedAcks {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let me = self.get_mut();
-        let before = buf.filled().len();
-        let r = Pin::new(&mut me.0).poll_read(cx, buf);
-        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            me.renew();
-        }
-        r
-    }
-}
-
-impl AsyncWrite for DelayedAcks {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().0).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.0.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
-    }
-}
-
-impl Connection for DelayedAcks {
-    fn connected(&self) -> Connected {
-        self.0.connected()
-    }
-}
-
-/// `HttpConnector` whose connections are [`DelayedAcks`].
-#[derive(Clone)]
-struct AckDelaying(HttpConnector);
-
-impl tower::Service<http::Uri> for AckDelaying {
-    type Response = TokioIo<DelayedAcks>;
-    type Error = <HttpConnector as tower::Service<http::Uri>>::Error;
-    type Future = futures::future::BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Self::Error>> {
-        self.0.poll_ready(cx)
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connecting = self.0.call(uri);
-        Box::pin(async move {
-            let io = connecting.await?;
-            Ok(TokioIo::new(DelayedAcks(io.into_inner())))
-        })
-    }
 }
 
 /// A client for `kubeconfig`, or for the environment the process runs in.
@@ -274,27 +171,5 @@ mod tests {
         );
         let off = Liveness::after(Duration::ZERO);
         assert_eq!((off.idle(), off.dead_after()), (None, None));
-    }
-
-    /// The kernel leaves delayed-ACK mode on its own (when the delayed-ACK timer fires); every
-    /// read that returned data puts the connection back in it.
-    #[tokio::test]
-    async fn a_read_puts_the_connection_in_delayed_ack_mode() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        let (mut server, _) = server.unwrap();
-        let mut conn = DelayedAcks(client.unwrap());
-        let quick = |c: &DelayedAcks| socket2::SockRef::from(&c.0).tcp_quickack().unwrap();
-        assert!(quick(&conn), "a new connection ACKs at once");
-        server.write_all(b"event\n").await.unwrap();
-        let mut buf = [0u8; 16];
-        let n = conn.read(&mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"event\n");
-        assert!(!quick(&conn), "after a read its ACKs wait");
-        // Reads that return nothing (the peer's end) leave it alone.
-        drop(server);
-        assert_eq!(conn.read(&mut buf).await.unwrap(), 0);
     }
 }
