@@ -637,24 +637,16 @@ pub fn cni_request(data: &[u8]) {
 /// inputs, encoded again, decode to the same inputs: the same namespaces, pods and policies,
 /// the same snapshot figures, the same pod at every address, the same verdicts.
 pub fn policy_state(data: &[u8]) {
-    use kwire::agent::policy_state::{decode, encode, HEADER};
-    use kwire::policy::{PolicyIndex, PolicySet, Protocol, Scope};
-    // Magic and version, as `encode` writes them.
-    const MAGIC_VERSION: usize = 12;
-    thread_local! {
-        static HEAD: Vec<u8> = encode(&PolicyIndex::new(Scope::All))[..MAGIC_VERSION].to_vec();
-    }
+    use kwire::agent::policy_state::{decode, encode, frame, has_magic, HEADER};
+    use kwire::policy::{PolicyIndex, PolicySet, Protocol};
     if let Ok(mut folder) = decode(data, "n1") {
         let _ = folder.index.snapshot();
     }
-    let body = HEAD.with(|head| match data.get(..HEADER) {
-        Some(h) if h[..8] == head[..8] => &data[HEADER..],
+    let body = match data.get(HEADER..) {
+        Some(rest) if has_magic(data) => rest,
         _ => data,
-    });
-    let mut file = HEAD.with(Clone::clone);
-    file.extend_from_slice(ring::digest::digest(&ring::digest::SHA256, body).as_ref());
-    file.extend_from_slice(body);
-    let Ok(mut first) = decode(&file, "n1") else {
+    };
+    let Ok(mut first) = decode(&frame(body), "n1") else {
         return;
     };
     assert!(first.ready(), "a restored Folder is listed");
