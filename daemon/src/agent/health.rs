@@ -45,6 +45,11 @@ pub const CONDITION_TYPE: &str = "KwireReady";
 const CONDITION_RETRY: Duration = Duration::from_secs(5);
 /// Agents that record a peer's `PeerUnreachable` / `PeerRecovered` Events (see [`is_witness`]).
 pub const EVENT_WITNESSES: usize = 3;
+/// Event writes (a Node read and an Event write each) one agent has in flight, at most; the
+/// rest wait their turn. When thousands of peers go unreachable in one look (a zone lost, or
+/// the synthetic peers of the scale bench), each one's write at once meant thousands of
+/// concurrent requests and of Node objects parsed side by side.
+pub const EVENT_WRITES_IN_FLIGHT: usize = 8;
 
 /// A candidate's rank for `subject`: the first 8 bytes of SHA-256(subject, 0, candidate). Any
 /// agent computes the same for the same names (a fixed hash, not std's).
@@ -389,6 +394,7 @@ pub async fn run(status: Arc<NodeState>, settings: HealthSettings) {
         written: None,
         condition_failed_at: None,
         recorder: std::sync::OnceLock::new(),
+        writes: Arc::new(tokio::sync::Semaphore::new(EVENT_WRITES_IN_FLIGHT)),
     };
     // The condition is kept every tick; the peers are looked at every `look_interval`.
     let mut tick = tokio::time::interval(HEALTH_TICK);
@@ -434,6 +440,8 @@ struct Monitor {
     written: Option<serde_json::Value>,
     condition_failed_at: Option<Instant>,
     recorder: std::sync::OnceLock<Arc<Recorder>>,
+    /// Event writes in flight, at most [`EVENT_WRITES_IN_FLIGHT`].
+    writes: Arc<tokio::sync::Semaphore>,
 }
 
 impl Monitor {
@@ -538,7 +546,12 @@ impl Monitor {
         };
         let node = node.to_string();
         let recorder = self.recorder(&client);
+        let writes = self.writes.clone();
         tokio::spawn(async move {
+            // The semaphore is never closed.
+            let Ok(_permit) = writes.acquire_owned().await else {
+                return;
+            };
             let nodes: Api<Node> = Api::all(client);
             let reference =
                 match tokio::time::timeout(super::API_WRITE_TIMEOUT, nodes.get(&node)).await {
