@@ -1,7 +1,8 @@
 //! Peer health: once a second (less often above 2,000 peers, see [`look_interval`]), compare
-//! each peer's handshake time, counters and endpoint with the last look; count handshakes, log state changes (endpoint roamed, first handshake),
-//! decide when a peer is unreachable ([`assess`], pure), record `PeerUnreachable` /
-//! `PeerRecovered` Events on the peer's Node, and keep this Node's `KwireReady` condition.
+//! each peer's handshake time, counters and endpoint with the last look; count handshakes, log
+//! state changes (endpoint roamed, first handshake), decide when a peer is unreachable
+//! ([`assess`], pure), record `PeerUnreachable` / `PeerRecovered` Events on the peer's Node,
+//! and keep this Node's `KwireReady` condition.
 //!
 //! Events are written by a few witnesses per peer, not by every agent that sees it: when M
 //! Nodes die in a cluster of N, N agents each seeing M dead peers would otherwise write N × M
@@ -29,8 +30,9 @@ use tracing::{debug, info, warn};
 /// [`look_interval`].
 pub const HEALTH_TICK: Duration = Duration::from_secs(1);
 /// Peers per second of the interval between two looks: a look reads every peer's state, a
-/// cache miss or two each (~0.75 µs per peer measured at 5,000 peers), so above this many the
-/// interval grows with the peers and a look costs at most ~1 ms of CPU per second.
+/// cache miss or two each (~0.75 µs per peer measured at 5,000 peers), so from twice this many
+/// the interval grows with the peers, and looks cost ~0.75 ms of CPU a second at any size up
+/// to [`MAX_LOOK_INTERVAL`]'s.
 pub const PEERS_PER_LOOK_SECOND: usize = 1000;
 /// The interval between two looks, at most.
 pub const MAX_LOOK_INTERVAL: Duration = Duration::from_secs(10);
