@@ -283,14 +283,9 @@ impl Looks {
         out
     }
 
-    /// Peers looked at in the last look.
-    pub fn len(&self) -> usize {
+    /// Peers looked at in the last look (for the monitor's interval).
+    fn len(&self) -> usize {
         self.peers.len()
-    }
-
-    /// No peer was looked at in the last look.
-    pub fn is_empty(&self) -> bool {
-        self.peers.is_empty()
     }
 
     /// A peer's endpoint as last seen.
