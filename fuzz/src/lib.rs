@@ -22,7 +22,7 @@ use support::{NoNet, RingIo, ADDR_A, ADDR_B, INNER_A, INNER_B, KEY_A, KEY_B};
 pub type Target = (&'static str, fn(&[u8]));
 
 /// Every target.
-pub const TARGETS: [Target; 9] = [
+pub const TARGETS: [Target; 10] = [
     ("uapi_parse", uapi_parse),
     ("tso_split", tso_split),
     ("gro_coalesce", gro_coalesce),
@@ -32,6 +32,7 @@ pub const TARGETS: [Target; 9] = [
     ("policy_compile", policy_compile),
     ("cni_request", cni_request),
     ("policy_state", policy_state),
+    ("service_state", service_state),
 ];
 
 /// Userspace API text, split into requests as the server does (lines up to a blank line; an
@@ -706,6 +707,49 @@ pub fn policy_state(data: &[u8]) {
     assert_eq!(verdicts(&set), verdicts(&set2));
 }
 
+/// The bytes of the agent's saved Service inputs (`service-state.bin`), read as the agent
+/// reads the file at start (`service_state::decode`, behind `load`): as they are, then as the
+/// body of a file with a valid header (recomputed, as for [`policy_state`]). No panic; what
+/// decodes compiles into a service table, and the views the compiler holds, encoded again,
+/// decode to the same views and compile to the same table.
+pub fn service_state(data: &[u8]) {
+    use kwire::agent::persist::HEADER;
+    use kwire::agent::service_state::{decode, encode, frame, has_magic, Views};
+    use kwire::services::table::{Scope, ServiceCompiler};
+    let _ = decode(data);
+    let body = match data.get(HEADER..) {
+        Some(rest) if has_magic(data) => rest,
+        _ => data,
+    };
+    let Ok(views) = decode(&frame(body)) else {
+        return;
+    };
+    let compile = |v: Views| {
+        let ranges: Vec<ipnetwork::IpNetwork> = vec![
+            "10.96.0.0/12".parse().expect("a"),
+            "fd00:96::/108".parse().expect("b"),
+        ];
+        let mut c = ServiceCompiler::new(Scope::new("n1", &ranges));
+        c.replace_services(v.services.into_iter().collect());
+        c.replace_slices(v.slices.into_iter().collect());
+        let table = c.compile().0;
+        (c, table)
+    };
+    let (first, t1) = compile(views);
+    let again = encode(first.views());
+    let views2 = decode(&again).unwrap_or_else(|e| panic!("what was read does not read back: {e}"));
+    let (second, t2) = compile(views2);
+    assert_eq!(encode(second.views()), again, "the same views");
+    assert_eq!(
+        format!("{:?}", t1.steering()),
+        format!("{:?}", t2.steering())
+    );
+    assert_eq!(
+        (t1.frontends(), t1.backends()),
+        (t2.frontends(), t2.backends())
+    );
+}
+
 /// Seed inputs per target: real messages, captured from two in-memory devices where there is
 /// a protocol (with the fixed keys `rx_message` uses, so initiations pass MAC checks).
 pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
@@ -957,6 +1001,22 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
         encode(&kwire::policy::PolicyIndex::new(kwire::policy::Scope::All)),
     ));
 
+    // service_state: files as the agent writes them: ClusterIP, NodePort and LoadBalancer
+    // Services (dual-stack, named and unnamed ports, traffic policies, affinity), slices of
+    // both families with ready, serving and terminating endpoints; none; a truncated file.
+    let svc_file = service_state_seed();
+    v.push(("service_state", "every_kind", svc_file.clone()));
+    v.push((
+        "service_state",
+        "truncated",
+        svc_file[..svc_file.len() - 7].to_vec(),
+    ));
+    v.push((
+        "service_state",
+        "empty",
+        kwire::agent::service_state::encode((Vec::new(), Vec::new())),
+    ));
+
     // cni: what kwire-cni sends for ADD (without its fd), DEL, CHECK, STATUS and GC.
     let conf = serde_json::json!({"cniVersion": "1.1.0", "name": "kwire", "type": "kwire"});
     for (name, cmd) in [
@@ -980,6 +1040,87 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
             .into_bytes(),
     ));
     v
+}
+
+/// A `service-state.bin` of a few Services of every kind (see [`seeds`]).
+fn service_state_seed() -> Vec<u8> {
+    use kwire::services::model::{EndpointView, ServicePortView, SlicePortView, TCP, UDP};
+    use kwire::services::{ServiceView, SliceView};
+    let ip = |s: &str| s.parse::<std::net::IpAddr>().expect("seed address");
+    let key = |ns: &str, n: &str| (ns.to_string(), n.to_string());
+    let port = |name: &str, proto, port, node_port| ServicePortView {
+        name: name.into(),
+        proto,
+        port,
+        node_port,
+    };
+    let ep = |a: &str, ready, terminating, node: &str| EndpointView {
+        addresses: vec![ip(a)],
+        ready,
+        serving: ready || terminating,
+        terminating,
+        node_name: Some(node.into()),
+    };
+    let services = [
+        ServiceView {
+            namespace: "shop".into(),
+            name: "web".into(),
+            cluster_ips: vec![ip("10.96.0.10"), ip("fd00:96::10")],
+            ports: vec![port("http", TCP, 80, None), port("dns", UDP, 53, None)],
+            affinity_secs: 10800,
+            ..Default::default()
+        },
+        ServiceView {
+            namespace: "shop".into(),
+            name: "edge".into(),
+            cluster_ips: vec![ip("10.96.0.11")],
+            ports: vec![port("", TCP, 443, Some(30443))],
+            external_local: true,
+            internal_local: true,
+            lb_ips: vec![ip("203.0.113.7")],
+            health_check_node_port: Some(31000),
+            ..Default::default()
+        },
+    ];
+    let slice_port = |name: &str, proto, port| SlicePortView {
+        name: name.into(),
+        proto,
+        port,
+    };
+    let slices = [
+        SliceView {
+            namespace: "shop".into(),
+            service: "web".into(),
+            ports: vec![slice_port("http", TCP, 8080), slice_port("dns", UDP, 5353)],
+            endpoints: vec![
+                ep("10.244.1.5", true, false, "n1"),
+                ep("10.244.2.5", false, true, "n2"),
+                ep("10.244.2.6", false, false, "n2"),
+            ],
+        },
+        SliceView {
+            namespace: "shop".into(),
+            service: "web".into(),
+            ports: vec![slice_port("http", TCP, 8080)],
+            endpoints: vec![ep("fd00:244:1::5", true, false, "n1")],
+        },
+        SliceView {
+            namespace: "shop".into(),
+            service: "edge".into(),
+            ports: vec![slice_port("", TCP, 8443)],
+            endpoints: vec![ep("10.244.3.9", true, false, "n3")],
+        },
+    ];
+    let skeys = [key("shop", "web"), key("shop", "edge")];
+    let lkeys = [
+        key("shop", "web-v4"),
+        key("shop", "web-v6"),
+        key("shop", "edge-a"),
+    ];
+    kwire::agent::service_state::encode((
+        skeys.iter().zip(services.iter()).collect(),
+        lkeys.iter().zip(slices.iter()).collect(),
+    ))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ pub mod lister;
 pub mod objects;
 pub mod peer_index;
 pub mod peers;
+pub mod persist;
 pub mod pod_network;
 pub mod policy;
 pub mod policy_state;
@@ -19,6 +20,7 @@ pub mod relay;
 pub mod rotation;
 pub mod routes;
 pub mod service_health;
+pub mod service_state;
 pub mod services;
 pub mod state;
 pub mod sysctl;
@@ -540,6 +542,13 @@ async fn agent_main(
         counters: tun.counters.clone(),
         steering: Default::default(),
     };
+    // Services too before pods are re-attached: the saved table, else none until the lists.
+    tun.net.pods.require_services();
+    let (service_store, service_state_failed) =
+        service_state::restore(&args.state_dir, &args.node_name, &tun.net.pods, &firewall);
+    if service_state_failed {
+        status.service_state_errors.fetch_add(1, Ordering::Relaxed);
+    }
     let pods = tokio::spawn(pod_network::serve(
         cidrs,
         tun.net.pods.clone(),
@@ -567,7 +576,8 @@ async fn agent_main(
     let loop_pods = tun.net.pods.clone();
     let policy_writer = tokio::spawn(policy_state::writer(policy_store.clone()));
     let policy_record = policy_store.clone();
-    let services_node = args.node_name.clone();
+    let service_writer = tokio::spawn(persist::writer(service_store.clone()));
+    let service_record = service_store.clone();
     // Tells the control loop to write what the state file still misses, then stop.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut control = tokio::spawn(async move {
@@ -590,10 +600,8 @@ async fn agent_main(
                 let services = tokio::spawn(services::run(
                     client.clone(),
                     loop_pods,
-                    services::NodeScope {
-                        node: services_node,
-                        firewall,
-                    },
+                    firewall,
+                    service_record,
                 ));
                 agent.run(client, nodes, stop_rx).await;
                 policy.abort();
@@ -628,6 +636,8 @@ async fn agent_main(
     pods.abort();
     policy_writer.abort();
     policy_state::flush(&policy_store);
+    service_writer.abort();
+    service_state::flush(&service_store);
     Ok(())
 }
 

@@ -15,15 +15,14 @@
 //! A missing, corrupt or other-version file restores nothing: the data plane then fails closed
 //! until the first lists arrive (see [`crate::dataplane::ports::Pods::require_policy`]).
 
+use super::persist::{self, Format, Inputs};
 use super::policy::{Folder, FolderStore};
-use super::state::write_atomic;
 use crate::policy::{PolicyIndex, Scope};
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
-use tracing::{debug, info, warn};
+use std::path::Path;
+use std::sync::{Arc, MutexGuard};
+use tracing::{info, warn};
+
+pub use super::persist::{LoadError, HEADER, SAVE_INTERVAL};
 
 /// Name of the file inside the state directory.
 pub const POLICY_STATE_FILE: &str = "policy-state.bin";
@@ -31,90 +30,39 @@ pub const POLICY_STATE_FILE: &str = "policy-state.bin";
 pub const LEGACY_POLICY_STATE_FILE: &str = "policy-state.json";
 /// Format version written; files of another version are not restored.
 pub const POLICY_STATE_VERSION: u32 = 2;
-/// At most one write per interval.
-pub const SAVE_INTERVAL: Duration = Duration::from_secs(10);
-/// The file starts with these bytes, then the version (u32, little-endian) and the SHA-256
-/// of the encoded inputs, then the encoded inputs.
-const MAGIC: &[u8; 8] = b"kwire-ps";
-/// Length of the digest in the header.
-const DIGEST: usize = 32;
-/// Bytes before the encoded inputs.
-pub const HEADER: usize = 8 + 4 + DIGEST;
+/// The file: its magic, its version, the SHA-256 of the encoded inputs, the encoded inputs.
+const FORMAT: Format = Format {
+    magic: b"kwire-ps",
+    version: POLICY_STATE_VERSION,
+    what: "policy state",
+};
 
-/// The digest of the encoded inputs: catches a damaged file (a flipped bit in an address or a
-/// label would otherwise change policy silently). Not a MAC: only root can write the file.
-/// ring's SHA-256 (already a dependency, hardware SHA where the CPU has it) rather than a
-/// hand-written hash.
-fn checksum(bytes: &[u8]) -> ring::digest::Digest {
-    ring::digest::digest(&ring::digest::SHA256, bytes)
+impl Inputs for Folder {
+    const FILE: &'static str = POLICY_STATE_FILE;
+    const WHAT: &'static str = "NetworkPolicy inputs";
+
+    fn complete(&self) -> bool {
+        self.ready()
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        encode(&self.index)
+    }
 }
 
 /// The policy loop's Folder, shared with the writer that saves what it holds.
-pub struct Persist {
-    dir: PathBuf,
-    folder: Mutex<Folder>,
-    /// Something policy reads changed since the last write (set with the Folder locked).
-    dirty: AtomicBool,
-    /// Wakes the writer when the Folder became dirty.
-    changed: tokio::sync::Notify,
-    /// One write at a time (the writer task, the shutdown flush).
-    writing: Mutex<()>,
-}
-
+pub type Persist = persist::Persist<Folder>;
 pub type Shared = Arc<Persist>;
-
-impl Persist {
-    pub fn new(dir: &Path, folder: Folder) -> Shared {
-        Arc::new(Persist {
-            dir: dir.to_path_buf(),
-            folder: Mutex::new(folder),
-            dirty: AtomicBool::new(false),
-            changed: tokio::sync::Notify::new(),
-            writing: Mutex::new(()),
-        })
-    }
-
-    /// The encoded inputs if a write is due and the Folder holds complete lists (a half-listed
-    /// set could lack the policies). Holds the Folder's lock while encoding only.
-    fn due(&self) -> Option<Vec<u8>> {
-        if !self.dirty.swap(false, Ordering::AcqRel) {
-            return None;
-        }
-        let folder = self.folder();
-        if !folder.ready() {
-            // Saved when the lists are complete again (a snapshot marks it dirty then).
-            self.dirty.store(true, Ordering::Release);
-            return None;
-        }
-        Some(encode(&folder.index))
-    }
-
-    /// Writes the file if something changed since the last write.
-    pub fn save_if_dirty(&self) {
-        let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(bytes) = self.due() else {
-            return;
-        };
-        match write_atomic(&self.dir, POLICY_STATE_FILE, |out| out.write_all(&bytes)) {
-            Ok(()) => debug!(bytes = bytes.len(), "NetworkPolicy inputs saved"),
-            Err(e) => {
-                self.dirty.store(true, Ordering::Release);
-                warn!(path = %self.dir.join(POLICY_STATE_FILE).display(), error = %e, "cannot save the NetworkPolicy inputs; a restart before the API answers fails closed");
-            }
-        }
-    }
-}
 
 impl FolderStore for Persist {
     fn folder(&self) -> MutexGuard<'_, Folder> {
-        self.folder.lock().unwrap_or_else(|p| p.into_inner())
+        self.lock()
     }
 
     /// A complete, changed set of inputs was folded: the writer saves it (at once, or
     /// [`SAVE_INTERVAL`] after its last write).
     fn changed(&self) {
-        self.dirty.store(true, Ordering::Release);
-        self.changed.notify_one();
+        self.mark_changed();
     }
 }
 
@@ -127,42 +75,17 @@ pub fn encode(index: &PolicyIndex) -> Vec<u8> {
 /// then the body. Public for the `policy_state` fuzz target, which frames arbitrary bodies so
 /// that they reach the decoder.
 pub fn frame(body: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER + body.len());
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&POLICY_STATE_VERSION.to_le_bytes());
-    out.extend_from_slice(checksum(body).as_ref());
-    out.extend_from_slice(body);
-    out
+    FORMAT.frame(body)
 }
 
 /// Whether `bytes` start with this format's magic (whatever their version or checksum).
 pub fn has_magic(bytes: &[u8]) -> bool {
-    bytes.starts_with(MAGIC)
-}
-
-/// Why nothing was restored.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path} is not valid ({why}); it is rewritten once the API answers")]
-    Invalid { path: PathBuf, why: String },
+    FORMAT.has_magic(bytes)
 }
 
 /// Reads the saved inputs into a Folder (every kind listed); `Ok(None)` when there is no file.
 pub fn load(dir: &Path, node_name: &str) -> Result<Option<Folder>, LoadError> {
-    let path = dir.join(POLICY_STATE_FILE);
-    let bytes = match std::fs::read(&path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(LoadError::Read { path, source }),
-    };
-    decode(&bytes, node_name)
-        .map(Some)
-        .map_err(|why| LoadError::Invalid { path, why })
+    persist::load(dir, POLICY_STATE_FILE, |bytes| decode(bytes, node_name))
 }
 
 /// What [`load`] does with the file's bytes: checks the header (magic, version, checksum) and
@@ -170,19 +93,7 @@ pub fn load(dir: &Path, node_name: &str) -> Result<Option<Folder>, LoadError> {
 /// are not a valid file; damaged or hostile bytes give an error, never a panic. Public for the
 /// `policy_state` fuzz target.
 pub fn decode(bytes: &[u8], node_name: &str) -> Result<Folder, String> {
-    if bytes.len() < HEADER || !has_magic(bytes) {
-        return Err("not a kwire policy state file".into());
-    }
-    let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-    if version != POLICY_STATE_VERSION {
-        return Err(format!(
-            "version {version} (this agent reads {POLICY_STATE_VERSION})"
-        ));
-    }
-    let body = &bytes[HEADER..];
-    if checksum(body).as_ref() != &bytes[12..HEADER] {
-        return Err("checksum mismatch: the file is damaged".into());
-    }
+    let body = FORMAT.body(bytes)?;
     let index = PolicyIndex::restore_inputs(Scope::Node(node_name.to_string()), body)
         .map_err(|e| e.to_string())?;
     Ok(Folder::restored(index))
@@ -232,15 +143,9 @@ pub fn restore(
     (Persist::new(dir, folder), failed)
 }
 
-/// Writes the file when the inputs changed, at most once per [`SAVE_INTERVAL`] (the first
-/// change at once: a restart soon after the first lists finds them); runs until aborted.
+/// Writes the file when the inputs changed (see [`persist::writer`]); runs until aborted.
 pub async fn writer(persist: Shared) {
-    loop {
-        persist.changed.notified().await;
-        let p = persist.clone();
-        let _ = tokio::task::spawn_blocking(move || p.save_if_dirty()).await;
-        tokio::time::sleep(SAVE_INTERVAL).await;
-    }
+    persist::writer(persist).await
 }
 
 /// The last write, at graceful shutdown.
@@ -257,6 +162,7 @@ mod tests {
     use kube::runtime::watcher::Event;
     use serde_json::json;
     use std::os::unix::fs::MetadataExt;
+    use std::path::PathBuf;
 
     fn temp_dir() -> PathBuf {
         let dir = std::env::temp_dir().join(format!(

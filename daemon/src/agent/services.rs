@@ -1,15 +1,17 @@
 //! Services for the packet loop: watches Services and EndpointSlices cluster wide, keeps only
 //! their stripped views (not the full objects) in a [`ServiceCompiler`], and after any change
 //! (at most every [`REBUILD_DELAY`]) compiles a new [`crate::services::ServiceTable`], which
-//! recompiles only the changed Services, and swaps it in whole. Nothing
-//! is translated before both lists have been read once; while the API is unreachable the
-//! last table stays in force.
+//! recompiles only the changed Services, and swaps it in whole. Nothing is translated from the
+//! API before both lists have been read once: until then the table restored from
+//! `service-state.bin` is in force (see [`super::service_state`]), and while the API is
+//! unreachable the last table stays in force.
 
+use super::persist::Persist;
 use super::pod_network::Firewall;
 use super::service_health::HealthServers;
 use crate::dataplane::ports::Pods;
 use crate::services::table::{ObjectKey, Scope, ServiceCompiler};
-use crate::services::{ServiceView, SliceView};
+use crate::services::{ServiceTable, ServiceView, SliceView};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -17,7 +19,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, ResourceExt};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
@@ -121,11 +123,41 @@ impl<V> Relist<V> {
     }
 }
 
+/// The loop's views, shared with the writer that saves them (see [`super::service_state`]).
+pub type Shared = Arc<Persist<State>>;
+
 /// The views held, in the compiler that turns them into the table.
-struct State {
+pub struct State {
     services: Relist<ServiceView>,
     slices: Relist<SliceView>,
-    compiler: ServiceCompiler,
+    /// Services, EndpointSlices: listed in full at least once (or restored).
+    pub(super) listed: [bool; 2],
+    pub(super) compiler: ServiceCompiler,
+}
+
+impl State {
+    /// Nothing held yet: the table waits for both lists.
+    pub fn new(compiler: ServiceCompiler) -> State {
+        State {
+            services: Relist::default(),
+            slices: Relist::default(),
+            listed: [false; 2],
+            compiler,
+        }
+    }
+
+    /// Holding saved views, as complete lists: the first real lists replace them.
+    pub fn restored(compiler: ServiceCompiler) -> State {
+        State {
+            listed: [true; 2],
+            ..State::new(compiler)
+        }
+    }
+
+    /// Whether both lists are complete (read from the API once, or restored).
+    pub fn complete(&self) -> bool {
+        self.listed.iter().all(|l| *l)
+    }
 }
 
 /// One item of either watch (moved once, straight into [`Views::apply`]: the size difference
@@ -136,18 +168,28 @@ enum Item {
     Slice(Result<Event<EndpointSlice>, watcher::Error>),
 }
 
-/// What the node's table depends on besides the objects: its name (local endpoints) and the
-/// host firewall that steers its node ports (which also gives the node-port addresses).
-pub struct NodeScope {
-    pub node: String,
-    pub firewall: Firewall,
+/// The compiler of this node's table: its name (local endpoints) and its Service ranges
+/// (`firewall.services`, which give the node-port addresses).
+pub fn compiler(node: &str, firewall: &Firewall) -> ServiceCompiler {
+    ServiceCompiler::new(Scope::new(node, &firewall.services))
 }
 
-/// Runs until aborted.
-pub async fn run(client: Client, pods: Arc<Pods>, node: NodeScope) {
-    let scope = Scope::new(&node.node, &node.firewall.services);
-    let firewall = node.firewall;
+/// Swaps `table` in: the packet loop translates with it, and the host firewall steers its
+/// node ports and ingress IPs into the loop (blocking: one `nft` run when they changed).
+pub fn swap_in(table: &Arc<ServiceTable>, pods: &Pods, firewall: &Firewall) {
+    pods.set_services(table.clone());
+    if let Err(e) = firewall.set_steering(table.steering()) {
+        warn!(error = %e, "cannot steer node ports into the loop (table inet kwire)")
+    }
+}
+
+/// Runs until aborted. `store` holds the views to start from: the saved ones (their table
+/// already swapped in) or none.
+pub async fn run(client: Client, pods: Arc<Pods>, firewall: Firewall, store: Shared) {
     let health = Arc::new(tokio::sync::Mutex::new(HealthServers::default()));
+    if let Some(restored) = pods.services() {
+        health.lock().await.apply(restored.health_checks()).await;
+    }
     let cfg = watcher::Config::default;
     let services = watcher::watcher(Api::<Service>::all(client.clone()), cfg())
         .backoff(super::WatchBackoff::default())
@@ -155,18 +197,12 @@ pub async fn run(client: Client, pods: Arc<Pods>, node: NodeScope) {
     let slices = watcher::watcher(Api::<EndpointSlice>::all(client), cfg())
         .backoff(super::WatchBackoff::default())
         .map(Item::Slice);
-    // Shared with the compile on a blocking thread; never contended (the loop below awaits
-    // each compile before it takes the next event).
-    let state = Arc::new(Mutex::new(State {
-        services: Relist::default(),
-        slices: Relist::default(),
-        compiler: ServiceCompiler::new(scope),
-    }));
-    let lock = || state.lock().unwrap_or_else(|p| p.into_inner());
+    // Shared with the compile on a blocking thread and with the writer that saves the views;
+    // the loop below awaits each compile before it takes the next event.
     let take = |item: Item| {
-        let mut guard = lock();
+        let mut guard = store.lock();
         let st = &mut *guard;
-        match item {
+        let change = match item {
             Item::Service(Ok(ev)) => {
                 let done = matches!(ev, Event::InitDone);
                 match st.services.apply(ev, ServiceView::from_k8s) {
@@ -187,19 +223,25 @@ pub async fn run(client: Client, pods: Arc<Pods>, node: NodeScope) {
             }
             Item::Service(Err(e)) => Change::Error(0, e.to_string()),
             Item::Slice(Err(e)) => Change::Error(1, e.to_string()),
+        };
+        if let Change::Event(i, done) = change {
+            st.listed[i] |= done;
+            // Saved when a view changed, and once the lists are first complete (an empty
+            // cluster's table is a table a restart can start from).
+            if st.complete() && (done || st.compiler.is_dirty()) {
+                store.mark_changed();
+            }
         }
+        change
     };
     let rebuild = || {
         let pods = pods.clone();
         let (firewall, health) = (firewall.clone(), health.clone());
-        let state = state.clone();
+        let store = store.clone();
         async move {
             let started = Instant::now();
-            let compiled = tokio::task::spawn_blocking(move || {
-                let mut st = state.lock().unwrap_or_else(|p| p.into_inner());
-                st.compiler.compile()
-            })
-            .await;
+            let compiled =
+                tokio::task::spawn_blocking(move || store.lock().compiler.compile()).await;
             match compiled {
                 Ok((table, built)) => {
                     info!(
@@ -211,15 +253,11 @@ pub async fn run(client: Client, pods: Arc<Pods>, node: NodeScope) {
                         "service table swapped in"
                     );
                     let table = Arc::new(table);
-                    pods.set_services(table.clone());
-                    let steer = table.steering().clone();
-                    let fw = firewall.clone();
-                    match tokio::task::spawn_blocking(move || fw.set_steering(&steer)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            warn!(error = %e, "cannot steer node ports into the loop (table inet kwire)")
-                        }
-                        Err(e) => warn!(error = %e, "cannot steer node ports into the loop"),
+                    let t = table.clone();
+                    if let Err(e) =
+                        tokio::task::spawn_blocking(move || swap_in(&t, &pods, &firewall)).await
+                    {
+                        warn!(error = %e, "cannot swap the service table in");
                     }
                     health.lock().await.apply(table.health_checks()).await;
                 }

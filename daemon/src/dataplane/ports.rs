@@ -55,6 +55,8 @@ struct Inner {
     /// Pods' flows wait for a policy snapshot (see [`Pods::require_policy`]).
     policy_required: bool,
     services: Option<Arc<ServiceTable>>,
+    /// Readiness waits for a service table (see [`Pods::require_services`]).
+    services_required: bool,
     mtu: Option<u16>,
     cluster: Vec<ipnetwork::IpNetwork>,
 }
@@ -128,6 +130,19 @@ impl Pods {
         let mut g = self.lock();
         g.services = Some(table);
         self.publish(&g);
+    }
+
+    /// Makes readiness wait for a service table (restored or compiled from the API's lists;
+    /// until then pods' flows to the Service ranges are dropped). The agent
+    /// calls it at start; `kwire tunnel` and bare data planes never do.
+    pub fn require_services(&self) {
+        self.lock().services_required = true;
+    }
+
+    /// Whether a service table is required and none is in force yet.
+    pub fn services_pending(&self) -> bool {
+        let g = self.lock();
+        g.services_required && g.services.is_none()
     }
 
     /// The service table in force, if one was compiled.

@@ -322,6 +322,12 @@ impl Collector for StatusCollector {
             "Saved NetworkPolicy inputs that could not be restored at start (pods' new flows wait for the API lists)",
             &[(vec![], r.policy_state_errors)],
         )?;
+        counter_family(
+            &mut e,
+            "kwire_service_state_errors",
+            "Saved Service inputs that could not be restored at start (flows to ClusterIPs wait for the API lists)",
+            &[(vec![], r.service_state_errors)],
+        )?;
         gauge_family(
             &mut e,
             "kwire_api_synced",

@@ -47,6 +47,8 @@ pub struct NodeState {
     pub watch_resyncs: AtomicU64,
     /// The saved NetworkPolicy inputs could not be restored at start (unreadable, invalid).
     pub policy_state_errors: AtomicU64,
+    /// The saved Service inputs could not be restored at start (unreadable, invalid).
+    pub service_state_errors: AtomicU64,
     /// The Node watch delivered its last answer without error.
     pub api_synced: AtomicBool,
     /// What the health monitor knows of each peer, by node name.
@@ -141,6 +143,7 @@ impl NodeState {
             watch_errors: AtomicU64::new(0),
             watch_resyncs: AtomicU64::new(0),
             policy_state_errors: AtomicU64::new(0),
+            service_state_errors: AtomicU64::new(0),
             api_synced: AtomicBool::new(false),
             peer_health: Mutex::new(BTreeMap::new()),
             keys: Mutex::new(KeyState::default()),
@@ -186,10 +189,11 @@ impl NodeState {
     }
 
     /// What `/readyz` answers: ready once the node's peers are known (listed from the API, or
-    /// restored from the state file), its tun programmed, and a NetworkPolicy snapshot in the
-    /// loop (restored from `policy-state.bin` or compiled from the API's lists). Until then
-    /// its pods' new flows are dropped as `policy_not_synced`: a DaemonSet rolling update must
-    /// not move on to the next node while this one's pods are cut off.
+    /// restored from the state file), its tun programmed, a NetworkPolicy snapshot in the
+    /// loop (restored from `policy-state.bin` or compiled from the API's lists) and a service
+    /// table (restored from `service-state.bin` or compiled from the lists). Until then its
+    /// pods' new flows are dropped as `policy_not_synced`, or their flows to ClusterIPs: a DaemonSet rolling update must not move on to the next node while this one's
+    /// pods are cut off.
     pub fn readiness(&self) -> Result<(), NotReady> {
         if !self.synced.load(Ordering::Relaxed) {
             Err(NotReady::NotSynced)
@@ -201,6 +205,8 @@ impl NodeState {
             .is_some_and(|n| n.pods.table().policy_pending)
         {
             Err(NotReady::NoPolicy)
+        } else if self.node.get().is_some_and(|n| n.pods.services_pending()) {
+            Err(NotReady::NoServices)
         } else {
             Ok(())
         }
@@ -217,6 +223,7 @@ pub enum NotReady {
     NotSynced,
     NotProgrammed,
     NoPolicy,
+    NoServices,
 }
 
 impl NotReady {
@@ -226,6 +233,7 @@ impl NotReady {
             NotReady::NotSynced => "not ready: not yet synced with the API and nothing restored\n",
             NotReady::NotProgrammed => "not ready: tun addresses or routes not programmed\n",
             NotReady::NoPolicy => "not ready: no NetworkPolicy yet (nothing restored, the API's Pods, Namespaces and NetworkPolicies not yet listed); pods' new flows are dropped as policy_not_synced\n",
+            NotReady::NoServices => "not ready: no service table yet (nothing restored, the API's Services and EndpointSlices not yet listed); pods' flows to ClusterIPs are dropped\n",
         }
     }
 }
@@ -254,6 +262,12 @@ mod tests {
         assert!(NotReady::NoPolicy.reason().contains("policy_not_synced"));
         // An empty snapshot (a cluster without policies) is a snapshot.
         pods.set_policy(Arc::new(PolicySet::compile(vec![], vec![], vec![])));
+        assert_eq!(st.readiness(), Ok(()));
+        // The agent also waits for a service table; an empty one is a table.
+        pods.require_services();
+        assert_eq!(st.readiness(), Err(NotReady::NoServices));
+        assert!(NotReady::NoServices.reason().contains("ClusterIP"));
+        pods.set_services(Arc::new(crate::services::ServiceTable::default()));
         assert_eq!(st.readiness(), Ok(()));
     }
 

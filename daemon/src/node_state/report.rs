@@ -32,6 +32,9 @@ pub struct StatusReport {
     /// The saved NetworkPolicy inputs could not be restored at start.
     #[serde(default)]
     pub policy_state_errors: u64,
+    /// The saved Service inputs could not be restored at start.
+    #[serde(default)]
+    pub service_state_errors: u64,
     pub peers_expected: u64,
     pub peers_connected: u64,
     pub peers: Vec<PeerReport>,
@@ -293,6 +296,7 @@ pub fn report(st: &NodeState) -> StatusReport {
         watch_errors: st.watch_errors.load(Ordering::Relaxed),
         watch_resyncs: st.watch_resyncs.load(Ordering::Relaxed),
         policy_state_errors: st.policy_state_errors.load(Ordering::Relaxed),
+        service_state_errors: st.service_state_errors.load(Ordering::Relaxed),
         peers_expected: names.len() as u64,
         peers_connected: peers.iter().filter(|p| p.up).count() as u64,
         peers,

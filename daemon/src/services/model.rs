@@ -3,6 +3,7 @@
 
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
 /// IP protocol numbers of the ports a Service can name.
@@ -14,7 +15,7 @@ pub const SCTP: u8 = 132;
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// A Service, as far as translation goes.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ServiceView {
     pub namespace: String,
     pub name: String,
@@ -34,7 +35,7 @@ pub struct ServiceView {
     pub health_check_node_port: Option<u16>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct ServicePortView {
     /// The port's name (empty when the Service has a single unnamed port); slices name their
     /// ports the same way, with the target port already resolved to a number.
@@ -46,7 +47,7 @@ pub struct ServicePortView {
 }
 
 /// An EndpointSlice, as far as translation goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SliceView {
     pub namespace: String,
     /// The Service it belongs to (its `kubernetes.io/service-name` label).
@@ -58,14 +59,14 @@ pub struct SliceView {
 
 /// A slice port: the Service port's name and the number its endpoints listen on (the
 /// EndpointSlice controller resolved `targetPort`, by number or by the pods' port names).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SlicePortView {
     pub name: String,
     pub proto: u8,
     pub port: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct EndpointView {
     pub addresses: Vec<IpAddr>,
     /// `conditions.ready` (unset means ready, as the API says).

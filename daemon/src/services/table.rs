@@ -536,6 +536,11 @@ impl ServiceTable {
 
 /// An object's namespace and name.
 pub type ObjectKey = (String, String);
+/// What [`ServiceCompiler::views`] gives: the Services and the EndpointSlices, by key.
+pub type ViewsRef<'a> = (
+    Vec<(&'a ObjectKey, &'a ServiceView)>,
+    Vec<(&'a ObjectKey, &'a SliceView)>,
+);
 
 /// One Service's part of the table, kept between compiles.
 #[derive(Debug)]
@@ -790,6 +795,21 @@ impl ServiceCompiler {
             }
         }
         t
+    }
+
+    /// Whether a view changed since the last compile.
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// The views held (Services, then EndpointSlices, each by key), sorted by key.
+    pub fn views(&self) -> ViewsRef<'_> {
+        fn sorted<V>(m: &HashMap<ObjectKey, V>) -> Vec<(&ObjectKey, &V)> {
+            let mut v: Vec<_> = m.iter().collect();
+            v.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            v
+        }
+        (sorted(&self.services), sorted(&self.slices))
     }
 
     /// Maglev tables held (distinct backend sets).

@@ -363,6 +363,7 @@ pub(crate) mod tests {
             watch_errors: 0,
             watch_resyncs: 1,
             policy_state_errors: 0,
+            service_state_errors: 0,
             peers_expected: 2,
             peers_connected: 1,
             peers: vec![

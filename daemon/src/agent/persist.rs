@@ -1,0 +1,197 @@
+//! Inputs of the data plane saved beside the state file, so that a restarted agent enforces
+//! them before the API answers (and while it does not): the NetworkPolicy inputs
+//! ([`super::policy_state`]) and the Services ([`super::service_state`]).
+//!
+//! Both files share one framing ([`Format`]: a magic, a format version and the SHA-256 of the
+//! body) and one writer ([`Persist`]): a file is written atomically, mode 0600, only while the
+//! inputs it holds are complete lists, at most every [`SAVE_INTERVAL`] while they change, and
+//! at graceful shutdown. The encoding is taken under the inputs' lock, the write is not.
+
+use super::state::write_atomic;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tracing::{debug, warn};
+
+/// At most one write per interval.
+pub const SAVE_INTERVAL: Duration = Duration::from_secs(10);
+/// Length of the digest in the header.
+const DIGEST: usize = 32;
+/// Bytes before the body: the magic, the version (u32, little-endian), the body's SHA-256.
+pub const HEADER: usize = 8 + 4 + DIGEST;
+
+/// The digest of a body: catches a damaged file (a flipped bit in an address or a label would
+/// otherwise change what is enforced silently). Not a MAC: only root can write the files.
+/// ring's SHA-256 (already a dependency, hardware SHA where the CPU has it) rather than a
+/// hand-written hash.
+fn checksum(bytes: &[u8]) -> ring::digest::Digest {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+}
+
+/// One kind of saved file.
+pub struct Format {
+    /// The file starts with these bytes.
+    pub magic: &'static [u8; 8],
+    /// The version written; files of another version are not read.
+    pub version: u32,
+    /// What the file is, for errors ("policy state").
+    pub what: &'static str,
+}
+
+impl Format {
+    /// A file of this format around `body`: the header, then the body.
+    pub fn frame(&self, body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(HEADER + body.len());
+        out.extend_from_slice(self.magic);
+        out.extend_from_slice(&self.version.to_le_bytes());
+        out.extend_from_slice(checksum(body).as_ref());
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// Whether `bytes` start with this format's magic (whatever their version or checksum).
+    pub fn has_magic(&self, bytes: &[u8]) -> bool {
+        bytes.starts_with(self.magic)
+    }
+
+    /// The body of a file of this format, once its header (magic, version, checksum) is
+    /// checked; `Err` says why `bytes` are not one.
+    pub fn body<'a>(&self, bytes: &'a [u8]) -> Result<&'a [u8], String> {
+        if bytes.len() < HEADER || !self.has_magic(bytes) {
+            return Err(format!("not a kwire {} file", self.what));
+        }
+        let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
+        if version != self.version {
+            return Err(format!(
+                "version {version} (this agent reads {})",
+                self.version
+            ));
+        }
+        let body = &bytes[HEADER..];
+        if checksum(body).as_ref() != &bytes[12..HEADER] {
+            return Err("checksum mismatch: the file is damaged".into());
+        }
+        Ok(body)
+    }
+}
+
+/// Why nothing was restored from a saved file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not valid ({why}); it is rewritten once the API answers")]
+    Invalid { path: PathBuf, why: String },
+}
+
+/// Reads file `name` of `dir` and decodes it with `decode`; `Ok(None)` when there is none.
+pub fn load<T>(
+    dir: &Path,
+    name: &str,
+    decode: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Result<Option<T>, LoadError> {
+    let path = dir.join(name);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(LoadError::Read { path, source }),
+    };
+    decode(&bytes)
+        .map(Some)
+        .map_err(|why| LoadError::Invalid { path, why })
+}
+
+/// Inputs a [`Persist`] holds and saves.
+pub trait Inputs: Send + 'static {
+    /// The file's name inside the state directory.
+    const FILE: &'static str;
+    /// What they are, for logs ("NetworkPolicy inputs").
+    const WHAT: &'static str;
+    /// Whether they are complete lists (a half-listed set is not saved: it could lack what a
+    /// restart must enforce).
+    fn complete(&self) -> bool;
+    /// The file's bytes.
+    fn encode(&self) -> Vec<u8>;
+}
+
+/// Inputs shared between their loop and the writer that saves them.
+pub struct Persist<T> {
+    dir: PathBuf,
+    inputs: Mutex<T>,
+    /// Something they hold changed since the last write (set with the inputs locked).
+    dirty: AtomicBool,
+    /// Wakes the writer when they became dirty.
+    changed: tokio::sync::Notify,
+    /// One write at a time (the writer task, the shutdown flush).
+    writing: Mutex<()>,
+}
+
+impl<T: Inputs> Persist<T> {
+    pub fn new(dir: &Path, inputs: T) -> Arc<Self> {
+        Arc::new(Persist {
+            dir: dir.to_path_buf(),
+            inputs: Mutex::new(inputs),
+            dirty: AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+            writing: Mutex::new(()),
+        })
+    }
+
+    /// The inputs, locked: by their loop, by the writer while it encodes.
+    pub fn lock(&self) -> MutexGuard<'_, T> {
+        self.inputs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// What they hold changed: the writer saves it (at once, or [`SAVE_INTERVAL`] after its
+    /// last write).
+    pub fn mark_changed(&self) {
+        self.dirty.store(true, Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    /// The encoded inputs if a write is due and they are complete. Holds their lock while
+    /// encoding only.
+    fn due(&self) -> Option<Vec<u8>> {
+        if !self.dirty.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        let inputs = self.lock();
+        if !inputs.complete() {
+            // Saved once they are complete again (their loop marks them changed then).
+            self.dirty.store(true, Ordering::Release);
+            return None;
+        }
+        Some(inputs.encode())
+    }
+
+    /// Writes the file if something changed since the last write.
+    pub fn save_if_dirty(&self) {
+        let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(bytes) = self.due() else {
+            return;
+        };
+        match write_atomic(&self.dir, T::FILE, |out| out.write_all(&bytes)) {
+            Ok(()) => debug!(bytes = bytes.len(), "{} saved", T::WHAT),
+            Err(e) => {
+                self.dirty.store(true, Ordering::Release);
+                warn!(path = %self.dir.join(T::FILE).display(), error = %e, "cannot save the {}; a restart before the API answers starts without them", T::WHAT);
+            }
+        }
+    }
+}
+
+/// Writes the file when the inputs changed, at most once per [`SAVE_INTERVAL`] (the first
+/// change at once: a restart soon after the first lists finds them); runs until aborted.
+pub async fn writer<T: Inputs>(persist: Arc<Persist<T>>) {
+    loop {
+        persist.changed.notified().await;
+        let p = persist.clone();
+        let _ = tokio::task::spawn_blocking(move || p.save_if_dirty()).await;
+        tokio::time::sleep(SAVE_INTERVAL).await;
+    }
+}
