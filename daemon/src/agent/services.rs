@@ -248,7 +248,7 @@ pub async fn run(client: Client, pods: Arc<Pods>, firewall: Firewall, store: Sha
                         services = table.services(),
                         frontends = table.frontends(),
                         without_endpoints = table.without_endpoints(),
-                        maglev_tables_built = built,
+                        backend_sets_new = built,
                         took_ms = started.elapsed().as_millis() as u64,
                         "service table swapped in"
                     );

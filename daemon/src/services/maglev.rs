@@ -11,8 +11,8 @@
 /// Table sizes (primes), smallest first; a table gets the first one with at least 100 entries
 /// per backend (the paper's `M >> N`), the last one for more than 655 backends. Few sizes on
 /// purpose: a size change remaps every flow, so the size must not follow each endpoint that
-/// comes or goes. Up to 40 endpoints a frontend keeps 4093 entries (8 KiB); crossing 40 or 655
-/// endpoints remaps flows once.
+/// comes or goes. Up to 40 endpoints a frontend keeps 4093 entries (4 KiB: one byte each up
+/// to 256 backends, built at the first flow); crossing 40 or 655 endpoints remaps flows once.
 pub const SIZES: [usize; 3] = [4093, 65521, 131071];
 
 /// The table size for `n` backends.

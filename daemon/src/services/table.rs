@@ -19,7 +19,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasherDefault;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// A frontend: what a client addresses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -47,26 +47,36 @@ pub enum Serve {
 /// Backends and their Maglev table. Shared: every frontend with the same backends (a
 /// Service's ClusterIPs, ingress IPs and node port; the same Service in the next compile)
 /// holds the same table.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+///
+/// The table is built at the pool's first pick, not at compile time: of a large cluster's
+/// Services, a node's pods reach few, and the tables (4 KiB each up to 40 backends) would be
+/// most of the service table's memory (40 MB of 10,000 Services) and most of a compile's
+/// work. The first new flow to a pool waits for the build (tens of microseconds for 10
+/// backends); the table depends on the backends alone, so a lazy table is the one a compile
+/// would have built, on every node.
+#[derive(Debug, Clone, Default)]
 pub struct Pool {
     /// Sorted.
     backends: Arc<[SocketAddr]>,
-    /// Maglev's lookup table: indexes into `backends`.
-    lut: Lut,
+    /// Maglev's lookup table (indexes into `backends`), once built.
+    lut: Arc<OnceLock<Lut>>,
 }
+
+/// Pools are equal when their backends are: the table follows from them.
+impl PartialEq for Pool {
+    fn eq(&self, other: &Pool) -> bool {
+        self.backends == other.backends
+    }
+}
+
+impl Eq for Pool {}
 
 /// A Maglev lookup table, one byte per entry up to 256 backends (nearly every Service):
 /// half the memory, and half the cache lines a new flow's pick can land on, of two bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Lut {
-    Narrow(Arc<[u8]>),
-    Wide(Arc<[u16]>),
-}
-
-impl Default for Lut {
-    fn default() -> Lut {
-        Lut::Narrow(Arc::from([]))
-    }
+    Narrow(Box<[u8]>),
+    Wide(Box<[u16]>),
 }
 
 impl Lut {
@@ -74,7 +84,7 @@ impl Lut {
         if backends <= 256 {
             Lut::Narrow(table.into_iter().map(|i| i as u8).collect())
         } else {
-            Lut::Wide(table.into())
+            Lut::Wide(table.into_boxed_slice())
         }
     }
 
@@ -85,15 +95,6 @@ impl Lut {
             Lut::Narrow(t) if !t.is_empty() => Some(t[(h % t.len() as u64) as usize] as usize),
             Lut::Wide(t) if !t.is_empty() => Some(t[(h % t.len() as u64) as usize] as usize),
             _ => None,
-        }
-    }
-
-    #[cfg(test)]
-    fn ptr_eq(&self, other: &Lut) -> bool {
-        match (self, other) {
-            (Lut::Narrow(a), Lut::Narrow(b)) => Arc::ptr_eq(a, b),
-            (Lut::Wide(a), Lut::Wide(b)) => Arc::ptr_eq(a, b),
-            _ => false,
         }
     }
 }
@@ -107,20 +108,23 @@ impl Pool {
         pools.get(backends)
     }
 
-    /// Builds the Maglev table of sorted, distinct `backends`.
-    fn build(backends: Vec<SocketAddr>) -> Pool {
-        let names: Vec<Vec<u8>> = backends.iter().map(backend_bytes).collect();
-        let lut = maglev::build(&names, maglev::table_size(backends.len()));
-        Pool {
-            lut: Lut::new(lut, backends.len()),
-            backends: backends.into(),
-        }
+    /// The Maglev table of the sorted, distinct backends: built at the first call.
+    #[inline]
+    fn lut(&self) -> &Lut {
+        self.lut.get_or_init(|| {
+            let names: Vec<Vec<u8>> = self.backends.iter().map(backend_bytes).collect();
+            let lut = maglev::build(&names, maglev::table_size(self.backends.len()));
+            Lut::new(lut, self.backends.len())
+        })
     }
 
     /// The backend for a flow of hash `h` ([`flow_hash`]); `None` without backends.
     #[inline]
     pub fn pick(&self, h: u64) -> Option<SocketAddr> {
-        let i = self.lut.get(h)?;
+        if self.backends.is_empty() {
+            return None;
+        }
+        let i = self.lut().get(h)?;
         self.backends.get(i).copied()
     }
 
@@ -149,7 +153,7 @@ impl Pool {
 struct Pools {
     /// Each pool, with how many frontends of the compiled Services hold it.
     pools: HashMap<Arc<[SocketAddr]>, (Pool, usize)>,
-    /// Tables built (not shared) since the last [`Pools::take_built`].
+    /// Pools made (not shared) since the last [`Pools::take_built`].
     built: usize,
 }
 
@@ -160,7 +164,10 @@ impl Pools {
             return p.clone();
         }
         self.built += 1;
-        let pool = Pool::build(backends);
+        let pool = Pool {
+            backends: backends.into(),
+            lut: Arc::default(),
+        };
         self.pools.insert(pool.backends.clone(), (pool.clone(), 1));
         pool
     }
@@ -741,7 +748,7 @@ impl ServiceCompiler {
     }
 
     /// The table of the views held: recompiles the Services changed since the last compile,
-    /// and says how many Maglev tables that built.
+    /// and says how many backend sets that made (each a Maglev table once a flow needs it).
     pub fn compile(&mut self) -> (ServiceTable, usize) {
         for key in std::mem::take(&mut self.dirty) {
             let old = self.fragments.remove(&key);
@@ -1123,9 +1130,10 @@ mod tests {
             first.lookup(TCP, vip(7), 80).unwrap(),
             second.lookup(TCP, vip(7), 80).unwrap(),
         );
+        assert!(a.all.pick(7).is_some());
         assert!(
-            a.all.lut.ptr_eq(&b.all.lut),
-            "an unchanged Service keeps its table"
+            Arc::ptr_eq(&a.all.lut, &b.all.lut) && b.all.lut.get().is_some(),
+            "an unchanged Service keeps its table, built once"
         );
         // The old pool of s4 went with it; going back builds it again.
         put_all(&mut c, usize::MAX);
