@@ -309,12 +309,12 @@ mod tests {
         feed(&mut c, Event::Init);
         let t = feed(&mut c, Event::InitApply(svc("c", "10.96.0.12")));
         assert_eq!(
-            t.service_name(0),
-            Some("shop/a"),
+            t.service_names(),
+            ["shop/a"],
             "the old list holds until the new one is complete"
         );
         let t = feed(&mut c, Event::InitDone);
-        assert_eq!((t.services(), t.service_name(0)), (1, Some("shop/c")));
+        assert_eq!((t.services(), t.service_names()), (1, vec!["shop/c"]));
         let t = feed(&mut c, Event::Delete(svc("c", "10.96.0.12")));
         assert_eq!(t.services(), 0);
     }

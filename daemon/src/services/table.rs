@@ -15,7 +15,6 @@
 use super::maglev;
 use super::model::{ServiceView, SliceView};
 use crate::wg::allowed_ips::IntHasher;
-use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::BuildHasherDefault;
 use std::net::{IpAddr, SocketAddr};
@@ -195,8 +194,8 @@ impl Pools {
 /// One frontend's backends.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Frontend {
-    /// The Service, by index into [`ServiceTable::service_name`].
-    pub service: u32,
+    /// The Service's `namespace/name`.
+    service: Arc<str>,
     /// The ready endpoints, or the serving terminating ones when none is ready.
     all: Pool,
     /// Those of `all` on this node (only for `Local` and `ExternalLocal`).
@@ -208,7 +207,7 @@ pub struct Frontend {
 
 impl Frontend {
     fn new(
-        service: u32,
+        service: Arc<str>,
         backends: Vec<(SocketAddr, bool)>,
         serve: Serve,
         affinity_secs: u32,
@@ -229,6 +228,11 @@ impl Frontend {
             serve,
             affinity_secs,
         }
+    }
+
+    /// The Service's `namespace/name`.
+    pub fn service(&self) -> &str {
+        &self.service
     }
 
     /// Gives back the pools [`Frontend::new`] took.
@@ -435,12 +439,33 @@ pub struct HealthCheck {
     pub local_endpoints: usize,
 }
 
+/// Shards of the frontends: a compile after a change copies the shards of the changed
+/// Service's frontends and shares the others with the table before (ClusterIPs are allocated
+/// spread over their range, so its Services spread over the shards).
+const SHARDS: usize = 64;
+
+/// One shard of the frontends.
+type Shard = HashMap<FrontendKey, Frontend, BuildHasherDefault<IntHasher>>;
+
+/// The shard of a frontend: the address's last byte and the port.
+#[inline]
+fn shard_of(ip: IpAddr, port: u16) -> usize {
+    let last = match ip {
+        IpAddr::V4(a) => a.octets()[3],
+        IpAddr::V6(a) => a.octets()[15],
+    };
+    (usize::from(last) + usize::from(port)) % SHARDS
+}
+
 /// The compiled table.
 #[derive(Debug, Default, Clone)]
 pub struct ServiceTable {
-    frontends: HashMap<FrontendKey, Frontend, BuildHasherDefault<IntHasher>>,
-    /// `namespace/name` of every Service with a frontend.
-    names: Vec<Arc<str>>,
+    /// [`SHARDS`] shards (none in an empty table), by [`shard_of`].
+    frontends: Vec<Arc<Shard>>,
+    /// Frontends over all shards.
+    len: usize,
+    /// Services with at least one frontend.
+    services: usize,
     /// The node-port (and hairpin) address per family: `[IPv4, IPv6]`.
     node_port_addrs: [Option<IpAddr>; 2],
     /// The Service ranges of the scope (ClusterIPs lie in them).
@@ -477,10 +502,10 @@ impl ServiceTable {
     /// The frontend a packet addresses, if it is one.
     #[inline]
     pub fn lookup(&self, proto: u8, ip: IpAddr, port: u16) -> Option<&Frontend> {
-        if self.frontends.is_empty() {
+        if self.len == 0 {
             return None;
         }
-        self.frontends.get(&FrontendKey { proto, ip, port })
+        self.frontends[shard_of(ip, port)].get(&FrontendKey { proto, ip, port })
     }
 
     /// The node-port address of a family: where the kernel steers node ports, and the
@@ -501,26 +526,36 @@ impl ServiceTable {
 
     /// Services with at least one frontend.
     pub fn services(&self) -> usize {
-        self.names.len()
+        self.services
     }
 
     /// Frontends (protocol, address, port).
     pub fn frontends(&self) -> usize {
-        self.frontends.len()
+        self.len
+    }
+
+    fn all_frontends(&self) -> impl Iterator<Item = (&FrontendKey, &Frontend)> {
+        self.frontends.iter().flat_map(|s| s.iter())
     }
 
     /// Backends summed over every frontend (an endpoint behind two ports counts twice).
     pub fn backends(&self) -> usize {
-        self.frontends.values().map(|f| f.backends().len()).sum()
+        self.all_frontends().map(|(_, f)| f.backends().len()).sum()
     }
 
     /// Frontends with no usable endpoint.
     pub fn without_endpoints(&self) -> usize {
-        self.frontends.values().filter(|f| f.all.is_empty()).count()
+        self.all_frontends()
+            .filter(|(_, f)| f.all.is_empty())
+            .count()
     }
 
-    pub fn service_name(&self, index: u32) -> Option<&str> {
-        self.names.get(index as usize).map(|n| &**n)
+    /// `namespace/name` of every Service with a frontend, sorted (reports, tests).
+    pub fn service_names(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.all_frontends().map(|(_, f)| f.service()).collect();
+        v.sort_unstable();
+        v.dedup();
+        v
     }
 
     /// What the kernel must steer into the loop.
@@ -535,7 +570,7 @@ impl ServiceTable {
 
     /// Every frontend, sorted (reports, tests).
     pub fn entries(&self) -> Vec<(FrontendKey, &Frontend)> {
-        let mut v: Vec<_> = self.frontends.iter().map(|(k, f)| (*k, f)).collect();
+        let mut v: Vec<_> = self.all_frontends().map(|(k, f)| (*k, f)).collect();
         v.sort_by_key(|(k, _)| *k);
         v
     }
@@ -602,7 +637,13 @@ impl Fragment {
                     if f.frontends.iter().any(|(k, _)| *k == key) {
                         return;
                     }
-                    let fe = Frontend::new(0, backends.clone(), serve, svc.affinity_secs, pools);
+                    let fe = Frontend::new(
+                        f.name.clone(),
+                        backends.clone(),
+                        serve,
+                        svc.affinity_secs,
+                        pools,
+                    );
                     f.frontends.push((key, fe));
                 };
                 add(*ip, p.port, internal);
@@ -646,10 +687,13 @@ impl Fragment {
 }
 
 /// Compiles the service table of one node, incrementally: it holds the views of every
-/// Service and EndpointSlice and each Service's compiled part, and a compile after changes
-/// recompiles only the Services whose Service or slices changed, then assembles the new
-/// table from the parts (shared Maglev tables, no endpoint list copied). The result is the
-/// table a compile from scratch would give; the caller swaps it in whole, as before.
+/// Service and EndpointSlice, each Service's compiled part and the table's frontends in
+/// [`SHARDS`] shards. A compile after changes recompiles only the Services whose Service or
+/// slices changed, settles the frontends they claimed or claim, copying only those
+/// frontends' shards (the others, the pools and their Maglev tables are shared with the
+/// table before), and gathers the node-port steering and health checks from the few parts
+/// that have any. The work is proportional to the change, not to the Services held. The
+/// result is the table a compile from scratch would give; the caller swaps it in whole.
 #[derive(Debug)]
 pub struct ServiceCompiler {
     scope: Scope,
@@ -660,8 +704,16 @@ pub struct ServiceCompiler {
     /// The slices of each Service (namespace, Service name): a slice's label ties it to
     /// its Service, whether or not that Service exists.
     owned: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
-    /// Sorted by Service: a compile claims addresses in this order.
-    fragments: BTreeMap<ObjectKey, Fragment>,
+    /// Each Service's compiled part.
+    fragments: HashMap<ObjectKey, Fragment>,
+    /// The Services whose parts claim each frontend, sorted: the first keeps it.
+    claims: HashMap<FrontendKey, BTreeSet<ObjectKey>>,
+    /// The frontends of the table: each claimed one, as its first claimant compiled it.
+    shards: Vec<Arc<Shard>>,
+    /// Frontends kept per Service (by `namespace/name`), for those that keep any.
+    kept: HashMap<Arc<str>, usize>,
+    /// Services whose parts steer node ports or ingress IPs, or serve a health check.
+    steered: BTreeSet<ObjectKey>,
     /// Services to recompile.
     dirty: BTreeSet<ObjectKey>,
     pools: Pools,
@@ -679,7 +731,11 @@ impl ServiceCompiler {
             services: HashMap::new(),
             slices: HashMap::new(),
             owned: HashMap::new(),
-            fragments: BTreeMap::new(),
+            fragments: HashMap::new(),
+            claims: HashMap::new(),
+            shards: (0..SHARDS).map(|_| Arc::default()).collect(),
+            kept: HashMap::new(),
+            steered: BTreeSet::new(),
             dirty: BTreeSet::new(),
             pools: Pools::default(),
         }
@@ -748,10 +804,25 @@ impl ServiceCompiler {
     }
 
     /// The table of the views held: recompiles the Services changed since the last compile,
-    /// and says how many backend sets that made (each a Maglev table once a flow needs it).
+    /// settles the frontends they claimed or claim (the first claimant by Service keeps an
+    /// address two claim), and says how many backend sets that made (each a Maglev table
+    /// once a flow needs it). Only the shards of those frontends are copied.
     pub fn compile(&mut self) -> (ServiceTable, usize) {
+        let mut touched: Vec<FrontendKey> = Vec::new();
         for key in std::mem::take(&mut self.dirty) {
             let old = self.fragments.remove(&key);
+            if let Some(old) = &old {
+                for (k, _) in &old.frontends {
+                    if let Some(set) = self.claims.get_mut(k) {
+                        set.remove(&key);
+                        if set.is_empty() {
+                            self.claims.remove(k);
+                        }
+                    }
+                    touched.push(*k);
+                }
+                self.steered.remove(&key);
+            }
             if let Some(svc) = self.services.get(&key) {
                 let slices: Vec<&SliceView> = (self.owned.get(&key).into_iter().flatten())
                     .filter_map(|k| self.slices.get(k))
@@ -763,6 +834,13 @@ impl ServiceCompiler {
                     self.node_port_addrs,
                     &mut self.pools,
                 );
+                for (k, _) in &f.frontends {
+                    self.claims.entry(*k).or_default().insert(key.clone());
+                    touched.push(*k);
+                }
+                if !f.node_ports.is_empty() || !f.ingress.is_empty() || f.health.is_some() {
+                    self.steered.insert(key.clone());
+                }
                 self.fragments.insert(key, f);
             }
             // After the new part took its pools: what it shares with the old is kept.
@@ -770,36 +848,54 @@ impl ServiceCompiler {
                 old.release(&mut self.pools);
             }
         }
+        touched.sort_unstable();
+        touched.dedup();
+        for k in touched {
+            self.settle(k);
+        }
         (self.assemble(), self.pools.take_built())
     }
 
-    /// The table of the compiled parts, in Service order.
+    /// Puts frontend `k` of its first claimant into its shard (or takes it out, unclaimed).
+    fn settle(&mut self, k: FrontendKey) {
+        let first = self.claims.get(&k).and_then(|set| set.first());
+        let fe = first
+            .and_then(|svc| self.fragments.get(svc))
+            .and_then(|f| f.frontends.iter().find(|(fk, _)| *fk == k))
+            .map(|(_, fe)| fe.clone());
+        let shard = Arc::make_mut(&mut self.shards[shard_of(k.ip, k.port)]);
+        let before = match fe {
+            Some(fe) => {
+                *self.kept.entry(fe.service.clone()).or_default() += 1;
+                shard.insert(k, fe)
+            }
+            None => shard.remove(&k),
+        };
+        if let Some(b) = before {
+            if let Some(n) = self.kept.get_mut(&b.service) {
+                *n -= 1;
+                if *n == 0 {
+                    self.kept.remove(&b.service);
+                }
+            }
+        }
+    }
+
+    /// The table: the shards (shared), the steering and health checks of the parts that have
+    /// any, in Service order.
     fn assemble(&self) -> ServiceTable {
-        let n: usize = self.fragments.values().map(|f| f.frontends.len()).sum();
         let mut t = ServiceTable {
-            frontends: HashMap::with_capacity_and_hasher(n, Default::default()),
-            names: Vec::with_capacity(self.fragments.len()),
+            frontends: self.shards.clone(),
+            len: self.shards.iter().map(|s| s.len()).sum(),
+            services: self.kept.len(),
             node_port_addrs: self.node_port_addrs,
             ranges: self.scope.ranges.clone(),
             ..Default::default()
         };
-        for f in self.fragments.values() {
-            let index = t.names.len() as u32;
-            let mut any = false;
-            for (key, fe) in &f.frontends {
-                if let Entry::Vacant(e) = t.frontends.entry(*key) {
-                    let mut fe = fe.clone();
-                    fe.service = index;
-                    e.insert(fe);
-                    any = true;
-                }
-            }
+        for f in self.steered.iter().filter_map(|k| self.fragments.get(k)) {
             t.steering.node_ports.extend(f.node_ports.iter().copied());
             t.steering.ingress.extend(f.ingress.iter().copied());
             t.health.extend(f.health.iter().cloned());
-            if any {
-                t.names.push(f.name.clone());
-            }
         }
         t
     }
@@ -998,7 +1094,7 @@ mod tests {
             "no IPv6 endpoint for dns: present, rejecting"
         );
         assert!(t.lookup(TCP, ip("10.96.0.10"), 81).is_none());
-        assert_eq!(t.service_name(f.service), Some("shop/web"));
+        assert_eq!(f.service(), "shop/web");
     }
 
     #[test]
@@ -1237,7 +1333,7 @@ mod tests {
                 let svcs: Vec<ServiceView> = services.values().cloned().collect();
                 let sls: Vec<SliceView> = slices.values().cloned().collect();
                 let fresh = ServiceTable::compile_for(&svcs, &sls, &scope);
-                let names = |t: &ServiceTable| (0..t.services() as u32).map(|i| t.service_name(i).map(str::to_string)).collect::<Vec<_>>();
+                let names = |t: &ServiceTable| (t.services(), t.service_names().into_iter().map(str::to_string).collect::<Vec<_>>());
                 proptest::prop_assert_eq!(t.entries(), fresh.entries());
                 proptest::prop_assert_eq!(names(&t), names(&fresh));
                 proptest::prop_assert_eq!(t.steering(), fresh.steering());
