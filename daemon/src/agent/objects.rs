@@ -16,11 +16,16 @@
 //! - NetworkPolicy: name, namespace, `spec`.
 //! - Node: name, uid, creationTimestamp, the `kwire.dev/` annotations; `spec.podCIDR(s)`;
 //!   `status.addresses`; the type and status of `status.conditions` (a relay must be Ready).
+//! - Service: name, namespace; `spec`, `status` (ports, addresses, policies: small). Its
+//!   managedFields and annotations (often a `last-applied-configuration` copy of the whole
+//!   object) are skipped.
+//! - EndpointSlice: name, namespace, labels; `addressType`, `ports`, `endpoints`.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1 as corev1;
+use k8s_openapi::api::discovery::v1 as discoveryv1;
 use k8s_openapi::api::networking::v1 as netv1;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde::de::{IgnoredAny, MapAccess, Visitor};
@@ -367,6 +372,34 @@ fn kwire_annotations<'de, D: Deserializer<'de>>(
     }
     d.deserialize_option(Map)
 }
+
+/// A Service as the service table reads it (see [`crate::services::ServiceView::from_parts`]).
+#[derive(Clone, Debug, Default, Deserialize)]
+pub struct ServiceObjView {
+    #[serde(deserialize_with = "plain_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub spec: Option<corev1::ServiceSpec>,
+    #[serde(default)]
+    pub status: Option<corev1::ServiceStatus>,
+}
+view_of!(ServiceObjView, corev1::Service);
+
+/// An EndpointSlice as the service table reads it (see
+/// [`crate::services::SliceView::from_parts`]).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSliceView {
+    #[serde(deserialize_with = "labelled_meta")]
+    pub metadata: ObjectMeta,
+    #[serde(default)]
+    pub address_type: String,
+    #[serde(default)]
+    pub ports: Option<Vec<discoveryv1::EndpointPort>>,
+    #[serde(default)]
+    pub endpoints: Vec<discoveryv1::Endpoint>,
+}
+view_of!(EndpointSliceView, discoveryv1::EndpointSlice);
 
 /// A Node as peer selection reads it.
 #[derive(Clone, Debug, Default, Deserialize)]

@@ -6,6 +6,7 @@
 //! `service-state.bin` is in force (see [`super::service_state`]), and while the API is
 //! unreachable the last table stays in force.
 
+use super::objects::{EndpointSliceView, ServiceObjView};
 use super::persist::Persist;
 use super::pod_network::Firewall;
 use super::service_health::HealthServers;
@@ -13,8 +14,6 @@ use crate::dataplane::ports::Pods;
 use crate::services::table::{ObjectKey, Scope, ServiceCompiler};
 use crate::services::{ServiceTable, ServiceView, SliceView};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, ResourceExt};
@@ -164,8 +163,21 @@ impl State {
 /// between the variants costs nothing).
 #[allow(clippy::large_enum_variant)]
 enum Item {
-    Service(Result<Event<Service>, watcher::Error>),
-    Slice(Result<Event<EndpointSlice>, watcher::Error>),
+    Service(Result<Event<ServiceObjView>, watcher::Error>),
+    Slice(Result<Event<EndpointSliceView>, watcher::Error>),
+}
+
+fn service_view(o: &ServiceObjView) -> Option<ServiceView> {
+    ServiceView::from_parts(&o.metadata, o.spec.as_ref(), o.status.as_ref())
+}
+
+fn slice_view(o: &EndpointSliceView) -> Option<SliceView> {
+    SliceView::from_parts(
+        &o.metadata,
+        &o.address_type,
+        o.ports.as_deref(),
+        &o.endpoints,
+    )
 }
 
 /// The compiler of this node's table: its name (local endpoints) and its Service ranges
@@ -191,10 +203,10 @@ pub async fn run(client: Client, pods: Arc<Pods>, firewall: Firewall, store: Sha
         health.lock().await.apply(restored.health_checks()).await;
     }
     let cfg = watcher::Config::default;
-    let services = watcher::watcher(Api::<Service>::all(client.clone()), cfg())
+    let services = watcher::watcher(Api::<ServiceObjView>::all(client.clone()), cfg())
         .backoff(super::WatchBackoff::default())
         .map(Item::Service);
-    let slices = watcher::watcher(Api::<EndpointSlice>::all(client), cfg())
+    let slices = watcher::watcher(Api::<EndpointSliceView>::all(client), cfg())
         .backoff(super::WatchBackoff::default())
         .map(Item::Slice);
     // Shared with the compile on a blocking thread and with the writer that saves the views;
@@ -205,7 +217,7 @@ pub async fn run(client: Client, pods: Arc<Pods>, firewall: Firewall, store: Sha
         let change = match item {
             Item::Service(Ok(ev)) => {
                 let done = matches!(ev, Event::InitDone);
-                match st.services.apply(ev, ServiceView::from_k8s) {
+                match st.services.apply(ev, service_view) {
                     Some(Update::One(k, v)) => st.compiler.put_service(k, v),
                     Some(Update::All(all)) => st.compiler.replace_services(all),
                     None => {}
@@ -214,7 +226,7 @@ pub async fn run(client: Client, pods: Arc<Pods>, firewall: Firewall, store: Sha
             }
             Item::Slice(Ok(ev)) => {
                 let done = matches!(ev, Event::InitDone);
-                match st.slices.apply(ev, SliceView::from_k8s) {
+                match st.slices.apply(ev, slice_view) {
                     Some(Update::One(k, v)) => st.compiler.put_slice(k, v),
                     Some(Update::All(all)) => st.compiler.replace_slices(all),
                     None => {}
@@ -280,7 +292,10 @@ pub async fn run(client: Client, pods: Arc<Pods>, firewall: Firewall, store: Sha
 mod tests {
     use super::*;
 
-    fn svc(name: &str, ip: &str) -> Service {
+    use k8s_openapi::api::core::v1::Service;
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
+    fn svc(name: &str, ip: &str) -> ServiceObjView {
         serde_json::from_value(serde_json::json!({
             "metadata": {"namespace": "shop", "name": name},
             "spec": {"clusterIPs": [ip], "ports": [{"port": 80}]}
@@ -288,12 +303,66 @@ mod tests {
         .unwrap()
     }
 
+    /// A LoadBalancer Service and a slice as the API serves them: managedFields, annotations
+    /// (a last-applied copy), status conditions, topology hints.
+    fn full_objects() -> (serde_json::Value, serde_json::Value) {
+        let managed = serde_json::json!([{"manager": "kubectl", "operation": "Update",
+            "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {"f:ports": {}}}}]);
+        let svc = serde_json::json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "shop", "name": "edge", "uid": "u1", "resourceVersion": "7",
+                "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{\"big\": 1}"},
+                "labels": {"app": "edge"}, "managedFields": managed},
+            "spec": {"type": "LoadBalancer", "clusterIP": "10.96.0.11", "clusterIPs": ["10.96.0.11"],
+                "externalTrafficPolicy": "Local", "healthCheckNodePort": 31000,
+                "sessionAffinity": "ClientIP", "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}},
+                "selector": {"app": "edge"},
+                "ports": [{"name": "https", "port": 443, "targetPort": 8443, "nodePort": 30443, "protocol": "TCP"}]},
+            "status": {"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]},
+                "conditions": [{"type": "x", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z", "reason": "r", "message": "m"}]}
+        });
+        let slice = serde_json::json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"namespace": "shop", "name": "edge-abcde", "resourceVersion": "8",
+                "labels": {"kubernetes.io/service-name": "edge"}, "managedFields": managed,
+                "ownerReferences": [{"apiVersion": "v1", "kind": "Service", "name": "edge", "uid": "u1"}]},
+            "addressType": "IPv4",
+            "ports": [{"name": "https", "port": 8443, "protocol": "TCP"}],
+            "endpoints": [
+                {"addresses": ["10.244.1.5"], "conditions": {"ready": true}, "nodeName": "n1",
+                 "targetRef": {"kind": "Pod", "name": "edge-1", "namespace": "shop"},
+                 "hints": {"forZones": [{"name": "a"}]}, "zone": "a"},
+                {"addresses": ["10.244.2.5"], "conditions": {"ready": false, "serving": true, "terminating": true}, "nodeName": "n2"}]
+        });
+        (svc, slice)
+    }
+
+    #[test]
+    fn stripped_objects_give_the_views_full_objects_give() {
+        let (svc, slice) = full_objects();
+        let full: Service = serde_json::from_value(svc.clone()).unwrap();
+        let view: ServiceObjView = serde_json::from_value(svc).unwrap();
+        let v = service_view(&view).expect("a view");
+        assert_eq!(Some(&v), ServiceView::from_k8s(&full).as_ref());
+        assert_eq!(
+            (v.affinity_secs, v.lb_ips.len(), v.health_check_node_port),
+            (60, 1, Some(31000))
+        );
+        assert!(view.metadata.managed_fields.is_none() && view.metadata.annotations.is_none());
+        let full: EndpointSlice = serde_json::from_value(slice.clone()).unwrap();
+        let view: EndpointSliceView = serde_json::from_value(slice).unwrap();
+        let v = slice_view(&view).expect("a view");
+        assert_eq!(Some(&v), SliceView::from_k8s(&full).as_ref());
+        assert_eq!((v.service.as_str(), v.endpoints.len()), ("edge", 2));
+        assert!(view.metadata.managed_fields.is_none());
+    }
+
     #[test]
     fn views_follow_events_and_a_relist_replaces_them() {
         let mut c = ServiceCompiler::new(Scope::default());
         let mut r = Relist::<ServiceView>::default();
-        let mut feed = |c: &mut ServiceCompiler, ev: Event<Service>| {
-            match r.apply(ev, ServiceView::from_k8s) {
+        let mut feed = |c: &mut ServiceCompiler, ev: Event<ServiceObjView>| {
+            match r.apply(ev, service_view) {
                 Some(Update::One(k, v)) => c.put_service(k, v),
                 Some(Update::All(all)) => c.replace_services(all),
                 None => {}

@@ -1,8 +1,9 @@
 //! What the service table is compiled from: stripped views of Services and EndpointSlices
 //! (only the fields translation needs), read from the API objects by pure functions.
 
-use k8s_openapi::api::core::v1::Service;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::core::v1::{Service, ServiceSpec, ServiceStatus};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use serde::{Deserialize, Serialize};
 use std::net::IpAddr;
 
@@ -95,7 +96,16 @@ impl ServiceView {
     /// The view of a Service, or `None` when it has nothing to translate (no ClusterIP:
     /// headless or ExternalName). Addresses that do not parse are left out.
     pub fn from_k8s(s: &Service) -> Option<ServiceView> {
-        let spec = s.spec.as_ref()?;
+        Self::from_parts(&s.metadata, s.spec.as_ref(), s.status.as_ref())
+    }
+
+    /// [`ServiceView::from_k8s`] of a Service's parts (the agent's watch keeps only these).
+    pub fn from_parts(
+        metadata: &ObjectMeta,
+        spec: Option<&ServiceSpec>,
+        status: Option<&ServiceStatus>,
+    ) -> Option<ServiceView> {
+        let spec = spec?;
         if spec.type_.as_deref() == Some("ExternalName") {
             return None;
         }
@@ -138,8 +148,7 @@ impl ServiceView {
             0
         };
         let lb_ips = if is_lb {
-            s.status
-                .as_ref()
+            status
                 .and_then(|st| st.load_balancer.as_ref())
                 .and_then(|lb| lb.ingress.as_ref())
                 .into_iter()
@@ -150,8 +159,8 @@ impl ServiceView {
             Vec::new()
         };
         Some(ServiceView {
-            namespace: s.metadata.namespace.clone().unwrap_or_default(),
-            name: s.metadata.name.clone()?,
+            namespace: metadata.namespace.clone().unwrap_or_default(),
+            name: metadata.name.clone()?,
             cluster_ips,
             ports,
             external_local: node_ports && spec.external_traffic_policy.as_deref() == Some("Local"),
@@ -170,14 +179,28 @@ impl SliceView {
     /// The view of an EndpointSlice, or `None` when it belongs to no Service or is of an
     /// address type other than IPv4/IPv6 (FQDN slices are not translated).
     pub fn from_k8s(s: &EndpointSlice) -> Option<SliceView> {
-        if !matches!(s.address_type.as_str(), "IPv4" | "IPv6") {
+        Self::from_parts(
+            &s.metadata,
+            &s.address_type,
+            s.ports.as_deref(),
+            &s.endpoints,
+        )
+    }
+
+    /// [`SliceView::from_k8s`] of a slice's parts (the agent's watch keeps only these).
+    pub fn from_parts(
+        metadata: &ObjectMeta,
+        address_type: &str,
+        ports: Option<&[EndpointPort]>,
+        endpoints: &[Endpoint],
+    ) -> Option<SliceView> {
+        if !matches!(address_type, "IPv4" | "IPv6") {
             return None;
         }
-        let service = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?.clone();
-        let ports = s
-            .ports
+        let service = metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?.clone();
+        let ports = ports
+            .unwrap_or_default()
             .iter()
-            .flatten()
             .filter_map(|p| {
                 Some(SlicePortView {
                     name: p.name.clone().unwrap_or_default(),
@@ -186,8 +209,7 @@ impl SliceView {
                 })
             })
             .collect();
-        let endpoints = s
-            .endpoints
+        let endpoints = endpoints
             .iter()
             .map(|e| {
                 let c = e.conditions.as_ref();
@@ -202,7 +224,7 @@ impl SliceView {
             })
             .collect();
         Some(SliceView {
-            namespace: s.metadata.namespace.clone().unwrap_or_default(),
+            namespace: metadata.namespace.clone().unwrap_or_default(),
             service,
             ports,
             endpoints,
