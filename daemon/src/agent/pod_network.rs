@@ -332,6 +332,12 @@ table inet kwire {{
         nft(&["-f", "-"], Some(&self.ruleset_with(own, &steering))).map(drop)
     }
 
+    /// Keeps `st` for the next install without running `nft`: at start, before the first
+    /// install, which carries it (the table may not exist yet after a reboot).
+    pub fn keep_steering(&self, st: &Steering) {
+        *self.lock_steering() = st.clone();
+    }
+
     /// Steers these node ports and ingress IPs into the loop from now on: the sets and maps
     /// are replaced in one transaction (the rest of the ruleset, and its counters, stay).
     pub fn set_steering(&self, st: &Steering) -> std::io::Result<()> {

@@ -132,7 +132,9 @@ pub fn restore(dir: &Path, node: &str, pods: &Pods, firewall: &Firewall) -> (Sha
             compiler.replace_slices(saved.slices.into_iter().collect());
             let (table, _) = compiler.compile();
             let table = Arc::new(table);
-            services::swap_in(&table, pods, firewall);
+            pods.set_services(table.clone());
+            // The host firewall's first install, right after this, steers its node ports.
+            firewall.keep_steering(table.steering());
             info!(
                 services = n,
                 endpoint_slices = m,
@@ -319,6 +321,34 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, [std::ffi::OsString::from(SERVICE_STATE_FILE)]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn restored_node_ports_are_kept_for_the_firewall_s_first_install() {
+        let dir = temp_dir();
+        let persist = Persist::new(&dir, State::restored(services::compiler("n1", &firewall())));
+        let mut edge = service("edge", "10.96.0.12");
+        edge.ports[0].node_port = Some(30080);
+        persist
+            .lock()
+            .compiler
+            .put_service(key("shop", "edge"), Some(edge));
+        persist.mark_changed();
+        persist.save_if_dirty();
+        let pods = Pods::new(1, false).unwrap();
+        let fw = firewall();
+        let (_, failed) = restore(&dir, "n1", &pods, &fw);
+        assert!(!failed);
+        let steering = fw.steering.lock().unwrap().clone();
+        assert_eq!(
+            steering
+                .node_ports
+                .iter()
+                .map(|p| p.port)
+                .collect::<Vec<_>>(),
+            [30080]
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
