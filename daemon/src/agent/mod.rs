@@ -347,6 +347,8 @@ fn check_host_addresses(ranges: &[IpNetwork], tun: &str) -> anyhow::Result<Vec<I
 /// Runs the agent until SIGTERM or SIGINT; then removes the userspace API socket and exits 0,
 /// leaving routes and blackholes in place (fail closed).
 pub fn run(args: AgentArgs) -> anyhow::Result<()> {
+    // Before any thread: fewer malloc arenas keep the start-up lists' freed memory reusable.
+    crate::io::malloc::limit_arenas(crate::io::malloc::AGENT_ARENAS);
     // kube's TLS must use ring: a crate enabling aws-lc-rs would otherwise make it panic.
     let _ = rustls::crypto::ring::default_provider().install_default();
     crate::kubeapi::set_liveness(crate::kubeapi::Liveness::after(args.api_keepalive));

@@ -6,6 +6,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod epoll;
+pub mod malloc;
 pub mod netlink;
 pub mod netns;
 pub mod scm;
