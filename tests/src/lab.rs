@@ -333,6 +333,55 @@ impl Lab {
         crate::prometheus_value(&String::from_utf8_lossy(&o.stdout), series).unwrap_or(0.0)
     }
 
+    /// Node `node`'s state directory (`kwire-lab status`).
+    pub fn state_dir(&self, node: &str) -> std::path::PathBuf {
+        self.status()["nodes"]
+            .array()
+            .iter()
+            .find(|n| n["name"].as_str() == Some(node))
+            .and_then(|n| n["state_dir"].as_str().map(std::path::PathBuf::from))
+            .unwrap_or_else(|| panic!("no state_dir of {node}"))
+    }
+
+    /// Node `node` can no longer reach the API (connections to the stand-in's port refused at
+    /// once), through nftables table `table` in its namespace; [`Lab::unblock_api`] undoes it.
+    pub fn block_api(&self, node: &str, table: &str) {
+        let rules = format!(
+            "add table inet {table}\n\
+             add chain inet {table} out {{ type filter hook output priority 0; }}\n\
+             add rule inet {table} out tcp dport 6443 reject with tcp reset\n"
+        );
+        // `exec` passes no stdin: the rules go through a file.
+        let f = self.dir().join(format!("{node}-{table}.nft"));
+        std::fs::write(&f, rules).unwrap();
+        let o = self.exec(node, &["nft", "-f", f.to_str().unwrap()]);
+        assert!(o.status.success(), "block the API on {node}: {o:?}");
+    }
+
+    pub fn unblock_api(&self, node: &str, table: &str) {
+        let o = self.exec(node, &["nft", "delete", "table", "inet", table]);
+        assert!(o.status.success(), "unblock the API on {node}: {o:?}");
+    }
+
+    /// Node `node`'s `/readyz`: (HTTP status, body).
+    pub fn readyz(&self, node: &str) -> (String, String) {
+        let o = self.exec(
+            node,
+            &[
+                "curl",
+                "-sS",
+                "-m",
+                "3",
+                "-w",
+                "\n%{http_code}",
+                "http://127.0.0.1:9742/readyz",
+            ],
+        );
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.to_string(), body.to_string())
+    }
+
     /// `kwire_drops_total{reason=REASON}` of node `n`.
     pub fn drops(&self, n: &str, reason: &str) -> f64 {
         self.metric(n, &format!("kwire_drops_total{{reason=\"{reason}\"}}"))

@@ -14,7 +14,6 @@
 //!
 //! Needs root; skips (with a message) when the kwire binary has no `agent`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use kwire_tests::lab::{JsonExt, Lab};
@@ -34,57 +33,10 @@ const DENY_ALL: &str = r#"{"apiVersion": "networking.k8s.io/v1", "kind": "Networ
  "metadata": {"name": "deny-all", "namespace": "default"},
  "spec": {"podSelector": {}, "policyTypes": ["Ingress"]}}"#;
 
-fn state_dir(lab: &Lab, node: &str) -> PathBuf {
-    lab.status()["nodes"]
-        .array()
-        .iter()
-        .find(|n| n["name"].as_str() == Some(node))
-        .and_then(|n| n["state_dir"].as_str().map(PathBuf::from))
-        .unwrap_or_else(|| panic!("no state_dir of {node}"))
-}
-
-/// Node `node` can no longer reach the API (connections refused at once).
-fn block_api(lab: &Lab, node: &str) {
-    let rules = format!(
-        "add table inet {BLOCK_TABLE}\n\
-         add chain inet {BLOCK_TABLE} out {{ type filter hook output priority 0; }}\n\
-         add rule inet {BLOCK_TABLE} out tcp dport 6443 reject with tcp reset\n"
-    );
-    // `exec` passes no stdin: the rules go through a file.
-    let f = lab.dir().join(format!("{node}-block-api.nft"));
-    std::fs::write(&f, rules).unwrap();
-    let o = lab.exec(node, &["nft", "-f", f.to_str().unwrap()]);
-    assert!(o.status.success(), "block the API on {node}: {o:?}");
-}
-
-fn unblock_api(lab: &Lab, node: &str) {
-    let o = lab.exec(node, &["nft", "delete", "table", "inet", BLOCK_TABLE]);
-    assert!(o.status.success(), "unblock the API on {node}: {o:?}");
-}
-
 /// Whether the saved inputs (binary; names as UTF-8) hold `name`; `None` without a file.
 fn saved_has(saved: &std::path::Path, name: &str) -> Option<bool> {
     let bytes = std::fs::read(saved).ok()?;
     Some(bytes.windows(name.len()).any(|w| w == name.as_bytes()))
-}
-
-/// Node `node`'s `/readyz`: (HTTP status, body).
-fn readyz(lab: &Lab, node: &str) -> (String, String) {
-    let o = lab.exec(
-        node,
-        &[
-            "curl",
-            "-sS",
-            "-m",
-            "3",
-            "-w",
-            "\n%{http_code}",
-            "http://127.0.0.1:9742/readyz",
-        ],
-    );
-    let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.to_string(), body.to_string())
 }
 
 /// Waits until node `node` reaches the other node's gateway through the tunnel (node to
@@ -129,7 +81,7 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
     let scratch = Scratch::new("lab-policy-restart");
     let lab = Lab::up_real(2, 1, &kwire);
     let n2 = format!("{}-n2", lab.name());
-    let saved = state_dir(&lab, &n2).join("policy-state.bin");
+    let saved = lab.state_dir(&n2).join("policy-state.bin");
     wait_until(CONVERGE, "pod-2-1 answers pod-1-1", || {
         lab.probe("default/pod-1-1", "default/pod-2-1:80").reachable
     });
@@ -148,7 +100,7 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
     // 1. No API, SIGKILL: the restored policy holds, from the start; once the new agent
     // has its session with n1 back, the probes reach its policy stage and are counted there
     // (before, they may end at a data plane not yet up or a session n2 no longer has).
-    block_api(&lab, &n2);
+    lab.block_api(&n2, BLOCK_TABLE);
     lab.signal_agents(&[&n2], Signal::SIGKILL, RESTART);
     stays_unreachable(&lab, "restored policy, API unreachable, just restarted");
     tunnel_carries(&lab, &n2);
@@ -160,7 +112,7 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
     );
     assert_eq!(lab.metric(&n2, "kwire_policy_state_errors_total"), 0.0);
     wait_until(CONVERGE, "n2 ready with the restored policy", || {
-        readyz(&lab, &n2).0 == "200"
+        lab.readyz(&n2).0 == "200"
     });
 
     // 2. No API, no saved file: fail closed.
@@ -170,7 +122,7 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
     wait_until(
         CONVERGE,
         "n2's /readyz names the missing NetworkPolicy",
-        || readyz(&lab, &n2).1.contains("no NetworkPolicy"),
+        || lab.readyz(&n2).1.contains("no NetworkPolicy"),
     );
     tunnel_carries(&lab, &n2);
     stays_unreachable(&lab, "nothing saved, API unreachable");
@@ -178,7 +130,7 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
         lab.drops(&n2, "policy_not_synced") >= PROBES_AFTER_RESTART as f64,
         "new flows dropped as policy_not_synced"
     );
-    let (code, body) = readyz(&lab, &n2);
+    let (code, body) = lab.readyz(&n2);
     assert_eq!(
         code, "503",
         "still not ready while pods are cut off: {body}"
@@ -187,12 +139,12 @@ fn a_restarted_agent_enforces_the_last_policy_without_the_api_and_fails_closed_w
 
     // 3. The policy gone and the API back: the lists arrive, the pod answers again.
     lab.cmd_ok("delete", &["-f", f.to_str().unwrap()]);
-    unblock_api(&lab, &n2);
+    lab.unblock_api(&n2, BLOCK_TABLE);
     wait_until(CONVERGE, "pod-2-1 answers again", || {
         lab.probe("default/pod-1-1", "default/pod-2-1:80").reachable
     });
     wait_until(CONVERGE, "n2 ready once the lists came", || {
-        readyz(&lab, &n2).0 == "200"
+        lab.readyz(&n2).0 == "200"
     });
     wait_until(CONVERGE, "n2 saved the policy-free inputs", || {
         saved_has(&saved, "deny-all") == Some(false)

@@ -16,7 +16,6 @@
 //!
 //! Needs root; skips (with a message) when the kwire binary has no `agent`.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use kwire_tests::lab::{lab_service, shop_pod, JsonExt, Lab};
@@ -50,52 +49,6 @@ spec:
     )
 }
 
-fn state_dir(lab: &Lab, node: &str) -> PathBuf {
-    lab.status()["nodes"]
-        .array()
-        .iter()
-        .find(|n| n["name"].as_str() == Some(node))
-        .and_then(|n| n["state_dir"].as_str().map(PathBuf::from))
-        .unwrap_or_else(|| panic!("no state_dir of {node}"))
-}
-
-/// Node `node` can no longer reach the API (connections refused at once).
-fn block_api(lab: &Lab, node: &str) {
-    let rules = format!(
-        "add table inet {BLOCK_TABLE}\n\
-         add chain inet {BLOCK_TABLE} out {{ type filter hook output priority 0; }}\n\
-         add rule inet {BLOCK_TABLE} out tcp dport 6443 reject with tcp reset\n"
-    );
-    let f = lab.dir().join(format!("{node}-block-api-svc.nft"));
-    std::fs::write(&f, rules).unwrap();
-    let o = lab.exec(node, &["nft", "-f", f.to_str().unwrap()]);
-    assert!(o.status.success(), "block the API on {node}: {o:?}");
-}
-
-fn unblock_api(lab: &Lab, node: &str) {
-    let o = lab.exec(node, &["nft", "delete", "table", "inet", BLOCK_TABLE]);
-    assert!(o.status.success(), "unblock the API on {node}: {o:?}");
-}
-
-/// Node `node`'s `/readyz`: (HTTP status, body).
-fn readyz(lab: &Lab, node: &str) -> (String, String) {
-    let o = lab.exec(
-        node,
-        &[
-            "curl",
-            "-sS",
-            "-m",
-            "3",
-            "-w",
-            "\n%{http_code}",
-            "http://127.0.0.1:9742/readyz",
-        ],
-    );
-    let text = String::from_utf8_lossy(&o.stdout).into_owned();
-    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
-    (code.to_string(), body.to_string())
-}
-
 #[test]
 fn a_restarted_agent_translates_the_last_services_without_the_api() {
     let kwire = require_agent!();
@@ -112,7 +65,7 @@ fn a_restarted_agent_translates_the_last_services_without_the_api() {
         ],
     );
     let n1 = format!("{}-n1", lab.name());
-    let saved = state_dir(&lab, &n1).join("service-state.bin");
+    let saved = lab.state_dir(&n1).join("service-state.bin");
     let file = scratch.file("shop.yaml");
     std::fs::write(&file, manifest(lab.name())).unwrap();
     lab.cmd_ok("apply", &["-f", file.to_str().unwrap()]);
@@ -130,7 +83,7 @@ fn a_restarted_agent_translates_the_last_services_without_the_api() {
     });
 
     // 1. No API, SIGKILL: the restored table translates from the start.
-    block_api(&lab, &n1);
+    lab.block_api(&n1, BLOCK_TABLE);
     lab.signal_agents(&[&n1], Signal::SIGKILL, RESTART);
     wait_until(
         CONVERGE,
@@ -138,7 +91,7 @@ fn a_restarted_agent_translates_the_last_services_without_the_api() {
         reaches,
     );
     wait_until(CONVERGE, "n1 ready with the restored table", || {
-        readyz(&lab, &n1).0 == "200"
+        lab.readyz(&n1).0 == "200"
     });
     assert_eq!(lab.metric(&n1, "kwire_service_state_errors_total"), 0.0);
 
@@ -148,7 +101,7 @@ fn a_restarted_agent_translates_the_last_services_without_the_api() {
     wait_until(
         CONVERGE,
         "n1's /readyz names the missing service table",
-        || readyz(&lab, &n1).1.contains("no service table"),
+        || lab.readyz(&n1).1.contains("no service table"),
     );
     let refused_before = lab.drops(&n1, "no_peer");
     for i in 0..3 {
@@ -163,14 +116,14 @@ fn a_restarted_agent_translates_the_last_services_without_the_api() {
         lab.drops(&n1, "no_peer") > refused_before,
         "the loop dropped the untranslated ClusterIP flows"
     );
-    let (code, body) = readyz(&lab, &n1);
+    let (code, body) = lab.readyz(&n1);
     assert_eq!(code, "503", "not ready without a service table: {body}");
 
     // 3. The API back: the lists arrive, the Service answers, the file is written again.
-    unblock_api(&lab, &n1);
+    lab.unblock_api(&n1, BLOCK_TABLE);
     wait_until(CONVERGE, "the client reaches the ClusterIP again", reaches);
     wait_until(CONVERGE, "n1 ready once the lists came", || {
-        readyz(&lab, &n1).0 == "200"
+        lab.readyz(&n1).0 == "200"
     });
     wait_until(CONVERGE, "n1 saved its Service inputs again", || {
         std::fs::read(&saved).is_ok_and(|b| b.windows(3).any(|w| w == b"web"))
