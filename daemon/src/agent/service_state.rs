@@ -2,7 +2,8 @@
 //! ClusterIPs, node ports and LoadBalancer IPs before the API answers (and while it does not):
 //! without them a pod's DNS (a ClusterIP) would fail until the Service lists arrive.
 //!
-//! What is saved is read from the service loop's own [`ServiceCompiler`] (no second copy is
+//! What is saved is read from the service loop's own
+//! [`ServiceCompiler`](crate::services::table::ServiceCompiler) (no second copy is
 //! kept for it): every stripped Service and EndpointSlice view it holds, by key, in postcard's
 //! compact encoding, behind the header of [`super::persist::Format`] (magic, format version,
 //! checksum). [`super::persist::Persist`] writes it: atomically, mode 0600, only once both lists
@@ -19,8 +20,6 @@
 use super::persist::{self, Format, Inputs, LoadError, Persist};
 use super::pod_network::Firewall;
 use super::services::{self, State};
-
-pub use super::services::Shared;
 use crate::dataplane::ports::Pods;
 use crate::services::model::{SCTP, TCP, UDP};
 use crate::services::table::{ObjectKey, ViewsRef};
@@ -29,6 +28,8 @@ use serde::{Deserialize, Serialize};
 use std::path::Path;
 use std::sync::Arc;
 use tracing::{info, warn};
+
+pub use super::services::Shared;
 
 /// Name of the file inside the state directory.
 pub const SERVICE_STATE_FILE: &str = "service-state.bin";

@@ -688,7 +688,7 @@ impl Fragment {
 
 /// Compiles the service table of one node, incrementally: it holds the views of every
 /// Service and EndpointSlice, each Service's compiled part and the table's frontends in
-/// [`SHARDS`] shards. A compile after changes recompiles only the Services whose Service or
+/// 64 shards. A compile after changes recompiles only the Services whose Service or
 /// slices changed, settles the frontends they claimed or claim, copying only those
 /// frontends' shards (the others, the pools and their Maglev tables are shared with the
 /// table before), and gathers the node-port steering and health checks from the few parts
