@@ -576,7 +576,7 @@ async fn agent_main(
         tun.net.clone(),
     ));
     let loop_pods = tun.net.pods.clone();
-    let policy_writer = tokio::spawn(policy_state::writer(policy_store.clone()));
+    let policy_writer = tokio::spawn(persist::writer(policy_store.clone()));
     let policy_record = policy_store.clone();
     let service_writer = tokio::spawn(persist::writer(service_store.clone()));
     let service_record = service_store.clone();
@@ -639,7 +639,7 @@ async fn agent_main(
     policy_writer.abort();
     policy_state::flush(&policy_store);
     service_writer.abort();
-    service_state::flush(&service_store);
+    service_store.save_if_dirty();
     Ok(())
 }
 

@@ -143,11 +143,6 @@ pub fn restore(
     (Persist::new(dir, folder), failed)
 }
 
-/// Writes the file when the inputs changed (see [`persist::writer`]); runs until aborted.
-pub async fn writer(persist: Shared) {
-    persist::writer(persist).await
-}
-
 /// The last write, at graceful shutdown.
 pub fn flush(persist: &Shared) {
     persist.save_if_dirty();

@@ -157,11 +157,6 @@ pub fn restore(dir: &Path, node: &str, pods: &Pods, firewall: &Firewall) -> (Sha
     (Persist::new(dir, state), failed)
 }
 
-/// The last write, at graceful shutdown.
-pub fn flush(persist: &Shared) {
-    persist.save_if_dirty();
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -188,7 +188,7 @@ pub fn compiler(node: &str, firewall: &Firewall) -> ServiceCompiler {
 
 /// Swaps `table` in: the packet loop translates with it, and the host firewall steers its
 /// node ports and ingress IPs into the loop (blocking: one `nft` run when they changed).
-pub fn swap_in(table: &Arc<ServiceTable>, pods: &Pods, firewall: &Firewall) {
+fn swap_in(table: &Arc<ServiceTable>, pods: &Pods, firewall: &Firewall) {
     pods.set_services(table.clone());
     if let Err(e) = firewall.set_steering(table.steering()) {
         warn!(error = %e, "cannot steer node ports into the loop (table inet kwire)")
