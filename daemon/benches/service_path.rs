@@ -76,7 +76,7 @@ fn bench(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     let table = Arc::new(table());
     let mut snap = Snapshot::default();
-    snap.routes.insert("10.244.2.0/24".parse().unwrap(), 0);
+    Arc::make_mut(&mut snap.routes).insert("10.244.2.0/24".parse().unwrap(), 0);
     let (counters, limiter) = (Counters::default(), SourceLimiter::default());
     let frame = udp([10, 244, 1, 5], [10, 244, 2, 9], 17, 1000);
     for case in ["no_table", "10000_services", "10000_services_1000_flows"] {

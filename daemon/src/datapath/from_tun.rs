@@ -190,13 +190,14 @@ mod tests {
     use crate::datapath::testing::{pod_table, udp4};
     use crate::wg::device::Snapshot;
     use crate::wg::ratelimit::SourceLimiter;
+    use std::sync::Arc;
     use std::time::Instant;
 
     /// Every decision of the pipeline without a peer session: the stages in order.
     #[test]
     fn each_stage_decides_in_order() {
         let mut snap = Snapshot::default();
-        snap.routes.insert("10.244.2.0/24".parse().unwrap(), 0);
+        Arc::make_mut(&mut snap.routes).insert("10.244.2.0/24".parse().unwrap(), 0);
         let mut local = pod_table("10.244.1.1", &["10.244.1.5"]);
         local.mtu = Some(1420);
         let (counters, limiter) = (Counters::default(), SourceLimiter::default());

@@ -248,7 +248,7 @@ pub fn greet_peers(
     }
     let mut budget = pacer.take_up_to(INITIATION_BURST, now);
     let mut waiting = false;
-    for peer in &snap.peers {
+    for peer in snap.peers.iter() {
         if !timers::needs_greeting(peer) {
             continue;
         }

@@ -1074,7 +1074,7 @@ fn fifty_peers_recover_after_one_round_trip() {
     }
     rx.finish(&counters, &mut io);
     assert_eq!(io.tun.len(), PEERS, "every peer's next packet delivered");
-    for p in &snap.peers {
+    for p in snap.peers.iter() {
         assert_eq!(p.handshakes.success.load(Ordering::Relaxed), 1);
         assert_eq!(p.handshakes.triggered.load(Ordering::Relaxed), 1);
     }

@@ -493,9 +493,8 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
             let ticks_per_second = (1000 / TIMER_TICK.as_millis()).max(1) as u64;
             let wakes_per_tick = (TIMER_TICK.as_millis() / GREET_TICK.as_millis()).max(1) as u64;
             let (mut wakes, mut ticks) = (0u64, 0u64);
-            // The snapshot whose peers were all greeted, if any (held, so that a new one is
-            // never taken for it).
-            let mut greeted: Option<Arc<Snapshot>> = None;
+            // The greeting epoch whose peers were all greeted, if any.
+            let mut greeted: Option<u64> = None;
             let mut schedule = crate::datapath::timers::TimerSchedule::default();
             loop {
                 // Greetings every GREET_TICK (a restarted device handshakes within one),
@@ -504,7 +503,7 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
                 wakes += 1;
                 let timers_due = wakes.is_multiple_of(wakes_per_tick);
                 let snap = device.snapshot();
-                let greet = !greeted.as_ref().is_some_and(|g| Arc::ptr_eq(g, &snap));
+                let greet = greeted != Some(snap.greet_epoch);
                 if !greet && !timers_due {
                     continue;
                 }
@@ -526,7 +525,7 @@ pub fn spawn_timers(device: Arc<Device>, net: Network) -> io::Result<()> {
                         &mut out,
                         &mut wio,
                     );
-                    greeted = (!waiting).then(|| Arc::clone(&snap));
+                    greeted = (!waiting).then_some(snap.greet_epoch);
                 }
                 if !timers_due {
                     continue;

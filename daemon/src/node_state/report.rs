@@ -209,7 +209,12 @@ pub fn report(st: &NodeState) -> StatusReport {
         let age = p
             .last_handshake
             .map(|t| now.duration_since(t).unwrap_or_default());
-        let live = snap.peers.iter().find(|q| q.public_key == p.public_key);
+        // A peer's own key maps to its slot (before any peer's announced next key).
+        let live = snap
+            .by_key
+            .get(&p.public_key.0)
+            .map(|s| &snap.peers[*s as usize])
+            .filter(|q| q.public_key == p.public_key);
         let count = |f: fn(&crate::wg::Peer) -> &AtomicU64| {
             live.map_or(0, |q| f(q).load(Ordering::Relaxed))
         };

@@ -45,6 +45,12 @@ struct Family<K, T> {
     levels: Vec<(u8, IntMap<K, T>)>,
 }
 
+impl<K: Eq + std::hash::Hash, T: PartialEq> PartialEq for Family<K, T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.levels == other.levels
+    }
+}
+
 impl<K, T> Default for Family<K, T> {
     fn default() -> Self {
         Family { levels: Vec::new() }
@@ -118,7 +124,7 @@ impl<K: Bits, T: Copy> Family<K, T> {
 }
 
 /// Longest-prefix match over IPv4 and IPv6 networks.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AllowedIps<T> {
     v4: Family<u32, T>,
     v6: Family<u128, T>,

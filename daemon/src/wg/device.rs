@@ -1,7 +1,9 @@
 //! The device: its configuration (written by the control plane under one lock) and the
-//! [`Snapshot`] the packet loop reads without waiting (rebuilt and swapped on every change).
+//! [`Snapshot`] the packet loop reads without waiting (swapped on every change). The
+//! snapshot's tables are kept in step with the configuration change by change, and a change
+//! copies only the tables it touches: one peer's change costs the same at 5,000 peers as at 5.
 
-use crate::wg::allowed_ips::{AllowedIps, IntMap};
+use crate::wg::allowed_ips::{canonical, AllowedIps, IntMap};
 use crate::wg::handshakes::{HandshakeStats, Initiations, Pacer, HANDSHAKE_RATE_LIMIT};
 use crate::wg::key::{PresharedKey, PrivateKey};
 use crate::wg::ratelimit::SourceLimiter;
@@ -101,24 +103,35 @@ impl Identity {
     }
 }
 
-/// What the packet loop reads: immutable, swapped whole on every configuration change.
-#[derive(Default)]
+/// What the packet loop reads: immutable, swapped on every configuration change. Its tables
+/// are shared with the configuration, copied on write: a change copies only the tables it
+/// touches (a peer's new endpoint: `by_endpoint`), and each snapshot shares the others with
+/// the one before. A peer's slot stays while the peer lives (a removal moves the last slot's
+/// peer into the hole), so one peer's change touches only that peer's entries.
+#[derive(Default, Clone)]
 pub struct Snapshot {
-    pub peers: Vec<Arc<Peer>>,
-    /// Destination address to peer slot (index into `peers`).
-    pub routes: AllowedIps<u32>,
+    /// The peers, by slot.
+    pub peers: Arc<Vec<Arc<Peer>>>,
+    /// Destination address to peer slot.
+    pub routes: Arc<AllowedIps<u32>>,
     /// Session index (`receiver_idx >> 8`) to peer slot (every `Tunn` of every peer).
-    pub by_index: IntMap<u32, u32>,
+    pub by_index: Arc<IntMap<u32, u32>>,
     /// Public key to peer slot, for handshake initiations: each peer's current key and, while
-    /// it rotates, its next key. Revoked keys are never here.
-    pub by_key: HashMap<[u8; 32], u32>,
-    /// Endpoint to peer slot, as configured when the snapshot was made (not as roamed since):
-    /// whom to handshake with when a data message names a session we do not know.
-    pub by_endpoint: HashMap<SocketAddr, u32>,
+    /// it rotates, its next key (a key that is some peer's own maps to that peer; a next key
+    /// announced by several, to the one with the smallest key). Revoked keys are never here.
+    pub by_key: Arc<HashMap<[u8; 32], u32>>,
+    /// Endpoint to peer slot, as configured (not as roamed since): whom to handshake with
+    /// when a data message names a session we do not know. An endpoint configured for several
+    /// peers (relayed ones share their relay's) maps to the one with the smallest key.
+    pub by_endpoint: Arc<HashMap<SocketAddr, u32>>,
     pub identity: Option<Arc<Identity>>,
     /// The key this device rotates to, while it rotates: initiations addressed to it are
     /// answered too (MAC1 tells which of the two keys an initiation is for).
     pub next_identity: Option<Arc<Identity>>,
+    /// Grows when a peer may newly wait for its greeting (a peer added or rebuilt, a peer's
+    /// first endpoint, a new key of ours): the timer thread looks for such peers only then,
+    /// not on every snapshot.
+    pub greet_epoch: u64,
 }
 
 impl Snapshot {
@@ -139,9 +152,13 @@ pub trait NetworkControl {
 
 struct PeerEntry {
     peer: Arc<Peer>,
+    /// Its slot in the snapshot's tables.
+    slot: u32,
     allowed_ips: Vec<IpNetwork>,
     /// The key the peer rotates to, while it does.
     next_key: Option<PublicKey>,
+    /// The endpoint as configured (what `by_endpoint` maps), not as roamed since.
+    endpoint: Option<SocketAddr>,
 }
 
 #[derive(Default)]
@@ -156,6 +173,10 @@ struct Config {
     bound: bool,
     fwmark: u32,
     peers: BTreeMap<PublicKey, PeerEntry>,
+    /// The next snapshot's tables, kept in step with `peers` change by change (its identity
+    /// fields and `greet_epoch` are set when published).
+    tables: Snapshot,
+    greet_epoch: u64,
 }
 
 /// A WireGuard device: configuration plus the snapshot the loop reads.
@@ -178,6 +199,7 @@ impl Default for Device {
     }
 }
 
+/// A session index no `Tunn` of the device has (`used`: the snapshot's `by_index`).
 fn new_index(used: &IntMap<u32, u32>) -> u32 {
     loop {
         let i = rand_core::OsRng.next_u32() & MAX_INDEX;
@@ -241,10 +263,10 @@ impl Device {
         }
         if req.replace_peers {
             cfg.peers.clear();
+            cfg.tables = Snapshot::default();
         }
-        let mut used = None;
         for change in req.peers {
-            apply_peer(&mut cfg, change, &mut used);
+            apply_peer(&mut cfg, change);
         }
         self.publish(&cfg);
         Ok(())
@@ -262,32 +284,15 @@ impl Device {
         Ok(cfg.listen_port)
     }
 
+    /// Swaps in the configuration's tables: each an `Arc` shared with the configuration
+    /// until a change copies it.
     fn publish(&self, cfg: &Config) {
-        let mut s = Snapshot {
+        self.snapshot.store(Arc::new(Snapshot {
             identity: cfg.identity.clone(),
             next_identity: cfg.next_identity.clone(),
-            ..Snapshot::default()
-        };
-        for (slot, e) in cfg.peers.values().enumerate() {
-            let slot = slot as u32;
-            s.peers.push(e.peer.clone());
-            let st = e.peer.lock();
-            for i in st.indexes() {
-                s.by_index.insert(i, slot);
-            }
-            if let Some(ep) = st.endpoint {
-                s.by_endpoint.insert(ep, slot);
-            }
-            drop(st);
-            s.by_key.insert(e.peer.public_key.0, slot);
-            if let Some(next) = e.next_key {
-                s.by_key.insert(next.0, slot);
-            }
-            for n in &e.allowed_ips {
-                s.routes.insert(*n, slot);
-            }
-        }
-        self.snapshot.store(Arc::new(s));
+            greet_epoch: cfg.greet_epoch,
+            ..cfg.tables.clone()
+        }));
     }
 
     /// What `get=1` reports.
@@ -317,9 +322,8 @@ impl Device {
     /// Applies peer changes only (no key, port or socket change).
     pub fn apply_peer_changes(&self, changes: Vec<PeerChange>) {
         let mut cfg = self.lock();
-        let mut used = None;
         for c in changes {
-            apply_peer(&mut cfg, c, &mut used);
+            apply_peer(&mut cfg, c);
         }
         self.publish(&cfg);
     }
@@ -341,8 +345,9 @@ impl Device {
         }
         cfg.next_identity = key.as_ref().map(Identity::new);
         cfg.next_key = key;
+        cfg.greet_epoch += 1;
         if let Some(own) = cfg.next_key.as_ref().map(PrivateKey::public_key) {
-            cfg.peers.remove(&own);
+            remove_peer(&mut cfg, own);
         }
         sync_all(&mut cfg);
         self.publish(&cfg);
@@ -364,13 +369,23 @@ impl Device {
         if cfg.revoked == keys {
             return;
         }
-        cfg.revoked = keys;
-        let revoked = cfg.revoked.clone();
-        cfg.peers.retain(|pk, _| !revoked.contains(pk));
-        for e in cfg.peers.values_mut() {
-            if e.next_key.is_some_and(|k| revoked.contains(&k)) {
-                e.next_key = None;
-            }
+        let before = std::mem::replace(&mut cfg.revoked, keys);
+        let revoked: Vec<PublicKey> = cfg.revoked.iter().copied().collect();
+        for pk in &revoked {
+            remove_peer(&mut cfg, *pk);
+        }
+        let announcing: Vec<PublicKey> = cfg
+            .peers
+            .iter()
+            .filter(|(_, e)| e.next_key.is_some_and(|k| cfg.revoked.contains(&k)))
+            .map(|(pk, _)| *pk)
+            .collect();
+        for pk in announcing {
+            set_next_key(&mut cfg, pk, None);
+        }
+        // A key no longer revoked may be announced already.
+        for k in before.difference(&cfg.revoked).copied().collect::<Vec<_>>() {
+            settle_key(&mut cfg, k);
         }
         sync_all(&mut cfg);
         self.publish(&cfg);
@@ -405,36 +420,19 @@ fn set_private_key(cfg: &mut Config, key: Option<PrivateKey>) {
         cfg.identity = key.as_ref().map(Identity::new);
         cfg.key = key;
     }
+    cfg.greet_epoch += 1;
     // A peer with our own public key cannot exist (wireguard-go removes it too).
     if let Some(own) = cfg.key.as_ref().map(PrivateKey::public_key) {
-        cfg.peers.remove(&own);
+        remove_peer(cfg, own);
     }
     // Sessions made with a key we no longer hold end; the peers get sessions for the new one.
     sync_all(cfg);
 }
 
-/// The session indexes in use on the device, gathered (every peer locked once) only when a
-/// `Tunn` is made, and once per configuration change: a change that makes none (an
-/// endpoint, allowed IPs) costs nothing per peer. Indexes freed meanwhile stay reserved.
-type Used = Option<IntMap<u32, u32>>;
-
-fn used_indexes<'a>(cfg: &Config, used: &'a mut Used) -> &'a mut IntMap<u32, u32> {
-    used.get_or_insert_with(|| {
-        let mut m = IntMap::default();
-        for e in cfg.peers.values() {
-            for i in e.peer.lock().indexes() {
-                m.insert(i, 0);
-            }
-        }
-        m
-    })
-}
-
 fn sync_all(cfg: &mut Config) {
-    let mut used = None;
     let keys: Vec<PublicKey> = cfg.peers.keys().copied().collect();
     for pk in keys {
-        sync_pairs(cfg, pk, &mut used);
+        sync_pairs(cfg, pk);
     }
 }
 
@@ -477,23 +475,23 @@ fn wanted_pairs(cfg: &Config, pk: PublicKey, next: Option<PublicKey>) -> (Vec<Wa
 }
 
 /// Gives peer `pk` a `Tunn` for every pair of keys in use (and none for a pair no longer
-/// in use), keeping the sessions of the pairs that stay. `used`: the session indexes in use.
-fn sync_pairs(cfg: &mut Config, pk: PublicKey, used: &mut Used) {
+/// in use), keeping the sessions of the pairs that stay; `by_index` follows.
+fn sync_pairs(cfg: &mut Config, pk: PublicKey) {
     let Some(e) = cfg.peers.get(&pk) else {
         return;
     };
     let (wanted, target) = wanted_pairs(cfg, pk, e.next_key);
-    let peer = e.peer.clone();
-    let missing = {
-        let st = peer.lock();
-        wanted.iter().any(|(w, _)| !st.pairs().any(|p| p == *w))
-    };
-    if missing {
-        used_indexes(cfg, used);
-    }
+    let (peer, slot) = (e.peer.clone(), e.slot);
     let mut st = peer.lock();
     let keep = |p: &Pair| wanted.iter().any(|(w, _)| w == p);
-    st.standby.retain(|s| keep(&s.pair));
+    let mut gone: Vec<u32> = Vec::new();
+    st.standby.retain(|s| {
+        let kept = keep(&s.pair);
+        if !kept {
+            gone.push(s.index);
+        }
+        kept
+    });
     if !keep(&st.pair) {
         // The standby with the newest session takes over, else the target's, else a new one.
         let best = (0..st.standby.len())
@@ -504,15 +502,17 @@ fn sync_pairs(cfg: &mut Config, pk: PublicKey, used: &mut Used) {
         match best {
             Some(at) => {
                 st.swap_active(at);
-                st.standby.remove(at);
+                let old = st.standby.remove(at);
+                gone.push(old.index);
             }
             None => {
                 let id = wanted
                     .iter()
                     .find(|(w, _)| *w == target)
                     .and_then(|(_, id)| id.clone());
-                let used = used.as_mut().expect("gathered: the target is missing");
-                let (tunn, index) = new_tunn(&peer, target.remote, id.as_deref(), used);
+                let (tunn, index) =
+                    new_tunn(&peer, target.remote, id.as_deref(), &mut cfg.tables, slot);
+                gone.push(st.index);
                 st.tunn = tunn;
                 st.pair = target;
                 st.index = index;
@@ -523,8 +523,7 @@ fn sync_pairs(cfg: &mut Config, pk: PublicKey, used: &mut Used) {
         if st.pairs().any(|p| p == *pair) {
             continue;
         }
-        let used = used.as_mut().expect("gathered: a pair is missing");
-        let (tunn, index) = new_tunn(&peer, pair.remote, id.as_deref(), used);
+        let (tunn, index) = new_tunn(&peer, pair.remote, id.as_deref(), &mut cfg.tables, slot);
         st.standby.push(Standby {
             tunn,
             pair: *pair,
@@ -535,18 +534,28 @@ fn sync_pairs(cfg: &mut Config, pk: PublicKey, used: &mut Used) {
         st.last_target_attempt = None;
     }
     st.target = target;
+    drop(st);
+    if !gone.is_empty() {
+        let by_index = Arc::make_mut(&mut cfg.tables.by_index);
+        for i in gone {
+            if by_index.get(&i) == Some(&slot) {
+                by_index.remove(&i);
+            }
+        }
+    }
 }
 
 /// A `Tunn` to `remote` with identity `id` (none: a throw-away key, the device has none) and
-/// a fresh session index, recorded in `used`.
+/// a fresh session index, mapped to `slot` in `tables.by_index`.
 fn new_tunn(
     peer: &Peer,
     remote: PublicKey,
     id: Option<&Identity>,
-    used: &mut IntMap<u32, u32>,
+    tables: &mut Snapshot,
+    slot: u32,
 ) -> (Tunn, u32) {
-    let index = new_index(used);
-    used.insert(index, 0);
+    let index = new_index(&tables.by_index);
+    Arc::make_mut(&mut tables.by_index).insert(index, slot);
     let (secret, limiter) = match id {
         Some(id) => (id.secret.clone(), Some(id.rate_limiter.clone())),
         None => (
@@ -566,45 +575,60 @@ fn new_tunn(
 }
 
 /// Replaces a peer's `Tunn`s (new preshared key or keepalive: boringtun fixes these at
-/// construction), keeping its endpoint, counters and allowed IPs.
+/// construction), keeping its slot, endpoint, counters and allowed IPs.
 fn rebuild_peer(
     cfg: &mut Config,
     pk: PublicKey,
     psk: Option<Option<PresharedKey>>,
     keepalive: Option<u16>,
 ) {
-    let Some(old) = cfg.peers.get(&pk).map(|e| e.peer.clone()) else {
+    let Some((old, slot)) = cfg.peers.get(&pk).map(|e| (e.peer.clone(), e.slot)) else {
         return;
     };
     let psk = psk.unwrap_or_else(|| old.preshared_key.clone());
     let keepalive = keepalive.unwrap_or(old.persistent_keepalive);
-    let mut used = None;
-    let peer = make_peer(cfg, pk, psk, keepalive, old.endpoint(), &mut used);
+    let peer = make_peer(cfg, pk, psk, keepalive, old.endpoint(), slot);
     peer.rx_bytes
         .store(old.rx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
     peer.tx_bytes
         .store(old.tx_bytes.load(Ordering::Relaxed), Ordering::Relaxed);
     peer.handshakes.add(&old.handshakes);
+    unmap_indexes(&mut cfg.tables, &old, slot);
+    let peer = Arc::new(peer);
+    Arc::make_mut(&mut cfg.tables.peers)[slot as usize] = peer.clone();
     if let Some(e) = cfg.peers.get_mut(&pk) {
-        e.peer = Arc::new(peer);
+        e.peer = peer;
     }
-    sync_pairs(cfg, pk, &mut used);
+    cfg.greet_epoch += 1;
+    sync_pairs(cfg, pk);
 }
 
-/// A peer with one `Tunn` (our current key, its current key); [`sync_pairs`] adds the others.
+/// Removes `peer`'s session indexes from `by_index` (those that map to `slot`).
+fn unmap_indexes(tables: &mut Snapshot, peer: &Peer, slot: u32) {
+    let indexes: Vec<u32> = peer.lock().indexes().collect();
+    let by_index = Arc::make_mut(&mut tables.by_index);
+    for i in indexes {
+        if by_index.get(&i) == Some(&slot) {
+            by_index.remove(&i);
+        }
+    }
+}
+
+/// A peer with one `Tunn` (our current key, its current key), its index mapped to `slot`;
+/// [`sync_pairs`] adds the others.
 fn make_peer(
-    cfg: &Config,
+    cfg: &mut Config,
     pk: PublicKey,
     psk: Option<PresharedKey>,
     keepalive: u16,
     endpoint: Option<SocketAddr>,
-    used: &mut Used,
+    slot: u32,
 ) -> Peer {
     // Without a private key a peer is kept in the configuration with a Tunn made from a
     // throw-away key: it can do nothing, and is rebuilt when a key arrives.
-    let id = cfg.identity.as_deref();
+    let id = cfg.identity.clone();
     let pair = Pair {
-        local: id.map_or(NO_KEY, Identity::public_key),
+        local: id.as_deref().map_or(NO_KEY, Identity::public_key),
         remote: pk,
     };
     let mut peer = Peer {
@@ -628,7 +652,7 @@ fn make_peer(
         tx_dropped: AtomicU64::new(0),
         handshakes: HandshakeStats::default(),
     };
-    let (tunn, index) = new_tunn(&peer, pk, id, used_indexes(cfg, used));
+    let (tunn, index) = new_tunn(&peer, pk, id.as_deref(), &mut cfg.tables, slot);
     peer.index = index;
     {
         let mut st = peer.lock();
@@ -645,8 +669,194 @@ fn placeholder_tunn() -> Tunn {
     Tunn::new(s, p, None, None, 0, None)
 }
 
-/// Moves peer `from`'s sessions, endpoint and counters to key `to` (the peer promoted its
-/// next key `to`): the sessions made with `to` carry on.
+/// Adds peer `pk` in the next free slot (no endpoint, allowed IPs or next key yet).
+fn add_peer(cfg: &mut Config, pk: PublicKey, psk: Option<PresharedKey>, keepalive: u16) {
+    let slot = cfg.tables.peers.len() as u32;
+    let peer = Arc::new(make_peer(cfg, pk, psk, keepalive, None, slot));
+    Arc::make_mut(&mut cfg.tables.peers).push(peer.clone());
+    cfg.peers.insert(
+        pk,
+        PeerEntry {
+            peer,
+            slot,
+            allowed_ips: Vec::new(),
+            next_key: None,
+            endpoint: None,
+        },
+    );
+    // Its own key is its, whoever announced it as a next key.
+    Arc::make_mut(&mut cfg.tables.by_key).insert(pk.0, slot);
+    cfg.greet_epoch += 1;
+}
+
+/// Removes peer `pk` and every table entry of its; the last slot's peer moves into its slot.
+fn remove_peer(cfg: &mut Config, pk: PublicKey) {
+    let Some(e) = cfg.peers.remove(&pk) else {
+        return;
+    };
+    let slot = e.slot;
+    let t = &mut cfg.tables;
+    unmap_indexes(t, &e.peer, slot);
+    if !e.allowed_ips.is_empty() {
+        let routes = Arc::make_mut(&mut t.routes);
+        for n in &e.allowed_ips {
+            if routes.get_exact(*n) == Some(slot) {
+                routes.remove(*n);
+            }
+        }
+    }
+    for k in std::iter::once(pk).chain(e.next_key) {
+        if cfg.tables.by_key.get(&k.0) == Some(&slot) {
+            settle_key(cfg, k);
+        }
+    }
+    if let Some(ep) = e.endpoint {
+        if cfg.tables.by_endpoint.get(&ep) == Some(&slot) {
+            settle_endpoint(cfg, ep);
+        }
+    }
+    // Fill the hole with the last slot's peer: only its entries change.
+    let last = cfg.tables.peers.len() as u32 - 1;
+    Arc::make_mut(&mut cfg.tables.peers).swap_remove(slot as usize);
+    if slot == last {
+        return;
+    }
+    let moved = cfg.tables.peers[slot as usize].public_key;
+    let Some(m) = cfg.peers.get_mut(&moved) else {
+        return;
+    };
+    m.slot = slot;
+    let t = &mut cfg.tables;
+    let indexes: Vec<u32> = m.peer.lock().indexes().collect();
+    let by_index = Arc::make_mut(&mut t.by_index);
+    for i in indexes {
+        if by_index.get(&i) == Some(&last) {
+            by_index.insert(i, slot);
+        }
+    }
+    if !m.allowed_ips.is_empty() {
+        let routes = Arc::make_mut(&mut t.routes);
+        for n in &m.allowed_ips {
+            if routes.get_exact(*n) == Some(last) {
+                routes.insert(*n, slot);
+            }
+        }
+    }
+    let by_key = Arc::make_mut(&mut t.by_key);
+    for k in std::iter::once(moved).chain(m.next_key) {
+        if by_key.get(&k.0) == Some(&last) {
+            by_key.insert(k.0, slot);
+        }
+    }
+    if let Some(ep) = m.endpoint {
+        let by_endpoint = Arc::make_mut(&mut t.by_endpoint);
+        if by_endpoint.get(&ep) == Some(&last) {
+            by_endpoint.insert(ep, slot);
+        }
+    }
+}
+
+/// Whom `by_key` maps key `k` to: the peer whose own key it is, else the peer with the
+/// smallest key among those announcing it as their next key; a revoked key, nobody.
+fn key_owner(cfg: &Config, k: PublicKey) -> Option<u32> {
+    if let Some(e) = cfg.peers.get(&k) {
+        return Some(e.slot);
+    }
+    if cfg.revoked.contains(&k) {
+        return None;
+    }
+    cfg.peers
+        .values()
+        .find(|e| e.next_key == Some(k))
+        .map(|e| e.slot)
+}
+
+/// Sets `by_key[k]` to its owner, looked for among all peers: after its owner let it go.
+fn settle_key(cfg: &mut Config, k: PublicKey) {
+    let owner = key_owner(cfg, k);
+    let by_key = Arc::make_mut(&mut cfg.tables.by_key);
+    match owner {
+        Some(s) => by_key.insert(k.0, s),
+        None => by_key.remove(&k.0),
+    };
+}
+
+/// Sets `by_endpoint[ep]` to the peer with the smallest key among those configured with it.
+fn settle_endpoint(cfg: &mut Config, ep: SocketAddr) {
+    let owner = cfg
+        .peers
+        .values()
+        .find(|e| e.endpoint == Some(ep))
+        .map(|e| e.slot);
+    let by_endpoint = Arc::make_mut(&mut cfg.tables.by_endpoint);
+    match owner {
+        Some(s) => by_endpoint.insert(ep, s),
+        None => by_endpoint.remove(&ep),
+    };
+}
+
+/// The key of the peer in `slot`.
+fn key_at(cfg: &Config, slot: u32) -> PublicKey {
+    cfg.tables.peers[slot as usize].public_key
+}
+
+/// Sets peer `pk`'s configured endpoint; `by_endpoint` follows.
+fn set_endpoint(cfg: &mut Config, pk: PublicKey, ep: SocketAddr) {
+    let Some(e) = cfg.peers.get_mut(&pk) else {
+        return;
+    };
+    e.peer.lock().endpoint = Some(ep);
+    let (old, slot) = (e.endpoint.replace(ep), e.slot);
+    if old == Some(ep) {
+        return;
+    }
+    if old.is_none() {
+        cfg.greet_epoch += 1;
+    }
+    if let Some(old) = old {
+        if cfg.tables.by_endpoint.get(&old) == Some(&slot) {
+            settle_endpoint(cfg, old);
+        }
+    }
+    let claim = match cfg.tables.by_endpoint.get(&ep) {
+        None => true,
+        Some(o) => key_at(cfg, *o) > pk,
+    };
+    if claim {
+        Arc::make_mut(&mut cfg.tables.by_endpoint).insert(ep, slot);
+    }
+}
+
+/// Sets (or clears) the next key peer `pk` announces; `by_key` follows.
+fn set_next_key(cfg: &mut Config, pk: PublicKey, next: Option<PublicKey>) {
+    let Some(e) = cfg.peers.get_mut(&pk) else {
+        return;
+    };
+    let (old, slot) = (std::mem::replace(&mut e.next_key, next), e.slot);
+    if old == next {
+        return;
+    }
+    if let Some(old) = old {
+        if cfg.tables.by_key.get(&old.0) == Some(&slot) {
+            settle_key(cfg, old);
+        }
+    }
+    if let Some(k) = next.filter(|k| !cfg.revoked.contains(k)) {
+        let claim = match cfg.tables.by_key.get(&k.0) {
+            None => true,
+            Some(o) => {
+                let owner = key_at(cfg, *o);
+                owner != k && owner > pk
+            }
+        };
+        if claim {
+            Arc::make_mut(&mut cfg.tables.by_key).insert(k.0, slot);
+        }
+    }
+}
+
+/// Moves peer `from`'s sessions, slot, endpoint and counters to key `to` (the peer promoted
+/// its next key `to`): the sessions made with `to` carry on.
 fn rename_peer(cfg: &mut Config, from: PublicKey, to: PublicKey) {
     if cfg.peers.contains_key(&to) {
         return;
@@ -655,7 +865,7 @@ fn rename_peer(cfg: &mut Config, from: PublicKey, to: PublicKey) {
         return;
     };
     let p = &old.peer;
-    let peer = Peer {
+    let peer = Arc::new(Peer {
         public_key: to,
         index: p.index,
         preshared_key: p.preshared_key.clone(),
@@ -665,16 +875,29 @@ fn rename_peer(cfg: &mut Config, from: PublicKey, to: PublicKey) {
         tx_bytes: AtomicU64::new(p.tx_bytes.load(Ordering::Relaxed)),
         tx_dropped: AtomicU64::new(p.tx_dropped.load(Ordering::Relaxed)),
         handshakes: HandshakeStats::default(),
-    };
+    });
     peer.handshakes.add(&p.handshakes);
+    let slot = old.slot;
+    Arc::make_mut(&mut cfg.tables.peers)[slot as usize] = peer.clone();
     cfg.peers.insert(
         to,
         PeerEntry {
-            peer: Arc::new(peer),
+            peer,
+            slot,
             allowed_ips: old.allowed_ips,
             next_key: None,
+            endpoint: old.endpoint,
         },
     );
+    Arc::make_mut(&mut cfg.tables.by_key).insert(to.0, slot);
+    settle_key(cfg, from);
+    if let Some(k) = old.next_key.filter(|k| *k != to) {
+        settle_key(cfg, k);
+    }
+    // Ties over a shared endpoint go by key, and the key changed.
+    if let Some(ep) = old.endpoint {
+        settle_endpoint(cfg, ep);
+    }
 }
 
 fn is_own(cfg: &Config, pk: PublicKey) -> bool {
@@ -682,7 +905,7 @@ fn is_own(cfg: &Config, pk: PublicKey) -> bool {
         || cfg.next_key.as_ref().map(PrivateKey::public_key) == Some(pk)
 }
 
-fn apply_peer(cfg: &mut Config, c: PeerChange, used: &mut Used) {
+fn apply_peer(cfg: &mut Config, c: PeerChange) {
     let pk = c.public_key;
     if is_own(cfg, pk) {
         return; // our own key: ignored, as wireguard-go does
@@ -691,7 +914,7 @@ fn apply_peer(cfg: &mut Config, c: PeerChange, used: &mut Used) {
         return; // revoked: never a peer again
     }
     if c.remove {
-        cfg.peers.remove(&pk);
+        remove_peer(cfg, pk);
         return;
     }
     if let Some(from) = c.renamed_from {
@@ -702,16 +925,7 @@ fn apply_peer(cfg: &mut Config, c: PeerChange, used: &mut Used) {
             return;
         }
         let psk = c.preshared_key.clone().flatten();
-        let ka = c.persistent_keepalive.unwrap_or(0);
-        let peer = make_peer(cfg, pk, psk, ka, None, used);
-        cfg.peers.insert(
-            pk,
-            PeerEntry {
-                peer: Arc::new(peer),
-                allowed_ips: Vec::new(),
-                next_key: None,
-            },
-        );
+        add_peer(cfg, pk, psk, c.persistent_keepalive.unwrap_or(0));
     } else {
         let e = &cfg.peers[&pk];
         let psk_changed = c
@@ -725,38 +939,55 @@ fn apply_peer(cfg: &mut Config, c: PeerChange, used: &mut Used) {
             rebuild_peer(cfg, pk, c.preshared_key.clone(), c.persistent_keepalive);
         }
     }
-    let own_next = c.next_public_key.flatten().filter(|k| is_own(cfg, *k));
-    let Some(e) = cfg.peers.get_mut(&pk) else {
-        return;
-    };
     if let Some(next) = c.next_public_key {
-        e.next_key = next.filter(|k| own_next != Some(*k));
+        let own_next = next.filter(|k| is_own(cfg, *k));
+        set_next_key(cfg, pk, next.filter(|k| own_next != Some(*k)));
     }
     if let Some(ep) = c.endpoint {
-        e.peer.lock().endpoint = Some(ep);
+        set_endpoint(cfg, pk, ep);
     }
-    if c.replace_allowed_ips {
-        e.allowed_ips.clear();
+    set_allowed_ips(cfg, pk, c.replace_allowed_ips, &c.allowed_ips);
+    sync_pairs(cfg, pk);
+}
+
+/// Gives peer `pk` the networks `nets` (after dropping its own if `replace`). A network
+/// belongs to one peer: giving it to this one takes it from the peer that had it.
+fn set_allowed_ips(cfg: &mut Config, pk: PublicKey, replace: bool, nets: &[IpNetwork]) {
+    if !replace && nets.is_empty() {
+        return;
     }
-    // An allowed IP belongs to one peer: giving it to this one takes it from the others.
-    for n in &c.allowed_ips {
-        for (other, oe) in cfg.peers.iter_mut() {
-            if *other != pk {
-                oe.allowed_ips.retain(|x| x != n);
+    let Some(slot) = cfg.peers.get(&pk).map(|e| e.slot) else {
+        return;
+    };
+    let routes = Arc::make_mut(&mut cfg.tables.routes);
+    if replace {
+        let e = cfg.peers.get_mut(&pk).expect("present");
+        for n in e.allowed_ips.drain(..) {
+            if routes.get_exact(n) == Some(slot) {
+                routes.remove(n);
             }
         }
+    }
+    for n in nets.iter().map(|n| canonical(*n)) {
+        if let Some(o) = routes.get_exact(n).filter(|o| *o != slot) {
+            let other = cfg.tables.peers[o as usize].public_key;
+            if let Some(oe) = cfg.peers.get_mut(&other) {
+                oe.allowed_ips.retain(|x| *x != n);
+            }
+        }
+        routes.insert(n, slot);
         let e = cfg.peers.get_mut(&pk).expect("present");
-        if !e.allowed_ips.contains(n) {
-            e.allowed_ips.push(*n);
+        if !e.allowed_ips.contains(&n) {
+            e.allowed_ips.push(n);
         }
     }
-    sync_pairs(cfg, pk, used);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::wg::uapi::{parse_request, Request};
+    use proptest::prelude::*;
 
     #[derive(Default)]
     struct FakeNet {
@@ -913,5 +1144,173 @@ mod tests {
         let e = set(&dev, &mut net, &["listen_port=1"]).unwrap_err();
         assert_eq!(e.errno, Errno::AddrInUse);
         assert_eq!(dev.listen_port(), 0);
+    }
+
+    /// The tables built from scratch out of the configuration, by the rules the incremental
+    /// changes keep: one slot per peer, own keys before announced next keys, ties (a next
+    /// key or an endpoint claimed by several) to the smallest key.
+    fn rebuilt(cfg: &Config) -> Snapshot {
+        let n = cfg.peers.len();
+        let mut peers: Vec<Option<Arc<Peer>>> = vec![None; n];
+        let mut t = Snapshot::default();
+        let (by_index, by_key, by_endpoint, routes) = (
+            Arc::make_mut(&mut t.by_index),
+            Arc::make_mut(&mut t.by_key),
+            Arc::make_mut(&mut t.by_endpoint),
+            Arc::make_mut(&mut t.routes),
+        );
+        for (pk, e) in &cfg.peers {
+            assert_eq!(e.peer.public_key, *pk);
+            let at = &mut peers[e.slot as usize];
+            assert!(at.is_none(), "slot {} given twice", e.slot);
+            *at = Some(e.peer.clone());
+            for i in e.peer.lock().indexes() {
+                assert!(by_index.insert(i, e.slot).is_none(), "index {i} twice");
+            }
+            by_key.insert(pk.0, e.slot);
+            for net in &e.allowed_ips {
+                assert!(routes.get_exact(*net).is_none(), "{net} held twice");
+                routes.insert(*net, e.slot);
+            }
+        }
+        for e in cfg.peers.values() {
+            if let Some(k) = e.next_key.filter(|k| !cfg.revoked.contains(k)) {
+                by_key.entry(k.0).or_insert(e.slot);
+            }
+            if let Some(ep) = e.endpoint {
+                by_endpoint.entry(ep).or_insert(e.slot);
+            }
+        }
+        t.peers = Arc::new(peers.into_iter().map(|p| p.expect("no hole")).collect());
+        t
+    }
+
+    fn same_tables(a: &Snapshot, b: &Snapshot) -> Result<(), String> {
+        let keys = |s: &Snapshot| s.peers.iter().map(|p| p.public_key).collect::<Vec<_>>();
+        let ptrs = |s: &Snapshot| s.peers.iter().map(Arc::as_ptr).collect::<Vec<_>>();
+        if ptrs(a) != ptrs(b) {
+            return Err(format!("peers {:?} != {:?}", keys(a), keys(b)));
+        }
+        if a.by_index != b.by_index {
+            return Err(format!("by_index {:?} != {:?}", a.by_index, b.by_index));
+        }
+        if a.by_key != b.by_key {
+            return Err(format!("by_key {:?} != {:?}", a.by_key, b.by_key));
+        }
+        if a.by_endpoint != b.by_endpoint {
+            return Err(format!(
+                "by_endpoint {:?} != {:?}",
+                a.by_endpoint, b.by_endpoint
+            ));
+        }
+        if a.routes != b.routes {
+            return Err(format!("routes {:?} != {:?}", a.routes, b.routes));
+        }
+        Ok(())
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Change {
+            key: u8,
+            remove: bool,
+            renamed_from: Option<u8>,
+            next: Option<Option<u8>>,
+            endpoint: Option<u8>,
+            keepalive: Option<u16>,
+            replace: bool,
+            nets: Vec<u8>,
+        },
+        PrivateKey(Option<u8>),
+        NextPrivateKey(Option<u8>),
+        Revoked(Vec<u8>),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let key = 1u8..7;
+        prop_oneof![
+            8 => (
+                key.clone(),
+                prop::bool::weighted(0.15),
+                prop::option::weighted(0.15, key.clone()),
+                prop::option::weighted(0.3, prop::option::of(key.clone())),
+                prop::option::weighted(0.5, 0u8..3),
+                prop::option::weighted(0.15, prop_oneof![Just(0u16), Just(25)]),
+                prop::bool::ANY,
+                prop::collection::vec(0u8..5, 0..3),
+            )
+                .prop_map(|(key, remove, renamed_from, next, endpoint, keepalive, replace, nets)| Op::Change {
+                    key, remove, renamed_from, next, endpoint, keepalive, replace, nets,
+                }),
+            1 => prop::option::of(prop_oneof![Just(100u8), Just(101)]).prop_map(Op::PrivateKey),
+            1 => prop::option::of(prop_oneof![Just(100u8), Just(101)]).prop_map(Op::NextPrivateKey),
+            1 => prop::collection::vec(1u8..7, 0..2).prop_map(Op::Revoked),
+        ]
+    }
+
+    fn pk(i: u8) -> PublicKey {
+        PublicKey([i; 32])
+    }
+
+    fn run(dev: &Device, op: Op) {
+        match op {
+            Op::Change {
+                key,
+                remove,
+                renamed_from,
+                next,
+                endpoint,
+                keepalive,
+                replace,
+                nets,
+            } => {
+                let all = [
+                    "10.0.0.0/24",
+                    "10.0.1.0/24",
+                    "10.0.1.7/32",
+                    "fd00::/64",
+                    "0.0.0.0/0",
+                ];
+                dev.apply_peer_changes(vec![PeerChange {
+                    remove,
+                    renamed_from: renamed_from.map(pk),
+                    next_public_key: next.map(|n| n.map(pk)),
+                    endpoint: endpoint.map(|e| SocketAddr::from(([192, 0, 2, e], 51820))),
+                    persistent_keepalive: keepalive,
+                    replace_allowed_ips: replace,
+                    allowed_ips: nets
+                        .iter()
+                        .map(|i| all[*i as usize].parse().unwrap())
+                        .collect(),
+                    ..PeerChange::new(pk(key))
+                }]);
+            }
+            Op::PrivateKey(k) => {
+                dev.set_private_key(k.and_then(|k| PrivateKey::from_bytes([k; 32])))
+            }
+            Op::NextPrivateKey(k) => {
+                dev.set_next_private_key(k.and_then(|k| PrivateKey::from_bytes([k; 32])))
+            }
+            Op::Revoked(ks) => dev.set_revoked(ks.into_iter().map(pk).collect()),
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// After any history of changes the snapshot's tables, changed in place change by
+        /// change, are what a build from scratch of the configuration gives.
+        #[test]
+        fn tables_changed_in_place_equal_a_rebuild(ops in prop::collection::vec(op(), 1..40)) {
+            let dev = Device::new();
+            for op in ops {
+                run(&dev, op.clone());
+                let cfg = dev.lock();
+                let snap = dev.snapshot();
+                if let Err(e) = same_tables(&snap, &rebuilt(&cfg)) {
+                    return Err(TestCaseError::fail(format!("after {op:?}: {e}")));
+                }
+            }
+        }
     }
 }
