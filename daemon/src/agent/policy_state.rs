@@ -6,7 +6,8 @@
 //! [`crate::policy::PolicyIndex::save_inputs`] (label sets, nodes and port lists written once,
 //! addresses as bytes), behind a header with a format version and a checksum. The file is
 //! written atomically, mode 0600, only while all three lists are complete, at most every
-//! [`SAVE_INTERVAL`] while what the index reads changes, and at graceful shutdown; the encoding
+//! [`SAVE_INTERVAL`] while what the index reads changes (less often when a write is slow, see
+//! [`super::persist::pause_after`]), and at graceful shutdown; the encoding
 //! is taken under the Folder's lock (tens of milliseconds at 150,000 pods), the write is not.
 //!
 //! At start [`restore`] reads it straight back into an index (no k8s objects, no JSON), takes
@@ -60,7 +61,7 @@ impl FolderStore for Persist {
     }
 
     /// A complete, changed set of inputs was folded: the writer saves it (at once, or
-    /// [`SAVE_INTERVAL`] after its last write).
+    /// [`SAVE_INTERVAL`] or more after its last write).
     fn changed(&self) {
         self.mark_changed();
     }

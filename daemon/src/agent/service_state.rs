@@ -7,8 +7,8 @@
 //! kept for it): every stripped Service and EndpointSlice view it holds, by key, in postcard's
 //! compact encoding, behind the header of [`super::persist::Format`] (magic, format version,
 //! checksum). [`super::persist::Persist`] writes it: atomically, mode 0600, only once both lists
-//! were read in full, at most every [`super::persist::SAVE_INTERVAL`] while a view changes,
-//! and at graceful shutdown.
+//! were read in full, at most every [`super::persist::SAVE_INTERVAL`] while a view changes
+//! (less often when a write is slow), and at graceful shutdown.
 //!
 //! At start [`restore`] reads the views back, compiles the table and swaps it in (with the
 //! node-port steering) before any pod is re-attached; the first real lists replace the views
