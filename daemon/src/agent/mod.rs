@@ -1369,7 +1369,7 @@ impl Agent {
     /// Whether another node sees this one behind NAT; says so (log, status) when it changes.
     /// True when that changes this node's keepalive.
     fn detect_nat(&mut self) -> bool {
-        let seen = relay::seen_behind_nat(self.nodes.infos(), &self.node_name);
+        let seen = relay::seen_behind_nat(self.nodes.observing(), &self.node_name);
         if seen == self.nat_seen {
             return false;
         }
@@ -1842,10 +1842,8 @@ impl Agent {
     /// this node's own key among them (an administrator revoked it) is replaced at once.
     fn apply_revocations(&mut self) {
         let mut revoked = self.revoked.clone();
-        for n in self.nodes.infos() {
-            if n.revoked_keys.is_some() {
-                revoked.extend(n.parsed_revoked_keys());
-            }
+        for n in self.nodes.revoking() {
+            revoked.extend(n.parsed_revoked_keys());
         }
         if revoked != self.revoked {
             info!(

@@ -219,6 +219,10 @@ pub struct PeerIndex {
     pending: BTreeSet<String>,
     /// The next reselect must be a full one.
     full: bool,
+    /// The Nodes that carry a revoked-keys or a NAT-observed annotation: what the agent
+    /// reads of those is read from these few, not from every Node on every change.
+    revoking: BTreeSet<String>,
+    observing: BTreeSet<String>,
     /// Reselects that ran the full selection (for logs and tests).
     pub full_reselects: u64,
 }
@@ -234,6 +238,8 @@ impl PeerIndex {
             outcomes: BTreeMap::new(),
             pending: BTreeSet::new(),
             full: true,
+            revoking: BTreeSet::new(),
+            observing: BTreeSet::new(),
             full_reselects: 0,
         }
     }
@@ -253,6 +259,38 @@ impl PeerIndex {
     /// Every Node's view, by name.
     pub fn infos(&self) -> impl Iterator<Item = &NodeInfo> {
         self.infos.values()
+    }
+
+    /// The Nodes with a revoked-keys annotation, by name.
+    pub fn revoking(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.revoking.iter().filter_map(|n| self.infos.get(n))
+    }
+
+    /// The Nodes with a NAT-observed annotation, by name.
+    pub fn observing(&self) -> impl Iterator<Item = &NodeInfo> {
+        self.observing.iter().filter_map(|n| self.infos.get(n))
+    }
+
+    /// Keeps `revoking` and `observing` in step with Node `name`'s view (`None`: gone).
+    fn note_annotations(&mut self, name: &str, info: Option<&NodeInfo>) {
+        for (set, has) in [
+            (
+                &mut self.revoking,
+                info.is_some_and(|i| i.revoked_keys.is_some()),
+            ),
+            (
+                &mut self.observing,
+                info.is_some_and(|i| i.nat_observed.is_some()),
+            ),
+        ] {
+            if has {
+                if !set.contains(name) {
+                    set.insert(name.to_string());
+                }
+            } else {
+                set.remove(name);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -298,6 +336,7 @@ impl PeerIndex {
         }
         self.index.add(&name, &claims);
         self.claims.insert(name.clone(), claims);
+        self.note_annotations(&name, Some(&info));
         self.infos.insert(name.clone(), info);
         self.pending.insert(name);
         true
@@ -308,6 +347,7 @@ impl PeerIndex {
         if self.infos.remove(name).is_none() {
             return false;
         }
+        self.note_annotations(name, None);
         if let Some(old) = self.claims.remove(name) {
             self.index.remove(name, &old);
             if name == self.self_name || self.index.meets_another(name, &old, &self.self_key) {
@@ -488,6 +528,35 @@ mod tests {
             1 => (0..8usize).prop_map(Op::Remove),
             2 => Just(Op::Reselect),
         ]
+    }
+
+    /// The Nodes read for revoked keys and NAT observations follow their annotations
+    /// through updates and removals.
+    #[test]
+    fn annotated_nodes_are_tracked() {
+        let mut ix = PeerIndex::new(SELF, PublicKey([9; 32]));
+        let names = |it: &mut dyn Iterator<Item = &NodeInfo>| -> Vec<String> {
+            it.map(|n| n.name.clone()).collect()
+        };
+        let mut a = node(1, 1, 0, 1, 0, 1);
+        a.revoked_keys = Some(key(7));
+        let mut b = node(2, 2, 1, 2, 0, 2);
+        b.nat_observed = Some("n0=192.0.2.99:51820".into());
+        ix.upsert(a.clone());
+        ix.upsert(b.clone());
+        ix.upsert(node(3, 3, 6, 3, 0, 3));
+        assert_eq!(names(&mut ix.revoking()), ["n1"]);
+        assert_eq!(names(&mut ix.observing()), ["n2"]);
+        // n1 loses its annotation, n2 gains one, n3 is removed.
+        a.revoked_keys = None;
+        b.revoked_keys = Some(key(8));
+        ix.upsert(a);
+        ix.upsert(b);
+        ix.remove("n3");
+        assert_eq!(names(&mut ix.revoking()), ["n2"]);
+        assert_eq!(names(&mut ix.observing()), ["n2"]);
+        ix.remove("n2");
+        assert!(ix.revoking().next().is_none() && ix.observing().next().is_none());
     }
 
     proptest! {
