@@ -510,8 +510,13 @@ fn sync_pairs(cfg: &mut Config, pk: PublicKey) {
                     .iter()
                     .find(|(w, _)| *w == target)
                     .and_then(|(_, id)| id.clone());
-                let (tunn, index) =
-                    new_tunn(&peer, target.remote, id.as_deref(), &mut cfg.tables, slot);
+                let (tunn, index) = new_tunn(
+                    settings(&peer),
+                    target.remote,
+                    id.as_deref(),
+                    &mut cfg.tables,
+                    slot,
+                );
                 gone.push(st.index);
                 st.tunn = tunn;
                 st.pair = target;
@@ -523,7 +528,13 @@ fn sync_pairs(cfg: &mut Config, pk: PublicKey) {
         if st.pairs().any(|p| p == *pair) {
             continue;
         }
-        let (tunn, index) = new_tunn(&peer, pair.remote, id.as_deref(), &mut cfg.tables, slot);
+        let (tunn, index) = new_tunn(
+            settings(&peer),
+            pair.remote,
+            id.as_deref(),
+            &mut cfg.tables,
+            slot,
+        );
         st.standby.push(Standby {
             tunn,
             pair: *pair,
@@ -545,10 +556,11 @@ fn sync_pairs(cfg: &mut Config, pk: PublicKey) {
     }
 }
 
-/// A `Tunn` to `remote` with identity `id` (none: a throw-away key, the device has none) and
-/// a fresh session index, mapped to `slot` in `tables.by_index`.
+/// A `Tunn` to `remote` with identity `id` (none: a throw-away key, the device has none), the
+/// peer's preshared key and keepalive, and a fresh session index, mapped to `slot` in
+/// `tables.by_index`.
 fn new_tunn(
-    peer: &Peer,
+    (psk, keepalive): (Option<&PresharedKey>, u16),
     remote: PublicKey,
     id: Option<&Identity>,
     tables: &mut Snapshot,
@@ -566,8 +578,8 @@ fn new_tunn(
     let tunn = Tunn::new(
         secret,
         x25519_dalek::PublicKey::from(remote.0),
-        peer.preshared_key.as_ref().map(|k| *k.0),
-        (peer.persistent_keepalive > 0).then_some(peer.persistent_keepalive),
+        psk.map(|k| *k.0),
+        (keepalive > 0).then_some(keepalive),
         index,
         limiter,
     );
@@ -631,15 +643,22 @@ fn make_peer(
         local: id.as_deref().map_or(NO_KEY, Identity::public_key),
         remote: pk,
     };
-    let mut peer = Peer {
+    let (tunn, index) = new_tunn(
+        (psk.as_ref(), keepalive),
+        pk,
+        id.as_deref(),
+        &mut cfg.tables,
+        slot,
+    );
+    Peer {
         public_key: pk,
-        index: 0,
+        index,
         preshared_key: psk,
         persistent_keepalive: keepalive,
         state: Arc::new(Mutex::new(PeerState {
-            tunn: placeholder_tunn(),
+            tunn,
             pair,
-            index: 0,
+            index,
             standby: Vec::new(),
             target: pair,
             last_target_attempt: None,
@@ -651,22 +670,12 @@ fn make_peer(
         tx_bytes: AtomicU64::new(0),
         tx_dropped: AtomicU64::new(0),
         handshakes: HandshakeStats::default(),
-    };
-    let (tunn, index) = new_tunn(&peer, pk, id.as_deref(), &mut cfg.tables, slot);
-    peer.index = index;
-    {
-        let mut st = peer.lock();
-        st.tunn = tunn;
-        st.index = index;
     }
-    peer
 }
 
-/// A `Tunn` that is replaced before use (construction needs one).
-fn placeholder_tunn() -> Tunn {
-    let s = x25519_dalek::StaticSecret::random_from_rng(rand_core::OsRng);
-    let p = x25519_dalek::PublicKey::from(&s);
-    Tunn::new(s, p, None, None, 0, None)
+/// What a peer's `Tunn`s are made with besides the keys: its preshared key and keepalive.
+fn settings(peer: &Peer) -> (Option<&PresharedKey>, u16) {
+    (peer.preshared_key.as_ref(), peer.persistent_keepalive)
 }
 
 /// Adds peer `pk` in the next free slot (no endpoint, allowed IPs or next key yet).
