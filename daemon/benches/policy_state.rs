@@ -104,7 +104,7 @@ fn bench(c: &mut Criterion) {
     changes(|ch| persist.folder().fold(ch));
     let folded = rss_kib();
     persist.changed();
-    policy_state::flush(&persist);
+    persist.save_if_dirty();
     let saved = rss_kib();
     let file = dir.join(policy_state::POLICY_STATE_FILE);
     eprintln!(
@@ -135,7 +135,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("save", |b| {
         b.iter(|| {
             persist.changed();
-            policy_state::flush(&persist);
+            persist.save_if_dirty();
         })
     });
     g.bench_function("encode", |b| {

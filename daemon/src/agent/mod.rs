@@ -637,7 +637,7 @@ async fn agent_main(
     let _ = std::fs::remove_file(run_dir.join(keyctl::KEY_SOCKET));
     pods.abort();
     policy_writer.abort();
-    policy_state::flush(&policy_store);
+    policy_store.save_if_dirty();
     service_writer.abort();
     service_store.save_if_dirty();
     Ok(())

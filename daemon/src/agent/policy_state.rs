@@ -144,11 +144,6 @@ pub fn restore(
     (Persist::new(dir, folder), failed)
 }
 
-/// The last write, at graceful shutdown.
-pub fn flush(persist: &Shared) {
-    persist.save_if_dirty();
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

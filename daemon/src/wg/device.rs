@@ -17,6 +17,7 @@ use ipnetwork::IpNetwork;
 use kwire_proto::key::PublicKey;
 use rand_core::RngCore;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasher, Hash};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -547,12 +548,7 @@ fn sync_pairs(cfg: &mut Config, pk: PublicKey) {
     st.target = target;
     drop(st);
     if !gone.is_empty() {
-        let by_index = Arc::make_mut(&mut cfg.tables.by_index);
-        for i in gone {
-            if by_index.get(&i) == Some(&slot) {
-                by_index.remove(&i);
-            }
-        }
+        move_entries(&mut cfg.tables.by_index, gone, slot, None);
     }
 }
 
@@ -618,10 +614,24 @@ fn rebuild_peer(
 /// Removes `peer`'s session indexes from `by_index` (those that map to `slot`).
 fn unmap_indexes(tables: &mut Snapshot, peer: &Peer, slot: u32) {
     let indexes: Vec<u32> = peer.lock().indexes().collect();
-    let by_index = Arc::make_mut(&mut tables.by_index);
-    for i in indexes {
-        if by_index.get(&i) == Some(&slot) {
-            by_index.remove(&i);
+    move_entries(&mut tables.by_index, indexes, slot, None);
+}
+
+/// The entries of `keys` that map to slot `from` in `map`: mapped to `to`, or removed (`None`).
+/// Entries another slot holds are left alone.
+fn move_entries<K: Eq + Hash + Clone, S: BuildHasher + Clone>(
+    map: &mut Arc<HashMap<K, u32, S>>,
+    keys: impl IntoIterator<Item = K>,
+    from: u32,
+    to: Option<u32>,
+) {
+    let map = Arc::make_mut(map);
+    for k in keys {
+        if map.get(&k) == Some(&from) {
+            match to {
+                Some(to) => map.insert(k, to),
+                None => map.remove(&k),
+            };
         }
     }
 }
@@ -737,12 +747,7 @@ fn remove_peer(cfg: &mut Config, pk: PublicKey) {
     m.slot = slot;
     let t = &mut cfg.tables;
     let indexes: Vec<u32> = m.peer.lock().indexes().collect();
-    let by_index = Arc::make_mut(&mut t.by_index);
-    for i in indexes {
-        if by_index.get(&i) == Some(&last) {
-            by_index.insert(i, slot);
-        }
-    }
+    move_entries(&mut t.by_index, indexes, last, Some(slot));
     if !m.allowed_ips.is_empty() {
         let routes = Arc::make_mut(&mut t.routes);
         for n in &m.allowed_ips {
@@ -751,17 +756,10 @@ fn remove_peer(cfg: &mut Config, pk: PublicKey) {
             }
         }
     }
-    let by_key = Arc::make_mut(&mut t.by_key);
-    for k in std::iter::once(moved).chain(m.next_key) {
-        if by_key.get(&k.0) == Some(&last) {
-            by_key.insert(k.0, slot);
-        }
-    }
+    let keys = std::iter::once(moved).chain(m.next_key).map(|k| k.0);
+    move_entries(&mut t.by_key, keys, last, Some(slot));
     if let Some(ep) = m.endpoint {
-        let by_endpoint = Arc::make_mut(&mut t.by_endpoint);
-        if by_endpoint.get(&ep) == Some(&last) {
-            by_endpoint.insert(ep, slot);
-        }
+        move_entries(&mut t.by_endpoint, [ep], last, Some(slot));
     }
 }
 
