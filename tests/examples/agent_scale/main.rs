@@ -8,7 +8,9 @@
 //!   from a pod no policy admits is dropped while one from an admitted pod passes).
 //! - `peak_rss_mb`: VmHWM of the agent over the whole run.
 //! - `irrelevant_update_cpu_us`: agent CPU per update that changes nothing kwire uses (Pod and
-//!   Node status heartbeats, annotations kwire does not read), idle CPU subtracted.
+//!   Node status heartbeats, annotations kwire does not read), idle CPU subtracted. The window
+//!   closes only once a relevant change made after the updates has reached the data plane (a
+//!   fence, see `fenced`), so an agent that fell behind its watch cannot read cheap.
 //! - `relevant_change_p99_ms`: a change to its effect in the data plane, polled: a policy
 //!   created or deleted and a local pod's labels changed (seen by probes between the pods), a
 //!   Node's endpoint or key changed (seen in the device).
@@ -250,6 +252,30 @@ fn ms(d: Duration) -> f64 {
 /// Runs `work` over a window, paced at `rate` items per second; the agent's CPU seconds used
 /// meanwhile and the window's length.
 fn paced(pid: u32, items: usize, rate: f64, mut work: impl FnMut(usize)) -> (f64, Duration) {
+    // Let the last items be processed before reading the CPU counters.
+    fenced(
+        pid,
+        items,
+        rate,
+        &mut (),
+        |_, i| work(i),
+        |_| std::thread::sleep(Duration::from_millis(300)),
+    )
+}
+
+/// [`paced`], with the CPU counters read only once `fence` has returned: a relevant change
+/// made after the items and waited for in the data plane. A watch delivers in order, so the
+/// agent has then consumed every item before it; a phase's figure can never leave a backlog
+/// out (an agent that lagged behind its watch would otherwise read cheap). The fence's own
+/// change is counted in the phase (~1 ms against the phase's hundreds).
+fn fenced<T: ?Sized>(
+    pid: u32,
+    items: usize,
+    rate: f64,
+    state: &mut T,
+    mut work: impl FnMut(&mut T, usize),
+    fence: impl FnOnce(&mut T),
+) -> (f64, Duration) {
     let cpu0 = CpuReading::take(pid);
     let t0 = Instant::now();
     for i in 0..items {
@@ -257,10 +283,9 @@ fn paced(pid: u32, items: usize, rate: f64, mut work: impl FnMut(usize)) -> (f64
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             std::thread::sleep(wait);
         }
-        work(i);
+        work(state, i);
     }
-    // Let the last items be processed before reading the CPU counters.
-    std::thread::sleep(Duration::from_millis(300));
+    fence(state);
     (CpuReading::take(pid).since(&cpu0), t0.elapsed())
 }
 
@@ -1036,19 +1061,39 @@ fn main() {
         let net_us = |cpu: f64, wall: Duration, n: usize| ((cpu - idle_rate * wall.as_secs_f64()).max(0.0) / n.max(1) as f64 * 1e6 * 10.0).round() / 10.0;
 
         // (c) irrelevant updates: heartbeats and annotations kwire does not read.
+        // Fences (see `fenced`): pod a relabeled and back, each waited for in its traffic to
+        // pod b; a Node's new endpoint, waited for in the device.
+        let pod_kind = cluster.kinds.pod;
+        let pod_fence = |_: &mut Cluster| {
+            for role in ["paused", "client"] {
+                let t = Instant::now();
+                api.merge_patch(pod_kind, Some(BENCH_NS), "a", &json!({"metadata": {"labels": {"role": role}}}), false).expect("relabel");
+                assert!(server.until(&pod_a, pod_b.ip, role == "client", t, CHANGE_TIMEOUT).is_some(), "the Pod fence ({role}) not in the data plane after {CHANGE_TIMEOUT:?}; log {}", log.display());
+            }
+        };
+        let node_fence = |cluster: &mut Cluster| {
+            let i = 1 + cluster.rand(o.nodes);
+            let ep = cluster.node_new_endpoint(i);
+            let hex = key_hex(&cluster.nodes[i].key);
+            let t = Instant::now();
+            while uapi_get(&sock).and_then(|r| endpoint_of(&r, &hex)).as_deref() != Some(ep.as_str()) {
+                assert!(t.elapsed() < CHANGE_TIMEOUT, "the Node fence not in the data plane after {CHANGE_TIMEOUT:?}; log {}", log.display());
+                std::thread::sleep(CHANGE_POLL);
+            }
+        };
         let half = o.irrelevant / 2;
         let perf = Perf::start(pid, "irrelevant_pods");
-        let (cpu, wall) = paced(pid, half, IRRELEVANT_RATE, |i| {
+        let (cpu, wall) = fenced(pid, half, IRRELEVANT_RATE, &mut cluster, |cluster, i| {
             let p = cluster.remote_pod();
             if i % 2 == 0 { cluster.pod_heartbeat(p) } else { cluster.pod_annotation(p) }
-        });
+        }, pod_fence);
         perf.stop();
         let pod_us = net_us(cpu, wall, half);
         let perf = Perf::start(pid, "irrelevant_nodes");
-        let (cpu2, wall2) = paced(pid, half, IRRELEVANT_RATE, |i| {
+        let (cpu2, wall2) = fenced(pid, half, IRRELEVANT_RATE, &mut cluster, |cluster, i| {
             let n = 1 + cluster.rand(o.nodes);
             if i % 2 == 0 { cluster.node_heartbeat(n) } else { cluster.node_annotation(n) }
-        });
+        }, node_fence);
         perf.stop();
         let node_us = net_us(cpu2, wall2, half);
         let all_us = net_us(cpu + cpu2, wall + wall2, 2 * half);
