@@ -587,18 +587,16 @@ async fn agent_main(
             .await
             .and_then(|config| {
                 let client = crate::kubeapi::client_for(config.clone())?;
-                // The Node watch runs on a thread of its own (see `watches`).
-                let nodes = watches::start_nodes(config, agent.node_name.clone())
+                // The Node watch and the policy loop run on threads of their own (see
+                // `watches`).
+                let nodes = watches::start_nodes(config.clone(), agent.node_name.clone())
                     .context("starting the Node watch thread")?;
-                Ok((client, nodes))
+                let policy = policy::start(config, loop_pods.clone(), policy_record)
+                    .context("starting the policy thread")?;
+                Ok((client, nodes, policy))
             });
         match started {
-            Ok((client, nodes)) => {
-                let policy = tokio::spawn(policy::run(
-                    client.clone(),
-                    loop_pods.clone(),
-                    policy_record,
-                ));
+            Ok((client, nodes, policy)) => {
                 let services = tokio::spawn(services::run(
                     client.clone(),
                     loop_pods,
@@ -606,7 +604,7 @@ async fn agent_main(
                     service_record,
                 ));
                 agent.run(client, nodes, stop_rx).await;
-                policy.abort();
+                drop(policy);
                 services.abort();
             }
             Err(e) => error!(

@@ -54,6 +54,19 @@ pub enum Change {
     Error(Kind, String),
 }
 
+impl Change {
+    /// From a watch (not a list, not an error): what paces the loop's reads.
+    fn is_watch_event(&self) -> bool {
+        use super::watches::is_watch_event;
+        match self {
+            Change::Pod(ev) => is_watch_event(ev),
+            Change::Namespace(ev) => is_watch_event(ev),
+            Change::Policy(ev) => is_watch_event(ev),
+            Change::Error(..) => false,
+        }
+    }
+}
+
 fn watch<K>(
     client: Client,
     kind: Kind,
@@ -298,9 +311,32 @@ pub trait FolderStore: Send + Sync {
     fn changed(&self);
 }
 
-/// Runs until aborted. `store` holds the Folder to fold into: the saved inputs (already
-/// swapped in; the first lists fold on top of them) or an empty one.
-pub async fn run(client: Client, pods: Arc<Pods>, store: Arc<dyn FolderStore>) {
+/// Starts the policy loop ([`run`]) on a thread of its own, with a single-threaded runtime and
+/// an API client of its own (see `watches::spawn`): its reads are paced (`watches::Pacer`), which
+/// takes a thread that runs nothing else, and its first snapshot (every selector at once) and
+/// the state writer's hold on the Folder block only this thread. The loop ends when the
+/// returned sender is dropped.
+pub fn start(
+    config: kube::Config,
+    pods: Arc<Pods>,
+    store: Arc<dyn FolderStore>,
+) -> std::io::Result<tokio::sync::oneshot::Sender<()>> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    super::watches::spawn("kwire-policy", config, move |client| {
+        run(client, pods, store, stop_rx)
+    })?;
+    Ok(stop_tx)
+}
+
+/// Runs until `stop`'s sender is dropped, on a thread of its own (see [`start`]). `store` holds
+/// the Folder to fold into: the saved inputs (already swapped in; the first lists fold on top
+/// of them) or an empty one.
+async fn run(
+    client: Client,
+    pods: Arc<Pods>,
+    store: Arc<dyn FolderStore>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
     let s0 = watch::<PodView>(client.clone(), Kind::Pods, Change::Pod);
     let s1 = watch::<NamespaceView>(client.clone(), Kind::Namespaces, Change::Namespace);
     let s2 = watch::<NetworkPolicyView>(client, Kind::NetworkPolicies, Change::Policy);
@@ -317,32 +353,41 @@ pub async fn run(client: Client, pods: Arc<Pods>, store: Arc<dyn FolderStore>) {
         }
         folder.fold(change);
     };
+    let mut pacer = super::watches::Pacer::default();
     loop {
-        let Some(first) = events.next().await else {
+        let first = match pacer.ready(&mut events).await {
+            Some(first) => first,
+            None => tokio::select! {
+                first = events.next() => first,
+                _ = &mut stop => return,
+            },
+        };
+        let Some(first) = first else {
             return;
         };
+        let mut watched = first.is_watch_event();
         let mut folder = store.folder();
         fold(&mut folder, first);
         // Everything else already here joins this batch.
         for _ in 1..MAX_BATCH {
             match events.next().now_or_never() {
-                Some(Some(change)) => fold(&mut folder, change),
+                Some(Some(change)) => {
+                    watched |= change.is_watch_event();
+                    fold(&mut folder, change)
+                }
                 Some(None) => return,
                 None => break,
             }
         }
+        pacer.arm(watched);
         if !folder.ready() || !folder.index.is_changed() {
             continue;
         }
         // Only complete inputs are saved (a half-listed set could lack the policies).
         store.changed();
         let started = Instant::now();
-        let set = if enforcing {
-            folder.index.snapshot()
-        } else {
-            // The first snapshot computes every selector at once: off the async workers.
-            tokio::task::block_in_place(|| folder.index.snapshot())
-        };
+        // The first one computes every selector at once, blocking this thread only.
+        let set = folder.index.snapshot();
         pods.set_policy(Arc::new(set));
         let ix = &folder.index;
         let took_us = started.elapsed().as_micros() as u64;

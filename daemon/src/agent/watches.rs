@@ -5,11 +5,13 @@
 //! own (its connections live there too); what passes goes to the planner over a bounded
 //! channel.
 //!
-//! The policy watches (Pods, Namespaces, NetworkPolicies) ran on such a thread too for a while;
-//! side by side with main it did not make a Pod event cheaper (the multi-threaded runtime runs
-//! a woken task on the worker that woke it, without waking the other one), so they stay on the
-//! main runtime. There, [`PodFilter`] drops an unchanged Pod before it is converted and
+//! The policy loop (its three watches, the fold and the snapshots) runs on such a thread too
+//! (`policy::start`). There, [`PodFilter`] drops an unchanged Pod before it is converted and
 //! compared with what the policy index holds.
+//!
+//! Both threads pace their reads ([`Pacer`]): after a turn of watch events a thread sleeps
+//! [`WATCH_TURN`] before it reads again, so that a stream of heartbeats costs a wake-up per
+//! turn, not per event.
 
 use super::objects::{NodeView, PodView};
 use futures::StreamExt;
@@ -18,6 +20,7 @@ use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher, RandomState};
+use std::time::Duration;
 use tracing::error;
 
 /// One item of the Node watch as the planner gets it.
@@ -219,11 +222,16 @@ async fn nodes(client: Client, own: String, tx: tokio::sync::mpsc::Sender<NodeIt
     let stream = watcher::watcher(views, watch_config()).backoff(super::WatchBackoff::default());
     let mut stream = std::pin::pin!(stream);
     let mut filter = NodeFilter::new(&own);
+    let mut paced = Pacer::default();
     loop {
-        let item = tokio::select! {
-            item = stream.next() => item,
-            _ = tx.closed() => return,
+        let item = match paced.ready(&mut stream).await {
+            Some(item) => item,
+            None => tokio::select! {
+                item = stream.next() => item,
+                _ = tx.closed() => return,
+            },
         };
+        paced.arm(matches!(&item, Some(Ok(ev)) if is_watch_event(ev)));
         let Some(item) = item else {
             error!("the Node watch ended");
             return;
@@ -234,9 +242,75 @@ async fn nodes(client: Client, own: String, tx: tokio::sync::mpsc::Sender<NodeIt
     }
 }
 
+/// How long a watch thread sleeps after a turn of watch events before it reads again (see
+/// [`Pacer`]).
+pub const WATCH_TURN: Duration = Duration::from_millis(20);
+/// Yields to the connection's task, with nothing ready, before a turn is taken as over: the
+/// connection hands the body over one chunk at a time, so an event already read (or arrived)
+/// shows only after it has run.
+const TURN_END_YIELDS: u32 = 2;
+
+/// Paces a watch thread so that one wake-up serves every event that arrived within a
+/// [`WATCH_TURN`], where each event used to cost a wake-up, a TCP read and its ACK of its own.
+/// After a watch event (not a list item) the thread takes every event already arrived; once
+/// nothing more comes, it sleeps. The sleep blocks the thread, which is its runtime: no one
+/// waits in that runtime's epoll, so segments arriving meanwhile wake nothing, and the next
+/// turn reads them together. A lone event is handled at once; one arriving during the sleep
+/// waits at most [`WATCH_TURN`]. Only for a thread that runs nothing else.
+#[derive(Default)]
+pub struct Pacer {
+    armed: bool,
+    /// Turns ended with a sleep.
+    sleeps: u64,
+}
+
+impl Pacer {
+    /// The next item if one is ready within this turn; `None` (after the sleep, when armed)
+    /// otherwise. The stream is polled with the task's own waker, so no wake-up is lost.
+    pub async fn ready<S: futures::Stream + Unpin>(
+        &mut self,
+        stream: &mut S,
+    ) -> Option<Option<S::Item>> {
+        if !self.armed {
+            return None;
+        }
+        let mut yields = 0;
+        loop {
+            let next = std::future::poll_fn(|cx| match stream.poll_next_unpin(cx) {
+                std::task::Poll::Ready(item) => std::task::Poll::Ready(Some(item)),
+                std::task::Poll::Pending => std::task::Poll::Ready(None),
+            })
+            .await;
+            if next.is_some() {
+                return next;
+            }
+            if yields == TURN_END_YIELDS {
+                break;
+            }
+            yields += 1;
+            tokio::task::yield_now().await;
+        }
+        self.armed = false;
+        self.sleeps += 1;
+        std::thread::sleep(WATCH_TURN);
+        None
+    }
+
+    /// Whether the turn just taken held a watch event: then the next [`Pacer::ready`] ends
+    /// the turn with a sleep once nothing more is ready.
+    pub fn arm(&mut self, watch_event: bool) {
+        self.armed = watch_event;
+    }
+}
+
+/// Whether `ev` came from a watch (not from a list, not a list's bounds).
+pub fn is_watch_event<K>(ev: &Event<K>) -> bool {
+    matches!(ev, Event::Apply(_) | Event::Delete(_))
+}
+
 /// Runs `work` with a client of its own on a new thread with a single-threaded runtime; the
 /// thread ends when `work` does. A client that cannot be built is logged and ends the thread.
-fn spawn<F, Fut>(name: &str, config: kube::Config, work: F) -> std::io::Result<()>
+pub fn spawn<F, Fut>(name: &str, config: kube::Config, work: F) -> std::io::Result<()>
 where
     F: FnOnce(Client) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()>,
@@ -314,6 +388,60 @@ mod tests {
             );
         }
         assert!(f.pass(&Ok(Event::InitDone)));
+    }
+
+    /// A stream that hands its items over as hyper's connection hands a body over: one at a
+    /// time, the next only once the producing task has run again.
+    fn handed_over_one_by_one(
+        items: u32,
+    ) -> (
+        impl futures::Stream<Item = u32> + Unpin,
+        tokio::sync::oneshot::Sender<u32>,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let (more_tx, more_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            for i in 0..items {
+                tx.send(i).await.unwrap();
+            }
+            // One more, later, while the stream stays open.
+            if let Ok(i) = more_rx.await {
+                tx.send(i).await.unwrap();
+            }
+            std::future::pending::<()>().await
+        });
+        let stream = futures::stream::unfold(rx, |mut rx| async { Some((rx.recv().await?, rx)) });
+        (Box::pin(stream), more_tx)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_turn_takes_every_event_already_arrived_and_a_later_one_still_arrives() {
+        let (mut stream, more) = handed_over_one_by_one(100);
+        let mut pacer = Pacer::default();
+        let mut got = Vec::new();
+        while got.len() < 100 {
+            let item = match pacer.ready(&mut stream).await {
+                Some(item) => item,
+                None => stream.next().await,
+            };
+            got.push(item.expect("the stream stays open"));
+            pacer.arm(true);
+        }
+        assert_eq!(got, (0..100).collect::<Vec<_>>());
+        assert_eq!(
+            pacer.sleeps, 0,
+            "every event already there was taken in the same turn"
+        );
+        // Nothing more: the turn ends with one sleep.
+        assert!(pacer.ready(&mut stream).await.is_none());
+        assert_eq!(pacer.sleeps, 1);
+        // Not armed (a list item, or a turn just ended): no sleep at all.
+        assert!(pacer.ready(&mut stream).await.is_none());
+        assert_eq!(pacer.sleeps, 1);
+        // An event arriving after the turn is not lost.
+        more.send(100).unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(30), stream.next()).await;
+        assert_eq!(next.expect("the later event arrives"), Some(100));
     }
 
     #[test]
