@@ -355,14 +355,7 @@ async fn run(
     };
     let mut pacer = super::watches::Pacer::default();
     loop {
-        let first = match pacer.ready(&mut events).await {
-            Some(first) => first,
-            None => tokio::select! {
-                first = events.next() => first,
-                _ = &mut stop => return,
-            },
-        };
-        let Some(first) = first else {
+        let Some(Some(first)) = pacer.next(&mut events, &mut stop).await else {
             return;
         };
         let mut watched = first.is_watch_event();

@@ -224,12 +224,8 @@ async fn nodes(client: Client, own: String, tx: tokio::sync::mpsc::Sender<NodeIt
     let mut filter = NodeFilter::new(&own);
     let mut paced = Pacer::default();
     loop {
-        let item = match paced.ready(&mut stream).await {
-            Some(item) => item,
-            None => tokio::select! {
-                item = stream.next() => item,
-                _ = tx.closed() => return,
-            },
+        let Some(item) = paced.next(&mut stream, tx.closed()).await else {
+            return;
         };
         paced.arm(matches!(&item, Some(Ok(ev)) if is_watch_event(ev)));
         let Some(item) = item else {
@@ -265,9 +261,24 @@ pub struct Pacer {
 }
 
 impl Pacer {
+    /// The stream's next item, paced; `None` once `stop` completes first.
+    pub async fn next<S: futures::Stream + Unpin>(
+        &mut self,
+        stream: &mut S,
+        stop: impl std::future::Future,
+    ) -> Option<Option<S::Item>> {
+        if let Some(item) = self.ready(stream).await {
+            return Some(item);
+        }
+        tokio::select! {
+            item = stream.next() => Some(item),
+            _ = stop => None,
+        }
+    }
+
     /// The next item if one is ready within this turn; `None` (after the sleep, when armed)
     /// otherwise. The stream is polled with the task's own waker, so no wake-up is lost.
-    pub async fn ready<S: futures::Stream + Unpin>(
+    async fn ready<S: futures::Stream + Unpin>(
         &mut self,
         stream: &mut S,
     ) -> Option<Option<S::Item>> {

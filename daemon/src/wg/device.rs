@@ -618,21 +618,27 @@ fn unmap_indexes(tables: &mut Snapshot, peer: &Peer, slot: u32) {
 }
 
 /// The entries of `keys` that map to slot `from` in `map`: mapped to `to`, or removed (`None`).
-/// Entries another slot holds are left alone.
+/// Entries another slot holds are left alone; with none to change, the table (shared with the
+/// last snapshot) is not copied.
 fn move_entries<K: Eq + Hash + Clone, S: BuildHasher + Clone>(
     map: &mut Arc<HashMap<K, u32, S>>,
     keys: impl IntoIterator<Item = K>,
     from: u32,
     to: Option<u32>,
 ) {
+    let keys: Vec<K> = keys
+        .into_iter()
+        .filter(|k| map.get(k) == Some(&from))
+        .collect();
+    if keys.is_empty() {
+        return;
+    }
     let map = Arc::make_mut(map);
     for k in keys {
-        if map.get(&k) == Some(&from) {
-            match to {
-                Some(to) => map.insert(k, to),
-                None => map.remove(&k),
-            };
-        }
+        match to {
+            Some(to) => map.insert(k, to),
+            None => map.remove(&k),
+        };
     }
 }
 

@@ -1067,14 +1067,14 @@ fn main() {
         // Fences (see `fenced`): pod a relabeled and back, each waited for in its traffic to
         // pod b; a Node's new endpoint, waited for in the device.
         let pod_kind = cluster.kinds.pod;
-        let pod_fence = |_: &mut Cluster| {
+        let mut pod_fence = |_: &mut Cluster| {
             for role in ["paused", "client"] {
                 let t = Instant::now();
                 api.merge_patch(pod_kind, Some(BENCH_NS), "a", &json!({"metadata": {"labels": {"role": role}}}), false).expect("relabel");
                 assert!(server.until(&pod_a, pod_b.ip, role == "client", t, CHANGE_TIMEOUT).is_some(), "the Pod fence ({role}) not in the data plane after {CHANGE_TIMEOUT:?}; log {}", log.display());
             }
         };
-        let node_fence = |cluster: &mut Cluster| {
+        let mut node_fence = |cluster: &mut Cluster| {
             let i = 1 + cluster.rand(o.nodes);
             let ep = cluster.node_new_endpoint(i);
             let hex = key_hex(&cluster.nodes[i].key);
@@ -1085,7 +1085,6 @@ fn main() {
                 std::thread::sleep(FENCE_POLL);
             }
         };
-        let (mut pod_fence, mut node_fence) = (pod_fence, node_fence);
         // One Pod fence first, outside the window: it saves the policy inputs at once and puts
         // their writer into its pause (~40 s at the goal size), so the write the fences cause
         // falls after the windows. (The Node fence's peer-state write waits on its own.)
