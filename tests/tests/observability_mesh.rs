@@ -180,6 +180,8 @@ fn metrics_status_graph_and_peer_health() {
         assert_eq!(peer(&after, "kwire_peer_up", &b.name), Some(1.0));
         assert!(sample(&after, &format!("kwire_peer_handshakes_total{{node=\"{}\",result=\"success\"}}", b.name)).unwrap() >= 1.0, "{after}");
         assert!(after.contains(&format!("kwire_peer_endpoint_info{{node=\"{}\",endpoint=\"{}:{PORT}\"}} 1", b.name, b.ip)), "{after}");
+        // The Node filter counted the list it passed on (both Nodes at least).
+        assert!(sample(&after, "kwire_watch_items_total{kind=\"Node\",outcome=\"passed\"}").unwrap() >= 2.0, "{after}");
         for want in ["kwire_peers_expected 2", "kwire_peers_connected 2", "kwire_api_synced 1", "kwire_pods 0", "kwire_build_info{version=", "kwire_watch_errors_total 0", "kwire_watch_resyncs_total "] {
             assert!(after.contains(want), "missing {want:?} in:\n{after}");
         }

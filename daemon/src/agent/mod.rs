@@ -153,6 +153,15 @@ mod tests {
     }
 
     #[test]
+    fn watch_turn_is_a_duration_up_to_a_second() {
+        assert_eq!(parse_watch_turn("20ms"), Ok(Duration::from_millis(20)));
+        assert_eq!(parse_watch_turn("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_watch_turn("1s"), Ok(MAX_WATCH_TURN));
+        assert!(parse_watch_turn("2s").unwrap_err().contains("longer than"));
+        assert!(parse_watch_turn("fast").is_err());
+    }
+
+    #[test]
     fn ranges_are_checked() {
         let n = |s: &str| s.parse::<IpNetwork>().unwrap();
         assert!(check_ranges(&[], &[])
@@ -237,6 +246,13 @@ pub struct AgentArgs {
     /// defaults, which take hours), e.g. 30s.
     #[arg(long, env = "KWIRE_API_KEEPALIVE", default_value = "30s", value_parser = health::parse_duration)]
     pub api_keepalive: Duration,
+    /// After a burst of Node, Pod, Namespace or NetworkPolicy watch events, the agent reads
+    /// those watches again only this much later, and then takes every event that came meanwhile
+    /// at once: a change waits up to this long more, and a busy cluster's heartbeats cost
+    /// the agent a wake-up per turn instead of one per event (0s: read each event as it comes),
+    /// e.g. 20ms, 50ms.
+    #[arg(long, env = "KWIRE_WATCH_TURN", default_value = "20ms", value_parser = parse_watch_turn)]
+    pub watch_turn: Duration,
     /// Remove what kwire put on this node and exit, instead of running: pod tuns, the host tun
     /// and its routes, kwire's blackhole routes, the `inet kwire` nftables table, the CNI
     /// plugin and configuration, the sockets, the state directory's files. For uninstalling,
@@ -279,6 +295,21 @@ pub struct AgentArgs {
     /// promotes it anyway (e.g. 2m).
     #[arg(long, env = "KWIRE_KEY_ROTATION_GRACE", default_value = "2m", value_parser = health::parse_duration)]
     pub key_rotation_grace: Duration,
+}
+
+/// The longest `--watch-turn`: a change waits up to a turn, and beyond this the wait is what
+/// users would notice, not the CPU it saves.
+pub const MAX_WATCH_TURN: Duration = Duration::from_secs(1);
+
+/// `--watch-turn`: a duration of at most [`MAX_WATCH_TURN`].
+fn parse_watch_turn(s: &str) -> Result<Duration, String> {
+    let d = health::parse_duration(s)?;
+    if d > MAX_WATCH_TURN {
+        return Err(format!(
+            "{s:?} is longer than {MAX_WATCH_TURN:?}: every watched change could wait that long; use e.g. 20ms or 50ms"
+        ));
+    }
+    Ok(d)
 }
 
 /// How to set `--cluster-cidr`, for the error that says it is missing.
@@ -578,6 +609,7 @@ async fn agent_main(
     let loop_pods = tun.net.pods.clone();
     let policy_writer = tokio::spawn(persist::writer(policy_store.clone()));
     let policy_record = policy_store.clone();
+    let watch_turn = args.watch_turn;
     let service_writer = tokio::spawn(persist::writer(service_store.clone()));
     let service_record = service_store.clone();
     // Tells the control loop to write what the state file still misses, then stop.
@@ -589,10 +621,21 @@ async fn agent_main(
                 let client = crate::kubeapi::client_for(config.clone())?;
                 // The Node watch and the policy loop run on threads of their own (see
                 // `watches`).
-                let nodes = watches::start_nodes(config.clone(), agent.node_name.clone())
-                    .context("starting the Node watch thread")?;
-                let policy = policy::start(config, loop_pods.clone(), policy_record)
-                    .context("starting the policy thread")?;
+                let nodes = watches::start_nodes(
+                    config.clone(),
+                    agent.node_name.clone(),
+                    watch_turn,
+                    agent.status.node_filter.clone(),
+                )
+                .context("starting the Node watch thread")?;
+                let policy = policy::start(
+                    config,
+                    loop_pods.clone(),
+                    policy_record,
+                    watch_turn,
+                    agent.status.pod_filter.clone(),
+                )
+                .context("starting the policy thread")?;
                 Ok((client, nodes, policy))
             });
         match started {

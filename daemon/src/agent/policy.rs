@@ -314,16 +314,18 @@ pub trait FolderStore: Send + Sync {
 /// Starts the policy loop ([`run`]) on a thread of its own, with a single-threaded runtime and
 /// an API client of its own (see `watches::spawn`): its reads are paced (`watches::Pacer`), which
 /// takes a thread that runs nothing else, and its first snapshot (every selector at once) and
-/// the state writer's hold on the Folder block only this thread. The loop ends when the
-/// returned sender is dropped.
+/// the state writer's hold on the Folder block only this thread; `turn` is the pacer's turn,
+/// and the Pod filter counts in `pod_tally`. The loop ends when the returned sender is dropped.
 pub fn start(
     config: kube::Config,
     pods: Arc<Pods>,
     store: Arc<dyn FolderStore>,
+    turn: std::time::Duration,
+    pod_tally: Arc<crate::node_state::FilterCounts>,
 ) -> std::io::Result<tokio::sync::oneshot::Sender<()>> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     super::watches::spawn("kwire-policy", config, move |client| {
-        run(client, pods, store, stop_rx)
+        run(client, pods, store, turn, pod_tally, stop_rx)
     })?;
     Ok(stop_tx)
 }
@@ -335,6 +337,8 @@ async fn run(
     client: Client,
     pods: Arc<Pods>,
     store: Arc<dyn FolderStore>,
+    turn: std::time::Duration,
+    pod_tally: Arc<crate::node_state::FilterCounts>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let s0 = watch::<PodView>(client.clone(), Kind::Pods, Change::Pod);
@@ -344,7 +348,7 @@ async fn run(
     let mut events = std::pin::pin!(events);
     let mut enforcing = false;
     // Unchanged Pods (status heartbeats, annotations) stop here: not converted, not compared.
-    let mut pod_filter = super::watches::PodFilter::default();
+    let mut pod_filter = super::watches::PodFilter::new(pod_tally);
     let mut fold = |folder: &mut Folder, change: Change| {
         if let Change::Pod(ev) = &change {
             if !pod_filter.pass(ev) {
@@ -353,7 +357,7 @@ async fn run(
         }
         folder.fold(change);
     };
-    let mut pacer = super::watches::Pacer::default();
+    let mut pacer = super::watches::Pacer::new(turn);
     loop {
         let Some(Some(first)) = pacer.next(&mut events, &mut stop).await else {
             return;

@@ -14,12 +14,14 @@
 //! turn, not per event.
 
 use super::objects::{NodeView, PodView};
+use crate::node_state::FilterCounts;
 use futures::StreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher, RandomState};
+use std::sync::Arc;
 use std::time::Duration;
 use tracing::error;
 
@@ -50,26 +52,7 @@ pub struct NodeFilter {
     own: String,
     last: HashMap<String, NodeView>,
     after_error: bool,
-    tally: Tally,
-}
-
-/// What a filter passed and dropped so far.
-#[derive(Default)]
-struct Tally {
-    passed: u64,
-    dropped: u64,
-}
-
-impl Tally {
-    /// Counts one item; returns `pass`.
-    fn add(&mut self, pass: bool) -> bool {
-        if pass {
-            self.passed += 1;
-        } else {
-            self.dropped += 1;
-        }
-        pass
-    }
+    tally: Arc<FilterCounts>,
 }
 
 /// Whether two Node views differ in anything but their resourceVersion.
@@ -84,12 +67,13 @@ fn same_node(a: &NodeView, b: &NodeView) -> bool {
 }
 
 impl NodeFilter {
-    pub fn new(own: &str) -> Self {
+    /// A filter for the node named `own`, counting what it passes and drops in `tally`.
+    pub fn new(own: &str, tally: Arc<FilterCounts>) -> Self {
         NodeFilter {
             own: own.to_string(),
             last: HashMap::new(),
             after_error: false,
-            tally: Tally::default(),
+            tally,
         }
     }
 
@@ -144,7 +128,7 @@ impl NodeFilter {
 
     /// (passed, dropped) so far.
     pub fn counts(&self) -> (u64, u64) {
-        (self.tally.passed, self.tally.dropped)
+        self.tally.get()
     }
 }
 
@@ -159,20 +143,19 @@ impl NodeFilter {
 pub struct PodFilter {
     hasher: RandomState,
     last: HashMap<u64, u64>,
-    tally: Tally,
-}
-
-impl Default for PodFilter {
-    fn default() -> Self {
-        PodFilter {
-            hasher: RandomState::new(),
-            last: HashMap::new(),
-            tally: Tally::default(),
-        }
-    }
+    tally: Arc<FilterCounts>,
 }
 
 impl PodFilter {
+    /// An empty filter, counting what it passes and drops in `tally`.
+    pub fn new(tally: Arc<FilterCounts>) -> Self {
+        PodFilter {
+            hasher: RandomState::new(),
+            last: HashMap::new(),
+            tally,
+        }
+    }
+
     /// Whether the index must see `ev`.
     pub fn pass(&mut self, ev: &Event<PodView>) -> bool {
         let pass = match ev {
@@ -211,18 +194,24 @@ impl PodFilter {
 
     /// (passed, dropped) so far.
     pub fn counts(&self) -> (u64, u64) {
-        (self.tally.passed, self.tally.dropped)
+        self.tally.get()
     }
 }
 
 /// Runs the Node watch, passing what [`NodeFilter`] keeps to `tx`, until `tx`'s receiver is
 /// gone.
-async fn nodes(client: Client, own: String, tx: tokio::sync::mpsc::Sender<NodeItem>) {
+async fn nodes(
+    client: Client,
+    own: String,
+    turn: Duration,
+    tally: Arc<FilterCounts>,
+    tx: tokio::sync::mpsc::Sender<NodeItem>,
+) {
     let views: Api<NodeView> = Api::all(client);
     let stream = watcher::watcher(views, watch_config()).backoff(super::WatchBackoff::default());
     let mut stream = std::pin::pin!(stream);
-    let mut filter = NodeFilter::new(&own);
-    let mut paced = Pacer::default();
+    let mut filter = NodeFilter::new(&own, tally);
+    let mut paced = Pacer::new(turn);
     loop {
         let Some(item) = paced.next(&mut stream, tx.closed()).await else {
             return;
@@ -239,28 +228,38 @@ async fn nodes(client: Client, own: String, tx: tokio::sync::mpsc::Sender<NodeIt
 }
 
 /// How long a watch thread sleeps after a turn of watch events before it reads again (see
-/// [`Pacer`]).
+/// [`Pacer`]), unless `--watch-turn` says otherwise.
 pub const WATCH_TURN: Duration = Duration::from_millis(20);
 /// Yields to the connection's task, with nothing ready, before a turn is taken as over: the
 /// connection hands the body over one chunk at a time, so an event already read (or arrived)
 /// shows only after it has run.
 const TURN_END_YIELDS: u32 = 2;
 
-/// Paces a watch thread so that one wake-up serves every event that arrived within a
-/// [`WATCH_TURN`], where each event used to cost a wake-up, a TCP read and its ACK of its own.
+/// Paces a watch thread so that one wake-up serves every event that arrived within a turn
+/// ([`WATCH_TURN`] by default), where each event would cost a wake-up, a TCP read and its ACK
+/// of its own.
 /// After a watch event (not a list item) the thread takes every event already arrived; once
 /// nothing more comes, it sleeps. The sleep blocks the thread, which is its runtime: no one
 /// waits in that runtime's epoll, so segments arriving meanwhile wake nothing, and the next
 /// turn reads them together. A lone event is handled at once; one arriving during the sleep
-/// waits at most [`WATCH_TURN`]. Only for a thread that runs nothing else.
-#[derive(Default)]
+/// waits at most a turn. A turn of zero never sleeps: each event is read as it comes. Only for
+/// a thread that runs nothing else.
 pub struct Pacer {
+    turn: Duration,
     armed: bool,
     /// Turns ended with a sleep.
     sleeps: u64,
 }
 
 impl Pacer {
+    pub fn new(turn: Duration) -> Self {
+        Pacer {
+            turn,
+            armed: false,
+            sleeps: 0,
+        }
+    }
+
     /// The stream's next item, paced; `None` once `stop` completes first.
     pub async fn next<S: futures::Stream + Unpin>(
         &mut self,
@@ -303,14 +302,14 @@ impl Pacer {
         }
         self.armed = false;
         self.sleeps += 1;
-        std::thread::sleep(WATCH_TURN);
+        std::thread::sleep(self.turn);
         None
     }
 
     /// Whether the turn just taken held a watch event: then the next [`Pacer::ready`] ends
     /// the turn with a sleep once nothing more is ready.
     pub fn arm(&mut self, watch_event: bool) {
-        self.armed = watch_event;
+        self.armed = watch_event && !self.turn.is_zero();
     }
 }
 
@@ -352,14 +351,19 @@ where
         .map(|_| ())
 }
 
-/// Starts the Node watch on a thread of its own; the planner reads the returned receiver (the
-/// thread ends when it is dropped).
+/// Starts the Node watch on a thread of its own, its reads paced by `turn`, its filter
+/// counting in `tally`; the planner reads the returned receiver (the thread ends when it is
+/// dropped).
 pub fn start_nodes(
     config: kube::Config,
     own: String,
+    turn: Duration,
+    tally: Arc<FilterCounts>,
 ) -> std::io::Result<tokio::sync::mpsc::Receiver<NodeItem>> {
     let (tx, rx) = tokio::sync::mpsc::channel(NODE_QUEUE);
-    spawn("kwire-nodes", config, move |client| nodes(client, own, tx))?;
+    spawn("kwire-nodes", config, move |client| {
+        nodes(client, own, turn, tally, tx)
+    })?;
     Ok(rx)
 }
 
@@ -428,7 +432,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn a_turn_takes_every_event_already_arrived_and_a_later_one_still_arrives() {
         let (mut stream, more) = handed_over_one_by_one(100);
-        let mut pacer = Pacer::default();
+        let mut pacer = Pacer::new(WATCH_TURN);
         let mut got = Vec::new();
         while got.len() < 100 {
             let item = match pacer.ready(&mut stream).await {
@@ -455,9 +459,22 @@ mod tests {
         assert_eq!(next.expect("the later event arrives"), Some(100));
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_turn_of_zero_reads_each_event_as_it_comes() {
+        let (mut stream, _more) = handed_over_one_by_one(3);
+        let mut pacer = Pacer::new(Duration::ZERO);
+        for want in 0..3 {
+            assert_eq!(stream.next().await, Some(want));
+            pacer.arm(true);
+            // Nothing is held back for a turn: no item comes through `ready`, no sleep.
+            assert!(pacer.ready(&mut stream).await.is_none());
+        }
+        assert_eq!(pacer.sleeps, 0);
+    }
+
     #[test]
     fn a_heartbeat_does_not_reach_the_planner_a_key_does() {
-        let mut f = NodeFilter::new("me");
+        let mut f = NodeFilter::new("me", Arc::default());
         listed(
             &mut f,
             &[node("n2", "1", "K1", "t0"), node("me", "1", "M", "t0")],
@@ -490,7 +507,7 @@ mod tests {
 
     #[test]
     fn after_an_error_and_a_relist_the_planner_sees_what_it_must() {
-        let mut f = NodeFilter::new("me");
+        let mut f = NodeFilter::new("me", Arc::default());
         listed(&mut f, &[node("n2", "1", "K1", "t0")]);
         assert!(f.pass(&Err(watcher::Error::NoResourceVersion)));
         // The first update after an error passes (the planner marks the API reachable again).
@@ -536,7 +553,7 @@ mod tests {
         }
         let mut rand = xorshift(0x9e37_79b9_7f4a_7c15);
         for _ in 0..200 {
-            let mut f = NodeFilter::new("n0");
+            let mut f = NodeFilter::new("n0", Arc::default());
             let (mut all, mut passed) = (BTreeMap::new(), BTreeMap::new());
             let (mut r1, mut r2) = (None, None);
             let mut rv = 0u64;
@@ -587,7 +604,7 @@ mod tests {
 
     #[test]
     fn a_pod_heartbeat_is_dropped_labels_and_addresses_pass() {
-        let mut f = PodFilter::default();
+        let mut f = PodFilter::new(Arc::default());
         assert!(f.pass(&Event::Init));
         assert!(f.pass(&Event::InitApply(pod("a", 1, "web", "10.0.0.1", "t0"))));
         assert!(f.pass(&Event::InitDone));
@@ -640,7 +657,7 @@ mod tests {
         }
         let mut rand = xorshift(0x2545_f491_4f6c_dd1d);
         for _ in 0..200 {
-            let mut f = PodFilter::default();
+            let mut f = PodFilter::new(Arc::default());
             let (mut all, mut passed) = (View::new(), View::new());
             let (mut r1, mut r2) = (None, None);
             let mut events = vec![Event::Init, Event::InitDone];

@@ -316,6 +316,27 @@ impl Collector for StatusCollector {
             "Complete re-lists of the Nodes, the first included",
             &[(vec![], r.watch_resyncs)],
         )?;
+        let filtered: Vec<(Labels, u64)> = r
+            .watch_filter
+            .iter()
+            .flat_map(|f| {
+                [("passed", f.passed), ("dropped", f.dropped)].map(|(outcome, n)| {
+                    (
+                        vec![
+                            ("kind".to_string(), f.kind.clone()),
+                            ("outcome".to_string(), outcome.to_string()),
+                        ],
+                        n,
+                    )
+                })
+            })
+            .collect();
+        counter_family(
+            &mut e,
+            "kwire_watch_items",
+            "Node and Pod watch items by what the agent's filter did: passed on (they change what kwire reads, or are lists and deletes) or dropped (heartbeats, fields kwire does not read)",
+            &filtered,
+        )?;
         counter_family(
             &mut e,
             "kwire_policy_state_errors",
@@ -429,6 +450,9 @@ mod tests {
         ));
         st.count_invalid("duplicate_key");
         Counters::drop(&st.counters, DropReason::NoPeer);
+        st.pod_filter.add(false);
+        st.pod_filter.add(false);
+        st.pod_filter.add(true);
         let mut names = BTreeMap::new();
         names.insert(PublicKey([5; 32]), "node-b".to_string());
         st.peer_names.store(Arc::new(names));
@@ -438,6 +462,9 @@ mod tests {
             "kwire_invalid_peer_total{reason=\"no_key\"} 0",
             "kwire_drops_total{reason=\"no_peer\"} 1",
             "kwire_drops_total{reason=\"mtu\"} 0",
+            "kwire_watch_items_total{kind=\"Pod\",outcome=\"dropped\"} 2",
+            "kwire_watch_items_total{kind=\"Pod\",outcome=\"passed\"} 1",
+            "kwire_watch_items_total{kind=\"Node\",outcome=\"dropped\"} 0",
             "kwire_peers_expected 1",
             "kwire_peers_connected 0",
             "kwire_build_info{version=",

@@ -23,6 +23,31 @@ pub use report::{peer_up, report, Packets, PeerReport, PodReport, ServicesReport
 /// (whitepaper §6.1), after which no session key may be used.
 pub const PEER_UP_WITHIN: Duration = Duration::from_secs(180);
 
+/// What a watch filter (`agent::watches`) passed on and dropped, counted where it runs (its
+/// watch thread) and read by the renderers.
+#[derive(Debug, Default)]
+pub struct FilterCounts {
+    passed: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl FilterCounts {
+    /// Counts one item; returns `pass`.
+    pub fn add(&self, pass: bool) -> bool {
+        let n = if pass { &self.passed } else { &self.dropped };
+        n.fetch_add(1, Ordering::Relaxed);
+        pass
+    }
+
+    /// (passed, dropped) so far.
+    pub fn get(&self) -> (u64, u64) {
+        (
+            self.passed.load(Ordering::Relaxed),
+            self.dropped.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// What the agent knows of its node; shared by its tasks, read by the renderers.
 pub struct NodeState {
     pub device: Arc<Device>,
@@ -45,6 +70,10 @@ pub struct NodeState {
     pub watch_errors: AtomicU64,
     /// Complete re-lists of the Nodes (the first list included).
     pub watch_resyncs: AtomicU64,
+    /// Node watch items the Node filter passed to the planner, and dropped.
+    pub node_filter: Arc<FilterCounts>,
+    /// Pod watch items the Pod filter passed to the policy index, and dropped.
+    pub pod_filter: Arc<FilterCounts>,
     /// The saved NetworkPolicy inputs could not be restored at start (unreadable, invalid).
     pub policy_state_errors: AtomicU64,
     /// The saved Service inputs could not be restored at start (unreadable, invalid).
@@ -142,6 +171,8 @@ impl NodeState {
             pod_cidrs: ArcSwap::from_pointee(Vec::new()),
             watch_errors: AtomicU64::new(0),
             watch_resyncs: AtomicU64::new(0),
+            node_filter: Arc::default(),
+            pod_filter: Arc::default(),
             policy_state_errors: AtomicU64::new(0),
             service_state_errors: AtomicU64::new(0),
             api_synced: AtomicBool::new(false),

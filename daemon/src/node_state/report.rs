@@ -29,6 +29,9 @@ pub struct StatusReport {
     pub api_synced: bool,
     pub watch_errors: u64,
     pub watch_resyncs: u64,
+    /// Watch items of the filtered kinds (Node, Pod), by what the filter did with them.
+    #[serde(default)]
+    pub watch_filter: Vec<FilterReport>,
     /// The saved NetworkPolicy inputs could not be restored at start.
     #[serde(default)]
     pub policy_state_errors: u64,
@@ -185,6 +188,15 @@ pub fn peer_up(handshake_age: Option<Duration>, unreachable: bool) -> bool {
 }
 
 /// Builds the report from the node's live state. Reads memory only: the device, the loop's
+/// What one watch filter did (`agent::watches`): items passed on (they change something kwire
+/// reads, or must be seen: lists, deletes) and items dropped (status heartbeats and the like).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FilterReport {
+    pub kind: String,
+    pub passed: u64,
+    pub dropped: u64,
+}
+
 /// pod table and the counters (no file, no API call).
 pub fn report(st: &NodeState) -> StatusReport {
     let names = st.peer_names.load();
@@ -300,6 +312,17 @@ pub fn report(st: &NodeState) -> StatusReport {
         api_synced: st.api_synced.load(Ordering::Relaxed),
         watch_errors: st.watch_errors.load(Ordering::Relaxed),
         watch_resyncs: st.watch_resyncs.load(Ordering::Relaxed),
+        watch_filter: [("Node", &st.node_filter), ("Pod", &st.pod_filter)]
+            .into_iter()
+            .map(|(kind, counts)| {
+                let (passed, dropped) = counts.get();
+                FilterReport {
+                    kind: kind.to_string(),
+                    passed,
+                    dropped,
+                }
+            })
+            .collect(),
         policy_state_errors: st.policy_state_errors.load(Ordering::Relaxed),
         service_state_errors: st.service_state_errors.load(Ordering::Relaxed),
         peers_expected: names.len() as u64,

@@ -362,6 +362,7 @@ pub(crate) mod tests {
             api_synced: true,
             watch_errors: 0,
             watch_resyncs: 1,
+            watch_filter: Vec::new(),
             policy_state_errors: 0,
             service_state_errors: 0,
             peers_expected: 2,
