@@ -159,6 +159,14 @@ mod tests {
         assert_eq!(parse_watch_turn("1s"), Ok(MAX_WATCH_TURN));
         assert!(parse_watch_turn("2s").unwrap_err().contains("longer than"));
         assert!(parse_watch_turn("fast").is_err());
+        // The flag's default is the turn the pacer was measured with.
+        let cmd = <AgentArgs as clap::Args>::augment_args(clap::Command::new("agent"));
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "watch_turn")
+            .expect("--watch-turn");
+        let default = arg.get_default_values()[0].to_str().unwrap();
+        assert_eq!(parse_watch_turn(default), Ok(watches::WATCH_TURN));
     }
 
     #[test]

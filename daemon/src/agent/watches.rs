@@ -252,6 +252,7 @@ pub struct Pacer {
 }
 
 impl Pacer {
+    /// A pacer that sleeps `turn` after a turn of watch events (zero: never).
     pub fn new(turn: Duration) -> Self {
         Pacer {
             turn,

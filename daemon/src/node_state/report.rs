@@ -187,7 +187,6 @@ pub fn peer_up(handshake_age: Option<Duration>, unreachable: bool) -> bool {
     handshake_age.is_some_and(|a| a < PEER_UP_WITHIN) && !unreachable
 }
 
-/// Builds the report from the node's live state. Reads memory only: the device, the loop's
 /// What one watch filter did (`agent::watches`): items passed on (they change something kwire
 /// reads, or must be seen: lists, deletes) and items dropped (status heartbeats and the like).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -197,6 +196,7 @@ pub struct FilterReport {
     pub dropped: u64,
 }
 
+/// Builds the report from the node's live state. Reads memory only: the device, the loop's
 /// pod table and the counters (no file, no API call).
 pub fn report(st: &NodeState) -> StatusReport {
     let names = st.peer_names.load();
