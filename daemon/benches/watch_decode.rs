@@ -82,6 +82,46 @@ fn object<K>(ev: WatchEvent<K>) -> K {
     }
 }
 
+/// The three cases of one kind: `lines` cycled through, `pass` the kind's filter, which must
+/// pass the first line's view and drop every later one.
+fn group<K: serde::de::DeserializeOwned>(
+    c: &mut Criterion,
+    kind: &str,
+    lines: &[String],
+    mut pass: impl FnMut(K) -> bool,
+) {
+    let decode = |l: &str| object(serde_json::from_str::<WatchEvent<K>>(l).unwrap());
+    let mut i = 0;
+    let mut next = || {
+        i = (i + 1) % lines.len();
+        lines[i].clone()
+    };
+    let mut g = c.benchmark_group(kind);
+    g.bench_function("scan", |b| {
+        b.iter_batched(
+            &mut next,
+            |l| black_box(serde_json::from_str::<IgnoredAny>(&l).unwrap()),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("view", |b| {
+        b.iter_batched(
+            &mut next,
+            |l| black_box(decode(&l)),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    assert!(pass(decode(&lines[0])), "the first view is news");
+    g.bench_function("view_and_filter", |b| {
+        b.iter_batched(
+            &mut next,
+            |l| assert!(!pass(decode(&l)), "a heartbeat is dropped"),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
     let pods = lines(pod_line);
     let nodes = lines(node_line);
@@ -90,71 +130,14 @@ fn bench(c: &mut Criterion) {
         pods[0].len(),
         nodes[0].len()
     );
-
-    let mut g = c.benchmark_group("pod");
-    let mut i = 0;
-    let mut next = |ls: &[String]| {
-        i = (i + 1) % ls.len();
-        ls[i].clone()
-    };
-    g.bench_function("scan", |b| {
-        b.iter_batched(
-            || next(&pods),
-            |l| black_box(serde_json::from_str::<IgnoredAny>(&l).unwrap()),
-            criterion::BatchSize::SmallInput,
-        )
+    let mut pod_filter = PodFilter::new(Arc::default());
+    group(c, "pod", &pods, |v: PodView| {
+        pod_filter.pass(&Event::Apply(v))
     });
-    g.bench_function("view", |b| {
-        b.iter_batched(
-            || next(&pods),
-            |l| black_box(serde_json::from_str::<WatchEvent<PodView>>(&l).unwrap()),
-            criterion::BatchSize::SmallInput,
-        )
+    let mut node_filter = NodeFilter::new("another-node", Arc::default());
+    group(c, "node", &nodes, |v: NodeView| {
+        node_filter.pass(&Ok(Event::Apply(v)))
     });
-    let mut filter = PodFilter::new(Arc::default());
-    let first = object(serde_json::from_str::<WatchEvent<PodView>>(&pods[0]).unwrap());
-    assert!(filter.pass(&Event::Apply(first)));
-    g.bench_function("view_and_filter", |b| {
-        b.iter_batched(
-            || next(&pods),
-            |l| {
-                let v = object(serde_json::from_str::<WatchEvent<PodView>>(&l).unwrap());
-                assert!(!filter.pass(&Event::Apply(v)), "a heartbeat is dropped");
-            },
-            criterion::BatchSize::SmallInput,
-        )
-    });
-    g.finish();
-
-    let mut g = c.benchmark_group("node");
-    g.bench_function("scan", |b| {
-        b.iter_batched(
-            || next(&nodes),
-            |l| black_box(serde_json::from_str::<IgnoredAny>(&l).unwrap()),
-            criterion::BatchSize::SmallInput,
-        )
-    });
-    g.bench_function("view", |b| {
-        b.iter_batched(
-            || next(&nodes),
-            |l| black_box(serde_json::from_str::<WatchEvent<NodeView>>(&l).unwrap()),
-            criterion::BatchSize::SmallInput,
-        )
-    });
-    let mut filter = NodeFilter::new("another-node", Arc::default());
-    let first = object(serde_json::from_str::<WatchEvent<NodeView>>(&nodes[0]).unwrap());
-    assert!(filter.pass(&Ok(Event::Apply(first))));
-    g.bench_function("view_and_filter", |b| {
-        b.iter_batched(
-            || next(&nodes),
-            |l| {
-                let v = object(serde_json::from_str::<WatchEvent<NodeView>>(&l).unwrap());
-                assert!(!filter.pass(&Ok(Event::Apply(v))), "a heartbeat is dropped");
-            },
-            criterion::BatchSize::SmallInput,
-        )
-    });
-    g.finish();
 }
 
 criterion_group!(benches, bench);
