@@ -1,10 +1,12 @@
 //! Services for the packet loop: watches Services and EndpointSlices cluster wide, keeps only
-//! their stripped views (not the full objects) in a [`ServiceCompiler`], and after any change
-//! (at most every [`REBUILD_DELAY`]) compiles a new [`crate::services::ServiceTable`], which
-//! recompiles only the changed Services, and swaps it in whole. Nothing is translated from the
-//! API before both lists have been read once: until then the table restored from
-//! `service-state.bin` is in force (see [`super::service_state`]), and while the API is
-//! unreachable the last table stays in force.
+//! their stripped views (not the full objects) in a [`ServiceCompiler`], and after a change
+//! to a view (at most every [`REBUILD_DELAY`]) compiles a new
+//! [`crate::services::ServiceTable`], which recompiles only the changed Services, and swaps
+//! it in whole. An update that changes no view (another controller's annotation, a status
+//! condition, the EndpointSlice controller's trigger time) compiles nothing. Nothing is
+//! translated from the API before both lists have been read once: until then the table
+//! restored from `service-state.bin` is in force (see [`super::service_state`]), and while
+//! the API is unreachable the last table stays in force.
 
 use super::objects::{EndpointSliceView, ServiceObjView};
 use super::persist::Persist;
@@ -26,17 +28,27 @@ use tracing::{info, warn};
 pub const REBUILD_DELAY: Duration = Duration::from_millis(100);
 
 /// What one watch item did to the watched lists.
+#[derive(Debug)]
 enum Change {
-    /// A watch event of list `0`; `true` when it completed a full list.
-    Event(usize, bool),
+    /// A watch event of list `list`.
+    Event {
+        list: usize,
+        /// It completed a full list of its kind.
+        done: bool,
+        /// It changed what the table is compiled from (an update of nothing a view holds, a
+        /// status or an annotation, does not).
+        changed: bool,
+    },
     /// Watch `0` failed (it retries with backoff).
     Error(usize, String),
 }
 
 /// The control loop of a compiled snapshot: takes watch items (`take` applies each and says
-/// what changed), and after any change, at most every [`REBUILD_DELAY`] and only once every
-/// list in `kinds` was read in full, runs `rebuild`. Each watch's errors are logged at most
-/// once per `WATCH_ERROR_LOG_INTERVAL` (`keeps`: what stays in force meanwhile). Runs until the streams end.
+/// what changed), and after a change or a completed list, at most every [`REBUILD_DELAY`]
+/// and only once every list in `kinds` was read in full, runs `rebuild`; an event that
+/// changed nothing runs nothing. Each watch's errors are logged at most once per
+/// `WATCH_ERROR_LOG_INTERVAL` (`keeps`: what stays in force meanwhile). Runs until the
+/// streams end.
 async fn debounced<I, F: std::future::Future<Output = ()>>(
     events: impl futures::Stream<Item = I>,
     kinds: &'static [&'static str],
@@ -54,9 +66,9 @@ async fn debounced<I, F: std::future::Future<Output = ()>>(
     loop {
         tokio::select! {
             ev = events.next() => match ev.map(&mut take) {
-                Some(Change::Event(i, done)) => {
-                    listed[i] |= done;
-                    dirty = true;
+                Some(Change::Event { list, done, changed }) => {
+                    listed[list] |= done;
+                    dirty |= done || changed;
                 }
                 Some(Change::Error(i, e)) => {
                     if last_err[i].is_none_or(|t| t.elapsed() >= super::WATCH_ERROR_LOG_INTERVAL) {
@@ -157,6 +169,40 @@ impl State {
     pub fn complete(&self) -> bool {
         self.listed.iter().all(|l| *l)
     }
+
+    /// Applies one watch item to the views; says what it changed.
+    fn take(&mut self, item: Item) -> Change {
+        let (list, done) = match item {
+            Item::Service(Ok(ev)) => {
+                let done = matches!(ev, Event::InitDone);
+                match self.services.apply(ev, service_view) {
+                    Some(Update::One(k, v)) => self.compiler.put_service(k, v),
+                    Some(Update::All(all)) => self.compiler.replace_services(all),
+                    None => {}
+                }
+                (0, done)
+            }
+            Item::Slice(Ok(ev)) => {
+                let done = matches!(ev, Event::InitDone);
+                match self.slices.apply(ev, slice_view) {
+                    Some(Update::One(k, v)) => self.compiler.put_slice(k, v),
+                    Some(Update::All(all)) => self.compiler.replace_slices(all),
+                    None => {}
+                }
+                (1, done)
+            }
+            Item::Service(Err(e)) => return Change::Error(0, e.to_string()),
+            Item::Slice(Err(e)) => return Change::Error(1, e.to_string()),
+        };
+        self.listed[list] |= done;
+        // The compiler keeps a view only when it differs from the one it holds; what it
+        // holds differently waits for the next compile.
+        Change::Event {
+            list,
+            done,
+            changed: self.compiler.is_dirty(),
+        }
+    }
 }
 
 /// One item of either watch (moved once, straight into [`Views::apply`]: the size difference
@@ -212,35 +258,12 @@ pub async fn run(client: Client, pods: Arc<Pods>, firewall: Firewall, store: Sha
     // Shared with the compile on a blocking thread and with the writer that saves the views;
     // the loop below awaits each compile before it takes the next event.
     let take = |item: Item| {
-        let mut guard = store.lock();
-        let st = &mut *guard;
-        let change = match item {
-            Item::Service(Ok(ev)) => {
-                let done = matches!(ev, Event::InitDone);
-                match st.services.apply(ev, service_view) {
-                    Some(Update::One(k, v)) => st.compiler.put_service(k, v),
-                    Some(Update::All(all)) => st.compiler.replace_services(all),
-                    None => {}
-                }
-                Change::Event(0, done)
-            }
-            Item::Slice(Ok(ev)) => {
-                let done = matches!(ev, Event::InitDone);
-                match st.slices.apply(ev, slice_view) {
-                    Some(Update::One(k, v)) => st.compiler.put_slice(k, v),
-                    Some(Update::All(all)) => st.compiler.replace_slices(all),
-                    None => {}
-                }
-                Change::Event(1, done)
-            }
-            Item::Service(Err(e)) => Change::Error(0, e.to_string()),
-            Item::Slice(Err(e)) => Change::Error(1, e.to_string()),
-        };
-        if let Change::Event(i, done) = change {
-            st.listed[i] |= done;
-            // Saved when a view changed, and once the lists are first complete (an empty
-            // cluster's table is a table a restart can start from).
-            if st.complete() && (done || st.compiler.is_dirty()) {
+        let mut st = store.lock();
+        let change = st.take(item);
+        // Saved when a view changed, and once the lists are first complete (an empty
+        // cluster's table is a table a restart can start from).
+        if let Change::Event { done, changed, .. } = change {
+            if (done || changed) && st.complete() {
                 store.mark_changed();
             }
         }
@@ -355,6 +378,117 @@ mod tests {
         assert_eq!(Some(&v), SliceView::from_k8s(&full).as_ref());
         assert_eq!((v.service.as_str(), v.endpoints.len()), ("edge", 2));
         assert!(view.metadata.managed_fields.is_none());
+    }
+
+    /// A Service event as the watch gives it.
+    fn service_item(ev: Event<ServiceObjView>) -> Item {
+        Item::Service(Ok(ev))
+    }
+
+    #[test]
+    fn an_update_of_nothing_a_view_holds_changes_nothing() {
+        let mut st = State::new(ServiceCompiler::new(Scope::default()));
+        let changed = |c: Change| match c {
+            Change::Event { changed, .. } => changed,
+            Change::Error(_, e) => panic!("{e}"),
+        };
+        for ev in [Event::Init, Event::InitApply(svc("a", "10.96.0.10"))] {
+            st.take(service_item(ev));
+        }
+        let done = st.take(service_item(Event::InitDone));
+        assert!(matches!(
+            done,
+            Change::Event {
+                list: 0,
+                done: true,
+                changed: true
+            }
+        ));
+        st.compiler.compile();
+        // Another controller's annotation, a status condition: the view is the same.
+        let noisy: ServiceObjView = serde_json::from_value(serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "a", "resourceVersion": "99",
+                "annotations": {"example.com/owner": "team-x"}},
+            "spec": {"clusterIPs": ["10.96.0.10"], "ports": [{"port": 80}]},
+            "status": {"conditions": [{"type": "x", "status": "True", "reason": "r", "message": "m",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"}]}
+        }))
+        .unwrap();
+        assert!(!changed(st.take(service_item(Event::Apply(noisy)))));
+        assert!(!changed(
+            st.take(service_item(Event::Apply(svc("a", "10.96.0.10"))))
+        ));
+        // A new ClusterIP is a change, and stays one until the table is compiled.
+        assert!(changed(
+            st.take(service_item(Event::Apply(svc("a", "10.96.0.20"))))
+        ));
+        assert!(changed(
+            st.take(service_item(Event::Apply(svc("a", "10.96.0.20"))))
+        ));
+        st.compiler.compile();
+        assert!(!changed(
+            st.take(service_item(Event::Apply(svc("a", "10.96.0.20"))))
+        ));
+        assert!(changed(
+            st.take(service_item(Event::Delete(svc("a", "10.96.0.20"))))
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_table_is_rebuilt_after_a_change_or_a_list_not_after_every_event() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<Change>();
+        let events =
+            futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+        let rebuilds = Arc::new(AtomicUsize::new(0));
+        let counted = rebuilds.clone();
+        let task = tokio::spawn(debounced(
+            events,
+            &["Services", "EndpointSlices"],
+            "",
+            |c| c,
+            move || {
+                counted.fetch_add(1, SeqCst);
+                std::future::ready(())
+            },
+        ));
+        let event = |list, done, changed| Change::Event {
+            list,
+            done,
+            changed,
+        };
+        // Waits (in the test's paused time) past a few rebuild ticks.
+        let settle = || tokio::time::sleep(REBUILD_DELAY * 3);
+        tx.send(event(0, true, false)).unwrap();
+        settle().await;
+        assert_eq!(
+            rebuilds.load(SeqCst),
+            0,
+            "not before both lists are complete"
+        );
+        tx.send(event(1, true, false)).unwrap();
+        settle().await;
+        assert_eq!(rebuilds.load(SeqCst), 1, "once both lists are complete");
+        for _ in 0..100 {
+            tx.send(event(1, false, false)).unwrap();
+        }
+        settle().await;
+        assert_eq!(
+            rebuilds.load(SeqCst),
+            1,
+            "updates that changed nothing rebuild nothing"
+        );
+        for _ in 0..3 {
+            tx.send(event(0, false, true)).unwrap();
+        }
+        settle().await;
+        assert_eq!(
+            rebuilds.load(SeqCst),
+            2,
+            "changes within a tick are compiled together"
+        );
+        drop(tx);
+        task.await.unwrap();
     }
 
     #[test]
