@@ -17,6 +17,9 @@
 //!   Node's endpoint or key changed (seen in the device).
 //! - `relevant_change_cpu_ms`: agent CPU per relevant change (remote pod labels and IPs, a
 //!   policy, a Node's key, local labels), applied without polling, idle CPU subtracted.
+//! - `irrelevant_service_update_cpu_us`, `service_rebuilds_irrelevant` (with `--services`):
+//!   the same for Service and EndpointSlice annotations the table does not read, and how many
+//!   times the service table was rebuilt meanwhile (the agent's log; none is due).
 //! - `churn_cpu_cores`: agent CPU under 100 Pod events/s and 20 Node events/s (creates,
 //!   deletes, IP assignments, relabels, heartbeats), idle included.
 //!
@@ -294,8 +297,9 @@ fn fenced<T: ?Sized>(
 
 /// A perf profile of the agent during one phase, when `KWIRE_BENCH_PERF=FILE` asks for one
 /// and `KWIRE_BENCH_PERF_PHASE` (sync, idle, irrelevant_pods, irrelevant_nodes, relevant,
-/// churn; default relevant; several separated by commas) names this phase; `KWIRE_BENCH_PERF_FREQ` sets the sampling frequency
-/// (default 499 Hz), `KWIRE_BENCH_PERF_CALL_GRAPH` the unwinding (fp or dwarf).
+/// services, irrelevant_services, churn; default relevant; several separated by commas)
+/// names this phase; `KWIRE_BENCH_PERF_FREQ` sets the sampling frequency (default 499 Hz),
+/// `KWIRE_BENCH_PERF_CALL_GRAPH` the unwinding (fp or dwarf).
 struct Perf(Option<std::process::Child>);
 
 impl Perf {
@@ -1239,6 +1243,36 @@ fn main() {
             let per = net_us(cpu, wall, o.changes) / 1000.0;
             eprintln!("  EndpointSlice change: {per:.3} ms agent CPU each ({} Services)", o.services);
             report.set("service_change_cpu_ms", (per * 1000.0).round() / 1000.0);
+        }
+
+        // (e3) Service and EndpointSlice updates the table does not read: another controller's
+        // annotation on a Service, the EndpointSlice controller's trigger time on a slice. No
+        // rebuild is due; the agent logs each one it makes.
+        if o.services > 0 {
+            let service_kind = ApiServer::kind("v1", "Service").expect("the Service kind");
+            let rebuilds = || std::fs::read_to_string(&log).map_or(0, |l| l.matches("service table swapped in").count());
+            let before = rebuilds();
+            let perf = Perf::start(pid, "irrelevant_services");
+            let half = o.irrelevant / 2;
+            let (cpu, wall) = paced(pid, half, IRRELEVANT_RATE, |i| {
+                let s = cluster.rand(o.services);
+                let (svc, slice) = synth::service(s % o.namespaces, s, &[]);
+                let stamp = format!("2025-01-02T00:{:02}:{:02}Z", i / 60 % 60, i % 60);
+                let (kind, obj, key) = if i % 2 == 0 {
+                    (service_kind, &svc, "example.com/deployed-at")
+                } else {
+                    (cluster.kinds.slice, &slice, "endpoints.kubernetes.io/last-change-trigger-time")
+                };
+                let (ns_name, name) = (obj["metadata"]["namespace"].as_str().expect("namespace"), obj["metadata"]["name"].as_str().expect("name"));
+                api.merge_patch(kind, Some(ns_name), name, &json!({"metadata": {"annotations": {key: stamp}}}), false)
+                    .unwrap_or_else(|e| panic!("annotating {ns_name}/{name}: {e:?}"));
+            });
+            perf.stop();
+            let n = rebuilds() - before;
+            let per = net_us(cpu, wall, half);
+            eprintln!("  irrelevant Service/EndpointSlice updates: {per} µs agent CPU each, {n} service table rebuilds");
+            report.set("irrelevant_service_update_cpu_us", per);
+            report.set("service_rebuilds_irrelevant", n);
         }
 
         // (f) churn: 100 Pod events/s and 20 Node events/s.
