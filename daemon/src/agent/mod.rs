@@ -254,11 +254,11 @@ pub struct AgentArgs {
     /// defaults, which take hours), e.g. 30s.
     #[arg(long, env = "KWIRE_API_KEEPALIVE", default_value = "30s", value_parser = health::parse_duration)]
     pub api_keepalive: Duration,
-    /// After a burst of Node, Pod, Namespace or NetworkPolicy watch events, the agent reads
-    /// those watches again only this much later, and then takes every event that came meanwhile
-    /// at once: a change waits up to this long more, and a busy cluster's heartbeats cost
-    /// the agent a wake-up per turn instead of one per event (0s: read each event as it comes),
-    /// e.g. 20ms, 50ms.
+    /// After a burst of watch events (Nodes, Pods, Namespaces, NetworkPolicies, Services,
+    /// EndpointSlices), the agent reads those watches again only this much later, and then
+    /// takes every event that came meanwhile at once: a change waits up to this long more, and
+    /// a busy cluster's heartbeats cost the agent a wake-up per turn instead of one per event
+    /// (0s: read each event as it comes), e.g. 20ms, 50ms.
     #[arg(long, env = "KWIRE_WATCH_TURN", default_value = "20ms", value_parser = parse_watch_turn)]
     pub watch_turn: Duration,
     /// Remove what kwire put on this node and exit, instead of running: pod tuns, the host tun
@@ -627,8 +627,8 @@ async fn agent_main(
             .await
             .and_then(|config| {
                 let client = crate::kubeapi::client_for(config.clone())?;
-                // The Node watch and the policy loop run on threads of their own (see
-                // `watches`).
+                // The Node watch, the policy loop and the service loop run on threads of
+                // their own (see `watches`).
                 let nodes = watches::start_nodes(
                     config.clone(),
                     agent.node_name.clone(),
@@ -637,26 +637,22 @@ async fn agent_main(
                 )
                 .context("starting the Node watch thread")?;
                 let policy = policy::start(
-                    config,
+                    config.clone(),
                     loop_pods.clone(),
                     policy_record,
                     watch_turn,
                     agent.status.pod_filter.clone(),
                 )
                 .context("starting the policy thread")?;
-                Ok((client, nodes, policy))
+                let services =
+                    services::start(config, loop_pods, firewall, service_record, watch_turn)
+                        .context("starting the service thread")?;
+                Ok((client, nodes, (policy, services)))
             });
         match started {
-            Ok((client, nodes, policy)) => {
-                let services = tokio::spawn(services::run(
-                    client.clone(),
-                    loop_pods,
-                    firewall,
-                    service_record,
-                ));
+            Ok((client, nodes, loops)) => {
                 agent.run(client, nodes, stop_rx).await;
-                drop(policy);
-                services.abort();
+                drop(loops);
             }
             Err(e) => error!(
                 error = format!("{e:#}"),

@@ -12,6 +12,7 @@ use super::objects::{EndpointSliceView, ServiceObjView};
 use super::persist::Persist;
 use super::pod_network::Firewall;
 use super::service_health::HealthServers;
+use super::watches::{is_watch_event, Pacer};
 use crate::dataplane::ports::Pods;
 use crate::services::table::{ObjectKey, Scope, ServiceCompiler};
 use crate::services::{ServiceTable, ServiceView, SliceView};
@@ -47,12 +48,15 @@ enum Change {
 /// what changed), and after a change or a completed list, at most every [`REBUILD_DELAY`]
 /// and only once every list in `kinds` was read in full, runs `rebuild`; an event that
 /// changed nothing runs nothing. Each watch's errors are logged at most once per
-/// `WATCH_ERROR_LOG_INTERVAL` (`keeps`: what stays in force meanwhile). Runs until the
-/// streams end.
+/// `WATCH_ERROR_LOG_INTERVAL` (`keeps`: what stays in force meanwhile). Reads are paced by
+/// `pacer` (`watched` says which items are watch events). Runs until the streams end or
+/// `stop` completes.
 async fn debounced<I, F: std::future::Future<Output = ()>>(
     events: impl futures::Stream<Item = I>,
     kinds: &'static [&'static str],
     keeps: &'static str,
+    (mut pacer, watched): (Pacer, fn(&I) -> bool),
+    mut stop: impl std::future::Future + Unpin,
     mut take: impl FnMut(I) -> Change,
     mut rebuild: impl FnMut() -> F,
 ) {
@@ -65,7 +69,10 @@ async fn debounced<I, F: std::future::Future<Output = ()>>(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
-            ev = events.next() => match ev.map(&mut take) {
+            ev = pacer.next(&mut events, &mut stop) => match ev.flatten().map(|ev| {
+                pacer.arm(watched(&ev));
+                take(ev)
+            }) {
                 Some(Change::Event { list, done, changed }) => {
                     listed[list] |= done;
                     dirty |= done || changed;
@@ -241,9 +248,35 @@ fn swap_in(table: &Arc<ServiceTable>, pods: &Pods, firewall: &Firewall) {
     }
 }
 
-/// Runs until aborted. `store` holds the views to start from: the saved ones (their table
-/// already swapped in) or none.
-pub async fn run(client: Client, pods: Arc<Pods>, firewall: Firewall, store: Shared) {
+/// Starts the service loop ([`run`]) on a thread of its own with an API client of its own
+/// (`watches::spawn`), its reads paced by `turn` as the Node and policy watches are (see
+/// `watches::Pacer`): Services and EndpointSlices that change often then cost a wake-up per
+/// turn, not per event. The health check servers of the table's Services run on that thread
+/// too. The loop ends when the returned sender is dropped.
+pub fn start(
+    config: kube::Config,
+    pods: Arc<Pods>,
+    firewall: Firewall,
+    store: Shared,
+    turn: Duration,
+) -> std::io::Result<tokio::sync::oneshot::Sender<()>> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    super::watches::spawn("kwire-services", config, move |client| {
+        run(client, pods, firewall, store, turn, stop_rx)
+    })?;
+    Ok(stop_tx)
+}
+
+/// Runs until `stop`'s sender is dropped (see [`start`]). `store` holds the views to start
+/// from: the saved ones (their table already swapped in) or none.
+async fn run(
+    client: Client,
+    pods: Arc<Pods>,
+    firewall: Firewall,
+    store: Shared,
+    turn: Duration,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) {
     let health = Arc::new(tokio::sync::Mutex::new(HealthServers::default()));
     if let Some(restored) = pods.services() {
         health.lock().await.apply(restored.health_checks()).await;
@@ -301,10 +334,17 @@ pub async fn run(client: Client, pods: Arc<Pods>, firewall: Firewall, store: Sha
         }
     };
     let events = futures::stream::select(services, slices);
+    let watched: fn(&Item) -> bool = |item| match item {
+        Item::Service(Ok(ev)) => is_watch_event(ev),
+        Item::Slice(Ok(ev)) => is_watch_event(ev),
+        _ => false,
+    };
     debounced(
         events,
         &["Services", "EndpointSlices"],
         "the last service table stays in force",
+        (Pacer::new(turn), watched),
+        stop,
         take,
         rebuild,
     )
@@ -442,10 +482,13 @@ mod tests {
             futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
         let rebuilds = Arc::new(AtomicUsize::new(0));
         let counted = rebuilds.clone();
+        let unpaced: (Pacer, fn(&Change) -> bool) = (Pacer::new(Duration::ZERO), |_| false);
         let task = tokio::spawn(debounced(
             events,
             &["Services", "EndpointSlices"],
             "",
+            unpaced,
+            std::future::pending::<()>(),
             |c| c,
             move || {
                 counted.fetch_add(1, SeqCst);

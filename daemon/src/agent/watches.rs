@@ -7,9 +7,9 @@
 //!
 //! The policy loop (its three watches, the fold and the snapshots) runs on such a thread too
 //! (`policy::start`). There, [`PodFilter`] drops an unchanged Pod before it is converted and
-//! compared with what the policy index holds.
+//! compared with what the policy index holds. So does the service loop (`services::start`).
 //!
-//! Both threads pace their reads ([`Pacer`]): after a turn of watch events a thread sleeps
+//! The three threads pace their reads ([`Pacer`]): after a turn of watch events a thread sleeps
 //! [`WATCH_TURN`] before it reads again, so that a stream of heartbeats costs a wake-up per
 //! turn, not per event.
 
