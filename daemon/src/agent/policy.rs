@@ -323,11 +323,9 @@ pub fn start(
     turn: std::time::Duration,
     pod_tally: Arc<crate::node_state::FilterCounts>,
 ) -> std::io::Result<tokio::sync::oneshot::Sender<()>> {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-    super::watches::spawn("kwire-policy", config, move |client| {
-        run(client, pods, store, turn, pod_tally, stop_rx)
-    })?;
-    Ok(stop_tx)
+    super::watches::spawn_stoppable("kwire-policy", config, move |client, stop| {
+        run(client, pods, store, turn, pod_tally, stop)
+    })
 }
 
 /// Runs until `stop`'s sender is dropped, on a thread of its own (see [`start`]). `store` holds

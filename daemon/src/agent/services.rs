@@ -139,6 +139,25 @@ impl<V> Relist<V> {
             Event::Delete(o) => Some(Update::One(key(&o), None)),
         }
     }
+
+    /// [`Relist::apply`], what it gives handed to `compiler`: one view to `put`, a completed
+    /// list to `replace`. Whether the event completed a list.
+    fn feed<K: ResourceExt>(
+        &mut self,
+        ev: Event<K>,
+        view: impl Fn(&K) -> Option<V>,
+        compiler: &mut ServiceCompiler,
+        put: fn(&mut ServiceCompiler, ObjectKey, Option<V>),
+        replace: fn(&mut ServiceCompiler, BTreeMap<ObjectKey, V>),
+    ) -> bool {
+        let done = matches!(ev, Event::InitDone);
+        match self.apply(ev, view) {
+            Some(Update::One(k, v)) => put(compiler, k, v),
+            Some(Update::All(all)) => replace(compiler, all),
+            None => {}
+        }
+        done
+    }
 }
 
 /// The loop's views, shared with the writer that saves them (see [`super::service_state`]).
@@ -179,24 +198,18 @@ impl State {
 
     /// Applies one watch item to the views; says what it changed.
     fn take(&mut self, item: Item) -> Change {
+        let c = &mut self.compiler;
         let (list, done) = match item {
             Item::Service(Ok(ev)) => {
-                let done = matches!(ev, Event::InitDone);
-                match self.services.apply(ev, service_view) {
-                    Some(Update::One(k, v)) => self.compiler.put_service(k, v),
-                    Some(Update::All(all)) => self.compiler.replace_services(all),
-                    None => {}
-                }
-                (0, done)
+                let (put, replace) = (
+                    ServiceCompiler::put_service,
+                    ServiceCompiler::replace_services,
+                );
+                (0, self.services.feed(ev, service_view, c, put, replace))
             }
             Item::Slice(Ok(ev)) => {
-                let done = matches!(ev, Event::InitDone);
-                match self.slices.apply(ev, slice_view) {
-                    Some(Update::One(k, v)) => self.compiler.put_slice(k, v),
-                    Some(Update::All(all)) => self.compiler.replace_slices(all),
-                    None => {}
-                }
-                (1, done)
+                let (put, replace) = (ServiceCompiler::put_slice, ServiceCompiler::replace_slices);
+                (1, self.slices.feed(ev, slice_view, c, put, replace))
             }
             Item::Service(Err(e)) => return Change::Error(0, e.to_string()),
             Item::Slice(Err(e)) => return Change::Error(1, e.to_string()),
@@ -260,11 +273,9 @@ pub fn start(
     store: Shared,
     turn: Duration,
 ) -> std::io::Result<tokio::sync::oneshot::Sender<()>> {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-    super::watches::spawn("kwire-services", config, move |client| {
-        run(client, pods, firewall, store, turn, stop_rx)
-    })?;
-    Ok(stop_tx)
+    super::watches::spawn_stoppable("kwire-services", config, move |client, stop| {
+        run(client, pods, firewall, store, turn, stop)
+    })
 }
 
 /// Runs until `stop`'s sender is dropped (see [`start`]). `store` holds the views to start
@@ -539,11 +550,11 @@ mod tests {
         let mut c = ServiceCompiler::new(Scope::default());
         let mut r = Relist::<ServiceView>::default();
         let mut feed = |c: &mut ServiceCompiler, ev: Event<ServiceObjView>| {
-            match r.apply(ev, service_view) {
-                Some(Update::One(k, v)) => c.put_service(k, v),
-                Some(Update::All(all)) => c.replace_services(all),
-                None => {}
-            };
+            let (put, replace) = (
+                ServiceCompiler::put_service,
+                ServiceCompiler::replace_services,
+            );
+            r.feed(ev, service_view, c, put, replace);
             c.compile().0
         };
         feed(&mut c, Event::Apply(svc("a", "10.96.0.10")));

@@ -352,6 +352,22 @@ where
         .map(|_| ())
 }
 
+/// [`spawn`] for a loop that runs until the returned sender is dropped: `work` gets the
+/// client and that signal.
+pub fn spawn_stoppable<F, Fut>(
+    name: &str,
+    config: kube::Config,
+    work: F,
+) -> std::io::Result<tokio::sync::oneshot::Sender<()>>
+where
+    F: FnOnce(Client, tokio::sync::oneshot::Receiver<()>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    spawn(name, config, move |client| work(client, stop_rx))?;
+    Ok(stop_tx)
+}
+
 /// Starts the Node watch on a thread of its own, its reads paced by `turn`, its filter
 /// counting in `tally`; the planner reads the returned receiver (the thread ends when it is
 /// dropped).
