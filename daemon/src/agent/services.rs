@@ -511,7 +511,10 @@ mod tests {
             done,
             changed,
         };
-        // Waits (in the test's paused time) past a few rebuild ticks.
+        // Waits (in the test's paused time) past a few rebuild ticks. The events are sent
+        // half a tick after one, so that none is due while the loop takes them: which of two
+        // ready branches `select!` takes first is random.
+        tokio::time::sleep(REBUILD_DELAY / 2).await;
         let settle = || tokio::time::sleep(REBUILD_DELAY * 3);
         tx.send(event(0, true, false)).unwrap();
         settle().await;

@@ -7,7 +7,8 @@
 //!
 //! The policy loop (its three watches, the fold and the snapshots) runs on such a thread too
 //! (`policy::start`). There, [`PodFilter`] drops an unchanged Pod before it is converted and
-//! compared with what the policy index holds. So does the service loop (`services::start`).
+//! compared with what the policy index holds. The service loop (its two watches, the views
+//! and the table's compiles) runs on one too (`services::start`).
 //!
 //! The three threads pace their reads ([`Pacer`]): after a turn of watch events a thread sleeps
 //! [`WATCH_TURN`] before it reads again, so that a stream of heartbeats costs a wake-up per
