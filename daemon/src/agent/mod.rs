@@ -730,6 +730,8 @@ struct Agent {
     /// What the state file holds changed since it was last written.
     state_dirty: bool,
     state_saved_at: Option<Instant>,
+    /// Writes the state file off the planner.
+    state_writer: state::Writer,
     /// What peer selection reads of every Node, as of the last complete list plus the watch
     /// events since; selects incrementally.
     nodes: PeerIndex,
@@ -824,6 +826,7 @@ impl Agent {
             rejected: BTreeSet::new(),
             state_dirty: false,
             state_saved_at: None,
+            state_writer: state::Writer::start(&args.state_dir, state::WRITE_RETRY),
             nodes: PeerIndex::new(&args.node_name, own_key),
             own_rv: None,
             relist: None,
@@ -1046,7 +1049,8 @@ impl Agent {
                 }
                 _ = stop.changed() => {
                     self.state_saved_at = None;
-                    tokio::task::block_in_place(|| self.save_state());
+                    self.save_state();
+                    tokio::task::block_in_place(|| self.state_writer.finish());
                     return;
                 }
             };
@@ -1578,8 +1582,8 @@ impl Agent {
         }
     }
 
-    /// Writes the state file if what it holds changed, at most every [`STATE_SAVE_INTERVAL`]
-    /// (the retry tick writes what waited).
+    /// Hands the state file's contents to its writer if what it holds changed, at most every
+    /// [`STATE_SAVE_INTERVAL`] (the retry tick hands over what waited).
     fn save_state(&mut self) {
         if !self.state_dirty
             || self
@@ -1595,16 +1599,10 @@ impl Agent {
             external: self.external.applied.clone(),
             external_psks: self.external.applied_psks.clone(),
         };
-        match state::save(&self.state_dir, &st) {
-            Ok(()) => {
-                self.state_dirty = false;
-                self.state_saved_at = Some(Instant::now());
-            }
-            Err(e) => {
-                warn!(error = %e, "saving the peer set");
-                self.retry = true;
-            }
-        }
+        // Written on the writer's thread (it retries a failed write itself).
+        self.state_writer.submit(st);
+        self.state_dirty = false;
+        self.state_saved_at = Some(Instant::now());
     }
 
     /// The merge patch that makes this Node's kwire annotations right, if they are not.

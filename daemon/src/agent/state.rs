@@ -13,6 +13,10 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+use tracing::{debug, warn};
 
 /// Name of the state file inside the state directory.
 pub const STATE_FILE: &str = "peers.json";
@@ -224,6 +228,129 @@ pub fn save(dir: &Path, st: &State) -> Result<(), StateError> {
     })
 }
 
+/// How long the writer waits before it tries a failed write again (unless a newer set comes
+/// first).
+pub const WRITE_RETRY: Duration = Duration::from_secs(10);
+
+/// Writes the state file on a thread of its own ("kwire-state"), so that the planner hands a
+/// set over and goes on: encoding every peer and the write's two fsyncs took the planner
+/// ~10–15 ms at 5,000 peers, and as long as the disk takes on a busy node, during which no
+/// Node change reached the data plane. Sets handed over while a write runs are not queued
+/// behind it: the next write takes the newest. A failed write is logged and tried again after
+/// [`WRITE_RETRY`] (or with the next set). [`Writer::finish`] writes what is left and waits for
+/// it, at shutdown. Were no thread to be had, each set is written where it is handed over.
+pub struct Writer {
+    dir: PathBuf,
+    tx: Option<mpsc::Sender<State>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Writes that failed, so far.
+    failed: Arc<AtomicU64>,
+}
+
+impl Writer {
+    /// A writer for `dir`'s state file that retries a failed write after `retry`.
+    pub fn start(dir: &Path, retry: Duration) -> Writer {
+        let (tx, rx) = mpsc::channel();
+        let to = dir.to_path_buf();
+        let failed = Arc::new(AtomicU64::new(0));
+        let count = failed.clone();
+        let thread = std::thread::Builder::new()
+            .name("kwire-state".into())
+            .spawn(move || write_loop(&to, &rx, retry, &count));
+        let (tx, thread) = match thread {
+            Ok(thread) => (Some(tx), Some(thread)),
+            Err(e) => {
+                warn!(error = %e, "no thread for the state file's writer; the planner writes it itself");
+                (None, None)
+            }
+        };
+        Writer {
+            dir: dir.to_path_buf(),
+            tx,
+            thread,
+            failed,
+        }
+    }
+
+    /// Hands `st` over to be written (at once, unless a write is running: then after it).
+    pub fn submit(&self, st: State) {
+        let st = match &self.tx {
+            Some(tx) => match tx.send(st) {
+                Ok(()) => return,
+                // The thread is gone (it does not end before `finish`): written here.
+                Err(mpsc::SendError(st)) => st,
+            },
+            None => st,
+        };
+        if let Err(e) = save(&self.dir, &st) {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "saving the peer set");
+        }
+    }
+
+    /// Writes that failed so far.
+    pub fn failed(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Writes what was handed over and not yet written, and waits for it; later sets are
+    /// written where they are handed over.
+    pub fn finish(&mut self) {
+        self.tx = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// The writer's thread: writes the newest set handed over, until the sender is gone and
+/// everything handed over is written (or failed once more).
+fn write_loop(dir: &Path, rx: &mpsc::Receiver<State>, retry: Duration, failed: &AtomicU64) {
+    let mut pending: Option<State> = None;
+    loop {
+        let next = match pending {
+            Some(_) => rx.recv_timeout(retry),
+            None => rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected),
+        };
+        let closed = match next {
+            Ok(st) => {
+                pending = Some(st);
+                false
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => false,
+            Err(mpsc::RecvTimeoutError::Disconnected) => true,
+        };
+        // What came meanwhile: only the newest is written.
+        while let Ok(st) = rx.try_recv() {
+            pending = Some(st);
+        }
+        if let Some(st) = pending.take() {
+            let started = Instant::now();
+            match save(dir, &st) {
+                Ok(()) => debug!(
+                    peers = st.peers.len(),
+                    took_us = started.elapsed().as_micros() as u64,
+                    "peer set saved"
+                ),
+                Err(e) => {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    warn!(error = %e, retry_s = retry.as_secs(), "saving the peer set; trying again");
+                    pending = Some(st);
+                }
+            }
+        }
+        if closed {
+            return;
+        }
+    }
+}
+
 /// Writes `dir/name` atomically (a temp file beside it, fsync, rename, fsync of the
 /// directory) with mode 0600; `write` fills the temp file.
 pub fn write_atomic(
@@ -330,6 +457,61 @@ mod tests {
         std::fs::write(dir.join(STATE_FILE), b"{\"version\":1,").unwrap();
         let e = load(&dir).unwrap_err();
         assert!(e.to_string().contains(STATE_FILE), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn with_mtu(mtu: u32) -> State {
+        State {
+            mtu: Some(mtu),
+            ..State::default()
+        }
+    }
+
+    #[test]
+    fn the_writer_writes_the_newest_set_and_all_of_it_by_finish() {
+        let dir = std::env::temp_dir().join(format!(
+            "kwire-state-writer-{}-{}",
+            std::process::id(),
+            rand_core::RngCore::next_u32(&mut rand_core::OsRng)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut w = Writer::start(&dir, Duration::from_secs(60));
+        for mtu in 1000..1100 {
+            w.submit(with_mtu(mtu));
+        }
+        w.finish();
+        assert_eq!(load(&dir).unwrap(), Some(with_mtu(1099)));
+        // After finish, a set is written where it is handed over.
+        w.submit(with_mtu(1300));
+        assert_eq!(load(&dir).unwrap(), Some(with_mtu(1300)));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_is_tried_again() {
+        let dir = std::env::temp_dir().join(format!(
+            "kwire-state-retry-{}-{}",
+            std::process::id(),
+            rand_core::RngCore::next_u32(&mut rand_core::OsRng)
+        ));
+        // No directory yet: the first write fails.
+        let mut w = Writer::start(&dir, Duration::from_millis(20));
+        w.submit(with_mtu(1280));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while w.failed() == 0 {
+            assert!(Instant::now() < deadline, "the write did not fail");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::fs::create_dir_all(&dir).unwrap();
+        while load(&dir).unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "the failed write was not tried again"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(load(&dir).unwrap(), Some(with_mtu(1280)));
+        w.finish();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
