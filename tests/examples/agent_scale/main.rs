@@ -14,7 +14,12 @@
 //!   fence costs on its own (`fence_pod_cpu_ms`, `fence_node_cpu_ms`) is taken off.
 //! - `relevant_change_p99_ms`: a change to its effect in the data plane, polled: a policy
 //!   created or deleted and a local pod's labels changed (seen by probes between the pods), a
-//!   Node's endpoint or key changed (seen in the device).
+//!   Node's endpoint or key changed (seen in the device, through `get=1`, which answers with
+//!   every peer: `node_probe_get_p50_ms` is what one such get takes, and
+//!   `node_change_seen_asked_p50_ms`/`_p99_ms` when the get that first saw the change was
+//!   asked: the change was in by that get's answer, and not by the answer of the get before,
+//!   so this is within one get's time of when it was applied, where the p99 above adds that
+//!   get's whole time and more).
 //! - `relevant_change_cpu_ms`: agent CPU per relevant change (remote pod labels and IPs, a
 //!   policy, a Node's key, local labels), applied without polling, idle CPU subtracted.
 //! - `irrelevant_service_update_cpu_us`, `service_rebuilds_irrelevant` (with `--services`):
@@ -1151,6 +1156,11 @@ fn main() {
 
         // (d) relevant changes to the data plane, polled.
         let mut lat: Vec<(&str, Duration)> = Vec::new();
+        // Node changes are seen through `get=1` (every peer, 5,000 of them): each get's own
+        // time, and when the first get that saw the change was asked (the change was in by
+        // that get's answer and not by the one before's: within a get's time of this).
+        let mut node_gets: Vec<Duration> = Vec::new();
+        let mut node_asked: Vec<Duration> = Vec::new();
         let probe_kinds = ["policy_deleted", "policy_created", "pod_relabeled", "pod_labels_restored", "node_endpoint", "node_key"];
         for c in 0..o.changes {
             let kind = probe_kinds[c % probe_kinds.len()];
@@ -1179,9 +1189,14 @@ fn main() {
                         (key_hex(&cluster.node_new_key(i)), None)
                     };
                     loop {
+                        let asked = Instant::now();
                         let seen = uapi_get(&sock).and_then(|r| endpoint_of(&r, &hex));
+                        node_gets.push(asked.elapsed());
                         let done = match &want { Some(ep) => seen.as_deref() == Some(ep.as_str()), None => seen.is_some() };
-                        if done { break Some(t.elapsed()); }
+                        if done {
+                            node_asked.push(asked - t);
+                            break Some(t.elapsed());
+                        }
                         if t.elapsed() > CHANGE_TIMEOUT { break None; }
                         std::thread::sleep(CHANGE_POLL);
                     }
@@ -1206,6 +1221,14 @@ fn main() {
         report.set("relevant_change_p99_ms", ms(percentile(&all, 0.99)));
         report.set("relevant_change_max_ms", ms(all.last().copied().unwrap_or_default()));
         report.set("relevant_change_by_kind", Value::Object(by_kind));
+        node_gets.sort();
+        node_asked.sort();
+        eprintln!("  Node changes: the get that saw each asked after p50 {:.1} ms, p99 {:.1} ms; a get of every peer takes p50 {:.1} ms, p99 {:.1} ms",
+            ms(percentile(&node_asked, 0.5)), ms(percentile(&node_asked, 0.99)), ms(percentile(&node_gets, 0.5)), ms(percentile(&node_gets, 0.99)));
+        report.set("node_change_seen_asked_p50_ms", ms(percentile(&node_asked, 0.5)));
+        report.set("node_change_seen_asked_p99_ms", ms(percentile(&node_asked, 0.99)));
+        report.set("node_probe_get_p50_ms", ms(percentile(&node_gets, 0.5)));
+        report.set("node_probe_get_p99_ms", ms(percentile(&node_gets, 0.99)));
 
         // (e) relevant changes, CPU only (no polling).
         let perf = Perf::start(pid, "relevant");
