@@ -56,6 +56,11 @@ pub fn uapi_parse(data: &[u8]) {
                 let s = format_get(&dev.info());
                 assert!(s.ends_with("errno=0\n\n"));
             }
+            Ok(Request::GetPeers(keys)) => {
+                let info = dev.info_of(&keys);
+                assert!(info.peers.len() <= keys.len());
+                assert!(format_get(&info).ends_with("errno=0\n\n"));
+            }
             Ok(Request::Set(req)) => {
                 let _ = dev.apply(req, &mut NoNet);
                 let snap = dev.snapshot();

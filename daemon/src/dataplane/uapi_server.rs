@@ -206,6 +206,7 @@ async fn handle<N: NetworkControl + Clone + Send + 'static>(
         // The reply to a `get` carries the private key: zeroed when dropped.
         let reply: Zeroizing<String> = match parse_request(&lines) {
             Ok(Request::Get) => format_get(&device.info()),
+            Ok(Request::GetPeers(keys)) => format_get(&device.info_of(&keys)),
             Ok(Request::Set(req)) => {
                 let device = device.clone();
                 let mut net = net.clone();

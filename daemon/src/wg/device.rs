@@ -299,25 +299,20 @@ impl Device {
     /// What `get=1` reports.
     pub fn info(&self) -> DeviceInfo {
         let cfg = self.lock();
-        DeviceInfo {
-            private_key: cfg.key.clone(),
-            listen_port: cfg.listen_port,
-            fwmark: cfg.fwmark,
-            peers: cfg
-                .peers
-                .values()
-                .map(|e| PeerInfo {
-                    public_key: e.peer.public_key,
-                    preshared_key: e.peer.preshared_key.clone(),
-                    endpoint: e.peer.endpoint(),
-                    last_handshake: e.peer.last_handshake(),
-                    rx_bytes: e.peer.rx_bytes.load(Ordering::Relaxed),
-                    tx_bytes: e.peer.tx_bytes.load(Ordering::Relaxed),
-                    persistent_keepalive: e.peer.persistent_keepalive,
-                    allowed_ips: e.allowed_ips.clone(),
-                })
-                .collect(),
-        }
+        let peers = cfg.peers.values().map(peer_info).collect();
+        device_info(&cfg, peers)
+    }
+
+    /// What `get=1` reports, with only the peers of `keys` that the device has (in the order
+    /// of `keys`).
+    pub fn info_of(&self, keys: &[PublicKey]) -> DeviceInfo {
+        let cfg = self.lock();
+        let peers = keys
+            .iter()
+            .filter_map(|k| cfg.peers.get(k))
+            .map(peer_info)
+            .collect();
+        device_info(&cfg, peers)
     }
 
     /// Applies peer changes only (no key, port or socket change).
@@ -784,6 +779,30 @@ fn key_owner(cfg: &Config, k: PublicKey) -> Option<u32> {
         .map(|e| e.slot)
 }
 
+/// The device's part of a `get=1` answer, around `peers`.
+fn device_info(cfg: &Config, peers: Vec<PeerInfo>) -> DeviceInfo {
+    DeviceInfo {
+        private_key: cfg.key.clone(),
+        listen_port: cfg.listen_port,
+        fwmark: cfg.fwmark,
+        peers,
+    }
+}
+
+/// One peer's part of a `get=1` answer.
+fn peer_info(e: &PeerEntry) -> PeerInfo {
+    PeerInfo {
+        public_key: e.peer.public_key,
+        preshared_key: e.peer.preshared_key.clone(),
+        endpoint: e.peer.endpoint(),
+        last_handshake: e.peer.last_handshake(),
+        rx_bytes: e.peer.rx_bytes.load(Ordering::Relaxed),
+        tx_bytes: e.peer.tx_bytes.load(Ordering::Relaxed),
+        persistent_keepalive: e.peer.persistent_keepalive,
+        allowed_ips: e.allowed_ips.clone(),
+    }
+}
+
 /// Sets `by_key[k]` to its owner, looked for among all peers: after its owner let it go.
 fn settle_key(cfg: &mut Config, k: PublicKey) {
     let owner = key_owner(cfg, k);
@@ -1088,6 +1107,20 @@ mod tests {
         let info = dev.info();
         assert!(info.peers[0].allowed_ips.is_empty());
         assert_eq!(info.peers[1].allowed_ips.len(), 2);
+        // `get=1` with `public_key=` lines: those peers the device has, in that order, with
+        // the device's own lines; peer 2 as the whole answer has it.
+        let Request::GetPeers(keys) =
+            parse_request(&["get=1", &format!("public_key={}", hex(7)), &pk2, &pk1]).unwrap()
+        else {
+            panic!("not a get of peers")
+        };
+        let some = dev.info_of(&keys);
+        let keys: Vec<[u8; 32]> = some.peers.iter().map(|p| p.public_key.0).collect();
+        assert_eq!(keys, [[2; 32], [1; 32]]);
+        assert_eq!(some.listen_port, 51820);
+        assert!(some.private_key.is_some());
+        assert_eq!(some.peers[0].allowed_ips, info.peers[1].allowed_ips);
+        assert_eq!(dev.info_of(&[]).peers.len(), 0, "no key asked for, no peer");
         // Same port again: no rebind.
         set(&dev, &mut net, &["listen_port=51820"]).unwrap();
         assert_eq!(net.binds.len(), 1);

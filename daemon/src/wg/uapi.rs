@@ -1,5 +1,9 @@
 //! The WireGuard cross-platform userspace API (wireguard.com/xplatform): parsing `set=1`
 //! requests and formatting `get=1` answers. Text in, text out; no I/O and no device state.
+//!
+//! One extension, which `wg` never sends: `get=1` followed by `public_key=` lines asks for
+//! those peers only (the device's lines as for `get=1`, then each of them the device has), so
+//! that one peer can be read on a node with thousands without the whole set.
 
 use crate::wg::allowed_ips::canonical;
 use crate::wg::key::{PresharedKey, PrivateKey};
@@ -51,6 +55,8 @@ impl UapiError {
 #[derive(Debug)]
 pub enum Request {
     Get,
+    /// `get=1` for these peers only (the extension above).
+    GetPeers(Vec<PublicKey>),
     Set(SetRequest),
 }
 
@@ -112,7 +118,7 @@ pub const MAX_LINE_BYTES: usize = 4096;
 pub fn parse_request(lines: &[&str]) -> Result<Request, UapiError> {
     match lines.first().copied() {
         Some("get=1") if lines.len() == 1 => Ok(Request::Get),
-        Some("get=1") => Err(UapiError::invalid("get=1 takes no arguments")),
+        Some("get=1") => parse_get_peers(&lines[1..]).map(Request::GetPeers),
         Some("set=1") => parse_set(&lines[1..]).map(Request::Set),
         Some(other) => Err(UapiError::invalid(format!(
             "unknown operation {:?}",
@@ -120,6 +126,23 @@ pub fn parse_request(lines: &[&str]) -> Result<Request, UapiError> {
         ))),
         None => Err(UapiError::invalid("empty request")),
     }
+}
+
+/// The `public_key=` lines after a `get=1`.
+fn parse_get_peers(lines: &[&str]) -> Result<Vec<PublicKey>, UapiError> {
+    lines
+        .iter()
+        .map(|line| {
+            let value = line.strip_prefix("public_key=").ok_or_else(|| {
+                UapiError::invalid(format!(
+                    "get=1 takes no arguments but public_key= (those peers only), not {:?}",
+                    trunc(line)
+                ))
+            })?;
+            PublicKey::from_hex(value)
+                .map_err(|e| UapiError::invalid(format!("get=1: public_key: {e}")))
+        })
+        .collect()
 }
 
 fn trunc(s: &str) -> &str {
@@ -397,6 +420,11 @@ mod tests {
             ),
             (&["set=1", "replace_peers=yes"], Errno::Invalid),
             (&["get=1", "x=y"], Errno::Invalid),
+            (&["get=1", "public_key=00"], Errno::Invalid),
+            (
+                &["get=1", &format!("public_key={PK}"), "endpoint=192.0.2.1:1"],
+                Errno::Invalid,
+            ),
         ];
         for (lines, errno) in bad {
             let e = parse_request(lines).unwrap_err();
