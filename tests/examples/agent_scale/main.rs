@@ -456,6 +456,9 @@ fn uapi_get_peer(sock: &Path, key_hex: &str) -> Option<String> {
 
 fn uapi_ask(sock: &Path, request: &str) -> Option<String> {
     let mut s = UnixStream::connect(sock).ok()?;
+    // The server keeps the connection open for the next request: a reply ends with its
+    // `errno=` line (0, or the refusal's) and a blank line, or not at all.
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
     s.write_all(request.as_bytes()).ok()?;
     let mut out = Vec::with_capacity(1 << 20);
     let mut buf = [0u8; 64 * 1024];
@@ -465,7 +468,12 @@ fn uapi_ask(sock: &Path, request: &str) -> Option<String> {
             break;
         }
         out.extend_from_slice(&buf[..n]);
-        if out.ends_with(b"errno=0\n\n") {
+        let ended = out.ends_with(b"\n\n")
+            && out[..out.len() - 2]
+                .rsplit(|b| *b == b'\n')
+                .next()
+                .is_some_and(|last| last.starts_with(b"errno="));
+        if ended {
             break;
         }
     }
