@@ -385,11 +385,7 @@ mod tests {
 
     #[test]
     fn round_trip_atomic_0600() {
-        let dir = std::env::temp_dir().join(format!(
-            "kwire-state-{}-{}",
-            std::process::id(),
-            rand_core::RngCore::next_u32(&mut rand_core::OsRng)
-        ));
+        let dir = scratch("kwire-state");
         std::fs::create_dir_all(&dir).unwrap();
         assert_eq!(load(&dir).unwrap(), None);
         let mut st = State {
@@ -460,6 +456,15 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A directory of its own under the temp dir (not created).
+    fn scratch(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "{tag}-{}-{}",
+            std::process::id(),
+            rand_core::RngCore::next_u32(&mut rand_core::OsRng)
+        ))
+    }
+
     fn with_mtu(mtu: u32) -> State {
         State {
             mtu: Some(mtu),
@@ -469,11 +474,7 @@ mod tests {
 
     #[test]
     fn the_writer_writes_the_newest_set_and_all_of_it_by_finish() {
-        let dir = std::env::temp_dir().join(format!(
-            "kwire-state-writer-{}-{}",
-            std::process::id(),
-            rand_core::RngCore::next_u32(&mut rand_core::OsRng)
-        ));
+        let dir = scratch("kwire-state-writer");
         std::fs::create_dir_all(&dir).unwrap();
         let mut w = Writer::start(&dir, Duration::from_secs(60));
         for mtu in 1000..1100 {
@@ -489,11 +490,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_is_tried_again() {
-        let dir = std::env::temp_dir().join(format!(
-            "kwire-state-retry-{}-{}",
-            std::process::id(),
-            rand_core::RngCore::next_u32(&mut rand_core::OsRng)
-        ));
+        let dir = scratch("kwire-state-retry");
         // No directory yet: the first write fails.
         let mut w = Writer::start(&dir, Duration::from_millis(20));
         w.submit(with_mtu(1280));
