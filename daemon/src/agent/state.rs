@@ -282,10 +282,7 @@ impl Writer {
             },
             None => st,
         };
-        if let Err(e) = save(&self.dir, &st) {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            warn!(error = %e, "saving the peer set");
-        }
+        write(&self.dir, &st, &self.failed);
     }
 
     /// Writes that failed so far.
@@ -331,22 +328,32 @@ fn write_loop(dir: &Path, rx: &mpsc::Receiver<State>, retry: Duration, failed: &
             pending = Some(st);
         }
         if let Some(st) = pending.take() {
-            let started = Instant::now();
-            match save(dir, &st) {
-                Ok(()) => debug!(
-                    peers = st.peers.len(),
-                    took_us = started.elapsed().as_micros() as u64,
-                    "peer set saved"
-                ),
-                Err(e) => {
-                    failed.fetch_add(1, Ordering::Relaxed);
-                    warn!(error = %e, retry_s = retry.as_secs(), "saving the peer set; trying again");
-                    pending = Some(st);
-                }
+            if !write(dir, &st, failed) {
+                pending = Some(st);
             }
         }
         if closed {
             return;
+        }
+    }
+}
+
+/// [`save`], logged, a failure counted in `failed`; whether it was written.
+fn write(dir: &Path, st: &State, failed: &AtomicU64) -> bool {
+    let started = Instant::now();
+    match save(dir, st) {
+        Ok(()) => {
+            debug!(
+                peers = st.peers.len(),
+                took_us = started.elapsed().as_micros() as u64,
+                "peer set saved"
+            );
+            true
+        }
+        Err(e) => {
+            failed.fetch_add(1, Ordering::Relaxed);
+            warn!(error = %e, "saving the peer set; tried again with the next set or after a pause");
+            false
         }
     }
 }
