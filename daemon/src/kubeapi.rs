@@ -9,14 +9,22 @@
 //! resourceVersion on a new connection, as client-go's HTTP/2 health check does for
 //! Kubernetes' own components. kube's builder takes no connector, so the stack it builds
 //! (base URI, retry, auth, extra headers, rustls) is built here around one that has keepalive.
+//!
+//! Its TLS reads come out of a buffer ([`ReadBuffered`]): rustls asks the socket for at most
+//! 4 KB at a time, so a paced watch thread (see `agent::watches::Pacer`) that finds a turn's
+//! events waiting (~3.5 KB each) read them with a `recvfrom` each, and each read sent an ACK
+//! whose processing (on loopback, the peer's receive path too) ran on that thread. With the
+//! buffer, one read takes everything that arrived.
 
-use anyhow::Context;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use anyhow::Context as _;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use kube::client::ConfigExt;
 use kube::Client;
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::OnceLock;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -105,6 +113,61 @@ pub async fn config(kubeconfig: Option<&Path>) -> anyhow::Result<kube::Config> {
     })
 }
 
+/// Bytes an API connection reads from its socket at once, at most: what arrives during a watch
+/// thread's turn at a few hundred events per second (rustls alone reads 4 KB at a time).
+const READ_BUFFER: usize = 64 * 1024;
+
+/// An API connection's socket with its reads buffered (see the module): rustls's small reads
+/// are served from the buffer, which is filled with one read of whatever has arrived. Writes
+/// go straight through.
+struct ReadBuffered(tokio::io::BufReader<tokio::net::TcpStream>);
+
+impl tokio::io::AsyncRead for ReadBuffered {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ReadBuffered {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl Connection for ReadBuffered {
+    fn connected(&self) -> Connected {
+        self.0.get_ref().connected()
+    }
+}
+
 /// A client for `config` whose connections have keepalive (see the module). Its connections
 /// and request queue live on the runtime this is called on.
 pub fn client_for(config: kube::Config) -> anyhow::Result<Client> {
@@ -117,6 +180,12 @@ pub fn client_for(config: kube::Config) -> anyhow::Result<Client> {
     http.enforce_http(false);
     http.set_connect_timeout(config.connect_timeout);
     liveness().apply(&mut http);
+    let http = tower::ServiceExt::map_response(http, |io: TokioIo<tokio::net::TcpStream>| {
+        TokioIo::new(ReadBuffered(tokio::io::BufReader::with_capacity(
+            READ_BUFFER,
+            io.into_inner(),
+        )))
+    });
     let https = config
         .rustls_https_connector_with_connector(http)
         .context("the API client's TLS settings")?;
