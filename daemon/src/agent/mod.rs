@@ -5,6 +5,7 @@
 
 pub mod cleanup;
 pub mod external;
+pub mod flow_state;
 pub mod health;
 pub mod keyctl;
 pub mod keyfile;
@@ -501,6 +502,8 @@ async fn agent_main(
         .pods
         .conntrack
         .set_max_flows_per_pod(args.max_flows_per_pod);
+    // Open connections go on where the last graceful stop left them.
+    flow_state::restore_logged(&args.state_dir, &tun.net.pods);
     let own_key = keys.public();
     let mut first = SetRequest {
         private_key: Some(Some(keys.current.clone())),
@@ -685,6 +688,7 @@ async fn agent_main(
     policy_store.save_if_dirty();
     service_writer.abort();
     service_store.save_if_dirty();
+    flow_state::save_logged(&args.state_dir, &tun.net.pods);
     Ok(())
 }
 

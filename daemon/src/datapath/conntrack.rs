@@ -13,6 +13,7 @@
 //! whole table is full, its new flow is refused ([`Decision::Full`], a `flow_limit` drop),
 //! never let through unrecorded (its replies would then be judged as new flows).
 
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
@@ -33,6 +34,21 @@ pub const TCP_IDLE: Duration = Duration::from_secs(3600);
 pub const UDP_IDLE: Duration = Duration::from_secs(180);
 pub const OTHER_IDLE: Duration = Duration::from_secs(60);
 
+/// Seconds a flow of protocol `proto` may stay idle before it is forgotten.
+pub fn idle_limit(proto: u8) -> u32 {
+    match proto {
+        TCP => TCP_IDLE,
+        UDP => UDP_IDLE,
+        _ => OTHER_IDLE,
+    }
+    .as_secs() as u32
+}
+
+/// Where the tables' clocks (seconds, for `last_seen`) start: not at zero, so that a flow put
+/// back after a restart ([`Conntrack::restore`], `NatTable::restore`) keeps its age, up to a
+/// day (the longest session affinity; every idle limit is shorter).
+pub const CLOCK_START: u32 = 86_400;
+
 const ICMP: u8 = 1;
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -40,7 +56,7 @@ const SCTP: u8 = 132;
 const ICMPV6: u8 = 58;
 
 /// A packet's flow: protocol, addresses and ports (ICMP echo: the identifier as both ports).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Flow {
     pub proto: u8,
     pub src: IpAddr,
@@ -212,6 +228,18 @@ struct Entry {
 
 type FlowMap = HashMap<Flow, Entry, RandomState>;
 
+/// A remembered flow as saved across a graceful restart (`agent::flow_state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedFlow {
+    /// In the initiator's direction.
+    pub flow: Flow,
+    /// Checks its initiator's direction passed on this node.
+    pub egress: bool,
+    pub ingress: bool,
+    /// Seconds since its last packet.
+    pub idle: u32,
+}
+
 /// The table. Keys are flows in the initiator's direction.
 pub struct Conntrack {
     shards: Vec<Mutex<FlowMap>>,
@@ -336,7 +364,58 @@ impl Conntrack {
     }
 
     fn now(&self) -> u32 {
-        self.epoch.elapsed().as_secs() as u32
+        CLOCK_START.saturating_add(self.epoch.elapsed().as_secs() as u32)
+    }
+
+    /// Every flow remembered, for a restart to put back ([`Conntrack::restore`]).
+    pub fn save(&self) -> Vec<SavedFlow> {
+        let now = self.now();
+        let mut out = Vec::with_capacity(self.len());
+        for s in &self.shards {
+            let m = s.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(m.iter().map(|(flow, e)| SavedFlow {
+                flow: *flow,
+                egress: e.egress,
+                ingress: e.ingress,
+                idle: now.saturating_sub(e.last_seen),
+            }));
+        }
+        out
+    }
+
+    /// Puts back flows an earlier process saved `gap` seconds ago, as if that process had
+    /// gone on: a flow idle for longer than its limit by now is left out, and so is one this
+    /// table already holds (in either direction); each is charged to its initiator as a new
+    /// one would be, so the budgets and the table's bound hold. Returns how many were put back.
+    pub fn restore(&self, saved: &[SavedFlow], gap: u32) -> usize {
+        let now = self.now();
+        let mut restored = 0;
+        for s in saved {
+            let idle = s.idle.saturating_add(gap);
+            if idle >= idle_limit(s.flow.proto) || !(s.egress || s.ingress) {
+                continue;
+            }
+            let mut m = self
+                .shard(&s.flow)
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if m.contains_key(&s.flow) || m.contains_key(&s.flow.reversed()) {
+                continue;
+            }
+            if !self.charge(s.flow.src) {
+                continue;
+            }
+            m.insert(
+                s.flow,
+                Entry {
+                    egress: s.egress,
+                    ingress: s.ingress,
+                    last_seen: now.saturating_sub(idle),
+                },
+            );
+            restored += 1;
+        }
+        restored
     }
 
     /// Decides a packet of `flow` at `check`; `evaluate` runs the policy engine for a new
@@ -400,12 +479,7 @@ impl Conntrack {
         for s in &self.shards {
             let mut m = s.lock().unwrap_or_else(|p| p.into_inner());
             m.retain(|f, e| {
-                let idle = match f.proto {
-                    TCP => TCP_IDLE,
-                    UDP => UDP_IDLE,
-                    _ => OTHER_IDLE,
-                };
-                let keep = now.saturating_sub(e.last_seen) < idle.as_secs() as u32;
+                let keep = now.saturating_sub(e.last_seen) < idle_limit(f.proto);
                 if !keep {
                     gone.push(f.src);
                 }
@@ -604,5 +678,41 @@ mod tests {
         let a = Conntrack::default();
         let b = Conntrack::default();
         assert_ne!(a.hasher.hash_one(f), b.hasher.hash_one(f));
+    }
+
+    #[test]
+    fn restored_flows_keep_their_age_their_checks_and_the_budgets() {
+        let old = Conntrack::default();
+        let a = flow(&tcp([10, 0, 0, 1], 40000, [10, 0, 0, 2], 80));
+        let b = flow(&tcp([10, 0, 0, 1], 40001, [10, 0, 0, 2], 80));
+        let c = flow(&tcp([10, 0, 0, 3], 40000, [10, 0, 0, 1], 22));
+        old.check(a, Check::Egress, || true);
+        old.check(b, Check::Egress, || true);
+        old.check(c, Check::Ingress, || true);
+        let mut saved = old.save();
+        saved.sort_by_key(|s| (s.flow.src, s.flow.sport));
+        assert_eq!(saved.len(), 3);
+        assert!(saved.iter().all(|s| s.idle == 0));
+
+        // Initiator 10.0.0.1 may hold one flow: the second is left out.
+        let new = Conntrack::with_limits(100, 1);
+        assert_eq!(new.restore(&saved, 5), 2);
+        assert_eq!(new.held_by(a.src), 1);
+        assert_eq!(new.len(), 2);
+        // Put back twice: nothing doubles.
+        assert_eq!(new.restore(&saved, 5), 0);
+        assert_eq!(new.len(), 2);
+        // What was checked is what passes: c's ingress, not its egress.
+        assert_eq!(
+            new.check(c, Check::Ingress, || panic!("restored")),
+            Decision::Established
+        );
+        assert_eq!(new.check(c, Check::Egress, || false), Decision::Denied);
+        // (A direction denied forgets the flow, as for any flow.) The age carried over: the
+        // saved idle time plus the time down, from which expiry counts.
+        let ages: Vec<(Flow, u32)> = new.save().iter().map(|s| (s.flow, s.idle)).collect();
+        assert_eq!(ages, vec![(a, 5)]);
+        // Past the limit: left out.
+        assert_eq!(Conntrack::default().restore(&saved, idle_limit(6)), 0);
     }
 }

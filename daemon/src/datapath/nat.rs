@@ -4,9 +4,10 @@
 //! replies back into the Service's address. Shared by all workers like [`super::conntrack`];
 //! both entries of a flow live in one shard, chosen by the client's port.
 
-use super::conntrack::{Flow, OTHER_IDLE, SHARDS, TCP_IDLE, UDP_IDLE};
+use super::conntrack::{idle_limit, Flow, CLOCK_START, SHARDS};
 use crate::services::table::FrontendKey;
 use crate::wg::allowed_ips::IntHasher;
+use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::hash::{BuildHasher, BuildHasherDefault};
 use std::net::{IpAddr, SocketAddr};
@@ -27,6 +28,30 @@ enum Entry {
         from: SocketAddr,
         to: Option<IpAddr>,
         last_seen: u32,
+    },
+}
+
+/// An entry as saved across a graceful restart (`agent::flow_state`); `idle`: seconds since
+/// its last packet (a sticky client's: since it last opened a flow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SavedNat {
+    Forward {
+        flow: Flow,
+        to: SocketAddr,
+        idle: u32,
+    },
+    Reverse {
+        flow: Flow,
+        from: SocketAddr,
+        to: Option<IpAddr>,
+        idle: u32,
+    },
+    Sticky {
+        frontend: FrontendKey,
+        client: IpAddr,
+        to: SocketAddr,
+        secs: u32,
+        idle: u32,
     },
 }
 
@@ -94,7 +119,123 @@ impl NatTable {
     }
 
     fn now(&self) -> u32 {
-        self.epoch.elapsed().as_secs() as u32
+        CLOCK_START.saturating_add(self.epoch.elapsed().as_secs() as u32)
+    }
+
+    /// Every entry (each flow's two, and the sticky clients), for a restart to put back
+    /// ([`NatTable::restore`]).
+    pub fn save(&self) -> Vec<SavedNat> {
+        let now = self.now();
+        let mut out = Vec::with_capacity(2 * self.len());
+        for s in &self.shards {
+            let m = s.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(m.iter().map(|(flow, e)| match *e {
+                Entry::Forward { to, last_seen } => SavedNat::Forward {
+                    flow: *flow,
+                    to,
+                    idle: now.saturating_sub(last_seen),
+                },
+                Entry::Reverse {
+                    from,
+                    to,
+                    last_seen,
+                } => SavedNat::Reverse {
+                    flow: *flow,
+                    from,
+                    to,
+                    idle: now.saturating_sub(last_seen),
+                },
+            }));
+        }
+        for s in &self.affinity {
+            let m = s.lock().unwrap_or_else(|p| p.into_inner());
+            out.extend(m.iter().map(|(&(frontend, client), st)| SavedNat::Sticky {
+                frontend,
+                client,
+                to: st.to,
+                secs: st.secs,
+                idle: now.saturating_sub(st.last_seen),
+            }));
+        }
+        out
+    }
+
+    /// Puts back entries an earlier process saved `gap` seconds ago, as if that process had
+    /// gone on: one idle past its limit by now is left out, one this table already holds is
+    /// kept as it is, and flows past [`MAX_NAT_FLOWS`] are left out. Returns how many flows
+    /// were put back.
+    pub fn restore(&self, saved: &[SavedNat], gap: u32) -> usize {
+        let now = self.now();
+        let mut restored = 0;
+        for s in saved {
+            match *s {
+                SavedNat::Forward { flow, to, idle } => {
+                    if self.flows.load(Ordering::Relaxed) < MAX_NAT_FLOWS
+                        && self.put_back(flow, flow.sport, idle.saturating_add(gap), |last_seen| {
+                            Entry::Forward { to, last_seen }
+                        })
+                    {
+                        self.flows.fetch_add(1, Ordering::Relaxed);
+                        restored += 1;
+                    }
+                }
+                SavedNat::Reverse {
+                    flow,
+                    from,
+                    to,
+                    idle,
+                } => {
+                    // Keyed by the reply, whose destination port is the client's.
+                    self.put_back(flow, flow.dport, idle.saturating_add(gap), |last_seen| {
+                        Entry::Reverse {
+                            from,
+                            to,
+                            last_seen,
+                        }
+                    });
+                }
+                SavedNat::Sticky {
+                    frontend,
+                    client,
+                    to,
+                    secs,
+                    idle,
+                } => {
+                    let idle = idle.saturating_add(gap);
+                    if idle >= secs {
+                        continue;
+                    }
+                    let h = BuildHasherDefault::<IntHasher>::default().hash_one(client);
+                    let mut m = self.affinity[(h as usize) & (SHARDS - 1)]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    m.entry((frontend, client)).or_insert(Sticky {
+                        to,
+                        last_seen: now.saturating_sub(idle),
+                        secs,
+                    });
+                }
+            }
+        }
+        restored
+    }
+
+    /// Inserts a restored entry of `flow` (in the shard of the client's `port`) unless it is
+    /// idle past its limit or already held; true when inserted.
+    fn put_back(&self, flow: Flow, port: u16, idle: u32, entry: impl FnOnce(u32) -> Entry) -> bool {
+        if idle >= idle_limit(flow.proto) {
+            return false;
+        }
+        let now = self.now();
+        let mut m = self
+            .shard(flow.proto, port)
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if m.contains_key(&flow) {
+            return false;
+        }
+        m.insert(flow, entry(now.saturating_sub(idle)));
+        true
     }
 
     /// The backend for a client's packet of `flow` (to a Service's address). A known flow
@@ -190,13 +331,8 @@ impl NatTable {
         for s in &self.shards {
             let mut m = s.lock().unwrap_or_else(|p| p.into_inner());
             m.retain(|f, e| {
-                let idle = match f.proto {
-                    6 => TCP_IDLE,
-                    17 => UDP_IDLE,
-                    _ => OTHER_IDLE,
-                };
                 let (Entry::Forward { last_seen, .. } | Entry::Reverse { last_seen, .. }) = e;
-                let keep = now.saturating_sub(*last_seen) < idle.as_secs() as u32;
+                let keep = now.saturating_sub(*last_seen) < idle_limit(f.proto);
                 if !keep && matches!(e, Entry::Forward { .. }) {
                     gone += 1;
                 }
@@ -388,5 +524,48 @@ mod tests {
             let got = t.sticky_at(now, fe, who, 10, |x| b_usable || x != b, || choice);
             assert_eq!(got, want, "at {now} for {who}");
         }
+    }
+
+    #[test]
+    fn restored_entries_translate_as_before_and_respect_the_limits() {
+        let old = NatTable::default();
+        let backend: SocketAddr = "10.244.2.5:8080".parse().unwrap();
+        assert_eq!(
+            old.forward(flow(1000), None, |_| true, || Some(backend)),
+            Forward::To(backend)
+        );
+        let fe = FrontendKey {
+            proto: 6,
+            ip: "10.96.0.10".parse().unwrap(),
+            port: 80,
+        };
+        let client: IpAddr = "10.244.1.5".parse().unwrap();
+        old.sticky(fe, client, 60, |_| true, || Some(backend));
+        let saved = old.save();
+        assert_eq!(saved.len(), 3);
+
+        let new = NatTable::default();
+        assert_eq!(new.restore(&saved, 10), 1);
+        assert_eq!(new.len(), 1);
+        assert_eq!(new.backend(flow(1000)), Some(backend));
+        let reply = reply_of(&flow(1000), backend, None);
+        assert_eq!(new.reverse(reply), Some((SocketAddr::new(fe.ip, 80), None)));
+        // The sticky client keeps its backend whatever Maglev says now.
+        let other: SocketAddr = "10.244.2.6:8080".parse().unwrap();
+        assert_eq!(
+            new.sticky(fe, client, 60, |_| true, || Some(other)),
+            Some(backend)
+        );
+        // Again: nothing doubles. Past the affinity's timeout and the flow's idle limit:
+        // nothing is put back.
+        assert_eq!(new.restore(&saved, 10), 0);
+        assert_eq!(new.len(), 1);
+        let late = NatTable::default();
+        assert_eq!(late.restore(&saved, idle_limit(6)), 0);
+        assert!(late.is_empty());
+        assert_eq!(
+            late.sticky(fe, client, 60, |_| true, || Some(other)),
+            Some(other)
+        );
     }
 }

@@ -1,0 +1,240 @@
+//! The connection tables across a graceful restart: the flows NetworkPolicy admitted
+//! ([`Conntrack`](crate::datapath::conntrack::Conntrack)) and the flows translated to a
+//! Service's backend ([`NatTable`](crate::datapath::nat::NatTable)) live in the agent's
+//! memory, so a new agent started empty judged every packet of an open connection as a new
+//! flow: the reply of a connection a pod opened was checked against that pod's ingress rules
+//! (a default-deny pod lost every connection it had made until it next sent), and a backend's
+//! packet on a translated flow left with the backend's address, not the ClusterIP's, so the
+//! client reset it. Cilium keeps its connection and NAT maps in the kernel across agent
+//! restarts; this keeps kwire's in a file between the two processes.
+//!
+//! At SIGTERM, once the other files are written, [`save`] writes both tables (each entry's
+//! age, and the time of the write) to [`FLOW_STATE_FILE`]: atomically, mode 0600, behind the
+//! header of [`super::persist::Format`] (magic, version, checksum), in postcard's encoding. At
+//! start [`restore`] puts them back before any pod is re-attached, aged by the time the agent
+//! was down (what idled past its limit meanwhile is left out), charged to each initiator's
+//! budget like a new flow, and removes the file: it is read once, so that an agent that
+//! crashes later does not bring back flows that have ended since. A crash loses the tables
+//! (nothing is written while running), as it did before; so do flows opened between the write
+//! and the process's exit (the workers run until it).
+
+use super::persist::{self, Format, LoadError};
+use crate::datapath::conntrack::SavedFlow;
+use crate::datapath::nat::SavedNat;
+use crate::dataplane::ports::Pods;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+use tracing::{info, warn};
+
+/// Name of the file inside the state directory.
+pub const FLOW_STATE_FILE: &str = "flow-state.bin";
+/// Format version written; files of another version are not restored.
+pub const FLOW_STATE_VERSION: u32 = 1;
+const FORMAT: Format = Format {
+    magic: b"kwire-fs",
+    version: FLOW_STATE_VERSION,
+    what: "flow state",
+};
+
+/// The file's body.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    /// When it was written, in seconds since the Unix epoch.
+    written: u64,
+    policy: Vec<SavedFlow>,
+    nat: Vec<SavedNat>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What [`restore`] put back.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Restored {
+    /// Flows admitted under NetworkPolicy.
+    pub policy: usize,
+    /// Translated flows.
+    pub nat: usize,
+}
+
+/// Writes `pods`' connection tables to `dir`; the number of entries written.
+pub fn save(dir: &Path, pods: &Pods) -> std::io::Result<usize> {
+    let saved = Saved {
+        written: unix_now(),
+        policy: pods.conntrack.save(),
+        nat: pods.nat.save(),
+    };
+    let n = saved.policy.len() + saved.nat.len();
+    let body = postcard::to_allocvec(&saved).map_err(std::io::Error::other)?;
+    let framed = FORMAT.frame(&body);
+    super::state::write_atomic(dir, FLOW_STATE_FILE, |out| out.write_all(&framed))?;
+    Ok(n)
+}
+
+/// Puts back what [`save`] wrote to `dir` into `pods`' tables, and removes the file. A missing
+/// file restores nothing; an unreadable one nothing too (`Err` says why; it is removed all
+/// the same).
+pub fn restore(dir: &Path, pods: &Pods) -> Result<Restored, LoadError> {
+    let loaded = persist::load(dir, FLOW_STATE_FILE, |bytes| {
+        let body = FORMAT.body(bytes)?;
+        postcard::from_bytes::<Saved>(body).map_err(|e| format!("undecodable: {e}"))
+    });
+    if !matches!(loaded, Ok(None)) {
+        if let Err(e) = std::fs::remove_file(dir.join(FLOW_STATE_FILE)) {
+            warn!(error = %e, "cannot remove the flow state file; the next start restores it again");
+        }
+    }
+    let Some(saved) = loaded? else {
+        return Ok(Restored::default());
+    };
+    // A clock set back counts as no time at all; the ages saved still count.
+    let gap = u32::try_from(unix_now().saturating_sub(saved.written)).unwrap_or(u32::MAX);
+    Ok(Restored {
+        policy: pods.conntrack.restore(&saved.policy, gap),
+        nat: pods.nat.restore(&saved.nat, gap),
+    })
+}
+
+/// [`restore`], logged.
+pub fn restore_logged(dir: &Path, pods: &Pods) {
+    match restore(dir, pods) {
+        Ok(r) if r == Restored::default() => {}
+        Ok(r) => info!(
+            policy_flows = r.policy,
+            translated_flows = r.nat,
+            "connection tables restored from the last graceful stop"
+        ),
+        Err(e) => {
+            warn!(error = %e, "connection tables not restored: open connections through NetworkPolicy or a Service may stall until their client sends again")
+        }
+    }
+}
+
+/// [`save`], logged.
+pub fn save_logged(dir: &Path, pods: &Pods) {
+    match save(dir, pods) {
+        Ok(n) => info!(entries = n, "connection tables saved for the next start"),
+        Err(e) => {
+            warn!(path = %dir.join(FLOW_STATE_FILE).display(), error = %e, "cannot save the connection tables; the next start begins with empty ones")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::conntrack::{Check, Decision, Flow};
+    use crate::datapath::nat::Forward;
+    use std::net::SocketAddr;
+
+    fn pods() -> Pods {
+        Pods::new(1, false).unwrap()
+    }
+
+    fn flow(sport: u16, dst: &str, dport: u16) -> Flow {
+        Flow {
+            proto: 6,
+            src: "10.244.1.5".parse().unwrap(),
+            sport,
+            dst: dst.parse().unwrap(),
+            dport,
+        }
+    }
+
+    #[test]
+    fn a_reply_and_a_translated_flow_pass_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = pods();
+        let out = flow(40000, "10.244.2.9", 8080);
+        assert_eq!(
+            old.conntrack.check(out, Check::Egress, || true),
+            Decision::Admitted
+        );
+        let svc = flow(40001, "10.96.0.10", 80);
+        let backend: SocketAddr = "10.244.3.7:8080".parse().unwrap();
+        assert_eq!(
+            old.nat.forward(svc, None, |_| true, || Some(backend)),
+            Forward::To(backend)
+        );
+        assert_eq!(save(dir.path(), &old).unwrap(), 3);
+
+        let new = pods();
+        let r = restore(dir.path(), &new).unwrap();
+        assert_eq!(r, Restored { policy: 1, nat: 1 });
+        // The reply is established: the pod's ingress rules are not asked.
+        assert_eq!(
+            new.conntrack
+                .check(out.reversed(), Check::Ingress, || false),
+            Decision::Established
+        );
+        // The backend's packet gets the ClusterIP back; the client's keeps its backend.
+        let reply = Flow {
+            proto: 6,
+            src: backend.ip(),
+            sport: backend.port(),
+            dst: svc.src,
+            dport: svc.sport,
+        };
+        assert_eq!(
+            new.nat.reverse(reply),
+            Some(("10.96.0.10:80".parse().unwrap(), None))
+        );
+        assert_eq!(new.nat.backend(svc), Some(backend));
+        // Read once: the file is gone, a second start restores nothing.
+        assert!(!dir.path().join(FLOW_STATE_FILE).exists());
+        assert_eq!(restore(dir.path(), &pods()).unwrap(), Restored::default());
+    }
+
+    #[test]
+    fn a_damaged_file_restores_nothing_and_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = pods();
+        old.conntrack
+            .check(flow(40000, "10.244.2.9", 8080), Check::Egress, || true);
+        save(dir.path(), &old).unwrap();
+        let path = dir.path().join(FLOW_STATE_FILE);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+        let new = pods();
+        let e = restore(dir.path(), &new).unwrap_err();
+        assert!(e.to_string().contains("checksum"), "{e}");
+        assert!(new.conntrack.is_empty());
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn flows_idle_past_their_limit_while_down_are_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = pods();
+        let tcp = flow(40000, "10.244.2.9", 8080);
+        let udp = Flow { proto: 17, ..tcp };
+        old.conntrack.check(tcp, Check::Egress, || true);
+        old.conntrack.check(udp, Check::Egress, || true);
+        save(dir.path(), &old).unwrap();
+        // Written ten minutes ago: past UDP's three, within TCP's hour.
+        let path = dir.path().join(FLOW_STATE_FILE);
+        let bytes = std::fs::read(&path).unwrap();
+        let mut saved: Saved = postcard::from_bytes(FORMAT.body(&bytes).unwrap()).unwrap();
+        saved.written -= 600;
+        std::fs::write(&path, FORMAT.frame(&postcard::to_allocvec(&saved).unwrap())).unwrap();
+        let new = pods();
+        assert_eq!(restore(dir.path(), &new).unwrap().policy, 1);
+        assert_eq!(
+            new.conntrack
+                .check(tcp.reversed(), Check::Ingress, || false),
+            Decision::Established
+        );
+        assert_eq!(
+            new.conntrack
+                .check(udp.reversed(), Check::Ingress, || false),
+            Decision::Denied
+        );
+    }
+}
