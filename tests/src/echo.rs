@@ -2,7 +2,9 @@
 //! agents (restarts, endpoint changes): [`EchoServer`] echoes lines on [`ECHO_PORT`] inside a
 //! pod's namespace and counts the connections it accepted; [`Ticker`] sends a numbered line
 //! every [`TICK`] on one connection and checks each echo; [`echo_once`] is one fresh
-//! connection.
+//! connection. [`PushServer`] and [`Listener`] are the other way round: the server speaks,
+//! a line every [`TICK`], and the client only reads, so nothing the client sends re-opens the
+//! flow on its node.
 
 use std::io::{BufRead, BufReader, ErrorKind, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -210,4 +212,160 @@ pub fn echo_once(netns: &str, to: SocketAddr) -> Result<(), String> {
     (line == "fresh\n")
         .then_some(())
         .ok_or_else(|| format!("echo {line:?}"))
+}
+
+/// Port of the tests' push servers inside pods.
+pub const PUSH_PORT: u16 = 9001;
+
+/// A TCP server on `[::]:PUSH_PORT` inside a pod that, on every connection, writes a numbered
+/// line every [`TICK`] until the connection fails or the server is dropped; it reads nothing.
+pub struct PushServer {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl PushServer {
+    pub fn start(netns: &str) -> PushServer {
+        let listener = run_in_netns(netns, || TcpListener::bind(("::", PUSH_PORT)))
+            .unwrap_or_else(|e| panic!("listen on [::]:{PUSH_PORT} in {netns}: {e}"));
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut writers = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        let _ = conn.set_nonblocking(false);
+                        let _ = conn.set_nodelay(true);
+                        let s = s.clone();
+                        writers.push(std::thread::spawn(move || {
+                            let mut seq = 0u64;
+                            while !s.load(Ordering::Relaxed) {
+                                seq += 1;
+                                if conn.write_all(format!("push {seq}\n").as_bytes()).is_err() {
+                                    return;
+                                }
+                                std::thread::sleep(TICK);
+                            }
+                            let _ = conn.shutdown(Shutdown::Both);
+                        }));
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(10))
+                    }
+                    Err(_) => break,
+                }
+            }
+            for w in writers {
+                let _ = w.join();
+            }
+        });
+        PushServer {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for PushServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One long-lived TCP connection from a pod to a [`PushServer`] that only reads, checking that
+/// the lines come in order. An error (reset, a gap, the end) is kept and fails
+/// [`Listener::check`].
+pub struct Listener {
+    what: String,
+    stream: TcpStream,
+    stop: Arc<AtomicBool>,
+    read: Arc<AtomicU64>,
+    failure: Arc<Mutex<Option<String>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Listener {
+    pub fn start(netns: &str, to: SocketAddr, what: &str) -> Listener {
+        let stream = run_in_netns(netns, || {
+            TcpStream::connect_timeout(&to, Duration::from_secs(5))
+        })
+        .unwrap_or_else(|e| panic!("{what}: connect to {to} from {netns}: {e}"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let read = Arc::new(AtomicU64::new(0));
+        let failure = Arc::new(Mutex::new(None));
+        let (s, n, f) = (stop.clone(), read.clone(), failure.clone());
+        let mut r = BufReader::new(stream.try_clone().unwrap());
+        let thread = std::thread::spawn(move || {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let got = r.read_line(&mut line);
+                if s.load(Ordering::Relaxed) {
+                    return;
+                }
+                let want = format!("push {}\n", n.load(Ordering::SeqCst) + 1);
+                let problem = match got {
+                    Ok(0) => "closed by the server".to_string(),
+                    Ok(_) if line == want => {
+                        n.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    Ok(_) => format!("expected {want:?}, got {line:?}"),
+                    Err(e) => format!("reading: {e}"),
+                };
+                *f.lock().unwrap() = Some(problem);
+                return;
+            }
+        });
+        Listener {
+            what: what.to_string(),
+            stream,
+            stop,
+            read,
+            failure,
+            thread: Some(thread),
+        }
+    }
+
+    /// Lines read so far.
+    pub fn read(&self) -> u64 {
+        self.read.load(Ordering::SeqCst)
+    }
+
+    /// Panics if the connection failed.
+    pub fn check(&self) {
+        if let Some(f) = self.failure.lock().unwrap().as_ref() {
+            panic!("{}: the connection failed: {f}", self.what);
+        }
+    }
+
+    /// Waits until `n` more lines came on this very connection.
+    pub fn wait_more(&self, n: u64, deadline: Duration) {
+        let from = self.read();
+        wait_until(
+            deadline,
+            format!("{}: {n} more lines after line {from}", self.what),
+            || {
+                self.check();
+                self.read() >= from + n
+            },
+        );
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.stream.shutdown(Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }

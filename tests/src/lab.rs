@@ -557,6 +557,14 @@ pub fn lab_service<'a>(status: &'a Json, namespace: &str, name: &str) -> Option<
         .find(|s| s["namespace"].as_str() == Some(namespace) && s["name"].as_str() == Some(name))
 }
 
+/// Pod `namespace/name` in `kwire-lab status --json` (its `netns`, `ips`, `node`...).
+pub fn lab_pod<'a>(status: &'a Json, namespace: &str, name: &str) -> Option<&'a Json> {
+    status["pods"]
+        .array()
+        .iter()
+        .find(|p| p["namespace"].as_str() == Some(namespace) && p["name"].as_str() == Some(name))
+}
+
 /// The node named `name` in `kwire-lab status --json`.
 pub fn node<'a>(status: &'a Json, name: &str) -> &'a Json {
     status["nodes"]

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use kwire_tests::lab::{parse_json, BridgeCapture, Json, JsonExt, Lab};
+use kwire_tests::lab::{lab_pod as pod, parse_json, BridgeCapture, Json, JsonExt, Lab};
 use kwire_tests::require_agent;
 use kwire_tests::{require_tool, run_host, wait_until, Scratch};
 
@@ -56,13 +56,6 @@ fn out_text(o: &Output) -> String {
 
 fn pods(st: &Json) -> Vec<Json> {
     st["pods"].array().to_vec()
-}
-
-fn pod<'a>(st: &'a Json, ns: &str, name: &str) -> Option<&'a Json> {
-    st["pods"]
-        .array()
-        .iter()
-        .find(|p| p["namespace"].as_str() == Some(ns) && p["name"].as_str() == Some(name))
 }
 
 /// `kwire-lab probe --json FROM TO [-6]`: (reachable, exit code, report).

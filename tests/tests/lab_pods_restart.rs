@@ -106,10 +106,7 @@ fn up_with_pods(kwire: &Path) -> Option<Lab> {
 }
 
 fn pod<'a>(st: &'a Json, ns: &str, name: &str) -> &'a Json {
-    st["pods"]
-        .array()
-        .iter()
-        .find(|p| p["namespace"].as_str() == Some(ns) && p["name"].as_str() == Some(name))
+    kwire_tests::lab::lab_pod(st, ns, name)
         .unwrap_or_else(|| panic!("no pod {ns}/{name} in status: {:?}", st["pods"]))
 }
 
