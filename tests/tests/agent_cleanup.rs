@@ -6,11 +6,13 @@
 use kwire_tests::{require_agent, Netns, Scratch};
 
 /// The state directory's files (besides `pods.json`, written with content) that cleanup removes.
-const STATE_FILES: [&str; 5] = [
+const STATE_FILES: [&str; 7] = [
     "private.key",
     "peers.json",
     "policy-state.bin",
     "policy-state.json",
+    "service-state.bin",
+    "flow-state.bin",
     "ipam.json",
 ];
 

@@ -30,6 +30,8 @@ const STATE_FILES: &[&str] = &[
     super::state::STATE_FILE,
     super::policy_state::POLICY_STATE_FILE,
     super::policy_state::LEGACY_POLICY_STATE_FILE,
+    super::service_state::SERVICE_STATE_FILE,
+    super::flow_state::FLOW_STATE_FILE,
     PODS_FILE,
     IPAM_FILE,
 ];
