@@ -23,36 +23,32 @@ pub const ECHO_TIMEOUT: Duration = Duration::from_secs(15);
 /// Port of the tests' echo servers inside pods (the lab's pod server uses 80).
 pub const ECHO_PORT: u16 = 9000;
 
-/// A TCP echo server listening on every address of a pod (dual-stack `[::]`), counting the
-/// connections it accepts. Stops accepting on drop.
-pub struct EchoServer {
+/// A TCP listener on `[::]:port` inside a pod that hands each accepted connection (blocking)
+/// to `handle`, with the flag that is set once the listener is dropped; stops accepting then.
+struct Acceptor {
     stop: Arc<AtomicBool>,
-    accepted: Arc<AtomicUsize>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl EchoServer {
-    /// Listens on `[::]:ECHO_PORT` inside `netns`.
-    pub fn start(netns: &str) -> EchoServer {
-        let listener = run_in_netns(netns, || TcpListener::bind(("::", ECHO_PORT)))
-            .unwrap_or_else(|e| panic!("listen on [::]:{ECHO_PORT} in {netns}: {e}"));
+impl Acceptor {
+    fn start(
+        netns: &str,
+        port: u16,
+        handle: impl Fn(TcpStream, &Arc<AtomicBool>) + Send + 'static,
+    ) -> Acceptor {
+        let listener = run_in_netns(netns, || TcpListener::bind(("::", port)))
+            .unwrap_or_else(|e| panic!("listen on [::]:{port} in {netns}: {e}"));
         listener
             .set_nonblocking(true)
             .expect("non-blocking listener");
         let stop = Arc::new(AtomicBool::new(false));
-        let accepted = Arc::new(AtomicUsize::new(0));
-        let (s, a) = (stop.clone(), accepted.clone());
+        let s = stop.clone();
         let thread = std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        a.fetch_add(1, Ordering::SeqCst);
                         let _ = conn.set_nonblocking(false);
-                        std::thread::spawn(move || {
-                            let Ok(mut r) = conn.try_clone() else { return };
-                            let mut w = conn;
-                            let _ = std::io::copy(&mut r, &mut w);
-                        });
+                        handle(conn, &s);
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(10))
@@ -61,24 +57,50 @@ impl EchoServer {
                 }
             }
         });
-        EchoServer {
+        Acceptor {
             stop,
-            accepted,
             thread: Some(thread),
         }
     }
-
-    pub fn accepted(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
-    }
 }
 
-impl Drop for EchoServer {
+impl Drop for Acceptor {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// A TCP echo server listening on every address of a pod (dual-stack `[::]`), counting the
+/// connections it accepts. Stops accepting on drop.
+pub struct EchoServer {
+    accepted: Arc<AtomicUsize>,
+    _acceptor: Acceptor,
+}
+
+impl EchoServer {
+    /// Listens on `[::]:ECHO_PORT` inside `netns`.
+    pub fn start(netns: &str) -> EchoServer {
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let a = accepted.clone();
+        let acceptor = Acceptor::start(netns, ECHO_PORT, move |conn, _| {
+            a.fetch_add(1, Ordering::SeqCst);
+            std::thread::spawn(move || {
+                let Ok(mut r) = conn.try_clone() else { return };
+                let mut w = conn;
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        });
+        EchoServer {
+            accepted,
+            _acceptor: acceptor,
+        }
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
     }
 }
 
@@ -220,61 +242,28 @@ pub const PUSH_PORT: u16 = 9001;
 /// A TCP server on `[::]:PUSH_PORT` inside a pod that, on every connection, writes a numbered
 /// line every [`TICK`] until the connection fails or the server is dropped; it reads nothing.
 pub struct PushServer {
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
+    _acceptor: Acceptor,
 }
 
 impl PushServer {
     pub fn start(netns: &str) -> PushServer {
-        let listener = run_in_netns(netns, || TcpListener::bind(("::", PUSH_PORT)))
-            .unwrap_or_else(|e| panic!("listen on [::]:{PUSH_PORT} in {netns}: {e}"));
-        listener
-            .set_nonblocking(true)
-            .expect("non-blocking listener");
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let thread = std::thread::spawn(move || {
-            let mut writers = Vec::new();
-            while !s.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((mut conn, _)) => {
-                        let _ = conn.set_nonblocking(false);
-                        let _ = conn.set_nodelay(true);
-                        let s = s.clone();
-                        writers.push(std::thread::spawn(move || {
-                            let mut seq = 0u64;
-                            while !s.load(Ordering::Relaxed) {
-                                seq += 1;
-                                if conn.write_all(format!("push {seq}\n").as_bytes()).is_err() {
-                                    return;
-                                }
-                                std::thread::sleep(TICK);
-                            }
-                            let _ = conn.shutdown(Shutdown::Both);
-                        }));
+        let acceptor = Acceptor::start(netns, PUSH_PORT, |mut conn, stop| {
+            let _ = conn.set_nodelay(true);
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    if conn.write_all(format!("push {seq}\n").as_bytes()).is_err() {
+                        return;
                     }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(10))
-                    }
-                    Err(_) => break,
+                    std::thread::sleep(TICK);
                 }
-            }
-            for w in writers {
-                let _ = w.join();
-            }
+                let _ = conn.shutdown(Shutdown::Both);
+            });
         });
         PushServer {
-            stop,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for PushServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+            _acceptor: acceptor,
         }
     }
 }

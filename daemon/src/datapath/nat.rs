@@ -118,6 +118,12 @@ impl NatTable {
         &self.shards[(h as usize) & (SHARDS - 1)]
     }
 
+    /// The shard of a client's session-affinity entries.
+    fn affinity_shard(&self, client: IpAddr) -> &AffinityShard {
+        let h = BuildHasherDefault::<IntHasher>::default().hash_one(client);
+        &self.affinity[(h as usize) & (SHARDS - 1)]
+    }
+
     fn now(&self) -> u32 {
         CLOCK_START.saturating_add(self.epoch.elapsed().as_secs() as u32)
     }
@@ -205,8 +211,8 @@ impl NatTable {
                     if idle >= secs {
                         continue;
                     }
-                    let h = BuildHasherDefault::<IntHasher>::default().hash_one(client);
-                    let mut m = self.affinity[(h as usize) & (SHARDS - 1)]
+                    let mut m = self
+                        .affinity_shard(client)
                         .lock()
                         .unwrap_or_else(|p| p.into_inner());
                     m.entry((frontend, client)).or_insert(Sticky {
@@ -369,8 +375,8 @@ impl NatTable {
         usable: impl FnOnce(SocketAddr) -> bool,
         choose: impl FnOnce() -> Option<SocketAddr>,
     ) -> Option<SocketAddr> {
-        let h = BuildHasherDefault::<IntHasher>::default().hash_one(client);
-        let mut m = self.affinity[(h as usize) & (SHARDS - 1)]
+        let mut m = self
+            .affinity_shard(client)
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let key = (frontend, client);
