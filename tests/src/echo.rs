@@ -104,89 +104,58 @@ impl EchoServer {
     }
 }
 
-/// One long-lived TCP connection from a pod: a numbered line every [`TICK`], each echo read
-/// back and checked. Any error (reset, timeout, wrong echo) is kept and fails [`Ticker::check`].
-pub struct Ticker {
+/// A long-lived TCP connection from a pod and the thread that works it: the lines it got
+/// right so far, the first failure, stopped (and the connection shut) on drop.
+struct LineConn {
     what: String,
     stream: TcpStream,
     local: SocketAddr,
     stop: Arc<AtomicBool>,
-    echoed: Arc<AtomicU64>,
+    lines: Arc<AtomicU64>,
     failure: Arc<Mutex<Option<String>>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Ticker {
-    pub fn start(netns: &str, to: SocketAddr, what: &str) -> Ticker {
+impl LineConn {
+    /// Connects from `netns` to `to` and runs `work` on the connection, with the stop flag and
+    /// the line count; what it returns is the failure.
+    fn open(
+        netns: &str,
+        to: SocketAddr,
+        what: &str,
+        work: impl FnOnce(TcpStream, &AtomicBool, &AtomicU64) -> Option<String> + Send + 'static,
+    ) -> LineConn {
         let stream = run_in_netns(netns, || {
             TcpStream::connect_timeout(&to, Duration::from_secs(5))
         })
         .unwrap_or_else(|e| panic!("{what}: connect to {to} from {netns}: {e}"));
-        stream.set_read_timeout(Some(ECHO_TIMEOUT)).unwrap();
-        stream.set_nodelay(true).unwrap();
         let local = stream.local_addr().unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let echoed = Arc::new(AtomicU64::new(0));
+        let lines = Arc::new(AtomicU64::new(0));
         let failure = Arc::new(Mutex::new(None));
-        let (s, e, f) = (stop.clone(), echoed.clone(), failure.clone());
-        let mut w = stream.try_clone().unwrap();
-        let mut r = BufReader::new(stream.try_clone().unwrap());
-        let tag = what.to_string();
+        let (s, n, f) = (stop.clone(), lines.clone(), failure.clone());
+        let conn = stream.try_clone().unwrap();
         let thread = std::thread::spawn(move || {
-            let mut line = String::new();
-            let mut seq = 0u64;
-            while !s.load(Ordering::Relaxed) {
-                seq += 1;
-                let sent = format!("{tag} {seq}\n");
-                let t = Instant::now();
-                if let Err(err) = w.write_all(sent.as_bytes()) {
-                    *f.lock().unwrap() = Some(format!("writing line {seq}: {err}"));
-                    return;
-                }
-                line.clear();
-                match r.read_line(&mut line) {
-                    Ok(0) => {
-                        *f.lock().unwrap() = Some(format!("closed by the server at line {seq}"));
-                        return;
-                    }
-                    Ok(_) if line == sent => e.store(seq, Ordering::SeqCst),
-                    Ok(_) => {
-                        *f.lock().unwrap() =
-                            Some(format!("line {seq}: sent {sent:?}, got {line:?}"));
-                        return;
-                    }
-                    Err(err) if s.load(Ordering::Relaxed) => {
-                        let _ = err;
-                        return;
-                    }
-                    Err(err) => {
-                        *f.lock().unwrap() = Some(format!(
-                            "reading the echo of line {seq} after {:.1} s: {err}",
-                            t.elapsed().as_secs_f64()
-                        ));
-                        return;
-                    }
-                }
-                std::thread::sleep(TICK);
+            if let Some(problem) = work(conn, &s, &n) {
+                *f.lock().unwrap() = Some(problem);
             }
         });
-        Ticker {
+        LineConn {
             what: what.to_string(),
             stream,
             local,
             stop,
-            echoed,
+            lines,
             failure,
             thread: Some(thread),
         }
     }
 
-    pub fn echoed(&self) -> u64 {
-        self.echoed.load(Ordering::SeqCst)
+    fn lines(&self) -> u64 {
+        self.lines.load(Ordering::SeqCst)
     }
 
-    /// Panics if the connection failed.
-    pub fn check(&self) {
+    fn check(&self) {
         if let Some(f) = self.failure.lock().unwrap().as_ref() {
             panic!(
                 "{} (local {}): the connection failed: {f}",
@@ -195,27 +164,87 @@ impl Ticker {
         }
     }
 
-    /// Waits until `n` more lines came back on this very connection.
-    pub fn wait_more(&self, n: u64, deadline: Duration) {
-        let from = self.echoed();
+    /// Waits until `n` more lines (`noun`) came on this very connection.
+    fn wait_more(&self, n: u64, deadline: Duration, noun: &str) {
+        let from = self.lines();
         wait_until(
             deadline,
-            format!("{}: {n} more echoes after line {from}", self.what),
+            format!("{}: {n} more {noun} after line {from}", self.what),
             || {
                 self.check();
-                self.echoed() >= from + n
+                self.lines() >= from + n
             },
         );
     }
 }
 
-impl Drop for Ticker {
+impl Drop for LineConn {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.stream.shutdown(Shutdown::Both);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// One long-lived TCP connection from a pod: a numbered line every [`TICK`], each echo read
+/// back and checked. Any error (reset, timeout, wrong echo) is kept and fails [`Ticker::check`].
+pub struct Ticker(LineConn);
+
+impl Ticker {
+    pub fn start(netns: &str, to: SocketAddr, what: &str) -> Ticker {
+        let tag = what.to_string();
+        Ticker(LineConn::open(
+            netns,
+            to,
+            what,
+            move |stream, stop, echoed| {
+                stream.set_read_timeout(Some(ECHO_TIMEOUT)).unwrap();
+                stream.set_nodelay(true).unwrap();
+                let mut w = stream.try_clone().unwrap();
+                let mut r = BufReader::new(stream);
+                let mut line = String::new();
+                let mut seq = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    seq += 1;
+                    let sent = format!("{tag} {seq}\n");
+                    let t = Instant::now();
+                    if let Err(err) = w.write_all(sent.as_bytes()) {
+                        return Some(format!("writing line {seq}: {err}"));
+                    }
+                    line.clear();
+                    match r.read_line(&mut line) {
+                        Ok(0) => return Some(format!("closed by the server at line {seq}")),
+                        Ok(_) if line == sent => echoed.store(seq, Ordering::SeqCst),
+                        Ok(_) => return Some(format!("line {seq}: sent {sent:?}, got {line:?}")),
+                        Err(_) if stop.load(Ordering::Relaxed) => return None,
+                        Err(err) => {
+                            return Some(format!(
+                                "reading the echo of line {seq} after {:.1} s: {err}",
+                                t.elapsed().as_secs_f64()
+                            ))
+                        }
+                    }
+                    std::thread::sleep(TICK);
+                }
+                None
+            },
+        ))
+    }
+
+    pub fn echoed(&self) -> u64 {
+        self.0.lines()
+    }
+
+    /// Panics if the connection failed.
+    pub fn check(&self) {
+        self.0.check()
+    }
+
+    /// Waits until `n` more lines came back on this very connection.
+    pub fn wait_more(&self, n: u64, deadline: Duration) {
+        self.0.wait_more(n, deadline, "echoes")
     }
 }
 
@@ -271,90 +300,44 @@ impl PushServer {
 /// One long-lived TCP connection from a pod to a [`PushServer`] that only reads, checking that
 /// the lines come in order. An error (reset, a gap, the end) is kept and fails
 /// [`Listener::check`].
-pub struct Listener {
-    what: String,
-    stream: TcpStream,
-    stop: Arc<AtomicBool>,
-    read: Arc<AtomicU64>,
-    failure: Arc<Mutex<Option<String>>>,
-    thread: Option<JoinHandle<()>>,
-}
+pub struct Listener(LineConn);
 
 impl Listener {
     pub fn start(netns: &str, to: SocketAddr, what: &str) -> Listener {
-        let stream = run_in_netns(netns, || {
-            TcpStream::connect_timeout(&to, Duration::from_secs(5))
-        })
-        .unwrap_or_else(|e| panic!("{what}: connect to {to} from {netns}: {e}"));
-        let stop = Arc::new(AtomicBool::new(false));
-        let read = Arc::new(AtomicU64::new(0));
-        let failure = Arc::new(Mutex::new(None));
-        let (s, n, f) = (stop.clone(), read.clone(), failure.clone());
-        let mut r = BufReader::new(stream.try_clone().unwrap());
-        let thread = std::thread::spawn(move || {
+        Listener(LineConn::open(netns, to, what, |stream, stop, read| {
+            let mut r = BufReader::new(stream);
             let mut line = String::new();
             loop {
                 line.clear();
                 let got = r.read_line(&mut line);
-                if s.load(Ordering::Relaxed) {
-                    return;
+                if stop.load(Ordering::Relaxed) {
+                    return None;
                 }
-                let want = format!("push {}\n", n.load(Ordering::SeqCst) + 1);
-                let problem = match got {
-                    Ok(0) => "closed by the server".to_string(),
+                let want = format!("push {}\n", read.load(Ordering::SeqCst) + 1);
+                match got {
+                    Ok(0) => return Some("closed by the server".to_string()),
                     Ok(_) if line == want => {
-                        n.fetch_add(1, Ordering::SeqCst);
-                        continue;
+                        read.fetch_add(1, Ordering::SeqCst);
                     }
-                    Ok(_) => format!("expected {want:?}, got {line:?}"),
-                    Err(e) => format!("reading: {e}"),
-                };
-                *f.lock().unwrap() = Some(problem);
-                return;
+                    Ok(_) => return Some(format!("expected {want:?}, got {line:?}")),
+                    Err(e) => return Some(format!("reading: {e}")),
+                }
             }
-        });
-        Listener {
-            what: what.to_string(),
-            stream,
-            stop,
-            read,
-            failure,
-            thread: Some(thread),
-        }
+        }))
     }
 
     /// Lines read so far.
     pub fn read(&self) -> u64 {
-        self.read.load(Ordering::SeqCst)
+        self.0.lines()
     }
 
     /// Panics if the connection failed.
     pub fn check(&self) {
-        if let Some(f) = self.failure.lock().unwrap().as_ref() {
-            panic!("{}: the connection failed: {f}", self.what);
-        }
+        self.0.check()
     }
 
     /// Waits until `n` more lines came on this very connection.
     pub fn wait_more(&self, n: u64, deadline: Duration) {
-        let from = self.read();
-        wait_until(
-            deadline,
-            format!("{}: {n} more lines after line {from}", self.what),
-            || {
-                self.check();
-                self.read() >= from + n
-            },
-        );
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        let _ = self.stream.shutdown(Shutdown::Both);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
+        self.0.wait_more(n, deadline, "lines")
     }
 }
