@@ -72,6 +72,8 @@ const CHANGE_POLL: Duration = Duration::from_millis(1);
 /// How often a fence (see `fenced`) looks for its Node change in the device.
 const FENCE_POLL: Duration = Duration::from_millis(10);
 const CHANGE_GAP: Duration = Duration::from_millis(20);
+/// Between two relabels timed under churn (phase g).
+const UNDER_CHURN_GAP: Duration = Duration::from_millis(100);
 /// Pause after the sync before anything is measured: what the sync set off (the first state
 /// file write, the Node condition) is not idle work.
 const SETTLE: Duration = Duration::from_secs(2);
@@ -562,6 +564,14 @@ struct Cluster<'a> {
     rng: u64,
 }
 
+/// What the churn mix carries from one event to the next.
+#[derive(Default)]
+struct Churn {
+    /// Pods created and not yet given their IP.
+    created: Vec<usize>,
+    node_events: usize,
+}
+
 fn ip_of(n: u32) -> String {
     Ipv4Addr::from(n).to_string()
 }
@@ -736,6 +746,50 @@ impl Cluster<'_> {
             &patch,
             false,
         );
+    }
+
+    /// Event `i` of the churn mix (phases f and g), at 100 Pod events/s: of ten Pod events,
+    /// two pods created, their two IPs assigned, two pods deleted, one relabeled (a rollout's
+    /// new version), three status heartbeats; every `node_every`-th also a Node event, mostly
+    /// a heartbeat, sometimes an annotation or a new endpoint.
+    fn churn_event(&mut self, i: usize, node_every: usize, churn: &mut Churn) {
+        match i % 10 {
+            0 | 5 => {
+                let ns = self.rand(self.deployments.len());
+                let d = self.rand(self.deployments[ns].len());
+                let node = self.rand(self.nodes.len());
+                churn.created.push(self.create_pod(ns, d, 2, node, false));
+            }
+            1 | 6 => {
+                if let Some(p) = churn.created.pop() {
+                    self.pod_status(p);
+                }
+            }
+            2 | 7 => {
+                let p = self.remote_pod();
+                churn.created.retain(|c| *c != p);
+                self.delete_pod(p);
+            }
+            3 => {
+                let p = self.remote_pod();
+                self.relabel_pod(p)
+            }
+            _ => {
+                let p = self.remote_pod();
+                self.pod_heartbeat(p)
+            }
+        }
+        if i.is_multiple_of(node_every) {
+            let n = 1 + self.rand(self.nodes.len() - 1);
+            match churn.node_events % 20 {
+                0 => {
+                    self.node_new_endpoint(n);
+                }
+                1 => self.node_annotation(n),
+                _ => self.node_heartbeat(n),
+            }
+            churn.node_events += 1;
+        }
     }
 
     fn remote_pod(&mut self) -> usize {
@@ -1327,55 +1381,53 @@ fn main() {
         let secs = o.churn_secs as f64;
         let pod_events = (CHURN_POD_EVENTS_PER_S * secs) as usize;
         let node_every = (CHURN_POD_EVENTS_PER_S / CHURN_NODE_EVENTS_PER_S) as usize;
-        let mut created: Vec<usize> = Vec::new();
-        let mut node_events = 0usize;
+        let mut churn = Churn::default();
         let perf = Perf::start(pid, "churn");
         let writes_before = writes.get();
-        let (cpu, wall) = paced(pid, pod_events, CHURN_POD_EVENTS_PER_S, |i| {
-            // Ten pod events: two pods created, their two IPs assigned, two pods deleted, one
-            // relabeled (a rollout's new version), three status heartbeats.
-            match i % 10 {
-                0 | 5 => {
-                    let ns = cluster.rand(o.namespaces);
-                    let d = cluster.rand(cluster.deployments[ns].len());
-                    let node = cluster.rand(cluster.nodes.len());
-                    created.push(cluster.create_pod(ns, d, 2, node, false));
-                }
-                1 | 6 => {
-                    if let Some(p) = created.pop() {
-                        cluster.pod_status(p);
-                    }
-                }
-                2 | 7 => {
-                    let p = cluster.remote_pod();
-                    created.retain(|c| *c != p);
-                    cluster.delete_pod(p);
-                }
-                3 => { let p = cluster.remote_pod(); cluster.relabel_pod(p) }
-                _ => { let p = cluster.remote_pod(); cluster.pod_heartbeat(p) }
-            }
-            // Node events: mostly heartbeats, sometimes a label or an endpoint.
-            if i % node_every == 0 {
-                let n = 1 + cluster.rand(o.nodes);
-                match node_events % 20 {
-                    0 => { cluster.node_new_endpoint(n); }
-                    1 => cluster.node_annotation(n),
-                    _ => cluster.node_heartbeat(n),
-                }
-                node_events += 1;
-            }
-        });
+        let (cpu, wall) = paced(pid, pod_events, CHURN_POD_EVENTS_PER_S, |i| cluster.churn_event(i, node_every, &mut churn));
         perf.stop();
         let churn_writes = writes.get() - writes_before;
-        let churn = cpu / wall.as_secs_f64();
-        eprintln!("  churn ({:.0} Pod + {:.0} Node events/s for {:.0} s): {:.4} cores", pod_events as f64 / wall.as_secs_f64(), node_events as f64 / wall.as_secs_f64(), wall.as_secs_f64(), churn);
-        report.set("churn_cpu_cores", (churn * 1e4).round() / 1e4);
+        let churn_cores = cpu / wall.as_secs_f64();
+        let node_events = churn.node_events;
+        eprintln!("  churn ({:.0} Pod + {:.0} Node events/s for {:.0} s): {:.4} cores", pod_events as f64 / wall.as_secs_f64(), node_events as f64 / wall.as_secs_f64(), wall.as_secs_f64(), churn_cores);
+        report.set("churn_cpu_cores", (churn_cores * 1e4).round() / 1e4);
         report.set("churn_pod_events_per_s", (pod_events as f64 / wall.as_secs_f64()).round());
         report.set("churn_node_events_per_s", (node_events as f64 / wall.as_secs_f64()).round());
         report.set("state_writes_churn", churn_writes);
         report.set("state_writes_churn_events", pod_events + node_events);
         report.set("state_writes_churn_s", (wall.as_secs_f64() * 10.0).round() / 10.0);
         eprintln!("  state file: {irrelevant_writes} writes during the irrelevant updates, {churn_writes} during churn ({} events, {:.0} s)", pod_events + node_events, wall.as_secs_f64());
+
+        // (g) relevant changes under churn: the same mix again while another thread relabels
+        // local pod a back and forth and times each relabel to its effect in the data plane,
+        // as (d) does on a quiet cluster. Here the watch threads are busy: a change that
+        // comes while one sleeps its turn (`--watch-turn`) waits for the turn's end.
+        let pod_kind = cluster.kinds.pod;
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let under = std::thread::scope(|s| {
+            let prober = s.spawn(|| {
+                let mut lat = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) || lat.len() % 2 == 1 {
+                    let role = if lat.len() % 2 == 0 { "paused" } else { "client" };
+                    let t = Instant::now();
+                    api.merge_patch(pod_kind, Some(BENCH_NS), "a", &json!({"metadata": {"labels": {"role": role}}}), false).expect("relabel");
+                    let took = server.until(&pod_a, pod_b.ip, role == "client", t, CHANGE_TIMEOUT);
+                    lat.push(took.unwrap_or_else(|| panic!("a relabel under churn ({role}) not in the data plane after {CHANGE_TIMEOUT:?}; log {}", log.display())));
+                    std::thread::sleep(UNDER_CHURN_GAP);
+                }
+                lat
+            });
+            paced(pid, pod_events, CHURN_POD_EVENTS_PER_S, |i| cluster.churn_event(i, node_every, &mut churn));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            prober.join().expect("the prober thread")
+        });
+        let mut under = under;
+        under.sort();
+        eprintln!("  relevant change under churn → data plane: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms ({} relabels)",
+            ms(percentile(&under, 0.5)), ms(percentile(&under, 0.99)), ms(under.last().copied().unwrap_or_default()), under.len());
+        report.set("relevant_change_under_churn_p50_ms", ms(percentile(&under, 0.5)));
+        report.set("relevant_change_under_churn_p99_ms", ms(percentile(&under, 0.99)));
+        report.set("relevant_change_under_churn_n", under.len());
 
         let hwm = status_kb(pid, "VmHWM:").unwrap_or(0);
         let rss = status_kb(pid, "VmRSS:").unwrap_or(0);
