@@ -1,16 +1,19 @@
-//! Open connections across a graceful agent restart (a `kwire-lab` of two nodes; a client pod
-//! on n1, a server pod on n2 that speaks first: it pushes a line every 100 ms and reads
-//! nothing), under NetworkPolicy that denies the client any new ingress:
+//! Open connections across agent restarts (a `kwire-lab` of two nodes whose agents write
+//! their connection tables every second, `--flow-save-interval 1s`; a client pod on n1, a
+//! server pod on n2 that speaks first: it pushes a line every 100 ms and reads nothing), under
+//! NetworkPolicy that denies the client any new ingress:
 //! - two connections, one to the server's pod IP (admitted by the policy's connection table)
 //!   and one to its Service's ClusterIP (translated as well), carry lines;
 //! - n1's agent stopped with SIGTERM (what a DaemonSet rollout sends; the lab's supervisor
 //!   starts a new one): it saves its connection tables, the new agent puts them back, and both
 //!   connections go on with no new line lost, though the client sends nothing that could
-//!   re-open them; the file is read once and removed;
-//! - n1's agent killed (SIGKILL: nothing saved): the server's lines now meet an empty table,
-//!   are judged as new flows into the client and dropped (`policy_ingress`), so both
-//!   connections stall: what every restart did before the tables were saved, and what a
-//!   crash still does.
+//!   re-open them;
+//! - n1's agent killed (SIGKILL) once its periodic write has run: the new agent puts back
+//!   what that write held, and both connections go on;
+//! - n1's agent frozen (SIGSTOP), its file removed, then killed: nothing to put back, so the
+//!   server's lines meet an empty table, are judged as new flows into the client and dropped
+//!   (`policy_ingress`), and both connections stall: what every restart did before the tables
+//!   were saved, and what a crash before the first write still does.
 //!
 //! Needs root; skips (with a message) when the kwire binary has no `agent`.
 
@@ -62,7 +65,7 @@ spec:
 }
 
 #[test]
-fn open_connections_survive_a_graceful_restart_and_stall_after_a_crash() {
+fn open_connections_survive_a_restart_or_a_crash_and_stall_without_the_file() {
     let kwire = require_agent!();
     require_tool("curl");
     let scratch = Scratch::new("lab-flows-restart");
@@ -73,6 +76,7 @@ fn open_connections_survive_a_graceful_restart_and_stall_after_a_crash() {
             kwire.to_str().unwrap(),
             "--timeout",
             UP_TIMEOUT_SECS,
+            "--agent-arg=--flow-save-interval=1s",
         ],
     );
     let n1 = format!("{}-n1", lab.name());
@@ -110,14 +114,20 @@ fn open_connections_survive_a_graceful_restart_and_stall_after_a_crash() {
     lab.signal_agents(&[&n1], Signal::SIGTERM, RESTART);
     direct.wait_more(20, RESTART);
     service.wait_more(20, RESTART);
-    assert!(
-        !saved.exists(),
-        "the restarted agent removes {} once read",
-        saved.display()
-    );
 
-    // 2. SIGKILL: nothing saved; the server's lines are new flows into the client, denied.
-    // (The new agent's counters start from zero.)
+    // 2. SIGKILL once the new agent's periodic write has run: its tables put back.
+    wait_until(RESTART, "n1's agent writes its tables", || saved.exists());
+    lab.signal_agents(&[&n1], Signal::SIGKILL, RESTART);
+    direct.wait_more(20, RESTART);
+    service.wait_more(20, RESTART);
+
+    // 3. A crash with no file: frozen so that it writes nothing more, the file removed, then
+    // killed. The server's lines are new flows into the client, denied. (The new agent's
+    // counters start from zero.)
+    wait_until(RESTART, "n1's agent writes its tables", || saved.exists());
+    let (pid, _) = lab.agent(&n1);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGSTOP).unwrap();
+    std::fs::remove_file(&saved).unwrap();
     lab.signal_agents(&[&n1], Signal::SIGKILL, RESTART);
     wait_until(
         CONVERGE,

@@ -1,4 +1,4 @@
-//! The connection tables across a graceful restart: the flows NetworkPolicy admitted
+//! The connection tables across an agent restart: the flows NetworkPolicy admitted
 //! ([`Conntrack`](crate::datapath::conntrack::Conntrack)) and the flows translated to a
 //! Service's backend ([`NatTable`](crate::datapath::nat::NatTable)) live in the agent's
 //! memory, so a new agent started empty judged every packet of an open connection as a new
@@ -8,15 +8,19 @@
 //! client reset it. Cilium keeps its connection and NAT maps in the kernel across agent
 //! restarts; this keeps kwire's in a file between the two processes.
 //!
-//! At SIGTERM, once the other files are written, [`save`] writes both tables (each entry's
-//! age, and the time of the write) to [`FLOW_STATE_FILE`]: atomically, mode 0600, behind the
-//! header of [`super::persist::Format`] (magic, version, checksum), in postcard's encoding. At
-//! start [`restore`] puts them back before any pod is re-attached, aged by the time the agent
-//! was down (what idled past its limit meanwhile is left out), charged to each initiator's
-//! budget like a new flow, and removes the file: it is read once, so that an agent that
-//! crashes later does not bring back flows that have ended since. A crash loses the tables
-//! (nothing is written while running), as it did before; so do flows opened between the write
-//! and the process's exit (the workers run until it).
+//! [`save`] writes both tables (each entry's age, and the time of the write) to
+//! [`FLOW_STATE_FILE`]: atomically, mode 0600, behind the header of
+//! [`super::persist::Format`] (magic, version, checksum), in postcard's encoding. It runs at
+//! SIGTERM, once the other files are written, and while the agent runs every
+//! `--flow-save-interval` ([`writer`]; longer when a write takes long, see
+//! [`super::persist::pause_after`]), so that a crash or a SIGKILL loses only the flows opened
+//! since the last write. At start [`restore`] puts them back before any pod is re-attached,
+//! aged by the time since the write (what idled past its limit meanwhile is left out),
+//! charged to each initiator's budget like a new flow, and removes the file. A flow that ended
+//! after the last write comes back as an idle entry that times out, as it would have stayed in
+//! the running agent's table until then (established flows outlive policy changes, see
+//! [`crate::datapath::conntrack`]). Flows opened between the last write and the process's end
+//! are lost.
 
 use super::persist::{self, Format, LoadError};
 use crate::datapath::conntrack::SavedFlow;
@@ -24,9 +28,10 @@ use crate::datapath::nat::SavedNat;
 use crate::dataplane::ports::Pods;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
-use tracing::{info, warn};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tracing::{debug, info, warn};
 
 /// Name of the file inside the state directory.
 pub const FLOW_STATE_FILE: &str = "flow-state.bin";
@@ -62,8 +67,16 @@ pub struct Restored {
     pub nat: usize,
 }
 
+/// Default of `--flow-save-interval`: how often a running agent writes its tables.
+pub const FLOW_SAVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One write at a time: the periodic writer's may still run when the one at SIGTERM starts
+/// (both go through the same temporary file).
+static SAVING: Mutex<()> = Mutex::new(());
+
 /// Writes `pods`' connection tables to `dir`; the number of entries written.
 pub fn save(dir: &Path, pods: &Pods) -> std::io::Result<usize> {
+    let _one = SAVING.lock().unwrap_or_else(|p| p.into_inner());
     let saved = Saved {
         written: unix_now(),
         policy: pods.conntrack.save(),
@@ -115,6 +128,55 @@ pub fn restore_logged(dir: &Path, pods: &Pods) {
     }
 }
 
+/// Writes the tables every `floor` while the agent runs (never when it is zero), or as
+/// [`super::persist::pause_after`] stretches it after a slow write: at a million flows a write
+/// takes ~0.2 s, and saving stays under a thousandth of a core. Skipped while both tables are
+/// empty and the last write (or the start, which removed the file) left none behind. A failed
+/// write is logged when it starts failing and when it recovers.
+pub async fn writer(dir: PathBuf, pods: Arc<Pods>, floor: Duration) {
+    if floor.is_zero() {
+        return std::future::pending().await;
+    }
+    let mut pause = floor;
+    let mut file_holds_flows = false;
+    let mut failing = false;
+    loop {
+        tokio::time::sleep(pause).await;
+        if !file_holds_flows && pods.conntrack.is_empty() && pods.nat.is_empty() {
+            pause = floor;
+            continue;
+        }
+        let (d, p) = (dir.clone(), pods.clone());
+        let Ok((result, took)) = tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            (save(&d, &p), t.elapsed())
+        })
+        .await
+        else {
+            return;
+        };
+        pause = super::persist::pause_after(took, floor);
+        match result {
+            Ok(n) => {
+                file_holds_flows = n > 0;
+                if std::mem::take(&mut failing) {
+                    info!(entries = n, "connection tables written again");
+                }
+                debug!(
+                    entries = n,
+                    took_ms = took.as_millis() as u64,
+                    "connection tables written"
+                );
+            }
+            Err(e) if !failing => {
+                failing = true;
+                warn!(path = %dir.join(FLOW_STATE_FILE).display(), error = %e, "cannot write the connection tables; a crash now loses them (retrying)");
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// [`save`], logged.
 pub fn save_logged(dir: &Path, pods: &Pods) {
     match save(dir, pods) {
@@ -144,6 +206,40 @@ mod tests {
             dst: dst.parse().unwrap(),
             dport,
         }
+    }
+
+    #[tokio::test]
+    async fn the_writer_keeps_the_file_current_while_the_agent_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join(FLOW_STATE_FILE);
+        let live = Arc::new(pods());
+        let period = Duration::from_millis(10);
+        let w = tokio::spawn(writer(dir.path().to_path_buf(), live.clone(), period));
+        // Empty tables: nothing to write, for ten periods.
+        tokio::time::sleep(10 * period).await;
+        assert!(!file.exists(), "nothing to save, nothing written");
+        let out = flow(40000, "10.244.2.9", 8080);
+        assert_eq!(
+            live.conntrack.check(out, Check::Egress, || true),
+            Decision::Admitted
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !file.exists() {
+            assert!(Instant::now() < deadline, "no write within 10 s");
+            tokio::time::sleep(period).await;
+        }
+        w.abort();
+        // What a start after a crash finds: the flow, still established.
+        let new = pods();
+        assert_eq!(
+            restore(dir.path(), &new).unwrap(),
+            Restored { policy: 1, nat: 0 }
+        );
+        assert_eq!(
+            new.conntrack
+                .check(out.reversed(), Check::Ingress, || false),
+            Decision::Established
+        );
     }
 
     #[test]
