@@ -171,6 +171,20 @@ mod tests {
     }
 
     #[test]
+    fn the_flow_save_interval_defaults_to_the_documented_one() {
+        let cmd = <AgentArgs as clap::Args>::augment_args(clap::Command::new("agent"));
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "flow_save_interval")
+            .expect("--flow-save-interval");
+        let default = arg.get_default_values()[0].to_str().unwrap();
+        assert_eq!(
+            health::parse_duration(default),
+            Ok(flow_state::FLOW_SAVE_INTERVAL)
+        );
+    }
+
+    #[test]
     fn ranges_are_checked() {
         let n = |s: &str| s.parse::<IpNetwork>().unwrap();
         assert!(check_ranges(&[], &[])

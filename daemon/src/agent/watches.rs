@@ -230,9 +230,9 @@ async fn nodes(
 
 /// How long a watch thread sleeps after a turn of watch events before it reads again (see
 /// [`Pacer`]), unless `--watch-turn` says otherwise. At the goal size, against 20 ms: a
-/// heartbeat costs ~0.55× (a wake-up serves ~10 events at 200 a second, not 4), churn
-/// 0.82–0.85×, and a relevant change under churn waits p99 56–76 ms, not 40 (docs/CAPACITY.md,
-/// fifteenth pass).
+/// heartbeat costs 0.38–0.74× (a wake-up serves ~10 events at 200 a second, not 4), churn
+/// 0.74–0.85×, and a relevant change under churn waits p99 56–76 ms, not 32–40
+/// (docs/CAPACITY.md, fifteenth pass).
 pub const WATCH_TURN: Duration = Duration::from_millis(50);
 /// Yields to the connection's task, with nothing ready, before a turn is taken as over: the
 /// connection hands the body over one chunk at a time, so an event already read (or arrived)
