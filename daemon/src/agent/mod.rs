@@ -279,9 +279,9 @@ pub struct AgentArgs {
     /// How often the running agent writes its connection tables (the flows NetworkPolicy
     /// admitted and those translated to a Service's backend) to the state directory, so that
     /// open connections survive a crash or a SIGKILL of the agent, not only a graceful
-    /// restart (which writes them at SIGTERM). Longer when a write takes long (at most a
-    /// thousandth of a core; ~0.2 s at a million flows). Flows opened since the last write
-    /// are lost in a crash. 0s: only at SIGTERM.
+    /// restart (which writes them at SIGTERM). Longer after a slow write: a thousand times its
+    /// time, at most a minute (a million flows take ~0.25 s to write). Flows opened since the
+    /// last write are lost in a crash. 0s: only at SIGTERM.
     #[arg(long, env = "KWIRE_FLOW_SAVE_INTERVAL", default_value = "10s", value_parser = health::parse_duration)]
     pub flow_save_interval: Duration,
     /// Remove what kwire put on this node and exit, instead of running: pod tuns, the host tun
