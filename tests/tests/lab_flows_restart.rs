@@ -85,10 +85,14 @@ fn open_connections_survive_a_restart_or_a_crash_and_stall_without_the_file() {
     std::fs::write(&file, manifest(lab.name())).unwrap();
     lab.cmd_ok("apply", &["-f", file.to_str().unwrap()]);
     let mut st = lab.status();
+    // Both pods' addresses in the lab's status: the Service's endpoint can be there first.
     wait_until(CONVERGE, "shop/push with its endpoint", || {
         st = lab.status();
+        let addressed =
+            |name: &str| lab_pod(&st, "shop", name).is_some_and(|p| !p["ips"].strings().is_empty());
         lab_service(&st, "shop", "push").is_some_and(|s| s["endpoints"].array().len() == 1)
-            && lab_pod(&st, "shop", "client").is_some_and(|p| !p["ips"].strings().is_empty())
+            && addressed("client")
+            && addressed("server")
     });
     let field = |name: &str, key: &str| lab_pod(&st, "shop", name).unwrap()[key].clone();
     let server_ip = field("server", "ips").strings()[0].clone();
