@@ -161,25 +161,26 @@ mod tests {
         assert!(parse_watch_turn("2s").unwrap_err().contains("longer than"));
         assert!(parse_watch_turn("fast").is_err());
         // The flag's default is the turn the pacer was measured with.
+        assert_eq!(
+            parse_watch_turn(&default_of("watch_turn")),
+            Ok(watches::WATCH_TURN)
+        );
+    }
+
+    /// The default `kwire agent` gives the argument `id`, as written in its definition.
+    fn default_of(id: &str) -> String {
         let cmd = <AgentArgs as clap::Args>::augment_args(clap::Command::new("agent"));
         let arg = cmd
             .get_arguments()
-            .find(|a| a.get_id() == "watch_turn")
-            .expect("--watch-turn");
-        let default = arg.get_default_values()[0].to_str().unwrap();
-        assert_eq!(parse_watch_turn(default), Ok(watches::WATCH_TURN));
+            .find(|a| a.get_id() == id)
+            .unwrap_or_else(|| panic!("no argument {id}"));
+        arg.get_default_values()[0].to_str().unwrap().to_string()
     }
 
     #[test]
     fn the_flow_save_interval_defaults_to_the_documented_one() {
-        let cmd = <AgentArgs as clap::Args>::augment_args(clap::Command::new("agent"));
-        let arg = cmd
-            .get_arguments()
-            .find(|a| a.get_id() == "flow_save_interval")
-            .expect("--flow-save-interval");
-        let default = arg.get_default_values()[0].to_str().unwrap();
         assert_eq!(
-            health::parse_duration(default),
+            health::parse_duration(&default_of("flow_save_interval")),
             Ok(flow_state::FLOW_SAVE_INTERVAL)
         );
     }
