@@ -29,6 +29,7 @@ use crate::dataplane::ports::Pods;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tracing::{debug, info, warn};
@@ -133,8 +134,8 @@ pub fn restore_logged(dir: &Path, pods: &Pods) {
 /// write's time, at most a minute): at a million flows a write takes ~0.25 s, one a minute,
 /// 0.4% of a core; at 10,000 flows ~3 ms every 10 s. Skipped while both tables are
 /// empty and the last write (or the start, which removed the file) left none behind. A failed
-/// write is logged when it starts failing and when it recovers.
-pub async fn writer(dir: PathBuf, pods: Arc<Pods>, floor: Duration) {
+/// write is counted in `failed`, and logged when it starts failing and when it recovers.
+pub async fn writer(dir: PathBuf, pods: Arc<Pods>, floor: Duration, failed: Arc<AtomicU64>) {
     if floor.is_zero() {
         return std::future::pending().await;
     }
@@ -169,11 +170,12 @@ pub async fn writer(dir: PathBuf, pods: Arc<Pods>, floor: Duration) {
                     "connection tables written"
                 );
             }
-            Err(e) if !failing => {
-                failing = true;
-                warn!(path = %dir.join(FLOW_STATE_FILE).display(), error = %e, "cannot write the connection tables; a crash now loses them (retrying)");
+            Err(e) => {
+                failed.fetch_add(1, Ordering::Relaxed);
+                if !std::mem::replace(&mut failing, true) {
+                    warn!(path = %dir.join(FLOW_STATE_FILE).display(), error = %e, "cannot write the connection tables; a crash now loses them (retrying)");
+                }
             }
-            Err(_) => {}
         }
     }
 }
@@ -215,7 +217,13 @@ mod tests {
         let file = dir.path().join(FLOW_STATE_FILE);
         let live = Arc::new(pods());
         let period = Duration::from_millis(10);
-        let w = tokio::spawn(writer(dir.path().to_path_buf(), live.clone(), period));
+        let failed = Arc::new(AtomicU64::new(0));
+        let w = tokio::spawn(writer(
+            dir.path().to_path_buf(),
+            live.clone(),
+            period,
+            failed.clone(),
+        ));
         // Empty tables: nothing to write, for ten periods.
         tokio::time::sleep(10 * period).await;
         assert!(!file.exists(), "nothing to save, nothing written");
@@ -230,6 +238,7 @@ mod tests {
             tokio::time::sleep(period).await;
         }
         w.abort();
+        assert_eq!(failed.load(Ordering::Relaxed), 0);
         // What a start after a crash finds: the flow, still established.
         let new = pods();
         assert_eq!(
@@ -241,6 +250,35 @@ mod tests {
                 .check(out.reversed(), Check::Ingress, || false),
             Decision::Established
         );
+    }
+
+    #[tokio::test]
+    async fn the_writer_counts_each_failed_write() {
+        // A state "directory" that is a file: every write fails.
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let live = Arc::new(pods());
+        let out = flow(40000, "10.244.2.9", 8080);
+        assert_eq!(
+            live.conntrack.check(out, Check::Egress, || true),
+            Decision::Admitted
+        );
+        let failed = Arc::new(AtomicU64::new(0));
+        let w = tokio::spawn(writer(
+            file.path().to_path_buf(),
+            live,
+            Duration::from_millis(10),
+            failed.clone(),
+        ));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // Counted each time, not only when it starts failing (that alone is logged).
+        while failed.load(Ordering::Relaxed) < 2 {
+            assert!(
+                Instant::now() < deadline,
+                "failed writes not counted within 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        w.abort();
     }
 
     #[test]

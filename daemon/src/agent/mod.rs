@@ -574,6 +574,9 @@ async fn agent_main(
     if policy_state_failed {
         status.policy_state_errors.fetch_add(1, Ordering::Relaxed);
     }
+    status
+        .state_write_failures
+        .register(policy_state::POLICY_STATE_FILE, policy_store.failures());
     let status_sock = crate::status::server::bind(&args.run_dir)?;
     let key_sock = keyctl::bind(&args.run_dir)?;
     let (key_tx, key_rx) = tokio::sync::mpsc::channel(4);
@@ -616,6 +619,9 @@ async fn agent_main(
     if service_state_failed {
         status.service_state_errors.fetch_add(1, Ordering::Relaxed);
     }
+    status
+        .state_write_failures
+        .register(service_state::SERVICE_STATE_FILE, service_store.failures());
     let pods = tokio::spawn(pod_network::serve(
         cidrs,
         tun.net.pods.clone(),
@@ -645,10 +651,15 @@ async fn agent_main(
     let policy_record = policy_store.clone();
     let watch_turn = args.watch_turn;
     let service_writer = tokio::spawn(persist::writer(service_store.clone()));
+    let flow_failures = Arc::default();
+    status
+        .state_write_failures
+        .register(flow_state::FLOW_STATE_FILE, Arc::clone(&flow_failures));
     let flow_writer = tokio::spawn(flow_state::writer(
         args.state_dir.clone(),
         tun.net.pods.clone(),
         args.flow_save_interval,
+        flow_failures,
     ));
     let service_record = service_store.clone();
     // Tells the control loop to write what the state file still misses, then stop.
@@ -834,6 +845,10 @@ impl Agent {
         host_addresses: Vec<IpAddr>,
     ) -> Agent {
         let own_key = keys.public();
+        let state_writer = state::Writer::start(&args.state_dir, state::WRITE_RETRY);
+        status
+            .state_write_failures
+            .register(state::STATE_FILE, state_writer.failures());
         Agent {
             node_name: args.node_name.clone(),
             listen_port: args.listen_port,
@@ -859,7 +874,7 @@ impl Agent {
             rejected: BTreeSet::new(),
             state_dirty: false,
             state_saved_at: None,
-            state_writer: state::Writer::start(&args.state_dir, state::WRITE_RETRY),
+            state_writer,
             nodes: PeerIndex::new(&args.node_name, own_key),
             own_rv: None,
             relist: None,

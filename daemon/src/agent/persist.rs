@@ -11,7 +11,7 @@
 use super::state::write_atomic;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tracing::{debug, warn};
@@ -145,6 +145,8 @@ pub struct Persist<T> {
     changed: tokio::sync::Notify,
     /// One write at a time (the writer task, the shutdown flush).
     writing: Mutex<()>,
+    /// Writes that failed, so far.
+    failed: Arc<AtomicU64>,
 }
 
 impl<T: Inputs> Persist<T> {
@@ -155,7 +157,13 @@ impl<T: Inputs> Persist<T> {
             dirty: AtomicBool::new(false),
             changed: tokio::sync::Notify::new(),
             writing: Mutex::new(()),
+            failed: Arc::default(),
         })
+    }
+
+    /// The count of failed writes (for `/metrics`).
+    pub fn failures(&self) -> Arc<AtomicU64> {
+        self.failed.clone()
     }
 
     /// The inputs, locked: by their loop, by the writer while it encodes.
@@ -195,6 +203,7 @@ impl<T: Inputs> Persist<T> {
             Ok(()) => debug!(bytes = bytes.len(), "{} saved", T::WHAT),
             Err(e) => {
                 self.dirty.store(true, Ordering::Release);
+                self.failed.fetch_add(1, Ordering::Relaxed);
                 warn!(path = %self.dir.join(T::FILE).display(), error = %e, "cannot save the {}; a restart before the API answers starts without them", T::WHAT);
             }
         }

@@ -283,6 +283,26 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_write_is_counted_and_tried_again() {
+        let dir = temp_dir();
+        let persist = live(&dir);
+        let failed = persist.failures();
+        // The state directory gone: the write fails, is counted, and stays due.
+        std::fs::remove_dir_all(&dir).unwrap();
+        persist.changed();
+        persist.save_if_dirty();
+        assert_eq!(failed.load(std::sync::atomic::Ordering::Relaxed), 1);
+        std::fs::create_dir_all(&dir).unwrap();
+        persist.save_if_dirty();
+        assert!(
+            dir.join(POLICY_STATE_FILE).exists(),
+            "written once it can be"
+        );
+        assert_eq!(failed.load(std::sync::atomic::Ordering::Relaxed), 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn half_listed_inputs_are_not_saved() {
         let dir = temp_dir();
         let persist = Persist::new(&dir, Folder::new("n1"));

@@ -290,6 +290,11 @@ impl Writer {
         self.failed.load(Ordering::Relaxed)
     }
 
+    /// The count of failed writes (for `/metrics`).
+    pub fn failures(&self) -> Arc<AtomicU64> {
+        self.failed.clone()
+    }
+
     /// Writes what was handed over and not yet written, and waits for it; later sets are
     /// written where they are handed over.
     pub fn finish(&mut self) {

@@ -349,6 +349,17 @@ impl Collector for StatusCollector {
             "Saved Service inputs that could not be restored at start (flows to ClusterIPs wait for the API lists)",
             &[(vec![], r.service_state_errors)],
         )?;
+        let failed: Vec<(Labels, u64)> = r
+            .state_write_failures
+            .iter()
+            .map(|(file, n)| (one("file", file), *n))
+            .collect();
+        counter_family(
+            &mut e,
+            "kwire_state_write_failures",
+            "Failed writes of a saved-state file in the state directory (retried; a restart meanwhile starts from the last one written)",
+            &failed,
+        )?;
         gauge_family(
             &mut e,
             "kwire_api_synced",
@@ -453,6 +464,10 @@ mod tests {
         st.pod_filter.add(false);
         st.pod_filter.add(false);
         st.pod_filter.add(true);
+        let peers_failed = Arc::new(std::sync::atomic::AtomicU64::new(2));
+        st.state_write_failures.register("peers.json", peers_failed);
+        st.state_write_failures
+            .register("flow-state.bin", Arc::default());
         let mut names = BTreeMap::new();
         names.insert(PublicKey([5; 32]), "node-b".to_string());
         st.peer_names.store(Arc::new(names));
@@ -465,6 +480,8 @@ mod tests {
             "kwire_watch_items_total{kind=\"Pod\",outcome=\"dropped\"} 2",
             "kwire_watch_items_total{kind=\"Pod\",outcome=\"passed\"} 1",
             "kwire_watch_items_total{kind=\"Node\",outcome=\"dropped\"} 0",
+            "kwire_state_write_failures_total{file=\"peers.json\"} 2",
+            "kwire_state_write_failures_total{file=\"flow-state.bin\"} 0",
             "kwire_peers_expected 1",
             "kwire_peers_connected 0",
             "kwire_build_info{version=",

@@ -23,6 +23,30 @@ pub use report::{peer_up, report, Packets, PeerReport, PodReport, ServicesReport
 /// (whitepaper §6.1), after which no session key may be used.
 pub const PEER_UP_WITHIN: Duration = Duration::from_secs(180);
 
+/// The saved-state files' failed writes, one counter per file: each writer owns its counter
+/// and registers it here once at start (`agent`), the renderers read them all.
+#[derive(Debug, Default)]
+pub struct StateWriteFailures(Mutex<Vec<(&'static str, Arc<AtomicU64>)>>);
+
+impl StateWriteFailures {
+    /// Reports `failed` as the count of `file`'s failed writes (a file registered again is
+    /// reported by its newest counter).
+    pub fn register(&self, file: &'static str, failed: Arc<AtomicU64>) {
+        let mut files = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        files.retain(|(f, _)| *f != file);
+        files.push((file, failed));
+    }
+
+    /// Failed writes so far, by file name.
+    pub fn get(&self) -> BTreeMap<String, u64> {
+        let files = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        files
+            .iter()
+            .map(|(f, n)| (f.to_string(), n.load(Ordering::Relaxed)))
+            .collect()
+    }
+}
+
 /// What a watch filter (`agent::watches`) passed on and dropped, counted where it runs (its
 /// watch thread) and read by the renderers.
 #[derive(Debug, Default)]
@@ -78,6 +102,9 @@ pub struct NodeState {
     pub policy_state_errors: AtomicU64,
     /// The saved Service inputs could not be restored at start (unreadable, invalid).
     pub service_state_errors: AtomicU64,
+    /// Failed writes of the saved-state files (peers, NetworkPolicy and Service inputs,
+    /// connection tables), by file.
+    pub state_write_failures: StateWriteFailures,
     /// The Node watch delivered its last answer without error.
     pub api_synced: AtomicBool,
     /// What the health monitor knows of each peer, by node name.
@@ -175,6 +202,7 @@ impl NodeState {
             pod_filter: Arc::default(),
             policy_state_errors: AtomicU64::new(0),
             service_state_errors: AtomicU64::new(0),
+            state_write_failures: StateWriteFailures::default(),
             api_synced: AtomicBool::new(false),
             peer_health: Mutex::new(BTreeMap::new()),
             keys: Mutex::new(KeyState::default()),

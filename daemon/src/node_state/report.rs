@@ -38,6 +38,9 @@ pub struct StatusReport {
     /// The saved Service inputs could not be restored at start.
     #[serde(default)]
     pub service_state_errors: u64,
+    /// Failed writes of each saved-state file (in the state directory) since the start.
+    #[serde(default)]
+    pub state_write_failures: BTreeMap<String, u64>,
     pub peers_expected: u64,
     pub peers_connected: u64,
     pub peers: Vec<PeerReport>,
@@ -325,6 +328,7 @@ pub fn report(st: &NodeState) -> StatusReport {
             .collect(),
         policy_state_errors: st.policy_state_errors.load(Ordering::Relaxed),
         service_state_errors: st.service_state_errors.load(Ordering::Relaxed),
+        state_write_failures: st.state_write_failures.get(),
         peers_expected: names.len() as u64,
         peers_connected: peers.iter().filter(|p| p.up).count() as u64,
         peers,

@@ -240,6 +240,12 @@ pub fn render(r: &StatusReport, colour: bool) -> String {
     if !drops.is_empty() {
         o.push_str(&format!("  drops: {drops}\n"));
     }
+    let failed = nonzero(&r.state_write_failures);
+    if !failed.is_empty() {
+        o.push_str(&format!(
+            "  state files not written (the agent's log says why; a restart may start without them): {failed}\n"
+        ));
+    }
     let (external, nodes): (std::collections::BTreeMap<String, u64>, _) = r
         .invalid_peers
         .clone()
@@ -365,6 +371,10 @@ pub(crate) mod tests {
             watch_filter: Vec::new(),
             policy_state_errors: 0,
             service_state_errors: 0,
+            state_write_failures: [("peers.json", 0), ("flow-state.bin", 3)]
+                .map(|(f, n)| (f.to_string(), n))
+                .into_iter()
+                .collect(),
             peers_expected: 2,
             peers_connected: 1,
             peers: vec![
@@ -461,6 +471,7 @@ pub(crate) mod tests {
             "latest handshake: never",
             "default/web  10.244.1.5",
             "drops: no_peer 4",
+            "state files not written (the agent's log says why; a restart may start without them): flow-state.bin 3\n",
             "Nodes refused as peers: duplicate_key 1\n",
             "Peers refused (kubectl get peers shows why): peer_overlaps_cluster 2",
             "external peer: laptop (up)",
