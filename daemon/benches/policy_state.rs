@@ -3,7 +3,9 @@
 //! the policy loop's Folder as the API lists deliver them:
 //! - `save`: one write of the file (encoded from the Folder's index under its lock, then
 //!   written and synced);
-//! - `encode`: the part of a write that holds the Folder's lock;
+//! - `encode`: the encoding of a write, in one go; the agent makes it in steps of one
+//!   namespace, each under the Folder's lock (printed: the longest step, what the policy loop
+//!   may wait for);
 //! - `load_and_compile`: one start's restore up to the snapshot that is swapped in before pods
 //!   re-attach (read, checksum, decode into a Folder, snapshot).
 //!
@@ -129,6 +131,34 @@ fn bench(c: &mut Criterion) {
         t.elapsed()
     );
     drop(index);
+    // The save in steps, as the writer makes it: what each step holds the Folder's lock for.
+    let mut longest = Vec::new();
+    let mut steps = Vec::new();
+    for _ in 0..10 {
+        let folder = persist.folder();
+        let mut save = folder.index.start_save();
+        let mut times = Vec::new();
+        loop {
+            let t = Instant::now();
+            let more = save.step(&folder.index);
+            times.push(t.elapsed());
+            if !more {
+                break;
+            }
+        }
+        black_box(save.finish());
+        times.sort();
+        longest.push(*times.last().unwrap());
+        steps.push(times[times.len() / 2]);
+    }
+    longest.sort();
+    steps.sort();
+    eprintln!(
+        "policy_state: a save in steps of one namespace ({} namespaces): median step {:?}, longest step {:?} (medians of 10 saves)",
+        500 / scale(),
+        steps[5],
+        longest[5]
+    );
 
     let mut g = c.benchmark_group("policy_state");
     g.sample_size(10);

@@ -133,6 +133,16 @@ pub trait Inputs: Send + 'static {
     fn complete(&self) -> bool;
     /// The file's bytes.
     fn encode(&self) -> Vec<u8>;
+    /// The file's bytes, the inputs read through `lock` (taken once, or once per part where
+    /// holding their loop back for the whole encoding would delay its changes); `None` when
+    /// they are not complete at some point.
+    fn encode_locked<'a>(lock: &dyn Fn() -> MutexGuard<'a, Self>) -> Option<Vec<u8>>
+    where
+        Self: Sized + 'a,
+    {
+        let inputs = lock();
+        inputs.complete().then(|| inputs.encode())
+    }
 }
 
 /// Inputs shared between their loop and the writer that saves them.
@@ -179,18 +189,17 @@ impl<T: Inputs> Persist<T> {
     }
 
     /// The encoded inputs if a write is due and they are complete. Holds their lock while
-    /// encoding only.
+    /// encoding only ([`Inputs::encode_locked`]).
     fn due(&self) -> Option<Vec<u8>> {
         if !self.dirty.swap(false, Ordering::AcqRel) {
             return None;
         }
-        let inputs = self.lock();
-        if !inputs.complete() {
+        let bytes = T::encode_locked(&|| self.lock());
+        if bytes.is_none() {
             // Saved once they are complete again (their loop marks them changed then).
             self.dirty.store(true, Ordering::Release);
-            return None;
         }
-        Some(inputs.encode())
+        bytes
     }
 
     /// Writes the file if something changed since the last write.

@@ -50,7 +50,7 @@ pub mod trace;
 pub use engine::{
     DirectionExplanation, Explanation, FlowVerdict, InputError, PodKey, PolicySet, RuleMatch,
 };
-pub use index::{IndexStats, PolicyIndex, Scope};
+pub use index::{IndexStats, InputsSave, PolicyIndex, Scope};
 pub use ipset::{Cidr, CidrError, IpRangeSet};
 pub use model::{ContainerPort, ModelError, Namespace, ObjectRef, Pod, NAMESPACE_NAME_LABEL};
 pub use saved::SavedError;

@@ -440,20 +440,34 @@ impl<'a> Reader<'a> {
 }
 
 /// Numbers for shared values (nodes, port lists) in the order they are first written, keyed
-/// by the address of the index's one shared copy.
-#[derive(Default)]
-pub(super) struct FirstUse {
+/// by the address of the index's one shared copy. Each value numbered is held here, so that
+/// its address cannot be reused by another value while a save that releases the index between
+/// namespaces ([`super::InputsSave`]) goes on.
+pub(super) struct FirstUse<T: ?Sized> {
     ids: HashMap<usize, u64>,
+    held: Vec<Arc<T>>,
 }
 
-impl FirstUse {
+impl<T: ?Sized> Default for FirstUse<T> {
+    fn default() -> Self {
+        FirstUse {
+            ids: HashMap::new(),
+            held: Vec::new(),
+        }
+    }
+}
+
+impl<T: ?Sized> FirstUse<T> {
     /// `Ok(id)` for a value written before, `Err(id)` for a new one (write it after the
     /// reference).
-    pub fn id<T: ?Sized>(&mut self, shared: &Arc<T>) -> Result<u64, u64> {
+    pub fn id(&mut self, shared: &Arc<T>) -> Result<u64, u64> {
         let next = self.ids.len() as u64;
         match self.ids.entry(Arc::as_ptr(shared) as *const u8 as usize) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(*e.get()),
-            std::collections::hash_map::Entry::Vacant(e) => Err(*e.insert(next)),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                self.held.push(shared.clone());
+                Err(*e.insert(next))
+            }
         }
     }
 }
@@ -485,7 +499,7 @@ pub(super) fn read_ref<T>(
 /// Writes a [`FirstUse`] reference, with `write_new` writing the value the first time.
 pub(super) fn write_ref<T: ?Sized>(
     w: &mut Writer,
-    ids: &mut FirstUse,
+    ids: &mut FirstUse<T>,
     shared: &Arc<T>,
     write_new: impl FnOnce(&mut Writer),
 ) {
