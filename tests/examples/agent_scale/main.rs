@@ -11,7 +11,10 @@
 //!   Node status heartbeats, annotations kwire does not read), idle CPU subtracted. The window
 //!   closes only once a relevant change made after the updates has reached the data plane (a
 //!   fence, see `fenced`), so an agent that fell behind its watch cannot read cheap; what the
-//!   fence costs on its own (`fence_pod_cpu_ms`, `fence_node_cpu_ms`) is taken off.
+//!   fence costs on its own (`fence_pod_cpu_ms`, `fence_node_cpu_ms`) is taken off. The Pod
+//!   fence's probes are new flows through the agent, paced (`probe::PROBE_GAP`) so that one
+//!   waiting out a watch turn sends tens, not hundreds (`fence_pod_probes_window`, against
+//!   `fence_pod_probes_alone`).
 //! - `relevant_change_p99_ms`: a change to its effect in the data plane, polled: a policy
 //!   created or deleted and a local pod's labels changed (seen by probes between the pods), a
 //!   Node's endpoint or key changed (seen in the device, through a `get=1` of that peer,
@@ -1181,6 +1184,8 @@ fn main() {
         // State-file writes while the updates are made (the fences' own changes excluded: the
         // Node fence's new endpoint is written at once, being the first change in a while).
         let (mut pod_writes, mut node_writes) = (0, 0);
+        let probes = || probe::PROBES.load(std::sync::atomic::Ordering::Relaxed);
+        let probes0 = probes();
         let perf = Perf::start(pid, "irrelevant_pods");
         let (cpu, wall) = fenced(pid, half, IRRELEVANT_RATE, &mut cluster, |cluster, i| {
             let p = cluster.remote_pod();
@@ -1190,6 +1195,7 @@ fn main() {
             pod_fence(c)
         });
         perf.stop();
+        let window_probes = probes() - probes0;
         let perf = Perf::start(pid, "irrelevant_nodes");
         let node_writes_before = writes.get();
         let (cpu2, wall2) = fenced(pid, half, IRRELEVANT_RATE, &mut cluster, |cluster, i| {
@@ -1219,11 +1225,18 @@ fn main() {
             v.sort_by(f64::total_cmp);
             v[1]
         };
+        let probes0 = probes();
         let pod_fence_cpu = fence_cost(&mut pod_fence, &mut cluster);
+        let alone_probes = (probes() - probes0) / 3;
         let node_fence_cpu = fence_cost(&mut node_fence, &mut cluster);
         report.set("fence_pod_cpu_ms", (pod_fence_cpu * 1e4).round() / 10.0);
         report.set("fence_node_cpu_ms", (node_fence_cpu * 1e4).round() / 10.0);
         eprintln!("  fences alone: Pod {:.2} ms, Node {:.2} ms agent CPU (measured after the phases, taken off them)", pod_fence_cpu * 1e3, node_fence_cpu * 1e3);
+        // The Pod fence's probes are new flows through the agent: as many in the window as
+        // alone, or the fence taken off is not the fence the window paid for.
+        eprintln!("  Pod fence probes: {window_probes} in its window, {alone_probes} alone");
+        report.set("fence_pod_probes_window", window_probes);
+        report.set("fence_pod_probes_alone", alone_probes);
         let (cpu, cpu2) = (cpu - pod_fence_cpu, cpu2 - node_fence_cpu);
         let pod_us = net_us(cpu, wall, half);
         let node_us = net_us(cpu2, wall2, half);

@@ -4,6 +4,7 @@
 //! not by a socket in the server pod.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,16 @@ pub const PROBE_PORT: u16 = 7777;
 pub const DROP_WAIT: Duration = Duration::from_millis(5);
 /// How long an allowed probe may take before it counts as lost.
 pub const PASS_WAIT: Duration = Duration::from_millis(200);
+/// The least time from one probe of [`Server::until`] to the next. Waiting for a drop, each
+/// probe that still passes returns within tens of microseconds; unpaced, the loop sent
+/// hundreds of new flows through the agent while a change waited for its watch turn, agent
+/// CPU that the phase's figure then charged to the updates it measured (and, under churn, CPU
+/// taken from the agent on a 2-core machine). At one per millisecond a latency reads at most
+/// a millisecond late.
+pub const PROBE_GAP: Duration = Duration::from_millis(1);
+
+/// Probes sent so far (each a new flow through the agent), for the phases to report theirs.
+pub static PROBES: AtomicU64 = AtomicU64::new(0);
 
 /// A pod of the measured node: its namespace and its address.
 pub struct LocalPod {
@@ -77,6 +88,7 @@ impl Server {
     /// `wait`.
     pub fn probe(&mut self, client: &LocalPod, to: IpAddr, wait: Duration) -> bool {
         self.seq += 1;
+        PROBES.fetch_add(1, Ordering::Relaxed);
         let token = self.seq.to_be_bytes();
         let sender = client
             .ns
@@ -112,6 +124,7 @@ impl Server {
     ) -> Option<Duration> {
         loop {
             let sent = since.elapsed();
+            let next = Instant::now() + PROBE_GAP;
             let got = if want {
                 self.probe(client, to, DROP_WAIT)
             } else {
@@ -122,6 +135,9 @@ impl Server {
             }
             if since.elapsed() > timeout {
                 return None;
+            }
+            if let Some(wait) = next.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
             }
         }
     }
