@@ -4,8 +4,8 @@
 //! not by a socket in the server pod.
 
 use std::net::{IpAddr, SocketAddr, UdpSocket};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use kwire_lab::pods::cni::{install_plugin_link, result_ips, ConfList, Executor, RuntimeConf};
