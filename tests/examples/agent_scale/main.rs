@@ -71,12 +71,32 @@ const CHANGE_TIMEOUT: Duration = Duration::from_secs(120);
 const SYNC_POLL: Duration = Duration::from_millis(20);
 /// Pause between `get=1` polls while waiting for one Node change.
 const CHANGE_POLL: Duration = Duration::from_millis(1);
-/// Pause between two measured changes, so each is measured alone.
 /// How often a fence (see `fenced`) looks for its Node change in the device.
 const FENCE_POLL: Duration = Duration::from_millis(10);
+/// Pause between two measured changes, so each is measured alone (plus [`GAP_JITTER_MS`]).
 const CHANGE_GAP: Duration = Duration::from_millis(20);
-/// Between two relabels timed under churn (phase g).
+/// Between two relabels timed under churn (phase g; plus [`GAP_JITTER_MS`]).
 const UNDER_CHURN_GAP: Duration = Duration::from_millis(100);
+/// Up to this much, drawn at random, is added to each gap between timed changes. With a fixed
+/// gap, each change came at the same point of the watch thread's turn as the one before (a
+/// change is seen at a turn's end, and the next one is made a fixed time after that): the
+/// under-churn p50 read 35.9 ms in two runs in a row, and which point it locked on to moved
+/// with anything else that changed the loop's time. Drawn over a whole default turn, the
+/// changes sample every point of it.
+const GAP_JITTER_MS: usize = 50;
+
+/// `gap` plus up to [`GAP_JITTER_MS`], drawn from `rng` (xorshift: reproducible runs).
+fn jittered(gap: Duration, rng: &mut u64) -> Duration {
+    gap + Duration::from_micros(xorshift(rng) % (GAP_JITTER_MS as u64 * 1000))
+}
+
+/// The next number of a xorshift sequence: reproducible runs.
+fn xorshift(rng: &mut u64) -> u64 {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    *rng
+}
 /// Pause after the sync before anything is measured: what the sync set off (the first state
 /// file write, the Node condition) is not idle work.
 const SETTLE: Duration = Duration::from_secs(2);
@@ -85,6 +105,10 @@ const SETTLE: Duration = Duration::from_secs(2);
 const HANDSHAKE_QUIET: Duration = Duration::from_secs(7);
 /// Window over which idle CPU is measured (the baseline subtracted from per-update costs).
 const IDLE_WINDOW: Duration = Duration::from_secs(5);
+/// Idle windows taken, back to back; the baseline is their median. The idle agent's work comes
+/// in bursts (one 5 s window read 43 ms on the timer thread where others read 15–20 ms), and
+/// one window that caught a burst took 20 µs or more off every per-update figure.
+const IDLE_WINDOWS: usize = 3;
 /// Irrelevant updates per second.
 const IRRELEVANT_RATE: f64 = 200.0;
 /// Relevant changes per second in the CPU phase (no polling).
@@ -581,11 +605,7 @@ fn ip_of(n: u32) -> String {
 
 impl Cluster<'_> {
     fn rand(&mut self, n: usize) -> usize {
-        // xorshift: reproducible runs.
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
-        (self.rng % n.max(1) as u64) as usize
+        (xorshift(&mut self.rng) % n.max(1) as u64) as usize
     }
 
     fn node_name(&self, i: usize) -> &str {
@@ -1145,11 +1165,18 @@ fn main() {
         // (b) idle baseline.
         std::thread::sleep(SETTLE);
         let perf = Perf::start(pid, "idle");
-        let cpu0 = CpuReading::take(pid);
-        let w0 = Instant::now();
-        std::thread::sleep(IDLE_WINDOW);
-        let idle_rate = CpuReading::take(pid).since(&cpu0) / w0.elapsed().as_secs_f64();
+        let mut idle_rates: Vec<f64> = (0..IDLE_WINDOWS)
+            .map(|_| {
+                let (cpu0, w0) = (CpuReading::take(pid), Instant::now());
+                std::thread::sleep(IDLE_WINDOW);
+                CpuReading::take(pid).since(&cpu0) / w0.elapsed().as_secs_f64()
+            })
+            .collect();
         perf.stop();
+        eprintln!("  idle, {IDLE_WINDOWS} windows of {IDLE_WINDOW:?}: {:?} cores; the median is the baseline",
+            idle_rates.iter().map(|r| (r * 1e4).round() / 1e4).collect::<Vec<_>>());
+        idle_rates.sort_by(f64::total_cmp);
+        let idle_rate = idle_rates[IDLE_WINDOWS / 2];
         report.set("idle_cpu_cores", (idle_rate * 1e4).round() / 1e4);
         let writes_before = writes.get();
         let net_us = |cpu: f64, wall: Duration, n: usize| ((cpu - idle_rate * wall.as_secs_f64()).max(0.0) / n.max(1) as f64 * 1e6 * 10.0).round() / 10.0;
@@ -1297,7 +1324,7 @@ fn main() {
             };
             let took = took.unwrap_or_else(|| panic!("change {c} ({kind}) not in the data plane after {CHANGE_TIMEOUT:?}; log {}", log.display()));
             lat.push((kind, took));
-            std::thread::sleep(CHANGE_GAP);
+            std::thread::sleep(jittered(CHANGE_GAP, &mut cluster.rng));
         }
         let mut all: Vec<Duration> = lat.iter().map(|(_, d)| *d).collect();
         all.sort();
@@ -1420,13 +1447,14 @@ fn main() {
         let under = std::thread::scope(|s| {
             let prober = s.spawn(|| {
                 let mut lat = Vec::new();
+                let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) || lat.len() % 2 == 1 {
                     let role = if lat.len() % 2 == 0 { "paused" } else { "client" };
                     let t = Instant::now();
                     api.merge_patch(pod_kind, Some(BENCH_NS), "a", &json!({"metadata": {"labels": {"role": role}}}), false).expect("relabel");
                     let took = server.until(&pod_a, pod_b.ip, role == "client", t, CHANGE_TIMEOUT);
                     lat.push(took.unwrap_or_else(|| panic!("a relabel under churn ({role}) not in the data plane after {CHANGE_TIMEOUT:?}; log {}", log.display())));
-                    std::thread::sleep(UNDER_CHURN_GAP);
+                    std::thread::sleep(jittered(UNDER_CHURN_GAP, &mut rng));
                 }
                 lat
             });
