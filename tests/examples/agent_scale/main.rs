@@ -33,7 +33,9 @@
 //!   deletes, IP assignments, relabels, heartbeats), idle included.
 //!
 //! CPU is the run time of the agent's threads (/proc/PID/task/TID/schedstat, in nanoseconds;
-//! the tick-granular /proc/PID/stat when a thread ended during a window), never wall time. Needs root. Run it with
+//! the tick-granular /proc/PID/stat when a thread ended during a window, counted in
+//! `cpu_from_ticks_readings`), never wall time; `KWIRE_BENCH_THREADS=1` prints each fenced
+//! window's CPU by thread. Needs root. Run it with
 //! `scripts/bench-agent-scale.sh` (which builds the release binaries), or:
 //!   cargo build --release -p kwire-daemon -p kwire-cni && cargo build --release -p kwire-tests --example agent_scale
 //!   target/release/examples/agent_scale [--nodes N] [--pods N] [--namespaces N] [--policies N] [--json] ...
@@ -224,6 +226,11 @@ fn cpu_seconds(pid: u32) -> f64 {
 /// A reading of a process's CPU time: per thread in nanoseconds (/proc/PID/task/TID/schedstat)
 /// and in ticks for the whole process; and the time its live threads have waited for a CPU
 /// while runnable (the second schedstat field), to tell a slow agent from a busy machine.
+/// Readings that fell back to ticks (`cpu_from_ticks_readings` in the JSON): a thread of the
+/// agent ended in the window (tokio ends a blocking-pool thread idle for 10 s), so its last
+/// nanoseconds are unknown and the process's tick count (two ticks of rounding) is used.
+static TICK_READINGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 struct CpuReading {
     threads: std::collections::BTreeMap<u32, u64>,
     runqueue_ns: u64,
@@ -264,8 +271,51 @@ impl CpuReading {
             let then: u64 = earlier.threads.values().sum();
             now.saturating_sub(then) as f64 / 1e9
         } else {
+            eprintln!("  (a thread of the agent ended: CPU from ticks, ±20 ms)");
+            TICK_READINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.ticks_s - earlier.ticks_s
         }
+    }
+}
+
+impl CpuReading {
+    /// The threads' run time from `earlier` to this reading, most first, with their names
+    /// (`KWIRE_BENCH_THREADS=1`): where a window's CPU went, threads started in it included.
+    fn by_thread(&self, earlier: &CpuReading, pid: u32) -> String {
+        let mut v: Vec<(u64, u32)> = self
+            .threads
+            .iter()
+            .map(|(tid, run)| {
+                (
+                    run.saturating_sub(earlier.threads.get(tid).copied().unwrap_or(0)),
+                    *tid,
+                )
+            })
+            .filter(|(d, _)| *d > 0)
+            .collect();
+        v.sort_unstable_by(|a, b| b.cmp(a));
+        let ended = earlier
+            .threads
+            .keys()
+            .filter(|t| !self.threads.contains_key(t))
+            .count();
+        let mut out: Vec<String> = v
+            .iter()
+            .map(|(d, tid)| {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/comm"))
+                    .unwrap_or_default();
+                let new = if earlier.threads.contains_key(tid) {
+                    ""
+                } else {
+                    " (new)"
+                };
+                format!("{}-{tid}{new} {:.2} ms", comm.trim(), *d as f64 / 1e6)
+            })
+            .collect();
+        if ended > 0 {
+            out.push(format!("{ended} ended"));
+        }
+        out.join(", ")
     }
 }
 
@@ -327,7 +377,11 @@ fn fenced<T: ?Sized>(
         work(state, i);
     }
     fence(state);
-    (CpuReading::take(pid).since(&cpu0), t0.elapsed())
+    let cpu1 = CpuReading::take(pid);
+    if std::env::var_os("KWIRE_BENCH_THREADS").is_some() {
+        eprintln!("  by thread: {}", cpu1.by_thread(&cpu0, pid));
+    }
+    (cpu1.since(&cpu0), t0.elapsed())
 }
 
 /// A perf profile of the agent during one phase, when `KWIRE_BENCH_PERF=FILE` asks for one
@@ -1470,6 +1524,7 @@ fn main() {
         report.set("relevant_change_under_churn_p99_ms", ms(percentile(&under, 0.99)));
         report.set("relevant_change_under_churn_n", under.len());
 
+        report.set("cpu_from_ticks_readings", TICK_READINGS.load(std::sync::atomic::Ordering::Relaxed));
         let hwm = status_kb(pid, "VmHWM:").unwrap_or(0);
         let rss = status_kb(pid, "VmRSS:").unwrap_or(0);
         let cpu_total = cpu_seconds(pid);
