@@ -99,6 +99,7 @@ fn xorshift(rng: &mut u64) -> u64 {
     *rng ^= *rng << 17;
     *rng
 }
+
 /// Pause after the sync before anything is measured: what the sync set off (the first state
 /// file write, the Node condition) is not idle work.
 const SETTLE: Duration = Duration::from_secs(2);
@@ -223,14 +224,14 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks().map(|t| t / hz).unwrap_or(0.0)
 }
 
-/// A reading of a process's CPU time: per thread in nanoseconds (/proc/PID/task/TID/schedstat)
-/// and in ticks for the whole process; and the time its live threads have waited for a CPU
-/// while runnable (the second schedstat field), to tell a slow agent from a busy machine.
 /// Readings that fell back to ticks (`cpu_from_ticks_readings` in the JSON): a thread of the
 /// agent ended in the window (tokio ends a blocking-pool thread idle for 10 s), so its last
 /// nanoseconds are unknown and the process's tick count (two ticks of rounding) is used.
 static TICK_READINGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// A reading of a process's CPU time: per thread in nanoseconds (/proc/PID/task/TID/schedstat)
+/// and in ticks for the whole process; and the time its live threads have waited for a CPU
+/// while runnable (the second schedstat field), to tell a slow agent from a busy machine.
 struct CpuReading {
     threads: std::collections::BTreeMap<u32, u64>,
     runqueue_ns: u64,
@@ -276,9 +277,7 @@ impl CpuReading {
             self.ticks_s - earlier.ticks_s
         }
     }
-}
 
-impl CpuReading {
     /// The threads' run time from `earlier` to this reading, most first, with their names
     /// (`KWIRE_BENCH_THREADS=1`): where a window's CPU went, threads started in it included.
     fn by_thread(&self, earlier: &CpuReading, pid: u32) -> String {
@@ -1313,8 +1312,9 @@ fn main() {
         report.set("fence_pod_cpu_ms", (pod_fence_cpu * 1e4).round() / 10.0);
         report.set("fence_node_cpu_ms", (node_fence_cpu * 1e4).round() / 10.0);
         eprintln!("  fences alone: Pod {:.2} ms, Node {:.2} ms agent CPU (measured after the phases, taken off them)", pod_fence_cpu * 1e3, node_fence_cpu * 1e3);
-        // The Pod fence's probes are new flows through the agent: as many in the window as
-        // alone, or the fence taken off is not the fence the window paid for.
+        // The Pod fence's probes are new flows through the agent. In the window it waits out a
+        // watch turn and sends more than alone; what the extra probes cost is not taken off
+        // (paced, tens of them: about a microsecond per update).
         eprintln!("  Pod fence probes: {window_probes} in its window, {alone_probes} alone");
         report.set("fence_pod_probes_window", window_probes);
         report.set("fence_pod_probes_alone", alone_probes);
