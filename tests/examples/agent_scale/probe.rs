@@ -27,7 +27,8 @@ pub const PASS_WAIT: Duration = Duration::from_millis(200);
 /// a millisecond late.
 pub const PROBE_GAP: Duration = Duration::from_millis(1);
 
-/// Probes sent so far (each a new flow through the agent), for the phases to report theirs.
+/// Probes sent so far (each a new flow through the agent), for the phases to report theirs;
+/// the count is also each probe's token.
 pub static PROBES: AtomicU64 = AtomicU64::new(0);
 
 /// A pod of the measured node: its namespace and its address.
@@ -73,7 +74,6 @@ pub fn add_pod(kwire_cni: &Path, run_dir: &Path, plugin_dir: &Path, name: &str) 
 /// The server side: a socket in the server pod.
 pub struct Server {
     sock: UdpSocket,
-    seq: u64,
 }
 
 impl Server {
@@ -81,15 +81,13 @@ impl Server {
         let sock = pod
             .ns
             .run_in(|| UdpSocket::bind(("0.0.0.0", PROBE_PORT)).expect("bind"));
-        Server { sock, seq: 0 }
+        Server { sock }
     }
 
     /// Sends one datagram from a fresh socket of `client` to `to`; whether it arrives within
     /// `wait`.
     pub fn probe(&mut self, client: &LocalPod, to: IpAddr, wait: Duration) -> bool {
-        self.seq += 1;
-        PROBES.fetch_add(1, Ordering::Relaxed);
-        let token = self.seq.to_be_bytes();
+        let token = (PROBES.fetch_add(1, Ordering::Relaxed) + 1).to_be_bytes();
         let sender = client
             .ns
             .run_in(|| UdpSocket::bind(("0.0.0.0", 0)).expect("bind client"));
