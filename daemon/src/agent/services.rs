@@ -65,9 +65,15 @@ async fn debounced<I, F: std::future::Future<Output = ()>>(
     let mut dirty = false;
     // One warning per failing watch per interval.
     let mut last_err: Vec<Option<Instant>> = vec![None; kinds.len()];
-    let mut tick = tokio::time::interval(REBUILD_DELAY);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Rebuilds fall on a grid of REBUILD_DELAY from the start, and the timer is armed only
+    // while a change waits for one: an idle loop sleeps until an event comes.
+    let start = tokio::time::Instant::now();
+    let mut due: Option<tokio::time::Instant> = None;
     loop {
+        if due.is_none() && dirty && listed.iter().all(|l| *l) {
+            due = Some(next_tick(start, tokio::time::Instant::now()));
+        }
+        let sleep = tokio::time::sleep_until(due.unwrap_or(start));
         tokio::select! {
             ev = pacer.next(&mut events, &mut stop) => match ev.flatten().map(|ev| {
                 pacer.arm(watched(&ev));
@@ -86,15 +92,20 @@ async fn debounced<I, F: std::future::Future<Output = ()>>(
                 }
                 None => return,
             },
-            _ = tick.tick() => {
-                if !dirty || !listed.iter().all(|l| *l) {
-                    continue;
-                }
+            _ = sleep, if due.is_some() => {
+                due = None;
                 dirty = false;
                 rebuild().await;
             }
         }
     }
+}
+
+/// The first tick after `now` of a grid of [`REBUILD_DELAY`] starting at `start`.
+fn next_tick(start: tokio::time::Instant, now: tokio::time::Instant) -> tokio::time::Instant {
+    let period = REBUILD_DELAY.as_nanos();
+    let ticks = now.saturating_duration_since(start).as_nanos() / period + 1;
+    start + Duration::from_nanos((ticks * period) as u64)
 }
 
 /// What one watch event means for the views of its kind, by object (namespace, name).
@@ -546,6 +557,17 @@ mod tests {
         );
         drop(tx);
         task.await.unwrap();
+    }
+
+    #[test]
+    fn rebuilds_keep_to_a_grid_of_ticks() {
+        let start = tokio::time::Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        assert_eq!(next_tick(start, start), at(100));
+        assert_eq!(next_tick(start, at(1)), at(100));
+        assert_eq!(next_tick(start, at(99)), at(100));
+        assert_eq!(next_tick(start, at(100)), at(200), "always after now");
+        assert_eq!(next_tick(start, at(1234)), at(1300));
     }
 
     #[test]
