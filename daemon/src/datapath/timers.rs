@@ -26,7 +26,12 @@ pub const TIMER_DATAGRAMS: usize = MAX_PAIRS + 1;
 /// `batch`, which must have [`TIMER_ROOM`] bytes and [`TIMER_DATAGRAMS`] datagrams free.
 /// While keys rotate, every `Tunn` of the peer runs its timers, and the target pair (the
 /// peer's next key) gets an initiation when it has no session.
-pub fn tick(peer: &Peer, batch: &mut TxBatch) {
+///
+/// Returns whether the peer is now dormant: boringtun has given up on it (its handshake
+/// expired, after REKEY_ATTEMPT_TIME unanswered or 540 s without new keys, and its sessions
+/// and queue are cleared) and it has no other `Tunn`. Its timers then do nothing until a
+/// handshake starts again, which sends (or counts a drop) and so moves its counters.
+pub fn tick(peer: &Peer, batch: &mut TxBatch) -> bool {
     let mut st = peer.lock();
     let endpoint = st.endpoint;
     for s in st.standby.iter_mut() {
@@ -65,6 +70,7 @@ pub fn tick(peer: &Peer, batch: &mut TxBatch) {
         }
         _ => {}
     }
+    st.standby.is_empty() && st.tunn.is_expired()
 }
 
 /// Whether `peer` still waits for its greeting: the first handshake the device starts on its
@@ -110,6 +116,10 @@ pub const QUIET_EVERY_TICKS: u64 = 8;
 struct Visit {
     activity: u64,
     active_at: u64,
+    /// Visited every tick whatever its activity (a persistent keepalive).
+    always: bool,
+    /// Nothing falls due for it until its activity moves ([`TimerSchedule::rest`]).
+    dormant: bool,
 }
 
 /// Which peers a tick visits: every peer that was active in the last [`QUIET_AFTER_TICKS`]
@@ -117,7 +127,10 @@ struct Visit {
 /// ones only every [`QUIET_EVERY_TICKS`], spread over the ticks. At 5,000 mostly idle peers a
 /// tick visits about an eighth of them, and a peer wakes up on the first visit after its
 /// counters moved (a send to a quiet peer starts its handshake on the packet path at once; the
-/// timers only retry it, 5 s later).
+/// timers only retry it, 5 s later). A dormant peer ([`tick`] said so, see
+/// [`TimerSchedule::rest`]) is only looked at, not visited, until its counters move: a peer
+/// that never answered, or whose keys have expired, costs a read of its counters. What a tick
+/// reads of a peer it does not visit is the schedule's own memory, not the peer.
 #[derive(Default)]
 pub struct TimerSchedule {
     tick: u64,
@@ -129,18 +142,23 @@ pub struct TimerSchedule {
 impl TimerSchedule {
     /// Advances one tick and returns the indexes of the peers to visit. `key(i)` names peer
     /// `i` across snapshots, `activity(i)` is a sum of its counters (it only grows while the
-    /// peer does something), `always(i)` keeps it visited every tick.
+    /// peer does something), `always(i)` keeps it visited every tick (read when the peer
+    /// joins: a peer's `always` must not change under the same key); `all` visits every
+    /// peer (while keys rotate).
     pub fn due(
         &mut self,
         n: usize,
         key: impl Fn(usize) -> usize,
         activity: impl Fn(usize) -> u64,
         always: impl Fn(usize) -> bool,
+        all: bool,
     ) -> Vec<usize> {
         self.tick += 1;
         let t = self.tick;
         if self.keys.len() != n || (0..n).any(|i| self.keys[i] != key(i)) {
-            // A new peer set: what is known carries over by peer, new peers start active.
+            // A new peer set: the activity known carries over by peer, new peers start active.
+            // A peer's address may be reused by a new one, so whether it is dormant or always
+            // visited is not carried over but found again.
             let old: std::collections::HashMap<usize, Visit> = self
                 .keys
                 .iter()
@@ -151,17 +169,24 @@ impl TimerSchedule {
             self.visits = self
                 .keys
                 .iter()
-                .map(|k| {
-                    old.get(k).copied().unwrap_or(Visit {
-                        activity: u64::MAX,
-                        active_at: t,
-                    })
+                .enumerate()
+                .map(|(i, k)| {
+                    let (activity, active_at) = old
+                        .get(k)
+                        .map_or((u64::MAX, t), |v| (v.activity, v.active_at));
+                    Visit {
+                        activity,
+                        active_at,
+                        always: always(i),
+                        dormant: false,
+                    }
                 })
                 .collect();
         }
         let mut due = Vec::new();
         for (i, v) in self.visits.iter_mut().enumerate() {
-            let quiet = t.saturating_sub(v.active_at) > QUIET_AFTER_TICKS && !always(i);
+            let every_tick = v.always || all;
+            let quiet = t.saturating_sub(v.active_at) > QUIET_AFTER_TICKS && !every_tick;
             if quiet && !(t + i as u64).is_multiple_of(QUIET_EVERY_TICKS) {
                 continue;
             }
@@ -169,10 +194,21 @@ impl TimerSchedule {
             if a != v.activity {
                 v.activity = a;
                 v.active_at = t;
+                v.dormant = false;
+            } else if v.dormant && !every_tick {
+                continue;
             }
             due.push(i);
         }
         due
+    }
+
+    /// Marks peer `i` of the last [`TimerSchedule::due`] dormant: it is not visited again
+    /// until its activity moves (or it is visited every tick: a keepalive, a key rotation).
+    pub fn rest(&mut self, i: usize) {
+        if let Some(v) = self.visits.get_mut(i) {
+            v.dormant = true;
+        }
     }
 }
 
@@ -194,7 +230,7 @@ mod tests {
         let mut s = TimerSchedule::default();
         let mut out = vec![Vec::new(); n];
         for t in 1..=ticks {
-            for i in s.due(n, |i| i, |i| act(i, t), |i| i == n - 1 && n > 3) {
+            for i in s.due(n, |i| i, |i| act(i, t), |i| i == n - 1 && n > 3, false) {
                 out[i].push(t);
             }
         }
@@ -237,18 +273,49 @@ mod tests {
     }
 
     #[test]
+    fn a_dormant_peer_is_not_visited_until_its_counters_move() {
+        // Peer 0 rests after its first visit and moves at tick 300; peer 1 rests too but has
+        // a persistent keepalive; peer 2 is quiet and never rests.
+        let mut s = TimerSchedule::default();
+        let mut seen = vec![Vec::new(); 3];
+        for t in 1..=400u64 {
+            let act = |i: usize| if i == 0 && t >= 300 { t } else { 0 };
+            for i in s.due(3, |i| i, act, |i| i == 1, false) {
+                seen[i].push(t);
+                if i < 2 && t < 300 {
+                    s.rest(i);
+                }
+            }
+        }
+        // Quiet by then: looked at every QUIET_EVERY_TICKS, visited at the first look after.
+        let woke = seen[0][1];
+        assert_eq!(seen[0][0], 1, "{:?}", seen[0]);
+        assert!((300..300 + QUIET_EVERY_TICKS).contains(&woke), "{woke}");
+        assert!((woke..=400).all(|t| seen[0].contains(&t)), "awake again");
+        assert_eq!(seen[1].len(), 400, "a keepalive peer is visited every tick");
+        assert!(seen[2].len() > 100 / QUIET_EVERY_TICKS as usize);
+        // While keys rotate every peer is visited, dormant or not.
+        s.rest(0);
+        let n = (0..10).map(|_| s.due(3, |i| i, |_| 1, |_| false, true).len());
+        assert_eq!(n.sum::<usize>(), 30);
+        // A new peer set finds dormancy again: a reused key starts awake.
+        s.rest(0);
+        assert!(s.due(4, |i| i, |_| 1, |_| false, false).contains(&0));
+    }
+
+    #[test]
     fn a_new_peer_set_keeps_what_it_knew_by_peer() {
         let mut s = TimerSchedule::default();
         for _ in 0..200 {
-            s.due(2, |i| 10 + i, |_| 1, |_| false);
+            s.due(2, |i| 10 + i, |_| 1, |_| false, false);
         }
         // Both quiet now: one tick visits at most one of them.
-        assert!(s.due(2, |i| 10 + i, |_| 1, |_| false).len() <= 1);
+        assert!(s.due(2, |i| 10 + i, |_| 1, |_| false, false).len() <= 1);
         // A third peer arrives in front: it is visited every tick, the others stay quiet.
         let mut seen_new = 0;
         let mut seen_old = 0;
         for _ in 0..QUIET_EVERY_TICKS {
-            let due = s.due(3, |i| [30, 10, 11][i], |_| 1, |_| false);
+            let due = s.due(3, |i| [30, 10, 11][i], |_| 1, |_| false, false);
             seen_new += due.iter().filter(|i| **i == 0).count();
             seen_old += due.iter().filter(|i| **i != 0).count();
         }

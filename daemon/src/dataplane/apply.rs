@@ -219,13 +219,16 @@ pub fn tick_timers(
         snap.peers.len(),
         |i| Arc::as_ptr(&snap.peers[i]) as usize,
         |i| timers::activity(&snap.peers[i]),
-        |i| rotating || snap.peers[i].persistent_keepalive > 0,
+        |i| snap.peers[i].persistent_keepalive > 0,
+        rotating,
     );
     for i in due {
         if !out.has_room(TIMER_ROOM, TIMER_DATAGRAMS) {
             io.send_udp(out);
         }
-        timers::tick(&snap.peers[i], out);
+        if timers::tick(&snap.peers[i], out) {
+            schedule.rest(i);
+        }
     }
     if !out.is_empty() {
         io.send_udp(out);
