@@ -223,7 +223,8 @@ pub fn assess(
 /// a peer came, went or changed reachability, not every second.
 #[derive(Debug, Default)]
 pub struct Looks {
-    peers: BTreeMap<String, Looked>,
+    /// By Node name; hashed, not ordered: a look finds each of thousands of peers by name.
+    peers: std::collections::HashMap<String, Looked>,
     pass: u64,
 }
 
@@ -446,23 +447,25 @@ impl Monitor {
     fn look(&mut self) -> Vec<(String, Change)> {
         let names = self.status.peer_names.load();
         let snap = self.status.device.snapshot();
+        let wall_now = SystemTime::now();
         let samples = snap.peers.iter().filter_map(|p| {
             let node = names.get(&p.public_key)?;
+            let (age, endpoint) = p.handshake_age_and_endpoint();
             Some((
                 node.as_str(),
                 PeerSample {
-                    handshake_at: p.last_handshake(),
+                    handshake_at: age.and_then(|d| wall_now.checked_sub(d)),
                     rx_bytes: p.rx_bytes.load(std::sync::atomic::Ordering::Relaxed),
                     tx_bytes: p.tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
                     tx_dropped: p.tx_dropped.load(std::sync::atomic::Ordering::Relaxed),
-                    endpoint: p.endpoint(),
+                    endpoint,
                 },
             ))
         });
         let look = self.looks.look(
             samples,
             Instant::now(),
-            SystemTime::now(),
+            wall_now,
             self.settings.unreachable_after,
         );
         let mut events = Vec::new();

@@ -73,6 +73,13 @@ impl Peer {
         self.lock().endpoint
     }
 
+    /// The time since the last completed handshake, and the endpoint, under one lock (the
+    /// health monitor looks at every peer).
+    pub fn handshake_age_and_endpoint(&self) -> (Option<std::time::Duration>, Option<SocketAddr>) {
+        let st = self.lock();
+        (st.tunn.time_since_last_handshake(), st.endpoint)
+    }
+
     /// Wall-clock time of the last completed handshake.
     pub fn last_handshake(&self) -> Option<SystemTime> {
         let d = self.lock().tunn.time_since_last_handshake()?;
