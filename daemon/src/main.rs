@@ -51,8 +51,12 @@ enum PolicyCommand {
     Trace(kwire::policy::trace::TraceArgs),
 }
 
-/// Log filter without RUST_LOG or --log-level.
-const DEFAULT_LOG_FILTER: &str = "info,kube_client=warn,kube_runtime=warn";
+/// Log filter without RUST_LOG or --log-level. boringtun's own lines are off: they name no
+/// peer (`HANDSHAKE(REKEY_TIMEOUT)` every 5 s per unanswering peer, `CONNECTION_EXPIRED` when
+/// it gives up: 5,000 lines every 5 s while a 5,000-node cluster starts), and what they say
+/// is in each peer's handshake counters (`kwire_peer_handshakes_total{result="timeout"}`) and
+/// its health (a PeerUnreachable Event). `--log-level info,boringtun=debug` brings them back.
+const DEFAULT_LOG_FILTER: &str = "info,kube_client=warn,kube_runtime=warn,boringtun=off";
 /// Added to any filter that does not name kube_client::client itself: kube's HTTP client logs every
 /// failed request at ERROR (about one a second per retrying watch while the API is
 /// unreachable); each of the agent's watches says it once per interval instead.
