@@ -32,10 +32,9 @@
 //! - `churn_cpu_cores`: agent CPU under 100 Pod events/s and 20 Node events/s (creates,
 //!   deletes, IP assignments, relabels, heartbeats), idle included.
 //!
-//! CPU is the run time of the agent's threads (/proc/PID/task/TID/schedstat, in nanoseconds;
-//! the tick-granular /proc/PID/stat when a thread ended during a window, counted in
-//! `cpu_from_ticks_readings`), never wall time; `KWIRE_BENCH_THREADS=1` prints each fenced
-//! window's CPU by thread. Needs root. Run it with
+//! CPU is the agent process's CPU-time clock (clock_getcpuclockid(3): every thread, ended
+//! ones included, in nanoseconds), never wall time; `KWIRE_BENCH_THREADS=1` prints each
+//! fenced window's CPU by live thread (/proc/PID/task/TID/schedstat). Needs root. Run it with
 //! `scripts/bench-agent-scale.sh` (which builds the release binaries), or:
 //!   cargo build --release -p kwire-daemon -p kwire-cni && cargo build --release -p kwire-tests --example agent_scale
 //!   target/release/examples/agent_scale [--nodes N] [--pods N] [--namespaces N] [--policies N] [--json] ...
@@ -156,7 +155,7 @@ fn opts() -> Opts {
         policies: 5000,
         services: 0,
         changes: 120,
-        irrelevant: 2000,
+        irrelevant: 4000,
         churn_secs: 20,
         json: false,
         sync_only: false,
@@ -210,32 +209,33 @@ fn status_kb(pid: u32, field: &str) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// (user + system) CPU seconds of a process so far, from /proc/PID/stat: exact for the whole
-/// process life, exited threads included, but in clock ticks (10 ms).
+/// CPU seconds of a process so far, its ended threads included, to the nanosecond: the
+/// process's CPU-time clock (clock_getcpuclockid(3)); 0 when it cannot be read.
 fn cpu_seconds(pid: u32) -> f64 {
-    let ticks = || -> Option<f64> {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        let rest = &s[s.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        Some(f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?)
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `clock` is a valid place for the clock id.
+    if unsafe { libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) } != 0 {
+        return 0.0;
+    }
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks().map(|t| t / hz).unwrap_or(0.0)
+    // SAFETY: `ts` is a valid place for the time.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return 0.0;
+    }
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
-/// Readings that fell back to ticks (`cpu_from_ticks_readings` in the JSON): a thread of the
-/// agent ended in the window (tokio ends a blocking-pool thread idle for 10 s), so its last
-/// nanoseconds are unknown and the process's tick count (two ticks of rounding) is used.
-static TICK_READINGS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// A reading of a process's CPU time: per thread in nanoseconds (/proc/PID/task/TID/schedstat)
-/// and in ticks for the whole process; and the time its live threads have waited for a CPU
-/// while runnable (the second schedstat field), to tell a slow agent from a busy machine.
+/// A reading of a process's CPU time: the whole process's (ended threads included) and per
+/// live thread (/proc/PID/task/TID/schedstat), both in nanoseconds; and the time its live
+/// threads have waited for a CPU while runnable (the second schedstat field), to tell a slow
+/// agent from a busy machine.
 struct CpuReading {
     threads: std::collections::BTreeMap<u32, u64>,
     runqueue_ns: u64,
-    ticks_s: f64,
+    process_s: f64,
 }
 
 impl CpuReading {
@@ -260,22 +260,14 @@ impl CpuReading {
         CpuReading {
             threads,
             runqueue_ns,
-            ticks_s: cpu_seconds(pid),
+            process_s: cpu_seconds(pid),
         }
     }
 
-    /// CPU seconds from `earlier` to this reading: to the nanosecond when no thread ended in
-    /// between (new threads count from zero), else from the ticks.
+    /// The process's CPU seconds from `earlier` to this reading (threads that started or
+    /// ended in between included).
     fn since(&self, earlier: &CpuReading) -> f64 {
-        if earlier.threads.keys().all(|t| self.threads.contains_key(t)) {
-            let now: u64 = self.threads.values().sum();
-            let then: u64 = earlier.threads.values().sum();
-            now.saturating_sub(then) as f64 / 1e9
-        } else {
-            eprintln!("  (a thread of the agent ended: CPU from ticks, ±20 ms)");
-            TICK_READINGS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.ticks_s - earlier.ticks_s
-        }
+        self.process_s - earlier.process_s
     }
 
     /// The threads' run time from `earlier` to this reading, most first, with their names
@@ -1524,7 +1516,6 @@ fn main() {
         report.set("relevant_change_under_churn_p99_ms", ms(percentile(&under, 0.99)));
         report.set("relevant_change_under_churn_n", under.len());
 
-        report.set("cpu_from_ticks_readings", TICK_READINGS.load(std::sync::atomic::Ordering::Relaxed));
         let hwm = status_kb(pid, "VmHWM:").unwrap_or(0);
         let rss = status_kb(pid, "VmRSS:").unwrap_or(0);
         let cpu_total = cpu_seconds(pid);
