@@ -444,6 +444,30 @@ struct StateWrites {
 }
 
 const STATE_POLL: Duration = Duration::from_millis(10);
+/// How long the irrelevant Service window waits for the state files to hold the changes made
+/// before it (a writer pauses up to a minute between writes).
+const SAVED_WAIT: Duration = Duration::from_secs(75);
+/// A write that ends this long after a change holds it (the change is folded within a watch
+/// turn; the first change after a pause is written at once).
+const SAVED_AFTER: Duration = Duration::from_millis(200);
+
+/// Waits until `file` was modified at or after `since`, for at most `wait`; whether it was.
+fn written_since(file: &Path, since: std::time::SystemTime, wait: Duration) -> bool {
+    let t = Instant::now();
+    loop {
+        if std::fs::metadata(file).and_then(|m| m.modified()).is_ok_and(|m| m >= since) {
+            return true;
+        }
+        if t.elapsed() >= wait {
+            return false;
+        }
+        std::thread::sleep(STATE_POLL);
+    }
+}
+
+/// How long the irrelevant-update phase waits for the policy-state write the first Pod fence
+/// causes (the writer saves the first change after a pause at once).
+const POLICY_WRITE_WAIT: Duration = Duration::from_secs(10);
 
 impl StateWrites {
     fn watch(file: PathBuf) -> StateWrites {
@@ -1159,6 +1183,7 @@ fn main() {
 
         // State-file writes from here on (the figures below say per phase).
         let writes = StateWrites::watch(state.join(kwire::agent::state::STATE_FILE));
+        let policy_writes = StateWrites::watch(state.join(kwire::agent::policy_state::POLICY_STATE_FILE));
 
         // (a2) start-up handshakes. The device greets every peer (paced: INITIATIONS_PER_SECOND)
         // and boringtun retries each unanswered greeting every 5 s for 90 s. The synthetic
@@ -1251,7 +1276,17 @@ fn main() {
         // One Pod fence first, outside the window: it saves the policy inputs at once and puts
         // their writer into its pause (~40 s at the goal size), so the write the fences cause
         // falls after the windows. (The Node fence's peer-state write waits on its own.)
+        let policy_writes_before = policy_writes.get();
         pod_fence(&mut cluster);
+        // That write runs for tens of milliseconds after the fence (54 ms at the goal size) on
+        // the agent's blocking pool; the window starts once it is over, not during it.
+        let t = Instant::now();
+        while policy_writes.get() == policy_writes_before && t.elapsed() < POLICY_WRITE_WAIT {
+            std::thread::sleep(STATE_POLL);
+        }
+        if policy_writes.get() == policy_writes_before {
+            eprintln!("  (no policy-state write within {POLICY_WRITE_WAIT:?} of the first Pod fence: the window may hold it)");
+        }
         let half = o.irrelevant / 2;
         // State-file writes while the updates are made (the fences' own changes excluded: the
         // Node fence's new endpoint is written at once, being the first change in a while).
@@ -1411,6 +1446,8 @@ fn main() {
             }
         });
         perf.stop();
+        let relevant_end = std::time::SystemTime::now();
+        let mut services_end = relevant_end;
         let relevant_ms = net_us(cpu, wall, o.changes) / 1000.0;
         eprintln!("  relevant change: {:.3} ms agent CPU each", relevant_ms);
         report.set("relevant_change_cpu_ms", (relevant_ms * 1000.0).round() / 1000.0);
@@ -1428,6 +1465,7 @@ fn main() {
                 api.merge_patch(cluster.kinds.slice, Some(&ns_name), &name, &json!({"endpoints": slice["endpoints"]}), false).expect("EndpointSlice patch");
             });
             perf.stop();
+            services_end = std::time::SystemTime::now();
             let per = net_us(cpu, wall, o.changes) / 1000.0;
             eprintln!("  EndpointSlice change: {per:.3} ms agent CPU each ({} Services)", o.services);
             report.set("service_change_cpu_ms", (per * 1000.0).round() / 1000.0);
@@ -1437,6 +1475,19 @@ fn main() {
         // annotation on a Service, the EndpointSlice controller's trigger time on a slice. No
         // rebuild is due; the agent logs each one it makes.
         if o.services > 0 {
+            // The changes of (d) and (e2) are saved after their writers' pauses (up to a minute
+            // at the goal size): the window starts once the files hold them, not while one is
+            // written. A file last written well after the last change to it holds it already.
+            let files = [
+                (kwire::agent::state::STATE_FILE, relevant_end),
+                (kwire::agent::policy_state::POLICY_STATE_FILE, relevant_end),
+                (kwire::agent::service_state::SERVICE_STATE_FILE, services_end),
+            ];
+            for (file, changed) in files {
+                if !written_since(&state.join(file), changed + SAVED_AFTER, SAVED_WAIT) {
+                    eprintln!("  ({file} not written within {SAVED_WAIT:?} of the last change to it: the window may hold the write)");
+                }
+            }
             let service_kind = ApiServer::kind("v1", "Service").expect("the Service kind");
             let rebuilds = || std::fs::read_to_string(&log).map_or(0, |l| l.matches("service table swapped in").count());
             let before = rebuilds();
