@@ -455,7 +455,10 @@ const SAVED_AFTER: Duration = Duration::from_millis(200);
 fn written_since(file: &Path, since: std::time::SystemTime, wait: Duration) -> bool {
     let t = Instant::now();
     loop {
-        if std::fs::metadata(file).and_then(|m| m.modified()).is_ok_and(|m| m >= since) {
+        if std::fs::metadata(file)
+            .and_then(|m| m.modified())
+            .is_ok_and(|m| m >= since)
+        {
             return true;
         }
         if t.elapsed() >= wait {
