@@ -451,18 +451,19 @@ const SAVED_WAIT: Duration = Duration::from_secs(75);
 /// turn; the first change after a pause is written at once).
 const SAVED_AFTER: Duration = Duration::from_millis(200);
 
-/// Waits until `file` was modified at or after `since`, for at most `wait`; whether it was.
-fn written_since(file: &Path, since: std::time::SystemTime, wait: Duration) -> bool {
+/// Waits until the state file `file` in `dir` was modified at or after `since`, for at most
+/// `wait`; says so when it was not (the window about to start may then hold the write).
+fn wait_written(dir: &Path, file: &str, since: std::time::SystemTime, wait: Duration) {
     let t = Instant::now();
-    loop {
-        if std::fs::metadata(file)
+    let written = || {
+        std::fs::metadata(dir.join(file))
             .and_then(|m| m.modified())
             .is_ok_and(|m| m >= since)
-        {
-            return true;
-        }
+    };
+    while !written() {
         if t.elapsed() >= wait {
-            return false;
+            eprintln!("  ({file} not written within {wait:?}: the window may hold the write)");
+            return;
         }
         std::thread::sleep(STATE_POLL);
     }
@@ -1186,7 +1187,6 @@ fn main() {
 
         // State-file writes from here on (the figures below say per phase).
         let writes = StateWrites::watch(state.join(kwire::agent::state::STATE_FILE));
-        let policy_writes = StateWrites::watch(state.join(kwire::agent::policy_state::POLICY_STATE_FILE));
 
         // (a2) start-up handshakes. The device greets every peer (paced: INITIATIONS_PER_SECOND)
         // and boringtun retries each unanswered greeting every 5 s for 90 s. The synthetic
@@ -1279,17 +1279,11 @@ fn main() {
         // One Pod fence first, outside the window: it saves the policy inputs at once and puts
         // their writer into its pause (~40 s at the goal size), so the write the fences cause
         // falls after the windows. (The Node fence's peer-state write waits on its own.)
-        let policy_writes_before = policy_writes.get();
+        let fence_at = std::time::SystemTime::now();
         pod_fence(&mut cluster);
         // That write runs for tens of milliseconds after the fence (54 ms at the goal size) on
         // the agent's blocking pool; the window starts once it is over, not during it.
-        let t = Instant::now();
-        while policy_writes.get() == policy_writes_before && t.elapsed() < POLICY_WRITE_WAIT {
-            std::thread::sleep(STATE_POLL);
-        }
-        if policy_writes.get() == policy_writes_before {
-            eprintln!("  (no policy-state write within {POLICY_WRITE_WAIT:?} of the first Pod fence: the window may hold it)");
-        }
+        wait_written(&state, kwire::agent::policy_state::POLICY_STATE_FILE, fence_at, POLICY_WRITE_WAIT);
         let half = o.irrelevant / 2;
         // State-file writes while the updates are made (the fences' own changes excluded: the
         // Node fence's new endpoint is written at once, being the first change in a while).
@@ -1487,9 +1481,7 @@ fn main() {
                 (kwire::agent::service_state::SERVICE_STATE_FILE, services_end),
             ];
             for (file, changed) in files {
-                if !written_since(&state.join(file), changed + SAVED_AFTER, SAVED_WAIT) {
-                    eprintln!("  ({file} not written within {SAVED_WAIT:?} of the last change to it: the window may hold the write)");
-                }
+                wait_written(&state, file, changed + SAVED_AFTER, SAVED_WAIT);
             }
             let service_kind = ApiServer::kind("v1", "Service").expect("the Service kind");
             let rebuilds = || std::fs::read_to_string(&log).map_or(0, |l| l.matches("service table swapped in").count());
