@@ -4,6 +4,8 @@
 //! - `pod/view`: the line decoded as kube-rs's watcher decodes it (`WatchEvent<PodView>` from a
 //!   `&str`: the view keeps only what NetworkPolicy reads, see `agent::objects`);
 //! - `pod/view_and_filter`: that and `PodFilter::pass`, which drops it;
+//! - `pod/sieve`: what the agent does with it instead, undecoded (`PodFilter::unchanged_text`
+//!   reads the fingerprint from the text and drops it);
 //! - the same three for a Node heartbeat and `NodeFilter`.
 //!
 //! The objects are shaped as a cluster's are (managedFields, conditions, container statuses,
@@ -122,6 +124,31 @@ fn group<K: serde::de::DeserializeOwned>(
     g.finish();
 }
 
+/// `pod/sieve`: what the Pod watch's line reader does with a heartbeat instead of decoding
+/// it: the filter reads the object's text for its fingerprint, finds it unchanged, and the
+/// line is dropped undecoded (`PodFilter::unchanged_text`).
+fn sieve(c: &mut Criterion, lines: &[String]) {
+    let mut f = PodFilter::new(Arc::default());
+    let first: WatchEvent<PodView> = serde_json::from_str(&lines[0]).unwrap();
+    assert!(f.pass(&Event::Apply(object(first))));
+    const MODIFIED: &str = r#"{"type":"MODIFIED","object":"#;
+    let mut i = 0;
+    let mut next = || {
+        i = (i + 1) % lines.len();
+        lines[i].clone()
+    };
+    c.bench_function("pod/sieve", |b| {
+        b.iter_batched(
+            &mut next,
+            |l| {
+                let object = l.strip_prefix(MODIFIED).expect("a MODIFIED line");
+                assert!(f.unchanged_text(object).is_some(), "a heartbeat is dropped")
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+}
+
 fn bench(c: &mut Criterion) {
     let pods = lines(pod_line);
     let nodes = lines(node_line);
@@ -134,6 +161,7 @@ fn bench(c: &mut Criterion) {
     group(c, "pod", &pods, |v: PodView| {
         pod_filter.pass(&Event::Apply(v))
     });
+    sieve(c, &pods);
     let mut node_filter = NodeFilter::new("another-node", Arc::default());
     group(c, "node", &nodes, |v: NodeView| {
         node_filter.pass(&Ok(Event::Apply(v)))

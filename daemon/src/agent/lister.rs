@@ -17,6 +17,12 @@
 //! empty list, and is logged as a warning where the watcher logged one. The list parameters are the watcher's with the Any
 //! semantic and [`super::watches::PAGE_SIZE`] (the query is built by kube's own `Request`),
 //! and a watch silent for longer than its timeout plus 5 s is taken as dead, as kube does.
+//!
+//! The watch's lines are read here too (kube's `request_events` copies each line into a
+//! `String` and decodes all of it): with a [`Sieve`], a MODIFIED line is first shown to the
+//! sieve as text, and one that changes nothing the consumer reads is not decoded at all. It
+//! moves the watch's resourceVersion on and comes out as [`Seen::Unchanged`], so that the
+//! consumer still sees a watch event (its reads are paced by them) and nothing to fold.
 
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
@@ -48,6 +54,34 @@ pub trait Source<K>: Send + Sync + 'static {
 pub type WatchStart<K> =
     BoxFuture<'static, Result<BoxStream<'static, Result<WatchEvent<K>, kube::Error>>, kube::Error>>;
 
+/// Judges a watch's MODIFIED lines before they are decoded.
+///
+/// The consumer of the lister's items must hand each one to whatever the sieve compares with
+/// before it polls the stream again (no buffering in between): a line is judged against what
+/// the consumer was given up to the line before.
+pub trait Sieve: Send + Sync + 'static {
+    /// `object` is the JSON text of a MODIFIED event's object (followed by the line's closing
+    /// brace); its resourceVersion when the update changes nothing the consumer reads (the
+    /// line is then dropped undecoded), `None` to decode it.
+    fn unchanged(&self, object: &str) -> Option<String>;
+}
+
+/// One item of the list-then-watch: an event, or an update a [`Sieve`] dropped.
+#[derive(Debug)]
+pub enum Seen<K> {
+    Event(Event<K>),
+    /// A watched update that changes nothing the consumer reads (counted by the sieve).
+    Unchanged,
+}
+
+/// A bookmark's annotation that marks it as a line the sieve dropped (see [`events`]); the
+/// API server's own bookmarks never carry a `kwire.dev/` annotation.
+const UNCHANGED: &str = "kwire.dev/unchanged";
+
+/// The start of a MODIFIED line as kube-apiserver writes it (a line spelled otherwise is
+/// decoded whole, never sieved).
+const MODIFIED: &[u8] = br#"{"type":"MODIFIED","object":"#;
+
 /// The API server, for every kind (cluster-wide).
 struct Api<K> {
     client: Client,
@@ -56,6 +90,7 @@ struct Api<K> {
     watch: WatchParams,
     /// The last page's size in bytes.
     page_size: Arc<std::sync::atomic::AtomicUsize>,
+    sieve: Option<Arc<dyn Sieve>>,
     _kind: std::marker::PhantomData<fn() -> K>,
 }
 
@@ -92,13 +127,133 @@ where
             .watch(&self.watch, rv)
             .map_err(kube::Error::BuildRequest);
         let client = self.client.clone();
-        async move { Ok(client.request_events::<K>(req?).await?.boxed()) }.boxed()
+        let sieve = self.sieve.clone();
+        async move {
+            let mut req = req?;
+            // As kube's `request_events`: a watch is read line by line, never compressed.
+            req.headers_mut()
+                .entry(http::header::ACCEPT_ENCODING)
+                .or_insert(http::HeaderValue::from_static("identity"));
+            let body = client.request_stream(req).await?;
+            Ok(events(body, sieve))
+        }
+        .boxed()
     }
+}
+
+/// The events of a watch's body, one per line. A line the sieve finds unchanged becomes a
+/// bookmark at its resourceVersion marked [`UNCHANGED`]; a line cut short by the end of the
+/// body is skipped; the body ending (or ending early, as kube-apiserver ends a watch at its
+/// timeout) ends the stream, which the lister resumes from the last resourceVersion.
+pub fn events<K, R>(
+    body: R,
+    sieve: Option<Arc<dyn Sieve>>,
+) -> BoxStream<'static, Result<WatchEvent<K>, kube::Error>>
+where
+    K: DeserializeOwned + Send + 'static,
+    R: futures::AsyncBufRead + Send + 'static,
+{
+    struct Lines<R> {
+        body: std::pin::Pin<Box<R>>,
+        line: Vec<u8>,
+        sieve: Option<Arc<dyn Sieve>>,
+        failed: bool,
+    }
+    let lines = Lines {
+        body: Box::pin(body),
+        line: Vec::new(),
+        sieve,
+        failed: false,
+    };
+    futures::stream::unfold(lines, |mut l| async move {
+        if l.failed {
+            return None;
+        }
+        loop {
+            l.line.clear();
+            match futures::AsyncBufReadExt::read_until(&mut l.body, b'\n', &mut l.line).await {
+                Ok(0) => return None,
+                Ok(_) => {
+                    if let Some(item) = decode_line(&l.line, l.sieve.as_deref()) {
+                        return Some((item, l));
+                    }
+                }
+                Err(e) if ends_quietly(&e) => return None,
+                Err(e) => {
+                    l.failed = true;
+                    return Some((Err(kube::Error::ReadEvents(e)), l));
+                }
+            }
+        }
+    })
+    .boxed()
+}
+
+/// One line of a watch: its event, `None` for a blank line or one cut short.
+fn decode_line<K: DeserializeOwned>(
+    line: &[u8],
+    sieve: Option<&dyn Sieve>,
+) -> Option<Result<WatchEvent<K>, kube::Error>> {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if let (Some(sieve), Some(object)) = (sieve, line.strip_prefix(MODIFIED)) {
+        if let Some(rv) = std::str::from_utf8(object)
+            .ok()
+            .and_then(|o| sieve.unchanged(o))
+        {
+            let mut annotations = std::collections::BTreeMap::new();
+            annotations.insert(UNCHANGED.to_string(), String::new());
+            return Some(Ok(WatchEvent::Bookmark(kube::core::watch::Bookmark {
+                types: kube::core::TypeMeta::default(),
+                metadata: kube::core::watch::BookmarkMeta {
+                    resource_version: rv,
+                    annotations,
+                },
+            })));
+        }
+    }
+    match serde_json::from_slice::<WatchEvent<K>>(line) {
+        Ok(event) => Some(Ok(event)),
+        // A blank line, or the last one cut short by the body's end.
+        Err(e) if e.is_eof() => None,
+        // An error the server wrote in place of a watch event.
+        Err(e) => Some(Err(
+            match serde_json::from_slice::<kube::core::Status>(line) {
+                Ok(status) => kube::Error::Api(status.boxed()),
+                Err(_) => kube::Error::SerdeError(e),
+            },
+        )),
+    }
+}
+
+/// Whether a read error only ends the watch (to be resumed): the connection closed
+/// mid-chunk, or timed out, as kube's `request_events` treats them.
+fn ends_quietly(e: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{TimedOut, UnexpectedEof};
+    if matches!(e.kind(), TimedOut | UnexpectedEof) {
+        return true;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|e| e as _);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == UnexpectedEof {
+                return true;
+            }
+        }
+        if err.to_string().contains("unexpected EOF during chunk") {
+            return true;
+        }
+        source = err.source();
+    }
+    false
 }
 
 /// The list-then-watch of `K` (cluster-wide) through `client`: a drop-in for
 /// `kube::runtime::watcher::watcher(Api::all(client), watch_config())`.
-pub fn watch<K>(client: Client) -> impl Stream<Item = Result<Event<K>, Error>> + Send
+pub fn watch<K>(
+    client: Client,
+    sieve: Option<Arc<dyn Sieve>>,
+) -> impl Stream<Item = Result<Seen<K>, Error>> + Send
 where
     K: kube::Resource<DynamicType = ()>
         + DeserializeOwned
@@ -122,6 +277,7 @@ where
             ..WatchParams::default()
         },
         page_size: Arc::default(),
+        sieve,
         _kind: std::marker::PhantomData,
     };
     from_source(Arc::new(source), WATCH_TIMEOUT_S)
@@ -131,7 +287,7 @@ where
 pub fn from_source<K, S>(
     source: Arc<S>,
     timeout_s: u32,
-) -> impl Stream<Item = Result<Event<K>, Error>> + Send
+) -> impl Stream<Item = Result<Seen<K>, Error>> + Send
 where
     K: kube::Resource + DeserializeOwned + Send + 'static,
     S: Source<K>,
@@ -278,7 +434,7 @@ async fn step<K, S>(
     source: &Arc<S>,
     state: State<K>,
     idle: Duration,
-) -> (Option<Result<Event<K>, Error>>, State<K>)
+) -> (Option<Result<Seen<K>, Error>>, State<K>)
 where
     K: kube::Resource + DeserializeOwned + Send + 'static,
     S: Source<K>,
@@ -288,7 +444,7 @@ where
             let (tx, pages) = tokio::sync::mpsc::channel(PAGES_AHEAD);
             let fetcher = Fetcher(tokio::spawn(fetch(source.clone(), tx)));
             (
-                Some(Ok(Event::Init)),
+                Some(Ok(Seen::Event(Event::Init))),
                 State::Listing {
                     pages,
                     items: Vec::new().into_iter(),
@@ -305,7 +461,7 @@ where
         } => {
             if let Some(obj) = items.next() {
                 return (
-                    Some(Ok(Event::InitApply(obj))),
+                    Some(Ok(Seen::Event(Event::InitApply(obj)))),
                     State::Listing {
                         pages,
                         items,
@@ -335,7 +491,7 @@ where
                     (Some(Err(Error::InitialListFailed(e))), State::Empty)
                 }
                 None => match rv {
-                    Some(rv) => (Some(Ok(Event::InitDone)), State::Listed { rv }),
+                    Some(rv) => (Some(Ok(Seen::Event(Event::InitDone))), State::Listed { rv }),
                     None => (Some(Err(Error::NoResourceVersion)), State::Empty),
                 },
             }
@@ -364,7 +520,10 @@ where
                 .clone()
                 .filter(|r| !r.is_empty())
             {
-                Some(rv) => (Some(Ok(wrap(obj))), State::Watching { rv, stream }),
+                Some(rv) => (
+                    Some(Ok(Seen::Event(wrap(obj)))),
+                    State::Watching { rv, stream },
+                ),
                 None => (Some(Err(Error::NoResourceVersion)), State::Empty),
             };
             match next {
@@ -372,8 +531,12 @@ where
                     object(obj, Event::Apply, stream)
                 }
                 Some(Ok(WatchEvent::Deleted(obj))) => object(obj, Event::Delete, stream),
+                // A line the sieve dropped moves the watch on like a bookmark, and is told.
                 Some(Ok(WatchEvent::Bookmark(bm))) => (
-                    None,
+                    bm.metadata
+                        .annotations
+                        .contains_key(UNCHANGED)
+                        .then_some(Ok(Seen::Unchanged)),
                     State::Watching {
                         rv: bm.metadata.resource_version,
                         stream,
@@ -481,14 +644,15 @@ mod tests {
 
     /// What an item was, as a line: `init`, `+a` (listed), `done`, `apply a`, `delete a`,
     /// `error <what>`.
-    fn line(item: &Result<Event<ConfigMap>, Error>) -> String {
+    fn line(item: &Result<Seen<ConfigMap>, Error>) -> String {
         let name = |o: &ConfigMap| o.metadata.name.clone().unwrap();
         match item {
-            Ok(Event::Init) => "init".into(),
-            Ok(Event::InitApply(o)) => format!("+{}", name(o)),
-            Ok(Event::InitDone) => "done".into(),
-            Ok(Event::Apply(o)) => format!("apply {}", name(o)),
-            Ok(Event::Delete(o)) => format!("delete {}", name(o)),
+            Ok(Seen::Event(Event::Init)) => "init".into(),
+            Ok(Seen::Event(Event::InitApply(o))) => format!("+{}", name(o)),
+            Ok(Seen::Event(Event::InitDone)) => "done".into(),
+            Ok(Seen::Event(Event::Apply(o))) => format!("apply {}", name(o)),
+            Ok(Seen::Event(Event::Delete(o))) => format!("delete {}", name(o)),
+            Ok(Seen::Unchanged) => "unchanged".into(),
             Err(Error::InitialListFailed(_)) => "error list".into(),
             Err(Error::WatchStartFailed(_)) => "error watch start".into(),
             Err(Error::WatchError(s)) => format!("error watch {}", s.code),
@@ -564,6 +728,128 @@ mod tests {
         );
         // From the list's version, then from the bookmark, then from the last event's.
         assert_eq!(*s.asked_watches.lock().unwrap(), ["10", "15", "17"]);
+    }
+
+    /// Drops (as unchanged) every object whose text holds `beat`, at resourceVersion "beat".
+    struct BeatSieve;
+    impl Sieve for BeatSieve {
+        fn unchanged(&self, object: &str) -> Option<String> {
+            object.contains("beat").then(|| "beat".to_string())
+        }
+    }
+
+    /// A watch body's lines: a MODIFIED line the sieve drops comes out as a bookmark marked
+    /// unchanged at the sieve's resourceVersion, every other line decoded (the sieve sees
+    /// only MODIFIED lines as kube-apiserver spells them; an ERROR event is an event), a
+    /// bare Status in place of an event an API error, a blank line and one cut short by the
+    /// end skipped; with no sieve everything is decoded.
+    #[tokio::test]
+    async fn a_watch_body_read_line_by_line_through_the_sieve() {
+        let modified = |name: &str, note: &str| {
+            let mut o = serde_json::to_value(cm(name, 5)).unwrap();
+            o["data"] = json!({"note": note});
+            format!(r#"{{"type":"MODIFIED","object":{o}}}"#)
+        };
+        let added = format!(
+            r#"{{"type":"ADDED","object":{}}}"#,
+            json!({"metadata": {"name": "beat", "resourceVersion": "6"}})
+        );
+        let spaced = modified("b", "beat").replace(r#""type":"#, r#""type": "#);
+        let error = r#"{"type":"ERROR","object":{"kind":"Status","status":"Failure","message":"too old","reason":"Expired","code":410}}"#;
+        let body = [
+            modified("a", "beat"),
+            modified("b", "news"),
+            "\r".into(),
+            added,
+            spaced,
+            error.into(),
+            r#"{"kind":"Status","status":"Failure","message":"boom","reason":"InternalError","code":500}"#.into(),
+            r#"{"type":"MODIFIED","object":{"metad"#.into(),
+        ]
+        .join("\n");
+        let show = |sieve: Option<Arc<dyn Sieve>>| {
+            let body = futures::io::Cursor::new(body.clone().into_bytes());
+            async move {
+                events::<ConfigMap, _>(body, sieve)
+                    .map(|item| match item {
+                        Ok(WatchEvent::Bookmark(b)) => format!(
+                            "bookmark {} {:?}",
+                            b.metadata.resource_version,
+                            b.metadata.annotations.keys().collect::<Vec<_>>()
+                        ),
+                        Ok(WatchEvent::Modified(o)) => {
+                            format!("modified {}", o.metadata.name.unwrap())
+                        }
+                        Ok(WatchEvent::Added(o)) => format!("added {}", o.metadata.name.unwrap()),
+                        Ok(WatchEvent::Error(s)) => format!("error event {}", s.code),
+                        Ok(_) => "other".into(),
+                        Err(kube::Error::Api(s)) => format!("api error {}", s.code),
+                        Err(e) => format!("error {e}"),
+                    })
+                    .collect::<Vec<_>>()
+                    .await
+            }
+        };
+        assert_eq!(
+            show(Some(Arc::new(BeatSieve))).await,
+            [
+                r#"bookmark beat ["kwire.dev/unchanged"]"#,
+                "modified b",
+                "added beat",
+                "modified b",
+                "error event 410",
+                "api error 500"
+            ]
+        );
+        assert_eq!(
+            show(None).await,
+            [
+                "modified a",
+                "modified b",
+                "added beat",
+                "modified b",
+                "error event 410",
+                "api error 500"
+            ]
+        );
+    }
+
+    /// An update the sieve dropped is told as `unchanged` and moves the watch on as a
+    /// bookmark does; the API server's own bookmarks are not told.
+    #[tokio::test]
+    async fn a_sieved_update_is_told_and_resumes_the_watch_from_its_version() {
+        let unchanged = |rv: &str| {
+            WatchEvent::Bookmark(
+                serde_json::from_value(json!({"apiVersion": "", "kind": "",
+                    "metadata": {"resourceVersion": rv, "annotations": {UNCHANGED: ""}}}))
+                .unwrap(),
+            )
+        };
+        let s = script(
+            vec![(None, Ok(page(10, None, &["a"])))],
+            vec![
+                Ok(vec![
+                    unchanged("12"),
+                    WatchEvent::Modified(cm("a", 13)),
+                    unchanged("14"),
+                ]),
+                Ok(vec![WatchEvent::Added(cm("b", 15))]),
+            ],
+        );
+        let got = lines(s.clone(), 7).await;
+        assert_eq!(
+            got,
+            [
+                "init",
+                "+a",
+                "done",
+                "unchanged",
+                "apply a",
+                "unchanged",
+                "apply b"
+            ]
+        );
+        assert_eq!(*s.asked_watches.lock().unwrap(), ["10", "14"]);
     }
 
     #[tokio::test]

@@ -121,36 +121,39 @@ pub struct PodView {
 }
 view_of!(PodView, corev1::Pod);
 
+// The spec and status parts of a Pod view are generic in their strings: `String` in the view
+// the index is given, [`Text`] (borrowed from the watch line) in [`PodView::fingerprint_line`],
+// which hashes them without allocating. Both derive the same `Hash`, field for field.
 #[derive(Clone, Debug, Default, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct PodSpecView {
-    node_name: Option<String>,
+struct PodSpecView<S = String> {
+    node_name: Option<S>,
     host_network: Option<bool>,
     #[serde(default)]
-    containers: Vec<ContainerView>,
-    init_containers: Option<Vec<ContainerView>>,
+    containers: Vec<ContainerView<S>>,
+    init_containers: Option<Vec<ContainerView<S>>>,
 }
 
 #[derive(Clone, Debug, Default, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ContainerView {
+struct ContainerView<S = String> {
     #[serde(default)]
-    name: String,
-    restart_policy: Option<String>,
-    ports: Option<Vec<PortView>>,
+    name: S,
+    restart_policy: Option<S>,
+    ports: Option<Vec<PortView<S>>>,
 }
 
 /// `corev1::ContainerPort`, field for field (with `Hash`, which the k8s-openapi type lacks);
 /// a missing or null number or IP reads as k8s-openapi reads it, as the default.
 #[derive(Clone, Debug, Default, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct PortView {
+struct PortView<S = String> {
     container_port: Option<i32>,
     #[serde(rename = "hostIP")]
-    host_ip: Option<String>,
+    host_ip: Option<S>,
     host_port: Option<i32>,
-    name: Option<String>,
-    protocol: Option<String>,
+    name: Option<S>,
+    protocol: Option<S>,
 }
 
 impl ContainerView {
@@ -176,18 +179,109 @@ impl ContainerView {
 
 #[derive(Clone, Debug, Default, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct PodStatusView {
-    phase: Option<String>,
+struct PodStatusView<S = String> {
+    phase: Option<S>,
     #[serde(rename = "podIP")]
-    pod_ip: Option<String>,
+    pod_ip: Option<S>,
     #[serde(rename = "podIPs")]
-    pod_ips: Option<Vec<PodIpView>>,
+    pod_ips: Option<Vec<PodIpView<S>>>,
 }
 
 /// `corev1::PodIP` (with `Hash`).
 #[derive(Clone, Debug, Default, Hash, Deserialize)]
-struct PodIpView {
-    ip: Option<String>,
+struct PodIpView<S = String> {
+    ip: Option<S>,
+}
+
+/// A Pod as [`PodView::fingerprint_line`] reads it: what [`PodView`] keeps, its strings
+/// borrowed from the line.
+#[derive(Deserialize)]
+struct PodText<'a> {
+    #[serde(borrow)]
+    metadata: Option<MetaText<'a>>,
+    #[serde(borrow)]
+    spec: Option<PodSpecView<Text<'a>>>,
+    #[serde(borrow)]
+    status: Option<PodStatusView<Text<'a>>>,
+}
+
+/// [`LabelledMeta`], borrowed.
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MetaText<'a> {
+    #[serde(borrow)]
+    name: Option<Text<'a>>,
+    #[serde(borrow)]
+    namespace: Option<Text<'a>>,
+    #[serde(borrow)]
+    resource_version: Option<Text<'a>>,
+    #[serde(borrow)]
+    uid: Option<Text<'a>>,
+    #[serde(borrow, default, deserialize_with = "labels_text")]
+    labels: Option<Vec<(Text<'a>, Text<'a>)>>,
+}
+
+/// Labels borrowed, in the order and with the values a `BTreeMap` would hold (sorted by key;
+/// a key given twice keeps its last value).
+fn labels_text<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Vec<(Text<'de>, Text<'de>)>>, D::Error> {
+    struct Pairs;
+    impl<'de> Visitor<'de> for Pairs {
+        type Value = Option<Vec<(Text<'de>, Text<'de>)>>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of strings, or null")
+        }
+        fn visit_none<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok(None)
+        }
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_map(self)
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut pairs = Vec::with_capacity(m.size_hint().unwrap_or(8));
+            while let Some(k) = m.next_key::<Text<'de>>()? {
+                pairs.push((k, m.next_value::<Text<'de>>()?));
+            }
+            // A stable sort keeps a repeated key's values in their order; the last one stays.
+            pairs.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+            let mut out: Vec<(Text<'de>, Text<'de>)> = Vec::with_capacity(pairs.len());
+            for (k, v) in pairs {
+                match out.last_mut() {
+                    Some(last) if last.0.as_str() == k.as_str() => last.1 = v,
+                    _ => out.push((k, v)),
+                }
+            }
+            Ok(Some(out))
+        }
+    }
+    d.deserialize_option(Pairs)
+}
+
+/// Feeds the identity and labels of a Pod's metadata to `h`, one way for the view and for
+/// its borrowed reading (so the two hash alike by construction, not by the standard
+/// library's choices).
+fn hash_meta<'a, H: std::hash::Hasher>(
+    ids: [Option<&str>; 3],
+    labels: Option<(usize, impl Iterator<Item = (&'a str, &'a str)>)>,
+    h: &mut H,
+) {
+    use std::hash::Hash;
+    ids.hash(h);
+    match labels {
+        None => h.write_u8(0),
+        Some((n, pairs)) => {
+            h.write_u8(1);
+            h.write_usize(n);
+            for (k, v) in pairs {
+                k.hash(h);
+                v.hash(h);
+            }
+        }
+    }
 }
 
 impl PodView {
@@ -198,9 +292,53 @@ impl PodView {
     pub fn hash_content<H: std::hash::Hasher>(&self, h: &mut H) {
         use std::hash::Hash;
         let m = &self.metadata;
-        (&m.name, &m.namespace, &m.uid, &m.labels).hash(h);
+        hash_meta(
+            [&m.name, &m.namespace, &m.uid].map(Option::as_deref),
+            m.labels
+                .as_ref()
+                .map(|l| (l.len(), l.iter().map(|(k, v)| (k.as_str(), v.as_str())))),
+            h,
+        );
         self.spec.hash(h);
         self.status.hash(h);
+    }
+
+    /// The (namespace, name) a Pod filter keys its fingerprints by.
+    pub fn key(&self) -> (Option<&str>, Option<&str>) {
+        (
+            self.metadata.namespace.as_deref(),
+            self.metadata.name.as_deref(),
+        )
+    }
+
+    /// A Pod's JSON text read as [`PodView`] reads it, without allocating for what it keeps:
+    /// its key ([`PodView::key`]) hashed with `keys`, its content hashed as
+    /// [`PodView::hash_content`] hashes the view of the same text, and its resourceVersion.
+    /// `None` when the text is not a Pod the view would read alike (the caller decodes it).
+    pub fn fingerprint_line(text: &str, keys: &impl std::hash::BuildHasher) -> Option<Fingerprint> {
+        use std::hash::Hash;
+        let pod = PodText::deserialize(&mut serde_json::Deserializer::from_str(text)).ok()?;
+        let m = pod.metadata.unwrap_or_default();
+        let rv = m.resource_version.as_ref()?.as_str().to_string();
+        let key = keys.hash_one((
+            m.namespace.as_ref().map(Text::as_str),
+            m.name.as_ref().map(Text::as_str),
+        ));
+        let mut h = keys.build_hasher();
+        hash_meta(
+            [&m.name, &m.namespace, &m.uid].map(|t| t.as_ref().map(Text::as_str)),
+            m.labels
+                .as_ref()
+                .map(|l| (l.len(), l.iter().map(|(k, v)| (k.as_str(), v.as_str())))),
+            &mut h,
+        );
+        pod.spec.hash(&mut h);
+        pod.status.hash(&mut h);
+        Some(Fingerprint {
+            key,
+            content: std::hash::Hasher::finish(&h),
+            resource_version: rv,
+        })
     }
 
     /// The k8s-openapi Pod with the kept fields set.
@@ -301,41 +439,66 @@ fn node_meta<'de, D: Deserializer<'de>>(d: D) -> Result<ObjectMeta, D::Error> {
     })
 }
 
-/// A map key, borrowed from the input when it can be.
-enum Key<'de> {
+/// A string borrowed from the input when it can be (one without escapes), owned otherwise.
+/// It hashes as `str` and `String` hash, so a view of `Text` hashes as the same view of
+/// `String`.
+#[derive(Debug)]
+pub enum Text<'de> {
     Borrowed(&'de str),
     Owned(String),
 }
 
-impl Key<'_> {
-    fn as_str(&self) -> &str {
+impl Text<'_> {
+    pub fn as_str(&self) -> &str {
         match self {
-            Key::Borrowed(s) => s,
-            Key::Owned(s) => s,
+            Text::Borrowed(s) => s,
+            Text::Owned(s) => s,
         }
     }
 }
 
-impl<'de> Deserialize<'de> for Key<'de> {
+impl Default for Text<'_> {
+    fn default() -> Self {
+        Text::Borrowed("")
+    }
+}
+
+impl std::hash::Hash for Text<'_> {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        self.as_str().hash(h)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = Key<'de>;
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Text<'a>;
             fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
                 f.write_str("a string")
             }
             fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
-                Ok(Key::Borrowed(v))
+                Ok(Text::Borrowed(v))
             }
             fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
-                Ok(Key::Owned(v.to_string()))
+                Ok(Text::Owned(v.to_string()))
             }
             fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
-                Ok(Key::Owned(v))
+                Ok(Text::Owned(v))
             }
         }
-        d.deserialize_str(V)
+        d.deserialize_str(V(std::marker::PhantomData))
     }
+}
+
+/// What [`PodView::fingerprint_line`] reads from a Pod's text.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Fingerprint {
+    /// The (namespace, name) key, hashed.
+    pub key: u64,
+    /// Everything the view keeps but the resourceVersion, hashed.
+    pub content: u64,
+    pub resource_version: String,
 }
 
 /// `metadata.annotations`, keeping only [`KEPT_ANNOTATION_PREFIX`] keys: the others (kubeadm's,
@@ -360,7 +523,7 @@ fn kwire_annotations<'de, D: Deserializer<'de>>(
         }
         fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
             let mut out = BTreeMap::new();
-            while let Some(k) = m.next_key::<Key<'de>>()? {
+            while let Some(k) = m.next_key::<Text<'de>>()? {
                 if k.as_str().starts_with(KEPT_ANNOTATION_PREFIX) {
                     out.insert(k.as_str().to_string(), m.next_value::<String>()?);
                 } else {
@@ -614,6 +777,64 @@ mod tests {
         }
         // The same labels spelled with an escape read alike.
         assert_eq!(print(r#""labels": {"app": "w\u0065b"},"#, "1"), prints[0]);
+    }
+
+    /// A Pod's text fingerprinted without decoding it hashes as its decoded view does, for
+    /// labels as `pod_labels_read_as_k8s_openapi_reads_them` spells them (escapes, a repeated
+    /// key, empty, null, absent), with and without spec, status, init containers and ports;
+    /// the key is the view's.
+    #[test]
+    fn a_pods_text_fingerprints_as_its_view_hashes() {
+        use std::hash::{BuildHasher, Hasher};
+        let keys = std::hash::RandomState::new();
+        let labels = [
+            r#""labels": {"app": "web", "tier": "front"},"#,
+            r#""labels": {"a\"b": "c\\d", "\u00e9t\u00e9": "\n", "k8s.io/x": "y\/z"},"#,
+            r#""labels": {"app": "web", "app": "db", "z": "1", "a": "2"},"#,
+            r#""labels": {"z": "1", "app": "db", "a": "2"},"#,
+            r#""labels": {"": ""},"#,
+            r#""labels": {},"#,
+            r#""labels": null,"#,
+            "",
+        ];
+        let rest = [
+            String::new(),
+            r#", "spec": {"nodeName": "n1", "hostNetwork": true, "containers": [{"name": "c"}]}"#
+                .into(),
+            r#", "status": {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}, {}]}"#
+                .into(),
+            {
+                let full = full_pod("a", "t");
+                format!(r#", "spec": {}, "status": {}"#, full["spec"], full["status"])
+            },
+        ];
+        let mut prints = std::collections::HashSet::new();
+        for l in labels {
+            for r in &rest {
+                let text = format!(
+                    r#"{{"metadata": {{"name": "p\u0031", "namespace": "x", "uid": "u", "resourceVersion": "9", {l} "annotations": {{"a": "b"}}}}{r}}}"#
+                );
+                let view: PodView = serde_json::from_str(&text).expect(&text);
+                let mut h = keys.build_hasher();
+                view.hash_content(&mut h);
+                let print = PodView::fingerprint_line(&text, &keys).expect(&text);
+                assert_eq!(print.content, h.finish(), "{text}");
+                assert_eq!(print.key, keys.hash_one(view.key()), "{text}");
+                assert_eq!(print.resource_version, "9");
+                prints.insert(print.content);
+            }
+        }
+        // The third and fourth labels are one map spelled twice, null and absent labels read
+        // alike; the others differ.
+        assert_eq!(prints.len(), (labels.len() - 2) * rest.len());
+        // What the view refuses is not fingerprinted either.
+        for bad in [
+            r#"{"metadata": {"resourceVersion": "1", "labels": {"a": 1}}}"#,
+            r#"{"metadata": {"resourceVersion": "1"}, "spec": {"containers": {}}}"#,
+        ] {
+            assert!(PodView::fingerprint_line(bad, &keys).is_none(), "{bad}");
+            assert!(serde_json::from_str::<PodView>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

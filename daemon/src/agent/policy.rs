@@ -51,6 +51,8 @@ pub enum Change {
     Pod(Event<PodView>),
     Namespace(Event<NamespaceView>),
     Policy(Event<NetworkPolicyView>),
+    /// A watched update the Pod sieve dropped undecoded: nothing to fold.
+    Unchanged,
     Error(Kind, String),
 }
 
@@ -62,6 +64,7 @@ impl Change {
             Change::Pod(ev) => is_watch_event(ev),
             Change::Namespace(ev) => is_watch_event(ev),
             Change::Policy(ev) => is_watch_event(ev),
+            Change::Unchanged => true,
             Change::Error(..) => false,
         }
     }
@@ -71,6 +74,7 @@ fn watch<K>(
     client: Client,
     kind: Kind,
     wrap: fn(Event<K>) -> Change,
+    sieve: Option<Arc<dyn super::lister::Sieve>>,
 ) -> impl futures::Stream<Item = Change> + Send
 where
     K: kube::Resource<DynamicType = ()>
@@ -80,10 +84,11 @@ where
         + Send
         + 'static,
 {
-    super::lister::watch::<K>(client)
+    super::lister::watch::<K>(client, sieve)
         .backoff(super::WatchBackoff::default())
         .map(move |r| match r {
-            Ok(ev) => wrap(ev),
+            Ok(super::lister::Seen::Event(ev)) => wrap(ev),
+            Ok(super::lister::Seen::Unchanged) => Change::Unchanged,
             Err(e) => Change::Error(kind, e.to_string()),
         })
 }
@@ -194,6 +199,7 @@ impl Folder {
                 Self::apply_policy,
                 |ix, (ns, n)| ix.delete_policy(ns, n),
             ),
+            Change::Unchanged => {}
             Change::Error(kind, e) => {
                 let last = &mut self.last_error[kind as usize];
                 if last.is_none_or(|t| t.elapsed() >= super::WATCH_ERROR_LOG_INTERVAL) {
@@ -339,15 +345,19 @@ async fn run(
     pod_tally: Arc<crate::node_state::FilterCounts>,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
-    let s0 = watch::<PodView>(client.clone(), Kind::Pods, Change::Pod);
-    let s1 = watch::<NamespaceView>(client.clone(), Kind::Namespaces, Change::Namespace);
-    let s2 = watch::<NetworkPolicyView>(client, Kind::NetworkPolicies, Change::Policy);
+    // Unchanged Pods (status heartbeats, annotations) stop at the filter: a watched update
+    // as text, before it is decoded (the filter as the watch's sieve); a listed Pod, or an
+    // update the sieve could not judge, after it is decoded and before it is converted and
+    // compared. Every Pod item is handed to the filter before the next is read (see `Sieve`).
+    let pod_filter = Arc::new(super::watches::SharedPodFilter::new(pod_tally));
+    let sieve: Arc<dyn super::lister::Sieve> = pod_filter.clone();
+    let s0 = watch::<PodView>(client.clone(), Kind::Pods, Change::Pod, Some(sieve));
+    let s1 = watch::<NamespaceView>(client.clone(), Kind::Namespaces, Change::Namespace, None);
+    let s2 = watch::<NetworkPolicyView>(client, Kind::NetworkPolicies, Change::Policy, None);
     let events = futures::stream::select(futures::stream::select(s0, s1), s2);
     let mut events = std::pin::pin!(events);
     let mut enforcing = false;
-    // Unchanged Pods (status heartbeats, annotations) stop here: not converted, not compared.
-    let mut pod_filter = super::watches::PodFilter::new(pod_tally);
-    let mut fold = |folder: &mut Folder, change: Change| {
+    let fold = |folder: &mut Folder, change: Change| {
         if let Change::Pod(ev) = &change {
             if !pod_filter.pass(ev) {
                 return;

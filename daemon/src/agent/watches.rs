@@ -179,9 +179,19 @@ impl PodFilter {
     }
 
     fn key(&self, v: &PodView) -> u64 {
-        let m = &v.metadata;
-        self.hasher
-            .hash_one((m.namespace.as_deref(), m.name.as_deref()))
+        self.hasher.hash_one(v.key())
+    }
+
+    /// A watched update as text (the object of a MODIFIED line): its resourceVersion when
+    /// its fingerprint is the one remembered for its Pod (dropped and counted), `None` when
+    /// it differs or cannot be read as a Pod (then it is decoded and given to [`Self::pass`]).
+    pub fn unchanged_text(&mut self, object: &str) -> Option<String> {
+        let print = PodView::fingerprint_line(object, &self.hasher)?;
+        if self.last.get(&print.key) != Some(&print.content) {
+            return None;
+        }
+        self.tally.add(false);
+        Some(print.resource_version)
     }
 
     /// Records `v`'s fingerprint; true when it differs from the one before.
@@ -196,6 +206,33 @@ impl PodFilter {
     /// (passed, dropped) so far.
     pub fn counts(&self) -> (u64, u64) {
         self.tally.get()
+    }
+}
+
+/// A [`PodFilter`] shared by the Pod watch's line reader (as its sieve) and the policy loop
+/// that folds what passes; both run on the policy thread, one after the other.
+pub struct SharedPodFilter(std::sync::Mutex<PodFilter>);
+
+impl SharedPodFilter {
+    pub fn new(tally: Arc<FilterCounts>) -> Self {
+        SharedPodFilter(std::sync::Mutex::new(PodFilter::new(tally)))
+    }
+
+    /// [`PodFilter::pass`].
+    pub fn pass(&self, ev: &Event<PodView>) -> bool {
+        self.lock().pass(ev)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, PodFilter> {
+        // The filter holds only fingerprints: one left half-updated by a panic is still safe
+        // to read (a stale fingerprint lets the next update through).
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl super::lister::Sieve for SharedPodFilter {
+    fn unchanged(&self, object: &str) -> Option<String> {
+        self.lock().unchanged_text(object)
     }
 }
 
@@ -611,7 +648,12 @@ mod tests {
     }
 
     fn pod(name: &str, rv: u64, app: &str, ip: &str, heartbeat: &str) -> PodView {
-        serde_json::from_value(json!({
+        serde_json::from_str(&pod_text(name, rv, app, ip, heartbeat)).unwrap()
+    }
+
+    /// [`pod`]'s JSON text, as a watch line holds it.
+    fn pod_text(name: &str, rv: u64, app: &str, ip: &str, heartbeat: &str) -> String {
+        serde_json::to_string(&json!({
             "metadata": {"name": name, "namespace": "x", "uid": format!("u-{name}"),
                 "resourceVersion": rv.to_string(), "labels": {"app": app},
                 "annotations": {"note": heartbeat}, "managedFields": [{"manager": "kubelet"}]},
@@ -621,6 +663,39 @@ mod tests {
                 "conditions": [{"type": "Ready", "status": "True", "lastProbeTime": heartbeat}]}
         }))
         .unwrap()
+    }
+
+    /// The sieve (text) judges a watched update as the filter (view) does, and drops only what
+    /// the filter would drop: after a drop the remembered fingerprint is the same, so a
+    /// change back and forth passes both ways.
+    #[test]
+    fn the_sieve_drops_a_heartbeat_as_text_and_passes_a_change() {
+        let mut f = PodFilter::new(Arc::default());
+        assert!(f.pass(&Event::Init));
+        assert!(f.pass(&Event::InitApply(pod("a", 1, "web", "10.0.0.1", "t0"))));
+        assert!(f.pass(&Event::InitDone));
+        // A heartbeat's text: dropped, at its resourceVersion.
+        let beat = pod_text("a", 2, "web", "10.0.0.1", "t1");
+        assert_eq!(f.unchanged_text(&format!("{beat}}}")).as_deref(), Some("2"));
+        // A relabel's text: not judged unchanged; decoded, it passes; then back again.
+        let relabel = pod_text("a", 3, "db", "10.0.0.1", "t1");
+        assert_eq!(f.unchanged_text(&relabel), None);
+        assert!(f.pass(&Event::Apply(pod("a", 3, "db", "10.0.0.1", "t1"))));
+        assert_eq!(f.unchanged_text(&relabel).as_deref(), Some("3"));
+        let back = pod_text("a", 4, "web", "10.0.0.1", "t2");
+        assert_eq!(f.unchanged_text(&back), None);
+        assert!(f.pass(&Event::Apply(pod("a", 4, "web", "10.0.0.1", "t2"))));
+        // An unknown Pod, text that is not a Pod, a Pod without a resourceVersion: decoded.
+        assert_eq!(
+            f.unchanged_text(&pod_text("b", 5, "web", "10.0.0.1", "t2")),
+            None
+        );
+        assert_eq!(f.unchanged_text(r#"{"metadata": 7}"#), None);
+        assert_eq!(
+            f.unchanged_text("{\"metadata\": {\"name\": \"a\", \"namespace\": \"x\""),
+            None
+        );
+        assert_eq!(f.counts(), (5, 2));
     }
 
     #[test]
@@ -647,9 +722,16 @@ mod tests {
         assert_eq!(f.counts(), (11, 3));
     }
 
+    fn ev_rv(ev: &Event<PodView>) -> Option<&str> {
+        match ev {
+            Event::Apply(v) => v.metadata.resource_version.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The policy index's fold of what the Pod filter passes ends where its fold of everything
     /// ends: for random histories of updates (labels, addresses, heartbeats), deletes and
-    /// re-lists, the Pods (as the index's model reads them) folded from the passed events
+    /// re-lists, each update first judged as text by the sieve, the Pods (as the index's model reads them) folded from the passed events
     /// equal those folded from all events.
     #[test]
     fn filtered_pod_history_folds_to_the_same_pods() {
@@ -681,34 +763,52 @@ mod tests {
             let mut f = PodFilter::new(Arc::default());
             let (mut all, mut passed) = (View::new(), View::new());
             let (mut r1, mut r2) = (None, None);
-            let mut events = vec![Event::Init, Event::InitDone];
+            // Each event with the text a watch line would hold for an update (the sieve
+            // judges that first, as the Pod watch's line reader does).
+            let mut events: Vec<(Event<PodView>, Option<String>)> =
+                vec![(Event::Init, None), (Event::InitDone, None)];
             for rv in 1..=80u64 {
-                let view = |rand: &mut dyn FnMut(u64) -> u64| {
+                let text = |rand: &mut dyn FnMut(u64) -> u64| {
                     let name = format!("p{}", rand(4));
                     let app = format!("app{}", rand(2));
                     let ip = format!("10.0.0.{}", rand(2));
-                    pod(&name, rv, &app, &ip, &format!("t{}", rand(1000)))
+                    pod_text(&name, rv, &app, &ip, &format!("t{}", rand(1000)))
                 };
+                let view = |t: &str| serde_json::from_str::<PodView>(t).unwrap();
                 match rand(12) {
-                    0 => events.push(Event::Delete(view(&mut rand))),
+                    0 => events.push((Event::Delete(view(&text(&mut rand))), None)),
                     1 => {
-                        events.push(Event::Init);
+                        events.push((Event::Init, None));
                         for _ in 0..rand(4) {
-                            events.push(Event::InitApply(view(&mut rand)));
+                            events.push((Event::InitApply(view(&text(&mut rand))), None));
                         }
-                        events.push(Event::InitDone);
+                        events.push((Event::InitDone, None));
                     }
-                    _ => events.push(Event::Apply(view(&mut rand))),
+                    _ => {
+                        let t = text(&mut rand);
+                        events.push((Event::Apply(view(&t)), Some(t)))
+                    }
                 }
             }
-            for ev in &events {
+            let mut sieved = 0;
+            for (ev, text) in &events {
                 fold(&mut all, &mut r1, ev);
+                if let Some(rv) = text.as_deref().and_then(|t| f.unchanged_text(t)) {
+                    assert_eq!(Some(rv.as_str()), ev_rv(ev));
+                    sieved += 1;
+                    continue;
+                }
                 if f.pass(ev) {
                     fold(&mut passed, &mut r2, ev);
                 }
             }
             assert_eq!(all, passed);
-            assert!(f.counts().1 > 0, "some updates were dropped");
+            assert!(sieved > 0, "some updates were dropped as text");
+            assert_eq!(
+                f.counts().1,
+                sieved,
+                "what the sieve passes on, the filter passes"
+            );
         }
     }
 }
