@@ -56,14 +56,30 @@ pub type WatchStart<K> =
 
 /// Judges a watch's MODIFIED lines before they are decoded.
 ///
-/// The consumer of the lister's items must hand each one to whatever the sieve compares with
-/// before it polls the stream again (no buffering in between): a line is judged against what
-/// the consumer was given up to the line before.
+/// What it compares a line with comes from one of two places. A sieve may keep its own
+/// fingerprints: the lister then shows it every list page ([`Sieve::listed`]) and the text of
+/// every object a watch event delivers ([`Sieve::seen`], [`Sieve::forget`]). Or the
+/// consumer of the lister's items keeps them (the Pod filter, which is seeded from the
+/// decoded list items): it must then hand each item to the sieve's state before it polls the
+/// stream again (no buffering in between), so that a line is judged against everything
+/// before it.
 pub trait Sieve: Send + Sync + 'static {
     /// `object` is the JSON text of a MODIFIED event's object (followed by the line's closing
     /// brace); its resourceVersion when the update changes nothing the consumer reads (the
     /// line is then dropped undecoded), `None` to decode it.
     fn unchanged(&self, object: &str) -> Option<String>;
+    /// A list starts over.
+    fn relist(&self) {}
+    /// A list page's body, once its items are decoded.
+    fn listed(&self, _page: &str) {}
+    /// The text of an object an ADDED or MODIFIED event delivered (followed by the line's
+    /// closing brace), once decoded; false when the sieve cannot read it (the object is then
+    /// forgotten).
+    fn seen(&self, _object: &str) -> bool {
+        true
+    }
+    /// An object deleted, or delivered in a line whose object text was not found.
+    fn forget(&self, _namespace: Option<&str>, _name: Option<&str>) {}
 }
 
 /// One item of the list-then-watch: an event, or an update a [`Sieve`] dropped.
@@ -81,6 +97,8 @@ const UNCHANGED: &str = "kwire.dev/unchanged";
 /// The start of a MODIFIED line as kube-apiserver writes it (a line spelled otherwise is
 /// decoded whole, never sieved).
 const MODIFIED: &[u8] = br#"{"type":"MODIFIED","object":"#;
+/// The start of an ADDED line (its object's text is shown to the sieve).
+const ADDED: &[u8] = br#"{"type":"ADDED","object":"#;
 
 /// The API server, for every kind (cluster-wide).
 struct Api<K> {
@@ -150,7 +168,7 @@ pub fn events<K, R>(
     sieve: Option<Arc<dyn Sieve>>,
 ) -> BoxStream<'static, Result<WatchEvent<K>, kube::Error>>
 where
-    K: DeserializeOwned + Send + 'static,
+    K: kube::Resource + DeserializeOwned + Send + 'static,
     R: futures::AsyncBufRead + Send + 'static,
 {
     struct Lines<R> {
@@ -190,17 +208,21 @@ where
 }
 
 /// One line of a watch: its event, `None` for a blank line or one cut short.
-fn decode_line<K: DeserializeOwned>(
+fn decode_line<K: kube::Resource + DeserializeOwned>(
     line: &[u8],
     sieve: Option<&dyn Sieve>,
 ) -> Option<Result<WatchEvent<K>, kube::Error>> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if let (Some(sieve), Some(object)) = (sieve, line.strip_prefix(MODIFIED)) {
-        if let Some(rv) = std::str::from_utf8(object)
-            .ok()
-            .and_then(|o| sieve.unchanged(o))
-        {
+    let Some(sieve) = sieve else {
+        return decode(line);
+    };
+    let modified = line.strip_prefix(MODIFIED);
+    let object = modified
+        .or_else(|| line.strip_prefix(ADDED))
+        .and_then(|o| std::str::from_utf8(o).ok());
+    if modified.is_some() {
+        if let Some(rv) = object.and_then(|o| sieve.unchanged(o)) {
             let mut annotations = std::collections::BTreeMap::new();
             annotations.insert(UNCHANGED.to_string(), String::new());
             return Some(Ok(WatchEvent::Bookmark(kube::core::watch::Bookmark {
@@ -212,6 +234,24 @@ fn decode_line<K: DeserializeOwned>(
             })));
         }
     }
+    let event = decode::<K>(line);
+    // The sieve's own fingerprints follow what was decoded.
+    if let Some(Ok(ev)) = &event {
+        let forget = |o: &K| sieve.forget(o.meta().namespace.as_deref(), o.meta().name.as_deref());
+        match (ev, object) {
+            // Remembered from its text; text the sieve cannot read falls through to forget.
+            (WatchEvent::Added(_) | WatchEvent::Modified(_), Some(text)) if sieve.seen(text) => {}
+            (WatchEvent::Added(o) | WatchEvent::Modified(o) | WatchEvent::Deleted(o), _) => {
+                forget(o)
+            }
+            _ => {}
+        }
+    }
+    event
+}
+
+/// A line decoded whole, as kube's `request_events` decodes it.
+fn decode<K: DeserializeOwned>(line: &[u8]) -> Option<Result<WatchEvent<K>, kube::Error>> {
     match serde_json::from_slice::<WatchEvent<K>>(line) {
         Ok(event) => Some(Ok(event)),
         // A blank line, or the last one cut short by the body's end.
@@ -277,16 +317,17 @@ where
             ..WatchParams::default()
         },
         page_size: Arc::default(),
-        sieve,
+        sieve: sieve.clone(),
         _kind: std::marker::PhantomData,
     };
-    from_source(Arc::new(source), WATCH_TIMEOUT_S)
+    from_source(Arc::new(source), WATCH_TIMEOUT_S, sieve)
 }
 
 /// [`watch`] from any [`Source`]; a watch silent for `timeout_s` + 5 s is restarted.
 pub fn from_source<K, S>(
     source: Arc<S>,
     timeout_s: u32,
+    sieve: Option<Arc<dyn Sieve>>,
 ) -> impl Stream<Item = Result<Seen<K>, Error>> + Send
 where
     K: kube::Resource + DeserializeOwned + Send + 'static,
@@ -295,9 +336,10 @@ where
     let idle = Duration::from_secs(timeout_s.into()) + WATCH_IDLE_MARGIN;
     futures::stream::unfold(State::Empty, move |mut state| {
         let source = source.clone();
+        let sieve = sieve.clone();
         async move {
             loop {
-                let (item, next) = step(&source, state, idle).await;
+                let (item, next) = step(&source, state, idle, sieve.as_deref()).await;
                 state = next;
                 if let Some(item) = item {
                     return Some((item, state));
@@ -434,6 +476,7 @@ async fn step<K, S>(
     source: &Arc<S>,
     state: State<K>,
     idle: Duration,
+    sieve: Option<&dyn Sieve>,
 ) -> (Option<Result<Seen<K>, Error>>, State<K>)
 where
     K: kube::Resource + DeserializeOwned + Send + 'static,
@@ -441,6 +484,9 @@ where
 {
     match state {
         State::Empty => {
+            if let Some(sieve) = sieve {
+                sieve.relist();
+            }
             let (tx, pages) = tokio::sync::mpsc::channel(PAGES_AHEAD);
             let fetcher = Fetcher(tokio::spawn(fetch(source.clone(), tx)));
             (
@@ -473,7 +519,12 @@ where
             match pages.recv().await {
                 Some(Ok(page)) => match serde_json::from_str::<Items<K>>(&page.body) {
                     Ok(list) => (
-                        None,
+                        {
+                            if let Some(sieve) = sieve {
+                                sieve.listed(&page.body);
+                            }
+                            None
+                        },
                         State::Listing {
                             pages,
                             items: list.items.into_iter(),
@@ -663,7 +714,7 @@ mod tests {
 
     /// The first `n` items of the list-then-watch of `script`, as lines.
     async fn lines(script: Arc<Script>, n: usize) -> Vec<String> {
-        let mut s = std::pin::pin!(from_source(script, 290));
+        let mut s = std::pin::pin!(from_source(script, 290, None));
         let mut out = Vec::new();
         for _ in 0..n {
             let Ok(item) = tokio::time::timeout(Duration::from_secs(30), s.next()).await else {
@@ -862,7 +913,7 @@ mod tests {
             ],
             vec![],
         );
-        let mut stream = std::pin::pin!(from_source(s.clone(), 290));
+        let mut stream = std::pin::pin!(from_source(s.clone(), 290, None));
         // Init, and the first object of the first page: the rest of it is not consumed.
         for want in ["init", "+a"] {
             assert_eq!(line(&stream.next().await.unwrap()), want);

@@ -686,9 +686,19 @@ async fn agent_main(
                     agent.status.pod_filter.clone(),
                 )
                 .context("starting the policy thread")?;
-                let services =
-                    services::start(config, loop_pods, firewall, service_record, watch_turn)
-                        .context("starting the service thread")?;
+                let tallies = [
+                    agent.status.service_filter.clone(),
+                    agent.status.slice_filter.clone(),
+                ];
+                let services = services::start(
+                    config,
+                    loop_pods,
+                    firewall,
+                    service_record,
+                    watch_turn,
+                    tallies,
+                )
+                .context("starting the service thread")?;
                 Ok((client, nodes, (policy, services)))
             });
         match started {

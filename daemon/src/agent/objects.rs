@@ -28,7 +28,7 @@ use k8s_openapi::api::core::v1 as corev1;
 use k8s_openapi::api::discovery::v1 as discoveryv1;
 use k8s_openapi::api::networking::v1 as netv1;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
-use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::de::{DeserializeSeed as _, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 /// The annotations a Node view keeps (kwire's own).
@@ -536,6 +536,299 @@ fn kwire_annotations<'de, D: Deserializer<'de>>(
     d.deserialize_option(Map)
 }
 
+/// What a text fingerprint ([`fingerprint_text`]) reads of an object besides its name,
+/// namespace and uid: fields of its metadata and fields at its top level, each hashed whole.
+/// It must name everything the object's view keeps (a field left out would let a change of
+/// it be dropped); naming more only lets more updates through.
+pub struct Kept {
+    pub metadata: &'static [&'static str],
+    pub fields: &'static [&'static str],
+}
+
+/// What [`ServiceObjView`] keeps.
+pub const SERVICE_KEPT: Kept = Kept {
+    metadata: &[],
+    fields: &["spec", "status"],
+};
+
+/// What [`EndpointSliceView`] keeps.
+pub const SLICE_KEPT: Kept = Kept {
+    metadata: &["labels"],
+    fields: &["addressType", "ports", "endpoints"],
+};
+
+/// An object's JSON text read for what `kept` names, without decoding it: its
+/// (namespace, name) key hashed with `keys`, the kept fields (with their names, in the order
+/// the text gives them) and its identity hashed into its content, and its resourceVersion.
+/// Texts of one object from one API server hash alike when the kept fields are alike (the
+/// server writes them in one order); spelled differently, they only hash apart. `None` for
+/// text that is not an object with a resourceVersion.
+pub fn fingerprint_text(
+    text: &str,
+    keys: &impl std::hash::BuildHasher,
+    kept: &Kept,
+) -> Option<Fingerprint> {
+    let mut h = keys.build_hasher();
+    let ident = ObjectSeed { kept, h: &mut h }
+        .deserialize(&mut serde_json::Deserializer::from_str(text))
+        .ok()?;
+    finish_print(ident, keys, h)
+}
+
+/// The fingerprints of a list body's items ([`fingerprint_text`] of each), `None` for a body
+/// that is not a list of such objects.
+pub fn fingerprint_list(
+    body: &str,
+    keys: &impl std::hash::BuildHasher,
+    kept: &Kept,
+) -> Option<Vec<Fingerprint>> {
+    struct ListV<'k, B> {
+        keys: &'k B,
+        kept: &'k Kept,
+    }
+    impl<'de, B: std::hash::BuildHasher> Visitor<'de> for ListV<'_, B> {
+        type Value = Vec<Fingerprint>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(k) = m.next_key::<Text<'de>>()? {
+                if k.as_str() == "items" {
+                    out = m.next_value_seed(ItemsV {
+                        keys: self.keys,
+                        kept: self.kept,
+                    })?;
+                } else {
+                    m.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(out)
+        }
+    }
+    struct ItemsV<'k, B> {
+        keys: &'k B,
+        kept: &'k Kept,
+    }
+    impl<'de, B: std::hash::BuildHasher> serde::de::DeserializeSeed<'de> for ItemsV<'_, B> {
+        type Value = Vec<Fingerprint>;
+        fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    impl<'de, B: std::hash::BuildHasher> Visitor<'de> for ItemsV<'_, B> {
+        type Value = Vec<Fingerprint>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list's items")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut s: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::with_capacity(s.size_hint().unwrap_or(0));
+            loop {
+                let mut h = self.keys.build_hasher();
+                let Some(ident) = s.next_element_seed(ObjectSeed {
+                    kept: self.kept,
+                    h: &mut h,
+                })?
+                else {
+                    return Ok(out);
+                };
+                if let Some(p) = finish_print(ident, self.keys, h) {
+                    out.push(p);
+                }
+            }
+        }
+    }
+    serde_json::Deserializer::from_str(body)
+        .deserialize_map(ListV { keys, kept })
+        .ok()
+}
+
+/// The identity an object's text gave ([`ObjectSeed`]).
+#[derive(Default)]
+struct Ident<'a> {
+    name: Option<Text<'a>>,
+    namespace: Option<Text<'a>>,
+    uid: Option<Text<'a>>,
+    resource_version: Option<Text<'a>>,
+}
+
+fn finish_print<H: std::hash::Hasher>(
+    ident: Ident<'_>,
+    keys: &impl std::hash::BuildHasher,
+    mut h: H,
+) -> Option<Fingerprint> {
+    use std::hash::Hash;
+    let rv = ident.resource_version.as_ref()?.as_str().to_string();
+    let (ns, name) = (
+        ident.namespace.as_ref().map(Text::as_str),
+        ident.name.as_ref().map(Text::as_str),
+    );
+    (ns, name, ident.uid.as_ref().map(Text::as_str)).hash(&mut h);
+    Some(Fingerprint {
+        key: keys.hash_one((ns, name)),
+        content: h.finish(),
+        resource_version: rv,
+    })
+}
+
+/// Reads one object's text: its identity kept, what `kept` names hashed into `h`, the rest
+/// skipped.
+struct ObjectSeed<'k, H> {
+    kept: &'k Kept,
+    h: &'k mut H,
+}
+
+impl<'de, H: std::hash::Hasher> serde::de::DeserializeSeed<'de> for ObjectSeed<'_, H> {
+    type Value = Ident<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, H: std::hash::Hasher> Visitor<'de> for ObjectSeed<'_, H> {
+    type Value = Ident<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        use std::hash::Hash;
+        let mut ident = Ident::default();
+        while let Some(k) = m.next_key::<Text<'de>>()? {
+            let k = k.as_str();
+            if k == "metadata" {
+                ident = m.next_value_seed(MetaSeed {
+                    kept: self.kept.metadata,
+                    h: &mut *self.h,
+                })?;
+            } else if self.kept.fields.contains(&k) {
+                k.hash(self.h);
+                m.next_value_seed(HashTree(&mut *self.h))?;
+            } else {
+                m.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(ident)
+    }
+}
+
+/// Reads an object's metadata: its identity kept, the `kept` fields hashed.
+struct MetaSeed<'k, H> {
+    kept: &'static [&'static str],
+    h: &'k mut H,
+}
+
+impl<'de, H: std::hash::Hasher> serde::de::DeserializeSeed<'de> for MetaSeed<'_, H> {
+    type Value = Ident<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de, H: std::hash::Hasher> Visitor<'de> for MetaSeed<'_, H> {
+    type Value = Ident<'de>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("object metadata")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        use std::hash::Hash;
+        let mut ident = Ident::default();
+        while let Some(k) = m.next_key::<Text<'de>>()? {
+            let slot = match k.as_str() {
+                "name" => &mut ident.name,
+                "namespace" => &mut ident.namespace,
+                "uid" => &mut ident.uid,
+                "resourceVersion" => &mut ident.resource_version,
+                other if self.kept.contains(&other) => {
+                    other.hash(self.h);
+                    m.next_value_seed(HashTree(&mut *self.h))?;
+                    continue;
+                }
+                _ => {
+                    m.next_value::<IgnoredAny>()?;
+                    continue;
+                }
+            };
+            *slot = m.next_value::<Option<Text<'de>>>()?;
+        }
+        Ok(ident)
+    }
+}
+
+/// Hashes a JSON value whole into its hasher: every scalar with a tag of its type, every map
+/// and array with its bounds, so that two values hash alike only when they are alike (given
+/// as one writer gives them: keys in the same order).
+struct HashTree<'h, H>(&'h mut H);
+
+impl<'de, H: std::hash::Hasher> serde::de::DeserializeSeed<'de> for HashTree<'_, H> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, H: std::hash::Hasher> Visitor<'de> for HashTree<'_, H> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E>(self, v: bool) -> Result<(), E> {
+        self.0.write_u8(1);
+        self.0.write_u8(v.into());
+        Ok(())
+    }
+    fn visit_i64<E>(self, v: i64) -> Result<(), E> {
+        self.0.write_u8(2);
+        self.0.write_i64(v);
+        Ok(())
+    }
+    fn visit_u64<E>(self, v: u64) -> Result<(), E> {
+        self.0.write_u8(3);
+        self.0.write_u64(v);
+        Ok(())
+    }
+    fn visit_f64<E>(self, v: f64) -> Result<(), E> {
+        self.0.write_u8(4);
+        self.0.write_u64(v.to_bits());
+        Ok(())
+    }
+    fn visit_str<E>(self, v: &str) -> Result<(), E> {
+        use std::hash::Hash;
+        self.0.write_u8(5);
+        v.hash(self.0);
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        self.0.write_u8(6);
+        Ok(())
+    }
+    fn visit_none<E>(self) -> Result<(), E> {
+        self.0.write_u8(6);
+        Ok(())
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut s: A) -> Result<(), A::Error> {
+        self.0.write_u8(7);
+        while s.next_element_seed(HashTree(&mut *self.0))?.is_some() {}
+        self.0.write_u8(8);
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<(), A::Error> {
+        use std::hash::Hash;
+        self.0.write_u8(9);
+        while let Some(k) = m.next_key::<Text<'de>>()? {
+            k.hash(self.0);
+            m.next_value_seed(HashTree(&mut *self.0))?;
+        }
+        self.0.write_u8(10);
+        Ok(())
+    }
+}
+
 /// A Service as the service table reads it (see [`crate::services::ServiceView::from_parts`]).
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct ServiceObjView {
@@ -835,6 +1128,66 @@ mod tests {
             assert!(PodView::fingerprint_line(bad, &keys).is_none(), "{bad}");
             assert!(serde_json::from_str::<PodView>(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A text fingerprint reads what `Kept` names and the identity, nothing else; a listed
+    /// item's is its text's; a number, a null, a nested array or a key moved between levels
+    /// all count.
+    #[test]
+    fn text_fingerprints_read_only_the_kept_fields() {
+        use std::hash::BuildHasher;
+        let keys = std::hash::RandomState::new();
+        let svc = |rv: u32, note: &str, spec: &str| {
+            format!(
+                r#"{{"apiVersion":"v1","kind":"Service","metadata":{{"name":"a","namespace":"x","uid":"u","resourceVersion":"{rv}","labels":{{"l":"{note}"}},"annotations":{{"n":"{note}"}},"managedFields":[{{"t":"{note}"}}]}},"spec":{spec},"status":{{"loadBalancer":{{}}}}}}"#
+            )
+        };
+        let print = |t: &str| fingerprint_text(t, &keys, &SERVICE_KEPT).expect(t);
+        let base = print(&svc(1, "a", r#"{"ports":[{"port":80}]}"#));
+        assert_eq!(base.resource_version, "1");
+        assert_eq!(base.key, keys.hash_one((Some("x"), Some("a"))));
+        // Annotations, labels (a Service view keeps none), managedFields, resourceVersion.
+        assert_eq!(
+            print(&svc(2, "b", r#"{"ports":[{"port":80}]}"#)).content,
+            base.content
+        );
+        let specs = [
+            r#"{"ports":[{"port":81}]}"#,
+            r#"{"ports":[{"port":"80"}]}"#,
+            r#"{"ports":[{"port":80.0}]}"#,
+            r#"{"ports":[{"port":null}]}"#,
+            r#"{"ports":[[{"port":80}]]}"#,
+            r#"{"ports":[{"port":80}],"type":"NodePort"}"#,
+            r#"{"ports":[]}"#,
+            "null",
+        ];
+        let mut contents = vec![base.content];
+        for spec in specs {
+            contents.push(print(&svc(3, "a", spec)).content);
+        }
+        let distinct: std::collections::HashSet<_> = contents.iter().collect();
+        assert_eq!(distinct.len(), contents.len(), "every spec hashes apart");
+        // A listed item fingerprints as its text does.
+        let items = [
+            svc(4, "a", r#"{"ports":[{"port":80}]}"#),
+            svc(5, "c", "null"),
+        ];
+        let page = format!(
+            r#"{{"kind":"ServiceList","metadata":{{"resourceVersion":"5"}},"items":[{}]}}"#,
+            items.join(",")
+        );
+        let listed = fingerprint_list(&page, &keys, &SERVICE_KEPT).unwrap();
+        assert_eq!(listed, items.iter().map(|t| print(t)).collect::<Vec<_>>());
+        // An EndpointSlice keeps its labels (the Service it belongs to).
+        let slice = |label: &str| {
+            format!(
+                r#"{{"metadata":{{"name":"s","resourceVersion":"1","labels":{{"kubernetes.io/service-name":"{label}"}}}},"addressType":"IPv4","endpoints":[]}}"#
+            )
+        };
+        let sprint = |t: &str| fingerprint_text(t, &keys, &SLICE_KEPT).unwrap().content;
+        assert_ne!(sprint(&slice("a")), sprint(&slice("b")));
+        assert!(fingerprint_text(r#"{"metadata":{"name":"a"}}"#, &keys, &SERVICE_KEPT).is_none());
+        assert!(fingerprint_text("[1]", &keys, &SERVICE_KEPT).is_none());
     }
 
     #[test]

@@ -8,18 +8,20 @@
 //! restored from `service-state.bin` is in force (see [`super::service_state`]), and while
 //! the API is unreachable the last table stays in force.
 
+use super::lister::{Seen, Sieve};
 use super::objects::{EndpointSliceView, ServiceObjView};
 use super::persist::Persist;
 use super::pod_network::Firewall;
 use super::service_health::HealthServers;
-use super::watches::{is_watch_event, Pacer};
+use super::watches::{is_watch_event, Pacer, TextSieve};
 use crate::dataplane::ports::Pods;
+use crate::node_state::FilterCounts;
 use crate::services::table::{ObjectKey, Scope, ServiceCompiler};
 use crate::services::{ServiceTable, ServiceView, SliceView};
 use futures::StreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
-use kube::{Api, Client, ResourceExt};
+use kube::{Client, ResourceExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -211,14 +213,22 @@ impl State {
     fn take(&mut self, item: Item) -> Change {
         let c = &mut self.compiler;
         let (list, done) = match item {
-            Item::Service(Ok(ev)) => {
+            // An update the watch's sieve dropped: nothing the views hold changed.
+            Item::Service(Ok(Seen::Unchanged)) | Item::Slice(Ok(Seen::Unchanged)) => {
+                return Change::Event {
+                    list: matches!(item, Item::Slice(_)) as usize,
+                    done: false,
+                    changed: self.compiler.is_dirty(),
+                }
+            }
+            Item::Service(Ok(Seen::Event(ev))) => {
                 let (put, replace) = (
                     ServiceCompiler::put_service,
                     ServiceCompiler::replace_services,
                 );
                 (0, self.services.feed(ev, service_view, c, put, replace))
             }
-            Item::Slice(Ok(ev)) => {
+            Item::Slice(Ok(Seen::Event(ev))) => {
                 let (put, replace) = (ServiceCompiler::put_slice, ServiceCompiler::replace_slices);
                 (1, self.slices.feed(ev, slice_view, c, put, replace))
             }
@@ -240,8 +250,8 @@ impl State {
 /// between the variants costs nothing).
 #[allow(clippy::large_enum_variant)]
 enum Item {
-    Service(Result<Event<ServiceObjView>, watcher::Error>),
-    Slice(Result<Event<EndpointSliceView>, watcher::Error>),
+    Service(Result<Seen<ServiceObjView>, watcher::Error>),
+    Slice(Result<Seen<EndpointSliceView>, watcher::Error>),
 }
 
 fn service_view(o: &ServiceObjView) -> Option<ServiceView> {
@@ -283,9 +293,10 @@ pub fn start(
     firewall: Firewall,
     store: Shared,
     turn: Duration,
+    tallies: [Arc<FilterCounts>; 2],
 ) -> std::io::Result<tokio::sync::oneshot::Sender<()>> {
     super::watches::spawn_stoppable("kwire-services", config, move |client, stop| {
-        run(client, pods, firewall, store, turn, stop)
+        run(client, pods, firewall, store, turn, tallies, stop)
     })
 }
 
@@ -297,19 +308,31 @@ async fn run(
     firewall: Firewall,
     store: Shared,
     turn: Duration,
+    tallies: [Arc<FilterCounts>; 2],
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let health = Arc::new(tokio::sync::Mutex::new(HealthServers::default()));
     if let Some(restored) = pods.services() {
         health.lock().await.apply(restored.health_checks()).await;
     }
-    let cfg = watcher::Config::default;
-    let services = watcher::watcher(Api::<ServiceObjView>::all(client.clone()), cfg())
-        .backoff(super::WatchBackoff::default())
-        .map(Item::Service);
-    let slices = watcher::watcher(Api::<EndpointSliceView>::all(client), cfg())
-        .backoff(super::WatchBackoff::default())
-        .map(Item::Slice);
+    // Listed and watched by the lister (pages fetched ahead, the watch's lines read there):
+    // an update whose text changes nothing the views keep (another controller's annotation,
+    // managedFields) is dropped by the kind's sieve before it is decoded.
+    let [service_tally, slice_tally] = tallies;
+    let sieve =
+        |kept, tally| -> Option<Arc<dyn Sieve>> { Some(Arc::new(TextSieve::new(kept, tally))) };
+    let services = super::lister::watch::<ServiceObjView>(
+        client.clone(),
+        sieve(&super::objects::SERVICE_KEPT, service_tally),
+    )
+    .backoff(super::WatchBackoff::default())
+    .map(Item::Service);
+    let slices = super::lister::watch::<EndpointSliceView>(
+        client,
+        sieve(&super::objects::SLICE_KEPT, slice_tally),
+    )
+    .backoff(super::WatchBackoff::default())
+    .map(Item::Slice);
     // Shared with the compile on a blocking thread and with the writer that saves the views;
     // the loop below awaits each compile before it takes the next event.
     let take = |item: Item| {
@@ -357,8 +380,9 @@ async fn run(
     };
     let events = futures::stream::select(services, slices);
     let watched: fn(&Item) -> bool = |item| match item {
-        Item::Service(Ok(ev)) => is_watch_event(ev),
-        Item::Slice(Ok(ev)) => is_watch_event(ev),
+        Item::Service(Ok(Seen::Event(ev))) => is_watch_event(ev),
+        Item::Slice(Ok(Seen::Event(ev))) => is_watch_event(ev),
+        Item::Service(Ok(Seen::Unchanged)) | Item::Slice(Ok(Seen::Unchanged)) => true,
         _ => false,
     };
     debounced(
@@ -444,7 +468,7 @@ mod tests {
 
     /// A Service event as the watch gives it.
     fn service_item(ev: Event<ServiceObjView>) -> Item {
-        Item::Service(Ok(ev))
+        Item::Service(Ok(Seen::Event(ev)))
     }
 
     #[test]
@@ -557,6 +581,157 @@ mod tests {
         );
         drop(tx);
         task.await.unwrap();
+    }
+
+    /// The text sieves drop only what changes no view: for random histories of Service and
+    /// EndpointSlice updates (annotations, labels, managedFields, spec, status, endpoints and
+    /// their conditions), deletes and re-lists, written as an API server writes them (list
+    /// pages, watch lines) and read through the lister's line reader with the kind's sieve,
+    /// the views folded from what comes through equal those folded from every event decoded
+    /// in full. Most annotation-only updates are dropped as text.
+    #[tokio::test]
+    async fn sieved_histories_fold_to_the_same_views() {
+        use crate::node_state::FilterCounts;
+        use serde_json::json;
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rand = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut dropped = [0; 2];
+        for round in 0..60 {
+            let slices = round % 2 == 1;
+            let object = |rand: &mut dyn FnMut(u64) -> u64, rv: u64| {
+                let name = format!("o{}", rand(3));
+                // What views read changes in one update of four or so; the rest is noise.
+                let mut rand = |n: u64| if rand(4) == 0 { rand(n) } else { 0 };
+                let meta = json!({"name": name, "namespace": "shop", "uid": format!("u-{name}"),
+                    "resourceVersion": rv.to_string(),
+                    "labels": {"kubernetes.io/service-name": format!("s{}", rand(2)), "x": rand(2).to_string()},
+                    "annotations": {"note": rv.to_string()},
+                    "managedFields": [{"manager": "m", "time": rv.to_string()}]});
+                if slices {
+                    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "metadata": meta,
+                        "addressType": "IPv4", "ports": [{"name": "http", "port": 8080 + rand(2), "protocol": "TCP"}],
+                        "endpoints": [{"addresses": [format!("10.244.1.{}", rand(2) + 1)],
+                            "conditions": {"ready": rand(2) == 0}, "nodeName": "n1"}]})
+                } else {
+                    json!({"apiVersion": "v1", "kind": "Service", "metadata": meta,
+                        "spec": {"type": "LoadBalancer", "clusterIPs": [format!("10.96.0.{}", rand(2) + 10)],
+                            "ports": [{"port": 80 + rand(2), "nodePort": 30080}]},
+                        "status": {"loadBalancer": {"ingress": [{"ip": format!("203.0.113.{}", rand(2) + 1)}]}}})
+                }
+            };
+            let kept = if slices {
+                &crate::agent::objects::SLICE_KEPT
+            } else {
+                &crate::agent::objects::SERVICE_KEPT
+            };
+            let tally = Arc::new(FilterCounts::default());
+            let sieve: Arc<dyn Sieve> = Arc::new(TextSieve::new(kept, tally.clone()));
+            // Views by name: from every event decoded, and from what the reader gave.
+            let view = |o: &serde_json::Value| -> Option<String> {
+                if slices {
+                    let v: EndpointSliceView = serde_json::from_value(o.clone()).unwrap();
+                    slice_view(&v).map(|v| format!("{v:?}"))
+                } else {
+                    let v: ServiceObjView = serde_json::from_value(o.clone()).unwrap();
+                    service_view(&v).map(|v| format!("{v:?}"))
+                }
+            };
+            let (mut all, mut through) = (BTreeMap::new(), BTreeMap::new());
+            let name = |o: &serde_json::Value| o["metadata"]["name"].as_str().unwrap().to_string();
+            let mut lines = Vec::new();
+            // Reads the lines so far through the line reader and folds what comes out.
+            async fn read(
+                lines: &mut Vec<String>,
+                sieve: &Arc<dyn Sieve>,
+                slices: bool,
+                through: &mut BTreeMap<String, Option<String>>,
+            ) {
+                use kube::core::WatchEvent::{Added, Deleted, Modified};
+                let body = || futures::io::Cursor::new(lines.join("\n").into_bytes());
+                fn fold<K: ResourceExt>(
+                    through: &mut BTreeMap<String, Option<String>>,
+                    ev: kube::core::WatchEvent<K>,
+                    view: impl Fn(&K) -> Option<String>,
+                ) {
+                    match ev {
+                        Added(o) | Modified(o) => {
+                            through.insert(o.name_any(), view(&o));
+                        }
+                        Deleted(o) => {
+                            through.remove(&o.name_any());
+                        }
+                        _ => {}
+                    }
+                }
+                if slices {
+                    let evs: Vec<_> = super::super::lister::events::<EndpointSliceView, _>(
+                        body(),
+                        Some(sieve.clone()),
+                    )
+                    .collect()
+                    .await;
+                    for ev in evs {
+                        fold(through, ev.unwrap(), |o| {
+                            slice_view(o).map(|v| format!("{v:?}"))
+                        });
+                    }
+                } else {
+                    let evs: Vec<_> = super::super::lister::events::<ServiceObjView, _>(
+                        body(),
+                        Some(sieve.clone()),
+                    )
+                    .collect()
+                    .await;
+                    for ev in evs {
+                        fold(through, ev.unwrap(), |o| {
+                            service_view(o).map(|v| format!("{v:?}"))
+                        });
+                    }
+                }
+                lines.clear();
+            }
+            for rv in 1..=60u64 {
+                match rand(10) {
+                    0 => {
+                        // A re-list: the lines so far are read, then the list replaces all.
+                        read(&mut lines, &sieve, slices, &mut through).await;
+                        let items: Vec<_> = (0..rand(4)).map(|_| object(&mut rand, rv)).collect();
+                        all = items.iter().map(|o| (name(o), view(o))).collect();
+                        through = all.clone();
+                        sieve.relist();
+                        let page = json!({"metadata": {"resourceVersion": rv.to_string()}, "items": items});
+                        sieve.listed(&page.to_string());
+                    }
+                    1 => {
+                        let o = object(&mut rand, rv);
+                        all.remove(&name(&o));
+                        lines.push(format!(r#"{{"type":"DELETED","object":{o}}}"#));
+                    }
+                    2 => {
+                        let o = object(&mut rand, rv);
+                        all.insert(name(&o), view(&o));
+                        lines.push(format!(r#"{{"type":"ADDED","object":{o}}}"#));
+                    }
+                    _ => {
+                        let o = object(&mut rand, rv);
+                        all.insert(name(&o), view(&o));
+                        lines.push(format!(r#"{{"type":"MODIFIED","object":{o}}}"#));
+                    }
+                }
+            }
+            read(&mut lines, &sieve, slices, &mut through).await;
+            assert_eq!(all, through, "round {round}");
+            dropped[slices as usize] += tally.get().1;
+        }
+        assert!(
+            dropped.iter().all(|d| *d > 100),
+            "updates dropped as text (Services, EndpointSlices): {dropped:?}"
+        );
     }
 
     #[test]

@@ -236,6 +236,72 @@ impl super::lister::Sieve for SharedPodFilter {
     }
 }
 
+/// A sieve that keeps its own fingerprints, read from the objects' text as listed and as
+/// watched ([`super::objects::fingerprint_text`] of what `kept` names): for kinds whose
+/// consumer keeps no filter of its own (Services, EndpointSlices). Fingerprints are SipHash
+/// with this process's random keys, as [`PodFilter`]'s are.
+pub struct TextSieve {
+    kept: &'static super::objects::Kept,
+    hasher: RandomState,
+    last: std::sync::Mutex<HashMap<u64, u64>>,
+    tally: Arc<FilterCounts>,
+}
+
+impl TextSieve {
+    /// Counting the updates it drops in `tally`.
+    pub fn new(kept: &'static super::objects::Kept, tally: Arc<FilterCounts>) -> Self {
+        TextSieve {
+            kept,
+            hasher: RandomState::new(),
+            last: Default::default(),
+            tally,
+        }
+    }
+
+    fn last(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
+        // Only fingerprints: a map left half-updated is still safe to read.
+        self.last.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl super::lister::Sieve for TextSieve {
+    fn unchanged(&self, object: &str) -> Option<String> {
+        let print = super::objects::fingerprint_text(object, &self.hasher, self.kept)?;
+        if self.last().get(&print.key) != Some(&print.content) {
+            return None;
+        }
+        self.tally.add(false);
+        Some(print.resource_version)
+    }
+
+    fn relist(&self) {
+        self.last().clear();
+    }
+
+    fn listed(&self, page: &str) {
+        let prints = super::objects::fingerprint_list(page, &self.hasher, self.kept);
+        let mut last = self.last();
+        for p in prints.into_iter().flatten() {
+            self.tally.add(true);
+            last.insert(p.key, p.content);
+        }
+    }
+
+    fn seen(&self, object: &str) -> bool {
+        let Some(p) = super::objects::fingerprint_text(object, &self.hasher, self.kept) else {
+            return false;
+        };
+        self.tally.add(true);
+        self.last().insert(p.key, p.content);
+        true
+    }
+
+    fn forget(&self, namespace: Option<&str>, name: Option<&str>) {
+        self.tally.add(true);
+        self.last().remove(&self.hasher.hash_one((namespace, name)));
+    }
+}
+
 /// Runs the Node watch, passing what [`NodeFilter`] keeps to `tx`, until `tx`'s receiver is
 /// gone.
 async fn nodes(

@@ -334,7 +334,7 @@ impl Collector for StatusCollector {
         counter_family(
             &mut e,
             "kwire_watch_items",
-            "Node and Pod watch items by what the agent's filter did: passed on (they change what kwire reads, or are lists and deletes) or dropped (heartbeats, fields kwire does not read)",
+            "Node, Pod, Service and EndpointSlice watch items by what the agent's filter did: passed on (they change what kwire reads, or are lists and deletes) or dropped (heartbeats, fields kwire does not read)",
             &filtered,
         )?;
         counter_family(

@@ -98,6 +98,10 @@ pub struct NodeState {
     pub node_filter: Arc<FilterCounts>,
     /// Pod watch items the Pod filter passed to the policy index, and dropped.
     pub pod_filter: Arc<FilterCounts>,
+    /// Service and EndpointSlice watch items their sieves passed to the service loop, and
+    /// dropped.
+    pub service_filter: Arc<FilterCounts>,
+    pub slice_filter: Arc<FilterCounts>,
     /// The saved NetworkPolicy inputs could not be restored at start (unreadable, invalid).
     pub policy_state_errors: AtomicU64,
     /// The saved Service inputs could not be restored at start (unreadable, invalid).
@@ -200,6 +204,8 @@ impl NodeState {
             watch_resyncs: AtomicU64::new(0),
             node_filter: Arc::default(),
             pod_filter: Arc::default(),
+            service_filter: Arc::default(),
+            slice_filter: Arc::default(),
             policy_state_errors: AtomicU64::new(0),
             service_state_errors: AtomicU64::new(0),
             state_write_failures: StateWriteFailures::default(),

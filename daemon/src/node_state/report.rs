@@ -315,17 +315,22 @@ pub fn report(st: &NodeState) -> StatusReport {
         api_synced: st.api_synced.load(Ordering::Relaxed),
         watch_errors: st.watch_errors.load(Ordering::Relaxed),
         watch_resyncs: st.watch_resyncs.load(Ordering::Relaxed),
-        watch_filter: [("Node", &st.node_filter), ("Pod", &st.pod_filter)]
-            .into_iter()
-            .map(|(kind, counts)| {
-                let (passed, dropped) = counts.get();
-                FilterReport {
-                    kind: kind.to_string(),
-                    passed,
-                    dropped,
-                }
-            })
-            .collect(),
+        watch_filter: [
+            ("Node", &st.node_filter),
+            ("Pod", &st.pod_filter),
+            ("Service", &st.service_filter),
+            ("EndpointSlice", &st.slice_filter),
+        ]
+        .into_iter()
+        .map(|(kind, counts)| {
+            let (passed, dropped) = counts.get();
+            FilterReport {
+                kind: kind.to_string(),
+                passed,
+                dropped,
+            }
+        })
+        .collect(),
         policy_state_errors: st.policy_state_errors.load(Ordering::Relaxed),
         service_state_errors: st.service_state_errors.load(Ordering::Relaxed),
         state_write_failures: st.state_write_failures.get(),
