@@ -1,9 +1,10 @@
-//! The agent's own list-then-watch (`kwire::agent::lister`, the policy kinds') and kube's
-//! watcher (what it replaced), side by side against the API stand-in over HTTPS with a service
-//! account's token and RBAC as a real cluster applies it: both must yield the same items, in
-//! the same order, through a 403 on the list (no grant: an error, never an empty list), a 403
-//! on the watch (list granted, watch not), events, a resume from a bookmark after the server
-//! drops its connections, and a 410 Gone after a compaction (a re-list). Runs without root.
+//! The agent's own list-then-watch (`kwire::agent::lister`, the policy and service kinds', with
+//! its own reader of the watch's lines) and kube's watcher (what it replaced), side by side
+//! against the API stand-in over HTTPS with a service account's token and RBAC as a real
+//! cluster applies it: both must yield the same items, in the same order, through a 403 on
+//! the list (no grant: an error, never an empty list), a 403 on the watch (list granted, watch
+//! not), events, a resume from a bookmark after the server drops its connections, and a 410
+//! Gone after a compaction (a re-list). Runs without root.
 
 use futures::stream::BoxStream;
 use futures::StreamExt;
@@ -110,7 +111,16 @@ async fn the_lister_yields_what_kubes_watcher_yields_through_403_bookmarks_and_4
     std::fs::write(&path, api.kubeconfig(Some(&token))).unwrap();
     let config = kwire::kubeapi::config(Some(path.as_path())).await.unwrap();
     let client = kwire::kubeapi::client_for(config).unwrap();
-    let mut ours: Items = kwire::agent::lister::watch::<NamespaceView>(client.clone()).boxed();
+    // Without a sieve the lister tells no update as unchanged: every item is an event.
+    let mut ours: Items = kwire::agent::lister::watch::<NamespaceView>(client.clone(), None)
+        .filter_map(|item| async move {
+            match item {
+                Ok(kwire::agent::lister::Seen::Event(ev)) => Some(Ok(ev)),
+                Ok(kwire::agent::lister::Seen::Unchanged) => None,
+                Err(e) => Some(Err(e)),
+            }
+        })
+        .boxed();
     let mut kubes: Items = watcher::watcher(
         kube::Api::<NamespaceView>::all(client),
         kwire::agent::watches::watch_config(),

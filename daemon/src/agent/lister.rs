@@ -6,7 +6,8 @@
 //! worked. At most [`PAGES_AHEAD`] pages wait in the queue and one in the fetcher's hands, so
 //! memory stays bounded by a few pages.
 //!
-//! What it yields is what kube-runtime's watcher yields, item for item, so the consumers, the
+//! What it yields is what kube-runtime's watcher yields, item for item (each wrapped in
+//! [`Seen::Event`]; [`Seen::Unchanged`] is the sieve's, below), so the consumers, the
 //! filters and the backoff (`WatchStreamExt::backoff`) stay as they are: `Init`, one `InitApply`
 //! per listed object, `InitDone`, then `Apply`/`Delete` from a watch started at the list's
 //! resourceVersion with bookmarks; a watch that ends resumes from the last resourceVersion
@@ -15,7 +16,7 @@
 //! `WatchStartFailed`, `WatchError`, `WatchFailed`, `NoResourceVersion`), after which the list
 //! starts over or the watch is retried; a 403 Forbidden (RBAC) is such an error, never an
 //! empty list, and is logged as a warning where the watcher logged one. The list parameters are the watcher's with the Any
-//! semantic and [`super::watches::PAGE_SIZE`] (the query is built by kube's own `Request`),
+//! semantic and [`PAGE_SIZE`] (the query is built by kube's own `Request`),
 //! and a watch silent for longer than its timeout plus 5 s is taken as dead, as kube does.
 //!
 //! The watch's lines are read here too (kube's `request_events` copies each line into a
@@ -35,6 +36,8 @@ use serde::{Deserialize, Deserializer};
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Objects per list page (client-go's pager uses 500 too).
+pub const PAGE_SIZE: u32 = 500;
 /// Fetched pages queued for the parser, at most (the fetcher holds one more while it waits).
 pub const PAGES_AHEAD: usize = 2;
 /// The server-side timeout of a watch (kube's default).
@@ -308,7 +311,7 @@ where
         list: ListParams {
             resource_version: Some("0".into()),
             version_match: Some(VersionMatch::NotOlderThan),
-            limit: Some(super::watches::PAGE_SIZE),
+            limit: Some(PAGE_SIZE),
             ..ListParams::default()
         },
         watch: WatchParams {

@@ -6,7 +6,7 @@
 //! all three lists have been read once; until then the inputs saved by the last run are in
 //! force, or, without them, pods' new flows are dropped (the agent's `policy_state` module).
 //!
-//! API etiquette: each kind is listed once (pages of [`super::watches::PAGE_SIZE`], the next
+//! API etiquette: each kind is listed once (pages of [`super::lister::PAGE_SIZE`], the next
 //! page asked for as soon as the one before has arrived, see [`super::lister`]), then watched
 //! from that resourceVersion with bookmarks, resuming from the last one seen when a watch ends;
 //! only a 410 Gone makes it list again. Failures back off

@@ -7,8 +7,10 @@
 //!
 //! The policy loop (its three watches, the fold and the snapshots) runs on such a thread too
 //! (`policy::start`). There, [`PodFilter`] drops an unchanged Pod before it is converted and
-//! compared with what the policy index holds. The service loop (its two watches, the views
-//! and the table's compiles) runs on one too (`services::start`).
+//! compared with what the policy index holds; a watched one already as text, before it is
+//! decoded (it is the Pod watch's sieve, see `lister::Sieve`). The service loop (its two
+//! watches, the views and the table's compiles) runs on one too (`services::start`); its
+//! watches' sieves ([`TextSieve`]) drop Service and EndpointSlice updates as text.
 //!
 //! The three threads pace their reads ([`Pacer`]): after a turn of watch events a thread sleeps
 //! [`WATCH_TURN`] before it reads again, so that a stream of heartbeats costs a wake-up per
@@ -32,14 +34,11 @@ pub type NodeItem = Result<Event<NodeView>, watcher::Error>;
 /// Node items queued for the planner, at most (the watch waits while it is full).
 pub const NODE_QUEUE: usize = 4096;
 
-/// Objects per list page (client-go's pager uses 500 too).
-pub const PAGE_SIZE: u32 = 500;
-
 /// The watcher configuration of every watched kind.
 pub fn watch_config() -> watcher::Config {
     watcher::Config::default()
         .any_semantic()
-        .page_size(PAGE_SIZE)
+        .page_size(super::lister::PAGE_SIZE)
 }
 
 /// Drops Node updates that change nothing peer selection reads, before the planner sees
@@ -508,15 +507,7 @@ mod tests {
         .unwrap()
     }
 
-    /// A reproducible random number below `n` per call.
-    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
-        move |n| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        }
-    }
+    use crate::testing::xorshift;
 
     fn listed(f: &mut NodeFilter, nodes: &[NodeView]) {
         assert!(f.pass(&Ok(Event::Init)));
