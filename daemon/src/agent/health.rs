@@ -689,13 +689,7 @@ mod tests {
     /// exactly when it would differ from the last one.
     #[test]
     fn looks_kept_in_place_equal_looks_rebuilt() {
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut rand = move |n: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % n
-        };
+        let mut rand = crate::testing::xorshift(0x2545_f491_4f6c_dd1d);
         let names: Vec<String> = (0..6).map(|i| format!("n{i}")).collect();
         for _ in 0..100 {
             let t0 = Instant::now();

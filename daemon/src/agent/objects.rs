@@ -227,21 +227,9 @@ fn labels_text<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Vec<(Text<'de>, Text<'de>)>>, D::Error> {
     struct Pairs;
-    impl<'de> Visitor<'de> for Pairs {
-        type Value = Option<Vec<(Text<'de>, Text<'de>)>>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a map of strings, or null")
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_map(self)
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+    impl<'de> ReadMap<'de> for Pairs {
+        type Value = Vec<(Text<'de>, Text<'de>)>;
+        fn read<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
             let mut pairs = Vec::with_capacity(m.size_hint().unwrap_or(8));
             while let Some(k) = m.next_key::<Text<'de>>()? {
                 pairs.push((k, m.next_value::<Text<'de>>()?));
@@ -255,10 +243,38 @@ fn labels_text<'de, D: Deserializer<'de>>(
                     _ => out.push((k, v)),
                 }
             }
-            Ok(Some(out))
+            Ok(out)
         }
     }
-    d.deserialize_option(Pairs)
+    d.deserialize_option(OptionalMap(Pairs))
+}
+
+/// How [`OptionalMap`] reads a map.
+trait ReadMap<'de> {
+    type Value;
+    fn read<A: MapAccess<'de>>(self, m: A) -> Result<Self::Value, A::Error>;
+}
+
+/// A map of strings read by `R`, or null (`None`).
+struct OptionalMap<R>(R);
+
+impl<'de, R: ReadMap<'de>> Visitor<'de> for OptionalMap<R> {
+    type Value = Option<R::Value>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a map of strings, or null")
+    }
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, m: A) -> Result<Self::Value, A::Error> {
+        self.0.read(m).map(Some)
+    }
 }
 
 /// Feeds the identity and labels of a Pod's metadata to `h`, one way for the view and for
@@ -506,22 +522,10 @@ pub struct Fingerprint {
 fn kwire_annotations<'de, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<BTreeMap<String, String>>, D::Error> {
-    struct Map;
-    impl<'de> Visitor<'de> for Map {
-        type Value = Option<BTreeMap<String, String>>;
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a map of strings, or null")
-        }
-        fn visit_none<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_unit<E>(self) -> Result<Self::Value, E> {
-            Ok(None)
-        }
-        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-            d.deserialize_map(self)
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+    struct Kwire;
+    impl<'de> ReadMap<'de> for Kwire {
+        type Value = BTreeMap<String, String>;
+        fn read<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
             let mut out = BTreeMap::new();
             while let Some(k) = m.next_key::<Text<'de>>()? {
                 if k.as_str().starts_with(KEPT_ANNOTATION_PREFIX) {
@@ -530,10 +534,10 @@ fn kwire_annotations<'de, D: Deserializer<'de>>(
                     m.next_value::<IgnoredAny>()?;
                 }
             }
-            Ok(Some(out))
+            Ok(out)
         }
     }
-    d.deserialize_option(Map)
+    d.deserialize_option(OptionalMap(Kwire))
 }
 
 /// What a text fingerprint ([`fingerprint_text`]) reads of an object besides its name,
@@ -569,7 +573,7 @@ pub fn fingerprint_text(
     kept: &Kept,
 ) -> Option<Fingerprint> {
     let mut h = keys.build_hasher();
-    let ident = ObjectSeed { kept, h: &mut h }
+    let ident = top_level(kept, &mut h)
         .deserialize(&mut serde_json::Deserializer::from_str(text))
         .ok()?;
     finish_print(ident, keys, h)
@@ -628,11 +632,7 @@ pub fn fingerprint_list(
             let mut out = Vec::with_capacity(s.size_hint().unwrap_or(0));
             loop {
                 let mut h = self.keys.build_hasher();
-                let Some(ident) = s.next_element_seed(ObjectSeed {
-                    kept: self.kept,
-                    h: &mut h,
-                })?
-                else {
+                let Some(ident) = s.next_element_seed(top_level(self.kept, &mut h))? else {
                     return Ok(out);
                 };
                 if let Some(p) = finish_print(ident, self.keys, h) {
@@ -646,7 +646,16 @@ pub fn fingerprint_list(
         .ok()
 }
 
-/// The identity an object's text gave ([`ObjectSeed`]).
+/// The reading of an object's text for what `kept` names ([`LevelSeed`]).
+fn top_level<'k, H>(kept: &Kept, h: &'k mut H) -> LevelSeed<'k, H> {
+    LevelSeed {
+        fields: kept.fields,
+        metadata: Some(kept.metadata),
+        h,
+    }
+}
+
+/// The identity an object's text gave ([`LevelSeed`]).
 #[derive(Default)]
 struct Ident<'a> {
     name: Option<Text<'a>>,
@@ -674,21 +683,23 @@ fn finish_print<H: std::hash::Hasher>(
     })
 }
 
-/// Reads one object's text: its identity kept, what `kept` names hashed into `h`, the rest
-/// skipped.
-struct ObjectSeed<'k, H> {
-    kept: &'k Kept,
+/// Reads one level of an object's text, the rest skipped: at the top (`metadata` given) the
+/// `fields` it names hashed into `h`, its metadata read one level down; in the metadata
+/// (`metadata` none) the identity kept and the `fields` it names hashed.
+struct LevelSeed<'k, H> {
+    fields: &'static [&'static str],
+    metadata: Option<&'static [&'static str]>,
     h: &'k mut H,
 }
 
-impl<'de, H: std::hash::Hasher> serde::de::DeserializeSeed<'de> for ObjectSeed<'_, H> {
+impl<'de, H: std::hash::Hasher> serde::de::DeserializeSeed<'de> for LevelSeed<'_, H> {
     type Value = Ident<'de>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de, H: std::hash::Hasher> Visitor<'de> for ObjectSeed<'_, H> {
+impl<'de, H: std::hash::Hasher> Visitor<'de> for LevelSeed<'_, H> {
     type Value = Ident<'de>;
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("an object")
@@ -697,52 +708,21 @@ impl<'de, H: std::hash::Hasher> Visitor<'de> for ObjectSeed<'_, H> {
         use std::hash::Hash;
         let mut ident = Ident::default();
         while let Some(k) = m.next_key::<Text<'de>>()? {
-            let k = k.as_str();
-            if k == "metadata" {
-                ident = m.next_value_seed(MetaSeed {
-                    kept: self.kept.metadata,
-                    h: &mut *self.h,
-                })?;
-            } else if self.kept.fields.contains(&k) {
-                k.hash(self.h);
-                m.next_value_seed(HashTree(&mut *self.h))?;
-            } else {
-                m.next_value::<IgnoredAny>()?;
-            }
-        }
-        Ok(ident)
-    }
-}
-
-/// Reads an object's metadata: its identity kept, the `kept` fields hashed.
-struct MetaSeed<'k, H> {
-    kept: &'static [&'static str],
-    h: &'k mut H,
-}
-
-impl<'de, H: std::hash::Hasher> serde::de::DeserializeSeed<'de> for MetaSeed<'_, H> {
-    type Value = Ident<'de>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de, H: std::hash::Hasher> Visitor<'de> for MetaSeed<'_, H> {
-    type Value = Ident<'de>;
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("object metadata")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-        use std::hash::Hash;
-        let mut ident = Ident::default();
-        while let Some(k) = m.next_key::<Text<'de>>()? {
-            let slot = match k.as_str() {
-                "name" => &mut ident.name,
-                "namespace" => &mut ident.namespace,
-                "uid" => &mut ident.uid,
-                "resourceVersion" => &mut ident.resource_version,
-                other if self.kept.contains(&other) => {
-                    other.hash(self.h);
+            let slot = match (self.metadata, k.as_str()) {
+                (Some(fields), "metadata") => {
+                    ident = m.next_value_seed(LevelSeed {
+                        fields,
+                        metadata: None,
+                        h: &mut *self.h,
+                    })?;
+                    continue;
+                }
+                (None, "name") => &mut ident.name,
+                (None, "namespace") => &mut ident.namespace,
+                (None, "uid") => &mut ident.uid,
+                (None, "resourceVersion") => &mut ident.resource_version,
+                (_, field) if self.fields.contains(&field) => {
+                    field.hash(self.h);
                     m.next_value_seed(HashTree(&mut *self.h))?;
                     continue;
                 }

@@ -684,13 +684,7 @@ mod tests {
     /// virtio-net headers and UDP merging.
     #[test]
     fn packets_landed_in_place_come_out_as_packets_pushed() {
-        let mut rng = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: u64| {
-            rng ^= rng << 13;
-            rng ^= rng >> 7;
-            rng ^= rng << 17;
-            rng % n
-        };
+        let mut next = crate::testing::xorshift(0x2545_f491_4f6c_dd1d);
         for (vnet, uso) in [(true, false), (true, true), (false, false)] {
             for _ in 0..40 {
                 let mut pushed = Coalescer::new(16, vnet).with_udp(uso);
