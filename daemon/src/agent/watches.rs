@@ -247,7 +247,7 @@ pub struct TextSieve {
 }
 
 impl TextSieve {
-    /// Counting the updates it drops in `tally`.
+    /// Counting in `tally` what it passes on (listed objects, watch events) and drops.
     pub fn new(kept: &'static super::objects::Kept, tally: Arc<FilterCounts>) -> Self {
         TextSieve {
             kept,
