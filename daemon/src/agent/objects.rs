@@ -277,12 +277,14 @@ impl<'de, R: ReadMap<'de>> Visitor<'de> for OptionalMap<R> {
     }
 }
 
-/// Feeds the identity and labels of a Pod's metadata to `h`, one way for the view and for
-/// its borrowed reading (so the two hash alike by construction, not by the standard
-/// library's choices).
-fn hash_meta<'a, H: std::hash::Hasher>(
+/// Feeds a Pod's content to `h`, one way for the view and for its borrowed reading: the
+/// identity (name, namespace, uid) and labels of its metadata field by field (so the two
+/// hash alike by construction, not by the standard library's choices), then its spec and
+/// status (one generic struct each for both readings, with one derived `Hash`).
+fn hash_pod<'a, H: std::hash::Hasher>(
     ids: [Option<&str>; 3],
     labels: Option<(usize, impl Iterator<Item = (&'a str, &'a str)>)>,
+    spec_and_status: (&impl std::hash::Hash, &impl std::hash::Hash),
     h: &mut H,
 ) {
     use std::hash::Hash;
@@ -298,6 +300,8 @@ fn hash_meta<'a, H: std::hash::Hasher>(
             }
         }
     }
+    spec_and_status.0.hash(h);
+    spec_and_status.1.hash(h);
 }
 
 impl PodView {
@@ -306,17 +310,15 @@ impl PodView {
     /// (the view keeps only these, see `labelled_meta`); spec and status by their derived
     /// `Hash`, so a field added to them is hashed without a change here.
     pub fn hash_content<H: std::hash::Hasher>(&self, h: &mut H) {
-        use std::hash::Hash;
         let m = &self.metadata;
-        hash_meta(
+        hash_pod(
             [&m.name, &m.namespace, &m.uid].map(Option::as_deref),
             m.labels
                 .as_ref()
                 .map(|l| (l.len(), l.iter().map(|(k, v)| (k.as_str(), v.as_str())))),
+            (&self.spec, &self.status),
             h,
         );
-        self.spec.hash(h);
-        self.status.hash(h);
     }
 
     /// The (namespace, name) a Pod filter keys its fingerprints by.
@@ -332,7 +334,6 @@ impl PodView {
     /// [`PodView::hash_content`] hashes the view of the same text, and its resourceVersion.
     /// `None` when the text is not a Pod the view would read alike (the caller decodes it).
     pub fn fingerprint_line(text: &str, keys: &impl std::hash::BuildHasher) -> Option<Fingerprint> {
-        use std::hash::Hash;
         let pod = PodText::deserialize(&mut serde_json::Deserializer::from_str(text)).ok()?;
         let m = pod.metadata.unwrap_or_default();
         let rv = m.resource_version.as_ref()?.as_str().to_string();
@@ -341,15 +342,14 @@ impl PodView {
             m.name.as_ref().map(Text::as_str),
         ));
         let mut h = keys.build_hasher();
-        hash_meta(
+        hash_pod(
             [&m.name, &m.namespace, &m.uid].map(|t| t.as_ref().map(Text::as_str)),
             m.labels
                 .as_ref()
                 .map(|l| (l.len(), l.iter().map(|(k, v)| (k.as_str(), v.as_str())))),
+            (&pod.spec, &pod.status),
             &mut h,
         );
-        pod.spec.hash(&mut h);
-        pod.status.hash(&mut h);
         Some(Fingerprint {
             key,
             content: std::hash::Hasher::finish(&h),

@@ -722,15 +722,21 @@ mod tests {
         .unwrap()
     }
 
+    /// A Pod filter that has passed a list of Pod `a` (web, 10.0.0.1).
+    fn listed_a() -> PodFilter {
+        let mut f = PodFilter::new(Arc::default());
+        assert!(f.pass(&Event::Init));
+        assert!(f.pass(&Event::InitApply(pod("a", 1, "web", "10.0.0.1", "t0"))));
+        assert!(f.pass(&Event::InitDone));
+        f
+    }
+
     /// The sieve (text) judges a watched update as the filter (view) does, and drops only what
     /// the filter would drop: after a drop the remembered fingerprint is the same, so a
     /// change back and forth passes both ways.
     #[test]
     fn the_sieve_drops_a_heartbeat_as_text_and_passes_a_change() {
-        let mut f = PodFilter::new(Arc::default());
-        assert!(f.pass(&Event::Init));
-        assert!(f.pass(&Event::InitApply(pod("a", 1, "web", "10.0.0.1", "t0"))));
-        assert!(f.pass(&Event::InitDone));
+        let mut f = listed_a();
         // A heartbeat's text: dropped, at its resourceVersion.
         let beat = pod_text("a", 2, "web", "10.0.0.1", "t1");
         assert_eq!(f.unchanged_text(&format!("{beat}}}")).as_deref(), Some("2"));
@@ -757,10 +763,7 @@ mod tests {
 
     #[test]
     fn a_pod_heartbeat_is_dropped_labels_and_addresses_pass() {
-        let mut f = PodFilter::new(Arc::default());
-        assert!(f.pass(&Event::Init));
-        assert!(f.pass(&Event::InitApply(pod("a", 1, "web", "10.0.0.1", "t0"))));
-        assert!(f.pass(&Event::InitDone));
+        let mut f = listed_a();
         // Status heartbeat, an annotation, a new resourceVersion: nothing policy reads.
         assert!(!f.pass(&Event::Apply(pod("a", 2, "web", "10.0.0.1", "t1"))));
         assert!(!f.pass(&Event::Apply(pod("a", 3, "web", "10.0.0.1", "t2"))));
