@@ -4,9 +4,9 @@
 //! - `pod/view`: the line decoded as kube-rs's watcher decodes it (`WatchEvent<PodView>` from a
 //!   `&str`: the view keeps only what NetworkPolicy reads, see `agent::objects`);
 //! - `pod/view_and_filter`: that and `PodFilter::pass`, which drops it;
-//! - `pod/sieve`: what the agent does with it instead, undecoded (`PodFilter::unchanged_text`
-//!   reads the fingerprint from the text and drops it);
-//! - the same three for a Node heartbeat and `NodeFilter`.
+//! - `pod/sieve`: what the agent does with it instead, undecoded (`PodFilter`'s
+//!   `unchanged_text` reads the fingerprint from the text and drops it);
+//! - the same four for a Node heartbeat and `NodeFilter`.
 //!
 //! The objects are shaped as a cluster's are (managedFields, conditions, container statuses,
 //! images): `agent_scale`'s synthetic cluster's, from its own source file. Each iteration decodes a
@@ -22,7 +22,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use kube::core::WatchEvent;
 use kube::runtime::watcher::Event;
 use kwire::agent::objects::{NodeView, PodView};
-use kwire::agent::watches::{NodeFilter, PodFilter};
+use kwire::agent::watches::{NodeFilter, PodFilter, TextFilter};
 use serde::de::IgnoredAny;
 use serde_json::json;
 
@@ -124,20 +124,26 @@ fn group<K: serde::de::DeserializeOwned>(
     g.finish();
 }
 
-/// `pod/sieve`: what the Pod watch's line reader does with a heartbeat instead of decoding
-/// it: the filter reads the object's text for its fingerprint, finds it unchanged, and the
-/// line is dropped undecoded (`PodFilter::unchanged_text`).
-fn sieve(c: &mut Criterion, lines: &[String]) {
-    let mut f = PodFilter::new(Arc::default());
-    let first: WatchEvent<PodView> = serde_json::from_str(&lines[0]).unwrap();
-    assert!(f.pass(&Event::Apply(object(first))));
+/// `pod/sieve`, `node/sieve`: what the watch's line reader does with a heartbeat instead of
+/// decoding it: the filter reads the object's text for its fingerprint, finds it unchanged,
+/// and the line is dropped undecoded (`TextFilter::unchanged_text`). `item` makes the first
+/// line's view an update the filter is given first.
+fn sieve<K: serde::de::DeserializeOwned, F: TextFilter>(
+    c: &mut Criterion,
+    name: &str,
+    lines: &[String],
+    mut f: F,
+    item: impl Fn(K) -> F::Item,
+) {
+    let first: WatchEvent<K> = serde_json::from_str(&lines[0]).unwrap();
+    assert!(f.pass(&item(object(first))), "the first view is news");
     const MODIFIED: &str = r#"{"type":"MODIFIED","object":"#;
     let mut i = 0;
     let mut next = || {
         i = (i + 1) % lines.len();
         lines[i].clone()
     };
-    c.bench_function("pod/sieve", |b| {
+    c.bench_function(name, |b| {
         b.iter_batched(
             &mut next,
             |l| {
@@ -161,10 +167,15 @@ fn bench(c: &mut Criterion) {
     group(c, "pod", &pods, |v: PodView| {
         pod_filter.pass(&Event::Apply(v))
     });
-    sieve(c, &pods);
+    let filter = PodFilter::new(Arc::default());
+    sieve(c, "pod/sieve", &pods, filter, Event::Apply);
     let mut node_filter = NodeFilter::new("another-node", Arc::default());
     group(c, "node", &nodes, |v: NodeView| {
         node_filter.pass(&Ok(Event::Apply(v)))
+    });
+    let filter = NodeFilter::new("another-node", Arc::default());
+    sieve(c, "node/sieve", &nodes, filter, |v: NodeView| {
+        Ok(Event::Apply(v))
     });
 }
 

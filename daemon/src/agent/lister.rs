@@ -93,6 +93,22 @@ pub enum Seen<K> {
     Unchanged,
 }
 
+/// Whether `ev` came from a watch (not from a list, not a list's bounds).
+pub fn is_watch_event<K>(ev: &Event<K>) -> bool {
+    matches!(ev, Event::Apply(_) | Event::Delete(_))
+}
+
+impl<K> Seen<K> {
+    /// Whether it came from a watch (not from a list, not a list's bounds): what paces a
+    /// watch thread's reads (see `watches::Pacer`).
+    pub fn is_watch_event(&self) -> bool {
+        match self {
+            Seen::Event(ev) => is_watch_event(ev),
+            Seen::Unchanged => true,
+        }
+    }
+}
+
 /// A bookmark's annotation that marks it as a line the sieve dropped (see [`events`]); the
 /// API server's own bookmarks never carry a `kwire.dev/` annotation.
 const UNCHANGED: &str = "kwire.dev/unchanged";

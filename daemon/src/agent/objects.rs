@@ -218,35 +218,52 @@ struct MetaText<'a> {
     #[serde(borrow)]
     uid: Option<Text<'a>>,
     #[serde(borrow, default, deserialize_with = "labels_text")]
-    labels: Option<Vec<(Text<'a>, Text<'a>)>>,
+    labels: Option<Pairs<'a>>,
 }
 
 /// Labels borrowed, in the order and with the values a `BTreeMap` would hold (sorted by key;
 /// a key given twice keeps its last value).
-fn labels_text<'de, D: Deserializer<'de>>(
-    d: D,
-) -> Result<Option<Vec<(Text<'de>, Text<'de>)>>, D::Error> {
-    struct Pairs;
-    impl<'de> ReadMap<'de> for Pairs {
-        type Value = Vec<(Text<'de>, Text<'de>)>;
-        fn read<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
-            let mut pairs = Vec::with_capacity(m.size_hint().unwrap_or(8));
-            while let Some(k) = m.next_key::<Text<'de>>()? {
+fn labels_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pairs<'de>>, D::Error> {
+    d.deserialize_option(OptionalMap(SortedPairs(|_| true)))
+}
+
+/// [`kwire_annotations`], borrowed: only the [`KEPT_ANNOTATION_PREFIX`] keys, sorted as
+/// [`labels_text`] sorts them.
+fn kwire_text<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pairs<'de>>, D::Error> {
+    d.deserialize_option(OptionalMap(SortedPairs(|k| {
+        k.starts_with(KEPT_ANNOTATION_PREFIX)
+    })))
+}
+
+/// A map of strings borrowed as sorted pairs.
+type Pairs<'a> = Vec<(Text<'a>, Text<'a>)>;
+
+/// Reads the pairs whose key the function keeps (the others skipped), sorted by key, a key
+/// given twice with its last value: as a `BTreeMap` of them would hold them.
+struct SortedPairs(fn(&str) -> bool);
+
+impl<'de> ReadMap<'de> for SortedPairs {
+    type Value = Pairs<'de>;
+    fn read<A: MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        let mut pairs = Vec::with_capacity(m.size_hint().unwrap_or(8));
+        while let Some(k) = m.next_key::<Text<'de>>()? {
+            if (self.0)(k.as_str()) {
                 pairs.push((k, m.next_value::<Text<'de>>()?));
+            } else {
+                m.next_value::<IgnoredAny>()?;
             }
-            // A stable sort keeps a repeated key's values in their order; the last one stays.
-            pairs.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-            let mut out: Vec<(Text<'de>, Text<'de>)> = Vec::with_capacity(pairs.len());
-            for (k, v) in pairs {
-                match out.last_mut() {
-                    Some(last) if last.0.as_str() == k.as_str() => last.1 = v,
-                    _ => out.push((k, v)),
-                }
-            }
-            Ok(out)
         }
+        // A stable sort keeps a repeated key's values in their order; the last one stays.
+        pairs.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        let mut out: Pairs<'de> = Vec::with_capacity(pairs.len());
+        for (k, v) in pairs {
+            match out.last_mut() {
+                Some(last) if last.0.as_str() == k.as_str() => last.1 = v,
+                _ => out.push((k, v)),
+            }
+        }
+        Ok(out)
     }
-    d.deserialize_option(OptionalMap(Pairs))
 }
 
 /// How [`OptionalMap`] reads a map.
@@ -277,31 +294,57 @@ impl<'de, R: ReadMap<'de>> Visitor<'de> for OptionalMap<R> {
     }
 }
 
-/// Feeds a Pod's content to `h`, one way for the view and for its borrowed reading: the
-/// identity (name, namespace, uid) and labels of its metadata field by field (so the two
-/// hash alike by construction, not by the standard library's choices), then its spec and
-/// status (one generic struct each for both readings, with one derived `Hash`).
-fn hash_pod<'a, H: std::hash::Hasher>(
-    ids: [Option<&str>; 3],
-    labels: Option<(usize, impl Iterator<Item = (&'a str, &'a str)>)>,
-    spec_and_status: (&impl std::hash::Hash, &impl std::hash::Hash),
+/// Feeds an object's content to `h`, one way for a view and for its borrowed reading: its
+/// identity field by field, its maps of strings pair by pair (sorted by key, as a view's
+/// `BTreeMap` and a borrowed [`Pairs`] both hold them; so the two readings hash alike by
+/// construction, not by the standard library's choices), then the rest (one generic struct
+/// for both readings, with one derived `Hash`).
+fn hash_object<'a, H, I, const N: usize>(
+    ids: &[Option<&str>],
+    maps: [Option<(usize, I)>; N],
+    rest: &impl std::hash::Hash,
     h: &mut H,
-) {
+) where
+    H: std::hash::Hasher,
+    I: Iterator<Item = (&'a str, &'a str)>,
+{
     use std::hash::Hash;
     ids.hash(h);
-    match labels {
-        None => h.write_u8(0),
-        Some((n, pairs)) => {
-            h.write_u8(1);
-            h.write_usize(n);
-            for (k, v) in pairs {
-                k.hash(h);
-                v.hash(h);
+    for map in maps {
+        match map {
+            None => h.write_u8(0),
+            Some((n, pairs)) => {
+                h.write_u8(1);
+                h.write_usize(n);
+                for (k, v) in pairs {
+                    k.hash(h);
+                    v.hash(h);
+                }
             }
         }
     }
-    spec_and_status.0.hash(h);
-    spec_and_status.1.hash(h);
+    rest.hash(h);
+}
+
+/// A view's map of strings, for [`hash_object`].
+fn tree_pairs(
+    m: &Option<BTreeMap<String, String>>,
+) -> Option<(usize, impl Iterator<Item = (&str, &str)>)> {
+    m.as_ref()
+        .map(|m| (m.len(), m.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
+}
+
+/// A borrowed reading's map of strings, for [`hash_object`].
+fn text_pairs<'a>(
+    m: &'a Option<Pairs<'_>>,
+) -> Option<(usize, impl Iterator<Item = (&'a str, &'a str)>)> {
+    m.as_ref()
+        .map(|m| (m.len(), m.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
+}
+
+/// An optional borrowed string as `Option<&str>`.
+fn opt_str<'a>(t: &'a Option<Text<'_>>) -> Option<&'a str> {
+    t.as_ref().map(Text::as_str)
 }
 
 impl PodView {
@@ -311,12 +354,10 @@ impl PodView {
     /// `Hash`, so a field added to them is hashed without a change here.
     pub fn hash_content<H: std::hash::Hasher>(&self, h: &mut H) {
         let m = &self.metadata;
-        hash_pod(
-            [&m.name, &m.namespace, &m.uid].map(Option::as_deref),
-            m.labels
-                .as_ref()
-                .map(|l| (l.len(), l.iter().map(|(k, v)| (k.as_str(), v.as_str())))),
-            (&self.spec, &self.status),
+        hash_object(
+            &[&m.name, &m.namespace, &m.uid].map(Option::as_deref),
+            [tree_pairs(&m.labels)],
+            &(&self.spec, &self.status),
             h,
         );
     }
@@ -337,17 +378,12 @@ impl PodView {
         let pod = PodText::deserialize(&mut serde_json::Deserializer::from_str(text)).ok()?;
         let m = pod.metadata.unwrap_or_default();
         let rv = m.resource_version.as_ref()?.as_str().to_string();
-        let key = keys.hash_one((
-            m.namespace.as_ref().map(Text::as_str),
-            m.name.as_ref().map(Text::as_str),
-        ));
+        let key = keys.hash_one((opt_str(&m.namespace), opt_str(&m.name)));
         let mut h = keys.build_hasher();
-        hash_pod(
-            [&m.name, &m.namespace, &m.uid].map(|t| t.as_ref().map(Text::as_str)),
-            m.labels
-                .as_ref()
-                .map(|l| (l.len(), l.iter().map(|(k, v)| (k.as_str(), v.as_str())))),
-            (&pod.spec, &pod.status),
+        hash_object(
+            &[&m.name, &m.namespace, &m.uid].map(opt_str),
+            [text_pairs(&m.labels)],
+            &(&pod.spec, &pod.status),
             &mut h,
         );
         Some(Fingerprint {
@@ -671,11 +707,8 @@ fn finish_print<H: std::hash::Hasher>(
 ) -> Option<Fingerprint> {
     use std::hash::Hash;
     let rv = ident.resource_version.as_ref()?.as_str().to_string();
-    let (ns, name) = (
-        ident.namespace.as_ref().map(Text::as_str),
-        ident.name.as_ref().map(Text::as_str),
-    );
-    (ns, name, ident.uid.as_ref().map(Text::as_str)).hash(&mut h);
+    let (ns, name) = (opt_str(&ident.namespace), opt_str(&ident.name));
+    (ns, name, opt_str(&ident.uid)).hash(&mut h);
     Some(Fingerprint {
         key: keys.hash_one((ns, name)),
         content: h.finish(),
@@ -837,6 +870,42 @@ pub struct EndpointSliceView {
 }
 view_of!(EndpointSliceView, discoveryv1::EndpointSlice);
 
+/// A view a filter keeps fingerprints of, from the view as decoded and from its text (see
+/// `watches::Prints`): the two readings of one object hash alike.
+pub trait Printed {
+    /// What identifies the object (it is hashed into [`Fingerprint::key`]).
+    type Key<'a>: std::hash::Hash
+    where
+        Self: 'a;
+    fn key(&self) -> Self::Key<'_>;
+    /// Everything the view keeps but its resourceVersion.
+    fn hash_content<H: std::hash::Hasher>(&self, h: &mut H);
+    /// The object's text read for the same, `None` when it is not read alike.
+    fn fingerprint_line(text: &str, keys: &impl std::hash::BuildHasher) -> Option<Fingerprint>;
+}
+
+macro_rules! printed {
+    ($view:ty, $key:ty) => {
+        impl Printed for $view {
+            type Key<'a> = $key;
+            fn key(&self) -> Self::Key<'_> {
+                <$view>::key(self)
+            }
+            fn hash_content<H: std::hash::Hasher>(&self, h: &mut H) {
+                <$view>::hash_content(self, h)
+            }
+            fn fingerprint_line(
+                text: &str,
+                keys: &impl std::hash::BuildHasher,
+            ) -> Option<Fingerprint> {
+                <$view>::fingerprint_line(text, keys)
+            }
+        }
+    };
+}
+printed!(PodView, (Option<&'a str>, Option<&'a str>));
+printed!(NodeView, Option<&'a str>);
+
 /// A Node as peer selection reads it.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct NodeView {
@@ -849,34 +918,116 @@ pub struct NodeView {
 }
 view_of!(NodeView, corev1::Node);
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+// As a Pod view's, the spec and status parts of a Node view are generic in their strings:
+// `String` in the view the planner is given, [`Text`] in [`NodeView::fingerprint_line`].
+#[derive(Clone, Debug, Default, Hash, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct NodeSpecView {
+struct NodeSpecView<S = String> {
     #[serde(rename = "podCIDR")]
-    pod_cidr: Option<String>,
+    pod_cidr: Option<S>,
     #[serde(rename = "podCIDRs")]
-    pod_cidrs: Option<Vec<String>>,
+    pod_cidrs: Option<Vec<S>>,
 }
 
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-struct NodeStatusView {
-    addresses: Option<Vec<corev1::NodeAddress>>,
-    conditions: Option<Vec<ConditionView>>,
+#[derive(Clone, Debug, Default, Hash, Deserialize)]
+struct NodeStatusView<S = String> {
+    addresses: Option<Vec<AddressView<S>>>,
+    conditions: Option<Vec<ConditionView<S>>>,
+}
+
+/// `corev1::NodeAddress`, field for field (with `Hash`); a missing or null field reads as
+/// k8s-openapi reads it, as empty.
+#[derive(Clone, Debug, Default, Hash, Deserialize)]
+struct AddressView<S = String> {
+    address: Option<S>,
+    #[serde(rename = "type")]
+    type_: Option<S>,
 }
 
 /// A Node condition's type and status (heartbeat and transition times, reasons and messages
 /// are skipped: they change without changing what kwire reads).
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-struct ConditionView {
+#[derive(Clone, Debug, Default, Hash, Deserialize)]
+struct ConditionView<S = String> {
     #[serde(rename = "type")]
-    type_: String,
-    status: String,
+    type_: S,
+    status: S,
+}
+
+/// A Node as [`NodeView::fingerprint_line`] reads it: what [`NodeView`] keeps, its strings
+/// borrowed from the line.
+#[derive(Deserialize)]
+struct NodeText<'a> {
+    #[serde(borrow)]
+    metadata: Option<NodeMetaText<'a>>,
+    #[serde(borrow)]
+    spec: Option<NodeSpecView<Text<'a>>>,
+    #[serde(borrow)]
+    status: Option<NodeStatusView<Text<'a>>>,
+}
+
+/// [`NodeMeta`], borrowed.
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NodeMetaText<'a> {
+    #[serde(borrow)]
+    name: Option<Text<'a>>,
+    #[serde(borrow)]
+    resource_version: Option<Text<'a>>,
+    #[serde(borrow)]
+    uid: Option<Text<'a>>,
+    creation_timestamp: Option<Time>,
+    #[serde(borrow, default, deserialize_with = "kwire_text")]
+    annotations: Option<Pairs<'a>>,
+    #[serde(borrow, default, deserialize_with = "kwire_text")]
+    labels: Option<Pairs<'a>>,
 }
 
 impl NodeView {
-    /// Whether `other` has the same spec and status as far as the view keeps them.
-    pub fn same_spec_and_status(&self, other: &NodeView) -> bool {
-        self.spec == other.spec && self.status == other.status
+    /// Feeds everything the view keeps but its resourceVersion to `h` (as
+    /// [`PodView::hash_content`] does): two views that hash alike differ in nothing peer
+    /// selection reads.
+    pub fn hash_content<H: std::hash::Hasher>(&self, h: &mut H) {
+        let m = &self.metadata;
+        hash_object(
+            &[&m.name, &m.uid].map(Option::as_deref),
+            [tree_pairs(&m.annotations), tree_pairs(&m.labels)],
+            &(
+                m.creation_timestamp.as_ref().map(|t| t.0),
+                &self.spec,
+                &self.status,
+            ),
+            h,
+        );
+    }
+
+    /// The name a Node filter keys its fingerprints by.
+    pub fn key(&self) -> Option<&str> {
+        self.metadata.name.as_deref()
+    }
+
+    /// A Node's JSON text read as [`NodeView`] reads it (as [`PodView::fingerprint_line`]
+    /// reads a Pod's): its key hashed with `keys`, its content hashed as
+    /// [`NodeView::hash_content`] hashes the view of the same text, its resourceVersion.
+    pub fn fingerprint_line(text: &str, keys: &impl std::hash::BuildHasher) -> Option<Fingerprint> {
+        let node = NodeText::deserialize(&mut serde_json::Deserializer::from_str(text)).ok()?;
+        let m = node.metadata.unwrap_or_default();
+        let rv = m.resource_version.as_ref()?.as_str().to_string();
+        let mut h = keys.build_hasher();
+        hash_object(
+            &[&m.name, &m.uid].map(opt_str),
+            [text_pairs(&m.annotations), text_pairs(&m.labels)],
+            &(
+                m.creation_timestamp.as_ref().map(|t| t.0),
+                &node.spec,
+                &node.status,
+            ),
+            &mut h,
+        );
+        Some(Fingerprint {
+            key: keys.hash_one(opt_str(&m.name)),
+            content: std::hash::Hasher::finish(&h),
+            resource_version: rv,
+        })
     }
 
     pub fn into_k8s(self) -> corev1::Node {
@@ -888,7 +1039,14 @@ impl NodeView {
                 ..corev1::NodeSpec::default()
             }),
             status: self.status.map(|s| corev1::NodeStatus {
-                addresses: s.addresses,
+                addresses: s.addresses.map(|a| {
+                    a.into_iter()
+                        .map(|a| corev1::NodeAddress {
+                            address: a.address.unwrap_or_default(),
+                            type_: a.type_.unwrap_or_default(),
+                        })
+                        .collect()
+                }),
                 conditions: s.conditions.map(|c| {
                     c.into_iter()
                         .map(|c| corev1::NodeCondition {
@@ -1197,6 +1355,81 @@ mod tests {
                 "images": [{"names": ["pause"], "sizeBytes": 1}]
             }
         })
+    }
+
+    /// A Node's text fingerprinted without decoding it hashes as its decoded view does: kwire's
+    /// annotations and labels among others (escaped, repeated, empty, null, absent), with and
+    /// without its creation time, spec and status (addresses with a field missing or null,
+    /// conditions); the key is the view's. What the view skips (a heartbeat time, another
+    /// controller's annotation, managedFields) leaves it as it was; what it keeps changes it.
+    #[test]
+    fn a_nodes_text_fingerprints_as_its_view_hashes() {
+        use std::hash::{BuildHasher, Hasher};
+        let keys = std::hash::RandomState::new();
+        let maps = [
+            r#""annotations": {"kwire.dev/public-key": "AAAA", "node.alpha.kubernetes.io/ttl": "0"}, "labels": {"kwire.dev/location": "eu"},"#,
+            r#""annotations": {"kwire.dev/public-key": "AA\u0041A", "kwire.dev/endpoint": "192.0.2.2:51820", "we\\ird": "x"},"#,
+            r#""annotations": {"kwire.dev/b": "1", "kwire.dev/a": "2", "kwire.dev/b": "3"},"#,
+            r#""annotations": {"kwire.dev/a": "2", "kwire.dev/b": "3"},"#,
+            r#""annotations": {"other": "x"}, "labels": {"kubernetes.io/hostname": "n2"},"#,
+            r#""annotations": null, "labels": null,"#,
+            "",
+        ];
+        let full = full_node("2025-01-01T00:00:10Z", "0");
+        let rest = [
+            String::new(),
+            r#", "spec": {"podCIDR": "10.244.2.0/24", "podCIDRs": null}"#.into(),
+            r#", "status": {"addresses": [{"type": "InternalIP"}, {"address": null}], "conditions": []}"#.into(),
+            format!(r#", "spec": {}, "status": {}"#, full["spec"], full["status"]),
+        ];
+        let mut prints = std::collections::HashSet::new();
+        for created in ["", r#""creationTimestamp": "2025-01-01T00:00:00Z","#] {
+            for m in maps {
+                for r in &rest {
+                    let text = format!(
+                        r#"{{"metadata": {{"name": "n\u0032", "uid": "u", "resourceVersion": "9", {created} {m} "managedFields": []}}{r}}}"#
+                    );
+                    let view: NodeView = serde_json::from_str(&text).expect(&text);
+                    let mut h = keys.build_hasher();
+                    view.hash_content(&mut h);
+                    let print = NodeView::fingerprint_line(&text, &keys).expect(&text);
+                    assert_eq!(print.content, h.finish(), "{text}");
+                    assert_eq!(print.key, keys.hash_one(view.key()), "{text}");
+                    assert_eq!(print.resource_version, "9");
+                    prints.insert(print.content);
+                }
+            }
+        }
+        // The third and fourth maps are one spelled twice; the fifth, the sixth and the
+        // seventh keep nothing but differ in null (none) and present (empty); the others differ.
+        assert_eq!(prints.len(), 2 * (maps.len() - 2) * rest.len());
+        // A heartbeat and an annotation the view skips leave the print; a condition's status,
+        // an address, a kwire annotation change it.
+        let print = |v: serde_json::Value| {
+            NodeView::fingerprint_line(&v.to_string(), &keys)
+                .unwrap()
+                .content
+        };
+        let base = print(full_node("2025-01-01T00:00:10Z", "0"));
+        assert_eq!(print(full_node("2025-01-01T00:05:10Z", "30")), base);
+        let mut down = full_node("t", "0");
+        down["status"]["conditions"][0]["status"] = "False".into();
+        let mut moved = full_node("t", "0");
+        moved["status"]["addresses"][0]["address"] = "192.0.2.3".into();
+        let mut rekeyed = full_node("t", "0");
+        rekeyed["metadata"]["annotations"]["kwire.dev/public-key"] = "BBBB".into();
+        for changed in [down, moved, rekeyed] {
+            assert_ne!(print(changed), base);
+        }
+        // What the view refuses is not fingerprinted either.
+        for bad in [
+            r#"{"metadata": {"resourceVersion": "1", "annotations": {"kwire.dev/a": 1}}}"#,
+            r#"{"metadata": {"resourceVersion": "1", "creationTimestamp": "yesterday"}}"#,
+            r#"{"metadata": {"resourceVersion": "1"}, "status": {"conditions": [{"type": "Ready"}]}}"#,
+        ] {
+            assert!(NodeView::fingerprint_line(bad, &keys).is_none(), "{bad}");
+            assert!(serde_json::from_str::<NodeView>(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -59,7 +59,7 @@ pub enum Change {
 impl Change {
     /// From a watch (not a list, not an error): what paces the loop's reads.
     fn is_watch_event(&self) -> bool {
-        use super::watches::is_watch_event;
+        use super::lister::is_watch_event;
         match self {
             Change::Pod(ev) => is_watch_event(ev),
             Change::Namespace(ev) => is_watch_event(ev),
@@ -349,7 +349,9 @@ async fn run(
     // as text, before it is decoded (the filter as the watch's sieve); a listed Pod, or an
     // update the sieve could not judge, after it is decoded and before it is converted and
     // compared. Every Pod item is handed to the filter before the next is read (see `Sieve`).
-    let pod_filter = Arc::new(super::watches::SharedPodFilter::new(pod_tally));
+    let pod_filter = Arc::new(super::watches::Shared::new(super::watches::PodFilter::new(
+        pod_tally,
+    )));
     let sieve: Arc<dyn super::lister::Sieve> = pod_filter.clone();
     let s0 = watch::<PodView>(client.clone(), Kind::Pods, Change::Pod, Some(sieve));
     let s1 = watch::<NamespaceView>(client.clone(), Kind::Namespaces, Change::Namespace, None);

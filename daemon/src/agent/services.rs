@@ -15,7 +15,7 @@ use super::objects::{EndpointSliceView, ServiceObjView};
 use super::persist::Persist;
 use super::pod_network::Firewall;
 use super::service_health::HealthServers;
-use super::watches::{is_watch_event, Pacer, TextSieve};
+use super::watches::{Pacer, TextSieve};
 use crate::dataplane::ports::Pods;
 use crate::node_state::FilterCounts;
 use crate::services::table::{ObjectKey, Scope, ServiceCompiler};
@@ -382,9 +382,8 @@ async fn run(
     };
     let events = futures::stream::select(services, slices);
     let watched: fn(&Item) -> bool = |item| match item {
-        Item::Service(Ok(Seen::Event(ev))) => is_watch_event(ev),
-        Item::Slice(Ok(Seen::Event(ev))) => is_watch_event(ev),
-        Item::Service(Ok(Seen::Unchanged)) | Item::Slice(Ok(Seen::Unchanged)) => true,
+        Item::Service(Ok(seen)) => seen.is_watch_event(),
+        Item::Slice(Ok(seen)) => seen.is_watch_event(),
         _ => false,
     };
     debounced(

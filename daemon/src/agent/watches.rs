@@ -16,12 +16,13 @@
 //! [`WATCH_TURN`] before it reads again, so that a stream of heartbeats costs a wake-up per
 //! turn, not per event.
 
-use super::objects::{NodeView, PodView};
+use super::lister::Seen;
+use super::objects::{NodeView, PodView, Printed};
 use crate::node_state::FilterCounts;
 use futures::StreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
-use kube::{Api, Client};
+use kube::Client;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::sync::Arc;
@@ -41,29 +42,67 @@ pub fn watch_config() -> watcher::Config {
         .page_size(super::lister::PAGE_SIZE)
 }
 
-/// Drops Node updates that change nothing peer selection reads, before the planner sees
-/// them: the last view passed on per Node, compared with each update without its
-/// resourceVersion (a view holds only the fields kwire reads, see [`super::objects`]). What
-/// the planner is given is exactly what changes its state: every list (a re-list starts this
-/// filter afresh, as it does the planner's view), every delete, every update of this node's
-/// own Node (the planner follows its resourceVersion), and the first update after a watch
-/// error (it marks the API as reachable again).
-pub struct NodeFilter {
-    own: String,
-    last: HashMap<String, NodeView>,
-    after_error: bool,
-    tally: Arc<FilterCounts>,
+/// The fingerprints of the views a filter has passed, one per object: two 64-bit SipHashes
+/// with this process's random keys (so no one can craft a collision), one of its key, one of
+/// its content without its resourceVersion ([`Printed::hash_content`]), about 32 bytes per
+/// object (4 MB for 150,000 Pods, where a copy of each view would cost tens of MB). By chance,
+/// an update is judged unchanged wrongly with odds of about 2^-64.
+struct Prints<V> {
+    hasher: RandomState,
+    last: HashMap<u64, u64>,
+    _view: std::marker::PhantomData<fn(&V)>,
 }
 
-/// Whether two Node views differ in anything but their resourceVersion.
-fn same_node(a: &NodeView, b: &NodeView) -> bool {
-    let (m, n) = (&a.metadata, &b.metadata);
-    m.name == n.name
-        && m.uid == n.uid
-        && m.creation_timestamp == n.creation_timestamp
-        && m.annotations == n.annotations
-        && m.labels == n.labels
-        && a.same_spec_and_status(b)
+impl<V: Printed> Prints<V> {
+    fn new() -> Self {
+        Prints {
+            hasher: RandomState::new(),
+            last: HashMap::new(),
+            _view: std::marker::PhantomData,
+        }
+    }
+
+    fn clear(&mut self) {
+        self.last.clear();
+    }
+
+    fn key(&self, v: &V) -> u64 {
+        self.hasher.hash_one(v.key())
+    }
+
+    /// Records `v`'s fingerprint; true when it differs from the one before.
+    fn remember(&mut self, v: &V) -> bool {
+        let mut h = self.hasher.build_hasher();
+        v.hash_content(&mut h);
+        let content = h.finish();
+        self.last.insert(self.key(v), content) != Some(content)
+    }
+
+    fn forget(&mut self, v: &V) {
+        self.last.remove(&self.key(v));
+    }
+
+    /// A watched update as text (the object of a MODIFIED line): its resourceVersion when its
+    /// fingerprint is the one remembered for its object, `None` when it differs or cannot be
+    /// read as `V` reads it.
+    fn unchanged(&self, object: &str) -> Option<String> {
+        let print = V::fingerprint_line(object, &self.hasher)?;
+        (self.last.get(&print.key) == Some(&print.content)).then_some(print.resource_version)
+    }
+}
+
+/// Drops Node updates that change nothing peer selection reads, before the planner sees
+/// them (by their fingerprints, see [`Prints`]); a watched one already as text, before it is
+/// decoded (it is the Node watch's sieve, see `lister::Sieve`). What the planner is given is
+/// exactly what changes its state: every list (a re-list starts this filter afresh, as it
+/// does the planner's view), every delete, every update of this node's own Node (the planner
+/// follows its resourceVersion; its fingerprint is never kept, so the sieve never drops it),
+/// and the first update after a watch error (it marks the API as reachable again).
+pub struct NodeFilter {
+    own: String,
+    prints: Prints<NodeView>,
+    after_error: bool,
+    tally: Arc<FilterCounts>,
 }
 
 impl NodeFilter {
@@ -71,21 +110,35 @@ impl NodeFilter {
     pub fn new(own: &str, tally: Arc<FilterCounts>) -> Self {
         NodeFilter {
             own: own.to_string(),
-            last: HashMap::new(),
+            prints: Prints::new(),
             after_error: false,
             tally,
         }
     }
 
-    /// Whether the planner must see `item`.
-    pub fn pass(&mut self, item: &NodeItem) -> bool {
+    /// Records `v`'s fingerprint, unless it is this node's own Node; true when it differs
+    /// from the one before (always for the own Node).
+    fn remember(&mut self, v: &NodeView) -> bool {
+        v.key() == Some(self.own.as_str()) || self.prints.remember(v)
+    }
+
+    /// (passed, dropped) so far.
+    pub fn counts(&self) -> (u64, u64) {
+        self.tally.get()
+    }
+}
+
+impl TextFilter for NodeFilter {
+    type Item = NodeItem;
+
+    fn pass(&mut self, item: &NodeItem) -> bool {
         let pass = match item {
             Err(_) => {
                 self.after_error = true;
                 true
             }
             Ok(Event::Init) => {
-                self.last.clear();
+                self.prints.clear();
                 true
             }
             Ok(Event::InitApply(v)) => {
@@ -94,55 +147,33 @@ impl NodeFilter {
             }
             Ok(Event::InitDone) => true,
             Ok(Event::Apply(v)) => {
-                let changed = self.remember(v);
-                let own = v.metadata.name.as_deref() == Some(self.own.as_str());
-                changed || own || std::mem::take(&mut self.after_error)
+                let after_error = std::mem::take(&mut self.after_error);
+                self.remember(v) || after_error
             }
             Ok(Event::Delete(v)) => {
-                if let Some(name) = &v.metadata.name {
-                    self.last.remove(name);
-                }
+                self.prints.forget(v);
                 true
             }
         };
         self.tally.add(pass)
     }
 
-    /// Records `v` as the last view of its Node; true when it differs from the one before.
-    fn remember(&mut self, v: &NodeView) -> bool {
-        let Some(name) = &v.metadata.name else {
-            return true;
-        };
-        match self.last.get_mut(name) {
-            Some(old) if same_node(old, v) => false,
-            Some(old) => {
-                *old = v.clone();
-                true
-            }
-            None => {
-                self.last.insert(name.clone(), v.clone());
-                true
-            }
+    fn unchanged_text(&mut self, object: &str) -> Option<String> {
+        if self.after_error {
+            return None;
         }
-    }
-
-    /// (passed, dropped) so far.
-    pub fn counts(&self) -> (u64, u64) {
-        self.tally.get()
+        let rv = self.prints.unchanged(object)?;
+        self.tally.add(false);
+        Some(rv)
     }
 }
 
 /// Drops Pod updates that change nothing NetworkPolicy reads (status heartbeats, annotations,
-/// resourceVersion alone), before they are folded. At 150,000 Pods a copy of
-/// every view, as [`NodeFilter`] keeps for Nodes, would cost tens of MB, so this keeps two
-/// 64-bit fingerprints per Pod (about 4 MB at that size): one of its namespace and name, one of
-/// the view's content without its resourceVersion ([`PodView::hash_content`]). Both are
-/// SipHash with this process's random keys, so no one can craft a collision; by chance, an
-/// update is dropped wrongly with odds of about 2^-64. Lists, deletes and errors always pass;
-/// a re-list starts the filter afresh, as it does the index.
+/// resourceVersion alone), before they are folded, by their fingerprints (see [`Prints`]); a
+/// watched one already as text, before it is decoded (it is the Pod watch's sieve). Lists,
+/// deletes and errors always pass; a re-list starts the filter afresh, as it does the index.
 pub struct PodFilter {
-    hasher: RandomState,
-    last: HashMap<u64, u64>,
+    prints: Prints<PodView>,
     tally: Arc<FilterCounts>,
 }
 
@@ -150,56 +181,9 @@ impl PodFilter {
     /// An empty filter, counting what it passes and drops in `tally`.
     pub fn new(tally: Arc<FilterCounts>) -> Self {
         PodFilter {
-            hasher: RandomState::new(),
-            last: HashMap::new(),
+            prints: Prints::new(),
             tally,
         }
-    }
-
-    /// Whether the index must see `ev`.
-    pub fn pass(&mut self, ev: &Event<PodView>) -> bool {
-        let pass = match ev {
-            Event::Init => {
-                self.last.clear();
-                true
-            }
-            Event::InitApply(v) => {
-                self.remember(v);
-                true
-            }
-            Event::InitDone => true,
-            Event::Apply(v) => self.remember(v),
-            Event::Delete(v) => {
-                self.last.remove(&self.key(v));
-                true
-            }
-        };
-        self.tally.add(pass)
-    }
-
-    fn key(&self, v: &PodView) -> u64 {
-        self.hasher.hash_one(v.key())
-    }
-
-    /// A watched update as text (the object of a MODIFIED line): its resourceVersion when
-    /// its fingerprint is the one remembered for its Pod (dropped and counted), `None` when
-    /// it differs or cannot be read as a Pod (then it is decoded and given to [`Self::pass`]).
-    pub fn unchanged_text(&mut self, object: &str) -> Option<String> {
-        let print = PodView::fingerprint_line(object, &self.hasher)?;
-        if self.last.get(&print.key) != Some(&print.content) {
-            return None;
-        }
-        self.tally.add(false);
-        Some(print.resource_version)
-    }
-
-    /// Records `v`'s fingerprint; true when it differs from the one before.
-    fn remember(&mut self, v: &PodView) -> bool {
-        let key = self.key(v);
-        let mut h = self.hasher.build_hasher();
-        v.hash_content(&mut h);
-        let content = h.finish();
-        self.last.insert(key, content) != Some(content)
     }
 
     /// (passed, dropped) so far.
@@ -208,28 +192,72 @@ impl PodFilter {
     }
 }
 
-/// A [`PodFilter`] shared by the Pod watch's line reader (as its sieve) and the policy loop
-/// that folds what passes; both run on the policy thread, one after the other.
-pub struct SharedPodFilter(std::sync::Mutex<PodFilter>);
+impl TextFilter for PodFilter {
+    type Item = Event<PodView>;
 
-impl SharedPodFilter {
-    pub fn new(tally: Arc<FilterCounts>) -> Self {
-        SharedPodFilter(std::sync::Mutex::new(PodFilter::new(tally)))
+    fn pass(&mut self, ev: &Event<PodView>) -> bool {
+        let pass = match ev {
+            Event::Init => {
+                self.prints.clear();
+                true
+            }
+            Event::InitApply(v) => {
+                self.prints.remember(v);
+                true
+            }
+            Event::InitDone => true,
+            Event::Apply(v) => self.prints.remember(v),
+            Event::Delete(v) => {
+                self.prints.forget(v);
+                true
+            }
+        };
+        self.tally.add(pass)
     }
 
-    /// [`PodFilter::pass`].
-    pub fn pass(&self, ev: &Event<PodView>) -> bool {
-        self.lock().pass(ev)
+    fn unchanged_text(&mut self, object: &str) -> Option<String> {
+        let rv = self.prints.unchanged(object)?;
+        self.tally.add(false);
+        Some(rv)
+    }
+}
+
+/// A filter of decoded watch items that also judges a watched update as text (the object of
+/// a MODIFIED line) before it is decoded.
+pub trait TextFilter: Send + 'static {
+    type Item;
+    /// Whether the consumer must see `item`.
+    fn pass(&mut self, item: &Self::Item) -> bool;
+    /// The update's resourceVersion when it changes nothing the consumer reads (dropped and
+    /// counted); `None` when it must be decoded and given to [`TextFilter::pass`].
+    fn unchanged_text(&mut self, object: &str) -> Option<String>;
+}
+
+/// A [`TextFilter`] shared by a watch's line reader (as its sieve) and the loop that consumes
+/// what passes; both run on one thread, one after the other.
+pub struct Shared<F>(std::sync::Mutex<F>);
+
+/// The Pod filter as the policy thread shares it.
+pub type SharedPodFilter = Shared<PodFilter>;
+
+impl<F: TextFilter> Shared<F> {
+    pub fn new(filter: F) -> Self {
+        Shared(std::sync::Mutex::new(filter))
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, PodFilter> {
+    /// [`TextFilter::pass`].
+    pub fn pass(&self, item: &F::Item) -> bool {
+        self.lock().pass(item)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, F> {
         // The filter holds only fingerprints: one left half-updated by a panic is still safe
         // to read (a stale fingerprint lets the next update through).
         self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
-impl super::lister::Sieve for SharedPodFilter {
+impl<F: TextFilter> super::lister::Sieve for Shared<F> {
     fn unchanged(&self, object: &str) -> Option<String> {
         self.lock().unchanged_text(object)
     }
@@ -302,7 +330,8 @@ impl super::lister::Sieve for TextSieve {
 }
 
 /// Runs the Node watch, passing what [`NodeFilter`] keeps to `tx`, until `tx`'s receiver is
-/// gone.
+/// gone. The filter is the watch's sieve too: each item is judged before the stream is polled
+/// again, as `lister::Sieve` asks.
 async fn nodes(
     client: Client,
     own: String,
@@ -310,19 +339,25 @@ async fn nodes(
     tally: Arc<FilterCounts>,
     tx: tokio::sync::mpsc::Sender<NodeItem>,
 ) {
-    let views: Api<NodeView> = Api::all(client);
-    let stream = watcher::watcher(views, watch_config()).backoff(super::WatchBackoff::default());
+    let filter = Arc::new(Shared::new(NodeFilter::new(&own, tally)));
+    let stream = super::lister::watch::<NodeView>(client, Some(filter.clone()))
+        .backoff(super::WatchBackoff::default());
     let mut stream = std::pin::pin!(stream);
-    let mut filter = NodeFilter::new(&own, tally);
     let mut paced = Pacer::new(turn);
     loop {
         let Some(item) = paced.next(&mut stream, tx.closed()).await else {
             return;
         };
-        paced.arm(matches!(&item, Some(Ok(ev)) if is_watch_event(ev)));
-        let Some(item) = item else {
-            error!("the Node watch ended");
-            return;
+        paced.arm(matches!(&item, Some(Ok(seen)) if seen.is_watch_event()));
+        let item = match item {
+            None => {
+                error!("the Node watch ended");
+                return;
+            }
+            // Dropped as text by the filter, which counted it.
+            Some(Ok(Seen::Unchanged)) => continue,
+            Some(Ok(Seen::Event(ev))) => Ok(ev),
+            Some(Err(e)) => Err(e),
         };
         if filter.pass(&item) && tx.send(item).await.is_err() {
             return;
@@ -420,11 +455,6 @@ impl Pacer {
     }
 }
 
-/// Whether `ev` came from a watch (not from a list, not a list's bounds).
-pub fn is_watch_event<K>(ev: &Event<K>) -> bool {
-    matches!(ev, Event::Apply(_) | Event::Delete(_))
-}
-
 /// Runs `work` with a client of its own on a new thread with a single-threaded runtime; the
 /// thread ends when `work` does. A client that cannot be built is logged and ends the thread.
 pub fn spawn<F, Fut>(name: &str, config: kube::Config, work: F) -> std::io::Result<()>
@@ -496,10 +526,16 @@ mod tests {
     use serde_json::json;
 
     fn node(name: &str, rv: &str, key: &str, heartbeat: &str) -> NodeView {
-        serde_json::from_value(json!({
+        serde_json::from_str(&node_text(name, rv, key, heartbeat)).unwrap()
+    }
+
+    /// [`node`]'s JSON text, as a watch line holds it.
+    fn node_text(name: &str, rv: &str, key: &str, heartbeat: &str) -> String {
+        serde_json::to_string(&json!({
             "metadata": {"name": name, "uid": format!("u-{name}"), "resourceVersion": rv,
                 "creationTimestamp": "2025-01-01T00:00:00Z",
-                "annotations": {"kwire.dev/public-key": key, "node.alpha.kubernetes.io/ttl": heartbeat}},
+                "annotations": {"kwire.dev/public-key": key, "node.alpha.kubernetes.io/ttl": heartbeat},
+                "managedFields": [{"manager": "kubelet", "time": heartbeat}]},
             "spec": {"podCIDR": "10.244.2.0/24"},
             "status": {"addresses": [{"type": "InternalIP", "address": "192.0.2.2"}],
                 "conditions": [{"type": "Ready", "status": "True", "lastHeartbeatTime": heartbeat}]}
@@ -634,9 +670,42 @@ mod tests {
         assert!(f.pass(&Ok(Event::Apply(node("n2", "4", "K1", "t3")))));
     }
 
+    /// The Node sieve (text) drops only what the filter (view) would drop, and never this
+    /// node's own Node nor the first update after an error.
+    #[test]
+    fn the_node_sieve_drops_a_heartbeat_as_text_but_not_the_own_node_nor_after_an_error() {
+        let mut f = NodeFilter::new("me", Arc::default());
+        listed(
+            &mut f,
+            &[node("n2", "1", "K1", "t0"), node("me", "1", "M", "t0")],
+        );
+        let beat = node_text("n2", "2", "K1", "t1");
+        assert_eq!(f.unchanged_text(&format!("{beat}}}")).as_deref(), Some("2"));
+        // The own Node is decoded and passed, heartbeat or not.
+        let own = node_text("me", "3", "M", "t1");
+        assert_eq!(f.unchanged_text(&own), None);
+        assert!(f.pass(&Ok(Event::Apply(node("me", "3", "M", "t1")))));
+        assert_eq!(f.unchanged_text(&own), None);
+        // A key change is decoded and passed; the same again is dropped as text.
+        let rekeyed = node_text("n2", "4", "K2", "t1");
+        assert_eq!(f.unchanged_text(&rekeyed), None);
+        assert!(f.pass(&Ok(Event::Apply(node("n2", "4", "K2", "t1")))));
+        assert_eq!(f.unchanged_text(&rekeyed).as_deref(), Some("4"));
+        // After an error the next update is decoded and passed; then heartbeats drop again.
+        assert!(f.pass(&Err(watcher::Error::NoResourceVersion)));
+        let after = node_text("n2", "5", "K2", "t2");
+        assert_eq!(f.unchanged_text(&after), None);
+        assert!(f.pass(&Ok(Event::Apply(node("n2", "5", "K2", "t2")))));
+        assert_eq!(f.unchanged_text(&after).as_deref(), Some("5"));
+        // An unknown Node, text that is not a Node: decoded.
+        assert_eq!(f.unchanged_text(&node_text("n3", "6", "K3", "t2")), None);
+        assert_eq!(f.unchanged_text(r#"{"metadata": 7}"#), None);
+        assert_eq!(f.counts(), (8, 3));
+    }
+
     /// The planner's fold of what the filter passes ends where its fold of everything ends:
-    /// for random histories, the peer view built from the passed items equals the one built
-    /// from all items.
+    /// for random histories, each update first judged as text by the sieve, the peer view
+    /// built from the passed items equals the one built from all items.
     #[test]
     fn filtered_history_folds_to_the_same_peer_view() {
         use crate::agent::peers::NodeInfo;
@@ -667,41 +736,67 @@ mod tests {
             }
         }
         let mut rand = xorshift(0x9e37_79b9_7f4a_7c15);
+        let mut total_sieved = 0;
         for _ in 0..200 {
+            let mut sieved = 0;
             let mut f = NodeFilter::new("n0", Arc::default());
             let (mut all, mut passed) = (BTreeMap::new(), BTreeMap::new());
             let (mut r1, mut r2) = (None, None);
             let mut rv = 0u64;
-            let mut items: Vec<NodeItem> = vec![Ok(Event::Init), Ok(Event::InitDone)];
+            // Each item with the text a watch line would hold for an update (the sieve judges
+            // that first, as the Node watch's line reader does).
+            let mut items: Vec<(NodeItem, Option<String>)> =
+                vec![(Ok(Event::Init), None), (Ok(Event::InitDone), None)];
             for _ in 0..60 {
                 rv += 1;
-                let view = |rand: &mut dyn FnMut(u64) -> u64, rv: u64| {
+                let text = |rand: &mut dyn FnMut(u64) -> u64, rv: u64| {
                     let name = format!("n{}", rand(4));
                     let key = format!("K{}", rand(3));
-                    node(&name, &rv.to_string(), &key, &format!("t{rv}"))
+                    node_text(&name, &rv.to_string(), &key, &format!("t{rv}"))
                 };
+                let view = |t: &str| serde_json::from_str::<NodeView>(t).unwrap();
                 match rand(12) {
-                    0 => items.push(Ok(Event::Delete(view(&mut rand, rv)))),
-                    1 => items.push(Err(watcher::Error::NoResourceVersion)),
+                    0 => items.push((Ok(Event::Delete(view(&text(&mut rand, rv)))), None)),
+                    1 => items.push((Err(watcher::Error::NoResourceVersion), None)),
                     2 => {
                         // A re-list (after a 410 Gone), as the watcher delivers one.
-                        items.push(Ok(Event::Init));
+                        items.push((Ok(Event::Init), None));
                         for _ in 0..rand(4) {
-                            items.push(Ok(Event::InitApply(view(&mut rand, rv))));
+                            let v = view(&text(&mut rand, rv));
+                            items.push((Ok(Event::InitApply(v)), None));
                         }
-                        items.push(Ok(Event::InitDone));
+                        items.push((Ok(Event::InitDone), None));
                     }
-                    _ => items.push(Ok(Event::Apply(view(&mut rand, rv)))),
+                    _ => {
+                        let t = text(&mut rand, rv);
+                        items.push((Ok(Event::Apply(view(&t))), Some(t)));
+                    }
                 }
             }
-            for item in &items {
+            for (item, text) in &items {
                 fold(&mut all, &mut r1, item);
+                if let Some(rv) = text.as_deref().and_then(|t| f.unchanged_text(t)) {
+                    let Ok(Event::Apply(v)) = item else {
+                        panic!("only updates are sieved")
+                    };
+                    assert_eq!(Some(rv.as_str()), v.metadata.resource_version.as_deref());
+                    assert_ne!(v.key(), Some("n0"), "the own Node is never sieved");
+                    sieved += 1;
+                    continue;
+                }
                 if f.pass(item) {
                     fold(&mut passed, &mut r2, item);
                 }
             }
             assert_eq!(all, passed);
+            assert_eq!(
+                f.counts().1,
+                sieved,
+                "what the sieve passes on, the filter passes"
+            );
+            total_sieved += sieved;
         }
+        assert!(total_sieved > 0, "some updates were dropped as text");
     }
 
     fn pod(name: &str, rv: u64, app: &str, ip: &str, heartbeat: &str) -> PodView {
