@@ -1,16 +1,18 @@
 //! The Node watch on a thread of its own, filtered there (see [`NodeFilter`]): nearly every
 //! Node event changes nothing peer selection reads (status heartbeats every few minutes per
 //! node, annotations of other controllers), and the planner on the main runtime is woken only
-//! for one that does. The watch runs on a single-threaded runtime with an API client of its
-//! own (its connections live there too); what passes goes to the planner over a bounded
-//! channel.
+//! for one that does. The watch (listed and watched by `lister`) runs on a single-threaded
+//! runtime with an API client of its own (its connections live there too); the filter is its
+//! sieve, so a heartbeat is dropped as text, before it is decoded; what passes goes to the
+//! planner over a bounded channel.
 //!
 //! The policy loop (its three watches, the fold and the snapshots) runs on such a thread too
 //! (`policy::start`). There, [`PodFilter`] drops an unchanged Pod before it is converted and
-//! compared with what the policy index holds; a watched one already as text, before it is
-//! decoded (it is the Pod watch's sieve, see `lister::Sieve`). The service loop (its two
-//! watches, the views and the table's compiles) runs on one too (`services::start`); its
-//! watches' sieves ([`TextSieve`]) drop Service and EndpointSlice updates as text.
+//! compared with what the policy index holds; a watched one already as text (it is the Pod
+//! watch's sieve). Both filters keep fingerprints ([`Prints`]) read alike from a decoded view
+//! and from its text. The service loop (its two watches, the views and the table's compiles)
+//! runs on one too (`services::start`); its watches' sieves ([`TextSieve`]) drop Service and
+//! EndpointSlice updates as text.
 //!
 //! The three threads pace their reads ([`Pacer`]): after a turn of watch events a thread sleeps
 //! [`WATCH_TURN`] before it reads again, so that a stream of heartbeats costs a wake-up per
