@@ -193,17 +193,17 @@ struct PodIpView<S = String> {
     ip: Option<S>,
 }
 
-/// A Pod as [`PodView::fingerprint_line`] reads it: what [`PodView`] keeps, its strings
-/// borrowed from the line.
+/// An object as a view's `fingerprint_line` reads it: what the view keeps, its strings
+/// borrowed from the line (see [`PodText`], [`NodeText`]).
 #[derive(Deserialize)]
-struct PodText<'a> {
-    #[serde(borrow)]
-    metadata: Option<MetaText<'a>>,
-    #[serde(borrow)]
-    spec: Option<PodSpecView<Text<'a>>>,
-    #[serde(borrow)]
-    status: Option<PodStatusView<Text<'a>>>,
+struct ObjectText<M, Spec, Status> {
+    metadata: Option<M>,
+    spec: Option<Spec>,
+    status: Option<Status>,
 }
+
+/// A Pod as [`PodView::fingerprint_line`] reads it.
+type PodText<'a> = ObjectText<MetaText<'a>, PodSpecView<Text<'a>>, PodStatusView<Text<'a>>>;
 
 /// [`LabelledMeta`], borrowed.
 #[derive(Default, Deserialize)]
@@ -953,17 +953,8 @@ struct ConditionView<S = String> {
     status: S,
 }
 
-/// A Node as [`NodeView::fingerprint_line`] reads it: what [`NodeView`] keeps, its strings
-/// borrowed from the line.
-#[derive(Deserialize)]
-struct NodeText<'a> {
-    #[serde(borrow)]
-    metadata: Option<NodeMetaText<'a>>,
-    #[serde(borrow)]
-    spec: Option<NodeSpecView<Text<'a>>>,
-    #[serde(borrow)]
-    status: Option<NodeStatusView<Text<'a>>>,
-}
+/// A Node as [`NodeView::fingerprint_line`] reads it.
+type NodeText<'a> = ObjectText<NodeMetaText<'a>, NodeSpecView<Text<'a>>, NodeStatusView<Text<'a>>>;
 
 /// [`NodeMeta`], borrowed.
 #[derive(Default, Deserialize)]

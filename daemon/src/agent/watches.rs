@@ -558,6 +558,16 @@ mod tests {
         assert!(f.pass(&Ok(Event::InitDone)));
     }
 
+    /// A filter for node `me` that has passed a list of `n2` (key K1) and `me`.
+    fn listed_n2_and_me() -> NodeFilter {
+        let mut f = NodeFilter::new("me", Arc::default());
+        listed(
+            &mut f,
+            &[node("n2", "1", "K1", "t0"), node("me", "1", "M", "t0")],
+        );
+        f
+    }
+
     /// A stream that hands its items over as hyper's connection hands a body over: one at a
     /// time, the next only once the producing task has run again.
     fn handed_over_one_by_one(
@@ -627,11 +637,7 @@ mod tests {
 
     #[test]
     fn a_heartbeat_does_not_reach_the_planner_a_key_does() {
-        let mut f = NodeFilter::new("me", Arc::default());
-        listed(
-            &mut f,
-            &[node("n2", "1", "K1", "t0"), node("me", "1", "M", "t0")],
-        );
+        let mut f = listed_n2_and_me();
         // Status heartbeat and an annotation kwire does not read: dropped.
         assert!(!f.pass(&Ok(Event::Apply(node("n2", "2", "K1", "t1")))));
         assert!(!f.pass(&Ok(Event::Apply(node("n2", "3", "K1", "t2")))));
@@ -676,11 +682,7 @@ mod tests {
     /// node's own Node nor the first update after an error.
     #[test]
     fn the_node_sieve_drops_a_heartbeat_as_text_but_not_the_own_node_nor_after_an_error() {
-        let mut f = NodeFilter::new("me", Arc::default());
-        listed(
-            &mut f,
-            &[node("n2", "1", "K1", "t0"), node("me", "1", "M", "t0")],
-        );
+        let mut f = listed_n2_and_me();
         let beat = node_text("n2", "2", "K1", "t1");
         assert_eq!(f.unchanged_text(&format!("{beat}}}")).as_deref(), Some("2"));
         // The own Node is decoded and passed, heartbeat or not.
