@@ -1,4 +1,4 @@
-//! The agent's own list-then-watch (`kwire::agent::lister`, the policy and service kinds', with
+//! The agent's own list-then-watch (`kwire::agent::lister`, every kind's but the Peers', with
 //! its own reader of the watch's lines) and kube's watcher (what it replaced), side by side
 //! against the API stand-in over HTTPS with a service account's token and RBAC as a real
 //! cluster applies it: both must yield the same items, in the same order, through a 403 on

@@ -347,12 +347,28 @@ fn opt_str<'a>(t: &'a Option<Text<'_>>) -> Option<&'a str> {
     t.as_ref().map(Text::as_str)
 }
 
-impl PodView {
+/// A view a filter keeps fingerprints of, from the view as decoded and from its text (see
+/// `watches::Prints`): the two readings of one object hash alike.
+pub trait Printed {
+    /// What identifies the object (it is hashed into [`Fingerprint::key`]).
+    type Key<'a>: std::hash::Hash
+    where
+        Self: 'a;
+    fn key(&self) -> Self::Key<'_>;
+    /// Everything the view keeps but its resourceVersion.
+    fn hash_content<H: std::hash::Hasher>(&self, h: &mut H);
+    /// The object's text read for the same, `None` when it is not read alike.
+    fn fingerprint_line(text: &str, keys: &impl std::hash::BuildHasher) -> Option<Fingerprint>;
+}
+
+impl Printed for PodView {
+    type Key<'a> = (Option<&'a str>, Option<&'a str>);
+
     /// Feeds everything the view keeps but its resourceVersion to `h`: two views that hash
     /// alike differ in nothing NetworkPolicy reads. The metadata is hashed field by field
     /// (the view keeps only these, see `labelled_meta`); spec and status by their derived
     /// `Hash`, so a field added to them is hashed without a change here.
-    pub fn hash_content<H: std::hash::Hasher>(&self, h: &mut H) {
+    fn hash_content<H: std::hash::Hasher>(&self, h: &mut H) {
         let m = &self.metadata;
         hash_object(
             &[&m.name, &m.namespace, &m.uid].map(Option::as_deref),
@@ -363,7 +379,7 @@ impl PodView {
     }
 
     /// The (namespace, name) a Pod filter keys its fingerprints by.
-    pub fn key(&self) -> (Option<&str>, Option<&str>) {
+    fn key(&self) -> Self::Key<'_> {
         (
             self.metadata.namespace.as_deref(),
             self.metadata.name.as_deref(),
@@ -374,7 +390,7 @@ impl PodView {
     /// its key ([`PodView::key`]) hashed with `keys`, its content hashed as
     /// [`PodView::hash_content`] hashes the view of the same text, and its resourceVersion.
     /// `None` when the text is not a Pod the view would read alike (the caller decodes it).
-    pub fn fingerprint_line(text: &str, keys: &impl std::hash::BuildHasher) -> Option<Fingerprint> {
+    fn fingerprint_line(text: &str, keys: &impl std::hash::BuildHasher) -> Option<Fingerprint> {
         let pod = PodText::deserialize(&mut serde_json::Deserializer::from_str(text)).ok()?;
         let m = pod.metadata.unwrap_or_default();
         let rv = m.resource_version.as_ref()?.as_str().to_string();
@@ -392,7 +408,9 @@ impl PodView {
             resource_version: rv,
         })
     }
+}
 
+impl PodView {
     /// The k8s-openapi Pod with the kept fields set.
     pub fn into_k8s(self) -> corev1::Pod {
         corev1::Pod {
@@ -870,42 +888,6 @@ pub struct EndpointSliceView {
 }
 view_of!(EndpointSliceView, discoveryv1::EndpointSlice);
 
-/// A view a filter keeps fingerprints of, from the view as decoded and from its text (see
-/// `watches::Prints`): the two readings of one object hash alike.
-pub trait Printed {
-    /// What identifies the object (it is hashed into [`Fingerprint::key`]).
-    type Key<'a>: std::hash::Hash
-    where
-        Self: 'a;
-    fn key(&self) -> Self::Key<'_>;
-    /// Everything the view keeps but its resourceVersion.
-    fn hash_content<H: std::hash::Hasher>(&self, h: &mut H);
-    /// The object's text read for the same, `None` when it is not read alike.
-    fn fingerprint_line(text: &str, keys: &impl std::hash::BuildHasher) -> Option<Fingerprint>;
-}
-
-macro_rules! printed {
-    ($view:ty, $key:ty) => {
-        impl Printed for $view {
-            type Key<'a> = $key;
-            fn key(&self) -> Self::Key<'_> {
-                <$view>::key(self)
-            }
-            fn hash_content<H: std::hash::Hasher>(&self, h: &mut H) {
-                <$view>::hash_content(self, h)
-            }
-            fn fingerprint_line(
-                text: &str,
-                keys: &impl std::hash::BuildHasher,
-            ) -> Option<Fingerprint> {
-                <$view>::fingerprint_line(text, keys)
-            }
-        }
-    };
-}
-printed!(PodView, (Option<&'a str>, Option<&'a str>));
-printed!(NodeView, Option<&'a str>);
-
 /// A Node as peer selection reads it.
 #[derive(Clone, Debug, Default, Deserialize)]
 pub struct NodeView {
@@ -973,11 +955,13 @@ struct NodeMetaText<'a> {
     labels: Option<Pairs<'a>>,
 }
 
-impl NodeView {
+impl Printed for NodeView {
+    type Key<'a> = Option<&'a str>;
+
     /// Feeds everything the view keeps but its resourceVersion to `h` (as
     /// [`PodView::hash_content`] does): two views that hash alike differ in nothing peer
     /// selection reads.
-    pub fn hash_content<H: std::hash::Hasher>(&self, h: &mut H) {
+    fn hash_content<H: std::hash::Hasher>(&self, h: &mut H) {
         let m = &self.metadata;
         hash_object(
             &[&m.name, &m.uid].map(Option::as_deref),
@@ -992,14 +976,14 @@ impl NodeView {
     }
 
     /// The name a Node filter keys its fingerprints by.
-    pub fn key(&self) -> Option<&str> {
+    fn key(&self) -> Self::Key<'_> {
         self.metadata.name.as_deref()
     }
 
     /// A Node's JSON text read as [`NodeView`] reads it (as [`PodView::fingerprint_line`]
     /// reads a Pod's): its key hashed with `keys`, its content hashed as
     /// [`NodeView::hash_content`] hashes the view of the same text, its resourceVersion.
-    pub fn fingerprint_line(text: &str, keys: &impl std::hash::BuildHasher) -> Option<Fingerprint> {
+    fn fingerprint_line(text: &str, keys: &impl std::hash::BuildHasher) -> Option<Fingerprint> {
         let node = NodeText::deserialize(&mut serde_json::Deserializer::from_str(text)).ok()?;
         let m = node.metadata.unwrap_or_default();
         let rv = m.resource_version.as_ref()?.as_str().to_string();
@@ -1020,7 +1004,9 @@ impl NodeView {
             resource_version: rv,
         })
     }
+}
 
+impl NodeView {
     pub fn into_k8s(self) -> corev1::Node {
         corev1::Node {
             metadata: self.metadata,

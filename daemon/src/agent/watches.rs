@@ -19,7 +19,7 @@
 //! turn, not per event.
 
 use super::lister::Seen;
-use super::objects::{NodeView, PodView, Printed};
+use super::objects::{Fingerprint, NodeView, PodView, Printed};
 use crate::node_state::FilterCounts;
 use futures::StreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -37,58 +37,54 @@ pub type NodeItem = Result<Event<NodeView>, watcher::Error>;
 /// Node items queued for the planner, at most (the watch waits while it is full).
 pub const NODE_QUEUE: usize = 4096;
 
-/// The watcher configuration of every watched kind.
+/// The watcher configuration of the kinds kube's watcher still watches (the Peer objects;
+/// every other kind is listed and watched by `lister`, with the same list parameters).
 pub fn watch_config() -> watcher::Config {
     watcher::Config::default()
         .any_semantic()
         .page_size(super::lister::PAGE_SIZE)
 }
 
-/// The fingerprints of the views a filter has passed, one per object: two 64-bit SipHashes
-/// with this process's random keys (so no one can craft a collision), one of its key, one of
-/// its content without its resourceVersion ([`Printed::hash_content`]), about 32 bytes per
-/// object (4 MB for 150,000 Pods, where a copy of each view would cost tens of MB). By chance,
-/// an update is judged unchanged wrongly with odds of about 2^-64.
-struct Prints<V> {
-    hasher: RandomState,
+/// The fingerprints of the objects a filter or sieve has passed, one per object: two 64-bit
+/// SipHashes with this process's random keys (so no one can craft a collision), one of its
+/// key, one of its content without its resourceVersion (a view's [`Printed::hash_content`],
+/// or a [`Fingerprint`] read from its text), about 32 bytes per object (4 MB for 150,000
+/// Pods, where a copy of each view would cost tens of MB). By chance, an update is judged
+/// unchanged wrongly with odds of about 2^-64.
+#[derive(Default)]
+struct Prints {
+    keys: RandomState,
     last: HashMap<u64, u64>,
-    _view: std::marker::PhantomData<fn(&V)>,
 }
 
-impl<V: Printed> Prints<V> {
-    fn new() -> Self {
-        Prints {
-            hasher: RandomState::new(),
-            last: HashMap::new(),
-            _view: std::marker::PhantomData,
-        }
-    }
-
+impl Prints {
     fn clear(&mut self) {
         self.last.clear();
     }
 
-    fn key(&self, v: &V) -> u64 {
-        self.hasher.hash_one(v.key())
-    }
-
     /// Records `v`'s fingerprint; true when it differs from the one before.
-    fn remember(&mut self, v: &V) -> bool {
-        let mut h = self.hasher.build_hasher();
+    fn remember<V: Printed>(&mut self, v: &V) -> bool {
+        let mut h = self.keys.build_hasher();
         v.hash_content(&mut h);
         let content = h.finish();
-        self.last.insert(self.key(v), content) != Some(content)
+        self.last.insert(self.keys.hash_one(v.key()), content) != Some(content)
     }
 
-    fn forget(&mut self, v: &V) {
-        self.last.remove(&self.key(v));
+    /// Records a fingerprint read from an object's text.
+    fn keep(&mut self, print: &Fingerprint) {
+        self.last.insert(print.key, print.content);
     }
 
-    /// A watched update as text (the object of a MODIFIED line): its resourceVersion when its
-    /// fingerprint is the one remembered for its object, `None` when it differs or cannot be
-    /// read as `V` reads it.
-    fn unchanged(&self, object: &str) -> Option<String> {
-        let print = V::fingerprint_line(object, &self.hasher)?;
+    /// Forgets the object that `key` (as a view's [`Printed::key`]) names.
+    fn forget(&mut self, key: impl std::hash::Hash) {
+        self.last.remove(&self.keys.hash_one(key));
+    }
+
+    /// A watched update's fingerprint, as `read` reads it with these keys: its
+    /// resourceVersion when it is the one remembered for its object, `None` when it differs
+    /// or the text could not be read.
+    fn unchanged(&self, read: impl FnOnce(&RandomState) -> Option<Fingerprint>) -> Option<String> {
+        let print = read(&self.keys)?;
         (self.last.get(&print.key) == Some(&print.content)).then_some(print.resource_version)
     }
 }
@@ -102,7 +98,7 @@ impl<V: Printed> Prints<V> {
 /// and the first update after a watch error (it marks the API as reachable again).
 pub struct NodeFilter {
     own: String,
-    prints: Prints<NodeView>,
+    prints: Prints,
     after_error: bool,
     tally: Arc<FilterCounts>,
 }
@@ -112,7 +108,7 @@ impl NodeFilter {
     pub fn new(own: &str, tally: Arc<FilterCounts>) -> Self {
         NodeFilter {
             own: own.to_string(),
-            prints: Prints::new(),
+            prints: Prints::default(),
             after_error: false,
             tally,
         }
@@ -153,7 +149,7 @@ impl TextFilter for NodeFilter {
                 self.remember(v) || after_error
             }
             Ok(Event::Delete(v)) => {
-                self.prints.forget(v);
+                self.prints.forget(v.key());
                 true
             }
         };
@@ -164,7 +160,9 @@ impl TextFilter for NodeFilter {
         if self.after_error {
             return None;
         }
-        let rv = self.prints.unchanged(object)?;
+        let rv = self
+            .prints
+            .unchanged(|keys| NodeView::fingerprint_line(object, keys))?;
         self.tally.add(false);
         Some(rv)
     }
@@ -175,7 +173,7 @@ impl TextFilter for NodeFilter {
 /// watched one already as text, before it is decoded (it is the Pod watch's sieve). Lists,
 /// deletes and errors always pass; a re-list starts the filter afresh, as it does the index.
 pub struct PodFilter {
-    prints: Prints<PodView>,
+    prints: Prints,
     tally: Arc<FilterCounts>,
 }
 
@@ -183,7 +181,7 @@ impl PodFilter {
     /// An empty filter, counting what it passes and drops in `tally`.
     pub fn new(tally: Arc<FilterCounts>) -> Self {
         PodFilter {
-            prints: Prints::new(),
+            prints: Prints::default(),
             tally,
         }
     }
@@ -210,7 +208,7 @@ impl TextFilter for PodFilter {
             Event::InitDone => true,
             Event::Apply(v) => self.prints.remember(v),
             Event::Delete(v) => {
-                self.prints.forget(v);
+                self.prints.forget(v.key());
                 true
             }
         };
@@ -218,7 +216,9 @@ impl TextFilter for PodFilter {
     }
 
     fn unchanged_text(&mut self, object: &str) -> Option<String> {
-        let rv = self.prints.unchanged(object)?;
+        let rv = self
+            .prints
+            .unchanged(|keys| PodView::fingerprint_line(object, keys))?;
         self.tally.add(false);
         Some(rv)
     }
@@ -238,9 +238,6 @@ pub trait TextFilter: Send + 'static {
 /// A [`TextFilter`] shared by a watch's line reader (as its sieve) and the loop that consumes
 /// what passes; both run on one thread, one after the other.
 pub struct Shared<F>(std::sync::Mutex<F>);
-
-/// The Pod filter as the policy thread shares it.
-pub type SharedPodFilter = Shared<PodFilter>;
 
 impl<F: TextFilter> Shared<F> {
     pub fn new(filter: F) -> Self {
@@ -267,12 +264,11 @@ impl<F: TextFilter> super::lister::Sieve for Shared<F> {
 
 /// A sieve that keeps its own fingerprints, read from the objects' text as listed and as
 /// watched ([`super::objects::fingerprint_text`] of what `kept` names): for kinds whose
-/// consumer keeps no filter of its own (Services, EndpointSlices). Fingerprints are SipHash
-/// with this process's random keys, as [`PodFilter`]'s are.
+/// consumer keeps no filter of its own (Services, EndpointSlices). It keeps them as the Pod
+/// and Node filters keep theirs ([`Prints`]).
 pub struct TextSieve {
     kept: &'static super::objects::Kept,
-    hasher: RandomState,
-    last: std::sync::Mutex<HashMap<u64, u64>>,
+    prints: std::sync::Mutex<Prints>,
     tally: Arc<FilterCounts>,
 }
 
@@ -281,53 +277,52 @@ impl TextSieve {
     pub fn new(kept: &'static super::objects::Kept, tally: Arc<FilterCounts>) -> Self {
         TextSieve {
             kept,
-            hasher: RandomState::new(),
-            last: Default::default(),
+            prints: Default::default(),
             tally,
         }
     }
 
-    fn last(&self) -> std::sync::MutexGuard<'_, HashMap<u64, u64>> {
+    fn prints(&self) -> std::sync::MutexGuard<'_, Prints> {
         // Only fingerprints: a map left half-updated is still safe to read.
-        self.last.lock().unwrap_or_else(|e| e.into_inner())
+        self.prints.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl super::lister::Sieve for TextSieve {
     fn unchanged(&self, object: &str) -> Option<String> {
-        let print = super::objects::fingerprint_text(object, &self.hasher, self.kept)?;
-        if self.last().get(&print.key) != Some(&print.content) {
-            return None;
-        }
+        let rv = self
+            .prints()
+            .unchanged(|keys| super::objects::fingerprint_text(object, keys, self.kept))?;
         self.tally.add(false);
-        Some(print.resource_version)
+        Some(rv)
     }
 
     fn relist(&self) {
-        self.last().clear();
+        self.prints().clear();
     }
 
     fn listed(&self, page: &str) {
-        let prints = super::objects::fingerprint_list(page, &self.hasher, self.kept);
-        let mut last = self.last();
-        for p in prints.into_iter().flatten() {
+        let mut prints = self.prints();
+        let listed = super::objects::fingerprint_list(page, &prints.keys, self.kept);
+        for p in listed.into_iter().flatten() {
             self.tally.add(true);
-            last.insert(p.key, p.content);
+            prints.keep(&p);
         }
     }
 
     fn seen(&self, object: &str) -> bool {
-        let Some(p) = super::objects::fingerprint_text(object, &self.hasher, self.kept) else {
+        let mut prints = self.prints();
+        let Some(p) = super::objects::fingerprint_text(object, &prints.keys, self.kept) else {
             return false;
         };
         self.tally.add(true);
-        self.last().insert(p.key, p.content);
+        prints.keep(&p);
         true
     }
 
     fn forget(&self, namespace: Option<&str>, name: Option<&str>) {
         self.tally.add(true);
-        self.last().remove(&self.hasher.hash_one((namespace, name)));
+        self.prints().forget((namespace, name));
     }
 }
 
